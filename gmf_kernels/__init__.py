@@ -1,0 +1,24 @@
+"""gmf_kernels: fused Triton and CUDA kernels for GroupMixFormer's Group-Mix Attention.
+
+    import gmf_kernels as gmf
+    model = gmf.create_model("groupmixformer_s", checkpoint="groupmixformer_small.pth")
+    gmf.convert(upstream_model)            # upstream EfficientAtt -> GroupMixAttention
+    gmf.available_backends()               # e.g. ['torch', 'reference'] on a CPU
+
+Importing needs only torch: Triton and the CUDA module are loaded when first used.
+"""
+__version__ = "0.1.0"
+
+from .backends import BACKEND_NAMES, available_backends, get_backend, select_backend  # noqa: E402
+from .convert import convert, is_upstream_attention  # noqa: E402
+from .functional import group_mix_attention  # noqa: E402
+from .models import (MODEL_CONFIGS, CheckpointMismatchError, GroupMixFormer, create_model,  # noqa: E402
+                     load_checkpoint)
+from .modules import GroupMixAttention  # noqa: E402
+from .weights import GMAHyper, GMAWeights  # noqa: E402
+
+__all__ = [
+    "GroupMixAttention", "GroupMixFormer", "create_model", "load_checkpoint", "convert", "is_upstream_attention",
+    "group_mix_attention", "available_backends", "get_backend", "select_backend", "BACKEND_NAMES",
+    "MODEL_CONFIGS", "GMAWeights", "GMAHyper", "CheckpointMismatchError", "__version__",
+]

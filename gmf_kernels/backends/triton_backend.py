@@ -1,0 +1,80 @@
+"""Backend "triton": the eval-mode fused stage as three Triton kernels (forward only).
+
+    qkv = F.linear(x, Wqkv, bqkv)                        (cuBLAS / oneDNN)
+    pre = gmf::triton_pre_projection(qkv, H, W, folded)  (aggregation, KV combine, attention)
+    out = F.linear(pre, Wproj, bproj)
+
+The kernels live in `gmf_kernels.triton_kernels` (see its docstring for the data flow).
+Triton is imported only when this backend first runs: importing this module never
+fails without Triton; `availability_reasons()` says why instead.
+
+Devices: "cuda"; "cpu" only through the Triton interpreter (TRITON_INTERPRET=1) and
+only when the caller names this backend explicitly: "auto" must never pick the
+interpreter, which is orders of magnitude slower than the torch backend.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from ..folding import folded_weights
+from .base import Backend, GMAProblem
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
+    return ""
+
+
+class TritonBackend(Backend):
+    def availability_reasons(self) -> List[str]:
+        err = _triton_import_error()
+        return [err] if err else []
+
+    def not_supported_reasons(self, p: GMAProblem) -> List[str]:
+        reasons = super().not_supported_reasons(p)
+        if p.device_type == "cpu":
+            if not _interpreting():
+                reasons.append("device cpu needs the Triton interpreter (set TRITON_INTERPRET=1 "
+                               "before importing triton); use the torch backend on CPU")
+            elif not p.explicit:
+                reasons.append("device cpu runs only through the (slow) Triton interpreter: "
+                               "never chosen automatically, name backend='triton' to use it")
+        elif p.device_type == "cuda" and _interpreting():
+            reasons.append("TRITON_INTERPRET=1 is set: Triton kernels run in the CPU interpreter, "
+                           "not on the GPU")
+        if p.dim % 10 != 0:
+            reasons.append(f"C={p.dim}: the kernels need C a multiple of 10 (heads of d = C'/8)")
+        return reasons
+
+    def forward(self, x, size, w, hp, training):
+        if training:
+            raise ValueError("the triton backend is eval-only (BatchNorm folded); use the torch backend")
+        H, W = size
+        qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
+        f = folded_weights(w, hp, x.dtype)
+        from ..triton_kernels.ops import pre_projection  # lazy: Triton loads on first use
+        pre = pre_projection(qkv, H, W, f, hp.scale)
+        return F.linear(pre, w.proj_weight, w.proj_bias)
+
+
+BACKEND = TritonBackend(
+    name="triton",
+    dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+    device_types=frozenset({"cuda", "cpu"}),
+    supports_training=False,
+    supports_grad=False,
+)

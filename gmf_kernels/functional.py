@@ -1,0 +1,90 @@
+"""Functional API: `group_mix_attention(x, size, weights, ..., backend=None)`.
+
+Validates the inputs, describes the call as a `GMAProblem`, lets dispatch pick (or
+check) a backend, runs it, and optionally checks the result against the reference.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from ._validation import check_dim, check_same_device_dtype, check_tokens
+from .backends import GMAProblem, select_backend
+from .weights import GMAHyper, GMAWeights, default_scale
+
+Tensor = torch.Tensor
+
+
+def _effective_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the computation runs in: autocast's when autocast applies to x."""
+    dev = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except TypeError:  # older torch: no device argument
+        enabled = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
+    if enabled and x.dtype == torch.float32:
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def make_problem(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, training: bool) -> GMAProblem:
+    """Validate and describe one call."""
+    check_dim(w.dim, hp.num_heads)
+    B, N, H, W = check_tokens(x, size, w.dim)
+    dtype = _effective_dtype(x)
+    params = list(w.tensors())
+    # under autocast the parameters keep their own dtype and the ops cast
+    check_same_device_dtype(x, params, check_dtype=(dtype == x.dtype))
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
+    return GMAProblem(B=B, H=H, W=W, dim=w.dim, num_heads=hp.num_heads, dtype=dtype,
+                      device_type=x.device.type, training=training, needs_grad=needs_grad)
+
+
+def group_mix_attention(
+    x: Tensor,
+    size: Sequence[int],
+    weights: GMAWeights,
+    *,
+    num_heads: int = 8,
+    scale: Optional[float] = None,
+    training: bool = False,
+    bn_eps: float = 1e-5,
+    bn_momentum: Optional[float] = 0.1,
+    ln_eps: float = 1e-5,
+    backend: Optional[str] = None,
+    check: Optional[bool] = None,
+) -> Tensor:
+    """Group-Mix Attention (GMA_SPEC.md §1) on tokens x (B, N, C) of an (H, W) grid.
+
+    Args:
+        x: (B, N, C) tokens, N = H*W, row-major; C a multiple of 10.
+        size: (H, W).
+        weights: the layer's tensors (`GMAWeights`; `GroupMixAttention.gma_weights()`).
+        scale: multiplier of the factorized attention; default (C // num_heads) ** -0.5.
+        training: BatchNorm batch statistics over q, k, v together (updates running stats).
+        backend: "auto"/None (the fastest that can run this input), or one of
+            "cuda", "triton", "torch", "reference". An explicit backend that cannot run
+            the input raises ValueError with its reasons; none fitting raises
+            NotImplementedError listing every backend's reasons.
+        check: also run the reference and raise if the results disagree beyond the
+            dtype's tolerance (default: environment variable GMF_CHECK=1).
+    Returns:
+        (B, N, C), the dtype of x (or autocast's).
+    """
+    hp = GMAHyper(num_heads=num_heads, scale=default_scale(weights.dim, num_heads) if scale is None else scale,
+                  bn_eps=bn_eps, bn_momentum=bn_momentum, ln_eps=ln_eps)
+    return run_attention(x, size, weights, hp, training, backend, check)
+
+
+def run_attention(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, training: bool,
+                  backend: Optional[str], check: Optional[bool] = None) -> Tensor:
+    problem = make_problem(x, size, w, hp, training)
+    chosen = select_backend(problem, backend)
+    if check is None:
+        check = os.environ.get("GMF_CHECK", "0") == "1"
+    if check and chosen.name != "reference":
+        from .selfcheck import run_checked
+        return run_checked(chosen, x, (problem.H, problem.W), w, hp, training)
+    return chosen.forward(x, (problem.H, problem.W), w, hp, training)

@@ -1,0 +1,127 @@
+"""`GroupMixAttention`: drop-in for upstream `EfficientAtt`, same arguments and state_dict keys.
+
+The submodules only hold parameters under upstream's names (GMA_SPEC.md §1); the
+computation is `gmf_kernels.functional.run_attention`, on the backend chosen by
+dispatch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ._validation import check_dim
+from .backends import check_backend_name
+from .functional import run_attention
+from .weights import CRPE_WINDOWS, GMAHyper, GMAWeights, NUM_SEGMENTS, default_scale, widths
+
+
+class SeparableConv2d(nn.Module):
+    """Depthwise k x k (`conv1`, no bias) then 1x1 (`pointwise_conv`, no bias)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, in_channels, kernel_size, stride, kernel_size // 2,
+                               groups=in_channels, bias=False)
+        self.pointwise_conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+    def forward(self, x):
+        return self.pointwise_conv(self.conv1(x))
+
+
+class LocalBranch(nn.Module):
+    """Parameters of the non-attention branch (upstream `Agg_0`): 3s -> s."""
+
+    def __init__(self, seg_dim: int):
+        super().__init__()
+        self.conv = SeparableConv2d(3 * seg_dim, seg_dim, 3)
+        self.norm = nn.LayerNorm(seg_dim)
+
+
+class Aggregator(nn.Module):
+    """Parameters of the group-proxy aggregator: norm0..3, agg1..3 (3/5/7), agg0 (local)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        s = dim // NUM_SEGMENTS
+        self.norm0 = nn.BatchNorm2d(s)
+        self.agg1, self.norm1 = SeparableConv2d(s, s, 3), nn.BatchNorm2d(s)
+        self.agg2, self.norm2 = SeparableConv2d(s, s, 5), nn.BatchNorm2d(s)
+        self.agg3, self.norm3 = SeparableConv2d(s, s, 7), nn.BatchNorm2d(s)
+        self.agg0 = LocalBranch(s)
+
+
+class ConvRelPosEnc(nn.Module):
+    """Parameters of the CRPE: depthwise 3x3 / 5x5 / 7x7 with bias on 2 / 3 / 3 heads."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.conv_list = nn.ModuleList(
+            nn.Conv2d(n * head_dim, n * head_dim, k, padding=k // 2, groups=n * head_dim)
+            for k, n in CRPE_WINDOWS)
+
+
+class GroupMixAttention(nn.Module):
+    """Group-Mix Attention; `forward(x, size)` with x (B, N, C) and size = (H, W).
+
+    Args mirror upstream `EfficientAtt`; `attn_drop` is accepted and, as upstream, unused
+    (the factorized attention forms no attention matrix). `backend` is "auto" or one of
+    `gmf_kernels.BACKEND_NAMES`; `check=True` runs the reference beside the chosen backend
+    and raises when they disagree beyond the dtype's tolerance.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, backend: Optional[str] = "auto",
+                 check: bool = False):
+        super().__init__()
+        check_dim(dim, num_heads)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.scale = qk_scale or default_scale(dim, num_heads)
+        self.backend = check_backend_name(backend)
+        self.check = check
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)  # unused, as upstream
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.aggregator = Aggregator(dim)
+        self.crpe = ConvRelPosEnc(widths(dim, num_heads)[2])
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, scale={self.scale:.4g}, backend={self.backend!r}"
+
+    def set_backend(self, backend: Optional[str]) -> "GroupMixAttention":
+        self.backend = check_backend_name(backend)
+        return self
+
+    def gma_weights(self) -> GMAWeights:
+        a = self.aggregator
+        norms = (a.norm0, a.norm1, a.norm2, a.norm3)
+        aggs = (a.agg1, a.agg2, a.agg3)
+        return GMAWeights(
+            qkv_weight=self.qkv.weight, qkv_bias=self.qkv.bias,
+            proj_weight=self.proj.weight, proj_bias=self.proj.bias,
+            bn_weight=tuple(n.weight for n in norms), bn_bias=tuple(n.bias for n in norms),
+            bn_running_mean=tuple(n.running_mean for n in norms),
+            bn_running_var=tuple(n.running_var for n in norms),
+            bn_num_batches_tracked=tuple(n.num_batches_tracked for n in norms),
+            dw_weight=tuple(g.conv1.weight for g in aggs),
+            pw_weight=tuple(g.pointwise_conv.weight for g in aggs),
+            local_dw_weight=a.agg0.conv.conv1.weight, local_pw_weight=a.agg0.conv.pointwise_conv.weight,
+            local_ln_weight=a.agg0.norm.weight, local_ln_bias=a.agg0.norm.bias,
+            crpe_weight=tuple(c.weight for c in self.crpe.conv_list),
+            crpe_bias=tuple(c.bias for c in self.crpe.conv_list),
+        )
+
+    def hyper(self) -> GMAHyper:
+        n0 = self.aggregator.norm0
+        return GMAHyper(num_heads=self.num_heads, scale=self.scale, bn_eps=n0.eps, bn_momentum=n0.momentum,
+                        ln_eps=self.aggregator.agg0.norm.eps)
+
+    def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        n0 = self.aggregator.norm0  # as upstream, the BatchNorms' own mode decides
+        bn_batch_stats = n0.training or n0.running_mean is None
+        out = run_attention(x, size, self.gma_weights(), self.hyper(), bn_batch_stats, self.backend,
+                            self.check or None)
+        return self.proj_drop(out)

@@ -1,0 +1,101 @@
+"""The oracle: Group-Mix Attention as a plain, line-by-line rendering of GMA_SPEC.md §1.
+
+Kept simple on purpose: every step of the spec is one or two torch calls, in the
+spec's order, with the spec's names. Everything else in the library is tested
+against this function (run in float64) and against the golden vectors.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .weights import CRPE_WINDOWS, GMAHyper, GMAWeights, NUM_SEGMENTS
+
+Tensor = torch.Tensor
+
+
+def _batch_norm(x: Tensor, w: GMAWeights, i: int, hp: GMAHyper, training: bool) -> Tensor:
+    nbt = w.bn_num_batches_tracked[i]
+    if training and nbt is not None:
+        nbt.add_(1)  # what nn.BatchNorm2d does; with a fixed momentum it does not change the update
+    return F.batch_norm(x, w.bn_running_mean[i], w.bn_running_var[i], w.bn_weight[i], w.bn_bias[i],
+                        training, 0.0 if hp.bn_momentum is None else hp.bn_momentum, hp.bn_eps)
+
+
+def _depthwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    k = weight.shape[-1]
+    return F.conv2d(x, weight, bias, padding=k // 2, groups=x.shape[1])
+
+
+def reference_group_mix_attention(
+    x: Tensor,
+    size: Tuple[int, int],
+    w: GMAWeights,
+    hp: GMAHyper = GMAHyper(),
+    training: bool = False,
+    return_intermediates: bool = False,
+):
+    """Group-Mix Attention forward. x: (B, N, C) tokens of an (H, W) grid, row-major.
+
+    In training mode the aggregator BatchNorms use batch statistics over q, k and v
+    together (3B images) and update their running statistics in place.
+    With return_intermediates, also returns {"proxies": (3,B,h,N,d), "local": (B,N,s),
+    "pre_proj": (B,N,C)} as in the golden vectors.
+    """
+    B, N, C = x.shape
+    H, W = size
+    h = hp.num_heads
+    s = C // NUM_SEGMENTS
+    cp = 4 * s
+    d = cp // h
+
+    # 1. qkv projection
+    t = F.linear(x, w.qkv_weight, w.qkv_bias)                      # (B, N, 3C)
+    # 2.-3. q, k, v as images stacked on the batch axis in the order q, k, v
+    q, k, v = t.split(C, dim=-1)
+    imgs = torch.cat([q, k, v], dim=0).transpose(1, 2).reshape(3 * B, C, H, W)
+    seg = imgs.split(s, dim=1)
+    y = [F.hardswish(_batch_norm(seg[0], w, 0, hp, training))]
+    for j in (1, 2, 3):
+        z = _depthwise(seg[j], w.dw_weight[j - 1])
+        z = F.conv2d(z, w.pw_weight[j - 1])
+        y.append(F.hardswish(_batch_norm(z, w, j, hp, training)))
+    proxies = torch.cat(y, dim=1)                                  # (3B, C', H, W)
+
+    # 4. local branch on segment 4 of q, k, v
+    loc = torch.cat([seg[4][:B], seg[4][B:2 * B], seg[4][2 * B:]], dim=1)  # (B, 3s, H, W)
+    loc = _depthwise(loc, w.local_dw_weight)
+    loc = F.conv2d(loc, w.local_pw_weight)                          # (B, s, H, W)
+    loc = loc.flatten(2).transpose(1, 2)                           # (B, N, s)
+    loc = F.hardswish(F.layer_norm(loc, (s,), w.local_ln_weight, w.local_ln_bias, hp.ln_eps))
+
+    # 5. heads: channel c -> head c // d, position c % d
+    P = proxies.reshape(3, B, h, d, N).transpose(-1, -2)           # (3, B, h, N, d)
+    Q, K, V = P[0], P[1], P[2]
+
+    # 6. factorized attention
+    Ks = K.softmax(dim=2)                                          # over the N tokens
+    KV = Ks.transpose(-1, -2) @ V                                  # (B, h, d, d)
+    E = Q @ KV                                                     # (B, h, N, d)
+
+    # 7. convolutional relative position encoding
+    v_img = V.transpose(-1, -2).reshape(B, cp, H, W)
+    parts, start = [], 0
+    for (k_size, n_heads), cw, cb in zip(CRPE_WINDOWS, w.crpe_weight, w.crpe_bias):
+        width = n_heads * d
+        parts.append(_depthwise(v_img[:, start:start + width], cw, cb))
+        start += width
+    conv_v = torch.cat(parts, dim=1).reshape(B, h, d, N).transpose(-1, -2)
+    R = Q * conv_v
+
+    # 8.-9. combine, back to tokens, output projection
+    A = hp.scale * E + R
+    A = A.transpose(1, 2).reshape(B, N, cp)
+    pre_proj = torch.cat([A, loc], dim=-1)
+    out = F.linear(pre_proj, w.proj_weight, w.proj_bias)
+    if return_intermediates:
+        extras: Dict[str, Tensor] = {"proxies": P, "local": loc, "pre_proj": pre_proj}
+        return out, extras
+    return out

@@ -1,0 +1,109 @@
+"""Self-check: run a backend beside the reference and compare.
+
+* `run_checked(...)`: used by `GroupMixAttention(check=True)` / `GMF_CHECK=1`; raises
+  `SelfCheckError` with the measured error when the chosen backend and the reference
+  disagree beyond the dtype's tolerance.
+* `python -m gmf_kernels.selfcheck`: every available backend against the float64
+  reference on random inputs, for every width of the five configs; prints a table and
+  exits non-zero on any failure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Tuple
+
+import torch
+
+from .reference import reference_group_mix_attention
+from .testing import cast_weights, default_hyper, max_rel_error, random_gma_weights
+
+#: max |out - ref| / max |ref| allowed against a reference run at float32 (float64 for float64).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+class SelfCheckError(AssertionError):
+    pass
+
+
+def run_checked(backend, x, size, w, hp, training):
+    ref_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w_ref = cast_weights(w, ref_dtype)  # copies taken before the backend updates BN buffers
+    out = backend.forward(x, size, w, hp, training)
+    with torch.no_grad():
+        ref = reference_group_mix_attention(x.detach().to(ref_dtype), size, w_ref, hp, training)
+    err = max_rel_error(out, ref)
+    tol = TOLERANCE[out.dtype]
+    if torch.backends.cuda.matmul.allow_tf32 and x.is_cuda:
+        tol = max(tol, 5e-3)
+    if not err <= tol:
+        raise SelfCheckError(f"backend {backend.name!r} disagrees with the reference: max relative error "
+                             f"{err:.3e} > tolerance {tol:.1e} for {out.dtype} (x {tuple(x.shape)}, size {size})")
+    return out
+
+
+# ------------------------------------------------------------------ CLI
+def _widths() -> List[int]:
+    from .models.configs import MODEL_CONFIGS
+    return sorted({c for cfg in MODEL_CONFIGS.values() for c in cfg["embedding_dims"]})
+
+
+def check_table(backends, dtypes, grids, batch: int, device: str, seed: int = 0) -> List[Tuple]:
+    from .backends import get_backend
+    from .backends.base import GMAProblem
+    rows = []
+    for C in _widths():
+        for (H, W) in grids:
+            w64 = random_gma_weights(C, seed=seed + C, device=device)
+            hp = default_hyper(C)
+            x64 = torch.randn(batch, H * W, C, dtype=torch.float64, device=device)
+            ref = reference_group_mix_attention(x64, (H, W), w64, hp, False)
+            for dtype in dtypes:
+                x, w = x64.to(dtype), cast_weights(w64, dtype)
+                with torch.no_grad():
+                    ref_lp_err = max_rel_error(reference_group_mix_attention(x, (H, W), w, hp, False), ref)
+                for name in backends:
+                    b = get_backend(name)
+                    prob = GMAProblem(B=batch, H=H, W=W, dim=C, num_heads=8, dtype=dtype, device_type=x.device.type,
+                                      training=False, needs_grad=False, explicit=True)
+                    reasons = b.not_supported_reasons(prob)
+                    if reasons:
+                        rows.append((name, C, f"{H}x{W}", str(dtype)[6:], None, ref_lp_err, "skip: " + reasons[0]))
+                        continue
+                    with torch.no_grad():
+                        err = max_rel_error(b.forward(x, (H, W), w, hp, False), ref)
+                    limit = TOLERANCE[dtype] if dtype in (torch.float64, torch.float32) else 2 * ref_lp_err + 1e-3
+                    rows.append((name, C, f"{H}x{W}", str(dtype)[6:], err, ref_lp_err,
+                                 "ok" if err <= limit else f"FAIL (> {limit:.1e})"))
+    return rows
+
+
+def main(argv=None) -> int:
+    from .backends import BACKEND_NAMES, available_backends
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", default=None, help="comma list (default: every available backend)")
+    ap.add_argument("--dtypes", default=None, help="comma list of float32,float16,bfloat16,float64")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    names = args.backends.split(",") if args.backends else [n for n in available_backends()]
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        names = [n for n in names if n != "triton"]  # the interpreter only when asked for
+    dtypes = ([getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else
+              ([torch.float32, torch.float16, torch.bfloat16] if args.device == "cuda" else [torch.float32]))
+    grids = [(7, 9), (14, 14)] if args.device == "cpu" else [(7, 9), (14, 14), (56, 56)]
+    print(f"gmf_kernels self-check on {args.device}: backends {names}, dtypes {[str(d)[6:] for d in dtypes]}, "
+          f"grids {grids}, batch {args.batch}; error = max|out-ref64|/max|ref64|")
+    rows = check_table(names, dtypes, grids, args.batch, args.device)
+    print(f"{'backend':<10} {'C':>4} {'grid':>6} {'dtype':<9} {'error':>10} {'ref err':>10}  verdict")
+    for name, C, grid, dt, err, ref_err, verdict in rows:
+        e = "-" if err is None else f"{err:.2e}"
+        print(f"{name:<10} {C:>4} {grid:>6} {dt:<9} {e:>10} {ref_err:>10.2e}  {verdict}")
+    failed = [r for r in rows if r[-1].startswith("FAIL")]
+    print(f"{len(rows) - len(failed)} of {len(rows)} rows ok" + (f", {len(failed)} FAILED" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Flash-style factorized attention: split-N combine, then the per-token output.
+
+``gma_kv_combine_kernel``, grid ``(8, B)``: program (head, b) merges the T per-tile
+partials of ``aggregation`` with the online-softmax recurrence along N (tiles in order):
+
+    M' = max(M, m_t);  L = L e^{M-M'} + l_t e^{m_t-M'};  ACC = ACC e^{M-M'} + acc_t e^{m_t-M'}
+
+and writes ``KV = ACC / L`` = softmax_N(K)ᵀ V of that head, fp32, at kv[b, head*d + i, k].
+The partials are tiny (C'(d+2) floats per tile) next to the (B, N, 3C) activations.
+
+``gma_attention_kernel``, grid ``(ceil(N / BLOCK_P), 8, B)``: program (t, head, b) computes,
+for its tokens and head,
+
+    A = scale * Q @ KV + Q * (CRPE(V) + bias)
+
+with the head's CRPE window (3x3 for heads 0-1, 5x5 for heads 2-4, 7x7 for heads 5-7,
+"same" zero padding), and stores A in x.dtype into channels [head*d, (head+1)*d) of the
+pre-projection buffer. Q is read once, V through the stencil halo (cache), KV once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import depthwise_tile, mm
+
+
+@triton.jit
+def gma_kv_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, kv_ptr, T,
+                          CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+    head = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.arange(0, D_PAD)
+    imask = i < D
+    m2 = imask[:, None] & imask[None, :]
+    row = head * D + i                                          # channel of the head
+    M = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+    L = tl.zeros([D_PAD], dtype=tl.float32)
+    ACC = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    base = b * T * CP
+    # A while loop rather than `for t in range(T)`: the Triton interpreter turns scalar
+    # arguments into 1-element arrays, which NumPy >= 2.x refuses to use as a range bound.
+    t = 0
+    while t < T:
+        off = base + t * CP + row
+        m_t = tl.load(pm_ptr + off, mask=imask, other=0.0)
+        l_t = tl.load(pl_ptr + off, mask=imask, other=0.0)
+        a_t = tl.load(pacc_ptr + off[:, None] * D + i[None, :], mask=m2, other=0.0)
+        M_new = tl.maximum(M, m_t)
+        alpha = tl.exp(M - M_new)                               # 0 on the first tile
+        beta = tl.exp(m_t - M_new)
+        L = L * alpha + l_t * beta
+        ACC = ACC * alpha[:, None] + a_t * beta[:, None]
+        M = M_new
+        t += 1
+    L = tl.where(imask, L, 1.0)
+    tl.store(kv_ptr + (b * CP + row)[:, None] * D + i[None, :], ACC / L[:, None], mask=m2)
+
+
+@triton.jit
+def _attention_head(q_b, v_b, kv_b, pre_b, cw_ptr, cb_ptr, head, first, scale,
+                    n, y, x, pmask, H, W,
+                    KS: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
+                    D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_IEEE: tl.constexpr):
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    m2 = pmask[:, None] & kmask[None, :]
+    ch = head * D + kk
+    q = tl.load(q_b + n[:, None] * CP + ch[None, :], mask=m2, other=0.0).to(tl.float32)
+    kv = tl.load(kv_b + ch[:, None] * D + kk[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
+    e = mm(q, kv, DOT_IEEE)
+    w_rows = cw_ptr + ((head - first) * D + kk) * (KS * KS)
+    conv = depthwise_tile(v_b, ch, kmask, w_rows, n, y, x, pmask, H, W, CP, KS, BLOCK_P, D_PAD)
+    bias = tl.load(cb_ptr + ch, mask=kmask, other=0.0)[None, :]
+    out = scale * e + q * (conv + bias)
+    tl.store(pre_b + n[:, None] * C + ch[None, :], out.to(pre_b.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def gma_attention_kernel(
+    q_ptr, v_ptr, kv_ptr, pre_ptr, cw0_ptr, cw1_ptr, cw2_ptr, cb_ptr,
+    N, H, W, scale,
+    C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_IEEE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = n < N
+    y = n // W
+    x = n % W
+    q_b = q_ptr + b * N * CP
+    v_b = v_ptr + b * N * CP
+    kv_b = kv_ptr + b * CP * D
+    pre_b = pre_ptr + b * N * C
+    if head < 2:
+        _attention_head(q_b, v_b, kv_b, pre_b, cw0_ptr, cb_ptr, head, 0, scale, n, y, x, pmask, H, W,
+                        3, C, CP, D, D_PAD, BLOCK_P, DOT_IEEE)
+    elif head < 5:
+        _attention_head(q_b, v_b, kv_b, pre_b, cw1_ptr, cb_ptr, head, 2, scale, n, y, x, pmask, H, W,
+                        5, C, CP, D, D_PAD, BLOCK_P, DOT_IEEE)
+    else:
+        _attention_head(q_b, v_b, kv_b, pre_b, cw2_ptr, cb_ptr, head, 5, scale, n, y, x, pmask, H, W,
+                        7, C, CP, D, D_PAD, BLOCK_P, DOT_IEEE)
+
+
+def launch_combine(kernel, part_m, part_l, part_acc, kv, shape):
+    """part_*: (B, T, C'[, d]) fp32 -> kv (B, C', d) fp32."""
+    B, T, _ = part_m.shape
+    kernel[(8, B)](part_m, part_l, part_acc, kv, T, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD,
+                   num_warps=shape.NUM_WARPS)
+
+
+def launch_attention(kernel, q, v, kv, pre, crpe_w0, crpe_w1, crpe_w2, crpe_b, H, W, scale, shape):
+    """q, v: (B, N, C') contiguous; kv: (B, C', d) fp32; writes pre[..., :C'] of (B, N, C)."""
+    B, N, _ = q.shape
+    grid = (triton.cdiv(N, shape.ATTN_BLOCK_P), 8, B)
+    kernel[grid](q, v, kv, pre, crpe_w0, crpe_w1, crpe_w2, crpe_b, N, H, W, scale,
+                 C=shape.C, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD, BLOCK_P=shape.ATTN_BLOCK_P,
+                 DOT_IEEE=int(q.dtype == torch.float32), num_warps=shape.NUM_WARPS)

@@ -1,0 +1,207 @@
+"""Every kernel specialisation the released models use, for ahead-of-time GPU compiles.
+
+`all_specializations()` lists, per (kernel, width C, input dtype), the Triton signature
+and constexprs that the launchers pass at run time (tiles from `config.gma_shape(C)`,
+the GPU ones). Identical (kernel, signature, constexprs) sets are listed once: the KV
+combine kernel, for example, does not depend on the input dtype.
+
+`compile_one(spec, arch)` compiles one of them with
+``triton.compile(triton.compiler.ASTSource(...), target=GPUTarget("cuda", arch, 32))``,
+which needs no GPU and no driver, and returns its resource usage: registers and
+spills from ``ptxas -v`` run again on the generated PTX (Triton discards its log),
+local/stack/shared bytes from ``cuobjdump --dump-resource-usage`` on the cubin, and
+Triton's dynamic shared memory from the kernel metadata.
+
+Import with TRITON_INTERPRET unset (or 0): under the interpreter ``@triton.jit``
+produces interpreter objects that cannot be compiled.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+from .config import MODEL_WIDTHS, gma_shape
+
+DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+_AGG_PTRS_X = ("qkv_ptr", "q_ptr", "v_ptr", "pre_ptr")
+_AGG_PTRS_F32 = ("pm_ptr", "pl_ptr", "pacc_ptr", "bn0_scale_ptr", "bn0_shift_ptr", "dw1_ptr", "dw2_ptr",
+                 "dw3_ptr", "pw_ptr", "pwb_ptr", "ldw_ptr", "lpw_ptr", "lnw_ptr", "lnb_ptr")
+_AGG_INTS = ("N", "H", "W", "stride_qkv_b", "stride_qkv_n")
+
+
+@dataclass(frozen=True)
+class Spec:
+    kernel: str                         # "aggregate", "combine", "attention"
+    C: int
+    dtype: str                          # input dtype name ("-" where it does not matter)
+    signature: Tuple[Tuple[str, str], ...]
+    constexprs: Tuple[Tuple[str, object], ...]
+    num_warps: int
+    used_by: Tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def key(self):
+        return (self.kernel, self.signature, self.constexprs, self.num_warps)
+
+    def label(self) -> str:
+        cx = dict(self.constexprs)
+        tile = cx.get("BLOCK_P", "-")
+        return f"{self.kernel} C={self.C} {self.dtype} (S_PAD={cx.get('S_PAD', '-')}, D_PAD={cx['D_PAD']}, BLOCK_P={tile})"
+
+
+def _sig(pairs) -> Tuple[Tuple[str, str], ...]:
+    return tuple(pairs)
+
+
+def _aggregate_spec(C: int, dt: str) -> Spec:
+    sh = gma_shape(C)
+    sig = [(a, f"*{dt}") for a in _AGG_PTRS_X] + [(a, "*fp32") for a in _AGG_PTRS_F32]
+    sig += [(a, "i32") for a in _AGG_INTS] + [("ln_eps", "fp32")]
+    cx = dict(C=sh.C, S=sh.S, CP=sh.CP, D=sh.D, S_PAD=sh.S_PAD, D_PAD=sh.D_PAD, BLOCK_P=sh.AGG_BLOCK_P,
+              DOT_IEEE=int(dt == "fp32"))
+    sig += [(k, "constexpr") for k in cx]
+    return Spec("aggregate", C, dt, _sig(sig), tuple(cx.items()), sh.NUM_WARPS)
+
+
+def _combine_spec(C: int) -> Spec:
+    sh = gma_shape(C)
+    sig = [("pm_ptr", "*fp32"), ("pl_ptr", "*fp32"), ("pacc_ptr", "*fp32"), ("kv_ptr", "*fp32"), ("T", "i32")]
+    cx = dict(CP=sh.CP, D=sh.D, D_PAD=sh.D_PAD)
+    sig += [(k, "constexpr") for k in cx]
+    return Spec("combine", C, "-", _sig(sig), tuple(cx.items()), sh.NUM_WARPS)
+
+
+def _attention_spec(C: int, dt: str) -> Spec:
+    sh = gma_shape(C)
+    sig = [("q_ptr", f"*{dt}"), ("v_ptr", f"*{dt}"), ("kv_ptr", "*fp32"), ("pre_ptr", f"*{dt}"),
+           ("cw0_ptr", "*fp32"), ("cw1_ptr", "*fp32"), ("cw2_ptr", "*fp32"), ("cb_ptr", "*fp32"),
+           ("N", "i32"), ("H", "i32"), ("W", "i32"), ("scale", "fp32")]
+    cx = dict(C=sh.C, CP=sh.CP, D=sh.D, D_PAD=sh.D_PAD, BLOCK_P=sh.ATTN_BLOCK_P, DOT_IEEE=int(dt == "fp32"))
+    sig += [(k, "constexpr") for k in cx]
+    return Spec("attention", C, dt, _sig(sig), tuple(cx.items()), sh.NUM_WARPS)
+
+
+def model_widths_by_config() -> Dict[str, Tuple[int, ...]]:
+    """GMA widths per released model (GMA_SPEC §2); read from the package's configs if present."""
+    try:
+        from ..models.configs import MODEL_CONFIGS  # noqa: WPS433
+        out = {}
+        for name, cfg in MODEL_CONFIGS.items():
+            dims = getattr(cfg, "embedding_dims", None) or (cfg.get("embedding_dims") if isinstance(cfg, dict) else None)
+            if dims:
+                out[name] = tuple(dims)
+        if out:
+            return out
+    except Exception:  # configs module layout owned elsewhere: fall back to the spec table
+        pass
+    return {"groupmixformer_m": (40, 80, 160, 160), "groupmixformer_t": (80, 160, 200, 240),
+            "groupmixformer_s": (80, 160, 320, 320), "groupmixformer_b": (200, 240, 320, 480),
+            "groupmixformer_l": (240, 320, 360, 480)}
+
+
+def all_specializations() -> List[Spec]:
+    """Deduplicated specialisations of the three kernels over every model width and dtype."""
+    users: Dict[int, List[str]] = {}
+    for name, dims in model_widths_by_config().items():
+        for C in dims:
+            users.setdefault(C, []).append(name.replace("groupmixformer_", ""))
+    widths = sorted(set(users) | set(MODEL_WIDTHS))
+    specs: Dict[tuple, Spec] = {}
+    for C in widths:
+        used = tuple(sorted(set(users.get(C, ()))))
+        cands = [_combine_spec(C)] + [f(C, dt) for dt in DTYPES for f in (_aggregate_spec, _attention_spec)]
+        for s in cands:
+            if s.key not in specs:
+                specs[s.key] = Spec(s.kernel, s.C, s.dtype, s.signature, s.constexprs, s.num_warps, used)
+    return list(specs.values())
+
+
+# ---------------------------------------------------------------- compiling (needs triton, no GPU)
+def _kernel_fn(name: str):
+    if name == "aggregate":
+        from .aggregation import gma_aggregate_kernel as k
+    elif name == "combine":
+        from .attention import gma_kv_combine_kernel as k
+    else:
+        from .attention import gma_attention_kernel as k
+    return k
+
+
+def _tool(name: str) -> str:
+    import triton
+    cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if os.path.exists(cand):
+        return cand
+    for d in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/local/cuda/bin"]:
+        p = os.path.join(d, name)
+        if os.path.exists(p):
+            return p
+    return ""
+
+
+def _ptxas_report(ptx: str, arch: int) -> Dict[str, int]:
+    """Registers and spill bytes from `ptxas -v` on the kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        res = subprocess.run([ptxas, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+                              "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True)
+    log = res.stderr + res.stdout
+    out = {}
+    m = re.search(r"Used (\d+) registers", log)
+    out["registers"] = int(m.group(1)) if m else -1
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    out["spill_stores"], out["spill_loads"] = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+    m = re.search(r"(\d+) bytes stack frame", log)
+    out["stack"] = int(m.group(1)) if m else -1
+    return out
+
+
+def _cuobjdump_report(cubin: bytes) -> Dict[str, int]:
+    tool = _tool("cuobjdump")
+    if not tool:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        res = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
+    out = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", res.stdout)
+        if m:
+            out[f"cuobjdump_{key.lower()}"] = int(m.group(1))
+    return out
+
+
+def compile_one(spec: Spec, arch: int) -> Dict[str, object]:
+    """Compile one specialisation for sm_<arch> and report its resources (no GPU needed)."""
+    import time
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    fn = _kernel_fn(spec.kernel)
+    if not hasattr(fn, "arg_names") or type(fn).__name__ == "InterpretedFunction":
+        raise RuntimeError("kernels were created under TRITON_INTERPRET=1; compile in a process without it")
+    sig = dict(spec.signature)
+    cx = dict(spec.constexprs)
+    # torch allocations are 16-byte aligned: the JIT marks such pointers divisible by 16
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in spec.signature if t.startswith("*")}
+    t0 = time.time()
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+    secs = time.time() - t0
+    rep = {"kernel": spec.kernel, "C": spec.C, "dtype": spec.dtype, "arch": arch, "label": spec.label(),
+           "used_by": ",".join(spec.used_by), "num_warps": ck.metadata.num_warps,
+           "shared_dynamic": ck.metadata.shared, "compile_s": round(secs, 2)}
+    rep.update(_ptxas_report(ck.asm["ptx"], arch))
+    rep.update(_cuobjdump_report(ck.asm["cubin"]))
+    return rep

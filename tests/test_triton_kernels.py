@@ -1,0 +1,343 @@
+"""Triton backend: every kernel alone, the fused op and BACKEND.forward against the oracle.
+
+Without CUDA the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set
+below before Triton is imported) on CPU tensors; with CUDA they run on the GPU.
+
+Oracle: the reference in float64 (and the golden vectors of the upstream code).
+fp32: max |diff| / max |expected| <= 1e-5. fp16/bf16: error <= 2 x the reference's own
+error at that dtype + 1e-5 (flash-attention's rule, `assert_within_reference_error`).
+Every buffer the kernels use is allocated filled with NaN (ops.POISON_BUFFERS), so an
+element a kernel forgets to write, or reads before it is written, fails the test.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import torch.nn.functional as F  # noqa: E402
+
+from gmf_kernels.backends.base import GMAProblem  # noqa: E402
+from gmf_kernels.backends.triton_backend import BACKEND  # noqa: E402
+from gmf_kernels.folding import folded_weights  # noqa: E402
+from gmf_kernels.reference import reference_group_mix_attention  # noqa: E402
+from gmf_kernels.testing import (assert_close_verbose, assert_within_reference_error,  # noqa: E402
+                                 cast_weights, default_hyper, max_rel_error, random_gma_weights)
+from gmf_kernels.triton_kernels import aggregation, attention, ops  # noqa: E402
+from gmf_kernels.triton_kernels.config import MODEL_WIDTHS, gma_shape  # noqa: E402
+from gmf_kernels.weights import GMAHyper, GMAWeights  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cpu" if INTERPRET else "cuda"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is off", allow_module_level=True)
+
+FP32_TOL = 1e-5
+GOLDEN = "/work/shared/golden/gma_module.pt"
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(ops, "POISON_BUFFERS", True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _assert_rel(actual, expected, tol, name):
+    """max |a - e| <= tol * max |e|, with the verbose report (worst element, share failing)."""
+    scale = expected.detach().abs().max().item()
+    assert_close_verbose(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-30), name=name)
+
+
+class Case:
+    """Random weights, input and the float64 reference with its intermediates."""
+
+    def __init__(self, C, H, W, B, seed=0):
+        self.C, self.H, self.W, self.B = C, H, W, B
+        self.s = C // 5
+        self.cp = 4 * self.s
+        self.d = self.cp // 8
+        self.w64 = random_gma_weights(C, seed=seed)
+        self.hp = default_hyper(C)
+        g = torch.Generator().manual_seed(seed + 1000)
+        self.x64 = torch.randn(B, H * W, C, generator=g, dtype=torch.float64)
+        self.out, ex = reference_group_mix_attention(self.x64, (H, W), self.w64, self.hp,
+                                                     return_intermediates=True)
+        P = ex["proxies"]                                          # (3, B, h, N, d)
+        tok = lambda t: t.transpose(1, 2).reshape(B, H * W, self.cp)  # channel head*d + i
+        self.Q, self.K, self.V = tok(P[0]), tok(P[1]), tok(P[2])
+        self.local, self.pre = ex["local"], ex["pre_proj"]
+        Ks = P[1].softmax(dim=2)
+        self.KV = (Ks.transpose(-1, -2) @ P[2]).reshape(B, self.cp, self.d)
+
+    def weights(self, dtype):
+        return cast_weights(self.w64, dtype, DEVICE)
+
+    def folded(self, dtype):
+        return folded_weights(self.weights(dtype), self.hp, dtype)
+
+    def qkv(self, dtype):
+        w = self.weights(dtype)
+        return F.linear(self.x64.to(DEVICE, dtype), w.qkv_weight, w.qkv_bias)
+
+    def partials(self, block_p):
+        """The softmax-over-tokens partials per tile of block_p tokens, from the oracle's K, V."""
+        B, N, h, d = self.B, self.H * self.W, 8, self.d
+        ms, ls, accs = [], [], []
+        for t0 in range(0, N, block_p):
+            k = self.K[:, t0:t0 + block_p]
+            v = self.V[:, t0:t0 + block_p]
+            m = k.amax(dim=1)
+            p = torch.exp(k - m[:, None])
+            ms.append(m)
+            ls.append(p.sum(dim=1))
+            acc = torch.einsum("bnhi,bnhk->bhik", p.view(B, -1, h, d), v.reshape(B, -1, h, d))
+            accs.append(acc.reshape(B, self.cp, d))
+        return torch.stack(ms, 1), torch.stack(ls, 1), torch.stack(accs, 1)
+
+
+def _nan(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+# ---------------------------------------------------------------- each kernel alone
+@pytest.mark.parametrize("C", MODEL_WIDTHS, ids=lambda c: f"C{c}")
+def test_aggregation_kernel(C):
+    """Q, V proxies, the local branch and the K partials; nothing else of pre is touched."""
+    case = Case(C, 7, 9, 1, seed=C)
+    shape = gma_shape(C, agg_block_p=32, interpreter=INTERPRET)    # 63 tokens -> 2 tiles, 1 ragged
+    f = case.folded(torch.float32)
+    qkv = case.qkv(torch.float32)
+    B, N, T = case.B, case.H * case.W, shape.num_tiles(case.H * case.W)
+    q, v, pre = _nan((B, N, case.cp), torch.float32), _nan((B, N, case.cp), torch.float32), _nan((B, N, C), torch.float32)
+    pm, pl = _nan((B, T, case.cp), torch.float32), _nan((B, T, case.cp), torch.float32)
+    pacc = _nan((B, T, case.cp, case.d), torch.float32)
+    aggregation.launch_aggregate(aggregation.gma_aggregate_kernel, qkv, case.H, case.W, shape, f.bn0_scale,
+                                 f.bn0_shift, f.dw[0], f.dw[1], f.dw[2], f.pw, f.pw_bias, f.local_dw,
+                                 f.local_pw, f.ln_weight, f.ln_bias, f.ln_eps, q, v, pre, pm, pl, pacc)
+    _assert_rel(q, case.Q, FP32_TOL, "Q proxies")
+    _assert_rel(v, case.V, FP32_TOL, "V proxies")
+    _assert_rel(pre[..., case.cp:], case.local, FP32_TOL, "local branch")
+    assert torch.isnan(pre[..., :case.cp]).all(), "aggregation wrote into the attention channels"
+    m, l, acc = case.partials(shape.AGG_BLOCK_P)
+    _assert_rel(pm, m, FP32_TOL, "tile max of K")
+    _assert_rel(pl, l, FP32_TOL, "tile sum of exp(K - m)")
+    _assert_rel(pacc, acc, FP32_TOL, "tile exp(K - m)^T V")
+
+
+@pytest.mark.parametrize("C", MODEL_WIDTHS, ids=lambda c: f"C{c}")
+def test_combine_and_attention_kernels(C):
+    """Combine (split-N, 4 tiles) and the output kernel, fed with the oracle's proxies."""
+    case = Case(C, 7, 9, 2 if C <= 80 else 1, seed=C + 1)
+    shape = gma_shape(C, agg_block_p=16, interpreter=INTERPRET)
+    B, N = case.B, case.H * case.W
+    m, l, acc = (t.to(DEVICE, torch.float32).contiguous() for t in case.partials(shape.AGG_BLOCK_P))
+    kv = _nan((B, case.cp, case.d), torch.float32)
+    attention.launch_combine(attention.gma_kv_combine_kernel, m, l, acc, kv, shape)
+    _assert_rel(kv, case.KV, FP32_TOL, "KV = softmax_N(K)^T V")
+
+    f = case.folded(torch.float32)
+    pre = _nan((B, N, C), torch.float32)
+    q = case.Q.to(DEVICE, torch.float32).contiguous()
+    v = case.V.to(DEVICE, torch.float32).contiguous()
+    attention.launch_attention(attention.gma_attention_kernel, q, v, case.KV.to(DEVICE, torch.float32).contiguous(),
+                               pre, f.crpe_w[0], f.crpe_w[1], f.crpe_w[2], f.crpe_b, case.H, case.W,
+                               case.hp.scale, shape)
+    _assert_rel(pre[..., :case.cp], case.pre[..., :case.cp], FP32_TOL, "scale*Q KV + Q*CRPE(V)")
+    assert torch.isnan(pre[..., case.cp:]).all(), "attention kernel wrote into the local-branch channels"
+
+
+# ---------------------------------------------------------------- the fused op / backend
+def _forward(case, dtype):
+    with torch.no_grad():
+        return BACKEND.forward(case.x64.to(DEVICE, dtype), (case.H, case.W), case.weights(dtype), case.hp, False)
+
+
+GRIDS = [(1, 1), (7, 9), (5, 11), (14, 14), (28, 28)]
+
+
+@pytest.mark.parametrize("B", [1, 2], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("H,W", GRIDS, ids=lambda v: str(v))
+def test_forward_fp32_grids(H, W, B):
+    if (H, W) == (28, 28) and B == 2:
+        pytest.skip("28x28 runs once (B=1) to keep the interpreter suite fast")
+    case = Case(80, H, W, B, seed=H * 100 + W)
+    out = _forward(case, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == case.out.shape
+    _assert_rel(out, case.out, FP32_TOL, f"out {H}x{W} B={B}")
+
+
+@pytest.mark.parametrize("C", MODEL_WIDTHS, ids=lambda c: f"C{c}")
+def test_forward_fp16_every_width(C):
+    case = Case(C, 5, 11, 1, seed=C + 7)
+    out = _forward(case, torch.float16)
+    with torch.no_grad():
+        ref16 = reference_group_mix_attention(case.x64.to(DEVICE, torch.float16), (case.H, case.W),
+                                              case.weights(torch.float16), case.hp)
+    assert out.dtype == torch.float16
+    assert_within_reference_error(out, ref16, case.out, name=f"fp16 out C={C}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("C,H,W,B", [(80, 14, 14, 2), (200, 7, 9, 1), (480, 1, 1, 2), (40, 28, 28, 1)],
+                         ids=lambda v: str(v))
+def test_forward_low_precision_grids(dtype, C, H, W, B):
+    case = Case(C, H, W, B, seed=C + H)
+    out = _forward(case, dtype)
+    with torch.no_grad():
+        ref_lp = reference_group_mix_attention(case.x64.to(DEVICE, dtype), (case.H, case.W),
+                                               case.weights(dtype), case.hp)
+    assert out.dtype == dtype
+    assert_within_reference_error(out, ref_lp, case.out, name=f"{dtype} out")
+
+
+@pytest.mark.parametrize("C", [80, 480], ids=lambda c: f"C{c}")
+def test_gpu_tile_sizes(C):
+    """The GPU tile sizes (64 / 32 tokens) on the interpreter too: many tiles, ragged last one."""
+    case = Case(C, 14, 14, 1, seed=C + 11)
+    shape = gma_shape(C)  # the GPU specialisation
+    assert shape.num_tiles(196) >= 4
+    r = ops.run_stages(case.qkv(torch.float32), case.H, case.W, *ops.folded_args(case.folded(torch.float32)),
+                       case.hp.scale, case.hp.ln_eps, shape=shape)
+    for name, t in r.items():
+        assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
+    _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
+    _assert_rel(r["v"], case.V, FP32_TOL, "V")
+    _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
+    _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+
+
+def test_two_runs_bit_identical():
+    case = Case(160, 7, 9, 2, seed=5)
+    a = _forward(case, torch.float32)
+    b = _forward(case, torch.float32)
+    assert torch.equal(a, b)
+
+
+def test_poison_does_not_change_result(monkeypatch):
+    """Same bits with NaN-filled and with uninitialised buffers: nothing reads unwritten memory."""
+    case = Case(40, 5, 11, 1, seed=9)
+    a = _forward(case, torch.float32)
+    monkeypatch.setattr(ops, "POISON_BUFFERS", False)
+    b = _forward(case, torch.float32)
+    assert not torch.isnan(a).any()
+    assert torch.equal(a, b)
+
+
+def test_noncontiguous_input():
+    case = Case(80, 7, 9, 2, seed=12)
+    x = case.x64.to(DEVICE, torch.float32).transpose(0, 1).contiguous().transpose(0, 1)
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        out = BACKEND.forward(x, (case.H, case.W), case.weights(torch.float32), case.hp, False)
+    _assert_rel(out, case.out, FP32_TOL, "non-contiguous x")
+
+
+# ---------------------------------------------------------------- golden vectors (upstream code)
+def _weights_from_state_dict(sd) -> GMAWeights:
+    """A GMAWeights from an upstream `EfficientAtt` state_dict (GMA_SPEC.md §1 key table)."""
+    a = "aggregator."
+    return GMAWeights(
+        qkv_weight=sd["qkv.weight"], qkv_bias=sd.get("qkv.bias"),
+        proj_weight=sd["proj.weight"], proj_bias=sd.get("proj.bias"),
+        bn_weight=tuple(sd[f"{a}norm{i}.weight"] for i in range(4)),
+        bn_bias=tuple(sd[f"{a}norm{i}.bias"] for i in range(4)),
+        bn_running_mean=tuple(sd[f"{a}norm{i}.running_mean"] for i in range(4)),
+        bn_running_var=tuple(sd[f"{a}norm{i}.running_var"] for i in range(4)),
+        bn_num_batches_tracked=tuple(sd.get(f"{a}norm{i}.num_batches_tracked") for i in range(4)),
+        dw_weight=tuple(sd[f"{a}agg{j}.conv1.weight"] for j in (1, 2, 3)),
+        pw_weight=tuple(sd[f"{a}agg{j}.pointwise_conv.weight"] for j in (1, 2, 3)),
+        local_dw_weight=sd[f"{a}agg0.conv.conv1.weight"],
+        local_pw_weight=sd[f"{a}agg0.conv.pointwise_conv.weight"],
+        local_ln_weight=sd[f"{a}agg0.norm.weight"], local_ln_bias=sd[f"{a}agg0.norm.bias"],
+        crpe_weight=tuple(sd[f"crpe.conv_list.{i}.weight"] for i in range(3)),
+        crpe_bias=tuple(sd[f"crpe.conv_list.{i}.bias"] for i in range(3)),
+    )
+
+
+def _golden_cases():
+    if not os.path.exists(GOLDEN):
+        return []
+    return torch.load(GOLDEN, weights_only=False)
+
+
+@pytest.mark.skipif(not os.path.exists(GOLDEN), reason=f"{GOLDEN} not present")
+@pytest.mark.parametrize("idx", range(4))
+def test_golden_fp32(idx):
+    cases = _golden_cases()
+    if idx >= len(cases):
+        pytest.skip(f"golden file has {len(cases)} cases")
+    c = cases[idx]
+    w = cast_weights(_weights_from_state_dict(c["state_dict"]), torch.float32, DEVICE)
+    hp = GMAHyper(num_heads=c["num_heads"], scale=(c["dim"] // c["num_heads"]) ** -0.5)
+    x = c["x"].to(DEVICE, torch.float32)
+    with torch.no_grad():
+        out = BACKEND.forward(x, (c["H"], c["W"]), w, hp, False)
+    _assert_rel(out, c["out"], FP32_TOL, f"golden C={c['dim']} {c['H']}x{c['W']} B={c['B']}")
+
+
+# ---------------------------------------------------------------- dispatch, op, compile
+def _problem(**kw):
+    base = dict(B=1, H=7, W=7, dim=80, num_heads=8, dtype=torch.float32, device_type=DEVICE,
+                training=False, needs_grad=False, explicit=True)
+    base.update(kw)
+    return GMAProblem(**base)
+
+
+def test_backend_declares_support():
+    assert BACKEND.name == "triton"
+    assert BACKEND.availability_reasons() == []
+    assert BACKEND.not_supported_reasons(_problem()) == []
+    assert any("training" in r for r in BACKEND.not_supported_reasons(_problem(training=True)))
+    assert any("gradient" in r for r in BACKEND.not_supported_reasons(_problem(needs_grad=True)))
+    assert any("float64" in r for r in BACKEND.not_supported_reasons(_problem(dtype=torch.float64)))
+    cpu_auto = BACKEND.not_supported_reasons(_problem(device_type="cpu", explicit=False))
+    assert cpu_auto, "auto must never pick the CPU interpreter"
+
+
+def test_auto_dispatch_never_picks_interpreter():
+    from gmf_kernels.backends import select_backend
+    chosen = select_backend(_problem(device_type="cpu", explicit=False), None)
+    assert chosen.name != "triton"
+
+
+def test_op_rejects_bad_inputs():
+    case = Case(40, 3, 3, 1)
+    f = case.folded(torch.float32)
+    qkv = case.qkv(torch.float32)
+    with pytest.raises(ValueError):
+        torch.ops.gmf.triton_pre_projection(qkv, 3, 4, *ops.folded_args(f), 1.0, 1e-5)
+    with pytest.raises(TypeError):
+        torch.ops.gmf.triton_pre_projection(qkv.double(), 3, 3, *ops.folded_args(f), 1.0, 1e-5)
+
+
+def test_opcheck():
+    """Schema, fake (meta) implementation and dispatch of gmf::triton_pre_projection."""
+    case = Case(40, 3, 4, 1)
+    f = case.folded(torch.float32)
+    args = (case.qkv(torch.float32), 3, 4, *ops.folded_args(f), case.hp.scale, 1e-5)
+    torch.library.opcheck(torch.ops.gmf.triton_pre_projection.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_torch_compile_fullgraph():
+    if INTERPRET:
+        # Under the interpreter the op is a custom_op (opaque node; see ops.py): Inductor
+        # compiles the linears around it, the kernels still run through the interpreter.
+        assert ops.REGISTRATION == "custom_op"
+    case = Case(80, 7, 9, 1, seed=21)
+    w = case.weights(torch.float32)
+
+    def fn(x):
+        return BACKEND.forward(x, (case.H, case.W), w, case.hp, False)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    x = case.x64.to(DEVICE, torch.float32)
+    with torch.no_grad():
+        out = compiled(x)
+    _assert_rel(out, case.out, FP32_TOL, "torch.compile(fullgraph=True)")
