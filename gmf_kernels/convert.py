@@ -44,6 +44,8 @@ def _from_upstream(old: nn.Module, backend: str) -> GroupMixAttention:
         dst.track_running_stats = src.track_running_stats
     new.aggregator.agg0.norm.eps = old.aggregator.agg0.norm.eps
     new.train(old.training)
+    for i in range(4):  # a BatchNorm may have been set to another mode than its parent (frozen BN)
+        getattr(new.aggregator, f"norm{i}").train(getattr(old.aggregator, f"norm{i}").training)
     return new
 
 
