@@ -30,6 +30,9 @@ def _load_cuda_build():
 class BuildPyWithCuda(build_py):
     def run(self):
         super().run()
+        if not getattr(self, "editable_mode", False):  # a wheel ships the sources for later builds
+            shutil.copytree(os.path.join(HERE, "csrc"), os.path.join(self.build_lib, "gmf_kernels", "cuda", "_csrc"),
+                            dirs_exist_ok=True)
         if os.environ.get("GMF_SKIP_CUDA_BUILD", "0") == "1":
             print("gmf_kernels: GMF_SKIP_CUDA_BUILD=1, not building the CUDA module")
             return
@@ -60,7 +63,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["gmf_kernels", "gmf_kernels.*"]),
-    package_data={"gmf_kernels": ["cuda/_prebuilt/*.so", "../csrc/*"]},
+    package_data={"gmf_kernels": ["cuda/_prebuilt/*.so", "cuda/_prebuilt/*.json", "cuda/_prebuilt/*.log"]},
     include_package_data=True,
     # torch is required but not pinned here: install the build for your platform first
     # (pip would otherwise pull the default CUDA wheel). See README.md.

@@ -148,6 +148,8 @@ GMF_HD void depthwise(const Exec& ex, const TileGeo& g, const float* halo, int R
 // init = bias[o] (or 0 without bias) plus y's previous value when `accumulate`.
 // Each item computes kPixGroup pixels of one output channel (the weight row is read once
 // per group); rows are read as float4 when s % 4 == 0 (host checks the 16-byte alignment).
+static_assert(kPixGroup == 4, "pointwise() keeps kPixGroup = 4 accumulators in named registers");
+
 template <class Exec>
 GMF_HD void pointwise(const Exec& ex, int P, int s, const float* z, const float* w, int wstride,
                       const float* bias, float* y, bool accumulate, bool hswish) {

@@ -16,8 +16,10 @@
 
 namespace gmf {
 
-// Aggregation: at least 2 blocks per SM caps registers at 128, which keeps ptxas from
-// choosing a tighter budget on its own and spilling (see benchmarks/results/cuda_resources_*).
+// Minimum blocks per SM in the launch bounds: 2 for the aggregation (<= 128 registers),
+// 4 for the output and combine kernels (<= 64). Without them ptxas (CUDA 13) picked tighter
+// register budgets by itself and spilled a few bytes in some instantiations; with them no
+// kernel spills (benchmarks/results/cuda_resources_sm80_sm90.md, checked by the CI test).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) gma_aggregate_kernel(const GmaParams p) {
   extern __shared__ float4 gmf_smem[];
@@ -25,13 +27,13 @@ __global__ void __launch_bounds__(kThreads, 2) gma_aggregate_kernel(const GmaPar
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) gma_output_kernel(const GmaParams p) {
+__global__ void __launch_bounds__(kThreads, 4) gma_output_kernel(const GmaParams p) {
   extern __shared__ float4 gmf_smem[];
   output_block<DeviceExec, T, D>(DeviceExec{}, p, (int)blockIdx.x, reinterpret_cast<float*>(gmf_smem));
 }
 
 template <int D>
-__global__ void __launch_bounds__(kThreads) gma_combine_kernel(const GmaParams p) {
+__global__ void __launch_bounds__(kThreads, 4) gma_combine_kernel(const GmaParams p) {
   extern __shared__ float4 gmf_smem[];
   combine_block<DeviceExec, D>(DeviceExec{}, p, (int)blockIdx.x, reinterpret_cast<float*>(gmf_smem));
 }

@@ -218,6 +218,8 @@ def test_ptxas_resources_parsed(built):
         assert 0 < r["registers"] <= 255, r
         if "gma_aggregate_kernel" in r["kernel"]:
             assert r["registers"] <= 128, r  # __launch_bounds__(256, 2)
+        else:
+            assert r["registers"] <= 64, r   # __launch_bounds__(256, 4)
     spilling = [f"{r['arch']} {r['kernel']}: {r['spill_stores']}/{r['spill_loads']} B"
                 for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, "kernels spill registers:\n" + "\n".join(spilling)
@@ -545,3 +547,28 @@ def test_gpu_op_rejects_bad_inputs():
         torch.ops.gmf.cuda_pre_projection(qkv, 7, 9, *([ws[0].cpu()] + ws[1:]), 0.3, eps)
     with pytest.raises(ValueError, match="N=63"):
         torch.ops.gmf.cuda_pre_projection(qkv, 8, 9, *ws, 0.3, eps)
+
+
+# ------------------------------------------------------------------ torch.library op (CPU-traceable)
+def test_op_fake_implementation_on_meta_tensors():
+    case_w = random_gma_weights(80, seed=0, dtype=torch.float32)
+    f = fold_eval(case_w, default_hyper(80), torch.float32)
+    qkv = torch.empty(2, 63, 240, device="meta", dtype=torch.bfloat16)
+    out = torch.ops.gmf.cuda_pre_projection(qkv, 7, 9, *[t.to("meta") for t in cb.flatten_folded(f)], 0.3, 1e-5)
+    assert out.shape == (2, 63, 80) and out.dtype == torch.bfloat16 and out.device.type == "meta"
+
+
+@needs_nvcc
+def test_backend_forward_traces_with_fullgraph(use_module):
+    """torch.compile(fullgraph=True) traces BACKEND.forward through the custom op; on a CPU
+    the compiled graph then reaches the launcher, which refuses CPU tensors."""
+    w = random_gma_weights(80, seed=0, dtype=torch.float32)
+    hp = default_hyper(80)
+    x = torch.randn(2, 63, 80)
+
+    def fn(x):
+        return cb.BACKEND.forward(x, (7, 9), w, hp, False)
+
+    torch._dynamo.reset()
+    with pytest.raises(TypeError, match="expected a cuda tensor"):
+        torch.compile(fn, fullgraph=True, backend="eager")(x)

@@ -118,8 +118,8 @@ def launch(qkv: Tensor, H: int, W: int, weights: Sequence[Tensor], scale: float,
     the device code is tested without a GPU. `out` (optional, contiguous) receives the
     result; `tile` = (tile_h, tile_w) overrides the automatic tile.
     """
-    mod = _module()
     B, C, code, ws = check_inputs(qkv, H, W, weights, scale, ln_eps, "cpu" if emulate else "cuda")
+    mod = _module()
     qkv = _aligned(qkv)
     N = int(H) * int(W)
     if out is None:
@@ -155,9 +155,11 @@ def cuda_pre_projection(qkv: Tensor, H: int, W: int, bn0_scale: Tensor, bn0_shif
 
 
 @cuda_pre_projection.register_fake
-def _(qkv, H, W, *rest):
-    torch._check(qkv.dim() == 3, lambda: "qkv must be (B, N, 3C)")
+def _(qkv, H, W, bn0_scale, bn0_shift, dw3, dw5, dw7, pw, pw_bias, local_dw, local_pw, ln_weight, ln_bias,
+      crpe_w3, crpe_w5, crpe_w7, crpe_b, scale, ln_eps):
+    torch._check(qkv.dim() == 3, lambda: f"qkv must be (B, N, 3C), got {tuple(qkv.shape)}")
     B, N, C3 = qkv.shape
+    torch._check(C3 % 30 == 0, lambda: f"qkv has {C3} channels: expected 3C with C a multiple of 10")
     return qkv.new_empty((B, N, C3 // 3))
 
 

@@ -60,9 +60,13 @@ def package_dir() -> Path:
 
 
 def csrc_dir() -> Path:
-    """The kernel sources: GMF_CSRC_DIR, else <repository>/csrc next to the package."""
+    """The kernel sources: GMF_CSRC_DIR, else <repository>/csrc next to the package (a source
+    checkout or an editable install), else the copy a wheel ships in gmf_kernels/cuda/_csrc."""
     env = os.environ.get("GMF_CSRC_DIR")
-    return Path(env).resolve() if env else package_dir().parent.parent / "csrc"
+    if env:
+        return Path(env).resolve()
+    repo = package_dir().parent.parent / "csrc"
+    return repo if repo.is_dir() else package_dir() / "_csrc"
 
 
 def prebuilt_dir() -> Path:
