@@ -6,7 +6,8 @@ run a given problem; an empty list means it can.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from typing import FrozenSet, List, Optional, Tuple
 
 import torch
@@ -54,6 +55,9 @@ class Backend:
     supports_training: bool = False
     supports_grad: bool = False
     head_dims: Optional[FrozenSet[int]] = None  # None: any
+    #: False until the backend's parity has been measured on real GPU hardware. `auto` then
+    #: skips it on CUDA (an explicit choice, or GMF_AUTO_UNVERIFIED=1, still runs it).
+    verified_on_gpu: bool = True
 
     def availability_reasons(self) -> List[str]:
         """Reasons this backend cannot run at all here (missing package, build, ...)."""
@@ -71,6 +75,10 @@ class Backend:
         if p.needs_grad and not self.supports_grad:
             reasons.append("gradients not supported (forward-only kernels): run under torch.no_grad() "
                            "or use the torch backend")
+        if (not self.verified_on_gpu and p.device_type == "cuda" and not p.explicit
+                and os.environ.get("GMF_AUTO_UNVERIFIED", "0") != "1"):
+            reasons.append("not yet verified on GPU hardware, so 'auto' does not pick it: name it "
+                           "explicitly, or set GMF_AUTO_UNVERIFIED=1 (python -m gmf_kernels.selfcheck checks it)")
         if self.head_dims is not None and p.head_dim not in self.head_dims:
             reasons.append(f"head width d={p.head_dim} not supported (supports {sorted(self.head_dims)})")
         return reasons

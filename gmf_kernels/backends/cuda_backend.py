@@ -201,4 +201,5 @@ BACKEND = CudaBackend(
     supports_training=False,
     supports_grad=False,
     head_dims=None,  # d = C/10 <= 64: 4..48 specialised at compile time, others by generic code
+    verified_on_gpu=False,  # no GPU has run it yet: see README "Verification status"
 )
