@@ -12,34 +12,36 @@ import torch
 
 from ._validation import check_dim, check_same_device_dtype, check_tokens
 from .backends import GMAProblem, select_backend
-from .weights import GMAHyper, GMAWeights, default_scale
+from .weights import GMAHyper, GMAWeights, collapse4, default_scale
 
 Tensor = torch.Tensor
 
 
-def _effective_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the computation runs in: autocast's when autocast applies to x."""
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """autocast's dtype when autocast is on for x's device, else None."""
     dev = x.device.type
     try:
-        enabled = torch.is_autocast_enabled(dev)
-    except TypeError:  # older torch: no device argument
-        enabled = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
-    if enabled and x.dtype == torch.float32:
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (TypeError, RuntimeError):  # older torch, or a device type autocast does not know
+        pass
+    return None
 
 
-def make_problem(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, training: bool) -> GMAProblem:
-    """Validate and describe one call."""
+def make_problem(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, training) -> GMAProblem:
+    """Validate and describe one call (`training`: a bool, or one per aggregator BatchNorm)."""
     check_dim(w.dim, hp.num_heads)
     B, N, H, W = check_tokens(x, size, w.dim)
-    dtype = _effective_dtype(x)
+    autocast = _autocast_dtype(x)
     params = list(w.tensors())
     # under autocast the parameters keep their own dtype and the ops cast
-    check_same_device_dtype(x, params, check_dtype=(dtype == x.dtype))
+    check_same_device_dtype(x, params, check_dtype=autocast is None)
+    dtype = autocast if autocast is not None and x.dtype in (torch.float32, autocast) else x.dtype
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
+    uniform = not any(isinstance(v, tuple) for v in (training, hp.bn_eps, hp.bn_momentum))
     return GMAProblem(B=B, H=H, W=W, dim=w.dim, num_heads=hp.num_heads, dtype=dtype,
-                      device_type=x.device.type, training=training, needs_grad=needs_grad)
+                      device_type=x.device.type, training=bool(any(training) if isinstance(training, tuple) else training),
+                      needs_grad=needs_grad, uniform_bn=uniform)
 
 
 def group_mix_attention(
@@ -63,7 +65,9 @@ def group_mix_attention(
         size: (H, W).
         weights: the layer's tensors (`GMAWeights`; `GroupMixAttention.gma_weights()`).
         scale: multiplier of the factorized attention; default (C // num_heads) ** -0.5.
-        training: BatchNorm batch statistics over q, k, v together (updates running stats).
+        training: BatchNorm batch statistics over q, k, v together (updates running stats);
+            a 4-tuple gives each aggregator BatchNorm its own mode (reference backend only),
+            as may bn_eps and bn_momentum.
         backend: "auto"/None (the fastest that can run this input), or one of
             "cuda", "triton", "torch", "reference". An explicit backend that cannot run
             the input raises ValueError with its reasons; none fitting raises
@@ -78,8 +82,13 @@ def group_mix_attention(
     return run_attention(x, size, weights, hp, training, backend, check)
 
 
-def run_attention(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, training: bool,
+def run_attention(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, training,
                   backend: Optional[str], check: Optional[bool] = None) -> Tensor:
+    if isinstance(training, (tuple, list)):
+        training = collapse4(training)
+    hp = hp._replace(bn_eps=collapse4(hp.bn_eps) if isinstance(hp.bn_eps, (tuple, list)) else hp.bn_eps,
+                     bn_momentum=(collapse4(hp.bn_momentum) if isinstance(hp.bn_momentum, (tuple, list))
+                                  else hp.bn_momentum))
     problem = make_problem(x, size, w, hp, training)
     chosen = select_backend(problem, backend)
     if check is None:

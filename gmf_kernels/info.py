@@ -19,11 +19,11 @@ def collect() -> dict:
         "cuda available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError as e:
-        info["triton"] = f"not installed ({e})"
+    from importlib import metadata
+    try:  # read the version without importing triton: its import fixes TRITON_INTERPRET for good
+        info["triton"] = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        info["triton"] = "not installed"
     import os
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "unset")
     info["backends"] = {n: get_backend(n).availability_reasons() for n in BACKEND_NAMES}

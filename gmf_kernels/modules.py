@@ -14,7 +14,7 @@ from torch import nn
 from ._validation import check_dim
 from .backends import check_backend_name
 from .functional import run_attention
-from .weights import CRPE_WINDOWS, GMAHyper, GMAWeights, NUM_SEGMENTS, default_scale, widths
+from .weights import CRPE_WINDOWS, GMAHyper, GMAWeights, NUM_SEGMENTS, collapse4, default_scale, widths
 
 
 class SeparableConv2d(nn.Module):
@@ -114,14 +114,19 @@ class GroupMixAttention(nn.Module):
             crpe_bias=tuple(c.bias for c in self.crpe.conv_list),
         )
 
+    def _norms(self):
+        a = self.aggregator
+        return (a.norm0, a.norm1, a.norm2, a.norm3)
+
     def hyper(self) -> GMAHyper:
-        n0 = self.aggregator.norm0
-        return GMAHyper(num_heads=self.num_heads, scale=self.scale, bn_eps=n0.eps, bn_momentum=n0.momentum,
-                        ln_eps=self.aggregator.agg0.norm.eps)
+        norms = self._norms()
+        return GMAHyper(num_heads=self.num_heads, scale=self.scale, bn_eps=collapse4(n.eps for n in norms),
+                        bn_momentum=collapse4(n.momentum for n in norms), ln_eps=self.aggregator.agg0.norm.eps)
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        n0 = self.aggregator.norm0  # as upstream, the BatchNorms' own mode decides
-        bn_batch_stats = n0.training or n0.running_mean is None
+        # as upstream, each BatchNorm's own mode decides (batch statistics in training, or
+        # always when it keeps no running statistics)
+        bn_batch_stats = collapse4(n.training or n.running_mean is None for n in self._norms())
         out = run_attention(x, size, self.gma_weights(), self.hyper(), bn_batch_stats, self.backend,
                             self.check or None)
         return self.proj_drop(out)

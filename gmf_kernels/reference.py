@@ -11,17 +11,22 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .weights import CRPE_WINDOWS, GMAHyper, GMAWeights, NUM_SEGMENTS
+from .weights import CRPE_WINDOWS, GMAHyper, GMAWeights, NUM_SEGMENTS, per_bn
 
 Tensor = torch.Tensor
 
 
-def _batch_norm(x: Tensor, w: GMAWeights, i: int, hp: GMAHyper, training: bool) -> Tensor:
+def _batch_norm(x: Tensor, w: GMAWeights, i: int, hp: GMAHyper, training) -> Tensor:
+    """nn.BatchNorm2d's forward for aggregator BatchNorm i (training: bool or one per BN)."""
+    training = per_bn(training, i)
+    momentum = per_bn(hp.bn_momentum, i)
     nbt = w.bn_num_batches_tracked[i]
-    if training and nbt is not None:
-        nbt.add_(1)  # what nn.BatchNorm2d does; with a fixed momentum it does not change the update
+    if training and nbt is not None and w.bn_running_mean[i] is not None:
+        nbt.add_(1)
+        if momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(nbt)
     return F.batch_norm(x, w.bn_running_mean[i], w.bn_running_var[i], w.bn_weight[i], w.bn_bias[i],
-                        training, 0.0 if hp.bn_momentum is None else hp.bn_momentum, hp.bn_eps)
+                        training, 0.0 if momentum is None else momentum, per_bn(hp.bn_eps, i))
 
 
 def _depthwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -34,13 +39,14 @@ def reference_group_mix_attention(
     size: Tuple[int, int],
     w: GMAWeights,
     hp: GMAHyper = GMAHyper(),
-    training: bool = False,
+    training=False,
     return_intermediates: bool = False,
 ):
     """Group-Mix Attention forward. x: (B, N, C) tokens of an (H, W) grid, row-major.
 
     In training mode the aggregator BatchNorms use batch statistics over q, k and v
-    together (3B images) and update their running statistics in place.
+    together (3B images) and update their running statistics in place. `training` may
+    be a 4-tuple (one mode per aggregator BatchNorm, e.g. some frozen).
     With return_intermediates, also returns {"proxies": (3,B,h,N,d), "local": (B,N,s),
     "pre_proj": (B,N,C)} as in the golden vectors.
     """

@@ -57,13 +57,28 @@ class GMAWeights(NamedTuple):
 
 
 class GMAHyper(NamedTuple):
-    """Scalars of one GMA layer. Defaults are the released checkpoints'."""
+    """Scalars of one GMA layer. Defaults are the released checkpoints'.
+
+    bn_eps / bn_momentum may also be 4-tuples (one per aggregator BatchNorm) when the
+    four differ; only the reference backend runs such layers.
+    """
 
     num_heads: int = 8
     scale: float = 1.0
     bn_eps: float = 1e-5
     bn_momentum: Optional[float] = 0.1
     ln_eps: float = 1e-5
+
+
+def per_bn(value, i: int):
+    """Entry i of a per-BatchNorm setting given as a scalar or a 4-tuple."""
+    return value[i] if isinstance(value, tuple) else value
+
+
+def collapse4(values):
+    """A scalar when the 4 per-BatchNorm entries agree, else the tuple."""
+    values = tuple(values)
+    return values[0] if all(v == values[0] for v in values) else values
 
 
 def default_scale(dim: int, num_heads: int) -> float:

@@ -29,6 +29,7 @@ class GMAProblem:
     training: bool
     needs_grad: bool
     explicit: bool = False  # the caller named this backend (vs. "auto")
+    uniform_bn: bool = True  # the 4 aggregator BatchNorms share mode, eps and momentum
 
     @property
     def N(self) -> int:
@@ -54,6 +55,7 @@ class Backend:
     device_types: FrozenSet[str] = frozenset()
     supports_training: bool = False
     supports_grad: bool = False
+    supports_mixed_bn: bool = False  # aggregator BatchNorms in different modes / eps / momentum
     head_dims: Optional[FrozenSet[int]] = None  # None: any
     #: False until the backend's parity has been measured on real GPU hardware. `auto` then
     #: skips it on CUDA (an explicit choice, or GMF_AUTO_UNVERIFIED=1, still runs it).
@@ -72,6 +74,9 @@ class Backend:
             reasons.append(f"dtype {str(p.dtype).replace('torch.', '')} not supported (supports {names})")
         if p.training and not self.supports_training:
             reasons.append("training mode not supported (BatchNorm batch statistics): use eval() or the torch backend")
+        if not p.uniform_bn and not self.supports_mixed_bn:
+            reasons.append("the aggregator BatchNorms differ in mode, eps or momentum (e.g. one frozen): "
+                           "only the reference backend runs that")
         if p.needs_grad and not self.supports_grad:
             reasons.append("gradients not supported (forward-only kernels): run under torch.no_grad() "
                            "or use the torch backend")

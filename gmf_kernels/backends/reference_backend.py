@@ -18,4 +18,5 @@ BACKEND = ReferenceBackend(
     device_types=frozenset({"cpu", "cuda"}),
     supports_training=True,
     supports_grad=True,
+    supports_mixed_bn=True,
 )

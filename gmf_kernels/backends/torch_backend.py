@@ -82,6 +82,11 @@ def _pack(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype, fold_bn: bool) -> _Pa
                    cast(torch.cat(list(w.crpe_bias)).to(cd)))
 
 
+def _pack_no_grad(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype) -> _Packed:
+    with torch.no_grad():
+        return _pack(w, hp, dtype, fold_bn=True)
+
+
 def _batch_norm_train(z: Tensor, w: GMAWeights, hp: GMAHyper) -> Tensor:
     """Training BatchNorm of segments 0-3 on z (B, N, 4, 3, s): statistics over B, N and q/k/v."""
     var, mean = torch.var_mean(z, dim=(0, 1, 3), unbiased=False)                  # (4, s)
@@ -109,10 +114,11 @@ def torch_group_mix_attention(x: Tensor, size, w: GMAWeights, hp: GMAHyper, trai
     s = C // 5
     cp = 4 * s
     d = cp // hp.num_heads
-    if training:
-        pk = _pack(w, hp, x.dtype, fold_bn=False)       # differentiable: rebuilt every call
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in w.tensors()))
+    if training or needs_grad:
+        pk = _pack(w, hp, x.dtype, fold_bn=not training)  # differentiable: rebuilt every call
     else:
-        pk = cached_derived(w, ("torch-packed", x.dtype, hp), lambda: _pack(w, hp, x.dtype, True))
+        pk = cached_derived(w, ("torch-packed", x.dtype, hp), lambda: _pack_no_grad(w, hp, x.dtype))
 
     t = F.linear(x, pk.qkv_weight, pk.qkv_bias)                                   # (B, N, 15s)
     img = t.view(B, H, W, 15 * s).permute(0, 3, 1, 2)                              # channels-last view

@@ -1,0 +1,805 @@
+#!/usr/bin/env python
+"""Whole-model inference throughput of GroupMixFormer, every GMA backend side by side.
+
+    PYTHONPATH=. python benchmarks/throughput.py                          # defaults for this machine
+    PYTHONPATH=. python benchmarks/throughput.py --model t,s --precision amp --results-file out.json
+    PYTHONPATH=. python benchmarks/throughput.py --protocol paper         # upstream: b128, 224², 50+30, fp32
+
+For every model and backend (default: every available backend, always `reference`, which
+is upstream's eager forward rendered line by line) the script builds the model once, checks
+each backend's output against `reference` on the benchmark's own input, warms up, then times
+forward passes (eval mode, torch.inference_mode) and prints images/s, ms/iter (median, mean,
+min) and the speed ratio to `reference`. On CUDA every timed iteration is bracketed by CUDA
+events and the timed loop by two torch.cuda.synchronize() calls (METHOD.md); on CPU a host
+clock is used. Published figures of the paper (V100) are printed as reference lines only,
+never as measurements. See benchmarks/README.md for the columns.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+SCHEMA_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "bf16", "amp")
+#: Paper, appendix B (GMA_SPEC.md §4): one V100, fp32, batch 128, 224x224. Not measured here.
+PUBLISHED = [
+    ("GroupMixFormer (paper appx. B)", 596.0),
+    ("Swin-T (paper appx. B)", 755.0),
+    ("CSWin-T (paper appx. B)", 701.0),
+]
+PAPER_PROTOCOL = dict(batch_size=128, img_size=224, num_warm_iter=50, num_bench_iter=30, precision="fp32",
+                      channels_last=False)
+TIMM_BASELINE = "swin_tiny_patch4_window7_224"
+
+
+# --------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="groupmixformer_s",
+                   help="model name(s), comma separated; aliases (t, tiny, groupmixformer_tiny...) or 'all'")
+    p.add_argument("--batch-size", "-b", type=int, default=None,
+                   help="images per forward (default 128 on GPU, 8 on CPU)")
+    p.add_argument("--img-size", type=int, default=None, help="square input size (default 224)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32; fp16/bf16 cast model and input; amp = torch.autocast (fp16 on cuda, bf16 on cpu)")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="model and input in channels_last memory format")
+    p.add_argument("--num-warm-iter", type=int, default=None,
+                   help="warm-up iterations per row (default 10 on GPU, 1 on CPU)")
+    p.add_argument("--num-bench-iter", type=int, default=None,
+                   help="timed iterations per row (default 40 on GPU, 5 on CPU)")
+    p.add_argument("--schedule", choices=("block", "interleave"), default=None,
+                   help="block: each row's timed iterations back to back (upstream's protocol); interleave: "
+                        "one iteration of each row in turn, which cancels slow drifts of a shared machine's "
+                        "load out of the ratios (default: block on GPU, interleave on CPU)")
+    p.add_argument("--backends", default=None,
+                   help="comma list of cuda,triton,torch,reference (default: every available backend, "
+                        "always reference; on CPU the Triton interpreter only when named)")
+    p.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="add a row: torch.compile (this backend, default inductor) of the `torch` backend model; "
+                        "default on for GPU, off on CPU (compiling is slow there); compile time reported apart")
+    p.add_argument("--no-torchcompile", action="store_true", help="no torch.compile row, also on GPU")
+    p.add_argument("--no-timm", action="store_true", help=f"no timm {TIMM_BASELINE} baseline row")
+    p.add_argument("--fp64-check", action=argparse.BooleanOptionalAction, default=None,
+                   help="also compare every row with the reference run in float64 (default: on for "
+                        "fp16/bf16/amp, where the fp32-vs-low-precision error needs a true oracle)")
+    p.add_argument("--protocol", choices=("paper",), default=None,
+                   help="paper: upstream's protocol (GMA_SPEC §4): batch 128, 224x224, 50 warm-up + 30 timed, "
+                        "fp32, eval, no grad; flags given explicitly still win (and are recorded)")
+    p.add_argument("--device", default=None, help="cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for CPU runs (default: torch's own choice); on a shared, "
+                        "oversubscribed machine 1 thread avoids OpenMP contention that distorts ratios")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and input")
+    p.add_argument("--results-file", default=None, help="write {'meta': ..., 'rows': [...]} as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def resolve_settings(args) -> Dict:
+    """Fill the defaults that depend on the device and the protocol; note explicit overrides."""
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev_type = device.split(":")[0]
+    gpu = dev_type == "cuda"
+    defaults = dict(batch_size=128 if gpu else 8, img_size=224, num_warm_iter=10 if gpu else 1,
+                    num_bench_iter=40 if gpu else 5, precision="fp32", channels_last=False)
+    overrides = []
+    if args.protocol == "paper":
+        for k, v in PAPER_PROTOCOL.items():
+            given = getattr(args, k)
+            if given is not None and given != v:
+                overrides.append(f"{k}={given}")
+        defaults.update(PAPER_PROTOCOL)
+    s = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in defaults.items()}
+    s.update(device=device, device_type=dev_type,
+             schedule=args.schedule or ("block" if gpu else "interleave"),
+             protocol=(args.protocol or "custom") + (f" (modified: {', '.join(overrides)})" if overrides else ""),
+             seed=args.seed)
+    if args.no_torchcompile:
+        s["torchcompile"] = None
+    else:
+        s["torchcompile"] = args.torchcompile or ("inductor" if gpu else None)
+    s["fp64_check"] = args.fp64_check if args.fp64_check is not None else s["precision"] != "fp32"
+    if s["batch_size"] < 1 or s["img_size"] < 32 or s["num_bench_iter"] < 1 or s["num_warm_iter"] < 0:
+        raise SystemExit("error: need --batch-size >= 1, --img-size >= 32, --num-bench-iter >= 1, "
+                         "--num-warm-iter >= 0")
+    return s
+
+
+def parse_backends(text: Optional[str]) -> Optional[List[str]]:
+    if text is None or text.strip() in ("", "all", "auto"):
+        return None
+    from gmf_kernels.backends import BACKEND_NAMES
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in BACKEND_NAMES]
+    if bad:
+        raise SystemExit(f"error: unknown backend(s) {bad}; choose from {list(BACKEND_NAMES)}")
+    return list(dict.fromkeys(names))
+
+
+def parse_models(text: str) -> List[str]:
+    from gmf_kernels.models.configs import MODEL_CONFIGS, canonical_name
+    if text.strip() == "all":
+        return list(MODEL_CONFIGS)
+    try:
+        return list(dict.fromkeys(canonical_name(n) for n in text.split(",") if n.strip()))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+# --------------------------------------------------------------------------- environment
+def _git(*cmd) -> Optional[str]:
+    try:
+        r = subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True, timeout=10)
+    except Exception:
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _pkg_version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:
+        return "not installed"
+
+
+def collect_meta(settings: Dict) -> Dict:
+    import torch
+    import gmf_kernels
+    gpu = settings["device_type"] == "cuda"
+    sha = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain")
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+        "device": settings["device"],
+        "device_name": torch.cuda.get_device_name(torch.device(settings["device"])) if gpu else f"CPU: {_cpu_name()}",
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1_5_15_start": _loadavg(),
+        "torch": torch.__version__,
+        # from the package metadata: importing triton here would fix TRITON_INTERPRET too early
+        "triton": _pkg_version("triton"),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "gmf_kernels": gmf_kernels.__version__,
+        "git_sha": sha or "unknown (not a git checkout, or no commits yet)",
+        "git_dirty": bool(status) if status is not None else None,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "unset"),
+        "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "settings": {k: v for k, v in settings.items()},
+        "img_per_s_definition": "batch_size / median ms per iteration; img_per_s_total = batch_size * n / "
+                                "time of the whole timed loop (upstream's and timm's definition)",
+        "published_reference": [{"name": n, "img_per_s": v, "device": "V100 (paper)", "precision": "fp32",
+                                 "batch_size": 128, "img_size": 224, "measured": False} for n, v in PUBLISHED],
+    }
+    if gpu:
+        props = torch.cuda.get_device_properties(torch.device(settings["device"]))
+        meta["gpu_memory_gib"] = round(props.total_memory / 2 ** 30, 1)
+        meta["gpu_sm_count"] = props.multi_processor_count
+    return meta
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self._open = False
+
+    def __call__(self, msg: str, final: bool = False):
+        if self.quiet:
+            return
+        if self.tty:  # one line, rewritten in place
+            sys.stderr.write("\r\033[K" + msg + ("\n" if final else ""))
+            self._open = not final
+        else:
+            sys.stderr.write(msg + "\n")
+        sys.stderr.flush()
+
+    def phase(self, msg: str, i: int, n: int):
+        """Per-iteration updates only on a terminal; elsewhere one line at the phase's start."""
+        if self.quiet:
+            return
+        if self.tty:
+            self(f"{msg} {i}/{n} ...")
+        elif i == 0:
+            self(f"{msg} ({n}) ...")
+
+    def done(self):
+        if self._open and self.tty and not self.quiet:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._open = False
+
+
+# --------------------------------------------------------------------------- timing
+class Timer:
+    """Per-iteration times in ms; CUDA events on GPU (no sync inside the loop), host clock on CPU."""
+
+    def __init__(self, device):
+        import torch
+        self.torch = torch
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def run(self, fn: Callable[[], object], n: int, on_iter: Optional[Callable[[int], None]] = None):
+        """Time n calls of fn between two synchronisations; returns (per-iteration ms, total s)."""
+        torch = self.torch
+        self.sync()
+        if self.cuda:
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            t0 = time.perf_counter()
+            for i in range(n):
+                if on_iter:
+                    on_iter(i)
+                starts[i].record()
+                fn()
+                ends[i].record()
+            self.sync()
+            total = time.perf_counter() - t0
+            return [s.elapsed_time(e) for s, e in zip(starts, ends)], total
+        times = []
+        t0 = time.perf_counter()
+        for i in range(n):
+            if on_iter:
+                on_iter(i)
+            a = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - a) * 1e3)
+        return times, time.perf_counter() - t0
+
+
+def stats(times_ms: List[float], batch: int, total_s: Optional[float]) -> Dict:
+    srt = sorted(times_ms)
+    q = lambda f: srt[min(len(srt) - 1, max(0, int(round(f * (len(srt) - 1)))))]
+    med = statistics.median(srt)
+    out = {
+        "n_timed": len(srt), "median_ms": med, "mean_ms": statistics.fmean(srt), "min_ms": srt[0],
+        "max_ms": srt[-1], "p20_ms": q(0.2), "p80_ms": q(0.8),
+        "stdev_ms": statistics.stdev(srt) if len(srt) > 1 else 0.0,
+        "img_per_s": batch * 1e3 / med,
+    }
+    if total_s:
+        out["img_per_s_total"] = batch * len(srt) / total_s
+    return out
+
+
+# --------------------------------------------------------------------------- model setup
+def randomise_norms(model, seed: int):
+    """Non-trivial BatchNorm/LayerNorm parameters and running statistics, so that the check
+    exercises BatchNorm folding (a fresh model has mean 0 / var 1 / weight 1 / bias 0)."""
+    import torch
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+            if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+
+
+def dtypes_for(precision: str, dev_type: str):
+    """(dtype of model and input, autocast dtype or None, effective compute dtype)."""
+    import torch
+    if precision == "fp16":
+        return torch.float16, None, torch.float16
+    if precision == "bf16":
+        return torch.bfloat16, None, torch.bfloat16
+    if precision == "amp":
+        ac = torch.float16 if dev_type == "cuda" else torch.bfloat16
+        return torch.float32, ac, ac
+    return torch.float32, None, torch.float32
+
+
+def tolerance(compute_dtype, dev_type: str) -> float:
+    """Allowed max |out - ref| / max |ref| of a backend against `reference` at the same precision,
+    through a whole model (the per-layer tolerances of gmf_kernels.selfcheck, x5 for depth)."""
+    import torch
+    try:
+        from gmf_kernels.selfcheck import TOLERANCE
+    except Exception:  # pragma: no cover - keep the benchmark usable if that module moves
+        TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+    tol = 5 * TOLERANCE.get(compute_dtype, 1e-2)
+    if dev_type == "cuda" and compute_dtype == torch.float32 and (
+            torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
+        tol = max(tol, 1e-2)  # tf32 convolutions / matmuls
+    return tol
+
+
+def max_rel_error(a, e) -> float:
+    """max |a - e| / max |e| in float64 (NaN if either holds a NaN or inf)."""
+    import torch
+    a = a.detach().double().cpu()
+    e = e.detach().double().cpu()
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(e).all())):
+        return float("nan")
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    msg = " | ".join(lines[:4])
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- rows
+class Runner:
+    """One row: a label, how to make the model do that row's forward, and its results."""
+
+    def __init__(self, model_name: str, backend: str, label: str, module, prepare: Callable[[], None],
+                 kind: str = "gmf"):
+        self.model_name, self.backend, self.label = model_name, backend, label
+        self.module, self.prepare, self.kind = module, prepare, kind
+        self.row: Dict = {"model": model_name, "backend": backend, "label": label, "kind": kind}
+        self.times: List[float] = []
+        self.total_s = 0.0
+        self.alive = True
+
+
+def select_backends(requested: Optional[List[str]], dev_type: str):
+    """-> (backends to run, {backend: reason} for those that cannot or are skipped)."""
+    from gmf_kernels.backends import BACKEND_NAMES, get_backend
+    skipped: Dict[str, str] = {}
+    chosen: List[str] = []
+    names = list(BACKEND_NAMES) if requested is None else requested
+    for n in names:
+        reasons = get_backend(n).availability_reasons()
+        if reasons:
+            skipped[n] = "unavailable: " + "; ".join(reasons)
+            continue
+        if requested is None and n == "triton" and dev_type == "cpu":
+            skipped[n] = ("skipped: on CPU Triton runs only through its interpreter (orders of magnitude "
+                          "slower); name it in --backends to include it")
+            continue
+        if requested is None and n == "cuda" and dev_type != "cuda":
+            skipped[n] = "skipped: not a CUDA device"
+            continue
+        chosen.append(n)
+    if "reference" not in chosen:
+        chosen.append("reference")
+    order = {n: i for i, n in enumerate(BACKEND_NAMES)}
+    chosen.sort(key=lambda n: order[n])
+    return chosen, skipped
+
+
+def timm_runner(settings, device, model_dtype, progress) -> Optional[Runner]:
+    """The Swin-T baseline row when timm imports; otherwise a skipped row (never installs timm)."""
+    try:
+        import timm  # noqa: F401
+    except Exception as e:
+        r = Runner("-", f"timm:{TIMM_BASELINE}", f"timm {TIMM_BASELINE}", None, lambda: None, kind="baseline")
+        r.row.update(status="skipped", reason=f"skipped: timm not installed ({type(e).__name__})")
+        r.alive = False
+        return r
+    import torch
+    r = Runner("-", f"timm:{TIMM_BASELINE}", f"timm {TIMM_BASELINE}", None, lambda: None, kind="baseline")
+    try:
+        progress(f"building timm {TIMM_BASELINE} ...")
+        kw = {} if settings["img_size"] == 224 else {"img_size": settings["img_size"]}
+        m = timm.create_model(TIMM_BASELINE, pretrained=False, **kw).eval()
+        m = m.to(device=device, dtype=model_dtype)
+        if settings["channels_last"]:
+            m = m.to(memory_format=torch.channels_last)
+        r.module = m
+        r.row["timm"] = timm.__version__
+    except Exception as e:
+        r.row.update(status="error", reason=f"could not build: {first_line(e)}")
+        r.alive = False
+    return r
+
+
+# --------------------------------------------------------------------------- main benchmark
+def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]], progress: Progress,
+              include_timm: bool):
+    import torch
+    import gmf_kernels as gmf
+
+    device = torch.device(settings["device"])
+    dev_type = settings["device_type"]
+    if dev_type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # events and streams of the timed loop live on this device
+    model_dtype, autocast_dtype, compute_dtype = dtypes_for(settings["precision"], dev_type)
+    B, S = settings["batch_size"], settings["img_size"]
+    mf = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    timer = Timer(device)
+    tol = tolerance(compute_dtype, dev_type)
+    backends, skipped = select_backends(requested, dev_type)
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=dev_type, dtype=autocast_dtype)
+
+    rows: List[Dict] = []
+    n_models = len(models)
+    # inputs: random normal images (never zeros), one per run, shared by every row
+    gen = torch.Generator().manual_seed(settings["seed"])
+    x32 = torch.randn(B, 3, S, S, generator=gen)
+    x = x32.to(device=device, dtype=model_dtype).contiguous(memory_format=mf)
+
+    for mi, name in enumerate(models):
+        tag = f"[{mi + 1}/{n_models}] {name}"
+        progress(f"{tag}: building model ...")
+        torch.manual_seed(settings["seed"])
+        master = gmf.create_model(name, backend="reference").eval()
+        randomise_norms(master, settings["seed"])
+        n_params = sum(p.numel() for p in master.parameters())
+
+        oracle = None
+        if settings["fp64_check"]:
+            progress(f"{tag}: float64 reference (oracle) ...")
+            try:
+                m64 = copy.deepcopy(master).to(device=device, dtype=torch.float64)
+                with torch.inference_mode():
+                    oracle = m64(x32.to(device=device, dtype=torch.float64)).float()
+                del m64
+            except Exception as e:
+                progress(f"{tag}: float64 oracle failed ({first_line(e)}); continuing without it", final=True)
+                oracle = None
+
+        model = master.to(device=device, dtype=model_dtype, memory_format=mf)
+        runners: List[Runner] = []
+        for b in backends:
+            label = {"reference": "reference (= upstream eager)"}.get(b, b)
+            if b == "triton" and dev_type == "cpu":
+                label = "triton (CPU interpreter)"
+            r = Runner(name, b, label, model,
+                       (lambda b=b: model.set_backend(b)))
+            runners.append(r)
+        if settings["torchcompile"]:
+            cmod = copy.deepcopy(model).set_backend("torch")
+            try:
+                compiled = torch.compile(cmod, backend=settings["torchcompile"])
+                runners.append(Runner(name, "torch+compile", f"torch+compile ({settings['torchcompile']})",
+                                      compiled, lambda: None))
+            except Exception as e:
+                r = Runner(name, "torch+compile", "torch+compile", None, lambda: None)
+                r.row.update(status="error", reason=first_line(e))
+                r.alive = False
+                runners.append(r)
+        if include_timm and mi == 0:
+            tr = timm_runner(settings, device, model_dtype, progress)
+            if tr is not None:
+                runners.append(tr)
+
+        common = dict(device=settings["device"], device_name=None, precision=settings["precision"],
+                      batch_size=B, img_size=S, channels_last=bool(settings["channels_last"]),
+                      n_warm=settings["num_warm_iter"], schedule=settings["schedule"], params_m=n_params / 1e6)
+        # ---- first call of each row: also the correctness check (reference first)
+        ref_out = None
+        order = sorted(runners, key=lambda r: r.backend != "reference")
+        with torch.inference_mode():
+            for r in order:
+                r.row.update({k: v for k, v in common.items() if k not in r.row})
+                if r.kind == "baseline" and r.module is None:
+                    continue
+                if not r.alive:
+                    continue
+                progress(f"{tag} {r.backend}: first call + check ...")
+                try:
+                    r.prepare()
+                    timer.sync()
+                    t0 = time.perf_counter()
+                    with autocast():
+                        out = r.module(x)
+                    timer.sync()
+                    r.row["first_call_s"] = time.perf_counter() - t0
+                except (ValueError, NotImplementedError) as e:
+                    r.row.update(status="unsupported", reason=first_line(e, 600))
+                    r.alive = False
+                    continue
+                except Exception as e:
+                    r.row.update(status="error", reason=first_line(e, 600))
+                    r.alive = False
+                    continue
+                if r.backend == "torch+compile":
+                    r.row["compile_s"] = r.row["first_call_s"]
+                if r.kind == "baseline":
+                    r.row["check"] = "n/a (other model)"
+                    continue
+                if r.backend == "reference":
+                    ref_out = out
+                    r.row["max_rel_err_vs_reference"] = 0.0
+                elif ref_out is not None:
+                    r.row["max_rel_err_vs_reference"] = max_rel_error(out, ref_out)
+                if oracle is not None:
+                    r.row["max_rel_err_vs_fp64"] = max_rel_error(out, oracle)
+                r.row["tolerance"] = tol
+                err = r.row.get("max_rel_err_vs_reference")
+                if err is None:
+                    r.row["check"] = "no reference output"
+                elif math.isnan(err):
+                    r.row["check"] = "FAIL (NaN/inf)"
+                elif r.backend == "reference":
+                    r.row["check"] = "is reference"
+                elif err <= tol:
+                    r.row["check"] = "ok"
+                else:
+                    r.row["check"] = f"FAIL (> {tol:.0e})"
+                # in low precision two results can differ by more than the tolerance while each is as
+                # close to the true function as the other: then judge by the float64 oracle
+                # (flash-attention's rule: at most twice the reference's own error, + 1e-3)
+                if (oracle is not None and r.backend != "reference" and r.row["check"].startswith("FAIL")
+                        and not math.isnan(err)):
+                    ref_err = next((q.row.get("max_rel_err_vs_fp64") for q in runners
+                                    if q.backend == "reference"), None)
+                    if ref_err is not None and r.row["max_rel_err_vs_fp64"] <= 2 * ref_err + 1e-3:
+                        r.row["check"] = "ok (vs fp64)"
+                del out
+
+            live = [r for r in runners if r.alive]
+            # ---- warm-up, then timed. block: each row warms up right before its own timed loop
+            # (upstream's protocol); interleave: every row warms up, then rounds of one iteration each.
+            def warm_up(r: Runner):
+                n = settings["num_warm_iter"]
+                if n == 0 or not r.alive:
+                    return
+                r.prepare()
+                try:
+                    with autocast():
+                        timer.run(lambda: r.module(x), n,
+                                  lambda i: progress.phase(f"{tag} {r.backend}: warm-up", i, n))
+                except Exception as e:
+                    r.row.update(status="error", reason="during warm-up: " + first_line(e, 600))
+                    r.alive = False
+
+            n = settings["num_bench_iter"]
+            if settings["schedule"] == "block":
+                for r in live:
+                    warm_up(r)
+                    if not r.alive:
+                        continue
+                    r.prepare()
+                    try:
+                        with autocast():
+                            r.times, r.total_s = timer.run(
+                                lambda r=r: r.module(x), n,
+                                lambda i, r=r: progress.phase(f"{tag} {r.backend}: timed", i, n))
+                    except Exception as e:
+                        r.row.update(status="error", reason="during timing: " + first_line(e, 600))
+                        r.alive = False
+            else:
+                for r in live:
+                    warm_up(r)
+                live = [r for r in live if r.alive]
+                labels = ",".join(r.backend for r in live)
+                for i in range(n):
+                    progress.phase(f"{tag} timed, interleaved ({labels})", i, n)
+                    for r in live:
+                        if not r.alive:
+                            continue
+                        r.prepare()
+                        try:
+                            with autocast():
+                                t, tot = timer.run(lambda r=r: r.module(x), 1)
+                            r.times += t
+                            r.total_s += tot
+                        except Exception as e:
+                            r.row.update(status="error", reason="during timing: " + first_line(e, 600))
+                            r.alive = False
+            progress.done()
+
+        ref_row = next((r for r in runners if r.backend == "reference" and r.alive), None)
+        for r in runners:
+            if r.alive and r.times:
+                r.row.update(status="ok", **stats(r.times, B, r.total_s))
+        ref_med = ref_row.row.get("median_ms") if ref_row is not None else None
+        for r in runners:
+            if r.row.get("status") == "ok" and ref_med:
+                r.row["ratio_vs_reference"] = ref_med / r.row["median_ms"]
+                r.row["ratio_vs_reference_of"] = name
+                # least-disturbed iterations: the steadiest estimate on a shared machine
+                r.row["ratio_of_min"] = ref_row.row["min_ms"] / r.row["min_ms"]
+                if settings["schedule"] == "interleave" and len(r.times) == len(ref_row.times):
+                    # round i ran every row once, back to back: per-round ratios share the machine's state
+                    paired = [a / b for a, b in zip(ref_row.times, r.times)]
+                    r.row["ratio_per_round"] = paired
+                    r.row["ratio_per_round_median"] = statistics.median(paired)
+                    r.row["ratio_per_round_min_max"] = [min(paired), max(paired)]
+            rows.append(r.row)
+        for b, why in skipped.items():
+            rows.append(dict(model=name, backend=b, label=b, kind="gmf", status=why.split(":")[0], reason=why,
+                             **common))
+        # free this model before the next
+        for r in runners:
+            r.module = None
+        del model, master, runners
+        if dev_type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# --------------------------------------------------------------------------- printing
+def fmt_ratio(v) -> str:
+    if not v:
+        return "-"
+    return f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"
+
+
+def fmt_err(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "NaN"
+    return "0" if v == 0 else f"{v:.1e}"
+
+
+def print_report(meta: Dict, rows: List[Dict], settings: Dict):
+    cpu = settings["device_type"] != "cuda"
+    where = "CPU" if cpu else "GPU"
+    print(f"\nresults ({meta['device_name']}; {settings['precision']}, batch {settings['batch_size']}, "
+          f"{settings['img_size']}x{settings['img_size']}, {settings['num_warm_iter']} warm-up + "
+          f"{settings['num_bench_iter']} timed, {settings['schedule']})")
+    hdr = (f"{'model':<17} {'backend':<30} {where + ' img/s':>10} {'ms med':>9} {'ms mean':>9} {'ms min':>9} "
+           f"{'vs ref':>7} {'err vs ref':>10} {'err vs f64':>10}  check")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        if r.get("status") == "ok":
+            ratio = r.get("ratio_vs_reference")
+            extra = f"  (compile {r['compile_s']:.1f} s)" if r.get("compile_s") is not None else ""
+            print(f"{r['model']:<17} {r['label'][:30]:<30} {r['img_per_s']:>10.1f} {r['median_ms']:>9.1f} "
+                  f"{r['mean_ms']:>9.1f} {r['min_ms']:>9.1f} {fmt_ratio(ratio):>7} "
+                  f"{fmt_err(r.get('max_rel_err_vs_reference')):>10} {fmt_err(r.get('max_rel_err_vs_fp64')):>10}"
+                  f"  {r.get('check', '-')}{extra}")
+    not_run = [r for r in rows if r.get("status") != "ok"]
+    if not_run:
+        print("\nnot run:")
+        seen = set()
+        for r in not_run:
+            key = (r["backend"], r.get("reason"))
+            if r["kind"] == "gmf" and r.get("status") in ("unavailable", "skipped") and key in seen:
+                continue  # the same reason for every model: list once
+            seen.add(key)
+            model = "" if r["kind"] != "gmf" or r["status"] in ("unavailable", "skipped") else f"{r['model']} "
+            print(f"  {model}{r['label']}: {r.get('reason', r.get('status'))}")
+
+    print("\npublished (paper appx. B; one V100, fp32, batch 128, 224x224; a different GPU and not "
+          "measured here, so compare ratios only):")
+    for n, v in PUBLISHED:
+        print(f"  {n:<32} {v:>6.0f} img/s (V100)")
+    print(f"  ratio GroupMixFormer / Swin-T = {596 / 755:.2f}  (model size not named in GMA_SPEC §4)")
+
+    print("\nsummary (ratios to `reference`, i.e. upstream's eager forward, same run and input):")
+    for name in dict.fromkeys(r["model"] for r in rows if r["kind"] == "gmf"):
+        ok = [r for r in rows if r["model"] == name and r.get("status") == "ok" and r["kind"] == "gmf"]
+        parts = []
+        for r in ok:
+            if r["backend"] == "reference" or not r.get("ratio_vs_reference"):
+                continue
+            part = f"{r['backend']} {fmt_ratio(r['ratio_vs_reference'])} (of medians; of minima {r['ratio_of_min']:.2f}"
+            if r.get("ratio_per_round_min_max") and len(r["ratio_per_round"]) > 1:
+                lo, hi = r["ratio_per_round_min_max"]
+                part += f"; per round: median {r['ratio_per_round_median']:.2f}, range {lo:.2f}-{hi:.2f}"
+            part += ")"
+            parts.append(part)
+        bad = [r["backend"] for r in ok if str(r.get("check", "")).startswith("FAIL")]
+        if not ok:
+            print(f"  {name}: no row ran (see 'not run')")
+            continue
+        line = f"  {name}: " + (", ".join(parts) if parts else "only reference ran")
+        if bad:
+            line += f"   WARNING: output check failed for {', '.join(bad)}"
+        print(line)
+        swin = next((r for r in rows if r["kind"] == "baseline" and r.get("status") == "ok"), None)
+        if swin and ok:
+            best = max(ok, key=lambda r: r["img_per_s"])
+            print(f"    {name} ({best['backend']}) / Swin-T measured here = {best['img_per_s'] / swin['img_per_s']:.2f}"
+                  f"  (paper: {596 / 755:.2f})")
+    if cpu:
+        print("  (absolute figures above are CPU measurements; the paper's figures are V100 GPU)")
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    requested = None
+    # TRITON_INTERPRET must be set before triton is first imported: do it for an explicit
+    # `--backends ...triton...` on a machine without CUDA, where the interpreter is the only way.
+    if args.backends and "triton" in [n.strip() for n in args.backends.split(",")]:
+        import torch
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev.startswith("cpu") and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            os.environ["TRITON_INTERPRET"] = "1"
+            print("note: triton on CPU: setting TRITON_INTERPRET=1 (the interpreter is very slow)", file=sys.stderr)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = resolve_settings(args)
+    requested = parse_backends(args.backends)
+    models = parse_models(args.model)
+    progress = Progress(args.quiet)
+    meta = collect_meta(settings)
+    meta["models"] = models
+
+    print("gmf_kernels throughput benchmark")
+    for k in ("date", "device_name", "torch", "triton", "cuda", "cudnn", "gmf_kernels", "git_sha", "TRITON_INTERPRET"):
+        if k == "TRITON_INTERPRET" and meta[k] in ("unset", "0", ""):
+            continue
+        v = meta[k]
+        if k == "git_sha" and meta.get("git_dirty"):
+            v = f"{v} (uncommitted changes)"
+        print(f"  {k:<12} {v}")
+    if settings["device_type"] == "cpu":
+        load = meta["load_avg_1_5_15_start"]
+        print(f"  {'threads':<12} {meta['cpu_threads']} (of {meta['cpu_count']} CPUs; load average {load})")
+        if load and meta["cpu_count"] and load[0] > 0.75 * meta["cpu_count"]:
+            print(f"  warning: load average {load[0]} on {meta['cpu_count']} CPUs before starting: other "
+                  f"processes compete for the CPU, so timings (and even ratios) are noisy; see --threads 1")
+    s = settings
+    print(f"  {'settings':<12} models={','.join(models)} precision={s['precision']} batch={s['batch_size']} "
+          f"img={s['img_size']} warm={s['num_warm_iter']} timed={s['num_bench_iter']} schedule={s['schedule']} "
+          f"channels_last={bool(s['channels_last'])} torchcompile={s['torchcompile'] or 'off'} "
+          f"fp64_check={s['fp64_check']} protocol={s['protocol']} eval+inference_mode")
+    sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    rows = benchmark(settings, models, requested, progress, include_timm=not args.no_timm)
+    meta["wall_s"] = time.perf_counter() - t0
+    meta["load_avg_1_5_15_end"] = _loadavg()
+    for r in rows:
+        r["device_name"] = meta["device_name"]
+    print_report(meta, rows, settings)
+    print(f"\n(total {meta['wall_s']:.0f} s)")
+    if args.results_file:
+        path = Path(args.results_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+            f.write("\n")
+        print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

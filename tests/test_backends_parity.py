@@ -1,0 +1,457 @@
+"""Backend "torch" against the oracle (`reference` in float64) on random inputs.
+
+Error measure: max |a - e| / max |e|. float64 within 1e-10, float32 within 1e-5 (the
+float64 reference as oracle), float16/bfloat16 with flash-attention's rule
+err(torch) <= 2 * err(reference at that dtype) + floor (`assert_within_reference_error`).
+
+Every released width C, odd and real stage grids, batch 1 and 3, eval and train
+(outputs, input gradient, every parameter gradient, BatchNorm running statistics and
+num_batches_tracked), CPU autocast, non-contiguous inputs, determinism and the
+invalidation of the folded-weight cache of the torch backend.
+"""
+import copy
+
+import pytest
+import torch
+
+import gmf_kernels
+from gmf_kernels.reference import reference_group_mix_attention
+from gmf_kernels.testing import (assert_close_verbose, assert_within_reference_error, cast_weights, default_hyper,
+                                 max_rel_error, random_gma_weights)
+from gmf_kernels.weights import GMAWeights
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Many tiny grouped convolutions: one intra-op thread is much faster than two on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+WIDTHS = [40, 80, 160, 200, 240, 320, 360, 480]
+GRIDS = [(1, 1), (7, 9), (5, 11), (14, 14)]
+FP64_TOL = 1e-10
+FP32_TOL = 1e-5
+
+PARAM_FIELDS = ("qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "bn_weight", "bn_bias", "dw_weight",
+                "pw_weight", "local_dw_weight", "local_pw_weight", "local_ln_weight", "local_ln_bias",
+                "crpe_weight", "crpe_bias")
+BUFFER_FIELDS = ("bn_running_mean", "bn_running_var", "bn_num_batches_tracked")
+
+
+def gid(g):
+    return f"{g[0]}x{g[1]}"
+
+
+def assert_rel(actual, expected, tol, name):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    scale = expected.detach().abs().max().item()
+    assert_close_verbose(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-300), name=name)
+
+
+def named_fields(w: GMAWeights, fields):
+    """[(name, tensor)] for the tensors of the given fields (None entries skipped)."""
+    out = []
+    for f in fields:
+        v = getattr(w, f)
+        if isinstance(v, tuple):
+            out += [(f"{f}[{i}]", t) for i, t in enumerate(v) if t is not None]
+        elif v is not None:
+            out.append((f, v))
+    return out
+
+
+def leaf_weights(w: GMAWeights, dtype=None) -> GMAWeights:
+    """An independent copy (buffers included) whose parameters require grad."""
+    c = cast_weights(w, dtype)
+    for _, t in named_fields(c, PARAM_FIELDS):
+        t.requires_grad_(True)
+    return c
+
+
+def run_train(backend, x0, size, w, dtype=torch.float64, loss_weight=None):
+    """One train-mode forward + backward on a private copy of w; returns out, grads, buffers."""
+    wc = leaf_weights(w, dtype)
+    x = x0.detach().to(dtype).clone().requires_grad_(True)
+    out = gmf_kernels.group_mix_attention(x, size, wc, training=True, backend=backend)
+    params = named_fields(wc, PARAM_FIELDS)
+    lw = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) \
+        if loss_weight is None else loss_weight
+    grads = torch.autograd.grad((out * lw.to(dtype)).sum(), [x] + [t for _, t in params])
+    named_grads = {"x": grads[0], **{n: g for (n, _), g in zip(params, grads[1:])}}
+    buffers = {n: t.clone() for n, t in named_fields(wc, BUFFER_FIELDS)}
+    return out.detach(), named_grads, buffers
+
+
+def compare_train(got, exp, tol, who):
+    out_g, grads_g, buf_g = got
+    out_e, grads_e, buf_e = exp
+    assert_rel(out_g, out_e, tol, f"{who} train out")
+    assert set(grads_g) == set(grads_e)
+    for n in grads_e:
+        assert_rel(grads_g[n], grads_e[n], tol, f"{who} grad {n}")
+    assert set(buf_g) == set(buf_e)
+    for n in buf_e:
+        if n.startswith("bn_num_batches_tracked"):
+            assert torch.equal(buf_g[n], buf_e[n]), f"{who} {n}: {buf_g[n]} != {buf_e[n]}"
+        else:
+            assert_rel(buf_g[n], buf_e[n], tol, f"{who} buffer {n}")
+
+
+def make(C, H, W, B, seed=0, qkv_bias=True):
+    w = random_gma_weights(C, seed=1000 * C + 10 * H + W + seed, qkv_bias=qkv_bias)
+    x = torch.randn(B, H * W, C, dtype=torch.float64)
+    return w, x
+
+
+# ------------------------------------------------------------------ eval, float64 / float32
+@pytest.mark.parametrize("B", [1, 3], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("grid", GRIDS, ids=gid)
+@pytest.mark.parametrize("C", WIDTHS, ids=lambda c: f"C{c}")
+def test_eval_float64(C, grid, B):
+    w, x = make(C, *grid, B)
+    with torch.no_grad():
+        ref = reference_group_mix_attention(x, grid, w, default_hyper(C))
+        out = gmf_kernels.group_mix_attention(x, grid, w, backend="torch")
+    assert out.dtype == torch.float64
+    assert_rel(out, ref, FP64_TOL, "torch eval float64")
+
+
+@pytest.mark.parametrize("C, grid", [(40, (56, 56)), (200, (56, 56)), (80, (28, 28)), (320, (28, 28)),
+                                     (480, (7, 7))], ids=lambda v: f"C{v}" if isinstance(v, int) else gid(v))
+def test_eval_float64_stage_grids(C, grid):
+    """The real stage grids of a 224x224 input (56, 28, 7; 14 is in test_eval_float64)."""
+    w, x = make(C, *grid, 1)
+    with torch.no_grad():
+        ref = reference_group_mix_attention(x, grid, w, default_hyper(C))
+        out = gmf_kernels.group_mix_attention(x, grid, w, backend="torch")
+    assert_rel(out, ref, FP64_TOL, f"torch eval float64 {gid(grid)}")
+
+
+@pytest.mark.parametrize("C", WIDTHS, ids=lambda c: f"C{c}")
+def test_eval_float32_56x56(C):
+    w, x = make(C, 56, 56, 1)
+    with torch.no_grad():
+        oracle = reference_group_mix_attention(x, (56, 56), w, default_hyper(C))
+        out = gmf_kernels.group_mix_attention(x.float(), (56, 56), cast_weights(w, torch.float32), backend="torch")
+    assert_rel(out, oracle, FP32_TOL, "torch eval float32 56x56")
+
+
+@pytest.mark.parametrize("C", [40, 160], ids=lambda c: f"C{c}")
+def test_eval_without_qkv_bias(C):
+    w, x = make(C, 5, 11, 2, qkv_bias=False)
+    assert w.qkv_bias is None
+    with torch.no_grad():
+        ref = reference_group_mix_attention(x, (5, 11), w, default_hyper(C))
+        out = gmf_kernels.group_mix_attention(x, (5, 11), w, backend="torch")
+    assert_rel(out, ref, FP64_TOL, "torch eval, no qkv bias")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("grid", [(1, 1), (7, 9), (14, 14)], ids=gid)
+@pytest.mark.parametrize("C", WIDTHS, ids=lambda c: f"C{c}")
+def test_eval_float32(C, grid, backend):
+    w, x = make(C, *grid, 3)
+    with torch.no_grad():
+        oracle = reference_group_mix_attention(x, grid, w, default_hyper(C))
+        out = gmf_kernels.group_mix_attention(x.float(), grid, cast_weights(w, torch.float32), backend=backend)
+    assert out.dtype == torch.float32
+    assert_rel(out, oracle, FP32_TOL, f"{backend} eval float32")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("grid", [(7, 9), (14, 14)], ids=gid)
+@pytest.mark.parametrize("C", WIDTHS, ids=lambda c: f"C{c}")
+def test_eval_low_precision(C, grid, dtype):
+    w, x = make(C, *grid, 1)
+    wl, xl = cast_weights(w, dtype), x.to(dtype)
+    with torch.no_grad():
+        oracle = reference_group_mix_attention(x, grid, w, default_hyper(C))
+        ref_lp = reference_group_mix_attention(xl, grid, wl, default_hyper(C))
+        out = gmf_kernels.group_mix_attention(xl, grid, wl, backend="torch")
+    assert out.dtype == dtype
+    assert_within_reference_error(out, ref_lp, oracle, name=f"torch eval {dtype}")
+
+
+# ------------------------------------------------------------------ train
+@pytest.mark.parametrize("B", [1, 3], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("grid", [(1, 1), (7, 9), (5, 11), (14, 14)], ids=gid)
+@pytest.mark.parametrize("C", WIDTHS, ids=lambda c: f"C{c}")
+def test_train_float64(C, grid, B):
+    w, x = make(C, *grid, B)
+    exp = run_train("reference", x, grid, w)
+    got = run_train("torch", x, grid, w)
+    compare_train(got, exp, FP64_TOL, "torch")
+    # the running statistics really moved, and w itself was left alone (private copies)
+    assert not torch.equal(exp[2]["bn_running_mean[1]"], w.bn_running_mean[1])
+    assert int(w.bn_num_batches_tracked[0]) == 0
+
+
+def test_train_float64_56x56():
+    w, x = make(80, 56, 56, 1)
+    compare_train(run_train("torch", x, (56, 56), w), run_train("reference", x, (56, 56), w), FP64_TOL, "torch")
+
+
+@pytest.mark.parametrize("C", [40, 240], ids=lambda c: f"C{c}")
+def test_train_without_qkv_bias(C):
+    w, x = make(C, 7, 9, 2, qkv_bias=False)
+    compare_train(run_train("torch", x, (7, 9), w), run_train("reference", x, (7, 9), w), FP64_TOL, "torch")
+
+
+@pytest.mark.parametrize("C", [40, 200, 480], ids=lambda c: f"C{c}")
+def test_train_float32(C):
+    w, x = make(C, 7, 9, 2)
+    exp = run_train("reference", x, (7, 9), w)  # float64 oracle
+    got = run_train("torch", x, (7, 9), w, dtype=torch.float32)
+    compare_train(got, exp, FP32_TOL, "torch float32")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("C", [40, 200, 480], ids=lambda c: f"C{c}")
+def test_train_low_precision(C, dtype):
+    """Output and input gradient in train mode within 2x the reference's own error at that dtype."""
+    w, x = make(C, 7, 9, 2)
+    oracle = run_train("reference", x, (7, 9), w)
+    ref_lp = run_train("reference", x, (7, 9), w, dtype=dtype)
+    got = run_train("torch", x, (7, 9), w, dtype=dtype)
+    assert got[0].dtype == dtype
+    assert_within_reference_error(got[0], ref_lp[0], oracle[0], name=f"train out {dtype}")
+    for n in ("x", "qkv_weight", "proj_weight", "pw_weight[2]", "crpe_weight[1]"):
+        assert_within_reference_error(got[1][n], ref_lp[1][n], oracle[1][n], floor=1e-3, name=f"grad {n} {dtype}")
+
+
+@pytest.mark.parametrize("C", [80, 320], ids=lambda c: f"C{c}")
+def test_train_two_steps_update_running_stats_twice(C):
+    """num_batches_tracked counts calls and the running statistics compound over calls."""
+    w, x = make(C, 5, 11, 2)
+    states = {}
+    for backend in ("reference", "torch"):
+        wc = cast_weights(w)
+        for _ in range(2):
+            gmf_kernels.group_mix_attention(x, (5, 11), wc, training=True, backend=backend)
+        states[backend] = wc
+    for i in range(4):
+        assert int(states["torch"].bn_num_batches_tracked[i]) == 2
+        assert int(states["reference"].bn_num_batches_tracked[i]) == 2
+        assert_rel(states["torch"].bn_running_var[i], states["reference"].bn_running_var[i], FP64_TOL, "var")
+        assert_rel(states["torch"].bn_running_mean[i], states["reference"].bn_running_mean[i], FP64_TOL, "mean")
+
+
+@pytest.mark.parametrize("C", [40, 160], ids=lambda c: f"C{c}")
+def test_eval_gradients_single_call(C):
+    """Eval mode (running statistics) with gradients of the input and every parameter."""
+    w, x = make(C, 7, 9, 2)
+    res = {}
+    for backend in ("reference", "torch"):
+        wc = leaf_weights(w)
+        xx = x.clone().requires_grad_(True)
+        out = gmf_kernels.group_mix_attention(xx, (7, 9), wc, training=False, backend=backend)
+        params = named_fields(wc, PARAM_FIELDS)
+        grads = torch.autograd.grad(out.square().sum(), [xx] + [t for _, t in params])
+        res[backend] = (out.detach(), dict(zip(["x"] + [n for n, _ in params], grads)))
+    assert_rel(res["torch"][0], res["reference"][0], FP64_TOL, "eval out")
+    for n, g in res["reference"][1].items():
+        assert_rel(res["torch"][1][n], g, FP64_TOL, f"eval grad {n}")
+
+
+@pytest.mark.parametrize("first", ["grad", "no_grad", "inference_mode"])
+def test_eval_gradients_repeated_module(first):
+    torch.manual_seed(3)
+    m = gmf_kernels.GroupMixAttention(80, 8, qkv_bias=True, backend="torch").double().eval()
+    mr = copy.deepcopy(m).set_backend("reference")
+    x = torch.randn(2, 63, 80, dtype=torch.float64)
+    if first == "no_grad":
+        with torch.no_grad():
+            m(x, (7, 9))
+    elif first == "inference_mode":
+        with torch.inference_mode():
+            m(x, (7, 9))
+    else:
+        m(x, (7, 9)).sum().backward()
+        m.zero_grad()
+    m(x, (7, 9)).square().sum().backward()
+    mr(x, (7, 9)).square().sum().backward()
+    for (n, p), (_, pr) in zip(m.named_parameters(), mr.named_parameters()):
+        assert p.grad is not None, f"no gradient for {n}"
+        assert_rel(p.grad, pr.grad, FP64_TOL, f"grad {n}")
+
+
+# ------------------------------------------------------------------ autocast
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("C", [80, 240], ids=lambda c: f"C{c}")
+def test_autocast_cpu_bfloat16(C, mode):
+    torch.manual_seed(C)
+    base = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True)
+    with torch.no_grad():  # realistic BatchNorm statistics
+        for i in range(4):
+            getattr(base.aggregator, f"norm{i}").running_var.uniform_(0.5, 2.0)
+            getattr(base.aggregator, f"norm{i}").running_mean.normal_(0, 0.3)
+    x = torch.randn(2, 7 * 9, C)
+    oracle_m = copy.deepcopy(base).double().set_backend("reference").train(mode == "train")
+    oracle = oracle_m(x.double(), (7, 9)).detach()
+    outs = {}
+    for backend in ("torch", "reference"):
+        m = copy.deepcopy(base).set_backend(backend).train(mode == "train")
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xx, (7, 9))
+        assert out.dtype == torch.bfloat16, f"{backend}: autocast output dtype {out.dtype}"
+        out.float().sum().backward()
+        assert torch.isfinite(xx.grad).all() and xx.grad.abs().max() > 0
+        outs[backend] = out.detach()
+    assert_within_reference_error(outs["torch"], outs["reference"], oracle, floor=1e-3, name="torch autocast")
+    assert max_rel_error(outs["torch"], outs["reference"]) < 3e-2
+
+
+# ------------------------------------------------------------------ robustness
+def _views(x):
+    B, N, C = x.shape
+    t = x.transpose(1, 2).contiguous().transpose(1, 2)              # (B, N, C) with strides (NC, 1, N)
+    wide = torch.zeros(B, N, 2 * C, dtype=x.dtype)
+    wide[:, :, 1::2] = x
+    strided = wide[:, :, 1::2]                                     # channel stride 2
+    return {"transposed": t, "channel_strided": strided}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("view", ["transposed", "channel_strided", "batch_expanded"])
+def test_non_contiguous_input(view, mode):
+    C, grid = 80, (5, 11)
+    w, x = make(C, *grid, 3)
+    if view == "batch_expanded":
+        x = x[:1].expand(3, -1, -1)
+        xv = x
+        x = x.contiguous()
+    else:
+        xv = _views(x)[view]
+    assert not xv.is_contiguous() and torch.equal(xv, x)
+    if mode == "eval":
+        with torch.no_grad():
+            ref = reference_group_mix_attention(x, grid, w, default_hyper(C))
+            out = gmf_kernels.group_mix_attention(xv, grid, w, backend="torch")
+        assert_rel(out, ref, FP64_TOL, f"eval {view}")
+    else:
+        compare_train(run_train("torch", xv, grid, w), run_train("reference", x, grid, w), FP64_TOL, view)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_two_runs_bit_identical(backend, dtype):
+    C, grid = 200, (7, 9)
+    w, x = make(C, *grid, 2)
+    wd, xd = cast_weights(w, dtype), x.to(dtype)
+    with torch.no_grad():
+        a = gmf_kernels.group_mix_attention(xd, grid, wd, backend=backend)
+        b = gmf_kernels.group_mix_attention(xd, grid, wd, backend=backend)
+    assert torch.equal(a, b)
+    r1 = run_train(backend, x, grid, w, dtype)
+    r2 = run_train(backend, x, grid, w, dtype)
+    assert torch.equal(r1[0], r2[0])
+    for n in r1[1]:
+        assert torch.equal(r1[1][n], r2[1][n]), n
+    for n in r1[2]:
+        assert torch.equal(r1[2][n], r2[2][n]), n
+
+
+# ------------------------------------------------------------------ folded-weight cache
+def _randomize_bn(m):
+    with torch.no_grad():
+        for i in range(4):
+            n = getattr(m.aggregator, f"norm{i}")
+            n.running_mean.normal_(0, 0.3)
+            n.running_var.uniform_(0.5, 2.0)
+            n.weight.normal_(1, 0.2)
+            n.bias.normal_(0, 0.2)
+
+
+CHANGES = {
+    "qkv.weight": lambda m: m.qkv.weight.mul_(1.5),
+    "qkv.bias": lambda m: m.qkv.bias.add_(0.3),
+    "norm0.running_mean": lambda m: m.aggregator.norm0.running_mean.add_(0.5),
+    "norm2.running_var": lambda m: m.aggregator.norm2.running_var.mul_(3.0),
+    "norm3.weight": lambda m: m.aggregator.norm3.weight.mul_(-1.0),
+    "norm1.bias": lambda m: m.aggregator.norm1.bias.add_(1.0),
+    "agg3.conv1": lambda m: m.aggregator.agg3.conv1.weight.mul_(2.0),
+    "agg1.pointwise": lambda m: m.aggregator.agg1.pointwise_conv.weight.add_(0.1),
+    "agg0.conv1": lambda m: m.aggregator.agg0.conv.conv1.weight.mul_(-1.0),
+    # (not a rescaling: the LayerNorm after it would undo that)
+    "agg0.pointwise": lambda m: m.aggregator.agg0.conv.pointwise_conv.weight.add_(
+        0.2 * torch.randn_like(m.aggregator.agg0.conv.pointwise_conv.weight)),
+    "agg0.norm.weight": lambda m: m.aggregator.agg0.norm.weight.mul_(2.0),
+    "crpe.1.bias": lambda m: m.crpe.conv_list[1].bias.add_(0.5),
+    "crpe.2.weight": lambda m: m.crpe.conv_list[2].weight.mul_(3.0),
+    "proj.weight": lambda m: m.proj.weight.mul_(0.5),
+    "data_assign": lambda m: setattr(m.aggregator.agg2.conv1.weight, "data",
+                                     m.aggregator.agg2.conv1.weight.data * 2.0),
+    "copy_": lambda m: m.crpe.conv_list[0].weight.copy_(torch.randn_like(m.crpe.conv_list[0].weight)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_folded_cache_invalidated_by_in_place_change(change, dtype):
+    torch.manual_seed(11)
+    m = gmf_kernels.GroupMixAttention(80, 8, qkv_bias=True, backend="torch").to(dtype).eval()
+    _randomize_bn(m)
+    x = torch.randn(2, 7 * 9, 80, dtype=dtype)
+    with torch.no_grad():
+        before = m(x, (7, 9))
+        assert torch.equal(before, m(x, (7, 9)))  # the cached path is stable
+        CHANGES[change](m)
+        after = m(x, (7, 9))
+        ref = reference_group_mix_attention(x.double(), (7, 9), cast_weights(m.gma_weights(), torch.float64),
+                                            m.hyper())
+    assert max_rel_error(after, before) > 1e-3, f"output did not change after modifying {change}"
+    assert_rel(after, ref, FP64_TOL if dtype == torch.float64 else FP32_TOL, f"after {change}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_folded_cache_invalidated_by_load_state_dict(dtype):
+    torch.manual_seed(12)
+    m = gmf_kernels.GroupMixAttention(160, 8, qkv_bias=True, backend="torch").to(dtype).eval()
+    other = gmf_kernels.GroupMixAttention(160, 8, qkv_bias=True).to(dtype).eval()
+    _randomize_bn(m)
+    _randomize_bn(other)
+    x = torch.randn(1, 5 * 11, 160, dtype=dtype)
+    with torch.no_grad():
+        before = m(x, (5, 11))
+        m.load_state_dict(other.state_dict())
+        after = m(x, (5, 11))
+        expected = other.set_backend("reference")(x, (5, 11))
+    assert max_rel_error(after, before) > 1e-3
+    assert_rel(after, expected, FP64_TOL if dtype == torch.float64 else FP32_TOL, "after load_state_dict")
+
+
+def test_folded_cache_follows_train_mode_updates():
+    """A train step updates the BN running statistics; the next eval call must use them."""
+    torch.manual_seed(13)
+    m = gmf_kernels.GroupMixAttention(80, 8, qkv_bias=True, backend="torch").double().eval()
+    x = torch.randn(2, 63, 80, dtype=torch.float64)
+    with torch.no_grad():
+        before = m(x, (7, 9))
+        m.train()
+        m(x * 3 + 1, (7, 9))
+        m.eval()
+        after = m(x, (7, 9))
+        ref = reference_group_mix_attention(x, (7, 9), m.gma_weights(), m.hyper())
+    assert max_rel_error(after, before) > 1e-3
+    assert_rel(after, ref, FP64_TOL, "eval after train step")
+
+
+def test_folded_cache_dtype_switch():
+    """The same module converted float64 -> float32 -> float64 uses weights of the current values."""
+    torch.manual_seed(14)
+    m = gmf_kernels.GroupMixAttention(40, 8, qkv_bias=True, backend="torch").double().eval()
+    _randomize_bn(m)
+    x = torch.randn(1, 30, 40, dtype=torch.float64)
+    with torch.no_grad():
+        ref = reference_group_mix_attention(x, (5, 6), m.gma_weights(), m.hyper())
+        assert_rel(m(x, (5, 6)), ref, FP64_TOL, "fp64")
+        m.float()
+        assert_rel(m(x.float(), (5, 6)), ref, FP32_TOL, "fp32")
+        m.qkv.weight.mul_(2.0)
+        m.double()
+        ref2 = reference_group_mix_attention(x, (5, 6), m.gma_weights(), m.hyper())
+        assert_rel(m(x, (5, 6)), ref2, FP64_TOL, "fp64 after change")

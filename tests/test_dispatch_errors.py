@@ -1,0 +1,325 @@
+"""Dispatch (DESIGN.md §2), input validation, the info/selfcheck entry points and check=True.
+
+* `available_backends()`; unknown names; an explicit backend that refuses raises
+  ValueError with its reasons; "auto" picks torch on a CPU; nothing fitting raises
+  NotImplementedError listing every backend's reasons.
+* Bad inputs raise ValueError (shapes/values) or TypeError (dtypes/devices) with a
+  message naming the problem (gmf_kernels/_validation.py).
+* `python -m gmf_kernels.info` and `python -m gmf_kernels.selfcheck` run.
+* `GroupMixAttention(check=True)` / GMF_CHECK=1 catch a backend that is deliberately wrong.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gmf_kernels
+from gmf_kernels import selfcheck
+from gmf_kernels.backends import BACKEND_NAMES, GMAProblem, get_backend, select_backend
+from gmf_kernels.testing import cast_weights, random_gma_weights
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def problem(**kw):
+    base = dict(B=2, H=7, W=9, dim=80, num_heads=8, dtype=torch.float32, device_type="cpu",
+                training=False, needs_grad=False)
+    base.update(kw)
+    return GMAProblem(**base)
+
+
+def module(dim=80, backend="auto", **kw):
+    return gmf_kernels.GroupMixAttention(dim, 8, qkv_bias=True, backend=backend, **kw)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+# ------------------------------------------------------------------ registry and dispatch
+def test_available_backends():
+    avail = gmf_kernels.available_backends()
+    assert "torch" in avail and "reference" in avail
+    assert set(avail) <= set(BACKEND_NAMES)
+    assert list(BACKEND_NAMES) == ["cuda", "triton", "torch", "reference"]  # priority order
+    if not torch.cuda.is_available() and torch.version.cuda is None:
+        assert "cuda" not in avail
+
+
+@pytest.mark.parametrize("name", ["nope", "Torch", "cpu", ""])
+def test_unknown_backend_name(name):
+    with pytest.raises(ValueError, match="unknown backend"):
+        module(backend=name)
+    with pytest.raises(ValueError, match="unknown backend"):
+        gmf_kernels.get_backend(name)
+    with pytest.raises(ValueError, match="unknown backend"):
+        select_backend(problem(), name)
+    with pytest.raises(ValueError, match="unknown backend"):
+        module().set_backend(name)
+    w = random_gma_weights(80, dtype=torch.float32, seed=0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        gmf_kernels.group_mix_attention(torch.randn(1, 63, 80), (7, 9), w, backend=name)
+
+
+@pytest.mark.parametrize("auto", [None, "auto"], ids=["None", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["eval", "eval_grad", "train"])
+def test_auto_picks_torch_on_cpu(auto, dtype, mode):
+    p = problem(dtype=dtype, training=(mode == "train"), needs_grad=(mode != "eval"))
+    assert select_backend(p, auto).name == "torch"
+
+
+def test_auto_never_picks_the_triton_interpreter(monkeypatch):
+    """Even with TRITON_INTERPRET=1 (set by conftest on CPU machines) "auto" stays on torch."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backend(problem(), "auto").name == "torch"
+    reasons = get_backend("triton").not_supported_reasons(problem())
+    if not get_backend("triton").availability_reasons():
+        assert any("interpreter" in r for r in reasons)
+
+
+def test_module_auto_runs_torch(monkeypatch):
+    calls = []
+    torch_backend = get_backend("torch")
+    original = torch_backend.forward
+    monkeypatch.setattr(torch_backend, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    m = module().eval()
+    with torch.no_grad():
+        m(torch.randn(1, 63, 80), (7, 9))
+    assert calls == [1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_explicit_cuda_on_cpu_raises_with_reasons(mode):
+    m = module(backend="cuda").train(mode == "train")
+    with pytest.raises(ValueError) as info:
+        m(torch.randn(1, 63, 80), (7, 9))
+    msg = str(info.value)
+    assert "'cuda'" in msg and "cannot run" in msg
+    assert "device cpu not supported" in msg
+    assert "B=1, H=7, W=9, C=80" in msg  # the input is described
+    if mode == "train":
+        assert "training mode not supported" in msg
+
+
+def _triton_backend_module_exists():
+    try:
+        import gmf_kernels.backends.triton_backend  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _triton_backend_module_exists(), reason="no triton backend module")
+def test_explicit_triton_refuses_gradients_and_training():
+    x = torch.randn(1, 63, 80, requires_grad=True)
+    m = module(backend="triton").eval()
+    with pytest.raises(ValueError) as info:
+        m(x, (7, 9))
+    assert "'triton'" in str(info.value) and "gradients not supported" in str(info.value)
+    with pytest.raises(ValueError, match="training mode not supported"):
+        m.train()(x.detach(), (7, 9))
+    # parameters requiring grad count as needing grad too (a plain module in eval, no no_grad)
+    with pytest.raises(ValueError, match="gradients not supported"):
+        m.eval()(x.detach(), (7, 9))
+    # never a silent fallback: the auto choice for the same input works
+    m.set_backend("auto")(x, (7, 9)).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("what", ["meta_device", "int_dtype"])
+def test_nothing_fits_raises_not_implemented(what):
+    p = problem(device_type="meta") if what == "meta_device" else problem(dtype=torch.int32)
+    with pytest.raises(NotImplementedError) as info:
+        select_backend(p, "auto")
+    msg = str(info.value)
+    assert "no backend can run this input" in msg
+    for name in BACKEND_NAMES:
+        assert f"\n  {name}: " in msg, f"reasons of {name} not listed:\n{msg}"
+    assert ("device meta not supported" if what == "meta_device" else "dtype int32 not supported") in msg
+    # each backend, named explicitly, refuses with ValueError instead
+    for name in BACKEND_NAMES:
+        with pytest.raises(ValueError, match=f"backend '{name}' cannot run"):
+            select_backend(p, name)
+
+
+def test_not_supported_reasons_is_data():
+    tb = get_backend("torch")
+    assert tb.not_supported_reasons(problem()) == []
+    assert tb.not_supported_reasons(problem(dtype=torch.float64, training=True, needs_grad=True)) == []
+    reasons = get_backend("reference").not_supported_reasons(problem(device_type="xla", dtype=torch.int8))
+    assert len(reasons) == 2
+
+
+# ------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize("dim, match", [(42, "not a multiple of 5"), (45, "multiple of 10"),
+                                        (85, "multiple of 10"), (0, "positive"), (-40, "positive")],
+                         ids=["42", "45", "85", "0", "-40"])
+def test_bad_dim_at_construction(dim, match):
+    with pytest.raises(ValueError, match=match) as info:
+        gmf_kernels.GroupMixAttention(dim, 8)
+    assert str(dim) in str(info.value)
+
+
+@pytest.mark.parametrize("heads", [1, 4, 16])
+def test_num_heads_must_be_8(heads):
+    with pytest.raises(ValueError, match="num_heads") as info:
+        gmf_kernels.GroupMixAttention(80, heads)
+    assert "8" in str(info.value)
+
+
+def test_non_integer_dim():
+    with pytest.raises(ValueError, match="positive int"):
+        gmf_kernels.GroupMixAttention(80.0, 8)
+
+
+BAD_INPUTS = {
+    # name: (x factory, size, exception, message fragment)
+    "rank2": (lambda: torch.randn(63, 80), (7, 9), ValueError, "(B, N, C)"),
+    "rank4": (lambda: torch.randn(1, 7, 9, 80), (7, 9), ValueError, "(B, N, C)"),
+    "N_mismatch": (lambda: torch.randn(2, 64, 80), (7, 9), ValueError, "H*W=63"),
+    "N_swapped_grid_ok": (lambda: torch.randn(2, 63, 80), (9, 7), None, None),
+    "C_mismatch": (lambda: torch.randn(2, 63, 40), (7, 9), ValueError, "dim=80"),
+    "int_dtype": (lambda: torch.randint(0, 5, (2, 63, 80)), (7, 9), TypeError, "dtype"),
+    "float64_x_float32_module": (lambda: torch.randn(2, 63, 80, dtype=torch.float64), (7, 9), TypeError,
+                                 "float64"),
+    "float16_x_float32_module": (lambda: torch.randn(2, 63, 80, dtype=torch.float16), (7, 9), TypeError,
+                                 "float16"),
+    "size_zero": (lambda: torch.randn(2, 0, 80), (0, 9), ValueError, "positive"),
+    "size_negative": (lambda: torch.randn(2, 63, 80), (-7, -9), ValueError, "positive"),
+    "size_length_1": (lambda: torch.randn(2, 63, 80), (63,), ValueError, "pair"),
+    "size_length_3": (lambda: torch.randn(2, 63, 80), (7, 9, 1), ValueError, "pair"),
+    "batch_zero": (lambda: torch.randn(0, 63, 80), (7, 9), ValueError, "B = 0"),
+    "meta_device": (lambda: torch.randn(2, 63, 80, device="meta"), (7, 9), TypeError, "meta"),
+    "not_a_tensor": (lambda: [[0.0] * 80] * 63, (7, 9), TypeError, "torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("entry", ["module", "functional"])
+def test_bad_inputs(case, entry):
+    make_x, size, exc, fragment = BAD_INPUTS[case]
+    m = module().eval()
+    x = make_x()
+    if entry == "module":
+        call = lambda: m(x, size)  # noqa: E731
+    else:
+        call = lambda: gmf_kernels.group_mix_attention(x, size, m.gma_weights())  # noqa: E731
+    if exc is None:
+        with torch.no_grad():
+            assert call().shape == x.shape
+        return
+    with pytest.raises(exc) as info:
+        with torch.no_grad():
+            call()
+    assert fragment in str(info.value), f"message does not mention {fragment!r}: {info.value}"
+
+
+def test_error_is_raised_before_any_work(monkeypatch):
+    """Validation happens before a backend runs (no partial BN update on bad input)."""
+    m = module().train()
+    monkeypatch.setattr(get_backend("torch"), "forward", lambda *a, **k: pytest.fail("backend ran"))
+    with pytest.raises(ValueError):
+        m(torch.randn(2, 64, 80), (7, 9))
+    assert int(m.aggregator.norm0.num_batches_tracked) == 0
+
+
+# ------------------------------------------------------------------ entry points
+def test_info_cli():
+    r = subprocess.run([sys.executable, "-m", "gmf_kernels.info"], capture_output=True, text=True, timeout=120,
+                       env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for name in BACKEND_NAMES:
+        assert any(line.strip().startswith(name + " ") for line in lines), f"{name} not listed:\n{r.stdout}"
+    assert any(line.strip().startswith("torch ") and "available" in line and "unavailable" not in line
+               for line in lines)
+    assert torch.__version__ in r.stdout
+
+
+def test_selfcheck_cli():
+    r = subprocess.run([sys.executable, "-m", "gmf_kernels.selfcheck", "--backends", "torch,reference",
+                        "--batch", "1", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("torch ", "reference "))]
+    assert len(rows) == 2 * 8 * 2  # 2 backends x 8 widths x 2 grids
+    assert all(line.rstrip().endswith("ok") for line in rows), "\n".join(rows)
+    assert "FAIL" not in r.stdout
+
+
+def _noisy(monkeypatch, amount=1e-2):
+    tb = get_backend("torch")
+    original = tb.forward
+
+    def noisy_forward(x, size, w, hp, training):
+        out = original(x, size, w, hp, training)
+        return out + amount * out.detach().abs().max() * torch.randn_like(out)
+    monkeypatch.setattr(tb, "forward", noisy_forward)
+
+
+def test_check_table_passes_and_flags_a_wrong_backend(monkeypatch):
+    rows = selfcheck.check_table(["torch", "reference"], [torch.float32], [(5, 6)], batch=1, device="cpu")
+    assert len(rows) == 2 * 8 and all(r[-1] == "ok" for r in rows), rows
+    _noisy(monkeypatch)
+    rows = selfcheck.check_table(["torch"], [torch.float32], [(5, 6)], batch=1, device="cpu")
+    assert all(r[-1].startswith("FAIL") for r in rows), rows
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_check_true_passes_for_torch_backend(dtype, mode):
+    m = module(backend="torch", check=True).to(dtype).train(mode == "train")
+    m_plain = module(backend="reference").to(dtype).train(mode == "train")
+    m_plain.load_state_dict(m.state_dict())
+    x = torch.randn(2, 63, 80, dtype=dtype, requires_grad=(mode == "train"))
+    out = m(x, (7, 9))
+    expected = m_plain(x.detach(), (7, 9))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    if mode == "train":
+        out.sum().backward()
+        assert x.grad is not None
+        # the check must not update the BatchNorm statistics a second time
+        assert int(m.aggregator.norm1.num_batches_tracked) == 1
+        torch.testing.assert_close(m.aggregator.norm2.running_var, m_plain.aggregator.norm2.running_var)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_check_true_catches_a_wrong_backend(monkeypatch, mode):
+    _noisy(monkeypatch)
+    m = module(backend="torch", check=True).train(mode == "train")
+    with pytest.raises(selfcheck.SelfCheckError, match="'torch' disagrees with the reference"):
+        m(torch.randn(2, 63, 80), (7, 9))
+
+
+def test_gmf_check_env_triggers_the_check(monkeypatch):
+    _noisy(monkeypatch)
+    m = module(backend="torch").eval()
+    x = torch.randn(2, 63, 80)
+    monkeypatch.delenv("GMF_CHECK", raising=False)
+    with torch.no_grad():
+        m(x, (7, 9))  # unchecked: the noise goes unnoticed
+    monkeypatch.setenv("GMF_CHECK", "1")
+    with pytest.raises(selfcheck.SelfCheckError):
+        with torch.no_grad():
+            m(x, (7, 9))
+    # the functional API honours it too
+    with pytest.raises(selfcheck.SelfCheckError):
+        gmf_kernels.group_mix_attention(x, (7, 9), cast_weights(m.gma_weights()), backend="torch")
+    # and check=False passed explicitly to the functional API wins over the environment
+    with torch.no_grad():
+        gmf_kernels.group_mix_attention(x, (7, 9), m.gma_weights(), backend="torch", check=False)
