@@ -85,13 +85,15 @@ class Case:
         w = self.weights(dtype)
         return F.linear(self.x64.to(DEVICE, dtype), w.qkv_weight, w.qkv_bias)
 
-    def partials(self, block_p):
-        """The softmax-over-tokens partials per tile of block_p tokens, from the oracle's K, V."""
+    def partials(self, block_p, tiles_per_split=1):
+        """Softmax-over-tokens partials per split (runs of tiles_per_split tiles of block_p
+        tokens): max of K, sum of exp(K - max), exp(K - max)ᵀ V per head, from the oracle."""
         B, N, h, d = self.B, self.H * self.W, 8, self.d
         ms, ls, accs = [], [], []
-        for t0 in range(0, N, block_p):
-            k = self.K[:, t0:t0 + block_p]
-            v = self.V[:, t0:t0 + block_p]
+        step = block_p * tiles_per_split
+        for t0 in range(0, N, step):
+            k = self.K[:, t0:t0 + step]
+            v = self.V[:, t0:t0 + step]
             m = k.amax(dim=1)
             p = torch.exp(k - m[:, None])
             ms.append(m)
@@ -108,31 +110,35 @@ def _nan(shape, dtype):
 # ---------------------------------------------------------------- each kernel alone
 @pytest.mark.parametrize("C", MODEL_WIDTHS, ids=lambda c: f"C{c}")
 def test_aggregation_kernel(C):
-    """Q, V proxies, the local branch and the K partials; nothing else of pre is touched."""
+    """Q, V proxies, the local branch and the split-N softmax partials of K; nothing else
+    of pre is touched. 7x9 = 63 tokens in tiles of 16 -> 4 tiles (the last one ragged),
+    2 tiles per split -> 2 splits: both the in-register online rescaling across tiles and
+    the per-split partials are exercised."""
     case = Case(C, 7, 9, 1, seed=C)
-    shape = gma_shape(C, agg_block_p=32, interpreter=INTERPRET)    # 63 tokens -> 2 tiles, 1 ragged
+    shape = gma_shape(C, agg_block_p=16, interpreter=INTERPRET)
     f = case.folded(torch.float32)
     qkv = case.qkv(torch.float32)
-    B, N, T = case.B, case.H * case.W, shape.num_tiles(case.H * case.W)
+    B, N, tps = case.B, case.H * case.W, 2
+    splits = -(-shape.num_tiles(N) // tps)
     q, v, pre = _nan((B, N, case.cp), torch.float32), _nan((B, N, case.cp), torch.float32), _nan((B, N, C), torch.float32)
-    pm, pl = _nan((B, T, case.cp), torch.float32), _nan((B, T, case.cp), torch.float32)
-    pacc = _nan((B, T, case.cp, case.d), torch.float32)
-    aggregation.launch_aggregate(aggregation.gma_aggregate_kernel, qkv, case.H, case.W, shape, f.bn0_scale,
+    pm, pl = _nan((B, splits, case.cp), torch.float32), _nan((B, splits, case.cp), torch.float32)
+    pacc = _nan((B, splits, case.cp, case.d), torch.float32)
+    aggregation.launch_aggregate(aggregation.gma_aggregate_kernel, qkv, case.H, case.W, shape, tps, f.bn0_scale,
                                  f.bn0_shift, f.dw[0], f.dw[1], f.dw[2], f.pw, f.pw_bias, f.local_dw,
                                  f.local_pw, f.ln_weight, f.ln_bias, f.ln_eps, q, v, pre, pm, pl, pacc)
     _assert_rel(q, case.Q, FP32_TOL, "Q proxies")
     _assert_rel(v, case.V, FP32_TOL, "V proxies")
     _assert_rel(pre[..., case.cp:], case.local, FP32_TOL, "local branch")
     assert torch.isnan(pre[..., :case.cp]).all(), "aggregation wrote into the attention channels"
-    m, l, acc = case.partials(shape.AGG_BLOCK_P)
-    _assert_rel(pm, m, FP32_TOL, "tile max of K")
-    _assert_rel(pl, l, FP32_TOL, "tile sum of exp(K - m)")
-    _assert_rel(pacc, acc, FP32_TOL, "tile exp(K - m)^T V")
+    m, l, acc = case.partials(shape.AGG_BLOCK_P, tps)
+    _assert_rel(pm, m, FP32_TOL, "split max of K")
+    _assert_rel(pl, l, FP32_TOL, "split sum of exp(K - m)")
+    _assert_rel(pacc, acc, FP32_TOL, "split exp(K - m)^T V")
 
 
 @pytest.mark.parametrize("C", MODEL_WIDTHS, ids=lambda c: f"C{c}")
 def test_combine_and_attention_kernels(C):
-    """Combine (split-N, 4 tiles) and the output kernel, fed with the oracle's proxies."""
+    """Combine (4 splits) and the output kernel, fed with the oracle's proxies."""
     case = Case(C, 7, 9, 2 if C <= 80 else 1, seed=C + 1)
     shape = gma_shape(C, agg_block_p=16, interpreter=INTERPRET)
     B, N = case.B, case.H * case.W
@@ -161,26 +167,32 @@ def _forward(case, dtype):
 GRIDS = [(1, 1), (7, 9), (5, 11), (14, 14), (28, 28)]
 
 
-@pytest.mark.parametrize("B", [1, 2], ids=lambda b: f"B{b}")
-@pytest.mark.parametrize("H,W", GRIDS, ids=lambda v: str(v))
+# 28x28 runs once (B=1) to keep the interpreter suite fast
+GRID_CASES = [(H, W, B) for (H, W) in GRIDS for B in (1, 2) if not ((H, W) == (28, 28) and B == 2)]
+
+
+@pytest.mark.parametrize("H,W,B", GRID_CASES, ids=lambda v: str(v))
 def test_forward_fp32_grids(H, W, B):
-    if (H, W) == (28, 28) and B == 2:
-        pytest.skip("28x28 runs once (B=1) to keep the interpreter suite fast")
     case = Case(80, H, W, B, seed=H * 100 + W)
     out = _forward(case, torch.float32)
     assert out.dtype == torch.float32 and out.shape == case.out.shape
     _assert_rel(out, case.out, FP32_TOL, f"out {H}x{W} B={B}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("C", MODEL_WIDTHS, ids=lambda c: f"C{c}")
-def test_forward_fp16_every_width(C):
+def test_forward_every_width(C, dtype):
+    """BACKEND.forward (linears + the fused op) on every released width."""
     case = Case(C, 5, 11, 1, seed=C + 7)
-    out = _forward(case, torch.float16)
+    out = _forward(case, dtype)
+    assert out.dtype == dtype and out.shape == case.out.shape
+    if dtype == torch.float32:
+        _assert_rel(out, case.out, FP32_TOL, f"fp32 out C={C}")
+        return
     with torch.no_grad():
-        ref16 = reference_group_mix_attention(case.x64.to(DEVICE, torch.float16), (case.H, case.W),
-                                              case.weights(torch.float16), case.hp)
-    assert out.dtype == torch.float16
-    assert_within_reference_error(out, ref16, case.out, name=f"fp16 out C={C}")
+        ref_lp = reference_group_mix_attention(case.x64.to(DEVICE, dtype), (case.H, case.W),
+                                               case.weights(dtype), case.hp)
+    assert_within_reference_error(out, ref_lp, case.out, name=f"{dtype} out C={C}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -198,16 +210,31 @@ def test_forward_low_precision_grids(dtype, C, H, W, B):
 
 @pytest.mark.parametrize("C", [80, 480], ids=lambda c: f"C{c}")
 def test_gpu_tile_sizes(C):
-    """The GPU tile sizes (64 / 32 tokens) on the interpreter too: many tiles, ragged last one."""
-    case = Case(C, 14, 14, 1, seed=C + 11)
+    """The GPU tiles (64 / 32 tokens, channel chunks of 32) on the interpreter too: many
+    tiles, ragged last one, one split per tile (batch 1)."""
+    H = 14 if C == 80 else 7                 # the interpreter's cost grows with tiles x chunks
+    case = Case(C, H, H, 1, seed=C + 11)
     shape = gma_shape(C)  # the GPU specialisation
-    assert shape.num_tiles(196) >= 4
+    assert shape.num_tiles(H * H) >= 4 and (C < 480 or shape.CK < shape.S_PAD)
     r = ops.run_stages(case.qkv(torch.float32), case.H, case.W, *ops.folded_args(case.folded(torch.float32)),
                        case.hp.scale, case.hp.ln_eps, shape=shape)
     for name, t in r.items():
         assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
     _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
     _assert_rel(r["v"], case.V, FP32_TOL, "V")
+    _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
+    _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+
+
+@pytest.mark.parametrize("split_target", [1, 10**6], ids=["one-split", "split-per-tile"])
+def test_split_plans(split_target):
+    """All tiles of an image in one program (online rescaling only), or one tile per split
+    (combine only): same result. 11x11 tokens in tiles of 32 -> 4 tiles, the last ragged."""
+    case = Case(80, 11, 11, 2, seed=31)
+    shape = gma_shape(80, agg_block_p=32, interpreter=INTERPRET, split_target=split_target)
+    r = ops.run_stages(case.qkv(torch.float32), case.H, case.W, *ops.folded_args(case.folded(torch.float32)),
+                       case.hp.scale, case.hp.ln_eps, shape=shape)
+    assert r["part_m"].shape[1] == (1 if split_target == 1 else 4)
     _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
     _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
 

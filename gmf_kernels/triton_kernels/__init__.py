@@ -1,4 +1,4 @@
-"""Triton kernels for the eval-mode Group-Mix Attention stage qkv -> pre-projection.
+r"""Triton kernels for the eval-mode Group-Mix Attention stage qkv -> pre-projection.
 
 Importing this package imports Triton (the backend module imports it lazily).
 
@@ -15,11 +15,11 @@ Modules, one job each:
 * ``ops``          : the ``gmf::triton_pre_projection`` torch.library op (launchers).
 * ``specializations``: the signatures/constexprs every model config uses (AOT compiles).
 
-Data flow (B batch, N = H*W tokens, T = ceil(N / BLOCK_P) token tiles)::
+Data flow (B batch, N = H*W tokens in tiles of BLOCK_P, grouped into SPLITS runs)::
 
     qkv (B,N,3C) --aggregate--> Qp, Vp (B,N,C') in x.dtype
-                           \\--> m, l (B,T,C'), acc (B,T,C',d) fp32   [K never stored]
-                           \\--> pre[..., C':C] (local branch)
+                           \--> m, l (B,SPLITS,C'), acc (B,SPLITS,C',d) fp32   [K never stored]
+                           \--> pre[..., C':C] (local branch)
     m, l, acc --combine--> KV (B,C',d) fp32
     Qp, Vp, KV --attention--> pre[..., :C']
 """

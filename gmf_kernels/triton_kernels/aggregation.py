@@ -1,27 +1,32 @@
 """ONE-PASS group-proxy aggregation (eval mode, BatchNorm folded): kernel + launcher.
 
-Grid ``(T, 5, B)``: program (t, job, b) owns tokens [t*BLOCK_P, (t+1)*BLOCK_P) of image b
-and one *job*, i.e. one disjoint channel slice of the (B, N, 3C) qkv projection:
+Grid ``(SPLITS, 5, B)``. The N tokens of an image are cut into T = ceil(N / BLOCK_P) tiles
+of BLOCK_P consecutive tokens, and the tiles into SPLITS contiguous runs of
+``tiles_per_split`` (split-N: with a small batch there are still enough programs to fill
+the GPU; with a large one SPLITS is 1 or 2). Program (split, job, b) walks its run of
+tiles of image b for one *job*, i.e. one disjoint channel slice of the (B, N, 3C) qkv:
 
 * job 0: segment 0 of q, k, v:  ``hardswish(t * bn0_scale + bn0_shift)`` (no halo).
 * job j = 1, 2, 3: segment j of q, k, v: depthwise (2j+1)x(2j+1) (halo j rows/cols),
-  then the s x s pointwise with BatchNorm folded, as one ``tl.dot`` per head
-  ([BLOCK_P, s] x [s, d]) + bias + hardswish.
+  then the s x s pointwise with BatchNorm folded, as ``tl.dot`` into each head's d
+  outputs, + bias + hardswish.
 * job 4: the local branch: depthwise 3x3 over segment 4 of q, k, v (the 3s stacked
-  channels), 3s -> s pointwise (three accumulated ``tl.dot``), LayerNorm, hardswish,
-  stored straight into channels [C', C) of ``pre``.
+  channels), 3s -> s pointwise (accumulated ``tl.dot``), LayerNorm, hardswish, stored
+  straight into channels [C', C) of ``pre``.
 
 So every qkv element is read by exactly one job (plus the stencil halo, through cache),
 and no split/cat/permute copy ever exists. Segment j holds heads 2j and 2j+1; per head
 the job stores the Q and V proxies (x.dtype, channel head*d + i of ``q_out``/``v_out``)
-and, instead of K, the tile's online-softmax partials over tokens:
+and, instead of K, runs the softmax over tokens as an online reduction (FlashAttention's
+rescaling, applied along N) over the tiles it visits, in registers:
 
-    m[i]      = max_n K[n, i]                       (this tile's tokens)
-    l[i]      = sum_n exp(K[n, i] - m[i])
-    acc[i, k] = sum_n exp(K[n, i] - m[i]) * V[n, k]     (the head's d x d block of Ksᵀ V)
+    M' = max(M, max_n K[n, i]);  a = exp(M - M')
+    L   <- a L + sum_n exp(K[n, i] - M')
+    ACC <- a ACC + sum_n exp(K[n, i] - M') V[n, k]      (the head's d x d block of Ksᵀ V)
 
-in fp32, at ``part_m/part_l[b, t, head*d + i]`` and ``part_acc[b, t, head*d + i, k]``.
-``attention.combine`` merges the T tiles (split-N) with the usual rescaling.
+and stores (M, L, ACC) once per split, fp32, at ``part_m/part_l[b, split, head*d + i]`` and
+``part_acc[b, split, head*d + i, k]``. K never reaches memory;
+``attention.gma_kv_combine_kernel`` merges the SPLITS partials with the same rescaling.
 """
 from __future__ import annotations
 
@@ -33,103 +38,182 @@ from ._common import depthwise_tile, hardswish, mm
 
 
 @triton.jit
-def _kv_partial(zk, zv, pmask, t, ch0, pm_b, pl_b, pacc_b,
-                CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DOT_IEEE: tl.constexpr):
-    """Store this tile's softmax-over-tokens partials of one head (K never hits memory)."""
-    kk = tl.arange(0, D_PAD)
-    kmask = kk < D
-    kmat = tl.where(pmask[:, None], zk, float("-inf"))
-    m = tl.max(kmat, axis=0)                                   # [D_PAD], finite: >= 1 valid token
-    p = tl.where(pmask[:, None], tl.exp(kmat - m[None, :]), 0.0)
-    l = tl.sum(p, axis=0)
-    vv = tl.where(pmask[:, None], zv, 0.0)
-    acc = mm(tl.trans(p), vv, DOT_IEEE)                        # [D_PAD(i), D_PAD(k)]
-    row = t * CP + ch0 + kk
-    tl.store(pm_b + row, m, mask=kmask)
-    tl.store(pl_b + row, l, mask=kmask)
-    tl.store(pacc_b + row[:, None] * D + kk[None, :], acc, mask=kmask[:, None] & kmask[None, :])
+def _tile(t, N, W, BLOCK_P: tl.constexpr):
+    """Tokens of tile t: index, validity, row, column."""
+    n = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    return n, n < N, n // W, n % W
 
 
 @triton.jit
-def _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, a_ptr, sh_ptr, n, pmask, t, stride_n,
-              C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
-              D_PAD: tl.constexpr, DOT_IEEE: tl.constexpr):
+def _online_softmax_kv(zk, zv, pmask, M, L, ACC, DOT_3XTF32: tl.constexpr):
+    """Fold one tile of (K, V) of a head into the running (max, sum, exp(K - max)ᵀ V)."""
+    kmat = tl.where(pmask[:, None], zk, float("-inf"))
+    M_new = tl.maximum(M, tl.max(kmat, axis=0))                # finite: the tile has a valid token
+    alpha = tl.exp(M - M_new)                                  # 0 on the first tile (M = -inf)
+    p = tl.where(pmask[:, None], tl.exp(kmat - M_new[None, :]), 0.0)
+    L = L * alpha + tl.sum(p, axis=0)
+    vv = tl.where(pmask[:, None], zv, 0.0)
+    ACC = mm(tl.trans(p), vv, ACC * alpha[:, None], DOT_3XTF32)  # [i, k]
+    return M_new, L, ACC
+
+
+@triton.jit
+def _store_partial(M, L, ACC, split, ch0, pm_b, pl_b, pacc_b,
+                   CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
-    m2 = pmask[:, None] & kmask[None, :]
-    for hl in tl.static_range(2):
-        ch = hl * D + kk                                       # channel inside segment 0
-        a = tl.load(a_ptr + ch, mask=kmask, other=0.0)[None, :]
-        sh = tl.load(sh_ptr + ch, mask=kmask, other=0.0)[None, :]
-        src = qkv_b + n[:, None] * stride_n + ch[None, :]
-        zq = hardswish(tl.load(src, mask=m2, other=0.0).to(tl.float32) * a + sh)
-        zk = hardswish(tl.load(src + C, mask=m2, other=0.0).to(tl.float32) * a + sh)
-        zv = hardswish(tl.load(src + 2 * C, mask=m2, other=0.0).to(tl.float32) * a + sh)
-        dst = n[:, None] * CP + ch[None, :]
-        tl.store(q_b + dst, zq.to(q_b.dtype.element_ty), mask=m2)
-        tl.store(v_b + dst, zv.to(v_b.dtype.element_ty), mask=m2)
-        _kv_partial(zk, zv, pmask, t, hl * D, pm_b, pl_b, pacc_b, CP, D, D_PAD, DOT_IEEE)
+    row = split * CP + ch0 + kk
+    tl.store(pm_b + row, M, mask=kmask)
+    tl.store(pl_b + row, L, mask=kmask)
+    tl.store(pacc_b + row[:, None] * D + kk[None, :], ACC, mask=kmask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _segment0_head(qkv_b, q_b, v_b, a, sh, ch, m2, n, pmask, stride_n, M, L, ACC,
+                   C: tl.constexpr, CP: tl.constexpr, DOT_3XTF32: tl.constexpr):
+    src = qkv_b + n[:, None] * stride_n + ch[None, :]
+    zq = hardswish(tl.load(src, mask=m2, other=0.0).to(tl.float32) * a + sh)
+    zk = hardswish(tl.load(src + C, mask=m2, other=0.0).to(tl.float32) * a + sh)
+    zv = hardswish(tl.load(src + 2 * C, mask=m2, other=0.0).to(tl.float32) * a + sh)
+    dst = n[:, None] * CP + ch[None, :]
+    tl.store(q_b + dst, zq.to(q_b.dtype.element_ty), mask=m2)
+    tl.store(v_b + dst, zv.to(v_b.dtype.element_ty), mask=m2)
+    return _online_softmax_kv(zk, zv, pmask, M, L, ACC, DOT_3XTF32)
+
+
+@triton.jit
+def _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, a_ptr, sh_ptr, split, t0, t1, N, W, stride_n,
+              C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+              BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr):
+    """Segment 0: hardswish(BN0(t)) per channel, no stencil."""
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    a0 = tl.load(a_ptr + kk, mask=kmask, other=0.0)[None, :]
+    s0 = tl.load(sh_ptr + kk, mask=kmask, other=0.0)[None, :]
+    a1 = tl.load(a_ptr + D + kk, mask=kmask, other=0.0)[None, :]
+    s1 = tl.load(sh_ptr + D + kk, mask=kmask, other=0.0)[None, :]
+    M0 = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+    L0 = tl.zeros([D_PAD], dtype=tl.float32)
+    A0 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    M1 = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+    L1 = tl.zeros([D_PAD], dtype=tl.float32)
+    A1 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    t = t0
+    while t < t1:
+        n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+        m2 = pmask[:, None] & kmask[None, :]
+        M0, L0, A0 = _segment0_head(qkv_b, q_b, v_b, a0, s0, kk, m2, n, pmask, stride_n, M0, L0, A0,
+                                    C, CP, DOT_3XTF32)
+        M1, L1, A1 = _segment0_head(qkv_b, q_b, v_b, a1, s1, D + kk, m2, n, pmask, stride_n, M1, L1, A1,
+                                    C, CP, DOT_3XTF32)
+        t += 1
+    _store_partial(M0, L0, A0, split, 0, pm_b, pl_b, pacc_b, CP, D, D_PAD)
+    _store_partial(M1, L1, A1, split, D, pm_b, pl_b, pacc_b, CP, D, D_PAD)
+
+
+@triton.jit
+def _dw_pw_heads(src_b, ch0, dw_ptr, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
+                 S: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
+                 D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr):
+    """One of q/k/v, one segment, one tile: DW_KS(t) @ pw[h*D + k, :]ᵀ for its heads h = 0, 1.
+
+    The s input channels go in chunks of CK: depthwise on [BLOCK_P, CK], then accumulate
+    into the two [BLOCK_P, D_PAD] head outputs with tl.dot. Only chunk-sized tiles are
+    alive, so registers do not grow with s (s = 96 spilled when done in one piece).
+    """
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    acc0 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    for c0 in range(0, S, CK):
+        cs = c0 + tl.arange(0, CK)
+        cmask = cs < S
+        dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw_ptr + cs * (KS * KS), n, y, x, pmask, H, W, stride_n,
+                             KS, BLOCK_P, CK)
+        wmask = cmask[:, None] & kmask[None, :]
+        w0 = tl.load(pw_seg + kk[None, :] * S + cs[:, None], mask=wmask, other=0.0)        # [CK, D_PAD]
+        acc0 = mm(dwc, w0, acc0, DOT_3XTF32)
+        w1 = tl.load(pw_seg + (D + kk)[None, :] * S + cs[:, None], mask=wmask, other=0.0)
+        acc1 = mm(dwc, w1, acc1, DOT_3XTF32)
+    return acc0, acc1
 
 
 @triton.jit
 def _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw_ptr, pw_ptr, pwb_ptr,
-                  n, y, x, pmask, t, H, W, stride_n,
-                  SEG: tl.constexpr, KS: tl.constexpr,
+                  split, t0, t1, N, H, W, stride_n, SEG, KS,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
-                  S_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-                  DOT_IEEE: tl.constexpr):
-    """Segment SEG (1..3): depthwise KSxKS -> pointwise (BN folded) -> hardswish."""
-    cs = tl.arange(0, S_PAD)
-    cmask = cs < S
+                  CK: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                  DOT_3XTF32: tl.constexpr):
+    """Segment SEG (1..3) of q, k, v: depthwise KSxKS -> pointwise (BN folded) -> hardswish.
+
+    SEG and KS = 2 SEG + 1 are runtime values: one instance serves the three segments."""
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
-    m2 = pmask[:, None] & kmask[None, :]
-    w_rows = dw_ptr + cs * (KS * KS)
     pw_seg = pw_ptr + (SEG - 1) * S * S
-    ch_in = SEG * S + cs                                       # within q (k, v: + C, + 2C)
-    dq = depthwise_tile(qkv_b, ch_in, cmask, w_rows, n, y, x, pmask, H, W, stride_n, KS, BLOCK_P, S_PAD)
-    for hl in tl.static_range(2):
-        out = hl * D + kk                                      # output channel inside the segment
-        wT = tl.load(pw_seg + out[None, :] * S + cs[:, None], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        bias = tl.load(pwb_ptr + (SEG - 1) * S + out, mask=kmask, other=0.0)[None, :]
-        zq = hardswish(mm(dq, wT, DOT_IEEE) + bias)
-        tl.store(q_b + n[:, None] * CP + (SEG * S + out)[None, :], zq.to(q_b.dtype.element_ty), mask=m2)
-    dk = depthwise_tile(qkv_b, C + ch_in, cmask, w_rows, n, y, x, pmask, H, W, stride_n, KS, BLOCK_P, S_PAD)
-    dv = depthwise_tile(qkv_b, 2 * C + ch_in, cmask, w_rows, n, y, x, pmask, H, W, stride_n, KS, BLOCK_P, S_PAD)
-    for hl in tl.static_range(2):
-        out = hl * D + kk
-        wT = tl.load(pw_seg + out[None, :] * S + cs[:, None], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        bias = tl.load(pwb_ptr + (SEG - 1) * S + out, mask=kmask, other=0.0)[None, :]
-        zk = hardswish(mm(dk, wT, DOT_IEEE) + bias)
-        zv = hardswish(mm(dv, wT, DOT_IEEE) + bias)
-        tl.store(v_b + n[:, None] * CP + (SEG * S + out)[None, :], zv.to(v_b.dtype.element_ty), mask=m2)
-        _kv_partial(zk, zv, pmask, t, SEG * S + hl * D, pm_b, pl_b, pacc_b, CP, D, D_PAD, DOT_IEEE)
+    b0 = tl.load(pwb_ptr + (SEG - 1) * S + kk, mask=kmask, other=0.0)[None, :]
+    b1 = tl.load(pwb_ptr + (SEG - 1) * S + D + kk, mask=kmask, other=0.0)[None, :]
+    ch0 = SEG * S                                              # in q; k: + C, v: + 2C
+    M0 = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+    L0 = tl.zeros([D_PAD], dtype=tl.float32)
+    A0 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    M1 = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+    L1 = tl.zeros([D_PAD], dtype=tl.float32)
+    A1 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    t = t0
+    while t < t1:
+        n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+        m2 = pmask[:, None] & kmask[None, :]
+        dst0 = n[:, None] * CP + (ch0 + kk)[None, :]
+        zq0, zq1 = _dw_pw_heads(qkv_b, ch0, dw_ptr, pw_seg, n, y, x, pmask, H, W, stride_n,
+                                KS, S, D, CK, D_PAD, BLOCK_P, DOT_3XTF32)
+        tl.store(q_b + dst0, hardswish(zq0 + b0).to(q_b.dtype.element_ty), mask=m2)
+        tl.store(q_b + dst0 + D, hardswish(zq1 + b1).to(q_b.dtype.element_ty), mask=m2)
+        # V before K: one head pair of depthwise outputs alive at a time (register pressure)
+        zv0, zv1 = _dw_pw_heads(qkv_b, 2 * C + ch0, dw_ptr, pw_seg, n, y, x, pmask, H, W, stride_n,
+                                KS, S, D, CK, D_PAD, BLOCK_P, DOT_3XTF32)
+        zv0 = hardswish(zv0 + b0)
+        zv1 = hardswish(zv1 + b1)
+        tl.store(v_b + dst0, zv0.to(v_b.dtype.element_ty), mask=m2)
+        tl.store(v_b + dst0 + D, zv1.to(v_b.dtype.element_ty), mask=m2)
+        zk0, zk1 = _dw_pw_heads(qkv_b, C + ch0, dw_ptr, pw_seg, n, y, x, pmask, H, W, stride_n,
+                                KS, S, D, CK, D_PAD, BLOCK_P, DOT_3XTF32)
+        M0, L0, A0 = _online_softmax_kv(hardswish(zk0 + b0), zv0, pmask, M0, L0, A0, DOT_3XTF32)
+        M1, L1, A1 = _online_softmax_kv(hardswish(zk1 + b1), zv1, pmask, M1, L1, A1, DOT_3XTF32)
+        t += 1
+    _store_partial(M0, L0, A0, split, ch0, pm_b, pl_b, pacc_b, CP, D, D_PAD)
+    _store_partial(M1, L1, A1, split, ch0 + D, pm_b, pl_b, pacc_b, CP, D, D_PAD)
 
 
 @triton.jit
-def _local_branch(qkv_b, pre_b, ldw_ptr, lpw_ptr, lnw_ptr, lnb_ptr, ln_eps,
-                  n, y, x, pmask, H, W, stride_n,
-                  C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr,
-                  S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_IEEE: tl.constexpr):
+def _local_branch(qkv_b, pre_b, ldw_ptr, lpw_ptr, lnw_ptr, lnb_ptr, ln_eps, t0, t1, N, H, W, stride_n,
+                  C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
+                  S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr):
     """Segment 4 of q, k, v -> DW3x3 -> (3s -> s) -> LayerNorm -> hardswish -> pre[:, C':C]."""
-    cs = tl.arange(0, S_PAD)
-    cmask = cs < S
-    z = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
-    for which in tl.static_range(3):                           # q, k, v
-        dwv = depthwise_tile(qkv_b, which * C + 4 * S + cs, cmask, ldw_ptr + (which * S + cs) * 9,
-                             n, y, x, pmask, H, W, stride_n, 3, BLOCK_P, S_PAD)
-        # local_pw (s, 3s): element [out, which*s + in]; load as [in, out]
-        wT = tl.load(lpw_ptr + cs[None, :] * (3 * S) + which * S + cs[:, None],
-                     mask=cmask[:, None] & cmask[None, :], other=0.0)
-        z += mm(dwv, wT, DOT_IEEE)
-    mean = tl.sum(z, axis=1) / S                               # padded channels are 0
-    diff = tl.where(cmask[None, :], z - mean[:, None], 0.0)
-    var = tl.sum(diff * diff, axis=1) / S
-    lnw = tl.load(lnw_ptr + cs, mask=cmask, other=0.0)[None, :]
-    lnb = tl.load(lnb_ptr + cs, mask=cmask, other=0.0)[None, :]
-    yv = hardswish(diff * tl.rsqrt(var + ln_eps)[:, None] * lnw + lnb)
-    tl.store(pre_b + n[:, None] * C + (CP + cs)[None, :], yv.to(pre_b.dtype.element_ty),
-             mask=pmask[:, None] & cmask[None, :])
+    co = tl.arange(0, S_PAD)                                   # output channel
+    omask = co < S
+    lnw = tl.load(lnw_ptr + co, mask=omask, other=0.0)[None, :]
+    lnb = tl.load(lnb_ptr + co, mask=omask, other=0.0)[None, :]
+    t = t0
+    while t < t1:
+        n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+        z = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
+        for which in tl.static_range(3):                       # q, k, v: input channels which*s + c
+            for c0 in range(0, S, CK):
+                cs = c0 + tl.arange(0, CK)
+                cmask = cs < S
+                dwc = depthwise_tile(qkv_b, which * C + 4 * S + cs, cmask, ldw_ptr + (which * S + cs) * 9,
+                                     n, y, x, pmask, H, W, stride_n, 3, BLOCK_P, CK)
+                # local_pw (s, 3s): element [out, which*s + in], loaded as [in, out]
+                wT = tl.load(lpw_ptr + co[None, :] * (3 * S) + which * S + cs[:, None],
+                             mask=cmask[:, None] & omask[None, :], other=0.0)
+                z = mm(dwc, wT, z, DOT_3XTF32)
+        mean = tl.sum(z, axis=1) / S                           # padded channels are 0
+        diff = tl.where(omask[None, :], z - mean[:, None], 0.0)
+        var = tl.sum(diff * diff, axis=1) / S
+        yv = hardswish(diff * tl.rsqrt(var + ln_eps)[:, None] * lnw + lnb)
+        tl.store(pre_b + n[:, None] * C + (CP + co)[None, :], yv.to(pre_b.dtype.element_ty),
+                 mask=pmask[:, None] & omask[None, :])
+        t += 1
 
 
 @triton.jit
@@ -137,60 +221,66 @@ def gma_aggregate_kernel(
     qkv_ptr, q_ptr, v_ptr, pre_ptr, pm_ptr, pl_ptr, pacc_ptr,
     bn0_scale_ptr, bn0_shift_ptr, dw1_ptr, dw2_ptr, dw3_ptr, pw_ptr, pwb_ptr,
     ldw_ptr, lpw_ptr, lnw_ptr, lnb_ptr,
-    N, H, W, stride_qkv_b, stride_qkv_n, ln_eps,
+    N, H, W, stride_qkv_b, stride_qkv_n, tiles_per_split, ln_eps,
     C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
-    S_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_IEEE: tl.constexpr,
+    S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
+    DOT_3XTF32: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    split = tl.program_id(0)
     job = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    T = tl.num_programs(0)
-    n = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = n < N
-    y = n // W
-    x = n % W
+    SPLITS = tl.num_programs(0)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
     qkv_b = qkv_ptr + b * stride_qkv_b
     q_b = q_ptr + b * N * CP
     v_b = v_ptr + b * N * CP
-    pm_b = pm_ptr + b * T * CP
-    pl_b = pl_ptr + b * T * CP
-    pacc_b = pacc_ptr + b * T * CP * D
+    pm_b = pm_ptr + b * SPLITS * CP
+    pl_b = pl_ptr + b * SPLITS * CP
+    pacc_b = pacc_ptr + b * SPLITS * CP * D
     if job == 0:
-        _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, bn0_scale_ptr, bn0_shift_ptr, n, pmask, t,
-                  stride_qkv_n, C, S, CP, D, D_PAD, DOT_IEEE)
-    elif job == 1:
-        _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw1_ptr, pw_ptr, pwb_ptr,
-                      n, y, x, pmask, t, H, W, stride_qkv_n, 1, 3,
-                      C, S, CP, D, S_PAD, D_PAD, BLOCK_P, DOT_IEEE)
-    elif job == 2:
-        _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw2_ptr, pw_ptr, pwb_ptr,
-                      n, y, x, pmask, t, H, W, stride_qkv_n, 2, 5,
-                      C, S, CP, D, S_PAD, D_PAD, BLOCK_P, DOT_IEEE)
-    elif job == 3:
-        _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw3_ptr, pw_ptr, pwb_ptr,
-                      n, y, x, pmask, t, H, W, stride_qkv_n, 3, 7,
-                      C, S, CP, D, S_PAD, D_PAD, BLOCK_P, DOT_IEEE)
+        _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, bn0_scale_ptr, bn0_shift_ptr, split, t0, t1, N, W,
+                  stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_3XTF32)
+    elif job < 4:
+        if job == 1:
+            dw_ptr = dw1_ptr
+        elif job == 2:
+            dw_ptr = dw2_ptr
+        else:
+            dw_ptr = dw3_ptr
+        _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw_ptr, pw_ptr, pwb_ptr,
+                      split, t0, t1, N, H, W, stride_qkv_n, job, 2 * job + 1,
+                      C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_3XTF32)
     else:
         _local_branch(qkv_b, pre_ptr + b * N * C, ldw_ptr, lpw_ptr, lnw_ptr, lnb_ptr, ln_eps,
-                      n, y, x, pmask, H, W, stride_qkv_n, C, S, CP, S_PAD, BLOCK_P, DOT_IEEE)
+                      t0, t1, N, H, W, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P, DOT_3XTF32)
 
 
-def launch_aggregate(kernel, qkv, H, W, shape, bn0_scale, bn0_shift, dw1, dw2, dw3, pw, pw_bias,
-                     local_dw, local_pw, ln_weight, ln_bias, ln_eps,
+def split_plan(N: int, B: int, block_p: int, target_programs: int):
+    """(splits, tiles_per_split): split-N so that about `target_programs` aggregation
+    programs (5 per image per split) exist, every split owning at least one tile."""
+    T = triton.cdiv(N, block_p)
+    want = max(1, min(T, triton.cdiv(target_programs, 5 * B)))
+    tps = triton.cdiv(T, want)
+    return triton.cdiv(T, tps), tps
+
+
+def launch_aggregate(kernel, qkv, H, W, shape, tiles_per_split, bn0_scale, bn0_shift, dw1, dw2, dw3, pw,
+                     pw_bias, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
                      q_out, v_out, pre, part_m, part_l, part_acc):
     """Launch the aggregation kernel (``kernel`` is the raw or wrap_triton'ed kernel).
 
     qkv: (B, N, 3C) with unit channel stride; q_out, v_out: (B, N, C') contiguous;
-    pre: (B, N, C) contiguous; part_m, part_l: (B, T, C') and part_acc: (B, T, C', d) fp32.
+    pre: (B, N, C) contiguous; part_m, part_l: (B, SPLITS, C') and part_acc:
+    (B, SPLITS, C', d) fp32, SPLITS = part_m.shape[1] (from `split_plan`).
     """
     B, N, _ = qkv.shape
-    T = shape.num_tiles(N)
-    kernel[(T, 5, B)](
+    splits = part_m.shape[1]
+    kernel[(splits, 5, B)](
         qkv, q_out, v_out, pre, part_m, part_l, part_acc,
         bn0_scale, bn0_shift, dw1, dw2, dw3, pw, pw_bias, local_dw, local_pw, ln_weight, ln_bias,
-        N, H, W, qkv.stride(0), qkv.stride(1), ln_eps,
+        N, H, W, qkv.stride(0), qkv.stride(1), tiles_per_split, ln_eps,
         C=shape.C, S=shape.S, CP=shape.CP, D=shape.D, S_PAD=shape.S_PAD, D_PAD=shape.D_PAD,
-        BLOCK_P=shape.AGG_BLOCK_P, DOT_IEEE=int(qkv.dtype == torch.float32),
-        num_warps=shape.NUM_WARPS,
+        CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P, DOT_3XTF32=int(qkv.dtype == torch.float32),
+        num_warps=shape.AGG_WARPS,
     )
-

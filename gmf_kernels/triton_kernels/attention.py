@@ -1,12 +1,12 @@
 """Flash-style factorized attention: split-N combine, then the per-token output.
 
-``gma_kv_combine_kernel``, grid ``(8, B)``: program (head, b) merges the T per-tile
-partials of ``aggregation`` with the online-softmax recurrence along N (tiles in order):
+``gma_kv_combine_kernel``, grid ``(8, B)``: program (head, b) merges the SPLITS per-split
+partials of ``aggregation`` with the online-softmax recurrence along N (splits in order):
 
     M' = max(M, m_t);  L = L e^{M-M'} + l_t e^{m_t-M'};  ACC = ACC e^{M-M'} + acc_t e^{m_t-M'}
 
 and writes ``KV = ACC / L`` = softmax_N(K)ᵀ V of that head, fp32, at kv[b, head*d + i, k].
-The partials are tiny (C'(d+2) floats per tile) next to the (B, N, 3C) activations.
+The partials are small: C'(d+2) floats per split, against N*3C activations per image.
 
 ``gma_attention_kernel``, grid ``(ceil(N / BLOCK_P), 8, B)``: program (t, head, b) computes,
 for its tokens and head,
@@ -27,7 +27,7 @@ from ._common import depthwise_tile, mm
 
 
 @triton.jit
-def gma_kv_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, kv_ptr, T,
+def gma_kv_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, kv_ptr, T,  # T: number of splits
                           CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     head = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -60,16 +60,16 @@ def gma_kv_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, kv_ptr, T,
 
 @triton.jit
 def _attention_head(q_b, v_b, kv_b, pre_b, cw_ptr, cb_ptr, head, first, scale,
-                    n, y, x, pmask, H, W,
-                    KS: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
-                    D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_IEEE: tl.constexpr):
+                    n, y, x, pmask, H, W, KS,
+                    C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
+                    D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr):
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
     m2 = pmask[:, None] & kmask[None, :]
     ch = head * D + kk
     q = tl.load(q_b + n[:, None] * CP + ch[None, :], mask=m2, other=0.0).to(tl.float32)
     kv = tl.load(kv_b + ch[:, None] * D + kk[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
-    e = mm(q, kv, DOT_IEEE)
+    e = mm(q, kv, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_3XTF32)
     w_rows = cw_ptr + ((head - first) * D + kk) * (KS * KS)
     conv = depthwise_tile(v_b, ch, kmask, w_rows, n, y, x, pmask, H, W, CP, KS, BLOCK_P, D_PAD)
     bias = tl.load(cb_ptr + ch, mask=kmask, other=0.0)[None, :]
@@ -82,7 +82,7 @@ def gma_attention_kernel(
     q_ptr, v_ptr, kv_ptr, pre_ptr, cw0_ptr, cw1_ptr, cw2_ptr, cb_ptr,
     N, H, W, scale,
     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, DOT_IEEE: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr,
 ):
     t = tl.program_id(0)
     head = tl.program_id(1)
@@ -95,22 +95,28 @@ def gma_attention_kernel(
     v_b = v_ptr + b * N * CP
     kv_b = kv_ptr + b * CP * D
     pre_b = pre_ptr + b * N * C
+    # CRPE group of the head: (window, first head of the group, its weights)
     if head < 2:
-        _attention_head(q_b, v_b, kv_b, pre_b, cw0_ptr, cb_ptr, head, 0, scale, n, y, x, pmask, H, W,
-                        3, C, CP, D, D_PAD, BLOCK_P, DOT_IEEE)
+        ks = 3
+        first = 0
+        cw_ptr = cw0_ptr
     elif head < 5:
-        _attention_head(q_b, v_b, kv_b, pre_b, cw1_ptr, cb_ptr, head, 2, scale, n, y, x, pmask, H, W,
-                        5, C, CP, D, D_PAD, BLOCK_P, DOT_IEEE)
+        ks = 5
+        first = 2
+        cw_ptr = cw1_ptr
     else:
-        _attention_head(q_b, v_b, kv_b, pre_b, cw2_ptr, cb_ptr, head, 5, scale, n, y, x, pmask, H, W,
-                        7, C, CP, D, D_PAD, BLOCK_P, DOT_IEEE)
+        ks = 7
+        first = 5
+        cw_ptr = cw2_ptr
+    _attention_head(q_b, v_b, kv_b, pre_b, cw_ptr, cb_ptr, head, first, scale, n, y, x, pmask, H, W, ks,
+                    C, CP, D, D_PAD, BLOCK_P, DOT_3XTF32)
 
 
 def launch_combine(kernel, part_m, part_l, part_acc, kv, shape):
-    """part_*: (B, T, C'[, d]) fp32 -> kv (B, C', d) fp32."""
+    """part_*: (B, SPLITS, C'[, d]) fp32 -> kv (B, C', d) fp32."""
     B, T, _ = part_m.shape
     kernel[(8, B)](part_m, part_l, part_acc, kv, T, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD,
-                   num_warps=shape.NUM_WARPS)
+                   num_warps=shape.COMBINE_WARPS)
 
 
 def launch_attention(kernel, q, v, kv, pre, crpe_w0, crpe_w1, crpe_w2, crpe_b, H, W, scale, shape):
@@ -119,4 +125,4 @@ def launch_attention(kernel, q, v, kv, pre, crpe_w0, crpe_w1, crpe_w2, crpe_b, H
     grid = (triton.cdiv(N, shape.ATTN_BLOCK_P), 8, B)
     kernel[grid](q, v, kv, pre, crpe_w0, crpe_w1, crpe_w2, crpe_b, N, H, W, scale,
                  C=shape.C, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD, BLOCK_P=shape.ATTN_BLOCK_P,
-                 DOT_IEEE=int(q.dtype == torch.float32), num_warps=shape.NUM_WARPS)
+                 DOT_3XTF32=int(q.dtype == torch.float32), num_warps=shape.ATTN_WARPS)

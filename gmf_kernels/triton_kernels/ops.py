@@ -13,8 +13,8 @@
   to Inductor, still one node for ``torch.compile(fullgraph=True)``.
 
 Launch sequence (three kernels, no host synchronisation):
-``gma_aggregate_kernel`` (T, 5, B) -> ``gma_kv_combine_kernel`` (8, B) ->
-``gma_attention_kernel`` (ceil(N/64), 8, B).
+``gma_aggregate_kernel`` (SPLITS, 5, B) -> ``gma_kv_combine_kernel`` (8, B) ->
+``gma_attention_kernel`` (ceil(N / ATTN_BLOCK_P), 8, B).
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ import torch
 
 from ..folding import FoldedGMAWeights
 from ._common import interpreting
-from .aggregation import gma_aggregate_kernel, launch_aggregate
+from .aggregation import gma_aggregate_kernel, launch_aggregate, split_plan
 from .attention import gma_attention_kernel, gma_kv_combine_kernel, launch_attention, launch_combine
-from .config import GMAShape, gma_shape
+from .config import INTERPRETER_BLOCK_P, GMAShape, gma_shape, next_pow2
 
 Tensor = torch.Tensor
 
@@ -67,20 +67,24 @@ def run_stages(qkv: Tensor, H: int, W: int, bn0_scale: Tensor, bn0_shift: Tensor
     B, N, C3 = qkv.shape
     C = C3 // 3
     if shape is None:
-        shape = gma_shape(C, interpreter=interpreting())
+        if interpreting():  # one tile up to INTERPRETER_BLOCK_P tokens: no padding waste on tiny grids
+            bp = min(INTERPRETER_BLOCK_P, max(16, next_pow2(N)))
+            shape = gma_shape(C, agg_block_p=bp, attn_block_p=bp, interpreter=True)
+        else:
+            shape = gma_shape(C)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dev, dt = qkv.device, qkv.dtype
-    T = shape.num_tiles(N)
+    splits, tiles_per_split = split_plan(N, B, shape.AGG_BLOCK_P, shape.SPLIT_TARGET)
     f32 = torch.float32
     q = _alloc((B, N, shape.CP), dt, dev)
     v = _alloc((B, N, shape.CP), dt, dev)
     pre = _alloc((B, N, C), dt, dev)
-    part_m = _alloc((B, T, shape.CP), f32, dev)
-    part_l = _alloc((B, T, shape.CP), f32, dev)
-    part_acc = _alloc((B, T, shape.CP, shape.D), f32, dev)
+    part_m = _alloc((B, splits, shape.CP), f32, dev)
+    part_l = _alloc((B, splits, shape.CP), f32, dev)
+    part_acc = _alloc((B, splits, shape.CP, shape.D), f32, dev)
     kv = _alloc((B, shape.CP, shape.D), f32, dev)
-    launch_aggregate(wrap_triton(gma_aggregate_kernel), qkv, H, W, shape, bn0_scale, bn0_shift,
+    launch_aggregate(wrap_triton(gma_aggregate_kernel), qkv, H, W, shape, tiles_per_split, bn0_scale, bn0_shift,
                      dw1, dw2, dw3, pw, pw_bias, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
                      q, v, pre, part_m, part_l, part_acc)
     launch_combine(wrap_triton(gma_kv_combine_kernel), part_m, part_l, part_acc, kv, shape)

@@ -31,7 +31,7 @@ DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _AGG_PTRS_X = ("qkv_ptr", "q_ptr", "v_ptr", "pre_ptr")
 _AGG_PTRS_F32 = ("pm_ptr", "pl_ptr", "pacc_ptr", "bn0_scale_ptr", "bn0_shift_ptr", "dw1_ptr", "dw2_ptr",
                  "dw3_ptr", "pw_ptr", "pwb_ptr", "ldw_ptr", "lpw_ptr", "lnw_ptr", "lnb_ptr")
-_AGG_INTS = ("N", "H", "W", "stride_qkv_b", "stride_qkv_n")
+_AGG_INTS = ("N", "H", "W", "stride_qkv_b", "stride_qkv_n", "tiles_per_split")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class Spec:
     def label(self) -> str:
         cx = dict(self.constexprs)
         tile = cx.get("BLOCK_P", "-")
-        return f"{self.kernel} C={self.C} {self.dtype} (S_PAD={cx.get('S_PAD', '-')}, D_PAD={cx['D_PAD']}, BLOCK_P={tile})"
+        return (f"{self.kernel} C={self.C} {self.dtype} (S_PAD={cx.get('S_PAD', '-')}, D_PAD={cx['D_PAD']}, "
+                f"CK={cx.get('CK', '-')}, BLOCK_P={tile}, warps={self.num_warps})")
 
 
 def _sig(pairs) -> Tuple[Tuple[str, str], ...]:
@@ -62,10 +63,10 @@ def _aggregate_spec(C: int, dt: str) -> Spec:
     sh = gma_shape(C)
     sig = [(a, f"*{dt}") for a in _AGG_PTRS_X] + [(a, "*fp32") for a in _AGG_PTRS_F32]
     sig += [(a, "i32") for a in _AGG_INTS] + [("ln_eps", "fp32")]
-    cx = dict(C=sh.C, S=sh.S, CP=sh.CP, D=sh.D, S_PAD=sh.S_PAD, D_PAD=sh.D_PAD, BLOCK_P=sh.AGG_BLOCK_P,
-              DOT_IEEE=int(dt == "fp32"))
+    cx = dict(C=sh.C, S=sh.S, CP=sh.CP, D=sh.D, S_PAD=sh.S_PAD, D_PAD=sh.D_PAD, CK=sh.CK,
+              BLOCK_P=sh.AGG_BLOCK_P, DOT_3XTF32=int(dt == "fp32"))
     sig += [(k, "constexpr") for k in cx]
-    return Spec("aggregate", C, dt, _sig(sig), tuple(cx.items()), sh.NUM_WARPS)
+    return Spec("aggregate", C, dt, _sig(sig), tuple(cx.items()), sh.AGG_WARPS)
 
 
 def _combine_spec(C: int) -> Spec:
@@ -73,7 +74,7 @@ def _combine_spec(C: int) -> Spec:
     sig = [("pm_ptr", "*fp32"), ("pl_ptr", "*fp32"), ("pacc_ptr", "*fp32"), ("kv_ptr", "*fp32"), ("T", "i32")]
     cx = dict(CP=sh.CP, D=sh.D, D_PAD=sh.D_PAD)
     sig += [(k, "constexpr") for k in cx]
-    return Spec("combine", C, "-", _sig(sig), tuple(cx.items()), sh.NUM_WARPS)
+    return Spec("combine", C, "-", _sig(sig), tuple(cx.items()), sh.COMBINE_WARPS)
 
 
 def _attention_spec(C: int, dt: str) -> Spec:
@@ -81,9 +82,9 @@ def _attention_spec(C: int, dt: str) -> Spec:
     sig = [("q_ptr", f"*{dt}"), ("v_ptr", f"*{dt}"), ("kv_ptr", "*fp32"), ("pre_ptr", f"*{dt}"),
            ("cw0_ptr", "*fp32"), ("cw1_ptr", "*fp32"), ("cw2_ptr", "*fp32"), ("cb_ptr", "*fp32"),
            ("N", "i32"), ("H", "i32"), ("W", "i32"), ("scale", "fp32")]
-    cx = dict(C=sh.C, CP=sh.CP, D=sh.D, D_PAD=sh.D_PAD, BLOCK_P=sh.ATTN_BLOCK_P, DOT_IEEE=int(dt == "fp32"))
+    cx = dict(C=sh.C, CP=sh.CP, D=sh.D, D_PAD=sh.D_PAD, BLOCK_P=sh.ATTN_BLOCK_P, DOT_3XTF32=int(dt == "fp32"))
     sig += [(k, "constexpr") for k in cx]
-    return Spec("attention", C, dt, _sig(sig), tuple(cx.items()), sh.NUM_WARPS)
+    return Spec("attention", C, dt, _sig(sig), tuple(cx.items()), sh.ATTN_WARPS)
 
 
 def model_widths_by_config() -> Dict[str, Tuple[int, ...]]:
@@ -205,3 +206,66 @@ def compile_one(spec: Spec, arch: int) -> Dict[str, object]:
     rep.update(_ptxas_report(ck.asm["ptx"], arch))
     rep.update(_cuobjdump_report(ck.asm["cubin"]))
     return rep
+
+
+# ---------------------------------------------------------------- all of them, in parallel
+def _worker(args):
+    spec, arch = args
+    try:
+        return compile_one(spec, arch)
+    except Exception as e:  # reported, not raised: one failure must not hide the others
+        return {"kernel": spec.kernel, "C": spec.C, "dtype": spec.dtype, "arch": arch, "label": spec.label(),
+                "used_by": ",".join(spec.used_by), "error": f"{type(e).__name__}: {e}"[:2000]}
+
+
+def compile_all(archs=(80, 90), jobs: int = 2, cache_dir: str = "") -> List[Dict[str, object]]:
+    """Compile every specialisation for every arch with a pool of `jobs` processes.
+
+    Workers are spawned with TRITON_INTERPRET removed from their environment (so
+    ``@triton.jit`` builds real kernels) and, if given, their own TRITON_CACHE_DIR (an
+    empty one makes the compile times real, not cache hits).
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+    os.environ.pop("TRITON_INTERPRET", None)
+    if cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = cache_dir
+    try:
+        work = [(s, a) for a in archs for s in all_specializations()]
+        # biggest first, so the pool does not end on one long compile
+        work.sort(key=lambda w: {"aggregate": 0, "attention": 1, "combine": 2}[w[0].kernel])
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+            results = list(ex.map(_worker, work))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    order = {"aggregate": 0, "attention": 1, "combine": 2}
+    results.sort(key=lambda r: (order[r["kernel"]], r["C"], r["dtype"], r["arch"]))
+    return results
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="AOT-compile every gmf Triton kernel specialisation (no GPU needed)")
+    ap.add_argument("--json", required=True, help="write the per-specialisation results here")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--cache-dir", default="", help="TRITON_CACHE_DIR for the workers (default: Triton's)")
+    a = ap.parse_args(argv)
+    res = compile_all(tuple(a.arch), a.jobs, a.cache_dir)
+    with open(a.json, "w") as fh:
+        json.dump(res, fh, indent=1)
+    bad = [r for r in res if "error" in r]
+    print(f"{len(res) - len(bad)}/{len(res)} specialisations compiled")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
