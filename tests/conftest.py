@@ -31,3 +31,13 @@ def golden_path(name: str) -> str:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """Many small convolutions and GEMMs: on a 2-core CI machine one intra-op thread is
+    faster and far steadier than two fighting over busy cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,13 +21,6 @@ from gmf_kernels.testing import (assert_close_verbose, assert_within_reference_e
 from gmf_kernels.weights import GMAWeights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Many tiny grouped convolutions: one intra-op thread is much faster than two on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 WIDTHS = [40, 80, 160, 200, 240, 320, 360, 480]
 GRIDS = [(1, 1), (7, 9), (5, 11), (14, 14)]

@@ -19,12 +19,6 @@ from gmf_kernels.testing import assert_close_verbose
 FP64_TOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def assert_rel(actual, expected, tol, name):

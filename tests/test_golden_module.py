@@ -19,13 +19,6 @@ from gmf_kernels.reference import reference_group_mix_attention
 from gmf_kernels.testing import assert_close_verbose
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Many tiny grouped convolutions: one intra-op thread is much faster than two on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 CASES = torch.load(golden_path("gma_module.pt"), map_location="cpu", weights_only=True)
 CASE_IDS = [f"C{c['dim']}-B{c['B']}-{c['H']}x{c['W']}" for c in CASES]

@@ -14,13 +14,6 @@ from conftest import golden_path
 from gmf_kernels.models import ALIASES, MODEL_CONFIGS, canonical_name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Many tiny grouped convolutions: one intra-op thread is much faster than two on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 with open(golden_path("state_dict_manifest.json")) as f:
     MANIFEST = json.load(f)
