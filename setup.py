@@ -67,7 +67,7 @@ setup(
     include_package_data=True,
     # torch is required but not pinned here: install the build for your platform first
     # (pip would otherwise pull the default CUDA wheel). See README.md.
-    install_requires=["torch>=2.4", "filelock"],
+    install_requires=["torch>=2.4", "filelock", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
         "cuda": ["pybind11>=2.10", "ninja"],
