@@ -494,7 +494,7 @@ def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]],
             if b == "triton" and dev_type == "cpu":
                 label = "triton (CPU interpreter)"
             r = Runner(name, b, label, model,
-                       (lambda b=b: model.set_backend(b)))
+                       (lambda b=b, m=model: m.set_backend(b)))
             runners.append(r)
         if settings["torchcompile"]:
             cmod = copy.deepcopy(model).set_backend("torch")

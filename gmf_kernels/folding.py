@@ -13,7 +13,7 @@ Folding runs once per layer and is reused until a parameter or buffer changes
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Tuple
+from typing import Callable, NamedTuple, Tuple
 
 import torch
 

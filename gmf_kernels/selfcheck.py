@@ -80,7 +80,7 @@ def check_table(backends, dtypes, grids, batch: int, device: str, seed: int = 0)
 
 
 def main(argv=None) -> int:
-    from .backends import BACKEND_NAMES, available_backends
+    from .backends import available_backends
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default=None, help="comma list (default: every available backend)")
     ap.add_argument("--dtypes", default=None, help="comma list of float32,float16,bfloat16,float64")

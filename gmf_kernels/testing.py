@@ -102,6 +102,27 @@ def assert_close_verbose(actual: Tensor, expected: Tensor, *, rtol: float, atol:
             f"(|diff| {diff.flatten()[worst]:.3g}); max |diff| overall {diff.max():.3g}")
 
 
+def assert_max_rel_close(actual: Tensor, expected: Tensor, tol: float, name: str = "tensor") -> None:
+    """max |actual - expected| <= tol * max |expected| (shape and finiteness checked first),
+    reported element-wise by `assert_close_verbose` on failure."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    if not bool(torch.isfinite(actual).all()):
+        raise AssertionError(f"{name}: non-finite values")
+    scale = expected.detach().abs().max().item()
+    assert_close_verbose(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-300), name=name)
+
+
+def weights_from_state_dict(sd) -> GMAWeights:
+    """Detached GMAWeights from an upstream `EfficientAtt` state_dict, through the module
+    (`GroupMixAttention.gma_weights`, the one place that maps keys to roles)."""
+    from .modules import GroupMixAttention
+    w = sd["qkv.weight"]
+    m = GroupMixAttention(w.shape[1], qkv_bias="qkv.bias" in sd).to(dtype=w.dtype, device=w.device)
+    m.load_state_dict(sd, strict=True)
+    return cast_weights(m.gma_weights())
+
+
 def assert_within_reference_error(actual: Tensor, reference_lowp: Tensor, oracle: Tensor, *,
                                   factor: float = 2.0, floor: float = 1e-5, name: str = "tensor") -> None:
     """Low precision rule: err(actual) <= factor * err(reference at that precision) + floor,

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import gmf_kernels
+from gmf_kernels.testing import assert_max_rel_close as assert_rel
 from gmf_kernels.reference import reference_group_mix_attention
-from gmf_kernels.testing import (assert_close_verbose, assert_within_reference_error, cast_weights, default_hyper,
+from gmf_kernels.testing import (assert_within_reference_error, cast_weights, default_hyper,
                                  max_rel_error, random_gma_weights)
 from gmf_kernels.weights import GMAWeights
 
@@ -37,11 +38,6 @@ def gid(g):
     return f"{g[0]}x{g[1]}"
 
 
-def assert_rel(actual, expected, tol, name):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    scale = expected.detach().abs().max().item()
-    assert_close_verbose(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-300), name=name)
 
 
 def named_fields(w: GMAWeights, fields):

@@ -13,18 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import gmf_kernels
+from gmf_kernels.testing import assert_max_rel_close as assert_rel
 from conftest import golden_path
-from gmf_kernels.testing import assert_close_verbose
 
 FP64_TOL = 1e-10
 
 
 
 
-def assert_rel(actual, expected, tol, name):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = expected.detach().abs().max().item()
-    assert_close_verbose(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-300), name=name)
 
 
 # ------------------------------------------------------------------ upstream-style modules

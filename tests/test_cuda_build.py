@@ -22,7 +22,6 @@ error <= 2 x the reference's own error at that dtype + 1e-5 (flash-attention's r
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path

@@ -26,11 +26,12 @@ from gmf_kernels.backends.base import GMAProblem  # noqa: E402
 from gmf_kernels.backends.triton_backend import BACKEND  # noqa: E402
 from gmf_kernels.folding import folded_weights  # noqa: E402
 from gmf_kernels.reference import reference_group_mix_attention  # noqa: E402
-from gmf_kernels.testing import (assert_close_verbose, assert_within_reference_error,  # noqa: E402
-                                 cast_weights, default_hyper, max_rel_error, random_gma_weights)
+from gmf_kernels.testing import (assert_within_reference_error,  # noqa: E402
+                                 cast_weights, default_hyper, random_gma_weights, weights_from_state_dict)
+from gmf_kernels.testing import assert_max_rel_close as _assert_rel  # noqa: E402
 from gmf_kernels.triton_kernels import aggregation, attention, ops  # noqa: E402
 from gmf_kernels.triton_kernels.config import MODEL_WIDTHS, gma_shape  # noqa: E402
-from gmf_kernels.weights import GMAHyper, GMAWeights  # noqa: E402
+from gmf_kernels.weights import GMAHyper  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -48,10 +49,6 @@ def _poison(monkeypatch):
     torch.backends.cudnn.allow_tf32 = False
 
 
-def _assert_rel(actual, expected, tol, name):
-    """max |a - e| <= tol * max |e|, with the verbose report (worst element, share failing)."""
-    scale = expected.detach().abs().max().item()
-    assert_close_verbose(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-30), name=name)
 
 
 class Case:
@@ -266,25 +263,6 @@ def test_noncontiguous_input():
 
 
 # ---------------------------------------------------------------- golden vectors (upstream code)
-def _weights_from_state_dict(sd) -> GMAWeights:
-    """A GMAWeights from an upstream `EfficientAtt` state_dict (GMA_SPEC.md §1 key table)."""
-    a = "aggregator."
-    return GMAWeights(
-        qkv_weight=sd["qkv.weight"], qkv_bias=sd.get("qkv.bias"),
-        proj_weight=sd["proj.weight"], proj_bias=sd.get("proj.bias"),
-        bn_weight=tuple(sd[f"{a}norm{i}.weight"] for i in range(4)),
-        bn_bias=tuple(sd[f"{a}norm{i}.bias"] for i in range(4)),
-        bn_running_mean=tuple(sd[f"{a}norm{i}.running_mean"] for i in range(4)),
-        bn_running_var=tuple(sd[f"{a}norm{i}.running_var"] for i in range(4)),
-        bn_num_batches_tracked=tuple(sd.get(f"{a}norm{i}.num_batches_tracked") for i in range(4)),
-        dw_weight=tuple(sd[f"{a}agg{j}.conv1.weight"] for j in (1, 2, 3)),
-        pw_weight=tuple(sd[f"{a}agg{j}.pointwise_conv.weight"] for j in (1, 2, 3)),
-        local_dw_weight=sd[f"{a}agg0.conv.conv1.weight"],
-        local_pw_weight=sd[f"{a}agg0.conv.pointwise_conv.weight"],
-        local_ln_weight=sd[f"{a}agg0.norm.weight"], local_ln_bias=sd[f"{a}agg0.norm.bias"],
-        crpe_weight=tuple(sd[f"crpe.conv_list.{i}.weight"] for i in range(3)),
-        crpe_bias=tuple(sd[f"crpe.conv_list.{i}.bias"] for i in range(3)),
-    )
 
 
 def _golden_cases():
@@ -300,7 +278,7 @@ def test_golden_fp32(idx):
     if idx >= len(cases):
         pytest.skip(f"golden file has {len(cases)} cases")
     c = cases[idx]
-    w = cast_weights(_weights_from_state_dict(c["state_dict"]), torch.float32, DEVICE)
+    w = cast_weights(weights_from_state_dict(c["state_dict"]), torch.float32, DEVICE)
     hp = GMAHyper(num_heads=c["num_heads"], scale=(c["dim"] // c["num_heads"]) ** -0.5)
     x = c["x"].to(DEVICE, torch.float32)
     with torch.no_grad():

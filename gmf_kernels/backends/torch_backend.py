@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..folding import bn_affine, cached_derived
-from ..weights import CRPE_WINDOWS, GMAHyper, GMAWeights
+from ..weights import GMAHyper, GMAWeights
 from .base import Backend
 
 Tensor = torch.Tensor
