@@ -8,7 +8,7 @@ Rows (per stage shape and dtype), each timed with ``triton.testing.do_bench`` (m
 
 * ``aggregate``      Triton aggregation kernel alone (qkv -> Q, V proxies, local branch,
                      softmax partials).
-* ``kv_combine``     Triton split-N combine kernel alone.
+* ``combine``        Triton split-N combine kernel alone.
 * ``attention``      Triton output kernel alone (scale Q KV + Q CRPE(V)).
 * ``pre_projection`` the fused stage qkv -> pre-projection: the three kernels through the
                      ``gmf::triton_pre_projection`` op.
@@ -22,7 +22,7 @@ read once, each output written once; e = bytes per element of the input dtype, f
 partials/KV 4 bytes; SPLITS from the launcher's split plan):
 
     aggregate      B*N*3C*e (qkv) + 2*B*N*C'*e (Q, V) + B*N*s*e (local) + B*SPLITS*C'*(d+2)*4
-    kv_combine     B*SPLITS*C'*(d+2)*4 + B*C'*d*4
+    combine        B*SPLITS*C'*(d+2)*4 + B*C'*d*4
     attention      2*B*N*C'*e (Q, V) + B*C'*d*4 (KV) + B*N*C'*e (A)
     pre_projection B*N*3C*e + B*N*C*e           (qkv in, pre-projection out: the stage's
                                                   own minimum; Q, V, partials are not compulsory)
@@ -74,8 +74,8 @@ def bench_stage(model, stage, C, G, B, dtype_name, tags, warmup, rep):
 
     from gmf_kernels.backends import get_backend
     from gmf_kernels.folding import folded_weights
-    from gmf_kernels.testing import cast_weights, default_hyper, random_gma_weights
-    from gmf_kernels.triton_kernels import aggregation, attention, ops
+    from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
+    from gmf_kernels.triton_kernels import aggregation, attention, op  # noqa: F401  (op: registers the op)
     from gmf_kernels.triton_kernels.config import gma_shape
 
     dt = DTYPES[dtype_name]
@@ -103,19 +103,17 @@ def bench_stage(model, stage, C, G, B, dtype_name, tags, warmup, rep):
     part_bytes = B * splits * cp * (d + 2) * 4
 
     def agg():
-        aggregation.launch_aggregate(aggregation.gma_aggregate_kernel, qkv, H, W, sh, tps, f.bn0_scale, f.bn0_shift,
-                                     f.dw[0], f.dw[1], f.dw[2], f.pw, f.pw_bias, f.local_dw, f.local_pw,
-                                     f.ln_weight, f.ln_bias, f.ln_eps, q, v, pre, pm, pl, pacc)
+        aggregation.launch_aggregate(aggregation.gma_aggregate_kernel, qkv, H, W, f, hp.ln_eps, sh, tps,
+                                     q, v, pre, pm, pl, pacc)
 
     def comb():
-        attention.launch_combine(attention.gma_kv_combine_kernel, pm, pl, pacc, kv, sh)
+        attention.launch_combine(attention.gma_combine_kernel, pm, pl, pacc, kv, sh)
 
     def attn():
-        attention.launch_attention(attention.gma_attention_kernel, q, v, kv, pre, f.crpe_w[0], f.crpe_w[1],
-                                   f.crpe_w[2], f.crpe_b, H, W, hp.scale, sh)
+        attention.launch_attention(attention.gma_attention_kernel, q, v, kv, pre, f, H, W, hp.scale, sh)
 
     def stage_op():
-        ops.pre_projection(qkv, H, W, f, hp.scale)
+        torch.ops.gmf.triton_pre_projection(qkv, H, W, list(f), hp.scale, hp.ln_eps)
 
     def fwd(name):
         b = get_backend(name)
@@ -127,7 +125,7 @@ def bench_stage(model, stage, C, G, B, dtype_name, tags, warmup, rep):
 
     cases = [
         ("aggregate", "triton", agg, B * N * 3 * C * e + 2 * B * N * cp * e + B * N * s * e + part_bytes),
-        ("kv_combine", "triton", comb, part_bytes + B * cp * d * 4),
+        ("combine", "triton", comb, part_bytes + B * cp * d * 4),
         ("attention", "triton", attn, 3 * B * N * cp * e + B * cp * d * 4),
         ("pre_projection", "triton", stage_op, B * N * 3 * C * e + B * N * C * e),
         ("gma_forward", "triton", fwd("triton"), 2 * B * N * C * e + wbytes),

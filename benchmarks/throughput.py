@@ -342,12 +342,9 @@ def dtypes_for(precision: str, dev_type: str):
 
 def tolerance(compute_dtype, dev_type: str) -> float:
     """Allowed max |out - ref| / max |ref| of a backend against `reference` at the same precision,
-    through a whole model (the per-layer tolerances of gmf_kernels.selfcheck, x5 for depth)."""
+    through a whole model (the per-layer tolerances of gmf_kernels.numerics.TOLERANCE, x5 for depth)."""
     import torch
-    try:
-        from gmf_kernels.selfcheck import TOLERANCE
-    except Exception:  # pragma: no cover - keep the benchmark usable if that module moves
-        TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+    from gmf_kernels.numerics import TOLERANCE
     tol = 5 * TOLERANCE.get(compute_dtype, 1e-2)
     if dev_type == "cuda" and compute_dtype == torch.float32 and (
             torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
@@ -356,13 +353,9 @@ def tolerance(compute_dtype, dev_type: str) -> float:
 
 
 def max_rel_error(a, e) -> float:
-    """max |a - e| / max |e| in float64 (NaN if either holds a NaN or inf)."""
-    import torch
-    a = a.detach().double().cpu()
-    e = e.detach().double().cpu()
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(e).all())):
-        return float("nan")
-    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+    """max |a - e| / max |e| in float64, NaN if either holds a NaN or inf (gmf_kernels.numerics)."""
+    from gmf_kernels.numerics import max_rel_error as mre
+    return mre(a, e)
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
@@ -439,227 +432,245 @@ def timm_runner(settings, device, model_dtype, progress) -> Optional[Runner]:
 
 
 # --------------------------------------------------------------------------- main benchmark
-def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]], progress: Progress,
-              include_timm: bool):
+class Context:
+    """What every part of one run shares: device, dtypes, input, timer, tolerance, progress."""
+
+    def __init__(self, settings: Dict, progress: Progress):
+        import torch
+        self.settings, self.progress = settings, progress
+        self.device = torch.device(settings["device"])
+        self.dev_type = settings["device_type"]
+        if self.dev_type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # events and streams of the timed loop live on this device
+        self.model_dtype, self.autocast_dtype, self.compute_dtype = dtypes_for(settings["precision"], self.dev_type)
+        self.B, self.S = settings["batch_size"], settings["img_size"]
+        self.memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+        self.timer = Timer(self.device)
+        self.tol = tolerance(self.compute_dtype, self.dev_type)
+        # inputs: random normal images (never zeros), one per run, shared by every row
+        gen = torch.Generator().manual_seed(settings["seed"])
+        self.x32 = torch.randn(self.B, 3, self.S, self.S, generator=gen)
+        self.x = self.x32.to(device=self.device, dtype=self.model_dtype).contiguous(memory_format=self.memory_format)
+
+    def autocast(self):
+        import torch
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.dev_type, dtype=self.autocast_dtype)
+
+    def common_fields(self, n_params: int) -> Dict:
+        s = self.settings
+        return dict(device=s["device"], device_name=None, precision=s["precision"], batch_size=self.B,
+                    img_size=self.S, channels_last=bool(s["channels_last"]), n_warm=s["num_warm_iter"],
+                    schedule=s["schedule"], params_m=n_params / 1e6)
+
+
+def build_master(ctx: Context, name: str, tag: str):
+    """(the model with random weights and randomised norms, its float64 oracle logits or None)."""
     import torch
     import gmf_kernels as gmf
+    ctx.progress(f"{tag}: building model ...")
+    torch.manual_seed(ctx.settings["seed"])
+    master = gmf.create_model(name, backend="reference").eval()
+    randomise_norms(master, ctx.settings["seed"])
+    oracle = None
+    if ctx.settings["fp64_check"]:
+        ctx.progress(f"{tag}: float64 reference (oracle) ...")
+        try:
+            m64 = copy.deepcopy(master).to(device=ctx.device, dtype=torch.float64)
+            with torch.inference_mode():
+                oracle = m64(ctx.x32.to(device=ctx.device, dtype=torch.float64)).float()
+            del m64
+        except Exception as e:
+            ctx.progress(f"{tag}: float64 oracle failed ({first_line(e)}); continuing without it", final=True)
+    return master, oracle
 
-    device = torch.device(settings["device"])
-    dev_type = settings["device_type"]
-    if dev_type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # events and streams of the timed loop live on this device
-    model_dtype, autocast_dtype, compute_dtype = dtypes_for(settings["precision"], dev_type)
-    B, S = settings["batch_size"], settings["img_size"]
-    mf = torch.channels_last if settings["channels_last"] else torch.contiguous_format
-    timer = Timer(device)
-    tol = tolerance(compute_dtype, dev_type)
-    backends, skipped = select_backends(requested, dev_type)
 
-    def autocast():
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=dev_type, dtype=autocast_dtype)
-
-    rows: List[Dict] = []
-    n_models = len(models)
-    # inputs: random normal images (never zeros), one per run, shared by every row
-    gen = torch.Generator().manual_seed(settings["seed"])
-    x32 = torch.randn(B, 3, S, S, generator=gen)
-    x = x32.to(device=device, dtype=model_dtype).contiguous(memory_format=mf)
-
-    for mi, name in enumerate(models):
-        tag = f"[{mi + 1}/{n_models}] {name}"
-        progress(f"{tag}: building model ...")
-        torch.manual_seed(settings["seed"])
-        master = gmf.create_model(name, backend="reference").eval()
-        randomise_norms(master, settings["seed"])
-        n_params = sum(p.numel() for p in master.parameters())
-
-        oracle = None
-        if settings["fp64_check"]:
-            progress(f"{tag}: float64 reference (oracle) ...")
-            try:
-                m64 = copy.deepcopy(master).to(device=device, dtype=torch.float64)
-                with torch.inference_mode():
-                    oracle = m64(x32.to(device=device, dtype=torch.float64)).float()
-                del m64
-            except Exception as e:
-                progress(f"{tag}: float64 oracle failed ({first_line(e)}); continuing without it", final=True)
-                oracle = None
-
-        model = master.to(device=device, dtype=model_dtype, memory_format=mf)
-        runners: List[Runner] = []
-        for b in backends:
-            label = {"reference": "reference (= upstream eager)"}.get(b, b)
-            if b == "triton" and dev_type == "cpu":
-                label = "triton (CPU interpreter)"
-            r = Runner(name, b, label, model,
-                       (lambda b=b, m=model: m.set_backend(b)))
+def make_runners(ctx: Context, name: str, model, backends: List[str], with_timm: bool) -> List[Runner]:
+    """One Runner per backend (switching the model's GMA backend), + torch.compile and timm rows."""
+    import torch
+    runners: List[Runner] = []
+    for b in backends:
+        label = {"reference": "reference (= upstream eager)"}.get(b, b)
+        if b == "triton" and ctx.dev_type == "cpu":
+            label = "triton (CPU interpreter)"
+        runners.append(Runner(name, b, label, model, (lambda b=b, m=model: m.set_backend(b))))
+    if ctx.settings["torchcompile"]:
+        cmod = copy.deepcopy(model).set_backend("torch")
+        try:
+            compiled = torch.compile(cmod, backend=ctx.settings["torchcompile"])
+            runners.append(Runner(name, "torch+compile", f"torch+compile ({ctx.settings['torchcompile']})",
+                                  compiled, lambda: None))
+        except Exception as e:
+            r = Runner(name, "torch+compile", "torch+compile", None, lambda: None)
+            r.row.update(status="error", reason=first_line(e))
+            r.alive = False
             runners.append(r)
-        if settings["torchcompile"]:
-            cmod = copy.deepcopy(model).set_backend("torch")
-            try:
-                compiled = torch.compile(cmod, backend=settings["torchcompile"])
-                runners.append(Runner(name, "torch+compile", f"torch+compile ({settings['torchcompile']})",
-                                      compiled, lambda: None))
-            except Exception as e:
-                r = Runner(name, "torch+compile", "torch+compile", None, lambda: None)
-                r.row.update(status="error", reason=first_line(e))
-                r.alive = False
-                runners.append(r)
-        if include_timm and mi == 0:
-            tr = timm_runner(settings, device, model_dtype, progress)
-            if tr is not None:
-                runners.append(tr)
+    if with_timm:
+        tr = timm_runner(ctx.settings, ctx.device, ctx.model_dtype, ctx.progress)
+        if tr is not None:
+            runners.append(tr)
+    return runners
 
-        common = dict(device=settings["device"], device_name=None, precision=settings["precision"],
-                      batch_size=B, img_size=S, channels_last=bool(settings["channels_last"]),
-                      n_warm=settings["num_warm_iter"], schedule=settings["schedule"], params_m=n_params / 1e6)
-        # ---- first call of each row: also the correctness check (reference first)
-        ref_out = None
-        order = sorted(runners, key=lambda r: r.backend != "reference")
+
+def judge(r: Runner, runners: List[Runner], tol: float) -> str:
+    """The check verdict of a row from its errors against reference (and float64, if measured)."""
+    err = r.row.get("max_rel_err_vs_reference")
+    if err is None:
+        return "no reference output"
+    if math.isnan(err):
+        return "FAIL (NaN/inf)"
+    if r.backend == "reference":
+        return "is reference"
+    if err <= tol:
+        return "ok"
+    # in low precision two results can differ by more than the tolerance while each is as
+    # close to the true function as the other: then judge by the float64 oracle
+    # (flash-attention's rule: at most twice the reference's own error, + 1e-3)
+    ref_err = next((q.row.get("max_rel_err_vs_fp64") for q in runners if q.backend == "reference"), None)
+    own = r.row.get("max_rel_err_vs_fp64")
+    if ref_err is not None and own is not None and own <= 2 * ref_err + 1e-3:
+        return "ok (vs fp64)"
+    return f"FAIL (> {tol:.0e})"
+
+
+def first_calls_and_check(ctx: Context, runners: List[Runner], oracle, tag: str, common: Dict) -> None:
+    """Each row's first call (reference first), timed apart, and its output checked."""
+    ref_out = None
+    for r in sorted(runners, key=lambda r: r.backend != "reference"):
+        r.row.update({k: v for k, v in common.items() if k not in r.row})
+        if not r.alive or (r.kind == "baseline" and r.module is None):
+            continue
+        ctx.progress(f"{tag} {r.backend}: first call + check ...")
+        try:
+            r.prepare()
+            ctx.timer.sync()
+            t0 = time.perf_counter()
+            with ctx.autocast():
+                out = r.module(ctx.x)
+            ctx.timer.sync()
+            r.row["first_call_s"] = time.perf_counter() - t0
+        except (ValueError, NotImplementedError) as e:
+            r.row.update(status="unsupported", reason=first_line(e, 600))
+            r.alive = False
+            continue
+        except Exception as e:
+            r.row.update(status="error", reason=first_line(e, 600))
+            r.alive = False
+            continue
+        if r.backend == "torch+compile":
+            r.row["compile_s"] = r.row["first_call_s"]
+        if r.kind == "baseline":
+            r.row["check"] = "n/a (other model)"
+            continue
+        if r.backend == "reference":
+            ref_out = out
+            r.row["max_rel_err_vs_reference"] = 0.0
+        elif ref_out is not None:
+            r.row["max_rel_err_vs_reference"] = max_rel_error(out, ref_out)
+        if oracle is not None:
+            r.row["max_rel_err_vs_fp64"] = max_rel_error(out, oracle)
+        r.row["tolerance"] = ctx.tol
+        r.row["check"] = judge(r, runners, ctx.tol)
+        del out
+
+
+def _run_row(ctx: Context, r: Runner, n: int, what: str, on_iter=None) -> None:
+    """n calls of one row (what: "warm-up" or "timing"); an exception ends the row with its reason."""
+    r.prepare()
+    try:
+        with ctx.autocast():
+            t, tot = ctx.timer.run(lambda: r.module(ctx.x), n, on_iter)
+        if what == "timing":
+            r.times += t
+            r.total_s += tot
+    except Exception as e:
+        r.row.update(status="error", reason=f"during {what}: " + first_line(e, 600))
+        r.alive = False
+
+
+def time_rows(ctx: Context, runners: List[Runner], tag: str) -> None:
+    """Warm-up, then timed iterations. block: each row warms up right before its own timed loop
+    (upstream's protocol); interleave: every row warms up, then rounds of one iteration each."""
+    s, progress = ctx.settings, ctx.progress
+    n_warm, n = s["num_warm_iter"], s["num_bench_iter"]
+
+    def warm_up(r: Runner):
+        if n_warm and r.alive:
+            _run_row(ctx, r, n_warm, "warm-up", lambda i: progress.phase(f"{tag} {r.backend}: warm-up", i, n_warm))
+
+    live = [r for r in runners if r.alive]
+    if s["schedule"] == "block":
+        for r in live:
+            warm_up(r)
+            if r.alive:
+                _run_row(ctx, r, n, "timing", lambda i, r=r: progress.phase(f"{tag} {r.backend}: timed", i, n))
+    else:
+        for r in live:
+            warm_up(r)
+        live = [r for r in live if r.alive]
+        labels = ",".join(r.backend for r in live)
+        for i in range(n):
+            progress.phase(f"{tag} timed, interleaved ({labels})", i, n)
+            for r in live:
+                if r.alive:
+                    _run_row(ctx, r, 1, "timing")
+    progress.done()
+
+
+def summarise(ctx: Context, runners: List[Runner], name: str) -> None:
+    """Per-row statistics and the ratios to the reference row of the same model and input."""
+    ref_row = next((r for r in runners if r.backend == "reference" and r.alive), None)
+    for r in runners:
+        if r.alive and r.times:
+            r.row.update(status="ok", **stats(r.times, ctx.B, r.total_s))
+    ref_med = ref_row.row.get("median_ms") if ref_row is not None else None
+    if not ref_med:
+        return
+    for r in runners:
+        if r.row.get("status") != "ok":
+            continue
+        r.row["ratio_vs_reference"] = ref_med / r.row["median_ms"]
+        r.row["ratio_vs_reference_of"] = name
+        # least-disturbed iterations: the steadiest estimate on a shared machine
+        r.row["ratio_of_min"] = ref_row.row["min_ms"] / r.row["min_ms"]
+        if ctx.settings["schedule"] == "interleave" and len(r.times) == len(ref_row.times):
+            # round i ran every row once, back to back: per-round ratios share the machine's state
+            paired = [a / b for a, b in zip(ref_row.times, r.times)]
+            r.row["ratio_per_round"] = paired
+            r.row["ratio_per_round_median"] = statistics.median(paired)
+            r.row["ratio_per_round_min_max"] = [min(paired), max(paired)]
+
+
+def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]], progress: Progress,
+              include_timm: bool):
+    """Every model, every row: build, first call + check, warm-up + timing, summary."""
+    import torch
+    ctx = Context(settings, progress)
+    backends, skipped = select_backends(requested, ctx.dev_type)
+    rows: List[Dict] = []
+    for mi, name in enumerate(models):
+        tag = f"[{mi + 1}/{len(models)}] {name}"
+        master, oracle = build_master(ctx, name, tag)
+        common = ctx.common_fields(sum(p.numel() for p in master.parameters()))
+        model = master.to(device=ctx.device, dtype=ctx.model_dtype, memory_format=ctx.memory_format)
+        runners = make_runners(ctx, name, model, backends, include_timm and mi == 0)
         with torch.inference_mode():
-            for r in order:
-                r.row.update({k: v for k, v in common.items() if k not in r.row})
-                if r.kind == "baseline" and r.module is None:
-                    continue
-                if not r.alive:
-                    continue
-                progress(f"{tag} {r.backend}: first call + check ...")
-                try:
-                    r.prepare()
-                    timer.sync()
-                    t0 = time.perf_counter()
-                    with autocast():
-                        out = r.module(x)
-                    timer.sync()
-                    r.row["first_call_s"] = time.perf_counter() - t0
-                except (ValueError, NotImplementedError) as e:
-                    r.row.update(status="unsupported", reason=first_line(e, 600))
-                    r.alive = False
-                    continue
-                except Exception as e:
-                    r.row.update(status="error", reason=first_line(e, 600))
-                    r.alive = False
-                    continue
-                if r.backend == "torch+compile":
-                    r.row["compile_s"] = r.row["first_call_s"]
-                if r.kind == "baseline":
-                    r.row["check"] = "n/a (other model)"
-                    continue
-                if r.backend == "reference":
-                    ref_out = out
-                    r.row["max_rel_err_vs_reference"] = 0.0
-                elif ref_out is not None:
-                    r.row["max_rel_err_vs_reference"] = max_rel_error(out, ref_out)
-                if oracle is not None:
-                    r.row["max_rel_err_vs_fp64"] = max_rel_error(out, oracle)
-                r.row["tolerance"] = tol
-                err = r.row.get("max_rel_err_vs_reference")
-                if err is None:
-                    r.row["check"] = "no reference output"
-                elif math.isnan(err):
-                    r.row["check"] = "FAIL (NaN/inf)"
-                elif r.backend == "reference":
-                    r.row["check"] = "is reference"
-                elif err <= tol:
-                    r.row["check"] = "ok"
-                else:
-                    r.row["check"] = f"FAIL (> {tol:.0e})"
-                # in low precision two results can differ by more than the tolerance while each is as
-                # close to the true function as the other: then judge by the float64 oracle
-                # (flash-attention's rule: at most twice the reference's own error, + 1e-3)
-                if (oracle is not None and r.backend != "reference" and r.row["check"].startswith("FAIL")
-                        and not math.isnan(err)):
-                    ref_err = next((q.row.get("max_rel_err_vs_fp64") for q in runners
-                                    if q.backend == "reference"), None)
-                    if ref_err is not None and r.row["max_rel_err_vs_fp64"] <= 2 * ref_err + 1e-3:
-                        r.row["check"] = "ok (vs fp64)"
-                del out
-
-            live = [r for r in runners if r.alive]
-            # ---- warm-up, then timed. block: each row warms up right before its own timed loop
-            # (upstream's protocol); interleave: every row warms up, then rounds of one iteration each.
-            def warm_up(r: Runner):
-                n = settings["num_warm_iter"]
-                if n == 0 or not r.alive:
-                    return
-                r.prepare()
-                try:
-                    with autocast():
-                        timer.run(lambda: r.module(x), n,
-                                  lambda i: progress.phase(f"{tag} {r.backend}: warm-up", i, n))
-                except Exception as e:
-                    r.row.update(status="error", reason="during warm-up: " + first_line(e, 600))
-                    r.alive = False
-
-            n = settings["num_bench_iter"]
-            if settings["schedule"] == "block":
-                for r in live:
-                    warm_up(r)
-                    if not r.alive:
-                        continue
-                    r.prepare()
-                    try:
-                        with autocast():
-                            r.times, r.total_s = timer.run(
-                                lambda r=r: r.module(x), n,
-                                lambda i, r=r: progress.phase(f"{tag} {r.backend}: timed", i, n))
-                    except Exception as e:
-                        r.row.update(status="error", reason="during timing: " + first_line(e, 600))
-                        r.alive = False
-            else:
-                for r in live:
-                    warm_up(r)
-                live = [r for r in live if r.alive]
-                labels = ",".join(r.backend for r in live)
-                for i in range(n):
-                    progress.phase(f"{tag} timed, interleaved ({labels})", i, n)
-                    for r in live:
-                        if not r.alive:
-                            continue
-                        r.prepare()
-                        try:
-                            with autocast():
-                                t, tot = timer.run(lambda r=r: r.module(x), 1)
-                            r.times += t
-                            r.total_s += tot
-                        except Exception as e:
-                            r.row.update(status="error", reason="during timing: " + first_line(e, 600))
-                            r.alive = False
-            progress.done()
-
-        ref_row = next((r for r in runners if r.backend == "reference" and r.alive), None)
-        for r in runners:
-            if r.alive and r.times:
-                r.row.update(status="ok", **stats(r.times, B, r.total_s))
-        ref_med = ref_row.row.get("median_ms") if ref_row is not None else None
-        for r in runners:
-            if r.row.get("status") == "ok" and ref_med:
-                r.row["ratio_vs_reference"] = ref_med / r.row["median_ms"]
-                r.row["ratio_vs_reference_of"] = name
-                # least-disturbed iterations: the steadiest estimate on a shared machine
-                r.row["ratio_of_min"] = ref_row.row["min_ms"] / r.row["min_ms"]
-                if settings["schedule"] == "interleave" and len(r.times) == len(ref_row.times):
-                    # round i ran every row once, back to back: per-round ratios share the machine's state
-                    paired = [a / b for a, b in zip(ref_row.times, r.times)]
-                    r.row["ratio_per_round"] = paired
-                    r.row["ratio_per_round_median"] = statistics.median(paired)
-                    r.row["ratio_per_round_min_max"] = [min(paired), max(paired)]
-            rows.append(r.row)
+            first_calls_and_check(ctx, runners, oracle, tag, common)
+            time_rows(ctx, runners, tag)
+        summarise(ctx, runners, name)
+        rows += [r.row for r in runners]
         for b, why in skipped.items():
             rows.append(dict(model=name, backend=b, label=b, kind="gmf", status=why.split(":")[0], reason=why,
                              **common))
-        # free this model before the next
-        for r in runners:
+        for r in runners:  # free this model before the next
             r.module = None
         del model, master, runners
-        if dev_type == "cuda":
+        if ctx.dev_type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-# --------------------------------------------------------------------------- printing
 def fmt_ratio(v) -> str:
     if not v:
         return "-"

@@ -24,8 +24,8 @@ PYBIND11_MODULE(_gmf_cuda, m) {
                                     py::arg("smem") = p.agg_smem);
           d["combine"] = py::dict(py::arg("grid") = p.combine_blocks, py::arg("block") = p.combine_threads,
                                   py::arg("smem") = p.combine_smem);
-          d["output"] = py::dict(py::arg("grid") = p.tile_blocks, py::arg("block") = p.tile_threads,
-                                 py::arg("smem") = p.out_smem);
+          d["attention"] = py::dict(py::arg("grid") = p.tile_blocks, py::arg("block") = p.tile_threads,
+                                    py::arg("smem") = p.attn_smem);
           d["workspace"] = py::dict(py::arg("qv_offset") = p.ws_qv_offset, py::arg("part_offset") = p.ws_part_offset,
                                     py::arg("kv_offset") = p.ws_kv_offset, py::arg("bytes") = p.ws_bytes);
           return d;
@@ -38,19 +38,19 @@ PYBIND11_MODULE(_gmf_cuda, m) {
         py::arg("B"), py::arg("H"), py::arg("W"), py::arg("C"), py::arg("dtype"),
         py::arg("tile_h") = 0, py::arg("tile_w") = 0);
 
-  m.def("weight_names", &gmf::weight_names, "Order of the 15 weight pointers.");
+  m.def("weight_names", &gmf::weight_names, "Names and order of the folded weight pointers.");
   m.def("specialized_head_dims", &gmf::specialized_head_dims, "Head widths with compiled specialisations.");
 
   m.def("pre_projection", &gmf::pre_projection,
-        "qkv (B,N,3C) -> out (B,N,C) on the GPU, enqueued on `stream` (cudaStream_t as int).",
-        py::arg("qkv"), py::arg("out"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("weights"),
+        "qkv (B,N,3C) -> pre (B,N,C) on the GPU, enqueued on `stream` (cudaStream_t as int).",
+        py::arg("qkv"), py::arg("pre"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("weights"),
         py::arg("B"), py::arg("H"), py::arg("W"), py::arg("C"), py::arg("dtype"), py::arg("scale"),
         py::arg("ln_eps"), py::arg("stream"), py::arg("tile_h") = 0, py::arg("tile_w") = 0,
         py::call_guard<py::gil_scoped_release>());
 
   m.def("emulate_pre_projection", &gmf::emulate_pre_projection,
         "The same kernel code run on the CPU with host pointers (testing without a GPU).",
-        py::arg("qkv"), py::arg("out"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("weights"),
+        py::arg("qkv"), py::arg("pre"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("weights"),
         py::arg("B"), py::arg("H"), py::arg("W"), py::arg("C"), py::arg("dtype"), py::arg("scale"),
         py::arg("ln_eps"), py::arg("tile_h") = 0, py::arg("tile_w") = 0,
         py::call_guard<py::gil_scoped_release>());

@@ -2,16 +2,16 @@
 //
 // One block = one (batch, TH x TW pixel tile). For each proxy segment j = 0..3 it builds
 // the K, V and Q proxies of the tile (same weights for q, k, v):
-//   j = 0     y = hardswish(t * bn0_scale + bn0_shift)
-//   j = 1..3  y = hardswish(pw[j-1] @ DW_{2j+1}(t) + pw_bias[j-1])
+//   j = 0     y = hardswish(t * bn_scale[0] + bn_shift[0])
+//   j = 1..3  y = hardswish((pw[j-1] @ DW_{2j+1}(t)) * bn_scale[j] + bn_shift[j])
 // with the depthwise read from a zero-padded halo tile in shared memory (channels in
 // chunks of <= 32). K never leaves the block: its tile-local softmax statistics over the
 // tile's tokens (per channel: running max m, sum l of exp(K - m)) and the d x d products
 // S = exp(K - m)^T V of the segment's two heads are written as this tile's split-N partial.
-// Q and V go to the workspace (I/O dtype) for the output kernel (V needs a halo for CRPE).
+// Q and V go to the workspace (I/O dtype) for the attention kernel (V needs a halo for CRPE).
 // Then the local branch: depthwise 3x3 over segment 4 of q, k, v (3s channels), the
 // 3s -> s pointwise accumulated stream by stream, LayerNorm(eps), hardswish, written into
-// out[..., C':C]. qkv is read once per (stream, segment) with its stencil's halo.
+// pre[..., C':C]. qkv is read once per (stream, segment) with its stencil's halo.
 #pragma once
 
 #include "gma_device.cuh"
@@ -35,7 +35,7 @@ GMF_HD void compute_proxy(const Exec& ex, const GmaParams& p, const TileGeo& g, 
       const int c = i - pix * s;
       long long n;
       float v = 0.0f;
-      if (tile_token(p, g, pix, n)) v = hardswish(to_float(base[n * rs + c]) * p.bn0_scale[c] + p.bn0_shift[c]);
+      if (tile_token(p, g, pix, n)) v = hardswish(to_float(base[n * rs + c]) * p.bn_scale[c] + p.bn_shift[c]);
       y[i] = v;
     });
     return;
@@ -53,7 +53,7 @@ GMF_HD void compute_proxy(const Exec& ex, const GmaParams& p, const TileGeo& g, 
     else depthwise<7>(ex, g, halo, R, n, p.dw7 + c0 * 49, z, s, c0);
     ex.sync();
   }
-  pointwise(ex, g.P, s, z, p.pw + (j - 1) * s * s, s, p.pw_bias + (j - 1) * s, y, false, true);
+  pointwise(ex, g.P, s, z, p.pw + (j - 1) * s * s, s, p.bn_scale + j * s, p.bn_shift + j * s, y, false, true);
 }
 
 // dst[plane][b][n][j*s + c] = y[pix * s + c] for the tile's in-image pixels.
@@ -147,7 +147,7 @@ GMF_HD void aggregate_block(const Exec& ex, const GmaParams& p, int block, float
         depthwise<3>(ex, g, halo, 1, n, p.local_dw + (x * s + c0) * 9, z, s, c0);
         ex.sync();
       }
-      pointwise(ex, g.P, s, z, p.local_pw + x * s, 3 * s, nullptr, yk, x > 0, false);
+      pointwise(ex, g.P, s, z, p.local_pw + x * s, 3 * s, nullptr, nullptr, yk, x > 0, false);
       ex.sync();
     }
   }
@@ -168,14 +168,14 @@ GMF_HD void aggregate_block(const Exec& ex, const GmaParams& p, int block, float
   });
   ex.sync();
   {
-    T* out = static_cast<T*>(p.out) + (long long)g.b * p.N * p.C + p.cp;
+    T* pre = static_cast<T*>(p.pre) + (long long)g.b * p.N * p.C + p.cp;
     ex.for_each(g.P * s, [&](int i) {
       const int pix = i / s;
       const int c = i - pix * s;
       long long n;
       if (tile_token(p, g, pix, n)) {
-        const float v = (yk[i] - stat[pix]) * stat[g.P + pix] * p.ln_w[c] + p.ln_b[c];
-        out[n * p.C + c] = from_float<T>(hardswish(v));
+        const float v = (yk[i] - stat[pix]) * stat[g.P + pix] * p.ln_weight[c] + p.ln_bias[c];
+        pre[n * p.C + c] = from_float<T>(hardswish(v));
       }
     });
   }

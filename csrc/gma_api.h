@@ -18,10 +18,10 @@ struct PlanInfo {
   int B, H, W, C, s, cp, d, dtype, elem_size;
   int specialized_d;          // d of the compile-time specialisation used, 0 = generic
   int tile_h, tile_w, tiles_y, tiles_x, ntiles;
-  long long tile_blocks;      // grid of the aggregation and output kernels (B * ntiles)
+  long long tile_blocks;      // grid of the aggregation and attention kernels (B * ntiles)
   int tile_threads;
   int combine_blocks, combine_threads;
-  size_t agg_smem, out_smem, combine_smem;                 // dynamic shared memory, bytes
+  size_t agg_smem, attn_smem, combine_smem;                // dynamic shared memory, bytes
   size_t ws_qv_offset, ws_part_offset, ws_kv_offset, ws_bytes;  // workspace layout, bytes
 };
 
@@ -32,23 +32,23 @@ PlanInfo plan(int B, int H, int W, int C, int dtype, int tile_h, int tile_w);
 // Bytes of device workspace pre_projection needs (plan(...).ws_bytes).
 size_t workspace_size(int B, int H, int W, int C, int dtype, int tile_h, int tile_w);
 
-// Names of the 15 folded weight tensors, in the order pre_projection expects them
-// (FoldedGMAWeights with its tuples flattened).
+// Names of the 14 folded weight tensors, in the order pre_projection expects them
+// (gmf_kernels/folding.py FoldedGMAWeights / WEIGHT_NAMES).
 std::vector<std::string> weight_names();
 
 // Head widths with a compile-time specialisation.
 std::vector<int> specialized_head_dims();
 
-// qkv (B, N, 3C) -> out (B, N, C) pre-projection on the GPU, enqueued on `stream`
+// qkv (B, N, 3C) -> pre (B, N, C) pre-projection on the GPU, enqueued on `stream`
 // (a cudaStream_t as an integer; 0 = legacy default stream). Three kernels: aggregation,
-// split-N combine, attention output. All tensors contiguous; weights float32.
-void pre_projection(uintptr_t qkv, uintptr_t out, uintptr_t workspace, size_t workspace_bytes,
+// split-N combine, attention. All tensors contiguous; weights float32.
+void pre_projection(uintptr_t qkv, uintptr_t pre, uintptr_t workspace, size_t workspace_bytes,
                     const std::vector<uintptr_t>& weights, int B, int H, int W, int C, int dtype,
                     double scale, double ln_eps, uintptr_t stream, int tile_h, int tile_w);
 
 // The same kernel code executed on the CPU, block after block (host pointers). For testing
 // the device code's indexing on machines without a GPU; slow.
-void emulate_pre_projection(uintptr_t qkv, uintptr_t out, uintptr_t workspace, size_t workspace_bytes,
+void emulate_pre_projection(uintptr_t qkv, uintptr_t pre, uintptr_t workspace, size_t workspace_bytes,
                             const std::vector<uintptr_t>& weights, int B, int H, int W, int C, int dtype,
                             double scale, double ln_eps, int tile_h, int tile_w);
 

@@ -1,4 +1,4 @@
-// gma_attention.cuh — kernels 2 and 3: split-N combine and the attention output.
+// gma_attention.cuh — kernels 2 and 3: split-N combine and the attention (output of channels [0, C')).
 //
 // Kernel 2 (combine), one block per (batch, head): merges the per-tile partials
 // (m_t, l_t, S_t) of the online softmax over tokens:
@@ -6,9 +6,9 @@
 //     KV[i][k] = scale / L[i] * sum_t exp(m_t[i] - M[i]) S_t[i][k]
 // (softmax(K)^T V with the attention scale folded in), fp32.
 //
-// Kernel 3 (output), one block per (batch, pixel tile): for each proxy segment j (heads
+// Kernel 3 (attention), one block per (batch, pixel tile): for each proxy segment j (heads
 // 2j, 2j+1) loads the tile's Q, the segment's scaled KV and a zero-padded halo of V, and
-// writes out[n, c] = sum_i Q[n, head*d + i] KV[head][i][c % d] + Q[n, c] * CRPE(V)[n, c]
+// writes pre[n, c] = sum_i Q[n, head*d + i] KV[head][i][c % d] + Q[n, c] * CRPE(V)[n, c]
 // for c in [j*s, (j+1)*s), CRPE = depthwise with bias: 3x3 for heads 0-1, 5x5 for heads
 // 2-4, 7x7 for heads 5-7.
 #pragma once
@@ -50,18 +50,18 @@ GMF_HD void combine_block(const Exec& ex, const GmaParams& p, int block, float* 
 }
 
 template <class Exec, typename T, int D>
-GMF_HD void output_block(const Exec& ex, const GmaParams& p, int block, float* smem) {
+GMF_HD void attention_block(const Exec& ex, const GmaParams& p, int block, float* smem) {
   const int d = D > 0 ? D : p.d;
   const int s = 2 * d;
   const TileGeo g = tile_of(p, block);
-  const OutSmem L = out_smem_layout(g.th, g.tw, s, d);
+  const AttnSmem L = attn_smem_layout(g.th, g.tw, s, d);
   float* halo = smem + L.halo;
   float* qs = smem + L.q;
   float* rs = smem + L.r;
   float* kvs = smem + L.kv;
   const T* Qp = static_cast<const T*>(p.qv) + (long long)g.b * p.N * p.cp;
   const T* Vp = static_cast<const T*>(p.qv) + (long long)p.B * p.N * p.cp;  // plane 1 (load_halo adds b)
-  T* out = static_cast<T*>(p.out) + (long long)g.b * p.N * p.C;
+  T* pre = static_cast<T*>(p.pre) + (long long)g.b * p.N * p.C;
   const int cc = chunk_channels(s);
 
   for (int j = 0; j < 4; ++j) {
@@ -108,7 +108,7 @@ GMF_HD void output_block(const Exec& ex, const GmaParams& p, int block, float* s
         float acc = 0.0f;
         for (int ii = 0; ii < d; ++ii) acc += q[ii] * kvc[ii * d];
         acc += qs[i] * rs[i];
-        out[n * p.C + j * s + c] = from_float<T>(acc);
+        pre[n * p.C + j * s + c] = from_float<T>(acc);
       }
     });
     ex.sync();

@@ -144,27 +144,27 @@ GMF_HD void depthwise(const Exec& ex, const TileGeo& g, const float* halo, int R
   });
 }
 
-// y[pix * s + o] = act(init + sum_c w[o * wstride + c] * z[pix * s + c]) for pix < P, o < s,
-// init = bias[o] (or 0 without bias) plus y's previous value when `accumulate`.
+// y[pix * s + o] = act(affine(init + sum_c w[o * wstride + c] * z[pix * s + c])) for pix < P, o < s,
+// init = y's previous value when `accumulate`, else 0; affine(v) = v * scale[o] + shift[o]
+// when scale/shift are given (a BatchNorm), else v.
 // Each item computes kPixGroup pixels of one output channel (the weight row is read once
 // per group); rows are read as float4 when s % 4 == 0 (host checks the 16-byte alignment).
 static_assert(kPixGroup == 4, "pointwise() keeps kPixGroup = 4 accumulators in named registers");
 
 template <class Exec>
 GMF_HD void pointwise(const Exec& ex, int P, int s, const float* z, const float* w, int wstride,
-                      const float* bias, float* y, bool accumulate, bool hswish) {
+                      const float* scale, const float* shift, float* y, bool accumulate, bool hswish) {
   const int groups = (P + kPixGroup - 1) / kPixGroup;
   ex.for_each(groups * s, [&](int i) {
     const int grp = i / s;
     const int o = i - grp * s;
     const int p0 = grp * kPixGroup;
-    const float init = bias != nullptr ? bias[o] : 0.0f;
     // rows of the kPixGroup pixels (clamped: pixels past P are computed, never stored)
     const float* z0 = z + min_i(p0, P - 1) * s;
     const float* z1 = z + min_i(p0 + 1, P - 1) * s;
     const float* z2 = z + min_i(p0 + 2, P - 1) * s;
     const float* z3 = z + min_i(p0 + 3, P - 1) * s;
-    float a0 = init, a1 = init, a2 = init, a3 = init;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
     const float* wr = w + (long long)o * wstride;
     if ((s & 3) == 0) {
       // not unrolled further: 16 FMAs per 5 loads already, and unrolling spilled (ptxas -v)
@@ -195,6 +195,7 @@ GMF_HD void pointwise(const Exec& ex, int P, int s, const float* z, const float*
       if (p0 + u < P) {
         float v = acc[u];
         if (accumulate) v += y[(p0 + u) * s + o];
+        if (scale != nullptr) v = v * scale[o] + shift[o];
         if (hswish) v = hardswish(v);
         y[(p0 + u) * s + o] = v;
       }

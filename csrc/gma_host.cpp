@@ -18,25 +18,26 @@
 namespace gmf {
 namespace {
 
+// gmf_kernels/folding.py WEIGHT_NAMES: the same names, in the same order (the loader checks).
 const char* const kWeightNames[kNumWeights] = {
-    "bn0_scale", "bn0_shift", "dw3", "dw5", "dw7", "pw", "pw_bias", "local_dw",
-    "local_pw", "ln_weight", "ln_bias", "crpe_w3", "crpe_w5", "crpe_w7", "crpe_b"};
+    "bn_scale", "bn_shift", "dw3", "dw5", "dw7", "pw", "local_dw", "local_pw",
+    "ln_weight", "ln_bias", "crpe_w3", "crpe_w5", "crpe_w7", "crpe_b"};
 
 // Elements of weight i for segment width s and head width d.
 long long weight_numel(int i, long long s, long long d) {
   switch (i) {
-    case 0: case 1: case 9: case 10: return s;
-    case 2: return 9 * s;
-    case 3: return 25 * s;
-    case 4: return 49 * s;
-    case 5: return 3 * s * s;
-    case 6: return 3 * s;
-    case 7: return 27 * s;
-    case 8: return 3 * s * s;
-    case 11: return 2 * d * 9;
-    case 12: return 3 * d * 25;
-    case 13: return 3 * d * 49;
-    case 14: return 8 * d;
+    case 0: case 1: return 4 * s;    // bn_scale, bn_shift
+    case 2: return 9 * s;            // dw3
+    case 3: return 25 * s;           // dw5
+    case 4: return 49 * s;           // dw7
+    case 5: return 3 * s * s;        // pw
+    case 6: return 27 * s;           // local_dw
+    case 7: return 3 * s * s;        // local_pw
+    case 8: case 9: return s;        // ln_weight, ln_bias
+    case 10: return 2 * d * 9;       // crpe_w3
+    case 11: return 3 * d * 25;      // crpe_w5
+    case 12: return 3 * d * 49;      // crpe_w7
+    case 13: return 8 * d;           // crpe_b
   }
   return 0;
 }
@@ -98,9 +99,9 @@ PlanInfo plan(int B, int H, int W, int C, int dtype, int tile_h, int tile_w) {
   pl.specialized_d = specialisation(pl.d);
 
   const size_t kDefaultSmem = 48 * 1024;
-  auto smem_of = [&](int th, int tw, size_t& agg, size_t& out) {
+  auto smem_of = [&](int th, int tw, size_t& agg, size_t& attn) {
     agg = sizeof(float) * (size_t)agg_smem_layout(th, tw, pl.s).total;
-    out = sizeof(float) * (size_t)out_smem_layout(th, tw, pl.s, pl.d).total;
+    attn = sizeof(float) * (size_t)attn_smem_layout(th, tw, pl.s, pl.d).total;
   };
   int th, tw;
   if (tile_h == 0) {
@@ -119,11 +120,11 @@ PlanInfo plan(int B, int H, int W, int C, int dtype, int tile_h, int tile_w) {
   tw = std::min(tw, W);
   if ((long long)th * tw > 4096) fail("tile of " + std::to_string(th) + "x" + std::to_string(tw) + " pixels is too large");
   pl.tile_h = th; pl.tile_w = tw;
-  smem_of(th, tw, pl.agg_smem, pl.out_smem);
+  smem_of(th, tw, pl.agg_smem, pl.attn_smem);
   const size_t kMaxSmem = 227 * 1024;  // the largest opt-in of sm_80 / sm_90
-  if (pl.agg_smem > kMaxSmem || pl.out_smem > kMaxSmem)
+  if (pl.agg_smem > kMaxSmem || pl.attn_smem > kMaxSmem)
     fail("tile " + std::to_string(th) + "x" + std::to_string(tw) + " needs " +
-         std::to_string(std::max(pl.agg_smem, pl.out_smem)) + " bytes of shared memory (max " +
+         std::to_string(std::max(pl.agg_smem, pl.attn_smem)) + " bytes of shared memory (max " +
          std::to_string(kMaxSmem) + ")");
   pl.tiles_y = (H + th - 1) / th;
   pl.tiles_x = (W + tw - 1) / tw;
@@ -152,11 +153,11 @@ size_t workspace_size(int B, int H, int W, int C, int dtype, int tile_h, int til
 
 namespace {
 
-GmaParams checked_params(const PlanInfo& pl, uintptr_t qkv, uintptr_t out, uintptr_t workspace,
+GmaParams checked_params(const PlanInfo& pl, uintptr_t qkv, uintptr_t pre, uintptr_t workspace,
                          size_t workspace_bytes, const std::vector<uintptr_t>& weights, double scale,
                          double ln_eps) {
   if (qkv == 0) fail("qkv is a null pointer");
-  if (out == 0) fail("out is a null pointer");
+  if (pre == 0) fail("pre is a null pointer");
   if (workspace == 0) fail("workspace is a null pointer");
   if ((int)weights.size() != kNumWeights)
     fail("expected " + std::to_string(kNumWeights) + " weight pointers, got " + std::to_string(weights.size()));
@@ -166,10 +167,10 @@ GmaParams checked_params(const PlanInfo& pl, uintptr_t qkv, uintptr_t out, uintp
   }
   if (pl.s % 4 == 0) {  // float4 reads of the pointwise rows
     if (weights[5] % 16 != 0) fail("weight pw must be 16-byte aligned");
-    if (weights[8] % 16 != 0) fail("weight local_pw must be 16-byte aligned");
+    if (weights[7] % 16 != 0) fail("weight local_pw must be 16-byte aligned");
   }
   if (qkv % pl.elem_size != 0) fail("qkv is not aligned to its element size");
-  if (out % pl.elem_size != 0) fail("out is not aligned to its element size");
+  if (pre % pl.elem_size != 0) fail("pre is not aligned to its element size");
   if (workspace % 16 != 0) fail("workspace must be 16-byte aligned");
   if (workspace_bytes < pl.ws_bytes)
     fail("workspace has " + std::to_string(workspace_bytes) + " bytes, needs " + std::to_string(pl.ws_bytes) +
@@ -179,31 +180,31 @@ GmaParams checked_params(const PlanInfo& pl, uintptr_t qkv, uintptr_t out, uintp
 
   const uintptr_t es = (uintptr_t)pl.elem_size;
   const uintptr_t tokens = (uintptr_t)pl.B * (uintptr_t)pl.H * (uintptr_t)pl.W;
-  const Range r_out{out, out + tokens * pl.C * es, "out"};
+  const Range r_pre{pre, pre + tokens * pl.C * es, "pre"};
   const Range r_ws{workspace, workspace + pl.ws_bytes, "workspace"};
   std::vector<Range> inputs{{qkv, qkv + tokens * 3 * pl.C * es, "qkv"}};
   for (int i = 0; i < kNumWeights; ++i)
     inputs.push_back({weights[i], weights[i] + (uintptr_t)weight_numel(i, pl.s, pl.d) * sizeof(float), kWeightNames[i]});
-  if (overlaps(r_out, r_ws)) fail("out and workspace overlap");
+  if (overlaps(r_pre, r_ws)) fail("pre and workspace overlap");
   for (const Range& r : inputs) {
-    if (overlaps(r_out, r)) fail(std::string("out overlaps input ") + r.name);
+    if (overlaps(r_pre, r)) fail(std::string("pre overlaps input ") + r.name);
     if (overlaps(r_ws, r)) fail(std::string("workspace overlaps input ") + r.name);
   }
 
   GmaParams p{};
   p.qkv = reinterpret_cast<const void*>(qkv);
-  p.out = reinterpret_cast<void*>(out);
+  p.pre = reinterpret_cast<void*>(pre);
   p.qv = reinterpret_cast<void*>(workspace + pl.ws_qv_offset);
   p.part = reinterpret_cast<float*>(workspace + pl.ws_part_offset);
   p.kv = reinterpret_cast<float*>(workspace + pl.ws_kv_offset);
   const float* w[kNumWeights];
   for (int i = 0; i < kNumWeights; ++i) w[i] = reinterpret_cast<const float*>(weights[i]);
-  p.bn0_scale = w[0]; p.bn0_shift = w[1];
+  p.bn_scale = w[0]; p.bn_shift = w[1];
   p.dw3 = w[2]; p.dw5 = w[3]; p.dw7 = w[4];
-  p.pw = w[5]; p.pw_bias = w[6];
-  p.local_dw = w[7]; p.local_pw = w[8];
-  p.ln_w = w[9]; p.ln_b = w[10];
-  p.crpe_w3 = w[11]; p.crpe_w5 = w[12]; p.crpe_w7 = w[13]; p.crpe_b = w[14];
+  p.pw = w[5];
+  p.local_dw = w[6]; p.local_pw = w[7];
+  p.ln_weight = w[8]; p.ln_bias = w[9];
+  p.crpe_w3 = w[10]; p.crpe_w5 = w[11]; p.crpe_w7 = w[12]; p.crpe_b = w[13];
   p.scale = (float)scale;
   p.ln_eps = (float)ln_eps;
   p.B = pl.B; p.H = pl.H; p.W = pl.W; p.C = pl.C;
@@ -216,11 +217,11 @@ GmaParams checked_params(const PlanInfo& pl, uintptr_t qkv, uintptr_t out, uintp
 
 }  // namespace
 
-void pre_projection(uintptr_t qkv, uintptr_t out, uintptr_t workspace, size_t workspace_bytes,
+void pre_projection(uintptr_t qkv, uintptr_t pre, uintptr_t workspace, size_t workspace_bytes,
                     const std::vector<uintptr_t>& weights, int B, int H, int W, int C, int dtype,
                     double scale, double ln_eps, uintptr_t stream, int tile_h, int tile_w) {
   const PlanInfo pl = plan(B, H, W, C, dtype, tile_h, tile_w);
-  const GmaParams p = checked_params(pl, qkv, out, workspace, workspace_bytes, weights, scale, ln_eps);
+  const GmaParams p = checked_params(pl, qkv, pre, workspace, workspace_bytes, weights, scale, ln_eps);
   void* st = reinterpret_cast<void*>(stream);
   switch (dtype) {
     case kFloat32: launch_float32(p, pl, st); break;
@@ -230,11 +231,11 @@ void pre_projection(uintptr_t qkv, uintptr_t out, uintptr_t workspace, size_t wo
   }
 }
 
-void emulate_pre_projection(uintptr_t qkv, uintptr_t out, uintptr_t workspace, size_t workspace_bytes,
+void emulate_pre_projection(uintptr_t qkv, uintptr_t pre, uintptr_t workspace, size_t workspace_bytes,
                             const std::vector<uintptr_t>& weights, int B, int H, int W, int C, int dtype,
                             double scale, double ln_eps, int tile_h, int tile_w) {
   const PlanInfo pl = plan(B, H, W, C, dtype, tile_h, tile_w);
-  const GmaParams p = checked_params(pl, qkv, out, workspace, workspace_bytes, weights, scale, ln_eps);
+  const GmaParams p = checked_params(pl, qkv, pre, workspace, workspace_bytes, weights, scale, ln_eps);
   switch (dtype) {
     case kFloat32: emulate_float32(p, pl); break;
     case kFloat16: emulate_float16(p, pl); break;

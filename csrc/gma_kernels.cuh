@@ -17,7 +17,7 @@
 namespace gmf {
 
 // Minimum blocks per SM in the launch bounds: 2 for the aggregation (<= 128 registers),
-// 4 for the output and combine kernels (<= 64). Without them ptxas (CUDA 13) picked tighter
+// 4 for the attention and combine kernels (<= 64). Without them ptxas (CUDA 13) picked tighter
 // register budgets by itself and spilled a few bytes in some instantiations; with them no
 // kernel spills (benchmarks/results/cuda_resources_sm80_sm90.md, checked by the CI test).
 template <typename T, int D>
@@ -27,9 +27,9 @@ __global__ void __launch_bounds__(kThreads, 2) gma_aggregate_kernel(const GmaPar
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 4) gma_output_kernel(const GmaParams p) {
+__global__ void __launch_bounds__(kThreads, 4) gma_attention_kernel(const GmaParams p) {
   extern __shared__ float4 gmf_smem[];
-  output_block<DeviceExec, T, D>(DeviceExec{}, p, (int)blockIdx.x, reinterpret_cast<float*>(gmf_smem));
+  attention_block<DeviceExec, T, D>(DeviceExec{}, p, (int)blockIdx.x, reinterpret_cast<float*>(gmf_smem));
 }
 
 template <int D>
@@ -70,9 +70,9 @@ void launch_tiles(const GmaParams& p, const PlanInfo& plan, cudaStream_t st) {
   gma_aggregate_kernel<T, D><<<grid, kThreads, plan.agg_smem, st>>>(p);
   check_cuda(cudaGetLastError(), "launching gma_aggregate_kernel");
   launch_combine(p, plan, st);
-  prepare_smem(gma_output_kernel<T, D>, plan.out_smem, "gma_output_kernel");
-  gma_output_kernel<T, D><<<grid, kThreads, plan.out_smem, st>>>(p);
-  check_cuda(cudaGetLastError(), "launching gma_output_kernel");
+  prepare_smem(gma_attention_kernel<T, D>, plan.attn_smem, "gma_attention_kernel");
+  gma_attention_kernel<T, D><<<grid, kThreads, plan.attn_smem, st>>>(p);
+  check_cuda(cudaGetLastError(), "launching gma_attention_kernel");
 }
 
 template <int D>
@@ -99,7 +99,7 @@ void emulate_tiles(const GmaParams& p, const PlanInfo& plan) {
     aggregate_block<HostExec, T, D>(ex, p, (int)blk, poisoned_smem(buf, plan.agg_smem));
   emulate_combine(p, plan);
   for (long long blk = 0; blk < plan.tile_blocks; ++blk)
-    output_block<HostExec, T, D>(ex, p, (int)blk, poisoned_smem(buf, plan.out_smem));
+    attention_block<HostExec, T, D>(ex, p, (int)blk, poisoned_smem(buf, plan.attn_smem));
 }
 
 template <int D>

@@ -24,7 +24,7 @@ constexpr int kThreads = 256;      // threads per block of the two tile kernels
 constexpr int kMaxHalo = 3;        // halo radius of the 7x7 stencils
 constexpr int kChunkMax = 32;      // channels per halo chunk
 constexpr int kPixGroup = 4;       // pixels per thread-item in the pointwise products
-constexpr int kNumWeights = 15;    // folded weight tensors (see weight_names in gma_host.cpp)
+constexpr int kNumWeights = 14;    // folded weight tensors (kWeightNames in gma_host.cpp)
 constexpr size_t kWorkspaceAlign = 256;
 
 // Head widths with a compile-time specialisation; any other d runs the generic (D = 0) code.
@@ -67,12 +67,12 @@ GMF_HD AggSmem agg_smem_layout(int th, int tw, int s) {
   return L;
 }
 
-// Shared-memory layout of the attention-output block, in floats.
-struct OutSmem {
+// Shared-memory layout of the attention block, in floats.
+struct AttnSmem {
   int halo, q, r, kv, total;
 };
-GMF_HD OutSmem out_smem_layout(int th, int tw, int s, int d) {
-  OutSmem L;
+GMF_HD AttnSmem attn_smem_layout(int th, int tw, int s, int d) {
+  AttnSmem L;
   const int P = th * tw;
   int o = 0;
   L.halo = o; o += round_up4((th + 2 * kMaxHalo) * (tw + 2 * kMaxHalo) * chunk_channels(s));
@@ -87,23 +87,23 @@ GMF_HD OutSmem out_smem_layout(int th, int tw, int s, int d) {
 GMF_HD int partial_stride(int d) { return 2 * d + d * d; }
 
 // Everything the kernels read: raw pointers and sizes. Filled by the host launcher.
+// The weight names and their order are those of gmf_kernels/folding.py (FoldedGMAWeights).
 struct GmaParams {
   const void* qkv;      // (B, N, 3C) in the I/O dtype
-  void* out;            // (B, N, C) pre-projection, I/O dtype
+  void* pre;            // (B, N, C) pre-projection, I/O dtype
   void* qv;             // workspace: Q and V proxies, (2, B, N, C') in the I/O dtype
   float* part;          // workspace: (B, ntiles, 8, 2d + d*d) split-N softmax partials
   float* kv;            // workspace: (B, 8, d, d) = scale * softmax(K)^T V
-  const float* bn0_scale;  // (s)
-  const float* bn0_shift;  // (s)
-  const float* dw3;        // (s, 3, 3)
-  const float* dw5;        // (s, 5, 5)
-  const float* dw7;        // (s, 7, 7)
-  const float* pw;         // (3, s, s) [segment-1][out][in], BatchNorm folded
-  const float* pw_bias;    // (3, s)
+  const float* bn_scale;   // (4, s) BatchNorm j of segment j as an affine: scale
+  const float* bn_shift;   // (4, s)                                        and shift
+  const float* dw3;        // (s, 3, 3) depthwise of segment 1
+  const float* dw5;        // (s, 5, 5) segment 2
+  const float* dw7;        // (s, 7, 7) segment 3
+  const float* pw;         // (3, s, s) pointwise of segments 1..3 [j-1][out][in]
   const float* local_dw;   // (3s, 3, 3)
   const float* local_pw;   // (s, 3s)
-  const float* ln_w;       // (s)
-  const float* ln_b;       // (s)
+  const float* ln_weight;  // (s)
+  const float* ln_bias;    // (s)
   const float* crpe_w3;    // (2d, 3, 3)
   const float* crpe_w5;    // (3d, 5, 5)
   const float* crpe_w7;    // (3d, 7, 7)

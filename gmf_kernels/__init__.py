@@ -7,8 +7,7 @@
 
 Importing needs only torch: Triton and the CUDA module are loaded when first used.
 """
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .backends import BACKEND_NAMES, available_backends, get_backend, select_backend  # noqa: E402
 from .convert import convert, is_upstream_attention  # noqa: E402
 from .functional import group_mix_attention  # noqa: E402

@@ -1,40 +1,73 @@
-"""Inference-time weights: BatchNorm folded into the aggregator, cached per layer.
+"""The weights of the fused kernels, defined once: names, order, shapes, dtype, building.
 
-`FoldedGMAWeights` is the contract between the modules and the fused kernels
-(Triton, CUDA): everything the eval-mode computation qkv -> pre-projection needs,
-in a compute dtype (float32, or float64 for float64 inputs), contiguous.
+`FoldedGMAWeights` is the contract between Python and the fused kernels (Triton and
+CUDA): every tensor the stage ``qkv -> pre-projection`` needs, float32 (float64 for
+float64 inputs), contiguous, in this order. The torch.library ops take them as one
+``Tensor[] weights`` argument in field order, the launchers unpack them by name, and the
+CUDA module receives their addresses in the same order (``csrc/gma_api.h``
+``kWeightNames``; the loader checks the two lists agree). The same names are used in
+Python, in the Triton kernels' arguments and in ``csrc/`` (``GmaParams``).
 
-    seg 0:     y = hardswish(t * bn0_scale + bn0_shift)
-    seg j=1-3: y = hardswish(pw[j-1] @ DW_j(t) + pw_bias[j-1])   (BN j folded into pw rows)
-    local:     L = hardswish(LN(local_pw @ DW3(t_seg4 of q,k,v)))
+Each aggregator BatchNorm j (segment j = 0..3) enters as a per-channel affine
+``z * bn_scale[j] + bn_shift[j]``:
 
-Folding runs once per layer and is reused until a parameter or buffer changes
+* eval: from the running statistics (`fold_eval`);
+* training: from the batch statistics over q, k and v together (the training path
+  computes them and calls `fold_batch_stats`), so the kernels are the same in both modes.
+
+Computation of one token (GMA_SPEC.md §1, s = C/5, d = C/10)::
+
+    segment 0:    y = hardswish(t * bn_scale[0] + bn_shift[0])
+    segment j>0:  y = hardswish((pw[j-1] @ DW_{2j+1}(t)) * bn_scale[j] + bn_shift[j])
+    local:        L = hardswish(LN(local_pw @ DW3(t_seg4 of q, k, v)) * ln_weight + ln_bias)
+    CRPE:         conv(V) with crpe_w3 (heads 0-1), crpe_w5 (heads 2-4), crpe_w7 (heads 5-7), + crpe_b
+
+Derived weights are cached per layer and rebuilt only when a parameter or buffer changes
 (keyed on each tensor's storage and version counter).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Tuple
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import torch
 
-from .weights import GMAHyper, GMAWeights
+from .weights import GMAHyper, GMAWeights, widths
 
 Tensor = torch.Tensor
 
 
 class FoldedGMAWeights(NamedTuple):
-    bn0_scale: Tensor            # (s)
-    bn0_shift: Tensor            # (s)
-    dw: Tuple[Tensor, ...]       # (s,3,3), (s,5,5), (s,7,7): depthwise of segments 1,2,3
-    pw: Tensor                   # (3, s, s): [segment-1, out, in], BatchNorm scale folded in
-    pw_bias: Tensor              # (3, s): BatchNorm shift
-    local_dw: Tensor             # (3s, 3, 3): channels [q seg4 | k seg4 | v seg4]
-    local_pw: Tensor             # (s, 3s)
-    ln_weight: Tensor            # (s)
-    ln_bias: Tensor              # (s)
-    crpe_w: Tuple[Tensor, ...]   # (2d,3,3), (3d,5,5), (3d,7,7)
-    crpe_b: Tensor               # (C') = cat of the three biases
-    ln_eps: float
+    """The fused kernels' weights, in the order the ops and the CUDA module take them."""
+
+    bn_scale: Tensor    # (4, s)      BatchNorm j of segment j as an affine: scale
+    bn_shift: Tensor    # (4, s)                                             and shift
+    dw3: Tensor         # (s, 3, 3)   depthwise of segment 1
+    dw5: Tensor         # (s, 5, 5)   depthwise of segment 2
+    dw7: Tensor         # (s, 7, 7)   depthwise of segment 3
+    pw: Tensor          # (3, s, s)   pointwise of segments 1..3: [j-1][out][in]
+    local_dw: Tensor    # (3s, 3, 3)  local branch depthwise: channels [q seg4 | k seg4 | v seg4]
+    local_pw: Tensor    # (s, 3s)     local branch pointwise 3s -> s
+    ln_weight: Tensor   # (s)         local branch LayerNorm
+    ln_bias: Tensor     # (s)
+    crpe_w3: Tensor     # (2d, 3, 3)  CRPE of heads 0-1
+    crpe_w5: Tensor     # (3d, 5, 5)  CRPE of heads 2-4
+    crpe_w7: Tensor     # (3d, 7, 7)  CRPE of heads 5-7
+    crpe_b: Tensor      # (C')        CRPE biases, channel head*d + i
+
+
+#: the names, in order (what the ops' ``weights`` list holds, and csrc's kWeightNames)
+WEIGHT_NAMES: Tuple[str, ...] = FoldedGMAWeights._fields
+
+
+def weight_shapes(C: int) -> Dict[str, Tuple[int, ...]]:
+    """name -> shape of every folded weight for a module width C."""
+    s, cp, d = widths(C)
+    return {
+        "bn_scale": (4, s), "bn_shift": (4, s),
+        "dw3": (s, 3, 3), "dw5": (s, 5, 5), "dw7": (s, 7, 7), "pw": (3, s, s),
+        "local_dw": (3 * s, 3, 3), "local_pw": (s, 3 * s), "ln_weight": (s,), "ln_bias": (s,),
+        "crpe_w3": (2 * d, 3, 3), "crpe_w5": (3 * d, 5, 5), "crpe_w7": (3 * d, 7, 7), "crpe_b": (cp,),
+    }
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,32 +76,39 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def bn_affine(w: GMAWeights, i: int, hp: GMAHyper, dtype) -> Tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm i as y = x * a + b."""
+    """Eval-mode BatchNorm i as y = x * a + b (from its running statistics)."""
     a = w.bn_weight[i].to(dtype) * torch.rsqrt(w.bn_running_var[i].to(dtype) + hp.bn_eps)
     b = w.bn_bias[i].to(dtype) - w.bn_running_mean[i].to(dtype) * a
     return a, b
 
 
+def _build(w: GMAWeights, bn_scale: Tensor, bn_shift: Tensor, dtype) -> FoldedGMAWeights:
+    c = lambda t: t.to(dtype).contiguous()
+    return FoldedGMAWeights(
+        bn_scale=c(bn_scale), bn_shift=c(bn_shift),
+        dw3=c(w.dw_weight[0][:, 0]), dw5=c(w.dw_weight[1][:, 0]), dw7=c(w.dw_weight[2][:, 0]),
+        pw=c(torch.stack([p.flatten(1) for p in w.pw_weight])),
+        local_dw=c(w.local_dw_weight[:, 0]), local_pw=c(w.local_pw_weight.flatten(1)),
+        ln_weight=c(w.local_ln_weight), ln_bias=c(w.local_ln_bias),
+        crpe_w3=c(w.crpe_weight[0][:, 0]), crpe_w5=c(w.crpe_weight[1][:, 0]), crpe_w7=c(w.crpe_weight[2][:, 0]),
+        crpe_b=c(torch.cat(list(w.crpe_bias))),
+    )
+
+
 def fold_eval(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype = torch.float32) -> FoldedGMAWeights:
-    """Fold the eval-mode BatchNorms into the aggregator and flatten kernels (no caching)."""
+    """Eval mode: BatchNorms from their running statistics (no caching, no autograd)."""
     with torch.no_grad():
-        c = lambda t: t.detach().to(dtype).contiguous()
-        a0, b0 = bn_affine(w, 0, hp, dtype)
-        pws, pbs = [], []
-        for j in (1, 2, 3):
-            a, b = bn_affine(w, j, hp, dtype)
-            pws.append(a[:, None] * w.pw_weight[j - 1].to(dtype).flatten(1))
-            pbs.append(b)
-        return FoldedGMAWeights(
-            bn0_scale=c(a0), bn0_shift=c(b0),
-            dw=tuple(c(t[:, 0]) for t in w.dw_weight),
-            pw=c(torch.stack(pws)), pw_bias=c(torch.stack(pbs)),
-            local_dw=c(w.local_dw_weight[:, 0]), local_pw=c(w.local_pw_weight.flatten(1)),
-            ln_weight=c(w.local_ln_weight), ln_bias=c(w.local_ln_bias),
-            crpe_w=tuple(c(t[:, 0]) for t in w.crpe_weight),
-            crpe_b=c(torch.cat(list(w.crpe_bias))),
-            ln_eps=float(hp.ln_eps),
-        )
+        aff = [bn_affine(w, i, hp, dtype) for i in range(4)]
+        return _build(w, torch.stack([a for a, _ in aff]), torch.stack([b for _, b in aff]), dtype)
+
+
+def fold_batch_stats(w: GMAWeights, mean: Tensor, var: Tensor, hp: GMAHyper,
+                     dtype: torch.dtype = torch.float32) -> FoldedGMAWeights:
+    """Training mode: BatchNorms from batch statistics mean, var (4, s) (biased variance)."""
+    gamma = torch.stack(list(w.bn_weight)).to(dtype)
+    beta = torch.stack(list(w.bn_bias)).to(dtype)
+    scale = gamma * torch.rsqrt(var.to(dtype) + hp.bn_eps)
+    return _build(w, scale, beta - mean.to(dtype) * scale, dtype)
 
 
 # ---------------------------------------------------------------- caching

@@ -28,6 +28,16 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return None
 
 
+def _capability(x: Tensor):
+    """(major, minor) of x's CUDA device, None elsewhere (cached by torch)."""
+    if not x.is_cuda:
+        return None
+    try:
+        return tuple(torch.cuda.get_device_capability(x.device))
+    except (RuntimeError, AssertionError):  # pragma: no cover - no driver
+        return None
+
+
 def make_problem(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, training) -> GMAProblem:
     """Validate and describe one call (`training`: a bool, or one per aggregator BatchNorm)."""
     check_dim(w.dim, hp.num_heads)
@@ -40,7 +50,8 @@ def make_problem(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, tr
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
     uniform = not any(isinstance(v, tuple) for v in (training, hp.bn_eps, hp.bn_momentum))
     return GMAProblem(B=B, H=H, W=W, dim=w.dim, num_heads=hp.num_heads, dtype=dtype,
-                      device_type=x.device.type, training=bool(any(training) if isinstance(training, tuple) else training),
+                      device_type=x.device.type, device_index=x.device.index if x.is_cuda else None,
+                      device_capability=_capability(x), training=bool(any(training) if isinstance(training, tuple) else training),
                       needs_grad=needs_grad, uniform_bn=uniform)
 
 

@@ -8,7 +8,7 @@ import sys
 def collect() -> dict:
     import torch
 
-    from . import __version__
+    from ._version import __version__
     from .backends import BACKEND_NAMES, get_backend
     info = {
         "gmf_kernels": __version__,

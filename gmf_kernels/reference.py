@@ -34,31 +34,18 @@ def _depthwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     return F.conv2d(x, weight, bias, padding=k // 2, groups=x.shape[1])
 
 
-def reference_group_mix_attention(
-    x: Tensor,
-    size: Tuple[int, int],
-    w: GMAWeights,
-    hp: GMAHyper = GMAHyper(),
-    training=False,
-    return_intermediates: bool = False,
-):
-    """Group-Mix Attention forward. x: (B, N, C) tokens of an (H, W) grid, row-major.
-
-    In training mode the aggregator BatchNorms use batch statistics over q, k and v
-    together (3B images) and update their running statistics in place. `training` may
-    be a 4-tuple (one mode per aggregator BatchNorm, e.g. some frozen).
-    With return_intermediates, also returns {"proxies": (3,B,h,N,d), "local": (B,N,s),
-    "pre_proj": (B,N,C)} as in the golden vectors.
-    """
-    B, N, C = x.shape
+def reference_pre_projection(t: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper = GMAHyper(),
+                             training=False) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Steps 2-9 of the spec before the output linear: qkv projection t (B, N, 3C) ->
+    pre-projection tokens (B, N, C), and the intermediates {"proxies", "local"}."""
+    B, N, C3 = t.shape
+    C = C3 // 3
     H, W = size
     h = hp.num_heads
     s = C // NUM_SEGMENTS
     cp = 4 * s
     d = cp // h
 
-    # 1. qkv projection
-    t = F.linear(x, w.qkv_weight, w.qkv_bias)                      # (B, N, 3C)
     # 2.-3. q, k, v as images stacked on the batch axis in the order q, k, v
     q, k, v = t.split(C, dim=-1)
     imgs = torch.cat([q, k, v], dim=0).transpose(1, 2).reshape(3 * B, C, H, W)
@@ -96,12 +83,32 @@ def reference_group_mix_attention(
     conv_v = torch.cat(parts, dim=1).reshape(B, h, d, N).transpose(-1, -2)
     R = Q * conv_v
 
-    # 8.-9. combine, back to tokens, output projection
+    # 8.-9. combine, back to tokens
     A = hp.scale * E + R
     A = A.transpose(1, 2).reshape(B, N, cp)
-    pre_proj = torch.cat([A, loc], dim=-1)
+    return torch.cat([A, loc], dim=-1), {"proxies": P, "local": loc}
+
+
+def reference_group_mix_attention(
+    x: Tensor,
+    size: Tuple[int, int],
+    w: GMAWeights,
+    hp: GMAHyper = GMAHyper(),
+    training=False,
+    return_intermediates: bool = False,
+):
+    """Group-Mix Attention forward. x: (B, N, C) tokens of an (H, W) grid, row-major.
+
+    In training mode the aggregator BatchNorms use batch statistics over q, k and v
+    together (3B images) and update their running statistics in place. `training` may
+    be a 4-tuple (one mode per aggregator BatchNorm, e.g. some frozen).
+    With return_intermediates, also returns {"proxies": (3,B,h,N,d), "local": (B,N,s),
+    "pre_proj": (B,N,C)} as in the golden vectors.
+    """
+    # 1. qkv projection
+    t = F.linear(x, w.qkv_weight, w.qkv_bias)                      # (B, N, 3C)
+    pre_proj, extras = reference_pre_projection(t, size, w, hp, training)
     out = F.linear(pre_proj, w.proj_weight, w.proj_bias)
     if return_intermediates:
-        extras: Dict[str, Tensor] = {"proxies": P, "local": loc, "pre_proj": pre_proj}
-        return out, extras
+        return out, {**extras, "pre_proj": pre_proj}
     return out

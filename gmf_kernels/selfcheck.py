@@ -16,11 +16,8 @@ from typing import List, Tuple
 
 import torch
 
+from .numerics import TOLERANCE, cast_weights, default_hyper, max_rel_error, random_gma_weights
 from .reference import reference_group_mix_attention
-from .testing import cast_weights, default_hyper, max_rel_error, random_gma_weights
-
-#: max |out - ref| / max |ref| allowed against a reference run at float32 (float64 for float64).
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
 class SelfCheckError(AssertionError):
@@ -45,8 +42,8 @@ def run_checked(backend, x, size, w, hp, training):
 
 # ------------------------------------------------------------------ CLI
 def _widths() -> List[int]:
-    from .models.configs import MODEL_CONFIGS
-    return sorted({c for cfg in MODEL_CONFIGS.values() for c in cfg["embedding_dims"]})
+    from .models.configs import MODEL_WIDTHS
+    return list(MODEL_WIDTHS)
 
 
 def check_table(backends, dtypes, grids, batch: int, device: str, seed: int = 0) -> List[Tuple]:

@@ -1,13 +1,18 @@
-"""Backend "torch" against the oracle (`reference` in float64) on random inputs.
+"""Every registered backend against the oracle (`reference` in float64) on random inputs.
+
+Backends are taken from the registry (`BACKEND_NAMES`) and skipped, with their reasons, where
+their declared support (`not_supported_reasons`) excludes the problem: a new backend is tested
+by registering it. On a CPU machine the fused backends run through the Triton interpreter
+(triton, named explicitly) or skip (cuda: no GPU).
 
 Error measure: max |a - e| / max |e|. float64 within 1e-10, float32 within 1e-5 (the
 float64 reference as oracle), float16/bfloat16 with flash-attention's rule
-err(torch) <= 2 * err(reference at that dtype) + floor (`assert_within_reference_error`).
+err(backend) <= 2 * err(reference at that dtype) + floor (`assert_within_reference_error`).
 
 Every released width C, odd and real stage grids, batch 1 and 3, eval and train
 (outputs, input gradient, every parameter gradient, BatchNorm running statistics and
 num_batches_tracked), CPU autocast, non-contiguous inputs, determinism and the
-invalidation of the folded-weight cache of the torch backend.
+invalidation of the folded-weight cache.
 """
 import copy
 
@@ -15,18 +20,21 @@ import pytest
 import torch
 
 import gmf_kernels
-from gmf_kernels.testing import assert_max_rel_close as assert_rel
+from gmf_kernels.backends import BACKEND_NAMES
+from gmf_kernels.models.configs import MODEL_WIDTHS
+from gmf_kernels.numerics import cast_weights, default_hyper, max_rel_error, random_gma_weights
 from gmf_kernels.reference import reference_group_mix_attention
-from gmf_kernels.testing import (assert_within_reference_error, cast_weights, default_hyper,
-                                 max_rel_error, random_gma_weights)
 from gmf_kernels.weights import GMAWeights
+from helpers import assert_max_rel_close as assert_rel
+from helpers import assert_within_reference_error, backend_cases, backend_dtype_params, backend_params
 
-
-
-WIDTHS = [40, 80, 160, 200, 240, 320, 360, 480]
+WIDTHS = list(MODEL_WIDTHS)
 GRIDS = [(1, 1), (7, 9), (5, 11), (14, 14)]
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5
+ORACLE = "reference"
+#: backends compared with the oracle at its own precision (the oracle itself would be a no-op check)
+CANDIDATES = [n for n in BACKEND_NAMES if n != ORACLE]
 
 PARAM_FIELDS = ("qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "bn_weight", "bn_bias", "dw_weight",
                 "pw_weight", "local_dw_weight", "local_pw_weight", "local_ln_weight", "local_ln_bias",
@@ -38,6 +46,12 @@ def gid(g):
     return f"{g[0]}x{g[1]}"
 
 
+def eval_backends(dtype, names=BACKEND_NAMES):
+    return backend_params(names, dtype=dtype)
+
+
+def train_backends(dtype, names=CANDIDATES):
+    return backend_params(names, dtype=dtype, training=True, needs_grad=True)
 
 
 def named_fields(w: GMAWeights, fields):
@@ -95,116 +109,135 @@ def make(C, H, W, B, seed=0, qkv_bias=True):
     return w, x
 
 
+def run_eval(backend, x, grid, w):
+    with torch.no_grad():
+        return gmf_kernels.group_mix_attention(x, grid, w, backend=backend)
+
+
 # ------------------------------------------------------------------ eval, float64 / float32
 @pytest.mark.parametrize("B", [1, 3], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("grid", GRIDS, ids=gid)
 @pytest.mark.parametrize("C", WIDTHS, ids=lambda c: f"C{c}")
-def test_eval_float64(C, grid, B):
+@pytest.mark.parametrize("backend", eval_backends(torch.float64, CANDIDATES))
+def test_eval_float64(backend, C, grid, B):
     w, x = make(C, *grid, B)
     with torch.no_grad():
         ref = reference_group_mix_attention(x, grid, w, default_hyper(C))
-        out = gmf_kernels.group_mix_attention(x, grid, w, backend="torch")
+    out = run_eval(backend, x, grid, w)
     assert out.dtype == torch.float64
-    assert_rel(out, ref, FP64_TOL, "torch eval float64")
+    assert_rel(out, ref, FP64_TOL, f"{backend} eval float64")
 
 
 @pytest.mark.parametrize("C, grid", [(40, (56, 56)), (200, (56, 56)), (80, (28, 28)), (320, (28, 28)),
                                      (480, (7, 7))], ids=lambda v: f"C{v}" if isinstance(v, int) else gid(v))
-def test_eval_float64_stage_grids(C, grid):
+@pytest.mark.parametrize("backend", eval_backends(torch.float64, CANDIDATES))
+def test_eval_float64_stage_grids(backend, C, grid):
     """The real stage grids of a 224x224 input (56, 28, 7; 14 is in test_eval_float64)."""
     w, x = make(C, *grid, 1)
     with torch.no_grad():
         ref = reference_group_mix_attention(x, grid, w, default_hyper(C))
-        out = gmf_kernels.group_mix_attention(x, grid, w, backend="torch")
-    assert_rel(out, ref, FP64_TOL, f"torch eval float64 {gid(grid)}")
+    assert_rel(run_eval(backend, x, grid, w), ref, FP64_TOL, f"{backend} eval float64 {gid(grid)}")
 
 
-@pytest.mark.parametrize("C", WIDTHS, ids=lambda c: f"C{c}")
-def test_eval_float32_56x56(C):
+@pytest.mark.parametrize("backend, C", backend_cases(BACKEND_NAMES, WIDTHS, [80], dtype=torch.float32))
+def test_eval_float32_56x56(backend, C):
     w, x = make(C, 56, 56, 1)
     with torch.no_grad():
         oracle = reference_group_mix_attention(x, (56, 56), w, default_hyper(C))
-        out = gmf_kernels.group_mix_attention(x.float(), (56, 56), cast_weights(w, torch.float32), backend="torch")
-    assert_rel(out, oracle, FP32_TOL, "torch eval float32 56x56")
+    out = run_eval(backend, x.float(), (56, 56), cast_weights(w, torch.float32))
+    assert_rel(out, oracle, FP32_TOL, f"{backend} eval float32 56x56")
 
 
 @pytest.mark.parametrize("C", [40, 160], ids=lambda c: f"C{c}")
-def test_eval_without_qkv_bias(C):
+@pytest.mark.parametrize("backend", eval_backends(torch.float32))
+def test_eval_without_qkv_bias(backend, C):
     w, x = make(C, 5, 11, 2, qkv_bias=False)
     assert w.qkv_bias is None
     with torch.no_grad():
         ref = reference_group_mix_attention(x, (5, 11), w, default_hyper(C))
-        out = gmf_kernels.group_mix_attention(x, (5, 11), w, backend="torch")
-    assert_rel(out, ref, FP64_TOL, "torch eval, no qkv bias")
+    out = run_eval(backend, x.float(), (5, 11), cast_weights(w, torch.float32))
+    assert_rel(out, ref, FP32_TOL, f"{backend} eval, no qkv bias")
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-@pytest.mark.parametrize("grid", [(1, 1), (7, 9), (14, 14)], ids=gid)
-@pytest.mark.parametrize("C", WIDTHS, ids=lambda c: f"C{c}")
-def test_eval_float32(C, grid, backend):
+EVAL32_CASES = [(C, g) for C in WIDTHS for g in [(1, 1), (7, 9), (14, 14)]]
+#: emulated backends: every width on small grids, 14x14 on two widths
+EVAL32_LIGHT = [(C, g) for C in WIDTHS for g in [(1, 1), (7, 9)]] + [(80, (14, 14)), (320, (14, 14))]
+
+
+@pytest.mark.parametrize("backend, C, grid", backend_cases(BACKEND_NAMES, EVAL32_CASES, EVAL32_LIGHT,
+                                                           dtype=torch.float32))
+def test_eval_float32(backend, C, grid):
     w, x = make(C, *grid, 3)
     with torch.no_grad():
         oracle = reference_group_mix_attention(x, grid, w, default_hyper(C))
-        out = gmf_kernels.group_mix_attention(x.float(), grid, cast_weights(w, torch.float32), backend=backend)
+    out = run_eval(backend, x.float(), grid, cast_weights(w, torch.float32))
     assert out.dtype == torch.float32
     assert_rel(out, oracle, FP32_TOL, f"{backend} eval float32")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("grid", [(7, 9), (14, 14)], ids=gid)
-@pytest.mark.parametrize("C", WIDTHS, ids=lambda c: f"C{c}")
-def test_eval_low_precision(C, grid, dtype):
+LOWP_CASES = [(dt, C, g) for dt in (torch.float16, torch.bfloat16) for C in WIDTHS for g in [(7, 9), (14, 14)]]
+LOWP_LIGHT = [(dt, C, (7, 9)) for dt in (torch.float16, torch.bfloat16) for C in WIDTHS]
+
+
+@pytest.mark.parametrize("backend, dtype, C, grid", backend_cases(CANDIDATES, LOWP_CASES, LOWP_LIGHT,
+                                                                  dtype=torch.float16))
+def test_eval_low_precision(backend, dtype, C, grid):
     w, x = make(C, *grid, 1)
     wl, xl = cast_weights(w, dtype), x.to(dtype)
     with torch.no_grad():
         oracle = reference_group_mix_attention(x, grid, w, default_hyper(C))
         ref_lp = reference_group_mix_attention(xl, grid, wl, default_hyper(C))
-        out = gmf_kernels.group_mix_attention(xl, grid, wl, backend="torch")
+    out = run_eval(backend, xl, grid, wl)
     assert out.dtype == dtype
-    assert_within_reference_error(out, ref_lp, oracle, name=f"torch eval {dtype}")
+    assert_within_reference_error(out, ref_lp, oracle, name=f"{backend} eval {dtype}")
 
 
 # ------------------------------------------------------------------ train
 @pytest.mark.parametrize("B", [1, 3], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("grid", [(1, 1), (7, 9), (5, 11), (14, 14)], ids=gid)
 @pytest.mark.parametrize("C", WIDTHS, ids=lambda c: f"C{c}")
-def test_train_float64(C, grid, B):
+@pytest.mark.parametrize("backend", train_backends(torch.float64))
+def test_train_float64(backend, C, grid, B):
     w, x = make(C, *grid, B)
-    exp = run_train("reference", x, grid, w)
-    got = run_train("torch", x, grid, w)
-    compare_train(got, exp, FP64_TOL, "torch")
+    exp = run_train(ORACLE, x, grid, w)
+    got = run_train(backend, x, grid, w)
+    compare_train(got, exp, FP64_TOL, backend)
     # the running statistics really moved, and w itself was left alone (private copies)
     assert not torch.equal(exp[2]["bn_running_mean[1]"], w.bn_running_mean[1])
     assert int(w.bn_num_batches_tracked[0]) == 0
 
 
-def test_train_float64_56x56():
+@pytest.mark.parametrize("backend", train_backends(torch.float64))
+def test_train_float64_56x56(backend):
     w, x = make(80, 56, 56, 1)
-    compare_train(run_train("torch", x, (56, 56), w), run_train("reference", x, (56, 56), w), FP64_TOL, "torch")
+    compare_train(run_train(backend, x, (56, 56), w), run_train(ORACLE, x, (56, 56), w), FP64_TOL, backend)
 
 
 @pytest.mark.parametrize("C", [40, 240], ids=lambda c: f"C{c}")
-def test_train_without_qkv_bias(C):
+@pytest.mark.parametrize("backend", train_backends(torch.float64))
+def test_train_without_qkv_bias(backend, C):
     w, x = make(C, 7, 9, 2, qkv_bias=False)
-    compare_train(run_train("torch", x, (7, 9), w), run_train("reference", x, (7, 9), w), FP64_TOL, "torch")
+    compare_train(run_train(backend, x, (7, 9), w), run_train(ORACLE, x, (7, 9), w), FP64_TOL, backend)
 
 
 @pytest.mark.parametrize("C", [40, 200, 480], ids=lambda c: f"C{c}")
-def test_train_float32(C):
+@pytest.mark.parametrize("backend", train_backends(torch.float32, BACKEND_NAMES))
+def test_train_float32(backend, C):
     w, x = make(C, 7, 9, 2)
-    exp = run_train("reference", x, (7, 9), w)  # float64 oracle
-    got = run_train("torch", x, (7, 9), w, dtype=torch.float32)
-    compare_train(got, exp, FP32_TOL, "torch float32")
+    exp = run_train(ORACLE, x, (7, 9), w)  # float64 oracle
+    got = run_train(backend, x, (7, 9), w, dtype=torch.float32)
+    compare_train(got, exp, FP32_TOL, f"{backend} float32")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("C", [40, 200, 480], ids=lambda c: f"C{c}")
-def test_train_low_precision(C, dtype):
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(CANDIDATES, [torch.float16, torch.bfloat16],
+                                                                training=True, needs_grad=True))
+def test_train_low_precision(backend, dtype, C):
     """Output and input gradient in train mode within 2x the reference's own error at that dtype."""
     w, x = make(C, 7, 9, 2)
-    oracle = run_train("reference", x, (7, 9), w)
-    ref_lp = run_train("reference", x, (7, 9), w, dtype=dtype)
-    got = run_train("torch", x, (7, 9), w, dtype=dtype)
+    oracle = run_train(ORACLE, x, (7, 9), w)
+    ref_lp = run_train(ORACLE, x, (7, 9), w, dtype=dtype)
+    got = run_train(backend, x, (7, 9), w, dtype=dtype)
     assert got[0].dtype == dtype
     assert_within_reference_error(got[0], ref_lp[0], oracle[0], name=f"train out {dtype}")
     for n in ("x", "qkv_weight", "proj_weight", "pw_weight[2]", "crpe_weight[1]"):
@@ -212,44 +245,47 @@ def test_train_low_precision(C, dtype):
 
 
 @pytest.mark.parametrize("C", [80, 320], ids=lambda c: f"C{c}")
-def test_train_two_steps_update_running_stats_twice(C):
+@pytest.mark.parametrize("backend", train_backends(torch.float64))
+def test_train_two_steps_update_running_stats_twice(backend, C):
     """num_batches_tracked counts calls and the running statistics compound over calls."""
     w, x = make(C, 5, 11, 2)
     states = {}
-    for backend in ("reference", "torch"):
+    for name in (ORACLE, backend):
         wc = cast_weights(w)
         for _ in range(2):
-            gmf_kernels.group_mix_attention(x, (5, 11), wc, training=True, backend=backend)
-        states[backend] = wc
+            gmf_kernels.group_mix_attention(x, (5, 11), wc, training=True, backend=name)
+        states[name] = wc
     for i in range(4):
-        assert int(states["torch"].bn_num_batches_tracked[i]) == 2
-        assert int(states["reference"].bn_num_batches_tracked[i]) == 2
-        assert_rel(states["torch"].bn_running_var[i], states["reference"].bn_running_var[i], FP64_TOL, "var")
-        assert_rel(states["torch"].bn_running_mean[i], states["reference"].bn_running_mean[i], FP64_TOL, "mean")
+        assert int(states[backend].bn_num_batches_tracked[i]) == 2
+        assert int(states[ORACLE].bn_num_batches_tracked[i]) == 2
+        assert_rel(states[backend].bn_running_var[i], states[ORACLE].bn_running_var[i], FP64_TOL, "var")
+        assert_rel(states[backend].bn_running_mean[i], states[ORACLE].bn_running_mean[i], FP64_TOL, "mean")
 
 
 @pytest.mark.parametrize("C", [40, 160], ids=lambda c: f"C{c}")
-def test_eval_gradients_single_call(C):
+@pytest.mark.parametrize("backend", backend_params(CANDIDATES, dtype=torch.float64, needs_grad=True))
+def test_eval_gradients_single_call(backend, C):
     """Eval mode (running statistics) with gradients of the input and every parameter."""
     w, x = make(C, 7, 9, 2)
     res = {}
-    for backend in ("reference", "torch"):
+    for name in (ORACLE, backend):
         wc = leaf_weights(w)
         xx = x.clone().requires_grad_(True)
-        out = gmf_kernels.group_mix_attention(xx, (7, 9), wc, training=False, backend=backend)
+        out = gmf_kernels.group_mix_attention(xx, (7, 9), wc, training=False, backend=name)
         params = named_fields(wc, PARAM_FIELDS)
         grads = torch.autograd.grad(out.square().sum(), [xx] + [t for _, t in params])
-        res[backend] = (out.detach(), dict(zip(["x"] + [n for n, _ in params], grads)))
-    assert_rel(res["torch"][0], res["reference"][0], FP64_TOL, "eval out")
-    for n, g in res["reference"][1].items():
-        assert_rel(res["torch"][1][n], g, FP64_TOL, f"eval grad {n}")
+        res[name] = (out.detach(), dict(zip(["x"] + [n for n, _ in params], grads)))
+    assert_rel(res[backend][0], res[ORACLE][0], FP64_TOL, "eval out")
+    for n, g in res[ORACLE][1].items():
+        assert_rel(res[backend][1][n], g, FP64_TOL, f"eval grad {n}")
 
 
 @pytest.mark.parametrize("first", ["grad", "no_grad", "inference_mode"])
-def test_eval_gradients_repeated_module(first):
+@pytest.mark.parametrize("backend", backend_params(CANDIDATES, dtype=torch.float64, needs_grad=True))
+def test_eval_gradients_repeated_module(backend, first):
     torch.manual_seed(3)
-    m = gmf_kernels.GroupMixAttention(80, 8, qkv_bias=True, backend="torch").double().eval()
-    mr = copy.deepcopy(m).set_backend("reference")
+    m = gmf_kernels.GroupMixAttention(80, 8, qkv_bias=True, backend=backend).double().eval()
+    mr = copy.deepcopy(m).set_backend(ORACLE)
     x = torch.randn(2, 63, 80, dtype=torch.float64)
     if first == "no_grad":
         with torch.no_grad():
@@ -270,7 +306,8 @@ def test_eval_gradients_repeated_module(first):
 # ------------------------------------------------------------------ autocast
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("C", [80, 240], ids=lambda c: f"C{c}")
-def test_autocast_cpu_bfloat16(C, mode):
+@pytest.mark.parametrize("backend", backend_params(CANDIDATES, dtype=torch.bfloat16, training=True, needs_grad=True))
+def test_autocast_cpu_bfloat16(backend, C, mode):
     torch.manual_seed(C)
     base = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True)
     with torch.no_grad():  # realistic BatchNorm statistics
@@ -278,20 +315,20 @@ def test_autocast_cpu_bfloat16(C, mode):
             getattr(base.aggregator, f"norm{i}").running_var.uniform_(0.5, 2.0)
             getattr(base.aggregator, f"norm{i}").running_mean.normal_(0, 0.3)
     x = torch.randn(2, 7 * 9, C)
-    oracle_m = copy.deepcopy(base).double().set_backend("reference").train(mode == "train")
+    oracle_m = copy.deepcopy(base).double().set_backend(ORACLE).train(mode == "train")
     oracle = oracle_m(x.double(), (7, 9)).detach()
     outs = {}
-    for backend in ("torch", "reference"):
-        m = copy.deepcopy(base).set_backend(backend).train(mode == "train")
+    for name in (backend, ORACLE):
+        m = copy.deepcopy(base).set_backend(name).train(mode == "train")
         xx = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = m(xx, (7, 9))
-        assert out.dtype == torch.bfloat16, f"{backend}: autocast output dtype {out.dtype}"
+        assert out.dtype == torch.bfloat16, f"{name}: autocast output dtype {out.dtype}"
         out.float().sum().backward()
         assert torch.isfinite(xx.grad).all() and xx.grad.abs().max() > 0
-        outs[backend] = out.detach()
-    assert_within_reference_error(outs["torch"], outs["reference"], oracle, floor=1e-3, name="torch autocast")
-    assert max_rel_error(outs["torch"], outs["reference"]) < 3e-2
+        outs[name] = out.detach()
+    assert_within_reference_error(outs[backend], outs[ORACLE], oracle, floor=1e-3, name=f"{backend} autocast")
+    assert max_rel_error(outs[backend], outs[ORACLE]) < 3e-2
 
 
 # ------------------------------------------------------------------ robustness
@@ -304,37 +341,52 @@ def _views(x):
     return {"transposed": t, "channel_strided": strided}
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("view", ["transposed", "channel_strided", "batch_expanded"])
-def test_non_contiguous_input(view, mode):
-    C, grid = 80, (5, 11)
+def _non_contiguous(view, C, grid):
     w, x = make(C, *grid, 3)
     if view == "batch_expanded":
-        x = x[:1].expand(3, -1, -1)
-        xv = x
-        x = x.contiguous()
+        xv = x[:1].expand(3, -1, -1)
+        x = xv.contiguous()
     else:
         xv = _views(x)[view]
     assert not xv.is_contiguous() and torch.equal(xv, x)
-    if mode == "eval":
-        with torch.no_grad():
-            ref = reference_group_mix_attention(x, grid, w, default_hyper(C))
-            out = gmf_kernels.group_mix_attention(xv, grid, w, backend="torch")
-        assert_rel(out, ref, FP64_TOL, f"eval {view}")
-    else:
-        compare_train(run_train("torch", xv, grid, w), run_train("reference", x, grid, w), FP64_TOL, view)
+    return w, x, xv
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_two_runs_bit_identical(backend, dtype):
+VIEWS = ["transposed", "channel_strided", "batch_expanded"]
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("backend", eval_backends(torch.float32, CANDIDATES))
+def test_non_contiguous_input_eval(backend, view):
+    C, grid = 80, (5, 11)
+    w, x, xv = _non_contiguous(view, C, grid)
+    with torch.no_grad():
+        ref = reference_group_mix_attention(x, grid, w, default_hyper(C))
+    out = run_eval(backend, xv.float(), grid, cast_weights(w, torch.float32))
+    assert_rel(out, ref, FP32_TOL, f"{backend} eval {view}")
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("backend", train_backends(torch.float64))
+def test_non_contiguous_input_train(backend, view):
+    C, grid = 80, (5, 11)
+    w, x, xv = _non_contiguous(view, C, grid)
+    compare_train(run_train(backend, xv, grid, w), run_train(ORACLE, x, grid, w), FP64_TOL, f"{backend} {view}")
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(BACKEND_NAMES, [torch.float32, torch.float64]))
+def test_two_runs_bit_identical_eval(backend, dtype):
     C, grid = 200, (7, 9)
     w, x = make(C, *grid, 2)
     wd, xd = cast_weights(w, dtype), x.to(dtype)
-    with torch.no_grad():
-        a = gmf_kernels.group_mix_attention(xd, grid, wd, backend=backend)
-        b = gmf_kernels.group_mix_attention(xd, grid, wd, backend=backend)
-    assert torch.equal(a, b)
+    assert torch.equal(run_eval(backend, xd, grid, wd), run_eval(backend, xd, grid, wd))
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(BACKEND_NAMES, [torch.float32, torch.float64],
+                                                                training=True, needs_grad=True))
+def test_two_runs_bit_identical_train(backend, dtype):
+    C, grid = 200, (7, 9)
+    w, x = make(C, *grid, 2)
     r1 = run_train(backend, x, grid, w, dtype)
     r2 = run_train(backend, x, grid, w, dtype)
     assert torch.equal(r1[0], r2[0])
@@ -378,11 +430,25 @@ CHANGES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("change", list(CHANGES))
-def test_folded_cache_invalidated_by_in_place_change(change, dtype):
+CACHE_CASES = backend_dtype_params(CANDIDATES, [torch.float64, torch.float32])
+#: emulated backends: one change per kind of tensor (BN buffer, pointwise, CRPE, .data assignment)
+CHANGES_LIGHT = ["norm0.running_mean", "agg1.pointwise", "crpe.2.weight", "data_assign"]
+
+
+def _change_cases():
+    out = []
+    for p in CACHE_CASES:
+        backend, dtype = p.values
+        light = backend_cases([backend], list(CHANGES), CHANGES_LIGHT, dtype=dtype)
+        out += [pytest.param(backend, dtype, q.values[1], marks=p.marks + q.marks,
+                             id=f"{p.id}-{q.values[1]}") for q in light]
+    return out
+
+
+@pytest.mark.parametrize("backend, dtype, change", _change_cases())
+def test_folded_cache_invalidated_by_in_place_change(backend, dtype, change):
     torch.manual_seed(11)
-    m = gmf_kernels.GroupMixAttention(80, 8, qkv_bias=True, backend="torch").to(dtype).eval()
+    m = gmf_kernels.GroupMixAttention(80, 8, qkv_bias=True, backend=backend).to(dtype).eval()
     _randomize_bn(m)
     x = torch.randn(2, 7 * 9, 80, dtype=dtype)
     with torch.no_grad():
@@ -396,10 +462,10 @@ def test_folded_cache_invalidated_by_in_place_change(change, dtype):
     assert_rel(after, ref, FP64_TOL if dtype == torch.float64 else FP32_TOL, f"after {change}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_folded_cache_invalidated_by_load_state_dict(dtype):
+@pytest.mark.parametrize("backend, dtype", CACHE_CASES)
+def test_folded_cache_invalidated_by_load_state_dict(backend, dtype):
     torch.manual_seed(12)
-    m = gmf_kernels.GroupMixAttention(160, 8, qkv_bias=True, backend="torch").to(dtype).eval()
+    m = gmf_kernels.GroupMixAttention(160, 8, qkv_bias=True, backend=backend).to(dtype).eval()
     other = gmf_kernels.GroupMixAttention(160, 8, qkv_bias=True).to(dtype).eval()
     _randomize_bn(m)
     _randomize_bn(other)
@@ -408,25 +474,27 @@ def test_folded_cache_invalidated_by_load_state_dict(dtype):
         before = m(x, (5, 11))
         m.load_state_dict(other.state_dict())
         after = m(x, (5, 11))
-        expected = other.set_backend("reference")(x, (5, 11))
+        expected = other.set_backend(ORACLE)(x, (5, 11))
     assert max_rel_error(after, before) > 1e-3
     assert_rel(after, expected, FP64_TOL if dtype == torch.float64 else FP32_TOL, "after load_state_dict")
 
 
-def test_folded_cache_follows_train_mode_updates():
-    """A train step updates the BN running statistics; the next eval call must use them."""
+@pytest.mark.parametrize("backend, dtype", CACHE_CASES)
+def test_folded_cache_follows_train_mode_updates(backend, dtype):
+    """A train step (oracle) updates the BN running statistics; the next eval call must use them."""
     torch.manual_seed(13)
-    m = gmf_kernels.GroupMixAttention(80, 8, qkv_bias=True, backend="torch").double().eval()
-    x = torch.randn(2, 63, 80, dtype=torch.float64)
+    m = gmf_kernels.GroupMixAttention(80, 8, qkv_bias=True, backend=backend).to(dtype).eval()
+    x = torch.randn(2, 63, 80, dtype=dtype)
     with torch.no_grad():
         before = m(x, (7, 9))
-        m.train()
+        m.set_backend(ORACLE).train()
         m(x * 3 + 1, (7, 9))
-        m.eval()
+        m.set_backend(backend).eval()
         after = m(x, (7, 9))
-        ref = reference_group_mix_attention(x, (7, 9), m.gma_weights(), m.hyper())
+        ref = reference_group_mix_attention(x.double(), (7, 9), cast_weights(m.gma_weights(), torch.float64),
+                                            m.hyper())
     assert max_rel_error(after, before) > 1e-3
-    assert_rel(after, ref, FP64_TOL, "eval after train step")
+    assert_rel(after, ref, FP64_TOL if dtype == torch.float64 else FP32_TOL, "eval after train step")
 
 
 def test_folded_cache_dtype_switch():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gmf_kernels
-from gmf_kernels.testing import assert_max_rel_close as assert_rel
+from helpers import assert_max_rel_close as assert_rel
 from conftest import golden_path
 
 FP64_TOL = 1e-10

@@ -31,14 +31,16 @@ import torch
 import torch.nn.functional as F
 
 import gmf_kernels.cuda as gcuda
+from gmf_kernels.numerics import cast_weights, default_hyper, max_rel_error, random_gma_weights
+from helpers import assert_close_verbose, assert_within_reference_error
 from gmf_kernels.backends import get_backend, select_backend
 from gmf_kernels.backends import cuda_backend as cb
 from gmf_kernels.backends.base import GMAProblem
 from gmf_kernels.cuda import build as cbuild
-from gmf_kernels.folding import fold_eval
+from gmf_kernels.cuda import launcher as cl
+from gmf_kernels.cuda import op as cop  # noqa: F401  (registers gmf::cuda_pre_projection)
+from gmf_kernels.folding import WEIGHT_NAMES, fold_eval
 from gmf_kernels.reference import reference_group_mix_attention
-from gmf_kernels.testing import (assert_close_verbose, assert_within_reference_error, cast_weights,
-                                 default_hyper, max_rel_error, random_gma_weights)
 
 FP32_TOL = 1e-5
 ARCHS = "80;90"
@@ -102,9 +104,9 @@ def test_module_metadata(mod):
     assert mod.sources_hash() == cbuild.sources_hash()
     assert mod.__sources_hash__ == mod.sources_hash()
     assert mod.build_archs() == "80;90"
-    assert tuple(mod.weight_names()) == cb.WEIGHT_NAMES
+    assert tuple(mod.weight_names()) == WEIGHT_NAMES
     assert list(mod.specialized_head_dims()) == [4, 8, 16, 20, 24, 32, 36, 48]
-    assert dict(mod.DTYPE_CODES) == {str(k).replace("torch.", ""): v for k, v in cb.DTYPE_CODES.items()}
+    assert dict(mod.DTYPE_CODES) == {str(k).replace("torch.", ""): v for k, v in cl.DTYPE_CODES.items()}
 
 
 def test_parse_archs():
@@ -188,8 +190,8 @@ def test_file_lock_is_exclusive(tmp_path):
 
 # ------------------------------------------------------------------ resources
 PTXAS_SAMPLE = """\
-ptxas info    : Compiling entry function '_ZN3gmf17gma_output_kernelIfLi8EEEvNS_9GmaParamsE' for 'sm_90'
-ptxas info    : Function properties for _ZN3gmf17gma_output_kernelIfLi8EEEvNS_9GmaParamsE
+ptxas info    : Compiling entry function '_ZN3gmf20gma_attention_kernelIfLi8EEEvNS_9GmaParamsE' for 'sm_90'
+ptxas info    : Function properties for _ZN3gmf20gma_attention_kernelIfLi8EEEvNS_9GmaParamsE
     16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
 ptxas info    : Used 40 registers, used 1 barriers, 1024 bytes smem, 584 bytes cmem[0]
 """
@@ -199,7 +201,7 @@ def test_parse_ptxas_sample():
     (e,) = cbuild.parse_ptxas(PTXAS_SAMPLE)
     assert (e["arch"], e["registers"], e["stack"], e["spill_stores"], e["spill_loads"], e["static_smem"]) == \
         ("sm_90", 40, 16, 8, 12, 1024)
-    assert "gma_output_kernel" in e["kernel"]
+    assert "gma_attention_kernel" in e["kernel"]
 
 
 @needs_nvcc
@@ -211,7 +213,7 @@ def test_ptxas_resources_parsed(built):
     assert len(rows) == (2 * 3 * 9 + 9) * 2
     for arch in ("sm_80", "sm_90"):
         names = [r["kernel"] for r in rows if r["arch"] == arch]
-        for k in ("gma_aggregate_kernel", "gma_output_kernel", "gma_combine_kernel"):
+        for k in ("gma_aggregate_kernel", "gma_attention_kernel", "gma_combine_kernel"):
             assert any(k in n for n in names), (arch, k)
     for r in rows:
         assert 0 < r["registers"] <= 255, r
@@ -230,18 +232,18 @@ FAKE = 1 << 32  # plausible, never dereferenced: validation fails before any CUD
 
 def _fake_args(C=80, B=2, H=7, W=9, dtype=0):
     """Arguments that pass validation, with fake, disjoint, aligned addresses."""
-    weights = [FAKE + (1 << 24) * (i + 1) for i in range(15)]
-    return dict(qkv=FAKE + (1 << 30), out=FAKE + (2 << 30), workspace=FAKE + (3 << 30),
+    weights = [FAKE + (1 << 24) * (i + 1) for i in range(len(WEIGHT_NAMES))]
+    return dict(qkv=FAKE + (1 << 30), pre=FAKE + (2 << 30), workspace=FAKE + (3 << 30),
                 workspace_bytes=1 << 28, weights=weights, B=B, H=H, W=W, C=C, dtype=dtype,
                 scale=0.3, ln_eps=1e-5)
 
 
 BAD_ARGS = [
     ("qkv null", dict(qkv=0), "qkv is a null pointer"),
-    ("out null", dict(out=0), "out is a null pointer"),
+    ("pre null", dict(pre=0), "pre is a null pointer"),
     ("workspace null", dict(workspace=0), "workspace is a null pointer"),
     ("weight null", "weight_null", "weight dw5 is a null pointer"),
-    ("14 weights", "weights_short", "expected 15 weight pointers"),
+    ("13 weights", "weights_short", "expected 14 weight pointers"),
     ("C not x10", dict(C=45), "multiple of 10"),
     ("C zero", dict(C=0), "multiple of 10"),
     ("C too wide", dict(C=1000), "too wide"),
@@ -252,7 +254,7 @@ BAD_ARGS = [
     ("small workspace", dict(workspace_bytes=100), "workspace has 100 bytes"),
     ("scale nan", dict(scale=float("nan")), "scale must be finite"),
     ("ln_eps zero", dict(ln_eps=0.0), "ln_eps"),
-    ("out overlaps qkv", "out_on_qkv", "out overlaps input qkv"),
+    ("pre overlaps qkv", "pre_on_qkv", "pre overlaps input qkv"),
     ("workspace overlaps weight", "ws_on_weight", "workspace overlaps input pw"),
     ("misaligned pw", "pw_misaligned", "pw must be 16-byte aligned"),
     ("misaligned qkv", dict(qkv=FAKE + (1 << 30) + 1), "qkv is not aligned"),
@@ -265,9 +267,9 @@ def _apply(args, change):
     if change == "weight_null":
         a["weights"][3] = 0
     elif change == "weights_short":
-        a["weights"] = a["weights"][:14]
-    elif change == "out_on_qkv":
-        a["out"] = a["qkv"] + 64
+        a["weights"] = a["weights"][:13]
+    elif change == "pre_on_qkv":
+        a["pre"] = a["qkv"] + 64
     elif change == "ws_on_weight":
         a["workspace"] = a["weights"][5] - 256
     elif change == "pw_misaligned":
@@ -294,6 +296,7 @@ def test_plan_and_workspace_validation(mod):
     p = mod.plan(2, 56, 56, 80, 1)
     assert p["tile"] == (8, 8) and p["tiles"] == (7, 7) and p["aggregate"]["grid"] == 2 * 49
     assert p["combine"]["grid"] == 16 and p["specialized_d"] == 8
+    assert p["attention"]["grid"] == 2 * 49
     assert p["workspace"]["bytes"] == mod.workspace_size(2, 56, 56, 80, 1)
     # workspace = 2 planes of Q/V (fp16) + fp32 partials + fp32 KV, each 256-byte aligned
     assert p["workspace"]["part_offset"] >= 2 * 2 * 3136 * 64 * 2
@@ -302,7 +305,7 @@ def test_plan_and_workspace_validation(mod):
     assert mod.plan(1, 3, 2, 80, 0)["tile"] == (3, 2)       # tile clamped to the image
     for C in (40, 80, 160, 200, 240, 320, 360, 480, 640):
         q = mod.plan(4, 56, 56, C, 0)
-        assert q["aggregate"]["smem"] <= 48 * 1024 and q["output"]["smem"] <= 48 * 1024, (C, q)
+        assert q["aggregate"]["smem"] <= 48 * 1024 and q["attention"]["smem"] <= 48 * 1024, (C, q)
     with pytest.raises(ValueError, match="multiple of 10"):
         mod.workspace_size(1, 7, 7, 85, 0)
     with pytest.raises(ValueError, match="dtype code"):
@@ -332,7 +335,7 @@ def test_backend_unavailable_reasons_on_cpu():
 def test_backend_reports_missing_extension(monkeypatch):
     def missing():
         raise ImportError(f"gmf_kernels CUDA module is not built. Build it with `{BUILD_CMD}`")
-    monkeypatch.setattr(gcuda, "load", missing)
+    monkeypatch.setattr(cl, "load", missing)
     reasons = cb.BACKEND.availability_reasons()
     assert any(BUILD_CMD in r for r in reasons), reasons
 
@@ -369,7 +372,7 @@ class Case:
 
     def weights(self, device="cpu"):
         f = fold_eval(self.w, self.hp, torch.float32)
-        return [t.to(device) for t in cb.flatten_folded(f)], f.ln_eps
+        return [t.to(device) for t in f], self.hp.ln_eps
 
     def reference_lowp(self, dtype):
         _, ext = reference_group_mix_attention(self.x.to(dtype), (self.H, self.W), cast_weights(self.w, dtype),
@@ -380,7 +383,8 @@ class Case:
 def _run(case, dtype, device="cpu", tile=(0, 0), emulate=True):
     ws, eps = case.weights(device)
     out = torch.full((case.B, case.H * case.W, case.C), float("nan"), dtype=dtype, device=device)
-    cb.launch(case.qkv(dtype, device), case.H, case.W, ws, case.hp.scale, eps, out=out, emulate=emulate, tile=tile)
+    cl.launch_pre_projection(case.qkv(dtype, device), case.H, case.W, ws, case.hp.scale, eps, out=out, emulate=emulate,
+                             tile=tile)
     return out
 
 
@@ -447,7 +451,7 @@ def test_emulated_kernels_golden(use_module):
         qkv = F.linear(g["x"], w.qkv_weight, w.qkv_bias).float()
         f = fold_eval(w, hp, torch.float32)
         out = torch.full_like(g["pre_proj"], float("nan"), dtype=torch.float32)
-        cb.launch(qkv, g["H"], g["W"], cb.flatten_folded(f), hp.scale, f.ln_eps, out=out, emulate=True)
+        cl.launch_pre_projection(qkv, g["H"], g["W"], list(f), hp.scale, hp.ln_eps, out=out, emulate=True)
         err = max_rel_error(out, g["pre_proj"])
         assert err <= FP32_TOL, f"golden C={g['dim']} {g['H']}x{g['W']}: {err:.2e}"
 
@@ -458,19 +462,19 @@ def test_python_launcher_checks(use_module):
     ws, eps = case.weights()
     qkv = case.qkv(torch.float32)
     with pytest.raises(TypeError, match="float32"):
-        cb.launch(qkv, 7, 9, [ws[0].double()] + ws[1:], 0.3, eps, emulate=True)
+        cl.launch_pre_projection(qkv, 7, 9, [ws[0].double()] + ws[1:], 0.3, eps, emulate=True)
     with pytest.raises(ValueError, match="shape"):
-        cb.launch(qkv, 7, 9, ws[:2] + [ws[2][:-1]] + ws[3:], 0.3, eps, emulate=True)
+        cl.launch_pre_projection(qkv, 7, 9, ws[:2] + [ws[2][:-1]] + ws[3:], 0.3, eps, emulate=True)
     with pytest.raises(ValueError, match="N=63"):
-        cb.launch(qkv, 9, 9, ws, 0.3, eps, emulate=True)
+        cl.launch_pre_projection(qkv, 9, 9, ws, 0.3, eps, emulate=True)
     with pytest.raises(TypeError, match="dtype"):
-        cb.launch(qkv.double(), 7, 9, ws, 0.3, eps, emulate=True)
+        cl.launch_pre_projection(qkv.double(), 7, 9, ws, 0.3, eps, emulate=True)
     with pytest.raises(TypeError, match="expected a cuda tensor"):
-        cb.launch(qkv, 7, 9, ws, 0.3, eps)  # the GPU path refuses CPU tensors
+        cl.launch_pre_projection(qkv, 7, 9, ws, 0.3, eps)  # the GPU path refuses CPU tensors
     # non-contiguous qkv is copied, not misread
     wide = torch.cat([qkv, qkv], dim=-1)[..., :240]
     assert not wide.is_contiguous()
-    out = cb.launch(wide, 7, 9, ws, case.hp.scale, eps, emulate=True)
+    out = cl.launch_pre_projection(wide, 7, 9, ws, case.hp.scale, eps, emulate=True)
     assert max_rel_error(out, case.pre) <= FP32_TOL
 
 
@@ -543,9 +547,9 @@ def test_gpu_op_rejects_bad_inputs():
     ws, eps = case.weights("cuda")
     qkv = case.qkv(torch.float32, "cuda")
     with pytest.raises(TypeError, match="is on"):
-        torch.ops.gmf.cuda_pre_projection(qkv, 7, 9, *([ws[0].cpu()] + ws[1:]), 0.3, eps)
+        torch.ops.gmf.cuda_pre_projection(qkv, 7, 9, [ws[0].cpu()] + ws[1:], 0.3, eps)
     with pytest.raises(ValueError, match="N=63"):
-        torch.ops.gmf.cuda_pre_projection(qkv, 8, 9, *ws, 0.3, eps)
+        torch.ops.gmf.cuda_pre_projection(qkv, 8, 9, ws, 0.3, eps)
 
 
 # ------------------------------------------------------------------ torch.library op (CPU-traceable)
@@ -553,7 +557,7 @@ def test_op_fake_implementation_on_meta_tensors():
     case_w = random_gma_weights(80, seed=0, dtype=torch.float32)
     f = fold_eval(case_w, default_hyper(80), torch.float32)
     qkv = torch.empty(2, 63, 240, device="meta", dtype=torch.bfloat16)
-    out = torch.ops.gmf.cuda_pre_projection(qkv, 7, 9, *[t.to("meta") for t in cb.flatten_folded(f)], 0.3, 1e-5)
+    out = torch.ops.gmf.cuda_pre_projection(qkv, 7, 9, [t.to("meta") for t in f], 0.3, 1e-5)
     assert out.shape == (2, 63, 80) and out.dtype == torch.bfloat16 and out.device.type == "meta"
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import gmf_kernels
+from gmf_kernels.numerics import cast_weights, random_gma_weights
 from gmf_kernels import selfcheck
 from gmf_kernels.backends import BACKEND_NAMES, GMAProblem, get_backend, select_backend
-from gmf_kernels.testing import cast_weights, random_gma_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import gmf_kernels as gmf
-from gmf_kernels.testing import assert_close_verbose, max_rel_error
+from gmf_kernels.numerics import max_rel_error
+from helpers import assert_close_verbose
 
 from conftest import golden_path
 

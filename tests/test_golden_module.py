@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import gmf_kernels
-from gmf_kernels.testing import assert_max_rel_close
+from helpers import assert_max_rel_close
 from conftest import golden_path
 from gmf_kernels.reference import reference_group_mix_attention
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import gmf_kernels
-from gmf_kernels.testing import assert_max_rel_close as assert_rel
-from gmf_kernels.testing import max_rel_error
+from gmf_kernels.numerics import max_rel_error
+from helpers import assert_max_rel_close as assert_rel
 
 FP64_TOL = 1e-10
 TINY = dict(embedding_dims=[40, 40, 80, 80], serial_depths=[1, 1, 1, 1], mlp_ratios=[4, 4, 2, 2])

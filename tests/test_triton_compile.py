@@ -50,9 +50,9 @@ def compiled(tmp_path_factory):
 
 
 def test_every_specialisation_listed(compiled):
-    from gmf_kernels.triton_kernels.config import MODEL_WIDTHS
+    from gmf_kernels.models.configs import MODEL_WIDTHS
     from gmf_kernels.triton_kernels.specializations import all_specializations
-    specs = all_specializations()
+    specs = all_specializations(MODEL_WIDTHS)
     assert len(compiled) == len(specs) * len(ARCHS)
     for kernel in ("aggregate", "attention"):
         for dt in ("fp32", "fp16", "bf16"):
@@ -78,8 +78,8 @@ _TRACE_SCRIPT = r"""
 import json, sys, torch
 from torch._dynamo.backends.common import aot_autograd
 from gmf_kernels.backends.triton_backend import BACKEND
-from gmf_kernels.testing import random_gma_weights, default_hyper, cast_weights
-from gmf_kernels.triton_kernels import ops
+from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
+from gmf_kernels.triton_kernels import op
 
 C, H, W = 80, 7, 9
 w = cast_weights(random_gma_weights(C, seed=0), torch.float32)
@@ -103,7 +103,7 @@ except RuntimeError as e:
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 kernels = [kernel_side_table.get_kernel(kw["kernel_idx"]).fn.__name__
            for g in graphs for t, kw in g if "triton_kernel_wrapper" in t]
-print(json.dumps({"registration": ops.REGISTRATION, "kernels": kernels, "graphs": len(graphs), "error": err}))
+print(json.dumps({"registration": op.REGISTRATION, "kernels": kernels, "graphs": len(graphs), "error": err}))
 """
 
 
@@ -121,5 +121,5 @@ def test_triton_op_traces_into_kernels():
     if res["registration"] != "triton_op":
         pytest.skip(f"torch {__import__('torch').__version__} has no torch.library.triton_op")
     assert res["graphs"] == 1, res
-    assert res["kernels"] == ["gma_aggregate_kernel", "gma_kv_combine_kernel", "gma_attention_kernel"], res
+    assert res["kernels"] == ["gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel"], res
     assert "traced only" in res["error"], res

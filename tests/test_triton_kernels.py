@@ -6,7 +6,7 @@ below before Triton is imported) on CPU tensors; with CUDA they run on the GPU.
 Oracle: the reference in float64 (and the golden vectors of the upstream code).
 fp32: max |diff| / max |expected| <= 1e-5. fp16/bf16: error <= 2 x the reference's own
 error at that dtype + 1e-5 (flash-attention's rule, `assert_within_reference_error`).
-Every buffer the kernels use is allocated filled with NaN (ops.POISON_BUFFERS), so an
+Every buffer the kernels use is allocated filled with NaN (launcher.POISON_BUFFERS), so an
 element a kernel forgets to write, or reads before it is written, fails the test.
 """
 import os
@@ -25,13 +25,15 @@ import torch.nn.functional as F  # noqa: E402
 from gmf_kernels.backends.base import GMAProblem  # noqa: E402
 from gmf_kernels.backends.triton_backend import BACKEND  # noqa: E402
 from gmf_kernels.folding import folded_weights  # noqa: E402
+from gmf_kernels.models.configs import MODEL_WIDTHS  # noqa: E402
+from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights  # noqa: E402
 from gmf_kernels.reference import reference_group_mix_attention  # noqa: E402
-from gmf_kernels.testing import (assert_within_reference_error,  # noqa: E402
-                                 cast_weights, default_hyper, random_gma_weights, weights_from_state_dict)
-from gmf_kernels.testing import assert_max_rel_close as _assert_rel  # noqa: E402
-from gmf_kernels.triton_kernels import aggregation, attention, ops  # noqa: E402
-from gmf_kernels.triton_kernels.config import MODEL_WIDTHS, gma_shape  # noqa: E402
+from gmf_kernels.triton_kernels import aggregation, attention, launcher, op  # noqa: E402
+from gmf_kernels.triton_kernels.config import gma_shape  # noqa: E402
 from gmf_kernels.weights import GMAHyper  # noqa: E402
+from helpers import assert_within_reference_error, weights_from_state_dict  # noqa: E402
+from helpers import assert_max_rel_close as _assert_rel  # noqa: E402
+from conftest import GOLDEN_DIR  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -39,12 +41,12 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("no CUDA device and TRITON_INTERPRET is off", allow_module_level=True)
 
 FP32_TOL = 1e-5
-GOLDEN = "/work/shared/golden/gma_module.pt"
+GOLDEN = os.path.join(GOLDEN_DIR, "gma_module.pt")
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(ops, "POISON_BUFFERS", True)
+    monkeypatch.setattr(launcher, "POISON_BUFFERS", True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
@@ -120,9 +122,8 @@ def test_aggregation_kernel(C):
     q, v, pre = _nan((B, N, case.cp), torch.float32), _nan((B, N, case.cp), torch.float32), _nan((B, N, C), torch.float32)
     pm, pl = _nan((B, splits, case.cp), torch.float32), _nan((B, splits, case.cp), torch.float32)
     pacc = _nan((B, splits, case.cp, case.d), torch.float32)
-    aggregation.launch_aggregate(aggregation.gma_aggregate_kernel, qkv, case.H, case.W, shape, tps, f.bn0_scale,
-                                 f.bn0_shift, f.dw[0], f.dw[1], f.dw[2], f.pw, f.pw_bias, f.local_dw,
-                                 f.local_pw, f.ln_weight, f.ln_bias, f.ln_eps, q, v, pre, pm, pl, pacc)
+    aggregation.launch_aggregate(aggregation.gma_aggregate_kernel, qkv, case.H, case.W, f, case.hp.ln_eps, shape,
+                                 tps, q, v, pre, pm, pl, pacc)
     _assert_rel(q, case.Q, FP32_TOL, "Q proxies")
     _assert_rel(v, case.V, FP32_TOL, "V proxies")
     _assert_rel(pre[..., case.cp:], case.local, FP32_TOL, "local branch")
@@ -141,7 +142,7 @@ def test_combine_and_attention_kernels(C):
     B, N = case.B, case.H * case.W
     m, l, acc = (t.to(DEVICE, torch.float32).contiguous() for t in case.partials(shape.AGG_BLOCK_P))
     kv = _nan((B, case.cp, case.d), torch.float32)
-    attention.launch_combine(attention.gma_kv_combine_kernel, m, l, acc, kv, shape)
+    attention.launch_combine(attention.gma_combine_kernel, m, l, acc, kv, shape)
     _assert_rel(kv, case.KV, FP32_TOL, "KV = softmax_N(K)^T V")
 
     f = case.folded(torch.float32)
@@ -149,8 +150,7 @@ def test_combine_and_attention_kernels(C):
     q = case.Q.to(DEVICE, torch.float32).contiguous()
     v = case.V.to(DEVICE, torch.float32).contiguous()
     attention.launch_attention(attention.gma_attention_kernel, q, v, case.KV.to(DEVICE, torch.float32).contiguous(),
-                               pre, f.crpe_w[0], f.crpe_w[1], f.crpe_w[2], f.crpe_b, case.H, case.W,
-                               case.hp.scale, shape)
+                               pre, f, case.H, case.W, case.hp.scale, shape)
     _assert_rel(pre[..., :case.cp], case.pre[..., :case.cp], FP32_TOL, "scale*Q KV + Q*CRPE(V)")
     assert torch.isnan(pre[..., case.cp:]).all(), "attention kernel wrote into the local-branch channels"
 
@@ -213,8 +213,8 @@ def test_gpu_tile_sizes(C):
     case = Case(C, H, H, 1, seed=C + 11)
     shape = gma_shape(C)  # the GPU specialisation
     assert shape.num_tiles(H * H) >= 4 and (C < 480 or shape.CK < shape.S_PAD)
-    r = ops.run_stages(case.qkv(torch.float32), case.H, case.W, *ops.folded_args(case.folded(torch.float32)),
-                       case.hp.scale, case.hp.ln_eps, shape=shape)
+    r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
+                                       case.hp.scale, case.hp.ln_eps, shape=shape)
     for name, t in r.items():
         assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
     _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
@@ -229,8 +229,8 @@ def test_split_plans(split_target):
     (combine only): same result. 11x11 tokens in tiles of 32 -> 4 tiles, the last ragged."""
     case = Case(80, 11, 11, 2, seed=31)
     shape = gma_shape(80, agg_block_p=32, interpreter=INTERPRET, split_target=split_target)
-    r = ops.run_stages(case.qkv(torch.float32), case.H, case.W, *ops.folded_args(case.folded(torch.float32)),
-                       case.hp.scale, case.hp.ln_eps, shape=shape)
+    r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
+                                       case.hp.scale, case.hp.ln_eps, shape=shape)
     assert r["part_m"].shape[1] == (1 if split_target == 1 else 4)
     _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
     _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
@@ -247,7 +247,7 @@ def test_poison_does_not_change_result(monkeypatch):
     """Same bits with NaN-filled and with uninitialised buffers: nothing reads unwritten memory."""
     case = Case(40, 5, 11, 1, seed=9)
     a = _forward(case, torch.float32)
-    monkeypatch.setattr(ops, "POISON_BUFFERS", False)
+    monkeypatch.setattr(launcher, "POISON_BUFFERS", False)
     b = _forward(case, torch.float32)
     assert not torch.isnan(a).any()
     assert torch.equal(a, b)
@@ -316,25 +316,30 @@ def test_op_rejects_bad_inputs():
     f = case.folded(torch.float32)
     qkv = case.qkv(torch.float32)
     with pytest.raises(ValueError):
-        torch.ops.gmf.triton_pre_projection(qkv, 3, 4, *ops.folded_args(f), 1.0, 1e-5)
+        torch.ops.gmf.triton_pre_projection(qkv, 3, 4, list(f), 1.0, 1e-5)
     with pytest.raises(TypeError):
-        torch.ops.gmf.triton_pre_projection(qkv.double(), 3, 3, *ops.folded_args(f), 1.0, 1e-5)
+        torch.ops.gmf.triton_pre_projection(qkv.double(), 3, 3, list(f), 1.0, 1e-5)
+    with pytest.raises(ValueError, match="expected 14 folded weight tensors"):
+        torch.ops.gmf.triton_pre_projection(qkv, 3, 3, list(f)[:-1], 1.0, 1e-5)
+    with pytest.raises(ValueError, match="weight pw has shape"):
+        torch.ops.gmf.triton_pre_projection(qkv, 3, 3, [t[..., :-1] if n == "pw" else t
+                                                        for n, t in zip(f._fields, f)], 1.0, 1e-5)
 
 
 def test_opcheck():
     """Schema, fake (meta) implementation and dispatch of gmf::triton_pre_projection."""
     case = Case(40, 3, 4, 1)
     f = case.folded(torch.float32)
-    args = (case.qkv(torch.float32), 3, 4, *ops.folded_args(f), case.hp.scale, 1e-5)
+    args = (case.qkv(torch.float32), 3, 4, list(f), case.hp.scale, 1e-5)
     torch.library.opcheck(torch.ops.gmf.triton_pre_projection.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def test_torch_compile_fullgraph():
     if INTERPRET:
-        # Under the interpreter the op is a custom_op (opaque node; see ops.py): Inductor
+        # Under the interpreter the op is a custom_op (opaque node; see op.py): Inductor
         # compiles the linears around it, the kernels still run through the interpreter.
-        assert ops.REGISTRATION == "custom_op"
+        assert op.REGISTRATION == "custom_op"
     case = Case(80, 7, 9, 1, seed=21)
     w = case.weights(torch.float32)
 

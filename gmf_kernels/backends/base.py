@@ -1,18 +1,33 @@
-"""What a backend is: a name, what it supports (as data), and a forward.
+"""What a backend is: a name, what it supports (as data), and its pre-projection.
 
-A backend receives validated tokens and the layer's weights and returns the
-attention output. `not_supported_reasons(problem)` lists every reason it cannot
-run a given problem; an empty list means it can.
+Every backend computes the same layer in the same three steps, written once here
+(`Backend.forward`)::
+
+    qkv = project_qkv(x)                       the qkv linear (cuBLAS / oneDNN)
+    pre = pre_projection(qkv, (H, W), ...)     the backend's own part: steps 2-9 of GMA_SPEC §1
+    out = F.linear(pre, proj.weight, proj.bias)
+
+A backend implements `pre_projection` (and may lay out `project_qkv`'s output its own
+way, as the torch backend does). The fused backends share `FusedBackend.pre_projection`:
+fold the BatchNorms into the kernels' weights (`folding.py`), then call their
+`torch.library` op (`gmf::triton_pre_projection`, `gmf::cuda_pre_projection`).
+
+`not_supported_reasons(problem)` lists every reason a backend cannot run a problem; an
+empty list means it can. The fields of `Backend` are the declared support, as data.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import FrozenSet, List, Optional, Tuple
+from typing import Callable, FrozenSet, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
+from ..folding import folded_weights
 from ..weights import GMAHyper, GMAWeights
+
+Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -30,6 +45,9 @@ class GMAProblem:
     needs_grad: bool
     explicit: bool = False  # the caller named this backend (vs. "auto")
     uniform_bn: bool = True  # the 4 aggregator BatchNorms share mode, eps and momentum
+    device_index: Optional[int] = None  # CUDA device of the input
+    #: (major, minor) compute capability of that CUDA device; None off CUDA or when unknown
+    device_capability: Optional[Tuple[int, int]] = None
 
     @property
     def N(self) -> int:
@@ -48,7 +66,7 @@ class GMAProblem:
 
 @dataclass
 class Backend:
-    """Base class: subclasses set the support fields and implement forward()."""
+    """Base class: subclasses set the support fields and implement pre_projection()."""
 
     name: str = "base"
     dtypes: FrozenSet[torch.dtype] = frozenset()
@@ -60,6 +78,9 @@ class Backend:
     #: False until the backend's parity has been measured on real GPU hardware. `auto` then
     #: skips it on CUDA (an explicit choice, or GMF_AUTO_UNVERIFIED=1, still runs it).
     verified_on_gpu: bool = True
+    #: True when it runs on a CPU only through an interpreter or emulation (orders of magnitude
+    #: slower than its GPU path): `auto` never picks it there, and test sweeps are thinned.
+    emulated_on_cpu: bool = False
 
     def availability_reasons(self) -> List[str]:
         """Reasons this backend cannot run at all here (missing package, build, ...)."""
@@ -88,6 +109,39 @@ class Backend:
             reasons.append(f"head width d={p.head_dim} not supported (supports {sorted(self.head_dims)})")
         return reasons
 
-    def forward(self, x: torch.Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
-                training: bool) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError(f"backend {self.name!r} has no forward")
+    # ------------------------------------------------------------------ the computation
+    def forward(self, x: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, training) -> Tensor:
+        """x (B, N, C) -> out (B, N, C): the qkv linear, this backend's pre-projection, the output linear."""
+        qkv = self.project_qkv(x, w, hp, training)
+        pre = self.pre_projection(qkv, size, w, hp, training)
+        return F.linear(pre, w.proj_weight, w.proj_bias)
+
+    def project_qkv(self, x: Tensor, w: GMAWeights, hp: GMAHyper, training) -> Tensor:
+        """The qkv linear, (B, N, 3C) in upstream's channel order (q | k | v, segments 0..4 each)."""
+        return F.linear(x, w.qkv_weight, w.qkv_bias)
+
+    def pre_projection(self, qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
+                       training) -> Tensor:  # pragma: no cover - interface
+        """qkv (as project_qkv returns it) -> pre-projection tokens (B, N, C) = [A | L]."""
+        raise NotImplementedError(f"backend {self.name!r} has no pre_projection")
+
+
+@dataclass
+class FusedBackend(Backend):
+    """A backend whose pre-projection is one torch.library op over the folded weights.
+
+    Subclasses name their op (`op`, a callable taking qkv, H, W, the folded weights as a
+    list in `folding.WEIGHT_NAMES` order, scale and ln_eps); this class folds the eval-mode
+    BatchNorms (cached per layer) and calls it.
+    """
+
+    def op(self) -> Callable[..., Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError(f"backend {self.name!r} names no op")
+
+    def pre_projection(self, qkv, size, w, hp, training):
+        if training:
+            raise ValueError(f"the {self.name} backend runs eval mode only (BatchNorm folded from running "
+                             f"statistics); use the torch backend to train")
+        H, W = size
+        folded = folded_weights(w, hp, qkv.dtype)
+        return self.op()(qkv, int(H), int(W), list(folded), float(hp.scale), float(hp.ln_eps))

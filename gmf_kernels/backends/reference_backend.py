@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import reference_group_mix_attention
+from ..reference import reference_pre_projection
 from .base import Backend
 
 
 class ReferenceBackend(Backend):
-    def forward(self, x, size, w, hp, training):
-        return reference_group_mix_attention(x, size, w, hp, training)
+    def pre_projection(self, qkv, size, w, hp, training):
+        return reference_pre_projection(qkv, size, w, hp, training)[0]
 
 
 BACKEND = ReferenceBackend(

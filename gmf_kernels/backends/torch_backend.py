@@ -2,7 +2,7 @@
 
 Same function as the reference, in fewer and larger calls and without split/cat copies:
 
-* The rows of the qkv weight are permuted (once, cached) so that the projection comes
+* `project_qkv`: the rows of the qkv weight are permuted (once, cached) so that the projection comes
   out **segment-major**: channels [seg0 q,k,v | seg1 q,k,v | ... | seg4 q,k,v]. Read as a
   channels-last image (a free view of the (B, N, 15s) tokens), every segment is then a
   contiguous channel range and no split/cat/permute is ever materialised.
@@ -38,8 +38,6 @@ def _pad_to7(k: Tensor) -> Tensor:
 
 
 class _Packed(NamedTuple):
-    qkv_weight: Tensor      # (3C, C), rows segment-major
-    qkv_bias: Tensor        # (3C) or None
     dw: Tensor              # (15s, 1, 7, 7)
     pw: Tensor              # (15s, s, 1, 1): groups of s
     pw_bias: Tensor         # (15s) or None (training: no fold)
@@ -52,11 +50,17 @@ def _segment_major(C: int, s: int, device) -> Tensor:
     return torch.arange(3 * C, device=device).view(3, 5, s).transpose(0, 1).reshape(-1)
 
 
+def _segment_major_qkv(w: GMAWeights, dtype: torch.dtype):
+    """The qkv weight and bias with their rows in segment-major order, in `dtype`."""
+    perm = _segment_major(w.dim, w.dim // 5, w.qkv_weight.device)
+    bias = None if w.qkv_bias is None else w.qkv_bias[perm].to(dtype)
+    return w.qkv_weight[perm].to(dtype).contiguous(), bias
+
+
 def _pack(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype, fold_bn: bool) -> _Packed:
     C = w.dim
     s = C // 5
     dev = w.qkv_weight.device
-    perm = _segment_major(C, s, dev)
     cd = torch.float64 if dtype == torch.float64 else torch.float32
     eye = torch.eye(s, device=dev, dtype=cd)
     centre = torch.zeros(s, 1, 7, 7, device=dev, dtype=cd)
@@ -76,15 +80,18 @@ def _pack(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype, fold_bn: bool) -> _Pa
         pw_bias = None
     pw = torch.cat([m.repeat(3, 1) for m in seg_w] + local_blocks)[:, :, None, None]  # (15s,s,1,1)
     cast = lambda t: None if t is None else t.to(dtype).contiguous()
-    return _Packed(cast(w.qkv_weight[perm]), cast(None if w.qkv_bias is None else w.qkv_bias[perm]),
-                   cast(dw), cast(pw), cast(pw_bias),
+    return _Packed(cast(dw), cast(pw), cast(pw_bias),
                    cast(torch.cat([_pad_to7(k.to(cd)) for k in w.crpe_weight])),
                    cast(torch.cat(list(w.crpe_bias)).to(cd)))
 
 
-def _pack_no_grad(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype) -> _Packed:
+def _no_grad(fn, *args):
     with torch.no_grad():
-        return _pack(w, hp, dtype, fold_bn=True)
+        return fn(*args)
+
+
+def _needs_grad(t: Tensor, w: GMAWeights) -> bool:
+    return torch.is_grad_enabled() and (t.requires_grad or any(p.requires_grad for p in w.tensors()))
 
 
 def _batch_norm_train(z: Tensor, w: GMAWeights, hp: GMAHyper) -> Tensor:
@@ -108,19 +115,18 @@ def _batch_norm_train(z: Tensor, w: GMAWeights, hp: GMAHyper) -> Tensor:
     return y
 
 
-def torch_group_mix_attention(x: Tensor, size, w: GMAWeights, hp: GMAHyper, training: bool) -> Tensor:
-    B, N, C = x.shape
+def torch_pre_projection(t: Tensor, size, w: GMAWeights, hp: GMAHyper, training: bool) -> Tensor:
+    """Segment-major qkv t (B, N, 15s) -> pre-projection tokens (B, N, C)."""
+    B, N, C3 = t.shape
     H, W = size
-    s = C // 5
+    s = C3 // 15
     cp = 4 * s
     d = cp // hp.num_heads
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in w.tensors()))
-    if training or needs_grad:
-        pk = _pack(w, hp, x.dtype, fold_bn=not training)  # differentiable: rebuilt every call
+    if training or _needs_grad(t, w):
+        pk = _pack(w, hp, t.dtype, fold_bn=not training)  # differentiable: rebuilt every call
     else:
-        pk = cached_derived(w, ("torch-packed", x.dtype, hp), lambda: _pack_no_grad(w, hp, x.dtype))
+        pk = cached_derived(w, ("torch-packed", t.dtype, hp), lambda: _no_grad(_pack, w, hp, t.dtype, True))
 
-    t = F.linear(x, pk.qkv_weight, pk.qkv_bias)                                   # (B, N, 15s)
     img = t.view(B, H, W, 15 * s).permute(0, 3, 1, 2)                              # channels-last view
     z = F.conv2d(img, pk.dw, None, padding=3, groups=15 * s)                       # channels-last out
     z = z.permute(0, 2, 3, 1).reshape(B * N, 15, s)                                # free when channels-last
@@ -147,12 +153,20 @@ def torch_group_mix_attention(x: Tensor, size, w: GMAWeights, hp: GMAHyper, trai
     conv_v = F.conv2d(v_img, pk.crpe_w, pk.crpe_b, padding=3, groups=cp)
     conv_v = conv_v.permute(0, 2, 3, 1).reshape(B, N, 4, 2, d)
     A = (hp.scale * E + Q * conv_v).reshape(B, N, cp)
-    return F.linear(torch.cat([A, loc], dim=-1), w.proj_weight, w.proj_bias)
+    return torch.cat([A, loc], dim=-1)
 
 
 class TorchBackend(Backend):
-    def forward(self, x, size, w, hp, training):
-        return torch_group_mix_attention(x, size, w, hp, training)
+    def project_qkv(self, x, w, hp, training):
+        """The qkv linear with its rows permuted to segment-major order (see the module docstring)."""
+        if _needs_grad(x, w):
+            weight, bias = _segment_major_qkv(w, x.dtype)  # differentiable gather
+        else:
+            weight, bias = cached_derived(w, ("torch-qkv", x.dtype), lambda: _no_grad(_segment_major_qkv, w, x.dtype))
+        return F.linear(x, weight, bias)
+
+    def pre_projection(self, qkv, size, w, hp, training):
+        return torch_pre_projection(qkv, size, w, hp, training)
 
 
 BACKEND = TorchBackend(

@@ -1,10 +1,12 @@
-"""Backend "triton": the eval-mode fused stage as three Triton kernels (forward only).
+"""Backend "triton": support as data, and its pre-projection = the ``gmf::triton_pre_projection`` op.
 
-    qkv = F.linear(x, Wqkv, bqkv)                        (cuBLAS / oneDNN)
-    pre = gmf::triton_pre_projection(qkv, H, W, folded)  (aggregation, KV combine, attention)
+    qkv = F.linear(x, Wqkv, bqkv)                                   Backend.forward (base.py)
+    pre = torch.ops.gmf.triton_pre_projection(qkv, H, W, folded, scale, ln_eps)
+              op + autograd:  gmf_kernels/triton_kernels/op.py
+              launcher:       gmf_kernels/triton_kernels/launcher.py
+              kernels:        gmf_kernels/triton_kernels/aggregation.py, attention.py
     out = F.linear(pre, Wproj, bproj)
 
-The kernels live in `gmf_kernels.triton_kernels` (see its docstring for the data flow).
 Triton is imported only when this backend first runs: importing this module never
 fails without Triton; `availability_reasons()` says why instead.
 
@@ -19,10 +21,8 @@ from functools import lru_cache
 from typing import List
 
 import torch
-import torch.nn.functional as F
 
-from ..folding import folded_weights
-from .base import Backend, GMAProblem
+from .base import FusedBackend, GMAProblem
 
 
 def _interpreting() -> bool:
@@ -39,7 +39,7 @@ def _triton_import_error() -> str:
     return ""
 
 
-class TritonBackend(Backend):
+class TritonBackend(FusedBackend):
     def availability_reasons(self) -> List[str]:
         err = _triton_import_error()
         return [err] if err else []
@@ -60,15 +60,9 @@ class TritonBackend(Backend):
             reasons.append(f"C={p.dim}: the kernels need C a multiple of 10 (heads of d = C'/8)")
         return reasons
 
-    def forward(self, x, size, w, hp, training):
-        if training:
-            raise ValueError("the triton backend is eval-only (BatchNorm folded); use the torch backend")
-        H, W = size
-        qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
-        f = folded_weights(w, hp, x.dtype)
-        from ..triton_kernels.ops import pre_projection  # lazy: Triton loads on first use
-        pre = pre_projection(qkv, H, W, f, hp.scale)
-        return F.linear(pre, w.proj_weight, w.proj_bias)
+    def op(self):
+        from ..triton_kernels import op  # noqa: F401  (lazy: Triton loads on first use; registers the op)
+        return torch.ops.gmf.triton_pre_projection
 
 
 BACKEND = TritonBackend(
@@ -78,4 +72,5 @@ BACKEND = TritonBackend(
     supports_training=False,
     supports_grad=False,
     verified_on_gpu=False,  # parity so far only through the interpreter + AOT compiles: README "Verification status"
+    emulated_on_cpu=True,   # the Triton interpreter
 )

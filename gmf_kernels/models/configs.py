@@ -14,6 +14,15 @@ MODEL_CONFIGS = {
                              mlp_ratios=[4, 4, 2, 2], drop_path_rate=0.1),
 }
 
+#: every GMA width of the released models, ascending (40, 80, 160, 200, 240, 320, 360, 480)
+MODEL_WIDTHS = tuple(sorted({c for cfg in MODEL_CONFIGS.values() for c in cfg["embedding_dims"]}))
+
+
+def widths_by_model():
+    """model name -> its four GMA widths."""
+    return {name: tuple(cfg["embedding_dims"]) for name, cfg in MODEL_CONFIGS.items()}
+
+
 #: Upstream's names and short forms.
 ALIASES = {
     "groupmixformer_miny": "groupmixformer_m", "groupmixformer_tiny": "groupmixformer_t",

@@ -6,17 +6,17 @@ of BLOCK_P consecutive tokens, and the tiles into SPLITS contiguous runs of
 the GPU; with a large one SPLITS is 1 or 2). Program (split, job, b) walks its run of
 tiles of image b for one *job*, i.e. one disjoint channel slice of the (B, N, 3C) qkv:
 
-* job 0: segment 0 of q, k, v:  ``hardswish(t * bn0_scale + bn0_shift)`` (no halo).
-* job j = 1, 2, 3: segment j of q, k, v: depthwise (2j+1)x(2j+1) (halo j rows/cols),
-  then the s x s pointwise with BatchNorm folded, as ``tl.dot`` into each head's d
-  outputs, + bias + hardswish.
+* job 0: segment 0 of q, k, v:  ``hardswish(t * bn_scale[0] + bn_shift[0])`` (no halo).
+* job j = 1, 2, 3: segment j of q, k, v: depthwise (2j+1)x(2j+1) (``dw3``/``dw5``/``dw7``,
+  halo j rows/cols), then the s x s pointwise ``pw[j-1]`` as ``tl.dot`` into each head's d
+  outputs, then the BatchNorm affine ``* bn_scale[j] + bn_shift[j]`` and hardswish.
 * job 4: the local branch: depthwise 3x3 over segment 4 of q, k, v (the 3s stacked
   channels), 3s -> s pointwise (accumulated ``tl.dot``), LayerNorm, hardswish, stored
   straight into channels [C', C) of ``pre``.
 
 So every qkv element is read by exactly one job (plus the stencil halo, through cache),
 and no split/cat/permute copy ever exists. Segment j holds heads 2j and 2j+1; per head
-the job stores the Q and V proxies (x.dtype, channel head*d + i of ``q_out``/``v_out``)
+the job stores the Q and V proxies (x.dtype, channel head*d + i of ``q``/``v``)
 and, instead of K, runs the softmax over tokens as an online reduction (FlashAttention's
 rescaling, applied along N) over the tiles it visits, in registers:
 
@@ -26,7 +26,7 @@ rescaling, applied along N) over the tiles it visits, in registers:
 
 and stores (M, L, ACC) once per split, fp32, at ``part_m/part_l[b, split, head*d + i]`` and
 ``part_acc[b, split, head*d + i, k]``. K never reaches memory;
-``attention.gma_kv_combine_kernel`` merges the SPLITS partials with the same rescaling.
+``attention.gma_combine_kernel`` merges the SPLITS partials with the same rescaling.
 """
 from __future__ import annotations
 
@@ -82,16 +82,16 @@ def _segment0_head(qkv_b, q_b, v_b, a, sh, ch, m2, n, pmask, stride_n, M, L, ACC
 
 
 @triton.jit
-def _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, a_ptr, sh_ptr, split, t0, t1, N, W, stride_n,
+def _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, bn_scale, bn_shift, split, t0, t1, N, W, stride_n,
               C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
               BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr):
-    """Segment 0: hardswish(BN0(t)) per channel, no stencil."""
+    """Segment 0: hardswish(t * bn_scale[0] + bn_shift[0]) per channel, no stencil."""
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
-    a0 = tl.load(a_ptr + kk, mask=kmask, other=0.0)[None, :]
-    s0 = tl.load(sh_ptr + kk, mask=kmask, other=0.0)[None, :]
-    a1 = tl.load(a_ptr + D + kk, mask=kmask, other=0.0)[None, :]
-    s1 = tl.load(sh_ptr + D + kk, mask=kmask, other=0.0)[None, :]
+    a0 = tl.load(bn_scale + kk, mask=kmask, other=0.0)[None, :]
+    s0 = tl.load(bn_shift + kk, mask=kmask, other=0.0)[None, :]
+    a1 = tl.load(bn_scale + D + kk, mask=kmask, other=0.0)[None, :]
+    s1 = tl.load(bn_shift + D + kk, mask=kmask, other=0.0)[None, :]
     M0 = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
     L0 = tl.zeros([D_PAD], dtype=tl.float32)
     A0 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
@@ -112,7 +112,7 @@ def _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, a_ptr, sh_ptr, split, t0, t1,
 
 
 @triton.jit
-def _dw_pw_heads(src_b, ch0, dw_ptr, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
+def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
                  S: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
                  D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr):
     """One of q/k/v, one segment, one tile: DW_KS(t) @ pw[h*D + k, :]ᵀ for its heads h = 0, 1.
@@ -128,7 +128,7 @@ def _dw_pw_heads(src_b, ch0, dw_ptr, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
     for c0 in range(0, S, CK):
         cs = c0 + tl.arange(0, CK)
         cmask = cs < S
-        dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw_ptr + cs * (KS * KS), n, y, x, pmask, H, W, stride_n,
+        dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw + cs * (KS * KS), n, y, x, pmask, H, W, stride_n,
                              KS, BLOCK_P, CK)
         wmask = cmask[:, None] & kmask[None, :]
         w0 = tl.load(pw_seg + kk[None, :] * S + cs[:, None], mask=wmask, other=0.0)        # [CK, D_PAD]
@@ -139,19 +139,21 @@ def _dw_pw_heads(src_b, ch0, dw_ptr, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
 
 
 @triton.jit
-def _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw_ptr, pw_ptr, pwb_ptr,
+def _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw, pw, bn_scale, bn_shift,
                   split, t0, t1, N, H, W, stride_n, SEG, KS,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
                   CK: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                   DOT_3XTF32: tl.constexpr):
-    """Segment SEG (1..3) of q, k, v: depthwise KSxKS -> pointwise (BN folded) -> hardswish.
+    """Segment SEG (1..3) of q, k, v: depthwise KSxKS -> pointwise -> BatchNorm affine -> hardswish.
 
     SEG and KS = 2 SEG + 1 are runtime values: one instance serves the three segments."""
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
-    pw_seg = pw_ptr + (SEG - 1) * S * S
-    b0 = tl.load(pwb_ptr + (SEG - 1) * S + kk, mask=kmask, other=0.0)[None, :]
-    b1 = tl.load(pwb_ptr + (SEG - 1) * S + D + kk, mask=kmask, other=0.0)[None, :]
+    pw_seg = pw + (SEG - 1) * S * S
+    a0 = tl.load(bn_scale + SEG * S + kk, mask=kmask, other=0.0)[None, :]
+    a1 = tl.load(bn_scale + SEG * S + D + kk, mask=kmask, other=0.0)[None, :]
+    b0 = tl.load(bn_shift + SEG * S + kk, mask=kmask, other=0.0)[None, :]
+    b1 = tl.load(bn_shift + SEG * S + D + kk, mask=kmask, other=0.0)[None, :]
     ch0 = SEG * S                                              # in q; k: + C, v: + 2C
     M0 = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
     L0 = tl.zeros([D_PAD], dtype=tl.float32)
@@ -164,35 +166,35 @@ def _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw_ptr, pw_ptr, pwb_ptr,
         n, pmask, y, x = _tile(t, N, W, BLOCK_P)
         m2 = pmask[:, None] & kmask[None, :]
         dst0 = n[:, None] * CP + (ch0 + kk)[None, :]
-        zq0, zq1 = _dw_pw_heads(qkv_b, ch0, dw_ptr, pw_seg, n, y, x, pmask, H, W, stride_n,
+        zq0, zq1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
                                 KS, S, D, CK, D_PAD, BLOCK_P, DOT_3XTF32)
-        tl.store(q_b + dst0, hardswish(zq0 + b0).to(q_b.dtype.element_ty), mask=m2)
-        tl.store(q_b + dst0 + D, hardswish(zq1 + b1).to(q_b.dtype.element_ty), mask=m2)
+        tl.store(q_b + dst0, hardswish(zq0 * a0 + b0).to(q_b.dtype.element_ty), mask=m2)
+        tl.store(q_b + dst0 + D, hardswish(zq1 * a1 + b1).to(q_b.dtype.element_ty), mask=m2)
         # V before K: one head pair of depthwise outputs alive at a time (register pressure)
-        zv0, zv1 = _dw_pw_heads(qkv_b, 2 * C + ch0, dw_ptr, pw_seg, n, y, x, pmask, H, W, stride_n,
+        zv0, zv1 = _dw_pw_heads(qkv_b, 2 * C + ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
                                 KS, S, D, CK, D_PAD, BLOCK_P, DOT_3XTF32)
-        zv0 = hardswish(zv0 + b0)
-        zv1 = hardswish(zv1 + b1)
+        zv0 = hardswish(zv0 * a0 + b0)
+        zv1 = hardswish(zv1 * a1 + b1)
         tl.store(v_b + dst0, zv0.to(v_b.dtype.element_ty), mask=m2)
         tl.store(v_b + dst0 + D, zv1.to(v_b.dtype.element_ty), mask=m2)
-        zk0, zk1 = _dw_pw_heads(qkv_b, C + ch0, dw_ptr, pw_seg, n, y, x, pmask, H, W, stride_n,
+        zk0, zk1 = _dw_pw_heads(qkv_b, C + ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
                                 KS, S, D, CK, D_PAD, BLOCK_P, DOT_3XTF32)
-        M0, L0, A0 = _online_softmax_kv(hardswish(zk0 + b0), zv0, pmask, M0, L0, A0, DOT_3XTF32)
-        M1, L1, A1 = _online_softmax_kv(hardswish(zk1 + b1), zv1, pmask, M1, L1, A1, DOT_3XTF32)
+        M0, L0, A0 = _online_softmax_kv(hardswish(zk0 * a0 + b0), zv0, pmask, M0, L0, A0, DOT_3XTF32)
+        M1, L1, A1 = _online_softmax_kv(hardswish(zk1 * a1 + b1), zv1, pmask, M1, L1, A1, DOT_3XTF32)
         t += 1
     _store_partial(M0, L0, A0, split, ch0, pm_b, pl_b, pacc_b, CP, D, D_PAD)
     _store_partial(M1, L1, A1, split, ch0 + D, pm_b, pl_b, pacc_b, CP, D, D_PAD)
 
 
 @triton.jit
-def _local_branch(qkv_b, pre_b, ldw_ptr, lpw_ptr, lnw_ptr, lnb_ptr, ln_eps, t0, t1, N, H, W, stride_n,
+def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, t0, t1, N, H, W, stride_n,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
                   S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr):
     """Segment 4 of q, k, v -> DW3x3 -> (3s -> s) -> LayerNorm -> hardswish -> pre[:, C':C]."""
     co = tl.arange(0, S_PAD)                                   # output channel
     omask = co < S
-    lnw = tl.load(lnw_ptr + co, mask=omask, other=0.0)[None, :]
-    lnb = tl.load(lnb_ptr + co, mask=omask, other=0.0)[None, :]
+    lnw = tl.load(ln_weight + co, mask=omask, other=0.0)[None, :]
+    lnb = tl.load(ln_bias + co, mask=omask, other=0.0)[None, :]
     t = t0
     while t < t1:
         n, pmask, y, x = _tile(t, N, W, BLOCK_P)
@@ -201,10 +203,10 @@ def _local_branch(qkv_b, pre_b, ldw_ptr, lpw_ptr, lnw_ptr, lnb_ptr, ln_eps, t0, 
             for c0 in range(0, S, CK):
                 cs = c0 + tl.arange(0, CK)
                 cmask = cs < S
-                dwc = depthwise_tile(qkv_b, which * C + 4 * S + cs, cmask, ldw_ptr + (which * S + cs) * 9,
+                dwc = depthwise_tile(qkv_b, which * C + 4 * S + cs, cmask, local_dw + (which * S + cs) * 9,
                                      n, y, x, pmask, H, W, stride_n, 3, BLOCK_P, CK)
                 # local_pw (s, 3s): element [out, which*s + in], loaded as [in, out]
-                wT = tl.load(lpw_ptr + co[None, :] * (3 * S) + which * S + cs[:, None],
+                wT = tl.load(local_pw + co[None, :] * (3 * S) + which * S + cs[:, None],
                              mask=cmask[:, None] & omask[None, :], other=0.0)
                 z = mm(dwc, wT, z, DOT_3XTF32)
         mean = tl.sum(z, axis=1) / S                           # padded channels are 0
@@ -218,9 +220,8 @@ def _local_branch(qkv_b, pre_b, ldw_ptr, lpw_ptr, lnw_ptr, lnb_ptr, ln_eps, t0, 
 
 @triton.jit
 def gma_aggregate_kernel(
-    qkv_ptr, q_ptr, v_ptr, pre_ptr, pm_ptr, pl_ptr, pacc_ptr,
-    bn0_scale_ptr, bn0_shift_ptr, dw1_ptr, dw2_ptr, dw3_ptr, pw_ptr, pwb_ptr,
-    ldw_ptr, lpw_ptr, lnw_ptr, lnb_ptr,
+    qkv, q, v, pre, part_m, part_l, part_acc,
+    bn_scale, bn_shift, dw3, dw5, dw7, pw, local_dw, local_pw, ln_weight, ln_bias,
     N, H, W, stride_qkv_b, stride_qkv_n, tiles_per_split, ln_eps,
     C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -232,27 +233,27 @@ def gma_aggregate_kernel(
     SPLITS = tl.num_programs(0)
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
-    qkv_b = qkv_ptr + b * stride_qkv_b
-    q_b = q_ptr + b * N * CP
-    v_b = v_ptr + b * N * CP
-    pm_b = pm_ptr + b * SPLITS * CP
-    pl_b = pl_ptr + b * SPLITS * CP
-    pacc_b = pacc_ptr + b * SPLITS * CP * D
+    qkv_b = qkv + b * stride_qkv_b
+    q_b = q + b * N * CP
+    v_b = v + b * N * CP
+    pm_b = part_m + b * SPLITS * CP
+    pl_b = part_l + b * SPLITS * CP
+    pacc_b = part_acc + b * SPLITS * CP * D
     if job == 0:
-        _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, bn0_scale_ptr, bn0_shift_ptr, split, t0, t1, N, W,
+        _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, bn_scale, bn_shift, split, t0, t1, N, W,
                   stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_3XTF32)
     elif job < 4:
         if job == 1:
-            dw_ptr = dw1_ptr
+            dw = dw3
         elif job == 2:
-            dw_ptr = dw2_ptr
+            dw = dw5
         else:
-            dw_ptr = dw3_ptr
-        _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw_ptr, pw_ptr, pwb_ptr,
+            dw = dw7
+        _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw, pw, bn_scale, bn_shift,
                       split, t0, t1, N, H, W, stride_qkv_n, job, 2 * job + 1,
                       C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_3XTF32)
     else:
-        _local_branch(qkv_b, pre_ptr + b * N * C, ldw_ptr, lpw_ptr, lnw_ptr, lnb_ptr, ln_eps,
+        _local_branch(qkv_b, pre + b * N * C, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
                       t0, t1, N, H, W, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P, DOT_3XTF32)
 
 
@@ -265,20 +266,20 @@ def split_plan(N: int, B: int, block_p: int, target_programs: int):
     return triton.cdiv(T, tps), tps
 
 
-def launch_aggregate(kernel, qkv, H, W, shape, tiles_per_split, bn0_scale, bn0_shift, dw1, dw2, dw3, pw,
-                     pw_bias, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
-                     q_out, v_out, pre, part_m, part_l, part_acc):
-    """Launch the aggregation kernel (``kernel`` is the raw or wrap_triton'ed kernel).
+def launch_aggregate(kernel, qkv, H, W, weights, ln_eps, shape, tiles_per_split, q, v, pre, part_m, part_l,
+                     part_acc):
+    """Launch the aggregation kernel (``kernel``: the raw or the wrap_triton'ed kernel).
 
-    qkv: (B, N, 3C) with unit channel stride; q_out, v_out: (B, N, C') contiguous;
-    pre: (B, N, C) contiguous; part_m, part_l: (B, SPLITS, C') and part_acc:
+    qkv: (B, N, 3C) with unit channel stride; weights: `FoldedGMAWeights`; q, v: (B, N, C')
+    contiguous; pre: (B, N, C) contiguous; part_m, part_l: (B, SPLITS, C') and part_acc:
     (B, SPLITS, C', d) fp32, SPLITS = part_m.shape[1] (from `split_plan`).
     """
     B, N, _ = qkv.shape
     splits = part_m.shape[1]
+    w = weights
     kernel[(splits, 5, B)](
-        qkv, q_out, v_out, pre, part_m, part_l, part_acc,
-        bn0_scale, bn0_shift, dw1, dw2, dw3, pw, pw_bias, local_dw, local_pw, ln_weight, ln_bias,
+        qkv, q, v, pre, part_m, part_l, part_acc,
+        w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw, w.local_pw, w.ln_weight, w.ln_bias,
         N, H, W, qkv.stride(0), qkv.stride(1), tiles_per_split, ln_eps,
         C=shape.C, S=shape.S, CP=shape.CP, D=shape.D, S_PAD=shape.S_PAD, D_PAD=shape.D_PAD,
         CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P, DOT_3XTF32=int(qkv.dtype == torch.float32),

@@ -1,6 +1,6 @@
 """Flash-style factorized attention: split-N combine, then the per-token output.
 
-``gma_kv_combine_kernel``, grid ``(8, B)``: program (head, b) merges the SPLITS per-split
+``gma_combine_kernel``, grid ``(8, B)``: program (head, b) merges the SPLITS per-split
 partials of ``aggregation`` with the online-softmax recurrence along N (splits in order):
 
     M' = max(M, m_t);  L = L e^{M-M'} + l_t e^{m_t-M'};  ACC = ACC e^{M-M'} + acc_t e^{m_t-M'}
@@ -27,7 +27,7 @@ from ._common import depthwise_tile, mm
 
 
 @triton.jit
-def gma_kv_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, kv_ptr, T,  # T: number of splits
+def gma_combine_kernel(part_m, part_l, part_acc, kv, T,  # T: number of splits
                           CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     head = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -44,9 +44,9 @@ def gma_kv_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, kv_ptr, T,  # T: number of s
     t = 0
     while t < T:
         off = base + t * CP + row
-        m_t = tl.load(pm_ptr + off, mask=imask, other=0.0)
-        l_t = tl.load(pl_ptr + off, mask=imask, other=0.0)
-        a_t = tl.load(pacc_ptr + off[:, None] * D + i[None, :], mask=m2, other=0.0)
+        m_t = tl.load(part_m + off, mask=imask, other=0.0)
+        l_t = tl.load(part_l + off, mask=imask, other=0.0)
+        a_t = tl.load(part_acc + off[:, None] * D + i[None, :], mask=m2, other=0.0)
         M_new = tl.maximum(M, m_t)
         alpha = tl.exp(M - M_new)                               # 0 on the first tile
         beta = tl.exp(m_t - M_new)
@@ -55,11 +55,11 @@ def gma_kv_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, kv_ptr, T,  # T: number of s
         M = M_new
         t += 1
     L = tl.where(imask, L, 1.0)
-    tl.store(kv_ptr + (b * CP + row)[:, None] * D + i[None, :], ACC / L[:, None], mask=m2)
+    tl.store(kv + (b * CP + row)[:, None] * D + i[None, :], ACC / L[:, None], mask=m2)
 
 
 @triton.jit
-def _attention_head(q_b, v_b, kv_b, pre_b, cw_ptr, cb_ptr, head, first, scale,
+def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, scale,
                     n, y, x, pmask, H, W, KS,
                     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
                     D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr):
@@ -67,19 +67,19 @@ def _attention_head(q_b, v_b, kv_b, pre_b, cw_ptr, cb_ptr, head, first, scale,
     kmask = kk < D
     m2 = pmask[:, None] & kmask[None, :]
     ch = head * D + kk
-    q = tl.load(q_b + n[:, None] * CP + ch[None, :], mask=m2, other=0.0).to(tl.float32)
-    kv = tl.load(kv_b + ch[:, None] * D + kk[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
-    e = mm(q, kv, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_3XTF32)
-    w_rows = cw_ptr + ((head - first) * D + kk) * (KS * KS)
+    qt = tl.load(q_b + n[:, None] * CP + ch[None, :], mask=m2, other=0.0).to(tl.float32)
+    kvt = tl.load(kv_b + ch[:, None] * D + kk[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
+    e = mm(qt, kvt, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_3XTF32)
+    w_rows = crpe_w + ((head - first) * D + kk) * (KS * KS)
     conv = depthwise_tile(v_b, ch, kmask, w_rows, n, y, x, pmask, H, W, CP, KS, BLOCK_P, D_PAD)
-    bias = tl.load(cb_ptr + ch, mask=kmask, other=0.0)[None, :]
-    out = scale * e + q * (conv + bias)
+    bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
+    out = scale * e + qt * (conv + bias)
     tl.store(pre_b + n[:, None] * C + ch[None, :], out.to(pre_b.dtype.element_ty), mask=m2)
 
 
 @triton.jit
 def gma_attention_kernel(
-    q_ptr, v_ptr, kv_ptr, pre_ptr, cw0_ptr, cw1_ptr, cw2_ptr, cb_ptr,
+    q, v, kv, pre, crpe_w3, crpe_w5, crpe_w7, crpe_b,
     N, H, W, scale,
     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr,
@@ -91,24 +91,24 @@ def gma_attention_kernel(
     pmask = n < N
     y = n // W
     x = n % W
-    q_b = q_ptr + b * N * CP
-    v_b = v_ptr + b * N * CP
-    kv_b = kv_ptr + b * CP * D
-    pre_b = pre_ptr + b * N * C
+    q_b = q + b * N * CP
+    v_b = v + b * N * CP
+    kv_b = kv + b * CP * D
+    pre_b = pre + b * N * C
     # CRPE group of the head: (window, first head of the group, its weights)
     if head < 2:
         ks = 3
         first = 0
-        cw_ptr = cw0_ptr
+        crpe_w = crpe_w3
     elif head < 5:
         ks = 5
         first = 2
-        cw_ptr = cw1_ptr
+        crpe_w = crpe_w5
     else:
         ks = 7
         first = 5
-        cw_ptr = cw2_ptr
-    _attention_head(q_b, v_b, kv_b, pre_b, cw_ptr, cb_ptr, head, first, scale, n, y, x, pmask, H, W, ks,
+        crpe_w = crpe_w7
+    _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, scale, n, y, x, pmask, H, W, ks,
                     C, CP, D, D_PAD, BLOCK_P, DOT_3XTF32)
 
 
@@ -119,10 +119,12 @@ def launch_combine(kernel, part_m, part_l, part_acc, kv, shape):
                    num_warps=shape.COMBINE_WARPS)
 
 
-def launch_attention(kernel, q, v, kv, pre, crpe_w0, crpe_w1, crpe_w2, crpe_b, H, W, scale, shape):
-    """q, v: (B, N, C') contiguous; kv: (B, C', d) fp32; writes pre[..., :C'] of (B, N, C)."""
+def launch_attention(kernel, q, v, kv, pre, weights, H, W, scale, shape):
+    """q, v: (B, N, C') contiguous; kv: (B, C', d) fp32; weights: `FoldedGMAWeights` (its
+    crpe_* tensors); writes pre[..., :C'] of (B, N, C)."""
     B, N, _ = q.shape
     grid = (triton.cdiv(N, shape.ATTN_BLOCK_P), 8, B)
-    kernel[grid](q, v, kv, pre, crpe_w0, crpe_w1, crpe_w2, crpe_b, N, H, W, scale,
+    w = weights
+    kernel[grid](q, v, kv, pre, w.crpe_w3, w.crpe_w5, w.crpe_w7, w.crpe_b, N, H, W, scale,
                  C=shape.C, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD, BLOCK_P=shape.ATTN_BLOCK_P,
                  DOT_3XTF32=int(q.dtype == torch.float32), num_warps=shape.ATTN_WARPS)

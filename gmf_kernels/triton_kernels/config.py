@@ -28,8 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NUM_HEADS = 8
-#: widths of the released models (GMA_SPEC §2)
-MODEL_WIDTHS = (40, 80, 160, 200, 240, 320, 360, 480)
 
 
 def next_pow2(n: int) -> int:

@@ -1,14 +1,16 @@
-"""Every kernel specialisation the released models use, for ahead-of-time GPU compiles.
+"""Kernel specialisations for ahead-of-time GPU compiles (no GPU needed).
 
-`all_specializations()` lists, per (kernel, width C, input dtype), the Triton signature
-and constexprs that the launchers pass at run time (tiles from `config.gma_shape(C)`,
-the GPU ones). Identical (kernel, signature, constexprs) sets are listed once: the KV
-combine kernel, for example, does not depend on the input dtype.
+`all_specializations(widths)` lists, per (kernel, width C, input dtype), the Triton
+signature and constexprs that the launchers pass at run time (tiles from
+`config.gma_shape(C)`, the GPU ones) for the widths it is given (the CLI's default: the
+widths of the released models). Identical (kernel, signature, constexprs) sets are listed
+once: the combine kernel, for example, does not depend on the input dtype.
 
 `compile_one(spec, arch)` compiles one of them with
 ``triton.compile(triton.compiler.ASTSource(...), target=GPUTarget("cuda", arch, 32))``,
 which needs no GPU and no driver, and returns its resource usage: registers and
-spills from ``ptxas -v`` run again on the generated PTX (Triton discards its log),
+spills from ``ptxas -v`` run again on the generated PTX (Triton discards its log) and read
+by the one ptxas parser of the package (`gmf_kernels.cuda.build.parse_ptxas`),
 local/stack/shared bytes from ``cuobjdump --dump-resource-usage`` on the cubin, and
 Triton's dynamic shared memory from the kernel metadata.
 
@@ -22,15 +24,15 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .config import MODEL_WIDTHS, gma_shape
+from .config import gma_shape
 
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
-_AGG_PTRS_X = ("qkv_ptr", "q_ptr", "v_ptr", "pre_ptr")
-_AGG_PTRS_F32 = ("pm_ptr", "pl_ptr", "pacc_ptr", "bn0_scale_ptr", "bn0_shift_ptr", "dw1_ptr", "dw2_ptr",
-                 "dw3_ptr", "pw_ptr", "pwb_ptr", "ldw_ptr", "lpw_ptr", "lnw_ptr", "lnb_ptr")
+_AGG_PTRS_X = ("qkv", "q", "v", "pre")
+_AGG_PTRS_F32 = ("part_m", "part_l", "part_acc", "bn_scale", "bn_shift", "dw3", "dw5", "dw7", "pw",
+                 "local_dw", "local_pw", "ln_weight", "ln_bias")
 _AGG_INTS = ("N", "H", "W", "stride_qkv_b", "stride_qkv_n", "tiles_per_split")
 
 
@@ -71,7 +73,7 @@ def _aggregate_spec(C: int, dt: str) -> Spec:
 
 def _combine_spec(C: int) -> Spec:
     sh = gma_shape(C)
-    sig = [("pm_ptr", "*fp32"), ("pl_ptr", "*fp32"), ("pacc_ptr", "*fp32"), ("kv_ptr", "*fp32"), ("T", "i32")]
+    sig = [("part_m", "*fp32"), ("part_l", "*fp32"), ("part_acc", "*fp32"), ("kv", "*fp32"), ("T", "i32")]
     cx = dict(CP=sh.CP, D=sh.D, D_PAD=sh.D_PAD)
     sig += [(k, "constexpr") for k in cx]
     return Spec("combine", C, "-", _sig(sig), tuple(cx.items()), sh.COMBINE_WARPS)
@@ -79,41 +81,21 @@ def _combine_spec(C: int) -> Spec:
 
 def _attention_spec(C: int, dt: str) -> Spec:
     sh = gma_shape(C)
-    sig = [("q_ptr", f"*{dt}"), ("v_ptr", f"*{dt}"), ("kv_ptr", "*fp32"), ("pre_ptr", f"*{dt}"),
-           ("cw0_ptr", "*fp32"), ("cw1_ptr", "*fp32"), ("cw2_ptr", "*fp32"), ("cb_ptr", "*fp32"),
+    sig = [("q", f"*{dt}"), ("v", f"*{dt}"), ("kv", "*fp32"), ("pre", f"*{dt}"),
+           ("crpe_w3", "*fp32"), ("crpe_w5", "*fp32"), ("crpe_w7", "*fp32"), ("crpe_b", "*fp32"),
            ("N", "i32"), ("H", "i32"), ("W", "i32"), ("scale", "fp32")]
     cx = dict(C=sh.C, CP=sh.CP, D=sh.D, D_PAD=sh.D_PAD, BLOCK_P=sh.ATTN_BLOCK_P, DOT_3XTF32=int(dt == "fp32"))
     sig += [(k, "constexpr") for k in cx]
     return Spec("attention", C, dt, _sig(sig), tuple(cx.items()), sh.ATTN_WARPS)
 
 
-def model_widths_by_config() -> Dict[str, Tuple[int, ...]]:
-    """GMA widths per released model (GMA_SPEC §2); read from the package's configs if present."""
-    try:
-        from ..models.configs import MODEL_CONFIGS  # noqa: WPS433
-        out = {}
-        for name, cfg in MODEL_CONFIGS.items():
-            dims = getattr(cfg, "embedding_dims", None) or (cfg.get("embedding_dims") if isinstance(cfg, dict) else None)
-            if dims:
-                out[name] = tuple(dims)
-        if out:
-            return out
-    except Exception:  # configs module layout owned elsewhere: fall back to the spec table
-        pass
-    return {"groupmixformer_m": (40, 80, 160, 160), "groupmixformer_t": (80, 160, 200, 240),
-            "groupmixformer_s": (80, 160, 320, 320), "groupmixformer_b": (200, 240, 320, 480),
-            "groupmixformer_l": (240, 320, 360, 480)}
+def all_specializations(widths: Iterable[int], users: Optional[Dict[int, Sequence[str]]] = None) -> List[Spec]:
+    """Deduplicated specialisations of the three kernels for these widths and every dtype.
 
-
-def all_specializations() -> List[Spec]:
-    """Deduplicated specialisations of the three kernels over every model width and dtype."""
-    users: Dict[int, List[str]] = {}
-    for name, dims in model_widths_by_config().items():
-        for C in dims:
-            users.setdefault(C, []).append(name.replace("groupmixformer_", ""))
-    widths = sorted(set(users) | set(MODEL_WIDTHS))
+    users: optional width -> names of the models using it (a label in the tables)."""
+    users = users or {}
     specs: Dict[tuple, Spec] = {}
-    for C in widths:
+    for C in sorted(set(widths)):
         used = tuple(sorted(set(users.get(C, ()))))
         cands = [_combine_spec(C)] + [f(C, dt) for dt in DTYPES for f in (_aggregate_spec, _attention_spec)]
         for s in cands:
@@ -122,12 +104,22 @@ def all_specializations() -> List[Spec]:
     return list(specs.values())
 
 
+def released_model_widths() -> Tuple[Tuple[int, ...], Dict[int, List[str]]]:
+    """(widths, width -> short model names) of the released models: the CLI's default input."""
+    from ..models.configs import MODEL_WIDTHS, widths_by_model
+    users: Dict[int, List[str]] = {}
+    for name, dims in widths_by_model().items():
+        for C in dims:
+            users.setdefault(C, []).append(name.replace("groupmixformer_", ""))
+    return MODEL_WIDTHS, users
+
+
 # ---------------------------------------------------------------- compiling (needs triton, no GPU)
 def _kernel_fn(name: str):
     if name == "aggregate":
         from .aggregation import gma_aggregate_kernel as k
     elif name == "combine":
-        from .attention import gma_kv_combine_kernel as k
+        from .attention import gma_combine_kernel as k
     else:
         from .attention import gma_attention_kernel as k
     return k
@@ -146,8 +138,10 @@ def _tool(name: str) -> str:
 
 
 def _ptxas_report(ptx: str, arch: int) -> Dict[str, int]:
-    """Registers and spill bytes from `ptxas -v` on the kernel's PTX."""
+    """Registers, spill bytes and stack from `ptxas -v` on the kernel's PTX (one shared parser)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    from ..cuda.build import parse_ptxas
     ptxas = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
@@ -155,15 +149,12 @@ def _ptxas_report(ptx: str, arch: int) -> Dict[str, int]:
             fh.write(ptx)
         res = subprocess.run([ptxas, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
                               "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True)
-    log = res.stderr + res.stdout
-    out = {}
-    m = re.search(r"Used (\d+) registers", log)
-    out["registers"] = int(m.group(1)) if m else -1
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    out["spill_stores"], out["spill_loads"] = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
-    m = re.search(r"(\d+) bytes stack frame", log)
-    out["stack"] = int(m.group(1)) if m else -1
-    return out
+    entries = parse_ptxas(res.stderr + res.stdout)
+    if not entries:
+        return {"registers": -1, "spill_stores": -1, "spill_loads": -1, "stack": -1}
+    e = entries[0]
+    return {"registers": e["registers"] if e["registers"] is not None else -1, "spill_stores": e["spill_stores"],
+            "spill_loads": e["spill_loads"], "stack": e["stack"]}
 
 
 def _cuobjdump_report(cubin: bytes) -> Dict[str, int]:
@@ -218,7 +209,7 @@ def _worker(args):
                 "used_by": ",".join(spec.used_by), "error": f"{type(e).__name__}: {e}"[:2000]}
 
 
-def compile_all(archs=(80, 90), jobs: int = 2, cache_dir: str = "") -> List[Dict[str, object]]:
+def compile_all(specs: Sequence[Spec], archs=(80, 90), jobs: int = 2, cache_dir: str = "") -> List[Dict[str, object]]:
     """Compile every specialisation for every arch with a pool of `jobs` processes.
 
     Workers are spawned with TRITON_INTERPRET removed from their environment (so
@@ -233,7 +224,7 @@ def compile_all(archs=(80, 90), jobs: int = 2, cache_dir: str = "") -> List[Dict
     if cache_dir:
         os.environ["TRITON_CACHE_DIR"] = cache_dir
     try:
-        work = [(s, a) for a in archs for s in all_specializations()]
+        work = [(s, a) for a in archs for s in specs]
         # biggest first, so the pool does not end on one long compile
         work.sort(key=lambda w: {"aggregate": 0, "attention": 1, "combine": 2}[w[0].kernel])
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
@@ -258,8 +249,13 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--cache-dir", default="", help="TRITON_CACHE_DIR for the workers (default: Triton's)")
+    ap.add_argument("--widths", type=int, nargs="+", default=None,
+                    help="module widths C to compile (default: every width of the released models)")
     a = ap.parse_args(argv)
-    res = compile_all(tuple(a.arch), a.jobs, a.cache_dir)
+    widths, users = released_model_widths()
+    if a.widths:
+        widths = tuple(a.widths)
+    res = compile_all(all_specializations(widths, users), tuple(a.arch), a.jobs, a.cache_dir)
     with open(a.json, "w") as fh:
         json.dump(res, fh, indent=1)
     bad = [r for r in res if "error" in r]

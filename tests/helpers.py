@@ -1,0 +1,135 @@
+"""Test-only helpers: verbose assertions, the low-precision rule, golden-state loading,
+and backend lists built from the registry (each backend's declared support).
+
+Runtime numerics (max_rel_error, cast_weights, random weights, the tolerance table) are
+in gmf_kernels/numerics.py; nothing in the package imports this file.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List
+
+import pytest
+import torch
+
+from gmf_kernels.backends import BACKEND_NAMES, GMAProblem, get_backend
+from gmf_kernels.numerics import cast_weights, max_rel_error
+from gmf_kernels.weights import GMAWeights
+
+Tensor = torch.Tensor
+
+
+def assert_close_verbose(actual: Tensor, expected: Tensor, *, rtol: float, atol: float = 0.0,
+                         name: str = "tensor") -> None:
+    """allclose with a report: worst element, its index, and the share failing."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if torch.isnan(a).any() and not torch.isnan(e).any():
+        idx = torch.nonzero(torch.isnan(a))[0].tolist()
+        raise AssertionError(f"{name}: {int(torch.isnan(a).sum())} NaN elements (first at {idx})")
+    diff = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    bad = diff > bound
+    if bad.any():
+        worst = int(torch.argmax(diff - bound))
+        idx = list(torch.unravel_index(torch.tensor(worst), a.shape))
+        idx = [int(i) for i in idx]
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements ({100.0 * bad.float().mean():.3f}%) "
+            f"outside atol={atol:g} + rtol={rtol:g}*|expected|; worst at {idx}: "
+            f"got {a.flatten()[worst]:.8g}, expected {e.flatten()[worst]:.8g} "
+            f"(|diff| {diff.flatten()[worst]:.3g}); max |diff| overall {diff.max():.3g}")
+
+
+def assert_max_rel_close(actual: Tensor, expected: Tensor, tol: float, name: str = "tensor") -> None:
+    """max |actual - expected| <= tol * max |expected| (shape and finiteness checked first),
+    reported element-wise by `assert_close_verbose` on failure."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    if not bool(torch.isfinite(actual).all()):
+        raise AssertionError(f"{name}: non-finite values")
+    scale = expected.detach().abs().max().item()
+    assert_close_verbose(actual, expected, rtol=0.0, atol=tol * max(scale, 1e-300), name=name)
+
+
+def assert_within_reference_error(actual: Tensor, reference_lowp: Tensor, oracle: Tensor, *,
+                                  factor: float = 2.0, floor: float = 1e-5, name: str = "tensor") -> None:
+    """Low precision rule: err(actual) <= factor * err(reference at that precision) + floor,
+    errors measured as max |x - oracle| / max |oracle| against a float64 oracle."""
+    err = max_rel_error(actual, oracle)
+    ref_err = max_rel_error(reference_lowp, oracle)
+    if not err <= factor * ref_err + floor:
+        raise AssertionError(f"{name}: relative error {err:.3e} > {factor} x reference error "
+                             f"{ref_err:.3e} + {floor:g}")
+
+
+def weights_from_state_dict(sd) -> GMAWeights:
+    """Detached GMAWeights from an upstream `EfficientAtt` state_dict, through the module
+    (`GroupMixAttention.gma_weights`, the one place that maps keys to roles)."""
+    from gmf_kernels.modules import GroupMixAttention
+    w = sd["qkv.weight"]
+    m = GroupMixAttention(w.shape[1], qkv_bias="qkv.bias" in sd).to(dtype=w.dtype, device=w.device)
+    m.load_state_dict(sd, strict=True)
+    return cast_weights(m.gma_weights())
+
+
+# ------------------------------------------------------------------ backends from the registry
+def problem(**kw) -> GMAProblem:
+    """A GMAProblem with defaults (B=2, 7x9, C=80, float32, cpu, eval, explicit)."""
+    base = dict(B=2, H=7, W=9, dim=80, num_heads=8, dtype=torch.float32, device_type="cpu",
+                training=False, needs_grad=False, explicit=True)
+    base.update(kw)
+    return GMAProblem(**base)
+
+
+def backend_params(names: Iterable[str] = BACKEND_NAMES, **problem_kw) -> List:
+    """pytest params, one per registered backend: those whose `not_supported_reasons` for the
+    described problem are non-empty are marked skip with the reasons. A new backend is tested
+    by registering it."""
+    out = []
+    for name in names:
+        reasons = get_backend(name).not_supported_reasons(problem(**problem_kw))
+        marks = [pytest.mark.skip(reason=f"{name}: " + "; ".join(reasons))] if reasons else []
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+def skip_unless_supported(name: str, **problem_kw) -> None:
+    """Skip the running test, with the backend's reasons, when it cannot run this problem."""
+    reasons = get_backend(name).not_supported_reasons(problem(**problem_kw))
+    if reasons:
+        pytest.skip(f"{name}: " + "; ".join(reasons))
+
+
+def backend_dtype_params(names: Iterable[str], dtypes: Iterable[torch.dtype], **problem_kw) -> List:
+    """pytest params (backend, dtype) over both lists, each skipped with the backend's reasons
+    where its declared support excludes that dtype (and the rest of the described problem)."""
+    out = []
+    for name in names:
+        for dt in dtypes:
+            reasons = get_backend(name).not_supported_reasons(problem(dtype=dt, **problem_kw))
+            marks = [pytest.mark.skip(reason=f"{name}: " + "; ".join(reasons))] if reasons else []
+            out.append(pytest.param(name, dt, marks=marks, id=f"{name}-{str(dt).replace('torch.', '')}"))
+    return out
+
+
+def emulated_here(name: str, device_type: str = "cpu") -> bool:
+    """True when this backend would run through an interpreter/emulation on this device."""
+    return device_type == "cpu" and get_backend(name).emulated_on_cpu
+
+
+def backend_cases(names: Iterable[str], cases: Iterable, light_cases: Iterable, **problem_kw) -> List:
+    """pytest params (backend, *case): every case for backends that run natively, the `light_cases`
+    subset for backends emulated on this machine (the Triton interpreter is ~1000x slower), each
+    skipped with the backend's reasons where its declared support excludes the problem."""
+    cases, light = list(cases), list(light_cases)
+    out = []
+    for name in names:
+        reasons = get_backend(name).not_supported_reasons(problem(**problem_kw))
+        marks = [pytest.mark.skip(reason=f"{name}: " + "; ".join(reasons))] if reasons else []
+        chosen = light if emulated_here(name, problem_kw.get("device_type", "cpu")) else cases
+        for c in chosen:
+            c = c if isinstance(c, tuple) else (c,)
+            cid = "-".join(f"{v[0]}x{v[1]}" if isinstance(v, tuple) else str(v) for v in c)
+            out.append(pytest.param(name, *c, marks=marks, id=f"{name}-{cid}"))
+    return out
