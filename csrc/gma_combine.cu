@@ -1,23 +1,15 @@
 // gma_combine.cu — split-N combine kernel (fp32 partials, independent of the I/O dtype).
-#include "gma_kernels.cuh"
+#include "gma_launch.cuh"
 
 namespace gmf {
 
 #define GMF_CASE_COMBINE(DD) case DD: launch_combine_d<DD>(p, plan, st); return;
-#define GMF_CASE_COMBINE_EMU(DD) case DD: emulate_combine_d<DD>(p, plan); return;
 
 void launch_combine(const GmaParams& p, const PlanInfo& plan, void* stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (plan.specialized_d) {
     GMF_FOR_EACH_HEAD_DIM(GMF_CASE_COMBINE)
     default: launch_combine_d<0>(p, plan, st); return;
-  }
-}
-
-void emulate_combine(const GmaParams& p, const PlanInfo& plan) {
-  switch (plan.specialized_d) {
-    GMF_FOR_EACH_HEAD_DIM(GMF_CASE_COMBINE_EMU)
-    default: emulate_combine_d<0>(p, plan); return;
   }
 }
 

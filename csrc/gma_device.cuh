@@ -1,23 +1,45 @@
 // gma_device.cuh — building blocks shared by the GMA kernels.
 //
 // Execution model. Every kernel body is a __host__ __device__ function template of an
-// execution policy `Exec` and is written as a sequence of block-wide parallel loops
-//     ex.for_each(n, [&](int item) { ... });   ex.sync();
-// where no item of a loop reads what another item of the same loop writes, and every
-// hand-over through shared memory is separated by ex.sync(). On the GPU, DeviceExec
-// strides the items over the block's threads and sync() is __syncthreads(); on the host,
-// HostExec runs the items one after the other and sync() does nothing. The same code
-// therefore also runs on a CPU (the module's emulate_* entry points), which is how its
-// indexing is tested on machines without a GPU. Control flow outside for_each is uniform
-// over the block (it depends on sizes only), so every __syncthreads() is reached by all
-// threads.
+// execution policy `Exec` and is written as a sequence of block-wide parallel loops,
+//     ex.for_each(n, [&](int item) { ... })
+// and warp-collective tensor-core products, separated by block barriers: statements calling
+// the policy's sync member on `ex` (the only barriers in csrc/, one statement a line, so that
+// a tool can find and remove them one at a time: tests/test_cuda_emulation.py; comments
+// never spell such a call out). No item of a loop reads what another item of the same loop
+// writes, and every hand-over through shared memory is separated by a barrier. An Exec
+// provides exactly:
+//   for_each(n, f)   item i runs on thread i % blockDim, each thread its items in order;
+//   sync()           a block-wide barrier (__syncthreads());
+//   warp(), nwarps() the calling thread's warp and the warps of the block;
+//   mma<T, ACol, BRow>(a, lda, b, ldb, c, ldc, k, accumulate)
+//                    a warp-collective 16x16 product (gma_mma.cuh): all 32 lanes of the warp
+//                    call it with the same arguments; it reads its operands as they were at
+//                    the block's last barrier and writes C when it completes.
+// DeviceExec (below) is the GPU's. EmuExec (gma_emu.h) runs the same bodies on a CPU with
+// every thread of the block as its own execution context: a thread runs until its next
+// sync() or mma(); the threads of a block run in a scrambled order that changes at every
+// barrier; an mma() runs when the 32 lanes of its warp have reached it, reading its operands
+// from the shared memory as it was at the last barrier (so an operand written since is seen
+// stale, as a GPU may see it) and rounding them as the tensor cores do; shared memory starts
+// as NaN. A missing or misplaced barrier therefore shows as wrong numbers in the emulated
+// kernels' tests. Control flow outside for_each is uniform over the block (it depends on
+// sizes only), so every barrier is reached by all threads and every warp op by all lanes
+// of a warp; the emulation reports anything else as an error.
+//
+// Architectures: sm_70 and newer. Tensor cores where the architecture has them for the
+// dtype (gma_mma.cuh: fp16 from sm_70, bf16 and TF32 from sm_80), fp32 FMA otherwise; the
+// sources compile for compute_70 with NVRTC (tests/test_cuda_sm70.py), which is why the
+// includes below are guarded for __CUDACC_RTC__ and -inf is spelled without <math.h>.
 #pragma once
 
+#if !defined(__CUDACC_RTC__)
 #include <cuda_runtime.h>
+#include <math.h>
+#include <string.h>
+#endif
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-
-#include <math.h>
 
 #include "gma_layout.h"
 
@@ -35,11 +57,42 @@ template <> GMF_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __f
 
 GMF_HD float hardswish(float x) { return x * fminf(fmaxf(x + 3.0f, 0.0f), 6.0f) / 6.0f; }
 
-// ----------------------------------------------------------------- execution policies
+GMF_HD float neg_inf() {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(0xff800000);
+#else
+  return -__builtin_huge_valf();
+#endif
+}
+
+// 16 bytes from src to dst (both 16-byte aligned): one vector load and store on the GPU
+GMF_HD void copy16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#else
+  memcpy(dst, src, 16);
+#endif
+}
+GMF_HD void zero16(void* dst) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+#else
+  memset(dst, 0, 16);
+#endif
+}
+
+}  // namespace gmf
+
+#include "gma_mma.cuh"
+
+namespace gmf {
+
+// ----------------------------------------------------------------- execution policy (GPU)
 struct DeviceExec {
   template <class F>
   GMF_HD void for_each(int n, F&& f) const {
 #if defined(__CUDA_ARCH__)
+#pragma unroll 1
     for (int i = threadIdx.x; i < n; i += blockDim.x) f(i);
 #else
     (void)n; (void)f;  // never instantiated for the host: kernels only
@@ -50,14 +103,28 @@ struct DeviceExec {
     __syncthreads();
 #endif
   }
-};
-
-struct HostExec {
-  template <class F>
-  GMF_HD void for_each(int n, F&& f) const {
-    for (int i = 0; i < n; ++i) f(i);
+  GMF_HD int warp() const {
+#if defined(__CUDA_ARCH__)
+    return (int)(threadIdx.x >> 5);
+#else
+    return 0;
+#endif
   }
-  GMF_HD void sync() const {}
+  GMF_HD int nwarps() const {
+#if defined(__CUDA_ARCH__)
+    return (int)(blockDim.x >> 5);
+#else
+    return 1;
+#endif
+  }
+  template <typename T, bool ACol, bool BRow>
+  GMF_HD void mma(const T* a, int lda, const T* b, int ldb, float* c, int ldc, int k, bool accumulate) const {
+#if defined(__CUDA_ARCH__)
+    warp_mma_device<T, ACol, BRow>(a, lda, b, ldb, c, ldc, k, accumulate);
+#else
+    (void)a; (void)lda; (void)b; (void)ldb; (void)c; (void)ldc; (void)k; (void)accumulate;
+#endif
+  }
 };
 
 // ----------------------------------------------------------------- tiles
@@ -69,12 +136,12 @@ struct TileGeo {
   int P;       // th * tw
 };
 
-GMF_HD TileGeo tile_of(const GmaParams& p, int block) {
+GMF_HD TileGeo tile_of(const GmaParams& p, int b, int tile) {
   TileGeo g;
-  g.b = block / p.ntiles;
-  g.tile = block - g.b * p.ntiles;
-  const int ty = g.tile / p.tiles_x;
-  const int tx = g.tile - ty * p.tiles_x;
+  g.b = b;
+  g.tile = tile;
+  const int ty = tile / p.tiles_x;
+  const int tx = tile - ty * p.tiles_x;
   g.th = p.th;
   g.tw = p.tw;
   g.y0 = ty * p.th;
@@ -83,124 +150,268 @@ GMF_HD TileGeo tile_of(const GmaParams& p, int block) {
   return g;
 }
 
-// Token index n of tile pixel `pix`; false when the pixel lies outside the image.
+// Token index n of tile pixel `pix`; false when the pixel lies outside the image (or past P).
 GMF_HD bool tile_token(const GmaParams& p, const TileGeo& g, int pix, long long& n) {
   const int py = pix / g.tw;
   const int y = g.y0 + py;
   const int x = g.x0 + (pix - py * g.tw);
   n = (long long)y * p.W + x;
-  return y < p.H && x < p.W;
+  return pix < g.P && y < p.H && x < p.W;
 }
 
-// halo[(hy * (tw + 2R) + hx) * cc + c] = src[b, pixel (y0 - R + hy, x0 - R + hx), col + c]
-// with zeros outside the image ("same" zero padding). src rows hold row_stride elements.
+// halo[(hy * (tw + 2R) + hx) * n + c] = src[b, pixel (y0 - R + hy, x0 - R + hx), col + c]
+// for hy < th + 2R, hx < tw + 2R, c < n, with zeros outside the image ("same" zero padding).
+// src rows hold row_stride elements. 16-byte vectors when p.vec (the host checked that every
+// row, column offset and chunk is a whole number of them).
 template <class Exec, typename T>
-GMF_HD void load_halo(const Exec& ex, const GmaParams& p, const TileGeo& g, const T* src,
-                      long long row_stride, int col, int cc, int R, float* halo) {
+GMF_HD void load_halo(const Exec& ex, const GmaParams& p, const TileGeo& g, const T* src, long long row_stride,
+                      int col, int n, int R, T* halo) {
   const int hw = g.tw + 2 * R;
   const int hh = g.th + 2 * R;
   const T* base = src + (long long)g.b * p.N * row_stride + col;
-  ex.for_each(hh * hw * cc, [&](int i) {
-    const int hp = i / cc;
-    const int c = i - hp * cc;
-    const int hy = hp / hw;
-    const int hx = hp - hy * hw;
-    const int y = g.y0 - R + hy;
-    const int x = g.x0 - R + hx;
-    float v = 0.0f;
-    if (y >= 0 && y < p.H && x >= 0 && x < p.W) v = to_float(base[((long long)y * p.W + x) * row_stride + c]);
-    halo[i] = v;
-  });
+  if (p.vec) {
+    constexpr int V = 16 / (int)sizeof(T);
+    const int nv = n / V;
+    ex.for_each(hh * hw * nv, [&](int i) {
+      const int hp = i / nv;
+      const int q = i - hp * nv;
+      const int hy = hp / hw;
+      const int hx = hp - hy * hw;
+      const int y = g.y0 - R + hy;
+      const int x = g.x0 - R + hx;
+      T* dst = halo + hp * n + q * V;
+      if (y >= 0 && y < p.H && x >= 0 && x < p.W) copy16(dst, base + ((long long)y * p.W + x) * row_stride + q * V);
+      else zero16(dst);
+    });
+  } else {
+    ex.for_each(hh * hw * n, [&](int i) {
+      const int hp = i / n;
+      const int c = i - hp * n;
+      const int hy = hp / hw;
+      const int hx = hp - hy * hw;
+      const int y = g.y0 - R + hy;
+      const int x = g.x0 - R + hx;
+      T v = from_float<T>(0.0f);
+      if (y >= 0 && y < p.H && x >= 0 && x < p.W) v = base[((long long)y * p.W + x) * row_stride + c];
+      halo[i] = v;
+    });
+  }
 }
 
-// K x K stencil of channel c (of a chunk of cc) at tile pixel (py, px), from a halo of radius R.
-template <int K>
-GMF_HD float stencil(const float* halo, int hw, int R, int cc, int py, int px, int c, const float* wk) {
-  const int off = R - K / 2;
-  const float* h0 = halo + ((py + off) * hw + (px + off)) * cc + c;
-  float acc = 0.0f;
-  // rows one after the other (fully unrolling 7x7 costs registers the block needs elsewhere)
+// One stencil run: acc[r] = sum_{ky, kx} w[(ky*K + kx) * ws] * h[ky * rs + (r + kx) * cs] for
+// CR horizontally adjacent pixels of one tile row and one channel. Per filter row ky the K
+// weights and the CR + K - 1 halo values of the row are read once into registers and feed
+// CR * K multiply-adds (7x7, CR = 8: 21 loads for 56 FMAs); only the filter-row loop stays
+// rolled (small code, few registers). Every register index is a compile-time constant.
+template <int K, int CR, typename T>
+GMF_HD void stencil_run(const T* h, int rs, int cs, const float* w, int ws, float (&acc)[CR]) {
+#pragma unroll
+  for (int r = 0; r < CR; ++r) acc[r] = 0.0f;
 #pragma unroll 1
   for (int ky = 0; ky < K; ++ky) {
-    const float* hr = h0 + ky * hw * cc;
-    const float* wr = wk + ky * K;
+    float wr[K];
 #pragma unroll
-    for (int kx = 0; kx < K; ++kx) acc += wr[kx] * hr[kx * cc];
+    for (int kx = 0; kx < K; ++kx) wr[kx] = w[(ky * K + kx) * ws];
+    float v[CR + K - 1];
+#pragma unroll
+    for (int i = 0; i < CR + K - 1; ++i) v[i] = to_float(h[ky * rs + i * cs]);
+#pragma unroll
+    for (int r = 0; r < CR; ++r) {
+#pragma unroll
+      for (int kx = 0; kx < K; ++kx) acc[r] = fmaf(wr[kx], v[r + kx], acc[r]);
+    }
   }
-  return acc;
 }
 
-// z[pix * zs + zc + c] = depthwise K x K of chunk channel c (weights w + c*K*K), all tile pixels.
-template <int K, class Exec>
-GMF_HD void depthwise(const Exec& ex, const TileGeo& g, const float* halo, int R, int cc, const float* w,
-                      float* z, int zs, int zc) {
-  const int hw = g.tw + 2 * R;
-  ex.for_each(g.P * cc, [&](int i) {
-    const int pix = i / cc;
-    const int c = i - pix * cc;
-    const int py = pix / g.tw;
-    const int px = pix - py * g.tw;
-    z[pix * zs + zc + c] = stencil<K>(halo, hw, R, cc, py, px, c, w + c * K * K);
-  });
-}
+// Pixels per stencil run for a tile width: 7 (the 7x7 tiles of 7-, 14- and 28-pixel grids),
+// 4 up to 4, else 8 (two runs for tiles wider than 8). Pixels of a run past the tile width
+// read the halo's next row (or its slack row) and are dropped.
+GMF_HD int run_pixels(int tw) { return tw == 7 ? 7 : (tw <= 4 ? 4 : 8); }
 
-// y[pix * s + o] = act(affine(init + sum_c w[o * wstride + c] * z[pix * s + c])) for pix < P, o < s,
-// init = y's previous value when `accumulate`, else 0; affine(v) = v * scale[o] + shift[o]
-// when scale/shift are given (a BatchNorm), else v.
-// Each item computes kPixGroup pixels of one output channel (the weight row is read once
-// per group); rows are read as float4 when s % 4 == 0 (host checks the 16-byte alignment).
-static_assert(kPixGroup == 4, "pointwise() keeps kPixGroup = 4 accumulators in named registers");
-
-template <class Exec>
-GMF_HD void pointwise(const Exec& ex, int P, int s, const float* z, const float* w, int wstride,
-                      const float* scale, const float* shift, float* y, bool accumulate, bool hswish) {
-  const int groups = (P + kPixGroup - 1) / kPixGroup;
-  ex.for_each(groups * s, [&](int i) {
-    const int grp = i / s;
-    const int o = i - grp * s;
-    const int p0 = grp * kPixGroup;
-    // rows of the kPixGroup pixels (clamped: pixels past P are computed, never stored)
-    const float* z0 = z + min_i(p0, P - 1) * s;
-    const float* z1 = z + min_i(p0 + 1, P - 1) * s;
-    const float* z2 = z + min_i(p0 + 2, P - 1) * s;
-    const float* z3 = z + min_i(p0 + 3, P - 1) * s;
-    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-    const float* wr = w + (long long)o * wstride;
-    if ((s & 3) == 0) {
-      // not unrolled further: 16 FMAs per 5 loads already, and unrolling spilled (ptxas -v)
-#pragma unroll 1
-      for (int c = 0; c < s; c += 4) {
-        const float4 wv = *reinterpret_cast<const float4*>(wr + c);
-        const float4 v0 = *reinterpret_cast<const float4*>(z0 + c);
-        const float4 v1 = *reinterpret_cast<const float4*>(z1 + c);
-        const float4 v2 = *reinterpret_cast<const float4*>(z2 + c);
-        const float4 v3 = *reinterpret_cast<const float4*>(z3 + c);
-        a0 += wv.x * v0.x + wv.y * v0.y + wv.z * v0.z + wv.w * v0.w;
-        a1 += wv.x * v1.x + wv.y * v1.y + wv.z * v1.z + wv.w * v1.w;
-        a2 += wv.x * v2.x + wv.y * v2.y + wv.z * v2.z + wv.w * v2.w;
-        a3 += wv.x * v3.x + wv.y * v3.y + wv.z * v3.z + wv.w * v3.w;
-      }
-    } else {
-      for (int c = 0; c < s; ++c) {
-        const float wv = wr[c];
-        a0 += wv * z0[c];
-        a1 += wv * z1[c];
-        a2 += wv * z2[c];
-        a3 += wv * z3[c];
-      }
-    }
-    const float acc[kPixGroup] = {a0, a1, a2, a3};
+// f(r, value) for the CR pixels (py, px0 + r) of one run of chunk channel c: a KxK stencil
+// centred on the pixel over a halo of radius R (hw columns, n channels), weights w[tap * ws].
+template <int K, int CR, typename T, class F>
+GMF_HD void run_apply(const T* halo, int hw, int n, int R, int py, int px0, int c, const float* w, int ws, F&& f) {
+  const int off = R - K / 2;
+  float acc[CR];
+  stencil_run<K, CR>(halo + ((py + off) * hw + px0 + off) * n + c, hw * n, n, w, ws, acc);
 #pragma unroll
-    for (int u = 0; u < kPixGroup; ++u) {
-      if (p0 + u < P) {
-        float v = acc[u];
-        if (accumulate) v += y[(p0 + u) * s + o];
-        if (scale != nullptr) v = v * scale[o] + shift[o];
-        if (hswish) v = hardswish(v);
-        y[(p0 + u) * s + o] = v;
-      }
-    }
+  for (int r = 0; r < CR; ++r) f(r, acc[r]);
+}
+
+template <int K, typename T, class F>
+GMF_HD void run_k(int cr, const T* halo, int hw, int n, int R, int py, int px0, int c, const float* w, int ws, F&& f) {
+  if (cr == 7) run_apply<K, 7>(halo, hw, n, R, py, px0, c, w, ws, f);
+  else if (cr == 4) run_apply<K, 4>(halo, hw, n, R, py, px0, c, w, ws, f);
+  else run_apply<K, 8>(halo, hw, n, R, py, px0, c, w, ws, f);
+}
+
+template <typename T, class F>
+GMF_HD void stencil(int K, int cr, const T* halo, int hw, int n, int R, int py, int px0, int c, const float* w, int ws,
+                    F&& f) {
+  if (K == 3) run_k<3>(cr, halo, hw, n, R, py, px0, c, w, ws, f);
+  else if (K == 5) run_k<5>(cr, halo, hw, n, R, py, px0, c, w, ws, f);
+  else run_k<7>(cr, halo, hw, n, R, py, px0, c, w, ws, f);
+}
+
+// for_each over the stencil runs of a tile and one chunk of n channels: f(py, px0, c),
+// channels fastest (a warp reads consecutive channels: no bank conflict).
+template <class Exec, class F>
+GMF_HD void for_each_run(const Exec& ex, const TileGeo& g, int cr, int n, F&& f) {
+  const int nb = (g.tw + cr - 1) / cr;
+  ex.for_each(g.th * nb * n, [&](int i) {
+    const int rest = i / n;
+    const int c = i - rest * n;
+    const int py = rest / nb;
+    f(py, (rest - py * nb) * cr, c);
   });
+}
+
+// Z[pix * ldz + zc + c] = depthwise KxK of chunk channel c (weights w[tap * ws + c]) for all
+// tile pixels, from a halo of radius R.
+template <class Exec, typename T>
+GMF_HD void depthwise(const Exec& ex, const TileGeo& g, int K, const T* halo, int R, int n, const float* w, int ws,
+                      T* Z, int ldz, int zc) {
+  const int hw = g.tw + 2 * R;
+  const int cr = run_pixels(g.tw);
+  for_each_run(ex, g, cr, n, [&](int py, int px0, int c) {
+    stencil(K, cr, halo, hw, n, R, py, px0, c, w + c, ws, [&](int r, float v) {
+      if (px0 + r < g.tw) Z[(py * g.tw + px0 + r) * ldz + zc + c] = from_float<T>(v);
+    });
+  });
+}
+
+// f(pix, c, value) for the V = 16 / sizeof(T) (p.vec) or 1 consecutive channels c..c+V-1 of
+// the row of tile pixel pix at src[n * rs + c] (zeros outside the image), items (pix < npix,
+// vector) with vectors fastest.
+template <int V, class Exec, typename T, class F>
+GMF_HD void for_each_row_vec(const Exec& ex, const GmaParams& p, const TileGeo& g, int npix, const T* src,
+                             long long rs, int nch, F&& f) {
+  const int nv = nch / V;
+  ex.for_each(npix * nv, [&](int i) {
+    const int pix = i / nv;
+    const int c0 = (i - pix * nv) * V;
+    long long n;
+    alignas(16) T v[V];
+    if (tile_token(p, g, pix, n)) {
+      if (V > 1) copy16(v, src + n * rs + c0);
+      else v[0] = src[n * rs + c0];
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = from_float<T>(0.0f);
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) f(pix, c0 + e, v[e]);
+  });
+}
+template <class Exec, typename T, class F>
+GMF_HD void for_each_row(const Exec& ex, const GmaParams& p, const TileGeo& g, int npix, const T* src, long long rs,
+                         int nch, F&& f) {
+  if (p.vec) for_each_row_vec<16 / (int)sizeof(T)>(ex, p, g, npix, src, rs, nch, f);
+  else for_each_row_vec<1>(ex, p, g, npix, src, rs, nch, f);
+}
+
+// ----------------------------------------------------------------- weights of a job
+// Pointers into a job's weight block (gma_layout.h JobBlock), in shared memory or packed.
+template <typename T>
+struct JobW {
+  const float* dw;
+  const float* dw2;
+  const float* bn;
+  const T* pw;
+};
+template <typename T>
+GMF_HD JobW<T> job_weights(const char* base, const JobBlock& B) {
+  JobW<T> w;
+  w.dw = reinterpret_cast<const float*>(base + B.dw);
+  w.dw2 = reinterpret_cast<const float*>(base + B.dw2);
+  w.bn = reinterpret_cast<const float*>(base + B.bn);
+  w.pw = reinterpret_cast<const T*>(base + B.pw);
+  return w;
+}
+
+// Write aggregation job j's weight block (layout: gma_layout.h agg_job_block) to dst, from
+// the folded weights: the depthwise tap-major, the BatchNorm and pointwise rows in
+// padded-head order, the pointwise in the I/O dtype with zero pads. No barrier inside; used
+// by the kernels to stage (dst in shared memory) and by gma_pack_kernel (dst in workspace).
+template <class Exec, typename T>
+GMF_HD void write_agg_job(const Exec& ex, const GmaParams& p, const Dims& D, int j, char* dst) {
+  const JobBlock B = agg_job_block(j, D);
+  float* dw = reinterpret_cast<float*>(dst + B.dw);
+  float* bn = reinterpret_cast<float*>(dst + B.bn);
+  T* pw = reinterpret_cast<T*>(dst + B.pw);
+  const int s = D.s, d = D.d, dp = D.dp, sp = D.sp, sk = D.sk, ldw = D.ldw;
+  if (j == 4) {
+    ex.for_each(9 * 3 * s, [&](int i) {
+      const int tap = i / (3 * s);
+      const int c = i - tap * 3 * s;
+      dw[i] = p.local_dw[c * 9 + tap];
+    });
+    ex.for_each(2 * s, [&](int i) { bn[i] = i < s ? p.ln_weight[i] : p.ln_bias[i - s]; });
+    ex.for_each(3 * sk * ldw, [&](int i) {
+      const int x = i / (sk * ldw);
+      const int r = i - x * sk * ldw;
+      const int o = r / ldw;
+      const int c = r - o * ldw;
+      pw[i] = from_float<T>((o < s && c < s) ? p.local_pw[(long long)o * 3 * s + x * s + c] : 0.0f);
+    });
+    return;
+  }
+  if (j >= 1) {
+    const int K2 = (2 * j + 1) * (2 * j + 1);
+    const float* src = j == 1 ? p.dw3 : (j == 2 ? p.dw5 : p.dw7);
+    ex.for_each(K2 * s, [&](int i) {
+      const int tap = i / s;
+      const int c = i - tap * s;
+      dw[i] = src[c * K2 + tap];
+    });
+    ex.for_each(sp * ldw, [&](int i) {
+      const int o = i / ldw;
+      const int c = i - o * ldw;
+      const int t = o / dp;
+      const int ii = o - t * dp;
+      pw[i] = from_float<T>((ii < d && c < s) ? p.pw[((long long)(j - 1) * s + t * d + ii) * s + c] : 0.0f);
+    });
+  }
+  ex.for_each(2 * sp, [&](int i) {
+    const int which = i / sp;
+    const int o = i - which * sp;
+    const int t = o / dp;
+    const int ii = o - t * dp;
+    bn[i] = ii < d ? (which ? p.bn_shift : p.bn_scale)[j * s + t * d + ii] : 0.0f;
+  });
+}
+
+// Attention job j's block: the CRPE of heads 2j and 2j+1 tap-major, the bias of the segment.
+template <class Exec>
+GMF_HD void write_attn_job(const Exec& ex, const GmaParams& p, const Dims& D, int j, char* dst) {
+  const JobBlock B = attn_job_block(j, D);
+  const int d = D.d, s = D.s;
+  for (int t = 0; t < 2; ++t) {
+    const int h = 2 * j + t;
+    const int K2 = crpe_k(h) * crpe_k(h);
+    const float* src = h < 2 ? p.crpe_w3 + h * d * 9 : (h < 5 ? p.crpe_w5 + (h - 2) * d * 25 : p.crpe_w7 + (h - 5) * d * 49);
+    float* w = reinterpret_cast<float*>(dst + (t == 0 ? B.dw : B.dw2));
+    ex.for_each(K2 * d, [&](int i) {
+      const int tap = i / d;
+      const int c = i - tap * d;
+      w[i] = src[c * K2 + tap];
+    });
+  }
+  float* bias = reinterpret_cast<float*>(dst + B.bn);
+  ex.for_each(s, [&](int c) { bias[c] = p.crpe_b[j * s + c]; });
+}
+
+// ----------------------------------------------------------------- the packing kernel
+// One block per job (5 aggregation + 4 attention blocks): the weights of the kernels that do
+// not stage them in shared memory (the planner's fallback when they do not fit), packed once
+// per call into the workspace. No barrier: every item writes its own element.
+template <class Exec, typename T>
+GMF_HD void pack_block(const Exec& ex, const GmaParams& p, int block) {
+  const Dims& D = p.dims;
+  char* base = static_cast<char*>(p.packed);
+  if (block < kAggJobs) write_agg_job<Exec, T>(ex, p, D, block, base + pack_offset(D, false, block));
+  else write_attn_job(ex, p, D, block - kAggJobs, base + pack_offset(D, true, block - kAggJobs));
 }
 
 }  // namespace gmf

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -76,7 +77,53 @@ std::vector<int> specialized_head_dims() {
   return v;
 }
 
-PlanInfo plan(int B, int H, int W, int C, int dtype, int tile_h, int tile_w) {
+namespace {
+
+// Extent of a tile side over a grid side of n pixels: n itself when it fits, else the size in
+// [4, max_tile] whose tiles cover n with the least padding (ties: the larger tile).
+int tile_extent(int n, int max_tile) {
+  if (n <= max_tile) return n;
+  int best = max_tile, waste = 1 << 30;
+  for (int c = max_tile; c >= 4; --c) {
+    const int w = (n + c - 1) / c * c - n;
+    if (w < waste) { waste = w; best = c; }
+  }
+  return best;
+}
+
+long long tiles_of(int H, int W, int th, int tw) {
+  return (long long)((H + th - 1) / th) * ((W + tw - 1) / tw);
+}
+
+struct SmemUse {
+  size_t agg, attn;
+};
+
+SmemUse smem_use(int th, int tw, int s, int d, int es, bool agg_staged, bool attn_staged) {
+  const Dims D = make_dims(th, tw, s, d, es);
+  return SmemUse{(size_t)agg_smem_layout(D, agg_staged).total, (size_t)attn_smem_layout(D, attn_staged).total};
+}
+
+// Per-tile cost of each job, in CUDA-core multiply-add equivalents per (pixel, channel):
+// memory at ~10 multiply-adds per byte (an H100 SM: ~128 FMA/clk against ~12 B/clk of HBM),
+// the stencil taps, the tensor-core products at 1/8 of a multiply-add per MAC (x3 for 3xTF32).
+void job_costs(int s, int d, int es, int* agg, int* attn) {
+  const int mem = 10 * es;
+  const int mma = (es == 4 ? 3 : 1);
+  const int pw = mma * std::max(1, s / 8);
+  agg[0] = 3 * mem + 2 * mem + 4;                            // q, k, v read; Q, V written
+  for (int j = 1; j <= 3; ++j) agg[j] = 3 * (mem + (2 * j + 1) * (2 * j + 1) + pw) + 2 * mem + 4;
+  agg[4] = 3 * (mem + 9 + pw) + mem + 8;                     // 3 streams, pre written, LayerNorm
+  const int kv = mma * std::max(1, d / 8);
+  for (int j = 0; j < 4; ++j) {
+    const int k0 = crpe_k(2 * j), k1 = crpe_k(2 * j + 1);
+    attn[j] = 3 * mem + (k0 * k0 + k1 * k1) / 2 + kv;        // Q, V read, pre written; CRPE; Q KV
+  }
+}
+
+}  // namespace
+
+PlanInfo plan(int B, int H, int W, int C, int dtype, int tile_h, int tile_w, int tiles_per_cta, size_t smem_limit) {
   if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
     fail("dtype code " + std::to_string(dtype) + " is not supported (0 float32, 1 float16, 2 bfloat16)");
   if (B < 1) fail("batch size B must be >= 1, got " + std::to_string(B));
@@ -91,64 +138,127 @@ PlanInfo plan(int B, int H, int W, int C, int dtype, int tile_h, int tile_w) {
     fail("H*W=" + std::to_string(N) + " tokens is more than 2^31-1");
   if ((tile_h == 0) != (tile_w == 0)) fail("tile_h and tile_w must both be 0 (automatic) or both >= 1");
   if (tile_h < 0 || tile_w < 0) fail("tile sizes must be >= 0");
+  if (tile_h > kMaxTileH || tile_w > kMaxTileW)
+    fail("tile " + std::to_string(tile_h) + "x" + std::to_string(tile_w) + " is too large (at most " +
+         std::to_string(kMaxTileH) + " rows and " + std::to_string(kMaxTileW) + " columns)");
+  if (tiles_per_cta < 0) fail("tiles_per_cta must be >= 0 (0 = automatic), got " + std::to_string(tiles_per_cta));
 
   PlanInfo pl{};
   pl.B = B; pl.H = H; pl.W = W; pl.C = C; pl.dtype = dtype;
   pl.s = C / 5; pl.cp = 4 * pl.s; pl.d = C / 10;
   pl.elem_size = dtype == kFloat32 ? 4 : 2;
   pl.specialized_d = specialisation(pl.d);
+  const int es = pl.elem_size;
+  const size_t limit = smem_limit ? smem_limit : kDefaultSmemLimit;
+  pl.smem_limit = limit;
 
-  const size_t kDefaultSmem = 48 * 1024;
-  auto smem_of = [&](int th, int tw, size_t& agg, size_t& attn) {
-    agg = sizeof(float) * (size_t)agg_smem_layout(th, tw, pl.s).total;
-    attn = sizeof(float) * (size_t)attn_smem_layout(th, tw, pl.s, pl.d).total;
+  int th = 0, tw = 0;
+  bool agg_staged = true, attn_staged = true;
+  auto fits = [&](int h, int w, size_t budget, bool allow_unstaged, bool& as, bool& ts) {
+    const SmemUse st = smem_use(h, w, pl.s, pl.d, es, true, true);
+    const SmemUse un = smem_use(h, w, pl.s, pl.d, es, false, false);
+    as = st.agg <= budget;
+    ts = st.attn <= budget;
+    if (!allow_unstaged && !(as && ts)) return false;
+    return (as ? st.agg : un.agg) <= budget && (ts ? st.attn : un.attn) <= budget;
   };
-  int th, tw;
   if (tile_h == 0) {
-    // largest tile (fewest halo re-reads) whose two kernels fit the default 48 KiB
-    static const int cand[][2] = {{8, 8}, {4, 8}, {4, 4}, {2, 4}, {2, 2}, {1, 2}, {1, 1}};
-    th = 1; tw = 1;
-    for (const auto& c : cand) {
-      size_t a, o;
-      smem_of(std::min(c[0], H), std::min(c[1], W), a, o);
-      if (a <= kDefaultSmem && o <= kDefaultSmem) { th = c[0]; tw = c[1]; break; }
+    // the tile that covers the grid with the least waste; halved (the larger side) while a
+    // small problem would leave most of a 132-SM GPU idle (< 2 units per SM)
+    int h0 = tile_extent(H, kMaxTileH), w0 = tile_extent(W, 8);
+    while ((long long)B * tiles_of(H, W, h0, w0) * kAggJobs < 2 * 132 && h0 * w0 > 16) {
+      if (h0 >= w0) h0 = (h0 + 1) / 2; else w0 = (w0 + 1) / 2;
+    }
+    // then the largest of its halvings that fits: staged weights and two blocks per SM first
+    struct Pass { size_t budget; bool unstaged; int min_pixels; };
+    const Pass passes[] = {{limit / 2, false, 16}, {limit, false, 16}, {limit / 2, true, 16}, {limit, true, 1}};
+    for (const Pass& ps : passes) {
+      int h = h0, w = w0;
+      while (true) {
+        bool as = false, ts = false;
+        if (h * w >= std::min(ps.min_pixels, h0 * w0) && fits(h, w, ps.budget, ps.unstaged, as, ts)) {
+          th = h; tw = w; agg_staged = as; attn_staged = ts;
+          break;
+        }
+        if (h == 1 && w == 1) break;
+        if (h >= w) h = (h + 1) / 2; else w = (w + 1) / 2;
+      }
+      if (th) break;
+    }
+    if (!th) {
+      const SmemUse un = smem_use(1, 1, pl.s, pl.d, es, false, false);
+      fail("C=" + std::to_string(C) + " (" + dtype_name(dtype) + ") needs at least " +
+           std::to_string(std::max(un.agg, un.attn)) + " bytes of shared memory per block, even with 1x1 tiles "
+           "and the weights read from global memory; the limit is " + std::to_string(limit) + " bytes");
     }
   } else {
-    th = tile_h; tw = tile_w;
+    // the requested tile, halved (the larger side) only if even with the weights read packed
+    // it does not fit the limit (so that every tuning candidate runs on every GPU)
+    int h = std::min(tile_h, H), w = std::min(tile_w, W);
+    while (true) {
+      bool as = false, ts = false;
+      if (fits(h, w, limit, true, as, ts)) {
+        th = h; tw = w; agg_staged = as; attn_staged = ts;
+        break;
+      }
+      if (h == 1 && w == 1) break;
+      if (h >= w) h = (h + 1) / 2; else w = (w + 1) / 2;
+    }
+    if (!th) {
+      const SmemUse un = smem_use(1, 1, pl.s, pl.d, es, false, false);
+      fail("C=" + std::to_string(C) + " (" + dtype_name(dtype) + ") needs at least " +
+           std::to_string(std::max(un.agg, un.attn)) + " bytes of shared memory per block, even with 1x1 tiles "
+           "and the weights read from global memory; the limit is " + std::to_string(limit) + " bytes");
+    }
   }
-  th = std::min(th, H);
-  tw = std::min(tw, W);
-  if ((long long)th * tw > 4096) fail("tile of " + std::to_string(th) + "x" + std::to_string(tw) + " pixels is too large");
   pl.tile_h = th; pl.tile_w = tw;
-  smem_of(th, tw, pl.agg_smem, pl.attn_smem);
-  const size_t kMaxSmem = 227 * 1024;  // the largest opt-in of sm_80 / sm_90
-  if (pl.agg_smem > kMaxSmem || pl.attn_smem > kMaxSmem)
-    fail("tile " + std::to_string(th) + "x" + std::to_string(tw) + " needs " +
-         std::to_string(std::max(pl.agg_smem, pl.attn_smem)) + " bytes of shared memory (max " +
-         std::to_string(kMaxSmem) + ")");
+  pl.agg_staged = agg_staged ? 1 : 0;
+  pl.attn_staged = attn_staged ? 1 : 0;
+  const SmemUse use = smem_use(th, tw, pl.s, pl.d, es, agg_staged, attn_staged);
+  pl.agg_smem = use.agg;
+  pl.attn_smem = use.attn;
   pl.tiles_y = (H + th - 1) / th;
   pl.tiles_x = (W + tw - 1) / tw;
   pl.ntiles = pl.tiles_y * pl.tiles_x;
-  pl.tile_blocks = (long long)B * pl.ntiles;
-  if (pl.tile_blocks > std::numeric_limits<int>::max()) fail("B * tiles exceeds the grid limit 2^31-1");
+  const long long ntot = (long long)B * pl.ntiles;
+  pl.agg_units = ntot * kAggJobs;
+  pl.attn_units = ntot * kAttnJobs;
+  if (pl.agg_units > std::numeric_limits<int>::max()) fail("B * tiles is too large for the grid");
+  // persistent CTAs: about 1056 (4 waves of 2 blocks on a 132-SM GPU) unless told otherwise
+  const long long target = 1056;
+  pl.tiles_per_cta = tiles_per_cta ? tiles_per_cta : (int)std::max<long long>(1, (pl.agg_units + target - 1) / target);
+  pl.agg_ctas = (int)((pl.agg_units + pl.tiles_per_cta - 1) / pl.tiles_per_cta);
+  pl.attn_ctas = (int)((pl.attn_units + pl.tiles_per_cta - 1) / pl.tiles_per_cta);
   pl.tile_threads = kThreads;
+  job_costs(pl.s, pl.d, es, pl.agg_cost, pl.attn_cost);
+  {
+    const int V = 16 / es;
+    const Dims D = make_dims(th, tw, pl.s, pl.d, es);
+    bool vec = (C * es) % 16 == 0 && (pl.s * es) % 16 == 0;
+    for (int c0 = 0; c0 < pl.s; c0 += D.cc) vec = vec && std::min(D.cc, pl.s - c0) % V == 0;
+    pl.vec = vec ? 1 : 0;
+  }
   pl.combine_blocks = B * kHeads;
   if ((long long)B * kHeads > std::numeric_limits<int>::max()) fail("B too large");
   pl.combine_threads = std::min(kThreads, std::max(32, (pl.d * pl.d + 31) / 32 * 32));
   pl.combine_smem = sizeof(float) * 2 * (size_t)pl.d;
+  pl.pack_blocks = (agg_staged && attn_staged) ? 0 : kAggJobs + kAttnJobs;
 
   const size_t qv = 2 * (size_t)B * (size_t)N * (size_t)pl.cp * (size_t)pl.elem_size;
-  const size_t part = (size_t)pl.tile_blocks * kHeads * (size_t)partial_stride(pl.d) * sizeof(float);
+  const size_t part = (size_t)ntot * kHeads * (size_t)partial_stride(pl.d) * sizeof(float);
   const size_t kv = (size_t)B * kHeads * (size_t)pl.d * (size_t)pl.d * sizeof(float);
+  const size_t packed = pl.pack_blocks ? (size_t)pack_bytes(make_dims(th, tw, pl.s, pl.d, es)) : 0;
   pl.ws_qv_offset = 0;
   pl.ws_part_offset = align_up(qv, kWorkspaceAlign);
   pl.ws_kv_offset = align_up(pl.ws_part_offset + part, kWorkspaceAlign);
-  pl.ws_bytes = align_up(pl.ws_kv_offset + kv, kWorkspaceAlign);
+  pl.ws_packed_offset = align_up(pl.ws_kv_offset + kv, kWorkspaceAlign);
+  pl.ws_bytes = align_up(pl.ws_packed_offset + packed, kWorkspaceAlign);
   return pl;
 }
 
-size_t workspace_size(int B, int H, int W, int C, int dtype, int tile_h, int tile_w) {
-  return plan(B, H, W, C, dtype, tile_h, tile_w).ws_bytes;
+size_t workspace_size(int B, int H, int W, int C, int dtype, int tile_h, int tile_w, int tiles_per_cta,
+                      size_t smem_limit) {
+  return plan(B, H, W, C, dtype, tile_h, tile_w, tiles_per_cta, smem_limit).ws_bytes;
 }
 
 namespace {
@@ -165,13 +275,10 @@ GmaParams checked_params(const PlanInfo& pl, uintptr_t qkv, uintptr_t pre, uintp
     if (weights[i] == 0) fail(std::string("weight ") + kWeightNames[i] + " is a null pointer");
     if (weights[i] % sizeof(float) != 0) fail(std::string("weight ") + kWeightNames[i] + " is not 4-byte aligned");
   }
-  if (pl.s % 4 == 0) {  // float4 reads of the pointwise rows
-    if (weights[5] % 16 != 0) fail("weight pw must be 16-byte aligned");
-    if (weights[7] % 16 != 0) fail("weight local_pw must be 16-byte aligned");
-  }
   if (qkv % pl.elem_size != 0) fail("qkv is not aligned to its element size");
   if (pre % pl.elem_size != 0) fail("pre is not aligned to its element size");
-  if (workspace % 16 != 0) fail("workspace must be 16-byte aligned");
+  if (pl.vec && qkv % 16 != 0) fail("qkv must be 16-byte aligned (the kernels read it in 16-byte vectors)");
+  if (workspace % kRegionAlign != 0) fail("workspace must be " + std::to_string(kRegionAlign) + "-byte aligned");
   if (workspace_bytes < pl.ws_bytes)
     fail("workspace has " + std::to_string(workspace_bytes) + " bytes, needs " + std::to_string(pl.ws_bytes) +
          " (see workspace_size)");
@@ -197,6 +304,7 @@ GmaParams checked_params(const PlanInfo& pl, uintptr_t qkv, uintptr_t pre, uintp
   p.qv = reinterpret_cast<void*>(workspace + pl.ws_qv_offset);
   p.part = reinterpret_cast<float*>(workspace + pl.ws_part_offset);
   p.kv = reinterpret_cast<float*>(workspace + pl.ws_kv_offset);
+  p.packed = pl.pack_blocks ? reinterpret_cast<void*>(workspace + pl.ws_packed_offset) : nullptr;
   const float* w[kNumWeights];
   for (int i = 0; i < kNumWeights; ++i) w[i] = reinterpret_cast<const float*>(weights[i]);
   p.bn_scale = w[0]; p.bn_shift = w[1];
@@ -212,6 +320,14 @@ GmaParams checked_params(const PlanInfo& pl, uintptr_t qkv, uintptr_t pre, uintp
   p.N = (long long)pl.H * pl.W;
   p.th = pl.tile_h; p.tw = pl.tile_w;
   p.tiles_y = pl.tiles_y; p.tiles_x = pl.tiles_x; p.ntiles = pl.ntiles;
+  p.vec = pl.vec;
+  p.agg_staged = pl.agg_staged; p.attn_staged = pl.attn_staged;
+  p.agg_ctas = pl.agg_ctas; p.attn_ctas = pl.attn_ctas;
+  for (int j = 0; j < kAggJobs; ++j) p.agg_cost[j] = pl.agg_cost[j];
+  for (int j = 0; j < kAttnJobs; ++j) p.attn_cost[j] = pl.attn_cost[j];
+  p.dims = make_dims(pl.tile_h, pl.tile_w, pl.s, pl.d, pl.elem_size);
+  p.agg_smem = agg_smem_layout(p.dims, pl.agg_staged != 0);
+  p.attn_smem = attn_smem_layout(p.dims, pl.attn_staged != 0);
   return p;
 }
 
@@ -219,9 +335,15 @@ GmaParams checked_params(const PlanInfo& pl, uintptr_t qkv, uintptr_t pre, uintp
 
 void pre_projection(uintptr_t qkv, uintptr_t pre, uintptr_t workspace, size_t workspace_bytes,
                     const std::vector<uintptr_t>& weights, int B, int H, int W, int C, int dtype,
-                    double scale, double ln_eps, uintptr_t stream, int tile_h, int tile_w) {
-  const PlanInfo pl = plan(B, H, W, C, dtype, tile_h, tile_w);
+                    double scale, double ln_eps, uintptr_t stream, int tile_h, int tile_w, int tiles_per_cta,
+                    size_t smem_limit) {
+  const PlanInfo pl = plan(B, H, W, C, dtype, tile_h, tile_w, tiles_per_cta, smem_limit);
   const GmaParams p = checked_params(pl, qkv, pre, workspace, workspace_bytes, weights, scale, ln_eps);
+#if defined(GMF_EMULATION_ONLY)
+  (void)p; (void)stream;
+  throw std::runtime_error("gmf_kernels.cuda: this module is an emulation-only build (host compiler, no GPU "
+                           "code); build the CUDA module with `python -m gmf_kernels.cuda build`");
+#else
   void* st = reinterpret_cast<void*>(stream);
   switch (dtype) {
     case kFloat32: launch_float32(p, pl, st); break;
@@ -229,17 +351,22 @@ void pre_projection(uintptr_t qkv, uintptr_t pre, uintptr_t workspace, size_t wo
     case kBFloat16: launch_bfloat16(p, pl, st); break;
     default: fail(std::string("unsupported dtype ") + dtype_name(dtype));
   }
+#endif
 }
 
 void emulate_pre_projection(uintptr_t qkv, uintptr_t pre, uintptr_t workspace, size_t workspace_bytes,
                             const std::vector<uintptr_t>& weights, int B, int H, int W, int C, int dtype,
-                            double scale, double ln_eps, int tile_h, int tile_w) {
-  const PlanInfo pl = plan(B, H, W, C, dtype, tile_h, tile_w);
+                            double scale, double ln_eps, int tile_h, int tile_w, int tiles_per_cta,
+                            size_t smem_limit, uint64_t seed) {
+  const PlanInfo pl = plan(B, H, W, C, dtype, tile_h, tile_w, tiles_per_cta, smem_limit);
   const GmaParams p = checked_params(pl, qkv, pre, workspace, workspace_bytes, weights, scale, ln_eps);
+  // all-ones bytes are NaN in float32, float16 and bfloat16: a read of workspace that no
+  // kernel wrote (partials, KV, Q/V planes) shows up as NaN in the output
+  std::memset(reinterpret_cast<void*>(workspace), 0xFF, pl.ws_bytes);
   switch (dtype) {
-    case kFloat32: emulate_float32(p, pl); break;
-    case kFloat16: emulate_float16(p, pl); break;
-    case kBFloat16: emulate_bfloat16(p, pl); break;
+    case kFloat32: emulate_float32(p, pl, seed); break;
+    case kFloat16: emulate_float16(p, pl, seed); break;
+    case kBFloat16: emulate_bfloat16(p, pl, seed); break;
     default: fail(std::string("unsupported dtype ") + dtype_name(dtype));
   }
 }

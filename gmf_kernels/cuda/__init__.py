@@ -15,6 +15,7 @@ no GPU and no driver (cudart is linked statically); launching does.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import importlib.util
 import os
@@ -32,9 +33,19 @@ _loaded: Optional[ModuleType] = None
 _loaded_path: Optional[str] = None
 
 
+def _import_name(path: str) -> str:
+    """An import name of its own for the extension file at `path` (this file, this content):
+    pybind11 (3.x) keeps one module per import name, so two builds loaded in one process (a
+    test's build beside the cached one, the emulation builds of tests/test_cuda_emulation.py)
+    need two names. The last component stays `_gmf_cuda` (the init symbol PyInit__gmf_cuda)."""
+    st = os.stat(path)
+    ident = f"{os.path.realpath(path)}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"gmf_kernels.cuda._build_{hashlib.sha1(ident.encode()).hexdigest()[:16]}.{_build.MODULE_NAME}"
+
+
 def _import_extension(path: str) -> ModuleType:
     """Import the extension file at `path` (its init symbol is PyInit__gmf_cuda)."""
-    name = f"gmf_kernels.cuda.{_build.MODULE_NAME}"
+    name = _import_name(path)
     loader = importlib.machinery.ExtensionFileLoader(name, path)
     spec = importlib.util.spec_from_file_location(name, path, loader=loader)
     if spec is None:

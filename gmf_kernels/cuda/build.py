@@ -6,15 +6,26 @@ This file is imported by path from setup.py, so it uses the standard library onl
 * `build(out_dir=None, archs=None, verbose=False) -> path`: compiles into `out_dir`, or
   into a per-user cache `~/.cache/gmf_kernels/cuda/<build key>/` guarded by a file lock
   (`filelock` when importable, else `fcntl`); a cached build with the same key is reused.
+* `build(out_dir, emulation_only=True)`: the same module compiled by the host C++ compiler
+  alone, without the GPU kernels (`pre_projection` raises; `emulate_pre_projection` runs
+  the kernel bodies on the CPU, csrc/gma_emu.h). Needs the CUDA headers only (a toolkit, or
+  the nvidia-cuda-runtime-cu12 wheel), no nvcc; builds in about a minute. `emu_skip_sync=
+  "gma_aggregate.cuh:51"` compiles that one barrier out of the emulation (the barrier tests
+  of tests/test_cuda_emulation.py); `build_dir` shares compiled objects between such builds.
 * `build_ahead_of_time(out_dir) -> path`: what setup.py calls (`GMF_CUDA_ARCHS` honoured).
 * `sources_hash()`: sha256 prefix of the csrc/ files; compiled into the module so a
   loader can tell a stale build from a fresh one.
 
-Targets: `GMF_CUDA_ARCHS` (e.g. "80;90", "8.0 9.0", "sm_90a"), default "80;90": SASS for
-each and PTX of the highest, so newer GPUs can JIT it. cudart is linked statically (nvcc's
-default), so importing the module needs no driver. ptxas `-v` output of every kernel is
-kept in `ptxas_resources.log` next to the module and parsed into `resources.json`
-(registers, spills, stack, shared memory per kernel and architecture).
+Targets: `GMF_CUDA_ARCHS` (e.g. "75;80;86;89;90", "8.0 9.0", "sm_90a", or "native" for the
+GPUs visible here), default "75;80;86;89;90": SASS for each and PTX of the highest (compute_90),
+so newer GPUs (sm_100, sm_120) JIT it. sm_70 (V100) is accepted, but CUDA 13 no longer targets
+it: build it with a CUDA 12.x toolkit (BuildError says so). Nothing in csrc/ needs more than
+sm_70 (csrc/README.md). cudart is linked statically (nvcc's default), so importing the module
+needs no driver; `cuda_runtime_version()` / `cuda_driver_version()` of the module say which
+runtime it carries and which driver is installed. Kernels keep `-lineinfo` (sanitizer and
+profiler reports name source lines). ptxas `-v` output of every kernel is kept in
+`ptxas_resources.log` next to the module and parsed into `resources.json` (registers,
+spills, stack, shared memory per kernel and architecture).
 """
 from __future__ import annotations
 
@@ -33,10 +44,13 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 MODULE_NAME = "_gmf_cuda"
-DEFAULT_ARCHS = "80;90"
+DEFAULT_ARCHS = "75;80;86;89;90"
+#: oldest architecture the sources support, and the newest toolkit major that still targets it
+MIN_ARCH = 70
+SM70_TOOLKIT = "CUDA 12.x toolkit (12.9 is the last release that targets sm_70/sm_72)"
 BUILD_COMMAND = "python -m gmf_kernels.cuda build"
 #: bump when the way the module is built changes (part of the build key)
-BUILD_SCRIPT_VERSION = "1"
+BUILD_SCRIPT_VERSION = "2"
 SOURCE_SUFFIXES = (".cu", ".cuh", ".cpp", ".h", ".hpp")
 METADATA_FILE = "build.json"
 RESOURCES_JSON = "resources.json"
@@ -48,6 +62,8 @@ NVCC_FLAGS = [
     "-Xptxas", "-v", "-lineinfo",
 ]
 CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden"]
+#: the one unit that reads the emulation's barrier switch GMF_EMU_SKIP_SYNC (csrc/gma_emu_skip.cpp)
+EMU_SKIP_SOURCE = "gma_emu_skip.cpp"
 
 
 class BuildError(RuntimeError):
@@ -131,6 +147,43 @@ def find_nvcc() -> str:
     raise BuildError("nvcc not found: install the CUDA toolkit, put nvcc on PATH or set CUDA_HOME")
 
 
+def cuda_include_dir(nvcc: Optional[str] = None) -> str:
+    """Directory with cuda_runtime.h / cuda_fp16.h for the host compiler: the toolkit's (next to
+    nvcc), else the nvidia-cuda-runtime-cu12 wheel's."""
+    cands = []
+    if nvcc is None:
+        try:
+            nvcc = find_nvcc()
+        except BuildError:
+            nvcc = None
+    if nvcc:
+        root = Path(nvcc).resolve().parent.parent
+        cands += [root / "include"] + sorted(root.glob("targets/*/include"))
+        try:  # nvcc may be a wrapper script elsewhere: ask it where its headers are
+            out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=120)
+            for m in re.finditer(r'INCLUDES="?-I([^"\s]+)', out.stdout + out.stderr):
+                cands.append(Path(m.group(1)))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            cands.append(Path(os.environ[var]) / "include")
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("nvidia.cuda_runtime")
+        if spec is not None and spec.submodule_search_locations:
+            cands += [Path(p) / "include" for p in spec.submodule_search_locations]
+    except (ImportError, ValueError):
+        pass
+    cands.append(Path("/usr/local/cuda/include"))
+    for c in cands:
+        if (c / "cuda_fp16.h").is_file() and (c / "cuda_runtime.h").is_file():
+            return str(c)
+    raise BuildError("CUDA headers (cuda_runtime.h, cuda_fp16.h) not found: install the CUDA toolkit, set "
+                     "CUDA_HOME, or `pip install nvidia-cuda-runtime-cu12` (emulation-only builds)")
+
+
 def find_ninja() -> str:
     w = shutil.which("ninja")
     if w:
@@ -183,34 +236,124 @@ def nvcc_version(nvcc: str) -> str:
 
 
 # ------------------------------------------------------------------ architectures
+def _arch_num(a: str) -> int:
+    return int(re.match(r"\d+", a).group())
+
+
+def native_archs() -> List[str]:
+    """Compute capabilities of the GPUs visible here ("90", ...): nvidia-smi, else the driver
+    API (libcuda). BuildError when there is no GPU."""
+    found: List[str] = []
+    notes = []
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=60)
+            for line in out.stdout.splitlines():
+                m = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", line)
+                if m:
+                    found.append(m.group(1) + m.group(2))
+            if not found:
+                notes.append(f"nvidia-smi listed no GPU ({(out.stderr or out.stdout).strip()[:200]})")
+        except (OSError, subprocess.SubprocessError) as e:
+            notes.append(f"nvidia-smi failed: {e}")
+    else:
+        notes.append("nvidia-smi not found")
+    if not found:
+        try:
+            import ctypes
+            cu = ctypes.CDLL("libcuda.so.1")
+            n = ctypes.c_int(0)
+            if cu.cuInit(0) == 0 and cu.cuDeviceGetCount(ctypes.byref(n)) == 0:
+                for i in range(n.value):
+                    dev, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+                    cu.cuDeviceGet(ctypes.byref(dev), i)
+                    cu.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # COMPUTE_CAPABILITY_MAJOR
+                    cu.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # COMPUTE_CAPABILITY_MINOR
+                    found.append(f"{major.value}{minor.value}")
+            else:
+                notes.append("the CUDA driver reports no device")
+        except OSError:
+            notes.append("no CUDA driver (libcuda.so.1)")
+    if not found:
+        raise BuildError("GMF_CUDA_ARCHS=native: no CUDA GPU is visible here (" + "; ".join(notes) + "); "
+                         f"name the architectures instead, e.g. GMF_CUDA_ARCHS=\"{DEFAULT_ARCHS}\"")
+    return sorted(set(found), key=lambda a: (_arch_num(a), a))
+
+
 def parse_archs(spec: Optional[str] = None) -> List[str]:
-    """ "80;90" / "8.0 9.0" / "sm_80,sm_90a" -> ["80", "90"] (sorted, unique)."""
+    """ "80;90" / "8.0 9.0" / "sm_80,sm_90a" -> ["80", "90"] (sorted, unique); "native" -> the
+    visible GPUs' (native_archs). Architectures below sm_70 are refused."""
     if spec is None:
         spec = os.environ.get("GMF_CUDA_ARCHS") or DEFAULT_ARCHS
     out = []
     for tok in re.split(r"[;,\s]+", spec.strip()):
         if not tok:
             continue
+        if tok.lower() == "native":
+            out += [a for a in native_archs() if a not in out]
+            continue
         t = tok.lower().replace("sm_", "").replace("compute_", "").replace("+ptx", "")
-        if re.fullmatch(r"\d\.\d[af]?", t):
+        if re.fullmatch(r"\d+\.\d[af]?", t):
             t = t.replace(".", "")
         if not re.fullmatch(r"\d{2,3}[af]?", t):
-            raise BuildError(f"bad CUDA architecture {tok!r} in {spec!r} (expected e.g. '80;90')")
-        if int(re.match(r"\d+", t).group()) < 80:
-            raise BuildError(f"architecture {tok!r}: the kernels need sm_80 or newer")
+            raise BuildError(f"bad CUDA architecture {tok!r} in {spec!r} (expected e.g. '{DEFAULT_ARCHS}' or 'native')")
+        if _arch_num(t) < MIN_ARCH:
+            raise BuildError(f"architecture {tok!r}: the kernels need sm_{MIN_ARCH} or newer")
         if t not in out:
             out.append(t)
     if not out:
         raise BuildError(f"no CUDA architecture in {spec!r}")
-    return sorted(out, key=lambda a: (int(re.match(r"\d+", a).group()), a))
+    return sorted(out, key=lambda a: (_arch_num(a), a))
+
+
+def nvcc_gpu_codes(nvcc: str) -> Optional[List[str]]:
+    """What `nvcc --list-gpu-code` lists (["sm_75", ...]), None when this nvcc cannot say."""
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    codes = re.findall(r"\bsm_\w+", out.stdout)
+    return codes if out.returncode == 0 and codes else None
+
+
+def check_toolkit_archs(archs: Sequence[str], nvcc_ver: str, gpu_codes: Optional[Sequence[str]]) -> None:
+    """BuildError naming a toolkit that can build `archs` when this nvcc cannot."""
+    try:
+        major = int(nvcc_ver.split(".")[0])
+    except ValueError:
+        major = 0
+    for a in archs:
+        n = _arch_num(a)
+        if major >= 13 and n < 75:
+            raise BuildError(
+                f"sm_{a}: nvcc {nvcc_ver} (CUDA {major}) cannot target it (CUDA 13 dropped sm_70/sm_72). "
+                f"Build for sm_{a} with a {SM70_TOOLKIT}, e.g. CUDA_HOME=/usr/local/cuda-12.9 "
+                f"GMF_CUDA_ARCHS=\"{a};{DEFAULT_ARCHS}\" {BUILD_COMMAND}; or leave sm_{a} out")
+        if gpu_codes is not None and f"sm_{a}" not in gpu_codes and f"sm_{re.match(r'[0-9]+', a).group()}" \
+                not in gpu_codes:
+            raise BuildError(f"sm_{a}: nvcc {nvcc_ver} cannot target it (its --list-gpu-code: "
+                             f"{' '.join(gpu_codes)}); use a CUDA toolkit that does, or leave sm_{a} out")
 
 
 def gencode_flags(archs: Sequence[str]) -> List[str]:
+    """SASS for every arch, and PTX of the highest (newer GPUs JIT-compile it)."""
     flags = []
     for i, a in enumerate(archs):
         code = f"sm_{a}" if i < len(archs) - 1 else f"[sm_{a},compute_{a}]"
         flags += ["-gencode", f"arch=compute_{a},code={code}"]
     return flags
+
+
+def ptx_archs(archs: Sequence[str]) -> List[str]:
+    return [archs[-1]] if archs else []
+
+
+def cuda_version_int(nvcc_ver: str) -> int:
+    """ "13.0.88" -> 13000, as cudaRuntimeGetVersion writes it (1000 * major + 10 * minor)."""
+    m = re.match(r"(\d+)\.(\d+)", nvcc_ver)
+    return 1000 * int(m.group(1)) + 10 * int(m.group(2)) if m else 0
 
 
 # ------------------------------------------------------------------ ptxas resources
@@ -289,27 +432,43 @@ def _ninja_escape(path: str) -> str:
     return path.replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
 
 
-def _config(archs: Sequence[str]) -> dict:
-    nvcc = find_nvcc()
-    return {
-        "nvcc": nvcc,
-        "nvcc_version": nvcc_version(nvcc),
+def _config(archs: Sequence[str], emulation_only: bool = False, emu_skip_sync: Optional[str] = None) -> dict:
+    if emulation_only:
+        nvcc = None
+        try:
+            nvcc = find_nvcc()
+        except BuildError:
+            pass
+        cfg = {"mode": "emulation", "nvcc": None, "nvcc_version": "", "archs": [], "ptx_archs": [],
+               "nvcc_flags": [], "cuda_include": cuda_include_dir(nvcc),
+               "cxx_defines": ["-DGMF_EMULATION_ONLY"]}
+    else:
+        nvcc = find_nvcc()
+        ver = nvcc_version(nvcc)
+        check_toolkit_archs(archs, ver, nvcc_gpu_codes(nvcc))
+        cfg = {"mode": "cuda", "nvcc": nvcc, "nvcc_version": ver, "archs": list(archs),
+               "ptx_archs": ptx_archs(archs), "nvcc_flags": NVCC_FLAGS + gencode_flags(archs),
+               "cuda_include": cuda_include_dir(nvcc), "cxx_defines": []}
+    if emu_skip_sync is not None and not re.fullmatch(r"[\w.\-]+:\d+", emu_skip_sync):
+        raise BuildError(f"emu_skip_sync {emu_skip_sync!r}: expected 'file name:line', e.g. 'gma_aggregate.cuh:51'")
+    cfg.update({
         "cxx": find_cxx(),
         "ninja": find_ninja(),
-        "archs": list(archs),
-        "nvcc_flags": NVCC_FLAGS + gencode_flags(archs),
         "cxx_flags": list(CXX_FLAGS),
+        "emu_skip_sync": emu_skip_sync,
         "python": sys.version.split()[0],
         "ext_suffix": ext_suffix(),
         "pybind11_include": pybind11_include(),
         "python_include": python_include(),
-    }
+    })
+    return cfg
 
 
 def build_key(src_hash: str, cfg: dict) -> str:
     h = hashlib.sha256()
-    for part in (src_hash, BUILD_SCRIPT_VERSION, cfg["nvcc_version"], " ".join(cfg["nvcc_flags"]),
-                 " ".join(cfg["cxx_flags"]), os.path.basename(cfg["cxx"]), cfg["ext_suffix"]):
+    for part in (src_hash, BUILD_SCRIPT_VERSION, cfg["mode"], cfg["nvcc_version"], " ".join(cfg["nvcc_flags"]),
+                 " ".join(cfg["cxx_flags"] + cfg["cxx_defines"]), cfg["emu_skip_sync"] or "",
+                 os.path.basename(cfg["cxx"]), cfg["ext_suffix"]):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:20]
@@ -318,7 +477,7 @@ def build_key(src_hash: str, cfg: dict) -> str:
 def _write_build_info(path: Path, src_hash: str, key: str, cfg: dict) -> None:
     def lit(s: str) -> str:
         return json.dumps(s)  # a valid C string literal for ASCII text
-    flags = " ".join(cfg["nvcc_flags"])
+    flags = " ".join(cfg["nvcc_flags"] if cfg["mode"] == "cuda" else cfg["cxx_flags"] + cfg["cxx_defines"])
     text = (
         "// generated by gmf_kernels/cuda/build.py\n"
         '#include "gma_api.h"\n'
@@ -326,6 +485,8 @@ def _write_build_info(path: Path, src_hash: str, key: str, cfg: dict) -> None:
         f"const char* build_sources_hash() {{ return {lit(src_hash)}; }}\n"
         f"const char* build_key() {{ return {lit(key)}; }}\n"
         f"const char* build_archs() {{ return {lit(';'.join(cfg['archs']))}; }}\n"
+        f"const char* build_ptx_archs() {{ return {lit(';'.join(cfg['ptx_archs']))}; }}\n"
+        f"const char* build_mode() {{ return {lit(cfg['mode'])}; }}\n"
         f"const char* build_nvcc_version() {{ return {lit(cfg['nvcc_version'])}; }}\n"
         f"const char* build_flags() {{ return {lit(flags)}; }}\n"
         "}  // namespace gmf\n"
@@ -337,31 +498,43 @@ def _write_build_info(path: Path, src_hash: str, key: str, cfg: dict) -> None:
 def _write_ninja(build_dir: Path, csrc: Path, cfg: dict, target: Path) -> Path:
     q = lambda p: _ninja_escape(str(p))
     includes = [f"-I{csrc}"]
-    host_includes = includes + [f"-I{cfg['pybind11_include']}", f"-I{cfg['python_include']}"]
+    host_includes = includes + [f"-I{cfg['cuda_include']}", f"-I{cfg['pybind11_include']}",
+                                f"-I{cfg['python_include']}"]
     cu = [f for f in source_files(csrc) if f.suffix == ".cu"]
     cpp = [f for f in source_files(csrc) if f.suffix == ".cpp"]
     headers = [f for f in source_files(csrc) if f.suffix in (".cuh", ".h", ".hpp")]
+    cxx_flags = cfg["cxx_flags"] + cfg["cxx_defines"] + host_includes
     lines = [
         "ninja_required_version = 1.3",
-        f"nvcc = {shlex.quote(cfg['nvcc'])}",
         f"cxx = {shlex.quote(cfg['cxx'])}",
-        "nvcc_flags = " + " ".join(shlex.quote(f) for f in cfg["nvcc_flags"] + includes),
-        "cxx_flags = " + " ".join(shlex.quote(f) for f in cfg["cxx_flags"] + host_includes),
+        "cxx_flags = " + " ".join(shlex.quote(f) for f in cxx_flags),
         "",
-        "rule nvcc",
-        # ptxas -v goes to the per-object log; shown only when the compile fails
-        "  command = $nvcc $nvcc_flags -c $in -o $out > $out.log 2>&1 || { cat $out.log; exit 1; }",
-        "  description = NVCC $in",
         "rule cxx",
-        "  command = $cxx $cxx_flags -MMD -MF $out.d -c $in -o $out",
+        "  command = $cxx $cxx_flags $extra -MMD -MF $out.d -c $in -o $out",
         "  depfile = $out.d",
         "  deps = gcc",
         "  description = CXX $in",
-        "rule link",
-        "  command = $nvcc -shared -cudart static $in -o $out",
-        "  description = LINK $out",
-        "",
     ]
+    if cfg["mode"] == "cuda":
+        lines += [
+            f"nvcc = {shlex.quote(cfg['nvcc'])}",
+            "nvcc_flags = " + " ".join(shlex.quote(f) for f in cfg["nvcc_flags"] + includes),
+            "rule nvcc",
+            # ptxas -v goes to the per-object log; shown only when the compile fails
+            "  command = $nvcc $nvcc_flags -c $in -o $out > $out.log 2>&1 || { cat $out.log; exit 1; }",
+            "  description = NVCC $in",
+            "rule link",
+            "  command = $nvcc -shared -cudart static $in -o $out",
+            "  description = LINK $out",
+        ]
+    else:
+        cu = []  # the GPU kernels need nvcc; the emulation is in the .cpp files
+        lines += [
+            "rule link",
+            "  command = $cxx -shared $in -o $out",
+            "  description = LINK $out",
+        ]
+    lines.append("")
     objs = []
     hdr = " ".join(q(h) for h in headers)
     for f in cu:
@@ -372,6 +545,9 @@ def _write_ninja(build_dir: Path, csrc: Path, cfg: dict, target: Path) -> Path:
         o = build_dir / "obj" / (f.stem + ".cpp.o")
         objs.append(o)
         lines.append(f"build {q(o)}: cxx {q(f)}")
+        if f.name == EMU_SKIP_SOURCE and cfg["emu_skip_sync"]:
+            define = f'-DGMF_EMU_SKIP_SYNC="{cfg["emu_skip_sync"]}"'
+            lines.append("  extra = " + shlex.quote(define).replace("$", "$$"))
     lines.append(f"build {q(target)}: link " + " ".join(q(o) for o in objs))
     lines.append(f"default {q(target)}")
     path = build_dir / "build.ninja"
@@ -387,21 +563,26 @@ def _log(msg: str, quiet: bool) -> None:
 
 
 def _compile(out_dir: Path, cfg: dict, src_hash: str, key: str, verbose: bool, quiet: bool,
-             jobs: Optional[int]) -> Path:
+             jobs: Optional[int], build_dir: Optional[Path] = None) -> Path:
     csrc = csrc_dir()
-    build_dir = out_dir / ".build"
+    build_dir = Path(build_dir) if build_dir is not None else out_dir / ".build"
     (build_dir / "obj").mkdir(parents=True, exist_ok=True)
     _write_build_info(build_dir / "build_info.cpp", src_hash, key, cfg)
-    staged = build_dir / module_filename()
+    staged = build_dir / (key + "_" + module_filename())
     ninja_file = _write_ninja(build_dir, csrc, cfg, staged)
     cmd = [cfg["ninja"], "-f", str(ninja_file)]
     if jobs:
         cmd += ["-j", str(jobs)]
     if verbose:
         cmd.append("-v")
-    n_units = len([f for f in source_files(csrc) if f.suffix in (".cu", ".cpp")]) + 1
-    _log(f"compiling {n_units} units for sm_{', sm_'.join(cfg['archs'])} with nvcc {cfg['nvcc_version']} "
-         f"into {out_dir} (a few minutes on a small machine)", quiet)
+    if cfg["mode"] == "cuda":
+        n_units = len([f for f in source_files(csrc) if f.suffix in (".cu", ".cpp")]) + 1
+        _log(f"compiling {n_units} units for sm_{', sm_'.join(cfg['archs'])} (PTX compute_"
+             f"{', compute_'.join(cfg['ptx_archs'])}) with nvcc {cfg['nvcc_version']} into {out_dir} "
+             f"(several minutes on a small machine)", quiet)
+    else:
+        skip = f", barrier {cfg['emu_skip_sync']} compiled out" if cfg["emu_skip_sync"] else ""
+        _log(f"compiling the CPU emulation (host compiler only{skip}) into {out_dir}", quiet)
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=str(build_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
@@ -418,21 +599,27 @@ def _compile(out_dir: Path, cfg: dict, src_hash: str, key: str, verbose: bool, q
         raise BuildError(f"ninja failed (exit {rc}) building the CUDA module in {build_dir}:\n" + "".join(tail))
     seconds = time.time() - t0
 
-    # resources: concatenate the per-object ptxas logs, parse them
-    logs = sorted((build_dir / "obj").glob("*.cu.o.log"))
-    text = "".join(f"==== {p.name[:-len('.log')]}\n" + p.read_text() for p in logs)
-    (out_dir / PTXAS_LOG).write_text(text)
-    resources = parse_ptxas(text)
-    (out_dir / RESOURCES_JSON).write_text(json.dumps(resources, indent=1))
+    resources: List[dict] = []
+    if cfg["mode"] == "cuda":
+        # resources: concatenate the per-object ptxas logs, parse them
+        logs = sorted((build_dir / "obj").glob("*.cu.o.log"))
+        text = "".join(f"==== {p.name[:-len('.log')]}\n" + p.read_text() for p in logs)
+        (out_dir / PTXAS_LOG).write_text(text)
+        resources = parse_ptxas(text)
+        (out_dir / RESOURCES_JSON).write_text(json.dumps(resources, indent=1))
 
     final = out_dir / module_filename()
     tmp = out_dir / (module_filename() + ".tmp")
     shutil.copy2(staged, tmp)
     os.replace(tmp, final)  # atomic: a concurrent loader never sees half a module
     meta = {
-        "module": final.name, "sources_hash": src_hash, "build_key": key, "archs": cfg["archs"],
+        "module": final.name, "mode": cfg["mode"], "sources_hash": src_hash, "build_key": key,
+        "archs": cfg["archs"], "ptx_archs": cfg["ptx_archs"],
+        "cuda_runtime_version": cuda_version_int(cfg["nvcc_version"]) if cfg["mode"] == "cuda" else 0,
         "nvcc": cfg["nvcc"], "nvcc_version": cfg["nvcc_version"], "nvcc_flags": cfg["nvcc_flags"],
-        "cxx": cfg["cxx"], "python": cfg["python"], "ext_suffix": cfg["ext_suffix"],
+        "lineinfo": "-lineinfo" in cfg["nvcc_flags"],
+        "cxx": cfg["cxx"], "cxx_flags": cfg["cxx_flags"] + cfg["cxx_defines"], "emu_skip_sync": cfg["emu_skip_sync"],
+        "python": cfg["python"], "ext_suffix": cfg["ext_suffix"],
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(seconds, 1),
         "csrc": str(csrc), "kernels": len(resources),
     }
@@ -449,17 +636,29 @@ def read_metadata(out_dir: Path) -> Optional[dict]:
 
 
 def build(out_dir: Optional[os.PathLike] = None, archs: Optional[str] = None, verbose: bool = False,
-          quiet: bool = False, jobs: Optional[int] = None, force: bool = False) -> str:
+          quiet: bool = False, jobs: Optional[int] = None, force: bool = False, emulation_only: bool = False,
+          emu_skip_sync: Optional[str] = None, build_dir: Optional[os.PathLike] = None) -> str:
     """Compile the module; return the path of the built extension file.
 
     out_dir None: the per-user cache, keyed on sources + flags + Python + nvcc, reused
-    when already built. archs: "80;90" style (default GMF_CUDA_ARCHS or 80;90).
+    when already built. archs: "75;80;86;89;90" style or "native" (default GMF_CUDA_ARCHS,
+    else DEFAULT_ARCHS). emulation_only: host compiler only, no GPU kernels (needs out_dir;
+    archs ignored); emu_skip_sync "file:line" compiles that barrier out of the emulation;
+    build_dir: where objects are compiled (default out_dir/.build), shared between builds
+    that differ in emu_skip_sync only, so that just csrc/gma_emu_skip.cpp is recompiled.
     """
     csrc = csrc_dir()
     src_hash = sources_hash(csrc)
     if src_hash is None:
         raise BuildError(f"no CUDA sources found in {csrc} (set GMF_CSRC_DIR to the repository's csrc/)")
-    cfg = _config(parse_archs(archs))
+    if emulation_only:
+        if out_dir is None:
+            raise BuildError("an emulation-only build needs an explicit out_dir (it never goes into the cache)")
+        cfg = _config([], emulation_only=True, emu_skip_sync=emu_skip_sync)
+    else:
+        if emu_skip_sync is not None:
+            raise BuildError("emu_skip_sync is for emulation-only builds")
+        cfg = _config(parse_archs(archs))
     key = build_key(src_hash, cfg)
     if out_dir is None:
         target_dir = cache_root() / key
@@ -474,7 +673,8 @@ def build(out_dir: Optional[os.PathLike] = None, archs: Optional[str] = None, ve
                 and final.is_file()):
             _log(f"up to date: {final}", quiet)
             return str(final)
-        return str(_compile(target_dir, cfg, src_hash, key, verbose, quiet, jobs))
+        return str(_compile(target_dir, cfg, src_hash, key, verbose, quiet, jobs,
+                            Path(build_dir) if build_dir is not None else None))
 
 
 def build_ahead_of_time(out_dir: os.PathLike) -> str:
