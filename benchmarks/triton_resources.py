@@ -1,16 +1,19 @@
-"""Compile every gmf Triton kernel specialisation for sm_80 and sm_90 (no GPU needed) and
-write their register / spill / shared-memory usage as a markdown table.
+"""Compile every gmf Triton kernel specialisation that real calls make the JIT compile, for
+sm_70, sm_75, sm_80 and sm_90 (no GPU needed), and write their register / spill /
+shared-memory usage as a markdown table.
 
-    python benchmarks/triton_resources.py [--jobs 2] [--out benchmarks/results/triton_resources_sm80_sm90.md]
+    python benchmarks/triton_resources.py [--jobs 2] [--out benchmarks/results/triton_resources_sm70_sm75_sm80_sm90.md]
 
-Specialisations: the three kernels (aggregate, KV combine, attention) for every width the
-five released models use (C = 40 ... 480) and every input dtype (fp32, fp16, bf16),
-identical constexpr sets compiled once (see gmf_kernels/triton_kernels/specializations.py).
-Each is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
-in worker processes with TRITON_INTERPRET unset and an empty Triton cache (so the
-compile times are real). Registers and spill bytes come from ``ptxas -v`` re-run on the
-generated PTX, local/stack bytes from ``cuobjdump --dump-resource-usage`` on the cubin,
-dynamic shared memory from Triton's kernel metadata.
+Specialisations (gmf_kernels/triton_kernels/specializations.py): the layer calls of the five
+released models at 224x224 (stage widths at grids 56, 28, 14, 7), batch 128 and 1, fp32 /
+fp16 / bf16, each planned by the launcher on meta tensors and specialised by Triton's own
+JIT binder (integer divisibility, ==1 constants, pointer alignment, as at run time), then
+deduplicated. Each is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
+arch, 32))`` in worker processes with TRITON_INTERPRET unset and an empty Triton cache (so
+the compile times are real), with Triton's default line information. Registers and spill
+bytes come from ``ptxas -lineinfo -v`` re-run on the generated PTX, local/stack bytes from
+``cuobjdump --dump-resource-usage`` on the cubin, dynamic shared memory from Triton's kernel
+metadata.
 """
 from __future__ import annotations
 
@@ -28,13 +31,17 @@ os.environ.pop("TRITON_INTERPRET", None)  # before anything imports triton
 sys.path.insert(0, ROOT)
 
 #: per-SM limits used for the occupancy estimate: (registers, shared bytes usable by CTAs, max warps)
-SM_LIMITS = {80: (65536, 164 * 1024, 64), 90: (65536, 228 * 1024, 64)}
+SM_LIMITS = {70: (65536, 96 * 1024, 64), 75: (65536, 64 * 1024, 32), 80: (65536, 164 * 1024, 64),
+             90: (65536, 228 * 1024, 64)}
 
 
 def _git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip() or "uncommitted"
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.strip() or "uncommitted"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + (" with uncommitted changes" if dirty else "")
     except OSError:
         return "unknown"
 
@@ -56,17 +63,18 @@ def ctas_per_sm(r: dict) -> str:
     warps = r["num_warps"]
     per_warp = -(-r["registers"] * 32 // 256) * 256          # allocation granularity: 256 per warp
     by_regs = regs // (per_warp * warps)
-    shared = r.get("shared_dynamic", 0) + r.get("cuobjdump_shared", 0) + 1024  # + 1 KB reserved per CTA
+    reserved = 1024 if r["arch"] >= 80 else 0                 # sm_80+: 1 KB of shared memory reserved per CTA
+    shared = r.get("shared_dynamic", 0) + r.get("cuobjdump_shared", 0) + reserved
     by_smem = smem // shared
     n = min(by_regs, by_smem, max_warps // warps)
     return f"{n} ({n * warps} warps)"
 
 
-def _cell(r: dict) -> str:
-    if r is None:
-        return "not compiled | | | |"
+def _cell(r: dict, missing: str = "not supported") -> str:
+    if r is None:   # the arch refuses this dtype, or uses the tiles of another row
+        return f"{missing} | - | - | -"
     if "error" in r:
-        return f"**FAILED**: {r['error'][:80]} | | | |"
+        return f"**FAILED**: {r['error'][:80]} | | |"
     spill = f"{r['spill_stores']}/{r['spill_loads']}"
     if r["spill_stores"] or r["spill_loads"]:
         spill = f"**{spill}**"
@@ -74,17 +82,37 @@ def _cell(r: dict) -> str:
     return f"{r['registers']} | {spill} | {shared} | {ctas_per_sm(r)}"
 
 
+def _used_by(r: dict) -> str:
+    """Compact list of the calls using a specialisation: 'grid B=batches [models]' per grid."""
+    grids = {}
+    for u in r.get("used_by", []):
+        call, models = u.split(" [")
+        _, grid, batch, _ = call.split(" ")
+        g = grids.setdefault(grid, [set(), set()])
+        g[0].add(batch.replace("B=", ""))
+        g[1].update(models.rstrip("]").split(","))
+    return "; ".join(f"{grid} B={'/'.join(sorted(b, key=int, reverse=True))} [{','.join(sorted(m))}]"
+                     for grid, (b, m) in sorted(grids.items(), key=lambda kv: -int(kv[0].split("x")[0])))
+
+
 def markdown(results, wall_s: float, jobs: int) -> str:
     import torch
     import triton
+    def tiles_of(r):
+        label = r["label"]
+        tiles = label[label.index("(") + 1:label.index(";")] if "(" in label else ""
+        return ", ".join(t for t in tiles.split(", ") if not t.startswith(("tf32", "ieee")))
+
     by_key = {}
     for r in results:
-        by_key.setdefault((r["kernel"], r["C"], r["dtype"]), {})[r["arch"]] = r
+        by_key.setdefault((r["kernel"], r["C"], r["dtype"], tiles_of(r), r["specialised"]), {})[r["arch"]] = r
+    supported = {(r["arch"], r["dtype"]) for r in results}
     archs = sorted({r["arch"] for r in results})
     ok = [r for r in results if "error" not in r]
     spilled = [r for r in ok if r["spill_stores"] or r["spill_loads"]]
+    no_lines = [r for r in ok if not r.get("line_info")]
     lines = [
-        "# Triton kernels: resources per specialisation (sm_80, sm_90)",
+        "# Triton kernels: resources per specialisation (" + ", ".join(f"sm_{a}" for a in archs) + ")",
         "",
         f"Written by `benchmarks/triton_resources.py` on {datetime.datetime.now().isoformat(timespec='seconds')}, "
         f"git {_git_sha()}, triton {triton.__version__}, torch {torch.__version__}, "
@@ -92,35 +120,47 @@ def markdown(results, wall_s: float, jobs: int) -> str:
         "Compiled ahead of time on a machine **without a GPU** (`triton.compile` + `GPUTarget`): these are "
         "compiler figures, not measurements of a run.",
         "",
+        "Specialisations: every one that the released models' layer calls at 224x224 (stage grids 56, 28, 14, "
+        "7; batch 128 and 1; fp32, fp16, bf16) make Triton's JIT compile, derived from the launcher's own plan "
+        "of each call and Triton's own argument specialisation (integer divisibility by 16, ==1 constants, "
+        "16-byte pointer alignment). The kernels exempt their shape integers (N, H, W, tiles_per_split, T) "
+        "from specialisation, so one variant per (kernel, C, dtype, arch) serves every image size and batch; "
+        "the strides stay specialised (`stride%16` below). Dots: fp32 FMA (`ieee`) on sm_70/75, 3xTF32 "
+        "(fp32 inputs) / TF32 (fp16, bf16) on sm_80+ (`triton_kernels/config.py` ARCH_DOTS). Line "
+        "information on (Triton's default: `.loc` in the PTX, `ptxas -lineinfo`).",
+        "",
         "## Summary",
         "",
-        f"- {len(ok)}/{len(results)} compiles succeeded ({len(by_key)} specialisations x {len(archs)} archs), "
+        f"- {len(ok)}/{len(results)} compiles succeeded (every (kernel, width, dtype, arch) but the (arch, dtype) "
+        f"pairs the backend refuses, bf16 below sm_80; a row per tile choice, so the FMA variant of sm_70/75 "
+        f"has its own rows where its tiles differ), "
         f"wall time {wall_s:.0f} s with {jobs} worker processes, "
         f"sum of compile times {sum(r.get('compile_s', 0) for r in ok):.0f} s.",
     ]
     for k in ("aggregate", "attention", "combine"):
-        rs = [r for r in ok if r["kernel"] == k]
-        if rs:
-            mx = max(rs, key=lambda r: r["registers"])
-            lines.append(f"- `{k}`: max {mx['registers']} registers/thread ({mx['label']}, sm_{mx['arch']}); "
-                         f"max shared {max(r['shared_dynamic'] + r.get('cuobjdump_shared', 0) for r in rs)} B.")
+        for a in archs:
+            rs = [r for r in ok if r["kernel"] == k and r["arch"] == a]
+            if rs:
+                mx = max(rs, key=lambda r: r["registers"])
+                lines.append(f"- `{k}` sm_{a}: max {mx['registers']} registers/thread ({mx['label']}); "
+                             f"max shared {max(r['shared_dynamic'] + r.get('cuobjdump_shared', 0) for r in rs)} B.")
     lines.append(f"- Spills: {'none' if not spilled else ', '.join(r['label'] + ' sm_' + str(r['arch']) for r in spilled)}.")
+    lines.append(f"- Line information: {'in every kernel' if not no_lines else 'MISSING in ' + str(len(no_lines))}.")
     lines += [
         "",
         "Columns per arch: registers per thread (`ptxas -v`), spill stores/loads in bytes, shared memory per CTA "
         "in bytes (Triton's dynamic + static), and resident CTAs per SM allowed by registers and shared memory "
         "(an estimate; Triton sets no register cap, so ptxas may use up to 255 registers and trade occupancy for it).",
         "",
-        "| kernel | C | dtype | used by | tiles | " + " | ".join(
+        "| kernel | C | dtype | tiles | specialised | used by (grid, batch, models) | " + " | ".join(
             f"sm_{a} regs | sm_{a} spill st/ld | sm_{a} shared | sm_{a} CTAs/SM" for a in archs) + " |",
-        "|---|---:|---|---|---|" + "|".join("---:|---:|---:|---:" for _ in archs) + "|",
+        "|---|---:|---|---|---|---|" + "|".join("---:|---:|---:|---:" for _ in archs) + "|",
     ]
-    for (k, C, dt), per in by_key.items():
+    for (k, C, dt, tiles, spec), per in sorted(by_key.items(), key=lambda kv: (
+            {"aggregate": 0, "attention": 1, "combine": 2}[kv[0][0]], kv[0][1], kv[0][2], kv[0][3], kv[0][4])):
         any_r = next(iter(per.values()))
-        label = any_r["label"]
-        tiles = label[label.index("(") + 1:label.rindex(")")] if "(" in label else ""
-        lines.append(f"| {k} | {C} | {dt} | {any_r.get('used_by', '')} | {tiles} | "
-                     + " | ".join(_cell(per.get(a)) for a in archs) + " |")
+        cells = [_cell(per.get(a), "other tiles" if (a, dt) in supported else "not supported") for a in archs]
+        lines.append(f"| {k} | {C} | {dt} | {tiles} | {spec} | {_used_by(any_r)} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
 
@@ -128,18 +168,28 @@ def markdown(results, wall_s: float, jobs: int) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "triton_resources_sm80_sm90.md"))
+    ap.add_argument("--arch", type=int, nargs="+", default=None, help="default: config.AOT_ARCHS (70 75 80 90)")
+    ap.add_argument("--out", default=None,
+                    help="default: benchmarks/results/triton_resources_sm<a>_..._sm<z>.md")
+    ap.add_argument("--json", default="", help="also write the raw per-specialisation results here")
     ap.add_argument("--warm-cache", action="store_true", help="use Triton's normal cache instead of an empty one")
     a = ap.parse_args(argv)
-    from gmf_kernels.triton_kernels.specializations import compile_all
+    from gmf_kernels.triton_kernels.config import AOT_ARCHS
+    from gmf_kernels.triton_kernels.specializations import all_specializations, compile_all
+    archs = tuple(a.arch or AOT_ARCHS)
+    out = a.out or os.path.join(HERE, "results", "triton_resources_" + "_".join(f"sm{x}" for x in archs) + ".md")
     t0 = time.time()
+    specs = all_specializations(archs=archs)
     with tempfile.TemporaryDirectory(prefix="gmf_triton_cache_") as tmp:
-        results = compile_all(tuple(a.arch), a.jobs, "" if a.warm_cache else tmp)
+        results = compile_all(specs, a.jobs, "" if a.warm_cache else tmp)
     wall = time.time() - t0
+    if a.json:
+        import json
+        with open(a.json, "w") as fh:
+            json.dump(results, fh, indent=1)
     text = markdown(results, wall, a.jobs)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as fh:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
         fh.write(text)
     print(text)
     return 1 if any("error" in r for r in results) else 0

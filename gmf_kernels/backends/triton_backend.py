@@ -13,6 +13,13 @@ fails without Triton; `availability_reasons()` says why instead.
 Devices: "cuda"; "cpu" only through the Triton interpreter (TRITON_INTERPRET=1) and
 only when the caller names this backend explicitly: "auto" must never pick the
 interpreter, which is orders of magnitude slower than the torch backend.
+
+GPU architectures: `ARCH_SUPPORT` (below; the table is `triton_kernels/config.py`'s
+``ARCH_DOTS``, which the launchers and the AOT compiles read too): per minimum compute
+capability, the input dtypes the kernels run and the precision of their dots. sm_80 and
+newer: fp32 (3xTF32 dots), fp16 and bf16 (TF32 dots); sm_70 / sm_75 (no TF32, no bf16
+arithmetic): fp32 and fp16 with fp32 FMA dots, bf16 refused; below sm_70: refused. Every kernel is compiled ahead of time
+for sm_70, sm_75, sm_80 and sm_90 in CI (tests/test_triton_compile.py).
 """
 from __future__ import annotations
 
@@ -22,7 +29,13 @@ from typing import List
 
 import torch
 
+from ..triton_kernels.config import ARCH_DOTS, arch_dots, dtype_name
 from .base import FusedBackend, GMAProblem
+
+#: What the Triton kernels support per GPU architecture, as data: rows of (minimum compute
+#: capability, {input dtype: tl.dot input_precision}); a GPU takes the first row it reaches,
+#: a dtype missing from that row is refused, a GPU below every row is refused.
+ARCH_SUPPORT = ARCH_DOTS
 
 
 def _interpreting() -> bool:
@@ -37,6 +50,23 @@ def _triton_import_error() -> str:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed; pip install triton"
     return ""
+
+
+def arch_reasons(p: GMAProblem) -> List[str]:
+    """Why the problem's GPU architecture cannot run it (`ARCH_SUPPORT`); [] when it can or is unknown."""
+    if p.device_type != "cuda" or p.device_capability is None:
+        return []
+    major, minor = p.device_capability
+    row = arch_dots((major, minor), ARCH_SUPPORT)
+    oldest = ARCH_SUPPORT[-1][0]
+    if row is None:
+        return [f"compute capability {major}.{minor} (sm_{major}{minor}): the Triton kernels support sm_"
+                f"{oldest[0]}{oldest[1]} and newer (backends/triton_backend.py ARCH_SUPPORT)"]
+    dt = dtype_name(p.dtype)
+    if dt not in row:
+        return [f"dtype {dt} is not supported on compute capability {major}.{minor} (sm_{major}{minor}); "
+                f"there: {sorted(row)} (backends/triton_backend.py ARCH_SUPPORT)"]
+    return []
 
 
 class TritonBackend(FusedBackend):
@@ -56,6 +86,7 @@ class TritonBackend(FusedBackend):
         elif p.device_type == "cuda" and _interpreting():
             reasons.append("TRITON_INTERPRET=1 is set: Triton kernels run in the CPU interpreter, "
                            "not on the GPU")
+        reasons += arch_reasons(p)
         if p.dim % 10 != 0:
             reasons.append(f"C={p.dim}: the kernels need C a multiple of 10 (heads of d = C'/8)")
         return reasons

@@ -5,18 +5,24 @@ Importing this package imports Triton (the backend module imports it lazily).
 Modules, one job each:
 
 * ``_common``      : small ``@triton.jit`` helpers shared by the kernels (hardswish,
-                     the depthwise-stencil accumulator, the padded widths).
-* ``config``       : tile sizes and the static shape of one specialisation (``GMAShape``).
+                     the depthwise-stencil accumulator, ``mm``: the dots, with the
+                     GPU's TF32 rounding emulated under the interpreter) and the dot
+                     variant of a call (``dot_variant``).
+* ``config``       : tile sizes and the static shape of one specialisation (``GMAShape``);
+                     per GPU architecture the dots' precision (``ARCH_DOTS``).
 * ``aggregation``  : ``gma_aggregate_kernel`` + its launcher: ONE-PASS aggregation: Q, V
                      group proxies, the per-tile online-softmax partials of K (K is never
                      written) and the local branch into channels [C', C) of ``pre``.
 * ``attention``    : ``gma_combine_kernel`` (split-N combine of the partials into KV) and
                      ``gma_attention_kernel`` (``scale * Q KV + Q * CRPE(V)`` into
                      channels [0, C')), + their launchers.
-* ``launcher``     : buffers, split plan and the three launches of one call.
+* ``launcher``     : buffers, split plan and the three launches of one call
+                     (``plan_pre_projection``), launched under the input's device.
 * ``op``           : the ``gmf::triton_pre_projection`` torch.library op, its fake and
                      its autograd registration.
-* ``specializations``: signatures/constexprs of given widths, for AOT compiles.
+* ``specializations``: the specialisations real calls make the JIT compile (the
+                     launcher's plan on meta tensors + Triton's own binder), compiled
+                     ahead of time for sm_70/75/80/90 with their resource usage.
 
 Data flow (B batch, N = H*W tokens in tiles of BLOCK_P, grouped into SPLITS runs)::
 

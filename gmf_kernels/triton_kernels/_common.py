@@ -1,15 +1,52 @@
 """Small @triton.jit helpers shared by the aggregation and attention kernels."""
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple, Tuple
 
+import torch
 import triton
 import triton.language as tl
+
+from .config import DEFAULT_CAPABILITY, DTYPE_NAMES, dot_precision, dtype_name
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+#: Test hook: the compute capability whose dot rounding the interpreter emulates
+#: (`config.DEFAULT_CAPABILITY`; (7, 0) makes the interpreter compute the FMA variant).
+EMULATED_CAPABILITY: Tuple[int, int] = DEFAULT_CAPABILITY
+
+
+class DotVariant(NamedTuple):
+    """How the kernels' dots run: the two ``tl.constexpr`` that `mm` takes."""
+    precision: str   # DOT_PRECISION: Triton input_precision ("tf32x3", "tf32", "ieee")
+    emulate: bool    # EMULATE_DOTS: interpreter only: round the operands as the GPU does
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> Tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def dot_variant(x: torch.Tensor) -> DotVariant:
+    """The dot variant for an input like x: its dtype on its GPU's architecture (config.ARCH_DOTS),
+    or, under the interpreter, the GPU rounding of EMULATED_CAPABILITY emulated. Off CUDA
+    without the interpreter (torch.compile tracing on CPU fake tensors: nothing runs) the
+    variant of config.DEFAULT_CAPABILITY."""
+    name = dtype_name(x.dtype)
+    if name not in DTYPE_NAMES:
+        raise TypeError(f"the Triton kernels take fp32, fp16 or bf16 inputs, not {x.dtype}")
+    if interpreting():
+        return DotVariant(dot_precision(name, EMULATED_CAPABILITY), True)
+    if x.device.type != "cuda":
+        return DotVariant(dot_precision(name, DEFAULT_CAPABILITY), False)
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return DotVariant(dot_precision(name, _cuda_capability(index)), False)
 
 
 @triton.jit
@@ -19,22 +56,93 @@ def hardswish(x):
 
 
 @triton.jit
-def mm(a, b, acc, DOT_3XTF32: tl.constexpr):
-    """acc + a @ b on fp32 operands with an fp32 accumulator, on tensor cores.
+def tf32_truncate(x):
+    """fp32 -> TF32 as the tensor cores read an fp32 register: the low 13 of the 23 mantissa
+    bits are dropped (round toward zero). Returned as fp32 with those bits zero."""
+    bits = x.to(tl.int32, bitcast=True)
+    return (bits & -8192).to(tl.float32, bitcast=True)                # -8192 = 0xFFFFE000
 
-    DOT_3XTF32=1 (fp32 inputs): "tf32x3" (each operand split into two TF32 parts, three
-    MMAs): about fp32 accuracy, so fp32 stays within 1e-5. Not "ieee": Triton lowers an
-    fp32 "ieee" dot to FMAs holding whole operand rows per thread, which spilled
-    hundreds of KB at s = 96.
-    DOT_3XTF32=0 (fp16/bf16 inputs): plain TF32 (10 mantissa bits, as many as fp16 and
-    more than bf16), so it adds no more error than the input dtype itself.
-    Operands stay fp32 in both cases: the interpreter mis-handles bf16 dots, and the
-    BatchNorm-folded weights stay unrounded. (The interpreter ignores the precision.)
+
+@triton.jit
+def tf32_round(x):
+    """fp32 -> TF32 as PTX ``cvt.rna.tf32.f32``: round to nearest, ties away from zero.
+
+    Adding half a TF32 ulp (bit 12) to the sign-magnitude bits and truncating rounds the
+    magnitude half-up, i.e. ties away from zero for either sign; a carry into the exponent
+    is the correct next binade (and the largest finite values round to infinity). Inf and
+    NaN (exponent all ones) pass through unchanged."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 4096) & -8192
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return tl.where(finite, rounded, bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cvt_rna_tf32(x):
+    """fp32 -> TF32 on the GPU (sm_80+): PTX ``cvt.rna.tf32.f32`` (`tf32_round` emulates it)."""
+    return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def mm(a, b, acc, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """acc + a @ b on fp32 operands with an fp32 accumulator.
+
+    DOT_PRECISION (chosen per GPU architecture and input dtype: `config.dot_precision`):
+
+    * "tf32x3" (fp32 inputs, sm_80+): Triton's three-pass split (F32DotTC pass): each operand
+      x becomes big = cvt.rna.tf32(x) and small = x - big (exact in fp32; the MMA truncates
+      it to TF32 in turn), and the result is ``dot(a_big, b_big, where(isnan(d), 0, d)) + acc``
+      with ``d = dot(a_big, b_small, dot(a_small, b_big, 0))``: three tf32 MMAs (a_small @
+      b_small is dropped), the accumulator added last in fp32 (read from the TTGIR Triton 3.6
+      emits). About fp32 accuracy, so fp32 stays within 1e-5. Not "ieee": Triton lowers an fp32 "ieee" dot
+      to FMAs holding whole operand rows per thread, which spilled hundreds of KB at s = 96.
+    * "tf32" (fp16/bf16 inputs, sm_80+): one tf32 MMA on operands rounded to TF32 first
+      (``cvt.rna.tf32.f32``, `cvt_rna_tf32`). Left alone, Triton passes the fp32 registers to
+      ``mma.sync ... .tf32`` unconverted and the tensor cores read the top 10 mantissa bits:
+      truncation, a bias toward zero (triton-lang/triton#4574). Emulated, that bias put bf16
+      C=320 at 1.22e-2 against the float64 oracle where the bf16 reference has 5.7e-3
+      (tests/test_backends_parity.py's 2x rule), fp16 errors about 2x those of exact dots;
+      rounding costs one cvt per operand element. 10 bits are as many as fp16 has and more
+      than bf16, so the rounded dots add about as much error as the input dtype itself.
+    * "ieee" (sm_70 / sm_75, which have no TF32): fp32 FMAs. Triton 3.6 lowers every fp32 dot
+      to FMAs there whatever precision is asked; the launchers ask for "ieee" explicitly so
+      that the variant is the one the AOT compile checks. (The attention kernel's Q KV does
+      not call `mm` there: rank-1 updates keep Triton's FMA dot layout out of that kernel.)
+
+    Operands stay fp32 in every case: the interpreter mis-handles bf16 dots, and the
+    BatchNorm-folded weights stay unrounded.
+
+    EMULATE_DOTS (set by the launchers under the Triton interpreter, `interpreting()`; always 0
+    on the GPU, where this branch is not compiled): the interpreter multiplies in exact fp32
+    and ignores the precision, so here the operands are rounded as the GPU rounds them
+    (`tf32_round` / `tf32_truncate`; "tf32": both rounded; "tf32x3": the same three passes in
+    the same order).
+    Accuracy of the emulation: the operands, and therefore every product (a product of two
+    TF32 values is exact in fp32), are bit-exact to the GPU's; the sums are not: the
+    interpreter adds the K products in fp32 in NumPy's order, the tensor cores in their own
+    order and internal width, a difference of a few fp32 ulps of the accumulated magnitude,
+    far below the TF32 rounding this models (2^-11 relative per operand). TF32 subnormal
+    handling inside the MMA is not modelled (GMA's operands are far from 1e-38).
     """
-    if DOT_3XTF32:
-        out = tl.dot(a, b, acc, input_precision="tf32x3")
+    if EMULATE_DOTS:
+        if DOT_PRECISION == "tf32x3":
+            a_big = tf32_round(a)
+            b_big = tf32_round(b)
+            a_small = tf32_truncate(a - a_big)
+            b_small = tf32_truncate(b - b_big)
+            d = tl.dot(a_small, b_big, tl.zeros_like(acc))
+            d = tl.dot(a_big, b_small, d)
+            d = tl.where(d != d, 0.0, d)
+            out = tl.dot(a_big, b_big, d) + acc
+        elif DOT_PRECISION == "tf32":
+            out = tl.dot(tf32_round(a), tf32_round(b), acc)      # the MMA's truncation: a no-op now
+        else:
+            out = tl.dot(a, b, acc)
+    elif DOT_PRECISION == "tf32":
+        out = tl.dot(cvt_rna_tf32(a), cvt_rna_tf32(b), acc, input_precision="tf32")
     else:
-        out = tl.dot(a, b, acc, input_precision="tf32")
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return out
 
 

@@ -19,14 +19,16 @@ pre-projection buffer. Q is read once, V through the stencil halo (cache), KV on
 """
 from __future__ import annotations
 
-import torch
+from typing import Optional
+
 import triton
 import triton.language as tl
 
-from ._common import depthwise_tile, mm
+from ._common import DotVariant, depthwise_tile, dot_variant, mm
 
 
-@triton.jit
+# Shape integers not specialised: see the note above gma_aggregate_kernel (aggregation.py).
+@triton.jit(do_not_specialize=["T"])
 def gma_combine_kernel(part_m, part_l, part_acc, kv, T,  # T: number of splits
                           CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     head = tl.program_id(0)
@@ -62,14 +64,26 @@ def gma_combine_kernel(part_m, part_l, part_acc, kv, T,  # T: number of splits
 def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, scale,
                     n, y, x, pmask, H, W, KS,
                     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
-                    D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr):
+                    D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
     m2 = pmask[:, None] & kmask[None, :]
     ch = head * D + kk
     qt = tl.load(q_b + n[:, None] * CP + ch[None, :], mask=m2, other=0.0).to(tl.float32)
-    kvt = tl.load(kv_b + ch[:, None] * D + kk[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
-    e = mm(qt, kvt, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_3XTF32)
+    e = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    if DOT_PRECISION == "ieee":
+        # fp32 FMA (sm_70/75, no TF32): as rank-1 updates over k, Q's column k re-read (L1) and
+        # KV's row k. A tl.dot here lowers to Triton's FMA dot layout, which shaped the whole
+        # kernel's layouts and spilled 0.3-3 KB at D_PAD >= 32 on sm_70/75.
+        k = 0
+        while k < D:
+            qcol = tl.load(q_b + n * CP + head * D + k, mask=pmask, other=0.0).to(tl.float32)
+            kvrow = tl.load(kv_b + (head * D + k) * D + kk, mask=kmask, other=0.0)
+            e += qcol[:, None] * kvrow[None, :]
+            k += 1
+    else:
+        kvt = tl.load(kv_b + ch[:, None] * D + kk[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
+        e = mm(qt, kvt, e, DOT_PRECISION, EMULATE_DOTS)
     w_rows = crpe_w + ((head - first) * D + kk) * (KS * KS)
     conv = depthwise_tile(v_b, ch, kmask, w_rows, n, y, x, pmask, H, W, CP, KS, BLOCK_P, D_PAD)
     bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
@@ -77,12 +91,12 @@ def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, scale,
     tl.store(pre_b + n[:, None] * C + ch[None, :], out.to(pre_b.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "W"])
 def gma_attention_kernel(
     q, v, kv, pre, crpe_w3, crpe_w5, crpe_w7, crpe_b,
     N, H, W, scale,
     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, DOT_3XTF32: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
     t = tl.program_id(0)
     head = tl.program_id(1)
@@ -109,22 +123,33 @@ def gma_attention_kernel(
         first = 5
         crpe_w = crpe_w7
     _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, scale, n, y, x, pmask, H, W, ks,
-                    C, CP, D, D_PAD, BLOCK_P, DOT_3XTF32)
+                    C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+
+
+def combine_call(part_m, part_l, part_acc, kv, shape):
+    """(grid, args, kwargs) of the combine launch: part_*: (B, SPLITS, C'[, d]) fp32 -> kv (B, C', d) fp32."""
+    B, T, _ = part_m.shape
+    return (8, B), (part_m, part_l, part_acc, kv, T), dict(CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD,
+                                                          num_warps=shape.COMBINE_WARPS)
 
 
 def launch_combine(kernel, part_m, part_l, part_acc, kv, shape):
-    """part_*: (B, SPLITS, C'[, d]) fp32 -> kv (B, C', d) fp32."""
-    B, T, _ = part_m.shape
-    kernel[(8, B)](part_m, part_l, part_acc, kv, T, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD,
-                   num_warps=shape.COMBINE_WARPS)
+    grid, args, kwargs = combine_call(part_m, part_l, part_acc, kv, shape)
+    kernel[grid](*args, **kwargs)
 
 
-def launch_attention(kernel, q, v, kv, pre, weights, H, W, scale, shape):
-    """q, v: (B, N, C') contiguous; kv: (B, C', d) fp32; weights: `FoldedGMAWeights` (its
-    crpe_* tensors); writes pre[..., :C'] of (B, N, C)."""
+def attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots: DotVariant):
+    """(grid, args, kwargs) of the attention launch. q, v: (B, N, C') contiguous; kv: (B, C', d)
+    fp32; weights: `FoldedGMAWeights` (its crpe_* tensors); writes pre[..., :C'] of (B, N, C)."""
     B, N, _ = q.shape
-    grid = (triton.cdiv(N, shape.ATTN_BLOCK_P), 8, B)
     w = weights
-    kernel[grid](q, v, kv, pre, w.crpe_w3, w.crpe_w5, w.crpe_w7, w.crpe_b, N, H, W, scale,
-                 C=shape.C, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD, BLOCK_P=shape.ATTN_BLOCK_P,
-                 DOT_3XTF32=int(q.dtype == torch.float32), num_warps=shape.ATTN_WARPS)
+    args = (q, v, kv, pre, w.crpe_w3, w.crpe_w5, w.crpe_w7, w.crpe_b, N, H, W, scale)
+    kwargs = dict(C=shape.C, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD, BLOCK_P=shape.ATTN_BLOCK_P,
+                  DOT_PRECISION=dots.precision, EMULATE_DOTS=dots.emulate, num_warps=shape.ATTN_WARPS)
+    return (triton.cdiv(N, shape.ATTN_BLOCK_P), 8, B), args, kwargs
+
+
+def launch_attention(kernel, q, v, kv, pre, weights, H, W, scale, shape, dots: Optional[DotVariant] = None):
+    """Launch the attention kernel; arguments as `attention_call` (dots: by default q's variant)."""
+    grid, args, kwargs = attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots or dot_variant(q))
+    kernel[grid](*args, **kwargs)

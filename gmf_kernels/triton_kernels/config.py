@@ -5,7 +5,9 @@ so the launchers, the AOT compile script and the tests agree on the specialisati
 
 Tile choices (heuristic, not autotuned: this was written on a machine without a GPU;
 ``benchmarks/ops.py`` is where a GPU run would confirm or retune them; the register and
-spill figures behind them are in ``benchmarks/results/triton_resources_sm80_sm90.md``):
+spill figures behind them, compiled with the runtime's specialisation for sm_70, sm_75,
+sm_80 and sm_90, are in ``benchmarks/results/triton_resources_sm70_sm75_sm80_sm90.md``,
+and tests/test_triton_compile.py fails on any spill):
 
 * Widths are padded to powers of two and to >= 16, because every ``tl.dot`` dimension
   must be >= 16 on the GPU (d = 4 pads to 16, d = 36 to 64, ...).
@@ -13,11 +15,10 @@ spill figures behind them are in ``benchmarks/results/triton_resources_sm80_sm90
   tiles: no padding waste on 7x7 / 14x14 / odd grids, and the stencil halo (up to 3
   rows above and below) is read through L1/L2, where neighbouring tiles share it.
 * Aggregation: the s input channels of a segment go through the depthwise stencil in
-  chunks of CK = 32 and are accumulated into the two [BLOCK_P, D_PAD] head outputs by
+  chunks of CK and are accumulated into the two [BLOCK_P, D_PAD] head outputs by
   ``tl.dot``; a program walks its tiles with the softmax state of two heads in registers.
-  ptxas allocates up to 255 registers for this kernel and spilled at 64-token (and for
-  most widths 32-token) tiles, so the token tile is small: ``AGG_BLOCK_P`` below, 16 or
-  32 tokens, chosen for zero spills on both archs and all three dtypes.
+  ptxas allocates up to 255 registers for this kernel and spills easily, so the tiles
+  are small and chosen per width and dot variant: ``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` below.
 * Attention: [BLOCK_P, D_PAD] tiles, BLOCK_P = 64 (32 for D_PAD = 64, where 64 spilled).
 * Split-N: about SPLIT_TARGET = 1024 aggregation programs (5 per image and split): a
   few waves on a 108-132 SM GPU even at batch 1; at batch 128 one or two splits, so the
@@ -26,8 +27,64 @@ spill figures behind them are in ``benchmarks/results/triton_resources_sm80_sm90
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 NUM_HEADS = 8
+
+#: Input dtypes of the kernels, by the names used in tables and Triton signatures.
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+#: What every ``tl.dot`` of the kernels computes, per GPU architecture, as data: rows of
+#: (minimum compute capability, {input dtype: Triton ``input_precision``}); a GPU uses the
+#: first row it reaches. A dtype missing from its row is not supported there, and a GPU
+#: below the last row is not supported at all (the backend's `not_supported_reasons` reads
+#: this table; `_common.mm` says what each precision computes). The dot operands are fp32
+#: in every variant (the kernels never issue bf16 or fp16 dots). What sm_70/sm_75 lack is
+#: TF32 (Triton 3.6 lowers any fp32 dot to FMAs there, so those rows ask for "ieee"
+#: explicitly and the AOT compile checks that variant) and bf16 arithmetic: Triton emulates
+#: bf16 conversions there with integer code, which pushed the aggregation kernel into
+#: register spills on sm_75 (C = 160, 240), so bf16 is refused below sm_80 (the torch
+#: backend runs it; such GPUs have no fast bf16 anyway).
+ARCH_DOTS: Tuple[Tuple[Tuple[int, int], Dict[str, str]], ...] = (
+    ((8, 0), {"fp32": "tf32x3", "fp16": "tf32", "bf16": "tf32"}),  # Ampere and newer: TF32 tensor cores
+    ((7, 0), {"fp32": "ieee", "fp16": "ieee"}),                    # Volta, Turing: fp32 FMA dots, no bf16
+)
+
+#: Architectures every kernel specialisation is compiled for ahead of time (CI, resource tables).
+AOT_ARCHS = (70, 75, 80, 90)
+
+#: The GPU assumed where the input's is not known: the Triton interpreter emulates its dot
+#: rounding (see `_common.mm`), and tracing on CPU fake tensors plans its variant.
+DEFAULT_CAPABILITY = (8, 0)
+
+
+def arch_dots(capability: Tuple[int, int], table=None) -> Optional[Dict[str, str]]:
+    """The row of `table` (default ARCH_DOTS) for a GPU of this (major, minor) capability;
+    None below every row."""
+    for min_cap, row in (ARCH_DOTS if table is None else table):
+        if tuple(capability) >= min_cap:
+            return row
+    return None
+
+
+def dot_precision(dtype: str, capability: Tuple[int, int]) -> str:
+    """Triton ``input_precision`` of the kernels' dots for this input dtype name on this GPU."""
+    row = arch_dots(capability)
+    if row is None or dtype not in row:
+        raise ValueError(f"the Triton kernels do not support {dtype} on compute capability "
+                         f"{capability[0]}.{capability[1]} (config.ARCH_DOTS)")
+    return row[dtype]
+
+
+def dtype_name(dtype) -> str:
+    """torch.float32 -> "fp32" (also fp16, bf16; other dtypes: their torch name)."""
+    name = str(dtype).replace("torch.", "")
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
+
+
+def capability_of_arch(arch: int) -> Tuple[int, int]:
+    """75 -> (7, 5)."""
+    return (arch // 10, arch % 10)
 
 
 def next_pow2(n: int) -> int:
@@ -59,10 +116,27 @@ class GMAShape:
         return -(-N // self.AGG_BLOCK_P)
 
 
-#: Aggregation tokens per tile, per width: the largest of 64 / 32 / 16 that compiles with
-#: zero register spills on sm_80 and sm_90 for fp32, fp16 and bf16 at 4 warps (ptxas -v,
-#: swept with benchmarks/triton_resources.py's machinery). Other widths: 16.
-AGG_BLOCK_P = {40: 16, 80: 32, 160: 32, 200: 16, 240: 16, 320: 16, 360: 16, 480: 16}
+#: Aggregation tiles per width: (BLOCK_P tokens per tile, num_warps, CK channels per chunk),
+#: by default and per dot precision where that needs other tiles. Each entry is one that
+#: compiled with zero register spills for the dtypes using that precision, on the
+#: architectures using it, with the runtime's specialisation (ptxas -v through
+#: benchmarks/triton_resources.py). The kernel keeps two heads' online-softmax state
+#: ([D_PAD, D_PAD] fp32 each) in registers, so ptxas works near its 255-register limit and
+#: small changes tip it into spills. Found that way: C=80 at (32, 4) spills on sm_90 (also at
+#: (16, 4)), so 8 warps; C=160 at (32, 4) spills on sm_90, so 16 tokens; C=480 spills with
+#: 3xTF32 (fp32) at 8 warps on sm_80 and at CK = 32 on sm_90, so (16, 4, 16), while with
+#: one-pass TF32 (fp16, bf16) CK = 16 spills on sm_90, so (32, 8, 32); C=320 with one-pass
+#: TF32 spills on sm_90 at (16, 4, 32) and (16, 8, 32), on sm_80 (bf16) at (16, 4, 16), so
+#: (32, 8, 16), clean on both; with FMA dots (sm_70/75)
+#: Triton's FMA dot layout keeps whole operand rows per thread, so C = 360/480 need 8 warps
+#: (4 warps spilled ~700 B) and C = 160 a smaller chunk.
+AGG_TILES: Dict[int, Tuple[int, int, int]] = {
+    40: (16, 4, 16), 80: (32, 8, 16), 160: (16, 4, 32), 200: (16, 4, 32), 240: (16, 4, 32),
+    320: (16, 4, 32), 360: (16, 8, 32), 480: (16, 4, 16)}
+AGG_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int, int]]] = {
+    "tf32": {320: (32, 8, 16), 480: (32, 8, 32)},
+    "ieee": {160: (32, 4, 16), 480: (16, 8, 32)},
+}
 
 #: Tiles used under the Triton interpreter (CPU): its cost is per operation per program,
 #: not per element, so fewer, larger tiles (and one channel chunk) run much faster there.
@@ -70,9 +144,19 @@ AGG_BLOCK_P = {40: 16, 80: 32, 160: 32, 200: 16, 240: 16, 320: 16, 360: 16, 480:
 INTERPRETER_BLOCK_P = 256
 
 
+#: Attention tiles per padded head width D_PAD: (BLOCK_P tokens per tile, num_warps), by
+#: default and per dot precision where that needs others (the FMA variant computes Q KV as
+#: rank-1 updates, attention.py; at 64 tokens and D_PAD = 16 ptxas spilled 8 B on sm_70).
+ATTN_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (64, 4), 64: (32, 4)}
+ATTN_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int]]] = {"ieee": {16: (32, 4)}}
+
+
 def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: bool = False,
-              ck: int = 0, split_target: int = 1024) -> GMAShape:
-    """The specialisation for width C (tile sizes may be overridden, e.g. by tests)."""
+              ck: int = 0, split_target: int = 1024, agg_warps: int = 0, dots: str = "tf32x3") -> GMAShape:
+    """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
+
+    dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
+    tiles (`AGG_TILES_BY_DOTS` / `ATTN_TILES_BY_DOTS`, else `AGG_TILES` / `ATTN_TILES`)."""
     if C % 10 != 0 or C <= 0:
         raise ValueError(f"C={C}: the Triton kernels need C a positive multiple of 10")
     S = C // 5
@@ -83,12 +167,14 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
         agg_block_p = agg_block_p or INTERPRETER_BLOCK_P
         attn_block_p = attn_block_p or INTERPRETER_BLOCK_P
         ck = ck or S_PAD
-    agg = agg_block_p or AGG_BLOCK_P.get(C, 16)
-    attn = attn_block_p or (32 if D_PAD >= 64 else 64)
-    ck = ck or min(32, S_PAD)
-    agg_warps = 4
+    tiles = AGG_TILES_BY_DOTS.get(dots, {}).get(C) or AGG_TILES.get(C) or (16, 4, min(32, S_PAD))
+    agg = agg_block_p or tiles[0]
+    agg_warps = agg_warps or tiles[1]
+    ck = ck or tiles[2]
+    attn_tiles = ATTN_TILES_BY_DOTS.get(dots, {}).get(D_PAD) or ATTN_TILES[D_PAD]
+    attn = attn_block_p or attn_tiles[0]
     for name, v in (("agg_block_p", agg), ("attn_block_p", attn), ("ck", ck)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name}={v} must be a power of two >= 16")
     return GMAShape(C=C, S=S, CP=CP, D=D, S_PAD=S_PAD, D_PAD=D_PAD, CK=ck, AGG_BLOCK_P=agg,
-                    ATTN_BLOCK_P=attn, AGG_WARPS=agg_warps, SPLIT_TARGET=split_target)
+                    ATTN_BLOCK_P=attn, AGG_WARPS=agg_warps, ATTN_WARPS=attn_tiles[1], SPLIT_TARGET=split_target)

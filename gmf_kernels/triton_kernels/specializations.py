@@ -1,21 +1,46 @@
-"""Kernel specialisations for ahead-of-time GPU compiles (no GPU needed).
+"""The kernel specialisations that real calls make the Triton JIT compile, compiled ahead of
+time (no GPU needed).
 
-`all_specializations(widths)` lists, per (kernel, width C, input dtype), the Triton
-signature and constexprs that the launchers pass at run time (tiles from
-`config.gma_shape(C)`, the GPU ones) for the widths it is given (the CLI's default: the
-widths of the released models). Identical (kernel, signature, constexprs) sets are listed
-once: the combine kernel, for example, does not depend on the input dtype.
+**Which specialisations.** `real_calls()` lists the layer calls of the released models at
+224x224 (each model's four stage widths at their stage grids 56, 28, 14, 7; GroupMixFormer-S:
+C=80 at 56x56, C=160 at 28x28, C=320 at 14x14 and 7x7), at batch 128 and batch 1, in fp32,
+fp16 and bf16. For each call and GPU architecture, `specializations_of_call` runs the
+launcher's own planning code (`launcher.plan_pre_projection`) on *meta* tensors (shapes,
+strides and dtypes, nothing allocated), which yields the exact arguments of the three
+launches, and hands them to Triton's own JIT binder (``triton.runtime.jit``:
+``create_function_from_signature`` with ``native_specialize_impl``, then
+``JITFunction._pack_args``), i.e. the code that specialises a real launch:
 
-`compile_one(spec, arch)` compiles one of them with
-``triton.compile(triton.compiler.ASTSource(...), target=GPUTarget("cuda", arch, 32))``,
-which needs no GPU and no driver, and returns its resource usage: registers and
-spills from ``ptxas -v`` run again on the generated PTX (Triton discards its log) and read
-by the one ptxas parser of the package (`gmf_kernels.cuda.build.parse_ptxas`),
-local/stack/shared bytes from ``cuobjdump --dump-resource-usage`` on the cubin, and
-Triton's dynamic shared memory from the kernel metadata.
+* integer arguments divisible by 16 get ``tt.divisibility = 16``; integers equal to 1
+  become compile-time constants; except the shape integers the kernels exempt with
+  ``do_not_specialize`` (N, H, W, tiles_per_split, T: otherwise batch 1, where every split
+  owns one tile, and N % 16 would each compile other variants), so one variant per
+  (kernel, C, dtype, arch) serves every image size and batch, and the strides, whose
+  divisibility aligns the vector loads, stay specialised;
+* pointer arguments get ``tt.divisibility = 16`` when their address is 16-byte aligned; a
+  meta tensor's address is 0, so every buffer counts as aligned, as fresh torch
+  allocations are (a weight that is a misaligned view would make the JIT compile one more,
+  unaligned, variant that is not listed here);
+* floats and bools are not specialised; the launch options (num_warps, ...) are parsed by
+  the target's backend as at run time.
 
-Import with TRITON_INTERPRET unset (or 0): under the interpreter ``@triton.jit``
-produces interpreter objects that cannot be compiled.
+Identical (kernel, arch, signature, constants, attributes, options) are compiled once and
+list every call that uses them. An (arch, dtype) that `config.ARCH_DOTS` refuses (bf16 below
+sm_80) is never launched there, so it is not listed. Depends on these Triton 3.6 internals (checked by
+tests/test_triton_compile.py): a Triton that renames them fails loudly here.
+
+**Compiling.** `compile_one(spec)` compiles one with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32), options=...)``, which
+needs no GPU and no driver, keeping Triton's default line information (``.loc`` in the
+PTX, ``ptxas -lineinfo``; unless TRITON_DISABLE_LINE_INFO=1, which `compile_one` refuses,
+so sanitizer and ncu reports point at kernel source lines). Resource usage: registers and
+spills from ``ptxas -lineinfo -v`` (Triton's own ptxas flags) re-run on the generated PTX
+and read by the package's one ptxas parser (`gmf_kernels.cuda.build.parse_ptxas`),
+local/stack/shared bytes from ``cuobjdump --dump-resource-usage`` on the cubin, Triton's
+dynamic shared memory from the kernel metadata.
+
+Enumerating and compiling need the real JIT kernels: run with TRITON_INTERPRET unset (or 0),
+e.g. ``python -m gmf_kernels.triton_kernels.specializations --json out.json``.
 """
 from __future__ import annotations
 
@@ -26,103 +51,181 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .config import gma_shape
+from .config import AOT_ARCHS, DTYPE_NAMES, arch_dots, capability_of_arch, dot_precision
 
-DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+#: image side and batches of the real calls
+IMAGE = 224
+BATCHES = (128, 1)
+KERNEL_ORDER = {"gma_aggregate_kernel": 0, "gma_attention_kernel": 1, "gma_combine_kernel": 2}
 
-_AGG_PTRS_X = ("qkv", "q", "v", "pre")
-_AGG_PTRS_F32 = ("part_m", "part_l", "part_acc", "bn_scale", "bn_shift", "dw3", "dw5", "dw7", "pw",
-                 "local_dw", "local_pw", "ln_weight", "ln_bias")
-_AGG_INTS = ("N", "H", "W", "stride_qkv_b", "stride_qkv_n", "tiles_per_split")
+
+@dataclass(frozen=True)
+class Call:
+    """One real layer call: width, grid, batch, input dtype."""
+    C: int
+    H: int
+    W: int
+    B: int
+    dtype: str
+
+    def label(self) -> str:
+        return f"C={self.C} {self.H}x{self.W} B={self.B} {self.dtype}"
 
 
 @dataclass(frozen=True)
 class Spec:
-    kernel: str                         # "aggregate", "combine", "attention"
-    C: int
-    dtype: str                          # input dtype name ("-" where it does not matter)
-    signature: Tuple[Tuple[str, str], ...]
-    constexprs: Tuple[Tuple[str, object], ...]
-    num_warps: int
+    """One specialisation, as Triton's JIT derives it from a real launch (all fields by name)."""
+    kernel: str                                   # the @triton.jit function's name
+    arch: int                                     # 80 = sm_80
+    signature: Tuple[Tuple[str, str], ...]        # (arg, Triton type | "constexpr")
+    constexprs: Tuple[Tuple[str, object], ...]    # declared constexprs + ints the JIT made constant
+    attrs: Tuple[Tuple[str, tuple], ...]          # (arg, (("tt.divisibility", 16),)) where specialised
+    options: Tuple[Tuple[str, object], ...]       # the launch's options (num_warps, ...)
+    jit_constants: Tuple[str, ...] = ()           # runtime ints the JIT made constants (== 1)
     used_by: Tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def key(self):
-        return (self.kernel, self.signature, self.constexprs, self.num_warps)
+        return (self.kernel, self.arch, self.signature, self.constexprs, self.attrs, self.options,
+                self.jit_constants)
+
+    @property
+    def num_warps(self) -> int:
+        return int(dict(self.options).get("num_warps", 4))
+
+    def specialised_ints(self) -> str:
+        """The integer arguments the JIT specialised: ``N%16`` (divisible), ``T=1`` (constant)."""
+        cx = dict(self.constexprs)
+        out = []
+        for a, t in self.signature:
+            if a in self.jit_constants:
+                out.append(f"{a}={cx[a]}")
+            elif t.startswith("i") and a in dict(self.attrs):
+                out.append(f"{a}%16")
+        return " ".join(out) or "-"
 
     def label(self) -> str:
         cx = dict(self.constexprs)
-        tile = cx.get("BLOCK_P", "-")
-        return (f"{self.kernel} C={self.C} {self.dtype} (S_PAD={cx.get('S_PAD', '-')}, D_PAD={cx['D_PAD']}, "
-                f"CK={cx.get('CK', '-')}, BLOCK_P={tile}, warps={self.num_warps})")
+        short = self.kernel.replace("gma_", "").replace("_kernel", "")
+        dt = next((t[1:] for a, t in self.signature if a in ("qkv", "q")), "-")
+        tiles = ", ".join(f"{k}={cx[k]}" for k in ("S_PAD", "D_PAD", "CK", "BLOCK_P") if k in cx)
+        dots = f", {cx['DOT_PRECISION']}" if "DOT_PRECISION" in cx else ""
+        return (f"{short} C={cx.get('C', 5 * cx['CP'] // 4)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
+                f"{self.specialised_ints()})")
 
 
-def _sig(pairs) -> Tuple[Tuple[str, str], ...]:
-    return tuple(pairs)
-
-
-def _aggregate_spec(C: int, dt: str) -> Spec:
-    sh = gma_shape(C)
-    sig = [(a, f"*{dt}") for a in _AGG_PTRS_X] + [(a, "*fp32") for a in _AGG_PTRS_F32]
-    sig += [(a, "i32") for a in _AGG_INTS] + [("ln_eps", "fp32")]
-    cx = dict(C=sh.C, S=sh.S, CP=sh.CP, D=sh.D, S_PAD=sh.S_PAD, D_PAD=sh.D_PAD, CK=sh.CK,
-              BLOCK_P=sh.AGG_BLOCK_P, DOT_3XTF32=int(dt == "fp32"))
-    sig += [(k, "constexpr") for k in cx]
-    return Spec("aggregate", C, dt, _sig(sig), tuple(cx.items()), sh.AGG_WARPS)
-
-
-def _combine_spec(C: int) -> Spec:
-    sh = gma_shape(C)
-    sig = [("part_m", "*fp32"), ("part_l", "*fp32"), ("part_acc", "*fp32"), ("kv", "*fp32"), ("T", "i32")]
-    cx = dict(CP=sh.CP, D=sh.D, D_PAD=sh.D_PAD)
-    sig += [(k, "constexpr") for k in cx]
-    return Spec("combine", C, "-", _sig(sig), tuple(cx.items()), sh.COMBINE_WARPS)
-
-
-def _attention_spec(C: int, dt: str) -> Spec:
-    sh = gma_shape(C)
-    sig = [("q", f"*{dt}"), ("v", f"*{dt}"), ("kv", "*fp32"), ("pre", f"*{dt}"),
-           ("crpe_w3", "*fp32"), ("crpe_w5", "*fp32"), ("crpe_w7", "*fp32"), ("crpe_b", "*fp32"),
-           ("N", "i32"), ("H", "i32"), ("W", "i32"), ("scale", "fp32")]
-    cx = dict(C=sh.C, CP=sh.CP, D=sh.D, D_PAD=sh.D_PAD, BLOCK_P=sh.ATTN_BLOCK_P, DOT_3XTF32=int(dt == "fp32"))
-    sig += [(k, "constexpr") for k in cx]
-    return Spec("attention", C, dt, _sig(sig), tuple(cx.items()), sh.ATTN_WARPS)
-
-
-def all_specializations(widths: Iterable[int], users: Optional[Dict[int, Sequence[str]]] = None) -> List[Spec]:
-    """Deduplicated specialisations of the three kernels for these widths and every dtype.
-
-    users: optional width -> names of the models using it (a label in the tables)."""
-    users = users or {}
-    specs: Dict[tuple, Spec] = {}
-    for C in sorted(set(widths)):
-        used = tuple(sorted(set(users.get(C, ()))))
-        cands = [_combine_spec(C)] + [f(C, dt) for dt in DTYPES for f in (_aggregate_spec, _attention_spec)]
-        for s in cands:
-            if s.key not in specs:
-                specs[s.key] = Spec(s.kernel, s.C, s.dtype, s.signature, s.constexprs, s.num_warps, used)
-    return list(specs.values())
-
-
-def released_model_widths() -> Tuple[Tuple[int, ...], Dict[int, List[str]]]:
-    """(widths, width -> short model names) of the released models: the CLI's default input."""
-    from ..models.configs import MODEL_WIDTHS, widths_by_model
-    users: Dict[int, List[str]] = {}
+def real_calls(batches: Sequence[int] = BATCHES, dtypes: Sequence[str] = DTYPE_NAMES,
+               models: Optional[Iterable[str]] = None) -> Dict[Call, Tuple[str, ...]]:
+    """Real calls -> the models (short names) that make them: every released model's stage
+    widths at their 224x224 stage grids (56, 28, 14, 7), at the given batches and dtypes."""
+    from ..models.configs import widths_by_model
+    users: Dict[Call, set] = {}
     for name, dims in widths_by_model().items():
-        for C in dims:
-            users.setdefault(C, []).append(name.replace("groupmixformer_", ""))
-    return MODEL_WIDTHS, users
+        short = name.replace("groupmixformer_", "")
+        if models is not None and name not in models and short not in models:
+            continue
+        for stage, C in enumerate(dims):
+            side = IMAGE // (4 * 2 ** stage)
+            for B in batches:
+                for dt in dtypes:
+                    users.setdefault(Call(C, side, side, B, dt), set()).add(short)
+    return {c: tuple(sorted(u)) for c, u in sorted(users.items(), key=lambda kv: (kv[0].C, -kv[0].H, -kv[0].B,
+                                                                                     kv[0].dtype))}
+
+
+# ---------------------------------------------------------------- specialising (Triton's own code)
+def _require_jit(fn):
+    if type(fn).__name__ == "InterpretedFunction" or not hasattr(fn, "params"):
+        raise RuntimeError("the kernels were created under TRITON_INTERPRET=1; specialise and compile them in "
+                           "a process without it")
+
+
+_BINDERS: Dict[tuple, object] = {}
+
+
+def _binder(fn, arch: int):
+    """Triton's argument binder of fn for a CUDA target (what JITFunction.run calls)."""
+    key = (fn.__name__, arch)
+    if key not in _BINDERS:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        _BINDERS[key] = (backend, create_function_from_signature(fn.signature, fn.params, backend))
+    return _BINDERS[key]
+
+
+def specialize_launch(fn, arch: int, args: tuple, kwargs: dict) -> Spec:
+    """The specialisation Triton's JIT makes of ``fn[grid](*args, **kwargs)`` on sm_<arch>."""
+    from triton import knobs
+    _require_jit(fn)
+    backend, binder = _binder(fn, arch)
+    kw = dict(kwargs)
+    # JITFunction.run adds these two before binding
+    kw["debug"] = kw.get("debug", fn.debug) or knobs.runtime.debug
+    kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    bound_args, specialization, options = binder(*args, **kw)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kw, bound_args, specialization, options)
+    names = fn.arg_names
+    sig = tuple(signature.items())
+    cx = tuple((names[p[0]], v) for p, v in sorted(constexprs.items()))
+    at = tuple((names[p[0]], tuple(tuple(x) for x in v)) for p, v in sorted(attrs.items()) if v)
+    opts = tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))
+    declared = {p.name for p in fn.params if p.is_constexpr}
+    jit_constants = tuple(a for a, _ in cx if a not in declared)
+    return Spec(fn.__name__, arch, sig, cx, at, opts, jit_constants)
+
+
+def specializations_of_call(call: Call, arch: int) -> List[Spec]:
+    """The three kernels' specialisations for one real call on sm_<arch> (launcher's plan on meta tensors)."""
+    import torch
+
+    from ..folding import FoldedGMAWeights, weight_shapes
+    from ._common import DotVariant, interpreting
+    from .launcher import plan_pre_projection
+    if interpreting():
+        raise RuntimeError("TRITON_INTERPRET is set: the launcher would plan interpreter tiles")
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
+    meta = dict(device="meta")
+    qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, **meta)
+    shapes = weight_shapes(call.C)
+    weights = FoldedGMAWeights(*(torch.empty(shapes[n], dtype=torch.float32, **meta)
+                                 for n in FoldedGMAWeights._fields))
+    dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)
+    head_dim = 4 * (call.C // 5) // 8
+    # the launcher's own default tiles for this dot variant (default_shape), as at run time
+    _, launches = plan_pre_projection(qkv, call.H, call.W, weights, head_dim ** -0.5, 1e-5, dots=dots)
+    return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
+
+
+def all_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
+                        archs: Sequence[int] = AOT_ARCHS) -> List[Spec]:
+    """Deduplicated specialisations of the given real calls (default: `real_calls()`) on these archs;
+    each lists the calls (and models) that make it in ``used_by``."""
+    calls = real_calls() if calls is None else calls
+    specs: Dict[tuple, Spec] = {}
+    users: Dict[tuple, List[str]] = {}
+    for arch in archs:
+        supported = arch_dots(capability_of_arch(arch)) or {}
+        for call, models in calls.items():
+            if call.dtype not in supported:     # refused there (ARCH_DOTS): never launched, never compiled
+                continue
+            for s in specializations_of_call(call, arch):
+                specs.setdefault(s.key, s)
+                users.setdefault(s.key, []).append(f"{call.label()} [{','.join(models)}]")
+    out = [Spec(*k, used_by=tuple(users[k])) for k in specs]
+    out.sort(key=lambda s: (KERNEL_ORDER[s.kernel], s.arch, _describe(s)["C"], s.label()))
+    return out
 
 
 # ---------------------------------------------------------------- compiling (needs triton, no GPU)
 def _kernel_fn(name: str):
-    if name == "aggregate":
-        from .aggregation import gma_aggregate_kernel as k
-    elif name == "combine":
-        from .attention import gma_combine_kernel as k
-    else:
-        from .attention import gma_attention_kernel as k
-    return k
+    from . import aggregation, attention
+    fn = {"gma_aggregate_kernel": aggregation.gma_aggregate_kernel,
+          "gma_combine_kernel": attention.gma_combine_kernel,
+          "gma_attention_kernel": attention.gma_attention_kernel}[name]
+    _require_jit(fn)
+    return fn
 
 
 def _tool(name: str) -> str:
@@ -138,7 +241,7 @@ def _tool(name: str) -> str:
 
 
 def _ptxas_report(ptx: str, arch: int) -> Dict[str, int]:
-    """Registers, spill bytes and stack from `ptxas -v` on the kernel's PTX (one shared parser)."""
+    """Registers, spill bytes and stack from ``ptxas -lineinfo -v`` (the flags Triton compiles with)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     from ..cuda.build import parse_ptxas
@@ -147,7 +250,7 @@ def _ptxas_report(ptx: str, arch: int) -> Dict[str, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as fh:
             fh.write(ptx)
-        res = subprocess.run([ptxas, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+        res = subprocess.run([ptxas, "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
                               "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True)
     entries = parse_ptxas(res.stderr + res.stdout)
     if not entries:
@@ -174,43 +277,60 @@ def _cuobjdump_report(cubin: bytes) -> Dict[str, int]:
     return out
 
 
-def compile_one(spec: Spec, arch: int) -> Dict[str, object]:
-    """Compile one specialisation for sm_<arch> and report its resources (no GPU needed)."""
+def _describe(spec: Spec) -> Dict[str, object]:
+    cx = dict(spec.constexprs)
+    dt = next((t[1:] for a, t in spec.signature if a in ("qkv", "q")), "-")
+    return {"kernel": spec.kernel.replace("gma_", "").replace("_kernel", ""), "function": spec.kernel,
+            "C": cx.get("C", 5 * cx["CP"] // 4), "dtype": dt, "arch": spec.arch, "label": spec.label(),
+            "dot_precision": cx.get("DOT_PRECISION", "-"), "specialised": spec.specialised_ints(),
+            "used_by": list(spec.used_by)}
+
+
+def compile_one(spec: Spec) -> Dict[str, object]:
+    """Compile one specialisation for sm_<arch> exactly as the JIT would and report its resources."""
     import time
 
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    if knobs.compilation.disable_line_info:
+        raise RuntimeError("TRITON_DISABLE_LINE_INFO is set: the kernels are meant to carry line information")
     fn = _kernel_fn(spec.kernel)
-    if not hasattr(fn, "arg_names") or type(fn).__name__ == "InterpretedFunction":
-        raise RuntimeError("kernels were created under TRITON_INTERPRET=1; compile in a process without it")
-    sig = dict(spec.signature)
-    cx = dict(spec.constexprs)
-    # torch allocations are 16-byte aligned: the JIT marks such pointers divisible by 16
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in spec.signature if t.startswith("*")}
+    target = GPUTarget("cuda", spec.arch, 32)
+    names = fn.arg_names
+    attrs = {(names.index(a),): [list(x) for x in v] for a, v in spec.attrs}
+    kw = dict(spec.options)
+    kw["debug"] = kw.get("debug", fn.debug) or knobs.runtime.debug
+    kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    options = make_backend(target).parse_options(kw)
     t0 = time.time()
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+    src = triton.compiler.ASTSource(fn=fn, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
+                                    attrs=attrs)
+    ck = triton.compile(src, target=target, options=options.__dict__)
     secs = time.time() - t0
-    rep = {"kernel": spec.kernel, "C": spec.C, "dtype": spec.dtype, "arch": arch, "label": spec.label(),
-           "used_by": ",".join(spec.used_by), "num_warps": ck.metadata.num_warps,
-           "shared_dynamic": ck.metadata.shared, "compile_s": round(secs, 2)}
-    rep.update(_ptxas_report(ck.asm["ptx"], arch))
+    rep = _describe(spec)
+    ptx = ck.asm["ptx"]
+    rep.update({"num_warps": ck.metadata.num_warps, "shared_dynamic": ck.metadata.shared,
+                "compile_s": round(secs, 2), "line_info": bool(re.search(r"^\s*\.loc\s", ptx, re.M)),
+                "tf32_conversions": ptx.count("cvt.rna.tf32.f32")})
+    rep.update(_ptxas_report(ptx, spec.arch))
     rep.update(_cuobjdump_report(ck.asm["cubin"]))
     return rep
 
 
 # ---------------------------------------------------------------- all of them, in parallel
-def _worker(args):
-    spec, arch = args
+def _worker(spec: Spec):
     try:
-        return compile_one(spec, arch)
+        return compile_one(spec)
     except Exception as e:  # reported, not raised: one failure must not hide the others
-        return {"kernel": spec.kernel, "C": spec.C, "dtype": spec.dtype, "arch": arch, "label": spec.label(),
-                "used_by": ",".join(spec.used_by), "error": f"{type(e).__name__}: {e}"[:2000]}
+        rep = _describe(spec)
+        rep["error"] = f"{type(e).__name__}: {e}"[:2000]
+        return rep
 
 
-def compile_all(specs: Sequence[Spec], archs=(80, 90), jobs: int = 2, cache_dir: str = "") -> List[Dict[str, object]]:
-    """Compile every specialisation for every arch with a pool of `jobs` processes.
+def compile_all(specs: Sequence[Spec], jobs: int = 2, cache_dir: str = "") -> List[Dict[str, object]]:
+    """Compile every specialisation with a pool of `jobs` processes.
 
     Workers are spawned with TRITON_INTERPRET removed from their environment (so
     ``@triton.jit`` builds real kernels) and, if given, their own TRITON_CACHE_DIR (an
@@ -224,9 +344,8 @@ def compile_all(specs: Sequence[Spec], archs=(80, 90), jobs: int = 2, cache_dir:
     if cache_dir:
         os.environ["TRITON_CACHE_DIR"] = cache_dir
     try:
-        work = [(s, a) for a in archs for s in specs]
         # biggest first, so the pool does not end on one long compile
-        work.sort(key=lambda w: {"aggregate": 0, "attention": 1, "combine": 2}[w[0].kernel])
+        work = sorted(specs, key=lambda s: KERNEL_ORDER[s.kernel])
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
             results = list(ex.map(_worker, work))
     finally:
@@ -235,8 +354,7 @@ def compile_all(specs: Sequence[Spec], archs=(80, 90), jobs: int = 2, cache_dir:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    order = {"aggregate": 0, "attention": 1, "combine": 2}
-    results.sort(key=lambda r: (order[r["kernel"]], r["C"], r["dtype"], r["arch"]))
+    results.sort(key=lambda r: (KERNEL_ORDER[r["function"]], r["C"], r["dtype"], r["arch"], r["label"]))
     return results
 
 
@@ -244,22 +362,26 @@ def main(argv=None) -> int:
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(description="AOT-compile every gmf Triton kernel specialisation (no GPU needed)")
+    ap = argparse.ArgumentParser(description="AOT-compile the gmf Triton kernel specialisations of real calls "
+                                             "(no GPU needed)")
     ap.add_argument("--json", required=True, help="write the per-specialisation results here")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--arch", type=int, nargs="+", default=list(AOT_ARCHS))
     ap.add_argument("--cache-dir", default="", help="TRITON_CACHE_DIR for the workers (default: Triton's)")
-    ap.add_argument("--widths", type=int, nargs="+", default=None,
-                    help="module widths C to compile (default: every width of the released models)")
+    ap.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
+    ap.add_argument("--dtype", nargs="+", default=list(DTYPE_NAMES), choices=DTYPE_NAMES)
+    ap.add_argument("--models", nargs="+", default=None, help="only these models' calls (default: all five)")
+    ap.add_argument("--list", action="store_true", help="list the specialisations, compile nothing")
     a = ap.parse_args(argv)
-    widths, users = released_model_widths()
-    if a.widths:
-        widths = tuple(a.widths)
-    res = compile_all(all_specializations(widths, users), tuple(a.arch), a.jobs, a.cache_dir)
+    specs = all_specializations(real_calls(a.batch, a.dtype, a.models), a.arch)
+    if a.list:
+        res = [_describe(s) for s in specs]
+    else:
+        res = compile_all(specs, a.jobs, a.cache_dir)
     with open(a.json, "w") as fh:
         json.dump(res, fh, indent=1)
     bad = [r for r in res if "error" in r]
-    print(f"{len(res) - len(bad)}/{len(res)} specialisations compiled")
+    print(f"{len(res) - len(bad)}/{len(res)} specialisations " + ("listed" if a.list else "compiled"))
     return 1 if bad else 0
 
 
