@@ -1,37 +1,51 @@
-"""Per-op GPU benchmark of the Triton GMA kernels on GroupMixFormer stage shapes.
+"""Per-kernel GPU timing of the GMA pre-projection on GroupMixFormer stage shapes.
 
-    python benchmarks/ops.py [--model groupmixformer_s] [--batch-size 128] [--dtype fp32 bf16]
+    python benchmarks/ops.py [--model groupmixformer_s] [--batch-size 128 1] [--dtype bf16 fp32]
+                             [--impls cuda triton torch torch+compile reference]
                              [--results-file benchmarks/results/ops_benchmarks.csv]
 
-Rows (per stage shape and dtype), each timed with ``triton.testing.do_bench`` (median and
-20th / 80th percentiles of the per-call time, in ms):
+Also the per-kernel part of the one-call GPU report (`benchmarks/gpu_report.py` imports
+this module). On a machine without a CUDA GPU the CLI prints a skip message and exits 0
+(`--smoke` times the CPU implementations on a tiny shape instead: a plumbing check).
 
-* ``aggregate``      Triton aggregation kernel alone (qkv -> Q, V proxies, local branch,
-                     softmax partials).
-* ``combine``        Triton split-N combine kernel alone.
-* ``attention``      Triton output kernel alone (scale Q KV + Q CRPE(V)).
-* ``pre_projection`` the fused stage qkv -> pre-projection: the three kernels through the
-                     ``gmf::triton_pre_projection`` op.
-* ``gma_forward``    the whole layer x -> out (both linears included) for the backends
-                     ``triton``, ``torch`` (the fast pure-PyTorch formulation) and
-                     ``reference``, and ``linears`` (the two F.linear alone), so that the
-                     part between the linears can be compared across implementations.
+For each stage shape (C, H x W at 224x224 input), batch and dtype, every implementation of
+the step qkv -> pre-projection (docs/spec.md steps 2-9, between the two linears) is timed:
 
-Achieved bandwidth is reported against an explicit *compulsory* byte count (each input
-read once, each output written once; e = bytes per element of the input dtype, fp32
-partials/KV 4 bytes; SPLITS from the launcher's split plan):
+* ``cuda``, ``triton``: the fused backends (their ``gmf::*_pre_projection`` op through
+  ``Backend.pre_projection``, BatchNorm folding cache included);
+* ``torch``: the pure-PyTorch backend; ``torch+compile``: ``torch.compile`` of it
+  (compile time reported apart, ``torch._dynamo.reset()`` before each shape);
+* ``reference``: upstream's eager ops line by line (the reference backend).
 
-    aggregate      B*N*3C*e (qkv) + 2*B*N*C'*e (Q, V) + B*N*s*e (local) + B*SPLITS*C'*(d+2)*4
-    combine        B*SPLITS*C'*(d+2)*4 + B*C'*d*4
-    attention      2*B*N*C'*e (Q, V) + B*C'*d*4 (KV) + B*N*C'*e (A)
-    pre_projection B*N*3C*e + B*N*C*e           (qkv in, pre-projection out: the stage's
-                                                  own minimum; Q, V, partials are not compulsory)
-    gma_forward    B*N*C*e (x) + B*N*C*e (out) + weights   (the layer's minimum)
-    linears        3*B*N*C*e + B*N*3C*e + weights    (x in, qkv out; pre in, out out)
+Each row: median and 20th / 80th percentiles of the per-call time (``triton.testing.do_bench``
+on a GPU: CUDA events, L2 flushed between calls; a host clock on CPU), the error of the
+output against the ``reference`` output at the same dtype, and achieved GB/s and TFLOP/s
+from the formulas below. The fused backends are also broken down per kernel
+(``gma_aggregate_kernel``, ``gma_combine_kernel``, ``gma_attention_kernel``) with the
+PyTorch profiler (kernel durations on the GPU over `profile_calls` calls; median and
+20/80 percentiles). A row ``linears`` times the two token-wise linears every backend shares
+(x -> qkv, pre -> out): the layer time of an implementation is its pre-projection + linears.
 
-Results are appended as rows to a CSV in benchmarks/results/, tagged with device name,
-torch / triton / CUDA versions, git sha and date. Without a CUDA GPU the script prints a
-skip message and exits 0.
+Formulas (`work()`): e = bytes per element of the dtype, s = C/5, C' = 4s, d = C'/8,
+N = H*W. FLOPs count 2 per multiply-add of the convolutions and matrix products only
+(element-wise BatchNorm, hardswish, LayerNorm, softmax and the CRPE product are not counted).
+
+    pre_projection  bytes = B*N*3C*e (qkv in) + B*N*C*e (pre out) + folded weights (fp32)
+                    flops = 2*B*N*[3*(83*s + 3*s^2) + 27*s + 3*s^2 + 2*C'*d + 240*d]
+                            (per q/k/v: depthwise 3x3+5x5+7x7 = 83 taps/ch, three s x s pointwise;
+                             local: 3x3 depthwise on 3s ch, 3s -> s pointwise; K^T V and Q KV:
+                             C'*d each; CRPE: d*(2*9 + 3*25 + 3*49) = 240*d)
+    aggregate       bytes = B*N*3C*e + 2*B*N*C'*e (Q, V proxies) + B*N*s*e (local half of pre)
+                    flops = 2*B*N*[3*(83*s + 3*s^2) + 27*s + 3*s^2 + C'*d]
+    combine         bytes = B*C'*d*4 (KV out; the split-N partials it reads are implementation-
+                            specific and not counted: a lower bound)      flops = 0 (not counted)
+    attention       bytes = 2*B*N*C'*e (Q, V) + B*C'*d*4 (KV) + B*N*C'*e (attention half of pre)
+                    flops = 2*B*N*(C'*d + 240*d)
+    linears         bytes = B*N*C*e (x) + 3*B*N*C*e (qkv) + B*N*C*e (pre) + B*N*C*e (out) + (4C^2+4C)*e
+                    flops = 2*B*N*4*C^2
+
+Bytes are compulsory traffic (each input read once, each output written once): GB/s is
+bytes / median time, comparable with the measured device-to-device copy rate (`ceilings()`).
 """
 from __future__ import annotations
 
@@ -39,152 +53,372 @@ import argparse
 import csv
 import datetime
 import os
+import re
+import statistics
 import subprocess
 import sys
+import time
+from typing import Callable, Dict, Iterable, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-#: stage grids at 224x224 input (GMA_SPEC §2: stem /4 then /2 per stage)
+#: token grids of the four stages at 224x224 input (docs/spec.md §2: stem /4 then /2 per stage)
 STAGE_GRIDS = (56, 28, 14, 7)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IMPLS = ("cuda", "triton", "torch", "torch+compile", "reference")
+KERNELS = ("aggregate", "combine", "attention")
 FIELDS = ["date", "git_sha", "device", "torch", "triton", "cuda", "model", "stage", "op", "impl", "B", "H", "W",
-          "C", "dtype", "median_ms", "p20_ms", "p80_ms", "bytes", "GBps"]
+          "C", "dtype", "status", "median_ms", "p20_ms", "p80_ms", "n", "bytes", "flops", "GBps", "TFLOPs",
+          "err_vs_reference", "compile_s", "reason"]
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _embedding_dims(model: str):
-    from gmf_kernels.models.configs import MODEL_CONFIGS, canonical_name
-    return MODEL_CONFIGS[canonical_name(model)]["embedding_dims"]
-
-
-def bench_stage(model, stage, C, G, B, dtype_name, tags, warmup, rep):
-    import torch.nn.functional as F
-    from triton.testing import do_bench
-
-    from gmf_kernels.backends import get_backend
-    from gmf_kernels.folding import folded_weights
-    from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
-    from gmf_kernels.triton_kernels import aggregation, attention, op  # noqa: F401  (op: registers the op)
-    from gmf_kernels.triton_kernels.config import gma_shape
-
-    dt = DTYPES[dtype_name]
-    e = torch.finfo(dt).bits // 8
-    dev = "cuda"
-    H = W = G
+# ------------------------------------------------------------------ work formulas
+def work(C: int, H: int, W: int, B: int, elem_bytes: int) -> Dict[str, Dict[str, int]]:
+    """{op: {"bytes": compulsory bytes, "flops": 2 x multiply-adds}} (formulas in the module docstring)."""
+    from gmf_kernels.folding import weight_shapes
+    s = C // 5
+    cp = 4 * s
+    d = cp // 8
     N = H * W
-    sh = gma_shape(C)
-    s, cp, d = sh.S, sh.CP, sh.D
-    w = cast_weights(random_gma_weights(C, seed=0), dt, dev)
-    hp = default_hyper(C)
-    x = torch.randn(B, N, C, device=dev, dtype=dt)
-    f = folded_weights(w, hp, dt)
-    qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
-    splits, tps = aggregation.split_plan(N, B, sh.AGG_BLOCK_P, sh.SPLIT_TARGET)
-    f32 = torch.float32
-    q = torch.empty(B, N, cp, device=dev, dtype=dt)
-    v = torch.empty_like(q)
-    pre = torch.empty(B, N, C, device=dev, dtype=dt)
-    pm = torch.empty(B, splits, cp, device=dev, dtype=f32)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty(B, splits, cp, d, device=dev, dtype=f32)
-    kv = torch.empty(B, cp, d, device=dev, dtype=f32)
-    wbytes = sum(t.numel() * t.element_size() for t in w.tensors())
-    part_bytes = B * splits * cp * (d + 2) * 4
+    e = elem_bytes
+    folded = 4 * sum(int(torch.Size(sh).numel()) for sh in weight_shapes(C).values())
+    agg_macs = 3 * (83 * s + 3 * s * s) + 27 * s + 3 * s * s + cp * d
+    attn_macs = cp * d + 240 * d
+    return {
+        "pre_projection": {"bytes": B * N * 3 * C * e + B * N * C * e + folded,
+                           "flops": 2 * B * N * (agg_macs + attn_macs)},
+        "aggregate": {"bytes": B * N * 3 * C * e + 2 * B * N * cp * e + B * N * s * e, "flops": 2 * B * N * agg_macs},
+        "combine": {"bytes": B * cp * d * 4, "flops": 0},
+        "attention": {"bytes": 2 * B * N * cp * e + B * cp * d * 4 + B * N * cp * e, "flops": 2 * B * N * attn_macs},
+        "linears": {"bytes": 6 * B * N * C * e + (4 * C * C + 4 * C) * e, "flops": 2 * B * N * 4 * C * C},
+    }
 
-    def agg():
-        aggregation.launch_aggregate(aggregation.gma_aggregate_kernel, qkv, H, W, f, hp.ln_eps, sh, tps,
-                                     q, v, pre, pm, pl, pacc)
 
-    def comb():
-        attention.launch_combine(attention.gma_combine_kernel, pm, pl, pacc, kv, sh)
+# ------------------------------------------------------------------ cases
+def stage_cases(model: str, batches: Iterable[int], dtypes: Iterable[str], stages=(0, 1, 2, 3)) -> List[Dict]:
+    """[{model, stage, C, H, W, B, dtype}] in the order given (batch, then dtype, then stage)."""
+    from gmf_kernels.models.configs import MODEL_CONFIGS, canonical_name
+    name = canonical_name(model)
+    dims = MODEL_CONFIGS[name]["embedding_dims"]
+    out = []
+    for B in batches:
+        for dt in dtypes:
+            for i in stages:
+                out.append(dict(model=name, stage=i, C=dims[i], H=STAGE_GRIDS[i], W=STAGE_GRIDS[i], B=B, dtype=dt))
+    return out
 
-    def attn():
-        attention.launch_attention(attention.gma_attention_kernel, q, v, kv, pre, f, H, W, hp.scale, sh)
 
-    def stage_op():
-        torch.ops.gmf.triton_pre_projection(qkv, H, W, list(f), hp.scale, hp.ln_eps)
+# ------------------------------------------------------------------ timing
+def _quantile(xs: List[float], q: float) -> float:
+    srt = sorted(xs)
+    return srt[min(len(srt) - 1, max(0, int(round(q * (len(srt) - 1)))))]
 
-    def fwd(name):
-        b = get_backend(name)
-        return lambda: b.forward(x, (H, W), w, hp, False)
 
-    def linears():
-        F.linear(x, w.qkv_weight, w.qkv_bias)
-        F.linear(pre, w.proj_weight, w.proj_bias)
+def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
+            min_reps: int = 3):
+    """(median, p20, p80 ms per call, number of calls). GPU: triton.testing.do_bench; CPU: host clock."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(p20), float(p80), None
+    fn()  # warm-up
+    times: List[float] = []
+    t_end = time.perf_counter() + rep_ms / 1e3
+    while len(times) < min_reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 1000:
+            break
+    return statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times)
 
-    cases = [
-        ("aggregate", "triton", agg, B * N * 3 * C * e + 2 * B * N * cp * e + B * N * s * e + part_bytes),
-        ("combine", "triton", comb, part_bytes + B * cp * d * 4),
-        ("attention", "triton", attn, 3 * B * N * cp * e + B * cp * d * 4),
-        ("pre_projection", "triton", stage_op, B * N * 3 * C * e + B * N * C * e),
-        ("gma_forward", "triton", fwd("triton"), 2 * B * N * C * e + wbytes),
-        ("gma_forward", "torch", fwd("torch"), 2 * B * N * C * e + wbytes),
-        ("gma_forward", "reference", fwd("reference"), 2 * B * N * C * e + wbytes),
-        ("linears", "torch", linears, 3 * B * N * C * e + B * N * 3 * C * e + wbytes),
-    ]
-    rows = []
-    with torch.no_grad():
-        for op, impl, fn, nbytes in cases:
-            try:
-                med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-            except Exception as ex:  # e.g. out of memory for the reference at batch 128
-                print(f"  {op:15s} {impl:9s} failed: {type(ex).__name__}: {ex}")
-                continue
-            gbps = nbytes / (med * 1e-3) / 1e9
-            rows.append({**tags, "model": model, "stage": stage, "op": op, "impl": impl, "B": B, "H": H, "W": W,
-                         "C": C, "dtype": dtype_name, "median_ms": f"{med:.4f}", "p20_ms": f"{p20:.4f}",
-                         "p80_ms": f"{p80:.4f}", "bytes": nbytes, "GBps": f"{gbps:.1f}"})
-            print(f"  {op:15s} {impl:9s} median {med:8.3f} ms  [p20 {p20:.3f}, p80 {p80:.3f}]  {gbps:8.1f} GB/s")
+
+_KERNEL_NAME = re.compile(r"gma_(aggregate|combine|attention)_kernel")
+
+
+def kernel_breakdown(fn: Callable[[], object], calls: int = 20) -> Dict[str, List[float]]:
+    """{kernel: [ms per launch]} of the gma_*_kernel launches of `calls` calls, from the profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out: Dict[str, List[float]] = {}
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) != DeviceType.CUDA:
+            continue
+        m = _KERNEL_NAME.search(ev.name)
+        if m:
+            out.setdefault(m.group(1), []).append(ev.time_range.elapsed_us() / 1e3)
+    return out
+
+
+def _copy_ceiling(device: torch.device) -> Dict:
+    n = (1 << 30) // 4
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    med, p20, p80, _ = time_fn(lambda: b.copy_(a), device, 25, 200)
+    return dict(op="copy_1GiB", impl="torch", median_ms=med, p20_ms=p20, p80_ms=p80, bytes=2 * n * 4,
+                GBps=2 * n * 4 / (med * 1e-3) / 1e9)
+
+
+def _matmul_ceiling(device: torch.device, m: int = 8192) -> Dict:
+    x = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    y = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    med, p20, p80, _ = time_fn(lambda: x @ y, device, 25, 200)
+    return dict(op="matmul_bf16_8192", impl="torch", median_ms=med, p20_ms=p20, p80_ms=p80, flops=2 * m ** 3,
+                TFLOPs=2 * m ** 3 / (med * 1e-3) / 1e12)
+
+
+def ceilings(device: torch.device) -> List[Dict]:
+    """Measured device ceilings: a 1 GiB device-to-device copy (GB/s, bytes read + written) and
+    an 8192^3 bf16 matrix product (TFLOP/s), on random data."""
+    rows = [_copy_ceiling(device), _matmul_ceiling(device)]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
+def _err(a: torch.Tensor, e: torch.Tensor) -> float:
+    a64, e64 = a.detach().double(), e.detach().double()
+    if not bool(torch.isfinite(a64).all()):
+        return float("nan")
+    return ((a64 - e64).abs().max() / e64.abs().max().clamp_min(1e-30)).item()
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    text = " | ".join(ln.strip() for ln in f"{type(e).__name__}: {e}".splitlines() if ln.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------ one case
+class StageInputs:
+    """Random layer and tokens of one case on `device`, and each backend's qkv layout."""
+
+    def __init__(self, case: Dict, device: torch.device, seed: int = 0):
+        from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
+        self.case = case
+        self.device = device
+        self.dtype = DTYPES[case["dtype"]]
+        C, H, W, B = case["C"], case["H"], case["W"], case["B"]
+        self.size = (H, W)
+        self.hp = default_hyper(C)
+        self.w = cast_weights(random_gma_weights(C, seed=seed), self.dtype, device)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.x = torch.randn(B, H * W, C, generator=g).to(device=device, dtype=self.dtype)
+
+    def pre_projection_fn(self, impl: str):
+        """(callable doing qkv -> pre for this impl, qkv it reads). Raises ValueError if unsupported."""
+        from gmf_kernels.backends import get_backend
+        from gmf_kernels.functional import make_problem
+        base = "torch" if impl == "torch+compile" else impl
+        b = get_backend(base)
+        problem = make_problem(self.x, self.size, self.w, self.hp, False)
+        from dataclasses import replace
+        reasons = b.not_supported_reasons(replace(problem, explicit=True))
+        if reasons:
+            raise ValueError("; ".join(reasons))
+        qkv = b.project_qkv(self.x, self.w, self.hp, False)
+        w, hp, size = self.w, self.hp, self.size
+
+        def run(q=qkv):
+            return b.pre_projection(q, size, w, hp, False)
+
+        if impl == "torch+compile":
+            torch._dynamo.reset()  # a fresh cache per shape: no recompile limit, no stale graph
+            compiled = torch.compile(lambda q: b.pre_projection(q, size, w, hp, False), dynamic=False)
+            return (lambda q=qkv: compiled(q)), qkv
+        return run, qkv
+
+    def linears_fn(self):
+        import torch.nn.functional as F
+        w, x = self.w, self.x
+        pre = torch.randn_like(x)
+        return lambda: (F.linear(x, w.qkv_weight, w.qkv_bias), F.linear(pre, w.proj_weight, w.proj_bias))
+
+
+def bench_case(case: Dict, impls: Iterable[str], device: torch.device, *, warmup_ms: float = 25,
+               rep_ms: float = 100, profile_calls: int = 20, tags: Optional[Dict] = None,
+               on_row: Optional[Callable[[Dict], None]] = None, deadline: Optional[float] = None,
+               with_linears: bool = True) -> List[Dict]:
+    """Rows for one case: pre_projection per impl, per-kernel rows of the fused impls, linears.
+
+    deadline (time.monotonic()): implementations not started by then are recorded as skipped."""
+    tags = dict(tags or {})
+    dtype = DTYPES[case["dtype"]]
+    e = torch.finfo(dtype).bits // 8
+    wk = work(case["C"], case["H"], case["W"], case["B"], e)
+    rows: List[Dict] = []
+
+    def emit(row):
+        full = {**tags, **case, **row}
+        op = full.get("op")
+        if full.get("status") == "ok" and op in wk and full.get("median_ms"):
+            full["bytes"], full["flops"] = wk[op]["bytes"], wk[op]["flops"]
+            full["GBps"] = full["bytes"] / (full["median_ms"] * 1e-3) / 1e9
+            full["TFLOPs"] = full["flops"] / (full["median_ms"] * 1e-3) / 1e12 if full["flops"] else None
+        rows.append(full)
+        if on_row:
+            on_row(full)
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    inputs = StageInputs(case, device)
+    ref_out = None
+    with torch.inference_mode():
+        for impl in sorted(impls, key=lambda n: n != "reference"):  # reference first: the others' check
+            if deadline is not None and time.monotonic() > deadline:
+                emit(dict(op="pre_projection", impl=impl, status="skipped", reason="time budget used up"))
+                continue
+            try:
+                fn, _ = inputs.pre_projection_fn(impl)
+            except ValueError as ex:
+                emit(dict(op="pre_projection", impl=impl, status="unsupported", reason=first_line(ex, 600)))
+                continue
+            except Exception as ex:
+                emit(dict(op="pre_projection", impl=impl, status="error", reason=first_line(ex, 600)))
+                continue
+            try:
+                sync()
+                t0 = time.perf_counter()
+                out = fn()
+                sync()
+                first_s = time.perf_counter() - t0
+                err = 0.0 if impl == "reference" else (_err(out, ref_out) if ref_out is not None else None)
+                if impl == "reference":
+                    ref_out = out
+                else:
+                    del out
+                med, p20, p80, n = time_fn(fn, device, warmup_ms, rep_ms)
+                emit(dict(op="pre_projection", impl=impl, status="ok", median_ms=med, p20_ms=p20, p80_ms=p80, n=n,
+                          err_vs_reference=err, compile_s=first_s if impl == "torch+compile" else None,
+                          first_call_s=first_s))
+            except Exception as ex:  # e.g. out of memory for the reference at a large batch
+                emit(dict(op="pre_projection", impl=impl, status="error", reason=first_line(ex, 600)))
+                if cuda:
+                    torch.cuda.synchronize()
+                continue
+            if cuda and impl in ("cuda", "triton") and profile_calls:
+                try:
+                    per_kernel = kernel_breakdown(fn, profile_calls)
+                    if not per_kernel:
+                        emit(dict(op="kernels", impl=impl, status="error", reason="the profiler saw no gma_* kernel"))
+                    for k in KERNELS:
+                        ts = per_kernel.get(k)
+                        if not ts:
+                            continue
+                        emit(dict(op=k, impl=impl, status="ok", median_ms=statistics.median(ts),
+                                  p20_ms=_quantile(ts, 0.2), p80_ms=_quantile(ts, 0.8), n=len(ts),
+                                  launches_per_call=len(ts) / profile_calls, timer="profiler"))
+                except Exception as ex:
+                    emit(dict(op="kernels", impl=impl, status="error", reason="profiler: " + first_line(ex)))
+        try:
+            if not with_linears:
+                raise StopIteration
+            med, p20, p80, n = time_fn(inputs.linears_fn(), device, warmup_ms, rep_ms)
+            emit(dict(op="linears", impl="torch", status="ok", median_ms=med, p20_ms=p20, p80_ms=p80, n=n))
+        except StopIteration:
+            pass
+        except Exception as ex:
+            emit(dict(op="linears", impl="torch", status="error", reason=first_line(ex)))
+    del inputs, ref_out
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------ environment tags
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def env_tags(device: torch.device) -> Dict:
+    from importlib import metadata
+    try:
+        triton_version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton_version = "not installed"
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "git_sha": git_sha(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda}
+
+
+def fmt_row(r: Dict) -> str:
+    head = f"  {str(r.get('op', '-')):15s} {str(r.get('impl', '-')):14s}"
+    if r.get("status") != "ok":
+        return f"{head} {r.get('status')}: {r.get('reason', '')}"
+    extra = ""
+    if r.get("GBps"):
+        extra += f"  {r['GBps']:8.1f} GB/s"
+    if r.get("TFLOPs"):
+        extra += f"  {r['TFLOPs']:6.2f} TFLOP/s"
+    if r.get("err_vs_reference") is not None:
+        extra += f"  err {r['err_vs_reference']:.1e}"
+    if r.get("compile_s") is not None:
+        extra += f"  (compile {r['compile_s']:.1f} s)"
+    if r.get("median_ms") is None:
+        return f"{head} ok{extra}"
+    return f"{head} median {r['median_ms']:9.4f} ms [p20 {r['p20_ms']:.4f}, p80 {r['p80_ms']:.4f}]{extra}"
+
+
+# ------------------------------------------------------------------ CLI
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="groupmixformer_s")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[128])
+    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     ap.add_argument("--stages", nargs="+", type=int, default=[0, 1, 2, 3])
-    ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    ap.add_argument("--warmup", type=float, default=25, help="do_bench warm-up (ms)")
+    ap.add_argument("--rep", type=float, default=100, help="do_bench repetitions (ms)")
+    ap.add_argument("--profile-calls", type=int, default=20, help="calls profiled for the per-kernel breakdown")
+    ap.add_argument("--smoke", action="store_true", help="no GPU needed: time torch/reference on a tiny CPU shape")
     ap.add_argument("--results-file", default=os.path.join(HERE, "results", "ops_benchmarks.csv"))
     a = ap.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("benchmarks/ops.py: no CUDA GPU available, skipping (the Triton kernels are benchmarked on a GPU only; "
-              "on CPU they run through the Triton interpreter, which is for testing, not timing).")
-        return 0
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("benchmarks/ops.py: TRITON_INTERPRET is set; unset it to benchmark the compiled kernels. Skipping.")
-        return 0
-    import triton
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    tags = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "git_sha": _git_sha(),
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda}
-    dims = _embedding_dims(a.model)
-    rows = []
-    for dt in a.dtype:
-        for i in a.stages:
-            C, G = dims[i], STAGE_GRIDS[i]
-            print(f"{a.model} stage {i}: C={C}, {G}x{G}, B={a.batch_size}, {dt} on {tags['device']}")
-            rows += bench_stage(a.model, i, C, G, a.batch_size, dt, tags, a.warmup, a.rep)
+    if a.smoke:
+        device = torch.device("cpu")
+        cases = [dict(model="groupmixformer_m", stage=0, C=40, H=7, W=7, B=1, dtype="fp32")]
+        impls = [i for i in a.impls if i in ("torch", "reference")]
+    else:
+        if not torch.cuda.is_available():
+            print("benchmarks/ops.py: no CUDA GPU available, skipping (the kernels are timed on a GPU only; "
+                  "on CPU they run through an interpreter/emulation, which is for testing, not timing; "
+                  "--smoke checks the plumbing on CPU).")
+            return 0
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            print("benchmarks/ops.py: TRITON_INTERPRET is set; unset it to time the compiled kernels. Skipping.")
+            return 0
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        cases = stage_cases(a.model, a.batch_size, a.dtype, a.stages)
+        impls = a.impls
+    tags = env_tags(device)
+    rows: List[Dict] = []
+    for case in cases:
+        print(f"{case['model']} stage {case['stage']}: C={case['C']}, {case['H']}x{case['W']}, B={case['B']}, "
+              f"{case['dtype']} on {tags['device']}", flush=True)
+        rows += bench_case(case, impls, device, warmup_ms=a.warmup, rep_ms=a.rep, profile_calls=a.profile_calls,
+                           tags=tags, on_row=lambda r: print(fmt_row(r), flush=True))
+    if a.smoke:
+        return 0 if any(r.get("status") == "ok" for r in rows) else 1
     os.makedirs(os.path.dirname(os.path.abspath(a.results_file)), exist_ok=True)
     new = not os.path.exists(a.results_file)
     with open(a.results_file, "a", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=FIELDS)
+        wr = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
         if new:
             wr.writeheader()
         wr.writerows(rows)

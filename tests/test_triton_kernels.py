@@ -33,7 +33,7 @@ from gmf_kernels.triton_kernels.config import gma_shape  # noqa: E402
 from gmf_kernels.weights import GMAHyper  # noqa: E402
 from helpers import assert_within_reference_error, weights_from_state_dict  # noqa: E402
 from helpers import assert_max_rel_close as _assert_rel  # noqa: E402
-from conftest import GOLDEN_DIR  # noqa: E402
+from conftest import golden_path  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -41,7 +41,6 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("no CUDA device and TRITON_INTERPRET is off", allow_module_level=True)
 
 FP32_TOL = 1e-5
-GOLDEN = os.path.join(GOLDEN_DIR, "gma_module.pt")
 
 
 @pytest.fixture(autouse=True)
@@ -236,6 +235,46 @@ def test_split_plans(split_target):
     _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
 
 
+@pytest.mark.skipif(not INTERPRET, reason="interpreter-only: emulates another GPU architecture")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("C", [200, 360], ids=lambda c: f"C{c}")
+def test_forward_sm70_variant(monkeypatch, C, dtype):
+    """The sm_70 / sm_75 variant (fp32 FMA dots: "ieee"; the attention's Q KV as rank-1 updates
+    over d, d < D_PAD here) against the oracle, with the interpreter emulating an sm_70."""
+    from gmf_kernels.triton_kernels import _common
+    monkeypatch.setattr(_common, "EMULATED_CAPABILITY", (7, 0))
+    assert _common.dot_variant(torch.empty(1, dtype=dtype)).precision == "ieee"
+    case = Case(C, 5, 11, 1, seed=C + 3)
+    out = _forward(case, dtype)
+    if dtype == torch.float32:
+        _assert_rel(out, case.out, FP32_TOL, f"fp32 out C={C} (sm_70 variant)")
+        return
+    with torch.no_grad():
+        ref_lp = reference_group_mix_attention(case.x64.to(DEVICE, dtype), (case.H, case.W),
+                                               case.weights(dtype), case.hp)
+    assert_within_reference_error(out, ref_lp, case.out, name=f"{dtype} out C={C} (sm_70 variant)")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter-only: the dot emulation does not exist on the GPU")
+def test_fp32_parity_is_held_with_gpu_dot_rounding():
+    """Under the interpreter the fp32 tests hold the GPU's 3xTF32 dots (the launchers' default,
+    emulated) to 1e-5, and that tolerance notices the dots' rounding: the same call with the
+    dots computed exactly gives different bits, and with one-pass TF32 (what fp32 would get
+    without the three passes) it fails 1e-5."""
+    from gmf_kernels.numerics import max_rel_error
+    from gmf_kernels.triton_kernels._common import DotVariant, dot_variant
+    case = Case(160, 7, 9, 1, seed=41)
+    qkv, f = case.qkv(torch.float32), case.folded(torch.float32)
+    assert dot_variant(qkv) == DotVariant("tf32x3", True)
+    run = lambda dots: launcher.launch_pre_projection(qkv, case.H, case.W, f, case.hp.scale, case.hp.ln_eps,
+                                                      dots=dots)["pre"]
+    gpu, exact, tf32 = run(None), run(DotVariant("tf32x3", False)), run(DotVariant("tf32", True))
+    _assert_rel(gpu, case.pre, FP32_TOL, "pre, 3xTF32 emulated")
+    _assert_rel(exact, case.pre, FP32_TOL, "pre, exact fp32 dots")
+    assert not torch.equal(gpu, exact)
+    assert max_rel_error(tf32, case.pre) > FP32_TOL
+
+
 def test_two_runs_bit_identical():
     case = Case(160, 7, 9, 2, seed=5)
     a = _forward(case, torch.float32)
@@ -266,12 +305,9 @@ def test_noncontiguous_input():
 
 
 def _golden_cases():
-    if not os.path.exists(GOLDEN):
-        return []
-    return torch.load(GOLDEN, weights_only=False)
+    return torch.load(golden_path("gma_module.pt"), weights_only=False)
 
 
-@pytest.mark.skipif(not os.path.exists(GOLDEN), reason=f"{GOLDEN} not present")
 @pytest.mark.parametrize("idx", range(4))
 def test_golden_fp32(idx):
     cases = _golden_cases()

@@ -1,0 +1,1570 @@
+#!/usr/bin/env python
+"""The one-call GPU report: build, test, sanitize and time gmf_kernels on one GPU in < 9 minutes.
+
+    python benchmarks/gpu_report.py                       # on a GPU machine; results folder below
+    python benchmarks/gpu_report.py --out $OUT            # on a lent device machine ($OUT comes back)
+    python benchmarks/gpu_report.py --dry-run             # any machine: the plan + a plumbing check
+    python benchmarks/gpu_report.py --phases tests,kernels --budget 300
+
+Phases, in order, each with a time budget (seconds, scaled by --budget / 530). Time a
+phase does not use carries over to the next; the whole run never passes --budget. Every
+step is a subprocess with a timeout: when a phase's time runs out its current step is
+stopped and the rest of the phase is recorded as skipped, never silently dropped.
+
+  env            versions, the GPU (nvidia-smi, torch), the tools (nvcc, compute-sanitizer)
+  build          `python -m gmf_kernels.cuda build --archs <this GPU> -j <cores>` in the
+                 background, while the Triton GPU tests run (GMF_REQUIRE_GPU=1:
+                 tests/test_gpu_real_shapes.py -k triton, tests/test_triton_kernels.py)
+  tests          the CUDA GPU tests (GMF_REQUIRE_GPU=1): tests/test_gpu_real_shapes.py -k "not
+                 triton" (GroupMixFormer-S stage grids at batch 128 and 1, every width, fp32/fp16/
+                 bf16, the whole model against the reference) and tests/test_cuda_build.py -m gpu
+  sanitizer      every CUDA and Triton kernel once under compute-sanitizer (memcheck, racecheck,
+                 synccheck, initcheck) on small shapes: this script's `--worker sanitize` driver
+  kernels        per-kernel timing (benchmarks/ops.py): cuda, triton vs torch, torch.compile(torch)
+                 and the eager reference; median, p20/p80, GB/s, TFLOP/s; the measured copy and
+                 matmul ceilings of the device
+  models         benchmarks/throughput.py: GroupMixFormer-S bf16 batch 256, and the paper protocol
+                 (fp32 batch 128), every backend with and without torch.compile, side by side
+  train          benchmarks/throughput.py --bench train, when that flag exists (else recorded)
+
+Output: a flat folder (default: $OUT when set, else benchmarks/results/gpu_report_<gpu>_<date>/)
+of at most 8 files, each <= 16 MiB, rewritten after every phase so that a stopped run still
+leaves its results: report.json (everything), summary.md (device, driver, CUDA, torch,
+triton, git sha, date, then every table), report.log (all output), sanitizer.log, and the
+throughput results (throughput_*.json, the schema of benchmarks/throughput.py).
+
+--dry-run (no GPU needed; CI runs it): prints the plan (phases, budgets, exact commands),
+checks the plumbing (imports; `--help` of every script it would run and the flags it would
+pass; `pytest --collect-only` of every test selection; the env, kernels (--smoke, on CPU) and
+sanitize (--list) workers for real) and writes the results folder from a fake run of the GPU
+steps (marked "dry run", no figure in it is a measurement), then re-reads and validates it.
+Exit status 0 when every check passed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SCRIPT = Path(__file__).resolve()
+THROUGHPUT = HERE / "throughput.py"
+ROOFLINE = HERE / "roofline.py"
+OPS = HERE / "ops.py"
+
+SCHEMA_VERSION = 1
+DEFAULT_BUDGET_S = 530.0
+MAX_FILES = 10
+MAX_FILE_BYTES = 16 * 2 ** 20
+LOG_LIMIT = 12 * 2 ** 20
+SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+JSON_TAG = "GMF_JSON "
+REQUIRED_KEYS = ("schema_version", "kind", "dry_run", "meta", "phases", "tests", "sanitizer", "kernels", "models",
+                 "train", "files")
+BUILD_COMMAND = "python -m gmf_kernels.cuda build"
+
+
+@dataclass
+class Phase:
+    name: str
+    budget_s: float
+    what: str
+    min_s: float = 0.0  # allowance never below this (while the total budget lasts)
+
+
+PHASES = [
+    Phase("env", 10, "versions, GPU, driver, tools", min_s=20),
+    Phase("build", 130, "CUDA module for this GPU (background) + the Triton GPU tests meanwhile"),
+    Phase("tests", 70, "CUDA GPU tests: real shapes, whole model, tests/test_cuda_build.py -m gpu"),
+    Phase("sanitizer", 60, "compute-sanitizer memcheck/racecheck/synccheck/initcheck on every kernel"),
+    Phase("kernels", 50, "per-kernel timing vs torch, torch.compile and the eager reference"),
+    Phase("models", 180, "GroupMixFormer-S bf16 b256 and the paper protocol (fp32 b128), every backend"),
+    Phase("train", 30, "throughput.py --bench train (when the flag exists)"),
+]
+PHASE_NAMES = [p.name for p in PHASES]
+
+# ------------------------------------------------------------------ test selections
+REAL_SHAPES = "tests/test_gpu_real_shapes.py"
+PYTEST_BASE = ["-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider"]
+
+
+def pytest_runs(phase: str, golden_available: bool) -> List[Dict]:
+    """The pytest invocations of a phase: name, test args, share of the phase's time."""
+    if phase == "build":  # Triton only: runs while the CUDA module compiles
+        tk = ["tests/test_triton_kernels.py"] + ([] if golden_available else ["-k", "not golden"])
+        return [dict(name="triton_real_shapes", args=[REAL_SHAPES, "-k", "triton"], share=0.6, xdist=True),
+                dict(name="triton_kernels", args=tk, share=0.4, xdist=True)]
+    if phase == "tests":
+        return [dict(name="cuda_real_shapes", args=[REAL_SHAPES, "-k", "not triton"], share=0.7, xdist=True),
+                dict(name="cuda_build_gpu", args=["tests/test_cuda_build.py", "-m", "gpu"], share=0.3, xdist=False)]
+    return []
+
+
+def golden_dir() -> Path:
+    """The golden vectors: GMF_GOLDEN_DIR, ../shared/golden (tests/conftest.py's default), or ./shared/golden
+    (a device machine receives only the repository: copy them into shared/ inside it)."""
+    if os.environ.get("GMF_GOLDEN_DIR"):
+        return Path(os.environ["GMF_GOLDEN_DIR"])
+    for cand in (ROOT.parent / "shared" / "golden", ROOT / "shared" / "golden"):
+        if cand.is_dir():
+            return cand
+    return ROOT.parent / "shared" / "golden"
+
+
+# ------------------------------------------------------------------ output capture
+class Tee:
+    """Console + report.log (the log is capped at the end: head and tail kept)."""
+
+    def __init__(self, path: Optional[Path], quiet: bool = False):
+        self.path = path
+        self.quiet = quiet
+        self.lock = threading.Lock()
+        self.fh = open(path, "a", encoding="utf-8", errors="replace") if path else None
+
+    def __call__(self, line: str, console: bool = True):
+        with self.lock:
+            if console and not self.quiet:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            if self.fh:
+                self.fh.write(line + "\n")
+                self.fh.flush()
+
+    def close(self):
+        if self.fh:
+            self.fh.close()
+            self.fh = None
+
+
+def cap_file(path: Path, limit: int = LOG_LIMIT) -> None:
+    """Keep a text file under `limit` bytes: its first third and last two thirds."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return
+    if size <= limit:
+        return
+    head, tail = limit // 3, limit - limit // 3 - 200
+    with open(path, "rb") as f:
+        a = f.read(head)
+        f.seek(size - tail)
+        b = f.read()
+    with open(path, "wb") as f:
+        f.write(a + f"\n\n[... {size - head - tail} bytes cut to keep the file under {limit} bytes ...]\n\n".encode()
+                + b)
+
+
+@dataclass
+class RunResult:
+    cmd: List[str]
+    rc: Optional[int]
+    output: str
+    seconds: float
+    timed_out: bool = False
+    fake: bool = False
+    error: Optional[str] = None
+
+    def summary(self) -> Dict:
+        return dict(command=" ".join(self.cmd), rc=self.rc, seconds=round(self.seconds, 1), timed_out=self.timed_out,
+                    **({"fake": True} if self.fake else {}), **({"error": self.error} if self.error else {}))
+
+
+class Proc:
+    """One running subprocess: its output streamed to the Tee (prefixed), kept in memory."""
+
+    def __init__(self, cmd: List[str], env: Dict[str, str], tee: Tee, prefix: str, echo: bool = True,
+                 extra_log: Optional[Path] = None):
+        self.cmd, self.tee, self.prefix, self.echo = cmd, tee, prefix, echo
+        self.lines: List[str] = []
+        self.t0 = time.monotonic()
+        self.extra = open(extra_log, "a", encoding="utf-8", errors="replace") if extra_log else None
+        tee(f"{prefix}$ {' '.join(cmd)}")
+        try:
+            self.p = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, errors="replace", bufsize=1, start_new_session=True)
+            self.start_error = None
+        except OSError as e:
+            self.p = None
+            self.start_error = f"{type(e).__name__}: {e}"
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        if self.p is not None:
+            self.reader.start()
+
+    def _read(self):
+        assert self.p is not None and self.p.stdout is not None
+        for line in self.p.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            if self.extra:
+                self.extra.write(line + "\n")
+            self.tee(f"{self.prefix}{line}", console=self.echo)
+
+    def _kill(self):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.p.pid, sig)  # the group of the process this script started, by its id
+            except (ProcessLookupError, PermissionError):
+                return
+            try:
+                self.p.wait(timeout=5)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def wait(self, timeout: float) -> RunResult:
+        if self.p is None:
+            return RunResult(self.cmd, None, "", 0.0, error=self.start_error)
+        timed_out = False
+        try:
+            self.p.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.tee(f"{self.prefix}!! stopped: the phase's time ran out after {time.monotonic() - self.t0:.0f} s")
+            self._kill()
+        self.reader.join(timeout=10)
+        if self.extra:
+            self.extra.close()
+        return RunResult(self.cmd, self.p.returncode, "\n".join(self.lines), time.monotonic() - self.t0, timed_out)
+
+
+def which(name: str, extra: List[str] = ()) -> Optional[str]:
+    w = shutil.which(name)
+    if w:
+        return w
+    for pattern in extra:
+        for c in sorted(glob.glob(pattern), reverse=True):
+            if os.path.isfile(c) and os.access(c, os.X_OK):
+                return c
+    return None
+
+
+def find_sanitizer() -> Optional[str]:
+    return os.environ.get("COMPUTE_SANITIZER") or which("compute-sanitizer", [
+        "/usr/local/cuda/bin/compute-sanitizer", "/usr/local/cuda/compute-sanitizer/compute-sanitizer",
+        "/usr/local/cuda-*/bin/compute-sanitizer", "/opt/nvidia/*/compute-sanitizer/compute-sanitizer"])
+
+
+def find_nvcc() -> Optional[str]:
+    return which("nvcc", ["/usr/local/cuda/bin/nvcc", "/usr/local/cuda-*/bin/nvcc"])
+
+
+def extract_json(text: str) -> Optional[Dict]:
+    for line in reversed(text.splitlines()):
+        if line.startswith(JSON_TAG):
+            try:
+                return json.loads(line[len(JSON_TAG):])
+            except ValueError:
+                return None
+    return None
+
+
+# ------------------------------------------------------------------ parsers (pure: unit-tested)
+_PYTEST_LINE = re.compile(r"^(?:\[gw\d+\]\s+(?:\[\s*\d+%\]\s+)?)?(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+"
+                          r"(\S+::\S+)")
+_PYTEST_LINE2 = re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_PYTEST_SUMMARY = re.compile(r"^(FAILED|ERROR)\s+(\S+::\S+)(?:\s+-\s+(.*))?$")
+_PYTEST_SKIP = re.compile(r"^SKIPPED \[\d+\] (\S+?):\d+: (.*)$")
+
+
+def parse_pytest(text: str) -> Dict:
+    """Outcomes of a `pytest -v -rfEs` run, also from a run stopped half-way (no summary)."""
+    outcomes: Dict[str, str] = {}
+    messages: Dict[str, str] = {}
+    skips: List[str] = []
+    final = None
+    for line in text.splitlines():
+        line = line.strip()
+        m = _PYTEST_SUMMARY.match(line)
+        if m and "::" in m.group(2):
+            outcomes[m.group(2)] = m.group(1).lower()
+            if m.group(3):
+                messages[m.group(2)] = m.group(3)[:500]
+            continue
+        m = _PYTEST_LINE.match(line)
+        if m:
+            outcomes.setdefault(m.group(2), m.group(1).lower())
+            if outcomes[m.group(2)] == "passed" and m.group(1) in ("FAILED", "ERROR"):
+                outcomes[m.group(2)] = m.group(1).lower()  # e.g. passed call, then an error at teardown
+            continue
+        m = _PYTEST_LINE2.match(line)
+        if m:
+            outcomes.setdefault(m.group(1), m.group(2).lower())
+            continue
+        m = _PYTEST_SKIP.match(line)
+        if m:
+            skips.append(f"{m.group(1)}: {m.group(2)}"[:300])
+            continue
+        if re.match(r"^=+ .*(passed|failed|error|skipped|no tests ran|deselected).* in [\d.]+s", line):
+            final = line.strip("= ")
+    counts = {k: 0 for k in ("passed", "failed", "error", "skipped", "xfail", "xpass")}
+    for v in outcomes.values():
+        counts[v] = counts.get(v, 0) + 1
+    failures = [{"id": k, "outcome": v, "message": messages.get(k, "")} for k, v in outcomes.items()
+                if v in ("failed", "error")]
+    return {"counts": counts, "failures": failures, "skips": skips[:50], "final_line": final,
+            "outcomes": outcomes}
+
+
+_SAN_SUMMARY = re.compile(r"ERROR SUMMARY:\s*(\d+) errors?")
+_RACE_SUMMARY = re.compile(r"RACECHECK SUMMARY:\s*(\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)")
+_SAN_KERNEL = re.compile(r"\bat\s+(?:void\s+)?(?:[\w:]+::)?(gma_\w+?_kernel)")
+_SAN_SOURCE = re.compile(r"in\s+(\S+?\.(?:cuh|cu|py|h)):(\d+)")
+
+
+def parse_sanitizer(text: str) -> Dict:
+    """Error count, racecheck hazards, the first findings, and counts per kernel of one tool's output."""
+    errors = hazards = None
+    findings: List[Dict] = []
+    per_kernel: Dict[str, int] = {}
+    cases: List[Dict] = []
+    done = False
+    cur: Optional[Dict] = None
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if line.startswith("SANITIZE_CASE "):
+            try:
+                cases.append(json.loads(line[len("SANITIZE_CASE "):]))
+            except ValueError:
+                pass
+            continue
+        if line.startswith("SANITIZE_DONE"):
+            done = True
+            continue
+        m = _SAN_SUMMARY.search(line)
+        if m:
+            errors = int(m.group(1))
+            continue
+        m = _RACE_SUMMARY.search(line)
+        if m:
+            hazards = {"displayed": int(m.group(1)), "errors": int(m.group(2)), "warnings": int(m.group(3))}
+            continue
+        if not line.startswith("========="):
+            continue
+        body = line[len("========="):]
+        if not body.strip() or "COMPUTE-SANITIZER" in body:
+            continue
+        if not body.startswith("  "):  # a new finding (indented lines continue it)
+            cur = {"message": body.strip(), "kernel": None, "source": None, "_lines": 0}
+            if len(findings) < 20:  # keep the first 20; count every one per kernel
+                findings.append(cur)
+        if cur is None:
+            continue
+        cur["_lines"] += 1
+        if cur["_lines"] <= 8:
+            k = _SAN_KERNEL.search(body)
+            if k and cur["kernel"] is None:
+                cur["kernel"] = k.group(1)
+                per_kernel[k.group(1)] = per_kernel.get(k.group(1), 0) + 1
+            s = _SAN_SOURCE.search(body)
+            if s and cur["source"] is None:
+                cur["source"] = f"{s.group(1)}:{s.group(2)}"
+    for f in findings:
+        f.pop("_lines", None)
+    return {"errors": errors, "hazards": hazards, "findings": findings, "per_kernel": per_kernel,
+            "cases": cases, "driver_completed": done,
+            "cases_ok": sum(1 for c in cases if c.get("status") == "ok"),
+            "cases_failed": sum(1 for c in cases if c.get("status") != "ok")}
+
+
+def condense_throughput(data: Dict) -> List[Dict]:
+    """The columns of benchmarks/throughput.py's rows that the summary shows."""
+    keys = ("model", "backend", "label", "kind", "status", "reason", "precision", "batch_size", "img_per_s",
+            "img_per_s_total", "median_ms", "p20_ms", "p80_ms", "ratio_vs_reference", "check",
+            "max_rel_err_vs_reference", "max_rel_err_vs_fp64", "compile_s", "peak_mem_mib", "mem_ratio_vs_reference",
+            "first_call_s")
+    return [{k: r[k] for k in keys if k in r} for r in data.get("rows", [])]
+
+
+def throughput_help_flags(help_text: str) -> Dict:
+    """Which flags benchmarks/throughput.py offers (from its --help)."""
+    bench = re.search(r"--bench\s+\{([^}]*)\}", help_text)
+    return {"bench": bench.group(1).split(",") if bench else (["?"] if "--bench" in help_text else []),
+            "flags": sorted(set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text)))}
+
+
+# ------------------------------------------------------------------ workers (run in subprocesses)
+def worker_env() -> int:
+    """Versions, devices, the CUDA module and what dispatch thinks of it, as one JSON line."""
+    import torch
+    from importlib import metadata
+    info: Dict = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+                  "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    try:
+        info["triton"] = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        info["triton"] = "not installed"
+    try:
+        import gmf_kernels
+        info["gmf_kernels"] = gmf_kernels.__version__
+    except Exception as e:
+        info["gmf_kernels"] = f"import failed: {type(e).__name__}: {e}"
+    info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    drv = getattr(torch._C, "_cuda_getDriverVersion", None)
+    try:
+        info["driver_cuda_version"] = int(drv()) if drv and torch.cuda.is_available() else None
+    except Exception:
+        info["driver_cuda_version"] = None
+    devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            devices.append({"index": i, "name": p.name, "capability": [p.major, p.minor],
+                            "sm_count": p.multi_processor_count, "memory_gib": round(p.total_memory / 2 ** 30, 1),
+                            "l2_mib": round(getattr(p, "L2_cache_size", 0) / 2 ** 20, 1)})
+    info["devices"] = devices
+    mod_info: Dict = {}
+    try:
+        import gmf_kernels.cuda as gcuda
+        mod = gcuda.load()
+        mod_info["path"] = gcuda.loaded_path()
+        for name in ("build_archs", "build_ptx_archs", "cuda_runtime_version", "cuda_driver_version", "nvcc_version",
+                     "sources_hash"):
+            fn = getattr(mod, name, None)
+            try:
+                mod_info[name] = fn() if fn else "(missing)"
+            except Exception as e:  # a driver call failing is itself a finding
+                mod_info[name] = f"error: {type(e).__name__}: {e}"
+    except Exception as e:
+        mod_info["error"] = f"{type(e).__name__}: {e}"
+    info["cuda_module"] = mod_info
+    try:
+        from gmf_kernels.backends import BACKEND_NAMES, get_backend
+        info["backends"] = {n: get_backend(n).availability_reasons() for n in BACKEND_NAMES}
+        if devices:
+            from gmf_kernels.backends.base import GMAProblem
+            p = GMAProblem(B=128, H=56, W=56, dim=80, num_heads=8, dtype=torch.bfloat16, device_type="cuda",
+                           training=False, needs_grad=False, explicit=True, device_index=0,
+                           device_capability=tuple(devices[0]["capability"]))
+            info["cuda_backend_reasons_gpu0"] = get_backend("cuda").not_supported_reasons(p)
+    except Exception as e:
+        info["backends_error"] = f"{type(e).__name__}: {e}"
+    print(JSON_TAG + json.dumps(info, default=str), flush=True)
+    return 0
+
+
+#: (backend, dtype, C, H, W, B, tile): small shapes, every kernel of both backends at least once,
+#: the specialised and the generic (d=6) CUDA code, several tiles / splits per image
+SANITIZE_CASES = [
+    ("cuda", "fp32", 80, 7, 9, 2, None),
+    ("cuda", "bf16", 200, 5, 11, 1, None),
+    ("cuda", "fp16", 60, 6, 5, 1, None),
+    ("cuda", "fp32", 80, 13, 17, 2, (4, 4)),
+    ("triton", "fp32", 80, 7, 9, 2, None),
+    ("triton", "bf16", 200, 20, 13, 1, None),
+    ("triton", "fp16", 40, 9, 9, 3, None),
+]
+
+
+def worker_sanitize(list_only: bool, backends: List[str], cpu: bool = False, max_cases: int = 0) -> int:
+    """The compute-sanitizer driver: each case's inputs made on the CPU and copied (so initcheck
+    sees them written), then one call of the backend's launcher / op; checked against float64.
+
+    cpu=True checks the driver itself without a GPU: Triton through its interpreter, CUDA
+    through the module's CPU emulation (when the module is built)."""
+    cases = [c for c in SANITIZE_CASES if c[0] in backends]
+    if max_cases:
+        cases = cases[:max_cases]
+    if cpu:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    if list_only:
+        for c in cases:
+            print("SANITIZE_PLAN " + json.dumps(dict(zip(("backend", "dtype", "C", "H", "W", "B", "tile"), c))))
+        import gmf_kernels.folding  # noqa: F401  (the imports the real run needs)
+        import gmf_kernels.reference  # noqa: F401  (the imports the real run needs)
+        print(f"SANITIZE_DONE planned={len(cases)}")
+        return 0
+    import torch
+    import torch.nn.functional as F
+    from gmf_kernels.folding import compute_dtype, fold_eval
+    from gmf_kernels.numerics import TOLERANCE, default_hyper, random_gma_weights
+    from gmf_kernels.reference import reference_group_mix_attention
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dev = "cpu" if cpu else "cuda"
+    n_bad = 0
+    for backend, dn, C, H, W, B, tile in cases:
+        rec = dict(backend=backend, dtype=dn, C=C, H=H, W=W, B=B, tile=tile)
+        t0 = time.monotonic()
+        try:
+            dt = dtypes[dn]
+            w = random_gma_weights(C, seed=C + B)
+            hp = default_hyper(C)
+            x = torch.randn(B, H * W, C, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+            _, ext = reference_group_mix_attention(x, (H, W), w, hp, return_intermediates=True)
+            qkv = F.linear(x, w.qkv_weight, w.qkv_bias).to(dt).to(dev)
+            ws = [t.contiguous().to(dev) for t in fold_eval(w, hp, compute_dtype(dt))]
+            if backend == "cuda":
+                from gmf_kernels.cuda import launcher as cl
+                out = cl.launch_pre_projection(qkv, H, W, ws, hp.scale, hp.ln_eps, tile=tile or (0, 0), emulate=cpu)
+            else:
+                from gmf_kernels.triton_kernels import op  # noqa: F401  (registers the op)
+                out = torch.ops.gmf.triton_pre_projection(qkv, H, W, ws, hp.scale, hp.ln_eps)
+            if not cpu:
+                torch.cuda.synchronize()
+            a, e = out.double().cpu(), ext["pre_proj"]
+            err = float("nan") if not bool(torch.isfinite(a).all()) else \
+                ((a - e).abs().max() / e.abs().max()).item()
+            ok = err <= TOLERANCE[dt]
+            rec.update(status="ok" if ok else "wrong", max_rel_err=err, tolerance=TOLERANCE[dt])
+        except Exception as ex:
+            rec.update(status="error", reason=f"{type(ex).__name__}: {ex}"[:400])
+        rec["seconds"] = round(time.monotonic() - t0, 2)
+        n_bad += rec["status"] != "ok"
+        print("SANITIZE_CASE " + json.dumps(rec), flush=True)
+    print(f"SANITIZE_DONE cases={len(cases)} bad={n_bad}", flush=True)
+    return 0 if n_bad == 0 else 1
+
+
+def _load_ops():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gmf_benchmark_ops", OPS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+#: kernel timing cases in priority order: (batches, dtypes, impls); cut by the time budget.
+#: torch.compile (~10 s of compiling per shape) comes after the eager rows of the main cases.
+EAGER = ["cuda", "triton", "torch", "reference"]
+KERNEL_PLAN = [
+    ([128], ["bf16"], EAGER),
+    ([128], ["fp32"], EAGER),
+    ([1], ["bf16"], EAGER),
+    ([128], ["bf16"], ["torch+compile"]),
+    ([128], ["fp16"], EAGER),
+    ([128], ["fp32"], ["torch+compile"]),
+    ([1], ["fp32"], EAGER),
+    ([1], ["bf16"], ["torch+compile"]),
+]
+
+
+def worker_kernels(model: str, rows_file: Optional[str], budget_s: float, smoke: bool) -> int:
+    """Per-kernel timing rows (benchmarks/ops.py), one JSON line each (also appended to rows_file)."""
+    import torch
+    ops = _load_ops()
+    t_end = time.monotonic() + budget_s
+    fh = open(rows_file, "a") if rows_file else None
+
+    def on_row(r):
+        line = json.dumps(r, default=str)
+        print(f"  {r.get('dtype', '')} B={r.get('B', '')} C={r.get('C', '')} " + ops.fmt_row(r), flush=True)
+        if fh:
+            fh.write(line + "\n")
+            fh.flush()
+
+    if smoke:
+        device = torch.device("cpu")
+        plan = [(dict(model="groupmixformer_m", stage=0, C=40, H=7, W=7, B=1, dtype="fp32"), ["torch", "reference"])]
+        warm, rep = 2, 20
+    else:
+        if not torch.cuda.is_available():
+            print("kernels worker: no CUDA GPU (torch.cuda.is_available() is False); nothing timed", flush=True)
+            return 2
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        plan = [(c, impls) for batches, dts, impls in KERNEL_PLAN for c in ops.stage_cases(model, batches, dts)]
+        warm, rep = 25, 100
+        try:
+            for r in ops.ceilings(device):
+                on_row({**r, "kind": "ceiling", "status": "ok"})
+        except Exception as ex:
+            on_row({"kind": "ceiling", "op": "ceilings", "status": "error", "reason": ops.first_line(ex)})
+    tags = ops.env_tags(device)
+    print(f"KERNEL_PLAN {len(plan)}", flush=True)
+    for i, (case, impls) in enumerate(plan):
+        left = t_end - time.monotonic()
+        if left < 8:
+            on_row({**case, "kind": "case", "op": "case", "impl": "-", "status": "skipped",
+                    "reason": f"time budget used up ({i} of {len(plan)} cases done)"})
+            continue
+        if "torch+compile" in impls and left < 25:
+            impls = [n for n in impls if n != "torch+compile"]
+            on_row({**case, "op": "pre_projection", "impl": "torch+compile", "status": "skipped",
+                    "reason": "not enough time left to compile"})
+            if not impls:
+                continue
+        print(f"KERNEL_CASE {i + 1}/{len(plan)} {json.dumps(case)}", flush=True)
+        ops.bench_case(case, impls, device, warmup_ms=warm, rep_ms=rep, profile_calls=0 if smoke else 20,
+                       tags=tags, on_row=lambda r: on_row({**r, "kind": "op"}), deadline=t_end - 3,
+                       with_linears=impls != ["torch+compile"])
+    if fh:
+        fh.close()
+    return 0
+
+
+# ------------------------------------------------------------------ the run
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    out: Path
+    tee: Tee
+    dry: bool
+    report: Dict
+    env: Dict[str, str]
+    t_start: float
+    deadline: float
+    carry: float = 0.0
+    checks: List[Dict] = field(default_factory=list)
+    tmp: Path = Path(tempfile.gettempdir())
+    probes: Dict[tuple, "Proc"] = field(default_factory=dict)  # dry run: started up front, in parallel
+    probe_results: Dict[tuple, RunResult] = field(default_factory=dict)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def check(self, name: str, ok: bool, detail: str = ""):
+        if any(c["check"] == name and c["ok"] == bool(ok) for c in self.checks):
+            return
+        self.checks.append({"check": name, "ok": bool(ok), "detail": detail[:1000]})
+        self.tee(f"  [{'ok' if ok else 'FAIL'}] {name}" + (f": {detail[:300]}" if detail else ""))
+
+
+def py(*a) -> List[str]:
+    return [sys.executable, *map(str, a)]
+
+
+def run(ctx: Ctx, cmd: List[str], timeout: float, prefix: str, *, env: Optional[Dict] = None, echo: bool = True,
+        fake: Optional[Callable[[List[str]], RunResult]] = None, extra_log: Optional[Path] = None,
+        probe: bool = False) -> RunResult:
+    """Run cmd (a real run, or in a dry run the fake unless `probe`: a command that also runs on CPU;
+    a dry run starts its probes in parallel up front and hands each result out from its cache)."""
+    cmd = [str(c) for c in cmd]
+    if ctx.dry and not probe:
+        ctx.tee(f"{prefix}(dry run) would run, timeout {timeout:.0f} s: {' '.join(cmd)}")
+        check_command(ctx, cmd)
+        res = fake(cmd) if fake else RunResult(cmd, 0, "", 0.0)
+        res.fake = True
+        return res
+    key = tuple(cmd)
+    if ctx.dry and key in ctx.probe_results:
+        return ctx.probe_results[key]
+    if ctx.dry and key in ctx.probes:
+        res = ctx.probes.pop(key).wait(max(timeout, 300.0))
+        ctx.probe_results[key] = res
+        return res
+    res = Proc(cmd, env or ctx.env, ctx.tee, prefix, echo, extra_log).wait(timeout)
+    if ctx.dry:
+        ctx.probe_results[key] = res
+    return res
+
+
+def dry_probe_commands(ctx: "Ctx") -> List[List[str]]:
+    """The commands a dry run really runs (no GPU needed), started together up front."""
+    return [py(SCRIPT, "--worker", "env"),
+            py("-m", "gmf_kernels.cuda", "build", "--help"),
+            _collect_cmd([REAL_SHAPES, "tests/test_triton_kernels.py"]),
+            _collect_cmd(["tests/test_cuda_build.py", "-m", "gpu"]),
+            py(SCRIPT, "--worker", "sanitize", "--list"),
+            _kernels_smoke_cmd(ctx),
+            py(THROUGHPUT, "--help")]
+
+
+def _collect_cmd(args: List[str]) -> List[str]:
+    return py("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args)
+
+
+def _kernels_smoke_cmd(ctx: "Ctx") -> List[str]:
+    return py(SCRIPT, "--worker", "kernels", "--smoke", "--rows-file", ctx.tmp / "kernel_rows.jsonl",
+              "--worker-budget", 60)
+
+
+def check_command(ctx: Ctx, cmd: List[str]) -> None:
+    """Dry run: does the program (script / module / binary) the command names exist here?"""
+    prog = cmd[0]
+    if prog == sys.executable and len(cmd) > 1:
+        if cmd[1] == "-m":
+            import importlib.util
+            ok = importlib.util.find_spec(cmd[2]) is not None
+            ctx.check(f"python -m {cmd[2]} importable", ok)
+        else:
+            ctx.check(f"script {os.path.relpath(cmd[1], ROOT)} exists", Path(cmd[1]).is_file())
+        return
+    found = which(os.path.basename(prog)) or (prog if os.path.isfile(prog) else None)
+    ctx.tee(f"  [info] {os.path.basename(prog)}: {found or 'not found on this machine (needed on the GPU machine)'}")
+
+
+def allowance(ctx: Ctx, phase: Phase) -> float:
+    scale = ctx.args.budget / DEFAULT_BUDGET_S
+    return max(0.0, min(max(phase.budget_s * scale + ctx.carry, phase.min_s), ctx.left() - 3))
+
+
+# ------------------------------------------------------------------ phases
+def phase_env(ctx: Ctx, ph: Dict, allow: float) -> None:
+    meta = ctx.report["meta"]
+    smi = which("nvidia-smi")
+    meta["nvidia_smi"] = smi
+    if smi:
+        q = "name,driver_version,memory.total,compute_cap,clocks.max.sm,power.limit"
+        r = run(ctx, [smi, f"--query-gpu={q}", "--format=csv,noheader"], 15, "[env] ", probe=True)
+        if r.rc != 0:  # an older nvidia-smi without compute_cap
+            q = "name,driver_version,memory.total"
+            r = run(ctx, [smi, f"--query-gpu={q}", "--format=csv,noheader"], 15, "[env] ", probe=True)
+        gpus = [dict(zip(q.split(","), [v.strip() for v in line.split(",")])) for line in r.output.splitlines()
+                if line.count(",") >= 2]
+        meta["nvidia_smi_gpus"] = gpus
+        if gpus:
+            meta["driver_version"] = gpus[0].get("driver_version")
+    r = run(ctx, py(SCRIPT, "--worker", "env"), max(30.0, allow), "[env] ", probe=True, echo=False)
+    info = extract_json(r.output)
+    if info is None:
+        ph["notes"].append(f"env worker failed (rc {r.rc}): {r.output[-500:]}")
+        info = {}
+    ctx.report["env_worker"] = info
+    for k in ("torch", "torch_cuda", "triton", "cudnn", "gmf_kernels", "python", "platform", "driver_cuda_version"):
+        meta[k] = info.get(k)
+    if info.get("devices"):
+        d = info["devices"][0]
+        meta.update(device_name=d["name"], capability=d["capability"], sm_count=d["sm_count"],
+                    memory_gib=d["memory_gib"], device_count=len(info["devices"]))
+    elif not meta.get("device_name"):
+        meta["device_name"] = "no CUDA GPU"
+    nvcc = find_nvcc()
+    meta["nvcc"] = nvcc
+    if nvcc:
+        v = run(ctx, [nvcc, "--version"], 15, "[env] ", probe=True, echo=False)
+        m = re.search(r"release ([\d.]+), V([\d.]+)", v.output)
+        meta["nvcc_version"] = m.group(2) if m else v.output.strip()[-80:]
+    san = find_sanitizer()
+    meta["compute_sanitizer"] = san
+    if san:
+        v = run(ctx, [san, "--version"], 15, "[env] ", probe=True, echo=False)
+        meta["compute_sanitizer_version"] = (v.output.strip().splitlines() or ["?"])[-1]
+    meta["ncu"] = which("ncu", ["/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/*/ncu"])
+    ctx.tee(f"[env] device {meta.get('device_name')} cc {meta.get('capability')} driver {meta.get('driver_version')} "
+            f"torch {meta.get('torch')} (CUDA {meta.get('torch_cuda')}) triton {meta.get('triton')} "
+            f"nvcc {meta.get('nvcc_version')} sanitizer {'yes' if san else 'no'}")
+    if ctx.dry:
+        ctx.check("env worker prints its JSON (imports gmf_kernels, its backends and gmf_kernels.cuda)",
+                  bool(info) and "import failed" not in str(info.get("gmf_kernels")) and "backends" in info,
+                  f"rc {r.rc}" + (f": {r.output[-300:]}" if not info else ""))
+
+
+def _arch_of(ctx: Ctx) -> Optional[str]:
+    cap = ctx.report["meta"].get("capability")
+    return f"{cap[0]}{cap[1]}" if cap else None
+
+
+def _build_cmd(ctx: Ctx) -> List[str]:
+    arch = _arch_of(ctx) if not ctx.dry else (_arch_of(ctx) or "90")
+    cmd = py("-m", "gmf_kernels.cuda", "build", "-j", os.cpu_count() or 4)
+    if arch:
+        cmd += ["--archs", arch]
+    return cmd
+
+
+def _pytest_cmd(ctx: Ctx, spec: Dict) -> List[str]:
+    cmd = py("-m", "pytest", *PYTEST_BASE, *spec["args"])
+    if spec.get("xdist") and ctx.report["meta"].get("xdist") and not ctx.dry:
+        cmd += ["-n", str(ctx.args.xdist_workers), "--dist", "loadgroup"]
+    return cmd
+
+
+def _select_ids(ids: List[str], args: List[str]) -> List[str]:
+    """The ids of `ids` a pytest selection (files, then an optional simple -k "X" / "not X") keeps."""
+    files = [a for a in args if a.endswith(".py")]
+    out = [i for i in ids if any(i.startswith(f + "::") for f in files)]
+    if "-k" in args:
+        expr = args[args.index("-k") + 1].strip()
+        neg = expr.startswith("not ")
+        word = expr[4:].strip() if neg else expr
+        if re.fullmatch(r"\w+", word):
+            out = [i for i in out if (word in i) != neg]
+    return out
+
+
+def _fake_pytest(ctx: Ctx, spec: Dict) -> Callable[[List[str]], RunResult]:
+    """Dry run: the real collection of this selection, reported as if every test passed."""
+    def fake(cmd):
+        args = spec["args"]
+        if "-m" in args:  # collected with its marker expression
+            r = run(ctx, _collect_cmd(args), 300, "[collect] ", probe=True, echo=False)
+            ids = [ln.strip() for ln in r.output.splitlines() if "::" in ln and not ln.startswith(" ")]
+        else:
+            r = run(ctx, _collect_cmd([REAL_SHAPES, "tests/test_triton_kernels.py"]), 300, "[collect] ", probe=True,
+                    echo=False)
+            ids = _select_ids([ln.strip() for ln in r.output.splitlines() if "::" in ln and not ln.startswith(" ")],
+                              args)
+        ctx.check(f"pytest collects {' '.join(spec['args'])}", r.rc == 0 and bool(ids), f"rc {r.rc}, {len(ids)} tests")
+        text = "\n".join(f"{i} PASSED" for i in ids) + f"\n===== {len(ids)} passed in 0.00s (dry run: not run) ====="
+        return RunResult(cmd, 0, text, 0.0)
+    return fake
+
+
+def _record_pytest(ctx: Ctx, name: str, res: RunResult) -> Dict:
+    parsed = parse_pytest(res.output)
+    entry = {"name": name, **res.summary(), **{k: v for k, v in parsed.items() if k != "outcomes"}}
+    entry["status"] = ("timeout" if res.timed_out else "ok" if res.rc == 0 else
+                       "no tests" if res.rc == 5 else "failed")
+    ctx.report["tests"]["runs"].append(entry)
+    c = parsed["counts"]
+    ctx.tee(f"[tests] {name}: {c['passed']} passed, {c['failed']} failed, {c['error']} errors, {c['skipped']} skipped "
+            f"({entry['status']}, {res.seconds:.0f} s)")
+    return entry
+
+
+def _tests_env(ctx: Ctx) -> Dict[str, str]:
+    env = dict(ctx.env, GMF_REQUIRE_GPU="1")
+    return env
+
+
+def _run_pytest_specs(ctx: Ctx, specs: List[Dict], t_end: float, ph: Dict) -> None:
+    for i, spec in enumerate(specs):
+        left = t_end - time.monotonic()
+        share = spec["share"] / sum(s["share"] for s in specs[i:])
+        budget = left * share if i < len(specs) - 1 else left
+        if left < 5:
+            ctx.report["tests"]["runs"].append({"name": spec["name"], "status": "skipped",
+                                                "reason": "time budget used up"})
+            ph["notes"].append(f"{spec['name']}: skipped (time budget used up)")
+            continue
+        res = run(ctx, _pytest_cmd(ctx, spec), budget, f"[{spec['name']}] ", env=_tests_env(ctx),
+                  fake=_fake_pytest(ctx, spec))
+        entry = _record_pytest(ctx, spec["name"], res)
+        if entry["status"] != "ok":
+            ph["notes"].append(f"{spec['name']}: {entry['status']}")
+
+
+def _fake_build(cmd):
+    return RunResult(cmd, 0, "gmf_kernels.cuda: (dry run) not compiled\n/dry-run/_gmf_cuda.so", 0.0)
+
+
+def _record_build(ctx: Ctx, res: RunResult, ph: Dict) -> None:
+    b = ctx.report["build"]
+    b.update(res.summary())
+    b["status"] = "timeout" if res.timed_out else "ok" if res.rc == 0 else "failed"
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    # `python -m gmf_kernels.cuda build` prints the module's path last (progress goes before it)
+    paths = [ln.strip() for ln in lines if re.search(r"_gmf_cuda[^/\s]*\.(so|pyd)$", ln.strip())]
+    path = paths[-1] if paths and res.rc == 0 else None
+    b["module_path"] = path
+    if res.rc != 0:
+        b["error_tail"] = "\n".join(lines[-40:])
+        ph["notes"].append(f"build {b['status']} (rc {res.rc})")
+    if path and not ctx.dry and os.path.isfile(path):
+        d = Path(path).parent
+        for name, key in (("build.json", "build_json"), ("resources.json", "resources")):
+            try:
+                b[key] = json.loads((d / name).read_text())
+            except (OSError, ValueError):
+                pass
+        res_rows = b.pop("resources", None)
+        if isinstance(res_rows, list):
+            spills = [f"{r.get('arch')} {r.get('kernel')}: {r.get('spill_stores')}/{r.get('spill_loads')} B"
+                      for r in res_rows if r.get("spill_stores") or r.get("spill_loads")]
+            b["resources_summary"] = {"kernels": len(res_rows),
+                                      "max_registers": max((r.get("registers") or 0) for r in res_rows) if res_rows
+                                      else None, "spills": spills}
+            b["resources"] = [{k: r.get(k) for k in ("arch", "kernel", "registers", "spill_stores", "spill_loads",
+                                                      "stack", "static_smem")} for r in res_rows]
+
+
+def phase_build(ctx: Ctx, ph: Dict, allow: float) -> None:
+    t_end = time.monotonic() + allow
+    ctx.report["build"]["archs"] = _arch_of(ctx)
+    cmd = _build_cmd(ctx)
+    env = dict(ctx.env)
+    if _arch_of(ctx):
+        env["GMF_CUDA_ARCHS"] = _arch_of(ctx)
+    if ctx.dry:
+        h = run(ctx, py("-m", "gmf_kernels.cuda", "build", "--help"), 60, "[build] ", probe=True, echo=False)
+        ctx.check("python -m gmf_kernels.cuda build --help", h.rc == 0 and "--archs" in h.output and "-j" in h.output,
+                  f"rc {h.rc}")
+        res = run(ctx, cmd, allow, "[build] ", fake=_fake_build)
+        _record_build(ctx, res, ph)
+        _run_pytest_specs(ctx, pytest_runs("build", golden_dir().is_dir()), t_end, ph)
+        return
+    proc = Proc(cmd, env, ctx.tee, "[build] ")  # in the background while the Triton tests run
+    _run_pytest_specs(ctx, pytest_runs("build", golden_dir().is_dir()), t_end - 10, ph)
+    res = proc.wait(t_end - time.monotonic())
+    _record_build(ctx, res, ph)
+    r = run(ctx, py(SCRIPT, "--worker", "env"), max(10.0, min(60.0, ctx.left() - 5)), "[build] ", echo=False)
+    info = extract_json(r.output) or {}
+    ctx.report["build"]["module_after_build"] = info.get("cuda_module")
+    ctx.report["build"]["backends_after_build"] = info.get("backends")
+    ctx.report["build"]["cuda_backend_reasons_gpu0"] = info.get("cuda_backend_reasons_gpu0")
+    ctx.tee(f"[build] module: {info.get('cuda_module')}")
+
+
+def phase_tests(ctx: Ctx, ph: Dict, allow: float) -> None:
+    _run_pytest_specs(ctx, pytest_runs("tests", golden_dir().is_dir()), time.monotonic() + allow, ph)
+
+
+def _sanitizer_cmd(ctx: Ctx, san: str, tool: str) -> List[str]:
+    cmd = [san, "--tool", tool, "--kernel-name", "kns=gma_", "--error-exitcode", "3", "--print-limit", "30",
+           "--target-processes", "application-only", "--launch-timeout", "120"]
+    if tool == "memcheck":
+        cmd += ["--padding", "256"]
+    return cmd + py(SCRIPT, "--worker", "sanitize")
+
+
+def _fake_sanitizer(cmd):
+    cases = "\n".join("SANITIZE_CASE " + json.dumps(dict(zip(("backend", "dtype", "C", "H", "W", "B", "tile"), c),
+                                                         status="ok", max_rel_err=0.0, dry_run=True))
+                      for c in SANITIZE_CASES)
+    return RunResult(cmd, 0, f"========= COMPUTE-SANITIZER\n{cases}\nSANITIZE_DONE (dry run)\n"
+                             "========= ERROR SUMMARY: 0 errors", 0.0)
+
+
+def phase_sanitizer(ctx: Ctx, ph: Dict, allow: float) -> None:
+    t_end = time.monotonic() + allow
+    s = ctx.report["sanitizer"]
+    san = ctx.report["meta"].get("compute_sanitizer") or find_sanitizer()
+    s["binary"] = san
+    if ctx.dry:
+        r = run(ctx, py(SCRIPT, "--worker", "sanitize", "--list"), 120, "[sanitizer] ", probe=True, echo=False)
+        n = sum(1 for ln in r.output.splitlines() if ln.startswith("SANITIZE_PLAN "))
+        ctx.check("sanitize driver lists its cases", r.rc == 0 and n == len(SANITIZE_CASES), f"rc {r.rc}, {n} cases")
+        san = san or "compute-sanitizer"
+    if not san:
+        ph["status"] = "skipped"
+        ph["notes"].append("compute-sanitizer not found (set COMPUTE_SANITIZER to its path)")
+        return
+    env = dict(ctx.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # one cudaMalloc per tensor: exact bounds
+    # 1. the driver without the sanitizer: compiles the Triton kernels into the cache, checks results
+    plain = run(ctx, py(SCRIPT, "--worker", "sanitize"), min(60.0, max(5.0, t_end - time.monotonic())),
+                "[sanitizer/plain] ", env=env, fake=_fake_sanitizer)
+    s["plain"] = {**plain.summary(), **parse_sanitizer(plain.output)}
+    s["plain"]["status"] = ("timeout" if plain.timed_out else "ok" if plain.rc == 0 and s["plain"]["driver_completed"]
+                            else "failed")
+    log = ctx.out / "sanitizer.log"
+    for i, tool in enumerate(SANITIZER_TOOLS):
+        left = t_end - time.monotonic()
+        if left < 10:
+            s["tools"][tool] = {"status": "skipped", "reason": "time budget used up"}
+            ph["notes"].append(f"{tool}: skipped (time budget used up)")
+            continue
+        budget = left / (len(SANITIZER_TOOLS) - i)
+        with open(log, "a") as fh:
+            fh.write(f"\n\n######## {tool}\n")
+        res = run(ctx, _sanitizer_cmd(ctx, san, tool), budget, f"[{tool}] ", env=env, echo=False,
+                  fake=_fake_sanitizer, extra_log=log)
+        parsed = parse_sanitizer(res.output)
+        if ctx.dry:
+            with open(log, "a") as fh:
+                fh.write(res.output + "\n")
+        status = ("timeout" if res.timed_out else "clean" if parsed["errors"] == 0 and res.rc == 0 else
+                  "errors" if parsed["errors"] else "failed")
+        s["tools"][tool] = {"status": status, **res.summary(), **parsed}
+        if status != "clean":
+            s["tools"][tool]["output_tail"] = res.output[-3000:]
+        ctx.tee(f"[sanitizer] {tool}: {status}, {parsed['errors']} errors"
+                + (f", hazards {parsed['hazards']}" if parsed["hazards"] else "")
+                + f", driver cases ok {parsed['cases_ok']}/{len(parsed['cases'])} ({res.seconds:.0f} s)")
+        for f in parsed["findings"][:5]:
+            ctx.tee(f"[sanitizer]   {f['message']}  [{f.get('kernel')} {f.get('source')}]")
+        if status != "clean":
+            ph["notes"].append(f"{tool}: {status}")
+    cap_file(log, 12 * 2 ** 20)
+
+
+def phase_kernels(ctx: Ctx, ph: Dict, allow: float) -> None:
+    rows_file = ctx.tmp / "kernel_rows.jsonl"
+    if not ctx.dry:
+        rows_file.unlink(missing_ok=True)
+    k = ctx.report["kernels"]
+    if ctx.dry:
+        res = run(ctx, _kernels_smoke_cmd(ctx), 180, "[kernels] ", probe=True, echo=False)
+        k["smoke_on_cpu"] = True
+    else:
+        cmd = py(SCRIPT, "--worker", "kernels", "--model", ctx.args.model, "--rows-file", rows_file,
+                 "--worker-budget", max(5.0, allow - 10))
+        res = run(ctx, cmd, allow, "[kernels] ")
+    rows = []
+    if rows_file.is_file():
+        for line in rows_file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    k.update(res.summary())
+    k["ceilings"] = [r for r in rows if r.get("kind") == "ceiling"]
+    k["rows"] = [r for r in rows if r.get("kind") != "ceiling"]
+    k["status"] = "timeout" if res.timed_out else "ok" if res.rc == 0 else "failed"
+    ok = [r for r in k["rows"] if r.get("status") == "ok"]
+    ctx.tee(f"[kernels] {len(ok)} rows measured, {len(k['rows']) - len(ok)} not ({k['status']})")
+    if ctx.dry:
+        ctx.check("kernels worker --smoke times torch and reference on CPU",
+                  res.rc == 0 and {r.get("impl") for r in ok if r.get("op") == "pre_projection"} >= {"torch",
+                                                                                                    "reference"},
+                  f"rc {res.rc}, {len(ok)} rows")
+    if k["status"] != "ok":
+        ph["notes"].append(f"kernels worker {k['status']} (rc {res.rc})")
+    _roofline(ctx, rows_file, ph)
+
+
+def _roofline(ctx: Ctx, rows_file: Path, ph: Dict) -> None:
+    """benchmarks/roofline.py over the measured kernel rows: the fraction of the H100 bound each
+    kernel reaches (roofline.md / roofline.json in the results folder)."""
+    cmd = py(ROOFLINE, "--model", ctx.args.model, "--json", ctx.out / "roofline.json")
+    if rows_file.is_file():
+        cmd += ["--measured", rows_file]
+    mod = ctx.report["build"].get("module_path")
+    if mod and os.path.isfile(Path(mod).parent / "resources.json"):
+        cmd += ["--cuda-resources", Path(mod).parent / "resources.json"]
+    if ctx.left() < 20:
+        ph["notes"].append("roofline: skipped (time budget used up)")
+        return
+    res = run(ctx, cmd, min(60.0, ctx.left() - 5), "[roofline] ", echo=False, probe=ctx.dry)
+    ctx.report["kernels"]["roofline"] = {"rc": res.rc, "file": "roofline.md" if res.rc == 0 else None}
+    if res.rc == 0:
+        (ctx.out / "roofline.md").write_text(res.output)
+    else:
+        ph["notes"].append(f"roofline failed (rc {res.rc}): {res.output.strip().splitlines()[-1:]}")
+    if ctx.dry:
+        ctx.check("roofline.py runs over the kernel rows", res.rc == 0, f"rc {res.rc}")
+
+
+def _throughput_help(ctx: Ctx) -> Dict:
+    if "throughput_help" not in ctx.report:
+        r = run(ctx, py(THROUGHPUT, "--help"), 120, "[models] ", probe=True, echo=False)
+        flags = throughput_help_flags(r.output) if r.rc == 0 else {"bench": [], "flags": []}
+        flags["rc"] = r.rc
+        ctx.report["throughput_help"] = flags
+        if ctx.dry:
+            ctx.check("benchmarks/throughput.py --help", r.rc == 0, f"rc {r.rc}")
+    return ctx.report["throughput_help"]
+
+
+MODEL_RUNS = [
+    # name, file, args, share
+    # every backend eager and under torch.compile ('reference+compile' = torch.compile of upstream)
+    ("bf16_b256", "throughput_bf16_b256.json",
+     ["--model", "groupmixformer_s", "--precision", "bf16", "--batch-size", "256", "--no-timm",
+      "--compile-backends", "reference,torch,triton,cuda"], 0.55),
+    ("fp32_b128_paper", "throughput_fp32_b128_paper.json", ["--protocol", "paper", "--model", "groupmixformer_s",
+                                                            "--compile-backends", "reference,torch"], 0.45),
+]
+TRAIN_RUN = ("train_amp_b128", "throughput_train.json",
+             ["--bench", "train", "--model", "groupmixformer_s", "--precision", "amp", "--batch-size", "128",
+              "--opt", "adamw"])
+
+
+def _fake_throughput(path: Path, args: List[str]):
+    def fake(cmd):
+        rows = [{"model": "groupmixformer_s", "backend": b, "label": b, "kind": "gmf", "status": "dry-run",
+                 "reason": "dry run: nothing measured"} for b in ("cuda", "triton", "torch", "torch+compile",
+                                                                   "reference")]
+        path.write_text(json.dumps({"meta": {"dry_run": True, "argv": args}, "rows": rows}, indent=1))
+        return RunResult(cmd, 0, "(dry run)", 0.0)
+    return fake
+
+
+def _run_throughput(ctx: Ctx, name: str, fname: str, args: List[str], budget: float, section: Dict, ph: Dict):
+    path = ctx.out / fname
+    path.unlink(missing_ok=True)
+    cmd = py(THROUGHPUT, *args, "--results-file", path)
+    if ctx.dry:
+        known = set(ctx.report.get("throughput_help", {}).get("flags", []))
+        missing = [a for a in args if a.startswith("--") and a not in known]
+        ctx.check(f"throughput.py knows the flags of run {name}", not missing, f"missing {missing}" if missing else "")
+    res = run(ctx, cmd, budget, f"[{name}] ", fake=_fake_throughput(path, args))
+    entry = {"name": name, "results_file": fname, **res.summary()}
+    try:
+        data = json.loads(path.read_text())
+        entry["rows"] = condense_throughput(data)
+        entry["settings"] = data.get("meta", {}).get("settings")
+    except (OSError, ValueError):
+        entry["rows"] = []
+        entry["output_tail"] = res.output[-3000:]
+    entry["status"] = "timeout" if res.timed_out else "ok" if res.rc == 0 and entry["rows"] else "failed"
+    if entry["status"] == "timeout":
+        entry["reason"] = f"stopped after {res.seconds:.0f} s: the phase's time ran out (no results file)"
+    elif entry["status"] == "failed":
+        entry["reason"] = f"rc {res.rc}: " + " | ".join(res.output.strip().splitlines()[-3:])[-400:]
+    if entry["status"] != "ok":
+        ph["notes"].append(f"{name}: {entry['status']} (rc {res.rc}; results are written only at the end of "
+                           f"throughput.py)")
+    section["runs"].append(entry)
+    for r in entry["rows"]:
+        if r.get("status") == "ok":
+            ctx.tee(f"[{name}] {r.get('label', r.get('backend')):32s} {r.get('img_per_s', 0):9.1f} img/s  "
+                    f"vs ref {r.get('ratio_vs_reference') or 0:.2f}x  {r.get('check', '')}")
+
+
+def phase_models(ctx: Ctx, ph: Dict, allow: float) -> None:
+    t_end = time.monotonic() + allow
+    _throughput_help(ctx)
+    for i, (name, fname, args, share) in enumerate(MODEL_RUNS):
+        left = t_end - time.monotonic()
+        if left < 15:
+            ctx.report["models"]["runs"].append({"name": name, "status": "skipped", "reason": "time budget used up"})
+            ph["notes"].append(f"{name}: skipped (time budget used up)")
+            continue
+        budget = left * share / sum(r[3] for r in MODEL_RUNS[i:])
+        _run_throughput(ctx, name, fname, args, budget, ctx.report["models"], ph)
+
+
+def phase_train(ctx: Ctx, ph: Dict, allow: float) -> None:
+    helpinfo = _throughput_help(ctx)
+    if "train" not in helpinfo.get("bench", []) and "?" not in helpinfo.get("bench", []):
+        ph["status"] = "skipped"
+        reason = "benchmarks/throughput.py has no --bench train yet (from its --help)"
+        ctx.report["train"]["runs"].append({"name": TRAIN_RUN[0], "status": "skipped", "reason": reason})
+        ph["notes"].append(reason)
+        ctx.tee(f"[train] skipped: {reason}")
+        return
+    if allow < 15:
+        ph["status"] = "skipped"
+        ph["notes"].append("time budget used up")
+        return
+    name, fname, args = TRAIN_RUN
+    _run_throughput(ctx, name, fname, args, allow, ctx.report["train"], ph)
+
+
+PHASE_FUNCS = {"env": phase_env, "build": phase_build, "tests": phase_tests, "sanitizer": phase_sanitizer,
+               "kernels": phase_kernels, "models": phase_models, "train": phase_train}
+
+
+# ------------------------------------------------------------------ summary.md
+def _f(v, fmt="{:.2f}", none="-"):
+    if v is None or v == "":
+        return none
+    try:
+        return fmt.format(v)
+    except (ValueError, TypeError):
+        return str(v)
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_summary(rep: Dict, compact: bool = False) -> str:
+    """summary.md; compact: the console version (no per-kernel table, bf16 batch-128 kernel rows,
+    10 failures) that fits the tail of a device machine's output."""
+    m = rep.get("meta", {})
+    L: List[str] = []
+    title = f"# gmf_kernels GPU report: {m.get('device_name', '?')}, {m.get('date', '?')}"
+    L.append(title)
+    L.append("")
+    if rep.get("dry_run"):
+        L.append("**DRY RUN**: the plan and the plumbing were checked; the GPU steps were not run and no figure "
+                 "below is a measurement.")
+        L.append("")
+    cap = m.get("capability")
+    dev = f"{m.get('device_name', '?')}" + (f" (sm_{cap[0]}{cap[1]}, {m.get('sm_count')} SMs, "
+                                            f"{m.get('memory_gib')} GiB)" if cap else "")
+    drv_cuda = m.get("driver_cuda_version")
+    rows = [
+        ("device", dev),
+        ("driver", f"{m.get('driver_version') or 'unknown (no nvidia-smi)'}"
+                   + (f" (CUDA {drv_cuda // 1000}.{(drv_cuda % 1000) // 10} per the driver API)"
+                      if isinstance(drv_cuda, int) else "")),
+        ("CUDA", f"torch built with {m.get('torch_cuda')}; nvcc {m.get('nvcc_version', '-')}; module runtime "
+                 f"{_f((rep.get('build', {}).get('module_after_build') or {}).get('cuda_runtime_version'), '{}')}"),
+        ("torch / triton", f"{m.get('torch')} / {m.get('triton')}"),
+        ("cuDNN", m.get("cudnn")),
+        ("gmf_kernels", f"{m.get('gmf_kernels')}, git {m.get('git_sha')}" + (" (uncommitted changes)"
+                                                                            if m.get("git_dirty") else "")),
+        ("date", m.get("date")),
+        ("host", f"{m.get('hostname')}, {m.get('cpu_count')} CPUs, python {m.get('python')}"),
+        ("tools", f"compute-sanitizer {m.get('compute_sanitizer_version') or m.get('compute_sanitizer') or 'absent'}"),
+        ("wall time", f"{_f(rep.get('wall_s'), '{:.0f}')} s of a {_f(m.get('budget_s'), '{:.0f}')} s budget"),
+    ]
+    L += ["| | |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in rows] + [""]
+
+    L += ["## Phases", "", "| phase | status | seconds | allowance | notes |", "|---|---|---:|---:|---|"]
+    for name in PHASE_NAMES:
+        ph = rep.get("phases", {}).get(name)
+        if ph:
+            L.append(f"| {name} | {ph.get('status')} | {_f(ph.get('seconds'), '{:.0f}')} | "
+                     f"{_f(ph.get('allowance_s'), '{:.0f}')} | {_cell('; '.join(ph.get('notes', [])))} |")
+    L.append("")
+
+    b = rep.get("build", {})
+    if b:
+        L += ["## CUDA module build", ""]
+        L.append(f"- archs {b.get('archs')}, status {b.get('status')}, {_f(b.get('seconds'), '{:.0f}')} s, "
+                 f"module {b.get('module_path')}")
+        rs = b.get("resources_summary")
+        if rs:
+            L.append(f"- ptxas: {rs.get('kernels')} kernels, max {rs.get('max_registers')} registers, "
+                     f"{len(rs.get('spills', []))} with spills" + (": " + "; ".join(rs["spills"][:10])
+                                                                   if rs.get("spills") else ""))
+        if b.get("module_after_build"):
+            L.append(f"- loaded: {_cell(json.dumps(b['module_after_build']))}")
+        if b.get("cuda_backend_reasons_gpu0"):
+            L.append(f"- cuda backend refuses GPU 0: {_cell('; '.join(b['cuda_backend_reasons_gpu0']))}")
+        if b.get("error_tail"):
+            L += ["", "```", b["error_tail"][-3000:], "```"]
+        L.append("")
+
+    t = rep.get("tests", {})
+    if t.get("runs"):
+        L += ["## GPU tests (GMF_REQUIRE_GPU=1)", "", "| run | status | passed | failed | errors | skipped | seconds |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+        for r in t["runs"]:
+            c = r.get("counts", {})
+            L.append(f"| {r['name']} | {r.get('status')} | {c.get('passed', '-')} | {c.get('failed', '-')} | "
+                     f"{c.get('error', '-')} | {c.get('skipped', '-')} | {_f(r.get('seconds'), '{:.0f}')} |")
+        fails = [(r["name"], f) for r in t["runs"] for f in r.get("failures", [])]
+        if fails:
+            shown = 10 if compact else 40
+            L += ["", f"Failures ({len(fails)}):", ""]
+            L += [f"- `{f['id']}` ({f['outcome']}): {_cell(f.get('message', ''))[:300 if compact else 1000]}"
+                  for _, f in fails[:shown]]
+            if len(fails) > shown:
+                L.append(f"- ... {len(fails) - shown} more in report.json / summary.md")
+        L.append("")
+
+    s = rep.get("sanitizer", {})
+    if s.get("tools") or s.get("plain"):
+        L += ["## compute-sanitizer (every CUDA and Triton kernel, small shapes)", "",
+              "| tool | status | errors | racecheck hazards | driver cases ok | seconds | first finding |",
+              "|---|---|---:|---|---:|---:|---|"]
+        for tool in ["plain"] + list(SANITIZER_TOOLS):
+            r = s.get("plain") if tool == "plain" else s.get("tools", {}).get(tool)
+            if not r:
+                continue
+            f0 = (r.get("findings") or [{}])[0]
+            first = f"{f0.get('message', '')} [{f0.get('kernel')} {f0.get('source')}]" if f0 else ""
+            cases = r.get("cases") or []
+            L.append(f"| {tool if tool != 'plain' else 'none (plain run)'} | {r.get('status', '-')} | "
+                     f"{_f(r.get('errors'), '{}')} | {_cell(r.get('hazards') or '-')} | "
+                     f"{r.get('cases_ok', '-')}/{len(cases)} | {_f(r.get('seconds'), '{:.0f}')} | "
+                     f"{_cell(first or r.get('reason', ''))} |")
+        bad = [c for c in (s.get("plain") or {}).get("cases", []) if c.get("status") != "ok"]
+        for c in bad:
+            L.append(f"- plain run case {c.get('backend')} {c.get('dtype')} C={c.get('C')} {c.get('H')}x{c.get('W')}: "
+                     f"{c.get('status')} {c.get('max_rel_err', '')} {c.get('reason', '')}")
+        L.append("")
+
+    k = rep.get("kernels", {})
+    if k.get("rows") or k.get("ceilings"):
+        L += ["## Kernel timing (qkv -> pre-projection)", ""]
+        copy_bw = None
+        for c in k.get("ceilings", []):
+            if c.get("op") == "copy_1GiB" and c.get("status") == "ok":
+                copy_bw = c.get("GBps")
+                L.append(f"- measured ceiling: device-to-device copy {c['GBps']:.0f} GB/s (read + write)")
+            if c.get("op") == "matmul_bf16_8192" and c.get("status") == "ok":
+                L.append(f"- measured ceiling: bf16 8192^3 matmul {c['TFLOPs']:.0f} TFLOP/s")
+        if k.get("smoke_on_cpu"):
+            L.append("- (dry run: CPU smoke rows, a plumbing check, not a GPU measurement)")
+        L.append("- GB/s and TFLOP/s from the compulsory bytes and 2 x multiply-adds of benchmarks/ops.py `work()`; "
+                 "ratios = other median / this median (> 1: this is faster)")
+        L.append("")
+        L += ["| stage | C | grid | B | dtype | impl | median ms | p20-p80 ms | GB/s | % of copy | TFLOP/s | "
+              "vs reference | vs torch | vs torch+compile | err vs ref |",
+              "|---|---:|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        pre = [r for r in k.get("rows", []) if r.get("op") == "pre_projection"]
+        if compact:  # the headline rows (all rows when there are none of those, e.g. a dry run's CPU smoke)
+            pre = [r for r in pre if r.get("B") == 128 and r.get("dtype") == "bf16"] or pre
+        keyf = lambda r: (r.get("B"), r.get("dtype"), r.get("stage"), r.get("C"))
+        med = {(keyf(r), r.get("impl")): r.get("median_ms") for r in pre if r.get("status") == "ok"}
+        for r in pre:
+            if r.get("status") != "ok":
+                L.append(f"| {r.get('stage')} | {r.get('C')} | {r.get('H')}x{r.get('W')} | {r.get('B')} | "
+                         f"{r.get('dtype')} | {r.get('impl')} | {r.get('status')} | {_cell(r.get('reason', ''))[:120]}"
+                         f" | | | | | | | |")
+                continue
+            ratio = lambda other: _f(med.get((keyf(r), other)) / r["median_ms"], "{:.2f}x") \
+                if med.get((keyf(r), other)) and r.get("impl") != other else "-"
+            pct = _f(100 * r["GBps"] / copy_bw, "{:.0f}%") if copy_bw and r.get("GBps") else "-"
+            L.append(f"| {r.get('stage')} | {r.get('C')} | {r.get('H')}x{r.get('W')} | {r.get('B')} | {r.get('dtype')} "
+                     f"| {r.get('impl')} | {_f(r.get('median_ms'), '{:.4f}')} | {_f(r.get('p20_ms'), '{:.4f}')}-"
+                     f"{_f(r.get('p80_ms'), '{:.4f}')} | {_f(r.get('GBps'), '{:.0f}')} | {pct} | "
+                     f"{_f(r.get('TFLOPs'), '{:.2f}')} | {ratio('reference')} | {ratio('torch')} | "
+                     f"{ratio('torch+compile')} | {_f(r.get('err_vs_reference'), '{:.1e}')} |")
+        per_kernel = [r for r in k.get("rows", []) if r.get("op") in ("aggregate", "combine", "attention")]
+        if per_kernel and not compact:
+            L += ["", "Per kernel (profiler, GPU time per launch):", "",
+                  "| stage | C | B | dtype | impl | kernel | median ms | p20-p80 ms | GB/s | % of copy | TFLOP/s |",
+                  "|---|---:|---:|---|---|---|---:|---|---:|---:|---:|"]
+            for r in per_kernel:
+                pct = _f(100 * r["GBps"] / copy_bw, "{:.0f}%") if copy_bw and r.get("GBps") else "-"
+                L.append(f"| {r.get('stage')} | {r.get('C')} | {r.get('B')} | {r.get('dtype')} | {r.get('impl')} | "
+                         f"{r.get('op')} | {_f(r.get('median_ms'), '{:.4f}')} | {_f(r.get('p20_ms'), '{:.4f}')}-"
+                         f"{_f(r.get('p80_ms'), '{:.4f}')} | {_f(r.get('GBps'), '{:.0f}')} | {pct} | "
+                         f"{_f(r.get('TFLOPs'), '{:.2f}')} |")
+        other = [r for r in k.get("rows", []) if r.get("op") not in ("pre_projection", "aggregate", "combine",
+                                                                     "attention", "linears")
+                 and r.get("status") != "ok"]
+        for r in other[:20]:
+            L.append(f"- {r.get('op')} {r.get('impl')} C={r.get('C')} B={r.get('B')} {r.get('dtype')}: "
+                     f"{r.get('status')}: {_cell(r.get('reason', ''))}")
+        L.append("")
+
+    for sec, title in (("models", "Whole model (benchmarks/throughput.py)"), ("train", "Training step")):
+        runs = rep.get(sec, {}).get("runs", [])
+        if not runs:
+            continue
+        L += [f"## {title}", "", "| run | row | status | img/s | ms median | vs reference | peak MiB | check | "
+              "compile s |", "|---|---|---|---:|---:|---:|---:|---|---:|"]
+        for run_ in runs:
+            if not run_.get("rows"):
+                L.append(f"| {run_['name']} | - | {run_.get('status')} | | | | | {_cell(run_.get('reason', ''))} | |")
+            for r in run_.get("rows", []):
+                L.append(f"| {run_['name']} | {_cell(r.get('label', r.get('backend')))} | {r.get('status')} | "
+                         f"{_f(r.get('img_per_s'), '{:.1f}')} | {_f(r.get('median_ms'), '{:.2f}')} | "
+                         f"{_f(r.get('ratio_vs_reference'), '{:.2f}x')} | {_f(r.get('peak_mem_mib'), '{:.0f}')} | "
+                         f"{_cell(r.get('check', r.get('reason', '')))[:120]} | {_f(r.get('compile_s'), '{:.0f}')} |")
+        L.append("")
+
+    if rep.get("dry_run_checks") and not compact:
+        L += ["## Dry-run checks", ""]
+        L += [f"- [{'ok' if c['ok'] else 'FAIL'}] {c['check']}" + (f": {_cell(c['detail'])}" if c.get("detail") else "")
+              for c in rep["dry_run_checks"]]
+        L.append("")
+    L.append(f"Files: {', '.join(rep.get('files', []))}. Written by benchmarks/gpu_report.py "
+             f"(schema {rep.get('schema_version')}).")
+    return "\n".join(L) + "\n"
+
+
+# ------------------------------------------------------------------ writing and validating the folder
+def write_outputs(ctx: Ctx) -> None:
+    rep = ctx.report
+    rep["wall_s"] = round(time.monotonic() - ctx.t_start, 1)
+    rep["dry_run_checks"] = ctx.checks if ctx.dry else None
+    rep["files"] = sorted(p.name for p in ctx.out.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
+    for name in ("report.json", "summary.md"):
+        if name not in rep["files"]:
+            rep["files"].append(name)
+    for name, text in (("report.json", json.dumps(rep, indent=1, default=str)), ("summary.md", render_summary(rep))):
+        tmp = ctx.out / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, ctx.out / name)
+
+
+def validate_folder(out: Path) -> List[str]:
+    """Problems with a results folder: file count/size/depth limits and the report's schema."""
+    problems = []
+    entries = list(out.rglob("*"))
+    files = [p for p in entries if p.is_file()]
+    if len(files) > MAX_FILES:
+        problems.append(f"{len(files)} files > {MAX_FILES}")
+    for p in files:
+        if p.stat().st_size > MAX_FILE_BYTES:
+            problems.append(f"{p.name}: {p.stat().st_size} bytes > {MAX_FILE_BYTES}")
+        if len(p.relative_to(out).parts) > 1:
+            problems.append(f"{p.relative_to(out)}: not flat")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", p.name):
+            problems.append(f"{p.name}: a name other than letters, digits, '.', '_' and '-'")
+    try:
+        rep = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError) as e:
+        return problems + [f"report.json unreadable: {e}"]
+    problems += [f"report.json lacks {k!r}" for k in REQUIRED_KEYS if k not in rep]
+    if rep.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version {rep.get('schema_version')} != {SCHEMA_VERSION}")
+    for k in ("date", "device_name", "driver_version", "torch", "triton", "torch_cuda", "git_sha"):
+        if k not in rep.get("meta", {}):
+            problems.append(f"meta lacks {k!r}")
+    for name in PHASE_NAMES:
+        if name not in rep.get("phases", {}):
+            problems.append(f"phase {name!r} not recorded")
+    if not (out / "summary.md").is_file():
+        problems.append("summary.md missing")
+    return problems
+
+
+def _git(*a) -> Optional[str]:
+    try:
+        r = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "gpu"
+
+
+def default_out(dry: bool) -> Path:
+    if dry:
+        return Path(tempfile.mkdtemp(prefix="gmf_gpu_report_dryrun_"))
+    if os.environ.get("OUT") and os.path.isdir(os.environ["OUT"]):
+        return Path(os.environ["OUT"])
+    name = "gpu"
+    smi = which("nvidia-smi")
+    if smi:
+        try:
+            r = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                               timeout=15)
+            if r.returncode == 0 and r.stdout.strip():
+                name = _slug(r.stdout.strip().splitlines()[0].replace("NVIDIA", ""))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    return HERE / "results" / f"gpu_report_{name}_{date}"
+
+
+def print_plan(ctx: Ctx, phases: List[Phase]) -> None:
+    scale = ctx.args.budget / DEFAULT_BUDGET_S
+    ctx.tee(f"plan: {len(phases)} phases, {ctx.args.budget:.0f} s in all (unused time carries over), "
+            f"results in {ctx.out}")
+    for p in phases:
+        ctx.tee(f"  {p.name:10s} {p.budget_s * scale:5.0f} s  {p.what}")
+        cmds: List[List[str]] = []
+        if p.name == "build":
+            cmds.append(_build_cmd(ctx))
+        if p.name in ("build", "tests"):
+            cmds += [["GMF_REQUIRE_GPU=1"] + _pytest_cmd(ctx, s) for s in pytest_runs(p.name, golden_dir().is_dir())]
+        if p.name == "sanitizer":
+            san = ctx.report["meta"].get("compute_sanitizer") or "compute-sanitizer"
+            cmds += [["PYTORCH_NO_CUDA_MEMORY_CACHING=1"] + _sanitizer_cmd(ctx, san, t) for t in SANITIZER_TOOLS]
+        if p.name == "kernels":
+            cmds.append(py(SCRIPT, "--worker", "kernels", "--model", ctx.args.model, "--rows-file", "<tmp>"))
+        if p.name == "models":
+            cmds += [py(THROUGHPUT, *a, "--results-file", ctx.out / f) for _, f, a, _ in MODEL_RUNS]
+        if p.name == "train":
+            cmds.append(py(THROUGHPUT, *TRAIN_RUN[2], "--results-file", ctx.out / TRAIN_RUN[1]))
+        for c in cmds:
+            ctx.tee("      $ " + " ".join(map(str, c)))
+
+
+def run_report(args) -> int:
+    dry = args.dry_run
+    out = Path(args.out).expanduser().resolve() if args.out else default_out(dry)
+    out.mkdir(parents=True, exist_ok=True)
+    tee = Tee(out / "report.log", quiet=args.quiet)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    if not dry:
+        env.pop("TRITON_INTERPRET", None)  # the compiled kernels, never the interpreter
+    if golden_dir().is_dir():
+        env["GMF_GOLDEN_DIR"] = str(golden_dir())
+    t0 = time.monotonic()
+    sha, status = args.git_sha or _git("rev-parse", "HEAD"), None if args.git_sha else _git("status", "--porcelain")
+    report = {
+        "schema_version": SCHEMA_VERSION, "kind": "gmf_kernels gpu report", "dry_run": dry,
+        "meta": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:],
+                 "git_sha": sha or "unknown", "git_dirty": bool(status) if status is not None else None,
+                 "hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "budget_s": args.budget,
+                 "out_dir": str(out), "device_name": None, "driver_version": None, "torch": None, "triton": None,
+                 "torch_cuda": None, "golden_dir": str(golden_dir()) if golden_dir().is_dir() else None},
+        "phases": {}, "build": {}, "tests": {"runs": []}, "sanitizer": {"tools": {}}, "kernels": {},
+        "models": {"runs": []}, "train": {"runs": []}, "files": [],
+    }
+    try:
+        import importlib.util
+        report["meta"]["xdist"] = importlib.util.find_spec("xdist") is not None
+    except Exception:
+        report["meta"]["xdist"] = False
+    tmp = Path(tempfile.mkdtemp(prefix="gmf_gpu_report_"))
+    ctx = Ctx(args, out, tee, dry, report, env, t0, t0 + args.budget, tmp=tmp)
+    wanted = [p for p in PHASES if p.name in args.phases]
+    tee(f"gmf_kernels GPU report{' (DRY RUN)' if dry else ''}: {report['meta']['date']}, git {sha}, out {out}")
+    print_plan(ctx, wanted)
+    if dry:
+        ctx.tee("plumbing checks (the commands that need no GPU run for real, in parallel):")
+        for cmd in dry_probe_commands(ctx):
+            cmd = [str(c) for c in cmd]
+            ctx.probes[tuple(cmd)] = Proc(cmd, env, tee, "[probe] ", echo=False)
+        ctx.check("benchmarks/ops.py and benchmarks/throughput.py exist", OPS.is_file() and THROUGHPUT.is_file())
+    for p in PHASES:
+        ph = {"status": "not selected", "budget_s": p.budget_s * args.budget / DEFAULT_BUDGET_S, "notes": []}
+        report["phases"][p.name] = ph
+        if p not in wanted:
+            continue
+        allow = allowance(ctx, p)
+        ph["allowance_s"] = round(allow, 1)
+        if allow < 3:
+            ph["status"] = "skipped"
+            ph["notes"].append("no time left in the budget")
+            tee(f"== {p.name}: skipped (no time left)")
+            write_outputs(ctx)
+            continue
+        tee(f"== {p.name} ({allow:.0f} s): {p.what}")
+        ph["status"] = "running"
+        start = time.monotonic()
+        try:
+            PHASE_FUNCS[p.name](ctx, ph, allow)
+            if ph["status"] == "running":
+                ph["status"] = "partial" if ph["notes"] else "ok"
+        except Exception as e:  # a bug in a phase must not cost the other phases
+            import traceback
+            ph["status"] = "crashed"
+            ph["notes"].append(f"{type(e).__name__}: {e}")
+            tee(traceback.format_exc())
+        used = time.monotonic() - start
+        ph["seconds"] = round(used, 1)
+        if dry:
+            ph["status"] = f"dry-run ({ph['status']})"
+        ctx.carry = max(0.0, allow - used)
+        write_outputs(ctx)
+    tee(f"== done in {time.monotonic() - t0:.0f} s; results in {out}")
+    write_outputs(ctx)
+    tee.close()
+    cap_file(out / "report.log")
+    write_outputs(ctx)
+    problems = validate_folder(out)
+    if not args.quiet:
+        compact = render_summary(json.loads((out / "report.json").read_text()), compact=True)
+        print("\n" + compact[-10000:] + f"\n(full tables: {out / 'summary.md'})")
+    if problems:
+        print("results folder problems: " + "; ".join(problems), file=sys.stderr)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if dry:
+        failed = [c for c in ctx.checks if not c["ok"]]
+        print(f"dry run: {len(ctx.checks) - len(failed)}/{len(ctx.checks)} plumbing checks passed; folder "
+              f"{'valid' if not problems else 'INVALID'}: {out}")
+        return 0 if not failed and not problems else 1
+    return 0 if not problems else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--out", default=None, help="results folder (default: $OUT if set, else "
+                                               "benchmarks/results/gpu_report_<gpu>_<date>; dry run: a temp folder)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="total seconds (phases scale with it)")
+    p.add_argument("--phases", default=",".join(PHASE_NAMES), help="comma list of phases to run")
+    p.add_argument("--model", default="groupmixformer_s", help="model whose stage shapes the kernel timing uses")
+    p.add_argument("--xdist-workers", type=int, default=4, help="pytest-xdist workers for the GPU tests (if installed)")
+    p.add_argument("--git-sha", default=None, help="the commit to record (default: `git rev-parse HEAD`; a device "
+                                                   "machine's copy of the tree may have no .git)")
+    p.add_argument("--dry-run", action="store_true", help="plan + plumbing check + a fake run; no GPU needed")
+    p.add_argument("--quiet", action="store_true", help="log to report.log only")
+    # internal: the subprocess workers
+    p.add_argument("--worker", choices=("env", "sanitize", "kernels"), help=argparse.SUPPRESS)
+    p.add_argument("--list", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-budget", type=float, default=60.0, help=argparse.SUPPRESS)
+    p.add_argument("--backends", default="cuda,triton", help=argparse.SUPPRESS)
+    p.add_argument("--cpu", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--max-cases", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    if args.worker == "env":
+        return worker_env()
+    if args.worker == "sanitize":
+        return worker_sanitize(args.list, [b.strip() for b in args.backends.split(",") if b.strip()], args.cpu,
+                               args.max_cases)
+    if args.worker == "kernels":
+        return worker_kernels(args.model, args.rows_file, args.worker_budget, args.smoke)
+    names = [n.strip() for n in args.phases.split(",") if n.strip()]
+    bad = [n for n in names if n not in PHASE_NAMES]
+    if bad:
+        raise SystemExit(f"error: unknown phase(s) {bad}; choose from {PHASE_NAMES}")
+    args.phases = names
+    if args.budget < 30:
+        raise SystemExit("error: --budget must be >= 30 s")
+    return run_report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

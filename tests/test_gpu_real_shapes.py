@@ -1,0 +1,278 @@
+"""GPU tests on real shapes: the fused backends (cuda, triton) at the sizes a model runs.
+
+The other GPU tests use batch <= 4, so the launch variants used at batch 128 (one split,
+many tiles per program) never ran. Here, on a CUDA GPU:
+
+* GroupMixFormer-S stage grids (C=80 56x56, 160 28x28, 320 14x14, 320 7x7) at batch 128
+  and at batch 1 (many splits per image);
+* every released width at every grid a released model uses it at (batch 32);
+* fp32 / fp16 / bf16, both fused backends: output buffers poisoned with NaN (an element a
+  kernel forgets to write fails), two runs bit-identical, against the float64 oracle;
+* the public path (dispatch, BatchNorm folding, both linears) at batch 128;
+* the whole GroupMixFormer-S model (random weights, randomised norms) against the reference.
+
+Oracle: the reference in float64, computed on the GPU. fp32 (TF32 off, tests/conftest.py):
+max |diff| / max |oracle| <= max(1e-5, 2 x the fp32 reference's own error + 1e-6).
+fp16 / bf16: no worse than 2 x the reference's own error at that dtype + 1e-5 (the rule of
+tests/helpers.py `assert_within_reference_error`, evaluated on the GPU: the tensors here
+are too large to copy to the CPU for every check).
+
+Every test here is marked `gpu` and skips without a CUDA GPU; under GMF_REQUIRE_GPU=1 (the
+GPU report, benchmarks/gpu_report.py) a skip is a failure, and on a GPU machine a missing
+CUDA module fails with the build command (tests/conftest.py). Test ids name the backend
+first, so `-k triton` / `-k "not triton"` split the file by backend.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gmf_kernels.folding import compute_dtype, fold_eval
+from gmf_kernels.models.configs import MODEL_CONFIGS
+from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
+from gmf_kernels.reference import reference_group_mix_attention
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+BUILD_CMD = "python -m gmf_kernels.cuda build"
+STAGE_GRIDS = (56, 28, 14, 7)  # token grids of the four stages at 224x224
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BACKENDS = ("cuda", "triton")
+FP32_TOL = 1e-5
+
+S_STAGES = list(zip(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"], STAGE_GRIDS))
+S_CASES = [(C, G, B) for B in (128, 1) for C, G in S_STAGES]
+#: every (width, grid) a released model uses that the S stages do not already cover
+WIDTH_CASES = sorted({(C, G) for cfg in MODEL_CONFIGS.values() for C, G in zip(cfg["embedding_dims"], STAGE_GRIDS)}
+                     - set(S_STAGES))
+WIDTH_BATCH = 32
+
+
+# ------------------------------------------------------------------ errors, computed on the GPU
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e| in float64 (NaN when a holds NaN/inf): numerics.max_rel_error, on the device."""
+    a = actual.detach().to(dtype=torch.float64, device=expected.device)
+    if not bool(torch.isfinite(a).all()):
+        return float("nan")
+    return ((a - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close_to_oracle(out, oracle, ref_lowp, dtype, what):
+    """fp32: <= max(1e-5, 2 x err(fp32 reference) + 1e-6); fp16/bf16: <= 2 x err(reference at dtype) + 1e-5."""
+    nan = int(torch.isnan(out).sum())
+    assert nan == 0, f"{what}: {nan} NaN elements in the output (an element not written, or a poisoned read)"
+    err, ref_err = rel_err(out, oracle), rel_err(ref_lowp, oracle)
+    bound = max(FP32_TOL, 2 * ref_err + 1e-6) if dtype == torch.float32 else 2 * ref_err + 1e-5
+    assert err <= bound, (f"{what}: relative error {err:.3e} > bound {bound:.3e} (reference's own error at this "
+                          f"dtype {ref_err:.3e})")
+
+
+# ------------------------------------------------------------------ cases (inputs + oracle), cached
+class Case:
+    """Random layer and tokens on the GPU, the float64 oracle and the reference at each dtype."""
+
+    def __init__(self, C: int, H: int, W: int, B: int, seed: int = 0):
+        self.C, self.H, self.W, self.B = C, H, W, B
+        self.hp = default_hyper(C)
+        self.w = cast_weights(random_gma_weights(C, seed=seed), torch.float64, "cuda")
+        g = torch.Generator(device="cuda").manual_seed(seed + 1000)
+        self.x = torch.randn(B, H * W, C, generator=g, dtype=torch.float64, device="cuda")
+        with torch.inference_mode():
+            self.out64, ext = reference_group_mix_attention(self.x, (H, W), self.w, self.hp,
+                                                            return_intermediates=True)
+        self.pre64 = ext["pre_proj"]
+        self._lowp = {}
+
+    def qkv(self, dtype):
+        with torch.inference_mode():
+            return F.linear(self.x, self.w.qkv_weight, self.w.qkv_bias).to(dtype)
+
+    def reference(self, dtype):
+        """(pre-projection, layer output) of the reference run in `dtype` from x in `dtype`."""
+        if dtype not in self._lowp:
+            with torch.inference_mode():
+                out, ext = reference_group_mix_attention(self.x.to(dtype), (self.H, self.W),
+                                                         cast_weights(self.w, dtype), self.hp,
+                                                         return_intermediates=True)
+            self._lowp[dtype] = (ext["pre_proj"], out)
+        return self._lowp[dtype]
+
+    def folded(self, dtype):
+        return [t.contiguous() for t in fold_eval(self.w, self.hp, compute_dtype(dtype))]
+
+
+_CASES: "OrderedDict[tuple, Case]" = OrderedDict()
+
+
+def get_case(C, G, B, seed=0) -> Case:
+    """LRU of two cases: tests are ordered shape by shape (the shape is the outermost parameter)."""
+    key = (C, G, B, seed)
+    if key in _CASES:
+        _CASES.move_to_end(key)
+        return _CASES[key]
+    while len(_CASES) >= 2:
+        _CASES.popitem(last=False)
+    torch.cuda.empty_cache()
+    _CASES[key] = Case(C, G, G, B, seed)
+    return _CASES[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_cases():
+    yield
+    _CASES.clear()
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------ the two fused backends
+def require_backend(name: str):
+    """Skip (a failure on a GPU machine / under GMF_REQUIRE_GPU=1) when the backend cannot run."""
+    from gmf_kernels.backends import get_backend
+    reasons = get_backend(name).availability_reasons()
+    if reasons:
+        pytest.skip(f"{name}: " + "; ".join(reasons))
+
+
+def run_pre_projection(name: str, case: Case, dtype, monkeypatch) -> torch.Tensor:
+    """qkv -> pre through the backend's launcher, every output/intermediate buffer NaN-poisoned."""
+    require_backend(name)
+    qkv = case.qkv(dtype)
+    ws = case.folded(dtype)
+    with torch.inference_mode():
+        if name == "cuda":
+            from gmf_kernels.cuda import launcher as cl
+            out = torch.full((case.B, case.H * case.W, case.C), float("nan"), dtype=dtype, device="cuda")
+            cl.launch_pre_projection(qkv, case.H, case.W, ws, case.hp.scale, case.hp.ln_eps, out=out)
+        else:
+            from gmf_kernels.triton_kernels import launcher as tl_launcher
+            from gmf_kernels.triton_kernels import op  # noqa: F401  (registers gmf::triton_pre_projection)
+            monkeypatch.setattr(tl_launcher, "POISON_BUFFERS", True)
+            out = torch.ops.gmf.triton_pre_projection(qkv, case.H, case.W, ws, case.hp.scale, case.hp.ln_eps)
+    torch.cuda.synchronize()
+    return out
+
+
+def _shape_params(cases, batch=None):
+    out = []
+    for case in cases:
+        C, G, B = case if batch is None else (*case, batch)
+        for name in BACKENDS:
+            for dn in DTYPES:
+                out.append(pytest.param(name, dn, C, G, B, id=f"{name}-{dn}-C{C}-{G}x{G}-B{B}",
+                                        marks=pytest.mark.xdist_group(f"C{C}-{G}-B{B}")))
+    return out
+
+
+def _check_stage(name, dn, C, G, B, monkeypatch):
+    dtype = DTYPES[dn]
+    case = get_case(C, G, B)
+    out = run_pre_projection(name, case, dtype, monkeypatch)
+    what = f"{name} {dn} C={C} {G}x{G} B={B}"
+    assert_close_to_oracle(out, case.pre64, case.reference(dtype)[0], dtype, what)
+    again = run_pre_projection(name, case, dtype, monkeypatch)
+    assert torch.equal(out, again), f"{what}: two runs on the same input differ (a race?)"
+
+
+@pytest.mark.parametrize("name, dn, C, G, B", _shape_params(S_CASES))
+def test_groupmixformer_s_stages(name, dn, C, G, B, monkeypatch):
+    """GroupMixFormer-S stage shapes at batch 128 and 1."""
+    _check_stage(name, dn, C, G, B, monkeypatch)
+
+
+@pytest.mark.parametrize("name, dn, C, G, B", _shape_params(WIDTH_CASES, WIDTH_BATCH))
+def test_every_width(name, dn, C, G, B, monkeypatch):
+    """Every released width at every grid a released model uses it at."""
+    _check_stage(name, dn, C, G, B, monkeypatch)
+
+
+# ------------------------------------------------------------------ the public path
+@pytest.mark.xdist_group("public-path")
+@pytest.mark.parametrize("dn", list(DTYPES))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_public_path_batch128(name, dn):
+    """group_mix_attention(x, ..., backend=name): dispatch, folding, both linears, at batch 128."""
+    from gmf_kernels import group_mix_attention
+    require_backend(name)
+    dtype = DTYPES[dn]
+    case = get_case(160, 28, 128, seed=3)
+    w = cast_weights(case.w, dtype)
+    with torch.inference_mode():
+        out = group_mix_attention(case.x.to(dtype), (case.H, case.W), w, backend=name)
+    torch.cuda.synchronize()
+    assert out.dtype == dtype and out.shape == case.out64.shape
+    assert_close_to_oracle(out, case.out64, case.reference(dtype)[1], dtype, f"{name} {dn} layer")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_problem_on_this_gpu_passes_deployment_guards(name):
+    """The problem dispatch builds for a CUDA tensor carries this GPU's capability, and the
+    backend (built for this GPU by the README's install or the report) accepts it."""
+    from gmf_kernels.backends import get_backend
+    from gmf_kernels.functional import make_problem
+    require_backend(name)
+    case = get_case(80, 7, 1, seed=5)
+    with torch.inference_mode():
+        p = make_problem(case.x.float(), (7, 7), cast_weights(case.w, torch.float32), case.hp, False)
+    assert p.device_capability == tuple(torch.cuda.get_device_capability(case.x.device))
+    assert p.device_index == case.x.device.index
+    reasons = get_backend(name).not_supported_reasons(replace(p, explicit=True))
+    assert reasons == [], reasons
+
+
+# ------------------------------------------------------------------ the whole model
+MODEL_BATCH = 8
+
+
+def _randomise_norms(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+            if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def model_case():
+    """GroupMixFormer-S (random weights, randomised norms), an input, the float64 oracle logits."""
+    import gmf_kernels as gmf
+    torch.manual_seed(0)
+    master = gmf.create_model("groupmixformer_s", backend="reference").eval()
+    _randomise_norms(master)
+    x = torch.randn(MODEL_BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        m64 = copy.deepcopy(master).to(device="cuda", dtype=torch.float64)
+        oracle = m64(x.to(device="cuda", dtype=torch.float64))
+    del m64
+    torch.cuda.empty_cache()
+    return master, x, oracle, {}
+
+
+def _model_logits(master, x, dtype, backend):
+    m = copy.deepcopy(master).to(device="cuda", dtype=dtype).eval().set_backend(backend)
+    with torch.inference_mode():
+        out = m(x.to(device="cuda", dtype=dtype))
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.xdist_group("whole-model")
+@pytest.mark.parametrize("dn", list(DTYPES))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_whole_model_groupmixformer_s(name, dn, model_case):
+    """Every GMA layer of the model on the fused backend (named explicitly: it cannot fall back)."""
+    require_backend(name)
+    master, x, oracle, refs = model_case
+    dtype = DTYPES[dn]
+    if dtype not in refs:
+        refs[dtype] = _model_logits(master, x, dtype, "reference")
+    out = _model_logits(master, x, dtype, name)
+    assert_close_to_oracle(out, oracle, refs[dtype], dtype, f"GroupMixFormer-S {name} {dn} logits")

@@ -1,0 +1,355 @@
+"""The one-call GPU report (benchmarks/gpu_report.py) and the no-silent-skip rule, without a GPU.
+
+* `--dry-run` end to end (what CI can check of a report that needs a GPU): the plan, the
+  plumbing probes, the results folder written from a fake run of the GPU steps, its schema
+  and the device machine's limits on files;
+* the parsers the report reads its subprocesses with (pytest -v, compute-sanitizer,
+  throughput.py --help), fed real-format samples, including runs stopped half-way;
+* the summary renders any partial report; the folder validator catches broken folders;
+* the FLOP formulas of benchmarks/ops.py against torch's own FLOP counter;
+* tests/conftest.py: a GPU test that skips because the CUDA module is missing fails on a
+  GPU machine, and GMF_REQUIRE_GPU=1 turns "needs a GPU" skips (those of
+  tests/test_cuda_build.py included) into failures.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "gpu_report.py"
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+gr = _load(SCRIPT, "gmf_gpu_report")
+
+
+def _env(**kw):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("GMF_REQUIRE_GPU", None)
+    env.update(kw)
+    return env
+
+
+# ------------------------------------------------------------------ the dry run, end to end
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_report_dry")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    return proc, out
+
+
+def test_dry_run_passes_and_prints_the_plan(dry_run):
+    proc, out = dry_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    text = proc.stdout
+    assert "DRY RUN" in text and "plan:" in text
+    for phase in gr.PHASE_NAMES:
+        assert f"  {phase} " in text, phase
+    # the exact GPU commands it would run
+    assert "gmf_kernels.cuda build" in text and "--archs" in text
+    assert "GMF_REQUIRE_GPU=1" in text and "tests/test_gpu_real_shapes.py" in text
+    for tool in gr.SANITIZER_TOOLS:
+        assert f"--tool {tool}" in text, tool
+    assert "throughput.py --model groupmixformer_s --precision bf16 --batch-size 256" in text
+    assert "--protocol paper" in text
+    assert "plumbing checks passed; folder valid" in text
+
+
+def test_dry_run_folder_schema(dry_run):
+    proc, out = dry_run
+    assert gr.validate_folder(out) == []
+    files = sorted(p.name for p in out.iterdir())
+    assert {"report.json", "summary.md", "report.log"} <= set(files)
+    assert len(files) <= gr.MAX_FILES and all(p.stat().st_size <= gr.MAX_FILE_BYTES for p in out.iterdir())
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["dry_run"] is True and rep["schema_version"] == gr.SCHEMA_VERSION
+    assert set(rep["files"]) == set(files)
+    meta = rep["meta"]
+    for k in ("date", "git_sha", "torch", "triton", "device_name", "driver_version", "torch_cuda"):
+        assert k in meta, k
+    assert meta["torch"] == torch.__version__
+    assert [p for p in gr.PHASE_NAMES if not rep["phases"][p]["status"].startswith("dry-run")] == []
+    checks = rep["dry_run_checks"]
+    assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    # every test selection was really collected, and its (fake) outcomes parsed
+    runs = {r["name"]: r for r in rep["tests"]["runs"]}
+    assert set(runs) == {"triton_real_shapes", "triton_kernels", "cuda_real_shapes", "cuda_build_gpu"}
+    assert all(r["fake"] and r["counts"]["passed"] > 0 for r in runs.values()), runs
+    assert runs["cuda_build_gpu"]["counts"]["passed"] >= 5  # test_cuda_build.py's needs_gpu tests, marked gpu
+    assert set(rep["sanitizer"]["tools"]) == set(gr.SANITIZER_TOOLS)
+    # the kernel worker really ran (on CPU): measured rows with the formulas' bytes and FLOPs
+    pre = {r["impl"]: r for r in rep["kernels"]["rows"] if r.get("op") == "pre_projection"}
+    assert {"torch", "reference"} <= set(pre)
+    for r in pre.values():
+        assert r["status"] == "ok" and r["median_ms"] > 0 and r["bytes"] > 0 and r["flops"] > 0
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    assert pre["torch"]["err_vs_reference"] < 1e-4
+    assert [r["name"] for r in rep["models"]["runs"]] == ["bf16_b256", "fp32_b128_paper"]
+    summary = (out / "summary.md").read_text()
+    assert "DRY RUN" in summary and "## Phases" in summary and "git" in summary and meta["git_sha"] in summary
+
+
+# ------------------------------------------------------------------ parsers
+PYTEST_PLAIN = """\
+tests/test_gpu_real_shapes.py::test_groupmixformer_s_stages[cuda-fp32-C80-56x56-B128] PASSED             [  1%]
+tests/test_gpu_real_shapes.py::test_groupmixformer_s_stages[cuda-fp16-C80-56x56-B128] FAILED             [  2%]
+tests/test_gpu_real_shapes.py::test_groupmixformer_s_stages[cuda-bf16-C80-56x56-B128] SKIPPED (needs...) [  3%]
+tests/test_cuda_build.py::test_gpu_matches_emulation ERROR                                              [  4%]
+=========================== short test summary info ============================
+SKIPPED [1] tests/test_gpu_real_shapes.py:120: needs a CUDA GPU
+FAILED tests/test_gpu_real_shapes.py::test_groupmixformer_s_stages[cuda-fp16-C80-56x56-B128] - AssertionError: cuda fp16 C=80 56x56 B=128: relative error 3.1e-02 > bound 1.2e-03
+ERROR tests/test_cuda_build.py::test_gpu_matches_emulation - GMF_REQUIRE_GPU=1: a GPU test may not skip
+============= 1 failed, 1 passed, 1 skipped, 1 error in 12.34s ==============
+"""
+
+PYTEST_XDIST_CUT = """\
+[gw0] [  1%] PASSED tests/test_gpu_real_shapes.py::test_every_width[triton-fp32-C40-56x56-B32]
+[gw1] [  2%] PASSED tests/test_gpu_real_shapes.py::test_every_width[triton-fp16-C40-56x56-B32]
+[gw1] [  3%] FAILED tests/test_gpu_real_shapes.py::test_every_width[triton-bf16-C40-56x56-B32]
+"""
+
+
+def test_parse_pytest_verbose_and_summary():
+    p = gr.parse_pytest(PYTEST_PLAIN)
+    assert p["counts"]["passed"] == 1 and p["counts"]["failed"] == 1 and p["counts"]["error"] == 1
+    assert p["counts"]["skipped"] == 1
+    msgs = {f["id"].split("::")[1]: f["message"] for f in p["failures"]}
+    assert "relative error 3.1e-02" in msgs["test_groupmixformer_s_stages[cuda-fp16-C80-56x56-B128]"]
+    assert "GMF_REQUIRE_GPU=1" in msgs["test_gpu_matches_emulation"]
+    assert p["final_line"].startswith("1 failed, 1 passed")
+    assert p["skips"] == ["tests/test_gpu_real_shapes.py: needs a CUDA GPU"]
+
+
+def test_parse_pytest_xdist_run_stopped_half_way():
+    p = gr.parse_pytest(PYTEST_XDIST_CUT)  # no summary: killed by the phase's timeout
+    assert p["counts"]["passed"] == 2 and p["counts"]["failed"] == 1 and p["final_line"] is None
+    assert p["failures"][0]["id"].endswith("[triton-bf16-C40-56x56-B32]")
+
+
+SANITIZER_MEMCHECK = """\
+========= COMPUTE-SANITIZER
+SANITIZE_CASE {"backend": "cuda", "dtype": "fp32", "C": 80, "H": 7, "W": 9, "B": 2, "tile": null, "status": "ok", "max_rel_err": 1e-07}
+========= Invalid __global__ read of size 4 bytes
+=========     at void gmf::gma_attention_kernel<float, 8>(gmf::GmaParams)+0x1c30 in gma_attention.cuh:212
+=========     by thread (37,0,0) in block (3,0,0)
+=========     Address 0x7f0000001004 is out of bounds
+=========     and is 4 bytes after the nearest allocation at 0x7f0000000000 of size 4,096 bytes
+=========
+========= Invalid __global__ write of size 2 bytes
+=========     at gma_aggregate_kernel+0x990 in aggregation.py:301
+=========     by thread (0,0,0) in block (1,4,0)
+=========
+SANITIZE_CASE {"backend": "triton", "dtype": "bf16", "C": 200, "H": 20, "W": 13, "B": 1, "tile": null, "status": "error", "reason": "RuntimeError: CUDA error"}
+SANITIZE_DONE cases=2 bad=1
+========= ERROR SUMMARY: 2 errors
+"""
+
+SANITIZER_RACECHECK = """\
+========= COMPUTE-SANITIZER
+========= Error: Race reported between Write access at void gmf::gma_aggregate_kernel<__half, 16>(gmf::GmaParams)+0x880 in gma_aggregate.cuh:140
+=========     and Read access at void gmf::gma_aggregate_kernel<__half, 16>(gmf::GmaParams)+0x9a0 in gma_aggregate.cuh:151 [1024 hazards]
+=========
+SANITIZE_DONE cases=7 bad=0
+========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)
+"""
+
+
+def test_parse_sanitizer_findings_kernels_and_sources():
+    p = gr.parse_sanitizer(SANITIZER_MEMCHECK)
+    assert p["errors"] == 2 and p["driver_completed"]
+    assert [f["message"] for f in p["findings"]] == ["Invalid __global__ read of size 4 bytes",
+                                                     "Invalid __global__ write of size 2 bytes"]
+    assert p["findings"][0]["kernel"] == "gma_attention_kernel"
+    assert p["findings"][0]["source"] == "gma_attention.cuh:212"
+    assert p["findings"][1]["kernel"] == "gma_aggregate_kernel"
+    assert p["findings"][1]["source"] == "aggregation.py:301"
+    assert p["per_kernel"] == {"gma_attention_kernel": 1, "gma_aggregate_kernel": 1}
+    assert (p["cases_ok"], p["cases_failed"]) == (1, 1)
+
+
+def test_parse_sanitizer_racecheck_and_clean():
+    p = gr.parse_sanitizer(SANITIZER_RACECHECK)
+    assert p["hazards"] == {"displayed": 1, "errors": 1, "warnings": 0}
+    assert p["findings"][0]["message"].startswith("Error: Race reported") and p["errors"] is None
+    f0 = p["findings"][0]
+    assert f0["kernel"] == "gma_aggregate_kernel" and f0["source"] == "gma_aggregate.cuh:140"
+    clean = gr.parse_sanitizer("========= COMPUTE-SANITIZER\nSANITIZE_DONE cases=7 bad=0\n"
+                               "========= ERROR SUMMARY: 0 errors\n")
+    assert clean["errors"] == 0 and clean["findings"] == [] and clean["driver_completed"]
+    crashed = gr.parse_sanitizer("========= COMPUTE-SANITIZER\n========= Error: Device not supported\n")
+    assert crashed["errors"] is None and not crashed["driver_completed"] and crashed["findings"]
+
+
+def test_throughput_help_flags():
+    h = "usage: throughput.py [-h] [--bench {inference,train}] [--results-file RESULTS_FILE] [--no-timm]"
+    f = gr.throughput_help_flags(h)
+    assert f["bench"] == ["inference", "train"] and "--results-file" in f["flags"] and "--no-timm" in f["flags"]
+    assert gr.throughput_help_flags("usage: throughput.py [--model MODEL]")["bench"] == []
+
+
+def test_select_ids():
+    ids = ["tests/a.py::t[cuda-x]", "tests/a.py::t[triton-x]", "tests/b.py::u"]
+    assert gr._select_ids(ids, ["tests/a.py", "-k", "triton"]) == ["tests/a.py::t[triton-x]"]
+    assert gr._select_ids(ids, ["tests/a.py", "-k", "not triton"]) == ["tests/a.py::t[cuda-x]"]
+    assert gr._select_ids(ids, ["tests/b.py"]) == ["tests/b.py::u"]
+
+
+# ------------------------------------------------------------------ summary and folder validation
+def _report(**kw):
+    rep = {"schema_version": gr.SCHEMA_VERSION, "kind": "gmf_kernels gpu report", "dry_run": False,
+           "meta": {"date": "2026-01-01T00:00:00+00:00", "device_name": "NVIDIA H100 80GB HBM3", "capability": [9, 0],
+                    "sm_count": 132, "memory_gib": 79.2, "driver_version": "580.1", "driver_cuda_version": 13000,
+                    "torch": "2.11.0", "triton": "3.6.0", "torch_cuda": "13.0", "git_sha": "abc123"},
+           "phases": {p: {"status": "ok", "seconds": 1.0, "allowance_s": 2.0, "notes": []} for p in gr.PHASE_NAMES},
+           "build": {}, "tests": {"runs": []}, "sanitizer": {"tools": {}}, "kernels": {}, "models": {"runs": []},
+           "train": {"runs": []}, "files": ["report.json", "summary.md"]}
+    rep.update(kw)
+    return rep
+
+
+def test_render_summary_of_a_partial_report():
+    """Timeouts, errors and missing fields render; failures and findings are listed."""
+    rep = _report(
+        tests={"runs": [{"name": "cuda_real_shapes", "status": "timeout", "seconds": 70,
+                         **gr.parse_pytest(PYTEST_PLAIN)},
+                        {"name": "cuda_build_gpu", "status": "skipped", "reason": "time budget used up"}]},
+        sanitizer={"tools": {"memcheck": {"status": "errors", "seconds": 20, **gr.parse_sanitizer(SANITIZER_MEMCHECK)},
+                             "racecheck": {"status": "timeout"}}},
+        kernels={"ceilings": [{"op": "copy_1GiB", "status": "ok", "GBps": 3000.0}],
+                 "rows": [{"op": "pre_projection", "impl": "cuda", "status": "ok", "stage": 0, "C": 80, "H": 56,
+                           "W": 56, "B": 128, "dtype": "bf16", "median_ms": 0.5, "p20_ms": 0.49, "p80_ms": 0.52,
+                           "GBps": 1500.0, "TFLOPs": 3.1, "err_vs_reference": 1e-3},
+                          {"op": "pre_projection", "impl": "reference", "status": "ok", "stage": 0, "C": 80, "H": 56,
+                           "W": 56, "B": 128, "dtype": "bf16", "median_ms": 2.0, "p20_ms": 1.9, "p80_ms": 2.1},
+                          {"op": "pre_projection", "impl": "triton", "status": "error", "stage": 0, "C": 80, "H": 56,
+                           "W": 56, "B": 128, "dtype": "bf16", "reason": "RuntimeError: boom"},
+                          {"op": "aggregate", "impl": "cuda", "status": "ok", "stage": 0, "C": 80, "B": 128,
+                           "dtype": "bf16", "median_ms": 0.3, "p20_ms": 0.29, "p80_ms": 0.31, "GBps": 2000.0}]},
+        models={"runs": [{"name": "bf16_b256", "status": "timeout", "rows": [], "reason": "stopped"}]})
+    md = gr.render_summary(rep)
+    assert "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs" in md and "580.1 (CUDA 13.0" in md and "abc123" in md
+    assert "relative error 3.1e-02" in md and "GMF_REQUIRE_GPU=1" in md
+    assert "Invalid __global__ read of size 4 bytes [gma_attention_kernel gma_attention.cuh:212]" in md
+    assert "| 0 | 80 | 56x56 | 128 | bf16 | cuda | 0.5000 | 0.4900-0.5200 | 1500 | 50% | 3.10 | 4.00x |" in md
+    assert "RuntimeError: boom" in md and "| bf16_b256 | - | timeout |" in md
+    assert "| cuda | aggregate | 0.3000 |" in md
+
+
+def test_validate_folder_catches_problems(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps(_report()))
+    (tmp_path / "summary.md").write_text("x")
+    assert gr.validate_folder(tmp_path) == []
+    for i in range(gr.MAX_FILES - 1):
+        (tmp_path / f"extra{i}.txt").write_text("x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deep.txt").write_text("x")
+    (tmp_path / "bad name.txt").write_text("x")
+    bad = _report()
+    del bad["meta"]["git_sha"]
+    del bad["phases"]["sanitizer"]
+    (tmp_path / "report.json").write_text(json.dumps(bad))
+    problems = " | ".join(gr.validate_folder(tmp_path))
+    for fragment in ("files >", "not flat", "bad name.txt", "meta lacks 'git_sha'", "phase 'sanitizer' not recorded"):
+        assert fragment in problems, (fragment, problems)
+
+
+def test_cap_file_keeps_head_and_tail(tmp_path):
+    p = tmp_path / "log.txt"
+    p.write_text("HEAD\n" + "x" * 100_000 + "\nTAIL\n")
+    gr.cap_file(p, limit=10_000)
+    text = p.read_text()
+    assert p.stat().st_size <= 10_300 and text.startswith("HEAD") and text.rstrip().endswith("TAIL")
+    assert "bytes cut" in text
+
+
+# ------------------------------------------------------------------ ops.py formulas vs torch's FLOP counter
+@pytest.mark.parametrize("C, H, W, B", [(80, 7, 9, 2), (200, 5, 11, 1), (480, 7, 7, 3)])
+def test_ops_flop_formulas_match_torch_flop_counter(C, H, W, B):
+    """ops.work()'s FLOPs = torch's count of the reference's convolutions and matrix products."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gmf_kernels.numerics import default_hyper, random_gma_weights
+    from gmf_kernels.reference import reference_pre_projection
+    ops = _load(REPO / "benchmarks" / "ops.py", "gmf_benchmark_ops")
+    w = random_gma_weights(C, seed=0, dtype=torch.float32)
+    hp = default_hyper(C)
+    x = torch.randn(B, H * W, C)
+    t = F.linear(x, w.qkv_weight, w.qkv_bias)
+    with FlopCounterMode(display=False) as fc:
+        reference_pre_projection(t, (H, W), w, hp)
+    wk = ops.work(C, H, W, B, 4)
+    assert wk["pre_projection"]["flops"] == fc.get_total_flops()
+    assert wk["aggregate"]["flops"] + wk["attention"]["flops"] == fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        F.linear(F.linear(x, w.qkv_weight, w.qkv_bias)[..., :C], w.proj_weight, w.proj_bias)
+    assert wk["linears"]["flops"] == fc.get_total_flops()
+
+
+# ------------------------------------------------------------------ tests/conftest.py: no silent GPU skip
+def test_skip_verdict_rules():
+    from conftest import BUILD_COMMAND, skip_verdict
+    missing = "CUDA module not built (python -m gmf_kernels.cuda build)"
+    # a GPU machine: a GPU test may not skip for want of the module, GMF_REQUIRE_GPU or not
+    msg = skip_verdict(missing, gpu_test=True, require=False, cuda_available=True)
+    assert msg and BUILD_COMMAND in msg
+    assert skip_verdict("cuda: CUDA extension not available: not built", True, False, True)
+    # a CPU machine: GPU tests skip ... unless GMF_REQUIRE_GPU=1
+    assert skip_verdict(missing, True, False, False) is None
+    assert skip_verdict("needs a CUDA GPU", True, False, False) is None
+    assert "GMF_REQUIRE_GPU=1" in skip_verdict("needs a CUDA GPU", True, True, False)
+    assert skip_verdict("cuda: no CUDA device available (torch.cuda.is_available() is False)", False, True, False)
+    assert skip_verdict("anything at all", True, True, True)  # a GPU test never skips under the flag
+    # skips that are not about a GPU stand, with or without the flag
+    for reason in ("checks behaviour without a GPU", "needs a machine without CUDA", "nvcc not found",
+                   "cuda: device cpu not supported (supports ['cuda'])"):
+        assert skip_verdict(reason, False, True, True) is None, reason
+        assert skip_verdict(reason, False, False, True) is None, reason
+
+
+GPU_TESTS = ["tests/test_cuda_build.py::test_gpu_matches_emulation",
+             "tests/test_gpu_real_shapes.py::test_public_path_batch128"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-machine behaviour of GPU tests")
+def test_gpu_tests_fail_under_require_gpu_on_cpu():
+    """GMF_REQUIRE_GPU=1 on a CPU machine: the GPU tests (test_cuda_build.py's `needs_gpu` ones, auto-
+    marked `gpu`, and test_gpu_real_shapes.py's) fail instead of skipping. (Without the flag they
+    skip: the rest of the CPU suite runs them that way.)"""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"] + GPU_TESTS
+    req = subprocess.run(cmd, cwd=REPO, env=_env(GMF_REQUIRE_GPU="1"), capture_output=True, text=True, timeout=600)
+    out = req.stdout
+    assert req.returncode == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert "GMF_REQUIRE_GPU=1" in out and "skipped" not in last and "passed" not in last, out[-3000:]
+    for test in GPU_TESTS:
+        assert test in out, (test, out[-3000:])
+
+
+def test_sanitize_driver_checks_results_on_cpu():
+    """The compute-sanitizer driver's own logic (inputs, folding, the op, the float64 check), run on the
+    CPU through the Triton interpreter: one case, which must come out "ok"."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--worker", "sanitize", "--cpu", "--backends", "triton",
+                           "--max-cases", "1"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    p = gr.parse_sanitizer(proc.stdout)
+    assert p["driver_completed"] and p["cases_ok"] == 1 and p["cases_failed"] == 0, p["cases"]
+    assert p["cases"][0]["max_rel_err"] < 1e-5
