@@ -3,7 +3,7 @@
 `GMAWeights` is what the functional API and every backend receive: the upstream
 parameters and BatchNorm buffers, by role, with no nn.Module attached. The module
 (`gmf_kernels.modules.GroupMixAttention`) builds one per forward from its
-submodules, so the state_dict keys of GMA_SPEC.md §1 stay the single source of
+submodules, so the state_dict keys of docs/spec.md §1 stay the single source of
 truth.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 Tensor = torch.Tensor
 
-#: CRPE window sizes and how many heads use each (GMA_SPEC §1, step 7), in head order.
+#: CRPE window sizes and how many heads use each (docs/spec.md §1, step 7), in head order.
 CRPE_WINDOWS: Tuple[Tuple[int, int], ...] = ((3, 2), (5, 3), (7, 3))
 #: Depthwise kernel size of aggregator segments 1, 2, 3.
 SEGMENT_KERNELS: Tuple[int, int, int] = (3, 5, 7)
@@ -61,6 +61,12 @@ class GMAHyper(NamedTuple):
 
     bn_eps / bn_momentum may also be 4-tuples (one per aggregator BatchNorm) when the
     four differ; only the reference backend runs such layers.
+
+    bn_process_group: the torch.distributed process group whose ranks share the aggregator
+    BatchNorms' batch statistics (upstream's SyncBatchNorm), or None: statistics of this
+    process only. The entry points set it (`gmf_kernels.distributed.resolve_group`) only
+    when there is something to synchronise: training mode, an initialised group of more
+    than one rank. It may be a 4-tuple too (reference backend only).
     """
 
     num_heads: int = 8
@@ -68,6 +74,7 @@ class GMAHyper(NamedTuple):
     bn_eps: float = 1e-5
     bn_momentum: Optional[float] = 0.1
     ln_eps: float = 1e-5
+    bn_process_group: Optional[object] = None
 
 
 def per_bn(value, i: int):

@@ -18,5 +18,6 @@ BACKEND = ReferenceBackend(
     device_types=frozenset({"cpu", "cuda"}),
     supports_training=True,
     supports_grad=True,
+    supports_sync_bn=True,
     supports_mixed_bn=True,
 )

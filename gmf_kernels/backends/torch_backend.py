@@ -15,7 +15,10 @@ Same function as the reference, in fewer and larger calls and without split/cat 
 * Factorized attention as two einsums on strided views; CRPE as ONE depthwise 7x7 call.
 
 In training mode the BatchNorms use batch statistics over q, k, v (3B images) from a
-single var_mean over a view, and update the running statistics like nn.BatchNorm2d.
+single var_mean over a view, and update the running statistics like nn.BatchNorm2d. With a
+process group (upstream's SyncBatchNorm, `GMAHyper.bn_process_group`) the statistics of the
+four BatchNorms come from ONE all-reduce of (sum, sum of squares, count) over the ranks, and
+the backward all-reduces the two gradient sums once (`gmf_kernels/distributed.py`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..distributed import sync_batch_stats
 from ..folding import bn_affine, cached_derived
 from ..weights import GMAHyper, GMAWeights
 from .base import Backend
@@ -95,14 +99,25 @@ def _needs_grad(t: Tensor, w: GMAWeights) -> bool:
 
 
 def _batch_norm_train(z: Tensor, w: GMAWeights, hp: GMAHyper) -> Tensor:
-    """Training BatchNorm of segments 0-3 on z (B, N, 4, 3, s): statistics over B, N and q/k/v."""
-    var, mean = torch.var_mean(z, dim=(0, 1, 3), unbiased=False)                  # (4, s)
+    """Training BatchNorm of segments 0-3 on z (B, N, 4, 3, s): statistics over B, N and q/k/v,
+    and over every rank of hp.bn_process_group when one is set (SyncBatchNorm semantics)."""
+    dtype = z.dtype
+    if hp.bn_process_group is None:
+        var, mean = torch.var_mean(z, dim=(0, 1, 3), unbiased=False)              # (4, s)
+        stat_mean, stat_var, n = mean, var, z.numel() // mean.numel()             # n >= 3 (3B images)
+    else:
+        # ONE all-reduce of (sum, sum of squares, count) in forward and, through autograd,
+        # ONE of the two gradient sums in backward: SyncBatchNorm's collectives, for all 4 BNs
+        stat_mean, stat_var, n = sync_batch_stats(z, (0, 1, 3), hp.bn_process_group)  # float64; n global
+        cd = torch.float64 if dtype == torch.float64 else torch.float32
+        mean, var, z = stat_mean.to(cd), stat_var.to(cd), z.to(cd)
     gamma = torch.stack(list(w.bn_weight))
     beta = torch.stack(list(w.bn_bias))
     y = (z - mean[:, None]) * (torch.rsqrt(var + hp.bn_eps) * gamma)[:, None] + beta[:, None]
+    if hp.bn_process_group is not None:
+        y = y.to(dtype)
     with torch.no_grad():
-        n = z.numel() // mean.numel()
-        unbiased = var * (n / max(n - 1, 1))
+        unbiased = stat_var * (n / (n - 1))
         for i in range(4):
             if w.bn_running_mean[i] is None:  # track_running_stats=False
                 continue
@@ -110,7 +125,7 @@ def _batch_norm_train(z: Tensor, w: GMAWeights, hp: GMAHyper) -> Tensor:
             if nbt is not None:
                 nbt.add_(1)
             m = hp.bn_momentum if hp.bn_momentum is not None else 1.0 / float(nbt.item())
-            w.bn_running_mean[i].lerp_(mean[i].to(w.bn_running_mean[i].dtype), m)
+            w.bn_running_mean[i].lerp_(stat_mean[i].to(w.bn_running_mean[i].dtype), m)
             w.bn_running_var[i].lerp_(unbiased[i].to(w.bn_running_var[i].dtype), m)
     return y
 
@@ -175,4 +190,5 @@ BACKEND = TorchBackend(
     device_types=frozenset({"cpu", "cuda"}),
     supports_training=True,
     supports_grad=True,
+    supports_sync_bn=True,
 )

@@ -1,0 +1,339 @@
+"""Upstream's SyncBatchNorm semantics across processes (issue 10, item 4).
+
+Upstream trains with SyncBatchNorm in the aggregator: norm0..norm3 take their training-mode
+batch statistics over the images of every process. Checked here on CPU with
+torch.distributed (gloo): two spawned processes, each given part of a batch, against ONE
+process given the whole batch (the float64 reference backend with plain BatchNorm, i.e. no
+synchronisation code at all):
+
+* outputs and input gradients (each rank's rows), every parameter gradient (the ranks'
+  gradients all-reduced here: DistributedDataParallel refuses SyncBatchNorm modules on
+  CPU), running statistics and num_batches_tracked after two steps (momentum 0.1 and the
+  cumulative average), on every backend of the registry that trains with synchronised
+  statistics; float64, an odd grid, widths 40, 80 and 200, even and uneven splits;
+* the three ways in: `torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)`, the module's
+  `process_group=` and the functional API's `process_group=`, and `gmf_kernels.convert` of
+  an upstream-style module made SyncBatchNorm (its BatchNorm modules are kept, shared);
+* backends that cannot synchronise refuse, with the reason;
+* one rank (world size 1) or no process group at all: a SyncBatchNorm layer runs exactly
+  (bitwise) as plain BatchNorm.
+
+All two-process cases run in ONE spawn (a module fixture) so that the start-up of the
+processes is paid once; gloo's timeout and a join deadline turn a hang into a failure.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import gmf_kernels
+from gmf_kernels.backends import BACKEND_NAMES, get_backend
+from gmf_kernels.distributed import resolve_group
+from gmf_kernels.functional import make_problem, sync_groups
+from gmf_kernels.numerics import random_gma_weights
+from helpers import assert_max_rel_close as assert_rel
+from helpers import backend_cases, problem
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo not available")
+
+TOL = 1e-10
+GRID = (5, 7)  # odd, non-square
+GLOO_TIMEOUT_S = 60
+JOIN_DEADLINE_S = 240
+#: name -> (how the layer is told to synchronise, C, batch per rank, momentum)
+CASES = {
+    "convert_sync_batchnorm-C40": ("convert_sync_batchnorm", 40, (2, 2), 0.1),
+    "functional-C200-uneven": ("functional", 200, (1, 2), 0.1),
+    "module_process_group-C80-cma": ("module_process_group", 80, (2, 2), None),
+    "gmf_convert-C40-uneven": ("gmf_convert", 40, (2, 1), 0.1),
+}
+SYNC_PROBLEM = dict(dtype=torch.float64, training=True, needs_grad=True, sync_bn=True)
+
+
+def sync_backends():
+    """Backends of the registry that run a synchronised training problem here."""
+    return [n for n in BACKEND_NAMES if not get_backend(n).not_supported_reasons(problem(**SYNC_PROBLEM))]
+
+
+# ------------------------------------------------------------------ building blocks
+def make_module(C, momentum, seed):
+    """A float64 GroupMixAttention with random weights and non-trivial running statistics."""
+    m = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True).double()
+    w = random_gma_weights(C, seed=seed)
+    with torch.no_grad():
+        for dst, src in zip(m.gma_weights().tensors(), w.tensors()):
+            dst.copy_(src)
+    for i in range(4):
+        getattr(m.aggregator, f"norm{i}").momentum = momentum
+    return m.train()
+
+
+class EfficientAtt(nn.Module):
+    """Upstream's structure and class name (what gmf_kernels.convert recognises); holds the
+    submodules of a GroupMixAttention, its forward is never called."""
+
+    def __init__(self, src: gmf_kernels.GroupMixAttention):
+        super().__init__()
+        self.num_heads, self.scale = src.num_heads, src.scale
+        self.qkv, self.proj, self.proj_drop = src.qkv, src.proj, src.proj_drop
+        self.aggregator, self.crpe = src.aggregator, src.crpe
+
+
+def step(forward, module, x1, x2, lw):
+    """Train step 1 (forward + backward of sum(out * lw)), then step 2 (forward only): returns
+    out1, input grad, parameter grads, out2 and the BatchNorm buffers after both steps."""
+    x = x1.clone().requires_grad_(True)
+    out1 = forward(x)
+    (out1 * lw).sum().backward()
+    with torch.no_grad():
+        out2 = forward(x2)
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    buffers = {n: b.clone() for n, b in module.named_buffers()}
+    return dict(out1=out1.detach(), x_grad=x.grad.clone(), grads=grads, out2=out2, buffers=buffers)
+
+
+def oracle(sd, C, momentum, x1, x2, lw):
+    """ONE process, the whole batch, the reference backend with plain BatchNorm."""
+    m = make_module(C, momentum, seed=0)
+    m.load_state_dict(sd)
+    m.set_backend("reference")
+    return step(lambda x: m(x, GRID), m, x1, x2, lw)
+
+
+# ------------------------------------------------------------------ the two-process worker
+def _sync_module(api, sd, C, momentum, backend):
+    """(the module whose parameters are trained, forward) for one way of asking for sync."""
+    m = make_module(C, momentum, seed=0)
+    m.load_state_dict(sd)
+    m.set_backend(backend)
+    world = dist.group.WORLD
+    if api == "convert_sync_batchnorm":
+        holder = nn.ModuleDict({"att": m})  # GroupMixAttention inside a model, converted as a whole
+        holder = nn.SyncBatchNorm.convert_sync_batchnorm(holder)
+        att = holder["att"]
+        assert all(isinstance(getattr(att.aggregator, f"norm{i}"), nn.SyncBatchNorm) for i in range(4))
+        assert set(att.state_dict()) == set(sd)
+        return att, lambda x: att(x, GRID)
+    if api == "module_process_group":
+        att = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True, process_group=world).double().train()
+        att.load_state_dict(sd)
+        for i in range(4):
+            getattr(att.aggregator, f"norm{i}").momentum = momentum
+        att.set_backend(backend)
+        assert not any(isinstance(mod, nn.SyncBatchNorm) for mod in att.modules())
+        assert copy.deepcopy(att).process_group is world  # a copy (e.g. an EMA model) shares the group
+        return att, lambda x: att(x, GRID)
+    if api == "functional":
+        return m, lambda x: gmf_kernels.group_mix_attention(
+            x, GRID, m.gma_weights(), num_heads=8, scale=m.scale, training=True, bn_momentum=momentum,
+            backend=backend, process_group=world)
+    if api == "gmf_convert":
+        upstream = nn.SyncBatchNorm.convert_sync_batchnorm(EfficientAtt(m))
+        norms = [getattr(upstream.aggregator, f"norm{i}") for i in range(4)]
+        att = gmf_kernels.convert(upstream, backend=backend)
+        assert isinstance(att, gmf_kernels.GroupMixAttention)
+        assert [getattr(att.aggregator, f"norm{i}") for i in range(4)] == norms  # kept, shared
+        assert all(type(n) is nn.SyncBatchNorm for n in norms)
+        return att, lambda x: att(x, GRID)
+    raise AssertionError(api)
+
+
+def _worker(rank, world_size, port, inputs_path, out_dir, backends):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
+    try:
+        inputs = torch.load(inputs_path, weights_only=False)
+        results = {}
+        for case, (api, C, split, momentum) in CASES.items():
+            data = inputs[case]
+            lo = sum(split[:rank])
+            rows = slice(lo, lo + split[rank])
+            x1, x2, lw = data["x1"][rows], data["x2"][rows], data["lw"][rows]
+            for backend in backends:
+                module, forward = _sync_module(api, data["sd"], C, momentum, backend)
+                res = step(forward, module, x1, x2, lw)
+                for g in res["grads"].values():  # what DistributedDataParallel would do (as a sum)
+                    dist.all_reduce(g)
+                results[(backend, case)] = res
+        # backends that cannot synchronise refuse, with the reason (never a silent per-process BN)
+        refusals = {}
+        for backend in BACKEND_NAMES:
+            if backend in backends or get_backend(backend).availability_reasons():
+                continue
+            module, forward = _sync_module("convert_sync_batchnorm", inputs[next(iter(CASES))]["sd"], 40, 0.1,
+                                           backend)
+            try:
+                forward(inputs[next(iter(CASES))]["x1"][:1])
+                refusals[backend] = "ran"
+            except ValueError as e:
+                refusals[backend] = str(e)
+        torch.save({"results": results, "refusals": refusals}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, nprocs, args):
+    """Start nprocs processes (spawn) and wait for them; kill them and fail after a deadline."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + JOIN_DEADLINE_S
+    while not ctx.join(timeout=1.0):  # raises ProcessRaisedException / ProcessExitedException
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{nprocs} processes did not finish within {JOIN_DEADLINE_S} s (hang?)")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("syncbn")
+    gen = torch.Generator().manual_seed(11)
+    inputs = {}
+    for k, (case, (api, C, split, momentum)) in enumerate(CASES.items()):
+        B = sum(split)
+        N = GRID[0] * GRID[1]
+        sd = {n: t.clone() for n, t in make_module(C, momentum, seed=100 + k).state_dict().items()}
+        x1 = torch.randn(B, N, C, generator=gen, dtype=torch.float64) + 0.3  # BN inputs with a mean
+        x2 = torch.randn(B, N, C, generator=gen, dtype=torch.float64)
+        lw = torch.randn(B, N, C, generator=gen, dtype=torch.float64)
+        inputs[case] = dict(sd=sd, x1=x1, x2=x2, lw=lw)
+    torch.save(inputs, tmp / "inputs.pt")
+    backends = sync_backends()
+    spawn(_worker, 2, (2, _free_port(), str(tmp / "inputs.pt"), str(tmp), backends))
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return dict(inputs=inputs, ranks=ranks, backends=backends)
+
+
+# ------------------------------------------------------------------ two processes vs one
+@pytest.mark.parametrize("backend, case", backend_cases(BACKEND_NAMES, list(CASES), list(CASES), **SYNC_PROBLEM))
+def test_two_processes_match_one_process_on_the_whole_batch(two_process_run, backend, case):
+    api, C, split, momentum = CASES[case]
+    data = two_process_run["inputs"][case]
+    exp = oracle(data["sd"], C, momentum, data["x1"], data["x2"], data["lw"])
+    lo = 0
+    for rank in range(2):
+        got = two_process_run["ranks"][rank]["results"][(backend, case)]
+        rows = slice(lo, lo + split[rank])
+        lo += split[rank]
+        who = f"{backend} {case} rank {rank}"
+        assert_rel(got["out1"], exp["out1"][rows], TOL, f"{who} out")
+        assert_rel(got["x_grad"], exp["x_grad"][rows], TOL, f"{who} input grad")
+        assert_rel(got["out2"], exp["out2"][rows], TOL, f"{who} out (step 2)")
+        assert set(got["grads"]) == set(exp["grads"])
+        for n, g in exp["grads"].items():
+            assert_rel(got["grads"][n], g, TOL, f"{who} grad {n}")
+        assert set(got["buffers"]) == set(exp["buffers"])
+        for n, b in exp["buffers"].items():
+            if n.endswith("num_batches_tracked"):
+                assert int(got["buffers"][n]) == int(b) == 2, f"{who} {n}"
+            else:
+                assert_rel(got["buffers"][n], b, TOL, f"{who} {n}")
+    # per-process statistics would differ: the check above can tell (a sanity check of the test)
+    rank0 = two_process_run["ranks"][0]["results"][(backend, case)]
+    local = oracle(data["sd"], C, momentum, data["x1"][:split[0]], data["x2"][:split[0]], data["lw"][:split[0]])
+    err = (local["buffers"]["aggregator.norm1.running_mean"] - rank0["buffers"]["aggregator.norm1.running_mean"])
+    assert err.abs().max() > 1e3 * TOL * rank0["buffers"]["aggregator.norm1.running_mean"].abs().max()
+
+
+def test_backends_that_cannot_sync_refuse(two_process_run):
+    assert set(two_process_run["backends"]) >= {"torch", "reference"}
+    for backend in BACKEND_NAMES:
+        declared = get_backend(backend).supports_sync_bn
+        reasons = get_backend(backend).not_supported_reasons(problem(**SYNC_PROBLEM))
+        assert declared or any("synchronised across processes" in r for r in reasons), (backend, reasons)
+        if backend in two_process_run["backends"] or get_backend(backend).availability_reasons():
+            continue  # (a backend that cannot run here at all is refused by set_backend already)
+        for rank in range(2):
+            msg = two_process_run["ranks"][rank]["refusals"][backend]
+            assert "synchronised across processes" in msg, f"{backend} rank {rank}: {msg}"
+
+
+# ------------------------------------------------------------------ one process / one rank
+def _bitwise_same(a, b, what):
+    assert torch.equal(a["out1"], b["out1"]) and torch.equal(a["x_grad"], b["x_grad"]), what
+    assert torch.equal(a["out2"], b["out2"]), what
+    for n in a["grads"]:
+        assert torch.equal(a["grads"][n], b["grads"][n]), f"{what}: grad {n}"
+    for n in a["buffers"]:
+        assert torch.equal(a["buffers"][n], b["buffers"][n]), f"{what}: {n}"
+
+
+def _one_process_checks(backend):
+    """SyncBatchNorm modules / process_group= in a single process run exactly as plain BatchNorm."""
+    C, momentum = 40, 0.1
+    sd = make_module(C, momentum, seed=5).state_dict()
+    gen = torch.Generator().manual_seed(3)
+    x1, x2, lw = (torch.randn(3, GRID[0] * GRID[1], C, generator=gen, dtype=torch.float64) for _ in range(3))
+    plain = make_module(C, momentum, seed=0)
+    plain.load_state_dict(sd)
+    plain.set_backend(backend)
+    exp = step(lambda x: plain(x, GRID), plain, x1, x2, lw)
+    apis = ["convert_sync_batchnorm"]
+    if dist.is_initialized():  # an explicit group exists only once torch.distributed is initialised
+        apis += ["functional", "module_process_group"]
+    for api in apis:
+        module, forward = _sync_module(api, sd, C, momentum, backend)
+        _bitwise_same(step(forward, module, x1, x2, lw), exp, f"{backend} {api}")
+        hp = module.train().hyper()
+        assert sync_groups(hp.bn_process_group, True) is None, api
+        assert not make_problem(x1, GRID, module.gma_weights(),
+                                hp._replace(bn_process_group=sync_groups(hp.bn_process_group, True)), True).sync_bn
+
+
+@pytest.mark.parametrize("backend", [pytest.param(n, id=n) for n in ("torch", "reference")])
+def test_without_process_group_syncbatchnorm_is_batchnorm(backend):
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    assert resolve_group(object()) is None  # nothing to synchronise without torch.distributed
+    _one_process_checks(backend)
+
+
+def test_world_size_one_is_batchnorm():
+    """An initialised group of one rank: SyncBatchNorm, process_group= (module and functional)
+    all run the plain BatchNorm path, bitwise."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
+    try:
+        assert resolve_group(dist.group.WORLD) is None
+        for backend in ("torch", "reference"):
+            _one_process_checks(backend)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_convert_keeps_syncbatchnorm_modules():
+    """gmf_kernels.convert keeps (shares) the BatchNorm modules of the upstream module: the
+    SyncBatchNorms of a convert_sync_batchnorm model stay, with their process group."""
+    m = make_module(40, 0.1, seed=7)
+    upstream = nn.SyncBatchNorm.convert_sync_batchnorm(EfficientAtt(copy.deepcopy(m)))
+    upstream.aggregator.norm3.eval()  # a frozen BatchNorm keeps its own mode
+    before = [getattr(upstream.aggregator, f"norm{i}") for i in range(4)]
+    params = dict(upstream.named_parameters())
+    att = gmf_kernels.convert(upstream, backend="reference")
+    assert [getattr(att.aggregator, f"norm{i}") for i in range(4)] == before
+    assert all(type(n) is nn.SyncBatchNorm for n in before)
+    assert att.training and not att.aggregator.norm3.training and att.aggregator.norm2.training
+    assert all(p is params[k] for k, p in att.named_parameters())
+    x = torch.randn(2, GRID[0] * GRID[1], 40, dtype=torch.float64)
+    m.aggregator.norm3.eval()
+    m.set_backend("reference")
+    assert torch.equal(att(x, GRID), m(x, GRID))
