@@ -4,6 +4,7 @@
     model = gmf.create_model("groupmixformer_s", checkpoint="groupmixformer_small.pth")
     gmf.convert(upstream_model)            # upstream EfficientAtt -> GroupMixAttention
     gmf.available_backends()               # e.g. ['torch', 'reference'] on a CPU
+    fast = gmf.optimize_for_inference(model, batch_size=8, device="cuda", dtype=torch.bfloat16)
 
 Importing needs only torch: Triton and the CUDA module are loaded when first used.
 """
@@ -11,6 +12,7 @@ from ._version import __version__
 from .backends import BACKEND_NAMES, available_backends, get_backend, select_backend  # noqa: E402
 from .convert import convert, is_upstream_attention  # noqa: E402
 from .functional import group_mix_attention  # noqa: E402
+from .inference import InferenceModel, inference_plan, optimize_for_inference  # noqa: E402
 from .models import (MODEL_CONFIGS, CheckpointMismatchError, GroupMixFormer, create_model,  # noqa: E402
                      load_checkpoint)
 from .modules import GroupMixAttention  # noqa: E402
@@ -20,4 +22,5 @@ __all__ = [
     "GroupMixAttention", "GroupMixFormer", "create_model", "load_checkpoint", "convert", "is_upstream_attention",
     "group_mix_attention", "available_backends", "get_backend", "select_backend", "BACKEND_NAMES",
     "MODEL_CONFIGS", "GMAWeights", "GMAHyper", "CheckpointMismatchError", "__version__",
+    "optimize_for_inference", "inference_plan", "InferenceModel",
 ]

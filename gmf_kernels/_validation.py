@@ -54,8 +54,6 @@ def check_tokens(x: torch.Tensor, size: Sequence[int], dim: int) -> Tuple[int, i
         raise ValueError(f"x has {C} channels but the module was built for dim={dim}")
     if N != H * W:
         raise ValueError(f"x has N={N} tokens but size=(H, W)=({H}, {W}) gives H*W={H * W}")
-    if B < 1:
-        raise ValueError("x has an empty batch (B = 0)")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
     return B, N, H, W

@@ -4,8 +4,9 @@ from __future__ import annotations
 from typing import Optional
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .backends import check_backend_name
+from .backends import check_backend_usable
 from .modules import GroupMixAttention
 
 #: parameter/buffer names (relative to the attention module) that identify an upstream EfficientAtt.
@@ -38,14 +39,21 @@ def _from_upstream(old: nn.Module, backend: str) -> GroupMixAttention:
                             proj_drop=proj_drop, backend=backend).to(device=old.qkv.weight.device)
     # share (not copy) every parameter and buffer
     new.load_state_dict(old.state_dict(keep_vars=True), strict=True, assign=True)
-    for i in range(4):
-        src, dst = getattr(old.aggregator, f"norm{i}"), getattr(new.aggregator, f"norm{i}")
-        dst.eps, dst.momentum = src.eps, src.momentum
-        dst.track_running_stats = src.track_running_stats
+    norms = [getattr(old.aggregator, f"norm{i}") for i in range(4)]
+    modes = [n.training for n in norms]  # a BatchNorm may be in another mode than its parent (frozen BN)
+    for i, src in enumerate(norms):
+        if isinstance(src, _BatchNorm):
+            # the module itself is shared: a SyncBatchNorm stays one (its process group included),
+            # and its mode, eps and momentum stay those of the model's own module
+            setattr(new.aggregator, f"norm{i}", src)
+        else:
+            dst = getattr(new.aggregator, f"norm{i}")
+            dst.eps, dst.momentum = src.eps, src.momentum
+            dst.track_running_stats = src.track_running_stats
     new.aggregator.agg0.norm.eps = old.aggregator.agg0.norm.eps
     new.train(old.training)
-    for i in range(4):  # a BatchNorm may have been set to another mode than its parent (frozen BN)
-        getattr(new.aggregator, f"norm{i}").train(getattr(old.aggregator, f"norm{i}").training)
+    for i, mode in enumerate(modes):
+        getattr(new.aggregator, f"norm{i}").train(mode)
     return new
 
 
@@ -53,15 +61,26 @@ def convert(model: nn.Module, backend: Optional[str] = "auto") -> nn.Module:
     """Replace, in place, every upstream-style attention module in `model` by a
     `GroupMixAttention` that shares its parameters and buffers (so optimizers and
     checkpoints keep working), and set `backend` on every GroupMixAttention already
-    there. A bare attention module is converted and returned. Returns the model."""
-    backend = check_backend_name(backend)
+    there. The aggregator BatchNorm modules themselves are kept (shared): a model made
+    with `torch.nn.SyncBatchNorm.convert_sync_batchnorm` keeps its SyncBatchNorms, whose
+    batch statistics the GroupMixAttention then synchronises across processes. A bare
+    attention module is converted and returned. Returns the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert() takes a torch.nn.Module (an upstream GroupMixFormer model, or any model "
+                        f"holding EfficientAtt attention modules), got "
+                        f"{'None' if model is None else type(model).__name__}")
+    backend = check_backend_usable(backend)
     if is_upstream_attention(model):
         return _from_upstream(model, backend)
+    return _convert_children(model, backend)
+
+
+def _convert_children(model: nn.Module, backend: str) -> nn.Module:
     for name, child in list(model.named_children()):
         if is_upstream_attention(child):
             setattr(model, name, _from_upstream(child, backend))
         elif isinstance(child, GroupMixAttention):
             child.set_backend(backend)
         else:
-            convert(child, backend)
+            _convert_children(child, backend)
     return model

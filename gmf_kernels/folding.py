@@ -15,7 +15,7 @@ Each aggregator BatchNorm j (segment j = 0..3) enters as a per-channel affine
 * training: from the batch statistics over q, k and v together (the training path
   computes them and calls `fold_batch_stats`), so the kernels are the same in both modes.
 
-Computation of one token (GMA_SPEC.md §1, s = C/5, d = C/10)::
+Computation of one token (docs/spec.md §1, s = C/5, d = C/10)::
 
     segment 0:    y = hardswish(t * bn_scale[0] + bn_shift[0])
     segment j>0:  y = hardswish((pw[j-1] @ DW_{2j+1}(t)) * bn_scale[j] + bn_shift[j])
@@ -127,11 +127,14 @@ def cached_derived(w: GMAWeights, tag: object, build: Callable[[], object]):
 
     The key is every tensor's storage pointer and version counter (in-place updates
     such as optimizer steps and load_state_dict bump the version). Under
-    torch.compile nothing is cached: the compiled graph owns its constants.
+    torch.compile nothing is cached: the compiled graph owns its constants. Nor for
+    inference tensors (a model built under torch.inference_mode): they keep no version counter.
     """
     if _is_compiling():
         return build()
     tensors = list(w.tensors())
+    if any(t.is_inference() for t in tensors):
+        return build()
     stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
     per_layer = getattr(w.qkv_weight, _CACHE_ATTR, None)
     if per_layer is None:

@@ -1,6 +1,6 @@
 """`GroupMixAttention`: drop-in for upstream `EfficientAtt`, same arguments and state_dict keys.
 
-The submodules only hold parameters under upstream's names (GMA_SPEC.md §1); the
+The submodules only hold parameters under upstream's names (docs/spec.md §1); the
 computation is `gmf_kernels.functional.run_attention`, on the backend chosen by
 dispatch.
 """
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ._validation import check_dim
-from .backends import check_backend_name
+from .backends import check_backend_name, check_backend_usable
+from .distributed import layer_group
 from .functional import run_attention
 from .weights import CRPE_WINDOWS, GMAHyper, GMAWeights, NUM_SEGMENTS, collapse4, default_scale, widths
 
@@ -62,6 +63,17 @@ class ConvRelPosEnc(nn.Module):
             for k, n in CRPE_WINDOWS)
 
 
+class _Shared:
+    """A reference that copy.deepcopy shares instead of copying (a ProcessGroup cannot be
+    copied, and a copy of the layer, e.g. an EMA model, synchronises over the same group)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class GroupMixAttention(nn.Module):
     """Group-Mix Attention; `forward(x, size)` with x (B, N, C) and size = (H, W).
 
@@ -69,11 +81,19 @@ class GroupMixAttention(nn.Module):
     (the factorized attention forms no attention matrix). `backend` is "auto" or one of
     `gmf_kernels.BACKEND_NAMES`; `check=True` runs the reference beside the chosen backend
     and raises when they disagree beyond the dtype's tolerance.
+
+    Several processes (upstream trains with SyncBatchNorm in the aggregator): when the
+    aggregator BatchNorms are `torch.nn.SyncBatchNorm` (what
+    `torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)` makes of them; same state_dict
+    keys) or `process_group` is given (then for plain BatchNorm2d too, overriding a
+    SyncBatchNorm's own group), their training-mode batch statistics are all-reduced over
+    the group's ranks, as SyncBatchNorm does. Without an initialised process group, or with
+    one rank, such a layer behaves exactly like BatchNorm (as torch's SyncBatchNorm does).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, backend: Optional[str] = "auto",
-                 check: bool = False):
+                 check: bool = False, process_group=None):
         super().__init__()
         check_dim(dim, num_heads)
         self.dim = dim
@@ -81,6 +101,7 @@ class GroupMixAttention(nn.Module):
         self.scale = qk_scale or default_scale(dim, num_heads)
         self.backend = check_backend_name(backend)
         self.check = check
+        self.process_group = process_group
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)  # unused, as upstream
         self.proj = nn.Linear(dim, dim)
@@ -88,11 +109,23 @@ class GroupMixAttention(nn.Module):
         self.aggregator = Aggregator(dim)
         self.crpe = ConvRelPosEnc(widths(dim, num_heads)[2])
 
+    @property
+    def process_group(self):
+        """The torch.distributed process group the aggregator BatchNorms synchronise over in
+        training mode (for plain BatchNorm2d too, overriding a SyncBatchNorm's own), or None."""
+        return self._process_group.value
+
+    @process_group.setter
+    def process_group(self, group):
+        self._process_group = _Shared(group)
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, scale={self.scale:.4g}, backend={self.backend!r}"
 
     def set_backend(self, backend: Optional[str]) -> "GroupMixAttention":
-        self.backend = check_backend_name(backend)
+        """Select this layer's backend: "auto", or a name that must be able to run on this
+        machine (ValueError with the reasons otherwise, e.g. Triton not installed)."""
+        self.backend = check_backend_usable(backend)
         return self
 
     def gma_weights(self) -> GMAWeights:
@@ -119,9 +152,13 @@ class GroupMixAttention(nn.Module):
         return (a.norm0, a.norm1, a.norm2, a.norm3)
 
     def hyper(self) -> GMAHyper:
+        """The layer's scalars for this call; `bn_process_group` is the group each aggregator
+        BatchNorm would synchronise over (SyncBatchNorm in training mode, or `process_group`),
+        resolved by `run_attention` (None where nothing is to be synchronised)."""
         norms = self._norms()
         return GMAHyper(num_heads=self.num_heads, scale=self.scale, bn_eps=collapse4(n.eps for n in norms),
-                        bn_momentum=collapse4(n.momentum for n in norms), ln_eps=self.aggregator.agg0.norm.eps)
+                        bn_momentum=collapse4(n.momentum for n in norms), ln_eps=self.aggregator.agg0.norm.eps,
+                        bn_process_group=collapse4(layer_group(n, self.process_group) for n in norms))
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         # as upstream, each BatchNorm's own mode decides (batch statistics in training, or

@@ -1,4 +1,4 @@
-"""The oracle: Group-Mix Attention as a plain, line-by-line rendering of GMA_SPEC.md §1.
+"""The oracle: Group-Mix Attention as a plain, line-by-line rendering of docs/spec.md §1.
 
 Kept simple on purpose: every step of the spec is one or two torch calls, in the
 spec's order, with the spec's names. Everything else in the library is tested
@@ -11,14 +11,18 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .distributed import all_reduce_sum
 from .weights import CRPE_WINDOWS, GMAHyper, GMAWeights, NUM_SEGMENTS, per_bn
 
 Tensor = torch.Tensor
 
 
 def _batch_norm(x: Tensor, w: GMAWeights, i: int, hp: GMAHyper, training) -> Tensor:
-    """nn.BatchNorm2d's forward for aggregator BatchNorm i (training: bool or one per BN)."""
+    """nn.BatchNorm2d's forward for aggregator BatchNorm i (training: bool or one per BN),
+    or SyncBatchNorm's when its statistics are shared with other processes."""
     training = per_bn(training, i)
+    if training and per_bn(hp.bn_process_group, i) is not None:
+        return _sync_batch_norm(x, w, i, hp)
     momentum = per_bn(hp.bn_momentum, i)
     nbt = w.bn_num_batches_tracked[i]
     if training and nbt is not None and w.bn_running_mean[i] is not None:
@@ -27,6 +31,32 @@ def _batch_norm(x: Tensor, w: GMAWeights, i: int, hp: GMAHyper, training) -> Ten
             momentum = 1.0 / float(nbt)
     return F.batch_norm(x, w.bn_running_mean[i], w.bn_running_var[i], w.bn_weight[i], w.bn_bias[i],
                         training, 0.0 if momentum is None else momentum, per_bn(hp.bn_eps, i))
+
+
+def _sync_batch_norm(x: Tensor, w: GMAWeights, i: int, hp: GMAHyper) -> Tensor:
+    """nn.SyncBatchNorm's training forward for aggregator BatchNorm i on this process's
+    images x (3B, s, H, W): batch statistics over the images of every rank of the group."""
+    group = per_bn(hp.bn_process_group, i)
+    momentum = per_bn(hp.bn_momentum, i)
+    running_mean, running_var, nbt = w.bn_running_mean[i], w.bn_running_var[i], w.bn_num_batches_tracked[i]
+    if nbt is not None and running_mean is not None:
+        nbt.add_(1)
+        if momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(nbt)
+    s = x.shape[1]
+    x64 = x.double()
+    count = x64.new_tensor([x.numel() // s])                        # images x H x W here
+    # sum, sum of squares, count: one all-reduce (its backward all-reduces the two gradient sums)
+    stats = all_reduce_sum(torch.cat([x64.sum((0, 2, 3)), x64.square().sum((0, 2, 3)), count]), group)
+    n = stats[-1].detach()                                          # over every rank
+    mean = stats[:s] / n
+    var = stats[s:2 * s] / n - mean.square()                        # biased, for normalising
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * n / (n - 1)).to(running_var.dtype), momentum)  # unbiased
+    y = (x64 - mean[:, None, None]) * torch.rsqrt(var + per_bn(hp.bn_eps, i))[:, None, None]
+    return (y * w.bn_weight[i].double()[:, None, None] + w.bn_bias[i].double()[:, None, None]).to(x.dtype)
 
 
 def _depthwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -101,7 +131,9 @@ def reference_group_mix_attention(
 
     In training mode the aggregator BatchNorms use batch statistics over q, k and v
     together (3B images) and update their running statistics in place. `training` may
-    be a 4-tuple (one mode per aggregator BatchNorm, e.g. some frozen).
+    be a 4-tuple (one mode per aggregator BatchNorm, e.g. some frozen). With
+    `hp.bn_process_group` set, a training BatchNorm is upstream's SyncBatchNorm: its
+    statistics are over the 3B images of every rank of that group (every rank must call).
     With return_intermediates, also returns {"proxies": (3,B,h,N,d), "local": (B,N,s),
     "pre_proj": (B,N,C)} as in the golden vectors.
     """

@@ -1,6 +1,6 @@
 """`gmf_kernels.convert`: upstream-style attention modules -> GroupMixAttention, in place.
 
-`EfficientAtt` below has upstream's structure and parameter names (GMA_SPEC.md §1) and
+`EfficientAtt` below has upstream's structure and parameter names (docs/spec.md §1) and
 its own forward, written here from the spec with nn.Modules (BatchNorm2d modules update
 their own running statistics) and independent of gmf_kernels.reference: a second oracle,
 itself checked against the golden vectors of the upstream code.
@@ -74,7 +74,7 @@ def _build_attention(self, dim, num_heads=8, qkv_bias=True, qk_scale=None, attn_
 
 
 def spec_forward(self, x, size):
-    """GMA_SPEC.md §1, step by step, with the modules' own layers."""
+    """docs/spec.md §1, step by step, with the modules' own layers."""
     B, N, C = x.shape
     H, W = size
     s, h = C // 5, self.num_heads
@@ -191,12 +191,16 @@ def make_net(seed=0):
 
 
 # ------------------------------------------------------------------ the second oracle
-GOLDEN = torch.load(golden_path("gma_module.pt"), map_location="cpu", weights_only=True)
+@pytest.fixture(scope="module")
+def golden():
+    return torch.load(golden_path("gma_module.pt"), map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("i", range(len(GOLDEN)), ids=[f"C{c['dim']}-{c['H']}x{c['W']}" for c in GOLDEN])
-def test_test_oracle_matches_golden(i):
-    c = GOLDEN[i]
+@pytest.mark.parametrize("i", range(4))
+def test_test_oracle_matches_golden(golden, i):
+    if i >= len(golden):
+        pytest.skip(f"the golden file has {len(golden)} cases")
+    c = golden[i]
     m = EfficientAtt(c["dim"]).double()
     m.load_state_dict(c["state_dict"], strict=True)
     with torch.no_grad():

@@ -234,3 +234,205 @@ def test_whole_model_under_autocast(backend):
             out = m(x)
     assert out.dtype == torch.bfloat16
     assert max_rel_error(out, ref) < 0.1
+
+
+# ------------------------------------------------------------------ eval-mode BatchNorm folded into the convolutions
+from gmf_kernels.models import conv_bn as conv_bn_mod  # noqa: E402
+from helpers import assert_within_reference_error  # noqa: E402
+
+N_STEM_EMBED_BN = 2 + 4  # conv_stem.norm1, norm2 and patch_embed_layers.{0..3}.norm
+
+
+def count_batch_norm_calls(monkeypatch):
+    calls = []
+    original = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("size", [(33, 45), (64, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("interm", [False, True], ids=["logits", "features"])
+def test_bn_fold_eval_equals_unfolded_float64(size, interm, monkeypatch):
+    model = tiny_model(5, return_interm_layers=interm).double().eval()
+    unfolded = copy.deepcopy(model).set_bn_folding(False)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    calls = count_batch_norm_calls(monkeypatch)
+    with torch.no_grad():
+        got = model(x)
+        n_folded = len(calls)
+        exp = unfolded(x)
+    head_bn = 0 if interm else 1  # norm4
+    assert n_folded == head_bn, "stem / patch-embedding BatchNorms still run in eval mode"
+    assert len(calls) - n_folded == head_bn + N_STEM_EMBED_BN
+    for i, (g, e) in enumerate(zip(got if interm else [got], exp if interm else [exp])):
+        assert_rel(g, e, 1e-12, f"output {i}")
+
+
+def test_bn_fold_single_layers_float64():
+    """conv_bn(x, conv, bn) against bn(conv(x)) for the stem and a patch embedding's pointwise
+    convolution, BatchNorm with and without affine, conv with and without bias."""
+    torch.manual_seed(1)
+    for conv, bn in [(torch.nn.Conv2d(3, 20, 3, 2, 1), torch.nn.BatchNorm2d(20)),
+                     (torch.nn.Conv2d(40, 80, 1, bias=False), torch.nn.BatchNorm2d(80)),
+                     (torch.nn.Conv2d(8, 6, 3, 1, 1), torch.nn.BatchNorm2d(6, affine=False))]:
+        conv, bn = conv.double(), bn.double()
+        randomize_bn_(torch.nn.Sequential(conv, bn), 3)
+        with torch.no_grad():
+            if bn.weight is not None:
+                bn.weight.copy_(0.5 + torch.rand_like(bn.weight))
+        bn.eval()
+        x = torch.randn(2, conv.in_channels, 9, 11, dtype=torch.float64)
+        with torch.no_grad():
+            assert conv_bn_mod.can_fold(conv, bn)
+            assert_rel(conv_bn_mod.conv_bn(x, conv, bn), bn(conv(x)), 1e-12, f"{conv}")
+
+
+def test_bn_fold_cache_hit_and_invalidation():
+    """The fold is cached (same tensors on the next call) and rebuilt after an in-place change
+    of any parameter or buffer it comes from, after load_state_dict and after a dtype change."""
+    model = tiny_model(6).double().eval()
+    reference = copy.deepcopy(model).set_bn_folding(False)
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    norm1 = model.conv_stem.norm1
+
+    def check(what):
+        with torch.no_grad():
+            assert_rel(model(x), reference(x), 1e-12, what)
+
+    check("first call")
+    cached = conv_bn_mod._CACHE[norm1][1]
+    check("second call")
+    assert conv_bn_mod._CACHE[norm1][1] is cached, "cache not hit"
+    edits = [("conv_stem.norm1.running_var", lambda t: t.mul_(1.7)),
+             ("conv_stem.norm2.running_mean", lambda t: t.add_(0.3)),
+             ("conv_stem.proj1.weight", lambda t: t.mul_(-0.5)),
+             ("conv_stem.proj2.bias", lambda t: t.add_(0.2)),
+             ("patch_embed_layers.2.norm.weight", lambda t: t.mul_(2.0)),
+             ("patch_embed_layers.3.norm.bias", lambda t: t.sub_(0.4)),
+             ("patch_embed_layers.1.proj.pointwise_conv.weight", lambda t: t.mul_(1.3))]
+    for name, edit in edits:
+        with torch.no_grad():
+            edit(model.get_parameter(name) if "running" not in name else model.get_buffer(name))
+            edit(reference.get_parameter(name) if "running" not in name else reference.get_buffer(name))
+        check(f"after an in-place change of {name}")
+    assert conv_bn_mod._CACHE[norm1][1] is not cached
+    other = tiny_model(7).double()
+    model.load_state_dict(other.state_dict())
+    reference.load_state_dict(other.state_dict())
+    check("after load_state_dict")
+    model.float(), reference.float()
+    with torch.no_grad():
+        assert_rel(model(x.float()), reference(x.float()), 1e-5, "after .float()")
+    assert conv_bn_mod._CACHE[norm1][1].dtype == torch.float32
+
+
+def test_bn_fold_state_dict_and_train_mode_unchanged(monkeypatch):
+    """Folding adds nothing to the state_dict; training mode runs every BatchNorm (batch
+    statistics, running-stat updates) exactly as without folding."""
+    model = tiny_model(8).double()
+    keys = list(model.state_dict())
+    unfolded = copy.deepcopy(model).set_bn_folding(False)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        model.eval()(x)
+    assert list(model.state_dict()) == keys
+    model.train(), unfolded.train()
+    calls = count_batch_norm_calls(monkeypatch)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, exp = model(xa), unfolded(xb)
+    assert len(calls) == 2 * (N_STEM_EMBED_BN + 1)
+    assert_rel(out, exp, 1e-12, "train logits")
+    (out.sum()).backward()
+    (exp.sum()).backward()
+    assert_rel(xa.grad, xb.grad, 1e-12, "train input grad")
+    ref_buffers = dict(unfolded.named_buffers())
+    for k, b in model.named_buffers():
+        if b.is_floating_point():
+            assert_rel(b, ref_buffers[k], 1e-12, k)
+        else:
+            assert torch.equal(b, ref_buffers[k]), k
+
+
+def test_bn_fold_eval_gradients():
+    """Eval mode with gradients (frozen-BatchNorm fine-tuning): the fold is differentiable and
+    the gradients of every parameter equal the unfolded model's."""
+    model = tiny_model(9, drop_path_rate=0.0).double().eval()
+    unfolded = copy.deepcopy(model).set_bn_folding(False)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    lw = torch.randn(2, 10, dtype=torch.float64)
+    (model(x) * lw).sum().backward()
+    (unfolded(x) * lw).sum().backward()
+    ref = dict(unfolded.named_parameters())
+    for k, p in model.named_parameters():
+        assert_rel(p.grad, ref[k].grad, 1e-10, f"grad {k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_bn_fold_low_precision(dtype):
+    """In bf16/fp16 the folded stem, patch embedding and model are no worse than 2x the unfolded
+    model's own error against the float64 oracle (the unfolded model in float64, from the same
+    rounded weights and input)."""
+    if dtype == torch.float16:
+        try:
+            F.conv2d(torch.ones(1, 1, 3, 3, dtype=dtype), torch.ones(1, 1, 3, 3, dtype=dtype))
+        except RuntimeError:
+            pytest.skip("float16 convolution not implemented on this CPU build")
+    low = tiny_model(10, return_interm_layers=True).eval().set_backend("torch").to(dtype)
+    low_unfolded = copy.deepcopy(low).set_bn_folding(False)
+    oracle = copy.deepcopy(low_unfolded).double()
+    x = torch.randn(2, 3, 32, 32).to(dtype)
+    with torch.no_grad():
+        stem = (low.conv_stem(x), low_unfolded.conv_stem(x), oracle.conv_stem(x.double()))
+        assert_within_reference_error(*stem, name="conv_stem")
+        embed = [m.patch_embed_layers[0](t)[0] for m, t in zip((low, low_unfolded, oracle), stem)]
+        assert_within_reference_error(*embed, name="patch_embed_layers.0")
+        feats = low(x), low_unfolded(x), oracle(x.double())
+    for i in range(4):
+        assert_within_reference_error(feats[0][i], feats[1][i], feats[2][i], name=f"features[{i}]")
+
+
+def test_bn_fold_skipped_where_inexact_or_hooked():
+    """No fold (and the module's own forward runs) in training mode, without running statistics,
+    or with a hook on the convolution or the BatchNorm; set_bn_folding(False) turns it off."""
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4).eval()
+    assert conv_bn_mod.can_fold(conv, bn)
+    assert any("training" in r for r in conv_bn_mod.fold_reasons(conv, torch.nn.BatchNorm2d(4)))
+    assert any("running statistics" in r
+               for r in conv_bn_mod.fold_reasons(conv, torch.nn.BatchNorm2d(4, track_running_stats=False).eval()))
+    assert conv_bn_mod.fold_reasons(conv, torch.nn.GroupNorm(2, 4))
+    assert conv_bn_mod.fold_reasons(torch.nn.Conv1d(3, 4, 3), bn)
+    model = tiny_model(11).eval()
+    seen = []
+    handle = model.conv_stem.norm1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    assert len(seen) == 1, "forward hook on a BatchNorm did not fire"
+    handle.remove()
+    handle = model.patch_embed_layers[1].proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        model(x)
+    assert len(seen) == 2, "forward hook on a patch embedding's SeparableConv2d did not fire"
+    handle.remove()
+    # a BatchNorm without running statistics normalises with the batch's even in eval mode
+    m2 = tiny_model(12).eval()
+    m2.conv_stem.norm2 = torch.nn.BatchNorm2d(m2.conv_stem.norm2.num_features, track_running_stats=False).eval()
+    assert not conv_bn_mod.can_fold(m2.conv_stem.proj2, m2.conv_stem.norm2)
+    ref = copy.deepcopy(m2).set_bn_folding(False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_rel(m2(x), ref(x), 1e-6, "BatchNorm without running statistics")
+
+
+def test_model_built_under_inference_mode():
+    """Parameters that are inference tensors keep no version counter: the caches (BatchNorm
+    folds, the torch backend's packed weights) are skipped, the model still runs."""
+    torch.manual_seed(13)
+    with torch.inference_mode():
+        model = tiny_model(13).eval().set_backend("torch")
+        x = torch.randn(1, 3, 32, 32)
+        out = model(x)
+        assert next(model.parameters()).is_inference()
+    ref = tiny_model(13).eval().set_backend("reference")
+    with torch.no_grad():
+        assert_rel(out, ref(x.clone()), 1e-5, "model built under inference_mode")

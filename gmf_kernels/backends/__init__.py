@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List, Optional
 
+from ..tuning import arch_key, backend_times
 from .base import Backend, GMAProblem
 
 #: name -> module that defines `BACKEND`, in priority order for "auto".
@@ -56,6 +57,22 @@ def check_backend_name(name: Optional[str]) -> Optional[str]:
     return name
 
 
+def check_backend_usable(name: Optional[str]) -> str:
+    """`check_backend_name`, and for an explicitly named backend also that it can run on this
+    machine at all (its `availability_reasons`: package installed, module built, device
+    present): ValueError with those reasons now, not at the first forward. "auto" always
+    passes (dispatch picks among what can run); whether a given input fits is still
+    checked per call (`select_backend`)."""
+    name = check_backend_name(name)
+    if name != "auto":
+        reasons = get_backend(name).availability_reasons()
+        if reasons:
+            raise ValueError(f"backend {name!r} cannot run on this machine:\n  - " + "\n  - ".join(reasons)
+                             + "\n(use backend='auto' to take the best backend that can; "
+                             "`python -m gmf_kernels.info` lists every backend's availability)")
+    return name
+
+
 def available_backends() -> List[str]:
     """Backends that can run on this machine at all (some may still refuse a given input)."""
     return [n for n in BACKEND_NAMES if not get_backend(n).availability_reasons()]
@@ -66,7 +83,12 @@ def unavailable_backends() -> Dict[str, List[str]]:
 
 
 def select_backend(problem: GMAProblem, backend: Optional[str] = None) -> Backend:
-    """Pick the backend for a problem; never a silent fallback from an explicit choice."""
+    """Pick the backend for a problem; never a silent fallback from an explicit choice.
+
+    "auto": among the backends that can run the problem, the one measured fastest for this GPU
+    architecture, width and dtype in the tuning table (`gmf_kernels.tuning.backend_times`,
+    written by benchmarks/tune.py on a GPU); without a measurement, the first in the declared
+    order (`BACKEND_NAMES`)."""
     name = check_backend_name(backend)
     if name != "auto":
         chosen = get_backend(name)
@@ -75,17 +97,35 @@ def select_backend(problem: GMAProblem, backend: Optional[str] = None) -> Backen
             raise ValueError(f"backend {name!r} cannot run this input ({problem.describe()}):\n  - "
                              + "\n  - ".join(reasons))
         return chosen
+    times = backend_times(arch_key(problem.device_capability), problem.dim, problem.dtype)
+    viable: List[Backend] = []
     all_reasons = {}
     for n in BACKEND_NAMES:
         b = get_backend(n)
         reasons = b.not_supported_reasons(problem)
-        if not reasons:
-            return b
-        all_reasons[n] = reasons
+        if reasons:
+            all_reasons[n] = reasons
+            continue
+        if not times:
+            return b  # declared order: the first that can run it
+        viable.append(b)
+    if viable:
+        measured = [b for b in viable if b.name in times]
+        return min(measured, key=lambda b: times[b.name]) if measured else viable[0]
     lines = [f"{n}: " + "; ".join(r) for n, r in all_reasons.items()]
     raise NotImplementedError(f"no backend can run this input ({problem.describe()}):\n  "
                               + "\n  ".join(lines))
 
 
-__all__ = ["Backend", "GMAProblem", "BACKEND_NAMES", "get_backend", "available_backends",
-           "unavailable_backends", "select_backend", "check_backend_name"]
+def explain(problem: GMAProblem) -> Dict[str, List[str]]:
+    """Why `auto` would or would not take each backend for this problem: name -> reasons
+    ([] = can run it); the measured times of the tuning table, when any, under "tuned"."""
+    out = {n: get_backend(n).not_supported_reasons(problem) for n in BACKEND_NAMES}
+    times = backend_times(arch_key(problem.device_capability), problem.dim, problem.dtype)
+    if times:
+        out["tuned"] = [f"{k}: {v:g}" for k, v in sorted(times.items(), key=lambda kv: kv[1])]
+    return out
+
+
+__all__ = ["Backend", "GMAProblem", "BACKEND_NAMES", "get_backend", "available_backends", "explain",
+           "unavailable_backends", "select_backend", "check_backend_name", "check_backend_usable"]

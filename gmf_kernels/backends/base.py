@@ -4,7 +4,7 @@ Every backend computes the same layer in the same three steps, written once here
 (`Backend.forward`)::
 
     qkv = project_qkv(x)                       the qkv linear (cuBLAS / oneDNN)
-    pre = pre_projection(qkv, (H, W), ...)     the backend's own part: steps 2-9 of GMA_SPEC §1
+    pre = pre_projection(qkv, (H, W), ...)     the backend's own part: steps 2-9 of docs/spec.md §1
     out = F.linear(pre, proj.weight, proj.bias)
 
 A backend implements `pre_projection` (and may lay out `project_qkv`'s output its own
@@ -48,6 +48,9 @@ class GMAProblem:
     device_index: Optional[int] = None  # CUDA device of the input
     #: (major, minor) compute capability of that CUDA device; None off CUDA or when unknown
     device_capability: Optional[Tuple[int, int]] = None
+    #: training-mode BatchNorm statistics all-reduced across processes (SyncBatchNorm, or an
+    #: explicit process group; only set when the group has more than one rank)
+    sync_bn: bool = False
 
     @property
     def N(self) -> int:
@@ -74,6 +77,8 @@ class Backend:
     supports_training: bool = False
     supports_grad: bool = False
     supports_mixed_bn: bool = False  # aggregator BatchNorms in different modes / eps / momentum
+    #: batch statistics all-reduced across processes (upstream's SyncBatchNorm) in training mode
+    supports_sync_bn: bool = False
     head_dims: Optional[FrozenSet[int]] = None  # None: any
     #: False until the backend's parity has been measured on real GPU hardware. `auto` then
     #: skips it on CUDA (an explicit choice, or GMF_AUTO_UNVERIFIED=1, still runs it).
@@ -98,6 +103,9 @@ class Backend:
         if not p.uniform_bn and not self.supports_mixed_bn:
             reasons.append("the aggregator BatchNorms differ in mode, eps or momentum (e.g. one frozen): "
                            "only the reference backend runs that")
+        if p.sync_bn and not self.supports_sync_bn:
+            reasons.append("BatchNorm statistics synchronised across processes (SyncBatchNorm / process_group) "
+                           "not supported: use the torch backend")
         if p.needs_grad and not self.supports_grad:
             reasons.append("gradients not supported (forward-only kernels): run under torch.no_grad() "
                            "or use the torch backend")
@@ -111,7 +119,13 @@ class Backend:
 
     # ------------------------------------------------------------------ the computation
     def forward(self, x: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, training) -> Tensor:
-        """x (B, N, C) -> out (B, N, C): the qkv linear, this backend's pre-projection, the output linear."""
+        """x (B, N, C) -> out (B, N, C): the qkv linear, this backend's pre-projection, the output linear.
+
+        An empty batch (B = 0) returns an empty (0, N, C) result at once, as torch's own layers
+        do, on every backend (kernels are never launched on it; BatchNorm statistics are not
+        updated)."""
+        if x.shape[0] == 0 and not torch.jit.is_tracing():
+            return empty_batch_result(x, w)
         qkv = self.project_qkv(x, w, hp, training)
         pre = self.pre_projection(qkv, size, w, hp, training)
         return F.linear(pre, w.proj_weight, w.proj_bias)
@@ -124,6 +138,17 @@ class Backend:
                        training) -> Tensor:  # pragma: no cover - interface
         """qkv (as project_qkv returns it) -> pre-projection tokens (B, N, C) = [A | L]."""
         raise NotImplementedError(f"backend {self.name!r} has no pre_projection")
+
+
+def empty_batch_result(x: Tensor, w: GMAWeights) -> Tensor:
+    """The (0, N, C) result of an empty batch: the dtype the layer would return (the output
+    linear's, so autocast's under autocast), connected to x and to every parameter so that a
+    backward gives them zero gradients, as torch's own layers do for an empty batch."""
+    out = F.linear(x, w.proj_weight, w.proj_bias)
+    params = [t for t in w.tensors() if t.requires_grad]
+    if params and torch.is_grad_enabled():
+        out = out + (0 * sum(t.sum() for t in params)).to(out.dtype)
+    return out
 
 
 @dataclass

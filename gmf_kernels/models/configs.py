@@ -1,4 +1,4 @@
-"""The five released GroupMixFormer configurations (GMA_SPEC.md §2)."""
+"""The five released GroupMixFormer configurations (docs/spec.md §2)."""
 from __future__ import annotations
 
 MODEL_CONFIGS = {

@@ -1,4 +1,4 @@
-"""GroupMixFormer (GMA_SPEC.md §2) with upstream's state_dict keys, on any input size."""
+"""GroupMixFormer (docs/spec.md §2) with upstream's state_dict keys, on any input size."""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -9,6 +9,7 @@ from torch import nn
 
 from ..backends import check_backend_name
 from ..modules import GroupMixAttention, SeparableConv2d
+from .conv_bn import can_fold, conv_bn, has_hooks
 
 
 class DropPath(nn.Module):
@@ -30,7 +31,13 @@ class DropPath(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """3 -> C0/2 -> C0, two stride-2 3x3 convolutions with BatchNorm and hardswish."""
+    """3 -> C0/2 -> C0, two stride-2 3x3 convolutions with BatchNorm and hardswish.
+
+    In eval mode each BatchNorm is folded into the convolution before it (`conv_bn.py`):
+    one convolution per step, same parameters and state_dict. `fold_bn = False` turns that off.
+    """
+
+    fold_bn = True
 
     def __init__(self, in_chans: int, dim: int):
         super().__init__()
@@ -40,12 +47,18 @@ class ConvStem(nn.Module):
         self.norm2 = nn.BatchNorm2d(dim)
 
     def forward(self, x):
-        x = F.hardswish(self.norm1(self.proj1(x)))
-        return F.hardswish(self.norm2(self.proj2(x)))
+        x = F.hardswish(conv_bn(x, self.proj1, self.norm1, self.fold_bn))
+        return F.hardswish(conv_bn(x, self.proj2, self.norm2, self.fold_bn))
 
 
 class PatchEmbed(nn.Module):
-    """Separable 3x3 (stride 1 or 2) -> BatchNorm -> hardswish -> tokens and their grid."""
+    """Separable 3x3 (stride 1 or 2) -> BatchNorm -> hardswish -> tokens and their grid.
+
+    In eval mode the BatchNorm is folded into the pointwise convolution (`conv_bn.py`);
+    `fold_bn = False` turns that off.
+    """
+
+    fold_bn = True
 
     def __init__(self, in_dim: int, dim: int, stride: int):
         super().__init__()
@@ -53,7 +66,13 @@ class PatchEmbed(nn.Module):
         self.norm = nn.BatchNorm2d(dim)
 
     def forward(self, x) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        x = F.hardswish(self.norm(self.proj(x)))
+        proj = self.proj
+        if (self.fold_bn and type(proj) is SeparableConv2d and not has_hooks(proj)
+                and can_fold(proj.pointwise_conv, self.norm)):
+            x = conv_bn(proj.conv1(x), proj.pointwise_conv, self.norm)  # SeparableConv2d.forward, BN folded
+        else:
+            x = self.norm(proj(x))
+        x = F.hardswish(x)
         H, W = x.shape[-2:]  # the convolution's real output size (upstream assumes H // 2)
         return x.flatten(2).transpose(1, 2), (H, W)
 
@@ -115,7 +134,11 @@ class GroupMixFormer(nn.Module):
 
     forward(images) returns logits, or the four (B, C_i, H_i, W_i) feature maps when
     return_interm_layers=True (then, as upstream, there is no norm4/head).
-    `backend` selects the GMA backend of every block ("auto" by default).
+    `backend` selects the GMA backend of every block ("auto" by default). In eval mode the
+    stem and patch-embedding BatchNorms are folded into their convolutions (`conv_bn.py`;
+    `set_bn_folding(False)` turns that off). `torch.compile(model, fullgraph=True)` traces the
+    whole model as one graph on every backend; `gmf_kernels.optimize_for_inference` is the
+    recommended way to run it fast.
     """
 
     def __init__(self, embedding_dims: Sequence[int] = (80, 160, 320, 320),
@@ -166,6 +189,14 @@ class GroupMixFormer(nn.Module):
             m.set_backend(backend)
         return self
 
+    def set_bn_folding(self, enabled: bool = True) -> "GroupMixFormer":
+        """Fold the eval-mode BatchNorms of the stem and patch embeddings into their convolutions
+        (the default; `conv_bn.py`), or run convolution then BatchNorm as separate ops."""
+        for m in self.modules():
+            if isinstance(m, (ConvStem, PatchEmbed)):
+                m.fold_bn = bool(enabled)
+        return self
+
     def forward_features(self, x) -> List[torch.Tensor]:
         if x.dim() != 4:
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
@@ -175,7 +206,7 @@ class GroupMixFormer(nn.Module):
         for embed, stage in zip(self.patch_embed_layers, self.groupmixformer_backbone):
             tokens, (H, W) = embed(x)
             tokens = stage(tokens, (H, W))
-            x = tokens.transpose(1, 2).reshape(B, -1, H, W)
+            x = tokens.transpose(1, 2).reshape(B, tokens.shape[-1], H, W)
             feats.append(x)
         return feats
 

@@ -1,0 +1,129 @@
+"""Eval-mode BatchNorm folded into the convolution before it (stem and patch embeddings).
+
+A convolution followed by a BatchNorm that uses its running statistics is one convolution::
+
+    a       = gamma / sqrt(running_var + eps)               (1 where the BatchNorm has no affine)
+    weight' = weight * a[:, None, None, None]
+    bias'   = (bias - running_mean) * a + beta              (bias = 0 for a convolution without one)
+
+`conv_bn(x, conv, norm)` runs that one convolution when the fold is exact and nothing is
+lost by skipping the two modules' own forwards (`fold_reasons` says why not otherwise), and
+`norm(conv(x))` else: in training mode, for a BatchNorm without running statistics, for
+modules other than plain `nn.Conv2d` / `nn.BatchNorm2d` / `nn.SyncBatchNorm`, or when a
+hook is registered on either module (it would not fire). The parameters and buffers stay
+where they are: the state_dict, checkpoints and training are unchanged.
+
+The folded weight and bias are computed in float32 (float64 for float64 weights) and cast
+to the convolution's dtype. They are cached per BatchNorm module and rebuilt when a tensor
+they come from changes: the key is each tensor's storage pointer, version counter, dtype
+and device (in-place updates -- optimizer steps, ``load_state_dict``, ``copy_`` under
+``no_grad`` -- bump the version; ``.to()`` / ``.half()`` / a new Parameter change the
+pointer), the same rule as `gmf_kernels.folding.cached_derived`. Writes through ``.data``
+bypass version counters (as they bypass autograd) and are not seen.
+
+Not cached: when gradients are needed (eval mode with trainable parameters, e.g. frozen
+BatchNorm fine-tuning: the fold is then differentiable and rebuilt every call), for
+inference tensors (no version counter), and under ``torch.compile``, where the fold is
+part of the graph (constant-folded with Inductor's ``freezing``).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+#: BatchNorm module types whose eval-mode forward is the affine above
+FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+# BatchNorm module -> (stamp, weight', bias'); dies with the module, never in its state
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Tensor, Optional[Tensor]]]" = weakref.WeakKeyDictionary()
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """Any forward or backward hook on this module itself."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def fold_reasons(conv: nn.Module, norm: nn.Module) -> List[str]:
+    """Why `norm(conv(x))` cannot run as one folded convolution now (empty: it can)."""
+    reasons = []
+    if type(conv) is not nn.Conv2d:
+        reasons.append(f"the convolution is a {type(conv).__name__}, not an nn.Conv2d")
+    if type(norm) not in FOLDABLE_NORMS:
+        reasons.append(f"the normalisation is a {type(norm).__name__}, not a BatchNorm2d / SyncBatchNorm")
+        return reasons
+    if norm.training:
+        reasons.append("the BatchNorm is in training mode (batch statistics)")
+    if norm.running_mean is None or norm.running_var is None:
+        reasons.append("the BatchNorm keeps no running statistics (track_running_stats=False)")
+    if has_hooks(conv) or has_hooks(norm):
+        reasons.append("a hook is registered on the convolution or the BatchNorm (it would not fire)")
+    return reasons
+
+
+def can_fold(conv: nn.Module, norm: nn.Module) -> bool:
+    return not fold_reasons(conv, norm)
+
+
+def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor, Tensor]:
+    """(weight', bias') of the one convolution equal to `norm(conv(x))` in eval mode."""
+    w = conv.weight
+    cd = torch.float64 if w.dtype == torch.float64 else torch.float32
+    a = torch.rsqrt(norm.running_var.to(cd) + norm.eps)
+    if norm.weight is not None:
+        a = a * norm.weight.to(cd)
+    shift = -norm.running_mean.to(cd)
+    if conv.bias is not None:
+        shift = shift + conv.bias.to(cd)
+    bias = shift * a
+    if norm.bias is not None:
+        bias = bias + norm.bias.to(cd)
+    weight = w.to(cd) * a.view(-1, *([1] * (w.dim() - 1)))
+    return weight.to(w.dtype), bias.to(w.dtype)
+
+
+def _sources(conv: nn.Conv2d, norm: nn.Module):
+    return [t for t in (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+            if t is not None]
+
+
+def _needs_grad(x: Tensor, tensors) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))
+
+
+def folded_conv_bn(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor, Tensor]:
+    """`fold_conv_bn`, cached per BatchNorm where it may be (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return fold_conv_bn(conv, norm)  # in the graph: the compiled code owns its constants
+    sources = _sources(conv, norm)
+    if _needs_grad(x, sources):
+        return fold_conv_bn(conv, norm)  # differentiable, rebuilt every call
+    if any(t.is_inference() for t in sources):
+        with torch.no_grad():  # inference tensors keep no version counter: nothing to key a cache on
+            return fold_conv_bn(conv, norm)
+    stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources) + (float(norm.eps),)
+    hit = _CACHE.get(norm)
+    if hit is not None and hit[0] == stamp:
+        return hit[1], hit[2]
+    # outside inference mode, so that the cached tensors serve later calls in any mode
+    with torch.inference_mode(False), torch.no_grad():
+        weight, bias = fold_conv_bn(conv, norm)
+    _CACHE[norm] = (stamp, weight, bias)
+    return weight, bias
+
+
+def conv_bn(x: Tensor, conv: nn.Conv2d, norm: nn.Module, fold: bool = True) -> Tensor:
+    """`norm(conv(x))`, as one convolution with the BatchNorm folded in where `can_fold` (and `fold`)."""
+    if not (fold and can_fold(conv, norm)):
+        return norm(conv(x))
+    weight, bias = folded_conv_bn(x, conv, norm)
+    return conv._conv_forward(x, weight, bias)
+
+
+def clear_cache() -> None:
+    """Forget every cached fold (they are rebuilt on the next eval-mode call)."""
+    _CACHE.clear()

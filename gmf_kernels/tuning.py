@@ -1,0 +1,127 @@
+"""Tuning tables: launch choices and measured backend times as data, keyed by (GPU arch, C, dtype).
+
+One JSON file per GPU architecture, ``gmf_kernels/data/tuning/<arch>.json`` (e.g. ``sm_90``),
+written by ``benchmarks/tune.py`` on a lent GPU and read here::
+
+    {
+      "arch": "sm_90", "measured": true, "device": "NVIDIA H100 80GB HBM3", "date": "...",
+      "git_sha": "...", "torch": "...", "triton": "...",
+      "kernels": {                              # per kernel family: the chosen launch config
+        "triton.aggregate": {"80": {"bfloat16": {"BLOCK_P": 64, "num_warps": 4, "time_us": 41.2}}},
+        ...
+      },
+      "backends": {                             # per (C, dtype): measured pre-projection time per backend
+        "80": {"bfloat16": {"cuda": 120.5, "triton": 98.1, "batch": 128}}
+      }
+    }
+
+Nothing is measured until a GPU runs ``benchmarks/tune.py``: without a table (or an entry),
+every kernel family uses its default (from the roofline reasoning in its launcher's docstring)
+and ``auto`` uses the declared backend order. Kernel families register their search space
+here (`register_space`) so that the tuner and the roofline report find every tunable kernel.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+TABLE_DIR = Path(__file__).resolve().parent / "data" / "tuning"
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def arch_key(capability: Optional[Tuple[int, int]]) -> Optional[str]:
+    """(9, 0) -> "sm_90"; None -> None."""
+    if capability is None:
+        return None
+    return f"sm_{capability[0]}{capability[1]}"
+
+
+def dtype_name(dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def table_path(arch: str) -> Path:
+    return Path(os.environ.get("GMF_TUNING_DIR", TABLE_DIR)) / f"{arch}.json"
+
+
+@lru_cache(maxsize=None)
+def _load(path: str) -> Optional[dict]:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    with open(p) as fh:
+        return json.load(fh)
+
+
+def load_table(arch: Optional[str]) -> Optional[dict]:
+    """The tuning table of an architecture, or None when there is none."""
+    if arch is None:
+        return None
+    return _load(str(table_path(arch)))
+
+
+def clear_cache() -> None:
+    _load.cache_clear()
+
+
+def kernel_config(family: str, arch: Optional[str], C: int, dtype) -> Optional[dict]:
+    """The tuned launch config of a kernel family for (arch, C, dtype), or None (use the default)."""
+    table = load_table(arch)
+    if not table:
+        return None
+    return table.get("kernels", {}).get(family, {}).get(str(C), {}).get(dtype_name(dtype))
+
+
+def backend_times(arch: Optional[str], C: int, dtype) -> Dict[str, float]:
+    """Measured pre-projection time (any unit, same for all) per backend for (arch, C, dtype); {} if none."""
+    table = load_table(arch)
+    if not table:
+        return {}
+    entry = table.get("backends", {}).get(str(C), {}).get(dtype_name(dtype), {})
+    return {k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and k != "batch"}
+
+
+# ---------------------------------------------------------------- search spaces
+@dataclass(frozen=True)
+class SearchSpace:
+    """A tunable kernel family: its candidate configs and its default for (C, dtype, capability)."""
+
+    family: str                                                   # e.g. "triton.aggregate"
+    candidates: Callable[[int, torch.dtype, Tuple[int, int]], List[dict]]
+    default: Callable[[int, torch.dtype, Tuple[int, int]], dict]
+
+
+_SPACES: Dict[str, SearchSpace] = {}
+
+
+def register_space(space: SearchSpace) -> SearchSpace:
+    _SPACES[space.family] = space
+    return space
+
+
+def spaces() -> Dict[str, SearchSpace]:
+    """Every registered search space (a family registers when its launcher module is imported)."""
+    return dict(_SPACES)
+
+
+def choose(family: str, C: int, dtype, capability: Optional[Tuple[int, int]]) -> dict:
+    """The config a launcher uses: the tuned entry for this GPU when the table has one, else the
+    family's default. Tuned entries are validated against the candidate list (a stale table
+    whose entry is not a candidate any more falls back to the default)."""
+    space = _SPACES.get(family)
+    tuned = kernel_config(family, arch_key(capability), C, dtype)
+    if space is None:
+        return dict(tuned or {})
+    cap = capability or (8, 0)
+    if tuned is not None:
+        keys = {k: v for k, v in tuned.items() if k != "time_us"}
+        if any(all(c.get(k) == v for k, v in keys.items()) for c in space.candidates(C, dtype, cap)):
+            return keys
+    return space.default(C, dtype, cap)

@@ -1,0 +1,276 @@
+"""Bad and edge inputs (issue 11, items 4 and 6): an empty batch, wrong `weights` / `convert`
+arguments, a non-finite input under check=True, set_backend of a backend that cannot run
+here, and the install / test-infrastructure decisions (setup.py's CUDA-build choice, the
+golden-vector skip)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import conftest
+import gmf_kernels as gmf
+from gmf_kernels.backends import BACKEND_NAMES, get_backend
+from gmf_kernels.numerics import random_gma_weights
+from helpers import backend_dtype_params, backend_params, emulated_here
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRIDS = [(7, 9), (5, 4)]
+
+
+def _layer(C=80, dtype=torch.float32, backend="auto", **kw):
+    m = gmf.GroupMixAttention(C, qkv_bias=True, backend=backend, **kw).to(dtype)
+    with torch.no_grad():  # non-trivial BatchNorm buffers, so an update would show
+        for i in range(4):
+            n = getattr(m.aggregator, f"norm{i}")
+            n.running_mean.normal_()
+            n.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _bn_state(m):
+    return {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "num_batches_tracked" in k}
+
+
+# ------------------------------------------------------------------ empty batch: the module
+@pytest.mark.parametrize("size", GRIDS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(BACKEND_NAMES, [torch.float32, torch.bfloat16]))
+def test_empty_batch_eval(backend, dtype, size):
+    C = 80
+    m = _layer(C, dtype, backend).eval()
+    x = torch.randn(0, size[0] * size[1], C, dtype=dtype)
+    with torch.no_grad():
+        y = m(x, size)
+    assert y.shape == (0, size[0] * size[1], C) and y.dtype == dtype and y.device == x.device
+    if emulated_here(backend):  # the Triton interpreter: a real batch costs seconds
+        return
+    # the same layer still runs a real batch (the empty one left nothing behind)
+    with torch.no_grad():
+        assert m(torch.randn(2, size[0] * size[1], C, dtype=dtype), size).shape == (2, size[0] * size[1], C)
+
+
+@pytest.mark.parametrize("backend", backend_params(BACKEND_NAMES, training=True, needs_grad=True))
+def test_empty_batch_train_with_grad(backend):
+    """Training mode with gradients: an empty, differentiable result; a backward gives x and
+    every parameter a zero gradient, as torch's own layers do; BatchNorm statistics unchanged."""
+    C, size = 40, (6, 5)
+    m = _layer(C, torch.float64, backend).train()
+    before = _bn_state(m)
+    x = torch.randn(0, 30, C, dtype=torch.float64, requires_grad=True)
+    y = m(x, size)
+    assert y.shape == (0, 30, C) and y.dtype == torch.float64 and y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for name, p in m.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+    for k, v in _bn_state(m).items():
+        assert torch.equal(v, before[k]), f"{k} changed on an empty batch"
+
+
+@pytest.mark.parametrize("backend", backend_params(BACKEND_NAMES))
+def test_empty_batch_functional_every_backend_passes_the_same_place(backend, monkeypatch):
+    """The short-circuit is in Backend.forward, which every backend goes through: no
+    backend's own pre-projection (kernel launch) sees an empty batch."""
+    b = get_backend(backend)
+    monkeypatch.setattr(b, "pre_projection", lambda *a, **k: pytest.fail("pre_projection ran on B=0"))
+    w = random_gma_weights(80, dtype=torch.float32, seed=1)
+    with torch.no_grad():
+        y = gmf.group_mix_attention(torch.randn(0, 63, 80), (7, 9), w, backend=backend)
+    assert y.shape == (0, 63, 80) and y.dtype == torch.float32
+
+
+def test_empty_batch_keeps_the_other_checks():
+    m = _layer(80).eval()
+    with pytest.raises(ValueError, match="N=62 tokens"):
+        m(torch.randn(0, 62, 80), (7, 9))
+    with pytest.raises(ValueError, match="channels"):
+        m(torch.randn(0, 63, 40), (7, 9))
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.zeros(0, 63, 80, dtype=torch.int64), (7, 9))
+
+
+def test_empty_batch_check_mode_skips_the_comparison():
+    m = _layer(80, check=True, backend="torch").eval()
+    with torch.no_grad():
+        assert m(torch.randn(0, 63, 80), (7, 9)).shape == (0, 63, 80)
+
+
+# ------------------------------------------------------------------ empty batch: the model
+@pytest.mark.parametrize("name,num_classes,mode", [("groupmixformer_t", 1000, "eval"),
+                                                   ("groupmixformer_m", 10, "train")])
+def test_empty_batch_model(name, num_classes, mode):
+    model = gmf.create_model(name, num_classes=num_classes).train(mode == "train")
+    x = torch.randn(0, 3, 224, 224, requires_grad=(mode == "train"))
+    with torch.set_grad_enabled(mode == "train"):
+        y = model(x)
+    assert y.shape == (0, num_classes) and y.dtype == torch.float32
+    if mode == "train":
+        y.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+
+
+# ------------------------------------------------------------------ functional: the weights argument
+@pytest.mark.parametrize("bad,kind", [(None, "None"), ("state_dict", "state_dict"), ("module", "GroupMixAttention"),
+                                      (3, "int"), ("list", "list")])
+def test_functional_rejects_non_weights(bad, kind):
+    m = _layer(80)
+    bad = {"state_dict": m.state_dict(), "module": m, "list": list(m.gma_weights())}.get(bad, bad)
+    with pytest.raises(TypeError) as info:
+        gmf.group_mix_attention(torch.randn(1, 63, 80), (7, 9), bad)
+    msg = str(info.value)
+    assert kind in msg and "GMAWeights" in msg, msg
+    assert "gma_weights()" in msg  # says what to pass
+
+
+@pytest.mark.parametrize("field,mangle", [
+    ("proj_weight", lambda t: t[:, :-10]),
+    ("dw_weight", lambda ts: ts[:2]),
+    ("crpe_bias", lambda ts: (ts[0], ts[1], ts[2][:-1])),
+    ("local_pw_weight", lambda t: t.transpose(0, 1)),
+    ("bn_running_var", lambda ts: ts[:3] + (ts[3][:-1],)),
+])
+def test_functional_rejects_misshapen_weights(field, mangle):
+    w = random_gma_weights(80, dtype=torch.float32, seed=2)
+    bad = w._replace(**{field: mangle(getattr(w, field))})
+    with pytest.raises(ValueError, match=f"weights.{field}: expected shape"):
+        gmf.group_mix_attention(torch.randn(1, 63, 80), (7, 9), bad)
+    with torch.no_grad():  # the untouched weights run
+        assert gmf.group_mix_attention(torch.randn(1, 63, 80), (7, 9), w).shape == (1, 63, 80)
+
+
+def test_functional_rejects_missing_tuple():
+    w = random_gma_weights(80, dtype=torch.float32, seed=3)
+    with pytest.raises(TypeError, match="weights.crpe_weight must be a tuple of 3 tensors"):
+        gmf.group_mix_attention(torch.randn(1, 63, 80), (7, 9), w._replace(crpe_weight=None))
+    with pytest.raises(TypeError, match="qkv_weight must be a 2-D tensor"):
+        gmf.group_mix_attention(torch.randn(1, 63, 80), (7, 9), w._replace(qkv_weight=None))
+
+
+# ------------------------------------------------------------------ convert
+@pytest.mark.parametrize("bad", [None, "model", 3, torch.zeros(2)], ids=["None", "str", "int", "tensor"])
+def test_convert_rejects_non_modules(bad):
+    with pytest.raises(TypeError, match=r"convert\(\) takes a torch.nn.Module.*got "
+                       + {type(None): "None"}.get(type(bad), type(bad).__name__)):
+        gmf.convert(bad)
+
+
+# ------------------------------------------------------------------ check=True with non-finite input
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend", backend_params(["cuda", "triton", "torch"]))
+def test_check_blames_a_nonfinite_input(backend, value):
+    from gmf_kernels.selfcheck import SelfCheckError
+    m = _layer(80, backend=backend, check=True).eval()
+    x = torch.randn(2, 63, 80)
+    if not emulated_here(backend):  # (the Triton interpreter takes seconds per call)
+        with torch.no_grad():
+            assert m(x, (7, 9)).shape == x.shape  # finite: the check runs and passes
+    x[1, 5, 7] = value
+    with torch.no_grad(), pytest.raises(ValueError) as info:
+        m(x, (7, 9))
+    assert not isinstance(info.value, SelfCheckError)
+    msg = str(info.value)
+    assert "input x" in msg and "non-finite" in msg and "not the backend" in msg, msg
+
+
+@pytest.mark.parametrize("backend", backend_params(["torch"]))
+def test_check_blames_nonfinite_weights(backend):
+    m = _layer(80, backend=backend, check=True).eval()
+    with torch.no_grad():
+        m.crpe.conv_list[1].weight[0, 0, 2, 2] = float("nan")
+        with pytest.raises(ValueError, match=r"weights.crpe_weight\[1\] contain non-finite"):
+            m(torch.randn(1, 63, 80), (7, 9))
+
+
+# ------------------------------------------------------------------ set_backend validates when called
+REASON = "triton is not installed; pip install triton"
+
+
+@pytest.fixture
+def triton_unavailable(monkeypatch):
+    monkeypatch.setattr(get_backend("triton"), "availability_reasons", lambda: [REASON])
+
+
+def test_set_backend_raises_when_the_backend_cannot_run(triton_unavailable):
+    m = _layer(80)
+    with pytest.raises(ValueError) as info:
+        m.set_backend("triton")
+    assert "'triton' cannot run on this machine" in str(info.value) and REASON in str(info.value)
+    assert m.backend == "auto"  # unchanged
+    model = gmf.create_model("groupmixformer_m")
+    with pytest.raises(ValueError, match=REASON):
+        model.set_backend("triton")
+    with pytest.raises(ValueError, match=REASON):
+        gmf.convert(model, backend="triton")
+    # "auto" (and None) keep working, and run
+    for auto in ("auto", None):
+        assert m.set_backend(auto).backend == "auto"
+    assert model.set_backend("auto") is model
+    with torch.no_grad():
+        assert m.eval()(torch.randn(1, 63, 80), (7, 9)).shape == (1, 63, 80)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_set_backend_cuda_on_a_cpu_machine_raises_now():
+    with pytest.raises(ValueError, match="'cuda' cannot run on this machine"):
+        _layer(80).set_backend("cuda")
+
+
+@pytest.mark.parametrize("name", [n for n in BACKEND_NAMES if not get_backend(n).availability_reasons()])
+def test_set_backend_accepts_every_available_backend(name):
+    assert _layer(80).set_backend(name).backend == name
+
+
+# ------------------------------------------------------------------ setup.py: the CUDA-build decision
+@pytest.fixture(scope="module")
+def setup_py():
+    """setup.py imported as a module (setup() runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("gmf_setup_under_test", os.path.join(REPO, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("env,nvcc,torch_found,torch_cuda,build,says", [
+    ({}, True, True, None, False, "torch has no CUDA"),
+    ({}, True, True, "12.8", True, "torch CUDA 12.8"),
+    ({}, True, False, None, True, "torch not found"),
+    ({}, False, True, "12.8", False, "nvcc not found"),
+    ({"GMF_FORCE_CUDA_BUILD": "1"}, True, True, None, True, "GMF_FORCE_CUDA_BUILD=1"),
+    ({"GMF_CUDA_ARCHS": "80;90"}, True, True, None, True, "GMF_CUDA_ARCHS=80;90"),
+    ({"GMF_CUDA_ARCHS": " "}, True, True, None, False, "torch has no CUDA"),
+    ({"GMF_SKIP_CUDA_BUILD": "1", "GMF_FORCE_CUDA_BUILD": "1"}, True, True, "12.8", False, "GMF_SKIP_CUDA_BUILD=1"),
+    ({"GMF_FORCE_CUDA_BUILD": "1"}, False, True, None, False, "nvcc not found"),
+])
+def test_setup_cuda_build_decision(setup_py, env, nvcc, torch_found, torch_cuda, build, says):
+    decided, line = setup_py.cuda_build_decision(env, nvcc, torch_found, torch_cuda)
+    assert decided is build and says in line and "\n" not in line and line.startswith("gmf_kernels: ")
+
+
+def test_setup_reads_torch_cuda_without_importing(setup_py, tmp_path):
+    for text, expected in [("cuda: Optional[str] = None\n", None), ("cuda: Optional[str] = '12.8'\n", "12.8"),
+                           ("debug = False\ncuda = \"13.0\"\nhip = None\n", "13.0")]:
+        (tmp_path / "version.py").write_text("from typing import Optional\n__version__ = '2.13.0'\n" + text)
+        assert setup_py._torch_version_file_cuda(str(tmp_path / "version.py")) == (True, expected)
+    assert setup_py._torch_version_file_cuda(str(tmp_path / "absent.py")) == (False, None)
+    # this environment's torch, as the build sees it
+    assert setup_py.torch_cuda_version() == (True, torch.version.cuda)
+
+
+# ------------------------------------------------------------------ golden vectors absent
+def test_golden_absent_skips_outside_ci_and_fails_in_ci(monkeypatch, tmp_path):
+    monkeypatch.setattr(conftest, "GOLDEN_DIR", str(tmp_path))
+    for var in ("CI", "GMF_REQUIRE_GOLDEN"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="gma_module.pt not found: set GMF_GOLDEN_DIR"):
+        conftest.golden_path("gma_module.pt")
+    for var, value in (("CI", "true"), ("GMF_REQUIRE_GOLDEN", "1")):
+        monkeypatch.setenv(var, value)
+        with pytest.raises((pytest.fail.Exception, pytest.skip.Exception)) as info:
+            conftest.golden_path("gma_module.pt")
+        assert info.type is pytest.fail.Exception, f"{var}={value}: skipped instead of failing"
+        assert "gma_module.pt not found" in str(info.value)
+        monkeypatch.delenv(var)
+    (tmp_path / "gma_module.pt").write_bytes(b"")
+    assert conftest.golden_path("gma_module.pt") == os.path.join(str(tmp_path), "gma_module.pt")

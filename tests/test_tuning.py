@@ -1,0 +1,76 @@
+"""Tuning tables as data: lookup, validation against the search space, and `auto` choosing the
+backend measured fastest for (GPU arch, C, dtype), with the declared order as fallback."""
+import json
+
+import pytest
+import torch
+
+from gmf_kernels import tuning
+from gmf_kernels.backends import BACKEND_NAMES, Backend, explain, get_backend, select_backend
+from helpers import problem
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("GMF_TUNING_DIR", str(tmp_path))
+    tuning.clear_cache()
+    yield tmp_path
+    tuning.clear_cache()
+
+
+def write(table_dir, arch, data):
+    (table_dir / f"{arch}.json").write_text(json.dumps({"arch": arch, "measured": True, **data}))
+    tuning.clear_cache()
+
+
+@pytest.fixture
+def two_fake_fused(monkeypatch):
+    """cuda and triton both able to run a (mocked) CUDA problem."""
+    for n in ("cuda", "triton"):
+        monkeypatch.setattr(get_backend(n), "not_supported_reasons", lambda p: [])
+    yield
+
+
+def cuda_problem(cap=(9, 0), C=80, dtype=torch.bfloat16):
+    return problem(device_type="cuda", device_capability=cap, dim=C, dtype=dtype, explicit=False)
+
+
+def test_auto_uses_declared_order_without_a_table(table_dir, two_fake_fused):
+    assert select_backend(cuda_problem(), None).name == BACKEND_NAMES[0]
+
+
+def test_auto_picks_the_measured_fastest(table_dir, two_fake_fused):
+    write(table_dir, "sm_90", {"backends": {"80": {"bfloat16": {"cuda": 120.0, "triton": 90.0, "batch": 128}}}})
+    assert select_backend(cuda_problem(), None).name == "triton"
+    # another width, dtype or architecture without a measurement: declared order
+    assert select_backend(cuda_problem(C=160), None).name == BACKEND_NAMES[0]
+    assert select_backend(cuda_problem(dtype=torch.float32), None).name == BACKEND_NAMES[0]
+    assert select_backend(cuda_problem(cap=(8, 0)), None).name == BACKEND_NAMES[0]
+    assert explain(cuda_problem())["tuned"] == ["triton: 90", "cuda: 120"]
+
+
+def test_measured_backend_that_cannot_run_is_skipped(table_dir, monkeypatch):
+    write(table_dir, "sm_90", {"backends": {"80": {"bfloat16": {"cuda": 50.0, "triton": 90.0}}}})
+    monkeypatch.setattr(get_backend("cuda"), "not_supported_reasons", lambda p: ["mocked: no module"])
+    monkeypatch.setattr(get_backend("triton"), "not_supported_reasons", lambda p: [])
+    assert select_backend(cuda_problem(), None).name == "triton"
+
+
+def test_explicit_choice_ignores_the_table(table_dir, two_fake_fused):
+    write(table_dir, "sm_90", {"backends": {"80": {"bfloat16": {"cuda": 120.0, "triton": 90.0}}}})
+    assert select_backend(cuda_problem(), "cuda").name == "cuda"
+
+
+def test_kernel_config_choose_validates_against_candidates(table_dir):
+    space = tuning.register_space(tuning.SearchSpace(
+        family="test.kernel",
+        candidates=lambda C, dt, cap: [{"BLOCK": 32, "num_warps": 4}, {"BLOCK": 64, "num_warps": 8}],
+        default=lambda C, dt, cap: {"BLOCK": 32, "num_warps": 4}))
+    assert tuning.choose(space.family, 80, torch.float16, (9, 0)) == {"BLOCK": 32, "num_warps": 4}
+    write(table_dir, "sm_90", {"kernels": {"test.kernel": {"80": {"float16": {"BLOCK": 64, "num_warps": 8,
+                                                                              "time_us": 3.0}}}}})
+    assert tuning.choose(space.family, 80, torch.float16, (9, 0)) == {"BLOCK": 64, "num_warps": 8}
+    assert tuning.choose(space.family, 80, torch.float16, (8, 0)) == {"BLOCK": 32, "num_warps": 4}  # no sm_80 table
+    # a stale entry (not a candidate any more) falls back to the default
+    write(table_dir, "sm_90", {"kernels": {"test.kernel": {"80": {"float16": {"BLOCK": 128, "num_warps": 8}}}}})
+    assert tuning.choose(space.family, 80, torch.float16, (9, 0)) == {"BLOCK": 32, "num_warps": 4}
