@@ -8,21 +8,43 @@ Launch sequence (no host synchronisation), under the input's CUDA device:
 ``torch.library.wrap_triton`` so that ``torch.compile`` sees the kernels inside the
 ``gmf::triton_pre_projection`` op (triton_kernels/op.py); outside tracing it launches them
 directly.
+
+Per call the launcher picks the kernels' variant: the dots' precision for the input dtype on
+the input's GPU (`_common.dot_variant`, table `config.ARCH_DOTS`; emulated GPU rounding under
+the interpreter) and the tiles for that precision (`default_shape`). `plan_pre_projection`
+describes the launches without running them; `specializations.py` runs it on meta tensors to
+compile, ahead of time, exactly what the JIT will compile (kernels keep Triton's default line
+information, so compute-sanitizer and ncu reports point at source lines).
+
+Tiles as data (`gmf_kernels.tuning`): two search spaces are registered here,
+``"triton.aggregate"`` (BLOCK_P, num_warps, CK of the aggregation) and ``"triton.attention"``
+(BLOCK_P, num_warps of the attention kernel). Their candidates for (C, dtype, GPU) are the
+spill-free tiles of `config` (``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` / ``ATTN_TILES`` /
+``ATTN_TILES_BY_DOTS``; the tile `config.gma_shape` picks is the default and comes first).
+A launch on a CUDA device asks `tuning.choose` and uses the tuning table's tile for its GPU
+architecture, C and dtype when there is one (written by benchmarks/tune.py, which skips
+candidates that spill), else the default; under the interpreter and on meta/CPU tensors
+(AOT specialisation) the default tiles are used unchanged.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional
+from dataclasses import replace
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .. import tuning
 from ..folding import FoldedGMAWeights
-from ._common import interpreting
-from .aggregation import gma_aggregate_kernel, launch_aggregate, split_plan
-from .attention import gma_attention_kernel, gma_combine_kernel, launch_attention, launch_combine
-from .config import INTERPRETER_BLOCK_P, GMAShape, gma_shape, next_pow2
+from ._common import DotVariant, _cuda_capability, dot_variant, interpreting
+from .aggregation import aggregate_call, gma_aggregate_kernel, split_plan
+from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
+from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P, GMAShape,
+                     dot_pad, dot_precision, dtype_name, gma_shape, next_pow2)
 
 Tensor = torch.Tensor
+#: one launch: (kernel, grid, positional args, keyword args incl. constexprs and num_warps)
+Launch = Tuple[Any, Tuple[int, ...], tuple, Dict[str, Any]]
 
 #: Test hook: when True every buffer is allocated filled with NaN (an element that a kernel
 #: forgets to write, or reads before it is written, shows up as NaN in the result).
@@ -41,12 +63,97 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def default_shape(C: int, N: int) -> GMAShape:
-    """The specialisation a call uses: the GPU tiles, or one large tile under the interpreter."""
+def default_shape(C: int, N: int, dots: DotVariant) -> GMAShape:
+    """The specialisation a call uses: the GPU tiles for its dot variant, or one large tile
+    under the interpreter."""
     if interpreting():  # one tile up to INTERPRETER_BLOCK_P tokens: no padding waste on tiny grids
         bp = min(INTERPRETER_BLOCK_P, max(16, next_pow2(N)))
         return gma_shape(C, agg_block_p=bp, attn_block_p=bp, interpreter=True)
-    return gma_shape(C)
+    return gma_shape(C, dots=dots.precision)
+
+
+# ---------------------------------------------------------------- tuning (search spaces as data)
+AGG_FAMILY = "triton.aggregate"
+ATTN_FAMILY = "triton.attention"
+#: at most this many candidates per (family, C, dtype, GPU)
+MAX_CANDIDATES = 6
+
+
+def _precision(C: int, dtype, capability) -> Optional[str]:
+    try:
+        return dot_precision(dtype_name(dtype), tuple(capability or (8, 0)))
+    except ValueError:   # a dtype this GPU's row refuses (bf16 below sm_80): nothing to tune
+        return None
+
+
+def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
+    return {"BLOCK_P": shape.AGG_BLOCK_P, "num_warps": shape.AGG_WARPS, "CK": shape.CK}
+
+
+def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
+    return {"BLOCK_P": shape.ATTN_BLOCK_P, "num_warps": shape.ATTN_WARPS}
+
+
+def aggregate_default(C: int, dtype, capability) -> Dict[str, int]:
+    """The aggregation tile `config.gma_shape` picks for the dots of (dtype, GPU)."""
+    return _agg_cfg(gma_shape(C, dots=_precision(C, dtype, capability) or "tf32x3"))
+
+
+def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
+    """The default tile first, then the other tiles of AGG_TILES / AGG_TILES_BY_DOTS (each
+    spill-free at the width it was chosen for) whose channel chunk fits this width."""
+    if _precision(C, dtype, capability) is None:
+        return []
+    out = [aggregate_default(C, dtype, capability)]
+    s_pad = dot_pad(C // 5)
+    tiles = list(AGG_TILES.values()) + [t for row in AGG_TILES_BY_DOTS.values() for t in row.values()]
+    for bp, warps, ck in tiles:
+        cfg = {"BLOCK_P": bp, "num_warps": warps, "CK": ck}
+        if ck <= s_pad and cfg not in out and len(out) < MAX_CANDIDATES:
+            out.append(cfg)
+    return out
+
+
+def attention_default(C: int, dtype, capability) -> Dict[str, int]:
+    """The attention tile `config.gma_shape` picks for the dots of (dtype, GPU)."""
+    return _attn_cfg(gma_shape(C, dots=_precision(C, dtype, capability) or "tf32x3"))
+
+
+def attention_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
+    """The default tile first, then the other tiles of ATTN_TILES / ATTN_TILES_BY_DOTS."""
+    if _precision(C, dtype, capability) is None:
+        return []
+    out = [attention_default(C, dtype, capability)]
+    tiles = list(ATTN_TILES.values()) + [t for row in ATTN_TILES_BY_DOTS.values() for t in row.values()]
+    for bp, warps in tiles:
+        cfg = {"BLOCK_P": bp, "num_warps": warps}
+        if cfg not in out and len(out) < MAX_CANDIDATES:
+            out.append(cfg)
+    return out
+
+
+AGG_SPACE = tuning.register_space(tuning.SearchSpace(AGG_FAMILY, aggregate_candidates, aggregate_default))
+ATTN_SPACE = tuning.register_space(tuning.SearchSpace(ATTN_FAMILY, attention_candidates, attention_default))
+
+
+def shape_from_configs(C: int, dots: DotVariant, agg: Dict[str, int], attn: Dict[str, int]) -> GMAShape:
+    """The specialisation of the GPU tiles `agg` ("triton.aggregate") and `attn` ("triton.attention")."""
+    shape = gma_shape(C, dots=dots.precision, agg_block_p=int(agg["BLOCK_P"]), agg_warps=int(agg["num_warps"]),
+                      ck=int(agg["CK"]), attn_block_p=int(attn["BLOCK_P"]))
+    return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
+
+
+def tuned_shape(C: int, N: int, dots: DotVariant, qkv: Tensor) -> GMAShape:
+    """The specialisation a call uses: on a CUDA device the tuning table's tiles for its GPU
+    architecture, C and dtype (`tuning.choose`; the defaults without an entry), else (the
+    interpreter, meta/CPU tensors) `default_shape`."""
+    if interpreting() or qkv.device.type != "cuda":
+        return default_shape(C, N, dots)
+    index = qkv.device.index if qkv.device.index is not None else torch.cuda.current_device()
+    cap = _cuda_capability(index)
+    agg = tuning.choose(AGG_FAMILY, C, qkv.dtype, cap)
+    attn = tuning.choose(ATTN_FAMILY, C, qkv.dtype, cap)
+    return shape_from_configs(C, dots, agg, attn)
 
 
 def device_guard(t: Tensor):
@@ -56,18 +163,20 @@ def device_guard(t: Tensor):
     return contextlib.nullcontext()
 
 
-def launch_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
-                          shape: Optional[GMAShape] = None) -> Dict[str, Tensor]:
-    """Run the three kernels; return every buffer (the op returns ``pre``; tests read all).
+def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
+                        shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None
+                        ) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """Allocate the buffers of one call and describe its three launches, without launching.
 
-    qkv (B, N, 3C) in fp32/fp16/bf16 with unit channel stride; weights: `FoldedGMAWeights`
-    (fp32, contiguous, on qkv's device; arguments checked by the op). Returns q, v (B, N, C')
-    [qkv.dtype], part_m, part_l (B, SPLITS, C'), part_acc (B, SPLITS, C', d), kv (B, C', d)
-    [fp32] and pre (B, N, C).
+    Returns (buffers, [(kernel, grid, args, kwargs), ...]) in launch order. `launch_pre_projection`
+    runs exactly these; `specializations.py` calls this on meta tensors (nothing allocated)
+    to derive, with Triton's own specialisation code, the variants the JIT will compile for
+    real call shapes. dots: the dot variant (default: `dot_variant(qkv)`).
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
-    shape = shape or default_shape(C, N)
+    dots = dots or dot_variant(qkv)
+    shape = shape or tuned_shape(C, N, dots, qkv)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dev, dt = qkv.device, qkv.dtype
@@ -82,11 +191,25 @@ def launch_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights
         "part_acc": _alloc((B, splits, shape.CP, shape.D), f32, dev),
         "kv": _alloc((B, shape.CP, shape.D), f32, dev),
     }
+    agg = aggregate_call(qkv, H, W, weights, ln_eps, shape, tiles_per_split, buf["q"], buf["v"], buf["pre"],
+                         buf["part_m"], buf["part_l"], buf["part_acc"], dots)
+    comb = combine_call(buf["part_m"], buf["part_l"], buf["part_acc"], buf["kv"], shape)
+    attn = attention_call(buf["q"], buf["v"], buf["kv"], buf["pre"], weights, H, W, scale, shape, dots)
+    launches = [(gma_aggregate_kernel, *agg), (gma_combine_kernel, *comb), (gma_attention_kernel, *attn)]
+    return buf, launches
+
+
+def launch_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
+                          shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None) -> Dict[str, Tensor]:
+    """Run the three kernels; return every buffer (the op returns ``pre``; tests read all).
+
+    qkv (B, N, 3C) in fp32/fp16/bf16 with unit channel stride; weights: `FoldedGMAWeights`
+    (fp32, contiguous, on qkv's device; arguments checked by the op). Returns q, v (B, N, C')
+    [qkv.dtype], part_m, part_l (B, SPLITS, C'), part_acc (B, SPLITS, C', d), kv (B, C', d)
+    [fp32] and pre (B, N, C). Launched under qkv's CUDA device (`device_guard`).
+    """
+    buf, launches = plan_pre_projection(qkv, H, W, weights, scale, ln_eps, shape, dots)
     with device_guard(qkv):
-        launch_aggregate(wrap_triton(gma_aggregate_kernel), qkv, H, W, weights, ln_eps, shape, tiles_per_split,
-                         buf["q"], buf["v"], buf["pre"], buf["part_m"], buf["part_l"], buf["part_acc"])
-        launch_combine(wrap_triton(gma_combine_kernel), buf["part_m"], buf["part_l"], buf["part_acc"], buf["kv"],
-                       shape)
-        launch_attention(wrap_triton(gma_attention_kernel), buf["q"], buf["v"], buf["kv"], buf["pre"], weights,
-                         H, W, scale, shape)
+        for kernel, grid, args, kwargs in launches:
+            wrap_triton(kernel)[grid](*args, **kwargs)
     return buf

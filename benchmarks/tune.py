@@ -1,0 +1,442 @@
+#!/usr/bin/env python
+"""Sweep every registered tuning search space on a lent GPU and write the table the library reads.
+
+    python benchmarks/tune.py                        # on a GPU: ~8 minutes, writes gmf_kernels/data/tuning/<arch>.json
+    python benchmarks/tune.py --budget 300 --dtype bf16 --models s
+    python benchmarks/tune.py --dry-run              # any machine: the plan and a plumbing check, no timing
+
+What it measures (`gmf_kernels.tuning`, the table format is in its docstring):
+
+* ``kernels``: for every registered search space (``tuning.spaces()``: "triton.aggregate" and
+  "triton.attention" from gmf_kernels/triton_kernels/launcher.py, "cuda.tiles" from
+  gmf_kernels/cuda/launcher.py) and every (C, dtype) of the GroupMixFormer-S/B/L widths (each at
+  its first stage grid at 224x224, batch --batch), the time of each candidate config; the
+  fastest is the entry. Triton candidates are timed on their kernel alone (the other two
+  launches of the call use the defaults), candidates whose compiled kernel spills registers
+  are refused, and each candidate's ``pre`` is compared with the default config's (a tile
+  must not change the result beyond rounding). CUDA candidates are timed on the whole
+  pre-projection (the tile shapes both tile kernels) and compared the same way.
+* ``backends``: then, with the new kernel entries in effect, the pre-projection time (qkv ->
+  pre, benchmarks/ops.py's StageInputs) of each backend (cuda, triton, torch) per (C, dtype),
+  which ``auto`` reads (`tuning.backend_times`).
+
+Time: --budget seconds in all (default 480, inside the 8 minutes of a lent GPU run), split
+between the families and the backend timing (BUDGET_SHARES; time one part does not use
+carries over). Widths of GroupMixFormer-S come first, bf16 first; when a part's time runs
+out the rest of it is recorded as not measured, never dropped silently. The table is
+rewritten after every (C, dtype) so that a stopped run keeps what it measured, and copied to
+$OUT (or --out) when set. Times are do_bench medians (CUDA events, L2 flushed), in us.
+
+Nothing here runs without a CUDA GPU except --dry-run, which prints the plan (families,
+candidates per (C, dtype), shapes, budgets) and checks the plumbing: every family's
+candidates and default, the Triton tiles build valid specialisations, the CUDA candidates
+pass the module's planner when the module loads, and a table written by this script's writer
+is read back by `tuning.choose` / `tuning.backend_times` (in a temporary directory).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for p in (ROOT, HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODELS = ("groupmixformer_s", "groupmixformer_b", "groupmixformer_l")
+STAGE_GRIDS = (56, 28, 14, 7)
+#: share of the budget per part, in order (unused time carries over to the next part)
+BUDGET_SHARES = (("triton.aggregate", 0.35), ("triton.attention", 0.15), ("cuda.tiles", 0.25), ("backends", 0.25))
+BACKENDS = ("cuda", "triton", "torch")
+#: max relative difference of a candidate's pre from the default config's (per dtype): rounding only
+AGREE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+
+
+# ------------------------------------------------------------------ plan
+def shapes(models: Sequence[str] = MODELS) -> List[Tuple[int, int, int]]:
+    """(C, H, W): each distinct width of the models, at the first (largest) stage grid it has,
+    in the order met (the first model's widths first)."""
+    from gmf_kernels.models.configs import MODEL_CONFIGS, canonical_name
+    out: Dict[int, Tuple[int, int, int]] = {}
+    for m in models:
+        for C, g in zip(MODEL_CONFIGS[canonical_name(m)]["embedding_dims"], STAGE_GRIDS):
+            out.setdefault(int(C), (int(C), g, g))
+    return list(out.values())
+
+
+def load_spaces() -> Dict[str, object]:
+    """Every registered search space (importing the launchers registers theirs)."""
+    from gmf_kernels import tuning
+    import gmf_kernels.cuda.launcher  # noqa: F401  registers "cuda.tiles"
+    import gmf_kernels.triton_kernels.launcher  # noqa: F401  registers "triton.aggregate", "triton.attention"
+    return tuning.spaces()
+
+
+def part_budgets(total: float, parts: Sequence[str]) -> Dict[str, float]:
+    shares = {k: v for k, v in BUDGET_SHARES}
+    s = sum(shares.get(p, 0.1) for p in parts)
+    return {p: total * shares.get(p, 0.1) / s for p in parts}
+
+
+# ------------------------------------------------------------------ table
+def new_table(arch: str, device: str, dry_run: bool = False) -> Dict:
+    from importlib import metadata
+    try:
+        triton_version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton_version = "not installed"
+    try:
+        from ops import git_sha
+        sha = git_sha()
+    except Exception:  # informational only
+        sha = "unknown"
+    return {"arch": arch, "measured": not dry_run, "device": device,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_sha": sha,
+            "torch": torch.__version__, "triton": triton_version, "kernels": {}, "backends": {},
+            "candidates": {}, "not_measured": []}
+
+
+def set_entry(table: Dict, family: str, C: int, dtype: torch.dtype, results: List[Dict]) -> Optional[Dict]:
+    """Record every candidate's result and the fastest measured one as the family's entry."""
+    from gmf_kernels.tuning import dtype_name
+    dn = dtype_name(dtype)
+    table["candidates"].setdefault(family, {}).setdefault(str(C), {})[dn] = results
+    ok = [r for r in results if r.get("status") == "ok"]
+    if not ok:
+        return None
+    best = min(ok, key=lambda r: r["time_us"])
+    entry = {**best["config"], "time_us": round(best["time_us"], 3)}
+    table["kernels"].setdefault(family, {}).setdefault(str(C), {})[dn] = entry
+    return entry
+
+
+def write_table(table: Dict, path: str, copy_dir: Optional[str] = None) -> None:
+    """Write atomically (a stopped run leaves the previous complete file), copy to copy_dir."""
+    from gmf_kernels import tuning
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(table, fh, indent=1, sort_keys=False)
+    os.replace(tmp, path)
+    if copy_dir:
+        os.makedirs(copy_dir, exist_ok=True)
+        shutil.copy(path, os.path.join(copy_dir, f"tuning_{os.path.basename(path)}"))
+    tuning.clear_cache()
+
+
+# ------------------------------------------------------------------ the sweep (budgeted)
+def sweep(items: Iterable[Tuple], measure: Callable[..., List[Dict]], deadline: float,
+          on_done: Callable[[Tuple, List[Dict]], None], clock: Callable[[], float] = time.monotonic) -> List[Tuple]:
+    """measure(*item) for each item until `deadline` (clock()); on_done(item, results) after each.
+    Returns the items not measured (time ran out)."""
+    left = list(items)
+    while left:
+        if clock() >= deadline:
+            return left
+        item = left.pop(0)
+        on_done(item, measure(*item))
+    return []
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+class GpuMeasure:
+    """Timings on the current CUDA device (do_bench medians in us)."""
+
+    def __init__(self, batch: int, warmup_ms: float = 10, rep_ms: float = 40):
+        self.batch, self.warmup, self.rep = batch, warmup_ms, rep_ms
+        self.device = torch.device("cuda")
+        self.cap = tuple(torch.cuda.get_device_capability())
+
+    def _bench(self, fn) -> float:
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=self.warmup, rep=self.rep)) * 1e3
+
+    def _inputs(self, C, H, W, dtype):
+        from gmf_kernels.folding import fold_eval
+        from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
+        hp = default_hyper(C)
+        w = cast_weights(random_gma_weights(C, seed=0), torch.float32, self.device)
+        folded = fold_eval(w, hp)
+        g = torch.Generator().manual_seed(1)
+        qkv = torch.randn(self.batch, H * W, 3 * C, generator=g).to(self.device, dtype)
+        return qkv, folded, hp
+
+    def triton(self, family: str, C: int, H: int, W: int, dtype: torch.dtype, cands: List[Dict]) -> List[Dict]:
+        from gmf_kernels.triton_kernels import launcher as L
+        from gmf_kernels.triton_kernels._common import dot_variant
+        qkv, folded, hp = self._inputs(C, H, W, dtype)
+        dots = dot_variant(qkv)
+        default_agg = L.aggregate_default(C, dtype, self.cap)
+        default_attn = L.attention_default(C, dtype, self.cap)
+        index = 0 if family == L.AGG_FAMILY else 2
+        ref = None
+        out = []
+        for cfg in cands:
+            agg, attn = (cfg, default_attn) if family == L.AGG_FAMILY else (default_agg, cfg)
+            rec = {"config": dict(cfg)}
+            try:
+                shape = L.shape_from_configs(C, dots, agg, attn)
+                buf, launches = L.plan_pre_projection(qkv, H, W, folded, float(hp.scale), float(hp.ln_eps),
+                                                      shape=shape, dots=dots)
+                compiled = None
+                for i, (k, g, a, kw) in enumerate(launches):
+                    c = k[g](*a, **kw)
+                    if i == index:
+                        compiled = c
+                torch.cuda.synchronize()
+                spills = int(getattr(compiled, "n_spills", 0) or 0)
+                rec["registers"] = getattr(compiled, "n_regs", None)
+                rec["spills"] = spills
+                pre = buf["pre"].clone()
+                if ref is None:
+                    ref = pre
+                diff = _rel_diff(pre, ref)
+                rec["diff_vs_first"] = diff
+                if spills:
+                    rec.update(status="refused", reason=f"{spills} bytes of register spills")
+                elif not diff <= AGREE[_short(dtype)]:
+                    rec.update(status="refused", reason=f"pre differs from the default config's by {diff:.2e}")
+                else:
+                    k, g, a, kw = launches[index]
+                    rec.update(status="ok", time_us=self._bench(lambda: k[g](*a, **kw)))
+            except Exception as ex:  # one failing candidate must not stop the sweep
+                rec.update(status="error", reason=f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}")
+            out.append(rec)
+        return out
+
+    def cuda(self, family: str, C: int, H: int, W: int, dtype: torch.dtype, cands: List[Dict]) -> List[Dict]:
+        from gmf_kernels.cuda import launcher as CL
+        qkv, folded, hp = self._inputs(C, H, W, dtype)
+        ws = list(folded)
+        ref = None
+        out = []
+        for cfg in cands:
+            rec = {"config": dict(cfg)}
+            try:
+                fn = lambda: CL.launch_pre_projection(qkv, H, W, ws, float(hp.scale), float(hp.ln_eps), config=cfg)
+                pre = fn()
+                torch.cuda.synchronize()
+                if ref is None:
+                    ref = pre
+                diff = _rel_diff(pre, ref)
+                rec["diff_vs_first"] = diff
+                if not diff <= AGREE[_short(dtype)]:
+                    rec.update(status="refused", reason=f"pre differs from the default config's by {diff:.2e}")
+                else:
+                    rec.update(status="ok", time_us=self._bench(fn))
+            except Exception as ex:
+                rec.update(status="error", reason=f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}")
+            out.append(rec)
+        return out
+
+    def backends(self, C: int, H: int, W: int, dtype: torch.dtype) -> Dict[str, object]:
+        from ops import StageInputs
+        case = dict(C=C, H=H, W=W, B=self.batch, dtype=_short(dtype))
+        inputs = StageInputs(case, self.device)
+        res: Dict[str, object] = {}
+        with torch.inference_mode():
+            for impl in BACKENDS:
+                try:
+                    fn, _ = inputs.pre_projection_fn(impl)
+                    fn()
+                    torch.cuda.synchronize()
+                    res[impl] = round(self._bench(fn), 3)
+                except Exception as ex:  # unsupported / not built: not in the table (auto falls back)
+                    res.setdefault("_not_measured", {})[impl] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200]}"
+        return res
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+# ------------------------------------------------------------------ dry run
+def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_dir: Optional[str]) -> int:
+    from gmf_kernels import tuning
+    from gmf_kernels.triton_kernels import launcher as L
+    from gmf_kernels.triton_kernels._common import DotVariant
+    from gmf_kernels.triton_kernels.config import dot_precision
+    cap = (9, 0)
+    failures: List[str] = []
+    print("tune.py --dry-run: nothing is timed; the plan for an sm_90 GPU and a plumbing check.")
+    print(f"shapes (C, H, W): {shape_list}; dtypes: {[_short(d) for d in dtypes]}")
+    print("budget per part (s): " + ", ".join(f"{k} {v:.0f}" for k, v in budgets.items()))
+    n_runs = 0
+    for fam in sorted(spaces):
+        sp = spaces[fam]
+        print(f"\n[{fam}] budget {budgets.get(fam, 0):.0f} s")
+        for (C, H, W) in shape_list:
+            for dt in dtypes:
+                cands = sp.candidates(C, dt, cap)
+                default = sp.default(C, dt, cap)
+                n_runs += len(cands)
+                print(f"  C={C} {H}x{W} {_short(dt)}: {len(cands)} candidates, default {default}; "
+                      f"{[{k: v for k, v in c.items()} for c in cands]}")
+                if not cands:
+                    failures.append(f"{fam} C={C} {_short(dt)}: no candidate")
+                elif default not in cands:
+                    failures.append(f"{fam} C={C} {_short(dt)}: default {default} not a candidate")
+                if fam in (L.AGG_FAMILY, L.ATTN_FAMILY):
+                    dots = DotVariant(dot_precision(_short(dt), cap), False)
+                    for c in cands:
+                        try:
+                            agg = c if fam == L.AGG_FAMILY else L.aggregate_default(C, dt, cap)
+                            attn = c if fam == L.ATTN_FAMILY else L.attention_default(C, dt, cap)
+                            L.shape_from_configs(C, dots, agg, attn)
+                        except Exception as ex:
+                            failures.append(f"{fam} C={C} {_short(dt)} {c}: {ex}")
+    print(f"\n[backends] budget {budgets.get('backends', 0):.0f} s: {', '.join(BACKENDS)} per (C, dtype)")
+    print(f"{n_runs} candidate measurements planned")
+    # the CUDA candidates against the module's planner (when a build loads here)
+    try:
+        from gmf_kernels.cuda import launcher as CL
+        mod = CL.module()
+        for (C, H, W) in shape_list:
+            for dt in dtypes:
+                for c in spaces[CL.TILE_FAMILY].candidates(C, dt, cap):
+                    mod.plan(8, H, W, C, CL.DTYPE_CODES[dt], c["tile_h"], c["tile_w"], c["tiles_per_cta"], 0)
+        print("cuda.tiles: every candidate accepted by the module's planner")
+    except ImportError as ex:
+        print(f"cuda.tiles: planner check skipped (module not loadable: {str(ex).splitlines()[0][:120]})")
+    except Exception as ex:
+        failures.append(f"cuda.tiles planner: {ex}")
+    # the writer and the reader agree (a temporary table directory)
+    tmp = table_dir or tempfile.mkdtemp(prefix="gmf_tune_dry_")
+    old = os.environ.get("GMF_TUNING_DIR")
+    os.environ["GMF_TUNING_DIR"] = tmp
+    try:
+        C, H, W = shape_list[0]
+        dt = dtypes[0]
+        table = new_table("sm_90", "dry run (nothing measured)", dry_run=True)
+        for fam in sorted(spaces):
+            cands = spaces[fam].candidates(C, dt, cap)
+            pick = cands[-1]
+            set_entry(table, fam, C, dt, [{"config": c, "status": "ok", "time_us": 2.0 if c is pick else 3.0}
+                                          for c in cands])
+        table["backends"].setdefault(str(C), {})[tuning.dtype_name(dt)] = {"triton": 2.0, "torch": 5.0, "batch": 8}
+        path = str(tuning.table_path("sm_90"))
+        write_table(table, path)
+        for fam in sorted(spaces):
+            want = spaces[fam].candidates(C, dt, cap)[-1]
+            got = tuning.choose(fam, C, dt, cap)
+            if got != want:
+                failures.append(f"table round trip {fam}: choose -> {got}, expected {want}")
+        if tuning.backend_times("sm_90", C, dt) != {"triton": 2.0, "torch": 5.0}:
+            failures.append(f"table round trip backends: {tuning.backend_times('sm_90', C, dt)}")
+        print(f"table writer/reader round trip in {tmp}: {'ok' if not failures else 'FAILED'}")
+    finally:
+        if old is None:
+            os.environ.pop("GMF_TUNING_DIR", None)
+        else:
+            os.environ["GMF_TUNING_DIR"] = old
+        tuning.clear_cache()
+        if table_dir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for f in failures:
+        print(f"FAILED: {f}")
+    print("dry run: " + ("ok" if not failures else f"{len(failures)} failures"))
+    return 0 if not failures else 1
+
+
+# ------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), help="models whose widths are tuned (s, b, l, ...)")
+    ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default 480)")
+    ap.add_argument("--families", nargs="+", default=None, help="only these parts (default: every space + backends)")
+    ap.add_argument("--table-dir", default=None, help="write <arch>.json here (default: tuning.table_path)")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="also copy the table here (default: $OUT)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and check the plumbing; time nothing")
+    a = ap.parse_args(argv)
+
+    from gmf_kernels.models.configs import canonical_name
+    models = [canonical_name(m if m.startswith("groupmixformer") else f"groupmixformer_{m}") for m in a.models]
+    spaces = load_spaces()
+    parts = [f for f in sorted(spaces, key=lambda f: [k for k, _ in BUDGET_SHARES].index(f)
+                               if f in dict(BUDGET_SHARES) else 99)] + ["backends"]
+    if a.families:
+        parts = [p for p in parts if p in a.families]
+    budgets = part_budgets(a.budget, parts)
+    shape_list = shapes(models)
+    dtypes = [DTYPES[d] for d in a.dtype]
+    if a.dry_run:
+        return dry_run({k: v for k, v in spaces.items() if k in parts}, shape_list, dtypes, budgets, a.table_dir)
+    if not torch.cuda.is_available():
+        print("benchmarks/tune.py: no CUDA GPU available; nothing measured, no table written (--dry-run checks "
+              "the plumbing on any machine).")
+        return 0
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("benchmarks/tune.py: TRITON_INTERPRET is set; unset it to time the compiled kernels. Skipping.")
+        return 0
+
+    from gmf_kernels import tuning
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cap = tuple(torch.cuda.get_device_capability())
+    arch = tuning.arch_key(cap)
+    if a.table_dir:
+        os.environ["GMF_TUNING_DIR"] = a.table_dir
+    path = str(tuning.table_path(arch))
+    table = new_table(arch, torch.cuda.get_device_name())
+    table.update(batch=a.batch, budget_s=a.budget, shapes=[list(s) for s in shape_list])
+    meas = GpuMeasure(a.batch)
+    t_start = time.monotonic()
+    deadline = t_start
+    print(f"tuning on {table['device']} ({arch}): parts {parts}, budget {a.budget:.0f} s, batch {a.batch}; "
+          f"table {path}", flush=True)
+    for part in parts:
+        deadline += budgets[part]          # cumulative: time an earlier part did not use carries over
+        items = [(C, H, W, dt) for dt in dtypes for (C, H, W) in shape_list]
+        if part == "backends":
+            def measure(C, H, W, dt):
+                return [meas.backends(C, H, W, dt)]
+
+            def done(item, res):
+                C, H, W, dt = item
+                r = dict(res[0])
+                r.pop("_not_measured", None)
+                if r:
+                    table["backends"].setdefault(str(C), {})[tuning.dtype_name(dt)] = {**r, "batch": a.batch}
+                print(f"  backends C={C} {H}x{W} {_short(dt)}: {res[0]}", flush=True)
+                write_table(table, path, a.out)
+        else:
+            sp = spaces[part]
+            fn = meas.cuda if part.startswith("cuda.") else meas.triton
+
+            def measure(C, H, W, dt, sp=sp, fn=fn, part=part):
+                cands = sp.candidates(C, dt, cap)
+                return fn(part, C, H, W, dt, cands) if cands else []
+
+            def done(item, res, part=part):
+                C, H, W, dt = item
+                entry = set_entry(table, part, C, dt, res)
+                print(f"  {part} C={C} {H}x{W} {_short(dt)}: {len(res)} candidates -> {entry}", flush=True)
+                write_table(table, path, a.out)
+        left = sweep(items, measure, deadline, done)
+        for (C, H, W, dt) in left:
+            table["not_measured"].append({"part": part, "C": C, "dtype": _short(dt), "reason": "time budget used up"})
+        write_table(table, path, a.out)
+        print(f"[{part}] done: {len(items) - len(left)}/{len(items)} (C, dtype) measured, "
+              f"{time.monotonic() - t_start:.0f} s so far", flush=True)
+    print(f"wrote {path}" + (f" (and a copy in {a.out})" if a.out else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

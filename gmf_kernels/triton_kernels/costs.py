@@ -1,0 +1,206 @@
+"""Cost model of the three Triton kernels, from the launcher's own plan (one place for the formulas).
+
+    from gmf_kernels.triton_kernels.costs import cost
+    c = cost("gma_aggregate_kernel", B=128, H=56, W=56, C=80, dtype="bf16")   # -> Cost
+    c.bytes, c.tc_flops, c.cuda_flops, c.grid
+
+Used by ``benchmarks/roofline.py`` (lower-bound times), and meant for ``benchmarks/ops.py``
+(GB/s, TFLOP/s) and ``benchmarks/tune.py``. Pure Python: nothing is launched or compiled.
+
+What is counted (assumptions, also in each function's docstring):
+
+* **bytes** = compulsory traffic of the kernel as designed: every element it must read
+  read once, every element it writes written once, the folded fp32 weights it reads once
+  (in practice they are re-read per program from L2; halos of the stencils come from
+  L1/L2 and are not counted). Activations in the I/O dtype (``e`` bytes), the split-N
+  partials and ``kv`` in fp32. So ``bytes / time`` is comparable with HBM bandwidth.
+* **tc_flops** = 2 x the useful multiply-adds of the channel mixes that the kernel issues as
+  ``tl.dot`` (the s x s pointwise, the 3s -> s local pointwise, exp(K)^T V, Q KV). On sm_80+
+  they run on tensor cores with fp32 operands: ``tc_precision`` says how ("tf32x3": three
+  TF32 passes for fp32 inputs; "tf32": one TF32 pass for fp16/bf16 inputs, the kernels never
+  issue fp16/bf16 dots, `_common.mm`). With ``"ieee"`` dots (sm_70/75) Triton lowers them to
+  FMAs, so they count as ``cuda_flops`` and ``tc_flops`` is 0. ``tc_flops_padded`` is what the
+  MMAs execute with the tile padding (D_PAD, S_PAD, CK chunks, BLOCK_P over N).
+* **cuda_flops** = 2 x the multiply-adds of the depthwise stencils (3x3/5x5/7x7, the local
+  3x3, CRPE) and of the combine's rescaling (2 multiply-adds per partial element), plus the
+  FMA dots of the "ieee" variant. Element-wise work (BatchNorm affine, hardswish, exp,
+  LayerNorm) is not counted, as in benchmarks/ops.py.
+* **grid** = the launch grid of `launcher.plan_pre_projection` for this call (split-N plan of
+  `aggregation.split_plan`, tiles of `config.gma_shape` for the dot variant of the dtype on
+  the given GPU, or the tuned/explicit `shape`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from .config import GMAShape, dot_precision, dtype_name, gma_shape
+
+KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
+ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+#: multiply-adds per channel of one token of the CRPE stencils, per head width d:
+#: heads 0-1 3x3, heads 2-4 5x5, heads 5-7 7x7 -> d * (2*9 + 3*25 + 3*49) = 240 d
+CRPE_TAPS_PER_D = 2 * 9 + 3 * 25 + 3 * 49
+#: taps of the three proxy stencils of segments 1..3: 9 + 25 + 49
+PROXY_TAPS = 9 + 25 + 49
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Work of one launch. bytes: compulsory; flops: 2 per multiply-add (module docstring)."""
+    bytes: int
+    tc_flops: int
+    cuda_flops: int
+    grid: Optional[Tuple[int, ...]]
+    tc_precision: str = "-"          # "tf32x3", "tf32", "bf16", "fp16", "-" (no tensor-core work)
+    tc_flops_padded: int = 0
+    block: Optional[int] = None      # threads per program / CTA
+    shared: Optional[int] = None     # bytes of shared memory per CTA known from the plan (CUDA)
+    detail: Dict[str, int] = field(default_factory=dict, compare=False)
+
+    @property
+    def programs(self) -> Optional[int]:
+        if self.grid is None:
+            return None
+        n = 1
+        for g in self.grid:
+            n *= int(g)
+        return n
+
+
+def _weights_bytes(C: int) -> Dict[str, int]:
+    """fp32 bytes of each folded weight (`folding.weight_shapes`)."""
+    from ..folding import weight_shapes
+    out = {}
+    for name, shp in weight_shapes(C).items():
+        n = 1
+        for x in shp:
+            n *= int(x)
+        out[name] = 4 * n
+    return out
+
+
+def _split_plan(N: int, B: int, block_p: int, target: int) -> Tuple[int, int]:
+    from .aggregation import split_plan  # the launcher's own plan
+    return split_plan(N, B, block_p, target)
+
+
+def _norm_dtype(dtype) -> str:
+    name = dtype_name(dtype) if not isinstance(dtype, str) else dtype
+    name = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
+    if name not in ELEM_BYTES:
+        raise ValueError(f"dtype {dtype!r}: expected fp32, fp16 or bf16")
+    return name
+
+
+def shape_for(C: int, dtype, capability: Tuple[int, int] = (9, 0), config: Optional[dict] = None) -> GMAShape:
+    """The specialisation a GPU launch of (C, dtype) uses on `capability`: the default tiles of
+    `config.gma_shape` for the dot variant, or a tuning config (keys of the "triton.aggregate" /
+    "triton.attention" spaces: BLOCK_P, num_warps, CK / ATTN_BLOCK_P, ATTN_WARPS)."""
+    from dataclasses import replace
+    prec = dot_precision(_norm_dtype(dtype), capability)
+    cfg = dict(config or {})
+    shp = gma_shape(C, dots=prec, agg_block_p=int(cfg.get("BLOCK_P", 0)), agg_warps=int(cfg.get("num_warps", 0)),
+                    ck=int(cfg.get("CK", 0)), attn_block_p=int(cfg.get("ATTN_BLOCK_P", 0)))
+    if cfg.get("ATTN_WARPS"):
+        shp = replace(shp, ATTN_WARPS=int(cfg["ATTN_WARPS"]))
+    return shp
+
+
+def cost(kernel: str, B: int, H: int, W: int, C: int, dtype, capability: Tuple[int, int] = (9, 0),
+         shape: Optional[GMAShape] = None) -> Cost:
+    """Cost of one launch of `kernel` (a name in KERNELS, "gma_" and "_kernel" optional) for
+    qkv (B, H*W, 3C) in `dtype` ("fp32"/"fp16"/"bf16" or a torch dtype) on a GPU of
+    `capability` (default H100, (9, 0)), with the launcher's default tiles or `shape`."""
+    name = kernel if kernel.startswith("gma_") else f"gma_{kernel}_kernel"
+    dt = _norm_dtype(dtype)
+    prec = dot_precision(dt, capability)
+    shape = shape or shape_for(C, dt, capability)
+    if name == "gma_aggregate_kernel":
+        return _aggregate(B, H, W, dt, prec, shape)
+    if name == "gma_combine_kernel":
+        return _combine(B, H, W, dt, prec, shape)
+    if name == "gma_attention_kernel":
+        return _attention(B, H, W, dt, prec, shape)
+    raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of {KERNELS}")
+
+
+def _tc(prec: str, useful: int, padded: int) -> Tuple[int, int, int, str]:
+    """(tc_flops, tc_flops_padded, cuda_flops_from_dots, tc_precision) of a dot workload."""
+    if prec == "ieee":                   # FMA dots on sm_70/75: CUDA-core work (as issued, padded)
+        return 0, 0, padded, "-"
+    return useful, padded, 0, prec
+
+
+def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
+    """gma_aggregate_kernel, grid (SPLITS, 5, B).
+
+    bytes: qkv read once (B N 3C e), Q and V proxies written (2 B N C' e), the local branch's
+    half of pre written (B N s e), the split-N partials written (B SPLITS C' (2 + d) x 4: m, l,
+    and the d x d accumulator per head), the folded weights it reads once (bn_scale, bn_shift,
+    dw3, dw5, dw7, pw, local_dw, local_pw, ln_weight, ln_bias).
+    tc: per token, segments 1-3 x (q, k, v) an s x s pointwise (3 x 3 x s^2 MACs), the local
+    3s -> s pointwise (3 s^2), exp(K)^T V for 8 heads (C' d). Padded as the kernel issues
+    them: pointwise [BLOCK_P, ceil(s/CK) CK] x [CK, D_PAD] per head, local [.., CK] x [CK, S_PAD]
+    per chunk, KV [D_PAD, BLOCK_P] x [BLOCK_P, D_PAD] per head and tile.
+    cuda: the depthwise stencils, 3 x (9 + 25 + 49) s + 27 s MACs per token."""
+    N = H * W
+    e = ELEM_BYTES[dt]
+    s, cp, d = sh.S, sh.CP, sh.D
+    splits, tps = _split_plan(N, B, sh.AGG_BLOCK_P, sh.SPLIT_TARGET)
+    wb = _weights_bytes(sh.C)
+    weights = sum(wb[k] for k in ("bn_scale", "bn_shift", "dw3", "dw5", "dw7", "pw", "local_dw", "local_pw",
+                                  "ln_weight", "ln_bias"))
+    detail = {"qkv_read": B * N * 3 * sh.C * e, "qv_write": 2 * B * N * cp * e, "pre_write": B * N * s * e,
+              "partials_write": B * splits * cp * (2 + d) * 4, "weights": weights, "splits": splits,
+              "tiles_per_split": tps}
+    nbytes = sum(v for k, v in detail.items() if k not in ("splits", "tiles_per_split"))
+    useful = 2 * B * N * (9 * s * s + 3 * s * s + cp * d)
+    tokens_pad = B * -(-N // sh.AGG_BLOCK_P) * sh.AGG_BLOCK_P
+    s_chunks = -(-s // sh.CK) * sh.CK
+    padded = 2 * tokens_pad * (9 * s_chunks * 2 * sh.D_PAD + 3 * s_chunks * sh.S_PAD + 8 * sh.D_PAD * sh.D_PAD)
+    tc, tcp, dot_fma, tp = _tc(prec, useful, padded)
+    stencil = 2 * B * N * (3 * PROXY_TAPS * s + 27 * s)
+    return Cost(bytes=nbytes, tc_flops=tc, cuda_flops=stencil + dot_fma, grid=(splits, 5, B), tc_precision=tp,
+                tc_flops_padded=tcp, block=32 * sh.AGG_WARPS, detail=detail)
+
+
+def _combine(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
+    """gma_combine_kernel, grid (8, B): reads the SPLITS partials (B SPLITS C' (2 + d) x 4 bytes),
+    writes kv (B C' d x 4). cuda: 2 multiply-adds per partial accumulator element (ACC alpha +
+    acc_t beta), 2 B SPLITS C' d MACs; no tensor-core work."""
+    N = H * W
+    splits, _ = _split_plan(N, B, sh.AGG_BLOCK_P, sh.SPLIT_TARGET)
+    cp, d = sh.CP, sh.D
+    detail = {"partials_read": B * splits * cp * (2 + d) * 4, "kv_write": B * cp * d * 4, "splits": splits}
+    return Cost(bytes=detail["partials_read"] + detail["kv_write"], tc_flops=0, cuda_flops=2 * 2 * B * splits * cp * d,
+                grid=(8, B), block=32 * sh.COMBINE_WARPS, detail=detail)
+
+
+def _attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
+    """gma_attention_kernel, grid (ceil(N / ATTN_BLOCK_P), 8, B).
+
+    bytes: Q and V read once (2 B N C' e; V's CRPE halo from cache), kv read once (B C' d x 4;
+    in practice once per program, from L2), the attention half of pre written (B N C' e), the
+    CRPE weights (crpe_w3/5/7, crpe_b) once.
+    tc: Q KV, C' d MACs per token (padded: [BLOCK_P, D_PAD] x [D_PAD, D_PAD] per program);
+    with "ieee" dots the kernel does rank-1 FMA updates over k < d instead (cuda, BLOCK_P D D_PAD
+    MACs per program).
+    cuda: CRPE stencils, 240 d MACs per token."""
+    N = H * W
+    e = ELEM_BYTES[dt]
+    cp, d = sh.CP, sh.D
+    wb = _weights_bytes(sh.C)
+    weights = sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7", "crpe_b"))
+    detail = {"qv_read": 2 * B * N * cp * e, "kv_read": B * cp * d * 4, "pre_write": B * N * cp * e,
+              "weights": weights}
+    tiles = -(-N // sh.ATTN_BLOCK_P)
+    progs = tiles * 8 * B
+    useful = 2 * B * N * cp * d
+    if prec == "ieee":
+        tc, tcp, dot_fma, tp = 0, 0, 2 * progs * sh.ATTN_BLOCK_P * d * sh.D_PAD, "-"
+    else:
+        tc, tcp, dot_fma, tp = useful, 2 * progs * sh.ATTN_BLOCK_P * sh.D_PAD * sh.D_PAD, 0, prec
+    crpe = 2 * B * N * CRPE_TAPS_PER_D * d
+    return Cost(bytes=sum(detail.values()), tc_flops=tc, cuda_flops=crpe + dot_fma, grid=(tiles, 8, B),
+                tc_precision=tp, tc_flops_padded=tcp, block=32 * sh.ATTN_WARPS, detail=detail)
