@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Whole-model inference throughput of GroupMixFormer, every GMA backend side by side.
+"""Whole-model inference and training throughput of GroupMixFormer, every GMA backend side by side.
 
     PYTHONPATH=. python benchmarks/throughput.py                          # defaults for this machine
     PYTHONPATH=. python benchmarks/throughput.py --model t,s --precision amp --results-file out.json
     PYTHONPATH=. python benchmarks/throughput.py --protocol paper         # upstream: b128, 224², 50+30, fp32
+    PYTHONPATH=. python benchmarks/throughput.py --bench train --opt adamw --precision amp
 
 For every model and backend (default: every available backend, always `reference`, which
 is upstream's eager forward rendered line by line) the script builds the model once, checks
@@ -13,6 +14,15 @@ min) and the speed ratio to `reference`. On CUDA every timed iteration is bracke
 events and the timed loop by two torch.cuda.synchronize() calls (METHOD.md); on CPU a host
 clock is used. Published figures of the paper (V100) are printed as reference lines only,
 never as measurements. See benchmarks/README.md for the columns.
+
+`--bench train` (timm's naming; `--bench inference` is the default) times training steps
+instead: forward + cross-entropy loss + backward + optimizer step (`--opt sgd`, momentum 0.9,
+or `--opt adamw`) on the model in train mode (BatchNorm batch statistics), each row on its own
+copy of the same initial model. The first step of every row is the correctness check: its loss,
+a few parameter gradients and an aggregator BatchNorm's running variance against the
+`reference` row's first step. Backends that cannot train are listed under "not run" with their
+reasons. On CUDA both benches also report peak memory (torch.cuda.max_memory_allocated);
+on CPU memory is not measured.
 """
 from __future__ import annotations
 
@@ -37,12 +47,15 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "bf16", "amp")
-#: Paper, appendix B (GMA_SPEC.md §4): one V100, fp32, batch 128, 224x224. Not measured here.
+#: Paper, appendix B (docs/spec.md §4): one V100, fp32, batch 128, 224x224. Not measured here.
 PUBLISHED = [
     ("GroupMixFormer (paper appx. B)", 596.0),
     ("Swin-T (paper appx. B)", 755.0),
     ("CSWin-T (paper appx. B)", 701.0),
 ]
+BENCHES = ("inference", "train")
+OPTIMIZERS = {"sgd": "SGD (momentum 0.9)", "adamw": "AdamW (weight decay 0.05)"}
+DEFAULT_LR = {"sgd": 1e-3, "adamw": 1e-4}
 PAPER_PROTOCOL = dict(batch_size=128, img_size=224, num_warm_iter=50, num_bench_iter=30, precision="fp32",
                       channels_last=False)
 TIMM_BASELINE = "swin_tiny_patch4_window7_224"
@@ -52,10 +65,21 @@ TIMM_BASELINE = "swin_tiny_patch4_window7_224"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bench", choices=BENCHES, default="inference",
+                   help="inference: eval-mode forward under torch.inference_mode; train: forward + loss + backward "
+                        "+ optimizer step in train mode (timm's naming)")
+    p.add_argument("--opt", choices=tuple(OPTIMIZERS), default="sgd",
+                   help="--bench train: the optimizer, " + ", ".join(f"{k} = {v}" for k, v in OPTIMIZERS.items()))
+    p.add_argument("--lr", type=float, default=None,
+                   help="--bench train: learning rate (default " +
+                        ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--drop-path-rate", type=float, default=0.0,
+                   help="--bench train: stochastic depth rate of the model (default 0, so that every row's "
+                        "steps are deterministic and comparable; upstream trains with 0.1-0.5)")
     p.add_argument("--model", default="groupmixformer_s",
                    help="model name(s), comma separated; aliases (t, tiny, groupmixformer_tiny...) or 'all'")
     p.add_argument("--batch-size", "-b", type=int, default=None,
-                   help="images per forward (default 128 on GPU, 8 on CPU)")
+                   help="images per forward or training step (default 128 on GPU, 8 on CPU)")
     p.add_argument("--img-size", type=int, default=None, help="square input size (default 224)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32; fp16/bf16 cast model and input; amp = torch.autocast (fp16 on cuda, bf16 on cpu)")
@@ -73,15 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of cuda,triton,torch,reference (default: every available backend, "
                         "always reference; on CPU the Triton interpreter only when named)")
     p.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="add a row: torch.compile (this backend, default inductor) of the `torch` backend model; "
-                        "default on for GPU, off on CPU (compiling is slow there); compile time reported apart")
+                   help="add rows '<gma backend>+compile': torch.compile (this compiler backend, default inductor) "
+                        "of the model on each GMA backend of --compile-backends ('reference+compile' is torch.compile "
+                        "of upstream); default on for GPU, off on CPU (compiling is slow there); compile time "
+                        "reported apart")
+    p.add_argument("--compile-backends", default=None,
+                   help="comma list of GMA backends to also run under torch.compile (default: every backend of "
+                        "the run on GPU; 'torch' on CPU)")
     p.add_argument("--no-torchcompile", action="store_true", help="no torch.compile row, also on GPU")
+    p.add_argument("--optimized", action=argparse.BooleanOptionalAction, default=None,
+                   help="add a row: gmf_kernels.optimize_for_inference (eval, BatchNorm folded, auto backend, "
+                        "torch.compile fullgraph + freezing, CUDA graphs up to the mode table's batch threshold); "
+                        "default on for GPU inference, off on CPU (compiling is slow there); compile time reported apart")
+    p.add_argument("--optimized-cudagraphs", choices=("table", "on", "off"), default="table",
+                   help="the optimized row's CUDA graphs: as the mode table says for this batch and dtype, or forced "
+                        "on / off (to measure the threshold in gmf_kernels/data/inference_modes.json)")
     p.add_argument("--no-timm", action="store_true", help=f"no timm {TIMM_BASELINE} baseline row")
     p.add_argument("--fp64-check", action=argparse.BooleanOptionalAction, default=None,
                    help="also compare every row with the reference run in float64 (default: on for "
                         "fp16/bf16/amp, where the fp32-vs-low-precision error needs a true oracle)")
     p.add_argument("--protocol", choices=("paper",), default=None,
-                   help="paper: upstream's protocol (GMA_SPEC §4): batch 128, 224x224, 50 warm-up + 30 timed, "
+                   help="paper: upstream's protocol (docs/spec.md §4): batch 128, 224x224, 50 warm-up + 30 timed, "
                         "fp32, eval, no grad; flags given explicitly still win (and are recorded)")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None,
@@ -102,6 +138,9 @@ def resolve_settings(args) -> Dict:
     defaults = dict(batch_size=128 if gpu else 8, img_size=224, num_warm_iter=10 if gpu else 1,
                     num_bench_iter=40 if gpu else 5, precision="fp32", channels_last=False)
     overrides = []
+    if args.protocol == "paper" and args.bench == "train":
+        raise SystemExit("error: --protocol paper is upstream's inference protocol (eval, no grad); "
+                         "it does not apply to --bench train")
     if args.protocol == "paper":
         for k, v in PAPER_PROTOCOL.items():
             given = getattr(args, k)
@@ -112,7 +151,14 @@ def resolve_settings(args) -> Dict:
     s.update(device=device, device_type=dev_type,
              schedule=args.schedule or ("block" if gpu else "interleave"),
              protocol=(args.protocol or "custom") + (f" (modified: {', '.join(overrides)})" if overrides else ""),
-             seed=args.seed)
+             seed=args.seed, bench=args.bench)
+    if args.bench == "train":
+        s.update(opt=args.opt, lr=args.lr if args.lr is not None else DEFAULT_LR[args.opt],
+                 drop_path_rate=args.drop_path_rate)
+    s["compile_backends"] = ([b.strip() for b in args.compile_backends.split(",") if b.strip()]
+                             if args.compile_backends else None)
+    s["optimized"] = bool(args.optimized if args.optimized is not None else gpu) and args.bench != "train"
+    s["optimized_cudagraphs"] = args.optimized_cudagraphs
     if args.no_torchcompile:
         s["torchcompile"] = None
     else:
@@ -208,12 +254,24 @@ def collect_meta(settings: Dict) -> Dict:
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "unset"),
         "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "bench": settings["bench"],
         "settings": {k: v for k, v in settings.items()},
         "img_per_s_definition": "batch_size / median ms per iteration; img_per_s_total = batch_size * n / "
                                 "time of the whole timed loop (upstream's and timm's definition)",
+        "peak_mem_definition": ("CUDA: one extra untimed iteration per row after its timed ones; peak_mem_mib = "
+                                "the row's own resident tensors (parameters, buffers and, in --bench train, "
+                                "optimizer state) + (torch.cuda.max_memory_allocated during the iteration - "
+                                "torch.cuda.memory_allocated before it; gradients are freed before it). "
+                                "CPU: not measured"),
         "published_reference": [{"name": n, "img_per_s": v, "device": "V100 (paper)", "precision": "fp32",
                                  "batch_size": 128, "img_size": 224, "measured": False} for n, v in PUBLISHED],
     }
+    if settings["bench"] == "train":
+        meta["train_step_definition"] = (
+            f"zero_grad(set_to_none) -> forward (train mode; autocast with --precision amp) -> cross-entropy "
+            f"against fixed random labels -> backward (GradScaler with fp16 autocast) -> "
+            f"{OPTIMIZERS[settings['opt']]} step, lr {settings['lr']:g}; stochastic depth rate "
+            f"{settings['drop_path_rate']:g}")
     if gpu:
         props = torch.cuda.get_device_properties(torch.device(settings["device"]))
         meta["gpu_memory_gib"] = round(props.total_memory / 2 ** 30, 1)
@@ -377,6 +435,8 @@ class Runner:
         self.times: List[float] = []
         self.total_s = 0.0
         self.alive = True
+        #: --bench train: the row's TrainStep (one call = one training iteration); None: a forward of module
+        self.step: Optional["TrainStep"] = None
 
 
 def select_backends(requested: Optional[List[str]], dev_type: str):
@@ -460,21 +520,26 @@ class Context:
 
     def common_fields(self, n_params: int) -> Dict:
         s = self.settings
-        return dict(device=s["device"], device_name=None, precision=s["precision"], batch_size=self.B,
+        return dict(bench=s["bench"], device=s["device"], device_name=None, precision=s["precision"],
+                    batch_size=self.B,
                     img_size=self.S, channels_last=bool(s["channels_last"]), n_warm=s["num_warm_iter"],
-                    schedule=s["schedule"], params_m=n_params / 1e6)
+                    schedule=s["schedule"], params_m=n_params / 1e6,
+                    **({"opt": s["opt"], "lr": s["lr"]} if s["bench"] == "train" else {}))
 
 
 def build_master(ctx: Context, name: str, tag: str):
-    """(the model with random weights and randomised norms, its float64 oracle logits or None)."""
+    """(the model with random weights and randomised norms, its float64 oracle logits or None;
+    --bench train: no oracle here, `train_oracle` computes the first step's)."""
     import torch
     import gmf_kernels as gmf
     ctx.progress(f"{tag}: building model ...")
     torch.manual_seed(ctx.settings["seed"])
-    master = gmf.create_model(name, backend="reference").eval()
+    train = ctx.settings["bench"] == "train"
+    kw = dict(drop_path_rate=ctx.settings["drop_path_rate"]) if train else {}
+    master = gmf.create_model(name, backend="reference", **kw).eval()
     randomise_norms(master, ctx.settings["seed"])
     oracle = None
-    if ctx.settings["fp64_check"]:
+    if ctx.settings["fp64_check"] and not train:
         ctx.progress(f"{tag}: float64 reference (oracle) ...")
         try:
             m64 = copy.deepcopy(master).to(device=ctx.device, dtype=torch.float64)
@@ -495,22 +560,62 @@ def make_runners(ctx: Context, name: str, model, backends: List[str], with_timm:
         if b == "triton" and ctx.dev_type == "cpu":
             label = "triton (CPU interpreter)"
         runners.append(Runner(name, b, label, model, (lambda b=b, m=model: m.set_backend(b))))
-    if ctx.settings["torchcompile"]:
-        cmod = copy.deepcopy(model).set_backend("torch")
-        try:
-            compiled = torch.compile(cmod, backend=ctx.settings["torchcompile"])
-            runners.append(Runner(name, "torch+compile", f"torch+compile ({ctx.settings['torchcompile']})",
-                                  compiled, lambda: None))
-        except Exception as e:
-            r = Runner(name, "torch+compile", "torch+compile", None, lambda: None)
-            r.row.update(status="error", reason=first_line(e))
-            r.alive = False
-            runners.append(r)
+    for b in compile_backends(ctx, backends):
+        runners.append(compiled_runner(ctx, name, b, lambda b=b: copy.deepcopy(model).set_backend(b)))
+    if ctx.settings["optimized"]:
+        runners.append(optimized_runner(ctx, name, model))
     if with_timm:
         tr = timm_runner(ctx.settings, ctx.device, ctx.model_dtype, ctx.progress)
         if tr is not None:
             runners.append(tr)
     return runners
+
+
+def compile_backends(ctx: Context, backends: List[str]) -> List[str]:
+    """The GMA backends that also get a torch.compile row (none without --torchcompile)."""
+    if not ctx.settings["torchcompile"]:
+        return []
+    wanted = ctx.settings.get("compile_backends")
+    if wanted is None:
+        wanted = list(backends) if ctx.dev_type == "cuda" else ["torch"]
+    return [b for b in wanted if b in backends]
+
+
+def compiled_runner(ctx: Context, name: str, backend: str, make_model, wrap=None) -> Runner:
+    """A '<backend>+compile' row: torch.compile of a copy of the model on that GMA backend
+    ('reference+compile' = torch.compile of upstream's eager model)."""
+    import torch
+    label = f"{backend}+compile"
+    try:
+        compiled = torch.compile(make_model(), backend=ctx.settings["torchcompile"])
+        r = Runner(name, label, f"{label} ({ctx.settings['torchcompile']})", compiled, lambda: None)
+        if wrap is not None:
+            wrap(r)
+        return r
+    except Exception as e:
+        r = Runner(name, label, label, None, lambda: None)
+        r.row.update(status="error", reason=first_line(e))
+        r.alive = False
+        return r
+
+
+def optimized_runner(ctx: Context, name: str, model) -> Runner:
+    """The 'optimized' row: gmf_kernels.optimize_for_inference of a copy of the model, the
+    README's recommended way (its plan -- mode, CUDA graphs, why -- recorded in the row)."""
+    import gmf_kernels as gmf
+    forced = {"table": None, "on": True, "off": False}[ctx.settings["optimized_cudagraphs"]]
+    try:
+        fast = gmf.optimize_for_inference(copy.deepcopy(model), batch_size=ctx.B, backend="auto", cudagraphs=forced)
+    except Exception as e:
+        r = Runner(name, "optimized", "optimized", None, lambda: None)
+        r.row.update(status="error", reason=first_line(e))
+        r.alive = False
+        return r
+    p = fast.plan
+    r = Runner(name, "optimized", f"optimized ({'cudagraphs' if p.cudagraphs else p.mode})", fast, lambda: None)
+    r.row.update(plan_reason=p.reason, compile_mode=p.mode, cudagraphs=p.cudagraphs,
+                 inductor_options=p.inductor_options, mode_table_entry=p.table_entry, mode_table_measured=p.measured)
+    return r
 
 
 def judge(r: Runner, runners: List[Runner], tol: float) -> str:
@@ -558,7 +663,7 @@ def first_calls_and_check(ctx: Context, runners: List[Runner], oracle, tag: str,
             r.row.update(status="error", reason=first_line(e, 600))
             r.alive = False
             continue
-        if r.backend == "torch+compile":
+        if r.backend.endswith("+compile") or r.backend == "optimized":
             r.row["compile_s"] = r.row["first_call_s"]
         if r.kind == "baseline":
             r.row["check"] = "n/a (other model)"
@@ -579,8 +684,9 @@ def _run_row(ctx: Context, r: Runner, n: int, what: str, on_iter=None) -> None:
     """n calls of one row (what: "warm-up" or "timing"); an exception ends the row with its reason."""
     r.prepare()
     try:
-        with ctx.autocast():
-            t, tot = ctx.timer.run(lambda: r.module(ctx.x), n, on_iter)
+        # a training step enters autocast itself, for its forward only
+        with ctx.autocast() if r.step is None else contextlib.nullcontext():
+            t, tot = ctx.timer.run(r.step if r.step is not None else (lambda: r.module(ctx.x)), n, on_iter)
         if what == "timing":
             r.times += t
             r.total_s += tot
@@ -642,9 +748,307 @@ def summarise(ctx: Context, runners: List[Runner], name: str) -> None:
             r.row["ratio_per_round_min_max"] = [min(paired), max(paired)]
 
 
+# --------------------------------------------------------------------------- memory (CUDA)
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not hasattr(t, "untyped_storage") or t.device.type != "cuda":
+            continue
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def resident_bytes(r: Runner) -> int:
+    """The row's own tensors that live across iterations: parameters, buffers, optimizer state."""
+    ts = list(r.module.parameters()) + list(r.module.buffers())
+    if r.step is not None:
+        ts += [v for st in r.step.opt.state.values() for v in st.values() if hasattr(v, "untyped_storage")]
+    return _tensor_bytes(ts)
+
+
+def measure_memory(ctx: Context, runners: List[Runner]) -> None:
+    """CUDA: one extra, untimed iteration per row; its peak over what was allocated before it,
+    plus the row's own resident tensors (other rows' models are resident too, so the global peak
+    alone would not be this row's). CPU: not measured."""
+    import torch
+    for r in runners:
+        if not r.alive or not r.times:
+            continue
+        if ctx.dev_type != "cuda":
+            r.row.update(peak_mem_mib=None, peak_mem_note="not measured on CPU")
+            continue
+        try:
+            r.prepare()
+            if r.step is not None:
+                r.step.zero_grad()  # the previous step's gradients are not part of this one's peak
+            ctx.timer.sync()
+            base = torch.cuda.memory_allocated(ctx.device)
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+            if r.step is not None:
+                r.step()
+            else:
+                with torch.inference_mode(), ctx.autocast():
+                    r.module(ctx.x)
+            ctx.timer.sync()
+            step_peak = torch.cuda.max_memory_allocated(ctx.device) - base
+            own = resident_bytes(r)
+            r.row.update(peak_mem_mib=(own + step_peak) / 2 ** 20, peak_mem_gib=(own + step_peak) / 2 ** 30,
+                         peak_step_mem_mib=step_peak / 2 ** 20, resident_mem_mib=own / 2 ** 20)
+        except Exception as e:
+            r.row.update(peak_mem_mib=None, peak_mem_note=f"measurement failed: {first_line(e)}")
+    ref = next((r for r in runners if r.backend == "reference" and r.row.get("peak_mem_mib")), None)
+    if ref is not None:
+        for r in runners:
+            if r.row.get("peak_mem_mib"):
+                r.row["mem_ratio_vs_reference"] = r.row["peak_mem_mib"] / ref.row["peak_mem_mib"]
+
+
+# --------------------------------------------------------------------------- --bench train
+class TrainStep:
+    """One training iteration of a model: zero_grad(set_to_none) -> forward (train mode, under
+    autocast with --precision amp) -> cross-entropy against fixed random labels -> backward
+    (scaled by a GradScaler with fp16 autocast) -> optimizer step."""
+
+    def __init__(self, ctx: Context, model):
+        import torch
+        self.ctx, self.model = ctx, model
+        s = ctx.settings
+        params = [p for p in model.parameters() if p.requires_grad]
+        if s["opt"] == "sgd":
+            self.opt = torch.optim.SGD(params, lr=s["lr"], momentum=0.9)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.05)
+        # fp16 autocast: loss scaling (a moderate initial scale, so that the checked first step is finite)
+        self.scaler = (torch.amp.GradScaler(ctx.dev_type, init_scale=2.0 ** 10)
+                       if ctx.autocast_dtype == torch.float16 else None)
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
+
+    def forward_backward(self):
+        import torch.nn.functional as F
+        self.zero_grad()
+        with self.ctx.autocast():
+            logits = self.model(self.ctx.x)
+        loss = F.cross_entropy(logits.float(), self.ctx.target)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss
+
+    def optimizer_step(self):
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+
+    def __call__(self):
+        self.forward_backward()
+        self.optimizer_step()
+
+
+def check_tensor_names(model) -> List[str]:
+    """What the first-step check compares besides the loss: gradients of the first convolution
+    (it sees every layer's backward), of parameters of the first and last attention layers and of
+    the head, and the running variance of an aggregator BatchNorm (train-mode statistics)."""
+    names = dict((id(m), n) for n, m in model.named_modules())
+    atts = model.attention_modules()
+    first, last = names[id(atts[0])], names[id(atts[-1])]
+    out = ["conv_stem.proj1.weight", f"{first}.qkv.weight", f"{first}.aggregator.norm1.weight",
+           f"{first}.aggregator.agg2.pointwise_conv.weight", f"{first}.crpe.conv_list.2.weight",
+           f"{first}.aggregator.agg0.norm.weight", f"{last}.proj.weight", "head.weight"]
+    return [f"grad:{n}" for n in out] + [f"buffer:{first}.aggregator.norm2.running_var"]
+
+
+def first_step_snapshot(step: TrainStep, names: List[str]) -> Dict:
+    """The first step's forward + backward (stochastic depth seeded alike for every row): loss,
+    the gradients named (unscaled) and the buffers named, as float64 on the CPU."""
+    import torch
+    torch.manual_seed(step.ctx.settings["seed"] + 1)
+    loss = step.forward_backward()
+    scale = float(step.scaler.get_scale()) if step.scaler is not None else 1.0
+    model = getattr(step.model, "_orig_mod", step.model)  # torch.compile's wrapper: the model's own names
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    snap = {"loss": loss.detach().double().cpu()}
+    for n in names:
+        kind, key = n.split(":", 1)
+        t = params[key].grad if kind == "grad" else buffers[key]
+        snap[n] = None if t is None else (t.detach().double() / (scale if kind == "grad" else 1.0)).cpu()
+    return snap
+
+
+def worst(errs) -> float:
+    """The largest error, NaN when any is NaN (max() alone would skip a NaN depending on order)."""
+    errs = list(errs)
+    return float("nan") if any(math.isnan(e) for e in errs) else max(errs)
+
+
+def snapshot_errors(got: Dict, exp: Dict) -> Dict[str, float]:
+    errs = {}
+    for k, e in exp.items():
+        g = got.get(k)
+        errs[k] = float("nan") if g is None or e is None else max_rel_error(g, e)
+    return errs
+
+
+def _strip(key: str) -> str:
+    """A check-tensor name without its module prefix, for the report."""
+    kind, _, rest = key.partition(":")
+    return key if not rest else f"{kind}:{'.'.join(rest.split('.')[-3:])}"
+
+
+def train_oracle(ctx: Context, master, names: List[str], tag: str):
+    """The reference backend's first step in float64 (same labels, input and seed), or None."""
+    import torch
+    if not ctx.settings["fp64_check"]:
+        return None
+    ctx.progress(f"{tag}: float64 reference first step (oracle) ...")
+    saved = ctx.x
+    try:
+        m64 = copy.deepcopy(master).to(device=ctx.device, dtype=torch.float64).set_backend("reference").train()
+        ctx.x = ctx.x32.to(device=ctx.device, dtype=torch.float64)
+        ac, ctx.autocast_dtype = ctx.autocast_dtype, None
+        try:
+            snap = first_step_snapshot(TrainStep(ctx, m64), names)
+        finally:
+            ctx.autocast_dtype = ac
+        del m64
+        return snap
+    except Exception as e:
+        ctx.progress(f"{tag}: float64 oracle failed ({first_line(e)}); continuing without it", final=True)
+        return None
+    finally:
+        ctx.x = saved
+
+
+def train_support_reasons(ctx: Context, backend: str, model) -> List[str]:
+    """Why a backend cannot train this model here (its declared support, for every GMA layer)."""
+    import torch
+    from gmf_kernels.backends import GMAProblem, get_backend
+    b = get_backend(backend)
+    cap = torch.cuda.get_device_capability(ctx.device) if ctx.dev_type == "cuda" else None
+    reasons: List[str] = []
+    grid = ctx.S // 4
+    for i, att in enumerate(model.attention_modules()):
+        p = GMAProblem(B=ctx.B, H=max(1, grid), W=max(1, grid), dim=att.dim, num_heads=att.num_heads,
+                       dtype=ctx.compute_dtype, device_type=ctx.dev_type, training=True, needs_grad=True,
+                       explicit=True, device_index=ctx.device.index, device_capability=cap)
+        reasons += [r for r in b.not_supported_reasons(p) if r not in reasons]
+    return reasons
+
+
+def make_train_runners(ctx: Context, name: str, master, backends: List[str], with_timm: bool) -> List[Runner]:
+    """One Runner per backend, each training its own copy of the same initial model; + torch.compile, timm."""
+    import torch
+    runners: List[Runner] = []
+
+    def train_row(backend, label, model) -> Runner:
+        r = Runner(name, backend, label, model, lambda: None)
+        r.step = TrainStep(ctx, model)
+        return r
+
+    def fresh(backend):
+        return copy.deepcopy(master).to(device=ctx.device, dtype=ctx.model_dtype,
+                                        memory_format=ctx.memory_format).set_backend(backend).train()
+
+    for b in backends:
+        label = {"reference": "reference (= upstream eager)"}.get(b, b)
+        if b == "triton" and ctx.dev_type == "cpu":
+            label = "triton (CPU interpreter)"
+        reasons = train_support_reasons(ctx, b, master)
+        if reasons:
+            r = Runner(name, b, label, None, lambda: None)
+            r.row.update(status="unsupported", reason="cannot train: " + "; ".join(reasons))
+            r.alive = False
+            runners.append(r)
+            continue
+        runners.append(train_row(b, label, fresh(b)))
+    trainable = [r.backend for r in runners if r.alive]
+    for b in compile_backends(ctx, trainable):
+        runners.append(compiled_runner(ctx, name, b, lambda b=b: fresh(b),
+                                       wrap=lambda r: setattr(r, "step", TrainStep(ctx, r.module))))
+    if with_timm:
+        tr = timm_runner(ctx.settings, ctx.device, ctx.model_dtype, ctx.progress)
+        if tr is not None:
+            if tr.alive and tr.module is not None:
+                tr.module.train()
+                tr.step = TrainStep(ctx, tr.module)
+            runners.append(tr)
+    return runners
+
+
+def first_steps_and_check(ctx: Context, runners: List[Runner], oracle, names: List[str], tag: str,
+                          common: Dict) -> None:
+    """Each row's first training step (reference first), timed apart; its loss, gradients and
+    BatchNorm statistics checked against the reference row's first step (and float64's)."""
+    ref = None
+    for r in sorted(runners, key=lambda r: r.backend != "reference"):
+        r.row.update({k: v for k, v in common.items() if k not in r.row})
+        if not r.alive or r.step is None:
+            continue
+        ctx.progress(f"{tag} {r.backend}: first training step + check ...")
+        try:
+            r.prepare()
+            ctx.timer.sync()
+            t0 = time.perf_counter()
+            if r.kind == "baseline":
+                r.step()
+                snap = None
+            else:
+                snap = first_step_snapshot(r.step, names)
+                r.step.optimizer_step()
+            ctx.timer.sync()
+            r.row["first_call_s"] = time.perf_counter() - t0
+        except (ValueError, NotImplementedError) as e:
+            r.row.update(status="unsupported", reason=first_line(e, 600))
+            r.alive = False
+            continue
+        except Exception as e:
+            r.row.update(status="error", reason=first_line(e, 600))
+            r.alive = False
+            continue
+        if r.backend.endswith("+compile"):
+            r.row["compile_s"] = r.row["first_call_s"]
+        if r.kind == "baseline":
+            r.row["check"] = "n/a (other model)"
+            continue
+        r.row["first_step_loss"] = float(snap["loss"])
+        if r.backend == "reference":
+            ref = snap
+        if ref is not None:
+            errs = snapshot_errors(snap, ref)
+            r.row["first_step_err_vs_reference"] = {_strip(k): v for k, v in errs.items()}
+            r.row["max_rel_err_vs_reference"] = worst(errs.values())
+        if oracle is not None:
+            errs = snapshot_errors(snap, oracle)
+            r.row["first_step_err_vs_fp64"] = {_strip(k): v for k, v in errs.items()}
+            r.row["max_rel_err_vs_fp64"] = worst(errs.values())
+        r.row["tolerance"] = ctx.tol
+        r.row["check"] = judge(r, runners, ctx.tol)
+
+
+def benchmark_model_train(ctx: Context, name: str, master, backends, with_timm: bool, tag: str, common: Dict):
+    import torch
+    gen = torch.Generator().manual_seed(ctx.settings["seed"] + 2)
+    ctx.target = torch.randint(0, master.num_classes, (ctx.B,), generator=gen).to(ctx.device)
+    names = check_tensor_names(master)
+    oracle = train_oracle(ctx, master, names, tag)
+    runners = make_train_runners(ctx, name, master, backends, with_timm)
+    first_steps_and_check(ctx, runners, oracle, names, tag, common)
+    time_rows(ctx, runners, tag)
+    summarise(ctx, runners, name)
+    measure_memory(ctx, runners)
+    return runners
+
+
 def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]], progress: Progress,
-              include_timm: bool):
-    """Every model, every row: build, first call + check, warm-up + timing, summary."""
+              include_timm: bool, on_model_done: Optional[Callable[[List[Dict]], None]] = None):
+    """Every model, every row: build, first call (or training step) + check, warm-up + timing,
+    summary, peak memory. `on_model_done(rows so far)` is called after each model (the CLI writes
+    the results file then, so a run stopped part-way keeps what it measured)."""
     import torch
     ctx = Context(settings, progress)
     backends, skipped = select_backends(requested, ctx.dev_type)
@@ -653,18 +1057,28 @@ def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]],
         tag = f"[{mi + 1}/{len(models)}] {name}"
         master, oracle = build_master(ctx, name, tag)
         common = ctx.common_fields(sum(p.numel() for p in master.parameters()))
-        model = master.to(device=ctx.device, dtype=ctx.model_dtype, memory_format=ctx.memory_format)
-        runners = make_runners(ctx, name, model, backends, include_timm and mi == 0)
-        with torch.inference_mode():
-            first_calls_and_check(ctx, runners, oracle, tag, common)
-            time_rows(ctx, runners, tag)
-        summarise(ctx, runners, name)
+        if settings["bench"] == "train":
+            model = None
+            runners = benchmark_model_train(ctx, name, master, backends, include_timm and mi == 0, tag, common)
+        else:
+            model = master.to(device=ctx.device, dtype=ctx.model_dtype, memory_format=ctx.memory_format)
+            runners = make_runners(ctx, name, model, backends, include_timm and mi == 0)
+            with torch.inference_mode():
+                first_calls_and_check(ctx, runners, oracle, tag, common)
+                if on_model_done is not None:  # checks and compile times survive a later kill
+                    on_model_done(rows + [r.row for r in runners])
+                time_rows(ctx, runners, tag)
+            summarise(ctx, runners, name)
+            measure_memory(ctx, runners)
         rows += [r.row for r in runners]
         for b, why in skipped.items():
             rows.append(dict(model=name, backend=b, label=b, kind="gmf", status=why.split(":")[0], reason=why,
                              **common))
+        if on_model_done is not None:
+            on_model_done(rows)
         for r in runners:  # free this model before the next
             r.module = None
+            r.step = None
         del model, master, runners
         if ctx.dev_type == "cuda":
             torch.cuda.empty_cache()
@@ -688,21 +1102,31 @@ def fmt_err(v) -> str:
 def print_report(meta: Dict, rows: List[Dict], settings: Dict):
     cpu = settings["device_type"] != "cuda"
     where = "CPU" if cpu else "GPU"
-    print(f"\nresults ({meta['device_name']}; {settings['precision']}, batch {settings['batch_size']}, "
+    train = settings["bench"] == "train"
+    what = (f"train: forward + backward + {OPTIMIZERS[settings['opt']]} step" if train
+            else "inference: eval, torch.inference_mode")
+    print(f"\nresults, {what} ({meta['device_name']}; {settings['precision']}, batch {settings['batch_size']}, "
           f"{settings['img_size']}x{settings['img_size']}, {settings['num_warm_iter']} warm-up + "
           f"{settings['num_bench_iter']} timed, {settings['schedule']})")
     hdr = (f"{'model':<17} {'backend':<30} {where + ' img/s':>10} {'ms med':>9} {'ms mean':>9} {'ms min':>9} "
-           f"{'vs ref':>7} {'err vs ref':>10} {'err vs f64':>10}  check")
+           f"{'vs ref':>7} {'peak MiB':>9} {'mem/ref':>7} {'err vs ref':>10} {'err vs f64':>10}  check")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         if r.get("status") == "ok":
             ratio = r.get("ratio_vs_reference")
             extra = f"  (compile {r['compile_s']:.1f} s)" if r.get("compile_s") is not None else ""
+            mem = f"{r['peak_mem_mib']:.0f}" if r.get("peak_mem_mib") else "n/a"
+            mem_ratio = f"{r['mem_ratio_vs_reference']:.2f}" if r.get("mem_ratio_vs_reference") else "-"
             print(f"{r['model']:<17} {r['label'][:30]:<30} {r['img_per_s']:>10.1f} {r['median_ms']:>9.1f} "
-                  f"{r['mean_ms']:>9.1f} {r['min_ms']:>9.1f} {fmt_ratio(ratio):>7} "
+                  f"{r['mean_ms']:>9.1f} {r['min_ms']:>9.1f} {fmt_ratio(ratio):>7} {mem:>9} {mem_ratio:>7} "
                   f"{fmt_err(r.get('max_rel_err_vs_reference')):>10} {fmt_err(r.get('max_rel_err_vs_fp64')):>10}"
                   f"  {r.get('check', '-')}{extra}")
+    if cpu:
+        print("  (peak memory is not measured on CPU)")
+    if train:
+        print("  (err vs ref / f64: the first training step's worst max-relative error over its loss, 8 parameter "
+              "gradients and an aggregator BatchNorm's running_var; per tensor in the JSON)")
     not_run = [r for r in rows if r.get("status") != "ok"]
     if not_run:
         print("\nnot run:")
@@ -715,13 +1139,15 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
             model = "" if r["kind"] != "gmf" or r["status"] in ("unavailable", "skipped") else f"{r['model']} "
             print(f"  {model}{r['label']}: {r.get('reason', r.get('status'))}")
 
-    print("\npublished (paper appx. B; one V100, fp32, batch 128, 224x224; a different GPU and not "
-          "measured here, so compare ratios only):")
-    for n, v in PUBLISHED:
-        print(f"  {n:<32} {v:>6.0f} img/s (V100)")
-    print(f"  ratio GroupMixFormer / Swin-T = {596 / 755:.2f}  (model size not named in GMA_SPEC §4)")
+    if not train:  # the paper's figures are inference figures
+        print("\npublished (paper appx. B; one V100, fp32, batch 128, 224x224; a different GPU and not "
+              "measured here, so compare ratios only):")
+        for n, v in PUBLISHED:
+            print(f"  {n:<32} {v:>6.0f} img/s (V100)")
+        print(f"  ratio GroupMixFormer / Swin-T = {596 / 755:.2f}  (model size not named in docs/spec.md §4)")
 
-    print("\nsummary (ratios to `reference`, i.e. upstream's eager forward, same run and input):")
+    print(f"\nsummary (ratios to `reference`, i.e. upstream's eager {'training step' if train else 'forward'}, "
+          f"same run and input):")
     for name in dict.fromkeys(r["model"] for r in rows if r["kind"] == "gmf"):
         ok = [r for r in rows if r["model"] == name and r.get("status") == "ok" and r["kind"] == "gmf"]
         parts = []
@@ -740,14 +1166,14 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
             continue
         line = f"  {name}: " + (", ".join(parts) if parts else "only reference ran")
         if bad:
-            line += f"   WARNING: output check failed for {', '.join(bad)}"
+            line += f"   WARNING: {'first-step' if train else 'output'} check failed for {', '.join(bad)}"
         print(line)
         swin = next((r for r in rows if r["kind"] == "baseline" and r.get("status") == "ok"), None)
         if swin and ok:
             best = max(ok, key=lambda r: r["img_per_s"])
             print(f"    {name} ({best['backend']}) / Swin-T measured here = {best['img_per_s'] / swin['img_per_s']:.2f}"
-                  f"  (paper: {596 / 755:.2f})")
-    if cpu:
+                  + ("" if train else f"  (paper, inference: {596 / 755:.2f})"))
+    if cpu and not train:
         print("  (absolute figures above are CPU measurements; the paper's figures are V100 GPU)")
 
 
@@ -791,11 +1217,29 @@ def main(argv=None) -> int:
     print(f"  {'settings':<12} models={','.join(models)} precision={s['precision']} batch={s['batch_size']} "
           f"img={s['img_size']} warm={s['num_warm_iter']} timed={s['num_bench_iter']} schedule={s['schedule']} "
           f"channels_last={bool(s['channels_last'])} torchcompile={s['torchcompile'] or 'off'} "
-          f"fp64_check={s['fp64_check']} protocol={s['protocol']} eval+inference_mode")
+          f"optimized={('on, cudagraphs ' + s['optimized_cudagraphs']) if s['optimized'] else 'off'} "
+          f"fp64_check={s['fp64_check']} protocol={s['protocol']} "
+          + (f"bench=train opt={s['opt']} lr={s['lr']:g} drop_path_rate={s['drop_path_rate']:g}"
+             if s["bench"] == "train" else "bench=inference (eval+inference_mode)"))
     sys.stdout.flush()
 
+    def write_results(rows: List[Dict], complete: bool) -> None:
+        if not args.results_file:
+            return
+        for r in rows:
+            r["device_name"] = meta["device_name"]
+        meta["complete"] = complete
+        path = Path(args.results_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+            f.write("\n")
+        os.replace(tmp, path)  # a reader never sees half a file
+
     t0 = time.perf_counter()
-    rows = benchmark(settings, models, requested, progress, include_timm=not args.no_timm)
+    rows = benchmark(settings, models, requested, progress, include_timm=not args.no_timm,
+                     on_model_done=lambda rows: write_results(rows, complete=False))
     meta["wall_s"] = time.perf_counter() - t0
     meta["load_avg_1_5_15_end"] = _loadavg()
     for r in rows:
@@ -803,12 +1247,8 @@ def main(argv=None) -> int:
     print_report(meta, rows, settings)
     print(f"\n(total {meta['wall_s']:.0f} s)")
     if args.results_file:
-        path = Path(args.results_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
-            f.write("\n")
-        print(f"results written to {path}")
+        write_results(rows, complete=True)
+        print(f"results written to {args.results_file}")
     return 0
 
 
