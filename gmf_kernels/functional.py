@@ -211,6 +211,14 @@ def _backend_name_for(values: tuple, backend: Optional[str]) -> str:
     return select_backend(GMAProblem(**dict(zip(_PROBLEM_FIELDS, values))), backend).name
 
 
+#: Fields a backend's choice may not depend on: under torch.compile(dynamic=True) they are
+#: symbolic, and the choice must neither specialise the graph on them nor pass them out of it.
+#: While tracing they are given as 1 (the ops check the real sizes at run time, so a size a
+#: backend cannot take still raises; tests/test_whole_model_compile.py checks that no backend
+#: decides on them).
+SIZE_FIELDS = ("B", "H", "W")
+
+
 def dispatch(problem: GMAProblem, backend: Optional[str]) -> Backend:
     """`select_backend(problem, backend)`. While torch.compile traces, the choice is made once,
     eagerly, outside the graph: backends probe files, load modules under locks and read the
@@ -218,7 +226,8 @@ def dispatch(problem: GMAProblem, backend: Optional[str]) -> Backend:
     break per layer). The graph keeps the choice; Dynamo's guards on the inputs' shapes,
     dtypes, devices and grad mode re-trace, and so choose again, when those change."""
     if torch.compiler.is_compiling():
-        return get_backend(_backend_name_for(tuple(getattr(problem, f) for f in _PROBLEM_FIELDS), backend))
+        values = tuple(1 if f in SIZE_FIELDS else getattr(problem, f) for f in _PROBLEM_FIELDS)
+        return get_backend(_backend_name_for(values, backend))
     return select_backend(problem, backend)
 
 

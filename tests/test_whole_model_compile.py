@@ -293,3 +293,30 @@ def test_constant_under_compile_marks_as_torch_does():
     code = "import sys, gmf_kernels; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
     assert out.strip() == "False", "import gmf_kernels imports torch._dynamo"
+
+
+def test_dynamic_shapes_one_graph_eval():
+    """torch.compile(dynamic=True, fullgraph=True) of the layer: the backend is chosen without
+    the (symbolic) batch and grid, so new sizes reuse the graph and match eager."""
+    m = gmf.GroupMixAttention(40, backend="auto").eval()
+    f = torch.compile(m, dynamic=True, fullgraph=True, backend="eager")
+    for B, H, W in [(2, 7, 9), (3, 5, 6), (1, 8, 8)]:
+        x = torch.randn(B, H * W, 40)
+        with torch.no_grad():
+            assert_max_rel_close(f(x, (H, W)), m(x, (H, W)), 1e-6, f"dynamic {B}x{H}x{W}")
+
+
+def test_backend_choice_ignores_sizes():
+    """dispatch gives the sizes as 1 while tracing (functional.SIZE_FIELDS): no backend may
+    decide on them, or a compiled graph would run a backend chosen for other sizes."""
+    import dataclasses
+
+    from gmf_kernels.backends import GMAProblem
+    from gmf_kernels.functional import SIZE_FIELDS
+    base = GMAProblem(B=2, H=7, W=9, dim=80, num_heads=8, dtype=torch.float32, device_type="cpu",
+                      training=False, needs_grad=False)
+    for name in BACKEND_NAMES:
+        reasons = get_backend(name).not_supported_reasons(base)
+        for sizes in ({"B": 1, "H": 1, "W": 1}, {"B": 4096, "H": 224, "W": 3}):
+            assert set(sizes) == set(SIZE_FIELDS)
+            assert get_backend(name).not_supported_reasons(dataclasses.replace(base, **sizes)) == reasons, name
