@@ -14,8 +14,18 @@ from .weights import NUM_HEADS, NUM_SEGMENTS
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def traced_int(v):
+    """v, or under torch.jit.trace (and the legacy ONNX exporter, which traces) the int a
+    size read off a tensor becomes there: a 0-dim integer tensor."""
+    if (isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_complex()
+            and torch.jit.is_tracing()):
+        return int(v)
+    return v
+
+
 def check_dim(dim: int, num_heads: int) -> None:
     """A GMA width must split into 5 segments and its 4 attention segments into heads."""
+    dim, num_heads = traced_int(dim), traced_int(num_heads)
     if not isinstance(dim, int) or dim <= 0:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     if dim % NUM_SEGMENTS != 0:

@@ -127,10 +127,12 @@ def cached_derived(w: GMAWeights, tag: object, build: Callable[[], object]):
 
     The key is every tensor's storage pointer and version counter (in-place updates
     such as optimizer steps and load_state_dict bump the version). Under
-    torch.compile nothing is cached: the compiled graph owns its constants. Nor for
-    inference tensors (a model built under torch.inference_mode): they keep no version counter.
+    torch.compile nothing is cached: the compiled graph owns its constants; nor under
+    torch.jit.trace (the trace must record the folding, and its sanity check compares two
+    traces). Nor for inference tensors (a model built under torch.inference_mode): they keep
+    no version counter.
     """
-    if _is_compiling():
+    if _is_compiling() or torch.jit.is_tracing():
         return build()
     tensors = list(w.tensors())
     if any(t.is_inference() for t in tensors):

@@ -228,6 +228,10 @@ def dispatch(problem: GMAProblem, backend: Optional[str]) -> Backend:
     if torch.compiler.is_compiling():
         values = tuple(1 if f in SIZE_FIELDS else getattr(problem, f) for f in _PROBLEM_FIELDS)
         return get_backend(_backend_name_for(values, backend))
+    if torch.onnx.is_in_onnx_export() and backend in (None, "auto"):
+        # the legacy (TorchScript) ONNX exporter needs convolution weights of known shape,
+        # which the torch backend builds at run time: export upstream's computation instead
+        return get_backend("reference")
     return select_backend(problem, backend)
 
 

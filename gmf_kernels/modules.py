@@ -160,6 +160,14 @@ class GroupMixAttention(nn.Module):
                         bn_momentum=collapse4(n.momentum for n in norms), ln_eps=self.aggregator.agg0.norm.eps,
                         bn_process_group=collapse4(layer_group(n, self.process_group) for n in norms))
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: say what works instead
+        raise RuntimeError(
+            "GroupMixAttention cannot be compiled by torch.jit.script: it chooses a backend (custom "
+            "ops, Triton, CUDA) in Python at run time. Use torch.jit.trace(model, example_input) "
+            "(TorchScript, also what the legacy ONNX exporter uses), torch.export.export, or "
+            "torch.compile instead.")
+
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         # as upstream, each BatchNorm's own mode decides (batch statistics in training, or
         # always when it keeps no running statistics)

@@ -75,7 +75,8 @@ def _pack(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype, fold_bn: bool) -> _Pa
     local_blocks = [lp[:, i * s:(i + 1) * s] for i in range(3)]
     if fold_bn:
         affine = [bn_affine(w, i, hp, cd) for i in range(4)]
-        seg_w = [torch.diag(affine[0][0])] + [affine[j][0][:, None] * w.pw_weight[j - 1].to(cd).flatten(1)
+        seg_w = [affine[0][0][:, None] * eye] + [  # (not torch.diag: the legacy ONNX exporter lacks it)
+                                               affine[j][0][:, None] * w.pw_weight[j - 1].to(cd).flatten(1)
                                                for j in (1, 2, 3)]
         seg_b = [affine[j][1] for j in range(4)]
         pw_bias = torch.cat([b.repeat(3) for b in seg_b] + [torch.zeros(3 * s, device=dev, dtype=cd)])

@@ -1,0 +1,109 @@
+"""Export paths a deployment uses: torch.jit.trace, the legacy (TorchScript) ONNX exporter,
+torch.export, the dynamo ONNX exporter (run by onnxruntime), and torch.jit.script's refusal.
+
+Each exported program is run and compared with the eager model (float32 on the CPU, fresh
+random weights and inputs, 1e-5 relative). A tiny GroupMixFormer-M (all four stages) at 64x64
+with one block per stage keeps it fast.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import gmf_kernels as gmf
+from helpers import assert_max_rel_close
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    m = gmf.create_model("groupmixformer_m", num_classes=10, serial_depths=[1, 1, 1, 1]).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding them is exercised
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def _eager(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_jit_trace(model):
+    """The trace records the weight folding (no cached fold baked in as a constant), passes
+    its own sanity check, and runs other batch sizes at the traced image size."""
+    x = torch.randn(1, 3, 64, 64)
+    _eager(model, x)  # fills the fold caches, which the trace must not bake in
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, x)  # check_trace=True: two traces must agree
+    for B in (1, 3):
+        xb = torch.randn(B, 3, 64, 64)
+        with torch.no_grad():
+            assert_max_rel_close(traced(xb), _eager(model, xb), TOL, f"jit.trace B={B}")
+
+
+class _OnGrid(torch.nn.Module):
+    def __init__(self, layer, size):
+        super().__init__()
+        self.layer, self.size = layer, size
+
+    def forward(self, x):
+        return self.layer(x, self.size)
+
+
+def test_jit_trace_layer():
+    m = _OnGrid(gmf.GroupMixAttention(80).eval(), (7, 9))
+    x = torch.randn(2, 63, 80)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, x)
+    with torch.no_grad():
+        assert_max_rel_close(traced(x), m(x), TOL, "jit.trace layer")
+
+
+def test_jit_script_says_what_to_use(model):
+    with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        torch.jit.script(model)
+    with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script"):
+        torch.jit.script(gmf.GroupMixAttention(40))
+
+
+def _onnxruntime_run(path, x):
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+
+
+def test_onnx_legacy_exporter(model, tmp_path):
+    """The TorchScript-based exporter (dynamo=False) traces upstream's computation (the
+    reference backend: convolution weights of known shape) and onnxruntime reproduces it."""
+    pytest.importorskip("onnx")
+    x = torch.randn(1, 3, 64, 64)
+    path = tmp_path / "legacy.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False)
+    assert_max_rel_close(_onnxruntime_run(path, x), _eager(model, x), TOL, "legacy ONNX")
+
+
+def test_torch_export(model):
+    x = torch.randn(2, 3, 64, 64)
+    ep = torch.export.export(model, (x,))
+    assert_max_rel_close(ep.module()(x), _eager(model, x), TOL, "torch.export")
+
+
+def test_onnx_dynamo_exporter(model, tmp_path):
+    pytest.importorskip("onnxscript")
+    x = torch.randn(1, 3, 64, 64)
+    path = tmp_path / "dynamo.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=True)
+    assert_max_rel_close(_onnxruntime_run(path, x), _eager(model, x), TOL, "dynamo ONNX")
