@@ -220,8 +220,8 @@ def test_train_without_qkv_bias(backend, C):
     compare_train(run_train(backend, x, (7, 9), w), run_train(ORACLE, x, (7, 9), w), FP64_TOL, backend)
 
 
-@pytest.mark.parametrize("C", [40, 200, 480], ids=lambda c: f"C{c}")
-@pytest.mark.parametrize("backend", train_backends(torch.float32, BACKEND_NAMES))
+@pytest.mark.parametrize("backend, C", backend_cases(BACKEND_NAMES, [40, 200, 480], [40], dtype=torch.float32,
+                                                   training=True, needs_grad=True))
 def test_train_float32(backend, C):
     w, x = make(C, 7, 9, 2)
     exp = run_train(ORACLE, x, (7, 9), w)  # float64 oracle
@@ -229,9 +229,18 @@ def test_train_float32(backend, C):
     compare_train(got, exp, FP32_TOL, f"{backend} float32")
 
 
-@pytest.mark.parametrize("C", [40, 200, 480], ids=lambda c: f"C{c}")
-@pytest.mark.parametrize("backend, dtype", backend_dtype_params(CANDIDATES, [torch.float16, torch.bfloat16],
-                                                                training=True, needs_grad=True))
+def _train_low_precision_cases():
+    """(backend, dtype, C): every width for native backends, C=40 for emulated ones (the Triton
+    interpreter; tests/test_triton_training.py checks it further)."""
+    out = []
+    for p in backend_dtype_params(CANDIDATES, [torch.float16, torch.bfloat16], training=True, needs_grad=True):
+        backend, dtype = p.values
+        for q in backend_cases([backend], [40, 200, 480], [40], dtype=dtype, training=True, needs_grad=True):
+            out.append(pytest.param(backend, dtype, q.values[1], marks=p.marks, id=f"{p.id}-C{q.values[1]}"))
+    return out
+
+
+@pytest.mark.parametrize("backend, dtype, C", _train_low_precision_cases())
 def test_train_low_precision(backend, dtype, C):
     """Output and input gradient in train mode within 2x the reference's own error at that dtype."""
     w, x = make(C, 7, 9, 2)
@@ -304,9 +313,18 @@ def test_eval_gradients_repeated_module(backend, first):
 
 
 # ------------------------------------------------------------------ autocast
-@pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("C", [80, 240], ids=lambda c: f"C{c}")
-@pytest.mark.parametrize("backend", backend_params(CANDIDATES, dtype=torch.bfloat16, training=True, needs_grad=True))
+def _autocast_cases():
+    """(backend, C, mode), each backend skipped with its reasons for that mode (a backend may give
+    bfloat16 gradients in eval mode and refuse bfloat16 training)."""
+    out = []
+    for mode in ("eval", "train"):
+        for p in backend_params(CANDIDATES, dtype=torch.bfloat16, training=mode == "train", needs_grad=True):
+            for C in (80, 240):
+                out.append(pytest.param(p.values[0], C, mode, marks=p.marks, id=f"{p.id}-C{C}-{mode}"))
+    return out
+
+
+@pytest.mark.parametrize("backend, C, mode", _autocast_cases())
 def test_autocast_cpu_bfloat16(backend, C, mode):
     torch.manual_seed(C)
     base = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True)

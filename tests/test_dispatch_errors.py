@@ -119,20 +119,17 @@ def _triton_backend_module_exists():
 
 
 @pytest.mark.skipif(not _triton_backend_module_exists(), reason="no triton backend module")
-def test_explicit_triton_refuses_gradients_and_training():
-    x = torch.randn(1, 63, 80, requires_grad=True)
-    m = module(backend="triton").eval()
-    with pytest.raises(ValueError) as info:
-        m(x, (7, 9))
-    assert "'triton'" in str(info.value) and "gradients not supported" in str(info.value)
-    with pytest.raises(ValueError, match="training mode not supported"):
-        m.train()(x.detach(), (7, 9))
-    # parameters requiring grad count as needing grad too (a plain module in eval, no no_grad)
-    with pytest.raises(ValueError, match="gradients not supported"):
-        m.eval()(x.detach(), (7, 9))
-    # never a silent fallback: the auto choice for the same input works
-    m.set_backend("auto")(x, (7, 9)).sum().backward()
-    assert x.grad is not None
+def test_explicit_triton_declares_training_per_dtype():
+    """Training and gradients as data per dtype: fp32/fp16 train, bf16 only with gradients in
+    eval mode; an explicit choice outside that raises with the reason (never a fallback)."""
+    tb = get_backend("triton")
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert not tb.not_supported_reasons(problem(dtype=dt, needs_grad=True, explicit=True)), dt
+    assert not tb.not_supported_reasons(problem(dtype=torch.float32, training=True, needs_grad=True, explicit=True))
+    assert not tb.not_supported_reasons(problem(dtype=torch.float16, training=True, needs_grad=True, explicit=True))
+    m = module(backend="triton").to(torch.bfloat16).train()
+    with pytest.raises(ValueError, match="training mode in bfloat16"):
+        m(torch.randn(1, 63, 80, dtype=torch.bfloat16), (7, 9))
 
 
 @pytest.mark.parametrize("what", ["meta_device", "int_dtype"])

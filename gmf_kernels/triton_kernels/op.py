@@ -14,12 +14,13 @@
   the op is a ``torch.library.custom_op`` with an explicit fake implementation: opaque
   to Inductor, still one node for ``torch.compile(fullgraph=True)``.
 
-Autograd ("the Function" of this backend): ``torch.library.register_autograd`` on the op,
-not a ``torch.autograd.Function`` around it. The op then stays one node that
-``torch.compile`` (AOTAutograd) differentiates through the registered formula, with no
-graph break and no Python-level Function to trace. Its backward (`TritonPreProjectionGrad`)
-raises until the backward kernels exist; dispatch never sends a problem that needs
-gradients here (the backend declares ``supports_grad=False``).
+Autograd: ``torch.library.register_autograd`` on the op (`TritonPreProjectionGrad`): the op is
+``pre = f(qkv, weights)`` with the BatchNorms a fixed affine (bn_scale, bn_shift), and its
+backward is `backward.pre_projection_backward` without batch-statistics terms (gradients of
+qkv and of every folded weight; **PyTorch ops for now, not kernels**). The backend's training
+and gradient path is `train_op.TritonPreProjectionFunction`, a ``torch.autograd.Function``
+around this op that adds the batch-statistics terms (training mode) and whose folded weights
+are differentiable functions of the module's parameters.
 """
 from __future__ import annotations
 
@@ -48,18 +49,23 @@ def triton_pre_projection(qkv: Tensor, H: int, W: int, weights: List[Tensor], sc
 
 
 class TritonPreProjectionGrad:
-    """Autograd of ``gmf::triton_pre_projection`` (registered with register_autograd)."""
+    """Autograd of ``gmf::triton_pre_projection`` (registered with register_autograd): the
+    BatchNorms enter as the fixed affine bn_scale / bn_shift (no batch-statistics terms)."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        qkv, H, W, weights, scale, ln_eps = inputs
+        ctx.save_for_backward(qkv, *weights)
+        ctx.meta = (H, W, scale, ln_eps)
 
     @staticmethod
     def backward(ctx, grad_pre):
-        raise NotImplementedError(
-            "gmf::triton_pre_projection has no backward yet: the Triton backward kernels (hardswish, "
-            "BatchNorm, pointwise/depthwise, local branch, softmax over tokens, KV products, CRPE) are not "
-            "written. Run the layer under torch.no_grad(), or train with backend='torch'.")
+        from ..folding import FoldedGMAWeights
+        from .backward import pre_projection_backward
+        qkv, *weights = ctx.saved_tensors
+        H, W, scale, ln_eps = ctx.meta
+        d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps)
+        return d_qkv, None, None, list(grads), None, None
 
 
 def _register():
