@@ -6,15 +6,17 @@
     gmf.available_backends()               # e.g. ['torch', 'reference'] on a CPU
     fast = gmf.optimize_for_inference(model, batch_size=8, device="cuda", dtype=torch.bfloat16)
 
-Importing needs only torch: Triton and the CUDA module are loaded when first used.
+Importing needs only torch: Triton and the CUDA module are loaded when first used. When timm
+is installed, its registry gets the five models (`timm.create_model("groupmixformer_s")`).
 """
 from ._version import __version__
 from .backends import BACKEND_NAMES, available_backends, get_backend, select_backend  # noqa: E402
 from .convert import convert, is_upstream_attention  # noqa: E402
 from .functional import group_mix_attention  # noqa: E402
 from .inference import InferenceModel, inference_plan, optimize_for_inference  # noqa: E402
-from .models import (MODEL_CONFIGS, CheckpointMismatchError, GroupMixFormer, create_model,  # noqa: E402
-                     load_checkpoint)
+from .models import (MODEL_CONFIGS, PRETRAINED_CFGS, CheckpointFormatError, CheckpointMismatchError,  # noqa: E402
+                     GroupMixFormer, PretrainedWeightsNotFound, checkpoint_filter_fn, create_model, load_checkpoint,
+                     register_with_timm)
 from .modules import GroupMixAttention  # noqa: E402
 from .weights import GMAHyper, GMAWeights  # noqa: E402
 
@@ -23,4 +25,8 @@ __all__ = [
     "group_mix_attention", "available_backends", "get_backend", "select_backend", "BACKEND_NAMES",
     "MODEL_CONFIGS", "GMAWeights", "GMAHyper", "CheckpointMismatchError", "__version__",
     "optimize_for_inference", "inference_plan", "InferenceModel",
+    "CheckpointFormatError", "PretrainedWeightsNotFound", "checkpoint_filter_fn", "PRETRAINED_CFGS",
 ]
+
+# timm entry points (groupmixformer_m|t|s|b|l) when timm is importable; nothing to do without it
+register_with_timm()

@@ -97,7 +97,7 @@ def _needs_grad(x: Tensor, tensors) -> bool:
 
 def folded_conv_bn(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor, Tensor]:
     """`fold_conv_bn`, cached per BatchNorm where it may be (see the module docstring)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # a trace records the fold
         return fold_conv_bn(conv, norm)  # in the graph: the compiled code owns its constants
     sources = _sources(conv, norm)
     if _needs_grad(x, sources):
@@ -118,8 +118,8 @@ def folded_conv_bn(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor,
 
 def conv_bn(x: Tensor, conv: nn.Conv2d, norm: nn.Module, fold: bool = True) -> Tensor:
     """`norm(conv(x))`, as one convolution with the BatchNorm folded in where `can_fold` (and `fold`)."""
-    if not (fold and can_fold(conv, norm)):
-        return norm(conv(x))
+    if not (fold and can_fold(conv, norm)) or torch.onnx.is_in_onnx_export():
+        return norm(conv(x))  # (the legacy ONNX exporter needs convolution weights of known shape)
     weight, bias = folded_conv_bn(x, conv, norm)
     return conv._conv_forward(x, weight, bias)
 

@@ -1,11 +1,13 @@
 """GroupMixFormer (docs/spec.md §2) with upstream's state_dict keys, on any input size."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import contextlib
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..backends import check_backend_name
 from ..modules import GroupMixAttention, SeparableConv2d
@@ -118,27 +120,88 @@ class GMABlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+class _RestoreBuffersOnRecompute:
+    """Context of a checkpointed block's recomputation: its buffers (the aggregator's BatchNorm
+    running statistics) are put back as they were after the forward, so that gradient
+    checkpointing updates them once per step, as without it."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.saved = None
+
+    def __enter__(self):
+        self.saved = [(b, b.detach().clone()) for b in self.module.buffers()]
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for b, v in self.saved:
+                b.copy_(v)
+        self.saved = None
+        return False
+
+
 class GMAStage(nn.Module):
     def __init__(self, blocks: List[GMABlock]):
         super().__init__()
         self.gma_stage = nn.ModuleList(blocks)
+        self.grad_checkpointing = False
 
     def forward(self, x, size):
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         for blk in self.gma_stage:
-            x = blk(x, size)
+            if use_ckpt:
+                x = checkpoint(blk, x, size, use_reentrant=False,
+                               context_fn=lambda blk=blk: (contextlib.nullcontext(), _RestoreBuffersOnRecompute(blk)))
+            else:
+                x = blk(x, size)
         return x
 
 
-class GroupMixFormer(nn.Module):
-    """GroupMixFormer backbone and classifier.
+def take_indices(num_stages: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
+    """timm's index convention: None -> every stage, an int n -> the last n, a sequence ->
+    those stages (negative from the end). Returns (the absolute indices, in the order given; their max)."""
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices={indices}: the last-n count must be 1..{num_stages}")
+        taken = list(range(num_stages - indices, num_stages))
+    else:
+        taken = []
+        for i in indices:
+            j = num_stages + i if i < 0 else i
+            if not 0 <= j < num_stages:
+                raise ValueError(f"feature index {i} out of range for {num_stages} stages "
+                                 f"(0..{num_stages - 1}, or negative from the end)")
+            taken.append(j)
+        if not taken:
+            raise ValueError("indices is empty: name at least one stage")
+    return taken, max(taken)
 
-    forward(images) returns logits, or the four (B, C_i, H_i, W_i) feature maps when
-    return_interm_layers=True (then, as upstream, there is no norm4/head).
-    `backend` selects the GMA backend of every block ("auto" by default). In eval mode the
-    stem and patch-embedding BatchNorms are folded into their convolutions (`conv_bn.py`;
-    `set_bn_folding(False)` turns that off). `torch.compile(model, fullgraph=True)` traces the
-    whole model as one graph on every backend; `gmf_kernels.optimize_for_inference` is the
-    recommended way to run it fast.
+
+_OUTPUT_FMTS = ("NCHW", "NHWC")
+
+
+class GroupMixFormer(nn.Module):
+    """GroupMixFormer backbone and classifier, in timm's model interface.
+
+    * `forward(images)`: logits; with `return_interm_layers=True` (upstream's dense-prediction
+      backbone, which has no norm4/head) the list of the four (B, C_i, H_i, W_i) maps.
+    * `forward_features(x)`: the last stage's map (B, C_3, H/32, W/32), before norm4;
+      `forward_head(x, pre_logits=False)`: norm4 -> mean over H, W -> head.
+      `forward(x) == forward_head(forward_features(x))`.
+    * `forward_intermediates(x, indices, norm, stop_early, output_fmt, intermediates_only)`
+      and `prune_intermediate_layers` (timm's signatures; what `features_only=True` uses);
+      `feature_info` lists the four stages (channels, reduction 4/8/16/32, module name).
+    * `get_classifier`, `reset_classifier(num_classes, global_pool=None)`, `num_features`,
+      `set_grad_checkpointing`, `no_weight_decay`, `group_matcher`.
+
+    The state_dict keys are upstream's (docs/spec.md §2). `backend` selects the GMA backend
+    of every block ("auto" by default). In eval mode the stem and patch-embedding BatchNorms
+    are folded into their convolutions (`conv_bn.py`; `set_bn_folding(False)` turns that off).
+    `torch.compile(model, fullgraph=True)` traces the whole model as one graph on every backend;
+    `gmf_kernels.optimize_for_inference` is the recommended way to run it fast.
     """
 
     def __init__(self, embedding_dims: Sequence[int] = (80, 160, 320, 320),
@@ -146,14 +209,16 @@ class GroupMixFormer(nn.Module):
                  num_heads: int = 8, qkv_bias: bool = True, num_classes: int = 1000,
                  drop_path_rate: float = 0.0, return_interm_layers: bool = False,
                  backend: Optional[str] = "auto", qk_scale: Optional[float] = None, drop_rate: float = 0.0,
-                 in_chans: int = 3):
+                 in_chans: int = 3, global_pool: str = "avg"):
         super().__init__()
         if not (len(embedding_dims) == len(serial_depths) == len(mlp_ratios) == 4):
             raise ValueError("embedding_dims, serial_depths and mlp_ratios need 4 entries each (one per stage)")
         backend = check_backend_name(backend)
         self.embedding_dims = list(embedding_dims)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.return_interm_layers = return_interm_layers
+        self.num_features = self.head_hidden_size = embedding_dims[3]
         self.conv_stem = ConvStem(in_chans, embedding_dims[0])
         self.patch_embed_layers = nn.ModuleList(
             PatchEmbed(embedding_dims[max(i - 1, 0)], embedding_dims[i], 1 if i == 0 else 2) for i in range(4))
@@ -165,6 +230,10 @@ class GroupMixFormer(nn.Module):
             k += serial_depths[i]
             stages.append(GMAStage(blocks))
         self.groupmixformer_backbone = nn.ModuleList(stages)
+        #: one entry per stage, as timm's feature_info (the conv stem reduces by 4, stages 1-3 by 2 more each)
+        self.feature_info = [dict(num_chs=embedding_dims[i], reduction=4 * 2 ** i,
+                                  module=f"groupmixformer_backbone.{i}") for i in range(4)]
+        self.global_pool = self._check_pool(global_pool, num_classes)
         if not return_interm_layers:
             self.norm4 = nn.BatchNorm2d(embedding_dims[3])
             self.head = nn.Linear(embedding_dims[3], num_classes) if num_classes > 0 else nn.Identity()
@@ -180,6 +249,16 @@ class GroupMixFormer(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    @staticmethod
+    def _check_pool(global_pool, num_classes):
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool={global_pool!r}: GroupMixFormer pools by the mean ('avg'), "
+                             f"or not at all ('', with num_classes=0: forward_head returns the normalised map)")
+        if global_pool == "" and num_classes > 0:
+            raise ValueError("global_pool='' (no pooling) needs num_classes=0: the classifier takes pooled features")
+        return global_pool
+
+    # ------------------------------------------------------------------ backends, BatchNorm folding
     def attention_modules(self):
         return [m for m in self.modules() if isinstance(m, GroupMixAttention)]
 
@@ -197,24 +276,138 @@ class GroupMixFormer(nn.Module):
                 m.fold_bn = bool(enabled)
         return self
 
-    def forward_features(self, x) -> List[torch.Tensor]:
+    # ------------------------------------------------------------------ timm's model interface
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Parameter names to exclude from weight decay beyond what optimizers exclude anyway.
+
+        Empty: GroupMixFormer has no position embedding or token parameter (upstream's list
+        names `cls_token1..4`, which do not exist); timm's `param_groups_weight_decay` already
+        leaves out every 1-D parameter (norms, biases)."""
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        """Parameter groups for layer-wise learning-rate decay (timm's convention)."""
+        return dict(
+            stem=r"^conv_stem|^patch_embed_layers\.0\.",
+            blocks=[(r"^groupmixformer_backbone\.(\d+)", None), (r"^patch_embed_layers\.(\d+)", None)]
+            if coarse else [(r"^groupmixformer_backbone\.(\d+)\.gma_stage\.(\d+)", None),
+                            (r"^patch_embed_layers\.(\d+)", (0,)), (r"^norm4", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of keeping its activations (training memory).
+        The BatchNorm running statistics are updated once per step, as without it."""
+        for stage in self.groupmixformer_backbone:
+            stage.grad_checkpointing = bool(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return any(getattr(st, "grad_checkpointing", False) for st in self.groupmixformer_backbone)
+
+    def _require_classifier(self, what: str):
+        if self.return_interm_layers:
+            raise RuntimeError(f"{what}: this model was built with return_interm_layers=True (upstream's "
+                               f"dense-prediction backbone), which has no norm4/head; build it without to classify")
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        self._require_classifier("get_classifier")
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head for `num_classes` (0: none, forward gives pooled features); norm4 is kept.
+        `global_pool`: None keeps the current pooling, 'avg' pools by the mean, '' not at all
+        (only with num_classes=0)."""
+        self._require_classifier("reset_classifier")
+        pool = self.global_pool if global_pool is None else global_pool
+        self.global_pool = self._check_pool(pool, num_classes)
+        self.num_classes = num_classes
+        if num_classes > 0:
+            ref = next(self.norm4.parameters(), None)
+            if ref is None:  # norm4 pruned: any parameter gives the model's device and dtype
+                ref = next(self.parameters())
+            head = nn.Linear(self.num_features, num_classes)
+            self._init_weights(head)
+            self.head = head.to(device=ref.device, dtype=ref.dtype)
+        else:
+            self.head = nn.Identity()
+
+    def _stages(self):
+        return list(zip(self.patch_embed_layers, self.groupmixformer_backbone))
+
+    def _check_images(self, x):
         if x.dim() != 4:
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """The maps of the stages in `indices` (timm's convention: None every stage, an int the
+        last n, a sequence those stages). `norm=True` applies norm4 to the last stage's map
+        (the only stage with a final norm); `stop_early` skips the stages after the last one
+        taken; `output_fmt` 'NCHW' or 'NHWC'. Returns the list, or (last map, list) unless
+        `intermediates_only`."""
+        if output_fmt not in _OUTPUT_FMTS:
+            raise ValueError(f"output_fmt={output_fmt!r}: choose one of {_OUTPUT_FMTS}")
+        self._check_images(x)
+        stages = self._stages()
+        taken, max_index = take_indices(len(stages), indices)
+        if stop_early:
+            stages = stages[:max_index + 1]
+        last = len(self.groupmixformer_backbone) - 1
+        final_norm = getattr(self, "norm4", None) if norm else None
         B = x.shape[0]
         x = self.conv_stem(x)
-        feats = []
-        for embed, stage in zip(self.patch_embed_layers, self.groupmixformer_backbone):
+        intermediates = []
+        for i, (embed, stage) in enumerate(stages):
             tokens, (H, W) = embed(x)
             tokens = stage(tokens, (H, W))
             x = tokens.transpose(1, 2).reshape(B, tokens.shape[-1], H, W)
-            feats.append(x)
-        return feats
+            if i in taken:
+                y = final_norm(x) if (final_norm is not None and i == last) else x
+                intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == "NHWC" else y)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
 
-    def forward_head(self, feat: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm4(feat).mean(dim=(2, 3)))
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last one in `indices` (and the head, and norm4 with
+        `prune_norm`); returns the absolute indices (what timm's features_only calls)."""
+        taken, max_index = take_indices(len(self.groupmixformer_backbone), indices)
+        prune_end = max_index < len(self.groupmixformer_backbone) - 1
+        self.patch_embed_layers = self.patch_embed_layers[:max_index + 1]
+        self.groupmixformer_backbone = self.groupmixformer_backbone[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if not self.return_interm_layers:
+            if prune_norm or prune_end:
+                self.norm4 = nn.Identity()
+            if prune_head or prune_end:
+                self.num_classes = 0
+                self.global_pool = ""
+                self.head = nn.Identity()
+        return taken
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map (B, C_3, H_3, W_3), before norm4."""
+        return self.forward_intermediates(x, indices=1, intermediates_only=True)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """norm4 -> mean over H, W -> head (pre_logits: without the head)."""
+        self._require_classifier("forward_head")
+        if x.dim() != 4:
+            raise ValueError(f"forward_head takes the (B, C, H, W) map of forward_features, got shape "
+                             f"{tuple(x.shape)}")
+        x = self.norm4(x)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.head(x)
 
     def forward(self, x):
-        feats = self.forward_features(x)
-        if self.return_interm_layers:
-            return feats
-        return self.forward_head(feats[-1])
+        if self.return_interm_layers:  # upstream's dense-prediction backbone: the four maps
+            return self.forward_intermediates(x, intermediates_only=True)
+        return self.forward_head(self.forward_features(x))
