@@ -154,3 +154,22 @@ def folded_weights(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype) -> FoldedGMA
     """Cached `fold_eval` in the compute dtype for inputs of `dtype`."""
     cd = compute_dtype(dtype)
     return cached_derived(w, ("folded", cd, hp), lambda: fold_eval(w, hp, cd))
+
+
+def update_running_stats(w: GMAWeights, hp: GMAHyper, mean: Tensor, var: Tensor, n) -> None:
+    """nn.BatchNorm2d's running-statistics update of the 4 aggregator BatchNorms from the batch
+    mean and biased variance (4, s) over n values per channel: num_batches_tracked += 1, then
+    momentum (or 1 / num_batches_tracked when momentum is None) towards the mean and the
+    unbiased variance; BatchNorms without running statistics are skipped. Every backend
+    that trains calls this one function."""
+    with torch.no_grad():
+        unbiased = var * (n / (n - 1))  # n >= 3 (3B images)
+        for i in range(4):
+            if w.bn_running_mean[i] is None:  # track_running_stats=False
+                continue
+            nbt = w.bn_num_batches_tracked[i]
+            if nbt is not None:
+                nbt.add_(1)
+            m = hp.bn_momentum if hp.bn_momentum is not None else 1.0 / float(nbt.item())
+            w.bn_running_mean[i].lerp_(mean[i].to(w.bn_running_mean[i].dtype), m)
+            w.bn_running_var[i].lerp_(unbiased[i].to(w.bn_running_var[i].dtype), m)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import sync_batch_stats
-from ..folding import bn_affine, cached_derived
+from ..folding import bn_affine, cached_derived, update_running_stats
 from ..weights import GMAHyper, GMAWeights
 from .base import Backend
 
@@ -117,17 +117,7 @@ def _batch_norm_train(z: Tensor, w: GMAWeights, hp: GMAHyper) -> Tensor:
     y = (z - mean[:, None]) * (torch.rsqrt(var + hp.bn_eps) * gamma)[:, None] + beta[:, None]
     if hp.bn_process_group is not None:
         y = y.to(dtype)
-    with torch.no_grad():
-        unbiased = stat_var * (n / (n - 1))
-        for i in range(4):
-            if w.bn_running_mean[i] is None:  # track_running_stats=False
-                continue
-            nbt = w.bn_num_batches_tracked[i]
-            if nbt is not None:
-                nbt.add_(1)
-            m = hp.bn_momentum if hp.bn_momentum is not None else 1.0 / float(nbt.item())
-            w.bn_running_mean[i].lerp_(stat_mean[i].to(w.bn_running_mean[i].dtype), m)
-            w.bn_running_var[i].lerp_(unbiased[i].to(w.bn_running_var[i].dtype), m)
+    update_running_stats(w, hp, stat_mean, stat_var, n)
     return y
 
 

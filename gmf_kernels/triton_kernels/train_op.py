@@ -38,29 +38,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..folding import FoldedGMAWeights, _build, bn_affine, compute_dtype, fold_batch_stats
+from ..folding import FoldedGMAWeights, _build, bn_affine, compute_dtype, fold_batch_stats, update_running_stats
 from ..weights import GMAHyper, GMAWeights
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
 from .backward import pre_projection_backward, statistics
 
 Tensor = torch.Tensor
-
-
-def update_running_stats(w: GMAWeights, hp: GMAHyper, mean: Tensor, var: Tensor, n) -> None:
-    """nn.BatchNorm2d's running-statistics update for the 4 aggregator BatchNorms from the batch
-    mean and biased variance (4, s) over n values per channel (the torch backend's semantics:
-    num_batches_tracked += 1, momentum or 1 / num_batches_tracked, unbiased variance)."""
-    with torch.no_grad():
-        unbiased = var * (n / (n - 1))  # n >= 3 (3B images)
-        for i in range(4):
-            if w.bn_running_mean[i] is None:  # track_running_stats=False
-                continue
-            nbt = w.bn_num_batches_tracked[i]
-            if nbt is not None:
-                nbt.add_(1)
-            m = hp.bn_momentum if hp.bn_momentum is not None else 1.0 / float(nbt.item())
-            w.bn_running_mean[i].lerp_(mean[i].to(w.bn_running_mean[i].dtype), m)
-            w.bn_running_var[i].lerp_(unbiased[i].to(w.bn_running_var[i].dtype), m)
 
 
 def fold_running_stats(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype) -> FoldedGMAWeights:
