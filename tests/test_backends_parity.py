@@ -26,7 +26,8 @@ from gmf_kernels.numerics import cast_weights, default_hyper, max_rel_error, ran
 from gmf_kernels.reference import reference_group_mix_attention
 from gmf_kernels.weights import GMAWeights
 from helpers import assert_max_rel_close as assert_rel
-from helpers import assert_within_reference_error, backend_cases, backend_dtype_params, backend_params
+from helpers import (BUFFER_FIELDS, PARAM_FIELDS, assert_within_reference_error, backend_cases, backend_dtype_params,
+                     backend_params, named_fields)
 
 WIDTHS = list(MODEL_WIDTHS)
 GRIDS = [(1, 1), (7, 9), (5, 11), (14, 14)]
@@ -36,10 +37,6 @@ ORACLE = "reference"
 #: backends compared with the oracle at its own precision (the oracle itself would be a no-op check)
 CANDIDATES = [n for n in BACKEND_NAMES if n != ORACLE]
 
-PARAM_FIELDS = ("qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "bn_weight", "bn_bias", "dw_weight",
-                "pw_weight", "local_dw_weight", "local_pw_weight", "local_ln_weight", "local_ln_bias",
-                "crpe_weight", "crpe_bias")
-BUFFER_FIELDS = ("bn_running_mean", "bn_running_var", "bn_num_batches_tracked")
 
 
 def gid(g):
@@ -54,16 +51,6 @@ def train_backends(dtype, names=CANDIDATES):
     return backend_params(names, dtype=dtype, training=True, needs_grad=True)
 
 
-def named_fields(w: GMAWeights, fields):
-    """[(name, tensor)] for the tensors of the given fields (None entries skipped)."""
-    out = []
-    for f in fields:
-        v = getattr(w, f)
-        if isinstance(v, tuple):
-            out += [(f"{f}[{i}]", t) for i, t in enumerate(v) if t is not None]
-        elif v is not None:
-            out.append((f, v))
-    return out
 
 
 def leaf_weights(w: GMAWeights, dtype=None) -> GMAWeights:

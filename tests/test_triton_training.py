@@ -31,25 +31,10 @@ from gmf_kernels.folding import compute_dtype, fold_batch_stats
 from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
 from gmf_kernels.reference import reference_pre_projection
 from helpers import assert_max_rel_close as assert_rel
-from helpers import assert_within_reference_error, problem, skip_unless_supported
+from helpers import BUFFER_FIELDS, PARAM_FIELDS, assert_within_reference_error, named_fields, problem, skip_unless_supported
 
 FP32_TOL = 1e-5
 FP64_TOL = 1e-10
-PARAM_FIELDS = ("qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "bn_weight", "bn_bias", "dw_weight",
-                "pw_weight", "local_dw_weight", "local_pw_weight", "local_ln_weight", "local_ln_bias",
-                "crpe_weight", "crpe_bias")
-BUFFER_FIELDS = ("bn_running_mean", "bn_running_var", "bn_num_batches_tracked")
-
-
-def named_fields(w, fields):
-    out = []
-    for f in fields:
-        v = getattr(w, f)
-        if isinstance(v, tuple):
-            out += [(f"{f}[{i}]", t) for i, t in enumerate(v) if t is not None]
-        elif v is not None:
-            out.append((f, v))
-    return out
 
 
 def make(C, H, W, B, seed=0):
