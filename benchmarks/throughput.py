@@ -556,7 +556,7 @@ def make_runners(ctx: Context, name: str, model, backends: List[str], with_timm:
     import torch
     runners: List[Runner] = []
     for b in backends:
-        label = {"reference": "reference (= upstream eager)"}.get(b, b)
+        label = {"reference": "reference (upstream's ops)"}.get(b, b)
         if b == "triton" and ctx.dev_type == "cpu":
             label = "triton (CPU interpreter)"
         runners.append(Runner(name, b, label, model, (lambda b=b, m=model: m.set_backend(b))))
@@ -583,7 +583,7 @@ def compile_backends(ctx: Context, backends: List[str]) -> List[str]:
 
 def compiled_runner(ctx: Context, name: str, backend: str, make_model, wrap=None) -> Runner:
     """A '<backend>+compile' row: torch.compile of a copy of the model on that GMA backend
-    ('reference+compile' = torch.compile of upstream's eager model)."""
+    ('reference+compile' = torch.compile of our line-by-line rendering of upstream's model)."""
     import torch
     label = f"{backend}+compile"
     try:
@@ -955,7 +955,7 @@ def make_train_runners(ctx: Context, name: str, master, backends: List[str], wit
                                         memory_format=ctx.memory_format).set_backend(backend).train()
 
     for b in backends:
-        label = {"reference": "reference (= upstream eager)"}.get(b, b)
+        label = {"reference": "reference (upstream's ops)"}.get(b, b)
         if b == "triton" and ctx.dev_type == "cpu":
             label = "triton (CPU interpreter)"
         reasons = train_support_reasons(ctx, b, master)
@@ -1146,7 +1146,8 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
             print(f"  {n:<32} {v:>6.0f} img/s (V100)")
         print(f"  ratio GroupMixFormer / Swin-T = {596 / 755:.2f}  (model size not named in docs/spec.md §4)")
 
-    print(f"\nsummary (ratios to `reference`, i.e. upstream's eager {'training step' if train else 'forward'}, "
+    print(f"\nsummary (ratios to `reference`, our line-by-line rendering of upstream's eager "
+          f"{'training step' if train else 'forward'} (the same ops, not upstream's own file), "
           f"same run and input):")
     for name in dict.fromkeys(r["model"] for r in rows if r["kind"] == "gmf"):
         ok = [r for r in rows if r["model"] == name and r.get("status") == "ok" and r["kind"] == "gmf"]
