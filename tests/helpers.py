@@ -152,3 +152,16 @@ def named_fields(w, fields):
         elif v is not None:
             out.append((f, v))
     return out
+
+
+def randomize_bn_stats_(model, seed=0):
+    """Non-trivial BatchNorm running statistics (mean ~ 0.2 N(0, 1), var in [0.5, 1.5)), so that
+    folding them changes numbers. In place; returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=g, dtype=b.dtype))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g, dtype=b.dtype))
+    return model

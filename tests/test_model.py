@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import gmf_kernels
 from gmf_kernels.numerics import max_rel_error
 from helpers import assert_max_rel_close as assert_rel
+from helpers import randomize_bn_stats_
 
 FP64_TOL = 1e-10
 TINY = dict(embedding_dims=[40, 40, 80, 80], serial_depths=[1, 1, 1, 1], mlp_ratios=[4, 4, 2, 2])
@@ -23,13 +24,10 @@ TINY = dict(embedding_dims=[40, 40, 80, 80], serial_depths=[1, 1, 1, 1], mlp_rat
 
 
 def randomize_bn_(model, seed=0):
+    """Non-trivial BatchNorm statistics and biases."""
     g = torch.Generator().manual_seed(seed)
+    randomize_bn_stats_(model, seed)
     with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.2 * torch.randn(b.shape, generator=g, dtype=b.dtype))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g, dtype=b.dtype))
         for name, p in model.named_parameters():
             if p.dim() == 1 and name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))

@@ -17,28 +17,18 @@ import gmf_kernels as gmf
 from gmf_kernels.models import CheckpointFormatError, PretrainedWeightsNotFound, checkpoint_filter_fn
 from gmf_kernels.models.pretrained import PRETRAINED_CFGS
 from helpers import assert_max_rel_close as assert_rel
+from helpers import randomize_bn_stats_
 
 TINY = dict(embedding_dims=[40, 40, 80, 80], serial_depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2])
 FP64_TOL = 1e-12
 SIZE = (64, 64)
 
 
-def randomize_bn_(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.2 * torch.randn(b.shape, generator=g, dtype=b.dtype))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g, dtype=b.dtype))
-    return model
-
-
 def tiny(seed=0, name="groupmixformer_m", **kw):
     torch.manual_seed(seed)
     cfg = dict(TINY, num_classes=10, backend="torch")
     cfg.update(kw)
-    return randomize_bn_(gmf.create_model(name, **cfg), seed)
+    return randomize_bn_stats_(gmf.create_model(name, **cfg), seed)
 
 
 def images(b=2, size=SIZE, dtype=torch.float64, seed=None):

@@ -23,7 +23,7 @@ import torch
 import gmf_kernels as gmf
 from gmf_kernels.backends import BACKEND_NAMES, get_backend
 from gmf_kernels.inference import InferencePlan, inference_plan, load_mode_table
-from helpers import assert_max_rel_close, skip_unless_supported
+from helpers import assert_max_rel_close, randomize_bn_stats_, skip_unless_supported
 
 TINY = dict(embedding_dims=[40, 40, 80, 80], serial_depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2], num_classes=10)
 FUSED_OPS = {"cuda": "gmf.cuda_pre_projection", "triton": "gmf.triton_pre_projection"}
@@ -32,15 +32,7 @@ FUSED_OPS = {"cuda": "gmf.cuda_pre_projection", "triton": "gmf.triton_pre_projec
 def tiny_model(backend="auto", seed=0, **kw):
     """A tiny model with non-trivial BatchNorm statistics (so that folding changes numbers)."""
     torch.manual_seed(seed)
-    m = gmf.GroupMixFormer(**{**TINY, **kw}, backend=backend)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, b in m.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.2 * torch.randn(b.shape, generator=g))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g))
-    return m
+    return randomize_bn_stats_(gmf.GroupMixFormer(**{**TINY, **kw}, backend=backend), seed)
 
 
 class _Traced(Exception):
