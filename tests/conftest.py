@@ -154,3 +154,13 @@ def pytest_report_header(config):
         return [f"gmf_kernels: GPU {torch.cuda.get_device_name(0)}; {mod}; GMF_REQUIRE_GPU={int(require_gpu())}"]
     return ["gmf_kernels: no CUDA GPU: GPU tests skip"
             + (" -> GMF_REQUIRE_GPU=1 turns those skips into failures" if require_gpu() else "")]
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+    """An empty tuning-table folder (GMF_TUNING_DIR) for the test, with the table cache cleared."""
+    from gmf_kernels import tuning
+    monkeypatch.setenv("GMF_TUNING_DIR", str(tmp_path))
+    tuning.clear_cache()
+    yield tmp_path
+    tuning.clear_cache()

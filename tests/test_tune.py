@@ -21,14 +21,6 @@ import tune  # noqa: E402
 WIDTHS = (40, 80, 160, 200, 240, 320, 360, 480)
 
 
-@pytest.fixture
-def table_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("GMF_TUNING_DIR", str(tmp_path))
-    tuning.clear_cache()
-    yield tmp_path
-    tuning.clear_cache()
-
-
 @pytest.mark.parametrize("cap", [(9, 0), (8, 0), (7, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_spaces_default_to_the_config_tiles(cap, dtype):

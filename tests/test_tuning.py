@@ -6,16 +6,8 @@ import pytest
 import torch
 
 from gmf_kernels import tuning
-from gmf_kernels.backends import BACKEND_NAMES, Backend, explain, get_backend, select_backend
+from gmf_kernels.backends import BACKEND_NAMES, explain, get_backend, select_backend
 from helpers import problem
-
-
-@pytest.fixture
-def table_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("GMF_TUNING_DIR", str(tmp_path))
-    tuning.clear_cache()
-    yield tmp_path
-    tuning.clear_cache()
 
 
 def write(table_dir, arch, data):
