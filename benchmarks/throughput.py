@@ -639,6 +639,14 @@ def judge(r: Runner, runners: List[Runner], tol: float) -> str:
     return f"FAIL (> {tol:.0e})"
 
 
+def drop_row(r: Runner, e: BaseException) -> None:
+    """A row whose first call raised: "unsupported" when the backend refused the input
+    (ValueError / NotImplementedError, with its reasons), else "error"; not timed further."""
+    status = "unsupported" if isinstance(e, (ValueError, NotImplementedError)) else "error"
+    r.row.update(status=status, reason=first_line(e, 600))
+    r.alive = False
+
+
 def first_calls_and_check(ctx: Context, runners: List[Runner], oracle, tag: str, common: Dict) -> None:
     """Each row's first call (reference first), timed apart, and its output checked."""
     ref_out = None
@@ -655,13 +663,8 @@ def first_calls_and_check(ctx: Context, runners: List[Runner], oracle, tag: str,
                 out = r.module(ctx.x)
             ctx.timer.sync()
             r.row["first_call_s"] = time.perf_counter() - t0
-        except (ValueError, NotImplementedError) as e:
-            r.row.update(status="unsupported", reason=first_line(e, 600))
-            r.alive = False
-            continue
         except Exception as e:
-            r.row.update(status="error", reason=first_line(e, 600))
-            r.alive = False
+            drop_row(r, e)
             continue
         if r.backend.endswith("+compile") or r.backend == "optimized":
             r.row["compile_s"] = r.row["first_call_s"]
@@ -1002,13 +1005,8 @@ def first_steps_and_check(ctx: Context, runners: List[Runner], oracle, names: Li
                 r.step.optimizer_step()
             ctx.timer.sync()
             r.row["first_call_s"] = time.perf_counter() - t0
-        except (ValueError, NotImplementedError) as e:
-            r.row.update(status="unsupported", reason=first_line(e, 600))
-            r.alive = False
-            continue
         except Exception as e:
-            r.row.update(status="error", reason=first_line(e, 600))
-            r.alive = False
+            drop_row(r, e)
             continue
         if r.backend.endswith("+compile"):
             r.row["compile_s"] = r.row["first_call_s"]
