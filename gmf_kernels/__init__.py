@@ -7,7 +7,8 @@
     fast = gmf.optimize_for_inference(model, batch_size=8, device="cuda", dtype=torch.bfloat16)
 
 Importing needs only torch: Triton and the CUDA module are loaded when first used. When timm
-is installed, its registry gets the five models (`timm.create_model("groupmixformer_s")`).
+is installed, its registry gets the five models (`timm.create_model("groupmixformer_s")`) as
+soon as timm is imported (`import gmf_kernels` does not import timm).
 """
 from ._version import __version__
 from .backends import BACKEND_NAMES, available_backends, get_backend, select_backend  # noqa: E402
@@ -28,5 +29,5 @@ __all__ = [
     "CheckpointFormatError", "PretrainedWeightsNotFound", "checkpoint_filter_fn", "PRETRAINED_CFGS",
 ]
 
-# timm entry points (groupmixformer_m|t|s|b|l) when timm is importable; nothing to do without it
+# timm entry points (groupmixformer_m|t|s|b|l): now if timm is imported, else when it is (never imports timm itself)
 register_with_timm()

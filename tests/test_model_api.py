@@ -9,6 +9,7 @@ exercised in test_timm.py.
 """
 import argparse
 import copy
+import os
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from gmf_kernels.models import CheckpointFormatError, PretrainedWeightsNotFound,
 from gmf_kernels.models.pretrained import PRETRAINED_CFGS
 from helpers import assert_max_rel_close as assert_rel
 from helpers import randomize_bn_stats_
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(embedding_dims=[40, 40, 80, 80], serial_depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2])
 FP64_TOL = 1e-12
@@ -411,20 +414,17 @@ def test_pretrained_file_lookup(tmp_path, monkeypatch):
     assert all(torch.equal(model.state_dict()[k], sd[k]) for k in sd)
 
 
-# ------------------------------------------------------------------ the guarded timm registration
+# ------------------------------------------------------------------ the guarded, deferred timm registration
 def test_timm_registration_guard(monkeypatch):
-    """A timm that is installed but does not import (e.g. a torchvision built for another torch)
+    """An imported timm that our entry points cannot use (e.g. one without `timm.models`)
     gives a warning and the reason, never an import error of gmf_kernels; GMF_TIMM=0 skips it."""
-    import importlib.util
     import sys
+    import types
 
     import gmf_kernels.models as models
     monkeypatch.setattr(models, "TIMM_REGISTRATION_ERROR", models.TIMM_REGISTRATION_ERROR)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "timm" else real_find_spec(name, *a))
-    for name in ("timm", "timm.models"):  # `import timm` / `from timm.models import ...` now raise ImportError
-        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
+    monkeypatch.setitem(sys.modules, "timm.models", None)  # `from timm.models import ...` raises ImportError
     monkeypatch.delitem(sys.modules, "gmf_kernels.models._timm", raising=False)
     monkeypatch.delattr(models, "_timm", raising=False)
     with pytest.warns(RuntimeWarning, match="could not be imported"):
@@ -432,3 +432,47 @@ def test_timm_registration_guard(monkeypatch):
     assert models.TIMM_REGISTRATION_ERROR.startswith("timm is installed but could not be imported")
     monkeypatch.setenv("GMF_TIMM", "0")
     assert models.register_with_timm() is False and models.TIMM_REGISTRATION_ERROR == "GMF_TIMM=0"
+
+
+FAKE_TIMM_MODELS = """
+REGISTERED = []
+def register_model(fn):
+    REGISTERED.append(fn.__name__)
+    return fn
+def generate_default_cfgs(cfgs):
+    return dict(cfgs)
+def build_model_with_cfg(*a, **k):
+    raise NotImplementedError
+"""
+
+DEFERRED = """
+import sys
+import gmf_kernels
+from gmf_kernels import models
+assert "timm" not in sys.modules, "import gmf_kernels imported timm"
+assert models.TIMM_REGISTRATION_ERROR.startswith("pending"), models.TIMM_REGISTRATION_ERROR
+{import_line}
+import timm.models
+assert sorted(timm.models.REGISTERED) == ["groupmixformer_b", "groupmixformer_l", "groupmixformer_m",
+                                          "groupmixformer_s", "groupmixformer_t"], timm.models.REGISTERED
+assert models.TIMM_REGISTRATION_ERROR is None
+assert not any(type(f).__name__ == "_AfterTimmImport" for f in sys.meta_path)  # one-shot
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("import_line", ["import timm", "from timm.models import register_model"])
+def test_timm_registration_deferred_until_timm_import(tmp_path, import_line):
+    """`import gmf_kernels` must not import timm (seconds, with torchvision); the entry points
+    register when the user imports timm, in whichever form. Run in a subprocess against a fake
+    timm package on sys.path whose `register_model` records the names it is given."""
+    import subprocess
+    import sys
+    (tmp_path / "timm" / "models").mkdir(parents=True)
+    (tmp_path / "timm" / "__init__.py").write_text("")
+    (tmp_path / "timm" / "models" / "__init__.py").write_text(FAKE_TIMM_MODELS)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    env.pop("GMF_TIMM", None)
+    r = subprocess.run([sys.executable, "-c", DEFERRED.format(import_line=import_line)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -1,6 +1,6 @@
 """timm integration: what a timm user does on day one.
 
-`import gmf_kernels` registers groupmixformer_m|t|s|b|l with timm when timm is importable.
+`import gmf_kernels` registers groupmixformer_m|t|s|b|l with timm when timm is imported (before or after it).
 These tests skip (with the reason) where timm cannot be imported, e.g. the main test venv,
 whose CPU torch has no matching torchvision; CI runs them in a second venv with timm
 (.venv-timm, see .ci/run), with GMF_REQUIRE_TIMM=1 turning the skip into a failure.
@@ -62,6 +62,17 @@ def test_registered_after_import():
         assert cfg.input_size == (3, 224, 224) and cfg.crop_pct == 0.875 and cfg.interpolation == "bicubic"
         assert cfg.first_conv == "conv_stem.proj1" and cfg.classifier == "head" and cfg.num_classes == 1000
         assert cfg.license == "mit"
+
+
+def test_registered_when_timm_is_imported_after_gmf_kernels():
+    """The other order: `import gmf_kernels` first (it does not import timm), then timm."""
+    import subprocess
+    import sys
+    code = ("import sys, gmf_kernels; assert 'timm' not in sys.modules; import timm; "
+            "m = timm.create_model('groupmixformer_m', num_classes=3); "
+            "assert isinstance(m, gmf_kernels.GroupMixFormer) and m.num_classes == 3; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("name", NAMES)
