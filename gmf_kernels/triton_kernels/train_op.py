@@ -24,7 +24,11 @@ gradients; eval without gradients keeps the plain ``gmf::triton_pre_projection``
    pointwise weights) to dZ.
 
 Saved for the backward per image: qkv (3C values per token, in qkv's dtype) and the folded
-weights; everything else is recomputed.
+weights; everything else is recomputed. Activation memory of the whole layer, measured with
+autograd's saved-tensor hooks (tests/test_triton_training.py, per image, in N*C values of the
+input's dtype): Triton 5.0 (x for the qkv linear, qkv, the pre-projection tokens for `proj`)
+against 18.3 for upstream's eager structure (the reference backend) and 23.5 for the torch
+backend (C = 80, 160, 320 at 14x14 / 28x28, float32): 3.7x less than eager.
 
 SyncBatchNorm (``hp.bn_process_group``, upstream's semantics): the statistics pass all-reduces
 (sum, sum of squares, count) once (`distributed.sync_batch_stats`), the backward all-reduces
