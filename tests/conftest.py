@@ -164,3 +164,53 @@ def table_dir(tmp_path, monkeypatch):
     tuning.clear_cache()
     yield tmp_path
     tuning.clear_cache()
+
+
+# ------------------------------------------------------------------ the CPU emulation of the CUDA kernels
+def _emulation_toolchain_missing() -> str:
+    """Why an emulation-only build of csrc/ cannot run here ("" when it can)."""
+    from gmf_kernels.cuda import build as cbuild
+    try:
+        cbuild.find_cxx()
+        cbuild.find_ninja()
+        cbuild.pybind11_include()
+        cbuild.cuda_include_dir()
+    except cbuild.BuildError as e:
+        return str(e)
+    return ""
+
+
+@pytest.fixture(scope="session")
+def emu_build(tmp_path_factory):
+    """Emulation-only build of the current csrc/ (host C++ compiler, no nvcc; about a minute on
+    2 cores), once per session: (module path, its build directory, seconds). A missing
+    toolchain skips, and fails in CI (environment variable CI set)."""
+    import time
+    from pathlib import Path
+
+    from gmf_kernels.cuda import build as cbuild
+    why = _emulation_toolchain_missing()
+    if why:
+        msg = f"cannot build the CPU emulation of the CUDA kernels: {why}"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (CI must run the emulation tests)")
+        pytest.skip(msg)
+    out = tmp_path_factory.mktemp("gmf_emulation")
+    t0 = time.time()
+    path = cbuild.build(out_dir=out, emulation_only=True, quiet=True)
+    return Path(path), out / ".build", time.time() - t0
+
+
+@pytest.fixture(scope="session")
+def emu(emu_build):
+    """The emulation build, loaded."""
+    import gmf_kernels.cuda as gcuda
+    return gcuda.load_from(emu_build[0])
+
+
+@pytest.fixture
+def use_emu(emu, monkeypatch):
+    """Make gmf_kernels.cuda.load() (so the launcher and the op) use the emulation build."""
+    import gmf_kernels.cuda as gcuda
+    monkeypatch.setattr(gcuda, "_loaded", emu)
+    return emu

@@ -467,12 +467,12 @@ def test_backend_declares_support():
     b = cb.BACKEND
     assert b.name == "cuda" and b.device_types == {"cuda"}
     assert b.dtypes == {torch.float32, torch.float16, torch.bfloat16}
-    assert not b.supports_training and not b.supports_grad
+    assert b.supports_training and b.supports_grad and b.supports_sync_bn  # tests/test_cuda_training.py
     base = dict(B=1, H=7, W=7, num_heads=8, device_type="cuda", training=False, needs_grad=False)
     p = GMAProblem(dim=80, dtype=torch.float64, **base)
     assert any("dtype float64" in r for r in b.not_supported_reasons(p))
-    p = GMAProblem(dim=80, dtype=torch.float16, **{**base, "training": True})
-    assert any("training" in r for r in b.not_supported_reasons(p))
+    p = GMAProblem(dim=80, dtype=torch.float16, **{**base, "training": True, "needs_grad": True})
+    assert not any("training" in r or "gradients" in r for r in b.not_supported_reasons(p))
     p = GMAProblem(dim=800, dtype=torch.float16, **base)
     assert any("d=80" in r for r in b.not_supported_reasons(p))
 
@@ -596,7 +596,8 @@ def test_op_fake_implementation_on_meta_tensors():
 @needs_nvcc
 def test_backend_forward_traces_with_fullgraph(use_module):
     """torch.compile(fullgraph=True) traces BACKEND.forward through the custom op; on a CPU
-    the compiled graph then reaches the launcher, which refuses CPU tensors."""
+    the compiled graph then reaches the op, which runs the kernels' CPU emulation on CPU
+    tensors: the same result as the reference backend."""
     w = random_gma_weights(80, seed=0, dtype=torch.float32)
     hp = default_hyper(80)
     x = torch.randn(2, 63, 80)
@@ -605,5 +606,7 @@ def test_backend_forward_traces_with_fullgraph(use_module):
         return cb.BACKEND.forward(x, (7, 9), w, hp, False)
 
     torch._dynamo.reset()
-    with pytest.raises(TypeError, match="expected a cuda tensor"):
-        torch.compile(fn, fullgraph=True, backend="eager")(x)
+    with torch.no_grad():
+        got = torch.compile(fn, fullgraph=True, backend="eager")(x)
+        expected = get_backend("reference").forward(x.double(), (7, 9), cast_weights(w, torch.float64), hp, False)
+    assert max_rel_error(got, expected) < FP32_TOL

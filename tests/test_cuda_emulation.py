@@ -27,7 +27,6 @@ order), timing, and anything GPU-specific — those need the GPU tests
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -45,52 +44,7 @@ from gmf_kernels import tuning
 from gmf_kernels.folding import fold_eval
 from gmf_kernels.numerics import max_rel_error
 
-IN_CI = bool(os.environ.get("CI"))
-
-# ------------------------------------------------------------------ the emulation build
-
-
-def _toolchain_missing() -> str:
-    """Why an emulation-only build cannot run here ("" when it can)."""
-    try:
-        cbuild.find_cxx()
-        cbuild.find_ninja()
-        cbuild.pybind11_include()
-        cbuild.cuda_include_dir()
-    except cbuild.BuildError as e:
-        return str(e)
-    return ""
-
-
-def _need_toolchain():
-    why = _toolchain_missing()
-    if why:
-        msg = f"cannot build the CPU emulation of the CUDA kernels: {why}"
-        if IN_CI:
-            pytest.fail(msg + " (CI must run the emulation tests)")
-        pytest.skip(msg)
-
-
-@pytest.fixture(scope="module")
-def emu_build(tmp_path_factory):
-    """Emulation-only build of the current csrc/: (module path, its build directory, seconds)."""
-    _need_toolchain()
-    out = tmp_path_factory.mktemp("gmf_emulation")
-    t0 = time.time()
-    path = cbuild.build(out_dir=out, emulation_only=True, quiet=True)
-    return Path(path), out / ".build", time.time() - t0
-
-
-@pytest.fixture(scope="module")
-def emu(emu_build):
-    return gcuda.load_from(emu_build[0])
-
-
-@pytest.fixture
-def use_emu(emu, monkeypatch):
-    """Make gmf_kernels.cuda.load() (so the launcher) use the emulation build."""
-    monkeypatch.setattr(gcuda, "_loaded", emu)
-    return emu
+# the emulation build: fixtures emu_build, emu, use_emu in conftest.py (shared with test_cuda_training.py)
 
 
 def test_emulation_build_is_host_only(emu, emu_build):

@@ -28,53 +28,14 @@ import gmf_kernels
 from conftest import golden_path
 from gmf_kernels.backends import get_backend
 from gmf_kernels.folding import compute_dtype, fold_batch_stats
-from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
+from gmf_kernels.numerics import cast_weights, default_hyper
 from gmf_kernels.reference import reference_pre_projection
 from helpers import assert_max_rel_close as assert_rel
-from helpers import BUFFER_FIELDS, PARAM_FIELDS, assert_within_reference_error, named_fields, problem, skip_unless_supported
+from helpers import BUFFER_FIELDS, PARAM_FIELDS, named_fields, problem, skip_unless_supported
+from training_cases import (FP32_TOL, check_eval_with_gradients_float32, check_low_precision, check_train_float32,
+                            make, run)
 
-FP32_TOL = 1e-5
 FP64_TOL = 1e-10
-
-
-def make(C, H, W, B, seed=0):
-    w = random_gma_weights(C, seed=1000 * C + 10 * H + W + seed)
-    with torch.no_grad():  # non-trivial running statistics (eval mode folds them)
-        g = torch.Generator().manual_seed(seed + 5)
-        for i in range(4):
-            w.bn_running_mean[i].copy_(0.3 * torch.randn(w.bn_running_mean[i].shape, generator=g, dtype=torch.float64))
-            w.bn_running_var[i].copy_(0.5 + 1.5 * torch.rand(w.bn_running_var[i].shape, generator=g, dtype=torch.float64))
-    x = torch.randn(B, H * W, C, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 11))
-    return w, x
-
-
-def run(backend, x0, size, w, dtype, training, momentum=0.1, steps=1):
-    """`steps` forwards (the running statistics compound), then one backward of the last output
-    on a private copy of w; returns out, {name: grad}, {buffer name: tensor}."""
-    wc = cast_weights(w, dtype)
-    for _, t in named_fields(wc, PARAM_FIELDS):
-        t.requires_grad_(True)
-    x = x0.detach().to(dtype).clone().requires_grad_(True)
-    for _ in range(steps):
-        out = gmf_kernels.group_mix_attention(x, size, wc, training=training, bn_momentum=momentum, backend=backend)
-    params = named_fields(wc, PARAM_FIELDS)
-    lw = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    grads = torch.autograd.grad((out * lw.to(dtype)).sum(), [x] + [t for _, t in params])
-    named = {"x": grads[0], **{n: g for (n, _), g in zip(params, grads[1:])}}
-    return out.detach(), named, {n: t.clone() for n, t in named_fields(wc, BUFFER_FIELDS)}
-
-
-def compare(got, exp, tol, who):
-    assert_rel(got[0], exp[0], tol, f"{who} out")
-    assert set(got[1]) == set(exp[1])
-    for n in exp[1]:
-        assert got[1][n] is not None, f"{who}: no gradient for {n}"
-        assert_rel(got[1][n], exp[1][n], tol, f"{who} grad {n}")
-    for n in exp[2]:
-        if n.startswith("bn_num_batches_tracked"):
-            assert torch.equal(got[2][n], exp[2][n]), f"{who} {n}: {got[2][n]} != {exp[2][n]}"
-        else:
-            assert_rel(got[2][n], exp[2][n], tol, f"{who} buffer {n}")
 
 
 # ------------------------------------------------------------------ the stages alone (no Triton)
@@ -86,7 +47,7 @@ def test_backward_stages_match_autograd_float64(C, grid, B, training):
     pre-projection: qkv gradient and the gradient of every parameter, reached through the
     (differentiable) folding exactly as the Triton path does."""
     from gmf_kernels.triton_kernels.backward import pre_projection_backward, statistics
-    from gmf_kernels.triton_kernels.train_op import fold_running_stats
+    from gmf_kernels.training import fold_running_stats
     from gmf_kernels.folding import _build
 
     H, W = grid
@@ -124,78 +85,20 @@ def test_backward_stages_match_autograd_float64(C, grid, B, training):
 @pytest.mark.parametrize("C, grid, B, momentum, steps", [(200, (3, 5), 2, 0.1, 1), (40, (5, 11), 1, None, 2)],
                          ids=["C200-3x5-B2", "C40-5x11-B1-cma-2steps"])
 def test_train_float32(C, grid, B, momentum, steps):
-    skip_unless_supported("triton", training=True, needs_grad=True, dtype=torch.float32)
-    w, x = make(C, *grid, B)
-    exp = run("reference", x, grid, w, torch.float64, True, momentum, steps)
-    got = run("triton", x, grid, w, torch.float32, True, momentum, steps)
-    compare(got, exp, FP32_TOL, f"triton train C{C}")
-    assert int(got[2]["bn_num_batches_tracked[0]"]) == steps
-    assert not torch.equal(got[2]["bn_running_mean[2]"], w.bn_running_mean[2].float())
+    check_train_float32("triton", C, grid, B, momentum, steps)
 
 
 def test_eval_with_gradients_float32():
-    skip_unless_supported("triton", needs_grad=True, dtype=torch.float32)
-    C, grid, B = 80, (5, 6), 1
-    w, x = make(C, *grid, B)
-    exp = run("reference", x, grid, w, torch.float64, False)
-    got = run("triton", x, grid, w, torch.float32, False)
-    compare(got, exp, FP32_TOL, "triton eval+grad")
-    for n, t in named_fields(w, BUFFER_FIELDS):
-        assert torch.equal(got[2][n], t.to(got[2][n].dtype)), f"eval changed {n}"
-
-
-def kink_distance(w, x, grid, training):
-    """min distance of every float64 pre-activation (the aggregator's BatchNorm output, the
-    local branch's LayerNorm output) to +-3, where hardswish's derivative jumps (1.5 -> 1 at 3,
-    0 -> -0.5 at -3)."""
-    from gmf_kernels.folding import _build
-    from gmf_kernels.triton_kernels.backward import recompute, statistics
-    from gmf_kernels.triton_kernels.train_op import fold_running_stats
-    hp = default_hyper(w.dim)
-    w64 = cast_weights(w, torch.float64)
-    qkv = torch.nn.functional.linear(x, w64.qkv_weight, w64.qkv_bias)
-    if training:
-        z = torch.zeros(1, dtype=torch.float64)
-        mean, var, _ = statistics(qkv, *grid, _build(w64, z, z, torch.float64))
-        folded = fold_batch_stats(w64, mean, var, hp, torch.float64)
-    else:
-        folded = fold_running_stats(w64, hp, torch.float64)
-    rc = recompute(qkv, *grid, folded, hp.ln_eps)
-    local = rc["xh4"] * w64.local_ln_weight[:, None, None] + w64.local_ln_bias[:, None, None]
-    return min(((t.abs() - 3).abs().min().item()) for t in (rc["pre_act"], local))
+    check_eval_with_gradients_float32("triton")
 
 
 @pytest.mark.parametrize("C, grid, B", [(40, (7, 9), 2), (80, (5, 6), 1)], ids=["C40-7x9-B2", "C80-5x6-B1"])
 @pytest.mark.parametrize("dtype, training", [(torch.float16, True), (torch.bfloat16, False)],
                          ids=["float16-train", "bfloat16-eval"])
 def test_low_precision(dtype, training, C, grid, B):
-    """Output, every gradient and (training) the running statistics within 2x the reference's own
-    error at that dtype (+ floor). bfloat16 trains nowhere here (the backend refuses it:
-    `TRAINING_DTYPES`), so bfloat16 is checked with gradients in eval mode.
-
-    The gradient is discontinuous where a pre-activation crosses +-3 (hardswish's derivative
-    jumps there): a pre-activation within a rounding error of +-3 takes either side, in any
-    implementation (measured: rounding only the BatchNorm weights of a random layer to bfloat16
-    moves the exact float64 qkv gradient by 6e-2 relative). So the layer here has its
-    BatchNorm and LayerNorm weights halved, which keeps every pre-activation away from +-3
-    (asserted), and the rule then holds for every gradient."""
-    skip_unless_supported("triton", training=training, needs_grad=True, dtype=dtype)
-    w, x = make(C, *grid, B)
-    with torch.no_grad():
-        for t in w.bn_weight:
-            t.mul_(0.5)
-        w.local_ln_weight.mul_(0.5)
-    assert kink_distance(w, x, grid, training) > 0.05
-    oracle = run("reference", x, grid, w, torch.float64, training)
-    ref_lp = run("reference", x, grid, w, dtype, training)
-    got = run("triton", x, grid, w, dtype, training)
-    assert got[0].dtype == dtype
-    assert_within_reference_error(got[0], ref_lp[0], oracle[0], name=f"out {dtype}")
-    for n in oracle[1]:
-        assert_within_reference_error(got[1][n], ref_lp[1][n], oracle[1][n], floor=1e-3, name=f"grad {n} {dtype}")
-    for n in oracle[2]:
-        if not n.startswith("bn_num_batches_tracked"):
-            assert_within_reference_error(got[2][n], ref_lp[2][n], oracle[2][n], floor=1e-3, name=f"{n} {dtype}")
+    """`training_cases.check_low_precision`; bfloat16 trains nowhere here (the backend refuses
+    it: `TRAINING_DTYPES`), so bfloat16 is checked with gradients in eval mode."""
+    check_low_precision("triton", dtype, training, C, grid, B)
 
 
 # ------------------------------------------------------------------ golden train-mode vectors

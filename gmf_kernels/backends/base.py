@@ -76,6 +76,9 @@ class Backend:
     device_types: FrozenSet[str] = frozenset()
     supports_training: bool = False
     supports_grad: bool = False
+    #: the input dtypes trained (batch statistics) / with gradients, when not every one of `dtypes`
+    training_dtypes: Optional[FrozenSet[torch.dtype]] = None
+    grad_dtypes: Optional[FrozenSet[torch.dtype]] = None
     supports_mixed_bn: bool = False  # aggregator BatchNorms in different modes / eps / momentum
     #: batch statistics all-reduced across processes (upstream's SyncBatchNorm) in training mode
     supports_sync_bn: bool = False
@@ -109,6 +112,14 @@ class Backend:
         if p.needs_grad and not self.supports_grad:
             reasons.append("gradients not supported (forward-only kernels): run under torch.no_grad() "
                            "or use the torch backend")
+        dt = str(p.dtype).replace("torch.", "")
+        if p.dtype in self.dtypes:
+            for flag, allowed, what in ((p.training and self.supports_training, self.training_dtypes, "training mode"),
+                                        (p.needs_grad and self.supports_grad, self.grad_dtypes, "gradients")):
+                if flag and allowed is not None and p.dtype not in allowed:
+                    names = sorted(str(d).replace("torch.", "") for d in allowed)
+                    reasons.append(f"{what} in {dt} not supported by the {self.name} backend (backends/"
+                                   f"{self.name}_backend.py says why; it takes {names}): use the torch backend")
         if (not self.verified_on_gpu and p.device_type == "cuda" and not p.explicit
                 and os.environ.get("GMF_AUTO_UNVERIFIED", "0") != "1"):
             reasons.append("not yet verified on GPU hardware, so 'auto' does not pick it: name it "
@@ -140,6 +151,11 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} has no pre_projection")
 
 
+def needs_grad(qkv: Tensor, w: GMAWeights) -> bool:
+    """Whether autograd records this call (grad mode on and qkv or a weight requires grad)."""
+    return torch.is_grad_enabled() and (qkv.requires_grad or any(t.requires_grad for t in w.tensors()))
+
+
 def empty_batch_result(x: Tensor, w: GMAWeights) -> Tensor:
     """The (0, N, C) result of an empty batch: the dtype the layer would return (the output
     linear's, so autocast's under autocast), connected to x and to every parameter so that a
@@ -163,10 +179,17 @@ class FusedBackend(Backend):
     def op(self) -> Callable[..., Tensor]:  # pragma: no cover - interface
         raise NotImplementedError(f"backend {self.name!r} names no op")
 
+    def train_pre_projection(self, qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
+                             training: bool) -> Tensor:  # pragma: no cover - interface
+        """The pre-projection with autograd (training mode, or any call that needs gradients)."""
+        raise ValueError(f"the {self.name} backend runs eval mode without gradients only; use the torch backend")
+
     def pre_projection(self, qkv, size, w, hp, training):
-        if training:
-            raise ValueError(f"the {self.name} backend runs eval mode only (BatchNorm folded from running "
-                             f"statistics); use the torch backend to train")
+        """Eval without gradients: the op on the cached eval folding. Training, or any call
+        that needs gradients: `train_pre_projection` (the backend's autograd Function over the
+        same op: gmf_kernels/training.py)."""
+        if training or needs_grad(qkv, w):
+            return self.train_pre_projection(qkv, size, w, hp, bool(training))
         H, W = size
         folded = folded_weights(w, hp, qkv.dtype)
         return self.op()(qkv, int(H), int(W), list(folded), float(hp.scale), float(hp.ln_eps))

@@ -43,6 +43,11 @@ from .base import FusedBackend, GMAProblem
 
 #: widest head the kernels take (csrc/gma_layout.h kMaxHeadDim): C <= 640
 MAX_HEAD_DIM = 64
+#: Input dtypes trained here (BatchNorm batch statistics) and with gradients, as data: measured
+#: through the CPU emulation of the kernels (tests/test_cuda_training.py) against the float64
+#: reference under the low-precision rule (2x the reference's own error at that dtype).
+TRAINING_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+GRAD_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 REBUILD = "python -m gmf_kernels.cuda build"
 
@@ -269,7 +274,8 @@ def _machine_reasons(info: DeploymentInfo) -> List[str]:
 
 # ------------------------------------------------------------------ the backend
 class CudaBackend(FusedBackend):
-    """Eval-mode, forward-only CUDA kernels (BatchNorm folded)."""
+    """The CUDA kernels: eval mode on folded BatchNorms; training and gradients through
+    `cuda/train_op.py` (the same kernels forward, the shared PyTorch-ops backward)."""
 
     def _module(self):
         """(module or None, reasons)."""
@@ -323,13 +329,22 @@ class CudaBackend(FusedBackend):
         from ..cuda import op  # noqa: F401  (registers the op)
         return torch.ops.gmf.cuda_pre_projection
 
+    def train_pre_projection(self, qkv, size, w, hp, training):
+        """Training, or any call that needs gradients: `cuda.train_op` (statistics pass,
+        differentiable folding, the same kernels, the PyTorch-ops backward: gmf_kernels/training.py)."""
+        from ..cuda.train_op import cuda_train_pre_projection
+        return cuda_train_pre_projection(qkv, size, w, hp, training)
+
 
 BACKEND = CudaBackend(
     name="cuda",
     dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
     device_types=frozenset({"cuda"}),
-    supports_training=False,
-    supports_grad=False,
+    supports_training=True,   # statistics pass in PyTorch ops, then the kernels (cuda/train_op.py, training.py)
+    supports_grad=True,       # backward in PyTorch ops, stage by stage (gmf_kernels/training.py): not kernels yet
+    supports_sync_bn=True,    # SyncBatchNorm: one all-reduce in the statistics pass, one in the backward
+    training_dtypes=TRAINING_DTYPES,
+    grad_dtypes=GRAD_DTYPES,
     head_dims=None,  # d = C/10 <= 64: 4..48 specialised at compile time, others by generic code
     verified_on_gpu=False,  # no GPU has run it yet: see README "Verification status"
 )

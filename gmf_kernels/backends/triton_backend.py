@@ -95,10 +95,6 @@ TRAINING_DTYPES = frozenset({torch.float32, torch.float16})
 GRAD_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
-def _needs_grad(qkv, w) -> bool:
-    return torch.is_grad_enabled() and (qkv.requires_grad or any(t.requires_grad for t in w.tensors()))
-
-
 class TritonBackend(FusedBackend):
     def availability_reasons(self) -> List[str]:
         err = _triton_import_error()
@@ -117,13 +113,6 @@ class TritonBackend(FusedBackend):
             reasons.append("TRITON_INTERPRET=1 is set: Triton kernels run in the CPU interpreter, "
                            "not on the GPU")
         reasons += arch_reasons(p)
-        if p.dtype in self.dtypes:
-            dt = str(p.dtype).replace("torch.", "")
-            if p.training and self.supports_training and p.dtype not in TRAINING_DTYPES:
-                reasons.append(f"training mode in {dt} not supported (its output misses the low-precision rule: "
-                               f"backends/triton_backend.py TRAINING_DTYPES); use float16, float32 or the torch backend")
-            if p.needs_grad and self.supports_grad and p.dtype not in GRAD_DTYPES:
-                reasons.append(f"gradients in {dt} not supported (backends/triton_backend.py GRAD_DTYPES)")
         if p.dim % 10 != 0:
             reasons.append(f"C={p.dim}: the kernels need C a multiple of 10 (heads of d = C'/8)")
         return reasons
@@ -132,14 +121,11 @@ class TritonBackend(FusedBackend):
         from ..triton_kernels import op  # noqa: F401  (lazy: Triton loads on first use; registers the op)
         return torch.ops.gmf.triton_pre_projection
 
-    def pre_projection(self, qkv, size, w, hp, training):
-        """Eval without gradients: the op on the cached eval folding (FusedBackend). Training, or
-        any call that needs gradients: `triton_kernels.train_op` (statistics pass, differentiable
-        folding, the same kernels, the PyTorch-ops backward)."""
-        if training or _needs_grad(qkv, w):
-            from ..triton_kernels.train_op import triton_train_pre_projection  # lazy: imports Triton
-            return triton_train_pre_projection(qkv, size, w, hp, bool(training))
-        return super().pre_projection(qkv, size, w, hp, training)
+    def train_pre_projection(self, qkv, size, w, hp, training):
+        """Training, or any call that needs gradients: `triton_kernels.train_op` (statistics pass,
+        differentiable folding, the same kernels, the PyTorch-ops backward: gmf_kernels/training.py)."""
+        from ..triton_kernels.train_op import triton_train_pre_projection  # lazy: imports Triton
+        return triton_train_pre_projection(qkv, size, w, hp, training)
 
 
 BACKEND = TritonBackend(
@@ -148,6 +134,8 @@ BACKEND = TritonBackend(
     device_types=frozenset({"cuda", "cpu"}),
     supports_training=True,   # statistics pass in PyTorch ops, then the kernels (triton_kernels/train_op.py)
     supports_grad=True,       # backward in PyTorch ops, stage by stage (triton_kernels/backward.py): not kernels yet
+    training_dtypes=TRAINING_DTYPES,
+    grad_dtypes=GRAD_DTYPES,
     supports_sync_bn=True,    # SyncBatchNorm: one all-reduce in the statistics pass, one in the backward
     verified_on_gpu=False,  # parity so far only through the interpreter + AOT compiles: README "Verification status"
     emulated_on_cpu=True,   # the Triton interpreter

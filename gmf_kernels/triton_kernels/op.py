@@ -14,10 +14,10 @@
   the op is a ``torch.library.custom_op`` with an explicit fake implementation: opaque
   to Inductor, still one node for ``torch.compile(fullgraph=True)``.
 
-Autograd: ``torch.library.register_autograd`` on the op (`TritonPreProjectionGrad`): the op is
-``pre = f(qkv, weights)`` with the BatchNorms a fixed affine (bn_scale, bn_shift), and its
-backward is `backward.pre_projection_backward` without batch-statistics terms (gradients of
-qkv and of every folded weight; **PyTorch ops for now, not kernels**). The backend's training
+Autograd: ``torch.library.register_autograd`` on the op (`training.OpGrad`, shared with the CUDA
+op): the op is ``pre = f(qkv, weights)`` with the BatchNorms a fixed affine (bn_scale, bn_shift),
+and its backward is `backward.pre_projection_backward` without batch-statistics terms (gradients
+of qkv and of every folded weight; **PyTorch ops for now, not kernels**). The backend's training
 and gradient path is `train_op.TritonPreProjectionFunction`, a ``torch.autograd.Function``
 around this op that adds the batch-statistics terms (training mode) and whose folded weights
 are differentiable functions of the module's parameters.
@@ -29,6 +29,7 @@ from typing import List
 import torch
 
 from ..op_args import check_pre_projection_args, fake_pre_projection
+from ..training import OpGrad
 from ._common import interpreting
 from .launcher import launch_pre_projection
 
@@ -48,34 +49,13 @@ def triton_pre_projection(qkv: Tensor, H: int, W: int, weights: List[Tensor], sc
     return launch_pre_projection(qkv, H, W, folded, scale, ln_eps)["pre"]
 
 
-class TritonPreProjectionGrad:
-    """Autograd of ``gmf::triton_pre_projection`` (registered with register_autograd): the
-    BatchNorms enter as the fixed affine bn_scale / bn_shift (no batch-statistics terms)."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        qkv, H, W, weights, scale, ln_eps = inputs
-        ctx.save_for_backward(qkv, *weights)
-        ctx.meta = (H, W, scale, ln_eps)
-
-    @staticmethod
-    def backward(ctx, grad_pre):
-        from ..folding import FoldedGMAWeights
-        from .backward import pre_projection_backward
-        qkv, *weights = ctx.saved_tensors
-        H, W, scale, ln_eps = ctx.meta
-        d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps)
-        return d_qkv, None, None, list(grads), None, None
-
-
 def _register():
     if REGISTRATION == "triton_op":
         op = torch.library.triton_op(OP_NAME, triton_pre_projection, mutates_args=())
     else:
         op = torch.library.custom_op(OP_NAME, triton_pre_projection, mutates_args=())
         op.register_fake(fake_pre_projection)
-    torch.library.register_autograd(OP_NAME, TritonPreProjectionGrad.backward,
-                                    setup_context=TritonPreProjectionGrad.setup_context)
+    torch.library.register_autograd(OP_NAME, OpGrad.backward, setup_context=OpGrad.setup_context)
     return op
 
 

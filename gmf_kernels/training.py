@@ -1,0 +1,136 @@
+"""Training and gradients on the fused backends (Triton, CUDA): the part both share.
+
+    args = prepare(qkv, size, w, hp, training)          # statistics pass, running stats, folding
+    pre = TritonPreProjectionFunction.apply(*args)       # or CudaPreProjectionFunction.apply(*args)
+
+Each fused backend has its own ``torch.autograd.Function`` (`triton_kernels/train_op.py`,
+`cuda/train_op.py`) whose forward is that backend's eval-mode kernels (``gmf::*_pre_projection``
+on folded weights: the same kernels in both modes) and whose backward is `backward` below. What
+happens before the Function is the same for both and lives here:
+
+1. Training mode: the **statistics pass** -- Z (segments 0..3 of q, k, v before their
+   BatchNorm: segment 0 itself, 1..3 pointwise(depthwise)) and its per-channel mean and
+   biased variance over the 3B images x H x W (`backward_stages.statistics`; **PyTorch ops
+   for now, not a kernel**; float32 for float16/bfloat16 inputs). The running statistics are
+   updated as nn.BatchNorm2d does (`folding.update_running_stats`: momentum, or the
+   cumulative average when momentum is None; unbiased variance; num_batches_tracked),
+   BatchNorms without running statistics skipped.
+2. The BatchNorms become the affine ``bn_scale, bn_shift`` of the folded weights:
+   `folding.fold_batch_stats` (training) or the running statistics (eval with gradients,
+   `fold_running_stats`), both **differentiable PyTorch**, so the gradients of the folded
+   weights reach the module's parameters (BatchNorm weight/bias, depthwise, pointwise,
+   LayerNorm, CRPE).
+3. The backend's Function; its backward (`backward`) is `backward_stages.pre_projection_backward`
+   (stages B1, B2, B3 and the local branch; **PyTorch ops for now, not kernels**), which
+   recomputes what the forward did not save and, in training mode, adds the batch-statistics
+   terms (the mean and variance depend on qkv, the depthwise and the pointwise weights) to dZ.
+
+Saved for the backward per image: qkv (3C values per token, in qkv's dtype) and the folded
+weights; everything else is recomputed. Activation memory of the whole layer, measured with
+autograd's saved-tensor hooks (tests/test_triton_training.py, per image, in N*C values of the
+input's dtype): Triton 5.0 (x for the qkv linear, qkv, the pre-projection tokens for `proj`)
+against 18.3 for upstream's eager structure (the reference backend) and 23.5 for the torch
+backend (C = 80, 160, 320 at 14x14 / 28x28, float32): 3.7x less than eager.
+
+SyncBatchNorm (``hp.bn_process_group``, upstream's semantics): the statistics pass all-reduces
+(sum, sum of squares, count) once (`distributed.sync_batch_stats`), the backward all-reduces
+the two per-channel gradient sums sum(G), sum(G * Zhat) once before B3; the BatchNorm weight
+and bias gradients stay per rank, as in SyncBatchNorm (the data-parallel wrapper all-reduces
+parameter gradients).
+
+The Function's inputs, in order: qkv, mean and rstd (4, s) of the batch statistics (None: eval,
+running statistics already in bn_scale/bn_shift), count (values per channel over every rank: a
+tensor with a process group, else None = 3B*H*W), H, W, scale, ln_eps, the process group (or
+None), then the 14 folded weights (`folding.WEIGHT_NAMES` order).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .folding import FoldedGMAWeights, _build, bn_affine, compute_dtype, fold_batch_stats, update_running_stats
+from .triton_kernels.backward import pre_projection_backward, statistics  # PyTorch ops: imports no Triton
+from .weights import GMAHyper, GMAWeights
+
+Tensor = torch.Tensor
+#: how many non-weight inputs the Functions take before the folded weights (see the module docstring)
+NUM_LEADING_INPUTS = 9
+
+
+def fold_running_stats(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype) -> FoldedGMAWeights:
+    """`folding.fold_eval` without no_grad: differentiable in the BatchNorm weight/bias and
+    every other parameter (eval mode with gradients)."""
+    aff = [bn_affine(w, i, hp, dtype) for i in range(4)]
+    return _build(w, torch.stack([a for a, _ in aff]), torch.stack([b for _, b in aff]), dtype)
+
+
+def all_reduce_sum(t: Tensor, group) -> Tensor:
+    """Sum of t over the ranks of group (the backward's two gradient sums: SyncBatchNorm's collective)."""
+    import torch.distributed as dist
+    out = t.contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, training: bool) -> tuple:
+    """Steps 1 and 2 of the module docstring: the arguments of a fused backend's Function."""
+    H, W = int(size[0]), int(size[1])
+    cd = compute_dtype(qkv.dtype)
+    mean: Optional[Tensor] = None
+    rstd: Optional[Tensor] = None
+    count: Optional[Tensor] = None
+    group = hp.bn_process_group if training else None
+    if training:
+        with torch.no_grad(), torch.autocast(qkv.device.type, enabled=False):
+            # the statistics need only the depthwise/pointwise weights: fold them without the BatchNorms
+            pre_bn = _build(w, qkv.new_zeros(1, dtype=cd), qkv.new_zeros(1, dtype=cd), cd)
+            mean, var, n = statistics(qkv.detach(), H, W, pre_bn, group)
+            update_running_stats(w, hp, mean, var, n)
+            rstd = torch.rsqrt(var + hp.bn_eps)
+            if group is not None:
+                count = n
+        folded = fold_batch_stats(w, mean, var, hp, cd)
+    else:
+        folded = fold_running_stats(w, hp, cd)
+    return (qkv, mean, rstd, count, H, W, float(hp.scale), float(hp.ln_eps), group, *folded)
+
+
+def save(ctx, qkv, mean, rstd, count, H, W, scale, ln_eps, group, weights) -> None:
+    """What every fused Function's forward keeps for `backward`."""
+    ctx.save_for_backward(qkv, mean, rstd, count, *weights)
+    ctx.meta = (H, W, scale, ln_eps, group)
+
+
+def backward(ctx, grad_pre) -> tuple:
+    """The gradients of a fused Function's inputs (None for the non-tensor and statistics inputs)."""
+    qkv, mean, rstd, count, *weights = ctx.saved_tensors
+    H, W, scale, ln_eps, group = ctx.meta
+    reduce_sums = None if group is None else (lambda t: all_reduce_sum(t, group))
+    with torch.autocast(qkv.device.type, enabled=False):
+        d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
+                                               mean, rstd, None if count is None else count.to(mean.dtype),
+                                               reduce_sums)
+    return (d_qkv,) + (None,) * (NUM_LEADING_INPUTS - 1) + tuple(grads)
+
+
+class OpGrad:
+    """Autograd registered on the fused ops themselves (``torch.library.register_autograd`` of
+    ``gmf::triton_pre_projection`` and ``gmf::cuda_pre_projection``): the op is
+    ``pre = f(qkv, weights)`` with the BatchNorms the fixed affine (bn_scale, bn_shift), so its
+    backward is `pre_projection_backward` without batch-statistics terms (gradients of qkv and
+    of every folded weight). The layers train through the Functions above instead, which add
+    the batch-statistics terms and make the folded weights differentiable in the parameters."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        qkv, H, W, weights, scale, ln_eps = inputs
+        ctx.save_for_backward(qkv, *weights)
+        ctx.meta = (H, W, scale, ln_eps)
+
+    @staticmethod
+    def backward(ctx, grad_pre):
+        qkv, *weights = ctx.saved_tensors
+        H, W, scale, ln_eps = ctx.meta
+        d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps)
+        return d_qkv, None, None, list(grads), None, None
