@@ -23,6 +23,11 @@ a few parameter gradients and an aggregator BatchNorm's running variance against
 `reference` row's first step. Backends that cannot train are listed under "not run" with their
 reasons. On CUDA both benches also report peak memory (torch.cuda.max_memory_allocated);
 on CPU memory is not measured.
+
+`--upstream PATH` (a clone of AILab-CVC/GroupMixFormer) adds a row running upstream's own
+models/groupmixformer.py with our model's weights (benchmarks/upstream.py), checked like the
+others; the ratio column is then against it. `--compare` names the timm models timed beside
+ours (default Swin-T), `--plot FILE.png` draws img/s per row.
 """
 from __future__ import annotations
 
@@ -54,20 +59,23 @@ PUBLISHED = [
     ("CSWin-T (paper appx. B)", 701.0),
 ]
 BENCHES = ("inference", "train")
+#: timm's benchmark.py spells inference `infer`
+BENCH_ALIASES = {"infer": "inference"}
 OPTIMIZERS = {"sgd": "SGD (momentum 0.9)", "adamw": "AdamW (weight decay 0.05)"}
 DEFAULT_LR = {"sgd": 1e-3, "adamw": 1e-4}
 PAPER_PROTOCOL = dict(batch_size=128, img_size=224, num_warm_iter=50, num_bench_iter=30, precision="fp32",
                       channels_last=False)
 TIMM_BASELINE = "swin_tiny_patch4_window7_224"
+UPSTREAM = "upstream"  # the backend name of the --upstream row
 
 
 # --------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bench", choices=BENCHES, default="inference",
-                   help="inference: eval-mode forward under torch.inference_mode; train: forward + loss + backward "
-                        "+ optimizer step in train mode (timm's naming)")
+    p.add_argument("--bench", choices=BENCHES, default="inference", type=lambda v: BENCH_ALIASES.get(v, v),
+                   help="inference (or infer): eval-mode forward under torch.inference_mode; train: forward + loss "
+                        "+ backward + optimizer step in train mode (timm's naming)")
     p.add_argument("--opt", choices=tuple(OPTIMIZERS), default="sgd",
                    help="--bench train: the optimizer, " + ", ".join(f"{k} = {v}" for k, v in OPTIMIZERS.items()))
     p.add_argument("--lr", type=float, default=None,
@@ -112,7 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimized-cudagraphs", choices=("table", "on", "off"), default="table",
                    help="the optimized row's CUDA graphs: as the mode table says for this batch and dtype, or forced "
                         "on / off (to measure the threshold in gmf_kernels/data/inference_modes.json)")
-    p.add_argument("--no-timm", action="store_true", help=f"no timm {TIMM_BASELINE} baseline row")
+    p.add_argument("--compare", default=None, metavar="TIMM_MODELS",
+                   help=f"comma list of timm models timed beside ours when timm imports (default {TIMM_BASELINE}; "
+                        f"'' for none); a model that cannot be built is listed under 'not run'")
+    p.add_argument("--no-timm", action="store_true", help="no timm baseline rows (the same as --compare '')")
+    p.add_argument("--upstream", default=None, metavar="PATH",
+                   help="a local clone of AILab-CVC/GroupMixFormer: time upstream's own models/groupmixformer.py "
+                        "with our model's weights as one more row (checked like the others); the ratio column "
+                        "is then against it (needs timm and einops)")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="write a horizontal bar chart of images/s per row (needs matplotlib)")
     p.add_argument("--fp64-check", action=argparse.BooleanOptionalAction, default=None,
                    help="also compare every row with the reference run in float64 (default: on for "
                         "fp16/bf16/amp, where the fp32-vs-low-precision error needs a true oracle)")
@@ -164,6 +181,8 @@ def resolve_settings(args) -> Dict:
     else:
         s["torchcompile"] = args.torchcompile or ("inductor" if gpu else None)
     s["fp64_check"] = args.fp64_check if args.fp64_check is not None else s["precision"] != "fp32"
+    s["compare"] = [] if args.no_timm else parse_compare(args.compare)
+    s["upstream"] = args.upstream
     if s["batch_size"] < 1 or s["img_size"] < 32 or s["num_bench_iter"] < 1 or s["num_warm_iter"] < 0:
         raise SystemExit("error: need --batch-size >= 1, --img-size >= 32, --num-bench-iter >= 1, "
                          "--num-warm-iter >= 0")
@@ -179,6 +198,13 @@ def parse_backends(text: Optional[str]) -> Optional[List[str]]:
     if bad:
         raise SystemExit(f"error: unknown backend(s) {bad}; choose from {list(BACKEND_NAMES)}")
     return list(dict.fromkeys(names))
+
+
+def parse_compare(text: Optional[str]) -> List[str]:
+    """--compare: the timm models to time beside ours (None: the default Swin-T row; '': none)."""
+    if text is None:
+        return [TIMM_BASELINE]
+    return list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
 
 
 def parse_models(text: str) -> List[str]:
@@ -465,30 +491,78 @@ def select_backends(requested: Optional[List[str]], dev_type: str):
     return chosen, skipped
 
 
-def timm_runner(settings, device, model_dtype, progress) -> Optional[Runner]:
-    """The Swin-T baseline row when timm imports; otherwise a skipped row (never installs timm)."""
+def timm_runners(ctx: "Context", names: List[str]) -> List[Runner]:
+    """One baseline row per timm model of --compare when timm imports; otherwise, and for a model
+    that cannot be built, a row listed under "not run" with the reason (never installs timm)."""
+    runners = []
     try:
-        import timm  # noqa: F401
-    except Exception as e:
-        r = Runner("-", f"timm:{TIMM_BASELINE}", f"timm {TIMM_BASELINE}", None, lambda: None, kind="baseline")
-        r.row.update(status="skipped", reason=f"skipped: timm not installed ({type(e).__name__})")
-        r.alive = False
-        return r
-    import torch
-    r = Runner("-", f"timm:{TIMM_BASELINE}", f"timm {TIMM_BASELINE}", None, lambda: None, kind="baseline")
+        import timm
+        missing = None
+    except Exception as e:  # not installed, or its torchvision does not match this torch
+        missing = f"skipped: timm cannot be imported here ({first_line(e, 200)}); pip install timm"
+    for n in names:
+        r = Runner("-", f"timm:{n}", f"timm {n}", None, lambda: None, kind="baseline")
+        runners.append(r)
+        if missing:
+            r.row.update(status="skipped", reason=missing)
+            r.alive = False
+            continue
+        try:
+            ctx.progress(f"building timm {n} ...")
+            kw = {} if ctx.S == 224 else {"img_size": ctx.S}
+            m = timm.create_model(n, pretrained=False, **kw).eval()
+            r.module = m.to(device=ctx.device, dtype=ctx.model_dtype, memory_format=ctx.memory_format)
+            r.row["timm"] = timm.__version__
+        except Exception as e:
+            r.row.update(status="error", reason=f"could not build: {first_line(e)}")
+            r.alive = False
+    return runners
+
+
+def upstream_lib():
+    """benchmarks/upstream.py, loaded by path (this script runs without `benchmarks` on sys.path)."""
+    import importlib.util
+    name = "gmf_benchmark_upstream"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "upstream.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def upstream_runner(ctx: "Context", name: str, state_dict, train: bool) -> Runner:
+    """The --upstream row: upstream's own GroupMixFormer (its file, from the user's clone) with the
+    weights of our model (`state_dict`, loaded strictly), in eval mode or, for --bench train, in
+    train mode with its own TrainStep. A clone that cannot be used ends the run with the reason."""
+    lib = upstream_lib()
+    path = ctx.settings["upstream"]
+    kw = dict(drop_path_rate=ctx.settings["drop_path_rate"]) if train else {}
     try:
-        progress(f"building timm {TIMM_BASELINE} ...")
-        kw = {} if settings["img_size"] == 224 else {"img_size": settings["img_size"]}
-        m = timm.create_model(TIMM_BASELINE, pretrained=False, **kw).eval()
-        m = m.to(device=device, dtype=model_dtype)
-        if settings["channels_last"]:
-            m = m.to(memory_format=torch.channels_last)
-        r.module = m
-        r.row["timm"] = timm.__version__
-    except Exception as e:
-        r.row.update(status="error", reason=f"could not build: {first_line(e)}")
-        r.alive = False
+        model = lib.upstream_with_weights(path, name, state_dict, **kw)
+        notes = list(model.gmf_notes)
+        syncbn = lib.syncbn_note(model)
+    except lib.UpstreamError as e:
+        raise SystemExit(f"error: --upstream {path}: {e}")
+    if syncbn:
+        notes.append(syncbn)
+    model = model.to(device=ctx.device, dtype=ctx.model_dtype, memory_format=ctx.memory_format)
+    model.train(train)
+    r = Runner(name, UPSTREAM, f"upstream ({path})", model, lambda: None, kind="upstream")
+    r.row.update(upstream_path=str(path), upstream_file=str(lib.model_file(path)), upstream_notes=notes)
+    if train:
+        r.step = TrainStep(ctx, model)
     return r
+
+
+def check_upstream(path: str) -> List[str]:
+    """--upstream: import upstream's file before any timing (a wrong PATH or a missing dependency
+    fails at once, with the reason); -> its import notes."""
+    lib = upstream_lib()
+    try:
+        return list(lib.load_module(path).gmf_notes)
+    except lib.UpstreamError as e:
+        raise SystemExit(f"error: --upstream {path}: {e}")
 
 
 # --------------------------------------------------------------------------- main benchmark
@@ -552,8 +626,7 @@ def build_master(ctx: Context, name: str, tag: str):
 
 
 def make_runners(ctx: Context, name: str, model, backends: List[str], with_timm: bool) -> List[Runner]:
-    """One Runner per backend (switching the model's GMA backend), + torch.compile and timm rows."""
-    import torch
+    """One Runner per backend (switching the model's GMA backend), + torch.compile, upstream and timm rows."""
     runners: List[Runner] = []
     for b in backends:
         label = {"reference": "reference (upstream's ops)"}.get(b, b)
@@ -564,10 +637,10 @@ def make_runners(ctx: Context, name: str, model, backends: List[str], with_timm:
         runners.append(compiled_runner(ctx, name, b, lambda b=b: copy.deepcopy(model).set_backend(b)))
     if ctx.settings["optimized"]:
         runners.append(optimized_runner(ctx, name, model))
+    if ctx.settings["upstream"]:
+        runners.append(upstream_runner(ctx, name, model.state_dict(), train=False))
     if with_timm:
-        tr = timm_runner(ctx.settings, ctx.device, ctx.model_dtype, ctx.progress)
-        if tr is not None:
-            runners.append(tr)
+        runners += timm_runners(ctx, ctx.settings["compare"])
     return runners
 
 
@@ -728,27 +801,34 @@ def time_rows(ctx: Context, runners: List[Runner], tag: str) -> None:
 
 
 def summarise(ctx: Context, runners: List[Runner], name: str) -> None:
-    """Per-row statistics and the ratios to the reference row of the same model and input."""
-    ref_row = next((r for r in runners if r.backend == "reference" and r.alive), None)
+    """Per-row statistics and the ratios to the reference row of the same model and input (and,
+    with --upstream, to the upstream row: `ratio_vs_upstream`, `ratio_of_min_vs_upstream`, ...)."""
     for r in runners:
         if r.alive and r.times:
             r.row.update(status="ok", **stats(r.times, ctx.B, r.total_s))
-    ref_med = ref_row.row.get("median_ms") if ref_row is not None else None
-    if not ref_med:
-        return
+    for base_name, suffix in (("reference", ""), (UPSTREAM, "_vs_upstream")):
+        base = next((r for r in runners if r.backend == base_name and r.row.get("status") == "ok"), None)
+        if base is not None:
+            ratios_to(ctx, runners, base, name, suffix)
+
+
+def ratios_to(ctx: Context, runners: List[Runner], base: Runner, name: str, suffix: str) -> None:
+    """Every timed row's speed ratio to `base` (base median / row median; > 1 is faster), the ratio
+    of minima and, interleaved, the per-round ratios; keys `ratio_vs_<base>`, `ratio_of_min<suffix>`..."""
+    key = f"ratio_vs_{base.backend}"
     for r in runners:
         if r.row.get("status") != "ok":
             continue
-        r.row["ratio_vs_reference"] = ref_med / r.row["median_ms"]
-        r.row["ratio_vs_reference_of"] = name
+        r.row[key] = base.row["median_ms"] / r.row["median_ms"]
+        r.row[f"{key}_of"] = name
         # least-disturbed iterations: the steadiest estimate on a shared machine
-        r.row["ratio_of_min"] = ref_row.row["min_ms"] / r.row["min_ms"]
-        if ctx.settings["schedule"] == "interleave" and len(r.times) == len(ref_row.times):
+        r.row["ratio_of_min" + suffix] = base.row["min_ms"] / r.row["min_ms"]
+        if ctx.settings["schedule"] == "interleave" and len(r.times) == len(base.times):
             # round i ran every row once, back to back: per-round ratios share the machine's state
-            paired = [a / b for a, b in zip(ref_row.times, r.times)]
-            r.row["ratio_per_round"] = paired
-            r.row["ratio_per_round_median"] = statistics.median(paired)
-            r.row["ratio_per_round_min_max"] = [min(paired), max(paired)]
+            paired = [a / b for a, b in zip(base.times, r.times)]
+            r.row["ratio_per_round" + suffix] = paired
+            r.row["ratio_per_round_median" + suffix] = statistics.median(paired)
+            r.row["ratio_per_round_min_max" + suffix] = [min(paired), max(paired)]
 
 
 # --------------------------------------------------------------------------- memory (CUDA)
@@ -944,8 +1024,8 @@ def train_support_reasons(ctx: Context, backend: str, model) -> List[str]:
 
 
 def make_train_runners(ctx: Context, name: str, master, backends: List[str], with_timm: bool) -> List[Runner]:
-    """One Runner per backend, each training its own copy of the same initial model; + torch.compile, timm."""
-    import torch
+    """One Runner per backend, each training its own copy of the same initial model; + torch.compile,
+    upstream (its own model, the same initial weights) and timm."""
     runners: List[Runner] = []
 
     def train_row(backend, label, model) -> Runner:
@@ -973,9 +1053,10 @@ def make_train_runners(ctx: Context, name: str, master, backends: List[str], wit
     for b in compile_backends(ctx, trainable):
         runners.append(compiled_runner(ctx, name, b, lambda b=b: fresh(b),
                                        wrap=lambda r: setattr(r, "step", TrainStep(ctx, r.module))))
+    if ctx.settings["upstream"]:
+        runners.append(upstream_runner(ctx, name, master.state_dict(), train=True))
     if with_timm:
-        tr = timm_runner(ctx.settings, ctx.device, ctx.model_dtype, ctx.progress)
-        if tr is not None:
+        for tr in timm_runners(ctx, ctx.settings["compare"]):
             if tr.alive and tr.module is not None:
                 tr.module.train()
                 tr.step = TrainStep(ctx, tr.module)
@@ -1042,14 +1123,28 @@ def benchmark_model_train(ctx: Context, name: str, master, backends, with_timm: 
     return runners
 
 
+def warn_compile(ctx: Context, backends: List[str], n_models: int) -> None:
+    """One warning on stderr, before the first row compiles: torch.compile's first calls are long."""
+    names = [f"{b}+compile" for b in compile_backends(ctx, backends)] + (["optimized"] if ctx.settings["optimized"]
+                                                                         else [])
+    if not names:
+        return
+    where = "on CPU" if ctx.dev_type == "cpu" else "(tens of seconds on a GPU)"
+    per = f" for each of {n_models} models" if n_models > 1 else ""
+    print(f"warning: compiling {len(names)} row{'s' if len(names) > 1 else ''} with torch.compile ({', '.join(names)})"
+          f"{per}: first calls can take minutes {where}", file=sys.stderr, flush=True)
+
+
 def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]], progress: Progress,
-              include_timm: bool, on_model_done: Optional[Callable[[List[Dict]], None]] = None):
+              on_model_done: Optional[Callable[[List[Dict]], None]] = None):
     """Every model, every row: build, first call (or training step) + check, warm-up + timing,
-    summary, peak memory. `on_model_done(rows so far)` is called after each model (the CLI writes
-    the results file then, so a run stopped part-way keeps what it measured)."""
+    summary, peak memory. The timm models of settings["compare"] run beside the first model.
+    `on_model_done(rows so far)` is called after each model (the CLI writes the results file
+    then, so a run stopped part-way keeps what it measured)."""
     import torch
     ctx = Context(settings, progress)
     backends, skipped = select_backends(requested, ctx.dev_type)
+    warn_compile(ctx, backends, len(models))
     rows: List[Dict] = []
     for mi, name in enumerate(models):
         tag = f"[{mi + 1}/{len(models)}] {name}"
@@ -1057,10 +1152,10 @@ def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]],
         common = ctx.common_fields(sum(p.numel() for p in master.parameters()))
         if settings["bench"] == "train":
             model = None
-            runners = benchmark_model_train(ctx, name, master, backends, include_timm and mi == 0, tag, common)
+            runners = benchmark_model_train(ctx, name, master, backends, mi == 0, tag, common)
         else:
             model = master.to(device=ctx.device, dtype=ctx.model_dtype, memory_format=ctx.memory_format)
-            runners = make_runners(ctx, name, model, backends, include_timm and mi == 0)
+            runners = make_runners(ctx, name, model, backends, mi == 0)
             with torch.inference_mode():
                 first_calls_and_check(ctx, runners, oracle, tag, common)
                 if on_model_done is not None:  # checks and compile times survive a later kill
@@ -1097,27 +1192,40 @@ def fmt_err(v) -> str:
     return "0" if v == 0 else f"{v:.1e}"
 
 
+def ratio_base(settings: Dict) -> str:
+    """The row the ratio column and the summary compare with: upstream's file with --upstream,
+    else our rendering `reference`."""
+    return UPSTREAM if settings.get("upstream") else "reference"
+
+
 def print_report(meta: Dict, rows: List[Dict], settings: Dict):
     cpu = settings["device_type"] != "cuda"
     where = "CPU" if cpu else "GPU"
     train = settings["bench"] == "train"
+    base = ratio_base(settings)
+    sfx = "" if base == "reference" else "_vs_upstream"
     what = (f"train: forward + backward + {OPTIMIZERS[settings['opt']]} step" if train
             else "inference: eval, torch.inference_mode")
     print(f"\nresults, {what} ({meta['device_name']}; {settings['precision']}, batch {settings['batch_size']}, "
           f"{settings['img_size']}x{settings['img_size']}, {settings['num_warm_iter']} warm-up + "
           f"{settings['num_bench_iter']} timed, {settings['schedule']})")
-    hdr = (f"{'model':<17} {'backend':<30} {where + ' img/s':>10} {'ms med':>9} {'ms mean':>9} {'ms min':>9} "
-           f"{'vs ref':>7} {'peak MiB':>9} {'mem/ref':>7} {'err vs ref':>10} {'err vs f64':>10}  check")
+    if base == UPSTREAM:
+        print(f"  ratio column `vs upstr`: against the upstream row (upstream's own models/groupmixformer.py from "
+              f"{settings['upstream']}, our model's weights); `err vs ref` and `mem/ref` stay against `reference`")
+    w = min(60, max([30] + [len(r["label"]) for r in rows if r.get("status") == "ok"]))
+    hdr = (f"{'model':<17} {'backend':<{w}} {where + ' img/s':>10} {'ms med':>9} {'ms mean':>9} {'ms min':>9} "
+           f"{'vs ref' if base == 'reference' else 'vs upstr':>8} {'peak MiB':>9} {'mem/ref':>7} {'err vs ref':>10} "
+           f"{'err vs f64':>10}  check")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         if r.get("status") == "ok":
-            ratio = r.get("ratio_vs_reference")
+            ratio = r.get(f"ratio_vs_{base}")
             extra = f"  (compile {r['compile_s']:.1f} s)" if r.get("compile_s") is not None else ""
             mem = f"{r['peak_mem_mib']:.0f}" if r.get("peak_mem_mib") else "n/a"
             mem_ratio = f"{r['mem_ratio_vs_reference']:.2f}" if r.get("mem_ratio_vs_reference") else "-"
-            print(f"{r['model']:<17} {r['label'][:30]:<30} {r['img_per_s']:>10.1f} {r['median_ms']:>9.1f} "
-                  f"{r['mean_ms']:>9.1f} {r['min_ms']:>9.1f} {fmt_ratio(ratio):>7} {mem:>9} {mem_ratio:>7} "
+            print(f"{r['model']:<17} {r['label'][:w]:<{w}} {r['img_per_s']:>10.1f} {r['median_ms']:>9.1f} "
+                  f"{r['mean_ms']:>9.1f} {r['min_ms']:>9.1f} {fmt_ratio(ratio):>8} {mem:>9} {mem_ratio:>7} "
                   f"{fmt_err(r.get('max_rel_err_vs_reference')):>10} {fmt_err(r.get('max_rel_err_vs_fp64')):>10}"
                   f"  {r.get('check', '-')}{extra}")
     if cpu:
@@ -1125,6 +1233,9 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
     if train:
         print("  (err vs ref / f64: the first training step's worst max-relative error over its loss, 8 parameter "
               "gradients and an aggregator BatchNorm's running_var; per tensor in the JSON)")
+    for r in rows:
+        for note in r.get("upstream_notes", []) if r.get("status") == "ok" else []:
+            print(f"  ({r['model']} upstream: {note})")
     not_run = [r for r in rows if r.get("status") != "ok"]
     if not_run:
         print("\nnot run:")
@@ -1134,7 +1245,7 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
             if r["kind"] == "gmf" and r.get("status") in ("unavailable", "skipped") and key in seen:
                 continue  # the same reason for every model: list once
             seen.add(key)
-            model = "" if r["kind"] != "gmf" or r["status"] in ("unavailable", "skipped") else f"{r['model']} "
+            model = "" if r["kind"] == "baseline" or r["status"] in ("unavailable", "skipped") else f"{r['model']} "
             print(f"  {model}{r['label']}: {r.get('reason', r.get('status'))}")
 
     if not train:  # the paper's figures are inference figures
@@ -1144,36 +1255,81 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
             print(f"  {n:<32} {v:>6.0f} img/s (V100)")
         print(f"  ratio GroupMixFormer / Swin-T = {596 / 755:.2f}  (model size not named in docs/spec.md §4)")
 
-    print(f"\nsummary (ratios to `reference`, our line-by-line rendering of upstream's eager "
-          f"{'training step' if train else 'forward'} (the same ops, not upstream's own file), "
-          f"same run and input):")
-    for name in dict.fromkeys(r["model"] for r in rows if r["kind"] == "gmf"):
-        ok = [r for r in rows if r["model"] == name and r.get("status") == "ok" and r["kind"] == "gmf"]
+    step = "training step" if train else "forward"
+    if base == UPSTREAM:
+        print(f"\nsummary (ratios to `upstream`, upstream's own models/groupmixformer.py with our weights, same "
+              f"run and input; {step}):")
+    else:
+        print(f"\nsummary (ratios to `reference`, our line-by-line rendering of upstream's eager {step} (the same "
+              f"ops, not upstream's own file; --upstream PATH times that), same run and input):")
+    baselines = [r for r in rows if r["kind"] == "baseline" and r.get("status") == "ok"]
+    for name in dict.fromkeys(r["model"] for r in rows if r["kind"] in ("gmf", "upstream")):
+        ok = [r for r in rows if r["model"] == name and r.get("status") == "ok" and r["kind"] in ("gmf", "upstream")]
         parts = []
         for r in ok:
-            if r["backend"] == "reference" or not r.get("ratio_vs_reference"):
+            if r["backend"] == base or not r.get(f"ratio_vs_{base}"):
                 continue
-            part = f"{r['backend']} {fmt_ratio(r['ratio_vs_reference'])} (of medians; of minima {r['ratio_of_min']:.2f}"
-            if r.get("ratio_per_round_min_max") and len(r["ratio_per_round"]) > 1:
-                lo, hi = r["ratio_per_round_min_max"]
-                part += f"; per round: median {r['ratio_per_round_median']:.2f}, range {lo:.2f}-{hi:.2f}"
+            part = (f"{r['backend']} {fmt_ratio(r[f'ratio_vs_{base}'])} (of medians; of minima "
+                    f"{r['ratio_of_min' + sfx]:.2f}")
+            if r.get("ratio_per_round_min_max" + sfx) and len(r["ratio_per_round" + sfx]) > 1:
+                lo, hi = r["ratio_per_round_min_max" + sfx]
+                part += f"; per round: median {r['ratio_per_round_median' + sfx]:.2f}, range {lo:.2f}-{hi:.2f}"
             part += ")"
             parts.append(part)
         bad = [r["backend"] for r in ok if str(r.get("check", "")).startswith("FAIL")]
         if not ok:
             print(f"  {name}: no row ran (see 'not run')")
             continue
-        line = f"  {name}: " + (", ".join(parts) if parts else "only reference ran")
+        if not any(r["backend"] == base for r in ok):
+            line = f"  {name}: the {base} row did not run (see 'not run'): no ratios"
+        else:
+            line = f"  {name}: " + (", ".join(parts) if parts else f"only {base} ran")
         if bad:
             line += f"   WARNING: {'first-step' if train else 'output'} check failed for {', '.join(bad)}"
         print(line)
-        swin = next((r for r in rows if r["kind"] == "baseline" and r.get("status") == "ok"), None)
-        if swin and ok:
-            best = max(ok, key=lambda r: r["img_per_s"])
-            print(f"    {name} ({best['backend']}) / Swin-T measured here = {best['img_per_s'] / swin['img_per_s']:.2f}"
-                  + ("" if train else f"  (paper, inference: {596 / 755:.2f})"))
+        best = max(ok, key=lambda r: r["img_per_s"])
+        for bl in baselines:
+            paper = "" if train or bl["backend"] != f"timm:{TIMM_BASELINE}" else f"  (paper, inference: {596 / 755:.2f})"
+            print(f"    {name} ({best['backend']}) / {bl['label']} measured here = "
+                  f"{best['img_per_s'] / bl['img_per_s']:.2f}{paper}")
     if cpu and not train:
         print("  (absolute figures above are CPU measurements; the paper's figures are V100 GPU)")
+
+
+def write_plot(path: str, rows: List[Dict], settings: Dict, meta: Dict) -> List[tuple]:
+    """--plot: a horizontal bar chart of images/s, one bar per row that ran (upstream and timm rows
+    included), titled with model(s), batch, precision and device; -> the (label, img/s) plotted."""
+    import matplotlib
+    matplotlib.use("Agg")  # a file, no display
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if r.get("status") == "ok"]
+    several = len({r["model"] for r in ok if r["kind"] != "baseline"}) > 1
+    bars = [((f"{r['model']} " if several and r["kind"] != "baseline" else "") + r["label"], r["img_per_s"])
+            for r in ok]
+    models = ", ".join(dict.fromkeys(r["model"] for r in rows if r["kind"] != "baseline"))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * max(1, len(bars))))
+    ys = list(range(len(bars)))[::-1]  # first row on top
+    ax.barh(ys, [v for _, v in bars], color=["tab:orange" if "upstream" in lab or "reference" in lab else "tab:blue"
+                                             for lab, _ in bars])
+    ax.set_yticks(ys, [lab for lab, _ in bars])
+    for y, (_, v) in zip(ys, bars):
+        ax.text(v, y, f" {v:.1f}", va="center")
+    ax.set_xlabel(("training steps: images/s" if settings["bench"] == "train" else "images/s") + " (median)")
+    ax.set_title(f"{models}: {settings['bench']}, batch {settings['batch_size']}, {settings['precision']}, "
+                 f"{settings['img_size']}px\n{meta['device_name']}", fontsize=10)
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return bars
+
+
+def require_matplotlib() -> None:
+    """--plot: fail before any timing when matplotlib cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except Exception as e:
+        raise SystemExit(f"error: --plot needs matplotlib ({type(e).__name__}: {e}): pip install matplotlib")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -1194,6 +1350,9 @@ def main(argv=None) -> int:
     settings = resolve_settings(args)
     requested = parse_backends(args.backends)
     models = parse_models(args.model)
+    if args.plot:
+        require_matplotlib()
+    upstream_notes = check_upstream(args.upstream) if args.upstream else []
     progress = Progress(args.quiet)
     meta = collect_meta(settings)
     meta["models"] = models
@@ -1220,6 +1379,11 @@ def main(argv=None) -> int:
           f"fp64_check={s['fp64_check']} protocol={s['protocol']} "
           + (f"bench=train opt={s['opt']} lr={s['lr']:g} drop_path_rate={s['drop_path_rate']:g}"
              if s["bench"] == "train" else "bench=inference (eval+inference_mode)"))
+    print(f"  {'compare':<12} {','.join(s['compare']) or 'none'} (timm)")
+    if s["upstream"]:
+        print(f"  {'upstream':<12} {upstream_lib().model_file(s['upstream'])} (ratios against it)")
+        for note in upstream_notes:
+            print(f"  {'':<12} note: {note}")
     sys.stdout.flush()
 
     def write_results(rows: List[Dict], complete: bool) -> None:
@@ -1237,7 +1401,7 @@ def main(argv=None) -> int:
         os.replace(tmp, path)  # a reader never sees half a file
 
     t0 = time.perf_counter()
-    rows = benchmark(settings, models, requested, progress, include_timm=not args.no_timm,
+    rows = benchmark(settings, models, requested, progress,
                      on_model_done=lambda rows: write_results(rows, complete=False))
     meta["wall_s"] = time.perf_counter() - t0
     meta["load_avg_1_5_15_end"] = _loadavg()
@@ -1245,6 +1409,9 @@ def main(argv=None) -> int:
         r["device_name"] = meta["device_name"]
     print_report(meta, rows, settings)
     print(f"\n(total {meta['wall_s']:.0f} s)")
+    if args.plot:
+        write_plot(args.plot, rows, settings, meta)
+        print(f"plot written to {args.plot}")
     if args.results_file:
         write_results(rows, complete=True)
         print(f"results written to {args.results_file}")

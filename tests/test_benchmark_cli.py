@@ -1,16 +1,24 @@
-"""Smoke test of benchmarks/throughput.py: one tiny run end to end, and the settings logic."""
+"""Smoke test of benchmarks/throughput.py: tiny runs end to end, the settings logic, and the
+--upstream loader (benchmarks/upstream.py) against a fake upstream clone written here."""
 import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
+import textwrap
+import types
 from pathlib import Path
 
 import pytest
+import torch
+
+from helpers import randomize_bn_stats_
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "throughput.py"
+#: a module no Python environment has: the fake upstream's missing dependency
+MISSING_DEP = "gmf_test_missing_dependency"
 
 
 def _load_script():
@@ -20,16 +28,60 @@ def _load_script():
     return mod
 
 
-def test_cli_smoke(tmp_path):
-    out = tmp_path / "bench.json"
+def _run_script(*args):
+    """The script in a subprocess on the CPU, one thread; -> the finished process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     # one thread: on a shared, oversubscribed CPU, OpenMP threads can make tiny ops 10x slower
     env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, str(SCRIPT), "--model", "groupmixformer_m", "--batch-size", "1", "--img-size", "64",
-           "--num-warm-iter", "1", "--num-bench-iter", "1", "--backends", "torch,reference",
-           "--device", "cpu", "--results-file", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, str(SCRIPT), "--model", "groupmixformer_m", "--img-size", "64", "--device", "cpu", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except Exception:
+        return False
+
+
+def fake_upstream(root: Path, imports: str = "import ipdb", extra: str = "") -> Path:
+    """A clone of AILab-CVC/GroupMixFormer as far as the loader sees it: models/groupmixformer.py
+    defining GroupMixFormer with upstream's constructor keywords, delegating to gmf_kernels'
+    reference model, with upstream's SyncBatchNorm as norm4; `imports` at the top of the file
+    (upstream's unused `import ipdb` by default), `extra` appended to the constructor."""
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "groupmixformer.py").write_text(textwrap.dedent('''\
+        {imports}
+        import torch
+        from torch import nn
+        from gmf_kernels.models.groupmixformer import GroupMixFormer as _Ours
+
+
+        class GroupMixFormer(_Ours):
+            def __init__(self, patch_size=4, in_dim=3, num_stages=4, num_classes=1000,
+                         embedding_dims=[80, 160, 320, 320], serial_depths=[2, 4, 12, 4], num_heads=8,
+                         mlp_ratios=[4, 4, 4, 4], qkv_bias=True, qk_scale=None, drop_rate=0.0,
+                         attn_drop_rate=0.0, drop_path_rate=0.2, norm_layer=None, return_interm_layers=False,
+                         out_features=None, pretrained=False):
+                super().__init__(embedding_dims=embedding_dims, serial_depths=serial_depths,
+                                 mlp_ratios=mlp_ratios, num_heads=num_heads, qkv_bias=qkv_bias,
+                                 num_classes=num_classes, drop_path_rate=drop_path_rate,
+                                 return_interm_layers=return_interm_layers, qk_scale=qk_scale,
+                                 drop_rate=drop_rate, in_chans=in_dim, backend="reference")
+                self.norm4 = nn.SyncBatchNorm(embedding_dims[3])
+                self.upstream_kwargs = dict(embedding_dims=embedding_dims, serial_depths=serial_depths,
+                                            mlp_ratios=mlp_ratios, num_heads=num_heads, qkv_bias=qkv_bias)
+                {extra}
+        ''').format(imports=imports, extra=extra))
+    return root
+
+
+def test_cli_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run_script("--batch-size", "1", "--num-warm-iter", "1", "--num-bench-iter", "1",
+                       "--backends", "torch,reference", "--results-file", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "reference" in proc.stdout and "summary" in proc.stdout
 
@@ -62,17 +114,15 @@ def _cannot_train_backends():
 
 
 def test_cli_train_smoke(tmp_path):
-    """--bench train: one training step per row end to end (SGD), first-step check against reference."""
+    """--bench train: one training step per row end to end (SGD), first-step check against reference;
+    with --upstream, upstream's model (a fake clone whose norm4 is a SyncBatchNorm: in one process it
+    must train as BatchNorm) trains from the same weights and passes the same check."""
     out = tmp_path / "train.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
     refusing = _cannot_train_backends()
-    cmd = [sys.executable, str(SCRIPT), "--bench", "train", "--model", "groupmixformer_m", "--batch-size", "2",
-           "--img-size", "64", "--num-warm-iter", "0", "--num-bench-iter", "1",
-           "--backends", ",".join(["torch", "reference"] + refusing), "--device", "cpu", "--no-timm",
-           "--results-file", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    clone = fake_upstream(tmp_path / "clone")
+    proc = _run_script("--bench", "train", "--batch-size", "2", "--num-warm-iter", "0", "--num-bench-iter", "1",
+                       "--backends", ",".join(["torch", "reference"] + refusing), "--no-timm",
+                       "--upstream", str(clone), "--results-file", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "train: forward + backward + SGD" in proc.stdout and "summary" in proc.stdout
     assert "peak memory is not measured on CPU" in proc.stdout
@@ -95,6 +145,12 @@ def test_cli_train_smoke(tmp_path):
     assert rows["torch"]["max_rel_err_vs_reference"] < 1e-3
     assert abs(rows["torch"]["first_step_loss"] - rows["reference"]["first_step_loss"]) < 1e-4
     assert rows["torch"]["ratio_vs_reference"] > 0
+    up = next(r for r in data["rows"] if r["kind"] == "upstream")
+    assert up["status"] == "ok" and up["check"] == "ok", up
+    assert abs(up["first_step_loss"] - rows["reference"]["first_step_loss"]) < 1e-4
+    assert up["first_step_err_vs_reference"]["buffer:aggregator.norm2.running_var"] < 1e-5
+    assert any("SyncBatchNorm layers run as BatchNorm" in n for n in up["upstream_notes"])
+    assert up["ratio_vs_upstream"] == 1.0 and rows["torch"]["ratio_vs_upstream"] > 0
     for name in refusing:  # listed under "not run", with the backend's own reasons
         assert rows[name]["status"] == "unsupported" and "cannot train" in rows[name]["reason"], rows[name]
         assert "training mode not supported" in rows[name]["reason"]
@@ -133,3 +189,179 @@ def test_settings_and_parsing():
     stats = bench.stats([3.0, 1.0, 2.0], batch=4, total_s=0.006)
     assert stats["median_ms"] == 2.0 and stats["min_ms"] == 1.0 and stats["img_per_s"] == 2000.0
     assert abs(stats["img_per_s_total"] - 2000.0) < 1e-9
+
+
+def test_new_flags_parsing():
+    """--bench infer (timm's name), --compare (default: the Swin-T row; '' or --no-timm: none),
+    --upstream and --plot as settings."""
+    bench = _load_script()
+    parser = bench.build_parser()
+
+    def settings(*argv):
+        return bench.resolve_settings(parser.parse_args(["--device", "cpu", *argv]))
+
+    assert settings("--bench", "infer")["bench"] == "inference"
+    assert settings("--bench", "inference")["bench"] == "inference" and settings("--bench", "train")["bench"] == "train"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--bench", "training"])
+    assert settings()["compare"] == [bench.TIMM_BASELINE]
+    assert settings("--compare", "")["compare"] == [] and settings("--no-timm")["compare"] == []
+    assert settings("--no-timm", "--compare", "coat_lite_small")["compare"] == []
+    assert settings("--compare", "swin_tiny_patch4_window7_224, coat_lite_small,coat_lite_small")["compare"] == \
+        ["swin_tiny_patch4_window7_224", "coat_lite_small"]
+    assert settings()["upstream"] is None and settings("--upstream", "/x/y")["upstream"] == "/x/y"
+    assert parser.parse_args(["--plot", "a.png"]).plot == "a.png"
+
+
+@pytest.mark.parametrize("n_models", [1, 3])
+@pytest.mark.parametrize("device_type, compile_backend, optimized, expected", [
+    ("cpu", "inductor", False, ["torch+compile"]),
+    ("cuda", "inductor", True, ["torch+compile", "reference+compile", "optimized"]),
+    ("cpu", None, False, []),
+])
+def test_compile_warning(capsys, n_models, device_type, compile_backend, optimized, expected):
+    """One warning on stderr naming the rows that compile, none when nothing compiles."""
+    bench = _load_script()
+    ctx = types.SimpleNamespace(dev_type=device_type, settings=dict(torchcompile=compile_backend,
+                                                                    compile_backends=None, optimized=optimized))
+    bench.warn_compile(ctx, ["torch", "reference"], n_models)
+    err = capsys.readouterr().err
+    if not expected:
+        assert err == ""
+        return
+    assert err.count("warning:") == 1 and f"compiling {len(expected)} row" in err
+    assert all(name in err for name in expected) and ("on CPU" in err) == (device_type == "cpu")
+    assert (f"each of {n_models} models" in err) == (n_models > 1)
+
+
+def _ours_and_input(dtype=torch.float64):
+    """GroupMixFormer-M (one block per stage) with random weights and BatchNorm statistics, in eval
+    mode, and a random input."""
+    import gmf_kernels as gmf
+    ours = gmf.create_model("groupmixformer_m", backend="reference", serial_depths=[1, 1, 1, 1]).eval()
+    randomize_bn_stats_(ours, seed=int(torch.randint(0, 2 ** 31, ())))
+    return ours.to(dtype), torch.randn(2, 3, 64, 64, dtype=dtype)
+
+
+def test_upstream_loader(tmp_path):
+    """load_upstream_model builds upstream's class with our config; upstream_with_weights loads our
+    state_dict strictly, so that both models compute the same logits (float64); the ipdb stub is
+    used only when ipdb is missing and the clone never lands on sys.path."""
+    from gmf_kernels.models.configs import MODEL_CONFIGS
+    lib = _load_script().upstream_lib()
+    clone = fake_upstream(tmp_path / "clone")
+    model = lib.load_upstream_model(clone, "m", serial_depths=[1, 1, 1, 1])
+    cfg = MODEL_CONFIGS["groupmixformer_m"]
+    assert model.upstream_kwargs == dict(embedding_dims=cfg["embedding_dims"], serial_depths=[1, 1, 1, 1],
+                                         mlp_ratios=cfg["mlp_ratios"], num_heads=8, qkv_bias=True)
+    assert str(clone) not in sys.path and str(clone / "models") not in sys.path
+    assert any("ipdb" in n for n in model.gmf_notes) == (not _importable("ipdb"))
+
+    ours, x = _ours_and_input()
+    up = lib.upstream_with_weights(clone, "m", ours.state_dict(), serial_depths=[1, 1, 1, 1]).to(torch.float64).eval()
+    assert isinstance(up.norm4, torch.nn.SyncBatchNorm) and "SyncBatchNorm" in lib.syncbn_note(up)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(up.state_dict()[k], v), k
+    with torch.no_grad():
+        torch.testing.assert_close(up(x), ours(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["missing path", "not a clone", "missing dependency", "timm", "einops",
+                                  "extra parameter", "renamed head", "no class"])
+def test_upstream_errors(tmp_path, case):
+    """Each way --upstream can go wrong gives UpstreamError saying why (and what to do)."""
+    lib = _load_script().upstream_lib()
+    clone = tmp_path / "clone"
+    if case == "missing path":
+        expected = ["does not exist", str(clone)]
+    elif case == "not a clone":
+        clone.mkdir()
+        expected = ["models/groupmixformer.py", "AILab-CVC/GroupMixFormer"]
+    elif case in ("missing dependency", "timm", "einops"):
+        module = {"missing dependency": MISSING_DEP, "timm": "timm.models.layers", "einops": "einops"}[case]
+        if case != "missing dependency" and _importable(module.split(".")[0]):
+            pytest.skip(f"{module} is installed here")
+        fake_upstream(clone, imports=f"import ipdb\nimport {module}")
+        top = module.split(".")[0]  # the module Python finds missing is the package
+        expected = [f"imports {top!r}", f"pip install {top}"]
+    elif case == "extra parameter":
+        fake_upstream(clone, extra="self.extra_scale = nn.Parameter(torch.ones(1))")
+        expected = ["strict", "1 upstream key(s) not in ours: extra_scale"]
+    elif case == "renamed head":
+        fake_upstream(clone, extra="self.classifier = self.head; del self.head")
+        expected = ["upstream key(s) not in ours: classifier.weight, classifier.bias",
+                    "of our key(s) not in upstream's: head.weight, head.bias"]
+    else:
+        (clone / "models").mkdir(parents=True)
+        (clone / "models" / "groupmixformer.py").write_text("Model = None\n")
+        expected = ["defines no class GroupMixFormer"]
+    registered = sys.modules.get(lib.MODULE_NAME)
+    with pytest.raises(lib.UpstreamError) as info:
+        lib.upstream_with_weights(clone, "m", _ours_and_input(torch.float32)[0].state_dict(),
+                                  serial_depths=[1, 1, 1, 1])
+    for text in expected:
+        assert text in str(info.value), (text, str(info.value))
+    assert sys.modules.get(lib.MODULE_NAME) is registered or case in ("extra parameter", "renamed head")
+    assert "ipdb" not in sys.modules or _importable("ipdb")  # the stub never outlives the import
+
+
+def test_cli_refuses_before_timing(tmp_path, monkeypatch):
+    """A wrong --upstream PATH and --plot without matplotlib end the run before anything is built."""
+    bench = _load_script()
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: pytest.fail("timing started"))
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--device", "cpu", "--upstream", str(tmp_path / "nowhere")])
+    assert "--upstream" in str(info.value) and "does not exist" in str(info.value)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--device", "cpu", "--plot", str(tmp_path / "p.png")])
+    assert "pip install matplotlib" in str(info.value)
+
+
+def test_cli_upstream_compare_plot(tmp_path):
+    """Inference with --upstream (a fake clone), --compare of two timm models and --plot: the
+    upstream row is checked against reference and is the base of the ratio column; a timm model
+    that cannot run is listed under "not run" with its reason; the PNG is written."""
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    clone = fake_upstream(tmp_path / "clone")
+    plot = ["--plot", str(png)] if _importable("matplotlib") else []
+    compare = "swin_tiny_patch4_window7_224,coat_lite_small"
+    proc = _run_script("--batch-size", "1", "--num-warm-iter", "0", "--num-bench-iter", "2", "--backends",
+                       "torch,reference", "--upstream", str(clone), "--compare", compare, "--results-file", str(out),
+                       *plot)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "vs upstr" in proc.stdout and "summary (ratios to `upstream`" in proc.stdout
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
+    up, ref, torch_row = rows["upstream"], rows["reference"], rows["torch"]
+    assert up["kind"] == "upstream" and up["label"] == f"upstream ({clone})" and up["status"] == "ok", up
+    assert up["check"] == "ok" and up["max_rel_err_vs_reference"] < 1e-5
+    assert up["ratio_vs_upstream"] == 1.0 and up["ratio_of_min_vs_upstream"] == 1.0
+    for r in (ref, torch_row):
+        assert r["ratio_vs_upstream"] == pytest.approx(up["median_ms"] / r["median_ms"])
+        assert r["ratio_of_min_vs_upstream"] == pytest.approx(up["min_ms"] / r["min_ms"])
+        assert len(r["ratio_per_round_vs_upstream"]) == 2
+    assert ref["ratio_vs_reference"] == 1.0  # the JSON keeps the ratios to reference too
+    timm_rows = [rows[f"timm:{n}"] for n in compare.split(",")]
+    if not _importable("timm"):
+        assert "not run:" in proc.stdout
+        for r in timm_rows:
+            assert r["status"] == "skipped" and "timm cannot be imported" in r["reason"], r
+            assert f"timm {r['backend'][5:]}: skipped: timm cannot be imported" in proc.stdout
+    else:
+        assert all(r["status"] == "ok" or r.get("reason") for r in timm_rows), timm_rows
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot written to" in proc.stdout
+
+
+def test_plot_bars(tmp_path):
+    """write_plot draws one bar per row that ran (not the others), with its images/s."""
+    pytest.importorskip("matplotlib")
+    bench = _load_script()
+    rate = torch.rand(3).add(1).tolist()
+    rows = [dict(model="groupmixformer_t", backend=b, label=b, kind=k, status="ok", img_per_s=v)
+            for (b, k), v in zip([("torch", "gmf"), ("upstream", "upstream"), ("timm:x", "baseline")], rate)]
+    rows.append(dict(model="groupmixformer_t", backend="triton", label="triton", kind="gmf", status="unavailable"))
+    settings = dict(bench="inference", batch_size=8, precision="bf16", img_size=224)
+    bars = bench.write_plot(str(tmp_path / "p.png"), rows, settings, {"device_name": "CPU: test"})
+    assert bars == [("torch", rate[0]), ("upstream", rate[1]), ("timm:x", rate[2])]
+    assert (tmp_path / "p.png").stat().st_size > 1000
