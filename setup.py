@@ -155,7 +155,7 @@ if __name__ == "__main__":  # setuptools runs this file as __main__; tests impor
         extras_require={
             "triton": ["triton>=3.0"],
             "cuda": ["pybind11>=2.10", "ninja"],
-            "test": ["pytest>=7", "numpy", "triton==3.6.0", "pybind11>=2.10", "ninja", "onnx", "onnxruntime", "onnxscript", "matplotlib"],
+            "test": ["pytest>=7", "numpy", "triton==3.6.0", "pybind11>=2.10", "ninja", "onnx", "onnxruntime", "onnxscript", "matplotlib", "pytest-xdist"],
         },
         cmdclass={"build_py": BuildPyWithCuda},
     )
