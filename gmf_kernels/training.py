@@ -10,7 +10,7 @@ happens before the Function is the same for both and lives here:
 
 1. Training mode: the **statistics pass** -- Z (segments 0..3 of q, k, v before their
    BatchNorm: segment 0 itself, 1..3 pointwise(depthwise)) and its per-channel mean and
-   biased variance over the 3B images x H x W (`backward_stages.statistics`; **PyTorch ops
+   biased variance over the 3B images x H x W (`backward.statistics`; **PyTorch ops
    for now, not a kernel**; float32 for float16/bfloat16 inputs). The running statistics are
    updated as nn.BatchNorm2d does (`folding.update_running_stats`: momentum, or the
    cumulative average when momentum is None; unbiased variance; num_batches_tracked),
@@ -20,8 +20,9 @@ happens before the Function is the same for both and lives here:
    `fold_running_stats`), both **differentiable PyTorch**, so the gradients of the folded
    weights reach the module's parameters (BatchNorm weight/bias, depthwise, pointwise,
    LayerNorm, CRPE).
-3. The backend's Function; its backward (`backward`) is `backward_stages.pre_projection_backward`
-   (stages B1, B2, B3 and the local branch; **PyTorch ops for now, not kernels**), which
+3. The backend's Function; its backward (`backward`) is `backward.pre_projection_backward`
+   (stages B1, B2, B3 and the local branch, each from a stage set: the Triton kernels for the
+   Triton backend, `train_op.triton_stages`; PyTorch ops, `TORCH_STAGES`, for CUDA), which
    recomputes what the forward did not save and, in training mode, adds the batch-statistics
    terms (the mean and variance depend on qkv, the depthwise and the pointwise weights) to dZ.
 
@@ -50,7 +51,7 @@ from typing import Optional, Tuple
 import torch
 
 from .folding import FoldedGMAWeights, _build, bn_affine, compute_dtype, fold_batch_stats, update_running_stats
-from .triton_kernels.backward import pre_projection_backward, statistics  # PyTorch ops: imports no Triton
+from .triton_kernels.backward import TORCH_STAGES, Stages, pre_projection_backward, statistics  # imports no Triton
 from .weights import GMAHyper, GMAWeights
 
 Tensor = torch.Tensor
@@ -102,15 +103,16 @@ def save(ctx, qkv, mean, rstd, count, H, W, scale, ln_eps, group, weights) -> No
     ctx.meta = (H, W, scale, ln_eps, group)
 
 
-def backward(ctx, grad_pre) -> tuple:
-    """The gradients of a fused Function's inputs (None for the non-tensor and statistics inputs)."""
+def backward(ctx, grad_pre, stages: Stages = TORCH_STAGES) -> tuple:
+    """The gradients of a fused Function's inputs (None for the non-tensor and statistics inputs);
+    `stages`: the implementation of each backward stage (default: PyTorch ops)."""
     qkv, mean, rstd, count, *weights = ctx.saved_tensors
     H, W, scale, ln_eps, group = ctx.meta
     reduce_sums = None if group is None else (lambda t: all_reduce_sum(t, group))
     with torch.autocast(qkv.device.type, enabled=False):
         d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
                                                mean, rstd, None if count is None else count.to(mean.dtype),
-                                               reduce_sums)
+                                               reduce_sums, stages)
     return (d_qkv,) + (None,) * (NUM_LEADING_INPUTS - 1) + tuple(grads)
 
 

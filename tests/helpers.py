@@ -6,6 +6,8 @@ in gmf_kernels/numerics.py; nothing in the package imports this file.
 """
 from __future__ import annotations
 
+import os
+
 from typing import Iterable, List
 
 import pytest
@@ -165,3 +167,25 @@ def randomize_bn_stats_(model, seed=0):
             elif name.endswith("running_var"):
                 b.copy_(0.5 + torch.rand(b.shape, generator=g, dtype=b.dtype))
     return model
+
+
+# ------------------------------------------------------------------ ahead-of-time Triton compiles (subprocesses)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def have_triton_nvidia_backend() -> bool:
+    """Triton's NVIDIA backend and its ptxas are installed (no GPU needed to compile)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return os.path.exists(get_ptxas(80).path)
+    except Exception:
+        return False
+
+
+def triton_compile_env() -> dict:
+    """The environment of a subprocess that compiles real Triton kernels: without
+    TRITON_INTERPRET (under which @triton.jit builds interpreter objects) and with line info."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DISABLE_LINE_INFO")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+

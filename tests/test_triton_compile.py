@@ -15,7 +15,6 @@ spills with ``ptxas -lineinfo -v`` (and ``cuobjdump`` where present).
 (benchmarks/results/triton_resources_sm70_sm75_sm80_sm90.md); this test does not rewrite it.
 """
 import json
-import os
 import subprocess
 import sys
 
@@ -25,23 +24,9 @@ triton = pytest.importorskip("triton")
 
 from gmf_kernels.triton_kernels.config import AOT_ARCHS, arch_dots, capability_of_arch, dot_precision  # noqa: E402
 from gmf_kernels.triton_kernels.specializations import real_calls  # noqa: E402
+from helpers import ROOT, have_triton_nvidia_backend as _have_nvidia_backend, triton_compile_env as _env  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ("aggregate", "attention", "combine")
-
-
-def _have_nvidia_backend() -> bool:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        return os.path.exists(get_ptxas(80).path)
-    except Exception:
-        return False
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DISABLE_LINE_INFO")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.fixture(scope="module")

@@ -329,3 +329,35 @@ def test_activation_memory_per_image(C, grid):
         per_image[backend] = (_saved_bytes(m, 2, H, W, C) - _saved_bytes(m, 1, H, W, C)) / (H * W * C * 4)
     assert per_image["triton"] <= 5.0 + 1e-9, per_image
     assert per_image["reference"] >= 3 * per_image["triton"], per_image
+
+
+@pytest.mark.parametrize("C, grid, B", [(80, (5, 6), 1), (400, (3, 4), 1)], ids=["C80-fused-B3", "C400-separate-B3"])
+def test_backward_runs_the_triton_kernels(C, grid, B, monkeypatch):
+    """The Function's backward runs the Triton backward kernels (attention_backward.py,
+    aggregation_backward.py), each stage checked by counting the launcher calls: C=80 takes the
+    fused B3 and the local-branch kernel; C=400 (s=80, S_PAD 128 > config.BACKWARD_FUSED_MAX_S_PAD)
+    the separate dZ kernel and the PyTorch local branch. The result: float32 training parity."""
+    from gmf_kernels.triton_kernels import aggregation_backward as agb
+    from gmf_kernels.triton_kernels import attention_backward as ab
+    from gmf_kernels.triton_kernels import backward as bw
+    calls = []
+
+    def counting(module, name):
+        fn = getattr(module, name)
+
+        def wrapped(*a, **k):
+            calls.append(f"{module.__name__.rsplit('.', 1)[-1]}.{name}")
+            return fn(*a, **k)
+        monkeypatch.setattr(module, name, wrapped)
+
+    for module, names in ((ab, ("b1_dkv", "b2_proxy_grads")),
+                          (agb, ("b2_bn_sums", "b3_fused", "b3_dz", "b3_pointwise_depthwise", "local_backward")),
+                          (bw, ("local_backward",))):
+        for name in names:
+            counting(module, name)
+    check_train_float32("triton", C, grid, B, 0.1, 1)
+    wide = C == 400
+    expected = {"attention_backward.b1_dkv", "attention_backward.b2_proxy_grads", "aggregation_backward.b2_bn_sums"}
+    expected |= ({"aggregation_backward.b3_dz", "aggregation_backward.b3_pointwise_depthwise", "backward.local_backward"}
+                 if wide else {"aggregation_backward.b3_fused", "aggregation_backward.local_backward"})
+    assert set(calls) == expected, calls

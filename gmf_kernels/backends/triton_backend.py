@@ -13,11 +13,12 @@ gradients to ``triton_kernels/train_op.py``; eval without gradients takes the op
     training: statistics pass (Z of segments 0..3 and its mean / variance over the 3B images)
               -> running statistics updated as nn.BatchNorm2d -> BatchNorms folded from the batch
               statistics (differentiable) -> the same eval kernels
-    backward: ``TritonPreProjectionFunction`` (a torch.autograd.Function), stages B1, B2, B3 and
-              the local branch of ``triton_kernels/backward.py``
+    backward: ``TritonPreProjectionFunction`` (a torch.autograd.Function): stages B1, B2, B3 and
+              the local branch (``triton_kernels/backward.py``'s decomposition) as Triton kernels
+              (``attention_backward.py``, ``aggregation_backward.py``; `train_op.triton_stages`)
 
-The statistics pass and the backward are **PyTorch ops for now, not Triton kernels**; only the
-forward of both modes runs the Triton kernels. Training in float32 and float16
+The statistics pass (and the recompute of what the backward needs) is **PyTorch ops for now,
+not a kernel**; the forward of both modes and every backward stage run Triton kernels. Training in float32 and float16
 (`TRAINING_DTYPES`), gradients in float32, float16 and bfloat16 (`GRAD_DTYPES`); SyncBatchNorm
 (``GMAProblem.sync_bn``): (sum, sum of squares, count) all-reduced once between the statistics
 pass and the kernels, the two gradient sums once in the backward (`distributed.py`).
@@ -133,7 +134,7 @@ BACKEND = TritonBackend(
     dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
     device_types=frozenset({"cuda", "cpu"}),
     supports_training=True,   # statistics pass in PyTorch ops, then the kernels (triton_kernels/train_op.py)
-    supports_grad=True,       # backward in PyTorch ops, stage by stage (triton_kernels/backward.py): not kernels yet
+    supports_grad=True,       # backward kernels stage by stage (train_op.triton_stages); recompute in PyTorch ops
     training_dtypes=TRAINING_DTYPES,
     grad_dtypes=GRAD_DTYPES,
     supports_sync_bn=True,    # SyncBatchNorm: one all-reduce in the statistics pass, one in the backward

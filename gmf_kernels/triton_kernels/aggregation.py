@@ -263,11 +263,12 @@ def gma_aggregate_kernel(
                       t0, t1, N, H, W, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
 
 
-def split_plan(N: int, B: int, block_p: int, target_programs: int):
-    """(splits, tiles_per_split): split-N so that about `target_programs` aggregation
-    programs (5 per image per split) exist, every split owning at least one tile."""
+def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_image: int = 5):
+    """(splits, tiles_per_split): split-N so that about `target_programs` programs
+    (`programs_per_image` per image per split: 5 aggregation jobs, 8 heads in the backward's
+    token reductions) exist, every split owning at least one tile."""
     T = triton.cdiv(N, block_p)
-    want = max(1, min(T, triton.cdiv(target_programs, 5 * B)))
+    want = max(1, min(T, triton.cdiv(target_programs, programs_per_image * B)))
     tps = triton.cdiv(T, want)
     return triton.cdiv(T, tps), tps
 

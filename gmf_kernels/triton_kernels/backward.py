@@ -1,8 +1,11 @@
-"""Backward of the Triton pre-projection (qkv -> pre), stage by stage -- PyTorch ops for now.
+"""Backward of the fused pre-projection (qkv -> pre), stage by stage, in PyTorch ops.
 
-NOT kernels yet: every stage below is written with PyTorch ops, in the decomposition the
-backward kernels will follow, one function per stage so that a Triton kernel can replace
-each one and be tested against it:
+Every stage below is written with PyTorch ops, in the decomposition the backward kernels
+follow, one function per stage: the oracle the Triton backward kernels are tested against
+(attention_backward.py: B1, B2; aggregation_backward.py: the BatchNorm sums, B3, the local
+branch; `train_op.triton_stages` picks them), and the CUDA backend's backward until it has
+kernels (`TORCH_STAGES`). `recompute` and `statistics` are used by both: PyTorch ops, not
+kernels yet.
 
 * ``recompute``        : what the forward kernels do not save, recomputed from qkv and the
                          folded weights: Z (segments 0..3 of q, k, v before the BatchNorm
@@ -31,7 +34,7 @@ head*d + i; attention tensors are (B, 8, d, N).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -239,17 +242,41 @@ def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights) -> 
     return du4, g_ldw, g_lpw, g_lnw, g_lnb
 
 
+# ---------------------------------------------------------------- stage sets
+class Stages(NamedTuple):
+    """One implementation of every backward stage (same arguments and results as the PyTorch
+    functions above): `TORCH_STAGES` here, the Triton kernels' set in `train_op.triton_stages`.
+    ``b3`` is B3 whole (dZ, then the pointwise/depthwise gradients), so that a kernel set may
+    fuse the dZ epilogue into the pointwise kernel."""
+    b1_dkv: Callable
+    b2_proxy_grads: Callable
+    b2_bn_sums: Callable   # (dP, rc, mean, rstd, wts)
+    b3: Callable           # (G, rc, wts, mean, rstd, sum_g, sum_gzh, count) -> (du, g_dw, g_pw)
+    local_backward: Callable
+
+
+def _b3_torch(G, rc, wts, mean, rstd, sum_g, sum_gzh, count):
+    return b3_pointwise_depthwise(b3_dz(G, rc, wts, mean, rstd, sum_g, sum_gzh, count), rc, wts)
+
+
+TORCH_STAGES = Stages(b1_dkv=b1_dkv, b2_proxy_grads=b2_proxy_grads,
+                      b2_bn_sums=lambda dP, rc, mean, rstd, wts: b2_bn_sums(dP, rc, mean, rstd),
+                      b3=_b3_torch, local_backward=local_backward)
+
+
 # ---------------------------------------------------------------- all stages
 def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, scale: float,
                             ln_eps: float, mean: Optional[Tensor] = None, rstd: Optional[Tensor] = None,
-                            count=None, reduce_sums=None) -> Tuple[Tensor, FoldedGMAWeights]:
+                            count=None, reduce_sums=None, stages: Stages = TORCH_STAGES
+                            ) -> Tuple[Tensor, FoldedGMAWeights]:
     """Gradients of qkv (qkv.dtype) and of every folded weight (their dtype) given grad_pre (B, N, C).
 
     mean, rstd (4, s): the batch statistics the forward normalised with (training mode), or None
     (running statistics folded into bn_scale/bn_shift: no batch-statistics terms). count: the
     number of values per channel behind them (default 3B*H*W). reduce_sums: optional callable
     applied to the concatenated [sum(G), sum(G*Zhat)] before B3 (SyncBatchNorm's all-reduce);
-    the returned bn_scale / bn_shift gradients stay this process's own."""
+    the returned bn_scale / bn_shift gradients stay this process's own. stages: the
+    implementation of each stage (default: the PyTorch functions of this file)."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     s = C // 5
@@ -261,9 +288,9 @@ def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: 
     dL = g[..., cp:].transpose(1, 2).reshape(B, s, H, W)
     Q = rc["P"][:B].reshape(B, 8, d, N)
 
-    dKV = b1_dkv(Q, dA, scale)
-    dP, g_crpe_w, g_crpe_b = b2_proxy_grads(dA, dKV, rc, wts, scale)
-    G, sum_g, sum_gz, sum_gzh = b2_bn_sums(dP, rc, mean, rstd)
+    dKV = stages.b1_dkv(Q, dA, scale)
+    dP, g_crpe_w, g_crpe_b = stages.b2_proxy_grads(dA, dKV, rc, wts, scale)
+    G, sum_g, sum_gz, sum_gzh = stages.b2_bn_sums(dP, rc, mean, rstd, wts)
     sg, sgzh = sum_g, sum_gzh
     if mean is not None:
         if count is None:
@@ -271,9 +298,8 @@ def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: 
         if reduce_sums is not None:
             both = reduce_sums(torch.cat([sum_g, sum_gzh]))
             sg, sgzh = both[:cp], both[cp:]
-    dZ = b3_dz(G, rc, wts, mean, rstd, sg, sgzh, count)
-    du, g_dw, g_pw = b3_pointwise_depthwise(dZ, rc, wts)
-    du4, g_ldw, g_lpw, g_lnw, g_lnb = local_backward(dL, rc, wts)
+    du, g_dw, g_pw = stages.b3(G, rc, wts, mean, rstd, sg, sgzh, count)
+    du4, g_ldw, g_lpw, g_lnw, g_lnb = stages.local_backward(dL, rc, wts)
 
     seg = torch.stack(du, dim=1).view(3, B, 4, s, H, W)
     loc = du4.view(B, 3, s, H, W).transpose(0, 1)[:, :, None]

@@ -150,6 +150,26 @@ INTERPRETER_BLOCK_P = 256
 ATTN_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (64, 4), 64: (32, 4)}
 ATTN_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int]]] = {"ieee": {16: (32, 4)}}
 
+#: Backward tiles (attention_backward.py) per padded head width D_PAD: (tokens per tile,
+#: num_warps) of B1 (dKV, [D_PAD, BLOCK] x [BLOCK, D_PAD] dots), B2 (dQ, dK, dV: three
+#: [BLOCK, D_PAD] x [D_PAD, D_PAD] dots) and the CRPE backward (fused KS x KS tap loop). Each
+#: compiled with zero spills for sm_80 and sm_90 (3xTF32 dots, every released width at its
+#: 224x224 stage grid, batch 128; one-pass TF32 dots checked at C = 320; sm_70/75 not yet):
+#: at D_PAD = 64, B1 (64, 4) spilled 728 B on sm_80, B2 (32, 4) ~100 B on both; the CRPE kernel
+#: at (64, 4) and D_PAD = 32 spilled 332 B (sm_80) / 144 B (sm_90), (32, 2) too.
+B1_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (64, 4), 64: (32, 4)}
+B2_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (64, 4), 64: (32, 8)}
+CRPE_BWD_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (32, 4), 64: (16, 4)}
+
+
+#: Widest padded segment width s (S_PAD) for which the backward's fused B3 pointwise kernel
+#: (dZ formed in its prologue) and the local-branch backward kernel compile without spills:
+#: measured with ptxas for sm_80/sm_90 (aggregation_backward.py): every released width up to
+#: C = 320 (S_PAD 64) is spill-free; C = 360 and 480 (S_PAD 128) spill ~900 B (fused pointwise)
+#: and 144-284 B (local branch), so those widths take the separate dZ kernel + the pointwise
+#: kernel reading dZ (spill-free) and the PyTorch local-branch backward.
+BACKWARD_FUSED_MAX_S_PAD = 64
+
 
 def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: bool = False,
               ck: int = 0, split_target: int = 1024, agg_warps: int = 0, dots: str = "tf32x3") -> GMAShape:

@@ -56,7 +56,10 @@ from .config import AOT_ARCHS, DTYPE_NAMES, arch_dots, capability_of_arch, dot_p
 #: image side and batches of the real calls
 IMAGE = 224
 BATCHES = (128, 1)
-KERNEL_ORDER = {"gma_aggregate_kernel": 0, "gma_attention_kernel": 1, "gma_combine_kernel": 2}
+KERNEL_ORDER = {"gma_aggregate_kernel": 0, "gma_attention_kernel": 1, "gma_combine_kernel": 2,
+                "gma_b1_dkv_kernel": 3, "gma_b2_attention_kernel": 4, "gma_b2_crpe_kernel": 5}
+#: the argument whose element type names a specialisation's dtype
+DTYPE_ARGS = ("qkv", "q", "v")
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,22 @@ class Spec:
     def label(self) -> str:
         cx = dict(self.constexprs)
         short = self.kernel.replace("gma_", "").replace("_kernel", "")
-        dt = next((t[1:] for a, t in self.signature if a in ("qkv", "q")), "-")
-        tiles = ", ".join(f"{k}={cx[k]}" for k in ("S_PAD", "D_PAD", "CK", "BLOCK_P") if k in cx)
+        dt = next((t[1:] for a, t in self.signature if a in DTYPE_ARGS), "-")
+        tiles = ", ".join(f"{k}={cx[k]}" for k in ("S_PAD", "D_PAD", "CK", "BLOCK_P", "BLOCK_N") if k in cx)
         dots = f", {cx['DOT_PRECISION']}" if "DOT_PRECISION" in cx else ""
-        return (f"{short} C={cx.get('C', 5 * cx['CP'] // 4)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
+        return (f"{short} C={_width(cx)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
                 f"{self.specialised_ints()})")
+
+
+def _width(cx: Dict[str, object]):
+    """The module width C of a kernel's constexprs (C, or C' = CP = 4C/5, or s = S = C/5, or
+    d = D = C/10; None for the generic depthwise-backward stencil, which knows only its channel count)."""
+    if "C" in cx:
+        return int(cx["C"])
+    for name, factor in (("CP", 5 / 4), ("S", 5), ("D", 10)):
+        if name in cx:
+            return int(int(cx[name]) * factor)
+    return None
 
 
 def real_calls(batches: Sequence[int] = BATCHES, dtypes: Sequence[str] = DTYPE_NAMES,
@@ -198,6 +212,31 @@ def specializations_of_call(call: Call, arch: int) -> List[Spec]:
     return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
 
 
+def backward_specializations_of_call(call: Call, arch: int) -> List[Spec]:
+    """The attention-backward kernels' specialisations (attention_backward.py: B1, B2, CRPE) for
+    one real training call on sm_<arch>: `plan_b1` / `plan_b2` on meta tensors in the layouts
+    `backward.pre_projection_backward` passes (dA a view of grad_pre, Q/K/V slices of P), in the
+    compute dtype (fp32 for fp16/bf16 inputs too: backward.py computes in fp32)."""
+    import torch
+
+    from ..folding import FoldedGMAWeights, weight_shapes
+    from ._common import DotVariant, interpreting
+    from .attention_backward import plan_b1, plan_b2
+    if interpreting():
+        raise RuntimeError("TRITON_INTERPRET is set: the launchers would plan interpreter tiles")
+    s, N = call.C // 5, call.H * call.W
+    cp, d, B = 4 * s, s // 2, call.B
+    meta = dict(device="meta", dtype=torch.float32)
+    P = torch.empty(3 * B, cp, call.H, call.W, **meta)
+    dA = torch.empty(B, N, call.C, **meta)[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
+    rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, call.H, call.W, **meta)}
+    weights = FoldedGMAWeights(*(torch.empty(weight_shapes(call.C)[n], **meta) for n in FoldedGMAWeights._fields))
+    dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
+    _, b1 = plan_b1(P[:B].reshape(B, 8, d, N), dA, d ** -0.5, dots=dots)
+    _, b2 = plan_b2(dA, torch.empty(B, 8, d, d, **meta), rc, weights, d ** -0.5, dots=dots)
+    return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in b1 + b2]
+
+
 def all_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
                         archs: Sequence[int] = AOT_ARCHS) -> List[Spec]:
     """Deduplicated specialisations of the given real calls (default: `real_calls()`) on these archs;
@@ -220,10 +259,14 @@ def all_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
 
 # ---------------------------------------------------------------- compiling (needs triton, no GPU)
 def _kernel_fn(name: str):
-    from . import aggregation, attention
+    from . import aggregation, aggregation_backward, attention, attention_backward
     fn = {"gma_aggregate_kernel": aggregation.gma_aggregate_kernel,
           "gma_combine_kernel": attention.gma_combine_kernel,
-          "gma_attention_kernel": attention.gma_attention_kernel}[name]
+          "gma_attention_kernel": attention.gma_attention_kernel,
+          "gma_b1_dkv_kernel": attention_backward.gma_b1_dkv_kernel,
+          "gma_b2_attention_kernel": attention_backward.gma_b2_attention_kernel,
+          "gma_b2_crpe_kernel": attention_backward.gma_b2_crpe_kernel,
+          **{f.__name__: f for f in aggregation_backward.KERNELS}}[name]
     _require_jit(fn)
     return fn
 
@@ -279,9 +322,9 @@ def _cuobjdump_report(cubin: bytes) -> Dict[str, int]:
 
 def _describe(spec: Spec) -> Dict[str, object]:
     cx = dict(spec.constexprs)
-    dt = next((t[1:] for a, t in spec.signature if a in ("qkv", "q")), "-")
+    dt = next((t[1:] for a, t in spec.signature if a in DTYPE_ARGS), "-")
     return {"kernel": spec.kernel.replace("gma_", "").replace("_kernel", ""), "function": spec.kernel,
-            "C": cx.get("C", 5 * cx["CP"] // 4), "dtype": dt, "arch": spec.arch, "label": spec.label(),
+            "C": _width(cx), "dtype": dt, "arch": spec.arch, "label": spec.label(),
             "dot_precision": cx.get("DOT_PRECISION", "-"), "specialised": spec.specialised_ints(),
             "used_by": list(spec.used_by)}
 

@@ -1,0 +1,687 @@
+"""Backward of the aggregation side (B2's BatchNorm sums, B3, the local branch): Triton kernels + launchers.
+
+Kernels replacing the PyTorch stage functions of `backward.py` (tested against them in
+tests/test_triton_aggregation_backward.py); the launchers at the end keep those functions'
+signatures and returns, on the same fp32 compute tensors: images channels-first, q, k, v
+stacked as 3B images, Z / dP / G / dZ (3B, 4s, H, W), u_j / y_j (3B, s, H, W), the local
+branch's (B, s|3s, H, W). Every launch goes through ``torch.library.wrap_triton`` under the
+input's CUDA device, as `launcher.launch_pre_projection` does.
+
+Pixels are walked as ONE flat index g over the images x N = H W tokens (image g // N, token
+g % N): tiles of BLOCK_P consecutive flat pixels cross image borders, so odd and tiny grids
+(7x7, 5x7) waste no tile padding. Tiles are [channels, pixels], the pixel axis (contiguous
+in memory) the fast one: coalesced loads (``g % N`` hides the contiguity from the compiler,
+so the orientation has to say it). Grids are split over the flat tiles (`split_plan`): each
+program walks ``tiles_per_split`` consecutive tiles and keeps its part of every reduction
+(BatchNorm sums, weight gradients) in registers; the few partials (SPLITS x weights) are
+summed by one small torch reduction in the launcher (no atomics: deterministic).
+
+* `bn_grad_kernel` (`b2_bn_sums`): G = dP * hardswish'(Z a + b), the pre-activation
+  recomputed from Z and the BatchNorm affine (pre_act not read), G stored, and the
+  per-channel partials of sum(G), sum(G Z), sum(G Zhat).
+* `dz_kernel` (`b3_dz`): dZ = ka G + kz Z + k0 per channel (`dz_coefficients`: the
+  batch-statistics terms, or ka = a), on a channel range.
+* `pw_backward_kernel` (`b3_pointwise_depthwise`, channel mix): per segment j = 1..3, per
+  pixel tile, dy = pw_jᵀ dz (``tl.dot``, pw_j loaded once per program) into a fp32 scratch
+  buffer, and g_pw_j += dz yᵀ (``tl.dot`` over the tile's pixels, fp32 accumulator in
+  registers). Its prologue can form dz from G and Z itself (`b3_fused`).
+* `dw_backward_kernel` (`b3_pointwise_depthwise`, `local_backward`; generic: the backward of
+  any depthwise "same" KSxKS convolution): du = correlation of dy with the flipped window
+  (masked at the image border) and the weight-gradient partials g_w[c, t] = sum_p u[c, p]
+  dy[c, p - t + R]: both use the SAME shifted dy value of a tap, so dy is read once per tap
+  (halo through the cache). The taps' weight partials live in a [channels, TAPS_PAD]
+  register tile (one-hot update per tap: a register tile cannot be indexed by a runtime
+  tap, and a per-tap read-modify-write in global memory would race between the program's
+  threads). The CRPE backward (input and weight gradient of its 3x3/5x5/7x7 depthwise) has
+  the same shape and can launch it as is (`plan_dw_backward`).
+* `local_backward_kernel` (`local_backward`): hardswish and LayerNorm backward per pixel
+  (over the s channels, recomputed by each program of a tile), then the 3s -> s pointwise's
+  input gradient dw4 = local_pwᵀ dz4 and weight gradient (``tl.dot``), and the LayerNorm
+  affine's gradients; the depthwise 3x3 over the 3s channels is `dw_backward_kernel`.
+
+Why `b3_fused` forms dZ in the pointwise kernel's prologue (bytes per pixel, fp32, s
+channels per segment): separately, b3_dz reads G, Z and writes dZ over 4s channels (48 s B;
+eval: no Z, 32 s B) and the pointwise kernel reads dZ of segments 1..3 (12 s B): 60 s B
+(eval 44 s B). Fused, the pointwise kernel reads G and Z of segments 1..3 (24 s B; eval G
+only, 12 s B) and the dz kernel writes segment 0's du (= its dZ) only (12 s B; eval 8 s B):
+36 s B (eval 20 s B), and dZ of segments 1..3 never exists. The prologue is 2 FMAs per
+element, nothing next to the s x s mixes. `b3_dz` and `b3_pointwise_depthwise` stay
+available with backward.py's signatures (the unfused pair).
+
+Why dy goes through memory (scratch (3, 3B, s, N) fp32) between the two B3 kernels: du
+needs dy on the stencil halo (up to 3 rows/cols around the tile), and a register tile
+cannot be shifted; recomputing dy = pwᵀ dz per tap would cost KS² channel mixes (49 s²
+MACs per pixel at 7x7 instead of s²). Writing and re-reading dy costs 8 B per element of
+segments 1..3; the halo comes from L1/L2. Same for dw4 in the local branch.
+
+Bounds aimed at, from byte and FLOP counts (not measured: no GPU here):
+
+* `bn_grad_kernel`: 12 B (read dP, Z; write G) per element for ~12 FLOP; `dz_kernel`: 12 B
+  (8 B eval): HBM-bandwidth bound.
+* `pw_backward_kernel`: 4 s² FLOP per pixel and segment (dy and g_pw, 3xTF32 tensor cores)
+  against 12 s B (read dz, y; write dy; fused: 16 s B): s/3 FLOP/B, 21 at s = 64: below the
+  3xTF32 ridge of an H100 (~50 FLOP/B: a third of the TF32 peak over HBM bandwidth), near
+  an A100's (~26): memory bound, or nearly. `local_backward_kernel`: 12 s² FLOP against
+  (8 s + 1) 4 B per pixel: 0.37 s FLOP/B, alike.
+* `dw_backward_kernel`: 4 KS² FLOP per element (du and g_w) against 12 B (read dy, u; write
+  du): KS²/3 FLOP/B = 3, 8, 16 for 3x3, 5x5, 7x7, against an fp32 CUDA-core ridge of ~10
+  (A100) / ~20 (H100) FLOP/B: memory bound at 3x3 and 5x5, compute bound at 7x7 on an A100;
+  the per-tap pixel reduction of g_w (shuffles) comes on top.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..folding import FoldedGMAWeights
+from ._common import DotVariant, dot_variant, interpreting, mm
+from .config import dot_pad, next_pow2
+
+Tensor = torch.Tensor
+
+
+# ================================================================ kernels
+@triton.jit
+def _flat_pixels(t, M, N, BLOCK_P: tl.constexpr):
+    """Flat pixels of tile t: image, token within the image, validity."""
+    g = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    return g // N, g % N, g < M
+
+
+@triton.jit
+def _tile_range(split, tiles_per_split, M, BLOCK_P: tl.constexpr):
+    """Tiles [t0, t1) of this split."""
+    t0 = split * tiles_per_split
+    return t0, tl.minimum(t0 + tiles_per_split, tl.cdiv(M, BLOCK_P))
+
+
+@triton.jit
+def hardswish_grad(x):
+    """d hardswish / dx as `backward.hardswish_grad`: 0 below -3, x/3 + 1/2 on [-3, 3], 1 above."""
+    return tl.where(x < -3.0, 0.0, tl.where(x <= 3.0, x / 3.0 + 0.5, 1.0))
+
+
+@triton.jit
+def _dz_from_g(gv, zv, ka, kz, k0, BATCH_STATS: tl.constexpr):
+    """dZ from G (`backward.b3_dz`) as a per-channel affine map of (G, Z) with the coefficients
+    of `dz_coefficients`: ka G (running statistics) or ka G + kz Z + k0 (batch statistics)."""
+    if BATCH_STATS:
+        out = ka * gv + kz * zv + k0
+    else:
+        out = ka * gv
+    return out
+
+
+@triton.jit(do_not_specialize=["M", "N", "tiles_per_split"])
+def bn_grad_kernel(dP, Z, pre_act, G, part, bn_scale, bn_shift, mean, rstd, M, N, tiles_per_split,
+                   CP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BATCH_STATS: tl.constexpr, RECOMPUTE: tl.constexpr):
+    """Grid (SPLITS, cdiv(CP, BLOCK_C)). dP, Z, pre_act, G: (3B, CP, N) contiguous fp32;
+    part: (SPLITS, 3, CP) fp32 <- this program's sum(G), sum(G Z), sum(G Zhat) (the last
+    only with BATCH_STATS). RECOMPUTE: pre-activation = Z bn_scale + bn_shift (else read
+    pre_act; the launcher passes Z there, unused)."""
+    split = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < CP
+    a = tl.load(bn_scale + c, mask=cm, other=0.0)[:, None]
+    b = tl.load(bn_shift + c, mask=cm, other=0.0)[:, None]
+    if BATCH_STATS:
+        mu = tl.load(mean + c, mask=cm, other=0.0)[:, None]
+        r = tl.load(rstd + c, mask=cm, other=0.0)[:, None]
+    acc_g = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    acc_gz = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    acc_gzh = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
+    while t < t1:
+        img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
+        off = c[:, None] * N + (img * (CP * N) + n)[None, :]
+        m2 = cm[:, None] & pm[None, :]
+        zv = tl.load(Z + off, mask=m2, other=0.0)
+        dp = tl.load(dP + off, mask=m2, other=0.0)
+        if RECOMPUTE:
+            pre = zv * a + b
+        else:
+            pre = tl.load(pre_act + off, mask=m2, other=0.0)
+        gv = dp * hardswish_grad(pre)                       # 0 where masked (dp = 0)
+        tl.store(G + off, gv, mask=m2)
+        acc_g += gv
+        acc_gz += gv * zv
+        if BATCH_STATS:
+            acc_gzh += gv * ((zv - mu) * r)
+        t += 1
+    dst = part + split * 3 * CP + c
+    tl.store(dst, tl.sum(acc_g, axis=1), mask=cm)
+    tl.store(dst + CP, tl.sum(acc_gz, axis=1), mask=cm)
+    if BATCH_STATS:
+        tl.store(dst + 2 * CP, tl.sum(acc_gzh, axis=1), mask=cm)
+
+
+@triton.jit(do_not_specialize=["M", "N", "tiles_per_split", "c_lo"])
+def dz_kernel(G, Z, dZ, coefs, M, N, tiles_per_split, c_lo,
+              CP: tl.constexpr, NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+              BATCH_STATS: tl.constexpr):
+    """Grid (SPLITS, cdiv(NC, BLOCK_C)): dZ (3B, NC, N) = channels [c_lo, c_lo + NC) of
+    `_dz_from_g`(G, Z), G and Z (3B, CP, N); coefs (3, CP) fp32: `dz_coefficients`."""
+    split = tl.program_id(0)
+    k = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    km = k < NC
+    c = c_lo + k
+    ka = tl.load(coefs + c, mask=km, other=0.0)[:, None]
+    kz = tl.load(coefs + CP + c, mask=km, other=0.0)[:, None]
+    k0 = tl.load(coefs + 2 * CP + c, mask=km, other=0.0)[:, None]
+    t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
+    while t < t1:
+        img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
+        m2 = km[:, None] & pm[None, :]
+        src = c[:, None] * N + (img * (CP * N) + n)[None, :]
+        gv = tl.load(G + src, mask=m2, other=0.0)
+        if BATCH_STATS:
+            zv = tl.load(Z + src, mask=m2, other=0.0)
+        else:
+            zv = gv
+        out = _dz_from_g(gv, zv, ka, kz, k0, BATCH_STATS)
+        tl.store(dZ + k[:, None] * N + (img * (NC * N) + n)[None, :], out, mask=m2)
+        t += 1
+
+
+@triton.jit(do_not_specialize=["M", "N", "tiles_per_split"])
+def pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
+                       M, N, tiles_per_split, stride_yb, stride_yc, stride_yn,
+                       S: tl.constexpr, CP: tl.constexpr, S_PAD: tl.constexpr, BLOCK_I: tl.constexpr,
+                       BLOCK_P: tl.constexpr, DZ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       EMULATE_DOTS: tl.constexpr):
+    """Grid (3 S_PAD / BLOCK_I, SPLITS): program ((j - 1) S_PAD / BLOCK_I + ib, split) does
+    segment j = 1..3, output channels i in block ib, of its split's tiles:
+
+        dy[j-1] (3B, S, N) fp32  <- pw_jᵀ dz      (dyᵀ[i, p] = sum_o pw_j[o, i] dzᵀ[o, p])
+        part_gpw[split, j-1, :, i] <- sum_p dz[o, p] y_j[i, p]   ([S_PAD, BLOCK_I] of [S_PAD, S_PAD] fp32)
+
+    The i blocks keep the two persistent register tiles (pw_j's rows [BLOCK_I, S_PAD] and the
+    g_pw accumulator [S_PAD, BLOCK_I]) at 64 x 64 at most: at s = 96 (S_PAD = 128) whole
+    128 x 128 tiles spilled kilobytes. Each i block re-reads the dz tile (S_PAD / BLOCK_I
+    reads; one for s <= 64), the blocks of one split being neighbours in the grid so that
+    the re-reads come from L2.
+
+    dz = channels [j S, (j + 1) S) of G (3B, CP, N): DZ_MODE 0: G is dZ itself; 1: a G
+    (running statistics); 2: the batch-statistics dZ from G and Z (`_dz_from_g`, coefs (3, CP)).
+    y1..y3: y_j with common strides (image, channel, pixel)."""
+    seg = tl.program_id(0) // (S_PAD // BLOCK_I)
+    ci = (tl.program_id(0) % (S_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I)   # i of this block
+    cim = ci < S
+    split = tl.program_id(1)
+    if seg == 0:
+        y = y1
+    elif seg == 1:
+        y = y2
+    else:
+        y = y3
+    ch = tl.arange(0, S_PAD)
+    cm = ch < S
+    zc = (seg + 1) * S + ch                                  # dZ channel of segment j
+    # pw_j[o, i] read transposed, [i, o]: loaded once per program
+    pwT = tl.load(pw + seg * S * S + ch[None, :] * S + ci[:, None], mask=cim[:, None] & cm[None, :], other=0.0)
+    if DZ_MODE != 0:
+        ka = tl.load(coefs + zc, mask=cm, other=0.0)[:, None]
+    if DZ_MODE == 2:
+        kz = tl.load(coefs + CP + zc, mask=cm, other=0.0)[:, None]
+        k0 = tl.load(coefs + 2 * CP + zc, mask=cm, other=0.0)[:, None]
+    acc = tl.zeros([S_PAD, BLOCK_I], dtype=tl.float32)
+    dy_seg = dy + seg * M * S
+    t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
+    while t < t1:
+        img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
+        m2 = cm[:, None] & pm[None, :]
+        src = zc[:, None] * N + (img * (CP * N) + n)[None, :]
+        dzT = tl.load(G + src, mask=m2, other=0.0)                                   # [o, p]
+        if DZ_MODE == 2:
+            dzT = _dz_from_g(dzT, tl.load(Z + src, mask=m2, other=0.0), ka, kz, k0, True)
+        elif DZ_MODE == 1:
+            dzT = _dz_from_g(dzT, dzT, ka, ka, ka, False)
+        mi = cim[:, None] & pm[None, :]
+        yT = tl.load(y + ci[:, None] * stride_yc + (img * stride_yb + n * stride_yn)[None, :], mask=mi,
+                     other=0.0)                                                      # [i, p]
+        dyT = mm(pwT, dzT, tl.zeros([BLOCK_I, BLOCK_P], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
+        tl.store(dy_seg + ci[:, None] * N + (img * (S * N) + n)[None, :], dyT, mask=mi)
+        acc = mm(dzT, tl.trans(yT), acc, DOT_PRECISION, EMULATE_DOTS)                 # [o, i]
+        t += 1
+    dst = part_gpw + (split * 3 + seg) * S_PAD * S_PAD
+    tl.store(dst + ch[:, None] * S_PAD + ci[None, :], acc)
+
+
+@triton.jit(do_not_specialize=["M", "N", "H", "W", "KS", "tiles_per_split"])
+def dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_split,
+                       stride_db, stride_dc, stride_dn, stride_ub, stride_uc, stride_un,
+                       NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TAPS_PAD: tl.constexpr):
+    """Backward of a depthwise KSxKS "same" convolution out = dwconv(u, w), w (NC, KS, KS) fp32.
+
+    Grid (SPLITS, cdiv(NC, BLOCK_C)). dy: gradient of the output, u: the forward input, both
+    images with strides (image, channel, pixel); du (3B, NC, N) contiguous fp32 <- the input
+    gradient sum_t w[c, t] dy[c, p - t + R] (zero outside the image); part_gw (SPLITS,
+    cdiv(NC, BLOCK_C) * BLOCK_C, TAPS_PAD) fp32 <- this program's sum_p u[c, p] dy[c, p - t + R]
+    at tap t = ky KS + kx (TAPS_PAD >= KS², a power of two). The taps are runtime loops
+    (one instance per TAPS_PAD serves every KS <= sqrt(TAPS_PAD); see `depthwise_tile`)."""
+    split = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < NC
+    taps = tl.arange(0, TAPS_PAD)
+    R = KS // 2
+    acc_w = tl.zeros([BLOCK_C, TAPS_PAD], dtype=tl.float32)
+    t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
+    while t < t1:
+        img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
+        yy = n // W
+        xx = n % W
+        m2 = cm[:, None] & pm[None, :]
+        uc = tl.load(u + c[:, None] * stride_uc + (img * stride_ub + n * stride_un)[None, :], mask=m2, other=0.0)
+        dy0 = dy + c[:, None] * stride_dc + (img * stride_db + n * stride_dn)[None, :]    # dy at p itself
+        acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        ky = 0
+        while ky < KS:
+            sy = yy - (ky - R)                               # source row p_y - (ky - R)
+            row_ok = pm & (sy >= 0) & (sy < H)
+            kx = 0
+            while kx < KS:
+                sx = xx - (kx - R)
+                ok = row_ok & (sx >= 0) & (sx < W)
+                dyv = tl.load(dy0 - ((ky - R) * W + (kx - R)) * stride_dn, mask=cm[:, None] & ok[None, :],
+                              other=0.0)
+                wv = tl.load(w + c * (KS * KS) + (ky * KS + kx), mask=cm, other=0.0)
+                acc += wv[:, None] * dyv
+                part = tl.sum(uc * dyv, axis=1)
+                acc_w += tl.where(taps[None, :] == ky * KS + kx, part[:, None], 0.0)
+                kx += 1
+            ky += 1
+        tl.store(du + c[:, None] * N + (img * (NC * N) + n)[None, :], acc, mask=m2)
+        t += 1
+    nc_pad = tl.num_programs(1) * BLOCK_C
+    tl.store(part_gw + (split * nc_pad + c)[:, None] * TAPS_PAD + taps[None, :], acc_w)
+
+
+@triton.jit(do_not_specialize=["M", "N", "tiles_per_split"])
+def local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw4, part_gpw, part_ln,
+                          M, N, tiles_per_split, stride_lb, stride_lc, stride_ln,
+                          S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """The local branch down to its depthwise (`backward.local_backward`; the depthwise is
+    `dw_backward_kernel`). Grid (3 S_PAD / BLOCK_I, SPLITS): program (which * S_PAD / BLOCK_I
+    + ib, split), which = q, k, v part of the 3s pointwise inputs, ib a block of BLOCK_I of them:
+
+        gL  = dL hardswish'(xh ln_weight + ln_bias)        xh: LayerNorm output before the affine
+        dz4 = rstd (dxh - mean_c dxh - xh mean_c(dxh xh)),  dxh = gL ln_weight  (LayerNorm over s)
+        dw4[which s + i]          <- sum_o local_pw[o, which s + i] dz4[o]   (tl.dot)
+        part_gpw[split, o, which S_PAD + i] <- sum_p dz4[o, p] w4[which s + i, p]  (tl.dot)
+        part_ln[split] <- sum_p gL xh, sum_p gL    (written by program 0 of the split)
+
+    The LayerNorm backward is recomputed by the 3 S_PAD / BLOCK_I programs of a tile (s
+    values per pixel, a few FLOP each) rather than stored. dL: (B, S, H, W) with strides
+    (image, channel, pixel) (a view of grad_pre); xh (B, S, N), rstd (B, N), w4 and dw4
+    (B, 3S, N) contiguous fp32."""
+    blocks: tl.constexpr = S_PAD // BLOCK_I
+    which = tl.program_id(0) // blocks
+    ci = (tl.program_id(0) % blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
+    cim = ci < S
+    split = tl.program_id(1)
+    co = tl.arange(0, S_PAD)
+    om = co < S
+    lnw = tl.load(ln_weight + co, mask=om, other=0.0)[:, None]
+    lnb = tl.load(ln_bias + co, mask=om, other=0.0)[:, None]
+    # local_pw[o, which s + i] read transposed, [i, o]: loaded once per program
+    pwT = tl.load(local_pw + co[None, :] * (3 * S) + which * S + ci[:, None], mask=cim[:, None] & om[None, :],
+                  other=0.0)
+    acc = tl.zeros([S_PAD, BLOCK_I], dtype=tl.float32)
+    acc_w = tl.zeros([S_PAD, BLOCK_P], dtype=tl.float32)
+    acc_b = tl.zeros([S_PAD, BLOCK_P], dtype=tl.float32)
+    t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
+    while t < t1:
+        img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
+        m2 = om[:, None] & pm[None, :]
+        dl = tl.load(dL + co[:, None] * stride_lc + (img * stride_lb + n * stride_ln)[None, :], mask=m2, other=0.0)
+        xv = tl.load(xh + co[:, None] * N + (img * (S * N) + n)[None, :], mask=m2, other=0.0)
+        r = tl.load(rstd + img * N + n, mask=pm, other=0.0)[None, :]
+        gl = dl * hardswish_grad(xv * lnw + lnb)                      # 0 on padded channels / pixels
+        acc_w += gl * xv
+        acc_b += gl
+        dxh = gl * lnw
+        mean1 = tl.sum(dxh, axis=0)[None, :] / S
+        mean2 = tl.sum(dxh * xv, axis=0)[None, :] / S
+        dz = tl.where(om[:, None], (dxh - mean1 - xv * mean2) * r, 0.0)   # [o, p]
+        mi = cim[:, None] & pm[None, :]
+        ch = which * S + ci
+        wT = tl.load(w4 + ch[:, None] * N + (img * (3 * S * N) + n)[None, :], mask=mi, other=0.0)   # [i, p]
+        dwT = mm(pwT, dz, tl.zeros([BLOCK_I, BLOCK_P], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
+        tl.store(dw4 + ch[:, None] * N + (img * (3 * S * N) + n)[None, :], dwT, mask=mi)
+        acc = mm(dz, tl.trans(wT), acc, DOT_PRECISION, EMULATE_DOTS)                             # [o, i]
+        t += 1
+    tl.store(part_gpw + split * S_PAD * 3 * S_PAD + co[:, None] * (3 * S_PAD) + (which * S_PAD + ci)[None, :], acc)
+    if tl.program_id(0) == 0:
+        tl.store(part_ln + split * 2 * S_PAD + co, tl.sum(acc_w, axis=1))
+        tl.store(part_ln + split * 2 * S_PAD + S_PAD + co, tl.sum(acc_b, axis=1))
+
+
+#: every kernel of this file (the ahead-of-time compile check resolves them by name)
+KERNELS = (bn_grad_kernel, dz_kernel, pw_backward_kernel, dw_backward_kernel, local_backward_kernel)
+
+
+# ================================================================ launchers
+#: one launch: (kernel, grid, positional args, keyword args incl. constexprs and num_warps)
+Launch = Tuple[object, Tuple[int, ...], tuple, Dict[str, object]]
+
+#: pixels per tile under the interpreter: a 7x7 stencil pass costs ~10 NumPy operations per
+#: tap and tile whatever the tile's size, so few large tiles (14x14 at batch 1: two tiles,
+#: two splits, so the partial sums are still exercised)
+INTERPRETER_BLOCK_P = 512
+
+
+@dataclass(frozen=True)
+class BackwardTiles:
+    """Tiles of the aggregation-backward kernels (heuristic, not tuned: no GPU here).
+
+    BLOCK_C x BLOCK_P, WARPS: [channels, pixels] tiles of `bn_grad_kernel`, `dz_kernel`,
+    `dw_backward_kernel`. PW_BLOCK_P, PW_WARPS: pixels per tile and warps of the two
+    channel-mix kernels, whose output channels go in blocks of BLOCK_I = PW_TILE_ELEMS /
+    S_PAD (at most S_PAD), so the two register tiles held for a program's life (the weight
+    rows [BLOCK_I, S_PAD] and the weight-gradient accumulator [S_PAD, BLOCK_I]) stay at
+    64 x 64. TARGET_PROGRAMS: programs per launch aimed at by the split (a few waves on
+    100+ SMs).
+
+    The GPU tiles, compiled with the runtime's specialisation for C = 320 (s = 64), 14x14,
+    batch 128, fp32 (tests/test_triton_aggregation_backward.py, ptxas -v; registers sm_80 /
+    sm_90, no spills): stencil [16, 128] at 8 warps 114-118 / 118-120 (4 warps: 219-230, a
+    third of the occupancy), bn_grad 80 / 80, dz 40 / 48, pointwise (16 pixels, 8 warps)
+    216 / 166 from dZ and 254 / 198 from G and Z, local branch 255 / 212. 32-pixel tiles
+    or 4 warps spilled the pointwise kernel on sm_80 (88 B to 1 KB). At s = 96 (S_PAD =
+    128, C = 480) the pointwise kernel from dZ (BLOCK_I = 32) compiled at 253-255 registers
+    without spills, from G and Z it spilled ~900 B on both; not checked by the test."""
+    BLOCK_C: int
+    BLOCK_P: int
+    WARPS: int
+    PW_BLOCK_P: int
+    PW_WARPS: int
+    PW_TILE_ELEMS: int = 64 * 64
+    TARGET_PROGRAMS: int = 1024
+
+
+def backward_tiles(S_PAD: int, M: int) -> BackwardTiles:
+    """GPU tiles; under the interpreter (cost per operation, not per element) one large tile
+    of up to INTERPRETER_BLOCK_P pixels and every channel in one block."""
+    if interpreting():
+        bp = min(INTERPRETER_BLOCK_P, max(16, next_pow2(M)))
+        # PW_TILE_ELEMS: two output-channel blocks at s = 40, 64, so the tests run that path too
+        return BackwardTiles(BLOCK_C=4 * S_PAD, BLOCK_P=bp, WARPS=4, PW_BLOCK_P=bp, PW_WARPS=4, PW_TILE_ELEMS=32 * 64)
+    return BackwardTiles(BLOCK_C=16, BLOCK_P=128, WARPS=8, PW_BLOCK_P=16, PW_WARPS=8)
+
+
+def split_plan(M: int, block_p: int, other_programs: int, target_programs: int) -> Tuple[int, int]:
+    """(splits, tiles_per_split): the cdiv(M, block_p) flat tiles cut into about
+    target_programs / other_programs runs, every run non-empty."""
+    T = triton.cdiv(M, block_p)
+    want = max(1, min(T, triton.cdiv(target_programs, other_programs)))
+    tps = triton.cdiv(T, want)
+    return triton.cdiv(T, tps), tps
+
+
+def _images(t: Tensor) -> Tuple[Tensor, int, int, int]:
+    """(t, stride image, stride channel, stride pixel) of an image batch (I, c, H, W) whose H, W
+    merge into one pixel axis (copied to contiguous if they do not)."""
+    if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1:
+        t = t.contiguous()
+    return t, t.stride(0), t.stride(1), t.stride(3)
+
+
+def _check(t: Tensor, name: str) -> Tensor:
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name}: the aggregation-backward kernels take fp32 compute tensors, not {t.dtype}")
+    if t.numel() >= 2 ** 31:
+        raise ValueError(f"{name}: {t.numel()} elements: 32-bit offsets would overflow")
+    return t.contiguous()
+
+
+def dz_coefficients(bn_scale: Tensor, mean: Optional[Tensor], rstd: Optional[Tensor], sum_g: Tensor,
+                    sum_gzh: Optional[Tensor], count) -> Tensor:
+    """(3, 4s) fp32 [ka; kz; k0]: `backward.b3_dz` as dZ = ka G + kz Z + k0 per channel.
+
+    With batch statistics dZ = a (G - sum(G)/M - (Z - mean) rstd sum(G Zhat)/M), so ka = a,
+    kz = -a rstd sum(G Zhat)/M, k0 = a (mean rstd sum(G Zhat)/M - sum(G)/M), formed here in
+    float64 from the fp32 sums (count: int or a scalar tensor); without, ka = a and kz = k0 = 0.
+    Two per-channel vectors fewer in the pointwise kernel's prologue than the textbook form,
+    which kept it under ptxas's register limit on sm_80 (the rounding is the same order: one
+    fp32 product and sum per term)."""
+    a = bn_scale.reshape(-1).double()
+    if mean is None:
+        zero = torch.zeros_like(a)
+        return torch.stack([a, zero, zero]).float().contiguous()
+    k = (sum_gzh.double() / count) * rstd.reshape(-1).double()
+    return torch.stack([a, -a * k, a * (mean.reshape(-1).double() * k - sum_g.double() / count)]).float().contiguous()
+
+
+def plan_bn_sums(dP: Tensor, Z: Tensor, bn_scale: Tensor, bn_shift: Tensor, mean: Optional[Tensor],
+                 rstd: Optional[Tensor], pre_act: Optional[Tensor] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """Buffers (G, part) and the launch of `bn_grad_kernel` (pre_act given: read, not recomputed)."""
+    dP, Z = _check(dP, "dP"), _check(Z, "Z")
+    I, CP, H, W = Z.shape
+    N, M = H * W, I * H * W
+    tiles = backward_tiles(dot_pad(CP // 4), M)
+    cblocks = triton.cdiv(CP, tiles.BLOCK_C)
+    splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
+    buf = {"G": torch.empty_like(Z), "part": torch.empty(splits, 3, CP, dtype=torch.float32, device=Z.device)}
+    stats = mean is not None
+    scale, shift = bn_scale.reshape(-1).contiguous(), bn_shift.reshape(-1).contiguous()
+    mu = mean.reshape(-1).contiguous() if stats else scale
+    r = rstd.reshape(-1).contiguous() if stats else scale
+    args = (dP, Z, Z if pre_act is None else _check(pre_act, "pre_act"), buf["G"], buf["part"], scale, shift, mu, r,
+            M, N, tps)
+    kw = dict(CP=CP, BLOCK_C=tiles.BLOCK_C, BLOCK_P=tiles.BLOCK_P, BATCH_STATS=stats, RECOMPUTE=pre_act is None,
+              num_warps=tiles.WARPS)
+    return buf, [(bn_grad_kernel, (splits, cblocks), args, kw)]
+
+
+def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int
+            ) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """Buffer dZ (3B, nc, H, W) and the launch of `dz_kernel` on channels [c_lo, c_lo + nc)
+    (coefs: `dz_coefficients`; stats: batch statistics, Z read)."""
+    G, Z = _check(G, "G"), _check(Z, "Z")
+    I, CP, H, W = G.shape
+    N, M = H * W, I * H * W
+    tiles = backward_tiles(dot_pad(CP // 4), M)
+    block_c = min(tiles.BLOCK_C, next_pow2(nc))
+    cblocks = triton.cdiv(nc, block_c)
+    splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
+    buf = {"dZ": torch.empty(I, nc, H, W, dtype=torch.float32, device=G.device)}
+    args = (G, Z, buf["dZ"], coefs, M, N, tps, c_lo)
+    kw = dict(CP=CP, NC=nc, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, BATCH_STATS=stats, num_warps=tiles.WARPS)
+    return buf, [(dz_kernel, (splits, cblocks), args, kw)]
+
+
+def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coefs: Tensor, mode: int,
+                     dots: DotVariant) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """Buffers (dy (3, 3B, s, H, W), part_gpw) and the launch of `pw_backward_kernel`.
+    dz_src: dZ (mode 0) or G (modes 1, 2: `pw_backward_kernel`'s DZ_MODE; coefs:
+    `dz_coefficients`, unread in mode 0)."""
+    dz_src, Z = _check(dz_src, "dZ/G"), _check(Z, "Z")
+    I, CP, H, W = dz_src.shape
+    S = CP // 4
+    S_PAD = dot_pad(S)
+    N, M = H * W, I * H * W
+    if any(t.dtype != torch.float32 for t in y):
+        raise TypeError("y: the aggregation-backward kernels take fp32 compute tensors")
+    ys = [_images(t) for t in y]
+    if len({yy[1:] for yy in ys}) != 1:                      # the kernel takes one stride set for the three
+        ys = [_images(t.contiguous()) for t in y]
+    tiles = backward_tiles(S_PAD, M)
+    block_i = min(S_PAD, tiles.PW_TILE_ELEMS // S_PAD)
+    blocks = 3 * (S_PAD // block_i)
+    splits, tps = split_plan(M, tiles.PW_BLOCK_P, blocks, tiles.TARGET_PROGRAMS)
+    dev = dz_src.device
+    buf = {"dy": torch.empty(3, I, S, H, W, dtype=torch.float32, device=dev),
+           "part_gpw": torch.empty(splits, 3, S_PAD, S_PAD, dtype=torch.float32, device=dev)}
+    args = (dz_src, Z, ys[0][0], ys[1][0], ys[2][0], pw.contiguous(), buf["dy"], buf["part_gpw"], coefs,
+            M, N, tps, *ys[0][1:])
+    kw = dict(S=S, CP=CP, S_PAD=S_PAD, BLOCK_I=block_i, BLOCK_P=tiles.PW_BLOCK_P, DZ_MODE=mode,
+              DOT_PRECISION=dots.precision, EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
+    return buf, [(pw_backward_kernel, (blocks, splits), args, kw)]
+
+
+def plan_dw_backward(dy: Tensor, u: Tensor, w: Tensor) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """Buffers (du (I, c, H, W), part_gw) and the launch of `dw_backward_kernel` for the
+    depthwise "same" convolution dwconv(u, w), w (c, k, k), given dy (I, c, H, W): generic
+    (the CRPE's 3x3/5x5/7x7 depthwise backward can use it as is)."""
+    I, NC, H, W = u.shape
+    KS = w.shape[-1]
+    N, M = H * W, I * H * W
+    dy_, sdb, sdc, sdn = _images(dy)
+    u_, sub, suc, sun = _images(u)
+    for t, name in ((dy_, "dy"), (u_, "u"), (w, "w")):
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name}: fp32 expected, not {t.dtype}")
+    tiles = backward_tiles(dot_pad(NC), M)
+    block_c = min(tiles.BLOCK_C, next_pow2(NC))
+    cblocks = triton.cdiv(NC, block_c)
+    splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
+    taps_pad = next_pow2(KS * KS)
+    dev = u.device
+    buf = {"du": torch.empty(I, NC, H, W, dtype=torch.float32, device=dev),
+           "part_gw": torch.empty(splits, cblocks * block_c, taps_pad, dtype=torch.float32, device=dev)}
+    args = (dy_, u_, w.contiguous(), buf["du"], buf["part_gw"], M, N, H, W, KS, tps, sdb, sdc, sdn, sub, suc, sun)
+    kw = dict(NC=NC, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, TAPS_PAD=taps_pad, num_warps=tiles.WARPS)
+    return buf, [(dw_backward_kernel, (splits, cblocks), args, kw)]
+
+
+def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, dots: DotVariant
+                        ) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """Buffers (dw4 (B, 3s, H, W), part_gpw, part_ln, then du4 and part_gw of the depthwise)
+    and the two launches of the local branch: `local_backward_kernel`, `dw_backward_kernel`."""
+    B, S, H, W = dL.shape
+    S_PAD = dot_pad(S)
+    N, M = H * W, B * H * W
+    if dL.dtype != torch.float32:
+        raise TypeError(f"dL: the aggregation-backward kernels take fp32 compute tensors, not {dL.dtype}")
+    dL_, slb, slc, sln = _images(dL)
+    xh, rstd, w4 = _check(rc["xh4"], "xh4"), _check(rc["rstd4"], "rstd4"), _check(rc["w4"], "w4")
+    tiles = backward_tiles(S_PAD, M)
+    block_i = min(S_PAD, tiles.PW_TILE_ELEMS // S_PAD)
+    blocks = 3 * (S_PAD // block_i)
+    splits, tps = split_plan(M, tiles.PW_BLOCK_P, blocks, tiles.TARGET_PROGRAMS)
+    dev = dL.device
+    buf = {"dw4": torch.empty(B, 3 * S, H, W, dtype=torch.float32, device=dev),
+           "part_gpw": torch.empty(splits, S_PAD, 3 * S_PAD, dtype=torch.float32, device=dev),
+           "part_ln": torch.empty(splits, 2, S_PAD, dtype=torch.float32, device=dev)}
+    args = (dL_, xh, rstd, w4, wts.local_pw.contiguous(), wts.ln_weight.contiguous(), wts.ln_bias.contiguous(),
+            buf["dw4"], buf["part_gpw"], buf["part_ln"], M, N, tps, slb, slc, sln)
+    kw = dict(S=S, S_PAD=S_PAD, BLOCK_I=block_i, BLOCK_P=tiles.PW_BLOCK_P, DOT_PRECISION=dots.precision,
+              EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
+    bufd, ld = plan_dw_backward(buf["dw4"], rc["u4"], wts.local_dw)
+    buf.update(bufd)
+    return buf, [(local_backward_kernel, (blocks, splits), args, kw)] + ld
+
+
+def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor],
+                rstd: Optional[Tensor], dots: DotVariant) -> List[Launch]:
+    """Every launch of one backward call, fused and unfused B3 both, and the local branch (the
+    launchers' own plans, nothing run): on meta tensors, what the ahead-of-time compile check
+    specialises."""
+    CP = dP.shape[1]
+    stats = mean is not None
+    coefs = dP.new_empty(3, CP)
+    buf, launches = plan_bn_sums(dP, rc["Z"], wts.bn_scale, wts.bn_shift, mean, rstd)
+    G = buf["G"]
+    launches += plan_dz(G, rc["Z"], coefs, stats, 0, CP)[1]
+    for mode in (0, 2 if stats else 1):
+        buf, lp = plan_pw_backward(G, rc["Z"], rc["y"], wts.pw, coefs, mode, dots)
+        launches += lp
+    dws = (wts.dw3, wts.dw5, wts.dw7)
+    for j in (1, 2, 3):
+        launches += plan_dw_backward(buf["dy"][j - 1], rc["u"][j], dws[j - 1])[1]
+    B, s, H, W = rc["xh4"].shape
+    dL = torch.empty(B, H * W, 5 * s, dtype=dP.dtype, device=dP.device)[..., 4 * s:].transpose(1, 2)
+    launches += plan_local_backward(dL.reshape(B, s, H, W), rc, wts, dots)[1]    # dL: the view backward.py makes
+    return launches
+
+
+def _launch(launches: List[Launch], like: Tensor) -> None:
+    from .launcher import device_guard, wrap_triton
+    with device_guard(like):
+        for kernel, grid, args, kwargs in launches:
+            wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def b2_bn_sums(dP: Tensor, rc: Dict[str, Tensor], mean: Optional[Tensor], rstd: Optional[Tensor],
+               wts: Optional[FoldedGMAWeights] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """`backward.b2_bn_sums` on `bn_grad_kernel`: (G, sum(G), sum(G Z), sum(G Zhat) or None).
+
+    wts (extra, optional): the folded weights; given, the pre-activation is recomputed from
+    rc["Z"] and wts.bn_scale / bn_shift (rc["pre_act"] is not read: 4 B per element less);
+    without it (backward.py's signature) rc["pre_act"] is read."""
+    Z = rc["Z"]
+    CP = Z.shape[1]
+    if wts is None:
+        ones = Z.new_ones(CP)
+        buf, launches = plan_bn_sums(dP, Z, ones, ones, mean, rstd, pre_act=rc["pre_act"])
+    else:
+        buf, launches = plan_bn_sums(dP, Z, wts.bn_scale, wts.bn_shift, mean, rstd)
+    _launch(launches, Z)
+    sums = buf["part"].sum(0)
+    return buf["G"], sums[0], sums[1], (sums[2] if mean is not None else None)
+
+
+def b3_dz(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor], rstd: Optional[Tensor],
+          sum_g: Tensor, sum_gzh: Optional[Tensor], count) -> Tensor:
+    """`backward.b3_dz` on `dz_kernel` (every channel)."""
+    coefs = dz_coefficients(wts.bn_scale, mean, rstd, sum_g, sum_gzh, count)
+    buf, launches = plan_dz(G, rc["Z"], coefs, mean is not None, 0, G.shape[1])
+    _launch(launches, G)
+    return buf["dZ"]
+
+
+def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
+                       ) -> Tuple[List[Tensor], List[Tensor], Tensor]:
+    """Segments 1..3: the pointwise kernel, then one stencil launch per segment; (du_1..3, g_dw, g_pw)."""
+    s = dz_src.shape[1] // 4
+    bufp, lp = plan_pw_backward(dz_src, rc["Z"], rc["y"], wts.pw, coefs, mode, dot_variant(dz_src))
+    dws = (wts.dw3, wts.dw5, wts.dw7)
+    plans = [plan_dw_backward(bufp["dy"][j - 1], rc["u"][j], dws[j - 1]) for j in (1, 2, 3)]
+    _launch(lp + [p[1][0] for p in plans], dz_src)
+    g_pw = bufp["part_gpw"].sum(0)[:, :s, :s]
+    g_dw = [b["part_gw"].sum(0)[:s, :(2 * j + 1) ** 2].reshape(s, 2 * j + 1, 2 * j + 1)
+            for j, (b, _) in zip((1, 2, 3), plans)]
+    return [b["du"] for b, _ in plans], g_dw, g_pw
+
+
+def b3_pointwise_depthwise(dZ: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
+                           ) -> Tuple[List[Tensor], List[Tensor], Tensor]:
+    """`backward.b3_pointwise_depthwise` on `pw_backward_kernel` + `dw_backward_kernel`:
+    ([du_0 .. du_3] (3B, s, H, W), [g_dw3, g_dw5, g_dw7], g_pw (3, s, s)); du_0 is dZ's view."""
+    s = dZ.shape[1] // 4
+    du, g_dw, g_pw = _segments_backward(dZ, 0, dZ, rc, wts)          # mode 0: coefs unread
+    return [dZ[:, :s]] + du, g_dw, g_pw
+
+
+def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor], rstd: Optional[Tensor],
+             sum_g: Tensor, sum_gzh: Optional[Tensor], count) -> Tuple[List[Tensor], List[Tensor], Tensor]:
+    """`b3_dz` followed by `b3_pointwise_depthwise` with dZ formed in the pointwise kernel's
+    prologue (dZ of segments 1..3 never written; module docstring: the byte count); segment
+    0's du (= its dZ) by `dz_kernel`. Arguments as `b3_dz`, returns as `b3_pointwise_depthwise`."""
+    s = G.shape[1] // 4
+    stats = mean is not None
+    coefs = dz_coefficients(wts.bn_scale, mean, rstd, sum_g, sum_gzh, count)
+    buf0, l0 = plan_dz(G, rc["Z"], coefs, stats, 0, s)
+    _launch(l0, G)
+    du, g_dw, g_pw = _segments_backward(G, 2 if stats else 1, coefs, rc, wts)
+    return [buf0["dZ"]] + du, g_dw, g_pw
+
+
+def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights) -> Tuple[Tensor, ...]:
+    """`backward.local_backward` on `local_backward_kernel` + `dw_backward_kernel` (3x3 over
+    the 3s channels): (du4 (B, 3s, H, W), g_local_dw (3s, 3, 3), g_local_pw (s, 3s),
+    g_ln_weight (s,), g_ln_bias (s,))."""
+    B, S, H, W = dL.shape
+    S_PAD = dot_pad(S)
+    buf, launches = plan_local_backward(dL, rc, wts, dot_variant(dL))
+    _launch(launches, dL)
+    g_lpw = buf["part_gpw"].sum(0).view(S_PAD, 3, S_PAD)[:S, :, :S].reshape(S, 3 * S)
+    ln = buf["part_ln"].sum(0)
+    g_ldw = buf["part_gw"].sum(0)[:3 * S, :9].reshape(3 * S, 3, 3)
+    return buf["du"], g_ldw, g_lpw, ln[0, :S], ln[1, :S]

@@ -1,0 +1,349 @@
+"""Backward of the factorized attention (stages B1 and B2 of `backward.py`): kernels, then launchers.
+
+Drop-in replacements, same signatures and returns, for two stage functions of backward.py:
+
+    dKV = b1_dkv(Q, dA, scale)                                    # backward.b1_dkv
+    dP, g_crpe_w, g_crpe_b = b2_proxy_grads(dA, dKV, rc, wts, scale)   # backward.b2_proxy_grads
+
+Tensors are the stage functions' (B, 8, d, N) views, any strides (dA is a token-major view of
+grad_pre, Q/K/V/R channels-first slices of P and R), fp32 (the compute dtype) or fp16/bf16;
+the kernels load in the input dtype, compute and accumulate in fp32 and write fp32 results
+(the compute dtype of backward.py). The dots are `_common.mm` with the dot variant of the
+input (`config.ARCH_DOTS`: 3xTF32 for fp32 on sm_80+, so about fp32 accuracy).
+
+Kernels (per head h, d = C'/8 channels, N = H*W tokens; bytes for fp32 activations, e = 4):
+
+* ``gma_b1_dkv_kernel``, grid ``(SPLITS, 8, B)``: dKV[b,h] = scale * Q[b,h] dA[b,h]^T, a
+  reduction over tokens: program (split, h, b) walks its run of token tiles with a
+  [d, d] fp32 accumulator (``tl.dot`` of [D_PAD, BLOCK_N] x [BLOCK_N, D_PAD] tiles) and
+  writes one fp32 partial; the launcher sums the SPLITS partials (none when SPLITS = 1, as
+  at batch 128). Split-N as the forward's aggregation (`_split_plan`): about SPLIT_TARGET
+  programs even at batch 1, deterministic (no atomics).
+  Cost: reads Q and dA once, 2 B C' N e bytes, writes B SPLITS C' d x 4; 2 B C' d N flops.
+  d/e flop per byte (8 at d = 32): far below any GPU's ridge point, so the bound aimed at
+  is HBM bandwidth.
+* ``gma_b2_attention_kernel``, grid ``(ceil(N / BLOCK_P), 8, B)``: per token tile and head, in
+  one pass over N (token-major [BLOCK_P, D_PAD] tiles):
+
+      dQ = scale dA KV^T + dA * R        dR = dA * Q   (written: the CRPE kernel reads it)
+      Ks = exp(K - M) / L                dV = Ks dKV   (the CRPE input gradient added next)
+      dKs = V dKV^T,  c = rowsum(KV * dKV),  dK = Ks * (dKs - c)
+
+  three ``tl.dot`` [BLOCK_P, D_PAD] x [D_PAD, D_PAD]. **Ks is recomputed from K and the
+  softmax statistics (M, L) per (b, h, i)** (row maximum, sum of exp(K - M)), not read:
+  reading K costs exactly the bytes reading Ks would (B C' N e), while a stored Ks costs its
+  own write and read elsewhere (2 B C' N x 4 bytes in the recompute stage, one more
+  activation-sized buffer held), against 2 B C' x 4 bytes of statistics. A recompute kernel
+  gets (M, L) for free from its online softmax (`aggregation._online_softmax_kv` and the
+  combine's merge); until then `plan_b2` computes them from K with PyTorch ops when ``rc``
+  has no ``"k_max"`` / ``"k_sum"``. (M, L) rather than one log-sum-exp lse: exp(K - lse)
+  loses |K - lse| ulps to the rounding of lse; over 9 seeded cases (C = 40, 80, 200) the dK
+  error relative to the fp32 PyTorch stage's had median 2.2 (max 4.8) with lse, 1.7 (max 4.0)
+  with (M, L), the rest being the 3xTF32 dots.)
+  Cost: reads dA, Q, K, V, R (5 B C' N e) and KV, dKV, M, L (small), writes dQ, dK, dV, dR
+  (4 B C' N x 4); 6 B C' d N flops of dots: d/6 flop per byte at fp32, HBM-bound.
+* ``gma_b2_crpe_kernel``, grid ``(SPLITS, 8, B)``: the CRPE part of B2 (in a kernel, no
+  PyTorch ops left), program (split, h, b) walking its token tiles with the head's window
+  KS (3, 5, 7) in ONE tap loop per tile, since both gradients read the same halo tokens:
+  dV += dR correlated with the flipped taps (the adjoint of the depthwise convolution), the
+  weight gradient dW[c, ky, kx] = sum_n dR[c, n] V[c, n + (ky-R, kx-R)] and the bias
+  gradient sum_n dR, the two as per-program fp32 partials (B, SPLITS, C', 49) and
+  (B, SPLITS, C') that the launcher sums (deterministic, no atomics; at batch 128 SPLITS = 1
+  and the partials are 49 floats per channel and image, 6 % of the kernel's traffic at 14x14).
+  Cost: reads dR, V, dV once (halos from L1/L2; 3 B C' N x 4 at fp32), writes dV (B C' N x
+  4) and the partials; per channel and token 4 flops per tap (a multiply-add for each
+  gradient) and 30 taps on average (240 d taps over 8 d channels): 120 flops per 16 bytes,
+  7.5 flop per byte, below the fp32 FMA ridge (about 20 on H100): HBM-bound.
+
+Tiles: `B1_TILES` / `B2_TILES` / `CRPE_BWD_TILES` by D_PAD, chosen by compiling (ptxas -v, the
+JIT's specialisation of batch-128 fp32 calls) for sm_80 and sm_90: zero spills for every
+released width (C = 40 .. 480) at its 224x224 stage grid; not timed (no GPU where they were
+written; 200-250 registers at D_PAD = 32 on sm_80 limit occupancy, a GPU run is to weigh
+smaller tiles). tests/test_triton_attention_backward.py checks C = 320. Not compiled for
+sm_70/75 ("ieee" FMA dots) yet. One large tile under the interpreter.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..folding import FoldedGMAWeights
+from ._common import DotVariant, dot_variant, interpreting, mm
+from .aggregation import split_plan
+from .backward import crpe_groups
+from .config import B1_TILES, B2_TILES, CRPE_BWD_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2
+from .launcher import _alloc, device_guard, wrap_triton
+
+Tensor = torch.Tensor
+#: one launch: (kernel, grid, positional args, keyword args incl. constexprs and num_warps)
+Launch = Tuple[Any, Tuple[int, ...], tuple, Dict[str, Any]]
+
+
+# ================================================================ kernels
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
+def gma_b1_dkv_kernel(q, da, part, N, tiles_per_split, scale,
+                      sq_b, sq_h, sq_i, sq_n, sa_b, sa_h, sa_i, sa_n,
+                      D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """part[b, h, split] = scale * sum over the split's tokens of Q[b,h,:,n] dA[b,h,:,n]^T."""
+    split = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    SPLITS = tl.num_programs(0)
+    i = tl.arange(0, D_PAD)
+    imask = i < D
+    q_bh = q + b * sq_b + head * sq_h
+    a_bh = da + b * sa_b + head * sa_h
+    acc = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    t = split * tiles_per_split
+    t1 = tl.minimum(t + tiles_per_split, tl.cdiv(N, BLOCK_N))
+    while t < t1:
+        n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        qt = tl.load(q_bh + (i[:, None] * sq_i + n[None, :] * sq_n), mask=imask[:, None] & nmask[None, :],
+                     other=0.0).to(tl.float32)                                   # [D_PAD, BLOCK_N]
+        at = tl.load(a_bh + (n[:, None] * sa_n + i[None, :] * sa_i), mask=nmask[:, None] & imask[None, :],
+                     other=0.0).to(tl.float32)                                   # [BLOCK_N, D_PAD]
+        acc = mm(qt, at, acc, DOT_PRECISION, EMULATE_DOTS)
+        t += 1
+    out = part + ((b * 8 + head) * SPLITS + split) * (D * D)
+    tl.store(out + i[:, None] * D + i[None, :], acc * scale, mask=imask[:, None] & imask[None, :])
+
+
+@triton.jit(do_not_specialize=["N"])
+def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, dr, N, scale,
+                            sa_b, sa_h, sa_i, sa_n,
+                            CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """dQ, dK, dV (attention part) and dR = dA * Q of one token tile and head.
+
+    q, k, v, r and the outputs dq, dk, dv, dr are channels-first (B, C', N) contiguous
+    (element (b, c, n) at (b C' + c) N + n); dA has its own strides; kv, dkv (B, 8, d, d) and
+    the softmax statistics k_max, k_sum (B, 8, d) contiguous fp32."""
+    t = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = n < N
+    c = tl.arange(0, D_PAD)
+    cmask = c < D
+    m2 = pmask[:, None] & cmask[None, :]
+    mm2 = cmask[:, None] & cmask[None, :]
+    base = (b * CP + head * D) * N                      # the head's first channel row (int64)
+    tok = c[None, :] * N + n[:, None]                   # [BLOCK_P, D_PAD] offsets in it (int32)
+    da_t = tl.load(da + b * sa_b + head * sa_h + (c[None, :] * sa_i + n[:, None] * sa_n), mask=m2,
+                   other=0.0).to(tl.float32)
+    q_t = tl.load(q + base + tok, mask=m2, other=0.0).to(tl.float32)
+    r_t = tl.load(r + base + tok, mask=m2, other=0.0).to(tl.float32)
+    tl.store(dr + base + tok, da_t * q_t, mask=m2)
+    # [k, i] tiles: KV^T and dKV^T (element [k, i] = X[i, k]); dKV as [i, k]
+    bh = (b * 8 + head) * (D * D)
+    tr = c[None, :] * D + c[:, None]
+    kvT = tl.load(kv + bh + tr, mask=mm2, other=0.0)
+    dkvT = tl.load(dkv + bh + tr, mask=mm2, other=0.0)
+    dkv_t = tl.load(dkv + bh + c[:, None] * D + c[None, :], mask=mm2, other=0.0)
+    dq_t = mm(da_t, kvT, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
+    tl.store(dq + base + tok, scale * dq_t + da_t * r_t, mask=m2)
+    # softmax over tokens recomputed: Ks = exp(K - M) / L (K - M is exact near the maximum,
+    # where Ks matters; exp(K - lse) would lose |K - lse| ulps to the rounding of lse)
+    stat = (b * 8 + head) * D + c
+    m_t = tl.load(k_max + stat, mask=cmask, other=0.0)
+    inv_l = 1.0 / tl.load(k_sum + stat, mask=cmask, other=1.0)
+    k_t = tl.load(k + base + tok, mask=m2, other=0.0).to(tl.float32)
+    ks = tl.where(m2, tl.exp(k_t - m_t[None, :]) * inv_l[None, :], 0.0)
+    dv_t = mm(ks, dkv_t, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
+    tl.store(dv + base + tok, dv_t, mask=m2)
+    v_t = tl.load(v + base + tok, mask=m2, other=0.0).to(tl.float32)
+    dks = mm(v_t, dkvT, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
+    cc = tl.sum(kvT * dkvT, axis=0)                                           # [i]: sum_k KV[i,k] dKV[i,k]
+    tl.store(dk + base + tok, ks * (dks - cc[None, :]), mask=m2)
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
+def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, H, W, tiles_per_split,
+                       CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
+    """CRPE backward of one head over a run of token tiles, one fused KS x KS tap loop per tile.
+
+    For the offset o = (ky - R, kx - R) of tap (ky, kx), both gradients read the same halo
+    (tokens n + o, same validity mask):
+    * input:  dv[n] += dR[n + o] * w[KS-1-ky, KS-1-kx]   (correlation with the flipped taps);
+    * weight: part_w[b, split, c, ky*KS + kx] += sum_n dR[n] V[n + o]   (this program's rows:
+      read-modify-write after its first tile, a barrier between tiles, no atomics);
+    and part_b[b, split, c] = sum_n dR[n]. dr, v, dv channels-first (B, C', N) contiguous.
+    The taps are runtime loops for the reasons given in `_common.depthwise_tile`."""
+    split = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    SPLITS = tl.num_programs(0)
+    if head < 2:
+        ks = 3
+        first = 0
+        crpe_w = crpe_w3
+    elif head < 5:
+        ks = 5
+        first = 2
+        crpe_w = crpe_w5
+    else:
+        ks = 7
+        first = 5
+        crpe_w = crpe_w7
+    R = ks // 2
+    last = ks * ks - 1
+    c = tl.arange(0, D_PAD)
+    cmask = c < D
+    base = (b * CP + head * D) * N                      # the head's first channel row (int64)
+    dr_h = dr + base
+    v_h = v + base
+    dv_h = dv + base
+    w_rows = crpe_w + ((head - first) * D + c) * (ks * ks)
+    prow = (b * SPLITS + split) * CP + head * D + c
+    pw_rows = part_w + prow * 49
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
+    gb = tl.zeros([D_PAD], dtype=tl.float32)
+    t = t0
+    while t < t1:                                       # [D_PAD, BLOCK_P] tiles: channels x tokens
+        n = t * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = n < N
+        y = n // W
+        x = n % W
+        own = c[:, None] * N + n[None, :]               # offsets in the head's rows (int32)
+        dr_t = tl.load(dr_h + own, mask=cmask[:, None] & pmask[None, :], other=0.0)
+        gb += tl.sum(dr_t, axis=1)
+        keep = cmask & (t > t0)                         # partials to add to (none on the first tile)
+        conv = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
+        ky = 0
+        while ky < ks:
+            row_ok = pmask & (y + ky - R >= 0) & (y + ky - R < H)
+            row = own + ((ky - R) * W - R)                                    # tap (ky, 0)
+            kx = 0
+            while kx < ks:
+                ok = row_ok & (x + kx - R >= 0) & (x + kx - R < W)
+                mk = cmask[:, None] & ok[None, :]
+                tap = ky * ks + kx
+                wv = tl.load(w_rows + (last - tap), mask=cmask, other=0.0)
+                conv += tl.load(dr_h + (row + kx), mask=mk, other=0.0) * wv[:, None]
+                vs = tl.load(v_h + (row + kx), mask=mk, other=0.0).to(tl.float32)
+                gw = tl.sum(dr_t * vs, axis=1)
+                gw += tl.load(pw_rows + tap, mask=keep, other=0.0)
+                tl.store(pw_rows + tap, gw, mask=cmask)
+                kx += 1
+            ky += 1
+        ptr = dv_h + own
+        m2 = cmask[:, None] & pmask[None, :]
+        tl.store(ptr, tl.load(ptr, mask=m2, other=0.0) + conv, mask=m2)
+        # the next tile reads part_w back, possibly in other threads than those that wrote it
+        # (the [D_PAD] layouts of the sums need not match the loads'): a CTA barrier orders them
+        tl.debug_barrier()
+        t += 1
+    tl.store(part_b + prow, gb, mask=cmask)
+
+
+# ================================================================ launchers
+#: split-N: about this many programs for the token reductions (B1, CRPE), as the forward
+SPLIT_TARGET = 1024
+
+
+def _split_plan(N: int, B: int, block: int) -> Tuple[int, int]:
+    """(splits, tiles_per_split) for about SPLIT_TARGET programs, 8 (heads) per image and split."""
+    return split_plan(N, B, block, SPLIT_TARGET, NUM_HEADS)
+
+
+def _tile(table: Dict[int, Tuple[int, int]], d: int, N: int, block: int = 0) -> Tuple[int, int]:
+    """(tokens per tile, num_warps): `block` if given, one large tile under the interpreter, else the table's."""
+    bp, warps = table[dot_pad(d)]
+    if block:
+        return block, warps
+    if interpreting():
+        return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), warps
+    return bp, warps
+
+
+def _channels_first(x: Tensor) -> Tensor:
+    """x (B, 8, d, N) as a contiguous channels-first tensor (a copy only when it is not one)."""
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def plan_b1(Q: Tensor, dA: Tensor, scale: float, dots: Optional[DotVariant] = None, block: int = 0
+            ) -> Tuple[Tensor, List[Launch]]:
+    """(fp32 partials (B, 8, SPLITS, d, d), [launch]) of B1 without launching (meta tensors work)."""
+    B, h, d, N = Q.shape
+    assert h == NUM_HEADS and dA.shape == Q.shape, (Q.shape, dA.shape)
+    dots = dots or dot_variant(Q)
+    bn, warps = _tile(B1_TILES, d, N, block)
+    splits, tps = _split_plan(N, B, bn)
+    part = _alloc((B, h, splits, d, d), torch.float32, Q.device)
+    args = (Q, dA, part, N, tps, float(scale), *Q.stride(), *dA.stride())
+    kwargs = dict(D=d, D_PAD=dot_pad(d), BLOCK_N=bn, DOT_PRECISION=dots.precision, EMULATE_DOTS=dots.emulate,
+                  num_warps=warps)
+    return part, [(gma_b1_dkv_kernel, (splits, h, B), args, kwargs)]
+
+
+def _run(launches: List[Launch], like: Tensor) -> None:
+    """Launch in order under like's CUDA device, through wrap_triton (torch.compile sees the kernels)."""
+    with device_guard(like):
+        for kernel, grid, args, kwargs in launches:
+            wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def b1_dkv(Q: Tensor, dA: Tensor, scale: float, block: int = 0) -> Tensor:
+    """B1 as kernels: dKV (B, 8, d, d) fp32 = scale * Q dA^T over tokens; Q, dA (B, 8, d, N), any
+    strides, fp32/fp16/bf16. `block`: tokens per tile (tests; default the tile table's)."""
+    part, launches = plan_b1(Q, dA, scale, block=block)
+    _run(launches, Q)
+    return part[:, :, 0] if part.shape[2] == 1 else part.sum(2)
+
+
+def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
+            dots: Optional[DotVariant] = None, block: int = 0) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """Buffers and the two launches of B2 without launching (meta tensors work).
+
+    Buffers: dP (3B, C', H, W) fp32 (the result), dR (B, C', N) fp32, k_max, k_sum (B, 8, d) fp32,
+    part_w (B, SPLITS, C', 49) and part_b (B, SPLITS, C') fp32 (the CRPE gradient partials)."""
+    P, KV, R = rc["P"], rc["KV"], rc["R"]
+    B, h, d, N = dA.shape
+    H, W = P.shape[-2:]
+    cp = h * d
+    dots = dots or dot_variant(dA)
+    Q, K, V = (_channels_first(P[j * B:(j + 1) * B]) for j in range(3))
+    k_max, k_sum = rc.get("k_max"), rc.get("k_sum")
+    if k_max is None:     # not from a recompute kernel (yet): PyTorch passes over K
+        Kh = K.reshape(B, h, d, N).float()
+        k_max = Kh.amax(dim=-1)
+        k_sum = torch.exp(Kh - k_max[..., None]).sum(dim=-1)
+    f32 = (torch.float32, dA.device)
+    buf = {"dP": _alloc((3 * B, cp, H, W), *f32), "dR": _alloc((B, cp, N), *f32),
+           "k_max": k_max.float().contiguous(), "k_sum": k_sum.float().contiguous()}
+    dP = buf["dP"]
+    bp, warps = _tile(B2_TILES, d, N, block)
+    args = (dA, Q, K, V, _channels_first(R), KV.float().contiguous(), dKV.float().contiguous(), buf["k_max"],
+            buf["k_sum"], dP[:B], dP[B:2 * B], dP[2 * B:], buf["dR"], N, float(scale), *dA.stride())
+    kwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bp, DOT_PRECISION=dots.precision,
+                  EMULATE_DOTS=dots.emulate, num_warps=warps)
+    attn = (gma_b2_attention_kernel, (triton.cdiv(N, bp), h, B), args, kwargs)
+    bc, cwarps = _tile(CRPE_BWD_TILES, d, N, block)
+    splits, tps = _split_plan(N, B, bc)
+    buf["part_w"] = _alloc((B, splits, cp, 49), *f32)           # taps >= KS*KS of a head: never written
+    buf["part_b"] = _alloc((B, splits, cp), *f32)
+    crpe_w = [w.float().contiguous() for w in (wts.crpe_w3, wts.crpe_w5, wts.crpe_w7)]
+    cargs = (buf["dR"], V, dP[2 * B:], *crpe_w, buf["part_w"], buf["part_b"], N, H, W, tps)
+    ckwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bc, num_warps=cwarps)
+    crpe = (gma_b2_crpe_kernel, (splits, h, B), cargs, ckwargs)
+    return buf, [attn, crpe]
+
+
+def b2_proxy_grads(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
+                   block: int = 0) -> Tuple[Tensor, List[Tensor], Tensor]:
+    """B2 as kernels: dP (3B, C', H, W) = [dQ; dK; dV] fp32, the CRPE weight gradients (3x3, 5x5,
+    7x7) and the bias gradient, as `backward.b2_proxy_grads`. Reads rc["P"], rc["KV"], rc["R"]
+    and the softmax statistics rc["k_max"], rc["k_sum"] (B, 8, d) when present (else computed from K;
+    rc["Ks"] is not read)."""
+    buf, launches = plan_b2(dA, dKV, rc, wts, scale, block=block)
+    _run(launches, dA)
+    d = dA.shape[2]
+    part_w = buf["part_w"].sum(dim=(0, 1))                                    # (C', 49)
+    g_w = [part_w[a:b, :k * k].reshape(b - a, k, k) for (a, b), k in zip(crpe_groups(d), (3, 5, 7))]
+    return buf["dP"], g_w, buf["part_b"].sum(dim=(0, 1))

@@ -1,0 +1,244 @@
+"""Triton kernels of the aggregation-side backward (triton_kernels/aggregation_backward.py; issue 10
+item 2) against the PyTorch stage functions of triton_kernels/backward.py.
+
+Per case (C, odd grid, batch, batch statistics or not): the stage inputs come from
+`backward.recompute` on a random qkv with random folded weights (the training path's
+folding, `fold_batch_stats` / `fold_running_stats`), all in float64; the float64 stage
+function is the oracle, and each kernel, run on the fp32 copies of the same inputs, must be
+within 2x the fp32 stage function's own error against that oracle (+ FLOOR), errors as
+max |x - oracle| / max |oracle| per output (`helpers.assert_within_reference_error`). Under
+the Triton interpreter (tests/conftest.py) the kernels' dots are rounded as the GPU rounds
+them (`_common.mm`, EMULATE_DOTS; tests/test_triton_dot_emulation.py).
+
+Stages: b2_bn_sums, b3_dz, b3_pointwise_depthwise, b3_fused (b3_dz + b3_pointwise_depthwise
+with dZ formed in the pointwise kernel) and local_backward.
+
+The ahead-of-time check compiles every new kernel at the specialisation of a real call
+(GroupMixFormer-S's C=320 at 14x14, batch 128, fp32, training) for sm_80 and sm_90 in a
+subprocess without TRITON_INTERPRET (as tests/test_triton_compile.py does) and asserts zero
+register spills (ptxas -v).
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from gmf_kernels.folding import _build, fold_batch_stats  # noqa: E402
+from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights  # noqa: E402
+from gmf_kernels.training import fold_running_stats  # noqa: E402
+from gmf_kernels.triton_kernels import aggregation_backward as agb  # noqa: E402
+from gmf_kernels.triton_kernels import backward as bw  # noqa: E402
+from gmf_kernels.triton_kernels._common import interpreting  # noqa: E402
+from helpers import assert_within_reference_error  # noqa: E402
+from helpers import ROOT, have_triton_nvidia_backend, triton_compile_env  # noqa: E402
+
+DEVICE = "cpu" if interpreting() else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is off", allow_module_level=True)
+
+#: absolute part of the rule, relative to max |oracle|, about twice the 3xTF32 dots' own error
+#: (they drop the small x small product: 2^-22 relative per product, `_common.mm`): g_pw sums
+#: dz y over pixels in such dots and lands at 2-3x torch's fp32 error (measured 6.4e-7 against
+#: 2.2e-7 at C=80, 7x7, B=2), and where the fp32 stage function is exact (du_0 is dZ itself)
+#: the kernels still round once
+FLOOR = 5e-7
+
+#: (C, (H, W), B, batch statistics, GPU tiles): every C, grid, batch and mode at least once
+#: (few cases: the file's time budget). Under the interpreter the launchers use one large tile
+#: (`aggregation_backward.backward_tiles`); 14x14 takes two there (two splits: the partial sums
+#: are combined), B = 1 makes the u_j strided views of qkv (no copy), C = 200 (s = 40, padded
+#: to 64) runs the pointwise kernels in two output-channel blocks. The last case runs the GPU
+#: tiles under the interpreter: 16-channel blocks (the last one partly masked at s = 40), 16-
+#: and 128-pixel tiles, many splits.
+CASES = [(40, (5, 7), 1, True, False), (80, (7, 7), 2, False, False), (200, (14, 14), 1, True, False),
+         (200, (5, 7), 1, True, True)]
+IDS = [f"C{c}-{h}x{w}-B{b}-{'train' if t else 'eval'}{'-gpu_tiles' if gt else ''}" for c, (h, w), b, t, gt in CASES]
+
+
+def _fp32(x):
+    """fp32 copy on DEVICE of a tensor, a list of tensors, a dict of them, or folded weights."""
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {k: _fp32(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_fp32(t) for t in x]
+    if isinstance(x, tuple):
+        return type(x)(*[_fp32(t) for t in x])
+    return x.to(device=DEVICE, dtype=torch.float32)
+
+
+class Problem:
+    """One case: float64 stage inputs and oracle outputs; `.f32` copies of the inputs."""
+
+    def __init__(self, C, grid, B, training, gpu_tiles, seed):
+        self.gpu_tiles = gpu_tiles
+        H, W = grid
+        hp = default_hyper(C)
+        w = cast_weights(random_gma_weights(C, seed=seed))
+        g = torch.Generator().manual_seed(seed + 1)
+        qkv = torch.randn(B, H * W, 3 * C, dtype=torch.float64, generator=g)
+        with torch.no_grad():
+            if training:
+                z = torch.zeros(1, dtype=torch.float64)
+                self.mean, var, _ = bw.statistics(qkv, H, W, _build(w, z, z, torch.float64))
+                self.rstd = torch.rsqrt(var + hp.bn_eps)
+                folded = fold_batch_stats(w, self.mean, var, hp, torch.float64)
+            else:
+                self.mean = self.rstd = None
+                folded = fold_running_stats(w, hp, torch.float64)
+            self.wts = type(folded)(*[t.detach() for t in folded])
+            self.rc = bw.recompute(qkv, H, W, self.wts, hp.ln_eps)
+        s = C // 5
+        self.dP = torch.randn(3 * B, 4 * s, H, W, dtype=torch.float64, generator=g)
+        self.count = 3 * B * H * W
+        self.G, self.sum_g, self.sum_gz, self.sum_gzh = bw.b2_bn_sums(self.dP, self.rc, self.mean, self.rstd)
+        self.dZ = bw.b3_dz(self.G, self.rc, self.wts, self.mean, self.rstd, self.sum_g, self.sum_gzh, self.count)
+        # the local branch's gradient as pre_projection_backward slices it from grad_pre: a strided view
+        grad_pre = torch.randn(B, H * W, C, dtype=torch.float64, generator=g)
+        self.dL = grad_pre[..., 4 * s:].transpose(1, 2).reshape(B, s, H, W)
+
+    def dz_args(self, convert):
+        """(mean, rstd, sum_g, sum_gzh, count) of b3_dz / b3_fused, each through `convert`."""
+        return (convert(self.mean), convert(self.rstd), convert(self.sum_g), convert(self.sum_gzh), self.count)
+
+
+@pytest.fixture(scope="module", params=list(zip(CASES, range(len(CASES)))), ids=IDS)
+def problem(request):
+    return Problem(*request.param[0], seed=100 + request.param[1])
+
+
+@pytest.fixture
+def prob(problem, monkeypatch):
+    """The case, with the launchers planning GPU tiles under the interpreter where it asks so."""
+    if problem.gpu_tiles:
+        monkeypatch.setattr(agb, "interpreting", lambda: False)
+    return problem
+
+
+def check(got, ref32, oracle, name):
+    """Every output: the kernel within 2x the fp32 stage function's error (+ FLOOR)."""
+    if isinstance(oracle, (list, tuple)):
+        assert len(got) == len(oracle), name
+        for k, (a, r, o) in enumerate(zip(got, ref32, oracle)):
+            check(a, r, o, f"{name}[{k}]")
+        return
+    if oracle is None:
+        assert got is None, f"{name}: expected None"
+        return
+    assert got.dtype == torch.float32 and got.shape == oracle.shape, (name, got.dtype, got.shape)
+    assert_within_reference_error(got.cpu(), ref32.cpu(), oracle, factor=2.0, floor=FLOOR, name=name)
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["pre_act-recomputed", "pre_act-read"])
+def test_b2_bn_sums(prob, recompute):
+    """G = dP hardswish'(pre-activation) and the per-channel sums; the pre-activation from
+    Z and the BatchNorm affine (the kernel's path) or read from rc["pre_act"] (backward.py's
+    signature)."""
+    rc32 = _fp32(prob.rc)
+    oracle = (prob.G, prob.sum_g, prob.sum_gz, prob.sum_gzh)
+    ref32 = bw.b2_bn_sums(_fp32(prob.dP), rc32, _fp32(prob.mean), _fp32(prob.rstd))
+    if recompute:
+        rc32.pop("pre_act")                  # must not be needed
+    got = agb.b2_bn_sums(_fp32(prob.dP), rc32, _fp32(prob.mean), _fp32(prob.rstd),
+                         _fp32(prob.wts) if recompute else None)
+    check(got, ref32, oracle, "b2_bn_sums")
+
+
+def test_b3_dz(prob):
+    rc32, wts32 = _fp32(prob.rc), _fp32(prob.wts)
+    ref32 = bw.b3_dz(_fp32(prob.G), rc32, wts32, *prob.dz_args(_fp32))
+    got = agb.b3_dz(_fp32(prob.G), rc32, wts32, *prob.dz_args(_fp32))
+    check(got, ref32, prob.dZ, "b3_dz")
+
+
+def test_b3_pointwise_depthwise(prob):
+    """Input gradients of segments 0..3 and the depthwise / pointwise weight gradients from dZ."""
+    rc32, wts32 = _fp32(prob.rc), _fp32(prob.wts)
+    oracle = bw.b3_pointwise_depthwise(prob.dZ, prob.rc, prob.wts)
+    ref32 = bw.b3_pointwise_depthwise(_fp32(prob.dZ), rc32, wts32)
+    got = agb.b3_pointwise_depthwise(_fp32(prob.dZ), rc32, wts32)
+    check(got, ref32, oracle, "b3_pointwise_depthwise")
+
+
+def test_b3_fused(prob):
+    """dZ formed in the pointwise kernel's prologue: the same outputs as b3_dz followed by
+    b3_pointwise_depthwise (fp32 reference: those two stage functions in fp32)."""
+    rc32, wts32 = _fp32(prob.rc), _fp32(prob.wts)
+    oracle = bw.b3_pointwise_depthwise(prob.dZ, prob.rc, prob.wts)
+    dz32 = bw.b3_dz(_fp32(prob.G), rc32, wts32, *prob.dz_args(_fp32))
+    ref32 = bw.b3_pointwise_depthwise(dz32, rc32, wts32)
+    got = agb.b3_fused(_fp32(prob.G), rc32, wts32, *prob.dz_args(_fp32))
+    check(got, ref32, oracle, "b3_fused")
+
+
+def test_local_backward(prob):
+    """The local branch: hardswish, LayerNorm, 3s -> s pointwise, depthwise 3x3 (dL a strided view)."""
+    rc32, wts32 = _fp32(prob.rc), _fp32(prob.wts)
+    dL32 = _fp32(prob.dL)
+    assert not dL32.is_contiguous()
+    oracle = bw.local_backward(prob.dL, prob.rc, prob.wts)
+    ref32 = bw.local_backward(dL32, rc32, wts32)
+    got = agb.local_backward(dL32, rc32, wts32)
+    check(got, ref32, oracle, "local_backward")
+
+
+# ------------------------------------------------------------------ ahead-of-time compile, real shape
+_AOT_SCRIPT = r"""
+import json, sys, torch
+from gmf_kernels.folding import FoldedGMAWeights, weight_shapes
+from gmf_kernels.triton_kernels import aggregation_backward as agb, backward as bw, specializations as sp
+from gmf_kernels.triton_kernels._common import DotVariant
+from gmf_kernels.triton_kernels.config import capability_of_arch, dot_precision
+
+C, H, W, B = 320, 14, 14, 128                    # GroupMixFormer-S, stage 3, batch 128, fp32, training
+meta = dict(device="meta")
+shapes = weight_shapes(C)
+wts = FoldedGMAWeights(*(torch.empty(shapes[n], **meta) for n in FoldedGMAWeights._fields))
+rc = bw.recompute(torch.empty(B, H * W, 3 * C, **meta), H, W, wts, 1e-5)   # the real layouts of Z, u, y
+stats = torch.empty(4, C // 5, **meta)
+out, seen = [], set()
+for arch in map(int, sys.argv[1:]):
+    dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
+    for fn, grid, args, kwargs in agb.plan_stages(torch.empty_like(rc["Z"]), rc, wts, stats, stats, dots):
+        spec = sp.specialize_launch(fn, arch, args, kwargs)
+        if spec.key not in seen:
+            seen.add(spec.key)
+            out.append(sp.compile_one(spec))
+print(json.dumps(out))
+"""
+
+
+def test_aot_compile_real_shape_no_spills(tmp_path):
+    """Each new kernel, at the specialisation the launchers make for C=320, 14x14, batch 128,
+    fp32 with batch statistics (fused and unfused B3: pointwise DZ_MODE 0 and 2; the stencil
+    at 3x3, 5x5, 7x7 over s channels and 3x3 over the local branch's 3s; the local branch),
+    compiles for sm_80 and sm_90 with no register spills (-s prints the figures)."""
+    if not have_triton_nvidia_backend():
+        pytest.skip("Triton's NVIDIA backend / ptxas is not available")
+    env = triton_compile_env()
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")           # really compile
+    # one process per architecture, side by side (two cores)
+    procs = [subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, str(arch)], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for arch in (80, 90)]
+    res = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+        assert lines, f"compile script failed (rc={proc.returncode}):\n{err[-3000:]}"
+        res += json.loads(lines[-1])
+    assert sorted({(r["function"], r["arch"]) for r in res}) == sorted((f.__name__, a) for f in agb.KERNELS
+                                                                      for a in (80, 90))
+    assert len(res) == 2 * 9          # per arch: bn, dz, pw x 2 modes, dw x (3 windows + local 3x3), local
+    for r in res:
+        print(f"{r['label']} sm_{r['arch']}: {r['registers']} registers, spill stores {r['spill_stores']} B, "
+              f"loads {r['spill_loads']} B, stack {r['stack']} B")
+    bad = [r["label"] + f" sm_{r['arch']}" for r in res
+           if r["registers"] <= 0 or r["registers"] > 255 or r["spill_stores"] or r["spill_loads"] or r["stack"]
+           or r.get("cuobjdump_local", 0)]
+    assert not bad, f"register spills or unparsed ptxas report: {bad}"
+    assert all(r["line_info"] for r in res)

@@ -1,0 +1,184 @@
+"""Triton kernels of the attention backward (triton_kernels/attention_backward.py: B1 dKV, B2 dQ /
+dK / dV with the CRPE input, weight and bias gradients) against the PyTorch stage functions
+`backward.b1_dkv` / `backward.b2_proxy_grads` they replace, and compiled for sm_80 / sm_90.
+
+Numerics (Triton interpreter on CPU, the GPU's dot rounding emulated: `_common.mm`; compiled
+on a GPU): each stage alone, on fp32 inputs from the fp32 recompute of a random layer, the
+layouts `pre_projection_backward` passes (dA a token-major view of grad_pre, Q/K/V/R
+channels-first slices). The oracle is the float64 stage function on those same fp32 values
+(Ks = float64 softmax of the fp32 K), so an error is the stage's own arithmetic, not its
+inputs' rounding. Rule: error <= 2 x the error of the fp32 PyTorch stage function (measured
+here) + ROUNDING_FLOOR. The floor is needed: both errors are a few fp32 ulps (1e-7 .. 6e-7 of
+max |x| measured), and their ratio between two correct summation orders ranged 0.3 .. 4.0
+over seeds (the 3xTF32 dots drop the small x small term, 2^-22 relative; the interpreter's
+token sums are sequential where torch's are pairwise); a wrong tap, head, stride or a
+one-pass-TF32 dot is 1e-4 or worse.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from gmf_kernels.folding import fold_eval  # noqa: E402
+from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights  # noqa: E402
+from gmf_kernels.triton_kernels import attention_backward as ab  # noqa: E402
+from gmf_kernels.triton_kernels import backward as bw  # noqa: E402
+from gmf_kernels.triton_kernels._common import interpreting  # noqa: E402
+from helpers import assert_within_reference_error  # noqa: E402
+from helpers import ROOT, have_triton_nvidia_backend, triton_compile_env  # noqa: E402
+
+DEVICE = "cpu" if interpreting() else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is off", allow_module_level=True)
+
+#: 16 fp32 unit roundoffs (2^-24) of max |x|: below it two correct summation orders disagree by chance
+ROUNDING_FLOOR = 16 * 2.0 ** -24
+#: (C, (H, W), B): d = C / 10 = 4, 8, 20 (padded to 16, 16, 32), odd grids
+CASES = [(40, (5, 7), 2), (80, (7, 7), 1), (200, (14, 14), 1)]
+B2_OUTPUTS = ("dQ", "dK", "dV", "crpe_w3", "crpe_w5", "crpe_w7", "crpe_b")
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_buffers(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: an element a kernel leaves unwritten
+    (or reads before writing) reaches the results."""
+    from gmf_kernels.triton_kernels import launcher
+    monkeypatch.setattr(launcher, "POISON_BUFFERS", True)
+
+
+def stage_inputs(C, H, W, B, seed=0):
+    """The stage functions' inputs at fp32 (fp32 recompute of a random layer) and the same
+    values in float64 (Ks recomputed in float64) for the oracle."""
+    hp = default_hyper(C)
+    gen = torch.Generator().manual_seed(seed)
+    w32 = fold_eval(cast_weights(random_gma_weights(C, seed=seed)), hp)
+    w32 = type(w32)(*[t.to(DEVICE) for t in w32])
+    N, d = H * W, C // 10
+    qkv = torch.randn(B, N, 3 * C, generator=gen).to(DEVICE)
+    grad_pre = torch.randn(B, N, C, generator=gen).to(DEVICE)
+    rc32 = bw.recompute(qkv, H, W, w32, hp.ln_eps)
+    rc64 = {k: rc32[k].double() for k in ("P", "KV", "R")}
+    rc64["Ks"] = torch.softmax(rc64["P"][B:2 * B].reshape(B, 8, d, N), dim=-1)
+
+    def views(g, P):   # as pre_projection_backward takes them
+        return g[..., :8 * d].transpose(1, 2).reshape(B, 8, d, N), P[:B].reshape(B, 8, d, N)
+
+    dA32, Q32 = views(grad_pre, rc32["P"])
+    dA64, Q64 = views(grad_pre.double(), rc64["P"])
+    return dict(scale=hp.scale, w32=w32, w64=type(w32)(*[t.double() for t in w32]), rc32=rc32, rc64=rc64,
+                dA32=dA32, Q32=Q32, dA64=dA64, Q64=Q64)
+
+
+def b2_outputs(res, B):
+    """(dQ, dK, dV, crpe_w3, crpe_w5, crpe_w7, crpe_b) of a b2_proxy_grads result."""
+    dP, g_w, g_b = res
+    return [dP[j * B:(j + 1) * B] for j in range(3)] + list(g_w) + [g_b]
+
+
+def check_stages(x, B, block=0):
+    """B1, then B2 fed the oracle's dKV rounded to fp32 (each stage checked alone)."""
+    s = x["scale"]
+    oracle = bw.b1_dkv(x["Q64"], x["dA64"], s)
+    got = ab.b1_dkv(x["Q32"], x["dA32"], s, block=block)
+    assert got.dtype == torch.float32
+    assert_within_reference_error(got, bw.b1_dkv(x["Q32"], x["dA32"], s), oracle, floor=ROUNDING_FLOOR,
+                                  name="B1 dKV")
+    dKV = oracle.float()
+    exp = b2_outputs(bw.b2_proxy_grads(x["dA64"], oracle, x["rc64"], x["w64"], s), B)
+    ref = b2_outputs(bw.b2_proxy_grads(x["dA32"], dKV, x["rc32"], x["w32"], s), B)
+    got = b2_outputs(ab.b2_proxy_grads(x["dA32"], dKV, x["rc32"], x["w32"], s, block=block), B)
+    for name, g, r, e in zip(B2_OUTPUTS, got, ref, exp):
+        assert g.dtype == torch.float32, name
+        assert_within_reference_error(g, r, e, floor=ROUNDING_FLOOR, name=f"B2 {name}")
+
+
+@pytest.mark.parametrize("C, grid, B", CASES, ids=[f"C{c}-{h}x{w}-B{b}" for c, (h, w), b in CASES])
+def test_stages_match_pytorch(C, grid, B):
+    check_stages(stage_inputs(C, *grid, B, seed=C), B)
+
+
+def test_split_runs_of_tiles(monkeypatch):
+    """GPU-sized 16-token tiles, 3 tiles, split-N into 2 runs of up to 2 tiles: the partial sums
+    of B1, the CRPE weight-gradient read-modify-write after a run's first tile, a ragged last tile."""
+    monkeypatch.setattr(ab, "SPLIT_TARGET", 16)
+    assert ab._split_plan(33, 1, 16) == (2, 2)
+    check_stages(stage_inputs(40, 3, 11, 1, seed=3), 1, block=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_b1_low_precision_inputs(dtype):
+    """fp16 / bf16 Q, dA (the kernels load fp32, fp16 or bf16 and accumulate in fp32): dKV within
+    the fp32 rule of those rounded values (oracle: the same values in float64). Their products are
+    exact in TF32 (10 explicit mantissa bits hold fp16's and bf16's), so nothing is rounded below fp32."""
+    x = stage_inputs(40, 5, 7, 1, seed=1)
+    s = x["scale"]
+    Q, dA = x["Q32"].to(dtype), x["dA32"].to(dtype)
+    oracle = bw.b1_dkv(Q.double(), dA.double(), s)
+    got = ab.b1_dkv(Q, dA, s)
+    assert got.dtype == torch.float32
+    assert_within_reference_error(got, bw.b1_dkv(Q.float(), dA.float(), s), oracle, floor=ROUNDING_FLOOR,
+                                  name=f"B1 dKV from {dtype}")
+
+
+def test_b2_float16_inputs():
+    """fp16 dA, P, KV, R (bf16 loads take the same `.to(tl.float32)` path): every B2 output fp32 and
+    within 2x the error of the PyTorch stage function at float16 (its dots' fp32 operands KV, dKV,
+    Ks go through one TF32 pass for these inputs, `config.ARCH_DOTS`). Measured over 5 seeds: dK and
+    dV 0.25-1.2x the reference's error (TF32 operands, 2^-11, about fp16's rounding), the rest 1000x below."""
+    B, dtype = 1, torch.float16
+    x = stage_inputs(40, 5, 7, B, seed=1)
+    s = x["scale"]
+    dA = x["dA32"].to(dtype)
+    dKV = bw.b1_dkv(x["Q64"], x["dA64"], s)
+    rc = {k: x["rc32"][k].to(dtype) for k in ("P", "KV", "R")}
+    rc64 = {k: t.double() for k, t in rc.items()}
+    rc64["Ks"] = torch.softmax(rc64["P"][B:2 * B].reshape(dKV.shape[:3] + (-1,)), dim=-1)
+    rc["Ks"] = rc64["Ks"].to(dtype)
+    exp = b2_outputs(bw.b2_proxy_grads(dA.double(), dKV, rc64, x["w64"], s), B)
+    ref = b2_outputs(bw.b2_proxy_grads(dA, dKV.to(dtype), rc, type(x["w64"])(*[w.to(dtype) for w in x["w64"]]),
+                                       s), B)
+    got = b2_outputs(ab.b2_proxy_grads(dA, dKV.float(), rc, x["w32"], s), B)
+    for name, g, r, e in zip(B2_OUTPUTS, got, ref, exp):
+        assert g.dtype == torch.float32, name
+        assert_within_reference_error(g, r, e, floor=ROUNDING_FLOOR, name=f"B2 {name} from {dtype}")
+
+
+_AOT_SCRIPT = r"""
+import json
+from gmf_kernels.triton_kernels import specializations as sp
+
+call = sp.Call(C=320, H=14, W=14, B=128, dtype="fp32")      # GroupMixFormer-S, stage 3
+out = []
+for arch in (80, 90):
+    for spec in sp.backward_specializations_of_call(call, arch):   # the JIT's own specialisation
+        rep = sp.compile_one(spec)
+        rep["kernel"] = spec.kernel
+        out.append(rep)
+print(json.dumps(out))
+"""
+
+
+def test_compiles_without_spills(tmp_path):
+    """Each kernel at the specialisation a real call makes (GroupMixFormer-S C=320 at 14x14,
+    batch 128, fp32: plan_b1 / plan_b2 on meta tensors in pre_projection_backward's layouts, then
+    Triton's JIT binder), compiled for sm_80 and sm_90 into an empty cache: zero spills (ptxas -v)."""
+    if not have_triton_nvidia_backend():
+        pytest.skip("Triton's NVIDIA backend / ptxas is not available")
+    env = triton_compile_env()
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    assert lines, f"compile script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+    res = json.loads(lines[-1])
+    kernels = ("gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe_kernel")
+    assert sorted((r["kernel"], r["arch"]) for r in res) == sorted((k, a) for k in kernels for a in (80, 90))
+    for r in res:
+        assert 0 < r["registers"] <= 255, r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, r
+        assert (r["tf32_conversions"] > 0) == (r["kernel"] != "gma_b2_crpe_kernel"), r   # 3xTF32 dots
+        assert "N%16" not in r["specialised"].split(), r
