@@ -10,7 +10,8 @@ from helpers import assert_max_rel_close as assert_rel
 from helpers import BUFFER_FIELDS, PARAM_FIELDS, assert_within_reference_error, named_fields, skip_unless_supported
 
 
-def make(C, H, W, B, seed=0):
+def make(C, H, W, B, seed=0, device="cpu"):
+    """float64 weights with non-trivial running statistics and an input x (B, H*W, C), on `device`."""
     w = random_gma_weights(C, seed=1000 * C + 10 * H + W + seed)
     with torch.no_grad():  # non-trivial running statistics (eval mode folds them)
         g = torch.Generator().manual_seed(seed + 5)
@@ -18,7 +19,7 @@ def make(C, H, W, B, seed=0):
             w.bn_running_mean[i].copy_(0.3 * torch.randn(w.bn_running_mean[i].shape, generator=g, dtype=torch.float64))
             w.bn_running_var[i].copy_(0.5 + 1.5 * torch.rand(w.bn_running_var[i].shape, generator=g, dtype=torch.float64))
     x = torch.randn(B, H * W, C, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 11))
-    return w, x
+    return cast_weights(w, device=device), x.to(device)
 
 
 def run(backend, x0, size, w, dtype, training, momentum=0.1, steps=1):
@@ -32,7 +33,7 @@ def run(backend, x0, size, w, dtype, training, momentum=0.1, steps=1):
         out = gmf_kernels.group_mix_attention(x, size, wc, training=training, bn_momentum=momentum, backend=backend)
     params = named_fields(wc, PARAM_FIELDS)
     lw = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    grads = torch.autograd.grad((out * lw.to(dtype)).sum(), [x] + [t for _, t in params])
+    grads = torch.autograd.grad((out * lw.to(dtype=dtype, device=out.device)).sum(), [x] + [t for _, t in params])
     named = {"x": grads[0], **{n: g for (n, _), g in zip(params, grads[1:])}}
     return out.detach(), named, {n: t.clone() for n, t in named_fields(wc, BUFFER_FIELDS)}
 
