@@ -16,16 +16,16 @@ program walks ``tiles_per_split`` consecutive tiles and keeps its part of every 
 (BatchNorm sums, weight gradients) in registers; the few partials (SPLITS x weights) are
 summed by one small torch reduction in the launcher (no atomics: deterministic).
 
-* `bn_grad_kernel` (`b2_bn_sums`): G = dP * hardswish'(Z a + b), the pre-activation
+* `gma_bn_grad_kernel` (`b2_bn_sums`): G = dP * hardswish'(Z a + b), the pre-activation
   recomputed from Z and the BatchNorm affine (pre_act not read), G stored, and the
   per-channel partials of sum(G), sum(G Z), sum(G Zhat).
-* `dz_kernel` (`b3_dz`): dZ = ka G + kz Z + k0 per channel (`dz_coefficients`: the
+* `gma_dz_kernel` (`b3_dz`): dZ = ka G + kz Z + k0 per channel (`dz_coefficients`: the
   batch-statistics terms, or ka = a), on a channel range.
-* `pw_backward_kernel` (`b3_pointwise_depthwise`, channel mix): per segment j = 1..3, per
+* `gma_pw_backward_kernel` (`b3_pointwise_depthwise`, channel mix): per segment j = 1..3, per
   pixel tile, dy = pw_jᵀ dz (``tl.dot``, pw_j loaded once per program) into a fp32 scratch
   buffer, and g_pw_j += dz yᵀ (``tl.dot`` over the tile's pixels, fp32 accumulator in
   registers). Its prologue can form dz from G and Z itself (`b3_fused`).
-* `dw_backward_kernel` (`b3_pointwise_depthwise`, `local_backward`; generic: the backward of
+* `gma_dw_backward_kernel` (`b3_pointwise_depthwise`, `local_backward`; generic: the backward of
   any depthwise "same" KSxKS convolution): du = correlation of dy with the flipped window
   (masked at the image border) and the weight-gradient partials g_w[c, t] = sum_p u[c, p]
   dy[c, p - t + R]: both use the SAME shifted dy value of a tap, so dy is read once per tap
@@ -34,10 +34,10 @@ summed by one small torch reduction in the launcher (no atomics: deterministic).
   tap, and a per-tap read-modify-write in global memory would race between the program's
   threads). The CRPE backward (input and weight gradient of its 3x3/5x5/7x7 depthwise) has
   the same shape and can launch it as is (`plan_dw_backward`).
-* `local_backward_kernel` (`local_backward`): hardswish and LayerNorm backward per pixel
+* `gma_local_backward_kernel` (`local_backward`): hardswish and LayerNorm backward per pixel
   (over the s channels, recomputed by each program of a tile), then the 3s -> s pointwise's
   input gradient dw4 = local_pwᵀ dz4 and weight gradient (``tl.dot``), and the LayerNorm
-  affine's gradients; the depthwise 3x3 over the 3s channels is `dw_backward_kernel`.
+  affine's gradients; the depthwise 3x3 over the 3s channels is `gma_dw_backward_kernel`.
 
 Why `b3_fused` forms dZ in the pointwise kernel's prologue (bytes per pixel, fp32, s
 channels per segment): separately, b3_dz reads G, Z and writes dZ over 4s channels (48 s B;
@@ -56,14 +56,14 @@ segments 1..3; the halo comes from L1/L2. Same for dw4 in the local branch.
 
 Bounds aimed at, from byte and FLOP counts (not measured: no GPU here):
 
-* `bn_grad_kernel`: 12 B (read dP, Z; write G) per element for ~12 FLOP; `dz_kernel`: 12 B
+* `gma_bn_grad_kernel`: 12 B (read dP, Z; write G) per element for ~12 FLOP; `gma_dz_kernel`: 12 B
   (8 B eval): HBM-bandwidth bound.
-* `pw_backward_kernel`: 4 s² FLOP per pixel and segment (dy and g_pw, 3xTF32 tensor cores)
+* `gma_pw_backward_kernel`: 4 s² FLOP per pixel and segment (dy and g_pw, 3xTF32 tensor cores)
   against 12 s B (read dz, y; write dy; fused: 16 s B): s/3 FLOP/B, 21 at s = 64: below the
   3xTF32 ridge of an H100 (~50 FLOP/B: a third of the TF32 peak over HBM bandwidth), near
-  an A100's (~26): memory bound, or nearly. `local_backward_kernel`: 12 s² FLOP against
+  an A100's (~26): memory bound, or nearly. `gma_local_backward_kernel`: 12 s² FLOP against
   (8 s + 1) 4 B per pixel: 0.37 s FLOP/B, alike.
-* `dw_backward_kernel`: 4 KS² FLOP per element (du and g_w) against 12 B (read dy, u; write
+* `gma_dw_backward_kernel`: 4 KS² FLOP per element (du and g_w) against 12 B (read dy, u; write
   du): KS²/3 FLOP/B = 3, 8, 16 for 3x3, 5x5, 7x7, against an fp32 CUDA-core ridge of ~10
   (A100) / ~20 (H100) FLOP/B: memory bound at 3x3 and 5x5, compute bound at 7x7 on an A100;
   the per-tap pixel reduction of g_w (shuffles) comes on top.
@@ -117,7 +117,7 @@ def _dz_from_g(gv, zv, ka, kz, k0, BATCH_STATS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "N", "tiles_per_split"])
-def bn_grad_kernel(dP, Z, pre_act, G, part, bn_scale, bn_shift, mean, rstd, M, N, tiles_per_split,
+def gma_bn_grad_kernel(dP, Z, pre_act, G, part, bn_scale, bn_shift, mean, rstd, M, N, tiles_per_split,
                    CP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                    BATCH_STATS: tl.constexpr, RECOMPUTE: tl.constexpr):
     """Grid (SPLITS, cdiv(CP, BLOCK_C)). dP, Z, pre_act, G: (3B, CP, N) contiguous fp32;
@@ -161,7 +161,7 @@ def bn_grad_kernel(dP, Z, pre_act, G, part, bn_scale, bn_shift, mean, rstd, M, N
 
 
 @triton.jit(do_not_specialize=["M", "N", "tiles_per_split", "c_lo"])
-def dz_kernel(G, Z, dZ, coefs, M, N, tiles_per_split, c_lo,
+def gma_dz_kernel(G, Z, dZ, coefs, M, N, tiles_per_split, c_lo,
               CP: tl.constexpr, NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
               BATCH_STATS: tl.constexpr):
     """Grid (SPLITS, cdiv(NC, BLOCK_C)): dZ (3B, NC, N) = channels [c_lo, c_lo + NC) of
@@ -189,7 +189,7 @@ def dz_kernel(G, Z, dZ, coefs, M, N, tiles_per_split, c_lo,
 
 
 @triton.jit(do_not_specialize=["M", "N", "tiles_per_split"])
-def pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
+def gma_pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
                        M, N, tiles_per_split, stride_yb, stride_yc, stride_yn,
                        S: tl.constexpr, CP: tl.constexpr, S_PAD: tl.constexpr, BLOCK_I: tl.constexpr,
                        BLOCK_P: tl.constexpr, DZ_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -253,7 +253,7 @@ def pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
 
 
 @triton.jit(do_not_specialize=["M", "N", "H", "W", "KS", "tiles_per_split"])
-def dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_split,
+def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_split,
                        stride_db, stride_dc, stride_dn, stride_ub, stride_uc, stride_un,
                        NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TAPS_PAD: tl.constexpr):
     """Backward of a depthwise KSxKS "same" convolution out = dwconv(u, w), w (NC, KS, KS) fp32.
@@ -302,12 +302,12 @@ def dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_split,
 
 
 @triton.jit(do_not_specialize=["M", "N", "tiles_per_split"])
-def local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw4, part_gpw, part_ln,
+def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw4, part_gpw, part_ln,
                           M, N, tiles_per_split, stride_lb, stride_lc, stride_ln,
                           S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
     """The local branch down to its depthwise (`backward.local_backward`; the depthwise is
-    `dw_backward_kernel`). Grid (3 S_PAD / BLOCK_I, SPLITS): program (which * S_PAD / BLOCK_I
+    `gma_dw_backward_kernel`). Grid (3 S_PAD / BLOCK_I, SPLITS): program (which * S_PAD / BLOCK_I
     + ib, split), which = q, k, v part of the 3s pointwise inputs, ib a block of BLOCK_I of them:
 
         gL  = dL hardswish'(xh ln_weight + ln_bias)        xh: LayerNorm output before the affine
@@ -363,7 +363,7 @@ def local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw4, p
 
 
 #: every kernel of this file (the ahead-of-time compile check resolves them by name)
-KERNELS = (bn_grad_kernel, dz_kernel, pw_backward_kernel, dw_backward_kernel, local_backward_kernel)
+KERNELS = (gma_bn_grad_kernel, gma_dz_kernel, gma_pw_backward_kernel, gma_dw_backward_kernel, gma_local_backward_kernel)
 
 
 # ================================================================ launchers
@@ -380,8 +380,8 @@ INTERPRETER_BLOCK_P = 512
 class BackwardTiles:
     """Tiles of the aggregation-backward kernels (heuristic, not tuned: no GPU here).
 
-    BLOCK_C x BLOCK_P, WARPS: [channels, pixels] tiles of `bn_grad_kernel`, `dz_kernel`,
-    `dw_backward_kernel`. PW_BLOCK_P, PW_WARPS: pixels per tile and warps of the two
+    BLOCK_C x BLOCK_P, WARPS: [channels, pixels] tiles of `gma_bn_grad_kernel`, `gma_dz_kernel`,
+    `gma_dw_backward_kernel`. PW_BLOCK_P, PW_WARPS: pixels per tile and warps of the two
     channel-mix kernels, whose output channels go in blocks of BLOCK_I = PW_TILE_ELEMS /
     S_PAD (at most S_PAD), so the two register tiles held for a program's life (the weight
     rows [BLOCK_I, S_PAD] and the weight-gradient accumulator [S_PAD, BLOCK_I]) stay at
@@ -460,7 +460,7 @@ def dz_coefficients(bn_scale: Tensor, mean: Optional[Tensor], rstd: Optional[Ten
 
 def plan_bn_sums(dP: Tensor, Z: Tensor, bn_scale: Tensor, bn_shift: Tensor, mean: Optional[Tensor],
                  rstd: Optional[Tensor], pre_act: Optional[Tensor] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
-    """Buffers (G, part) and the launch of `bn_grad_kernel` (pre_act given: read, not recomputed)."""
+    """Buffers (G, part) and the launch of `gma_bn_grad_kernel` (pre_act given: read, not recomputed)."""
     dP, Z = _check(dP, "dP"), _check(Z, "Z")
     I, CP, H, W = Z.shape
     N, M = H * W, I * H * W
@@ -476,12 +476,12 @@ def plan_bn_sums(dP: Tensor, Z: Tensor, bn_scale: Tensor, bn_shift: Tensor, mean
             M, N, tps)
     kw = dict(CP=CP, BLOCK_C=tiles.BLOCK_C, BLOCK_P=tiles.BLOCK_P, BATCH_STATS=stats, RECOMPUTE=pre_act is None,
               num_warps=tiles.WARPS)
-    return buf, [(bn_grad_kernel, (splits, cblocks), args, kw)]
+    return buf, [(gma_bn_grad_kernel, (splits, cblocks), args, kw)]
 
 
 def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int
             ) -> Tuple[Dict[str, Tensor], List[Launch]]:
-    """Buffer dZ (3B, nc, H, W) and the launch of `dz_kernel` on channels [c_lo, c_lo + nc)
+    """Buffer dZ (3B, nc, H, W) and the launch of `gma_dz_kernel` on channels [c_lo, c_lo + nc)
     (coefs: `dz_coefficients`; stats: batch statistics, Z read)."""
     G, Z = _check(G, "G"), _check(Z, "Z")
     I, CP, H, W = G.shape
@@ -493,13 +493,13 @@ def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int
     buf = {"dZ": torch.empty(I, nc, H, W, dtype=torch.float32, device=G.device)}
     args = (G, Z, buf["dZ"], coefs, M, N, tps, c_lo)
     kw = dict(CP=CP, NC=nc, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, BATCH_STATS=stats, num_warps=tiles.WARPS)
-    return buf, [(dz_kernel, (splits, cblocks), args, kw)]
+    return buf, [(gma_dz_kernel, (splits, cblocks), args, kw)]
 
 
 def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coefs: Tensor, mode: int,
                      dots: DotVariant) -> Tuple[Dict[str, Tensor], List[Launch]]:
-    """Buffers (dy (3, 3B, s, H, W), part_gpw) and the launch of `pw_backward_kernel`.
-    dz_src: dZ (mode 0) or G (modes 1, 2: `pw_backward_kernel`'s DZ_MODE; coefs:
+    """Buffers (dy (3, 3B, s, H, W), part_gpw) and the launch of `gma_pw_backward_kernel`.
+    dz_src: dZ (mode 0) or G (modes 1, 2: `gma_pw_backward_kernel`'s DZ_MODE; coefs:
     `dz_coefficients`, unread in mode 0)."""
     dz_src, Z = _check(dz_src, "dZ/G"), _check(Z, "Z")
     I, CP, H, W = dz_src.shape
@@ -522,11 +522,11 @@ def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coe
             M, N, tps, *ys[0][1:])
     kw = dict(S=S, CP=CP, S_PAD=S_PAD, BLOCK_I=block_i, BLOCK_P=tiles.PW_BLOCK_P, DZ_MODE=mode,
               DOT_PRECISION=dots.precision, EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
-    return buf, [(pw_backward_kernel, (blocks, splits), args, kw)]
+    return buf, [(gma_pw_backward_kernel, (blocks, splits), args, kw)]
 
 
 def plan_dw_backward(dy: Tensor, u: Tensor, w: Tensor) -> Tuple[Dict[str, Tensor], List[Launch]]:
-    """Buffers (du (I, c, H, W), part_gw) and the launch of `dw_backward_kernel` for the
+    """Buffers (du (I, c, H, W), part_gw) and the launch of `gma_dw_backward_kernel` for the
     depthwise "same" convolution dwconv(u, w), w (c, k, k), given dy (I, c, H, W): generic
     (the CRPE's 3x3/5x5/7x7 depthwise backward can use it as is)."""
     I, NC, H, W = u.shape
@@ -547,13 +547,13 @@ def plan_dw_backward(dy: Tensor, u: Tensor, w: Tensor) -> Tuple[Dict[str, Tensor
            "part_gw": torch.empty(splits, cblocks * block_c, taps_pad, dtype=torch.float32, device=dev)}
     args = (dy_, u_, w.contiguous(), buf["du"], buf["part_gw"], M, N, H, W, KS, tps, sdb, sdc, sdn, sub, suc, sun)
     kw = dict(NC=NC, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, TAPS_PAD=taps_pad, num_warps=tiles.WARPS)
-    return buf, [(dw_backward_kernel, (splits, cblocks), args, kw)]
+    return buf, [(gma_dw_backward_kernel, (splits, cblocks), args, kw)]
 
 
 def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, dots: DotVariant
                         ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers (dw4 (B, 3s, H, W), part_gpw, part_ln, then du4 and part_gw of the depthwise)
-    and the two launches of the local branch: `local_backward_kernel`, `dw_backward_kernel`."""
+    and the two launches of the local branch: `gma_local_backward_kernel`, `gma_dw_backward_kernel`."""
     B, S, H, W = dL.shape
     S_PAD = dot_pad(S)
     N, M = H * W, B * H * W
@@ -575,7 +575,7 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
               EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
     bufd, ld = plan_dw_backward(buf["dw4"], rc["u4"], wts.local_dw)
     buf.update(bufd)
-    return buf, [(local_backward_kernel, (blocks, splits), args, kw)] + ld
+    return buf, [(gma_local_backward_kernel, (blocks, splits), args, kw)] + ld
 
 
 def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor],
@@ -610,7 +610,7 @@ def _launch(launches: List[Launch], like: Tensor) -> None:
 
 def b2_bn_sums(dP: Tensor, rc: Dict[str, Tensor], mean: Optional[Tensor], rstd: Optional[Tensor],
                wts: Optional[FoldedGMAWeights] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """`backward.b2_bn_sums` on `bn_grad_kernel`: (G, sum(G), sum(G Z), sum(G Zhat) or None).
+    """`backward.b2_bn_sums` on `gma_bn_grad_kernel`: (G, sum(G), sum(G Z), sum(G Zhat) or None).
 
     wts (extra, optional): the folded weights; given, the pre-activation is recomputed from
     rc["Z"] and wts.bn_scale / bn_shift (rc["pre_act"] is not read: 4 B per element less);
@@ -629,7 +629,7 @@ def b2_bn_sums(dP: Tensor, rc: Dict[str, Tensor], mean: Optional[Tensor], rstd: 
 
 def b3_dz(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor], rstd: Optional[Tensor],
           sum_g: Tensor, sum_gzh: Optional[Tensor], count) -> Tensor:
-    """`backward.b3_dz` on `dz_kernel` (every channel)."""
+    """`backward.b3_dz` on `gma_dz_kernel` (every channel)."""
     coefs = dz_coefficients(wts.bn_scale, mean, rstd, sum_g, sum_gzh, count)
     buf, launches = plan_dz(G, rc["Z"], coefs, mean is not None, 0, G.shape[1])
     _launch(launches, G)
@@ -652,7 +652,7 @@ def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, T
 
 def b3_pointwise_depthwise(dZ: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
                            ) -> Tuple[List[Tensor], List[Tensor], Tensor]:
-    """`backward.b3_pointwise_depthwise` on `pw_backward_kernel` + `dw_backward_kernel`:
+    """`backward.b3_pointwise_depthwise` on `gma_pw_backward_kernel` + `gma_dw_backward_kernel`:
     ([du_0 .. du_3] (3B, s, H, W), [g_dw3, g_dw5, g_dw7], g_pw (3, s, s)); du_0 is dZ's view."""
     s = dZ.shape[1] // 4
     du, g_dw, g_pw = _segments_backward(dZ, 0, dZ, rc, wts)          # mode 0: coefs unread
@@ -663,7 +663,7 @@ def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Opti
              sum_g: Tensor, sum_gzh: Optional[Tensor], count) -> Tuple[List[Tensor], List[Tensor], Tensor]:
     """`b3_dz` followed by `b3_pointwise_depthwise` with dZ formed in the pointwise kernel's
     prologue (dZ of segments 1..3 never written; module docstring: the byte count); segment
-    0's du (= its dZ) by `dz_kernel`. Arguments as `b3_dz`, returns as `b3_pointwise_depthwise`."""
+    0's du (= its dZ) by `gma_dz_kernel`. Arguments as `b3_dz`, returns as `b3_pointwise_depthwise`."""
     s = G.shape[1] // 4
     stats = mean is not None
     coefs = dz_coefficients(wts.bn_scale, mean, rstd, sum_g, sum_gzh, count)
@@ -674,7 +674,7 @@ def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Opti
 
 
 def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights) -> Tuple[Tensor, ...]:
-    """`backward.local_backward` on `local_backward_kernel` + `dw_backward_kernel` (3x3 over
+    """`backward.local_backward` on `gma_local_backward_kernel` + `gma_dw_backward_kernel` (3x3 over
     the 3s channels): (du4 (B, 3s, H, W), g_local_dw (3s, 3, 3), g_local_pw (s, 3s),
     g_ln_weight (s,), g_ln_bias (s,))."""
     B, S, H, W = dL.shape

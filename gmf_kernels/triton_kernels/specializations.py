@@ -57,7 +57,9 @@ from .config import AOT_ARCHS, DTYPE_NAMES, arch_dots, capability_of_arch, dot_p
 IMAGE = 224
 BATCHES = (128, 1)
 KERNEL_ORDER = {"gma_aggregate_kernel": 0, "gma_attention_kernel": 1, "gma_combine_kernel": 2,
-                "gma_b1_dkv_kernel": 3, "gma_b2_attention_kernel": 4, "gma_b2_crpe_kernel": 5}
+                "gma_b1_dkv_kernel": 3, "gma_b2_attention_kernel": 4, "gma_b2_crpe_kernel": 5,
+                "gma_bn_grad_kernel": 6, "gma_dz_kernel": 7, "gma_pw_backward_kernel": 8,
+                "gma_dw_backward_kernel": 9, "gma_local_backward_kernel": 10}
 #: the argument whose element type names a specialisation's dtype
 DTYPE_ARGS = ("qkv", "q", "v")
 
