@@ -331,12 +331,12 @@ def test_activation_memory_per_image(C, grid):
     assert per_image["reference"] >= 3 * per_image["triton"], per_image
 
 
-@pytest.mark.parametrize("C, grid, B", [(80, (5, 6), 1), (400, (3, 4), 1)], ids=["C80-fused-B3", "C400-separate-B3"])
+@pytest.mark.parametrize("C, grid, B", [(80, (5, 6), 1), (400, (3, 4), 1)], ids=["C80-kernels", "C400-pytorch-stages"])
 def test_backward_runs_the_triton_kernels(C, grid, B, monkeypatch):
     """The Function's backward runs the Triton backward kernels (attention_backward.py,
-    aggregation_backward.py), each stage checked by counting the launcher calls: C=80 takes the
-    fused B3 and the local-branch kernel; C=400 (s=80, S_PAD 128 > config.BACKWARD_FUSED_MAX_S_PAD)
-    the separate dZ kernel and the PyTorch local branch. The result: float32 training parity."""
+    aggregation_backward.py), each stage checked by counting the launcher calls, up to
+    config.BACKWARD_KERNELS_MAX_S_PAD; C=400 (s=80, S_PAD 128), where they would spill, runs
+    the PyTorch stages. The result: float32 training parity."""
     from gmf_kernels.triton_kernels import aggregation_backward as agb
     from gmf_kernels.triton_kernels import attention_backward as ab
     from gmf_kernels.triton_kernels import backward as bw
@@ -352,12 +352,20 @@ def test_backward_runs_the_triton_kernels(C, grid, B, monkeypatch):
 
     for module, names in ((ab, ("b1_dkv", "b2_proxy_grads")),
                           (agb, ("b2_bn_sums", "b3_fused", "b3_dz", "b3_pointwise_depthwise", "local_backward")),
-                          (bw, ("local_backward",))):
+                          (bw, ("b1_dkv", "b2_proxy_grads", "b2_bn_sums", "local_backward"))):
         for name in names:
             counting(module, name)
+    monkeypatch.setattr(bw, "TORCH_STAGES", bw.Stages(
+        b1_dkv=bw.b1_dkv, b2_proxy_grads=bw.b2_proxy_grads,
+        b2_bn_sums=lambda dP, rc, mean, rstd, wts: bw.b2_bn_sums(dP, rc, mean, rstd),
+        b3=bw.TORCH_STAGES.b3, local_backward=bw.local_backward))
+    from gmf_kernels.triton_kernels import train_op
+    monkeypatch.setattr(train_op, "TORCH_STAGES", bw.TORCH_STAGES)
     check_train_float32("triton", C, grid, B, 0.1, 1)
-    wide = C == 400
-    expected = {"attention_backward.b1_dkv", "attention_backward.b2_proxy_grads", "aggregation_backward.b2_bn_sums"}
-    expected |= ({"aggregation_backward.b3_dz", "aggregation_backward.b3_pointwise_depthwise", "backward.local_backward"}
-                 if wide else {"aggregation_backward.b3_fused", "aggregation_backward.local_backward"})
+    if C == 400:
+        expected = {"backward.b1_dkv", "backward.b2_proxy_grads", "backward.b2_bn_sums", "backward.local_backward"}
+    else:
+        expected = {"attention_backward.b1_dkv", "attention_backward.b2_proxy_grads",
+                    "aggregation_backward.b2_bn_sums", "aggregation_backward.b3_fused",
+                    "aggregation_backward.local_backward"}
     assert set(calls) == expected, calls

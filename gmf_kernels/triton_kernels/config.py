@@ -162,13 +162,13 @@ B2_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (64, 4), 64: (32, 8)}
 CRPE_BWD_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (32, 4), 64: (16, 4)}
 
 
-#: Widest padded segment width s (S_PAD) for which the backward's fused B3 pointwise kernel
-#: (dZ formed in its prologue) and the local-branch backward kernel compile without spills:
-#: measured with ptxas for sm_80/sm_90 (aggregation_backward.py): every released width up to
-#: C = 320 (S_PAD 64) is spill-free; C = 360 and 480 (S_PAD 128) spill ~900 B (fused pointwise)
-#: and 144-284 B (local branch), so those widths take the separate dZ kernel + the pointwise
-#: kernel reading dZ (spill-free) and the PyTorch local-branch backward.
-BACKWARD_FUSED_MAX_S_PAD = 64
+#: Widest padded segment width s (S_PAD) whose layers run the Triton backward kernels: every
+#: backward kernel of every released width up to C = 320 (S_PAD 64) compiles without spills for
+#: sm_75, sm_80 and sm_90 (ptxas, measured at the launchers' specialisations of every real call);
+#: at C = 360 and 480 (S_PAD 128: the last stages of GroupMixFormer-B/L) the pointwise and local
+#: branch kernels spill (~900 B fused, 144-460 B local on sm_75/80/90; the pointwise kernel reading
+#: dZ and B2 with D_PAD 64 on sm_75's FMA dots too), so those layers take the PyTorch stages.
+BACKWARD_KERNELS_MAX_S_PAD = 64
 
 
 def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: bool = False,

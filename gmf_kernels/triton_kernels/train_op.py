@@ -16,8 +16,8 @@ import torch
 
 from .. import training
 from ..weights import GMAHyper, GMAWeights
-from .backward import Stages
-from .config import BACKWARD_FUSED_MAX_S_PAD, next_pow2
+from .backward import TORCH_STAGES, Stages
+from .config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
 
 Tensor = torch.Tensor
@@ -40,24 +40,18 @@ class TritonPreProjectionFunction(torch.autograd.Function):
 
 
 def triton_stages(s: int) -> Stages:
-    """The backward stages on Triton kernels for segment width s (the compute dtype is float32:
-    the kernels take float32 stage tensors). B1 and B2 (attention_backward.py: dKV, dQ/dK/dV, the
-    CRPE input and weight gradients), the BatchNorm/hardswish gradient sums and B3
-    (aggregation_backward.py: dZ fused into the pointwise kernel, the depthwise stencils) and the
-    local branch -- up to `config.BACKWARD_FUSED_MAX_S_PAD`; wider segments take the separate dZ
-    kernel and the PyTorch local-branch backward (the fused kernels spill there)."""
+    """The backward stages for segment width s: Triton kernels up to
+    `config.BACKWARD_KERNELS_MAX_S_PAD` (the kernels take the float32 stage tensors): B1 and B2
+    (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight gradients), the
+    BatchNorm/hardswish gradient sums, B3 with dZ fused into the pointwise kernel and the
+    depthwise stencils, and the local branch (aggregation_backward.py); wider segments (C = 360,
+    480), where those kernels spill, the PyTorch stages."""
     from . import aggregation_backward as agb
     from . import attention_backward as ab
-    from . import backward as bw
-    if next_pow2(s) <= BACKWARD_FUSED_MAX_S_PAD:
-        return Stages(b1_dkv=ab.b1_dkv, b2_proxy_grads=ab.b2_proxy_grads, b2_bn_sums=agb.b2_bn_sums,
-                      b3=agb.b3_fused, local_backward=agb.local_backward)
-
-    def b3_separate(G, rc, wts, mean, rstd, sum_g, sum_gzh, count):
-        return agb.b3_pointwise_depthwise(agb.b3_dz(G, rc, wts, mean, rstd, sum_g, sum_gzh, count), rc, wts)
-
+    if next_pow2(s) > BACKWARD_KERNELS_MAX_S_PAD:
+        return TORCH_STAGES
     return Stages(b1_dkv=ab.b1_dkv, b2_proxy_grads=ab.b2_proxy_grads, b2_bn_sums=agb.b2_bn_sums,
-                  b3=b3_separate, local_backward=bw.local_backward)
+                  b3=agb.b3_fused, local_backward=agb.local_backward)
 
 
 def triton_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
