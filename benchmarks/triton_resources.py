@@ -3,6 +3,7 @@ sm_70, sm_75, sm_80 and sm_90 (no GPU needed), and write their register / spill 
 shared-memory usage as a markdown table.
 
     python benchmarks/triton_resources.py [--jobs 2] [--out benchmarks/results/triton_resources_sm70_sm75_sm80_sm90.md]
+    python benchmarks/triton_resources.py --backward   # the training backward kernels (fp32 stage tensors)
 
 Specialisations (gmf_kernels/triton_kernels/specializations.py): the layer calls of the five
 released models at 224x224 (stage widths at grids 56, 28, 14, 7), batch 128 and 1, fp32 /
@@ -95,7 +96,7 @@ def _used_by(r: dict) -> str:
                      for grid, (b, m) in sorted(grids.items(), key=lambda kv: -int(kv[0].split("x")[0])))
 
 
-def markdown(results, wall_s: float, jobs: int) -> str:
+def markdown(results, wall_s: float, jobs: int, backward: bool = False) -> str:
     import torch
     import triton
     def tiles_of(r):
@@ -111,15 +112,14 @@ def markdown(results, wall_s: float, jobs: int) -> str:
     ok = [r for r in results if "error" not in r]
     spilled = [r for r in ok if r["spill_stores"] or r["spill_loads"]]
     no_lines = [r for r in ok if not r.get("line_info")]
-    lines = [
-        "# Triton kernels: resources per specialisation (" + ", ".join(f"sm_{a}" for a in archs) + ")",
-        "",
-        f"Written by `benchmarks/triton_resources.py` on {datetime.datetime.now().isoformat(timespec='seconds')}, "
-        f"git {_git_sha()}, triton {triton.__version__}, torch {torch.__version__}, "
-        + ", ".join(f"ptxas(sm_{a}) {_ptxas_version(a)}" for a in archs) + ".",
-        "Compiled ahead of time on a machine **without a GPU** (`triton.compile` + `GPUTarget`): these are "
-        "compiler figures, not measurements of a run.",
-        "",
+    from gmf_kernels.triton_kernels.specializations import KERNEL_ORDER
+    order = {r["kernel"]: KERNEL_ORDER[r["function"]] for r in results}
+    what = ("Specialisations: every one that the training backward of the released models' layers at 224x224 "
+            "(stage grids 56, 28, 14, 7; batch 128 and 1) makes Triton's JIT compile, for the layers that run the "
+            "backward kernels (C <= 320: `config.BACKWARD_KERNELS_MAX_S_PAD`), on the float32 stage tensors "
+            "(whatever the input dtype), with and without batch statistics, fused and separate B3, derived from "
+            "the launchers' own plans (`specializations.backward_specializations`) and Triton's own argument "
+            "specialisation. Dots: fp32 FMA (`ieee`) on sm_70/75, 3xTF32 on sm_80+.") if backward else (
         "Specialisations: every one that the released models' layer calls at 224x224 (stage grids 56, 28, 14, "
         "7; batch 128 and 1; fp32, fp16, bf16) make Triton's JIT compile, derived from the launcher's own plan "
         "of each call and Triton's own argument specialisation (integer divisibility by 16, ==1 constants, "
@@ -127,7 +127,18 @@ def markdown(results, wall_s: float, jobs: int) -> str:
         "from specialisation, so one variant per (kernel, C, dtype, arch) serves every image size and batch; "
         "the strides stay specialised (`stride%16` below). Dots: fp32 FMA (`ieee`) on sm_70/75, 3xTF32 "
         "(fp32 inputs) / TF32 (fp16, bf16) on sm_80+ (`triton_kernels/config.py` ARCH_DOTS). Line "
-        "information on (Triton's default: `.loc` in the PTX, `ptxas -lineinfo`).",
+        "information on (Triton's default: `.loc` in the PTX, `ptxas -lineinfo`).")
+    lines = [
+        "# Triton " + ("backward " if backward else "") + "kernels: resources per specialisation ("
+        + ", ".join(f"sm_{a}" for a in archs) + ")",
+        "",
+        f"Written by `benchmarks/triton_resources.py` on {datetime.datetime.now().isoformat(timespec='seconds')}, "
+        f"git {_git_sha()}, triton {triton.__version__}, torch {torch.__version__}, "
+        + ", ".join(f"ptxas(sm_{a}) {_ptxas_version(a)}" for a in archs) + ".",
+        "Compiled ahead of time on a machine **without a GPU** (`triton.compile` + `GPUTarget`): these are "
+        "compiler figures, not measurements of a run.",
+        "",
+        what,
         "",
         "## Summary",
         "",
@@ -137,7 +148,7 @@ def markdown(results, wall_s: float, jobs: int) -> str:
         f"wall time {wall_s:.0f} s with {jobs} worker processes, "
         f"sum of compile times {sum(r.get('compile_s', 0) for r in ok):.0f} s.",
     ]
-    for k in ("aggregate", "attention", "combine"):
+    for k in sorted(order, key=order.get):
         for a in archs:
             rs = [r for r in ok if r["kernel"] == k and r["arch"] == a]
             if rs:
@@ -157,7 +168,7 @@ def markdown(results, wall_s: float, jobs: int) -> str:
         "|---|---:|---|---|---|---|" + "|".join("---:|---:|---:|---:" for _ in archs) + "|",
     ]
     for (k, C, dt, tiles, spec), per in sorted(by_key.items(), key=lambda kv: (
-            {"aggregate": 0, "attention": 1, "combine": 2}[kv[0][0]], kv[0][1], kv[0][2], kv[0][3], kv[0][4])):
+            order[kv[0][0]], kv[0][1] or 0, kv[0][2], kv[0][3], kv[0][4])):
         any_r = next(iter(per.values()))
         cells = [_cell(per.get(a), "other tiles" if (a, dt) in supported else "not supported") for a in archs]
         lines.append(f"| {k} | {C} | {dt} | {tiles} | {spec} | {_used_by(any_r)} | " + " | ".join(cells) + " |")
@@ -173,13 +184,15 @@ def main(argv=None) -> int:
                     help="default: benchmarks/results/triton_resources_sm<a>_..._sm<z>.md")
     ap.add_argument("--json", default="", help="also write the raw per-specialisation results here")
     ap.add_argument("--warm-cache", action="store_true", help="use Triton's normal cache instead of an empty one")
+    ap.add_argument("--backward", action="store_true", help="the training backward kernels instead of the forward")
     a = ap.parse_args(argv)
     from gmf_kernels.triton_kernels.config import AOT_ARCHS
-    from gmf_kernels.triton_kernels.specializations import all_specializations, compile_all
+    from gmf_kernels.triton_kernels.specializations import all_specializations, backward_specializations, compile_all
     archs = tuple(a.arch or AOT_ARCHS)
-    out = a.out or os.path.join(HERE, "results", "triton_resources_" + "_".join(f"sm{x}" for x in archs) + ".md")
+    out = a.out or os.path.join(HERE, "results", ("triton_backward_resources_" if a.backward else "triton_resources_")
+                                + "_".join(f"sm{x}" for x in archs) + ".md")
     t0 = time.time()
-    specs = all_specializations(archs=archs)
+    specs = backward_specializations(archs=archs) if a.backward else all_specializations(archs=archs)
     with tempfile.TemporaryDirectory(prefix="gmf_triton_cache_") as tmp:
         results = compile_all(specs, a.jobs, "" if a.warm_cache else tmp)
     wall = time.time() - t0
@@ -187,7 +200,7 @@ def main(argv=None) -> int:
         import json
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=1)
-    text = markdown(results, wall, a.jobs)
+    text = markdown(results, wall, a.jobs, a.backward)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as fh:
         fh.write(text)

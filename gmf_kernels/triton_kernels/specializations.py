@@ -214,36 +214,54 @@ def specializations_of_call(call: Call, arch: int) -> List[Spec]:
     return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
 
 
-def backward_specializations_of_call(call: Call, arch: int) -> List[Spec]:
-    """The attention-backward kernels' specialisations (attention_backward.py: B1, B2, CRPE) for
-    one real training call on sm_<arch>: `plan_b1` / `plan_b2` on meta tensors in the layouts
-    `backward.pre_projection_backward` passes (dA a view of grad_pre, Q/K/V slices of P), in the
-    compute dtype (fp32 for fp16/bf16 inputs too: backward.py computes in fp32)."""
+def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = False) -> List[Spec]:
+    """The backward kernels' specialisations for one real training call on sm_<arch>, in the
+    compute dtype (fp32 for fp16/bf16 inputs too: the stage tensors are fp32): the attention
+    backward (attention_backward.py: B1, B2, CRPE; `plan_b1` / `plan_b2` on meta tensors in the
+    layouts `backward.pre_projection_backward` passes: dA a view of grad_pre, Q/K/V slices of P)
+    and, with `aggregation`, the aggregation backward (aggregation_backward.py `plan_stages`:
+    batch statistics and running statistics, fused and separate B3, the local branch)."""
     import torch
 
     from ..folding import FoldedGMAWeights, weight_shapes
+    from . import backward as bw
     from ._common import DotVariant, interpreting
+    from .aggregation_backward import plan_stages
     from .attention_backward import plan_b1, plan_b2
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: the launchers would plan interpreter tiles")
-    s, N = call.C // 5, call.H * call.W
-    cp, d, B = 4 * s, s // 2, call.B
+    C, H, W, B = call.C, call.H, call.W, call.B
+    s, N = C // 5, H * W
+    cp, d = 4 * s, s // 2
     meta = dict(device="meta", dtype=torch.float32)
-    P = torch.empty(3 * B, cp, call.H, call.W, **meta)
-    dA = torch.empty(B, N, call.C, **meta)[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
-    rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, call.H, call.W, **meta)}
-    weights = FoldedGMAWeights(*(torch.empty(weight_shapes(call.C)[n], **meta) for n in FoldedGMAWeights._fields))
+    P = torch.empty(3 * B, cp, H, W, **meta)
+    dA = torch.empty(B, N, C, **meta)[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
+    rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, H, W, **meta)}
+    weights = FoldedGMAWeights(*(torch.empty(weight_shapes(C)[n], **meta) for n in FoldedGMAWeights._fields))
     dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
     _, b1 = plan_b1(P[:B].reshape(B, 8, d, N), dA, d ** -0.5, dots=dots)
     _, b2 = plan_b2(dA, torch.empty(B, 8, d, d, **meta), rc, weights, d ** -0.5, dots=dots)
-    return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in b1 + b2]
+    launches = b1 + b2
+    if aggregation:
+        rc = bw.recompute(torch.empty(B, N, 3 * C, **meta), H, W, weights, 1e-5)   # the real layouts of Z, u, y
+        stats = torch.empty(4, s, **meta)
+        for mean in (stats, None):
+            launches += plan_stages(torch.empty_like(rc["Z"]), rc, weights, mean, mean, dots)
+    return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
 
 
-def all_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
-                        archs: Sequence[int] = AOT_ARCHS) -> List[Spec]:
-    """Deduplicated specialisations of the given real calls (default: `real_calls()`) on these archs;
-    each lists the calls (and models) that make it in ``used_by``."""
-    calls = real_calls() if calls is None else calls
+def backward_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
+                             archs: Sequence[int] = AOT_ARCHS) -> List[Spec]:
+    """Deduplicated backward specialisations (attention and aggregation) of the real calls
+    whose layers run the backward kernels (`config.BACKWARD_KERNELS_MAX_S_PAD`), fp32 compute."""
+    from .config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2
+    calls = real_calls(dtypes=("fp32",)) if calls is None else calls
+    calls = {c: m for c, m in calls.items() if next_pow2(c.C // 5) <= BACKWARD_KERNELS_MAX_S_PAD}
+    return _collect(calls, archs, lambda call, arch: backward_specializations_of_call(call, arch, True))
+
+
+def _collect(calls: Dict[Call, Tuple[str, ...]], archs: Sequence[int], of_call) -> List[Spec]:
+    """Deduplicated `of_call(call, arch)` over the calls and archs, each Spec listing its calls in used_by."""
     specs: Dict[tuple, Spec] = {}
     users: Dict[tuple, List[str]] = {}
     for arch in archs:
@@ -251,12 +269,19 @@ def all_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
         for call, models in calls.items():
             if call.dtype not in supported:     # refused there (ARCH_DOTS): never launched, never compiled
                 continue
-            for s in specializations_of_call(call, arch):
+            for s in of_call(call, arch):
                 specs.setdefault(s.key, s)
                 users.setdefault(s.key, []).append(f"{call.label()} [{','.join(models)}]")
     out = [Spec(*k, used_by=tuple(users[k])) for k in specs]
-    out.sort(key=lambda s: (KERNEL_ORDER[s.kernel], s.arch, _describe(s)["C"], s.label()))
+    out.sort(key=lambda s: (KERNEL_ORDER[s.kernel], s.arch, _describe(s)["C"] or 0, s.label()))
     return out
+
+
+def all_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
+                        archs: Sequence[int] = AOT_ARCHS) -> List[Spec]:
+    """Deduplicated specialisations of the given real calls (default: `real_calls()`) on these archs;
+    each lists the calls (and models) that make it in ``used_by``."""
+    return _collect(real_calls() if calls is None else calls, archs, specializations_of_call)
 
 
 # ---------------------------------------------------------------- compiling (needs triton, no GPU)
@@ -399,7 +424,7 @@ def compile_all(specs: Sequence[Spec], jobs: int = 2, cache_dir: str = "") -> Li
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    results.sort(key=lambda r: (KERNEL_ORDER[r["function"]], r["C"], r["dtype"], r["arch"], r["label"]))
+    results.sort(key=lambda r: (KERNEL_ORDER[r["function"]], r["C"] or 0, r["dtype"], r["arch"], r["label"]))
     return results
 
 
