@@ -24,8 +24,18 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
                  and the eager reference; median, p20/p80, GB/s, TFLOP/s; the measured copy and
                  matmul ceilings of the device
   models         benchmarks/throughput.py: GroupMixFormer-S bf16 batch 256, and the paper protocol
-                 (fp32 batch 128), every backend with and without torch.compile, side by side
-  train          benchmarks/throughput.py --bench train, when that flag exists (else recorded)
+                 (fp32 batch 128), every backend with and without torch.compile, side by side;
+                 with an upstream clone (below) the bf16 run also times upstream's own model,
+                 eager and under torch.compile (rows `upstream`, `upstream+compile`)
+  train          benchmarks/throughput.py --bench train, when that flag exists (else recorded);
+                 with an upstream clone, upstream's model trains beside ours
+
+Upstream side by side: `--upstream PATH` (default $GMF_UPSTREAM, else .upstream/GroupMixFormer
+under the repository root when it exists; '' for none) is a clone of AILab-CVC/GroupMixFormer.
+Its model needs timm and einops: the env phase records whether both import and, when einops
+does not and a wheel lies under .upstream/wheels/, installs it from there (pip --no-index).
+When the clone or a dependency is missing, the runs go ahead without the upstream rows and
+summary.md says so and why (DEVELOPERS.md: "Upstream side by side on a lent GPU").
 
 Output: a flat folder (default: $OUT when set, else benchmarks/results/gpu_report_<gpu>_<date>/)
 of at most 8 files, each <= 16 MiB, rewritten after every phase so that a stopped run still
@@ -78,6 +88,11 @@ JSON_TAG = "GMF_JSON "
 REQUIRED_KEYS = ("schema_version", "kind", "dry_run", "meta", "phases", "tests", "sanitizer", "kernels", "models",
                  "train", "files")
 BUILD_COMMAND = "python -m gmf_kernels.cuda build"
+UPSTREAM_DIR = ROOT / ".upstream"  # git-ignored: a session's clone and wheels, carried to the device machine
+UPSTREAM_DEFAULT = UPSTREAM_DIR / "GroupMixFormer"
+UPSTREAM_WHEELS = UPSTREAM_DIR / "wheels"
+UPSTREAM_MODEL_FILE = Path("models") / "groupmixformer.py"
+UPSTREAM_DEPS = ("timm", "einops")  # what upstream's models/groupmixformer.py imports (ipdb is stubbed)
 
 
 @dataclass
@@ -385,7 +400,8 @@ def parse_sanitizer(text: str) -> Dict:
 def condense_throughput(data: Dict) -> List[Dict]:
     """The columns of benchmarks/throughput.py's rows that the summary shows."""
     keys = ("model", "backend", "label", "kind", "status", "reason", "precision", "batch_size", "img_per_s",
-            "img_per_s_total", "median_ms", "p20_ms", "p80_ms", "ratio_vs_reference", "check",
+            "img_per_s_total", "median_ms", "p20_ms", "p80_ms", "ratio_vs_reference", "ratio_vs_upstream",
+            "ratio_vs_upstream_compile", "check",
             "max_rel_err_vs_reference", "max_rel_err_vs_fp64", "compile_s", "peak_mem_mib", "mem_ratio_vs_reference",
             "first_call_s")
     return [{k: r[k] for k in keys if k in r} for r in data.get("rows", [])]
@@ -455,6 +471,22 @@ def worker_env() -> int:
     except Exception as e:
         info["backends_error"] = f"{type(e).__name__}: {e}"
     print(JSON_TAG + json.dumps(info, default=str), flush=True)
+    return 0
+
+
+def worker_deps() -> int:
+    """Whether upstream's dependencies (UPSTREAM_DEPS) import in this Python, as one JSON line: a
+    subprocess, so that it can be asked again after installing one, and so that a broken import
+    (timm's torchvision not matching torch) costs nothing but its own answer."""
+    import importlib
+    info: Dict = {"python": sys.executable}
+    for name in UPSTREAM_DEPS:
+        try:
+            mod = importlib.import_module(name)
+            info[name] = {"ok": True, "version": str(getattr(mod, "__version__", "?"))}
+        except Exception as e:  # ImportError, or anything the package raises while importing
+            info[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:400]}
+    print(JSON_TAG + json.dumps(info), flush=True)
     return 0
 
 
@@ -672,7 +704,8 @@ def dry_probe_commands(ctx: "Ctx") -> List[List[str]]:
             _collect_cmd(["tests/test_cuda_build.py", "-m", "gpu"]),
             py(SCRIPT, "--worker", "sanitize", "--list"),
             _kernels_smoke_cmd(ctx),
-            py(THROUGHPUT, "--help")]
+            py(THROUGHPUT, "--help"),
+            py(SCRIPT, "--worker", "deps")]
 
 
 def _collect_cmd(args: List[str]) -> List[str]:
@@ -749,6 +782,8 @@ def phase_env(ctx: Ctx, ph: Dict, allow: float) -> None:
     ctx.tee(f"[env] device {meta.get('device_name')} cc {meta.get('capability')} driver {meta.get('driver_version')} "
             f"torch {meta.get('torch')} (CUDA {meta.get('torch_cuda')}) triton {meta.get('triton')} "
             f"nvcc {meta.get('nvcc_version')} sanitizer {'yes' if san else 'no'}")
+    up = check_upstream(ctx)  # timm / einops imports (and einops from .upstream/wheels) before any run needs them
+    meta["upstream_deps"] = {n: up["deps"].get(n) for n in UPSTREAM_DEPS}
     if ctx.dry:
         ctx.check("env worker prints its JSON (imports gmf_kernels, its backends and gmf_kernels.cuda)",
                   bool(info) and "import failed" not in str(info.get("gmf_kernels")) and "backends" in info,
@@ -1043,7 +1078,8 @@ def _throughput_help(ctx: Ctx) -> Dict:
 
 MODEL_RUNS = [
     # name, file, args, share
-    # every backend eager and under torch.compile ('reference+compile' = torch.compile of upstream)
+    # every backend eager and under torch.compile ('reference+compile' = torch.compile of our rendering of
+    # upstream's ops; with a clone, `model_runs` adds upstream's own model, eager and compiled, to bf16_b256)
     ("bf16_b256", "throughput_bf16_b256.json",
      ["--model", "groupmixformer_s", "--precision", "bf16", "--batch-size", "256", "--no-timm",
       "--compile-backends", "reference,torch,triton,cuda"], 0.55),
@@ -1055,11 +1091,130 @@ TRAIN_RUN = ("train_amp_b128", "throughput_train.json",
               "--opt", "adamw"])
 
 
+UPSTREAM_RUN = "bf16_b256"  # the model run that times upstream eager and compiled (issue 9's comparison)
+
+
+def _with_upstream(args: List[str], path: str, compiled: bool) -> List[str]:
+    """throughput.py arguments plus `--upstream PATH` and, when `compiled`, `upstream` in --compile-backends."""
+    args = list(args)
+    if compiled:
+        i = args.index("--compile-backends")
+        args[i + 1] += ",upstream"
+    return args + ["--upstream", path]
+
+
+def model_runs(upstream: Optional[str]) -> List[tuple]:
+    """MODEL_RUNS; with an upstream clone, the UPSTREAM_RUN also times upstream's model eager and compiled."""
+    return [(name, f, _with_upstream(args, upstream, compiled=True) if upstream and name == UPSTREAM_RUN else args,
+             share) for name, f, args, share in MODEL_RUNS]
+
+
+def train_run(upstream: Optional[str]) -> tuple:
+    """TRAIN_RUN; with an upstream clone, upstream's model trains beside ours (eager)."""
+    name, f, args = TRAIN_RUN
+    return name, f, _with_upstream(args, upstream, compiled=False) if upstream else list(args)
+
+
+def resolve_upstream(arg: Optional[str]) -> Dict:
+    """Where the upstream clone is: --upstream PATH, else $GMF_UPSTREAM, else .upstream/GroupMixFormer
+    under the repository root when that exists ('' either way: none). -> the report's "upstream"
+    entry: path (absolute) or None, where it came from, and why it cannot be used (None: it can,
+    as far as the files go; `check_upstream` asks about its dependencies)."""
+    if arg is not None:
+        path, source = arg, "--upstream"
+    elif os.environ.get("GMF_UPSTREAM") is not None:
+        path, source = os.environ["GMF_UPSTREAM"], "$GMF_UPSTREAM"
+    elif UPSTREAM_DEFAULT.is_dir():
+        path, source = str(UPSTREAM_DEFAULT), f"default ({UPSTREAM_DEFAULT.relative_to(ROOT)})"
+    else:
+        path, source = None, None
+    entry: Dict = {"path": None, "source": source, "use": False}
+    if not path:
+        entry["reason"] = (f"no upstream clone: {source} is empty" if source else
+                           f"no upstream clone: no --upstream, no $GMF_UPSTREAM and no "
+                           f"{UPSTREAM_DEFAULT.relative_to(ROOT)} in the repository (DEVELOPERS.md: "
+                           f"\"Upstream side by side on a lent GPU\")")
+        return entry
+    entry["path"] = str(Path(path).expanduser().resolve())
+    if not (Path(entry["path"]) / UPSTREAM_MODEL_FILE).is_file():
+        entry["reason"] = (f"{entry['path']} (from {source}) has no {UPSTREAM_MODEL_FILE}: not a clone of "
+                           f"AILab-CVC/GroupMixFormer")
+        return entry
+    entry["reason"] = None
+    return entry
+
+
+def _deps(ctx: Ctx) -> Dict:
+    r = run(ctx, py(SCRIPT, "--worker", "deps"), 120, "[env] ", probe=True, echo=False)
+    return extract_json(r.output) or {"error": f"deps worker rc {r.rc}: {r.output[-300:]}"}
+
+
+def _fake_pip(cmd):
+    return RunResult(cmd, 0, "(dry run) not installed", 0.0)
+
+
+def check_upstream(ctx: Ctx) -> Dict:
+    """Decide, once, whether the runs time upstream: the clone (resolve_upstream), then whether timm
+    and einops import in the Python the runs use; einops, when missing, is installed from a wheel
+    under .upstream/wheels/ (pip --no-index: the device machine reaches no index). A dry run checks
+    the clone and records the imports without requiring them (the upstream rows are never run)."""
+    up = ctx.report["upstream"]
+    if up.get("checked"):
+        return up
+    up["checked"] = True
+    deps = up["deps"] = _deps(ctx)
+    if ctx.dry and up["path"]:
+        ctx.check(f"upstream clone {up['path']} has {UPSTREAM_MODEL_FILE}", up["reason"] is None, up["reason"] or "")
+    if up["reason"] is None and not deps.get("einops", {}).get("ok"):  # installed only for a clone that needs it
+        wheels = sorted(UPSTREAM_WHEELS.glob("einops-*.whl"))
+        if wheels:
+            r = run(ctx, py("-m", "pip", "install", "--no-index", "--find-links", UPSTREAM_WHEELS, "einops"), 180,
+                    "[env] ", fake=_fake_pip)
+            up["einops_install"] = {"wheel": wheels[-1].name, **r.summary(), "output_tail": r.output[-1500:],
+                                    "status": "fake (dry run)" if r.fake else "installed" if r.rc == 0 else "failed"}
+            if r.rc == 0 and not r.fake:
+                deps = up["deps"] = _deps(ctx)
+        else:
+            up["einops_install"] = {"status": "no wheel", "detail": f"no einops-*.whl under {UPSTREAM_WHEELS}"}
+    missing = [n for n in UPSTREAM_DEPS if not deps.get(n, {}).get("ok")]
+    up["deps_missing"] = missing
+    if up["reason"] is None and missing:
+        why = "; ".join(f"{n}: {deps.get(n, {}).get('error', deps.get('error', '?'))}" for n in missing)
+        hint = (" (no einops wheel under .upstream/wheels/: `pip download einops --no-deps -d .upstream/wheels` "
+                "before the device run)" if "einops" in missing and up["einops_install"]["status"] == "no wheel"
+                else "")  # einops missing and a clone to use: einops_install was recorded above
+        text = f"{', '.join(missing)} {'does' if len(missing) == 1 else 'do'} not import in {deps.get('python')}"
+        if ctx.dry:
+            up["note"] = f"dry run: {text}; a real run here would drop the upstream rows ({why})"
+        else:
+            up["reason"] = f"{text}: {why}{hint}"
+    up["use"] = up["reason"] is None
+    if not up["use"]:
+        said = f"not run: {up['reason']}"
+    elif missing:
+        said = f"{up['path']}: {up['note']}"
+    else:
+        said = f"{up['path']} (from {up['source']}); timm and einops import"
+    ctx.tee("[env] upstream: " + said)
+    return up
+
+
+def upstream_path(ctx: Ctx) -> Optional[str]:
+    """The clone the runs pass to throughput.py, or None (check_upstream says why)."""
+    up = check_upstream(ctx)
+    return up["path"] if up["use"] else None
+
+
 def _fake_throughput(path: Path, args: List[str]):
     def fake(cmd):
-        rows = [{"model": "groupmixformer_s", "backend": b, "label": b, "kind": "gmf", "status": "dry-run",
-                 "reason": "dry run: nothing measured"} for b in ("cuda", "triton", "torch", "torch+compile",
-                                                                   "reference")]
+        backends = ["cuda", "triton", "torch", "torch+compile", "reference"]
+        if "--upstream" in args:
+            compiled = "upstream" in args[args.index("--compile-backends") + 1].split(",") \
+                if "--compile-backends" in args else False
+            backends += ["upstream"] + (["upstream+compile"] if compiled else [])
+        rows = [{"model": "groupmixformer_s", "backend": b, "label": b,
+                 "kind": "upstream" if b.startswith("upstream") else "gmf", "status": "dry-run",
+                 "reason": "dry run: nothing measured"} for b in backends]
         path.write_text(json.dumps({"meta": {"dry_run": True, "argv": args}, "rows": rows}, indent=1))
         return RunResult(cmd, 0, "(dry run)", 0.0)
     return fake
@@ -1100,13 +1255,14 @@ def _run_throughput(ctx: Ctx, name: str, fname: str, args: List[str], budget: fl
 def phase_models(ctx: Ctx, ph: Dict, allow: float) -> None:
     t_end = time.monotonic() + allow
     _throughput_help(ctx)
-    for i, (name, fname, args, share) in enumerate(MODEL_RUNS):
+    runs = model_runs(upstream_path(ctx))
+    for i, (name, fname, args, share) in enumerate(runs):
         left = t_end - time.monotonic()
         if left < 15:
             ctx.report["models"]["runs"].append({"name": name, "status": "skipped", "reason": "time budget used up"})
             ph["notes"].append(f"{name}: skipped (time budget used up)")
             continue
-        budget = left * share / sum(r[3] for r in MODEL_RUNS[i:])
+        budget = left * share / sum(r[3] for r in runs[i:])
         _run_throughput(ctx, name, fname, args, budget, ctx.report["models"], ph)
 
 
@@ -1123,7 +1279,7 @@ def phase_train(ctx: Ctx, ph: Dict, allow: float) -> None:
         ph["status"] = "skipped"
         ph["notes"].append("time budget used up")
         return
-    name, fname, args = TRAIN_RUN
+    name, fname, args = train_run(upstream_path(ctx))
     _run_throughput(ctx, name, fname, args, allow, ctx.report["train"], ph)
 
 
@@ -1317,6 +1473,8 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
                          f"{_cell(r.get('check', r.get('reason', '')))[:120]} | {_f(r.get('compile_s'), '{:.0f}')} |")
         L.append("")
 
+    L += _upstream_summary(rep)
+
     if rep.get("dry_run_checks") and not compact:
         L += ["## Dry-run checks", ""]
         L += [f"- [{'ok' if c['ok'] else 'FAIL'}] {c['check']}" + (f": {_cell(c['detail'])}" if c.get("detail") else "")
@@ -1325,6 +1483,56 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
     L.append(f"Files: {', '.join(rep.get('files', []))}. Written by benchmarks/gpu_report.py "
              f"(schema {rep.get('schema_version')}).")
     return "\n".join(L) + "\n"
+
+
+def _upstream_summary(rep: Dict) -> List[str]:
+    """summary.md's upstream section: the clone, its imports, the einops install, then either why the
+    upstream rows were not run or every run's upstream rows and each of our rows' ratios to them."""
+    up = rep.get("upstream")
+    if not up:
+        return []
+    L = ["## Upstream side by side (AILab-CVC/GroupMixFormer's own model file, our weights)", ""]
+    L.append(f"- clone: {up.get('path') or 'none'}" + (f" (from {up['source']})" if up.get("source") else ""))
+    deps = up.get("deps") or {}
+    if deps:
+        L.append("- imports in the runs' Python: " + ", ".join(
+            f"{n} " + (f"ok {d.get('version', '')}" if d.get("ok") else f"FAILS ({_cell(d.get('error', '?'))})")
+            for n in UPSTREAM_DEPS for d in [deps.get(n) or {}]))
+    inst = up.get("einops_install")
+    if inst:
+        L.append(f"- einops from .upstream/wheels/: {inst.get('status')}" +
+                 (f" ({inst['wheel']}, rc {inst.get('rc')})" if inst.get("wheel") else f" ({inst.get('detail')})"))
+    if up.get("note"):
+        L.append(f"- {_cell(up['note'])}")
+    if not up.get("checked"):
+        L += ["- **upstream rows NOT run**: " + (_cell(up["reason"]) if up.get("reason") else
+                                                 "not checked (no env, models or train phase ran)"), ""]
+        return L
+    if not up.get("use"):
+        L += [f"- **upstream rows NOT run**: {_cell(up.get('reason'))}", ""]
+        return L
+    table = []
+    for sec in ("models", "train"):
+        for run_ in rep.get(sec, {}).get("runs", []):
+            rows = run_.get("rows", [])
+            ups = [r for r in rows if r.get("kind") == "upstream"]
+            if not ups:
+                if run_.get("name") in (UPSTREAM_RUN, TRAIN_RUN[0]):
+                    L.append(f"- {run_['name']}: **no upstream row** ({run_.get('status')}"
+                             f"{': ' + _cell(run_['reason']) if run_.get('reason') else ''})")
+                continue
+            for r in ups:
+                if r.get("status") != "ok":
+                    L.append(f"- {run_['name']} {r.get('backend')}: **not run**: {r.get('status')}"
+                             f"{': ' + _cell(r['reason'])[:300] if r.get('reason') else ''}")
+            table += [(run_["name"], r) for r in rows if r.get("status") == "ok"]
+    if table:
+        L += ["", "| run | row | img/s | vs upstream | vs upstream+compile | check |", "|---|---|---:|---:|---:|---|"]
+        L += [f"| {name} | {_cell(r.get('label', r.get('backend')))} | {_f(r.get('img_per_s'), '{:.1f}')} | "
+              f"{_f(r.get('ratio_vs_upstream'), '{:.2f}x')} | {_f(r.get('ratio_vs_upstream_compile'), '{:.2f}x')} | "
+              f"{_cell(r.get('check', ''))[:60]} |" for name, r in table]
+    L.append("")
+    return L
 
 
 # ------------------------------------------------------------------ writing and validating the folder
@@ -1409,6 +1617,10 @@ def print_plan(ctx: Ctx, phases: List[Phase]) -> None:
     scale = ctx.args.budget / DEFAULT_BUDGET_S
     ctx.tee(f"plan: {len(phases)} phases, {ctx.args.budget:.0f} s in all (unused time carries over), "
             f"results in {ctx.out}")
+    up = ctx.report["upstream"]
+    planned = up["path"] if up["reason"] is None else None
+    ctx.tee(f"  upstream: {up['path']} (from {up['source']}); its rows are dropped if timm or einops do not import"
+            if planned else f"  upstream: not run: {up['reason']}")
     for p in phases:
         ctx.tee(f"  {p.name:10s} {p.budget_s * scale:5.0f} s  {p.what}")
         cmds: List[List[str]] = []
@@ -1422,9 +1634,10 @@ def print_plan(ctx: Ctx, phases: List[Phase]) -> None:
         if p.name == "kernels":
             cmds.append(py(SCRIPT, "--worker", "kernels", "--model", ctx.args.model, "--rows-file", "<tmp>"))
         if p.name == "models":
-            cmds += [py(THROUGHPUT, *a, "--results-file", ctx.out / f) for _, f, a, _ in MODEL_RUNS]
+            cmds += [py(THROUGHPUT, *a, "--results-file", ctx.out / f) for _, f, a, _ in model_runs(planned)]
         if p.name == "train":
-            cmds.append(py(THROUGHPUT, *TRAIN_RUN[2], "--results-file", ctx.out / TRAIN_RUN[1]))
+            _, f, a = train_run(planned)
+            cmds.append(py(THROUGHPUT, *a, "--results-file", ctx.out / f))
         for c in cmds:
             ctx.tee("      $ " + " ".join(map(str, c)))
 
@@ -1451,7 +1664,7 @@ def run_report(args) -> int:
                  "out_dir": str(out), "device_name": None, "driver_version": None, "torch": None, "triton": None,
                  "torch_cuda": None, "golden_dir": str(golden_dir()) if golden_dir().is_dir() else None},
         "phases": {}, "build": {}, "tests": {"runs": []}, "sanitizer": {"tools": {}}, "kernels": {},
-        "models": {"runs": []}, "train": {"runs": []}, "files": [],
+        "models": {"runs": []}, "train": {"runs": []}, "files": [], "upstream": resolve_upstream(args.upstream),
     }
     try:
         import importlib.util
@@ -1529,12 +1742,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", default=",".join(PHASE_NAMES), help="comma list of phases to run")
     p.add_argument("--model", default="groupmixformer_s", help="model whose stage shapes the kernel timing uses")
     p.add_argument("--xdist-workers", type=int, default=4, help="pytest-xdist workers for the GPU tests (if installed)")
+    p.add_argument("--upstream", default=None, metavar="PATH",
+                   help="a clone of AILab-CVC/GroupMixFormer, timed beside ours (eager and torch.compile in the "
+                        "bf16 b256 run; eager in the train run); default: $GMF_UPSTREAM, else "
+                        ".upstream/GroupMixFormer under the repository root if it exists; '' for none")
     p.add_argument("--git-sha", default=None, help="the commit to record (default: `git rev-parse HEAD`; a device "
                                                    "machine's copy of the tree may have no .git)")
     p.add_argument("--dry-run", action="store_true", help="plan + plumbing check + a fake run; no GPU needed")
     p.add_argument("--quiet", action="store_true", help="log to report.log only")
     # internal: the subprocess workers
-    p.add_argument("--worker", choices=("env", "sanitize", "kernels"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("env", "sanitize", "kernels", "deps"), help=argparse.SUPPRESS)
     p.add_argument("--list", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)
@@ -1551,6 +1768,8 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(ROOT))
     if args.worker == "env":
         return worker_env()
+    if args.worker == "deps":
+        return worker_deps()
     if args.worker == "sanitize":
         return worker_sanitize(args.list, [b.strip() for b in args.backends.split(",") if b.strip()], args.cpu,
                                args.max_cases)

@@ -26,8 +26,11 @@ on CPU memory is not measured.
 
 `--upstream PATH` (a clone of AILab-CVC/GroupMixFormer) adds a row running upstream's own
 models/groupmixformer.py with our model's weights (benchmarks/upstream.py), checked like the
-others; the ratio column is then against it. `--compare` names the timm models timed beside
-ours (default Swin-T), `--plot FILE.png` draws img/s per row.
+others; the ratio column is then against it. With torch.compile on, `upstream` in
+`--compile-backends` adds "upstream+compile": torch.compile of a copy of that model, made,
+checked and timed like the other compiled rows; every row then also gets
+`ratio_vs_upstream_compile`. `--compare` names the timm models timed beside ours (default Swin-T),
+`--plot FILE.png` draws img/s per row.
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ PAPER_PROTOCOL = dict(batch_size=128, img_size=224, num_warm_iter=50, num_bench_
                       channels_last=False)
 TIMM_BASELINE = "swin_tiny_patch4_window7_224"
 UPSTREAM = "upstream"  # the backend name of the --upstream row
+UPSTREAM_COMPILED = UPSTREAM + "+compile"  # torch.compile of the --upstream model
 
 
 # --------------------------------------------------------------------------- arguments
@@ -107,11 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="add rows '<gma backend>+compile': torch.compile (this compiler backend, default inductor) "
                         "of the model on each GMA backend of --compile-backends ('reference+compile' is torch.compile "
-                        "of upstream); default on for GPU, off on CPU (compiling is slow there); compile time "
+                        "of our rendering of upstream's ops; 'upstream+compile', with --upstream, of upstream's own "
+                        "model); default on for GPU, off on CPU (compiling is slow there); compile time "
                         "reported apart")
     p.add_argument("--compile-backends", default=None,
-                   help="comma list of GMA backends to also run under torch.compile (default: every backend of "
-                        "the run on GPU; 'torch' on CPU)")
+                   help="comma list of GMA backends to also run under torch.compile, and 'upstream' (with "
+                        "--upstream: the row 'upstream+compile', torch.compile of upstream's own model; only "
+                        "when named) (default: every GMA backend of the run on GPU; 'torch' on CPU)")
     p.add_argument("--no-torchcompile", action="store_true", help="no torch.compile row, also on GPU")
     p.add_argument("--optimized", action=argparse.BooleanOptionalAction, default=None,
                    help="add a row: gmf_kernels.optimize_for_inference (eval, BatchNorm folded, auto backend, "
@@ -174,6 +180,9 @@ def resolve_settings(args) -> Dict:
                  drop_path_rate=args.drop_path_rate)
     s["compile_backends"] = ([b.strip() for b in args.compile_backends.split(",") if b.strip()]
                              if args.compile_backends else None)
+    if UPSTREAM in (s["compile_backends"] or []) and not args.upstream:
+        raise SystemExit("error: 'upstream' in --compile-backends compiles upstream's own model: it needs "
+                         "--upstream PATH (a clone of AILab-CVC/GroupMixFormer)")
     s["optimized"] = bool(args.optimized if args.optimized is not None else gpu) and args.bench != "train"
     s["optimized_cudagraphs"] = args.optimized_cudagraphs
     if args.no_torchcompile:
@@ -555,6 +564,21 @@ def upstream_runner(ctx: "Context", name: str, state_dict, train: bool) -> Runne
     return r
 
 
+def upstream_runners(ctx: "Context", name: str, state_dict, backends: List[str], train: bool) -> List[Runner]:
+    """The --upstream row and, when `upstream` is among the compiled backends, 'upstream+compile':
+    torch.compile of a copy of the same model (made before any step, so the same initial weights),
+    checked and timed like the other compiled rows; in --bench train with its own TrainStep."""
+    eager = upstream_runner(ctx, name, state_dict, train)
+    runners = [eager]
+    if UPSTREAM in compile_backends(ctx, backends):
+        wrap = (lambda r: setattr(r, "step", TrainStep(ctx, r.module))) if train else None
+        compiled = compiled_runner(ctx, name, UPSTREAM, lambda: copy.deepcopy(eager.module), wrap=wrap,
+                                   kind="upstream")
+        compiled.row.update({k: eager.row[k] for k in ("upstream_path", "upstream_file")})
+        runners.append(compiled)
+    return runners
+
+
 def check_upstream(path: str) -> List[str]:
     """--upstream: import upstream's file before any timing (a wrong PATH or a missing dependency
     fails at once, with the reason); -> its import notes."""
@@ -634,39 +658,44 @@ def make_runners(ctx: Context, name: str, model, backends: List[str], with_timm:
             label = "triton (CPU interpreter)"
         runners.append(Runner(name, b, label, model, (lambda b=b, m=model: m.set_backend(b))))
     for b in compile_backends(ctx, backends):
-        runners.append(compiled_runner(ctx, name, b, lambda b=b: copy.deepcopy(model).set_backend(b)))
+        if b != UPSTREAM:
+            runners.append(compiled_runner(ctx, name, b, lambda b=b: copy.deepcopy(model).set_backend(b)))
     if ctx.settings["optimized"]:
         runners.append(optimized_runner(ctx, name, model))
     if ctx.settings["upstream"]:
-        runners.append(upstream_runner(ctx, name, model.state_dict(), train=False))
+        runners += upstream_runners(ctx, name, model.state_dict(), backends, train=False)
     if with_timm:
         runners += timm_runners(ctx, ctx.settings["compare"])
     return runners
 
 
 def compile_backends(ctx: Context, backends: List[str]) -> List[str]:
-    """The GMA backends that also get a torch.compile row (none without --torchcompile)."""
+    """The backends that also get a torch.compile row (none without --torchcompile): GMA backends
+    of the run and, with --upstream, `upstream` (upstream's own model) when --compile-backends
+    names it (compiling it costs as long as compiling ours: never by default)."""
     if not ctx.settings["torchcompile"]:
         return []
     wanted = ctx.settings.get("compile_backends")
     if wanted is None:
         wanted = list(backends) if ctx.dev_type == "cuda" else ["torch"]
-    return [b for b in wanted if b in backends]
+    runs = list(backends) + ([UPSTREAM] if ctx.settings.get("upstream") else [])
+    return [b for b in wanted if b in runs]
 
 
-def compiled_runner(ctx: Context, name: str, backend: str, make_model, wrap=None) -> Runner:
+def compiled_runner(ctx: Context, name: str, backend: str, make_model, wrap=None, kind: str = "gmf") -> Runner:
     """A '<backend>+compile' row: torch.compile of a copy of the model on that GMA backend
-    ('reference+compile' = torch.compile of our line-by-line rendering of upstream's model)."""
+    ('reference+compile' = torch.compile of our line-by-line rendering of upstream's model;
+    'upstream+compile', kind "upstream" = torch.compile of upstream's own model)."""
     import torch
     label = f"{backend}+compile"
     try:
         compiled = torch.compile(make_model(), backend=ctx.settings["torchcompile"])
-        r = Runner(name, label, f"{label} ({ctx.settings['torchcompile']})", compiled, lambda: None)
+        r = Runner(name, label, f"{label} ({ctx.settings['torchcompile']})", compiled, lambda: None, kind=kind)
         if wrap is not None:
             wrap(r)
         return r
     except Exception as e:
-        r = Runner(name, label, label, None, lambda: None)
+        r = Runner(name, label, label, None, lambda: None, kind=kind)
         r.row.update(status="error", reason=first_line(e))
         r.alive = False
         return r
@@ -802,11 +831,13 @@ def time_rows(ctx: Context, runners: List[Runner], tag: str) -> None:
 
 def summarise(ctx: Context, runners: List[Runner], name: str) -> None:
     """Per-row statistics and the ratios to the reference row of the same model and input (and,
-    with --upstream, to the upstream row: `ratio_vs_upstream`, `ratio_of_min_vs_upstream`, ...)."""
+    with --upstream, to the upstream row: `ratio_vs_upstream`, `ratio_of_min_vs_upstream`, ...,
+    and to its torch.compile: `ratio_vs_upstream_compile`, `ratio_of_min_vs_upstream_compile`, ...)."""
     for r in runners:
         if r.alive and r.times:
             r.row.update(status="ok", **stats(r.times, ctx.B, r.total_s))
-    for base_name, suffix in (("reference", ""), (UPSTREAM, "_vs_upstream")):
+    for base_name, suffix in (("reference", ""), (UPSTREAM, "_vs_upstream"),
+                              (UPSTREAM_COMPILED, "_vs_upstream_compile")):
         base = next((r for r in runners if r.backend == base_name and r.row.get("status") == "ok"), None)
         if base is not None:
             ratios_to(ctx, runners, base, name, suffix)
@@ -814,8 +845,9 @@ def summarise(ctx: Context, runners: List[Runner], name: str) -> None:
 
 def ratios_to(ctx: Context, runners: List[Runner], base: Runner, name: str, suffix: str) -> None:
     """Every timed row's speed ratio to `base` (base median / row median; > 1 is faster), the ratio
-    of minima and, interleaved, the per-round ratios; keys `ratio_vs_<base>`, `ratio_of_min<suffix>`..."""
-    key = f"ratio_vs_{base.backend}"
+    of minima and, interleaved, the per-round ratios; keys `ratio_vs_<base>` ('+' spelt '_'),
+    `ratio_of_min<suffix>`..."""
+    key = "ratio_vs_" + base.backend.replace("+", "_")
     for r in runners:
         if r.row.get("status") != "ok":
             continue
@@ -1051,10 +1083,11 @@ def make_train_runners(ctx: Context, name: str, master, backends: List[str], wit
         runners.append(train_row(b, label, fresh(b)))
     trainable = [r.backend for r in runners if r.alive]
     for b in compile_backends(ctx, trainable):
-        runners.append(compiled_runner(ctx, name, b, lambda b=b: fresh(b),
-                                       wrap=lambda r: setattr(r, "step", TrainStep(ctx, r.module))))
+        if b != UPSTREAM:
+            runners.append(compiled_runner(ctx, name, b, lambda b=b: fresh(b),
+                                           wrap=lambda r: setattr(r, "step", TrainStep(ctx, r.module))))
     if ctx.settings["upstream"]:
-        runners.append(upstream_runner(ctx, name, master.state_dict(), train=True))
+        runners += upstream_runners(ctx, name, master.state_dict(), trainable, train=True)
     if with_timm:
         for tr in timm_runners(ctx, ctx.settings["compare"]):
             if tr.alive and tr.module is not None:
@@ -1287,6 +1320,11 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
         if bad:
             line += f"   WARNING: {'first-step' if train else 'output'} check failed for {', '.join(bad)}"
         print(line)
+        if any(r["backend"] == UPSTREAM_COMPILED for r in ok):
+            vs = [f"{r['backend']} {fmt_ratio(r['ratio_vs_upstream_compile'])}" for r in ok
+                  if r["backend"] != UPSTREAM_COMPILED and r.get("ratio_vs_upstream_compile")]
+            print(f"    vs {UPSTREAM_COMPILED} (torch.compile of upstream's own model, "
+                  f"{settings['torchcompile']}; of medians): {', '.join(vs) or 'no other row ran'}")
         best = max(ok, key=lambda r: r["img_per_s"])
         for bl in baselines:
             paper = "" if train or bl["backend"] != f"timm:{TIMM_BASELINE}" else f"  (paper, inference: {596 / 755:.2f})"

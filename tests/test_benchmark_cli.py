@@ -234,6 +234,54 @@ def test_compile_warning(capsys, n_models, device_type, compile_backend, optimiz
     assert (f"each of {n_models} models" in err) == (n_models > 1)
 
 
+@pytest.mark.parametrize("device_type, named, upstream, expected", [
+    ("cuda", None, True, ["torch", "reference"]),  # upstream only when named
+    ("cuda", "torch,upstream", True, ["torch", "upstream"]),
+    ("cpu", "upstream", True, ["upstream"]),
+    ("cpu", None, True, ["torch"]),
+    ("cuda", "cuda,upstream,reference", True, ["upstream", "reference"]),  # what the run lacks is dropped
+])
+def test_compile_backends_upstream(capsys, device_type, named, upstream, expected):
+    """`upstream` in --compile-backends adds the 'upstream+compile' row (named only, with --upstream);
+    it is among the rows the compile warning names; without --upstream the flag is refused."""
+    bench = _load_script()
+    parser = bench.build_parser()
+    argv = ["--device", "cpu", "--torchcompile", "eager"] + (["--compile-backends", named] if named else [])
+    settings = bench.resolve_settings(parser.parse_args(argv + (["--upstream", "/x/clone"] if upstream else [])))
+    ctx = types.SimpleNamespace(dev_type=device_type, settings=dict(settings, optimized=False))
+    assert bench.compile_backends(ctx, ["torch", "reference"]) == expected
+    bench.warn_compile(ctx, ["torch", "reference"], 1)
+    assert ("upstream+compile" in capsys.readouterr().err) == ("upstream" in expected)
+    if named and "upstream" in named:
+        with pytest.raises(SystemExit, match="needs --upstream PATH"):
+            bench.resolve_settings(parser.parse_args(argv))
+
+
+def test_upstream_compiled_train_row(tmp_path):
+    """--bench train: 'upstream+compile' trains its own torch.compile'd copy of upstream's model,
+    from the same initial weights as the upstream row, with its own optimizer (built, not run:
+    the end-to-end compiled row is the inference test's)."""
+    bench = _load_script()
+    clone = fake_upstream(tmp_path / "clone")
+    argv = ["--device", "cpu", "--bench", "train", "--batch-size", "1", "--img-size", "64", "--upstream", str(clone),
+            "--torchcompile", "eager", "--compile-backends", "torch,upstream"]
+    ctx = bench.Context(bench.resolve_settings(bench.build_parser().parse_args(argv)), bench.Progress(quiet=True))
+    import gmf_kernels as gmf
+    ours = gmf.create_model("groupmixformer_m", backend="reference")
+    randomize_bn_stats_(ours, seed=int(torch.randint(0, 2 ** 31, ())))
+    eager, compiled = bench.upstream_runners(ctx, "groupmixformer_m", ours.state_dict(), ["torch"], train=True)
+    assert (eager.backend, compiled.backend) == ("upstream", "upstream+compile")
+    assert compiled.kind == "upstream" and compiled.alive and compiled.label == "upstream+compile (eager)"
+    assert compiled.row["upstream_file"] == eager.row["upstream_file"]
+    model = compiled.module._orig_mod  # torch.compile's wrapper around a copy
+    assert model is not eager.module and model.training and isinstance(model.norm4, torch.nn.SyncBatchNorm)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert compiled.step is not None and compiled.step.model is compiled.module
+    own = {id(p) for p in model.parameters()}
+    assert all(id(p) in own for g in compiled.step.opt.param_groups for p in g["params"])
+
+
 def _ours_and_input(dtype=torch.float64):
     """GroupMixFormer-M (one block per stage) with random weights and BatchNorm statistics, in eval
     mode, and a random input."""
@@ -319,16 +367,18 @@ def test_cli_refuses_before_timing(tmp_path, monkeypatch):
 
 
 def test_cli_upstream_compare_plot(tmp_path):
-    """Inference with --upstream (a fake clone), --compare of two timm models and --plot: the
-    upstream row is checked against reference and is the base of the ratio column; a timm model
-    that cannot run is listed under "not run" with its reason; the PNG is written."""
+    """Inference with --upstream (a fake clone), its torch.compile row (compiler backend "eager":
+    Dynamo's capture without inductor's code generation), --compare of two timm models and --plot:
+    the upstream rows are checked against reference, the upstream row is the base of the ratio column,
+    and every row also has its ratio to upstream+compile; a timm model that cannot run is listed under
+    "not run" with its reason; the PNG is written."""
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     clone = fake_upstream(tmp_path / "clone")
     plot = ["--plot", str(png)] if _importable("matplotlib") else []
     compare = "swin_tiny_patch4_window7_224,coat_lite_small"
     proc = _run_script("--batch-size", "1", "--num-warm-iter", "0", "--num-bench-iter", "2", "--backends",
                        "torch,reference", "--upstream", str(clone), "--compare", compare, "--results-file", str(out),
-                       *plot)
+                       "--torchcompile", "eager", "--compile-backends", "upstream", *plot)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "vs upstr" in proc.stdout and "summary (ratios to `upstream`" in proc.stdout
     rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
@@ -341,6 +391,17 @@ def test_cli_upstream_compare_plot(tmp_path):
         assert r["ratio_of_min_vs_upstream"] == pytest.approx(up["min_ms"] / r["min_ms"])
         assert len(r["ratio_per_round_vs_upstream"]) == 2
     assert ref["ratio_vs_reference"] == 1.0  # the JSON keeps the ratios to reference too
+    up_c = rows["upstream+compile"]
+    assert up_c["kind"] == "upstream" and up_c["status"] == "ok" and up_c["check"] == "ok", up_c
+    assert up_c["label"] == "upstream+compile (eager)" and up_c["compile_s"] > 0
+    assert up_c["max_rel_err_vs_reference"] < 1e-5 and up_c["n_timed"] == 2
+    assert "torch+compile" not in rows  # only the backends named in --compile-backends compile
+    for r in (ref, torch_row, up):
+        assert r["ratio_vs_upstream_compile"] == pytest.approx(up_c["median_ms"] / r["median_ms"])
+        assert len(r["ratio_per_round_vs_upstream_compile"]) == 2
+    assert up_c["ratio_vs_upstream_compile"] == 1.0
+    assert up_c["ratio_vs_upstream"] == pytest.approx(up["median_ms"] / up_c["median_ms"])
+    assert "vs upstream+compile (torch.compile of upstream's own model, eager" in proc.stdout
     timm_rows = [rows[f"timm:{n}"] for n in compare.split(",")]
     if not _importable("timm"):
         assert "not run:" in proc.stdout

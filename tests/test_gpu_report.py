@@ -2,7 +2,10 @@
 
 * `--dry-run` end to end (what CI can check of a report that needs a GPU): the plan, the
   plumbing probes, the results folder written from a fake run of the GPU steps, its schema
-  and the device machine's limits on files;
+  and the device machine's limits on files; with `--upstream` (a stand-in clone), the upstream
+  rows in the planned throughput.py command lines;
+* where the upstream clone comes from, whether its rows run (timm / einops, einops installed from
+  .upstream/wheels/) and the summary saying why not;
 * the parsers the report reads its subprocesses with (pytest -v, compute-sanitizer,
   throughput.py --help), fed real-format samples, including runs stopped half-way;
 * the summary renders any partial report; the folder validator catches broken folders;
@@ -43,21 +46,30 @@ def _env(**kw):
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("GMF_REQUIRE_GPU", None)
+    env.pop("GMF_UPSTREAM", None)
     env.update(kw)
     return env
+
+
+def _stand_in_clone(root: Path) -> Path:
+    """What the report looks for in an upstream clone: models/groupmixformer.py (never imported here)."""
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "groupmixformer.py").write_text("class GroupMixFormer:\n    pass\n")
+    return root
 
 
 # ------------------------------------------------------------------ the dry run, end to end
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_report_dry")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=900)
-    return proc, out
+    clone = _stand_in_clone(tmp_path_factory.mktemp("upstream") / "GroupMixFormer")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--upstream", str(clone)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    return proc, out, clone
 
 
 def test_dry_run_passes_and_prints_the_plan(dry_run):
-    proc, out = dry_run
+    proc, out, clone = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     text = proc.stdout
     assert "DRY RUN" in text and "plan:" in text
@@ -70,11 +82,19 @@ def test_dry_run_passes_and_prints_the_plan(dry_run):
         assert f"--tool {tool}" in text, tool
     assert "throughput.py --model groupmixformer_s --precision bf16 --batch-size 256" in text
     assert "--protocol paper" in text
+    # --upstream: upstream's model eager and compiled in the bf16 b256 run, eager in the train run, not elsewhere
+    plan = [ln for ln in text.splitlines() if ln.startswith("      $ ") and "throughput.py" in ln]
+    assert len(plan) == 3, plan
+    bf16, paper, train = plan
+    assert bf16.split("throughput.py ")[1].startswith("--model groupmixformer_s --precision bf16 --batch-size 256")
+    assert f"--compile-backends reference,torch,triton,cuda,upstream --upstream {clone} --results-file" in bf16
+    assert "--upstream" not in paper and "upstream" not in paper
+    assert "--bench train" in train and f"--upstream {clone} --results-file" in train
     assert "plumbing checks passed; folder valid" in text
 
 
 def test_dry_run_folder_schema(dry_run):
-    proc, out = dry_run
+    proc, out, clone = dry_run
     assert gr.validate_folder(out) == []
     files = sorted(p.name for p in out.iterdir())
     assert {"report.json", "summary.md", "report.log"} <= set(files)
@@ -105,6 +125,12 @@ def test_dry_run_folder_schema(dry_run):
     assert [r["name"] for r in rep["models"]["runs"]] == ["bf16_b256", "fp32_b128_paper"]
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary and "## Phases" in summary and "git" in summary and meta["git_sha"] in summary
+    up = rep["upstream"]
+    assert up["path"] == str(clone) and up["source"] == "--upstream" and up["checked"] and up["use"]
+    assert set(gr.UPSTREAM_DEPS) <= set(up["deps"]) and set(meta["upstream_deps"]) == set(gr.UPSTREAM_DEPS)
+    bf16 = next(r for r in rep["models"]["runs"] if r["name"] == "bf16_b256")
+    assert {r["backend"] for r in bf16["rows"] if r["kind"] == "upstream"} == {"upstream", "upstream+compile"}
+    assert f"- clone: {clone} (from --upstream)" in summary and "## Upstream side by side" in summary
 
 
 # ------------------------------------------------------------------ parsers
@@ -210,6 +236,134 @@ def test_select_ids():
     assert gr._select_ids(ids, ["tests/a.py", "-k", "triton"]) == ["tests/a.py::t[triton-x]"]
     assert gr._select_ids(ids, ["tests/a.py", "-k", "not triton"]) == ["tests/a.py::t[cuda-x]"]
     assert gr._select_ids(ids, ["tests/b.py"]) == ["tests/b.py::u"]
+
+
+# ------------------------------------------------------------------ upstream side by side
+@pytest.mark.parametrize("upstream", [None, "/clones/GroupMixFormer"])
+def test_planned_runs_with_and_without_upstream(upstream):
+    """Only the bf16 b256 run compiles upstream; the train run times it eager; nothing else changes."""
+    runs = {name: args for name, _, args, _ in gr.model_runs(upstream)}
+    _, _, train = gr.train_run(upstream)
+    assert runs["fp32_b128_paper"] == next(r[2] for r in gr.MODEL_RUNS if r[0] == "fp32_b128_paper")
+    bf16 = runs[gr.UPSTREAM_RUN]
+    compiled = bf16[bf16.index("--compile-backends") + 1].split(",")
+    assert ("upstream" in compiled) == bool(upstream) and {"reference", "torch", "triton", "cuda"} <= set(compiled)
+    for args in (bf16, train):
+        assert (args[args.index("--upstream") + 1] == upstream) if upstream else "--upstream" not in args
+    assert train[:len(gr.TRAIN_RUN[2])] == gr.TRAIN_RUN[2]
+
+
+@pytest.mark.parametrize("given, env, default, expected_source, usable", [
+    ("clone", "elsewhere", True, "--upstream", True),  # the flag wins
+    (None, "clone", True, "$GMF_UPSTREAM", True),
+    (None, None, True, "default", True),
+    (None, None, False, None, False),
+    ("", None, True, "--upstream", False),  # '' switches it off
+    (None, "", True, "$GMF_UPSTREAM", False),
+    ("no_model_file", None, False, "--upstream", False),
+])
+def test_resolve_upstream(tmp_path, monkeypatch, given, env, default, expected_source, usable):
+    clone = _stand_in_clone(tmp_path / "clone")
+    (tmp_path / "no_model_file").mkdir()
+    monkeypatch.setattr(gr, "UPSTREAM_DEFAULT", clone if default else tmp_path / "absent")
+    monkeypatch.setattr(gr, "ROOT", tmp_path)
+    if env is None:
+        monkeypatch.delenv("GMF_UPSTREAM", raising=False)
+    else:
+        monkeypatch.setenv("GMF_UPSTREAM", str(tmp_path / env) if env else "")
+    entry = gr.resolve_upstream(str(tmp_path / given) if given else given)
+    assert (entry["source"] or "").startswith(expected_source or "") and bool(entry["source"]) == bool(expected_source)
+    assert (entry["reason"] is None) == usable and entry["use"] is False  # deps not asked yet
+    if usable:
+        assert entry["path"] == str(clone)
+    elif given == "no_model_file":
+        assert "has no models/groupmixformer.py" in entry["reason"]
+    else:
+        assert entry["path"] is None and entry["reason"].startswith("no upstream clone")
+
+
+def _upstream_ctx(tmp_path, entry):
+    args = gr.build_parser().parse_args([])
+    report = {"meta": {}, "upstream": entry, "models": {"runs": []}, "train": {"runs": []}}
+    return gr.Ctx(args, tmp_path, gr.Tee(None, quiet=True), False, report, {}, 0.0, 1e12)
+
+
+@pytest.mark.parametrize("missing, wheel, install_rc, usable, clone", [
+    ([], False, None, True, True),
+    (["einops"], True, 0, True, True),  # installed from the wheel, then imports
+    (["einops"], True, 1, False, True),  # the install failed
+    (["einops"], False, None, False, True),
+    (["timm"], True, None, False, True),  # timm is never installed by the report
+    (["einops"], True, None, False, False),  # no clone: nothing installed for it
+])
+def test_check_upstream_deps_and_einops_wheel(tmp_path, monkeypatch, missing, wheel, install_rc, usable, clone):
+    """Upstream's rows run only when timm and einops import; a missing einops is pip-installed from
+    .upstream/wheels/ with --no-index (the device machine reaches no index) when a clone needs it;
+    the summary then says whether the upstream rows ran, and why not."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    if wheel:
+        (wheels / "einops-0.8.2-py3-none-any.whl").write_bytes(b"stand-in")
+    monkeypatch.setattr(gr, "UPSTREAM_WHEELS", wheels)
+    state = {"missing": list(missing)}
+    commands = []
+
+    def deps(ctx):
+        return {"python": "/py", **{n: ({"ok": False, "error": f"ModuleNotFoundError: No module named '{n}'"}
+                                        if n in state["missing"] else {"ok": True, "version": "1"})
+                                    for n in gr.UPSTREAM_DEPS}}
+
+    def fake_run(ctx, cmd, timeout, prefix, **kw):
+        cmd = [str(c) for c in cmd]
+        commands.append(cmd)
+        if install_rc == 0:
+            state["missing"].remove("einops")
+        return gr.RunResult(cmd, install_rc, "pip output", 1.0)
+
+    monkeypatch.setattr(gr, "_deps", deps)
+    monkeypatch.setattr(gr, "run", fake_run)
+    path = str(_stand_in_clone(tmp_path / "clone")) if clone else ""
+    ctx = _upstream_ctx(tmp_path, gr.resolve_upstream(path))
+    assert gr.upstream_path(ctx) == (path if usable else None)
+    assert gr.upstream_path(ctx) == gr.upstream_path(ctx) and len(commands) <= 1  # decided once
+    up = ctx.report["upstream"]
+    if "einops" in missing and wheel and clone:
+        assert commands and commands[0][1:] == ["-m", "pip", "install", "--no-index", "--find-links", str(wheels),
+                                               "einops"]
+        assert up["einops_install"]["status"] == ("installed" if install_rc == 0 else "failed")
+    else:
+        assert commands == []
+    md = gr.render_summary(_report(upstream=up))
+    if usable:
+        assert up["reason"] is None and "NOT run" not in md
+    elif not clone:
+        assert up["reason"] == "no upstream clone: --upstream is empty" and "einops_install" not in up
+        assert f"**upstream rows NOT run**: {up['reason']}" in md
+    else:
+        still = [n for n in gr.UPSTREAM_DEPS if n in state["missing"]]
+        assert up["deps_missing"] == still and f"{', '.join(still)} does not import in /py" in up["reason"]
+        assert f"**upstream rows NOT run**: {', '.join(still)} does not import" in md
+        assert ("pip download einops" in up["reason"]) == ("einops" in still and not wheel)
+
+
+def test_summary_upstream_ratios_and_failed_rows():
+    """With upstream's rows in the runs: each of our rows' ratios to upstream eager and compiled, and an
+    upstream row that did not run is named with its reason; a run that lost its upstream rows is too."""
+    up = {"path": "/c", "source": "--upstream", "checked": True, "use": True, "reason": None,
+          "deps": {"timm": {"ok": True, "version": "1.0.31"}, "einops": {"ok": True, "version": "0.8.2"}}}
+    rows = [dict(backend="cuda", label="cuda", kind="gmf", status="ok", img_per_s=3000.0, ratio_vs_upstream=3.5,
+                 ratio_vs_upstream_compile=1.75, check="ok"),
+            dict(backend="upstream", label="upstream (/c)", kind="upstream", status="ok", img_per_s=857.1,
+                 ratio_vs_upstream=1.0, ratio_vs_upstream_compile=0.5, check="ok"),
+            dict(backend="upstream+compile", label="upstream+compile", kind="upstream", status="error",
+                 reason="during timing: RuntimeError: out of memory")]
+    md = gr.render_summary(_report(upstream=up, models={"runs": [{"name": "bf16_b256", "status": "ok", "rows": rows}]},
+                                   train={"runs": [{"name": "train_amp_b128", "status": "timeout", "rows": [],
+                                                    "reason": "stopped after 30 s"}]}))
+    assert "timm ok 1.0.31, einops ok 0.8.2" in md
+    assert "| bf16_b256 | cuda | 3000.0 | 3.50x | 1.75x | ok |" in md
+    assert "- bf16_b256 upstream+compile: **not run**: error: during timing: RuntimeError: out of memory" in md
+    assert "- train_amp_b128: **no upstream row** (timeout: stopped after 30 s)" in md
 
 
 # ------------------------------------------------------------------ summary and folder validation
