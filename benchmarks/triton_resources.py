@@ -66,7 +66,7 @@ def ctas_per_sm(r: dict) -> str:
     by_regs = regs // (per_warp * warps)
     reserved = 1024 if r["arch"] >= 80 else 0                 # sm_80+: 1 KB of shared memory reserved per CTA
     shared = r.get("shared_dynamic", 0) + r.get("cuobjdump_shared", 0) + reserved
-    by_smem = smem // shared
+    by_smem = smem // shared if shared else max_warps   # no shared memory: not a limit
     n = min(by_regs, by_smem, max_warps // warps)
     return f"{n} ({n * warps} warps)"
 
@@ -145,7 +145,8 @@ def markdown(results, wall_s: float, jobs: int, backward: bool = False) -> str:
         f"- {len(ok)}/{len(results)} compiles succeeded (every (kernel, width, dtype, arch) but the (arch, dtype) "
         f"pairs the backend refuses, bf16 below sm_80; a row per tile choice, so the FMA variant of sm_70/75 "
         f"has its own rows where its tiles differ), "
-        f"wall time {wall_s:.0f} s with {jobs} worker processes, "
+        + (f"wall time {wall_s:.0f} s with {jobs} worker processes, " if wall_s == wall_s else
+           "rendered from an earlier run's JSON (its wall time not recorded), ") +
         f"sum of compile times {sum(r.get('compile_s', 0) for r in ok):.0f} s.",
     ]
     for k in sorted(order, key=order.get):
@@ -185,6 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="", help="also write the raw per-specialisation results here")
     ap.add_argument("--warm-cache", action="store_true", help="use Triton's normal cache instead of an empty one")
     ap.add_argument("--backward", action="store_true", help="the training backward kernels instead of the forward")
+    ap.add_argument("--from-json", default="", help="render the table from a previous run's --json (compile nothing)")
     a = ap.parse_args(argv)
     from gmf_kernels.triton_kernels.config import AOT_ARCHS
     from gmf_kernels.triton_kernels.specializations import all_specializations, backward_specializations, compile_all
@@ -192,11 +194,17 @@ def main(argv=None) -> int:
     out = a.out or os.path.join(HERE, "results", ("triton_backward_resources_" if a.backward else "triton_resources_")
                                 + "_".join(f"sm{x}" for x in archs) + ".md")
     t0 = time.time()
-    specs = backward_specializations(archs=archs) if a.backward else all_specializations(archs=archs)
-    with tempfile.TemporaryDirectory(prefix="gmf_triton_cache_") as tmp:
-        results = compile_all(specs, a.jobs, "" if a.warm_cache else tmp)
-    wall = time.time() - t0
-    if a.json:
+    if a.from_json:
+        import json
+        with open(a.from_json) as fh:
+            results = json.load(fh)
+        wall = float("nan")                       # not known: the compiles ran in the earlier run
+    else:
+        specs = backward_specializations(archs=archs) if a.backward else all_specializations(archs=archs)
+        with tempfile.TemporaryDirectory(prefix="gmf_triton_cache_") as tmp:
+            results = compile_all(specs, a.jobs, "" if a.warm_cache else tmp)
+        wall = time.time() - t0
+    if a.json and not a.from_json:
         import json
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=1)
