@@ -29,7 +29,9 @@ models/groupmixformer.py with our model's weights (benchmarks/upstream.py), chec
 others; the ratio column is then against it. With torch.compile on, `upstream` in
 `--compile-backends` adds "upstream+compile": torch.compile of a copy of that model, made,
 checked and timed like the other compiled rows; every row then also gets
-`ratio_vs_upstream_compile`. `--compare` names the timm models timed beside ours (default Swin-T),
+`ratio_vs_upstream_compile`. `--upstream-precision` runs the upstream rows at their own precision
+(e.g. `amp`: upstream's own mixed-precision recipe beside our bf16 rows), each checked against the
+float64 oracle with its precision's tolerance. `--compare` names the timm models timed beside ours (default Swin-T),
 `--plot FILE.png` draws img/s per row.
 """
 from __future__ import annotations
@@ -134,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a local clone of AILab-CVC/GroupMixFormer: time upstream's own models/groupmixformer.py "
                         "with our model's weights as one more row (checked like the others); the ratio column "
                         "is then against it (needs timm and einops)")
+    p.add_argument("--upstream-precision", choices=("same",) + PRECISIONS, default=None,
+                   help="with --upstream: the precision of the upstream rows (eager and +compile): model dtype, "
+                        "autocast and input as --precision would set them, while our rows keep --precision; "
+                        "each upstream row is then checked against the float64 oracle with the tolerance of its "
+                        "own precision (default: same = --precision)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="write a horizontal bar chart of images/s per row (needs matplotlib)")
     p.add_argument("--fp64-check", action=argparse.BooleanOptionalAction, default=None,
@@ -183,13 +190,21 @@ def resolve_settings(args) -> Dict:
     if UPSTREAM in (s["compile_backends"] or []) and not args.upstream:
         raise SystemExit("error: 'upstream' in --compile-backends compiles upstream's own model: it needs "
                          "--upstream PATH (a clone of AILab-CVC/GroupMixFormer)")
+    if args.upstream_precision is not None and not args.upstream:
+        raise SystemExit("error: --upstream-precision sets the precision of the upstream rows: it needs "
+                         "--upstream PATH (a clone of AILab-CVC/GroupMixFormer)")
+    # the upstream rows' precision ('same': the run's); None without --upstream
+    s["upstream_precision"] = ((s["precision"] if args.upstream_precision in (None, "same")
+                                else args.upstream_precision) if args.upstream else None)
     s["optimized"] = bool(args.optimized if args.optimized is not None else gpu) and args.bench != "train"
     s["optimized_cudagraphs"] = args.optimized_cudagraphs
     if args.no_torchcompile:
         s["torchcompile"] = None
     else:
         s["torchcompile"] = args.torchcompile or ("inductor" if gpu else None)
-    s["fp64_check"] = args.fp64_check if args.fp64_check is not None else s["precision"] != "fp32"
+    # default on when any row runs below fp32 (the upstream rows at another precision are judged by it)
+    s["fp64_check"] = (args.fp64_check if args.fp64_check is not None else
+                       any(p not in (None, "fp32") for p in (s["precision"], s["upstream_precision"])))
     s["compare"] = [] if args.no_timm else parse_compare(args.compare)
     s["upstream"] = args.upstream
     if s["batch_size"] < 1 or s["img_size"] < 32 or s["num_bench_iter"] < 1 or s["num_warm_iter"] < 0:
@@ -306,7 +321,10 @@ def collect_meta(settings: Dict) -> Dict:
             f"zero_grad(set_to_none) -> forward (train mode; autocast with --precision amp) -> cross-entropy "
             f"against fixed random labels -> backward (GradScaler with fp16 autocast) -> "
             f"{OPTIMIZERS[settings['opt']]} step, lr {settings['lr']:g}; stochastic depth rate "
-            f"{settings['drop_path_rate']:g}")
+            f"{settings['drop_path_rate']:g}" + (
+                f"; the upstream rows at --upstream-precision {settings['upstream_precision']} (autocast and "
+                f"GradScaler likewise)" if settings.get("upstream_precision") not in (None, settings["precision"])
+                else ""))
     if gpu:
         props = torch.cuda.get_device_properties(torch.device(settings["device"]))
         meta["gpu_memory_gib"] = round(props.total_memory / 2 ** 30, 1)
@@ -472,6 +490,13 @@ class Runner:
         self.alive = True
         #: --bench train: the row's TrainStep (one call = one training iteration); None: a forward of module
         self.step: Optional["TrainStep"] = None
+        #: the row's own Context when it runs at another precision than the run (--upstream-precision)
+        self.ctx: Optional["Context"] = None
+
+
+def row_ctx(ctx: "Context", r: Runner) -> "Context":
+    """The context a row runs in: its own (another precision: dtypes, autocast, input, tolerance) or the run's."""
+    return r.ctx if r.ctx is not None else ctx
 
 
 def select_backends(requested: Optional[List[str]], dev_type: str):
@@ -557,8 +582,10 @@ def upstream_runner(ctx: "Context", name: str, state_dict, train: bool) -> Runne
         notes.append(syncbn)
     model = model.to(device=ctx.device, dtype=ctx.model_dtype, memory_format=ctx.memory_format)
     model.train(train)
-    r = Runner(name, UPSTREAM, f"upstream ({path})", model, lambda: None, kind="upstream")
-    r.row.update(upstream_path=str(path), upstream_file=str(lib.model_file(path)), upstream_notes=notes)
+    own = ctx.precision != ctx.settings["precision"]  # --upstream-precision: the label says which
+    r = Runner(name, UPSTREAM, f"upstream ({ctx.precision if own else path})", model, lambda: None, kind="upstream")
+    r.row.update(upstream_path=str(path), upstream_file=str(lib.model_file(path)), upstream_notes=notes,
+                 precision=ctx.precision)
     if train:
         r.step = TrainStep(ctx, model)
     return r
@@ -567,15 +594,23 @@ def upstream_runner(ctx: "Context", name: str, state_dict, train: bool) -> Runne
 def upstream_runners(ctx: "Context", name: str, state_dict, backends: List[str], train: bool) -> List[Runner]:
     """The --upstream row and, when `upstream` is among the compiled backends, 'upstream+compile':
     torch.compile of a copy of the same model (made before any step, so the same initial weights),
-    checked and timed like the other compiled rows; in --bench train with its own TrainStep."""
-    eager = upstream_runner(ctx, name, state_dict, train)
+    checked and timed like the other compiled rows; in --bench train with its own TrainStep. Both
+    run at settings["upstream_precision"] (their own Context when that is not the run's precision)."""
+    uctx = ctx.with_precision(ctx.settings["upstream_precision"] or ctx.settings["precision"])
+    eager = upstream_runner(uctx, name, state_dict, train)
     runners = [eager]
     if UPSTREAM in compile_backends(ctx, backends):
-        wrap = (lambda r: setattr(r, "step", TrainStep(ctx, r.module))) if train else None
-        compiled = compiled_runner(ctx, name, UPSTREAM, lambda: copy.deepcopy(eager.module), wrap=wrap,
+        wrap = (lambda r: setattr(r, "step", TrainStep(uctx, r.module))) if train else None
+        compiled = compiled_runner(uctx, name, UPSTREAM, lambda: copy.deepcopy(eager.module), wrap=wrap,
                                    kind="upstream")
-        compiled.row.update({k: eager.row[k] for k in ("upstream_path", "upstream_file")})
+        compiled.row.update({k: eager.row[k] for k in ("upstream_path", "upstream_file", "precision")})
+        if uctx is not ctx and compiled.alive:
+            compiled.label = compiled.row["label"] = (f"{UPSTREAM_COMPILED} ({uctx.precision}, "
+                                                      f"{ctx.settings['torchcompile']})")
         runners.append(compiled)
+    if uctx is not ctx:
+        for r in runners:
+            r.ctx = uctx
     return runners
 
 
@@ -600,15 +635,30 @@ class Context:
         self.dev_type = settings["device_type"]
         if self.dev_type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # events and streams of the timed loop live on this device
-        self.model_dtype, self.autocast_dtype, self.compute_dtype = dtypes_for(settings["precision"], self.dev_type)
         self.B, self.S = settings["batch_size"], settings["img_size"]
         self.memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
         self.timer = Timer(self.device)
-        self.tol = tolerance(self.compute_dtype, self.dev_type)
         # inputs: random normal images (never zeros), one per run, shared by every row
         gen = torch.Generator().manual_seed(settings["seed"])
         self.x32 = torch.randn(self.B, 3, self.S, self.S, generator=gen)
+        self._set_precision(settings["precision"])
+
+    def _set_precision(self, precision: str) -> None:
+        """Model and input dtype, autocast, the input (the same images in that dtype) and the tolerance."""
+        self.precision = precision
+        self.model_dtype, self.autocast_dtype, self.compute_dtype = dtypes_for(precision, self.dev_type)
+        self.tol = tolerance(self.compute_dtype, self.dev_type)
         self.x = self.x32.to(device=self.device, dtype=self.model_dtype).contiguous(memory_format=self.memory_format)
+
+    def with_precision(self, precision: str) -> "Context":
+        """This context, or for another precision a copy of it (same device, timer, images and, in
+        --bench train, labels) with that precision's dtypes, autocast, input and tolerance: the context
+        of rows that do not run at --precision (--upstream-precision)."""
+        if precision == self.precision:
+            return self
+        view = copy.copy(self)
+        view._set_precision(precision)
+        return view
 
     def autocast(self):
         import torch
@@ -649,8 +699,10 @@ def build_master(ctx: Context, name: str, tag: str):
     return master, oracle
 
 
-def make_runners(ctx: Context, name: str, model, backends: List[str], with_timm: bool) -> List[Runner]:
-    """One Runner per backend (switching the model's GMA backend), + torch.compile, upstream and timm rows."""
+def make_runners(ctx: Context, name: str, model, backends: List[str], with_timm: bool,
+                 upstream_state=None) -> List[Runner]:
+    """One Runner per backend (switching the model's GMA backend), + torch.compile, upstream and timm rows
+    (`upstream_state`: the weights the upstream rows load, before the cast to the run's dtype)."""
     runners: List[Runner] = []
     for b in backends:
         label = {"reference": "reference (upstream's ops)"}.get(b, b)
@@ -663,7 +715,7 @@ def make_runners(ctx: Context, name: str, model, backends: List[str], with_timm:
     if ctx.settings["optimized"]:
         runners.append(optimized_runner(ctx, name, model))
     if ctx.settings["upstream"]:
-        runners += upstream_runners(ctx, name, model.state_dict(), backends, train=False)
+        runners += upstream_runners(ctx, name, upstream_state, backends, train=False)
     if with_timm:
         runners += timm_runners(ctx, ctx.settings["compare"])
     return runners
@@ -720,8 +772,11 @@ def optimized_runner(ctx: Context, name: str, model) -> Runner:
     return r
 
 
-def judge(r: Runner, runners: List[Runner], tol: float) -> str:
-    """The check verdict of a row from its errors against reference (and float64, if measured)."""
+def judge(r: Runner, runners: List[Runner], tol: float, run_tol: Optional[float] = None) -> str:
+    """The check verdict of a row from its errors against reference (and float64, if measured).
+    `run_tol`: the row runs at another precision than the run (--upstream-precision; `tol` is its
+    own precision's, `run_tol` the run's): reference is then no yardstick for it, the float64 oracle
+    is, with `tol`; without an oracle (--no-fp64-check) reference is, with the larger tolerance."""
     err = r.row.get("max_rel_err_vs_reference")
     if err is None:
         return "no reference output"
@@ -729,6 +784,12 @@ def judge(r: Runner, runners: List[Runner], tol: float) -> str:
         return "FAIL (NaN/inf)"
     if r.backend == "reference":
         return "is reference"
+    if run_tol is not None:
+        own = r.row.get("max_rel_err_vs_fp64")
+        if own is not None:
+            return "ok (vs fp64)" if own <= tol else f"FAIL (vs fp64 > {tol:.0e})"
+        tol = max(tol, run_tol)
+        return "ok" if err <= tol else f"FAIL (> {tol:.0e})"
     if err <= tol:
         return "ok"
     # in low precision two results can differ by more than the tolerance while each is as
@@ -757,12 +818,13 @@ def first_calls_and_check(ctx: Context, runners: List[Runner], oracle, tag: str,
         if not r.alive or (r.kind == "baseline" and r.module is None):
             continue
         ctx.progress(f"{tag} {r.backend}: first call + check ...")
+        rc = row_ctx(ctx, r)
         try:
             r.prepare()
             ctx.timer.sync()
             t0 = time.perf_counter()
-            with ctx.autocast():
-                out = r.module(ctx.x)
+            with rc.autocast():
+                out = r.module(rc.x)
             ctx.timer.sync()
             r.row["first_call_s"] = time.perf_counter() - t0
         except Exception as e:
@@ -780,18 +842,19 @@ def first_calls_and_check(ctx: Context, runners: List[Runner], oracle, tag: str,
             r.row["max_rel_err_vs_reference"] = max_rel_error(out, ref_out)
         if oracle is not None:
             r.row["max_rel_err_vs_fp64"] = max_rel_error(out, oracle)
-        r.row["tolerance"] = ctx.tol
-        r.row["check"] = judge(r, runners, ctx.tol)
+        r.row["tolerance"] = rc.tol
+        r.row["check"] = judge(r, runners, rc.tol, None if rc is ctx else ctx.tol)
         del out
 
 
 def _run_row(ctx: Context, r: Runner, n: int, what: str, on_iter=None) -> None:
     """n calls of one row (what: "warm-up" or "timing"); an exception ends the row with its reason."""
     r.prepare()
+    rc = row_ctx(ctx, r)
     try:
         # a training step enters autocast itself, for its forward only
-        with ctx.autocast() if r.step is None else contextlib.nullcontext():
-            t, tot = ctx.timer.run(r.step if r.step is not None else (lambda: r.module(ctx.x)), n, on_iter)
+        with rc.autocast() if r.step is None else contextlib.nullcontext():
+            t, tot = ctx.timer.run(r.step if r.step is not None else (lambda: r.module(rc.x)), n, on_iter)
         if what == "timing":
             r.times += t
             r.total_s += tot
@@ -905,8 +968,9 @@ def measure_memory(ctx: Context, runners: List[Runner]) -> None:
             if r.step is not None:
                 r.step()
             else:
-                with torch.inference_mode(), ctx.autocast():
-                    r.module(ctx.x)
+                rc = row_ctx(ctx, r)
+                with torch.inference_mode(), rc.autocast():
+                    r.module(rc.x)
             ctx.timer.sync()
             step_peak = torch.cuda.max_memory_allocated(ctx.device) - base
             own = resident_bytes(r)
@@ -1138,8 +1202,9 @@ def first_steps_and_check(ctx: Context, runners: List[Runner], oracle, names: Li
             errs = snapshot_errors(snap, oracle)
             r.row["first_step_err_vs_fp64"] = {_strip(k): v for k, v in errs.items()}
             r.row["max_rel_err_vs_fp64"] = worst(errs.values())
-        r.row["tolerance"] = ctx.tol
-        r.row["check"] = judge(r, runners, ctx.tol)
+        rc = row_ctx(ctx, r)
+        r.row["tolerance"] = rc.tol
+        r.row["check"] = judge(r, runners, rc.tol, None if rc is ctx else ctx.tol)
 
 
 def benchmark_model_train(ctx: Context, name: str, master, backends, with_timm: bool, tag: str, common: Dict):
@@ -1187,8 +1252,12 @@ def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]],
             model = None
             runners = benchmark_model_train(ctx, name, master, backends, mi == 0, tag, common)
         else:
+            # the upstream rows take the weights as built (fp32): cast to --upstream-precision from there,
+            # not from the run's dtype (an fp32 upstream row beside bf16 ones must not hold bf16-rounded weights)
+            up_state = ({k: v.clone() for k, v in master.state_dict().items()} if settings["upstream"] else None)
             model = master.to(device=ctx.device, dtype=ctx.model_dtype, memory_format=ctx.memory_format)
-            runners = make_runners(ctx, name, model, backends, mi == 0)
+            runners = make_runners(ctx, name, model, backends, mi == 0, up_state)
+            del up_state
             with torch.inference_mode():
                 first_calls_and_check(ctx, runners, oracle, tag, common)
                 if on_model_done is not None:  # checks and compile times survive a later kill
@@ -1242,9 +1311,14 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
     print(f"\nresults, {what} ({meta['device_name']}; {settings['precision']}, batch {settings['batch_size']}, "
           f"{settings['img_size']}x{settings['img_size']}, {settings['num_warm_iter']} warm-up + "
           f"{settings['num_bench_iter']} timed, {settings['schedule']})")
+    up_prec = settings.get("upstream_precision")
+    mixed = base == UPSTREAM and up_prec != settings["precision"]
     if base == UPSTREAM:
         print(f"  ratio column `vs upstr`: against the upstream row (upstream's own models/groupmixformer.py from "
               f"{settings['upstream']}, our model's weights); `err vs ref` and `mem/ref` stay against `reference`")
+    if mixed:
+        print(f"  the upstream rows run at {up_prec} (--upstream-precision), the others at {settings['precision']}; "
+              f"the upstream rows are checked against the float64 oracle with {up_prec}'s tolerance")
     w = min(60, max([30] + [len(r["label"]) for r in rows if r.get("status") == "ok"]))
     hdr = (f"{'model':<17} {'backend':<{w}} {where + ' img/s':>10} {'ms med':>9} {'ms mean':>9} {'ms min':>9} "
            f"{'vs ref' if base == 'reference' else 'vs upstr':>8} {'peak MiB':>9} {'mem/ref':>7} {'err vs ref':>10} "
@@ -1291,7 +1365,8 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
     step = "training step" if train else "forward"
     if base == UPSTREAM:
         print(f"\nsummary (ratios to `upstream`, upstream's own models/groupmixformer.py with our weights, same "
-              f"run and input; {step}):")
+              f"run and input; {step}" + (f"; upstream at {up_prec}, ours at {settings['precision']}" if mixed
+                                          else "") + "):")
     else:
         print(f"\nsummary (ratios to `reference`, our line-by-line rendering of upstream's eager {step} (the same "
               f"ops, not upstream's own file; --upstream PATH times that), same run and input):")
@@ -1419,7 +1494,8 @@ def main(argv=None) -> int:
              if s["bench"] == "train" else "bench=inference (eval+inference_mode)"))
     print(f"  {'compare':<12} {','.join(s['compare']) or 'none'} (timm)")
     if s["upstream"]:
-        print(f"  {'upstream':<12} {upstream_lib().model_file(s['upstream'])} (ratios against it)")
+        print(f"  {'upstream':<12} {upstream_lib().model_file(s['upstream'])} (ratios against it; precision "
+              f"{s['upstream_precision']})")
         for note in upstream_notes:
             print(f"  {'':<12} note: {note}")
     sys.stdout.flush()

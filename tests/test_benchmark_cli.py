@@ -257,29 +257,128 @@ def test_compile_backends_upstream(capsys, device_type, named, upstream, expecte
             bench.resolve_settings(parser.parse_args(argv))
 
 
-def test_upstream_compiled_train_row(tmp_path):
+@pytest.mark.parametrize("upstream_precision, model_dtype, autocast_dtype", [
+    (None, torch.float32, None),  # 'same': the run's fp32, the run's context
+    ("amp", torch.float32, torch.bfloat16),  # amp on CPU: bf16 autocast over fp32 weights and input
+])
+def test_upstream_compiled_train_row(tmp_path, upstream_precision, model_dtype, autocast_dtype):
     """--bench train: 'upstream+compile' trains its own torch.compile'd copy of upstream's model,
     from the same initial weights as the upstream row, with its own optimizer (built, not run:
-    the end-to-end compiled row is the inference test's)."""
+    the end-to-end compiled row is the inference test's). --upstream-precision gives both upstream
+    rows their own context (dtypes, autocast, input, tolerance; their labels and rows say it) and
+    leaves the run's as it was."""
     bench = _load_script()
     clone = fake_upstream(tmp_path / "clone")
     argv = ["--device", "cpu", "--bench", "train", "--batch-size", "1", "--img-size", "64", "--upstream", str(clone),
             "--torchcompile", "eager", "--compile-backends", "torch,upstream"]
+    argv += ["--upstream-precision", upstream_precision] if upstream_precision else []
     ctx = bench.Context(bench.resolve_settings(bench.build_parser().parse_args(argv)), bench.Progress(quiet=True))
     import gmf_kernels as gmf
     ours = gmf.create_model("groupmixformer_m", backend="reference")
     randomize_bn_stats_(ours, seed=int(torch.randint(0, 2 ** 31, ())))
+    ctx.target = torch.randint(0, ours.num_classes, (1,))  # as benchmark_model_train sets it
     eager, compiled = bench.upstream_runners(ctx, "groupmixformer_m", ours.state_dict(), ["torch"], train=True)
     assert (eager.backend, compiled.backend) == ("upstream", "upstream+compile")
-    assert compiled.kind == "upstream" and compiled.alive and compiled.label == "upstream+compile (eager)"
+    own = upstream_precision or "fp32"
+    suffix = f"{own}, eager" if upstream_precision else "eager"
+    assert compiled.kind == "upstream" and compiled.alive and compiled.label == f"upstream+compile ({suffix})"
+    assert compiled.row["label"] == compiled.label and eager.label == (f"upstream ({own})" if upstream_precision
+                                                                       else f"upstream ({clone})")
     assert compiled.row["upstream_file"] == eager.row["upstream_file"]
+    assert eager.row["precision"] == compiled.row["precision"] == own
+    # the run's context is untouched; the upstream rows share theirs
+    assert ctx.precision == "fp32" and ctx.x.dtype == torch.float32 and ctx.autocast_dtype is None
+    uctx = bench.row_ctx(ctx, eager)
+    assert (uctx is ctx) == (upstream_precision is None) and bench.row_ctx(ctx, compiled) is uctx
+    assert compiled.step.ctx is uctx and eager.step.ctx is uctx
+    assert (uctx.model_dtype, uctx.autocast_dtype, uctx.x.dtype) == (model_dtype, autocast_dtype, model_dtype)
+    assert torch.equal(uctx.x.float(), ctx.x32.to(model_dtype).float()) and uctx.target is ctx.target
+    assert uctx.tol == bench.tolerance(autocast_dtype or model_dtype, "cpu")
     model = compiled.module._orig_mod  # torch.compile's wrapper around a copy
     assert model is not eager.module and model.training and isinstance(model.norm4, torch.nn.SyncBatchNorm)
+    assert all(q.dtype == model_dtype for q in model.parameters())
     for k, v in ours.state_dict().items():
-        assert torch.equal(model.state_dict()[k], v), k
+        got = model.state_dict()[k]
+        assert torch.equal(got, v.to(got.dtype)), k
     assert compiled.step is not None and compiled.step.model is compiled.module
     own = {id(p) for p in model.parameters()}
     assert all(id(p) in own for g in compiled.step.opt.param_groups for p in g["params"])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], None),  # no upstream rows, no precision of theirs
+    (["--upstream", "/c"], "fp32"),  # same as --precision
+    (["--upstream", "/c", "--precision", "bf16", "--upstream-precision", "same"], "bf16"),
+    (["--upstream", "/c", "--precision", "bf16", "--upstream-precision", "amp"], "amp"),
+    (["--upstream", "/c", "--upstream-precision", "fp16"], "fp16"),  # fp32 run: the oracle is on for it
+    (["--upstream", "/c", "--precision", "fp16", "--upstream-precision", "fp32"], "fp32"),
+])
+def test_upstream_precision_settings(argv, expected):
+    """--upstream-precision: the upstream rows' precision ('same' = --precision), and the float64
+    oracle on by default whenever any row runs below fp32; refused without --upstream."""
+    bench = _load_script()
+    parser = bench.build_parser()
+    s = bench.resolve_settings(parser.parse_args(["--device", "cpu", *argv]))
+    assert s["upstream_precision"] == expected
+    assert s["fp64_check"] == (s["precision"] != "fp32" or expected not in (None, "fp32"))
+    for given in ("same", "amp"):
+        with pytest.raises(SystemExit, match="--upstream-precision .* needs --upstream PATH"):
+            bench.resolve_settings(parser.parse_args(["--device", "cpu", "--upstream-precision", given]))
+
+
+@pytest.mark.parametrize("vs_fp64, vs_ref, run_tol, expected", [
+    (0.5, 2.0, 4.0, "ok (vs fp64)"),  # another precision: the oracle with the row's own tolerance decides
+    (2.0, 0.01, 4.0, "FAIL (vs fp64"),  # ... even when reference (another precision) is close
+    (None, 3.0, 4.0, "ok"),  # no oracle: reference, with the larger of the two tolerances
+    (None, 5.0, 4.0, "FAIL (>"),
+    (None, 0.5, None, "ok"),  # the run's precision: as before
+    (1.5, 1.5, None, "FAIL (>"),  # no reference row's own float64 error to compare with
+])
+def test_judge_rows_at_another_precision(vs_fp64, vs_ref, run_tol, expected):
+    """judge(): errors given in units of the row's tolerance (a fresh random one)."""
+    bench = _load_script()
+    tol = float(torch.rand(()) * 0.1 + 1e-3)
+    r = bench.Runner("m", "upstream", "upstream (amp)", None, lambda: None, kind="upstream")
+    r.row.update(max_rel_err_vs_reference=vs_ref * tol,
+                 **({} if vs_fp64 is None else {"max_rel_err_vs_fp64": vs_fp64 * tol}))
+    verdict = bench.judge(r, [r], tol, None if run_tol is None else run_tol * tol)
+    assert verdict.startswith(expected), verdict
+
+
+@pytest.mark.parametrize("bench_kind, precision, upstream_precision", [
+    ("inference", "bf16", "fp32"),
+    ("train", "fp32", "amp"),  # the float64 oracle is on for the amp row alone
+])
+def test_cli_upstream_precision(tmp_path, capsys, bench_kind, precision, upstream_precision):
+    """--upstream-precision end to end (in process, one timed iteration): the upstream row runs at its
+    own precision (an fp32 upstream row beside bf16 ones is as close to float64 as fp32 is), is
+    checked against the float64 oracle with its own tolerance, says its precision in the JSON and the
+    table, and stays the base of the ratio column."""
+    bench = _load_script()
+    out = tmp_path / "bench.json"
+    clone = fake_upstream(tmp_path / "clone")
+    assert bench.main(["--model", "groupmixformer_m", "--img-size", "64", "--device", "cpu", "--bench", bench_kind,
+                       "--batch-size", "2", "--num-warm-iter", "0", "--num-bench-iter", "1", "--backends",
+                       "torch,reference", "--no-timm", "--precision", precision, "--upstream", str(clone),
+                       "--upstream-precision", upstream_precision, "--results-file", str(out), "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in data["rows"]}
+    up, ref = rows["upstream"], rows["reference"]
+    assert data["meta"]["settings"]["upstream_precision"] == upstream_precision and data["meta"]["settings"]["fp64_check"]
+    assert up["status"] == "ok" and up["precision"] == upstream_precision and up["label"] == f"upstream ({upstream_precision})"
+    assert ref["precision"] == rows["torch"]["precision"] == precision
+    _, autocast_dtype, compute = bench.dtypes_for(upstream_precision, "cpu")
+    assert up["tolerance"] == bench.tolerance(compute, "cpu") != ref["tolerance"]
+    assert up["check"] == "ok (vs fp64)", up
+    assert up["ratio_vs_upstream"] == 1.0 and rows["torch"]["ratio_vs_upstream"] > 0
+    assert f"upstream ({upstream_precision})" in stdout
+    assert f"the upstream rows run at {upstream_precision} (--upstream-precision), the others at {precision}" in stdout
+    if upstream_precision == "fp32":  # fp32 against the oracle, beside a bf16 reference
+        assert up["max_rel_err_vs_fp64"] < 1e-4 < ref["max_rel_err_vs_fp64"]
+    if bench_kind == "train":
+        assert math.isfinite(up["first_step_loss"]) and "upstream rows at --upstream-precision amp" in \
+            data["meta"]["train_step_definition"]
 
 
 def _ours_and_input(dtype=torch.float64):

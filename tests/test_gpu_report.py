@@ -87,7 +87,8 @@ def test_dry_run_passes_and_prints_the_plan(dry_run):
     assert len(plan) == 3, plan
     bf16, paper, train = plan
     assert bf16.split("throughput.py ")[1].startswith("--model groupmixformer_s --precision bf16 --batch-size 256")
-    assert f"--compile-backends reference,torch,triton,cuda,upstream --upstream {clone} --results-file" in bf16
+    assert (f"--compile-backends torch,triton,cuda,upstream --upstream-precision amp --upstream {clone} "
+            f"--results-file") in bf16
     assert "--upstream" not in paper and "upstream" not in paper
     assert "--bench train" in train and f"--upstream {clone} --results-file" in train
     assert "plumbing checks passed; folder valid" in text
@@ -131,6 +132,8 @@ def test_dry_run_folder_schema(dry_run):
     bf16 = next(r for r in rep["models"]["runs"] if r["name"] == "bf16_b256")
     assert {r["backend"] for r in bf16["rows"] if r["kind"] == "upstream"} == {"upstream", "upstream+compile"}
     assert f"- clone: {clone} (from --upstream)" in summary and "## Upstream side by side" in summary
+    for base in ("`upstream (amp)`", "`upstream+compile (amp)`"):  # issue 9's ratios: stated, not measured
+        assert f"  - vs {base}: not measured (dry run)" in summary, base
 
 
 # ------------------------------------------------------------------ parsers
@@ -241,13 +244,16 @@ def test_select_ids():
 # ------------------------------------------------------------------ upstream side by side
 @pytest.mark.parametrize("upstream", [None, "/clones/GroupMixFormer"])
 def test_planned_runs_with_and_without_upstream(upstream):
-    """Only the bf16 b256 run compiles upstream; the train run times it eager; nothing else changes."""
+    """Only the bf16 b256 run compiles upstream, at --upstream-precision amp and in place of
+    'reference+compile' (the phase's time); the train run times it eager; nothing else changes."""
     runs = {name: args for name, _, args, _ in gr.model_runs(upstream)}
     _, _, train = gr.train_run(upstream)
     assert runs["fp32_b128_paper"] == next(r[2] for r in gr.MODEL_RUNS if r[0] == "fp32_b128_paper")
     bf16 = runs[gr.UPSTREAM_RUN]
     compiled = bf16[bf16.index("--compile-backends") + 1].split(",")
-    assert ("upstream" in compiled) == bool(upstream) and {"reference", "torch", "triton", "cuda"} <= set(compiled)
+    assert compiled == (["torch", "triton", "cuda", "upstream"] if upstream else ["reference", "torch", "triton", "cuda"])
+    assert (bf16[bf16.index("--upstream-precision") + 1] == "amp") if upstream else "--upstream-precision" not in bf16
+    assert "--upstream-precision" not in train and bf16[bf16.index("--precision") + 1] == "bf16"
     for args in (bf16, train):
         assert (args[args.index("--upstream") + 1] == upstream) if upstream else "--upstream" not in args
     assert train[:len(gr.TRAIN_RUN[2])] == gr.TRAIN_RUN[2]
@@ -364,6 +370,40 @@ def test_summary_upstream_ratios_and_failed_rows():
     assert "| bf16_b256 | cuda | 3000.0 | 3.50x | 1.75x | ok |" in md
     assert "- bf16_b256 upstream+compile: **not run**: error: during timing: RuntimeError: out of memory" in md
     assert "- train_amp_b128: **no upstream row** (timeout: stopped after 30 s)" in md
+
+
+@pytest.mark.parametrize("drop, run_status", [
+    ((), "ok"),
+    (("upstream+compile",), "ok"),  # its ratio is not measured, the other one is
+    (("cuda", "triton", "cuda+compile", "triton+compile"), "timeout"),
+    (None, None),  # the bf16 run did not run at all
+])
+def test_summary_judged_ratios(drop, run_status):
+    """summary.md states issue 9's two ratios from the bf16 b256 run: the best of our cuda/triton
+    rows (eager or compiled; which one, by img/s) over `upstream (amp)` and over `upstream+compile
+    (amp)`, each with its goal (3x, 1.5x), or "not measured" and why; never from another run."""
+    rate = (torch.rand(7) * 3000 + 100).tolist()
+    names = ["cuda", "triton", "cuda+compile", "triton+compile", "torch+compile", "upstream", "upstream+compile"]
+    rows = [dict(backend=b, label=b, kind="upstream" if b.startswith("upstream") else "gmf", status="ok",
+                 img_per_s=v, check="ok (vs fp64)" if b.startswith("upstream") else "ok",
+                 precision="amp" if b.startswith("upstream") else "bf16") for b, v in zip(names, rate)]
+    paper = {"name": "fp32_b128_paper", "status": "ok", "rows": [dict(r, img_per_s=1e6) for r in rows]}
+    runs = [paper] if drop is None else [
+        paper, {"name": gr.UPSTREAM_RUN, "status": run_status, "rows": [r for r in rows if r["backend"] not in drop]}]
+    up = {"path": "/c", "source": "--upstream", "checked": True, "use": True, "reason": None}
+    md = gr.render_summary(_report(upstream=up, models={"runs": runs}))
+    best = max(rows[:4], key=lambda r: r["img_per_s"])  # torch+compile is not among the judged rows
+    for r, goal in ((rows[5], 3.0), (rows[6], 1.5)):
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"  - vs `{r['backend']}"))
+        if drop is None:
+            assert line.endswith(f": not measured ({gr.UPSTREAM_RUN} did not run)"), line
+        elif r["backend"] in drop or best["backend"] in drop:
+            assert f"not measured ({gr.UPSTREAM_RUN} {run_status}; missing: " in line, line
+        else:
+            ratio = best["img_per_s"] / r["img_per_s"]
+            assert line.startswith(f"  - vs `{r['backend']} (amp)`: **{ratio:.2f}x** measured ({best['backend']} "
+                                   f"(bf16) {best['img_per_s']:.1f} img/s / {r['img_per_s']:.1f} img/s): goal >= "
+                                   f"{goal:g}x {'reached' if ratio >= goal else 'NOT reached'}"), line
 
 
 # ------------------------------------------------------------------ summary and folder validation
