@@ -147,6 +147,25 @@ def mm(a, b, acc, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
 
 
 @triton.jit
+def crpe_group(head, crpe_w3, crpe_w5, crpe_w7):
+    """The CRPE group of a head: (window, first head of the group, its weights): heads 0-1 use
+    the 3x3 kernels, 2-4 the 5x5, 5-7 the 7x7 (docs/spec.md)."""
+    if head < 2:
+        ks = 3
+        first = 0
+        crpe_w = crpe_w3
+    elif head < 5:
+        ks = 5
+        first = 2
+        crpe_w = crpe_w5
+    else:
+        ks = 7
+        first = 5
+        crpe_w = crpe_w7
+    return ks, first, crpe_w
+
+
+@triton.jit
 def depthwise_tile(src, ch, cmask, w_rows, n, y, x, pmask, H, W, stride_n, KS,
                    BLOCK_P: tl.constexpr, CPAD: tl.constexpr):
     """Depthwise KSxKS "same" (zero-padded) stencil on a tile of tokens, fp32 result.

@@ -24,7 +24,7 @@ from typing import Optional
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, depthwise_tile, dot_variant, mm
+from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm
 
 
 # Shape integers not specialised: see the note above gma_aggregate_kernel (aggregation.py).
@@ -109,19 +109,7 @@ def gma_attention_kernel(
     v_b = v + b * N * CP
     kv_b = kv + b * CP * D
     pre_b = pre + b * N * C
-    # CRPE group of the head: (window, first head of the group, its weights)
-    if head < 2:
-        ks = 3
-        first = 0
-        crpe_w = crpe_w3
-    elif head < 5:
-        ks = 5
-        first = 2
-        crpe_w = crpe_w5
-    else:
-        ks = 7
-        first = 5
-        crpe_w = crpe_w7
+    ks, first, crpe_w = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
     _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, scale, n, y, x, pmask, H, W, ks,
                     C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
 

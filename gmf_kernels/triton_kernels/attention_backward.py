@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedGMAWeights
-from ._common import DotVariant, dot_variant, interpreting, mm
+from ._common import DotVariant, crpe_group, dot_variant, interpreting, mm
 from .aggregation import split_plan
 from .backward import crpe_groups
 from .config import B1_TILES, B2_TILES, CRPE_BWD_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2
@@ -178,18 +178,7 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, 
     head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     SPLITS = tl.num_programs(0)
-    if head < 2:
-        ks = 3
-        first = 0
-        crpe_w = crpe_w3
-    elif head < 5:
-        ks = 5
-        first = 2
-        crpe_w = crpe_w5
-    else:
-        ks = 7
-        first = 5
-        crpe_w = crpe_w7
+    ks, first, crpe_w = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
     R = ks // 2
     last = ks * ks - 1
     c = tl.arange(0, D_PAD)

@@ -119,19 +119,12 @@ def cost(kernel: str, B: int, H: int, W: int, C: int, dtype, capability: Tuple[i
     dt = _norm_dtype(dtype)
     prec = dot_precision(dt, capability)
     shape = shape or shape_for(C, dt, capability)
-    if name == "gma_aggregate_kernel":
-        return _aggregate(B, H, W, dt, prec, shape)
-    if name == "gma_combine_kernel":
-        return _combine(B, H, W, dt, prec, shape)
-    if name == "gma_attention_kernel":
-        return _attention(B, H, W, dt, prec, shape)
-    if name == "gma_b1_dkv_kernel":
-        return _b1_dkv(B, H, W, dt, prec, shape)
-    if name == "gma_b2_attention_kernel":
-        return _b2_attention(B, H, W, dt, prec, shape)
-    if name == "gma_b2_crpe_kernel":
-        return _b2_crpe(B, H, W, dt, prec, shape)
-    raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of {KERNELS + BACKWARD_KERNELS}")
+    model = {"gma_aggregate_kernel": _aggregate, "gma_combine_kernel": _combine, "gma_attention_kernel": _attention,
+             "gma_b1_dkv_kernel": _b1_dkv, "gma_b2_attention_kernel": _b2_attention,
+             "gma_b2_crpe_kernel": _b2_crpe}.get(name)
+    if model is None:
+        raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of {KERNELS + BACKWARD_KERNELS}")
+    return model(B, H, W, dt, prec, shape)
 
 
 def _tc(prec: str, useful: int, padded: int) -> Tuple[int, int, int, str]:
