@@ -312,3 +312,31 @@ def test_backend_choice_ignores_sizes():
         for sizes in ({"B": 1, "H": 1, "W": 1}, {"B": 4096, "H": 224, "W": 3}):
             assert set(sizes) == set(SIZE_FIELDS)
             assert get_backend(name).not_supported_reasons(dataclasses.replace(base, **sizes)) == reasons, name
+
+
+@pytest.mark.slow  # Inductor compiles forward and backward: ~115 s cold on 2 busy cores, ~20 s warm cache
+def test_dynamic_shapes_training_step_inductor():
+    """torch.compile(dynamic=True, fullgraph=True) with Inductor of a training step (forward and
+    backward, BatchNorm batch statistics) of the torch backend's layer, at two sizes: outputs,
+    gradients and running statistics equal eager's. Inductor used to fail here with `cannot
+    determine truth value of Relational: 120*s4 < 120` on the convolutions' inputs saved for
+    backward (`torch_backend.saved_conv_input` says why); the eager backend never reaches it."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = gmf.GroupMixAttention(40, backend="torch").train()
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, dynamic=True, fullgraph=True)
+    for B, H, W in [(2, 5, 6), (3, 4, 7)]:
+        x = torch.randn(B, H * W, 40)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        g = torch.randn(B, H * W, 40)
+        outs = [compiled(xs[0], (H, W)), eager(xs[1], (H, W))]
+        for out in outs:
+            out.backward(g)
+        assert_max_rel_close(outs[0], outs[1], 1e-5, f"output {B}x{H}x{W}")
+        assert_max_rel_close(xs[0].grad, xs[1].grad, 1e-4, f"input gradient {B}x{H}x{W}")
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            assert_max_rel_close(p.grad, q.grad, 1e-4, f"gradient of {name} {B}x{H}x{W}")
+            p.grad = q.grad = None
+        for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+            assert_max_rel_close(b.double(), c.double(), 1e-5, f"{name} {B}x{H}x{W}")

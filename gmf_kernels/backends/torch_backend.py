@@ -6,13 +6,17 @@ Same function as the reference, in fewer and larger calls and without split/cat 
   out **segment-major**: channels [seg0 q,k,v | seg1 q,k,v | ... | seg4 q,k,v]. Read as a
   channels-last image (a free view of the (B, N, 15s) tokens), every segment is then a
   contiguous channel range and no split/cat/permute is ever materialised.
-* ONE depthwise 7x7 call covers all 15s channels: identity (centre tap) for segment 0,
-  the 3x3/5x5/7x7 kernels (zero-padded to 7x7, shared by q, k, v) for segments 1-3 and
-  the local branch's 3x3 for segment 4.
-* ONE batched matmul (15 blocks of s -> s) does every pointwise: diag(BN0) for
-  segment 0, pointwise with BatchNorm folded (eval) for segments 1-3, and the local
-  branch's 3s -> s split in three s -> s blocks, summed after.
+* Segment 0 (identity, then its BatchNorm) is one elementwise op; segments 1-3 and the local
+  branch each take ONE depthwise call over their 3s channels (q, k, v together) with their own
+  kernel size (3x3, 5x5, 7x7, 3x3) on a channel slice of that image -- not one 7x7 call over
+  all 15s channels, which spent 2.7x the multiply-adds on zero taps and on segment 0's identity.
+* Each depthwise output is channels-last, so its (token, q/k/v) rows form a contiguous
+  (B*N*3, s) matrix: the pointwise of segments 1-3 (BatchNorm folded, eval) is ONE addmm each
+  with a (s, s) weight shared by q, k, v, and the local branch's 3s -> s ONE mm (measured on one
+  CPU thread: ~3x faster than one batched matmul of 15 (s, s) blocks on strided rows).
 * Factorized attention as two einsums on strided views; CRPE as ONE depthwise 7x7 call.
+* `linear`: the qkv linear (and, in the model, the MLP with its GELU fused) through oneDNN in
+  CPU float32 inference.
 
 In training mode the BatchNorms use batch statistics over q, k, v (3B images) from a
 single var_mean over a view, and update the running statistics like nn.BatchNorm2d. With a
@@ -22,7 +26,7 @@ the backward all-reduces the two gradient sums once (`gmf_kernels/distributed.py
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +46,12 @@ def _pad_to7(k: Tensor) -> Tensor:
 
 
 class _Packed(NamedTuple):
-    dw: Tensor              # (15s, 1, 7, 7)
-    pw: Tensor              # (15s, s, 1, 1): groups of s
-    pw_bias: Tensor         # (15s) or None (training: no fold)
+    seg0_scale: Tensor      # (s) segment 0's BatchNorm as an affine (eval), or None (training: no fold)
+    seg0_shift: Tensor      # (s) or None
+    dw: Tuple[Tensor, ...]  # 4 x (3s, 1, k, k): segments 1-3 (k = 3, 5, 7; shared by q, k, v) and the local 3x3
+    pw_t: Tuple[Tensor, ...]  # 3 x (s, s): pointwise of segments 1-3, transposed (BatchNorm folded in eval)
+    pw_bias: Tuple[Tensor, ...]  # 3 x (s), or None (training: no fold)
+    local_pw_t: Tensor      # (3s, s): the local branch's pointwise 3s -> s, transposed
     crpe_w: Tensor          # (C', 1, 7, 7)
     crpe_b: Tensor          # (C')
 
@@ -62,32 +69,72 @@ def _segment_major_qkv(w: GMAWeights, dtype: torch.dtype):
 
 
 def _pack(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype, fold_bn: bool) -> _Packed:
-    C = w.dim
-    s = C // 5
-    dev = w.qkv_weight.device
     cd = torch.float64 if dtype == torch.float64 else torch.float32
-    eye = torch.eye(s, device=dev, dtype=cd)
-    centre = torch.zeros(s, 1, 7, 7, device=dev, dtype=cd)
-    centre[:, 0, 3, 3] = 1
-    dws = [centre] + [_pad_to7(k.to(cd)) for k in w.dw_weight] + [_pad_to7(w.local_dw_weight.to(cd))]
-    dw = torch.cat([t.repeat(3, 1, 1, 1) for t in dws[:4]] + [dws[4]])          # (15s,1,7,7)
-    lp = w.local_pw_weight.to(cd).flatten(1)                                      # (s, 3s)
-    local_blocks = [lp[:, i * s:(i + 1) * s] for i in range(3)]
+    cast = lambda t: None if t is None else t.to(dtype).contiguous()
+    pw = [p.to(cd).flatten(1) for p in w.pw_weight]                                  # 3 x (s, s) [out][in]
     if fold_bn:
         affine = [bn_affine(w, i, hp, cd) for i in range(4)]
-        seg_w = [affine[0][0][:, None] * eye] + [  # (not torch.diag: the legacy ONNX exporter lacks it)
-                                               affine[j][0][:, None] * w.pw_weight[j - 1].to(cd).flatten(1)
-                                               for j in (1, 2, 3)]
-        seg_b = [affine[j][1] for j in range(4)]
-        pw_bias = torch.cat([b.repeat(3) for b in seg_b] + [torch.zeros(3 * s, device=dev, dtype=cd)])
+        seg0_scale, seg0_shift = affine[0]
+        pw = [affine[j + 1][0][:, None] * p for j, p in enumerate(pw)]
+        pw_bias = tuple(cast(affine[j][1]) for j in (1, 2, 3))
     else:
-        seg_w = [eye] + [w.pw_weight[j - 1].to(cd).flatten(1) for j in (1, 2, 3)]
-        pw_bias = None
-    pw = torch.cat([m.repeat(3, 1) for m in seg_w] + local_blocks)[:, :, None, None]  # (15s,s,1,1)
-    cast = lambda t: None if t is None else t.to(dtype).contiguous()
-    return _Packed(cast(dw), cast(pw), cast(pw_bias),
+        seg0_scale = seg0_shift = pw_bias = None
+    return _Packed(cast(seg0_scale), cast(seg0_shift),
+                   tuple(cast(k.repeat(3, 1, 1, 1)) for k in w.dw_weight) + (cast(w.local_dw_weight),),
+                   tuple(cast(p.t()) for p in pw), pw_bias,
+                   cast(w.local_pw_weight.to(cd).flatten(1).t()),
                    cast(torch.cat([_pad_to7(k.to(cd)) for k in w.crpe_weight])),
                    cast(torch.cat(list(w.crpe_bias)).to(cd)))
+
+
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN_LINEAR = _onednn_linear_available()
+
+
+def _use_onednn_linear(x: Tensor, weight: Tensor, bias) -> bool:
+    """oneDNN's linear for plain eager float32 inference on a CPU: no autograd (the op has no
+    derivative), no graph capture (torch.compile, export and tracing record F.linear, which
+    Inductor fuses itself), no other dtype or device."""
+    if not _ONEDNN_LINEAR or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+                or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+
+
+def linear(x: Tensor, weight: Tensor, bias=None, gelu: bool = False) -> Tensor:
+    """F.linear(x, weight, bias), then exact (erf) GELU when `gelu`.
+
+    On a CPU in float32 inference this is ONE oneDNN call with the GELU fused into it
+    (`torch.ops.mkldnn._linear_pointwise`, what Inductor itself calls on CPU): measured at
+    batch 8 on one thread 10-35% faster than MKL's addmm for GroupMixFormer's shapes, and
+    half the time of linear + GELU for the first stage's MLP (no second pass over the
+    hidden activations). Same numbers up to float32 rounding."""
+    if _use_onednn_linear(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+def saved_conv_input(img: Tensor) -> Tensor:
+    """`img`, materialised when torch.compile traces a differentiable graph (else `img` itself).
+
+    A convolution saves its input for backward. When that input is a view (e.g. the
+    channels-last image view of tokens) and the sizes are symbolic (``dynamic=True``),
+    Inductor sorts the strides of the saved view without its shape environment and fails
+    with ``cannot determine truth value of Relational: 120*s4 < 120`` (pytorch#185510: the
+    view is an output of the forward graph, and plain sympy cannot order ``W*C`` and ``C``).
+    A real elementwise op (``* 1``, exact) makes the saved tensor a buffer, whose strides
+    Inductor takes as they are; a ``clone`` would be removed as a no-op first."""
+    if torch.compiler.is_compiling() and torch.is_grad_enabled():
+        return img * 1
+    return img
 
 
 def _no_grad(fn, *args):
@@ -134,18 +181,24 @@ def torch_pre_projection(t: Tensor, size, w: GMAWeights, hp: GMAHyper, training:
         pk = cached_derived(w, ("torch-packed", t.dtype, hp), lambda: _no_grad(_pack, w, hp, t.dtype, True))
 
     img = t.view(B, H, W, 15 * s).permute(0, 3, 1, 2)                              # channels-last view
-    z = F.conv2d(img, pk.dw, None, padding=3, groups=15 * s)                       # channels-last out
-    z = z.permute(0, 2, 3, 1).reshape(B * N, 15, s)                                # free when channels-last
-    # the 15 pointwise blocks as one batched matmul (a grouped 1x1 conv takes a slow per-group path on CPU)
-    z = torch.bmm(z.transpose(0, 1), pk.pw.view(15, s, s).transpose(1, 2))           # (15, B*N, s)
-    if pk.pw_bias is not None:
-        z = z + pk.pw_bias.view(15, 1, s)
-    z = z.view(5, 3, B, N, s).permute(2, 3, 0, 1, 4)                                # (B, N, 5, 3, s) view
-    seg = z[:, :, :4]
+    # segments 1-3 and the local branch: one depthwise call each on their 3s channels (q, k, v;
+    # their own kernel size, not one 7x7 over all 15s), then the pointwise as ONE matmul of
+    # (B*N*3, s) rows: the depthwise output is channels-last, so every (token, q/k/v) is a row
+    dws = [F.conv2d(saved_conv_input(img[:, 3 * s * (j + 1):3 * s * (j + 2)]), k, None,
+                    padding=k.shape[-1] // 2, groups=3 * s).permute(0, 2, 3, 1).reshape(B * N, 3 * s)
+           for j, k in enumerate(pk.dw)]
+    segs = [t[..., :3 * s].unflatten(-1, (3, s))]                                  # segment 0: identity
+    if pk.seg0_scale is not None:
+        segs[0] = torch.addcmul(pk.seg0_shift, segs[0], pk.seg0_scale)             # its BatchNorm (eval)
+    for j in range(3):
+        rows = dws[j].view(B * N * 3, s)
+        mixed = torch.mm(rows, pk.pw_t[j]) if pk.pw_bias is None else torch.addmm(pk.pw_bias[j], rows, pk.pw_t[j])
+        segs.append(mixed.view(B, N, 3, s))
+    seg = torch.stack(segs, dim=2)                                                 # (B, N, 4, 3, s)
     if training:
         seg = _batch_norm_train(seg, w, hp)
     P = F.hardswish(seg)                                                           # (B, N, 4, 3, s)
-    loc = z[:, :, 4].sum(dim=2)                                                    # (B, N, s)
+    loc = torch.mm(dws[3], pk.local_pw_t).view(B, N, s)                             # local 3s -> s
     loc = F.hardswish(F.layer_norm(loc, (s,), w.local_ln_weight, w.local_ln_bias, hp.ln_eps))
 
     # heads: segment j holds heads 2j, 2j+1 -> view (B, N, 4, 2, d)
@@ -156,7 +209,7 @@ def torch_pre_projection(t: Tensor, size, w: GMAWeights, hp: GMAHyper, training:
     KV = torch.einsum("bnjti,bnjtk->bjtik", Ks, V)
     E = torch.einsum("bnjti,bjtik->bnjtk", Q, KV)
     v_img = P[:, :, :, 2].reshape(B, H, W, cp).permute(0, 3, 1, 2)
-    conv_v = F.conv2d(v_img, pk.crpe_w, pk.crpe_b, padding=3, groups=cp)
+    conv_v = F.conv2d(saved_conv_input(v_img), pk.crpe_w, pk.crpe_b, padding=3, groups=cp)
     conv_v = conv_v.permute(0, 2, 3, 1).reshape(B, N, 4, 2, d)
     A = (hp.scale * E + Q * conv_v).reshape(B, N, cp)
     return torch.cat([A, loc], dim=-1)
@@ -169,7 +222,7 @@ class TorchBackend(Backend):
             weight, bias = _segment_major_qkv(w, x.dtype)  # differentiable gather
         else:
             weight, bias = cached_derived(w, ("torch-qkv", x.dtype), lambda: _no_grad(_segment_major_qkv, w, x.dtype))
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     def pre_projection(self, qkv, size, w, hp, training):
         return torch_pre_projection(qkv, size, w, hp, training)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..backends import check_backend_name
+from ..backends.torch_backend import linear, saved_conv_input
 from ..modules import GroupMixAttention, SeparableConv2d
 from .conv_bn import can_fold, conv_bn, has_hooks
 
@@ -80,7 +81,11 @@ class PatchEmbed(nn.Module):
 
 
 class ConvPosEnc(nn.Module):
-    """x + depthwise3x3(x) on the image view of the tokens."""
+    """x + depthwise3x3(x) on the image view of the tokens.
+
+    Computed as ONE depthwise convolution whose kernels have 1 added to their centre tap (the
+    residual folded in: no separate pass over the tokens), unless a hook on `proj` or a
+    subclass of it needs its own forward."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -88,8 +93,13 @@ class ConvPosEnc(nn.Module):
 
     def forward(self, x, size):
         B, N, C = x.shape
-        img = x.transpose(1, 2).reshape(B, C, size[0], size[1])
-        return x + self.proj(img).flatten(2).transpose(1, 2)
+        img = saved_conv_input(x.transpose(1, 2).reshape(B, C, size[0], size[1]))  # channels-last view
+        proj = self.proj
+        if type(proj) is not nn.Conv2d or has_hooks(proj):
+            return x + proj(img).flatten(2).transpose(1, 2)
+        centre = torch.zeros_like(proj.weight)
+        centre[:, :, 1, 1] = 1
+        return proj._conv_forward(img, proj.weight + centre, proj.bias).flatten(2).transpose(1, 2)
 
 
 class Mlp(nn.Module):
@@ -100,7 +110,11 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        fc1, fc2 = self.fc1, self.fc2
+        if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or has_hooks(fc1) or has_hooks(fc2):
+            return self.drop(fc2(self.drop(F.gelu(fc1(x)))))
+        # fc1 and its GELU as one call, and fc2, through oneDNN in CPU float32 inference (`linear`)
+        return self.drop(linear(self.drop(linear(x, fc1.weight, fc1.bias, gelu=True)), fc2.weight, fc2.bias))
 
 
 class GMABlock(nn.Module):
@@ -365,7 +379,7 @@ class GroupMixFormer(nn.Module):
         for i, (embed, stage) in enumerate(stages):
             tokens, (H, W) = embed(x)
             tokens = stage(tokens, (H, W))
-            x = tokens.transpose(1, 2).reshape(B, tokens.shape[-1], H, W)
+            x = saved_conv_input(tokens.transpose(1, 2).reshape(B, tokens.shape[-1], H, W))
             if i in taken:
                 y = final_norm(x) if (final_norm is not None and i == last) else x
                 intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == "NHWC" else y)
