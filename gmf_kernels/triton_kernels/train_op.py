@@ -10,13 +10,14 @@ is saved); the forward of both modes is the eval-mode Triton kernels on the fold
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from .. import training
 from ..weights import GMAHyper, GMAWeights
-from .backward import TORCH_STAGES, Stages
+from ..folding import FoldedGMAWeights
+from .backward import TORCH_STAGES, Stages, pre_projection_backward
 from .config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
 
@@ -31,12 +32,43 @@ class TritonPreProjectionFunction(torch.autograd.Function):
     def forward(ctx, qkv, mean, rstd, count, H, W, scale, ln_eps, group, *weights):
         pre = torch.ops.gmf.triton_pre_projection(qkv, H, W, list(weights), scale, ln_eps)
         training.save(ctx, qkv, mean, rstd, count, H, W, scale, ln_eps, group, weights)
+        ctx.segment_width = qkv.shape[-1] // 15
         return pre
 
     @staticmethod
     def backward(ctx, grad_pre):
-        qkv = ctx.saved_tensors[0]
-        return training.backward(ctx, grad_pre, triton_stages(qkv.shape[-1] // 15))
+        H, W, scale, ln_eps, group = ctx.meta
+        if group is None:   # the usual case: the whole backward as ONE op (opaque to torch.compile)
+            qkv, mean, rstd, _, *weights = ctx.saved_tensors
+            d_qkv, *grads = torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, weights, scale,
+                                                                         ln_eps, mean, rstd)
+            return (d_qkv,) + (None,) * (training.NUM_LEADING_INPUTS - 1) + tuple(grads)
+        # SyncBatchNorm: an all-reduce between B2 and B3, so the stages are called one by one; under
+        # torch.compile the PyTorch stages (the interpreter's kernels cannot be traced)
+        stages = TORCH_STAGES if torch.compiler.is_compiling() else triton_stages(ctx.segment_width)
+        return training.backward(ctx, grad_pre, stages)
+
+
+@torch.library.custom_op("gmf::triton_pre_projection_backward", mutates_args=())
+def triton_pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, weights: List[Tensor],
+                                   scale: float, ln_eps: float, mean: Optional[Tensor],
+                                   rstd: Optional[Tensor]) -> List[Tensor]:
+    """[d_qkv, *the folded weights' gradients] (contiguous, none aliasing another) of `backward.pre_projection_backward` on
+    the Triton stages (`triton_stages`), batch statistics mean / rstd or None (running statistics):
+    one op, so that torch.compile keeps the backward one opaque node (the Triton interpreter's
+    kernels cannot be traced; on a GPU the op spares Dynamo the launchers' planning code)."""
+    with torch.autocast(qkv.device.type, enabled=False):
+        d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
+                                               mean, rstd, None, None, triton_stages(qkv.shape[-1] // 15))
+    # the weight gradients are small and some are views of one buffer of sums: own copies (an op's
+    # outputs may not alias each other)
+    return [d_qkv.contiguous()] + [g.clone(memory_format=torch.contiguous_format) for g in grads]
+
+
+@triton_pre_projection_backward.register_fake
+def _(grad_pre, qkv, H, W, weights, scale, ln_eps, mean, rstd):
+    return [torch.empty_like(qkv, memory_format=torch.contiguous_format)] + [
+        torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
 
 def triton_stages(s: int) -> Stages:
