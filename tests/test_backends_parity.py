@@ -27,7 +27,7 @@ from gmf_kernels.reference import reference_group_mix_attention
 from gmf_kernels.weights import GMAWeights
 from helpers import assert_max_rel_close as assert_rel
 from helpers import (BUFFER_FIELDS, PARAM_FIELDS, assert_within_reference_error, backend_cases, backend_dtype_params,
-                     backend_params, named_fields)
+                     backend_params, emulated_here, named_fields)
 
 WIDTHS = list(MODEL_WIDTHS)
 GRIDS = [(1, 1), (7, 9), (5, 11), (14, 14)]
@@ -302,11 +302,15 @@ def test_eval_gradients_repeated_module(backend, first):
 # ------------------------------------------------------------------ autocast
 def _autocast_cases():
     """(backend, C, mode), each backend skipped with its reasons for that mode (a backend may give
-    bfloat16 gradients in eval mode and refuse bfloat16 training)."""
+    bfloat16 gradients in eval mode and refuse bfloat16 training). "infer": eval under
+    inference_mode (the torch backend's eager inference path and oneDNN linears must step aside;
+    C=80 only, and not for backends emulated here)."""
     out = []
-    for mode in ("eval", "train"):
-        for p in backend_params(CANDIDATES, dtype=torch.bfloat16, training=mode == "train", needs_grad=True):
-            for C in (80, 240):
+    for mode in ("eval", "train", "infer"):
+        for p in backend_params(CANDIDATES, dtype=torch.bfloat16, training=mode == "train", needs_grad=mode != "infer"):
+            if mode == "infer" and emulated_here(p.values[0]):
+                continue
+            for C in ((80,) if mode == "infer" else (80, 240)):
                 out.append(pytest.param(p.values[0], C, mode, marks=p.marks, id=f"{p.id}-C{C}-{mode}"))
     return out
 
@@ -325,12 +329,13 @@ def test_autocast_cpu_bfloat16(backend, C, mode):
     outs = {}
     for name in (backend, ORACLE):
         m = copy.deepcopy(base).set_backend(name).train(mode == "train")
-        xx = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        xx = x.clone().requires_grad_(mode != "infer")
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode(mode == "infer"):
             out = m(xx, (7, 9))
         assert out.dtype == torch.bfloat16, f"{name}: autocast output dtype {out.dtype}"
-        out.float().sum().backward()
-        assert torch.isfinite(xx.grad).all() and xx.grad.abs().max() > 0
+        if mode != "infer":
+            out.float().sum().backward()
+            assert torch.isfinite(xx.grad).all() and xx.grad.abs().max() > 0
         outs[name] = out.detach()
     assert_within_reference_error(outs[backend], outs[ORACLE], oracle, floor=1e-3, name=f"{backend} autocast")
     assert max_rel_error(outs[backend], outs[ORACLE]) < 3e-2

@@ -5,12 +5,13 @@ Every backend computes the same layer in the same three steps, written once here
 
     qkv = project_qkv(x)                       the qkv linear (cuBLAS / oneDNN)
     pre = pre_projection(qkv, (H, W), ...)     the backend's own part: steps 2-9 of docs/spec.md §1
-    out = F.linear(pre, proj.weight, proj.bias)
+    out = project_out(pre)                     the output linear
 
 A backend implements `pre_projection` (and may lay out `project_qkv`'s output its own
-way, as the torch backend does). The fused backends share `FusedBackend.pre_projection`:
-fold the BatchNorms into the kernels' weights (`folding.py`), then call their
-`torch.library` op (`gmf::triton_pre_projection`, `gmf::cuda_pre_projection`).
+way, and run the two linears through another library, as the torch backend does). The
+fused backends share `FusedBackend.pre_projection`: fold the BatchNorms into the kernels'
+weights (`folding.py`), then call their `torch.library` op (`gmf::triton_pre_projection`,
+`gmf::cuda_pre_projection`).
 
 `not_supported_reasons(problem)` lists every reason a backend cannot run a problem; an
 empty list means it can. The fields of `Backend` are the declared support, as data.
@@ -139,11 +140,15 @@ class Backend:
             return empty_batch_result(x, w)
         qkv = self.project_qkv(x, w, hp, training)
         pre = self.pre_projection(qkv, size, w, hp, training)
-        return F.linear(pre, w.proj_weight, w.proj_bias)
+        return self.project_out(pre, w)
 
     def project_qkv(self, x: Tensor, w: GMAWeights, hp: GMAHyper, training) -> Tensor:
         """The qkv linear, (B, N, 3C) in upstream's channel order (q | k | v, segments 0..4 each)."""
         return F.linear(x, w.qkv_weight, w.qkv_bias)
+
+    def project_out(self, pre: Tensor, w: GMAWeights) -> Tensor:
+        """The output linear, pre-projection tokens (B, N, C) -> out (B, N, C)."""
+        return F.linear(pre, w.proj_weight, w.proj_bias)
 
     def pre_projection(self, qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
                        training) -> Tensor:  # pragma: no cover - interface
