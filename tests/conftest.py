@@ -117,10 +117,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): run in one pytest-xdist worker with --dist loadgroup")
 
 
+#: test files that take minutes on a 2-core CI machine (the AOT compiles, the CUDA build, Inductor):
+#: collected first, so that `pytest -n 2 --dist loadfile` (README, CI) starts them first instead
+#: of leaving one of them to run alone at the end
+LONG_FILES = ("test_triton_compile.py", "test_cuda_build.py", "test_whole_model_compile.py", "test_cuda_sm70.py",
+              "test_triton_training.py", "test_backends_parity.py", "test_cuda_emulation.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is None and any(is_gpu_skipif(m) for m in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.gpu)
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))   # stable: file order kept otherwise
 
 
 def _skip_reason(report) -> str:
@@ -214,3 +223,4 @@ def use_emu(emu, monkeypatch):
     import gmf_kernels.cuda as gcuda
     monkeypatch.setattr(gcuda, "_loaded", emu)
     return emu
+
