@@ -79,6 +79,7 @@ import triton.language as tl
 
 from ..folding import FoldedGMAWeights
 from ._common import DotVariant, dot_variant, interpreting, mm
+from .aggregation import split_plan as aggregation_split_plan
 from .config import dot_pad, next_pow2
 
 Tensor = torch.Tensor
@@ -417,11 +418,9 @@ def backward_tiles(S_PAD: int, M: int) -> BackwardTiles:
 
 def split_plan(M: int, block_p: int, other_programs: int, target_programs: int) -> Tuple[int, int]:
     """(splits, tiles_per_split): the cdiv(M, block_p) flat tiles cut into about
-    target_programs / other_programs runs, every run non-empty."""
-    T = triton.cdiv(M, block_p)
-    want = max(1, min(T, triton.cdiv(target_programs, other_programs)))
-    tps = triton.cdiv(T, want)
-    return triton.cdiv(T, tps), tps
+    target_programs / other_programs runs, every run non-empty (`aggregation.split_plan` over
+    one "image" of M flat pixels)."""
+    return aggregation_split_plan(M, 1, block_p, target_programs, other_programs)
 
 
 def _images(t: Tensor) -> Tuple[Tensor, int, int, int]:
