@@ -285,6 +285,41 @@ def test_bn_fold_single_layers_float64():
             assert_rel(conv_bn_mod.conv_bn(x, conv, bn), bn(conv(x)), 1e-12, f"{conv}")
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_pointwise_conv_bn_as_linear_float32(bias):
+    """A folded 1x1 convolution of a channels-last float32 image runs as oneDNN's linear over the
+    pixels (`conv_bn._pointwise_as_linear`): against float64 bn(conv(x)) within 2x the error of
+    float32 F.conv2d, the result channels-last; an NCHW input keeps the convolution."""
+    torch.manual_seed(2)
+    conv, bn = torch.nn.Conv2d(24, 40, 1, bias=bias), torch.nn.BatchNorm2d(40)
+    randomize_bn_(torch.nn.Sequential(conv, bn), 4)
+    bn.eval()
+    x = torch.randn(3, 24, 9, 13).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        oracle = bn.double()(conv.double()(x.double()))
+        conv, bn = conv.float(), bn.float()
+        lowp = bn(conv(x))
+        w, b = conv_bn_mod.folded_conv_bn(x, conv, bn)
+        assert conv_bn_mod._pointwise_as_linear(x, conv, w, b) == conv_bn_mod.use_onednn_linear(x, w, b)
+        assert not conv_bn_mod._pointwise_as_linear(x.contiguous(), conv, w, b)
+        got = conv_bn_mod.conv_bn(x, conv, bn)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert_within_reference_error(got, lowp, oracle, name="1x1 conv_bn")
+
+
+def test_model_tokens_are_contiguous_rows():
+    """The stem runs channels-last, so every block's tokens are contiguous (B, N, C) rows (not a
+    transposed NCHW view, which each LayerNorm would copy)."""
+    model = tiny_model(3).eval()
+    layouts = []
+    for m in model.modules():
+        if type(m).__name__ == "GMABlock":
+            m.register_forward_pre_hook(lambda mod, args: layouts.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 80))
+    assert layouts and all(layouts), layouts
+
+
 def test_bn_fold_cache_hit_and_invalidation():
     """The fold is cached (same tensors on the next call) and rebuilt after an in-place change
     of any parameter or buffer it comes from, after load_state_dict and after a dtype change."""

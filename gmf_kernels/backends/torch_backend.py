@@ -106,7 +106,7 @@ def _onednn_linear_available() -> bool:
 _ONEDNN_LINEAR = _onednn_linear_available()
 
 
-def _use_onednn_linear(x: Tensor, weight: Tensor, bias) -> bool:
+def use_onednn_linear(x: Tensor, weight: Tensor, bias) -> bool:
     """oneDNN's linear for plain eager float32 inference on a CPU: no autograd (the op has no
     derivative), no graph capture (torch.compile, export and tracing record F.linear, which
     Inductor fuses itself), no autocast (F.linear then runs in its lower precision; the op
@@ -135,7 +135,7 @@ def linear(x: Tensor, weight: Tensor, bias=None, gelu: bool = False) -> Tensor:
     batch 8 on one thread 10-35% faster than MKL's addmm for GroupMixFormer's shapes, and
     half the time of linear + GELU for the first stage's MLP (no second pass over the
     hidden activations). Same numbers up to float32 rounding."""
-    if _use_onednn_linear(x, weight, bias):
+    if use_onednn_linear(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "none" if gelu else "")
     y = F.linear(x, weight, bias)
