@@ -20,6 +20,8 @@ what the layers need for that, and nothing else:
   `all_reduce_sum`, ONE all-reduce of the two gradient sums in backward -- the
   collectives SyncBatchNorm performs. The sums are accumulated in float64, so
   E[x^2] - E[x]^2 loses nothing measurable (cancellation ~1e-16 * mean^2 / var).
+* `sync_batch_moments(s1, s2, count, group)`: the same from sums a caller already has (the
+  Triton statistics kernel's per-rank (count, mean, M2), as float64 sums).
 
 Gradients of the BatchNorm weight and bias stay per rank, as in SyncBatchNorm: the data
 parallel wrapper (DistributedDataParallel) all-reduces parameter gradients.
@@ -107,9 +109,17 @@ def sync_batch_stats(x: Tensor, dims: Sequence[int], group) -> Tuple[Tensor, Ten
     dims = tuple(d % x.dim() for d in dims)
     f64 = torch.float64
     x64 = x if x.dtype == f64 else x.float()  # squares of float16 values overflow; float32 is enough
-    local_count = math.prod(x.shape[d] for d in dims)
     s1 = x64.sum(dim=dims, dtype=f64)
     s2 = x64.square().sum(dim=dims, dtype=f64)
+    return sync_batch_moments(s1, s2, math.prod(x.shape[d] for d in dims), group)
+
+
+def sync_batch_moments(s1: Tensor, s2: Tensor, local_count, group) -> Tuple[Tensor, Tensor, Tensor]:
+    """`sync_batch_stats` from this rank's float64 sums: s1 = sum of x, s2 = sum of x^2 per
+    channel over `local_count` values (an int). The ONE all-reduce of [s1, s2, count]; returns
+    (mean, biased variance, count) over every rank, float64, s1's shape. The statistics
+    kernel (`triton_kernels/statistics.py`) calls this with s1 = n mean, s2 = M2 + n mean^2
+    from its (count, mean, M2)."""
     packed = torch.cat([s1.reshape(-1), s2.reshape(-1), s1.new_full((1,), float(local_count))])
     tot = all_reduce_sum(packed, group)
     k = s1.numel()

@@ -10,8 +10,10 @@ happens before the Function is the same for both and lives here:
 
 1. Training mode: the **statistics pass** -- Z (segments 0..3 of q, k, v before their
    BatchNorm: segment 0 itself, 1..3 pointwise(depthwise)) and its per-channel mean and
-   biased variance over the 3B images x H x W (`backward.statistics`; **PyTorch ops
-   for now, not a kernel**; float32 for float16/bfloat16 inputs). The running statistics are
+   biased variance over the 3B images x H x W, float32 for float16/bfloat16 inputs
+   (``prepare(statistics_fn=...)``: the Triton backend's kernel,
+   `triton_kernels/statistics.py`, which reads qkv once and never writes Z; the CUDA backend
+   keeps `backward.statistics`, PyTorch ops materialising Z). The running statistics are
    updated as nn.BatchNorm2d does (`folding.update_running_stats`: momentum, or the
    cumulative average when momentum is None; unbiased variance; num_batches_tracked),
    BatchNorms without running statistics skipped.
@@ -34,7 +36,8 @@ against 18.3 for upstream's eager structure (the reference backend) and 23.5 for
 backend (C = 80, 160, 320 at 14x14 / 28x28, float32): 3.7x less than eager.
 
 SyncBatchNorm (``hp.bn_process_group``, upstream's semantics): the statistics pass all-reduces
-(sum, sum of squares, count) once (`distributed.sync_batch_stats`), the backward all-reduces
+(sum, sum of squares, count) once (`distributed.sync_batch_stats`; the kernel's (count, mean,
+M2) as float64 sums through `distributed.sync_batch_moments`), the backward all-reduces
 the two per-channel gradient sums sum(G), sum(G * Zhat) once before B3; the BatchNorm weight
 and bias gradients stay per rank, as in SyncBatchNorm (the data-parallel wrapper all-reduces
 parameter gradients).
@@ -46,7 +49,7 @@ None), then the 14 folded weights (`folding.WEIGHT_NAMES` order).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -57,6 +60,8 @@ from .weights import GMAHyper, GMAWeights
 Tensor = torch.Tensor
 #: how many non-weight inputs the Functions take before the folded weights (see the module docstring)
 NUM_LEADING_INPUTS = 9
+#: a statistics pass: (qkv, H, W, pre-BatchNorm folded weights, group) -> (mean, var, count)
+StatisticsFn = Callable[[Tensor, int, int, FoldedGMAWeights, object], tuple]
 
 
 def fold_running_stats(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype) -> FoldedGMAWeights:
@@ -74,8 +79,11 @@ def all_reduce_sum(t: Tensor, group) -> Tensor:
     return out
 
 
-def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, training: bool) -> tuple:
-    """Steps 1 and 2 of the module docstring: the arguments of a fused backend's Function."""
+def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, training: bool,
+            statistics_fn: StatisticsFn = statistics) -> tuple:
+    """Steps 1 and 2 of the module docstring: the arguments of a fused backend's Function.
+    statistics_fn: the statistics pass, with `backward.statistics`' signature and contract (the
+    Triton backend passes its kernel, `triton_kernels.statistics.statistics`)."""
     H, W = int(size[0]), int(size[1])
     cd = compute_dtype(qkv.dtype)
     mean: Optional[Tensor] = None
@@ -86,7 +94,7 @@ def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, tra
         with torch.no_grad(), torch.autocast(qkv.device.type, enabled=False):
             # the statistics need only the depthwise/pointwise weights: fold them without the BatchNorms
             pre_bn = _build(w, qkv.new_zeros(1, dtype=cd), qkv.new_zeros(1, dtype=cd), cd)
-            mean, var, n = statistics(qkv.detach(), H, W, pre_bn, group)
+            mean, var, n = statistics_fn(qkv.detach(), H, W, pre_bn, group)
             update_running_stats(w, hp, mean, var, n)
             rstd = torch.rsqrt(var + hp.bn_eps)
             if group is not None:

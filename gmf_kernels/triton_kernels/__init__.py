@@ -18,6 +18,9 @@ Modules, one job each:
                      channels [0, C')), + their launchers.
 * ``launcher``     : buffers, split plan and the three launches of one call
                      (``plan_pre_projection``), launched under the input's device.
+* ``statistics``   : ``gma_statistics_kernel`` + its launcher and op ``gmf::triton_z_moments``:
+                     the training forward's BatchNorm statistics of Z from qkv in one read
+                     (per-program (mean, M2), Chan's merge in float64).
 * ``op``           : the ``gmf::triton_pre_projection`` torch.library op, its fake and
                      its autograd registration.
 * ``specializations``: the specialisations real calls make the JIT compile (the

@@ -4,8 +4,9 @@ Every stage below is written with PyTorch ops, in the decomposition the backward
 follow, one function per stage: the oracle the Triton backward kernels are tested against
 (attention_backward.py: B1, B2; aggregation_backward.py: the BatchNorm sums, B3, the local
 branch; `train_op.triton_stages` picks them), and the CUDA backend's backward until it has
-kernels (`TORCH_STAGES`). `recompute` and `statistics` are used by both: PyTorch ops, not
-kernels yet.
+kernels (`TORCH_STAGES`). `recompute` is used by both: PyTorch ops, not a kernel yet;
+`statistics` (PyTorch ops) is the CUDA backend's statistics pass and the oracle of the Triton
+backend's kernel (statistics.py).
 
 * ``recompute``        : what the forward kernels do not save, recomputed from qkv and the
                          folded weights: Z (segments 0..3 of q, k, v before the BatchNorm
@@ -108,7 +109,10 @@ def statistics(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, group=None):
 
     group: a process group (SyncBatchNorm): the statistics are then those of every rank's images,
     from ONE all-reduce of (sum, sum of squares, count) (`distributed.sync_batch_stats`), and the
-    count is a float64 scalar tensor."""
+    count is a float64 scalar tensor.
+
+    PyTorch ops materialising Z: the CUDA backend's pass and the oracle of the Triton backend's
+    kernel (`triton_kernels/statistics.py`, same contract, `training.prepare(statistics_fn=...)`)."""
     streams = segment_streams(qkv, H, W, wts.pw.dtype)
     Z, _, _ = proxy_z(streams, wts)
     s = Z.shape[1] // 4

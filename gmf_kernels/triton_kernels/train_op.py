@@ -6,7 +6,9 @@ Used by the Triton backend whenever a call trains (BatchNorm batch statistics) o
 gradients; eval without gradients keeps the plain ``gmf::triton_pre_projection`` op. The
 statistics pass, the running statistics, the differentiable folding and the backward stages
 are shared with the CUDA backend (`gmf_kernels/training.py`, which says what each does and what
-is saved); the forward of both modes is the eval-mode Triton kernels on the folded weights.
+is saved); the forward of both modes is the eval-mode Triton kernels on the folded weights,
+and the training statistics pass is the Triton kernel of `statistics.py` (op
+``gmf::triton_z_moments``, opaque to torch.compile: compiled training runs it too).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..folding import FoldedGMAWeights
 from .backward import TORCH_STAGES, Stages, pre_projection_backward
 from .config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
+from .statistics import statistics  # the statistics pass as a kernel (registers gmf::triton_z_moments)
 
 Tensor = torch.Tensor
 
@@ -89,4 +92,5 @@ def triton_stages(s: int) -> Stages:
 def triton_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
                                 training_mode: bool) -> Tensor:
     """The Triton pre-projection with autograd, in training (batch statistics) or eval mode."""
-    return TritonPreProjectionFunction.apply(*training.prepare(qkv, size, w, hp, training_mode))
+    return TritonPreProjectionFunction.apply(*training.prepare(qkv, size, w, hp, training_mode,
+                                                               statistics_fn=statistics))

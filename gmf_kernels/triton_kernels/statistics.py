@@ -1,0 +1,319 @@
+"""Statistics pass of the Triton training forward, as a kernel: per-channel moments of Z.
+
+    mean, var, count = statistics(qkv, H, W, wts, group)      # backward.statistics' contract
+
+Z is what the aggregator BatchNorms normalise: segments 0..3 of q, k and v (segment 0 itself,
+segment j = 1..3 the s x s pointwise of the (2j+1)x(2j+1) depthwise), with per-channel batch
+statistics over the 3B images x H x W. `backward.statistics` (PyTorch ops) materialises Z as a
+(3B, 4s, H, W) tensor and reduces it; `gma_statistics_kernel` computes Z tile by tile in
+registers (`aggregation._tile`, `aggregation._dw_pw_heads`: the forward's own code for Z) and
+writes only per-program partial moments.
+
+**Grid** ``(SPLITS, 4, 3B)``: the N tokens of an image in tiles of BLOCK_P, the tiles in SPLITS
+contiguous runs (uniform split-N, `aggregation.split_plan`, 12 programs per image and split: 4
+segments x q/k/v; a cost-balanced plan like the forward aggregation's -- segment 0 costs almost
+nothing, the 7x7 segment ~5x the 3x3 one -- is not done yet). Program (split, seg, img) walks its run of tiles of image
+``img`` of Z's 3B (q images 0..B-1, then k, then v: upstream's order) for segment ``seg``
+and keeps, per channel of that segment, fp32 (mean, M2 = sum of squared deviations) of the
+values taken relative to a per-channel *shift* (the program's first tile's mean): each tile's
+mean and M2 are taken around the tile's own mean (two passes over registers), then merged
+into the running pair with Chan's formula
+
+    n' = n + n_t;  delta = mean_t - mean;  mean += delta n_t / n';  M2 += M2_t + delta^2 n n_t / n'
+
+(n, n_t: token counts, known from the tile index: every tile but an image's last is full).
+Nothing like sum(z^2) - n mean^2 is ever formed, and thanks to the shift every sum is of
+values of the spread's size, not of |mean|: |mean| >> std loses nothing. (A naive fp32 sum /
+sum of squares over the 3B x N values of a channel -- 75 264 at C = 320 14x14 B = 128, 1.2e6
+at 56x56 -- loses at least 2^-24 mean^2 / var of the variance to cancellation: 6e-2 at the
+test's offset of 1000 standard deviations; without the shift the tile means' rounding, ~2^-24
+|mean| each, put 1.6e-5 on that case's variance.) The program stores its mean as float64
+(shift + mean, exact) and its M2 as fp32, at row ``img * SPLITS + split``, columns
+``seg * s ..`` of two (3B * SPLITS, 4s) buffers; `merge_moments` combines the rows with
+Chan's parallel formula in closed form, in float64 (a tiny torch reduction over
+3B x SPLITS x 4s values):
+
+    n = sum n_r;  mean = sum n_r mean_r / n;  M2 = sum M2_r + sum n_r (mean_r - mean)^2
+
+(all terms non-negative: no cancellation in the merge either). Measured on the offset case
+(tests/test_triton_statistics.py, segment 0's variance against the float64 oracle): 0.7-1.1e-7
+with the float64 merge, 1.4-2.1e-6 with the same merge in fp32 (the fp32 rounding of each
+program's mean, ~2^-24 |mean|, against between-program deviations of ~std / sqrt(n_r)).
+
+**Dots**: the pointwise runs as ``tl.dot`` with the dot variant of *fp32* inputs on the GPU
+(3xTF32 on sm_80+, FMAs on sm_70/75) whatever the input dtype: the statistics are fp32
+statistics (`folding.compute_dtype`), as the PyTorch pass computes them; one-pass TF32
+(the forward's choice for fp16/bf16) would put ~5e-4 relative error on every Z value.
+
+**Work per token** (s = C/5 channels per segment, e bytes per qkv element):
+
+* bytes: segments 0..3 of q, k, v read once, 12 s e = 2.4 C e (the local branch's 3s channels
+  are not read; the stencil halo comes from L1/L2); the partials (12 B x s per program) and
+  the folded weights (dw3/5/7, pw: (83 s + 3 s^2) x 4 B in all, per program from L2) are
+  negligible.
+  Z (12 s x 4 B per token in the PyTorch pass, written then read) never exists.
+* CUDA-core FLOPs: the depthwise stencils 2 x 3 x (9 + 25 + 49) s = 498 s, and ~6 per Z value
+  for the moments (72 s): ~570 s, i.e. ~11.9 FLOP/B for fp32 and ~23.8 FLOP/B for fp16/bf16.
+* tensor-core FLOPs: the pointwise, 2 x 9 s^2 useful (x3 passes with 3xTF32).
+
+Bound aimed at: HBM bandwidth, reading qkv once. On an H100/H200 (spec sheet: ~67 TFLOP/s fp32
+FMA, 3.35/4.8 TB/s) the ridge is ~14-20 FLOP/B: fp32 sits below it (memory bound); fp16/bf16
+(half the bytes, the same stencil FMAs) sits at or just above it, so there the depthwise FMAs,
+not the bytes, may set the time. Not measured (no GPU in this session); the interpreter says
+nothing about speed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import DotVariant, dot_variant, interpreting
+from .aggregation import _dw_pw_heads, _tile, split_plan
+from .config import INTERPRETER_BLOCK_P, dot_pad, next_pow2
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _fold_tile(z, pmask, first, n_prev, n_tile, shift, mean, m2):
+    """Chan's merge of one tile's values z [BLOCK_P, D_PAD] (n_tile valid rows, pmask) into the
+    running per-channel (mean, m2) over n_prev earlier values. Values are taken relative to
+    `shift` (per channel): on the program's `first` tile it becomes that tile's mean (rounded to
+    fp32, any value near the mean does), and `mean` is the mean minus the shift, so every sum
+    below is of values of the spread's size, not of |mean| (module docstring). Returns
+    (shift, mean - shift, m2)."""
+    if first:
+        shift = tl.sum(tl.where(pmask[:, None], z, 0.0), axis=0) / n_tile
+    d = z - shift[None, :]
+    delta = tl.sum(tl.where(pmask[:, None], d, 0.0), axis=0) / n_tile - mean      # tile mean - running
+    dev = tl.where(pmask[:, None], d - (mean + delta)[None, :], 0.0)
+    m2_t = tl.sum(dev * dev, axis=0)
+    n_new = n_prev + n_tile
+    return shift, mean + delta * (n_tile / n_new), m2 + m2_t + delta * delta * (n_prev * n_tile / n_new)
+
+
+@triton.jit
+def _store_moments(shift, mean, m2, row, ch, kmask, part_mean, part_m2):
+    """Store the program's mean = shift + (mean - shift) as float64 (the sum of two fp32 values:
+    exact; rounded to fp32 it would cost the merge's between-program term its accuracy when
+    |mean| >> std, module docstring) and its M2 as fp32."""
+    tl.store(part_mean + row + ch, shift.to(tl.float64) + mean.to(tl.float64), mask=kmask)
+    tl.store(part_m2 + row + ch, m2, mask=kmask)
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
+def gma_statistics_kernel(
+    qkv, part_mean, part_m2, dw3, dw5, dw7, pw,
+    N, H, W, stride_qkv_b, stride_qkv_n, tiles_per_split,
+    C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+):
+    """Partial (mean, M2) of segment `seg` of image `img` (module docstring). A segment is two
+    heads of D channels (the shapes `_dw_pw_heads` returns); segment 0 reads its two heads."""
+    split = tl.program_id(0)
+    seg = tl.program_id(1)
+    img = tl.program_id(2)
+    SPLITS = tl.num_programs(0)
+    B = tl.num_programs(2) // 3
+    which = img // B                                           # 0 q, 1 k, 2 v
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
+    qkv_b = qkv + (img % B).to(tl.int64) * stride_qkv_b
+    ch0 = which * C + seg * S                                  # segment seg of q / k / v in qkv
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    shift0 = tl.zeros([D_PAD], dtype=tl.float32)
+    mean0 = tl.zeros([D_PAD], dtype=tl.float32)
+    m2_0 = tl.zeros([D_PAD], dtype=tl.float32)
+    shift1 = tl.zeros([D_PAD], dtype=tl.float32)
+    mean1 = tl.zeros([D_PAD], dtype=tl.float32)
+    m2_1 = tl.zeros([D_PAD], dtype=tl.float32)
+    if seg == 0:
+        t = t0
+        while t < t1:
+            n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+            m2d = pmask[:, None] & kmask[None, :]
+            src = qkv_b + n[:, None] * stride_qkv_n + (ch0 + kk)[None, :]
+            z0 = tl.load(src, mask=m2d, other=0.0).to(tl.float32)
+            z1 = tl.load(src + D, mask=m2d, other=0.0).to(tl.float32)
+            n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
+            n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
+            shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
+            shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
+            t += 1
+    else:
+        if seg == 1:
+            dw = dw3
+        elif seg == 2:
+            dw = dw5
+        else:
+            dw = dw7
+        pw_seg = pw + (seg - 1) * S * S
+        t = t0
+        while t < t1:
+            n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+            z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
+                                  S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+            n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
+            n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
+            shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
+            shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
+            t += 1
+    row = (img * SPLITS + split).to(tl.int64) * (4 * S) + seg * S
+    _store_moments(shift0, mean0, m2_0, row, kk, kmask, part_mean, part_m2)
+    _store_moments(shift1, mean1, m2_1, row, D + kk, kmask, part_mean, part_m2)
+
+
+# ---------------------------------------------------------------- launcher
+#: GPU tiles per width C: (BLOCK_P tokens per tile, num_warps, CK channels per depthwise chunk),
+#: by dot precision where needed, else DEFAULT_TILE. Chosen with the AOT compile (ptxas -v of the
+#: launcher's specialisation; registers per thread; no GPU here, so nothing is timed). C = 320 at
+#: 14x14 B = 128, fp32, sm_80 / sm_90: (64, 8, 16) 219-247 / 128, (32, 4, 16) 245 / 237, (64, 4, 16)
+#: 243 / 152, (128, 8, 16) 247 / 195, (64, 8, 32) 255 / 199, (128, 16, 16) spills 544 B on sm_80
+#: (CK = 32 keeps sm_80 at 255); (64, 8, 16) gives the most warps per SM. At D_PAD = 64 (C = 360,
+#: 480) (64, 8, 16) spilled 584 / 384 B on sm_80, (32, 8, 16) takes ~100 registers on both. With
+#: FMA dots ("ieee": sm_70/75) (64, 8, 16) spilled 4 B at C = 200 on sm_70, (32, 8, 16) takes 128.
+#: With these tables all 64 specialisations of the released models' real calls (their stage
+#: widths at the 224x224 stage grids, batch 128 and 1, fp32 and fp16) compile spill-free for
+#: sm_70/75/80/90 (most registers: 253, C = 200 on sm_80). The register counts moved (219 <-> 247
+#: at C = 320 on sm_80) while `aggregation._dw_pw_heads` was being reworked by other work:
+#: tests/test_triton_statistics.py re-checks C = 320.
+STATS_TILES = {360: (32, 8, 16), 480: (32, 8, 16)}
+STATS_TILES_BY_DOTS = {"ieee": {200: (32, 8, 16)}}
+DEFAULT_TILE = (64, 8, 16)
+#: split-N: aim for about this many programs (12 per image and split)
+SPLIT_TARGET = 1024
+PROGRAMS_PER_IMAGE = 12
+
+
+def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
+    """(BLOCK_P, num_warps, CK) of a call with dots of this precision: one large tile and one
+    channel chunk under the interpreter (its cost is per operation, not per element), else
+    `STATS_TILES_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`."""
+    s_pad = dot_pad(C // 5)
+    if interpreting():
+        return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4, s_pad
+    bp, warps, ck = STATS_TILES_BY_DOTS.get(precision, {}).get(C) or STATS_TILES.get(C, DEFAULT_TILE)
+    return bp, warps, min(ck, s_pad)
+
+
+def statistics_dots(qkv: Tensor) -> DotVariant:
+    """The dot variant of fp32 inputs on qkv's device (module docstring: fp32 statistics)."""
+    return dot_variant(qkv.new_empty(0, dtype=torch.float32))
+
+
+def statistics_call(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
+                    part_mean: Tensor, part_m2: Tensor, tiles_per_split: int, tiles: Tuple[int, int, int],
+                    dots: DotVariant):
+    """(grid, args, kwargs) of one statistics launch; also used on meta tensors for the AOT
+    specialisation (tests/test_triton_statistics.py), so the two cannot drift apart.
+    part_mean (float64), part_m2 (fp32): (3B * SPLITS, 4s), SPLITS = part_mean.shape[0] // 3B."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    s = C // 5
+    bp, warps, ck = tiles
+    splits = part_mean.shape[0] // (3 * B)
+    args = (qkv, part_mean, part_m2, dw3, dw5, dw7, pw, N, H, W, qkv.stride(0), qkv.stride(1), tiles_per_split)
+    kwargs = dict(C=C, S=s, D=s // 2, D_PAD=dot_pad(s // 2), CK=ck, BLOCK_P=bp, DOT_PRECISION=dots.precision,
+                  EMULATE_DOTS=dots.emulate, num_warps=warps)
+    return (splits, 4, 3 * B), args, kwargs
+
+
+def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
+                    tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None):
+    """Allocate the partial buffers of one call and describe its launch, without launching:
+    (part_mean, part_m2, counts, (grid, args, kwargs)); counts: (SPLITS,) tokens per split (the
+    same for each of the 3B images), float64 on qkv's device."""
+    B, N, C3 = qkv.shape
+    s = C3 // 15
+    if qkv.stride(2) != 1:
+        qkv = qkv.contiguous()
+    dots = dots or statistics_dots(qkv)
+    tiles = tiles or stats_tiles(C3 // 3, N, dots.precision)
+    splits, tps = split_plan(N, B, tiles[0], SPLIT_TARGET, PROGRAMS_PER_IMAGE)
+    part_mean = torch.empty(3 * B * splits, 4 * s, dtype=torch.float64, device=qkv.device)
+    part_m2 = torch.empty(3 * B * splits, 4 * s, dtype=torch.float32, device=qkv.device)
+    first = torch.arange(splits, dtype=torch.float64, device=qkv.device) * (tps * tiles[0])
+    counts = (N - first).clamp(max=tps * tiles[0])
+    call = statistics_call(qkv, H, W, dw3, dw5, dw7, pw, part_mean, part_m2, tps, tiles, dots)
+    return part_mean, part_m2, counts, call
+
+
+def merge_moments(part_mean: Tensor, part_m2: Tensor, counts: Tensor, dtype=torch.float64) -> Tuple[Tensor, Tensor]:
+    """Chan's parallel merge of the rows of (part_mean, part_m2) (R, 4s) over counts (R,) (or a
+    (SPLITS,) pattern repeated over the rows) -> (mean, M2) (4s,) in `dtype` (float64: the
+    launcher's choice; the test measures float32 too)."""
+    n_r = counts.to(dtype).repeat(part_mean.shape[0] // counts.shape[0])[:, None]
+    mean_r = part_mean.to(dtype)
+    n = n_r.sum()
+    mean = (n_r * mean_r).sum(0) / n
+    m2 = part_m2.to(dtype).sum(0) + (n_r * (mean_r - mean).square()).sum(0)
+    return mean, m2
+
+
+def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
+              tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None) -> Tensor:
+    """Launch the kernel and merge: (2, 4s) float64, [mean, M2] of Z per channel (channel j*s + c:
+    segment j) over this process's 3B images x H x W."""
+    from .launcher import device_guard, wrap_triton
+    dw3, dw5, dw7, pw = (w.contiguous() for w in (dw3, dw5, dw7, pw))     # the kernel's weight layout
+    part_mean, part_m2, counts, (grid, args, kwargs) = plan_statistics(qkv, H, W, dw3, dw5, dw7, pw, tiles, dots)
+    with device_guard(qkv):
+        wrap_triton(gma_statistics_kernel)[grid](*args, **kwargs)
+    return torch.stack(merge_moments(part_mean, part_m2, counts))
+
+
+# ---------------------------------------------------------------- the op and the statistics pass
+OP_NAME = "gmf::triton_z_moments"
+
+
+def _op_exists() -> bool:
+    try:
+        torch.ops.gmf.triton_z_moments  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _register():
+    """``gmf::triton_z_moments``: a ``custom_op`` with a fake, so ``torch.compile(fullgraph=True)``
+    keeps the statistics pass as ONE opaque node running the kernel (under the interpreter a
+    ``triton_op`` would trace to a graph without it, see op.py; on a GPU the node is one launch and
+    a tiny merge, nothing Inductor would gain from seeing). No autograd: the statistics are taken
+    under no_grad (their gradient terms are in the backward's B3)."""
+    def impl(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor) -> Tensor:
+        return z_moments(qkv, H, W, dw3, dw5, dw7, pw)
+
+    op = torch.library.custom_op(OP_NAME, impl, mutates_args=())
+
+    @op.register_fake
+    def _(qkv, H, W, dw3, dw5, dw7, pw):
+        return qkv.new_empty(2, 4 * (qkv.shape[-1] // 15), dtype=torch.float64)
+    return op
+
+
+z_moments_op = None if _op_exists() else _register()
+
+
+def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
+    """`backward.statistics` through the kernel: (mean, biased variance) (4, s) in the weights'
+    dtype and the count of values per channel (an int; with a process group a float64 scalar
+    tensor over every rank). group (SyncBatchNorm): the local (count, mean, M2) become (sum, sum
+    of squares, count) in float64 and go through the same ONE all-reduce as the PyTorch pass
+    (`distributed.sync_batch_moments`). float64 inputs (not a Triton dtype) take the PyTorch pass."""
+    if qkv.dtype == torch.float64:
+        from .backward import statistics as torch_statistics
+        return torch_statistics(qkv, H, W, wts, group)
+    B, N, C3 = qkv.shape
+    s = C3 // 15
+    mean, m2 = torch.ops.gmf.triton_z_moments(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw).unbind(0)
+    count = 3 * B * N
+    dt = wts.pw.dtype
+    if group is not None:
+        from ..distributed import sync_batch_moments
+        mean, var, n = sync_batch_moments(mean * count, m2 + count * mean.square(), count, group)
+        return mean.to(dt).view(4, s), var.to(dt).view(4, s), n
+    return mean.to(dt).view(4, s), (m2 / count).to(dt).view(4, s), count

@@ -1,0 +1,253 @@
+"""The training forward's statistics pass as a Triton kernel (triton_kernels/statistics.py).
+
+Checked, the kernel through the Triton interpreter on CPU, against `backward.statistics` in
+float64 (the oracle), per segment, mean and biased variance, under the low-precision rule:
+error <= 2 x the error of the float32 PyTorch pass (`backward.statistics` on the same input,
+float32 compute) + FLOOR = 3e-6. Why a floor: PyTorch's CPU reduction is off by about its
+final fp32 rounding alone (measured 3-6e-8), while the kernel accumulates in fp32. Its variance
+is within 2.1e-7 of the rule without floor (worst of CASES over 3 seeds); its mean within 1.1e-6:
+under the interpreter `tl.sum` over a tile's tokens is NumPy's row-by-row fp32 sum (error
+~2^-24 std per tile mean, independent of the tile length; GPU reductions are trees), and on
+zero-mean data |mean| ~ std / sqrt(3B N), so relative to max |mean| that is ~2^-24 sqrt(tile
+tokens / 2) ~ 1.4e-6 at the interpreter's 256-token tile. The naive fp32 sum / sum of
+squares misses the large-offset case's variance by > 100x the allowance (checked there, so
+the rule can fail).
+
+* widths 40, 80, 200; grids 5x7, 7x7, 14x14; batch 1 and 2; fp32, fp16, bf16 inputs
+  (statistics in fp32: `folding.compute_dtype`), each value of each axis covered;
+* the GPU tiles and small tiles with several tiles per program and several splits (the
+  interpreter's default is one tile per image), partial last tiles included;
+* a common offset 1000 (mean >> std);
+* the float32 merge against the launcher's float64 merge (the figure the module docstring
+  quotes);
+* SyncBatchNorm wiring (`distributed.sync_batch_moments`) in a one-rank gloo group, and
+  torch.compile(fullgraph=True): the statistics pass is one ``gmf::triton_z_moments`` node;
+* the Triton backend's training call runs the kernel (running statistics as the torch backend's);
+* the AOT compile of the real shape C=320 14x14 B=128 fp32 for sm_80 and sm_90: no spills.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from gmf_kernels.folding import _build  # noqa: E402
+from gmf_kernels.numerics import cast_weights, max_rel_error, random_gma_weights  # noqa: E402
+from gmf_kernels.triton_kernels import statistics as st  # noqa: E402
+from gmf_kernels.triton_kernels.backward import proxy_z, segment_streams  # noqa: E402
+from gmf_kernels.triton_kernels.backward import statistics as torch_statistics  # noqa: E402
+from helpers import ROOT, assert_max_rel_close, assert_within_reference_error  # noqa: E402
+from helpers import have_triton_nvidia_backend, triton_compile_env  # noqa: E402
+
+FLOOR = 3e-6
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def pre_bn_weights(C, dtype, seed=0):
+    """The weights the statistics pass takes (training.prepare's `pre_bn`: BatchNorms not folded)."""
+    w = cast_weights(random_gma_weights(C, seed=seed), dtype)
+    z = torch.zeros(1, dtype=dtype)
+    return _build(w, z, z, dtype)
+
+
+def check(qkv, H, W, C):
+    """The kernel's (mean, var, count) against the float64 oracle, per segment, under the rule."""
+    mean, var, n = st.statistics(qkv, H, W, pre_bn_weights(C, F32))
+    m32, v32, n32 = torch_statistics(qkv, H, W, pre_bn_weights(C, F32))
+    m64, v64, _ = torch_statistics(qkv.double(), H, W, pre_bn_weights(C, torch.float64))
+    assert n == n32 == 3 * qkv.shape[0] * H * W
+    assert mean.dtype == var.dtype == F32 and mean.shape == var.shape == (4, C // 5)
+    for j in range(4):
+        assert_within_reference_error(mean[j], m32[j], m64[j], floor=FLOOR, name=f"mean segment {j}")
+        assert_within_reference_error(var[j], v32[j], v64[j], floor=FLOOR, name=f"var segment {j}")
+    return mean, var
+
+
+CASES = [  # (C, grid, B, dtype): every width, grid, batch and dtype, each at least twice
+    (40, (5, 7), 1, F32), (40, (14, 14), 2, F16), (80, (7, 7), 2, BF16),
+    (80, (14, 14), 1, F32), (200, (7, 7), 1, F16), (200, (5, 7), 1, BF16),
+]
+
+
+@pytest.mark.parametrize("C, grid, B, dtype", CASES,
+                         ids=[f"C{c}-{g[0]}x{g[1]}-B{b}-{str(d)[6:]}" for c, g, b, d in CASES])
+def test_matches_float64(C, grid, B, dtype):
+    H, W = grid
+    check(torch.randn(B, H * W, 3 * C).to(dtype), H, W, C)
+
+
+# (C, grid, tiles, split target, (splits, tiles per split) expected): the GPU tile at C = 200 (s = 40
+# in 3 depthwise chunks of CK = 16, the last one 8 channels; the interpreter's own tile takes s in
+# one chunk), one 64-token tile holding 7x7's 49 tokens; 16-token tiles on 5x7 (3 tiles, the last
+# 3 tokens) over 2 splits of 2 and 1 tiles (one split of several tiles: the large-offset test)
+TILINGS = [(200, (7, 7), st.DEFAULT_TILE, st.SPLIT_TARGET, (1, 1)), (80, (5, 7), (16, 4, 16), 24, (2, 2))]
+
+
+@pytest.mark.parametrize("C, grid, tiles, target, plan", TILINGS, ids=["gpu-tile-C200", "16-tokens-2-splits"])
+def test_tiles_and_splits(C, grid, tiles, target, plan, monkeypatch):
+    monkeypatch.setattr(st, "stats_tiles", lambda C, N, precision: tiles)
+    monkeypatch.setattr(st, "SPLIT_TARGET", target)
+    H, W = grid
+    qkv = torch.randn(1, H * W, 3 * C)
+    w = pre_bn_weights(C, F32)
+    _, _, counts, (launch_grid, args, kwargs) = st.plan_statistics(qkv, H, W, w.dw3, w.dw5, w.dw7, w.pw)
+    assert (launch_grid[0], args[-1], kwargs["CK"]) == (*plan, tiles[2]) and int(counts.sum()) == H * W
+    check(qkv, H, W, C)
+
+
+def test_large_offset_where_naive_sums_fail(monkeypatch):
+    """All channels 1000 + N(0, 1): segment 0's mean is ~1000 std. Several tiles per program
+    (16-token tiles, one split, the last tile 3 tokens). The naive fp32 sum / sum of squares misses the variance by far
+    more than the rule allows (checked, so the rule can tell)."""
+    monkeypatch.setattr(st, "stats_tiles", lambda C, N, precision: (16, 4, 16))
+    monkeypatch.setattr(st, "SPLIT_TARGET", 1)
+    C, H, W, B = 40, 5, 7, 1
+    qkv = 1000.0 + torch.randn(B, H * W, 3 * C)
+    check(qkv, H, W, C)
+    z0 = proxy_z(segment_streams(qkv, H, W, F32), pre_bn_weights(C, F32))[0][:, :C // 5]
+    n = z0.numel() // z0.shape[1]
+    naive = z0.square().sum((0, 2, 3)) / n - (z0.sum((0, 2, 3)) / n).square()
+    _, v64, _ = torch_statistics(qkv.double(), H, W, pre_bn_weights(C, torch.float64))
+    _, v32, _ = torch_statistics(qkv, H, W, pre_bn_weights(C, F32))
+    assert max_rel_error(naive, v64[0]) > 100 * (2 * max_rel_error(v32[0], v64[0]) + FLOOR)
+
+
+def test_merge_float32_against_float64(monkeypatch):
+    """The launcher merges the partials in float64; in float32 the merge alone adds error on a
+    large offset (the figure in the module docstring). Both against the float64 oracle. 3B = 3
+    images x 2 splits: 6 partial rows per channel."""
+    monkeypatch.setattr(st, "SPLIT_TARGET", 24)
+    C, H, W, B = 40, 7, 7, 1
+    qkv = 1000.0 + torch.randn(B, H * W, 3 * C)
+    w = pre_bn_weights(C, F32)
+    part_mean, part_m2, counts, (grid, args, kwargs) = st.plan_statistics(qkv, H, W, w.dw3, w.dw5, w.dw7, w.pw,
+                                                                         tiles=(32, 4, 16))
+    assert part_mean.shape == (6, 4 * C // 5)
+    st.gma_statistics_kernel[grid](*args, **kwargs)
+    _, v64, n = torch_statistics(qkv.double(), H, W, pre_bn_weights(C, torch.float64))
+    err = {}
+    for dt in (torch.float64, F32):
+        _, m2 = st.merge_moments(part_mean, part_m2, counts, dt)
+        err[dt] = max_rel_error((m2.double() / n).view(4, -1)[0], v64[0])
+    print(f"segment 0 variance error: float64 merge {err[torch.float64]:.2e}, float32 merge {err[F32]:.2e}")
+    assert err[torch.float64] < FLOOR
+    assert err[torch.float64] < err[F32]
+
+
+def test_sync_batch_moments_one_rank():
+    """With a (one-rank, gloo) process group the kernel's (count, mean, M2) go through
+    `distributed.sync_batch_moments`: the same statistics as the PyTorch pass through
+    `sync_batch_stats`; the count is a float64 tensor."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo not available")
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    C, H, W, B = 40, 5, 7, 1
+    qkv = 3.0 + torch.randn(B, H * W, 3 * C)
+    w = pre_bn_weights(C, F32)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mean, var, n = st.statistics(qkv, H, W, w, dist.group.WORLD)
+        tm, tv, tn = torch_statistics(qkv, H, W, w, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+    assert n.dtype == torch.float64 and int(n) == int(tn) == 3 * B * H * W
+    torch.testing.assert_close(var, tv, rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean, tm, rtol=0, atol=1e-6 * float(tm.abs().max()))
+
+
+def test_compile_keeps_one_op_node():
+    """torch.compile(fullgraph=True): the statistics pass traces to ONE gmf::triton_z_moments
+    node (custom_op + fake), which runs the kernel (the compiled result is the float32 PyTorch
+    pass's within 1e-5)."""
+    C, H, W = 40, 5, 7
+    w = pre_bn_weights(C, F32)
+    qkv = torch.randn(1, H * W, 3 * C)
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    fn = torch.compile(lambda t: st.statistics(t, H, W, w)[:2], backend=backend, fullgraph=True)
+    mean, var = fn(qkv)
+    m0, v0, _ = torch_statistics(qkv, H, W, w)
+    assert sum("triton_z_moments" in t for t in targets) == 1, targets
+    assert_max_rel_close(mean, m0, 1e-5, "compiled mean")
+    assert_max_rel_close(var, v0, 1e-5, "compiled var")
+
+
+def test_triton_training_runs_the_kernel(monkeypatch):
+    """A training-mode call of the Triton backend takes its batch statistics from the kernel (one
+    launch through the op) and updates the running statistics as the torch backend does."""
+    import gmf_kernels
+    calls = []
+    kernel_moments = st.z_moments
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel_moments(*args, **kwargs)
+
+    monkeypatch.setattr(st, "z_moments", counted)
+    C, H, W = 40, 3, 4
+    x = 0.5 + torch.randn(1, H * W, C)
+    w64 = random_gma_weights(C, seed=3)
+    buffers = {}
+    for backend in ("triton", "torch"):
+        w = cast_weights(w64, F32)
+        with torch.no_grad():
+            gmf_kernels.group_mix_attention(x, (H, W), w, training=True, backend=backend)
+        buffers[backend] = (torch.stack(w.bn_running_mean), torch.stack(w.bn_running_var))
+    assert calls == [(1, H * W, 3 * C)]
+    for got, want, name in zip(buffers["triton"], buffers["torch"], ("running_mean", "running_var")):
+        assert_max_rel_close(got, want, 1e-5, name)
+
+
+# ------------------------------------------------------------------ ahead-of-time compile (no GPU)
+_AOT_SCRIPT = r"""
+import json, torch
+import gmf_kernels.triton_kernels.specializations as sp
+from gmf_kernels.triton_kernels import statistics as st
+from gmf_kernels.triton_kernels._common import DotVariant
+from gmf_kernels.triton_kernels.config import capability_of_arch, dot_precision
+known = sp._kernel_fn
+sp._kernel_fn = lambda name: st.gma_statistics_kernel if name == "gma_statistics_kernel" else known(name)
+C, H, W, B = 320, 14, 14, 128
+s = C // 5
+qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float32, device="meta")
+w = [torch.empty(shp, dtype=torch.float32, device="meta") for shp in ((s, 3, 3), (s, 5, 5), (s, 7, 7), (3, s, s))]
+out = []
+for arch in (80, 90):
+    dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
+    _, _, _, (grid, args, kwargs) = st.plan_statistics(qkv, H, W, *w, dots=dots)   # the launcher's own plan
+    rep = sp.compile_one(sp.specialize_launch(st.gma_statistics_kernel, arch, args, kwargs))
+    rep["grid"] = list(grid)
+    out.append(rep)
+print(json.dumps(out))
+"""
+
+
+def test_aot_compile_real_shape_no_spills(tmp_path):
+    """The kernel as the launcher specialises it for C=320 14x14 B=128 fp32 (3xTF32 dots),
+    compiled for sm_80 and sm_90 (specializations.compile_one: Triton's compile, ptxas -v):
+    compiles, zero spills, <= 255 registers."""
+    if not have_triton_nvidia_backend():
+        pytest.skip("Triton's NVIDIA backend / ptxas is not available")
+    env = triton_compile_env()
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")          # empty: really compiles
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    assert lines, f"AOT compile failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+    reps = json.loads(lines[-1])
+    assert [r["arch"] for r in reps] == [80, 90]
+    for r in reps:
+        print(f"sm_{r['arch']} {r['label']}: {r['registers']} registers, spills {r['spill_stores']}/"
+              f"{r['spill_loads']} B, stack {r['stack']} B, grid {r['grid']}")
+        assert r["dot_precision"] == "tf32x3" and r["grid"] == [1, 4, 3 * 128]
+        assert 0 < r["registers"] <= 255, r
+        assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0 and not r.get("cuobjdump_local"), r
