@@ -1,4 +1,5 @@
-"""The training forward's statistics pass as a Triton kernel (triton_kernels/statistics.py).
+"""The training forward's statistics pass and the backward's recompute of Z as Triton kernels
+(triton_kernels/statistics.py).
 
 Checked, the kernel through the Triton interpreter on CPU, against `backward.statistics` in
 float64 (the oracle), per segment, mean and biased variance, under the low-precision rule:
@@ -23,7 +24,15 @@ the rule can fail).
 * SyncBatchNorm wiring (`distributed.sync_batch_moments`) in a one-rank gloo group, and
   torch.compile(fullgraph=True): the statistics pass is one ``gmf::triton_z_moments`` node;
 * the Triton backend's training call runs the kernel (running statistics as the torch backend's);
-* the AOT compile of the real shape C=320 14x14 B=128 fp32 for sm_80 and sm_90: no spills.
+* the recompute kernel (`statistics.proxy_z`): Z per segment and y_1..3 against float64
+  `backward.proxy_z` under the same rule with floor 1e-7 (both sides measured at 1-3e-7), Z's
+  segment 0 and u exact; widths 40, 200, odd grids, batch 1 and 2, fp32/fp16/bf16, the GPU tile
+  (partial depthwise chunk, two tiles per program) and 16-token tiles over two splits; the
+  Triton stage set takes it exactly where its backward kernels run; a float32 Triton training
+  step matches float64 and launches it once; torch.compile keeps it one ``gmf::triton_proxy_z``
+  node;
+* the AOT compile of the real shape C=320 14x14 B=128 fp32 for sm_80 and sm_90, both kernels:
+  no spills.
 """
 import json
 import subprocess
@@ -207,15 +216,119 @@ def test_triton_training_runs_the_kernel(monkeypatch):
         assert_max_rel_close(got, want, 1e-5, name)
 
 
+# ------------------------------------------------------------------ the backward's recompute of Z and y
+RECOMPUTE_FLOOR = 1e-7   # ~ the fp32 unit roundoff: both sides' errors are 1-3e-7 (measured)
+
+
+def check_recompute(qkv, H, W, C):
+    """`statistics.proxy_z` (Z, u, y from the kernel) against `backward.proxy_z` in float64, Z per
+    segment and each y_j under the low-precision rule (2 x the float32 PyTorch proxy_z's error +
+    RECOMPUTE_FLOOR); Z's segment 0 and u are the cast input itself, exactly; fp32, contiguous."""
+    s = C // 5
+    w32 = pre_bn_weights(C, F32)
+    Z, u, y = st.proxy_z(qkv, H, W, segment_streams(qkv, H, W, F32), w32)
+    Z32, u32, y32 = proxy_z(segment_streams(qkv, H, W, F32), w32)
+    Z64, _, y64 = proxy_z(segment_streams(qkv.double(), H, W, torch.float64), pre_bn_weights(C, torch.float64))
+    assert Z.dtype == F32 and Z.shape == Z32.shape and Z.is_contiguous()
+    assert len(y) == 3 and all(t.dtype == F32 and t.shape == y32[0].shape and t.is_contiguous() for t in y)
+    torch.testing.assert_close(Z[:, :s], Z32[:, :s], rtol=0, atol=0)
+    for a, b in zip(u, u32):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for j in (1, 2, 3):
+        seg = slice(j * s, (j + 1) * s)
+        assert_within_reference_error(Z[:, seg], Z32[:, seg], Z64[:, seg], floor=RECOMPUTE_FLOOR, name=f"Z segment {j}")
+        assert_within_reference_error(y[j - 1], y32[j - 1], y64[j - 1], floor=RECOMPUTE_FLOOR, name=f"y_{j}")
+
+
+# with RECOMPUTE_TILINGS (fp32, batch 1, C = 200 and 40 on 5x7): every width, dtype and batch
+RECOMPUTE_CASES = [(40, (3, 7), 2, BF16), (200, (3, 11), 2, F16)]
+
+
+@pytest.mark.parametrize("C, grid, B, dtype", RECOMPUTE_CASES,
+                         ids=[f"C{c}-{g[0]}x{g[1]}-B{b}-{str(d)[6:]}" for c, g, b, d in RECOMPUTE_CASES])
+def test_recompute_matches_float64(C, grid, B, dtype):
+    H, W = grid
+    check_recompute(torch.randn(B, H * W, 3 * C).to(dtype), H, W, C)
+
+
+# (C, grid, tiles, split target, (splits, tiles per split)): the GPU tile at C = 200 (s = 40 in 16 +
+# 16 + 8 depthwise channels; 5x7's 35 tokens in 2 tiles, the last of 3 tokens; one program per image
+# and segment walking both), and 16-token tiles over 2 splits of 2 and 1 tiles
+RECOMPUTE_TILINGS = [(200, (5, 7), st.RECOMPUTE_TILE, 1, (1, 2)), (40, (5, 7), (16, 4, 16), 24, (2, 2))]
+
+
+@pytest.mark.parametrize("C, grid, tiles, target, plan", RECOMPUTE_TILINGS, ids=["gpu-tile-C200", "16-tokens-2-splits"])
+def test_recompute_tiles_and_splits(C, grid, tiles, target, plan, monkeypatch):
+    monkeypatch.setattr(st, "recompute_tiles", lambda C, N, precision: tiles)
+    monkeypatch.setattr(st, "SPLIT_TARGET", target)
+    H, W = grid
+    qkv = torch.randn(1, H * W, 3 * C)
+    w = pre_bn_weights(C, F32)
+    _, _, (launch_grid, args, kwargs) = st.plan_recompute(qkv, H, W, w.dw3, w.dw5, w.dw7, w.pw)
+    assert (launch_grid[0], args[-1], kwargs["CK"]) == (*plan, tiles[2])
+    check_recompute(qkv, H, W, C)
+
+
+def test_triton_stages_take_the_recompute_kernel():
+    """`train_op.triton_stages` recomputes Z with the kernel exactly where it uses the Triton
+    backward kernels (next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD); the PyTorch stage set keeps
+    the PyTorch proxy_z."""
+    from gmf_kernels.triton_kernels import backward as bw
+    from gmf_kernels.triton_kernels.train_op import triton_stages
+    assert triton_stages(64).proxy_z is st.proxy_z and triton_stages(8).proxy_z is st.proxy_z
+    assert triton_stages(72).proxy_z is bw.torch_proxy_z and bw.TORCH_STAGES.proxy_z is bw.torch_proxy_z
+
+
+def test_triton_training_step_runs_the_recompute_once(monkeypatch):
+    """A float32 Triton training step (tests/training_cases.py: output, every gradient, running
+    statistics against the float64 reference) launches the recompute kernel once, in its backward."""
+    from training_cases import check_train_float32
+    calls = []
+    kernel = st.recompute_z
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(st, "recompute_z", counted)
+    C, grid, B = 40, (3, 5), 1
+    check_train_float32("triton", C, grid, B, 0.1, 1)
+    assert calls == [(B, grid[0] * grid[1], 3 * C)]
+
+
+def test_recompute_compile_keeps_one_op_node():
+    """torch.compile(fullgraph=True) of `statistics.proxy_z`: ONE gmf::triton_proxy_z node (its fake
+    gives the shapes), the same Z and y as eager."""
+    C, H, W = 40, 3, 5
+    w = pre_bn_weights(C, F32)
+    qkv = torch.randn(1, H * W, 3 * C)
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def fn(t):
+        Z, _, y = st.proxy_z(t, H, W, segment_streams(t, H, W, F32), w)
+        return Z, y[2]
+
+    Z, y3 = torch.compile(fn, backend=backend, fullgraph=True)(qkv)
+    Z0, _, y0 = st.proxy_z(qkv, H, W, segment_streams(qkv, H, W, F32), w)
+    assert sum("triton_proxy_z" in t for t in targets) == 1, targets
+    torch.testing.assert_close(Z, Z0, rtol=0, atol=0)
+    torch.testing.assert_close(y3, y0[2], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ ahead-of-time compile (no GPU)
 _AOT_SCRIPT = r"""
-import json, torch
+import json, sys, torch
 import gmf_kernels.triton_kernels.specializations as sp
 from gmf_kernels.triton_kernels import statistics as st
 from gmf_kernels.triton_kernels._common import DotVariant
 from gmf_kernels.triton_kernels.config import capability_of_arch, dot_precision
+kernel, plan = getattr(st, sys.argv[1]), getattr(st, sys.argv[2])
 known = sp._kernel_fn
-sp._kernel_fn = lambda name: st.gma_statistics_kernel if name == "gma_statistics_kernel" else known(name)
+sp._kernel_fn = lambda name: kernel if name == kernel.__name__ else known(name)
 C, H, W, B = 320, 14, 14, 128
 s = C // 5
 qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float32, device="meta")
@@ -223,15 +336,18 @@ w = [torch.empty(shp, dtype=torch.float32, device="meta") for shp in ((s, 3, 3),
 out = []
 for arch in (80, 90):
     dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
-    _, _, _, (grid, args, kwargs) = st.plan_statistics(qkv, H, W, *w, dots=dots)   # the launcher's own plan
-    rep = sp.compile_one(sp.specialize_launch(st.gma_statistics_kernel, arch, args, kwargs))
+    grid, args, kwargs = plan(qkv, H, W, *w, dots=dots)[-1]                 # the launcher's own plan
+    rep = sp.compile_one(sp.specialize_launch(kernel, arch, args, kwargs))
     rep["grid"] = list(grid)
     out.append(rep)
 print(json.dumps(out))
 """
 
 
-def test_aot_compile_real_shape_no_spills(tmp_path):
+@pytest.mark.parametrize("kernel, plan", [("gma_statistics_kernel", "plan_statistics"),
+                                          ("gma_recompute_z_kernel", "plan_recompute")],
+                         ids=["statistics", "recompute"])
+def test_aot_compile_real_shape_no_spills(kernel, plan, tmp_path):
     """The kernel as the launcher specialises it for C=320 14x14 B=128 fp32 (3xTF32 dots),
     compiled for sm_80 and sm_90 (specializations.compile_one: Triton's compile, ptxas -v):
     compiles, zero spills, <= 255 registers."""
@@ -239,8 +355,8 @@ def test_aot_compile_real_shape_no_spills(tmp_path):
         pytest.skip("Triton's NVIDIA backend / ptxas is not available")
     env = triton_compile_env()
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")          # empty: really compiles
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, kernel, plan], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
     assert lines, f"AOT compile failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
     reps = json.loads(lines[-1])

@@ -17,8 +17,11 @@ gradients to ``triton_kernels/train_op.py``; eval without gradients takes the op
               the local branch (``triton_kernels/backward.py``'s decomposition) as Triton kernels
               (``attention_backward.py``, ``aggregation_backward.py``; `train_op.triton_stages`)
 
-The statistics pass (and the recompute of what the backward needs) is **PyTorch ops for now,
-not a kernel**; the forward of both modes and every backward stage run Triton kernels. Training in float32 and float16
+The statistics pass is a kernel (``triton_kernels/statistics.py``, op ``gmf::triton_z_moments``),
+and so is the heaviest part of the backward's recompute, Z and the depthwise outputs y (same
+file, op ``gmf::triton_proxy_z``, where the Triton backward stages run); the rest of the
+recompute (proxies, softmax statistics, CRPE, local branch) is PyTorch ops. The forward of both
+modes and every backward stage run Triton kernels. Training in float32 and float16
 (`TRAINING_DTYPES`), gradients in float32, float16 and bfloat16 (`GRAD_DTYPES`); SyncBatchNorm
 (``GMAProblem.sync_bn``): (sum, sum of squares, count) all-reduced once between the statistics
 pass and the kernels, the two gradient sums once in the backward (`distributed.py`).
@@ -133,8 +136,8 @@ BACKEND = TritonBackend(
     name="triton",
     dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
     device_types=frozenset({"cuda", "cpu"}),
-    supports_training=True,   # statistics pass in PyTorch ops, then the kernels (triton_kernels/train_op.py)
-    supports_grad=True,       # backward kernels stage by stage (train_op.triton_stages); recompute in PyTorch ops
+    supports_training=True,   # statistics-pass kernel, then the kernels (triton_kernels/train_op.py)
+    supports_grad=True,       # backward kernels stage by stage (train_op.triton_stages); Z, y recompute kernel
     training_dtypes=TRAINING_DTYPES,
     grad_dtypes=GRAD_DTYPES,
     supports_sync_bn=True,    # SyncBatchNorm: one all-reduce in the statistics pass, one in the backward

@@ -1,6 +1,8 @@
-"""Statistics pass of the Triton training forward, as a kernel: per-channel moments of Z.
+"""Z of the Triton training path as kernels: the forward's statistics pass (per-channel moments
+of Z) and the backward's recompute of Z and the depthwise outputs y (end of this docstring).
 
     mean, var, count = statistics(qkv, H, W, wts, group)      # backward.statistics' contract
+    Z, u, y = proxy_z(qkv, H, W, streams, wts)                # backward.proxy_z's results
 
 Z is what the aggregator BatchNorms normalise: segments 0..3 of q, k and v (segment 0 itself,
 segment j = 1..3 the s x s pointwise of the (2j+1)x(2j+1) depthwise), with per-channel batch
@@ -61,6 +63,30 @@ FMA, 3.35/4.8 TB/s) the ridge is ~14-20 FLOP/B: fp32 sits below it (memory bound
 (half the bytes, the same stencil FMAs) sits at or just above it, so there the depthwise FMAs,
 not the bytes, may set the time. Not measured (no GPU in this session); the interpreter says
 nothing about speed.
+
+**Recompute for the backward** (`gma_recompute_z_kernel`; `recompute_z`, op
+``gmf::triton_proxy_z``, `proxy_z`: the Triton stage set's `backward.Stages.proxy_z`). The
+backward's `backward.recompute` needs Z itself, not its moments, and the depthwise outputs y_j
+(the pointwise backward's input): the same grid ``(SPLITS, 4, 3B)`` and the same per-tile Z
+(`_dw_pw_heads_y`: `_dw_pw_heads` plus a store of each depthwise chunk), stored instead of
+reduced, fp32 (the stages' compute dtype, `folding.compute_dtype`), channel-first as the stages
+read them: Z (3B, 4s, H, W), segment 0 being qkv's segment 0 cast to fp32, and y_all (3, 3B,
+s, H, W), y_all[j - 1] = y_j (one buffer: the pointwise-backward kernel takes the three with one
+stride set). The stores go along the tile's token axis (consecutive tokens of a channel are
+consecutive addresses). Per token (3 streams, q k v):
+
+* bytes: reads 12 s e (as the statistics pass); writes (4 s + 3 s) x 4 = 28 s bytes per stream,
+  84 s in all: (12 e + 84) s, 132 s for fp32, 108 s for fp16/bf16. PyTorch's `proxy_z`, in
+  units of s x 4 bytes per stream (fp32): 8 for the u_j layout copies (read, write), 6 the
+  depthwise, 6 the pointwise, 8 the cat: 28 units against the kernel's 4 + 7 = 11 (17 with
+  the u_1..3 copies `proxy_z` still makes for the depthwise backward).
+* FLOPs: the statistics pass's stencils and pointwise without the moments (~500 s on CUDA
+  cores): ~3.8 FLOP/B for fp32, ~4.6 for fp16/bf16.
+
+Bound aimed at: HBM bandwidth (mostly the writes), far below any ridge. Not measured (no GPU).
+Nothing is saved by the forward for it (activation memory unchanged): the backward allocates
+Z and y (28 s x 4 B per token and stream) as PyTorch's recompute did, with fewer
+temporaries (no pointwise outputs before a cat, no copy of segment 0).
 """
 from __future__ import annotations
 
@@ -70,7 +96,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, dot_variant, interpreting
+from ._common import DotVariant, depthwise_tile, dot_variant, interpreting, mm
 from .aggregation import _dw_pw_heads, _tile, split_plan
 from .config import INTERPRETER_BLOCK_P, dot_pad, next_pow2
 
@@ -104,6 +130,21 @@ def _store_moments(shift, mean, m2, row, ch, kmask, part_mean, part_m2):
     tl.store(part_m2 + row + ch, m2, mask=kmask)
 
 
+@triton.jit
+def _program(qkv, N, stride_qkv_b, tiles_per_split, C: tl.constexpr, S: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (split, seg, img) of the ``(SPLITS, 4, 3B)`` grid (both kernels): (split, seg, img),
+    its run of tiles [t0, t1), its image's qkv rows (image img of Z's 3B: q images 0..B-1, then
+    k, then v) and the qkv channel of segment seg of that q / k / v."""
+    split = tl.program_id(0)
+    seg = tl.program_id(1)
+    img = tl.program_id(2)
+    B = tl.num_programs(2) // 3
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
+    qkv_b = qkv + (img % B).to(tl.int64) * stride_qkv_b
+    return split, seg, img, t0, t1, qkv_b, (img // B) * C + seg * S
+
+
 @triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
 def gma_statistics_kernel(
     qkv, part_mean, part_m2, dw3, dw5, dw7, pw,
@@ -113,16 +154,8 @@ def gma_statistics_kernel(
 ):
     """Partial (mean, M2) of segment `seg` of image `img` (module docstring). A segment is two
     heads of D channels (the shapes `_dw_pw_heads` returns); segment 0 reads its two heads."""
-    split = tl.program_id(0)
-    seg = tl.program_id(1)
-    img = tl.program_id(2)
+    split, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, tiles_per_split, C, S, BLOCK_P)
     SPLITS = tl.num_programs(0)
-    B = tl.num_programs(2) // 3
-    which = img // B                                           # 0 q, 1 k, 2 v
-    t0 = split * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
-    qkv_b = qkv + (img % B).to(tl.int64) * stride_qkv_b
-    ch0 = which * C + seg * S                                  # segment seg of q / k / v in qkv
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
     shift0 = tl.zeros([D_PAD], dtype=tl.float32)
@@ -167,6 +200,81 @@ def gma_statistics_kernel(
     _store_moments(shift1, mean1, m2_1, row, D + kk, kmask, part_mean, part_m2)
 
 
+@triton.jit
+def _store_channels(dst, ch, n, val, mask, N):
+    """val [BLOCK_P, width] into channel-first images: element (token n, channel ch) at dst + ch * N + n."""
+    tl.store(dst + ch[None, :] * N + n[:, None], val, mask=mask)
+
+
+@triton.jit
+def _dw_pw_heads_y(src_b, ch0, dw, pw_seg, y_dst, n, y, x, pmask, H, W, N, stride_n, KS,
+                   S: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """`aggregation._dw_pw_heads` (the same chunked depthwise and pointwise, so the same Z) that
+    also stores each depthwise chunk, y, to the channel-first image y_dst (s channels). A copy
+    of its loop plus one store: aggregation.py (not mine to edit) has no hook for it (the report
+    of this change carries the diff that would let `_dw_pw_heads` take the store)."""
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    acc0 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    for c0 in range(0, S, CK):
+        cs = c0 + tl.arange(0, CK)
+        cmask = cs < S
+        dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw + cs * (KS * KS), n, y, x, pmask, H, W, stride_n,
+                             KS, BLOCK_P, CK)
+        _store_channels(y_dst, cs, n, dwc, pmask[:, None] & cmask[None, :], N)
+        wmask = cmask[:, None] & kmask[None, :]
+        w0 = tl.load(pw_seg + kk[None, :] * S + cs[:, None], mask=wmask, other=0.0)        # [CK, D_PAD]
+        acc0 = mm(dwc, w0, acc0, DOT_PRECISION, EMULATE_DOTS)
+        w1 = tl.load(pw_seg + (D + kk)[None, :] * S + cs[:, None], mask=wmask, other=0.0)
+        acc1 = mm(dwc, w1, acc1, DOT_PRECISION, EMULATE_DOTS)
+    return acc0, acc1
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
+def gma_recompute_z_kernel(
+    qkv, z, y_all, dw3, dw5, dw7, pw,
+    N, H, W, stride_qkv_b, stride_qkv_n, tiles_per_split,
+    C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+):
+    """Segment `seg` of Z (and, seg >= 1, its depthwise output y_seg) for the tiles of program
+    (split, seg, img): fp32, channel-first, z (3B, 4s, H, W), y_all (3, 3B, s, H, W) (module
+    docstring, "Recompute"). Segment 0 is qkv's segment 0 cast to fp32."""
+    _, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, tiles_per_split, C, S, BLOCK_P)
+    z_seg = z + img.to(tl.int64) * (4 * S * N) + seg * S * N           # channel seg * s of image img
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    if seg == 0:
+        t = t0
+        while t < t1:
+            n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+            m2d = pmask[:, None] & kmask[None, :]
+            src = qkv_b + n[:, None] * stride_qkv_n + (ch0 + kk)[None, :]
+            _store_channels(z_seg, kk, n, tl.load(src, mask=m2d, other=0.0).to(tl.float32), m2d, N)
+            _store_channels(z_seg, D + kk, n, tl.load(src + D, mask=m2d, other=0.0).to(tl.float32), m2d, N)
+            t += 1
+    else:
+        if seg == 1:
+            dw = dw3
+        elif seg == 2:
+            dw = dw5
+        else:
+            dw = dw7
+        pw_seg = pw + (seg - 1) * S * S
+        y_img = y_all + ((seg - 1) * tl.num_programs(2) + img).to(tl.int64) * (S * N)
+        t = t0
+        while t < t1:
+            n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+            z0, z1 = _dw_pw_heads_y(qkv_b, ch0, dw, pw_seg, y_img, n, y, x, pmask, H, W, N, stride_qkv_n,
+                                    2 * seg + 1, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+            m2d = pmask[:, None] & kmask[None, :]
+            _store_channels(z_seg, kk, n, z0, m2d, N)
+            _store_channels(z_seg, D + kk, n, z1, m2d, N)
+            t += 1
+
+
 # ---------------------------------------------------------------- launcher
 #: GPU tiles per width C: (BLOCK_P tokens per tile, num_warps, CK channels per depthwise chunk),
 #: by dot precision where needed, else DEFAULT_TILE. Chosen with the AOT compile (ptxas -v of the
@@ -200,26 +308,64 @@ def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
     return bp, warps, min(ck, s_pad)
 
 
+#: GPU tile of the recompute kernel, every width: (32, 8, 16). AOT compile (ptxas -v) of every
+#: real call it serves (the released models' widths with next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD,
+#: i.e. C = 40..320, at their 224x224 stage grids, batch 128 and 1, fp32 and fp16: 48
+#: specialisations over sm_70/75/80/90): no spills, 58-168 registers (C = 320: 168 sm_80, 125
+#: sm_90). The statistics tile (64, 8, 16) spills here (104 B at C = 320 on sm_80, ptxas capping
+#: at 128 registers), as do (32, 4, 16) (8-48 B at C = 240/320 on sm_70/75) and (128, 8, 16)
+#: (12 B at C = 200 on sm_70); (64, 4, 16) is spill-free at up to 255.
+RECOMPUTE_TILE = (32, 8, 16)
+
+
+def recompute_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
+    """(BLOCK_P, num_warps, CK) of a recompute call: the interpreter's as `stats_tiles`, else
+    `RECOMPUTE_TILE`."""
+    if interpreting():
+        return stats_tiles(C, N, precision)
+    bp, warps, ck = RECOMPUTE_TILE
+    return bp, warps, min(ck, dot_pad(C // 5))
+
+
 def statistics_dots(qkv: Tensor) -> DotVariant:
     """The dot variant of fp32 inputs on qkv's device (module docstring: fp32 statistics)."""
     return dot_variant(qkv.new_empty(0, dtype=torch.float32))
 
 
-def statistics_call(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
-                    part_mean: Tensor, part_m2: Tensor, tiles_per_split: int, tiles: Tuple[int, int, int],
-                    dots: DotVariant):
-    """(grid, args, kwargs) of one statistics launch; also used on meta tensors for the AOT
-    specialisation (tests/test_triton_statistics.py), so the two cannot drift apart.
-    part_mean (float64), part_m2 (fp32): (3B * SPLITS, 4s), SPLITS = part_mean.shape[0] // 3B."""
+def kernel_call(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor, out0: Tensor,
+                out1: Tensor, splits: int, tiles_per_split: int, tiles: Tuple[int, int, int], dots: DotVariant):
+    """(grid, args, kwargs) of a launch of either kernel (same grid, same arguments but the two
+    outputs: (part_mean, part_m2) of `gma_statistics_kernel`, (z, y_all) of
+    `gma_recompute_z_kernel`); also used on meta tensors for the AOT specialisation
+    (tests/test_triton_statistics.py), so launch and check cannot drift apart."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     s = C // 5
     bp, warps, ck = tiles
-    splits = part_mean.shape[0] // (3 * B)
-    args = (qkv, part_mean, part_m2, dw3, dw5, dw7, pw, N, H, W, qkv.stride(0), qkv.stride(1), tiles_per_split)
+    args = (qkv, out0, out1, dw3, dw5, dw7, pw, N, H, W, qkv.stride(0), qkv.stride(1), tiles_per_split)
     kwargs = dict(C=C, S=s, D=s // 2, D_PAD=dot_pad(s // 2), CK=ck, BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
     return (splits, 4, 3 * B), args, kwargs
+
+
+def statistics_call(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
+                    part_mean: Tensor, part_m2: Tensor, tiles_per_split: int, tiles: Tuple[int, int, int],
+                    dots: DotVariant):
+    """`kernel_call` of the statistics kernel. part_mean (float64), part_m2 (fp32):
+    (3B * SPLITS, 4s), SPLITS = part_mean.shape[0] // 3B."""
+    splits = part_mean.shape[0] // (3 * qkv.shape[0])
+    return kernel_call(qkv, H, W, dw3, dw5, dw7, pw, part_mean, part_m2, splits, tiles_per_split, tiles, dots)
+
+
+def _grid_plan(qkv: Tensor, dots: Optional[DotVariant], tiles: Optional[Tuple[int, int, int]], tiles_fn):
+    """(qkv with unit channel stride, dots, tiles (default tiles_fn's), (SPLITS, tiles per
+    split)) of a call: the grid both kernels share."""
+    B, N, C3 = qkv.shape
+    if qkv.stride(2) != 1:
+        qkv = qkv.contiguous()
+    dots = dots or statistics_dots(qkv)
+    tiles = tiles or tiles_fn(C3 // 3, N, dots.precision)
+    return qkv, dots, tiles, split_plan(N, B, tiles[0], SPLIT_TARGET, PROGRAMS_PER_IMAGE)
 
 
 def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
@@ -229,11 +375,7 @@ def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: 
     same for each of the 3B images), float64 on qkv's device."""
     B, N, C3 = qkv.shape
     s = C3 // 15
-    if qkv.stride(2) != 1:
-        qkv = qkv.contiguous()
-    dots = dots or statistics_dots(qkv)
-    tiles = tiles or stats_tiles(C3 // 3, N, dots.precision)
-    splits, tps = split_plan(N, B, tiles[0], SPLIT_TARGET, PROGRAMS_PER_IMAGE)
+    qkv, dots, tiles, (splits, tps) = _grid_plan(qkv, dots, tiles, stats_tiles)
     part_mean = torch.empty(3 * B * splits, 4 * s, dtype=torch.float64, device=qkv.device)
     part_m2 = torch.empty(3 * B * splits, 4 * s, dtype=torch.float32, device=qkv.device)
     first = torch.arange(splits, dtype=torch.float64, device=qkv.device) * (tps * tiles[0])
@@ -266,13 +408,38 @@ def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor
     return torch.stack(merge_moments(part_mean, part_m2, counts))
 
 
+def plan_recompute(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
+                   tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None):
+    """Allocate Z (3B, 4s, H, W) and y_all (3, 3B, s, H, W) (fp32, contiguous) and describe the
+    recompute launch (the statistics pass's grid), without launching: (z, y_all, (grid, args, kwargs))."""
+    B, N, C3 = qkv.shape
+    s = C3 // 15
+    qkv, dots, tiles, (splits, tps) = _grid_plan(qkv, dots, tiles, recompute_tiles)
+    z = torch.empty(3 * B, 4 * s, H, W, dtype=torch.float32, device=qkv.device)
+    y_all = torch.empty(3, 3 * B, s, H, W, dtype=torch.float32, device=qkv.device)
+    return z, y_all, kernel_call(qkv, H, W, dw3, dw5, dw7, pw, z, y_all, splits, tps, tiles, dots)
+
+
+def recompute_z(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
+                tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None
+                ) -> Tuple[Tensor, Tensor]:
+    """Launch `gma_recompute_z_kernel`: (Z, y_all), y_all[j - 1] = y_j (module docstring)."""
+    from .launcher import device_guard, wrap_triton
+    dw3, dw5, dw7, pw = (w.contiguous() for w in (dw3, dw5, dw7, pw))
+    z, y_all, (grid, args, kwargs) = plan_recompute(qkv, H, W, dw3, dw5, dw7, pw, tiles, dots)
+    with device_guard(qkv):
+        wrap_triton(gma_recompute_z_kernel)[grid](*args, **kwargs)
+    return z, y_all
+
+
 # ---------------------------------------------------------------- the op and the statistics pass
 OP_NAME = "gmf::triton_z_moments"
+RECOMPUTE_OP_NAME = "gmf::triton_proxy_z"
 
 
-def _op_exists() -> bool:
+def _op_exists(name: str) -> bool:
     try:
-        torch.ops.gmf.triton_z_moments  # noqa: B018
+        getattr(torch.ops.gmf, name)
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -295,7 +462,26 @@ def _register():
     return op
 
 
-z_moments_op = None if _op_exists() else _register()
+def _register_recompute():
+    """``gmf::triton_proxy_z``: the recompute kernel as a ``custom_op`` with a fake, for the same
+    reason (one opaque node under torch.compile: the SyncBatchNorm backward calls the stages
+    one by one, and any compiled caller sees one node). No autograd: the backward runs it."""
+    def impl(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor
+             ) -> Tuple[Tensor, Tensor]:
+        return recompute_z(qkv, H, W, dw3, dw5, dw7, pw)
+
+    op = torch.library.custom_op(RECOMPUTE_OP_NAME, impl, mutates_args=())
+
+    @op.register_fake
+    def _(qkv, H, W, dw3, dw5, dw7, pw):
+        B, s = qkv.shape[0], qkv.shape[-1] // 15
+        return (qkv.new_empty(3 * B, 4 * s, H, W, dtype=torch.float32),
+                qkv.new_empty(3, 3 * B, s, H, W, dtype=torch.float32))
+    return op
+
+
+z_moments_op = None if _op_exists("triton_z_moments") else _register()
+proxy_z_op = None if _op_exists("triton_proxy_z") else _register_recompute()
 
 
 def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
@@ -317,3 +503,20 @@ def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
         mean, var, n = sync_batch_moments(mean * count, m2 + count * mean.square(), count, group)
         return mean.to(dt).view(4, s), var.to(dt).view(4, s), n
     return mean.to(dt).view(4, s), (m2 / count).to(dt).view(4, s), count
+
+
+def proxy_z(qkv: Tensor, H: int, W: int, streams: Tensor, wts) -> Tuple[Tensor, list, list]:
+    """`backward.proxy_z` through the recompute kernel (`backward.Stages.proxy_z` of
+    `train_op.triton_stages`): (Z, u, y) with Z (3B, 4s, H, W) and y_1..3 (3B, s, H, W) fp32
+    from ONE launch (op ``gmf::triton_proxy_z``; the y_j are views of one (3, 3B, s, H, W)
+    buffer, so the pointwise-backward kernel takes them with one stride set). u: u_0 is Z's
+    segment 0 (a view: the same values), u_1..3 the PyTorch layout copies of `backward.proxy_z`
+    (the depthwise backward reads them). streams: `backward.segment_streams(qkv, ...)`.
+    Compute dtypes other than float32 (float64) take the PyTorch `backward.proxy_z`."""
+    if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
+        from .backward import proxy_z as torch_proxy_z
+        return torch_proxy_z(streams, wts)
+    B, s = qkv.shape[0], qkv.shape[-1] // 15
+    z, y_all = torch.ops.gmf.triton_proxy_z(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw)
+    u = [z[:, :s]] + [streams[:, :, j].reshape(3 * B, s, H, W) for j in (1, 2, 3)]
+    return z, u, list(y_all.unbind(0))
