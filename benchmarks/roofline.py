@@ -9,7 +9,9 @@ For each kernel (Triton and CUDA: gma_aggregate_kernel, gma_combine_kernel,
 gma_attention_kernel) x GroupMixFormer-S stage shape (C=80 56x56, 160 28x28, 320 14x14,
 320 7x7) x batch x dtype: the work of one launch from the one cost model of each backend
 (`gmf_kernels.triton_kernels.costs`, `gmf_kernels.cuda.costs`, derived from the launchers'
-own plans), the launch grid, and the lower-bound time on an H100 (SXM):
+own plans), the launch grid (for the Triton aggregation also its programs per image of each job:
+segment 0 / 3x3 / 5x5 / 7x7 / local branch, balanced by cost: `aggregation.job_plan`), and the
+lower-bound time on an H100 (SXM):
 
     t_mem  = bytes / 3.0 TB/s
     t_tc   = tc_flops / rate(tc_precision): 790 TFLOP/s for fp16/bf16 operands, 395 for TF32
@@ -239,7 +241,10 @@ def rows(model: str = "groupmixformer_s", batches: Sequence[int] = (128, 1), dty
                              "tc_flops_padded": c.tc_flops_padded or None, "cuda_flops": c.cuda_flops,
                              "grid": list(c.grid) if c.grid else None, "programs": c.programs,
                              "block": c.block, "registers": None, "shared": c.shared, "ctas_per_sm": None,
-                             "resources": None, "notes": c.detail.get("notes", "")}
+                             "resources": None, "notes": c.detail.get("notes", ""),
+                             # Triton aggregation: its cost-balanced plan (programs per image of each job)
+                             "job_splits": ([c.detail[f"splits{j}"] for j in range(5)]
+                                            if "splits0" in c.detail else None)}
                         warps = c.block // 32 if c.block else None
                         if backend == "triton" and triton_res:
                             sh = shape_for(C, dt, CAPABILITY)
@@ -286,6 +291,8 @@ def markdown(rs: List[Dict], measured: bool) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rs:
         grid = "x".join(str(g) for g in r["grid"]) if r["grid"] else "n/a"
+        if r.get("job_splits"):
+            grid += " (" + "/".join(map(str, r["job_splits"])) + ")"
         cells = [r["backend"], r["kernel"].replace("gma_", "").replace("_kernel", ""), str(r["C"]),
                  f"{r['H']}x{r['W']}", str(r["B"]), r["dtype"], f"{r['bytes'] / 1e6:.2f}",
                  f"{r['tc_flops'] / 1e9:.3f} ({r['tc_precision']})", f"{r['cuda_flops'] / 1e9:.3f}", grid,

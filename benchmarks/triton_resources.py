@@ -4,6 +4,7 @@ shared-memory usage as a markdown table.
 
     python benchmarks/triton_resources.py [--jobs 2] [--out benchmarks/results/triton_resources_sm70_sm75_sm80_sm90.md]
     python benchmarks/triton_resources.py --backward   # the training backward kernels (fp32 stage tensors)
+    python benchmarks/triton_resources.py --statistics # the training statistics pass + the backward's recompute of Z
 
 Specialisations (gmf_kernels/triton_kernels/specializations.py): the layer calls of the five
 released models at 224x224 (stage widths at grids 56, 28, 14, 7), batch 128 and 1, fp32 /
@@ -96,7 +97,7 @@ def _used_by(r: dict) -> str:
                      for grid, (b, m) in sorted(grids.items(), key=lambda kv: -int(kv[0].split("x")[0])))
 
 
-def markdown(results, wall_s: float, jobs: int, backward: bool = False) -> str:
+def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
     import torch
     import triton
     def tiles_of(r):
@@ -119,17 +120,23 @@ def markdown(results, wall_s: float, jobs: int, backward: bool = False) -> str:
             "backward kernels (C <= 320: `config.BACKWARD_KERNELS_MAX_S_PAD`), on the float32 stage tensors "
             "(whatever the input dtype), with and without batch statistics, fused and separate B3, derived from "
             "the launchers' own plans (`specializations.backward_specializations`) and Triton's own argument "
-            "specialisation. Dots: fp32 FMA (`ieee`) on sm_70/75, 3xTF32 on sm_80+.") if backward else (
+            "specialisation. Dots: fp32 FMA (`ieee`) on sm_70/75, 3xTF32 on sm_80+.") if kind == "backward" else (
+        "Specialisations: every one that the training forward's statistics pass (all released widths) and the "
+        "backward's recompute of Z (the layers that run the backward kernels, C <= 320) of the released models' "
+        "layers at 224x224 (stage grids 56, 28, 14, 7; batch 128 and 1; fp32, fp16 and bf16 inputs) make "
+        "Triton's JIT compile, derived from the launchers' own plans (`specializations.statistics_specializations`)"
+        ". Dots: fp32 whatever the input dtype (FMA on sm_70/75, 3xTF32 on sm_80+).") if kind == "statistics" else (
         "Specialisations: every one that the released models' layer calls at 224x224 (stage grids 56, 28, 14, "
         "7; batch 128 and 1; fp32, fp16, bf16) make Triton's JIT compile, derived from the launcher's own plan "
         "of each call and Triton's own argument specialisation (integer divisibility by 16, ==1 constants, "
-        "16-byte pointer alignment). The kernels exempt their shape integers (N, H, W, tiles_per_split, T) "
-        "from specialisation, so one variant per (kernel, C, dtype, arch) serves every image size and batch; "
+        "16-byte pointer alignment). The kernels exempt their shape integers (N, H, W, the per-job split counts "
+        "splits0..4 of the aggregation's cost-balanced plan) from specialisation, so one variant per (kernel, C, dtype, arch) serves every image size and batch; "
         "the strides stay specialised (`stride%16` below). Dots: fp32 FMA (`ieee`) on sm_70/75, 3xTF32 "
         "(fp32 inputs) / TF32 (fp16, bf16) on sm_80+ (`triton_kernels/config.py` ARCH_DOTS). Line "
         "information on (Triton's default: `.loc` in the PTX, `ptxas -lineinfo`).")
     lines = [
-        "# Triton " + ("backward " if backward else "") + "kernels: resources per specialisation ("
+        "# Triton " + {"forward": "", "backward": "backward ", "statistics": "training statistics and recompute "}[kind]
+        + "kernels: resources per specialisation ("
         + ", ".join(f"sm_{a}" for a in archs) + ")",
         "",
         f"Written by `benchmarks/triton_resources.py` on {datetime.datetime.now().isoformat(timespec='seconds')}, "
@@ -186,13 +193,18 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="", help="also write the raw per-specialisation results here")
     ap.add_argument("--warm-cache", action="store_true", help="use Triton's normal cache instead of an empty one")
     ap.add_argument("--backward", action="store_true", help="the training backward kernels instead of the forward")
+    ap.add_argument("--statistics", action="store_true",
+                    help="the training statistics pass and the backward's recompute kernel (statistics.py)")
     ap.add_argument("--from-json", default="", help="render the table from a previous run's --json (compile nothing)")
     a = ap.parse_args(argv)
     from gmf_kernels.triton_kernels.config import AOT_ARCHS
-    from gmf_kernels.triton_kernels.specializations import all_specializations, backward_specializations, compile_all
+    from gmf_kernels.triton_kernels.specializations import (all_specializations, backward_specializations, compile_all,
+                                                            statistics_specializations)
     archs = tuple(a.arch or AOT_ARCHS)
-    out = a.out or os.path.join(HERE, "results", ("triton_backward_resources_" if a.backward else "triton_resources_")
-                                + "_".join(f"sm{x}" for x in archs) + ".md")
+    kind = "statistics" if a.statistics else "backward" if a.backward else "forward"
+    prefix = {"forward": "triton_resources_", "backward": "triton_backward_resources_",
+              "statistics": "triton_statistics_resources_"}[kind]
+    out = a.out or os.path.join(HERE, "results", prefix + "_".join(f"sm{x}" for x in archs) + ".md")
     t0 = time.time()
     if a.from_json:
         import json
@@ -200,7 +212,8 @@ def main(argv=None) -> int:
             results = json.load(fh)
         wall = float("nan")                       # not known: the compiles ran in the earlier run
     else:
-        specs = backward_specializations(archs=archs) if a.backward else all_specializations(archs=archs)
+        specs = {"forward": all_specializations, "backward": backward_specializations,
+                 "statistics": statistics_specializations}[kind](archs=archs)
         with tempfile.TemporaryDirectory(prefix="gmf_triton_cache_") as tmp:
             results = compile_all(specs, a.jobs, "" if a.warm_cache else tmp)
         wall = time.time() - t0
@@ -208,7 +221,7 @@ def main(argv=None) -> int:
         import json
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=1)
-    text = markdown(results, wall, a.jobs, a.backward)
+    text = markdown(results, wall, a.jobs, kind)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as fh:
         fh.write(text)

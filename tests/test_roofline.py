@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from gmf_kernels.cuda import costs as cuda_costs
+from gmf_kernels.triton_kernels import aggregation
 from gmf_kernels.triton_kernels import costs as triton_costs
 from gmf_kernels.triton_kernels.config import gma_shape
 
@@ -26,19 +27,25 @@ def weights_floats(C):
 @pytest.mark.parametrize("dtype,e", [("fp32", 4), ("bf16", 2)])
 def test_triton_costs_by_hand(dtype, e):
     # C = 80 (s = 16, C' = 64, d = 8) on 56x56, batch 2, BLOCK_P = 32 -> 98 tiles per image;
-    # split-N: want min(98, ceil(1024 / 10)) = 98 splits of one tile each
+    # per-job split-N (aggregation.job_plan): the 5x5 and 7x7 jobs one tile per program (about
+    # 1024 programs wanted, more than the tiles give), the others runs of about one 7x7 tile's
+    # cost; the combine reads one packed row (s = 2d channels) per split of segments 0..3
     B, H, W, C = 2, 56, 56, 80
     N, s, cp, d = H * W, 16, 64, 8
     shape = gma_shape(C, agg_block_p=32, attn_block_p=64, ck=16, dots="tf32")
     agg_w, attn_w = weights_floats(C)
+    prec = "tf32x3" if dtype == "fp32" else "tf32"
+    plan = aggregation.job_plan(N, B, shape, prec)
+    assert plan.splits[2:4] == (98, 98) and plan.splits[0] < plan.splits[1] < 98
+    rows = sum(plan.splits[:4])
 
     comb = triton_costs.cost("combine", B, H, W, C, dtype, shape=shape)
     assert comb.grid == (8, B)
-    assert comb.bytes == B * 98 * cp * (2 + d) * 4 + B * cp * d * 4 == 501760 + 4096
+    assert comb.bytes == B * rows * s * (2 + d) * 4 + B * cp * d * 4
 
     agg = triton_costs.cost("gma_aggregate_kernel", B, H, W, C, dtype, shape=shape)
-    assert agg.grid == (98, 5, B)
-    assert agg.bytes == (B * N * 3 * C * e + 2 * B * N * cp * e + B * N * s * e + B * 98 * cp * (2 + d) * 4
+    assert agg.grid == (sum(plan.splits), B)
+    assert agg.bytes == (B * N * 3 * C * e + 2 * B * N * cp * e + B * N * s * e + B * rows * s * (2 + d) * 4
                          + 4 * agg_w)
     # 3 streams x 3 segments of s x s, local 3s -> s, K^T V of 8 heads (d x d); stencils 3 x 83 s + 27 s
     assert agg.tc_flops == 2 * B * N * (9 * 256 + 3 * 256 + 64 * 8)
@@ -52,6 +59,64 @@ def test_triton_costs_by_hand(dtype, e):
     # sm_75: no TF32, the dots are FMAs and count as CUDA-core work
     attn75 = triton_costs.cost("attention", B, H, W, C, "fp32", capability=(7, 5), shape=shape)
     assert attn75.tc_flops == 0 and attn75.cuda_flops > attn.cuda_flops
+
+
+def _uniform_plan(N, B, sh):
+    """The plan before per-job splits: every job the same split count (`aggregation.split_plan`)."""
+    splits, _ = aggregation.split_plan(N, B, sh.AGG_BLOCK_P, sh.SPLIT_TARGET)
+    return aggregation.JobPlan(sh.num_tiles(N), (splits,) * 5)
+
+
+@pytest.mark.parametrize("B", [1, 128])
+def test_aggregation_plan_is_balanced(B):
+    """GroupMixFormer-S stage shapes x dtype x GPU generation (the tiles of each dot variant):
+    by the one cost model (`costs.aggregate_job_costs`), the costliest program of the per-job
+    plan is at most 1.4x the mean program where an image has >= 13 tiles and at most 1.65x on
+    fewer (down to 2 tiles at C=320 7x7: one 7x7 tile is then a third of the image's work), its
+    costliest program never costlier than the uniform plan's, and the uniform plan (every job
+    the same splits) fails the bound (>= 1.9x: its 7x7 programs carry ~2x the mean)."""
+    for C, H, _ in roofline.shapes("groupmixformer_s"):
+        for dt in ("fp32", "fp16", "bf16"):
+            for cap in ((9, 0), (8, 0), (7, 5)):
+                if dt == "bf16" and cap < (8, 0):
+                    continue
+                prec = triton_costs.dot_precision(dt, cap)
+                sh = triton_costs.shape_for(C, dt, cap)
+                costs = triton_costs.aggregate_job_costs(sh, prec)
+                plan = aggregation.job_plan(H * H, B, sh, prec)
+                plan.check()
+                uniform = _uniform_plan(H * H, B, sh)
+                worst = lambda p: max(c * t for c, t in zip(costs, p.tiles_per_split))
+                bound = 1.4 if plan.tiles >= 13 else 1.65
+                where = f"C={C} {H}x{H} B={B} {dt} sm_{cap[0]}{cap[1]}: {plan}"
+                assert triton_costs.plan_balance(plan, costs) <= bound, where
+                assert worst(plan) <= worst(uniform), where
+                assert triton_costs.plan_balance(uniform, costs) >= 1.9, where
+                # the programs wanted: at batch 1 the 7x7 job one tile per program; at batch 128
+                # about SPLIT_TARGET / B per image (at least 5, one per job)
+                if B == 1:
+                    assert plan.splits[3] == plan.tiles, where
+                else:
+                    assert 5 <= plan.programs <= max(5, -(-sh.SPLIT_TARGET // B)) + 1, where
+
+
+def test_aggregation_plan_properties():
+    """Over a grid of (width, tokens, batch): no run of any job is empty, a costlier job never
+    gets fewer programs, at batch 1 the costliest job runs one tile per program, and a huge
+    batch (5 programs per image wanted) still cuts the 7x7 job to about the mean job's work."""
+    for C in (40, 160, 480):
+        sh = gma_shape(C)
+        costs = triton_costs.aggregate_job_costs(sh, "tf32")
+        order = sorted(range(5), key=lambda j: costs[j])
+        for N in (1, 7, 49, 196, 3136):
+            for B in (1, 3, 64, 4096):
+                plan = aggregation.job_plan(N, B, sh, "tf32")
+                plan.check()
+                assert all(plan.splits[a] <= plan.splits[b] for a, b in zip(order, order[1:])), plan
+                if B == 1:
+                    assert plan.splits[3] == plan.tiles, plan
+                if B == 4096 and plan.tiles >= 8:
+                    assert plan.splits[3] >= 2 and triton_costs.plan_balance(plan, costs) < 1.5, plan
 
 
 def test_cuda_costs_from_a_plan():

@@ -83,21 +83,25 @@ class Case:
         w = self.weights(dtype)
         return F.linear(self.x64.to(DEVICE, dtype), w.qkv_weight, w.qkv_bias)
 
-    def partials(self, block_p, tiles_per_split=1):
-        """Softmax-over-tokens partials per split (runs of tiles_per_split tiles of block_p
-        tokens): max of K, sum of exp(K - max), exp(K - max)ᵀ V per head, from the oracle."""
-        B, N, h, d = self.B, self.H * self.W, 8, self.d
+    def partials(self, block_p, segment_splits):
+        """The packed softmax-over-tokens partials (aggregation.py): segment j (heads 2j, 2j+1,
+        s = 2d channels a row) cut into segment_splits[j] runs of ceil(T / splits) tiles of
+        block_p tokens; per run the max of K, sum of exp(K - max), exp(K - max)ᵀ V, from the oracle."""
+        B, N, d, s = self.B, self.H * self.W, self.d, self.s
+        T = -(-N // block_p)
         ms, ls, accs = [], [], []
-        step = block_p * tiles_per_split
-        for t0 in range(0, N, step):
-            k = self.K[:, t0:t0 + step]
-            v = self.V[:, t0:t0 + step]
-            m = k.amax(dim=1)
-            p = torch.exp(k - m[:, None])
-            ms.append(m)
-            ls.append(p.sum(dim=1))
-            acc = torch.einsum("bnhi,bnhk->bhik", p.view(B, -1, h, d), v.reshape(B, -1, h, d))
-            accs.append(acc.reshape(B, self.cp, d))
+        for j, splits in enumerate(segment_splits):
+            step = block_p * -(-T // splits)
+            assert -(-N // step) == splits, "a split count with an empty run"
+            for t0 in range(0, N, step):
+                k = self.K[:, t0:t0 + step, j * s:(j + 1) * s]
+                v = self.V[:, t0:t0 + step, j * s:(j + 1) * s]
+                m = k.amax(dim=1)
+                p = torch.exp(k - m[:, None])
+                ms.append(m)
+                ls.append(p.sum(dim=1))
+                acc = torch.einsum("bnhi,bnhk->bhik", p.view(B, -1, 2, d), v.reshape(B, -1, 2, d))
+                accs.append(acc.reshape(B, s, d))
         return torch.stack(ms, 1), torch.stack(ls, 1), torch.stack(accs, 1)
 
 
@@ -106,42 +110,61 @@ def _nan(shape, dtype):
 
 
 # ---------------------------------------------------------------- each kernel alone
+#: per-job split counts of 4 tiles (each a count `job_plan` can produce: 1, 2 or 4), rotated over the
+#: widths so that every job runs with 1, 2 and 4 splits and the jobs' counts differ within a launch
+JOB_SPLITS = [(4, 1, 2, 4, 2), (1, 4, 4, 2, 1), (2, 2, 1, 1, 4)]
+
+
 @pytest.mark.parametrize("C", MODEL_WIDTHS, ids=lambda c: f"C{c}")
 def test_aggregation_kernel(C):
-    """Q, V proxies, the local branch and the split-N softmax partials of K; nothing else
-    of pre is touched. 7x9 = 63 tokens in tiles of 16 -> 4 tiles (the last one ragged),
-    2 tiles per split -> 2 splits: both the in-register online rescaling across tiles and
-    the per-split partials are exercised."""
+    """Q, V proxies, the local branch and the packed split-N softmax partials of K; nothing else
+    of pre is touched. 7x9 = 63 tokens in tiles of 16 -> 4 tiles (the last one ragged), each
+    job with its own number of splits (JOB_SPLITS): the flat program index decoded into (job,
+    split), the in-register online rescaling across tiles and the per-split partials of
+    segments with different split counts are exercised."""
     case = Case(C, 7, 9, 1, seed=C)
     shape = gma_shape(C, agg_block_p=16, interpreter=INTERPRET)
     f = case.folded(torch.float32)
     qkv = case.qkv(torch.float32)
-    B, N, tps = case.B, case.H * case.W, 2
-    splits = -(-shape.num_tiles(N) // tps)
+    B, N = case.B, case.H * case.W
+    plan = aggregation.JobPlan(shape.num_tiles(N), JOB_SPLITS[MODEL_WIDTHS.index(C) % len(JOB_SPLITS)])
+    rows = plan.partial_rows
     q, v, pre = _nan((B, N, case.cp), torch.float32), _nan((B, N, case.cp), torch.float32), _nan((B, N, C), torch.float32)
-    pm, pl = _nan((B, splits, case.cp), torch.float32), _nan((B, splits, case.cp), torch.float32)
-    pacc = _nan((B, splits, case.cp, case.d), torch.float32)
+    pm, pl = _nan((B, rows, case.s), torch.float32), _nan((B, rows, case.s), torch.float32)
+    pacc = _nan((B, rows, case.s, case.d), torch.float32)
     aggregation.launch_aggregate(aggregation.gma_aggregate_kernel, qkv, case.H, case.W, f, case.hp.ln_eps, shape,
-                                 tps, q, v, pre, pm, pl, pacc)
+                                 plan, q, v, pre, pm, pl, pacc)
     _assert_rel(q, case.Q, FP32_TOL, "Q proxies")
     _assert_rel(v, case.V, FP32_TOL, "V proxies")
     _assert_rel(pre[..., case.cp:], case.local, FP32_TOL, "local branch")
     assert torch.isnan(pre[..., :case.cp]).all(), "aggregation wrote into the attention channels"
-    m, l, acc = case.partials(shape.AGG_BLOCK_P, tps)
+    m, l, acc = case.partials(shape.AGG_BLOCK_P, plan.segment_splits)
     _assert_rel(pm, m, FP32_TOL, "split max of K")
     _assert_rel(pl, l, FP32_TOL, "split sum of exp(K - m)")
     _assert_rel(pacc, acc, FP32_TOL, "split exp(K - m)^T V")
 
 
+def test_aggregation_plan_is_checked():
+    """Split counts that would leave a run empty (6 splits of 10 tiles: runs of 2 -> the sixth
+    empty), or a job without programs, are refused before launching."""
+    with pytest.raises(ValueError, match="empty run"):
+        aggregation.JobPlan(10, (1, 6, 1, 1, 1)).check()
+    with pytest.raises(ValueError, match="empty run"):
+        aggregation.JobPlan(10, (1, 1, 1, 0, 1)).check()
+    aggregation.JobPlan(10, (1, 5, 4, 10, 2)).check()
+
+
 @pytest.mark.parametrize("C", MODEL_WIDTHS, ids=lambda c: f"C{c}")
 def test_combine_and_attention_kernels(C):
-    """Combine (4 splits) and the output kernel, fed with the oracle's proxies."""
+    """Combine (segments with 4, 1, 2, 4 splits of the packed partials) and the output kernel,
+    fed with the oracle's proxies."""
     case = Case(C, 7, 9, 2 if C <= 80 else 1, seed=C + 1)
     shape = gma_shape(C, agg_block_p=16, interpreter=INTERPRET)
     B, N = case.B, case.H * case.W
-    m, l, acc = (t.to(DEVICE, torch.float32).contiguous() for t in case.partials(shape.AGG_BLOCK_P))
+    segment_splits = (4, 1, 2, 4)
+    m, l, acc = (t.to(DEVICE, torch.float32).contiguous() for t in case.partials(shape.AGG_BLOCK_P, segment_splits))
     kv = _nan((B, case.cp, case.d), torch.float32)
-    attention.launch_combine(attention.gma_combine_kernel, m, l, acc, kv, shape)
+    attention.launch_combine(attention.gma_combine_kernel, m, l, acc, kv, shape, segment_splits)
     _assert_rel(kv, case.KV, FP32_TOL, "KV = softmax_N(K)^T V")
 
     f = case.folded(torch.float32)
@@ -212,6 +235,10 @@ def test_gpu_tile_sizes(C):
     case = Case(C, H, H, 1, seed=C + 11)
     shape = gma_shape(C)  # the GPU specialisation
     assert shape.num_tiles(H * H) >= 4 and (C < 480 or shape.CK < shape.S_PAD)
+    plan = aggregation.job_plan(H * H, 1, shape, "tf32x3")
+    # the balanced plan: jobs with different split counts and runs of several tiles (each tile
+    # of each job covered once, or the NaN poison / the partials' sums show it)
+    assert len(set(plan.splits)) >= 3 and max(plan.tiles_per_split) > 1, plan
     r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
                                        case.hp.scale, case.hp.ln_eps, shape=shape)
     for name, t in r.items():
@@ -224,13 +251,18 @@ def test_gpu_tile_sizes(C):
 
 @pytest.mark.parametrize("split_target", [1, 10**6], ids=["one-split", "split-per-tile"])
 def test_split_plans(split_target):
-    """All tiles of an image in one program (online rescaling only), or one tile per split
-    (combine only): same result. 11x11 tokens in tiles of 32 -> 4 tiles, the last ragged."""
+    """The fewest programs the plan makes (light jobs: all tiles of an image in one program,
+    online rescaling only) or as many as the tiles allow (combine of one-tile splits): same
+    result. 11x11 tokens in tiles of 32 -> 4 tiles, the last ragged."""
     case = Case(80, 11, 11, 2, seed=31)
     shape = gma_shape(80, agg_block_p=32, interpreter=INTERPRET, split_target=split_target)
     r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
                                        case.hp.scale, case.hp.ln_eps, shape=shape)
-    assert r["part_m"].shape[1] == (1 if split_target == 1 else 4)
+    plan = aggregation.job_plan(case.H * case.W, case.B, shape, "tf32x3")
+    # fewest programs: the light jobs in one program, the 7x7 job still cut to about the mean
+    # job's work; or as many as wanted: the 5x5 and 7x7 jobs one tile per split
+    assert plan.splits == ((1, 1, 2, 4, 1) if split_target == 1 else (1, 2, 4, 4, 1)), plan
+    assert r["part_m"].shape[1] == plan.partial_rows
     _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
     _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
 

@@ -327,8 +327,6 @@ from gmf_kernels.triton_kernels import statistics as st
 from gmf_kernels.triton_kernels._common import DotVariant
 from gmf_kernels.triton_kernels.config import capability_of_arch, dot_precision
 kernel, plan = getattr(st, sys.argv[1]), getattr(st, sys.argv[2])
-known = sp._kernel_fn
-sp._kernel_fn = lambda name: kernel if name == kernel.__name__ else known(name)
 C, H, W, B = 320, 14, 14, 128
 s = C // 5
 qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float32, device="meta")

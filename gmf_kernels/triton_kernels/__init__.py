@@ -27,10 +27,11 @@ Modules, one job each:
                      launcher's plan on meta tensors + Triton's own binder), compiled
                      ahead of time for sm_70/75/80/90 with their resource usage.
 
-Data flow (B batch, N = H*W tokens in tiles of BLOCK_P, grouped into SPLITS runs)::
+Data flow (B batch, N = H*W tokens in tiles of BLOCK_P; job j's tiles grouped into splits[j]
+runs by aggregation.job_plan; R = splits[0] + ... + splits[3] packed partial rows of s = 2d channels)::
 
     qkv (B,N,3C) --aggregate--> q, v (B,N,C') in qkv.dtype
-                           \--> part_m, part_l (B,SPLITS,C'), part_acc (B,SPLITS,C',d) fp32  [K never stored]
+                           \--> part_m, part_l (B,R,s), part_acc (B,R,s,d) fp32  [K never stored]
                            \--> pre[..., C':C] (local branch)
     part_m, part_l, part_acc --combine--> kv (B,C',d) fp32
     q, v, kv --attention--> pre[..., :C']

@@ -1,10 +1,8 @@
 """ONE-PASS group-proxy aggregation (eval mode, BatchNorm folded): kernel + launcher.
 
-Grid ``(SPLITS, 5, B)``. The N tokens of an image are cut into T = ceil(N / BLOCK_P) tiles
-of BLOCK_P consecutive tokens, and the tiles into SPLITS contiguous runs of
-``tiles_per_split`` (split-N: with a small batch there are still enough programs to fill
-the GPU; with a large one SPLITS is 1 or 2). Program (split, job, b) walks its run of
-tiles of image b for one *job*, i.e. one disjoint channel slice of the (B, N, 3C) qkv:
+Grid ``(PROGRAMS, B)``, a flat, cost-balanced list of programs per image. The N tokens of an
+image are cut into T = ceil(N / BLOCK_P) tiles of BLOCK_P consecutive tokens. The work is five
+*jobs*, each one disjoint channel slice of the (B, N, 3C) qkv:
 
 * job 0: segment 0 of q, k, v:  ``hardswish(t * bn_scale[0] + bn_shift[0])`` (no halo).
 * job j = 1, 2, 3: segment j of q, k, v: depthwise (2j+1)x(2j+1) (``dw3``/``dw5``/``dw7``,
@@ -13,6 +11,15 @@ tiles of image b for one *job*, i.e. one disjoint channel slice of the (B, N, 3C
 * job 4: the local branch: depthwise 3x3 over segment 4 of q, k, v (the 3s stacked
   channels), 3s -> s pointwise (accumulated ``tl.dot``), LayerNorm, hardswish, stored
   straight into channels [C', C) of ``pre``.
+
+Their costs per tile differ several-fold (taps 0 : 9 : 25 : 49 : 27 plus the channel mixes), so
+job j is cut into its own number of splits ``splits[j]`` (`job_plan`: programs of each job in
+proportion to its cost per tile, `aggregate_job_costs`), each split a contiguous run of
+``ceil(T / splits[j])`` tiles. Program ``pid`` of image ``b`` decodes (job, split) from the
+running sums of ``splits`` (five runtime integers): jobs 0, 1, 2, 3, 4 own the program ranges
+[0, e1), [e1, e2), [e2, e3), [e3, e4), [e4, e4 + splits[4]). With a small batch this cuts the
+7x7 job finer than the others (it was the critical path: every job had the same splits); with a
+large batch every program carries about the same work, so the tail is one average program.
 
 So every qkv element is read by exactly one job (plus the stencil halo, through cache),
 and no split/cat/permute copy ever exists. Segment j holds heads 2j and 2j+1; per head
@@ -24,13 +31,29 @@ rescaling, applied along N) over the tiles it visits, in registers:
     L   <- a L + sum_n exp(K[n, i] - M')
     ACC <- a ACC + sum_n exp(K[n, i] - M') V[n, k]      (the head's d x d block of Ksᵀ V)
 
-and stores (M, L, ACC) once per split, fp32, at ``part_m/part_l[b, split, head*d + i]`` and
-``part_acc[b, split, head*d + i, k]``. K never reaches memory;
-``attention.gma_combine_kernel`` merges the SPLITS partials with the same rescaling.
+and stores (M, L, ACC) once per split, fp32, in a *packed* layout: the splits of segments
+0..3 are rows ``r`` = the program index ``pid`` (segment j's splits are rows [e_j, e_j+1)), so
+R = e4 rows per image; ``part_m/part_l[b, r, e*d + i]`` and ``part_acc[b, r, e*d + i, k]`` for
+head 2j + e (a row holds the segment's two heads, s = 2d channels). K never reaches memory;
+``attention.gma_combine_kernel`` merges segment j's ``splits[j]`` partials with the same
+rescaling. (Packed, not padded to max_j splits[j] per segment: that layout would write and read
+4 max_j splits[j] rows instead of sum_j splits[j] (e.g. 392 against 240 at C=80 56x56 batch 1)
+and need the unused rows initialised to the neutral (-inf, 0, 0) by an extra fill.)
+
+Weights per program: the BatchNorm scale/shift (and the local branch's LayerNorm weight/bias)
+are loaded once, before the tile loop. The pointwise weights (``pw``: [CK, D_PAD] per head and
+chunk; ``local_pw``: [CK, S_PAD] per chunk) are tile-invariant too but stay inside the loop (L1
+hits): loaded once per program where the segment is one chunk (S <= CK, i.e. C = 40, 80, 160),
+they raised ptxas's registers by 27-77 per thread against the same kernel without it (C=80 fp32
+sm_90 176 -> 253, C=160 bf16 sm_80 168 -> 224, C=40 fp16 sm_70 128 -> 166: a dot's right
+operand is replicated across the warps), i.e. fewer resident CTAs, to save about a tenth of
+the loop's L1 loads (AOT compile, sm_70/75/80/90, Triton 3.6), so they are not hoisted. The
+depthwise taps' weights are indexed by the runtime tap loops: registers cannot hold them.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional, Tuple
 
 import triton
 import triton.language as tl
@@ -59,14 +82,16 @@ def _online_softmax_kv(zk, zv, pmask, M, L, ACC, DOT_PRECISION: tl.constexpr, EM
 
 
 @triton.jit
-def _store_partial(M, L, ACC, split, ch0, pm_b, pl_b, pacc_b,
-                   CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+def _store_partial(M, L, ACC, row, e, part_m, part_l, part_acc, D: tl.constexpr, D_PAD: tl.constexpr):
+    """(M, L, ACC) of head e (0, 1) of a segment into partial row `row` (int64, counted over the
+    whole batch: b R + pid; 2 D channels a row). The row's pointers are formed here, after the
+    tile loop, not kept in registers across it (the kernel runs near ptxas's register limit)."""
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
-    row = split * CP + ch0 + kk
-    tl.store(pm_b + row, M, mask=kmask)
-    tl.store(pl_b + row, L, mask=kmask)
-    tl.store(pacc_b + row[:, None] * D + kk[None, :], ACC, mask=kmask[:, None] & kmask[None, :])
+    ch = row * (2 * D) + e * D + kk
+    tl.store(part_m + ch, M, mask=kmask)
+    tl.store(part_l + ch, L, mask=kmask)
+    tl.store(part_acc + ch[:, None] * D + kk[None, :], ACC, mask=kmask[:, None] & kmask[None, :])
 
 
 @triton.jit
@@ -83,7 +108,7 @@ def _segment0_head(qkv_b, q_b, v_b, a, sh, ch, m2, n, pmask, stride_n, M, L, ACC
 
 
 @triton.jit
-def _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, bn_scale, bn_shift, split, t0, t1, N, W, stride_n,
+def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N, W, stride_n,
               C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
               BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
     """Segment 0: hardswish(t * bn_scale[0] + bn_shift[0]) per channel, no stencil."""
@@ -108,19 +133,22 @@ def _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, bn_scale, bn_shift, split, t0
         M1, L1, A1 = _segment0_head(qkv_b, q_b, v_b, a1, s1, D + kk, m2, n, pmask, stride_n, M1, L1, A1,
                                     C, CP, DOT_PRECISION, EMULATE_DOTS)
         t += 1
-    _store_partial(M0, L0, A0, split, 0, pm_b, pl_b, pacc_b, CP, D, D_PAD)
-    _store_partial(M1, L1, A1, split, D, pm_b, pl_b, pacc_b, CP, D, D_PAD)
+    _store_partial(M0, L0, A0, row, 0, part_m, part_l, part_acc, D, D_PAD)
+    _store_partial(M1, L1, A1, row, 1, part_m, part_l, part_acc, D, D_PAD)
 
 
 @triton.jit
 def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
                  S: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
-                 D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+                 D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+                 y_dst=None, N=0, STORE_Y: tl.constexpr = False):
     """One of q/k/v, one segment, one tile: DW_KS(t) @ pw[h*D + k, :]ᵀ for its heads h = 0, 1.
 
     The s input channels go in chunks of CK: depthwise on [BLOCK_P, CK], then accumulate
     into the two [BLOCK_P, D_PAD] head outputs with tl.dot. Only chunk-sized tiles are
     alive, so registers do not grow with s (s = 96 spilled when done in one piece).
+    STORE_Y (the backward's recompute, statistics.py): also store each depthwise chunk y to
+    the channel-first image y_dst (element (n, c) at y_dst + c * N + n).
     """
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
@@ -131,6 +159,8 @@ def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
         cmask = cs < S
         dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw + cs * (KS * KS), n, y, x, pmask, H, W, stride_n,
                              KS, BLOCK_P, CK)
+        if STORE_Y:
+            tl.store(y_dst + cs[None, :] * N + n[:, None], dwc, mask=pmask[:, None] & cmask[None, :])
         wmask = cmask[:, None] & kmask[None, :]
         w0 = tl.load(pw_seg + kk[None, :] * S + cs[:, None], mask=wmask, other=0.0)        # [CK, D_PAD]
         acc0 = mm(dwc, w0, acc0, DOT_PRECISION, EMULATE_DOTS)
@@ -140,8 +170,8 @@ def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
 
 
 @triton.jit
-def _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw, pw, bn_scale, bn_shift,
-                  split, t0, t1, N, H, W, stride_n, SEG, KS,
+def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
+                  row, t0, t1, N, H, W, stride_n, SEG, KS,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
                   CK: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
@@ -183,8 +213,8 @@ def _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw, pw, bn_scale, bn_shif
         M0, L0, A0 = _online_softmax_kv(hardswish(zk0 * a0 + b0), zv0, pmask, M0, L0, A0, DOT_PRECISION, EMULATE_DOTS)
         M1, L1, A1 = _online_softmax_kv(hardswish(zk1 * a1 + b1), zv1, pmask, M1, L1, A1, DOT_PRECISION, EMULATE_DOTS)
         t += 1
-    _store_partial(M0, L0, A0, split, ch0, pm_b, pl_b, pacc_b, CP, D, D_PAD)
-    _store_partial(M1, L1, A1, split, ch0 + D, pm_b, pl_b, pacc_b, CP, D, D_PAD)
+    _store_partial(M0, L0, A0, row, 0, part_m, part_l, part_acc, D, D_PAD)
+    _store_partial(M1, L1, A1, row, 1, part_m, part_l, part_acc, D, D_PAD)
 
 
 @triton.jit
@@ -221,84 +251,222 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
 
 # Shape integers are not specialised (no tt.divisibility / ==1 constants): one compiled variant
 # per (C, dtype, GPU) serves every image size and batch, the AOT resource tables cover what
-# runs, and a new image size or batch never triggers a JIT recompile. (tiles_per_split == 1
-# at batch 1 would otherwise compile a loop-free variant, and N % 16 another.) The strides
-# stay specialised: their divisibility is what aligns the vector loads of qkv.
-@triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
+# runs, and a new image size or batch never triggers a JIT recompile. (A job with one split,
+# as job 0 at most batches, would otherwise compile a variant with that count constant, and
+# N % 16 another.) The strides stay specialised: their divisibility aligns the vector loads of qkv.
+@triton.jit(do_not_specialize=["N", "H", "W", "splits0", "splits1", "splits2", "splits3", "splits4"])
 def gma_aggregate_kernel(
     qkv, q, v, pre, part_m, part_l, part_acc,
     bn_scale, bn_shift, dw3, dw5, dw7, pw, local_dw, local_pw, ln_weight, ln_bias,
-    N, H, W, stride_qkv_b, stride_qkv_n, tiles_per_split, ln_eps,
+    N, H, W, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3, splits4, ln_eps,
     C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    job = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    SPLITS = tl.num_programs(0)
-    t0 = split * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
+    pid = tl.program_id(0)                                     # flat (job, split) of image b
+    b = tl.program_id(1).to(tl.int64)
+    T = tl.cdiv(N, BLOCK_P)
+    e1 = splits0                                               # job j owns programs [e_j, e_j+1)
+    e2 = e1 + splits1
+    e3 = e2 + splits2
+    e4 = e3 + splits3                                          # = partial rows per image
     qkv_b = qkv + b * stride_qkv_b
     q_b = q + b * N * CP
     v_b = v + b * N * CP
-    pm_b = part_m + b * SPLITS * CP
-    pl_b = part_l + b * SPLITS * CP
-    pacc_b = part_acc + b * SPLITS * CP * D
-    if job == 0:
-        _segment0(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, bn_scale, bn_shift, split, t0, t1, N, W,
-                  stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
-    elif job < 4:
-        if job == 1:
+    row = b * e4 + pid                                         # partial row (jobs 0-3) of S = 2 D floats
+    if pid < e1:
+        tps = tl.cdiv(T, splits0)
+        t0 = pid * tps
+        _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, tl.minimum(t0 + tps, T),
+                  N, W, stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+    elif pid < e4:
+        if pid < e2:
             dw = dw3
-        elif job == 2:
+        elif pid < e3:
             dw = dw5
         else:
             dw = dw7
-        _segment_conv(qkv_b, q_b, v_b, pm_b, pl_b, pacc_b, dw, pw, bn_scale, bn_shift,
-                      split, t0, t1, N, H, W, stride_qkv_n, job, 2 * job + 1,
+        seg = 1 + (pid >= e2).to(tl.int32) + (pid >= e3).to(tl.int32)
+        first = tl.where(seg == 1, e1, tl.where(seg == 2, e2, e3))
+        tps = tl.cdiv(T, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
+        t0 = (pid - first) * tps
+        _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
+                      row, t0, tl.minimum(t0 + tps, T), N, H, W, stride_qkv_n, seg, 2 * seg + 1,
                       C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
     else:
+        tps = tl.cdiv(T, splits4)
+        t0 = (pid - e4) * tps
         _local_branch(qkv_b, pre + b * N * C, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
-                      t0, t1, N, H, W, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                      t0, tl.minimum(t0 + tps, T), N, H, W, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P,
+                      DOT_PRECISION, EMULATE_DOTS)
 
 
 def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_image: int = 5):
     """(splits, tiles_per_split): split-N so that about `target_programs` programs
-    (`programs_per_image` per image per split: 5 aggregation jobs, 8 heads in the backward's
-    token reductions) exist, every split owning at least one tile."""
+    (`programs_per_image` per image per split) exist, every split owning at least one tile.
+    Uniform splits, for kernels whose programs per image cost the same: the backward's token
+    reductions (8 heads; aggregation_backward.py, attention_backward.py). The forward
+    aggregation's jobs differ in cost and use `job_plan`."""
     T = triton.cdiv(N, block_p)
     want = max(1, min(T, triton.cdiv(target_programs, programs_per_image * B)))
     tps = triton.cdiv(T, want)
     return triton.cdiv(T, tps), tps
 
 
-def aggregate_call(qkv, H, W, weights, ln_eps, shape, tiles_per_split, q, v, pre, part_m, part_l, part_acc,
+#: Relative cost weights of the aggregation kernel's work, in units of one depthwise tap (one
+#: channel of one token: an L1/L2 load and an FMA). Estimates from per-SM peak rates, not
+#: measurements: a tap is bound by the load (L1 ~128 B/clock, i.e. ~32 fp32 lanes, against
+#: 128 FMA/clock), so a tap ~ 1/32 clock; a TF32 tensor-core multiply-add ~ 1/512 clock
+#: (A100: 156 TFLOP/s / 108 SMs / 1.41 GHz), i.e. 1/16 tap, three passes for 3xTF32; an FMA
+#: dot (sm_70/75, "ieee") 1/128 clock, 1/4 tap; one element loaded, stored, exponentiated or
+#: normalised in a tile ~ 1 tap (an LSU or SFU slot). Only ratios matter: they set how many
+#: programs each job of the aggregation gets (`aggregate_job_costs`, `job_plan`).
+TAP_COST = 1.0
+ELEMENT_COST = 1.0
+DOT_MAC_COST = {"tf32x3": 3 / 16, "tf32": 1 / 16, "ieee": 1 / 4}
+
+
+def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
+    """Estimated cost of one tile (AGG_BLOCK_P tokens) of each of the aggregation kernel's five
+    jobs, in taps (`TAP_COST` and the weights above), as the kernel issues the work (padded
+    widths: the masked lanes take their slots too). Per token, with Sc = ceil(s / CK) CK (the
+    chunked channels), Dp = D_PAD, Sp = S_PAD:
+
+    * job 0 (segment 0, element-wise): 12 Dp elements (q, k, v of two heads read, q and v
+      stored, exp of k) + the two heads' exp(K)ᵀV dots, 2 Dp² multiply-adds;
+    * job j = 1, 2, 3 ((2j+1)x(2j+1) depthwise): 3 Sc (2j+1)² taps (q, k, v) + the s x s
+      pointwise as dots into two heads, 3 Sc 2 Dp multiply-adds, + 6 Dp elements + 2 Dp²;
+    * job 4 (local branch): 3 Sc 9 taps + the 3s -> s dots, 3 Sc Sp, + 5 Sp elements
+      (LayerNorm, hardswish, store).
+
+    The single place the aggregation's per-job costs are written: `job_plan` gives each job
+    programs in proportion to them (`costs.py` reports them through `costs.aggregate_job_costs`)."""
+    dot = DOT_MAC_COST[prec]
+    sc = -(-sh.S // sh.CK) * sh.CK
+    dp, sp = sh.D_PAD, sh.S_PAD
+    kv = 2 * dp * dp * dot
+    per_token = [12 * dp * ELEMENT_COST + kv]
+    for ks in (3, 5, 7):
+        per_token.append(3 * sc * ks * ks * TAP_COST + 3 * sc * 2 * dp * dot + 6 * dp * ELEMENT_COST + kv)
+    per_token.append(3 * sc * 9 * TAP_COST + 3 * sc * sp * dot + 5 * sp * ELEMENT_COST)
+    return tuple(sh.AGG_BLOCK_P * c for c in per_token)
+
+
+class JobPlan(NamedTuple):
+    """The aggregation's programs per image: ``splits[j]`` runs of ``ceil(tiles / splits[j])``
+    consecutive tiles for job j (0: segment 0, 1-3: the 3x3/5x5/7x7 segments, 4: local branch);
+    every run non-empty."""
+    tiles: int                      # T = ceil(N / BLOCK_P)
+    splits: Tuple[int, ...]         # five split counts, each in [1, T]
+
+    @property
+    def tiles_per_split(self) -> Tuple[int, ...]:
+        return tuple(-(-self.tiles // s) for s in self.splits)
+
+    @property
+    def programs(self) -> int:
+        """Programs per image (the grid's first dimension)."""
+        return sum(self.splits)
+
+    @property
+    def partial_rows(self) -> int:
+        """Rows of softmax partials per image: one per split of segments 0..3."""
+        return sum(self.splits[:4])
+
+    @property
+    def segment_splits(self) -> Tuple[int, ...]:
+        """Splits of the four attention segments (heads 2j, 2j + 1): what the combine reads."""
+        return self.splits[:4]
+
+    def check(self) -> None:
+        """Raise unless every split count is one that `job_plan` can produce: 1 <= s <= T with no
+        empty run (s = ceil(T / ceil(T / s))); an empty run would store an all -inf maximum."""
+        T = self.tiles
+        if len(self.splits) != 5:
+            raise ValueError(f"expected 5 split counts (one per job), got {self.splits}")
+        for j, sp in enumerate(self.splits):
+            if not (1 <= sp <= T) or -(-T // -(-T // sp)) != sp:
+                raise ValueError(f"job {j}: {sp} splits of {T} tiles leave an empty run (or none)")
+
+
+@functools.lru_cache(maxsize=4096)
+def _balanced_splits(T: int, B: int, costs: Tuple[int, ...], target_programs: int) -> Tuple[int, ...]:
+    """Split counts of jobs with integer `costs` per tile: the smallest work per program w (the
+    critical path of one program) such that B x (programs per image) stays within
+    `target_programs`, each job cut into runs of floor(w / cost) tiles (at least one).
+
+    w is bounded below by one tile of the heaviest job (a tile is not split) and above by the
+    mean job's whole image, T x mean(costs): with a large batch (few programs wanted per image)
+    the heavy jobs still split into about cost / mean runs, so every program carries about the
+    mean job's work and the tail is short. Programs per image only change at multiples of a
+    job's cost, so the smallest feasible w is one of those (binary search over them)."""
+    lo = max(costs)
+    hi = max(lo, T * sum(costs) // len(costs))
+    budget = max(len(costs), -(-target_programs // B))
+
+    def splits_at(w):
+        return tuple(-(-T // max(1, min(T, w // c))) for c in costs)
+
+    cands = sorted({c * t for c in costs for t in range(1, T + 1) if lo <= c * t <= hi} | {lo, hi})
+    i, j = 0, len(cands) - 1                  # programs(w) does not increase with w
+    while i < j:
+        mid = (i + j) // 2
+        if sum(splits_at(cands[mid])) <= budget:
+            j = mid
+        else:
+            i = mid + 1
+    return splits_at(cands[i])
+
+
+def job_plan(N: int, B: int, shape, precision: str) -> JobPlan:
+    """The aggregation's split plan for B images of N tokens with the tiles of `shape` and dots
+    of `precision`: programs of each job in proportion to its cost per tile
+    (`aggregate_job_costs`, the one cost model), at most about ``shape.SPLIT_TARGET``
+    programs in all where the tiles allow (`_balanced_splits`). N and B are taken as Python
+    ints (under torch.compile with dynamic shapes this specialises on them: the plan, the grid
+    and the partials' shape depend on them). Cached: it runs on every launch."""
+    return _job_plan(int(N), int(B), shape, precision)
+
+
+@functools.lru_cache(maxsize=1024)
+def _job_plan(N: int, B: int, shape, precision: str) -> JobPlan:
+    T = triton.cdiv(N, shape.AGG_BLOCK_P)
+    costs = tuple(max(1, round(16 * c)) for c in aggregate_job_costs(shape, precision))  # exact integers
+    return JobPlan(T, _balanced_splits(T, B, costs, shape.SPLIT_TARGET))
+
+
+def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, part_m, part_l, part_acc,
                    dots: DotVariant):
     """(grid, args, kwargs) of one aggregation launch (what `launch_aggregate` passes to the kernel).
 
-    qkv: (B, N, 3C) with unit channel stride; weights: `FoldedGMAWeights`; q, v: (B, N, C')
-    contiguous; pre: (B, N, C) contiguous; part_m, part_l: (B, SPLITS, C') and part_acc:
-    (B, SPLITS, C', d) fp32, SPLITS = part_m.shape[1] (from `split_plan`); dots: the dot
-    variant (`_common.dot_variant`). Also used, on meta tensors, to derive the AOT
-    specialisations (`specializations.py`), so the two cannot drift apart.
+    qkv: (B, N, 3C) with unit channel stride; weights: `FoldedGMAWeights`; plan: the `JobPlan`
+    (`job_plan`, or any checked split counts); q, v: (B, N, C') contiguous; pre: (B, N, C)
+    contiguous; part_m, part_l: (B, R, s) and part_acc: (B, R, s, d) fp32 with R =
+    plan.partial_rows (the packed partials, module docstring); dots: the dot variant
+    (`_common.dot_variant`). Also used, on meta tensors, to derive the AOT specialisations
+    (`specializations.py`), so the two cannot drift apart.
     """
     B, N, _ = qkv.shape
-    splits = part_m.shape[1]
+    plan.check()
+    if plan.tiles != shape.num_tiles(N):
+        raise ValueError(f"plan of {plan.tiles} tiles for {shape.num_tiles(N)} tiles of {shape.AGG_BLOCK_P} tokens")
+    want = (B, plan.partial_rows, shape.S)
+    if tuple(part_m.shape) != want or tuple(part_l.shape) != want or tuple(part_acc.shape) != want + (shape.D,):
+        raise ValueError(f"partials {tuple(part_m.shape)}, {tuple(part_acc.shape)}: the plan needs {want}[, d]")
     w = weights
     args = (qkv, q, v, pre, part_m, part_l, part_acc,
             w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw, w.local_pw, w.ln_weight, w.ln_bias,
-            N, H, W, qkv.stride(0), qkv.stride(1), tiles_per_split, ln_eps)
+            N, H, W, qkv.stride(0), qkv.stride(1), *plan.splits, ln_eps)
     kwargs = dict(C=shape.C, S=shape.S, CP=shape.CP, D=shape.D, S_PAD=shape.S_PAD, D_PAD=shape.D_PAD,
                   CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=shape.AGG_WARPS)
-    return (splits, 5, B), args, kwargs
+    return (plan.programs, B), args, kwargs
 
 
-def launch_aggregate(kernel, qkv, H, W, weights, ln_eps, shape, tiles_per_split, q, v, pre, part_m, part_l,
+def launch_aggregate(kernel, qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, part_m, part_l,
                      part_acc, dots: Optional[DotVariant] = None):
     """Launch the aggregation kernel (``kernel``: the raw or the wrap_triton'ed kernel);
     arguments as `aggregate_call` (dots: by default the variant for qkv's dtype and device)."""
-    grid, args, kwargs = aggregate_call(qkv, H, W, weights, ln_eps, shape, tiles_per_split, q, v, pre, part_m,
+    grid, args, kwargs = aggregate_call(qkv, H, W, weights, ln_eps, shape, plan, q, v, pre, part_m,
                                         part_l, part_acc, dots or dot_variant(qkv))
     kernel[grid](*args, **kwargs)

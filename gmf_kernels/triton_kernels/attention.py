@@ -1,12 +1,14 @@
 """Flash-style factorized attention: split-N combine, then the per-token output.
 
-``gma_combine_kernel``, grid ``(8, B)``: program (head, b) merges the SPLITS per-split
-partials of ``aggregation`` with the online-softmax recurrence along N (splits in order):
+``gma_combine_kernel``, grid ``(8, B)``: program (head, b) merges the partials of its
+segment j = head // 2 (``aggregation``: rows [e_j, e_j + splits[j]) of the packed layout,
+e_j = splits[0] + ... + splits[j-1]; segments have their own split counts, passed as four
+runtime integers) with the online-softmax recurrence along N (splits in order):
 
     M' = max(M, m_t);  L = L e^{M-M'} + l_t e^{m_t-M'};  ACC = ACC e^{M-M'} + acc_t e^{m_t-M'}
 
 and writes ``KV = ACC / L`` = softmax_N(K)ᵀ V of that head, fp32, at kv[b, head*d + i, k].
-The partials are small: C'(d+2) floats per split, against N*3C activations per image.
+The partials are small: s(d+2) floats per split of a segment, against N*3C activations per image.
 
 ``gma_attention_kernel``, grid ``(ceil(N / BLOCK_P), 8, B)``: program (t, head, b) computes,
 for its tokens and head,
@@ -28,24 +30,30 @@ from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm
 
 
 # Shape integers not specialised: see the note above gma_aggregate_kernel (aggregation.py).
-@triton.jit(do_not_specialize=["T"])
-def gma_combine_kernel(part_m, part_l, part_acc, kv, T,  # T: number of splits
-                          CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+@triton.jit(do_not_specialize=["splits0", "splits1", "splits2", "splits3"])
+def gma_combine_kernel(part_m, part_l, part_acc, kv, splits0, splits1, splits2, splits3,
+                       CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     head = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    seg = head // 2
     i = tl.arange(0, D_PAD)
     imask = i < D
     m2 = imask[:, None] & imask[None, :]
-    row = head * D + i                                          # channel of the head
+    e1 = splits0
+    e2 = e1 + splits1
+    e3 = e2 + splits2
+    rows = e3 + splits3                                          # partial rows per image
+    first = tl.where(seg == 0, 0, tl.where(seg == 1, e1, tl.where(seg == 2, e2, e3)))
+    count = tl.where(seg == 0, splits0, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
     M = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
     L = tl.zeros([D_PAD], dtype=tl.float32)
     ACC = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
-    base = b * T * CP
-    # A while loop rather than `for t in range(T)`: the Triton interpreter turns scalar
+    ch = (b * rows + first) * (2 * D) + (head % 2) * D + i      # the head's channels in its segment's first row
+    # A while loop rather than `for t in range(count)`: the Triton interpreter turns scalar
     # arguments into 1-element arrays, which NumPy >= 2.x refuses to use as a range bound.
     t = 0
-    while t < T:
-        off = base + t * CP + row
+    while t < count:
+        off = ch + t * (2 * D)
         m_t = tl.load(part_m + off, mask=imask, other=0.0)
         l_t = tl.load(part_l + off, mask=imask, other=0.0)
         a_t = tl.load(part_acc + off[:, None] * D + i[None, :], mask=m2, other=0.0)
@@ -57,6 +65,7 @@ def gma_combine_kernel(part_m, part_l, part_acc, kv, T,  # T: number of splits
         M = M_new
         t += 1
     L = tl.where(imask, L, 1.0)
+    row = head * D + i                                          # channel of the head in kv
     tl.store(kv + (b * CP + row)[:, None] * D + i[None, :], ACC / L[:, None], mask=m2)
 
 
@@ -114,15 +123,21 @@ def gma_attention_kernel(
                     C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
 
 
-def combine_call(part_m, part_l, part_acc, kv, shape):
-    """(grid, args, kwargs) of the combine launch: part_*: (B, SPLITS, C'[, d]) fp32 -> kv (B, C', d) fp32."""
-    B, T, _ = part_m.shape
-    return (8, B), (part_m, part_l, part_acc, kv, T), dict(CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD,
-                                                          num_warps=shape.COMBINE_WARPS)
+def combine_call(part_m, part_l, part_acc, kv, shape, segment_splits):
+    """(grid, args, kwargs) of the combine launch: the packed partials part_m, part_l (B, R, s),
+    part_acc (B, R, s, d) fp32 of `aggregation` with segment j's splits in rows
+    [sum(segment_splits[:j]), sum(segment_splits[:j+1])) (R = sum(segment_splits); the
+    aggregation's `JobPlan.segment_splits`) -> kv (B, C', d) fp32."""
+    segment_splits = tuple(int(x) for x in segment_splits)
+    B, R, _ = part_m.shape
+    if len(segment_splits) != 4 or min(segment_splits) < 1 or sum(segment_splits) != R:
+        raise ValueError(f"segment splits {segment_splits} for {R} partial rows")
+    return (8, B), (part_m, part_l, part_acc, kv, *segment_splits), dict(CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD,
+                                                                         num_warps=shape.COMBINE_WARPS)
 
 
-def launch_combine(kernel, part_m, part_l, part_acc, kv, shape):
-    grid, args, kwargs = combine_call(part_m, part_l, part_acc, kv, shape)
+def launch_combine(kernel, part_m, part_l, part_acc, kv, shape, segment_splits):
+    grid, args, kwargs = combine_call(part_m, part_l, part_acc, kv, shape, segment_splits)
     kernel[grid](*args, **kwargs)
 
 

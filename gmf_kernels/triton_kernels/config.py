@@ -20,9 +20,11 @@ and tests/test_triton_compile.py fails on any spill):
   ptxas allocates up to 255 registers for this kernel and spills easily, so the tiles
   are small and chosen per width and dot variant: ``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` below.
 * Attention: [BLOCK_P, D_PAD] tiles, BLOCK_P = 64 (32 for D_PAD = 64, where 64 spilled).
-* Split-N: about SPLIT_TARGET = 1024 aggregation programs (5 per image and split): a
-  few waves on a 108-132 SM GPU even at batch 1; at batch 128 one or two splits, so the
-  softmax partials stay a small fraction of the traffic.
+* Split-N: at most about SPLIT_TARGET = 1024 aggregation programs, shared among the five
+  jobs in proportion to their cost per tile (`aggregation.job_plan`): at batch 1 the 7x7
+  job one tile per program, the lighter jobs runs of about the same cost; at batch 128
+  about 8 programs per image (the 7x7 job in 3), so the softmax partials stay a small
+  fraction of the traffic.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ class GMAShape:
     AGG_WARPS: int = 4
     ATTN_WARPS: int = 4
     COMBINE_WARPS: int = 4
-    SPLIT_TARGET: int = 1024  # split-N: aim for about this many aggregation programs
+    SPLIT_TARGET: int = 1024  # split-N: at most about this many aggregation programs (aggregation.job_plan)
 
     def num_tiles(self, N: int) -> int:
         return -(-N // self.AGG_BLOCK_P)
@@ -127,15 +129,18 @@ class GMAShape:
 #: 3xTF32 (fp32) at 8 warps on sm_80 and at CK = 32 on sm_90, so (16, 4, 16), while with
 #: one-pass TF32 (fp16, bf16) CK = 16 spills on sm_90, so (32, 8, 32); C=320 with one-pass
 #: TF32 spills on sm_90 at (16, 4, 32) and (16, 8, 32), on sm_80 (bf16) at (16, 4, 16), so
-#: (32, 8, 16), clean on both; with FMA dots (sm_70/75)
+#: (32, 8, 16), clean on both; C=240 with one-pass TF32 spilled 64-88 B on sm_80 at (16, 4, 32)
+#: once the aggregation decoded its cost-balanced (job, split) plan (168 registers), and (32, 8, 32)
+#: / (32, 8, 16) spill too, so (16, 4, 16) (154 registers sm_80, 128 sm_90); with FMA dots (sm_70/75)
 #: Triton's FMA dot layout keeps whole operand rows per thread, so C = 360/480 need 8 warps
-#: (4 warps spilled ~700 B) and C = 160 a smaller chunk.
+#: (4 warps spilled ~700 B), C = 160 a smaller chunk, and C = 40 8 warps (4 warps spilled 8 B on
+#: sm_70 at 128 registers with the cost-balanced plan's decode; 8 warps: 100 registers).
 AGG_TILES: Dict[int, Tuple[int, int, int]] = {
     40: (16, 4, 16), 80: (32, 8, 16), 160: (16, 4, 32), 200: (16, 4, 32), 240: (16, 4, 32),
     320: (16, 4, 32), 360: (16, 8, 32), 480: (16, 4, 16)}
 AGG_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int, int]]] = {
-    "tf32": {320: (32, 8, 16), 480: (32, 8, 32)},
-    "ieee": {160: (32, 4, 16), 480: (16, 8, 32)},
+    "tf32": {240: (16, 4, 16), 320: (32, 8, 16), 480: (32, 8, 32)},
+    "ieee": {40: (16, 8, 16), 160: (32, 4, 16), 480: (16, 8, 32)},
 }
 
 #: Tiles used under the Triton interpreter (CPU): its cost is per operation per program,

@@ -25,8 +25,8 @@ What is counted (assumptions, also in each function's docstring):
   3x3, CRPE) and of the combine's rescaling (2 multiply-adds per partial element), plus the
   FMA dots of the "ieee" variant. Element-wise work (BatchNorm affine, hardswish, exp,
   LayerNorm) is not counted, as in benchmarks/ops.py.
-* **grid** = the launch grid of `launcher.plan_pre_projection` for this call (split-N plan of
-  `aggregation.split_plan`, tiles of `config.gma_shape` for the dot variant of the dtype on
+* **grid** = the launch grid of `launcher.plan_pre_projection` for this call (per-job split-N
+  plan of `aggregation.job_plan`, balanced by `aggregate_job_costs`, tiles of `config.gma_shape` for the dot variant of the dtype on
   the given GPU, or the tuned/explicit `shape`).
 """
 from __future__ import annotations
@@ -83,9 +83,16 @@ def _weights_bytes(C: int) -> Dict[str, int]:
     return out
 
 
-def _split_plan(N: int, B: int, block_p: int, target: int) -> Tuple[int, int]:
-    from .aggregation import split_plan  # the launcher's own plan
-    return split_plan(N, B, block_p, target)
+def _job_plan(N: int, B: int, sh: GMAShape, prec: str):
+    from .aggregation import job_plan  # the launcher's own plan
+    return job_plan(N, B, sh, prec)
+
+
+def aggregate_job_costs(sh: GMAShape, prec: str) -> Tuple[float, ...]:
+    """`aggregation.aggregate_job_costs` (the per-job cost model lives beside the plan it
+    balances, `aggregation.job_plan`; this module only imports from aggregation, never the reverse)."""
+    from .aggregation import aggregate_job_costs as job_costs
+    return job_costs(sh, prec)
 
 
 def _norm_dtype(dtype) -> str:
@@ -135,47 +142,65 @@ def _tc(prec: str, useful: int, padded: int) -> Tuple[int, int, int, str]:
 
 
 def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_aggregate_kernel, grid (SPLITS, 5, B).
+    """gma_aggregate_kernel, grid (PROGRAMS, B): PROGRAMS = sum of the five jobs' splits
+    (`aggregation.job_plan`, balanced by `aggregate_job_costs`).
 
     bytes: qkv read once (B N 3C e), Q and V proxies written (2 B N C' e), the local branch's
-    half of pre written (B N s e), the split-N partials written (B SPLITS C' (2 + d) x 4: m, l,
-    and the d x d accumulator per head), the folded weights it reads once (bn_scale, bn_shift,
-    dw3, dw5, dw7, pw, local_dw, local_pw, ln_weight, ln_bias).
+    half of pre written (B N s e), the packed split-N partials written (B R s (2 + d) x 4, R =
+    the splits of segments 0..3: m, l, and the d x d accumulator per head, two heads a row),
+    the folded weights it reads once (bn_scale, bn_shift, dw3, dw5, dw7, pw, local_dw,
+    local_pw, ln_weight, ln_bias).
     tc: per token, segments 1-3 x (q, k, v) an s x s pointwise (3 x 3 x s^2 MACs), the local
     3s -> s pointwise (3 s^2), exp(K)^T V for 8 heads (C' d). Padded as the kernel issues
     them: pointwise [BLOCK_P, ceil(s/CK) CK] x [CK, D_PAD] per head, local [.., CK] x [CK, S_PAD]
     per chunk, KV [D_PAD, BLOCK_P] x [BLOCK_P, D_PAD] per head and tile.
-    cuda: the depthwise stencils, 3 x (9 + 25 + 49) s + 27 s MACs per token."""
+    cuda: the depthwise stencils, 3 x (9 + 25 + 49) s + 27 s MACs per token.
+    detail: also the plan (splits per job, tiles per split) and `balance`, the estimated
+    critical path of the plan: the costliest program (`aggregate_job_costs`) over the mean
+    program, x1000 (1000 = every program equal)."""
     N = H * W
     e = ELEM_BYTES[dt]
     s, cp, d = sh.S, sh.CP, sh.D
-    splits, tps = _split_plan(N, B, sh.AGG_BLOCK_P, sh.SPLIT_TARGET)
+    plan = _job_plan(N, B, sh, prec)
     wb = _weights_bytes(sh.C)
     weights = sum(wb[k] for k in ("bn_scale", "bn_shift", "dw3", "dw5", "dw7", "pw", "local_dw", "local_pw",
                                   "ln_weight", "ln_bias"))
     detail = {"qkv_read": B * N * 3 * sh.C * e, "qv_write": 2 * B * N * cp * e, "pre_write": B * N * s * e,
-              "partials_write": B * splits * cp * (2 + d) * 4, "weights": weights, "splits": splits,
-              "tiles_per_split": tps}
-    nbytes = sum(v for k, v in detail.items() if k not in ("splits", "tiles_per_split"))
+              "partials_write": B * plan.partial_rows * s * (2 + d) * 4, "weights": weights}
+    nbytes = sum(detail.values())
+    detail.update({f"splits{j}": x for j, x in enumerate(plan.splits)})
+    detail.update({f"tiles_per_split{j}": x for j, x in enumerate(plan.tiles_per_split)})
+    detail["balance"] = round(1000 * plan_balance(plan, aggregate_job_costs(sh, prec)))
     useful = 2 * B * N * (9 * s * s + 3 * s * s + cp * d)
     tokens_pad = B * -(-N // sh.AGG_BLOCK_P) * sh.AGG_BLOCK_P
     s_chunks = -(-s // sh.CK) * sh.CK
     padded = 2 * tokens_pad * (9 * s_chunks * 2 * sh.D_PAD + 3 * s_chunks * sh.S_PAD + 8 * sh.D_PAD * sh.D_PAD)
     tc, tcp, dot_fma, tp = _tc(prec, useful, padded)
     stencil = 2 * B * N * (3 * PROXY_TAPS * s + 27 * s)
-    return Cost(bytes=nbytes, tc_flops=tc, cuda_flops=stencil + dot_fma, grid=(splits, 5, B), tc_precision=tp,
+    return Cost(bytes=nbytes, tc_flops=tc, cuda_flops=stencil + dot_fma, grid=(plan.programs, B), tc_precision=tp,
                 tc_flops_padded=tcp, block=32 * sh.AGG_WARPS, detail=detail)
 
 
+def plan_balance(plan, job_costs) -> float:
+    """Costliest program of an aggregation plan over its mean program (1.0 = perfectly even),
+    by the cost model: job j's programs cost job_costs[j] x its tiles per split (the last run
+    may be shorter; counted as the others), the mean is the whole image's work over its programs."""
+    worst = max(c * t for c, t in zip(job_costs, plan.tiles_per_split))
+    mean = plan.tiles * sum(job_costs) / plan.programs
+    return worst / mean
+
+
 def _combine(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_combine_kernel, grid (8, B): reads the SPLITS partials (B SPLITS C' (2 + d) x 4 bytes),
-    writes kv (B C' d x 4). cuda: 2 multiply-adds per partial accumulator element (ACC alpha +
-    acc_t beta), 2 B SPLITS C' d MACs; no tensor-core work."""
+    """gma_combine_kernel, grid (8, B): reads the packed partials (B R s (2 + d) x 4 bytes, R the
+    splits of segments 0..3 in `aggregation.job_plan`), writes kv (B C' d x 4). cuda: 2
+    multiply-adds per partial accumulator element (ACC alpha + acc_t beta), 2 B R s d MACs; no
+    tensor-core work."""
     N = H * W
-    splits, _ = _split_plan(N, B, sh.AGG_BLOCK_P, sh.SPLIT_TARGET)
-    cp, d = sh.CP, sh.D
-    detail = {"partials_read": B * splits * cp * (2 + d) * 4, "kv_write": B * cp * d * 4, "splits": splits}
-    return Cost(bytes=detail["partials_read"] + detail["kv_write"], tc_flops=0, cuda_flops=2 * 2 * B * splits * cp * d,
+    plan = _job_plan(N, B, sh, prec)
+    s, cp, d = sh.S, sh.CP, sh.D
+    rows = plan.partial_rows
+    detail = {"partials_read": B * rows * s * (2 + d) * 4, "kv_write": B * cp * d * 4, "partial_rows": rows}
+    return Cost(bytes=detail["partials_read"] + detail["kv_write"], tc_flops=0, cuda_flops=2 * 2 * B * rows * s * d,
                 grid=(8, B), block=32 * sh.COMBINE_WARPS, detail=detail)
 
 

@@ -3,7 +3,7 @@
     buffers = launch_pre_projection(qkv, H, W, weights, scale, ln_eps)   # dict; buffers["pre"] is the result
 
 Launch sequence (no host synchronisation), under the input's CUDA device:
-``gma_aggregate_kernel`` (SPLITS, 5, B) -> ``gma_combine_kernel`` (8, B) ->
+``gma_aggregate_kernel`` (PROGRAMS, B) -> ``gma_combine_kernel`` (8, B) ->
 ``gma_attention_kernel`` (ceil(N / ATTN_BLOCK_P), 8, B). Launches go through
 ``torch.library.wrap_triton`` so that ``torch.compile`` sees the kernels inside the
 ``gmf::triton_pre_projection`` op (triton_kernels/op.py); outside tracing it launches them
@@ -37,7 +37,7 @@ import torch
 from .. import tuning
 from ..folding import FoldedGMAWeights
 from ._common import DotVariant, _cuda_capability, dot_variant, interpreting
-from .aggregation import aggregate_call, gma_aggregate_kernel, split_plan
+from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
 from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P, GMAShape,
                      dot_pad, dot_precision, dtype_name, gma_shape, next_pow2)
@@ -180,20 +180,21 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dev, dt = qkv.device, qkv.dtype
-    splits, tiles_per_split = split_plan(N, B, shape.AGG_BLOCK_P, shape.SPLIT_TARGET)
+    plan = job_plan(N, B, shape, dots.precision)    # per-job splits, balanced by cost
+    rows = plan.partial_rows                         # packed partials: one row per split of segments 0..3
     f32 = torch.float32
     buf = {
         "q": _alloc((B, N, shape.CP), dt, dev),
         "v": _alloc((B, N, shape.CP), dt, dev),
         "pre": _alloc((B, N, C), dt, dev),
-        "part_m": _alloc((B, splits, shape.CP), f32, dev),
-        "part_l": _alloc((B, splits, shape.CP), f32, dev),
-        "part_acc": _alloc((B, splits, shape.CP, shape.D), f32, dev),
+        "part_m": _alloc((B, rows, shape.S), f32, dev),
+        "part_l": _alloc((B, rows, shape.S), f32, dev),
+        "part_acc": _alloc((B, rows, shape.S, shape.D), f32, dev),
         "kv": _alloc((B, shape.CP, shape.D), f32, dev),
     }
-    agg = aggregate_call(qkv, H, W, weights, ln_eps, shape, tiles_per_split, buf["q"], buf["v"], buf["pre"],
+    agg = aggregate_call(qkv, H, W, weights, ln_eps, shape, plan, buf["q"], buf["v"], buf["pre"],
                          buf["part_m"], buf["part_l"], buf["part_acc"], dots)
-    comb = combine_call(buf["part_m"], buf["part_l"], buf["part_acc"], buf["kv"], shape)
+    comb = combine_call(buf["part_m"], buf["part_l"], buf["part_acc"], buf["kv"], shape, plan.segment_splits)
     attn = attention_call(buf["q"], buf["v"], buf["kv"], buf["pre"], weights, H, W, scale, shape, dots)
     launches = [(gma_aggregate_kernel, *agg), (gma_combine_kernel, *comb), (gma_attention_kernel, *attn)]
     return buf, launches
@@ -205,8 +206,8 @@ def launch_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights
 
     qkv (B, N, 3C) in fp32/fp16/bf16 with unit channel stride; weights: `FoldedGMAWeights`
     (fp32, contiguous, on qkv's device; arguments checked by the op). Returns q, v (B, N, C')
-    [qkv.dtype], part_m, part_l (B, SPLITS, C'), part_acc (B, SPLITS, C', d), kv (B, C', d)
-    [fp32] and pre (B, N, C). Launched under qkv's CUDA device (`device_guard`).
+    [qkv.dtype], part_m, part_l (B, R, s), part_acc (B, R, s, d) (the packed softmax partials,
+    R = `aggregation.JobPlan.partial_rows`), kv (B, C', d) [fp32] and pre (B, N, C). Launched under qkv's CUDA device (`device_guard`).
     """
     buf, launches = plan_pre_projection(qkv, H, W, weights, scale, ln_eps, shape, dots)
     with device_guard(qkv):

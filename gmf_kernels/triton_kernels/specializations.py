@@ -13,8 +13,9 @@ launches, and hands them to Triton's own JIT binder (``triton.runtime.jit``:
 
 * integer arguments divisible by 16 get ``tt.divisibility = 16``; integers equal to 1
   become compile-time constants; except the shape integers the kernels exempt with
-  ``do_not_specialize`` (N, H, W, tiles_per_split, T: otherwise batch 1, where every split
-  owns one tile, and N % 16 would each compile other variants), so one variant per
+  ``do_not_specialize`` (N, H, W, the aggregation's per-job split counts splits0..4 and the
+  combine's splits0..3: otherwise a job with one split, and N % 16, would each compile other
+  variants), so one variant per
   (kernel, C, dtype, arch) serves every image size and batch, and the strides, whose
   divisibility aligns the vector loads, stay specialised;
 * pointer arguments get ``tt.divisibility = 16`` when their address is 16-byte aligned; a
@@ -59,7 +60,8 @@ BATCHES = (128, 1)
 KERNEL_ORDER = {"gma_aggregate_kernel": 0, "gma_attention_kernel": 1, "gma_combine_kernel": 2,
                 "gma_b1_dkv_kernel": 3, "gma_b2_attention_kernel": 4, "gma_b2_crpe_kernel": 5,
                 "gma_bn_grad_kernel": 6, "gma_dz_kernel": 7, "gma_pw_backward_kernel": 8,
-                "gma_dw_backward_kernel": 9, "gma_local_backward_kernel": 10}
+                "gma_dw_backward_kernel": 9, "gma_local_backward_kernel": 10, "gma_statistics_kernel": 11,
+                "gma_recompute_z_kernel": 12}
 #: the argument whose element type names a specialisation's dtype
 DTYPE_ARGS = ("qkv", "q", "v")
 
@@ -260,6 +262,39 @@ def backward_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None
     return _collect(calls, archs, lambda call, arch: backward_specializations_of_call(call, arch, True))
 
 
+def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
+    """The training statistics kernel's specialisation for one real call on sm_<arch>, and the
+    backward's recompute kernel's where the Triton backward stages take it (next_pow2(s) <=
+    BACKWARD_KERNELS_MAX_S_PAD: train_op.triton_stages) (statistics.plan_statistics /
+    plan_recompute on meta tensors; their dots are the fp32 variant whatever the input dtype,
+    see statistics.py)."""
+    import torch
+
+    from ._common import DotVariant, interpreting
+    from .config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2
+    from .statistics import gma_recompute_z_kernel, gma_statistics_kernel, plan_recompute, plan_statistics
+    if interpreting():
+        raise RuntimeError("TRITON_INTERPRET is set: the launcher would plan interpreter tiles")
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
+    s = call.C // 5
+    qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, device="meta")
+    w = [torch.empty(shp, dtype=torch.float32, device="meta") for shp in ((s, 3, 3), (s, 5, 5), (s, 7, 7), (3, s, s))]
+    dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
+    _, _, _, (_grid, args, kwargs) = plan_statistics(qkv, call.H, call.W, *w, dots=dots)
+    specs = [specialize_launch(gma_statistics_kernel, arch, args, kwargs)]
+    if next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD:
+        _, _, (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, *w, dots=dots)
+        specs.append(specialize_launch(gma_recompute_z_kernel, arch, args, kwargs))
+    return specs
+
+
+def statistics_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
+                               archs: Sequence[int] = AOT_ARCHS) -> List[Spec]:
+    """Deduplicated statistics-kernel specialisations of the real training calls (fp32, fp16)."""
+    calls = real_calls(dtypes=("fp32", "fp16")) if calls is None else calls
+    return _collect(calls, archs, statistics_specializations_of_call)
+
+
 def _collect(calls: Dict[Call, Tuple[str, ...]], archs: Sequence[int], of_call) -> List[Spec]:
     """Deduplicated `of_call(call, arch)` over the calls and archs, each Spec listing its calls in used_by."""
     specs: Dict[tuple, Spec] = {}
@@ -286,8 +321,10 @@ def all_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
 
 # ---------------------------------------------------------------- compiling (needs triton, no GPU)
 def _kernel_fn(name: str):
-    from . import aggregation, aggregation_backward, attention, attention_backward
+    from . import aggregation, aggregation_backward, attention, attention_backward, statistics
     fn = {"gma_aggregate_kernel": aggregation.gma_aggregate_kernel,
+          "gma_statistics_kernel": statistics.gma_statistics_kernel,
+          "gma_recompute_z_kernel": statistics.gma_recompute_z_kernel,
           "gma_combine_kernel": attention.gma_combine_kernel,
           "gma_attention_kernel": attention.gma_attention_kernel,
           "gma_b1_dkv_kernel": attention_backward.gma_b1_dkv_kernel,

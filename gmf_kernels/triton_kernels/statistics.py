@@ -68,7 +68,7 @@ nothing about speed.
 ``gmf::triton_proxy_z``, `proxy_z`: the Triton stage set's `backward.Stages.proxy_z`). The
 backward's `backward.recompute` needs Z itself, not its moments, and the depthwise outputs y_j
 (the pointwise backward's input): the same grid ``(SPLITS, 4, 3B)`` and the same per-tile Z
-(`_dw_pw_heads_y`: `_dw_pw_heads` plus a store of each depthwise chunk), stored instead of
+(`_dw_pw_heads` with its STORE_Y: a store of each depthwise chunk), stored instead of
 reduced, fp32 (the stages' compute dtype, `folding.compute_dtype`), channel-first as the stages
 read them: Z (3B, 4s, H, W), segment 0 being qkv's segment 0 cast to fp32, and y_all (3, 3B,
 s, H, W), y_all[j - 1] = y_j (one buffer: the pointwise-backward kernel takes the three with one
@@ -96,7 +96,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, depthwise_tile, dot_variant, interpreting, mm
+from ._common import DotVariant, dot_variant, interpreting
 from .aggregation import _dw_pw_heads, _tile, split_plan
 from .config import INTERPRETER_BLOCK_P, dot_pad, next_pow2
 
@@ -206,32 +206,6 @@ def _store_channels(dst, ch, n, val, mask, N):
     tl.store(dst + ch[None, :] * N + n[:, None], val, mask=mask)
 
 
-@triton.jit
-def _dw_pw_heads_y(src_b, ch0, dw, pw_seg, y_dst, n, y, x, pmask, H, W, N, stride_n, KS,
-                   S: tl.constexpr, D: tl.constexpr, CK: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
-    """`aggregation._dw_pw_heads` (the same chunked depthwise and pointwise, so the same Z) that
-    also stores each depthwise chunk, y, to the channel-first image y_dst (s channels). A copy
-    of its loop plus one store: aggregation.py (not mine to edit) has no hook for it (the report
-    of this change carries the diff that would let `_dw_pw_heads` take the store)."""
-    kk = tl.arange(0, D_PAD)
-    kmask = kk < D
-    acc0 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
-    for c0 in range(0, S, CK):
-        cs = c0 + tl.arange(0, CK)
-        cmask = cs < S
-        dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw + cs * (KS * KS), n, y, x, pmask, H, W, stride_n,
-                             KS, BLOCK_P, CK)
-        _store_channels(y_dst, cs, n, dwc, pmask[:, None] & cmask[None, :], N)
-        wmask = cmask[:, None] & kmask[None, :]
-        w0 = tl.load(pw_seg + kk[None, :] * S + cs[:, None], mask=wmask, other=0.0)        # [CK, D_PAD]
-        acc0 = mm(dwc, w0, acc0, DOT_PRECISION, EMULATE_DOTS)
-        w1 = tl.load(pw_seg + (D + kk)[None, :] * S + cs[:, None], mask=wmask, other=0.0)
-        acc1 = mm(dwc, w1, acc1, DOT_PRECISION, EMULATE_DOTS)
-    return acc0, acc1
-
-
 @triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
 def gma_recompute_z_kernel(
     qkv, z, y_all, dw3, dw5, dw7, pw,
@@ -267,8 +241,8 @@ def gma_recompute_z_kernel(
         t = t0
         while t < t1:
             n, pmask, y, x = _tile(t, N, W, BLOCK_P)
-            z0, z1 = _dw_pw_heads_y(qkv_b, ch0, dw, pw_seg, y_img, n, y, x, pmask, H, W, N, stride_qkv_n,
-                                    2 * seg + 1, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+            z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
+                                  S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True)
             m2d = pmask[:, None] & kmask[None, :]
             _store_channels(z_seg, kk, n, z0, m2d, N)
             _store_channels(z_seg, D + kk, n, z1, m2d, N)
