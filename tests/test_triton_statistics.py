@@ -169,6 +169,16 @@ def test_sync_batch_moments_one_rank():
     torch.testing.assert_close(mean, tm, rtol=0, atol=1e-6 * float(tm.abs().max()))
 
 
+def recording_backend():
+    """A torch.compile backend that runs the graph as traced and records its call targets."""
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+    return targets, backend
+
+
 def test_compile_keeps_one_op_node():
     """torch.compile(fullgraph=True): the statistics pass traces to ONE gmf::triton_z_moments
     node (custom_op + fake), which runs the kernel (the compiled result is the float32 PyTorch
@@ -176,12 +186,7 @@ def test_compile_keeps_one_op_node():
     C, H, W = 40, 5, 7
     w = pre_bn_weights(C, F32)
     qkv = torch.randn(1, H * W, 3 * C)
-    targets = []
-
-    def backend(gm, example_inputs):
-        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
+    targets, backend = recording_backend()
     fn = torch.compile(lambda t: st.statistics(t, H, W, w)[:2], backend=backend, fullgraph=True)
     mean, var = fn(qkv)
     m0, v0, _ = torch_statistics(qkv, H, W, w)
@@ -302,12 +307,7 @@ def test_recompute_compile_keeps_one_op_node():
     C, H, W = 40, 3, 5
     w = pre_bn_weights(C, F32)
     qkv = torch.randn(1, H * W, 3 * C)
-    targets = []
-
-    def backend(gm, example_inputs):
-        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
+    targets, backend = recording_backend()
     def fn(t):
         Z, _, y = st.proxy_z(t, H, W, segment_streams(t, H, W, F32), w)
         return Z, y[2]

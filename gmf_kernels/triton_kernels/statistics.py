@@ -145,6 +145,18 @@ def _program(qkv, N, stride_qkv_b, tiles_per_split, C: tl.constexpr, S: tl.const
     return split, seg, img, t0, t1, qkv_b, (img // B) * C + seg * S
 
 
+@triton.jit
+def _segment_filters(seg, dw3, dw5, dw7, pw, S: tl.constexpr):
+    """The depthwise taps (3x3 / 5x5 / 7x7) and the s x s pointwise of proxy segment seg (1..3)."""
+    if seg == 1:
+        dw = dw3
+    elif seg == 2:
+        dw = dw5
+    else:
+        dw = dw7
+    return dw, pw + (seg - 1) * S * S
+
+
 @triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
 def gma_statistics_kernel(
     qkv, part_mean, part_m2, dw3, dw5, dw7, pw,
@@ -178,13 +190,7 @@ def gma_statistics_kernel(
             shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
             t += 1
     else:
-        if seg == 1:
-            dw = dw3
-        elif seg == 2:
-            dw = dw5
-        else:
-            dw = dw7
-        pw_seg = pw + (seg - 1) * S * S
+        dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
         t = t0
         while t < t1:
             n, pmask, y, x = _tile(t, N, W, BLOCK_P)
@@ -230,13 +236,7 @@ def gma_recompute_z_kernel(
             _store_channels(z_seg, D + kk, n, tl.load(src + D, mask=m2d, other=0.0).to(tl.float32), m2d, N)
             t += 1
     else:
-        if seg == 1:
-            dw = dw3
-        elif seg == 2:
-            dw = dw5
-        else:
-            dw = dw7
-        pw_seg = pw + (seg - 1) * S * S
+        dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
         y_img = y_all + ((seg - 1) * tl.num_programs(2) + img).to(tl.int64) * (S * N)
         t = t0
         while t < t1:
