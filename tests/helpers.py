@@ -189,3 +189,15 @@ def triton_compile_env() -> dict:
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
+
+def record_calls(monkeypatch, module, name: str, record=lambda *args, **kwargs: args[0].shape, calls=None) -> list:
+    """Replace module.name by a wrapper that appends record(*args, **kwargs) to `calls` (a new
+    list by default; returned) and then calls the original: which launcher ran, and how often."""
+    calls = [] if calls is None else calls
+    fn = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(record(*args, **kwargs))
+        return fn(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapped)
+    return calls

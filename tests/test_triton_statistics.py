@@ -49,7 +49,7 @@ from gmf_kernels.triton_kernels import statistics as st  # noqa: E402
 from gmf_kernels.triton_kernels.backward import proxy_z, segment_streams  # noqa: E402
 from gmf_kernels.triton_kernels.backward import statistics as torch_statistics  # noqa: E402
 from helpers import ROOT, assert_max_rel_close, assert_within_reference_error  # noqa: E402
-from helpers import have_triton_nvidia_backend, triton_compile_env  # noqa: E402
+from helpers import have_triton_nvidia_backend, record_calls, triton_compile_env  # noqa: E402
 
 FLOOR = 3e-6
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -199,14 +199,7 @@ def test_triton_training_runs_the_kernel(monkeypatch):
     """A training-mode call of the Triton backend takes its batch statistics from the kernel (one
     launch through the op) and updates the running statistics as the torch backend does."""
     import gmf_kernels
-    calls = []
-    kernel_moments = st.z_moments
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return kernel_moments(*args, **kwargs)
-
-    monkeypatch.setattr(st, "z_moments", counted)
+    calls = record_calls(monkeypatch, st, "z_moments")
     C, H, W = 40, 3, 4
     x = 0.5 + torch.randn(1, H * W, C)
     w64 = random_gma_weights(C, seed=3)
@@ -288,14 +281,7 @@ def test_triton_training_step_runs_the_recompute_once(monkeypatch):
     """A float32 Triton training step (tests/training_cases.py: output, every gradient, running
     statistics against the float64 reference) launches the recompute kernel once, in its backward."""
     from training_cases import check_train_float32
-    calls = []
-    kernel = st.recompute_z
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(st, "recompute_z", counted)
+    calls = record_calls(monkeypatch, st, "recompute_z")
     C, grid, B = 40, (3, 5), 1
     check_train_float32("triton", C, grid, B, 0.1, 1)
     assert calls == [(B, grid[0] * grid[1], 3 * C)]

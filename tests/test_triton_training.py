@@ -31,7 +31,7 @@ from gmf_kernels.folding import compute_dtype, fold_batch_stats
 from gmf_kernels.numerics import cast_weights, default_hyper
 from gmf_kernels.reference import reference_pre_projection
 from helpers import assert_max_rel_close as assert_rel
-from helpers import BUFFER_FIELDS, PARAM_FIELDS, named_fields, problem, skip_unless_supported
+from helpers import BUFFER_FIELDS, PARAM_FIELDS, named_fields, problem, record_calls, skip_unless_supported
 from training_cases import (FP32_TOL, check_eval_with_gradients_float32, check_low_precision, check_train_float32,
                             make, run)
 
@@ -343,12 +343,8 @@ def test_backward_runs_the_triton_kernels(C, grid, B, monkeypatch):
     calls = []
 
     def counting(module, name):
-        fn = getattr(module, name)
-
-        def wrapped(*a, **k):
-            calls.append(f"{module.__name__.rsplit('.', 1)[-1]}.{name}")
-            return fn(*a, **k)
-        monkeypatch.setattr(module, name, wrapped)
+        label = f"{module.__name__.rsplit('.', 1)[-1]}.{name}"
+        record_calls(monkeypatch, module, name, lambda *a, **k: label, calls)
 
     for module, names in ((ab, ("b1_dkv", "b2_proxy_grads")),
                           (agb, ("b2_bn_sums", "b3_fused", "b3_dz", "b3_pointwise_depthwise", "local_backward")),
