@@ -4,7 +4,7 @@ shared-memory usage as a markdown table.
 
     python benchmarks/triton_resources.py [--jobs 2] [--out benchmarks/results/triton_resources_sm70_sm75_sm80_sm90.md]
     python benchmarks/triton_resources.py --backward   # the training backward kernels (fp32 stage tensors)
-    python benchmarks/triton_resources.py --statistics # the training statistics pass + the backward's recompute of Z
+    python benchmarks/triton_resources.py --statistics # the training statistics pass + the backward's recompute
 
 Specialisations (gmf_kernels/triton_kernels/specializations.py): the layer calls of the five
 released models at 224x224 (stage widths at grids 56, 28, 14, 7), batch 128 and 1, fp32 /
@@ -122,7 +122,8 @@ def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
             "the launchers' own plans (`specializations.backward_specializations`) and Triton's own argument "
             "specialisation. Dots: fp32 FMA (`ieee`) on sm_70/75, 3xTF32 on sm_80+.") if kind == "backward" else (
         "Specialisations: every one that the training forward's statistics pass (all released widths) and the "
-        "backward's recompute of Z (the layers that run the backward kernels, C <= 320) of the released models' "
+        "backward's three recompute kernels (Z, P, u, y; the softmax statistics, KV and the CRPE; the local "
+        "branch: recompute.py; the layers that run the backward kernels, C <= 320) of the released models' "
         "layers at 224x224 (stage grids 56, 28, 14, 7; batch 128 and 1; fp32, fp16 and bf16 inputs) make "
         "Triton's JIT compile, derived from the launchers' own plans (`specializations.statistics_specializations`)"
         ". Dots: fp32 whatever the input dtype (FMA on sm_70/75, 3xTF32 on sm_80+).") if kind == "statistics" else (
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warm-cache", action="store_true", help="use Triton's normal cache instead of an empty one")
     ap.add_argument("--backward", action="store_true", help="the training backward kernels instead of the forward")
     ap.add_argument("--statistics", action="store_true",
-                    help="the training statistics pass and the backward's recompute kernel (statistics.py)")
+                    help="the training statistics pass and the backward's recompute kernels (statistics.py, recompute.py)")
     ap.add_argument("--from-json", default="", help="render the table from a previous run's --json (compile nothing)")
     a = ap.parse_args(argv)
     from gmf_kernels.triton_kernels.config import AOT_ARCHS

@@ -201,3 +201,11 @@ def record_calls(monkeypatch, module, name: str, record=lambda *args, **kwargs: 
         return fn(*args, **kwargs)
     monkeypatch.setattr(module, name, wrapped)
     return calls
+
+
+def random_folded_weights(C: int, dtype: torch.dtype, seed: int = 0):
+    """Folded weights (`folding.FoldedGMAWeights`, BatchNorms from random running statistics) of a
+    random layer of width C, in `dtype`: the same values for every dtype of one seed."""
+    from gmf_kernels.folding import fold_eval
+    from gmf_kernels.numerics import default_hyper, random_gma_weights
+    return fold_eval(cast_weights(random_gma_weights(C, seed=seed), dtype), default_hyper(C), dtype)

@@ -24,13 +24,13 @@ the rule can fail).
 * SyncBatchNorm wiring (`distributed.sync_batch_moments`) in a one-rank gloo group, and
   torch.compile(fullgraph=True): the statistics pass is one ``gmf::triton_z_moments`` node;
 * the Triton backend's training call runs the kernel (running statistics as the torch backend's);
-* the recompute kernel (`statistics.proxy_z`): Z per segment and y_1..3 against float64
-  `backward.proxy_z` under the same rule with floor 1e-7 (both sides measured at 1-3e-7), Z's
-  segment 0 and u exact; widths 40, 200, odd grids, batch 1 and 2, fp32/fp16/bf16, the GPU tile
-  (partial depthwise chunk, two tiles per program) and 16-token tiles over two splits; the
-  Triton stage set takes it exactly where its backward kernels run; a float32 Triton training
-  step matches float64 and launches it once; torch.compile keeps it one ``gmf::triton_proxy_z``
-  node;
+* the recompute kernel (`statistics.recompute_planes`): Z per segment, P and y_1..3 against
+  float64 `backward.proxy_z` (P: hardswish of its BatchNorm affine) under the same rule with
+  floor 1e-7 (both sides measured at 1-3e-7), Z's segment 0 and u exact; widths 40, 200, odd
+  grids, batch 1 and 2, fp32/fp16/bf16, the GPU tile (partial depthwise chunk, two tiles per
+  program) and 16-token tiles over two splits; a float32 Triton training step matches float64
+  and launches it once; torch.compile keeps it one ``gmf::triton_proxy_z`` node (the rest of
+  the recompute: tests/test_triton_recompute.py);
 * the AOT compile of the real shape C=320 14x14 B=128 fp32 for sm_80 and sm_90, both kernels:
   no spills.
 """
@@ -47,9 +47,10 @@ from gmf_kernels.folding import _build  # noqa: E402
 from gmf_kernels.numerics import cast_weights, max_rel_error, random_gma_weights  # noqa: E402
 from gmf_kernels.triton_kernels import statistics as st  # noqa: E402
 from gmf_kernels.triton_kernels.backward import proxy_z, segment_streams  # noqa: E402
+
 from gmf_kernels.triton_kernels.backward import statistics as torch_statistics  # noqa: E402
 from helpers import ROOT, assert_max_rel_close, assert_within_reference_error  # noqa: E402
-from helpers import have_triton_nvidia_backend, record_calls, triton_compile_env  # noqa: E402
+from helpers import have_triton_nvidia_backend, random_folded_weights, record_calls, triton_compile_env  # noqa: E402
 
 FLOOR = 3e-6
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -219,19 +220,25 @@ RECOMPUTE_FLOOR = 1e-7   # ~ the fp32 unit roundoff: both sides' errors are 1-3e
 
 
 def check_recompute(qkv, H, W, C):
-    """`statistics.proxy_z` (Z, u, y from the kernel) against `backward.proxy_z` in float64, Z per
-    segment and each y_j under the low-precision rule (2 x the float32 PyTorch proxy_z's error +
-    RECOMPUTE_FLOOR); Z's segment 0 and u are the cast input itself, exactly; fp32, contiguous."""
+    """`statistics.recompute_planes` (Z, P, u, y from the kernel) against `backward.proxy_z` in
+    float64 (P: hardswish of Z's BatchNorm affine), Z per segment, P and each y_j under the
+    low-precision rule (2 x the float32 PyTorch error + RECOMPUTE_FLOOR); Z's segment 0 and u are
+    the cast input itself, exactly; fp32, contiguous (u_0: Z's segment 0, a view)."""
     s = C // 5
-    w32 = pre_bn_weights(C, F32)
-    Z, u, y = st.proxy_z(qkv, H, W, segment_streams(qkv, H, W, F32), w32)
+    w32, w64 = random_folded_weights(C, F32), random_folded_weights(C, torch.float64)
+    Z, P, u, y = st.recompute_planes(qkv, H, W, w32)
     Z32, u32, y32 = proxy_z(segment_streams(qkv, H, W, F32), w32)
-    Z64, _, y64 = proxy_z(segment_streams(qkv.double(), H, W, torch.float64), pre_bn_weights(C, torch.float64))
-    assert Z.dtype == F32 and Z.shape == Z32.shape and Z.is_contiguous()
+    Z64, _, y64 = proxy_z(segment_streams(qkv.double(), H, W, torch.float64), w64)
+    P32, P64 = ((z * w.bn_scale.reshape(-1)[:, None, None] + w.bn_shift.reshape(-1)[:, None, None])
+                for z, w in ((Z32, w32), (Z64, w64)))
+    P32, P64 = torch.nn.functional.hardswish(P32), torch.nn.functional.hardswish(P64)
+    assert Z.dtype == P.dtype == F32 and Z.shape == P.shape == Z32.shape and Z.is_contiguous() and P.is_contiguous()
     assert len(y) == 3 and all(t.dtype == F32 and t.shape == y32[0].shape and t.is_contiguous() for t in y)
+    assert len(u) == 4 and all(t.is_contiguous() for t in u[1:])
     torch.testing.assert_close(Z[:, :s], Z32[:, :s], rtol=0, atol=0)
     for a, b in zip(u, u32):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_within_reference_error(P, P32, P64, floor=RECOMPUTE_FLOOR, name="P")
     for j in (1, 2, 3):
         seg = slice(j * s, (j + 1) * s)
         assert_within_reference_error(Z[:, seg], Z32[:, seg], Z64[:, seg], floor=RECOMPUTE_FLOOR, name=f"Z segment {j}")
@@ -261,20 +268,10 @@ def test_recompute_tiles_and_splits(C, grid, tiles, target, plan, monkeypatch):
     monkeypatch.setattr(st, "SPLIT_TARGET", target)
     H, W = grid
     qkv = torch.randn(1, H * W, 3 * C)
-    w = pre_bn_weights(C, F32)
-    _, _, (launch_grid, args, kwargs) = st.plan_recompute(qkv, H, W, w.dw3, w.dw5, w.dw7, w.pw)
+    w = random_folded_weights(C, F32)
+    _, (launch_grid, args, kwargs) = st.plan_recompute(qkv, H, W, w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw)
     assert (launch_grid[0], args[-1], kwargs["CK"]) == (*plan, tiles[2])
     check_recompute(qkv, H, W, C)
-
-
-def test_triton_stages_take_the_recompute_kernel():
-    """`train_op.triton_stages` recomputes Z with the kernel exactly where it uses the Triton
-    backward kernels (next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD); the PyTorch stage set keeps
-    the PyTorch proxy_z."""
-    from gmf_kernels.triton_kernels import backward as bw
-    from gmf_kernels.triton_kernels.train_op import triton_stages
-    assert triton_stages(64).proxy_z is st.proxy_z and triton_stages(8).proxy_z is st.proxy_z
-    assert triton_stages(72).proxy_z is bw.torch_proxy_z and bw.TORCH_STAGES.proxy_z is bw.torch_proxy_z
 
 
 def test_triton_training_step_runs_the_recompute_once(monkeypatch):
@@ -288,21 +285,27 @@ def test_triton_training_step_runs_the_recompute_once(monkeypatch):
 
 
 def test_recompute_compile_keeps_one_op_node():
-    """torch.compile(fullgraph=True) of `statistics.proxy_z`: ONE gmf::triton_proxy_z node (its fake
-    gives the shapes), the same Z and y as eager."""
+    """torch.compile(fullgraph=True) of `statistics.recompute_planes`: ONE gmf::triton_proxy_z node
+    (its fake gives the shapes), the same Z, P and y as eager."""
     C, H, W = 40, 3, 5
-    w = pre_bn_weights(C, F32)
+    w = random_folded_weights(C, F32)
     qkv = torch.randn(1, H * W, 3 * C)
     targets, backend = recording_backend()
-    def fn(t):
-        Z, _, y = st.proxy_z(t, H, W, segment_streams(t, H, W, F32), w)
-        return Z, y[2]
 
-    Z, y3 = torch.compile(fn, backend=backend, fullgraph=True)(qkv)
-    Z0, _, y0 = st.proxy_z(qkv, H, W, segment_streams(qkv, H, W, F32), w)
+    def fn(t):
+        Z, P, _, y = st.recompute_planes(t, H, W, w)
+        return Z, P, y[2]
+
+    got = torch.compile(fn, backend=backend, fullgraph=True)(qkv)
     assert sum("triton_proxy_z" in t for t in targets) == 1, targets
-    torch.testing.assert_close(Z, Z0, rtol=0, atol=0)
-    torch.testing.assert_close(y3, y0[2], rtol=0, atol=0)
+    for a, b in zip(got, fn(qkv)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_recompute_refuses_unfolded_batchnorms():
+    """bn_scale / bn_shift must be the folded (4, s) affine: the kernel would read past a shorter one."""
+    with pytest.raises(ValueError, match="bn_scale"):
+        st.recompute_planes(torch.randn(1, 15, 120), 3, 5, pre_bn_weights(40, F32))
 
 
 # ------------------------------------------------------------------ ahead-of-time compile (no GPU)
@@ -317,6 +320,8 @@ C, H, W, B = 320, 14, 14, 128
 s = C // 5
 qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float32, device="meta")
 w = [torch.empty(shp, dtype=torch.float32, device="meta") for shp in ((s, 3, 3), (s, 5, 5), (s, 7, 7), (3, s, s))]
+if sys.argv[2] == "plan_recompute":    # bn_scale, bn_shift first
+    w = [torch.empty(4, s, dtype=torch.float32, device="meta") for _ in range(2)] + w
 out = []
 for arch in (80, 90):
     dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)

@@ -18,10 +18,11 @@ gradients to ``triton_kernels/train_op.py``; eval without gradients takes the op
               (``attention_backward.py``, ``aggregation_backward.py``; `train_op.triton_stages`)
 
 The statistics pass is a kernel (``triton_kernels/statistics.py``, op ``gmf::triton_z_moments``),
-and so is the heaviest part of the backward's recompute, Z and the depthwise outputs y (same
-file, op ``gmf::triton_proxy_z``, where the Triton backward stages run); the rest of the
-recompute (proxies, softmax statistics, CRPE, local branch) is PyTorch ops. The forward of both
-modes and every backward stage run Triton kernels. Training in float32 and float16
+and so is the backward's recompute where the Triton backward stages run (``triton_kernels/
+recompute.py``: Z, the proxies P, the depthwise inputs and outputs by statistics.py's kernel, op
+``gmf::triton_proxy_z``; the softmax statistics, KV and the CRPE; the local branch). The forward
+of both modes and every backward stage run Triton kernels (the merges of per-program partials,
+tiny reductions, and the layout of the qkv gradient are PyTorch ops). Training in float32 and float16
 (`TRAINING_DTYPES`), gradients in float32, float16 and bfloat16 (`GRAD_DTYPES`); SyncBatchNorm
 (``GMAProblem.sync_bn``): (sum, sum of squares, count) all-reduced once between the statistics
 pass and the kernels, the two gradient sums once in the backward (`distributed.py`).
@@ -137,7 +138,7 @@ BACKEND = TritonBackend(
     dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
     device_types=frozenset({"cuda", "cpu"}),
     supports_training=True,   # statistics-pass kernel, then the kernels (triton_kernels/train_op.py)
-    supports_grad=True,       # backward kernels stage by stage (train_op.triton_stages); Z, y recompute kernel
+    supports_grad=True,       # backward kernels stage by stage (train_op.triton_stages); recompute kernels
     training_dtypes=TRAINING_DTYPES,
     grad_dtypes=GRAD_DTYPES,
     supports_sync_bn=True,    # SyncBatchNorm: one all-reduce in the statistics pass, one in the backward

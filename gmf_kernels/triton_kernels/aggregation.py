@@ -141,14 +141,15 @@ def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row
 def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
                  S: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
                  D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
-                 y_dst=None, N=0, STORE_Y: tl.constexpr = False):
+                 y_dst=None, N=0, STORE_Y: tl.constexpr = False, u_dst=None):
     """One of q/k/v, one segment, one tile: DW_KS(t) @ pw[h*D + k, :]ᵀ for its heads h = 0, 1.
 
     The s input channels go in chunks of CK: depthwise on [BLOCK_P, CK], then accumulate
     into the two [BLOCK_P, D_PAD] head outputs with tl.dot. Only chunk-sized tiles are
     alive, so registers do not grow with s (s = 96 spilled when done in one piece).
     STORE_Y (the backward's recompute, statistics.py): also store each depthwise chunk y to
-    the channel-first image y_dst (element (n, c) at y_dst + c * N + n).
+    the channel-first image y_dst (element (n, c) at y_dst + c * N + n) and its input, the
+    tile's own tokens (L1/L2 hits after the stencil) cast to fp32, to u_dst alike.
     """
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
@@ -160,7 +161,10 @@ def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
         dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw + cs * (KS * KS), n, y, x, pmask, H, W, stride_n,
                              KS, BLOCK_P, CK)
         if STORE_Y:
-            tl.store(y_dst + cs[None, :] * N + n[:, None], dwc, mask=pmask[:, None] & cmask[None, :])
+            m2c = pmask[:, None] & cmask[None, :]
+            tl.store(y_dst + cs[None, :] * N + n[:, None], dwc, mask=m2c)
+            uc = tl.load(src_b + n[:, None] * stride_n + (ch0 + cs)[None, :], mask=m2c, other=0.0)
+            tl.store(u_dst + cs[None, :] * N + n[:, None], uc.to(tl.float32), mask=m2c)
         wmask = cmask[:, None] & kmask[None, :]
         w0 = tl.load(pw_seg + kk[None, :] * S + cs[:, None], mask=wmask, other=0.0)        # [CK, D_PAD]
         acc0 = mm(dwc, w0, acc0, DOT_PRECISION, EMULATE_DOTS)

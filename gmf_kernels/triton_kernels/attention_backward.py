@@ -33,10 +33,11 @@ Kernels (per head h, d = C'/8 channels, N = H*W tokens; bytes for fp32 activatio
   softmax statistics (M, L) per (b, h, i)** (row maximum, sum of exp(K - M)), not read:
   reading K costs exactly the bytes reading Ks would (B C' N e), while a stored Ks costs its
   own write and read elsewhere (2 B C' N x 4 bytes in the recompute stage, one more
-  activation-sized buffer held), against 2 B C' x 4 bytes of statistics. A recompute kernel
-  gets (M, L) for free from its online softmax (`aggregation._online_softmax_kv` and the
-  combine's merge); until then `plan_b2` computes them from K with PyTorch ops when ``rc``
-  has no ``"k_max"`` / ``"k_sum"``. (M, L) rather than one log-sum-exp lse: exp(K - lse)
+  activation-sized buffer held), against 2 B C' x 4 bytes of statistics. The Triton stage
+  set's recompute (recompute.py) gets (M, L) from its online softmax
+  (`aggregation._online_softmax_kv` and a merge of the per-split partials) as ``rc["k_max"]``
+  / ``rc["k_sum"]``; given an ``rc`` without them (`backward.recompute`'s, as in the tests),
+  `plan_b2` computes them from K with PyTorch ops. (M, L) rather than one log-sum-exp lse: exp(K - lse)
   loses |K - lse| ulps to the rounding of lse; over 9 seeded cases (C = 40, 80, 200) the dK
   error relative to the fp32 PyTorch stage's had median 2.2 (max 4.8) with lse, 1.7 (max 4.0)
   with (M, L), the rest being the 3xTF32 dots.)

@@ -4,8 +4,8 @@ Every stage below is written with PyTorch ops, in the decomposition the backward
 follow, one function per stage: the oracle the Triton backward kernels are tested against
 (attention_backward.py: B1, B2; aggregation_backward.py: the BatchNorm sums, B3, the local
 branch; `train_op.triton_stages` picks them), and the CUDA backend's backward until it has
-kernels (`TORCH_STAGES`). `recompute` is used by both: PyTorch ops but for Z and the
-depthwise outputs y (`Stages.proxy_z`: the Triton set's is statistics.py's kernel);
+kernels (`TORCH_STAGES`). `recompute` is the PyTorch stage set's (`Stages.recompute`: the
+Triton set's is recompute.py, kernels producing the same tensors; the oracle of those);
 `statistics` (PyTorch ops) is the CUDA backend's statistics pass and the oracle of the Triton
 backend's kernel (statistics.py).
 
@@ -131,22 +131,14 @@ def crpe(V: Tensor, wts: FoldedGMAWeights, d: int) -> Tensor:
     return torch.cat([dwconv(V[:, a:b], w, wts.crpe_b[a:b]) for (a, b), w in zip(crpe_groups(d), ws)], dim=1)
 
 
-def torch_proxy_z(qkv: Tensor, H: int, W: int, streams: Tensor, wts: FoldedGMAWeights
-                  ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    """`proxy_z` with the signature of `Stages.proxy_z` (the Triton kernel's: it reads qkv itself)."""
-    return proxy_z(streams, wts)
-
-
-def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
-              proxy_z_fn: Callable = torch_proxy_z) -> Dict[str, Tensor]:
-    """Everything the backward needs that the forward kernels did not keep. proxy_z_fn(qkv, H, W,
-    streams, wts) -> (Z, u, y): how Z and the depthwise inputs/outputs are recomputed (the
-    heaviest part: default the PyTorch `proxy_z`; `statistics.proxy_z` is the Triton kernel)."""
+def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float) -> Dict[str, Tensor]:
+    """Everything the backward needs that the forward kernels did not keep, in PyTorch ops (the
+    PyTorch stage set's `Stages.recompute`; the Triton set's is recompute.py's kernels)."""
     dt = wts.pw.dtype
     streams = segment_streams(qkv, H, W, dt)
     _, B, _, s, _, _ = streams.shape
     d, N = s // 2, H * W
-    Z, u, y = proxy_z_fn(qkv, H, W, streams, wts)
+    Z, u, y = proxy_z(streams, wts)
     pre_act = Z * wts.bn_scale.reshape(-1)[:, None, None] + wts.bn_shift.reshape(-1)[:, None, None]
     P = F.hardswish(pre_act)
     K, V = P[B:2 * B], P[2 * B:]
@@ -261,14 +253,14 @@ class Stages(NamedTuple):
     """One implementation of every backward stage (same arguments and results as the PyTorch
     functions above): `TORCH_STAGES` here, the Triton kernels' set in `train_op.triton_stages`.
     ``b3`` is B3 whole (dZ, then the pointwise/depthwise gradients), so that a kernel set may
-    fuse the dZ epilogue into the pointwise kernel. ``proxy_z`` is `recompute`'s Z / u / y
-    (`torch_proxy_z` unless a set says otherwise: the Triton set's is a kernel)."""
+    fuse the dZ epilogue into the pointwise kernel. ``recompute`` rebuilds what the stages read
+    (`recompute` here unless a set says otherwise: the Triton set's is recompute.py's kernels)."""
     b1_dkv: Callable
     b2_proxy_grads: Callable
     b2_bn_sums: Callable   # (dP, rc, mean, rstd, wts)
     b3: Callable           # (G, rc, wts, mean, rstd, sum_g, sum_gzh, count) -> (du, g_dw, g_pw)
     local_backward: Callable
-    proxy_z: Callable = torch_proxy_z   # (qkv, H, W, streams, wts) -> (Z, u, y)
+    recompute: Callable = recompute     # (qkv, H, W, wts, ln_eps) -> the dict the stages read
 
 
 def _b3_torch(G, rc, wts, mean, rstd, sum_g, sum_gzh, count):
@@ -298,7 +290,7 @@ def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: 
     s = C // 5
     cp, d = 4 * s, s // 2
     dt = wts.pw.dtype
-    rc = recompute(qkv, H, W, wts, ln_eps, stages.proxy_z)
+    rc = stages.recompute(qkv, H, W, wts, ln_eps)
     g = grad_pre.to(dt)
     dA = g[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
     dL = g[..., cp:].transpose(1, 2).reshape(B, s, H, W)

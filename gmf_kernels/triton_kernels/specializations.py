@@ -61,7 +61,8 @@ KERNEL_ORDER = {"gma_aggregate_kernel": 0, "gma_attention_kernel": 1, "gma_combi
                 "gma_b1_dkv_kernel": 3, "gma_b2_attention_kernel": 4, "gma_b2_crpe_kernel": 5,
                 "gma_bn_grad_kernel": 6, "gma_dz_kernel": 7, "gma_pw_backward_kernel": 8,
                 "gma_dw_backward_kernel": 9, "gma_local_backward_kernel": 10, "gma_statistics_kernel": 11,
-                "gma_recompute_z_kernel": 12}
+                "gma_recompute_z_kernel": 12, "gma_recompute_attention_kernel": 13,
+                "gma_recompute_local_kernel": 14}
 #: the argument whose element type names a specialisation's dtype
 DTYPE_ARGS = ("qkv", "q", "v")
 
@@ -264,27 +265,36 @@ def backward_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None
 
 def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
     """The training statistics kernel's specialisation for one real call on sm_<arch>, and the
-    backward's recompute kernel's where the Triton backward stages take it (next_pow2(s) <=
-    BACKWARD_KERNELS_MAX_S_PAD: train_op.triton_stages) (statistics.plan_statistics /
-    plan_recompute on meta tensors; their dots are the fp32 variant whatever the input dtype,
-    see statistics.py)."""
+    backward's three recompute kernels' where the Triton backward stages take them
+    (next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD: train_op.triton_stages) (statistics.plan_statistics
+    / plan_recompute, recompute.plan_recompute_attention / plan_recompute_local on meta tensors;
+    their dots are the fp32 variant whatever the input dtype, see statistics.py)."""
     import torch
 
+    from ..folding import FoldedGMAWeights, weight_shapes
     from ._common import DotVariant, interpreting
     from .config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2
+    from .recompute import plan_recompute_attention, plan_recompute_local
     from .statistics import gma_recompute_z_kernel, gma_statistics_kernel, plan_recompute, plan_statistics
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: the launcher would plan interpreter tiles")
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
     s = call.C // 5
+    meta = dict(dtype=torch.float32, device="meta")
     qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, device="meta")
-    w = [torch.empty(shp, dtype=torch.float32, device="meta") for shp in ((s, 3, 3), (s, 5, 5), (s, 7, 7), (3, s, s))]
+    shapes = weight_shapes(call.C)
+    wts = FoldedGMAWeights(*(torch.empty(shapes[n], **meta) for n in FoldedGMAWeights._fields))
+    w = (wts.dw3, wts.dw5, wts.dw7, wts.pw)
     dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
     _, _, _, (_grid, args, kwargs) = plan_statistics(qkv, call.H, call.W, *w, dots=dots)
     specs = [specialize_launch(gma_statistics_kernel, arch, args, kwargs)]
     if next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD:
-        _, _, (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, *w, dots=dots)
+        (_z, P, _u, _y), (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, wts.bn_scale, wts.bn_shift,
+                                                                *w, dots=dots)
         specs.append(specialize_launch(gma_recompute_z_kernel, arch, args, kwargs))
+        for fn, _grid, args, kwargs in (plan_recompute_attention(P, call.H, call.W, wts, dots=dots)[1],
+                                        plan_recompute_local(qkv, call.H, call.W, wts, 1e-5, dots=dots)[1]):
+            specs.append(specialize_launch(fn, arch, args, kwargs))
     return specs
 
 
@@ -321,8 +331,10 @@ def all_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
 
 # ---------------------------------------------------------------- compiling (needs triton, no GPU)
 def _kernel_fn(name: str):
-    from . import aggregation, aggregation_backward, attention, attention_backward, statistics
+    from . import aggregation, aggregation_backward, attention, attention_backward, recompute, statistics
     fn = {"gma_aggregate_kernel": aggregation.gma_aggregate_kernel,
+          "gma_recompute_attention_kernel": recompute.gma_recompute_attention_kernel,
+          "gma_recompute_local_kernel": recompute.gma_recompute_local_kernel,
           "gma_statistics_kernel": statistics.gma_statistics_kernel,
           "gma_recompute_z_kernel": statistics.gma_recompute_z_kernel,
           "gma_combine_kernel": attention.gma_combine_kernel,

@@ -2,7 +2,7 @@
 of Z) and the backward's recompute of Z and the depthwise outputs y (end of this docstring).
 
     mean, var, count = statistics(qkv, H, W, wts, group)      # backward.statistics' contract
-    Z, u, y = proxy_z(qkv, H, W, streams, wts)                # backward.proxy_z's results
+    Z, P, u, y = recompute_planes(qkv, H, W, wts)             # the backward's recompute, first launch
 
 Z is what the aggregator BatchNorms normalise: segments 0..3 of q, k and v (segment 0 itself,
 segment j = 1..3 the s x s pointwise of the (2j+1)x(2j+1) depthwise), with per-channel batch
@@ -65,28 +65,30 @@ not the bytes, may set the time. Not measured (no GPU in this session); the inte
 nothing about speed.
 
 **Recompute for the backward** (`gma_recompute_z_kernel`; `recompute_z`, op
-``gmf::triton_proxy_z``, `proxy_z`: the Triton stage set's `backward.Stages.proxy_z`). The
-backward's `backward.recompute` needs Z itself, not its moments, and the depthwise outputs y_j
-(the pointwise backward's input): the same grid ``(SPLITS, 4, 3B)`` and the same per-tile Z
-(`_dw_pw_heads` with its STORE_Y: a store of each depthwise chunk), stored instead of
-reduced, fp32 (the stages' compute dtype, `folding.compute_dtype`), channel-first as the stages
-read them: Z (3B, 4s, H, W), segment 0 being qkv's segment 0 cast to fp32, and y_all (3, 3B,
-s, H, W), y_all[j - 1] = y_j (one buffer: the pointwise-backward kernel takes the three with one
-stride set). The stores go along the tile's token axis (consecutive tokens of a channel are
-consecutive addresses). Per token (3 streams, q k v):
+``gmf::triton_proxy_z``, `recompute_planes`: the first launch of recompute.py, the Triton stage
+set's `backward.Stages.recompute`). The backward needs Z itself, not its moments, the proxies
+P = hardswish(Z bn_scale + bn_shift) (B2 reads them), and the depthwise inputs u_j and outputs
+y_j (the depthwise and pointwise backward's inputs): the same grid ``(SPLITS, 4, 3B)`` and the
+same per-tile Z (`_dw_pw_heads` with its STORE_Y: a store of each depthwise chunk), stored
+instead of reduced, fp32 (the stages' compute dtype, `folding.compute_dtype`), channel-first as
+the stages read them: Z and P (3B, 4s, H, W), segment 0 of Z being qkv's segment 0 cast to fp32
+(it is its own u_0), u_all and y_all (3, 3B, s, H, W), u_all[j - 1] = u_j, y_all[j - 1] = y_j
+(one buffer each: the backward kernels take the three with one stride set). u_j is the tile's
+own tokens re-read after the stencil (L1/L2 hits), cast and laid out. The stores go along the
+tile's token axis (consecutive tokens of a channel are consecutive addresses). Per token, in
+units of s x 4 bytes per stream (q, k, v):
 
-* bytes: reads 12 s e (as the statistics pass); writes (4 s + 3 s) x 4 = 28 s bytes per stream,
-  84 s in all: (12 e + 84) s, 132 s for fp32, 108 s for fp16/bf16. PyTorch's `proxy_z`, in
-  units of s x 4 bytes per stream (fp32): 8 for the u_j layout copies (read, write), 6 the
-  depthwise, 6 the pointwise, 8 the cat: 28 units against the kernel's 4 + 7 = 11 (17 with
-  the u_1..3 copies `proxy_z` still makes for the depthwise backward).
+* bytes: reads 4 e / 4 (qkv's segments 0..3, as the statistics pass); writes Z 4, P 4, u 3,
+  y 3: 14 units (18 for fp32 inputs). PyTorch's same tensors (`backward.recompute`, fp32): the
+  layout copies of u_0..3 8, the depthwise 6, the pointwise 6, the cat 8, then pre_act = Z a +
+  b and P = hardswish(pre_act) 16 (read Z, write pre_act, read it, write P): 44 units.
 * FLOPs: the statistics pass's stencils and pointwise without the moments (~500 s on CUDA
-  cores): ~3.8 FLOP/B for fp32, ~4.6 for fp16/bf16.
+  cores) and the affine and hardswish (~5 per P value): ~2.3 FLOP/B for fp32.
 
 Bound aimed at: HBM bandwidth (mostly the writes), far below any ridge. Not measured (no GPU).
 Nothing is saved by the forward for it (activation memory unchanged): the backward allocates
-Z and y (28 s x 4 B per token and stream) as PyTorch's recompute did, with fewer
-temporaries (no pointwise outputs before a cat, no copy of segment 0).
+Z, P, u and y (14 s x 4 B per token and stream) as PyTorch's recompute did, with fewer
+temporaries (no pointwise outputs before a cat, no pre-activation, no copy of segment 0).
 """
 from __future__ import annotations
 
@@ -96,7 +98,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, dot_variant, interpreting
+from ._common import DotVariant, dot_variant, hardswish, interpreting
 from .aggregation import _dw_pw_heads, _tile, split_plan
 from .config import INTERPRETER_BLOCK_P, dot_pad, next_pow2
 
@@ -214,38 +216,53 @@ def _store_channels(dst, ch, n, val, mask, N):
 
 @triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
 def gma_recompute_z_kernel(
-    qkv, z, y_all, dw3, dw5, dw7, pw,
+    qkv, z, p, u_all, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw,
     N, H, W, stride_qkv_b, stride_qkv_n, tiles_per_split,
     C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
-    """Segment `seg` of Z (and, seg >= 1, its depthwise output y_seg) for the tiles of program
-    (split, seg, img): fp32, channel-first, z (3B, 4s, H, W), y_all (3, 3B, s, H, W) (module
-    docstring, "Recompute"). Segment 0 is qkv's segment 0 cast to fp32."""
+    """Segment `seg` of Z and of the proxies P = hardswish(Z * bn_scale + bn_shift) (and, seg >=
+    1, the depthwise input u_seg and output y_seg) for the tiles of program (split, seg, img):
+    fp32, channel-first, z and p (3B, 4s, H, W), u_all and y_all (3, 3B, s, H, W) (module
+    docstring, "Recompute"). Segment 0 is qkv's segment 0 cast to fp32 (it is its own u_0)."""
     _, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, tiles_per_split, C, S, BLOCK_P)
-    z_seg = z + img.to(tl.int64) * (4 * S * N) + seg * S * N           # channel seg * s of image img
+    plane = img.to(tl.int64) * (4 * S * N) + seg * S * N               # channel seg * s of image img
+    z_seg = z + plane
+    p_seg = p + plane
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
+    a0 = tl.load(bn_scale + seg * S + kk, mask=kmask, other=0.0)[None, :]
+    a1 = tl.load(bn_scale + seg * S + D + kk, mask=kmask, other=0.0)[None, :]
+    b0 = tl.load(bn_shift + seg * S + kk, mask=kmask, other=0.0)[None, :]
+    b1 = tl.load(bn_shift + seg * S + D + kk, mask=kmask, other=0.0)[None, :]
     if seg == 0:
         t = t0
         while t < t1:
             n, pmask, y, x = _tile(t, N, W, BLOCK_P)
             m2d = pmask[:, None] & kmask[None, :]
             src = qkv_b + n[:, None] * stride_qkv_n + (ch0 + kk)[None, :]
-            _store_channels(z_seg, kk, n, tl.load(src, mask=m2d, other=0.0).to(tl.float32), m2d, N)
-            _store_channels(z_seg, D + kk, n, tl.load(src + D, mask=m2d, other=0.0).to(tl.float32), m2d, N)
+            z0 = tl.load(src, mask=m2d, other=0.0).to(tl.float32)
+            z1 = tl.load(src + D, mask=m2d, other=0.0).to(tl.float32)
+            _store_channels(z_seg, kk, n, z0, m2d, N)
+            _store_channels(z_seg, D + kk, n, z1, m2d, N)
+            _store_channels(p_seg, kk, n, hardswish(z0 * a0 + b0), m2d, N)
+            _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N)
             t += 1
     else:
         dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
-        y_img = y_all + ((seg - 1) * tl.num_programs(2) + img).to(tl.int64) * (S * N)
+        img_j = ((seg - 1) * tl.num_programs(2) + img).to(tl.int64) * (S * N)   # image img of y_seg / u_seg
+        y_img = y_all + img_j
+        u_img = u_all + img_j
         t = t0
         while t < t1:
             n, pmask, y, x = _tile(t, N, W, BLOCK_P)
             z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
-                                  S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True)
+                                  S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True, u_img)
             m2d = pmask[:, None] & kmask[None, :]
             _store_channels(z_seg, kk, n, z0, m2d, N)
             _store_channels(z_seg, D + kk, n, z1, m2d, N)
+            _store_channels(p_seg, kk, n, hardswish(z0 * a0 + b0), m2d, N)
+            _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N)
             t += 1
 
 
@@ -282,22 +299,27 @@ def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
     return bp, warps, min(ck, s_pad)
 
 
-#: GPU tile of the recompute kernel, every width: (32, 8, 16). AOT compile (ptxas -v) of every
-#: real call it serves (the released models' widths with next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD,
-#: i.e. C = 40..320, at their 224x224 stage grids, batch 128 and 1, fp32 and fp16: 48
-#: specialisations over sm_70/75/80/90): no spills, 58-168 registers (C = 320: 168 sm_80, 125
-#: sm_90). The statistics tile (64, 8, 16) spills here (104 B at C = 320 on sm_80, ptxas capping
-#: at 128 registers), as do (32, 4, 16) (8-48 B at C = 240/320 on sm_70/75) and (128, 8, 16)
-#: (12 B at C = 200 on sm_70); (64, 4, 16) is spill-free at up to 255.
+#: GPU tile of the recompute kernel: (32, 8, 16), and (16, 4, 16) with FMA dots ("ieee": sm_70/75).
+#: AOT compile (ptxas -v) of every real call it serves (the released models' widths with
+#: next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD, i.e. C = 40..320, at their 224x224 stage grids, batch
+#: 128 and 1, fp32 and fp16, sm_70/75/80/90; benchmarks/results/triton_statistics_resources_*.md):
+#: no spills. Storing P and u_1..3 too: u_j in a loop of its own after the Z / P stores spilled 8-40
+#: B at (32, 8, 16), (32, 4, 16) and (16, 4, 16) (e.g. C = 320 fp32 on sm_70 at 168 registers);
+#: stored in `_dw_pw_heads`' chunk loop next to y_j (as now), (16, 4, 16) still spilled 32 B on sm_90
+#: (C = 200 fp16 56x56, ptxas stopping at 96 registers), (32, 8, 16) none on sm_80/90 but 100-108 B
+#: on sm_70/75 (C = 200, 240, stopping at 128), where (16, 4, 16) takes 80-168 and none.
+#: Before P and u: (32, 4, 16) spilled 8-48 B at C = 240/320 on sm_70/75, (128, 8, 16) 12 B at C = 200
+#: on sm_70; the statistics tile (64, 8, 16) 104 B at C = 320 on sm_80.
+RECOMPUTE_TILE_BY_DOTS = {"ieee": (16, 4, 16)}
 RECOMPUTE_TILE = (32, 8, 16)
 
 
 def recompute_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
     """(BLOCK_P, num_warps, CK) of a recompute call: the interpreter's as `stats_tiles`, else
-    `RECOMPUTE_TILE`."""
+    `RECOMPUTE_TILE_BY_DOTS` / `RECOMPUTE_TILE`."""
     if interpreting():
         return stats_tiles(C, N, precision)
-    bp, warps, ck = RECOMPUTE_TILE
+    bp, warps, ck = RECOMPUTE_TILE_BY_DOTS.get(precision, RECOMPUTE_TILE)
     return bp, warps, min(ck, dot_pad(C // 5))
 
 
@@ -306,17 +328,18 @@ def statistics_dots(qkv: Tensor) -> DotVariant:
     return dot_variant(qkv.new_empty(0, dtype=torch.float32))
 
 
-def kernel_call(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor, out0: Tensor,
-                out1: Tensor, splits: int, tiles_per_split: int, tiles: Tuple[int, int, int], dots: DotVariant):
-    """(grid, args, kwargs) of a launch of either kernel (same grid, same arguments but the two
-    outputs: (part_mean, part_m2) of `gma_statistics_kernel`, (z, y_all) of
+def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], splits: int, tiles_per_split: int,
+                tiles: Tuple[int, int, int], dots: DotVariant):
+    """(grid, args, kwargs) of a launch of either kernel (same grid; `leading`: the tensor
+    arguments between qkv and N, i.e. (part_mean, part_m2, dw3, dw5, dw7, pw) of
+    `gma_statistics_kernel`, (z, p, u_all, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw) of
     `gma_recompute_z_kernel`); also used on meta tensors for the AOT specialisation
-    (tests/test_triton_statistics.py), so launch and check cannot drift apart."""
+    (specializations.py), so launch and check cannot drift apart."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     s = C // 5
     bp, warps, ck = tiles
-    args = (qkv, out0, out1, dw3, dw5, dw7, pw, N, H, W, qkv.stride(0), qkv.stride(1), tiles_per_split)
+    args = (qkv, *leading, N, H, W, qkv.stride(0), qkv.stride(1), tiles_per_split)
     kwargs = dict(C=C, S=s, D=s // 2, D_PAD=dot_pad(s // 2), CK=ck, BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
     return (splits, 4, 3 * B), args, kwargs
@@ -328,7 +351,7 @@ def statistics_call(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: 
     """`kernel_call` of the statistics kernel. part_mean (float64), part_m2 (fp32):
     (3B * SPLITS, 4s), SPLITS = part_mean.shape[0] // 3B."""
     splits = part_mean.shape[0] // (3 * qkv.shape[0])
-    return kernel_call(qkv, H, W, dw3, dw5, dw7, pw, part_mean, part_m2, splits, tiles_per_split, tiles, dots)
+    return kernel_call(qkv, H, W, (part_mean, part_m2, dw3, dw5, dw7, pw), splits, tiles_per_split, tiles, dots)
 
 
 def _grid_plan(qkv: Tensor, dots: Optional[DotVariant], tiles: Optional[Tuple[int, int, int]], tiles_fn):
@@ -382,28 +405,32 @@ def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor
     return torch.stack(merge_moments(part_mean, part_m2, counts))
 
 
-def plan_recompute(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
-                   tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None):
-    """Allocate Z (3B, 4s, H, W) and y_all (3, 3B, s, H, W) (fp32, contiguous) and describe the
-    recompute launch (the statistics pass's grid), without launching: (z, y_all, (grid, args, kwargs))."""
+def plan_recompute(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
+                   dw7: Tensor, pw: Tensor, tiles: Optional[Tuple[int, int, int]] = None,
+                   dots: Optional[DotVariant] = None):
+    """Allocate Z and P (3B, 4s, H, W), u_all and y_all (3, 3B, s, H, W) (fp32, contiguous) and
+    describe the recompute launch (the statistics pass's grid), without launching:
+    ((z, p, u_all, y_all), (grid, args, kwargs))."""
     B, N, C3 = qkv.shape
     s = C3 // 15
     qkv, dots, tiles, (splits, tps) = _grid_plan(qkv, dots, tiles, recompute_tiles)
-    z = torch.empty(3 * B, 4 * s, H, W, dtype=torch.float32, device=qkv.device)
-    y_all = torch.empty(3, 3 * B, s, H, W, dtype=torch.float32, device=qkv.device)
-    return z, y_all, kernel_call(qkv, H, W, dw3, dw5, dw7, pw, z, y_all, splits, tps, tiles, dots)
+    f32 = dict(dtype=torch.float32, device=qkv.device)
+    out = (torch.empty(3 * B, 4 * s, H, W, **f32), torch.empty(3 * B, 4 * s, H, W, **f32),
+           torch.empty(3, 3 * B, s, H, W, **f32), torch.empty(3, 3 * B, s, H, W, **f32))
+    return out, kernel_call(qkv, H, W, out + (bn_scale, bn_shift, dw3, dw5, dw7, pw), splits, tps, tiles, dots)
 
 
-def recompute_z(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
-                tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None
-                ) -> Tuple[Tensor, Tensor]:
-    """Launch `gma_recompute_z_kernel`: (Z, y_all), y_all[j - 1] = y_j (module docstring)."""
+def recompute_z(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
+                dw7: Tensor, pw: Tensor, tiles: Optional[Tuple[int, int, int]] = None,
+                dots: Optional[DotVariant] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Launch `gma_recompute_z_kernel`: (Z, P, u_all, y_all), u_all[j - 1] = u_j, y_all[j - 1] =
+    y_j (module docstring)."""
     from .launcher import device_guard, wrap_triton
-    dw3, dw5, dw7, pw = (w.contiguous() for w in (dw3, dw5, dw7, pw))
-    z, y_all, (grid, args, kwargs) = plan_recompute(qkv, H, W, dw3, dw5, dw7, pw, tiles, dots)
+    weights = tuple(w.float().contiguous() for w in (bn_scale, bn_shift, dw3, dw5, dw7, pw))
+    out, (grid, args, kwargs) = plan_recompute(qkv, H, W, *weights, tiles, dots)
     with device_guard(qkv):
         wrap_triton(gma_recompute_z_kernel)[grid](*args, **kwargs)
-    return z, y_all
+    return out
 
 
 # ---------------------------------------------------------------- the op and the statistics pass
@@ -440,17 +467,17 @@ def _register_recompute():
     """``gmf::triton_proxy_z``: the recompute kernel as a ``custom_op`` with a fake, for the same
     reason (one opaque node under torch.compile: the SyncBatchNorm backward calls the stages
     one by one, and any compiled caller sees one node). No autograd: the backward runs it."""
-    def impl(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor
-             ) -> Tuple[Tensor, Tensor]:
-        return recompute_z(qkv, H, W, dw3, dw5, dw7, pw)
+    def impl(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
+             dw7: Tensor, pw: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        return recompute_z(qkv, H, W, bn_scale, bn_shift, dw3, dw5, dw7, pw)
 
     op = torch.library.custom_op(RECOMPUTE_OP_NAME, impl, mutates_args=())
 
     @op.register_fake
-    def _(qkv, H, W, dw3, dw5, dw7, pw):
+    def _(qkv, H, W, bn_scale, bn_shift, dw3, dw5, dw7, pw):
         B, s = qkv.shape[0], qkv.shape[-1] // 15
-        return (qkv.new_empty(3 * B, 4 * s, H, W, dtype=torch.float32),
-                qkv.new_empty(3, 3 * B, s, H, W, dtype=torch.float32))
+        planes = [qkv.new_empty(3 * B, 4 * s, H, W, dtype=torch.float32) for _ in range(2)]
+        return tuple(planes + [qkv.new_empty(3, 3 * B, s, H, W, dtype=torch.float32) for _ in range(2)])
     return op
 
 
@@ -479,18 +506,17 @@ def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
     return mean.to(dt).view(4, s), (m2 / count).to(dt).view(4, s), count
 
 
-def proxy_z(qkv: Tensor, H: int, W: int, streams: Tensor, wts) -> Tuple[Tensor, list, list]:
-    """`backward.proxy_z` through the recompute kernel (`backward.Stages.proxy_z` of
-    `train_op.triton_stages`): (Z, u, y) with Z (3B, 4s, H, W) and y_1..3 (3B, s, H, W) fp32
-    from ONE launch (op ``gmf::triton_proxy_z``; the y_j are views of one (3, 3B, s, H, W)
-    buffer, so the pointwise-backward kernel takes them with one stride set). u: u_0 is Z's
-    segment 0 (a view: the same values), u_1..3 the PyTorch layout copies of `backward.proxy_z`
-    (the depthwise backward reads them). streams: `backward.segment_streams(qkv, ...)`.
-    Compute dtypes other than float32 (float64) take the PyTorch `backward.proxy_z`."""
-    if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
-        from .backward import proxy_z as torch_proxy_z
-        return torch_proxy_z(streams, wts)
-    B, s = qkv.shape[0], qkv.shape[-1] // 15
-    z, y_all = torch.ops.gmf.triton_proxy_z(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw)
-    u = [z[:, :s]] + [streams[:, :, j].reshape(3 * B, s, H, W) for j in (1, 2, 3)]
-    return z, u, list(y_all.unbind(0))
+def recompute_planes(qkv: Tensor, H: int, W: int, wts) -> Tuple[Tensor, Tensor, list, list]:
+    """The recompute kernel's results as the backward stages take them (op ``gmf::triton_proxy_z``,
+    ONE launch): (Z, P, u, y), Z and P (3B, 4s, H, W) fp32, u = [u_0 .. u_3] with u_0 Z's segment 0
+    (a view: the same values), y = [y_1, y_2, y_3], the u_j and y_j (3B, s, H, W) views of one
+    (3, 3B, s, H, W) buffer each (so the pointwise- and depthwise-backward kernels take the three
+    with one stride set). wts: the folded weights (fp32; bn_scale / bn_shift (4, s), the
+    BatchNorms as the forward folded them)."""
+    s = qkv.shape[-1] // 15
+    for name in ("bn_scale", "bn_shift"):
+        if getattr(wts, name).numel() != 4 * s:
+            raise ValueError(f"{name}: {tuple(getattr(wts, name).shape)}, expected (4, {s}) (folded BatchNorms)")
+    z, p, u_all, y_all = torch.ops.gmf.triton_proxy_z(qkv, H, W, wts.bn_scale, wts.bn_shift, wts.dw3, wts.dw5,
+                                                      wts.dw7, wts.pw)
+    return z, p, [z[:, :s]] + list(u_all.unbind(0)), list(y_all.unbind(0))

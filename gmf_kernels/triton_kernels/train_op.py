@@ -22,8 +22,8 @@ from ..folding import FoldedGMAWeights
 from .backward import TORCH_STAGES, Stages, pre_projection_backward
 from .config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
-from .statistics import proxy_z, statistics  # the statistics pass and the recompute's Z as kernels
-#                                            (registers gmf::triton_z_moments, gmf::triton_proxy_z)
+from .statistics import statistics  # the statistics pass as a kernel (registers gmf::triton_z_moments,
+#                                   and gmf::triton_proxy_z, the recompute's first launch)
 
 Tensor = torch.Tensor
 
@@ -80,15 +80,17 @@ def triton_stages(s: int) -> Stages:
     `config.BACKWARD_KERNELS_MAX_S_PAD` (the kernels take the float32 stage tensors): B1 and B2
     (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight gradients), the
     BatchNorm/hardswish gradient sums, B3 with dZ fused into the pointwise kernel and the
-    depthwise stencils, and the local branch (aggregation_backward.py), and the recompute's Z
-    and depthwise outputs y (statistics.py's `gma_recompute_z_kernel`); wider segments (C = 360,
+    depthwise stencils, and the local branch (aggregation_backward.py), and the recompute of
+    what they read (recompute.py: Z, P, u, y by statistics.py's `gma_recompute_z_kernel`, the
+    softmax statistics, KV and the CRPE, the local branch); wider segments (C = 360,
     480), where those kernels spill, the PyTorch stages."""
     from . import aggregation_backward as agb
     from . import attention_backward as ab
+    from . import recompute as rcp
     if next_pow2(s) > BACKWARD_KERNELS_MAX_S_PAD:
         return TORCH_STAGES
     return Stages(b1_dkv=ab.b1_dkv, b2_proxy_grads=ab.b2_proxy_grads, b2_bn_sums=agb.b2_bn_sums,
-                  b3=agb.b3_fused, local_backward=agb.local_backward, proxy_z=proxy_z)
+                  b3=agb.b3_fused, local_backward=agb.local_backward, recompute=rcp.recompute)
 
 
 def triton_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,

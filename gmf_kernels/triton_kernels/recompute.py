@@ -1,0 +1,280 @@
+"""The backward's recompute on the Triton stages, as kernels: kernels, launchers, then `recompute`.
+
+    rc = recompute(qkv, H, W, wts, ln_eps)        # backward.recompute's contract, Triton stage set
+
+`backward.recompute` (PyTorch ops) rebuilds what the forward kernels did not keep: Z, the
+proxies P, the softmax over tokens of K and KV = Ks^T V, the CRPE R = conv(V) + bias, and the
+local branch's depthwise input u4 / output w4, normalised values xh4 and 1/std rstd4. Here the
+same tensors (fp32, the stages' compute dtype; the same layouts) come from three launches:
+
+1. ``statistics.gma_recompute_z_kernel`` (op ``gmf::triton_proxy_z``): Z, P = hardswish(Z a + b),
+   the depthwise inputs u_1..3 and outputs y_1..3, reading qkv once (statistics.py).
+2. ``gma_recompute_attention_kernel``, grid ``(SPLITS, 8, B)``: per head h, over its run of token
+   tiles, the online softmax of K (FlashAttention's rescaling along N: `aggregation.
+   _online_softmax_kv`, the forward's own code) into a per-program partial (max M, sum L of
+   exp(K - M), exp(K - M)^T V), and the head's CRPE stencil of V (`_common.depthwise_tile`, the
+   window of the head's group: 3x3 heads 0-1, 5x5 heads 2-4, 7x7 heads 5-7) plus bias, stored
+   as R. The launcher merges the SPLITS partials (a tiny reduction, in PyTorch: B SPLITS C'
+   (d + 2) floats) into the statistics the B2 kernel takes, ``k_max`` (M) and ``k_sum`` (L)
+   (B, 8, d), and KV = (merged exp(K - M)^T V) / L (B, 8, d, d). Ks (B, C', N) is never formed:
+   the B2 kernel recomputes it from K and (M, L) (attention_backward.py).
+3. ``gma_recompute_local_kernel``, grid ``(SPLITS, B)``: the local branch as the forward computes
+   it (`aggregation._local_branch`: depthwise 3x3 of segment 4 of q, k, v, the 3s -> s pointwise
+   as ``tl.dot``, LayerNorm statistics), storing u4 (the cast input), w4 (the depthwise output),
+   xh4 = (z4 - mean) rstd and rstd4, all channel-first.
+
+Dots: the fp32 variant whatever qkv's dtype (3xTF32 on sm_80+, FMAs on sm_70/75;
+`statistics.statistics_dots`): these are fp32 stage tensors, as PyTorch's recompute computes
+them. Split-N (`aggregation.split_plan`): about SPLIT_TARGET programs at any batch (at batch 1
+the 8 heads of an image would be 8 programs), deterministic (no atomics).
+
+**Bytes per token** (C' = 4s, fp32 = 4 B, e = qkv's element size):
+
+* attention kernel: reads K and V of P (2 C' x 4), writes R (C' x 4); the halo comes from L1/L2.
+  PyTorch's recompute of the same (fp32): softmax reads K and writes Ks (2 C'), the einsum reads
+  Ks and V (2 C'), the CRPE's three depthwise convolutions read V and write their outputs, then
+  a cat copies them (4 C'); and `attention_backward.plan_b2` read K twice more for (M, L)
+  without a recompute kernel (2 C'): 10 C' x 4 against 3 C' x 4. FLOPs: the CRPE stencil, 2 x
+  (2 x 9 + 3 x 25 + 3 x 49) d / (8 d) = 60 per channel and token, the softmax ~5, and 2 d on
+  tensor cores for exp(K)^T V: ~65 / 12 B ~ 5 FLOP/B on CUDA cores, below the fp32 ridge
+  (~20 FLOP/B on an H100): bound aimed at: HBM bandwidth.
+* local kernel: reads segment 4 of q, k, v (3 s e; halo from L1/L2), writes u4 and w4 (2 x 3 s
+  x 4), xh4 (s x 4) and rstd4 (4): 3 s e + 28 s. PyTorch's: the layout copy of u4 (3 s e + 12
+  s), the depthwise (24 s), the pointwise (12 s + 4 s), var_mean, the normalisation (8 s ...):
+  about 60 s + 3 s e. FLOPs: 54 per input channel on CUDA cores (the 3x3 stencil) and 6 s per
+  input channel on tensor cores: HBM-bound as well.
+
+Not measured (no GPU where this was written): the interpreter says nothing about speed.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..folding import FoldedGMAWeights
+from ._common import DotVariant, crpe_group, depthwise_tile, interpreting, mm
+from .aggregation import _online_softmax_kv, _store_partial, _tile, split_plan
+from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2
+
+Tensor = torch.Tensor
+Launch = Tuple[object, tuple, tuple, dict]
+
+
+# ---------------------------------------------------------------- kernels
+@triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
+def gma_recompute_attention_kernel(
+    p, r, part_m, part_l, part_acc, crpe_w3, crpe_w5, crpe_w7, crpe_b,
+    N, H, W, tiles_per_split,
+    CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+):
+    """Program (split, head, b): the softmax partial of K over its tiles and R of those tiles.
+
+    p: P (3B, C', N) fp32 channel-first (q images 0..B-1, then k, then v); r: R (B, C', N) fp32;
+    part_m, part_l (B, SPLITS, C') and part_acc (B, SPLITS, C', d) fp32: row (b SPLITS + split)
+    4 + head // 2 of `aggregation._store_partial`'s packed layout (two heads of d a row)."""
+    split = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    B = tl.num_programs(2)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
+    k_img = p + (B + b) * (CP * N)
+    v_img = p + (2 * B + b) * (CP * N)
+    r_img = r + b * (CP * N)
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    ch = head * D + kk
+    ks, first, crpe_w = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
+    w_rows = crpe_w + ((head - first) * D + kk) * (ks * ks)
+    bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
+    M = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+    L = tl.zeros([D_PAD], dtype=tl.float32)
+    ACC = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    t = t0
+    while t < t1:
+        n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+        m2 = pmask[:, None] & kmask[None, :]
+        off = ch[None, :] * N + n[:, None]
+        zk = tl.load(k_img + off, mask=m2, other=0.0)
+        zv = tl.load(v_img + off, mask=m2, other=0.0)
+        M, L, ACC = _online_softmax_kv(zk, zv, pmask, M, L, ACC, DOT_PRECISION, EMULATE_DOTS)
+        conv = depthwise_tile(v_img, ch * N, kmask, w_rows, n, y, x, pmask, H, W, 1, ks, BLOCK_P, D_PAD)
+        tl.store(r_img + off, conv + bias, mask=m2)
+        t += 1
+    row = (b * tl.num_programs(0) + split) * 4 + head // 2     # 4 rows of two heads per (b, split)
+    _store_partial(M, L, ACC, row, head % 2, part_m, part_l, part_acc, D, D_PAD)
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
+def gma_recompute_local_kernel(
+    qkv, u4, w4, xh4, rstd4, local_dw, local_pw,
+    N, H, W, stride_qkv_b, stride_qkv_n, tiles_per_split, ln_eps,
+    C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+):
+    """Program (split, b): the local branch of its tiles (`aggregation._local_branch` up to the
+    LayerNorm statistics), storing u4, w4 (B, 3s, N), xh4 (B, s, N) and rstd4 (B, N), fp32,
+    channel-first (channel which * s + c of u4 / w4: segment 4 of q, k, v)."""
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
+    qkv_b = qkv + b * stride_qkv_b
+    u4_b = u4 + b * (3 * S * N)
+    w4_b = w4 + b * (3 * S * N)
+    xh4_b = xh4 + b * (S * N)
+    rstd4_b = rstd4 + b * N
+    co = tl.arange(0, S_PAD)                                   # output channel
+    omask = co < S
+    t = t0
+    while t < t1:
+        n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+        z = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
+        for which in tl.static_range(3):                       # q, k, v: input channels which*s + c
+            for c0 in range(0, S, CK):
+                cs = c0 + tl.arange(0, CK)
+                cmask = cs < S
+                src = which * C + 4 * S + cs
+                m2c = pmask[:, None] & cmask[None, :]
+                dst = (which * S + cs)[None, :] * N + n[:, None]
+                dwc = depthwise_tile(qkv_b, src, cmask, local_dw + (which * S + cs) * 9, n, y, x, pmask, H, W,
+                                     stride_qkv_n, 3, BLOCK_P, CK)
+                tl.store(w4_b + dst, dwc, mask=m2c)
+                uc = tl.load(qkv_b + n[:, None] * stride_qkv_n + src[None, :], mask=m2c, other=0.0)
+                tl.store(u4_b + dst, uc.to(tl.float32), mask=m2c)
+                # local_pw (s, 3s): element [out, which*s + in], loaded as [in, out]
+                wT = tl.load(local_pw + co[None, :] * (3 * S) + which * S + cs[:, None],
+                             mask=cmask[:, None] & omask[None, :], other=0.0)
+                z = mm(dwc, wT, z, DOT_PRECISION, EMULATE_DOTS)
+        mean = tl.sum(z, axis=1) / S                           # padded channels are 0
+        diff = tl.where(omask[None, :], z - mean[:, None], 0.0)
+        rs = tl.rsqrt(tl.sum(diff * diff, axis=1) / S + ln_eps)
+        tl.store(xh4_b + co[None, :] * N + n[:, None], diff * rs[:, None], mask=pmask[:, None] & omask[None, :])
+        tl.store(rstd4_b + n, rs, mask=pmask)
+        t += 1
+
+
+# ---------------------------------------------------------------- launchers
+#: GPU tiles, from the AOT compile (ptxas -v of the launchers' specialisations at 14x14 B = 128, then
+#: of every real call: benchmarks/results/triton_statistics_resources_*.md; registers per thread; no
+#: GPU, nothing timed):
+#: attention kernel (BLOCK_P, num_warps) by D_PAD. D_PAD = 32 (C = 200..320): (64, 4) spilled 512 B on
+#: sm_80, (32, 4) took 249 / 246 registers on sm_80 / sm_90, (32, 8) 208 / 204 (one CTA of 8 warps
+#: per SM), (16, 4) 168 / 159 (three CTAs, 12 warps). D_PAD = 16 (C = 40..160): (32, 8) spilled 12 B
+#: at C = 40 / 80 on sm_80 (at 80 registers), (16, 4) 8 B at C = 40 on sm_80, (64, 4) 250-600 B on
+#: sm_70; (32, 4) none (96-165 on sm_80 / sm_90, up to 255 on sm_70's FMA dots).
+#: local kernel (BLOCK_P, num_warps, CK) by S_PAD: (64, 8, 16) 228 / 136 at S_PAD = 64 ((64, 4, 32)
+#: spilled 204 B, (32, 8, 16) 16-36 B), 125 / 125 at 32 ((64, 4, 16) spilled 4 B on sm_80); at 16
+#: (32, 8, 16) 128 / 108.
+ATTENTION_TILES = {16: (32, 4), 32: (16, 4)}
+LOCAL_TILES = {16: (32, 8, 16), 32: (64, 8, 16), 64: (64, 8, 16)}
+SMALLEST_TILE = (16, 4)                     # wider than any released layer whose backward has kernels
+#: split-N: aim for about this many programs
+SPLIT_TARGET = 1024
+
+
+def attention_tiles(d: int, N: int) -> Tuple[int, int]:
+    """(BLOCK_P, num_warps) of the attention recompute: one large tile under the interpreter."""
+    if interpreting():
+        return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4
+    return ATTENTION_TILES.get(dot_pad(d), SMALLEST_TILE)
+
+
+def local_tiles(s: int, N: int) -> Tuple[int, int, int]:
+    """(BLOCK_P, num_warps, CK) of the local-branch recompute: one large tile and one channel chunk
+    under the interpreter."""
+    if interpreting():
+        return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4, dot_pad(s)
+    return LOCAL_TILES.get(dot_pad(s), SMALLEST_TILE + (16,))
+
+
+def _fp32_dots(like: Tensor) -> DotVariant:
+    from .statistics import statistics_dots
+    return statistics_dots(like)
+
+
+def plan_recompute_attention(P: Tensor, H: int, W: int, wts: FoldedGMAWeights, tiles: Optional[Tuple[int, int]] = None,
+                             dots: Optional[DotVariant] = None) -> Tuple[Dict[str, Tensor], Launch]:
+    """Buffers (R (B, C', H, W), part_m, part_l (B, SPLITS, C'), part_acc (B, SPLITS, C', d), fp32)
+    and the launch of `gma_recompute_attention_kernel` over P (3B, C', H, W) fp32, without
+    launching (meta tensors work)."""
+    I, cp, _, _ = P.shape
+    B, N, d = I // 3, H * W, cp // NUM_HEADS
+    if P.dtype != torch.float32 or not P.is_contiguous():
+        raise TypeError(f"P: a contiguous fp32 (3B, C', H, W) tensor expected, got {P.dtype}, strides {P.stride()}")
+    bp, warps = tiles or attention_tiles(d, N)
+    splits, tps = split_plan(N, B, bp, SPLIT_TARGET, NUM_HEADS)
+    f32 = dict(dtype=torch.float32, device=P.device)
+    buf = {"R": torch.empty(B, cp, H, W, **f32), "part_m": torch.empty(B, splits, cp, **f32),
+           "part_l": torch.empty(B, splits, cp, **f32), "part_acc": torch.empty(B, splits, cp, d, **f32)}
+    crpe = [w.float().contiguous() for w in (wts.crpe_w3, wts.crpe_w5, wts.crpe_w7, wts.crpe_b)]
+    dots = dots or _fp32_dots(P)
+    args = (P, buf["R"], buf["part_m"], buf["part_l"], buf["part_acc"], *crpe, N, H, W, tps)
+    kwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bp, DOT_PRECISION=dots.precision,
+                  EMULATE_DOTS=dots.emulate, num_warps=warps)
+    return buf, (gma_recompute_attention_kernel, (splits, NUM_HEADS, B), args, kwargs)
+
+
+def merge_softmax_partials(part_m: Tensor, part_l: Tensor, part_acc: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(k_max, k_sum, KV) from the per-split partials (B, SPLITS, C'[, d]): k_max = max over the
+    splits, k_sum = sum e^(M_t - k_max) L_t, KV = sum e^(M_t - k_max) ACC_t / k_sum, shaped
+    (B, 8, d), (B, 8, d), (B, 8, d, d) (every split holds tokens: its M is finite)."""
+    B, _, cp = part_m.shape
+    d = cp // NUM_HEADS
+    k_max = part_m.amax(dim=1)
+    wgt = torch.exp(part_m - k_max[:, None])
+    k_sum = (wgt * part_l).sum(dim=1)
+    kv = (wgt[..., None] * part_acc).sum(dim=1) / k_sum[..., None]
+    return k_max.view(B, NUM_HEADS, d), k_sum.view(B, NUM_HEADS, d), kv.view(B, NUM_HEADS, d, d)
+
+
+def plan_recompute_local(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
+                         tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None
+                         ) -> Tuple[Dict[str, Tensor], Launch]:
+    """Buffers (u4, w4 (B, 3s, H, W), xh4 (B, s, H, W), rstd4 (B, 1, H, W), fp32) and the launch of
+    `gma_recompute_local_kernel`, without launching (meta tensors work). qkv: (B, N, 3C)."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    s = C // 5
+    if qkv.stride(2) != 1:
+        qkv = qkv.contiguous()
+    bp, warps, ck = tiles or local_tiles(s, N)
+    splits, tps = split_plan(N, B, bp, SPLIT_TARGET, 1)
+    f32 = dict(dtype=torch.float32, device=qkv.device)
+    buf = {"u4": torch.empty(B, 3 * s, H, W, **f32), "w4": torch.empty(B, 3 * s, H, W, **f32),
+           "xh4": torch.empty(B, s, H, W, **f32), "rstd4": torch.empty(B, 1, H, W, **f32)}
+    dots = dots or _fp32_dots(qkv)
+    args = (qkv, buf["u4"], buf["w4"], buf["xh4"], buf["rstd4"], wts.local_dw.float().contiguous(),
+            wts.local_pw.float().contiguous(), N, H, W, qkv.stride(0), qkv.stride(1), tps, float(ln_eps))
+    kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), CK=min(ck, dot_pad(s)), BLOCK_P=bp, DOT_PRECISION=dots.precision,
+                  EMULATE_DOTS=dots.emulate, num_warps=warps)
+    return buf, (gma_recompute_local_kernel, (splits, B), args, kwargs)
+
+
+def _launch(launches: List[Launch], like: Tensor) -> None:
+    from .launcher import device_guard, wrap_triton
+    with device_guard(like):
+        for kernel, grid, args, kwargs in launches:
+            wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float) -> Dict[str, Tensor]:
+    """`backward.recompute` on kernels (`backward.Stages.recompute` of `train_op.triton_stages`):
+    the keys the Triton stages read, Z, P, u, y, KV, k_max, k_sum, R, u4, w4, xh4, rstd4 (not Ks,
+    pre_act, streams: the PyTorch stages' own). Three launches (module docstring). Compute dtypes
+    other than float32 (float64 inputs) take the PyTorch `backward.recompute`."""
+    from .statistics import recompute_planes
+    if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
+        from .backward import recompute as torch_recompute
+        return torch_recompute(qkv, H, W, wts, ln_eps)
+    Z, P, u, y = recompute_planes(qkv, H, W, wts)
+    att, la = plan_recompute_attention(P, H, W, wts)
+    loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps)
+    _launch([la, ll], qkv)
+    k_max, k_sum, KV = merge_softmax_partials(att["part_m"], att["part_l"], att["part_acc"])
+    return dict(Z=Z, P=P, u=u, y=y, KV=KV, k_max=k_max, k_sum=k_sum, R=att["R"], u4=loc["u4"], w4=loc["w4"],
+                xh4=loc["xh4"], rstd4=loc["rstd4"])
