@@ -187,6 +187,35 @@ def test_local_backward(prob):
     check(got, ref32, oracle, "local_backward")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_input_gradients_into_d_qkv(prob, dtype):
+    """b3_fused and local_backward with ``d_qkv`` (the Triton stage set's ``into_d_qkv``): their
+    input gradients stored straight into the qkv gradient (B, N, 3C), in its dtype, equal to
+    the same kernels' returned gradients assembled as `pre_projection_backward` does without it
+    (`backward.qkv_from_streams`, then the cast: the same fp32 values, the platform's rounding),
+    every element written (the buffer starts as NaN); the weight gradients unchanged."""
+    rc32, wts32 = _fp32(prob.rc), _fp32(prob.wts)
+    G32, dL32 = _fp32(prob.G), _fp32(prob.dL)
+    B, s, H, W = dL32.shape
+    du, g_dw, g_pw = agb.b3_fused(G32, rc32, wts32, *prob.dz_args(_fp32))
+    du4, *g_local = agb.local_backward(dL32, rc32, wts32)
+    seg = torch.stack(du, dim=1).view(3, B, 4, s, H, W)
+    loc = du4.view(B, 3, s, H, W).transpose(0, 1)[:, :, None]
+    expect = bw.qkv_from_streams(torch.cat([seg, loc], dim=2))
+    if dtype == torch.bfloat16 and interpreting():
+        # the Triton interpreter converts fp32 to bf16 by truncation (checked: every one of 1024
+        # random values; the GPU rounds to nearest even, as torch does)
+        expect = (expect.view(torch.int32) & -65536).view(torch.float32)
+    expect = expect.to(dtype)
+    d_qkv = torch.full((B, H * W, 15 * s), float("nan"), dtype=dtype, device=DEVICE)
+    none, g_dw2, g_pw2 = agb.b3_fused(G32, rc32, wts32, *prob.dz_args(_fp32), d_qkv=d_qkv)
+    none4, *g_local2 = agb.local_backward(dL32, rc32, wts32, d_qkv=d_qkv)
+    assert none == [None] * 4 and none4 is None
+    torch.testing.assert_close(d_qkv, expect, rtol=0, atol=0)
+    for a, b in zip(g_dw2 + [g_pw2] + g_local2, g_dw + [g_pw] + g_local):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ ahead-of-time compile, real shape
 _AOT_SCRIPT = r"""
 import json, sys, torch
@@ -204,7 +233,8 @@ stats = torch.empty(4, C // 5, **meta)
 out, seen = [], set()
 for arch in map(int, sys.argv[1:]):
     dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
-    for fn, grid, args, kwargs in agb.plan_stages(torch.empty_like(rc["Z"]), rc, wts, stats, stats, dots):
+    d_qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float16, **meta)   # the input gradient of fp16 inputs
+    for fn, grid, args, kwargs in agb.plan_stages(torch.empty_like(rc["Z"]), rc, wts, stats, stats, dots, d_qkv):
         spec = sp.specialize_launch(fn, arch, args, kwargs)
         if spec.key not in seen:
             seen.add(spec.key)
@@ -216,8 +246,9 @@ print(json.dumps(out))
 def test_aot_compile_real_shape_no_spills(tmp_path):
     """Each new kernel, at the specialisation the launchers make for C=320, 14x14, batch 128,
     fp32 with batch statistics (fused and unfused B3: pointwise DZ_MODE 0 and 2; the stencil
-    at 3x3, 5x5, 7x7 over s channels and 3x3 over the local branch's 3s; the local branch),
-    compiles for sm_80 and sm_90 with no register spills (-s prints the figures)."""
+    at 3x3, 5x5, 7x7 over s channels and 3x3 over the local branch's 3s; the local branch; the
+    input-gradient stores into an fp16 qkv gradient), compiles for sm_80 and sm_90 with no register
+    spills (-s prints the figures)."""
     if not have_triton_nvidia_backend():
         pytest.skip("Triton's NVIDIA backend / ptxas is not available")
     env = triton_compile_env()
@@ -233,7 +264,8 @@ def test_aot_compile_real_shape_no_spills(tmp_path):
         res += json.loads(lines[-1])
     assert sorted({(r["function"], r["arch"]) for r in res}) == sorted((f.__name__, a) for f in agb.KERNELS
                                                                       for a in (80, 90))
-    assert len(res) == 2 * 9          # per arch: bn, dz, pw x 2 modes, dw x (3 windows + local 3x3), local
+    # per arch: bn, dz, pw x 2 modes, dw x (3 windows + local 3x3), local; into the fp16 d_qkv: dz, dw x 4
+    assert len(res) == 2 * 14
     for r in res:
         print(f"{r['label']} sm_{r['arch']}: {r['registers']} registers, spill stores {r['spill_stores']} B, "
               f"loads {r['spill_loads']} B, stack {r['stack']} B")

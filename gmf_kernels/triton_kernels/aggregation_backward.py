@@ -48,6 +48,16 @@ only, 12 s B) and the dz kernel writes segment 0's du (= its dZ) only (12 s B; e
 element, nothing next to the s x s mixes. `b3_dz` and `b3_pointwise_depthwise` stay
 available with backward.py's signatures (the unfused pair).
 
+Where the input gradients go: `gma_dz_kernel` (segment 0's du = its dZ) and `gma_dw_backward_kernel`
+(the stencils of segments 1..3 and of the local branch) store through a `Scatter` layout: a fresh
+(I, NC, N) fp32 buffer (the stage functions' contract), or, given ``d_qkv`` (the Triton stage
+set: `backward.Stages.into_d_qkv`), the elements' own places in the qkv gradient (B, N, 3C), in
+qkv's dtype. Per token, in units of s x 4 bytes: the assembly `backward.pre_projection_backward`
+does otherwise -- stack du_0..3 (read and write 12), cat with the local branch's (read and
+write 15 each), the layout copy back to (B, N, 3C) (15 + 15) and the cast (15 read, 15 e / 4
+written) -- is about 100 units, the stores into d_qkv 15 e / 4 (the fp32 buffers' own writes,
+15, not made either).
+
 Why dy goes through memory (scratch (3, 3B, s, N) fp32) between the two B3 kernels: du
 needs dy on the stencil halo (up to 3 rows/cols around the tile), and a register tile
 cannot be shifted; recomputing dy = pwᵀ dz per tap would cost KS² channel mixes (49 s²
@@ -71,7 +81,7 @@ Bounds aimed at, from byte and FLOP counts (not measured: no GPU here):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -98,6 +108,14 @@ def _tile_range(split, tiles_per_split, M, BLOCK_P: tl.constexpr):
     """Tiles [t0, t1) of this split."""
     t0 = split * tiles_per_split
     return t0, tl.minimum(t0 + tiles_per_split, tl.cdiv(M, BLOCK_P))
+
+
+@triton.jit
+def _scatter_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix):
+    """[channels, pixels] offsets of elements (image img, channel c, pixel n) in a `Scatter` layout
+    (a launcher's contiguous (I, NC, N) buffer, or their places in the qkv gradient)."""
+    pix = (img // img_group) * s_img_group + (img % img_group) * s_img + n * s_pix
+    return ((c // ch_group) * s_ch_group + (c % ch_group) * s_ch)[:, None] + pix[None, :]
 
 
 @triton.jit
@@ -161,12 +179,14 @@ def gma_bn_grad_kernel(dP, Z, pre_act, G, part, bn_scale, bn_shift, mean, rstd, 
         tl.store(dst + 2 * CP, tl.sum(acc_gzh, axis=1), mask=cm)
 
 
-@triton.jit(do_not_specialize=["M", "N", "tiles_per_split", "c_lo"])
+@triton.jit(do_not_specialize=["M", "N", "tiles_per_split", "c_lo", "img_group", "ch_group"])
 def gma_dz_kernel(G, Z, dZ, coefs, M, N, tiles_per_split, c_lo,
+              img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
               CP: tl.constexpr, NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
               BATCH_STATS: tl.constexpr):
     """Grid (SPLITS, cdiv(NC, BLOCK_C)): dZ (3B, NC, N) = channels [c_lo, c_lo + NC) of
-    `_dz_from_g`(G, Z), G and Z (3B, CP, N); coefs (3, CP) fp32: `dz_coefficients`."""
+    `_dz_from_g`(G, Z), G and Z (3B, CP, N); coefs (3, CP) fp32: `dz_coefficients`. dZ is stored
+    in the `Scatter` layout (img_group .. s_pix), in dZ's element type."""
     split = tl.program_id(0)
     k = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     km = k < NC
@@ -185,7 +205,8 @@ def gma_dz_kernel(G, Z, dZ, coefs, M, N, tiles_per_split, c_lo,
         else:
             zv = gv
         out = _dz_from_g(gv, zv, ka, kz, k0, BATCH_STATS)
-        tl.store(dZ + k[:, None] * N + (img * (NC * N) + n)[None, :], out, mask=m2)
+        dst = _scatter_offsets(img, n, k, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix)
+        tl.store(dZ + dst, out.to(dZ.dtype.element_ty), mask=m2)
         t += 1
 
 
@@ -253,15 +274,18 @@ def gma_pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
     tl.store(dst + ch[:, None] * S_PAD + ci[None, :], acc)
 
 
-@triton.jit(do_not_specialize=["M", "N", "H", "W", "KS", "tiles_per_split"])
+@triton.jit(do_not_specialize=["M", "N", "H", "W", "KS", "tiles_per_split", "img_group", "ch_group"])
 def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_split,
                        stride_db, stride_dc, stride_dn, stride_ub, stride_uc, stride_un,
+                       img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
                        NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TAPS_PAD: tl.constexpr):
     """Backward of a depthwise KSxKS "same" convolution out = dwconv(u, w), w (NC, KS, KS) fp32.
 
     Grid (SPLITS, cdiv(NC, BLOCK_C)). dy: gradient of the output, u: the forward input, both
-    images with strides (image, channel, pixel); du (3B, NC, N) contiguous fp32 <- the input
-    gradient sum_t w[c, t] dy[c, p - t + R] (zero outside the image); part_gw (SPLITS,
+    images with strides (image, channel, pixel); du <- the input gradient sum_t w[c, t]
+    dy[c, p - t + R] (zero outside the image), in the `Scatter` layout (img_group .. s_pix: a
+    contiguous (I, NC, N) fp32 buffer, or the places of these channels in the qkv gradient, in
+    its dtype); part_gw (SPLITS,
     cdiv(NC, BLOCK_C) * BLOCK_C, TAPS_PAD) fp32 <- this program's sum_p u[c, p] dy[c, p - t + R]
     at tap t = ky KS + kx (TAPS_PAD >= KS², a power of two). The taps are runtime loops
     (one instance per TAPS_PAD serves every KS <= sqrt(TAPS_PAD); see `depthwise_tile`)."""
@@ -296,7 +320,8 @@ def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_spli
                 acc_w += tl.where(taps[None, :] == ky * KS + kx, part[:, None], 0.0)
                 kx += 1
             ky += 1
-        tl.store(du + c[:, None] * N + (img * (NC * N) + n)[None, :], acc, mask=m2)
+        dst = _scatter_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix)
+        tl.store(du + dst, acc.to(du.dtype.element_ty), mask=m2)
         t += 1
     nc_pad = tl.num_programs(1) * BLOCK_C
     tl.store(part_gw + (split * nc_pad + c)[:, None] * TAPS_PAD + taps[None, :], acc_w)
@@ -370,6 +395,48 @@ KERNELS = (gma_bn_grad_kernel, gma_dz_kernel, gma_pw_backward_kernel, gma_dw_bac
 # ================================================================ launchers
 #: one launch: (kernel, grid, positional args, keyword args incl. constexprs and num_warps)
 Launch = Tuple[object, Tuple[int, ...], tuple, Dict[str, object]]
+
+
+class Scatter(NamedTuple):
+    """Where a kernel stores element (image i, channel c, pixel n) of its (I, NC, N) input
+    gradient: base + (i // img_group) s_img_group + (i % img_group) s_img + (c // ch_group)
+    s_ch_group + (c % ch_group) s_ch + n s_pix, in base's dtype. Either a fresh contiguous fp32
+    buffer (`contiguous_scatter`) or the channels' places in the qkv gradient (B, N, 3C)
+    (`qkv_scatter`), so that the backward writes d_qkv once, in qkv's dtype, instead of a stack,
+    a cat, a layout copy and a cast of the per-segment gradients (`backward.qkv_from_streams`)."""
+    base: Tensor
+    img_group: int
+    s_img_group: int
+    s_img: int
+    ch_group: int
+    s_ch_group: int
+    s_ch: int
+    s_pix: int
+
+    @property
+    def args(self) -> tuple:
+        return tuple(self[1:])
+
+
+def contiguous_scatter(t: Tensor) -> Scatter:
+    """The layout of a contiguous (I, NC, H, W) tensor."""
+    I, NC, H, W = t.shape
+    return Scatter(t, I, 0, NC * H * W, NC, 0, H * W, 1)
+
+
+def qkv_scatter(d_qkv: Tensor, segment: int) -> Scatter:
+    """The places in d_qkv (B, N, 3C), contiguous, of a segment's input gradient: segment 0..3 as
+    the stage tensors hold it, (3B, s, N) with image which * B + b (which = q, k, v); segment 4 (the
+    local branch) as (B, 3s, N) with channel which * s + c."""
+    B, N, C3 = d_qkv.shape
+    C = C3 // 3
+    s = C // 5
+    if not d_qkv.is_contiguous():
+        raise ValueError("d_qkv must be contiguous")
+    base = d_qkv[..., segment * s:]
+    if segment < 4:
+        return Scatter(base, B, C, N * C3, s, 0, 1, C3)
+    return Scatter(base, B, 0, N * C3, s, C, 1, C3)
 
 #: pixels per tile under the interpreter: a 7x7 stencil pass costs ~10 NumPy operations per
 #: tap and tile whatever the tile's size, so few large tiles (14x14 at batch 1: two tiles,
@@ -478,10 +545,11 @@ def plan_bn_sums(dP: Tensor, Z: Tensor, bn_scale: Tensor, bn_shift: Tensor, mean
     return buf, [(gma_bn_grad_kernel, (splits, cblocks), args, kw)]
 
 
-def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int
+def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int, out: Optional[Scatter] = None
             ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffer dZ (3B, nc, H, W) and the launch of `gma_dz_kernel` on channels [c_lo, c_lo + nc)
-    (coefs: `dz_coefficients`; stats: batch statistics, Z read)."""
+    (coefs: `dz_coefficients`; stats: batch statistics, Z read); out: store there instead (no
+    buffer: buf["dZ"] is None)."""
     G, Z = _check(G, "G"), _check(Z, "Z")
     I, CP, H, W = G.shape
     N, M = H * W, I * H * W
@@ -489,8 +557,9 @@ def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int
     block_c = min(tiles.BLOCK_C, next_pow2(nc))
     cblocks = triton.cdiv(nc, block_c)
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
-    buf = {"dZ": torch.empty(I, nc, H, W, dtype=torch.float32, device=G.device)}
-    args = (G, Z, buf["dZ"], coefs, M, N, tps, c_lo)
+    buf = {"dZ": None if out is not None else torch.empty(I, nc, H, W, dtype=torch.float32, device=G.device)}
+    out = out or contiguous_scatter(buf["dZ"])
+    args = (G, Z, out.base, coefs, M, N, tps, c_lo, *out.args)
     kw = dict(CP=CP, NC=nc, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, BATCH_STATS=stats, num_warps=tiles.WARPS)
     return buf, [(gma_dz_kernel, (splits, cblocks), args, kw)]
 
@@ -524,10 +593,12 @@ def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coe
     return buf, [(gma_pw_backward_kernel, (blocks, splits), args, kw)]
 
 
-def plan_dw_backward(dy: Tensor, u: Tensor, w: Tensor) -> Tuple[Dict[str, Tensor], List[Launch]]:
+def plan_dw_backward(dy: Tensor, u: Tensor, w: Tensor, out: Optional[Scatter] = None
+                     ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers (du (I, c, H, W), part_gw) and the launch of `gma_dw_backward_kernel` for the
     depthwise "same" convolution dwconv(u, w), w (c, k, k), given dy (I, c, H, W): generic
-    (the CRPE's 3x3/5x5/7x7 depthwise backward can use it as is)."""
+    (the CRPE's 3x3/5x5/7x7 depthwise backward can use it as is). out: store du there instead
+    (buf["du"] is None)."""
     I, NC, H, W = u.shape
     KS = w.shape[-1]
     N, M = H * W, I * H * W
@@ -542,15 +613,17 @@ def plan_dw_backward(dy: Tensor, u: Tensor, w: Tensor) -> Tuple[Dict[str, Tensor
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
     taps_pad = next_pow2(KS * KS)
     dev = u.device
-    buf = {"du": torch.empty(I, NC, H, W, dtype=torch.float32, device=dev),
+    buf = {"du": None if out is not None else torch.empty(I, NC, H, W, dtype=torch.float32, device=dev),
            "part_gw": torch.empty(splits, cblocks * block_c, taps_pad, dtype=torch.float32, device=dev)}
-    args = (dy_, u_, w.contiguous(), buf["du"], buf["part_gw"], M, N, H, W, KS, tps, sdb, sdc, sdn, sub, suc, sun)
+    out = out or contiguous_scatter(buf["du"])
+    args = (dy_, u_, w.contiguous(), out.base, buf["part_gw"], M, N, H, W, KS, tps, sdb, sdc, sdn, sub, suc, sun,
+            *out.args)
     kw = dict(NC=NC, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, TAPS_PAD=taps_pad, num_warps=tiles.WARPS)
     return buf, [(gma_dw_backward_kernel, (splits, cblocks), args, kw)]
 
 
-def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, dots: DotVariant
-                        ) -> Tuple[Dict[str, Tensor], List[Launch]]:
+def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, dots: DotVariant,
+                        out: Optional[Scatter] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers (dw4 (B, 3s, H, W), part_gpw, part_ln, then du4 and part_gw of the depthwise)
     and the two launches of the local branch: `gma_local_backward_kernel`, `gma_dw_backward_kernel`."""
     B, S, H, W = dL.shape
@@ -572,16 +645,17 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
             buf["dw4"], buf["part_gpw"], buf["part_ln"], M, N, tps, slb, slc, sln)
     kw = dict(S=S, S_PAD=S_PAD, BLOCK_I=block_i, BLOCK_P=tiles.PW_BLOCK_P, DOT_PRECISION=dots.precision,
               EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
-    bufd, ld = plan_dw_backward(buf["dw4"], rc["u4"], wts.local_dw)
+    bufd, ld = plan_dw_backward(buf["dw4"], rc["u4"], wts.local_dw, out)
     buf.update(bufd)
     return buf, [(gma_local_backward_kernel, (blocks, splits), args, kw)] + ld
 
 
 def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor],
-                rstd: Optional[Tensor], dots: DotVariant) -> List[Launch]:
+                rstd: Optional[Tensor], dots: DotVariant, d_qkv: Optional[Tensor] = None) -> List[Launch]:
     """Every launch of one backward call, fused and unfused B3 both, and the local branch (the
     launchers' own plans, nothing run): on meta tensors, what the ahead-of-time compile check
-    specialises."""
+    specialises. d_qkv (B, N, 3C) given: also the input-gradient stores into it (`qkv_scatter`:
+    segment 0's dZ, the three stencils, the local branch's), as the Triton stage set runs them."""
     CP = dP.shape[1]
     stats = mean is not None
     coefs = dP.new_empty(3, CP)
@@ -597,6 +671,11 @@ def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: 
     B, s, H, W = rc["xh4"].shape
     dL = torch.empty(B, H * W, 5 * s, dtype=dP.dtype, device=dP.device)[..., 4 * s:].transpose(1, 2)
     launches += plan_local_backward(dL.reshape(B, s, H, W), rc, wts, dots)[1]    # dL: the view backward.py makes
+    if d_qkv is not None:
+        launches += plan_dz(G, rc["Z"], coefs, stats, 0, s, qkv_scatter(d_qkv, 0))[1]
+        for j in (1, 2, 3):
+            launches += plan_dw_backward(buf["dy"][j - 1], rc["u"][j], dws[j - 1], qkv_scatter(d_qkv, j))[1]
+        launches += plan_local_backward(dL.reshape(B, s, H, W), rc, wts, dots, qkv_scatter(d_qkv, 4))[1]
     return launches
 
 
@@ -635,13 +714,15 @@ def b3_dz(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optiona
     return buf["dZ"]
 
 
-def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
-                       ) -> Tuple[List[Tensor], List[Tensor], Tensor]:
-    """Segments 1..3: the pointwise kernel, then one stencil launch per segment; (du_1..3, g_dw, g_pw)."""
+def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights,
+                       d_qkv: Optional[Tensor] = None) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
+    """Segments 1..3: the pointwise kernel, then one stencil launch per segment; (du_1..3, g_dw, g_pw)
+    (d_qkv given: du_j stored there, `qkv_scatter`, and returned as None)."""
     s = dz_src.shape[1] // 4
     bufp, lp = plan_pw_backward(dz_src, rc["Z"], rc["y"], wts.pw, coefs, mode, dot_variant(dz_src))
     dws = (wts.dw3, wts.dw5, wts.dw7)
-    plans = [plan_dw_backward(bufp["dy"][j - 1], rc["u"][j], dws[j - 1]) for j in (1, 2, 3)]
+    plans = [plan_dw_backward(bufp["dy"][j - 1], rc["u"][j], dws[j - 1],
+                              None if d_qkv is None else qkv_scatter(d_qkv, j)) for j in (1, 2, 3)]
     _launch(lp + [p[1][0] for p in plans], dz_src)
     g_pw = bufp["part_gpw"].sum(0)[:, :s, :s]
     g_dw = [b["part_gw"].sum(0)[:s, :(2 * j + 1) ** 2].reshape(s, 2 * j + 1, 2 * j + 1)
@@ -659,26 +740,31 @@ def b3_pointwise_depthwise(dZ: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeig
 
 
 def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor], rstd: Optional[Tensor],
-             sum_g: Tensor, sum_gzh: Optional[Tensor], count) -> Tuple[List[Tensor], List[Tensor], Tensor]:
+             sum_g: Tensor, sum_gzh: Optional[Tensor], count, d_qkv: Optional[Tensor] = None
+             ) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
     """`b3_dz` followed by `b3_pointwise_depthwise` with dZ formed in the pointwise kernel's
     prologue (dZ of segments 1..3 never written; module docstring: the byte count); segment
-    0's du (= its dZ) by `gma_dz_kernel`. Arguments as `b3_dz`, returns as `b3_pointwise_depthwise`."""
+    0's du (= its dZ) by `gma_dz_kernel`. Arguments as `b3_dz`, returns as `b3_pointwise_depthwise`;
+    d_qkv (B, N, 3C) given: du_0..3 are stored straight into its segments 0..3 (`qkv_scatter`, in
+    its dtype) and returned as None."""
     s = G.shape[1] // 4
     stats = mean is not None
     coefs = dz_coefficients(wts.bn_scale, mean, rstd, sum_g, sum_gzh, count)
-    buf0, l0 = plan_dz(G, rc["Z"], coefs, stats, 0, s)
+    buf0, l0 = plan_dz(G, rc["Z"], coefs, stats, 0, s, None if d_qkv is None else qkv_scatter(d_qkv, 0))
     _launch(l0, G)
-    du, g_dw, g_pw = _segments_backward(G, 2 if stats else 1, coefs, rc, wts)
+    du, g_dw, g_pw = _segments_backward(G, 2 if stats else 1, coefs, rc, wts, d_qkv)
     return [buf0["dZ"]] + du, g_dw, g_pw
 
 
-def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights) -> Tuple[Tensor, ...]:
+def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_qkv: Optional[Tensor] = None
+                   ) -> Tuple[Optional[Tensor], ...]:
     """`backward.local_backward` on `gma_local_backward_kernel` + `gma_dw_backward_kernel` (3x3 over
     the 3s channels): (du4 (B, 3s, H, W), g_local_dw (3s, 3, 3), g_local_pw (s, 3s),
-    g_ln_weight (s,), g_ln_bias (s,))."""
+    g_ln_weight (s,), g_ln_bias (s,)); d_qkv (B, N, 3C) given: du4 is stored straight into its
+    segment 4 (`qkv_scatter`, in its dtype) and returned as None."""
     B, S, H, W = dL.shape
     S_PAD = dot_pad(S)
-    buf, launches = plan_local_backward(dL, rc, wts, dot_variant(dL))
+    buf, launches = plan_local_backward(dL, rc, wts, dot_variant(dL), None if d_qkv is None else qkv_scatter(d_qkv, 4))
     _launch(launches, dL)
     g_lpw = buf["part_gpw"].sum(0).view(S_PAD, 3, S_PAD)[:S, :, :S].reshape(S, 3 * S)
     ln = buf["part_ln"].sum(0)

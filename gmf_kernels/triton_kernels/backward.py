@@ -254,13 +254,18 @@ class Stages(NamedTuple):
     functions above): `TORCH_STAGES` here, the Triton kernels' set in `train_op.triton_stages`.
     ``b3`` is B3 whole (dZ, then the pointwise/depthwise gradients), so that a kernel set may
     fuse the dZ epilogue into the pointwise kernel. ``recompute`` rebuilds what the stages read
-    (`recompute` here unless a set says otherwise: the Triton set's is recompute.py's kernels)."""
+    (`recompute` here unless a set says otherwise: the Triton set's is recompute.py's kernels).
+    ``into_d_qkv``: ``b3`` and ``local_backward`` take a keyword ``d_qkv`` (the qkv gradient,
+    (B, N, 3C) in qkv's dtype, allocated by `pre_projection_backward`) and store their input
+    gradients there themselves (returning None for them), instead of returning them for
+    `qkv_from_streams` to assemble (a stack, a cat, a layout copy and a cast)."""
     b1_dkv: Callable
     b2_proxy_grads: Callable
     b2_bn_sums: Callable   # (dP, rc, mean, rstd, wts)
     b3: Callable           # (G, rc, wts, mean, rstd, sum_g, sum_gzh, count) -> (du, g_dw, g_pw)
     local_backward: Callable
     recompute: Callable = recompute     # (qkv, H, W, wts, ln_eps) -> the dict the stages read
+    into_d_qkv: bool = False
 
 
 def _b3_torch(G, rc, wts, mean, rstd, sum_g, sum_gzh, count):
@@ -306,12 +311,16 @@ def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: 
         if reduce_sums is not None:
             both = reduce_sums(torch.cat([sum_g, sum_gzh]))
             sg, sgzh = both[:cp], both[cp:]
-    du, g_dw, g_pw = stages.b3(G, rc, wts, mean, rstd, sg, sgzh, count)
-    du4, g_ldw, g_lpw, g_lnw, g_lnb = stages.local_backward(dL, rc, wts)
-
-    seg = torch.stack(du, dim=1).view(3, B, 4, s, H, W)
-    loc = du4.view(B, 3, s, H, W).transpose(0, 1)[:, :, None]
-    d_qkv = qkv_from_streams(torch.cat([seg, loc], dim=2)).to(qkv.dtype)
+    if stages.into_d_qkv:
+        d_qkv = torch.empty(B, N, C3, dtype=qkv.dtype, device=qkv.device)
+        _, g_dw, g_pw = stages.b3(G, rc, wts, mean, rstd, sg, sgzh, count, d_qkv=d_qkv)
+        _, g_ldw, g_lpw, g_lnw, g_lnb = stages.local_backward(dL, rc, wts, d_qkv=d_qkv)
+    else:
+        du, g_dw, g_pw = stages.b3(G, rc, wts, mean, rstd, sg, sgzh, count)
+        du4, g_ldw, g_lpw, g_lnw, g_lnb = stages.local_backward(dL, rc, wts)
+        seg = torch.stack(du, dim=1).view(3, B, 4, s, H, W)
+        loc = du4.view(B, 3, s, H, W).transpose(0, 1)[:, :, None]
+        d_qkv = qkv_from_streams(torch.cat([seg, loc], dim=2)).to(qkv.dtype)
     grads = FoldedGMAWeights(
         bn_scale=sum_gz.view(4, s), bn_shift=sum_g.view(4, s),
         dw3=g_dw[0], dw5=g_dw[1], dw7=g_dw[2], pw=g_pw,

@@ -64,7 +64,7 @@ KERNEL_ORDER = {"gma_aggregate_kernel": 0, "gma_attention_kernel": 1, "gma_combi
                 "gma_recompute_z_kernel": 12, "gma_recompute_attention_kernel": 13,
                 "gma_recompute_local_kernel": 14}
 #: the argument whose element type names a specialisation's dtype
-DTYPE_ARGS = ("qkv", "q", "v")
+DTYPE_ARGS = ("qkv", "q", "v", "dZ", "du")
 
 
 @dataclass(frozen=True)
@@ -248,17 +248,21 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     if aggregation:
         rc = bw.recompute(torch.empty(B, N, 3 * C, **meta), H, W, weights, 1e-5)   # the real layouts of Z, u, y
         stats = torch.empty(4, s, **meta)
+        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
+        d_qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dt)      # the input gradient, in the input's dtype
         for mean in (stats, None):
-            launches += plan_stages(torch.empty_like(rc["Z"]), rc, weights, mean, mean, dots)
+            launches += plan_stages(torch.empty_like(rc["Z"]), rc, weights, mean, mean, dots, d_qkv)
     return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
 
 
 def backward_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
                              archs: Sequence[int] = AOT_ARCHS) -> List[Spec]:
     """Deduplicated backward specialisations (attention and aggregation) of the real calls
-    whose layers run the backward kernels (`config.BACKWARD_KERNELS_MAX_S_PAD`), fp32 compute."""
+    whose layers run the backward kernels (`config.BACKWARD_KERNELS_MAX_S_PAD`), fp32 compute;
+    every input dtype, for the stores of the input gradient in the input's dtype (the other
+    kernels' specialisations are the same for all three)."""
     from .config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2
-    calls = real_calls(dtypes=("fp32",)) if calls is None else calls
+    calls = real_calls() if calls is None else calls
     calls = {c: m for c, m in calls.items() if next_pow2(c.C // 5) <= BACKWARD_KERNELS_MAX_S_PAD}
     return _collect(calls, archs, lambda call, arch: backward_specializations_of_call(call, arch, True))
 

@@ -90,7 +90,7 @@ def triton_stages(s: int) -> Stages:
     if next_pow2(s) > BACKWARD_KERNELS_MAX_S_PAD:
         return TORCH_STAGES
     return Stages(b1_dkv=ab.b1_dkv, b2_proxy_grads=ab.b2_proxy_grads, b2_bn_sums=agb.b2_bn_sums,
-                  b3=agb.b3_fused, local_backward=agb.local_backward, recompute=rcp.recompute)
+                  b3=agb.b3_fused, local_backward=agb.local_backward, recompute=rcp.recompute, into_d_qkv=True)
 
 
 def triton_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
