@@ -14,8 +14,9 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
   env            versions, the GPU (nvidia-smi, torch), the tools (nvcc, compute-sanitizer)
   build          `python -m gmf_kernels.cuda build --archs <this GPU> -j <cores>` in the
                  background, while the Triton GPU tests run (GMF_REQUIRE_GPU=1:
-                 tests/test_gpu_real_shapes.py -k triton, tests/test_triton_kernels.py and the
-                 backward kernels' tests/test_triton_{attention,aggregation}_backward.py)
+                 tests/test_gpu_real_shapes.py -k triton, tests/test_triton_kernels.py, the
+                 backward kernels' tests/test_triton_{attention,aggregation}_backward.py and the
+                 training statistics / recompute kernels' tests/test_triton_{statistics,recompute}.py)
   tests          the CUDA GPU tests (GMF_REQUIRE_GPU=1): tests/test_gpu_real_shapes.py -k "not
                  triton" (GroupMixFormer-S stage grids at batch 128 and 1, every width, fp32/fp16/
                  bf16, the whole model against the reference) and tests/test_cuda_build.py -m gpu
@@ -125,9 +126,11 @@ PYTEST_BASE = ["-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider"]
 def pytest_runs(phase: str, golden_available: bool) -> List[Dict]:
     """The pytest invocations of a phase: name, test args, share of the phase's time."""
     if phase == "build":  # Triton only: runs while the CUDA module compiles
-        # the forward kernels' tests and the backward kernels' (on CUDA tensors when the interpreter is off)
+        # the forward kernels' tests, the backward kernels' and the training statistics / recompute
+        # kernels' (on CUDA tensors when the interpreter is off)
         tk = (["tests/test_triton_kernels.py", "tests/test_triton_attention_backward.py",
-               "tests/test_triton_aggregation_backward.py"] + ([] if golden_available else ["-k", "not golden"]))
+               "tests/test_triton_aggregation_backward.py", "tests/test_triton_statistics.py",
+               "tests/test_triton_recompute.py"] + ([] if golden_available else ["-k", "not golden"]))
         return [dict(name="triton_real_shapes", args=[REAL_SHAPES, "-k", "triton"], share=0.6, xdist=True),
                 dict(name="triton_kernels", args=tk, share=0.4, xdist=True)]
     if phase == "tests":

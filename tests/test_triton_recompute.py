@@ -29,12 +29,25 @@ triton = pytest.importorskip("triton")
 from gmf_kernels.triton_kernels import backward as bw  # noqa: E402
 from gmf_kernels.triton_kernels import recompute as rcp  # noqa: E402
 from gmf_kernels.triton_kernels import train_op  # noqa: E402,F401  (registers the ops)
+from gmf_kernels.triton_kernels._common import interpreting  # noqa: E402
 from helpers import ROOT, assert_within_reference_error, have_triton_nvidia_backend  # noqa: E402
 from helpers import random_folded_weights, record_calls, triton_compile_env  # noqa: E402
 
 FLOOR = 1e-7
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 NUM_HEADS = 8
+
+#: where the kernels run: CPU tensors through the interpreter, else the GPU (the oracles stay on the CPU)
+DEVICE = "cpu" if interpreting() else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is off", allow_module_level=True)
+
+
+def dev(x):
+    """x (a tensor or folded weights) on DEVICE."""
+    if isinstance(x, tuple):
+        return type(x)(*[dev(t) for t in x])
+    return x.to(DEVICE)
 
 
 def with_softmax_stats(rc, B):
@@ -50,7 +63,8 @@ def check(qkv, H, W, C, seed=0):
     B = qkv.shape[0]
     w32, w64 = random_folded_weights(C, F32, seed), random_folded_weights(C, F64, seed)
     eps = 1e-5
-    got = rcp.recompute(qkv, H, W, w32, eps)
+    got = {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu()
+           for k, v in rcp.recompute(dev(qkv), H, W, dev(w32), eps).items()}
     r32 = with_softmax_stats(bw.recompute(qkv, H, W, w32, eps), B)
     r64 = with_softmax_stats(bw.recompute(qkv.double(), H, W, w64, eps), B)
     assert set(got) == {"Z", "P", "u", "y", "KV", "k_max", "k_sum", "R", "u4", "w4", "xh4", "rstd4"}
@@ -132,7 +146,7 @@ def test_training_step_runs_the_recompute_kernels_once(monkeypatch):
     att = record_calls(monkeypatch, rcp, "plan_recompute_attention")
     loc = record_calls(monkeypatch, rcp, "plan_recompute_local")
     C, grid, B = 40, (3, 5), 2
-    check_train_float32("triton", C, grid, B, 0.1, 1)
+    check_train_float32("triton", C, grid, B, 0.1, 1, DEVICE)
     assert att == [(3 * B, 4 * C // 5, *grid)] and loc == [(B, grid[0] * grid[1], 3 * C)]
 
 

@@ -22,20 +22,20 @@ def make(C, H, W, B, seed=0, device="cpu"):
     return cast_weights(w, device=device), x.to(device)
 
 
-def run(backend, x0, size, w, dtype, training, momentum=0.1, steps=1):
+def run(backend, x0, size, w, dtype, training, momentum=0.1, steps=1, device="cpu"):
     """`steps` forwards (the running statistics compound), then one backward of the last output
-    on a private copy of w; returns out, {name: grad}, {buffer name: tensor}."""
-    wc = cast_weights(w, dtype)
+    on a private copy of w on `device`; returns out, {name: grad}, {buffer name: tensor}, on the CPU."""
+    wc = cast_weights(w, dtype, device=device)
     for _, t in named_fields(wc, PARAM_FIELDS):
         t.requires_grad_(True)
-    x = x0.detach().to(dtype).clone().requires_grad_(True)
+    x = x0.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
     for _ in range(steps):
         out = gmf_kernels.group_mix_attention(x, size, wc, training=training, bn_momentum=momentum, backend=backend)
     params = named_fields(wc, PARAM_FIELDS)
     lw = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     grads = torch.autograd.grad((out * lw.to(dtype=dtype, device=out.device)).sum(), [x] + [t for _, t in params])
-    named = {"x": grads[0], **{n: g for (n, _), g in zip(params, grads[1:])}}
-    return out.detach(), named, {n: t.clone() for n, t in named_fields(wc, BUFFER_FIELDS)}
+    named = {"x": grads[0].cpu(), **{n: g.cpu() for (n, _), g in zip(params, grads[1:])}}
+    return out.detach().cpu(), named, {n: t.clone().cpu() for n, t in named_fields(wc, BUFFER_FIELDS)}
 
 
 def compare(got, exp, tol, who):
@@ -75,12 +75,13 @@ def kink_distance(w, x, grid, training):
 FP32_TOL = 1e-5
 
 
-def check_train_float32(backend, C, grid, B, momentum, steps):
-    """float32 training against the float64 reference: output, every gradient, running statistics."""
-    skip_unless_supported(backend, training=True, needs_grad=True, dtype=torch.float32)
+def check_train_float32(backend, C, grid, B, momentum, steps, device="cpu"):
+    """float32 training against the float64 reference: output, every gradient, running statistics
+    (the backend runs on `device`, the float64 reference on the CPU)."""
+    skip_unless_supported(backend, training=True, needs_grad=True, dtype=torch.float32, device_type=device)
     w, x = make(C, *grid, B)
     exp = run("reference", x, grid, w, torch.float64, True, momentum, steps)
-    got = run(backend, x, grid, w, torch.float32, True, momentum, steps)
+    got = run(backend, x, grid, w, torch.float32, True, momentum, steps, device)
     compare(got, exp, FP32_TOL, f"{backend} train C{C}")
     assert int(got[2]["bn_num_batches_tracked[0]"]) == steps
     assert not torch.equal(got[2]["bn_running_mean[2]"], w.bn_running_mean[2].float())

@@ -11,12 +11,16 @@ statistics over the 3B images x H x W. `backward.statistics` (PyTorch ops) mater
 registers (`aggregation._tile`, `aggregation._dw_pw_heads`: the forward's own code for Z) and
 writes only per-program partial moments.
 
-**Grid** ``(SPLITS, 4, 3B)``: the N tokens of an image in tiles of BLOCK_P, the tiles in SPLITS
-contiguous runs (uniform split-N, `aggregation.split_plan`, 12 programs per image and split: 4
-segments x q/k/v; a cost-balanced plan like the forward aggregation's -- segment 0 costs almost
-nothing, the 7x7 segment ~5x the 3x3 one -- is not done yet). Program (split, seg, img) walks its run of tiles of image
-``img`` of Z's 3B (q images 0..B-1, then k, then v: upstream's order) for segment ``seg``
-and keeps, per channel of that segment, fp32 (mean, M2 = sum of squared deviations) of the
+**Grid** ``(R, 3B)``, cost-balanced as the forward aggregation's (`SegmentPlan`): the N tokens
+of an image in T tiles of BLOCK_P, segment j's tiles in ``splits[j]`` contiguous runs, in
+proportion to its cost per tile (`segment_costs`: segment 0 costs almost nothing, the 7x7
+segment ~3x the 3x3 one; `aggregation._balanced_splits`, about SPLIT_TARGET programs in all
+where the tiles allow, and with a large batch every program about the mean segment's work),
+R = sum_j splits[j] programs per image; program pid decodes its segment from the running sums
+of the four split counts (runtime ints, not specialised). (A uniform split, as before, gave
+every segment the same runs, so a 7x7 program took ~3x a 3x3 one and the segment-0 programs
+next to nothing.) Program (pid, img) walks its run of tiles of image ``img`` of Z's 3B (q
+images 0..B-1, then k, then v: upstream's order) for its segment ``seg`` and keeps, per channel of that segment, fp32 (mean, M2 = sum of squared deviations) of the
 values taken relative to a per-channel *shift* (the program's first tile's mean): each tile's
 mean and M2 are taken around the tile's own mean (two passes over registers), then merged
 into the running pair with Chan's formula
@@ -30,10 +34,10 @@ sum of squares over the 3B x N values of a channel -- 75 264 at C = 320 14x14 B 
 at 56x56 -- loses at least 2^-24 mean^2 / var of the variance to cancellation: 6e-2 at the
 test's offset of 1000 standard deviations; without the shift the tile means' rounding, ~2^-24
 |mean| each, put 1.6e-5 on that case's variance.) The program stores its mean as float64
-(shift + mean, exact) and its M2 as fp32, at row ``img * SPLITS + split``, columns
-``seg * s ..`` of two (3B * SPLITS, 4s) buffers; `merge_moments` combines the rows with
-Chan's parallel formula in closed form, in float64 (a tiny torch reduction over
-3B x SPLITS x 4s values):
+(shift + mean, exact) and its M2 as fp32, at row ``img * R + pid`` of two (3B R, s) buffers
+(a row holds its segment's s channels); `merge_segments` combines each segment's rows with
+Chan's parallel formula in closed form, in float64 (`merge_moments`, a tiny torch reduction
+over 3B x R x s values):
 
     n = sum n_r;  mean = sum n_r mean_r / n;  M2 = sum M2_r + sum n_r (mean_r - mean)^2
 
@@ -68,7 +72,8 @@ nothing about speed.
 ``gmf::triton_proxy_z``, `recompute_planes`: the first launch of recompute.py, the Triton stage
 set's `backward.Stages.recompute`). The backward needs Z itself, not its moments, the proxies
 P = hardswish(Z bn_scale + bn_shift) (B2 reads them), and the depthwise inputs u_j and outputs
-y_j (the depthwise and pointwise backward's inputs): the same grid ``(SPLITS, 4, 3B)`` and the
+y_j (the depthwise and pointwise backward's inputs): the same grid ``(R, 3B)`` (its own costs:
+`segment_costs` with the stores) and the
 same per-tile Z (`_dw_pw_heads` with its STORE_Y: a store of each depthwise chunk), stored
 instead of reduced, fp32 (the stages' compute dtype, `folding.compute_dtype`), channel-first as
 the stages read them: Z and P (3B, 4s, H, W), segment 0 of Z being qkv's segment 0 cast to fp32
@@ -92,14 +97,14 @@ temporaries (no pointwise outputs before a cat, no pre-activation, no copy of se
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import DotVariant, dot_variant, hardswish, interpreting
-from .aggregation import _dw_pw_heads, _tile, split_plan
+from .aggregation import _balanced_splits, _dw_pw_heads, _tile
 from .config import INTERPRETER_BLOCK_P, dot_pad, next_pow2
 
 Tensor = torch.Tensor
@@ -133,18 +138,28 @@ def _store_moments(shift, mean, m2, row, ch, kmask, part_mean, part_m2):
 
 
 @triton.jit
-def _program(qkv, N, stride_qkv_b, tiles_per_split, C: tl.constexpr, S: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (split, seg, img) of the ``(SPLITS, 4, 3B)`` grid (both kernels): (split, seg, img),
-    its run of tiles [t0, t1), its image's qkv rows (image img of Z's 3B: q images 0..B-1, then
-    k, then v) and the qkv channel of segment seg of that q / k / v."""
-    split = tl.program_id(0)
-    seg = tl.program_id(1)
-    img = tl.program_id(2)
-    B = tl.num_programs(2) // 3
-    t0 = split * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
+def _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3, C: tl.constexpr, S: tl.constexpr,
+             BLOCK_P: tl.constexpr):
+    """Program (pid, img) of the ``(R, 3B)`` grid (both kernels; R = splits0 + .. + splits3, the
+    cost-balanced plan, module docstring): (pid, seg, img), its run of tiles [t0, t1), its image's
+    qkv rows (image img of Z's 3B: q images 0..B-1, then k, then v) and the qkv channel of
+    segment seg of that q / k / v. Segment j owns programs [e_j, e_j+1) of an image
+    (e_0 = 0, e_j+1 = e_j + splits_j), each a run of ceil(T / splits_j) tiles."""
+    pid = tl.program_id(0)
+    img = tl.program_id(1)
+    B = tl.num_programs(1) // 3
+    T = tl.cdiv(N, BLOCK_P)
+    e1 = splits0
+    e2 = e1 + splits1
+    e3 = e2 + splits2
+    seg = (pid >= e1).to(tl.int32) + (pid >= e2).to(tl.int32) + (pid >= e3).to(tl.int32)
+    first = tl.where(seg == 0, 0, tl.where(seg == 1, e1, tl.where(seg == 2, e2, e3)))
+    sp = tl.where(seg == 0, splits0, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
+    tps = tl.cdiv(T, sp)
+    t0 = (pid - first) * tps
+    t1 = tl.minimum(t0 + tps, T)
     qkv_b = qkv + (img % B).to(tl.int64) * stride_qkv_b
-    return split, seg, img, t0, t1, qkv_b, (img // B) * C + seg * S
+    return pid, seg, img, t0, t1, qkv_b, (img // B) * C + seg * S
 
 
 @triton.jit
@@ -159,17 +174,17 @@ def _segment_filters(seg, dw3, dw5, dw7, pw, S: tl.constexpr):
     return dw, pw + (seg - 1) * S * S
 
 
-@triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
+@triton.jit(do_not_specialize=["N", "H", "W", "splits0", "splits1", "splits2", "splits3"])
 def gma_statistics_kernel(
     qkv, part_mean, part_m2, dw3, dw5, dw7, pw,
-    N, H, W, stride_qkv_b, stride_qkv_n, tiles_per_split,
+    N, H, W, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
     C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
     """Partial (mean, M2) of segment `seg` of image `img` (module docstring). A segment is two
     heads of D channels (the shapes `_dw_pw_heads` returns); segment 0 reads its two heads."""
-    split, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, tiles_per_split, C, S, BLOCK_P)
-    SPLITS = tl.num_programs(0)
+    pid, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3,
+                                                 C, S, BLOCK_P)
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
     shift0 = tl.zeros([D_PAD], dtype=tl.float32)
@@ -203,7 +218,7 @@ def gma_statistics_kernel(
             shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
             shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
             t += 1
-    row = (img * SPLITS + split).to(tl.int64) * (4 * S) + seg * S
+    row = (img * tl.num_programs(0) + pid).to(tl.int64) * S    # row pid of image img, the segment's s channels
     _store_moments(shift0, mean0, m2_0, row, kk, kmask, part_mean, part_m2)
     _store_moments(shift1, mean1, m2_1, row, D + kk, kmask, part_mean, part_m2)
 
@@ -214,10 +229,10 @@ def _store_channels(dst, ch, n, val, mask, N):
     tl.store(dst + ch[None, :] * N + n[:, None], val, mask=mask)
 
 
-@triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
+@triton.jit(do_not_specialize=["N", "H", "W", "splits0", "splits1", "splits2", "splits3"])
 def gma_recompute_z_kernel(
     qkv, z, p, u_all, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw,
-    N, H, W, stride_qkv_b, stride_qkv_n, tiles_per_split,
+    N, H, W, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
     C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
@@ -225,7 +240,8 @@ def gma_recompute_z_kernel(
     1, the depthwise input u_seg and output y_seg) for the tiles of program (split, seg, img):
     fp32, channel-first, z and p (3B, 4s, H, W), u_all and y_all (3, 3B, s, H, W) (module
     docstring, "Recompute"). Segment 0 is qkv's segment 0 cast to fp32 (it is its own u_0)."""
-    _, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, tiles_per_split, C, S, BLOCK_P)
+    _, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3,
+                                               C, S, BLOCK_P)
     plane = img.to(tl.int64) * (4 * S * N) + seg * S * N               # channel seg * s of image img
     z_seg = z + plane
     p_seg = p + plane
@@ -250,7 +266,7 @@ def gma_recompute_z_kernel(
             t += 1
     else:
         dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
-        img_j = ((seg - 1) * tl.num_programs(2) + img).to(tl.int64) * (S * N)   # image img of y_seg / u_seg
+        img_j = ((seg - 1) * tl.num_programs(1) + img).to(tl.int64) * (S * N)   # image img of y_seg / u_seg
         y_img = y_all + img_j
         u_img = u_all + img_j
         t = t0
@@ -283,9 +299,8 @@ def gma_recompute_z_kernel(
 STATS_TILES = {360: (32, 8, 16), 480: (32, 8, 16)}
 STATS_TILES_BY_DOTS = {"ieee": {200: (32, 8, 16)}}
 DEFAULT_TILE = (64, 8, 16)
-#: split-N: aim for about this many programs (12 per image and split)
+#: split-N: aim for about this many programs in all (`_grid_plan`)
 SPLIT_TARGET = 1024
-PROGRAMS_PER_IMAGE = 12
 
 
 def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
@@ -328,7 +343,51 @@ def statistics_dots(qkv: Tensor) -> DotVariant:
     return dot_variant(qkv.new_empty(0, dtype=torch.float32))
 
 
-def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], splits: int, tiles_per_split: int,
+class SegmentPlan(NamedTuple):
+    """Programs per image of the two kernels: ``splits[j]`` runs of ``ceil(tiles / splits[j])``
+    consecutive tiles for segment j (0..3), in proportion to its cost per tile (`segment_costs`)."""
+    tiles: int                      # T = ceil(N / BLOCK_P)
+    splits: Tuple[int, int, int, int]
+
+    @property
+    def programs(self) -> int:
+        """Programs per image (the grid's first dimension; one partial row each)."""
+        return sum(self.splits)
+
+    def rows(self, seg: int) -> Tuple[int, int]:
+        """The programs (partial rows) [first, last) of segment seg within an image."""
+        e = sum(self.splits[:seg])
+        return e, e + self.splits[seg]
+
+    def counts(self, seg: int, block_p: int, N: int) -> List[int]:
+        """Tokens of each run of segment seg (every run non-empty: `_balanced_splits`)."""
+        tps = -(-self.tiles // self.splits[seg]) * block_p
+        return [min(tps, N - k * tps) for k in range(self.splits[seg])]
+
+
+def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute: bool) -> Tuple[float, ...]:
+    """Estimated cost of one tile (BLOCK_P tokens of one of the 3B images) of each segment, in taps
+    (`aggregation.TAP_COST` and the other weights of its one cost model), as the kernels issue
+    the work (padded widths; Sc = ceil(s / CK) CK, Dp = D_PAD): segment 0 loads its two heads
+    (2 Dp elements), segment j = 1..3 runs Sc (2j+1)^2 taps and the s x s pointwise into two
+    heads (Sc 2 Dp multiply-adds); then per head pair the statistics kernel folds the moments
+    (~2 Dp elements), the recompute kernel stores Z and P (4 Dp) and, j >= 1, y_j and u_j (2 Sc
+    stores, Sc loads)."""
+    from .aggregation import DOT_MAC_COST, ELEMENT_COST, TAP_COST
+    bp, _, ck = tiles
+    s = C // 5
+    dp = dot_pad(s // 2)
+    sc = -(-s // ck) * ck
+    dot = DOT_MAC_COST[precision]
+    tail = 4 * dp if recompute else 2 * dp
+    per_token = [(2 * dp + tail) * ELEMENT_COST]
+    for j in (1, 2, 3):
+        per_token.append(sc * (2 * j + 1) ** 2 * TAP_COST + sc * 2 * dp * dot
+                         + (tail + (3 * sc if recompute else 0)) * ELEMENT_COST)
+    return tuple(bp * c for c in per_token)
+
+
+def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: SegmentPlan,
                 tiles: Tuple[int, int, int], dots: DotVariant):
     """(grid, args, kwargs) of a launch of either kernel (same grid; `leading`: the tensor
     arguments between qkv and N, i.e. (part_mean, part_m2, dw3, dw5, dw7, pw) of
@@ -339,51 +398,48 @@ def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], splits
     C = C3 // 3
     s = C // 5
     bp, warps, ck = tiles
-    args = (qkv, *leading, N, H, W, qkv.stride(0), qkv.stride(1), tiles_per_split)
+    if plan.tiles != -(-N // bp):
+        raise ValueError(f"plan of {plan.tiles} tiles for {-(-N // bp)} tiles of {bp} tokens")
+    args = (qkv, *leading, N, H, W, qkv.stride(0), qkv.stride(1), *plan.splits)
     kwargs = dict(C=C, S=s, D=s // 2, D_PAD=dot_pad(s // 2), CK=ck, BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
-    return (splits, 4, 3 * B), args, kwargs
+    return (plan.programs, 3 * B), args, kwargs
 
 
-def statistics_call(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
-                    part_mean: Tensor, part_m2: Tensor, tiles_per_split: int, tiles: Tuple[int, int, int],
-                    dots: DotVariant):
-    """`kernel_call` of the statistics kernel. part_mean (float64), part_m2 (fp32):
-    (3B * SPLITS, 4s), SPLITS = part_mean.shape[0] // 3B."""
-    splits = part_mean.shape[0] // (3 * qkv.shape[0])
-    return kernel_call(qkv, H, W, (part_mean, part_m2, dw3, dw5, dw7, pw), splits, tiles_per_split, tiles, dots)
-
-
-def _grid_plan(qkv: Tensor, dots: Optional[DotVariant], tiles: Optional[Tuple[int, int, int]], tiles_fn):
-    """(qkv with unit channel stride, dots, tiles (default tiles_fn's), (SPLITS, tiles per
-    split)) of a call: the grid both kernels share."""
+def _grid_plan(qkv: Tensor, dots: Optional[DotVariant], tiles: Optional[Tuple[int, int, int]], tiles_fn,
+               recompute: bool):
+    """(qkv with unit channel stride, dots, tiles (default tiles_fn's), `SegmentPlan`) of a call:
+    the grid both kernels share, programs per segment in proportion to its cost per tile
+    (`segment_costs`, `aggregation._balanced_splits`: about SPLIT_TARGET programs in all where the
+    tiles allow)."""
     B, N, C3 = qkv.shape
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dots = dots or statistics_dots(qkv)
     tiles = tiles or tiles_fn(C3 // 3, N, dots.precision)
-    return qkv, dots, tiles, split_plan(N, B, tiles[0], SPLIT_TARGET, PROGRAMS_PER_IMAGE)
+    T = -(-N // tiles[0])
+    costs = tuple(max(1, round(16 * c)) for c in segment_costs(C3 // 3, tiles, dots.precision, recompute))
+    return qkv, dots, tiles, SegmentPlan(T, _balanced_splits(T, 3 * B, costs, SPLIT_TARGET))
 
 
 def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
                     tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None):
     """Allocate the partial buffers of one call and describe its launch, without launching:
-    (part_mean, part_m2, counts, (grid, args, kwargs)); counts: (SPLITS,) tokens per split (the
-    same for each of the 3B images), float64 on qkv's device."""
+    (part_mean, part_m2, plan, (grid, args, kwargs)); part_mean (float64) and part_m2 (fp32):
+    (3B R, s), row img R + r the partial of program r of image img (R = plan.programs; programs
+    plan.rows(j) of an image belong to segment j, `merge_segments`)."""
     B, N, C3 = qkv.shape
     s = C3 // 15
-    qkv, dots, tiles, (splits, tps) = _grid_plan(qkv, dots, tiles, stats_tiles)
-    part_mean = torch.empty(3 * B * splits, 4 * s, dtype=torch.float64, device=qkv.device)
-    part_m2 = torch.empty(3 * B * splits, 4 * s, dtype=torch.float32, device=qkv.device)
-    first = torch.arange(splits, dtype=torch.float64, device=qkv.device) * (tps * tiles[0])
-    counts = (N - first).clamp(max=tps * tiles[0])
-    call = statistics_call(qkv, H, W, dw3, dw5, dw7, pw, part_mean, part_m2, tps, tiles, dots)
-    return part_mean, part_m2, counts, call
+    qkv, dots, tiles, plan = _grid_plan(qkv, dots, tiles, stats_tiles, False)
+    part_mean = torch.empty(3 * B * plan.programs, s, dtype=torch.float64, device=qkv.device)
+    part_m2 = torch.empty(3 * B * plan.programs, s, dtype=torch.float32, device=qkv.device)
+    call = kernel_call(qkv, H, W, (part_mean, part_m2, dw3, dw5, dw7, pw), plan, tiles, dots)
+    return part_mean, part_m2, plan, call
 
 
 def merge_moments(part_mean: Tensor, part_m2: Tensor, counts: Tensor, dtype=torch.float64) -> Tuple[Tensor, Tensor]:
-    """Chan's parallel merge of the rows of (part_mean, part_m2) (R, 4s) over counts (R,) (or a
-    (SPLITS,) pattern repeated over the rows) -> (mean, M2) (4s,) in `dtype` (float64: the
+    """Chan's parallel merge of the rows of (part_mean, part_m2) (R, c) over counts (R,) (or a
+    (SPLITS,) pattern repeated over the rows) -> (mean, M2) (c,) in `dtype` (float64: the
     launcher's choice; the test measures float32 too)."""
     n_r = counts.to(dtype).repeat(part_mean.shape[0] // counts.shape[0])[:, None]
     mean_r = part_mean.to(dtype)
@@ -393,16 +449,30 @@ def merge_moments(part_mean: Tensor, part_m2: Tensor, counts: Tensor, dtype=torc
     return mean, m2
 
 
+def merge_segments(part_mean: Tensor, part_m2: Tensor, plan: SegmentPlan, block_p: int, N: int,
+                   dtype=torch.float64) -> Tuple[Tensor, Tensor]:
+    """`merge_moments` of each segment's rows (`plan_statistics`' layout) -> (mean, M2) (4s,)."""
+    I = part_mean.shape[0] // plan.programs
+    s = part_mean.shape[1]
+    pm, pm2 = part_mean.view(I, plan.programs, s), part_m2.view(I, plan.programs, s)
+    out = []
+    for j in range(4):
+        a, b = plan.rows(j)
+        counts = torch.tensor(plan.counts(j, block_p, N), dtype=torch.float64, device=part_mean.device)
+        out.append(merge_moments(pm[:, a:b].reshape(-1, s), pm2[:, a:b].reshape(-1, s), counts, dtype))
+    return torch.cat([m for m, _ in out]), torch.cat([m2 for _, m2 in out])
+
+
 def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
               tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None) -> Tensor:
     """Launch the kernel and merge: (2, 4s) float64, [mean, M2] of Z per channel (channel j*s + c:
     segment j) over this process's 3B images x H x W."""
     from .launcher import device_guard, wrap_triton
     dw3, dw5, dw7, pw = (w.contiguous() for w in (dw3, dw5, dw7, pw))     # the kernel's weight layout
-    part_mean, part_m2, counts, (grid, args, kwargs) = plan_statistics(qkv, H, W, dw3, dw5, dw7, pw, tiles, dots)
+    part_mean, part_m2, plan, (grid, args, kwargs) = plan_statistics(qkv, H, W, dw3, dw5, dw7, pw, tiles, dots)
     with device_guard(qkv):
         wrap_triton(gma_statistics_kernel)[grid](*args, **kwargs)
-    return torch.stack(merge_moments(part_mean, part_m2, counts))
+    return torch.stack(merge_segments(part_mean, part_m2, plan, kwargs["BLOCK_P"], qkv.shape[1]))
 
 
 def plan_recompute(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
@@ -413,11 +483,11 @@ def plan_recompute(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tens
     ((z, p, u_all, y_all), (grid, args, kwargs))."""
     B, N, C3 = qkv.shape
     s = C3 // 15
-    qkv, dots, tiles, (splits, tps) = _grid_plan(qkv, dots, tiles, recompute_tiles)
+    qkv, dots, tiles, plan = _grid_plan(qkv, dots, tiles, recompute_tiles, True)
     f32 = dict(dtype=torch.float32, device=qkv.device)
     out = (torch.empty(3 * B, 4 * s, H, W, **f32), torch.empty(3 * B, 4 * s, H, W, **f32),
            torch.empty(3, 3 * B, s, H, W, **f32), torch.empty(3, 3 * B, s, H, W, **f32))
-    return out, kernel_call(qkv, H, W, out + (bn_scale, bn_shift, dw3, dw5, dw7, pw), splits, tps, tiles, dots)
+    return out, kernel_call(qkv, H, W, out + (bn_scale, bn_shift, dw3, dw5, dw7, pw), plan, tiles, dots)
 
 
 def recompute_z(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
