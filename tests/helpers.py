@@ -209,3 +209,21 @@ def random_folded_weights(C: int, dtype: torch.dtype, seed: int = 0):
     from gmf_kernels.folding import fold_eval
     from gmf_kernels.numerics import default_hyper, random_gma_weights
     return fold_eval(cast_weights(random_gma_weights(C, seed=seed), dtype), default_hyper(C), dtype)
+
+
+def triton_test_device() -> str:
+    """Where a Triton kernel test runs its kernels: "cpu" under the interpreter, else "cuda" (the
+    calling module is skipped, with the reason, when neither is possible). Call at import time."""
+    from gmf_kernels.triton_kernels._common import interpreting
+    if interpreting():
+        return "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device and TRITON_INTERPRET is off", allow_module_level=True)
+    return "cuda"
+
+
+def to_device(x, device):
+    """x (a tensor, or a NamedTuple of tensors such as folded weights) on `device`."""
+    if isinstance(x, tuple):
+        return type(x)(*[to_device(t, device) for t in x])
+    return x.to(device)

@@ -29,25 +29,19 @@ triton = pytest.importorskip("triton")
 from gmf_kernels.triton_kernels import backward as bw  # noqa: E402
 from gmf_kernels.triton_kernels import recompute as rcp  # noqa: E402
 from gmf_kernels.triton_kernels import train_op  # noqa: E402,F401  (registers the ops)
-from gmf_kernels.triton_kernels._common import interpreting  # noqa: E402
 from helpers import ROOT, assert_within_reference_error, have_triton_nvidia_backend  # noqa: E402
-from helpers import random_folded_weights, record_calls, triton_compile_env  # noqa: E402
+from helpers import random_folded_weights, record_calls, to_device, triton_compile_env, triton_test_device  # noqa: E402
 
 FLOOR = 1e-7
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 NUM_HEADS = 8
 
 #: where the kernels run: CPU tensors through the interpreter, else the GPU (the oracles stay on the CPU)
-DEVICE = "cpu" if interpreting() else "cuda"
-if DEVICE == "cuda" and not torch.cuda.is_available():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is off", allow_module_level=True)
+DEVICE = triton_test_device()
 
 
 def dev(x):
-    """x (a tensor or folded weights) on DEVICE."""
-    if isinstance(x, tuple):
-        return type(x)(*[dev(t) for t in x])
-    return x.to(DEVICE)
+    return to_device(x, DEVICE)
 
 
 def with_softmax_stats(rc, B):

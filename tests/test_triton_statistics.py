@@ -46,27 +46,22 @@ triton = pytest.importorskip("triton")
 from gmf_kernels.folding import _build  # noqa: E402
 from gmf_kernels.numerics import cast_weights, max_rel_error, random_gma_weights  # noqa: E402
 from gmf_kernels.triton_kernels import statistics as st  # noqa: E402
-from gmf_kernels.triton_kernels._common import interpreting  # noqa: E402
 from gmf_kernels.triton_kernels.backward import proxy_z, segment_streams  # noqa: E402
 
 from gmf_kernels.triton_kernels.backward import statistics as torch_statistics  # noqa: E402
 from helpers import ROOT, assert_max_rel_close, assert_within_reference_error  # noqa: E402
 from helpers import have_triton_nvidia_backend, random_folded_weights, record_calls, triton_compile_env  # noqa: E402
+from helpers import to_device, triton_test_device  # noqa: E402
 
 FLOOR = 3e-6
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 #: where the kernels run: CPU tensors through the interpreter, else the GPU (the oracles stay on the CPU)
-DEVICE = "cpu" if interpreting() else "cuda"
-if DEVICE == "cuda" and not torch.cuda.is_available():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is off", allow_module_level=True)
+DEVICE = triton_test_device()
 
 
 def dev(x):
-    """x (a tensor or folded weights) on DEVICE."""
-    if isinstance(x, tuple):
-        return type(x)(*[dev(t) for t in x])
-    return x.to(DEVICE)
+    return to_device(x, DEVICE)
 
 
 def pre_bn_weights(C, dtype, seed=0):

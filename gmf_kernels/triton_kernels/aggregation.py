@@ -222,6 +222,47 @@ def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, b
 
 
 @triton.jit
+def _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n,
+               C: tl.constexpr, S: tl.constexpr, CK: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+               u4_b=None, w4_b=None, N=0, STORE: tl.constexpr = False):
+    """The local branch of one tile up to its LayerNorm: segment 4 of q, k, v -> DW3x3 -> (3s -> s)
+    as [BLOCK_P, S_PAD] fp32 (padded channels 0). STORE (the backward's recompute, recompute.py):
+    also store each depthwise chunk and its input (the tile's own tokens, cast to fp32) to the
+    channel-first images w4_b / u4_b (element (n, which s + c) at + (which s + c) N + n)."""
+    co = tl.arange(0, S_PAD)                                   # output channel
+    omask = co < S
+    z = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
+    for which in tl.static_range(3):                           # q, k, v: input channels which*s + c
+        for c0 in range(0, S, CK):
+            cs = c0 + tl.arange(0, CK)
+            cmask = cs < S
+            src = which * C + 4 * S + cs
+            dwc = depthwise_tile(qkv_b, src, cmask, local_dw + (which * S + cs) * 9,
+                                 n, y, x, pmask, H, W, stride_n, 3, BLOCK_P, CK)
+            if STORE:
+                m2c = pmask[:, None] & cmask[None, :]
+                dst = (which * S + cs)[None, :] * N + n[:, None]
+                tl.store(w4_b + dst, dwc, mask=m2c)
+                uc = tl.load(qkv_b + n[:, None] * stride_n + src[None, :], mask=m2c, other=0.0)
+                tl.store(u4_b + dst, uc.to(tl.float32), mask=m2c)
+            # local_pw (s, 3s): element [out, which*s + in], loaded as [in, out]
+            wT = tl.load(local_pw + co[None, :] * (3 * S) + which * S + cs[:, None],
+                         mask=cmask[:, None] & omask[None, :], other=0.0)
+            z = mm(dwc, wT, z, DOT_PRECISION, EMULATE_DOTS)
+    return z
+
+
+@triton.jit
+def _layer_norm_rows(z, omask, ln_eps, S: tl.constexpr):
+    """LayerNorm over the S valid channels of each row of z: (z - mean) (masked to 0 on padded
+    channels) and 1 / std."""
+    mean = tl.sum(z, axis=1) / S                               # padded channels are 0
+    diff = tl.where(omask[None, :], z - mean[:, None], 0.0)
+    return diff, tl.rsqrt(tl.sum(diff * diff, axis=1) / S + ln_eps)
+
+
+@triton.jit
 def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, t0, t1, N, H, W, stride_n,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
                   S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
@@ -233,21 +274,10 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
     t = t0
     while t < t1:
         n, pmask, y, x = _tile(t, N, W, BLOCK_P)
-        z = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
-        for which in tl.static_range(3):                       # q, k, v: input channels which*s + c
-            for c0 in range(0, S, CK):
-                cs = c0 + tl.arange(0, CK)
-                cmask = cs < S
-                dwc = depthwise_tile(qkv_b, which * C + 4 * S + cs, cmask, local_dw + (which * S + cs) * 9,
-                                     n, y, x, pmask, H, W, stride_n, 3, BLOCK_P, CK)
-                # local_pw (s, 3s): element [out, which*s + in], loaded as [in, out]
-                wT = tl.load(local_pw + co[None, :] * (3 * S) + which * S + cs[:, None],
-                             mask=cmask[:, None] & omask[None, :], other=0.0)
-                z = mm(dwc, wT, z, DOT_PRECISION, EMULATE_DOTS)
-        mean = tl.sum(z, axis=1) / S                           # padded channels are 0
-        diff = tl.where(omask[None, :], z - mean[:, None], 0.0)
-        var = tl.sum(diff * diff, axis=1) / S
-        yv = hardswish(diff * tl.rsqrt(var + ln_eps)[:, None] * lnw + lnb)
+        z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n, C, S, CK, S_PAD, BLOCK_P,
+                       DOT_PRECISION, EMULATE_DOTS)
+        diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
+        yv = hardswish(diff * rs[:, None] * lnw + lnb)
         tl.store(pre_b + n[:, None] * C + (CP + co)[None, :], yv.to(pre_b.dtype.element_ty),
                  mask=pmask[:, None] & omask[None, :])
         t += 1

@@ -55,8 +55,8 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedGMAWeights
-from ._common import DotVariant, crpe_group, depthwise_tile, interpreting, mm
-from .aggregation import _online_softmax_kv, _store_partial, _tile, split_plan
+from ._common import DotVariant, crpe_group, depthwise_tile, interpreting
+from .aggregation import _layer_norm_rows, _local_mix, _online_softmax_kv, _store_partial, _tile, split_plan
 from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2
 
 Tensor = torch.Tensor
@@ -116,8 +116,8 @@ def gma_recompute_local_kernel(
     C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
-    """Program (split, b): the local branch of its tiles (`aggregation._local_branch` up to the
-    LayerNorm statistics), storing u4, w4 (B, 3s, N), xh4 (B, s, N) and rstd4 (B, N), fp32,
+    """Program (split, b): the local branch of its tiles (the forward's `aggregation._local_mix` and
+    `_layer_norm_rows`), storing u4, w4 (B, 3s, N), xh4 (B, s, N) and rstd4 (B, N), fp32,
     channel-first (channel which * s + c of u4 / w4: segment 4 of q, k, v)."""
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -128,31 +128,14 @@ def gma_recompute_local_kernel(
     w4_b = w4 + b * (3 * S * N)
     xh4_b = xh4 + b * (S * N)
     rstd4_b = rstd4 + b * N
-    co = tl.arange(0, S_PAD)                                   # output channel
+    co = tl.arange(0, S_PAD)
     omask = co < S
     t = t0
     while t < t1:
         n, pmask, y, x = _tile(t, N, W, BLOCK_P)
-        z = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
-        for which in tl.static_range(3):                       # q, k, v: input channels which*s + c
-            for c0 in range(0, S, CK):
-                cs = c0 + tl.arange(0, CK)
-                cmask = cs < S
-                src = which * C + 4 * S + cs
-                m2c = pmask[:, None] & cmask[None, :]
-                dst = (which * S + cs)[None, :] * N + n[:, None]
-                dwc = depthwise_tile(qkv_b, src, cmask, local_dw + (which * S + cs) * 9, n, y, x, pmask, H, W,
-                                     stride_qkv_n, 3, BLOCK_P, CK)
-                tl.store(w4_b + dst, dwc, mask=m2c)
-                uc = tl.load(qkv_b + n[:, None] * stride_qkv_n + src[None, :], mask=m2c, other=0.0)
-                tl.store(u4_b + dst, uc.to(tl.float32), mask=m2c)
-                # local_pw (s, 3s): element [out, which*s + in], loaded as [in, out]
-                wT = tl.load(local_pw + co[None, :] * (3 * S) + which * S + cs[:, None],
-                             mask=cmask[:, None] & omask[None, :], other=0.0)
-                z = mm(dwc, wT, z, DOT_PRECISION, EMULATE_DOTS)
-        mean = tl.sum(z, axis=1) / S                           # padded channels are 0
-        diff = tl.where(omask[None, :], z - mean[:, None], 0.0)
-        rs = tl.rsqrt(tl.sum(diff * diff, axis=1) / S + ln_eps)
+        z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_qkv_n, C, S, CK, S_PAD, BLOCK_P,
+                       DOT_PRECISION, EMULATE_DOTS, u4_b, w4_b, N, True)
+        diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
         tl.store(xh4_b + co[None, :] * N + n[:, None], diff * rs[:, None], mask=pmask[:, None] & omask[None, :])
         tl.store(rstd4_b + n, rs, mask=pmask)
         t += 1

@@ -163,6 +163,15 @@ def _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3, C: tl.con
 
 
 @triton.jit
+def _segment0_heads(qkv_b, ch0, n, pmask, stride_n, D: tl.constexpr, D_PAD: tl.constexpr):
+    """Z of segment 0 (qkv itself) for one tile: its two heads [BLOCK_P, D_PAD] in fp32 (0 where masked)."""
+    kk = tl.arange(0, D_PAD)
+    m2d = pmask[:, None] & (kk < D)[None, :]
+    src = qkv_b + n[:, None] * stride_n + (ch0 + kk)[None, :]
+    return tl.load(src, mask=m2d, other=0.0).to(tl.float32), tl.load(src + D, mask=m2d, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _segment_filters(seg, dw3, dw5, dw7, pw, S: tl.constexpr):
     """The depthwise taps (3x3 / 5x5 / 7x7) and the s x s pointwise of proxy segment seg (1..3)."""
     if seg == 1:
@@ -197,10 +206,7 @@ def gma_statistics_kernel(
         t = t0
         while t < t1:
             n, pmask, y, x = _tile(t, N, W, BLOCK_P)
-            m2d = pmask[:, None] & kmask[None, :]
-            src = qkv_b + n[:, None] * stride_qkv_n + (ch0 + kk)[None, :]
-            z0 = tl.load(src, mask=m2d, other=0.0).to(tl.float32)
-            z1 = tl.load(src + D, mask=m2d, other=0.0).to(tl.float32)
+            z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
             n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
             n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
             shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
@@ -255,10 +261,8 @@ def gma_recompute_z_kernel(
         t = t0
         while t < t1:
             n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+            z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
             m2d = pmask[:, None] & kmask[None, :]
-            src = qkv_b + n[:, None] * stride_qkv_n + (ch0 + kk)[None, :]
-            z0 = tl.load(src, mask=m2d, other=0.0).to(tl.float32)
-            z1 = tl.load(src + D, mask=m2d, other=0.0).to(tl.float32)
             _store_channels(z_seg, kk, n, z0, m2d, N)
             _store_channels(z_seg, D + kk, n, z1, m2d, N)
             _store_channels(p_seg, kk, n, hardswish(z0 * a0 + b0), m2d, N)
