@@ -93,6 +93,7 @@ class Problem:
                 folded = fold_running_stats(w, hp, torch.float64)
             self.wts = type(folded)(*[t.detach() for t in folded])
             self.rc = bw.recompute(qkv, H, W, self.wts, hp.ln_eps)
+        self.qkv = qkv
         s = C // 5
         self.dP = torch.randn(3 * B, 4 * s, H, W, dtype=torch.float64, generator=g)
         self.count = 3 * B * H * W
@@ -189,12 +190,18 @@ def test_local_backward(prob):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_input_gradients_into_d_qkv(prob, dtype):
-    """b3_fused and local_backward with ``d_qkv`` (the Triton stage set's ``into_d_qkv``): their
-    input gradients stored straight into the qkv gradient (B, N, 3C), in its dtype, equal to
-    the same kernels' returned gradients assembled as `pre_projection_backward` does without it
-    (`backward.qkv_from_streams`, then the cast: the same fp32 values, the platform's rounding),
-    every element written (the buffer starts as NaN); the weight gradients unchanged."""
-    rc32, wts32 = _fp32(prob.rc), _fp32(prob.wts)
+    """The Triton stage set's way (recompute.py's rc, ``into_d_qkv``): b3_fused and local_backward
+    reading the depthwise inputs from qkv itself (rc["qkv"], `qkv_layout`; qkv in `dtype`, no u_j
+    copies) and storing their input gradients straight into the qkv gradient (B, N, 3C), in its
+    dtype, equal to the same kernels' gradients from the copies rc["u"] / rc["u4"] (of the same
+    values), assembled as `pre_projection_backward` does without d_qkv (`backward.qkv_from_streams`,
+    then the cast: the same fp32 values, the platform's rounding); every element written (the
+    buffer starts as NaN); the weight gradients equal."""
+    qkv = prob.qkv.to(device=DEVICE, dtype=dtype)
+    rc = dict(prob.rc)
+    rc["u"] = [None] + [t.to(dtype).double() for t in rc["u"][1:]]          # the copies, of qkv's values
+    rc["u4"] = rc["u4"].to(dtype).double()
+    rc32, wts32 = _fp32(rc), _fp32(prob.wts)
     G32, dL32 = _fp32(prob.G), _fp32(prob.dL)
     B, s, H, W = dL32.shape
     du, g_dw, g_pw = agb.b3_fused(G32, rc32, wts32, *prob.dz_args(_fp32))
@@ -208,8 +215,10 @@ def test_input_gradients_into_d_qkv(prob, dtype):
         expect = (expect.view(torch.int32) & -65536).view(torch.float32)
     expect = expect.to(dtype)
     d_qkv = torch.full((B, H * W, 15 * s), float("nan"), dtype=dtype, device=DEVICE)
-    none, g_dw2, g_pw2 = agb.b3_fused(G32, rc32, wts32, *prob.dz_args(_fp32), d_qkv=d_qkv)
-    none4, *g_local2 = agb.local_backward(dL32, rc32, wts32, d_qkv=d_qkv)
+    rq = {k: v for k, v in rc32.items() if k not in ("u", "u4")}
+    rq["qkv"] = qkv
+    none, g_dw2, g_pw2 = agb.b3_fused(G32, rq, wts32, *prob.dz_args(_fp32), d_qkv=d_qkv)
+    none4, *g_local2 = agb.local_backward(dL32, rq, wts32, d_qkv=d_qkv)
     assert none == [None] * 4 and none4 is None
     torch.testing.assert_close(d_qkv, expect, rtol=0, atol=0)
     for a, b in zip(g_dw2 + [g_pw2] + g_local2, g_dw + [g_pw] + g_local):
@@ -234,7 +243,8 @@ out, seen = [], set()
 for arch in map(int, sys.argv[1:]):
     dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
     d_qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float16, **meta)   # the input gradient of fp16 inputs
-    for fn, grid, args, kwargs in agb.plan_stages(torch.empty_like(rc["Z"]), rc, wts, stats, stats, dots, d_qkv):
+    qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float16, **meta)     # and the fp16 inputs, read in place
+    for fn, grid, args, kwargs in agb.plan_stages(torch.empty_like(rc["Z"]), rc, wts, stats, stats, dots, d_qkv, qkv):
         spec = sp.specialize_launch(fn, arch, args, kwargs)
         if spec.key not in seen:
             seen.add(spec.key)

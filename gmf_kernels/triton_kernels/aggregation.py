@@ -141,15 +141,14 @@ def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row
 def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
                  S: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
                  D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
-                 y_dst=None, N=0, STORE_Y: tl.constexpr = False, u_dst=None):
+                 y_dst=None, N=0, STORE_Y: tl.constexpr = False):
     """One of q/k/v, one segment, one tile: DW_KS(t) @ pw[h*D + k, :]ᵀ for its heads h = 0, 1.
 
     The s input channels go in chunks of CK: depthwise on [BLOCK_P, CK], then accumulate
     into the two [BLOCK_P, D_PAD] head outputs with tl.dot. Only chunk-sized tiles are
     alive, so registers do not grow with s (s = 96 spilled when done in one piece).
     STORE_Y (the backward's recompute, statistics.py): also store each depthwise chunk y to
-    the channel-first image y_dst (element (n, c) at y_dst + c * N + n) and its input, the
-    tile's own tokens (L1/L2 hits after the stencil) cast to fp32, to u_dst alike.
+    the channel-first image y_dst (element (n, c) at y_dst + c * N + n).
     """
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
@@ -161,10 +160,7 @@ def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
         dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw + cs * (KS * KS), n, y, x, pmask, H, W, stride_n,
                              KS, BLOCK_P, CK)
         if STORE_Y:
-            m2c = pmask[:, None] & cmask[None, :]
-            tl.store(y_dst + cs[None, :] * N + n[:, None], dwc, mask=m2c)
-            uc = tl.load(src_b + n[:, None] * stride_n + (ch0 + cs)[None, :], mask=m2c, other=0.0)
-            tl.store(u_dst + cs[None, :] * N + n[:, None], uc.to(tl.float32), mask=m2c)
+            tl.store(y_dst + cs[None, :] * N + n[:, None], dwc, mask=pmask[:, None] & cmask[None, :])
         wmask = cmask[:, None] & kmask[None, :]
         w0 = tl.load(pw_seg + kk[None, :] * S + cs[:, None], mask=wmask, other=0.0)        # [CK, D_PAD]
         acc0 = mm(dwc, w0, acc0, DOT_PRECISION, EMULATE_DOTS)
@@ -225,11 +221,11 @@ def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, b
 def _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n,
                C: tl.constexpr, S: tl.constexpr, CK: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
-               u4_b=None, w4_b=None, N=0, STORE: tl.constexpr = False):
+               w4_b=None, N=0, STORE: tl.constexpr = False):
     """The local branch of one tile up to its LayerNorm: segment 4 of q, k, v -> DW3x3 -> (3s -> s)
     as [BLOCK_P, S_PAD] fp32 (padded channels 0). STORE (the backward's recompute, recompute.py):
-    also store each depthwise chunk and its input (the tile's own tokens, cast to fp32) to the
-    channel-first images w4_b / u4_b (element (n, which s + c) at + (which s + c) N + n)."""
+    also store each depthwise chunk to the channel-first image w4_b (element (n, which s + c) at
+    w4_b + (which s + c) N + n)."""
     co = tl.arange(0, S_PAD)                                   # output channel
     omask = co < S
     z = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
@@ -241,11 +237,7 @@ def _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n,
             dwc = depthwise_tile(qkv_b, src, cmask, local_dw + (which * S + cs) * 9,
                                  n, y, x, pmask, H, W, stride_n, 3, BLOCK_P, CK)
             if STORE:
-                m2c = pmask[:, None] & cmask[None, :]
-                dst = (which * S + cs)[None, :] * N + n[:, None]
-                tl.store(w4_b + dst, dwc, mask=m2c)
-                uc = tl.load(qkv_b + n[:, None] * stride_n + src[None, :], mask=m2c, other=0.0)
-                tl.store(u4_b + dst, uc.to(tl.float32), mask=m2c)
+                tl.store(w4_b + (which * S + cs)[None, :] * N + n[:, None], dwc, mask=pmask[:, None] & cmask[None, :])
             # local_pw (s, 3s): element [out, which*s + in], loaded as [in, out]
             wT = tl.load(local_pw + co[None, :] * (3 * S) + which * S + cs[:, None],
                          mask=cmask[:, None] & omask[None, :], other=0.0)

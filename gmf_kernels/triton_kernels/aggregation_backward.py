@@ -48,15 +48,18 @@ only, 12 s B) and the dz kernel writes segment 0's du (= its dZ) only (12 s B; e
 element, nothing next to the s x s mixes. `b3_dz` and `b3_pointwise_depthwise` stay
 available with backward.py's signatures (the unfused pair).
 
-Where the input gradients go: `gma_dz_kernel` (segment 0's du = its dZ) and `gma_dw_backward_kernel`
-(the stencils of segments 1..3 and of the local branch) store through a `Scatter` layout: a fresh
-(I, NC, N) fp32 buffer (the stage functions' contract), or, given ``d_qkv`` (the Triton stage
-set: `backward.Stages.into_d_qkv`), the elements' own places in the qkv gradient (B, N, 3C), in
-qkv's dtype. Per token, in units of s x 4 bytes: the assembly `backward.pre_projection_backward`
-does otherwise -- stack du_0..3 (read and write 12), cat with the local branch's (read and
-write 15 each), the layout copy back to (B, N, 3C) (15 + 15) and the cast (15 read, 15 e / 4
-written) -- is about 100 units, the stores into d_qkv 15 e / 4 (the fp32 buffers' own writes,
-15, not made either).
+Where the depthwise inputs come from and the input gradients go: `gma_dw_backward_kernel` reads
+its input u and stores its input gradient, and `gma_dz_kernel` stores segment 0's du (= its dZ),
+through a `Layout` (two-level image and channel strides): a fresh (I, NC, N) fp32 buffer or a
+strided image batch (the stage functions' contract), or, in the Triton stage set
+(`backward.Stages.into_d_qkv`, recompute.py's rc with rc["qkv"]), the elements' own places in
+qkv and in the qkv gradient (B, N, 3C), in qkv's dtype (`qkv_layout`). Per token, in units of
+s x 4 bytes: `backward.recompute`'s layout copies of u_1..3 and u4 (read 12 e / 4, write 12)
+and their reads (12) become reads of qkv (12 e / 4); the assembly of d_qkv otherwise --
+stack du_0..3 (read and write 12), cat with the local branch's (read and write 15 each), the
+layout copy back to (B, N, 3C) (15 + 15) and the cast (15 read, 15 e / 4 written) -- about
+100 units, becomes the stores into d_qkv, 15 e / 4 (the fp32 buffers' own writes, 15, not
+made either).
 
 Why dy goes through memory (scratch (3, 3B, s, N) fp32) between the two B3 kernels: du
 needs dy on the stencil halo (up to 3 rows/cols around the tile), and a register tile
@@ -111,9 +114,10 @@ def _tile_range(split, tiles_per_split, M, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _scatter_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix):
-    """[channels, pixels] offsets of elements (image img, channel c, pixel n) in a `Scatter` layout
-    (a launcher's contiguous (I, NC, N) buffer, or their places in the qkv gradient)."""
+def _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix):
+    """[channels, pixels] offsets of elements (image img, channel c, pixel n) in a `Layout` (a
+    launcher's contiguous (I, NC, N) buffer, a strided image batch, or their places in qkv or in
+    the qkv gradient)."""
     pix = (img // img_group) * s_img_group + (img % img_group) * s_img + n * s_pix
     return ((c // ch_group) * s_ch_group + (c % ch_group) * s_ch)[:, None] + pix[None, :]
 
@@ -186,7 +190,7 @@ def gma_dz_kernel(G, Z, dZ, coefs, M, N, tiles_per_split, c_lo,
               BATCH_STATS: tl.constexpr):
     """Grid (SPLITS, cdiv(NC, BLOCK_C)): dZ (3B, NC, N) = channels [c_lo, c_lo + NC) of
     `_dz_from_g`(G, Z), G and Z (3B, CP, N); coefs (3, CP) fp32: `dz_coefficients`. dZ is stored
-    in the `Scatter` layout (img_group .. s_pix), in dZ's element type."""
+    in the `Layout` (img_group .. s_pix), in dZ's element type."""
     split = tl.program_id(0)
     k = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     km = k < NC
@@ -205,7 +209,7 @@ def gma_dz_kernel(G, Z, dZ, coefs, M, N, tiles_per_split, c_lo,
         else:
             zv = gv
         out = _dz_from_g(gv, zv, ka, kz, k0, BATCH_STATS)
-        dst = _scatter_offsets(img, n, k, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix)
+        dst = _layout_offsets(img, n, k, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix)
         tl.store(dZ + dst, out.to(dZ.dtype.element_ty), mask=m2)
         t += 1
 
@@ -274,16 +278,20 @@ def gma_pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
     tl.store(dst + ch[:, None] * S_PAD + ci[None, :], acc)
 
 
-@triton.jit(do_not_specialize=["M", "N", "H", "W", "KS", "tiles_per_split", "img_group", "ch_group"])
+@triton.jit(do_not_specialize=["M", "N", "H", "W", "KS", "tiles_per_split", "u_img_group", "u_ch_group", "img_group",
+                               "ch_group"])
 def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_split,
-                       stride_db, stride_dc, stride_dn, stride_ub, stride_uc, stride_un,
+                       stride_db, stride_dc, stride_dn,
+                       u_img_group, u_s_img_group, u_s_img, u_ch_group, u_s_ch_group, u_s_ch, u_s_pix,
                        img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
                        NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TAPS_PAD: tl.constexpr):
     """Backward of a depthwise KSxKS "same" convolution out = dwconv(u, w), w (NC, KS, KS) fp32.
 
-    Grid (SPLITS, cdiv(NC, BLOCK_C)). dy: gradient of the output, u: the forward input, both
-    images with strides (image, channel, pixel); du <- the input gradient sum_t w[c, t]
-    dy[c, p - t + R] (zero outside the image), in the `Scatter` layout (img_group .. s_pix: a
+    Grid (SPLITS, cdiv(NC, BLOCK_C)). dy: gradient of the output, images with strides (image,
+    channel, pixel); u: the forward input, read through a `Layout` (u_img_group .. u_s_pix: a
+    strided fp32 image batch, or the channels' places in qkv itself, in its dtype: no copy of
+    the input is ever made for this kernel), cast to fp32; du <- the input gradient sum_t w[c, t]
+    dy[c, p - t + R] (zero outside the image), in the `Layout` (img_group .. s_pix: a
     contiguous (I, NC, N) fp32 buffer, or the places of these channels in the qkv gradient, in
     its dtype); part_gw (SPLITS,
     cdiv(NC, BLOCK_C) * BLOCK_C, TAPS_PAD) fp32 <- this program's sum_p u[c, p] dy[c, p - t + R]
@@ -301,7 +309,8 @@ def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_spli
         yy = n // W
         xx = n % W
         m2 = cm[:, None] & pm[None, :]
-        uc = tl.load(u + c[:, None] * stride_uc + (img * stride_ub + n * stride_un)[None, :], mask=m2, other=0.0)
+        usrc = _layout_offsets(img, n, c, u_img_group, u_s_img_group, u_s_img, u_ch_group, u_s_ch_group, u_s_ch, u_s_pix)
+        uc = tl.load(u + usrc, mask=m2, other=0.0).to(tl.float32)
         dy0 = dy + c[:, None] * stride_dc + (img * stride_db + n * stride_dn)[None, :]    # dy at p itself
         acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         ky = 0
@@ -320,7 +329,7 @@ def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_spli
                 acc_w += tl.where(taps[None, :] == ky * KS + kx, part[:, None], 0.0)
                 kx += 1
             ky += 1
-        dst = _scatter_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix)
+        dst = _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix)
         tl.store(du + dst, acc.to(du.dtype.element_ty), mask=m2)
         t += 1
     nc_pad = tl.num_programs(1) * BLOCK_C
@@ -397,13 +406,14 @@ KERNELS = (gma_bn_grad_kernel, gma_dz_kernel, gma_pw_backward_kernel, gma_dw_bac
 Launch = Tuple[object, Tuple[int, ...], tuple, Dict[str, object]]
 
 
-class Scatter(NamedTuple):
-    """Where a kernel stores element (image i, channel c, pixel n) of its (I, NC, N) input
-    gradient: base + (i // img_group) s_img_group + (i % img_group) s_img + (c // ch_group)
-    s_ch_group + (c % ch_group) s_ch + n s_pix, in base's dtype. Either a fresh contiguous fp32
-    buffer (`contiguous_scatter`) or the channels' places in the qkv gradient (B, N, 3C)
-    (`qkv_scatter`), so that the backward writes d_qkv once, in qkv's dtype, instead of a stack,
-    a cat, a layout copy and a cast of the per-segment gradients (`backward.qkv_from_streams`)."""
+class Layout(NamedTuple):
+    """Where element (image i, channel c, pixel n) of an (I, NC, N) image batch lies: base +
+    (i // img_group) s_img_group + (i % img_group) s_img + (c // ch_group) s_ch_group + (c %
+    ch_group) s_ch + n s_pix, in base's dtype. The kernels' inputs and outputs that live inside
+    qkv or its gradient (`qkv_layout`): the depthwise backward reads its input u_j straight from
+    qkv (no layout copy of it exists), and the input gradients are stored straight into d_qkv, in
+    qkv's dtype, instead of a stack, a cat, a layout copy and a cast of the per-segment gradients
+    (`backward.qkv_from_streams`). Also a plain strided or contiguous batch (`images_layout`)."""
     base: Tensor
     img_group: int
     s_img_group: int
@@ -418,25 +428,25 @@ class Scatter(NamedTuple):
         return tuple(self[1:])
 
 
-def contiguous_scatter(t: Tensor) -> Scatter:
-    """The layout of a contiguous (I, NC, H, W) tensor."""
-    I, NC, H, W = t.shape
-    return Scatter(t, I, 0, NC * H * W, NC, 0, H * W, 1)
+def images_layout(t: Tensor) -> Layout:
+    """The layout of an (I, NC, H, W) tensor whose H, W merge into one pixel axis (`_images`)."""
+    t, sb, sc, sn = _images(t)
+    return Layout(t, t.shape[0], 0, sb, t.shape[1], 0, sc, sn)
 
 
-def qkv_scatter(d_qkv: Tensor, segment: int) -> Scatter:
-    """The places in d_qkv (B, N, 3C), contiguous, of a segment's input gradient: segment 0..3 as
-    the stage tensors hold it, (3B, s, N) with image which * B + b (which = q, k, v); segment 4 (the
-    local branch) as (B, 3s, N) with channel which * s + c."""
-    B, N, C3 = d_qkv.shape
+def qkv_layout(qkv: Tensor, segment: int) -> Layout:
+    """The places in qkv (or its gradient) (B, N, 3C) of a segment's channels, any strides:
+    segment 0..3 as the stage tensors hold them, (3B, s, N) with image which * B + b (which = q,
+    k, v); segment 4 (the local branch) as (B, 3s, N) with channel which * s + c."""
+    B, N, C3 = qkv.shape
     C = C3 // 3
     s = C // 5
-    if not d_qkv.is_contiguous():
-        raise ValueError("d_qkv must be contiguous")
-    base = d_qkv[..., segment * s:]
+    sb, sn, sc = qkv.stride()
+    base = qkv[..., segment * s:]
     if segment < 4:
-        return Scatter(base, B, C, N * C3, s, 0, 1, C3)
-    return Scatter(base, B, 0, N * C3, s, C, 1, C3)
+        return Layout(base, B, C * sc, sb, s, 0, sc, sn)
+    return Layout(base, B, 0, sb, s, C * sc, sc, sn)
+
 
 #: pixels per tile under the interpreter: a 7x7 stencil pass costs ~10 NumPy operations per
 #: tap and tile whatever the tile's size, so few large tiles (14x14 at batch 1: two tiles,
@@ -545,7 +555,7 @@ def plan_bn_sums(dP: Tensor, Z: Tensor, bn_scale: Tensor, bn_shift: Tensor, mean
     return buf, [(gma_bn_grad_kernel, (splits, cblocks), args, kw)]
 
 
-def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int, out: Optional[Scatter] = None
+def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int, out: Optional[Layout] = None
             ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffer dZ (3B, nc, H, W) and the launch of `gma_dz_kernel` on channels [c_lo, c_lo + nc)
     (coefs: `dz_coefficients`; stats: batch statistics, Z read); out: store there instead (no
@@ -558,7 +568,7 @@ def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int
     cblocks = triton.cdiv(nc, block_c)
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
     buf = {"dZ": None if out is not None else torch.empty(I, nc, H, W, dtype=torch.float32, device=G.device)}
-    out = out or contiguous_scatter(buf["dZ"])
+    out = out or images_layout(buf["dZ"])
     args = (G, Z, out.base, coefs, M, N, tps, c_lo, *out.args)
     kw = dict(CP=CP, NC=nc, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, BATCH_STATS=stats, num_warps=tiles.WARPS)
     return buf, [(gma_dz_kernel, (splits, cblocks), args, kw)]
@@ -593,18 +603,23 @@ def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coe
     return buf, [(gma_pw_backward_kernel, (blocks, splits), args, kw)]
 
 
-def plan_dw_backward(dy: Tensor, u: Tensor, w: Tensor, out: Optional[Scatter] = None
+def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None
                      ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers (du (I, c, H, W), part_gw) and the launch of `gma_dw_backward_kernel` for the
     depthwise "same" convolution dwconv(u, w), w (c, k, k), given dy (I, c, H, W): generic
-    (the CRPE's 3x3/5x5/7x7 depthwise backward can use it as is). out: store du there instead
+    (the CRPE's 3x3/5x5/7x7 depthwise backward can use it as is). u: an fp32 (I, c, H, W) tensor
+    or a `Layout` of the same batch (e.g. inside qkv, `qkv_layout`); out: store du there instead
     (buf["du"] is None)."""
-    I, NC, H, W = u.shape
+    I, NC, H, W = dy.shape
     KS = w.shape[-1]
     N, M = H * W, I * H * W
     dy_, sdb, sdc, sdn = _images(dy)
-    u_, sub, suc, sun = _images(u)
-    for t, name in ((dy_, "dy"), (u_, "u"), (w, "w")):
+    if not isinstance(u, Layout):
+        if tuple(u.shape) != tuple(dy.shape) or u.dtype != torch.float32:
+            raise TypeError(f"u: an fp32 tensor of dy's shape {tuple(dy.shape)} expected, not {u.dtype} "
+                            f"{tuple(u.shape)}")
+        u = images_layout(u)
+    for t, name in ((dy_, "dy"), (w, "w")):
         if t.dtype != torch.float32:
             raise TypeError(f"{name}: fp32 expected, not {t.dtype}")
     tiles = backward_tiles(dot_pad(NC), M)
@@ -612,18 +627,28 @@ def plan_dw_backward(dy: Tensor, u: Tensor, w: Tensor, out: Optional[Scatter] = 
     cblocks = triton.cdiv(NC, block_c)
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
     taps_pad = next_pow2(KS * KS)
-    dev = u.device
+    dev = dy.device
     buf = {"du": None if out is not None else torch.empty(I, NC, H, W, dtype=torch.float32, device=dev),
            "part_gw": torch.empty(splits, cblocks * block_c, taps_pad, dtype=torch.float32, device=dev)}
-    out = out or contiguous_scatter(buf["du"])
-    args = (dy_, u_, w.contiguous(), out.base, buf["part_gw"], M, N, H, W, KS, tps, sdb, sdc, sdn, sub, suc, sun,
-            *out.args)
+    out = out or images_layout(buf["du"])
+    args = (dy_, u.base, w.contiguous(), out.base, buf["part_gw"], M, N, H, W, KS, tps, sdb, sdc, sdn,
+            *u.args, *out.args)
     kw = dict(NC=NC, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, TAPS_PAD=taps_pad, num_warps=tiles.WARPS)
     return buf, [(gma_dw_backward_kernel, (splits, cblocks), args, kw)]
 
 
+def depthwise_input(rc: Dict[str, Tensor], segment: int):
+    """The forward input of a depthwise convolution the backward differentiates: segment 1..3's u_j
+    or (4) the local branch's u4, read through `qkv_layout` from qkv itself when the recompute
+    keeps it (rc["qkv"]: recompute.py's), else rc["u"][segment] / rc["u4"] (`backward.recompute`'s
+    copies)."""
+    if "qkv" in rc:
+        return qkv_layout(rc["qkv"], segment)
+    return rc["u4"] if segment == 4 else rc["u"][segment]
+
+
 def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, dots: DotVariant,
-                        out: Optional[Scatter] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
+                        out: Optional[Layout] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers (dw4 (B, 3s, H, W), part_gpw, part_ln, then du4 and part_gw of the depthwise)
     and the two launches of the local branch: `gma_local_backward_kernel`, `gma_dw_backward_kernel`."""
     B, S, H, W = dL.shape
@@ -645,17 +670,19 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
             buf["dw4"], buf["part_gpw"], buf["part_ln"], M, N, tps, slb, slc, sln)
     kw = dict(S=S, S_PAD=S_PAD, BLOCK_I=block_i, BLOCK_P=tiles.PW_BLOCK_P, DOT_PRECISION=dots.precision,
               EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
-    bufd, ld = plan_dw_backward(buf["dw4"], rc["u4"], wts.local_dw, out)
+    bufd, ld = plan_dw_backward(buf["dw4"], depthwise_input(rc, 4), wts.local_dw, out)
     buf.update(bufd)
     return buf, [(gma_local_backward_kernel, (blocks, splits), args, kw)] + ld
 
 
 def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor],
-                rstd: Optional[Tensor], dots: DotVariant, d_qkv: Optional[Tensor] = None) -> List[Launch]:
+                rstd: Optional[Tensor], dots: DotVariant, d_qkv: Optional[Tensor] = None,
+                qkv: Optional[Tensor] = None) -> List[Launch]:
     """Every launch of one backward call, fused and unfused B3 both, and the local branch (the
     launchers' own plans, nothing run): on meta tensors, what the ahead-of-time compile check
-    specialises. d_qkv (B, N, 3C) given: also the input-gradient stores into it (`qkv_scatter`:
-    segment 0's dZ, the three stencils, the local branch's), as the Triton stage set runs them."""
+    specialises. d_qkv and qkv (B, N, 3C) given: also the stencils reading their input from qkv
+    and storing the input gradient into d_qkv, and segment 0's dZ stored there (`qkv_layout`),
+    as the Triton stage set runs them."""
     CP = dP.shape[1]
     stats = mean is not None
     coefs = dP.new_empty(3, CP)
@@ -672,10 +699,11 @@ def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: 
     dL = torch.empty(B, H * W, 5 * s, dtype=dP.dtype, device=dP.device)[..., 4 * s:].transpose(1, 2)
     launches += plan_local_backward(dL.reshape(B, s, H, W), rc, wts, dots)[1]    # dL: the view backward.py makes
     if d_qkv is not None:
-        launches += plan_dz(G, rc["Z"], coefs, stats, 0, s, qkv_scatter(d_qkv, 0))[1]
+        rq = dict(rc, qkv=qkv)
+        launches += plan_dz(G, rc["Z"], coefs, stats, 0, s, qkv_layout(d_qkv, 0))[1]
         for j in (1, 2, 3):
-            launches += plan_dw_backward(buf["dy"][j - 1], rc["u"][j], dws[j - 1], qkv_scatter(d_qkv, j))[1]
-        launches += plan_local_backward(dL.reshape(B, s, H, W), rc, wts, dots, qkv_scatter(d_qkv, 4))[1]
+            launches += plan_dw_backward(buf["dy"][j - 1], depthwise_input(rq, j), dws[j - 1], qkv_layout(d_qkv, j))[1]
+        launches += plan_local_backward(dL.reshape(B, s, H, W), rq, wts, dots, qkv_layout(d_qkv, 4))[1]
     return launches
 
 
@@ -717,12 +745,12 @@ def b3_dz(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optiona
 def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights,
                        d_qkv: Optional[Tensor] = None) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
     """Segments 1..3: the pointwise kernel, then one stencil launch per segment; (du_1..3, g_dw, g_pw)
-    (d_qkv given: du_j stored there, `qkv_scatter`, and returned as None)."""
+    (d_qkv given: du_j stored there, `qkv_layout`, and returned as None)."""
     s = dz_src.shape[1] // 4
     bufp, lp = plan_pw_backward(dz_src, rc["Z"], rc["y"], wts.pw, coefs, mode, dot_variant(dz_src))
     dws = (wts.dw3, wts.dw5, wts.dw7)
-    plans = [plan_dw_backward(bufp["dy"][j - 1], rc["u"][j], dws[j - 1],
-                              None if d_qkv is None else qkv_scatter(d_qkv, j)) for j in (1, 2, 3)]
+    plans = [plan_dw_backward(bufp["dy"][j - 1], depthwise_input(rc, j), dws[j - 1],
+                              None if d_qkv is None else qkv_layout(d_qkv, j)) for j in (1, 2, 3)]
     _launch(lp + [p[1][0] for p in plans], dz_src)
     g_pw = bufp["part_gpw"].sum(0)[:, :s, :s]
     g_dw = [b["part_gw"].sum(0)[:s, :(2 * j + 1) ** 2].reshape(s, 2 * j + 1, 2 * j + 1)
@@ -745,12 +773,12 @@ def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Opti
     """`b3_dz` followed by `b3_pointwise_depthwise` with dZ formed in the pointwise kernel's
     prologue (dZ of segments 1..3 never written; module docstring: the byte count); segment
     0's du (= its dZ) by `gma_dz_kernel`. Arguments as `b3_dz`, returns as `b3_pointwise_depthwise`;
-    d_qkv (B, N, 3C) given: du_0..3 are stored straight into its segments 0..3 (`qkv_scatter`, in
+    d_qkv (B, N, 3C) given: du_0..3 are stored straight into its segments 0..3 (`qkv_layout`, in
     its dtype) and returned as None."""
     s = G.shape[1] // 4
     stats = mean is not None
     coefs = dz_coefficients(wts.bn_scale, mean, rstd, sum_g, sum_gzh, count)
-    buf0, l0 = plan_dz(G, rc["Z"], coefs, stats, 0, s, None if d_qkv is None else qkv_scatter(d_qkv, 0))
+    buf0, l0 = plan_dz(G, rc["Z"], coefs, stats, 0, s, None if d_qkv is None else qkv_layout(d_qkv, 0))
     _launch(l0, G)
     du, g_dw, g_pw = _segments_backward(G, 2 if stats else 1, coefs, rc, wts, d_qkv)
     return [buf0["dZ"]] + du, g_dw, g_pw
@@ -761,10 +789,10 @@ def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_q
     """`backward.local_backward` on `gma_local_backward_kernel` + `gma_dw_backward_kernel` (3x3 over
     the 3s channels): (du4 (B, 3s, H, W), g_local_dw (3s, 3, 3), g_local_pw (s, 3s),
     g_ln_weight (s,), g_ln_bias (s,)); d_qkv (B, N, 3C) given: du4 is stored straight into its
-    segment 4 (`qkv_scatter`, in its dtype) and returned as None."""
+    segment 4 (`qkv_layout`, in its dtype) and returned as None."""
     B, S, H, W = dL.shape
     S_PAD = dot_pad(S)
-    buf, launches = plan_local_backward(dL, rc, wts, dot_variant(dL), None if d_qkv is None else qkv_scatter(d_qkv, 4))
+    buf, launches = plan_local_backward(dL, rc, wts, dot_variant(dL), None if d_qkv is None else qkv_layout(d_qkv, 4))
     _launch(launches, dL)
     g_lpw = buf["part_gpw"].sum(0).view(S_PAD, 3, S_PAD)[:S, :, :S].reshape(S, 3 * S)
     ln = buf["part_ln"].sum(0)

@@ -3,12 +3,15 @@
     rc = recompute(qkv, H, W, wts, ln_eps)        # backward.recompute's contract, Triton stage set
 
 `backward.recompute` (PyTorch ops) rebuilds what the forward kernels did not keep: Z, the
-proxies P, the softmax over tokens of K and KV = Ks^T V, the CRPE R = conv(V) + bias, and the
-local branch's depthwise input u4 / output w4, normalised values xh4 and 1/std rstd4. Here the
-same tensors (fp32, the stages' compute dtype; the same layouts) come from three launches:
+proxies P, the softmax over tokens of K and KV = Ks^T V, the CRPE R = conv(V) + bias, the
+depthwise inputs u_j (layout copies of qkv) and outputs y_j, and the local branch's depthwise
+input u4 / output w4, normalised values xh4 and 1/std rstd4. Here the same tensors (fp32, the
+stages' compute dtype; the same layouts) come from three launches, but for the depthwise inputs:
+the Triton stages read those from qkv itself (rc["qkv"], `aggregation_backward.qkv_layout`), so
+no copy of them is made:
 
-1. ``statistics.gma_recompute_z_kernel`` (op ``gmf::triton_proxy_z``): Z, P = hardswish(Z a + b),
-   the depthwise inputs u_1..3 and outputs y_1..3, reading qkv once (statistics.py).
+1. ``statistics.gma_recompute_z_kernel`` (op ``gmf::triton_proxy_z``): Z, P = hardswish(Z a + b)
+   and the depthwise outputs y_1..3, reading qkv once (statistics.py).
 2. ``gma_recompute_attention_kernel``, grid ``(SPLITS, 8, B)``: per head h, over its run of token
    tiles, the online softmax of K (FlashAttention's rescaling along N: `aggregation.
    _online_softmax_kv`, the forward's own code) into a per-program partial (max M, sum L of
@@ -20,8 +23,8 @@ same tensors (fp32, the stages' compute dtype; the same layouts) come from three
    the B2 kernel recomputes it from K and (M, L) (attention_backward.py).
 3. ``gma_recompute_local_kernel``, grid ``(SPLITS, B)``: the local branch as the forward computes
    it (`aggregation._local_branch`: depthwise 3x3 of segment 4 of q, k, v, the 3s -> s pointwise
-   as ``tl.dot``, LayerNorm statistics), storing u4 (the cast input), w4 (the depthwise output),
-   xh4 = (z4 - mean) rstd and rstd4, all channel-first.
+   as ``tl.dot``, LayerNorm statistics), storing w4 (the depthwise output), xh4 = (z4 - mean)
+   rstd and rstd4, all channel-first.
 
 Dots: the fp32 variant whatever qkv's dtype (3xTF32 on sm_80+, FMAs on sm_70/75;
 `statistics.statistics_dots`): these are fp32 stage tensors, as PyTorch's recompute computes
@@ -38,11 +41,11 @@ the 8 heads of an image would be 8 programs), deterministic (no atomics).
   (2 x 9 + 3 x 25 + 3 x 49) d / (8 d) = 60 per channel and token, the softmax ~5, and 2 d on
   tensor cores for exp(K)^T V: ~65 / 12 B ~ 5 FLOP/B on CUDA cores, below the fp32 ridge
   (~20 FLOP/B on an H100): bound aimed at: HBM bandwidth.
-* local kernel: reads segment 4 of q, k, v (3 s e; halo from L1/L2), writes u4 and w4 (2 x 3 s
-  x 4), xh4 (s x 4) and rstd4 (4): 3 s e + 28 s. PyTorch's: the layout copy of u4 (3 s e + 12
-  s), the depthwise (24 s), the pointwise (12 s + 4 s), var_mean, the normalisation (8 s ...):
-  about 60 s + 3 s e. FLOPs: 54 per input channel on CUDA cores (the 3x3 stencil) and 6 s per
-  input channel on tensor cores: HBM-bound as well.
+* local kernel: reads segment 4 of q, k, v (3 s e; halo from L1/L2), writes w4 (3 s x 4), xh4
+  (s x 4) and rstd4 (4): 3 s e + 16 s. PyTorch's: the layout copy of u4 (3 s e + 12 s), the
+  depthwise (24 s), the pointwise (12 s + 4 s), var_mean, the normalisation (8 s ...): about 60 s
+  + 3 s e. FLOPs: 54 per input channel on CUDA cores (the 3x3 stencil) and 6 s per input channel
+  on tensor cores: HBM-bound as well.
 
 Not measured (no GPU where this was written): the interpreter says nothing about speed.
 """
@@ -111,20 +114,19 @@ def gma_recompute_attention_kernel(
 
 @triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
 def gma_recompute_local_kernel(
-    qkv, u4, w4, xh4, rstd4, local_dw, local_pw,
+    qkv, w4, xh4, rstd4, local_dw, local_pw,
     N, H, W, stride_qkv_b, stride_qkv_n, tiles_per_split, ln_eps,
     C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
     """Program (split, b): the local branch of its tiles (the forward's `aggregation._local_mix` and
-    `_layer_norm_rows`), storing u4, w4 (B, 3s, N), xh4 (B, s, N) and rstd4 (B, N), fp32,
-    channel-first (channel which * s + c of u4 / w4: segment 4 of q, k, v)."""
+    `_layer_norm_rows`), storing w4 (B, 3s, N), xh4 (B, s, N) and rstd4 (B, N), fp32,
+    channel-first (channel which * s + c of w4: segment 4 of q, k, v)."""
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
     qkv_b = qkv + b * stride_qkv_b
-    u4_b = u4 + b * (3 * S * N)
     w4_b = w4 + b * (3 * S * N)
     xh4_b = xh4 + b * (S * N)
     rstd4_b = rstd4 + b * N
@@ -134,7 +136,7 @@ def gma_recompute_local_kernel(
     while t < t1:
         n, pmask, y, x = _tile(t, N, W, BLOCK_P)
         z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_qkv_n, C, S, CK, S_PAD, BLOCK_P,
-                       DOT_PRECISION, EMULATE_DOTS, u4_b, w4_b, N, True)
+                       DOT_PRECISION, EMULATE_DOTS, w4_b, N, True)
         diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
         tl.store(xh4_b + co[None, :] * N + n[:, None], diff * rs[:, None], mask=pmask[:, None] & omask[None, :])
         tl.store(rstd4_b + n, rs, mask=pmask)
@@ -218,7 +220,7 @@ def merge_softmax_partials(part_m: Tensor, part_l: Tensor, part_acc: Tensor) -> 
 def plan_recompute_local(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
                          tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None
                          ) -> Tuple[Dict[str, Tensor], Launch]:
-    """Buffers (u4, w4 (B, 3s, H, W), xh4 (B, s, H, W), rstd4 (B, 1, H, W), fp32) and the launch of
+    """Buffers (w4 (B, 3s, H, W), xh4 (B, s, H, W), rstd4 (B, 1, H, W), fp32) and the launch of
     `gma_recompute_local_kernel`, without launching (meta tensors work). qkv: (B, N, 3C)."""
     B, N, C3 = qkv.shape
     C = C3 // 3
@@ -228,10 +230,10 @@ def plan_recompute_local(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_
     bp, warps, ck = tiles or local_tiles(s, N)
     splits, tps = split_plan(N, B, bp, SPLIT_TARGET, 1)
     f32 = dict(dtype=torch.float32, device=qkv.device)
-    buf = {"u4": torch.empty(B, 3 * s, H, W, **f32), "w4": torch.empty(B, 3 * s, H, W, **f32),
+    buf = {"w4": torch.empty(B, 3 * s, H, W, **f32),
            "xh4": torch.empty(B, s, H, W, **f32), "rstd4": torch.empty(B, 1, H, W, **f32)}
     dots = dots or _fp32_dots(qkv)
-    args = (qkv, buf["u4"], buf["w4"], buf["xh4"], buf["rstd4"], wts.local_dw.float().contiguous(),
+    args = (qkv, buf["w4"], buf["xh4"], buf["rstd4"], wts.local_dw.float().contiguous(),
             wts.local_pw.float().contiguous(), N, H, W, qkv.stride(0), qkv.stride(1), tps, float(ln_eps))
     kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), CK=min(ck, dot_pad(s)), BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
@@ -247,17 +249,18 @@ def _launch(launches: List[Launch], like: Tensor) -> None:
 
 def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float) -> Dict[str, Tensor]:
     """`backward.recompute` on kernels (`backward.Stages.recompute` of `train_op.triton_stages`):
-    the keys the Triton stages read, Z, P, u, y, KV, k_max, k_sum, R, u4, w4, xh4, rstd4 (not Ks,
-    pre_act, streams: the PyTorch stages' own). Three launches (module docstring). Compute dtypes
-    other than float32 (float64 inputs) take the PyTorch `backward.recompute`."""
+    the keys the Triton stages read, Z, P, y, KV, k_max, k_sum, R, w4, xh4, rstd4, and qkv itself
+    (the depthwise inputs, read in place: not u, u4, Ks, pre_act, streams, the PyTorch stages'
+    own). Three launches (module docstring). Compute dtypes other than float32 (float64 inputs)
+    take the PyTorch `backward.recompute`."""
     from .statistics import recompute_planes
     if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
         from .backward import recompute as torch_recompute
         return torch_recompute(qkv, H, W, wts, ln_eps)
-    Z, P, u, y = recompute_planes(qkv, H, W, wts)
+    Z, P, y = recompute_planes(qkv, H, W, wts)
     att, la = plan_recompute_attention(P, H, W, wts)
     loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps)
     _launch([la, ll], qkv)
     k_max, k_sum, KV = merge_softmax_partials(att["part_m"], att["part_l"], att["part_acc"])
-    return dict(Z=Z, P=P, u=u, y=y, KV=KV, k_max=k_max, k_sum=k_sum, R=att["R"], u4=loc["u4"], w4=loc["w4"],
-                xh4=loc["xh4"], rstd4=loc["rstd4"])
+    return dict(Z=Z, P=P, y=y, KV=KV, k_max=k_max, k_sum=k_sum, R=att["R"], w4=loc["w4"], xh4=loc["xh4"],
+                rstd4=loc["rstd4"], qkv=qkv)

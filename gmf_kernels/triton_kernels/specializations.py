@@ -250,8 +250,9 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
         stats = torch.empty(4, s, **meta)
         dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
         d_qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dt)      # the input gradient, in the input's dtype
+        qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dt)        # the stencils' inputs, read in place
         for mean in (stats, None):
-            launches += plan_stages(torch.empty_like(rc["Z"]), rc, weights, mean, mean, dots, d_qkv)
+            launches += plan_stages(torch.empty_like(rc["Z"]), rc, weights, mean, mean, dots, d_qkv, qkv)
     return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
 
 
@@ -293,7 +294,7 @@ def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
     _, _, _, (_grid, args, kwargs) = plan_statistics(qkv, call.H, call.W, *w, dots=dots)
     specs = [specialize_launch(gma_statistics_kernel, arch, args, kwargs)]
     if next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD:
-        (_z, P, _u, _y), (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, wts.bn_scale, wts.bn_shift,
+        (_z, P, _y), (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, wts.bn_scale, wts.bn_shift,
                                                                 *w, dots=dots)
         specs.append(specialize_launch(gma_recompute_z_kernel, arch, args, kwargs))
         for fn, _grid, args, kwargs in (plan_recompute_attention(P, call.H, call.W, wts, dots=dots)[1],

@@ -2,7 +2,7 @@
 of Z) and the backward's recompute of Z and the depthwise outputs y (end of this docstring).
 
     mean, var, count = statistics(qkv, H, W, wts, group)      # backward.statistics' contract
-    Z, P, u, y = recompute_planes(qkv, H, W, wts)             # the backward's recompute, first launch
+    Z, P, y = recompute_planes(qkv, H, W, wts)                # the backward's recompute, first launch
 
 Z is what the aggregator BatchNorms normalise: segments 0..3 of q, k and v (segment 0 itself,
 segment j = 1..3 the s x s pointwise of the (2j+1)x(2j+1) depthwise), with per-channel batch
@@ -71,29 +71,29 @@ nothing about speed.
 **Recompute for the backward** (`gma_recompute_z_kernel`; `recompute_z`, op
 ``gmf::triton_proxy_z``, `recompute_planes`: the first launch of recompute.py, the Triton stage
 set's `backward.Stages.recompute`). The backward needs Z itself, not its moments, the proxies
-P = hardswish(Z bn_scale + bn_shift) (B2 reads them), and the depthwise inputs u_j and outputs
-y_j (the depthwise and pointwise backward's inputs): the same grid ``(R, 3B)`` (its own costs:
+P = hardswish(Z bn_scale + bn_shift) (B2 reads them), and the depthwise outputs y_j (the
+pointwise backward's input; the depthwise backward reads its input u_j from qkv itself,
+`aggregation_backward.qkv_layout`): the same grid ``(R, 3B)`` (its own costs:
 `segment_costs` with the stores) and the
 same per-tile Z (`_dw_pw_heads` with its STORE_Y: a store of each depthwise chunk), stored
 instead of reduced, fp32 (the stages' compute dtype, `folding.compute_dtype`), channel-first as
-the stages read them: Z and P (3B, 4s, H, W), segment 0 of Z being qkv's segment 0 cast to fp32
-(it is its own u_0), u_all and y_all (3, 3B, s, H, W), u_all[j - 1] = u_j, y_all[j - 1] = y_j
-(one buffer each: the backward kernels take the three with one stride set). u_j is the tile's
-own tokens re-read after the stencil (L1/L2 hits), cast and laid out. The stores go along the
-tile's token axis (consecutive tokens of a channel are consecutive addresses). Per token, in
-units of s x 4 bytes per stream (q, k, v):
+the stages read them: Z and P (3B, 4s, H, W), segment 0 of Z being qkv's segment 0 cast to fp32,
+and y_all (3, 3B, s, H, W), y_all[j - 1] = y_j (one buffer: the pointwise-backward kernel takes
+the three with one stride set). The stores go along the tile's token axis (consecutive tokens
+of a channel are consecutive addresses). Per token, in units of s x 4 bytes per stream (q, k, v):
 
-* bytes: reads 4 e / 4 (qkv's segments 0..3, as the statistics pass); writes Z 4, P 4, u 3,
-  y 3: 14 units (18 for fp32 inputs). PyTorch's same tensors (`backward.recompute`, fp32): the
-  layout copies of u_0..3 8, the depthwise 6, the pointwise 6, the cat 8, then pre_act = Z a +
-  b and P = hardswish(pre_act) 16 (read Z, write pre_act, read it, write P): 44 units.
+* bytes: reads 4 e / 4 (qkv's segments 0..3, as the statistics pass); writes Z 4, P 4, y 3: 11
+  units (15 for fp32 inputs). PyTorch's same tensors and its u_j copies (`backward.recompute`,
+  fp32): the layout copies of u_0..3 8, the depthwise 6, the pointwise 6, the cat 8, then
+  pre_act = Z a + b and P = hardswish(pre_act) 16 (read Z, write pre_act, read it, write P): 44
+  units; and the depthwise backward read the u_j copies (3) where it now reads qkv (3 e / 4).
 * FLOPs: the statistics pass's stencils and pointwise without the moments (~500 s on CUDA
   cores) and the affine and hardswish (~5 per P value): ~2.3 FLOP/B for fp32.
 
 Bound aimed at: HBM bandwidth (mostly the writes), far below any ridge. Not measured (no GPU).
 Nothing is saved by the forward for it (activation memory unchanged): the backward allocates
-Z, P, u and y (14 s x 4 B per token and stream) as PyTorch's recompute did, with fewer
-temporaries (no pointwise outputs before a cat, no pre-activation, no copy of segment 0).
+Z, P and y (11 s x 4 B per token and stream), less than PyTorch's recompute (no u_j copies, no
+pointwise outputs before a cat, no pre-activation).
 """
 from __future__ import annotations
 
@@ -237,7 +237,7 @@ def _store_channels(dst, ch, n, val, mask, N):
 
 @triton.jit(do_not_specialize=["N", "H", "W", "splits0", "splits1", "splits2", "splits3"])
 def gma_recompute_z_kernel(
-    qkv, z, p, u_all, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw,
+    qkv, z, p, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw,
     N, H, W, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
     C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
@@ -272,12 +272,11 @@ def gma_recompute_z_kernel(
         dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
         img_j = ((seg - 1) * tl.num_programs(1) + img).to(tl.int64) * (S * N)   # image img of y_seg / u_seg
         y_img = y_all + img_j
-        u_img = u_all + img_j
         t = t0
         while t < t1:
             n, pmask, y, x = _tile(t, N, W, BLOCK_P)
             z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
-                                  S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True, u_img)
+                                  S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True)
             m2d = pmask[:, None] & kmask[None, :]
             _store_channels(z_seg, kk, n, z0, m2d, N)
             _store_channels(z_seg, D + kk, n, z1, m2d, N)
@@ -322,13 +321,14 @@ def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
 #: AOT compile (ptxas -v) of every real call it serves (the released models' widths with
 #: next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD, i.e. C = 40..320, at their 224x224 stage grids, batch
 #: 128 and 1, fp32 and fp16, sm_70/75/80/90; benchmarks/results/triton_statistics_resources_*.md):
-#: no spills. Storing P and u_1..3 too: u_j in a loop of its own after the Z / P stores spilled 8-40
-#: B at (32, 8, 16), (32, 4, 16) and (16, 4, 16) (e.g. C = 320 fp32 on sm_70 at 168 registers);
-#: stored in `_dw_pw_heads`' chunk loop next to y_j (as now), (16, 4, 16) still spilled 32 B on sm_90
-#: (C = 200 fp16 56x56, ptxas stopping at 96 registers), (32, 8, 16) none on sm_80/90 but 100-108 B
-#: on sm_70/75 (C = 200, 240, stopping at 128), where (16, 4, 16) takes 80-168 and none.
-#: Before P and u: (32, 4, 16) spilled 8-48 B at C = 240/320 on sm_70/75, (128, 8, 16) 12 B at C = 200
-#: on sm_70; the statistics tile (64, 8, 16) 104 B at C = 320 on sm_80.
+#: no spills. How they were found (while the kernel also stored copies of u_1..3, since dropped):
+#: with those stores in a loop of their own after the Z / P stores, (32, 8, 16), (32, 4, 16) and
+#: (16, 4, 16) spilled 8-40 B (e.g. C = 320 fp32 on sm_70 at 168 registers); stored in
+#: `_dw_pw_heads`' chunk loop next to y_j, (16, 4, 16) still spilled 32 B on sm_90 (C = 200 fp16
+#: 56x56, ptxas stopping at 96 registers), (32, 8, 16) none on sm_80/90 but 100-108 B on sm_70/75
+#: (C = 200, 240, stopping at 128), where (16, 4, 16) took 80-168 and none. Before P and u:
+#: (32, 4, 16) spilled 8-48 B at C = 240/320 on sm_70/75, (128, 8, 16) 12 B at C = 200 on sm_70;
+#: the statistics tile (64, 8, 16) 104 B at C = 320 on sm_80.
 RECOMPUTE_TILE_BY_DOTS = {"ieee": (16, 4, 16)}
 RECOMPUTE_TILE = (32, 8, 16)
 
@@ -375,8 +375,7 @@ def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute
     the work (padded widths; Sc = ceil(s / CK) CK, Dp = D_PAD): segment 0 loads its two heads
     (2 Dp elements), segment j = 1..3 runs Sc (2j+1)^2 taps and the s x s pointwise into two
     heads (Sc 2 Dp multiply-adds); then per head pair the statistics kernel folds the moments
-    (~2 Dp elements), the recompute kernel stores Z and P (4 Dp) and, j >= 1, y_j and u_j (2 Sc
-    stores, Sc loads)."""
+    (~2 Dp elements), the recompute kernel stores Z and P (4 Dp) and, j >= 1, y_j (Sc stores)."""
     from .aggregation import DOT_MAC_COST, ELEMENT_COST, TAP_COST
     bp, _, ck = tiles
     s = C // 5
@@ -387,7 +386,7 @@ def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute
     per_token = [(2 * dp + tail) * ELEMENT_COST]
     for j in (1, 2, 3):
         per_token.append(sc * (2 * j + 1) ** 2 * TAP_COST + sc * 2 * dp * dot
-                         + (tail + (3 * sc if recompute else 0)) * ELEMENT_COST)
+                         + (tail + (sc if recompute else 0)) * ELEMENT_COST)
     return tuple(bp * c for c in per_token)
 
 
@@ -395,7 +394,7 @@ def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: 
                 tiles: Tuple[int, int, int], dots: DotVariant):
     """(grid, args, kwargs) of a launch of either kernel (same grid; `leading`: the tensor
     arguments between qkv and N, i.e. (part_mean, part_m2, dw3, dw5, dw7, pw) of
-    `gma_statistics_kernel`, (z, p, u_all, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw) of
+    `gma_statistics_kernel`, (z, p, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw) of
     `gma_recompute_z_kernel`); also used on meta tensors for the AOT specialisation
     (specializations.py), so launch and check cannot drift apart."""
     B, N, C3 = qkv.shape
@@ -482,23 +481,22 @@ def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor
 def plan_recompute(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
                    dw7: Tensor, pw: Tensor, tiles: Optional[Tuple[int, int, int]] = None,
                    dots: Optional[DotVariant] = None):
-    """Allocate Z and P (3B, 4s, H, W), u_all and y_all (3, 3B, s, H, W) (fp32, contiguous) and
-    describe the recompute launch (the statistics pass's grid), without launching:
-    ((z, p, u_all, y_all), (grid, args, kwargs))."""
+    """Allocate Z and P (3B, 4s, H, W) and y_all (3, 3B, s, H, W) (fp32, contiguous) and describe
+    the recompute launch (the statistics pass's grid), without launching: ((z, p, y_all), (grid,
+    args, kwargs))."""
     B, N, C3 = qkv.shape
     s = C3 // 15
     qkv, dots, tiles, plan = _grid_plan(qkv, dots, tiles, recompute_tiles, True)
     f32 = dict(dtype=torch.float32, device=qkv.device)
     out = (torch.empty(3 * B, 4 * s, H, W, **f32), torch.empty(3 * B, 4 * s, H, W, **f32),
-           torch.empty(3, 3 * B, s, H, W, **f32), torch.empty(3, 3 * B, s, H, W, **f32))
+           torch.empty(3, 3 * B, s, H, W, **f32))
     return out, kernel_call(qkv, H, W, out + (bn_scale, bn_shift, dw3, dw5, dw7, pw), plan, tiles, dots)
 
 
 def recompute_z(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
                 dw7: Tensor, pw: Tensor, tiles: Optional[Tuple[int, int, int]] = None,
-                dots: Optional[DotVariant] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch `gma_recompute_z_kernel`: (Z, P, u_all, y_all), u_all[j - 1] = u_j, y_all[j - 1] =
-    y_j (module docstring)."""
+                dots: Optional[DotVariant] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Launch `gma_recompute_z_kernel`: (Z, P, y_all), y_all[j - 1] = y_j (module docstring)."""
     from .launcher import device_guard, wrap_triton
     weights = tuple(w.float().contiguous() for w in (bn_scale, bn_shift, dw3, dw5, dw7, pw))
     out, (grid, args, kwargs) = plan_recompute(qkv, H, W, *weights, tiles, dots)
@@ -542,7 +540,7 @@ def _register_recompute():
     reason (one opaque node under torch.compile: the SyncBatchNorm backward calls the stages
     one by one, and any compiled caller sees one node). No autograd: the backward runs it."""
     def impl(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
-             dw7: Tensor, pw: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             dw7: Tensor, pw: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         return recompute_z(qkv, H, W, bn_scale, bn_shift, dw3, dw5, dw7, pw)
 
     op = torch.library.custom_op(RECOMPUTE_OP_NAME, impl, mutates_args=())
@@ -551,7 +549,7 @@ def _register_recompute():
     def _(qkv, H, W, bn_scale, bn_shift, dw3, dw5, dw7, pw):
         B, s = qkv.shape[0], qkv.shape[-1] // 15
         planes = [qkv.new_empty(3 * B, 4 * s, H, W, dtype=torch.float32) for _ in range(2)]
-        return tuple(planes + [qkv.new_empty(3, 3 * B, s, H, W, dtype=torch.float32) for _ in range(2)])
+        return tuple(planes + [qkv.new_empty(3, 3 * B, s, H, W, dtype=torch.float32)])
     return op
 
 
@@ -580,17 +578,17 @@ def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
     return mean.to(dt).view(4, s), (m2 / count).to(dt).view(4, s), count
 
 
-def recompute_planes(qkv: Tensor, H: int, W: int, wts) -> Tuple[Tensor, Tensor, list, list]:
+def recompute_planes(qkv: Tensor, H: int, W: int, wts) -> Tuple[Tensor, Tensor, list]:
     """The recompute kernel's results as the backward stages take them (op ``gmf::triton_proxy_z``,
-    ONE launch): (Z, P, u, y), Z and P (3B, 4s, H, W) fp32, u = [u_0 .. u_3] with u_0 Z's segment 0
-    (a view: the same values), y = [y_1, y_2, y_3], the u_j and y_j (3B, s, H, W) views of one
-    (3, 3B, s, H, W) buffer each (so the pointwise- and depthwise-backward kernels take the three
-    with one stride set). wts: the folded weights (fp32; bn_scale / bn_shift (4, s), the
-    BatchNorms as the forward folded them)."""
+    ONE launch): (Z, P, y), Z and P (3B, 4s, H, W) fp32, y = [y_1, y_2, y_3] (3B, s, H, W) views of
+    one (3, 3B, s, H, W) buffer (so the pointwise-backward kernel takes the three with one stride
+    set). The depthwise inputs u_j are not copied: the depthwise backward reads them from qkv
+    (`aggregation_backward.qkv_layout`). wts: the folded weights (fp32; bn_scale / bn_shift (4, s),
+    the BatchNorms as the forward folded them)."""
     s = qkv.shape[-1] // 15
     for name in ("bn_scale", "bn_shift"):
         if getattr(wts, name).numel() != 4 * s:
             raise ValueError(f"{name}: {tuple(getattr(wts, name).shape)}, expected (4, {s}) (folded BatchNorms)")
-    z, p, u_all, y_all = torch.ops.gmf.triton_proxy_z(qkv, H, W, wts.bn_scale, wts.bn_shift, wts.dw3, wts.dw5,
-                                                      wts.dw7, wts.pw)
-    return z, p, [z[:, :s]] + list(u_all.unbind(0)), list(y_all.unbind(0))
+    z, p, y_all = torch.ops.gmf.triton_proxy_z(qkv, H, W, wts.bn_scale, wts.bn_shift, wts.dw3, wts.dw5, wts.dw7,
+                                               wts.pw)
+    return z, p, list(y_all.unbind(0))
