@@ -118,7 +118,8 @@ def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
     what = ("Specialisations: every one that the training backward of the released models' layers at 224x224 "
             "(stage grids 56, 28, 14, 7; batch 128 and 1) makes Triton's JIT compile, for the layers that run the "
             "backward kernels (C <= 320: `config.BACKWARD_KERNELS_MAX_S_PAD`), on the float32 stage tensors "
-            "(whatever the input dtype), with and without batch statistics, fused and separate B3, derived from "
+            "(whatever the input dtype; the depthwise backward's reads of qkv and the stores into the qkv gradient "
+            "in the input's dtype: fp32, fp16, bf16), with and without batch statistics, fused and separate B3, derived from "
             "the launchers' own plans (`specializations.backward_specializations`) and Triton's own argument "
             "specialisation. Dots: fp32 FMA (`ieee`) on sm_70/75, 3xTF32 on sm_80+.") if kind == "backward" else (
         "Specialisations: every one that the training forward's statistics pass (all released widths) and the "

@@ -15,7 +15,7 @@ backward reads its inputs there, tests/test_triton_aggregation_backward.py).
   and the CRPE / depthwise halos across tile boundaries;
 * the Triton stage set takes these kernels exactly where its backward kernels run; a float32
   Triton training step (output, every gradient, running statistics against float64,
-  tests/training_cases.py) runs both launches once; breaking the partial merge fails;
+  tests/training_cases.py) runs the three launches once; breaking the partial merge fails;
 * the AOT compile of the real shape C=320 14x14 B=128 for sm_80 and sm_90: no spills.
 """
 import json
@@ -134,14 +134,17 @@ def test_triton_stages_take_the_recompute_kernels():
 
 def test_training_step_runs_the_recompute_kernels_once(monkeypatch):
     """A float32 Triton training step (tests/training_cases.py: output, every gradient, running
-    statistics against the float64 reference) runs the attention and local recompute launches once
-    each, in its backward."""
+    statistics against the float64 reference) runs the three recompute launches (Z, P, y; the
+    softmax statistics, KV and CRPE; the local branch) once each, in its backward."""
+    from gmf_kernels.triton_kernels import statistics as st
     from training_cases import check_train_float32
+    z = record_calls(monkeypatch, st, "recompute_z")
     att = record_calls(monkeypatch, rcp, "plan_recompute_attention")
     loc = record_calls(monkeypatch, rcp, "plan_recompute_local")
     C, grid, B = 40, (3, 5), 2
     check_train_float32("triton", C, grid, B, 0.1, 1, DEVICE)
-    assert att == [(3 * B, 4 * C // 5, *grid)] and loc == [(B, grid[0] * grid[1], 3 * C)]
+    qkv_shape = (B, grid[0] * grid[1], 3 * C)
+    assert z == [qkv_shape] and att == [(3 * B, 4 * C // 5, *grid)] and loc == [qkv_shape]
 
 
 # ------------------------------------------------------------------ ahead-of-time compile (no GPU)
