@@ -270,7 +270,7 @@ def gma_recompute_z_kernel(
             t += 1
     else:
         dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
-        img_j = ((seg - 1) * tl.num_programs(1) + img).to(tl.int64) * (S * N)   # image img of y_seg / u_seg
+        img_j = ((seg - 1) * tl.num_programs(1) + img).to(tl.int64) * (S * N)   # image img of y_seg
         y_img = y_all + img_j
         t = t0
         while t < t1:
