@@ -61,6 +61,7 @@ from ..folding import FoldedGMAWeights
 from ._common import DotVariant, crpe_group, depthwise_tile, interpreting
 from .aggregation import _layer_norm_rows, _local_mix, _online_softmax_kv, _store_partial, _tile, split_plan
 from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2
+from .statistics import recompute_planes, statistics_dots
 
 Tensor = torch.Tensor
 Launch = Tuple[object, tuple, tuple, dict]
@@ -177,11 +178,6 @@ def local_tiles(s: int, N: int) -> Tuple[int, int, int]:
     return LOCAL_TILES.get(dot_pad(s), SMALLEST_TILE + (16,))
 
 
-def _fp32_dots(like: Tensor) -> DotVariant:
-    from .statistics import statistics_dots
-    return statistics_dots(like)
-
-
 def plan_recompute_attention(P: Tensor, H: int, W: int, wts: FoldedGMAWeights, tiles: Optional[Tuple[int, int]] = None,
                              dots: Optional[DotVariant] = None) -> Tuple[Dict[str, Tensor], Launch]:
     """Buffers (R (B, C', H, W), part_m, part_l (B, SPLITS, C'), part_acc (B, SPLITS, C', d), fp32)
@@ -197,7 +193,7 @@ def plan_recompute_attention(P: Tensor, H: int, W: int, wts: FoldedGMAWeights, t
     buf = {"R": torch.empty(B, cp, H, W, **f32), "part_m": torch.empty(B, splits, cp, **f32),
            "part_l": torch.empty(B, splits, cp, **f32), "part_acc": torch.empty(B, splits, cp, d, **f32)}
     crpe = [w.float().contiguous() for w in (wts.crpe_w3, wts.crpe_w5, wts.crpe_w7, wts.crpe_b)]
-    dots = dots or _fp32_dots(P)
+    dots = dots or statistics_dots(P)
     args = (P, buf["R"], buf["part_m"], buf["part_l"], buf["part_acc"], *crpe, N, H, W, tps)
     kwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
@@ -232,7 +228,7 @@ def plan_recompute_local(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_
     f32 = dict(dtype=torch.float32, device=qkv.device)
     buf = {"w4": torch.empty(B, 3 * s, H, W, **f32),
            "xh4": torch.empty(B, s, H, W, **f32), "rstd4": torch.empty(B, 1, H, W, **f32)}
-    dots = dots or _fp32_dots(qkv)
+    dots = dots or statistics_dots(qkv)
     args = (qkv, buf["w4"], buf["xh4"], buf["rstd4"], wts.local_dw.float().contiguous(),
             wts.local_pw.float().contiguous(), N, H, W, qkv.stride(0), qkv.stride(1), tps, float(ln_eps))
     kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), CK=min(ck, dot_pad(s)), BLOCK_P=bp, DOT_PRECISION=dots.precision,
@@ -253,7 +249,6 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float)
     (the depthwise inputs, read in place: not u, u4, Ks, pre_act, streams, the PyTorch stages'
     own). Three launches (module docstring). Compute dtypes other than float32 (float64 inputs)
     take the PyTorch `backward.recompute`."""
-    from .statistics import recompute_planes
     if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
         from .backward import recompute as torch_recompute
         return torch_recompute(qkv, H, W, wts, ln_eps)

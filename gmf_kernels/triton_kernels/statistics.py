@@ -235,6 +235,17 @@ def _store_channels(dst, ch, n, val, mask, N):
     tl.store(dst + ch[None, :] * N + n[:, None], val, mask=mask)
 
 
+@triton.jit
+def _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D: tl.constexpr, D_PAD: tl.constexpr):
+    """A tile's two heads of Z and of P = hardswish(Z a + b) into their channel-first images."""
+    kk = tl.arange(0, D_PAD)
+    m2d = pmask[:, None] & (kk < D)[None, :]
+    _store_channels(z_seg, kk, n, z0, m2d, N)
+    _store_channels(z_seg, D + kk, n, z1, m2d, N)
+    _store_channels(p_seg, kk, n, hardswish(z0 * a0 + b0), m2d, N)
+    _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N)
+
+
 @triton.jit(do_not_specialize=["N", "H", "W", "splits0", "splits1", "splits2", "splits3"])
 def gma_recompute_z_kernel(
     qkv, z, p, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw,
@@ -262,11 +273,7 @@ def gma_recompute_z_kernel(
         while t < t1:
             n, pmask, y, x = _tile(t, N, W, BLOCK_P)
             z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
-            m2d = pmask[:, None] & kmask[None, :]
-            _store_channels(z_seg, kk, n, z0, m2d, N)
-            _store_channels(z_seg, D + kk, n, z1, m2d, N)
-            _store_channels(p_seg, kk, n, hardswish(z0 * a0 + b0), m2d, N)
-            _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N)
+            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D, D_PAD)
             t += 1
     else:
         dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
@@ -277,11 +284,7 @@ def gma_recompute_z_kernel(
             n, pmask, y, x = _tile(t, N, W, BLOCK_P)
             z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
                                   S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True)
-            m2d = pmask[:, None] & kmask[None, :]
-            _store_channels(z_seg, kk, n, z0, m2d, N)
-            _store_channels(z_seg, D + kk, n, z1, m2d, N)
-            _store_channels(p_seg, kk, n, hardswish(z0 * a0 + b0), m2d, N)
-            _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N)
+            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D, D_PAD)
             t += 1
 
 
