@@ -12,8 +12,8 @@ happens before the Function is the same for both and lives here:
    BatchNorm: segment 0 itself, 1..3 pointwise(depthwise)) and its per-channel mean and
    biased variance over the 3B images x H x W, float32 for float16/bfloat16 inputs
    (``prepare(statistics_fn=...)``: the Triton backend's kernel,
-   `triton_kernels/statistics.py`, which reads qkv once and never writes Z; the CUDA backend
-   keeps `backward.statistics`, PyTorch ops materialising Z). The running statistics are
+   `triton_kernels/statistics.py`, which reads qkv once and never writes Z, for the CUDA
+   backend too where Triton runs; otherwise `backward.statistics`, PyTorch ops materialising Z). The running statistics are
    updated as nn.BatchNorm2d does (`folding.update_running_stats`: momentum, or the
    cumulative average when momentum is None; unbiased variance; num_batches_tracked),
    BatchNorms without running statistics skipped.
@@ -24,7 +24,8 @@ happens before the Function is the same for both and lives here:
    LayerNorm, CRPE).
 3. The backend's Function; its backward (`backward`) is `backward.pre_projection_backward`
    (stages B1, B2, B3 and the local branch, each from a stage set: the Triton kernels for the
-   Triton backend, `train_op.triton_stages`; PyTorch ops, `TORCH_STAGES`, for CUDA), which
+   Triton backend and for CUDA where Triton runs, `triton_kernels/train_op.kernel_backward`;
+   else PyTorch ops, `TORCH_STAGES`: `cuda/train_op.py`), which
    recomputes what the forward did not save and, in training mode, adds the batch-statistics
    terms (the mean and variance depend on qkv, the depthwise and the pointwise weights) to dZ.
 

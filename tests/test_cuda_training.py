@@ -1,9 +1,11 @@
 """Training and gradients on the CUDA backend (issue 10, items 1, 3 and 5), through the CPU
 emulation of its kernels.
 
-The CUDA backend trains as the Triton backend does (gmf_kernels/training.py): a statistics pass
-and the differentiable folding in PyTorch ops, its own eval kernels forward
-(``gmf::cuda_pre_projection``), the shared PyTorch-ops backward. Without a GPU the op runs the
+The CUDA backend trains as the Triton backend does (gmf_kernels/training.py): a statistics pass,
+the differentiable folding, its own eval kernels forward (``gmf::cuda_pre_projection``), and
+the backward of `cuda/train_op.py`: the Triton statistics and backward kernels where Triton
+runs (here: its interpreter, which conftest.py turns on), else the PyTorch stages with a
+warning (`test_pytorch_stages_fallback`). Without a GPU the op runs the
 very kernel code in the barrier-faithful CPU emulation (csrc/gma_emu.h, an emulation-only
 build made once per session: conftest.py `emu_build`); the backend object is told, for these
 tests only, that it may run on the CPU (`cuda_on_cpu`), so every call below goes through the
@@ -19,17 +21,36 @@ import pytest
 import torch
 
 from gmf_kernels.backends import get_backend
-from training_cases import check_eval_with_gradients_float32, check_low_precision, check_train_float32
+from helpers import record_calls
+from training_cases import check_compile_fullgraph, check_eval_with_gradients_float32, check_low_precision, check_train_float32
 
 
 @pytest.fixture
-def cuda_on_cpu(use_emu, monkeypatch):
+def cuda_on_cpu(cuda_on_cpu_untraced, monkeypatch):
+    """`cuda_on_cpu_untraced`, and after the test: every backward ran the Triton kernels
+    (`kernel_backward`) unless the test turned them off (these records are Python side effects
+    in the Function's backward: no torch.compile here)."""
+    import gmf_kernels.triton_kernels.train_op as triton_train_op
+    import gmf_kernels.training as training
+    kernel_backwards = record_calls(monkeypatch, triton_train_op, "kernel_backward", lambda ctx, g: g.shape)
+    torch_backwards = record_calls(monkeypatch, training, "backward", lambda ctx, g, *a: g.shape)
+    backend = cuda_on_cpu_untraced
+    yield backend
+    if backend.expect_kernel_backward:
+        assert kernel_backwards and not torch_backwards, (kernel_backwards, torch_backwards)
+    else:
+        assert torch_backwards and not kernel_backwards, (kernel_backwards, torch_backwards)
+
+
+@pytest.fixture
+def cuda_on_cpu_untraced(use_emu, monkeypatch):
     """The cuda backend, allowed on CPU tensors, with the emulation build loaded; after the test,
     asserts that the emulated kernels really ran (not some other path)."""
     import gmf_kernels.cuda.op as cuda_op
     backend = get_backend("cuda")
     monkeypatch.setattr(backend, "device_types", backend.device_types | {"cpu"})
     monkeypatch.setattr(backend, "availability_reasons", lambda: [])
+    monkeypatch.setattr(backend, "expect_kernel_backward", True, raising=False)
     launches = []
     launch = cuda_op.launch_pre_projection
 
@@ -50,6 +71,41 @@ def test_train_float32(cuda_on_cpu, C, grid, B, momentum, steps):
 
 def test_eval_with_gradients_float32(cuda_on_cpu):
     check_eval_with_gradients_float32("cuda")
+
+
+def test_compile_fullgraph(cuda_on_cpu_untraced, monkeypatch):
+    """A training step under torch.compile(fullgraph=True): the CUDA op forward, the Triton
+    backward op (``gmf::triton_pre_projection_backward``, opaque: its body runs untraced) behind
+    the autograd Function."""
+    import gmf_kernels.triton_kernels.train_op as triton_train_op
+    kernel_stages = record_calls(monkeypatch, triton_train_op, "pre_projection_backward")
+    check_compile_fullgraph("cuda")
+    assert kernel_stages
+
+
+def test_pytorch_stages_fallback(cuda_on_cpu, monkeypatch):
+    """Where the Triton kernels cannot run (`triton_backward_reasons` not empty), the statistics
+    and the backward are PyTorch ops, with a RuntimeWarning naming the reason, and the result
+    is as accurate (the fixture asserts that no Triton backward ran)."""
+    import gmf_kernels.cuda.train_op as cuda_train_op
+    import gmf_kernels.triton_kernels.statistics as triton_statistics
+    monkeypatch.setattr(cuda_train_op, "triton_backward_reasons", lambda *a: ["triton is not installed (test)"])
+    monkeypatch.setattr(cuda_train_op, "_WARNED", set())
+    monkeypatch.setattr(cuda_on_cpu, "expect_kernel_backward", False, raising=False)
+    kernel_statistics = record_calls(monkeypatch, triton_statistics, "statistics")
+    with pytest.warns(RuntimeWarning, match=r"PyTorch ops, not kernels.*triton is not installed \(test\)"):
+        check_train_float32("cuda", 40, (5, 11), 1, 0.1, 1)
+    assert not kernel_statistics
+
+
+def test_triton_backward_reasons():
+    """The reasons come from the Triton backend's support data, plus the backward kernels' width."""
+    from gmf_kernels.cuda.train_op import triton_backward_reasons
+    from gmf_kernels.triton_kernels.config import BACKWARD_KERNELS_MAX_S_PAD
+    assert triton_backward_reasons(torch.zeros(1, 12, 3 * 320), 3, 4, 8) == []   # interpreter on (conftest)
+    wide = 5 * 2 * BACKWARD_KERNELS_MAX_S_PAD
+    assert any("segment width" in r for r in triton_backward_reasons(torch.zeros(1, 12, 3 * wide), 3, 4, 8))
+    assert any("float64" in r for r in triton_backward_reasons(torch.zeros(1, 12, 240, dtype=torch.float64), 3, 4, 8))
 
 
 @pytest.mark.parametrize("C, grid, B", [(40, (7, 9), 2), (80, (5, 6), 1)], ids=["C40-7x9-B2", "C80-5x6-B1"])

@@ -11,6 +11,10 @@ synchronisation code at all):
   CPU), running statistics and num_batches_tracked after two steps (momentum 0.1 and the
   cumulative average), on every backend of the registry that trains with synchronised
   statistics; float64, an odd grid, widths 40, 80 and 200, even and uneven splits;
+* the same for the fused backends, which take no float64 (`FUSED_CASES`, float32 against the
+  float64 oracle on the same float32-rounded inputs): Triton through its interpreter, CUDA
+  through the CPU emulation of its kernels (with the Triton statistics and backward kernels
+  it trains with, `cuda/train_op.py`), in a second spawn of two processes;
 * the three ways in: `torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)`, the module's
   `process_group=` and the functional API's `process_group=`, and `gmf_kernels.convert` of
   an upstream-style module made SyncBatchNorm (its BatchNorm modules are kept, shared);
@@ -58,6 +62,12 @@ CASES = {
     "gmf_convert-C40-uneven": ("gmf_convert", 40, (2, 1), 0.1),
 }
 SYNC_PROBLEM = dict(dtype=torch.float64, training=True, needs_grad=True, sync_bn=True)
+#: float32 cases for the backends that synchronise but take no float64 (`fused_sync_backends`)
+FUSED_CASES = {
+    "convert_sync_batchnorm-C40-uneven-float32": ("convert_sync_batchnorm", 40, (2, 1), 0.1),
+    "functional-C80-cma-float32": ("functional", 80, (1, 1), None),
+}
+FUSED_TOL = 1e-5  # float32 against float64 (training_cases.FP32_TOL)
 
 
 def sync_backends():
@@ -65,10 +75,17 @@ def sync_backends():
     return [n for n in BACKEND_NAMES if not get_backend(n).not_supported_reasons(problem(**SYNC_PROBLEM))]
 
 
+def fused_sync_backends():
+    """Backends of the registry that declare synchronised training but take no float64 (the fused
+    kernels): checked in float32 on this machine through their interpreter / emulation."""
+    return [n for n in BACKEND_NAMES
+            if get_backend(n).supports_sync_bn and torch.float64 not in get_backend(n).dtypes]
+
+
 # ------------------------------------------------------------------ building blocks
-def make_module(C, momentum, seed):
-    """A float64 GroupMixAttention with random weights and non-trivial running statistics."""
-    m = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True).double()
+def make_module(C, momentum, seed, dtype=torch.float64):
+    """A GroupMixAttention (float64 by default) with random weights and non-trivial running statistics."""
+    m = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True).to(dtype)
     w = random_gma_weights(C, seed=seed)
     with torch.no_grad():
         for dst, src in zip(m.gma_weights().tensors(), w.tensors()):
@@ -111,9 +128,9 @@ def oracle(sd, C, momentum, x1, x2, lw):
 
 
 # ------------------------------------------------------------------ the two-process worker
-def _sync_module(api, sd, C, momentum, backend):
+def _sync_module(api, sd, C, momentum, backend, dtype=torch.float64):
     """(the module whose parameters are trained, forward) for one way of asking for sync."""
-    m = make_module(C, momentum, seed=0)
+    m = make_module(C, momentum, seed=0, dtype=dtype)
     m.load_state_dict(sd)
     m.set_backend(backend)
     world = dist.group.WORLD
@@ -125,7 +142,7 @@ def _sync_module(api, sd, C, momentum, backend):
         assert set(att.state_dict()) == set(sd)
         return att, lambda x: att(x, GRID)
     if api == "module_process_group":
-        att = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True, process_group=world).double().train()
+        att = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True, process_group=world).to(dtype).train()
         att.load_state_dict(sd)
         for i in range(4):
             getattr(att.aggregator, f"norm{i}").momentum = momentum
@@ -148,20 +165,34 @@ def _sync_module(api, sd, C, momentum, backend):
     raise AssertionError(api)
 
 
-def _worker(rank, world_size, port, inputs_path, out_dir, backends):
+def _cuda_on_cpu(emulation_path):
+    """In a worker: the cuda backend runs CPU tensors through the emulation build (as
+    tests/test_cuda_training.py's fixture does in the test process)."""
+    import gmf_kernels.cuda as gcuda
+    backend = get_backend("cuda")
+    gcuda._loaded = gcuda.load_from(emulation_path)
+    backend.device_types = backend.device_types | {"cpu"}
+    backend.availability_reasons = lambda: []
+
+
+def _worker(rank, world_size, port, inputs_path, out_dir, backends, cases=None, dtype=torch.float64,
+            emulation_path=None):
     torch.set_num_threads(1)
+    cases = CASES if cases is None else cases
+    if emulation_path is not None:
+        _cuda_on_cpu(emulation_path)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
     try:
         inputs = torch.load(inputs_path, weights_only=False)
         results = {}
-        for case, (api, C, split, momentum) in CASES.items():
+        for case, (api, C, split, momentum) in cases.items():
             data = inputs[case]
             lo = sum(split[:rank])
             rows = slice(lo, lo + split[rank])
-            x1, x2, lw = data["x1"][rows], data["x2"][rows], data["lw"][rows]
+            x1, x2, lw = (data[k][rows].to(dtype) for k in ("x1", "x2", "lw"))
             for backend in backends:
-                module, forward = _sync_module(api, data["sd"], C, momentum, backend)
+                module, forward = _sync_module(api, data["sd"], C, momentum, backend, dtype)
                 res = step(forward, module, x1, x2, lw)
                 for g in res["grads"].values():  # what DistributedDataParallel would do (as a sum)
                     dist.all_reduce(g)
@@ -169,7 +200,7 @@ def _worker(rank, world_size, port, inputs_path, out_dir, backends):
         # backends that cannot synchronise refuse, with the reason (never a silent per-process BN)
         refusals = {}
         for backend in BACKEND_NAMES:
-            if backend in backends or get_backend(backend).availability_reasons():
+            if cases is not CASES or backend in backends or get_backend(backend).availability_reasons():
                 continue
             module, forward = _sync_module("convert_sync_batchnorm", inputs[next(iter(CASES))]["sd"], 40, 0.1,
                                            backend)
@@ -201,19 +232,27 @@ def spawn(fn, nprocs, args):
             pytest.fail(f"{nprocs} processes did not finish within {JOIN_DEADLINE_S} s (hang?)")
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("syncbn")
+def make_inputs(cases, dtype=torch.float64):
+    """Per case: a state_dict, the two steps' inputs and the loss weights, float64 values
+    representable in `dtype` (the float64 oracle then sees exactly what a `dtype` run sees)."""
     gen = torch.Generator().manual_seed(11)
     inputs = {}
-    for k, (case, (api, C, split, momentum)) in enumerate(CASES.items()):
+    for k, (case, (api, C, split, momentum)) in enumerate(cases.items()):
         B = sum(split)
         N = GRID[0] * GRID[1]
-        sd = {n: t.clone() for n, t in make_module(C, momentum, seed=100 + k).state_dict().items()}
+        sd = {n: t.to(dtype).to(t.dtype) if t.is_floating_point() else t.clone()
+              for n, t in make_module(C, momentum, seed=100 + k).state_dict().items()}
         x1 = torch.randn(B, N, C, generator=gen, dtype=torch.float64) + 0.3  # BN inputs with a mean
         x2 = torch.randn(B, N, C, generator=gen, dtype=torch.float64)
         lw = torch.randn(B, N, C, generator=gen, dtype=torch.float64)
-        inputs[case] = dict(sd=sd, x1=x1, x2=x2, lw=lw)
+        inputs[case] = {**dict(sd=sd), **{n: t.to(dtype).double() for n, t in dict(x1=x1, x2=x2, lw=lw).items()}}
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("syncbn")
+    inputs = make_inputs(CASES)
     torch.save(inputs, tmp / "inputs.pt")
     backends = sync_backends()
     spawn(_worker, 2, (2, _free_port(), str(tmp / "inputs.pt"), str(tmp), backends))
@@ -221,35 +260,67 @@ def two_process_run(tmp_path_factory):
     return dict(inputs=inputs, ranks=ranks, backends=backends)
 
 
+@pytest.fixture(scope="module")
+def fused_two_process_run(tmp_path_factory, emu_build):
+    """The fused backends in float32, two processes, ONE spawn: Triton through the interpreter
+    (conftest.py sets TRITON_INTERPRET=1; the spawned processes inherit it), CUDA through the
+    session's emulation build."""
+    from gmf_kernels.backends.triton_backend import _interpreting
+    if not _interpreting():
+        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1")
+    tmp = tmp_path_factory.mktemp("syncbn_fused")
+    inputs = make_inputs(FUSED_CASES, torch.float32)
+    torch.save(inputs, tmp / "inputs.pt")
+    backends = fused_sync_backends()
+    spawn(_worker, 2, (2, _free_port(), str(tmp / "inputs.pt"), str(tmp), backends, FUSED_CASES, torch.float32,
+                       str(emu_build[0])))
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return dict(inputs=inputs, ranks=ranks, backends=backends)
+
+
 # ------------------------------------------------------------------ two processes vs one
-@pytest.mark.parametrize("backend, case", backend_cases(BACKEND_NAMES, list(CASES), list(CASES), **SYNC_PROBLEM))
-def test_two_processes_match_one_process_on_the_whole_batch(two_process_run, backend, case):
-    api, C, split, momentum = CASES[case]
-    data = two_process_run["inputs"][case]
+def check_two_processes(run, backend, case, cases, tol):
+    """Each rank's rows of the outputs and input gradient, every (all-reduced) parameter gradient,
+    the buffers after two steps: as ONE float64 process on the whole batch."""
+    api, C, split, momentum = cases[case]
+    data = run["inputs"][case]
     exp = oracle(data["sd"], C, momentum, data["x1"], data["x2"], data["lw"])
     lo = 0
     for rank in range(2):
-        got = two_process_run["ranks"][rank]["results"][(backend, case)]
+        got = run["ranks"][rank]["results"][(backend, case)]
         rows = slice(lo, lo + split[rank])
         lo += split[rank]
         who = f"{backend} {case} rank {rank}"
-        assert_rel(got["out1"], exp["out1"][rows], TOL, f"{who} out")
-        assert_rel(got["x_grad"], exp["x_grad"][rows], TOL, f"{who} input grad")
-        assert_rel(got["out2"], exp["out2"][rows], TOL, f"{who} out (step 2)")
+        assert_rel(got["out1"].double(), exp["out1"][rows], tol, f"{who} out")
+        assert_rel(got["x_grad"].double(), exp["x_grad"][rows], tol, f"{who} input grad")
+        assert_rel(got["out2"].double(), exp["out2"][rows], tol, f"{who} out (step 2)")
         assert set(got["grads"]) == set(exp["grads"])
         for n, g in exp["grads"].items():
-            assert_rel(got["grads"][n], g, TOL, f"{who} grad {n}")
+            assert_rel(got["grads"][n].double(), g, tol, f"{who} grad {n}")
         assert set(got["buffers"]) == set(exp["buffers"])
         for n, b in exp["buffers"].items():
             if n.endswith("num_batches_tracked"):
                 assert int(got["buffers"][n]) == int(b) == 2, f"{who} {n}"
             else:
-                assert_rel(got["buffers"][n], b, TOL, f"{who} {n}")
+                assert_rel(got["buffers"][n].double(), b, tol, f"{who} {n}")
     # per-process statistics would differ: the check above can tell (a sanity check of the test)
-    rank0 = two_process_run["ranks"][0]["results"][(backend, case)]
+    rank0 = run["ranks"][0]["results"][(backend, case)]
     local = oracle(data["sd"], C, momentum, data["x1"][:split[0]], data["x2"][:split[0]], data["lw"][:split[0]])
     err = (local["buffers"]["aggregator.norm1.running_mean"] - rank0["buffers"]["aggregator.norm1.running_mean"])
-    assert err.abs().max() > 1e3 * TOL * rank0["buffers"]["aggregator.norm1.running_mean"].abs().max()
+    assert err.abs().max() > 1e3 * tol * rank0["buffers"]["aggregator.norm1.running_mean"].abs().max()
+
+
+@pytest.mark.parametrize("backend, case", backend_cases(BACKEND_NAMES, list(CASES), list(CASES), **SYNC_PROBLEM))
+def test_two_processes_match_one_process_on_the_whole_batch(two_process_run, backend, case):
+    check_two_processes(two_process_run, backend, case, CASES, TOL)
+
+
+@pytest.mark.parametrize("backend", fused_sync_backends())
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_backends_two_processes_float32(fused_two_process_run, backend, case):
+    """The fused backends' SyncBatchNorm (statistics all-reduced in the statistics pass, the two
+    gradient sums in the backward), float32 through the interpreter / emulation."""
+    check_two_processes(fused_two_process_run, backend, case, FUSED_CASES, FUSED_TOL)
 
 
 def test_backends_that_cannot_sync_refuse(two_process_run):

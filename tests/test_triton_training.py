@@ -32,7 +32,7 @@ from gmf_kernels.numerics import cast_weights, default_hyper
 from gmf_kernels.reference import reference_pre_projection
 from helpers import assert_max_rel_close as assert_rel
 from helpers import BUFFER_FIELDS, PARAM_FIELDS, named_fields, problem, record_calls, skip_unless_supported
-from training_cases import (FP32_TOL, check_eval_with_gradients_float32, check_low_precision, check_train_float32,
+from training_cases import (FP32_TOL, check_compile_fullgraph, check_eval_with_gradients_float32, check_low_precision, check_train_float32,
                             make, run)
 
 FP64_TOL = 1e-10
@@ -159,29 +159,7 @@ def test_activation_checkpointing():
 
 
 def test_compile_fullgraph():
-    """torch.compile(fullgraph=True) of a training step (aot_eager: AOTAutograd traces the
-    autograd.Function and the op) against the float64 reference module."""
-    skip_unless_supported("triton", training=True, needs_grad=True, dtype=torch.float32)
-    C, grid = 40, (4, 5)
-    m = _module(C, seed=1)
-    mr = copy.deepcopy(m).double().set_backend("reference")
-    x = torch.randn(1, 20, C)
-    torch._dynamo.reset()
-    fn = torch.compile(lambda t: m(t, grid), fullgraph=True, backend="aot_eager")
-    xx, xr = x.clone().requires_grad_(True), x.double().clone().requires_grad_(True)
-    out, ref = fn(xx), mr(xr, grid)
-    out.square().sum().backward()
-    ref.square().sum().backward()
-    assert_rel(out, ref, FP32_TOL, "compiled out")
-    assert_rel(xx.grad, xr.grad, FP32_TOL, "compiled x grad")
-    for (n, p), (_, pr) in zip(m.named_parameters(), mr.named_parameters()):
-        assert p.grad is not None, n
-        assert_rel(p.grad, pr.grad, FP32_TOL, f"compiled grad {n}")
-    for (n, b), (_, br) in zip(m.named_buffers(), mr.named_buffers()):
-        if b.dtype == torch.long:
-            assert torch.equal(b, br), n
-        else:
-            assert_rel(b, br, FP32_TOL, f"compiled buffer {n}")
+    check_compile_fullgraph("triton")
 
 
 def test_op_registered_autograd():

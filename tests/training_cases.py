@@ -1,6 +1,8 @@
 """Training cases shared by the fused backends' training tests (test_triton_training.py,
 test_cuda_training.py): a layer with non-trivial running statistics, one run of it through
 `gmf_kernels.group_mix_attention` (forward steps, then one backward), and the comparison."""
+import copy
+
 import torch
 
 import gmf_kernels
@@ -127,3 +129,30 @@ def check_low_precision(backend, dtype, training, C, grid, B):
     for n in oracle[2]:
         if not n.startswith("bn_num_batches_tracked"):
             assert_within_reference_error(got[2][n], ref_lp[2][n], oracle[2][n], floor=1e-3, name=f"{n} {dtype}")
+
+
+def check_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) of a training step (aot_eager: AOTAutograd traces the
+    backend's autograd.Function and ops) against the float64 reference module."""
+    skip_unless_supported(backend, training=True, needs_grad=True, dtype=torch.float32)
+    C, grid = 40, (4, 5)
+    torch.manual_seed(1)
+    m = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True, backend=backend).train()
+    mr = copy.deepcopy(m).double().set_backend("reference")
+    x = torch.randn(1, 20, C)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: m(t, grid), fullgraph=True, backend="aot_eager")
+    xx, xr = x.clone().requires_grad_(True), x.double().clone().requires_grad_(True)
+    out, ref = fn(xx), mr(xr, grid)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert_rel(out, ref, FP32_TOL, f"{backend} compiled out")
+    assert_rel(xx.grad, xr.grad, FP32_TOL, f"{backend} compiled x grad")
+    for (n, p), (_, pr) in zip(m.named_parameters(), mr.named_parameters()):
+        assert p.grad is not None, n
+        assert_rel(p.grad, pr.grad, FP32_TOL, f"{backend} compiled grad {n}")
+    for (n, b), (_, br) in zip(m.named_buffers(), mr.named_buffers()):
+        if b.dtype == torch.long:
+            assert torch.equal(b, br), n
+        else:
+            assert_rel(b, br, FP32_TOL, f"{backend} compiled buffer {n}")

@@ -275,7 +275,8 @@ def _machine_reasons(info: DeploymentInfo) -> List[str]:
 # ------------------------------------------------------------------ the backend
 class CudaBackend(FusedBackend):
     """The CUDA kernels: eval mode on folded BatchNorms; training and gradients through
-    `cuda/train_op.py` (the same kernels forward, the shared PyTorch-ops backward)."""
+    `cuda/train_op.py` (the same kernels forward; Triton's statistics and backward kernels where
+    Triton runs, else PyTorch ops with a warning)."""
 
     def _module(self):
         """(module or None, reasons)."""
@@ -331,7 +332,8 @@ class CudaBackend(FusedBackend):
 
     def train_pre_projection(self, qkv, size, w, hp, training):
         """Training, or any call that needs gradients: `cuda.train_op` (statistics pass,
-        differentiable folding, the same kernels, the PyTorch-ops backward: gmf_kernels/training.py)."""
+        differentiable folding, the same kernels, the Triton backward kernels or the PyTorch
+        stages: gmf_kernels/training.py)."""
         from ..cuda.train_op import cuda_train_pre_projection
         return cuda_train_pre_projection(qkv, size, w, hp, training)
 
@@ -340,8 +342,8 @@ BACKEND = CudaBackend(
     name="cuda",
     dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
     device_types=frozenset({"cuda"}),
-    supports_training=True,   # statistics pass in PyTorch ops, then the kernels (cuda/train_op.py, training.py)
-    supports_grad=True,       # backward in PyTorch ops, stage by stage (gmf_kernels/training.py): not kernels yet
+    supports_training=True,   # statistics pass (Triton's kernel, or PyTorch ops), then the kernels (cuda/train_op.py)
+    supports_grad=True,       # backward: Triton's kernels where Triton runs, else PyTorch ops (cuda/train_op.py)
     supports_sync_bn=True,    # SyncBatchNorm: one all-reduce in the statistics pass, one in the backward
     training_dtypes=TRAINING_DTYPES,
     grad_dtypes=GRAD_DTYPES,

@@ -3,42 +3,102 @@
     pre = cuda_train_pre_projection(qkv, (H, W), w, hp, training)
 
 Used by the CUDA backend whenever a call trains (BatchNorm batch statistics) or needs
-gradients; eval without gradients keeps the plain ``gmf::cuda_pre_projection`` op. The
-statistics pass, the running statistics, the differentiable folding and the backward stages
-(**PyTorch ops for now, not CUDA kernels**) are shared with the Triton backend
-(`gmf_kernels/training.py`, which says what each does and what is saved); the forward of both
-modes is the eval-mode CUDA kernels on the folded weights (on CPU tensors: their emulation,
-which is how tests/test_cuda_training.py checks this path without a GPU).
+gradients; eval without gradients keeps the plain ``gmf::cuda_pre_projection`` op. The forward
+of both modes is the eval-mode CUDA kernels on the folded weights (on CPU tensors: their
+emulation, which is how tests/test_cuda_training.py checks this path without a GPU). The rest
+is shared with the Triton backend (`gmf_kernels/training.py`: what each step does and what is
+saved), and so are the kernels of the training-only passes:
+
+* **kernels**, when Triton's kernels can run on the call's device and dtype
+  (`triton_backward_reasons` is empty; the usual case on a GPU, where torch ships Triton): the
+  statistics pass (`triton_kernels/statistics.py`) and the whole backward -- recompute, B1, B2,
+  B3 and the local branch -- as the Triton backend runs it (`triton_kernels/train_op.py`: one
+  op ``gmf::triton_pre_projection_backward``, or the stages one by one around SyncBatchNorm's
+  all-reduce). There is no CUDA-C++ backward: those Triton kernels are this backend's backward
+  kernels.
+* **PyTorch ops** otherwise (no Triton installed, a GPU Triton refuses, segments wider than
+  the Triton backward kernels take: `config.BACKWARD_KERNELS_MAX_S_PAD`): `backward.statistics`
+  and `TORCH_STAGES`, with one RuntimeWarning per distinct reason saying why.
+
+The choice is made once per call, in `cuda_train_pre_projection`, and recorded on the autograd
+context (``ctx.kernels``); both choices give the same gradients to rounding
+(tests/test_cuda_training.py runs both).
 """
 from __future__ import annotations
 
-from typing import Tuple
+import warnings
+from typing import List, Tuple
 
 import torch
 
 from .. import training
+from ..backends.base import GMAProblem
+from ..triton_kernels.config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2  # imports no Triton
 from ..weights import GMAHyper, GMAWeights
 from . import op as _op  # noqa: F401  (registers gmf::cuda_pre_projection)
 
 Tensor = torch.Tensor
 
+_WARNED = set()
+
+
+def triton_backward_reasons(qkv: Tensor, H: int, W: int, num_heads: int) -> List[str]:
+    """Why the Triton statistics and backward kernels cannot serve this CUDA-backend call
+    (the Triton backend's own support data, asked for an explicit gradient call in eval mode:
+    its training-dtype rule concerns its forward kernels, which this path does not run); []
+    when they can."""
+    from ..backends.triton_backend import BACKEND as TRITON
+    B, C = qkv.shape[0], qkv.shape[-1] // 3
+    cap = torch.cuda.get_device_capability(qkv.device) if qkv.is_cuda else None
+    p = GMAProblem(B=B, H=H, W=W, dim=C, num_heads=num_heads, dtype=qkv.dtype, device_type=qkv.device.type,
+                   training=False, needs_grad=True, explicit=True,
+                   device_index=qkv.device.index if qkv.is_cuda else None, device_capability=cap)
+    reasons = TRITON.not_supported_reasons(p)
+    if next_pow2(C // 5) > BACKWARD_KERNELS_MAX_S_PAD:
+        reasons.append(f"segment width s={C // 5} (C={C}): the Triton backward kernels take s up to "
+                       f"{BACKWARD_KERNELS_MAX_S_PAD} (config.BACKWARD_KERNELS_MAX_S_PAD; wider ones spill)")
+    return reasons
+
+
+def _warn_fallback(reasons: List[str]) -> None:
+    why = "; ".join(reasons)
+    if why not in _WARNED:
+        _WARNED.add(why)
+        warnings.warn("gmf_kernels cuda backend: training statistics and backward run as PyTorch ops, "
+                      f"not kernels, because the Triton kernels cannot run here: {why}", RuntimeWarning, stacklevel=3)
+
 
 class CudaPreProjectionFunction(torch.autograd.Function):
-    """pre = CUDA kernels(qkv, folded weights); backward = `training.backward` (its inputs:
-    `training`'s module docstring)."""
+    """pre = CUDA kernels(qkv, folded weights); backward = the Triton backward kernels or the
+    PyTorch stages (module docstring; the inputs: `training`'s module docstring, then
+    ``kernels``, the choice)."""
 
     @staticmethod
-    def forward(ctx, qkv, mean, rstd, count, H, W, scale, ln_eps, group, *weights):
+    def forward(ctx, kernels, qkv, mean, rstd, count, H, W, scale, ln_eps, group, *weights):
         pre = torch.ops.gmf.cuda_pre_projection(qkv, H, W, list(weights), scale, ln_eps)
         training.save(ctx, qkv, mean, rstd, count, H, W, scale, ln_eps, group, weights)
+        ctx.kernels = kernels
         return pre
 
     @staticmethod
     def backward(ctx, grad_pre):
-        return training.backward(ctx, grad_pre)
+        if ctx.kernels:
+            from ..triton_kernels.train_op import kernel_backward
+            grads = kernel_backward(ctx, grad_pre)
+        else:
+            grads = training.backward(ctx, grad_pre)
+        return (None,) + grads
 
 
 def cuda_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
                               training_mode: bool) -> Tensor:
     """The CUDA pre-projection with autograd, in training (batch statistics) or eval mode."""
-    return CudaPreProjectionFunction.apply(*training.prepare(qkv, size, w, hp, training_mode))
+    H, W = int(size[0]), int(size[1])
+    reasons = triton_backward_reasons(qkv, H, W, hp.num_heads)
+    if reasons:
+        _warn_fallback(reasons)
+        args = training.prepare(qkv, size, w, hp, training_mode)
+    else:
+        from ..triton_kernels.statistics import statistics  # imports Triton
+        args = training.prepare(qkv, size, w, hp, training_mode, statistics_fn=statistics)
+    return CudaPreProjectionFunction.apply(not reasons, *args)

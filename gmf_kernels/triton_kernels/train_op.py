@@ -36,21 +36,27 @@ class TritonPreProjectionFunction(torch.autograd.Function):
     def forward(ctx, qkv, mean, rstd, count, H, W, scale, ln_eps, group, *weights):
         pre = torch.ops.gmf.triton_pre_projection(qkv, H, W, list(weights), scale, ln_eps)
         training.save(ctx, qkv, mean, rstd, count, H, W, scale, ln_eps, group, weights)
-        ctx.segment_width = qkv.shape[-1] // 15
         return pre
 
     @staticmethod
     def backward(ctx, grad_pre):
-        H, W, scale, ln_eps, group = ctx.meta
-        if group is None:   # the usual case: the whole backward as ONE op (opaque to torch.compile)
-            qkv, mean, rstd, _, *weights = ctx.saved_tensors
-            d_qkv, *grads = torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, weights, scale,
-                                                                         ln_eps, mean, rstd)
-            return (d_qkv,) + (None,) * (training.NUM_LEADING_INPUTS - 1) + tuple(grads)
-        # SyncBatchNorm: an all-reduce between B2 and B3, so the stages are called one by one; under
-        # torch.compile the PyTorch stages (the interpreter's kernels cannot be traced)
-        stages = TORCH_STAGES if torch.compiler.is_compiling() else triton_stages(ctx.segment_width)
-        return training.backward(ctx, grad_pre, stages)
+        return kernel_backward(ctx, grad_pre)
+
+
+def kernel_backward(ctx, grad_pre) -> tuple:
+    """`training.backward` on the Triton stages: the backward of both fused backends' Functions
+    whenever the Triton kernels run (`training.save` filled ctx)."""
+    H, W, scale, ln_eps, group = ctx.meta
+    if group is None:   # the usual case: the whole backward as ONE op (opaque to torch.compile)
+        qkv, mean, rstd, _, *weights = ctx.saved_tensors
+        d_qkv, *grads = torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, weights, scale,
+                                                                     ln_eps, mean, rstd)
+        return (d_qkv,) + (None,) * (training.NUM_LEADING_INPUTS - 1) + tuple(grads)
+    # SyncBatchNorm: an all-reduce between B2 and B3, so the stages are called one by one; under
+    # torch.compile the PyTorch stages (the interpreter's kernels cannot be traced)
+    qkv = ctx.saved_tensors[0]
+    stages = TORCH_STAGES if torch.compiler.is_compiling() else triton_stages(qkv.shape[-1] // 15)
+    return training.backward(ctx, grad_pre, stages)
 
 
 @torch.library.custom_op("gmf::triton_pre_projection_backward", mutates_args=())
