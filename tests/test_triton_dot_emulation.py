@@ -17,6 +17,10 @@ NumPy sums); on a GPU the same kernel runs compiled (EMULATE_DOTS=0, the real te
 cores) and must match the model up to the order of the fp32 sums. A Triton upgrade that
 changes how it lowers these dots is caught by `test_triton_lowering_is_what_we_emulate`,
 which compiles (no GPU needed) and reads the TTGIR/PTX.
+
+Stores too: the interpreter converts fp32 to bfloat16 by truncation (and mangles subnormals),
+the GPU rounds to nearest even; `_common.stored`, which every bfloat16 output of the forward
+kernels goes through, must give torch's (round-to-nearest-even) bfloat16 bit for bit either way.
 """
 import json
 import os
@@ -34,7 +38,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from gmf_kernels.triton_kernels import _common  # noqa: E402
-from gmf_kernels.triton_kernels._common import DotVariant, dot_variant, mm, tf32_round, tf32_truncate  # noqa: E402
+from gmf_kernels.triton_kernels._common import DotVariant, dot_variant, mm, stored, tf32_round, tf32_truncate  # noqa: E402
 
 INTERPRET = _common.interpreting()
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -144,6 +148,35 @@ def test_tf32_conversions_match_model():
     nan = torch.full((64,), float("nan"), device=DEVICE)
     _round_kernel[(1,)](nan, rna_t := torch.empty_like(nan), tr_t := torch.empty_like(nan), NUM=64)
     assert torch.isnan(rna_t).all() and torch.isnan(tr_t).all()
+
+
+@triton.jit
+def _store_kernel(x_ptr, y_ptr, EMULATE_DOTS: tl.constexpr, NUM: tl.constexpr):
+    i = tl.arange(0, NUM)
+    tl.store(y_ptr + i, stored(tl.load(x_ptr + i), y_ptr, EMULATE_DOTS))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_stores_round_to_nearest_even(dtype):
+    """`stored` = torch's conversion, bit for bit: random values over every binade, random bit
+    patterns, exact ties (both signs: to even), subnormals, the largest finite values (to inf in
+    bfloat16), +-0, +-inf, NaN."""
+    rng = np.random.default_rng(3)
+    f = np.float32
+    mags = (rng.standard_normal(2048) * 10.0 ** rng.integers(-40, 38, 2048)).astype(f)
+    patterns = rng.integers(0, 2 ** 32, 2048, dtype=np.uint64).astype(np.uint32).view(f)
+    ties = ((rng.integers(0, 2 ** 16, 1024, dtype=np.uint32) << np.uint32(16)) | np.uint32(0x8000)).view(f)
+    edge = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, np.finfo(f).max, -np.finfo(f).max, 1e-45, -1e-40,
+                     1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, 65519.0, 65520.0], dtype=f)
+    x = np.concatenate([mags, patterns, ties, -np.abs(ties), edge])
+    x = np.concatenate([x, np.zeros(8192 - len(x), dtype=f)])
+    xt = torch.from_numpy(x).to(DEVICE)
+    y = torch.empty(x.shape, dtype=dtype, device=DEVICE)
+    _store_kernel[(1,)](xt, y, EMULATE_DOTS=INTERPRET, NUM=8192)
+    expected = xt.to(dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    same = (y.view(bits) == expected.view(bits)) | (torch.isnan(y) & torch.isnan(expected))
+    assert bool(same.all()), f"{int((~same).sum())} values differ from torch's {dtype}"
 
 
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3", "ieee"])

@@ -11,9 +11,8 @@ float64 reference backend:
   num_batches_tracked (momentum 0.1 and the cumulative average over two steps), odd grids,
   batch 1, within 1e-5 relative (max |a - e| / max |e|);
 * eval mode with gradients (BatchNorm from running statistics; buffers untouched);
-* float16 (training) / bfloat16 (eval with gradients; bfloat16 training is refused, see
-  `TRAINING_DTYPES`): output and every gradient within 2x the reference's own error at that
-  dtype (+ floor);
+* float16 and bfloat16 (training; bfloat16 also eval with gradients): output and every gradient
+  within 2x the reference's own error at that dtype (+ floor);
 * the train-mode golden vectors of ../shared/golden/gma_module.pt (float32, 1e-5);
 * SyncBatchNorm: two gloo processes (uneven split) against one process on the whole batch;
 * torch.utils.checkpoint and torch.compile(fullgraph=True) (aot_eager: AOTAutograd traces the
@@ -93,11 +92,10 @@ def test_eval_with_gradients_float32():
 
 
 @pytest.mark.parametrize("C, grid, B", [(40, (7, 9), 2), (80, (5, 6), 1)], ids=["C40-7x9-B2", "C80-5x6-B1"])
-@pytest.mark.parametrize("dtype, training", [(torch.float16, True), (torch.bfloat16, False)],
-                         ids=["float16-train", "bfloat16-eval"])
+@pytest.mark.parametrize("dtype, training", [(torch.float16, True), (torch.bfloat16, True), (torch.bfloat16, False)],
+                         ids=["float16-train", "bfloat16-train", "bfloat16-eval"])
 def test_low_precision(dtype, training, C, grid, B):
-    """`training_cases.check_low_precision`; bfloat16 trains nowhere here (the backend refuses
-    it: `TRAINING_DTYPES`), so bfloat16 is checked with gradients in eval mode."""
+    """`training_cases.check_low_precision`."""
     check_low_precision("triton", dtype, training, C, grid, B)
 
 
@@ -269,11 +267,11 @@ def test_declared_support():
     be = get_backend("triton")
     assert be.supports_training and be.supports_grad
     assert be.supports_sync_bn
-    for dt in (torch.float32, torch.float16):
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
         assert not be.not_supported_reasons(problem(training=True, needs_grad=True, dtype=dt)), dt
-    assert not be.not_supported_reasons(problem(needs_grad=True, dtype=torch.bfloat16))
-    assert any("training mode in bfloat16" in r
-               for r in be.not_supported_reasons(problem(training=True, dtype=torch.bfloat16)))
+        assert not be.not_supported_reasons(problem(needs_grad=True, dtype=dt)), dt
+    assert any("training mode in float64" in r or "dtype float64" in r
+               for r in be.not_supported_reasons(problem(training=True, dtype=torch.float64)))
     assert not be.not_supported_reasons(problem(training=True, needs_grad=True, sync_bn=True))
 
 

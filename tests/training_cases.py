@@ -103,8 +103,7 @@ def check_eval_with_gradients_float32(backend):
 
 def check_low_precision(backend, dtype, training, C, grid, B):
     """Output, every gradient and (training) the running statistics within 2x the reference's own
-    error at that dtype (+ floor). bfloat16 trains nowhere here (the backend refuses it:
-    `TRAINING_DTYPES`), so bfloat16 is checked with gradients in eval mode.
+    error at that dtype (+ floor).
 
     The gradient is discontinuous where a pre-activation crosses +-3 (hardswish's derivative
     jumps there): a pre-activation within a rounding error of +-3 takes either side, in any

@@ -78,6 +78,38 @@ def tf32_round(x):
 
 
 @triton.jit
+def bf16_bits(x):
+    """fp32 -> the bits (int32, in the low 16) of the nearest bfloat16, ties to even: the GPU's
+    ``cvt.rn.bf16.f32``, what ``x.to(tl.bfloat16)`` compiles to.
+
+    Adding 0x7FFF plus the kept bits' lowest bit to the sign-magnitude bits and truncating
+    rounds the magnitude to nearest, ties to even; a carry into the exponent is the correct next
+    binade (the largest finite values round to infinity). Inf and NaN keep their top 16 bits
+    (a NaN whose payload sits in the low 16 bits only is quieted)."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    nan_low = ((bits & 0x7FFFFFFF) > 0x7F800000) & ((bits & 0x007F0000) == 0)
+    top = tl.where(finite, rounded, bits) >> 16
+    return tl.where(nan_low, top | 0x40, top)
+
+
+@triton.jit
+def stored(x, ptr, EMULATE: tl.constexpr):
+    """x (fp32) converted to ptr's element type for ``tl.store``, rounded to nearest even as on
+    the GPU. The Triton interpreter converts fp32 to bfloat16 by truncation whatever rounding is
+    asked (2x the GPU's error, biased toward zero) and mangles subnormals; so when EMULATE is set
+    (exactly when the interpreter runs: the kernels' EMULATE_DOTS, `dot_variant`, or
+    EMULATE_STORES, `interpreting()`) the bfloat16 is built from its bits (`bf16_bits`;
+    tests/test_triton_dot_emulation.py: bit-equal to torch's conversion). On the GPU this is
+    ``x.to(...)`` alone."""
+    if EMULATE:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            return bf16_bits(x).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def cvt_rna_tf32(x):
     """fp32 -> TF32 on the GPU (sm_80+): PTX ``cvt.rna.tf32.f32`` (`tf32_round` emulates it)."""
     return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,

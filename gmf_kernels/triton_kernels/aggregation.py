@@ -58,7 +58,7 @@ from typing import NamedTuple, Optional, Tuple
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, depthwise_tile, dot_variant, hardswish, mm
+from ._common import DotVariant, depthwise_tile, dot_variant, hardswish, mm, stored
 
 
 @triton.jit
@@ -102,8 +102,8 @@ def _segment0_head(qkv_b, q_b, v_b, a, sh, ch, m2, n, pmask, stride_n, M, L, ACC
     zk = hardswish(tl.load(src + C, mask=m2, other=0.0).to(tl.float32) * a + sh)
     zv = hardswish(tl.load(src + 2 * C, mask=m2, other=0.0).to(tl.float32) * a + sh)
     dst = n[:, None] * CP + ch[None, :]
-    tl.store(q_b + dst, zq.to(q_b.dtype.element_ty), mask=m2)
-    tl.store(v_b + dst, zv.to(v_b.dtype.element_ty), mask=m2)
+    tl.store(q_b + dst, stored(zq, q_b, EMULATE_DOTS), mask=m2)
+    tl.store(v_b + dst, stored(zv, v_b, EMULATE_DOTS), mask=m2)
     return _online_softmax_kv(zk, zv, pmask, M, L, ACC, DOT_PRECISION, EMULATE_DOTS)
 
 
@@ -199,15 +199,15 @@ def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, b
         dst0 = n[:, None] * CP + (ch0 + kk)[None, :]
         zq0, zq1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
                                 KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
-        tl.store(q_b + dst0, hardswish(zq0 * a0 + b0).to(q_b.dtype.element_ty), mask=m2)
-        tl.store(q_b + dst0 + D, hardswish(zq1 * a1 + b1).to(q_b.dtype.element_ty), mask=m2)
+        tl.store(q_b + dst0, stored(hardswish(zq0 * a0 + b0), q_b, EMULATE_DOTS), mask=m2)
+        tl.store(q_b + dst0 + D, stored(hardswish(zq1 * a1 + b1), q_b, EMULATE_DOTS), mask=m2)
         # V before K: one head pair of depthwise outputs alive at a time (register pressure)
         zv0, zv1 = _dw_pw_heads(qkv_b, 2 * C + ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
                                 KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
         zv0 = hardswish(zv0 * a0 + b0)
         zv1 = hardswish(zv1 * a1 + b1)
-        tl.store(v_b + dst0, zv0.to(v_b.dtype.element_ty), mask=m2)
-        tl.store(v_b + dst0 + D, zv1.to(v_b.dtype.element_ty), mask=m2)
+        tl.store(v_b + dst0, stored(zv0, v_b, EMULATE_DOTS), mask=m2)
+        tl.store(v_b + dst0 + D, stored(zv1, v_b, EMULATE_DOTS), mask=m2)
         zk0, zk1 = _dw_pw_heads(qkv_b, C + ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
                                 KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
         M0, L0, A0 = _online_softmax_kv(hardswish(zk0 * a0 + b0), zv0, pmask, M0, L0, A0, DOT_PRECISION, EMULATE_DOTS)
@@ -270,7 +270,7 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
                        DOT_PRECISION, EMULATE_DOTS)
         diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
         yv = hardswish(diff * rs[:, None] * lnw + lnb)
-        tl.store(pre_b + n[:, None] * C + (CP + co)[None, :], yv.to(pre_b.dtype.element_ty),
+        tl.store(pre_b + n[:, None] * C + (CP + co)[None, :], stored(yv, pre_b, EMULATE_DOTS),
                  mask=pmask[:, None] & omask[None, :])
         t += 1
 

@@ -91,7 +91,8 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedGMAWeights
-from ._common import DotVariant, dot_variant, interpreting, mm
+from . import _common  # _common.interpreting(): the stores' rounding (tests patch `interpreting` here for tiles)
+from ._common import DotVariant, dot_variant, interpreting, mm, stored
 from .aggregation import split_plan as aggregation_split_plan
 from .config import dot_pad, next_pow2
 
@@ -187,10 +188,11 @@ def gma_bn_grad_kernel(dP, Z, pre_act, G, part, bn_scale, bn_shift, mean, rstd, 
 def gma_dz_kernel(G, Z, dZ, coefs, M, N, tiles_per_split, c_lo,
               img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
               CP: tl.constexpr, NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-              BATCH_STATS: tl.constexpr):
+              BATCH_STATS: tl.constexpr, EMULATE_STORES: tl.constexpr):
     """Grid (SPLITS, cdiv(NC, BLOCK_C)): dZ (3B, NC, N) = channels [c_lo, c_lo + NC) of
     `_dz_from_g`(G, Z), G and Z (3B, CP, N); coefs (3, CP) fp32: `dz_coefficients`. dZ is stored
-    in the `Layout` (img_group .. s_pix), in dZ's element type."""
+    in the `Layout` (img_group .. s_pix), in dZ's element type (`stored`: rounded to nearest
+    even, under the interpreter too: EMULATE_STORES)."""
     split = tl.program_id(0)
     k = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     km = k < NC
@@ -210,7 +212,7 @@ def gma_dz_kernel(G, Z, dZ, coefs, M, N, tiles_per_split, c_lo,
             zv = gv
         out = _dz_from_g(gv, zv, ka, kz, k0, BATCH_STATS)
         dst = _layout_offsets(img, n, k, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix)
-        tl.store(dZ + dst, out.to(dZ.dtype.element_ty), mask=m2)
+        tl.store(dZ + dst, stored(out, dZ, EMULATE_STORES), mask=m2)
         t += 1
 
 
@@ -284,7 +286,8 @@ def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_spli
                        stride_db, stride_dc, stride_dn,
                        u_img_group, u_s_img_group, u_s_img, u_ch_group, u_s_ch_group, u_s_ch, u_s_pix,
                        img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
-                       NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TAPS_PAD: tl.constexpr):
+                       NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TAPS_PAD: tl.constexpr,
+                       EMULATE_STORES: tl.constexpr):
     """Backward of a depthwise KSxKS "same" convolution out = dwconv(u, w), w (NC, KS, KS) fp32.
 
     Grid (SPLITS, cdiv(NC, BLOCK_C)). dy: gradient of the output, images with strides (image,
@@ -293,7 +296,7 @@ def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_spli
     the input is ever made for this kernel), cast to fp32; du <- the input gradient sum_t w[c, t]
     dy[c, p - t + R] (zero outside the image), in the `Layout` (img_group .. s_pix: a
     contiguous (I, NC, N) fp32 buffer, or the places of these channels in the qkv gradient, in
-    its dtype); part_gw (SPLITS,
+    its dtype, rounded as `stored` does: EMULATE_STORES under the interpreter); part_gw (SPLITS,
     cdiv(NC, BLOCK_C) * BLOCK_C, TAPS_PAD) fp32 <- this program's sum_p u[c, p] dy[c, p - t + R]
     at tap t = ky KS + kx (TAPS_PAD >= KS², a power of two). The taps are runtime loops
     (one instance per TAPS_PAD serves every KS <= sqrt(TAPS_PAD); see `depthwise_tile`)."""
@@ -330,7 +333,7 @@ def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_spli
                 kx += 1
             ky += 1
         dst = _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix)
-        tl.store(du + dst, acc.to(du.dtype.element_ty), mask=m2)
+        tl.store(du + dst, stored(acc, du, EMULATE_STORES), mask=m2)
         t += 1
     nc_pad = tl.num_programs(1) * BLOCK_C
     tl.store(part_gw + (split * nc_pad + c)[:, None] * TAPS_PAD + taps[None, :], acc_w)
@@ -570,7 +573,8 @@ def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int
     buf = {"dZ": None if out is not None else torch.empty(I, nc, H, W, dtype=torch.float32, device=G.device)}
     out = out or images_layout(buf["dZ"])
     args = (G, Z, out.base, coefs, M, N, tps, c_lo, *out.args)
-    kw = dict(CP=CP, NC=nc, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, BATCH_STATS=stats, num_warps=tiles.WARPS)
+    kw = dict(CP=CP, NC=nc, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, BATCH_STATS=stats, EMULATE_STORES=_common.interpreting(),
+              num_warps=tiles.WARPS)
     return buf, [(gma_dz_kernel, (splits, cblocks), args, kw)]
 
 
@@ -633,7 +637,8 @@ def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None
     out = out or images_layout(buf["du"])
     args = (dy_, u.base, w.contiguous(), out.base, buf["part_gw"], M, N, H, W, KS, tps, sdb, sdc, sdn,
             *u.args, *out.args)
-    kw = dict(NC=NC, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, TAPS_PAD=taps_pad, num_warps=tiles.WARPS)
+    kw = dict(NC=NC, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, TAPS_PAD=taps_pad, EMULATE_STORES=_common.interpreting(),
+              num_warps=tiles.WARPS)
     return buf, [(gma_dw_backward_kernel, (splits, cblocks), args, kw)]
 
 

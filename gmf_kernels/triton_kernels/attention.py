@@ -26,7 +26,7 @@ from typing import Optional
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm
+from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm, stored
 
 
 # Shape integers not specialised: see the note above gma_aggregate_kernel (aggregation.py).
@@ -97,7 +97,7 @@ def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, scale,
     conv = depthwise_tile(v_b, ch, kmask, w_rows, n, y, x, pmask, H, W, CP, KS, BLOCK_P, D_PAD)
     bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
     out = scale * e + qt * (conv + bias)
-    tl.store(pre_b + n[:, None] * C + ch[None, :], out.to(pre_b.dtype.element_ty), mask=m2)
+    tl.store(pre_b + n[:, None] * C + ch[None, :], stored(out, pre_b, EMULATE_DOTS), mask=m2)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W"])
