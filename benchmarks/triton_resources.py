@@ -117,14 +117,16 @@ def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
     order = {r["kernel"]: KERNEL_ORDER[r["function"]] for r in results}
     what = ("Specialisations: every one that the training backward of the released models' layers at 224x224 "
             "(stage grids 56, 28, 14, 7; batch 128 and 1) makes Triton's JIT compile, for the layers that run the "
-            "backward kernels (C <= 320: `config.BACKWARD_KERNELS_MAX_S_PAD`), on the float32 stage tensors "
+            "backward kernels (`config.backward_kernels_take`: C <= 320 on sm_70/75, every width on sm_80+), on the "
+            "float32 stage tensors "
             "(whatever the input dtype; the depthwise backward's reads of qkv and the stores into the qkv gradient "
-            "in the input's dtype: fp32, fp16, bf16), with and without batch statistics, fused and separate B3, derived from "
+            "in the input's dtype: fp32, fp16, bf16), with and without batch statistics, fused B3 (S_PAD <= 64) and separate B3, derived from "
             "the launchers' own plans (`specializations.backward_specializations`) and Triton's own argument "
             "specialisation. Dots: fp32 FMA (`ieee`) on sm_70/75, 3xTF32 on sm_80+.") if kind == "backward" else (
         "Specialisations: every one that the training forward's statistics pass (all released widths) and the "
         "backward's three recompute kernels (Z, P, u, y; the softmax statistics, KV and the CRPE; the local "
-        "branch: recompute.py; the layers that run the backward kernels, C <= 320) of the released models' "
+        "branch: recompute.py; the layers that run the backward kernels: C <= 320 on sm_70/75, all on sm_80+) of "
+        "the released models' "
         "layers at 224x224 (stage grids 56, 28, 14, 7; batch 128 and 1; fp32, fp16 and bf16 inputs) make "
         "Triton's JIT compile, derived from the launchers' own plans (`specializations.statistics_specializations`)"
         ". Dots: fp32 whatever the input dtype (FMA on sm_70/75, 3xTF32 on sm_80+).") if kind == "statistics" else (

@@ -103,7 +103,7 @@ def test_triton_backward_reasons():
     from gmf_kernels.cuda.train_op import triton_backward_reasons
     from gmf_kernels.triton_kernels.config import BACKWARD_KERNELS_MAX_S_PAD
     assert triton_backward_reasons(torch.zeros(1, 12, 3 * 320), 3, 4, 8) == []   # interpreter on (conftest)
-    wide = 5 * 2 * BACKWARD_KERNELS_MAX_S_PAD
+    wide = 5 * 2 * BACKWARD_KERNELS_MAX_S_PAD["tf32x3"]     # the interpreter emulates an sm_80
     assert any("segment width" in r for r in triton_backward_reasons(torch.zeros(1, 12, 3 * wide), 3, 4, 8))
     assert any("float64" in r for r in triton_backward_reasons(torch.zeros(1, 12, 240, dtype=torch.float64), 3, 4, 8))
 

@@ -55,7 +55,7 @@ FLOOR = 5e-7
 #: tiles under the interpreter: 16-channel blocks (the last one partly masked at s = 40), 16-
 #: and 128-pixel tiles, many splits.
 CASES = [(40, (5, 7), 1, True, False), (80, (7, 7), 2, False, False), (200, (14, 14), 1, True, False),
-         (200, (5, 7), 1, True, True)]
+         (200, (5, 7), 1, True, True), (360, (5, 6), 1, True, False), (480, (3, 5), 1, False, True)]
 IDS = [f"C{c}-{h}x{w}-B{b}-{'train' if t else 'eval'}{'-gpu_tiles' if gt else ''}" for c, (h, w), b, t, gt in CASES]
 
 
@@ -167,7 +167,8 @@ def test_b3_pointwise_depthwise(prob):
 
 
 def test_b3_fused(prob):
-    """dZ formed in the pointwise kernel's prologue: the same outputs as b3_dz followed by
+    """B3 from G: dZ formed in the pointwise kernel's prologue (S_PAD <= 64), or written first (S_PAD
+    128, `FUSED_B3_MAX_S_PAD`): the same outputs as b3_dz followed by
     b3_pointwise_depthwise (fp32 reference: those two stage functions in fp32)."""
     rc32, wts32 = _fp32(prob.rc), _fp32(prob.wts)
     oracle = bw.b3_pointwise_depthwise(prob.dZ, prob.rc, prob.wts)

@@ -125,11 +125,14 @@ def test_broken_partial_merge_fails(monkeypatch):
 
 def test_triton_stages_take_the_recompute_kernels():
     """`train_op.triton_stages` recomputes with the kernels exactly where it uses the Triton
-    backward kernels (next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD); the PyTorch stage set keeps
-    the PyTorch recompute."""
+    backward kernels (`config.backward_kernels_take`); the PyTorch stage set keeps the PyTorch
+    recompute."""
     from gmf_kernels.triton_kernels.train_op import triton_stages
-    assert triton_stages(64).recompute is rcp.recompute and triton_stages(8).recompute is rcp.recompute
-    assert triton_stages(72).recompute is bw.recompute and bw.TORCH_STAGES.recompute is bw.recompute
+    for s in (8, 64, 72, 96):
+        assert triton_stages(s, "tf32x3").recompute is rcp.recompute, s
+    assert triton_stages(64, "ieee").recompute is rcp.recompute
+    assert triton_stages(72, "ieee").recompute is bw.recompute and bw.TORCH_STAGES.recompute is bw.recompute
+    assert triton_stages(160, "tf32x3").recompute is bw.recompute
 
 
 def test_training_step_runs_the_recompute_kernels_once(monkeypatch):

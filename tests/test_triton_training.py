@@ -14,7 +14,8 @@ float64 reference backend:
 * float16 and bfloat16 (training; bfloat16 also eval with gradients): output and every gradient
   within 2x the reference's own error at that dtype (+ floor);
 * the train-mode golden vectors of ../shared/golden/gma_module.pt (float32, 1e-5);
-* SyncBatchNorm: two gloo processes (uneven split) against one process on the whole batch;
+* SyncBatchNorm: two gloo processes against one process on the whole batch are checked for
+  every fused backend in tests/test_syncbn.py (`test_fused_backends_two_processes_float32`);
 * torch.utils.checkpoint and torch.compile(fullgraph=True) (aot_eager: AOTAutograd traces the
   autograd.Function; Inductor was checked by hand, it takes ~50 s on CPU).
 """
@@ -30,9 +31,9 @@ from gmf_kernels.folding import compute_dtype, fold_batch_stats
 from gmf_kernels.numerics import cast_weights, default_hyper
 from gmf_kernels.reference import reference_pre_projection
 from helpers import assert_max_rel_close as assert_rel
-from helpers import BUFFER_FIELDS, PARAM_FIELDS, named_fields, problem, record_calls, skip_unless_supported
-from training_cases import (FP32_TOL, check_compile_fullgraph, check_eval_with_gradients_float32, check_low_precision, check_train_float32,
-                            make, run)
+from helpers import PARAM_FIELDS, named_fields, problem, record_calls, skip_unless_supported
+from training_cases import (FP32_TOL, check_compile_fullgraph, check_eval_with_gradients_float32, check_low_precision,
+                            check_train_float32, make)
 
 FP64_TOL = 1e-10
 
@@ -186,82 +187,6 @@ def test_op_registered_autograd():
         assert_rel(got, e, FP32_TOL, f"op grad {name}")
 
 
-# ------------------------------------------------------------------ SyncBatchNorm: two processes
-SYNC_GRID, SYNC_C, SYNC_SPLIT, SYNC_STEPS = (4, 5), 40, (1, 2), 1
-
-
-def _sync_worker(rank, world, port, path, out_dir):
-    import datetime
-    import os
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        data = torch.load(path, weights_only=False)
-        lo = sum(SYNC_SPLIT[:rank])
-        rows = slice(lo, lo + SYNC_SPLIT[rank])
-        wc = cast_weights(data["w"], torch.float32)
-        params = named_fields(wc, PARAM_FIELDS)
-        for _, p in params:
-            p.requires_grad_(True)
-        x = data["x"][rows].float().requires_grad_(True)
-        for _ in range(SYNC_STEPS):
-            out = gmf_kernels.group_mix_attention(x, SYNC_GRID, wc, training=True, backend="triton",
-                                                  process_group=dist.group.WORLD)
-        grads = torch.autograd.grad((out * data["lw"][rows].float()).sum(), [x] + [p for _, p in params])
-        named = {n: g.clone() for (n, _), g in zip(params, grads[1:])}
-        for g in named.values():  # what DistributedDataParallel would do (as a sum)
-            dist.all_reduce(g)
-        torch.save({"out": out.detach(), "x": grads[0], "grads": named,
-                    "buffers": {n: b.clone() for n, b in named_fields(wc, BUFFER_FIELDS)}},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_sync_batchnorm_two_processes_match_one_process(tmp_path):
-    """Two gloo processes with an uneven split of the batch, statistics synchronised
-    (process_group=WORLD), against ONE process of the float64 reference on the whole batch with
-    plain BatchNorm: outputs, input gradients, parameter gradients (all-reduced), running
-    statistics and num_batches_tracked."""
-    import socket
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo not available")
-    skip_unless_supported("triton", training=True, needs_grad=True, dtype=torch.float32, sync_bn=True)
-    B = sum(SYNC_SPLIT)
-    w, x = make(SYNC_C, *SYNC_GRID, B, seed=3)
-    exp = run("reference", x, SYNC_GRID, w, torch.float64, True, 0.1, SYNC_STEPS)
-    lw = torch.randn(exp[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))  # run()'s
-    torch.save({"w": w, "x": x, "lw": lw}, tmp_path / "inputs.pt")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_sync_worker, args=(2, port, str(tmp_path / "inputs.pt"), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    import time
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("the two processes did not finish within 240 s")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert_rel(torch.cat([r["out"] for r in ranks]), exp[0], FP32_TOL, "sync out")
-    assert_rel(torch.cat([r["x"] for r in ranks]), exp[1]["x"], FP32_TOL, "sync x grad")
-    for rank, r in enumerate(ranks):
-        for n, g in r["grads"].items():
-            assert_rel(g, exp[1][n], FP32_TOL, f"rank {rank} sync grad {n}")
-        for n, b in r["buffers"].items():
-            if n.startswith("bn_num_batches_tracked"):
-                assert torch.equal(b, exp[2][n]), f"rank {rank} {n}"
-            else:
-                assert_rel(b, exp[2][n], FP32_TOL, f"rank {rank} sync {n}")
-
-
 # ------------------------------------------------------------------ declared support
 def test_declared_support():
     be = get_backend("triton")
@@ -307,12 +232,15 @@ def test_activation_memory_per_image(C, grid):
     assert per_image["reference"] >= 3 * per_image["triton"], per_image
 
 
-@pytest.mark.parametrize("C, grid, B", [(80, (5, 6), 1), (400, (3, 4), 1)], ids=["C80-kernels", "C400-pytorch-stages"])
-def test_backward_runs_the_triton_kernels(C, grid, B, monkeypatch):
+@pytest.mark.parametrize("C, grid, B, capability", [(80, (5, 6), 1, None), (400, (3, 4), 1, None),
+                                                    (400, (3, 4), 1, (7, 5))],
+                         ids=["C80-kernels", "C400-kernels-unfused-B3", "C400-sm75-pytorch-stages"])
+def test_backward_runs_the_triton_kernels(C, grid, B, capability, monkeypatch):
     """The Function's backward runs the Triton backward kernels (attention_backward.py,
-    aggregation_backward.py), each stage checked by counting the launcher calls, up to
-    config.BACKWARD_KERNELS_MAX_S_PAD; C=400 (s=80, S_PAD 128), where they would spill, runs
-    the PyTorch stages. The result: float32 training parity."""
+    aggregation_backward.py), each stage checked by counting the launcher calls, where
+    `config.backward_kernels_take`: C=400 (s=80, S_PAD 128) with B3 unfused (dZ written, then the
+    pointwise kernel) on the emulated sm_80; on an emulated sm_75 (FMA dots, where those kernels
+    spill at S_PAD 128) the PyTorch stages. The result: float32 training parity."""
     from gmf_kernels.triton_kernels import aggregation_backward as agb
     from gmf_kernels.triton_kernels import attention_backward as ab
     from gmf_kernels.triton_kernels import backward as bw
@@ -333,11 +261,16 @@ def test_backward_runs_the_triton_kernels(C, grid, B, monkeypatch):
         b3=bw.TORCH_STAGES.b3, local_backward=bw.local_backward))
     from gmf_kernels.triton_kernels import train_op
     monkeypatch.setattr(train_op, "TORCH_STAGES", bw.TORCH_STAGES)
+    if capability is not None:
+        from gmf_kernels.triton_kernels import _common
+        monkeypatch.setattr(_common, "EMULATED_CAPABILITY", capability)
+    fused = record_calls(monkeypatch, agb, "_segments_backward", lambda dz_src, mode, *a, **k: mode)
     check_train_float32("triton", C, grid, B, 0.1, 1)
-    if C == 400:
+    if capability is not None:
         expected = {"backward.b1_dkv", "backward.b2_proxy_grads", "backward.b2_bn_sums", "backward.local_backward"}
     else:
         expected = {"attention_backward.b1_dkv", "attention_backward.b2_proxy_grads",
                     "aggregation_backward.b2_bn_sums", "aggregation_backward.b3_fused",
                     "aggregation_backward.local_backward"}
+        assert fused == ([2] if C <= 320 else [0]), fused   # dZ formed in the pointwise kernel, or read
     assert set(calls) == expected, calls

@@ -17,7 +17,7 @@ saved), and so are the kernels of the training-only passes:
   all-reduce). There is no CUDA-C++ backward: those Triton kernels are this backend's backward
   kernels.
 * **PyTorch ops** otherwise (no Triton installed, a GPU Triton refuses, segments wider than
-  the Triton backward kernels take: `config.BACKWARD_KERNELS_MAX_S_PAD`): `backward.statistics`
+  the Triton backward kernels take: `config.backward_kernels_take`): `backward.statistics`
   and `TORCH_STAGES`, with one RuntimeWarning per distinct reason saying why.
 
 The choice is made once per call, in `cuda_train_pre_projection`, and recorded on the autograd
@@ -33,7 +33,8 @@ import torch
 
 from .. import training
 from ..backends.base import GMAProblem
-from ..triton_kernels.config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2  # imports no Triton
+from ..triton_kernels.config import (BACKWARD_KERNELS_MAX_S_PAD, DEFAULT_CAPABILITY, backward_kernels_take,  # no Triton
+                                      dot_precision)
 from ..weights import GMAHyper, GMAWeights
 from . import op as _op  # noqa: F401  (registers gmf::cuda_pre_projection)
 
@@ -54,9 +55,12 @@ def triton_backward_reasons(qkv: Tensor, H: int, W: int, num_heads: int) -> List
                    training=False, needs_grad=True, explicit=True,
                    device_index=qkv.device.index if qkv.is_cuda else None, device_capability=cap)
     reasons = TRITON.not_supported_reasons(p)
-    if next_pow2(C // 5) > BACKWARD_KERNELS_MAX_S_PAD:
-        reasons.append(f"segment width s={C // 5} (C={C}): the Triton backward kernels take s up to "
-                       f"{BACKWARD_KERNELS_MAX_S_PAD} (config.BACKWARD_KERNELS_MAX_S_PAD; wider ones spill)")
+    if not reasons:
+        precision = dot_precision("fp32", cap or DEFAULT_CAPABILITY)   # the backward's fp32 stage dots
+        if not backward_kernels_take(C // 5, precision):
+            reasons.append(f"segment width s={C // 5} (C={C}): with {precision} dots the Triton backward kernels "
+                           f"take s up to {BACKWARD_KERNELS_MAX_S_PAD.get(precision, 0)} "
+                           "(config.BACKWARD_KERNELS_MAX_S_PAD; wider ones spill)")
     return reasons
 
 

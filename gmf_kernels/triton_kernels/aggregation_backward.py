@@ -371,8 +371,8 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
     pwT = tl.load(local_pw + co[None, :] * (3 * S) + which * S + ci[:, None], mask=cim[:, None] & om[None, :],
                   other=0.0)
     acc = tl.zeros([S_PAD, BLOCK_I], dtype=tl.float32)
-    acc_w = tl.zeros([S_PAD, BLOCK_P], dtype=tl.float32)
-    acc_b = tl.zeros([S_PAD, BLOCK_P], dtype=tl.float32)
+    acc_w = tl.zeros([S_PAD], dtype=tl.float32)      # reduced over each tile's pixels as it goes: two
+    acc_b = tl.zeros([S_PAD], dtype=tl.float32)      # [S_PAD, BLOCK_P] accumulators spilled at S_PAD 128
     t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
     while t < t1:
         img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
@@ -381,8 +381,8 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
         xv = tl.load(xh + co[:, None] * N + (img * (S * N) + n)[None, :], mask=m2, other=0.0)
         r = tl.load(rstd + img * N + n, mask=pm, other=0.0)[None, :]
         gl = dl * hardswish_grad(xv * lnw + lnb)                      # 0 on padded channels / pixels
-        acc_w += gl * xv
-        acc_b += gl
+        acc_w += tl.sum(gl * xv, axis=1)
+        acc_b += tl.sum(gl, axis=1)
         dxh = gl * lnw
         mean1 = tl.sum(dxh, axis=0)[None, :] / S
         mean2 = tl.sum(dxh * xv, axis=0)[None, :] / S
@@ -396,8 +396,8 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
         t += 1
     tl.store(part_gpw + split * S_PAD * 3 * S_PAD + co[:, None] * (3 * S_PAD) + (which * S_PAD + ci)[None, :], acc)
     if tl.program_id(0) == 0:
-        tl.store(part_ln + split * 2 * S_PAD + co, tl.sum(acc_w, axis=1))
-        tl.store(part_ln + split * 2 * S_PAD + S_PAD + co, tl.sum(acc_b, axis=1))
+        tl.store(part_ln + split * 2 * S_PAD + co, acc_w)
+        tl.store(part_ln + split * 2 * S_PAD + S_PAD + co, acc_b)
 
 
 #: every kernel of this file (the ahead-of-time compile check resolves them by name)
@@ -486,6 +486,19 @@ class BackwardTiles:
     TARGET_PROGRAMS: int = 1024
 
 
+#: Widest S_PAD whose B3 forms dZ in the pointwise kernel's prologue (DZ_MODE 1, 2: `b3_fused`).
+#: At S_PAD 128 that prologue (G, Z and three coefficient columns of 128 channels beside the
+#: tf32x3 dots' split operands) spilled 800-970 B on sm_80/90 whatever the channel block (ptxas,
+#: C = 480); there `gma_dz_kernel` writes dZ (3B, C', H, W) fp32 once and the pointwise kernel
+#: reads it (DZ_MODE 0: no spill): 8 B per element of dZ more traffic, on the two narrowest grids.
+FUSED_B3_MAX_S_PAD = 64
+
+
+def fused_b3(S_PAD: int) -> bool:
+    """Whether B3 runs fused at this padded segment width (`FUSED_B3_MAX_S_PAD`)."""
+    return S_PAD <= FUSED_B3_MAX_S_PAD
+
+
 def backward_tiles(S_PAD: int, M: int) -> BackwardTiles:
     """GPU tiles; under the interpreter (cost per operation, not per element) one large tile
     of up to INTERPRETER_BLOCK_P pixels and every channel in one block."""
@@ -493,7 +506,10 @@ def backward_tiles(S_PAD: int, M: int) -> BackwardTiles:
         bp = min(INTERPRETER_BLOCK_P, max(16, next_pow2(M)))
         # PW_TILE_ELEMS: two output-channel blocks at s = 40, 64, so the tests run that path too
         return BackwardTiles(BLOCK_C=4 * S_PAD, BLOCK_P=bp, WARPS=4, PW_BLOCK_P=bp, PW_WARPS=4, PW_TILE_ELEMS=32 * 64)
-    return BackwardTiles(BLOCK_C=16, BLOCK_P=128, WARPS=8, PW_BLOCK_P=16, PW_WARPS=8)
+    # 16-channel blocks of the pointwise / local kernels at S_PAD 128: the local kernel spilled 16 B
+    # on sm_80 with 32 (C = 480); 2048 = 16 x 128 (sm_80/90, ptxas: 252-255 registers, no spill)
+    return BackwardTiles(BLOCK_C=16, BLOCK_P=128, WARPS=8, PW_BLOCK_P=16, PW_WARPS=8,
+                         PW_TILE_ELEMS=64 * 64 if S_PAD <= 64 else 16 * 128)
 
 
 def split_plan(M: int, block_p: int, other_programs: int, target_programs: int) -> Tuple[int, int]:
@@ -694,7 +710,7 @@ def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: 
     buf, launches = plan_bn_sums(dP, rc["Z"], wts.bn_scale, wts.bn_shift, mean, rstd)
     G = buf["G"]
     launches += plan_dz(G, rc["Z"], coefs, stats, 0, CP)[1]
-    for mode in (0, 2 if stats else 1):
+    for mode in ((0, 2 if stats else 1) if fused_b3(dot_pad(CP // 4)) else (0,)):
         buf, lp = plan_pw_backward(G, rc["Z"], rc["y"], wts.pw, coefs, mode, dots)
         launches += lp
     dws = (wts.dw3, wts.dw5, wts.dw7)
@@ -784,9 +800,15 @@ def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Opti
     stats = mean is not None
     coefs = dz_coefficients(wts.bn_scale, mean, rstd, sum_g, sum_gzh, count)
     buf0, l0 = plan_dz(G, rc["Z"], coefs, stats, 0, s, None if d_qkv is None else qkv_layout(d_qkv, 0))
-    _launch(l0, G)
-    du, g_dw, g_pw = _segments_backward(G, 2 if stats else 1, coefs, rc, wts, d_qkv)
-    return [buf0["dZ"]] + du, g_dw, g_pw
+    if fused_b3(dot_pad(s)):
+        _launch(l0, G)
+        du, g_dw, g_pw = _segments_backward(G, 2 if stats else 1, coefs, rc, wts, d_qkv)
+        return [buf0["dZ"]] + du, g_dw, g_pw
+    # wide segments (`FUSED_B3_MAX_S_PAD`): dZ of every channel written once, the pointwise kernel reads it
+    bufz, lz = plan_dz(G, rc["Z"], coefs, stats, 0, G.shape[1])
+    _launch(lz if d_qkv is None else l0 + lz, G)
+    du, g_dw, g_pw = _segments_backward(bufz["dZ"], 0, coefs, rc, wts, d_qkv)
+    return [None if d_qkv is not None else bufz["dZ"][:, :s]] + du, g_dw, g_pw
 
 
 def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_qkv: Optional[Tensor] = None

@@ -167,13 +167,25 @@ B2_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (64, 4), 64: (32, 8)}
 CRPE_BWD_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (32, 4), 64: (16, 4)}
 
 
-#: Widest padded segment width s (S_PAD) whose layers run the Triton backward kernels: every
-#: backward kernel of every released width up to C = 320 (S_PAD 64) compiles without spills for
-#: sm_75, sm_80 and sm_90 (ptxas, measured at the launchers' specialisations of every real call);
-#: at C = 360 and 480 (S_PAD 128: the last stages of GroupMixFormer-B/L) the pointwise and local
-#: branch kernels spill (~900 B fused, 144-460 B local on sm_75/80/90; the pointwise kernel reading
-#: dZ and B2 with D_PAD 64 on sm_75's FMA dots too), so those layers take the PyTorch stages.
-BACKWARD_KERNELS_MAX_S_PAD = 64
+#: Widest padded segment width s (S_PAD) whose layers run the Triton backward kernels, by the
+#: backward's dot precision (its stage tensors are fp32: "tf32x3" on sm_80+, FMA "ieee" on
+#: sm_70/75; `backward_kernels_take`). Every backward and recompute kernel of every released width
+#: within it compiles without spills (ptxas, at the launchers' specialisations of every real call:
+#: benchmarks/results/triton_backward_resources_*.md, triton_statistics_resources_*.md).
+#: S_PAD 128 (C = 360, 480: the last stages of GroupMixFormer-B/L) on sm_80/90 since 2026-12-02:
+#: B3 unfused there (`aggregation_backward.FUSED_B3_MAX_S_PAD`; fused, the pointwise kernel spilled
+#: ~900 B), the local backward's LayerNorm sums reduced per tile (two [S_PAD, BLOCK_P]
+#: accumulators spilled 144-460 B) with 16-channel blocks, the recompute tiles of
+#: `statistics.RECOMPUTE_TILE_WIDE` and `recompute.LOCAL_TILES[128]`. On sm_70/75 at S_PAD 128 the
+#: FMA dots still spill (B2 at D_PAD 64 ~250 B, the pointwise ~220 B, the local ~400 B, the
+#: attention recompute ~800 B): those layers take the PyTorch stages there.
+BACKWARD_KERNELS_MAX_S_PAD: Dict[str, int] = {"tf32x3": 128, "ieee": 64}
+
+
+def backward_kernels_take(s: int, precision: str) -> bool:
+    """Whether a layer of segment width s runs the Triton backward kernels when the backward's
+    (fp32) dots have this precision (`BACKWARD_KERNELS_MAX_S_PAD`)."""
+    return next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD.get(precision, 0)
 
 
 def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: bool = False,

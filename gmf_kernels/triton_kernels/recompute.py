@@ -155,10 +155,12 @@ def gma_recompute_local_kernel(
 #: sm_70; (32, 4) none (96-165 on sm_80 / sm_90, up to 255 on sm_70's FMA dots).
 #: local kernel (BLOCK_P, num_warps, CK) by S_PAD: (64, 8, 16) 228 / 136 at S_PAD = 64 ((64, 4, 32)
 #: spilled 204 B, (32, 8, 16) 16-36 B), 125 / 125 at 32 ((64, 4, 16) spilled 4 B on sm_80); at 16
-#: (32, 8, 16) 128 / 108.
+#: (32, 8, 16) 128 / 108; at 128 (C = 360, 480, sm_80/90 only: config.BACKWARD_KERNELS_MAX_S_PAD)
+#: (32, 8, 16) 160-178, where (16, 4, 16) spilled 8-12 B on sm_90 and (16, 8, 16) took 174-235.
+#: The attention kernel at D_PAD = 64 (C = 360, 480) takes SMALLEST_TILE: no spill on sm_80/90.
 ATTENTION_TILES = {16: (32, 4), 32: (16, 4)}
-LOCAL_TILES = {16: (32, 8, 16), 32: (64, 8, 16), 64: (64, 8, 16)}
-SMALLEST_TILE = (16, 4)                     # wider than any released layer whose backward has kernels
+LOCAL_TILES = {16: (32, 8, 16), 32: (64, 8, 16), 64: (64, 8, 16), 128: (32, 8, 16)}
+SMALLEST_TILE = (16, 4)
 #: split-N: aim for about this many programs
 SPLIT_TARGET = 1024
 

@@ -259,32 +259,35 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
 def backward_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
                              archs: Sequence[int] = AOT_ARCHS) -> List[Spec]:
     """Deduplicated backward specialisations (attention and aggregation) of the real calls
-    whose layers run the backward kernels (`config.BACKWARD_KERNELS_MAX_S_PAD`), fp32 compute;
-    every input dtype, for the stores of the input gradient in the input's dtype (the other
-    kernels' specialisations are the same for all three)."""
-    from .config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2
+    whose layers run the backward kernels on that architecture (`config.backward_kernels_take`),
+    fp32 compute; every input dtype, for the stores of the input gradient in the input's dtype
+    (the other kernels' specialisations are the same for all three)."""
     calls = real_calls() if calls is None else calls
-    calls = {c: m for c, m in calls.items() if next_pow2(c.C // 5) <= BACKWARD_KERNELS_MAX_S_PAD}
-    return _collect(calls, archs, lambda call, arch: backward_specializations_of_call(call, arch, True))
+    return _collect(calls, archs, lambda call, arch: (backward_specializations_of_call(call, arch, True)
+                                                      if _backward_kernels_run(call, arch) else []))
+
+
+def _backward_kernels_run(call: Call, arch: int) -> bool:
+    """Whether this call's backward runs the Triton kernels on sm_<arch> (`train_op.triton_stages`)."""
+    from .config import backward_kernels_take
+    return backward_kernels_take(call.C // 5, dot_precision("fp32", capability_of_arch(arch)))
 
 
 def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
     """The training statistics kernel's specialisation for one real call on sm_<arch>, and the
     backward's three recompute kernels' where the Triton backward stages take them
-    (next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD: train_op.triton_stages) (statistics.plan_statistics
+    (`config.backward_kernels_take` for that architecture: train_op.triton_stages) (statistics.plan_statistics
     / plan_recompute, recompute.plan_recompute_attention / plan_recompute_local on meta tensors;
     their dots are the fp32 variant whatever the input dtype, see statistics.py)."""
     import torch
 
     from ..folding import FoldedGMAWeights, weight_shapes
     from ._common import DotVariant, interpreting
-    from .config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2
     from .recompute import plan_recompute_attention, plan_recompute_local
     from .statistics import gma_recompute_z_kernel, gma_statistics_kernel, plan_recompute, plan_statistics
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: the launcher would plan interpreter tiles")
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
-    s = call.C // 5
     meta = dict(dtype=torch.float32, device="meta")
     qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, device="meta")
     shapes = weight_shapes(call.C)
@@ -293,7 +296,7 @@ def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
     dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
     _, _, _, (_grid, args, kwargs) = plan_statistics(qkv, call.H, call.W, *w, dots=dots)
     specs = [specialize_launch(gma_statistics_kernel, arch, args, kwargs)]
-    if next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD:
+    if _backward_kernels_run(call, arch):
         (_z, P, _y), (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, wts.bn_scale, wts.bn_shift,
                                                                 *w, dots=dots)
         specs.append(specialize_launch(gma_recompute_z_kernel, arch, args, kwargs))
@@ -305,8 +308,9 @@ def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
 
 def statistics_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
                                archs: Sequence[int] = AOT_ARCHS) -> List[Spec]:
-    """Deduplicated statistics-kernel specialisations of the real training calls (fp32, fp16)."""
-    calls = real_calls(dtypes=("fp32", "fp16")) if calls is None else calls
+    """Deduplicated statistics-kernel specialisations of the real training calls (every training
+    dtype: fp32, fp16, bf16)."""
+    calls = real_calls() if calls is None else calls
     return _collect(calls, archs, statistics_specializations_of_call)
 
 

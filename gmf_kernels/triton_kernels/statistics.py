@@ -334,6 +334,11 @@ def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
 #: the statistics tile (64, 8, 16) 104 B at C = 320 on sm_80.
 RECOMPUTE_TILE_BY_DOTS = {"ieee": (16, 4, 16)}
 RECOMPUTE_TILE = (32, 8, 16)
+#: ... and at S_PAD 128 (C = 360, 480; their backward kernels run on sm_80+ only,
+#: `config.BACKWARD_KERNELS_MAX_S_PAD`): (16, 8, 16), 125-128 registers, no spill on sm_80/90;
+#: (32, 8, 16) spilled 60-88 B on sm_90 (ptxas stopping at 128), (32, 4, 16) 52-60 B at C = 480,
+#: (16, 4, 16) none at 157-198.
+RECOMPUTE_TILE_WIDE = (16, 8, 16)
 
 
 def recompute_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
@@ -341,7 +346,10 @@ def recompute_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
     `RECOMPUTE_TILE_BY_DOTS` / `RECOMPUTE_TILE`."""
     if interpreting():
         return stats_tiles(C, N, precision)
-    bp, warps, ck = RECOMPUTE_TILE_BY_DOTS.get(precision, RECOMPUTE_TILE)
+    if dot_pad(C // 5) >= 128:
+        bp, warps, ck = RECOMPUTE_TILE_WIDE
+    else:
+        bp, warps, ck = RECOMPUTE_TILE_BY_DOTS.get(precision, RECOMPUTE_TILE)
     return bp, warps, min(ck, dot_pad(C // 5))
 
 

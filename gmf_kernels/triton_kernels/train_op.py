@@ -20,7 +20,8 @@ from .. import training
 from ..weights import GMAHyper, GMAWeights
 from ..folding import FoldedGMAWeights
 from .backward import TORCH_STAGES, Stages, pre_projection_backward
-from .config import BACKWARD_KERNELS_MAX_S_PAD, next_pow2
+from ._common import dot_variant
+from .config import backward_kernels_take
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
 from .statistics import statistics  # the statistics pass as a kernel (registers gmf::triton_z_moments,
 #                                   and gmf::triton_proxy_z, the recompute's first launch)
@@ -55,7 +56,7 @@ def kernel_backward(ctx, grad_pre) -> tuple:
     # SyncBatchNorm: an all-reduce between B2 and B3, so the stages are called one by one; under
     # torch.compile the PyTorch stages (the interpreter's kernels cannot be traced)
     qkv = ctx.saved_tensors[0]
-    stages = TORCH_STAGES if torch.compiler.is_compiling() else triton_stages(qkv.shape[-1] // 15)
+    stages = TORCH_STAGES if torch.compiler.is_compiling() else triton_stages(qkv.shape[-1] // 15, backward_dots(qkv))
     return training.backward(ctx, grad_pre, stages)
 
 
@@ -69,7 +70,8 @@ def triton_pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int
     kernels cannot be traced; on a GPU the op spares Dynamo the launchers' planning code)."""
     with torch.autocast(qkv.device.type, enabled=False):
         d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
-                                               mean, rstd, None, None, triton_stages(qkv.shape[-1] // 15))
+                                               mean, rstd, None, None,
+                                               triton_stages(qkv.shape[-1] // 15, backward_dots(qkv)))
     # the weight gradients are small and some are views of one buffer of sums: own copies (an op's
     # outputs may not alias each other)
     return [d_qkv.contiguous()] + [g.clone(memory_format=torch.contiguous_format) for g in grads]
@@ -81,19 +83,26 @@ def _(grad_pre, qkv, H, W, weights, scale, ln_eps, mean, rstd):
         torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
 
-def triton_stages(s: int) -> Stages:
-    """The backward stages for segment width s: Triton kernels up to
-    `config.BACKWARD_KERNELS_MAX_S_PAD` (the kernels take the float32 stage tensors): B1 and B2
-    (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight gradients), the
-    BatchNorm/hardswish gradient sums, B3 with dZ fused into the pointwise kernel and the
-    depthwise stencils, and the local branch (aggregation_backward.py), and the recompute of
-    what they read (recompute.py: Z, P, u, y by statistics.py's `gma_recompute_z_kernel`, the
-    softmax statistics, KV and the CRPE, the local branch); wider segments (C = 360,
-    480), where those kernels spill, the PyTorch stages."""
+def backward_dots(qkv: Tensor) -> str:
+    """The dot precision of the backward kernels for qkv's device: their stage tensors are fp32
+    ("tf32x3" on sm_80+, "ieee" on sm_70/75; the interpreter's emulated GPU on CPU)."""
+    return dot_variant(qkv.new_empty(0, dtype=torch.float32)).precision
+
+
+def triton_stages(s: int, precision: str) -> Stages:
+    """The backward stages for segment width s and the backward's dot precision (`backward_dots`):
+    Triton kernels where `config.backward_kernels_take` (the kernels take the float32 stage
+    tensors): B1 and B2 (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight
+    gradients), the BatchNorm/hardswish gradient sums, B3 (dZ fused into the pointwise kernel,
+    or written first at S_PAD 128) and the depthwise stencils, and the local branch
+    (aggregation_backward.py), and the recompute of what they read (recompute.py: Z, P, u, y by
+    statistics.py's `gma_recompute_z_kernel`, the softmax statistics, KV and the CRPE, the local
+    branch); elsewhere (S_PAD 128 with sm_70/75's FMA dots, where those kernels spill) the
+    PyTorch stages."""
     from . import aggregation_backward as agb
     from . import attention_backward as ab
     from . import recompute as rcp
-    if next_pow2(s) > BACKWARD_KERNELS_MAX_S_PAD:
+    if not backward_kernels_take(s, precision):
         return TORCH_STAGES
     return Stages(b1_dkv=ab.b1_dkv, b2_proxy_grads=ab.b2_proxy_grads, b2_bn_sums=agb.b2_bn_sums,
                   b3=agb.b3_fused, local_backward=agb.local_backward, recompute=rcp.recompute, into_d_qkv=True)
