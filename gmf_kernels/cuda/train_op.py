@@ -33,8 +33,7 @@ import torch
 
 from .. import training
 from ..backends.base import GMAProblem
-from ..triton_kernels.config import (BACKWARD_KERNELS_MAX_S_PAD, DEFAULT_CAPABILITY, backward_kernels_take,  # no Triton
-                                      dot_precision)
+from ..triton_kernels.config import BACKWARD_KERNELS_MAX_S_PAD, backward_kernels_take  # imports no Triton
 from ..weights import GMAHyper, GMAWeights
 from . import op as _op  # noqa: F401  (registers gmf::cuda_pre_projection)
 
@@ -44,10 +43,10 @@ _WARNED = set()
 
 
 def triton_backward_reasons(qkv: Tensor, H: int, W: int, num_heads: int) -> List[str]:
-    """Why the Triton statistics and backward kernels cannot serve this CUDA-backend call
-    (the Triton backend's own support data, asked for an explicit gradient call in eval mode:
-    its training-dtype rule concerns its forward kernels, which this path does not run); []
-    when they can."""
+    """Why the Triton statistics and backward kernels cannot serve this CUDA-backend call: the
+    Triton backend's own support data (device, architecture, dtype; asked as an explicit
+    gradient call), then the widths its backward kernels take on this device
+    (`config.backward_kernels_take`); [] when they can."""
     from ..backends.triton_backend import BACKEND as TRITON
     B, C = qkv.shape[0], qkv.shape[-1] // 3
     cap = torch.cuda.get_device_capability(qkv.device) if qkv.is_cuda else None
@@ -55,8 +54,9 @@ def triton_backward_reasons(qkv: Tensor, H: int, W: int, num_heads: int) -> List
                    training=False, needs_grad=True, explicit=True,
                    device_index=qkv.device.index if qkv.is_cuda else None, device_capability=cap)
     reasons = TRITON.not_supported_reasons(p)
-    if not reasons:
-        precision = dot_precision("fp32", cap or DEFAULT_CAPABILITY)   # the backward's fp32 stage dots
+    if not reasons:   # Triton runs here: the backward's dot precision on this device
+        from ..triton_kernels.train_op import backward_dots
+        precision = backward_dots(qkv)
         if not backward_kernels_take(C // 5, precision):
             reasons.append(f"segment width s={C // 5} (C={C}): with {precision} dots the Triton backward kernels "
                            f"take s up to {BACKWARD_KERNELS_MAX_S_PAD.get(precision, 0)} "

@@ -321,9 +321,9 @@ def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
 
 
 #: GPU tile of the recompute kernel: (32, 8, 16), and (16, 4, 16) with FMA dots ("ieee": sm_70/75).
-#: AOT compile (ptxas -v) of every real call it serves (the released models' widths with
-#: next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD, i.e. C = 40..320, at their 224x224 stage grids, batch
-#: 128 and 1, fp32 and fp16, sm_70/75/80/90; benchmarks/results/triton_statistics_resources_*.md):
+#: AOT compile (ptxas -v) of every real call it serves (the released models' widths whose backward
+#: runs the kernels, `config.backward_kernels_take`: C = 40..320 here, at their 224x224 stage
+#: grids, batch 128 and 1, sm_70/75/80/90; benchmarks/results/triton_statistics_resources_*.md):
 #: no spills. How they were found (while the kernel also stored copies of u_1..3, since dropped):
 #: with those stores in a loop of their own after the Z / P stores, (32, 8, 16), (32, 4, 16) and
 #: (16, 4, 16) spilled 8-40 B (e.g. C = 320 fp32 on sm_70 at 168 registers); stored in
