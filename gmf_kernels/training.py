@@ -1,7 +1,7 @@
 """Training and gradients on the fused backends (Triton, CUDA): the part both share.
 
     args = prepare(qkv, size, w, hp, training)          # statistics pass, running stats, folding
-    pre = TritonPreProjectionFunction.apply(*args)       # or CudaPreProjectionFunction.apply(*args)
+    pre = TritonPreProjectionFunction.apply(*args)       # or CudaPreProjectionFunction.apply(kernels, *args)
 
 Each fused backend has its own ``torch.autograd.Function`` (`triton_kernels/train_op.py`,
 `cuda/train_op.py`) whose forward is that backend's eval-mode kernels (``gmf::*_pre_projection``

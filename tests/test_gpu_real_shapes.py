@@ -10,10 +10,10 @@ many tiles per program) never ran. Here, on a CUDA GPU:
   kernel forgets to write fails), two runs bit-identical, against the float64 oracle;
 * the public path (dispatch, BatchNorm folding, both linears) at batch 128;
 * the whole GroupMixFormer-S model (random weights, randomised norms) against the reference;
-* a training step (batch statistics, forward + backward: Triton's backward kernels, CUDA's
-  PyTorch-ops backward) at GroupMixFormer-S stage shapes: output, input and every parameter
-  gradient, running statistics against the float64 reference (fp32 and fp16; bf16 where the
-  backend trains it).
+* a training step (batch statistics, forward + backward: Triton's backward kernels, which the
+  CUDA backend trains with too) at GroupMixFormer-S stage shapes and at C = 360 / 480 (S_PAD
+  128: unfused B3, the wide recompute tiles): output, input and every parameter gradient,
+  running statistics against the float64 reference (fp32, fp16, bf16).
 
 Oracle: the reference in float64, computed on the GPU. fp32 (TF32 off, tests/conftest.py):
 max |diff| / max |oracle| <= max(1e-5, 2 x the fp32 reference's own error + 1e-6).
@@ -283,7 +283,7 @@ def test_whole_model_groupmixformer_s(name, dn, model_case):
 
 
 # ------------------------------------------------------------------ training at real shapes
-TRAIN_CASES = [(80, 56, 8), (160, 28, 16), (320, 14, 32), (320, 7, 1)]
+TRAIN_CASES = [(80, 56, 8), (160, 28, 16), (320, 14, 32), (320, 7, 1), (360, 14, 8), (480, 7, 16)]
 
 
 @pytest.mark.parametrize("dn", list(DTYPES))
