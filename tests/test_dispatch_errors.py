@@ -117,14 +117,15 @@ def _triton_backend_module_exists():
 
 
 @pytest.mark.skipif(not _triton_backend_module_exists(), reason="no triton backend module")
-def test_explicit_triton_declares_training_per_dtype():
-    """Training and gradients as data per dtype: fp32/fp16 train, bf16 only with gradients in
-    eval mode; an explicit choice outside that raises with the reason (never a fallback)."""
+def test_explicit_triton_declares_training_per_dtype(monkeypatch):
+    """Training and gradients as data per dtype (`TRAINING_DTYPES`, `GRAD_DTYPES`: fp32, fp16 and
+    bf16 both); an explicit choice outside the declared set raises with the reason (never a
+    fallback), shown by declaring bf16 training out."""
     tb = get_backend("triton")
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         assert not tb.not_supported_reasons(problem(dtype=dt, needs_grad=True, explicit=True)), dt
-    assert not tb.not_supported_reasons(problem(dtype=torch.float32, training=True, needs_grad=True, explicit=True))
-    assert not tb.not_supported_reasons(problem(dtype=torch.float16, training=True, needs_grad=True, explicit=True))
+        assert not tb.not_supported_reasons(problem(dtype=dt, training=True, needs_grad=True, explicit=True)), dt
+    monkeypatch.setattr(tb, "training_dtypes", frozenset({torch.float32, torch.float16}))
     m = module(backend="triton").to(torch.bfloat16).train()
     with pytest.raises(ValueError, match="training mode in bfloat16"):
         m(torch.randn(1, 63, 80, dtype=torch.bfloat16), (7, 9))
