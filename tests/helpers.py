@@ -227,3 +227,14 @@ def to_device(x, device):
     if isinstance(x, tuple):
         return type(x)(*[to_device(t, device) for t in x])
     return x.to(device)
+
+
+def cuda_backend_on_cpu(set_attr=setattr):
+    """The cuda backend, told that it may run CPU tensors (tests only: its kernels then run in
+    the emulation build, or only their fakes are traced): "cpu" added to its device types, no
+    availability reasons. set_attr: ``monkeypatch.setattr`` in a test, plain setattr in a
+    spawned worker process."""
+    backend = get_backend("cuda")
+    set_attr(backend, "device_types", backend.device_types | {"cpu"})
+    set_attr(backend, "availability_reasons", lambda: [])
+    return backend

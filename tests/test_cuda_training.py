@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gmf_kernels.backends import get_backend
-from helpers import record_calls
+from helpers import cuda_backend_on_cpu, record_calls
 from training_cases import check_compile_fullgraph, check_eval_with_gradients_float32, check_low_precision, check_train_float32
 
 
@@ -35,6 +35,7 @@ def cuda_on_cpu(cuda_on_cpu_untraced, monkeypatch):
     kernel_backwards = record_calls(monkeypatch, triton_train_op, "kernel_backward", lambda ctx, g: g.shape)
     torch_backwards = record_calls(monkeypatch, training, "backward", lambda ctx, g, *a: g.shape)
     backend = cuda_on_cpu_untraced
+    monkeypatch.setattr(backend, "expect_kernel_backward", True, raising=False)   # a test may turn it off
     yield backend
     if backend.expect_kernel_backward:
         assert kernel_backwards and not torch_backwards, (kernel_backwards, torch_backwards)
@@ -47,10 +48,7 @@ def cuda_on_cpu_untraced(use_emu, monkeypatch):
     """The cuda backend, allowed on CPU tensors, with the emulation build loaded; after the test,
     asserts that the emulated kernels really ran (not some other path)."""
     import gmf_kernels.cuda.op as cuda_op
-    backend = get_backend("cuda")
-    monkeypatch.setattr(backend, "device_types", backend.device_types | {"cpu"})
-    monkeypatch.setattr(backend, "availability_reasons", lambda: [])
-    monkeypatch.setattr(backend, "expect_kernel_backward", True, raising=False)
+    backend = cuda_backend_on_cpu(monkeypatch.setattr)
     launches = []
     launch = cuda_op.launch_pre_projection
 

@@ -45,7 +45,7 @@ from gmf_kernels.distributed import resolve_group
 from gmf_kernels.functional import make_problem, sync_groups
 from gmf_kernels.numerics import random_gma_weights
 from helpers import assert_max_rel_close as assert_rel
-from helpers import backend_cases, problem
+from helpers import backend_cases, cuda_backend_on_cpu, problem
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo not available")
@@ -169,10 +169,8 @@ def _cuda_on_cpu(emulation_path):
     """In a worker: the cuda backend runs CPU tensors through the emulation build (as
     tests/test_cuda_training.py's fixture does in the test process)."""
     import gmf_kernels.cuda as gcuda
-    backend = get_backend("cuda")
     gcuda._loaded = gcuda.load_from(emulation_path)
-    backend.device_types = backend.device_types | {"cpu"}
-    backend.availability_reasons = lambda: []
+    cuda_backend_on_cpu()
 
 
 def _worker(rank, world_size, port, inputs_path, out_dir, backends, cases=None, dtype=torch.float64,

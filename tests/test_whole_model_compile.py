@@ -23,7 +23,7 @@ import torch
 import gmf_kernels as gmf
 from gmf_kernels.backends import BACKEND_NAMES, get_backend
 from gmf_kernels.inference import InferencePlan, inference_plan, load_mode_table
-from helpers import assert_max_rel_close, randomize_bn_stats_, skip_unless_supported
+from helpers import assert_max_rel_close, cuda_backend_on_cpu, randomize_bn_stats_, skip_unless_supported
 
 TINY = dict(embedding_dims=[40, 40, 80, 80], serial_depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2], num_classes=10)
 FUSED_OPS = {"cuda": "gmf.cuda_pre_projection", "triton": "gmf.triton_pre_projection"}
@@ -64,10 +64,7 @@ class Capture:
 def cuda_on_cpu_tensors(monkeypatch):
     """The CUDA backend, told it can run CPU tensors: dispatch, BatchNorm folding and the op's
     fake then trace as on a GPU (its kernels are never called)."""
-    b = get_backend("cuda")
-    monkeypatch.setattr(b, "device_types", frozenset({"cpu", "cuda"}))
-    monkeypatch.setattr(b, "availability_reasons", lambda: [])
-    return b
+    return cuda_backend_on_cpu(monkeypatch.setattr)
 
 
 def _trace(model, x, run, grad_mode="inference_mode"):
