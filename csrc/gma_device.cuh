@@ -342,11 +342,7 @@ GMF_HD void write_agg_job(const Exec& ex, const GmaParams& p, const Dims& D, int
   T* pw = reinterpret_cast<T*>(dst + B.pw);
   const int s = D.s, d = D.d, dp = D.dp, sp = D.sp, sk = D.sk, ldw = D.ldw;
   if (j == 4) {
-    ex.for_each(9 * 3 * s, [&](int i) {
-      const int tap = i / (3 * s);
-      const int c = i - tap * 3 * s;
-      dw[i] = p.local_dw[c * 9 + tap];
-    });
+    ex.for_each(9 * 3 * s, [&](int i) { dw[i] = p.local_dw[i]; });  // both tap-major (3, 3, 3s)
     ex.for_each(2 * s, [&](int i) { bn[i] = i < s ? p.ln_weight[i] : p.ln_bias[i - s]; });
     ex.for_each(3 * sk * ldw, [&](int i) {
       const int x = i / (sk * ldw);
@@ -360,11 +356,7 @@ GMF_HD void write_agg_job(const Exec& ex, const GmaParams& p, const Dims& D, int
   if (j >= 1) {
     const int K2 = (2 * j + 1) * (2 * j + 1);
     const float* src = j == 1 ? p.dw3 : (j == 2 ? p.dw5 : p.dw7);
-    ex.for_each(K2 * s, [&](int i) {
-      const int tap = i / s;
-      const int c = i - tap * s;
-      dw[i] = src[c * K2 + tap];
-    });
+    ex.for_each(K2 * s, [&](int i) { dw[i] = src[i]; });  // both tap-major (K, K, s)
     ex.for_each(sp * ldw, [&](int i) {
       const int o = i / ldw;
       const int c = i - o * ldw;
@@ -390,12 +382,15 @@ GMF_HD void write_attn_job(const Exec& ex, const GmaParams& p, const Dims& D, in
   for (int t = 0; t < 2; ++t) {
     const int h = 2 * j + t;
     const int K2 = crpe_k(h) * crpe_k(h);
-    const float* src = h < 2 ? p.crpe_w3 + h * d * 9 : (h < 5 ? p.crpe_w5 + (h - 2) * d * 25 : p.crpe_w7 + (h - 5) * d * 49);
+    // the group's weights are tap-major (K, K, heads * d): head h's channels at column (h - first) d
+    const int first = h < 2 ? 0 : (h < 5 ? 2 : 5);
+    const int width = (h < 2 ? 2 : 3) * d;
+    const float* src = (h < 2 ? p.crpe_w3 : (h < 5 ? p.crpe_w5 : p.crpe_w7)) + (h - first) * d;
     float* w = reinterpret_cast<float*>(dst + (t == 0 ? B.dw : B.dw2));
     ex.for_each(K2 * d, [&](int i) {
       const int tap = i / d;
       const int c = i - tap * d;
-      w[i] = src[c * K2 + tap];
+      w[i] = src[tap * width + c];
     });
   }
   float* bias = reinterpret_cast<float*>(dst + B.bn);

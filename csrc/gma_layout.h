@@ -263,17 +263,17 @@ struct GmaParams {
   void* packed;         // workspace: weights packed for the kernels that do not stage them
   const float* bn_scale;   // (4, s) BatchNorm j of segment j as an affine: scale
   const float* bn_shift;   // (4, s)                                        and shift
-  const float* dw3;        // (s, 3, 3) depthwise of segment 1
-  const float* dw5;        // (s, 5, 5) segment 2
-  const float* dw7;        // (s, 7, 7) segment 3
+  const float* dw3;        // (3, 3, s) depthwise of segment 1, tap-major
+  const float* dw5;        // (5, 5, s) segment 2
+  const float* dw7;        // (7, 7, s) segment 3
   const float* pw;         // (3, s, s) pointwise of segments 1..3 [j-1][out][in]
-  const float* local_dw;   // (3s, 3, 3)
+  const float* local_dw;   // (3, 3, 3s) tap-major
   const float* local_pw;   // (s, 3s)
   const float* ln_weight;  // (s)
   const float* ln_bias;    // (s)
-  const float* crpe_w3;    // (2d, 3, 3)
-  const float* crpe_w5;    // (3d, 5, 5)
-  const float* crpe_w7;    // (3d, 7, 7)
+  const float* crpe_w3;    // (3, 3, 2d) tap-major
+  const float* crpe_w5;    // (5, 5, 3d)
+  const float* crpe_w7;    // (7, 7, 3d)
   const float* crpe_b;     // (C')
   float scale;
   float ln_eps;

@@ -8,6 +8,12 @@ CUDA module receives their addresses in the same order (``csrc/gma_api.h``
 ``kWeightNames``; the loader checks the two lists agree). The same names are used in
 Python, in the Triton kernels' arguments and in ``csrc/`` (``GmaParams``).
 
+The depthwise filters (dw3/5/7, local_dw, crpe_w3/5/7) are stored **tap-major**, (k, k, c):
+the c channels of one tap are contiguous, so a kernel reading one tap for a block of channels
+reads one run of bytes (a warp's 32 channels: one 128-byte line), where the (c, k, k) layout of
+the parameters spreads them over up to 32 lines (stride k² floats). `taps_first` /
+`channels_first` convert.
+
 Each aggregator BatchNorm j (segment j = 0..3) enters as a per-channel affine
 ``z * bn_scale[j] + bn_shift[j]``:
 
@@ -41,17 +47,17 @@ class FoldedGMAWeights(NamedTuple):
 
     bn_scale: Tensor    # (4, s)      BatchNorm j of segment j as an affine: scale
     bn_shift: Tensor    # (4, s)                                             and shift
-    dw3: Tensor         # (s, 3, 3)   depthwise of segment 1
-    dw5: Tensor         # (s, 5, 5)   depthwise of segment 2
-    dw7: Tensor         # (s, 7, 7)   depthwise of segment 3
+    dw3: Tensor         # (3, 3, s)   depthwise of segment 1, tap-major: [ky][kx][channel]
+    dw5: Tensor         # (5, 5, s)   depthwise of segment 2, tap-major
+    dw7: Tensor         # (7, 7, s)   depthwise of segment 3, tap-major
     pw: Tensor          # (3, s, s)   pointwise of segments 1..3: [j-1][out][in]
-    local_dw: Tensor    # (3s, 3, 3)  local branch depthwise: channels [q seg4 | k seg4 | v seg4]
+    local_dw: Tensor    # (3, 3, 3s)  local branch depthwise, tap-major: channels [q seg4 | k seg4 | v seg4]
     local_pw: Tensor    # (s, 3s)     local branch pointwise 3s -> s
     ln_weight: Tensor   # (s)         local branch LayerNorm
     ln_bias: Tensor     # (s)
-    crpe_w3: Tensor     # (2d, 3, 3)  CRPE of heads 0-1
-    crpe_w5: Tensor     # (3d, 5, 5)  CRPE of heads 2-4
-    crpe_w7: Tensor     # (3d, 7, 7)  CRPE of heads 5-7
+    crpe_w3: Tensor     # (3, 3, 2d)  CRPE of heads 0-1, tap-major
+    crpe_w5: Tensor     # (5, 5, 3d)  CRPE of heads 2-4, tap-major
+    crpe_w7: Tensor     # (7, 7, 3d)  CRPE of heads 5-7, tap-major
     crpe_b: Tensor      # (C')        CRPE biases, channel head*d + i
 
 
@@ -64,9 +70,9 @@ def weight_shapes(C: int) -> Dict[str, Tuple[int, ...]]:
     s, cp, d = widths(C)
     return {
         "bn_scale": (4, s), "bn_shift": (4, s),
-        "dw3": (s, 3, 3), "dw5": (s, 5, 5), "dw7": (s, 7, 7), "pw": (3, s, s),
-        "local_dw": (3 * s, 3, 3), "local_pw": (s, 3 * s), "ln_weight": (s,), "ln_bias": (s,),
-        "crpe_w3": (2 * d, 3, 3), "crpe_w5": (3 * d, 5, 5), "crpe_w7": (3 * d, 7, 7), "crpe_b": (cp,),
+        "dw3": (3, 3, s), "dw5": (5, 5, s), "dw7": (7, 7, s), "pw": (3, s, s),
+        "local_dw": (3, 3, 3 * s), "local_pw": (s, 3 * s), "ln_weight": (s,), "ln_bias": (s,),
+        "crpe_w3": (3, 3, 2 * d), "crpe_w5": (5, 5, 3 * d), "crpe_w7": (7, 7, 3 * d), "crpe_b": (cp,),
     }
 
 
@@ -82,15 +88,26 @@ def bn_affine(w: GMAWeights, i: int, hp: GMAHyper, dtype) -> Tuple[Tensor, Tenso
     return a, b
 
 
+def taps_first(w: Tensor) -> Tensor:
+    """A depthwise weight (c, k, k) -> its tap-major layout (k, k, c) (the folded weights')."""
+    return w.permute(1, 2, 0)
+
+
+def channels_first(w: Tensor) -> Tensor:
+    """A tap-major depthwise weight (k, k, c) -> (c, k, k) (conv2d's layout, a view)."""
+    return w.permute(2, 0, 1)
+
+
 def _build(w: GMAWeights, bn_scale: Tensor, bn_shift: Tensor, dtype) -> FoldedGMAWeights:
     c = lambda t: t.to(dtype).contiguous()
+    dw = lambda t: c(taps_first(t[:, 0]))     # (c, 1, k, k) parameter -> tap-major (k, k, c)
     return FoldedGMAWeights(
         bn_scale=c(bn_scale), bn_shift=c(bn_shift),
-        dw3=c(w.dw_weight[0][:, 0]), dw5=c(w.dw_weight[1][:, 0]), dw7=c(w.dw_weight[2][:, 0]),
+        dw3=dw(w.dw_weight[0]), dw5=dw(w.dw_weight[1]), dw7=dw(w.dw_weight[2]),
         pw=c(torch.stack([p.flatten(1) for p in w.pw_weight])),
-        local_dw=c(w.local_dw_weight[:, 0]), local_pw=c(w.local_pw_weight.flatten(1)),
+        local_dw=dw(w.local_dw_weight), local_pw=c(w.local_pw_weight.flatten(1)),
         ln_weight=c(w.local_ln_weight), ln_bias=c(w.local_ln_bias),
-        crpe_w3=c(w.crpe_weight[0][:, 0]), crpe_w5=c(w.crpe_weight[1][:, 0]), crpe_w7=c(w.crpe_weight[2][:, 0]),
+        crpe_w3=dw(w.crpe_weight[0]), crpe_w5=dw(w.crpe_weight[1]), crpe_w7=dw(w.crpe_weight[2]),
         crpe_b=c(torch.cat(list(w.crpe_bias))),
     )
 

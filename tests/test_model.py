@@ -469,3 +469,24 @@ def test_model_built_under_inference_mode():
     ref = tiny_model(13).eval().set_backend("reference")
     with torch.no_grad():
         assert_rel(out, ref(x.clone()), 1e-5, "model built under inference_mode")
+
+
+@pytest.mark.parametrize("C", [40, 120, 360])
+def test_folded_depthwise_weights_are_tap_major(C):
+    """The fused kernels' depthwise filters (`folding.FoldedGMAWeights`) are tap-major, (k, k,
+    channels): element [ky, kx, c] is the parameter's [c, 0, ky, kx], contiguous, for each of the
+    seven; `weight_shapes` says the same, and `channels_first` inverts `taps_first`."""
+    from gmf_kernels.folding import channels_first, fold_eval, taps_first, weight_shapes
+    from gmf_kernels.numerics import default_hyper, random_gma_weights
+    w = random_gma_weights(C, seed=C, dtype=torch.float64)
+    f = fold_eval(w, default_hyper(C), torch.float64)
+    params = {"dw3": w.dw_weight[0], "dw5": w.dw_weight[1], "dw7": w.dw_weight[2], "local_dw": w.local_dw_weight,
+              "crpe_w3": w.crpe_weight[0], "crpe_w5": w.crpe_weight[1], "crpe_w7": w.crpe_weight[2]}
+    shapes = weight_shapes(C)
+    for name, p in params.items():
+        t = getattr(f, name)
+        c, _, k, _ = p.shape
+        assert tuple(t.shape) == shapes[name] == (k, k, c) and t.is_contiguous(), name
+        ky, kx, ch = torch.randint(k, ()), torch.randint(k, ()), torch.randint(c, ())
+        assert t[ky, kx, ch] == p[ch, 0, ky, kx], name
+        assert torch.equal(channels_first(t), p[:, 0]) and torch.equal(taps_first(p[:, 0]), t), name

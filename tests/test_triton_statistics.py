@@ -322,7 +322,7 @@ kernel, plan = getattr(st, sys.argv[1]), getattr(st, sys.argv[2])
 C, H, W, B = 320, 14, 14, 128
 s = C // 5
 qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float32, device="meta")
-w = [torch.empty(shp, dtype=torch.float32, device="meta") for shp in ((s, 3, 3), (s, 5, 5), (s, 7, 7), (3, s, s))]
+w = [torch.empty(shp, dtype=torch.float32, device="meta") for shp in ((3, 3, s), (5, 5, s), (7, 7, s), (3, s, s))]
 if sys.argv[2] == "plan_recompute":    # bn_scale, bn_shift first
     w = [torch.empty(4, s, dtype=torch.float32, device="meta") for _ in range(2)] + w
 out = []

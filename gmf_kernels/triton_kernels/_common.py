@@ -180,31 +180,38 @@ def mm(a, b, acc, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
 
 @triton.jit
 def crpe_group(head, crpe_w3, crpe_w5, crpe_w7):
-    """The CRPE group of a head: (window, first head of the group, its weights): heads 0-1 use
-    the 3x3 kernels, 2-4 the 5x5, 5-7 the 7x7 (docs/spec.md)."""
+    """The CRPE group of a head: (window, first head of the group, its tap-major weights (KS, KS,
+    GROUP_HEADS d), GROUP_HEADS): heads 0-1 use the 3x3 kernels, 2-4 the 5x5, 5-7 the 7x7
+    (docs/spec.md). Channel i of head h is column (h - first) d + i of the group's weights."""
     if head < 2:
         ks = 3
         first = 0
         crpe_w = crpe_w3
+        heads = 2
     elif head < 5:
         ks = 5
         first = 2
         crpe_w = crpe_w5
+        heads = 3
     else:
         ks = 7
         first = 5
         crpe_w = crpe_w7
-    return ks, first, crpe_w
+        heads = 3
+    return ks, first, crpe_w, heads
 
 
 @triton.jit
-def depthwise_tile(src, ch, cmask, w_rows, n, y, x, pmask, H, W, stride_n, KS,
+def depthwise_tile(src, ch, cmask, w_taps, tap_stride, n, y, x, pmask, H, W, stride_n, KS,
                    BLOCK_P: tl.constexpr, CPAD: tl.constexpr):
     """Depthwise KSxKS "same" (zero-padded) stencil on a tile of tokens, fp32 result.
 
     src: token rows of one image (element (n, c) at src + n * stride_n + c);
     ch: [CPAD] channel offsets to read; cmask: [CPAD] valid channels;
-    w_rows: [CPAD] pointers to each channel's KS*KS fp32 taps (row-major);
+    w_taps: [CPAD] pointers to each channel's tap (0, 0) in a tap-major fp32 weight (KS, KS,
+    channels), tap t = ky KS + kx at w_taps + t * tap_stride (`folding`: the channels of one tap
+    are contiguous, so a warp's weight load of a tap is one 128-byte line, not one line per
+    channel as with (channels, KS, KS));
     n, y, x, pmask: [BLOCK_P] token index, its row/column, and validity;
     KS: window size, a runtime value (one instance serves the 3x3, 5x5 and 7x7 cases,
     which keeps code size and compile time down).
@@ -230,7 +237,7 @@ def depthwise_tile(src, ch, cmask, w_rows, n, y, x, pmask, H, W, stride_n, KS,
             xx = x + (kx - R)
             ok = row_ok & (xx >= 0) & (xx < W)
             v = tl.load(row_ptr + kx * stride_n, mask=ok[:, None] & cm, other=0.0).to(tl.float32)
-            wv = tl.load(w_rows + (ky * KS + kx), mask=cmask, other=0.0)
+            wv = tl.load(w_taps + (ky * KS + kx) * tap_stride, mask=cmask, other=0.0)
             acc += v * wv[None, :]
             kx += 1
         ky += 1

@@ -47,8 +47,20 @@ hits): loaded once per program where the segment is one chunk (S <= CK, i.e. C =
 they raised ptxas's registers by 27-77 per thread against the same kernel without it (C=80 fp32
 sm_90 176 -> 253, C=160 bf16 sm_80 168 -> 224, C=40 fp16 sm_70 128 -> 166: a dot's right
 operand is replicated across the warps), i.e. fewer resident CTAs, to save about a tenth of
-the loop's L1 loads (AOT compile, sm_70/75/80/90, Triton 3.6), so they are not hoisted. The
-depthwise taps' weights are indexed by the runtime tap loops: registers cannot hold them.
+the loop's L1 loads (AOT compile, sm_70/75/80/90, Triton 3.6), so they are not hoisted.
+
+The depthwise taps' weights cannot live in registers either: indexed by the runtime tap loops,
+and a thread would need KS² x its 4 channels of them (196 registers for a 7x7 chunk). They are
+read per tap from L1, laid out for it: the folded depthwise weights are tap-major, (KS, KS, s)
+(`folding`), so one tap of a 32-channel chunk is one contiguous 128-byte line, one vector load
+per thread (``ld.v4``) beside the activation load of the same tap. With the (s, KS, KS) layout
+of the parameters the same load was 4 scalar loads per thread touching one line per channel
+(stride KS² floats): per tap and warp 5 load instructions over up to 36 lines and 48 sectors
+(7x7, fp32: 32 weight + 16 activation sectors), now 2 instructions over 5 lines and 20
+sectors (4 + 16; bf16 activations: 12 against 40). Bound aimed at: the taps are L1-bound (one
+activation load per multiply-add per thread-channel), the kernel as a whole HBM-bound on its
+compulsory bytes (qkv read once, q, v and pre written once: `costs.aggregate_bytes`); these
+figures are from the compiled code's layouts (TTGIR, sm_90), not a measurement.
 """
 from __future__ import annotations
 
@@ -157,7 +169,7 @@ def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
     for c0 in range(0, S, CK):
         cs = c0 + tl.arange(0, CK)
         cmask = cs < S
-        dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw + cs * (KS * KS), n, y, x, pmask, H, W, stride_n,
+        dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw + cs, S, n, y, x, pmask, H, W, stride_n,
                              KS, BLOCK_P, CK)
         if STORE_Y:
             tl.store(y_dst + cs[None, :] * N + n[:, None], dwc, mask=pmask[:, None] & cmask[None, :])
@@ -234,7 +246,7 @@ def _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n,
             cs = c0 + tl.arange(0, CK)
             cmask = cs < S
             src = which * C + 4 * S + cs
-            dwc = depthwise_tile(qkv_b, src, cmask, local_dw + (which * S + cs) * 9,
+            dwc = depthwise_tile(qkv_b, src, cmask, local_dw + which * S + cs, 3 * S,
                                  n, y, x, pmask, H, W, stride_n, 3, BLOCK_P, CK)
             if STORE:
                 tl.store(w4_b + (which * S + cs)[None, :] * N + n[:, None], dwc, mask=pmask[:, None] & cmask[None, :])

@@ -288,7 +288,8 @@ def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_spli
                        img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
                        NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TAPS_PAD: tl.constexpr,
                        EMULATE_STORES: tl.constexpr):
-    """Backward of a depthwise KSxKS "same" convolution out = dwconv(u, w), w (NC, KS, KS) fp32.
+    """Backward of a depthwise KSxKS "same" convolution out = dwconv(u, w), w (KS, KS, NC) fp32
+    (tap-major, as the folded weights: `folding`).
 
     Grid (SPLITS, cdiv(NC, BLOCK_C)). dy: gradient of the output, images with strides (image,
     channel, pixel); u: the forward input, read through a `Layout` (u_img_group .. u_s_pix: a
@@ -326,7 +327,7 @@ def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_spli
                 ok = row_ok & (sx >= 0) & (sx < W)
                 dyv = tl.load(dy0 - ((ky - R) * W + (kx - R)) * stride_dn, mask=cm[:, None] & ok[None, :],
                               other=0.0)
-                wv = tl.load(w + c * (KS * KS) + (ky * KS + kx), mask=cm, other=0.0)
+                wv = tl.load(w + (ky * KS + kx) * NC + c, mask=cm, other=0.0)
                 acc += wv[:, None] * dyv
                 part = tl.sum(uc * dyv, axis=1)
                 acc_w += tl.where(taps[None, :] == ky * KS + kx, part[:, None], 0.0)
@@ -626,12 +627,12 @@ def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coe
 def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None
                      ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers (du (I, c, H, W), part_gw) and the launch of `gma_dw_backward_kernel` for the
-    depthwise "same" convolution dwconv(u, w), w (c, k, k), given dy (I, c, H, W): generic
+    depthwise "same" convolution dwconv(u, w), w (k, k, c) tap-major, given dy (I, c, H, W): generic
     (the CRPE's 3x3/5x5/7x7 depthwise backward can use it as is). u: an fp32 (I, c, H, W) tensor
     or a `Layout` of the same batch (e.g. inside qkv, `qkv_layout`); out: store du there instead
     (buf["du"] is None)."""
     I, NC, H, W = dy.shape
-    KS = w.shape[-1]
+    KS = w.shape[0]
     N, M = H * W, I * H * W
     dy_, sdb, sdc, sdn = _images(dy)
     if not isinstance(u, Layout):
@@ -656,6 +657,12 @@ def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None
     kw = dict(NC=NC, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, TAPS_PAD=taps_pad, EMULATE_STORES=_common.interpreting(),
               num_warps=tiles.WARPS)
     return buf, [(gma_dw_backward_kernel, (splits, cblocks), args, kw)]
+
+
+def taps_of(part_gw: Tensor, nc: int, k: int) -> Tensor:
+    """The depthwise weight gradient (k, k, nc), tap-major as the folded weights, from the
+    partials part_gw (SPLITS, channels, TAPS_PAD) of `gma_dw_backward_kernel`."""
+    return part_gw.sum(0)[:nc, :k * k].t().reshape(k, k, nc)
 
 
 def depthwise_input(rc: Dict[str, Tensor], segment: int):
@@ -774,8 +781,7 @@ def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, T
                               None if d_qkv is None else qkv_layout(d_qkv, j)) for j in (1, 2, 3)]
     _launch(lp + [p[1][0] for p in plans], dz_src)
     g_pw = bufp["part_gpw"].sum(0)[:, :s, :s]
-    g_dw = [b["part_gw"].sum(0)[:s, :(2 * j + 1) ** 2].reshape(s, 2 * j + 1, 2 * j + 1)
-            for j, (b, _) in zip((1, 2, 3), plans)]
+    g_dw = [taps_of(b["part_gw"], s, 2 * j + 1) for j, (b, _) in zip((1, 2, 3), plans)]
     return [b["du"] for b, _ in plans], g_dw, g_pw
 
 
@@ -814,7 +820,7 @@ def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Opti
 def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_qkv: Optional[Tensor] = None
                    ) -> Tuple[Optional[Tensor], ...]:
     """`backward.local_backward` on `gma_local_backward_kernel` + `gma_dw_backward_kernel` (3x3 over
-    the 3s channels): (du4 (B, 3s, H, W), g_local_dw (3s, 3, 3), g_local_pw (s, 3s),
+    the 3s channels): (du4 (B, 3s, H, W), g_local_dw (3, 3, 3s), g_local_pw (s, 3s),
     g_ln_weight (s,), g_ln_bias (s,)); d_qkv (B, N, 3C) given: du4 is stored straight into its
     segment 4 (`qkv_layout`, in its dtype) and returned as None."""
     B, S, H, W = dL.shape
@@ -823,5 +829,5 @@ def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_q
     _launch(launches, dL)
     g_lpw = buf["part_gpw"].sum(0).view(S_PAD, 3, S_PAD)[:S, :, :S].reshape(S, 3 * S)
     ln = buf["part_ln"].sum(0)
-    g_ldw = buf["part_gw"].sum(0)[:3 * S, :9].reshape(3 * S, 3, 3)
+    g_ldw = taps_of(buf["part_gw"], 3 * S, 3)
     return buf["du"], g_ldw, g_lpw, ln[0, :S], ln[1, :S]

@@ -70,7 +70,7 @@ def gma_combine_kernel(part_m, part_l, part_acc, kv, splits0, splits1, splits2, 
 
 
 @triton.jit
-def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, scale,
+def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale,
                     n, y, x, pmask, H, W, KS,
                     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
                     D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
@@ -93,8 +93,8 @@ def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, scale,
     else:
         kvt = tl.load(kv_b + ch[:, None] * D + kk[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
         e = mm(qt, kvt, e, DOT_PRECISION, EMULATE_DOTS)
-    w_rows = crpe_w + ((head - first) * D + kk) * (KS * KS)
-    conv = depthwise_tile(v_b, ch, kmask, w_rows, n, y, x, pmask, H, W, CP, KS, BLOCK_P, D_PAD)
+    conv = depthwise_tile(v_b, ch, kmask, crpe_w + (head - first) * D + kk, group_heads * D, n, y, x, pmask,
+                          H, W, CP, KS, BLOCK_P, D_PAD)
     bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
     out = scale * e + qt * (conv + bias)
     tl.store(pre_b + n[:, None] * C + ch[None, :], stored(out, pre_b, EMULATE_DOTS), mask=m2)
@@ -118,8 +118,8 @@ def gma_attention_kernel(
     v_b = v + b * N * CP
     kv_b = kv + b * CP * D
     pre_b = pre + b * N * C
-    ks, first, crpe_w = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
-    _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, scale, n, y, x, pmask, H, W, ks,
+    ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
+    _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale, n, y, x, pmask, H, W, ks,
                     C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
 
 

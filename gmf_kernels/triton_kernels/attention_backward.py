@@ -179,7 +179,7 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, 
     head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     SPLITS = tl.num_programs(0)
-    ks, first, crpe_w = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
+    ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
     R = ks // 2
     last = ks * ks - 1
     c = tl.arange(0, D_PAD)
@@ -188,7 +188,7 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, 
     dr_h = dr + base
     v_h = v + base
     dv_h = dv + base
-    w_rows = crpe_w + ((head - first) * D + c) * (ks * ks)
+    w_taps = crpe_w + (head - first) * D + c            # tap-major (ks, ks, group_heads D)
     prow = (b * SPLITS + split) * CP + head * D + c
     pw_rows = part_w + prow * 49
     t0 = split * tiles_per_split
@@ -214,7 +214,7 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, 
                 ok = row_ok & (x + kx - R >= 0) & (x + kx - R < W)
                 mk = cmask[:, None] & ok[None, :]
                 tap = ky * ks + kx
-                wv = tl.load(w_rows + (last - tap), mask=cmask, other=0.0)
+                wv = tl.load(w_taps + (last - tap) * (group_heads * D), mask=cmask, other=0.0)
                 conv += tl.load(dr_h + (row + kx), mask=mk, other=0.0) * wv[:, None]
                 vs = tl.load(v_h + (row + kx), mask=mk, other=0.0).to(tl.float32)
                 gw = tl.sum(dr_t * vs, axis=1)
@@ -335,5 +335,5 @@ def b2_proxy_grads(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGM
     _run(launches, dA)
     d = dA.shape[2]
     part_w = buf["part_w"].sum(dim=(0, 1))                                    # (C', 49)
-    g_w = [part_w[a:b, :k * k].reshape(b - a, k, k) for (a, b), k in zip(crpe_groups(d), (3, 5, 7))]
+    g_w = [part_w[a:b, :k * k].t().reshape(k, k, b - a) for (a, b), k in zip(crpe_groups(d), (3, 5, 7))]
     return buf["dP"], g_w, buf["part_b"].sum(dim=(0, 1))

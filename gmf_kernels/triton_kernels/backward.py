@@ -41,28 +41,29 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..folding import FoldedGMAWeights
+from ..folding import FoldedGMAWeights, channels_first, taps_first
 
 Tensor = torch.Tensor
 
 
 # ---------------------------------------------------------------- small pieces
 def dwconv(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Depthwise 'same' convolution of x (B, c, H, W) with w (c, k, k)."""
-    k = w.shape[-1]
-    return F.conv2d(x, w[:, None], bias, padding=k // 2, groups=x.shape[1])
+    """Depthwise 'same' convolution of x (B, c, H, W) with the tap-major folded weight w (k, k, c)."""
+    k = w.shape[0]
+    return F.conv2d(x, channels_first(w)[:, None], bias, padding=k // 2, groups=x.shape[1])
 
 
 def dwconv_input_grad(g: Tensor, w: Tensor) -> Tensor:
     """Adjoint of `dwconv` with respect to its input: correlation with the flipped kernel."""
-    k = w.shape[-1]
-    return F.conv2d(g, w.flip(-1, -2)[:, None], None, padding=k // 2, groups=g.shape[1])
+    k = w.shape[0]
+    return F.conv2d(g, channels_first(w).flip(-1, -2)[:, None], None, padding=k // 2, groups=g.shape[1])
 
 
 def dwconv_weight_grad(g: Tensor, x: Tensor, k: int) -> Tensor:
-    """dW[c, ky, kx] = sum_{b,y,x} g[b,c,y,x] * x[b,c,y+ky-r,x+kx-r]: (c, k, k)."""
+    """dW[ky, kx, c] = sum_{b,y,x} g[b,c,y,x] * x[b,c,y+ky-r,x+kx-r]: (k, k, c), tap-major as the
+    folded weights."""
     c = x.shape[1]
-    return torch.nn.grad.conv2d_weight(x, (c, 1, k, k), g, padding=k // 2, groups=c)[:, 0]
+    return taps_first(torch.nn.grad.conv2d_weight(x, (c, 1, k, k), g, padding=k // 2, groups=c)[:, 0])
 
 
 def pointwise(x: Tensor, w: Tensor) -> Tensor:
@@ -181,7 +182,7 @@ def b2_proxy_grads(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGM
     ws = (wts.crpe_w3, wts.crpe_w5, wts.crpe_w7)
     groups = crpe_groups(d)
     dV = dV.reshape(B, cp, H, W) + torch.cat([dwconv_input_grad(dR[:, a:b], w) for (a, b), w in zip(groups, ws)], 1)
-    g_crpe_w = [dwconv_weight_grad(dR[:, a:b], V[:, a:b], w.shape[-1]) for (a, b), w in zip(groups, ws)]
+    g_crpe_w = [dwconv_weight_grad(dR[:, a:b], V[:, a:b], w.shape[0]) for (a, b), w in zip(groups, ws)]
     g_crpe_b = dR.sum(dim=(0, 2, 3))
     dP = torch.cat([dQ.reshape(B, cp, H, W), dK.reshape(B, cp, H, W), dV], dim=0)
     return dP, g_crpe_w, g_crpe_b
@@ -216,7 +217,7 @@ def b3_dz(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optiona
 def b3_pointwise_depthwise(dZ: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
                            ) -> Tuple[List[Tensor], List[Tensor], Tensor]:
     """B3: input gradients of segments 0..3 (each (3B, s, H, W)), depthwise weight gradients
-    (s, k, k) for k = 3, 5, 7 and the pointwise weight gradient (3, s, s)."""
+    (k, k, s) for k = 3, 5, 7 and the pointwise weight gradient (3, s, s)."""
     s = dZ.shape[1] // 4
     u, y = rc["u"], rc["y"]
     dws = (wts.dw3, wts.dw5, wts.dw7)

@@ -92,8 +92,8 @@ def gma_recompute_attention_kernel(
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
     ch = head * D + kk
-    ks, first, crpe_w = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
-    w_rows = crpe_w + ((head - first) * D + kk) * (ks * ks)
+    ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
+    w_taps = crpe_w + (head - first) * D + kk               # tap-major (ks, ks, group_heads D)
     bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
     M = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
     L = tl.zeros([D_PAD], dtype=tl.float32)
@@ -106,7 +106,8 @@ def gma_recompute_attention_kernel(
         zk = tl.load(k_img + off, mask=m2, other=0.0)
         zv = tl.load(v_img + off, mask=m2, other=0.0)
         M, L, ACC = _online_softmax_kv(zk, zv, pmask, M, L, ACC, DOT_PRECISION, EMULATE_DOTS)
-        conv = depthwise_tile(v_img, ch * N, kmask, w_rows, n, y, x, pmask, H, W, 1, ks, BLOCK_P, D_PAD)
+        conv = depthwise_tile(v_img, ch * N, kmask, w_taps, group_heads * D, n, y, x, pmask, H, W, 1, ks, BLOCK_P,
+                              D_PAD)
         tl.store(r_img + off, conv + bias, mask=m2)
         t += 1
     row = (b * tl.num_programs(0) + split) * 4 + head // 2     # 4 rows of two heads per (b, split)
