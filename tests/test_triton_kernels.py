@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
@@ -29,6 +30,7 @@ from gmf_kernels.models.configs import MODEL_WIDTHS  # noqa: E402
 from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights  # noqa: E402
 from gmf_kernels.reference import reference_group_mix_attention  # noqa: E402
 from gmf_kernels.triton_kernels import aggregation, attention, launcher, op  # noqa: E402
+from gmf_kernels.triton_kernels import config  # noqa: E402
 from gmf_kernels.triton_kernels.config import gma_shape  # noqa: E402
 from gmf_kernels.weights import GMAHyper  # noqa: E402
 from helpers import assert_within_reference_error, weights_from_state_dict  # noqa: E402
@@ -239,6 +241,61 @@ def test_gpu_tile_sizes(C):
     # the balanced plan: jobs with different split counts and runs of several tiles (each tile
     # of each job covered once, or the NaN poison / the partials' sums show it)
     assert len(set(plan.splits)) >= 3 and max(plan.tiles_per_split) > 1, plan
+    r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
+                                       case.hp.scale, case.hp.ln_eps, shape=shape)
+    for name, t in r.items():
+        assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
+    _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
+    _assert_rel(r["v"], case.V, FP32_TOL, "V")
+    _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
+    _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+
+
+@triton.jit
+def _tile_probe(out, N, H, W, SW, BLOCK_P: tl.constexpr):
+    """Tile t's lanes (n, valid, y, x) of `aggregation._tile` into out[t BLOCK_P + lane, :]."""
+    t = tl.program_id(0)
+    n, pmask, y, x = aggregation._tile(t, N, H, W, SW, BLOCK_P)
+    i = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    tl.store(out + i * 4 + 0, n)
+    tl.store(out + i * 4 + 1, pmask.to(tl.int32))
+    tl.store(out + i * 4 + 2, y)
+    tl.store(out + i * 4 + 3, x)
+
+
+@pytest.mark.parametrize("H,W,target", [(5, 11, 4), (9, 56, 16), (7, 7, 16), (3, 100, 16), (4, 17, 16), (1, 1, 16)],
+                         ids=lambda v: str(v))
+def test_tile_strip_order(monkeypatch, H, W, target):
+    """`_tile` numbers the tokens strip by strip (strips of `config.strip_width(W)` columns, the
+    last one narrower), row by row within a strip: every token once, in exactly the order of
+    that enumeration, positions past N invalid."""
+    monkeypatch.setattr(config, "STRIP_TARGET", target)
+    SW = config.strip_width(W)
+    strips = -(-W // SW)
+    assert SW <= target or SW == W
+    assert (strips - 1) * SW < W <= strips * SW and (W <= target) == (strips == 1)
+    expected = [(y, x) for k in range(strips) for y in range(H) for x in range(k * SW, min(W, (k + 1) * SW))]
+    N, bp = H * W, 16
+    T = -(-N // bp)
+    out = torch.full((T * bp, 4), -1, dtype=torch.int32, device=DEVICE)
+    _tile_probe[(T,)](out, N, H, W, SW, BLOCK_P=bp)
+    out = out.cpu()
+    valid = out[:, 1].bool()
+    assert valid[:N].all() and not valid[N:].any()
+    got = [(int(y), int(x)) for y, x in out[:N, 2:].tolist()]
+    assert got == expected
+    assert torch.equal(out[:N, 0], out[:N, 2] * W + out[:N, 3])
+
+
+def test_forward_in_strips(monkeypatch):
+    """The aggregation's stencil jobs walking narrow strips (STRIP_TARGET lowered to 4: an
+    11-wide image in strips of 4, 4, 3 columns, tiles spanning strips) with runs of several
+    tiles per program, and the GPU's 16-token tiles: the same result, every element written."""
+    monkeypatch.setattr(config, "STRIP_TARGET", 4)
+    case = Case(80, 9, 11, 2, seed=57)
+    shape = gma_shape(80, agg_block_p=16, interpreter=INTERPRET, split_target=24)
+    plan = aggregation.job_plan(case.H * case.W, case.B, shape, "tf32x3")
+    assert config.strip_width(case.W) == 4 and max(plan.tiles_per_split) > 1, plan
     r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
                                        case.hp.scale, case.hp.ln_eps, shape=shape)
     for name, t in r.items():

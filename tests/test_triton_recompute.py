@@ -29,6 +29,7 @@ triton = pytest.importorskip("triton")
 
 from gmf_kernels.triton_kernels import backward as bw  # noqa: E402
 from gmf_kernels.triton_kernels import recompute as rcp  # noqa: E402
+from gmf_kernels.triton_kernels import config  # noqa: E402
 from gmf_kernels.triton_kernels import train_op  # noqa: E402,F401  (registers the ops)
 from helpers import ROOT, assert_within_reference_error, have_triton_nvidia_backend  # noqa: E402
 from helpers import random_folded_weights, record_calls, to_device, triton_compile_env, triton_test_device  # noqa: E402
@@ -91,7 +92,9 @@ def test_recompute_small_tiles_several_splits(monkeypatch):
     """16-token tiles (9x9 = 81 tokens: 6 tiles, the last of 1 token) and a split target of 24
     programs: the attention kernel's 8 heads get 3 splits of 2 tiles (the merge of 3 softmax
     partials per head), the local kernel 6 splits of 1 tile; the stencils' halos cross tile and
-    split boundaries; the local branch in 16-channel chunks (s = 40: 16 + 16 + 8)."""
+    split boundaries; the local branch in 16-channel chunks (s = 40: 16 + 16 + 8); the tiles in
+    strips of 3 columns (`config.STRIP_TARGET` lowered to 4)."""
+    monkeypatch.setattr(config, "STRIP_TARGET", 4)
     monkeypatch.setattr(rcp, "attention_tiles", lambda d, N: (16, 4))
     monkeypatch.setattr(rcp, "local_tiles", lambda s, N: (16, 4, 16))
     monkeypatch.setattr(rcp, "SPLIT_TARGET", 24)
@@ -102,7 +105,7 @@ def test_recompute_small_tiles_several_splits(monkeypatch):
     _, (_, grid, _, kwargs) = rcp.plan_recompute_attention(P, H, W, w)
     _, (_, lgrid, largs, lkw) = rcp.plan_recompute_local(qkv, H, W, w, 1e-5)
     assert grid == (3, NUM_HEADS, B) and kwargs["BLOCK_P"] == 16
-    assert lgrid == (6, B) and largs[11] == 1 and lkw["CK"] == 16
+    assert lgrid == (6, B) and largs[12] == 1 and largs[9] == 3 and lkw["CK"] == 16
     check(qkv, H, W, C)
 
 

@@ -46,6 +46,7 @@ triton = pytest.importorskip("triton")
 from gmf_kernels.folding import _build  # noqa: E402
 from gmf_kernels.numerics import cast_weights, max_rel_error, random_gma_weights  # noqa: E402
 from gmf_kernels.triton_kernels import statistics as st  # noqa: E402
+from gmf_kernels.triton_kernels import config  # noqa: E402
 from gmf_kernels.triton_kernels.backward import proxy_z, segment_streams  # noqa: E402
 
 from gmf_kernels.triton_kernels.backward import statistics as torch_statistics  # noqa: E402
@@ -107,6 +108,9 @@ TILINGS = [(200, (7, 7), st.DEFAULT_TILE, st.SPLIT_TARGET, (1, 1, 1, 1)), (80, (
 
 @pytest.mark.parametrize("C, grid, tiles, target, splits", TILINGS, ids=["gpu-tile-C200", "16-tokens-by-cost"])
 def test_tiles_and_splits(C, grid, tiles, target, splits, monkeypatch):
+    """The tiling and the plan the launcher makes, and the moments they give, with the stencil
+    tiles walking strips (`config.STRIP_TARGET` lowered to 4: 7 columns -> 4 + 3, 5 -> 3 + 2)."""
+    monkeypatch.setattr(config, "STRIP_TARGET", 4)
     monkeypatch.setattr(st, "stats_tiles", lambda C, N, precision: tiles)
     monkeypatch.setattr(st, "SPLIT_TARGET", target)
     H, W = grid
@@ -277,6 +281,8 @@ RECOMPUTE_TILINGS = [(200, (5, 7), st.RECOMPUTE_TILE, 1, (1, 1, 2, 2)), (40, (5,
 
 @pytest.mark.parametrize("C, grid, tiles, target, splits", RECOMPUTE_TILINGS, ids=["gpu-tile-C200", "16-tokens-by-cost"])
 def test_recompute_tiles_and_splits(C, grid, tiles, target, splits, monkeypatch):
+    """As `test_tiles_and_splits`, for the recompute kernel (strips: `STRIP_TARGET` lowered to 4)."""
+    monkeypatch.setattr(config, "STRIP_TARGET", 4)
     monkeypatch.setattr(st, "recompute_tiles", lambda C, N, precision: tiles)
     monkeypatch.setattr(st, "SPLIT_TARGET", target)
     H, W = grid

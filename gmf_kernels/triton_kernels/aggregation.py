@@ -71,13 +71,28 @@ import triton
 import triton.language as tl
 
 from ._common import DotVariant, depthwise_tile, dot_variant, hardswish, mm, stored
+from .config import strip_width
 
 
 @triton.jit
-def _tile(t, N, W, BLOCK_P: tl.constexpr):
-    """Tokens of tile t: index, validity, row, column."""
-    n = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    return n, n < N, n // W, n % W
+def _tile(t, N, H, W, SW, BLOCK_P: tl.constexpr):
+    """Tokens of tile t: index n = y W + x, validity, row y, column x.
+
+    Strip order (`config.strip_width`): the image is cut into vertical strips of SW columns (the
+    last one W - (strips - 1) SW wide), tokens are numbered strip by strip and row by row within
+    a strip, and tile t is positions [t BLOCK_P, (t + 1) BLOCK_P) of that order (so T =
+    ceil(N / BLOCK_P) tiles, no padded lanes but the last tile's; a tile may span rows and
+    strips). A program walks consecutive tiles, i.e. down its strip: the next tile's stencil
+    halo is mostly rows the last tiles read, still in L1, where a walk along whole rows of a
+    wide image (SW = W) finds them evicted by the time it comes back a row lower. SW = W is
+    row-major order."""
+    i = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    strip = i // (H * SW)
+    local = i - strip * (H * SW)
+    width = tl.maximum(tl.minimum(SW, W - strip * SW), 1)     # >= 1 on the lanes past N too
+    y = local // width
+    x = strip * SW + local % width
+    return y * W + x, i < N, y, x
 
 
 @triton.jit
@@ -120,10 +135,11 @@ def _segment0_head(qkv_b, q_b, v_b, a, sh, ch, m2, n, pmask, stride_n, M, L, ACC
 
 
 @triton.jit
-def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N, W, stride_n,
+def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N, H, W, stride_n,
               C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
               BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
-    """Segment 0: hardswish(t * bn_scale[0] + bn_shift[0]) per channel, no stencil."""
+    """Segment 0: hardswish(t * bn_scale[0] + bn_shift[0]) per channel, no stencil (its tiles
+    in row-major order: strips buy nothing without a halo)."""
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
     a0 = tl.load(bn_scale + kk, mask=kmask, other=0.0)[None, :]
@@ -138,7 +154,7 @@ def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row
     A1 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
     t = t0
     while t < t1:
-        n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+        n, pmask, y, x = _tile(t, N, H, W, W, BLOCK_P)
         m2 = pmask[:, None] & kmask[None, :]
         M0, L0, A0 = _segment0_head(qkv_b, q_b, v_b, a0, s0, kk, m2, n, pmask, stride_n, M0, L0, A0,
                                     C, CP, DOT_PRECISION, EMULATE_DOTS)
@@ -183,7 +199,7 @@ def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
 
 @triton.jit
 def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
-                  row, t0, t1, N, H, W, stride_n, SEG, KS,
+                  row, t0, t1, N, H, W, SW, stride_n, SEG, KS,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
                   CK: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
@@ -206,7 +222,7 @@ def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, b
     A1 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
     t = t0
     while t < t1:
-        n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+        n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
         m2 = pmask[:, None] & kmask[None, :]
         dst0 = n[:, None] * CP + (ch0 + kk)[None, :]
         zq0, zq1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
@@ -267,7 +283,7 @@ def _layer_norm_rows(z, omask, ln_eps, S: tl.constexpr):
 
 
 @triton.jit
-def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, t0, t1, N, H, W, stride_n,
+def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, t0, t1, N, H, W, SW, stride_n,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
                   S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
     """Segment 4 of q, k, v -> DW3x3 -> (3s -> s) -> LayerNorm -> hardswish -> pre[:, C':C]."""
@@ -277,7 +293,7 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
     lnb = tl.load(ln_bias + co, mask=omask, other=0.0)[None, :]
     t = t0
     while t < t1:
-        n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+        n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
         z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n, C, S, CK, S_PAD, BLOCK_P,
                        DOT_PRECISION, EMULATE_DOTS)
         diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
@@ -292,11 +308,11 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
 # runs, and a new image size or batch never triggers a JIT recompile. (A job with one split,
 # as job 0 at most batches, would otherwise compile a variant with that count constant, and
 # N % 16 another.) The strides stay specialised: their divisibility aligns the vector loads of qkv.
-@triton.jit(do_not_specialize=["N", "H", "W", "splits0", "splits1", "splits2", "splits3", "splits4"])
+@triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3", "splits4"])
 def gma_aggregate_kernel(
     qkv, q, v, pre, part_m, part_l, part_acc,
     bn_scale, bn_shift, dw3, dw5, dw7, pw, local_dw, local_pw, ln_weight, ln_bias,
-    N, H, W, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3, splits4, ln_eps,
+    N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3, splits4, ln_eps,
     C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
@@ -316,7 +332,7 @@ def gma_aggregate_kernel(
         tps = tl.cdiv(T, splits0)
         t0 = pid * tps
         _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, tl.minimum(t0 + tps, T),
-                  N, W, stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                  N, H, W, stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
     elif pid < e4:
         if pid < e2:
             dw = dw3
@@ -329,13 +345,13 @@ def gma_aggregate_kernel(
         tps = tl.cdiv(T, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
         t0 = (pid - first) * tps
         _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
-                      row, t0, tl.minimum(t0 + tps, T), N, H, W, stride_qkv_n, seg, 2 * seg + 1,
+                      row, t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, seg, 2 * seg + 1,
                       C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
     else:
         tps = tl.cdiv(T, splits4)
         t0 = (pid - e4) * tps
         _local_branch(qkv_b, pre + b * N * C, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
-                      t0, tl.minimum(t0 + tps, T), N, H, W, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P,
+                      t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P,
                       DOT_PRECISION, EMULATE_DOTS)
 
 
@@ -494,7 +510,7 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
     w = weights
     args = (qkv, q, v, pre, part_m, part_l, part_acc,
             w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw, w.local_pw, w.ln_weight, w.ln_bias,
-            N, H, W, qkv.stride(0), qkv.stride(1), *plan.splits, ln_eps)
+            N, H, W, strip_width(W), qkv.stride(0), qkv.stride(1), *plan.splits, ln_eps)
     kwargs = dict(C=shape.C, S=shape.S, CP=shape.CP, D=shape.D, S_PAD=shape.S_PAD, D_PAD=shape.D_PAD,
                   CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=shape.AGG_WARPS)

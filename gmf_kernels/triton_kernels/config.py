@@ -143,6 +143,31 @@ AGG_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int, int]]] = {
     "ieee": {40: (16, 8, 16), 160: (32, 4, 16), 480: (16, 8, 32)},
 }
 
+#: Tile order of the stencil kernels (aggregation, statistics, recompute: `aggregation._tile`):
+#: the image is walked in vertical strips of `strip_width(W)` columns, about STRIP_TARGET, so a
+#: program's consecutive tiles go down its strip and the stencil halo they share stays in L1.
+#: Estimate (no GPU measurement), per proxy stream and channel chunk, 7x7 stencil (R = 3), 16-token
+#: tiles: walking whole rows of a 56-wide image, a tile reads 7 rows x 22 columns of lines and
+#: the walk comes back to the same columns one row lower only 3.5 tiles (x every stream and
+#: chunk) later, so about 7 lines per token come from L2; in 14-column strips each new row of 14
+#: tokens needs one new row of 20 lines, about 1.4 per token, within a working set of 7 x 20
+#: lines per stream and chunk (27 KB at C = 80 fp32). Images at most STRIP_TARGET wide keep one
+#: strip (row-major: their 16-token tiles already span whole rows).
+STRIP_TARGET = 16
+
+
+def strip_width(W: int) -> int:
+    """Columns per strip for an image W tokens wide: W itself up to `STRIP_TARGET`, else the
+    narrowest equal split of W into strips of at most STRIP_TARGET columns (the last strip
+    takes the rest: 56 -> 14 x 4, 28 -> 14 x 2, 100 -> 15 x 6 + 10). Read at each launch (tests
+    lower STRIP_TARGET to cut small images into strips)."""
+    W = int(W)
+    if W <= STRIP_TARGET:
+        return W
+    strips = -(-W // STRIP_TARGET)
+    return -(-W // strips)
+
+
 #: Tiles used under the Triton interpreter (CPU): its cost is per operation per program,
 #: not per element, so fewer, larger tiles (and one channel chunk) run much faster there.
 #: The GPU tiles are exercised on the CPU too by passing them explicitly (tests do).

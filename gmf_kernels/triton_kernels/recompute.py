@@ -60,7 +60,7 @@ import triton.language as tl
 from ..folding import FoldedGMAWeights
 from ._common import DotVariant, crpe_group, depthwise_tile, interpreting
 from .aggregation import _layer_norm_rows, _local_mix, _online_softmax_kv, _store_partial, _tile, split_plan
-from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2
+from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2, strip_width
 from .statistics import recompute_planes, statistics_dots
 
 Tensor = torch.Tensor
@@ -68,10 +68,10 @@ Launch = Tuple[object, tuple, tuple, dict]
 
 
 # ---------------------------------------------------------------- kernels
-@triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
+@triton.jit(do_not_specialize=["N", "H", "W", "SW", "tiles_per_split"])
 def gma_recompute_attention_kernel(
     p, r, part_m, part_l, part_acc, crpe_w3, crpe_w5, crpe_w7, crpe_b,
-    N, H, W, tiles_per_split,
+    N, H, W, SW, tiles_per_split,
     CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
@@ -100,7 +100,7 @@ def gma_recompute_attention_kernel(
     ACC = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
     t = t0
     while t < t1:
-        n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+        n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
         m2 = pmask[:, None] & kmask[None, :]
         off = ch[None, :] * N + n[:, None]
         zk = tl.load(k_img + off, mask=m2, other=0.0)
@@ -114,10 +114,10 @@ def gma_recompute_attention_kernel(
     _store_partial(M, L, ACC, row, head % 2, part_m, part_l, part_acc, D, D_PAD)
 
 
-@triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
+@triton.jit(do_not_specialize=["N", "H", "W", "SW", "tiles_per_split"])
 def gma_recompute_local_kernel(
     qkv, w4, xh4, rstd4, local_dw, local_pw,
-    N, H, W, stride_qkv_b, stride_qkv_n, tiles_per_split, ln_eps,
+    N, H, W, SW, stride_qkv_b, stride_qkv_n, tiles_per_split, ln_eps,
     C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
@@ -136,7 +136,7 @@ def gma_recompute_local_kernel(
     omask = co < S
     t = t0
     while t < t1:
-        n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+        n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
         z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_qkv_n, C, S, CK, S_PAD, BLOCK_P,
                        DOT_PRECISION, EMULATE_DOTS, w4_b, N, True)
         diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
@@ -197,7 +197,7 @@ def plan_recompute_attention(P: Tensor, H: int, W: int, wts: FoldedGMAWeights, t
            "part_l": torch.empty(B, splits, cp, **f32), "part_acc": torch.empty(B, splits, cp, d, **f32)}
     crpe = [w.float().contiguous() for w in (wts.crpe_w3, wts.crpe_w5, wts.crpe_w7, wts.crpe_b)]
     dots = dots or statistics_dots(P)
-    args = (P, buf["R"], buf["part_m"], buf["part_l"], buf["part_acc"], *crpe, N, H, W, tps)
+    args = (P, buf["R"], buf["part_m"], buf["part_l"], buf["part_acc"], *crpe, N, H, W, strip_width(W), tps)
     kwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
     return buf, (gma_recompute_attention_kernel, (splits, NUM_HEADS, B), args, kwargs)
@@ -233,7 +233,7 @@ def plan_recompute_local(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_
            "xh4": torch.empty(B, s, H, W, **f32), "rstd4": torch.empty(B, 1, H, W, **f32)}
     dots = dots or statistics_dots(qkv)
     args = (qkv, buf["w4"], buf["xh4"], buf["rstd4"], wts.local_dw.float().contiguous(),
-            wts.local_pw.float().contiguous(), N, H, W, qkv.stride(0), qkv.stride(1), tps, float(ln_eps))
+            wts.local_pw.float().contiguous(), N, H, W, strip_width(W), qkv.stride(0), qkv.stride(1), tps, float(ln_eps))
     kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), CK=min(ck, dot_pad(s)), BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
     return buf, (gma_recompute_local_kernel, (splits, B), args, kwargs)

@@ -105,7 +105,7 @@ import triton.language as tl
 
 from ._common import DotVariant, dot_variant, hardswish, interpreting
 from .aggregation import _balanced_splits, _dw_pw_heads, _tile
-from .config import INTERPRETER_BLOCK_P, dot_pad, next_pow2
+from .config import INTERPRETER_BLOCK_P, dot_pad, next_pow2, strip_width
 
 Tensor = torch.Tensor
 
@@ -183,10 +183,10 @@ def _segment_filters(seg, dw3, dw5, dw7, pw, S: tl.constexpr):
     return dw, pw + (seg - 1) * S * S
 
 
-@triton.jit(do_not_specialize=["N", "H", "W", "splits0", "splits1", "splits2", "splits3"])
+@triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3"])
 def gma_statistics_kernel(
     qkv, part_mean, part_m2, dw3, dw5, dw7, pw,
-    N, H, W, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
+    N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
     C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
@@ -205,7 +205,7 @@ def gma_statistics_kernel(
     if seg == 0:
         t = t0
         while t < t1:
-            n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+            n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
             n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
             n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
@@ -216,7 +216,7 @@ def gma_statistics_kernel(
         dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
         t = t0
         while t < t1:
-            n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+            n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
                                   S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
             n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
@@ -246,10 +246,10 @@ def _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D: tl.constexp
     _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N)
 
 
-@triton.jit(do_not_specialize=["N", "H", "W", "splits0", "splits1", "splits2", "splits3"])
+@triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3"])
 def gma_recompute_z_kernel(
     qkv, z, p, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw,
-    N, H, W, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
+    N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
     C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
@@ -271,7 +271,7 @@ def gma_recompute_z_kernel(
     if seg == 0:
         t = t0
         while t < t1:
-            n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+            n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
             _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D, D_PAD)
             t += 1
@@ -281,7 +281,7 @@ def gma_recompute_z_kernel(
         y_img = y_all + img_j
         t = t0
         while t < t1:
-            n, pmask, y, x = _tile(t, N, W, BLOCK_P)
+            n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
                                   S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True)
             _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D, D_PAD)
@@ -414,7 +414,7 @@ def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: 
     bp, warps, ck = tiles
     if plan.tiles != -(-N // bp):
         raise ValueError(f"plan of {plan.tiles} tiles for {-(-N // bp)} tiles of {bp} tokens")
-    args = (qkv, *leading, N, H, W, qkv.stride(0), qkv.stride(1), *plan.splits)
+    args = (qkv, *leading, N, H, W, strip_width(W), qkv.stride(0), qkv.stride(1), *plan.splits)
     kwargs = dict(C=C, S=s, D=s // 2, D_PAD=dot_pad(s // 2), CK=ck, BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
     return (plan.programs, 3 * B), args, kwargs
