@@ -510,7 +510,7 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
     w = weights
     args = (qkv, q, v, pre, part_m, part_l, part_acc,
             w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw, w.local_pw, w.ln_weight, w.ln_bias,
-            N, H, W, strip_width(W), qkv.stride(0), qkv.stride(1), *plan.splits, ln_eps)
+            N, H, W, strip_width(W, shape.AGG_STRIP), qkv.stride(0), qkv.stride(1), *plan.splits, ln_eps)
     kwargs = dict(C=shape.C, S=shape.S, CP=shape.CP, D=shape.D, S_PAD=shape.S_PAD, D_PAD=shape.D_PAD,
                   CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=shape.AGG_WARPS)

@@ -113,6 +113,7 @@ class GMAShape:
     ATTN_WARPS: int = 4
     COMBINE_WARPS: int = 4
     SPLIT_TARGET: int = 1024  # split-N: at most about this many aggregation programs (aggregation.job_plan)
+    AGG_STRIP: int = 16       # aggregation tiles in strips of about this many columns (`strip_width`; 0: row-major)
 
     def num_tiles(self, N: int) -> int:
         return -(-N // self.AGG_BLOCK_P)
@@ -156,15 +157,17 @@ AGG_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int, int]]] = {
 STRIP_TARGET = 16
 
 
-def strip_width(W: int) -> int:
-    """Columns per strip for an image W tokens wide: W itself up to `STRIP_TARGET`, else the
-    narrowest equal split of W into strips of at most STRIP_TARGET columns (the last strip
-    takes the rest: 56 -> 14 x 4, 28 -> 14 x 2, 100 -> 15 x 6 + 10). Read at each launch (tests
-    lower STRIP_TARGET to cut small images into strips)."""
+def strip_width(W: int, target: Optional[int] = None) -> int:
+    """Columns per strip for an image W tokens wide: W itself up to `target` columns, else the
+    narrowest equal split of W into strips of at most `target` columns (the last strip takes the
+    rest: 56 -> 14 x 4, 28 -> 14 x 2, 100 -> 15 x 6 + 10). target: default `STRIP_TARGET` (read at
+    each launch: tests lower it to cut small images into strips); 0: one strip, row-major order
+    (the aggregation's tuning space has both: `GMAShape.AGG_STRIP`)."""
     W = int(W)
-    if W <= STRIP_TARGET:
+    target = STRIP_TARGET if target is None else int(target)
+    if target <= 0 or W <= target:
         return W
-    strips = -(-W // STRIP_TARGET)
+    strips = -(-W // target)
     return -(-W // strips)
 
 
@@ -214,11 +217,13 @@ def backward_kernels_take(s: int, precision: str) -> bool:
 
 
 def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: bool = False,
-              ck: int = 0, split_target: int = 1024, agg_warps: int = 0, dots: str = "tf32x3") -> GMAShape:
+              ck: int = 0, split_target: int = 1024, agg_warps: int = 0, dots: str = "tf32x3",
+              strip: Optional[int] = None) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
-    tiles (`AGG_TILES_BY_DOTS` / `ATTN_TILES_BY_DOTS`, else `AGG_TILES` / `ATTN_TILES`)."""
+    tiles (`AGG_TILES_BY_DOTS` / `ATTN_TILES_BY_DOTS`, else `AGG_TILES` / `ATTN_TILES`).
+    strip: the aggregation's strip target (`strip_width`; default `STRIP_TARGET`, 0 row-major)."""
     if C % 10 != 0 or C <= 0:
         raise ValueError(f"C={C}: the Triton kernels need C a positive multiple of 10")
     S = C // 5
@@ -239,4 +244,5 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name}={v} must be a power of two >= 16")
     return GMAShape(C=C, S=S, CP=CP, D=D, S_PAD=S_PAD, D_PAD=D_PAD, CK=ck, AGG_BLOCK_P=agg,
-                    ATTN_BLOCK_P=attn, AGG_WARPS=agg_warps, ATTN_WARPS=attn_tiles[1], SPLIT_TARGET=split_target)
+                    ATTN_BLOCK_P=attn, AGG_WARPS=agg_warps, ATTN_WARPS=attn_tiles[1], SPLIT_TARGET=split_target,
+                    AGG_STRIP=STRIP_TARGET if strip is None else int(strip))
