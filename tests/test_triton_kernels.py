@@ -306,6 +306,24 @@ def test_forward_in_strips(monkeypatch):
     _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
 
 
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "separate"])
+def test_qkv_modes(merge):
+    """The aggregation's two ways through q, k and v (`GMAShape.AGG_MERGE`: one depthwise pass of
+    the three streams per channel chunk, six head outputs; or stream after stream), with 16-token
+    tiles and 16-channel chunks (s = 40: 16 + 16 + 8): the same result, every element written."""
+    case = Case(200, 9, 7, 2, seed=91 + merge)
+    shape = gma_shape(200, agg_block_p=16, ck=16, interpreter=INTERPRET, split_target=40, merge=merge)
+    assert shape.AGG_MERGE is merge and shape.CK < shape.S
+    r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
+                                       case.hp.scale, case.hp.ln_eps, shape=shape)
+    for name, t in r.items():
+        assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
+    _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
+    _assert_rel(r["v"], case.V, FP32_TOL, "V")
+    _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
+    _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+
+
 @pytest.mark.parametrize("split_target", [1, 10**6], ids=["one-split", "split-per-tile"])
 def test_split_plans(split_target):
     """The fewest programs the plan makes (light jobs: all tiles of an image in one program,

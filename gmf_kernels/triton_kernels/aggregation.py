@@ -1,7 +1,10 @@
 """ONE-PASS group-proxy aggregation (eval mode, BatchNorm folded): kernel + launcher.
 
 Grid ``(PROGRAMS, B)``, a flat, cost-balanced list of programs per image. The N tokens of an
-image are cut into T = ceil(N / BLOCK_P) tiles of BLOCK_P consecutive tokens. The work is five
+image are cut into T = ceil(N / BLOCK_P) tiles of BLOCK_P tokens consecutive in *strip order*
+(`_tile`: vertical strips of about 16 columns, `config.strip_width`, row by row within a strip;
+an image at most 16 wide is one strip, i.e. row-major), so that a program's run of tiles walks
+down a strip and the stencil halo its next tile needs is mostly in L1 already. The work is five
 *jobs*, each one disjoint channel slice of the (B, N, 3C) qkv:
 
 * job 0: segment 0 of q, k, v:  ``hardswish(t * bn_scale[0] + bn_shift[0])`` (no halo).
@@ -70,7 +73,7 @@ from typing import NamedTuple, Optional, Tuple
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, depthwise_tile, dot_variant, hardswish, mm, stored
+from ._common import DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, mm, stored
 from .config import strip_width
 
 
@@ -198,14 +201,62 @@ def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
 
 
 @triton.jit
+def _dw_pw_qkv(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
+               C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
+               D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """`_dw_pw_heads` of q, k and v of one segment at once (channels ch0 + c of q, + C of k,
+    + 2C of v): per chunk ONE depthwise pass over the three streams (`depthwise_taps`: each
+    tap's mask, addresses and filter load serve all three) and one load of the two heads'
+    pointwise weights for the six dots. Returns the six [BLOCK_P, D_PAD] head outputs
+    (q0, q1, k0, k1, v0, v1)."""
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    q0 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    q1 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    k0 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    k1 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    v0 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    v1 = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    for c0 in range(0, S, CK):
+        cs = c0 + tl.arange(0, CK)
+        cmask = cs < S
+        dq, dk, dv = depthwise_taps(qkv_b, ch0 + cs, cmask, dw + cs, S, n, y, x, pmask, H, W, stride_n, KS, C,
+                                    BLOCK_P, CK, 3)
+        wmask = cmask[:, None] & kmask[None, :]
+        w0 = tl.load(pw_seg + kk[None, :] * S + cs[:, None], mask=wmask, other=0.0)        # [CK, D_PAD]
+        w1 = tl.load(pw_seg + (D + kk)[None, :] * S + cs[:, None], mask=wmask, other=0.0)
+        q0 = mm(dq, w0, q0, DOT_PRECISION, EMULATE_DOTS)
+        q1 = mm(dq, w1, q1, DOT_PRECISION, EMULATE_DOTS)
+        k0 = mm(dk, w0, k0, DOT_PRECISION, EMULATE_DOTS)
+        k1 = mm(dk, w1, k1, DOT_PRECISION, EMULATE_DOTS)
+        v0 = mm(dv, w0, v0, DOT_PRECISION, EMULATE_DOTS)
+        v1 = mm(dv, w1, v1, DOT_PRECISION, EMULATE_DOTS)
+    return q0, q1, k0, k1, v0, v1
+
+
+@triton.jit
+def _store_heads(dst, z0, z1, a0, b0, a1, b1, m2, D: tl.constexpr, EMULATE: tl.constexpr):
+    """hardswish(z * a + b) of a segment's two heads, stored at dst (head 1: + D); returned."""
+    h0 = hardswish(z0 * a0 + b0)
+    h1 = hardswish(z1 * a1 + b1)
+    tl.store(dst, stored(h0, dst, EMULATE), mask=m2)
+    tl.store(dst + D, stored(h1, dst, EMULATE), mask=m2)
+    return h0, h1
+
+
+@triton.jit
 def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
                   row, t0, t1, N, H, W, SW, stride_n, SEG, KS,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
                   CK: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr):
     """Segment SEG (1..3) of q, k, v: depthwise KSxKS -> pointwise -> BatchNorm affine -> hardswish.
 
-    SEG and KS = 2 SEG + 1 are runtime values: one instance serves the three segments."""
+    SEG and KS = 2 SEG + 1 are runtime values: one instance serves the three segments.
+    MERGE_QKV (`config.GMAShape.AGG_MERGE`): q, k and v through one depthwise pass per chunk
+    (`_dw_pw_qkv`: six head outputs alive at once), else one stream after the other (q stored,
+    then v, then k into the softmax: two head outputs and one held pair alive), for the widths
+    where the merged variant spills (`config.AGG_SEPARATE_STREAMS`)."""
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
     pw_seg = pw + (SEG - 1) * S * S
@@ -225,19 +276,21 @@ def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, b
         n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
         m2 = pmask[:, None] & kmask[None, :]
         dst0 = n[:, None] * CP + (ch0 + kk)[None, :]
-        zq0, zq1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
-                                KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
-        tl.store(q_b + dst0, stored(hardswish(zq0 * a0 + b0), q_b, EMULATE_DOTS), mask=m2)
-        tl.store(q_b + dst0 + D, stored(hardswish(zq1 * a1 + b1), q_b, EMULATE_DOTS), mask=m2)
-        # V before K: one head pair of depthwise outputs alive at a time (register pressure)
-        zv0, zv1 = _dw_pw_heads(qkv_b, 2 * C + ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
-                                KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
-        zv0 = hardswish(zv0 * a0 + b0)
-        zv1 = hardswish(zv1 * a1 + b1)
-        tl.store(v_b + dst0, stored(zv0, v_b, EMULATE_DOTS), mask=m2)
-        tl.store(v_b + dst0 + D, stored(zv1, v_b, EMULATE_DOTS), mask=m2)
-        zk0, zk1 = _dw_pw_heads(qkv_b, C + ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
-                                KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+        if MERGE_QKV:
+            zq0, zq1, zk0, zk1, zv0, zv1 = _dw_pw_qkv(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
+                                                      C, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+            _store_heads(q_b + dst0, zq0, zq1, a0, b0, a1, b1, m2, D, EMULATE_DOTS)
+            zv0, zv1 = _store_heads(v_b + dst0, zv0, zv1, a0, b0, a1, b1, m2, D, EMULATE_DOTS)
+        else:
+            zq0, zq1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
+                                    KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+            _store_heads(q_b + dst0, zq0, zq1, a0, b0, a1, b1, m2, D, EMULATE_DOTS)
+            # V before K: one head pair of depthwise outputs alive at a time (register pressure)
+            zv0, zv1 = _dw_pw_heads(qkv_b, 2 * C + ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
+                                    KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+            zv0, zv1 = _store_heads(v_b + dst0, zv0, zv1, a0, b0, a1, b1, m2, D, EMULATE_DOTS)
+            zk0, zk1 = _dw_pw_heads(qkv_b, C + ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
+                                    KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
         M0, L0, A0 = _online_softmax_kv(hardswish(zk0 * a0 + b0), zv0, pmask, M0, L0, A0, DOT_PRECISION, EMULATE_DOTS)
         M1, L1, A1 = _online_softmax_kv(hardswish(zk1 * a1 + b1), zv1, pmask, M1, L1, A1, DOT_PRECISION, EMULATE_DOTS)
         t += 1
@@ -315,7 +368,7 @@ def gma_aggregate_kernel(
     N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3, splits4, ln_eps,
     C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr,
 ):
     pid = tl.program_id(0)                                     # flat (job, split) of image b
     b = tl.program_id(1).to(tl.int64)
@@ -346,7 +399,7 @@ def gma_aggregate_kernel(
         t0 = (pid - first) * tps
         _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
                       row, t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, seg, 2 * seg + 1,
-                      C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                      C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV)
     else:
         tps = tl.cdiv(T, splits4)
         t0 = (pid - e4) * tps
@@ -513,7 +566,7 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
             N, H, W, strip_width(W, shape.AGG_STRIP), qkv.stride(0), qkv.stride(1), *plan.splits, ln_eps)
     kwargs = dict(C=shape.C, S=shape.S, CP=shape.CP, D=shape.D, S_PAD=shape.S_PAD, D_PAD=shape.D_PAD,
                   CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P, DOT_PRECISION=dots.precision,
-                  EMULATE_DOTS=dots.emulate, num_warps=shape.AGG_WARPS)
+                  EMULATE_DOTS=dots.emulate, MERGE_QKV=shape.AGG_MERGE, num_warps=shape.AGG_WARPS)
     return (plan.programs, B), args, kwargs
 
 

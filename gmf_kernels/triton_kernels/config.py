@@ -11,9 +11,11 @@ and tests/test_triton_compile.py fails on any spill):
 
 * Widths are padded to powers of two and to >= 16, because every ``tl.dot`` dimension
   must be >= 16 on the GPU (d = 4 pads to 16, d = 36 to 64, ...).
-* Token tiles are 1-D runs of BLOCK_P consecutive tokens (row-major), not 2-D pixel
-  tiles: no padding waste on 7x7 / 14x14 / odd grids, and the stencil halo (up to 3
-  rows above and below) is read through L1/L2, where neighbouring tiles share it.
+* Token tiles are runs of BLOCK_P tokens consecutive in strip order (`strip_width`,
+  `aggregation._tile`: vertical strips of about STRIP_TARGET = 16 columns, row-major inside a
+  strip), not padded 2-D pixel tiles: no padding waste on 7x7 / 14x14 / odd grids, and the
+  stencil halo (up to 3 rows above and below) is read through L1, where the next tiles of a
+  program, one strip row further down, find most of it.
 * Aggregation: the s input channels of a segment go through the depthwise stencil in
   chunks of CK and are accumulated into the two [BLOCK_P, D_PAD] head outputs by
   ``tl.dot``; a program walks its tiles with the softmax state of two heads in registers.
@@ -114,6 +116,7 @@ class GMAShape:
     COMBINE_WARPS: int = 4
     SPLIT_TARGET: int = 1024  # split-N: at most about this many aggregation programs (aggregation.job_plan)
     AGG_STRIP: int = 16       # aggregation tiles in strips of about this many columns (`strip_width`; 0: row-major)
+    AGG_MERGE: bool = True    # aggregation: q, k, v of a segment through one depthwise pass (AGG_SEPARATE_STREAMS)
 
     def num_tiles(self, N: int) -> int:
         return -(-N // self.AGG_BLOCK_P)
@@ -135,12 +138,16 @@ class GMAShape:
 #: / (32, 8, 16) spill too, so (16, 4, 16) (154 registers sm_80, 128 sm_90); with FMA dots (sm_70/75)
 #: Triton's FMA dot layout keeps whole operand rows per thread, so C = 360/480 need 8 warps
 #: (4 warps spilled ~700 B), C = 160 a smaller chunk, and C = 40 8 warps (4 warps spilled 8 B on
-#: sm_70 at 128 registers with the cost-balanced plan's decode; 8 warps: 100 registers).
+#: sm_70 at 128 registers with the cost-balanced plan's decode; 8 warps: 100 registers). Since the
+#: merged q/k/v pass (2026-12-02, `GMAShape.AGG_MERGE`): with one-pass TF32, C = 320 at (32, 8, 16)
+#: spilled 156-228 B on sm_80/90, (16, 8, 16) takes 188 / 191 registers with one element per
+#: thread, (16, 4, 32) 164 / 162 with four (8-byte bf16 loads, 12 warps per SM), so the default;
+#: C = 200 at (16, 4, 32) spilled 32 B on sm_80, (16, 4, 16) takes 167 / 160.
 AGG_TILES: Dict[int, Tuple[int, int, int]] = {
     40: (16, 4, 16), 80: (32, 8, 16), 160: (16, 4, 32), 200: (16, 4, 32), 240: (16, 4, 32),
     320: (16, 4, 32), 360: (16, 8, 32), 480: (16, 4, 16)}
 AGG_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int, int]]] = {
-    "tf32": {240: (16, 4, 16), 320: (32, 8, 16), 480: (32, 8, 32)},
+    "tf32": {200: (16, 4, 16), 240: (16, 4, 16), 480: (32, 8, 32)},
     "ieee": {40: (16, 8, 16), 160: (32, 4, 16), 480: (16, 8, 32)},
 }
 
@@ -170,6 +177,13 @@ def strip_width(W: int, target: Optional[int] = None) -> int:
     strips = -(-W // target)
     return -(-W // strips)
 
+
+#: Widths per dot precision whose aggregation runs q, k and v one after the other (`GMAShape.AGG_MERGE`
+#: False) instead of through one depthwise pass: where the merged variant (six [BLOCK_P, D_PAD] head
+#: outputs alive) spilled with every tile tried. C = 480 with 3xTF32 dots: (16, 4, 16) spilled 8 B on
+#: sm_90, (16, 8, 16) 40 B and (32, 8, 16) 72 B on sm_80, (16, 4, 32), (32, 4, 16), (16, 16, 16)
+#: hundreds of bytes (ptxas through the AOT compile, Triton 3.6, 2026-12-02).
+AGG_SEPARATE_STREAMS: Dict[str, Tuple[int, ...]] = {"tf32x3": (480,)}
 
 #: Tiles used under the Triton interpreter (CPU): its cost is per operation per program,
 #: not per element, so fewer, larger tiles (and one channel chunk) run much faster there.
@@ -218,12 +232,13 @@ def backward_kernels_take(s: int, precision: str) -> bool:
 
 def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: bool = False,
               ck: int = 0, split_target: int = 1024, agg_warps: int = 0, dots: str = "tf32x3",
-              strip: Optional[int] = None) -> GMAShape:
+              strip: Optional[int] = None, merge: Optional[bool] = None) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
     tiles (`AGG_TILES_BY_DOTS` / `ATTN_TILES_BY_DOTS`, else `AGG_TILES` / `ATTN_TILES`).
-    strip: the aggregation's strip target (`strip_width`; default `STRIP_TARGET`, 0 row-major)."""
+    strip: the aggregation's strip target (`strip_width`; default `STRIP_TARGET`, 0 row-major).
+    merge: the aggregation's q/k/v merge (default: merged unless `AGG_SEPARATE_STREAMS` lists C)."""
     if C % 10 != 0 or C <= 0:
         raise ValueError(f"C={C}: the Triton kernels need C a positive multiple of 10")
     S = C // 5
@@ -245,4 +260,5 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
             raise ValueError(f"{name}={v} must be a power of two >= 16")
     return GMAShape(C=C, S=S, CP=CP, D=D, S_PAD=S_PAD, D_PAD=D_PAD, CK=ck, AGG_BLOCK_P=agg,
                     ATTN_BLOCK_P=attn, AGG_WARPS=agg_warps, ATTN_WARPS=attn_tiles[1], SPLIT_TARGET=split_target,
-                    AGG_STRIP=STRIP_TARGET if strip is None else int(strip))
+                    AGG_STRIP=STRIP_TARGET if strip is None else int(strip),
+                    AGG_MERGE=(C not in AGG_SEPARATE_STREAMS.get(dots, ())) if merge is None else bool(merge))

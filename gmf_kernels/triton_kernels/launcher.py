@@ -17,7 +17,7 @@ compile, ahead of time, exactly what the JIT will compile (kernels keep Triton's
 information, so compute-sanitizer and ncu reports point at source lines).
 
 Tiles as data (`gmf_kernels.tuning`): two search spaces are registered here,
-``"triton.aggregate"`` (BLOCK_P, num_warps, CK and the strip target STRIP of the aggregation) and ``"triton.attention"``
+``"triton.aggregate"`` (BLOCK_P, num_warps, CK, the strip target STRIP and the q/k/v merge MERGE of the aggregation) and ``"triton.attention"``
 (BLOCK_P, num_warps of the attention kernel). Their candidates for (C, dtype, GPU) are the
 spill-free tiles of `config` (``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` / ``ATTN_TILES`` /
 ``ATTN_TILES_BY_DOTS``; the tile `config.gma_shape` picks is the default and comes first).
@@ -87,7 +87,8 @@ def _precision(C: int, dtype, capability) -> Optional[str]:
 
 
 def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
-    return {"BLOCK_P": shape.AGG_BLOCK_P, "num_warps": shape.AGG_WARPS, "CK": shape.CK, "STRIP": shape.AGG_STRIP}
+    return {"BLOCK_P": shape.AGG_BLOCK_P, "num_warps": shape.AGG_WARPS, "CK": shape.CK, "STRIP": shape.AGG_STRIP,
+            "MERGE": int(shape.AGG_MERGE)}
 
 
 def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
@@ -101,17 +102,18 @@ def aggregate_default(C: int, dtype, capability) -> Dict[str, int]:
 
 def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     """The default tile first, then the same tile in row-major order (``STRIP`` 0: whether the
-    strip walk pays is for a GPU to say, `config.STRIP_TARGET`), then the other tiles of
+    strip walk pays is for a GPU to say, `config.STRIP_TARGET`) and with the other q/k/v mode
+    (``MERGE``: `config.GMAShape.AGG_MERGE`; a spilling one is refused by the tuner), then the other tiles of
     AGG_TILES / AGG_TILES_BY_DOTS (each spill-free at the width it was chosen for) whose channel
     chunk fits this width."""
     if _precision(C, dtype, capability) is None:
         return []
     default = aggregate_default(C, dtype, capability)
-    out = [default, {**default, "STRIP": 0}]
+    out = [default, {**default, "STRIP": 0}, {**default, "MERGE": 1 - default["MERGE"]}]
     s_pad = dot_pad(C // 5)
     tiles = list(AGG_TILES.values()) + [t for row in AGG_TILES_BY_DOTS.values() for t in row.values()]
     for bp, warps, ck in tiles:
-        cfg = {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"]}
+        cfg = {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": default["MERGE"]}
         if ck <= s_pad and cfg not in out and len(out) < MAX_CANDIDATES:
             out.append(cfg)
     return out
@@ -143,7 +145,8 @@ def shape_from_configs(C: int, dots: DotVariant, agg: Dict[str, int], attn: Dict
     """The specialisation of the GPU tiles `agg` ("triton.aggregate") and `attn` ("triton.attention")."""
     shape = gma_shape(C, dots=dots.precision, agg_block_p=int(agg["BLOCK_P"]), agg_warps=int(agg["num_warps"]),
                       ck=int(agg["CK"]), attn_block_p=int(attn["BLOCK_P"]),
-                      strip=int(agg["STRIP"]) if "STRIP" in agg else None)
+                      strip=int(agg["STRIP"]) if "STRIP" in agg else None,
+                      merge=bool(agg["MERGE"]) if "MERGE" in agg else None)
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 
