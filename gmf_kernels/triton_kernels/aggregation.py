@@ -10,7 +10,9 @@ down a strip and the stencil halo its next tile needs is mostly in L1 already. T
 * job 0: segment 0 of q, k, v:  ``hardswish(t * bn_scale[0] + bn_shift[0])`` (no halo).
 * job j = 1, 2, 3: segment j of q, k, v: depthwise (2j+1)x(2j+1) (``dw3``/``dw5``/``dw7``,
   halo j rows/cols), then the s x s pointwise ``pw[j-1]`` as ``tl.dot`` into each head's d
-  outputs, then the BatchNorm affine ``* bn_scale[j] + bn_shift[j]`` and hardswish.
+  outputs, then the BatchNorm affine ``* bn_scale[j] + bn_shift[j]`` and hardswish. The three
+  streams share the filters: by default one depthwise pass per channel chunk computes all
+  three (`_dw_pw_qkv`, MERGE_QKV), else stream after stream (`config.AGG_SEPARATE_STREAMS`).
 * job 4: the local branch: depthwise 3x3 over segment 4 of q, k, v (the 3s stacked
   channels), 3s -> s pointwise (accumulated ``tl.dot``), LayerNorm, hardswish, stored
   straight into channels [C', C) of ``pre``.
@@ -46,7 +48,7 @@ and need the unused rows initialised to the neutral (-inf, 0, 0) by an extra fil
 Weights per program: the BatchNorm scale/shift (and the local branch's LayerNorm weight/bias)
 are loaded once, before the tile loop. The pointwise weights (``pw``: [CK, D_PAD] per head and
 chunk; ``local_pw``: [CK, S_PAD] per chunk) are tile-invariant too but stay inside the loop (L1
-hits): loaded once per program where the segment is one chunk (S <= CK, i.e. C = 40, 80, 160),
+hits; in the merged q/k/v pass one load per chunk serves the three streams' six dots): loaded once per program where the segment is one chunk (S <= CK, i.e. C = 40, 80, 160),
 they raised ptxas's registers by 27-77 per thread against the same kernel without it (C=80 fp32
 sm_90 176 -> 253, C=160 bf16 sm_80 168 -> 224, C=40 fp16 sm_70 128 -> 166: a dot's right
 operand is replicated across the warps), i.e. fewer resident CTAs, to save about a tenth of
