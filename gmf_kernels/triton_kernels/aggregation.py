@@ -48,7 +48,8 @@ and need the unused rows initialised to the neutral (-inf, 0, 0) by an extra fil
 Weights per program: the BatchNorm scale/shift (and the local branch's LayerNorm weight/bias)
 are loaded once, before the tile loop. The pointwise weights (``pw``: [CK, D_PAD] per head and
 chunk; ``local_pw``: [CK, S_PAD] per chunk) are tile-invariant too but stay inside the loop (L1
-hits; in the merged q/k/v pass one load per chunk serves the three streams' six dots): loaded once per program where the segment is one chunk (S <= CK, i.e. C = 40, 80, 160),
+hits; in the merged q/k/v pass one load per chunk serves the three streams' six dots): loaded
+once per program where the segment is one chunk (S <= CK, i.e. C = 40, 80, 160),
 they raised ptxas's registers by 27-77 per thread against the same kernel without it (C=80 fp32
 sm_90 176 -> 253, C=160 bf16 sm_80 168 -> 224, C=40 fp16 sm_70 128 -> 166: a dot's right
 operand is replicated across the warps), i.e. fewer resident CTAs, to save about a tenth of

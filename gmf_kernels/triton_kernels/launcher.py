@@ -17,8 +17,8 @@ compile, ahead of time, exactly what the JIT will compile (kernels keep Triton's
 information, so compute-sanitizer and ncu reports point at source lines).
 
 Tiles as data (`gmf_kernels.tuning`): two search spaces are registered here,
-``"triton.aggregate"`` (BLOCK_P, num_warps, CK, the strip target STRIP and the q/k/v merge MERGE of the aggregation) and ``"triton.attention"``
-(BLOCK_P, num_warps of the attention kernel). Their candidates for (C, dtype, GPU) are the
+``"triton.aggregate"`` (BLOCK_P, num_warps, CK, the strip target STRIP and the q/k/v merge
+MERGE of the aggregation) and ``"triton.attention"`` (BLOCK_P, num_warps of the attention kernel). Their candidates for (C, dtype, GPU) are the
 spill-free tiles of `config` (``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` / ``ATTN_TILES`` /
 ``ATTN_TILES_BY_DOTS``; the tile `config.gma_shape` picks is the default and comes first).
 A launch on a CUDA device asks `tuning.choose` and uses the tuning table's tile for its GPU
