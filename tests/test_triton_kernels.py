@@ -229,6 +229,19 @@ def test_forward_low_precision_grids(dtype, C, H, W, B):
     assert_within_reference_error(out, ref_lp, case.out, name=f"{dtype} out")
 
 
+def _check_launch(case, shape):
+    """Launch the three kernels on `case` (fp32) with the specialisation `shape`: every buffer
+    written (no NaN poison left), Q, V, KV and the pre-projection within FP32_TOL of float64."""
+    r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
+                                       case.hp.scale, case.hp.ln_eps, shape=shape)
+    for name, t in r.items():
+        assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
+    _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
+    _assert_rel(r["v"], case.V, FP32_TOL, "V")
+    _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
+    _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+
+
 @pytest.mark.parametrize("C", [80, 480], ids=lambda c: f"C{c}")
 def test_gpu_tile_sizes(C):
     """The GPU tiles (64 / 32 tokens, channel chunks of 32) on the interpreter too: many
@@ -241,14 +254,7 @@ def test_gpu_tile_sizes(C):
     # the balanced plan: jobs with different split counts and runs of several tiles (each tile
     # of each job covered once, or the NaN poison / the partials' sums show it)
     assert len(set(plan.splits)) >= 3 and max(plan.tiles_per_split) > 1, plan
-    r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
-                                       case.hp.scale, case.hp.ln_eps, shape=shape)
-    for name, t in r.items():
-        assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
-    _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
-    _assert_rel(r["v"], case.V, FP32_TOL, "V")
-    _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
-    _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+    _check_launch(case, shape)
 
 
 @triton.jit
@@ -296,14 +302,7 @@ def test_forward_in_strips(monkeypatch):
     shape = gma_shape(80, agg_block_p=16, interpreter=INTERPRET, split_target=24)
     plan = aggregation.job_plan(case.H * case.W, case.B, shape, "tf32x3")
     assert config.strip_width(case.W) == 4 and max(plan.tiles_per_split) > 1, plan
-    r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
-                                       case.hp.scale, case.hp.ln_eps, shape=shape)
-    for name, t in r.items():
-        assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
-    _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
-    _assert_rel(r["v"], case.V, FP32_TOL, "V")
-    _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
-    _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+    _check_launch(case, shape)
 
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "separate"])
@@ -314,14 +313,7 @@ def test_qkv_modes(merge):
     case = Case(200, 6, 7, 1, seed=91 + merge)
     shape = gma_shape(200, agg_block_p=16, ck=16, interpreter=INTERPRET, split_target=40, merge=merge)
     assert shape.AGG_MERGE is merge and shape.CK < shape.S
-    r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
-                                       case.hp.scale, case.hp.ln_eps, shape=shape)
-    for name, t in r.items():
-        assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
-    _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
-    _assert_rel(r["v"], case.V, FP32_TOL, "V")
-    _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
-    _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+    _check_launch(case, shape)
 
 
 @pytest.mark.parametrize("split_target", [1, 10**6], ids=["one-split", "split-per-tile"])
