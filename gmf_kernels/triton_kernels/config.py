@@ -100,6 +100,19 @@ def dot_pad(n: int) -> int:
     return max(16, next_pow2(n))
 
 
+#: Tile order of the stencil kernels (aggregation, statistics, recompute: `aggregation._tile`):
+#: the image is walked in vertical strips of `strip_width(W)` columns, about STRIP_TARGET, so a
+#: program's consecutive tiles go down its strip and the stencil halo they share stays in L1.
+#: Estimate (no GPU measurement), per proxy stream and channel chunk, 7x7 stencil (R = 3), 16-token
+#: tiles: walking whole rows of a 56-wide image, a tile reads 7 rows x 22 columns of lines and
+#: the walk comes back to the same columns one row lower only 3.5 tiles (x every stream and
+#: chunk) later, so about 7 lines per token come from L2; in 14-column strips each new row of 14
+#: tokens needs one new row of 20 lines, about 1.4 per token, within a working set of 7 x 20
+#: lines per stream and chunk (27 KB at C = 80 fp32). Images at most STRIP_TARGET wide keep one
+#: strip (row-major: their 16-token tiles already span whole rows).
+STRIP_TARGET = 16
+
+
 @dataclass(frozen=True)
 class GMAShape:
     C: int            # module width
@@ -115,7 +128,7 @@ class GMAShape:
     ATTN_WARPS: int = 4
     COMBINE_WARPS: int = 4
     SPLIT_TARGET: int = 1024  # split-N: at most about this many aggregation programs (aggregation.job_plan)
-    AGG_STRIP: int = 16       # aggregation tiles in strips of about this many columns (`strip_width`; 0: row-major)
+    AGG_STRIP: int = STRIP_TARGET  # aggregation tiles in strips of about this many columns (`strip_width`; 0: row-major)
     AGG_MERGE: bool = True    # aggregation: q, k, v of a segment through one depthwise pass (AGG_SEPARATE_STREAMS)
 
     def num_tiles(self, N: int) -> int:
@@ -150,18 +163,6 @@ AGG_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int, int]]] = {
     "tf32": {200: (16, 4, 16), 240: (16, 4, 16), 480: (32, 8, 32)},
     "ieee": {40: (16, 8, 16), 160: (32, 4, 16), 480: (16, 8, 32)},
 }
-
-#: Tile order of the stencil kernels (aggregation, statistics, recompute: `aggregation._tile`):
-#: the image is walked in vertical strips of `strip_width(W)` columns, about STRIP_TARGET, so a
-#: program's consecutive tiles go down its strip and the stencil halo they share stays in L1.
-#: Estimate (no GPU measurement), per proxy stream and channel chunk, 7x7 stencil (R = 3), 16-token
-#: tiles: walking whole rows of a 56-wide image, a tile reads 7 rows x 22 columns of lines and
-#: the walk comes back to the same columns one row lower only 3.5 tiles (x every stream and
-#: chunk) later, so about 7 lines per token come from L2; in 14-column strips each new row of 14
-#: tokens needs one new row of 20 lines, about 1.4 per token, within a working set of 7 x 20
-#: lines per stream and chunk (27 KB at C = 80 fp32). Images at most STRIP_TARGET wide keep one
-#: strip (row-major: their 16-token tiles already span whole rows).
-STRIP_TARGET = 16
 
 
 def strip_width(W: int, target: Optional[int] = None) -> int:
