@@ -124,14 +124,17 @@ def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
             "(whatever the input dtype; the depthwise backward's reads of qkv and the stores into the qkv gradient "
             "in the input's dtype: fp32, fp16, bf16), with and without batch statistics, fused B3 (S_PAD <= 64) and separate B3, derived from "
             "the launchers' own plans (`specializations.backward_specializations`) and Triton's own argument "
-            "specialisation. Dots: fp32 FMA (`ieee`) on sm_70/75, 3xTF32 on sm_80+.") if kind == "backward" else (
+            "specialisation. Dots: the backward's (`statistics.backward_dots`, the forward's for the input dtype): "
+            "fp32 FMA (`ieee`) on sm_70/75, 3xTF32 (fp32 inputs) / one-pass TF32 (fp16, bf16) on sm_80+.") if kind == "backward" else (
         "Specialisations: every one that the training forward's statistics pass (all released widths) and the "
         "backward's three recompute kernels (Z, P, u, y; the softmax statistics, KV and the CRPE; the local "
         "branch: recompute.py; the layers that run the backward kernels: C <= 320 on sm_70/75, all on sm_80+) of "
         "the released models' "
         "layers at 224x224 (stage grids 56, 28, 14, 7; batch 128 and 1; fp32, fp16 and bf16 inputs) make "
         "Triton's JIT compile, derived from the launchers' own plans (`specializations.statistics_specializations`)"
-        ". Dots: fp32 whatever the input dtype (FMA on sm_70/75, 3xTF32 on sm_80+).") if kind == "statistics" else (
+        ". Dots: the statistics kernel's fp32 whatever the input dtype (FMA on sm_70/75, 3xTF32 on sm_80+); the "
+        "recompute kernels' the backward's (`statistics.backward_dots`: 3xTF32 for fp32, one-pass TF32 for fp16/bf16 "
+        "on sm_80+).") if kind == "statistics" else (
         "Specialisations: every one that the released models' layer calls at 224x224 (stage grids 56, 28, 14, "
         "7; batch 128 and 1; fp32, fp16, bf16) make Triton's JIT compile, derived from the launcher's own plan "
         "of each call and Triton's own argument specialisation (integer divisibility by 16, ==1 constants, "

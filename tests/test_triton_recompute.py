@@ -95,8 +95,8 @@ def test_recompute_small_tiles_several_splits(monkeypatch):
     split boundaries; the local branch in 16-channel chunks (s = 40: 16 + 16 + 8); the tiles in
     strips of 3 columns (`config.STRIP_TARGET` lowered to 4)."""
     monkeypatch.setattr(config, "STRIP_TARGET", 4)
-    monkeypatch.setattr(rcp, "attention_tiles", lambda d, N: (16, 4))
-    monkeypatch.setattr(rcp, "local_tiles", lambda s, N: (16, 4, 16))
+    monkeypatch.setattr(rcp, "attention_tiles", lambda d, N, precision: (16, 4))
+    monkeypatch.setattr(rcp, "local_tiles", lambda s, N, precision: (16, 4, 16))
     monkeypatch.setattr(rcp, "SPLIT_TARGET", 24)
     C, H, W, B = 200, 9, 9, 1
     qkv = torch.randn(B, H * W, 3 * C)
@@ -119,7 +119,7 @@ def test_broken_partial_merge_fails(monkeypatch):
         k_sum = part_l.sum(1)
         return (k_max.view(B, NUM_HEADS, d), k_sum.view(B, NUM_HEADS, d),
                 (part_acc.sum(1) / k_sum[..., None]).view(B, NUM_HEADS, d, d))
-    monkeypatch.setattr(rcp, "attention_tiles", lambda d, N: (16, 4))
+    monkeypatch.setattr(rcp, "attention_tiles", lambda d, N, precision: (16, 4))
     monkeypatch.setattr(rcp, "SPLIT_TARGET", 24)
     monkeypatch.setattr(rcp, "merge_softmax_partials", naive)
     with pytest.raises(AssertionError):
@@ -130,12 +130,15 @@ def test_triton_stages_take_the_recompute_kernels():
     """`train_op.triton_stages` recomputes with the kernels exactly where it uses the Triton
     backward kernels (`config.backward_kernels_take`); the PyTorch stage set keeps the PyTorch
     recompute."""
+    from gmf_kernels.triton_kernels._common import DotVariant
     from gmf_kernels.triton_kernels.train_op import triton_stages
     for s in (8, 64, 72, 96):
-        assert triton_stages(s, "tf32x3").recompute is rcp.recompute, s
-    assert triton_stages(64, "ieee").recompute is rcp.recompute
-    assert triton_stages(72, "ieee").recompute is bw.recompute and bw.TORCH_STAGES.recompute is bw.recompute
-    assert triton_stages(160, "tf32x3").recompute is bw.recompute
+        for precision in ("tf32x3", "tf32"):
+            assert triton_stages(s, DotVariant(precision, False)).recompute is rcp.recompute, (s, precision)
+    assert triton_stages(64, DotVariant("ieee", False)).recompute is rcp.recompute
+    assert triton_stages(72, DotVariant("ieee", False)).recompute is bw.recompute
+    assert bw.TORCH_STAGES.recompute is bw.recompute
+    assert triton_stages(160, DotVariant("tf32x3", False)).recompute is bw.recompute
 
 
 def test_training_step_runs_the_recompute_kernels_once(monkeypatch):

@@ -274,3 +274,46 @@ def test_backward_runs_the_triton_kernels(C, grid, B, capability, monkeypatch):
                     "aggregation_backward.local_backward"}
         assert fused == ([2] if C <= 320 else [0]), fused   # dZ formed in the pointwise kernel, or read
     assert set(calls) == expected, calls
+
+
+#: every kernel of a training step that runs dots (its launches carry DOT_PRECISION)
+KERNELS_WITH_DOTS = {"gma_statistics_kernel", "gma_aggregate_kernel", "gma_attention_kernel",
+                     "gma_recompute_z_kernel", "gma_recompute_attention_kernel", "gma_recompute_local_kernel",
+                     "gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_pw_backward_kernel",
+                     "gma_local_backward_kernel"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_backward_dots_follow_the_input_dtype(dtype, monkeypatch):
+    """The backward differentiates what the forward computed with the forward's dots
+    (`statistics.backward_dots`): in a training step every launch with dots -- the forward, the
+    recompute and the backward kernels -- has the precision of the input dtype on the emulated
+    GPU (sm_80: 3xTF32 for fp32, one TF32 pass for fp16/bf16), but the statistics pass, fp32
+    statistics whatever the input (3xTF32). Launches recorded at the launchers' wrap_triton; every
+    kernel with dots is seen. (The result's accuracy: `test_low_precision`.)"""
+    from gmf_kernels.triton_kernels import _common, launcher
+    from gmf_kernels.triton_kernels import attention_backward as ab
+    from gmf_kernels.triton_kernels.config import dot_precision, dtype_name
+    from training_cases import run
+    seen = []
+    real = launcher.wrap_triton
+
+    def recording(kernel):
+        def at(grid):
+            def launch(*args, **kwargs):
+                if "DOT_PRECISION" in kwargs:
+                    seen.append((kernel.__name__, kwargs["DOT_PRECISION"]))
+                return real(kernel)[grid](*args, **kwargs)
+            return launch
+        return type("Recorded", (), {"__getitem__": lambda self, grid: at(grid)})()
+
+    for module in (launcher, ab):
+        monkeypatch.setattr(module, "wrap_triton", recording)
+    skip_unless_supported("triton", training=True, needs_grad=True, dtype=dtype)
+    w, x = make(40, 4, 5, 1)
+    run("triton", x, (4, 5), w, dtype, True)
+    want = dot_precision(dtype_name(dtype), _common.EMULATED_CAPABILITY)
+    assert {k for k, _ in seen} == KERNELS_WITH_DOTS, sorted({k for k, _ in seen})
+    for kernel, precision in seen:
+        expected = dot_precision("fp32", _common.EMULATED_CAPABILITY) if kernel == "gma_statistics_kernel" else want
+        assert precision == expected, (kernel, precision, expected)

@@ -56,7 +56,7 @@ def triton_backward_reasons(qkv: Tensor, H: int, W: int, num_heads: int) -> List
     reasons = TRITON.not_supported_reasons(p)
     if not reasons:   # Triton runs here: the backward's dot precision on this device
         from ..triton_kernels.train_op import backward_dots
-        precision = backward_dots(qkv)
+        precision = backward_dots(qkv).precision
         if not backward_kernels_take(C // 5, precision):
             reasons.append(f"segment width s={C // 5} (C={C}): with {precision} dots the Triton backward kernels "
                            f"take s up to {BACKWARD_KERNELS_MAX_S_PAD.get(precision, 0)} "

@@ -71,10 +71,12 @@ Bounds aimed at, from byte and FLOP counts (not measured: no GPU here):
 
 * `gma_bn_grad_kernel`: 12 B (read dP, Z; write G) per element for ~12 FLOP; `gma_dz_kernel`: 12 B
   (8 B eval): HBM-bandwidth bound.
-* `gma_pw_backward_kernel`: 4 s² FLOP per pixel and segment (dy and g_pw, 3xTF32 tensor cores)
-  against 12 s B (read dz, y; write dy; fused: 16 s B): s/3 FLOP/B, 21 at s = 64: below the
-  3xTF32 ridge of an H100 (~50 FLOP/B: a third of the TF32 peak over HBM bandwidth), near
-  an A100's (~26): memory bound, or nearly. `gma_local_backward_kernel`: 12 s² FLOP against
+* `gma_pw_backward_kernel`: 4 s² FLOP per pixel and segment (dy and g_pw, tensor cores)
+  against 12 s B (read dz, y; write dy; fused: 16 s B): s/3 FLOP/B, 21 at s = 64. With 3xTF32
+  (fp32 layers) that is below an H100's ridge (~50 FLOP/B: a third of the TF32 peak over HBM
+  bandwidth) and near an A100's (~26): memory bound, or nearly. fp16/bf16 layers take one TF32
+  pass (`statistics.backward_dots`: the forward's dots), three times the ridge: memory bound,
+  with fewer registers (sm_90, C = 480: 137 against 255). `gma_local_backward_kernel`: 12 s² FLOP against
   (8 s + 1) 4 B per pixel: 0.37 s FLOP/B, alike.
 * `gma_dw_backward_kernel`: 4 KS² FLOP per element (du and g_w) against 12 B (read dy, u; write
   du): KS²/3 FLOP/B = 3, 8, 16 for 3x3, 5x5, 7x7, against an fp32 CUDA-core ridge of ~10
@@ -771,11 +773,13 @@ def b3_dz(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optiona
 
 
 def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights,
-                       d_qkv: Optional[Tensor] = None) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
+                       d_qkv: Optional[Tensor] = None, dots: Optional[DotVariant] = None
+                       ) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
     """Segments 1..3: the pointwise kernel, then one stencil launch per segment; (du_1..3, g_dw, g_pw)
-    (d_qkv given: du_j stored there, `qkv_layout`, and returned as None)."""
+    (d_qkv given: du_j stored there, `qkv_layout`, and returned as None). dots: the pointwise
+    kernel's (default dz_src's variant)."""
     s = dz_src.shape[1] // 4
-    bufp, lp = plan_pw_backward(dz_src, rc["Z"], rc["y"], wts.pw, coefs, mode, dot_variant(dz_src))
+    bufp, lp = plan_pw_backward(dz_src, rc["Z"], rc["y"], wts.pw, coefs, mode, dots or dot_variant(dz_src))
     dws = (wts.dw3, wts.dw5, wts.dw7)
     plans = [plan_dw_backward(bufp["dy"][j - 1], depthwise_input(rc, j), dws[j - 1],
                               None if d_qkv is None else qkv_layout(d_qkv, j)) for j in (1, 2, 3)]
@@ -785,47 +789,49 @@ def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, T
     return [b["du"] for b, _ in plans], g_dw, g_pw
 
 
-def b3_pointwise_depthwise(dZ: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
+def b3_pointwise_depthwise(dZ: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, dots: Optional[DotVariant] = None
                            ) -> Tuple[List[Tensor], List[Tensor], Tensor]:
     """`backward.b3_pointwise_depthwise` on `gma_pw_backward_kernel` + `gma_dw_backward_kernel`:
     ([du_0 .. du_3] (3B, s, H, W), [g_dw3, g_dw5, g_dw7], g_pw (3, s, s)); du_0 is dZ's view."""
     s = dZ.shape[1] // 4
-    du, g_dw, g_pw = _segments_backward(dZ, 0, dZ, rc, wts)          # mode 0: coefs unread
+    du, g_dw, g_pw = _segments_backward(dZ, 0, dZ, rc, wts, dots=dots)          # mode 0: coefs unread
     return [dZ[:, :s]] + du, g_dw, g_pw
 
 
 def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor], rstd: Optional[Tensor],
-             sum_g: Tensor, sum_gzh: Optional[Tensor], count, d_qkv: Optional[Tensor] = None
-             ) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
+             sum_g: Tensor, sum_gzh: Optional[Tensor], count, d_qkv: Optional[Tensor] = None,
+             dots: Optional[DotVariant] = None) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
     """`b3_dz` followed by `b3_pointwise_depthwise` with dZ formed in the pointwise kernel's
     prologue (dZ of segments 1..3 never written; module docstring: the byte count); segment
     0's du (= its dZ) by `gma_dz_kernel`. Arguments as `b3_dz`, returns as `b3_pointwise_depthwise`;
     d_qkv (B, N, 3C) given: du_0..3 are stored straight into its segments 0..3 (`qkv_layout`, in
-    its dtype) and returned as None."""
+    its dtype) and returned as None. dots: the pointwise kernel's (default G's variant; the Triton
+    stage set passes `statistics.backward_dots`)."""
     s = G.shape[1] // 4
     stats = mean is not None
     coefs = dz_coefficients(wts.bn_scale, mean, rstd, sum_g, sum_gzh, count)
     buf0, l0 = plan_dz(G, rc["Z"], coefs, stats, 0, s, None if d_qkv is None else qkv_layout(d_qkv, 0))
     if fused_b3(dot_pad(s)):
         _launch(l0, G)
-        du, g_dw, g_pw = _segments_backward(G, 2 if stats else 1, coefs, rc, wts, d_qkv)
+        du, g_dw, g_pw = _segments_backward(G, 2 if stats else 1, coefs, rc, wts, d_qkv, dots)
         return [buf0["dZ"]] + du, g_dw, g_pw
     # wide segments (`FUSED_B3_MAX_S_PAD`): dZ of every channel written once, the pointwise kernel reads it
     bufz, lz = plan_dz(G, rc["Z"], coefs, stats, 0, G.shape[1])
     _launch(lz if d_qkv is None else l0 + lz, G)
-    du, g_dw, g_pw = _segments_backward(bufz["dZ"], 0, coefs, rc, wts, d_qkv)
+    du, g_dw, g_pw = _segments_backward(bufz["dZ"], 0, coefs, rc, wts, d_qkv, dots)
     return [None if d_qkv is not None else bufz["dZ"][:, :s]] + du, g_dw, g_pw
 
 
-def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_qkv: Optional[Tensor] = None
-                   ) -> Tuple[Optional[Tensor], ...]:
+def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_qkv: Optional[Tensor] = None,
+                   dots: Optional[DotVariant] = None) -> Tuple[Optional[Tensor], ...]:
     """`backward.local_backward` on `gma_local_backward_kernel` + `gma_dw_backward_kernel` (3x3 over
     the 3s channels): (du4 (B, 3s, H, W), g_local_dw (3, 3, 3s), g_local_pw (s, 3s),
     g_ln_weight (s,), g_ln_bias (s,)); d_qkv (B, N, 3C) given: du4 is stored straight into its
-    segment 4 (`qkv_layout`, in its dtype) and returned as None."""
+    segment 4 (`qkv_layout`, in its dtype) and returned as None. dots: default dL's variant."""
     B, S, H, W = dL.shape
     S_PAD = dot_pad(S)
-    buf, launches = plan_local_backward(dL, rc, wts, dot_variant(dL), None if d_qkv is None else qkv_layout(d_qkv, 4))
+    buf, launches = plan_local_backward(dL, rc, wts, dots or dot_variant(dL),
+                                        None if d_qkv is None else qkv_layout(d_qkv, 4))
     _launch(launches, dL)
     g_lpw = buf["part_gpw"].sum(0).view(S_PAD, 3, S_PAD)[:S, :, :S].reshape(S, 3 * S)
     ln = buf["part_ln"].sum(0)

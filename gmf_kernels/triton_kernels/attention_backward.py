@@ -8,8 +8,10 @@ Drop-in replacements, same signatures and returns, for two stage functions of ba
 Tensors are the stage functions' (B, 8, d, N) views, any strides (dA is a token-major view of
 grad_pre, Q/K/V/R channels-first slices of P and R), fp32 (the compute dtype) or fp16/bf16;
 the kernels load in the input dtype, compute and accumulate in fp32 and write fp32 results
-(the compute dtype of backward.py). The dots are `_common.mm` with the dot variant of the
-input (`config.ARCH_DOTS`: 3xTF32 for fp32 on sm_80+, so about fp32 accuracy).
+(the compute dtype of backward.py). The dots are `_common.mm` with the dot variant passed
+(the Triton stage set passes the backward's, `statistics.backward_dots`: the layer's input
+dtype's, so one TF32 pass for an fp16/bf16 layer on sm_80+), else the input's
+(`config.ARCH_DOTS`: 3xTF32 for fp32 on sm_80+, so about fp32 accuracy).
 
 Kernels (per head h, d = C'/8 channels, N = H*W tokens; bytes for fp32 activations, e = 4):
 
@@ -279,10 +281,11 @@ def _run(launches: List[Launch], like: Tensor) -> None:
             wrap_triton(kernel)[grid](*args, **kwargs)
 
 
-def b1_dkv(Q: Tensor, dA: Tensor, scale: float, block: int = 0) -> Tensor:
+def b1_dkv(Q: Tensor, dA: Tensor, scale: float, block: int = 0, dots: Optional[DotVariant] = None) -> Tensor:
     """B1 as kernels: dKV (B, 8, d, d) fp32 = scale * Q dA^T over tokens; Q, dA (B, 8, d, N), any
-    strides, fp32/fp16/bf16. `block`: tokens per tile (tests; default the tile table's)."""
-    part, launches = plan_b1(Q, dA, scale, block=block)
+    strides, fp32/fp16/bf16. `block`: tokens per tile (tests; default the tile table's); dots:
+    default Q's variant."""
+    part, launches = plan_b1(Q, dA, scale, dots, block=block)
     _run(launches, Q)
     return part[:, :, 0] if part.shape[2] == 1 else part.sum(2)
 
@@ -326,12 +329,12 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
 
 
 def b2_proxy_grads(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
-                   block: int = 0) -> Tuple[Tensor, List[Tensor], Tensor]:
+                   block: int = 0, dots: Optional[DotVariant] = None) -> Tuple[Tensor, List[Tensor], Tensor]:
     """B2 as kernels: dP (3B, C', H, W) = [dQ; dK; dV] fp32, the CRPE weight gradients (3x3, 5x5,
     7x7) and the bias gradient, as `backward.b2_proxy_grads`. Reads rc["P"], rc["KV"], rc["R"]
     and the softmax statistics rc["k_max"], rc["k_sum"] (B, 8, d) when present (else computed from K;
-    rc["Ks"] is not read)."""
-    buf, launches = plan_b2(dA, dKV, rc, wts, scale, block=block)
+    rc["Ks"] is not read). dots: default dA's variant."""
+    buf, launches = plan_b2(dA, dKV, rc, wts, scale, dots, block=block)
     _run(launches, dA)
     d = dA.shape[2]
     part_w = buf["part_w"].sum(dim=(0, 1))                                    # (C', 49)

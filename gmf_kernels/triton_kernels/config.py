@@ -211,8 +211,8 @@ CRPE_BWD_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (32, 4), 64: (16,
 
 
 #: Widest padded segment width s (S_PAD) whose layers run the Triton backward kernels, by the
-#: backward's dot precision (its stage tensors are fp32: "tf32x3" on sm_80+, FMA "ieee" on
-#: sm_70/75; `backward_kernels_take`). Every backward and recompute kernel of every released width
+#: backward's dot precision (`statistics.backward_dots`, the forward's: "tf32x3" for fp32 and
+#: one-pass "tf32" for fp16/bf16 on sm_80+, FMA "ieee" on sm_70/75; `backward_kernels_take`). Every backward and recompute kernel of every released width
 #: within it compiles without spills (ptxas, at the launchers' specialisations of every real call:
 #: benchmarks/results/triton_backward_resources_*.md, triton_statistics_resources_*.md).
 #: S_PAD 128 (C = 360, 480: the last stages of GroupMixFormer-B/L) on sm_80/90 since 2026-12-02:
@@ -222,12 +222,12 @@ CRPE_BWD_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (32, 4), 64: (16,
 #: `statistics.RECOMPUTE_TILE_WIDE` and `recompute.LOCAL_TILES[128]`. On sm_70/75 at S_PAD 128 the
 #: FMA dots still spill (B2 at D_PAD 64 ~250 B, the pointwise ~220 B, the local ~400 B, the
 #: attention recompute ~800 B): those layers take the PyTorch stages there.
-BACKWARD_KERNELS_MAX_S_PAD: Dict[str, int] = {"tf32x3": 128, "ieee": 64}
+BACKWARD_KERNELS_MAX_S_PAD: Dict[str, int] = {"tf32x3": 128, "tf32": 128, "ieee": 64}
 
 
 def backward_kernels_take(s: int, precision: str) -> bool:
     """Whether a layer of segment width s runs the Triton backward kernels when the backward's
-    (fp32) dots have this precision (`BACKWARD_KERNELS_MAX_S_PAD`)."""
+    dots have this precision (`BACKWARD_KERNELS_MAX_S_PAD`)."""
     return next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD.get(precision, 0)
 
 

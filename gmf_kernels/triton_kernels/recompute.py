@@ -26,9 +26,9 @@ no copy of them is made:
    as ``tl.dot``, LayerNorm statistics), storing w4 (the depthwise output), xh4 = (z4 - mean)
    rstd and rstd4, all channel-first.
 
-Dots: the fp32 variant whatever qkv's dtype (3xTF32 on sm_80+, FMAs on sm_70/75;
-`statistics.statistics_dots`): these are fp32 stage tensors, as PyTorch's recompute computes
-them. Split-N (`aggregation.split_plan`): about SPLIT_TARGET programs at any batch (at batch 1
+Dots: the backward's (`statistics.backward_dots`: the forward's variant for qkv's dtype, so
+3xTF32 for fp32 and one TF32 pass for fp16/bf16 on sm_80+, FMAs on sm_70/75), on the fp32
+stage tensors: the recompute rebuilds what the forward computed. Split-N (`aggregation.split_plan`): about SPLIT_TARGET programs at any batch (at batch 1
 the 8 heads of an image would be 8 programs), deterministic (no atomics).
 
 **Bytes per token** (C' = 4s, fp32 = 4 B, e = qkv's element size):
@@ -61,7 +61,7 @@ from ..folding import FoldedGMAWeights
 from ._common import DotVariant, crpe_group, depthwise_tile, interpreting
 from .aggregation import _layer_norm_rows, _local_mix, _online_softmax_kv, _store_partial, _tile, split_plan
 from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2, strip_width
-from .statistics import recompute_planes, statistics_dots
+from .statistics import backward_dots, recompute_planes, statistics_dots
 
 Tensor = torch.Tensor
 Launch = Tuple[object, tuple, tuple, dict]
@@ -159,44 +159,57 @@ def gma_recompute_local_kernel(
 #: (32, 8, 16) 128 / 108; at 128 (C = 360, 480, sm_80/90 only: config.BACKWARD_KERNELS_MAX_S_PAD)
 #: (32, 8, 16) 160-178, where (16, 4, 16) spilled 8-12 B on sm_90 and (16, 8, 16) took 174-235.
 #: The attention kernel at D_PAD = 64 (C = 360, 480) takes SMALLEST_TILE: no spill on sm_80/90.
+#: One-pass TF32 ("tf32": the backward of fp16/bf16 layers, `statistics.backward_dots`; the fp16 and
+#: bf16 real calls on sm_80 / sm_90, 2026-12-02): attention (32, 8) none at every width (at most
+#: 196 / 191), where (16, 4) spilled 72 B at C = 240 on sm_90, (16, 8) 24 B at C = 320 on sm_80,
+#: (32, 4) 136 B and (64, 4) up to 2.4 KB at C = 480; local: at S_PAD = 32 (C = 160) (64, 8, 16)
+#: spilled 64 B and (32, 8, 16) 12 B on sm_80, (64, 4, 16) none (128 / 136); at S_PAD = 128
+#: (32, 8, 16) 32 B at C = 480 on sm_80, (64, 8, 16) none (224 / 220); at 16 and 64 the tiles
+#: above, none (at most 174).
 ATTENTION_TILES = {16: (32, 4), 32: (16, 4)}
+ATTENTION_TILES_BY_DOTS = {"tf32": {16: (32, 8), 32: (32, 8), 64: (32, 8)}}
 LOCAL_TILES = {16: (32, 8, 16), 32: (64, 8, 16), 64: (64, 8, 16), 128: (32, 8, 16)}
+LOCAL_TILES_BY_DOTS = {"tf32": {32: (64, 4, 16), 128: (64, 8, 16)}}
 SMALLEST_TILE = (16, 4)
 #: split-N: aim for about this many programs
 SPLIT_TARGET = 1024
 
 
-def attention_tiles(d: int, N: int) -> Tuple[int, int]:
-    """(BLOCK_P, num_warps) of the attention recompute: one large tile under the interpreter."""
+def attention_tiles(d: int, N: int, precision: str) -> Tuple[int, int]:
+    """(BLOCK_P, num_warps) of the attention recompute with dots of this precision: one large tile
+    under the interpreter, else `ATTENTION_TILES_BY_DOTS` / `ATTENTION_TILES` / `SMALLEST_TILE`."""
     if interpreting():
         return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4
-    return ATTENTION_TILES.get(dot_pad(d), SMALLEST_TILE)
+    d_pad = dot_pad(d)
+    return ATTENTION_TILES_BY_DOTS.get(precision, {}).get(d_pad) or ATTENTION_TILES.get(d_pad, SMALLEST_TILE)
 
 
-def local_tiles(s: int, N: int) -> Tuple[int, int, int]:
-    """(BLOCK_P, num_warps, CK) of the local-branch recompute: one large tile and one channel chunk
-    under the interpreter."""
+def local_tiles(s: int, N: int, precision: str) -> Tuple[int, int, int]:
+    """(BLOCK_P, num_warps, CK) of the local-branch recompute with dots of this precision: one large
+    tile and one channel chunk under the interpreter, else `LOCAL_TILES_BY_DOTS` / `LOCAL_TILES`."""
     if interpreting():
         return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4, dot_pad(s)
-    return LOCAL_TILES.get(dot_pad(s), SMALLEST_TILE + (16,))
+    s_pad = dot_pad(s)
+    return LOCAL_TILES_BY_DOTS.get(precision, {}).get(s_pad) or LOCAL_TILES.get(s_pad, SMALLEST_TILE + (16,))
 
 
 def plan_recompute_attention(P: Tensor, H: int, W: int, wts: FoldedGMAWeights, tiles: Optional[Tuple[int, int]] = None,
                              dots: Optional[DotVariant] = None) -> Tuple[Dict[str, Tensor], Launch]:
     """Buffers (R (B, C', H, W), part_m, part_l (B, SPLITS, C'), part_acc (B, SPLITS, C', d), fp32)
     and the launch of `gma_recompute_attention_kernel` over P (3B, C', H, W) fp32, without
-    launching (meta tensors work)."""
+    launching (meta tensors work). dots: default the fp32 variant (P is fp32); `recompute` passes
+    the backward's."""
     I, cp, _, _ = P.shape
     B, N, d = I // 3, H * W, cp // NUM_HEADS
     if P.dtype != torch.float32 or not P.is_contiguous():
         raise TypeError(f"P: a contiguous fp32 (3B, C', H, W) tensor expected, got {P.dtype}, strides {P.stride()}")
-    bp, warps = tiles or attention_tiles(d, N)
+    dots = dots or statistics_dots(P)
+    bp, warps = tiles or attention_tiles(d, N, dots.precision)
     splits, tps = split_plan(N, B, bp, SPLIT_TARGET, NUM_HEADS)
     f32 = dict(dtype=torch.float32, device=P.device)
     buf = {"R": torch.empty(B, cp, H, W, **f32), "part_m": torch.empty(B, splits, cp, **f32),
            "part_l": torch.empty(B, splits, cp, **f32), "part_acc": torch.empty(B, splits, cp, d, **f32)}
     crpe = [w.float().contiguous() for w in (wts.crpe_w3, wts.crpe_w5, wts.crpe_w7, wts.crpe_b)]
-    dots = dots or statistics_dots(P)
     args = (P, buf["R"], buf["part_m"], buf["part_l"], buf["part_acc"], *crpe, N, H, W, strip_width(W), tps)
     kwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
@@ -220,18 +233,19 @@ def plan_recompute_local(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_
                          tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None
                          ) -> Tuple[Dict[str, Tensor], Launch]:
     """Buffers (w4 (B, 3s, H, W), xh4 (B, s, H, W), rstd4 (B, 1, H, W), fp32) and the launch of
-    `gma_recompute_local_kernel`, without launching (meta tensors work). qkv: (B, N, 3C)."""
+    `gma_recompute_local_kernel`, without launching (meta tensors work). qkv: (B, N, 3C).
+    dots: default `statistics.backward_dots`."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     s = C // 5
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
-    bp, warps, ck = tiles or local_tiles(s, N)
+    dots = dots or backward_dots(qkv)
+    bp, warps, ck = tiles or local_tiles(s, N, dots.precision)
     splits, tps = split_plan(N, B, bp, SPLIT_TARGET, 1)
     f32 = dict(dtype=torch.float32, device=qkv.device)
     buf = {"w4": torch.empty(B, 3 * s, H, W, **f32),
            "xh4": torch.empty(B, s, H, W, **f32), "rstd4": torch.empty(B, 1, H, W, **f32)}
-    dots = dots or statistics_dots(qkv)
     args = (qkv, buf["w4"], buf["xh4"], buf["rstd4"], wts.local_dw.float().contiguous(),
             wts.local_pw.float().contiguous(), N, H, W, strip_width(W), qkv.stride(0), qkv.stride(1), tps, float(ln_eps))
     kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), CK=min(ck, dot_pad(s)), BLOCK_P=bp, DOT_PRECISION=dots.precision,
@@ -250,14 +264,15 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float)
     """`backward.recompute` on kernels (`backward.Stages.recompute` of `train_op.triton_stages`):
     the keys the Triton stages read, Z, P, y, KV, k_max, k_sum, R, w4, xh4, rstd4, and qkv itself
     (the depthwise inputs, read in place: not u, u4, Ks, pre_act, streams, the PyTorch stages'
-    own). Three launches (module docstring). Compute dtypes other than float32 (float64 inputs)
-    take the PyTorch `backward.recompute`."""
+    own). Three launches (module docstring), with the backward's dots (`statistics.backward_dots`).
+    Compute dtypes other than float32 (float64 inputs) take the PyTorch `backward.recompute`."""
     if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
         from .backward import recompute as torch_recompute
         return torch_recompute(qkv, H, W, wts, ln_eps)
-    Z, P, y = recompute_planes(qkv, H, W, wts)
-    att, la = plan_recompute_attention(P, H, W, wts)
-    loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps)
+    Z, P, y = recompute_planes(qkv, H, W, wts)          # the op takes backward_dots(qkv) itself
+    dots = backward_dots(qkv)
+    att, la = plan_recompute_attention(P, H, W, wts, dots=dots)
+    loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps, dots=dots)
     _launch([la, ll], qkv)
     k_max, k_sum, KV = merge_softmax_partials(att["part_m"], att["part_l"], att["part_acc"])
     return dict(Z=Z, P=P, y=y, KV=KV, k_max=k_max, k_sum=k_sum, R=att["R"], w4=loc["w4"], xh4=loc["xh4"],

@@ -218,8 +218,9 @@ def specializations_of_call(call: Call, arch: int) -> List[Spec]:
 
 
 def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = False) -> List[Spec]:
-    """The backward kernels' specialisations for one real training call on sm_<arch>, in the
-    compute dtype (fp32 for fp16/bf16 inputs too: the stage tensors are fp32): the attention
+    """The backward kernels' specialisations for one real training call on sm_<arch>, on the
+    fp32 stage tensors (fp16/bf16 inputs too) with the backward's dots (`statistics.backward_dots`:
+    the input dtype's variant, one TF32 pass for fp16/bf16 on sm_80+): the attention
     backward (attention_backward.py: B1, B2, CRPE; `plan_b1` / `plan_b2` on meta tensors in the
     layouts `backward.pre_projection_backward` passes: dA a view of grad_pre, Q/K/V slices of P)
     and, with `aggregation`, the aggregation backward (aggregation_backward.py `plan_stages`:
@@ -241,7 +242,7 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     dA = torch.empty(B, N, C, **meta)[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
     rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, H, W, **meta)}
     weights = FoldedGMAWeights(*(torch.empty(weight_shapes(C)[n], **meta) for n in FoldedGMAWeights._fields))
-    dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
+    dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)
     _, b1 = plan_b1(P[:B].reshape(B, 8, d, N), dA, d ** -0.5, dots=dots)
     _, b2 = plan_b2(dA, torch.empty(B, 8, d, d, **meta), rc, weights, d ** -0.5, dots=dots)
     launches = b1 + b2
@@ -261,7 +262,7 @@ def backward_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None
     """Deduplicated backward specialisations (attention and aggregation) of the real calls
     whose layers run the backward kernels on that architecture (`config.backward_kernels_take`),
     fp32 compute; every input dtype, for the stores of the input gradient in the input's dtype
-    (the other kernels' specialisations are the same for all three)."""
+    and the dots' precision (the kernels without dots specialise alike for fp16 and bf16)."""
     calls = real_calls() if calls is None else calls
     return _collect(calls, archs, lambda call, arch: (backward_specializations_of_call(call, arch, True)
                                                       if _backward_kernels_run(call, arch) else []))
@@ -270,7 +271,7 @@ def backward_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None
 def _backward_kernels_run(call: Call, arch: int) -> bool:
     """Whether this call's backward runs the Triton kernels on sm_<arch> (`train_op.triton_stages`)."""
     from .config import backward_kernels_take
-    return backward_kernels_take(call.C // 5, dot_precision("fp32", capability_of_arch(arch)))
+    return backward_kernels_take(call.C // 5, dot_precision(call.dtype, capability_of_arch(arch)))
 
 
 def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
@@ -278,7 +279,8 @@ def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
     backward's three recompute kernels' where the Triton backward stages take them
     (`config.backward_kernels_take` for that architecture: train_op.triton_stages) (statistics.plan_statistics
     / plan_recompute, recompute.plan_recompute_attention / plan_recompute_local on meta tensors;
-    their dots are the fp32 variant whatever the input dtype, see statistics.py)."""
+    the statistics kernel's dots are the fp32 variant whatever the input dtype, the recompute
+    kernels' the backward's, `statistics.backward_dots`: see statistics.py)."""
     import torch
 
     from ..folding import FoldedGMAWeights, weight_shapes
@@ -296,6 +298,7 @@ def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
     dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
     _, _, _, (_grid, args, kwargs) = plan_statistics(qkv, call.H, call.W, *w, dots=dots)
     specs = [specialize_launch(gma_statistics_kernel, arch, args, kwargs)]
+    dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)   # the backward's
     if _backward_kernels_run(call, arch):
         (_z, P, _y), (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, wts.bn_scale, wts.bn_shift,
                                                                 *w, dots=dots)

@@ -47,9 +47,11 @@ with the float64 merge, 1.4-2.1e-6 with the same merge in fp32 (the fp32 roundin
 program's mean, ~2^-24 |mean|, against between-program deviations of ~std / sqrt(n_r)).
 
 **Dots**: the pointwise runs as ``tl.dot`` with the dot variant of *fp32* inputs on the GPU
-(3xTF32 on sm_80+, FMAs on sm_70/75) whatever the input dtype: the statistics are fp32
-statistics (`folding.compute_dtype`), as the PyTorch pass computes them; one-pass TF32
-(the forward's choice for fp16/bf16) would put ~5e-4 relative error on every Z value.
+(3xTF32 on sm_80+, FMAs on sm_70/75) whatever the input dtype (`statistics_dots`): the
+statistics are fp32 statistics (`folding.compute_dtype`), as the PyTorch pass computes them;
+one-pass TF32 (the forward's choice for fp16/bf16) would put ~5e-4 relative error on every Z
+value. The recompute kernel (below) differs: it rebuilds the Z the forward normalised, with
+the backward's dots (`backward_dots`: the forward's own variant for the input dtype).
 
 **Work per token** (s = C/5 channels per segment, e bytes per qkv element):
 
@@ -332,22 +334,29 @@ def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
 #: (C = 200, 240, stopping at 128), where (16, 4, 16) took 80-168 and none. Before P and u:
 #: (32, 4, 16) spilled 8-48 B at C = 240/320 on sm_70/75, (128, 8, 16) 12 B at C = 200 on sm_70;
 #: the statistics tile (64, 8, 16) 104 B at C = 320 on sm_80.
-RECOMPUTE_TILE_BY_DOTS = {"ieee": (16, 4, 16)}
+#: One-pass TF32 ("tf32": fp16/bf16 layers, `backward_dots`; 2026-12-02, the fp16 and bf16 real
+#: calls on sm_80/90, registers sm_80 / sm_90): (32, 8, 16) spilled 12-320 B at C = 80..480 (ptxas
+#: stopping at 128), (16, 8, 16) 16-112 B, (32, 4, 16) 48 B at C = 200 on sm_90, (64, 4, 16) up to
+#: 1.5 KB at S_PAD 128; (64, 8, 16) none at C <= 320 (at most 232 / 184), but 204-332 B at S_PAD
+#: 128 on sm_80, where (16, 4, 16) takes 150-156 / 128 and none (so does (32, 4, 16): 230-238).
+RECOMPUTE_TILE_BY_DOTS = {"ieee": (16, 4, 16), "tf32": (64, 8, 16)}
 RECOMPUTE_TILE = (32, 8, 16)
 #: ... and at S_PAD 128 (C = 360, 480; their backward kernels run on sm_80+ only,
 #: `config.BACKWARD_KERNELS_MAX_S_PAD`): (16, 8, 16), 125-128 registers, no spill on sm_80/90;
 #: (32, 8, 16) spilled 60-88 B on sm_90 (ptxas stopping at 128), (32, 4, 16) 52-60 B at C = 480,
-#: (16, 4, 16) none at 157-198.
+#: (16, 4, 16) none at 157-198. One-pass TF32: above.
 RECOMPUTE_TILE_WIDE = (16, 8, 16)
+RECOMPUTE_TILE_WIDE_BY_DOTS = {"tf32": (16, 4, 16)}
 
 
 def recompute_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
     """(BLOCK_P, num_warps, CK) of a recompute call: the interpreter's as `stats_tiles`, else
-    `RECOMPUTE_TILE_BY_DOTS` / `RECOMPUTE_TILE`."""
+    `RECOMPUTE_TILE_BY_DOTS` / `RECOMPUTE_TILE` (S_PAD 128: `RECOMPUTE_TILE_WIDE_BY_DOTS` /
+    `RECOMPUTE_TILE_WIDE`)."""
     if interpreting():
         return stats_tiles(C, N, precision)
     if dot_pad(C // 5) >= 128:
-        bp, warps, ck = RECOMPUTE_TILE_WIDE
+        bp, warps, ck = RECOMPUTE_TILE_WIDE_BY_DOTS.get(precision, RECOMPUTE_TILE_WIDE)
     else:
         bp, warps, ck = RECOMPUTE_TILE_BY_DOTS.get(precision, RECOMPUTE_TILE)
     return bp, warps, min(ck, dot_pad(C // 5))
@@ -356,6 +365,18 @@ def recompute_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
 def statistics_dots(qkv: Tensor) -> DotVariant:
     """The dot variant of fp32 inputs on qkv's device (module docstring: fp32 statistics)."""
     return dot_variant(qkv.new_empty(0, dtype=torch.float32))
+
+
+def backward_dots(qkv: Tensor) -> DotVariant:
+    """The dot variant of the backward, recompute and backward kernels alike, for a layer whose
+    input is qkv: the forward's, i.e. that of qkv's own dtype on its device (`config.ARCH_DOTS`:
+    3xTF32 for fp32 and one-pass TF32 for fp16/bf16 on sm_80+, fp32 FMAs on sm_70/75), although
+    the stage tensors those kernels read are fp32. So an fp16/bf16 layer's backward differentiates
+    the Z its forward computed (one TF32 pass) with one TF32 pass per product, not three: a third
+    of the tensor-core instructions and no hi/lo operand splits (registers: the backward resource
+    table). Its error, ~2^-11 relative per product, is below fp16's own rounding and an eighth of
+    bf16's (tests/test_triton_training.py: within 2x an fp16/bf16 reference's error)."""
+    return dot_variant(qkv)
 
 
 class SegmentPlan(NamedTuple):
@@ -494,10 +515,10 @@ def plan_recompute(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tens
                    dots: Optional[DotVariant] = None):
     """Allocate Z and P (3B, 4s, H, W) and y_all (3, 3B, s, H, W) (fp32, contiguous) and describe
     the recompute launch (the statistics pass's grid), without launching: ((z, p, y_all), (grid,
-    args, kwargs))."""
+    args, kwargs)). dots: default `backward_dots`."""
     B, N, C3 = qkv.shape
     s = C3 // 15
-    qkv, dots, tiles, plan = _grid_plan(qkv, dots, tiles, recompute_tiles, True)
+    qkv, dots, tiles, plan = _grid_plan(qkv, dots or backward_dots(qkv), tiles, recompute_tiles, True)
     f32 = dict(dtype=torch.float32, device=qkv.device)
     out = (torch.empty(3 * B, 4 * s, H, W, **f32), torch.empty(3 * B, 4 * s, H, W, **f32),
            torch.empty(3, 3 * B, s, H, W, **f32))

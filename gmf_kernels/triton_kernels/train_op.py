@@ -12,6 +12,7 @@ and the training statistics pass is the Triton kernel of `statistics.py` (op
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -20,11 +21,11 @@ from .. import training
 from ..weights import GMAHyper, GMAWeights
 from ..folding import FoldedGMAWeights
 from .backward import TORCH_STAGES, Stages, pre_projection_backward
-from ._common import dot_variant
+from ._common import DotVariant
 from .config import backward_kernels_take
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
-from .statistics import statistics  # the statistics pass as a kernel (registers gmf::triton_z_moments,
-#                                   and gmf::triton_proxy_z, the recompute's first launch)
+from .statistics import backward_dots, statistics  # the statistics pass as a kernel (registers
+#                       gmf::triton_z_moments, and gmf::triton_proxy_z, the recompute's first launch)
 
 Tensor = torch.Tensor
 
@@ -83,16 +84,11 @@ def _(grad_pre, qkv, H, W, weights, scale, ln_eps, mean, rstd):
         torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
 
-def backward_dots(qkv: Tensor) -> str:
-    """The dot precision of the backward kernels for qkv's device: their stage tensors are fp32
-    ("tf32x3" on sm_80+, "ieee" on sm_70/75; the interpreter's emulated GPU on CPU)."""
-    return dot_variant(qkv.new_empty(0, dtype=torch.float32)).precision
-
-
-def triton_stages(s: int, precision: str) -> Stages:
-    """The backward stages for segment width s and the backward's dot precision (`backward_dots`):
-    Triton kernels where `config.backward_kernels_take` (the kernels take the float32 stage
-    tensors): B1 and B2 (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight
+def triton_stages(s: int, dots: DotVariant) -> Stages:
+    """The backward stages for segment width s and the backward's dot variant
+    (`statistics.backward_dots` of the layer's qkv: the forward's, one TF32 pass for fp16/bf16
+    on sm_80+), bound into every stage that runs dots: Triton kernels where
+    `config.backward_kernels_take` (the kernels take the float32 stage tensors): B1 and B2 (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight
     gradients), the BatchNorm/hardswish gradient sums, B3 (dZ fused into the pointwise kernel,
     or written first at S_PAD 128) and the depthwise stencils, and the local branch
     (aggregation_backward.py), and the recompute of what they read (recompute.py: Z, P, u, y by
@@ -102,10 +98,14 @@ def triton_stages(s: int, precision: str) -> Stages:
     from . import aggregation_backward as agb
     from . import attention_backward as ab
     from . import recompute as rcp
-    if not backward_kernels_take(s, precision):
+    if not backward_kernels_take(s, dots.precision):
         return TORCH_STAGES
-    return Stages(b1_dkv=ab.b1_dkv, b2_proxy_grads=ab.b2_proxy_grads, b2_bn_sums=agb.b2_bn_sums,
-                  b3=agb.b3_fused, local_backward=agb.local_backward, recompute=rcp.recompute, into_d_qkv=True)
+
+    def bind(stage):
+        return functools.partial(stage, dots=dots)
+    return Stages(b1_dkv=bind(ab.b1_dkv), b2_proxy_grads=bind(ab.b2_proxy_grads), b2_bn_sums=agb.b2_bn_sums,
+                  b3=bind(agb.b3_fused), local_backward=bind(agb.local_backward), recompute=rcp.recompute,
+                  into_d_qkv=True)
 
 
 def triton_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
