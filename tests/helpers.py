@@ -6,6 +6,7 @@ in gmf_kernels/numerics.py; nothing in the package imports this file.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from typing import Iterable, List
@@ -63,6 +64,29 @@ def assert_within_reference_error(actual: Tensor, reference_lowp: Tensor, oracle
     if not err <= factor * ref_err + floor:
         raise AssertionError(f"{name}: relative error {err:.3e} > {factor} x reference error "
                              f"{ref_err:.3e} + {floor:g}")
+
+
+def tf32_round(t: Tensor) -> Tensor:
+    """A float32 tensor rounded as PTX ``cvt.rna.tf32.f32`` rounds it (10 mantissa bits, to
+    nearest, ties away from zero; inf and NaN unchanged): one TF32 tensor-core pass's operands."""
+    bits = t.contiguous().view(torch.int32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return torch.where(finite, (bits + 0x1000) & -8192, bits).view(torch.float32)
+
+
+@contextlib.contextmanager
+def tf32_products():
+    """Inside: the products of `triton_kernels.backward` (`pointwise`, the channel mixes; `token_mix`,
+    the products over tokens) on operands rounded to TF32, fp32 accumulation: the PyTorch stages
+    at the precision of one TF32 pass (the reference of kernels whose dots take one pass)."""
+    from gmf_kernels.triton_kernels import backward as bw
+    saved = bw.pointwise, bw.token_mix
+    bw.pointwise = lambda x, w: saved[0](tf32_round(x), tf32_round(w))
+    bw.token_mix = lambda a, b: saved[1](tf32_round(a), tf32_round(b))
+    try:
+        yield
+    finally:
+        bw.pointwise, bw.token_mix = saved
 
 
 def weights_from_state_dict(sd) -> GMAWeights:

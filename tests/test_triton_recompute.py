@@ -4,9 +4,12 @@ interpreter on CPU.
 Checked against `backward.recompute` (the PyTorch stage set's, the oracle) in float64, every
 tensor the Triton stages read -- Z, P, y, KV, the softmax statistics k_max / k_sum (the
 oracle's from its own K), R, w4, xh4, rstd4 -- under the low-precision rule: error <= 2 x the
-error of the float32 PyTorch recompute on the same input + FLOOR (1e-7, about fp32's unit
-roundoff: both sides measured at 1e-8 .. 4e-7); and qkv itself handed on (the depthwise
-backward reads its inputs there, tests/test_triton_aggregation_backward.py).
+error of the float32 PyTorch recompute on the same input at the kernels' dot precision + FLOOR
+(1e-7, about fp32's unit roundoff: both sides measured at 1e-8 .. 4e-7 with fp32 dots). The
+kernels take the backward's dots (`statistics.backward_dots`): for fp16/bf16 inputs one TF32
+pass, so there the reference rounds its products' operands to TF32 (`helpers.tf32_products`);
+and qkv itself handed on (the depthwise backward reads its inputs there,
+tests/test_triton_aggregation_backward.py).
 
 * widths 40, 80, 200 (d = 4, 8, 20: D_PAD 4, 8, 32, padded heads), odd grids (3x7, 5x6, 9x9),
   batch 1 and 2, fp32 / fp16 / bf16 inputs (the stage tensors are fp32 in every case);
@@ -18,6 +21,7 @@ backward reads its inputs there, tests/test_triton_aggregation_backward.py).
   tests/training_cases.py) runs the three launches once; breaking the partial merge fails;
 * the AOT compile of the real shape C=320 14x14 B=128 for sm_80 and sm_90: no spills.
 """
+import contextlib
 import json
 import subprocess
 import sys
@@ -32,7 +36,8 @@ from gmf_kernels.triton_kernels import recompute as rcp  # noqa: E402
 from gmf_kernels.triton_kernels import config  # noqa: E402
 from gmf_kernels.triton_kernels import train_op  # noqa: E402,F401  (registers the ops)
 from helpers import ROOT, assert_within_reference_error, have_triton_nvidia_backend  # noqa: E402
-from helpers import random_folded_weights, record_calls, to_device, triton_compile_env, triton_test_device  # noqa: E402
+from helpers import random_folded_weights, record_calls, tf32_products, to_device, triton_compile_env  # noqa: E402
+from helpers import triton_test_device  # noqa: E402
 
 FLOOR = 1e-7
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -63,7 +68,9 @@ def check(qkv, H, W, C, seed=0):
     got = rcp.recompute(qkv_d, H, W, dev(w32), eps)
     assert got.pop("qkv") is qkv_d
     got = {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu() for k, v in got.items()}
-    r32 = with_softmax_stats(bw.recompute(qkv, H, W, w32, eps), B)
+    from gmf_kernels.triton_kernels.statistics import backward_dots
+    with tf32_products() if backward_dots(qkv_d).precision == "tf32" else contextlib.nullcontext():
+        r32 = with_softmax_stats(bw.recompute(qkv, H, W, w32, eps), B)
     r64 = with_softmax_stats(bw.recompute(qkv.double(), H, W, w64, eps), B)
     assert set(got) == {"Z", "P", "y", "KV", "k_max", "k_sum", "R", "w4", "xh4", "rstd4"}
     for k, v in got.items():

@@ -26,7 +26,9 @@ the rule can fail).
 * the Triton backend's training call runs the kernel (running statistics as the torch backend's);
 * the recompute kernel (`statistics.recompute_planes`): Z per segment, P and y_1..3 against
   float64 `backward.proxy_z` (P: hardswish of its BatchNorm affine) under the same rule with
-  floor 1e-7 (both sides measured at 1-3e-7), Z's segment 0 exact; widths 40, 200, odd
+  floor 1e-7 (both sides measured at 1-3e-7), the reference at the kernel's dot precision (the
+  backward's, `statistics.backward_dots`: for fp16/bf16 inputs one TF32 pass, so the float32
+  PyTorch pass with TF32-rounded operands, `helpers.tf32_products`), Z's segment 0 exact; widths 40, 200, odd
   grids, batch 1 and 2, fp32/fp16/bf16, the GPU tile (partial depthwise chunk, two tiles per
   program) and 16-token tiles cut by cost; torch.compile keeps it one ``gmf::triton_proxy_z``
   node (the rest of the recompute, and a training step running all three launches once:
@@ -34,6 +36,7 @@ the rule can fail).
 * the AOT compile of the real shape C=320 14x14 B=128 fp32 for sm_80 and sm_90, both kernels:
   no spills.
 """
+import contextlib
 import json
 import subprocess
 import sys
@@ -52,7 +55,7 @@ from gmf_kernels.triton_kernels.backward import proxy_z, segment_streams  # noqa
 from gmf_kernels.triton_kernels.backward import statistics as torch_statistics  # noqa: E402
 from helpers import ROOT, assert_max_rel_close, assert_within_reference_error  # noqa: E402
 from helpers import have_triton_nvidia_backend, random_folded_weights, record_calls, triton_compile_env  # noqa: E402
-from helpers import to_device, triton_test_device  # noqa: E402
+from helpers import tf32_products, to_device, triton_test_device  # noqa: E402
 
 FLOOR = 3e-6
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -241,13 +244,15 @@ RECOMPUTE_FLOOR = 1e-7   # ~ the fp32 unit roundoff: both sides' errors are 1-3e
 def check_recompute(qkv, H, W, C):
     """`statistics.recompute_planes` (Z, P, y from the kernel) against `backward.proxy_z` in
     float64 (P: hardswish of Z's BatchNorm affine), Z per segment, P and each y_j under the
-    low-precision rule (2 x the float32 PyTorch error + RECOMPUTE_FLOOR); Z's segment 0 is the
-    cast input itself, exactly; fp32, contiguous."""
+    low-precision rule (2 x the error of the float32 PyTorch pass at the kernel's dot precision,
+    `statistics.backward_dots`, + RECOMPUTE_FLOOR); Z's segment 0 is the cast input itself,
+    exactly; fp32, contiguous."""
     s = C // 5
     w32, w64 = random_folded_weights(C, F32), random_folded_weights(C, torch.float64)
     Z, P, y = st.recompute_planes(dev(qkv), H, W, dev(w32))
     Z, P, y = Z.cpu(), P.cpu(), [t.cpu() for t in y]
-    Z32, _, y32 = proxy_z(segment_streams(qkv, H, W, F32), w32)
+    with tf32_products() if st.backward_dots(dev(qkv)).precision == "tf32" else contextlib.nullcontext():
+        Z32, _, y32 = proxy_z(segment_streams(qkv, H, W, F32), w32)
     Z64, _, y64 = proxy_z(segment_streams(qkv.double(), H, W, torch.float64), w64)
     P32, P64 = ((z * w.bn_scale.reshape(-1)[:, None, None] + w.bn_shift.reshape(-1)[:, None, None])
                 for z, w in ((Z32, w32), (Z64, w64)))

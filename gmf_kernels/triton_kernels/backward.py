@@ -71,6 +71,11 @@ def pointwise(x: Tensor, w: Tensor) -> Tensor:
     return F.conv2d(x, w[:, :, None, None])
 
 
+def token_mix(a: Tensor, b: Tensor) -> Tensor:
+    """The product over tokens per head: a (B, 8, i, N), b (B, 8, k, N) -> a b^T (B, 8, i, k)."""
+    return torch.einsum("bhin,bhkn->bhik", a, b)
+
+
 def hardswish_grad(x: Tensor) -> Tensor:
     return torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, x / 3 + 0.5, torch.ones_like(x)))
 
@@ -145,7 +150,7 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float)
     K, V = P[B:2 * B], P[2 * B:]
     Kh, Vh = K.reshape(B, 8, d, N), V.reshape(B, 8, d, N)
     Ks = torch.softmax(Kh, dim=-1)
-    KV = torch.einsum("bhin,bhkn->bhik", Ks, Vh)
+    KV = token_mix(Ks, Vh)
     R = crpe(V, wts, d)
     # local branch
     u4 = streams[:, :, 4].transpose(0, 1).reshape(B, 3 * s, H, W)
@@ -161,7 +166,7 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float)
 # ---------------------------------------------------------------- backward stages
 def b1_dkv(Q: Tensor, dA: Tensor, scale: float) -> Tensor:
     """B1: dKV[b,h,i,k] = scale * sum_n Q[b,h,i,n] dA[b,h,k,n]; Q, dA (B, 8, d, N)."""
-    return scale * torch.einsum("bhin,bhkn->bhik", Q, dA)
+    return scale * token_mix(Q, dA)
 
 
 def b2_proxy_grads(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float
