@@ -74,6 +74,10 @@ def ctas_per_sm(r: dict) -> str:
     return f"{n} ({n * warps} warps)"
 
 
+#: the tiles column's mark of the one-pass TF32 variants (backward and recompute kernels of fp16/bf16 layers)
+ONE_PASS_TF32 = "TF32 dots (fp16/bf16 layers)"
+
+
 def _cell(r: dict, missing: str = "not supported") -> str:
     if r is None:   # the arch refuses this dtype, or uses the tiles of another row
         return f"{missing} | - | - | -"
@@ -103,9 +107,14 @@ def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
     import torch
     import triton
     def tiles_of(r):
+        """The tiles of a row (the dots' precision follows from dtype and arch, but for the backward's and
+        the recompute's one-pass TF32 variants of fp16/bf16 layers, on the same fp32 tensors: marked)."""
         label = r["label"]
         tiles = label[label.index("(") + 1:label.index(";")] if "(" in label else ""
-        return ", ".join(t for t in tiles.split(", ") if not t.startswith(("tf32", "ieee")))
+        kept = [t for t in tiles.split(", ") if not t.startswith(("tf32", "ieee"))]
+        if kind != "forward" and r.get("dot_precision") == "tf32":
+            kept.append(ONE_PASS_TF32)
+        return ", ".join(kept)
 
     by_key = {}
     for r in results:
@@ -187,7 +196,8 @@ def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
     for (k, C, dt, tiles, spec), per in sorted(by_key.items(), key=lambda kv: (
             order[kv[0][0]], kv[0][1] or 0, kv[0][2], kv[0][3], kv[0][4])):
         any_r = next(iter(per.values()))
-        cells = [_cell(per.get(a), "other tiles" if (a, dt) in supported else "not supported") for a in archs]
+        cells = [_cell(per.get(a), "no TF32" if ONE_PASS_TF32 in tiles and a < 80 else
+                       "other tiles" if (a, dt) in supported else "not supported") for a in archs]
         lines.append(f"| {k} | {C} | {dt} | {tiles} | {spec} | {_used_by(any_r)} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
