@@ -134,7 +134,8 @@ def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
             "in the input's dtype: fp32, fp16, bf16), with and without batch statistics, fused B3 (S_PAD <= 64) and separate B3, derived from "
             "the launchers' own plans (`specializations.backward_specializations`) and Triton's own argument "
             "specialisation. Dots: the backward's (`statistics.backward_dots`, the forward's for the input dtype): "
-            "fp32 FMA (`ieee`) on sm_70/75, 3xTF32 (fp32 inputs) / one-pass TF32 (fp16, bf16) on sm_80+.") if kind == "backward" else (
+            "fp32 FMA (`ieee`) on sm_70/75, 3xTF32 (fp32 inputs) / one-pass TF32 (fp16, bf16) on sm_80+."
+            ) if kind == "backward" else (
         "Specialisations: every one that the training forward's statistics pass (all released widths) and the "
         "backward's three recompute kernels (Z, P, u, y; the softmax statistics, KV and the CRPE; the local "
         "branch: recompute.py; the layers that run the backward kernels: C <= 320 on sm_70/75, all on sm_80+) of "

@@ -212,8 +212,9 @@ CRPE_BWD_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (32, 4), 64: (16,
 
 #: Widest padded segment width s (S_PAD) whose layers run the Triton backward kernels, by the
 #: backward's dot precision (`statistics.backward_dots`, the forward's: "tf32x3" for fp32 and
-#: one-pass "tf32" for fp16/bf16 on sm_80+, FMA "ieee" on sm_70/75; `backward_kernels_take`). Every backward and recompute kernel of every released width
-#: within it compiles without spills (ptxas, at the launchers' specialisations of every real call:
+#: one-pass "tf32" for fp16/bf16 on sm_80+, FMA "ieee" on sm_70/75; `backward_kernels_take`).
+#: Every backward and recompute kernel of every released width within it compiles without
+#: spills (ptxas, at the launchers' specialisations of every real call:
 #: benchmarks/results/triton_backward_resources_*.md, triton_statistics_resources_*.md).
 #: S_PAD 128 (C = 360, 480: the last stages of GroupMixFormer-B/L) on sm_80/90 since 2026-12-02:
 #: B3 unfused there (`aggregation_backward.FUSED_B3_MAX_S_PAD`; fused, the pointwise kernel spilled

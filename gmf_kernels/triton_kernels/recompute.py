@@ -28,8 +28,9 @@ no copy of them is made:
 
 Dots: the backward's (`statistics.backward_dots`: the forward's variant for qkv's dtype, so
 3xTF32 for fp32 and one TF32 pass for fp16/bf16 on sm_80+, FMAs on sm_70/75), on the fp32
-stage tensors: the recompute rebuilds what the forward computed. Split-N (`aggregation.split_plan`): about SPLIT_TARGET programs at any batch (at batch 1
-the 8 heads of an image would be 8 programs), deterministic (no atomics).
+stage tensors: the recompute rebuilds what the forward computed. Split-N
+(`aggregation.split_plan`): about SPLIT_TARGET programs at any batch (at batch 1 the 8 heads of
+an image would be 8 programs), deterministic (no atomics).
 
 **Bytes per token** (C' = 4s, fp32 = 4 B, e = qkv's element size):
 

@@ -88,9 +88,10 @@ def triton_stages(s: int, dots: DotVariant) -> Stages:
     """The backward stages for segment width s and the backward's dot variant
     (`statistics.backward_dots` of the layer's qkv: the forward's, one TF32 pass for fp16/bf16
     on sm_80+), bound into every stage that runs dots: Triton kernels where
-    `config.backward_kernels_take` (the kernels take the float32 stage tensors): B1 and B2 (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight
-    gradients), the BatchNorm/hardswish gradient sums, B3 (dZ fused into the pointwise kernel,
-    or written first at S_PAD 128) and the depthwise stencils, and the local branch
+    `config.backward_kernels_take` (the kernels take the float32 stage tensors): B1 and B2
+    (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight gradients), the
+    BatchNorm/hardswish gradient sums, B3 (dZ fused into the pointwise kernel, or written first
+    at S_PAD 128) and the depthwise stencils, and the local branch
     (aggregation_backward.py), and the recompute of what they read (recompute.py: Z, P, u, y by
     statistics.py's `gma_recompute_z_kernel`, the softmax statistics, KV and the CRPE, the local
     branch); elsewhere (S_PAD 128 with sm_70/75's FMA dots, where those kernels spill) the
