@@ -76,7 +76,7 @@ Bounds aimed at, from byte and FLOP counts (not measured: no GPU here):
   (fp32 layers) that is below an H100's ridge (~50 FLOP/B: a third of the TF32 peak over HBM
   bandwidth) and near an A100's (~26): memory bound, or nearly. fp16/bf16 layers take one TF32
   pass (`statistics.backward_dots`: the forward's dots), three times the ridge: memory bound,
-  with fewer registers (sm_90, C = 480: 137 against 255). `gma_local_backward_kernel`: 12 s² FLOP against
+  with fewer registers (ptxas, sm_90: at most 137 per thread against 255; C = 320: 126 against 198). `gma_local_backward_kernel`: 12 s² FLOP against
   (8 s + 1) 4 B per pixel: 0.37 s FLOP/B, alike.
 * `gma_dw_backward_kernel`: 4 KS² FLOP per element (du and g_w) against 12 B (read dy, u; write
   du): KS²/3 FLOP/B = 3, 8, 16 for 3x3, 5x5, 7x7, against an fp32 CUDA-core ridge of ~10
