@@ -317,3 +317,23 @@ def test_backward_dots_follow_the_input_dtype(dtype, monkeypatch):
     for kernel, precision in seen:
         expected = dot_precision("fp32", _common.EMULATED_CAPABILITY) if kernel == "gma_statistics_kernel" else want
         assert precision == expected, (kernel, precision, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_backward_reads_grad_pre_in_its_dtype(dtype, monkeypatch):
+    """The Triton stage set takes the layer's output gradient as it comes (`Stages.grad_pre_as_is`):
+    B1, B2 and the local branch get their views of it (dA, dL) in the input's dtype and widen the
+    loads in registers, so no fp32 copy of it is made (that copy read 2 B and wrote 4 B per
+    element, and the kernels then read 4 B instead of 2). The widening is exact: the accuracy is
+    `test_low_precision`'s."""
+    from gmf_kernels.triton_kernels import aggregation_backward as agb
+    from gmf_kernels.triton_kernels import attention_backward as ab
+    from training_cases import run
+    skip_unless_supported("triton", training=True, needs_grad=True, dtype=dtype)
+    seen = []
+    record_calls(monkeypatch, ab, "b1_dkv", lambda Q, dA, *a, **k: ("b1", dA.dtype), seen)
+    record_calls(monkeypatch, ab, "b2_proxy_grads", lambda dA, *a, **k: ("b2", dA.dtype), seen)
+    record_calls(monkeypatch, agb, "local_backward", lambda dL, *a, **k: ("local", dL.dtype), seen)
+    w, x = make(40, 4, 5, 1)
+    run("triton", x, (4, 5), w, dtype, True)
+    assert sorted(seen) == [("b1", dtype), ("b2", dtype), ("local", dtype)], seen

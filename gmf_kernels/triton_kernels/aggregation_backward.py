@@ -380,7 +380,8 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
     while t < t1:
         img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
         m2 = om[:, None] & pm[None, :]
-        dl = tl.load(dL + co[:, None] * stride_lc + (img * stride_lb + n * stride_ln)[None, :], mask=m2, other=0.0)
+        dl = tl.load(dL + co[:, None] * stride_lc + (img * stride_lb + n * stride_ln)[None, :], mask=m2,
+                     other=0.0).to(tl.float32)
         xv = tl.load(xh + co[:, None] * N + (img * (S * N) + n)[None, :], mask=m2, other=0.0)
         r = tl.load(rstd + img * N + n, mask=pm, other=0.0)[None, :]
         gl = dl * hardswish_grad(xv * lnw + lnb)                      # 0 on padded channels / pixels
@@ -684,8 +685,8 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
     B, S, H, W = dL.shape
     S_PAD = dot_pad(S)
     N, M = H * W, B * H * W
-    if dL.dtype != torch.float32:
-        raise TypeError(f"dL: the aggregation-backward kernels take fp32 compute tensors, not {dL.dtype}")
+    if dL.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dL: fp32, fp16 or bf16 expected (the incoming gradient's view), not {dL.dtype}")
     dL_, slb, slc, sln = _images(dL)
     xh, rstd, w4 = _check(rc["xh4"], "xh4"), _check(rc["rstd4"], "rstd4"), _check(rc["w4"], "w4")
     tiles = backward_tiles(S_PAD, M)
@@ -726,7 +727,8 @@ def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: 
     for j in (1, 2, 3):
         launches += plan_dw_backward(buf["dy"][j - 1], rc["u"][j], dws[j - 1])[1]
     B, s, H, W = rc["xh4"].shape
-    dL = torch.empty(B, H * W, 5 * s, dtype=dP.dtype, device=dP.device)[..., 4 * s:].transpose(1, 2)
+    grad_dtype = dP.dtype if qkv is None else qkv.dtype        # the Triton stage set: grad_pre as it comes
+    dL = torch.empty(B, H * W, 5 * s, dtype=grad_dtype, device=dP.device)[..., 4 * s:].transpose(1, 2)
     launches += plan_local_backward(dL.reshape(B, s, H, W), rc, wts, dots)[1]    # dL: the view backward.py makes
     if d_qkv is not None:
         rq = dict(rc, qkv=qkv)

@@ -264,7 +264,9 @@ class Stages(NamedTuple):
     ``into_d_qkv``: ``b3`` and ``local_backward`` take a keyword ``d_qkv`` (the qkv gradient,
     (B, N, 3C) in qkv's dtype, allocated by `pre_projection_backward`) and store their input
     gradients there themselves (returning None for them), instead of returning them for
-    `qkv_from_streams` to assemble (a stack, a cat, a layout copy and a cast)."""
+    `qkv_from_streams` to assemble (a stack, a cat, a layout copy and a cast). ``grad_pre_as_is``:
+    ``b1_dkv``, ``b2_proxy_grads`` and ``local_backward`` take their views of grad_pre (dA, dL) in
+    grad_pre's own dtype (fp16/bf16 loads widened in registers) instead of an fp32 copy of it."""
     b1_dkv: Callable
     b2_proxy_grads: Callable
     b2_bn_sums: Callable   # (dP, rc, mean, rstd, wts)
@@ -272,6 +274,7 @@ class Stages(NamedTuple):
     local_backward: Callable
     recompute: Callable = recompute     # (qkv, H, W, wts, ln_eps) -> the dict the stages read
     into_d_qkv: bool = False
+    grad_pre_as_is: bool = False
 
 
 def _b3_torch(G, rc, wts, mean, rstd, sum_g, sum_gzh, count):
@@ -302,7 +305,7 @@ def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: 
     cp, d = 4 * s, s // 2
     dt = wts.pw.dtype
     rc = stages.recompute(qkv, H, W, wts, ln_eps)
-    g = grad_pre.to(dt)
+    g = grad_pre if stages.grad_pre_as_is else grad_pre.to(dt)
     dA = g[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
     dL = g[..., cp:].transpose(1, 2).reshape(B, s, H, W)
     Q = rc["P"][:B].reshape(B, 8, d, N)

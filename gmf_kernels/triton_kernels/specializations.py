@@ -239,7 +239,9 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     cp, d = 4 * s, s // 2
     meta = dict(device="meta", dtype=torch.float32)
     P = torch.empty(3 * B, cp, H, W, **meta)
-    dA = torch.empty(B, N, C, **meta)[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
+    # dA: the view of grad_pre (the layer's output gradient, in the input's dtype: Stages.grad_pre_as_is)
+    dA = torch.empty(B, N, C, device="meta", dtype=dt)[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
     rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, H, W, **meta)}
     weights = FoldedGMAWeights(*(torch.empty(weight_shapes(C)[n], **meta) for n in FoldedGMAWeights._fields))
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)
@@ -249,7 +251,6 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     if aggregation:
         rc = bw.recompute(torch.empty(B, N, 3 * C, **meta), H, W, weights, 1e-5)   # the real layouts of Z, u, y
         stats = torch.empty(4, s, **meta)
-        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
         d_qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dt)      # the input gradient, in the input's dtype
         qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dt)        # the stencils' inputs, read in place
         for mean in (stats, None):

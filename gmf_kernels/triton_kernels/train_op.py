@@ -106,7 +106,7 @@ def triton_stages(s: int, dots: DotVariant) -> Stages:
         return functools.partial(stage, dots=dots)
     return Stages(b1_dkv=bind(ab.b1_dkv), b2_proxy_grads=bind(ab.b2_proxy_grads), b2_bn_sums=agb.b2_bn_sums,
                   b3=bind(agb.b3_fused), local_backward=bind(agb.local_backward), recompute=rcp.recompute,
-                  into_d_qkv=True)
+                  into_d_qkv=True, grad_pre_as_is=True)
 
 
 def triton_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
