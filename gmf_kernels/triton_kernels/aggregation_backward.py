@@ -359,7 +359,8 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
 
     The LayerNorm backward is recomputed by the 3 S_PAD / BLOCK_I programs of a tile (s
     values per pixel, a few FLOP each) rather than stored. dL: (B, S, H, W) with strides
-    (image, channel, pixel) (a view of grad_pre); xh (B, S, N), rstd (B, N), w4 and dw4
+    (image, channel, pixel) (a view of grad_pre, fp32 or, in the Triton stage set, grad_pre's
+    own fp16/bf16: `backward.Stages.grad_pre_as_is`; widened on load); xh (B, S, N), rstd (B, N), w4 and dw4
     (B, 3S, N) contiguous fp32."""
     blocks: tl.constexpr = S_PAD // BLOCK_I
     which = tl.program_id(0) // blocks
