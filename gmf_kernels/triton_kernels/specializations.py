@@ -79,6 +79,11 @@ class Call:
     def label(self) -> str:
         return f"C={self.C} {self.H}x{self.W} B={self.B} {self.dtype}"
 
+    def torch_dtype(self):
+        """The input dtype as a torch dtype ("bf16" -> torch.bfloat16)."""
+        import torch
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -204,7 +209,7 @@ def specializations_of_call(call: Call, arch: int) -> List[Spec]:
     from .launcher import plan_pre_projection
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: the launcher would plan interpreter tiles")
-    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
+    dt = call.torch_dtype()
     meta = dict(device="meta")
     qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, **meta)
     shapes = weight_shapes(call.C)
@@ -239,7 +244,7 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     cp, d = 4 * s, s // 2
     meta = dict(device="meta", dtype=torch.float32)
     P = torch.empty(3 * B, cp, H, W, **meta)
-    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
+    dt = call.torch_dtype()
     # dA: the view of grad_pre (the layer's output gradient, in the input's dtype: Stages.grad_pre_as_is)
     dA = torch.empty(B, N, C, device="meta", dtype=dt)[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
     rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, H, W, **meta)}
@@ -290,7 +295,7 @@ def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
     from .statistics import gma_recompute_z_kernel, gma_statistics_kernel, plan_recompute, plan_statistics
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: the launcher would plan interpreter tiles")
-    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[call.dtype]
+    dt = call.torch_dtype()
     meta = dict(dtype=torch.float32, device="meta")
     qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, device="meta")
     shapes = weight_shapes(call.C)
