@@ -12,6 +12,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ._tracing import constant_under_compile, cuda_capability
 from ._validation import check_dim, check_same_device_dtype, check_tokens
 from .backends import Backend, GMAProblem, get_backend, select_backend
 from .distributed import resolve_group
@@ -32,28 +33,11 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return None
 
 
-def constant_under_compile(fn):
-    """`torch.compiler.assume_constant_result(fn)` without importing torch._dynamo when this
-    module is imported (that import costs seconds for every user): the decorator does nothing
-    but set this attribute, which Dynamo reads when it traces a call of fn
-    (tests/test_whole_model_compile.py checks both that and the traced graphs)."""
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@constant_under_compile  # a device query, not a graph node, under torch.compile
-def _cuda_capability(index: int):
-    try:
-        return tuple(torch.cuda.get_device_capability(index))
-    except (RuntimeError, AssertionError):  # pragma: no cover - no driver
-        return None
-
-
 def _capability(x: Tensor):
     """(major, minor) of x's CUDA device, None elsewhere (cached by torch)."""
     if not x.is_cuda:
         return None
-    return _cuda_capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return cuda_capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 def check_weights(weights, num_heads: int = NUM_HEADS) -> GMAWeights:

@@ -27,12 +27,36 @@ def collect() -> dict:
     import os
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "unset")
     info["backends"] = {n: get_backend(n).availability_reasons() for n in BACKEND_NAMES}
+    info["capabilities"] = {n: capabilities(get_backend(n)) for n in BACKEND_NAMES}
     return info
+
+
+def _dtypes(ds) -> str:
+    order = ("float64", "float32", "float16", "bfloat16")
+    names = [str(d).replace("torch.", "") for d in ds]
+    return "/".join(sorted(names, key=lambda n: order.index(n) if n in order else 99)) or "none"
+
+
+def capabilities(b) -> str:
+    """A backend's declared support (its `backends.base.Backend` fields), in one line."""
+    def mode(flag, dts):
+        return _dtypes(dts if dts is not None else b.dtypes) if flag else "no"
+    parts = [f"devices {'/'.join(sorted(b.device_types))}", f"dtypes {_dtypes(b.dtypes)}",
+             f"training {mode(b.supports_training, b.training_dtypes)}",
+             f"gradients {mode(b.supports_grad, b.grad_dtypes)}",
+             f"SyncBatchNorm {'yes' if b.supports_sync_bn else 'no'}",
+             f"mixed BatchNorms {'yes' if b.supports_mixed_bn else 'no'}"]
+    if not b.verified_on_gpu:
+        parts.append("not yet verified on a GPU ('auto' skips it on CUDA)")
+    if b.emulated_on_cpu:
+        parts.append("CPU: interpreter only")
+    return ", ".join(parts)
 
 
 def main() -> int:
     info = collect()
     backends = info.pop("backends")
+    caps = info.pop("capabilities")
     width = max(len(k) for k in info)
     for k, v in info.items():
         print(f"{k:<{width}}  {v}")
@@ -40,7 +64,9 @@ def main() -> int:
     for name, reasons in backends.items():
         status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
         print(f"  {name:<10} {status}")
-    print("\n(an available backend may still refuse an input: e.g. fused kernels are eval/no-grad only)")
+    print("\ndeclared support (an available backend still refuses an input outside it, and says why):")
+    for name, line in caps.items():
+        print(f"  {name:<10} {line}")
     return 0
 
 

@@ -239,6 +239,15 @@ def test_info_cli():
     assert any(line.strip().startswith("torch ") and "available" in line and "unavailable" not in line
                for line in lines)
     assert torch.__version__ in r.stdout
+    # each backend's declared support, as its fields say (no stale blanket statement)
+    support = lines[next(i for i, line in enumerate(lines) if line.startswith("declared support")) + 1:]
+    for name in BACKEND_NAMES:
+        b = get_backend(name)
+        row = next(line for line in support if line.strip().startswith(name + " "))
+        assert ("training no" in row) == (not b.supports_training), row
+        assert ("gradients no" in row) == (not b.supports_grad), row
+        assert ("SyncBatchNorm yes" in row) == b.supports_sync_bn, row
+        assert ("not yet verified on a GPU" in row) == (not b.verified_on_gpu), row
 
 
 def test_selfcheck_cli():

@@ -262,13 +262,13 @@ def test_optimize_for_inference_cuda_graphs():
 
 
 def test_constant_under_compile_marks_as_torch_does():
-    """functional.constant_under_compile must stay what torch.compiler.assume_constant_result does
+    """_tracing.constant_under_compile must stay what torch.compiler.assume_constant_result does
     (it avoids importing torch._dynamo at `import gmf_kernels`)."""
     import subprocess
     import sys
 
     import torch._dynamo
-    from gmf_kernels.functional import constant_under_compile
+    from gmf_kernels._tracing import constant_under_compile
 
     def f():
         return 0
@@ -311,7 +311,14 @@ def test_backend_choice_ignores_sizes():
             assert get_backend(name).not_supported_reasons(dataclasses.replace(base, **sizes)) == reasons, name
 
 
+def _torch_before(major: int, minor: int) -> bool:
+    return tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (major, minor)
+
+
 @pytest.mark.slow  # Inductor compiles forward and backward: ~115 s cold on 2 busy cores, ~20 s warm cache
+@pytest.mark.skipif(_torch_before(2, 13), reason="torch 2.11's Inductor bakes the first size's strides of the "
+                    "stacked segments saved for backward into the dynamic graph (assert_size_stride fails at "
+                    "the second size; no custom op involved); torch 2.13 (CI) compiles it right")
 def test_dynamic_shapes_training_step_inductor():
     """torch.compile(dynamic=True, fullgraph=True) with Inductor of a training step (forward and
     backward, BatchNorm batch statistics) of the torch backend's layer, at two sizes: outputs,

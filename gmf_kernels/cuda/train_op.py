@@ -27,12 +27,13 @@ context (``ctx.kernels``); both choices give the same gradients to rounding
 from __future__ import annotations
 
 import warnings
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from .. import training
 from ..backends.base import GMAProblem
+from .._tracing import constant_under_compile, cuda_capability
 from ..triton_kernels.config import BACKWARD_KERNELS_MAX_S_PAD, backward_kernels_take  # imports no Triton
 from ..weights import GMAHyper, GMAWeights
 from . import op as _op  # noqa: F401  (registers gmf::cuda_pre_projection)
@@ -46,24 +47,42 @@ def triton_backward_reasons(qkv: Tensor, H: int, W: int, num_heads: int) -> List
     """Why the Triton statistics and backward kernels cannot serve this CUDA-backend call: the
     Triton backend's own support data (device, architecture, dtype; asked as an explicit
     gradient call), then the widths its backward kernels take on this device
-    (`config.backward_kernels_take`); [] when they can."""
+    (`config.backward_kernels_take`); [] when they can. Decided on plain values
+    (`_backward_reasons`), so that under torch.compile the choice is made once at trace time,
+    outside the graph, as `functional.dispatch` chooses the backend (the backends' probes
+    are not traceable: Dynamo of torch 2.11 stopped at Triton's import check), with the sizes
+    given as 1 (`functional.SIZE_FIELDS`: symbolic there, and no backend decides on them)."""
+    index = None
+    if qkv.is_cuda:
+        index = qkv.device.index if qkv.device.index is not None else torch.cuda.current_device()
+    B = qkv.shape[0]
+    if torch.compiler.is_compiling():
+        B = H = W = 1
+    why = _backward_reasons(int(B), int(H), int(W), qkv.shape[-1] // 3, int(num_heads), qkv.dtype,
+                            qkv.device.type, index)
+    return why.split("\n") if why else []
+
+
+@constant_under_compile
+def _backward_reasons(B: int, H: int, W: int, C: int, num_heads: int, dtype: torch.dtype, device_type: str,
+                      index: Optional[int]) -> str:
+    """`triton_backward_reasons` by value: the reasons joined by newlines ("" when none)."""
     from ..backends.triton_backend import BACKEND as TRITON
-    B, C = qkv.shape[0], qkv.shape[-1] // 3
-    cap = torch.cuda.get_device_capability(qkv.device) if qkv.is_cuda else None
-    p = GMAProblem(B=B, H=H, W=W, dim=C, num_heads=num_heads, dtype=qkv.dtype, device_type=qkv.device.type,
-                   training=False, needs_grad=True, explicit=True,
-                   device_index=qkv.device.index if qkv.is_cuda else None, device_capability=cap)
+    cap = cuda_capability(index) if index is not None else None
+    p = GMAProblem(B=B, H=H, W=W, dim=C, num_heads=num_heads, dtype=dtype, device_type=device_type,
+                   training=False, needs_grad=True, explicit=True, device_index=index, device_capability=cap)
     reasons = TRITON.not_supported_reasons(p)
     if not reasons:   # Triton runs here: the backward's dot precision on this device
-        from ..triton_kernels.train_op import backward_dots
-        precision = backward_dots(qkv).precision
+        from ..triton_kernels._common import dot_variant_of   # imports Triton (available: no reasons)
+        precision = dot_variant_of(dtype, cap if device_type == "cuda" else None).precision
         if not backward_kernels_take(C // 5, precision):
             reasons.append(f"segment width s={C // 5} (C={C}): with {precision} dots the Triton backward kernels "
                            f"take s up to {BACKWARD_KERNELS_MAX_S_PAD.get(precision, 0)} "
                            "(config.BACKWARD_KERNELS_MAX_S_PAD; wider ones spill)")
-    return reasons
+    return "\n".join(reasons)
 
 
+@constant_under_compile  # warned at trace time under torch.compile (not a graph node)
 def _warn_fallback(reasons: List[str]) -> None:
     why = "; ".join(reasons)
     if why not in _WARNED:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -38,15 +38,21 @@ def dot_variant(x: torch.Tensor) -> DotVariant:
     or, under the interpreter, the GPU rounding of EMULATED_CAPABILITY emulated. Off CUDA
     without the interpreter (torch.compile tracing on CPU fake tensors: nothing runs) the
     variant of config.DEFAULT_CAPABILITY."""
-    name = dtype_name(x.dtype)
+    cap = None
+    if x.device.type == "cuda" and not interpreting():
+        cap = _cuda_capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return dot_variant_of(x.dtype, cap)
+
+
+def dot_variant_of(dtype: torch.dtype, capability: Optional[Tuple[int, int]]) -> DotVariant:
+    """`dot_variant` by value: inputs of this dtype on a GPU of this capability (None: not on a
+    CUDA device, or the interpreter, which emulates EMULATED_CAPABILITY)."""
+    name = dtype_name(dtype)
     if name not in DTYPE_NAMES:
-        raise TypeError(f"the Triton kernels take fp32, fp16 or bf16 inputs, not {x.dtype}")
+        raise TypeError(f"the Triton kernels take fp32, fp16 or bf16 inputs, not {dtype}")
     if interpreting():
         return DotVariant(dot_precision(name, EMULATED_CAPABILITY), True)
-    if x.device.type != "cuda":
-        return DotVariant(dot_precision(name, DEFAULT_CAPABILITY), False)
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return DotVariant(dot_precision(name, _cuda_capability(index)), False)
+    return DotVariant(dot_precision(name, capability or DEFAULT_CAPABILITY), False)
 
 
 @triton.jit

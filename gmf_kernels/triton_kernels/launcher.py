@@ -51,10 +51,19 @@ Launch = Tuple[Any, Tuple[int, ...], tuple, Dict[str, Any]]
 POISON_BUFFERS = False
 
 try:
-    from torch.library import wrap_triton
+    from torch.library import wrap_triton as _torch_wrap_triton
 except ImportError:  # torch < 2.6: plain launches (op.py registers a custom_op then)
-    def wrap_triton(kernel):
+    _torch_wrap_triton = None
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)`` for a JIT kernel; the kernel itself under the
+    interpreter (its ``InterpretedFunction`` cannot be traced, and torch <= 2.11 refuses it:
+    "wrap_triton only works on functions annotated with triton.jit", where 2.13 passes it
+    through) and on torch < 2.6."""
+    if _torch_wrap_triton is None or interpreting():
         return kernel
+    return _torch_wrap_triton(kernel)
 
 
 def _alloc(shape, dtype, device):
