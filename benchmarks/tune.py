@@ -3,6 +3,7 @@
 
     python benchmarks/tune.py                        # on a GPU: ~8 minutes, writes gmf_kernels/data/tuning/<arch>.json
     python benchmarks/tune.py --budget 300 --dtype bf16 --models s
+    python benchmarks/tune.py --train                # on a GPU: the training kernels' families instead (~8 minutes)
     python benchmarks/tune.py --dry-run              # any machine: the plan and a plumbing check, no timing
 
 What it measures (`gmf_kernels.tuning`, the table format is in its docstring):
@@ -16,6 +17,16 @@ What it measures (`gmf_kernels.tuning`, the table format is in its docstring):
   are refused, and each candidate's ``pre`` is compared with the default config's (a tile
   must not change the result beyond rounding). CUDA candidates are timed on the whole
   pre-projection (the tile shapes both tile kernels) and compared the same way.
+* ``--train``: the training kernels' families instead (`gmf_kernels.triton_kernels.tile_spaces`:
+  the statistics pass, the recompute, B1, B2, the CRPE backward and the aggregation backward),
+  each candidate written as the only entry of a temporary table so that the library's own
+  lookup (`tile_spaces.tuned_tiles`) runs it, all other families at their defaults. Timed on
+  the op the family runs in: the statistics pass (``gmf::triton_z_moments``) for
+  "triton.statistics", the whole backward of one layer (``gmf::triton_pre_projection_backward``,
+  batch statistics) for the others, so an entry's time is that op's, not one kernel's. A
+  candidate is refused when a variant of the family's kernels first compiled for it spills (read
+  from Triton's cache of compiled kernels), or when its results (the moments; the qkv and every
+  weight gradient) differ from the default config's beyond rounding.
 * ``backends``: then, with the new kernel entries in effect, the pre-projection time (qkv ->
   pre, benchmarks/ops.py's StageInputs) of each backend (cuda, triton, torch) per (C, dtype),
   which ``auto`` reads (`tuning.backend_times`).
@@ -36,6 +47,7 @@ is read back by `tuning.choose` / `tuning.backend_times` (in a temporary directo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -58,6 +70,10 @@ MODELS = ("groupmixformer_s", "groupmixformer_b", "groupmixformer_l")
 STAGE_GRIDS = (56, 28, 14, 7)
 #: share of the budget per part, in order (unused time carries over to the next part)
 BUDGET_SHARES = (("triton.aggregate", 0.35), ("triton.attention", 0.15), ("cuda.tiles", 0.25), ("backends", 0.25))
+#: ... and of a --train run (the families of gmf_kernels/triton_kernels/tile_spaces.py)
+TRAIN_BUDGET_SHARES = (("triton.backward", 0.25), ("triton.recompute_z", 0.15), ("triton.statistics", 0.1),
+                       ("triton.b2", 0.1), ("triton.b1", 0.1), ("triton.b2_crpe", 0.1),
+                       ("triton.recompute_attention", 0.1), ("triton.recompute_local", 0.1))
 BACKENDS = ("cuda", "triton", "torch")
 #: max relative difference of a candidate's pre from the default config's (per dtype): rounding only
 AGREE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
@@ -75,16 +91,21 @@ def shapes(models: Sequence[str] = MODELS) -> List[Tuple[int, int, int]]:
     return list(out.values())
 
 
-def load_spaces() -> Dict[str, object]:
-    """Every registered search space (importing the launchers registers theirs)."""
+def load_spaces(train: bool = False) -> Dict[str, object]:
+    """Every registered search space of the forward (importing the launchers registers theirs),
+    or with train=True those of the training kernels (`tile_spaces.families`)."""
     from gmf_kernels import tuning
+    if train:
+        from gmf_kernels.triton_kernels import attention_backward, recompute, train_op  # noqa: F401  register theirs
+        from gmf_kernels.triton_kernels.tile_spaces import families
+        return {f: tuning.spaces()[f] for f in families()}
     import gmf_kernels.cuda.launcher  # noqa: F401  registers "cuda.tiles"
     import gmf_kernels.triton_kernels.launcher  # noqa: F401  registers "triton.aggregate", "triton.attention"
-    return tuning.spaces()
+    return {f: sp for f, sp in tuning.spaces().items() if f in dict(BUDGET_SHARES)}
 
 
 def part_budgets(total: float, parts: Sequence[str]) -> Dict[str, float]:
-    shares = {k: v for k, v in BUDGET_SHARES}
+    shares = {k: v for k, v in BUDGET_SHARES + TRAIN_BUDGET_SHARES}
     s = sum(shares.get(p, 0.1) for p in parts)
     return {p: total * shares.get(p, 0.1) / s for p in parts}
 
@@ -176,6 +197,17 @@ class GpuMeasure:
         qkv = torch.randn(self.batch, H * W, 3 * C, generator=g).to(self.device, dtype)
         return qkv, folded, hp
 
+    def _judge(self, rec: Dict, diff: float, dtype: torch.dtype, spills: int, what: str, fn) -> None:
+        """Refuse a candidate that spills or whose `what` differs from the first (default)
+        config's beyond rounding (AGREE); else time fn."""
+        rec["diff_vs_first"] = diff
+        if spills:
+            rec.update(status="refused", reason=f"{spills} bytes of register spills")
+        elif not diff <= AGREE[_short(dtype)]:
+            rec.update(status="refused", reason=f"{what} differs from the default config's by {diff:.2e}")
+        else:
+            rec.update(status="ok", time_us=self._bench(fn))
+
     def triton(self, family: str, C: int, H: int, W: int, dtype: torch.dtype, cands: List[Dict]) -> List[Dict]:
         from gmf_kernels.triton_kernels import launcher as L
         from gmf_kernels.triton_kernels._common import dot_variant
@@ -205,15 +237,8 @@ class GpuMeasure:
                 pre = buf["pre"].clone()
                 if ref is None:
                     ref = pre
-                diff = _rel_diff(pre, ref)
-                rec["diff_vs_first"] = diff
-                if spills:
-                    rec.update(status="refused", reason=f"{spills} bytes of register spills")
-                elif not diff <= AGREE[_short(dtype)]:
-                    rec.update(status="refused", reason=f"pre differs from the default config's by {diff:.2e}")
-                else:
-                    k, g, a, kw = launches[index]
-                    rec.update(status="ok", time_us=self._bench(lambda: k[g](*a, **kw)))
+                k, g, a, kw = launches[index]
+                self._judge(rec, _rel_diff(pre, ref), dtype, spills, "pre", lambda: k[g](*a, **kw))
             except Exception as ex:  # one failing candidate must not stop the sweep
                 rec.update(status="error", reason=f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}")
             out.append(rec)
@@ -233,15 +258,56 @@ class GpuMeasure:
                 torch.cuda.synchronize()
                 if ref is None:
                     ref = pre
-                diff = _rel_diff(pre, ref)
-                rec["diff_vs_first"] = diff
-                if not diff <= AGREE[_short(dtype)]:
-                    rec.update(status="refused", reason=f"pre differs from the default config's by {diff:.2e}")
-                else:
-                    rec.update(status="ok", time_us=self._bench(fn))
+                self._judge(rec, _rel_diff(pre, ref), dtype, 0, "pre", fn)
             except Exception as ex:
                 rec.update(status="error", reason=f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}")
             out.append(rec)
+        return out
+
+    def train(self, family: str, C: int, H: int, W: int, dtype: torch.dtype, cands: List[Dict]) -> List[Dict]:
+        """Each candidate of a training family as the only entry of a temporary tuning table
+        (module docstring: --train), timed on the op it runs in."""
+        from gmf_kernels import tuning
+        from gmf_kernels.triton_kernels import tile_spaces
+        from gmf_kernels.triton_kernels.train_op import triton_pre_projection_backward  # noqa: F401  (the op)
+        qkv, folded, hp = self._inputs(C, H, W, dtype)
+        B, N, s = qkv.shape[0], qkv.shape[1], C // 5
+        ws = list(folded)
+        dw = (folded.dw3, folded.dw5, folded.dw7, folded.pw)
+        grad_pre = torch.randn(B, N, C, generator=torch.Generator().manual_seed(2)).to(self.device, dtype)
+        moments = torch.ops.gmf.triton_z_moments(qkv, H, W, *dw)           # batch statistics, default tiles
+        mean = moments[0].float().view(4, s)
+        rstd = torch.rsqrt(moments[1] / (3 * B * N) + float(hp.bn_eps)).float().view(4, s)
+        if family == "triton.statistics":
+            def fn():
+                return [torch.ops.gmf.triton_z_moments(qkv, H, W, *dw)]
+        else:
+            def fn():
+                return torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, ws, float(hp.scale),
+                                                                    float(hp.ln_eps), mean, rstd)
+        arch = tuning.arch_key(self.cap)
+        ref, out = None, []
+        with tuning_dir() as tmp:
+            for cfg in cands:
+                rec = {"config": dict(cfg)}
+                try:
+                    with open(os.path.join(tmp, f"{arch}.json"), "w") as fh:
+                        json.dump({"arch": arch, "measured": False, "kernels": {
+                            family: {str(C): {tuning.dtype_name(dtype): dict(cfg)}}}}, fh)
+                    tuning.clear_cache()
+                    before = {id(k) for k in _compiled(tile_spaces.KERNELS[family])}
+                    res = fn()
+                    torch.cuda.synchronize()
+                    new = [k for k in _compiled(tile_spaces.KERNELS[family]) if id(k) not in before]
+                    spills = sum(int(getattr(k, "n_spills", 0) or 0) for k in new)
+                    rec["registers"] = max((getattr(k, "n_regs", 0) or 0 for k in new), default=None)
+                    rec["spills"] = spills if new else "compiled before (not re-read)"
+                    if ref is None:
+                        ref = res
+                    self._judge(rec, max(_rel_diff(a, b) for a, b in zip(res, ref)), dtype, spills, "the results", fn)
+                except Exception as ex:  # one failing candidate must not stop the sweep
+                    rec.update(status="error", reason=f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}")
+                out.append(rec)
         return out
 
     def backends(self, C: int, H: int, W: int, dtype: torch.dtype) -> Dict[str, object]:
@@ -261,8 +327,38 @@ class GpuMeasure:
         return res
 
 
+@contextlib.contextmanager
+def tuning_dir(path: Optional[str] = None):
+    """GMF_TUNING_DIR set to `path` (default: a new temporary folder, removed afterwards) for the
+    block and restored after it, the library's table cache cleared on both sides."""
+    from gmf_kernels import tuning
+    folder = path or tempfile.mkdtemp(prefix="gmf_tune_")
+    old = os.environ.get("GMF_TUNING_DIR")
+    os.environ["GMF_TUNING_DIR"] = folder
+    tuning.clear_cache()
+    try:
+        yield folder
+    finally:
+        if old is None:
+            os.environ.pop("GMF_TUNING_DIR", None)
+        else:
+            os.environ["GMF_TUNING_DIR"] = old
+        tuning.clear_cache()
+        if path is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _short(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def _compiled(kernels) -> List[object]:
+    """Every compiled variant in Triton's cache of these @triton.jit kernels (all devices)."""
+    out = []
+    for k in kernels:
+        for entry in getattr(k, "device_caches", {}).values():
+            out += list(entry[0].values())
+    return out
 
 
 # ------------------------------------------------------------------ dry run
@@ -271,6 +367,7 @@ def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_d
     from gmf_kernels.triton_kernels import launcher as L
     from gmf_kernels.triton_kernels._common import DotVariant
     from gmf_kernels.triton_kernels.config import dot_precision
+    from gmf_kernels.triton_kernels.tile_spaces import KEYS
     cap = (9, 0)
     failures: List[str] = []
     print("tune.py --dry-run: nothing is timed; the plan for an sm_90 GPU and a plumbing check.")
@@ -291,6 +388,8 @@ def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_d
                     failures.append(f"{fam} C={C} {_short(dt)}: no candidate")
                 elif default not in cands:
                     failures.append(f"{fam} C={C} {_short(dt)}: default {default} not a candidate")
+                if fam in KEYS and any(tuple(c) != KEYS[fam] for c in cands):
+                    failures.append(f"{fam} C={C} {_short(dt)}: a candidate without the knobs {KEYS[fam]}")
                 if fam in (L.AGG_FAMILY, L.ATTN_FAMILY):
                     dots = DotVariant(dot_precision(_short(dt), cap), False)
                     for c in cands:
@@ -300,29 +399,32 @@ def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_d
                             L.shape_from_configs(C, dots, agg, attn)
                         except Exception as ex:
                             failures.append(f"{fam} C={C} {_short(dt)} {c}: {ex}")
-    print(f"\n[backends] budget {budgets.get('backends', 0):.0f} s: {', '.join(BACKENDS)} per (C, dtype)")
+    if "backends" in budgets:
+        print(f"\n[backends] budget {budgets['backends']:.0f} s: {', '.join(BACKENDS)} per (C, dtype)")
     print(f"{n_runs} candidate measurements planned")
     # the CUDA candidates against the module's planner (when a build loads here)
     try:
         from gmf_kernels.cuda import launcher as CL
+        if CL.TILE_FAMILY not in spaces:
+            raise LookupError("cuda.tiles not in this run")
         mod = CL.module()
         for (C, H, W) in shape_list:
             for dt in dtypes:
                 for c in spaces[CL.TILE_FAMILY].candidates(C, dt, cap):
                     mod.plan(8, H, W, C, CL.DTYPE_CODES[dt], c["tile_h"], c["tile_w"], c["tiles_per_cta"], 0)
         print("cuda.tiles: every candidate accepted by the module's planner")
+    except LookupError:
+        pass
     except ImportError as ex:
         print(f"cuda.tiles: planner check skipped (module not loadable: {str(ex).splitlines()[0][:120]})")
     except Exception as ex:
         failures.append(f"cuda.tiles planner: {ex}")
     # the writer and the reader agree (a temporary table directory)
-    tmp = table_dir or tempfile.mkdtemp(prefix="gmf_tune_dry_")
-    old = os.environ.get("GMF_TUNING_DIR")
-    os.environ["GMF_TUNING_DIR"] = tmp
-    try:
+    with tuning_dir(table_dir) as tmp:
         C, H, W = shape_list[0]
         dt = dtypes[0]
         table = new_table("sm_90", "dry run (nothing measured)", dry_run=True)
+        spaces = {f: sp for f, sp in spaces.items() if sp.candidates(C, dt, cap)}
         for fam in sorted(spaces):
             cands = spaces[fam].candidates(C, dt, cap)
             pick = cands[-1]
@@ -339,14 +441,6 @@ def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_d
         if tuning.backend_times("sm_90", C, dt) != {"triton": 2.0, "torch": 5.0}:
             failures.append(f"table round trip backends: {tuning.backend_times('sm_90', C, dt)}")
         print(f"table writer/reader round trip in {tmp}: {'ok' if not failures else 'FAILED'}")
-    finally:
-        if old is None:
-            os.environ.pop("GMF_TUNING_DIR", None)
-        else:
-            os.environ["GMF_TUNING_DIR"] = old
-        tuning.clear_cache()
-        if table_dir is None:
-            shutil.rmtree(tmp, ignore_errors=True)
     for f in failures:
         print(f"FAILED: {f}")
     print("dry run: " + ("ok" if not failures else f"{len(failures)} failures"))
@@ -363,14 +457,16 @@ def main(argv=None) -> int:
     ap.add_argument("--families", nargs="+", default=None, help="only these parts (default: every space + backends)")
     ap.add_argument("--table-dir", default=None, help="write <arch>.json here (default: tuning.table_path)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="also copy the table here (default: $OUT)")
+    ap.add_argument("--train", action="store_true",
+                    help="tune the training kernels' families (statistics, recompute, backward) instead")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check the plumbing; time nothing")
     a = ap.parse_args(argv)
 
     from gmf_kernels.models.configs import canonical_name
     models = [canonical_name(m if m.startswith("groupmixformer") else f"groupmixformer_{m}") for m in a.models]
-    spaces = load_spaces()
-    parts = [f for f in sorted(spaces, key=lambda f: [k for k, _ in BUDGET_SHARES].index(f)
-                               if f in dict(BUDGET_SHARES) else 99)] + ["backends"]
+    spaces = load_spaces(train=a.train)
+    order = [k for k, _ in (TRAIN_BUDGET_SHARES if a.train else BUDGET_SHARES)]
+    parts = sorted(spaces, key=lambda f: order.index(f) if f in order else 99) + ([] if a.train else ["backends"])
     if a.families:
         parts = [p for p in parts if p in a.families]
     budgets = part_budgets(a.budget, parts)
@@ -417,7 +513,7 @@ def main(argv=None) -> int:
                 write_table(table, path, a.out)
         else:
             sp = spaces[part]
-            fn = meas.cuda if part.startswith("cuda.") else meas.triton
+            fn = meas.train if a.train else meas.cuda if part.startswith("cuda.") else meas.triton
 
             def measure(C, H, W, dt, sp=sp, fn=fn, part=part):
                 cands = sp.candidates(C, dt, cap)

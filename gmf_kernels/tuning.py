@@ -18,7 +18,10 @@ written by ``benchmarks/tune.py`` on a lent GPU and read here::
 Nothing is measured until a GPU runs ``benchmarks/tune.py``: without a table (or an entry),
 every kernel family uses its default (from the roofline reasoning in its launcher's docstring)
 and ``auto`` uses the declared backend order. Kernel families register their search space
-here (`register_space`) so that the tuner and the roofline report find every tunable kernel.
+here (`register_space`) so that the tuner and the roofline report find every tunable kernel:
+the forward's in the launchers ("triton.aggregate", "triton.attention", "cuda.tiles"), the
+training kernels' through `triton_kernels/tile_spaces.py` ("triton.statistics", ...,
+"triton.backward"; ``benchmarks/tune.py --train``), in the same file per architecture.
 """
 from __future__ import annotations
 

@@ -119,6 +119,21 @@ def test_dry_run_plan_and_plumbing(tmp_path):
                                                                     "cuda.tiles"}
 
 
+def test_dry_run_train_plan(tmp_path):
+    """--train: the training kernels' families instead of the forward's and the backends."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "GMF_TUNING_DIR")}
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tune.py"), "--dry-run", "--train",
+                          "--table-dir", str(tmp_path), "--models", "s"],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    families = {f for f, _ in tune.TRAIN_BUDGET_SHARES}
+    for fam in families:
+        assert f"[{fam}] budget" in res.stdout
+    assert "[backends]" not in res.stdout and "[triton.aggregate]" not in res.stdout
+    assert res.stdout.rstrip().endswith("dry run: ok")
+    assert set(json.loads((tmp_path / "sm_90.json").read_text())["kernels"]) == families
+
+
 def test_plan_asks_for_the_tuned_shape(monkeypatch):
     """plan_pre_projection (what every launch runs) takes its tiles from tuned_shape."""
     from gmf_kernels.folding import FoldedGMAWeights, weight_shapes
@@ -134,3 +149,143 @@ def test_plan_asks_for_the_tuned_shape(monkeypatch):
     _, launches = L.plan_pre_projection(qkv, 7, 7, w, 0.3, 1e-5, dots=DotVariant("tf32", False))
     assert calls == [(80, 49)]
     assert launches[0][3]["BLOCK_P"] == 64 and launches[2][3]["BLOCK_P"] == 32
+
+
+# ------------------------------------------------------------------ the training kernels' families
+def _train_modules():
+    from gmf_kernels.triton_kernels import aggregation_backward as agb
+    from gmf_kernels.triton_kernels import attention_backward as ab
+    from gmf_kernels.triton_kernels import recompute as rcp
+    from gmf_kernels.triton_kernels import statistics as st
+    from gmf_kernels.triton_kernels import tile_spaces, train_op  # noqa: F401  (every family registered)
+    return st, rcp, ab, agb, tile_spaces
+
+
+def _module_tile(family: str, C: int, N: int, precision: str, monkeypatch):
+    """The GPU tile the family's module picks without a table (its interpreter branch off)."""
+    st, rcp, ab, agb, _ = _train_modules()
+    from gmf_kernels.triton_kernels.config import B1_TILES, B2_TILES, CRPE_BWD_TILES, dot_pad
+    for mod in (st, rcp, ab, agb):
+        monkeypatch.setattr(mod, "interpreting", lambda: False)
+    t = agb.backward_tiles(dot_pad(C // 5), 3 * N)
+    return {"triton.statistics": lambda: st.stats_tiles(C, N, precision),
+            "triton.recompute_z": lambda: st.recompute_tiles(C, N, precision),
+            "triton.recompute_attention": lambda: rcp.attention_tiles(C // 10, N, precision),
+            "triton.recompute_local": lambda: rcp.local_tiles(C // 5, N, precision),
+            "triton.b1": lambda: ab._tile(B1_TILES, C // 10, N),
+            "triton.b2": lambda: ab._tile(B2_TILES, C // 10, N),
+            "triton.b2_crpe": lambda: ab._tile(CRPE_BWD_TILES, C // 10, N),
+            "triton.backward": lambda: (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS),
+            }[family]()
+
+
+@pytest.mark.parametrize("cap", [(9, 0), (7, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_families_default_to_the_module_tiles(cap, dtype, monkeypatch):
+    """Each training family's default is the tile its module launches without a table (so an
+    entry equal to the default changes nothing), first among its candidates; the statistics
+    pass with fp32's dots, the others with the layer dtype's; no candidates where the width
+    runs the PyTorch backward stages or the dtype is refused."""
+    from gmf_kernels.triton_kernels.config import backward_kernels_take
+    *_, tile_spaces = _train_modules()
+    assert set(tile_spaces.families()) == {f for f, _ in tune.TRAIN_BUDGET_SHARES}
+    for fam in tile_spaces.families():
+        space = tuning.spaces()[fam]
+        backward = fam != "triton.statistics"
+        for C in WIDTHS:
+            cands = space.candidates(C, dtype, cap)
+            prec = tile_spaces.precision_of(dtype, cap, backward)
+            if prec is None or (backward and not backward_kernels_take(C // 5, prec)):
+                assert cands == [], (fam, C)
+                continue
+            assert cands and cands[0] == space.default(C, dtype, cap), (fam, C)
+            assert len({tuple(c.items()) for c in cands}) == len(cands) <= tile_spaces.MAX_CANDIDATES
+            assert tuple(cands[0].values()) == tuple(_module_tile(fam, C, 3136, prec, monkeypatch)), (fam, C)
+
+
+def test_train_tiles_come_from_the_table(table_dir, monkeypatch):
+    """`tile_spaces.tuned_tiles`: the table's entry for (GPU, C, dtype), else the default; None on
+    the CPU and under the interpreter (the modules' own tiles)."""
+    *_, tile_spaces = _train_modules()
+    from gmf_kernels.triton_kernels import train_op
+    fake = SimpleNamespace(device=SimpleNamespace(type="cuda", index=0), dtype=torch.bfloat16, shape=(2, 49, 240))
+    monkeypatch.setattr(tile_spaces, "interpreting", lambda: False)
+    monkeypatch.setattr(tile_spaces, "_cuda_capability", lambda index: (9, 0))
+    picks = {f: tuning.spaces()[f].candidates(80, torch.bfloat16, (9, 0))[-1] for f in tile_spaces.families()}
+    for f in picks:
+        assert tile_spaces.tuned_tiles(f, 80, fake) == tuple(tuning.spaces()[f].default(80, torch.bfloat16, (9, 0))
+                                                           .values())
+    (table_dir / "sm_90.json").write_text(json.dumps({"kernels": {
+        f: {"80": {"bfloat16": {**c, "time_us": 1.0}}} for f, c in picks.items()}}))
+    tuning.clear_cache()
+    for f, c in picks.items():
+        assert tile_spaces.tuned_tiles(f, 80, fake) == tuple(c.values()), f
+        assert tile_spaces.tuned_tiles(f, 160, fake) == tuple(tuning.spaces()[f].default(160, torch.bfloat16,
+                                                                                          (9, 0)).values())
+    tt = train_op.train_tiles(fake)
+    assert tt.b1 == tuple(picks["triton.b1"].values()) and tt.b2_crpe == tuple(picks["triton.b2_crpe"].values())
+    assert tt.backward.PW_TILE_ELEMS == picks["triton.backward"]["PW_TILE_ELEMS"]
+    assert tile_spaces.tuned_tiles("triton.b1", 80, torch.empty(2, 49, 240)) is None          # CPU tensor
+    monkeypatch.setattr(tile_spaces, "interpreting", lambda: True)
+    assert tile_spaces.tuned_tiles("triton.b1", 80, fake) is None
+
+
+def test_backward_runs_the_tuned_tiles(monkeypatch):
+    """End to end under the interpreter: with every training family's tile forced to its last
+    candidate (where `tuned_tiles` would put a table's entry), the statistics op and the
+    backward op launch every kernel with those tiles, and give the default tiles' results to
+    rounding."""
+    from gmf_kernels.folding import fold_eval
+    from gmf_kernels.numerics import default_hyper, random_gma_weights
+    from gmf_kernels.triton_kernels import launcher
+    st, rcp, ab, agb, tile_spaces = _train_modules()
+    C, B, H, W = 40, 2, 5, 6
+    hp = default_hyper(C)
+    folded = fold_eval(random_gma_weights(C, seed=3), hp)
+    ws = list(folded)
+    qkv = torch.randn(B, H * W, 3 * C)
+    grad_pre = torch.randn(B, H * W, C)
+    cap = (8, 0)
+
+    def run():
+        mom = torch.ops.gmf.triton_z_moments(qkv, H, W, folded.dw3, folded.dw5, folded.dw7, folded.pw)
+        mean = mom[0].float().view(4, C // 5)
+        rstd = torch.rsqrt(mom[1] / (3 * B * H * W) + 1e-5).float().view(4, C // 5)
+        return [mom] + torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, ws, float(hp.scale),
+                                                                    float(hp.ln_eps), mean, rstd)
+    ref = run()
+    picks = {f: tuple(tuning.spaces()[f].candidates(C, torch.float32, cap)[-1].values())
+             for f in tile_spaces.families()}
+    assert all(p != tuple(tuning.spaces()[f].default(C, torch.float32, cap).values()) for f, p in picks.items())
+    monkeypatch.setattr(tile_spaces, "tuned_tiles", lambda family, C_, like: picks[family])
+    launched = []
+
+    def spy(kernel):
+        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+
+        class Launch:
+            def __getitem__(self, grid):
+                def go(*a, **kw):
+                    launched.append((name, kw))
+                    return kernel[grid](*a, **kw)
+                return go
+        return Launch()
+    monkeypatch.setattr(launcher, "wrap_triton", spy)
+    monkeypatch.setattr(ab, "wrap_triton", spy)
+    got = run()
+    for a, b in zip(got, ref):
+        assert float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)) < 1e-5
+    bw = agb.tiles_of(picks["triton.backward"])
+    want = {"gma_statistics_kernel": picks["triton.statistics"][:2],
+            "gma_recompute_z_kernel": picks["triton.recompute_z"][:2],
+            "gma_recompute_attention_kernel": picks["triton.recompute_attention"],
+            "gma_recompute_local_kernel": picks["triton.recompute_local"][:2],
+            "gma_b1_dkv_kernel": picks["triton.b1"], "gma_b2_attention_kernel": picks["triton.b2"],
+            "gma_b2_crpe_kernel": picks["triton.b2_crpe"],
+            "gma_bn_grad_kernel": (bw.BLOCK_P, bw.WARPS), "gma_dz_kernel": (bw.BLOCK_P, bw.WARPS),
+            "gma_dw_backward_kernel": (bw.BLOCK_P, bw.WARPS),
+            "gma_pw_backward_kernel": (bw.PW_BLOCK_P, bw.PW_WARPS),
+            "gma_local_backward_kernel": (bw.PW_BLOCK_P, bw.PW_WARPS)}
+    assert {n for n, _ in launched} == set(want), sorted({n for n, _ in launched})
+    for name, kw in launched:
+        assert (kw.get("BLOCK_P", kw.get("BLOCK_N")), kw["num_warps"]) == tuple(want[name]), (name, kw)

@@ -97,6 +97,7 @@ from . import _common  # _common.interpreting(): the stores' rounding (tests pat
 from ._common import DotVariant, dot_variant, interpreting, mm, stored
 from .aggregation import split_plan as aggregation_split_plan
 from .config import dot_pad, next_pow2
+from .tile_spaces import register_tiles
 
 Tensor = torch.Tensor
 
@@ -511,6 +512,11 @@ def backward_tiles(S_PAD: int, M: int) -> BackwardTiles:
         bp = min(INTERPRETER_BLOCK_P, max(16, next_pow2(M)))
         # PW_TILE_ELEMS: two output-channel blocks at s = 40, 64, so the tests run that path too
         return BackwardTiles(BLOCK_C=4 * S_PAD, BLOCK_P=bp, WARPS=4, PW_BLOCK_P=bp, PW_WARPS=4, PW_TILE_ELEMS=32 * 64)
+    return gpu_backward_tiles(S_PAD)
+
+
+def gpu_backward_tiles(S_PAD: int) -> BackwardTiles:
+    """The GPU tiles (the default of the "triton.backward" tuning family)."""
     # 16-channel blocks of the pointwise / local kernels at S_PAD 128: the local kernel spilled 16 B
     # on sm_80 with 32 (C = 480); 2048 = 16 x 128 (sm_80/90, ptxas: 252-255 registers, no spill)
     return BackwardTiles(BLOCK_C=16, BLOCK_P=128, WARPS=8, PW_BLOCK_P=16, PW_WARPS=8,
@@ -559,12 +565,15 @@ def dz_coefficients(bn_scale: Tensor, mean: Optional[Tensor], rstd: Optional[Ten
 
 
 def plan_bn_sums(dP: Tensor, Z: Tensor, bn_scale: Tensor, bn_shift: Tensor, mean: Optional[Tensor],
-                 rstd: Optional[Tensor], pre_act: Optional[Tensor] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
-    """Buffers (G, part) and the launch of `gma_bn_grad_kernel` (pre_act given: read, not recomputed)."""
+                 rstd: Optional[Tensor], pre_act: Optional[Tensor] = None, tiles: Optional[BackwardTiles] = None
+                 ) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """Buffers (G, part) and the launch of `gma_bn_grad_kernel` (pre_act given: read, not recomputed).
+    tiles (here and in every plan below): default `backward_tiles`' (the "triton.backward"
+    tuning family's entry comes through `train_op.triton_stages`)."""
     dP, Z = _check(dP, "dP"), _check(Z, "Z")
     I, CP, H, W = Z.shape
     N, M = H * W, I * H * W
-    tiles = backward_tiles(dot_pad(CP // 4), M)
+    tiles = tiles or backward_tiles(dot_pad(CP // 4), M)
     cblocks = triton.cdiv(CP, tiles.BLOCK_C)
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
     buf = {"G": torch.empty_like(Z), "part": torch.empty(splits, 3, CP, dtype=torch.float32, device=Z.device)}
@@ -579,15 +588,15 @@ def plan_bn_sums(dP: Tensor, Z: Tensor, bn_scale: Tensor, bn_shift: Tensor, mean
     return buf, [(gma_bn_grad_kernel, (splits, cblocks), args, kw)]
 
 
-def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int, out: Optional[Layout] = None
-            ) -> Tuple[Dict[str, Tensor], List[Launch]]:
+def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int, out: Optional[Layout] = None,
+            tiles: Optional[BackwardTiles] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffer dZ (3B, nc, H, W) and the launch of `gma_dz_kernel` on channels [c_lo, c_lo + nc)
     (coefs: `dz_coefficients`; stats: batch statistics, Z read); out: store there instead (no
     buffer: buf["dZ"] is None)."""
     G, Z = _check(G, "G"), _check(Z, "Z")
     I, CP, H, W = G.shape
     N, M = H * W, I * H * W
-    tiles = backward_tiles(dot_pad(CP // 4), M)
+    tiles = tiles or backward_tiles(dot_pad(CP // 4), M)
     block_c = min(tiles.BLOCK_C, next_pow2(nc))
     cblocks = triton.cdiv(nc, block_c)
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
@@ -600,7 +609,7 @@ def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int
 
 
 def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coefs: Tensor, mode: int,
-                     dots: DotVariant) -> Tuple[Dict[str, Tensor], List[Launch]]:
+                     dots: DotVariant, tiles: Optional[BackwardTiles] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers (dy (3, 3B, s, H, W), part_gpw) and the launch of `gma_pw_backward_kernel`.
     dz_src: dZ (mode 0) or G (modes 1, 2: `gma_pw_backward_kernel`'s DZ_MODE; coefs:
     `dz_coefficients`, unread in mode 0)."""
@@ -614,7 +623,7 @@ def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coe
     ys = [_images(t) for t in y]
     if len({yy[1:] for yy in ys}) != 1:                      # the kernel takes one stride set for the three
         ys = [_images(t.contiguous()) for t in y]
-    tiles = backward_tiles(S_PAD, M)
+    tiles = tiles or backward_tiles(S_PAD, M)
     block_i = min(S_PAD, tiles.PW_TILE_ELEMS // S_PAD)
     blocks = 3 * (S_PAD // block_i)
     splits, tps = split_plan(M, tiles.PW_BLOCK_P, blocks, tiles.TARGET_PROGRAMS)
@@ -628,7 +637,7 @@ def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coe
     return buf, [(gma_pw_backward_kernel, (blocks, splits), args, kw)]
 
 
-def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None
+def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None, tiles: Optional[BackwardTiles] = None
                      ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers (du (I, c, H, W), part_gw) and the launch of `gma_dw_backward_kernel` for the
     depthwise "same" convolution dwconv(u, w), w (k, k, c) tap-major, given dy (I, c, H, W): generic
@@ -647,7 +656,7 @@ def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None
     for t, name in ((dy_, "dy"), (w, "w")):
         if t.dtype != torch.float32:
             raise TypeError(f"{name}: fp32 expected, not {t.dtype}")
-    tiles = backward_tiles(dot_pad(NC), M)
+    tiles = tiles or backward_tiles(dot_pad(NC), M)
     block_c = min(tiles.BLOCK_C, next_pow2(NC))
     cblocks = triton.cdiv(NC, block_c)
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
@@ -680,7 +689,8 @@ def depthwise_input(rc: Dict[str, Tensor], segment: int):
 
 
 def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, dots: DotVariant,
-                        out: Optional[Layout] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
+                        out: Optional[Layout] = None, tiles: Optional[BackwardTiles] = None
+                        ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers (dw4 (B, 3s, H, W), part_gpw, part_ln, then du4 and part_gw of the depthwise)
     and the two launches of the local branch: `gma_local_backward_kernel`, `gma_dw_backward_kernel`."""
     B, S, H, W = dL.shape
@@ -690,7 +700,7 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
         raise TypeError(f"dL: fp32, fp16 or bf16 expected (the incoming gradient's view), not {dL.dtype}")
     dL_, slb, slc, sln = _images(dL)
     xh, rstd, w4 = _check(rc["xh4"], "xh4"), _check(rc["rstd4"], "rstd4"), _check(rc["w4"], "w4")
-    tiles = backward_tiles(S_PAD, M)
+    tiles = tiles or backward_tiles(S_PAD, M)
     block_i = min(S_PAD, tiles.PW_TILE_ELEMS // S_PAD)
     blocks = 3 * (S_PAD // block_i)
     splits, tps = split_plan(M, tiles.PW_BLOCK_P, blocks, tiles.TARGET_PROGRAMS)
@@ -702,7 +712,7 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
             buf["dw4"], buf["part_gpw"], buf["part_ln"], M, N, tps, slb, slc, sln)
     kw = dict(S=S, S_PAD=S_PAD, BLOCK_I=block_i, BLOCK_P=tiles.PW_BLOCK_P, DOT_PRECISION=dots.precision,
               EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
-    bufd, ld = plan_dw_backward(buf["dw4"], depthwise_input(rc, 4), wts.local_dw, out)
+    bufd, ld = plan_dw_backward(buf["dw4"], depthwise_input(rc, 4), wts.local_dw, out, tiles)
     buf.update(bufd)
     return buf, [(gma_local_backward_kernel, (blocks, splits), args, kw)] + ld
 
@@ -748,7 +758,8 @@ def _launch(launches: List[Launch], like: Tensor) -> None:
 
 
 def b2_bn_sums(dP: Tensor, rc: Dict[str, Tensor], mean: Optional[Tensor], rstd: Optional[Tensor],
-               wts: Optional[FoldedGMAWeights] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+               wts: Optional[FoldedGMAWeights] = None, tiles: Optional[BackwardTiles] = None
+               ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """`backward.b2_bn_sums` on `gma_bn_grad_kernel`: (G, sum(G), sum(G Z), sum(G Zhat) or None).
 
     wts (extra, optional): the folded weights; given, the pre-activation is recomputed from
@@ -758,9 +769,9 @@ def b2_bn_sums(dP: Tensor, rc: Dict[str, Tensor], mean: Optional[Tensor], rstd: 
     CP = Z.shape[1]
     if wts is None:
         ones = Z.new_ones(CP)
-        buf, launches = plan_bn_sums(dP, Z, ones, ones, mean, rstd, pre_act=rc["pre_act"])
+        buf, launches = plan_bn_sums(dP, Z, ones, ones, mean, rstd, pre_act=rc["pre_act"], tiles=tiles)
     else:
-        buf, launches = plan_bn_sums(dP, Z, wts.bn_scale, wts.bn_shift, mean, rstd)
+        buf, launches = plan_bn_sums(dP, Z, wts.bn_scale, wts.bn_shift, mean, rstd, tiles=tiles)
     _launch(launches, Z)
     sums = buf["part"].sum(0)
     return buf["G"], sums[0], sums[1], (sums[2] if mean is not None else None)
@@ -776,16 +787,16 @@ def b3_dz(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optiona
 
 
 def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights,
-                       d_qkv: Optional[Tensor] = None, dots: Optional[DotVariant] = None
-                       ) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
+                       d_qkv: Optional[Tensor] = None, dots: Optional[DotVariant] = None,
+                       tiles: Optional[BackwardTiles] = None) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
     """Segments 1..3: the pointwise kernel, then one stencil launch per segment; (du_1..3, g_dw, g_pw)
     (d_qkv given: du_j stored there, `qkv_layout`, and returned as None). dots: the pointwise
     kernel's (default dz_src's variant)."""
     s = dz_src.shape[1] // 4
-    bufp, lp = plan_pw_backward(dz_src, rc["Z"], rc["y"], wts.pw, coefs, mode, dots or dot_variant(dz_src))
+    bufp, lp = plan_pw_backward(dz_src, rc["Z"], rc["y"], wts.pw, coefs, mode, dots or dot_variant(dz_src), tiles)
     dws = (wts.dw3, wts.dw5, wts.dw7)
     plans = [plan_dw_backward(bufp["dy"][j - 1], depthwise_input(rc, j), dws[j - 1],
-                              None if d_qkv is None else qkv_layout(d_qkv, j)) for j in (1, 2, 3)]
+                              None if d_qkv is None else qkv_layout(d_qkv, j), tiles) for j in (1, 2, 3)]
     _launch(lp + [p[1][0] for p in plans], dz_src)
     g_pw = bufp["part_gpw"].sum(0)[:, :s, :s]
     g_dw = [taps_of(b["part_gw"], s, 2 * j + 1) for j, (b, _) in zip((1, 2, 3), plans)]
@@ -803,40 +814,73 @@ def b3_pointwise_depthwise(dZ: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeig
 
 def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor], rstd: Optional[Tensor],
              sum_g: Tensor, sum_gzh: Optional[Tensor], count, d_qkv: Optional[Tensor] = None,
-             dots: Optional[DotVariant] = None) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
+             dots: Optional[DotVariant] = None, tiles: Optional[BackwardTiles] = None
+             ) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
     """`b3_dz` followed by `b3_pointwise_depthwise` with dZ formed in the pointwise kernel's
     prologue (dZ of segments 1..3 never written; module docstring: the byte count); segment
     0's du (= its dZ) by `gma_dz_kernel`. Arguments as `b3_dz`, returns as `b3_pointwise_depthwise`;
     d_qkv (B, N, 3C) given: du_0..3 are stored straight into its segments 0..3 (`qkv_layout`, in
     its dtype) and returned as None. dots: the pointwise kernel's (default G's variant; the Triton
-    stage set passes `statistics.backward_dots`)."""
+    stage set passes `statistics.backward_dots`); tiles: the plans' (default `backward_tiles`')."""
     s = G.shape[1] // 4
     stats = mean is not None
     coefs = dz_coefficients(wts.bn_scale, mean, rstd, sum_g, sum_gzh, count)
-    buf0, l0 = plan_dz(G, rc["Z"], coefs, stats, 0, s, None if d_qkv is None else qkv_layout(d_qkv, 0))
+    buf0, l0 = plan_dz(G, rc["Z"], coefs, stats, 0, s, None if d_qkv is None else qkv_layout(d_qkv, 0), tiles)
     if fused_b3(dot_pad(s)):
         _launch(l0, G)
-        du, g_dw, g_pw = _segments_backward(G, 2 if stats else 1, coefs, rc, wts, d_qkv, dots)
+        du, g_dw, g_pw = _segments_backward(G, 2 if stats else 1, coefs, rc, wts, d_qkv, dots, tiles)
         return [buf0["dZ"]] + du, g_dw, g_pw
     # wide segments (`FUSED_B3_MAX_S_PAD`): dZ of every channel written once, the pointwise kernel reads it
-    bufz, lz = plan_dz(G, rc["Z"], coefs, stats, 0, G.shape[1])
+    bufz, lz = plan_dz(G, rc["Z"], coefs, stats, 0, G.shape[1], tiles=tiles)
     _launch(lz if d_qkv is None else l0 + lz, G)
-    du, g_dw, g_pw = _segments_backward(bufz["dZ"], 0, coefs, rc, wts, d_qkv, dots)
+    du, g_dw, g_pw = _segments_backward(bufz["dZ"], 0, coefs, rc, wts, d_qkv, dots, tiles)
     return [None if d_qkv is not None else bufz["dZ"][:, :s]] + du, g_dw, g_pw
 
 
 def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_qkv: Optional[Tensor] = None,
-                   dots: Optional[DotVariant] = None) -> Tuple[Optional[Tensor], ...]:
+                   dots: Optional[DotVariant] = None, tiles: Optional[BackwardTiles] = None
+                   ) -> Tuple[Optional[Tensor], ...]:
     """`backward.local_backward` on `gma_local_backward_kernel` + `gma_dw_backward_kernel` (3x3 over
     the 3s channels): (du4 (B, 3s, H, W), g_local_dw (3, 3, 3s), g_local_pw (s, 3s),
     g_ln_weight (s,), g_ln_bias (s,)); d_qkv (B, N, 3C) given: du4 is stored straight into its
-    segment 4 (`qkv_layout`, in its dtype) and returned as None. dots: default dL's variant."""
+    segment 4 (`qkv_layout`, in its dtype) and returned as None. dots: default dL's variant;
+    tiles: `plan_local_backward`'s."""
     B, S, H, W = dL.shape
     S_PAD = dot_pad(S)
     buf, launches = plan_local_backward(dL, rc, wts, dots or dot_variant(dL),
-                                        None if d_qkv is None else qkv_layout(d_qkv, 4))
+                                        None if d_qkv is None else qkv_layout(d_qkv, 4), tiles)
     _launch(launches, dL)
     g_lpw = buf["part_gpw"].sum(0).view(S_PAD, 3, S_PAD)[:S, :, :S].reshape(S, 3 * S)
     ln = buf["part_ln"].sum(0)
     g_ldw = taps_of(buf["part_gw"], 3 * S, 3)
     return buf["du"], g_ldw, g_lpw, ln[0, :S], ln[1, :S]
+
+
+BACKWARD_FAMILY = "triton.backward"
+#: Further tiles the tuner tries (BLOCK_C, BLOCK_P, num_warps, PW_BLOCK_P, PW_WARPS, PW_TILE_ELEMS):
+#: the stencils' [channels, pixels] tile and the channel-mix kernels' pixels and channel block
+#: (benchmarks/tune.py --train refuses one that spills at the call's width)
+TILE_SEARCH = ((16, 128, 8, 16, 8, 64 * 64), (16, 64, 4, 16, 8, 64 * 64), (32, 64, 8, 16, 8, 64 * 64),
+               (16, 128, 8, 32, 8, 32 * 64), (16, 128, 8, 16, 4, 32 * 64), (16, 256, 8, 16, 8, 64 * 64))
+
+
+def _gpu_tile(C: int, precision: str) -> Tuple[int, ...]:
+    t = gpu_backward_tiles(dot_pad(C // 5))
+    return (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS)
+
+
+def _search(C: int, precision: str) -> List[Tuple[int, ...]]:
+    """TILE_SEARCH with the channel-mix block of the default at S_PAD 128 (16 x 128)."""
+    wide = dot_pad(C // 5) > 64
+    return [t[:5] + (min(t[5], 16 * 128),) if wide else t for t in TILE_SEARCH]
+
+
+def tiles_of(tile: Tuple[int, ...]) -> BackwardTiles:
+    """The `BackwardTiles` of a "triton.backward" tile tuple."""
+    return BackwardTiles(BLOCK_C=tile[0], BLOCK_P=tile[1], WARPS=tile[2], PW_BLOCK_P=tile[3], PW_WARPS=tile[4],
+                         PW_TILE_ELEMS=tile[5])
+
+
+register_tiles(BACKWARD_FAMILY, ("BLOCK_C", "BLOCK_P", "num_warps", "PW_BLOCK_P", "PW_WARPS", "PW_TILE_ELEMS"),
+               _gpu_tile, _search, [gma_bn_grad_kernel, gma_dz_kernel, gma_pw_backward_kernel,
+                                    gma_dw_backward_kernel, gma_local_backward_kernel])

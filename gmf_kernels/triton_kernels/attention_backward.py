@@ -79,6 +79,7 @@ from .aggregation import split_plan
 from .backward import crpe_groups
 from .config import B1_TILES, B2_TILES, CRPE_BWD_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2
 from .launcher import _alloc, device_guard, wrap_triton
+from .tile_spaces import register_tiles
 
 Tensor = torch.Tensor
 #: one launch: (kernel, grid, positional args, keyword args incl. constexprs and num_warps)
@@ -259,13 +260,15 @@ def _channels_first(x: Tensor) -> Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
-def plan_b1(Q: Tensor, dA: Tensor, scale: float, dots: Optional[DotVariant] = None, block: int = 0
-            ) -> Tuple[Tensor, List[Launch]]:
-    """(fp32 partials (B, 8, SPLITS, d, d), [launch]) of B1 without launching (meta tensors work)."""
+def plan_b1(Q: Tensor, dA: Tensor, scale: float, dots: Optional[DotVariant] = None, block: int = 0,
+            tile: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, List[Launch]]:
+    """(fp32 partials (B, 8, SPLITS, d, d), [launch]) of B1 without launching (meta tensors work).
+    tile: (tokens per tile, num_warps), default `_tile`'s (the "triton.b1" tuning family's
+    entry comes through `train_op.triton_stages`)."""
     B, h, d, N = Q.shape
     assert h == NUM_HEADS and dA.shape == Q.shape, (Q.shape, dA.shape)
     dots = dots or dot_variant(Q)
-    bn, warps = _tile(B1_TILES, d, N, block)
+    bn, warps = tile or _tile(B1_TILES, d, N, block)
     splits, tps = _split_plan(N, B, bn)
     part = _alloc((B, h, splits, d, d), torch.float32, Q.device)
     args = (Q, dA, part, N, tps, float(scale), *Q.stride(), *dA.stride())
@@ -281,18 +284,24 @@ def _run(launches: List[Launch], like: Tensor) -> None:
             wrap_triton(kernel)[grid](*args, **kwargs)
 
 
-def b1_dkv(Q: Tensor, dA: Tensor, scale: float, block: int = 0, dots: Optional[DotVariant] = None) -> Tensor:
+def b1_dkv(Q: Tensor, dA: Tensor, scale: float, block: int = 0, dots: Optional[DotVariant] = None,
+           tile: Optional[Tuple[int, int]] = None) -> Tensor:
     """B1 as kernels: dKV (B, 8, d, d) fp32 = scale * Q dA^T over tokens; Q, dA (B, 8, d, N), any
     strides, fp32/fp16/bf16. `block`: tokens per tile (tests; default the tile table's); dots:
-    default Q's variant."""
-    part, launches = plan_b1(Q, dA, scale, dots, block=block)
+    default Q's variant; tile: `plan_b1`'s."""
+    part, launches = plan_b1(Q, dA, scale, dots, block=block, tile=tile)
     _run(launches, Q)
     return part[:, :, 0] if part.shape[2] == 1 else part.sum(2)
 
 
 def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
-            dots: Optional[DotVariant] = None, block: int = 0) -> Tuple[Dict[str, Tensor], List[Launch]]:
-    """Buffers and the two launches of B2 without launching (meta tensors work).
+            dots: Optional[DotVariant] = None, block: int = 0,
+            tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None)
+            ) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """Buffers and the two launches of B2 without launching (meta tensors work). tiles: (the
+    attention kernel's, the CRPE kernel's) (tokens per tile, num_warps), each default `_tile`'s
+    (the "triton.b2" / "triton.b2_crpe" tuning families' entries come through
+    `train_op.triton_stages`).
 
     Buffers: dP (3B, C', H, W) fp32 (the result), dR (B, C', N) fp32, k_max, k_sum (B, 8, d) fp32,
     part_w (B, SPLITS, C', 49) and part_b (B, SPLITS, C') fp32 (the CRPE gradient partials)."""
@@ -311,13 +320,13 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
     buf = {"dP": _alloc((3 * B, cp, H, W), *f32), "dR": _alloc((B, cp, N), *f32),
            "k_max": k_max.float().contiguous(), "k_sum": k_sum.float().contiguous()}
     dP = buf["dP"]
-    bp, warps = _tile(B2_TILES, d, N, block)
+    bp, warps = tiles[0] or _tile(B2_TILES, d, N, block)
     args = (dA, Q, K, V, _channels_first(R), KV.float().contiguous(), dKV.float().contiguous(), buf["k_max"],
             buf["k_sum"], dP[:B], dP[B:2 * B], dP[2 * B:], buf["dR"], N, float(scale), *dA.stride())
     kwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
     attn = (gma_b2_attention_kernel, (triton.cdiv(N, bp), h, B), args, kwargs)
-    bc, cwarps = _tile(CRPE_BWD_TILES, d, N, block)
+    bc, cwarps = tiles[1] or _tile(CRPE_BWD_TILES, d, N, block)
     splits, tps = _split_plan(N, B, bc)
     buf["part_w"] = _alloc((B, splits, cp, 49), *f32)           # taps >= KS*KS of a head: never written
     buf["part_b"] = _alloc((B, splits, cp), *f32)
@@ -329,14 +338,36 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
 
 
 def b2_proxy_grads(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
-                   block: int = 0, dots: Optional[DotVariant] = None) -> Tuple[Tensor, List[Tensor], Tensor]:
+                   block: int = 0, dots: Optional[DotVariant] = None,
+                   tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None)
+                   ) -> Tuple[Tensor, List[Tensor], Tensor]:
     """B2 as kernels: dP (3B, C', H, W) = [dQ; dK; dV] fp32, the CRPE weight gradients (3x3, 5x5,
     7x7) and the bias gradient, as `backward.b2_proxy_grads`. Reads rc["P"], rc["KV"], rc["R"]
     and the softmax statistics rc["k_max"], rc["k_sum"] (B, 8, d) when present (else computed from K;
-    rc["Ks"] is not read). dots: default dA's variant."""
-    buf, launches = plan_b2(dA, dKV, rc, wts, scale, dots, block=block)
+    rc["Ks"] is not read). dots: default dA's variant; tiles: `plan_b2`'s."""
+    buf, launches = plan_b2(dA, dKV, rc, wts, scale, dots, block=block, tiles=tiles)
     _run(launches, dA)
     d = dA.shape[2]
     part_w = buf["part_w"].sum(dim=(0, 1))                                    # (C', 49)
     g_w = [part_w[a:b, :k * k].t().reshape(k, k, b - a) for (a, b), k in zip(crpe_groups(d), (3, 5, 7))]
     return buf["dP"], g_w, buf["part_b"].sum(dim=(0, 1))
+
+
+B1_FAMILY = "triton.b1"
+B2_FAMILY = "triton.b2"
+CRPE_FAMILY = "triton.b2_crpe"
+#: Further (tokens per tile, num_warps) the tuner tries for each of the three kernels
+#: (benchmarks/tune.py --train refuses one that spills at the call's width)
+TILE_SEARCH = ((64, 4), (32, 4), (32, 8), (16, 4), (64, 8))
+
+
+def _gpu_tile(table: Dict[int, Tuple[int, int]]):
+    return lambda C, precision: table[dot_pad(C // 10)]
+
+
+register_tiles(B1_FAMILY, ("BLOCK_P", "num_warps"), _gpu_tile(B1_TILES), lambda C, p: TILE_SEARCH,
+               [gma_b1_dkv_kernel])
+register_tiles(B2_FAMILY, ("BLOCK_P", "num_warps"), _gpu_tile(B2_TILES), lambda C, p: TILE_SEARCH,
+               [gma_b2_attention_kernel])
+register_tiles(CRPE_FAMILY, ("BLOCK_P", "num_warps"), _gpu_tile(CRPE_BWD_TILES), lambda C, p: TILE_SEARCH,
+               [gma_b2_crpe_kernel])

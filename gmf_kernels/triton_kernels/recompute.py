@@ -63,6 +63,8 @@ from ._common import DotVariant, crpe_group, depthwise_tile, interpreting
 from .aggregation import _layer_norm_rows, _local_mix, _online_softmax_kv, _store_partial, _tile, split_plan
 from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2, strip_width
 from .statistics import backward_dots, recompute_planes, statistics_dots
+from . import tile_spaces
+from .tile_spaces import register_tiles
 
 Tensor = torch.Tensor
 Launch = Tuple[object, tuple, tuple, dict]
@@ -181,6 +183,11 @@ def attention_tiles(d: int, N: int, precision: str) -> Tuple[int, int]:
     under the interpreter, else `ATTENTION_TILES_BY_DOTS` / `ATTENTION_TILES` / `SMALLEST_TILE`."""
     if interpreting():
         return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4
+    return gpu_attention_tiles(d, precision)
+
+
+def gpu_attention_tiles(d: int, precision: str) -> Tuple[int, int]:
+    """The GPU tile of the attention recompute (the default of "triton.recompute_attention")."""
     d_pad = dot_pad(d)
     return ATTENTION_TILES_BY_DOTS.get(precision, {}).get(d_pad) or ATTENTION_TILES.get(d_pad, SMALLEST_TILE)
 
@@ -190,8 +197,20 @@ def local_tiles(s: int, N: int, precision: str) -> Tuple[int, int, int]:
     tile and one channel chunk under the interpreter, else `LOCAL_TILES_BY_DOTS` / `LOCAL_TILES`."""
     if interpreting():
         return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4, dot_pad(s)
+    return gpu_local_tiles(s, precision)
+
+
+def gpu_local_tiles(s: int, precision: str) -> Tuple[int, int, int]:
+    """The GPU tile of the local-branch recompute (the default of "triton.recompute_local")."""
     s_pad = dot_pad(s)
     return LOCAL_TILES_BY_DOTS.get(precision, {}).get(s_pad) or LOCAL_TILES.get(s_pad, SMALLEST_TILE + (16,))
+
+
+ATTENTION_FAMILY = "triton.recompute_attention"
+LOCAL_FAMILY = "triton.recompute_local"
+#: Further tiles the tuner tries (benchmarks/tune.py --train refuses one that spills at the call's width)
+ATTENTION_SEARCH = ((16, 4), (32, 4), (32, 8), (64, 4), (16, 8))
+LOCAL_SEARCH = ((32, 8, 16), (64, 8, 16), (64, 4, 16), (32, 4, 16), (16, 4, 16))
 
 
 def plan_recompute_attention(P: Tensor, H: int, W: int, wts: FoldedGMAWeights, tiles: Optional[Tuple[int, int]] = None,
@@ -272,9 +291,17 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float)
         return torch_recompute(qkv, H, W, wts, ln_eps)
     Z, P, y = recompute_planes(qkv, H, W, wts)          # the op takes backward_dots(qkv) itself
     dots = backward_dots(qkv)
-    att, la = plan_recompute_attention(P, H, W, wts, dots=dots)
-    loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps, dots=dots)
+    C = qkv.shape[-1] // 3
+    att, la = plan_recompute_attention(P, H, W, wts, tile_spaces.tuned_tiles(ATTENTION_FAMILY, C, qkv), dots=dots)
+    loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps, tile_spaces.tuned_tiles(LOCAL_FAMILY, C, qkv), dots=dots)
     _launch([la, ll], qkv)
     k_max, k_sum, KV = merge_softmax_partials(att["part_m"], att["part_l"], att["part_acc"])
     return dict(Z=Z, P=P, y=y, KV=KV, k_max=k_max, k_sum=k_sum, R=att["R"], w4=loc["w4"], xh4=loc["xh4"],
                 rstd4=loc["rstd4"], qkv=qkv)
+
+
+register_tiles(ATTENTION_FAMILY, ("BLOCK_P", "num_warps"), lambda C, p: gpu_attention_tiles(C // 10, p),
+               lambda C, p: ATTENTION_SEARCH, [gma_recompute_attention_kernel])
+register_tiles(LOCAL_FAMILY, ("BLOCK_P", "num_warps", "CK"), lambda C, p: gpu_local_tiles(C // 5, p),
+               lambda C, p: [(bp, w, min(ck, dot_pad(C // 5))) for bp, w, ck in LOCAL_SEARCH],
+               [gma_recompute_local_kernel])

@@ -108,6 +108,8 @@ import triton.language as tl
 from ._common import DotVariant, dot_variant, hardswish, interpreting
 from .aggregation import _balanced_splits, _dw_pw_heads, _tile
 from .config import INTERPRETER_BLOCK_P, dot_pad, next_pow2, strip_width
+from . import tile_spaces
+from .tile_spaces import register_tiles
 
 Tensor = torch.Tensor
 
@@ -315,11 +317,16 @@ def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
     """(BLOCK_P, num_warps, CK) of a call with dots of this precision: one large tile and one
     channel chunk under the interpreter (its cost is per operation, not per element), else
     `STATS_TILES_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`."""
-    s_pad = dot_pad(C // 5)
     if interpreting():
-        return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4, s_pad
+        return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4, dot_pad(C // 5)
+    return gpu_stats_tiles(C, precision)
+
+
+def gpu_stats_tiles(C: int, precision: str) -> Tuple[int, int, int]:
+    """The GPU tile of the statistics pass: `STATS_TILES_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`
+    (the default of the "triton.statistics" tuning family, `tile_spaces`)."""
     bp, warps, ck = STATS_TILES_BY_DOTS.get(precision, {}).get(C) or STATS_TILES.get(C, DEFAULT_TILE)
-    return bp, warps, min(ck, s_pad)
+    return bp, warps, min(ck, dot_pad(C // 5))
 
 
 #: GPU tile of the recompute kernel: (32, 8, 16), and (16, 4, 16) with FMA dots ("ieee": sm_70/75).
@@ -355,11 +362,27 @@ def recompute_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
     `RECOMPUTE_TILE_WIDE`)."""
     if interpreting():
         return stats_tiles(C, N, precision)
+    return gpu_recompute_tiles(C, precision)
+
+
+def gpu_recompute_tiles(C: int, precision: str) -> Tuple[int, int, int]:
+    """The GPU tile of the recompute kernel (the default of the "triton.recompute_z" tuning family)."""
     if dot_pad(C // 5) >= 128:
         bp, warps, ck = RECOMPUTE_TILE_WIDE_BY_DOTS.get(precision, RECOMPUTE_TILE_WIDE)
     else:
         bp, warps, ck = RECOMPUTE_TILE_BY_DOTS.get(precision, RECOMPUTE_TILE)
     return bp, warps, min(ck, dot_pad(C // 5))
+
+
+#: Further tiles the tuner tries for both kernels ("triton.statistics", "triton.recompute_z";
+#: benchmarks/tune.py --train refuses one that spills at the call's width)
+TILE_SEARCH = ((32, 8, 16), (64, 8, 16), (16, 4, 16), (32, 4, 16), (64, 4, 16), (16, 8, 16))
+STATS_FAMILY = "triton.statistics"
+RECOMPUTE_Z_FAMILY = "triton.recompute_z"
+
+
+def _search(C: int, precision: str) -> List[Tuple[int, int, int]]:
+    return [(bp, warps, min(ck, dot_pad(C // 5))) for bp, warps, ck in TILE_SEARCH]
 
 
 def statistics_dots(qkv: Tensor) -> DotVariant:
@@ -443,11 +466,13 @@ def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: 
 
 def _grid_plan(qkv: Tensor, dots: Optional[DotVariant], tiles: Optional[Tuple[int, int, int]], tiles_fn,
                recompute: bool):
-    """(qkv with unit channel stride, dots, tiles (default tiles_fn's), `SegmentPlan`) of a call:
+    """(qkv with unit channel stride, dots, tiles (default: on a CUDA device the tuning table's,
+    `tile_spaces.tuned_tiles`, else tiles_fn's), `SegmentPlan`) of a call:
     the grid both kernels share, programs per segment in proportion to its cost per tile
     (`segment_costs`, `aggregation._balanced_splits`: about SPLIT_TARGET programs in all where the
     tiles allow)."""
     B, N, C3 = qkv.shape
+    tiles = tiles or tile_spaces.tuned_tiles(RECOMPUTE_Z_FAMILY if recompute else STATS_FAMILY, C3 // 3, qkv)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dots = dots or statistics_dots(qkv)
@@ -624,3 +649,9 @@ def recompute_planes(qkv: Tensor, H: int, W: int, wts) -> Tuple[Tensor, Tensor, 
     z, p, y_all = torch.ops.gmf.triton_proxy_z(qkv, H, W, wts.bn_scale, wts.bn_shift, wts.dw3, wts.dw5, wts.dw7,
                                                wts.pw)
     return z, p, list(y_all.unbind(0))
+
+
+register_tiles(STATS_FAMILY, ("BLOCK_P", "num_warps", "CK"), gpu_stats_tiles, _search, [gma_statistics_kernel],
+               backward=False)
+register_tiles(RECOMPUTE_Z_FAMILY, ("BLOCK_P", "num_warps", "CK"), gpu_recompute_tiles, _search,
+               [gma_recompute_z_kernel])

@@ -13,7 +13,7 @@ and the training statistics pass is the Triton kernel of `statistics.py` (op
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -22,6 +22,8 @@ from ..weights import GMAHyper, GMAWeights
 from ..folding import FoldedGMAWeights
 from .backward import TORCH_STAGES, Stages, pre_projection_backward
 from ._common import DotVariant
+from .aggregation_backward import BACKWARD_FAMILY, BackwardTiles, tiles_of
+from . import tile_spaces
 from .config import backward_kernels_take
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
 from .statistics import backward_dots, statistics  # the statistics pass as a kernel (registers
@@ -57,7 +59,8 @@ def kernel_backward(ctx, grad_pre) -> tuple:
     # SyncBatchNorm: an all-reduce between B2 and B3, so the stages are called one by one; under
     # torch.compile the PyTorch stages (the interpreter's kernels cannot be traced)
     qkv = ctx.saved_tensors[0]
-    stages = TORCH_STAGES if torch.compiler.is_compiling() else triton_stages(qkv.shape[-1] // 15, backward_dots(qkv))
+    stages = (TORCH_STAGES if torch.compiler.is_compiling()
+              else triton_stages(qkv.shape[-1] // 15, backward_dots(qkv), train_tiles(qkv)))
     return training.backward(ctx, grad_pre, stages)
 
 
@@ -72,7 +75,8 @@ def triton_pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int
     with torch.autocast(qkv.device.type, enabled=False):
         d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
                                                mean, rstd, None, None,
-                                               triton_stages(qkv.shape[-1] // 15, backward_dots(qkv)))
+                                               triton_stages(qkv.shape[-1] // 15, backward_dots(qkv),
+                                                             train_tiles(qkv)))
     # the weight gradients are small and some are views of one buffer of sums: own copies (an op's
     # outputs may not alias each other)
     return [d_qkv.contiguous()] + [g.clone(memory_format=torch.contiguous_format) for g in grads]
@@ -84,7 +88,28 @@ def _(grad_pre, qkv, H, W, weights, scale, ln_eps, mean, rstd):
         torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
 
-def triton_stages(s: int, dots: DotVariant) -> Stages:
+class TrainTiles(NamedTuple):
+    """The tiles of one backward call's B1, B2 and aggregation-backward kernels (None: the
+    module's default). The statistics pass and the recompute look theirs up themselves
+    (`tile_spaces.tuned_tiles` of the layer's qkv)."""
+    b1: Optional[Tuple[int, int]] = None
+    b2: Optional[Tuple[int, int]] = None
+    b2_crpe: Optional[Tuple[int, int]] = None
+    backward: Optional[BackwardTiles] = None
+
+
+def train_tiles(qkv: Tensor) -> TrainTiles:
+    """The tuning table's tiles (`gmf_kernels.tuning`, families of `tile_spaces`) for a backward
+    of the layer whose input is qkv, on its GPU, width and dtype; every field None off CUDA and
+    under the interpreter."""
+    from .attention_backward import B1_FAMILY, B2_FAMILY, CRPE_FAMILY
+    C = qkv.shape[-1] // 3
+    bw = tile_spaces.tuned_tiles(BACKWARD_FAMILY, C, qkv)
+    return TrainTiles(b1=tile_spaces.tuned_tiles(B1_FAMILY, C, qkv), b2=tile_spaces.tuned_tiles(B2_FAMILY, C, qkv),
+                      b2_crpe=tile_spaces.tuned_tiles(CRPE_FAMILY, C, qkv), backward=None if bw is None else tiles_of(bw))
+
+
+def triton_stages(s: int, dots: DotVariant, tiles: Optional[TrainTiles] = None) -> Stages:
     """The backward stages for segment width s and the backward's dot variant
     (`statistics.backward_dots` of the layer's qkv: the forward's, one TF32 pass for fp16/bf16
     on sm_80+), bound into every stage that runs dots: Triton kernels where
@@ -95,18 +120,24 @@ def triton_stages(s: int, dots: DotVariant) -> Stages:
     (aggregation_backward.py), and the recompute of what they read (recompute.py: Z, P, u, y by
     statistics.py's `gma_recompute_z_kernel`, the softmax statistics, KV and the CRPE, the local
     branch); elsewhere (S_PAD 128 with sm_70/75's FMA dots, where those kernels spill) the
-    PyTorch stages."""
+    PyTorch stages. tiles: B1's, B2's and the aggregation backward's (`train_tiles`; default
+    the modules' own)."""
     from . import aggregation_backward as agb
     from . import attention_backward as ab
     from . import recompute as rcp
     if not backward_kernels_take(s, dots.precision):
         return TORCH_STAGES
 
-    def bind(stage):
-        return functools.partial(stage, dots=dots)
-    return Stages(b1_dkv=bind(ab.b1_dkv), b2_proxy_grads=bind(ab.b2_proxy_grads), b2_bn_sums=agb.b2_bn_sums,
-                  b3=bind(agb.b3_fused), local_backward=bind(agb.local_backward), recompute=rcp.recompute,
-                  into_d_qkv=True, grad_pre_as_is=True)
+    tiles = tiles or TrainTiles()
+
+    def bind(stage, **kw):
+        return functools.partial(stage, dots=dots, **kw)
+    return Stages(b1_dkv=bind(ab.b1_dkv, tile=tiles.b1), b2_proxy_grads=bind(ab.b2_proxy_grads,
+                                                                              tiles=(tiles.b2, tiles.b2_crpe)),
+                  b2_bn_sums=functools.partial(agb.b2_bn_sums, tiles=tiles.backward),
+                  b3=bind(agb.b3_fused, tiles=tiles.backward), local_backward=bind(agb.local_backward,
+                                                                                   tiles=tiles.backward),
+                  recompute=rcp.recompute, into_d_qkv=True, grad_pre_as_is=True)
 
 
 def triton_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
