@@ -34,7 +34,9 @@ What it measures (`gmf_kernels.tuning`, the table format is in its docstring):
 Time: --budget seconds in all (default 480, inside the 8 minutes of a lent GPU run), split
 between the families and the backend timing (BUDGET_SHARES; time one part does not use
 carries over). Widths of GroupMixFormer-S come first, bf16 first; when a part's time runs
-out the rest of it is recorded as not measured, never dropped silently. The table is
+out the rest of it is recorded as not measured, never dropped silently. A run keeps, from a
+measured table of the same architecture already at its path, the entries of the parts it does
+not measure (`keep_other_parts`: a --train run keeps the forward's, and back). The table is
 rewritten after every (C, dtype) so that a stopped run keeps what it measured, and copied to
 $OUT (or --out) when set. Times are do_bench medians (CUDA events, L2 flushed), in us.
 
@@ -126,6 +128,31 @@ def new_table(arch: str, device: str, dry_run: bool = False) -> Dict:
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_sha": sha,
             "torch": torch.__version__, "triton": triton_version, "kernels": {}, "backends": {},
             "candidates": {}, "not_measured": []}
+
+
+def keep_other_parts(table: Dict, path: str, parts: Sequence[str]) -> Dict:
+    """`table` with the entries of the parts this run does not measure kept from the table at
+    `path` (a forward run keeps a --train run's families and the other way round), recorded
+    under "kept" with that table's date and commit."""
+    try:
+        with open(path) as fh:
+            prev = json.load(fh)
+    except (OSError, ValueError):
+        return table
+    if prev.get("arch") != table["arch"] or not prev.get("measured"):
+        return table
+    kept = [f for f in prev.get("kernels", {}) if f not in parts]
+    for f in kept:
+        table["kernels"][f] = prev["kernels"][f]
+        if f in prev.get("candidates", {}):
+            table["candidates"][f] = prev["candidates"][f]
+    if "backends" not in parts and prev.get("backends"):
+        table["backends"] = prev["backends"]
+        kept.append("backends")
+    if kept:
+        table["kept"] = {"parts": kept, "date": prev.get("date"), "git_sha": prev.get("git_sha"),
+                         "device": prev.get("device")}
+    return table
 
 
 def set_entry(table: Dict, family: str, C: int, dtype: torch.dtype, results: List[Dict]) -> Optional[Dict]:
@@ -489,7 +516,7 @@ def main(argv=None) -> int:
     if a.table_dir:
         os.environ["GMF_TUNING_DIR"] = a.table_dir
     path = str(tuning.table_path(arch))
-    table = new_table(arch, torch.cuda.get_device_name())
+    table = keep_other_parts(new_table(arch, torch.cuda.get_device_name()), path, parts)
     table.update(batch=a.batch, budget_s=a.budget, shapes=[list(s) for s in shape_list])
     meas = GpuMeasure(a.batch)
     t_start = time.monotonic()

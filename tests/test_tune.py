@@ -289,3 +289,23 @@ def test_backward_runs_the_tuned_tiles(monkeypatch):
     assert {n for n, _ in launched} == set(want), sorted({n for n, _ in launched})
     for name, kw in launched:
         assert (kw.get("BLOCK_P", kw.get("BLOCK_N")), kw["num_warps"]) == tuple(want[name]), (name, kw)
+
+
+def test_a_run_keeps_the_parts_it_does_not_measure(tmp_path):
+    """A --train run keeps the forward families and the backends' times of the table already
+    there (and a forward run the training families), for the same GPU architecture only."""
+    path = str(tmp_path / "sm_90.json")
+    prev = tune.new_table("sm_90", "H100")
+    prev["kernels"] = {"triton.aggregate": {"80": {"bfloat16": {"BLOCK_P": 32, "time_us": 1.0}}},
+                       "triton.b1": {"80": {"bfloat16": {"BLOCK_P": 16, "num_warps": 4, "time_us": 2.0}}}}
+    prev["backends"] = {"80": {"bfloat16": {"triton": 3.0, "batch": 8}}}
+    tune.write_table(prev, path)
+    train = tune.keep_other_parts(tune.new_table("sm_90", "H100"), path, ["triton.b1", "triton.b2"])
+    assert set(train["kernels"]) == {"triton.aggregate"} and train["backends"] == prev["backends"]
+    assert train["kept"]["parts"] == ["triton.aggregate", "backends"]
+    fwd = tune.keep_other_parts(tune.new_table("sm_90", "H100"), path, ["triton.aggregate", "backends"])
+    assert set(fwd["kernels"]) == {"triton.b1"} and fwd["backends"] == {}
+    assert "kept" not in tune.keep_other_parts(tune.new_table("sm_80", "A100"), path, ["triton.b1"])
+    dry = tune.new_table("sm_90", "dry run", dry_run=True)          # a dry run's table is never kept
+    tune.write_table(dry, path)
+    assert "kept" not in tune.keep_other_parts(tune.new_table("sm_90", "H100"), path, ["triton.b1"])
