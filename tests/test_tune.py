@@ -309,3 +309,40 @@ def test_a_run_keeps_the_parts_it_does_not_measure(tmp_path):
     dry = tune.new_table("sm_90", "dry run", dry_run=True)          # a dry run's table is never kept
     tune.write_table(dry, path)
     assert "kept" not in tune.keep_other_parts(tune.new_table("sm_90", "H100"), path, ["triton.b1"])
+
+
+_CANDIDATES_SCRIPT = r"""
+import json
+from gmf_kernels.triton_kernels.specializations import Call, candidate_specializations
+from gmf_kernels.triton_kernels.tile_spaces import families
+out = []
+for fam, cand, sp in candidate_specializations({Call(80, 56, 56, 1, "fp32"): ("s",)}, archs=(90,)):
+    cx = dict(sp.constexprs)
+    out.append([fam, cand, sp.kernel, cx.get("BLOCK_P", cx.get("BLOCK_N")), sp.num_warps])
+print(json.dumps({"families": families(), "rows": out}))
+"""
+
+
+def test_tuning_candidates_reach_the_aot_plans():
+    """`specializations.candidate_specializations`: every training family's candidates become
+    the specialisations of its own kernels with the candidate's tile (what tune.py --train
+    makes the JIT compile, and what an ahead-of-time check of the candidates compiles)."""
+    from helpers import triton_compile_env
+    proc = subprocess.run([sys.executable, "-c", _CANDIDATES_SCRIPT], cwd=ROOT, env=triton_compile_env(),
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert lines, proc.stderr[-3000:]
+    res = json.loads(lines[-1])
+    *_, tile_spaces = _train_modules()
+    rows = res["rows"]
+    assert {r[0] for r in rows} == set(res["families"])
+    pw_kernels = ("gma_pw_backward_kernel", "gma_local_backward_kernel")
+    for fam, cand, kernel, block, warps in rows:
+        names = {getattr(k, "__name__", None) or k.fn.__name__ for k in tile_spaces.KERNELS[fam]}
+        assert kernel in names, (fam, kernel)
+        if fam == "triton.backward" and kernel in pw_kernels:
+            assert (block, warps) == (cand["PW_BLOCK_P"], cand["PW_WARPS"]), (fam, cand, kernel)
+        else:
+            assert (block, warps) == (cand["BLOCK_P"], cand["num_warps"]), (fam, cand, kernel)
+    n = {f: len({json.dumps(r[1]) for r in rows if r[0] == f}) for f in res["families"]}
+    assert all(n[f] == len(tuning.spaces()[f].candidates(80, torch.float32, (9, 0))) - 1 for f in n), n

@@ -719,34 +719,35 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
 
 def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor],
                 rstd: Optional[Tensor], dots: DotVariant, d_qkv: Optional[Tensor] = None,
-                qkv: Optional[Tensor] = None) -> List[Launch]:
+                qkv: Optional[Tensor] = None, tiles: Optional[BackwardTiles] = None) -> List[Launch]:
     """Every launch of one backward call, fused and unfused B3 both, and the local branch (the
     launchers' own plans, nothing run): on meta tensors, what the ahead-of-time compile check
     specialises. d_qkv and qkv (B, N, 3C) given: also the stencils reading their input from qkv
     and storing the input gradient into d_qkv, and segment 0's dZ stored there (`qkv_layout`),
-    as the Triton stage set runs them."""
+    as the Triton stage set runs them. tiles: every plan's (default `backward_tiles`')."""
     CP = dP.shape[1]
     stats = mean is not None
     coefs = dP.new_empty(3, CP)
-    buf, launches = plan_bn_sums(dP, rc["Z"], wts.bn_scale, wts.bn_shift, mean, rstd)
+    buf, launches = plan_bn_sums(dP, rc["Z"], wts.bn_scale, wts.bn_shift, mean, rstd, tiles=tiles)
     G = buf["G"]
-    launches += plan_dz(G, rc["Z"], coefs, stats, 0, CP)[1]
+    launches += plan_dz(G, rc["Z"], coefs, stats, 0, CP, tiles=tiles)[1]
     for mode in ((0, 2 if stats else 1) if fused_b3(dot_pad(CP // 4)) else (0,)):
-        buf, lp = plan_pw_backward(G, rc["Z"], rc["y"], wts.pw, coefs, mode, dots)
+        buf, lp = plan_pw_backward(G, rc["Z"], rc["y"], wts.pw, coefs, mode, dots, tiles)
         launches += lp
     dws = (wts.dw3, wts.dw5, wts.dw7)
     for j in (1, 2, 3):
-        launches += plan_dw_backward(buf["dy"][j - 1], rc["u"][j], dws[j - 1])[1]
+        launches += plan_dw_backward(buf["dy"][j - 1], rc["u"][j], dws[j - 1], tiles=tiles)[1]
     B, s, H, W = rc["xh4"].shape
     grad_dtype = dP.dtype if qkv is None else qkv.dtype        # the Triton stage set: grad_pre as it comes
     dL = torch.empty(B, H * W, 5 * s, dtype=grad_dtype, device=dP.device)[..., 4 * s:].transpose(1, 2)
-    launches += plan_local_backward(dL.reshape(B, s, H, W), rc, wts, dots)[1]    # dL: the view backward.py makes
+    launches += plan_local_backward(dL.reshape(B, s, H, W), rc, wts, dots, tiles=tiles)[1]    # dL: backward.py's view
     if d_qkv is not None:
         rq = dict(rc, qkv=qkv)
-        launches += plan_dz(G, rc["Z"], coefs, stats, 0, s, qkv_layout(d_qkv, 0))[1]
+        launches += plan_dz(G, rc["Z"], coefs, stats, 0, s, qkv_layout(d_qkv, 0), tiles)[1]
         for j in (1, 2, 3):
-            launches += plan_dw_backward(buf["dy"][j - 1], depthwise_input(rq, j), dws[j - 1], qkv_layout(d_qkv, j))[1]
-        launches += plan_local_backward(dL.reshape(B, s, H, W), rq, wts, dots, qkv_layout(d_qkv, 4))[1]
+            launches += plan_dw_backward(buf["dy"][j - 1], depthwise_input(rq, j), dws[j - 1], qkv_layout(d_qkv, j),
+                                         tiles)[1]
+        launches += plan_local_backward(dL.reshape(B, s, H, W), rq, wts, dots, qkv_layout(d_qkv, 4), tiles)[1]
     return launches
 
 
@@ -859,9 +860,12 @@ def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_q
 BACKWARD_FAMILY = "triton.backward"
 #: Further tiles the tuner tries (BLOCK_C, BLOCK_P, num_warps, PW_BLOCK_P, PW_WARPS, PW_TILE_ELEMS):
 #: the stencils' [channels, pixels] tile and the channel-mix kernels' pixels and channel block
-#: (benchmarks/tune.py --train refuses one that spills at the call's width)
+#: (benchmarks/tune.py --train refuses one that spills at the call's width). AOT sweep of the candidates (2026-12-02, `specializations.candidate_specializations`: GroupMixFormer-S's real calls at batch 128, fp32 and bf16, sm_90),
+#: the channel-mix kernels: 32-pixel tiles (PW_BLOCK_P 32, 8 warps, 2048-element blocks) spilled
+#: 80 B at C = 320 and 12 B (local) at C = 80, so they are not listed; 4 warps at 16 pixels none
+#: (254 registers); the others the default's (at most 210).
 TILE_SEARCH = ((16, 128, 8, 16, 8, 64 * 64), (16, 64, 4, 16, 8, 64 * 64), (32, 64, 8, 16, 8, 64 * 64),
-               (16, 128, 8, 32, 8, 32 * 64), (16, 128, 8, 16, 4, 32 * 64), (16, 256, 8, 16, 8, 64 * 64))
+               (16, 128, 8, 16, 4, 32 * 64), (16, 256, 8, 16, 8, 64 * 64))
 
 
 def _gpu_tile(C: int, precision: str) -> Tuple[int, ...]:

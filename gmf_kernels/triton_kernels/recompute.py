@@ -208,9 +208,12 @@ def gpu_local_tiles(s: int, precision: str) -> Tuple[int, int, int]:
 
 ATTENTION_FAMILY = "triton.recompute_attention"
 LOCAL_FAMILY = "triton.recompute_local"
-#: Further tiles the tuner tries (benchmarks/tune.py --train refuses one that spills at the call's width)
-ATTENTION_SEARCH = ((16, 4), (32, 4), (32, 8), (64, 4), (16, 8))
-LOCAL_SEARCH = ((32, 8, 16), (64, 8, 16), (64, 4, 16), (32, 4, 16), (16, 4, 16))
+#: Further tiles the tuner tries (benchmarks/tune.py --train refuses one that spills at the call's
+#: width). AOT sweep of the candidates (2026-12-02, `specializations.candidate_specializations`: GroupMixFormer-S's real calls at batch 128, fp32 and bf16, sm_90): attention (64, 4) spilled 124-200 B at C = 320, (16, 4) 24 B at C = 80; local
+#: (64, 4, 16) 88 B at C = 320 fp32 (the one-pass TF32 default at S_PAD 32, kept there), (32, 4, 16)
+#: 40 B at C = 160 bf16; the others none (at most 217 / 190 registers). So those are not listed.
+ATTENTION_SEARCH = ((32, 4), (32, 8), (16, 8))
+LOCAL_SEARCH = ((32, 8, 16), (64, 8, 16), (16, 4, 16))
 
 
 def plan_recompute_attention(P: Tensor, H: int, W: int, wts: FoldedGMAWeights, tiles: Optional[Tuple[int, int]] = None,

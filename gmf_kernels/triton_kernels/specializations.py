@@ -222,23 +222,27 @@ def specializations_of_call(call: Call, arch: int) -> List[Spec]:
     return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
 
 
-def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = False) -> List[Spec]:
+def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = False,
+                                     tiles: Optional[Dict[str, Tuple[int, ...]]] = None) -> List[Spec]:
     """The backward kernels' specialisations for one real training call on sm_<arch>, on the
     fp32 stage tensors (fp16/bf16 inputs too) with the backward's dots (`statistics.backward_dots`:
     the input dtype's variant, one TF32 pass for fp16/bf16 on sm_80+): the attention
     backward (attention_backward.py: B1, B2, CRPE; `plan_b1` / `plan_b2` on meta tensors in the
     layouts `backward.pre_projection_backward` passes: dA a view of grad_pre, Q/K/V slices of P)
     and, with `aggregation`, the aggregation backward (aggregation_backward.py `plan_stages`:
-    batch statistics and running statistics, fused and separate B3, the local branch)."""
+    batch statistics and running statistics, fused and separate B3, the local branch). tiles:
+    {tuning family: tile} in place of the launchers' defaults (`tile_spaces`; the tuner's
+    candidates, `candidate_specializations`)."""
     import torch
 
     from ..folding import FoldedGMAWeights, weight_shapes
     from . import backward as bw
     from ._common import DotVariant, interpreting
-    from .aggregation_backward import plan_stages
-    from .attention_backward import plan_b1, plan_b2
+    from .aggregation_backward import BACKWARD_FAMILY, plan_stages, tiles_of
+    from .attention_backward import B1_FAMILY, B2_FAMILY, CRPE_FAMILY, plan_b1, plan_b2
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: the launchers would plan interpreter tiles")
+    t = tiles or {}
     C, H, W, B = call.C, call.H, call.W, call.B
     s, N = C // 5, H * W
     cp, d = 4 * s, s // 2
@@ -250,8 +254,9 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, H, W, **meta)}
     weights = FoldedGMAWeights(*(torch.empty(weight_shapes(C)[n], **meta) for n in FoldedGMAWeights._fields))
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)
-    _, b1 = plan_b1(P[:B].reshape(B, 8, d, N), dA, d ** -0.5, dots=dots)
-    _, b2 = plan_b2(dA, torch.empty(B, 8, d, d, **meta), rc, weights, d ** -0.5, dots=dots)
+    _, b1 = plan_b1(P[:B].reshape(B, 8, d, N), dA, d ** -0.5, dots=dots, tile=t.get(B1_FAMILY))
+    _, b2 = plan_b2(dA, torch.empty(B, 8, d, d, **meta), rc, weights, d ** -0.5, dots=dots,
+                    tiles=(t.get(B2_FAMILY), t.get(CRPE_FAMILY)))
     launches = b1 + b2
     if aggregation:
         rc = bw.recompute(torch.empty(B, N, 3 * C, **meta), H, W, weights, 1e-5)   # the real layouts of Z, u, y
@@ -259,7 +264,8 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
         d_qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dt)      # the input gradient, in the input's dtype
         qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dt)        # the stencils' inputs, read in place
         for mean in (stats, None):
-            launches += plan_stages(torch.empty_like(rc["Z"]), rc, weights, mean, mean, dots, d_qkv, qkv)
+            launches += plan_stages(torch.empty_like(rc["Z"]), rc, weights, mean, mean, dots, d_qkv, qkv,
+                                    tiles_of(t[BACKWARD_FAMILY]) if BACKWARD_FAMILY in t else None)
     return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
 
 
@@ -280,21 +286,25 @@ def _backward_kernels_run(call: Call, arch: int) -> bool:
     return backward_kernels_take(call.C // 5, dot_precision(call.dtype, capability_of_arch(arch)))
 
 
-def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
+def statistics_specializations_of_call(call: Call, arch: int,
+                                       tiles: Optional[Dict[str, Tuple[int, ...]]] = None) -> List[Spec]:
     """The training statistics kernel's specialisation for one real call on sm_<arch>, and the
     backward's three recompute kernels' where the Triton backward stages take them
     (`config.backward_kernels_take` for that architecture: train_op.triton_stages) (statistics.plan_statistics
     / plan_recompute, recompute.plan_recompute_attention / plan_recompute_local on meta tensors;
     the statistics kernel's dots are the fp32 variant whatever the input dtype, the recompute
-    kernels' the backward's, `statistics.backward_dots`: see statistics.py)."""
+    kernels' the backward's, `statistics.backward_dots`: see statistics.py). tiles: as
+    `backward_specializations_of_call`'s."""
     import torch
 
     from ..folding import FoldedGMAWeights, weight_shapes
     from ._common import DotVariant, interpreting
-    from .recompute import plan_recompute_attention, plan_recompute_local
-    from .statistics import gma_recompute_z_kernel, gma_statistics_kernel, plan_recompute, plan_statistics
+    from .recompute import ATTENTION_FAMILY, LOCAL_FAMILY, plan_recompute_attention, plan_recompute_local
+    from .statistics import (RECOMPUTE_Z_FAMILY, STATS_FAMILY, gma_recompute_z_kernel, gma_statistics_kernel,
+                             plan_recompute, plan_statistics)
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: the launcher would plan interpreter tiles")
+    t = tiles or {}
     dt = call.torch_dtype()
     meta = dict(dtype=torch.float32, device="meta")
     qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, device="meta")
@@ -302,15 +312,17 @@ def statistics_specializations_of_call(call: Call, arch: int) -> List[Spec]:
     wts = FoldedGMAWeights(*(torch.empty(shapes[n], **meta) for n in FoldedGMAWeights._fields))
     w = (wts.dw3, wts.dw5, wts.dw7, wts.pw)
     dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
-    _, _, _, (_grid, args, kwargs) = plan_statistics(qkv, call.H, call.W, *w, dots=dots)
+    _, _, _, (_grid, args, kwargs) = plan_statistics(qkv, call.H, call.W, *w, t.get(STATS_FAMILY), dots=dots)
     specs = [specialize_launch(gma_statistics_kernel, arch, args, kwargs)]
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)   # the backward's
     if _backward_kernels_run(call, arch):
         (_z, P, _y), (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, wts.bn_scale, wts.bn_shift,
-                                                                *w, dots=dots)
+                                                                *w, t.get(RECOMPUTE_Z_FAMILY), dots=dots)
         specs.append(specialize_launch(gma_recompute_z_kernel, arch, args, kwargs))
-        for fn, _grid, args, kwargs in (plan_recompute_attention(P, call.H, call.W, wts, dots=dots)[1],
-                                        plan_recompute_local(qkv, call.H, call.W, wts, 1e-5, dots=dots)[1]):
+        for fn, _grid, args, kwargs in (plan_recompute_attention(P, call.H, call.W, wts, t.get(ATTENTION_FAMILY),
+                                                                 dots=dots)[1],
+                                        plan_recompute_local(qkv, call.H, call.W, wts, 1e-5, t.get(LOCAL_FAMILY),
+                                                             dots=dots)[1]):
             specs.append(specialize_launch(fn, arch, args, kwargs))
     return specs
 
@@ -321,6 +333,38 @@ def statistics_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = No
     dtype: fp32, fp16, bf16)."""
     calls = real_calls() if calls is None else calls
     return _collect(calls, archs, statistics_specializations_of_call)
+
+
+def candidate_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
+                              archs: Sequence[int] = (80, 90)) -> List[Tuple[str, Dict[str, int], Spec]]:
+    """(family, candidate, Spec) for every candidate but the default of the training kernels'
+    tuning families (`tile_spaces`) at each real call that runs them: the variants
+    ``benchmarks/tune.py --train`` makes the JIT compile, so that they can be compiled ahead of
+    time (the defaults are `statistics_specializations` / `backward_specializations`'). Deduplicated."""
+    from .. import tuning
+    from . import tile_spaces, train_op  # noqa: F401  (every family registered)
+    from .recompute import ATTENTION_FAMILY, LOCAL_FAMILY
+    from .statistics import RECOMPUTE_Z_FAMILY, STATS_FAMILY
+    statistics_side = {STATS_FAMILY, RECOMPUTE_Z_FAMILY, ATTENTION_FAMILY, LOCAL_FAMILY}
+    calls = real_calls() if calls is None else calls
+    out: Dict[tuple, Tuple[str, Dict[str, int], Spec]] = {}
+    for arch in archs:
+        supported = arch_dots(capability_of_arch(arch)) or {}
+        for call in calls:
+            if call.dtype not in supported:
+                continue
+            for fam in tile_spaces.families():
+                names = {k.__name__ if hasattr(k, "__name__") else k.fn.__name__ for k in tile_spaces.KERNELS[fam]}
+                for cand in tuning.spaces()[fam].candidates(call.C, call.torch_dtype(), capability_of_arch(arch))[1:]:
+                    tile = {fam: tuple(int(v) for v in cand.values())}
+                    if fam in statistics_side:
+                        specs = statistics_specializations_of_call(call, arch, tile)
+                    else:
+                        specs = backward_specializations_of_call(call, arch, fam == "triton.backward", tile)
+                    for sp in specs:
+                        if sp.kernel in names:
+                            out.setdefault((fam, tuple(cand.items()), sp.key), (fam, dict(cand), sp))
+    return list(out.values())
 
 
 def _collect(calls: Dict[Call, Tuple[str, ...]], archs: Sequence[int], of_call) -> List[Spec]:

@@ -94,5 +94,6 @@ def tuned_tiles(family: str, C: int, like: torch.Tensor) -> Optional[Tile]:
 
 
 def families() -> List[str]:
-    """Every registered training family (import train_op first: it imports every module)."""
+    """Every registered training family (each registers when its module is imported; train_op
+    imports them all)."""
     return sorted(KEYS)

@@ -22,6 +22,9 @@ from ..weights import GMAHyper, GMAWeights
 from ..folding import FoldedGMAWeights
 from .backward import TORCH_STAGES, Stages, pre_projection_backward
 from ._common import DotVariant
+from . import aggregation_backward as agb
+from . import attention_backward as ab
+from . import recompute as rcp  # (these three register their tuning families, `tile_spaces`)
 from .aggregation_backward import BACKWARD_FAMILY, BackwardTiles, tiles_of
 from . import tile_spaces
 from .config import backward_kernels_take
@@ -102,11 +105,11 @@ def train_tiles(qkv: Tensor) -> TrainTiles:
     """The tuning table's tiles (`gmf_kernels.tuning`, families of `tile_spaces`) for a backward
     of the layer whose input is qkv, on its GPU, width and dtype; every field None off CUDA and
     under the interpreter."""
-    from .attention_backward import B1_FAMILY, B2_FAMILY, CRPE_FAMILY
     C = qkv.shape[-1] // 3
     bw = tile_spaces.tuned_tiles(BACKWARD_FAMILY, C, qkv)
-    return TrainTiles(b1=tile_spaces.tuned_tiles(B1_FAMILY, C, qkv), b2=tile_spaces.tuned_tiles(B2_FAMILY, C, qkv),
-                      b2_crpe=tile_spaces.tuned_tiles(CRPE_FAMILY, C, qkv), backward=None if bw is None else tiles_of(bw))
+    return TrainTiles(b1=tile_spaces.tuned_tiles(ab.B1_FAMILY, C, qkv), b2=tile_spaces.tuned_tiles(ab.B2_FAMILY, C, qkv),
+                      b2_crpe=tile_spaces.tuned_tiles(ab.CRPE_FAMILY, C, qkv),
+                      backward=None if bw is None else tiles_of(bw))
 
 
 def triton_stages(s: int, dots: DotVariant, tiles: Optional[TrainTiles] = None) -> Stages:
@@ -122,9 +125,6 @@ def triton_stages(s: int, dots: DotVariant, tiles: Optional[TrainTiles] = None) 
     branch); elsewhere (S_PAD 128 with sm_70/75's FMA dots, where those kernels spill) the
     PyTorch stages. tiles: B1's, B2's and the aggregation backward's (`train_tiles`; default
     the modules' own)."""
-    from . import aggregation_backward as agb
-    from . import attention_backward as ab
-    from . import recompute as rcp
     if not backward_kernels_take(s, dots.precision):
         return TORCH_STAGES
 
