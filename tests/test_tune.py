@@ -346,3 +346,46 @@ def test_tuning_candidates_reach_the_aot_plans():
             assert (block, warps) == (cand["BLOCK_P"], cand["num_warps"]), (fam, cand, kernel)
     n = {f: len({json.dumps(r[1]) for r in rows if r[0] == f}) for f in res["families"]}
     assert all(n[f] == len(tuning.spaces()[f].candidates(80, torch.float32, (9, 0))) - 1 for f in n), n
+
+
+def test_train_measurement_runs_each_candidate_through_the_table(monkeypatch):
+    """`tune.GpuMeasure.train` (what --train runs on a GPU) on the CPU under the interpreter:
+    each candidate goes through a temporary table and the library's lookup (here
+    `tuning.choose` for any device, as `tile_spaces.tuned_tiles` does on a GPU), the op runs,
+    results are compared with the first (default) candidate's and timed (a stub timer); a
+    candidate the lookup does not reach would not change the launches, which are recorded."""
+    *_, tile_spaces = _train_modules()
+    from gmf_kernels.triton_kernels import launcher
+    meas = object.__new__(tune.GpuMeasure)
+    meas.batch, meas.device, meas.cap = 2, torch.device("cpu"), (8, 0)
+    monkeypatch.setattr(tune.GpuMeasure, "_bench", lambda self, fn: 1.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    seen = []
+    monkeypatch.setattr(tile_spaces, "tuned_tiles", lambda fam, C, like: seen.append(fam) or tuple(
+        tuning.choose(fam, C, like.dtype, (8, 0)).values()))
+    launched = []
+    real = launcher.wrap_triton
+
+    def spy(kernel):
+        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+        wrapped = real(kernel)
+
+        class Launch:
+            def __getitem__(self, grid):
+                def go(*a, **kw):
+                    launched.append((name, kw.get("BLOCK_P", kw.get("BLOCK_N")), kw["num_warps"]))
+                    return wrapped[grid](*a, **kw)
+                return go
+        return Launch()
+    monkeypatch.setattr(launcher, "wrap_triton", spy)
+    monkeypatch.setattr(_train_modules()[2], "wrap_triton", spy)
+    for fam, kernel in (("triton.statistics", "gma_statistics_kernel"), ("triton.b1", "gma_b1_dkv_kernel")):
+        cands = tuning.spaces()[fam].candidates(40, torch.float32, (8, 0))[:3]
+        launched.clear()
+        res = meas.train(fam, 40, 5, 6, torch.float32, cands)
+        assert [r["status"] for r in res] == ["ok"] * 3, res
+        assert all(r["time_us"] == 1.0 and r["diff_vs_first"] < 1e-5 for r in res), res
+        used = [(b, w) for n, b, w in launched if n == kernel]
+        for c in cands:                        # each candidate's tile launched (first run and timing aside)
+            assert (c["BLOCK_P"], c["num_warps"]) in used, (fam, c, used)
+    assert "triton.b1" in seen and "triton.statistics" in seen
