@@ -170,7 +170,11 @@ from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
 from gmf_kernels.triton_kernels import op
 
 C, H, W = 80, 7, 9
+train = sys.argv[-1] == "train"
 w = cast_weights(random_gma_weights(C, seed=0), torch.float32)
+for t in w.tensors():
+    if train and t.is_floating_point():
+        t.requires_grad_(True)
 hp = default_hyper(C)
 graphs = []
 
@@ -180,26 +184,31 @@ def fw(gm, example_inputs):
         raise RuntimeError("traced only: no GPU to run on")
     return run
 
-fn = torch.compile(lambda x: BACKEND.forward(x, (H, W), w, hp, False), backend=aot_autograd(fw_compiler=fw),
+fn = torch.compile(lambda x: BACKEND.forward(x, (H, W), w, hp, train), backend=aot_autograd(fw_compiler=fw),
                    fullgraph=True)
 err = ""
 try:
-    with torch.no_grad():
-        fn(torch.randn(2, H * W, C))
+    with torch.set_grad_enabled(train):
+        fn(torch.randn(2, H * W, C, requires_grad=train))
 except RuntimeError as e:
     err = str(e)
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 kernels = [kernel_side_table.get_kernel(kw["kernel_idx"]).fn.__name__
            for g in graphs for t, kw in g if "triton_kernel_wrapper" in t]
-print(json.dumps({"registration": op.REGISTRATION, "kernels": kernels, "graphs": len(graphs), "error": err}))
+ops = sorted({t for g in graphs for t, kw in g if t.startswith("gmf.")})
+print(json.dumps({"registration": op.REGISTRATION, "kernels": kernels, "ops": ops, "graphs": len(graphs),
+                  "error": err}))
 """
 
 
-def test_triton_op_traces_into_kernels():
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_triton_op_traces_into_kernels(mode):
     """torch.compile(fullgraph=True) of BACKEND.forward with the real (JIT) kernels: the
     gmf::triton_pre_projection triton_op decomposes into the three kernel launches that
-    Inductor sees (traced on CPU fake tensors; nothing runs, there is no GPU here)."""
-    proc = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], cwd=ROOT, env=_env(), capture_output=True,
+    Inductor sees (traced on CPU fake tensors; nothing runs, there is no GPU here); in
+    training (batch statistics, gradients) one forward graph holds the statistics op
+    (gmf::triton_z_moments, opaque) and the same three kernels inside the autograd Function."""
+    proc = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT, mode], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"trace script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
@@ -208,4 +217,5 @@ def test_triton_op_traces_into_kernels():
         pytest.skip(f"torch {__import__('torch').__version__} has no torch.library.triton_op")
     assert res["graphs"] == 1, res
     assert res["kernels"] == ["gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel"], res
+    assert res["ops"] == (["gmf.triton_z_moments.default"] if mode == "train" else []), res
     assert "traced only" in res["error"], res
