@@ -1053,8 +1053,9 @@ def phase_kernels(ctx: Ctx, ph: Dict, allow: float) -> None:
 
 def _roofline(ctx: Ctx, rows_file: Path, ph: Dict) -> None:
     """benchmarks/roofline.py over the measured kernel rows: the fraction of the H100 bound each
-    kernel reaches (roofline.md / roofline.json in the results folder)."""
-    cmd = py(ROOFLINE, "--model", ctx.args.model, "--json", ctx.out / "roofline.json")
+    kernel reaches (roofline.md / roofline.json in the results folder), with the bounds of the
+    training kernels that have a cost model (--train; not timed per kernel here)."""
+    cmd = py(ROOFLINE, "--model", ctx.args.model, "--json", ctx.out / "roofline.json", "--train")
     if rows_file.is_file():
         cmd += ["--measured", rows_file]
     mod = ctx.report["build"].get("module_path")

@@ -6,7 +6,9 @@
     python benchmarks/roofline.py --triton-resources aot.json --cuda-resources ~/.cache/.../resources.json
 
 For each kernel (Triton and CUDA: gma_aggregate_kernel, gma_combine_kernel,
-gma_attention_kernel) x GroupMixFormer-S stage shape (C=80 56x56, 160 28x28, 320 14x14,
+gma_attention_kernel; with --train also the training kernels that have a cost model, Triton's
+attention backward: gma_b1_dkv_kernel, gma_b2_attention_kernel, gma_b2_crpe_kernel, on its
+fp32 stage tensors with dA and the dots in the layer's dtype) x GroupMixFormer-S stage shape (C=80 56x56, 160 28x28, 320 14x14,
 320 7x7) x batch x dtype: the work of one launch from the one cost model of each backend
 (`gmf_kernels.triton_kernels.costs`, `gmf_kernels.cuda.costs`, derived from the launchers'
 own plans), the launch grid (for the Triton aggregation also its programs per image of each job:
@@ -57,6 +59,8 @@ SM90 = {"regs": 65536, "smem": 233472, "warps": 64, "ctas": 32, "reserved_smem":
 STAGE_GRIDS = (56, 28, 14, 7)
 DTYPES = ("fp32", "fp16", "bf16")
 KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
+#: the training kernels with a cost model, per backend (the CUDA backend's backward is Triton's)
+TRAIN_KERNELS = {"triton": ("gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe_kernel")}
 BACKENDS = ("triton", "cuda")
 CAPABILITY = (9, 0)
 
@@ -227,11 +231,11 @@ def _cost(backend: str, kernel: str, B: int, H: int, W: int, C: int, dtype: str)
 def rows(model: str = "groupmixformer_s", batches: Sequence[int] = (128, 1), dtypes: Sequence[str] = DTYPES,
          backends: Sequence[str] = BACKENDS, triton_res: Optional[Dict] = None, cuda_res: Optional[List] = None,
          measured: Optional[Dict] = None, peaks: Dict[str, float] = PEAKS,
-         shape_list: Optional[Sequence[Tuple[int, int, int]]] = None) -> List[Dict]:
+         shape_list: Optional[Sequence[Tuple[int, int, int]]] = None, train: bool = False) -> List[Dict]:
     from gmf_kernels.triton_kernels.costs import shape_for
     out = []
     for backend in backends:
-        for kernel in KERNELS:
+        for kernel in KERNELS + (TRAIN_KERNELS.get(backend, ()) if train else ()):
             for (C, H, W) in (shape_list or shapes(model)):
                 for B in batches:
                     for dt in dtypes:
@@ -246,7 +250,7 @@ def rows(model: str = "groupmixformer_s", batches: Sequence[int] = (128, 1), dty
                              "job_splits": ([c.detail[f"splits{j}"] for j in range(5)]
                                             if "splits0" in c.detail else None)}
                         warps = c.block // 32 if c.block else None
-                        if backend == "triton" and triton_res:
+                        if backend == "triton" and triton_res and kernel in KERNELS:
                             sh = shape_for(C, dt, CAPABILITY)
                             short = kernel.replace("gma_", "").replace("_kernel", "")
                             cx = {"BLOCK_P": sh.AGG_BLOCK_P if short == "aggregate" else sh.ATTN_BLOCK_P,
@@ -327,6 +331,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-resources", default=None, help="a CUDA build's resources.json")
     ap.add_argument("--measured", default=None, help="benchmarks/ops.py rows (CSV / JSON / report.json)")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--train", action="store_true",
+                    help="also the training kernels with a cost model (Triton's attention backward)")
     a = ap.parse_args(argv)
 
     tres_path = a.triton_resources or default_triton_resources()
@@ -334,7 +340,7 @@ def main(argv=None) -> int:
     cres = load_cuda_resources(a.cuda_resources) if a.cuda_resources else None
     meas = load_measured(a.measured) if a.measured else None
     rs = rows(a.model, a.batch, a.dtype, a.backends, tres, cres, meas,
-              shape_list=[tuple(s) for s in a.shape] if a.shape else None)
+              shape_list=[tuple(s) for s in a.shape] if a.shape else None, train=a.train)
     print(f"# Roofline: {a.model}, H100 bounds ({PEAKS['hbm_Bps'] / 1e12:.1f} TB/s, "
           f"{PEAKS['tc_bf16_flops'] / 1e12:.0f} TFLOP/s fp16/bf16 tensor cores, "
           f"{PEAKS['tc_tf32_flops'] / 1e12:.0f} TF32 (3xTF32: a third), "
@@ -342,6 +348,9 @@ def main(argv=None) -> int:
           f"{SMS} SMs")
     print(f"Triton resources: {tres_path or 'n/a'}; CUDA resources: {a.cuda_resources or 'n/a'}; "
           f"measured: {a.measured or 'none (bounds only: estimates, not measurements)'}")
+    if a.train:
+        print("Training kernels: registers n/a here (their ptxas figures per dot variant: "
+              "benchmarks/results/triton_backward_resources_*.md)")
     notes = sorted({r["notes"] for r in rs if r["notes"]})
     for n in notes:
         print(f"Note: {n}")

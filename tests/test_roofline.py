@@ -198,3 +198,29 @@ def test_roofline_main_resources_and_measured(tmp_path, capsys):
              median_ms=2 * bound_us / 1e3)]}}))
     meas = roofline.load_measured(str(tmp_path / "report.json"))
     assert meas[("triton", "gma_aggregate_kernel", C, H, W, B, "bf16")] == pytest.approx(2 * bound_us / 1e3)
+
+
+@pytest.mark.parametrize("dtype,e,prec", [("fp32", 4, "tf32x3"), ("bf16", 2, "tf32")])
+def test_attention_backward_costs_by_hand(dtype, e, prec):
+    """The training kernels' cost models as the Triton stage set runs them: Q, K, V, R and the
+    gradients fp32 stage tensors, dA in the layer's dtype, the dots the layer dtype's."""
+    from gmf_kernels.triton_kernels.attention_backward import _split_plan
+    from gmf_kernels.triton_kernels.config import B1_TILES, CRPE_BWD_TILES
+    B, H, W, C = 2, 56, 56, 80
+    N, cp, d = H * W, 64, 8
+    splits_b1 = _split_plan(N, B, B1_TILES[16][0])[0]
+    b1 = triton_costs.cost("b1_dkv", B, H, W, C, dtype)
+    assert b1.bytes == B * N * cp * (4 + e) + B * 8 * splits_b1 * d * d * 4
+    assert (b1.tc_flops, b1.tc_precision, b1.grid) == (2 * B * N * cp * d, prec, (splits_b1, 8, B))
+    b2 = triton_costs.cost("b2_attention", B, H, W, C, dtype)
+    assert b2.bytes == B * N * cp * (e + 16) + B * cp * (2 * d + 2) * 4 + 4 * B * N * cp * 4
+    assert b2.tc_flops == 3 * 2 * B * N * cp * d and b2.tc_precision == prec
+    crpe = triton_costs.cost("b2_crpe", B, H, W, C, dtype)
+    splits_c = _split_plan(N, B, CRPE_BWD_TILES[16][0])[0]
+    _, attn_w = weights_floats(C)
+    assert crpe.bytes == B * N * cp * 8 + 2 * B * N * cp * 4 + B * splits_c * cp * 50 * 4 + 4 * (attn_w - 8 * d)
+    assert (crpe.tc_flops, crpe.cuda_flops) == (0, 2 * 2 * B * N * (2 * 9 + 3 * 25 + 3 * 49) * d)
+    rows = roofline.rows(batches=(1,), dtypes=(dtype,), shape_list=[(C, H, W)], train=True)
+    kernels = {(r["backend"], r["kernel"]) for r in rows}
+    assert kernels == ({(b, k) for b in roofline.BACKENDS for k in roofline.KERNELS}
+                       | {("triton", k) for k in roofline.TRAIN_KERNELS["triton"]})

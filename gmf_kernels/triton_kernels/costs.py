@@ -37,8 +37,10 @@ from typing import Dict, Optional, Tuple
 from .config import GMAShape, dot_precision, dtype_name, gma_shape
 
 KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
-#: the attention backward (attention_backward.py), on the stage tensors of backward.py (the
-#: compute dtype: fp32 in training, whatever the input dtype; `dtype` says otherwise)
+#: the attention backward (attention_backward.py) as the Triton stage set runs it: Q, K, V (slices
+#: of the recompute's P), R and every gradient it writes are fp32 stage tensors, dA is the view of
+#: the layer's output gradient in the layer's dtype (`backward.Stages.grad_pre_as_is`), and the dots
+#: are the layer dtype's (`statistics.backward_dots`); `dtype` is the layer's
 BACKWARD_KERNELS = ("gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe_kernel")
 ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 #: multiply-adds per channel of one token of the CRPE stencils, per head width d:
@@ -245,15 +247,15 @@ def _backward_plan(N: int, B: int, table, sh: GMAShape, split: bool) -> Tuple[in
 
 
 def _b1_dkv(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_b1_dkv_kernel, grid (SPLITS, 8, B): Q and dA read once (2 B N C' e), the fp32 partials
-    written (B 8 SPLITS d^2 x 4; summed by the launcher when SPLITS > 1, not counted).
+    """gma_b1_dkv_kernel, grid (SPLITS, 8, B): Q (fp32) and dA (e) read once (B N C' (4 + e)), the
+    fp32 partials written (B 8 SPLITS d^2 x 4; summed by the launcher when SPLITS > 1, not counted).
     tc: Q dA^T, C' d MACs per token (padded: [D_PAD, BLOCK_N] x [BLOCK_N, D_PAD] per tile)."""
     from .config import B1_TILES
     N = H * W
     e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
     bn, warps, splits, _ = _backward_plan(N, B, B1_TILES, sh, True)
-    detail = {"q_da_read": 2 * B * N * cp * e, "partials_write": B * 8 * splits * d * d * 4, "splits": splits}
+    detail = {"q_da_read": B * N * cp * (4 + e), "partials_write": B * 8 * splits * d * d * 4, "splits": splits}
     tokens_pad = B * -(-N // bn) * bn
     tc, tcp, fma, tp = _tc(prec, 2 * B * N * cp * d, 2 * tokens_pad * 8 * sh.D_PAD * sh.D_PAD)
     return Cost(bytes=detail["q_da_read"] + detail["partials_write"], tc_flops=tc, cuda_flops=fma,
@@ -261,7 +263,8 @@ def _b1_dkv(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
 
 
 def _b2_attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_b2_attention_kernel, grid (ceil(N / BLOCK_P), 8, B): dA, Q, K, V, R read once (5 B N C' e),
+    """gma_b2_attention_kernel, grid (ceil(N / BLOCK_P), 8, B): dA (e) and Q, K, V, R (fp32) read once
+    (B N C' (e + 16)),
     KV, dKV and the softmax statistics (M, L) read (B C' (2 d + 2) x 4), dQ, dK, dV and dR
     written fp32 (4 B N C' x 4). tc: dA KV^T, Ks dKV, V dKV^T: 3 C' d MACs per token (padded:
     three [BLOCK_P, D_PAD] x [D_PAD, D_PAD] per program). Element-wise work not counted."""
@@ -270,7 +273,7 @@ def _b2_attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> C
     e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
     bp, warps, _, _ = _backward_plan(N, B, B2_TILES, sh, False)
-    detail = {"act_read": 5 * B * N * cp * e, "kv_dkv_stats_read": B * cp * (2 * d + 2) * 4,
+    detail = {"act_read": B * N * cp * (e + 4 * 4), "kv_dkv_stats_read": B * cp * (2 * d + 2) * 4,
               "grads_write": 4 * B * N * cp * 4}
     tiles = -(-N // bp)
     tc, tcp, fma, tp = _tc(prec, 3 * 2 * B * N * cp * d, 3 * 2 * B * 8 * tiles * bp * sh.D_PAD * sh.D_PAD)
@@ -279,17 +282,16 @@ def _b2_attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> C
 
 
 def _b2_crpe(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_b2_crpe_kernel, grid (SPLITS, 8, B): dR (fp32) and V (e) read once (halos from cache),
+    """gma_b2_crpe_kernel, grid (SPLITS, 8, B): dR and V (fp32) read once (halos from cache),
     dV read and written (fp32), the per-program partials written (B SPLITS C' (49 + 1) x 4), the
     CRPE weights read. cuda: a multiply-add per tap for the input and one for the weight gradient,
     2 x 240 d MACs per token (`CRPE_TAPS_PER_D`); no tensor-core work."""
     from .config import CRPE_BWD_TILES
     N = H * W
-    e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
     bp, warps, splits, _ = _backward_plan(N, B, CRPE_BWD_TILES, sh, True)
     wb = _weights_bytes(sh.C)
-    detail = {"dr_v_read": B * N * cp * (4 + e), "dv_read_write": 2 * B * N * cp * 4,
+    detail = {"dr_v_read": B * N * cp * 8, "dv_read_write": 2 * B * N * cp * 4,
               "partials_write": B * splits * cp * 50 * 4,
               "weights": sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7")), "splits": splits}
     nbytes = sum(v for k, v in detail.items() if k != "splits")
