@@ -224,3 +224,32 @@ def test_attention_backward_costs_by_hand(dtype, e, prec):
     kernels = {(r["backend"], r["kernel"]) for r in rows}
     assert kernels == ({(b, k) for b in roofline.BACKENDS for k in roofline.KERNELS}
                        | {("triton", k) for k in roofline.TRAIN_KERNELS["triton"]})
+
+
+@pytest.mark.parametrize("C,H,dtype,e", [(80, 14, "bf16", 2), (480, 7, "fp32", 4)])
+def test_aggregation_backward_costs_by_hand(C, H, dtype, e):
+    """One training call's aggregation backward (batch statistics; B3 fused at S_PAD <= 64, so
+    at s = 16, not at s = 96): bytes and FLOPs by hand, each kernel summed over its launches."""
+    B, W = 2, H
+    s, N = C // 5, H * H
+    cp, M3, M1 = 4 * s, 3 * B * N, B * N
+    prec = "tf32" if dtype == "bf16" else "tf32x3"
+    r = triton_costs.aggregation_backward_costs(B, H, W, C, dtype, prec)
+    fused = s <= 64
+    parts = lambda name: r[name].bytes                                          # noqa: E731
+    assert parts("gma_bn_grad_kernel") == 12 * M3 * cp + 4 * cp * 4 + r["gma_bn_grad_kernel"].grid[0] * 3 * cp * 4
+    dz = (8 + e) * M3 * s + 3 * cp * 4 + (0 if fused else 12 * M3 * cp + 3 * cp * 4)
+    assert parts("gma_dz_kernel") == dz and r["gma_dz_kernel"].detail["launches"] == (1 if fused else 2)
+    pw = r["gma_pw_backward_kernel"]
+    s_pad = 16 if s <= 16 else 128
+    splits = pw.grid[1]
+    assert pw.bytes == 3 * M3 * s * ((8 if fused else 4) + 8) + 3 * s * s * 4 + splits * 3 * s_pad * s_pad * 4
+    assert (pw.tc_flops, pw.tc_precision) == (12 * M3 * s * s, prec)
+    dw = r["gma_dw_backward_kernel"]
+    assert dw.detail["launches"] == 4
+    assert dw.cuda_flops == 4 * M3 * s * (9 + 25 + 49) + 4 * 9 * M1 * 3 * s
+    loc = r["gma_local_backward_kernel"]
+    assert loc.tc_flops == 12 * M1 * s * s and loc.block is not None
+    assert loc.bytes > M1 * (e * s + 4 * s + 4 + 24 * s)           # + the partials and the weights
+    for name in triton_costs.AGG_BACKWARD_KERNELS:             # cost() dispatches to the same figures
+        assert triton_costs.cost(name, B, H, W, C, dtype) == r[name]

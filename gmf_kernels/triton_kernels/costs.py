@@ -31,10 +31,11 @@ What is counted (assumptions, also in each function's docstring):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from .config import GMAShape, dot_precision, dtype_name, gma_shape
+from .config import GMAShape, dot_pad, dot_precision, dtype_name, gma_shape
 
 KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
 #: the attention backward (attention_backward.py) as the Triton stage set runs it: Q, K, V (slices
@@ -42,6 +43,13 @@ KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
 #: the layer's output gradient in the layer's dtype (`backward.Stages.grad_pre_as_is`), and the dots
 #: are the layer dtype's (`statistics.backward_dots`); `dtype` is the layer's
 BACKWARD_KERNELS = ("gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe_kernel")
+#: the aggregation backward (aggregation_backward.py) of one training call as the Triton stage set
+#: runs it (batch statistics; B3 fused at S_PAD <= 64; input gradients stored into d_qkv in the
+#: layer's dtype, depthwise inputs read from qkv): each kernel's cost is the sum over its launches
+#: in that call (dz: 1 or 2, dw_backward: 4 = segments 1..3 and the local branch's 3x3), its grid the
+#: first launch's (detail: "launches", "programs_all")
+AGG_BACKWARD_KERNELS = ("gma_bn_grad_kernel", "gma_dz_kernel", "gma_pw_backward_kernel", "gma_dw_backward_kernel",
+                        "gma_local_backward_kernel")
 ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 #: multiply-adds per channel of one token of the CRPE stencils, per head width d:
 #: heads 0-1 3x3, heads 2-4 5x5, heads 5-7 7x7 -> d * (2*9 + 3*25 + 3*49) = 240 d
@@ -133,8 +141,11 @@ def cost(kernel: str, B: int, H: int, W: int, C: int, dtype, capability: Tuple[i
     model = {"gma_aggregate_kernel": _aggregate, "gma_combine_kernel": _combine, "gma_attention_kernel": _attention,
              "gma_b1_dkv_kernel": _b1_dkv, "gma_b2_attention_kernel": _b2_attention,
              "gma_b2_crpe_kernel": _b2_crpe}.get(name)
+    if name in AGG_BACKWARD_KERNELS:
+        return aggregation_backward_costs(B, H, W, shape.C, dt, prec)[name]
     if model is None:
-        raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of {KERNELS + BACKWARD_KERNELS}")
+        raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of "
+                         f"{KERNELS + BACKWARD_KERNELS + AGG_BACKWARD_KERNELS}")
     return model(B, H, W, dt, prec, shape)
 
 
@@ -297,3 +308,101 @@ def _b2_crpe(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
     nbytes = sum(v for k, v in detail.items() if k != "splits")
     return Cost(bytes=nbytes, tc_flops=0, cuda_flops=2 * 2 * B * N * CRPE_TAPS_PER_D * d, grid=(splits, 8, B),
                 block=32 * warps, detail=detail)
+
+
+def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: str) -> Dict[str, Cost]:
+    """Cost of each aggregation-backward kernel in one training call (`AGG_BACKWARD_KERNELS`),
+    grids from the launchers' own plans on meta tensors (what `b2_bn_sums`, `b3_fused` and
+    `local_backward` plan) with the GPU tiles (`aggregation_backward.gpu_backward_tiles`).
+
+    bytes (compulsory, per launch, summed): fp32 stage tensors 4 B, qkv and d_qkv elements e B;
+    the per-program partials (weight gradients, BatchNorm sums) written once; the weights read once.
+      bn_grad      dP, Z read, G written: 12 B per element of (3B, 4s, N)
+      dz           G, Z read, dZ written (segment 0: into d_qkv, e; unfused B3: all 4s, fp32)
+      pw_backward  per pixel of 3B images and segment 1..3: G and Z (fused; 8 B) or dZ (4 B), y (4 B)
+                   read, dy (4 B) written
+      dw_backward  dy (4 B) and u (from qkv, e) read, du (into d_qkv, e) written, per element
+      local        dL (e), xh (4 s B), rstd (4 B), w4 (12 s B) read, dw4 (12 s B) written per pixel
+    tc: pw_backward 2 x 2 s^2 MACs per pixel and segment (dy = pw^T dz, g_pw += dz y^T); local
+    2 x 3 s^2 (dw4 and g_local_pw); padded as issued (BLOCK_I x S_PAD x PW_BLOCK_P per tile and
+    output-channel block). cuda: dw_backward 2 x KS^2 MACs per element (du and the weight gradient)."""
+    return _aggregation_backward_costs(B, H, W, C, dt, prec)
+
+
+@functools.lru_cache(maxsize=256)
+def _aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: str) -> Dict[str, Cost]:
+    import torch
+
+    from . import aggregation_backward as agb
+    from ._common import DotVariant
+    from ..folding import FoldedGMAWeights, weight_shapes
+    e = ELEM_BYTES[dt]
+    s, N = C // 5, H * W
+    cp, s_pad = 4 * s, dot_pad(s)
+    M3, M1 = 3 * B * N, B * N
+    f32 = dict(device="meta", dtype=torch.float32)
+    tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+    wts = FoldedGMAWeights(*(torch.empty(weight_shapes(C)[n], **f32) for n in FoldedGMAWeights._fields))
+    Z, dP = torch.empty(3 * B, cp, H, W, **f32), torch.empty(3 * B, cp, H, W, **f32)
+    qkv, d_qkv = torch.empty(B, N, 3 * C, device="meta", dtype=tdt), torch.empty(B, N, 3 * C, device="meta", dtype=tdt)
+    y = list(torch.empty(3, 3 * B, s, H, W, **f32).unbind(0))
+    rc = {"Z": Z, "y": y, "qkv": qkv, "xh4": torch.empty(B, s, H, W, **f32), "rstd4": torch.empty(B, 1, H, W, **f32),
+          "w4": torch.empty(B, 3 * s, H, W, **f32)}
+    stats = torch.empty(4, s, **f32)
+    dots = DotVariant(prec, False)
+    coefs = torch.empty(3, cp, **f32)
+    launches: List[Tuple[str, object, Dict[str, int]]] = []     # (kernel, grid, bytes / flops of the launch)
+
+    def add(plan, **work):
+        buf, ls = plan
+        for fn, grid, _args, kw in ls[:1]:
+            launches.append((fn.__name__ if hasattr(fn, "__name__") else fn.fn.__name__, grid, dict(work, kw=kw)))
+        return buf, ls
+
+    t = agb.gpu_backward_tiles(s_pad)                            # the GPU's, under the interpreter too
+    buf, _ = add(agb.plan_bn_sums(dP, Z, wts.bn_scale, wts.bn_shift, stats, stats, tiles=t),
+                 bytes=12 * M3 * cp + 4 * cp * 4)
+    G = buf["G"]
+    fused = agb.fused_b3(s_pad)
+    add(agb.plan_dz(G, Z, coefs, True, 0, s, agb.qkv_layout(d_qkv, 0), t), bytes=(8 + e) * M3 * s + 3 * cp * 4)
+    if fused:
+        src, mode, src_bytes = G, 2, 8
+    else:
+        bz, _ = add(agb.plan_dz(G, Z, coefs, True, 0, cp, tiles=t), bytes=12 * M3 * cp + 3 * cp * 4)
+        src, mode, src_bytes = bz["dZ"], 0, 4
+    bufp, lp = add(agb.plan_pw_backward(src, Z, y, wts.pw, coefs, mode, dots, t),
+                   bytes=3 * M3 * s * (src_bytes + 8) + 3 * s * s * 4, tc=2 * 2 * 3 * M3 * s * s)
+    kw = lp[0][3]
+    launches[-1][2]["bytes"] += bufp["part_gpw"].numel() * 4
+    tiles_pw = -(-M3 // kw["BLOCK_P"]) * lp[0][1][0]
+    launches[-1][2]["tc_padded"] = 2 * 2 * kw["BLOCK_I"] * s_pad * kw["BLOCK_P"] * tiles_pw
+    for j, w in zip((1, 2, 3), (wts.dw3, wts.dw5, wts.dw7)):
+        k = 2 * j + 1
+        bd, _ = add(agb.plan_dw_backward(bufp["dy"][j - 1], agb.qkv_layout(qkv, j), w, agb.qkv_layout(d_qkv, j), t),
+                    bytes=(4 + 2 * e) * M3 * s + k * k * s * 4, cuda=2 * 2 * k * k * M3 * s)
+        launches[-1][2]["bytes"] += bd["part_gw"].numel() * 4
+    dL = torch.empty(B, N, C, device="meta", dtype=tdt)[..., cp:].transpose(1, 2).reshape(B, s, H, W)
+    bl, ll = agb.plan_local_backward(dL, rc, wts, dots, agb.qkv_layout(d_qkv, 4), t)
+    (fl, gl, _, kl), (fd, gd, _, _) = ll
+    tiles_l = -(-M1 // kl["BLOCK_P"]) * gl[0]
+    launches.append((fl.__name__ if hasattr(fl, "__name__") else fl.fn.__name__, gl, {
+        "bytes": M1 * (e * s + 4 * s + 4 + 24 * s) + (bl["part_gpw"].numel() + bl["part_ln"].numel()) * 4
+        + (3 * s * s + 2 * s) * 4, "tc": 2 * 2 * 3 * M1 * s * s,
+        "tc_padded": 2 * 2 * kl["BLOCK_I"] * 3 * s_pad * kl["BLOCK_P"] * tiles_l // 3, "kw": kl}))
+    launches.append((fd.__name__ if hasattr(fd, "__name__") else fd.fn.__name__, gd, {
+        "bytes": (4 + 2 * e) * M1 * 3 * s + bl["part_gw"].numel() * 4 + 9 * 3 * s * 4, "cuda": 2 * 2 * 9 * M1 * 3 * s}))
+    # bn_grad's partials
+    for name, grid, work in launches:
+        if name == "gma_bn_grad_kernel":
+            work["bytes"] += grid[0] * 3 * cp * 4
+    out: Dict[str, Cost] = {}
+    for name in AGG_BACKWARD_KERNELS:
+        mine = [(g, w) for n, g, w in launches if n == name]
+        total = {k: sum(w.get(k, 0) for _, w in mine) for k in ("bytes", "tc", "tc_padded", "cuda")}
+        progs = [int(functools.reduce(lambda a, b: a * b, g, 1)) for g, _ in mine]
+        tc, tcp, fma, tp = _tc(prec, total["tc"], total["tc_padded"]) if total["tc"] else (0, 0, 0, "-")
+        warps = mine[0][1].get("kw", {}).get("num_warps") if mine[0][1].get("kw") else None
+        out[name] = Cost(bytes=total["bytes"], tc_flops=tc, cuda_flops=total["cuda"] + fma, grid=tuple(mine[0][0]),
+                         tc_precision=tp, tc_flops_padded=tcp, block=32 * warps if warps else None,
+                         detail={"launches": len(mine), "programs_all": sum(progs)})
+    return out
