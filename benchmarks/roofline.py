@@ -6,12 +6,13 @@
     python benchmarks/roofline.py --triton-resources aot.json --cuda-resources ~/.cache/.../resources.json
 
 For each kernel (Triton and CUDA: gma_aggregate_kernel, gma_combine_kernel,
-gma_attention_kernel; with --train also the backward kernels of one training call, Triton's:
-the attention backward (gma_b1_dkv_kernel, gma_b2_attention_kernel, gma_b2_crpe_kernel) and the
+gma_attention_kernel; with --train also the training kernels of one training call, Triton's:
+the statistics pass and the recompute (gma_statistics_kernel, gma_recompute_z_kernel,
+gma_recompute_attention_kernel, gma_recompute_local_kernel), the attention backward (gma_b1_dkv_kernel, gma_b2_attention_kernel, gma_b2_crpe_kernel) and the
 aggregation backward (gma_bn_grad_kernel, gma_dz_kernel, gma_pw_backward_kernel,
 gma_dw_backward_kernel, gma_local_backward_kernel: each summed over its launches in the call),
 on the fp32 stage tensors with dA, dL, qkv, d_qkv and the dots in the layer's dtype; the
-statistics and recompute kernels have no cost model yet) x GroupMixFormer-S stage shape (C=80 56x56, 160 28x28, 320 14x14,
+statistics pass with fp32's dots) x GroupMixFormer-S stage shape (C=80 56x56, 160 28x28, 320 14x14,
 320 7x7) x batch x dtype: the work of one launch from the one cost model of each backend
 (`gmf_kernels.triton_kernels.costs`, `gmf_kernels.cuda.costs`, derived from the launchers'
 own plans), the launch grid (for the Triton aggregation also its programs per image of each job:
@@ -63,7 +64,8 @@ STAGE_GRIDS = (56, 28, 14, 7)
 DTYPES = ("fp32", "fp16", "bf16")
 KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
 #: the training kernels with a cost model, per backend (the CUDA backend's backward is Triton's)
-TRAIN_KERNELS = {"triton": ("gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe_kernel",
+TRAIN_KERNELS = {"triton": ("gma_statistics_kernel", "gma_recompute_z_kernel", "gma_recompute_attention_kernel",
+                            "gma_recompute_local_kernel", "gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe_kernel",
                             "gma_bn_grad_kernel", "gma_dz_kernel", "gma_pw_backward_kernel",
                             "gma_dw_backward_kernel", "gma_local_backward_kernel")}
 BACKENDS = ("triton", "cuda")

@@ -253,3 +253,32 @@ def test_aggregation_backward_costs_by_hand(C, H, dtype, e):
     assert loc.bytes > M1 * (e * s + 4 * s + 4 + 24 * s)           # + the partials and the weights
     for name in triton_costs.AGG_BACKWARD_KERNELS:             # cost() dispatches to the same figures
         assert triton_costs.cost(name, B, H, W, C, dtype) == r[name]
+
+
+@pytest.mark.parametrize("dtype,e", [("fp32", 4), ("bf16", 2)])
+def test_statistics_and_recompute_costs_by_hand(dtype, e):
+    """The statistics pass (fp32's dots whatever the layer dtype) and the backward's recompute
+    (the layer dtype's) of one training call, by hand; grids from the launchers' plans."""
+    B, H, W, C = 2, 14, 14, 160
+    s, N, cp, d = 32, 196, 128, 16
+    T = B * N
+    r = triton_costs.recompute_costs(B, H, W, C, dtype, (9, 0))
+    proxy_w = ((9 + 25 + 49) * s + 3 * s * s) * 4
+    st = r["gma_statistics_kernel"]
+    R = st.grid[0]
+    assert st.grid == (R, 3 * B) and st.tc_precision == "tf32x3"
+    assert st.bytes == 12 * T * s * e + 3 * B * R * s * (8 + 4) + proxy_w
+    assert (st.tc_flops, st.cuda_flops) == (18 * T * s * s, 2 * 3 * T * 83 * s)
+    rz = r["gma_recompute_z_kernel"]
+    assert rz.tc_precision == ("tf32x3" if dtype == "fp32" else "tf32")
+    assert rz.bytes == 12 * T * s * e + 3 * T * (4 * s * 4 * 2 + 3 * s * 4) + proxy_w + 2 * 4 * s * 4
+    ra = r["gma_recompute_attention_kernel"]
+    splits = ra.grid[0]
+    assert ra.grid == (splits, 8, B)
+    assert ra.bytes == 3 * T * cp * 4 + B * splits * cp * (d + 2) * 4 + (240 * d + cp) * 4
+    assert (ra.tc_flops, ra.cuda_flops) == (2 * T * cp * d, 2 * T * 240 * d)
+    rl = r["gma_recompute_local_kernel"]
+    assert rl.bytes == T * (3 * s * e + 16 * s + 4) + (27 * s + 3 * s * s) * 4
+    assert (rl.tc_flops, rl.cuda_flops) == (6 * T * s * s, 54 * T * s)
+    for name in triton_costs.RECOMPUTE_KERNELS:             # cost() dispatches to the same figures
+        assert triton_costs.cost(name, B, H, W, C, dtype) == r[name]

@@ -48,6 +48,10 @@ BACKWARD_KERNELS = ("gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe
 #: layer's dtype, depthwise inputs read from qkv): each kernel's cost is the sum over its launches
 #: in that call (dz: 1 or 2, dw_backward: 4 = segments 1..3 and the local branch's 3x3), its grid the
 #: first launch's (detail: "launches", "programs_all")
+#: the training statistics pass (statistics.py, fp32's dots) and the backward's recompute (statistics.py,
+#: recompute.py; the layer dtype's dots) of one training call
+RECOMPUTE_KERNELS = ("gma_statistics_kernel", "gma_recompute_z_kernel", "gma_recompute_attention_kernel",
+                     "gma_recompute_local_kernel")
 AGG_BACKWARD_KERNELS = ("gma_bn_grad_kernel", "gma_dz_kernel", "gma_pw_backward_kernel", "gma_dw_backward_kernel",
                         "gma_local_backward_kernel")
 ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -143,9 +147,11 @@ def cost(kernel: str, B: int, H: int, W: int, C: int, dtype, capability: Tuple[i
              "gma_b2_crpe_kernel": _b2_crpe}.get(name)
     if name in AGG_BACKWARD_KERNELS:
         return aggregation_backward_costs(B, H, W, shape.C, dt, prec)[name]
+    if name in RECOMPUTE_KERNELS:
+        return recompute_costs(B, H, W, shape.C, dt, tuple(capability))[name]
     if model is None:
         raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of "
-                         f"{KERNELS + BACKWARD_KERNELS + AGG_BACKWARD_KERNELS}")
+                         f"{KERNELS + BACKWARD_KERNELS + RECOMPUTE_KERNELS + AGG_BACKWARD_KERNELS}")
     return model(B, H, W, dt, prec, shape)
 
 
@@ -356,7 +362,7 @@ def _aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: s
     def add(plan, **work):
         buf, ls = plan
         for fn, grid, _args, kw in ls[:1]:
-            launches.append((fn.__name__ if hasattr(fn, "__name__") else fn.fn.__name__, grid, dict(work, kw=kw)))
+            launches.append((_kernel_name(fn), grid, dict(work, kw=kw)))
         return buf, ls
 
     t = agb.gpu_backward_tiles(s_pad)                            # the GPU's, under the interpreter too
@@ -385,11 +391,11 @@ def _aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: s
     bl, ll = agb.plan_local_backward(dL, rc, wts, dots, agb.qkv_layout(d_qkv, 4), t)
     (fl, gl, _, kl), (fd, gd, _, _) = ll
     tiles_l = -(-M1 // kl["BLOCK_P"]) * gl[0]
-    launches.append((fl.__name__ if hasattr(fl, "__name__") else fl.fn.__name__, gl, {
+    launches.append((_kernel_name(fl), gl, {
         "bytes": M1 * (e * s + 4 * s + 4 + 24 * s) + (bl["part_gpw"].numel() + bl["part_ln"].numel()) * 4
         + (3 * s * s + 2 * s) * 4, "tc": 2 * 2 * 3 * M1 * s * s,
         "tc_padded": 2 * 2 * kl["BLOCK_I"] * 3 * s_pad * kl["BLOCK_P"] * tiles_l // 3, "kw": kl}))
-    launches.append((fd.__name__ if hasattr(fd, "__name__") else fd.fn.__name__, gd, {
+    launches.append((_kernel_name(fd), gd, {
         "bytes": (4 + 2 * e) * M1 * 3 * s + bl["part_gw"].numel() * 4 + 9 * 3 * s * 4, "cuda": 2 * 2 * 9 * M1 * 3 * s}))
     # bn_grad's partials
     for name, grid, work in launches:
@@ -405,4 +411,75 @@ def _aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: s
         out[name] = Cost(bytes=total["bytes"], tc_flops=tc, cuda_flops=total["cuda"] + fma, grid=tuple(mine[0][0]),
                          tc_precision=tp, tc_flops_padded=tcp, block=32 * warps if warps else None,
                          detail={"launches": len(mine), "programs_all": sum(progs)})
+    return out
+
+
+def _kernel_name(fn) -> str:
+    return fn.__name__ if hasattr(fn, "__name__") else fn.fn.__name__
+
+
+@functools.lru_cache(maxsize=256)
+def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[int, int]) -> Dict[str, Cost]:
+    """Cost of the statistics pass and of the backward's three recompute launches of one training
+    call (`RECOMPUTE_KERNELS`), grids from the launchers' own plans on meta tensors with the GPU
+    tiles (`statistics.gpu_stats_tiles` / `gpu_recompute_tiles`, `recompute.gpu_attention_tiles` /
+    `gpu_local_tiles`); per token (s = C/5, C' = 4s, e bytes per qkv element; the module
+    docstrings of statistics.py and recompute.py derive them):
+
+      statistics          reads q, k, v's segments 0..3 (12 s e); writes per-program moments
+                          (3B R s x 12 B); cuda 2 x 3 x 83 s (the stencils), tc 2 x 9 s^2 with fp32's
+                          dots (3xTF32 on sm_80+); the moments' element-wise work not counted
+      recompute_z         the same reads and FLOPs with the layer dtype's dots; writes Z, P (3 x 4s
+                          x 4 B each) and y (3 x 3s x 4 B)
+      recompute_attention reads K, V of P (2 C' x 4 B), writes R (C' x 4 B) and the softmax
+                          partials (B SPLITS C' (d + 2) x 4 B); cuda the CRPE 2 x 240 d, tc 2 C' d
+      recompute_local     reads segment 4 of q, k, v (3 s e), writes w4 (3s x 4 B), xh4 (s x 4 B) and
+                          rstd4 (4 B); cuda 2 x 9 x 3s, tc 2 x 3 s^2
+    plus the folded weights each reads, once."""
+    import torch
+
+    from . import recompute as rcp
+    from . import statistics as st
+    from ._common import DotVariant
+    from ..folding import FoldedGMAWeights, weight_shapes
+    e = ELEM_BYTES[dt]
+    s, N = C // 5, H * W
+    cp, d = 4 * s, s // 2
+    T = B * N                                    # tokens of each of q, k, v
+    f32 = dict(device="meta", dtype=torch.float32)
+    tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+    wts = FoldedGMAWeights(*(torch.empty(weight_shapes(C)[n], **f32) for n in FoldedGMAWeights._fields))
+    wb = _weights_bytes(C)
+    qkv = torch.empty(B, N, 3 * C, device="meta", dtype=tdt)
+    sprec, prec = dot_precision("fp32", capability), dot_precision(dt, capability)
+    w = (wts.dw3, wts.dw5, wts.dw7, wts.pw)
+    proxy_w = sum(wb[k] for k in ("dw3", "dw5", "dw7", "pw"))
+    stencils, mix = 2 * 3 * T * PROXY_TAPS * s, 2 * 9 * T * s * s
+    out: Dict[str, Cost] = {}
+    pm, pm2, plan, (grid, _a, kw) = st.plan_statistics(qkv, H, W, *w, st.gpu_stats_tiles(C, sprec),
+                                                       DotVariant(sprec, False))
+    tc, tcp, fma, tp = _tc(sprec, mix, mix)
+    out["gma_statistics_kernel"] = Cost(
+        bytes=12 * T * s * e + (pm.numel() * 8 + pm2.numel() * 4) + proxy_w, tc_flops=tc, cuda_flops=stencils + fma,
+        grid=tuple(grid), tc_precision=tp, block=32 * kw["num_warps"], detail={"programs_per_image": plan.programs})
+    (z, p, y), (grid, _a, kw) = st.plan_recompute(qkv, H, W, wts.bn_scale, wts.bn_shift, *w,
+                                                  st.gpu_recompute_tiles(C, prec), DotVariant(prec, False))
+    tc, tcp, fma, tp = _tc(prec, mix, mix)
+    out["gma_recompute_z_kernel"] = Cost(
+        bytes=12 * T * s * e + (z.numel() + p.numel() + y.numel()) * 4 + proxy_w + wb["bn_scale"] + wb["bn_shift"],
+        tc_flops=tc, cuda_flops=stencils + fma, grid=tuple(grid), tc_precision=tp, block=32 * kw["num_warps"])
+    buf, (fn, grid, _a, kw) = rcp.plan_recompute_attention(p, H, W, wts, rcp.gpu_attention_tiles(d, prec),
+                                                           DotVariant(prec, False))
+    tc, tcp, fma, tp = _tc(prec, 2 * T * cp * d, 2 * T * cp * d)
+    partials = sum(buf[k].numel() for k in ("part_m", "part_l", "part_acc")) * 4
+    out[_kernel_name(fn)] = Cost(
+        bytes=3 * T * cp * 4 + partials + sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7", "crpe_b")),
+        tc_flops=tc, cuda_flops=2 * T * CRPE_TAPS_PER_D * d + fma, grid=tuple(grid), tc_precision=tp,
+        block=32 * kw["num_warps"])
+    buf, (fn, grid, _a, kw) = rcp.plan_recompute_local(qkv, H, W, wts, 1e-5, rcp.gpu_local_tiles(s, prec),
+                                                       DotVariant(prec, False))
+    tc, tcp, fma, tp = _tc(prec, 2 * 3 * T * s * s, 2 * 3 * T * s * s)
+    out[_kernel_name(fn)] = Cost(
+        bytes=T * (3 * s * e + 16 * s + 4) + wb["local_dw"] + wb["local_pw"], tc_flops=tc,
+        cuda_flops=2 * 9 * 3 * T * s + fma, grid=tuple(grid), tc_precision=tp, block=32 * kw["num_warps"])
     return out
