@@ -62,8 +62,7 @@ def kernel_backward(ctx, grad_pre) -> tuple:
     # SyncBatchNorm: an all-reduce between B2 and B3, so the stages are called one by one; under
     # torch.compile the PyTorch stages (the interpreter's kernels cannot be traced)
     qkv = ctx.saved_tensors[0]
-    stages = (TORCH_STAGES if torch.compiler.is_compiling()
-              else triton_stages(qkv.shape[-1] // 15, backward_dots(qkv), train_tiles(qkv)))
+    stages = TORCH_STAGES if torch.compiler.is_compiling() else stages_for(qkv)
     return training.backward(ctx, grad_pre, stages)
 
 
@@ -77,9 +76,7 @@ def triton_pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int
     kernels cannot be traced; on a GPU the op spares Dynamo the launchers' planning code)."""
     with torch.autocast(qkv.device.type, enabled=False):
         d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
-                                               mean, rstd, None, None,
-                                               triton_stages(qkv.shape[-1] // 15, backward_dots(qkv),
-                                                             train_tiles(qkv)))
+                                               mean, rstd, None, None, stages_for(qkv))
     # the weight gradients are small and some are views of one buffer of sums: own copies (an op's
     # outputs may not alias each other)
     return [d_qkv.contiguous()] + [g.clone(memory_format=torch.contiguous_format) for g in grads]
@@ -110,6 +107,12 @@ def train_tiles(qkv: Tensor) -> TrainTiles:
     return TrainTiles(b1=tile_spaces.tuned_tiles(ab.B1_FAMILY, C, qkv), b2=tile_spaces.tuned_tiles(ab.B2_FAMILY, C, qkv),
                       b2_crpe=tile_spaces.tuned_tiles(ab.CRPE_FAMILY, C, qkv),
                       backward=None if bw is None else tiles_of(bw))
+
+
+def stages_for(qkv: Tensor) -> Stages:
+    """The Triton stages of the backward of the layer whose input is qkv: `triton_stages` with its
+    segment width, its dots (`statistics.backward_dots`) and its tuned tiles (`train_tiles`)."""
+    return triton_stages(qkv.shape[-1] // 15, backward_dots(qkv), train_tiles(qkv))
 
 
 def triton_stages(s: int, dots: DotVariant, tiles: Optional[TrainTiles] = None) -> Stages:
