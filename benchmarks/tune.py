@@ -98,7 +98,7 @@ def load_spaces(train: bool = False) -> Dict[str, object]:
     or with train=True those of the training kernels (`tile_spaces.families`)."""
     from gmf_kernels import tuning
     if train:
-        from gmf_kernels.triton_kernels import attention_backward, recompute, train_op  # noqa: F401  register theirs
+        from gmf_kernels.triton_kernels import train_op  # noqa: F401  (imports every module that registers a family)
         from gmf_kernels.triton_kernels.tile_spaces import families
         return {f: tuning.spaces()[f] for f in families()}
     import gmf_kernels.cuda.launcher  # noqa: F401  registers "cuda.tiles"

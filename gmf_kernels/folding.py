@@ -76,6 +76,14 @@ def weight_shapes(C: int) -> Dict[str, Tuple[int, ...]]:
     }
 
 
+def meta_weights(C: int) -> "FoldedGMAWeights":
+    """Folded weights of width C as fp32 meta tensors (shapes only, nothing allocated): what the
+    launchers' plans take when they are run to specialise or to count, not to launch."""
+    shapes = weight_shapes(C)
+    return FoldedGMAWeights(*(torch.empty(shapes[n], device="meta", dtype=torch.float32)
+                              for n in FoldedGMAWeights._fields))
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Kernels accumulate in float32; float64 inputs keep float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32

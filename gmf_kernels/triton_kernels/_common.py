@@ -33,6 +33,11 @@ def _cuda_capability(index: int) -> Tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
+def kernel_name(kernel) -> str:
+    """The name of a @triton.jit kernel (a JIT or an interpreter object)."""
+    return getattr(kernel, "__name__", None) or kernel.fn.__name__
+
+
 def dot_variant(x: torch.Tensor) -> DotVariant:
     """The dot variant for an input like x: its dtype on its GPU's architecture (config.ARCH_DOTS),
     or, under the interpreter, the GPU rounding of EMULATED_CAPABILITY emulated. Off CUDA

@@ -86,6 +86,12 @@ def dtype_name(dtype) -> str:
     return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
 
 
+def torch_dtype(name: str):
+    """"fp32" -> torch.float32 (also fp16, bf16): the inverse of `dtype_name`."""
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
 def capability_of_arch(arch: int) -> Tuple[int, int]:
     """75 -> (7, 5)."""
     return (arch // 10, arch % 10)

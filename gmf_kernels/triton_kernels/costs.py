@@ -35,7 +35,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .config import GMAShape, dot_pad, dot_precision, dtype_name, gma_shape
+from .config import GMAShape, dot_pad, dot_precision, dtype_name, gma_shape, torch_dtype
 
 KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
 #: the attention backward (attention_backward.py) as the Triton stage set runs it: Q, K, V (slices
@@ -316,6 +316,7 @@ def _b2_crpe(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
                 block=32 * warps, detail=detail)
 
 
+@functools.lru_cache(maxsize=256)
 def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: str) -> Dict[str, Cost]:
     """Cost of each aggregation-backward kernel in one training call (`AGG_BACKWARD_KERNELS`),
     grids from the launchers' own plans on meta tensors (what `b2_bn_sums`, `b3_fused` and
@@ -332,23 +333,18 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
     tc: pw_backward 2 x 2 s^2 MACs per pixel and segment (dy = pw^T dz, g_pw += dz y^T); local
     2 x 3 s^2 (dw4 and g_local_pw); padded as issued (BLOCK_I x S_PAD x PW_BLOCK_P per tile and
     output-channel block). cuda: dw_backward 2 x KS^2 MACs per element (du and the weight gradient)."""
-    return _aggregation_backward_costs(B, H, W, C, dt, prec)
-
-
-@functools.lru_cache(maxsize=256)
-def _aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: str) -> Dict[str, Cost]:
     import torch
 
     from . import aggregation_backward as agb
-    from ._common import DotVariant
-    from ..folding import FoldedGMAWeights, weight_shapes
+    from ._common import DotVariant, kernel_name
+    from ..folding import meta_weights
     e = ELEM_BYTES[dt]
     s, N = C // 5, H * W
     cp, s_pad = 4 * s, dot_pad(s)
     M3, M1 = 3 * B * N, B * N
     f32 = dict(device="meta", dtype=torch.float32)
-    tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
-    wts = FoldedGMAWeights(*(torch.empty(weight_shapes(C)[n], **f32) for n in FoldedGMAWeights._fields))
+    tdt = torch_dtype(dt)
+    wts = meta_weights(C)
     Z, dP = torch.empty(3 * B, cp, H, W, **f32), torch.empty(3 * B, cp, H, W, **f32)
     qkv, d_qkv = torch.empty(B, N, 3 * C, device="meta", dtype=tdt), torch.empty(B, N, 3 * C, device="meta", dtype=tdt)
     y = list(torch.empty(3, 3 * B, s, H, W, **f32).unbind(0))
@@ -362,12 +358,13 @@ def _aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: s
     def add(plan, **work):
         buf, ls = plan
         for fn, grid, _args, kw in ls[:1]:
-            launches.append((_kernel_name(fn), grid, dict(work, kw=kw)))
+            launches.append((kernel_name(fn), grid, dict(work, kw=kw)))
         return buf, ls
 
     t = agb.gpu_backward_tiles(s_pad)                            # the GPU's, under the interpreter too
     buf, _ = add(agb.plan_bn_sums(dP, Z, wts.bn_scale, wts.bn_shift, stats, stats, tiles=t),
                  bytes=12 * M3 * cp + 4 * cp * 4)
+    launches[-1][2]["bytes"] += buf["part"].numel() * 4
     G = buf["G"]
     fused = agb.fused_b3(s_pad)
     add(agb.plan_dz(G, Z, coefs, True, 0, s, agb.qkv_layout(d_qkv, 0), t), bytes=(8 + e) * M3 * s + 3 * cp * 4)
@@ -391,16 +388,12 @@ def _aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: s
     bl, ll = agb.plan_local_backward(dL, rc, wts, dots, agb.qkv_layout(d_qkv, 4), t)
     (fl, gl, _, kl), (fd, gd, _, _) = ll
     tiles_l = -(-M1 // kl["BLOCK_P"]) * gl[0]
-    launches.append((_kernel_name(fl), gl, {
+    launches.append((kernel_name(fl), gl, {
         "bytes": M1 * (e * s + 4 * s + 4 + 24 * s) + (bl["part_gpw"].numel() + bl["part_ln"].numel()) * 4
         + (3 * s * s + 2 * s) * 4, "tc": 2 * 2 * 3 * M1 * s * s,
         "tc_padded": 2 * 2 * kl["BLOCK_I"] * 3 * s_pad * kl["BLOCK_P"] * tiles_l // 3, "kw": kl}))
-    launches.append((_kernel_name(fd), gd, {
+    launches.append((kernel_name(fd), gd, {
         "bytes": (4 + 2 * e) * M1 * 3 * s + bl["part_gw"].numel() * 4 + 9 * 3 * s * 4, "cuda": 2 * 2 * 9 * M1 * 3 * s}))
-    # bn_grad's partials
-    for name, grid, work in launches:
-        if name == "gma_bn_grad_kernel":
-            work["bytes"] += grid[0] * 3 * cp * 4
     out: Dict[str, Cost] = {}
     for name in AGG_BACKWARD_KERNELS:
         mine = [(g, w) for n, g, w in launches if n == name]
@@ -412,10 +405,6 @@ def _aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: s
                          tc_precision=tp, tc_flops_padded=tcp, block=32 * warps if warps else None,
                          detail={"launches": len(mine), "programs_all": sum(progs)})
     return out
-
-
-def _kernel_name(fn) -> str:
-    return fn.__name__ if hasattr(fn, "__name__") else fn.fn.__name__
 
 
 @functools.lru_cache(maxsize=256)
@@ -440,15 +429,14 @@ def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[i
 
     from . import recompute as rcp
     from . import statistics as st
-    from ._common import DotVariant
-    from ..folding import FoldedGMAWeights, weight_shapes
+    from ._common import DotVariant, kernel_name
+    from ..folding import meta_weights
     e = ELEM_BYTES[dt]
     s, N = C // 5, H * W
     cp, d = 4 * s, s // 2
     T = B * N                                    # tokens of each of q, k, v
-    f32 = dict(device="meta", dtype=torch.float32)
-    tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
-    wts = FoldedGMAWeights(*(torch.empty(weight_shapes(C)[n], **f32) for n in FoldedGMAWeights._fields))
+    tdt = torch_dtype(dt)
+    wts = meta_weights(C)
     wb = _weights_bytes(C)
     qkv = torch.empty(B, N, 3 * C, device="meta", dtype=tdt)
     sprec, prec = dot_precision("fp32", capability), dot_precision(dt, capability)
@@ -472,14 +460,14 @@ def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[i
                                                            DotVariant(prec, False))
     tc, tcp, fma, tp = _tc(prec, 2 * T * cp * d, 2 * T * cp * d)
     partials = sum(buf[k].numel() for k in ("part_m", "part_l", "part_acc")) * 4
-    out[_kernel_name(fn)] = Cost(
+    out[kernel_name(fn)] = Cost(
         bytes=3 * T * cp * 4 + partials + sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7", "crpe_b")),
         tc_flops=tc, cuda_flops=2 * T * CRPE_TAPS_PER_D * d + fma, grid=tuple(grid), tc_precision=tp,
         block=32 * kw["num_warps"])
     buf, (fn, grid, _a, kw) = rcp.plan_recompute_local(qkv, H, W, wts, 1e-5, rcp.gpu_local_tiles(s, prec),
                                                        DotVariant(prec, False))
     tc, tcp, fma, tp = _tc(prec, 2 * 3 * T * s * s, 2 * 3 * T * s * s)
-    out[_kernel_name(fn)] = Cost(
+    out[kernel_name(fn)] = Cost(
         bytes=T * (3 * s * e + 16 * s + 4) + wb["local_dw"] + wb["local_pw"], tc_flops=tc,
         cuda_flops=2 * 9 * 3 * T * s + fma, grid=tuple(grid), tc_precision=tp, block=32 * kw["num_warps"])
     return out

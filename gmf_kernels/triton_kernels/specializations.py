@@ -52,7 +52,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .config import AOT_ARCHS, DTYPE_NAMES, arch_dots, capability_of_arch, dot_precision
+from .config import AOT_ARCHS, DTYPE_NAMES, arch_dots, capability_of_arch, dot_precision, torch_dtype
 
 #: image side and batches of the real calls
 IMAGE = 224
@@ -81,8 +81,7 @@ class Call:
 
     def torch_dtype(self):
         """The input dtype as a torch dtype ("bf16" -> torch.bfloat16)."""
-        import torch
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
+        return torch_dtype(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -204,7 +203,7 @@ def specializations_of_call(call: Call, arch: int) -> List[Spec]:
     """The three kernels' specialisations for one real call on sm_<arch> (launcher's plan on meta tensors)."""
     import torch
 
-    from ..folding import FoldedGMAWeights, weight_shapes
+    from ..folding import meta_weights
     from ._common import DotVariant, interpreting
     from .launcher import plan_pre_projection
     if interpreting():
@@ -212,9 +211,7 @@ def specializations_of_call(call: Call, arch: int) -> List[Spec]:
     dt = call.torch_dtype()
     meta = dict(device="meta")
     qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, **meta)
-    shapes = weight_shapes(call.C)
-    weights = FoldedGMAWeights(*(torch.empty(shapes[n], dtype=torch.float32, **meta)
-                                 for n in FoldedGMAWeights._fields))
+    weights = meta_weights(call.C)
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)
     head_dim = 4 * (call.C // 5) // 8
     # the launcher's own default tiles for this dot variant (default_shape), as at run time
@@ -235,7 +232,7 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     candidates, `candidate_specializations`)."""
     import torch
 
-    from ..folding import FoldedGMAWeights, weight_shapes
+    from ..folding import meta_weights
     from . import backward as bw
     from ._common import DotVariant, interpreting
     from .aggregation_backward import BACKWARD_FAMILY, plan_stages, tiles_of
@@ -252,7 +249,7 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     # dA: the view of grad_pre (the layer's output gradient, in the input's dtype: Stages.grad_pre_as_is)
     dA = torch.empty(B, N, C, device="meta", dtype=dt)[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
     rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, H, W, **meta)}
-    weights = FoldedGMAWeights(*(torch.empty(weight_shapes(C)[n], **meta) for n in FoldedGMAWeights._fields))
+    weights = meta_weights(C)
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)
     _, b1 = plan_b1(P[:B].reshape(B, 8, d, N), dA, d ** -0.5, dots=dots, tile=t.get(B1_FAMILY))
     _, b2 = plan_b2(dA, torch.empty(B, 8, d, d, **meta), rc, weights, d ** -0.5, dots=dots,
@@ -297,7 +294,7 @@ def statistics_specializations_of_call(call: Call, arch: int,
     `backward_specializations_of_call`'s."""
     import torch
 
-    from ..folding import FoldedGMAWeights, weight_shapes
+    from ..folding import meta_weights
     from ._common import DotVariant, interpreting
     from .recompute import ATTENTION_FAMILY, LOCAL_FAMILY, plan_recompute_attention, plan_recompute_local
     from .statistics import (RECOMPUTE_Z_FAMILY, STATS_FAMILY, gma_recompute_z_kernel, gma_statistics_kernel,
@@ -305,11 +302,8 @@ def statistics_specializations_of_call(call: Call, arch: int,
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: the launcher would plan interpreter tiles")
     t = tiles or {}
-    dt = call.torch_dtype()
-    meta = dict(dtype=torch.float32, device="meta")
-    qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, device="meta")
-    shapes = weight_shapes(call.C)
-    wts = FoldedGMAWeights(*(torch.empty(shapes[n], **meta) for n in FoldedGMAWeights._fields))
+    qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=call.torch_dtype(), device="meta")
+    wts = meta_weights(call.C)
     w = (wts.dw3, wts.dw5, wts.dw7, wts.pw)
     dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
     _, _, _, (_grid, args, kwargs) = plan_statistics(qkv, call.H, call.W, *w, t.get(STATS_FAMILY), dots=dots)
@@ -343,6 +337,7 @@ def candidate_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = Non
     time (the defaults are `statistics_specializations` / `backward_specializations`'). Deduplicated."""
     from .. import tuning
     from . import tile_spaces, train_op  # noqa: F401  (every family registered)
+    from ._common import kernel_name
     from .recompute import ATTENTION_FAMILY, LOCAL_FAMILY
     from .statistics import RECOMPUTE_Z_FAMILY, STATS_FAMILY
     statistics_side = {STATS_FAMILY, RECOMPUTE_Z_FAMILY, ATTENTION_FAMILY, LOCAL_FAMILY}
@@ -354,7 +349,7 @@ def candidate_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = Non
             if call.dtype not in supported:
                 continue
             for fam in tile_spaces.families():
-                names = {k.__name__ if hasattr(k, "__name__") else k.fn.__name__ for k in tile_spaces.KERNELS[fam]}
+                names = {kernel_name(k) for k in tile_spaces.KERNELS[fam]}
                 for cand in tuning.spaces()[fam].candidates(call.C, call.torch_dtype(), capability_of_arch(arch))[1:]:
                     tile = {fam: tuple(int(v) for v in cand.values())}
                     if fam in statistics_side:
