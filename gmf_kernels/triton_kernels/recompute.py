@@ -306,5 +306,5 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float)
 register_tiles(ATTENTION_FAMILY, ("BLOCK_P", "num_warps"), lambda C, p: gpu_attention_tiles(C // 10, p),
                lambda C, p: ATTENTION_SEARCH, [gma_recompute_attention_kernel])
 register_tiles(LOCAL_FAMILY, ("BLOCK_P", "num_warps", "CK"), lambda C, p: gpu_local_tiles(C // 5, p),
-               lambda C, p: [(bp, w, min(ck, dot_pad(C // 5))) for bp, w, ck in LOCAL_SEARCH],
+               lambda C, p: LOCAL_SEARCH,
                [gma_recompute_local_kernel])

@@ -385,10 +385,6 @@ STATS_FAMILY = "triton.statistics"
 RECOMPUTE_Z_FAMILY = "triton.recompute_z"
 
 
-def _search(tiles):
-    return lambda C, precision: [(bp, warps, min(ck, dot_pad(C // 5))) for bp, warps, ck in tiles]
-
-
 def statistics_dots(qkv: Tensor) -> DotVariant:
     """The dot variant of fp32 inputs on qkv's device (module docstring: fp32 statistics)."""
     return dot_variant(qkv.new_empty(0, dtype=torch.float32))
@@ -655,7 +651,8 @@ def recompute_planes(qkv: Tensor, H: int, W: int, wts) -> Tuple[Tensor, Tensor, 
     return z, p, list(y_all.unbind(0))
 
 
-register_tiles(STATS_FAMILY, ("BLOCK_P", "num_warps", "CK"), gpu_stats_tiles, _search(STATS_SEARCH),
+register_tiles(STATS_FAMILY, ("BLOCK_P", "num_warps", "CK"), gpu_stats_tiles, lambda C, p: STATS_SEARCH,
                [gma_statistics_kernel], backward=False)
-register_tiles(RECOMPUTE_Z_FAMILY, ("BLOCK_P", "num_warps", "CK"), gpu_recompute_tiles, _search(RECOMPUTE_SEARCH),
+register_tiles(RECOMPUTE_Z_FAMILY, ("BLOCK_P", "num_warps", "CK"), gpu_recompute_tiles,
+               lambda C, p: RECOMPUTE_SEARCH,
                [gma_recompute_z_kernel])

@@ -36,7 +36,7 @@ import torch
 
 from .. import tuning
 from ._common import _cuda_capability, interpreting
-from .config import backward_kernels_take, dot_precision, dtype_name
+from .config import backward_kernels_take, dot_pad, dot_precision, dtype_name
 
 Tile = Tuple[int, ...]
 MAX_CANDIDATES = 6
@@ -60,7 +60,8 @@ def register_tiles(family: str, keys: Sequence[str], default: Callable[[int, str
                    others: Callable[[int, str], Iterable[Tile]], kernels: Sequence[object],
                    backward: bool = True) -> tuning.SearchSpace:
     """Register a training kernel family's search space: default(C, precision) is the tile its
-    module uses, others(C, precision) the further tiles worth a try (duplicates dropped)."""
+    module uses, others(C, precision) the further tiles worth a try (duplicates dropped; a "CK"
+    channel chunk clipped to the padded segment width, as the launchers clip it)."""
     keys = tuple(keys)
 
     def default_cfg(C: int, dtype, capability) -> Dict[str, int]:
@@ -73,6 +74,8 @@ def register_tiles(family: str, keys: Sequence[str], default: Callable[[int, str
         out = [default_cfg(C, dtype, capability)]
         for tile in others(C, precision):
             cfg = dict(zip(keys, tile))
+            if "CK" in cfg:                     # a channel chunk never wider than the padded segment
+                cfg["CK"] = min(cfg["CK"], dot_pad(C // 5))
             if cfg not in out and len(out) < MAX_CANDIDATES:
                 out.append(cfg)
         return out
