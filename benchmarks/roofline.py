@@ -11,7 +11,7 @@ the statistics pass and the recompute (gma_statistics_kernel, gma_recompute_z_ke
 gma_recompute_attention_kernel, gma_recompute_local_kernel), the attention backward (gma_b1_dkv_kernel, gma_b2_attention_kernel, gma_b2_crpe_kernel) and the
 aggregation backward (gma_bn_grad_kernel, gma_dz_kernel, gma_pw_backward_kernel,
 gma_dw_backward_kernel, gma_local_backward_kernel: each summed over its launches in the call),
-on the fp32 stage tensors with dA, dL, qkv, d_qkv and the dots in the layer's dtype; the
+on the stage tensors, dA, dL, qkv, d_qkv and the dots in the layer's dtype (`config.stage_dtype`); the
 statistics pass with fp32's dots) x GroupMixFormer-S stage shape (C=80 56x56, 160 28x28, 320 14x14,
 320 7x7) x batch x dtype: the work of one launch from the one cost model of each backend
 (`gmf_kernels.triton_kernels.costs`, `gmf_kernels.cuda.costs`, derived from the launchers'

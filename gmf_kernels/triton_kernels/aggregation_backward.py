@@ -2,7 +2,10 @@
 
 Kernels replacing the PyTorch stage functions of `backward.py` (tested against them in
 tests/test_triton_aggregation_backward.py); the launchers at the end keep those functions'
-signatures and returns, on the same fp32 compute tensors: images channels-first, q, k, v
+signatures and returns, on the stage tensors (`config.stage_dtype`: fp32 for fp32 layers and
+backward.py's PyTorch recompute, the layer's own fp16/bf16 otherwise, as eager AMP keeps its
+activations; every kernel widens them to fp32 on load, computes and accumulates in fp32 and
+rounds once on store; partial sums and weight gradients fp32): images channels-first, q, k, v
 stacked as 3B images, Z / dP / G / dZ (3B, 4s, H, W), u_j / y_j (3B, s, H, W), the local
 branch's (B, s|3s, H, W). Every launch goes through ``torch.library.wrap_triton`` under the
 input's CUDA device, as `launcher.launch_pre_projection` does.
@@ -22,8 +25,8 @@ summed by one small torch reduction in the launcher (no atomics: deterministic).
 * `gma_dz_kernel` (`b3_dz`): dZ = ka G + kz Z + k0 per channel (`dz_coefficients`: the
   batch-statistics terms, or ka = a), on a channel range.
 * `gma_pw_backward_kernel` (`b3_pointwise_depthwise`, channel mix): per segment j = 1..3, per
-  pixel tile, dy = pw_jᵀ dz (``tl.dot``, pw_j loaded once per program) into a fp32 scratch
-  buffer, and g_pw_j += dz yᵀ (``tl.dot`` over the tile's pixels, fp32 accumulator in
+  pixel tile, dy = pw_jᵀ dz (``tl.dot``, pw_j loaded once per program) into a scratch
+  buffer in the stage dtype, and g_pw_j += dz yᵀ (``tl.dot`` over the tile's pixels, fp32 accumulator in
   registers). Its prologue can form dz from G and Z itself (`b3_fused`).
 * `gma_dw_backward_kernel` (`b3_pointwise_depthwise`, `local_backward`; generic: the backward of
   any depthwise "same" KSxKS convolution): du = correlation of dy with the flipped window
@@ -39,8 +42,8 @@ summed by one small torch reduction in the launcher (no atomics: deterministic).
   input gradient dw4 = local_pwᵀ dz4 and weight gradient (``tl.dot``), and the LayerNorm
   affine's gradients; the depthwise 3x3 over the 3s channels is `gma_dw_backward_kernel`.
 
-Why `b3_fused` forms dZ in the pointwise kernel's prologue (bytes per pixel, fp32, s
-channels per segment): separately, b3_dz reads G, Z and writes dZ over 4s channels (48 s B;
+Why `b3_fused` forms dZ in the pointwise kernel's prologue (bytes per pixel, fp32 stage
+tensors, s channels per segment; half of each for fp16/bf16 ones): separately, b3_dz reads G, Z and writes dZ over 4s channels (48 s B;
 eval: no Z, 32 s B) and the pointwise kernel reads dZ of segments 1..3 (12 s B): 60 s B
 (eval 44 s B). Fused, the pointwise kernel reads G and Z of segments 1..3 (24 s B; eval G
 only, 12 s B) and the dz kernel writes segment 0's du (= its dZ) only (12 s B; eval 8 s B):
@@ -61,11 +64,11 @@ layout copy back to (B, N, 3C) (15 + 15) and the cast (15 read, 15 e / 4 written
 100 units, becomes the stores into d_qkv, 15 e / 4 (the fp32 buffers' own writes, 15, not
 made either).
 
-Why dy goes through memory (scratch (3, 3B, s, N) fp32) between the two B3 kernels: du
+Why dy goes through memory (scratch (3, 3B, s, N) in the stage dtype) between the two B3 kernels: du
 needs dy on the stencil halo (up to 3 rows/cols around the tile), and a register tile
 cannot be shifted; recomputing dy = pwᵀ dz per tap would cost KS² channel mixes (49 s²
-MACs per pixel at 7x7 instead of s²). Writing and re-reading dy costs 8 B per element of
-segments 1..3; the halo comes from L1/L2. Same for dw4 in the local branch.
+MACs per pixel at 7x7 instead of s²). Writing and re-reading dy costs 2 e B per element of
+segments 1..3 (e: the stage element size); the halo comes from L1/L2. Same for dw4 in the local branch.
 
 Bounds aimed at, from byte and FLOP counts (not measured: no GPU here):
 
@@ -146,8 +149,9 @@ def _dz_from_g(gv, zv, ka, kz, k0, BATCH_STATS: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "N", "tiles_per_split"])
 def gma_bn_grad_kernel(dP, Z, pre_act, G, part, bn_scale, bn_shift, mean, rstd, M, N, tiles_per_split,
                    CP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                   BATCH_STATS: tl.constexpr, RECOMPUTE: tl.constexpr):
-    """Grid (SPLITS, cdiv(CP, BLOCK_C)). dP, Z, pre_act, G: (3B, CP, N) contiguous fp32;
+                   BATCH_STATS: tl.constexpr, RECOMPUTE: tl.constexpr, EMULATE_STORES: tl.constexpr):
+    """Grid (SPLITS, cdiv(CP, BLOCK_C)). dP, Z, pre_act, G: (3B, CP, N) contiguous, in a stage
+    dtype (widened on load; G rounded on store, `stored`; the sums from the unrounded fp32 G);
     part: (SPLITS, 3, CP) fp32 <- this program's sum(G), sum(G Z), sum(G Zhat) (the last
     only with BATCH_STATS). RECOMPUTE: pre-activation = Z bn_scale + bn_shift (else read
     pre_act; the launcher passes Z there, unused)."""
@@ -167,14 +171,14 @@ def gma_bn_grad_kernel(dP, Z, pre_act, G, part, bn_scale, bn_shift, mean, rstd, 
         img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
         off = c[:, None] * N + (img * (CP * N) + n)[None, :]
         m2 = cm[:, None] & pm[None, :]
-        zv = tl.load(Z + off, mask=m2, other=0.0)
-        dp = tl.load(dP + off, mask=m2, other=0.0)
+        zv = tl.load(Z + off, mask=m2, other=0.0).to(tl.float32)
+        dp = tl.load(dP + off, mask=m2, other=0.0).to(tl.float32)
         if RECOMPUTE:
             pre = zv * a + b
         else:
-            pre = tl.load(pre_act + off, mask=m2, other=0.0)
+            pre = tl.load(pre_act + off, mask=m2, other=0.0).to(tl.float32)
         gv = dp * hardswish_grad(pre)                       # 0 where masked (dp = 0)
-        tl.store(G + off, gv, mask=m2)
+        tl.store(G + off, stored(gv, G, EMULATE_STORES), mask=m2)
         acc_g += gv
         acc_gz += gv * zv
         if BATCH_STATS:
@@ -208,9 +212,9 @@ def gma_dz_kernel(G, Z, dZ, coefs, M, N, tiles_per_split, c_lo,
         img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
         m2 = km[:, None] & pm[None, :]
         src = c[:, None] * N + (img * (CP * N) + n)[None, :]
-        gv = tl.load(G + src, mask=m2, other=0.0)
+        gv = tl.load(G + src, mask=m2, other=0.0).to(tl.float32)
         if BATCH_STATS:
-            zv = tl.load(Z + src, mask=m2, other=0.0)
+            zv = tl.load(Z + src, mask=m2, other=0.0).to(tl.float32)
         else:
             zv = gv
         out = _dz_from_g(gv, zv, ka, kz, k0, BATCH_STATS)
@@ -228,7 +232,7 @@ def gma_pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
     """Grid (3 S_PAD / BLOCK_I, SPLITS): program ((j - 1) S_PAD / BLOCK_I + ib, split) does
     segment j = 1..3, output channels i in block ib, of its split's tiles:
 
-        dy[j-1] (3B, S, N) fp32  <- pw_jᵀ dz      (dyᵀ[i, p] = sum_o pw_j[o, i] dzᵀ[o, p])
+        dy[j-1] (3B, S, N)       <- pw_jᵀ dz      (dyᵀ[i, p] = sum_o pw_j[o, i] dzᵀ[o, p])
         part_gpw[split, j-1, :, i] <- sum_p dz[o, p] y_j[i, p]   ([S_PAD, BLOCK_I] of [S_PAD, S_PAD] fp32)
 
     The i blocks keep the two persistent register tiles (pw_j's rows [BLOCK_I, S_PAD] and the
@@ -239,7 +243,8 @@ def gma_pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
 
     dz = channels [j S, (j + 1) S) of G (3B, CP, N): DZ_MODE 0: G is dZ itself; 1: a G
     (running statistics); 2: the batch-statistics dZ from G and Z (`_dz_from_g`, coefs (3, CP)).
-    y1..y3: y_j with common strides (image, channel, pixel)."""
+    y1..y3: y_j with common strides (image, channel, pixel). G, Z, y and dy in a stage dtype
+    (widened on load, dy rounded on store as `stored` does)."""
     seg = tl.program_id(0) // (S_PAD // BLOCK_I)
     ci = (tl.program_id(0) % (S_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I)   # i of this block
     cim = ci < S
@@ -267,16 +272,16 @@ def gma_pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
         img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
         m2 = cm[:, None] & pm[None, :]
         src = zc[:, None] * N + (img * (CP * N) + n)[None, :]
-        dzT = tl.load(G + src, mask=m2, other=0.0)                                   # [o, p]
+        dzT = tl.load(G + src, mask=m2, other=0.0).to(tl.float32)                    # [o, p]
         if DZ_MODE == 2:
-            dzT = _dz_from_g(dzT, tl.load(Z + src, mask=m2, other=0.0), ka, kz, k0, True)
+            dzT = _dz_from_g(dzT, tl.load(Z + src, mask=m2, other=0.0).to(tl.float32), ka, kz, k0, True)
         elif DZ_MODE == 1:
             dzT = _dz_from_g(dzT, dzT, ka, ka, ka, False)
         mi = cim[:, None] & pm[None, :]
         yT = tl.load(y + ci[:, None] * stride_yc + (img * stride_yb + n * stride_yn)[None, :], mask=mi,
-                     other=0.0)                                                      # [i, p]
+                     other=0.0).to(tl.float32)                                       # [i, p]
         dyT = mm(pwT, dzT, tl.zeros([BLOCK_I, BLOCK_P], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
-        tl.store(dy_seg + ci[:, None] * N + (img * (S * N) + n)[None, :], dyT, mask=mi)
+        tl.store(dy_seg + ci[:, None] * N + (img * (S * N) + n)[None, :], stored(dyT, dy_seg, EMULATE_DOTS), mask=mi)
         acc = mm(dzT, tl.trans(yT), acc, DOT_PRECISION, EMULATE_DOTS)                 # [o, i]
         t += 1
     dst = part_gpw + (split * 3 + seg) * S_PAD * S_PAD
@@ -295,11 +300,11 @@ def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_spli
     (tap-major, as the folded weights: `folding`).
 
     Grid (SPLITS, cdiv(NC, BLOCK_C)). dy: gradient of the output, images with strides (image,
-    channel, pixel); u: the forward input, read through a `Layout` (u_img_group .. u_s_pix: a
-    strided fp32 image batch, or the channels' places in qkv itself, in its dtype: no copy of
-    the input is ever made for this kernel), cast to fp32; du <- the input gradient sum_t w[c, t]
+    channel, pixel), in a stage dtype (widened on load); u: the forward input, read through a `Layout` (u_img_group .. u_s_pix: a
+    strided image batch in a stage dtype, or the channels' places in qkv itself, in its dtype: no
+    copy of the input is ever made for this kernel), cast to fp32; du <- the input gradient sum_t w[c, t]
     dy[c, p - t + R] (zero outside the image), in the `Layout` (img_group .. s_pix: a
-    contiguous (I, NC, N) fp32 buffer, or the places of these channels in the qkv gradient, in
+    contiguous (I, NC, N) buffer in dy's dtype, or the places of these channels in the qkv gradient, in
     its dtype, rounded as `stored` does: EMULATE_STORES under the interpreter); part_gw (SPLITS,
     cdiv(NC, BLOCK_C) * BLOCK_C, TAPS_PAD) fp32 <- this program's sum_p u[c, p] dy[c, p - t + R]
     at tap t = ky KS + kx (TAPS_PAD >= KS², a power of two). The taps are runtime loops
@@ -329,7 +334,7 @@ def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_spli
                 sx = xx - (kx - R)
                 ok = row_ok & (sx >= 0) & (sx < W)
                 dyv = tl.load(dy0 - ((ky - R) * W + (kx - R)) * stride_dn, mask=cm[:, None] & ok[None, :],
-                              other=0.0)
+                              other=0.0).to(tl.float32)
                 wv = tl.load(w + (ky * KS + kx) * NC + c, mask=cm, other=0.0)
                 acc += wv[:, None] * dyv
                 part = tl.sum(uc * dyv, axis=1)
@@ -361,8 +366,8 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
     The LayerNorm backward is recomputed by the 3 S_PAD / BLOCK_I programs of a tile (s
     values per pixel, a few FLOP each) rather than stored. dL: (B, S, H, W) with strides
     (image, channel, pixel) (a view of grad_pre, fp32 or, in the Triton stage set, grad_pre's
-    own fp16/bf16: `backward.Stages.grad_pre_as_is`; widened on load); xh (B, S, N), rstd (B, N), w4 and dw4
-    (B, 3S, N) contiguous fp32."""
+    own fp16/bf16: `backward.Stages.grad_pre_as_is`; widened on load); xh (B, S, N), w4 and dw4
+    (B, 3S, N) contiguous in a stage dtype (widened on load, dw4 rounded on store), rstd (B, N) fp32."""
     blocks: tl.constexpr = S_PAD // BLOCK_I
     which = tl.program_id(0) // blocks
     ci = (tl.program_id(0) % blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -384,7 +389,7 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
         m2 = om[:, None] & pm[None, :]
         dl = tl.load(dL + co[:, None] * stride_lc + (img * stride_lb + n * stride_ln)[None, :], mask=m2,
                      other=0.0).to(tl.float32)
-        xv = tl.load(xh + co[:, None] * N + (img * (S * N) + n)[None, :], mask=m2, other=0.0)
+        xv = tl.load(xh + co[:, None] * N + (img * (S * N) + n)[None, :], mask=m2, other=0.0).to(tl.float32)
         r = tl.load(rstd + img * N + n, mask=pm, other=0.0)[None, :]
         gl = dl * hardswish_grad(xv * lnw + lnb)                      # 0 on padded channels / pixels
         acc_w += tl.sum(gl * xv, axis=1)
@@ -395,9 +400,10 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
         dz = tl.where(om[:, None], (dxh - mean1 - xv * mean2) * r, 0.0)   # [o, p]
         mi = cim[:, None] & pm[None, :]
         ch = which * S + ci
-        wT = tl.load(w4 + ch[:, None] * N + (img * (3 * S * N) + n)[None, :], mask=mi, other=0.0)   # [i, p]
+        wT = tl.load(w4 + ch[:, None] * N + (img * (3 * S * N) + n)[None, :], mask=mi,
+                     other=0.0).to(tl.float32)                                                   # [i, p]
         dwT = mm(pwT, dz, tl.zeros([BLOCK_I, BLOCK_P], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
-        tl.store(dw4 + ch[:, None] * N + (img * (3 * S * N) + n)[None, :], dwT, mask=mi)
+        tl.store(dw4 + ch[:, None] * N + (img * (3 * S * N) + n)[None, :], stored(dwT, dw4, EMULATE_DOTS), mask=mi)
         acc = mm(dz, tl.trans(wT), acc, DOT_PRECISION, EMULATE_DOTS)                             # [o, i]
         t += 1
     tl.store(part_gpw + split * S_PAD * 3 * S_PAD + co[:, None] * (3 * S_PAD) + (which * S_PAD + ci)[None, :], acc)
@@ -495,8 +501,8 @@ class BackwardTiles:
 #: Widest S_PAD whose B3 forms dZ in the pointwise kernel's prologue (DZ_MODE 1, 2: `b3_fused`).
 #: At S_PAD 128 that prologue (G, Z and three coefficient columns of 128 channels beside the
 #: tf32x3 dots' split operands) spilled 800-970 B on sm_80/90 whatever the channel block (ptxas,
-#: C = 480); there `gma_dz_kernel` writes dZ (3B, C', H, W) fp32 once and the pointwise kernel
-#: reads it (DZ_MODE 0: no spill): 8 B per element of dZ more traffic, on the two narrowest grids.
+#: C = 480); there `gma_dz_kernel` writes dZ (3B, C', H, W) once and the pointwise kernel
+#: reads it (DZ_MODE 0: no spill): 2 e B per element of dZ more traffic, on the two narrowest grids.
 FUSED_B3_MAX_S_PAD = 64
 
 
@@ -538,9 +544,13 @@ def _images(t: Tensor) -> Tuple[Tensor, int, int, int]:
     return t, t.stride(0), t.stride(1), t.stride(3)
 
 
+#: the stage tensors' dtypes (`config.stage_dtype`: fp32 layers' and fp16/bf16 layers' own)
+STAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check(t: Tensor, name: str) -> Tensor:
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name}: the aggregation-backward kernels take fp32 compute tensors, not {t.dtype}")
+    if t.dtype not in STAGE_DTYPES:
+        raise TypeError(f"{name}: the aggregation-backward kernels take fp32, fp16 or bf16 stage tensors, not {t.dtype}")
     if t.numel() >= 2 ** 31:
         raise ValueError(f"{name}: {t.numel()} elements: 32-bit offsets would overflow")
     return t.contiguous()
@@ -584,7 +594,7 @@ def plan_bn_sums(dP: Tensor, Z: Tensor, bn_scale: Tensor, bn_shift: Tensor, mean
     args = (dP, Z, Z if pre_act is None else _check(pre_act, "pre_act"), buf["G"], buf["part"], scale, shift, mu, r,
             M, N, tps)
     kw = dict(CP=CP, BLOCK_C=tiles.BLOCK_C, BLOCK_P=tiles.BLOCK_P, BATCH_STATS=stats, RECOMPUTE=pre_act is None,
-              num_warps=tiles.WARPS)
+              EMULATE_STORES=_common.interpreting(), num_warps=tiles.WARPS)
     return buf, [(gma_bn_grad_kernel, (splits, cblocks), args, kw)]
 
 
@@ -600,7 +610,7 @@ def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int
     block_c = min(tiles.BLOCK_C, next_pow2(nc))
     cblocks = triton.cdiv(nc, block_c)
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
-    buf = {"dZ": None if out is not None else torch.empty(I, nc, H, W, dtype=torch.float32, device=G.device)}
+    buf = {"dZ": None if out is not None else torch.empty(I, nc, H, W, dtype=G.dtype, device=G.device)}
     out = out or images_layout(buf["dZ"])
     args = (G, Z, out.base, coefs, M, N, tps, c_lo, *out.args)
     kw = dict(CP=CP, NC=nc, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, BATCH_STATS=stats, EMULATE_STORES=_common.interpreting(),
@@ -618,8 +628,8 @@ def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coe
     S = CP // 4
     S_PAD = dot_pad(S)
     N, M = H * W, I * H * W
-    if any(t.dtype != torch.float32 for t in y):
-        raise TypeError("y: the aggregation-backward kernels take fp32 compute tensors")
+    if any(t.dtype not in STAGE_DTYPES for t in y):
+        raise TypeError("y: the aggregation-backward kernels take fp32, fp16 or bf16 stage tensors")
     ys = [_images(t) for t in y]
     if len({yy[1:] for yy in ys}) != 1:                      # the kernel takes one stride set for the three
         ys = [_images(t.contiguous()) for t in y]
@@ -628,7 +638,7 @@ def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coe
     blocks = 3 * (S_PAD // block_i)
     splits, tps = split_plan(M, tiles.PW_BLOCK_P, blocks, tiles.TARGET_PROGRAMS)
     dev = dz_src.device
-    buf = {"dy": torch.empty(3, I, S, H, W, dtype=torch.float32, device=dev),
+    buf = {"dy": torch.empty(3, I, S, H, W, dtype=dz_src.dtype, device=dev),
            "part_gpw": torch.empty(splits, 3, S_PAD, S_PAD, dtype=torch.float32, device=dev)}
     args = (dz_src, Z, ys[0][0], ys[1][0], ys[2][0], pw.contiguous(), buf["dy"], buf["part_gpw"], coefs,
             M, N, tps, *ys[0][1:])
@@ -641,7 +651,7 @@ def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None, til
                      ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers (du (I, c, H, W), part_gw) and the launch of `gma_dw_backward_kernel` for the
     depthwise "same" convolution dwconv(u, w), w (k, k, c) tap-major, given dy (I, c, H, W): generic
-    (the CRPE's 3x3/5x5/7x7 depthwise backward can use it as is). u: an fp32 (I, c, H, W) tensor
+    (the CRPE's 3x3/5x5/7x7 depthwise backward can use it as is). u: an fp32/fp16/bf16 (I, c, H, W) tensor
     or a `Layout` of the same batch (e.g. inside qkv, `qkv_layout`); out: store du there instead
     (buf["du"] is None)."""
     I, NC, H, W = dy.shape
@@ -649,20 +659,21 @@ def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None, til
     N, M = H * W, I * H * W
     dy_, sdb, sdc, sdn = _images(dy)
     if not isinstance(u, Layout):
-        if tuple(u.shape) != tuple(dy.shape) or u.dtype != torch.float32:
-            raise TypeError(f"u: an fp32 tensor of dy's shape {tuple(dy.shape)} expected, not {u.dtype} "
+        if tuple(u.shape) != tuple(dy.shape) or u.dtype not in STAGE_DTYPES:
+            raise TypeError(f"u: an fp32/fp16/bf16 tensor of dy's shape {tuple(dy.shape)} expected, not {u.dtype} "
                             f"{tuple(u.shape)}")
         u = images_layout(u)
-    for t, name in ((dy_, "dy"), (w, "w")):
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name}: fp32 expected, not {t.dtype}")
+    if dy_.dtype not in STAGE_DTYPES:
+        raise TypeError(f"dy: fp32, fp16 or bf16 expected, not {dy_.dtype}")
+    if w.dtype != torch.float32:
+        raise TypeError(f"w: fp32 expected, not {w.dtype}")
     tiles = tiles or backward_tiles(dot_pad(NC), M)
     block_c = min(tiles.BLOCK_C, next_pow2(NC))
     cblocks = triton.cdiv(NC, block_c)
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
     taps_pad = next_pow2(KS * KS)
     dev = dy.device
-    buf = {"du": None if out is not None else torch.empty(I, NC, H, W, dtype=torch.float32, device=dev),
+    buf = {"du": None if out is not None else torch.empty(I, NC, H, W, dtype=dy.dtype, device=dev),
            "part_gw": torch.empty(splits, cblocks * block_c, taps_pad, dtype=torch.float32, device=dev)}
     out = out or images_layout(buf["du"])
     args = (dy_, u.base, w.contiguous(), out.base, buf["part_gw"], M, N, H, W, KS, tps, sdb, sdc, sdn,
@@ -705,7 +716,7 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
     blocks = 3 * (S_PAD // block_i)
     splits, tps = split_plan(M, tiles.PW_BLOCK_P, blocks, tiles.TARGET_PROGRAMS)
     dev = dL.device
-    buf = {"dw4": torch.empty(B, 3 * S, H, W, dtype=torch.float32, device=dev),
+    buf = {"dw4": torch.empty(B, 3 * S, H, W, dtype=w4.dtype, device=dev),
            "part_gpw": torch.empty(splits, S_PAD, 3 * S_PAD, dtype=torch.float32, device=dev),
            "part_ln": torch.empty(splits, 2, S_PAD, dtype=torch.float32, device=dev)}
     args = (dL_, xh, rstd, w4, wts.local_pw.contiguous(), wts.ln_weight.contiguous(), wts.ln_bias.contiguous(),
@@ -727,7 +738,7 @@ def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: 
     as the Triton stage set runs them. tiles: every plan's (default `backward_tiles`')."""
     CP = dP.shape[1]
     stats = mean is not None
-    coefs = dP.new_empty(3, CP)
+    coefs = dP.new_empty(3, CP, dtype=torch.float32)
     buf, launches = plan_bn_sums(dP, rc["Z"], wts.bn_scale, wts.bn_shift, mean, rstd, tiles=tiles)
     G = buf["G"]
     launches += plan_dz(G, rc["Z"], coefs, stats, 0, CP, tiles=tiles)[1]

@@ -6,14 +6,17 @@ Drop-in replacements, same signatures and returns, for two stage functions of ba
     dP, g_crpe_w, g_crpe_b = b2_proxy_grads(dA, dKV, rc, wts, scale)   # backward.b2_proxy_grads
 
 Tensors are the stage functions' (B, 8, d, N) views, any strides (dA is a token-major view of
-grad_pre, Q/K/V/R channels-first slices of P and R), fp32 (the compute dtype) or fp16/bf16;
-the kernels load in the input dtype, compute and accumulate in fp32 and write fp32 results
-(the compute dtype of backward.py). The dots are `_common.mm` with the dot variant passed
+grad_pre, Q/K/V/R channels-first slices of P and R), fp32 or fp16/bf16; the kernels load in
+the input dtype, compute and accumulate in fp32 and write dP and dR in P's dtype: the stage
+dtype (`config.stage_dtype`: the layer's own for fp16/bf16, as eager AMP keeps activations;
+fp32 for fp32 layers and for backward.py's PyTorch recompute), rounded once on store; dKV and the
+CRPE weight-gradient partials fp32. The dots are `_common.mm` with the dot variant passed
 (the Triton stage set passes the backward's, `statistics.backward_dots`: the layer's input
 dtype's, so one TF32 pass for an fp16/bf16 layer on sm_80+), else the input's
 (`config.ARCH_DOTS`: 3xTF32 for fp32 on sm_80+, so about fp32 accuracy).
 
-Kernels (per head h, d = C'/8 channels, N = H*W tokens; bytes for fp32 activations, e = 4):
+Kernels (per head h, d = C'/8 channels, N = H*W tokens; e = the stage tensors' element size,
+4 for fp32 activations, 2 for fp16/bf16):
 
 * ``gma_b1_dkv_kernel``, grid ``(SPLITS, 8, B)``: dKV[b,h] = scale * Q[b,h] dA[b,h]^T, a
   reduction over tokens: program (split, h, b) walks its run of token tiles with a
@@ -44,7 +47,7 @@ Kernels (per head h, d = C'/8 channels, N = H*W tokens; bytes for fp32 activatio
   error relative to the fp32 PyTorch stage's had median 2.2 (max 4.8) with lse, 1.7 (max 4.0)
   with (M, L), the rest being the 3xTF32 dots.)
   Cost: reads dA, Q, K, V, R (5 B C' N e) and KV, dKV, M, L (small), writes dQ, dK, dV, dR
-  (4 B C' N x 4); 6 B C' d N flops of dots: d/6 flop per byte at fp32, HBM-bound.
+  (4 B C' N e); 6 B C' d N flops of dots: d/6 flop per byte at fp32, HBM-bound.
 * ``gma_b2_crpe_kernel``, grid ``(SPLITS, 8, B)``: the CRPE part of B2 (in a kernel, no
   PyTorch ops left), program (split, h, b) walking its token tiles with the head's window
   KS (3, 5, 7) in ONE tap loop per tile, since both gradients read the same halo tokens:
@@ -53,8 +56,8 @@ Kernels (per head h, d = C'/8 channels, N = H*W tokens; bytes for fp32 activatio
   gradient sum_n dR, the two as per-program fp32 partials (B, SPLITS, C', 49) and
   (B, SPLITS, C') that the launcher sums (deterministic, no atomics; at batch 128 SPLITS = 1
   and the partials are 49 floats per channel and image, 6 % of the kernel's traffic at 14x14).
-  Cost: reads dR, V, dV once (halos from L1/L2; 3 B C' N x 4 at fp32), writes dV (B C' N x
-  4) and the partials; per channel and token 4 flops per tap (a multiply-add for each
+  Cost: reads dR, V, dV once (halos from L1/L2; 3 B C' N e), writes dV (B C' N e) and the
+  partials; per channel and token 4 flops per tap (a multiply-add for each
   gradient) and 30 taps on average (240 d taps over 8 d channels): 120 flops per 16 bytes,
   7.5 flop per byte, below the fp32 FMA ridge (about 20 on H100): HBM-bound.
 
@@ -74,7 +77,7 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedGMAWeights
-from ._common import DotVariant, crpe_group, dot_variant, interpreting, mm
+from ._common import DotVariant, crpe_group, dot_variant, interpreting, mm, stored
 from .aggregation import split_plan
 from .backward import crpe_groups
 from .config import B1_TILES, B2_TILES, CRPE_BWD_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2
@@ -142,7 +145,7 @@ def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, d
                    other=0.0).to(tl.float32)
     q_t = tl.load(q + base + tok, mask=m2, other=0.0).to(tl.float32)
     r_t = tl.load(r + base + tok, mask=m2, other=0.0).to(tl.float32)
-    tl.store(dr + base + tok, da_t * q_t, mask=m2)
+    tl.store(dr + base + tok, stored(da_t * q_t, dr, EMULATE_DOTS), mask=m2)
     # [k, i] tiles: KV^T and dKV^T (element [k, i] = X[i, k]); dKV as [i, k]
     bh = (b * 8 + head) * (D * D)
     tr = c[None, :] * D + c[:, None]
@@ -150,7 +153,7 @@ def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, d
     dkvT = tl.load(dkv + bh + tr, mask=mm2, other=0.0)
     dkv_t = tl.load(dkv + bh + c[:, None] * D + c[None, :], mask=mm2, other=0.0)
     dq_t = mm(da_t, kvT, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
-    tl.store(dq + base + tok, scale * dq_t + da_t * r_t, mask=m2)
+    tl.store(dq + base + tok, stored(scale * dq_t + da_t * r_t, dq, EMULATE_DOTS), mask=m2)
     # softmax over tokens recomputed: Ks = exp(K - M) / L (K - M is exact near the maximum,
     # where Ks matters; exp(K - lse) would lose |K - lse| ulps to the rounding of lse)
     stat = (b * 8 + head) * D + c
@@ -159,16 +162,17 @@ def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, d
     k_t = tl.load(k + base + tok, mask=m2, other=0.0).to(tl.float32)
     ks = tl.where(m2, tl.exp(k_t - m_t[None, :]) * inv_l[None, :], 0.0)
     dv_t = mm(ks, dkv_t, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
-    tl.store(dv + base + tok, dv_t, mask=m2)
+    tl.store(dv + base + tok, stored(dv_t, dv, EMULATE_DOTS), mask=m2)
     v_t = tl.load(v + base + tok, mask=m2, other=0.0).to(tl.float32)
     dks = mm(v_t, dkvT, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
     cc = tl.sum(kvT * dkvT, axis=0)                                           # [i]: sum_k KV[i,k] dKV[i,k]
-    tl.store(dk + base + tok, ks * (dks - cc[None, :]), mask=m2)
+    tl.store(dk + base + tok, stored(ks * (dks - cc[None, :]), dk, EMULATE_DOTS), mask=m2)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
 def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, H, W, tiles_per_split,
-                       CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
+                       CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                       EMULATE_STORES: tl.constexpr):
     """CRPE backward of one head over a run of token tiles, one fused KS x KS tap loop per tile.
 
     For the offset o = (ky - R, kx - R) of tap (ky, kx), both gradients read the same halo
@@ -176,7 +180,9 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, 
     * input:  dv[n] += dR[n + o] * w[KS-1-ky, KS-1-kx]   (correlation with the flipped taps);
     * weight: part_w[b, split, c, ky*KS + kx] += sum_n dR[n] V[n + o]   (this program's rows:
       read-modify-write after its first tile, a barrier between tiles, no atomics);
-    and part_b[b, split, c] = sum_n dR[n]. dr, v, dv channels-first (B, C', N) contiguous.
+    and part_b[b, split, c] = sum_n dR[n]. dr, v, dv channels-first (B, C', N) contiguous, in
+    the stage dtype (widened on load; dv rounded on store as `stored` does: EMULATE_STORES
+    under the interpreter).
     The taps are runtime loops for the reasons given in `_common.depthwise_tile`."""
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -204,7 +210,7 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, 
         y = n // W
         x = n % W
         own = c[:, None] * N + n[None, :]               # offsets in the head's rows (int32)
-        dr_t = tl.load(dr_h + own, mask=cmask[:, None] & pmask[None, :], other=0.0)
+        dr_t = tl.load(dr_h + own, mask=cmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
         gb += tl.sum(dr_t, axis=1)
         keep = cmask & (t > t0)                         # partials to add to (none on the first tile)
         conv = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
@@ -218,7 +224,7 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, 
                 mk = cmask[:, None] & ok[None, :]
                 tap = ky * ks + kx
                 wv = tl.load(w_taps + (last - tap) * (group_heads * D), mask=cmask, other=0.0)
-                conv += tl.load(dr_h + (row + kx), mask=mk, other=0.0) * wv[:, None]
+                conv += tl.load(dr_h + (row + kx), mask=mk, other=0.0).to(tl.float32) * wv[:, None]
                 vs = tl.load(v_h + (row + kx), mask=mk, other=0.0).to(tl.float32)
                 gw = tl.sum(dr_t * vs, axis=1)
                 gw += tl.load(pw_rows + tap, mask=keep, other=0.0)
@@ -227,7 +233,7 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, 
             ky += 1
         ptr = dv_h + own
         m2 = cmask[:, None] & pmask[None, :]
-        tl.store(ptr, tl.load(ptr, mask=m2, other=0.0) + conv, mask=m2)
+        tl.store(ptr, stored(tl.load(ptr, mask=m2, other=0.0).to(tl.float32) + conv, ptr, EMULATE_STORES), mask=m2)
         # the next tile reads part_w back, possibly in other threads than those that wrote it
         # (the [D_PAD] layouts of the sums need not match the loads'): a CTA barrier orders them
         tl.debug_barrier()
@@ -303,7 +309,8 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
     (the "triton.b2" / "triton.b2_crpe" tuning families' entries come through
     `train_op.triton_stages`).
 
-    Buffers: dP (3B, C', H, W) fp32 (the result), dR (B, C', N) fp32, k_max, k_sum (B, 8, d) fp32,
+    Buffers: dP (3B, C', H, W) (the result) and dR (B, C', N) in P's dtype (the stage dtype),
+    k_max, k_sum (B, 8, d) fp32,
     part_w (B, SPLITS, C', 49) and part_b (B, SPLITS, C') fp32 (the CRPE gradient partials)."""
     P, KV, R = rc["P"], rc["KV"], rc["R"]
     B, h, d, N = dA.shape
@@ -317,7 +324,8 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
         k_max = Kh.amax(dim=-1)
         k_sum = torch.exp(Kh - k_max[..., None]).sum(dim=-1)
     f32 = (torch.float32, dA.device)
-    buf = {"dP": _alloc((3 * B, cp, H, W), *f32), "dR": _alloc((B, cp, N), *f32),
+    st = (P.dtype, dA.device)            # the stage dtype (`config.stage_dtype`: P's, from the recompute)
+    buf = {"dP": _alloc((3 * B, cp, H, W), *st), "dR": _alloc((B, cp, N), *st),
            "k_max": k_max.float().contiguous(), "k_sum": k_sum.float().contiguous()}
     dP = buf["dP"]
     bp, warps = tiles[0] or _tile(B2_TILES, d, N, block)
@@ -332,7 +340,7 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
     buf["part_b"] = _alloc((B, splits, cp), *f32)
     crpe_w = [w.float().contiguous() for w in (wts.crpe_w3, wts.crpe_w5, wts.crpe_w7)]
     cargs = (buf["dR"], V, dP[2 * B:], *crpe_w, buf["part_w"], buf["part_b"], N, H, W, tps)
-    ckwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bc, num_warps=cwarps)
+    ckwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bc, EMULATE_STORES=interpreting(), num_warps=cwarps)
     crpe = (gma_b2_crpe_kernel, (splits, h, B), cargs, ckwargs)
     return buf, [attn, crpe]
 
@@ -341,7 +349,7 @@ def b2_proxy_grads(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGM
                    block: int = 0, dots: Optional[DotVariant] = None,
                    tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None)
                    ) -> Tuple[Tensor, List[Tensor], Tensor]:
-    """B2 as kernels: dP (3B, C', H, W) = [dQ; dK; dV] fp32, the CRPE weight gradients (3x3, 5x5,
+    """B2 as kernels: dP (3B, C', H, W) = [dQ; dK; dV] in P's dtype (the stage dtype), the CRPE weight gradients (3x3, 5x5,
     7x7) and the bias gradient, as `backward.b2_proxy_grads`. Reads rc["P"], rc["KV"], rc["R"]
     and the softmax statistics rc["k_max"], rc["k_sum"] (B, 8, d) when present (else computed from K;
     rc["Ks"] is not read). dots: default dA's variant; tiles: `plan_b2`'s."""

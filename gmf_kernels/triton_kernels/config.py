@@ -92,6 +92,19 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def stage_dtype(dtype):
+    """The dtype of the Triton backward's stage tensors (Z, P, y, R, dR, dP, G, dZ, dy, w4, xh4,
+    dw4: written by one kernel, read by the next) for a layer whose input qkv has this dtype:
+    the input's own for fp16/bf16, as eager AMP keeps its activations (half the bytes of fp32:
+    the backward moves about 5.9 GB with fp32 stage tensors and 3.4 GB with bf16 ones at
+    GroupMixFormer-S's first stage, batch 128, by the cost models of costs.py), float32 for
+    fp32 layers. Every kernel computes and accumulates in fp32 registers, widening on load and
+    rounding once on store (`_common.stored`); the small tensors (softmax statistics, KV, dKV,
+    rstd4, the per-program partial sums, the weight gradients) stay float32."""
+    import torch
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def capability_of_arch(arch: int) -> Tuple[int, int]:
     """75 -> (7, 5)."""
     return (arch // 10, arch % 10)

@@ -35,7 +35,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .config import GMAShape, dot_pad, dot_precision, dtype_name, gma_shape, torch_dtype
+from .config import GMAShape, dot_pad, dot_precision, dtype_name, gma_shape, stage_dtype, torch_dtype
 
 KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
 #: the attention backward (attention_backward.py) as the Triton stage set runs it: Q, K, V (slices
@@ -264,7 +264,7 @@ def _backward_plan(N: int, B: int, table, sh: GMAShape, split: bool) -> Tuple[in
 
 
 def _b1_dkv(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_b1_dkv_kernel, grid (SPLITS, 8, B): Q (fp32) and dA (e) read once (B N C' (4 + e)), the
+    """gma_b1_dkv_kernel, grid (SPLITS, 8, B): Q (a stage tensor) and dA read once (B N C' 2e), the
     fp32 partials written (B 8 SPLITS d^2 x 4; summed by the launcher when SPLITS > 1, not counted).
     tc: Q dA^T, C' d MACs per token (padded: [D_PAD, BLOCK_N] x [BLOCK_N, D_PAD] per tile)."""
     from .config import B1_TILES
@@ -272,7 +272,7 @@ def _b1_dkv(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
     e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
     bn, warps, splits, _ = _backward_plan(N, B, B1_TILES, sh, True)
-    detail = {"q_da_read": B * N * cp * (4 + e), "partials_write": B * 8 * splits * d * d * 4, "splits": splits}
+    detail = {"q_da_read": B * N * cp * 2 * e, "partials_write": B * 8 * splits * d * d * 4, "splits": splits}
     tokens_pad = B * -(-N // bn) * bn
     tc, tcp, fma, tp = _tc(prec, 2 * B * N * cp * d, 2 * tokens_pad * 8 * sh.D_PAD * sh.D_PAD)
     return Cost(bytes=detail["q_da_read"] + detail["partials_write"], tc_flops=tc, cuda_flops=fma,
@@ -280,18 +280,17 @@ def _b1_dkv(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
 
 
 def _b2_attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_b2_attention_kernel, grid (ceil(N / BLOCK_P), 8, B): dA (e) and Q, K, V, R (fp32) read once
-    (B N C' (e + 16)),
-    KV, dKV and the softmax statistics (M, L) read (B C' (2 d + 2) x 4), dQ, dK, dV and dR
-    written fp32 (4 B N C' x 4). tc: dA KV^T, Ks dKV, V dKV^T: 3 C' d MACs per token (padded:
+    """gma_b2_attention_kernel, grid (ceil(N / BLOCK_P), 8, B): dA and Q, K, V, R (stage tensors)
+    read once (B N C' 5e), KV, dKV and the softmax statistics (M, L) read (B C' (2 d + 2) x 4),
+    dQ, dK, dV and dR written (4 B N C' e). tc: dA KV^T, Ks dKV, V dKV^T: 3 C' d MACs per token (padded:
     three [BLOCK_P, D_PAD] x [D_PAD, D_PAD] per program). Element-wise work not counted."""
     from .config import B2_TILES
     N = H * W
     e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
     bp, warps, _, _ = _backward_plan(N, B, B2_TILES, sh, False)
-    detail = {"act_read": B * N * cp * (e + 4 * 4), "kv_dkv_stats_read": B * cp * (2 * d + 2) * 4,
-              "grads_write": 4 * B * N * cp * 4}
+    detail = {"act_read": B * N * cp * 5 * e, "kv_dkv_stats_read": B * cp * (2 * d + 2) * 4,
+              "grads_write": 4 * B * N * cp * e}
     tiles = -(-N // bp)
     tc, tcp, fma, tp = _tc(prec, 3 * 2 * B * N * cp * d, 3 * 2 * B * 8 * tiles * bp * sh.D_PAD * sh.D_PAD)
     return Cost(bytes=sum(detail.values()), tc_flops=tc, cuda_flops=fma, grid=(tiles, 8, B), tc_precision=tp,
@@ -299,16 +298,17 @@ def _b2_attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> C
 
 
 def _b2_crpe(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_b2_crpe_kernel, grid (SPLITS, 8, B): dR and V (fp32) read once (halos from cache),
-    dV read and written (fp32), the per-program partials written (B SPLITS C' (49 + 1) x 4), the
+    """gma_b2_crpe_kernel, grid (SPLITS, 8, B): dR and V (stage tensors, e) read once (halos from
+    cache), dV read and written (e), the per-program partials written (B SPLITS C' (49 + 1) x 4), the
     CRPE weights read. cuda: a multiply-add per tap for the input and one for the weight gradient,
     2 x 240 d MACs per token (`CRPE_TAPS_PER_D`); no tensor-core work."""
     from .config import CRPE_BWD_TILES
     N = H * W
+    e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
     bp, warps, splits, _ = _backward_plan(N, B, CRPE_BWD_TILES, sh, True)
     wb = _weights_bytes(sh.C)
-    detail = {"dr_v_read": B * N * cp * 8, "dv_read_write": 2 * B * N * cp * 4,
+    detail = {"dr_v_read": B * N * cp * 2 * e, "dv_read_write": 2 * B * N * cp * e,
               "partials_write": B * splits * cp * 50 * 4,
               "weights": sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7")), "splits": splits}
     nbytes = sum(v for k, v in detail.items() if k != "splits")
@@ -322,14 +322,15 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
     grids from the launchers' own plans on meta tensors (what `b2_bn_sums`, `b3_fused` and
     `local_backward` plan) with the GPU tiles (`aggregation_backward.gpu_backward_tiles`).
 
-    bytes (compulsory, per launch, summed): fp32 stage tensors 4 B, qkv and d_qkv elements e B;
-    the per-program partials (weight gradients, BatchNorm sums) written once; the weights read once.
-      bn_grad      dP, Z read, G written: 12 B per element of (3B, 4s, N)
-      dz           G, Z read, dZ written (segment 0: into d_qkv, e; unfused B3: all 4s, fp32)
-      pw_backward  per pixel of 3B images and segment 1..3: G and Z (fused; 8 B) or dZ (4 B), y (4 B)
-                   read, dy (4 B) written
-      dw_backward  dy (4 B) and u (from qkv, e) read, du (into d_qkv, e) written, per element
-      local        dL (e), xh (4 s B), rstd (4 B), w4 (12 s B) read, dw4 (12 s B) written per pixel
+    bytes (compulsory, per launch, summed): the stage tensors, qkv and d_qkv elements e B each (the
+    stage tensors are in the layer's dtype, `config.stage_dtype`); the per-program partials (weight
+    gradients, BatchNorm sums, fp32) written once; the weights read once.
+      bn_grad      dP, Z read, G written: 3e per element of (3B, 4s, N)
+      dz           G, Z read, dZ written (segment 0: into d_qkv; unfused B3: all 4s)
+      pw_backward  per pixel of 3B images and segment 1..3: G and Z (fused; 2e) or dZ (e), y (e)
+                   read, dy (e) written
+      dw_backward  dy, u (from qkv) read, du (into d_qkv) written: 3e per element
+      local        dL (s e), xh (s e), rstd (4 B), w4 (3 s e) read, dw4 (3 s e) written per pixel
     tc: pw_backward 2 x 2 s^2 MACs per pixel and segment (dy = pw^T dz, g_pw += dz y^T); local
     2 x 3 s^2 (dw4 and g_local_pw); padded as issued (BLOCK_I x S_PAD x PW_BLOCK_P per tile and
     output-channel block). cuda: dw_backward 2 x KS^2 MACs per element (du and the weight gradient)."""
@@ -345,11 +346,12 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
     f32 = dict(device="meta", dtype=torch.float32)
     tdt = torch_dtype(dt)
     wts = meta_weights(C)
-    Z, dP = torch.empty(3 * B, cp, H, W, **f32), torch.empty(3 * B, cp, H, W, **f32)
+    sd = dict(device="meta", dtype=stage_dtype(tdt))       # the stage tensors
+    Z, dP = torch.empty(3 * B, cp, H, W, **sd), torch.empty(3 * B, cp, H, W, **sd)
     qkv, d_qkv = torch.empty(B, N, 3 * C, device="meta", dtype=tdt), torch.empty(B, N, 3 * C, device="meta", dtype=tdt)
-    y = list(torch.empty(3, 3 * B, s, H, W, **f32).unbind(0))
-    rc = {"Z": Z, "y": y, "qkv": qkv, "xh4": torch.empty(B, s, H, W, **f32), "rstd4": torch.empty(B, 1, H, W, **f32),
-          "w4": torch.empty(B, 3 * s, H, W, **f32)}
+    y = list(torch.empty(3, 3 * B, s, H, W, **sd).unbind(0))
+    rc = {"Z": Z, "y": y, "qkv": qkv, "xh4": torch.empty(B, s, H, W, **sd), "rstd4": torch.empty(B, 1, H, W, **f32),
+          "w4": torch.empty(B, 3 * s, H, W, **sd)}
     stats = torch.empty(4, s, **f32)
     dots = DotVariant(prec, False)
     coefs = torch.empty(3, cp, **f32)
@@ -363,18 +365,18 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
 
     t = agb.gpu_backward_tiles(s_pad)                            # the GPU's, under the interpreter too
     buf, _ = add(agb.plan_bn_sums(dP, Z, wts.bn_scale, wts.bn_shift, stats, stats, tiles=t),
-                 bytes=12 * M3 * cp + 4 * cp * 4)
+                 bytes=3 * e * M3 * cp + 4 * cp * 4)
     launches[-1][2]["bytes"] += buf["part"].numel() * 4
     G = buf["G"]
     fused = agb.fused_b3(s_pad)
-    add(agb.plan_dz(G, Z, coefs, True, 0, s, agb.qkv_layout(d_qkv, 0), t), bytes=(8 + e) * M3 * s + 3 * cp * 4)
+    add(agb.plan_dz(G, Z, coefs, True, 0, s, agb.qkv_layout(d_qkv, 0), t), bytes=3 * e * M3 * s + 3 * cp * 4)
     if fused:
-        src, mode, src_bytes = G, 2, 8
+        src, mode, src_bytes = G, 2, 2 * e
     else:
-        bz, _ = add(agb.plan_dz(G, Z, coefs, True, 0, cp, tiles=t), bytes=12 * M3 * cp + 3 * cp * 4)
-        src, mode, src_bytes = bz["dZ"], 0, 4
+        bz, _ = add(agb.plan_dz(G, Z, coefs, True, 0, cp, tiles=t), bytes=3 * e * M3 * cp + 3 * cp * 4)
+        src, mode, src_bytes = bz["dZ"], 0, e
     bufp, lp = add(agb.plan_pw_backward(src, Z, y, wts.pw, coefs, mode, dots, t),
-                   bytes=3 * M3 * s * (src_bytes + 8) + 3 * s * s * 4, tc=2 * 2 * 3 * M3 * s * s)
+                   bytes=3 * M3 * s * (src_bytes + 2 * e) + 3 * s * s * 4, tc=2 * 2 * 3 * M3 * s * s)
     kw = lp[0][3]
     launches[-1][2]["bytes"] += bufp["part_gpw"].numel() * 4
     tiles_pw = -(-M3 // kw["BLOCK_P"]) * lp[0][1][0]
@@ -382,18 +384,18 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
     for j, w in zip((1, 2, 3), (wts.dw3, wts.dw5, wts.dw7)):
         k = 2 * j + 1
         bd, _ = add(agb.plan_dw_backward(bufp["dy"][j - 1], agb.qkv_layout(qkv, j), w, agb.qkv_layout(d_qkv, j), t),
-                    bytes=(4 + 2 * e) * M3 * s + k * k * s * 4, cuda=2 * 2 * k * k * M3 * s)
+                    bytes=3 * e * M3 * s + k * k * s * 4, cuda=2 * 2 * k * k * M3 * s)
         launches[-1][2]["bytes"] += bd["part_gw"].numel() * 4
     dL = torch.empty(B, N, C, device="meta", dtype=tdt)[..., cp:].transpose(1, 2).reshape(B, s, H, W)
     bl, ll = agb.plan_local_backward(dL, rc, wts, dots, agb.qkv_layout(d_qkv, 4), t)
     (fl, gl, _, kl), (fd, gd, _, _) = ll
     tiles_l = -(-M1 // kl["BLOCK_P"]) * gl[0]
     launches.append((kernel_name(fl), gl, {
-        "bytes": M1 * (e * s + 4 * s + 4 + 24 * s) + (bl["part_gpw"].numel() + bl["part_ln"].numel()) * 4
+        "bytes": M1 * (8 * s * e + 4) + (bl["part_gpw"].numel() + bl["part_ln"].numel()) * 4
         + (3 * s * s + 2 * s) * 4, "tc": 2 * 2 * 3 * M1 * s * s,
         "tc_padded": 2 * 2 * kl["BLOCK_I"] * 3 * s_pad * kl["BLOCK_P"] * tiles_l // 3, "kw": kl}))
     launches.append((kernel_name(fd), gd, {
-        "bytes": (4 + 2 * e) * M1 * 3 * s + bl["part_gw"].numel() * 4 + 9 * 3 * s * 4, "cuda": 2 * 2 * 9 * M1 * 3 * s}))
+        "bytes": 3 * e * M1 * 3 * s + bl["part_gw"].numel() * 4 + 9 * 3 * s * 4, "cuda": 2 * 2 * 9 * M1 * 3 * s}))
     out: Dict[str, Cost] = {}
     for name in AGG_BACKWARD_KERNELS:
         mine = [(g, w) for n, g, w in launches if n == name]
@@ -419,11 +421,12 @@ def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[i
                           (3B R s x 12 B); cuda 2 x 3 x 83 s (the stencils), tc 2 x 9 s^2 with fp32's
                           dots (3xTF32 on sm_80+); the moments' element-wise work not counted
       recompute_z         the same reads and FLOPs with the layer dtype's dots; writes Z, P (3 x 4s
-                          x 4 B each) and y (3 x 3s x 4 B)
-      recompute_attention reads K, V of P (2 C' x 4 B), writes R (C' x 4 B) and the softmax
+                          x e each) and y (3 x 3s x e)
+      recompute_attention reads K, V of P (2 C' e), writes R (C' e) and the softmax
                           partials (B SPLITS C' (d + 2) x 4 B); cuda the CRPE 2 x 240 d, tc 2 C' d
-      recompute_local     reads segment 4 of q, k, v (3 s e), writes w4 (3s x 4 B), xh4 (s x 4 B) and
+      recompute_local     reads segment 4 of q, k, v (3 s e), writes w4 (3s e), xh4 (s e) and
                           rstd4 (4 B); cuda 2 x 9 x 3s, tc 2 x 3 s^2
+    (the stage tensors Z, P, y, R, w4, xh4 in the layer's dtype, `config.stage_dtype`: e bytes)
     plus the folded weights each reads, once."""
     import torch
 
@@ -454,20 +457,20 @@ def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[i
                                                   st.gpu_recompute_tiles(C, prec), DotVariant(prec, False))
     tc, tcp, fma, tp = _tc(prec, mix, mix)
     out["gma_recompute_z_kernel"] = Cost(
-        bytes=12 * T * s * e + (z.numel() + p.numel() + y.numel()) * 4 + proxy_w + wb["bn_scale"] + wb["bn_shift"],
+        bytes=12 * T * s * e + (z.numel() + p.numel() + y.numel()) * e + proxy_w + wb["bn_scale"] + wb["bn_shift"],
         tc_flops=tc, cuda_flops=stencils + fma, grid=tuple(grid), tc_precision=tp, block=32 * kw["num_warps"])
     buf, (fn, grid, _a, kw) = rcp.plan_recompute_attention(p, H, W, wts, rcp.gpu_attention_tiles(d, prec),
                                                            DotVariant(prec, False))
     tc, tcp, fma, tp = _tc(prec, 2 * T * cp * d, 2 * T * cp * d)
     partials = sum(buf[k].numel() for k in ("part_m", "part_l", "part_acc")) * 4
     out[kernel_name(fn)] = Cost(
-        bytes=3 * T * cp * 4 + partials + sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7", "crpe_b")),
+        bytes=3 * T * cp * e + partials + sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7", "crpe_b")),
         tc_flops=tc, cuda_flops=2 * T * CRPE_TAPS_PER_D * d + fma, grid=tuple(grid), tc_precision=tp,
         block=32 * kw["num_warps"])
     buf, (fn, grid, _a, kw) = rcp.plan_recompute_local(qkv, H, W, wts, 1e-5, rcp.gpu_local_tiles(s, prec),
                                                        DotVariant(prec, False))
     tc, tcp, fma, tp = _tc(prec, 2 * 3 * T * s * s, 2 * 3 * T * s * s)
     out[kernel_name(fn)] = Cost(
-        bytes=T * (3 * s * e + 16 * s + 4) + wb["local_dw"] + wb["local_pw"], tc_flops=tc,
+        bytes=T * (7 * s * e + 4) + wb["local_dw"] + wb["local_pw"], tc_flops=tc,
         cuda_flops=2 * 9 * 3 * T * s + fma, grid=tuple(grid), tc_precision=tp, block=32 * kw["num_warps"])
     return out

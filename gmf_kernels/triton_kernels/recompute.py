@@ -5,8 +5,9 @@
 `backward.recompute` (PyTorch ops) rebuilds what the forward kernels did not keep: Z, the
 proxies P, the softmax over tokens of K and KV = Ks^T V, the CRPE R = conv(V) + bias, the
 depthwise inputs u_j (layout copies of qkv) and outputs y_j, and the local branch's depthwise
-input u4 / output w4, normalised values xh4 and 1/std rstd4. Here the same tensors (fp32, the
-stages' compute dtype; the same layouts) come from three launches, but for the depthwise inputs:
+input u4 / output w4, normalised values xh4 and 1/std rstd4. Here the same tensors (in the stage dtype,
+`config.stage_dtype`: qkv's own for fp16/bf16 layers, fp32 for fp32 ones; computed in fp32
+registers and rounded once on store; the small ones fp32; the same layouts) come from three launches, but for the depthwise inputs:
 the Triton stages read those from qkv itself (rc["qkv"], `aggregation_backward.qkv_layout`), so
 no copy of them is made:
 
@@ -27,14 +28,15 @@ no copy of them is made:
    rstd and rstd4, all channel-first.
 
 Dots: the backward's (`statistics.backward_dots`: the forward's variant for qkv's dtype, so
-3xTF32 for fp32 and one TF32 pass for fp16/bf16 on sm_80+, FMAs on sm_70/75), on the fp32
-stage tensors: the recompute rebuilds what the forward computed. Split-N
+3xTF32 for fp32 and one TF32 pass for fp16/bf16 on sm_80+, FMAs on sm_70/75), on the
+stage tensors widened to fp32: the recompute rebuilds what the forward computed. Split-N
 (`aggregation.split_plan`): about SPLIT_TARGET programs at any batch (at batch 1 the 8 heads of
 an image would be 8 programs), deterministic (no atomics).
 
-**Bytes per token** (C' = 4s, fp32 = 4 B, e = qkv's element size):
+**Bytes per token** (C' = 4s, fp32 = 4 B, e = qkv's element size, the stage tensors' too; the
+comparison with PyTorch below is at fp32, e = 4):
 
-* attention kernel: reads K and V of P (2 C' x 4), writes R (C' x 4); the halo comes from L1/L2.
+* attention kernel: reads K and V of P (2 C' e), writes R (C' e); the halo comes from L1/L2.
   PyTorch's recompute of the same (fp32): softmax reads K and writes Ks (2 C'), the einsum reads
   Ks and V (2 C'), the CRPE's three depthwise convolutions read V and write their outputs, then
   a cat copies them (4 C'); and `attention_backward.plan_b2` read K twice more for (M, L)
@@ -42,8 +44,8 @@ an image would be 8 programs), deterministic (no atomics).
   (2 x 9 + 3 x 25 + 3 x 49) d / (8 d) = 60 per channel and token, the softmax ~5, and 2 d on
   tensor cores for exp(K)^T V: ~65 / 12 B ~ 5 FLOP/B on CUDA cores, below the fp32 ridge
   (~20 FLOP/B on an H100): bound aimed at: HBM bandwidth.
-* local kernel: reads segment 4 of q, k, v (3 s e; halo from L1/L2), writes w4 (3 s x 4), xh4
-  (s x 4) and rstd4 (4): 3 s e + 16 s. PyTorch's: the layout copy of u4 (3 s e + 12 s), the
+* local kernel: reads segment 4 of q, k, v (3 s e; halo from L1/L2), writes w4 (3 s e), xh4
+  (s e) and rstd4 (4): 7 s e + 4. PyTorch's: the layout copy of u4 (3 s e + 12 s), the
   depthwise (24 s), the pointwise (12 s + 4 s), var_mean, the normalisation (8 s ...): about 60 s
   + 3 s e. FLOPs: 54 per input channel on CUDA cores (the 3x3 stencil) and 6 s per input channel
   on tensor cores: HBM-bound as well.
@@ -59,9 +61,9 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedGMAWeights
-from ._common import DotVariant, crpe_group, depthwise_tile, interpreting
+from ._common import DotVariant, crpe_group, depthwise_tile, interpreting, stored
 from .aggregation import _layer_norm_rows, _local_mix, _online_softmax_kv, _store_partial, _tile, split_plan
-from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2, strip_width
+from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2, stage_dtype, strip_width
 from .statistics import backward_dots, recompute_planes, statistics_dots
 from . import tile_spaces
 from .tile_spaces import register_tiles
@@ -80,7 +82,8 @@ def gma_recompute_attention_kernel(
 ):
     """Program (split, head, b): the softmax partial of K over its tiles and R of those tiles.
 
-    p: P (3B, C', N) fp32 channel-first (q images 0..B-1, then k, then v); r: R (B, C', N) fp32;
+    p: P (3B, C', N) channel-first (q images 0..B-1, then k, then v); r: R (B, C', N), both in the
+    stage dtype (`config.stage_dtype`: widened on load, rounded on store);
     part_m, part_l (B, SPLITS, C') and part_acc (B, SPLITS, C', d) fp32: row (b SPLITS + split)
     4 + head // 2 of `aggregation._store_partial`'s packed layout (two heads of d a row)."""
     split = tl.program_id(0)
@@ -106,12 +109,12 @@ def gma_recompute_attention_kernel(
         n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
         m2 = pmask[:, None] & kmask[None, :]
         off = ch[None, :] * N + n[:, None]
-        zk = tl.load(k_img + off, mask=m2, other=0.0)
-        zv = tl.load(v_img + off, mask=m2, other=0.0)
+        zk = tl.load(k_img + off, mask=m2, other=0.0).to(tl.float32)
+        zv = tl.load(v_img + off, mask=m2, other=0.0).to(tl.float32)
         M, L, ACC = _online_softmax_kv(zk, zv, pmask, M, L, ACC, DOT_PRECISION, EMULATE_DOTS)
         conv = depthwise_tile(v_img, ch * N, kmask, w_taps, group_heads * D, n, y, x, pmask, H, W, 1, ks, BLOCK_P,
                               D_PAD)
-        tl.store(r_img + off, conv + bias, mask=m2)
+        tl.store(r_img + off, stored(conv + bias, r_img, EMULATE_DOTS), mask=m2)
         t += 1
     row = (b * tl.num_programs(0) + split) * 4 + head // 2     # 4 rows of two heads per (b, split)
     _store_partial(M, L, ACC, row, head % 2, part_m, part_l, part_acc, D, D_PAD)
@@ -125,8 +128,8 @@ def gma_recompute_local_kernel(
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
     """Program (split, b): the local branch of its tiles (the forward's `aggregation._local_mix` and
-    `_layer_norm_rows`), storing w4 (B, 3s, N), xh4 (B, s, N) and rstd4 (B, N), fp32,
-    channel-first (channel which * s + c of w4: segment 4 of q, k, v)."""
+    `_layer_norm_rows`), storing w4 (B, 3s, N), xh4 (B, s, N) in the stage dtype and rstd4 (B, N)
+    fp32, channel-first (channel which * s + c of w4: segment 4 of q, k, v)."""
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     t0 = split * tiles_per_split
@@ -143,7 +146,8 @@ def gma_recompute_local_kernel(
         z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_qkv_n, C, S, CK, S_PAD, BLOCK_P,
                        DOT_PRECISION, EMULATE_DOTS, w4_b, N, True)
         diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
-        tl.store(xh4_b + co[None, :] * N + n[:, None], diff * rs[:, None], mask=pmask[:, None] & omask[None, :])
+        tl.store(xh4_b + co[None, :] * N + n[:, None], stored(diff * rs[:, None], xh4_b, EMULATE_DOTS),
+                 mask=pmask[:, None] & omask[None, :])
         tl.store(rstd4_b + n, rs, mask=pmask)
         t += 1
 
@@ -218,19 +222,20 @@ LOCAL_SEARCH = ((32, 8, 16), (64, 8, 16), (16, 4, 16))
 
 def plan_recompute_attention(P: Tensor, H: int, W: int, wts: FoldedGMAWeights, tiles: Optional[Tuple[int, int]] = None,
                              dots: Optional[DotVariant] = None) -> Tuple[Dict[str, Tensor], Launch]:
-    """Buffers (R (B, C', H, W), part_m, part_l (B, SPLITS, C'), part_acc (B, SPLITS, C', d), fp32)
-    and the launch of `gma_recompute_attention_kernel` over P (3B, C', H, W) fp32, without
-    launching (meta tensors work). dots: default the fp32 variant (P is fp32); `recompute` passes
-    the backward's."""
+    """Buffers (R (B, C', H, W) in P's dtype, part_m, part_l (B, SPLITS, C'), part_acc (B, SPLITS,
+    C', d) fp32) and the launch of `gma_recompute_attention_kernel` over P (3B, C', H, W) in a
+    stage dtype (fp32, fp16, bf16: `config.stage_dtype`), without launching (meta tensors work).
+    dots: default the fp32 variant (`statistics_dots`); `recompute` passes the backward's."""
     I, cp, _, _ = P.shape
     B, N, d = I // 3, H * W, cp // NUM_HEADS
-    if P.dtype != torch.float32 or not P.is_contiguous():
-        raise TypeError(f"P: a contiguous fp32 (3B, C', H, W) tensor expected, got {P.dtype}, strides {P.stride()}")
+    if P.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not P.is_contiguous():
+        raise TypeError(f"P: a contiguous fp32/fp16/bf16 (3B, C', H, W) tensor expected, got {P.dtype}, "
+                        f"strides {P.stride()}")
     dots = dots or statistics_dots(P)
     bp, warps = tiles or attention_tiles(d, N, dots.precision)
     splits, tps = split_plan(N, B, bp, SPLIT_TARGET, NUM_HEADS)
     f32 = dict(dtype=torch.float32, device=P.device)
-    buf = {"R": torch.empty(B, cp, H, W, **f32), "part_m": torch.empty(B, splits, cp, **f32),
+    buf = {"R": torch.empty(B, cp, H, W, dtype=P.dtype, device=P.device), "part_m": torch.empty(B, splits, cp, **f32),
            "part_l": torch.empty(B, splits, cp, **f32), "part_acc": torch.empty(B, splits, cp, d, **f32)}
     crpe = [w.float().contiguous() for w in (wts.crpe_w3, wts.crpe_w5, wts.crpe_w7, wts.crpe_b)]
     args = (P, buf["R"], buf["part_m"], buf["part_l"], buf["part_acc"], *crpe, N, H, W, strip_width(W), tps)
@@ -255,7 +260,7 @@ def merge_softmax_partials(part_m: Tensor, part_l: Tensor, part_acc: Tensor) -> 
 def plan_recompute_local(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
                          tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None
                          ) -> Tuple[Dict[str, Tensor], Launch]:
-    """Buffers (w4 (B, 3s, H, W), xh4 (B, s, H, W), rstd4 (B, 1, H, W), fp32) and the launch of
+    """Buffers (w4 (B, 3s, H, W), xh4 (B, s, H, W) in the stage dtype, rstd4 (B, 1, H, W) fp32) and the launch of
     `gma_recompute_local_kernel`, without launching (meta tensors work). qkv: (B, N, 3C).
     dots: default `statistics.backward_dots`."""
     B, N, C3 = qkv.shape
@@ -267,8 +272,9 @@ def plan_recompute_local(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_
     bp, warps, ck = tiles or local_tiles(s, N, dots.precision)
     splits, tps = split_plan(N, B, bp, SPLIT_TARGET, 1)
     f32 = dict(dtype=torch.float32, device=qkv.device)
-    buf = {"w4": torch.empty(B, 3 * s, H, W, **f32),
-           "xh4": torch.empty(B, s, H, W, **f32), "rstd4": torch.empty(B, 1, H, W, **f32)}
+    st = dict(dtype=stage_dtype(qkv.dtype), device=qkv.device)
+    buf = {"w4": torch.empty(B, 3 * s, H, W, **st),
+           "xh4": torch.empty(B, s, H, W, **st), "rstd4": torch.empty(B, 1, H, W, **f32)}
     args = (qkv, buf["w4"], buf["xh4"], buf["rstd4"], wts.local_dw.float().contiguous(),
             wts.local_pw.float().contiguous(), N, H, W, strip_width(W), qkv.stride(0), qkv.stride(1), tps, float(ln_eps))
     kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), CK=min(ck, dot_pad(s)), BLOCK_P=bp, DOT_PRECISION=dots.precision,

@@ -52,7 +52,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .config import AOT_ARCHS, DTYPE_NAMES, arch_dots, capability_of_arch, dot_precision, torch_dtype
+from .config import AOT_ARCHS, DTYPE_NAMES, arch_dots, capability_of_arch, dot_precision, stage_dtype, torch_dtype
 
 #: image side and batches of the real calls
 IMAGE = 224
@@ -222,7 +222,7 @@ def specializations_of_call(call: Call, arch: int) -> List[Spec]:
 def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = False,
                                      tiles: Optional[Dict[str, Tuple[int, ...]]] = None) -> List[Spec]:
     """The backward kernels' specialisations for one real training call on sm_<arch>, on the
-    fp32 stage tensors (fp16/bf16 inputs too) with the backward's dots (`statistics.backward_dots`:
+    stage tensors in their dtype (`config.stage_dtype`: the input's for fp16/bf16) with the backward's dots (`statistics.backward_dots`:
     the input dtype's variant, one TF32 pass for fp16/bf16 on sm_80+): the attention
     backward (attention_backward.py: B1, B2, CRPE; `plan_b1` / `plan_b2` on meta tensors in the
     layouts `backward.pre_projection_backward` passes: dA a view of grad_pre, Q/K/V slices of P)
@@ -244,11 +244,12 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     s, N = C // 5, H * W
     cp, d = 4 * s, s // 2
     meta = dict(device="meta", dtype=torch.float32)
-    P = torch.empty(3 * B, cp, H, W, **meta)
     dt = call.torch_dtype()
+    st = dict(device="meta", dtype=stage_dtype(dt))     # the stage tensors' dtype (`config.stage_dtype`)
+    P = torch.empty(3 * B, cp, H, W, **st)
     # dA: the view of grad_pre (the layer's output gradient, in the input's dtype: Stages.grad_pre_as_is)
     dA = torch.empty(B, N, C, device="meta", dtype=dt)[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
-    rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, H, W, **meta)}
+    rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, H, W, **st)}
     weights = meta_weights(C)
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)
     _, b1 = plan_b1(P[:B].reshape(B, 8, d, N), dA, d ** -0.5, dots=dots, tile=t.get(B1_FAMILY))
@@ -257,6 +258,8 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     launches = b1 + b2
     if aggregation:
         rc = bw.recompute(torch.empty(B, N, 3 * C, **meta), H, W, weights, 1e-5)   # the real layouts of Z, u, y
+        rc = {k: [t.to(st["dtype"]) for t in v] if isinstance(v, list) else
+              v.to(st["dtype"]) if k in ("Z", "w4", "xh4") else v for k, v in rc.items()}   # ... and dtypes
         stats = torch.empty(4, s, **meta)
         d_qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dt)      # the input gradient, in the input's dtype
         qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dt)        # the stencils' inputs, read in place
@@ -270,8 +273,8 @@ def backward_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None
                              archs: Sequence[int] = AOT_ARCHS) -> List[Spec]:
     """Deduplicated backward specialisations (attention and aggregation) of the real calls
     whose layers run the backward kernels on that architecture (`config.backward_kernels_take`),
-    fp32 compute; every input dtype, for the stores of the input gradient in the input's dtype
-    and the dots' precision (the kernels without dots specialise alike for fp16 and bf16)."""
+    fp32 compute; every input dtype, for the stage tensors and the input gradient in the input's
+    dtype (fp16/bf16) and the dots' precision."""
     calls = real_calls() if calls is None else calls
     return _collect(calls, archs, lambda call, arch: (backward_specializations_of_call(call, arch, True)
                                                       if _backward_kernels_run(call, arch) else []))

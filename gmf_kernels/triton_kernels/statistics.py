@@ -78,14 +78,16 @@ pointwise backward's input; the depthwise backward reads its input u_j from qkv 
 `aggregation_backward.qkv_layout`): the same grid ``(R, 3B)`` (its own costs:
 `segment_costs` with the stores) and the
 same per-tile Z (`_dw_pw_heads` with its STORE_Y: a store of each depthwise chunk), stored
-instead of reduced, fp32 (the stages' compute dtype, `folding.compute_dtype`), channel-first as
-the stages read them: Z and P (3B, 4s, H, W), segment 0 of Z being qkv's segment 0 cast to fp32,
+instead of reduced, in the stage dtype (`config.stage_dtype`: qkv's own for fp16/bf16, fp32 for
+fp32; computed in fp32, rounded once on store), channel-first as
+the stages read them: Z and P (3B, 4s, H, W), segment 0 of Z being qkv's segment 0,
 and y_all (3, 3B, s, H, W), y_all[j - 1] = y_j (one buffer: the pointwise-backward kernel takes
 the three with one stride set). The stores go along the tile's token axis (consecutive tokens
-of a channel are consecutive addresses). Per token, in units of s x 4 bytes per stream (q, k, v):
+of a channel are consecutive addresses). Per token, in units of s x 4 bytes per stream (q, k, v),
+e = qkv's element size (the stage tensors' too):
 
-* bytes: reads 4 e / 4 (qkv's segments 0..3, as the statistics pass); writes Z 4, P 4, y 3: 11
-  units (15 for fp32 inputs). PyTorch's same tensors and its u_j copies (`backward.recompute`,
+* bytes: reads 4 e / 4 (qkv's segments 0..3, as the statistics pass); writes Z 4, P 4, y 3 times
+  e / 4: 15 e / 4 units (15 for fp32 inputs, 7.5 for fp16/bf16). PyTorch's same tensors and its u_j copies (`backward.recompute`,
   fp32): the layout copies of u_0..3 8, the depthwise 6, the pointwise 6, the cat 8, then
   pre_act = Z a + b and P = hardswish(pre_act) 16 (read Z, write pre_act, read it, write P): 44
   units; and the depthwise backward read the u_j copies (3) where it now reads qkv (3 e / 4).
@@ -94,7 +96,7 @@ of a channel are consecutive addresses). Per token, in units of s x 4 bytes per 
 
 Bound aimed at: HBM bandwidth (mostly the writes), far below any ridge. Not measured (no GPU).
 Nothing is saved by the forward for it (activation memory unchanged): the backward allocates
-Z, P and y (11 s x 4 B per token and stream), less than PyTorch's recompute (no u_j copies, no
+Z, P and y (11 s e B per token and stream), less than PyTorch's recompute (no u_j copies, no
 pointwise outputs before a cat, no pre-activation).
 """
 from __future__ import annotations
@@ -105,9 +107,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, dot_variant, hardswish, interpreting
+from ._common import DotVariant, dot_variant, hardswish, interpreting, stored
 from .aggregation import _balanced_splits, _dw_pw_heads, _tile
-from .config import INTERPRETER_BLOCK_P, dot_pad, next_pow2, strip_width
+from .config import INTERPRETER_BLOCK_P, dot_pad, next_pow2, stage_dtype, strip_width
 from . import tile_spaces
 from .tile_spaces import register_tiles
 
@@ -234,20 +236,23 @@ def gma_statistics_kernel(
 
 
 @triton.jit
-def _store_channels(dst, ch, n, val, mask, N):
-    """val [BLOCK_P, width] into channel-first images: element (token n, channel ch) at dst + ch * N + n."""
-    tl.store(dst + ch[None, :] * N + n[:, None], val, mask=mask)
+def _store_channels(dst, ch, n, val, mask, N, EMULATE: tl.constexpr):
+    """val [BLOCK_P, width] (fp32) into channel-first images in dst's dtype (the stage dtype,
+    `config.stage_dtype`; rounded as `stored`): element (token n, channel ch) at dst + ch * N + n."""
+    tl.store(dst + ch[None, :] * N + n[:, None], stored(val, dst, EMULATE), mask=mask)
 
 
 @triton.jit
-def _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D: tl.constexpr, D_PAD: tl.constexpr):
-    """A tile's two heads of Z and of P = hardswish(Z a + b) into their channel-first images."""
+def _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D: tl.constexpr, D_PAD: tl.constexpr,
+               EMULATE: tl.constexpr):
+    """A tile's two heads of Z and of P = hardswish(Z a + b) (both from the fp32 Z) into their
+    channel-first images."""
     kk = tl.arange(0, D_PAD)
     m2d = pmask[:, None] & (kk < D)[None, :]
-    _store_channels(z_seg, kk, n, z0, m2d, N)
-    _store_channels(z_seg, D + kk, n, z1, m2d, N)
-    _store_channels(p_seg, kk, n, hardswish(z0 * a0 + b0), m2d, N)
-    _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N)
+    _store_channels(z_seg, kk, n, z0, m2d, N, EMULATE)
+    _store_channels(z_seg, D + kk, n, z1, m2d, N, EMULATE)
+    _store_channels(p_seg, kk, n, hardswish(z0 * a0 + b0), m2d, N, EMULATE)
+    _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N, EMULATE)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3"])
@@ -258,9 +263,9 @@ def gma_recompute_z_kernel(
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
     """Segment `seg` of Z and of the proxies P = hardswish(Z * bn_scale + bn_shift) (and, seg >=
-    1, the depthwise input u_seg and output y_seg) for the tiles of program (split, seg, img):
-    fp32, channel-first, z and p (3B, 4s, H, W), u_all and y_all (3, 3B, s, H, W) (module
-    docstring, "Recompute"). Segment 0 is qkv's segment 0 cast to fp32 (it is its own u_0)."""
+    1, the depthwise output y_seg) for the tiles of program (split, seg, img):
+    in the stage dtype (the buffers'), channel-first, z and p (3B, 4s, H, W), y_all (3, 3B, s, H, W) (module
+    docstring, "Recompute"). Segment 0 is qkv's segment 0 (it is its own u_0)."""
     _, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3,
                                                C, S, BLOCK_P)
     plane = img.to(tl.int64) * (4 * S * N) + seg * S * N               # channel seg * s of image img
@@ -277,7 +282,7 @@ def gma_recompute_z_kernel(
         while t < t1:
             n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
-            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D, D_PAD)
+            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D, D_PAD, EMULATE_DOTS)
             t += 1
     else:
         dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
@@ -288,7 +293,7 @@ def gma_recompute_z_kernel(
             n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
                                   S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True)
-            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D, D_PAD)
+            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D, D_PAD, EMULATE_DOTS)
             t += 1
 
 
@@ -538,15 +543,15 @@ def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor
 def plan_recompute(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
                    dw7: Tensor, pw: Tensor, tiles: Optional[Tuple[int, int, int]] = None,
                    dots: Optional[DotVariant] = None):
-    """Allocate Z and P (3B, 4s, H, W) and y_all (3, 3B, s, H, W) (fp32, contiguous) and describe
+    """Allocate Z and P (3B, 4s, H, W) and y_all (3, 3B, s, H, W) (the stage dtype `config.stage_dtype`, contiguous) and describe
     the recompute launch (the statistics pass's grid), without launching: ((z, p, y_all), (grid,
     args, kwargs)). dots: default `backward_dots`."""
     B, N, C3 = qkv.shape
     s = C3 // 15
     qkv, dots, tiles, plan = _grid_plan(qkv, dots or backward_dots(qkv), tiles, recompute_tiles, True)
-    f32 = dict(dtype=torch.float32, device=qkv.device)
-    out = (torch.empty(3 * B, 4 * s, H, W, **f32), torch.empty(3 * B, 4 * s, H, W, **f32),
-           torch.empty(3, 3 * B, s, H, W, **f32))
+    st = dict(dtype=stage_dtype(qkv.dtype), device=qkv.device)
+    out = (torch.empty(3 * B, 4 * s, H, W, **st), torch.empty(3 * B, 4 * s, H, W, **st),
+           torch.empty(3, 3 * B, s, H, W, **st))
     return out, kernel_call(qkv, H, W, out + (bn_scale, bn_shift, dw3, dw5, dw7, pw), plan, tiles, dots)
 
 
@@ -605,8 +610,9 @@ def _register_recompute():
     @op.register_fake
     def _(qkv, H, W, bn_scale, bn_shift, dw3, dw5, dw7, pw):
         B, s = qkv.shape[0], qkv.shape[-1] // 15
-        planes = [qkv.new_empty(3 * B, 4 * s, H, W, dtype=torch.float32) for _ in range(2)]
-        return tuple(planes + [qkv.new_empty(3, 3 * B, s, H, W, dtype=torch.float32)])
+        st = stage_dtype(qkv.dtype)
+        planes = [qkv.new_empty(3 * B, 4 * s, H, W, dtype=st) for _ in range(2)]
+        return tuple(planes + [qkv.new_empty(3, 3 * B, s, H, W, dtype=st)])
     return op
 
 
@@ -637,7 +643,7 @@ def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
 
 def recompute_planes(qkv: Tensor, H: int, W: int, wts) -> Tuple[Tensor, Tensor, list]:
     """The recompute kernel's results as the backward stages take them (op ``gmf::triton_proxy_z``,
-    ONE launch): (Z, P, y), Z and P (3B, 4s, H, W) fp32, y = [y_1, y_2, y_3] (3B, s, H, W) views of
+    ONE launch): (Z, P, y), Z and P (3B, 4s, H, W) in the stage dtype, y = [y_1, y_2, y_3] (3B, s, H, W) views of
     one (3, 3B, s, H, W) buffer (so the pointwise-backward kernel takes the three with one stride
     set). The depthwise inputs u_j are not copied: the depthwise backward reads them from qkv
     (`aggregation_backward.qkv_layout`). wts: the folded weights (fp32; bn_scale / bn_shift (4, s),

@@ -119,7 +119,7 @@ def triton_stages(s: int, dots: DotVariant, tiles: Optional[TrainTiles] = None) 
     """The backward stages for segment width s and the backward's dot variant
     (`statistics.backward_dots` of the layer's qkv: the forward's, one TF32 pass for fp16/bf16
     on sm_80+), bound into every stage that runs dots: Triton kernels where
-    `config.backward_kernels_take` (the kernels take the float32 stage tensors): B1 and B2
+    `config.backward_kernels_take` (the stage tensors in the layer's dtype, `config.stage_dtype`): B1 and B2
     (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight gradients), the
     BatchNorm/hardswish gradient sums, B3 (dZ fused into the pointwise kernel, or written first
     at S_PAD 128) and the depthwise stencils, and the local branch
