@@ -11,10 +11,13 @@ the Triton interpreter (tests/conftest.py) the kernels' dots are rounded as the 
 them (`_common.mm`, EMULATE_DOTS; tests/test_triton_dot_emulation.py).
 
 Stages: b2_bn_sums, b3_dz, b3_pointwise_depthwise, b3_fused (b3_dz + b3_pointwise_depthwise
-with dZ formed in the pointwise kernel) and local_backward.
+with dZ formed in the pointwise kernel) and local_backward. The stage tensors of fp16/bf16
+layers (`config.stage_dtype`) are checked too, per case: b2_bn_sums, b3_fused and
+local_backward on stage tensors in fp16 and bf16, against the fp32 stage functions on the same
+rounded inputs with the kernels' dots and roundings (dy, dw4, the outputs), under the same rule.
 
 The ahead-of-time check compiles every new kernel at the specialisation of a real call
-(GroupMixFormer-S's C=320 at 14x14, batch 128, fp32, training) for sm_80 and sm_90 in a
+(GroupMixFormer-S's C=320 at 14x14, batch 128, an fp16 layer, training) for sm_80 and sm_90 in a
 subprocess without TRITON_INTERPRET (as tests/test_triton_compile.py does) and asserts zero
 register spills (ptxas -v).
 """
@@ -32,8 +35,8 @@ from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
 from gmf_kernels.training import fold_running_stats  # noqa: E402
 from gmf_kernels.triton_kernels import aggregation_backward as agb  # noqa: E402
 from gmf_kernels.triton_kernels import backward as bw  # noqa: E402
-from gmf_kernels.triton_kernels._common import interpreting  # noqa: E402
-from helpers import assert_within_reference_error  # noqa: E402
+from gmf_kernels.triton_kernels._common import dot_variant, interpreting  # noqa: E402
+from helpers import assert_within_reference_error, tf32_round  # noqa: E402
 from helpers import ROOT, have_triton_nvidia_backend, triton_compile_env  # noqa: E402
 
 DEVICE = "cpu" if interpreting() else "cuda"
@@ -228,17 +231,20 @@ import json, sys, torch
 from gmf_kernels.folding import FoldedGMAWeights, weight_shapes
 from gmf_kernels.triton_kernels import aggregation_backward as agb, backward as bw, specializations as sp
 from gmf_kernels.triton_kernels._common import DotVariant
-from gmf_kernels.triton_kernels.config import capability_of_arch, dot_precision
+from gmf_kernels.triton_kernels.config import capability_of_arch, dot_precision, stage_dtype
 
-C, H, W, B = 320, 14, 14, 128                    # GroupMixFormer-S, stage 3, batch 128, fp32, training
+C, H, W, B = 320, 14, 14, 128                    # GroupMixFormer-S, stage 3, batch 128, fp16, training
 meta = dict(device="meta")
 shapes = weight_shapes(C)
 wts = FoldedGMAWeights(*(torch.empty(shapes[n], **meta) for n in FoldedGMAWeights._fields))
 rc = bw.recompute(torch.empty(B, H * W, 3 * C, **meta), H, W, wts, 1e-5)   # the real layouts of Z, u, y
+sd = stage_dtype(torch.float16)                  # ... and the stage tensors' dtype of an fp16 layer
+rc = {k: [t.to(sd) for t in v] if isinstance(v, list) else v.to(sd) if k in ("Z", "w4", "xh4") else v
+      for k, v in rc.items()}
 stats = torch.empty(4, C // 5, **meta)
 out, seen = [], set()
 for arch in map(int, sys.argv[1:]):
-    dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
+    dots = DotVariant(dot_precision("fp16", capability_of_arch(arch)), False)
     d_qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float16, **meta)   # the input gradient of fp16 inputs
     qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float16, **meta)     # and the fp16 inputs, read in place
     for fn, grid, args, kwargs in agb.plan_stages(torch.empty_like(rc["Z"]), rc, wts, stats, stats, dots, d_qkv, qkv):
@@ -252,10 +258,12 @@ print(json.dumps(out))
 
 def test_aot_compile_real_shape_no_spills(tmp_path):
     """Each new kernel, at the specialisation the launchers make for C=320, 14x14, batch 128,
-    fp32 with batch statistics (fused and unfused B3: pointwise DZ_MODE 0 and 2; the stencil
-    at 3x3, 5x5, 7x7 over s channels and 3x3 over the local branch's 3s; the local branch; the
-    input-gradient stores into an fp16 qkv gradient), compiles for sm_80 and sm_90 with no register
-    spills (-s prints the figures)."""
+    an fp16 layer with batch statistics (fp16 stage tensors, `config.stage_dtype`, and fp16's dots;
+    fused and unfused B3: pointwise DZ_MODE 0 and 2; the stencil at 3x3, 5x5, 7x7 over s channels
+    and 3x3 over the local branch's 3s; the local branch; the input-gradient stores into the fp16
+    qkv gradient), compiles for sm_80 and sm_90 with no register spills (-s prints the figures).
+    fp32 layers' kernels are the same code on fp32 pointers (every real call of every dtype:
+    `benchmarks/triton_resources.py --backward`, results/triton_backward_resources_*.md)."""
     if not have_triton_nvidia_backend():
         pytest.skip("Triton's NVIDIA backend / ptxas is not available")
     env = triton_compile_env()
@@ -281,3 +289,91 @@ def test_aot_compile_real_shape_no_spills(tmp_path):
            or r.get("cuobjdump_local", 0)]
     assert not bad, f"register spills or unparsed ptxas report: {bad}"
     assert all(r["line_info"] for r in res)
+
+
+def _cast(x, dtype):
+    """`_fp32` to another dtype (the stage tensors of an fp16/bf16 layer, `config.stage_dtype`)."""
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_cast(t, dtype) for t in x]
+    return x.to(device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_stage_tensors_in_low_precision(prob, dtype):
+    """The kernels on the stage tensors of an fp16/bf16 layer (`config.stage_dtype`: dP, Z, y, u,
+    w4, xh4 and dL in `dtype`; rstd4 and the folded weights fp32): b2_bn_sums, b3_fused and
+    local_backward, their stage-tensor outputs (G, du) in `dtype`, the sums and weight gradients
+    fp32, each within 2x the error of the reference at that precision (the fp32 stage functions
+    on the same rounded inputs, their stage-tensor outputs rounded to `dtype` as the kernels
+    store them) against the float64 oracle on the unrounded inputs (+ FLOOR)."""
+    rc = {k: v for k, v in prob.rc.items() if k != "pre_act"}
+    rc_lp = _cast(rc, dtype)
+    rc_lp["rstd4"] = _fp32(prob.rc["rstd4"])
+    rc_r = _fp32(rc_lp)                                      # the same rounded values, fp32
+    wts32, stats = _fp32(prob.wts), (_fp32(prob.mean), _fp32(prob.rstd))
+    rc_r["pre_act"] = rc_r["Z"] * wts32.bn_scale.reshape(-1)[:, None, None] + wts32.bn_shift.reshape(-1)[:, None, None]
+    dP_lp, dL_lp = _cast(prob.dP, dtype), _cast(prob.dL, dtype)
+
+    def compare(got, ref, oracle, name):
+        if isinstance(oracle, (list, tuple)):
+            for k, (a, r, o) in enumerate(zip(got, ref, oracle)):
+                if o is not None:
+                    compare(a, r, o, f"{name}[{k}]")
+            return
+        activation = oracle.dim() == 4
+        assert got.dtype == (dtype if activation else torch.float32), (name, got.dtype)
+        ref = ref.to(dtype) if activation else ref
+        assert_within_reference_error(got.cpu().float(), ref.cpu().float(), oracle, floor=FLOOR, name=name)
+
+    got = agb.b2_bn_sums(dP_lp, rc_lp, *stats, wts32)
+    ref = bw.b2_bn_sums(_fp32(dP_lp), rc_r, *stats)
+    compare(got, ref, (prob.G, prob.sum_g, prob.sum_gz, prob.sum_gzh), "b2_bn_sums")
+    G_lp = got[0]
+    sums = prob.dz_args(_fp32)
+    got = agb.b3_fused(G_lp, rc_lp, wts32, *sums)
+    compare(got, b3_rounded(_fp32(G_lp), rc_r, wts32, sums, dtype), bw.b3_pointwise_depthwise(prob.dZ, prob.rc, prob.wts),
+            "b3_fused")
+    got = agb.local_backward(dL_lp, rc_lp, wts32)
+    ref = local_rounded(_fp32(dL_lp), rc_r, wts32, dtype)
+    compare(got, ref, bw.local_backward(prob.dL, prob.rc, prob.wts), "local_backward")
+
+
+def _mix(eq, a, b, dtype):
+    """einsum of the kernels' channel mixes, with their dots' operand rounding for layers of dtype
+    (`_common.dot_variant`: one TF32 pass for fp16/bf16 on sm_80+, emulated by the interpreter)."""
+    if dot_variant(torch.empty(0, dtype=dtype)).precision == "tf32":
+        a, b = tf32_round(a.contiguous()), tf32_round(b.contiguous())
+    return torch.einsum(eq, a, b)
+
+
+def b3_rounded(G, rc, wts, sums, dtype):
+    """`backward.b3_dz` + `backward.b3_pointwise_depthwise` in fp32 with the kernels' dots (`_mix`)
+    and dy rounded to dtype, where the pointwise kernel stores it for the depthwise kernel (the
+    other stage tensors are rounded by the caller)."""
+    dZ = bw.b3_dz(G, rc, wts, *sums)
+    s = dZ.shape[1] // 4
+    du, g_dw, g_pw = [dZ[:, :s]], [], []
+    for j, w in zip((1, 2, 3), (wts.dw3, wts.dw5, wts.dw7)):
+        dzj = dZ[:, j * s:(j + 1) * s]
+        g_pw.append(_mix("bohw,bihw->oi", dzj, rc["y"][j - 1], dtype))
+        dy = _mix("oi,bohw->bihw", wts.pw[j - 1], dzj, dtype).to(dtype).float()
+        du.append(bw.dwconv_input_grad(dy, w))
+        g_dw.append(bw.dwconv_weight_grad(dy, rc["u"][j], 2 * j + 1))
+    return du, g_dw, torch.stack(g_pw)
+
+
+def local_rounded(dL, rc, wts, dtype):
+    """`backward.local_backward` in fp32 with the kernels' dots (`_mix`) and dw4 rounded to dtype,
+    where the local kernel stores it for the depthwise kernel."""
+    xh, rstd4 = rc["xh4"], rc["rstd4"]
+    lnw = wts.ln_weight[:, None, None]
+    gL = dL * bw.hardswish_grad(xh * lnw + wts.ln_bias[:, None, None])
+    dxh = gL * lnw
+    dz4 = (dxh - dxh.mean(1, keepdim=True) - xh * (dxh * xh).mean(1, keepdim=True)) * rstd4
+    dw4 = _mix("oi,bohw->bihw", wts.local_pw, dz4, dtype).to(dtype).float()
+    return (bw.dwconv_input_grad(dw4, wts.local_dw), bw.dwconv_weight_grad(dw4, rc["u4"], 3),
+            _mix("bohw,bihw->oi", dz4, rc["w4"], dtype), (gL * xh).sum(dim=(0, 2, 3)), gL.sum(dim=(0, 2, 3)))
