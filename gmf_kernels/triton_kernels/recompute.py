@@ -174,7 +174,12 @@ def gma_recompute_local_kernel(
 #: (32, 8, 16) 32 B at C = 480 on sm_80, (64, 8, 16) none (224 / 220); at 16 and 64 the tiles
 #: above, none (at most 174).
 ATTENTION_TILES = {16: (32, 4), 32: (16, 4)}
-ATTENTION_TILES_BY_DOTS = {"tf32": {16: (32, 8), 32: (32, 8), 64: (32, 8)}}
+#: Since the stage tensors of fp16/bf16 layers are fp16/bf16 (`config.stage_dtype`, 2026-12-02), ptxas
+#: spilled a few bytes at D_PAD = 16 with the TF32 tiles above, erratically (at 48-56 registers:
+#: (32, 8) 8 B at C = 40 on sm_90, (16, 8) 40-48 B on sm_80, (64, 8) 16 B at C = 80 fp16 on sm_80,
+#: (32, 4) 8 B at C = 40 on sm_90); (32, 2) none at C = 40, 80, 160, fp16 and bf16, sm_80 and sm_90
+#: (at most 205 registers).
+ATTENTION_TILES_BY_DOTS = {"tf32": {16: (32, 2), 32: (32, 8), 64: (32, 8)}}
 LOCAL_TILES = {16: (32, 8, 16), 32: (64, 8, 16), 64: (64, 8, 16), 128: (32, 8, 16)}
 LOCAL_TILES_BY_DOTS = {"tf32": {32: (64, 4, 16), 128: (64, 8, 16)}}
 SMALLEST_TILE = (16, 4)
