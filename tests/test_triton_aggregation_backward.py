@@ -10,10 +10,11 @@ max |x - oracle| / max |oracle| per output (`helpers.assert_within_reference_err
 the Triton interpreter (tests/conftest.py) the kernels' dots are rounded as the GPU rounds
 them (`_common.mm`, EMULATE_DOTS; tests/test_triton_dot_emulation.py).
 
-Stages: b2_bn_sums, b3_dz, b3_pointwise_depthwise, b3_fused (b3_dz + b3_pointwise_depthwise
-with dZ formed in the pointwise kernel) and local_backward. The stage tensors of fp16/bf16
-layers (`config.stage_dtype`) are checked too, per case: b2_bn_sums, b3_fused and
-local_backward on stage tensors in fp16 and bf16, against the fp32 stage functions on the same
+Stages: b3_dz, b3_pointwise_depthwise, b3_fused (b3_dz + b3_pointwise_depthwise with dZ formed
+in the pointwise kernel) and local_backward (B2's BatchNorm backward, G and its sums, is fused
+into the B2 kernels: tests/test_triton_attention_backward.py). The stage tensors of fp16/bf16
+layers (`config.stage_dtype`) are checked too, per case: b3_fused and local_backward on stage
+tensors in fp16 and bf16, against the fp32 stage functions on the same
 rounded inputs with the kernels' dots and roundings (dy, dw4, the outputs), under the same rule.
 
 The ahead-of-time check compiles every new kernel at the specialisation of a real call
@@ -136,21 +137,6 @@ def check(got, ref32, oracle, name):
         return
     assert got.dtype == torch.float32 and got.shape == oracle.shape, (name, got.dtype, got.shape)
     assert_within_reference_error(got.cpu(), ref32.cpu(), oracle, factor=2.0, floor=FLOOR, name=name)
-
-
-@pytest.mark.parametrize("recompute", [True, False], ids=["pre_act-recomputed", "pre_act-read"])
-def test_b2_bn_sums(prob, recompute):
-    """G = dP hardswish'(pre-activation) and the per-channel sums; the pre-activation from
-    Z and the BatchNorm affine (the kernel's path) or read from rc["pre_act"] (backward.py's
-    signature)."""
-    rc32 = _fp32(prob.rc)
-    oracle = (prob.G, prob.sum_g, prob.sum_gz, prob.sum_gzh)
-    ref32 = bw.b2_bn_sums(_fp32(prob.dP), rc32, _fp32(prob.mean), _fp32(prob.rstd))
-    if recompute:
-        rc32.pop("pre_act")                  # must not be needed
-    got = agb.b2_bn_sums(_fp32(prob.dP), rc32, _fp32(prob.mean), _fp32(prob.rstd),
-                         _fp32(prob.wts) if recompute else None)
-    check(got, ref32, oracle, "b2_bn_sums")
 
 
 def test_b3_dz(prob):
@@ -279,8 +265,8 @@ def test_aot_compile_real_shape_no_spills(tmp_path):
         res += json.loads(lines[-1])
     assert sorted({(r["function"], r["arch"]) for r in res}) == sorted((f.__name__, a) for f in agb.KERNELS
                                                                       for a in (80, 90))
-    # per arch: bn, dz, pw x 2 modes, dw x (3 windows + local 3x3), local; into the fp16 d_qkv: dz, dw x 4
-    assert len(res) == 2 * 14
+    # per arch: dz, pw x 2 modes, dw x (3 windows + local 3x3), local; into the fp16 d_qkv: dz, dw x 4
+    assert len(res) == 2 * 13
     for r in res:
         print(f"{r['label']} sm_{r['arch']}: {r['registers']} registers, spill stores {r['spill_stores']} B, "
               f"loads {r['spill_loads']} B, stack {r['stack']} B")
@@ -305,8 +291,8 @@ def _cast(x, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_stage_tensors_in_low_precision(prob, dtype):
     """The kernels on the stage tensors of an fp16/bf16 layer (`config.stage_dtype`: dP, Z, y, u,
-    w4, xh4 and dL in `dtype`; rstd4 and the folded weights fp32): b2_bn_sums, b3_fused and
-    local_backward, their stage-tensor outputs (G, du) in `dtype`, the sums and weight gradients
+    w4, xh4 and dL in `dtype`; rstd4 and the folded weights fp32): b3_fused (from G in `dtype`) and
+    local_backward, their stage-tensor outputs (du) in `dtype`, the sums and weight gradients
     fp32, each within 2x the error of the reference at that precision (the fp32 stage functions
     on the same rounded inputs, their stage-tensor outputs rounded to `dtype` as the kernels
     store them) against the float64 oracle on the unrounded inputs (+ FLOOR)."""
@@ -329,10 +315,7 @@ def test_stage_tensors_in_low_precision(prob, dtype):
         ref = ref.to(dtype) if activation else ref
         assert_within_reference_error(got.cpu().float(), ref.cpu().float(), oracle, floor=FLOOR, name=name)
 
-    got = agb.b2_bn_sums(dP_lp, rc_lp, *stats, wts32)
-    ref = bw.b2_bn_sums(_fp32(dP_lp), rc_r, *stats)
-    compare(got, ref, (prob.G, prob.sum_g, prob.sum_gz, prob.sum_gzh), "b2_bn_sums")
-    G_lp = got[0]
+    G_lp = bw.b2_bn_sums(_fp32(dP_lp), rc_r, *stats)[0].to(dtype)      # B2's G as it stores it
     sums = prob.dz_args(_fp32)
     got = agb.b3_fused(G_lp, rc_lp, wts32, *sums)
     compare(got, b3_rounded(_fp32(G_lp), rc_r, wts32, sums, dtype), bw.b3_pointwise_depthwise(prob.dZ, prob.rc, prob.wts),

@@ -109,6 +109,52 @@ def test_split_runs_of_tiles(monkeypatch):
     check_stages(stage_inputs(40, 3, 11, 1, seed=3), 1, block=16)
 
 
+def check_fused_batchnorm(x, B, training, block=0):
+    """B2 with the BatchNorm/hardswish backward fused in (`b2_proxy_grads(bn=...)`, as the Triton
+    stage set runs it): G = dP hardswish'(Z a + b), the CRPE gradients and the BatchNorm sums
+    sum G, sum G Z, sum G Zhat (training: batch statistics; eval: None) against
+    `backward.b2_proxy_grads` + `backward.b2_bn_sums` in float64, under the same rule."""
+    s = x["scale"]
+    dKV64 = bw.b1_dkv(x["Q64"], x["dA64"], s)
+    dKV = dKV64.float()
+    Z32 = x["rc32"]["Z"]
+    if training:
+        var, mean = torch.var_mean(Z32, dim=(0, 2, 3), unbiased=False)
+        stats32 = (mean, torch.rsqrt(var + 1e-5))
+    else:
+        stats32 = (None, None)
+    stats64 = tuple(None if t is None else t.double() for t in stats32)
+    rc64 = dict(x["rc64"], Z=Z32.double(), pre_act=x["rc32"]["pre_act"].double())
+
+    def reference(dA, dkv, rc, w, stats):
+        dP, g_w, g_b = bw.b2_proxy_grads(dA, dkv, rc, w, s)
+        G, *sums = bw.b2_bn_sums(dP, rc, *stats)
+        return [G[j * B:(j + 1) * B] for j in range(3)] + list(g_w) + [g_b] + sums
+
+    exp = reference(x["dA64"], dKV64, rc64, x["w64"], stats64)
+    ref = reference(x["dA32"], dKV, x["rc32"], x["w32"], stats32)
+    G, g_w, g_b, sums = ab.b2_proxy_grads(x["dA32"], dKV, x["rc32"], x["w32"], s, block=block, bn=stats32)
+    got = [G[j * B:(j + 1) * B] for j in range(3)] + list(g_w) + [g_b] + list(sums)
+    names = ("Gq", "Gk", "Gv", "crpe_w3", "crpe_w5", "crpe_w7", "crpe_b", "sum_g", "sum_gz", "sum_gzh")
+    for name, g, r, e in zip(names, got, ref, exp):
+        if e is None:
+            assert g is None, name
+            continue
+        assert g.dtype == torch.float32, name
+        assert_within_reference_error(g, r, e, floor=ROUNDING_FLOOR, name=f"B2+BatchNorm {name}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch-stats", "running-stats"])
+def test_b2_fused_batchnorm(training):
+    check_fused_batchnorm(stage_inputs(80, 7, 7, 1, seed=5), 1, training)
+
+
+def test_b2_fused_batchnorm_split_runs(monkeypatch):
+    """As `test_split_runs_of_tiles`: 16-token tiles, the sums' partials of several programs."""
+    monkeypatch.setattr(ab, "SPLIT_TARGET", 16)
+    check_fused_batchnorm(stage_inputs(40, 3, 11, 2, seed=3), 2, True, block=16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_b1_low_precision_inputs(dtype):
     """fp16 / bf16 Q, dA (the kernels load fp32, fp16 or bf16 and accumulate in fp32): dKV within
@@ -165,7 +211,8 @@ print(json.dumps(out))
 
 def test_compiles_without_spills(tmp_path):
     """Each kernel at the specialisation a real call makes (GroupMixFormer-S C=320 at 14x14,
-    batch 128, fp32: plan_b1 / plan_b2 on meta tensors in pre_projection_backward's layouts, then
+    batch 128, fp32: plan_b1 / plan_b2 (the BatchNorm backward fused in: batch and running
+    statistics) on meta tensors in pre_projection_backward's layouts, then
     Triton's JIT binder), compiled for sm_80 and sm_90 into an empty cache: zero spills (ptxas -v)."""
     if not have_triton_nvidia_backend():
         pytest.skip("Triton's NVIDIA backend / ptxas is not available")
@@ -176,7 +223,8 @@ def test_compiles_without_spills(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
     assert lines, f"compile script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
     res = json.loads(lines[-1])
-    kernels = ("gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe_kernel")
+    # B2's two kernels twice: the BatchNorm backward fused in with batch and with running statistics
+    kernels = ("gma_b1_dkv_kernel",) + ("gma_b2_attention_kernel", "gma_b2_crpe_kernel") * 2
     assert sorted((r["kernel"], r["arch"]) for r in res) == sorted((k, a) for k in kernels for a in (80, 90))
     for r in res:
         assert 0 < r["registers"] <= 255, r

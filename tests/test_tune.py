@@ -164,7 +164,7 @@ def _train_modules():
 def _module_tile(family: str, C: int, N: int, precision: str, monkeypatch):
     """The GPU tile the family's module picks without a table (its interpreter branch off)."""
     st, rcp, ab, agb, _ = _train_modules()
-    from gmf_kernels.triton_kernels.config import B1_TILES, B2_TILES, CRPE_BWD_TILES, dot_pad
+    from gmf_kernels.triton_kernels.config import B1_TILES, B2_TILES, crpe_bwd_tiles, dot_pad
     for mod in (st, rcp, ab, agb):
         monkeypatch.setattr(mod, "interpreting", lambda: False)
     t = agb.backward_tiles(dot_pad(C // 5), 3 * N)
@@ -174,7 +174,7 @@ def _module_tile(family: str, C: int, N: int, precision: str, monkeypatch):
             "triton.recompute_local": lambda: rcp.local_tiles(C // 5, N, precision),
             "triton.b1": lambda: ab._tile(B1_TILES, C // 10, N),
             "triton.b2": lambda: ab._tile(B2_TILES, C // 10, N),
-            "triton.b2_crpe": lambda: ab._tile(CRPE_BWD_TILES, C // 10, N),
+            "triton.b2_crpe": lambda: ab._tile(crpe_bwd_tiles(precision), C // 10, N),
             "triton.backward": lambda: (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS),
             }[family]()
 
@@ -282,7 +282,7 @@ def test_backward_runs_the_tuned_tiles(monkeypatch):
             "gma_recompute_local_kernel": picks["triton.recompute_local"][:2],
             "gma_b1_dkv_kernel": picks["triton.b1"], "gma_b2_attention_kernel": picks["triton.b2"],
             "gma_b2_crpe_kernel": picks["triton.b2_crpe"],
-            "gma_bn_grad_kernel": (bw.BLOCK_P, bw.WARPS), "gma_dz_kernel": (bw.BLOCK_P, bw.WARPS),
+            "gma_dz_kernel": (bw.BLOCK_P, bw.WARPS),
             "gma_dw_backward_kernel": (bw.BLOCK_P, bw.WARPS),
             "gma_pw_backward_kernel": (bw.PW_BLOCK_P, bw.PW_WARPS),
             "gma_local_backward_kernel": (bw.PW_BLOCK_P, bw.PW_WARPS)}

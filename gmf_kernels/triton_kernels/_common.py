@@ -67,6 +67,12 @@ def hardswish(x):
 
 
 @triton.jit
+def hardswish_grad(x):
+    """d hardswish / dx as `backward.hardswish_grad`: 0 below -3, x/3 + 1/2 on [-3, 3], 1 above."""
+    return tl.where(x < -3.0, 0.0, tl.where(x <= 3.0, x / 3.0 + 0.5, 1.0))
+
+
+@triton.jit
 def tf32_truncate(x):
     """fp32 -> TF32 as the tensor cores read an fp32 register: the low 13 of the 23 mantissa
     bits are dropped (round toward zero). Returned as fp32 with those bits zero."""

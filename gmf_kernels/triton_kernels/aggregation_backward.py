@@ -1,4 +1,4 @@
-"""Backward of the aggregation side (B2's BatchNorm sums, B3, the local branch): Triton kernels + launchers.
+"""Backward of the aggregation side (B3, the local branch): Triton kernels + launchers.
 
 Kernels replacing the PyTorch stage functions of `backward.py` (tested against them in
 tests/test_triton_aggregation_backward.py); the launchers at the end keep those functions'
@@ -16,12 +16,12 @@ g % N): tiles of BLOCK_P consecutive flat pixels cross image borders, so odd and
 in memory) the fast one: coalesced loads (``g % N`` hides the contiguity from the compiler,
 so the orientation has to say it). Grids are split over the flat tiles (`split_plan`): each
 program walks ``tiles_per_split`` consecutive tiles and keeps its part of every reduction
-(BatchNorm sums, weight gradients) in registers; the few partials (SPLITS x weights) are
+(weight gradients) in registers; the few partials (SPLITS x weights) are
 summed by one small torch reduction in the launcher (no atomics: deterministic).
 
-* `gma_bn_grad_kernel` (`b2_bn_sums`): G = dP * hardswish'(Z a + b), the pre-activation
-  recomputed from Z and the BatchNorm affine (pre_act not read), G stored, and the
-  per-channel partials of sum(G), sum(G Z), sum(G Zhat).
+G = dP * hardswish'(Z a + b) and its per-channel sums (`backward.b2_bn_sums`) come from the B2
+kernels themselves (attention_backward.py, FUSE_BN): dP is never written.
+
 * `gma_dz_kernel` (`b3_dz`): dZ = ka G + kz Z + k0 per channel (`dz_coefficients`: the
   batch-statistics terms, or ka = a), on a channel range.
 * `gma_pw_backward_kernel` (`b3_pointwise_depthwise`, channel mix): per segment j = 1..3, per
@@ -72,8 +72,7 @@ segments 1..3 (e: the stage element size); the halo comes from L1/L2. Same for d
 
 Bounds aimed at, from byte and FLOP counts (not measured: no GPU here):
 
-* `gma_bn_grad_kernel`: 12 B (read dP, Z; write G) per element for ~12 FLOP; `gma_dz_kernel`: 12 B
-  (8 B eval): HBM-bandwidth bound.
+* `gma_dz_kernel`: 3e B per element (2e eval): HBM-bandwidth bound.
 * `gma_pw_backward_kernel`: 4 s² FLOP per pixel and segment (dy and g_pw, tensor cores)
   against 12 s B (read dz, y; write dy; fused: 16 s B): s/3 FLOP/B, 21 at s = 64. With 3xTF32
   (fp32 layers) that is below an H100's ridge (~50 FLOP/B: a third of the TF32 peak over HBM
@@ -97,7 +96,7 @@ import triton.language as tl
 
 from ..folding import FoldedGMAWeights
 from . import _common  # _common.interpreting(): the stores' rounding (tests patch `interpreting` here for tiles)
-from ._common import DotVariant, dot_variant, interpreting, mm, stored
+from ._common import DotVariant, dot_variant, hardswish_grad, interpreting, mm, stored
 from .aggregation import split_plan as aggregation_split_plan
 from .config import dot_pad, next_pow2
 from .tile_spaces import register_tiles
@@ -130,12 +129,6 @@ def _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_gro
 
 
 @triton.jit
-def hardswish_grad(x):
-    """d hardswish / dx as `backward.hardswish_grad`: 0 below -3, x/3 + 1/2 on [-3, 3], 1 above."""
-    return tl.where(x < -3.0, 0.0, tl.where(x <= 3.0, x / 3.0 + 0.5, 1.0))
-
-
-@triton.jit
 def _dz_from_g(gv, zv, ka, kz, k0, BATCH_STATS: tl.constexpr):
     """dZ from G (`backward.b3_dz`) as a per-channel affine map of (G, Z) with the coefficients
     of `dz_coefficients`: ka G (running statistics) or ka G + kz Z + k0 (batch statistics)."""
@@ -144,51 +137,6 @@ def _dz_from_g(gv, zv, ka, kz, k0, BATCH_STATS: tl.constexpr):
     else:
         out = ka * gv
     return out
-
-
-@triton.jit(do_not_specialize=["M", "N", "tiles_per_split"])
-def gma_bn_grad_kernel(dP, Z, pre_act, G, part, bn_scale, bn_shift, mean, rstd, M, N, tiles_per_split,
-                   CP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                   BATCH_STATS: tl.constexpr, RECOMPUTE: tl.constexpr, EMULATE_STORES: tl.constexpr):
-    """Grid (SPLITS, cdiv(CP, BLOCK_C)). dP, Z, pre_act, G: (3B, CP, N) contiguous, in a stage
-    dtype (widened on load; G rounded on store, `stored`; the sums from the unrounded fp32 G);
-    part: (SPLITS, 3, CP) fp32 <- this program's sum(G), sum(G Z), sum(G Zhat) (the last
-    only with BATCH_STATS). RECOMPUTE: pre-activation = Z bn_scale + bn_shift (else read
-    pre_act; the launcher passes Z there, unused)."""
-    split = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < CP
-    a = tl.load(bn_scale + c, mask=cm, other=0.0)[:, None]
-    b = tl.load(bn_shift + c, mask=cm, other=0.0)[:, None]
-    if BATCH_STATS:
-        mu = tl.load(mean + c, mask=cm, other=0.0)[:, None]
-        r = tl.load(rstd + c, mask=cm, other=0.0)[:, None]
-    acc_g = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    acc_gz = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    acc_gzh = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
-    while t < t1:
-        img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
-        off = c[:, None] * N + (img * (CP * N) + n)[None, :]
-        m2 = cm[:, None] & pm[None, :]
-        zv = tl.load(Z + off, mask=m2, other=0.0).to(tl.float32)
-        dp = tl.load(dP + off, mask=m2, other=0.0).to(tl.float32)
-        if RECOMPUTE:
-            pre = zv * a + b
-        else:
-            pre = tl.load(pre_act + off, mask=m2, other=0.0).to(tl.float32)
-        gv = dp * hardswish_grad(pre)                       # 0 where masked (dp = 0)
-        tl.store(G + off, stored(gv, G, EMULATE_STORES), mask=m2)
-        acc_g += gv
-        acc_gz += gv * zv
-        if BATCH_STATS:
-            acc_gzh += gv * ((zv - mu) * r)
-        t += 1
-    dst = part + split * 3 * CP + c
-    tl.store(dst, tl.sum(acc_g, axis=1), mask=cm)
-    tl.store(dst + CP, tl.sum(acc_gz, axis=1), mask=cm)
-    if BATCH_STATS:
-        tl.store(dst + 2 * CP, tl.sum(acc_gzh, axis=1), mask=cm)
 
 
 @triton.jit(do_not_specialize=["M", "N", "tiles_per_split", "c_lo", "img_group", "ch_group"])
@@ -413,7 +361,7 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
 
 
 #: every kernel of this file (the ahead-of-time compile check resolves them by name)
-KERNELS = (gma_bn_grad_kernel, gma_dz_kernel, gma_pw_backward_kernel, gma_dw_backward_kernel, gma_local_backward_kernel)
+KERNELS = (gma_dz_kernel, gma_pw_backward_kernel, gma_dw_backward_kernel, gma_local_backward_kernel)
 
 
 # ================================================================ launchers
@@ -473,7 +421,7 @@ INTERPRETER_BLOCK_P = 512
 class BackwardTiles:
     """Tiles of the aggregation-backward kernels (heuristic, not tuned: no GPU here).
 
-    BLOCK_C x BLOCK_P, WARPS: [channels, pixels] tiles of `gma_bn_grad_kernel`, `gma_dz_kernel`,
+    BLOCK_C x BLOCK_P, WARPS: [channels, pixels] tiles of `gma_dz_kernel`,
     `gma_dw_backward_kernel`. PW_BLOCK_P, PW_WARPS: pixels per tile and warps of the two
     channel-mix kernels, whose output channels go in blocks of BLOCK_I = PW_TILE_ELEMS /
     S_PAD (at most S_PAD), so the two register tiles held for a program's life (the weight
@@ -484,7 +432,7 @@ class BackwardTiles:
     The GPU tiles, compiled with the runtime's specialisation for C = 320 (s = 64), 14x14,
     batch 128, fp32 (tests/test_triton_aggregation_backward.py, ptxas -v; registers sm_80 /
     sm_90, no spills): stencil [16, 128] at 8 warps 114-118 / 118-120 (4 warps: 219-230, a
-    third of the occupancy), bn_grad 80 / 80, dz 40 / 48, pointwise (16 pixels, 8 warps)
+    third of the occupancy), dz 40 / 48, pointwise (16 pixels, 8 warps)
     216 / 166 from dZ and 254 / 198 from G and Z, local branch 255 / 212. 32-pixel tiles
     or 4 warps spilled the pointwise kernel on sm_80 (88 B to 1 KB). At s = 96 (S_PAD =
     128, C = 480) the pointwise kernel from dZ (BLOCK_I = 32) compiled at 253-255 registers
@@ -572,30 +520,6 @@ def dz_coefficients(bn_scale: Tensor, mean: Optional[Tensor], rstd: Optional[Ten
         return torch.stack([a, zero, zero]).float().contiguous()
     k = (sum_gzh.double() / count) * rstd.reshape(-1).double()
     return torch.stack([a, -a * k, a * (mean.reshape(-1).double() * k - sum_g.double() / count)]).float().contiguous()
-
-
-def plan_bn_sums(dP: Tensor, Z: Tensor, bn_scale: Tensor, bn_shift: Tensor, mean: Optional[Tensor],
-                 rstd: Optional[Tensor], pre_act: Optional[Tensor] = None, tiles: Optional[BackwardTiles] = None
-                 ) -> Tuple[Dict[str, Tensor], List[Launch]]:
-    """Buffers (G, part) and the launch of `gma_bn_grad_kernel` (pre_act given: read, not recomputed).
-    tiles (here and in every plan below): default `backward_tiles`' (the "triton.backward"
-    tuning family's entry comes through `train_op.triton_stages`)."""
-    dP, Z = _check(dP, "dP"), _check(Z, "Z")
-    I, CP, H, W = Z.shape
-    N, M = H * W, I * H * W
-    tiles = tiles or backward_tiles(dot_pad(CP // 4), M)
-    cblocks = triton.cdiv(CP, tiles.BLOCK_C)
-    splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
-    buf = {"G": torch.empty_like(Z), "part": torch.empty(splits, 3, CP, dtype=torch.float32, device=Z.device)}
-    stats = mean is not None
-    scale, shift = bn_scale.reshape(-1).contiguous(), bn_shift.reshape(-1).contiguous()
-    mu = mean.reshape(-1).contiguous() if stats else scale
-    r = rstd.reshape(-1).contiguous() if stats else scale
-    args = (dP, Z, Z if pre_act is None else _check(pre_act, "pre_act"), buf["G"], buf["part"], scale, shift, mu, r,
-            M, N, tps)
-    kw = dict(CP=CP, BLOCK_C=tiles.BLOCK_C, BLOCK_P=tiles.BLOCK_P, BATCH_STATS=stats, RECOMPUTE=pre_act is None,
-              EMULATE_STORES=_common.interpreting(), num_warps=tiles.WARPS)
-    return buf, [(gma_bn_grad_kernel, (splits, cblocks), args, kw)]
 
 
 def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int, out: Optional[Layout] = None,
@@ -731,7 +655,8 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
 def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor],
                 rstd: Optional[Tensor], dots: DotVariant, d_qkv: Optional[Tensor] = None,
                 qkv: Optional[Tensor] = None, tiles: Optional[BackwardTiles] = None) -> List[Launch]:
-    """Every launch of one backward call, fused and unfused B3 both, and the local branch (the
+    """Every launch of one backward call after B2 (dP: B2's G, `attention_backward.plan_b2`'s bn),
+    fused and unfused B3 both, and the local branch (the
     launchers' own plans, nothing run): on meta tensors, what the ahead-of-time compile check
     specialises. d_qkv and qkv (B, N, 3C) given: also the stencils reading their input from qkv
     and storing the input gradient into d_qkv, and segment 0's dZ stored there (`qkv_layout`),
@@ -739,9 +664,8 @@ def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: 
     CP = dP.shape[1]
     stats = mean is not None
     coefs = dP.new_empty(3, CP, dtype=torch.float32)
-    buf, launches = plan_bn_sums(dP, rc["Z"], wts.bn_scale, wts.bn_shift, mean, rstd, tiles=tiles)
-    G = buf["G"]
-    launches += plan_dz(G, rc["Z"], coefs, stats, 0, CP, tiles=tiles)[1]
+    G = dP
+    launches = plan_dz(G, rc["Z"], coefs, stats, 0, CP, tiles=tiles)[1]
     for mode in ((0, 2 if stats else 1) if fused_b3(dot_pad(CP // 4)) else (0,)):
         buf, lp = plan_pw_backward(G, rc["Z"], rc["y"], wts.pw, coefs, mode, dots, tiles)
         launches += lp
@@ -767,26 +691,6 @@ def _launch(launches: List[Launch], like: Tensor) -> None:
     with device_guard(like):
         for kernel, grid, args, kwargs in launches:
             wrap_triton(kernel)[grid](*args, **kwargs)
-
-
-def b2_bn_sums(dP: Tensor, rc: Dict[str, Tensor], mean: Optional[Tensor], rstd: Optional[Tensor],
-               wts: Optional[FoldedGMAWeights] = None, tiles: Optional[BackwardTiles] = None
-               ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """`backward.b2_bn_sums` on `gma_bn_grad_kernel`: (G, sum(G), sum(G Z), sum(G Zhat) or None).
-
-    wts (extra, optional): the folded weights; given, the pre-activation is recomputed from
-    rc["Z"] and wts.bn_scale / bn_shift (rc["pre_act"] is not read: 4 B per element less);
-    without it (backward.py's signature) rc["pre_act"] is read."""
-    Z = rc["Z"]
-    CP = Z.shape[1]
-    if wts is None:
-        ones = Z.new_ones(CP)
-        buf, launches = plan_bn_sums(dP, Z, ones, ones, mean, rstd, pre_act=rc["pre_act"], tiles=tiles)
-    else:
-        buf, launches = plan_bn_sums(dP, Z, wts.bn_scale, wts.bn_shift, mean, rstd, tiles=tiles)
-    _launch(launches, Z)
-    sums = buf["part"].sum(0)
-    return buf["G"], sums[0], sums[1], (sums[2] if mean is not None else None)
 
 
 def b3_dz(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor], rstd: Optional[Tensor],
@@ -897,5 +801,5 @@ def tiles_of(tile: Tuple[int, ...]) -> BackwardTiles:
 
 
 register_tiles(BACKWARD_FAMILY, ("BLOCK_C", "BLOCK_P", "num_warps", "PW_BLOCK_P", "PW_WARPS", "PW_TILE_ELEMS"),
-               _gpu_tile, _search, [gma_bn_grad_kernel, gma_dz_kernel, gma_pw_backward_kernel,
+               _gpu_tile, _search, [gma_dz_kernel, gma_pw_backward_kernel,
                                     gma_dw_backward_kernel, gma_local_backward_kernel])

@@ -48,6 +48,14 @@ Kernels (per head h, d = C'/8 channels, N = H*W tokens; e = the stage tensors' e
   with (M, L), the rest being the 3xTF32 dots.)
   Cost: reads dA, Q, K, V, R (5 B C' N e) and KV, dKV, M, L (small), writes dQ, dK, dV, dR
   (4 B C' N e); 6 B C' d N flops of dots: d/6 flop per byte at fp32, HBM-bound.
+
+  **The BatchNorm/hardswish backward is fused in** (FUSE_BN, the Triton stage set: `plan_b2`'s
+  bn, `backward.Stages.b2_fused_bn`): dQ and dK are not written; G = dQ hardswish'(Zq a + b)
+  and G = dK hardswish'(Zk a + b) are (Z of q and k read, 2 B C' N e more), with this
+  program's per-channel partial sums sum G, sum G Z, sum G Zhat (`_bn_backward_tile`, stored at
+  once: the kernel runs near 255 registers). The CRPE kernel does the same for V once dV is
+  complete. Without it, B2 wrote dP (3 B C' N e) and a separate kernel read dP and Z and wrote
+  G (9 B C' N e); fused, B2 reads Z and writes G (6 B C' N e): 6 B C' N e less per call.
 * ``gma_b2_crpe_kernel``, grid ``(SPLITS, 8, B)``: the CRPE part of B2 (in a kernel, no
   PyTorch ops left), program (split, h, b) walking its token tiles with the head's window
   KS (3, 5, 7) in ONE tap loop per tile, since both gradients read the same halo tokens:
@@ -56,12 +64,13 @@ Kernels (per head h, d = C'/8 channels, N = H*W tokens; e = the stage tensors' e
   gradient sum_n dR, the two as per-program fp32 partials (B, SPLITS, C', 49) and
   (B, SPLITS, C') that the launcher sums (deterministic, no atomics; at batch 128 SPLITS = 1
   and the partials are 49 floats per channel and image, 6 % of the kernel's traffic at 14x14).
-  Cost: reads dR, V, dV once (halos from L1/L2; 3 B C' N e), writes dV (B C' N e) and the
+  Cost: reads dR, V, dV once (halos from L1/L2; 3 B C' N e), writes dV (B C' N e; fused:
+  G of v in its place, Z of v read, B C' N e, and the BatchNorm sums' partials) and the
   partials; per channel and token 4 flops per tap (a multiply-add for each
   gradient) and 30 taps on average (240 d taps over 8 d channels): 120 flops per 16 bytes,
   7.5 flop per byte, below the fp32 FMA ridge (about 20 on H100): HBM-bound.
 
-Tiles: `B1_TILES` / `B2_TILES` / `CRPE_BWD_TILES` by D_PAD, chosen by compiling (ptxas -v, the
+Tiles: `B1_TILES` / `B2_TILES` / `config.crpe_bwd_tiles` by D_PAD, chosen by compiling (ptxas -v, the
 JIT's specialisation of batch-128 fp32 calls) for sm_80 and sm_90: zero spills for every
 released width (C = 40 .. 480) at its 224x224 stage grid; not timed (no GPU where they were
 written; 200-250 registers at D_PAD = 32 on sm_80 limit occupancy, a GPU run is to weigh
@@ -77,10 +86,10 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedGMAWeights
-from ._common import DotVariant, crpe_group, dot_variant, interpreting, mm, stored
+from ._common import DotVariant, crpe_group, dot_variant, hardswish_grad, interpreting, mm, stored
 from .aggregation import split_plan
 from .backward import crpe_groups
-from .config import B1_TILES, B2_TILES, CRPE_BWD_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2
+from .config import B1_TILES, B2_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, crpe_bwd_tiles, dot_pad, next_pow2
 from .launcher import _alloc, device_guard, wrap_triton
 from .tile_spaces import register_tiles
 
@@ -120,16 +129,42 @@ def gma_b1_dkv_kernel(q, da, part, N, tiles_per_split, scale,
     tl.store(out + i[:, None] * D + i[None, :], acc * scale, mask=imask[:, None] & imask[None, :])
 
 
+@triton.jit
+def _bn_backward_tile(dp, z_ptr, m2, ch, cmask, bn_scale, bn_shift, mean, rstd, row, CP: tl.constexpr,
+                      BATCH_STATS: tl.constexpr):
+    """G = dp hardswish'(Z a + b) of a [BLOCK_P, D_PAD] tile (tokens x the channels ch; Z loaded at
+    z_ptr, widened), returned; its per-channel sums sum G, sum G Z, sum G Zhat (BATCH_STATS)
+    stored at row, row + CP, row + 2 CP (`backward.b2_bn_sums`)."""
+    a = tl.load(bn_scale + ch, mask=cmask, other=0.0)[None, :]
+    bb = tl.load(bn_shift + ch, mask=cmask, other=0.0)[None, :]
+    z = tl.load(z_ptr, mask=m2, other=0.0).to(tl.float32)
+    g = dp * hardswish_grad(z * a + bb)
+    tl.store(row + ch, tl.sum(g, axis=0), mask=cmask)
+    tl.store(row + CP + ch, tl.sum(g * z, axis=0), mask=cmask)
+    if BATCH_STATS:
+        mu = tl.load(mean + ch, mask=cmask, other=0.0)[None, :]
+        rs = tl.load(rstd + ch, mask=cmask, other=0.0)[None, :]
+        tl.store(row + 2 * CP + ch, tl.sum(g * ((z - mu) * rs), axis=0), mask=cmask)
+    return g
+
+
 @triton.jit(do_not_specialize=["N"])
-def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, dr, N, scale,
+def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, dr, zq, zk, bn_scale, bn_shift,
+                            mean, rstd, part_bn, N, scale,
                             sa_b, sa_h, sa_i, sa_n,
                             CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-                            DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+                            DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+                            FUSE_BN: tl.constexpr, BATCH_STATS: tl.constexpr):
     """dQ, dK, dV (attention part) and dR = dA * Q of one token tile and head.
 
     q, k, v, r and the outputs dq, dk, dv, dr are channels-first (B, C', N) contiguous
     (element (b, c, n) at (b C' + c) N + n); dA has its own strides; kv, dkv (B, 8, d, d) and
-    the softmax statistics k_max, k_sum (B, 8, d) contiguous fp32."""
+    the softmax statistics k_max, k_sum (B, 8, d) contiguous fp32.
+
+    FUSE_BN (the BatchNorm/hardswish backward fused in, `_bn_backward_tile`): dq, dk receive
+    G = dQ hardswish'(Zq a + b), G = dK hardswish'(Zk a + b) instead (zq, zk: Z of the q and k
+    images, laid out as q, k), and part_bn (B, T, 2, 3, C') fp32 rows (b, tile, q | k) this
+    program's per-channel sums over its tokens: sum G, sum G Z and (BATCH_STATS) sum G Zhat."""
     t = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -152,8 +187,11 @@ def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, d
     kvT = tl.load(kv + bh + tr, mask=mm2, other=0.0)
     dkvT = tl.load(dkv + bh + tr, mask=mm2, other=0.0)
     dkv_t = tl.load(dkv + bh + c[:, None] * D + c[None, :], mask=mm2, other=0.0)
-    dq_t = mm(da_t, kvT, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
-    tl.store(dq + base + tok, stored(scale * dq_t + da_t * r_t, dq, EMULATE_DOTS), mask=m2)
+    dq_t = scale * mm(da_t, kvT, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS) + da_t * r_t
+    if FUSE_BN:          # q's G and sums, stored at once (nothing of it kept alive: the kernel is near 255 registers)
+        dq_t = _bn_backward_tile(dq_t, zq + base + tok, m2, head * D + c, cmask, bn_scale, bn_shift, mean, rstd,
+                                 part_bn + ((b * tl.num_programs(0) + t) * 2) * (3 * CP), CP, BATCH_STATS)
+    tl.store(dq + base + tok, stored(dq_t, dq, EMULATE_DOTS), mask=m2)
     # softmax over tokens recomputed: Ks = exp(K - M) / L (K - M is exact near the maximum,
     # where Ks matters; exp(K - lse) would lose |K - lse| ulps to the rounding of lse)
     stat = (b * 8 + head) * D + c
@@ -166,13 +204,18 @@ def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, d
     v_t = tl.load(v + base + tok, mask=m2, other=0.0).to(tl.float32)
     dks = mm(v_t, dkvT, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
     cc = tl.sum(kvT * dkvT, axis=0)                                           # [i]: sum_k KV[i,k] dKV[i,k]
-    tl.store(dk + base + tok, stored(ks * (dks - cc[None, :]), dk, EMULATE_DOTS), mask=m2)
+    dk_t = ks * (dks - cc[None, :])
+    if FUSE_BN:
+        dk_t = _bn_backward_tile(dk_t, zk + base + tok, m2, head * D + c, cmask, bn_scale, bn_shift, mean, rstd,
+                                 part_bn + ((b * tl.num_programs(0) + t) * 2 + 1) * (3 * CP), CP, BATCH_STATS)
+    tl.store(dk + base + tok, stored(dk_t, dk, EMULATE_DOTS), mask=m2)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
-def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, H, W, tiles_per_split,
+def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, zv, bn_scale, bn_shift, mean, rstd,
+                       part_bn, N, H, W, tiles_per_split,
                        CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-                       EMULATE_STORES: tl.constexpr):
+                       EMULATE_STORES: tl.constexpr, FUSE_BN: tl.constexpr, BATCH_STATS: tl.constexpr):
     """CRPE backward of one head over a run of token tiles, one fused KS x KS tap loop per tile.
 
     For the offset o = (ky - R, kx - R) of tap (ky, kx), both gradients read the same halo
@@ -182,7 +225,9 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, 
       read-modify-write after its first tile, a barrier between tiles, no atomics);
     and part_b[b, split, c] = sum_n dR[n]. dr, v, dv channels-first (B, C', N) contiguous, in
     the stage dtype (widened on load; dv rounded on store as `stored` does: EMULATE_STORES
-    under the interpreter).
+    under the interpreter). FUSE_BN: dv receives, in place, G = dV hardswish'(Zv a + b) of the
+    complete dV (zv: Z of the v images, laid out as v), and part_bn (B, SPLITS, 3, C') fp32 row
+    (b, split) this program's sums over its tokens, as the attention kernel's (`gma_b2_attention_kernel`).
     The taps are runtime loops for the reasons given in `_common.depthwise_tile`."""
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -203,6 +248,15 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, 
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
     gb = tl.zeros([D_PAD], dtype=tl.float32)
+    if FUSE_BN:
+        ch = head * D + c
+        a = tl.load(bn_scale + ch, mask=cmask, other=0.0)[:, None]
+        bb = tl.load(bn_shift + ch, mask=cmask, other=0.0)[:, None]
+        mu = tl.load(mean + ch, mask=cmask, other=0.0)[:, None]
+        rs = tl.load(rstd + ch, mask=cmask, other=0.0)[:, None]
+        s_g = tl.zeros([D_PAD], dtype=tl.float32)
+        s_gz = tl.zeros([D_PAD], dtype=tl.float32)
+        s_gzh = tl.zeros([D_PAD], dtype=tl.float32)
     t = t0
     while t < t1:                                       # [D_PAD, BLOCK_P] tiles: channels x tokens
         n = t * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -233,12 +287,25 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, N, 
             ky += 1
         ptr = dv_h + own
         m2 = cmask[:, None] & pmask[None, :]
-        tl.store(ptr, stored(tl.load(ptr, mask=m2, other=0.0).to(tl.float32) + conv, ptr, EMULATE_STORES), mask=m2)
+        dv_t = tl.load(ptr, mask=m2, other=0.0).to(tl.float32) + conv
+        if FUSE_BN:
+            z_t = tl.load(zv + base + own, mask=m2, other=0.0).to(tl.float32)
+            dv_t = dv_t * hardswish_grad(z_t * a + bb)
+            s_g += tl.sum(dv_t, axis=1)
+            s_gz += tl.sum(dv_t * z_t, axis=1)
+            s_gzh += tl.sum(dv_t * ((z_t - mu) * rs), axis=1)
+        tl.store(ptr, stored(dv_t, ptr, EMULATE_STORES), mask=m2)
         # the next tile reads part_w back, possibly in other threads than those that wrote it
         # (the [D_PAD] layouts of the sums need not match the loads'): a CTA barrier orders them
         tl.debug_barrier()
         t += 1
     tl.store(part_b + prow, gb, mask=cmask)
+    if FUSE_BN:
+        row = part_bn + (b * SPLITS + split) * (3 * CP) + head * D + c
+        tl.store(row, s_g, mask=cmask)
+        tl.store(row + CP, s_gz, mask=cmask)
+        if BATCH_STATS:
+            tl.store(row + 2 * CP, s_gzh, mask=cmask)
 
 
 # ================================================================ launchers
@@ -302,12 +369,19 @@ def b1_dkv(Q: Tensor, dA: Tensor, scale: float, block: int = 0, dots: Optional[D
 
 def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
             dots: Optional[DotVariant] = None, block: int = 0,
-            tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None)
+            tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None),
+            bn: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None
             ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers and the two launches of B2 without launching (meta tensors work). tiles: (the
     attention kernel's, the CRPE kernel's) (tokens per tile, num_warps), each default `_tile`'s
     (the "triton.b2" / "triton.b2_crpe" tuning families' entries come through
     `train_op.triton_stages`).
+
+    bn: (mean, rstd) of the batch statistics, or (None, None) with running statistics: the
+    BatchNorm/hardswish backward fused into both kernels (their FUSE_BN; rc["Z"] read): "dP"
+    then holds G = dP hardswish'(Z bn_scale + bn_shift) (`backward.b2_bn_sums`' G), and
+    part_bn_attention (B, T, 2, 3, C') / part_bn_crpe (B, SPLITS, 3, C') fp32 the per-program
+    sums sum G, sum G Z, sum G Zhat (the last with batch statistics). None: dP itself.
 
     Buffers: dP (3B, C', H, W) (the result) and dR (B, C', N) in P's dtype (the stage dtype),
     k_max, k_sum (B, 8, d) fp32,
@@ -329,36 +403,59 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
            "k_max": k_max.float().contiguous(), "k_sum": k_sum.float().contiguous()}
     dP = buf["dP"]
     bp, warps = tiles[0] or _tile(B2_TILES, d, N, block)
-    args = (dA, Q, K, V, _channels_first(R), KV.float().contiguous(), dKV.float().contiguous(), buf["k_max"],
-            buf["k_sum"], dP[:B], dP[B:2 * B], dP[2 * B:], buf["dR"], N, float(scale), *dA.stride())
-    kwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bp, DOT_PRECISION=dots.precision,
-                  EMULATE_DOTS=dots.emulate, num_warps=warps)
-    attn = (gma_b2_attention_kernel, (triton.cdiv(N, bp), h, B), args, kwargs)
-    bc, cwarps = tiles[1] or _tile(CRPE_BWD_TILES, d, N, block)
+    bc, cwarps = tiles[1] or _tile(crpe_bwd_tiles(dots.precision), d, N, block)
     splits, tps = _split_plan(N, B, bc)
+    T = triton.cdiv(N, bp)
+    stats = bn is not None and bn[0] is not None
+    if bn is not None:
+        Z = rc["Z"]
+        if Z.dtype != P.dtype or tuple(Z.shape) != tuple(P.shape):
+            raise TypeError(f"Z: {Z.dtype} {tuple(Z.shape)}, expected P's {P.dtype} {tuple(P.shape)}")
+        zq, zk, zv = (_channels_first(Z[j * B:(j + 1) * B]) for j in range(3))
+        bn_t = [t.reshape(-1).float().contiguous() for t in (wts.bn_scale, wts.bn_shift)]
+        bn_t += [t.reshape(-1).float().contiguous() for t in bn] if stats else bn_t
+        buf["part_bn_attention"] = _alloc((B, T, 2, 3, cp), *f32)
+        buf["part_bn_crpe"] = _alloc((B, splits, 3, cp), *f32)
+    else:                  # unread (FUSE_BN off): any tensors of the right kinds
+        zq = zk = zv = Q
+        bn_t = [buf["k_max"]] * 4
+        buf["part_bn_attention"] = buf["part_bn_crpe"] = buf["k_max"]
+    args = (dA, Q, K, V, _channels_first(R), KV.float().contiguous(), dKV.float().contiguous(), buf["k_max"],
+            buf["k_sum"], dP[:B], dP[B:2 * B], dP[2 * B:], buf["dR"], zq, zk, *bn_t, buf["part_bn_attention"],
+            N, float(scale), *dA.stride())
+    kwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bp, DOT_PRECISION=dots.precision,
+                  EMULATE_DOTS=dots.emulate, FUSE_BN=bn is not None, BATCH_STATS=stats, num_warps=warps)
+    attn = (gma_b2_attention_kernel, (T, h, B), args, kwargs)
     buf["part_w"] = _alloc((B, splits, cp, 49), *f32)           # taps >= KS*KS of a head: never written
     buf["part_b"] = _alloc((B, splits, cp), *f32)
     crpe_w = [w.float().contiguous() for w in (wts.crpe_w3, wts.crpe_w5, wts.crpe_w7)]
-    cargs = (buf["dR"], V, dP[2 * B:], *crpe_w, buf["part_w"], buf["part_b"], N, H, W, tps)
-    ckwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bc, EMULATE_STORES=interpreting(), num_warps=cwarps)
+    cargs = (buf["dR"], V, dP[2 * B:], *crpe_w, buf["part_w"], buf["part_b"], zv, *bn_t, buf["part_bn_crpe"],
+             N, H, W, tps)
+    ckwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bc, EMULATE_STORES=interpreting(), FUSE_BN=bn is not None,
+                   BATCH_STATS=stats, num_warps=cwarps)
     crpe = (gma_b2_crpe_kernel, (splits, h, B), cargs, ckwargs)
     return buf, [attn, crpe]
 
 
 def b2_proxy_grads(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
                    block: int = 0, dots: Optional[DotVariant] = None,
-                   tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None)
-                   ) -> Tuple[Tensor, List[Tensor], Tensor]:
+                   tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None),
+                   bn: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None) -> tuple:
     """B2 as kernels: dP (3B, C', H, W) = [dQ; dK; dV] in P's dtype (the stage dtype), the CRPE weight gradients (3x3, 5x5,
     7x7) and the bias gradient, as `backward.b2_proxy_grads`. Reads rc["P"], rc["KV"], rc["R"]
     and the softmax statistics rc["k_max"], rc["k_sum"] (B, 8, d) when present (else computed from K;
-    rc["Ks"] is not read). dots: default dA's variant; tiles: `plan_b2`'s."""
-    buf, launches = plan_b2(dA, dKV, rc, wts, scale, dots, block=block, tiles=tiles)
+    rc["Ks"] is not read). dots: default dA's variant; tiles: `plan_b2`'s. bn (`plan_b2`): the
+    BatchNorm/hardswish backward fused in: (G, the CRPE gradients, (sum G, sum G Z, sum G Zhat or
+    None)), `backward.b2_bn_sums`' G and sums, instead of dP (`backward.Stages.b2_fused_bn`)."""
+    buf, launches = plan_b2(dA, dKV, rc, wts, scale, dots, block=block, tiles=tiles, bn=bn)
     _run(launches, dA)
     d = dA.shape[2]
     part_w = buf["part_w"].sum(dim=(0, 1))                                    # (C', 49)
     g_w = [part_w[a:b, :k * k].t().reshape(k, k, b - a) for (a, b), k in zip(crpe_groups(d), (3, 5, 7))]
-    return buf["dP"], g_w, buf["part_b"].sum(dim=(0, 1))
+    if bn is None:
+        return buf["dP"], g_w, buf["part_b"].sum(dim=(0, 1))
+    sums = buf["part_bn_attention"].sum(dim=(0, 1, 2)) + buf["part_bn_crpe"].sum(dim=(0, 1))      # (3, C')
+    return buf["dP"], g_w, buf["part_b"].sum(dim=(0, 1)), (sums[0], sums[1], sums[2] if bn[0] is not None else None)
 
 
 B1_FAMILY = "triton.b1"
@@ -378,5 +475,6 @@ register_tiles(B1_FAMILY, ("BLOCK_P", "num_warps"), _gpu_tile(B1_TILES), lambda 
                [gma_b1_dkv_kernel])
 register_tiles(B2_FAMILY, ("BLOCK_P", "num_warps"), _gpu_tile(B2_TILES), lambda C, p: TILE_SEARCH,
                [gma_b2_attention_kernel])
-register_tiles(CRPE_FAMILY, ("BLOCK_P", "num_warps"), _gpu_tile(CRPE_BWD_TILES), lambda C, p: TILE_SEARCH,
+register_tiles(CRPE_FAMILY, ("BLOCK_P", "num_warps"), lambda C, p: crpe_bwd_tiles(p)[dot_pad(C // 10)],
+               lambda C, p: TILE_SEARCH,
                [gma_b2_crpe_kernel])

@@ -266,15 +266,20 @@ class Stages(NamedTuple):
     gradients there themselves (returning None for them), instead of returning them for
     `qkv_from_streams` to assemble (a stack, a cat, a layout copy and a cast). ``grad_pre_as_is``:
     ``b1_dkv``, ``b2_proxy_grads`` and ``local_backward`` take their views of grad_pre (dA, dL) in
-    grad_pre's own dtype (fp16/bf16 loads widened in registers) instead of an fp32 copy of it."""
+    grad_pre's own dtype (fp16/bf16 loads widened in registers) instead of an fp32 copy of it.
+    ``b2_fused_bn``: ``b2_proxy_grads`` takes a keyword ``bn=(mean, rstd)`` (both None with
+    running statistics) and returns G and the BatchNorm sums itself, (G, g_crpe_w, g_crpe_b,
+    (sum_g, sum_gz, sum_gzh)) (`attention_backward.b2_proxy_grads`), and ``b2_bn_sums`` is not
+    called: dP is never written, nor read back."""
     b1_dkv: Callable
     b2_proxy_grads: Callable
-    b2_bn_sums: Callable   # (dP, rc, mean, rstd, wts)
+    b2_bn_sums: Optional[Callable]   # (dP, rc, mean, rstd, wts); None where b2_fused_bn
     b3: Callable           # (G, rc, wts, mean, rstd, sum_g, sum_gzh, count) -> (du, g_dw, g_pw)
     local_backward: Callable
     recompute: Callable = recompute     # (qkv, H, W, wts, ln_eps) -> the dict the stages read
     into_d_qkv: bool = False
     grad_pre_as_is: bool = False
+    b2_fused_bn: bool = False
 
 
 def _b3_torch(G, rc, wts, mean, rstd, sum_g, sum_gzh, count):
@@ -311,8 +316,12 @@ def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: 
     Q = rc["P"][:B].reshape(B, 8, d, N)
 
     dKV = stages.b1_dkv(Q, dA, scale)
-    dP, g_crpe_w, g_crpe_b = stages.b2_proxy_grads(dA, dKV, rc, wts, scale)
-    G, sum_g, sum_gz, sum_gzh = stages.b2_bn_sums(dP, rc, mean, rstd, wts)
+    if stages.b2_fused_bn:
+        G, g_crpe_w, g_crpe_b, (sum_g, sum_gz, sum_gzh) = stages.b2_proxy_grads(dA, dKV, rc, wts, scale,
+                                                                                bn=(mean, rstd))
+    else:
+        dP, g_crpe_w, g_crpe_b = stages.b2_proxy_grads(dA, dKV, rc, wts, scale)
+        G, sum_g, sum_gz, sum_gzh = stages.b2_bn_sums(dP, rc, mean, rstd, wts)
     sg, sgzh = sum_g, sum_gzh
     if mean is not None:
         if count is None:

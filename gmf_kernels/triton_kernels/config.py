@@ -96,9 +96,9 @@ def stage_dtype(dtype):
     """The dtype of the Triton backward's stage tensors (Z, P, y, R, dR, dP, G, dZ, dy, w4, xh4,
     dw4: written by one kernel, read by the next) for a layer whose input qkv has this dtype:
     the input's own for fp16/bf16, as eager AMP keeps its activations (half the bytes of fp32:
-    the backward moves about 5.9 GB with fp32 stage tensors and 3.4 GB with bf16 ones at
-    GroupMixFormer-S's first stage, batch 128, by the cost models of costs.py), float32 for
-    fp32 layers. Every kernel computes and accumulates in fp32 registers, widening on load and
+    by the cost models of costs.py, the backward kernels of a bf16 layer at GroupMixFormer-S's
+    first stage, batch 128, moved about 5.9 GB with fp32 stage tensors and 3.4 GB with bf16 ones;
+    docs/architecture.md has the current figures), float32 for fp32 layers. Every kernel computes and accumulates in fp32 registers, widening on load and
     rounding once on store (`_common.stored`); the small tensors (softmax statistics, KV, dKV,
     rstd4, the per-program partial sums, the weight gradients) stay float32."""
     import torch
@@ -227,6 +227,18 @@ ATTN_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int]]] = {"ieee": {16: (32, 4
 B1_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (64, 4), 64: (32, 4)}
 B2_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (64, 4), 64: (32, 8)}
 CRPE_BWD_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (32, 4), 64: (16, 4)}
+#: The CRPE backward's tiles where they differ by GPU generation, keyed by the layer's dot
+#: precision as its stand-in (the kernel itself has no dots: "ieee" is sm_70/75, "tf32" and
+#: "tf32x3" sm_80+). With the BatchNorm backward fused in (2026-12-02) ptxas spilled 8-12 B at
+#: D_PAD 16 with (64, 4) on sm_80 (C = 40, batch statistics; (32, 4) 8 B at C = 80, (32, 8)
+#: 4-12 B); (64, 8) none at C = 40, 80, 160 on sm_80 and sm_90, but 32-48 B on sm_70/75, where
+#: (64, 4) compiles clean.
+CRPE_BWD_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int]]] = {"tf32": {16: (64, 8)}, "tf32x3": {16: (64, 8)}}
+
+
+def crpe_bwd_tiles(precision: str) -> Dict[int, Tuple[int, int]]:
+    """The CRPE backward's tiles by D_PAD for layers whose dots have this precision."""
+    return {**CRPE_BWD_TILES, **CRPE_BWD_TILES_BY_DOTS.get(precision, {})}
 
 
 #: Widest padded segment width s (S_PAD) whose layers run the Triton backward kernels, by the

@@ -52,7 +52,7 @@ BACKWARD_KERNELS = ("gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe
 #: recompute.py; the layer dtype's dots) of one training call
 RECOMPUTE_KERNELS = ("gma_statistics_kernel", "gma_recompute_z_kernel", "gma_recompute_attention_kernel",
                      "gma_recompute_local_kernel")
-AGG_BACKWARD_KERNELS = ("gma_bn_grad_kernel", "gma_dz_kernel", "gma_pw_backward_kernel", "gma_dw_backward_kernel",
+AGG_BACKWARD_KERNELS = ("gma_dz_kernel", "gma_pw_backward_kernel", "gma_dw_backward_kernel",
                         "gma_local_backward_kernel")
 ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 #: multiply-adds per channel of one token of the CRPE stencils, per head width d:
@@ -282,16 +282,19 @@ def _b1_dkv(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
 def _b2_attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
     """gma_b2_attention_kernel, grid (ceil(N / BLOCK_P), 8, B): dA and Q, K, V, R (stage tensors)
     read once (B N C' 5e), KV, dKV and the softmax statistics (M, L) read (B C' (2 d + 2) x 4),
-    dQ, dK, dV and dR written (4 B N C' e). tc: dA KV^T, Ks dKV, V dKV^T: 3 C' d MACs per token (padded:
+    G of q and k (the BatchNorm backward fused in: Z of q and k read, 2 B N C' e), dV and dR
+    written (4 B N C' e), the BatchNorm sums' partials (B T 2 x 3 C' x 4; BatchNorm affine and
+    statistics 4 C' x 4) tc: dA KV^T, Ks dKV, V dKV^T: 3 C' d MACs per token (padded:
     three [BLOCK_P, D_PAD] x [D_PAD, D_PAD] per program). Element-wise work not counted."""
     from .config import B2_TILES
     N = H * W
     e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
     bp, warps, _, _ = _backward_plan(N, B, B2_TILES, sh, False)
-    detail = {"act_read": B * N * cp * 5 * e, "kv_dkv_stats_read": B * cp * (2 * d + 2) * 4,
-              "grads_write": 4 * B * N * cp * e}
     tiles = -(-N // bp)
+    detail = {"act_read": B * N * cp * 5 * e, "kv_dkv_stats_read": B * cp * (2 * d + 2) * 4,
+              "z_read": 2 * B * N * cp * e, "grads_write": 4 * B * N * cp * e,
+              "bn_partials_write": B * tiles * 2 * 3 * cp * 4, "bn_read": 4 * cp * 4}
     tc, tcp, fma, tp = _tc(prec, 3 * 2 * B * N * cp * d, 3 * 2 * B * 8 * tiles * bp * sh.D_PAD * sh.D_PAD)
     return Cost(bytes=sum(detail.values()), tc_flops=tc, cuda_flops=fma, grid=(tiles, 8, B), tc_precision=tp,
                 tc_flops_padded=tcp, block=32 * warps, detail=detail)
@@ -299,17 +302,19 @@ def _b2_attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> C
 
 def _b2_crpe(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
     """gma_b2_crpe_kernel, grid (SPLITS, 8, B): dR and V (stage tensors, e) read once (halos from
-    cache), dV read and written (e), the per-program partials written (B SPLITS C' (49 + 1) x 4), the
+    cache), dV read and G of v written in its place (e; the BatchNorm backward fused in: Z of v
+    read, e, and the sums' partials B SPLITS 3 C' x 4 written), the per-program partials written (B SPLITS C' (49 + 1) x 4), the
     CRPE weights read. cuda: a multiply-add per tap for the input and one for the weight gradient,
     2 x 240 d MACs per token (`CRPE_TAPS_PER_D`); no tensor-core work."""
-    from .config import CRPE_BWD_TILES
+    from .config import crpe_bwd_tiles
     N = H * W
     e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
-    bp, warps, splits, _ = _backward_plan(N, B, CRPE_BWD_TILES, sh, True)
+    bp, warps, splits, _ = _backward_plan(N, B, crpe_bwd_tiles(prec), sh, True)
     wb = _weights_bytes(sh.C)
     detail = {"dr_v_read": B * N * cp * 2 * e, "dv_read_write": 2 * B * N * cp * e,
-              "partials_write": B * splits * cp * 50 * 4,
+              "partials_write": B * splits * cp * 50 * 4, "z_read": B * N * cp * e,
+              "bn_partials_write": B * splits * 3 * cp * 4, "bn_read": 4 * cp * 4,
               "weights": sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7")), "splits": splits}
     nbytes = sum(v for k, v in detail.items() if k != "splits")
     return Cost(bytes=nbytes, tc_flops=0, cuda_flops=2 * 2 * B * N * CRPE_TAPS_PER_D * d, grid=(splits, 8, B),
@@ -319,13 +324,12 @@ def _b2_crpe(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
 @functools.lru_cache(maxsize=256)
 def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: str) -> Dict[str, Cost]:
     """Cost of each aggregation-backward kernel in one training call (`AGG_BACKWARD_KERNELS`),
-    grids from the launchers' own plans on meta tensors (what `b2_bn_sums`, `b3_fused` and
+    grids from the launchers' own plans on meta tensors (what `b3_fused` and
     `local_backward` plan) with the GPU tiles (`aggregation_backward.gpu_backward_tiles`).
 
     bytes (compulsory, per launch, summed): the stage tensors, qkv and d_qkv elements e B each (the
     stage tensors are in the layer's dtype, `config.stage_dtype`); the per-program partials (weight
     gradients, BatchNorm sums, fp32) written once; the weights read once.
-      bn_grad      dP, Z read, G written: 3e per element of (3B, 4s, N)
       dz           G, Z read, dZ written (segment 0: into d_qkv; unfused B3: all 4s)
       pw_backward  per pixel of 3B images and segment 1..3: G and Z (fused; 2e) or dZ (e), y (e)
                    read, dy (e) written
@@ -347,12 +351,11 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
     tdt = torch_dtype(dt)
     wts = meta_weights(C)
     sd = dict(device="meta", dtype=stage_dtype(tdt))       # the stage tensors
-    Z, dP = torch.empty(3 * B, cp, H, W, **sd), torch.empty(3 * B, cp, H, W, **sd)
+    Z, G = torch.empty(3 * B, cp, H, W, **sd), torch.empty(3 * B, cp, H, W, **sd)     # G: from B2
     qkv, d_qkv = torch.empty(B, N, 3 * C, device="meta", dtype=tdt), torch.empty(B, N, 3 * C, device="meta", dtype=tdt)
     y = list(torch.empty(3, 3 * B, s, H, W, **sd).unbind(0))
     rc = {"Z": Z, "y": y, "qkv": qkv, "xh4": torch.empty(B, s, H, W, **sd), "rstd4": torch.empty(B, 1, H, W, **f32),
           "w4": torch.empty(B, 3 * s, H, W, **sd)}
-    stats = torch.empty(4, s, **f32)
     dots = DotVariant(prec, False)
     coefs = torch.empty(3, cp, **f32)
     launches: List[Tuple[str, object, Dict[str, int]]] = []     # (kernel, grid, bytes / flops of the launch)
@@ -364,10 +367,6 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
         return buf, ls
 
     t = agb.gpu_backward_tiles(s_pad)                            # the GPU's, under the interpreter too
-    buf, _ = add(agb.plan_bn_sums(dP, Z, wts.bn_scale, wts.bn_shift, stats, stats, tiles=t),
-                 bytes=3 * e * M3 * cp + 4 * cp * 4)
-    launches[-1][2]["bytes"] += buf["part"].numel() * 4
-    G = buf["G"]
     fused = agb.fused_b3(s_pad)
     add(agb.plan_dz(G, Z, coefs, True, 0, s, agb.qkv_layout(d_qkv, 0), t), bytes=3 * e * M3 * s + 3 * cp * 4)
     if fused:

@@ -59,7 +59,7 @@ IMAGE = 224
 BATCHES = (128, 1)
 KERNEL_ORDER = {"gma_aggregate_kernel": 0, "gma_attention_kernel": 1, "gma_combine_kernel": 2,
                 "gma_b1_dkv_kernel": 3, "gma_b2_attention_kernel": 4, "gma_b2_crpe_kernel": 5,
-                "gma_bn_grad_kernel": 6, "gma_dz_kernel": 7, "gma_pw_backward_kernel": 8,
+                "gma_dz_kernel": 7, "gma_pw_backward_kernel": 8,
                 "gma_dw_backward_kernel": 9, "gma_local_backward_kernel": 10, "gma_statistics_kernel": 11,
                 "gma_recompute_z_kernel": 12, "gma_recompute_attention_kernel": 13,
                 "gma_recompute_local_kernel": 14}
@@ -249,13 +249,17 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     P = torch.empty(3 * B, cp, H, W, **st)
     # dA: the view of grad_pre (the layer's output gradient, in the input's dtype: Stages.grad_pre_as_is)
     dA = torch.empty(B, N, C, device="meta", dtype=dt)[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
-    rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, H, W, **st)}
+    rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, H, W, **st),
+          "Z": torch.empty_like(P)}
     weights = meta_weights(C)
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)
-    _, b1 = plan_b1(P[:B].reshape(B, 8, d, N), dA, d ** -0.5, dots=dots, tile=t.get(B1_FAMILY))
-    _, b2 = plan_b2(dA, torch.empty(B, 8, d, d, **meta), rc, weights, d ** -0.5, dots=dots,
-                    tiles=(t.get(B2_FAMILY), t.get(CRPE_FAMILY)))
-    launches = b1 + b2
+    _, launches = plan_b1(P[:B].reshape(B, 8, d, N), dA, d ** -0.5, dots=dots, tile=t.get(B1_FAMILY))
+    stats4 = torch.empty(4, s, **meta)
+    # B2 with the BatchNorm backward fused in (batch statistics, and running statistics), as
+    # `train_op.triton_stages` runs it
+    for bn in ((stats4, stats4), (None, None)):
+        launches += plan_b2(dA, torch.empty(B, 8, d, d, **meta), rc, weights, d ** -0.5, dots=dots,
+                            tiles=(t.get(B2_FAMILY), t.get(CRPE_FAMILY)), bn=bn)[1]
     if aggregation:
         rc = bw.recompute(torch.empty(B, N, 3 * C, **meta), H, W, weights, 1e-5)   # the real layouts of Z, u, y
         rc = {k: [t.to(st["dtype"]) for t in v] if isinstance(v, list) else

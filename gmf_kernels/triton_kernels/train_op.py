@@ -120,8 +120,8 @@ def triton_stages(s: int, dots: DotVariant, tiles: Optional[TrainTiles] = None) 
     (`statistics.backward_dots` of the layer's qkv: the forward's, one TF32 pass for fp16/bf16
     on sm_80+), bound into every stage that runs dots: Triton kernels where
     `config.backward_kernels_take` (the stage tensors in the layer's dtype, `config.stage_dtype`): B1 and B2
-    (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight gradients), the
-    BatchNorm/hardswish gradient sums, B3 (dZ fused into the pointwise kernel, or written first
+    (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight gradients, with the
+    BatchNorm/hardswish backward fused in: G and its sums, `Stages.b2_fused_bn`), B3 (dZ fused into the pointwise kernel, or written first
     at S_PAD 128) and the depthwise stencils, and the local branch
     (aggregation_backward.py), and the recompute of what they read (recompute.py: Z, P, u, y by
     statistics.py's `gma_recompute_z_kernel`, the softmax statistics, KV and the CRPE, the local
@@ -137,10 +137,10 @@ def triton_stages(s: int, dots: DotVariant, tiles: Optional[TrainTiles] = None) 
         return functools.partial(stage, dots=dots, **kw)
     return Stages(b1_dkv=bind(ab.b1_dkv, tile=tiles.b1), b2_proxy_grads=bind(ab.b2_proxy_grads,
                                                                               tiles=(tiles.b2, tiles.b2_crpe)),
-                  b2_bn_sums=functools.partial(agb.b2_bn_sums, tiles=tiles.backward),
+                  b2_bn_sums=None,
                   b3=bind(agb.b3_fused, tiles=tiles.backward), local_backward=bind(agb.local_backward,
                                                                                    tiles=tiles.backward),
-                  recompute=rcp.recompute, into_d_qkv=True, grad_pre_as_is=True)
+                  recompute=rcp.recompute, into_d_qkv=True, grad_pre_as_is=True, b2_fused_bn=True)
 
 
 def triton_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
