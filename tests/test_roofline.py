@@ -202,7 +202,7 @@ def test_roofline_main_resources_and_measured(tmp_path, capsys):
 
 @pytest.mark.parametrize("dtype,e,prec", [("fp32", 4, "tf32x3"), ("bf16", 2, "tf32")])
 def test_attention_backward_costs_by_hand(dtype, e, prec):
-    """The training kernels' cost models as the Triton stage set runs them: Q, K, V, R and the
+    """The training kernels' cost models as the Triton stage set runs them: Z, V, R and the
     gradients stage tensors in the layer's dtype (`config.stage_dtype`), dA too, the dots the
     layer dtype's."""
     from gmf_kernels.triton_kernels.attention_backward import _split_plan
@@ -211,11 +211,11 @@ def test_attention_backward_costs_by_hand(dtype, e, prec):
     N, cp, d = H * W, 64, 8
     splits_b1 = _split_plan(N, B, B1_TILES[16][0])[0]
     b1 = triton_costs.cost("b1_dkv", B, H, W, C, dtype)
-    assert b1.bytes == B * N * cp * 2 * e + B * 8 * splits_b1 * d * d * 4
+    assert b1.bytes == B * N * cp * 2 * e + 2 * cp * 4 + B * 8 * splits_b1 * d * d * 4      # Zq, dA, BatchNorm affine
     assert (b1.tc_flops, b1.tc_precision, b1.grid) == (2 * B * N * cp * d, prec, (splits_b1, 8, B))
     b2 = triton_costs.cost("b2_attention", B, H, W, C, dtype)
     tiles = -(-N // B2_TILES[16][0])
-    assert b2.bytes == (B * N * cp * 5 * e + B * cp * (2 * d + 2) * 4 + 4 * B * N * cp * e
+    assert b2.bytes == (B * N * cp * 3 * e + B * cp * (2 * d + 2) * 4 + 4 * B * N * cp * e     # dA, V, R; Q, K from Z
                         + 2 * B * N * cp * e + B * tiles * 2 * 3 * cp * 4 + 4 * cp * 4)    # + the fused BatchNorm
     assert b2.tc_flops == 3 * 2 * B * N * cp * d and b2.tc_precision == prec
     crpe = triton_costs.cost("b2_crpe", B, H, W, C, dtype)
@@ -273,11 +273,11 @@ def test_statistics_and_recompute_costs_by_hand(dtype, e):
     assert (st.tc_flops, st.cuda_flops) == (18 * T * s * s, 2 * 3 * T * 83 * s)
     rz = r["gma_recompute_z_kernel"]
     assert rz.tc_precision == ("tf32x3" if dtype == "fp32" else "tf32")
-    assert rz.bytes == 12 * T * s * e + 3 * T * (4 * s * e * 2 + 3 * s * e) + proxy_w + 2 * 4 * s * 4
+    assert rz.bytes == 12 * T * s * e + 3 * T * (4 * s * e + 3 * s * e) + T * 4 * s * e + proxy_w + 2 * 4 * s * 4  # Z, y; P of v
     ra = r["gma_recompute_attention_kernel"]
     splits = ra.grid[0]
     assert ra.grid == (splits, 8, B)
-    assert ra.bytes == 3 * T * cp * e + B * splits * cp * (d + 2) * 4 + (240 * d + cp) * 4
+    assert ra.bytes == 3 * T * cp * e + B * splits * cp * (d + 2) * 4 + (240 * d + cp + 2 * cp) * 4
     assert (ra.tc_flops, ra.cuda_flops) == (2 * T * cp * d, 2 * T * 240 * d)
     rl = r["gma_recompute_local_kernel"]
     assert rl.bytes == T * (7 * s * e + 4) + (27 * s + 3 * s * s) * 4

@@ -4,9 +4,10 @@ dK / dV with the CRPE input, weight and bias gradients) against the PyTorch stag
 
 Numerics (Triton interpreter on CPU, the GPU's dot rounding emulated: `_common.mm`; compiled
 on a GPU): each stage alone, on fp32 inputs from the fp32 recompute of a random layer, the
-layouts `pre_projection_backward` passes (dA a token-major view of grad_pre, Q/K/V/R
-channels-first slices). The oracle is the float64 stage function on those same fp32 values
-(Ks = float64 softmax of the fp32 K), so an error is the stage's own arithmetic, not its
+layouts `pre_projection_backward` passes (dA a token-major view of grad_pre, Z/V/R
+channels-first slices; the kernels compute Q and K from Z). The oracle is the float64 stage
+function on those same fp32 values (Q and K = float64 hardswish of the fp32 Z's BatchNorm
+affine, Ks = their float64 softmax), so an error is the stage's own arithmetic, not its
 inputs' rounding. Rule: error <= 2 x the error of the fp32 PyTorch stage function (measured
 here) + ROUNDING_FLOOR. The floor is needed: both errors are a few fp32 ulps (1e-7 .. 6e-7 of
 max |x| measured), and their ratio between two correct summation orders ranged 0.3 .. 4.0
@@ -61,16 +62,33 @@ def stage_inputs(C, H, W, B, seed=0):
     qkv = torch.randn(B, N, 3 * C, generator=gen).to(DEVICE)
     grad_pre = torch.randn(B, N, C, generator=gen).to(DEVICE)
     rc32 = bw.recompute(qkv, H, W, w32, hp.ln_eps)
-    rc64 = {k: rc32[k].double() for k in ("P", "KV", "R")}
-    rc64["Ks"] = torch.softmax(rc64["P"][B:2 * B].reshape(B, 8, d, N), dim=-1)
+    w64 = type(w32)(*[t.double() for t in w32])
+    rc64 = exact_inputs(rc32, w64, B)
 
     def views(g, P):   # as pre_projection_backward takes them
         return g[..., :8 * d].transpose(1, 2).reshape(B, 8, d, N), P[:B].reshape(B, 8, d, N)
 
     dA32, Q32 = views(grad_pre, rc32["P"])
     dA64, Q64 = views(grad_pre.double(), rc64["P"])
-    return dict(scale=hp.scale, w32=w32, w64=type(w32)(*[t.double() for t in w32]), rc32=rc32, rc64=rc64,
-                dA32=dA32, Q32=Q32, dA64=dA64, Q64=Q64)
+    return dict(scale=hp.scale, w32=w32, w64=w64, rc32=rc32, rc64=rc64, dA32=dA32, Q32=Q32, Zq32=views(grad_pre, rc32["Z"])[1],
+                dA64=dA64, Q64=Q64)
+
+
+def proxies(Z, V, w, B):
+    """P (3B, C', H, W) as the kernels take it, in Z's dtype: q's and k's proxies hardswish(Z a + b)
+    of Z's first 2B images (computed in that dtype), then V itself."""
+    a, b = (t.reshape(-1)[:, None, None].to(Z.dtype) for t in (w.bn_scale, w.bn_shift))
+    return torch.cat([torch.nn.functional.hardswish(Z[:2 * B] * a + b), V.to(Z.dtype)])
+
+
+def exact_inputs(rc, w64, B):
+    """rc's Z, V, KV, R (any dtype) in float64, with the proxies P and Ks the stages read computed
+    from them in float64 (w64: the weights in float64)."""
+    out = {k: rc[k].double() for k in ("Z", "V", "KV", "R")}
+    out["P"] = proxies(out["Z"], out["V"], w64, B)
+    N = out["Z"].shape[-1] * out["Z"].shape[-2]
+    out["Ks"] = torch.softmax(out["P"][B:2 * B].reshape(B, 8, -1, N), dim=-1)
+    return out
 
 
 def b2_outputs(res, B):
@@ -83,7 +101,7 @@ def check_stages(x, B, block=0):
     """B1, then B2 fed the oracle's dKV rounded to fp32 (each stage checked alone)."""
     s = x["scale"]
     oracle = bw.b1_dkv(x["Q64"], x["dA64"], s)
-    got = ab.b1_dkv(x["Q32"], x["dA32"], s, block=block)
+    got = ab.b1_dkv(x["Zq32"], x["dA32"], s, x["w32"].bn_scale, x["w32"].bn_shift, block=block)
     assert got.dtype == torch.float32
     assert_within_reference_error(got, bw.b1_dkv(x["Q32"], x["dA32"], s), oracle, floor=ROUNDING_FLOOR,
                                   name="B1 dKV")
@@ -157,22 +175,27 @@ def test_b2_fused_batchnorm_split_runs(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_b1_low_precision_inputs(dtype):
-    """fp16 / bf16 Q, dA (the kernels load fp32, fp16 or bf16 and accumulate in fp32): dKV within
-    the fp32 rule of those rounded values (oracle: the same values in float64). Their products are
-    exact in TF32 (10 explicit mantissa bits hold fp16's and bf16's), so nothing is rounded below fp32."""
+    """fp16 / bf16 Zq, dA (the kernels load fp32, fp16 or bf16 and accumulate in fp32; Q =
+    hardswish(Zq a + b) in fp32, then the dtype's dots: one TF32 pass): dKV within 2x the error
+    of the PyTorch stage at that dtype (Q computed in it, then an fp32 product) + the floor;
+    oracle: the same Zq, dA in float64."""
     x = stage_inputs(40, 5, 7, 1, seed=1)
-    s = x["scale"]
-    Q, dA = x["Q32"].to(dtype), x["dA32"].to(dtype)
-    oracle = bw.b1_dkv(Q.double(), dA.double(), s)
-    got = ab.b1_dkv(Q, dA, s)
+    s, w32, w64 = x["scale"], x["w32"], x["w64"]
+    Zq, dA = x["Zq32"].to(dtype), x["dA32"].to(dtype)
+
+    def q_of(zq, w):     # Q (B, 8, d, N) computed in zq's dtype
+        a, b = (t.reshape(1, 8, -1, 1).to(zq.dtype) for t in (w.bn_scale, w.bn_shift))
+        return torch.nn.functional.hardswish(zq * a + b)
+    oracle = bw.b1_dkv(q_of(Zq.double(), w64), dA.double(), s)
+    got = ab.b1_dkv(Zq, dA, s, w32.bn_scale, w32.bn_shift)
     assert got.dtype == torch.float32
-    assert_within_reference_error(got, bw.b1_dkv(Q.float(), dA.float(), s), oracle, floor=ROUNDING_FLOOR,
+    assert_within_reference_error(got, bw.b1_dkv(q_of(Zq, w32).float(), dA.float(), s), oracle, floor=ROUNDING_FLOOR,
                                   name=f"B1 dKV from {dtype}")
 
 
 def test_b2_float16_inputs():
-    """fp16 dA, P, KV, R (bf16 loads take the same `.to(tl.float32)` path): dP = [dQ; dK; dV] in
-    P's dtype, the CRPE weight gradients fp32, every output within 2x the error of the PyTorch stage function at float16 (its dots' fp32 operands KV, dKV,
+    """fp16 dA, Z, V, KV, R (bf16 loads take the same `.to(tl.float32)` path): dP = [dQ; dK; dV] in
+    the stage dtype (Z's), the CRPE weight gradients fp32, every output within 2x the error of the PyTorch stage function at float16 (its dots' fp32 operands KV, dKV,
     Ks go through one TF32 pass for these inputs, `config.ARCH_DOTS`). Measured over 5 seeds: dK and
     dV 0.25-1.2x the reference's error (TF32 operands, 2^-11, about fp16's rounding), the rest 1000x below."""
     B, dtype = 1, torch.float16
@@ -180,13 +203,13 @@ def test_b2_float16_inputs():
     s = x["scale"]
     dA = x["dA32"].to(dtype)
     dKV = bw.b1_dkv(x["Q64"], x["dA64"], s)
-    rc = {k: x["rc32"][k].to(dtype) for k in ("P", "KV", "R")}
-    rc64 = {k: t.double() for k, t in rc.items()}
-    rc64["Ks"] = torch.softmax(rc64["P"][B:2 * B].reshape(dKV.shape[:3] + (-1,)), dim=-1)
-    rc["Ks"] = rc64["Ks"].to(dtype)
+    rc = {k: x["rc32"][k].to(dtype) for k in ("Z", "V", "KV", "R")}
+    rc64 = exact_inputs(rc, x["w64"], B)
+    w16 = type(x["w64"])(*[w.to(dtype) for w in x["w64"]])
+    rc["P"] = proxies(rc["Z"], rc["V"], w16, B)                    # the fp16 reference's own proxies and Ks
+    rc["Ks"] = torch.softmax(rc["P"][B:2 * B].float().reshape(dKV.shape[:3] + (-1,)), dim=-1).to(dtype)
     exp = b2_outputs(bw.b2_proxy_grads(dA.double(), dKV, rc64, x["w64"], s), B)
-    ref = b2_outputs(bw.b2_proxy_grads(dA, dKV.to(dtype), rc, type(x["w64"])(*[w.to(dtype) for w in x["w64"]]),
-                                       s), B)
+    ref = b2_outputs(bw.b2_proxy_grads(dA, dKV.to(dtype), rc, w16, s), B)
     got = b2_outputs(ab.b2_proxy_grads(dA, dKV.float(), rc, x["w32"], s), B)
     for name, g, r, e in zip(B2_OUTPUTS, got, ref, exp):
         # dP in P's dtype (the stage dtype, `config.stage_dtype`), the CRPE weight gradients fp32

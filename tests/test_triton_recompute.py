@@ -2,7 +2,7 @@
 interpreter on CPU.
 
 Checked against `backward.recompute` (the PyTorch stage set's, the oracle) in float64, every
-tensor the Triton stages read -- Z, P, y, KV, the softmax statistics k_max / k_sum (the
+tensor the Triton stages read -- Z, V (the v images' proxies), y, KV, the softmax statistics k_max / k_sum (the
 oracle's from its own K), R, w4, xh4, rstd4 -- under the low-precision rule: error <= 2 x the
 error of the float32 PyTorch recompute on the same input at the kernels' dot precision + FLOOR
 (1e-7, about fp32's unit roundoff: both sides measured at 1e-8 .. 4e-7 with fp32 dots). The
@@ -76,7 +76,7 @@ def check(qkv, H, W, C, seed=0):
         if sd != F32:
             r32 = at_stage_precision(r32, w32, B, sd)
     r64 = with_softmax_stats(bw.recompute(qkv.double(), H, W, w64, eps), B)
-    assert set(got) == {"Z", "P", "y", "KV", "k_max", "k_sum", "R", "w4", "xh4", "rstd4"}
+    assert set(got) == {"Z", "V", "y", "KV", "k_max", "k_sum", "R", "w4", "xh4", "rstd4"}
     for k, v in got.items():
         if isinstance(v, list):
             assert len(v) == len(r64[k])
@@ -95,13 +95,15 @@ SMALL = ("KV", "k_max", "k_sum", "rstd4")
 
 
 def at_stage_precision(r32, w32, B, sd):
-    """The float32 PyTorch recompute as the kernels round it: the stage tensors (Z, P, y, w4, xh4)
-    rounded to sd once, and what the kernels compute from the rounded P (the softmax statistics,
-    KV, and R, itself rounded) recomputed from it in fp32: the reference at that precision."""
-    out = {k: ([t.to(sd) for t in v] if isinstance(v, list) else v.to(sd)) if k in ("Z", "P", "y", "w4", "xh4")
+    """The float32 PyTorch recompute as the kernels round it: the stage tensors (Z, V, y, w4, xh4)
+    rounded to sd once, and what the kernels compute from the rounded Z and V (K = hardswish of
+    the rounded Z's BatchNorm affine in fp32, the softmax statistics, KV, and R, itself rounded)
+    recomputed from them in fp32: the reference at that precision."""
+    out = {k: ([t.to(sd) for t in v] if isinstance(v, list) else v.to(sd)) if k in ("Z", "V", "y", "w4", "xh4")
            else v for k, v in r32.items()}
-    P = out["P"].float()
-    K, V = P[B:2 * B], P[2 * B:]
+    a, b = (t.reshape(-1)[:, None, None] for t in (w32.bn_scale, w32.bn_shift))
+    K = torch.nn.functional.hardswish(out["Z"][B:2 * B].float() * a + b)
+    V = out["V"].float()
     d = K.shape[1] // NUM_HEADS
     Kh, Vh = K.reshape(B, NUM_HEADS, d, -1), V.reshape(B, NUM_HEADS, d, -1)
     out["KV"] = bw.token_mix(torch.softmax(Kh, dim=-1), Vh)
@@ -134,8 +136,8 @@ def test_recompute_small_tiles_several_splits(monkeypatch):
     C, H, W, B = 200, 9, 9, 1
     qkv = torch.randn(B, H * W, 3 * C)
     w = random_folded_weights(C, F32)
-    P = torch.empty(3 * B, 4 * C // 5, H, W)
-    _, (_, grid, _, kwargs) = rcp.plan_recompute_attention(P, H, W, w)
+    Z = torch.empty(3 * B, 4 * C // 5, H, W)
+    _, (_, grid, _, kwargs) = rcp.plan_recompute_attention(Z, Z[2 * B:], H, W, w)
     _, (_, lgrid, largs, lkw) = rcp.plan_recompute_local(qkv, H, W, w, 1e-5)
     assert grid == (3, NUM_HEADS, B) and kwargs["BLOCK_P"] == 16
     assert lgrid == (6, B) and largs[12] == 1 and largs[9] == 3 and lkw["CK"] == 16
@@ -176,7 +178,7 @@ def test_triton_stages_take_the_recompute_kernels():
 
 def test_training_step_runs_the_recompute_kernels_once(monkeypatch):
     """A float32 Triton training step (tests/training_cases.py: output, every gradient, running
-    statistics against the float64 reference) runs the three recompute launches (Z, P, y; the
+    statistics against the float64 reference) runs the three recompute launches (Z, V, y; the
     softmax statistics, KV and CRPE; the local branch) once each, in its backward."""
     from gmf_kernels.triton_kernels import statistics as st
     from training_cases import check_train_float32

@@ -24,8 +24,8 @@ the rule can fail).
 * SyncBatchNorm wiring (`distributed.sync_batch_moments`) in a one-rank gloo group, and
   torch.compile(fullgraph=True): the statistics pass is one ``gmf::triton_z_moments`` node;
 * the Triton backend's training call runs the kernel (running statistics as the torch backend's);
-* the recompute kernel (`statistics.recompute_planes`): Z per segment, P and y_1..3 against
-  float64 `backward.proxy_z` (P: hardswish of its BatchNorm affine) under the same rule with
+* the recompute kernel (`statistics.recompute_planes`): Z per segment, PV (P of the v images) and
+  y_1..3 against float64 `backward.proxy_z` (P: hardswish of its BatchNorm affine) under the same rule with
   floor 1e-7 (both sides measured at 1-3e-7), the reference at the kernel's dot precision (the
   backward's, `statistics.backward_dots`: for fp16/bf16 inputs one TF32 pass, so the float32
   PyTorch pass with TF32-rounded operands, `helpers.tf32_products`), Z's segment 0 exact; widths 40, 200, odd
@@ -242,8 +242,8 @@ RECOMPUTE_FLOOR = 1e-7   # ~ the fp32 unit roundoff: both sides' errors are 1-3e
 
 
 def check_recompute(qkv, H, W, C):
-    """`statistics.recompute_planes` (Z, P, y from the kernel) against `backward.proxy_z` in
-    float64 (P: hardswish of Z's BatchNorm affine), Z per segment, P and each y_j under the
+    """`statistics.recompute_planes` (Z, PV, y from the kernel) against `backward.proxy_z` in
+    float64 (PV: hardswish of the v images' Z's BatchNorm affine), Z per segment, PV and each y_j under the
     low-precision rule (2 x the error of the float32 PyTorch pass at the kernel's dot precision,
     `statistics.backward_dots`, rounded to the stage dtype, + RECOMPUTE_FLOOR); Z's segment 0 is
     the input itself, exactly; contiguous, in the stage dtype (`config.stage_dtype`: fp32 for fp32
@@ -251,19 +251,21 @@ def check_recompute(qkv, H, W, C):
     s = C // 5
     sd = config.stage_dtype(qkv.dtype)
     w32, w64 = random_folded_weights(C, F32), random_folded_weights(C, torch.float64)
-    Z, P, y = st.recompute_planes(dev(qkv), H, W, dev(w32))
-    Z, P, y = Z.cpu(), P.cpu(), [t.cpu() for t in y]
+    Z, PV, y = st.recompute_planes(dev(qkv), H, W, dev(w32))
+    Z, PV, y = Z.cpu(), PV.cpu(), [t.cpu() for t in y]
+    B = qkv.shape[0]
     with tf32_products() if st.backward_dots(dev(qkv)).precision == "tf32" else contextlib.nullcontext():
         Z32, _, y32 = proxy_z(segment_streams(qkv, H, W, F32), w32)
     Z64, _, y64 = proxy_z(segment_streams(qkv.double(), H, W, torch.float64), w64)
     P32, P64 = ((z * w.bn_scale.reshape(-1)[:, None, None] + w.bn_shift.reshape(-1)[:, None, None])
                 for z, w in ((Z32, w32), (Z64, w64)))
-    P32, P64 = torch.nn.functional.hardswish(P32), torch.nn.functional.hardswish(P64)
-    assert Z.dtype == P.dtype == sd and Z.shape == P.shape == Z32.shape and Z.is_contiguous() and P.is_contiguous()
+    P32, P64 = torch.nn.functional.hardswish(P32[2 * B:]), torch.nn.functional.hardswish(P64[2 * B:])
+    assert Z.dtype == PV.dtype == sd and Z.shape == Z32.shape and PV.shape == P32.shape
+    assert Z.is_contiguous() and PV.is_contiguous()
     assert len(y) == 3 and all(t.dtype == sd and t.shape == y32[0].shape and t.is_contiguous() for t in y)
     Z32, P32, y32 = Z32.to(sd), P32.to(sd), [t.to(sd) for t in y32]      # the reference at the stage precision
     torch.testing.assert_close(Z[:, :s], Z32[:, :s], rtol=0, atol=0)
-    assert_within_reference_error(P, P32, P64, floor=RECOMPUTE_FLOOR, name="P")
+    assert_within_reference_error(PV, P32, P64, floor=RECOMPUTE_FLOOR, name="PV")
     for j in (1, 2, 3):
         seg = slice(j * s, (j + 1) * s)
         assert_within_reference_error(Z[:, seg], Z32[:, seg], Z64[:, seg], floor=RECOMPUTE_FLOOR, name=f"Z segment {j}")
@@ -303,15 +305,15 @@ def test_recompute_tiles_and_splits(C, grid, tiles, target, splits, monkeypatch)
 
 def test_recompute_compile_keeps_one_op_node():
     """torch.compile(fullgraph=True) of `statistics.recompute_planes`: ONE gmf::triton_proxy_z node
-    (its fake gives the shapes), the same Z, P and y as eager."""
+    (its fake gives the shapes), the same Z, PV and y as eager."""
     C, H, W = 40, 3, 5
     w = dev(random_folded_weights(C, F32))
     qkv = dev(torch.randn(1, H * W, 3 * C))
     targets, backend = recording_backend()
 
     def fn(t):
-        Z, P, y = st.recompute_planes(t, H, W, w)
-        return Z, P, y[2]
+        Z, PV, y = st.recompute_planes(t, H, W, w)
+        return Z, PV, y[2]
 
     got = torch.compile(fn, backend=backend, fullgraph=True)(qkv)
     assert sum("triton_proxy_z" in t for t in targets) == 1, targets

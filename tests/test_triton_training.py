@@ -256,7 +256,7 @@ def test_backward_runs_the_triton_kernels(C, grid, B, capability, monkeypatch):
         for name in names:
             counting(module, name)
     monkeypatch.setattr(bw, "TORCH_STAGES", bw.Stages(
-        b1_dkv=bw.b1_dkv, b2_proxy_grads=bw.b2_proxy_grads,
+        b1_dkv=bw.TORCH_STAGES.b1_dkv, b2_proxy_grads=bw.b2_proxy_grads,
         b2_bn_sums=lambda dP, rc, mean, rstd, wts: bw.b2_bn_sums(dP, rc, mean, rstd),
         b3=bw.TORCH_STAGES.b3, local_backward=bw.local_backward))
     from gmf_kernels.triton_kernels import train_op

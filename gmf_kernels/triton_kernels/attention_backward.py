@@ -1,13 +1,19 @@
 """Backward of the factorized attention (stages B1 and B2 of `backward.py`): kernels, then launchers.
 
-Drop-in replacements, same signatures and returns, for two stage functions of backward.py:
+Drop-in replacements, same returns, for two stage functions of backward.py:
 
-    dKV = b1_dkv(Q, dA, scale)                                    # backward.b1_dkv
+    dKV = b1_dkv(Zq, dA, scale, bn_scale, bn_shift)               # backward.b1_dkv of Q
     dP, g_crpe_w, g_crpe_b = b2_proxy_grads(dA, dKV, rc, wts, scale)   # backward.b2_proxy_grads
 
+**The proxies of q and k are not read: they are computed on load from Z** (Q = hardswish(Zq
+bn_scale + bn_shift), the same for K), since B2 reads Z of q and k for the BatchNorm backward
+anyway; the recompute keeps only the v images' proxies V (the CRPE stencils read them with
+their halos, where a transform per tap would cost more than the bytes). So the recompute writes
+2 B C' N e fewer bytes and B2 reads 2 B C' N e fewer; B1 reads Z of q where it read Q.
+
 Tensors are the stage functions' (B, 8, d, N) views, any strides (dA is a token-major view of
-grad_pre, Q/K/V/R channels-first slices of P and R), fp32 or fp16/bf16; the kernels load in
-the input dtype, compute and accumulate in fp32 and write dP and dR in P's dtype: the stage
+grad_pre, Zq/V/R channels-first slices of Z, V and R), fp32 or fp16/bf16; the kernels load in
+the input dtype, compute and accumulate in fp32 and write dP and dR in Z's dtype: the stage
 dtype (`config.stage_dtype`: the layer's own for fp16/bf16, as eager AMP keeps activations;
 fp32 for fp32 layers and for backward.py's PyTorch recompute), rounded once on store; dKV and the
 CRPE weight-gradient partials fp32. The dots are `_common.mm` with the dot variant passed
@@ -18,13 +24,13 @@ dtype's, so one TF32 pass for an fp16/bf16 layer on sm_80+), else the input's
 Kernels (per head h, d = C'/8 channels, N = H*W tokens; e = the stage tensors' element size,
 4 for fp32 activations, 2 for fp16/bf16):
 
-* ``gma_b1_dkv_kernel``, grid ``(SPLITS, 8, B)``: dKV[b,h] = scale * Q[b,h] dA[b,h]^T, a
+* ``gma_b1_dkv_kernel``, grid ``(SPLITS, 8, B)``: dKV[b,h] = scale * Q[b,h] dA[b,h]^T (Q from Zq), a
   reduction over tokens: program (split, h, b) walks its run of token tiles with a
   [d, d] fp32 accumulator (``tl.dot`` of [D_PAD, BLOCK_N] x [BLOCK_N, D_PAD] tiles) and
   writes one fp32 partial; the launcher sums the SPLITS partials (none when SPLITS = 1, as
   at batch 128). Split-N as the forward's aggregation (`_split_plan`): about SPLIT_TARGET
   programs even at batch 1, deterministic (no atomics).
-  Cost: reads Q and dA once, 2 B C' N e bytes, writes B SPLITS C' d x 4; 2 B C' d N flops.
+  Cost: reads Zq and dA once, 2 B C' N e bytes, writes B SPLITS C' d x 4; 2 B C' d N flops.
   d/e flop per byte (8 at d = 32): far below any GPU's ridge point, so the bound aimed at
   is HBM bandwidth.
 * ``gma_b2_attention_kernel``, grid ``(ceil(N / BLOCK_P), 8, B)``: per token tile and head, in
@@ -46,16 +52,17 @@ Kernels (per head h, d = C'/8 channels, N = H*W tokens; e = the stage tensors' e
   loses |K - lse| ulps to the rounding of lse; over 9 seeded cases (C = 40, 80, 200) the dK
   error relative to the fp32 PyTorch stage's had median 2.2 (max 4.8) with lse, 1.7 (max 4.0)
   with (M, L), the rest being the 3xTF32 dots.)
-  Cost: reads dA, Q, K, V, R (5 B C' N e) and KV, dKV, M, L (small), writes dQ, dK, dV, dR
+  Cost: reads dA, Zq, Zk, V, R (5 B C' N e) and KV, dKV, M, L (small), writes dQ, dK, dV, dR
   (4 B C' N e); 6 B C' d N flops of dots: d/6 flop per byte at fp32, HBM-bound.
 
   **The BatchNorm/hardswish backward is fused in** (FUSE_BN, the Triton stage set: `plan_b2`'s
   bn, `backward.Stages.b2_fused_bn`): dQ and dK are not written; G = dQ hardswish'(Zq a + b)
-  and G = dK hardswish'(Zk a + b) are (Z of q and k read, 2 B C' N e more), with this
+  and G = dK hardswish'(Zk a + b) are (Z of q and k read once for Q, K and G), with this
   program's per-channel partial sums sum G, sum G Z, sum G Zhat (`_bn_backward_tile`, stored at
   once: the kernel runs near 255 registers). The CRPE kernel does the same for V once dV is
   complete. Without it, B2 wrote dP (3 B C' N e) and a separate kernel read dP and Z and wrote
-  G (9 B C' N e); fused, B2 reads Z and writes G (6 B C' N e): 6 B C' N e less per call.
+  G (9 B C' N e); fused, B2 reads Z and writes G (6 B C' N e): 6 B C' N e less per call
+  (and since Q and K come from Z, 2 B C' N e less again).
 * ``gma_b2_crpe_kernel``, grid ``(SPLITS, 8, B)``: the CRPE part of B2 (in a kernel, no
   PyTorch ops left), program (split, h, b) walking its token tiles with the head's window
   KS (3, 5, 7) in ONE tap loop per tile, since both gradients read the same halo tokens:
@@ -86,7 +93,7 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedGMAWeights
-from ._common import DotVariant, crpe_group, dot_variant, hardswish_grad, interpreting, mm, stored
+from ._common import DotVariant, crpe_group, dot_variant, hardswish, hardswish_grad, interpreting, mm, stored
 from .aggregation import split_plan
 from .backward import crpe_groups
 from .config import B1_TILES, B2_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, crpe_bwd_tiles, dot_pad, next_pow2
@@ -100,27 +107,31 @@ Launch = Tuple[Any, Tuple[int, ...], tuple, Dict[str, Any]]
 
 # ================================================================ kernels
 @triton.jit(do_not_specialize=["N", "tiles_per_split"])
-def gma_b1_dkv_kernel(q, da, part, N, tiles_per_split, scale,
+def gma_b1_dkv_kernel(zq, da, part, bn_scale, bn_shift, N, tiles_per_split, scale,
                       sq_b, sq_h, sq_i, sq_n, sa_b, sa_h, sa_i, sa_n,
                       D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
-    """part[b, h, split] = scale * sum over the split's tokens of Q[b,h,:,n] dA[b,h,:,n]^T."""
+    """part[b, h, split] = scale * sum over the split's tokens of Q[b,h,:,n] dA[b,h,:,n]^T, Q =
+    hardswish(Zq bn_scale + bn_shift) computed on load from Z of the q images (zq, strides sq_*)."""
     split = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     SPLITS = tl.num_programs(0)
     i = tl.arange(0, D_PAD)
     imask = i < D
-    q_bh = q + b * sq_b + head * sq_h
+    q_bh = zq + b * sq_b + head * sq_h
     a_bh = da + b * sa_b + head * sa_h
+    bn_a = tl.load(bn_scale + head * D + i, mask=imask, other=0.0)[:, None]
+    bn_b = tl.load(bn_shift + head * D + i, mask=imask, other=0.0)[:, None]
     acc = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
     t = split * tiles_per_split
     t1 = tl.minimum(t + tiles_per_split, tl.cdiv(N, BLOCK_N))
     while t < t1:
         n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
-        qt = tl.load(q_bh + (i[:, None] * sq_i + n[None, :] * sq_n), mask=imask[:, None] & nmask[None, :],
-                     other=0.0).to(tl.float32)                                   # [D_PAD, BLOCK_N]
+        m2 = imask[:, None] & nmask[None, :]
+        zt = tl.load(q_bh + (i[:, None] * sq_i + n[None, :] * sq_n), mask=m2, other=0.0).to(tl.float32)
+        qt = tl.where(m2, hardswish(zt * bn_a + bn_b), 0.0)                     # [D_PAD, BLOCK_N]
         at = tl.load(a_bh + (n[:, None] * sa_n + i[None, :] * sa_i), mask=nmask[:, None] & imask[None, :],
                      other=0.0).to(tl.float32)                                   # [BLOCK_N, D_PAD]
         acc = mm(qt, at, acc, DOT_PRECISION, EMULATE_DOTS)
@@ -130,13 +141,12 @@ def gma_b1_dkv_kernel(q, da, part, N, tiles_per_split, scale,
 
 
 @triton.jit
-def _bn_backward_tile(dp, z_ptr, m2, ch, cmask, bn_scale, bn_shift, mean, rstd, row, CP: tl.constexpr,
+def _bn_backward_tile(dp, z_ptr, m2, ch, cmask, a, bb, mean, rstd, row, CP: tl.constexpr,
                       BATCH_STATS: tl.constexpr):
     """G = dp hardswish'(Z a + b) of a [BLOCK_P, D_PAD] tile (tokens x the channels ch; Z loaded at
-    z_ptr, widened), returned; its per-channel sums sum G, sum G Z, sum G Zhat (BATCH_STATS)
-    stored at row, row + CP, row + 2 CP (`backward.b2_bn_sums`)."""
-    a = tl.load(bn_scale + ch, mask=cmask, other=0.0)[None, :]
-    bb = tl.load(bn_shift + ch, mask=cmask, other=0.0)[None, :]
+    z_ptr, widened; a, bb the channels' BatchNorm affine [1, D_PAD]), returned; its per-channel
+    sums sum G, sum G Z, sum G Zhat (BATCH_STATS) stored at row, row + CP, row + 2 CP
+    (`backward.b2_bn_sums`)."""
     z = tl.load(z_ptr, mask=m2, other=0.0).to(tl.float32)
     g = dp * hardswish_grad(z * a + bb)
     tl.store(row + ch, tl.sum(g, axis=0), mask=cmask)
@@ -149,7 +159,7 @@ def _bn_backward_tile(dp, z_ptr, m2, ch, cmask, bn_scale, bn_shift, mean, rstd, 
 
 
 @triton.jit(do_not_specialize=["N"])
-def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, dr, zq, zk, bn_scale, bn_shift,
+def gma_b2_attention_kernel(da, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, dr, zq, zk, bn_scale, bn_shift,
                             mean, rstd, part_bn, N, scale,
                             sa_b, sa_h, sa_i, sa_n,
                             CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -157,13 +167,15 @@ def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, d
                             FUSE_BN: tl.constexpr, BATCH_STATS: tl.constexpr):
     """dQ, dK, dV (attention part) and dR = dA * Q of one token tile and head.
 
-    q, k, v, r and the outputs dq, dk, dv, dr are channels-first (B, C', N) contiguous
+    Q and K are computed on load from zq, zk (Z of the q and k images): hardswish(Z bn_scale +
+    bn_shift); v (the v images' proxies), r, zq, zk and the outputs dq, dk, dv, dr are
+    channels-first (B, C', N) contiguous
     (element (b, c, n) at (b C' + c) N + n); dA has its own strides; kv, dkv (B, 8, d, d) and
     the softmax statistics k_max, k_sum (B, 8, d) contiguous fp32.
 
     FUSE_BN (the BatchNorm/hardswish backward fused in, `_bn_backward_tile`): dq, dk receive
-    G = dQ hardswish'(Zq a + b), G = dK hardswish'(Zk a + b) instead (zq, zk: Z of the q and k
-    images, laid out as q, k), and part_bn (B, T, 2, 3, C') fp32 rows (b, tile, q | k) this
+    G = dQ hardswish'(Zq a + b), G = dK hardswish'(Zk a + b) instead (Z reloaded: from the cache),
+    and part_bn (B, T, 2, 3, C') fp32 rows (b, tile, q | k) this
     program's per-channel sums over its tokens: sum G, sum G Z and (BATCH_STATS) sum G Zhat."""
     t = tl.program_id(0)
     head = tl.program_id(1)
@@ -178,7 +190,10 @@ def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, d
     tok = c[None, :] * N + n[:, None]                   # [BLOCK_P, D_PAD] offsets in it (int32)
     da_t = tl.load(da + b * sa_b + head * sa_h + (c[None, :] * sa_i + n[:, None] * sa_n), mask=m2,
                    other=0.0).to(tl.float32)
-    q_t = tl.load(q + base + tok, mask=m2, other=0.0).to(tl.float32)
+    ch = head * D + c
+    bn_a = tl.load(bn_scale + ch, mask=cmask, other=0.0)[None, :]
+    bn_b = tl.load(bn_shift + ch, mask=cmask, other=0.0)[None, :]
+    q_t = tl.where(m2, hardswish(tl.load(zq + base + tok, mask=m2, other=0.0).to(tl.float32) * bn_a + bn_b), 0.0)
     r_t = tl.load(r + base + tok, mask=m2, other=0.0).to(tl.float32)
     tl.store(dr + base + tok, stored(da_t * q_t, dr, EMULATE_DOTS), mask=m2)
     # [k, i] tiles: KV^T and dKV^T (element [k, i] = X[i, k]); dKV as [i, k]
@@ -189,7 +204,7 @@ def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, d
     dkv_t = tl.load(dkv + bh + c[:, None] * D + c[None, :], mask=mm2, other=0.0)
     dq_t = scale * mm(da_t, kvT, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS) + da_t * r_t
     if FUSE_BN:          # q's G and sums, stored at once (nothing of it kept alive: the kernel is near 255 registers)
-        dq_t = _bn_backward_tile(dq_t, zq + base + tok, m2, head * D + c, cmask, bn_scale, bn_shift, mean, rstd,
+        dq_t = _bn_backward_tile(dq_t, zq + base + tok, m2, ch, cmask, bn_a, bn_b, mean, rstd,
                                  part_bn + ((b * tl.num_programs(0) + t) * 2) * (3 * CP), CP, BATCH_STATS)
     tl.store(dq + base + tok, stored(dq_t, dq, EMULATE_DOTS), mask=m2)
     # softmax over tokens recomputed: Ks = exp(K - M) / L (K - M is exact near the maximum,
@@ -197,7 +212,7 @@ def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, d
     stat = (b * 8 + head) * D + c
     m_t = tl.load(k_max + stat, mask=cmask, other=0.0)
     inv_l = 1.0 / tl.load(k_sum + stat, mask=cmask, other=1.0)
-    k_t = tl.load(k + base + tok, mask=m2, other=0.0).to(tl.float32)
+    k_t = hardswish(tl.load(zk + base + tok, mask=m2, other=0.0).to(tl.float32) * bn_a + bn_b)
     ks = tl.where(m2, tl.exp(k_t - m_t[None, :]) * inv_l[None, :], 0.0)
     dv_t = mm(ks, dkv_t, tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
     tl.store(dv + base + tok, stored(dv_t, dv, EMULATE_DOTS), mask=m2)
@@ -206,7 +221,7 @@ def gma_b2_attention_kernel(da, q, k, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, d
     cc = tl.sum(kvT * dkvT, axis=0)                                           # [i]: sum_k KV[i,k] dKV[i,k]
     dk_t = ks * (dks - cc[None, :])
     if FUSE_BN:
-        dk_t = _bn_backward_tile(dk_t, zk + base + tok, m2, head * D + c, cmask, bn_scale, bn_shift, mean, rstd,
+        dk_t = _bn_backward_tile(dk_t, zk + base + tok, m2, ch, cmask, bn_a, bn_b, mean, rstd,
                                  part_bn + ((b * tl.num_programs(0) + t) * 2 + 1) * (3 * CP), CP, BATCH_STATS)
     tl.store(dk + base + tok, stored(dk_t, dk, EMULATE_DOTS), mask=m2)
 
@@ -333,18 +348,21 @@ def _channels_first(x: Tensor) -> Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
-def plan_b1(Q: Tensor, dA: Tensor, scale: float, dots: Optional[DotVariant] = None, block: int = 0,
-            tile: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, List[Launch]]:
+def plan_b1(Zq: Tensor, dA: Tensor, scale: float, bn_scale: Tensor, bn_shift: Tensor,
+            dots: Optional[DotVariant] = None, block: int = 0, tile: Optional[Tuple[int, int]] = None
+            ) -> Tuple[Tensor, List[Launch]]:
     """(fp32 partials (B, 8, SPLITS, d, d), [launch]) of B1 without launching (meta tensors work).
-    tile: (tokens per tile, num_warps), default `_tile`'s (the "triton.b1" tuning family's
-    entry comes through `train_op.triton_stages`)."""
-    B, h, d, N = Q.shape
-    assert h == NUM_HEADS and dA.shape == Q.shape, (Q.shape, dA.shape)
-    dots = dots or dot_variant(Q)
+    Zq: Z of the q images as (B, 8, d, N) (Q = hardswish(Zq bn_scale + bn_shift), computed on
+    load; bn_scale, bn_shift: C' = 8d values). tile: (tokens per tile, num_warps), default
+    `_tile`'s (the "triton.b1" tuning family's entry comes through `train_op.triton_stages`)."""
+    B, h, d, N = Zq.shape
+    assert h == NUM_HEADS and dA.shape == Zq.shape, (Zq.shape, dA.shape)
+    dots = dots or dot_variant(Zq)
     bn, warps = tile or _tile(B1_TILES, d, N, block)
     splits, tps = _split_plan(N, B, bn)
-    part = _alloc((B, h, splits, d, d), torch.float32, Q.device)
-    args = (Q, dA, part, N, tps, float(scale), *Q.stride(), *dA.stride())
+    part = _alloc((B, h, splits, d, d), torch.float32, Zq.device)
+    affine = [t.reshape(-1).float().contiguous() for t in (bn_scale, bn_shift)]
+    args = (Zq, dA, part, *affine, N, tps, float(scale), *Zq.stride(), *dA.stride())
     kwargs = dict(D=d, D_PAD=dot_pad(d), BLOCK_N=bn, DOT_PRECISION=dots.precision, EMULATE_DOTS=dots.emulate,
                   num_warps=warps)
     return part, [(gma_b1_dkv_kernel, (splits, h, B), args, kwargs)]
@@ -357,14 +375,21 @@ def _run(launches: List[Launch], like: Tensor) -> None:
             wrap_triton(kernel)[grid](*args, **kwargs)
 
 
-def b1_dkv(Q: Tensor, dA: Tensor, scale: float, block: int = 0, dots: Optional[DotVariant] = None,
-           tile: Optional[Tuple[int, int]] = None) -> Tensor:
-    """B1 as kernels: dKV (B, 8, d, d) fp32 = scale * Q dA^T over tokens; Q, dA (B, 8, d, N), any
-    strides, fp32/fp16/bf16. `block`: tokens per tile (tests; default the tile table's); dots:
-    default Q's variant; tile: `plan_b1`'s."""
-    part, launches = plan_b1(Q, dA, scale, dots, block=block, tile=tile)
-    _run(launches, Q)
+def b1_dkv(Zq: Tensor, dA: Tensor, scale: float, bn_scale: Tensor, bn_shift: Tensor, block: int = 0,
+           dots: Optional[DotVariant] = None, tile: Optional[Tuple[int, int]] = None) -> Tensor:
+    """B1 as kernels: dKV (B, 8, d, d) fp32 = scale * Q dA^T over tokens, Q = hardswish(Zq bn_scale
+    + bn_shift) (`backward.b1_dkv` of that Q); Zq, dA (B, 8, d, N), any strides, fp32/fp16/bf16.
+    `block`: tokens per tile (tests; default the tile table's); dots: default Zq's variant;
+    tile: `plan_b1`'s."""
+    part, launches = plan_b1(Zq, dA, scale, bn_scale, bn_shift, dots, block=block, tile=tile)
+    _run(launches, Zq)
     return part[:, :, 0] if part.shape[2] == 1 else part.sum(2)
+
+
+def b1_stage(rc: Dict[str, Tensor], dA: Tensor, scale: float, wts: FoldedGMAWeights, **kw) -> Tensor:
+    """`backward.Stages.b1_dkv` on the kernel: `b1_dkv` of Z's q images (rc["Z"]) and the
+    BatchNorm affine."""
+    return b1_dkv(rc["Z"][:dA.shape[0]].reshape(dA.shape), dA, scale, wts.bn_scale, wts.bn_shift, **kw)
 
 
 def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
@@ -383,22 +408,29 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
     part_bn_attention (B, T, 2, 3, C') / part_bn_crpe (B, SPLITS, 3, C') fp32 the per-program
     sums sum G, sum G Z, sum G Zhat (the last with batch statistics). None: dP itself.
 
-    Buffers: dP (3B, C', H, W) (the result) and dR (B, C', N) in P's dtype (the stage dtype),
+    Reads rc["Z"] (3B, C', H, W) (Q and K: hardswish(Z bn_scale + bn_shift) of the q and k
+    images, computed on load), rc["V"] (B, C', H, W) (the v images' proxies), rc["KV"], rc["R"],
+    all but KV in one stage dtype.
+    Buffers: dP (3B, C', H, W) (the result) and dR (B, C', N) in the stage dtype,
     k_max, k_sum (B, 8, d) fp32,
     part_w (B, SPLITS, C', 49) and part_b (B, SPLITS, C') fp32 (the CRPE gradient partials)."""
-    P, KV, R = rc["P"], rc["KV"], rc["R"]
+    Z, V, KV, R = rc["Z"], _channels_first(rc["V"]), rc["KV"], rc["R"]
     B, h, d, N = dA.shape
-    H, W = P.shape[-2:]
+    H, W = Z.shape[-2:]
     cp = h * d
+    if V.dtype != Z.dtype or tuple(Z.shape) != (3 * B, cp, H, W) or tuple(V.shape) != (B, cp, H, W):
+        raise TypeError(f"Z {Z.dtype} {tuple(Z.shape)}, V {V.dtype} {tuple(V.shape)}: expected "
+                        f"(3B, C', H, W) and (B, C', H, W) = ({3 * B}, {cp}, {H}, {W}) and ({B}, ...) in one dtype")
     dots = dots or dot_variant(dA)
-    Q, K, V = (_channels_first(P[j * B:(j + 1) * B]) for j in range(3))
+    zq, zk = (_channels_first(Z[j * B:(j + 1) * B]) for j in range(2))
     k_max, k_sum = rc.get("k_max"), rc.get("k_sum")
     if k_max is None:     # not from a recompute kernel (yet): PyTorch passes over K
-        Kh = K.reshape(B, h, d, N).float()
+        pre = zk.float() * wts.bn_scale.reshape(-1)[:, None, None] + wts.bn_shift.reshape(-1)[:, None, None]
+        Kh = torch.nn.functional.hardswish(pre).reshape(B, h, d, N)
         k_max = Kh.amax(dim=-1)
         k_sum = torch.exp(Kh - k_max[..., None]).sum(dim=-1)
     f32 = (torch.float32, dA.device)
-    st = (P.dtype, dA.device)            # the stage dtype (`config.stage_dtype`: P's, from the recompute)
+    st = (Z.dtype, dA.device)            # the stage dtype (`config.stage_dtype`: Z's, from the recompute)
     buf = {"dP": _alloc((3 * B, cp, H, W), *st), "dR": _alloc((B, cp, N), *st),
            "k_max": k_max.float().contiguous(), "k_sum": k_sum.float().contiguous()}
     dP = buf["dP"]
@@ -407,20 +439,17 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
     splits, tps = _split_plan(N, B, bc)
     T = triton.cdiv(N, bp)
     stats = bn is not None and bn[0] is not None
+    bn_t = [t.reshape(-1).float().contiguous() for t in (wts.bn_scale, wts.bn_shift)]
     if bn is not None:
-        Z = rc["Z"]
-        if Z.dtype != P.dtype or tuple(Z.shape) != tuple(P.shape):
-            raise TypeError(f"Z: {Z.dtype} {tuple(Z.shape)}, expected P's {P.dtype} {tuple(P.shape)}")
-        zq, zk, zv = (_channels_first(Z[j * B:(j + 1) * B]) for j in range(3))
-        bn_t = [t.reshape(-1).float().contiguous() for t in (wts.bn_scale, wts.bn_shift)]
+        zv = _channels_first(Z[2 * B:])
         bn_t += [t.reshape(-1).float().contiguous() for t in bn] if stats else bn_t
         buf["part_bn_attention"] = _alloc((B, T, 2, 3, cp), *f32)
         buf["part_bn_crpe"] = _alloc((B, splits, 3, cp), *f32)
     else:                  # unread (FUSE_BN off): any tensors of the right kinds
-        zq = zk = zv = Q
-        bn_t = [buf["k_max"]] * 4
+        zv = zq
+        bn_t += bn_t
         buf["part_bn_attention"] = buf["part_bn_crpe"] = buf["k_max"]
-    args = (dA, Q, K, V, _channels_first(R), KV.float().contiguous(), dKV.float().contiguous(), buf["k_max"],
+    args = (dA, V, _channels_first(R), KV.float().contiguous(), dKV.float().contiguous(), buf["k_max"],
             buf["k_sum"], dP[:B], dP[B:2 * B], dP[2 * B:], buf["dR"], zq, zk, *bn_t, buf["part_bn_attention"],
             N, float(scale), *dA.stride())
     kwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bp, DOT_PRECISION=dots.precision,
@@ -441,10 +470,10 @@ def b2_proxy_grads(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGM
                    block: int = 0, dots: Optional[DotVariant] = None,
                    tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None),
                    bn: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None) -> tuple:
-    """B2 as kernels: dP (3B, C', H, W) = [dQ; dK; dV] in P's dtype (the stage dtype), the CRPE weight gradients (3x3, 5x5,
-    7x7) and the bias gradient, as `backward.b2_proxy_grads`. Reads rc["P"], rc["KV"], rc["R"]
+    """B2 as kernels: dP (3B, C', H, W) = [dQ; dK; dV] in the stage dtype, the CRPE weight gradients (3x3, 5x5,
+    7x7) and the bias gradient, as `backward.b2_proxy_grads`. Reads rc["Z"], rc["V"], rc["KV"], rc["R"]
     and the softmax statistics rc["k_max"], rc["k_sum"] (B, 8, d) when present (else computed from K;
-    rc["Ks"] is not read). dots: default dA's variant; tiles: `plan_b2`'s. bn (`plan_b2`): the
+    rc["Ks"], rc["P"] are not read). dots: default dA's variant; tiles: `plan_b2`'s. bn (`plan_b2`): the
     BatchNorm/hardswish backward fused in: (G, the CRPE gradients, (sum G, sum G Z, sum G Zhat or
     None)), `backward.b2_bn_sums`' G and sums, instead of dP (`backward.Stages.b2_fused_bn`)."""
     buf, launches = plan_b2(dA, dKV, rc, wts, scale, dots, block=block, tiles=tiles, bn=bn)

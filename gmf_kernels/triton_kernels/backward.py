@@ -159,7 +159,7 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float)
     v4, m4 = torch.var_mean(z4, dim=1, unbiased=False, keepdim=True)
     rstd4 = torch.rsqrt(v4 + ln_eps)
     xh4 = (z4 - m4) * rstd4
-    return dict(streams=streams, Z=Z, u=u, y=y, pre_act=pre_act, P=P, Ks=Ks, KV=KV, R=R,
+    return dict(streams=streams, Z=Z, u=u, y=y, pre_act=pre_act, P=P, V=V, Ks=Ks, KV=KV, R=R,
                 u4=u4, w4=w4, xh4=xh4, rstd4=rstd4)
 
 
@@ -271,7 +271,7 @@ class Stages(NamedTuple):
     running statistics) and returns G and the BatchNorm sums itself, (G, g_crpe_w, g_crpe_b,
     (sum_g, sum_gz, sum_gzh)) (`attention_backward.b2_proxy_grads`), and ``b2_bn_sums`` is not
     called: dP is never written, nor read back."""
-    b1_dkv: Callable
+    b1_dkv: Callable       # (rc, dA, scale, wts) -> dKV (`b1_dkv` of Q, P's q images, or its kernel from Z)
     b2_proxy_grads: Callable
     b2_bn_sums: Optional[Callable]   # (dP, rc, mean, rstd, wts); None where b2_fused_bn
     b3: Callable           # (G, rc, wts, mean, rstd, sum_g, sum_gzh, count) -> (du, g_dw, g_pw)
@@ -282,11 +282,15 @@ class Stages(NamedTuple):
     b2_fused_bn: bool = False
 
 
+def _b1_torch(rc, dA, scale, wts):
+    return b1_dkv(rc["P"][:dA.shape[0]].reshape(dA.shape), dA, scale)
+
+
 def _b3_torch(G, rc, wts, mean, rstd, sum_g, sum_gzh, count):
     return b3_pointwise_depthwise(b3_dz(G, rc, wts, mean, rstd, sum_g, sum_gzh, count), rc, wts)
 
 
-TORCH_STAGES = Stages(b1_dkv=b1_dkv, b2_proxy_grads=b2_proxy_grads,
+TORCH_STAGES = Stages(b1_dkv=_b1_torch, b2_proxy_grads=b2_proxy_grads,
                       b2_bn_sums=lambda dP, rc, mean, rstd, wts: b2_bn_sums(dP, rc, mean, rstd),
                       b3=_b3_torch, local_backward=local_backward)
 
@@ -313,9 +317,7 @@ def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: 
     g = grad_pre if stages.grad_pre_as_is else grad_pre.to(dt)
     dA = g[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
     dL = g[..., cp:].transpose(1, 2).reshape(B, s, H, W)
-    Q = rc["P"][:B].reshape(B, 8, d, N)
-
-    dKV = stages.b1_dkv(Q, dA, scale)
+    dKV = stages.b1_dkv(rc, dA, scale, wts)
     if stages.b2_fused_bn:
         G, g_crpe_w, g_crpe_b, (sum_g, sum_gz, sum_gzh) = stages.b2_proxy_grads(dA, dKV, rc, wts, scale,
                                                                                 bn=(mean, rstd))

@@ -93,7 +93,7 @@ def torch_dtype(name: str):
 
 
 def stage_dtype(dtype):
-    """The dtype of the Triton backward's stage tensors (Z, P, y, R, dR, dP, G, dZ, dy, w4, xh4,
+    """The dtype of the Triton backward's stage tensors (Z, V, y, R, dR, dP, G, dZ, dy, w4, xh4,
     dw4: written by one kernel, read by the next) for a layer whose input qkv has this dtype:
     the input's own for fp16/bf16, as eager AMP keeps its activations (half the bytes of fp32:
     by the cost models of costs.py, the backward kernels of a bf16 layer at GroupMixFormer-S's

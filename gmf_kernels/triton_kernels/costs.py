@@ -264,26 +264,28 @@ def _backward_plan(N: int, B: int, table, sh: GMAShape, split: bool) -> Tuple[in
 
 
 def _b1_dkv(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_b1_dkv_kernel, grid (SPLITS, 8, B): Q (a stage tensor) and dA read once (B N C' 2e), the
-    fp32 partials written (B 8 SPLITS d^2 x 4; summed by the launcher when SPLITS > 1, not counted).
+    """gma_b1_dkv_kernel, grid (SPLITS, 8, B): Z of q (a stage tensor; Q computed from it with the
+    BatchNorm affine, 2 C' x 4) and dA read once (B N C' 2e), the fp32 partials written (B 8
+    SPLITS d^2 x 4; summed by the launcher when SPLITS > 1, not counted).
     tc: Q dA^T, C' d MACs per token (padded: [D_PAD, BLOCK_N] x [BLOCK_N, D_PAD] per tile)."""
     from .config import B1_TILES
     N = H * W
     e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
     bn, warps, splits, _ = _backward_plan(N, B, B1_TILES, sh, True)
-    detail = {"q_da_read": B * N * cp * 2 * e, "partials_write": B * 8 * splits * d * d * 4, "splits": splits}
+    detail = {"z_da_read": B * N * cp * 2 * e, "bn_read": 2 * cp * 4, "partials_write": B * 8 * splits * d * d * 4,
+              "splits": splits}
     tokens_pad = B * -(-N // bn) * bn
     tc, tcp, fma, tp = _tc(prec, 2 * B * N * cp * d, 2 * tokens_pad * 8 * sh.D_PAD * sh.D_PAD)
-    return Cost(bytes=detail["q_da_read"] + detail["partials_write"], tc_flops=tc, cuda_flops=fma,
+    return Cost(bytes=sum(v for k, v in detail.items() if k != "splits"), tc_flops=tc, cuda_flops=fma,
                 grid=(splits, 8, B), tc_precision=tp, tc_flops_padded=tcp, block=32 * warps, detail=detail)
 
 
 def _b2_attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_b2_attention_kernel, grid (ceil(N / BLOCK_P), 8, B): dA and Q, K, V, R (stage tensors)
-    read once (B N C' 5e), KV, dKV and the softmax statistics (M, L) read (B C' (2 d + 2) x 4),
-    G of q and k (the BatchNorm backward fused in: Z of q and k read, 2 B N C' e), dV and dR
-    written (4 B N C' e), the BatchNorm sums' partials (B T 2 x 3 C' x 4; BatchNorm affine and
+    """gma_b2_attention_kernel, grid (ceil(N / BLOCK_P), 8, B): dA and V, R (stage tensors) read
+    once (B N C' 3e), KV, dKV and the softmax statistics (M, L) read (B C' (2 d + 2) x 4), Z of q
+    and k read once (Q and K computed from it; reread for the fused BatchNorm backward from the
+    cache, 2 B N C' e), G of q and k, dV and dR written (4 B N C' e), the BatchNorm sums' partials (B T 2 x 3 C' x 4; BatchNorm affine and
     statistics 4 C' x 4) tc: dA KV^T, Ks dKV, V dKV^T: 3 C' d MACs per token (padded:
     three [BLOCK_P, D_PAD] x [D_PAD, D_PAD] per program). Element-wise work not counted."""
     from .config import B2_TILES
@@ -292,7 +294,7 @@ def _b2_attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> C
     cp, d = sh.CP, sh.D
     bp, warps, _, _ = _backward_plan(N, B, B2_TILES, sh, False)
     tiles = -(-N // bp)
-    detail = {"act_read": B * N * cp * 5 * e, "kv_dkv_stats_read": B * cp * (2 * d + 2) * 4,
+    detail = {"act_read": B * N * cp * 3 * e, "kv_dkv_stats_read": B * cp * (2 * d + 2) * 4,
               "z_read": 2 * B * N * cp * e, "grads_write": 4 * B * N * cp * e,
               "bn_partials_write": B * tiles * 2 * 3 * cp * 4, "bn_read": 4 * cp * 4}
     tc, tcp, fma, tp = _tc(prec, 3 * 2 * B * N * cp * d, 3 * 2 * B * 8 * tiles * bp * sh.D_PAD * sh.D_PAD)
@@ -419,13 +421,13 @@ def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[i
       statistics          reads q, k, v's segments 0..3 (12 s e); writes per-program moments
                           (3B R s x 12 B); cuda 2 x 3 x 83 s (the stencils), tc 2 x 9 s^2 with fp32's
                           dots (3xTF32 on sm_80+); the moments' element-wise work not counted
-      recompute_z         the same reads and FLOPs with the layer dtype's dots; writes Z, P (3 x 4s
-                          x e each) and y (3 x 3s x e)
-      recompute_attention reads K, V of P (2 C' e), writes R (C' e) and the softmax
+      recompute_z         the same reads and FLOPs with the layer dtype's dots; writes Z (3 x 4s x e),
+                          P of the v images (4s x e) and y (3 x 3s x e)
+      recompute_attention reads Z of k (and the BatchNorm affine) and V (2 C' e), writes R (C' e) and the softmax
                           partials (B SPLITS C' (d + 2) x 4 B); cuda the CRPE 2 x 240 d, tc 2 C' d
       recompute_local     reads segment 4 of q, k, v (3 s e), writes w4 (3s e), xh4 (s e) and
                           rstd4 (4 B); cuda 2 x 9 x 3s, tc 2 x 3 s^2
-    (the stage tensors Z, P, y, R, w4, xh4 in the layer's dtype, `config.stage_dtype`: e bytes)
+    (the stage tensors Z, PV, y, R, w4, xh4 in the layer's dtype, `config.stage_dtype`: e bytes)
     plus the folded weights each reads, once."""
     import torch
 
@@ -452,18 +454,19 @@ def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[i
     out["gma_statistics_kernel"] = Cost(
         bytes=12 * T * s * e + (pm.numel() * 8 + pm2.numel() * 4) + proxy_w, tc_flops=tc, cuda_flops=stencils + fma,
         grid=tuple(grid), tc_precision=tp, block=32 * kw["num_warps"], detail={"programs_per_image": plan.programs})
-    (z, p, y), (grid, _a, kw) = st.plan_recompute(qkv, H, W, wts.bn_scale, wts.bn_shift, *w,
+    (z, pv, y), (grid, _a, kw) = st.plan_recompute(qkv, H, W, wts.bn_scale, wts.bn_shift, *w,
                                                   st.gpu_recompute_tiles(C, prec), DotVariant(prec, False))
     tc, tcp, fma, tp = _tc(prec, mix, mix)
     out["gma_recompute_z_kernel"] = Cost(
-        bytes=12 * T * s * e + (z.numel() + p.numel() + y.numel()) * e + proxy_w + wb["bn_scale"] + wb["bn_shift"],
+        bytes=12 * T * s * e + (z.numel() + pv.numel() + y.numel()) * e + proxy_w + wb["bn_scale"] + wb["bn_shift"],
         tc_flops=tc, cuda_flops=stencils + fma, grid=tuple(grid), tc_precision=tp, block=32 * kw["num_warps"])
-    buf, (fn, grid, _a, kw) = rcp.plan_recompute_attention(p, H, W, wts, rcp.gpu_attention_tiles(d, prec),
+    buf, (fn, grid, _a, kw) = rcp.plan_recompute_attention(z, pv, H, W, wts, rcp.gpu_attention_tiles(d, prec),
                                                            DotVariant(prec, False))
     tc, tcp, fma, tp = _tc(prec, 2 * T * cp * d, 2 * T * cp * d)
     partials = sum(buf[k].numel() for k in ("part_m", "part_l", "part_acc")) * 4
     out[kernel_name(fn)] = Cost(
-        bytes=3 * T * cp * e + partials + sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7", "crpe_b")),
+        bytes=3 * T * cp * e + partials + sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7", "crpe_b", "bn_scale",
+                                                              "bn_shift")),
         tc_flops=tc, cuda_flops=2 * T * CRPE_TAPS_PER_D * d + fma, grid=tuple(grid), tc_precision=tp,
         block=32 * kw["num_warps"])
     buf, (fn, grid, _a, kw) = rcp.plan_recompute_local(qkv, H, W, wts, 1e-5, rcp.gpu_local_tiles(s, prec),

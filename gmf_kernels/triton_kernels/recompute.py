@@ -11,11 +11,13 @@ registers and rounded once on store; the small ones fp32; the same layouts) come
 the Triton stages read those from qkv itself (rc["qkv"], `aggregation_backward.qkv_layout`), so
 no copy of them is made:
 
-1. ``statistics.gma_recompute_z_kernel`` (op ``gmf::triton_proxy_z``): Z, P = hardswish(Z a + b)
-   and the depthwise outputs y_1..3, reading qkv once (statistics.py).
+1. ``statistics.gma_recompute_z_kernel`` (op ``gmf::triton_proxy_z``): Z, V = P of the v images
+   (P = hardswish(Z a + b); q's and k's proxies are computed from Z by their readers) and the
+   depthwise outputs y_1..3, reading qkv once (statistics.py).
 2. ``gma_recompute_attention_kernel``, grid ``(SPLITS, 8, B)``: per head h, over its run of token
-   tiles, the online softmax of K (FlashAttention's rescaling along N: `aggregation.
-   _online_softmax_kv`, the forward's own code) into a per-program partial (max M, sum L of
+   tiles, the online softmax of K = hardswish(Z a + b) of the k images (FlashAttention's
+   rescaling along N: `aggregation._online_softmax_kv`, the forward's own code) into a
+   per-program partial (max M, sum L of
    exp(K - M), exp(K - M)^T V), and the head's CRPE stencil of V (`_common.depthwise_tile`, the
    window of the head's group: 3x3 heads 0-1, 5x5 heads 2-4, 7x7 heads 5-7) plus bias, stored
    as R. The launcher merges the SPLITS partials (a tiny reduction, in PyTorch: B SPLITS C'
@@ -36,7 +38,7 @@ an image would be 8 programs), deterministic (no atomics).
 **Bytes per token** (C' = 4s, fp32 = 4 B, e = qkv's element size, the stage tensors' too; the
 comparison with PyTorch below is at fp32, e = 4):
 
-* attention kernel: reads K and V of P (2 C' e), writes R (C' e); the halo comes from L1/L2.
+* attention kernel: reads Z of k and V (2 C' e), writes R (C' e); the halo comes from L1/L2.
   PyTorch's recompute of the same (fp32): softmax reads K and writes Ks (2 C'), the einsum reads
   Ks and V (2 C'), the CRPE's three depthwise convolutions read V and write their outputs, then
   a cat copies them (4 C'); and `attention_backward.plan_b2` read K twice more for (M, L)
@@ -61,7 +63,7 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedGMAWeights
-from ._common import DotVariant, crpe_group, depthwise_tile, interpreting, stored
+from ._common import DotVariant, crpe_group, depthwise_tile, hardswish, interpreting, stored
 from .aggregation import _layer_norm_rows, _local_mix, _online_softmax_kv, _store_partial, _tile, split_plan
 from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2, stage_dtype, strip_width
 from .statistics import backward_dots, recompute_planes, statistics_dots
@@ -75,15 +77,16 @@ Launch = Tuple[object, tuple, tuple, dict]
 # ---------------------------------------------------------------- kernels
 @triton.jit(do_not_specialize=["N", "H", "W", "SW", "tiles_per_split"])
 def gma_recompute_attention_kernel(
-    p, r, part_m, part_l, part_acc, crpe_w3, crpe_w5, crpe_w7, crpe_b,
+    z, pv, r, part_m, part_l, part_acc, crpe_w3, crpe_w5, crpe_w7, crpe_b, bn_scale, bn_shift,
     N, H, W, SW, tiles_per_split,
     CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
     """Program (split, head, b): the softmax partial of K over its tiles and R of those tiles.
 
-    p: P (3B, C', N) channel-first (q images 0..B-1, then k, then v); r: R (B, C', N), both in the
-    stage dtype (`config.stage_dtype`: widened on load, rounded on store);
+    z: Z (3B, C', N) channel-first (q images 0..B-1, then k, then v): K = hardswish(Z bn_scale +
+    bn_shift) of the k images, computed on load; pv: P of the v images, V (B, C', N); r: R (B, C',
+    N); the three in the stage dtype (`config.stage_dtype`: widened on load, rounded on store);
     part_m, part_l (B, SPLITS, C') and part_acc (B, SPLITS, C', d) fp32: row (b SPLITS + split)
     4 + head // 2 of `aggregation._store_partial`'s packed layout (two heads of d a row)."""
     split = tl.program_id(0)
@@ -92,8 +95,8 @@ def gma_recompute_attention_kernel(
     B = tl.num_programs(2)
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
-    k_img = p + (B + b) * (CP * N)
-    v_img = p + (2 * B + b) * (CP * N)
+    k_img = z + (B + b) * (CP * N)
+    v_img = pv + b * (CP * N)
     r_img = r + b * (CP * N)
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
@@ -101,6 +104,8 @@ def gma_recompute_attention_kernel(
     ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
     w_taps = crpe_w + (head - first) * D + kk               # tap-major (ks, ks, group_heads D)
     bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
+    a = tl.load(bn_scale + ch, mask=kmask, other=0.0)[None, :]
+    bb = tl.load(bn_shift + ch, mask=kmask, other=0.0)[None, :]
     M = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
     L = tl.zeros([D_PAD], dtype=tl.float32)
     ACC = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
@@ -109,7 +114,7 @@ def gma_recompute_attention_kernel(
         n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
         m2 = pmask[:, None] & kmask[None, :]
         off = ch[None, :] * N + n[:, None]
-        zk = tl.load(k_img + off, mask=m2, other=0.0).to(tl.float32)
+        zk = hardswish(tl.load(k_img + off, mask=m2, other=0.0).to(tl.float32) * a + bb)
         zv = tl.load(v_img + off, mask=m2, other=0.0).to(tl.float32)
         M, L, ACC = _online_softmax_kv(zk, zv, pmask, M, L, ACC, DOT_PRECISION, EMULATE_DOTS)
         conv = depthwise_tile(v_img, ch * N, kmask, w_taps, group_heads * D, n, y, x, pmask, H, W, 1, ks, BLOCK_P,
@@ -225,25 +230,30 @@ ATTENTION_SEARCH = ((32, 4), (32, 8), (16, 8))
 LOCAL_SEARCH = ((32, 8, 16), (64, 8, 16), (16, 4, 16))
 
 
-def plan_recompute_attention(P: Tensor, H: int, W: int, wts: FoldedGMAWeights, tiles: Optional[Tuple[int, int]] = None,
-                             dots: Optional[DotVariant] = None) -> Tuple[Dict[str, Tensor], Launch]:
-    """Buffers (R (B, C', H, W) in P's dtype, part_m, part_l (B, SPLITS, C'), part_acc (B, SPLITS,
-    C', d) fp32) and the launch of `gma_recompute_attention_kernel` over P (3B, C', H, W) in a
+def plan_recompute_attention(Z: Tensor, PV: Tensor, H: int, W: int, wts: FoldedGMAWeights,
+                             tiles: Optional[Tuple[int, int]] = None, dots: Optional[DotVariant] = None
+                             ) -> Tuple[Dict[str, Tensor], Launch]:
+    """Buffers (R (B, C', H, W) in the stage dtype, part_m, part_l (B, SPLITS, C'), part_acc (B,
+    SPLITS, C', d) fp32) and the launch of `gma_recompute_attention_kernel` over Z (3B, C', H, W)
+    (K from its k images) and PV (B, C', H, W) (V, the v images' proxies), both contiguous in one
     stage dtype (fp32, fp16, bf16: `config.stage_dtype`), without launching (meta tensors work).
     dots: default the fp32 variant (`statistics_dots`); `recompute` passes the backward's."""
-    I, cp, _, _ = P.shape
+    I, cp, _, _ = Z.shape
     B, N, d = I // 3, H * W, cp // NUM_HEADS
-    if P.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not P.is_contiguous():
-        raise TypeError(f"P: a contiguous fp32/fp16/bf16 (3B, C', H, W) tensor expected, got {P.dtype}, "
-                        f"strides {P.stride()}")
-    dots = dots or statistics_dots(P)
+    for name, t, rows in (("Z", Z, 3 * B), ("PV", PV, B)):
+        if (t.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not t.is_contiguous()
+                or tuple(t.shape) != (rows, cp, H, W) or t.dtype != Z.dtype):
+            raise TypeError(f"{name}: a contiguous fp32/fp16/bf16 ({rows}, {cp}, {H}, {W}) tensor in Z's dtype "
+                            f"expected, got {t.dtype} {tuple(t.shape)}, strides {t.stride()}")
+    dots = dots or statistics_dots(Z)
     bp, warps = tiles or attention_tiles(d, N, dots.precision)
     splits, tps = split_plan(N, B, bp, SPLIT_TARGET, NUM_HEADS)
-    f32 = dict(dtype=torch.float32, device=P.device)
-    buf = {"R": torch.empty(B, cp, H, W, dtype=P.dtype, device=P.device), "part_m": torch.empty(B, splits, cp, **f32),
+    f32 = dict(dtype=torch.float32, device=Z.device)
+    buf = {"R": torch.empty(B, cp, H, W, dtype=Z.dtype, device=Z.device), "part_m": torch.empty(B, splits, cp, **f32),
            "part_l": torch.empty(B, splits, cp, **f32), "part_acc": torch.empty(B, splits, cp, d, **f32)}
     crpe = [w.float().contiguous() for w in (wts.crpe_w3, wts.crpe_w5, wts.crpe_w7, wts.crpe_b)]
-    args = (P, buf["R"], buf["part_m"], buf["part_l"], buf["part_acc"], *crpe, N, H, W, strip_width(W), tps)
+    bn = [w.reshape(-1).float().contiguous() for w in (wts.bn_scale, wts.bn_shift)]
+    args = (Z, PV, buf["R"], buf["part_m"], buf["part_l"], buf["part_acc"], *crpe, *bn, N, H, W, strip_width(W), tps)
     kwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
     return buf, (gma_recompute_attention_kernel, (splits, NUM_HEADS, B), args, kwargs)
@@ -296,21 +306,21 @@ def _launch(launches: List[Launch], like: Tensor) -> None:
 
 def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float) -> Dict[str, Tensor]:
     """`backward.recompute` on kernels (`backward.Stages.recompute` of `train_op.triton_stages`):
-    the keys the Triton stages read, Z, P, y, KV, k_max, k_sum, R, w4, xh4, rstd4, and qkv itself
-    (the depthwise inputs, read in place: not u, u4, Ks, pre_act, streams, the PyTorch stages'
-    own). Three launches (module docstring), with the backward's dots (`statistics.backward_dots`).
+    the keys the Triton stages read, Z, V (P of the v images: the stages take q's and k's
+    proxies from Z), y, KV, k_max, k_sum, R, w4, xh4, rstd4, and qkv itself (the depthwise
+    inputs, read in place: not P, u, u4, Ks, pre_act, streams, the PyTorch stages' own). Three launches (module docstring), with the backward's dots (`statistics.backward_dots`).
     Compute dtypes other than float32 (float64 inputs) take the PyTorch `backward.recompute`."""
     if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
         from .backward import recompute as torch_recompute
         return torch_recompute(qkv, H, W, wts, ln_eps)
-    Z, P, y = recompute_planes(qkv, H, W, wts)          # the op takes backward_dots(qkv) itself
+    Z, V, y = recompute_planes(qkv, H, W, wts)          # the op takes backward_dots(qkv) itself
     dots = backward_dots(qkv)
     C = qkv.shape[-1] // 3
-    att, la = plan_recompute_attention(P, H, W, wts, tile_spaces.tuned_tiles(ATTENTION_FAMILY, C, qkv), dots=dots)
+    att, la = plan_recompute_attention(Z, V, H, W, wts, tile_spaces.tuned_tiles(ATTENTION_FAMILY, C, qkv), dots=dots)
     loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps, tile_spaces.tuned_tiles(LOCAL_FAMILY, C, qkv), dots=dots)
     _launch([la, ll], qkv)
     k_max, k_sum, KV = merge_softmax_partials(att["part_m"], att["part_l"], att["part_acc"])
-    return dict(Z=Z, P=P, y=y, KV=KV, k_max=k_max, k_sum=k_sum, R=att["R"], w4=loc["w4"], xh4=loc["xh4"],
+    return dict(Z=Z, V=V, y=y, KV=KV, k_max=k_max, k_sum=k_sum, R=att["R"], w4=loc["w4"], xh4=loc["xh4"],
                 rstd4=loc["rstd4"], qkv=qkv)
 
 

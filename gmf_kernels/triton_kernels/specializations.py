@@ -225,7 +225,7 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     stage tensors in their dtype (`config.stage_dtype`: the input's for fp16/bf16) with the backward's dots (`statistics.backward_dots`:
     the input dtype's variant, one TF32 pass for fp16/bf16 on sm_80+): the attention
     backward (attention_backward.py: B1, B2, CRPE; `plan_b1` / `plan_b2` on meta tensors in the
-    layouts `backward.pre_projection_backward` passes: dA a view of grad_pre, Q/K/V slices of P)
+    layouts `backward.pre_projection_backward` passes: dA a view of grad_pre, Zq/Zk slices of Z)
     and, with `aggregation`, the aggregation backward (aggregation_backward.py `plan_stages`:
     batch statistics and running statistics, fused and separate B3, the local branch). tiles:
     {tuning family: tile} in place of the launchers' defaults (`tile_spaces`; the tuner's
@@ -246,14 +246,15 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     meta = dict(device="meta", dtype=torch.float32)
     dt = call.torch_dtype()
     st = dict(device="meta", dtype=stage_dtype(dt))     # the stage tensors' dtype (`config.stage_dtype`)
-    P = torch.empty(3 * B, cp, H, W, **st)
+    Z = torch.empty(3 * B, cp, H, W, **st)
     # dA: the view of grad_pre (the layer's output gradient, in the input's dtype: Stages.grad_pre_as_is)
     dA = torch.empty(B, N, C, device="meta", dtype=dt)[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
-    rc = {"P": P, "KV": torch.empty(B, 8, d, d, **meta), "R": torch.empty(B, cp, H, W, **st),
-          "Z": torch.empty_like(P)}
+    rc = {"Z": Z, "V": torch.empty(B, cp, H, W, **st), "KV": torch.empty(B, 8, d, d, **meta),
+          "R": torch.empty(B, cp, H, W, **st)}
     weights = meta_weights(C)
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)
-    _, launches = plan_b1(P[:B].reshape(B, 8, d, N), dA, d ** -0.5, dots=dots, tile=t.get(B1_FAMILY))
+    _, launches = plan_b1(Z[:B].reshape(B, 8, d, N), dA, d ** -0.5, weights.bn_scale, weights.bn_shift, dots=dots,
+                          tile=t.get(B1_FAMILY))
     stats4 = torch.empty(4, s, **meta)
     # B2 with the BatchNorm backward fused in (batch statistics, and running statistics), as
     # `train_op.triton_stages` runs it
@@ -317,11 +318,11 @@ def statistics_specializations_of_call(call: Call, arch: int,
     specs = [specialize_launch(gma_statistics_kernel, arch, args, kwargs)]
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)   # the backward's
     if _backward_kernels_run(call, arch):
-        (_z, P, _y), (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, wts.bn_scale, wts.bn_shift,
+        (Z, PV, _y), (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, wts.bn_scale, wts.bn_shift,
                                                                 *w, t.get(RECOMPUTE_Z_FAMILY), dots=dots)
         specs.append(specialize_launch(gma_recompute_z_kernel, arch, args, kwargs))
-        for fn, _grid, args, kwargs in (plan_recompute_attention(P, call.H, call.W, wts, t.get(ATTENTION_FAMILY),
-                                                                 dots=dots)[1],
+        for fn, _grid, args, kwargs in (plan_recompute_attention(Z, PV, call.H, call.W, wts,
+                                                                 t.get(ATTENTION_FAMILY), dots=dots)[1],
                                         plan_recompute_local(qkv, call.H, call.W, wts, 1e-5, t.get(LOCAL_FAMILY),
                                                              dots=dots)[1]):
             specs.append(specialize_launch(fn, arch, args, kwargs))

@@ -2,7 +2,7 @@
 of Z) and the backward's recompute of Z and the depthwise outputs y (end of this docstring).
 
     mean, var, count = statistics(qkv, H, W, wts, group)      # backward.statistics' contract
-    Z, P, y = recompute_planes(qkv, H, W, wts)                # the backward's recompute, first launch
+    Z, PV, y = recompute_planes(qkv, H, W, wts)               # the backward's recompute, first launch
 
 Z is what the aggregator BatchNorms normalise: segments 0..3 of q, k and v (segment 0 itself,
 segment j = 1..3 the s x s pointwise of the (2j+1)x(2j+1) depthwise), with per-channel batch
@@ -73,21 +73,25 @@ nothing about speed.
 **Recompute for the backward** (`gma_recompute_z_kernel`; `recompute_z`, op
 ``gmf::triton_proxy_z``, `recompute_planes`: the first launch of recompute.py, the Triton stage
 set's `backward.Stages.recompute`). The backward needs Z itself, not its moments, the proxies
-P = hardswish(Z bn_scale + bn_shift) (B2 reads them), and the depthwise outputs y_j (the
+P = hardswish(Z bn_scale + bn_shift) of the v images, PV (the CRPE stencils of the recompute
+and of B2 read V with its halo: a transform per tap would cost more than its bytes; the readers
+of q's and k's proxies, B1, B2 and the softmax recompute, take them from Z with the affine
+and hardswish on load: they read Z of q and k anyway or read it instead), and the depthwise outputs y_j (the
 pointwise backward's input; the depthwise backward reads its input u_j from qkv itself,
 `aggregation_backward.qkv_layout`): the same grid ``(R, 3B)`` (its own costs:
 `segment_costs` with the stores) and the
 same per-tile Z (`_dw_pw_heads` with its STORE_Y: a store of each depthwise chunk), stored
 instead of reduced, in the stage dtype (`config.stage_dtype`: qkv's own for fp16/bf16, fp32 for
 fp32; computed in fp32, rounded once on store), channel-first as
-the stages read them: Z and P (3B, 4s, H, W), segment 0 of Z being qkv's segment 0,
+the stages read them: Z (3B, 4s, H, W), segment 0 of Z being qkv's segment 0, PV (B, 4s, H, W),
 and y_all (3, 3B, s, H, W), y_all[j - 1] = y_j (one buffer: the pointwise-backward kernel takes
 the three with one stride set). The stores go along the tile's token axis (consecutive tokens
 of a channel are consecutive addresses). Per token, in units of s x 4 bytes per stream (q, k, v),
 e = qkv's element size (the stage tensors' too):
 
-* bytes: reads 4 e / 4 (qkv's segments 0..3, as the statistics pass); writes Z 4, P 4, y 3 times
-  e / 4: 15 e / 4 units (15 for fp32 inputs, 7.5 for fp16/bf16). PyTorch's same tensors and its u_j copies (`backward.recompute`,
+* bytes: reads 4 e / 4 (qkv's segments 0..3, as the statistics pass); writes Z 4, P 4 / 3 (the
+  v images), y 3 times e / 4: 12.3 e / 4 units (12.3 for fp32 inputs, 6.2 for fp16/bf16; 15 e / 4
+  while P of q and k was written too, until 2026-12-02). PyTorch's same tensors and its u_j copies (`backward.recompute`,
   fp32): the layout copies of u_0..3 8, the depthwise 6, the pointwise 6, the cat 8, then
   pre_act = Z a + b and P = hardswish(pre_act) 16 (read Z, write pre_act, read it, write P): 44
   units; and the depthwise backward read the u_j copies (3) where it now reads qkv (3 e / 4).
@@ -96,7 +100,7 @@ e = qkv's element size (the stage tensors' too):
 
 Bound aimed at: HBM bandwidth (mostly the writes), far below any ridge. Not measured (no GPU).
 Nothing is saved by the forward for it (activation memory unchanged): the backward allocates
-Z, P and y (11 s e B per token and stream), less than PyTorch's recompute (no u_j copies, no
+Z, PV and y (8.3 s e B per token and stream), less than PyTorch's recompute (no u_j copies, no
 pointwise outputs before a cat, no pre-activation).
 """
 from __future__ import annotations
@@ -243,34 +247,38 @@ def _store_channels(dst, ch, n, val, mask, N, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D: tl.constexpr, D_PAD: tl.constexpr,
+def _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, with_p, D: tl.constexpr, D_PAD: tl.constexpr,
                EMULATE: tl.constexpr):
-    """A tile's two heads of Z and of P = hardswish(Z a + b) (both from the fp32 Z) into their
-    channel-first images."""
+    """A tile's two heads of Z and, with_p (the v images), of P = hardswish(Z a + b) (both from
+    the fp32 Z) into their channel-first images."""
     kk = tl.arange(0, D_PAD)
     m2d = pmask[:, None] & (kk < D)[None, :]
     _store_channels(z_seg, kk, n, z0, m2d, N, EMULATE)
     _store_channels(z_seg, D + kk, n, z1, m2d, N, EMULATE)
-    _store_channels(p_seg, kk, n, hardswish(z0 * a0 + b0), m2d, N, EMULATE)
-    _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N, EMULATE)
+    if with_p:
+        _store_channels(p_seg, kk, n, hardswish(z0 * a0 + b0), m2d, N, EMULATE)
+        _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N, EMULATE)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3"])
 def gma_recompute_z_kernel(
-    qkv, z, p, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw,
+    qkv, z, pv, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw,
     N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
     C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
 ):
-    """Segment `seg` of Z and of the proxies P = hardswish(Z * bn_scale + bn_shift) (and, seg >=
-    1, the depthwise output y_seg) for the tiles of program (split, seg, img):
-    in the stage dtype (the buffers'), channel-first, z and p (3B, 4s, H, W), y_all (3, 3B, s, H, W) (module
+    """Segment `seg` of Z, of the v images' proxies P = hardswish(Z * bn_scale + bn_shift) and, seg >=
+    1, of the depthwise output y_seg, for the tiles of program (split, seg, img):
+    in the stage dtype (the buffers'), channel-first, z (3B, 4s, H, W), pv (B, 4s, H, W) (images
+    2B.. of P: the readers of q's and k's proxies take them from Z), y_all (3, 3B, s, H, W) (module
     docstring, "Recompute"). Segment 0 is qkv's segment 0 (it is its own u_0)."""
     _, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3,
                                                C, S, BLOCK_P)
     plane = img.to(tl.int64) * (4 * S * N) + seg * S * N               # channel seg * s of image img
     z_seg = z + plane
-    p_seg = p + plane
+    v0 = 2 * (tl.num_programs(1) // 3)                                 # the first v image
+    with_p = img >= v0
+    p_seg = pv + (tl.maximum(img - v0, 0).to(tl.int64) * (4 * S * N) + seg * S * N)
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
     a0 = tl.load(bn_scale + seg * S + kk, mask=kmask, other=0.0)[None, :]
@@ -282,7 +290,7 @@ def gma_recompute_z_kernel(
         while t < t1:
             n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
-            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D, D_PAD, EMULATE_DOTS)
+            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, with_p, D, D_PAD, EMULATE_DOTS)
             t += 1
     else:
         dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
@@ -293,7 +301,7 @@ def gma_recompute_z_kernel(
             n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
                                   S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True)
-            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, D, D_PAD, EMULATE_DOTS)
+            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, with_p, D, D_PAD, EMULATE_DOTS)
             t += 1
 
 
@@ -435,7 +443,8 @@ def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute
     the work (padded widths; Sc = ceil(s / CK) CK, Dp = D_PAD): segment 0 loads its two heads
     (2 Dp elements), segment j = 1..3 runs Sc (2j+1)^2 taps and the s x s pointwise into two
     heads (Sc 2 Dp multiply-adds); then per head pair the statistics kernel folds the moments
-    (~2 Dp elements), the recompute kernel stores Z and P (4 Dp) and, j >= 1, y_j (Sc stores)."""
+    (~2 Dp elements), the recompute kernel stores Z and P (4 Dp; P of the v images only, counted for every image: one plan
+    serves all) and, j >= 1, y_j (Sc stores)."""
     from .aggregation import DOT_MAC_COST, ELEMENT_COST, TAP_COST
     bp, _, ck = tiles
     s = C // 5
@@ -543,14 +552,15 @@ def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor
 def plan_recompute(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
                    dw7: Tensor, pw: Tensor, tiles: Optional[Tuple[int, int, int]] = None,
                    dots: Optional[DotVariant] = None):
-    """Allocate Z and P (3B, 4s, H, W) and y_all (3, 3B, s, H, W) (the stage dtype `config.stage_dtype`, contiguous) and describe
-    the recompute launch (the statistics pass's grid), without launching: ((z, p, y_all), (grid,
-    args, kwargs)). dots: default `backward_dots`."""
+    """Allocate Z (3B, 4s, H, W), P of the v images PV (B, 4s, H, W) and y_all (3, 3B, s, H, W)
+    (the stage dtype `config.stage_dtype`, contiguous) and describe the recompute launch (the
+    statistics pass's grid), without launching: ((z, pv, y_all), (grid, args, kwargs)). dots:
+    default `backward_dots`."""
     B, N, C3 = qkv.shape
     s = C3 // 15
     qkv, dots, tiles, plan = _grid_plan(qkv, dots or backward_dots(qkv), tiles, recompute_tiles, True)
     st = dict(dtype=stage_dtype(qkv.dtype), device=qkv.device)
-    out = (torch.empty(3 * B, 4 * s, H, W, **st), torch.empty(3 * B, 4 * s, H, W, **st),
+    out = (torch.empty(3 * B, 4 * s, H, W, **st), torch.empty(B, 4 * s, H, W, **st),
            torch.empty(3, 3 * B, s, H, W, **st))
     return out, kernel_call(qkv, H, W, out + (bn_scale, bn_shift, dw3, dw5, dw7, pw), plan, tiles, dots)
 
@@ -558,7 +568,8 @@ def plan_recompute(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tens
 def recompute_z(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
                 dw7: Tensor, pw: Tensor, tiles: Optional[Tuple[int, int, int]] = None,
                 dots: Optional[DotVariant] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Launch `gma_recompute_z_kernel`: (Z, P, y_all), y_all[j - 1] = y_j (module docstring)."""
+    """Launch `gma_recompute_z_kernel`: (Z, PV, y_all), PV the v images' P, y_all[j - 1] = y_j
+    (module docstring)."""
     from .launcher import device_guard, wrap_triton
     weights = tuple(w.float().contiguous() for w in (bn_scale, bn_shift, dw3, dw5, dw7, pw))
     out, (grid, args, kwargs) = plan_recompute(qkv, H, W, *weights, tiles, dots)
@@ -611,8 +622,8 @@ def _register_recompute():
     def _(qkv, H, W, bn_scale, bn_shift, dw3, dw5, dw7, pw):
         B, s = qkv.shape[0], qkv.shape[-1] // 15
         st = stage_dtype(qkv.dtype)
-        planes = [qkv.new_empty(3 * B, 4 * s, H, W, dtype=st) for _ in range(2)]
-        return tuple(planes + [qkv.new_empty(3, 3 * B, s, H, W, dtype=st)])
+        return (qkv.new_empty(3 * B, 4 * s, H, W, dtype=st), qkv.new_empty(B, 4 * s, H, W, dtype=st),
+                qkv.new_empty(3, 3 * B, s, H, W, dtype=st))
     return op
 
 
@@ -643,7 +654,8 @@ def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
 
 def recompute_planes(qkv: Tensor, H: int, W: int, wts) -> Tuple[Tensor, Tensor, list]:
     """The recompute kernel's results as the backward stages take them (op ``gmf::triton_proxy_z``,
-    ONE launch): (Z, P, y), Z and P (3B, 4s, H, W) in the stage dtype, y = [y_1, y_2, y_3] (3B, s, H, W) views of
+    ONE launch): (Z, PV, y), Z (3B, 4s, H, W) and PV (B, 4s, H, W) (the v images' proxies P:
+    the readers of q's and k's take them from Z) in the stage dtype, y = [y_1, y_2, y_3] (3B, s, H, W) views of
     one (3, 3B, s, H, W) buffer (so the pointwise-backward kernel takes the three with one stride
     set). The depthwise inputs u_j are not copied: the depthwise backward reads them from qkv
     (`aggregation_backward.qkv_layout`). wts: the folded weights (fp32; bn_scale / bn_shift (4, s),
@@ -652,9 +664,9 @@ def recompute_planes(qkv: Tensor, H: int, W: int, wts) -> Tuple[Tensor, Tensor, 
     for name in ("bn_scale", "bn_shift"):
         if getattr(wts, name).numel() != 4 * s:
             raise ValueError(f"{name}: {tuple(getattr(wts, name).shape)}, expected (4, {s}) (folded BatchNorms)")
-    z, p, y_all = torch.ops.gmf.triton_proxy_z(qkv, H, W, wts.bn_scale, wts.bn_shift, wts.dw3, wts.dw5, wts.dw7,
+    z, pv, y_all = torch.ops.gmf.triton_proxy_z(qkv, H, W, wts.bn_scale, wts.bn_shift, wts.dw3, wts.dw5, wts.dw7,
                                                wts.pw)
-    return z, p, list(y_all.unbind(0))
+    return z, pv, list(y_all.unbind(0))
 
 
 register_tiles(STATS_FAMILY, ("BLOCK_P", "num_warps", "CK"), gpu_stats_tiles, lambda C, p: STATS_SEARCH,

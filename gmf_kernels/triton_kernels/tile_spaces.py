@@ -5,7 +5,7 @@ Families, each registered by the module that launches its kernels, next to its t
 
     family                       kernels                                   knobs
     triton.statistics            statistics pass (statistics.py)           BLOCK_P, num_warps, CK
-    triton.recompute_z           recompute of Z, P, y (statistics.py)      BLOCK_P, num_warps, CK
+    triton.recompute_z           recompute of Z, V, y (statistics.py)      BLOCK_P, num_warps, CK
     triton.recompute_attention   softmax statistics, KV, CRPE (recompute)  BLOCK_P, num_warps
     triton.recompute_local       local branch (recompute.py)               BLOCK_P, num_warps, CK
     triton.b1                    dKV (attention_backward.py)               BLOCK_P, num_warps

@@ -123,7 +123,7 @@ def triton_stages(s: int, dots: DotVariant, tiles: Optional[TrainTiles] = None) 
     (attention_backward.py: dKV, dQ/dK/dV, the CRPE input and weight gradients, with the
     BatchNorm/hardswish backward fused in: G and its sums, `Stages.b2_fused_bn`), B3 (dZ fused into the pointwise kernel, or written first
     at S_PAD 128) and the depthwise stencils, and the local branch
-    (aggregation_backward.py), and the recompute of what they read (recompute.py: Z, P, u, y by
+    (aggregation_backward.py), and the recompute of what they read (recompute.py: Z, V, y by
     statistics.py's `gma_recompute_z_kernel`, the softmax statistics, KV and the CRPE, the local
     branch); elsewhere (S_PAD 128 with sm_70/75's FMA dots, where those kernels spill) the
     PyTorch stages. tiles: B1's, B2's and the aggregation backward's (`train_tiles`; default
@@ -135,7 +135,7 @@ def triton_stages(s: int, dots: DotVariant, tiles: Optional[TrainTiles] = None) 
 
     def bind(stage, **kw):
         return functools.partial(stage, dots=dots, **kw)
-    return Stages(b1_dkv=bind(ab.b1_dkv, tile=tiles.b1), b2_proxy_grads=bind(ab.b2_proxy_grads,
+    return Stages(b1_dkv=bind(ab.b1_stage, tile=tiles.b1), b2_proxy_grads=bind(ab.b2_proxy_grads,
                                                                               tiles=(tiles.b2, tiles.b2_crpe)),
                   b2_bn_sums=None,
                   b3=bind(agb.b3_fused, tiles=tiles.backward), local_backward=bind(agb.local_backward,
