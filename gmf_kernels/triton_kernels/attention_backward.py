@@ -77,12 +77,13 @@ Kernels (per head h, d = C'/8 channels, N = H*W tokens; e = the stage tensors' e
   gradient) and 30 taps on average (240 d taps over 8 d channels): 120 flops per 16 bytes,
   7.5 flop per byte, below the fp32 FMA ridge (about 20 on H100): HBM-bound.
 
-Tiles: `B1_TILES` / `B2_TILES` / `config.crpe_bwd_tiles` by D_PAD, chosen by compiling (ptxas -v, the
-JIT's specialisation of batch-128 fp32 calls) for sm_80 and sm_90: zero spills for every
-released width (C = 40 .. 480) at its 224x224 stage grid; not timed (no GPU where they were
-written; 200-250 registers at D_PAD = 32 on sm_80 limit occupancy, a GPU run is to weigh
-smaller tiles). tests/test_triton_attention_backward.py checks C = 320. Not compiled for
-sm_70/75 ("ieee" FMA dots) yet. One large tile under the interpreter.
+Tiles: `B1_TILES` / `B2_TILES` / `config.crpe_bwd_tiles` by D_PAD (and by dot precision where
+the GPU generations need others), chosen by compiling (ptxas -v, the JIT's specialisations of
+the real calls): zero spills for every released width at its stage grid on sm_70/75/80/90
+(benchmarks/results/triton_backward_resources_*.md, regenerated with each kernel change); not
+timed (no GPU where they were written; 200-255 registers at D_PAD = 32 limit occupancy, a GPU
+run is to weigh smaller tiles: `benchmarks/tune.py --train`). tests/test_triton_attention_backward.py
+compiles C = 320. One large tile under the interpreter.
 """
 from __future__ import annotations
 
@@ -491,8 +492,11 @@ B1_FAMILY = "triton.b1"
 B2_FAMILY = "triton.b2"
 CRPE_FAMILY = "triton.b2_crpe"
 #: Further (tokens per tile, num_warps) the tuner tries for each of the three kernels
-#: (benchmarks/tune.py --train refuses one that spills at the call's width). AOT sweep of the candidates (2026-12-02, `specializations.candidate_specializations`: GroupMixFormer-S's real calls at batch 128, fp32 and bf16, sm_90): none
-#: spilled (at most 170 / 188 / 244 registers for B1 / B2 / CRPE).
+#: (benchmarks/tune.py --train refuses one that spills at the call's width). AOT sweep of the
+#: candidates (2026-12-02, `specializations.candidate_specializations`: GroupMixFormer-S's real calls
+#: at batch 128, fp32 and bf16, sm_90): none spilled then (at most 170 / 188 / 244 registers for
+#: B1 / B2 / CRPE); since B2 forms Q, K from Z (2026-12-03) B2's (64, 4) and (64, 8) spill at
+#: D_PAD = 32 on some architectures (`config.B2_TILES`' note), which the tuner refuses there.
 TILE_SEARCH = ((64, 4), (32, 4), (32, 8), (16, 4), (64, 8))
 
 

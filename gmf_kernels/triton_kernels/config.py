@@ -225,7 +225,12 @@ ATTN_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int]]] = {"ieee": {16: (32, 4
 #: at D_PAD = 64, B1 (64, 4) spilled 728 B on sm_80, B2 (32, 4) ~100 B on both; the CRPE kernel
 #: at (64, 4) and D_PAD = 32 spilled 332 B (sm_80) / 144 B (sm_90), (32, 2) too.
 B1_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (64, 4), 64: (32, 4)}
-B2_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (64, 4), 64: (32, 8)}
+#: B2 at D_PAD = 32 (C = 200, 240, 320) since B2 reads Z of q and k and forms Q, K on load
+#: (2026-12-03; batch 128, every dtype, sm_70/75/80/90): (64, 4) spilled 28-148 B with FMA dots on
+#: sm_70/75 and 64 B at C = 320 fp16/bf16 on sm_90, (32, 4) 32-104 B on sm_70/75, (64, 8) 4-12 B
+#: at C = 320 fp32 on sm_80; (32, 8) none (at most 255 registers with 3xTF32 dots on sm_80, 175-192
+#: otherwise).
+B2_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (32, 8), 64: (32, 8)}
 CRPE_BWD_TILES: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (32, 4), 64: (16, 4)}
 #: The CRPE backward's tiles where they differ by GPU generation, keyed by the layer's dot
 #: precision as its stand-in (the kernel itself has no dots: "ieee" is sm_70/75, "tf32" and

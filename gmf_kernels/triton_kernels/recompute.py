@@ -180,11 +180,12 @@ def gma_recompute_local_kernel(
 #: above, none (at most 174).
 ATTENTION_TILES = {16: (32, 4), 32: (16, 4)}
 #: Since the stage tensors of fp16/bf16 layers are fp16/bf16 (`config.stage_dtype`, 2026-12-02), ptxas
-#: spilled a few bytes at D_PAD = 16 with the TF32 tiles above, erratically (at 48-56 registers:
-#: (32, 8) 8 B at C = 40 on sm_90, (16, 8) 40-48 B on sm_80, (64, 8) 16 B at C = 80 fp16 on sm_80,
-#: (32, 4) 8 B at C = 40 on sm_90); (32, 2) none at C = 40, 80, 160, fp16 and bf16, sm_80 and sm_90
-#: (at most 205 registers).
-ATTENTION_TILES_BY_DOTS = {"tf32": {16: (32, 2), 32: (32, 8), 64: (32, 8)}}
+#: spilled a few bytes at D_PAD = 16 with TF32 tiles, erratically, where it chose 48-72 registers.
+#: Since the kernel reads Z of k and forms K on load (2026-12-03; C = 40, 80, 160, batch 128, fp16
+#: and bf16): (32, 2) spilled 16 B at C = 160 on sm_90, (16, 4) 8-16 B at C = 40, 80 on sm_80,
+#: (32, 4) none on sm_80 and sm_90 (126-128 registers), (32, 8) none (64-112): D_PAD = 16 takes
+#: ATTENTION_TILES' (32, 4) with every dot precision.
+ATTENTION_TILES_BY_DOTS = {"tf32": {32: (32, 8), 64: (32, 8)}}
 LOCAL_TILES = {16: (32, 8, 16), 32: (64, 8, 16), 64: (64, 8, 16), 128: (32, 8, 16)}
 LOCAL_TILES_BY_DOTS = {"tf32": {32: (64, 4, 16), 128: (64, 8, 16)}}
 SMALLEST_TILE = (16, 4)
