@@ -96,14 +96,19 @@ def test_pytorch_stages_fallback(cuda_on_cpu, monkeypatch):
     assert not kernel_statistics
 
 
-def test_triton_backward_reasons():
-    """The reasons come from the Triton backend's support data, plus the backward kernels' width."""
+def test_triton_backward_reasons(monkeypatch):
+    """The reasons come from the Triton backend's support data (its training size limits
+    included), plus the backward kernels' width."""
     from gmf_kernels.cuda.train_op import triton_backward_reasons
+    from gmf_kernels.triton_kernels import config
     from gmf_kernels.triton_kernels.config import BACKWARD_KERNELS_MAX_S_PAD
     assert triton_backward_reasons(torch.zeros(1, 12, 3 * 320), 3, 4, 8) == []   # interpreter on (conftest)
     wide = 5 * 2 * BACKWARD_KERNELS_MAX_S_PAD["tf32x3"]     # the interpreter emulates an sm_80
     assert any("segment width" in r for r in triton_backward_reasons(torch.zeros(1, 12, 3 * wide), 3, 4, 8))
     assert any("float64" in r for r in triton_backward_reasons(torch.zeros(1, 12, 240, dtype=torch.float64), 3, 4, 8))
+    monkeypatch.setattr(config, "MAX_TRAIN_BATCH", 1)
+    assert any("at most 1 images" in r for r in triton_backward_reasons(torch.zeros(2, 12, 120), 3, 4, 8))
+    assert triton_backward_reasons(torch.zeros(1, 12, 120), 3, 4, 8) == []
 
 
 @pytest.mark.parametrize("C, grid, B", [(40, (7, 9), 2), (80, (5, 6), 1)], ids=["C40-7x9-B2", "C80-5x6-B1"])

@@ -131,6 +131,44 @@ def test_explicit_triton_declares_training_per_dtype(monkeypatch):
         m(torch.randn(1, 63, 80, dtype=torch.bfloat16), (7, 9))
 
 
+@pytest.mark.skipif(not _triton_backend_module_exists(), reason="no triton backend module")
+def test_training_kernels_declare_their_size_limits(monkeypatch):
+    """The training kernels' limits as data (`config.MAX_TRAIN_BATCH`: 3B images on a grid
+    dimension; `config.MAX_TRAIN_ELEMENTS`: 32-bit offsets): past them the Triton backend refuses
+    training and gradient calls with the reason (eval batches run in chunks instead, no reason),
+    the CUDA backend's training path names it as its reason to take the PyTorch backward
+    (`cuda.train_op._backward_reasons`), and the run-time checks of the statistics pass and the
+    backward op (what stands when torch.compile dispatches without the sizes) raise it."""
+    from gmf_kernels.cuda.train_op import _backward_reasons
+    from gmf_kernels.folding import folded_weights
+    from gmf_kernels.numerics import default_hyper
+    from gmf_kernels.triton_kernels import config, statistics, train_op  # noqa: F401  (registers the ops)
+    tb = get_backend("triton")
+    big = config.MAX_TRAIN_BATCH + 1
+    for kw in (dict(training=True, needs_grad=True), dict(needs_grad=True)):
+        assert any("at most 21845 images" in r for r in tb.not_supported_reasons(problem(B=big, explicit=True, **kw)))
+        assert not tb.not_supported_reasons(problem(B=big - 1, explicit=True, **kw))
+    assert not tb.not_supported_reasons(problem(B=10 * big, explicit=True))       # eval: chunks
+    # B N 3C = 2.26e9 elements at B = 1000 at 56x56, C = 240 (951 fit)
+    r = tb.not_supported_reasons(problem(B=1000, H=56, W=56, dim=240, training=True, explicit=True))
+    assert len(r) == 1 and "32-bit offsets" in r[0] and "at most 951 images" in r[0], r
+    assert not tb.not_supported_reasons(problem(B=951, H=56, W=56, dim=240, training=True, explicit=True))
+    assert "32-bit offsets" in _backward_reasons(1000, 56, 56, 240, 8, torch.float16, "cuda", None)
+
+    monkeypatch.setattr(config, "MAX_TRAIN_BATCH", 1)
+    m = module(dim=40, backend="triton").train()
+    with pytest.raises(ValueError, match="at most 1 images per call"):
+        m(torch.randn(2, 35, 40), (5, 7))
+    qkv = torch.randn(2, 35, 120)
+    w = random_gma_weights(40)
+    with pytest.raises(ValueError, match="at most 1 images per call"):
+        statistics.statistics(qkv, 5, 7, folded_weights(w, default_hyper(40), torch.float32))
+    with pytest.raises(ValueError, match="at most 1 images per call"):
+        torch.ops.gmf.triton_pre_projection_backward(torch.randn(2, 35, 40), qkv, 5, 7,
+                                                     list(folded_weights(w, default_hyper(40), torch.float32)),
+                                                     0.5, 1e-5, None, None)
+
+
 @pytest.mark.parametrize("what", ["meta_device", "int_dtype"])
 def test_nothing_fits_raises_not_implemented(what):
     p = problem(device_type="meta") if what == "meta_device" else problem(dtype=torch.int32)

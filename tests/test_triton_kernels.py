@@ -391,6 +391,28 @@ def test_poison_does_not_change_result(monkeypatch):
     assert torch.equal(a, b)
 
 
+def test_batch_beyond_the_grid_limit_runs_in_chunks(monkeypatch):
+    """An eval batch of more than `config.MAX_GRID_BATCH` images (the batch is a grid dimension,
+    65535 at most on CUDA) runs in chunks of that many: shown with the limit set to 2 and B = 5,
+    chunks (2, 2, 1), the result within the fp32 tolerance of the float64 oracle and equal to
+    the unchunked call's to the plans' rounding."""
+    case = Case(40, 5, 7, 5, seed=21)
+    whole = _forward(case, torch.float32)
+    seen = []
+    launch = op.launch_pre_projection
+
+    def recording(qkv, *args, **kwargs):
+        seen.append(qkv.shape[0])
+        return launch(qkv, *args, **kwargs)
+
+    monkeypatch.setattr(op, "launch_pre_projection", recording)
+    monkeypatch.setattr(config, "MAX_GRID_BATCH", 2)
+    out = _forward(case, torch.float32)
+    assert seen == [2, 2, 1]
+    _assert_rel(out, case.out, FP32_TOL, "chunked batch")
+    _assert_rel(out, whole, FP32_TOL, "chunked against whole")
+
+
 def test_noncontiguous_input():
     case = Case(80, 7, 9, 2, seed=12)
     x = case.x64.to(DEVICE, torch.float32).transpose(0, 1).contiguous().transpose(0, 1)

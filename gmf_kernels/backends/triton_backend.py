@@ -49,7 +49,7 @@ from typing import List
 
 import torch
 
-from ..triton_kernels.config import ARCH_DOTS, arch_dots, dtype_name
+from ..triton_kernels.config import ARCH_DOTS, arch_dots, dtype_name, train_size_reasons
 from .base import FusedBackend, GMAProblem
 
 #: What the Triton kernels support per GPU architecture, as data: rows of (minimum compute
@@ -120,6 +120,8 @@ class TritonBackend(FusedBackend):
         reasons += arch_reasons(p)
         if p.dim % 10 != 0:
             reasons.append(f"C={p.dim}: the kernels need C a multiple of 10 (heads of d = C'/8)")
+        if p.training or p.needs_grad:   # the training kernels' limits (config.MAX_TRAIN_BATCH, ..._ELEMENTS)
+            reasons += train_size_reasons(p.B, p.N, p.dim)
         return reasons
 
     def op(self):

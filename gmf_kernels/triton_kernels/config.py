@@ -31,7 +31,7 @@ and tests/test_triton_compile.py fails on any spill):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 NUM_HEADS = 8
 
@@ -266,6 +266,44 @@ def backward_kernels_take(s: int, precision: str) -> bool:
     """Whether a layer of segment width s runs the Triton backward kernels when the backward's
     dots have this precision (`BACKWARD_KERNELS_MAX_S_PAD`)."""
     return next_pow2(s) <= BACKWARD_KERNELS_MAX_S_PAD.get(precision, 0)
+
+
+#: The most images one launch of the forward kernels takes: the batch is a grid dimension (y of
+#: the aggregation's and the combine's grids, z of the attention's), which CUDA caps at 65535. A
+#: larger eval batch runs in chunks of this many (`op.triton_pre_projection`: exact, the images of
+#: an eval call being independent; every per-image offset is 64-bit there).
+MAX_GRID_BATCH = 65535
+#: The training kernels (the statistics pass, the recompute, the backward) put the 3B images of
+#: q, k and v on a grid dimension (the statistics pass's y), and the aggregation backward walks
+#: flat pixel indices over them with 32-bit offsets: they take B <= 65535 // 3 images and tensors
+#: of fewer than 2^31 elements, the largest being qkv and its gradient (B N 3C elements; the stage
+#: tensors Z, G (3B, 4C/5, N) hold 2.4 B N C). A larger training batch needs gradient accumulation
+#: (batch statistics couple the images: no chunking), or the torch backend (no limit).
+MAX_TRAIN_BATCH = MAX_GRID_BATCH // 3
+MAX_TRAIN_ELEMENTS = 2 ** 31 - 1
+
+
+def train_size_reasons(B: int, N: int, C: int) -> List[str]:
+    """Why the training kernels cannot take a batch of B images of N tokens at width C
+    (`MAX_TRAIN_BATCH`, `MAX_TRAIN_ELEMENTS`); [] when they can."""
+    reasons = []
+    if B > MAX_TRAIN_BATCH:
+        reasons.append(f"batch B={B}: the training kernels take at most {MAX_TRAIN_BATCH} images per call (3B "
+                       "images on one grid dimension of at most 65535)")
+    if B * N * 3 * C > MAX_TRAIN_ELEMENTS:
+        reasons.append(f"B={B}, N={N}, C={C}: qkv and its gradient hold B*N*3C = {B * N * 3 * C} elements, more "
+                       f"than the training kernels' 32-bit offsets address ({MAX_TRAIN_ELEMENTS}); "
+                       f"at most {MAX_TRAIN_ELEMENTS // (N * 3 * C)} images at this size")
+    return reasons
+
+
+def check_train_size(B: int, N: int, C: int) -> None:
+    """ValueError with `train_size_reasons` when there are any: the run-time check of the training
+    kernels' launchers (under torch.compile, dispatch decides without the sizes: functional.SIZE_FIELDS)."""
+    reasons = train_size_reasons(B, N, C)
+    if reasons:
+        raise ValueError("the Triton training kernels cannot take this call: " + "; ".join(reasons)
+                         + ". Split the batch (gradient accumulation) or use backend='torch'")
 
 
 def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: bool = False,

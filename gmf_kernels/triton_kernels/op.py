@@ -30,6 +30,7 @@ import torch
 
 from ..op_args import check_pre_projection_args, fake_pre_projection
 from ..training import OpGrad
+from . import config
 from ._common import interpreting
 from .launcher import launch_pre_projection
 
@@ -44,9 +45,14 @@ REGISTRATION = ("custom_op" if interpreting() or not hasattr(torch.library, "tri
 
 def triton_pre_projection(qkv: Tensor, H: int, W: int, weights: List[Tensor], scale: float,
                           ln_eps: float) -> Tensor:
-    """Eval-mode GMA from the qkv projection to the pre-projection tokens (B, N, C)."""
-    _, _, _, folded = check_pre_projection_args(qkv, H, W, weights, scale, ln_eps)
-    return launch_pre_projection(qkv, H, W, folded, scale, ln_eps)["pre"]
+    """Eval-mode GMA from the qkv projection to the pre-projection tokens (B, N, C). A batch of more
+    than `config.MAX_GRID_BATCH` images (a grid dimension's limit) runs in chunks of that many."""
+    B, _, _, folded = check_pre_projection_args(qkv, H, W, weights, scale, ln_eps)
+    step = config.MAX_GRID_BATCH
+    if B <= step:
+        return launch_pre_projection(qkv, H, W, folded, scale, ln_eps)["pre"]
+    return torch.cat([launch_pre_projection(qkv[b0:b0 + step], H, W, folded, scale, ln_eps)["pre"]
+                      for b0 in range(0, B, step)])
 
 
 def _register():

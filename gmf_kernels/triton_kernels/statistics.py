@@ -113,7 +113,7 @@ import triton.language as tl
 
 from ._common import DotVariant, dot_variant, hardswish, interpreting, stored
 from .aggregation import _balanced_splits, _dw_pw_heads, _tile
-from .config import INTERPRETER_BLOCK_P, dot_pad, next_pow2, stage_dtype, strip_width
+from .config import INTERPRETER_BLOCK_P, check_train_size, dot_pad, next_pow2, stage_dtype, strip_width
 from . import tile_spaces
 from .tile_spaces import register_tiles
 
@@ -641,6 +641,7 @@ def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
         from .backward import statistics as torch_statistics
         return torch_statistics(qkv, H, W, wts, group)
     B, N, C3 = qkv.shape
+    check_train_size(B, N, C3 // 3)
     s = C3 // 15
     mean, m2 = torch.ops.gmf.triton_z_moments(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw).unbind(0)
     count = 3 * B * N

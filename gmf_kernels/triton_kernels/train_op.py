@@ -27,7 +27,7 @@ from . import attention_backward as ab
 from . import recompute as rcp  # (these three register their tuning families, `tile_spaces`)
 from .aggregation_backward import BACKWARD_FAMILY, BackwardTiles, tiles_of
 from . import tile_spaces
-from .config import backward_kernels_take
+from .config import backward_kernels_take, check_train_size
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
 from .statistics import backward_dots, statistics  # the statistics pass as a kernel (registers
 #                       gmf::triton_z_moments, and gmf::triton_proxy_z, the recompute's first launch)
@@ -74,6 +74,7 @@ def triton_pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int
     the Triton stages (`triton_stages`), batch statistics mean / rstd or None (running statistics):
     one op, so that torch.compile keeps the backward one opaque node (the Triton interpreter's
     kernels cannot be traced; on a GPU the op spares Dynamo the launchers' planning code)."""
+    check_train_size(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
     with torch.autocast(qkv.device.type, enabled=False):
         d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
                                                mean, rstd, None, None, stages_for(qkv))
