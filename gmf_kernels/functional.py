@@ -199,7 +199,8 @@ def _backend_name_for(values: tuple, backend: Optional[str]) -> str:
 #: symbolic, and the choice must neither specialise the graph on them nor pass them out of it.
 #: While tracing they are given as 1 (the ops check the real sizes at run time, so a size a
 #: backend cannot take still raises; tests/test_whole_model_compile.py checks that no backend
-#: decides on them).
+#: decides on them below the Triton training kernels' limits, triton_kernels/config.MAX_TRAIN_BATCH
+#: and MAX_TRAIN_ELEMENTS, which their launchers also check at run time).
 SIZE_FIELDS = ("B", "H", "W")
 
 

@@ -297,18 +297,21 @@ def test_dynamic_shapes_one_graph_eval():
 
 def test_backend_choice_ignores_sizes():
     """dispatch gives the sizes as 1 while tracing (functional.SIZE_FIELDS): no backend may
-    decide on them, or a compiled graph would run a backend chosen for other sizes."""
+    decide on them, or a compiled graph would run a backend chosen for other sizes -- in eval,
+    with gradients and in training, for any size its kernels can address (the Triton training
+    kernels' limits, config.MAX_TRAIN_BATCH, are far above these and checked again at run time)."""
     import dataclasses
 
     from gmf_kernels.backends import GMAProblem
     from gmf_kernels.functional import SIZE_FIELDS
-    base = GMAProblem(B=2, H=7, W=9, dim=80, num_heads=8, dtype=torch.float32, device_type="cpu",
-                      training=False, needs_grad=False)
-    for name in BACKEND_NAMES:
-        reasons = get_backend(name).not_supported_reasons(base)
-        for sizes in ({"B": 1, "H": 1, "W": 1}, {"B": 4096, "H": 224, "W": 3}):
-            assert set(sizes) == set(SIZE_FIELDS)
-            assert get_backend(name).not_supported_reasons(dataclasses.replace(base, **sizes)) == reasons, name
+    for training, needs_grad in ((False, False), (False, True), (True, True)):
+        base = GMAProblem(B=2, H=7, W=9, dim=80, num_heads=8, dtype=torch.float32, device_type="cpu",
+                          training=training, needs_grad=needs_grad)
+        for name in BACKEND_NAMES:
+            reasons = get_backend(name).not_supported_reasons(base)
+            for sizes in ({"B": 1, "H": 1, "W": 1}, {"B": 4096, "H": 224, "W": 3}):
+                assert set(sizes) == set(SIZE_FIELDS)
+                assert get_backend(name).not_supported_reasons(dataclasses.replace(base, **sizes)) == reasons, name
 
 
 def _torch_before(major: int, minor: int) -> bool:
