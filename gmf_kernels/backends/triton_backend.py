@@ -121,8 +121,9 @@ class TritonBackend(FusedBackend):
         if p.dim % 10 != 0:
             reasons.append(f"C={p.dim}: the kernels need C a multiple of 10 (heads of d = C'/8)")
         # the training kernels' limits (config.MAX_TRAIN_BATCH, ..._ELEMENTS); not while torch.jit.trace
-        # records the call: its sizes are traced values there, and arithmetic on them leaves dead nodes
-        # that make the trace's sanity check see two different graphs (the launchers check at run time)
+        # records: its sizes are traced values, and this branch runs only with gradients, which the
+        # trace's check re-run (no_grad) lacks: the arithmetic's dead nodes renumbered the graph's
+        # values and failed that check (tests/test_export.py). The launchers check at run time.
         if (p.training or p.needs_grad) and not torch.jit.is_tracing():
             reasons += train_size_reasons(p.B, p.N, p.dim)
         return reasons
