@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import gmf_kernels as gmf
-from helpers import assert_max_rel_close
+from gmf_kernels.backends import BACKEND_NAMES, get_backend
+from gmf_kernels.backends.base import FusedBackend
+from helpers import assert_max_rel_close, cuda_backend_on_cpu, skip_unless_supported
 
 TOL = 1e-5
 
@@ -66,6 +68,46 @@ def test_jit_trace_layer():
         traced = torch.jit.trace(m, x)
     with torch.no_grad():
         assert_max_rel_close(traced(x), m(x), TOL, "jit.trace layer")
+
+
+#: the backends whose pre-projection is one op (eval) or an autograd Function over it (gradients)
+FUSED = [n for n in BACKEND_NAMES if isinstance(get_backend(n), FusedBackend)]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_jit_trace_layer_fused(backend, request, monkeypatch):
+    """A fused backend traced as a user traces a model, with gradients on (its parameters require
+    grad): the trace records the eval op, whatever the grad mode, so that the trace's check
+    (which re-runs under no_grad) sees the same graph -- with gradients the call went through the
+    differentiable folding and the autograd Function, a different graph (TracingCheckError). The
+    traced layer's output, and its input and parameter gradients through the op's registered
+    autograd, equal the eager layer's. The Triton kernels run in the interpreter, CUDA's in the
+    emulation build."""
+    if backend == "cuda":
+        request.getfixturevalue("use_emu")
+        cuda_backend_on_cpu(monkeypatch.setattr)
+    skip_unless_supported(backend, dim=40, H=5, W=3, B=1, needs_grad=True)
+    torch.manual_seed(3)
+    m = _OnGrid(gmf.GroupMixAttention(40, backend=backend).eval(), (5, 3))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(1, 15, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, x)   # check_trace=True
+    grads = []
+    for run in (m, traced):
+        m.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        g = torch.randn(1, 15, 40, generator=torch.Generator().manual_seed(5))
+        y = run(xg)
+        y.backward(g)
+        grads.append([y.detach(), xg.grad] + [p.grad for p in m.parameters()])
+    names = ["out", "x"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, *grads):
+        assert b is not None, f"jit.trace {backend}: no gradient for {name}"
+        assert_max_rel_close(b, a, TOL, f"jit.trace {backend}: {name}")
 
 
 def test_jit_script_says_what_to_use(model):

@@ -192,8 +192,11 @@ class FusedBackend(Backend):
     def pre_projection(self, qkv, size, w, hp, training):
         """Eval without gradients: the op on the cached eval folding. Training, or any call
         that needs gradients: `train_pre_projection` (the backend's autograd Function over the
-        same op: gmf_kernels/training.py)."""
-        if training or needs_grad(qkv, w):
+        same op: gmf_kernels/training.py). While torch.jit.trace records an eval call, the op
+        on the eval folding whatever the grad mode: the trace is an inference graph, and its
+        check re-runs the call under no_grad, where the differentiable folding and the Function
+        would have recorded a different graph (TracingCheckError)."""
+        if training or (needs_grad(qkv, w) and not torch.jit.is_tracing()):
             return self.train_pre_projection(qkv, size, w, hp, bool(training))
         H, W = size
         folded = folded_weights(w, hp, qkv.dtype)
