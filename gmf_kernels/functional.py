@@ -15,6 +15,7 @@ from torch import nn
 from ._tracing import constant_under_compile, cuda_capability
 from ._validation import check_dim, check_same_device_dtype, check_tokens
 from .backends import Backend, GMAProblem, get_backend, select_backend
+from .backends.base import needs_grad
 from .distributed import resolve_group
 from .weights import (CRPE_WINDOWS, NUM_HEADS, SEGMENT_KERNELS, GMAHyper, GMAWeights, collapse4, default_scale,
                       per_bn, widths)
@@ -120,13 +121,12 @@ def make_problem(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, tr
     # under autocast the parameters keep their own dtype and the ops cast
     check_same_device_dtype(x, params, check_dtype=autocast is None)
     dtype = autocast if autocast is not None and x.dtype in (torch.float32, autocast) else x.dtype
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
     uniform = not any(isinstance(v, tuple) for v in (training, hp.bn_eps, hp.bn_momentum, hp.bn_process_group))
     groups = hp.bn_process_group if isinstance(hp.bn_process_group, tuple) else (hp.bn_process_group,)
     return GMAProblem(B=B, H=H, W=W, dim=w.dim, num_heads=hp.num_heads, dtype=dtype,
                       device_type=x.device.type, device_index=x.device.index if x.is_cuda else None,
                       device_capability=_capability(x), training=bool(any(training) if isinstance(training, tuple) else training),
-                      needs_grad=needs_grad, uniform_bn=uniform, sync_bn=any(g is not None for g in groups))
+                      needs_grad=needs_grad(x, w), uniform_bn=uniform, sync_bn=any(g is not None for g in groups))
 
 
 def group_mix_attention(

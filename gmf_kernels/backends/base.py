@@ -157,8 +157,15 @@ class Backend:
 
 
 def needs_grad(qkv: Tensor, w: GMAWeights) -> bool:
-    """Whether autograd records this call (grad mode on and qkv or a weight requires grad)."""
-    return torch.is_grad_enabled() and (qkv.requires_grad or any(t.requires_grad for t in w.tensors()))
+    """Whether autograd records this call (grad mode on and qkv or a weight requires grad).
+
+    Never while torch.jit.trace records: the trace is an inference graph, and its check re-runs
+    the call under no_grad, so a call that took the gradient path (the differentiable folding and
+    the Function; the training kernels' size reasons, with arithmetic on traced sizes) recorded a
+    different graph there (TracingCheckError, tests/test_export.py). Gradients through the traced
+    graph still flow, through the eval op's registered autograd."""
+    return (torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and (qkv.requires_grad or any(t.requires_grad for t in w.tensors())))
 
 
 def empty_batch_result(x: Tensor, w: GMAWeights) -> Tensor:
@@ -192,11 +199,8 @@ class FusedBackend(Backend):
     def pre_projection(self, qkv, size, w, hp, training):
         """Eval without gradients: the op on the cached eval folding. Training, or any call
         that needs gradients: `train_pre_projection` (the backend's autograd Function over the
-        same op: gmf_kernels/training.py). While torch.jit.trace records an eval call, the op
-        on the eval folding whatever the grad mode: the trace is an inference graph, and its
-        check re-runs the call under no_grad, where the differentiable folding and the Function
-        would have recorded a different graph (TracingCheckError)."""
-        if training or (needs_grad(qkv, w) and not torch.jit.is_tracing()):
+        same op: gmf_kernels/training.py; never while torch.jit.trace records, `needs_grad`)."""
+        if training or needs_grad(qkv, w):
             return self.train_pre_projection(qkv, size, w, hp, bool(training))
         H, W = size
         folded = folded_weights(w, hp, qkv.dtype)

@@ -120,11 +120,7 @@ class TritonBackend(FusedBackend):
         reasons += arch_reasons(p)
         if p.dim % 10 != 0:
             reasons.append(f"C={p.dim}: the kernels need C a multiple of 10 (heads of d = C'/8)")
-        # the training kernels' limits (config.MAX_TRAIN_BATCH, ..._ELEMENTS); not while torch.jit.trace
-        # records: its sizes are traced values, and this branch runs only with gradients, which the
-        # trace's check re-run (no_grad) lacks: the arithmetic's dead nodes renumbered the graph's
-        # values and failed that check (tests/test_export.py). The launchers check at run time.
-        if (p.training or p.needs_grad) and not torch.jit.is_tracing():
+        if p.training or p.needs_grad:   # the training kernels' limits (config.MAX_TRAIN_BATCH, ..._ELEMENTS)
             reasons += train_size_reasons(p.B, p.N, p.dim)
         return reasons
 
