@@ -7,6 +7,7 @@ with one block per stage keeps it fast.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -108,6 +109,37 @@ def test_jit_trace_layer_fused(backend, request, monkeypatch):
     for name, a, b in zip(names, *grads):
         assert b is not None, f"jit.trace {backend}: no gradient for {name}"
         assert_max_rel_close(b, a, TOL, f"jit.trace {backend}: {name}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_jit_trace_training_layer_fused(backend, request, monkeypatch):
+    """A training-mode layer traced on a fused backend: the trace says (TracerWarning) that its
+    graph is forward-only, and it is right as far as it goes -- the traced forward on a new batch
+    gives the reference's output and running statistics -- while a backward through it fails (the
+    batch statistics' op has no autograd formula) instead of returning some gradient."""
+    if backend == "cuda":
+        request.getfixturevalue("use_emu")
+        cuda_backend_on_cpu(monkeypatch.setattr)
+    skip_unless_supported(backend, dim=40, H=4, W=5, B=2, training=True, needs_grad=True)
+    torch.manual_seed(4)
+    layer = gmf.GroupMixAttention(40, backend=backend).train()
+    m = _OnGrid(layer, (4, 5))
+    x = torch.randn(2, 20, 40)
+    with pytest.warns(torch.jit.TracerWarning, match="forward-only graph"):
+        traced = torch.jit.trace(m, x)   # check_trace=True
+    ref = copy.deepcopy(layer)
+    ref.backend = "reference"
+    x2 = torch.randn(2, 20, 40)
+    with torch.no_grad():
+        assert_max_rel_close(traced(x2), ref(x2, (4, 5)), TOL, f"traced training {backend}: out")
+    for name, buf in layer.aggregator.named_buffers():
+        expected = dict(ref.aggregator.named_buffers())[name]
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(buf, expected), name
+        else:
+            assert_max_rel_close(buf, expected, TOL, f"traced training {backend}: {name}")
+    with pytest.raises(RuntimeError, match="autograd"):
+        traced(x2.clone().requires_grad_(True)).sum().backward()
 
 
 def test_jit_script_says_what_to_use(model):

@@ -19,6 +19,7 @@ empty list means it can. The fields of `Backend` are the declared support, as da
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, FrozenSet, List, Optional, Tuple
 
@@ -201,7 +202,25 @@ class FusedBackend(Backend):
         that needs gradients: `train_pre_projection` (the backend's autograd Function over the
         same op: gmf_kernels/training.py; never while torch.jit.trace records, `needs_grad`)."""
         if training or needs_grad(qkv, w):
+            if training and torch.jit.is_tracing():
+                warn_traced_training(self.name)
             return self.train_pre_projection(qkv, size, w, hp, bool(training))
         H, W = size
         folded = folded_weights(w, hp, qkv.dtype)
         return self.op()(qkv, int(H), int(W), list(folded), float(hp.scale), float(hp.ln_eps))
+
+
+def warn_traced_training(backend: str) -> None:
+    """torch.jit.trace of a training-mode call on a fused backend: the trace keeps the ops inside
+    the autograd Function, not the Function, and where the batch statistics come from a kernel
+    (op ``gmf::triton_z_moments``, no autograd formula: the Triton backend, and the CUDA backend
+    wherever Triton runs) a backward through the traced module fails there
+    (tests/test_export.py). Its forward (output, running statistics) is right. Said as a
+    TracerWarning, at trace time."""
+    warnings.warn(
+        f"torch.jit.trace of a training-mode GroupMixAttention on the {backend!r} backend records a "
+        f"forward-only graph: a backward through the traced module fails where its BatchNorm batch "
+        f"statistics come from a kernel (an op without an autograd formula). Trace in eval mode "
+        f"(model.eval(); gradients through that graph work), or train the eager module or "
+        f"torch.compile it.",
+        torch.jit.TracerWarning, stacklevel=3)
