@@ -38,6 +38,11 @@
 #include <math.h>
 #include <string.h>
 #endif
+#if !defined(__CUDACC__)  // the host compiler: the CPU emulation (gma_emu.h)
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#endif
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -65,11 +70,29 @@ GMF_HD float neg_inf() {
 #endif
 }
 
+#if !defined(__CUDACC__)
+// The emulation's check of a 16-byte vector access: the GPU faults on a misaligned one
+// ("misaligned address"), where memcpy on a CPU would not notice. Addresses: global memory
+// (torch's allocations, >= 64-byte aligned on both devices, so an address is aligned here
+// exactly when it is on the GPU) and the emulated shared memory (16-byte aligned, as the GPU's
+// dynamic shared memory is at least).
+inline void emu_require_vector_aligned(const char* what, const void* dst, const void* src) {
+  const uintptr_t d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+  if (((d | s) & 15u) != 0)
+    throw std::runtime_error(std::string("gmf_kernels.cuda emulation: misaligned 16-byte vector access in ") + what +
+                             " (dst % 16 = " + std::to_string(d & 15u) + ", src % 16 = " + std::to_string(s & 15u) +
+                             "): a GPU faults here (misaligned address)");
+}
+#endif
+
 // 16 bytes from src to dst (both 16-byte aligned): one vector load and store on the GPU
 GMF_HD void copy16(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 #else
+#if !defined(__CUDACC__)
+  emu_require_vector_aligned("copy16", dst, src);
+#endif
   memcpy(dst, src, 16);
 #endif
 }
@@ -77,6 +100,9 @@ GMF_HD void zero16(void* dst) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
 #else
+#if !defined(__CUDACC__)
+  emu_require_vector_aligned("zero16", dst, dst);
+#endif
   memset(dst, 0, 16);
 #endif
 }

@@ -168,6 +168,7 @@ struct EmuGrid::Impl {
   void to_scheduler(int t);
   void run_block(int block);
   int warp_lanes(int w) const { return std::min(kWarpSize, threads - w * kWarpSize); }
+  void check_mma(const EmuMma& op, const char* file, int line) const;
   [[noreturn]] void fail(const std::string& msg) const {
     throw std::runtime_error("gmf_kernels.cuda emulation: " + kernel + " block " + std::to_string(block) + ": " + msg);
   }
@@ -293,11 +294,42 @@ void EmuGrid::barrier(int tid, const char* file, int line) {
   g.to_scheduler(tid);  // resumed when every thread of the block has reached it
 }
 
+// WMMA's requirements (CUDA C++ Programming Guide, "Warp Matrix Functions"): every matrix
+// pointer 256-bit (32-byte) aligned, ldm a multiple of 16 bytes (8 fp16/bf16 or 4 fp32
+// elements). Those two give the alignment at every k-step too (a step moves a row-major operand
+// by 16 x 2 or 8 x 4 = 32 bytes, a column-major one by a multiple of 8 rows of ldm). A shared
+// address counts from the start of shared memory (the GPU's dynamic shared memory starts at an
+// aligned address; the emulated block's is only 16-byte aligned), a global one as it is.
+void EmuGrid::Impl::check_mma(const EmuMma& op, const char* file, int line) const {
+  const char* s = reinterpret_cast<const char*>(smem.data());
+  auto address = [&](const void* p) {
+    const char* q = static_cast<const char*>(p);
+    const bool shared = q >= s && q < s + smem.size() * sizeof(float4);
+    return shared ? (uintptr_t)(q - s) : reinterpret_cast<uintptr_t>(p);
+  };
+  std::string bad;
+  const struct { const char* name; const void* p; } ptrs[] = {{"A", op.a}, {"B", op.b}, {"C", op.c}};
+  for (const auto& m : ptrs)
+    if (address(m.p) % 32 != 0) bad += std::string(bad.empty() ? "" : ", ") + m.name + " at " +
+                                       std::to_string(address(m.p) % 32) + " bytes past a 32-byte boundary";
+  const struct { const char* name; long long bytes; } lds[] = {
+      {"lda", (long long)op.lda * op.elem_bytes}, {"ldb", (long long)op.ldb * op.elem_bytes},
+      {"ldc", (long long)op.ldc * (long long)sizeof(float)}};
+  for (const auto& m : lds)
+    if (m.bytes <= 0 || m.bytes % 16 != 0) bad += std::string(bad.empty() ? "" : ", ") + m.name + " = " +
+                                                  std::to_string(m.bytes) + " bytes (not a multiple of 16)";
+  if (op.k <= 0 || op.k % kMma != 0) bad += std::string(bad.empty() ? "" : ", ") + "k = " + std::to_string(op.k);
+  if (!bad.empty())
+    fail("the warp product at " + site_name(file, line) + " breaks WMMA's operand rules: " + bad +
+         " (a GPU computes garbage or faults there)");
+}
+
 void EmuGrid::warp_op(int tid, const EmuMma& op, const char* file, int line) {
   Impl& g = *impl_;
   const int w = tid / kWarpSize;
   WarpRendezvous& rv = g.warps[w];
   if (rv.arrived == 0) {
+    g.check_mma(op, file, line);
     rv.op = op;
     rv.file = file;
     rv.line = line;
@@ -436,7 +468,12 @@ void emulate_combine(const GmaParams& p, const PlanInfo& plan, uint64_t seed) {
 //                as they were at the last barrier (NaN): wrong values (expect all 2048);
 //   "mma_no_barrier_after"   without the second: readers run before the op completes (many);
 //   "mma_divergent"  only lanes 0..15 of warp 0 reach the op (expect an error);
-//   "mma_mismatch"   the lanes of warp 0 pass two different k (expect an error).
+//   "mma_mismatch"   the lanes of warp 0 pass two different k (expect an error);
+//   "vector_aligned" / "vector_misaligned"  each thread copies 16 bytes (copy16) from global
+//                memory into shared memory, at 16-byte aligned addresses or 8 bytes off
+//                (expect nothing / an error);
+//   "mma_misaligned" warp 0's product with A 16 bytes past a 32-byte boundary (expect an error);
+//   "mma_bad_ld"     warp 0's product with lda = 20 fp16 elements, 40 bytes (expect an error).
 namespace {
 double mma_selftest(uint64_t seed, bool before, bool after) {
   double wrong = 0;
@@ -523,6 +560,20 @@ std::vector<double> emu_selftest(const std::string& name, uint64_t seed) {
         ex.mma<__half, false, false>(a, 24, a, 24, c, 20, k, false);
       }
       ex.sync();
+    });
+  } else if (name == "vector_aligned" || name == "vector_misaligned") {
+    const int off = name == "vector_aligned" ? 0 : 8;
+    std::vector<float4> global(64 + 1);
+    const char* src = reinterpret_cast<const char*>(global.data()) + off;
+    emulate_launch("selftest_vector", 1, 64, 64 * 16, seed, [&](const EmuExec& ex, int, char* smem) {
+      ex.for_each(64, [&](int i) { copy16(smem + 16 * i, src + 16 * i); });
+    });
+  } else if (name == "mma_misaligned" || name == "mma_bad_ld") {
+    const bool misaligned = name == "mma_misaligned";
+    emulate_launch("selftest_mma_rules", 1, 32, 4096, seed, [&](const EmuExec& ex, int, char* smem) {
+      __half* a = reinterpret_cast<__half*>(smem + (misaligned ? 16 : 0));
+      float* c = reinterpret_cast<float*>(smem + 2048);
+      ex.mma<__half, false, false>(a, misaligned ? 24 : 20, a, 24, c, 20, 16, false);
     });
   } else {
     throw std::invalid_argument("gmf_kernels.cuda emulation: no self-test named '" + name + "'");

@@ -23,7 +23,11 @@
 //     launch run in a scrambled order;
 //   * a barrier that only some threads reach (the others returned), threads waiting at
 //     different barriers, or a warp op that only some lanes reach, is an error
-//     (std::runtime_error -> RuntimeError in Python).
+//     (std::runtime_error -> RuntimeError in Python);
+//   * so is what the GPU would fault on or compute garbage from, and a CPU would not notice:
+//     a 16-byte vector access (copy16 / zero16) at an address not 16-byte aligned, and a warp
+//     product whose operands break WMMA's rules (A, B, C 32-byte aligned, counted in shared
+//     memory from its start; lda, ldb, ldc whole multiples of 16 bytes; k a multiple of 16).
 // A missing or misplaced barrier therefore reads NaN or stale shared memory, which the
 // emulated kernels' tests see as wrong numbers (tests/test_cuda_emulation.py). What it models
 // is the sm_80+ arithmetic; before sm_80 the bf16 and fp32 products run as fp32 FMA on the
@@ -60,6 +64,7 @@ struct EmuMma {
   int ldc;
   int k;
   bool accumulate;
+  int elem_bytes;  // sizeof the operands' element type (WMMA's alignment rules, EmuGrid::warp_op)
 };
 
 // The execution policy of one emulated thread (threadIdx.x = tid, blockDim.x = nthreads).
@@ -158,7 +163,7 @@ void emu_mma_run(const EmuMma& m, const EmuGrid& g) {
 template <typename T, bool ACol, bool BRow>
 void EmuExec::mma(const T* a, int lda, const T* b, int ldb, float* c, int ldc, int k, bool accumulate,
                   const char* file, int line) const {
-  const EmuMma op{&emu_mma_run<T, ACol, BRow>, a, lda, b, ldb, c, ldc, k, accumulate};
+  const EmuMma op{&emu_mma_run<T, ACol, BRow>, a, lda, b, ldb, c, ldc, k, accumulate, (int)sizeof(T)};
   grid->warp_op(tid, op, file, line);
 }
 

@@ -122,6 +122,20 @@ def test_emulation_engine_reports_divergent_warp_ops(emu):
         emu.emulation_selftest("mma_mismatch")
 
 
+def test_emulation_engine_reports_what_a_gpu_faults_on(emu):
+    """What a CPU would not notice and a GPU faults on or computes garbage from is an error in
+    the emulation: a 16-byte vector access (copy16) 8 bytes off alignment, and a warp product
+    whose A is 16 bytes past a 32-byte boundary or whose lda is 40 bytes (WMMA's rules: 32-byte
+    aligned pointers, leading dimensions in whole 16 bytes). The aligned copy runs."""
+    assert emu.emulation_selftest("vector_aligned") == []
+    with pytest.raises(RuntimeError, match=r"misaligned 16-byte vector access in copy16 \(dst % 16 = 0, src % 16 = 8\)"):
+        emu.emulation_selftest("vector_misaligned")
+    with pytest.raises(RuntimeError, match=r"breaks WMMA's operand rules: A at 16 bytes past a 32-byte boundary"):
+        emu.emulation_selftest("mma_misaligned")
+    with pytest.raises(RuntimeError, match=r"breaks WMMA's operand rules: lda = 40 bytes \(not a multiple of 16\)"):
+        emu.emulation_selftest("mma_bad_ld")
+
+
 # ------------------------------------------------------------------ the tensor-core arithmetic
 def tf32_rna(x):
     """cvt.rna.tf32.f32 (PTX ISA: .rna = round to nearest, ties away from zero) on float32
