@@ -29,19 +29,23 @@ from helpers import ROOT, have_triton_nvidia_backend as _have_nvidia_backend, tr
 KERNELS = ("aggregate", "attention", "combine")
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def _compile(tmp, *args):
+    """The specialisations CLI's results (compiled into an empty cache under tmp)."""
     if not _have_nvidia_backend():
         pytest.skip("Triton's NVIDIA backend / ptxas is not available")
-    tmp = tmp_path_factory.mktemp("triton_aot")
     out = tmp / "resources.json"
     cmd = [sys.executable, "-m", "gmf_kernels.triton_kernels.specializations", "--json", str(out),
-           "--jobs", "2", "--cache-dir", str(tmp / "cache"), "--arch", *map(str, AOT_ARCHS)]
+           "--jobs", "2", "--cache-dir", str(tmp / "cache"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
     if not out.exists():
         pytest.fail(f"compile run produced no results (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
                     f"{proc.stderr[-3000:]}")
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return _compile(tmp_path_factory.mktemp("triton_aot"), "--arch", *map(str, AOT_ARCHS))
 
 
 def test_every_real_call_is_covered(compiled):
@@ -77,11 +81,33 @@ def test_every_specialisation_compiles(compiled):
 def test_no_register_spills(compiled):
     ok = [r for r in compiled if "error" not in r]
     assert ok and all(r["registers"] > 0 for r in ok), "ptxas -v report not parsed"
-    spills = [f"{r['label']} sm_{r['arch']}: {r['registers']} regs, spill stores {r['spill_stores']} B, "
-              f"loads {r['spill_loads']} B, stack {r['stack']} B" for r in ok
-              if r["spill_stores"] or r["spill_loads"] or r["stack"] or r.get("cuobjdump_local", 0)]
+    spills = _spills(ok)
     assert not spills, "register spills:\n" + "\n".join(spills)
     assert all(r["registers"] <= 255 for r in ok)
+
+
+def _spills(rows):
+    return [f"{r['label']} sm_{r['arch']}: {r['registers']} regs, spill stores {r['spill_stores']} B, "
+            f"loads {r['spill_loads']} B, stack {r['stack']} B" for r in rows
+            if r["spill_stores"] or r["spill_loads"] or r["stack"] or r.get("cuobjdump_local", 0)]
+
+
+#: Widths no released model has, one per padded segment width S_PAD 16, 32, 64, 128.
+OTHER_WIDTHS = (50, 130, 250, 500)
+
+
+def test_other_widths_compile_without_spills_on_sm90(tmp_path):
+    """A width no released model has takes the aggregation tiles of its padded segment width
+    (`config.agg_tiles`, AGG_FALLBACK_TILES): on sm_90, at a 13x17 grid, every kernel compiles,
+    without spills (with the previous fallback (16, 4, min(32, S_PAD)) the aggregation spilled
+    24 B at C = 50 bf16, 40 B at 130 fp32, 4 B at 250 bf16 and ~430 B at 500 fp32)."""
+    rows = _compile(tmp_path, "--arch", "90", "--dtype", "fp32", "bf16", "--batch", "8",
+                    "--widths", *map(str, OTHER_WIDTHS))
+    assert {(r["kernel"], r["C"]) for r in rows} >= {(k, C) for k in KERNELS for C in OTHER_WIDTHS}
+    failed = [f"{r['label']}: {r['error']}" for r in rows if "error" in r]
+    assert not failed, "compile failures:\n" + "\n".join(failed)
+    spills = _spills(rows)
+    assert not spills, "register spills:\n" + "\n".join(spills)
 
 
 def test_line_information_kept(compiled):

@@ -198,6 +198,29 @@ def strip_width(W: int, target: Optional[int] = None) -> int:
     return -(-W // strips)
 
 
+#: Aggregation tiles of a width no released model has (not in the tables above), by its padded
+#: segment width S_PAD: (BLOCK_P, num_warps, CK), and per dot precision where that needs others.
+#: Until 2026-12-03 such a width took (16, 4, min(32, S_PAD)), which spilled on sm_90 at C = 30
+#: and 50 (fp16/bf16, 24 B), 130 (fp32, 40 B), 250 (fp16/bf16, 4 B), 500 and 640 (fp32, ~400 B).
+#: With these rows ptxas spilled nothing on sm_90 for C = 10, 30, 50, 70, 90, 130, 150, 170, 250,
+#: 310, 330, 500, 640 (fp32, fp16, bf16), nor on sm_80 but at S_PAD 128 in fp32 (C = 330: 40 B,
+#: 500: 8 B); with FMA dots (sm_70/75) S_PAD 16 and 32 compile clean, S_PAD 64 (fp32 on sm_75:
+#: 44-68 B) and 128 (4-72 B) still spill (AOT compiles of the aggregation at a 13x17 grid, batch 8,
+#: Triton 3.6; tests/test_triton_compile.py checks sm_90). A spill costs speed, not correctness.
+AGG_FALLBACK_TILES: Dict[int, Tuple[int, int, int]] = {16: (32, 8, 16), 32: (16, 4, 16), 64: (16, 4, 16),
+                                                       128: (16, 8, 16)}
+AGG_FALLBACK_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int, int]]] = {"ieee": {16: (16, 8, 16)}}
+
+
+def agg_tiles(C: int, dots: str) -> Tuple[int, int, int]:
+    """The aggregation's (BLOCK_P, num_warps, CK) for width C with dots of this precision: the
+    released widths' tables (`AGG_TILES_BY_DOTS`, `AGG_TILES`), else by the padded segment width
+    (`AGG_FALLBACK_TILES_BY_DOTS`, `AGG_FALLBACK_TILES`)."""
+    S_PAD = dot_pad(C // 5)
+    return (AGG_TILES_BY_DOTS.get(dots, {}).get(C) or AGG_TILES.get(C)
+            or AGG_FALLBACK_TILES_BY_DOTS.get(dots, {}).get(S_PAD) or AGG_FALLBACK_TILES[S_PAD])
+
+
 #: Widths per dot precision whose aggregation runs q, k and v one after the other (`GMAShape.AGG_MERGE`
 #: False) instead of through one depthwise pass: where the merged variant (six [BLOCK_P, D_PAD] head
 #: outputs alive) spilled with every tile tried. C = 480 with 3xTF32 dots: (16, 4, 16) spilled 8 B on
@@ -325,7 +348,7 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
         agg_block_p = agg_block_p or INTERPRETER_BLOCK_P
         attn_block_p = attn_block_p or INTERPRETER_BLOCK_P
         ck = ck or S_PAD
-    tiles = AGG_TILES_BY_DOTS.get(dots, {}).get(C) or AGG_TILES.get(C) or (16, 4, min(32, S_PAD))
+    tiles = agg_tiles(C, dots)
     agg = agg_block_p or tiles[0]
     agg_warps = agg_warps or tiles[1]
     ck = ck or tiles[2]

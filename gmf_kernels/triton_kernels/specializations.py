@@ -156,6 +156,17 @@ def real_calls(batches: Sequence[int] = BATCHES, dtypes: Sequence[str] = DTYPE_N
                                                                                      kv[0].dtype))}
 
 
+#: The grid of `other_calls`: odd, so no tile divides it.
+OTHER_GRID = (13, 17)
+
+
+def other_calls(widths: Sequence[int], batches: Sequence[int] = (8,),
+                dtypes: Sequence[str] = DTYPE_NAMES) -> Dict[Call, Tuple[str, ...]]:
+    """Calls at widths no released model has (multiples of 10: `config.agg_tiles` gives them the
+    tiles of their padded segment width), at `OTHER_GRID`; their users are named "other"."""
+    return {Call(int(C), *OTHER_GRID, B, dt): ("other",) for C in widths for B in batches for dt in dtypes}
+
+
 # ---------------------------------------------------------------- specialising (Triton's own code)
 def _require_jit(fn):
     if type(fn).__name__ == "InterpretedFunction" or not hasattr(fn, "params"):
@@ -555,9 +566,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
     ap.add_argument("--dtype", nargs="+", default=list(DTYPE_NAMES), choices=DTYPE_NAMES)
     ap.add_argument("--models", nargs="+", default=None, help="only these models' calls (default: all five)")
+    ap.add_argument("--widths", type=int, nargs="+", default=None,
+                    help="instead of the released models' calls: these widths (multiples of 10) at a 13x17 grid")
     ap.add_argument("--list", action="store_true", help="list the specialisations, compile nothing")
     a = ap.parse_args(argv)
-    specs = all_specializations(real_calls(a.batch, a.dtype, a.models), a.arch)
+    calls = other_calls(a.widths, a.batch, a.dtype) if a.widths else real_calls(a.batch, a.dtype, a.models)
+    specs = all_specializations(calls, a.arch)
     if a.list:
         res = [_describe(s) for s in specs]
     else:
