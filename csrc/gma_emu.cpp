@@ -169,6 +169,12 @@ struct EmuGrid::Impl {
   void run_block(int block);
   int warp_lanes(int w) const { return std::min(kWarpSize, threads - w * kWarpSize); }
   void check_mma(const EmuMma& op, const char* file, int line) const;
+  // p's offset from the start of this block's shared memory; -1 when p is not in it
+  long long shared_offset(const void* p) const {
+    const char* s = reinterpret_cast<const char*>(smem.data());
+    const char* q = static_cast<const char*>(p);
+    return q >= s && q < s + smem.size() * sizeof(float4) ? (long long)(q - s) : -1;
+  }
   [[noreturn]] void fail(const std::string& msg) const {
     throw std::runtime_error("gmf_kernels.cuda emulation: " + kernel + " block " + std::to_string(block) + ": " + msg);
   }
@@ -301,24 +307,23 @@ void EmuGrid::barrier(int tid, const char* file, int line) {
 // address counts from the start of shared memory (the GPU's dynamic shared memory starts at an
 // aligned address; the emulated block's is only 16-byte aligned), a global one as it is.
 void EmuGrid::Impl::check_mma(const EmuMma& op, const char* file, int line) const {
-  const char* s = reinterpret_cast<const char*>(smem.data());
   auto address = [&](const void* p) {
-    const char* q = static_cast<const char*>(p);
-    const bool shared = q >= s && q < s + smem.size() * sizeof(float4);
-    return shared ? (uintptr_t)(q - s) : reinterpret_cast<uintptr_t>(p);
+    const long long off = shared_offset(p);
+    return off >= 0 ? (uintptr_t)off : reinterpret_cast<uintptr_t>(p);
   };
   std::string bad;
+  auto add = [&](const std::string& what) { bad += (bad.empty() ? "" : ", ") + what; };
   const struct { const char* name; const void* p; } ptrs[] = {{"A", op.a}, {"B", op.b}, {"C", op.c}};
   for (const auto& m : ptrs)
-    if (address(m.p) % 32 != 0) bad += std::string(bad.empty() ? "" : ", ") + m.name + " at " +
-                                       std::to_string(address(m.p) % 32) + " bytes past a 32-byte boundary";
+    if (address(m.p) % 32 != 0)
+      add(std::string(m.name) + " at " + std::to_string(address(m.p) % 32) + " bytes past a 32-byte boundary");
   const struct { const char* name; long long bytes; } lds[] = {
       {"lda", (long long)op.lda * op.elem_bytes}, {"ldb", (long long)op.ldb * op.elem_bytes},
       {"ldc", (long long)op.ldc * (long long)sizeof(float)}};
   for (const auto& m : lds)
-    if (m.bytes <= 0 || m.bytes % 16 != 0) bad += std::string(bad.empty() ? "" : ", ") + m.name + " = " +
-                                                  std::to_string(m.bytes) + " bytes (not a multiple of 16)";
-  if (op.k <= 0 || op.k % kMma != 0) bad += std::string(bad.empty() ? "" : ", ") + "k = " + std::to_string(op.k);
+    if (m.bytes <= 0 || m.bytes % 16 != 0)
+      add(std::string(m.name) + " = " + std::to_string(m.bytes) + " bytes (not a multiple of 16)");
+  if (op.k <= 0 || op.k % kMma != 0) add("k = " + std::to_string(op.k));
   if (!bad.empty())
     fail("the warp product at " + site_name(file, line) + " breaks WMMA's operand rules: " + bad +
          " (a GPU computes garbage or faults there)");
@@ -361,12 +366,8 @@ void EmuGrid::warp_op(int tid, const EmuMma& op, const char* file, int line) {
 }
 
 const void* EmuGrid::snapshot(const void* p) const {
-  const Impl& g = *impl_;
-  const char* s = reinterpret_cast<const char*>(g.smem.data());
-  const char* q = static_cast<const char*>(p);
-  if (q >= s && q < s + g.smem.size() * sizeof(float4))
-    return reinterpret_cast<const char*>(g.snap.data()) + (q - s);
-  return p;
+  const long long off = impl_->shared_offset(p);
+  return off >= 0 ? reinterpret_cast<const char*>(impl_->snap.data()) + off : p;
 }
 
 void EmuGrid::Impl::run_block(int b) {
