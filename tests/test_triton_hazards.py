@@ -1,0 +1,208 @@
+"""Global-memory hazards of the Triton kernels: races a GPU would have and the interpreter hides.
+
+The parity tests run the kernels under Triton's interpreter, which runs one program at a time
+to its end, every thread in lock step: a kernel whose programs read or write each other's
+elements, or whose threads load what other threads of the CTA stored with no barrier between,
+passes there and gives wrong, run-to-run different answers on a GPU. `triton_hazards.HazardCheck`
+records every global load, store and atomic of every program and reports such accesses
+(its docstring lists the kinds). Here:
+
+* the check itself: a toy kernel per kind of hazard is reported, the clean variants are not;
+* every kernel of the library, with the GPU tiles (not the interpreter's one large tile), in
+  two decompositions: "wide", the launchers' own split targets (many programs per image, as at
+  batch 1), and "deep", every split target set to 1 (each program walks many tiles, as at batch
+  128, where partial sums stay in a program across tiles); eval, eval with gradients and
+  training; the unfused B3 path of wide segments (forced at a small width); a grid wider than
+  the aggregation's strip; each case must be free of findings;
+* the union of the cases launches every `gma_*_kernel` defined in gmf_kernels/triton_kernels/
+  (found by parsing the sources), so a new kernel is checked or this test fails;
+* the one kernel that keeps partial sums in global memory across its tiles (`gma_b2_crpe_kernel`,
+  part_w), checked in the same run as if its `tl.debug_barrier()` were taken away, is reported
+  as racing: the check sees a missing barrier in a real kernel, not only in toys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import gmf_kernels
+from gmf_kernels.numerics import cast_weights
+from gmf_kernels.triton_kernels import _common
+from helpers import skip_unless_supported
+from training_cases import make, run
+from triton_hazards import HazardCheck
+
+if not _common.interpreting():
+    pytest.skip("the hazard check runs the kernels under Triton's interpreter (TRITON_INTERPRET=1)",
+                allow_module_level=True)
+
+KERNEL_DIR = Path(gmf_kernels.__file__).parent / "triton_kernels"
+
+
+# ------------------------------------------------------------------ the check on toy kernels
+@triton.jit
+def _toy_kernel(x, y, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    o = pid * BLOCK + tl.arange(0, BLOCK)
+    mirror = pid * BLOCK + (BLOCK - 1 - tl.arange(0, BLOCK))     # another thread's element
+    v = tl.load(x + o)
+    if MODE == 0:                                              # clean
+        tl.store(y + o, v * 2)
+    if MODE == 1:                                              # every program writes y[0:BLOCK]
+        tl.store(y + tl.arange(0, BLOCK), v)
+    if MODE == 2:                                              # reads the next program's output
+        tl.store(y + o, v)
+        tl.store(x + o, tl.load(y + (o + BLOCK) % (BLOCK * tl.num_programs(0))))
+    if MODE == 3:                                              # own output, another thread, no barrier
+        tl.store(y + o, v)
+        tl.store(x + o, tl.load(y + mirror))
+    if MODE == 4:                                              # the same with a barrier: clean
+        tl.store(y + o, v)
+        tl.debug_barrier()
+        tl.store(x + o, tl.load(y + mirror))
+    if MODE == 5:                                              # one store, two values per element
+        tl.store(y + pid * BLOCK + tl.arange(0, BLOCK) // 2, v)
+    if MODE == 6:                                              # atomics among programs: clean
+        tl.atomic_add(y + tl.arange(0, BLOCK), v)
+    if MODE == 7:                                              # atomics, then a plain read
+        tl.atomic_add(y + tl.arange(0, BLOCK), v)
+        tl.store(x + o, tl.load(y + tl.arange(0, BLOCK)))
+    if MODE == 8:                                              # two stores, no barrier
+        tl.store(y + o, v)
+        tl.store(y + mirror, v + 1)
+
+
+TOYS = {0: set(), 1: {"cross-program write/write"}, 2: {"cross-program read/write"},
+        3: {"read after write, no barrier"}, 4: set(), 5: {"one store, two values"}, 6: set(),
+        7: {"cross-program atomic/plain", "read after write, no barrier"}, 8: {"write after write, no barrier"}}
+
+
+@pytest.mark.parametrize("mode", sorted(TOYS))
+def test_check_reports_each_kind_of_hazard(mode):
+    x = torch.randn(64)
+    y = torch.zeros(64)
+    with HazardCheck() as hc:
+        _toy_kernel[(4,)](x, y, MODE=mode, BLOCK=16)
+    assert hc.launches == [("_toy_kernel", (4, 1, 1))]
+    assert {f.kind for f in hc.findings} == TOYS[mode], [str(f) for f in hc.findings]
+    for f in hc.findings:
+        assert f.kernel == "_toy_kernel" and re.fullmatch(r"[xy]\[\d+\]", f.where), str(f)
+
+
+def test_check_restores_the_interpreter():
+    from triton.runtime import interpreter as I
+    before = (I.GridExecutor.__call__, I.interpreter_builder.create_masked_store)
+    with HazardCheck():
+        assert I.GridExecutor.__call__ is not before[0]
+    assert (I.GridExecutor.__call__, I.interpreter_builder.create_masked_store) == before
+    y = torch.zeros(64)
+    _toy_kernel[(4,)](torch.ones(64), y, MODE=0, BLOCK=16)
+    assert torch.equal(y, torch.full((64,), 2.0))
+
+
+# ------------------------------------------------------------------ the library's kernels
+def _gpu_tiles(monkeypatch, deep: bool, unfused_b3: bool):
+    """The launchers plan the GPU tiles for CPU tensors; deep: every split target 1."""
+    import gmf_kernels.triton_kernels.aggregation_backward as agb
+    import gmf_kernels.triton_kernels.attention_backward as atb
+    import gmf_kernels.triton_kernels.launcher as launcher
+    import gmf_kernels.triton_kernels.recompute as recompute
+    import gmf_kernels.triton_kernels.statistics as statistics
+    for mod in (launcher, statistics, recompute, atb, agb):
+        monkeypatch.setattr(mod, "interpreting", lambda: False)
+    if deep:
+        for mod in (statistics, recompute, atb):
+            monkeypatch.setattr(mod, "SPLIT_TARGET", 1)
+        shape, tiles = launcher.default_shape, agb.gpu_backward_tiles
+        monkeypatch.setattr(launcher, "default_shape",
+                            lambda *a, **k: dataclasses.replace(shape(*a, **k), SPLIT_TARGET=1))
+        monkeypatch.setattr(agb, "gpu_backward_tiles",
+                            lambda *a, **k: dataclasses.replace(tiles(*a, **k), TARGET_PROGRAMS=1))
+    if unfused_b3:
+        monkeypatch.setattr(agb, "FUSED_B3_MAX_S_PAD", 0)
+
+
+#: (id, C, (H, W), B, mode, dtype, deep, unfused B3). Small problems: the GPU tiles under the
+#: interpreter cost about a second per program and launch.
+CASES = [
+    ("wide-train-fp32-C40-8x9-B1", 40, (8, 9), 1, "train", torch.float32, False, False),
+    ("deep-train-bf16-C40-8x9-B1", 40, (8, 9), 1, "train", torch.bfloat16, True, False),
+    ("deep-grad-fp16-C40-6x7-B1-unfusedB3", 40, (6, 7), 1, "grad", torch.float16, True, True),
+    ("wide-eval-fp32-C60-5x37-B2", 60, (5, 37), 2, "eval", torch.float32, False, False),
+]
+_RESULTS = {}
+
+
+#: the one kernel that keeps partial sums in global memory across its tiles, behind a barrier
+BARRIER_KERNEL = "gma_b2_crpe_kernel"
+
+
+def _run_case(case, monkeypatch):
+    """The case's HazardCheck (run once per session; BARRIER_KERNEL also checked without its barrier)."""
+    cid, C, (H, W), B, mode, dtype, deep, unfused = case
+    skip_unless_supported("triton", dim=C, H=H, W=W, B=B, dtype=dtype, training=mode == "train",
+                          needs_grad=mode != "eval")
+    if cid not in _RESULTS:
+        with monkeypatch.context() as mp:
+            _gpu_tiles(mp, deep, unfused)
+            w, x = make(C, H, W, B)
+            with HazardCheck(without_barriers=(BARRIER_KERNEL,)) as hc:
+                if mode == "eval":
+                    with torch.no_grad():
+                        gmf_kernels.group_mix_attention(x.to(dtype), (H, W), cast_weights(w, dtype), backend="triton")
+                else:
+                    run("triton", x, (H, W), w, dtype, training=mode == "train")
+        _RESULTS[cid] = hc
+    return _RESULTS[cid]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernels_free_of_global_memory_hazards(case, monkeypatch):
+    hc = _run_case(case, monkeypatch)
+    assert hc.launches, "no Triton kernel ran"
+    assert not hc.findings, "\n".join(map(str, hc.findings))
+
+
+def _defined_kernels():
+    names = set()
+    for path in KERNEL_DIR.glob("*.py"):
+        names |= set(re.findall(r"@triton\.jit[^\n]*\ndef (gma_\w+_kernel)\(", path.read_text()))
+    return names
+
+
+def test_cases_launch_every_kernel(monkeypatch):
+    defined = _defined_kernels()
+    assert len(defined) >= 13, sorted(defined)
+    launched = set()
+    for case in CASES:
+        launched |= {name for name, _ in _run_case(case, monkeypatch).launches}
+    assert defined <= launched, f"kernels no hazard case launches: {sorted(defined - launched)}"
+    # the decompositions differ: "deep" runs programs over several tiles, "wide" over one
+    grids = {c[0]: dict(_run_case(c, monkeypatch).launches) for c in CASES[:2]}
+    wide, deep = grids[CASES[0][0]], grids[CASES[1][0]]
+    assert wide["gma_b2_crpe_kernel"][0] > deep["gma_b2_crpe_kernel"][0] == 1
+
+
+def test_removed_barrier_is_reported(monkeypatch):
+    """gma_b2_crpe_kernel reads back its part_w partial sums on every tile after the first (the
+    deep case); checked as if its barrier were removed, that read is reported: another thread's
+    store need not be visible yet. In the wide case each program has one tile: nothing to report."""
+    deep = _run_case(CASES[1], monkeypatch)
+    got = [str(f) for f in deep.findings_without_barriers]
+    assert {(f.kernel, f.kind) for f in deep.findings_without_barriers} >= {
+        (BARRIER_KERNEL, "read after write, no barrier")}, got
+    assert all(f.kernel == BARRIER_KERNEL and f.where.startswith("part_w[") for f in deep.findings_without_barriers), got
+    assert not _run_case(CASES[0], monkeypatch).findings_without_barriers
+
+
+def test_check_without_barriers_on_a_toy():
+    with HazardCheck(without_barriers=("_toy_kernel",)) as hc:
+        _toy_kernel[(4,)](torch.randn(64), torch.zeros(64), MODE=4, BLOCK=16)
+    assert not hc.findings
+    assert [f.kind for f in hc.findings_without_barriers] == ["read after write, no barrier"]
