@@ -3,7 +3,8 @@
 The parity tests run the kernels under Triton's interpreter, which runs one program at a time
 to its end, every thread in lock step: a kernel whose programs read or write each other's
 elements, or whose threads load what other threads of the CTA stored with no barrier between,
-passes there and gives wrong, run-to-run different answers on a GPU. `triton_hazards.HazardCheck`
+passes there and gives wrong, run-to-run different answers on a GPU; an unmasked access past a
+tensor's end reads whatever lies there, where a GPU may fault. `triton_hazards.HazardCheck`
 records every global load, store and atomic of every program and reports such accesses
 (its docstring lists the kinds). Here:
 
@@ -76,11 +77,14 @@ def _toy_kernel(x, y, MODE: tl.constexpr, BLOCK: tl.constexpr):
     if MODE == 8:                                              # two stores, no barrier
         tl.store(y + o, v)
         tl.store(y + mirror, v + 1)
+    if MODE == 9:                                              # the last program reads x[64]
+        tl.store(y + o, tl.load(x + o + 1))
 
 
 TOYS = {0: set(), 1: {"cross-program write/write"}, 2: {"cross-program read/write"},
         3: {"read after write, no barrier"}, 4: set(), 5: {"one store, two values"}, 6: set(),
-        7: {"cross-program atomic/plain", "read after write, no barrier"}, 8: {"write after write, no barrier"}}
+        7: {"cross-program atomic/plain", "read after write, no barrier"}, 8: {"write after write, no barrier"},
+        9: {"outside every tensor argument"}}
 
 
 @pytest.mark.parametrize("mode", sorted(TOYS))
@@ -92,7 +96,10 @@ def test_check_reports_each_kind_of_hazard(mode):
     assert hc.launches == [("_toy_kernel", (4, 1, 1))]
     assert {f.kind for f in hc.findings} == TOYS[mode], [str(f) for f in hc.findings]
     for f in hc.findings:
-        assert f.kernel == "_toy_kernel" and re.fullmatch(r"[xy]\[\d+\]", f.where), str(f)
+        assert f.kernel == "_toy_kernel", str(f)
+        assert re.fullmatch(r"[xy]\[\d+\]" if mode != 9 else r"address 0x[0-9a-f]+ \(no tensor argument\)", f.where), str(f)
+        if mode == 9:
+            assert f.programs == ((3, 0, 0),) and f.count == 4
 
 
 def test_check_restores_the_interpreter():

@@ -21,6 +21,9 @@ its grid loop) and reports, per launch:
 * ``write after write, no barrier``: a program stores an element twice, from two store
   operations, with no barrier in between (two threads may race for the last word);
 * ``one store, two values``: a single store operation writes different values to one element.
+* ``outside every tensor argument``: an access (its mask on) to a byte no tensor argument of the
+  launch spans (from its first element to its last): the interpreter reads or writes whatever
+  lies there; a GPU faults or corrupts another buffer (compute-sanitizer's memcheck on a GPU).
 
 Intra-program findings are conservative: the interpreter cannot tell which thread owns which
 element, and a store and a load of the same layout are ordered on a GPU (same thread); no
@@ -165,7 +168,11 @@ class HazardCheck:
     def _begin_launch(self, executor, args, kwargs):
         bound = dict(zip(inspect.getfullargspec(executor.fn).args, args), **kwargs)
         tensors = [(n, v) for n, v in bound.items() if isinstance(v, torch.Tensor)]
-        self._launch = {"name": executor.fn.__name__, "program": None, "programs": [], "tensors": tensors, "seq": 0}
+        # the bytes each tensor argument spans: [first element, last element + 1) of its view
+        spans = sorted((t.data_ptr(), t.data_ptr() + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+                        * t.element_size()) for _, t in tensors if t.numel())
+        self._launch = {"name": executor.fn.__name__, "program": None, "programs": [], "tensors": tensors, "seq": 0,
+                        "lo": np.array([a for a, _ in spans], np.uint64), "hi": np.array([b for _, b in spans], np.uint64)}
 
     def _start_program(self, idx):
         L = self._launch
@@ -180,6 +187,10 @@ class HazardCheck:
         if L is None or L["program"] is None or by.size == 0:
             return
         p = L["program"]
+        i = np.searchsorted(L["lo"], by, side="right").astype(np.int64) - 1
+        outside = (i < 0) | (by >= L["hi"][np.maximum(i, 0)]) if L["lo"].size else np.ones(by.size, bool)
+        if outside.any():
+            self._report("outside every tensor argument", int(by[outside][0]), (p.idx,), int(outside.sum()))
         L["seq"] += 1
         p.events.append((L["seq"], kind, p.epoch, by))
 
