@@ -30,6 +30,18 @@
 #include <ucontext.h>
 #endif
 
+// An AddressSanitizer build (build(..., sanitize="address"), tests/test_cuda_emulation_asan.py):
+// ASan must be told of every stack switch (the fibers' stacks are reused block after block,
+// their abandoned frames still poisoned), and the shared memory's slack past the kernel's
+// size is poisoned so that an access past it is reported like one past a global buffer.
+#if defined(__SANITIZE_ADDRESS__)
+#define GMF_EMU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#else
+#define GMF_EMU_ASAN 0
+#endif
+
 namespace gmf {
 
 extern const char* const kEmuSkipSync;  // gma_emu_skip.cpp: GMF_EMU_SKIP_SYNC or ""
@@ -122,6 +134,9 @@ struct Fiber {
   ucontext_t uc;
 #endif
   FiberState state = kRunnable;
+#if GMF_EMU_ASAN
+  void* fake_stack = nullptr;  // ASan's bookkeeping of this fiber while it is switched out
+#endif
   const char* file = "";
   int line = 0;
   long long nbar = 0;  // barriers passed in this block
@@ -156,6 +171,11 @@ struct EmuGrid::Impl {
 #else
   ucontext_t sched_uc;
 #endif
+#if GMF_EMU_ASAN
+  const void* sched_stack = nullptr;  // the scheduler's (the calling thread's) stack, for ASan
+  size_t sched_stack_bytes = 0;
+  void* sched_fake_stack = nullptr;
+#endif
   BlockFn fn = nullptr;
   void* ctx = nullptr;
   int block = 0;
@@ -166,6 +186,7 @@ struct EmuGrid::Impl {
   void start_fiber(int t);
   void to_fiber(int t);
   void to_scheduler(int t);
+  void arrived_on_fiber(int t);  // ASan: a switch onto fiber t's stack has completed
   void run_block(int block);
   int warp_lanes(int w) const { return std::min(kWarpSize, threads - w * kWarpSize); }
   void check_mma(const EmuMma& op, const char* file, int line) const;
@@ -186,6 +207,7 @@ thread_local EmuGrid::Impl* tl_grid = nullptr;  // the grid whose fiber is start
 void fiber_main() {
   EmuGrid::Impl* g = tl_grid;
   const int tid = g->current;
+  g->arrived_on_fiber(tid);
   try {
     const EmuExec ex{g->owner, tid, g->threads};
     g->fn(g->ctx, ex, g->block, g->smem_ptr);
@@ -208,6 +230,10 @@ void EmuGrid::Impl::start_fiber(int t) {
   f.file = "";
   f.line = 0;
   f.nbar = 0;
+#if GMF_EMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(f.stack, stack_bytes);  // the last block's abandoned frames
+  f.fake_stack = nullptr;
+#endif
 #if GMF_EMU_X86_64
   // a frame as gmf_emu_switch leaves it, whose `ret` enters fiber_main with the stack
   // aligned as after a call (rsp + 8 a multiple of 16); fiber_main's return address is 0
@@ -232,18 +258,38 @@ void EmuGrid::Impl::start_fiber(int t) {
 void EmuGrid::Impl::to_fiber(int t) {
   current = t;
   tl_grid = this;
+#if GMF_EMU_ASAN
+  __sanitizer_start_switch_fiber(&sched_fake_stack, fibers[t].stack, stack_bytes);
+#endif
 #if GMF_EMU_X86_64
   gmf_emu_switch(&sched_sp, fibers[t].sp);
 #else
   swapcontext(&sched_uc, &fibers[t].uc);
 #endif
+#if GMF_EMU_ASAN
+  __sanitizer_finish_switch_fiber(sched_fake_stack, nullptr, nullptr);
+#endif
 }
 
 void EmuGrid::Impl::to_scheduler(int t) {
+#if GMF_EMU_ASAN
+  // a finished fiber never comes back: its fake stack is released (nullptr)
+  __sanitizer_start_switch_fiber(fibers[t].state == kDone ? nullptr : &fibers[t].fake_stack, sched_stack,
+                                 sched_stack_bytes);
+#endif
 #if GMF_EMU_X86_64
   gmf_emu_switch(&fibers[t].sp, sched_sp);
 #else
   swapcontext(&fibers[t].uc, &sched_uc);
+#endif
+  arrived_on_fiber(t);
+}
+
+void EmuGrid::Impl::arrived_on_fiber(int t) {
+#if GMF_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fibers[t].fake_stack, &sched_stack, &sched_stack_bytes);
+#else
+  (void)t;
 #endif
 }
 
@@ -282,6 +328,9 @@ EmuGrid::EmuGrid(const char* kernel, int threads, size_t smem_bytes, uint64_t se
 }
 
 EmuGrid::~EmuGrid() {
+#if GMF_EMU_ASAN  // the fibers' abandoned frames: the next owner of these pages starts clean
+  for (const Fiber& f : impl_->fibers) ASAN_UNPOISON_MEMORY_REGION(f.stack, impl_->stack_bytes);
+#endif
   munmap(impl_->map, impl_->map_bytes);
   delete impl_;
 }
@@ -373,8 +422,15 @@ const void* EmuGrid::snapshot(const void* p) const {
 void EmuGrid::Impl::run_block(int b) {
   block = b;
   float* s = reinterpret_cast<float*>(smem.data());
+#if GMF_EMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(smem.data(), smem.size() * sizeof(float4));
+#endif
   std::fill(s, s + 4 * smem.size(), std::numeric_limits<float>::quiet_NaN());
   std::copy(smem.begin(), smem.end(), snap.begin());
+#if GMF_EMU_ASAN  // the slack past the kernel's shared memory: an access there is an error
+  ASAN_POISON_MEMORY_REGION(reinterpret_cast<char*>(smem.data()) + smem_bytes,
+                            smem.size() * sizeof(float4) - smem_bytes);
+#endif
   smem_ptr = reinterpret_cast<char*>(smem.data());
   for (int t = 0; t < threads; ++t) start_fiber(t);
   for (WarpRendezvous& rv : warps) rv.arrived = 0;
@@ -423,7 +479,7 @@ void EmuGrid::Impl::run_block(int b) {
              std::to_string(f.nbar) + ") (divergent control flow around a barrier)");
     }
     ++barriers;
-    std::copy(smem.begin(), smem.end(), snap.begin());  // what warp ops read until the next barrier
+    std::memcpy(snap.data(), smem.data(), smem_bytes);  // what warp ops read until the next barrier
     for (Fiber& f : fibers) f.state = kRunnable;
   }
   g_barriers.fetch_add(barriers, std::memory_order_relaxed);
@@ -575,6 +631,18 @@ std::vector<double> emu_selftest(const std::string& name, uint64_t seed) {
       __half* a = reinterpret_cast<__half*>(smem + (misaligned ? 16 : 0));
       float* c = reinterpret_cast<float*>(smem + 2048);
       ex.mma<__half, false, false>(a, misaligned ? 24 : 20, a, 24, c, 20, 16, false);
+    });
+  } else if (name == "global_past_end" || name == "shared_past_end") {
+    // thread 0 reads the float just past a 64-float buffer (global: a heap vector; shared: the
+    // block's 256 bytes, whose slack the engine keeps): an AddressSanitizer build reports it
+    // (tests/test_cuda_emulation_asan.py); the plain build returns what lies there (global: an
+    // out-of-bounds read, only for the ASan build to run)
+    std::vector<float> global(64, 1.0f);
+    const bool shared = name == "shared_past_end";
+    volatile int past = 64;
+    emulate_launch("selftest_past_end", 1, 32, 64 * sizeof(float), seed, [&](const EmuExec& ex, int, char* smem) {
+      const float* buf = shared ? reinterpret_cast<const float*>(smem) : global.data();
+      if (ex.tid == 0) out.push_back(buf[past]);
     });
   } else {
     throw std::invalid_argument("gmf_kernels.cuda emulation: no self-test named '" + name + "'");

@@ -20,6 +20,7 @@ a minute on 2 cores) of the current csrc/ sources; the barrier builds recompile 
 file each (csrc/gma_emu_skip.cpp) and relink. In CI (environment variable CI set) a missing
 toolchain (C++ compiler, pybind11, CUDA headers) fails these tests instead of skipping them.
 
+Out-of-bounds accesses: the same bodies under AddressSanitizer, tests/test_cuda_emulation_asan.py.
 What the emulation cannot show: races between blocks through global memory that the
 kernels do not have, the tensor cores' internal summation order (the emulation sums in k
 order), timing, and anything GPU-specific — those need the GPU tests

@@ -62,6 +62,10 @@ NVCC_FLAGS = [
     "-Xptxas", "-v", "-lineinfo",
 ]
 CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden"]
+#: an emulation build under AddressSanitizer (`build(..., sanitize=True)`): every access of the
+#: kernel bodies to a buffer is checked (global memory: the tensors' allocations; shared memory:
+#: the emulated block's, csrc/gma_emu.cpp). Load it with the ASan runtime first (`asan_runtime`).
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
 #: the one unit that reads the emulation's barrier switch GMF_EMU_SKIP_SYNC (csrc/gma_emu_skip.cpp)
 EMU_SKIP_SOURCE = "gma_emu_skip.cpp"
 
@@ -432,7 +436,8 @@ def _ninja_escape(path: str) -> str:
     return path.replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
 
 
-def _config(archs: Sequence[str], emulation_only: bool = False, emu_skip_sync: Optional[str] = None) -> dict:
+def _config(archs: Sequence[str], emulation_only: bool = False, emu_skip_sync: Optional[str] = None,
+            sanitize: bool = False) -> dict:
     if emulation_only:
         nvcc = None
         try:
@@ -454,7 +459,9 @@ def _config(archs: Sequence[str], emulation_only: bool = False, emu_skip_sync: O
     cfg.update({
         "cxx": find_cxx(),
         "ninja": find_ninja(),
-        "cxx_flags": list(CXX_FLAGS),
+        "cxx_flags": list(CXX_FLAGS) + (ASAN_FLAGS if sanitize else []),
+        "link_flags": ASAN_FLAGS[:1] if sanitize else [],
+        "sanitize": "address" if sanitize else None,
         "emu_skip_sync": emu_skip_sync,
         "python": sys.version.split()[0],
         "ext_suffix": ext_suffix(),
@@ -531,7 +538,7 @@ def _write_ninja(build_dir: Path, csrc: Path, cfg: dict, target: Path) -> Path:
         cu = []  # the GPU kernels need nvcc; the emulation is in the .cpp files
         lines += [
             "rule link",
-            "  command = $cxx -shared $in -o $out",
+            f"  command = $cxx -shared {' '.join(cfg['link_flags'])} $in -o $out",
             "  description = LINK $out",
         ]
     lines.append("")
@@ -581,7 +588,8 @@ def _compile(out_dir: Path, cfg: dict, src_hash: str, key: str, verbose: bool, q
              f"{', compute_'.join(cfg['ptx_archs'])}) with nvcc {cfg['nvcc_version']} into {out_dir} "
              f"(several minutes on a small machine)", quiet)
     else:
-        skip = f", barrier {cfg['emu_skip_sync']} compiled out" if cfg["emu_skip_sync"] else ""
+        skip = (f", barrier {cfg['emu_skip_sync']} compiled out" if cfg["emu_skip_sync"] else "") + \
+            (", AddressSanitizer" if cfg["sanitize"] else "")
         _log(f"compiling the CPU emulation (host compiler only{skip}) into {out_dir}", quiet)
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=str(build_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -619,6 +627,7 @@ def _compile(out_dir: Path, cfg: dict, src_hash: str, key: str, verbose: bool, q
         "nvcc": cfg["nvcc"], "nvcc_version": cfg["nvcc_version"], "nvcc_flags": cfg["nvcc_flags"],
         "lineinfo": "-lineinfo" in cfg["nvcc_flags"],
         "cxx": cfg["cxx"], "cxx_flags": cfg["cxx_flags"] + cfg["cxx_defines"], "emu_skip_sync": cfg["emu_skip_sync"],
+        "sanitize": cfg["sanitize"],
         "python": cfg["python"], "ext_suffix": cfg["ext_suffix"],
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(seconds, 1),
         "csrc": str(csrc), "kernels": len(resources),
@@ -637,7 +646,7 @@ def read_metadata(out_dir: Path) -> Optional[dict]:
 
 def build(out_dir: Optional[os.PathLike] = None, archs: Optional[str] = None, verbose: bool = False,
           quiet: bool = False, jobs: Optional[int] = None, force: bool = False, emulation_only: bool = False,
-          emu_skip_sync: Optional[str] = None, build_dir: Optional[os.PathLike] = None) -> str:
+          emu_skip_sync: Optional[str] = None, build_dir: Optional[os.PathLike] = None, sanitize: bool = False) -> str:
     """Compile the module; return the path of the built extension file.
 
     out_dir None: the per-user cache, keyed on sources + flags + Python + nvcc, reused
@@ -645,7 +654,9 @@ def build(out_dir: Optional[os.PathLike] = None, archs: Optional[str] = None, ve
     else DEFAULT_ARCHS). emulation_only: host compiler only, no GPU kernels (needs out_dir;
     archs ignored); emu_skip_sync "file:line" compiles that barrier out of the emulation;
     build_dir: where objects are compiled (default out_dir/.build), shared between builds
-    that differ in emu_skip_sync only, so that just csrc/gma_emu_skip.cpp is recompiled.
+    that differ in emu_skip_sync only, so that just csrc/gma_emu_skip.cpp is recompiled;
+    sanitize: the emulation under AddressSanitizer (`ASAN_FLAGS`; load it in a process started
+    with `asan_runtime()` preloaded).
     """
     csrc = csrc_dir()
     src_hash = sources_hash(csrc)
@@ -654,10 +665,10 @@ def build(out_dir: Optional[os.PathLike] = None, archs: Optional[str] = None, ve
     if emulation_only:
         if out_dir is None:
             raise BuildError("an emulation-only build needs an explicit out_dir (it never goes into the cache)")
-        cfg = _config([], emulation_only=True, emu_skip_sync=emu_skip_sync)
+        cfg = _config([], emulation_only=True, emu_skip_sync=emu_skip_sync, sanitize=sanitize)
     else:
-        if emu_skip_sync is not None:
-            raise BuildError("emu_skip_sync is for emulation-only builds")
+        if emu_skip_sync is not None or sanitize:
+            raise BuildError("emu_skip_sync and sanitize are for emulation-only builds")
         cfg = _config(parse_archs(archs))
     key = build_key(src_hash, cfg)
     if out_dir is None:
@@ -675,6 +686,16 @@ def build(out_dir: Optional[os.PathLike] = None, archs: Optional[str] = None, ve
             return str(final)
         return str(_compile(target_dir, cfg, src_hash, key, verbose, quiet, jobs,
                             Path(build_dir) if build_dir is not None else None))
+
+
+def asan_runtime() -> str:
+    """The path of the host compiler's AddressSanitizer runtime (libasan), for LD_PRELOAD: a
+    sanitized module can only be loaded by a process that loaded the runtime first."""
+    cxx = find_cxx()
+    out = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not out or not os.path.isabs(out) or not os.path.exists(out):
+        raise BuildError(f"{cxx} has no AddressSanitizer runtime (-print-file-name=libasan.so gave {out!r})")
+    return os.path.realpath(out)
 
 
 def build_ahead_of_time(out_dir: os.PathLike) -> str:
