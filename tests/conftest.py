@@ -176,6 +176,14 @@ def table_dir(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ the CPU emulation of the CUDA kernels
+def skip_or_fail_in_ci(msg: str) -> None:
+    """A tool a test needs is missing: skip with msg here; fail in CI (environment variable CI
+    set), which must run the test."""
+    if os.environ.get("CI"):
+        pytest.fail(msg + " (CI must run this test)")
+    pytest.skip(msg)
+
+
 def _emulation_toolchain_missing() -> str:
     """Why an emulation-only build of csrc/ cannot run here ("" when it can)."""
     from gmf_kernels.cuda import build as cbuild
@@ -200,10 +208,7 @@ def emu_build(tmp_path_factory):
     from gmf_kernels.cuda import build as cbuild
     why = _emulation_toolchain_missing()
     if why:
-        msg = f"cannot build the CPU emulation of the CUDA kernels: {why}"
-        if os.environ.get("CI"):
-            pytest.fail(msg + " (CI must run the emulation tests)")
-        pytest.skip(msg)
+        skip_or_fail_in_ci(f"cannot build the CPU emulation of the CUDA kernels: {why}")
     out = tmp_path_factory.mktemp("gmf_emulation")
     t0 = time.time()
     path = cbuild.build(out_dir=out, emulation_only=True, quiet=True)
