@@ -30,7 +30,7 @@
 #include <ucontext.h>
 #endif
 
-// An AddressSanitizer build (build(..., sanitize="address"), tests/test_cuda_emulation_asan.py):
+// An AddressSanitizer build (build(..., emulation_only=True, sanitize=True), tests/test_cuda_emulation_asan.py):
 // ASan must be told of every stack switch (the fibers' stacks are reused block after block,
 // their abandoned frames still poisoned), and the shared memory's slack past the kernel's
 // size is poisoned so that an access past it is reported like one past a global buffer.

@@ -66,6 +66,7 @@ CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden"]
 #: kernel bodies to a buffer is checked (global memory: the tensors' allocations; shared memory:
 #: the emulated block's, csrc/gma_emu.cpp). Load it with the ASan runtime first (`asan_runtime`).
 ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+ASAN_LINK_FLAGS = ["-fsanitize=address"]
 #: the one unit that reads the emulation's barrier switch GMF_EMU_SKIP_SYNC (csrc/gma_emu_skip.cpp)
 EMU_SKIP_SOURCE = "gma_emu_skip.cpp"
 
@@ -460,7 +461,7 @@ def _config(archs: Sequence[str], emulation_only: bool = False, emu_skip_sync: O
         "cxx": find_cxx(),
         "ninja": find_ninja(),
         "cxx_flags": list(CXX_FLAGS) + (ASAN_FLAGS if sanitize else []),
-        "link_flags": ASAN_FLAGS[:1] if sanitize else [],
+        "link_flags": ASAN_LINK_FLAGS if sanitize else [],
         "sanitize": "address" if sanitize else None,
         "emu_skip_sync": emu_skip_sync,
         "python": sys.version.split()[0],
