@@ -15,8 +15,8 @@ shared memory), and a Python process with the ASan runtime preloaded runs:
   memory are each reported (`emulation_selftest("global_past_end" / "shared_past_end")`);
 * the fused kernels through the `cuda` backend on shapes that take each path: 16-byte vector
   loads (s a multiple of 4 in fp32, of 8 in fp16/bf16) and scalar ones, grids of one pixel,
-  one row, one column and odd sizes, batch 1 and 3, the widest released width, eval with
-  gradients and training; each against the float64 reference, and ASan must stay silent.
+  one row, one column and odd sizes, batch 1 and 3, the widest released width; each against the
+  float64 reference, and ASan must stay silent.
 
 By hand (2026-12-03): with load_halo's row bound widened by one (csrc/gma_device.cuh, the
 16-byte path), this run stops at C = 80, fp32, with a heap-buffer-overflow in load_halo, naming
@@ -40,21 +40,21 @@ from gmf_kernels.cuda import build as cbuild
 
 TESTS = Path(__file__).resolve().parent
 
-#: (C, H, W, B, dtype, mode): s = C / 5; the 16-byte path needs s % 4 == 0 (fp32), % 8 (fp16/bf16)
+#: (C, H, W, B, dtype), eval: s = C / 5; the 16-byte path needs s % 4 == 0 (fp32), % 8 (fp16/bf16).
+#: (The cuda backend's gradients and training run these same forward kernels; its statistics and
+#: backward are Triton's, whose bounds tests/test_triton_hazards.py checks.)
 CASES = [
-    (80, 7, 9, 2, "float32", "eval"),      # s = 16: vectors
-    (160, 5, 6, 3, "bfloat16", "eval"),    # s = 32: vectors
-    (120, 1, 13, 1, "float16", "eval"),    # s = 24: vectors, one row
-    (50, 9, 1, 2, "float32", "eval"),      # s = 10: scalar, one column
-    (30, 1, 1, 1, "float16", "eval"),      # s = 6: scalar, one pixel
-    (480, 4, 5, 1, "float32", "eval"),     # the widest released layer
-    (40, 6, 7, 2, "float32", "grad"),      # eval mode with gradients
-    (80, 5, 4, 2, "bfloat16", "train"),    # training (Triton's statistics / backward in the interpreter)
+    (80, 7, 9, 2, "float32"),      # s = 16: vectors
+    (160, 5, 6, 3, "bfloat16"),    # s = 32: vectors
+    (120, 1, 13, 1, "float16"),    # s = 24: vectors, one row
+    (50, 9, 1, 2, "float32"),      # s = 10: scalar, one column
+    (30, 1, 1, 1, "float16"),      # s = 6: scalar, one pixel
+    (480, 4, 5, 1, "float32"),     # the widest released layer
+    (200, 11, 13, 3, "float16"),   # s = 40: vectors, odd grid, batch 3
 ]
 
 WORKER = textwrap.dedent("""
-    import os, sys
-    os.environ["TRITON_INTERPRET"] = "1"
+    import sys
     import torch
     import gmf_kernels
     import gmf_kernels.cuda as gcuda
@@ -67,24 +67,14 @@ WORKER = textwrap.dedent("""
     gcuda._loaded = mod
     cuda_backend_on_cpu()
     for case in sys.argv[3:]:
-        C, H, W, B, dt, mode = case.split(",")
+        C, H, W, B, dt = case.split(",")
         C, H, W, B, dt = int(C), int(H), int(W), int(B), getattr(torch, dt)
         w = random_gma_weights(C, seed=C + H)
         x = torch.randn(B, H * W, C, dtype=torch.float64, generator=torch.Generator().manual_seed(W))
-        outs = []
-        for backend, dtype in (("reference", torch.float64), ("cuda", dt)):
-            wc = cast_weights(w, dtype)
-            xx = x.detach().to(dtype).clone().requires_grad_(mode != "eval")
-            with torch.set_grad_enabled(mode != "eval"):
-                out = gmf_kernels.group_mix_attention(xx, (H, W), wc, training=mode == "train", backend=backend)
-            if mode != "eval":
-                out.double().square().sum().backward()
-                outs.append((out.detach().double(), xx.grad.double()))
-            else:
-                outs.append((out.double(), None))
-        err = max_rel_error(outs[1][0], outs[0][0])
-        gerr = max_rel_error(outs[1][1], outs[0][1]) if mode != "eval" else 0.0
-        print(f"case {case} out {err:.2e} grad {gerr:.2e}", flush=True)
+        with torch.no_grad():
+            ref = gmf_kernels.group_mix_attention(x, (H, W), w, backend="reference")
+            out = gmf_kernels.group_mix_attention(x.to(dt), (H, W), cast_weights(w, dt), backend="cuda")
+        print(f"case {case} out {max_rel_error(out.double(), ref):.2e}", flush=True)
 """)
 
 
@@ -132,8 +122,7 @@ def test_kernels_stay_in_bounds_under_asan(asan_module):
     assert r.returncode == 0, f"rc {r.returncode}:\n{r.stdout}\n{r.stderr[-4000:]}"
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("case ")]
     assert len(lines) == len(CASES), r.stdout
-    for (_, case, _, err, _, gerr), (C, H, W, B, dt, mode) in zip(lines, CASES):
+    for (_, case, _, err), (C, H, W, B, dt) in zip(lines, CASES):
         # parity here is a sanity bound (the tolerance rule is tests/test_cuda_emulation.py's):
         # the point is that ASan stayed silent on a run that computed the right thing
-        bound = 1e-5 if dt == "float32" else 3e-2
-        assert float(err) <= bound and float(gerr) <= bound, f"{case}: out {err}, grad {gerr}"
+        assert float(err) <= (1e-5 if dt == "float32" else 3e-2), f"{case}: {err}"
