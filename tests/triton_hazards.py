@@ -263,27 +263,19 @@ class HazardCheck:
             wb, wp = pairs(WRITE)
             rb, rp = pairs(READ)
             ab, ap = pairs(ATOMIC)
-            if wb.size:
-                dup = np.flatnonzero(wb[1:] == wb[:-1])
-                if dup.size:
-                    i = dup[0]
-                    self._report("cross-program write/write", int(wb[i]), (progs[wp[i]][0], progs[wp[i + 1]][0]),
-                                 dup.size)
-                for xb, xp, what in ((rb, rp, "cross-program read/write"), (ab, ap, "cross-program atomic/plain")):
-                    if not xb.size:
-                        continue
-                    j = np.clip(np.searchsorted(wb, xb), 0, wb.size - 1)
-                    hit = (wb[j] == xb) & (wp[j] != xp)
+            dup = np.flatnonzero(wb[1:] == wb[:-1])
+            if dup.size:
+                i = dup[0]
+                self._report("cross-program write/write", int(wb[i]), (progs[wp[i]][0], progs[wp[i + 1]][0]), dup.size)
+            for (sb, sp), (xb, xp), what in (((wb, wp), (rb, rp), "cross-program read/write"),
+                                             ((wb, wp), (ab, ap), "cross-program atomic/plain"),
+                                             ((ab, ap), (rb, rp), "cross-program atomic/plain")):
+                if sb.size and xb.size:   # bytes of xb that sb holds for another program
+                    j = np.clip(np.searchsorted(sb, xb), 0, sb.size - 1)
+                    hit = (sb[j] == xb) & (sp[j] != xp)
                     if hit.any():
                         k = np.flatnonzero(hit)[0]
-                        self._report(what, int(xb[k]), (progs[wp[j[k]]][0], progs[xp[k]][0]), int(hit.sum()))
-            if ab.size and rb.size:
-                j = np.clip(np.searchsorted(ab, rb), 0, ab.size - 1)
-                hit = (ab[j] == rb) & (ap[j] != rp)
-                if hit.any():
-                    k = np.flatnonzero(hit)[0]
-                    self._report("cross-program atomic/plain", int(rb[k]), (progs[ap[j[k]]][0], progs[rp[k]][0]),
-                                 int(hit.sum()))
+                        self._report(what, int(xb[k]), (progs[sp[j[k]]][0], progs[xp[k]][0]), int(hit.sum()))
         self._launch = None
 
     def _where(self, addr: int) -> str:
