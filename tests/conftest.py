@@ -25,6 +25,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import interpreter_speed  # noqa: E402  (after TRITON_INTERPRET is set)
+
+if interpreter_speed.wanted():
+    interpreter_speed.install()   # two costs of the interpreter that compute nothing (its docstring)
+
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 

@@ -235,6 +235,25 @@ def random_folded_weights(C: int, dtype: torch.dtype, seed: int = 0):
     return fold_eval(cast_weights(random_gma_weights(C, seed=seed), dtype), default_hyper(C), dtype)
 
 
+def defined_triton_kernels() -> set:
+    """The names of every `gma_*_kernel` function decorated with `triton.jit` (with or without
+    arguments, on any number of lines) in gmf_kernels/triton_kernels/, parsed from the sources."""
+    import ast
+    from pathlib import Path
+    import gmf_kernels
+
+    def is_jit(d):
+        d = d.func if isinstance(d, ast.Call) else d
+        return isinstance(d, ast.Attribute) and d.attr == "jit" and getattr(d.value, "id", None) == "triton"
+    names = set()
+    for path in (Path(gmf_kernels.__file__).parent / "triton_kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("gma_") and node.name.endswith("_kernel") \
+                    and any(is_jit(d) for d in node.decorator_list):
+                names.add(node.name)
+    return names
+
+
 def triton_test_device() -> str:
     """Where a Triton kernel test runs its kernels: "cpu" under the interpreter, else "cuda" (the
     calling module is skipped, with the reason, when neither is possible). Call at import time."""

@@ -44,6 +44,7 @@ from gmf_kernels.backends import BACKEND_NAMES, get_backend
 from gmf_kernels.distributed import resolve_group
 from gmf_kernels.functional import make_problem, sync_groups
 from gmf_kernels.numerics import random_gma_weights
+import interpreter_speed
 from helpers import assert_max_rel_close as assert_rel
 from helpers import backend_cases, cuda_backend_on_cpu, problem
 
@@ -176,6 +177,8 @@ def _cuda_on_cpu(emulation_path):
 def _worker(rank, world_size, port, inputs_path, out_dir, backends, cases=None, dtype=torch.float64,
             emulation_path=None):
     torch.set_num_threads(1)
+    if interpreter_speed.wanted():
+        interpreter_speed.install()   # as conftest.py does in the test process
     cases = CASES if cases is None else cases
     if emulation_path is not None:
         _cuda_on_cpu(emulation_path)

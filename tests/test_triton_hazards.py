@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,15 +34,13 @@ import triton.language as tl
 import gmf_kernels
 from gmf_kernels.numerics import cast_weights
 from gmf_kernels.triton_kernels import _common
-from helpers import skip_unless_supported
+from helpers import defined_triton_kernels, skip_unless_supported
 from training_cases import make, run
 from triton_hazards import HazardCheck
 
 if not _common.interpreting():
     pytest.skip("the hazard check runs the kernels under Triton's interpreter (TRITON_INTERPRET=1)",
                 allow_module_level=True)
-
-KERNEL_DIR = Path(gmf_kernels.__file__).parent / "triton_kernels"
 
 
 # ------------------------------------------------------------------ the check on toy kernels
@@ -176,16 +173,9 @@ def test_kernels_free_of_global_memory_hazards(case, monkeypatch):
     assert not hc.findings, "\n".join(map(str, hc.findings))
 
 
-def _defined_kernels():
-    names = set()
-    for path in KERNEL_DIR.glob("*.py"):
-        names |= set(re.findall(r"@triton\.jit[^\n]*\ndef (gma_\w+_kernel)\(", path.read_text()))
-    return names
-
-
 def test_cases_launch_every_kernel(monkeypatch):
-    defined = _defined_kernels()
-    assert len(defined) >= 13, sorted(defined)
+    defined = defined_triton_kernels()
+    assert len(defined) >= 14, sorted(defined)
     launched = set()
     for case in CASES:
         launched |= {name for name, _ in _run_case(case, monkeypatch).launches}

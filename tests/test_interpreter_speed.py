@@ -1,0 +1,79 @@
+"""`interpreter_speed` (installed by conftest.py for the whole run) changes how fast Triton's
+interpreter runs, not what it computes: every kernel of the library, launched with and without
+it, gives bit-identical outputs, gradients and running statistics."""
+import pytest
+import torch
+
+import gmf_kernels
+import interpreter_speed
+from gmf_kernels.numerics import cast_weights
+from gmf_kernels.triton_kernels import _common
+from helpers import defined_triton_kernels, skip_unless_supported
+from training_cases import make, run
+
+if not _common.interpreting():
+    pytest.skip("concerns Triton's interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
+
+#: (C, (H, W), B, mode, dtype, unfused B3): training with the unfused B3 path launches every
+#: kernel; eval in bfloat16 the forward kernels in another dtype
+CASES = [(40, (3, 4), 1, "train", torch.float32, True), (40, (3, 4), 2, "eval", torch.bfloat16, False)]
+
+
+def _launch_all(monkeypatch):
+    """Every case's results, and the names of the kernels launched."""
+    from triton.runtime import interpreter as ti
+    import gmf_kernels.triton_kernels.aggregation_backward as agb
+    launched, results = set(), []
+    call = ti.GridExecutor.__call__
+
+    def record(self, *args, **kwargs):
+        launched.add(self.fn.__name__)
+        return call(self, *args, **kwargs)
+    with monkeypatch.context() as mp:
+        mp.setattr(ti.GridExecutor, "__call__", record)
+        for C, (H, W), B, mode, dtype, unfused in CASES:
+            skip_unless_supported("triton", dim=C, dtype=dtype, training=mode == "train", needs_grad=mode != "eval")
+            mp.setattr(agb, "FUSED_B3_MAX_S_PAD", 0 if unfused else agb.FUSED_B3_MAX_S_PAD)
+            w, x = make(C, H, W, B)
+            if mode == "eval":
+                with torch.no_grad():
+                    out = gmf_kernels.group_mix_attention(x.to(dtype), (H, W), cast_weights(w, dtype), backend="triton")
+                results.append((out, {}, {}))
+            else:
+                results.append(run("triton", x, (H, W), w, dtype, training=mode == "train"))
+    return results, launched
+
+
+def _flat(results):
+    return [t for out, grads, bufs in results for t in [out, *grads.values(), *bufs.values()]]
+
+
+def test_same_results_with_and_without():
+    if not interpreter_speed.installed():
+        pytest.skip("interpreter_speed is not installed in this run (GMF_FULL_INTERPRETER=1, or another triton)")
+    mp = pytest.MonkeyPatch()
+    try:
+        fast, launched = _launch_all(mp)
+        interpreter_speed.uninstall()
+        shipped, _ = _launch_all(mp)
+    finally:
+        interpreter_speed.install()
+        mp.undo()
+    assert defined_triton_kernels() <= launched, sorted(defined_triton_kernels() - launched)
+    a, b = _flat(fast), _flat(shipped)
+    assert len(a) == len(b) > 3 * len(CASES)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.dtype == y.dtype and torch.equal(x, y), i
+
+
+def test_overflow_checks_are_dropped_only_without_debug():
+    from triton.runtime import interpreter as ti
+    if not interpreter_speed.installed():
+        pytest.skip("interpreter_speed is not installed in this run")
+    opts = ti.interpreter_builder.options
+    assert not opts.debug and not opts.sanitize_overflow
+    interpreter_speed.uninstall()
+    try:
+        assert ti.interpreter_builder.options.sanitize_overflow
+    finally:
+        interpreter_speed.install()
