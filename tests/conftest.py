@@ -18,6 +18,7 @@ GPU tests: no silent skip on a GPU machine.
 """
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -120,6 +121,10 @@ def skip_verdict(reason: str, gpu_test: bool, require: bool, cuda_available: boo
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (GMF_REQUIRE_GPU=1: skipping fails)")
     config.addinivalue_line("markers", "xdist_group(name): run in one pytest-xdist worker with --dist loadgroup")
+    if not hasattr(config, "workerinput"):
+        # the random-shape tests' seed, drawn once by the controlling process so that every
+        # pytest-xdist worker (they inherit the environment) collects the same draws
+        os.environ.setdefault("GMF_RANDOM_SEED", str(time.time_ns() % 1_000_000))
 
 
 #: test files that take minutes on a 2-core CI machine (the AOT compiles, the CUDA build, Inductor):
@@ -158,6 +163,7 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_report_header(config):
+    seed = f"gmf_kernels: random shapes drawn with GMF_RANDOM_SEED={os.environ.get('GMF_RANDOM_SEED')} (set it to replay)"
     if torch.cuda.is_available():
         try:
             import gmf_kernels.cuda as gcuda
@@ -165,9 +171,9 @@ def pytest_report_header(config):
                 f"CUDA module NOT loadable: GPU tests fail until `{BUILD_COMMAND}`"
         except Exception as e:  # pragma: no cover - a broken install
             mod = f"CUDA module: error {type(e).__name__}: {e}"
-        return [f"gmf_kernels: GPU {torch.cuda.get_device_name(0)}; {mod}; GMF_REQUIRE_GPU={int(require_gpu())}"]
+        return [f"gmf_kernels: GPU {torch.cuda.get_device_name(0)}; {mod}; GMF_REQUIRE_GPU={int(require_gpu())}", seed]
     return ["gmf_kernels: no CUDA GPU: GPU tests skip"
-            + (" -> GMF_REQUIRE_GPU=1 turns those skips into failures" if require_gpu() else "")]
+            + (" -> GMF_REQUIRE_GPU=1 turns those skips into failures" if require_gpu() else ""), seed]
 
 
 @pytest.fixture

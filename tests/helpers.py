@@ -254,6 +254,18 @@ def defined_triton_kernels() -> set:
     return names
 
 
+def gpu_tiles_under_interpreter(monkeypatch) -> None:
+    """The Triton launchers plan the GPU tiles (many programs, split reductions) for CPU tensors,
+    which then run them under the interpreter: each planning module's `interpreting` says False."""
+    import gmf_kernels.triton_kernels.aggregation_backward as agb
+    import gmf_kernels.triton_kernels.attention_backward as atb
+    import gmf_kernels.triton_kernels.launcher as launcher
+    import gmf_kernels.triton_kernels.recompute as recompute
+    import gmf_kernels.triton_kernels.statistics as statistics
+    for mod in (launcher, statistics, recompute, atb, agb):
+        monkeypatch.setattr(mod, "interpreting", lambda: False)
+
+
 def triton_test_device() -> str:
     """Where a Triton kernel test runs its kernels: "cpu" under the interpreter, else "cuda" (the
     calling module is skipped, with the reason, when neither is possible). Call at import time."""

@@ -34,7 +34,7 @@ import triton.language as tl
 import gmf_kernels
 from gmf_kernels.numerics import cast_weights
 from gmf_kernels.triton_kernels import _common
-from helpers import defined_triton_kernels, skip_unless_supported
+from helpers import defined_triton_kernels, gpu_tiles_under_interpreter, skip_unless_supported
 from training_cases import make, run
 from triton_hazards import HazardCheck
 
@@ -118,8 +118,7 @@ def _gpu_tiles(monkeypatch, deep: bool, unfused_b3: bool):
     import gmf_kernels.triton_kernels.launcher as launcher
     import gmf_kernels.triton_kernels.recompute as recompute
     import gmf_kernels.triton_kernels.statistics as statistics
-    for mod in (launcher, statistics, recompute, atb, agb):
-        monkeypatch.setattr(mod, "interpreting", lambda: False)
+    gpu_tiles_under_interpreter(monkeypatch)
     if deep:
         for mod in (statistics, recompute, atb):
             monkeypatch.setattr(mod, "SPLIT_TARGET", 1)
