@@ -24,7 +24,7 @@ def _launch_all(monkeypatch):
     from triton.runtime import interpreter as ti
     import gmf_kernels.triton_kernels.aggregation_backward as agb
     launched, results = set(), []
-    call = ti.GridExecutor.__call__
+    call, fused_b3_max = ti.GridExecutor.__call__, agb.FUSED_B3_MAX_S_PAD
 
     def record(self, *args, **kwargs):
         launched.add(self.fn.__name__)
@@ -33,7 +33,7 @@ def _launch_all(monkeypatch):
         mp.setattr(ti.GridExecutor, "__call__", record)
         for C, (H, W), B, mode, dtype, unfused in CASES:
             skip_unless_supported("triton", dim=C, dtype=dtype, training=mode == "train", needs_grad=mode != "eval")
-            mp.setattr(agb, "FUSED_B3_MAX_S_PAD", 0 if unfused else agb.FUSED_B3_MAX_S_PAD)
+            mp.setattr(agb, "FUSED_B3_MAX_S_PAD", 0 if unfused else fused_b3_max)
             w, x = make(C, H, W, B)
             if mode == "eval":
                 with torch.no_grad():
@@ -48,17 +48,15 @@ def _flat(results):
     return [t for out, grads, bufs in results for t in [out, *grads.values(), *bufs.values()]]
 
 
-def test_same_results_with_and_without():
+def test_same_results_with_and_without(monkeypatch):
     if not interpreter_speed.installed():
         pytest.skip("interpreter_speed is not installed in this run (GMF_FULL_INTERPRETER=1, or another triton)")
-    mp = pytest.MonkeyPatch()
     try:
-        fast, launched = _launch_all(mp)
+        fast, launched = _launch_all(monkeypatch)
         interpreter_speed.uninstall()
-        shipped, _ = _launch_all(mp)
+        shipped, _ = _launch_all(monkeypatch)
     finally:
         interpreter_speed.install()
-        mp.undo()
     assert defined_triton_kernels() <= launched, sorted(defined_triton_kernels() - launched)
     a, b = _flat(fast), _flat(shipped)
     assert len(a) == len(b) > 3 * len(CASES)
