@@ -14,7 +14,7 @@ test_syncbn.py call it too). `GMF_FULL_INTERPRETER=1` leaves the interpreter as 
 
 Measured on the 2-core development machine (2026-12-03): one float32 and one bfloat16
 training step of the Triton backend at C = 40, 7x9, batch 2 (forward and backward,
-17 launches) took 15-18 s CPU time each as shipped, 8-12 s with (1) and 7.5-8.5 s with both;
+17 launches) took 15-18 s CPU time each as shipped, 8-12 s with (1) and 7.5-8.6 s with both;
 the outputs, every gradient and the running statistics are bit-identical
 (`test_interpreter_speed.py` checks this for a launch of every kernel).
 """
