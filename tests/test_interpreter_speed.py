@@ -4,12 +4,10 @@ it, gives bit-identical outputs, gradients and running statistics."""
 import pytest
 import torch
 
-import gmf_kernels
 import interpreter_speed
-from gmf_kernels.numerics import cast_weights
 from gmf_kernels.triton_kernels import _common
 from helpers import defined_triton_kernels, skip_unless_supported
-from training_cases import make, run
+from training_cases import make, run_mode
 
 if not _common.interpreting():
     pytest.skip("concerns Triton's interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
@@ -35,12 +33,7 @@ def _launch_all(monkeypatch):
             skip_unless_supported("triton", dim=C, dtype=dtype, training=mode == "train", needs_grad=mode != "eval")
             mp.setattr(agb, "FUSED_B3_MAX_S_PAD", 0 if unfused else fused_b3_max)
             w, x = make(C, H, W, B)
-            if mode == "eval":
-                with torch.no_grad():
-                    out = gmf_kernels.group_mix_attention(x.to(dtype), (H, W), cast_weights(w, dtype), backend="triton")
-                results.append((out, {}, {}))
-            else:
-                results.append(run("triton", x, (H, W), w, dtype, training=mode == "train"))
+            results.append(run_mode("triton", x, (H, W), w, dtype, mode))
     return results, launched
 
 

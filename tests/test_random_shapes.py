@@ -25,12 +25,10 @@ import random
 import pytest
 import torch
 
-import gmf_kernels
-from gmf_kernels.numerics import cast_weights
+from gmf_kernels.backends import get_backend
 from helpers import (assert_within_reference_error, cuda_backend_on_cpu, gpu_tiles_under_interpreter, problem,
                      skip_unless_supported)
-from gmf_kernels.backends import get_backend
-from training_cases import make, run
+from training_cases import make, run_mode
 
 SEED = int(os.environ["GMF_RANDOM_SEED"])        # conftest.py draws it once per run (or replays it)
 DRAWS = int(os.environ.get("GMF_RANDOM_DRAWS") or 3)
@@ -64,15 +62,6 @@ def problems(backend: str, rng: random.Random, n: int, max_side: int = 12, max_d
     return out
 
 
-def _run(backend, x, grid, w, dtype, mode, momentum, device="cpu"):
-    if mode == "eval":
-        with torch.no_grad():
-            out = gmf_kernels.group_mix_attention(x.to(device, dtype), grid, cast_weights(w, dtype, device=device),
-                                                  backend=backend)
-        return out.cpu(), {}, {}
-    return run(backend, x, grid, w, dtype, training=mode == "train", momentum=momentum, device=device)
-
-
 def check(backend, case):
     C, grid, B, mode, momentum, bias = case
     skip_unless_supported(backend, dim=C, H=grid[0], W=grid[1], B=B, training=mode == "train",
@@ -80,9 +69,9 @@ def check(backend, case):
     w, x = make(C, *grid, B, seed=SEED)
     if not bias:
         w = w._replace(qkv_bias=None)
-    oracle = _run("reference", x, grid, w, torch.float64, mode, momentum)
-    ref = _run("reference", x, grid, w, torch.float32, mode, momentum)
-    got = _run(backend, x, grid, w, torch.float32, mode, momentum, DEVICE)
+    oracle = run_mode("reference", x, grid, w, torch.float64, mode, momentum)
+    ref = run_mode("reference", x, grid, w, torch.float32, mode, momentum)
+    got = run_mode(backend, x, grid, w, torch.float32, mode, momentum, DEVICE)
     what = f"{backend} {case} (GMF_RANDOM_SEED={SEED})"
     names = [("out", got[0], ref[0], oracle[0])]
     names += [(f"grad {n}", got[1][n], ref[1][n], oracle[1][n]) for n in oracle[1]]

@@ -31,11 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-import gmf_kernels
-from gmf_kernels.numerics import cast_weights
 from gmf_kernels.triton_kernels import _common
 from helpers import defined_triton_kernels, gpu_tiles_under_interpreter, skip_unless_supported
-from training_cases import make, run
+from training_cases import make, run_mode
 from triton_hazards import HazardCheck
 
 if not _common.interpreting():
@@ -156,11 +154,7 @@ def _run_case(case, monkeypatch):
             _gpu_tiles(mp, deep, unfused)
             w, x = make(C, H, W, B)
             with HazardCheck(without_barriers=(BARRIER_KERNEL,)) as hc:
-                if mode == "eval":
-                    with torch.no_grad():
-                        gmf_kernels.group_mix_attention(x.to(dtype), (H, W), cast_weights(w, dtype), backend="triton")
-                else:
-                    run("triton", x, (H, W), w, dtype, training=mode == "train")
+                run_mode("triton", x, (H, W), w, dtype, mode)
         _RESULTS[cid] = hc
     return _RESULTS[cid]
 

@@ -40,6 +40,17 @@ def run(backend, x0, size, w, dtype, training, momentum=0.1, steps=1, device="cp
     return out.detach().cpu(), named, {n: t.clone().cpu() for n, t in named_fields(wc, BUFFER_FIELDS)}
 
 
+def run_mode(backend, x0, size, w, dtype, mode, momentum=0.1, device="cpu"):
+    """`run` for mode "grad" (eval with gradients) or "train"; for "eval", one forward under
+    no_grad: (out, {}, {}) on the CPU."""
+    if mode == "eval":
+        with torch.no_grad():
+            out = gmf_kernels.group_mix_attention(x0.to(device, dtype), size, cast_weights(w, dtype, device=device),
+                                                  backend=backend)
+        return out.cpu(), {}, {}
+    return run(backend, x0, size, w, dtype, training=mode == "train", momentum=momentum, device=device)
+
+
 def compare(got, exp, tol, who):
     assert_rel(got[0], exp[0], tol, f"{who} out")
     assert set(got[1]) == set(exp[1])
