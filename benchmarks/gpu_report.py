@@ -32,7 +32,12 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
                  rows `upstream (amp)`, `upstream+compile (amp, inductor)`); summary.md states the
                  two ratios issue 9 judges: our best bf16 row vs each
   train          benchmarks/throughput.py --bench train, when that flag exists (else recorded);
-                 with an upstream clone, upstream's model trains beside ours
+                 with an upstream clone, upstream's model trains beside ours (eager, AMP), and
+                 summary.md states the ratio issue 10 judges: our best training step vs upstream's
+  Each throughput run gets `--deadline` (its time less a margin): it runs the yardsticks and judged
+  rows first (reference, upstream, our eager rows, upstream+compile, our compiled rows), cuts the
+  rest to what fits, ends by itself and rewrites its results file after every row, so that a run
+  whose time runs out still leaves every row it measured.
 
 Upstream side by side: `--upstream PATH` (default $GMF_UPSTREAM, else .upstream/GroupMixFormer
 under the repository root when it exists; '' for none) is a clone of AILab-CVC/GroupMixFormer.
@@ -113,8 +118,8 @@ PHASES = [
     Phase("tests", 70, "CUDA GPU tests: real shapes, whole model, tests/test_cuda_build.py -m gpu"),
     Phase("sanitizer", 60, "compute-sanitizer memcheck/racecheck/synccheck/initcheck on every kernel"),
     Phase("kernels", 50, "per-kernel timing vs torch, torch.compile and the eager reference"),
-    Phase("models", 180, "GroupMixFormer-S bf16 b256 and the paper protocol (fp32 b128), every backend"),
-    Phase("train", 30, "throughput.py --bench train (when the flag exists)"),
+    Phase("models", 150, "GroupMixFormer-S bf16 b256 and the paper protocol (fp32 b128), every backend"),
+    Phase("train", 60, "throughput.py --bench train (when the flag exists)"),
 ]
 PHASE_NAMES = [p.name for p in PHASES]
 
@@ -411,7 +416,7 @@ def condense_throughput(data: Dict) -> List[Dict]:
             "img_per_s_total", "median_ms", "p20_ms", "p80_ms", "ratio_vs_reference", "ratio_vs_upstream",
             "ratio_vs_upstream_compile", "check",
             "max_rel_err_vs_reference", "max_rel_err_vs_fp64", "compile_s", "peak_mem_mib", "mem_ratio_vs_reference",
-            "first_call_s")
+            "first_call_s", "n_timed", "deadline_note")
     return [{k: r[k] for k in keys if k in r} for r in data.get("rows", [])]
 
 
@@ -1089,16 +1094,22 @@ MODEL_RUNS = [
     # name, file, args, share
     # every backend eager and under torch.compile ('reference+compile' = torch.compile of our rendering of
     # upstream's ops); with a clone, `model_runs` adds upstream's own model, eager and compiled, at
-    # --upstream-precision amp, to bf16_b256, in place of 'reference+compile' there (`_with_upstream`)
+    # --upstream-precision amp, to bf16_b256, in place of 'reference+compile' there (`_with_upstream`).
+    # Every run gets `--deadline` (its share of the phase, `_run_throughput`): throughput.py then runs the
+    # yardsticks and the judged rows first (reference, upstream, our eager rows, upstream+compile, our
+    # compiled rows) and cuts the rest to what fits, writing its results file after every row.
     ("bf16_b256", "throughput_bf16_b256.json",
      ["--model", "groupmixformer_s", "--precision", "bf16", "--batch-size", "256", "--no-timm",
-      "--compile-backends", "reference,torch,triton,cuda"], 0.55),
+      "--num-warm-iter", "5", "--num-bench-iter", "30", "--compile-backends", "reference,torch,triton,cuda"], 0.65),
     ("fp32_b128_paper", "throughput_fp32_b128_paper.json", ["--protocol", "paper", "--model", "groupmixformer_s",
-                                                            "--compile-backends", "reference,torch"], 0.45),
+                                                            "--compile-backends", "reference,torch"], 0.35),
 ]
 TRAIN_RUN = ("train_amp_b128", "throughput_train.json",
              ["--bench", "train", "--model", "groupmixformer_s", "--precision", "amp", "--batch-size", "128",
-              "--opt", "adamw"])
+              "--opt", "adamw", "--num-warm-iter", "3", "--num-bench-iter", "15", "--compile-backends",
+              "cuda,triton,torch"])
+#: seconds of a throughput run's time kept from its --deadline (the kill after the run's time is the backstop)
+DEADLINE_MARGIN_S = 10.0
 
 
 UPSTREAM_RUN = "bf16_b256"  # the model run that times upstream eager and compiled (issue 9's comparison)
@@ -1106,6 +1117,13 @@ UPSTREAM_RUN = "bf16_b256"  # the model run that times upstream eager and compil
 UPSTREAM_GOALS = (("upstream", 3.0), ("upstream+compile", 1.5))
 #: the rows of ours that issue 9's ratios take the best of (bf16, eager or compiled)
 JUDGED_BACKENDS = ("cuda", "triton", "cuda+compile", "triton+compile")
+#: issue 10's goal, judged on TRAIN_RUN: our best training step (JUDGED_BACKENDS) vs upstream's, eager, AMP
+TRAIN_GOALS = (("upstream", 2.0),)
+#: the ratios the issues judge, each from ONE run (side by side): (issue, section, run, what it is, goals)
+JUDGED = (
+    ("issue 9", "models", UPSTREAM_RUN, "GroupMixFormer-S bf16 batch 256, inference", UPSTREAM_GOALS),
+    ("issue 10", "train", TRAIN_RUN[0], "GroupMixFormer-S training step, AMP, batch 128", TRAIN_GOALS),
+)
 
 
 def _with_upstream(args: List[str], path: str, compiled: bool) -> List[str]:
@@ -1113,7 +1131,7 @@ def _with_upstream(args: List[str], path: str, compiled: bool) -> List[str]:
     `--upstream-precision amp` (upstream's rows run as upstream runs its model: fp32 weights under fp16
     autocast, beside our bf16 rows) and `upstream` in place of `reference` in --compile-backends.
     Budget: 'upstream+compile' is the judged compiled baseline now, and a fifth inductor compile of
-    GroupMixFormer-S would not fit: that run's share of the models phase is ~100 s (0.55 of 180 s,
+    GroupMixFormer-S would not fit: that run's share of the models phase is ~100 s (0.65 of 150 s,
     plus what earlier phases leave). An ESTIMATE, not a GPU measurement: inductor's first call of
     GroupMixFormer-S took 103 s (torch backend) and 84 s (reference) on this project's shared 2-core
     CPU (batch 1, 64x64); on the device machine (16 cores, Triton codegen) say 25-50 s each, so four
@@ -1248,31 +1266,46 @@ def _fake_throughput(path: Path, args: List[str]):
     return fake
 
 
+def deadline_args(budget: float, known_flags) -> List[str]:
+    """`--deadline` for a throughput run given `budget` seconds (when throughput.py knows the flag):
+    the run then ends by itself, report printed and results written, before the phase's kill."""
+    if "--deadline" not in known_flags:
+        return []
+    return ["--deadline", f"{max(0.6 * budget, budget - DEADLINE_MARGIN_S):.0f}"]
+
+
 def _run_throughput(ctx: Ctx, name: str, fname: str, args: List[str], budget: float, section: Dict, ph: Dict):
     path = ctx.out / fname
     path.unlink(missing_ok=True)
+    known = set(ctx.report.get("throughput_help", {}).get("flags", []))
+    args = list(args) + deadline_args(budget, known)
     cmd = py(THROUGHPUT, *args, "--results-file", path)
     if ctx.dry:
-        known = set(ctx.report.get("throughput_help", {}).get("flags", []))
         missing = [a for a in args if a.startswith("--") and a not in known]
         ctx.check(f"throughput.py knows the flags of run {name}", not missing, f"missing {missing}" if missing else "")
+        has = "--deadline" in args
+        ctx.check(f"run {name} gets --deadline", has, "" if has else "throughput.py --help has no --deadline")
     res = run(ctx, cmd, budget, f"[{name}] ", fake=_fake_throughput(path, args))
     entry = {"name": name, "results_file": fname, **res.summary()}
     try:
         data = json.loads(path.read_text())
         entry["rows"] = condense_throughput(data)
         entry["settings"] = data.get("meta", {}).get("settings")
+        entry["complete"] = data.get("meta", {}).get("complete")
+        entry["deadline"] = data.get("meta", {}).get("deadline")
     except (OSError, ValueError):
         entry["rows"] = []
         entry["output_tail"] = res.output[-3000:]
     entry["status"] = "timeout" if res.timed_out else "ok" if res.rc == 0 and entry["rows"] else "failed"
+    timed = sum(r.get("status") == "ok" for r in entry["rows"])
+    kept = (f"its results file kept {len(entry['rows'])} rows, {timed} timed (throughput.py rewrites it after every "
+            f"row)" if entry["rows"] else "no results file")
     if entry["status"] == "timeout":
-        entry["reason"] = f"stopped after {res.seconds:.0f} s: the phase's time ran out (no results file)"
+        entry["reason"] = f"stopped after {res.seconds:.0f} s: the phase's time ran out; {kept}"
     elif entry["status"] == "failed":
         entry["reason"] = f"rc {res.rc}: " + " | ".join(res.output.strip().splitlines()[-3:])[-400:]
     if entry["status"] != "ok":
-        ph["notes"].append(f"{name}: {entry['status']} (rc {res.rc}; results are written only at the end of "
-                           f"throughput.py)")
+        ph["notes"].append(f"{name}: {entry['status']} (rc {res.rc}; {kept})")
     section["runs"].append(entry)
     for r in entry["rows"]:
         if r.get("status") == "ok":
@@ -1565,37 +1598,42 @@ def _upstream_summary(rep: Dict) -> List[str]:
 
 
 def _judged_ratios(rep: Dict) -> List[str]:
-    """summary.md's lines for issue 9's two judged ratios, from UPSTREAM_RUN only (one run, side by side):
-    the best of our bf16 rows (JUDGED_BACKENDS, by img/s) against `upstream` (eager, AMP) and against
-    `upstream+compile` (AMP), each beside its goal; measured numbers or "not measured" (and why)."""
-    run_ = next((r for r in rep.get("models", {}).get("runs", []) if r.get("name") == UPSTREAM_RUN), None)
-    rows = (run_ or {}).get("rows", [])
-    ok = {r["backend"]: r for r in rows if r.get("status") == "ok" and r.get("img_per_s")}
-    ours = [ok[b] for b in JUDGED_BACKENDS if b in ok and ok[b].get("kind", "gmf") == "gmf"]
-    best = max(ours, key=lambda r: r["img_per_s"]) if ours else None
-    L = [f"- issue 9's judged ratios ({UPSTREAM_RUN}: GroupMixFormer-S bf16 batch 256, one run; best of our "
-         f"{', '.join(JUDGED_BACKENDS)} rows by img/s):"]
-    for base_name, goal in UPSTREAM_GOALS:
-        base = ok.get(base_name)
-        if base is not None and base.get("kind") != "upstream":
-            base = None
-        planned = next((r for r in rows if r.get("backend") == base_name and r.get("precision")), None)
-        label = f"`{base_name} ({planned['precision']})`" if planned else f"`{base_name}`"
-        if rep.get("dry_run"):
-            value = "not measured (dry run)"
-        elif best is None or base is None:
-            missing = [w for w, v in (("our cuda/triton rows", best), (f"the {base_name} row", base)) if v is None]
-            why = (f"{UPSTREAM_RUN} did not run" if run_ is None else f"{UPSTREAM_RUN} {run_.get('status')}; "
-                   f"missing: {', '.join(missing)}")
-            value = f"not measured ({why})"
-        else:
-            ratio = best["img_per_s"] / base["img_per_s"]
-            checks = "" if all(str(r.get("check", "")).startswith("ok") for r in (best, base)) else (
-                f"; check: {best['backend']} {best.get('check')}, {base_name} {base.get('check')}")
-            value = (f"**{ratio:.2f}x** measured ({best['backend']} ({best.get('precision', '?')}) "
-                     f"{best['img_per_s']:.1f} img/s / {base['img_per_s']:.1f} img/s): goal >= {goal:g}x "
-                     f"{'reached' if ratio >= goal else 'NOT reached'}{checks}")
-        L.append(f"  - vs {label}: {value}")
+    """summary.md's lines for the ratios the issues judge (JUDGED), each from its own run only (one run,
+    side by side): the best of our rows (JUDGED_BACKENDS, by img/s) against each upstream row named
+    (issue 9: `upstream` eager AMP and `upstream+compile` AMP on the bf16 b256 inference run; issue 10:
+    `upstream` eager AMP on the training run), beside its goal; measured numbers or "not measured" (and why)."""
+    L: List[str] = []
+    for issue, section, run_name, what, goals in JUDGED:
+        run_ = next((r for r in rep.get(section, {}).get("runs", []) if r.get("name") == run_name), None)
+        rows = (run_ or {}).get("rows", [])
+        ok = {r["backend"]: r for r in rows if r.get("status") == "ok" and r.get("img_per_s")}
+        ours = [ok[b] for b in JUDGED_BACKENDS if b in ok and ok[b].get("kind", "gmf") == "gmf"]
+        best = max(ours, key=lambda r: r["img_per_s"]) if ours else None
+        L.append(f"- {issue}'s judged ratio{'s' if len(goals) > 1 else ''} ({run_name}: {what}, one run; best of "
+                 f"our {', '.join(JUDGED_BACKENDS)} rows by img/s):")
+        for base_name, goal in goals:
+            base = ok.get(base_name)
+            if base is not None and base.get("kind") != "upstream":
+                base = None
+            planned = next((r for r in rows if r.get("backend") == base_name and r.get("precision")), None)
+            label = f"`{base_name} ({planned['precision']})`" if planned else f"`{base_name}`"
+            if rep.get("dry_run"):
+                value = "not measured (dry run)"
+            elif best is None or base is None:
+                missing = [w for w, v in (("our cuda/triton rows", best), (f"the {base_name} row", base)) if v is None]
+                why = (f"{run_name} did not run" if run_ is None else f"{run_name} {run_.get('status')}; "
+                       f"missing: {', '.join(missing)}")
+                value = f"not measured ({why})"
+            else:
+                ratio = best["img_per_s"] / base["img_per_s"]
+                checks = "" if all(str(r.get("check", "")).startswith("ok") for r in (best, base)) else (
+                    f"; check: {best['backend']} {best.get('check')}, {base_name} {base.get('check')}")
+                cut = [r["backend"] for r in (best, base) if r.get("deadline_note")]
+                value = (f"**{ratio:.2f}x** measured ({best['backend']} ({best.get('precision', '?')}) "
+                         f"{best['img_per_s']:.1f} img/s / {base['img_per_s']:.1f} img/s): goal >= {goal:g}x "
+                         f"{'reached' if ratio >= goal else 'NOT reached'}{checks}"
+                         + (f"; iterations cut by --deadline for {', '.join(cut)}" if cut else ""))
+            L.append(f"  - vs {label}: {value}")
     return L
 
 

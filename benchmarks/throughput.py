@@ -33,6 +33,13 @@ checked and timed like the other compiled rows; every row then also gets
 (e.g. `amp`: upstream's own mixed-precision recipe beside our bf16 rows), each checked against the
 float64 oracle with its precision's tolerance. `--compare` names the timm models timed beside ours (default Swin-T),
 `--plot FILE.png` draws img/s per row.
+
+Rows run yardsticks first (`run_order`: reference, upstream, our eager rows, upstream+compile, our
+compiled rows, optimized, timm; the table keeps the built order), and `--results-file` is rewritten
+after each row's check and timing. `--deadline SECONDS` ends the run within that time of the script's
+start: rows that no longer fit are not started and a row's iterations are cut to what fits, each
+saying so (benchmarks/gpu_report.py gives every run one, so that a device run short of time still
+brings back the judged rows).
 """
 from __future__ import annotations
 
@@ -51,6 +58,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+#: when this script started: --deadline counts from here (the imports included)
+T_START = time.monotonic()
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
@@ -73,6 +82,10 @@ PAPER_PROTOCOL = dict(batch_size=128, img_size=224, num_warm_iter=50, num_bench_
 TIMM_BASELINE = "swin_tiny_patch4_window7_224"
 UPSTREAM = "upstream"  # the backend name of the --upstream row
 UPSTREAM_COMPILED = UPSTREAM + "+compile"  # torch.compile of the --upstream model
+#: --deadline: the fewest timed iterations a row keeps when its iterations are cut (fewer fit: it is not timed)
+MIN_TIMED = 3
+#: --deadline: seconds kept back from the rows for printing the report and writing the results file
+DEADLINE_RESERVE_S = 3.0
 
 
 # --------------------------------------------------------------------------- arguments
@@ -154,7 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.set_num_threads for CPU runs (default: torch's own choice); on a shared, "
                         "oversubscribed machine 1 thread avoids OpenMP contention that distorts ratios")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and input")
-    p.add_argument("--results-file", default=None, help="write {'meta': ..., 'rows': [...]} as JSON here")
+    p.add_argument("--results-file", default=None,
+                   help="write {'meta': ..., 'rows': [...]} as JSON here (rewritten after every row's check and "
+                        "timing, so that a run stopped part-way keeps what it measured; meta.complete says which)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="end the run, report and results written, within SECONDS of the script's start: rows run "
+                        "yardsticks first (reference, upstream, our eager rows, upstream+compile, our compiled rows, "
+                        "optimized, timm); a row that no longer fits is not started, and a row's warm-up and timed "
+                        f"iterations are cut to what its first warm-up call (always made under --deadline) says fits (at least {MIN_TIMED} timed, else it is not timed); each such row "
+                        "says so (status 'deadline', or 'deadline_note'). Default: no limit")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -207,6 +228,9 @@ def resolve_settings(args) -> Dict:
                        any(p not in (None, "fp32") for p in (s["precision"], s["upstream_precision"])))
     s["compare"] = [] if args.no_timm else parse_compare(args.compare)
     s["upstream"] = args.upstream
+    if args.deadline is not None and args.deadline <= 0:
+        raise SystemExit("error: --deadline must be > 0 seconds")
+    s["deadline_s"] = args.deadline
     if s["batch_size"] < 1 or s["img_size"] < 32 or s["num_bench_iter"] < 1 or s["num_warm_iter"] < 0:
         raise SystemExit("error: need --batch-size >= 1, --img-size >= 32, --num-bench-iter >= 1, "
                          "--num-warm-iter >= 0")
@@ -642,6 +666,16 @@ class Context:
         gen = torch.Generator().manual_seed(settings["seed"])
         self.x32 = torch.randn(self.B, 3, self.S, self.S, generator=gen)
         self._set_precision(settings["precision"])
+        #: --deadline: when the rows must be done (time.monotonic), None without one
+        self.deadline = T_START + settings["deadline_s"] if settings.get("deadline_s") else None
+        #: first-call times of the torch.compile rows so far (--deadline estimates the next compile from them)
+        self.compile_s: List[float] = []
+
+    def time_left(self) -> float:
+        """Seconds left for rows under --deadline (the report's own printing and writing kept apart), inf without."""
+        if self.deadline is None:
+            return math.inf
+        return self.deadline - DEADLINE_RESERVE_S - time.monotonic()
 
     def _set_precision(self, precision: str) -> None:
         """Model and input dtype, autocast, the input (the same images in that dtype) and the tolerance."""
@@ -810,45 +844,106 @@ def drop_row(r: Runner, e: BaseException) -> None:
     r.alive = False
 
 
-def first_calls_and_check(ctx: Context, runners: List[Runner], oracle, tag: str, common: Dict) -> None:
-    """Each row's first call (reference first), timed apart, and its output checked."""
-    ref_out = None
-    for r in sorted(runners, key=lambda r: r.backend != "reference"):
-        r.row.update({k: v for k, v in common.items() if k not in r.row})
-        if not r.alive or (r.kind == "baseline" and r.module is None):
-            continue
-        ctx.progress(f"{tag} {r.backend}: first call + check ...")
-        rc = row_ctx(ctx, r)
-        try:
-            r.prepare()
-            ctx.timer.sync()
-            t0 = time.perf_counter()
-            with rc.autocast():
-                out = r.module(rc.x)
-            ctx.timer.sync()
-            r.row["first_call_s"] = time.perf_counter() - t0
-        except Exception as e:
-            drop_row(r, e)
-            continue
-        if r.backend.endswith("+compile") or r.backend == "optimized":
-            r.row["compile_s"] = r.row["first_call_s"]
-        if r.kind == "baseline":
-            r.row["check"] = "n/a (other model)"
-            continue
-        if r.backend == "reference":
-            ref_out = out
-            r.row["max_rel_err_vs_reference"] = 0.0
-        elif ref_out is not None:
-            r.row["max_rel_err_vs_reference"] = max_rel_error(out, ref_out)
-        if oracle is not None:
-            r.row["max_rel_err_vs_fp64"] = max_rel_error(out, oracle)
-        r.row["tolerance"] = rc.tol
-        r.row["check"] = judge(r, runners, rc.tol, None if rc is ctx else ctx.tol)
-        del out
+def first_call_and_check(ctx: Context, r: Runner, runners: List[Runner], oracle, tag: str, state: Dict) -> None:
+    """A row's first call, timed apart (for a compiled row: its compile time), and its output checked
+    against `reference`'s (state["ref_out"]: `run_order` runs reference first) and the float64 oracle."""
+    if r.kind == "baseline" and r.module is None:
+        return
+    ctx.progress(f"{tag} {r.backend}: first call + check ...")
+    rc = row_ctx(ctx, r)
+    try:
+        r.prepare()
+        ctx.timer.sync()
+        t0 = time.perf_counter()
+        with rc.autocast():
+            out = r.module(rc.x)
+        ctx.timer.sync()
+        r.row["first_call_s"] = time.perf_counter() - t0
+    except Exception as e:
+        drop_row(r, e)
+        return
+    if r.kind == "baseline":
+        r.row["check"] = "n/a (other model)"
+        return
+    if r.backend == "reference":
+        state["ref_out"] = out
+        r.row["max_rel_err_vs_reference"] = 0.0
+    elif state.get("ref_out") is not None:
+        r.row["max_rel_err_vs_reference"] = max_rel_error(out, state["ref_out"])
+    if oracle is not None:
+        r.row["max_rel_err_vs_fp64"] = max_rel_error(out, oracle)
+    r.row["tolerance"] = rc.tol
+    r.row["check"] = judge(r, runners, rc.tol, None if rc is ctx else ctx.tol)
+    del out
 
 
-def _run_row(ctx: Context, r: Runner, n: int, what: str, on_iter=None) -> None:
-    """n calls of one row (what: "warm-up" or "timing"); an exception ends the row with its reason."""
+def compiles(r: Runner) -> bool:
+    """Whether a row's first call compiles (torch.compile rows and the optimized row)."""
+    return r.backend.endswith("+compile") or r.backend == "optimized"
+
+
+def run_order(runners: List[Runner]) -> List[Runner]:
+    """The order the rows run in (their printed order stays as built): the yardsticks first --
+    `reference` (every check compares with it), then `upstream` (the ratios' base) --, then our eager
+    rows, `upstream+compile`, our compiled rows (in the backends' order: the fused ones before torch and
+    reference), the optimized row, the timm baselines. Under --deadline the rows at the end are the ones
+    left out, so the ratios issue 9 and 10 judge (our rows against upstream's) come first."""
+    from gmf_kernels.backends import BACKEND_NAMES
+    names = list(BACKEND_NAMES)
+
+    def rank(r: Runner):
+        b = r.backend
+        if b == "reference":
+            return (0, 0)
+        if b == UPSTREAM:
+            return (1, 0)
+        if r.kind == "gmf" and not compiles(r):
+            return (2, names.index(b) if b in names else len(names))
+        if b == UPSTREAM_COMPILED:
+            return (3, 0)
+        if b.endswith("+compile"):
+            base = b[: -len("+compile")]
+            return (4, names.index(base) if base in names else len(names))
+        if b == "optimized":
+            return (5, 0)
+        return (6, 0)
+    return sorted(runners, key=rank)
+
+
+def deadline_reason(ctx: Context, r: Runner) -> Optional[str]:
+    """Why --deadline does not let a row start (None: it starts): no time left, or a compiling row
+    when the quickest torch.compile of this run so far took longer than the time left."""
+    left = ctx.time_left()
+    if left == math.inf:
+        return None
+    limit = f"--deadline {ctx.settings['deadline_s']:g} s"
+    if left <= 0:
+        return f"not run: {limit} reached"
+    if compiles(r) and ctx.compile_s and min(ctx.compile_s) > left:
+        return (f"not run: {left:.0f} s left of {limit}, and the quickest torch.compile of this run took "
+                f"{min(ctx.compile_s):.0f} s")
+    return None
+
+
+def start_row(ctx: Context, r: Runner, first: Callable[[Runner], None], common: Dict) -> None:
+    """A row's common fields, then (unless --deadline says no) its first call or step and check."""
+    r.row.update({k: v for k, v in common.items() if k not in r.row})
+    if not r.alive:
+        return
+    why = deadline_reason(ctx, r)
+    if why is not None:
+        r.row.update(status="deadline", reason=why)
+        r.alive = False
+        return
+    first(r)
+    if r.alive and compiles(r):
+        r.row["compile_s"] = r.row["first_call_s"]
+        ctx.compile_s.append(r.row["compile_s"])
+
+
+def _run_row(ctx: Context, r: Runner, n: int, what: str, on_iter=None) -> float:
+    """n calls of one row (what: "warm-up" or "timing"); an exception ends the row with its reason.
+    -> the wall seconds the n calls took (synchronised)."""
     r.prepare()
     rc = row_ctx(ctx, r)
     try:
@@ -858,38 +953,131 @@ def _run_row(ctx: Context, r: Runner, n: int, what: str, on_iter=None) -> None:
         if what == "timing":
             r.times += t
             r.total_s += tot
+        return tot
     except Exception as e:
         r.row.update(status="error", reason=f"during {what}: " + first_line(e, 600))
         r.alive = False
+        return 0.0
 
 
-def time_rows(ctx: Context, runners: List[Runner], tag: str) -> None:
-    """Warm-up, then timed iterations. block: each row warms up right before its own timed loop
-    (upstream's protocol); interleave: every row warms up, then rounds of one iteration each."""
+def _probe(ctx: Context, r: Runner) -> Optional[float]:
+    """--deadline: one warm-up call of a row, -> its seconds (None: the row failed)."""
+    sec = _run_row(ctx, r, 1, "warm-up")
+    r.row["probe_s"] = sec
+    return sec if r.alive else None
+
+
+def _not_timed(ctx: Context, r: Runner, per_iter: float) -> None:
+    r.row.update(status="deadline", reason=(f"not timed: {max(0.0, ctx.time_left()):.0f} s left of --deadline "
+                                            f"{ctx.settings['deadline_s']:g} s, one call takes {per_iter:.2f} s"))
+    r.alive = False
+
+
+def time_row(ctx: Context, r: Runner, tag: str) -> None:
+    """One row's warm-up then its timed iterations, back to back (the block schedule). Under --deadline
+    the first warm-up call measures a call, and the warm-up and timed calls are cut to what fits
+    (timed ones first, at least MIN_TIMED; fewer fit: the row is not timed, status "deadline")."""
     s, progress = ctx.settings, ctx.progress
     n_warm, n = s["num_warm_iter"], s["num_bench_iter"]
-
-    def warm_up(r: Runner):
-        if n_warm and r.alive:
-            _run_row(ctx, r, n_warm, "warm-up", lambda i: progress.phase(f"{tag} {r.backend}: warm-up", i, n_warm))
-
-    live = [r for r in runners if r.alive]
-    if s["schedule"] == "block":
-        for r in live:
-            warm_up(r)
-            if r.alive:
-                _run_row(ctx, r, n, "timing", lambda i, r=r: progress.phase(f"{tag} {r.backend}: timed", i, n))
-    else:
-        for r in live:
-            warm_up(r)
-        live = [r for r in live if r.alive]
-        labels = ",".join(r.backend for r in live)
-        for i in range(n):
-            progress.phase(f"{tag} timed, interleaved ({labels})", i, n)
-            for r in live:
-                if r.alive:
-                    _run_row(ctx, r, 1, "timing")
+    if ctx.deadline is not None:
+        per_iter = _probe(ctx, r)
+        if per_iter is None:
+            return
+        fit = int(ctx.time_left() / max(per_iter, 1e-6))
+        if fit < min(n, MIN_TIMED):
+            _not_timed(ctx, r, per_iter)
+            return
+        n_t = min(n, fit)
+        n_w = max(0, min(n_warm - 1, fit - n_t))
+        if (n_w, n_t) != (max(0, n_warm - 1), n):
+            r.row["deadline_note"] = (f"cut by --deadline: {n_w + 1} warm-up + {n_t} timed calls (of "
+                                      f"{max(1, n_warm)} + {n})")
+        r.row["n_warm"] = n_w + 1
+        n_warm, n = n_w, n_t
+    if n_warm and r.alive:
+        _run_row(ctx, r, n_warm, "warm-up", lambda i: progress.phase(f"{tag} {r.backend}: warm-up", i, n_warm))
+    if r.alive:
+        _run_row(ctx, r, n, "timing", lambda i: progress.phase(f"{tag} {r.backend}: timed", i, n))
     progress.done()
+
+
+def time_rows_interleaved(ctx: Context, live: List[Runner], tag: str, after_round: Callable[[], None]) -> None:
+    """Every row warms up, then rounds of one call of each row in turn (the interleave schedule);
+    `after_round()` after each round. Under --deadline each row's first warm-up call measures a call,
+    the other warm-up calls are cut to what leaves MIN_TIMED rounds, and rounds stop when the next would
+    not fit (rows with no round: status "deadline")."""
+    s, progress = ctx.settings, ctx.progress
+    n_warm, n = s["num_warm_iter"], s["num_bench_iter"]
+    per_iter: Dict[int, float] = {}
+    if ctx.deadline is not None:
+        for r in live:
+            sec = _probe(ctx, r)
+            if sec is not None:
+                per_iter[id(r)] = sec
+        live = [r for r in live if r.alive]
+        round_s = sum(per_iter[id(r)] for r in live)
+        spare = ctx.time_left() - min(n, MIN_TIMED) * round_s
+        n_warm = max(0, min(n_warm - 1, int(spare / round_s) if round_s > 0 else n_warm - 1))
+        for r in live:
+            r.row["n_warm"] = n_warm + 1
+    for r in live:
+        if n_warm and r.alive:
+            _run_row(ctx, r, n_warm, "warm-up", lambda i, r=r: progress.phase(f"{tag} {r.backend}: warm-up", i,
+                                                                                n_warm))
+    live = [r for r in live if r.alive]
+    labels = ",".join(r.backend for r in live)
+    done = 0
+    for i in range(n):
+        if ctx.deadline is not None:
+            round_s = sum(per_iter.get(id(r), 0.0) for r in live if r.alive)
+            if ctx.time_left() < round_s:
+                break
+        progress.phase(f"{tag} timed, interleaved ({labels})", i, n)
+        for r in live:
+            if r.alive:
+                _run_row(ctx, r, 1, "timing")
+        done += 1
+        after_round()
+    progress.done()
+    for r in live:
+        if r.alive and not r.times:
+            _not_timed(ctx, r, per_iter.get(id(r), 0.0))
+        elif r.alive and done < n:
+            r.row["deadline_note"] = f"cut by --deadline: {done} of {n} rounds"
+
+
+def run_rows(ctx: Context, runners: List[Runner], first: Callable[[Runner], None], common: Dict, tag: str,
+             name: str, save: Callable[[], None]) -> None:
+    """Every row of one model in `run_order`: its first call or step and check, warm-up and timing,
+    statistics and ratios, peak memory; `save()` (the results file) after each of those steps, so that a
+    run stopped part-way keeps what it measured. block: row after row, each timed right after its first
+    call; interleave: every row's first call, then the interleaved rounds."""
+    order = run_order(runners)
+    if ctx.settings["schedule"] == "block":
+        for r in order:
+            start_row(ctx, r, first, common)
+            save()
+            if r.alive and (r.module is not None or r.step is not None):
+                time_row(ctx, r, tag)
+                summarise(ctx, runners, name)
+                measure_row_memory(ctx, r)
+                memory_ratios(runners)
+                save()
+        return
+    for r in order:
+        start_row(ctx, r, first, common)
+    save()
+    live = [r for r in order if r.alive and (r.module is not None or r.step is not None)]
+
+    def after_round():
+        summarise(ctx, runners, name)
+        save()
+    time_rows_interleaved(ctx, live, tag, after_round)
+    summarise(ctx, runners, name)
+    for r in order:
+        measure_row_memory(ctx, r)
+    memory_ratios(runners)
+    save()
 
 
 def summarise(ctx: Context, runners: List[Runner], name: str) -> None:
@@ -947,37 +1135,44 @@ def resident_bytes(r: Runner) -> int:
     return _tensor_bytes(ts)
 
 
-def measure_memory(ctx: Context, runners: List[Runner]) -> None:
-    """CUDA: one extra, untimed iteration per row; its peak over what was allocated before it,
+def measure_row_memory(ctx: Context, r: Runner) -> None:
+    """CUDA: one extra, untimed iteration of a timed row; its peak over what was allocated before it,
     plus the row's own resident tensors (other rows' models are resident too, so the global peak
-    alone would not be this row's). CPU: not measured."""
+    alone would not be this row's). CPU: not measured. Under --deadline: skipped when the call would
+    not fit."""
     import torch
-    for r in runners:
-        if not r.alive or not r.times:
-            continue
-        if ctx.dev_type != "cuda":
-            r.row.update(peak_mem_mib=None, peak_mem_note="not measured on CPU")
-            continue
-        try:
-            r.prepare()
-            if r.step is not None:
-                r.step.zero_grad()  # the previous step's gradients are not part of this one's peak
-            ctx.timer.sync()
-            base = torch.cuda.memory_allocated(ctx.device)
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-            if r.step is not None:
-                r.step()
-            else:
-                rc = row_ctx(ctx, r)
-                with torch.inference_mode(), rc.autocast():
-                    r.module(rc.x)
-            ctx.timer.sync()
-            step_peak = torch.cuda.max_memory_allocated(ctx.device) - base
-            own = resident_bytes(r)
-            r.row.update(peak_mem_mib=(own + step_peak) / 2 ** 20, peak_mem_gib=(own + step_peak) / 2 ** 30,
-                         peak_step_mem_mib=step_peak / 2 ** 20, resident_mem_mib=own / 2 ** 20)
-        except Exception as e:
-            r.row.update(peak_mem_mib=None, peak_mem_note=f"measurement failed: {first_line(e)}")
+    if not r.alive or not r.times:
+        return
+    if ctx.dev_type != "cuda":
+        r.row.update(peak_mem_mib=None, peak_mem_note="not measured on CPU")
+        return
+    if ctx.time_left() < r.row.get("probe_s", 0.0):
+        r.row.update(peak_mem_mib=None, peak_mem_note="not measured: no time left under --deadline")
+        return
+    try:
+        r.prepare()
+        if r.step is not None:
+            r.step.zero_grad()  # the previous step's gradients are not part of this one's peak
+        ctx.timer.sync()
+        base = torch.cuda.memory_allocated(ctx.device)
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+        if r.step is not None:
+            r.step()
+        else:
+            rc = row_ctx(ctx, r)
+            with torch.inference_mode(), rc.autocast():
+                r.module(rc.x)
+        ctx.timer.sync()
+        step_peak = torch.cuda.max_memory_allocated(ctx.device) - base
+        own = resident_bytes(r)
+        r.row.update(peak_mem_mib=(own + step_peak) / 2 ** 20, peak_mem_gib=(own + step_peak) / 2 ** 30,
+                     peak_step_mem_mib=step_peak / 2 ** 20, resident_mem_mib=own / 2 ** 20)
+    except Exception as e:
+        r.row.update(peak_mem_mib=None, peak_mem_note=f"measurement failed: {first_line(e)}")
+
+
+def memory_ratios(runners: List[Runner]) -> None:
+    """Every measured row's peak memory over the reference row's."""
     ref = next((r for r in runners if r.backend == "reference" and r.row.get("peak_mem_mib")), None)
     if ref is not None:
         for r in runners:
@@ -1161,63 +1356,58 @@ def make_train_runners(ctx: Context, name: str, master, backends: List[str], wit
     return runners
 
 
-def first_steps_and_check(ctx: Context, runners: List[Runner], oracle, names: List[str], tag: str,
-                          common: Dict) -> None:
-    """Each row's first training step (reference first), timed apart; its loss, gradients and
-    BatchNorm statistics checked against the reference row's first step (and float64's)."""
-    ref = None
-    for r in sorted(runners, key=lambda r: r.backend != "reference"):
-        r.row.update({k: v for k, v in common.items() if k not in r.row})
-        if not r.alive or r.step is None:
-            continue
-        ctx.progress(f"{tag} {r.backend}: first training step + check ...")
-        try:
-            r.prepare()
-            ctx.timer.sync()
-            t0 = time.perf_counter()
-            if r.kind == "baseline":
-                r.step()
-                snap = None
-            else:
-                snap = first_step_snapshot(r.step, names)
-                r.step.optimizer_step()
-            ctx.timer.sync()
-            r.row["first_call_s"] = time.perf_counter() - t0
-        except Exception as e:
-            drop_row(r, e)
-            continue
-        if r.backend.endswith("+compile"):
-            r.row["compile_s"] = r.row["first_call_s"]
+def first_step_and_check(ctx: Context, r: Runner, runners: List[Runner], oracle, names: List[str], tag: str,
+                         state: Dict) -> None:
+    """A row's first training step, timed apart; its loss, gradients and BatchNorm statistics checked
+    against the reference row's first step (state["ref"]: `run_order` runs reference first) and float64's."""
+    if r.step is None:
+        return
+    ctx.progress(f"{tag} {r.backend}: first training step + check ...")
+    try:
+        r.prepare()
+        ctx.timer.sync()
+        t0 = time.perf_counter()
         if r.kind == "baseline":
-            r.row["check"] = "n/a (other model)"
-            continue
-        r.row["first_step_loss"] = float(snap["loss"])
-        if r.backend == "reference":
-            ref = snap
-        if ref is not None:
-            errs = snapshot_errors(snap, ref)
-            r.row["first_step_err_vs_reference"] = {_strip(k): v for k, v in errs.items()}
-            r.row["max_rel_err_vs_reference"] = worst(errs.values())
-        if oracle is not None:
-            errs = snapshot_errors(snap, oracle)
-            r.row["first_step_err_vs_fp64"] = {_strip(k): v for k, v in errs.items()}
-            r.row["max_rel_err_vs_fp64"] = worst(errs.values())
-        rc = row_ctx(ctx, r)
-        r.row["tolerance"] = rc.tol
-        r.row["check"] = judge(r, runners, rc.tol, None if rc is ctx else ctx.tol)
+            r.step()
+            snap = None
+        else:
+            snap = first_step_snapshot(r.step, names)
+            r.step.optimizer_step()
+        ctx.timer.sync()
+        r.row["first_call_s"] = time.perf_counter() - t0
+    except Exception as e:
+        drop_row(r, e)
+        return
+    if r.kind == "baseline":
+        r.row["check"] = "n/a (other model)"
+        return
+    r.row["first_step_loss"] = float(snap["loss"])
+    if r.backend == "reference":
+        state["ref"] = snap
+    if state.get("ref") is not None:
+        errs = snapshot_errors(snap, state["ref"])
+        r.row["first_step_err_vs_reference"] = {_strip(k): v for k, v in errs.items()}
+        r.row["max_rel_err_vs_reference"] = worst(errs.values())
+    if oracle is not None:
+        errs = snapshot_errors(snap, oracle)
+        r.row["first_step_err_vs_fp64"] = {_strip(k): v for k, v in errs.items()}
+        r.row["max_rel_err_vs_fp64"] = worst(errs.values())
+    rc = row_ctx(ctx, r)
+    r.row["tolerance"] = rc.tol
+    r.row["check"] = judge(r, runners, rc.tol, None if rc is ctx else ctx.tol)
 
 
-def benchmark_model_train(ctx: Context, name: str, master, backends, with_timm: bool, tag: str, common: Dict):
+def benchmark_model_train(ctx: Context, name: str, master, backends, with_timm: bool, tag: str, common: Dict,
+                          save: Callable[[List[Runner]], None]):
     import torch
     gen = torch.Generator().manual_seed(ctx.settings["seed"] + 2)
     ctx.target = torch.randint(0, master.num_classes, (ctx.B,), generator=gen).to(ctx.device)
     names = check_tensor_names(master)
     oracle = train_oracle(ctx, master, names, tag)
     runners = make_train_runners(ctx, name, master, backends, with_timm)
-    first_steps_and_check(ctx, runners, oracle, names, tag, common)
-    time_rows(ctx, runners, tag)
-    summarise(ctx, runners, name)
-    measure_memory(ctx, runners)
+    state: Dict = {}
+    run_rows(ctx, runners, lambda r: first_step_and_check(ctx, r, runners, oracle, names, tag, state), common,
+             tag, name, lambda: save(runners))
     return runners
 
 
@@ -1235,10 +1425,10 @@ def warn_compile(ctx: Context, backends: List[str], n_models: int) -> None:
 
 def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]], progress: Progress,
               on_model_done: Optional[Callable[[List[Dict]], None]] = None):
-    """Every model, every row: build, first call (or training step) + check, warm-up + timing,
+    """Every model, every row (`run_rows`): first call (or training step) + check, warm-up + timing,
     summary, peak memory. The timm models of settings["compare"] run beside the first model.
-    `on_model_done(rows so far)` is called after each model (the CLI writes the results file
-    then, so a run stopped part-way keeps what it measured)."""
+    `on_model_done(rows so far)` is called after each of a row's steps and after each model (the CLI
+    writes the results file then, so a run stopped part-way keeps what it measured)."""
     import torch
     ctx = Context(settings, progress)
     backends, skipped = select_backends(requested, ctx.dev_type)
@@ -1246,11 +1436,20 @@ def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]],
     rows: List[Dict] = []
     for mi, name in enumerate(models):
         tag = f"[{mi + 1}/{len(models)}] {name}"
+        if ctx.time_left() <= 0:
+            rows.append(dict(model=name, backend="-", label=name, kind="gmf", status="deadline",
+                             reason=f"not run: --deadline {settings['deadline_s']:g} s reached before this model"))
+            continue
         master, oracle = build_master(ctx, name, tag)
         common = ctx.common_fields(sum(p.numel() for p in master.parameters()))
+
+        def save(runners: List[Runner]) -> None:
+            if on_model_done is not None:  # checks, compile times and timings survive a later kill
+                on_model_done(rows + [r.row for r in runners])
+
         if settings["bench"] == "train":
             model = None
-            runners = benchmark_model_train(ctx, name, master, backends, mi == 0, tag, common)
+            runners = benchmark_model_train(ctx, name, master, backends, mi == 0, tag, common, save)
         else:
             # the upstream rows take the weights as built (fp32): cast to --upstream-precision from there,
             # not from the run's dtype (an fp32 upstream row beside bf16 ones must not hold bf16-rounded weights)
@@ -1258,13 +1457,10 @@ def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]],
             model = master.to(device=ctx.device, dtype=ctx.model_dtype, memory_format=ctx.memory_format)
             runners = make_runners(ctx, name, model, backends, mi == 0, up_state)
             del up_state
+            state: Dict = {}
             with torch.inference_mode():
-                first_calls_and_check(ctx, runners, oracle, tag, common)
-                if on_model_done is not None:  # checks and compile times survive a later kill
-                    on_model_done(rows + [r.row for r in runners])
-                time_rows(ctx, runners, tag)
-            summarise(ctx, runners, name)
-            measure_memory(ctx, runners)
+                run_rows(ctx, runners, lambda r: first_call_and_check(ctx, r, runners, oracle, tag, state), common,
+                         tag, name, lambda: save(runners))
         rows += [r.row for r in runners]
         for b, why in skipped.items():
             rows.append(dict(model=name, backend=b, label=b, kind="gmf", status=why.split(":")[0], reason=why,
@@ -1274,7 +1470,7 @@ def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]],
         for r in runners:  # free this model before the next
             r.module = None
             r.step = None
-        del model, master, runners
+        model = master = runners = None  # (not `del`: the row callbacks above close over them)
         if ctx.dev_type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -1335,6 +1531,9 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
                   f"{r['mean_ms']:>9.1f} {r['min_ms']:>9.1f} {fmt_ratio(ratio):>8} {mem:>9} {mem_ratio:>7} "
                   f"{fmt_err(r.get('max_rel_err_vs_reference')):>10} {fmt_err(r.get('max_rel_err_vs_fp64')):>10}"
                   f"  {r.get('check', '-')}{extra}")
+    for r in rows:
+        if r.get("status") == "ok" and r.get("deadline_note"):
+            print(f"  ({r['model']} {r['label']}: {r['deadline_note']})")
     if cpu:
         print("  (peak memory is not measured on CPU)")
     if train:
@@ -1518,6 +1717,10 @@ def main(argv=None) -> int:
     rows = benchmark(settings, models, requested, progress,
                      on_model_done=lambda rows: write_results(rows, complete=False))
     meta["wall_s"] = time.perf_counter() - t0
+    if settings["deadline_s"]:
+        meta["deadline"] = {"seconds": settings["deadline_s"], "since_start_s": time.monotonic() - T_START,
+                            "rows_not_run": sum(r.get("status") == "deadline" for r in rows),
+                            "rows_cut": sum(bool(r.get("deadline_note")) for r in rows)}
     meta["load_avg_1_5_15_end"] = _loadavg()
     for r in rows:
         r["device_name"] = meta["device_name"]

@@ -525,3 +525,96 @@ def test_plot_bars(tmp_path):
     bars = bench.write_plot(str(tmp_path / "p.png"), rows, settings, {"device_name": "CPU: test"})
     assert bars == [("torch", rate[0]), ("upstream", rate[1]), ("timm:x", rate[2])]
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ --deadline and the row order
+def test_run_order_yardsticks_first():
+    """Rows run reference, upstream, our eager rows (backend order), upstream+compile, our compiled rows
+    (backend order: the fused ones first), optimized, timm; whatever order they were built in."""
+    bench = _load_script()
+    from gmf_kernels.backends import BACKEND_NAMES
+    eager = list(BACKEND_NAMES)
+    kinds = {"upstream": "upstream", "upstream+compile": "upstream", "timm:x": "baseline"}
+    expected = (["reference", "upstream"] + [b for b in eager if b != "reference"] + ["upstream+compile"]
+                + [f"{b}+compile" for b in eager] + ["optimized", "timm:x"])
+    for trial in range(3):
+        built = [expected[i] for i in torch.randperm(len(expected)).tolist()]
+        runners = [bench.Runner("m", b, b, None, lambda: None, kind=kinds.get(b, "gmf")) for b in built]
+        assert [r.backend for r in bench.run_order(runners)] == expected, built
+
+
+def test_deadline_reason_for_compiles():
+    """Under --deadline a row is not started once the time is up, and a compiling row is not started when
+    the quickest compile of the run so far took longer than the time left; without a deadline, always."""
+    bench = _load_script()
+    settings = {"deadline_s": 100.0}
+    ctx = types.SimpleNamespace(settings=settings, compile_s=[], time_left=lambda: 30.0)
+    eager, compiled = (bench.Runner("m", b, b, None, lambda: None) for b in ("torch", "torch+compile"))
+    assert bench.deadline_reason(ctx, eager) is None and bench.deadline_reason(ctx, compiled) is None
+    ctx.compile_s += [45.0, 40.0]
+    assert bench.deadline_reason(ctx, eager) is None
+    assert "quickest torch.compile of this run took 40 s" in bench.deadline_reason(ctx, compiled)
+    ctx.compile_s[:] = [25.0]
+    assert bench.deadline_reason(ctx, compiled) is None
+    ctx.time_left = lambda: -1.0
+    assert bench.deadline_reason(ctx, eager) == "not run: --deadline 100 s reached"
+    ctx.time_left = lambda: math.inf
+    ctx.compile_s[:] = [1e9]
+    assert bench.deadline_reason(ctx, compiled) is None
+
+
+@pytest.mark.parametrize("schedule", ["block", "interleave"])
+def test_deadline_ends_the_run_in_time(tmp_path, schedule):
+    """--deadline with far more iterations than fit: the run ends by itself within the deadline (report
+    printed, results complete), every row it timed says how its iterations were cut; in the block schedule
+    the first row (reference) takes the time, and the next gets what its estimate left over (a few calls,
+    or it is listed as not run or not timed)."""
+    out = tmp_path / "bench.json"
+    deadline = 14.0
+    proc = _run_script("--batch-size", "1", "--num-warm-iter", "2", "--num-bench-iter", "100000", "--no-timm",
+                       "--backends", "torch,reference", "--schedule", schedule, "--deadline", str(deadline),
+                       "--results-file", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    meta, rows = data["meta"], {r["backend"]: r for r in data["rows"] if r["kind"] == "gmf"}
+    assert meta["complete"] is True and meta["deadline"]["seconds"] == deadline
+    assert meta["deadline"]["since_start_s"] < deadline, meta["deadline"]
+    ref = rows["reference"]
+    assert ref["status"] == "ok" and 3 <= ref["n_timed"] < 100000 and ref["deadline_note"].startswith("cut by")
+    torch_row = rows["torch"]
+    if schedule == "block":
+        assert "reference (upstream's ops): cut by --deadline" in proc.stdout
+        if torch_row["status"] == "deadline":  # no time left to start it, or to time it
+            assert torch_row["reason"].startswith(("not run:", "not timed:")), torch_row
+            assert torch_row["reason"] in proc.stdout
+        else:
+            assert torch_row["status"] == "ok" and torch_row["deadline_note"].startswith("cut by"), torch_row
+    else:  # one round of each row at a time: both cut alike
+        assert torch_row["status"] == "ok" and torch_row["n_timed"] == ref["n_timed"]
+        assert torch_row["deadline_note"] == ref["deadline_note"] and "rounds" in ref["deadline_note"]
+    assert meta["deadline"]["rows_cut"] == sum(bool(r.get("deadline_note")) for r in rows.values())
+    assert meta["deadline"]["rows_not_run"] == (torch_row["status"] == "deadline")
+
+
+@pytest.mark.parametrize("bench_kind", ["inference", "train"])
+def test_results_saved_after_every_row(bench_kind):
+    """The results file is rewritten after each row's check and after its timing (block schedule), so that
+    a run killed part-way keeps every row it finished: the saves show the reference row checked before it
+    is timed, then timed before the next row starts."""
+    bench = _load_script()
+    argv = ["--device", "cpu", "--model", "groupmixformer_m", "--img-size", "64", "--batch-size", "1",
+            "--num-warm-iter", "0", "--num-bench-iter", "1", "--schedule", "block", "--backends", "torch,reference",
+            "--no-timm", "--bench", bench_kind]
+    settings = bench.resolve_settings(bench.build_parser().parse_args(argv))
+    saves = []
+    rows = bench.benchmark(settings, ["groupmixformer_m"], ["torch", "reference"], bench.Progress(quiet=True),
+                           on_model_done=lambda rows: saves.append(json.loads(json.dumps(rows, default=str))))
+
+    def state(save, backend):
+        r = next((r for r in save if r["backend"] == backend), {})
+        return "timed" if r.get("status") == "ok" else "checked" if "check" in r else "-"
+    seen = [(state(s, "reference"), state(s, "torch")) for s in saves]
+    # drop repeats (the end of the model saves again)
+    steps = [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]]
+    assert steps == [("checked", "-"), ("timed", "-"), ("timed", "checked"), ("timed", "timed")], seen
+    assert {r["backend"]: r["status"] for r in rows if r["kind"] == "gmf"} == {"torch": "ok", "reference": "ok"}

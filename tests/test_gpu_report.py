@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -404,6 +405,67 @@ def test_summary_judged_ratios(drop, run_status):
             assert line.startswith(f"  - vs `{r['backend']} (amp)`: **{ratio:.2f}x** measured ({best['backend']} "
                                    f"(bf16) {best['img_per_s']:.1f} img/s / {r['img_per_s']:.1f} img/s): goal >= "
                                    f"{goal:g}x {'reached' if ratio >= goal else 'NOT reached'}"), line
+
+
+def test_summary_judged_train_ratio():
+    """summary.md states issue 10's ratio from the training run only: the best of our cuda/triton training
+    rows over `upstream (amp)`'s step, with its goal (2x); the inference runs do not stand in for it."""
+    rate = (torch.rand(4) * 1000 + 50).tolist()
+    names = ["triton", "cuda+compile", "torch", "upstream"]
+    rows = [dict(backend=b, label=b, kind="upstream" if b == "upstream" else "gmf", status="ok", img_per_s=v,
+                 check="ok", precision="amp") for b, v in zip(names, rate)]
+    infer = {"name": gr.UPSTREAM_RUN, "status": "ok", "rows": [dict(r, img_per_s=1e6) for r in rows]}
+    up = {"path": "/c", "source": "--upstream", "checked": True, "use": True, "reason": None}
+    for train_runs in ([{"name": gr.TRAIN_RUN[0], "status": "ok", "rows": rows}], []):
+        md = gr.render_summary(_report(upstream=up, models={"runs": [infer]}, train={"runs": train_runs}))
+        lines = md.splitlines()
+        i = next(i for i, ln in enumerate(lines) if ln.startswith("- issue 10's judged ratio ("))
+        line = lines[i + 1]
+        if not train_runs:
+            assert line == f"  - vs `upstream`: not measured ({gr.TRAIN_RUN[0]} did not run)", line
+            continue
+        best = max(rows[:2], key=lambda r: r["img_per_s"])  # torch is not among the judged rows
+        ratio = best["img_per_s"] / rows[3]["img_per_s"]
+        assert line.startswith(f"  - vs `upstream (amp)`: **{ratio:.2f}x** measured ({best['backend']} (amp) "
+                               f"{best['img_per_s']:.1f} img/s / {rows[3]['img_per_s']:.1f} img/s): goal >= 2x "
+                               f"{'reached' if ratio >= 2 else 'NOT reached'}"), line
+
+
+def test_timed_out_throughput_run_keeps_its_rows(tmp_path, monkeypatch):
+    """A throughput run gets --deadline (its time less the margin); when its time runs out anyway, the
+    rows its results file holds (rewritten after every row) are kept, said so, and judged."""
+    seen = {}
+    rows = [dict(backend="reference", label="reference", kind="gmf", status="ok", img_per_s=500.0, check="is reference"),
+            dict(backend="upstream", label="upstream (amp)", kind="upstream", status="ok", img_per_s=400.0,
+                 check="ok (vs fp64)", precision="amp"),
+            dict(backend="cuda", label="cuda", kind="gmf", status="ok", img_per_s=1300.0, check="ok", precision="bf16",
+                 deadline_note="cut by --deadline: 1 warm-up + 7 timed calls (of 5 + 30)"),
+            dict(backend="upstream+compile", label="upstream+compile", kind="upstream", precision="amp",
+                 check="ok (vs fp64)", compile_s=80.0)]  # checked, killed while timed
+
+    def fake_run(ctx, cmd, timeout, prefix, **kw):
+        seen["cmd"], seen["timeout"] = cmd, timeout
+        path = Path(cmd[cmd.index("--results-file") + 1])
+        path.write_text(json.dumps({"meta": {"complete": False}, "rows": rows}))
+        return gr.RunResult(cmd, -15, "killed", timeout, timed_out=True)
+    monkeypatch.setattr(gr, "run", fake_run)
+    ctx = types.SimpleNamespace(out=tmp_path, dry=False, tee=lambda *a, **k: None,
+                                report={"throughput_help": {"flags": ["--deadline", "--results-file"]}})
+    section, ph = {"runs": []}, {"notes": []}
+    gr._run_throughput(ctx, gr.UPSTREAM_RUN, "t.json", ["--model", "groupmixformer_s"], 100.0, section, ph)
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--deadline") + 1] == f"{100 - gr.DEADLINE_MARGIN_S:.0f}" and seen["timeout"] == 100.0
+    entry = section["runs"][0]
+    assert entry["status"] == "timeout" and entry["complete"] is False and len(entry["rows"]) == 4
+    assert "its results file kept 4 rows, 3 timed" in entry["reason"] and "kept 4 rows, 3 timed" in ph["notes"][0]
+    assert gr.deadline_args(100.0, ["--results-file"]) == []  # an older throughput.py: no flag
+    assert gr.deadline_args(20.0, ["--deadline"]) == ["--deadline", "12"]  # never below 0.6 of the time
+    md = gr.render_summary(_report(upstream={"path": "/c", "source": "--upstream", "checked": True, "use": True,
+                                             "reason": None}, models={"runs": [entry]}))
+    assert ("  - vs `upstream (amp)`: **3.25x** measured (cuda (bf16) 1300.0 img/s / 400.0 img/s): goal >= 3x "
+            "reached; iterations cut by --deadline for cuda") in md
+    assert (f"  - vs `upstream+compile (amp)`: not measured ({gr.UPSTREAM_RUN} timeout; missing: the "
+            f"upstream+compile row)") in md
 
 
 # ------------------------------------------------------------------ summary and folder validation
