@@ -37,9 +37,9 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
                  rows and timm's Swin-T (the paper's GroupMixFormer / Swin-T ratio); last, as it
                  judges nothing
   Each throughput run gets `--deadline` (its time less a margin): it runs the yardsticks and judged
-  rows first (reference, upstream, our eager rows, upstream+compile, our compiled rows), cuts the
-  rest to what fits, ends by itself and rewrites its results file after every row, so that a run
-  whose time runs out still leaves every row it measured.
+  rows first (reference, upstream, the fused backends eager, upstream+compile, the fused backends
+  compiled, then the rest), cuts the rest to what fits, ends by itself and rewrites its results
+  file after every row, so that a run whose time runs out still leaves every row it measured.
 
 Upstream side by side: `--upstream PATH` (default $GMF_UPSTREAM, else .upstream/GroupMixFormer
 under the repository root when it exists; '' for none) is a clone of AILab-CVC/GroupMixFormer.
@@ -1099,8 +1099,8 @@ MODEL_RUNS = [
     # upstream's ops); with a clone, `model_runs` adds upstream's own model, eager and compiled, at
     # --upstream-precision amp, to bf16_b256, in place of 'reference+compile' there (`_with_upstream`).
     # Every run gets `--deadline` (its share of the phase, `_run_throughput`): throughput.py then runs the
-    # yardsticks and the judged rows first (reference, upstream, our eager rows, upstream+compile, our
-    # compiled rows) and cuts the rest to what fits, writing its results file after every row.
+    # yardsticks and the judged rows first (reference, upstream, the fused backends eager, upstream+compile,
+    # their compiled rows) and cuts the rest to what fits, writing its results file after every row.
     ("bf16_b256", "throughput_bf16_b256.json",
      ["--model", "groupmixformer_s", "--precision", "bf16", "--batch-size", "256", "--no-timm",
       "--num-warm-iter", "5", "--num-bench-iter", "30", "--compile-backends", "reference,torch,triton,cuda"], 1.0),

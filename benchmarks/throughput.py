@@ -34,8 +34,9 @@ checked and timed like the other compiled rows; every row then also gets
 float64 oracle with its precision's tolerance. `--compare` names the timm models timed beside ours (default Swin-T),
 `--plot FILE.png` draws img/s per row.
 
-Rows run yardsticks first (`run_order`: reference, upstream, our eager rows, upstream+compile, our
-compiled rows, optimized, timm; the table keeps the built order), and `--results-file` is rewritten
+Rows run yardsticks first (`run_order`: reference, upstream, the fused backends eager, upstream+compile,
+the fused backends compiled, the other backends eager then compiled, optimized, timm; the table keeps
+the built order), and `--results-file` is rewritten
 after each row's check and timing. `--deadline SECONDS` ends the run within that time of the script's
 start: rows that no longer fit are not started and a row's iterations are cut to what fits, each
 saying so (benchmarks/gpu_report.py gives every run one, so that a device run short of time still
@@ -172,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "timing, so that a run stopped part-way keeps what it measured; meta.complete says which)")
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                    help="end the run, report and results written, within SECONDS of the script's start: rows run "
-                        "yardsticks first (reference, upstream, our eager rows, upstream+compile, our compiled rows, "
-                        "optimized, timm); a row that no longer fits is not started, and a row's warm-up and timed "
+                        "yardsticks first (reference, upstream, the fused backends eager, upstream+compile, the fused "
+                        "backends compiled, the other backends eager then compiled, optimized, timm); a row that no longer fits is not started, and a row's warm-up and timed "
                         f"iterations are cut to what its first warm-up call (always made under --deadline) says fits (at least {MIN_TIMED} timed, else it is not timed); each such row "
                         "says so (status 'deadline', or 'deadline_note'). Default: no limit")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -884,11 +885,13 @@ def compiles(r: Runner) -> bool:
 
 def run_order(runners: List[Runner]) -> List[Runner]:
     """The order the rows run in (their printed order stays as built): the yardsticks first --
-    `reference` (every check compares with it), then `upstream` (the ratios' base) --, then our eager
-    rows, `upstream+compile`, our compiled rows (in the backends' order: the fused ones before torch and
-    reference), the optimized row, the timm baselines. Under --deadline the rows at the end are the ones
-    left out, so the ratios issue 9 and 10 judge (our rows against upstream's) come first."""
-    from gmf_kernels.backends import BACKEND_NAMES
+    `reference` (every check compares with it), then `upstream` (the ratios' base) --, then the fused
+    backends' rows (eager, `upstream+compile`, compiled: the rows issue 9 and 10 judge against
+    upstream's), then the other GMA backends' rows (eager, then compiled), the optimized row, the timm
+    baselines; within a group, in the backends' order. Under --deadline the rows at the end are the ones
+    left out."""
+    from gmf_kernels.backends import BACKEND_NAMES, get_backend
+    from gmf_kernels.backends.base import FusedBackend
     names = list(BACKEND_NAMES)
 
     def rank(r: Runner):
@@ -897,16 +900,16 @@ def run_order(runners: List[Runner]) -> List[Runner]:
             return (0, 0)
         if b == UPSTREAM:
             return (1, 0)
-        if r.kind == "gmf" and not compiles(r):
-            return (2, names.index(b) if b in names else len(names))
         if b == UPSTREAM_COMPILED:
             return (3, 0)
-        if b.endswith("+compile"):
-            base = b[: -len("+compile")]
-            return (4, names.index(base) if base in names else len(names))
-        if b == "optimized":
-            return (5, 0)
-        return (6, 0)
+        if b == "optimized" or r.kind != "gmf":
+            return (8 if r.kind == "baseline" else 7, 0)
+        base = b[: -len("+compile")] if b.endswith("+compile") else b
+        if base not in names:
+            return (7, 0)
+        fused = isinstance(get_backend(base), FusedBackend)
+        group = (2 if fused else 5) + (0 if base == b else 2 if fused else 1)
+        return (group, names.index(base))
     return sorted(runners, key=rank)
 
 

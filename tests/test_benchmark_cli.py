@@ -529,14 +529,18 @@ def test_plot_bars(tmp_path):
 
 # ------------------------------------------------------------------ --deadline and the row order
 def test_run_order_yardsticks_first():
-    """Rows run reference, upstream, our eager rows (backend order), upstream+compile, our compiled rows
-    (backend order: the fused ones first), optimized, timm; whatever order they were built in."""
+    """Rows run reference, upstream, the fused backends eager, upstream+compile, the fused backends compiled,
+    the other backends eager then compiled (each group in backend order), optimized, timm; whatever order
+    they were built in."""
     bench = _load_script()
-    from gmf_kernels.backends import BACKEND_NAMES
-    eager = list(BACKEND_NAMES)
+    from gmf_kernels.backends import BACKEND_NAMES, get_backend
+    from gmf_kernels.backends.base import FusedBackend
+    fused = [b for b in BACKEND_NAMES if isinstance(get_backend(b), FusedBackend)]
+    other = [b for b in BACKEND_NAMES if b not in fused and b != "reference"]
+    assert {"cuda", "triton"} <= set(fused) and "torch" in other
     kinds = {"upstream": "upstream", "upstream+compile": "upstream", "timm:x": "baseline"}
-    expected = (["reference", "upstream"] + [b for b in eager if b != "reference"] + ["upstream+compile"]
-                + [f"{b}+compile" for b in eager] + ["optimized", "timm:x"])
+    expected = (["reference", "upstream"] + fused + ["upstream+compile"] + [f"{b}+compile" for b in fused]
+                + other + [f"{b}+compile" for b in other + ["reference"]] + ["optimized", "timm:x"])
     for trial in range(3):
         built = [expected[i] for i in torch.randperm(len(expected)).tolist()]
         runners = [bench.Runner("m", b, b, None, lambda: None, kind=kinds.get(b, "gmf")) for b in built]
