@@ -845,6 +845,27 @@ def drop_row(r: Runner, e: BaseException) -> None:
     r.alive = False
 
 
+def timed_first_call(ctx: Context, r: Runner, fn: Callable[[], object]):
+    """A row's first call or training step, `fn()`, timed apart between two synchronisations
+    (row["first_call_s"]: a compiled row's compile time); an exception drops the row with its reason.
+    -> what fn returned, to check; None when there is nothing to check: the row was dropped, or it is
+    a baseline (another model: its check is "n/a")."""
+    try:
+        r.prepare()
+        ctx.timer.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        ctx.timer.sync()
+        r.row["first_call_s"] = time.perf_counter() - t0
+    except Exception as e:
+        drop_row(r, e)
+        return None
+    if r.kind == "baseline":
+        r.row["check"] = "n/a (other model)"
+        return None
+    return out
+
+
 def first_call_and_check(ctx: Context, r: Runner, runners: List[Runner], oracle, tag: str, state: Dict) -> None:
     """A row's first call, timed apart (for a compiled row: its compile time), and its output checked
     against `reference`'s (state["ref_out"]: `run_order` runs reference first) and the float64 oracle."""
@@ -852,19 +873,12 @@ def first_call_and_check(ctx: Context, r: Runner, runners: List[Runner], oracle,
         return
     ctx.progress(f"{tag} {r.backend}: first call + check ...")
     rc = row_ctx(ctx, r)
-    try:
-        r.prepare()
-        ctx.timer.sync()
-        t0 = time.perf_counter()
+
+    def call():
         with rc.autocast():
-            out = r.module(rc.x)
-        ctx.timer.sync()
-        r.row["first_call_s"] = time.perf_counter() - t0
-    except Exception as e:
-        drop_row(r, e)
-        return
-    if r.kind == "baseline":
-        r.row["check"] = "n/a (other model)"
+            return r.module(rc.x)
+    out = timed_first_call(ctx, r, call)
+    if out is None:
         return
     if r.backend == "reference":
         state["ref_out"] = out
@@ -1366,23 +1380,16 @@ def first_step_and_check(ctx: Context, r: Runner, runners: List[Runner], oracle,
     if r.step is None:
         return
     ctx.progress(f"{tag} {r.backend}: first training step + check ...")
-    try:
-        r.prepare()
-        ctx.timer.sync()
-        t0 = time.perf_counter()
+
+    def step():
         if r.kind == "baseline":
             r.step()
-            snap = None
-        else:
-            snap = first_step_snapshot(r.step, names)
-            r.step.optimizer_step()
-        ctx.timer.sync()
-        r.row["first_call_s"] = time.perf_counter() - t0
-    except Exception as e:
-        drop_row(r, e)
-        return
-    if r.kind == "baseline":
-        r.row["check"] = "n/a (other model)"
+            return None
+        snap = first_step_snapshot(r.step, names)
+        r.step.optimizer_step()
+        return snap
+    snap = timed_first_call(ctx, r, step)
+    if snap is None:
         return
     r.row["first_step_loss"] = float(snap["loss"])
     if r.backend == "reference":
