@@ -1552,6 +1552,7 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
         L.append("")
 
     L += _upstream_summary(rep)
+    L += _verification_summary(rep)
 
     if rep.get("dry_run_checks") and not compact:
         L += ["## Dry-run checks", ""]
@@ -1561,6 +1562,81 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
     L.append(f"Files: {', '.join(rep.get('files', []))}. Written by benchmarks/gpu_report.py "
              f"(schema {rep.get('schema_version')}).")
     return "\n".join(L) + "\n"
+
+
+#: the GPU test runs (`pytest_runs` names) that verify each fused backend on the report's GPU
+VERIFY_TESTS = {"cuda": ("cuda_real_shapes", "cuda_build_gpu"), "triton": ("triton_real_shapes", "triton_kernels")}
+VERIFIED_TABLE = "gmf_kernels/data/gpu_verified.json"
+#: the `report` of a suggested entry: the committer writes where the folder went
+REPORT_PLACEHOLDER = "benchmarks/results/<this folder, as committed>"
+
+
+def verification_verdicts(rep: Dict) -> Dict[str, Dict]:
+    """Per fused backend: whether this report is the evidence for listing it as verified on its GPU's
+    architecture in gmf_kernels/data/gpu_verified.json (`gmf_kernels.verified`: `auto` then picks it
+    there) -- every one of its GPU test runs ran to the end with tests passed and none failed or in
+    error; every compute-sanitizer tool ran clean over the driver's cases, each of this backend's
+    right; none of its whole-model rows (eager or compiled, inference or training) failed its check --
+    and if not, each reason; with the entry to add. tests/test_gpu_verified.py applies this to the
+    committed report of every entry of the table."""
+    meta = rep.get("meta", {})
+    cap = meta.get("capability")
+    arch = f"sm_{cap[0]}{cap[1]}" if cap else None
+    runs = {r.get("name"): r for r in rep.get("tests", {}).get("runs", [])}
+    tools = rep.get("sanitizer", {}).get("tools", {})
+    rows = [(run_.get("name"), r) for sec in ("models", "train") for run_ in rep.get(sec, {}).get("runs", [])
+            for r in run_.get("rows", [])]
+    out: Dict[str, Dict] = {}
+    for backend, names in VERIFY_TESTS.items():
+        why: List[str] = []
+        if rep.get("dry_run"):
+            why.append("a dry run")
+        if arch is None:
+            why.append("the report names no GPU architecture")
+        for n in names:
+            r = runs.get(n)
+            if r is None:
+                why.append(f"GPU tests {n}: not run")
+                continue
+            c = r.get("counts") or {}
+            if r.get("status") != "ok":
+                why.append(f"GPU tests {n}: {r.get('status')}" + (f" ({r['reason']})" if r.get("reason") else ""))
+            if c.get("failed") or c.get("error"):
+                why.append(f"GPU tests {n}: {c.get('failed', 0)} failed, {c.get('error', 0)} errors")
+            if not c.get("passed"):
+                why.append(f"GPU tests {n}: none passed")
+        for tool in SANITIZER_TOOLS:
+            t = tools.get(tool) or {}
+            cases = [c for c in t.get("cases", []) if c.get("backend") == backend]
+            if t.get("status") != "clean":
+                why.append(f"compute-sanitizer {tool}: {t.get('status', 'not run')}")
+            elif not t.get("driver_completed") or not cases:
+                why.append(f"compute-sanitizer {tool}: the driver did not run every {backend} case")
+            elif any(c.get("status") != "ok" for c in cases):
+                bad = sum(c.get("status") != "ok" for c in cases)
+                why.append(f"compute-sanitizer {tool}: {bad} of {len(cases)} {backend} cases wrong or in error")
+        for run_name, r in rows:
+            if r.get("backend") in (backend, f"{backend}+compile") and str(r.get("check", "")).startswith("FAIL"):
+                why.append(f"{run_name} {r.get('backend')}: check {r.get('check')}")
+        entry = {"report": REPORT_PLACEHOLDER, "device_name": meta.get("device_name"), "git_sha": meta.get("git_sha"),
+                 "date": str(meta.get("date") or "")[:10]}
+        out[backend] = {"arch": arch, "qualifies": not why, "reasons": why, "entry": entry}
+    return out
+
+
+def _verification_summary(rep: Dict) -> List[str]:
+    """summary.md's verdict per fused backend: the evidence for gmf_kernels/data/gpu_verified.json, or why not."""
+    L = [f"## Verification ({VERIFIED_TABLE}: where `auto` picks the fused backends)", ""]
+    for backend, v in verification_verdicts(rep).items():
+        where = v["arch"] or "?"
+        if v["qualifies"]:
+            L.append(f"- **{backend} qualifies on {where}**: add to {VERIFIED_TABLE}, under "
+                     f"`verified.{backend}.{where}`, once this folder is committed (its path as `report`): "
+                     f"`{json.dumps(v['entry'])}`")
+        else:
+            L.append(f"- {backend} on {where}: does not qualify: " + "; ".join(_cell(w)[:200] for w in v["reasons"]))
+    L.append("")
+    return L
 
 
 def _upstream_summary(rep: Dict) -> List[str]:

@@ -39,6 +39,8 @@ def _dtypes(ds) -> str:
 
 def capabilities(b) -> str:
     """A backend's declared support (its `backends.base.Backend` fields), in one line."""
+    from .verified import archs as verified_archs
+
     def mode(flag, dts):
         return _dtypes(dts if dts is not None else b.dtypes) if flag else "no"
     parts = [f"devices {'/'.join(sorted(b.device_types))}", f"dtypes {_dtypes(b.dtypes)}",
@@ -46,8 +48,10 @@ def capabilities(b) -> str:
              f"gradients {mode(b.supports_grad, b.grad_dtypes)}",
              f"SyncBatchNorm {'yes' if b.supports_sync_bn else 'no'}",
              f"mixed BatchNorms {'yes' if b.supports_mixed_bn else 'no'}"]
-    if not b.verified_on_gpu:
-        parts.append("not yet verified on a GPU ('auto' skips it on CUDA)")
+    if b.needs_gpu_verification:
+        done = verified_archs(b.name)
+        parts.append(f"verified on {', '.join(done)} ('auto' skips it on other GPUs)" if done else
+                     "not yet verified on a GPU ('auto' skips it on CUDA)")
     if b.emulated_on_cpu:
         parts.append("CPU: interpreter only")
     return ", ".join(parts)

@@ -26,7 +26,9 @@ from typing import Callable, FrozenSet, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..verified import archs as verified_archs, entry as verified_entry
 from ..folding import folded_weights
+from ..tuning import arch_key
 from ..weights import GMAHyper, GMAWeights
 
 Tensor = torch.Tensor
@@ -85,9 +87,10 @@ class Backend:
     #: batch statistics all-reduced across processes (upstream's SyncBatchNorm) in training mode
     supports_sync_bn: bool = False
     head_dims: Optional[FrozenSet[int]] = None  # None: any
-    #: False until the backend's parity has been measured on real GPU hardware. `auto` then
-    #: skips it on CUDA (an explicit choice, or GMF_AUTO_UNVERIFIED=1, still runs it).
-    verified_on_gpu: bool = True
+    #: True for a backend that `auto` picks on a GPU only on the architectures a GPU report has
+    #: verified it on (gmf_kernels/data/gpu_verified.json, `verified_on`); an explicit choice, or
+    #: GMF_AUTO_UNVERIFIED=1, still runs it elsewhere.
+    needs_gpu_verification: bool = False
     #: True when it runs on a CPU only through an interpreter or emulation (orders of magnitude
     #: slower than its GPU path): `auto` never picks it there, and test sweeps are thinned.
     emulated_on_cpu: bool = False
@@ -95,6 +98,11 @@ class Backend:
     def availability_reasons(self) -> List[str]:
         """Reasons this backend cannot run at all here (missing package, build, ...)."""
         return []
+
+    def verified_on(self, capability: Optional[Tuple[int, int]]) -> bool:
+        """Whether `auto` may pick this backend on a GPU of this compute capability: it needs no
+        verification, or gmf_kernels/data/gpu_verified.json lists the architecture for it."""
+        return not self.needs_gpu_verification or verified_entry(self.name, capability) is not None
 
     def not_supported_reasons(self, p: GMAProblem) -> List[str]:
         reasons = list(self.availability_reasons())
@@ -122,10 +130,14 @@ class Backend:
                     names = sorted(str(d).replace("torch.", "") for d in allowed)
                     reasons.append(f"{what} in {dt} not supported by the {self.name} backend (backends/"
                                    f"{self.name}_backend.py says why; it takes {names}): use the torch backend")
-        if (not self.verified_on_gpu and p.device_type == "cuda" and not p.explicit
+        if (p.device_type == "cuda" and not p.explicit and not self.verified_on(p.device_capability)
                 and os.environ.get("GMF_AUTO_UNVERIFIED", "0") != "1"):
-            reasons.append("not yet verified on GPU hardware, so 'auto' does not pick it: name it "
-                           "explicitly, or set GMF_AUTO_UNVERIFIED=1 (python -m gmf_kernels.selfcheck checks it)")
+            arch = arch_key(p.device_capability) or "this GPU's architecture (unknown)"
+            done = verified_archs(self.name)
+            reasons.append(f"not yet verified on {arch} GPU hardware (gmf_kernels/data/gpu_verified.json lists "
+                           f"{', '.join(done) if done else 'no architecture'} for it), so 'auto' does not pick "
+                           f"it: name it explicitly, or set GMF_AUTO_UNVERIFIED=1 (python -m gmf_kernels.selfcheck "
+                           f"checks it)")
         if self.head_dims is not None and p.head_dim not in self.head_dims:
             reasons.append(f"head width d={p.head_dim} not supported (supports {sorted(self.head_dims)})")
         return reasons

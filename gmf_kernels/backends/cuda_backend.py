@@ -348,5 +348,5 @@ BACKEND = CudaBackend(
     training_dtypes=TRAINING_DTYPES,
     grad_dtypes=GRAD_DTYPES,
     head_dims=None,  # d = C/10 <= 64: 4..48 specialised at compile time, others by generic code
-    verified_on_gpu=False,  # no GPU has run it yet: see README "Verification status"
+    needs_gpu_verification=True,  # `auto` on a GPU: only where a GPU report verified it (gmf_kernels/verified.py)
 )

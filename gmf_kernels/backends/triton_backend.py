@@ -144,6 +144,6 @@ BACKEND = TritonBackend(
     training_dtypes=TRAINING_DTYPES,
     grad_dtypes=GRAD_DTYPES,
     supports_sync_bn=True,    # SyncBatchNorm: one all-reduce in the statistics pass, one in the backward
-    verified_on_gpu=False,  # parity so far only through the interpreter + AOT compiles: README "Verification status"
+    needs_gpu_verification=True,  # `auto` on a GPU: only where a GPU report verified it (gmf_kernels/verified.py)
     emulated_on_cpu=True,   # the Triton interpreter
 )
