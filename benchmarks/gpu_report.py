@@ -1516,6 +1516,7 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
                      f"{_f(r.get('p80_ms'), '{:.4f}')} | {_f(r.get('GBps'), '{:.0f}')} | {pct} | "
                      f"{_f(r.get('TFLOPs'), '{:.2f}')} | {ratio('reference')} | {ratio('torch')} | "
                      f"{ratio('torch+compile')} | {_f(r.get('err_vs_reference'), '{:.1e}')} |")
+        L += [""] + _judged_bandwidth(k, copy_bw)
         per_kernel = [r for r in k.get("rows", []) if r.get("op") in ("aggregate", "combine", "attention")]
         if per_kernel and not compact:
             L += ["", "Per kernel (profiler, GPU time per launch):", "",
@@ -1562,6 +1563,43 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
     L.append(f"Files: {', '.join(rep.get('files', []))}. Written by benchmarks/gpu_report.py "
              f"(schema {rep.get('schema_version')}).")
     return "\n".join(L) + "\n"
+
+
+#: issue 9's bandwidth goal: the fused pre-projection at this fraction of the measured copy bandwidth,
+#: on its compulsory bytes (benchmarks/ops.py `work()`), at this batch (a full GPU)
+BANDWIDTH_GOAL, BANDWIDTH_BATCH = 0.60, 128
+
+
+def _judged_bandwidth(k: Dict, copy_bw: Optional[float]) -> List[str]:
+    """The kernels section's line per fused backend and dtype for issue 9's bandwidth goal: its
+    pre-projection's GB/s on compulsory bytes over the measured device-to-device copy's, per stage at
+    batch BANDWIDTH_BATCH, and whether the worst stage reaches BANDWIDTH_GOAL; or why not measured."""
+    rows = [r for r in k.get("rows", []) if r.get("op") == "pre_projection" and r.get("B") == BANDWIDTH_BATCH
+            and r.get("impl") in VERIFY_TESTS]
+    head = (f"- issue 9's bandwidth goal (the fused pre-projection at >= {BANDWIDTH_GOAL:.0%} of the measured copy "
+            f"bandwidth on its compulsory bytes, batch {BANDWIDTH_BATCH}, every stage):")
+    if not copy_bw:
+        return [head + " not measured (no copy ceiling measured)", ""]
+    if not rows:
+        return [head + f" not measured (no cuda/triton row at batch {BANDWIDTH_BATCH})", ""]
+    L = [head]
+    for impl in VERIFY_TESTS:
+        for dt in ("bf16", "fp16", "fp32"):
+            mine = sorted((r for r in rows if r.get("impl") == impl and r.get("dtype") == dt),
+                          key=lambda r: (r.get("stage", 0), r.get("C", 0)))
+            if not mine:
+                continue
+            ok = [r for r in mine if r.get("status") == "ok" and r.get("GBps")]
+            parts = [f"stage {r.get('stage')} (C={r.get('C')}) " + (f"{r['GBps'] / copy_bw:.0%}" if r in ok else
+                                                                    str(r.get("status"))) for r in mine]
+            if len(ok) < len(mine):
+                verdict = "not measured at every stage"
+            else:
+                worst = min(r["GBps"] / copy_bw for r in ok)
+                verdict = f"worst {worst:.0%}: goal {'reached' if worst >= BANDWIDTH_GOAL else 'NOT reached'}"
+            L.append(f"  - {impl} {dt}: " + ", ".join(parts) + f"; {verdict}")
+    L.append("")
+    return L
 
 
 #: the GPU test runs (`pytest_runs` names) that verify each fused backend on the report's GPU

@@ -431,6 +431,30 @@ def test_summary_judged_train_ratio():
                                f"{'reached' if ratio >= 2 else 'NOT reached'}"), line
 
 
+def test_summary_judged_bandwidth():
+    """The kernels section states issue 9's bandwidth goal per fused backend and dtype: each stage's
+    pre-projection GB/s (compulsory bytes) over the measured copy ceiling at batch 128, and whether the
+    worst stage reaches 60%; a stage not measured, or no copy ceiling, says so."""
+    gbps = (torch.rand(4) * 2000 + 2000).tolist()
+    rows = [dict(op="pre_projection", impl="cuda", status="ok", stage=i, C=C, H=g, W=g, B=128, dtype="bf16",
+                 median_ms=1.0, GBps=v) for i, (C, g, v) in enumerate(zip((80, 160, 320, 320), (56, 28, 14, 7), gbps))]
+    rows += [dict(r, impl="triton", GBps=r["GBps"] * 0.5) for r in rows[:3]]
+    rows.append(dict(rows[3], impl="triton", status="error", reason="boom", GBps=None))
+    rows.append(dict(rows[0], B=1, GBps=1.0))  # batch 1 is not judged
+    ceil = [{"op": "copy_1GiB", "status": "ok", "GBps": 4000.0}]
+    md = gr.render_summary(_report(kernels={"ceilings": ceil, "rows": rows}))
+    lines = {ln.split(":")[0].strip(): ln for ln in md.splitlines() if ln.startswith("  - cuda bf16")
+             or ln.startswith("  - triton bf16")}
+    worst = min(gbps) / 4000
+    cuda = lines["- cuda bf16"]
+    assert cuda.startswith(f"  - cuda bf16: stage 0 (C=80) {gbps[0] / 4000:.0%}, stage 1 (C=160) {gbps[1] / 4000:.0%}")
+    assert cuda.endswith(f"; worst {worst:.0%}: goal {'reached' if worst >= 0.6 else 'NOT reached'}"), cuda
+    assert lines["- triton bf16"].endswith("stage 3 (C=320) error; not measured at every stage")
+    assert "issue 9's bandwidth goal (the fused pre-projection at >= 60% of the measured copy" in md
+    md = gr.render_summary(_report(kernels={"ceilings": [], "rows": rows}))
+    assert "compulsory bytes, batch 128, every stage): not measured (no copy ceiling measured)" in md
+
+
 def test_timed_out_throughput_run_keeps_its_rows(tmp_path, monkeypatch):
     """A throughput run gets --deadline (its time less the margin); when its time runs out anyway, the
     rows its results file holds (rewritten after every row) are kept, said so, and judged."""
