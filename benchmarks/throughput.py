@@ -173,10 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "timing, so that a run stopped part-way keeps what it measured; meta.complete says which)")
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                    help="end the run, report and results written, within SECONDS of the script's start: rows run "
-                        "yardsticks first (reference, upstream, the fused backends eager, upstream+compile, the fused "
-                        "backends compiled, the other backends eager then compiled, optimized, timm); a row that no longer fits is not started, and a row's warm-up and timed "
-                        f"iterations are cut to what its first warm-up call (always made under --deadline) says fits (at least {MIN_TIMED} timed, else it is not timed); each such row "
-                        "says so (status 'deadline', or 'deadline_note'). Default: no limit")
+                        "yardsticks first (reference, upstream, the fused backends eager, upstream+compile, the "
+                        "fused backends compiled, the other backends eager then compiled, optimized, timm); a row "
+                        "that no longer fits is not started, and a row's warm-up and timed iterations are cut to "
+                        "what its first warm-up call (always made under --deadline) says fits (at least "
+                        f"{MIN_TIMED} timed, else it is not timed); each such row says so (status 'deadline', or "
+                        "'deadline_note'). Default: no limit")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
