@@ -26,9 +26,9 @@ from typing import Callable, FrozenSet, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..verified import archs as verified_archs, entry as verified_entry
 from ..folding import folded_weights
 from ..tuning import arch_key
+from ..verified import archs as verified_archs, entry as verified_entry
 from ..weights import GMAHyper, GMAWeights
 
 Tensor = torch.Tensor
