@@ -27,9 +27,10 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
                  matmul ceilings of the device
   models         benchmarks/throughput.py: GroupMixFormer-S bf16 batch 256, every backend with
                  and without torch.compile, side by side; with an upstream clone (below) it also
-                 times upstream's own model, eager and under torch.compile, in upstream's own precision recipe (fp16 autocast:
-                 rows `upstream (amp)`, `upstream+compile (amp, inductor)`); summary.md states the
-                 two ratios issue 9 judges: our best bf16 row vs each
+                 times upstream's own model, eager and under torch.compile, in upstream's own
+                 precision recipe (fp16 autocast: rows `upstream (amp)`, `upstream+compile (amp,
+                 inductor)`); summary.md states the two ratios issue 9 judges: our best bf16 row
+                 vs each
   train          benchmarks/throughput.py --bench train, when that flag exists (else recorded);
                  with an upstream clone, upstream's model trains beside ours (eager, AMP), and
                  summary.md states the ratio issue 10 judges: our best training step vs upstream's
