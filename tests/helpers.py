@@ -7,8 +7,10 @@ in gmf_kernels/numerics.py; nothing in the package imports this file.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
-
+import sys
+from pathlib import Path
 from typing import Iterable, List
 
 import pytest
@@ -293,3 +295,15 @@ def cuda_backend_on_cpu(set_attr=setattr):
     set_attr(backend, "device_types", backend.device_types | {"cpu"})
     set_attr(backend, "availability_reasons", lambda: [])
     return backend
+
+
+def load_script(path: Path, name: str):
+    """A script that is not a package module (benchmarks/*.py), loaded by path once per process under
+    `name` (registered in sys.modules: dataclasses look their module up there; a second test file asking
+    for the same name gets the same module instead of executing the script again)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]

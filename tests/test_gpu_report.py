@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,19 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_report.py"
 
 
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gr = _load(SCRIPT, "gmf_gpu_report")
+gr = load_script(SCRIPT, "gmf_gpu_report")
 
 
 def _env(**kw):
@@ -569,7 +562,7 @@ def test_ops_flop_formulas_match_torch_flop_counter(C, H, W, B):
 
     from gmf_kernels.numerics import default_hyper, random_gma_weights
     from gmf_kernels.reference import reference_pre_projection
-    ops = _load(REPO / "benchmarks" / "ops.py", "gmf_benchmark_ops")
+    ops = load_script(REPO / "benchmarks" / "ops.py", "gmf_benchmark_ops")
     w = random_gma_weights(C, seed=0, dtype=torch.float32)
     hp = default_hyper(C)
     x = torch.randn(B, H * W, C)

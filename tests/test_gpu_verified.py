@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -25,22 +24,13 @@ import torch
 
 from gmf_kernels import verified
 from gmf_kernels.backends import BACKEND_NAMES, GMAProblem, get_backend
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_report.py"
 
 
-def _load_report_module():
-    name = "gmf_gpu_report_verified"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up there
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-gr = _load_report_module()
+gr = load_script(SCRIPT, "gmf_gpu_report")  # the module tests/test_gpu_report.py loads
 FUSED = [n for n in BACKEND_NAMES if get_backend(n).needs_gpu_verification]
 
 
