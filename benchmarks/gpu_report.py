@@ -13,7 +13,10 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
 
   env            versions, the GPU (nvidia-smi, torch), the tools (nvcc, compute-sanitizer)
   build          `python -m gmf_kernels.cuda build --archs <this GPU> -j <cores>` in the
-                 background, while the Triton GPU tests run (GMF_REQUIRE_GPU=1:
+                 background, while the Triton cache is warmed (the specialisations the report's
+                 runs compile, GroupMixFormer-S's first, in parallel: `python -m
+                 gmf_kernels.triton_kernels.specializations --warm`, at most 40 % of the phase)
+                 and then the Triton GPU tests run (GMF_REQUIRE_GPU=1:
                  tests/test_gpu_real_shapes.py -k triton, tests/test_triton_kernels.py, the
                  backward kernels' tests/test_triton_{attention,aggregation}_backward.py and the
                  training statistics / recompute kernels' tests/test_triton_{statistics,recompute}.py)
@@ -823,8 +826,90 @@ def _build_cmd(ctx: Ctx) -> List[str]:
 def _pytest_cmd(ctx: Ctx, spec: Dict) -> List[str]:
     cmd = py("-m", "pytest", *PYTEST_BASE, *spec["args"])
     if spec.get("xdist") and ctx.report["meta"].get("xdist") and not ctx.dry:
-        cmd += ["-n", str(ctx.args.xdist_workers), "--dist", "loadgroup"]
+        cmd += ["-n", str(xdist_workers(ctx)), "--dist", "loadgroup"]
     return cmd
+
+
+def xdist_workers(ctx: Ctx) -> int:
+    """--xdist-workers, or (0) half the CPUs, 2 to 8: the GPU tests' first calls compile Triton
+    kernels, one CPU per worker; more workers than that would mostly share the one GPU."""
+    return ctx.args.xdist_workers or max(2, min(8, (os.cpu_count() or 4) // 2))
+
+
+# ------------------------------------------------------------------ the Triton cache, warmed before the tests
+#: share of the build phase the warm-up may start compiles in (the Triton tests follow it)
+WARM_SHARE = 0.4
+WARM_JSON = "triton_warm.json"
+
+
+def warm_jobs() -> int:
+    """Compile processes of the warm-up: the CPUs but two (the CUDA build runs beside it: a few
+    translation units)."""
+    return max(2, (os.cpu_count() or 4) - 2)
+
+
+def _warm_cmd(ctx: Ctx, deadline: float, listing: bool = False) -> List[str]:
+    arch = _arch_of(ctx) or "90"
+    cmd = py("-m", "gmf_kernels.triton_kernels.specializations", "--warm", "--arch", arch, "--jobs", warm_jobs(),
+             "--deadline", f"{deadline:.0f}", "--json", ctx.tmp / WARM_JSON)
+    return cmd + ["--list"] if listing else cmd
+
+
+def triton_cache_dir(env: Dict[str, str]) -> Path:
+    """The Triton cache the runs share: TRITON_CACHE_DIR, else Triton's default (~/.triton/cache)."""
+    return Path(env.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+
+
+def cached_kernels(env: Dict[str, str]) -> int:
+    """Compiled kernels in the Triton cache (one .cubin each): the difference over a phase is what
+    the JIT compiled during it."""
+    d = triton_cache_dir(env)
+    try:
+        return sum(1 for _ in d.glob("*/*.cubin"))
+    except OSError:
+        return 0
+
+
+def warm_triton_cache(ctx: Ctx, allow: float) -> None:
+    """Compile, in parallel (`warm_jobs` processes), the Triton specialisations the report's runs
+    make the JIT compile (`specializations.report_specializations`: GroupMixFormer-S's forward and
+    training first) into the cache the runs use, with the launchers, before the Triton tests: else
+    each xdist worker compiles its own kernels one at a time as its tests first call them (hundreds
+    of specialisations, ~0.3-2.5 s each on the development CPU), and the later phases inherit
+    whatever the tests left unfinished. A kernel compiled here has the JIT's cache key
+    (tests/test_triton_compile.py); the kernels the JIT still compiles are counted per phase."""
+    w = ctx.report["build"].setdefault("triton_warm", {})
+    deadline = max(5.0, allow * WARM_SHARE)
+    w.update(jobs=warm_jobs(), deadline_s=round(deadline), cache_dir=str(triton_cache_dir(ctx.env)))
+    if ctx.dry:
+        env = {k: v for k, v in ctx.env.items() if k != "TRITON_INTERPRET"}  # it lists the GPU's launches
+        r = run(ctx, _warm_cmd(ctx, deadline, listing=True), 300, "[warm] ", env=env, probe=True, echo=False)
+        rows = _read_json_file(ctx.tmp / WARM_JSON) or []
+        ctx.check("the Triton warm-up lists the report's specialisations", r.rc == 0 and len(rows) > 0,
+                  f"rc {r.rc}, {len(rows)} specialisations")
+        res = run(ctx, _warm_cmd(ctx, deadline), deadline + 30, "[warm] ")
+        w.update(status="dry run", specializations=len(rows))
+        return
+    res = run(ctx, _warm_cmd(ctx, deadline), deadline + 30, "[warm] ")
+    rows = _read_json_file(ctx.tmp / WARM_JSON) or []
+    done = [r for r in rows if "error" not in r and "skipped" not in r]
+    w.update(status="timeout" if res.timed_out else "ok" if res.rc == 0 else "failed", seconds=round(res.seconds, 1),
+             specializations=len(rows), compiled=len(done), skipped=sum(1 for r in rows if "skipped" in r),
+             failed=[f"{r.get('label')}: {str(r.get('error'))[:300]}" for r in rows if "error" in r][:10],
+             compile_s_sum=round(sum(r.get("compile_s", 0) for r in done), 1),
+             launcher_s_sum=round(sum(r.get("launcher_s", 0) for r in done), 1),
+             launchers=any("launcher_s" in r for r in done))
+    if not rows:
+        w["tail"] = res.output[-1500:]
+    ctx.tee(f"[warm] {len(done)}/{len(rows)} Triton specialisations compiled in {res.seconds:.0f} s "
+            f"({w['status']})")
+
+
+def _read_json_file(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _select_ids(ids: List[str], args: List[str]) -> List[str]:
@@ -939,9 +1024,11 @@ def phase_build(ctx: Ctx, ph: Dict, allow: float) -> None:
                   f"rc {h.rc}")
         res = run(ctx, cmd, allow, "[build] ", fake=_fake_build)
         _record_build(ctx, res, ph)
+        warm_triton_cache(ctx, allow)
         _run_pytest_specs(ctx, pytest_runs("build", golden_dir().is_dir()), t_end, ph)
         return
     proc = Proc(cmd, env, ctx.tee, "[build] ")  # in the background while the Triton tests run
+    warm_triton_cache(ctx, allow)
     _run_pytest_specs(ctx, pytest_runs("build", golden_dir().is_dir()), t_end - 10, ph)
     res = proc.wait(t_end - time.monotonic())
     _record_build(ctx, res, ph)
@@ -1421,6 +1508,21 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
             L.append(f"| {name} | {ph.get('status')} | {_f(ph.get('seconds'), '{:.0f}')} | "
                      f"{_f(ph.get('allowance_s'), '{:.0f}')} | {_cell('; '.join(ph.get('notes', [])))} |")
     L.append("")
+    jit = [(n, rep["phases"][n]["triton_kernels_compiled"]) for n in PHASE_NAMES
+           if "triton_kernels_compiled" in rep.get("phases", {}).get(n, {})]
+    wm = rep.get("build", {}).get("triton_warm") or {}
+    if wm:
+        L.append(f"- Triton cache warmed before the tests ({wm.get('status')}): {wm.get('compiled', '-')} of "
+                 f"{wm.get('specializations', '-')} specialisations compiled in {_f(wm.get('seconds'), '{:.0f}')} s "
+                 f"by {wm.get('jobs')} processes (compile {_f(wm.get('compile_s_sum'), '{:.0f}')} s, launchers "
+                 f"{_f(wm.get('launcher_s_sum'), '{:.0f}')} s of CPU)"
+                 + (f"; {wm['skipped']} not started (its {wm.get('deadline_s')} s)" if wm.get("skipped") else "")
+                 + (f"; {len(wm['failed'])} failed: {_cell('; '.join(wm['failed'][:3]))}" if wm.get("failed") else ""))
+    if jit:
+        L.append("- Triton kernels compiled per phase (new .cubin files in the cache; build includes the warm-up): "
+                 + ", ".join(f"{n} {k}" for n, k in jit))
+    if wm or jit:
+        L.append("")
 
     b = rep.get("build", {})
     if b:
@@ -1859,7 +1961,7 @@ def print_plan(ctx: Ctx, phases: List[Phase]) -> None:
         ctx.tee(f"  {p.name:10s} {p.budget_s * scale:5.0f} s  {p.what}")
         cmds: List[List[str]] = []
         if p.name == "build":
-            cmds.append(_build_cmd(ctx))
+            cmds += [_build_cmd(ctx), _warm_cmd(ctx, p.budget_s * scale * WARM_SHARE)]
         if p.name in ("build", "tests"):
             cmds += [["GMF_REQUIRE_GPU=1"] + _pytest_cmd(ctx, s) for s in pytest_runs(p.name, golden_dir().is_dir())]
         if p.name == "sanitizer":
@@ -1934,6 +2036,7 @@ def run_report(args) -> int:
         tee(f"== {p.name} ({allow:.0f} s): {p.what}")
         ph["status"] = "running"
         start = time.monotonic()
+        cached = cached_kernels(env) if not dry else 0
         try:
             PHASE_FUNCS[p.name](ctx, ph, allow)
             if ph["status"] == "running":
@@ -1945,6 +2048,8 @@ def run_report(args) -> int:
             tee(traceback.format_exc())
         used = time.monotonic() - start
         ph["seconds"] = round(used, 1)
+        if not dry:  # Triton kernels compiled during the phase (the warm-up's included, in build)
+            ph["triton_kernels_compiled"] = cached_kernels(env) - cached
         if dry:
             ph["status"] = f"dry-run ({ph['status']})"
         ctx.carry = max(0.0, allow - used)
@@ -1977,7 +2082,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="total seconds (phases scale with it)")
     p.add_argument("--phases", default=",".join(PHASE_NAMES), help="comma list of phases to run")
     p.add_argument("--model", default="groupmixformer_s", help="model whose stage shapes the kernel timing uses")
-    p.add_argument("--xdist-workers", type=int, default=4, help="pytest-xdist workers for the GPU tests (if installed)")
+    p.add_argument("--xdist-workers", type=int, default=0,
+                   help="pytest-xdist workers for the GPU tests (if installed); 0: half the CPUs, 2 to 8 "
+                        "(their first calls compile Triton kernels, one CPU each)")
     p.add_argument("--upstream", default=None, metavar="PATH",
                    help="a clone of AILab-CVC/GroupMixFormer, timed beside ours (eager and torch.compile in the "
                         "bf16 b256 run; eager in the train run); default: $GMF_UPSTREAM, else "

@@ -40,6 +40,7 @@ from gmf_kernels.folding import compute_dtype, fold_eval
 from gmf_kernels.models.configs import MODEL_CONFIGS
 from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
 from gmf_kernels.reference import reference_group_mix_attention
+from gmf_kernels.triton_kernels.specializations import GPU_TRAIN_SHAPES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -283,7 +284,9 @@ def test_whole_model_groupmixformer_s(name, dn, model_case):
 
 
 # ------------------------------------------------------------------ training at real shapes
-TRAIN_CASES = [(80, 56, 8), (160, 28, 16), (320, 14, 32), (320, 7, 1), (360, 14, 8), (480, 7, 16)]
+#: (C, grid side, batch): the S stages and C = 360 / 480; the GPU report warms the Triton cache with
+#: these (specializations.report_specializations), so they are defined there
+TRAIN_CASES = list(GPU_TRAIN_SHAPES)
 
 
 @pytest.mark.parametrize("dn", list(DTYPES))

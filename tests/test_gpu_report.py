@@ -71,6 +71,7 @@ def test_dry_run_passes_and_prints_the_plan(dry_run):
         assert f"  {phase} " in text, phase
     # the exact GPU commands it would run
     assert "gmf_kernels.cuda build" in text and "--archs" in text
+    assert "gmf_kernels.triton_kernels.specializations --warm --arch" in text   # before the Triton tests
     assert "GMF_REQUIRE_GPU=1" in text and "tests/test_gpu_real_shapes.py" in text
     for tool in gr.SANITIZER_TOOLS:
         assert f"--tool {tool}" in text, tool
@@ -524,6 +525,52 @@ def test_render_summary_of_a_partial_report():
     assert "| 0 | 80 | 56x56 | 128 | bf16 | cuda | 0.5000 | 0.4900-0.5200 | 1500 | 50% | 3.10 | 4.00x |" in md
     assert "RuntimeError: boom" in md and "| bf16_b256 | - | timeout |" in md
     assert "| cuda | aggregate | 0.3000 |" in md
+
+
+def test_summary_triton_warm_up_and_compiles_per_phase():
+    """summary.md states what the warm-up compiled and how many kernels each phase added to the
+    Triton cache (random figures)."""
+    import random
+    rng = random.Random()
+    n = rng.randint(200, 600)
+    done, skipped = rng.randint(10, n - 2), 2
+    jit = {p: rng.randint(0, 400) for p in gr.PHASE_NAMES}
+    phases = {p: {"status": "ok", "seconds": 1.0, "allowance_s": 2.0, "notes": [], "triton_kernels_compiled": jit[p]}
+              for p in gr.PHASE_NAMES}
+    wm = {"status": "ok", "jobs": 14, "deadline_s": 52, "specializations": n, "compiled": done, "skipped": skipped,
+          "seconds": 37.4, "compile_s_sum": 231.0, "launcher_s_sum": 88.0, "launchers": True,
+          "failed": ["aggregate C=80 bf16: RuntimeError: x"]}
+    md = gr.render_summary(_report(phases=phases, build={"triton_warm": wm}))
+    assert (f"Triton cache warmed before the tests (ok): {done} of {n} specialisations compiled in 37 s by 14 "
+            f"processes (compile 231 s, launchers 88 s of CPU); 2 not started (its 52 s); 1 failed: "
+            f"aggregate C=80 bf16: RuntimeError: x") in md
+    assert ("Triton kernels compiled per phase (new .cubin files in the cache; build includes the warm-up): "
+            + ", ".join(f"{p} {jit[p]}" for p in gr.PHASE_NAMES)) in md
+    assert "Triton cache warmed" not in gr.render_summary(_report())
+
+
+def test_cached_kernels_and_worker_counts(tmp_path, monkeypatch):
+    """The per-phase count reads the cache the runs use (TRITON_CACHE_DIR, else ~/.triton/cache):
+    one .cubin per compiled kernel; xdist and warm-up processes follow the CPUs."""
+    import random
+    k = random.randint(1, 9)
+    for i in range(k):
+        d = tmp_path / f"h{i}"
+        d.mkdir()
+        (d / "gma_x.cubin").write_bytes(b"x")
+        (d / "gma_x.json").write_text("{}")
+    (tmp_path / "launcher").mkdir()
+    (tmp_path / "launcher" / "__triton_launcher.so").write_bytes(b"x")
+    assert gr.cached_kernels({"TRITON_CACHE_DIR": str(tmp_path)}) == k
+    assert gr.cached_kernels({"TRITON_CACHE_DIR": str(tmp_path / "absent")}) == 0
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert gr.triton_cache_dir({}) == tmp_path / ".triton" / "cache"
+    for cpus, workers, jobs in ((2, 2, 2), (16, 8, 14), (64, 8, 62), (None, 2, 2)):
+        monkeypatch.setattr(gr.os, "cpu_count", lambda: cpus)
+        ctx = types.SimpleNamespace(args=types.SimpleNamespace(xdist_workers=0))
+        assert gr.xdist_workers(ctx) == workers and gr.warm_jobs() == jobs
+        ctx.args.xdist_workers = 3
+        assert gr.xdist_workers(ctx) == 3
 
 
 def test_validate_folder_catches_problems(tmp_path):

@@ -183,9 +183,155 @@ def test_specialisation_is_tritons_own(tmp_path):
     assert a["signature"] == {"x": "*fp32", "n": "i32", "m": "i32", "one": "constexpr", "f": "fp32",
                               "BLOCK": "constexpr"}, a
     assert a["constexprs"] == {"one": 1, "BLOCK": 16} and a["jit_constants"] == ["one"], a
-    assert a["attrs"] == {"x": [["tt.divisibility", 16]], "n": [["tt.divisibility", 16]]}, a
-    assert u["attrs"] == {"n": [["tt.divisibility", 16]]}, u       # 1028 is not 16-byte aligned; 48 % 16 == 0
+    # the JIT's empty entries are kept (its cache key hashes them): m = 17 / 5 is not divisible by 16
+    assert a["attrs"] == {"x": [["tt.divisibility", 16]], "n": [["tt.divisibility", 16]], "m": []}, a
+    assert u["attrs"] == {"x": [], "n": [["tt.divisibility", 16]], "m": []}, u  # 1028 is not 16-byte aligned
     assert a["options"] == {"num_warps": 4}
+
+
+_CACHE_KEY_SCRIPT = r"""
+import json, sys
+import triton.compiler.compiler as tc
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from gmf_kernels.triton_kernels import specializations as S
+
+ARCH = int(sys.argv[1])
+
+
+class FakeDriver:  # what JITFunction.run asks the driver before it compiles, for an sm_<ARCH> GPU
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", ARCH, 32)
+
+
+driver.set_active(FakeDriver())
+
+
+class Lookup(Exception):
+    pass
+
+
+def _lookup(key_hash):  # triton.compile asks the cache for this hash first: stop there
+    raise Lookup(key_hash)
+
+
+tc.get_cache_manager = _lookup
+
+
+def looked_up(thunk):
+    try:
+        thunk()
+    except Lookup as e:
+        return e.args[0]
+    raise AssertionError("triton.compile did not look up the cache")
+
+
+rows = []
+original = S.specialize_launch
+
+
+def checked(fn, arch, args, kwargs):
+    spec = original(fn, arch, args, kwargs)
+    fn.device_caches.clear()            # a fresh binder and compile (create_binder), for this target
+    fn.device_caches[0]
+    jit = looked_up(lambda: fn.run(*args, grid=(1,), warmup=False, **kwargs))       # the JIT's real path
+    target, src, options = S._source_and_options(spec)
+    aot = looked_up(lambda: tc.compile(src, target=target, options=options.__dict__))  # compile_one's
+    import hashlib
+    rows.append({"kernel": spec.kernel, "jit": jit, "aot": aot,
+                 "cache_key": hashlib.sha256(S.cache_key(spec).encode()).hexdigest(),
+                 "empty_attrs": [a for a, v in spec.attrs if not v]})
+    return spec
+
+
+S.specialize_launch = checked
+for call in (S.Call(160, 28, 28, 128, "bf16"), S.Call(320, 7, 7, 1, "fp32"), S.Call(80, 56, 56, 8, "fp16")):
+    S.training_specializations_of_call(call, ARCH)
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_ahead_of_time_cache_key_is_the_jits(tmp_path, arch):
+    """A kernel compiled ahead of time (`specializations.compile_one`, the GPU report's `--warm`)
+    lands under the cache key the JIT looks up for the real launch, so the launch is a cache hit:
+    for every launch of three training calls (forward, statistics, recompute, backward), the hash
+    `triton.compile` looks up from ``JITFunction.run`` (its own binder and options, an sm_<arch>
+    target from a stand-in driver, stopped at the cache lookup) equals the one it looks up from
+    `compile_one`'s source and options, and `specializations.cache_key`. Until 2026-12-03 the
+    specialisations dropped the JIT's empty attribute entries (an int not divisible by 16), and
+    every aggregation and attention kernel missed the cache."""
+    if not _have_nvidia_backend():
+        pytest.skip("Triton's NVIDIA backend is not available")
+    script = tmp_path / "keys.py"
+    script.write_text(_CACHE_KEY_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(arch)], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    assert lines, f"cache key script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+    rows = json.loads(lines[-1])
+    kernels = {r["kernel"] for r in rows}
+    assert {"gma_aggregate_kernel", "gma_attention_kernel", "gma_combine_kernel", "gma_statistics_kernel",
+            "gma_b1_dkv_kernel", "gma_dz_kernel"} <= kernels, kernels
+    bad = [r for r in rows if not r["jit"] == r["aot"] == r["cache_key"]]
+    assert not bad, f"{len(bad)}/{len(rows)} launches miss the cache: {bad[:3]}"
+    assert any(r["empty_attrs"] for r in rows), "no launch with an empty attribute entry: the case is not covered"
+
+
+_WARM_SCRIPT = r"""
+import json
+from gmf_kernels.triton_kernels import specializations as S
+
+ARCH = 90
+warm = S.report_specializations(ARCH)
+keys = [sp.key for sp in warm]
+first = {}
+for i, sp in enumerate(warm):
+    first.setdefault(sp.used_by[0].split(":")[0], i)
+need = set()
+for C, g, B in S.GPU_TRAIN_SHAPES:
+    for dt in ("fp32", "fp16", "bf16"):
+        need |= {sp.key for sp in S.training_specializations_of_call(S.Call(C, g, g, B, dt), ARCH)}
+s_train = {sp.key for C, g in ((80, 56), (160, 28), (320, 14), (320, 7))
+           for sp in S.training_specializations_of_call(S.Call(C, g, g, 128, "fp16"), ARCH)}
+forward = {sp.key for sp in S.all_specializations(S.real_calls(), (ARCH,))}
+# nothing started after the deadline: every specialisation comes back as not started, none compiled
+late = S.compile_all(warm[:5], jobs=1, deadline_s=0, in_order=True)
+print(json.dumps({"n": len(keys), "unique": len(set(keys)), "groups": first,
+                  "missing_train": len(need - set(keys)), "missing_s_train": len(s_train - set(keys)),
+                  "missing_forward": len(forward - set(keys)),
+                  "s_train_last": max(keys.index(k) for k in s_train),
+                  "late": [sorted(r) for r in late], "late_skipped": [r.get("skipped") for r in late]}))
+"""
+
+
+def test_warm_set_covers_the_reports_runs(tmp_path):
+    """`--warm`'s specialisations (`report_specializations`) hold, each once, every launch of the
+    real-shape tests' training steps (`GPU_TRAIN_SHAPES`, every dtype) and of every released
+    model's forward, GroupMixFormer-S's forward first and its fp16 batch-128 training (the judged
+    training run) next, all of it before the tests' other shapes; with its deadline passed,
+    `compile_all` starts nothing and lists every specialisation as not started."""
+    script = tmp_path / "warm.py"
+    script.write_text(_WARM_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"warm script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+    r = json.loads(lines[-1])
+    assert r["n"] == r["unique"] > 100
+    assert r["missing_train"] == r["missing_s_train"] == r["missing_forward"] == 0, r
+    g = r["groups"]
+    assert g["GroupMixFormer-S forward"] == 0
+    assert g["GroupMixFormer-S forward"] < g["GroupMixFormer-S training, fp16, batch 128"] \
+        < g["the real-shape tests' training steps"], g
+    assert r["s_train_last"] < g["the real-shape tests' training steps"], r
+    assert r["late_skipped"] == ["deadline"] * 5 and not any("compile_s" in k for k in r["late"]), r
 
 
 _TRACE_SCRIPT = r"""

@@ -40,6 +40,15 @@ and read by the package's one ptxas parser (`gmf_kernels.cuda.build.parse_ptxas`
 local/stack/shared bytes from ``cuobjdump --dump-resource-usage`` on the cubin, Triton's
 dynamic shared memory from the kernel metadata.
 
+**Cache key.** A specialisation keeps every attribute entry the JIT makes, the empty ones too
+(an int not divisible by 16), and `compile_one` builds the source and options as
+``JITFunction.run`` does: the kernel lands in the Triton cache under the key the JIT looks up
+for the real launch (`cache_key`; tests/test_triton_compile.py compares it with the JIT's own on
+a stand-in sm_80/sm_90 driver). So ``--warm`` (the GPU report's first step on a GPU machine:
+`report_specializations`, compiled in parallel with their launchers) turns the runs' first
+calls into cache hits. The key also names the Triton build (Python's included) and the target:
+warm the cache on the machine that runs, not on another.
+
 Enumerating and compiling need the real JIT kernels: run with TRITON_INTERPRET unset (or 0),
 e.g. ``python -m gmf_kernels.triton_kernels.specializations --json out.json``.
 """
@@ -91,7 +100,8 @@ class Spec:
     arch: int                                     # 80 = sm_80
     signature: Tuple[Tuple[str, str], ...]        # (arg, Triton type | "constexpr")
     constexprs: Tuple[Tuple[str, object], ...]    # declared constexprs + ints the JIT made constant
-    attrs: Tuple[Tuple[str, tuple], ...]          # (arg, (("tt.divisibility", 16),)) where specialised
+    attrs: Tuple[Tuple[str, tuple], ...]          # (arg, (("tt.divisibility", 16),)) where specialised, (arg, ())
+    #                                               where the JIT looked and found nothing (kept: its cache key has them)
     options: Tuple[Tuple[str, object], ...]       # the launch's options (num_warps, ...)
     jit_constants: Tuple[str, ...] = ()           # runtime ints the JIT made constants (== 1)
     used_by: Tuple[str, ...] = field(default=(), compare=False)
@@ -112,7 +122,7 @@ class Spec:
         for a, t in self.signature:
             if a in self.jit_constants:
                 out.append(f"{a}={cx[a]}")
-            elif t.startswith("i") and a in dict(self.attrs):
+            elif t.startswith("i") and dict(self.attrs).get(a):
                 out.append(f"{a}%16")
         return " ".join(out) or "-"
 
@@ -203,7 +213,9 @@ def specialize_launch(fn, arch: int, args: tuple, kwargs: dict) -> Spec:
     names = fn.arg_names
     sig = tuple(signature.items())
     cx = tuple((names[p[0]], v) for p, v in sorted(constexprs.items()))
-    at = tuple((names[p[0]], tuple(tuple(x) for x in v)) for p, v in sorted(attrs.items()) if v)
+    # every entry, the empty ones too (an unaligned pointer, an int not divisible by 16): the JIT's
+    # cache key hashes str(attrs), so dropping them would compile the same code under another key
+    at = tuple((names[p[0]], tuple(tuple(x) for x in v)) for p, v in sorted(attrs.items()))
     opts = tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))
     declared = {p.name for p in fn.params if p.is_constexpr}
     jit_constants = tuple(a for a, _ in cx if a not in declared)
@@ -405,6 +417,59 @@ def all_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
     return _collect(real_calls() if calls is None else calls, archs, specializations_of_call)
 
 
+#: The training steps tests/test_gpu_real_shapes.py runs on a GPU, (C, grid side, batch), every
+#: dtype: the GroupMixFormer-S stages and two widths with S_PAD 128 (unfused B3, the wide recompute tiles).
+GPU_TRAIN_SHAPES = ((80, 56, 8), (160, 28, 16), (320, 14, 32), (320, 7, 1), (360, 14, 8), (480, 7, 16))
+
+
+def training_specializations_of_call(call: Call, arch: int) -> List[Spec]:
+    """Everything one training step of a layer makes the JIT compile on sm_<arch>: the forward
+    kernels (the training forward launches the eval kernels on the folded batch statistics), the
+    statistics pass and recompute, and the backward stages."""
+    specs = specializations_of_call(call, arch) + statistics_specializations_of_call(call, arch)
+    if _backward_kernels_run(call, arch):
+        specs += backward_specializations_of_call(call, arch, True)
+    return specs
+
+
+def report_specializations(arch: int) -> List[Spec]:
+    """The specialisations the GPU report's runs (benchmarks/gpu_report.py) make the JIT compile on
+    sm_<arch>, each once, in the order the report needs them most:
+
+    1. GroupMixFormer-S's forward, bf16 then fp16 and fp32 (the judged bf16 model run, ops.py's
+       kernel rows, the paper's fp32 run; the real-shape tests of the S stages);
+    2. GroupMixFormer-S training at batch 128, fp16 (the judged training run: amp is fp16 autocast
+       on CUDA);
+    3. the training steps of the real-shape tests (`GPU_TRAIN_SHAPES`, fp32 / fp16 / bf16);
+    4. the forward of every other released width at its grids (the real-shape tests).
+
+    The forward is one variant per (kernel, C, dtype) whatever the batch and grid (the
+    module docstring), so batch 128 stands for every batch. Tuned tiles are not applied: the
+    launchers' defaults, as in the rest of this module."""
+    from ..models.configs import MODEL_CONFIGS
+    s_dims = MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]
+    sides = [IMAGE // (4 * 2 ** i) for i in range(len(s_dims))]
+    groups: List[Tuple[str, List[Tuple[Call, object]]]] = [
+        ("GroupMixFormer-S forward", [(Call(C, g, g, 128, dt), specializations_of_call)
+                                      for dt in ("bf16", "fp16", "fp32") for C, g in zip(s_dims, sides)]),
+        ("GroupMixFormer-S training, fp16, batch 128", [(Call(C, g, g, 128, "fp16"), training_specializations_of_call)
+                                                        for C, g in zip(s_dims, sides)]),
+        ("the real-shape tests' training steps", [(Call(C, g, g, B, dt), training_specializations_of_call)
+                                                  for dt in DTYPE_NAMES for C, g, B in GPU_TRAIN_SHAPES]),
+        ("every released width's forward", [(c, specializations_of_call) for c in real_calls((128,))]),
+    ]
+    supported = arch_dots(capability_of_arch(arch)) or {}
+    seen: Dict[tuple, Spec] = {}
+    for what, calls in groups:
+        for call, of_call in calls:
+            if call.dtype not in supported:
+                continue
+            for sp in of_call(call, arch):
+                if sp.key not in seen:
+                    seen[sp.key] = Spec(*sp.key, used_by=(f"{what}: {call.label()}",))
+    return list(seen.values())
+
+
 # ---------------------------------------------------------------- compiling (needs triton, no GPU)
 def _kernel_fn(name: str):
     from . import aggregation, aggregation_backward, attention, attention_backward, recompute, statistics
@@ -481,16 +546,13 @@ def _describe(spec: Spec) -> Dict[str, object]:
             "used_by": list(spec.used_by)}
 
 
-def compile_one(spec: Spec) -> Dict[str, object]:
-    """Compile one specialisation for sm_<arch> exactly as the JIT would and report its resources."""
-    import time
-
+def _source_and_options(spec: Spec):
+    """(target, ASTSource, parsed options) of a specialisation, built as ``JITFunction.run`` builds
+    them for that launch (`_pack_args`, then ``compile(src, target=target, options=options.__dict__)``)."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
-    if knobs.compilation.disable_line_info:
-        raise RuntimeError("TRITON_DISABLE_LINE_INFO is set: the kernels are meant to carry line information")
     fn = _kernel_fn(spec.kernel)
     target = GPUTarget("cuda", spec.arch, 32)
     names = fn.arg_names
@@ -499,63 +561,134 @@ def compile_one(spec: Spec) -> Dict[str, object]:
     kw["debug"] = kw.get("debug", fn.debug) or knobs.runtime.debug
     kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     options = make_backend(target).parse_options(kw)
-    t0 = time.time()
     src = triton.compiler.ASTSource(fn=fn, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
                                     attrs=attrs)
+    return target, src, options
+
+
+def cache_key(spec: Spec) -> str:
+    """The key under which ``triton.compile`` caches this specialisation (TRITON_CACHE_DIR/<hash of
+    it>/): the same as the JIT's for the real launch, so a kernel compiled here is a cache hit there
+    (tests/test_triton_compile.py derives the JIT's key through ``JITFunction.run`` and compares)."""
+    from triton.compiler import make_backend
+    from triton.compiler.compiler import get_cache_invalidating_env_vars, get_cache_key
+    target, src, options = _source_and_options(spec)
+    backend = make_backend(target)
+    # triton.compile parses the options once more, with the source's own
+    options = backend.parse_options(dict(options.__dict__, **src.parse_options()))
+    return get_cache_key(src, backend, options, get_cache_invalidating_env_vars())
+
+
+def compile_one(spec: Spec, resources: bool = True, launcher: bool = False) -> Dict[str, object]:
+    """Compile one specialisation for sm_<arch> exactly as the JIT would (same cache key: a later
+    launch of it is a cache hit) and, with `resources`, report its resources. With `launcher`
+    (a machine with a CUDA driver) also build the C launcher the JIT builds at the first launch
+    (``driver.active.launcher_cls``, cached by Triton too)."""
+    import time
+
+    import triton
+    from triton import knobs
+    if knobs.compilation.disable_line_info:
+        raise RuntimeError("TRITON_DISABLE_LINE_INFO is set: the kernels are meant to carry line information")
+    target, src, options = _source_and_options(spec)
+    t0 = time.time()
     ck = triton.compile(src, target=target, options=options.__dict__)
     secs = time.time() - t0
     rep = _describe(spec)
-    ptx = ck.asm["ptx"]
     rep.update({"num_warps": ck.metadata.num_warps, "shared_dynamic": ck.metadata.shared,
-                "compile_s": round(secs, 2), "line_info": bool(re.search(r"^\s*\.loc\s", ptx, re.M)),
-                "tf32_conversions": ptx.count("cvt.rna.tf32.f32")})
-    rep.update(_ptxas_report(ptx, spec.arch))
-    rep.update(_cuobjdump_report(ck.asm["cubin"]))
+                "compile_s": round(secs, 2)})
+    if launcher:
+        from triton.runtime import driver
+        t0 = time.time()
+        driver.active.launcher_cls(ck.src, ck.metadata)
+        rep["launcher_s"] = round(time.time() - t0, 2)
+    if resources:
+        ptx = ck.asm["ptx"]
+        rep.update({"line_info": bool(re.search(r"^\s*\.loc\s", ptx, re.M)),
+                    "tf32_conversions": ptx.count("cvt.rna.tf32.f32")})
+        rep.update(_ptxas_report(ptx, spec.arch))
+        rep.update(_cuobjdump_report(ck.asm["cubin"]))
     return rep
 
 
 # ---------------------------------------------------------------- all of them, in parallel
-def _worker(spec: Spec):
+def _worker(spec: Spec, resources: bool = True, launcher: bool = False):
     try:
-        return compile_one(spec)
+        return compile_one(spec, resources, launcher)
     except Exception as e:  # reported, not raised: one failure must not hide the others
         rep = _describe(spec)
         rep["error"] = f"{type(e).__name__}: {e}"[:2000]
         return rep
 
 
-def compile_all(specs: Sequence[Spec], jobs: int = 2, cache_dir: str = "") -> List[Dict[str, object]]:
+def compile_all(specs: Sequence[Spec], jobs: int = 2, cache_dir: str = "", *, resources: bool = True,
+                launcher: bool = False, in_order: bool = False, deadline_s: Optional[float] = None,
+                progress=None) -> List[Dict[str, object]]:
     """Compile every specialisation with a pool of `jobs` processes.
 
     Workers are spawned with TRITON_INTERPRET removed from their environment (so
     ``@triton.jit`` builds real kernels) and, if given, their own TRITON_CACHE_DIR (an
-    empty one makes the compile times real, not cache hits).
+    empty one makes the compile times real, not cache hits). Started biggest kernel first (so the
+    pool does not end on one long compile), or in the given order with `in_order`. With
+    `deadline_s`, nothing is started after that many seconds: the specialisations not started
+    come back with ``"skipped": "deadline"``. `progress(done, total)` is called as they finish.
     """
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    import time
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    t_end = None if deadline_s is None else time.monotonic() + deadline_s
     saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
     os.environ.pop("TRITON_INTERPRET", None)
     if cache_dir:
         os.environ["TRITON_CACHE_DIR"] = cache_dir
+    work = list(specs) if in_order else sorted(specs, key=lambda s: KERNEL_ORDER[s.kernel])
+    results: List[Dict[str, object]] = []
     try:
-        # biggest first, so the pool does not end on one long compile
-        work = sorted(specs, key=lambda s: KERNEL_ORDER[s.kernel])
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-            results = list(ex.map(_worker, work))
+            running: Dict[object, Spec] = {}
+            queue = list(reversed(work))
+            while queue or running:
+                late = t_end is not None and time.monotonic() >= t_end
+                while queue and len(running) < 2 * jobs and not late:
+                    sp = queue.pop()
+                    running[ex.submit(_worker, sp, resources, launcher)] = sp
+                if late:                                    # queued in the pool but not started: not started
+                    for f in [f for f in running if f.cancel()]:
+                        queue.append(running.pop(f))
+                if not running:
+                    break
+                done, _ = wait(list(running), timeout=None if t_end is None or late else
+                               max(0.1, t_end - time.monotonic()), return_when=FIRST_COMPLETED)
+                for f in done:
+                    running.pop(f)
+                    results.append(f.result())
+                if progress and done:
+                    progress(len(results), len(work))
+            results += [dict(_describe(sp), skipped="deadline") for sp in reversed(queue)]
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    results.sort(key=lambda r: (KERNEL_ORDER[r["function"]], r["C"] or 0, r["dtype"], r["arch"], r["label"]))
+    if not in_order:
+        results.sort(key=lambda r: (KERNEL_ORDER[r["function"]], r["C"] or 0, r["dtype"], r["arch"], r["label"]))
     return results
+
+
+def _have_cuda_driver() -> bool:
+    try:
+        from triton.runtime import driver
+        return bool(driver.active.is_active())
+    except Exception:
+        return False
 
 
 def main(argv=None) -> int:
     import argparse
     import json
+    import time
 
     ap = argparse.ArgumentParser(description="AOT-compile the gmf Triton kernel specialisations of real calls "
                                              "(no GPU needed)")
@@ -568,18 +701,45 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=None, help="only these models' calls (default: all five)")
     ap.add_argument("--widths", type=int, nargs="+", default=None,
                     help="instead of the released models' calls: these widths (multiples of 10) at a 13x17 grid")
+    ap.add_argument("--warm", action="store_true",
+                    help="fill the Triton cache for the GPU report (benchmarks/gpu_report.py): the specialisations "
+                         "its runs make the JIT compile (report_specializations), most needed first, no resource "
+                         "figures, and the launchers too where a CUDA driver is present; --batch/--dtype/--models/"
+                         "--widths do not apply")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="start no compile after this many seconds (the rest is listed as skipped)")
     ap.add_argument("--list", action="store_true", help="list the specialisations, compile nothing")
     a = ap.parse_args(argv)
-    calls = other_calls(a.widths, a.batch, a.dtype) if a.widths else real_calls(a.batch, a.dtype, a.models)
-    specs = all_specializations(calls, a.arch)
+    t0 = time.monotonic()
+    if a.warm:
+        specs = [sp for arch in a.arch for sp in report_specializations(arch)]
+    else:
+        calls = other_calls(a.widths, a.batch, a.dtype) if a.widths else real_calls(a.batch, a.dtype, a.models)
+        specs = all_specializations(calls, a.arch)
     if a.list:
         res = [_describe(s) for s in specs]
     else:
-        res = compile_all(specs, a.jobs, a.cache_dir)
+        launcher = a.warm and _have_cuda_driver()
+        step = max(1, len(specs) // 10)
+
+        def progress(done, total):
+            if done % step == 0 or done == total:
+                print(f"compiled {done}/{total} ({time.monotonic() - t0:.0f} s)", flush=True)
+
+        if a.warm:
+            print(f"{len(specs)} specialisations for sm_{'/'.join(map(str, a.arch))}, {a.jobs} jobs, "
+                  f"launchers {'too' if launcher else 'not (no CUDA driver)'}", flush=True)
+        res = compile_all(specs, a.jobs, a.cache_dir, resources=not a.warm, launcher=launcher, in_order=a.warm,
+                          deadline_s=a.deadline, progress=progress if a.warm else None)
     with open(a.json, "w") as fh:
         json.dump(res, fh, indent=1)
     bad = [r for r in res if "error" in r]
-    print(f"{len(res) - len(bad)}/{len(res)} specialisations " + ("listed" if a.list else "compiled"))
+    skipped = [r for r in res if "skipped" in r]
+    for r in bad[:5]:
+        print(f"error: {r['label']}: {r['error'][:500]}")
+    print(f"{len(res) - len(bad) - len(skipped)}/{len(res)} specialisations " + ("listed" if a.list else "compiled")
+          + (f", {len(skipped)} not started (deadline)" if skipped else "")
+          + (f", {len(bad)} failed" if bad else "") + f" in {time.monotonic() - t0:.0f} s")
     return 1 if bad else 0
 
 
