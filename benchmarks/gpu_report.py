@@ -1514,9 +1514,10 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
     if wm:
         L.append(f"- Triton cache warmed before the tests ({wm.get('status')}): {wm.get('compiled', '-')} of "
                  f"{wm.get('specializations', '-')} specialisations compiled in {_f(wm.get('seconds'), '{:.0f}')} s "
-                 f"by {wm.get('jobs')} processes (compile {_f(wm.get('compile_s_sum'), '{:.0f}')} s, launchers "
-                 f"{_f(wm.get('launcher_s_sum'), '{:.0f}')} s of CPU)"
-                 + (f"; {wm['skipped']} not started (its {wm.get('deadline_s')} s)" if wm.get("skipped") else "")
+                 f"by {wm.get('jobs')} processes (compile {_f(wm.get('compile_s_sum'), '{:.0f}')} s of CPU, "
+                 + (f"launchers {_f(wm.get('launcher_s_sum'), '{:.0f}')} s)" if wm.get("launchers") else
+                    "launchers not built)")
+                 + (f"; {wm['skipped']} not started (past its {wm.get('deadline_s')} s)" if wm.get("skipped") else "")
                  + (f"; {len(wm['failed'])} failed: {_cell('; '.join(wm['failed'][:3]))}" if wm.get("failed") else ""))
     if jit:
         L.append("- Triton kernels compiled per phase (new .cubin files in the cache; build includes the warm-up): "

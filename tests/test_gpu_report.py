@@ -542,8 +542,10 @@ def test_summary_triton_warm_up_and_compiles_per_phase():
           "failed": ["aggregate C=80 bf16: RuntimeError: x"]}
     md = gr.render_summary(_report(phases=phases, build={"triton_warm": wm}))
     assert (f"Triton cache warmed before the tests (ok): {done} of {n} specialisations compiled in 37 s by 14 "
-            f"processes (compile 231 s, launchers 88 s of CPU); 2 not started (its 52 s); 1 failed: "
+            f"processes (compile 231 s of CPU, launchers 88 s); 2 not started (past its 52 s); 1 failed: "
             f"aggregate C=80 bf16: RuntimeError: x") in md
+    md = gr.render_summary(_report(phases=phases, build={"triton_warm": dict(wm, launchers=False, skipped=0)}))
+    assert "(compile 231 s of CPU, launchers not built); 1 failed" in md
     assert ("Triton kernels compiled per phase (new .cubin files in the cache; build includes the warm-up): "
             + ", ".join(f"{p} {jit[p]}" for p in gr.PHASE_NAMES)) in md
     assert "Triton cache warmed" not in gr.render_summary(_report())
