@@ -284,6 +284,110 @@ def test_ahead_of_time_cache_key_is_the_jits(tmp_path, arch):
     assert any(r["empty_attrs"] for r in rows), "no launch with an empty attribute entry: the case is not covered"
 
 
+_REAL_LAUNCH_SCRIPT = r"""
+import hashlib, json, sys
+import torch
+import triton.compiler as tcomp
+import triton.compiler.compiler as tc
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+ARCH = 90
+
+
+class FakeDriver:  # an sm_90 GPU as JITFunction.run sees it
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", ARCH, 32)
+
+
+driver.set_active(FakeDriver())
+
+
+class Lookup(Exception):
+    pass
+
+
+class NoLaunch:  # what JITFunction.run launches instead of a compiled kernel: nothing
+    function = packed_metadata = None
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        pass
+
+
+real_compile, looked_up = tc.compile, []
+
+
+def recording_compile(src, target=None, options=None, _env_vars=None):
+    # the real triton.compile, stopped at its cache lookup: the hash it would look up
+    def lookup(h):
+        raise Lookup(h)
+    saved, tc.get_cache_manager = tc.get_cache_manager, lookup
+    try:
+        real_compile(src, target=target, options=options, _env_vars=_env_vars)
+    except Lookup as e:
+        looked_up.append((src.fn.__name__, e.args[0]))
+    finally:
+        tc.get_cache_manager = saved
+    return NoLaunch()
+
+
+tcomp.compile = recording_compile   # what JITFunction's binder takes as its compile
+
+from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights  # noqa: E402
+from gmf_kernels.triton_kernels import specializations as S  # noqa: E402
+from gmf_kernels.triton_kernels.train_op import triton_train_pre_projection  # noqa: E402
+
+DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+for C, G, B, dn, train in ((160, 28, 16, "bf16", True), (80, 56, 8, "fp16", True), (320, 7, 1, "fp32", True),
+                           (320, 14, 2, "bf16", False)):
+    hp = default_hyper(C)
+    w = cast_weights(random_gma_weights(C, seed=0), torch.float32)
+    for t in w.tensors():
+        if t.is_floating_point():
+            t.requires_grad_(train)
+    x = torch.randn(B, G * G, 3 * C).to(DT[dn]).requires_grad_(train)
+    with torch.set_grad_enabled(train):
+        pre = triton_train_pre_projection(x, (G, G), w, hp, train)
+        if train:   # the output gradient as the projection's backward makes it: contiguous (B, N, C)
+            pre.backward(torch.randn_like(pre))
+warm = {hashlib.sha256(S.cache_key(sp).encode()).hexdigest() for sp in S.report_specializations(ARCH)}
+print(json.dumps({"launched": sorted({k for k, _ in looked_up}),
+                  "missing": sorted({k for k, h in looked_up if h not in warm})}))
+"""
+
+
+def test_real_launches_find_the_warm_cache(tmp_path):
+    """Every kernel the real code path launches -- `triton_train_pre_projection` forward and
+    backward in training mode (batch statistics) and eval, on CPU tensors standing in for GPU
+    ones, through Triton's own `JITFunction.run` for a stand-in sm_90 driver, stopped at the cache
+    lookup of the real ``triton.compile`` -- is under a key of the GPU report's warm-up
+    (`report_specializations`), for calls of the real-shape tests (bf16, fp16, fp32, batch 1):
+    the launchers' real buffers (dtypes, strides, alignment) specialise as the meta-tensor
+    plans do."""
+    if not _have_nvidia_backend():
+        pytest.skip("Triton's NVIDIA backend is not available")
+    script = tmp_path / "real_launch.py"
+    script.write_text(_REAL_LAUNCH_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"real-launch script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+    r = json.loads(lines[-1])
+    assert {"gma_aggregate_kernel", "gma_attention_kernel", "gma_combine_kernel", "gma_statistics_kernel",
+            "gma_recompute_z_kernel", "gma_b1_dkv_kernel", "gma_b2_attention_kernel",
+            "gma_dz_kernel"} <= set(r["launched"]), r["launched"]
+    assert not r["missing"], f"launched kernels the warm-up does not compile: {r['missing']}"
+
+
 _WARM_SCRIPT = r"""
 import json
 from gmf_kernels.triton_kernels import specializations as S
