@@ -31,9 +31,11 @@ What it measures (`gmf_kernels.tuning`, the table format is in its docstring):
   pre, benchmarks/ops.py's StageInputs) of each backend (cuda, triton, torch) per (C, dtype),
   which ``auto`` reads (`tuning.backend_times`).
 
-Time: --budget seconds in all (default 480, inside the 8 minutes of a lent GPU run), split
-between the families and the backend timing (BUDGET_SHARES; time one part does not use
-carries over). Widths of GroupMixFormer-S come first, bf16 first; when a part's time runs
+Time: --budget seconds in all (default 480, inside the 8 minutes of a lent GPU run). First, up
+to WARM_SHARE of it, the Triton kernels the sweep will compile are compiled ahead in parallel
+with their launchers (`warm_cache`; `--no-warm` skips it), so that the sweep times candidates
+instead of compiling them one at a time; what is left is split between the families and the
+backend timing (BUDGET_SHARES; time one part does not use carries over). Widths of GroupMixFormer-S come first, bf16 first; when a part's time runs
 out the rest of it is recorded as not measured, never dropped silently. A run keeps, from a
 measured table of the same architecture already at its path, the entries of the parts it does
 not measure (`keep_other_parts`: a --train run keeps the forward's, and back). The table is
@@ -77,6 +79,8 @@ TRAIN_BUDGET_SHARES = (("triton.backward", 0.25), ("triton.recompute_z", 0.15), 
                        ("triton.b2", 0.1), ("triton.b1", 0.1), ("triton.b2_crpe", 0.1),
                        ("triton.recompute_attention", 0.1), ("triton.recompute_local", 0.1))
 BACKENDS = ("cuda", "triton", "torch")
+#: share of --budget in which the Triton kernels of the sweep may be compiled ahead, in parallel (warm_cache)
+WARM_SHARE = 0.25
 #: max relative difference of a candidate's pre from the default config's (per dtype): rounding only
 AGREE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 
@@ -388,8 +392,43 @@ def _compiled(kernels) -> List[object]:
     return out
 
 
+def warm_specs(parts: Sequence[str], shape_list, dtypes, batch: int, cap: Tuple[int, int]) -> List[object]:
+    """What the sweep of `parts` will make the JIT compile, in the sweep's order
+    (`specializations.tuning_specializations`; needs TRITON_INTERPRET unset)."""
+    from gmf_kernels.triton_kernels import specializations as S
+    calls = [S.Call(C, H, W, batch, _short(dt)) for dt in dtypes for (C, H, W) in shape_list]   # the items' order
+    return S.tuning_specializations(calls, cap[0] * 10 + cap[1], [p for p in parts if p != "backends"])
+
+
+def warm_cache(parts: Sequence[str], shape_list, dtypes, batch: int, cap: Tuple[int, int], seconds: float) -> float:
+    """Compile ahead, in parallel (the CPUs but two) and with their launchers, the Triton kernels the
+    sweep will compile (`warm_specs`), starting none after `seconds`: else the sweep compiles each
+    candidate's kernels one at a time before timing it, on one CPU (forward candidates of
+    GroupMixFormer-S/B/L: ~170, the aggregation ones 1-4 s each on the development CPU). What is
+    compiled here is a cache hit there (same key as the JIT's: tests/test_triton_compile.py); the
+    spill check still reads each variant the sweep loads. Returns the seconds spent."""
+    from gmf_kernels.triton_kernels import specializations as S
+    t0 = time.monotonic()
+    specs = warm_specs(parts, shape_list, dtypes, batch, cap)
+    if not specs:
+        return time.monotonic() - t0
+    jobs = max(2, (os.cpu_count() or 4) - 2)
+    print(f"[warm] compiling {len(specs)} Triton specialisations of the sweep ahead, {jobs} processes, "
+          f"none started after {seconds:.0f} s", flush=True)
+    res = S.compile_all(specs, jobs, resources=False, launcher=True, in_order=True, deadline_s=seconds)
+    bad = [r for r in res if "error" in r]
+    late = sum(1 for r in res if "skipped" in r)
+    spent = time.monotonic() - t0
+    print(f"[warm] {len(res) - len(bad) - late}/{len(res)} compiled in {spent:.0f} s"
+          + (f", {late} not started (the sweep compiles them)" if late else "")
+          + (f", {len(bad)} failed (the sweep reports them): {bad[0]['label']}: {bad[0]['error'][:200]}" if bad
+             else ""), flush=True)
+    return spent
+
+
 # ------------------------------------------------------------------ dry run
-def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_dir: Optional[str]) -> int:
+def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_dir: Optional[str],
+            batch: int = 128) -> int:
     from gmf_kernels import tuning
     from gmf_kernels.triton_kernels import launcher as L
     from gmf_kernels.triton_kernels._common import DotVariant
@@ -429,6 +468,15 @@ def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_d
     if "backends" in budgets:
         print(f"\n[backends] budget {budgets['backends']:.0f} s: {', '.join(BACKENDS)} per (C, dtype)")
     print(f"{n_runs} candidate measurements planned")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        try:
+            n = len(warm_specs(list(budgets), shape_list, dtypes, batch, cap))
+            print(f"warm-up: {n} Triton specialisations compiled ahead in parallel, within "
+                  f"{WARM_SHARE:.0%} of the budget")
+        except Exception as ex:
+            failures.append(f"warm-up plan: {type(ex).__name__}: {ex}")
+    else:
+        print("warm-up plan: not listed (TRITON_INTERPRET is set: the launchers would plan interpreter tiles)")
     # the CUDA candidates against the module's planner (when a build loads here)
     try:
         from gmf_kernels.cuda import launcher as CL
@@ -487,6 +535,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train", action="store_true",
                     help="tune the training kernels' families (statistics, recompute, backward) instead")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check the plumbing; time nothing")
+    ap.add_argument("--no-warm", action="store_true",
+                    help="do not compile the sweep's Triton kernels ahead in parallel (warm_cache)")
     a = ap.parse_args(argv)
 
     from gmf_kernels.models.configs import canonical_name
@@ -500,7 +550,8 @@ def main(argv=None) -> int:
     shape_list = shapes(models)
     dtypes = [DTYPES[d] for d in a.dtype]
     if a.dry_run:
-        return dry_run({k: v for k, v in spaces.items() if k in parts}, shape_list, dtypes, budgets, a.table_dir)
+        return dry_run({k: v for k, v in spaces.items() if k in parts}, shape_list, dtypes, budgets, a.table_dir,
+                       a.batch)
     if not torch.cuda.is_available():
         print("benchmarks/tune.py: no CUDA GPU available; nothing measured, no table written (--dry-run checks "
               "the plumbing on any machine).")
@@ -520,7 +571,10 @@ def main(argv=None) -> int:
     table.update(batch=a.batch, budget_s=a.budget, shapes=[list(s) for s in shape_list])
     meas = GpuMeasure(a.batch)
     t_start = time.monotonic()
-    deadline = t_start
+    if not a.no_warm:   # out of the budget: the parts share what it leaves
+        spent = warm_cache(parts, shape_list, dtypes, a.batch, cap, a.budget * WARM_SHARE)
+        budgets = part_budgets(max(0.0, a.budget - spent), parts)
+    deadline = time.monotonic()
     print(f"tuning on {table['device']} ({arch}): parts {parts}, budget {a.budget:.0f} s, batch {a.batch}; "
           f"table {path}", flush=True)
     for part in parts:

@@ -389,3 +389,63 @@ def test_train_measurement_runs_each_candidate_through_the_table(monkeypatch):
         for c in cands:                        # each candidate's tile launched (first run and timing aside)
             assert (c["BLOCK_P"], c["num_warps"]) in used, (fam, c, used)
     assert "triton.b1" in seen and "triton.statistics" in seen
+
+
+_WARM_SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, "benchmarks")
+import tune
+from gmf_kernels.triton_kernels import specializations as S
+
+cap, arch = (9, 0), 90
+shapes = [(80, 56, 56), (320, 7, 7)]
+dtypes = [torch.bfloat16, torch.float32]
+parts = ["triton.aggregate", "triton.attention", "cuda.tiles", "backends"]
+specs = tune.warm_specs(parts, shapes, dtypes, 128, cap)
+keys = [sp.key for sp in specs]
+missing, distinct = [], {}
+for fam in ("triton.aggregate", "triton.attention"):
+    space = tune.load_spaces()[fam]
+    for dt in dtypes:
+        for C, H, W in shapes:
+            call = S.Call(C, H, W, 128, tune._short(dt))
+            for cand in space.candidates(C, dt, cap):
+                got = S._candidate_specs(fam, call, arch, cand)
+                missing += [f"{fam} {call.label()} {cand}" for sp in got if sp.key not in keys]
+                kernel = "gma_aggregate_kernel" if fam == "triton.aggregate" else "gma_attention_kernel"
+                distinct.setdefault((fam, C, str(dt)), set()).update(sp.key for sp in got if sp.kernel == kernel)
+fams = [sp.used_by[0].split(":")[0] for sp in specs]
+n_cands = {f"{fam} {C} {dt}": len({(c["BLOCK_P"], c["num_warps"], c["CK"])   # the tiles: constexprs / num_warps
+                                    for c in tune.load_spaces()[fam].candidates(C, dt, cap)})
+           for fam in ("triton.aggregate",) for dt in dtypes for C, H, W in shapes}
+train = tune.warm_specs(["triton.b1"], shapes[:1], dtypes[:1], 128, cap)
+b1 = [sp for sp in train if sp.kernel == "gma_b1_dkv_kernel"]
+print(json.dumps({"n": len(keys), "unique": len(set(keys)), "missing": missing[:5],
+                  "distinct": {f"{k[0]} {k[1]} {k[2]}": len(v) for k, v in distinct.items()}, "n_cands": n_cands,
+                  "last_aggregate": max(i for i, f in enumerate(fams) if f == "triton.aggregate"),
+                  "first_attention": min(i for i, f in enumerate(fams) if f == "triton.attention"),
+                  "train_kernels": sorted({sp.kernel for sp in train}), "b1_variants": len(b1),
+                  "b1_candidates": len(tune.load_spaces(train=True)["triton.b1"].candidates(80, torch.bfloat16, cap))}))
+"""
+
+
+def test_warm_up_compiles_what_the_sweep_will():
+    """`tune.warm_specs` (`specializations.tuning_specializations`): every candidate of the forward
+    families at every swept (C, dtype) has its launches' specialisations in the warm-up, each once,
+    each aggregation tile its own aggregation kernel, in the sweep's order (the aggregation
+    family's before the attention family's); a training family's sweep warms the whole training
+    step's defaults and one B1 variant per candidate; cuda.* and backends add nothing."""
+    from helpers import triton_compile_env
+    proc = subprocess.run([sys.executable, "-c", _WARM_SCRIPT], cwd=ROOT, env=triton_compile_env(),
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert lines, proc.stderr[-3000:]
+    r = json.loads(lines[-1])
+    assert r["n"] == r["unique"] > 0 and not r["missing"], r
+    for key, n in r["n_cands"].items():   # each tile its own aggregation kernel (STRIP is a runtime int)
+        assert r["distinct"][key] >= n > 1, (key, r["distinct"][key], n)
+    assert r["last_aggregate"] < r["first_attention"], r
+    assert {"gma_statistics_kernel", "gma_recompute_z_kernel", "gma_b1_dkv_kernel", "gma_b2_attention_kernel",
+            "gma_dz_kernel", "gma_aggregate_kernel"} <= set(r["train_kernels"]), r["train_kernels"]
+    assert r["b1_variants"] == r["b1_candidates"] > 1, r

@@ -360,6 +360,40 @@ def statistics_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = No
     return _collect(calls, archs, statistics_specializations_of_call)
 
 
+def _candidate_specs(fam: str, call: Call, arch: int, cand: Dict[str, int]) -> List[Spec]:
+    """The specialisations one candidate of a tuning family makes the JIT compile at one call, as
+    ``benchmarks/tune.py`` runs it: a forward family's candidate in the pre-projection's three
+    launches (the other forward family at its default), a training family's candidate in that
+    family's kernels (`tile_spaces.KERNELS`; the rest of the training step at its defaults)."""
+    from . import tile_spaces, train_op  # noqa: F401  (every family registered)
+    from ._common import kernel_name
+    from .recompute import ATTENTION_FAMILY, LOCAL_FAMILY
+    from .statistics import RECOMPUTE_Z_FAMILY, STATS_FAMILY
+    from . import launcher as L
+    cap = capability_of_arch(arch)
+    if fam in (L.AGG_FAMILY, L.ATTN_FAMILY):
+        import torch
+
+        from ..folding import meta_weights
+        from ._common import DotVariant
+        dt = call.torch_dtype()
+        dots = DotVariant(dot_precision(call.dtype, cap), False)
+        agg = cand if fam == L.AGG_FAMILY else L.aggregate_default(call.C, dt, cap)
+        attn = cand if fam == L.ATTN_FAMILY else L.attention_default(call.C, dt, cap)
+        qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, device="meta")
+        head_dim = 4 * (call.C // 5) // 8
+        _, launches = L.plan_pre_projection(qkv, call.H, call.W, meta_weights(call.C), head_dim ** -0.5, 1e-5,
+                                            shape=L.shape_from_configs(call.C, dots, agg, attn), dots=dots)
+        return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
+    names = {kernel_name(k) for k in tile_spaces.KERNELS[fam]}
+    tile = {fam: tuple(int(v) for v in cand.values())}
+    if fam in (STATS_FAMILY, RECOMPUTE_Z_FAMILY, ATTENTION_FAMILY, LOCAL_FAMILY):
+        specs = statistics_specializations_of_call(call, arch, tile)
+    else:
+        specs = backward_specializations_of_call(call, arch, fam == "triton.backward", tile)
+    return [sp for sp in specs if sp.kernel in names]
+
+
 def candidate_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
                               archs: Sequence[int] = (80, 90)) -> List[Tuple[str, Dict[str, int], Spec]]:
     """(family, candidate, Spec) for every candidate but the default of the training kernels'
@@ -367,11 +401,7 @@ def candidate_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = Non
     ``benchmarks/tune.py --train`` makes the JIT compile, so that they can be compiled ahead of
     time (the defaults are `statistics_specializations` / `backward_specializations`'). Deduplicated."""
     from .. import tuning
-    from . import tile_spaces, train_op  # noqa: F401  (every family registered)
-    from ._common import kernel_name
-    from .recompute import ATTENTION_FAMILY, LOCAL_FAMILY
-    from .statistics import RECOMPUTE_Z_FAMILY, STATS_FAMILY
-    statistics_side = {STATS_FAMILY, RECOMPUTE_Z_FAMILY, ATTENTION_FAMILY, LOCAL_FAMILY}
+    from . import tile_spaces
     calls = real_calls() if calls is None else calls
     out: Dict[tuple, Tuple[str, Dict[str, int], Spec]] = {}
     for arch in archs:
@@ -380,17 +410,38 @@ def candidate_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = Non
             if call.dtype not in supported:
                 continue
             for fam in tile_spaces.families():
-                names = {kernel_name(k) for k in tile_spaces.KERNELS[fam]}
                 for cand in tuning.spaces()[fam].candidates(call.C, call.torch_dtype(), capability_of_arch(arch))[1:]:
-                    tile = {fam: tuple(int(v) for v in cand.values())}
-                    if fam in statistics_side:
-                        specs = statistics_specializations_of_call(call, arch, tile)
-                    else:
-                        specs = backward_specializations_of_call(call, arch, fam == "triton.backward", tile)
-                    for sp in specs:
-                        if sp.kernel in names:
-                            out.setdefault((fam, tuple(cand.items()), sp.key), (fam, dict(cand), sp))
+                    for sp in _candidate_specs(fam, call, arch, cand):
+                        out.setdefault((fam, tuple(cand.items()), sp.key), (fam, dict(cand), sp))
     return list(out.values())
+
+
+def tuning_specializations(calls: Sequence[Call], arch: int, families: Sequence[str]) -> List[Spec]:
+    """What ``benchmarks/tune.py``'s sweep of the Triton `families` over `calls` makes the JIT compile
+    on sm_<arch>, each once, in the sweep's order (family by family, call by call, candidate by
+    candidate; a training family's call first with the defaults of the whole training step), so
+    that the tuner can compile it ahead, in parallel (`compile_all`, its ``warm_cache``). Families
+    without Triton kernels (``cuda.*``) are skipped."""
+    from .. import tuning
+    from . import tile_spaces, train_op  # noqa: F401  (every family registered)
+    cap = capability_of_arch(arch)
+    supported = arch_dots(cap) or {}
+    training_families = set(tile_spaces.families())
+    seen: Dict[tuple, Spec] = {}
+    for fam in families:
+        space = tuning.spaces().get(fam)
+        if space is None or not fam.startswith("triton."):
+            continue
+        for call in calls:
+            if call.dtype not in supported:
+                continue
+            specs = training_specializations_of_call(call, arch) if fam in training_families else []
+            for cand in space.candidates(call.C, call.torch_dtype(), cap):
+                specs += _candidate_specs(fam, call, arch, cand)
+            for sp in specs:
+                if sp.key not in seen:
+                    seen[sp.key] = Spec(*sp.key, used_by=(f"{fam}: {call.label()}",))
+    return list(seen.values())
 
 
 def _collect(calls: Dict[Call, Tuple[str, ...]], archs: Sequence[int], of_call) -> List[Spec]:
