@@ -190,61 +190,27 @@ def test_specialisation_is_tritons_own(tmp_path):
 
 
 _CACHE_KEY_SCRIPT = r"""
-import json, sys
+import hashlib, json, sys
+sys.path.insert(0, "tests")
 import triton.compiler.compiler as tc
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
+import triton_stand_in as stand_in
 from gmf_kernels.triton_kernels import specializations as S
 
 ARCH = int(sys.argv[1])
-
-
-class FakeDriver:  # what JITFunction.run asks the driver before it compiles, for an sm_<ARCH> GPU
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", ARCH, 32)
-
-
-driver.set_active(FakeDriver())
-
-
-class Lookup(Exception):
-    pass
-
-
-def _lookup(key_hash):  # triton.compile asks the cache for this hash first: stop there
-    raise Lookup(key_hash)
-
-
-tc.get_cache_manager = _lookup
-
-
-def looked_up(thunk):
-    try:
-        thunk()
-    except Lookup as e:
-        return e.args[0]
-    raise AssertionError("triton.compile did not look up the cache")
-
-
+stand_in.install(ARCH)
 rows = []
 original = S.specialize_launch
 
 
 def checked(fn, arch, args, kwargs):
     spec = original(fn, arch, args, kwargs)
-    fn.device_caches.clear()            # a fresh binder and compile (create_binder), for this target
-    fn.device_caches[0]
-    jit = looked_up(lambda: fn.run(*args, grid=(1,), warmup=False, **kwargs))       # the JIT's real path
+    fn.device_caches.clear()            # a fresh binder (create_binder), for this target
+    n = len(stand_in.looked_up)
+    fn.run(*args, grid=(1,), warmup=False, **kwargs)                                  # the JIT's real path
+    assert len(stand_in.looked_up) == n + 1, "the launch did not look up the cache"
     target, src, options = S._source_and_options(spec)
-    aot = looked_up(lambda: tc.compile(src, target=target, options=options.__dict__))  # compile_one's
-    import hashlib
-    rows.append({"kernel": spec.kernel, "jit": jit, "aot": aot,
+    aot = stand_in.lookup_hash(lambda: tc.compile(src, target=target, options=options.__dict__))  # compile_one's
+    rows.append({"kernel": spec.kernel, "jit": stand_in.looked_up[-1][1], "aot": aot,
                  "cache_key": hashlib.sha256(S.cache_key(spec).encode()).hexdigest(),
                  "empty_attrs": [a for a, v in spec.attrs if not v]})
     return spec
@@ -286,61 +252,12 @@ def test_ahead_of_time_cache_key_is_the_jits(tmp_path, arch):
 
 _REAL_LAUNCH_SCRIPT = r"""
 import hashlib, json, sys
+sys.path.insert(0, "tests")
 import torch
-import triton.compiler as tcomp
-import triton.compiler.compiler as tc
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
+import triton_stand_in as stand_in
 
 ARCH = 90
-
-
-class FakeDriver:  # an sm_90 GPU as JITFunction.run sees it
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", ARCH, 32)
-
-
-driver.set_active(FakeDriver())
-
-
-class Lookup(Exception):
-    pass
-
-
-class NoLaunch:  # what JITFunction.run launches instead of a compiled kernel: nothing
-    function = packed_metadata = None
-
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-    def run(self, *args):
-        pass
-
-
-real_compile, looked_up = tc.compile, []
-
-
-def recording_compile(src, target=None, options=None, _env_vars=None):
-    # the real triton.compile, stopped at its cache lookup: the hash it would look up
-    def lookup(h):
-        raise Lookup(h)
-    saved, tc.get_cache_manager = tc.get_cache_manager, lookup
-    try:
-        real_compile(src, target=target, options=options, _env_vars=_env_vars)
-    except Lookup as e:
-        looked_up.append((src.fn.__name__, e.args[0]))
-    finally:
-        tc.get_cache_manager = saved
-    return NoLaunch()
-
-
-tcomp.compile = recording_compile   # what JITFunction's binder takes as its compile
+stand_in.install(ARCH)
 
 from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights  # noqa: E402
 from gmf_kernels.triton_kernels import specializations as S  # noqa: E402
@@ -360,8 +277,8 @@ for C, G, B, dn, train in ((160, 28, 16, "bf16", True), (80, 56, 8, "fp16", True
         if train:   # the output gradient as the projection's backward makes it: contiguous (B, N, C)
             pre.backward(torch.randn_like(pre))
 warm = {hashlib.sha256(S.cache_key(sp).encode()).hexdigest() for sp in S.report_specializations(ARCH)}
-print(json.dumps({"launched": sorted({k for k, _ in looked_up}),
-                  "missing": sorted({k for k, h in looked_up if h not in warm})}))
+print(json.dumps({"launched": sorted({k for k, _ in stand_in.looked_up}),
+                  "missing": sorted({k for k, h in stand_in.looked_up if h not in warm})}))
 """
 
 
