@@ -43,6 +43,18 @@ def _compile(tmp, *args):
     return json.loads(out.read_text())
 
 
+def _script_json(tmp, name: str, text: str, *args):
+    """Run `text` as a script file (``@triton.jit`` needs its source in a file) in a process without
+    the interpreter; its last JSON line."""
+    script = tmp / f"{name}.py"
+    script.write_text(text)
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("{", "["))]
+    assert lines, f"{name} script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     return _compile(tmp_path_factory.mktemp("triton_aot"), "--arch", *map(str, AOT_ARCHS))
@@ -172,13 +184,7 @@ def test_specialisation_is_tritons_own(tmp_path):
     """`specialize_launch` goes through the installed Triton's JIT binder: ints divisible by 16
     get tt.divisibility, ints equal to 1 become constants, floats are not specialised, 16-byte
     aligned pointers get tt.divisibility (a Triton that changes these internals fails here)."""
-    script = tmp_path / "spec.py"              # @triton.jit needs its source in a file
-    script.write_text(_SPECIALISE_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert lines, f"specialisation script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
-    res = json.loads(lines[-1])
+    res = _script_json(tmp_path, "specialisation", _SPECIALISE_SCRIPT)
     a, u = res["aligned"], res["unaligned"]
     assert a["signature"] == {"x": "*fp32", "n": "i32", "m": "i32", "one": "constexpr", "f": "fp32",
                               "BLOCK": "constexpr"}, a
@@ -235,13 +241,7 @@ def test_ahead_of_time_cache_key_is_the_jits(tmp_path, arch):
     every aggregation and attention kernel missed the cache."""
     if not _have_nvidia_backend():
         pytest.skip("Triton's NVIDIA backend is not available")
-    script = tmp_path / "keys.py"
-    script.write_text(_CACHE_KEY_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(arch)], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
-    assert lines, f"cache key script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
-    rows = json.loads(lines[-1])
+    rows = _script_json(tmp_path, "cache_key", _CACHE_KEY_SCRIPT, arch)
     kernels = {r["kernel"] for r in rows}
     assert {"gma_aggregate_kernel", "gma_attention_kernel", "gma_combine_kernel", "gma_statistics_kernel",
             "gma_b1_dkv_kernel", "gma_dz_kernel"} <= kernels, kernels
@@ -292,13 +292,7 @@ def test_real_launches_find_the_warm_cache(tmp_path):
     plans do."""
     if not _have_nvidia_backend():
         pytest.skip("Triton's NVIDIA backend is not available")
-    script = tmp_path / "real_launch.py"
-    script.write_text(_REAL_LAUNCH_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert lines, f"real-launch script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
-    r = json.loads(lines[-1])
+    r = _script_json(tmp_path, "real_launch", _REAL_LAUNCH_SCRIPT)
     assert {"gma_aggregate_kernel", "gma_attention_kernel", "gma_combine_kernel", "gma_statistics_kernel",
             "gma_recompute_z_kernel", "gma_b1_dkv_kernel", "gma_b2_attention_kernel",
             "gma_dz_kernel"} <= set(r["launched"]), r["launched"]
@@ -338,13 +332,7 @@ def test_warm_set_covers_the_reports_runs(tmp_path):
     model's forward, GroupMixFormer-S's forward first and its fp16 batch-128 training (the judged
     training run) next, all of it before the tests' other shapes; with its deadline passed,
     `compile_all` starts nothing and lists every specialisation as not started."""
-    script = tmp_path / "warm.py"
-    script.write_text(_WARM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert lines, f"warm script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
-    r = json.loads(lines[-1])
+    r = _script_json(tmp_path, "warm", _WARM_SCRIPT)
     assert r["n"] == r["unique"] > 100
     assert r["missing_train"] == r["missing_s_train"] == r["missing_forward"] == 0, r
     g = r["groups"]
