@@ -843,8 +843,9 @@ WARM_JSON = "triton_warm.json"
 
 
 def warm_jobs() -> int:
-    """Compile processes of the warm-up: the CPUs but two (the CUDA build runs beside it: a few
-    translation units)."""
+    """Compile processes of the warm-up: `specializations.warm_jobs`'s rule (the CPUs but two; the
+    CUDA build, a few translation units, runs beside it), restated so that this orchestrating
+    process never imports Triton (its runs do)."""
     return max(2, (os.cpu_count() or 4) - 2)
 
 

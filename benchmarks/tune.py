@@ -412,7 +412,7 @@ def warm_cache(parts: Sequence[str], shape_list, dtypes, batch: int, cap: Tuple[
     specs = warm_specs(parts, shape_list, dtypes, batch, cap)
     if not specs:
         return time.monotonic() - t0
-    jobs = max(2, (os.cpu_count() or 4) - 2)
+    jobs = S.warm_jobs()
     print(f"[warm] compiling {len(specs)} Triton specialisations of the sweep ahead, {jobs} processes, "
           f"none started after {seconds:.0f} s", flush=True)
     res = S.compile_all(specs, jobs, resources=False, launcher=True, in_order=True, deadline_s=seconds)

@@ -222,23 +222,28 @@ def specialize_launch(fn, arch: int, args: tuple, kwargs: dict) -> Spec:
     return Spec(fn.__name__, arch, sig, cx, at, opts, jit_constants)
 
 
-def specializations_of_call(call: Call, arch: int) -> List[Spec]:
-    """The three kernels' specialisations for one real call on sm_<arch> (launcher's plan on meta tensors)."""
+def specializations_of_call(call: Call, arch: int, agg: Optional[Dict[str, int]] = None,
+                            attn: Optional[Dict[str, int]] = None) -> List[Spec]:
+    """The three kernels' specialisations for one real call on sm_<arch> (launcher's plan on meta
+    tensors); with `agg` / `attn`, a tuning candidate of that forward family in place of its default."""
     import torch
 
     from ..folding import meta_weights
     from ._common import DotVariant, interpreting
-    from .launcher import plan_pre_projection
+    from . import launcher as L
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: the launcher would plan interpreter tiles")
     dt = call.torch_dtype()
+    cap = capability_of_arch(arch)
     meta = dict(device="meta")
     qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, **meta)
     weights = meta_weights(call.C)
-    dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)
+    dots = DotVariant(dot_precision(call.dtype, cap), False)
     head_dim = 4 * (call.C // 5) // 8
-    # the launcher's own default tiles for this dot variant (default_shape), as at run time
-    _, launches = plan_pre_projection(qkv, call.H, call.W, weights, head_dim ** -0.5, 1e-5, dots=dots)
+    # the launcher's own default tiles for this dot variant (default_shape), as at run time, unless a candidate
+    shape = None if agg is None and attn is None else L.shape_from_configs(
+        call.C, dots, agg or L.aggregate_default(call.C, dt, cap), attn or L.attention_default(call.C, dt, cap))
+    _, launches = L.plan_pre_projection(qkv, call.H, call.W, weights, head_dim ** -0.5, 1e-5, shape=shape, dots=dots)
     return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
 
 
@@ -370,21 +375,10 @@ def _candidate_specs(fam: str, call: Call, arch: int, cand: Dict[str, int]) -> L
     from .recompute import ATTENTION_FAMILY, LOCAL_FAMILY
     from .statistics import RECOMPUTE_Z_FAMILY, STATS_FAMILY
     from . import launcher as L
-    cap = capability_of_arch(arch)
-    if fam in (L.AGG_FAMILY, L.ATTN_FAMILY):
-        import torch
-
-        from ..folding import meta_weights
-        from ._common import DotVariant
-        dt = call.torch_dtype()
-        dots = DotVariant(dot_precision(call.dtype, cap), False)
-        agg = cand if fam == L.AGG_FAMILY else L.aggregate_default(call.C, dt, cap)
-        attn = cand if fam == L.ATTN_FAMILY else L.attention_default(call.C, dt, cap)
-        qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=dt, device="meta")
-        head_dim = 4 * (call.C // 5) // 8
-        _, launches = L.plan_pre_projection(qkv, call.H, call.W, meta_weights(call.C), head_dim ** -0.5, 1e-5,
-                                            shape=L.shape_from_configs(call.C, dots, agg, attn), dots=dots)
-        return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
+    if fam == L.AGG_FAMILY:
+        return specializations_of_call(call, arch, agg=cand)
+    if fam == L.ATTN_FAMILY:
+        return specializations_of_call(call, arch, attn=cand)
     names = {kernel_name(k) for k in tile_spaces.KERNELS[fam]}
     tile = {fam: tuple(int(v) for v in cand.values())}
     if fam in (STATS_FAMILY, RECOMPUTE_Z_FAMILY, ATTENTION_FAMILY, LOCAL_FAMILY):
@@ -427,21 +421,16 @@ def tuning_specializations(calls: Sequence[Call], arch: int, families: Sequence[
     cap = capability_of_arch(arch)
     supported = arch_dots(cap) or {}
     training_families = set(tile_spaces.families())
-    seen: Dict[tuple, Spec] = {}
-    for fam in families:
-        space = tuning.spaces().get(fam)
-        if space is None or not fam.startswith("triton."):
-            continue
-        for call in calls:
-            if call.dtype not in supported:
-                continue
-            specs = training_specializations_of_call(call, arch) if fam in training_families else []
-            for cand in space.candidates(call.C, call.torch_dtype(), cap):
-                specs += _candidate_specs(fam, call, arch, cand)
-            for sp in specs:
-                if sp.key not in seen:
-                    seen[sp.key] = Spec(*sp.key, used_by=(f"{fam}: {call.label()}",))
-    return list(seen.values())
+
+    def swept(fam, call):
+        specs = training_specializations_of_call(call, arch) if fam in training_families else []
+        for cand in tuning.spaces()[fam].candidates(call.C, call.torch_dtype(), cap):
+            specs += _candidate_specs(fam, call, arch, cand)
+        return specs
+
+    return _first_seen((f"{fam}: {call.label()}", swept(fam, call)) for fam in families
+                       if fam.startswith("triton.") and fam in tuning.spaces()
+                       for call in calls if call.dtype in supported)
 
 
 def _collect(calls: Dict[Call, Tuple[str, ...]], archs: Sequence[int], of_call) -> List[Spec]:
@@ -510,14 +499,18 @@ def report_specializations(arch: int) -> List[Spec]:
         ("every released width's forward", [(c, specializations_of_call) for c in real_calls((128,))]),
     ]
     supported = arch_dots(capability_of_arch(arch)) or {}
+    return _first_seen((f"{what}: {call.label()}", of_call(call, arch)) for what, calls in groups
+                       for call, of_call in calls if call.dtype in supported)
+
+
+def _first_seen(labelled) -> List[Spec]:
+    """Each specialisation once, in the order first met, its ``used_by`` the label it was first
+    met under: `labelled` yields (label, specs)."""
     seen: Dict[tuple, Spec] = {}
-    for what, calls in groups:
-        for call, of_call in calls:
-            if call.dtype not in supported:
-                continue
-            for sp in of_call(call, arch):
-                if sp.key not in seen:
-                    seen[sp.key] = Spec(*sp.key, used_by=(f"{what}: {call.label()}",))
+    for label, specs in labelled:
+        for sp in specs:
+            if sp.key not in seen:
+                seen[sp.key] = Spec(*sp.key, used_by=(label,))
     return list(seen.values())
 
 
@@ -726,6 +719,12 @@ def compile_all(specs: Sequence[Spec], jobs: int = 2, cache_dir: str = "", *, re
     if not in_order:
         results.sort(key=lambda r: (KERNEL_ORDER[r["function"]], r["C"] or 0, r["dtype"], r["arch"], r["label"]))
     return results
+
+
+def warm_jobs() -> int:
+    """Compile processes of a warm-up on the machine that runs (the GPU report's, tune.py's): the
+    CPUs but two (a CUDA build or the timing process runs beside it), at least two."""
+    return max(2, (os.cpu_count() or 4) - 2)
 
 
 def _have_cuda_driver() -> bool:
