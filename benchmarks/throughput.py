@@ -38,8 +38,8 @@ Rows run yardsticks first (`run_order`: reference, upstream, the fused backends 
 the fused backends compiled, the other backends eager then compiled, optimized, timm; the table keeps
 the built order), and `--results-file` is rewritten
 after each row's check and timing. `--deadline SECONDS` ends the run within that time of the script's
-start: rows that no longer fit are not started and a row's iterations are cut to what fits, each
-saying so (benchmarks/gpu_report.py gives every run one, so that a device run short of time still
+start: rows that no longer fit are not started, a row's iterations are cut to what fits, and no call
+starts once the time is up, each row saying so (benchmarks/gpu_report.py gives every run one, so that a device run short of time still
 brings back the judged rows).
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 #: when this script started: --deadline counts from here (the imports included)
 T_START = time.monotonic()
@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fused backends compiled, the other backends eager then compiled, optimized, timm); a row "
                         "that no longer fits is not started, and a row's warm-up and timed iterations are cut to "
                         "what its first warm-up call (always made under --deadline) says fits (at least "
-                        f"{MIN_TIMED} timed, else it is not timed); each such row says so (status 'deadline', or "
-                        "'deadline_note'). Default: no limit")
+                        f"{MIN_TIMED} timed, else it is not timed), and no call starts once the time is up "
+                        "(calls slower than the first one are cut there); each such row says so (status "
+                        "'deadline', or 'deadline_note'). Default: no limit")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -406,26 +407,36 @@ class Timer:
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
 
-    def run(self, fn: Callable[[], object], n: int, on_iter: Optional[Callable[[int], None]] = None):
-        """Time n calls of fn between two synchronisations; returns (per-iteration ms, total s)."""
+    def run(self, fn: Callable[[], object], n: int, on_iter: Optional[Callable[[int], None]] = None,
+            stop_at: Optional[float] = None):
+        """Time n calls of fn between two synchronisations; returns (per-iteration ms, total s). With
+        `stop_at` (a time.monotonic() time) no call starts after it: fewer than n come back. On GPU the
+        host checks it as it queues calls, so the calls already queued still run (a few at most)."""
         torch = self.torch
         self.sync()
+        late = (lambda: False) if stop_at is None else (lambda: time.monotonic() >= stop_at)
         if self.cuda:
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
             t0 = time.perf_counter()
+            done = 0
             for i in range(n):
+                if late():
+                    break
                 if on_iter:
                     on_iter(i)
                 starts[i].record()
                 fn()
                 ends[i].record()
+                done += 1
             self.sync()
             total = time.perf_counter() - t0
-            return [s.elapsed_time(e) for s, e in zip(starts, ends)], total
+            return [s.elapsed_time(e) for s, e in zip(starts[:done], ends[:done])], total
         times = []
         t0 = time.perf_counter()
         for i in range(n):
+            if late():
+                break
             if on_iter:
                 on_iter(i)
             a = time.perf_counter()
@@ -673,12 +684,18 @@ class Context:
         self.deadline = T_START + settings["deadline_s"] if settings.get("deadline_s") else None
         #: first-call times of the torch.compile rows so far (--deadline estimates the next compile from them)
         self.compile_s: List[float] = []
+        #: seconds of the other rows' first call (or step) and check so far (--deadline estimates the next)
+        self.first_s: List[float] = []
 
     def time_left(self) -> float:
         """Seconds left for rows under --deadline (the report's own printing and writing kept apart), inf without."""
         if self.deadline is None:
             return math.inf
         return self.deadline - DEADLINE_RESERVE_S - time.monotonic()
+
+    def rows_end(self) -> Optional[float]:
+        """--deadline: the time.monotonic() after which no row's call starts (None without one)."""
+        return None if self.deadline is None else self.deadline - DEADLINE_RESERVE_S
 
     def _set_precision(self, precision: str) -> None:
         """Model and input dtype, autocast, the input (the same images in that dtype) and the tolerance."""
@@ -930,8 +947,9 @@ def run_order(runners: List[Runner]) -> List[Runner]:
 
 
 def deadline_reason(ctx: Context, r: Runner) -> Optional[str]:
-    """Why --deadline does not let a row start (None: it starts): no time left, or a compiling row
-    when the quickest torch.compile of this run so far took longer than the time left."""
+    """Why --deadline does not let a row start (None: it starts): no time left, a compiling row when the
+    quickest torch.compile of this run so far took longer than the time left, or another row when the
+    quickest first call and check of the others so far did."""
     left = ctx.time_left()
     if left == math.inf:
         return None
@@ -941,6 +959,9 @@ def deadline_reason(ctx: Context, r: Runner) -> Optional[str]:
     if compiles(r) and ctx.compile_s and min(ctx.compile_s) > left:
         return (f"not run: {left:.0f} s left of {limit}, and the quickest torch.compile of this run took "
                 f"{min(ctx.compile_s):.0f} s")
+    if not compiles(r) and ctx.first_s and min(ctx.first_s) > left:
+        return (f"not run: {left:.1f} s left of {limit}, and the quickest first call and check of this run "
+                f"took {min(ctx.first_s):.1f} s")
     return None
 
 
@@ -954,42 +975,54 @@ def start_row(ctx: Context, r: Runner, first: Callable[[Runner], None], common: 
         r.row.update(status="deadline", reason=why)
         r.alive = False
         return
+    t0 = time.monotonic()
     first(r)
     if r.alive and compiles(r):
         r.row["compile_s"] = r.row["first_call_s"]
         ctx.compile_s.append(r.row["compile_s"])
+    elif r.alive and "first_call_s" in r.row:
+        ctx.first_s.append(time.monotonic() - t0)
 
 
-def _run_row(ctx: Context, r: Runner, n: int, what: str, on_iter=None) -> float:
+def _run_row(ctx: Context, r: Runner, n: int, what: str, on_iter=None) -> Tuple[int, float]:
     """n calls of one row (what: "warm-up" or "timing"); an exception ends the row with its reason.
-    -> the wall seconds the n calls took (synchronised)."""
+    Under --deadline no call starts once the rows' time is up (`Context.rows_end`): estimates made from
+    one call do not hold on a machine whose load changes, the deadline does.
+    -> (calls made, the wall seconds they took, synchronised)."""
     r.prepare()
     rc = row_ctx(ctx, r)
     try:
         # a training step enters autocast itself, for its forward only
         with rc.autocast() if r.step is None else contextlib.nullcontext():
-            t, tot = ctx.timer.run(r.step if r.step is not None else (lambda: r.module(rc.x)), n, on_iter)
+            t, tot = ctx.timer.run(r.step if r.step is not None else (lambda: r.module(rc.x)), n, on_iter,
+                                   stop_at=ctx.rows_end())
         if what == "timing":
             r.times += t
             r.total_s += tot
-        return tot
+        return len(t), tot
     except Exception as e:
         r.row.update(status="error", reason=f"during {what}: " + first_line(e, 600))
         r.alive = False
-        return 0.0
+        return 0, 0.0
 
 
 def _probe(ctx: Context, r: Runner) -> Optional[float]:
     """--deadline: one warm-up call of a row, -> its seconds (None: the row failed)."""
-    sec = _run_row(ctx, r, 1, "warm-up")
+    done, sec = _run_row(ctx, r, 1, "warm-up")
+    if r.alive and not done:
+        _not_timed(ctx, r, None)
     r.row["probe_s"] = sec
     return sec if r.alive else None
 
 
-def _not_timed(ctx: Context, r: Runner, per_iter: float) -> None:
+def _not_timed(ctx: Context, r: Runner, per_iter: Optional[float], timed: int = 0) -> None:
+    """A row --deadline leaves untimed: fewer than MIN_TIMED calls fit (per_iter: one call's seconds, None
+    when not even the first warm-up call started), or were made before the time was up (`timed`)."""
+    why = (f"{timed} timed call(s) made before the time was up (fewer than {MIN_TIMED})" if timed
+           else f"one call takes {per_iter:.2f} s" if per_iter is not None else "no call started")
     r.row.update(status="deadline", reason=(f"not timed: {max(0.0, ctx.time_left()):.0f} s left of --deadline "
-                                            f"{ctx.settings['deadline_s']:g} s, one call takes {per_iter:.2f} s"))
-    r.alive = False
+                                            f"{ctx.settings['deadline_s']:g} s, {why}"))
+    r.times, r.alive = [], False
 
 
 def time_row(ctx: Context, r: Runner, tag: str) -> None:
@@ -1014,10 +1047,21 @@ def time_row(ctx: Context, r: Runner, tag: str) -> None:
         r.row["n_warm"] = n_w + 1
         n_warm, n = n_w, n_t
     if n_warm and r.alive:
-        _run_row(ctx, r, n_warm, "warm-up", lambda i: progress.phase(f"{tag} {r.backend}: warm-up", i, n_warm))
+        done, _ = _run_row(ctx, r, n_warm, "warm-up", lambda i: progress.phase(f"{tag} {r.backend}: warm-up", i,
+                                                                                n_warm))
+        if done < n_warm:
+            r.row["n_warm"] = r.row.get("n_warm", 1) - (n_warm - done)
     if r.alive:
         _run_row(ctx, r, n, "timing", lambda i: progress.phase(f"{tag} {r.backend}: timed", i, n))
     progress.done()
+    if r.alive and ctx.deadline is not None and len(r.times) < n:
+        # the calls ran slower than the first one said: the deadline ended them
+        if len(r.times) < min(n, MIN_TIMED):
+            _not_timed(ctx, r, None, len(r.times))
+        else:
+            r.row["deadline_note"] = (f"cut by --deadline: {r.row['n_warm']} warm-up + {len(r.times)} timed "
+                                      f"calls (of {max(1, s['num_warm_iter'])} + {s['num_bench_iter']}); "
+                                      "the time ran out before the calls planned from the first one")
 
 
 def time_rows_interleaved(ctx: Context, live: List[Runner], tag: str, after_round: Callable[[], None]) -> None:
@@ -1041,8 +1085,10 @@ def time_rows_interleaved(ctx: Context, live: List[Runner], tag: str, after_roun
             r.row["n_warm"] = n_warm + 1
     for r in live:
         if n_warm and r.alive:
-            _run_row(ctx, r, n_warm, "warm-up", lambda i, r=r: progress.phase(f"{tag} {r.backend}: warm-up", i,
-                                                                                n_warm))
+            made, _ = _run_row(ctx, r, n_warm, "warm-up",
+                               lambda i, r=r: progress.phase(f"{tag} {r.backend}: warm-up", i, n_warm))
+            if made < n_warm:
+                r.row["n_warm"] -= n_warm - made
     live = [r for r in live if r.alive]
     labels = ",".join(r.backend for r in live)
     done = 0
@@ -1052,9 +1098,13 @@ def time_rows_interleaved(ctx: Context, live: List[Runner], tag: str, after_roun
             if ctx.time_left() < round_s:
                 break
         progress.phase(f"{tag} timed, interleaved ({labels})", i, n)
-        for r in live:
-            if r.alive:
-                _run_row(ctx, r, 1, "timing")
+        made = [(r, _run_row(ctx, r, 1, "timing")[0]) for r in live if r.alive]
+        if any(not m and r.alive for r, m in made):
+            # the deadline came inside this round: the round is dropped, every row keeps the same rounds
+            for r, m in made:
+                if m and r.alive:
+                    r.total_s -= r.times.pop() / 1e3
+            break
         done += 1
         after_round()
     progress.done()

@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/throughput.py: tiny runs end to end, the settings logic, and the
 --upstream loader (benchmarks/upstream.py) against a fake upstream clone written here."""
+import contextlib
 import importlib.util
 import json
 import math
@@ -7,8 +8,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
+from typing import Callable, Dict
 
 import pytest
 import torch
@@ -548,11 +551,12 @@ def test_run_order_yardsticks_first():
 
 
 def test_deadline_reason_for_compiles():
-    """Under --deadline a row is not started once the time is up, and a compiling row is not started when
-    the quickest compile of the run so far took longer than the time left; without a deadline, always."""
+    """Under --deadline a row is not started once the time is up, a compiling row is not started when
+    the quickest compile of the run so far took longer than the time left, and another row when the
+    quickest first call and check of the others did; without a deadline, always."""
     bench = _load_script()
     settings = {"deadline_s": 100.0}
-    ctx = types.SimpleNamespace(settings=settings, compile_s=[], time_left=lambda: 30.0)
+    ctx = types.SimpleNamespace(settings=settings, compile_s=[], first_s=[], time_left=lambda: 30.0)
     eager, compiled = (bench.Runner("m", b, b, None, lambda: None) for b in ("torch", "torch+compile"))
     assert bench.deadline_reason(ctx, eager) is None and bench.deadline_reason(ctx, compiled) is None
     ctx.compile_s += [45.0, 40.0]
@@ -560,11 +564,91 @@ def test_deadline_reason_for_compiles():
     assert "quickest torch.compile of this run took 40 s" in bench.deadline_reason(ctx, compiled)
     ctx.compile_s[:] = [25.0]
     assert bench.deadline_reason(ctx, compiled) is None
+    ctx.first_s += [31.0, 35.0]
+    assert "quickest first call and check of this run took 31.0 s" in bench.deadline_reason(ctx, eager)
+    assert bench.deadline_reason(ctx, compiled) is None  # a compile is judged by the compiles
+    ctx.first_s.append(29.0)
+    assert bench.deadline_reason(ctx, eager) is None
     ctx.time_left = lambda: -1.0
     assert bench.deadline_reason(ctx, eager) == "not run: --deadline 100 s reached"
     ctx.time_left = lambda: math.inf
-    ctx.compile_s[:] = [1e9]
-    assert bench.deadline_reason(ctx, compiled) is None
+    ctx.compile_s[:], ctx.first_s[:] = [1e9], [1e9]
+    assert bench.deadline_reason(ctx, compiled) is None and bench.deadline_reason(ctx, eager) is None
+
+
+def test_timer_starts_no_call_after_stop_at():
+    """Timer.run(stop_at=): the calls stop at the time given however slow they turn out (the estimate from
+    one call is not trusted), and the times returned are the calls made; without it, all n run."""
+    bench = _load_script()
+    timer = bench.Timer(torch.device("cpu"))
+    calls = []
+
+    def slowing():  # each call slower than the last: a machine whose load grows
+        calls.append(1)
+        time.sleep(0.002 * len(calls))
+    stop_at = time.monotonic() + 0.25
+    times, total = timer.run(slowing, 10_000, stop_at=stop_at)
+    assert len(times) == len(calls) and 3 <= len(calls) < 10_000
+    assert time.monotonic() - stop_at < 0.002 * len(calls) + 0.5  # the last call past it (and a loaded machine)
+    assert all(t >= 2.0 * (i + 1) * 0.9 for i, t in enumerate(times))
+    calls.clear()
+    times, _ = timer.run(lambda: calls.append(1), 50)
+    assert len(times) == len(calls) == 50
+    times, _ = timer.run(lambda: calls.append(1), 50, stop_at=time.monotonic() - 1.0)
+    assert times == [] and len(calls) == 50
+
+
+def _slowing_rows(bench, seconds_left: float, n: int, slow: Dict[str, Callable[[int, float], float]]):
+    """A --deadline context with `seconds_left` for rows, and one row per entry of `slow`: a forward whose
+    first call takes 5 ms and call i > 1 `slow[name](i, end)` seconds (a machine whose load grew after the
+    first call; end: when the rows' time is up), for time_row / time_rows_interleaved."""
+    end = time.monotonic() + seconds_left
+    ctx = types.SimpleNamespace(
+        settings={"num_warm_iter": 2, "num_bench_iter": n, "deadline_s": 100.0}, progress=bench.Progress(True),
+        timer=bench.Timer(torch.device("cpu")), deadline=end + bench.DEADLINE_RESERVE_S, x=None,
+        autocast=contextlib.nullcontext, time_left=lambda: end - time.monotonic(), rows_end=lambda: end)
+    rows = []
+    for name, sec in slow.items():
+        calls = []
+
+        def forward(x, calls=calls, sec=sec):
+            calls.append(1)
+            time.sleep(0.005 if len(calls) == 1 else sec(len(calls), end))
+        rows.append(bench.Runner("m", name, name, forward, lambda: None))
+    return ctx, rows, end
+
+
+def test_deadline_cuts_calls_slower_than_the_first():
+    """Block schedule: the first call plans ~200 calls into 1 s, the later ones are 4x slower; no call starts
+    after the rows' time, the row keeps the calls it made and says the time ran out (fewer than MIN_TIMED
+    made: not timed)."""
+    bench = _load_script()
+    ctx, (r,), end = _slowing_rows(bench, 1.0, 1000, {"torch": lambda i, end: 0.02})
+    bench.time_row(ctx, r, "m")
+    assert time.monotonic() - end < 0.5
+    assert r.alive and bench.MIN_TIMED <= len(r.times) < 100, len(r.times)
+    assert "the time ran out" in r.row["deadline_note"] and f"+ {len(r.times)} timed" in r.row["deadline_note"]
+    ctx, (r,), end = _slowing_rows(bench, 0.3, 1000, {"torch": lambda i, end: 0.2})
+    bench.time_row(ctx, r, "m")
+    assert time.monotonic() - end < 0.5
+    assert not r.alive and r.row["status"] == "deadline" and "before the time was up" in r.row["reason"]
+    assert r.times == []
+
+
+def test_deadline_drops_a_round_cut_part_way():
+    """Interleave schedule: when the time is up inside a round (reference's 7th call -- a probe, a warm-up, then the 5th round -- ends
+    past it), that round is dropped from every row, so that the rows keep the same rounds (the paired ratios
+    compare round i with round i)."""
+    bench = _load_script()
+
+    def reference(i, end):
+        return end - time.monotonic() + 0.01 if i == 7 else 0.005
+    ctx, rows, end = _slowing_rows(bench, 1.0, 1000, {"reference": reference, "torch": lambda i, end: 0.005})
+    bench.time_rows_interleaved(ctx, rows, "m", lambda: None)
+    assert time.monotonic() - end < 0.5
+    ref, tor = rows
+    assert ref.alive and tor.alive and len(ref.times) == len(tor.times) == 4, (len(ref.times), len(tor.times))
+    assert ref.row["deadline_note"] == tor.row["deadline_note"] == f"cut by --deadline: {len(ref.times)} of 1000 rounds"
 
 
 @pytest.mark.parametrize("schedule", ["block", "interleave"])
