@@ -39,8 +39,8 @@ the fused backends compiled, the other backends eager then compiled, optimized, 
 the built order), and `--results-file` is rewritten
 after each row's check and timing. `--deadline SECONDS` ends the run within that time of the script's
 start: rows that no longer fit are not started, a row's iterations are cut to what fits, and no call
-starts once the time is up, each row saying so (benchmarks/gpu_report.py gives every run one, so that a device run short of time still
-brings back the judged rows).
+starts once the time is up, each row saying so (benchmarks/gpu_report.py gives every run one, so that
+a device run short of time still brings back the judged rows).
 """
 from __future__ import annotations
 
