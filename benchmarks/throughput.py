@@ -1050,7 +1050,7 @@ def time_row(ctx: Context, r: Runner, tag: str) -> None:
         done, _ = _run_row(ctx, r, n_warm, "warm-up", lambda i: progress.phase(f"{tag} {r.backend}: warm-up", i,
                                                                                 n_warm))
         if done < n_warm:
-            r.row["n_warm"] = r.row.get("n_warm", 1) - (n_warm - done)
+            r.row["n_warm"] -= n_warm - done
     if r.alive:
         _run_row(ctx, r, n, "timing", lambda i: progress.phase(f"{tag} {r.backend}: timed", i, n))
     progress.done()
