@@ -689,9 +689,8 @@ class Context:
 
     def time_left(self) -> float:
         """Seconds left for rows under --deadline (the report's own printing and writing kept apart), inf without."""
-        if self.deadline is None:
-            return math.inf
-        return self.deadline - DEADLINE_RESERVE_S - time.monotonic()
+        end = self.rows_end()
+        return math.inf if end is None else end - time.monotonic()
 
     def rows_end(self) -> Optional[float]:
         """--deadline: the time.monotonic() after which no row's call starts (None without one)."""

@@ -636,9 +636,9 @@ def test_deadline_cuts_calls_slower_than_the_first():
 
 
 def test_deadline_drops_a_round_cut_part_way():
-    """Interleave schedule: when the time is up inside a round (reference's 7th call -- a probe, a warm-up, then the 5th round -- ends
-    past it), that round is dropped from every row, so that the rows keep the same rounds (the paired ratios
-    compare round i with round i)."""
+    """Interleave schedule: when the time is up inside a round (reference's 7th call -- a probe, a warm-up,
+    then the 5th round -- ends past it), that round is dropped from every row, so that the rows keep the
+    same rounds (the paired ratios compare round i with round i)."""
     bench = _load_script()
 
     def reference(i, end):
