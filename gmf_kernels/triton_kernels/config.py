@@ -175,12 +175,21 @@ class GMAShape:
 #: spilled 156-228 B on sm_80/90, (16, 8, 16) takes 188 / 191 registers with one element per
 #: thread, (16, 4, 32) 164 / 162 with four (8-byte bf16 loads, 12 warps per SM), so the default;
 #: C = 200 at (16, 4, 32) spilled 32 B on sm_80, (16, 4, 16) takes 167 / 160.
+#: Occupancy (2026-12-04, `benchmarks/results/triton_aggregate_tile_sweep_sm80_sm90.md`): every
+#: (BLOCK_P 16/32/64, warps 4/8, CK 16/32) tile compiled for sm_80 and sm_90 at each released
+#: width and dtype; where a spill-free tile keeps more warps resident per SM on both GPUs
+#: (registers x warps per CTA against the 64K register file), it became the default. C = 80:
+#: (32, 8, 16) took 167-219 registers x 8 warps, one CTA (8 warps) per SM; with one-pass TF32
+#: (32, 4, 16) takes 155-168, three CTAs (12 warps, 96 tokens in flight against 32), with 3xTF32
+#: (16, 4, 16) 168, three CTAs ((32, 4, 16) spilled 36 B on sm_90). C = 200 with 3xTF32:
+#: (16, 4, 16) 218 / 168 registers (sm_80 / sm_90), two / three CTAs, against 252 / 246 and two.
+#: A compiler figure, not a measurement: `benchmarks/tune.py` confirms or overrides it on a GPU.
 AGG_TILES: Dict[int, Tuple[int, int, int]] = {
-    40: (16, 4, 16), 80: (32, 8, 16), 160: (16, 4, 32), 200: (16, 4, 32), 240: (16, 4, 32),
+    40: (16, 4, 16), 80: (16, 4, 16), 160: (16, 4, 32), 200: (16, 4, 16), 240: (16, 4, 32),
     320: (16, 4, 32), 360: (16, 8, 32), 480: (16, 4, 16)}
 AGG_TILES_BY_DOTS: Dict[str, Dict[int, Tuple[int, int, int]]] = {
-    "tf32": {200: (16, 4, 16), 240: (16, 4, 16), 480: (32, 8, 32)},
-    "ieee": {40: (16, 8, 16), 160: (32, 4, 16), 480: (16, 8, 32)},
+    "tf32": {80: (32, 4, 16), 240: (16, 4, 16), 480: (32, 8, 32)},
+    "ieee": {40: (16, 8, 16), 80: (32, 8, 16), 160: (32, 4, 16), 200: (16, 4, 32), 480: (16, 8, 32)},
 }
 
 
