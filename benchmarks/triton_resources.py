@@ -23,7 +23,7 @@ arch; sm_80 and sm_90 by default) with each tile of SWEEP_TILES and writes
 ``results/triton_aggregate_tile_sweep_sm80_sm90.{md,json}``: per (width, dot precision) the
 registers, spills and resident warps per SM of every tile, the default of `config.agg_tiles`,
 and the tile the occupancy rule (`occupancy_choice`) picks. The defaults in `config.AGG_TILES`
-/ `AGG_TILES_BY_DOTS` follow that rule (tests/test_triton_compile.py checks them against the
+/ `AGG_TILES_BY_DOTS` follow that rule (tests/test_aggregate_tiles.py checks them against the
 committed JSON); a GPU's `benchmarks/tune.py` measures and overrides them.
 """
 from __future__ import annotations
