@@ -40,7 +40,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-os.environ.pop("TRITON_INTERPRET", None)  # before anything imports triton
 sys.path.insert(0, ROOT)
 
 #: per-SM limits used for the occupancy estimate: (registers, shared bytes usable by CTAs, max warps)
@@ -427,4 +426,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # before anything imports triton (the functions import it lazily); not at import time: a test
+    # process importing this module keeps its interpreter
+    os.environ.pop("TRITON_INTERPRET", None)
     raise SystemExit(main())

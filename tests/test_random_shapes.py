@@ -33,6 +33,8 @@ from training_cases import make, run_mode
 SEED = int(os.environ["GMF_RANDOM_SEED"])        # conftest.py draws it once per run (or replays it)
 DRAWS = int(os.environ.get("GMF_RANDOM_DRAWS") or 3)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: draws per problem before `problems` gives up
+MAX_TRIES = 1000
 
 
 def draw(rng: random.Random, max_side: int = 12, max_d: int = 48, max_strip: int = 40):
@@ -53,13 +55,17 @@ def problems(backend: str, rng: random.Random, n: int, max_side: int = 12, max_d
     out, be = [], get_backend(backend)
     device = "cuda" if backend == "cuda" else DEVICE
     here = set(be.availability_reasons())
-    while len(out) < n:
+    for _ in range(MAX_TRIES):
+        if len(out) == n:
+            return out
         C, (H, W), B, mode, momentum, bias = p = draw(rng, max_side, max_d, max_strip)
         reasons = be.not_supported_reasons(problem(dim=C, H=H, W=W, B=B, dtype=torch.float32, device_type=device,
                                                    training=mode == "train", needs_grad=mode != "eval"))
         if not set(reasons) - here:
             out.append(p)
-    return out
+    # never loop for ever (a collection that hangs hides every test): say what refused the draws
+    raise RuntimeError(f"{backend}: only {len(out)} of {n} draws inside its support in {MAX_TRIES} tries "
+                       f"(GMF_RANDOM_SEED={SEED}); the last draw {p} was refused: {sorted(set(reasons) - here)}")
 
 
 def check(backend, case):
