@@ -19,7 +19,7 @@ import triton_resources as tr  # noqa: E402
 SWEEP_JSON = os.path.join(ROOT, "benchmarks", "results", tr.SWEEP_NAME + ".json")
 
 
-def _row(C, dtype, arch, dots, tile, registers, spills=0, warps_per_cta=None):
+def _row(C, dtype, arch, dots, tile, registers, spills=0):
     ctas = tr.resident_ctas(arch, registers, tile[1], 0)
     return {"C": C, "dtype": dtype, "arch": arch, "dots": dots, "tile": list(tile), "registers": registers,
             "spills": spills, "ctas": ctas}
