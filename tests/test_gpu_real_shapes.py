@@ -25,10 +25,17 @@ Every test here is marked `gpu` and skips without a CUDA GPU; under GMF_REQUIRE_
 GPU report, benchmarks/gpu_report.py) a skip is a failure, and on a GPU machine a missing
 CUDA module fails with the build command (tests/conftest.py). Test ids name the backend
 first, so `-k triton` / `-k "not triton"` split the file by backend.
+
+GMF_GPU_TESTS_ON_CPU=1 runs this file's own logic on the CPU instead: the same tests on tiny
+shapes (`ON_CPU`), Triton through its interpreter (the `cuda` ones skip: no GPU). No GPU runs
+CI, so without it a mistake here (a tensor left on the wrong device, a helper's changed
+signature) would first show on a lent GPU, as failures that cost its report the verdict;
+tests/test_gpu_report.py runs it in CI. It proves nothing about the GPU itself.
 """
 from __future__ import annotations
 
 import copy
+import os
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -42,7 +49,11 @@ from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
 from gmf_kernels.reference import reference_group_mix_attention
 from gmf_kernels.triton_kernels.specializations import GPU_TRAIN_SHAPES
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+#: the file's logic on the CPU at tiny shapes (module docstring); never on a machine with a GPU
+ON_CPU = os.environ.get("GMF_GPU_TESTS_ON_CPU", "0") not in ("", "0") and not torch.cuda.is_available()
+DEVICE = "cpu" if ON_CPU else "cuda"
+pytestmark = [] if ON_CPU else [pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 BUILD_CMD = "python -m gmf_kernels.cuda build"
 STAGE_GRIDS = (56, 28, 14, 7)  # token grids of the four stages at 224x224
@@ -56,6 +67,20 @@ S_CASES = [(C, G, B) for B in (128, 1) for C, G in S_STAGES]
 WIDTH_CASES = sorted({(C, G) for cfg in MODEL_CONFIGS.values() for C, G in zip(cfg["embedding_dims"], STAGE_GRIDS)}
                      - set(S_STAGES))
 WIDTH_BATCH = 32
+PUBLIC_CASE = (160, 28, 128)  # (C, grid side, batch) of test_public_path_batch128
+if ON_CPU:
+    S_CASES, WIDTH_CASES, WIDTH_BATCH, PUBLIC_CASE = [(40, 5, 2), (40, 7, 1)], [(80, 4)], 2, (40, 6, 2)
+
+
+def sync():
+    """Wait for the GPU's queued work (nothing to wait for on the CPU)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_cached():
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------ errors, computed on the GPU
@@ -84,9 +109,9 @@ class Case:
     def __init__(self, C: int, H: int, W: int, B: int, seed: int = 0):
         self.C, self.H, self.W, self.B = C, H, W, B
         self.hp = default_hyper(C)
-        self.w = cast_weights(random_gma_weights(C, seed=seed), torch.float64, "cuda")
-        g = torch.Generator(device="cuda").manual_seed(seed + 1000)
-        self.x = torch.randn(B, H * W, C, generator=g, dtype=torch.float64, device="cuda")
+        self.w = cast_weights(random_gma_weights(C, seed=seed), torch.float64, DEVICE)
+        g = torch.Generator(device=DEVICE).manual_seed(seed + 1000)
+        self.x = torch.randn(B, H * W, C, generator=g, dtype=torch.float64, device=DEVICE)
         with torch.inference_mode():
             self.out64, ext = reference_group_mix_attention(self.x, (H, W), self.w, self.hp,
                                                             return_intermediates=True)
@@ -122,7 +147,7 @@ def get_case(C, G, B, seed=0) -> Case:
         return _CASES[key]
     while len(_CASES) >= 2:
         _CASES.popitem(last=False)
-    torch.cuda.empty_cache()
+    free_cached()
     _CASES[key] = Case(C, G, G, B, seed)
     return _CASES[key]
 
@@ -131,7 +156,7 @@ def get_case(C, G, B, seed=0) -> Case:
 def _free_cases():
     yield
     _CASES.clear()
-    torch.cuda.empty_cache()
+    free_cached()
 
 
 # ------------------------------------------------------------------ the two fused backends
@@ -151,14 +176,15 @@ def run_pre_projection(name: str, case: Case, dtype, monkeypatch) -> torch.Tenso
     with torch.inference_mode():
         if name == "cuda":
             from gmf_kernels.cuda import launcher as cl
-            out = torch.full((case.B, case.H * case.W, case.C), float("nan"), dtype=dtype, device="cuda")
+            out = torch.full((case.B, case.H * case.W, case.C), float("nan"), dtype=dtype, device=DEVICE)
             cl.launch_pre_projection(qkv, case.H, case.W, ws, case.hp.scale, case.hp.ln_eps, out=out)
         else:
             from gmf_kernels.triton_kernels import launcher as tl_launcher
             from gmf_kernels.triton_kernels import op  # noqa: F401  (registers gmf::triton_pre_projection)
             monkeypatch.setattr(tl_launcher, "POISON_BUFFERS", True)
             out = torch.ops.gmf.triton_pre_projection(qkv, case.H, case.W, ws, case.hp.scale, case.hp.ln_eps)
-    torch.cuda.synchronize()
+    sync()
+    assert out.device.type == DEVICE, f"{name}: output on {out.device}"
     return out
 
 
@@ -204,15 +230,17 @@ def test_public_path_batch128(name, dn):
     from gmf_kernels import group_mix_attention
     require_backend(name)
     dtype = DTYPES[dn]
-    case = get_case(160, 28, 128, seed=3)
+    C, G, B = PUBLIC_CASE
+    case = get_case(C, G, B, seed=3)
     w = cast_weights(case.w, dtype)
     with torch.inference_mode():
         out = group_mix_attention(case.x.to(dtype), (case.H, case.W), w, backend=name)
-    torch.cuda.synchronize()
-    assert out.dtype == dtype and out.shape == case.out64.shape
+    sync()
+    assert out.dtype == dtype and out.shape == case.out64.shape and out.device.type == DEVICE
     assert_close_to_oracle(out, case.out64, case.reference(dtype)[1], dtype, f"{name} {dn} layer")
 
 
+@pytest.mark.skipif(ON_CPU, reason="GMF_GPU_TESTS_ON_CPU=1: a GPU's capability and index, nothing to smoke on a CPU")
 @pytest.mark.parametrize("name", BACKENDS)
 def test_problem_on_this_gpu_passes_deployment_guards(name):
     """The problem dispatch builds for a CUDA tensor carries this GPU's capability, and the
@@ -231,6 +259,10 @@ def test_problem_on_this_gpu_passes_deployment_guards(name):
 
 # ------------------------------------------------------------------ the whole model
 MODEL_BATCH = 8
+MODEL_NAME, MODEL_OVERRIDES, MODEL_SIZE = "groupmixformer_s", {}, 224
+if ON_CPU:  # a small model and image: one layer per stage, grids 8, 4, 2, 1
+    MODEL_BATCH, MODEL_SIZE = 2, 32
+    MODEL_OVERRIDES = dict(embedding_dims=[40, 40, 80, 80], serial_depths=[1, 1, 1, 1], mlp_ratios=[4, 4, 2, 2])
 
 
 def _randomise_norms(model, seed=0):
@@ -250,22 +282,23 @@ def model_case():
     """GroupMixFormer-S (random weights, randomised norms), an input, the float64 oracle logits."""
     import gmf_kernels as gmf
     torch.manual_seed(0)
-    master = gmf.create_model("groupmixformer_s", backend="reference").eval()
+    master = gmf.create_model(MODEL_NAME, backend="reference", **MODEL_OVERRIDES).eval()
     _randomise_norms(master)
-    x = torch.randn(MODEL_BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(MODEL_BATCH, 3, MODEL_SIZE, MODEL_SIZE, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        m64 = copy.deepcopy(master).to(device="cuda", dtype=torch.float64)
-        oracle = m64(x.to(device="cuda", dtype=torch.float64))
+        m64 = copy.deepcopy(master).to(device=DEVICE, dtype=torch.float64)
+        oracle = m64(x.to(device=DEVICE, dtype=torch.float64))
     del m64
-    torch.cuda.empty_cache()
+    free_cached()
     return master, x, oracle, {}
 
 
 def _model_logits(master, x, dtype, backend):
-    m = copy.deepcopy(master).to(device="cuda", dtype=dtype).eval().set_backend(backend)
+    m = copy.deepcopy(master).to(device=DEVICE, dtype=dtype).eval().set_backend(backend)
     with torch.inference_mode():
-        out = m(x.to(device="cuda", dtype=dtype))
-    torch.cuda.synchronize()
+        out = m(x.to(device=DEVICE, dtype=dtype))
+    sync()
+    assert out.device.type == DEVICE, f"{backend}: logits on {out.device}"
     return out
 
 
@@ -286,7 +319,7 @@ def test_whole_model_groupmixformer_s(name, dn, model_case):
 # ------------------------------------------------------------------ training at real shapes
 #: (C, grid side, batch): the S stages and C = 360 / 480; the GPU report warms the Triton cache with
 #: these (specializations.report_specializations), so they are defined there
-TRAIN_CASES = list(GPU_TRAIN_SHAPES)
+TRAIN_CASES = list(GPU_TRAIN_SHAPES) if not ON_CPU else [(40, 5, 2)]
 
 
 @pytest.mark.parametrize("dn", list(DTYPES))
@@ -305,12 +338,12 @@ def test_training_step_real_shapes(name, C, G, B, dn):
     from training_cases import compare, make, run
     require_backend(name)
     dtype = DTYPES[dn]
-    p = problem(B=B, H=G, W=G, dim=C, dtype=dtype, device_type="cuda", training=True, needs_grad=True,
-                device_capability=torch.cuda.get_device_capability())
+    p = problem(B=B, H=G, W=G, dim=C, dtype=dtype, device_type=DEVICE, training=True, needs_grad=True,
+                device_capability=torch.cuda.get_device_capability() if DEVICE == "cuda" else None)
     reasons = get_backend(name).not_supported_reasons(p)
     if reasons:
         pytest.skip(f"{name} {dn}: " + "; ".join(reasons))
-    w, x = make(C, G, G, B, device="cuda")
+    w, x = make(C, G, G, B, device=DEVICE)
     oracle = run("reference", x, (G, G), w, torch.float64, True)
     got = run(name, x, (G, G), w, dtype, True)
     what = f"{name} train {dn} C{C} {G}x{G} B{B}"

@@ -24,15 +24,18 @@ def make(C, H, W, B, seed=0, device="cpu"):
     return cast_weights(w, device=device), x.to(device)
 
 
-def run(backend, x0, size, w, dtype, training, momentum=0.1, steps=1, device="cpu"):
+def run(backend, x0, size, w, dtype, training, momentum=0.1, steps=1, device=None):
     """`steps` forwards (the running statistics compound), then one backward of the last output
-    on a private copy of w on `device`; returns out, {name: grad}, {buffer name: tensor}, on the CPU."""
+    on a private copy of w on `device` (default: x0's device); returns out, {name: grad},
+    {buffer name: tensor}, on the CPU."""
+    device = x0.device if device is None else torch.device(device)
     wc = cast_weights(w, dtype, device=device)
     for _, t in named_fields(wc, PARAM_FIELDS):
         t.requires_grad_(True)
     x = x0.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
     for _ in range(steps):
         out = gmf_kernels.group_mix_attention(x, size, wc, training=training, bn_momentum=momentum, backend=backend)
+    assert out.device.type == device.type, f"{backend}: output on {out.device}, the call was on {device}"
     params = named_fields(wc, PARAM_FIELDS)
     lw = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     grads = torch.autograd.grad((out * lw.to(dtype=dtype, device=out.device)).sum(), [x] + [t for _, t in params])
@@ -40,9 +43,10 @@ def run(backend, x0, size, w, dtype, training, momentum=0.1, steps=1, device="cp
     return out.detach().cpu(), named, {n: t.clone().cpu() for n, t in named_fields(wc, BUFFER_FIELDS)}
 
 
-def run_mode(backend, x0, size, w, dtype, mode, momentum=0.1, device="cpu"):
+def run_mode(backend, x0, size, w, dtype, mode, momentum=0.1, device=None):
     """`run` for mode "grad" (eval with gradients) or "train"; for "eval", one forward under
-    no_grad: (out, {}, {}) on the CPU."""
+    no_grad on `device` (default: x0's device): (out, {}, {}) on the CPU."""
+    device = x0.device if device is None else torch.device(device)
     if mode == "eval":
         with torch.no_grad():
             out = gmf_kernels.group_mix_attention(x0.to(device, dtype), size, cast_weights(w, dtype, device=device),
