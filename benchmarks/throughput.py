@@ -1217,6 +1217,12 @@ def measure_row_memory(ctx: Context, r: Runner) -> None:
     if ctx.time_left() < r.row.get("probe_s", 0.0):
         r.row.update(peak_mem_mib=None, peak_mem_note="not measured: no time left under --deadline")
         return
+    if r.row.get("cudagraphs"):
+        # a replay allocates nothing: the graph's activations live in its private pool, recorded
+        # calls ago, which the peak of this call cannot see (it would read about one output clone)
+        r.row.update(peak_mem_mib=None, peak_mem_note="not measured: CUDA graphs (a replay's memory is the "
+                                                      "graph's private pool, allocated when it was recorded)")
+        return
     try:
         r.prepare()
         if r.step is not None:
@@ -1235,6 +1241,9 @@ def measure_row_memory(ctx: Context, r: Runner) -> None:
         own = resident_bytes(r)
         r.row.update(peak_mem_mib=(own + step_peak) / 2 ** 20, peak_mem_gib=(own + step_peak) / 2 ** 30,
                      peak_step_mem_mib=step_peak / 2 ** 20, resident_mem_mib=own / 2 ** 20)
+        if (r.row.get("inductor_options") or {}).get("freezing"):
+            r.row["peak_mem_note"] = ("resident: the module's parameters and buffers; Inductor's frozen copies "
+                                      "of the weights (freezing) are not counted")
     except Exception as e:
         r.row.update(peak_mem_mib=None, peak_mem_note=f"measurement failed: {first_line(e)}")
 

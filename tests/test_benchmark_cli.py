@@ -706,3 +706,16 @@ def test_results_saved_after_every_row(bench_kind):
     steps = [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]]
     assert steps == [("checked", "-"), ("timed", "-"), ("timed", "checked"), ("timed", "timed")], seen
     assert {r["backend"]: r["status"] for r in rows if r["kind"] == "gmf"} == {"torch": "ok", "reference": "ok"}
+
+
+def test_cuda_graph_rows_do_not_report_a_replays_memory():
+    """A row that replays a CUDA graph allocates nothing in the measured call (its activations sit
+    in the graph's private pool): its peak is "not measured", never about one output's size. The
+    CUDA branch's early return, checked with a stand-in context (no torch.cuda call is reached)."""
+    bench = _load_script()
+    ctx = types.SimpleNamespace(dev_type="cuda", time_left=lambda: 100.0)
+    r = bench.Runner("m", "optimized", "optimized (cudagraphs)", None, lambda: None)
+    r.times = [0.01]
+    r.row.update(cudagraphs=True)
+    bench.measure_row_memory(ctx, r)
+    assert r.row["peak_mem_mib"] is None and "CUDA graphs" in r.row["peak_mem_note"]
