@@ -1376,18 +1376,23 @@ def train_oracle(ctx: Context, master, names: List[str], tag: str):
 
 
 def train_support_reasons(ctx: Context, backend: str, model) -> List[str]:
-    """Why a backend cannot train this model here (its declared support, for every GMA layer)."""
+    """Why a backend cannot train this model here (its declared support, for every GMA layer at its
+    stage's token grid: the stem reduces the S x S image by 4, each later stage by 2 more, each a
+    3x3 stride-2 convolution with padding 1, i.e. ceil(n / 2))."""
     import torch
     from gmf_kernels.backends import GMAProblem, get_backend
+    from gmf_kernels.modules import GroupMixAttention
     b = get_backend(backend)
     cap = torch.cuda.get_device_capability(ctx.device) if ctx.dev_type == "cuda" else None
     reasons: List[str] = []
-    grid = ctx.S // 4
-    for i, att in enumerate(model.attention_modules()):
-        p = GMAProblem(B=ctx.B, H=max(1, grid), W=max(1, grid), dim=att.dim, num_heads=att.num_heads,
-                       dtype=ctx.compute_dtype, device_type=ctx.dev_type, training=True, needs_grad=True,
-                       explicit=True, device_index=ctx.device.index, device_capability=cap)
-        reasons += [r for r in b.not_supported_reasons(p) if r not in reasons]
+    grid = -(-ctx.S // 4)
+    for i, stage in enumerate(model.groupmixformer_backbone):
+        grid = grid if i == 0 else -(-grid // 2)
+        for att in (m for m in stage.modules() if isinstance(m, GroupMixAttention)):
+            p = GMAProblem(B=ctx.B, H=grid, W=grid, dim=att.dim, num_heads=att.num_heads,
+                           dtype=ctx.compute_dtype, device_type=ctx.dev_type, training=True, needs_grad=True,
+                           explicit=True, device_index=ctx.device.index, device_capability=cap)
+            reasons += [r for r in b.not_supported_reasons(p) if r not in reasons]
     return reasons
 
 

@@ -719,3 +719,20 @@ def test_cuda_graph_rows_do_not_report_a_replays_memory():
     r.row.update(cudagraphs=True)
     bench.measure_row_memory(ctx, r)
     assert r.row["peak_mem_mib"] is None and "CUDA graphs" in r.row["peak_mem_note"]
+
+
+def test_train_support_reasons_take_each_stage_grid():
+    """--bench train asks each backend about every GMA layer at its own stage's grid (56, 28, 14, 7
+    at 224): the largest batch the Triton training kernels take is set by the stage with the most
+    B N 3C elements per image, not by the last stage's width at the first stage's grid."""
+    import gmf_kernels as gmf
+    from gmf_kernels.triton_kernels.config import MAX_TRAIN_ELEMENTS
+    bench = _load_script()
+    model = gmf.create_model("groupmixformer_s", backend="reference")
+    dims, grids = [f["num_chs"] for f in model.feature_info], (56, 28, 14, 7)
+    limit = min(MAX_TRAIN_ELEMENTS // (g * g * 3 * C) for C, g in zip(dims, grids))
+    ctx = types.SimpleNamespace(S=224, B=limit, compute_dtype=torch.float32, dev_type="cpu", device=torch.device("cpu"))
+    assert bench.train_support_reasons(ctx, "triton", model) == []
+    ctx.B = limit + 1
+    reasons = bench.train_support_reasons(ctx, "triton", model)
+    assert len(reasons) == 1 and "32-bit offsets" in reasons[0] and "N=3136" in reasons[0], reasons
