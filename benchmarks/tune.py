@@ -562,6 +562,7 @@ def main(argv=None) -> int:
 
     from gmf_kernels import tuning
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False  # as ops.py and gpu_report.py time the backends
     cap = tuple(torch.cuda.get_device_capability())
     arch = tuning.arch_key(cap)
     if a.table_dir:

@@ -32,7 +32,7 @@ from cuda_cases import FP32_TOL, Case
 from cuda_cases import check as _check
 from cuda_cases import run as _run
 from gmf_kernels.numerics import cast_weights, default_hyper, max_rel_error, random_gma_weights
-from helpers import assert_close_verbose, assert_within_reference_error
+from helpers import assert_close_verbose, assert_max_rel_close, assert_within_reference_error
 from gmf_kernels.backends import get_backend, select_backend
 from gmf_kernels.backends import cuda_backend as cb
 from gmf_kernels.backends.base import GMAProblem
@@ -535,10 +535,19 @@ def test_gpu_pre_projection(dtype, C, H, W, B):
 
 @needs_gpu
 def test_gpu_matches_emulation():
+    """The GPU runs the kernel bodies the emulation runs, but not bit for bit (nvcc contracts
+    multiply-adds into FMAs, the device's expf is not the host's; an element-wise 1e-5 / 1e-6
+    bound was tighter than the emulation's own distance from float64 on small elements): per
+    part (attention, local) they agree within twice the emulation's own error against the
+    float64 oracle, floor 1e-6. (Other tiles move the emulation by 0.21 / 0.26 of its own error
+    here, measured in the emulation.)"""
     case = _gpu_case(200, 9, 13, 2, seed=11)
     gpu = _run(case, torch.float32, device="cuda", emulate=False).cpu()
     emu = _run(case, torch.float32)
-    assert_close_verbose(gpu, emu, rtol=1e-5, atol=1e-6, name="gpu vs emulation")
+    cp = 4 * (case.C // 5)
+    for sl, part in ((slice(0, cp), "attention"), (slice(cp, None), "local")):
+        own = max_rel_error(emu[..., sl], case.pre[..., sl])
+        assert_max_rel_close(gpu[..., sl], emu[..., sl], max(2 * own, 1e-6), f"gpu vs emulation [{part}]")
 
 
 @needs_gpu

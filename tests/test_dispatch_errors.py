@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import gmf_kernels
-from gmf_kernels.numerics import cast_weights, random_gma_weights
+from gmf_kernels.numerics import TOLERANCE, cast_weights, random_gma_weights
 from gmf_kernels import selfcheck, verified
 from gmf_kernels.backends import BACKEND_NAMES, GMAProblem, get_backend, select_backend
 
@@ -333,6 +333,21 @@ def test_check_true_passes_for_torch_backend(dtype, mode):
         # the check must not update the BatchNorm statistics a second time
         assert int(m.aggregator.norm1.num_batches_tracked) == 1
         torch.testing.assert_close(m.aggregator.norm2.running_var, m_plain.aggregator.norm2.running_var)
+
+
+@pytest.mark.parametrize("matmul, cudnn", [(False, False), (True, False), (False, True)])
+def test_check_tolerance_widens_under_either_tf32_switch(matmul, cudnn):
+    """check=True on CUDA: TF32 of matmuls or of cuDNN's convolutions (the latter on by default)
+    puts ~1e-3 into the float32 reference itself, so either switch widens the tolerance."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # no monkeypatch: cuBLAS's
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn  # switch is a property
+    try:
+        base = TOLERANCE[torch.float32]
+        assert selfcheck.check_tolerance(torch.float32, on_cuda=False) == base
+        assert selfcheck.check_tolerance(torch.float32, on_cuda=True) == (5e-3 if matmul or cudnn else base)
+        assert selfcheck.check_tolerance(torch.float16, on_cuda=True) >= TOLERANCE[torch.float16]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
