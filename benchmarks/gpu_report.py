@@ -1061,6 +1061,20 @@ def _fake_sanitizer(cmd):
                              "========= ERROR SUMMARY: 0 errors", 0.0)
 
 
+#: compute-sanitizer's words when the machine's GPU runtime does not let it attach (seen on gVisor
+#: machines, 2026-11-04: "Device not supported", then error 999 at the first allocation)
+SANITIZER_REFUSED = re.compile(r"^.*\bdevice (is )?not supported\b.*$", re.IGNORECASE | re.MULTILINE)
+
+
+def sanitizer_refusal(output: str, parsed: Dict) -> Optional[str]:
+    """The line saying the device refuses compute-sanitizer, when that is why a tool's run ended
+    and the driver checked no case under it; else None (a finding, a crash, a timeout)."""
+    m = SANITIZER_REFUSED.search(output)
+    if m is None or parsed.get("cases"):
+        return None
+    return m.group(0).strip("= \t")[:300]
+
+
 def phase_sanitizer(ctx: Ctx, ph: Dict, allow: float) -> None:
     t_end = time.monotonic() + allow
     s = ctx.report["sanitizer"]
@@ -1083,8 +1097,13 @@ def phase_sanitizer(ctx: Ctx, ph: Dict, allow: float) -> None:
     s["plain"]["status"] = ("timeout" if plain.timed_out else "ok" if plain.rc == 0 and s["plain"]["driver_completed"]
                             else "failed")
     log = ctx.out / "sanitizer.log"
+    refused = None  # the device refusal a tool reported: the later tools would only repeat it
     for i, tool in enumerate(SANITIZER_TOOLS):
         left = t_end - time.monotonic()
+        if refused:
+            s["tools"][tool] = {"status": "unsupported", "reason": f"not run: {refused}"}
+            ph["notes"].append(f"{tool}: not run (the device refuses compute-sanitizer)")
+            continue
         if left < 10:
             s["tools"][tool] = {"status": "skipped", "reason": "time budget used up"}
             ph["notes"].append(f"{tool}: skipped (time budget used up)")
@@ -1100,7 +1119,14 @@ def phase_sanitizer(ctx: Ctx, ph: Dict, allow: float) -> None:
                 fh.write(res.output + "\n")
         status = ("timeout" if res.timed_out else "clean" if parsed["errors"] == 0 and res.rc == 0 else
                   "errors" if parsed["errors"] else "failed")
+        refusal = sanitizer_refusal(res.output, parsed) if status != "clean" else None
+        if refusal:
+            status, refused = "unsupported", f"compute-sanitizer {tool} on this machine: {refusal}"
         s["tools"][tool] = {"status": status, **res.summary(), **parsed}
+        if refusal:
+            s["tools"][tool]["reason"] = (f"{refused} (the machine's GPU runtime refuses the tool, e.g. gVisor: "
+                                          f"not a finding about the kernels; a report from a machine where it runs "
+                                          f"is needed for the verdict)")
         if status != "clean":
             s["tools"][tool]["output_tail"] = res.output[-3000:]
         ctx.tee(f"[sanitizer] {tool}: {status}, {parsed['errors']} errors"
@@ -1752,7 +1778,8 @@ def verification_verdicts(rep: Dict) -> Dict[str, Dict]:
             t = tools.get(tool) or {}
             cases = [c for c in t.get("cases", []) if c.get("backend") == backend]
             if t.get("status") != "clean":
-                why.append(f"compute-sanitizer {tool}: {t.get('status', 'not run')}")
+                why.append(f"compute-sanitizer {tool}: {t.get('status', 'not run')}"
+                           + (f" ({t['reason']})" if t.get("status") == "unsupported" and t.get("reason") else ""))
             elif not t.get("driver_completed") or not cases:
                 why.append(f"compute-sanitizer {tool}: the driver did not run every {backend} case")
             elif any(c.get("status") != "ok" for c in cases):

@@ -222,6 +222,41 @@ def test_parse_sanitizer_racecheck_and_clean():
     assert crashed["errors"] is None and not crashed["driver_completed"] and crashed["findings"]
 
 
+REFUSED_OUTPUT = ("========= COMPUTE-SANITIZER\n========= Error: Device not supported\n"
+                  "RuntimeError: CUDA error: unknown error (999)\n========= ERROR SUMMARY: 1 error\n")
+
+
+def test_sanitizer_refused_by_the_device(tmp_path, monkeypatch):
+    """A machine whose GPU runtime refuses compute-sanitizer (gVisor: "Device not supported"): the first
+    tool's run says so, the other three are not started (each would only repeat it), and the verdict
+    names the refusal -- the backends do not qualify on such a report (no sanitizer evidence)."""
+    calls = []
+
+    def fake_run(ctx, cmd, timeout, prefix, **kw):
+        calls.append(cmd)
+        if "--tool" not in cmd:  # the plain driver run, without the sanitizer
+            return gr.RunResult(cmd, 0, 'SANITIZE_CASE {"backend": "triton", "status": "ok"}\nSANITIZE_DONE cases=1 '
+                                        'bad=0\n', 1.0)
+        return gr.RunResult(cmd, 1, REFUSED_OUTPUT, 2.0)
+    monkeypatch.setattr(gr, "run", fake_run)
+    monkeypatch.setattr(gr, "_sanitizer_cmd", lambda ctx, san, tool: ["compute-sanitizer", "--tool", tool, "driver"])
+    ctx = types.SimpleNamespace(out=tmp_path, dry=False, tee=lambda *a, **k: None, env={},
+                                report={"meta": {"compute_sanitizer": "/x/compute-sanitizer"}, "sanitizer": {"tools": {}}})
+    ph = {"notes": []}
+    gr.phase_sanitizer(ctx, ph, 100.0)
+    tools = ctx.report["sanitizer"]["tools"]
+    assert len(calls) == 2 and all(t["status"] == "unsupported" for t in tools.values()), tools
+    assert "Error: Device not supported" in tools["memcheck"]["reason"] and "not a finding" in tools["memcheck"]["reason"]
+    assert tools["racecheck"]["reason"].startswith("not run: compute-sanitizer memcheck on this machine")
+    v = gr.verification_verdicts(_report(sanitizer={"tools": tools}))
+    assert not v["triton"]["qualifies"]
+    assert any("memcheck: unsupported (compute-sanitizer memcheck on this machine: Error: Device not supported"
+               in w for w in v["triton"]["reasons"]), v["triton"]["reasons"]
+    # a finding or a crash with cases checked is not a refusal
+    assert gr.sanitizer_refusal(REFUSED_OUTPUT, {"cases": [{"status": "ok"}]}) is None
+    assert gr.sanitizer_refusal("========= Invalid __global__ read of size 4\n", {"cases": []}) is None
+
+
 def test_throughput_help_flags():
     h = "usage: throughput.py [-h] [--bench {inference,train}] [--results-file RESULTS_FILE] [--no-timm]"
     f = gr.throughput_help_flags(h)
