@@ -95,7 +95,7 @@ OPS = HERE / "ops.py"
 
 SCHEMA_VERSION = 1
 DEFAULT_BUDGET_S = 530.0
-MAX_FILES = 10
+MAX_FILES = 8  # what a device machine's $OUT brings back (the device tool's README: at most 8 files)
 MAX_FILE_BYTES = 16 * 2 ** 20
 LOG_LIMIT = 12 * 2 ** 20
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
@@ -251,16 +251,18 @@ class Proc:
             self.tee(f"{self.prefix}{line}", console=self.echo)
 
     def _kill(self):
+        """SIGTERM to the step's process group (the process this script started, by its id), then
+        SIGKILL to whatever of the group is left, even when the leader is gone: pytest-xdist workers,
+        compile workers and the like would otherwise keep the CPU (and the output pipe) after it."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                os.killpg(self.p.pid, sig)  # the group of the process this script started, by its id
+                os.killpg(self.p.pid, sig)
             except (ProcessLookupError, PermissionError):
-                return
+                return  # the group is gone
             try:
                 self.p.wait(timeout=5)
-                return
             except subprocess.TimeoutExpired:
-                continue
+                pass
 
     def wait(self, timeout: float) -> RunResult:
         if self.p is None:
@@ -676,6 +678,8 @@ class Ctx:
     tmp: Path = Path(tempfile.gettempdir())
     probes: Dict[tuple, "Proc"] = field(default_factory=dict)  # dry run: started up front, in parallel
     probe_results: Dict[tuple, RunResult] = field(default_factory=dict)
+    #: the CUDA build, when it outlived the build phase: the next phase waits for it (`settle_build`)
+    pending_build: Optional["Proc"] = None
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -1029,9 +1033,40 @@ def phase_build(ctx: Ctx, ph: Dict, allow: float) -> None:
         _run_pytest_specs(ctx, pytest_runs("build", golden_dir().is_dir()), t_end, ph)
         return
     proc = Proc(cmd, env, ctx.tee, "[build] ")  # in the background while the Triton tests run
-    warm_triton_cache(ctx, allow)
-    _run_pytest_specs(ctx, pytest_runs("build", golden_dir().is_dir()), t_end - 10, ph)
-    res = proc.wait(t_end - time.monotonic())
+    try:
+        warm_triton_cache(ctx, allow)
+        _run_pytest_specs(ctx, pytest_runs("build", golden_dir().is_dir()), t_end - 10, ph)
+        if proc.p is not None:
+            proc.p.wait(timeout=max(0.1, t_end - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if proc.p is not None and proc.p.poll() is None and ctx.left() > 30:
+            # not killed with the phase: every later CUDA step needs the module, and no step builds it
+            ctx.pending_build = proc
+            ph["notes"].append("CUDA build still running at the phase's end: the next phase waits for it")
+            ctx.tee("[build] still compiling at the phase's end: the next phase waits for it")
+        else:
+            finish_build(ctx, proc.wait(t_end - time.monotonic()), ph)
+
+
+#: seconds a phase keeps for itself when it first waits for a CUDA build still running
+BUILD_WAIT_RESERVE_S = 20.0
+
+
+def settle_build(ctx: Ctx, ph: Dict, timeout: float, phase: str) -> None:
+    """Wait (at most `timeout` s, then stop it) for a CUDA build the build phase left running, and
+    record it, before a phase that needs the module (or at the end of the run)."""
+    if ctx.pending_build is None:
+        return
+    proc, ctx.pending_build = ctx.pending_build, None
+    ctx.tee(f"[build] waiting for the CUDA build (at most {timeout:.0f} s)")
+    finish_build(ctx, proc.wait(timeout), ph)
+    ctx.report["build"]["finished_in_phase"] = phase
+
+
+def finish_build(ctx: Ctx, res: RunResult, ph: Dict) -> None:
+    """Record the build's result and what the module then says about this machine."""
     _record_build(ctx, res, ph)
     r = run(ctx, py(SCRIPT, "--worker", "env"), max(10.0, min(60.0, ctx.left() - 5)), "[build] ", echo=False)
     info = extract_json(r.output) or {}
@@ -1046,8 +1081,11 @@ def phase_tests(ctx: Ctx, ph: Dict, allow: float) -> None:
 
 
 def _sanitizer_cmd(ctx: Ctx, san: str, tool: str) -> List[str]:
-    cmd = [san, "--tool", tool, "--kernel-name", "kns=gma_", "--error-exitcode", "3", "--print-limit", "30",
-           "--target-processes", "application-only", "--launch-timeout", "120"]
+    # --report-api-errors no: the CUDA API errors torch's and Triton's own probes return (cuGetProcAddress
+    # and the like) would count in the ERROR SUMMARY, and the --kernel-name filter does not apply to
+    # them; a failing call of ours still shows as an error in the driver's case
+    cmd = [san, "--tool", tool, "--kernel-name", "kns=gma_", "--report-api-errors", "no", "--error-exitcode", "3",
+           "--print-limit", "30", "--target-processes", "application-only", "--launch-timeout", "120"]
     if tool == "memcheck":
         cmd += ["--padding", "256"]
     return cmd + py(SCRIPT, "--worker", "sanitize")
@@ -1068,9 +1106,10 @@ SANITIZER_REFUSED = re.compile(r"^.*\bdevice (is )?not supported\b.*$", re.IGNOR
 
 def sanitizer_refusal(output: str, parsed: Dict) -> Optional[str]:
     """The line saying the device refuses compute-sanitizer, when that is why a tool's run ended
-    and the driver checked no case under it; else None (a finding, a crash, a timeout)."""
+    and no case of the driver ran right under it (each then reports its CUDA error as a case in
+    error); else None (a finding, a crash, a timeout)."""
     m = SANITIZER_REFUSED.search(output)
-    if m is None or parsed.get("cases"):
+    if m is None or parsed.get("cases_ok"):
         return None
     return m.group(0).strip("= \t")[:300]
 
@@ -1176,9 +1215,11 @@ def phase_kernels(ctx: Ctx, ph: Dict, allow: float) -> None:
 
 def _roofline(ctx: Ctx, rows_file: Path, ph: Dict) -> None:
     """benchmarks/roofline.py over the measured kernel rows: the fraction of the H100 bound each
-    kernel reaches (roofline.md / roofline.json in the results folder), with the bounds of the
-    training kernels that have a cost model (--train; not timed per kernel here)."""
-    cmd = py(ROOFLINE, "--model", ctx.args.model, "--json", ctx.out / "roofline.json", "--train")
+    kernel reaches (roofline.md in the results folder; its rows in report.json, kernels.roofline.rows:
+    a ninth file would not come back from a device machine), with the bounds of the training kernels
+    that have a cost model (--train; not timed per kernel here)."""
+    rows_json = ctx.tmp / "roofline.json"
+    cmd = py(ROOFLINE, "--model", ctx.args.model, "--json", rows_json, "--train")
     if rows_file.is_file():
         cmd += ["--measured", rows_file]
     mod = ctx.report["build"].get("module_path")
@@ -1188,7 +1229,8 @@ def _roofline(ctx: Ctx, rows_file: Path, ph: Dict) -> None:
         ph["notes"].append("roofline: skipped (time budget used up)")
         return
     res = run(ctx, cmd, min(60.0, ctx.left() - 5), "[roofline] ", echo=False, probe=ctx.dry)
-    ctx.report["kernels"]["roofline"] = {"rc": res.rc, "file": "roofline.md" if res.rc == 0 else None}
+    ctx.report["kernels"]["roofline"] = {"rc": res.rc, "file": "roofline.md" if res.rc == 0 else None,
+                                         "rows": _read_json_file(rows_json) if res.rc == 0 else None}
     if res.rc == 0:
         (ctx.out / "roofline.md").write_text(res.output)
     else:
@@ -1905,7 +1947,9 @@ def write_outputs(ctx: Ctx) -> None:
     rep = ctx.report
     rep["wall_s"] = round(time.monotonic() - ctx.t_start, 1)
     rep["dry_run_checks"] = ctx.checks if ctx.dry else None
-    rep["files"] = sorted(p.name for p in ctx.out.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
+    for p in ctx.out.glob("*.tmp"):  # a stopped writer's leftover (throughput.py writes through one)
+        p.unlink(missing_ok=True)
+    rep["files"] = sorted(p.name for p in ctx.out.iterdir() if p.is_file())
     for name in ("report.json", "summary.md"):
         if name not in rep["files"]:
             rep["files"].append(name)
@@ -2067,7 +2111,8 @@ def run_report(args) -> int:
         start = time.monotonic()
         cached = cached_kernels(env) if not dry else 0
         try:
-            PHASE_FUNCS[p.name](ctx, ph, allow)
+            settle_build(ctx, ph, max(1.0, allow - BUILD_WAIT_RESERVE_S), p.name)
+            PHASE_FUNCS[p.name](ctx, ph, max(1.0, allow - (time.monotonic() - start)))
             if ph["status"] == "running":
                 ph["status"] = "partial" if ph["notes"] else "ok"
         except Exception as e:  # a bug in a phase must not cost the other phases
@@ -2083,6 +2128,7 @@ def run_report(args) -> int:
             ph["status"] = f"dry-run ({ph['status']})"
         ctx.carry = max(0.0, allow - used)
         write_outputs(ctx)
+    settle_build(ctx, {"notes": []}, max(1.0, ctx.left() - 5), "end")  # only --phases without a later phase
     tee(f"== done in {time.monotonic() - t0:.0f} s; results in {out}")
     write_outputs(ctx)
     tee.close()

@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -222,8 +223,49 @@ def test_parse_sanitizer_racecheck_and_clean():
     assert crashed["errors"] is None and not crashed["driver_completed"] and crashed["findings"]
 
 
-REFUSED_OUTPUT = ("========= COMPUTE-SANITIZER\n========= Error: Device not supported\n"
-                  "RuntimeError: CUDA error: unknown error (999)\n========= ERROR SUMMARY: 1 error\n")
+class _SlowBuild:
+    """Stands in for the background build's Proc: still compiling when the build phase ends."""
+
+    def __init__(self, cmd, env, tee, prefix, **kw):
+        self.cmd, self.waited = cmd, []
+        self.p = types.SimpleNamespace(poll=lambda: None, wait=self._p_wait)
+
+    def _p_wait(self, timeout):
+        raise subprocess.TimeoutExpired(self.cmd, timeout)
+
+    def wait(self, timeout):
+        self.waited.append(timeout)
+        return gr.RunResult(self.cmd, 0, "compiling...\n/m/_gmf_cuda.cpython-312-x86_64-linux-gnu.so", 150.0)
+
+
+def test_a_build_outliving_its_phase_is_waited_for_not_killed(tmp_path, monkeypatch):
+    """The CUDA build runs beside the Triton tests; when it is still compiling at the build phase's end
+    it keeps running (nothing else would build the module every later CUDA step needs), and the next
+    phase waits for it first, keeping BUILD_WAIT_RESERVE_S of its time for itself."""
+    monkeypatch.setattr(gr, "Proc", _SlowBuild)
+    monkeypatch.setattr(gr, "warm_triton_cache", lambda ctx, allow: None)
+    monkeypatch.setattr(gr, "_run_pytest_specs", lambda ctx, specs, t_end, ph: None)
+    monkeypatch.setattr(gr, "run", lambda ctx, cmd, timeout, prefix, **kw: gr.RunResult(
+        cmd, 0, gr.JSON_TAG + json.dumps({"cuda_module": "loaded"}), 1.0))
+    ctx = gr.Ctx(types.SimpleNamespace(), tmp_path, lambda *a, **k: None, False,
+                 {"meta": {"capability": [9, 0]}, "build": {}}, {}, 0.0, time.monotonic() + 500)
+    ph = {"notes": []}
+    gr.phase_build(ctx, ph, 0.5)
+    build = ctx.pending_build
+    assert isinstance(build, _SlowBuild) and build.waited == [] and "next phase waits" in ph["notes"][0]
+    assert "status" not in ctx.report["build"]
+    gr.settle_build(ctx, {"notes": []}, 70.0 - gr.BUILD_WAIT_RESERVE_S, "tests")
+    assert ctx.pending_build is None and build.waited == [70.0 - gr.BUILD_WAIT_RESERVE_S]
+    b = ctx.report["build"]
+    assert b["status"] == "ok" and b["finished_in_phase"] == "tests" and b["module_after_build"] == "loaded"
+    assert b["module_path"].endswith(".so")
+    gr.settle_build(ctx, {"notes": []}, 1.0, "end")  # nothing left to wait for
+    assert build.waited == [50.0]
+
+
+REFUSED_OUTPUT = ("========= COMPUTE-SANITIZER\n========= Error: Device not supported\n" + "".join(
+    'SANITIZE_CASE {"backend": "%s", "status": "error", "error": "RuntimeError: CUDA error: unknown error"}\n' % b
+    for b in ("cuda", "triton")) + "SANITIZE_DONE cases=2 bad=2\n========= ERROR SUMMARY: 1 error\n")
 
 
 def test_sanitizer_refused_by_the_device(tmp_path, monkeypatch):
@@ -238,6 +280,8 @@ def test_sanitizer_refused_by_the_device(tmp_path, monkeypatch):
             return gr.RunResult(cmd, 0, 'SANITIZE_CASE {"backend": "triton", "status": "ok"}\nSANITIZE_DONE cases=1 '
                                         'bad=0\n', 1.0)
         return gr.RunResult(cmd, 1, REFUSED_OUTPUT, 2.0)
+    real = gr._sanitizer_cmd(None, "compute-sanitizer", "memcheck")  # framework probes' API errors are no findings
+    assert real[real.index("--report-api-errors") + 1] == "no" and "kns=gma_" in real
     monkeypatch.setattr(gr, "run", fake_run)
     monkeypatch.setattr(gr, "_sanitizer_cmd", lambda ctx, san, tool: ["compute-sanitizer", "--tool", tool, "driver"])
     ctx = types.SimpleNamespace(out=tmp_path, dry=False, tee=lambda *a, **k: None, env={},
@@ -253,7 +297,8 @@ def test_sanitizer_refused_by_the_device(tmp_path, monkeypatch):
     assert any("memcheck: unsupported (compute-sanitizer memcheck on this machine: Error: Device not supported"
                in w for w in v["triton"]["reasons"]), v["triton"]["reasons"]
     # a finding or a crash with cases checked is not a refusal
-    assert gr.sanitizer_refusal(REFUSED_OUTPUT, {"cases": [{"status": "ok"}]}) is None
+    assert gr.sanitizer_refusal(REFUSED_OUTPUT, gr.parse_sanitizer(REFUSED_OUTPUT)) is not None
+    assert gr.sanitizer_refusal(REFUSED_OUTPUT, {"cases": [{"status": "ok"}], "cases_ok": 1}) is None
     assert gr.sanitizer_refusal("========= Invalid __global__ read of size 4\n", {"cases": []}) is None
 
 
@@ -710,3 +755,33 @@ def test_sanitize_driver_checks_results_on_cpu():
     p = gr.parse_sanitizer(proc.stdout)
     assert p["driver_completed"] and p["cases_ok"] == 1 and p["cases_failed"] == 0, p["cases"]
     assert p["cases"][0]["max_rel_err"] < 1e-5
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_stopped_step_takes_its_whole_process_group_down(tmp_path):
+    """A step that runs out of time: SIGTERM to its process group, then SIGKILL to what is left of it
+    even when the leader went at SIGTERM (a child that ignores SIGTERM, as a worker may, must not keep
+    the CPU and the output pipe for the rest of the report)."""
+    child = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('child up', flush=True); "
+             "time.sleep(120)")
+    leader = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "print('pid', c.pid, flush=True); time.sleep(120)")
+    lines = []
+    proc = gr.Proc([sys.executable, "-c", leader], dict(os.environ), lambda line, **k: lines.append(line), "")
+    deadline = time.monotonic() + 60
+    while "child up" not in lines and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int(next(ln for ln in lines if ln.startswith("pid ")).split()[1])
+    t0 = time.monotonic()
+    res = proc.wait(0.5)
+    assert res.timed_out and time.monotonic() - t0 < 20
+    time.sleep(0.5)
+    assert not _alive(pid), "the child that ignored SIGTERM outlived the stop"
