@@ -24,7 +24,8 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
                  triton" (GroupMixFormer-S stage grids at batch 128 and 1, every width, fp32/fp16/
                  bf16, the whole model against the reference) and tests/test_cuda_build.py -m gpu
   sanitizer      every CUDA and Triton kernel once under compute-sanitizer (memcheck, racecheck,
-                 synccheck, initcheck) on small shapes: this script's `--worker sanitize` driver
+                 synccheck, initcheck, the four side by side) on small shapes: this script's
+                 `--worker sanitize` driver
   kernels        per-kernel timing (benchmarks/ops.py): cuda, triton vs torch, torch.compile(torch)
                  and the eager reference; median, p20/p80, GB/s, TFLOP/s; the measured copy and
                  matmul ceilings of the device
@@ -720,6 +721,17 @@ def run(ctx: Ctx, cmd: List[str], timeout: float, prefix: str, *, env: Optional[
     return res
 
 
+def run_together(ctx: "Ctx", cmds: Dict[str, List[str]], timeout: float, env: Dict[str, str],
+                 fake: Optional[Callable[[List[str]], RunResult]] = None) -> Dict[str, RunResult]:
+    """Several steps at once, each stopped at the same deadline (`timeout` s from now); by name. A dry
+    run fakes them one after the other (`run`)."""
+    if ctx.dry:
+        return {k: run(ctx, c, timeout, f"[{k}] ", env=env, echo=False, fake=fake) for k, c in cmds.items()}
+    t_end = time.monotonic() + timeout
+    procs = {k: Proc([str(x) for x in c], env, ctx.tee, f"[{k}] ", echo=False) for k, c in cmds.items()}
+    return {k: p.wait(t_end - time.monotonic()) for k, p in procs.items()}
+
+
 def dry_probe_commands(ctx: "Ctx") -> List[List[str]]:
     """The commands a dry run really runs (no GPU needed), started together up front."""
     return [py(SCRIPT, "--worker", "env"),
@@ -1136,36 +1148,31 @@ def phase_sanitizer(ctx: Ctx, ph: Dict, allow: float) -> None:
     s["plain"]["status"] = ("timeout" if plain.timed_out else "ok" if plain.rc == 0 and s["plain"]["driver_completed"]
                             else "failed")
     log = ctx.out / "sanitizer.log"
-    refused = None  # the device refusal a tool reported: the later tools would only repeat it
-    for i, tool in enumerate(SANITIZER_TOOLS):
-        left = t_end - time.monotonic()
-        if refused:
-            s["tools"][tool] = {"status": "unsupported", "reason": f"not run: {refused}"}
-            ph["notes"].append(f"{tool}: not run (the device refuses compute-sanitizer)")
-            continue
-        if left < 10:
+    left = t_end - time.monotonic()
+    if left < 10:
+        for tool in SANITIZER_TOOLS:
             s["tools"][tool] = {"status": "skipped", "reason": "time budget used up"}
-            ph["notes"].append(f"{tool}: skipped (time budget used up)")
-            continue
-        budget = left / (len(SANITIZER_TOOLS) - i)
+        ph["notes"].append("the tools: skipped (time budget used up)")
+        return
+    # the four tools side by side, each with the rest of the phase: one after the other each had a
+    # quarter of it, little for a Python process that imports torch under instrumentation
+    s["tools_at_once"] = True
+    results = run_together(ctx, {tool: _sanitizer_cmd(ctx, san, tool) for tool in SANITIZER_TOOLS}, left, env,
+                           _fake_sanitizer)
+    for tool in SANITIZER_TOOLS:
+        res = results[tool]
         with open(log, "a") as fh:
-            fh.write(f"\n\n######## {tool}\n")
-        res = run(ctx, _sanitizer_cmd(ctx, san, tool), budget, f"[{tool}] ", env=env, echo=False,
-                  fake=_fake_sanitizer, extra_log=log)
+            fh.write(f"\n\n######## {tool}\n{res.output}\n")
         parsed = parse_sanitizer(res.output)
-        if ctx.dry:
-            with open(log, "a") as fh:
-                fh.write(res.output + "\n")
         status = ("timeout" if res.timed_out else "clean" if parsed["errors"] == 0 and res.rc == 0 else
                   "errors" if parsed["errors"] else "failed")
         refusal = sanitizer_refusal(res.output, parsed) if status != "clean" else None
+        s["tools"][tool] = {"status": "unsupported" if refusal else status, **res.summary(), **parsed}
         if refusal:
-            status, refused = "unsupported", f"compute-sanitizer {tool} on this machine: {refusal}"
-        s["tools"][tool] = {"status": status, **res.summary(), **parsed}
-        if refusal:
-            s["tools"][tool]["reason"] = (f"{refused} (the machine's GPU runtime refuses the tool, e.g. gVisor: "
-                                          f"not a finding about the kernels; a report from a machine where it runs "
-                                          f"is needed for the verdict)")
+            status = "unsupported"
+            s["tools"][tool]["reason"] = (f"compute-sanitizer {tool} on this machine: {refusal} (the machine's GPU "
+                                          f"runtime refuses the tool, e.g. gVisor: not a finding about the kernels; "
+                                          f"a report from a machine where it runs is needed for the verdict)")
         if status != "clean":
             s["tools"][tool]["output_tail"] = res.output[-3000:]
         ctx.tee(f"[sanitizer] {tool}: {status}, {parsed['errors']} errors"

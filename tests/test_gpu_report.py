@@ -269,32 +269,38 @@ REFUSED_OUTPUT = ("========= COMPUTE-SANITIZER\n========= Error: Device not supp
 
 
 def test_sanitizer_refused_by_the_device(tmp_path, monkeypatch):
-    """A machine whose GPU runtime refuses compute-sanitizer (gVisor: "Device not supported"): the first
-    tool's run says so, the other three are not started (each would only repeat it), and the verdict
-    names the refusal -- the backends do not qualify on such a report (no sanitizer evidence)."""
+    """A machine whose GPU runtime refuses compute-sanitizer (gVisor: "Device not supported"; the driver
+    then reports each case in error): every tool is recorded as "unsupported" with that line, not as
+    errors of the kernels, and the verdict names the refusal -- the backends do not qualify on such a
+    report (no sanitizer evidence). The four tools run at once, each with the rest of the phase."""
     calls = []
 
-    def fake_run(ctx, cmd, timeout, prefix, **kw):
+    def fake_run(ctx, cmd, timeout, prefix, **kw):  # the plain driver run, without the sanitizer
         calls.append(cmd)
-        if "--tool" not in cmd:  # the plain driver run, without the sanitizer
-            return gr.RunResult(cmd, 0, 'SANITIZE_CASE {"backend": "triton", "status": "ok"}\nSANITIZE_DONE cases=1 '
-                                        'bad=0\n', 1.0)
-        return gr.RunResult(cmd, 1, REFUSED_OUTPUT, 2.0)
+        return gr.RunResult(cmd, 0, 'SANITIZE_CASE {"backend": "triton", "status": "ok"}\nSANITIZE_DONE cases=1 '
+                                    'bad=0\n', 1.0)
+
+    def fake_together(ctx, cmds, timeout, env, fake=None):
+        calls.append(sorted(cmds))
+        assert timeout > 90 and env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+        return {k: gr.RunResult(c, 1, REFUSED_OUTPUT, 2.0) for k, c in cmds.items()}
     real = gr._sanitizer_cmd(None, "compute-sanitizer", "memcheck")  # framework probes' API errors are no findings
     assert real[real.index("--report-api-errors") + 1] == "no" and "kns=gma_" in real
     monkeypatch.setattr(gr, "run", fake_run)
-    monkeypatch.setattr(gr, "_sanitizer_cmd", lambda ctx, san, tool: ["compute-sanitizer", "--tool", tool, "driver"])
+    monkeypatch.setattr(gr, "run_together", fake_together)
     ctx = types.SimpleNamespace(out=tmp_path, dry=False, tee=lambda *a, **k: None, env={},
                                 report={"meta": {"compute_sanitizer": "/x/compute-sanitizer"}, "sanitizer": {"tools": {}}})
     ph = {"notes": []}
     gr.phase_sanitizer(ctx, ph, 100.0)
     tools = ctx.report["sanitizer"]["tools"]
-    assert len(calls) == 2 and all(t["status"] == "unsupported" for t in tools.values()), tools
-    assert "Error: Device not supported" in tools["memcheck"]["reason"] and "not a finding" in tools["memcheck"]["reason"]
-    assert tools["racecheck"]["reason"].startswith("not run: compute-sanitizer memcheck on this machine")
+    assert len(calls) == 2 and calls[1] == sorted(gr.SANITIZER_TOOLS)
+    assert set(tools) == set(gr.SANITIZER_TOOLS) and all(t["status"] == "unsupported" for t in tools.values()), tools
+    for tool, t in tools.items():
+        assert t["reason"].startswith(f"compute-sanitizer {tool} on this machine: Error: Device not supported")
+        assert "not a finding" in t["reason"]
     v = gr.verification_verdicts(_report(sanitizer={"tools": tools}))
     assert not v["triton"]["qualifies"]
-    assert any("memcheck: unsupported (compute-sanitizer memcheck on this machine: Error: Device not supported"
+    assert any("racecheck: unsupported (compute-sanitizer racecheck on this machine: Error: Device not supported"
                in w for w in v["triton"]["reasons"]), v["triton"]["reasons"]
     # a finding or a crash with cases checked is not a refusal
     assert gr.sanitizer_refusal(REFUSED_OUTPUT, gr.parse_sanitizer(REFUSED_OUTPUT)) is not None
@@ -785,3 +791,16 @@ def test_a_stopped_step_takes_its_whole_process_group_down(tmp_path):
     assert res.timed_out and time.monotonic() - t0 < 20
     time.sleep(0.5)
     assert not _alive(pid), "the child that ignored SIGTERM outlived the stop"
+
+
+def test_run_together_runs_its_steps_at_once(tmp_path):
+    """run_together: the steps side by side (four 2 s sleeps end well before the 8 s of one after the
+    other), each result by name, one past the shared deadline stopped."""
+    ctx = types.SimpleNamespace(dry=False, tee=lambda *a, **k: None)
+    sleep = [sys.executable, "-c", "import time; time.sleep(2); print('done')"]
+    t0 = time.monotonic()
+    res = gr.run_together(ctx, {f"s{i}": sleep for i in range(4)}, 30.0, dict(os.environ))
+    assert time.monotonic() - t0 < 6 and all(r.rc == 0 and r.output == "done" for r in res.values()), res
+    slow = gr.run_together(ctx, {"fast": sleep, "slow": [sys.executable, "-c", "import time; time.sleep(60)"]}, 3.0,
+                           dict(os.environ))
+    assert slow["fast"].rc == 0 and slow["slow"].timed_out
