@@ -30,7 +30,7 @@ GMF_GPU_TESTS_ON_CPU=1 runs this file's own logic on the CPU instead: the same t
 shapes (`ON_CPU`), Triton through its interpreter (the `cuda` ones skip: no GPU). No GPU runs
 CI, so without it a mistake here (a tensor left on the wrong device, a helper's changed
 signature) would first show on a lent GPU, as failures that cost its report the verdict;
-tests/test_gpu_report.py runs it in CI. It proves nothing about the GPU itself.
+tests/test_gpu_tests_on_cpu.py runs it in CI. It proves nothing about the GPU itself.
 """
 from __future__ import annotations
 
