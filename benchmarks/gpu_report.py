@@ -1167,9 +1167,10 @@ def phase_sanitizer(ctx: Ctx, ph: Dict, allow: float) -> None:
         status = ("timeout" if res.timed_out else "clean" if parsed["errors"] == 0 and res.rc == 0 else
                   "errors" if parsed["errors"] else "failed")
         refusal = sanitizer_refusal(res.output, parsed) if status != "clean" else None
-        s["tools"][tool] = {"status": "unsupported" if refusal else status, **res.summary(), **parsed}
         if refusal:
             status = "unsupported"
+        s["tools"][tool] = {"status": status, **res.summary(), **parsed}
+        if refusal:
             s["tools"][tool]["reason"] = (f"compute-sanitizer {tool} on this machine: {refusal} (the machine's GPU "
                                           f"runtime refuses the tool, e.g. gVisor: not a finding about the kernels; "
                                           f"a report from a machine where it runs is needed for the verdict)")

@@ -494,9 +494,9 @@ def tolerance(compute_dtype, dev_type: str) -> float:
     through a whole model (the per-layer tolerances of gmf_kernels.numerics.TOLERANCE, x5 for depth)."""
     import torch
     from gmf_kernels.numerics import TOLERANCE
+    from gmf_kernels.selfcheck import tf32_allowed
     tol = 5 * TOLERANCE.get(compute_dtype, 1e-2)
-    if dev_type == "cuda" and compute_dtype == torch.float32 and (
-            torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
+    if dev_type == "cuda" and compute_dtype == torch.float32 and tf32_allowed():
         tol = max(tol, 1e-2)  # tf32 convolutions / matmuls
     return tol
 
@@ -1377,17 +1377,16 @@ def train_oracle(ctx: Context, master, names: List[str], tag: str):
 
 def train_support_reasons(ctx: Context, backend: str, model) -> List[str]:
     """Why a backend cannot train this model here (its declared support, for every GMA layer at its
-    stage's token grid: the stem reduces the S x S image by 4, each later stage by 2 more, each a
-    3x3 stride-2 convolution with padding 1, i.e. ceil(n / 2))."""
+    stage's token grid: ceil(S / reduction), the reduction of the model's `feature_info`; its
+    stride-2 3x3 convolutions with padding 1 each take n to ceil(n / 2))."""
     import torch
     from gmf_kernels.backends import GMAProblem, get_backend
     from gmf_kernels.modules import GroupMixAttention
     b = get_backend(backend)
     cap = torch.cuda.get_device_capability(ctx.device) if ctx.dev_type == "cuda" else None
     reasons: List[str] = []
-    grid = -(-ctx.S // 4)
-    for i, stage in enumerate(model.groupmixformer_backbone):
-        grid = grid if i == 0 else -(-grid // 2)
+    for stage, info in zip(model.groupmixformer_backbone, model.feature_info):
+        grid = -(-ctx.S // info["reduction"])
         for att in (m for m in stage.modules() if isinstance(m, GroupMixAttention)):
             p = GMAProblem(B=ctx.B, H=grid, W=grid, dim=att.dim, num_heads=att.num_heads,
                            dtype=ctx.compute_dtype, device_type=ctx.dev_type, training=True, needs_grad=True,
