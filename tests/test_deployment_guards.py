@@ -2,8 +2,10 @@
 
 The CUDA backend must refuse, with a reason and before anything is launched, a GPU whose
 compute capability the loaded module has no code for (SASS of the same major with a minor
-<= the GPU's, or PTX of a capability <= the GPU's), and a driver older than the CUDA
-toolkit the module was built with. `auto` then falls back to the next backend; an explicit
+<= the GPU's, or PTX of a capability <= the GPU's), and a driver of an older major CUDA
+version than the toolkit the module was built with. Within one major version (CUDA's minor
+version compatibility) the module's SASS runs on an older driver but its PTX cannot be
+JIT-compiled, so only SASS counts. `auto` then falls back to the next backend; an explicit
 `backend="cuda"` raises ValueError naming the problem. A module that does not report these
 facts (built before `build_ptx_archs()`, `cuda_runtime_version()`, `cuda_driver_version()`
 existed) is "unknown": the values come from its build.json / torch where possible, and
@@ -137,7 +139,9 @@ def test_arch_reasons_without_ptx_and_unknowns():
 @pytest.mark.parametrize("runtime, driver, fragment", [
     (13000, 13000, None), (12080, 13000, None), (12080, 12080, None),
     (13000, 12080, "driver supports CUDA 12.8 but the CUDA module was built with CUDA 13.0"),
-    (12080, 12020, "driver supports CUDA 12.2 but the CUDA module was built with CUDA 12.8"),
+    (12080, 12020, None),  # minor version compatibility: same major (ptx_jit_reason covers the PTX)
+    (13000, 12090, "driver supports CUDA 12.9 but the CUDA module was built with CUDA 13.0"),
+    (12080, 11080, "a driver of an older major version cannot run it"),
     (13000, 0, "no NVIDIA driver"),
     (None, 13000, "does not report the CUDA runtime"),
     (13000, None, "does not report the driver's CUDA version"),
@@ -148,6 +152,26 @@ def test_driver_reasons(runtime, driver, fragment):
         assert reasons == []
     else:
         assert len(reasons) == 1 and fragment in reasons[0], reasons
+
+
+@pytest.mark.parametrize("runtime, driver, blocked", [
+    (12080, 12020, True), (13000, 13000, False), (12080, 13000, False), (12080, None, False), (12080, 0, False),
+])
+def test_ptx_jit_reason(runtime, driver, blocked):
+    reason = cb.ptx_jit_reason(runtime, driver)
+    assert (reason is not None) is blocked
+    if blocked:
+        assert "cannot JIT-compile" in reason and "12.2" in reason and "12.8" in reason
+
+
+def test_arch_reasons_when_the_driver_cannot_jit_the_ptx():
+    sass, ptx = cb.parse_arch_list(DEFAULT_SASS), cb.parse_arch_list(DEFAULT_PTX)
+    jit = cb.ptx_jit_reason(12080, 12020)
+    assert cb.arch_reasons((9, 0), sass, ptx, ptx_jit=jit) == []  # SASS runs under minor version compat
+    assert cb.arch_reasons((12, 0), sass, ptx) == []  # a new driver JITs the PTX
+    r = cb.arch_reasons((12, 0), sass, ptx, ptx_jit=jit)
+    assert len(r) == 1 and "would suit it, but the driver (CUDA 12.2)" in r[0] and "update the driver" in r[0], r
+    assert "GMF_CUDA_ARCHS=120" in r[0]
 
 
 def test_cuda_version_str():
@@ -192,6 +216,19 @@ def test_old_driver_falls_back_and_explicit_raises(gpu_machine):
     assert any("driver supports CUDA 12.8" in r for r in get_backend("cuda").availability_reasons())
     assert select_backend(p, None).name == expected_fallback(p)
     with pytest.raises(ValueError, match=r"driver supports CUDA 12\.8 but the CUDA module was built with CUDA 13\.0"):
+        select_backend(p, "cuda")
+
+
+def test_minor_version_compatibility(gpu_machine):
+    """A 12.8 build on a 12.2 driver: the SASS runs (cuda is chosen); a GPU that only the PTX would
+    serve is refused with the driver named, and `auto` falls back."""
+    gpu_machine(FakeModule(runtime=12080, driver=12020), caps=[(9, 0)])
+    assert get_backend("cuda").availability_reasons() == []
+    assert select_backend(cuda_problem((9, 0)), "cuda").name == "cuda"
+    gpu_machine(FakeModule(runtime=12080, driver=12020), caps=[(12, 0)])
+    p = cuda_problem((12, 0))
+    assert select_backend(p, None).name == expected_fallback(p)
+    with pytest.raises(ValueError, match=r"(?s)compute capability 12\.0.*cannot JIT-compile"):
         select_backend(p, "cuda")
 
 
@@ -292,9 +329,9 @@ def test_fallback_to_build_metadata_and_torch_driver(gpu_machine, monkeypatch):
     assert (info.runtime, info.driver) == (12080, 12080)
     assert info.sass == [(8, 0, ""), (9, 0, "")] and info.ptx is None
     assert select_backend(cuda_problem((9, 0)), "cuda").name == "cuda"
-    monkeypatch.setattr(cb, "_torch_driver_version", lambda: 12040)
+    monkeypatch.setattr(cb, "_torch_driver_version", lambda: 11080)
     cb._INFO_CACHE.clear()
-    with pytest.raises(ValueError, match=r"driver supports CUDA 12\.4"):
+    with pytest.raises(ValueError, match=r"driver supports CUDA 11\.8"):
         select_backend(cuda_problem((9, 0)), "cuda")
 
 

@@ -23,9 +23,12 @@ ValueError naming the problem):
 * **build mode**: a module built for the CPU emulation only (``build_mode() == "emulation"``)
   has no GPU kernels.
 * **driver**: the driver's CUDA version (``cuda_driver_version()``, 0 without a driver)
-  against the CUDA runtime the module was built with (``cuda_runtime_version()``): a
-  driver older than the toolkit cannot run the module (cudaErrorInsufficientDriver at
-  the first call).
+  against the CUDA runtime the module was built with (``cuda_runtime_version()``). A
+  driver of an older *major* version cannot run the module (cudaErrorInsufficientDriver at
+  the first call). Within one major version, CUDA's minor version compatibility (CUDA 11
+  and later: a 12.8 build runs on a 12.2 driver) runs the module's SASS, but that driver
+  cannot JIT-compile the module's newer PTX (cudaErrorUnsupportedPtxVersion), so the
+  architecture check then counts SASS only (``arch_reasons(..., ptx_jit=False)``).
 
 A module that lacks one of these functions (built before they existed) is "unknown": the
 values are taken from the build metadata (`build.json`, written next to the module) and
@@ -96,17 +99,19 @@ def ptx_runs_on(a: Arch, cap: Tuple[int, int]) -> bool:
 
 
 def arch_reasons(cap: Optional[Tuple[int, int]], sass: Optional[Sequence[Arch]],
-                 ptx: Optional[Sequence[Arch]], where: str = "this GPU") -> List[str]:
+                 ptx: Optional[Sequence[Arch]], where: str = "this GPU",
+                 ptx_jit: Optional[str] = None) -> List[str]:
     """Why a module with these targets cannot run on capability `cap` ([] if it can).
 
-    sass/ptx None: the module did not say (unknown)."""
+    sass/ptx None: the module did not say (unknown). ptx_jit: None when the driver can
+    JIT-compile the module's PTX, else why not (`ptx_jit_reason`): then only SASS counts."""
     if cap is None:
         return [f"the compute capability of {where} is unknown, so the CUDA module's targets cannot be "
                 f"checked against it"]
     cap = (int(cap[0]), int(cap[1]))
     if sass and any(sass_runs_on(a, cap) for a in sass):
         return []
-    if ptx and any(ptx_runs_on(a, cap) for a in ptx):
+    if ptx and ptx_jit is None and any(ptx_runs_on(a, cap) for a in ptx):
         return []  # the driver JIT-compiles the embedded PTX at the first launch
     cc = f"{cap[0]}.{cap[1]} (sm_{cap[0]}{cap[1]})"
     rebuild = f"rebuild for it: `GMF_CUDA_ARCHS={cap[0]}{cap[1]} {REBUILD}`"
@@ -121,6 +126,10 @@ def arch_reasons(cap: Optional[Tuple[int, int]], sass: Optional[Sequence[Arch]],
     else:
         ptx_txt = "its PTX (" + ", ".join(arch_name(a, "compute_") for a in ptx) + ") needs a capability >= " + \
             min((f"{a[0]}.{a[1]}" for a in ptx), key=lambda s: tuple(map(int, s.split("."))))
+        if ptx_jit is not None and any(ptx_runs_on(a, cap) for a in ptx):
+            ptx_txt = "its PTX (" + ", ".join(arch_name(a, "compute_") for a in ptx) + ") would suit it, but " + \
+                ptx_jit
+            rebuild = "update the driver, or " + rebuild
     return [f"compute capability {cc} of {where} is not supported by the CUDA module: it has machine code "
             f"(SASS) for {built} (each runs on the same major version with an equal or higher minor) and "
             f"{ptx_txt}; {rebuild}"]
@@ -143,12 +152,25 @@ def driver_reasons(runtime: Optional[int], driver: Optional[int]) -> List[str]:
                                            ("the driver's CUDA version", driver)) if v is None)
         return [f"cannot check the driver against the toolkit: the CUDA module does not report {what} "
                 f"(built before cuda_runtime_version()/cuda_driver_version() existed); rebuild it: `{REBUILD}`"]
-    if driver < runtime:
+    if driver // 1000 < runtime // 1000:
         return [f"the NVIDIA driver supports CUDA {cuda_version_str(driver)} but the CUDA module was built with "
-                f"CUDA {cuda_version_str(runtime)}: a driver older than the toolkit cannot run it. Update the "
-                f"driver (to one for CUDA >= {cuda_version_str(runtime)}) or rebuild with an older toolkit "
-                f"(`{REBUILD}` with nvcc <= {cuda_version_str(driver)} first on PATH)"]
-    return []
+                f"CUDA {cuda_version_str(runtime)}: a driver of an older major version cannot run it (CUDA's "
+                f"minor version compatibility holds within one major version only). Update the driver (to one "
+                f"for CUDA >= {runtime // 1000}.0) or rebuild with an older toolkit (`{REBUILD}` with nvcc "
+                f"{driver // 1000}.x first on PATH)"]
+    return []  # same major: minor version compatibility runs the SASS (ptx_jit_reason: not newer PTX)
+
+
+def ptx_jit_reason(runtime: Optional[int], driver: Optional[int]) -> Optional[str]:
+    """Why the driver cannot JIT-compile PTX made by CUDA `runtime` (None if it can or unknown).
+
+    Minor version compatibility does not extend to PTX: a 12.2 driver rejects PTX from 12.8
+    (cudaErrorUnsupportedPtxVersion), so only the module's SASS can run."""
+    if runtime is None or driver is None or driver <= 0 or driver >= runtime:
+        return None
+    return (f"the driver (CUDA {cuda_version_str(driver)}) is older than the toolkit that made the PTX "
+            f"(CUDA {cuda_version_str(runtime)}) and cannot JIT-compile it (minor version compatibility covers "
+            f"SASS only)")
 
 
 # ------------------------------------------------------------------ what the module says about itself
@@ -265,7 +287,8 @@ def _machine_reasons(info: DeploymentInfo) -> List[str]:
         n = torch.cuda.device_count()
     except Exception:
         n = 0
-    per_device = [arch_reasons(_device_capability(i), info.sass, info.ptx, f"cuda:{i}") for i in range(n)]
+    jit = ptx_jit_reason(info.runtime, info.driver)
+    per_device = [arch_reasons(_device_capability(i), info.sass, info.ptx, f"cuda:{i}", jit) for i in range(n)]
     if n and all(per_device):
         reasons.append(f"none of the {n} visible GPU(s) can run the CUDA module: "
                        + " | ".join(r[0] for r in per_device))
@@ -315,7 +338,8 @@ class CudaBackend(FusedBackend):
         where = f"cuda:{p.device_index}" if p.device_index is not None else "this GPU"
         key = (tuple(cap) if cap is not None else None, where)
         if key not in info.arch_memo:
-            info.arch_memo[key] = arch_reasons(cap, info.sass, info.ptx, where)
+            info.arch_memo[key] = arch_reasons(cap, info.sass, info.ptx, where,
+                                               ptx_jit_reason(info.runtime, info.driver))
         return list(info.arch_memo[key])
 
     def not_supported_reasons(self, p) -> List[str]:
