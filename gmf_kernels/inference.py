@@ -108,15 +108,20 @@ def inference_plan(device: Union[str, torch.device] = "cpu", dtype: torch.dtype 
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     devices = load_mode_table(table)["devices"]
-    keys = device_key(device)
-    key = next((k for k in keys if k in devices), None)
-    if key is None:
-        raise ValueError(f"the inference mode table has no entry for {device} (tried {list(keys)}; "
+    keys = [k for k in device_key(device) if k in devices]  # most specific first
+    if not keys:
+        raise ValueError(f"the inference mode table has no entry for {device} (tried {list(device_key(device))}; "
                          f"it has {sorted(devices)})")
-    entry = devices[key]
     dt = str(dtype).replace("torch.", "")
+    # field by field, the most specific entry that sets it: an sm_XY entry measured for one dtype
+    # keeps the generic entry's thresholds for the others and its Inductor options
+    key = next((k for k in keys if dt in devices[k].get("cudagraphs_max_batch", {})), keys[0])
+    entry = devices[key]
     limit = entry.get("cudagraphs_max_batch", {}).get(dt)
     measured = bool(entry.get("measured", False))
+    inductor_options = {}
+    for k in reversed(keys):
+        inductor_options.update(devices[k].get("inductor_options", {}))
     how = "measured" if measured else "estimate"
     forced = cudagraphs
     if device.type != "cuda":
@@ -136,15 +141,20 @@ def inference_plan(device: Union[str, torch.device] = "cpu", dtype: torch.dtype 
         cudagraphs = bool(forced)
     return InferencePlan(device=device, dtype=dtype, batch_size=batch_size, cudagraphs=cudagraphs,
                          mode="reduce-overhead" if cudagraphs else "default",
-                         inductor_options=dict(entry.get("inductor_options", {})), table_entry=key,
+                         inductor_options=inductor_options, table_entry=key,
                          measured=measured, reason=reason)
 
 
 def _clone_outputs(out):
+    """Copies of the tensors in `out` (a tensor, or lists, tuples, namedtuples and mappings of them)."""
     if isinstance(out, torch.Tensor):
         return out.clone()
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # namedtuple: positional constructor
+        return type(out)(*(_clone_outputs(o) for o in out))
     if isinstance(out, (list, tuple)):
         return type(out)(_clone_outputs(o) for o in out)
+    if isinstance(out, Mapping):
+        return {k: _clone_outputs(v) for k, v in out.items()}
     return out
 
 
@@ -166,6 +176,9 @@ class InferenceModel(nn.Module):
                 f"mode={p.mode!r}, options=({opts}), compiled={self._run is not self.model}: {p.reason}")
 
     def forward(self, x: torch.Tensor):
+        if x.device != self.plan.device and not (x.device.type == self.plan.device.type
+                                                  and self.plan.device.index is None):
+            x = x.to(self.plan.device)
         if x.is_floating_point() and x.dtype != self.plan.dtype:
             x = x.to(self.plan.dtype)
         with torch.inference_mode():

@@ -179,12 +179,19 @@ TABLE = {"devices": {
 }}
 
 
+@pytest.fixture
+def no_arch_entry(monkeypatch):
+    """The plan tests below read the generic "cuda" entry: a GPU with an sm_XY entry of TABLE
+    (an H100 is sm_90) must not change them."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+
+
 @pytest.mark.parametrize("batch, dtype, cudagraphs", [
     (1, torch.float32, True), (4, torch.float32, True), (5, torch.float32, False),
     (16, torch.bfloat16, True), (17, torch.bfloat16, False), (None, torch.bfloat16, False),
     (1, torch.float16, False),  # no threshold for this dtype: no CUDA graphs
 ])
-def test_plan_threshold_from_table(batch, dtype, cudagraphs):
+def test_plan_threshold_from_table(batch, dtype, cudagraphs, no_arch_entry):
     plan = inference_plan("cuda", dtype, batch, table=TABLE)
     assert plan.cudagraphs is cudagraphs
     assert plan.mode == ("reduce-overhead" if cudagraphs else "default")
@@ -200,9 +207,28 @@ def test_plan_architecture_entry_wins(monkeypatch):
     plan = inference_plan("cuda", torch.bfloat16, 64, table=TABLE)
     assert plan.table_entry == "sm_90" and plan.cudagraphs and plan.measured
     assert not inference_plan("cuda", torch.bfloat16, 65, table=TABLE).cudagraphs
+    # what the sm_90 entry does not set comes from the generic entry: fp32's threshold, freezing
+    assert plan.inductor_options == {"freezing": True}
+    fp32 = inference_plan("cuda", torch.float32, 4, table=TABLE)
+    assert fp32.table_entry == "cuda" and fp32.cudagraphs and not fp32.measured
+    assert fp32.inductor_options == {"freezing": True}
+    assert inference_plan("cuda", torch.float16, 1, table=TABLE).table_entry == "sm_90"  # set by neither
 
 
-def test_plan_forced_cudagraphs():
+def test_clone_outputs_copies_every_tensor():
+    """CUDA graph outputs are copied out before the next replay overwrites them, in any container."""
+    import collections
+
+    from gmf_kernels.inference import _clone_outputs
+    Pair = collections.namedtuple("Pair", "a b")
+    t = torch.ones(2)
+    out = _clone_outputs({"x": [t, (t, Pair(t, 3))], "n": None})
+    flat = [out["x"][0], out["x"][1][0], out["x"][1][1].a]
+    assert all(o is not t and torch.equal(o, t) for o in flat)
+    assert isinstance(out["x"][1][1], Pair) and out["x"][1][1].b == 3 and out["n"] is None
+
+
+def test_plan_forced_cudagraphs(no_arch_entry):
     """cudagraphs=True/False overrides the threshold (to measure both modes); not on a CPU."""
     on = inference_plan("cuda", torch.float32, 100, table=TABLE, cudagraphs=True)
     assert on.cudagraphs and on.mode == "reduce-overhead" and "as asked" in on.reason
