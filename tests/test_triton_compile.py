@@ -400,3 +400,45 @@ def test_triton_op_traces_into_kernels(mode):
     assert res["kernels"] == ["gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel"], res
     assert res["ops"] == (["gmf.triton_z_moments.default"] if mode == "train" else []), res
     assert "traced only" in res["error"], res
+
+
+def test_wrap_triton_launches_directly_unless_tracing(monkeypatch):
+    """launcher.wrap_triton: a direct ``kernel[grid](...)`` on real tensors (torch's wrapper would
+    file an Autotuner in a global side table per launch: a leak and ~0.1 ms of host time); torch's
+    ``wrap_triton`` under Dynamo, a dispatch mode (fake / proxy / functional tensors) or a tensor
+    subclass, where torch.compile must see the kernel. Mocked kernel and wrapper: no GPU here."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gmf_kernels.triton_kernels import launcher
+
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append(("direct", grid))
+
+    class TorchWrapper:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append(("wrapped", grid))
+
+    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    monkeypatch.setattr(launcher, "_torch_wrap_triton", TorchWrapper)
+    launch = launcher.wrap_triton(Kernel())
+    x = torch.zeros(4)
+    launch[(2, 1)](x, 3, num_warps=4)
+    assert calls == [("direct", (2, 1))]
+    with FakeTensorMode() as mode:
+        launch[(3,)](mode.from_tensor(x), num_warps=4)
+    assert calls[-1] == ("wrapped", (3,))
+    launch[(4,)](torch.nn.Parameter(x), num_warps=4)   # a subclass: the careful path
+    assert calls[-1] == ("wrapped", (4,))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    launch[(5,)](x)
+    assert calls[-1] == ("wrapped", (5,))
+    monkeypatch.setattr(launcher, "interpreting", lambda: True)
+    k = Kernel()
+    assert launcher.wrap_triton(k) is k   # the interpreter's kernels: never wrapped

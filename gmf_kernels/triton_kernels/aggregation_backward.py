@@ -7,8 +7,9 @@ backward.py's PyTorch recompute, the layer's own fp16/bf16 otherwise, as eager A
 activations; every kernel widens them to fp32 on load, computes and accumulates in fp32 and
 rounds once on store; partial sums and weight gradients fp32): images channels-first, q, k, v
 stacked as 3B images, Z / dP / G / dZ (3B, 4s, H, W), u_j / y_j (3B, s, H, W), the local
-branch's (B, s|3s, H, W). Every launch goes through ``torch.library.wrap_triton`` under the
-input's CUDA device, as `launcher.launch_pre_projection` does.
+branch's (B, s|3s, H, W). Every launch goes through `launcher.wrap_triton` (torch's
+``wrap_triton`` while a trace runs, else a direct launch) under the input's CUDA device, as
+`launcher.launch_pre_projection` does.
 
 Pixels are walked as ONE flat index g over the images x N = H W tokens (image g // N, token
 g % N): tiles of BLOCK_P consecutive flat pixels cross image borders, so odd and tiny grids

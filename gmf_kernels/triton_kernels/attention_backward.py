@@ -370,7 +370,7 @@ def plan_b1(Zq: Tensor, dA: Tensor, scale: float, bn_scale: Tensor, bn_shift: Te
 
 
 def _run(launches: List[Launch], like: Tensor) -> None:
-    """Launch in order under like's CUDA device, through wrap_triton (torch.compile sees the kernels)."""
+    """Launch in order under like's CUDA device, through `launcher.wrap_triton` (torch.compile sees the kernels while tracing)."""
     with device_guard(like):
         for kernel, grid, args, kwargs in launches:
             wrap_triton(kernel)[grid](*args, **kwargs)

@@ -5,9 +5,9 @@
 Launch sequence (no host synchronisation), under the input's CUDA device:
 ``gma_aggregate_kernel`` (PROGRAMS, B) -> ``gma_combine_kernel`` (8, B) ->
 ``gma_attention_kernel`` (ceil(N / ATTN_BLOCK_P), 8, B). Launches go through
-``torch.library.wrap_triton`` so that ``torch.compile`` sees the kernels inside the
-``gmf::triton_pre_projection`` op (triton_kernels/op.py); outside tracing it launches them
-directly.
+``torch.library.wrap_triton`` while a trace runs, so that ``torch.compile`` sees the kernels
+inside the ``gmf::triton_pre_projection`` op (triton_kernels/op.py); otherwise they are
+launched directly (`wrap_triton` here).
 
 Per call the launcher picks the kernels' variant: the dots' precision for the input dtype on
 the input's GPU (`_common.dot_variant`, table `config.ARCH_DOTS`; emulated GPU rounding under
@@ -57,13 +57,53 @@ except ImportError:  # torch < 2.6: plain launches (op.py registers a custom_op 
 
 
 def wrap_triton(kernel):
-    """``torch.library.wrap_triton(kernel)`` for a JIT kernel; the kernel itself under the
-    interpreter (its ``InterpretedFunction`` cannot be traced, and torch <= 2.11 refuses it:
-    "wrap_triton only works on functions annotated with triton.jit", where 2.13 passes it
-    through) and on torch < 2.6."""
+    """``kernel`` to launch as ``wrap_triton(kernel)[grid](*args, **kwargs)``: through
+    ``torch.library.wrap_triton`` while a trace is running (`_tracing`), so that torch.compile
+    sees the kernel; a direct launch on real tensors. The kernel itself under the interpreter
+    (its ``InterpretedFunction`` cannot be traced, and torch <= 2.11 refuses it: "wrap_triton
+    only works on functions annotated with triton.jit", where 2.13 passes it through) and on
+    torch < 2.6.
+
+    Why not torch's wrapper always: outside a ``triton_op`` (whose eager body torch runs with
+    wrapping off) torch's wrapper launches through its higher-order op, which, for every call
+    that passes ``num_warps``, builds a one-config Autotuner and files it, with the constant
+    arguments, in a global side table that is never cleared: ~1.5 KB of host memory and ~0.1 ms
+    of host time per launch. The statistics, recompute and backward kernels run inside plain
+    ``custom_op`` bodies (real tensors only: each op has its own fake) and eagerly on the
+    SyncBatchNorm path: ~300 launches per GroupMixFormer-S training step."""
     if _torch_wrap_triton is None or interpreting():
         return kernel
-    return _torch_wrap_triton(kernel)
+    return _GridLaunch(kernel)
+
+
+def _tracing(args, kwargs) -> bool:
+    """Is a trace running over this launch: Dynamo, a dispatch mode (make_fx's proxy, fake or
+    functional tensors: torch.compile's AOT pass over a ``triton_op``), or a tensor subclass?"""
+    if torch.compiler.is_compiling():
+        return True
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    if _get_current_dispatch_mode() is not None:
+        return True
+    keys = torch._C._TorchDispatchModeKey
+    if any(torch._C._get_dispatch_mode(getattr(keys, k)) is not None for k in ("FAKE", "PROXY", "FUNCTIONAL")
+           if hasattr(keys, k)):
+        return True
+    return any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor
+               for a in (*args, *kwargs.values()))
+
+
+class _GridLaunch:
+    """``_GridLaunch(kernel)[grid](*args, **kwargs)``: see `wrap_triton`."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if _tracing(args, kwargs):
+                return _torch_wrap_triton(self.kernel)[grid](*args, **kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 def _alloc(shape, dtype, device):
