@@ -147,7 +147,7 @@ if __name__ == "__main__":  # setuptools runs this file as __main__; tests impor
         python_requires=">=3.10",
         packages=find_packages(include=["gmf_kernels", "gmf_kernels.*"]),
         package_data={"gmf_kernels": ["cuda/_prebuilt/*.so", "cuda/_prebuilt/*.json", "cuda/_prebuilt/*.log",
-                                      "data/*.json"]},
+                                      "data/*.json", "data/tuning/*.json"]},
         include_package_data=True,
         # torch is required but not pinned here: install the build for your platform first
         # (pip would otherwise pull the default CUDA wheel). See README.md.

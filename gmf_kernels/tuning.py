@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -56,11 +57,32 @@ def table_path(arch: str) -> Path:
 
 @lru_cache(maxsize=None)
 def _load(path: str) -> Optional[dict]:
+    """The table at `path`; None when there is none, or (with a warning, once) when it cannot be
+    read or is not a JSON object: every launch then uses its default rather than failing."""
     p = Path(path)
     if not p.is_file():
         return None
-    with open(p) as fh:
-        return json.load(fh)
+    try:
+        with open(p) as fh:
+            table = json.load(fh)
+    except (OSError, ValueError) as e:
+        warnings.warn(f"gmf_kernels: tuning table {p} cannot be read ({type(e).__name__}: {e}); the default "
+                      f"launch configs are used. Rewrite it with benchmarks/tune.py or delete it.")
+        return None
+    if not isinstance(table, dict):
+        warnings.warn(f"gmf_kernels: tuning table {p} is not a JSON object; the default launch configs are used")
+        return None
+    return table
+
+
+def _lookup(table: Optional[dict], *keys: str) -> Optional[dict]:
+    """table[k0][k1]...; None where a level is missing or not a JSON object (a malformed table)."""
+    node = table
+    for k in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(k)
+    return node if isinstance(node, dict) else None
 
 
 def load_table(arch: Optional[str]) -> Optional[dict]:
@@ -76,19 +98,14 @@ def clear_cache() -> None:
 
 def kernel_config(family: str, arch: Optional[str], C: int, dtype) -> Optional[dict]:
     """The tuned launch config of a kernel family for (arch, C, dtype), or None (use the default)."""
-    table = load_table(arch)
-    if not table:
-        return None
-    return table.get("kernels", {}).get(family, {}).get(str(C), {}).get(dtype_name(dtype))
+    return _lookup(load_table(arch), "kernels", family, str(C), dtype_name(dtype))
 
 
 def backend_times(arch: Optional[str], C: int, dtype) -> Dict[str, float]:
     """Measured pre-projection time (any unit, same for all) per backend for (arch, C, dtype); {} if none."""
-    table = load_table(arch)
-    if not table:
-        return {}
-    entry = table.get("backends", {}).get(str(C), {}).get(dtype_name(dtype), {})
-    return {k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and k != "batch"}
+    entry = _lookup(load_table(arch), "backends", str(C), dtype_name(dtype)) or {}
+    return {k: float(v) for k, v in entry.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and k != "batch"}
 
 
 # ---------------------------------------------------------------- search spaces
@@ -116,8 +133,9 @@ def spaces() -> Dict[str, SearchSpace]:
 
 def choose(family: str, C: int, dtype, capability: Optional[Tuple[int, int]]) -> dict:
     """The config a launcher uses: the tuned entry for this GPU when the table has one, else the
-    family's default. Tuned entries are validated against the candidate list (a stale table
-    whose entry is not a candidate any more falls back to the default)."""
+    family's default. A tuned entry must name one candidate exactly (the same knobs, the same
+    values): the candidate itself is returned. A stale table (an entry that is no candidate any
+    more, or lacks a knob added since) falls back to the default."""
     space = _SPACES.get(family)
     tuned = kernel_config(family, arch_key(capability), C, dtype)
     if space is None:
@@ -125,6 +143,7 @@ def choose(family: str, C: int, dtype, capability: Optional[Tuple[int, int]]) ->
     cap = capability or (8, 0)
     if tuned is not None:
         keys = {k: v for k, v in tuned.items() if k != "time_us"}
-        if any(all(c.get(k) == v for k, v in keys.items()) for c in space.candidates(C, dtype, cap)):
-            return keys
+        for c in space.candidates(C, dtype, cap):
+            if keys and keys == dict(c):
+                return dict(c)
     return space.default(C, dtype, cap)

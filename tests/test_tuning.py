@@ -66,3 +66,30 @@ def test_kernel_config_choose_validates_against_candidates(table_dir):
     # a stale entry (not a candidate any more) falls back to the default
     write(table_dir, "sm_90", {"kernels": {"test.kernel": {"80": {"float16": {"BLOCK": 128, "num_warps": 8}}}}})
     assert tuning.choose(space.family, 80, torch.float16, (9, 0)) == {"BLOCK": 32, "num_warps": 4}
+
+
+def test_partial_or_malformed_tables_fall_back_to_the_default(table_dir):
+    """A stale entry missing a knob (added since), an empty entry, a level that is no JSON object
+    or a file that is no JSON: the default, never a crash at launch."""
+    space = tuning.register_space(tuning.SearchSpace(
+        family="test.kernel2",
+        candidates=lambda C, dt, cap: [{"BLOCK": 32, "num_warps": 4}, {"BLOCK": 64, "num_warps": 8}],
+        default=lambda C, dt, cap: {"BLOCK": 32, "num_warps": 4}))
+    default = {"BLOCK": 32, "num_warps": 4}
+    for entry in ({"BLOCK": 64}, {}, {"time_us": 3.0}, [64, 8], "BLOCK=64"):
+        write(table_dir, "sm_90", {"kernels": {"test.kernel2": {"80": {"float16": entry}}}})
+        assert tuning.choose(space.family, 80, torch.float16, (9, 0)) == default, entry
+    for kernels in ([], {"test.kernel2": []}, {"test.kernel2": {"80": 5}}):
+        write(table_dir, "sm_90", {"kernels": kernels, "backends": {"80": []}})
+        assert tuning.choose(space.family, 80, torch.float16, (9, 0)) == default, kernels
+        assert tuning.backend_times("sm_90", 80, torch.float16) == {}
+    (table_dir / "sm_90.json").write_text("{not json")
+    tuning.clear_cache()
+    with pytest.warns(UserWarning, match="cannot be read"):
+        assert tuning.choose(space.family, 80, torch.float16, (9, 0)) == default
+    (table_dir / "sm_90.json").write_text("[1, 2]")
+    tuning.clear_cache()
+    with pytest.warns(UserWarning, match="not a JSON object"):
+        assert tuning.backend_times("sm_90", 80, torch.float16) == {}
+    write(table_dir, "sm_90", {"backends": {"80": {"float16": {"cuda": True, "triton": -1.0, "torch": 4.0}}}})
+    assert tuning.backend_times("sm_90", 80, torch.float16) == {"torch": 4.0}
