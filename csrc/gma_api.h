@@ -35,6 +35,8 @@ struct PlanInfo {
 // The per-block shared-memory limit assumed when none is given: sm_90's opt-in maximum.
 // The Python launcher passes the device's own (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 constexpr size_t kDefaultSmemLimit = 227 * 1024;
+// shared memory the hardware reserves per resident block (sm_80 and later; 0 before, 1 KiB is conservative)
+constexpr size_t kReservedSmemPerBlock = 1024;
 
 // Validates the sizes (C a multiple of 10 and <= 640, B, H, W >= 1, dtype code 0/1/2,
 // tile_h/tile_w both 0 = automatic, or both >= 1 with tile_h <= 8, tile_w <= 16;

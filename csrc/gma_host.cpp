@@ -169,9 +169,13 @@ PlanInfo plan(int B, int H, int W, int C, int dtype, int tile_h, int tile_w, int
     while ((long long)B * tiles_of(H, W, h0, w0) * kAggJobs < 2 * 132 && h0 * w0 > 16) {
       if (h0 >= w0) h0 = (h0 + 1) / 2; else w0 = (w0 + 1) / 2;
     }
-    // then the largest of its halvings that fits: staged weights and two blocks per SM first
+    // then the largest of its halvings that fits: staged weights and two blocks per SM first.
+    // Two blocks: the SM's shared memory (the per-block opt-in limit plus 1 KiB on every GPU
+    // from sm_70 to sm_90, or equal to it) holds two blocks' dynamic shared memory plus the 1 KiB
+    // the hardware reserves per block: limit / 2 - 1 KiB never claims two blocks that do not fit
+    const size_t two = limit / 2 > kReservedSmemPerBlock ? limit / 2 - kReservedSmemPerBlock : limit / 2;
     struct Pass { size_t budget; bool unstaged; int min_pixels; };
-    const Pass passes[] = {{limit / 2, false, 16}, {limit, false, 16}, {limit / 2, true, 16}, {limit, true, 1}};
+    const Pass passes[] = {{two, false, 16}, {limit, false, 16}, {two, true, 16}, {limit, true, 1}};
     for (const Pass& ps : passes) {
       int h = h0, w = w0;
       while (true) {

@@ -17,19 +17,19 @@ namespace gmf {
 // CUDA 12.9's ptxas, for sm_70).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) gma_aggregate_kernel(const GmaParams p) {
-  extern __shared__ float4 gmf_smem[];
+  extern __shared__ __align__(128) float4 gmf_smem[];
   aggregate_block<DeviceExec, T, D>(DeviceExec{}, p, (int)blockIdx.x, reinterpret_cast<char*>(gmf_smem));
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) gma_attention_kernel(const GmaParams p) {
-  extern __shared__ float4 gmf_smem[];
+  extern __shared__ __align__(128) float4 gmf_smem[];
   attention_block<DeviceExec, T, D>(DeviceExec{}, p, (int)blockIdx.x, reinterpret_cast<char*>(gmf_smem));
 }
 
 template <int D>
 __global__ void __launch_bounds__(kThreads, 4) gma_combine_kernel(const GmaParams p) {
-  extern __shared__ float4 gmf_smem[];
+  extern __shared__ __align__(128) float4 gmf_smem[];
   combine_block<DeviceExec, D>(DeviceExec{}, p, (int)blockIdx.x, reinterpret_cast<float*>(gmf_smem));
 }
 
