@@ -46,6 +46,12 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
   compiled, then the rest), cuts the rest to what fits, ends by itself and rewrites its results
   file after every row, so that a run whose time runs out still leaves every row it measured.
 
+A lost CUDA context (a sticky error: an illegal address, a launch failure) ends every later CUDA
+call of its process. A fused backend whose GPU tests show one, or whose row in a timing run causes
+one (the run's marker line, benchmarks/ops.py `context_lost_line`, exit status 3), is quarantined:
+the run goes on (kernels) or starts again (throughput) without it while its time allows, and every
+later run leaves it out; report.json `quarantined` and summary.md say which and why.
+
 Upstream side by side: `--upstream PATH` (default $GMF_UPSTREAM, else .upstream/GroupMixFormer
 under the repository root when it exists; '' for none) is a clone of AILab-CVC/GroupMixFormer.
 Its model needs timm and einops: the env phase records whether both import and, when einops
@@ -85,7 +91,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -144,11 +150,14 @@ def pytest_runs(phase: str, golden_available: bool) -> List[Dict]:
         tk = (["tests/test_triton_kernels.py", "tests/test_triton_attention_backward.py",
                "tests/test_triton_aggregation_backward.py", "tests/test_triton_statistics.py",
                "tests/test_triton_recompute.py"] + ([] if golden_available else ["-k", "not golden"]))
-        return [dict(name="triton_real_shapes", args=[REAL_SHAPES, "-k", "triton"], share=0.6, xdist=True),
-                dict(name="triton_kernels", args=tk, share=0.4, xdist=True)]
+        return [dict(name="triton_real_shapes", args=[REAL_SHAPES, "-k", "triton"], share=0.6, xdist=True,
+                     backend="triton"),
+                dict(name="triton_kernels", args=tk, share=0.4, xdist=True, backend="triton")]
     if phase == "tests":
-        return [dict(name="cuda_real_shapes", args=[REAL_SHAPES, "-k", "not triton"], share=0.7, xdist=True),
-                dict(name="cuda_build_gpu", args=["tests/test_cuda_build.py", "-m", "gpu"], share=0.3, xdist=False)]
+        return [dict(name="cuda_real_shapes", args=[REAL_SHAPES, "-k", "not triton"], share=0.7, xdist=True,
+                     backend="cuda"),
+                dict(name="cuda_build_gpu", args=["tests/test_cuda_build.py", "-m", "gpu"], share=0.3, xdist=False,
+                     backend="cuda")]
     return []
 
 
@@ -608,8 +617,12 @@ KERNEL_PLAN = [
 ]
 
 
-def worker_kernels(model: str, rows_file: Optional[str], budget_s: float, smoke: bool) -> int:
-    """Per-kernel timing rows (benchmarks/ops.py), one JSON line each (also appended to rows_file)."""
+def worker_kernels(model: str, rows_file: Optional[str], budget_s: float, smoke: bool, skip_impls=(),
+                   from_case: int = 0) -> int:
+    """Per-kernel timing rows (benchmarks/ops.py), one JSON line each (also appended to rows_file),
+    from case `from_case` of the plan on, without `skip_impls`. A lost CUDA context ends it with
+    ops' marker line (implementation and case) and exit status 3: `phase_kernels` goes on in a new
+    process without that implementation."""
     import torch
     ops = _load_ops()
     t_end = time.monotonic() + budget_s
@@ -643,6 +656,11 @@ def worker_kernels(model: str, rows_file: Optional[str], budget_s: float, smoke:
     tags = ops.env_tags(device)
     print(f"KERNEL_PLAN {len(plan)}", flush=True)
     for i, (case, impls) in enumerate(plan):
+        if i < from_case:
+            continue
+        impls = [n for n in impls if n not in skip_impls]
+        if not impls:
+            continue
         left = t_end - time.monotonic()
         if left < 8:
             on_row({**case, "kind": "case", "op": "case", "impl": "-", "status": "skipped",
@@ -655,9 +673,15 @@ def worker_kernels(model: str, rows_file: Optional[str], budget_s: float, smoke:
             if not impls:
                 continue
         print(f"KERNEL_CASE {i + 1}/{len(plan)} {json.dumps(case)}", flush=True)
-        ops.bench_case(case, impls, device, warmup_ms=warm, rep_ms=rep, profile_calls=0 if smoke else 20,
-                       tags=tags, on_row=lambda r: on_row({**r, "kind": "op"}), deadline=t_end - 3,
-                       with_linears=impls != ["torch+compile"])
+        try:
+            ops.bench_case(case, impls, device, warmup_ms=warm, rep_ms=rep, profile_calls=0 if smoke else 20,
+                           tags=tags, on_row=lambda r: on_row({**r, "kind": "op"}), deadline=t_end - 3,
+                           with_linears=impls != ["torch+compile"])
+        except ops.CudaContextLost as e:
+            print(ops.context_lost_line(e.impl, e.error, case=i), flush=True)
+            if fh:
+                fh.close()
+            return 3
     if fh:
         fh.close()
     return 0
@@ -681,6 +705,8 @@ class Ctx:
     probe_results: Dict[tuple, RunResult] = field(default_factory=dict)
     #: the CUDA build, when it outlived the build phase: the next phase waits for it (`settle_build`)
     pending_build: Optional["Proc"] = None
+    #: fused backends left out of the later timing runs: {backend: why} (`quarantine`)
+    quarantined: Dict[str, str] = field(default_factory=dict)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -977,6 +1003,58 @@ def _tests_env(ctx: Ctx) -> Dict[str, str]:
     return env
 
 
+#: CUDA errors that poison a process's context: every later CUDA call in it fails too
+STICKY_CUDA_ERROR = re.compile(r"^.*(illegal memory access|illegal address|misaligned address|unspecified launch "
+                               r"failure|illegal instruction|device-side assert|hardware stack error|"
+                               r"cudaErrorLaunchFailure|CUDA_ERROR_LAUNCH_FAILED).*$", re.IGNORECASE | re.MULTILINE)
+#: the fused backends a timing run can leave out; the rest (torch, reference, upstream) are its yardsticks
+QUARANTINABLE = ("cuda", "triton")
+#: a rerun without a quarantined backend needs at least this many seconds of its run's time
+RERUN_MIN_S = 30.0
+
+
+def sticky_cuda_error(output: str) -> Optional[str]:
+    """The first line of a run's output naming a context-poisoning CUDA error, or None."""
+    m = STICKY_CUDA_ERROR.search(output or "")
+    return " ".join(m.group(0).split())[:300] if m else None
+
+
+def quarantine(ctx: Ctx, backend: str, why: str, ph: Dict) -> None:
+    """Leave a fused backend out of the later timing runs (kernels, models, train, paper): a fault
+    that poisons the CUDA context would end each run at that backend's first row, losing every row
+    after it, the judged ones included. Recorded in report.json (`quarantined`) and summary.md."""
+    if backend not in QUARANTINABLE or backend in ctx.quarantined:
+        return
+    ctx.quarantined[backend] = why
+    ctx.report.setdefault("quarantined", {})[backend] = why
+    ph["notes"].append(f"{backend} left out of the later timing runs: {why}")
+    ctx.tee(f"[quarantine] {backend} is left out of the later timing runs: {why}")
+
+
+def without_backends(args: List[str], drop) -> List[str]:
+    """throughput.py arguments that leave the backends in `drop` out: an explicit --backends of the
+    others (throughput.py's default would take every available one) and --compile-backends filtered."""
+    drop = set(drop)
+    if not drop:
+        return list(args)
+    out = list(args)
+    if "--backends" in out:
+        i = out.index("--backends") + 1
+        out[i] = ",".join(b for b in out[i].split(",") if b.strip() and b.strip() not in drop)
+    else:
+        from gmf_kernels.backends import BACKEND_NAMES
+        out += ["--backends", ",".join(b for b in BACKEND_NAMES if b not in drop)]
+    if "--compile-backends" in out:
+        i = out.index("--compile-backends")
+        kept = [b for b in out[i + 1].split(",") if b.strip() and b.strip() not in drop]
+        if kept:
+            out[i + 1] = ",".join(kept)
+        else:
+            del out[i:i + 2]
+            out.append("--no-torchcompile")
+    return out
+
+
 def _run_pytest_specs(ctx: Ctx, specs: List[Dict], t_end: float, ph: Dict) -> None:
     for i, spec in enumerate(specs):
         left = t_end - time.monotonic()
@@ -992,6 +1070,9 @@ def _run_pytest_specs(ctx: Ctx, specs: List[Dict], t_end: float, ph: Dict) -> No
         entry = _record_pytest(ctx, spec["name"], res)
         if entry["status"] != "ok":
             ph["notes"].append(f"{spec['name']}: {entry['status']}")
+        sticky = sticky_cuda_error(res.output)
+        if sticky and spec.get("backend"):
+            quarantine(ctx, spec["backend"], f"the {spec['name']} tests lost the CUDA context: {sticky}", ph)
 
 
 def _fake_build(cmd):
@@ -1195,9 +1276,25 @@ def phase_kernels(ctx: Ctx, ph: Dict, allow: float) -> None:
         res = run(ctx, _kernels_smoke_cmd(ctx), 180, "[kernels] ", probe=True, echo=False)
         k["smoke_on_cpu"] = True
     else:
-        cmd = py(SCRIPT, "--worker", "kernels", "--model", ctx.args.model, "--rows-file", rows_file,
-                 "--worker-budget", max(5.0, allow - 10))
-        res = run(ctx, cmd, allow, "[kernels] ")
+        t_end = time.monotonic() + allow
+        from_case = 0
+        while True:
+            left = t_end - time.monotonic()
+            cmd = py(SCRIPT, "--worker", "kernels", "--model", ctx.args.model, "--rows-file", rows_file,
+                     "--worker-budget", max(5.0, left - 10), "--from-case", from_case,
+                     "--skip-impls", ",".join(sorted(ctx.quarantined)) or ",")
+            res = run(ctx, cmd, left, "[kernels] ")
+            lost = parse_context_lost(res.output)
+            impl = (lost or {}).get("impl", "")
+            if not lost or impl not in QUARANTINABLE or impl in ctx.quarantined:
+                break
+            quarantine(ctx, impl, f"kernel timing lost the CUDA context in {impl}: {lost.get('error', '')[:200]}",
+                       ph)
+            from_case = int(lost.get("case", 0) or 0)   # that case again, without it
+            if t_end - time.monotonic() < RERUN_MIN_S:
+                ph["notes"].append(f"kernels: no time left to go on without {impl}")
+                break
+            ctx.tee(f"[kernels] going on from case {from_case + 1} without {', '.join(sorted(ctx.quarantined))}")
     rows = []
     if rows_file.is_file():
         for line in rows_file.read_text().splitlines():
@@ -1205,6 +1302,11 @@ def phase_kernels(ctx: Ctx, ph: Dict, allow: float) -> None:
                 rows.append(json.loads(line))
             except ValueError:
                 pass
+    # a case timed again after a lost context: its last rows count
+    last = {tuple(str(r.get(f)) for f in ("kind", "model", "stage", "B", "dtype", "op", "impl")): i
+            for i, r in enumerate(rows)}
+    keep = set(last.values())
+    rows = [r for i, r in enumerate(rows) if i in keep]
     k.update(res.summary())
     k["ceilings"] = [r for r in rows if r.get("kind") == "ceiling"]
     k["rows"] = [r for r in rows if r.get("kind") != "ceiling"]
@@ -1446,6 +1548,59 @@ def deadline_args(budget: float, known_flags) -> List[str]:
 
 
 def _run_throughput(ctx: Ctx, name: str, fname: str, args: List[str], budget: float, section: Dict, ph: Dict):
+    """One throughput run, without the quarantined backends; when it loses the CUDA context in a fused
+    backend's row (its marker line), that backend is quarantined and the run starts again without it
+    while RERUN_MIN_S of its time is left: a side-by-side run of the rest beats a run cut at that row.
+    The earlier attempts are kept in the entry (`earlier_attempts`)."""
+    t_end = time.monotonic() + budget
+    attempts: List[Dict] = []
+    while True:
+        entry, res = _throughput_attempt(ctx, name, fname, without_backends(args, ctx.quarantined),
+                                         max(1.0, t_end - time.monotonic()), ph)
+        lost = parse_context_lost(res.output)
+        backend = (lost or {}).get("impl", "").split("+")[0]
+        if not lost or backend not in QUARANTINABLE or backend in ctx.quarantined:
+            break
+        quarantine(ctx, backend, f"run {name}: the CUDA context was lost in a {lost['impl']!r} row: "
+                                 f"{lost.get('error', '')[:200]}", ph)
+        entry["context_lost"] = lost
+        if t_end - time.monotonic() < RERUN_MIN_S:
+            ph["notes"].append(f"{name}: no time left to rerun without {backend}")
+            break
+        attempts.append(entry)
+        ctx.tee(f"[{name}] rerun without {', '.join(sorted(ctx.quarantined))} "
+                f"({t_end - time.monotonic():.0f} s left)")
+    if attempts:
+        entry["earlier_attempts"] = attempts
+    if ctx.quarantined:
+        entry["left_out"] = dict(ctx.quarantined)
+    section["runs"].append(entry)
+    for r in entry["rows"]:
+        if r.get("status") == "ok":
+            ctx.tee(f"[{name}] {r.get('label', r.get('backend')):32s} {r.get('img_per_s', 0):9.1f} img/s  "
+                    f"vs ref {r.get('ratio_vs_reference') or 0:.2f}x  {r.get('check', '')}")
+
+
+#: the line a run prints when it lost its CUDA context (benchmarks/ops.py `context_lost_line`)
+CONTEXT_LOST_MARKER = "GMF_CUDA_CONTEXT_LOST"
+
+
+def parse_context_lost(text: str) -> Optional[Dict[str, str]]:
+    """The fields of the first marker line in a run's output ('GMF_CUDA_CONTEXT_LOST impl=cuda case=3
+    error=...'), or None."""
+    for line in (text or "").splitlines():
+        i = line.find(CONTEXT_LOST_MARKER + " ")
+        if i < 0:
+            continue
+        head, _, err = line[i + len(CONTEXT_LOST_MARKER) + 1:].partition(" error=")
+        fields = dict(tok.partition("=")[::2] for tok in head.split())
+        fields["error"] = err.strip()
+        return fields
+    return None
+
+
+def _throughput_attempt(ctx: Ctx, name: str, fname: str, args: List[str], budget: float,
+                        ph: Dict) -> Tuple[Dict, "RunResult"]:
     path = ctx.out / fname
     path.unlink(missing_ok=True)
     known = set(ctx.report.get("throughput_help", {}).get("flags", []))
@@ -1477,11 +1632,7 @@ def _run_throughput(ctx: Ctx, name: str, fname: str, args: List[str], budget: fl
         entry["reason"] = f"rc {res.rc}: " + " | ".join(res.output.strip().splitlines()[-3:])[-400:]
     if entry["status"] != "ok":
         ph["notes"].append(f"{name}: {entry['status']} (rc {res.rc}; {kept})")
-    section["runs"].append(entry)
-    for r in entry["rows"]:
-        if r.get("status") == "ok":
-            ctx.tee(f"[{name}] {r.get('label', r.get('backend')):32s} {r.get('img_per_s', 0):9.1f} img/s  "
-                    f"vs ref {r.get('ratio_vs_reference') or 0:.2f}x  {r.get('check', '')}")
+    return entry, res
 
 
 def phase_models(ctx: Ctx, ph: Dict, allow: float) -> None:
@@ -1578,6 +1729,12 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
     ]
     L += ["| | |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in rows] + [""]
 
+    if rep.get("quarantined"):
+        L += ["## Left out after a lost CUDA context", ""]
+        L += [f"- **{b}** was left out of the timing runs after this point: {_cell(why)}"
+              for b, why in rep["quarantined"].items()]
+        L += ["- A sticky CUDA error (an illegal address, a launch failure) ends every later CUDA call of its "
+              "process; the runs went on without that backend. The sanitizer phase's findings name the kernel.", ""]
     L += ["## Phases", "", "| phase | status | seconds | allowance | notes |", "|---|---|---:|---:|---|"]
     for name in PHASE_NAMES:
         ph = rep.get("phases", {}).get(name)
@@ -2185,6 +2342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="cuda,triton", help=argparse.SUPPRESS)
     p.add_argument("--cpu", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--max-cases", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--skip-impls", default="", help=argparse.SUPPRESS)
+    p.add_argument("--from-case", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
@@ -2200,7 +2359,8 @@ def main(argv=None) -> int:
         return worker_sanitize(args.list, [b.strip() for b in args.backends.split(",") if b.strip()], args.cpu,
                                args.max_cases)
     if args.worker == "kernels":
-        return worker_kernels(args.model, args.rows_file, args.worker_budget, args.smoke)
+        return worker_kernels(args.model, args.rows_file, args.worker_budget, args.smoke,
+                              [n for n in args.skip_impls.split(",") if n], args.from_case)
     names = [n.strip() for n in args.phases.split(",") if n.strip()]
     bad = [n for n in names if n not in PHASE_NAMES]
     if bad:

@@ -71,7 +71,9 @@ import torch  # noqa: E402
 STAGE_GRIDS = (56, 28, 14, 7)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMPLS = ("cuda", "triton", "torch", "torch+compile", "reference")
-KERNELS = ("aggregate", "combine", "attention")
+#: the fused backends' kernels broken down per launch (pack: the CUDA weight packing, launched only
+#: when the planner could not stage the weights in shared memory)
+KERNELS = ("pack", "aggregate", "combine", "attention")
 FIELDS = ["date", "git_sha", "device", "torch", "triton", "cuda", "model", "stage", "op", "impl", "B", "H", "W",
           "C", "dtype", "status", "median_ms", "p20_ms", "p80_ms", "n", "bytes", "flops", "GBps", "TFLOPs",
           "err_vs_reference", "compile_s", "reason"]
@@ -138,7 +140,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
     return statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times)
 
 
-_KERNEL_NAME = re.compile(r"gma_(aggregate|combine|attention)_kernel")
+_KERNEL_NAME = re.compile(r"gma_(pack|aggregate|combine|attention)_kernel")
 
 
 def kernel_breakdown(fn: Callable[[], object], calls: int = 20) -> Dict[str, List[float]]:
@@ -192,6 +194,37 @@ def _err(a: torch.Tensor, e: torch.Tensor) -> float:
     if not bool(torch.isfinite(a64).all()):
         return float("nan")
     return ((a64 - e64).abs().max() / e64.abs().max().clamp_min(1e-30)).item()
+
+
+class CudaContextLost(RuntimeError):
+    """A CUDA error that poisons the process's context (an illegal address, a launch failure...):
+    every later CUDA call fails too, so the run must end, naming the implementation that faulted."""
+
+    def __init__(self, impl: str, error: str):
+        super().__init__(f"{impl}: {error}")
+        self.impl, self.error = impl, error
+
+
+#: printed (one line) by a run that lost its CUDA context: benchmarks/gpu_report.py reruns the rest
+#: without that implementation
+CONTEXT_LOST_MARKER = "GMF_CUDA_CONTEXT_LOST"
+
+
+def cuda_alive() -> bool:
+    """Does the CUDA context still work (after an exception: was it a sticky error)?"""
+    try:
+        torch.cuda.synchronize()
+        torch.empty(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+        return True
+    except Exception:
+        return False
+
+
+def context_lost_line(impl: str, error: str, **where) -> str:
+    """The one-line marker of a lost context: 'GMF_CUDA_CONTEXT_LOST impl=cuda case=3 error=...'."""
+    extra = "".join(f" {k}={v}" for k, v in where.items())
+    return f"{CONTEXT_LOST_MARKER} impl={impl}{extra} error={' '.join(str(error).split())[:300]}"
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
@@ -285,6 +318,8 @@ def bench_case(case: Dict, impls: Iterable[str], device: torch.device, *, warmup
                 continue
             except Exception as ex:
                 emit(dict(op="pre_projection", impl=impl, status="error", reason=first_line(ex, 600)))
+                if cuda and not cuda_alive():
+                    raise CudaContextLost(impl, first_line(ex, 600)) from ex
                 continue
             try:
                 sync()
@@ -303,8 +338,8 @@ def bench_case(case: Dict, impls: Iterable[str], device: torch.device, *, warmup
                           first_call_s=first_s))
             except Exception as ex:  # e.g. out of memory for the reference at a large batch
                 emit(dict(op="pre_projection", impl=impl, status="error", reason=first_line(ex, 600)))
-                if cuda:
-                    torch.cuda.synchronize()
+                if cuda and not cuda_alive():   # a sticky error: nothing after it can run in this process
+                    raise CudaContextLost(impl, first_line(ex, 600)) from ex
                 continue
             if cuda and impl in ("cuda", "triton") and profile_calls:
                 try:
@@ -408,22 +443,42 @@ def main(argv=None) -> int:
         impls = a.impls
     tags = env_tags(device)
     rows: List[Dict] = []
-    for case in cases:
-        print(f"{case['model']} stage {case['stage']}: C={case['C']}, {case['H']}x{case['W']}, B={case['B']}, "
-              f"{case['dtype']} on {tags['device']}", flush=True)
-        rows += bench_case(case, impls, device, warmup_ms=a.warmup, rep_ms=a.rep, profile_calls=a.profile_calls,
-                           tags=tags, on_row=lambda r: print(fmt_row(r), flush=True))
-    if a.smoke:
-        return 0 if any(r.get("status") == "ok" for r in rows) else 1
-    os.makedirs(os.path.dirname(os.path.abspath(a.results_file)), exist_ok=True)
-    new = not os.path.exists(a.results_file)
-    with open(a.results_file, "a", newline="") as fh:
+    fh = wr = None
+    if not a.smoke:   # each row appended as it is measured: a run stopped part-way keeps its rows
+        os.makedirs(os.path.dirname(os.path.abspath(a.results_file)), exist_ok=True)
+        new = not os.path.exists(a.results_file)
+        fh = open(a.results_file, "a", newline="")
         wr = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
         if new:
             wr.writeheader()
-        wr.writerows(rows)
+            fh.flush()
+
+    def on_row(r):
+        print(fmt_row(r), flush=True)
+        rows.append(r)
+        if wr is not None:
+            wr.writerow(r)
+            fh.flush()
+
+    rc = 0
+    try:
+        for case in cases:
+            print(f"{case['model']} stage {case['stage']}: C={case['C']}, {case['H']}x{case['W']}, B={case['B']}, "
+                  f"{case['dtype']} on {tags['device']}", flush=True)
+            bench_case(case, impls, device, warmup_ms=a.warmup, rep_ms=a.rep, profile_calls=a.profile_calls,
+                       tags=tags, on_row=on_row)
+    except CudaContextLost as e:
+        print(context_lost_line(e.impl, e.error), flush=True)
+        print(f"benchmarks/ops.py: the CUDA context was lost in {e.impl} ({e.error}); the cases after it are not "
+              f"timed: rerun without it (--impls)", flush=True)
+        rc = 3
+    finally:
+        if fh is not None:
+            fh.close()
+    if a.smoke:
+        return 0 if any(r.get("status") == "ok" for r in rows) else 1
     print(f"appended {len(rows)} rows to {a.results_file}")
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

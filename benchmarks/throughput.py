@@ -591,16 +591,40 @@ def timm_runners(ctx: "Context", names: List[str]) -> List[Runner]:
     return runners
 
 
-def upstream_lib():
-    """benchmarks/upstream.py, loaded by path (this script runs without `benchmarks` on sys.path)."""
+def _sibling(file: str, name: str):
+    """benchmarks/<file>, loaded by path (this script runs without `benchmarks` on sys.path)."""
     import importlib.util
-    name = "gmf_benchmark_upstream"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "upstream.py")
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / file)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
     return sys.modules[name]
+
+
+def upstream_lib():
+    """benchmarks/upstream.py."""
+    return _sibling("upstream.py", "gmf_benchmark_upstream")
+
+
+def ops_lib():
+    """benchmarks/ops.py (its CUDA context check and marker: `check_context`)."""
+    return _sibling("ops.py", "gmf_benchmark_ops")
+
+
+def check_context(ctx: "Context", r: "Runner", save: Callable[[], None]) -> None:
+    """After a row failed on a GPU: when the CUDA context is lost (a sticky error: an illegal address,
+    a launch failure), nothing after it can run in this process. The results so far are saved and
+    `ops.CudaContextLost` ends the run (main prints the marker: benchmarks/gpu_report.py reruns the
+    rest without the row's backend)."""
+    if ctx.device.type != "cuda" or r.row.get("status") != "error":
+        return
+    ops = ops_lib()
+    if ops.cuda_alive():
+        return
+    r.row["reason"] = f"{r.row.get('reason', '')} [the CUDA context was lost: the run ends here]"
+    save()
+    raise ops.CudaContextLost(r.backend, r.row.get("reason", ""))
 
 
 def upstream_runner(ctx: "Context", name: str, state_dict, train: bool) -> Runner:
@@ -1125,8 +1149,10 @@ def run_rows(ctx: Context, runners: List[Runner], first: Callable[[Runner], None
         for r in order:
             start_row(ctx, r, first, common)
             save()
+            check_context(ctx, r, save)
             if r.alive and (r.module is not None or r.step is not None):
                 time_row(ctx, r, tag)
+                check_context(ctx, r, save)
                 summarise(ctx, runners, name)
                 measure_row_memory(ctx, r)
                 memory_ratios(runners)
@@ -1134,12 +1160,15 @@ def run_rows(ctx: Context, runners: List[Runner], first: Callable[[Runner], None
         return
     for r in order:
         start_row(ctx, r, first, common)
+        check_context(ctx, r, save)
     save()
     live = [r for r in order if r.alive and (r.module is not None or r.step is not None)]
 
     def after_round():
         summarise(ctx, runners, name)
         save()
+        for r in live:
+            check_context(ctx, r, save)
     time_rows_interleaved(ctx, live, tag, after_round)
     summarise(ctx, runners, name)
     for r in order:
@@ -1788,8 +1817,25 @@ def main(argv=None) -> int:
         os.replace(tmp, path)  # a reader never sees half a file
 
     t0 = time.perf_counter()
-    rows = benchmark(settings, models, requested, progress,
-                     on_model_done=lambda rows: write_results(rows, complete=False))
+    written: List[List[Dict]] = [[]]
+
+    def save_partial(rows: List[Dict]) -> None:
+        written[0] = rows
+        write_results(rows, complete=False)
+
+    try:
+        rows = benchmark(settings, models, requested, progress, on_model_done=save_partial)
+    except Exception as e:
+        ops = sys.modules.get("gmf_benchmark_ops")   # loaded by check_context, which raised it
+        if ops is None or not isinstance(e, ops.CudaContextLost):
+            raise
+        meta["wall_s"] = time.perf_counter() - t0
+        meta["context_lost"] = {"backend": e.impl, "error": e.error}
+        write_results(written[0], complete=False)
+        print(ops.context_lost_line(e.impl, e.error), flush=True)
+        print(f"the CUDA context was lost in a {e.impl!r} row; the rows after it were not run (rerun without "
+              f"it: --backends / --compile-backends)", file=sys.stderr)
+        return 3
     meta["wall_s"] = time.perf_counter() - t0
     if settings["deadline_s"]:
         meta["deadline"] = {"seconds": settings["deadline_s"], "since_start_s": time.monotonic() - T_START,

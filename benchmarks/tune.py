@@ -188,16 +188,33 @@ def write_table(table: Dict, path: str, copy_dir: Optional[str] = None) -> None:
 
 
 # ------------------------------------------------------------------ the sweep (budgeted)
+def _ops():
+    """benchmarks/ops.py (this script puts benchmarks/ on sys.path): its CUDA context check."""
+    import ops
+    return ops
+
+
 def sweep(items: Iterable[Tuple], measure: Callable[..., List[Dict]], deadline: float,
-          on_done: Callable[[Tuple, List[Dict]], None], clock: Callable[[], float] = time.monotonic) -> List[Tuple]:
+          on_done: Callable[[Tuple, List[Dict]], None], clock: Callable[[], float] = time.monotonic,
+          on_error: Optional[Callable[[Tuple, BaseException], bool]] = None) -> List[Tuple]:
     """measure(*item) for each item until `deadline` (clock()); on_done(item, results) after each.
-    Returns the items not measured (time ran out)."""
+    An item whose measure raises goes to on_error(item, exception), which returns whether the sweep
+    can go on (False: the CUDA context is lost); without on_error the exception propagates.
+    Returns the items not measured (time ran out, or the sweep could not go on)."""
     left = list(items)
     while left:
         if clock() >= deadline:
             return left
         item = left.pop(0)
-        on_done(item, measure(*item))
+        try:
+            res = measure(*item)
+        except Exception as e:
+            if on_error is None:
+                raise
+            if not on_error(item, e):
+                return left
+            continue
+        on_done(item, res)
     return []
 
 
@@ -216,7 +233,7 @@ class GpuMeasure:
 
     def _bench(self, fn) -> float:
         from triton.testing import do_bench
-        return float(do_bench(fn, warmup=self.warmup, rep=self.rep)) * 1e3
+        return float(do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median")) * 1e3
 
     def _inputs(self, C, H, W, dtype):
         from gmf_kernels.folding import fold_eval
@@ -306,19 +323,22 @@ class GpuMeasure:
         ws = list(folded)
         dw = (folded.dw3, folded.dw5, folded.dw7, folded.pw)
         grad_pre = torch.randn(B, N, C, generator=torch.Generator().manual_seed(2)).to(self.device, dtype)
-        moments = torch.ops.gmf.triton_z_moments(qkv, H, W, *dw)           # batch statistics, default tiles
-        mean = moments[0].float().view(4, s)
-        rstd = torch.rsqrt(moments[1] / (3 * B * N) + float(hp.bn_eps)).float().view(4, s)
-        if family == "triton.statistics":
-            def fn():
-                return [torch.ops.gmf.triton_z_moments(qkv, H, W, *dw)]
-        else:
-            def fn():
-                return torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, ws, float(hp.scale),
-                                                                    float(hp.ln_eps), mean, rstd)
         arch = tuning.arch_key(self.cap)
         ref, out = None, []
         with tuning_dir() as tmp:
+            if family == "triton.statistics":   # its candidates compile (and are spill-checked) below
+                def fn():
+                    return [torch.ops.gmf.triton_z_moments(qkv, H, W, *dw)]
+            else:
+                # batch statistics for the backward, with the default tiles (an empty table here: not
+                # whatever table the machine has)
+                moments = torch.ops.gmf.triton_z_moments(qkv, H, W, *dw)
+                mean = moments[0].float().view(4, s)
+                rstd = torch.rsqrt(moments[1] / (3 * B * N) + float(hp.bn_eps)).float().view(4, s)
+
+                def fn():
+                    return torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, ws, float(hp.scale),
+                                                                        float(hp.ln_eps), mean, rstd)
             for cfg in cands:
                 rec = {"config": dict(cfg)}
                 try:
@@ -606,10 +626,29 @@ def main(argv=None) -> int:
                 entry = set_entry(table, part, C, dt, res)
                 print(f"  {part} C={C} {H}x{W} {_short(dt)}: {len(res)} candidates -> {entry}", flush=True)
                 write_table(table, path, a.out)
-        left = sweep(items, measure, deadline, done)
+        lost: List[str] = []
+
+        def failed(item, e, part=part) -> bool:
+            """An item that raised outside a candidate's own try (its inputs, the reference call): not
+            measured, with why; the sweep goes on unless the CUDA context is lost."""
+            C, H, W, dt = item
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            table["not_measured"].append({"part": part, "C": C, "dtype": _short(dt), "reason": why})
+            write_table(table, path, a.out)
+            print(f"  {part} C={C} {H}x{W} {_short(dt)}: failed ({why})", flush=True)
+            if not _ops().cuda_alive():
+                lost.append(why)
+                return False
+            return True
+        left = sweep(items, measure, deadline, done, on_error=failed)
+        why_left = f"the CUDA context was lost ({lost[0]})" if lost else "time budget used up"
         for (C, H, W, dt) in left:
-            table["not_measured"].append({"part": part, "C": C, "dtype": _short(dt), "reason": "time budget used up"})
+            table["not_measured"].append({"part": part, "C": C, "dtype": _short(dt), "reason": why_left})
         write_table(table, path, a.out)
+        if lost:
+            print(f"[{part}] the CUDA context was lost: the table keeps what was measured; nothing more can run "
+                  f"in this process", flush=True)
+            return 3
         print(f"[{part}] done: {len(items) - len(left)}/{len(items)} (C, dtype) measured, "
               f"{time.monotonic() - t_start:.0f} s so far", flush=True)
     print(f"wrote {path}" + (f" (and a copy in {a.out})" if a.out else ""))

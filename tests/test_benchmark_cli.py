@@ -736,3 +736,37 @@ def test_train_support_reasons_take_each_stage_grid():
     ctx.B = limit + 1
     reasons = bench.train_support_reasons(ctx, "triton", model)
     assert len(reasons) == 1 and "32-bit offsets" in reasons[0] and "N=3136" in reasons[0], reasons
+
+
+def test_a_lost_cuda_context_ends_the_run_with_its_marker(tmp_path, monkeypatch, capsys):
+    """A row that fails with a sticky CUDA error (the context is gone: `ops.cuda_alive` False) ends
+    the run: the rows so far saved, meta.context_lost, the marker line gpu_report.py reruns on, rc 3.
+    A failed row whose context still works does not (mocked: there is no GPU here)."""
+    tp = _load_script()
+    ops = tp.ops_lib()
+    row = {"backend": "cuda+compile", "label": "cuda+compile", "status": "error", "reason": "CUDA error: an "
+           "illegal memory access was encountered"}
+    r = types.SimpleNamespace(backend="cuda+compile", row=dict(row))
+    ctx = types.SimpleNamespace(device=torch.device("cuda"))
+    saved = []
+    monkeypatch.setattr(ops, "cuda_alive", lambda: True)
+    tp.check_context(ctx, r, lambda: saved.append(1))          # the context works: the run goes on
+    monkeypatch.setattr(ops, "cuda_alive", lambda: False)
+    tp.check_context(types.SimpleNamespace(device=torch.device("cpu")), r, lambda: saved.append(1))
+    tp.check_context(ctx, types.SimpleNamespace(backend="cuda", row={"status": "ok"}), lambda: saved.append(1))
+    assert not saved
+    with pytest.raises(ops.CudaContextLost) as e:
+        tp.check_context(ctx, r, lambda: saved.append(1))
+    assert saved == [1] and e.value.impl == "cuda+compile" and "context was lost" in r.row["reason"]
+
+    def fake_benchmark(settings, models, requested, progress, on_model_done=None):
+        on_model_done([{"backend": "reference", "label": "reference", "status": "ok"}, r.row])
+        raise ops.CudaContextLost("cuda+compile", r.row["reason"])
+    monkeypatch.setattr(tp, "benchmark", fake_benchmark)
+    out = tmp_path / "res.json"
+    rc = tp.main(["--model", "groupmixformer_m", "--device", "cpu", "--results-file", str(out)])
+    assert rc == 3
+    data = json.loads(out.read_text())
+    assert data["meta"]["context_lost"]["backend"] == "cuda+compile" and data["meta"]["complete"] is False
+    assert [x["backend"] for x in data["rows"]] == ["reference", "cuda+compile"]
+    assert "GMF_CUDA_CONTEXT_LOST impl=cuda+compile error=CUDA error: an illegal memory access" in capsys.readouterr().out

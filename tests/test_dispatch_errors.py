@@ -97,6 +97,18 @@ def test_module_auto_runs_torch(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_check_table_records_a_backend_that_raises_and_goes_on(monkeypatch):
+    """A backend that accepts a problem and then raises is a FAIL row with the error; the table goes on."""
+    def boom(x, size, w, hp, training):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(get_backend("torch"), "forward", boom)
+    rows = selfcheck.check_table(["torch", "reference"], [torch.float32], [(5, 6)], batch=1, device="cpu")
+    torch_rows = [r for r in rows if r[0] == "torch"]
+    assert len(rows) == 2 * 8 and len(torch_rows) == 8
+    assert all(r[-1].startswith("FAIL (raised RuntimeError: CUDA error: an illegal memory access") for r in torch_rows)
+    assert all(r[-1] == "ok" for r in rows if r[0] == "reference")
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_explicit_cuda_on_cpu_raises_with_reasons(mode):
     m = module(backend="cuda").train(mode == "train")

@@ -553,12 +553,12 @@ def test_timed_out_throughput_run_keeps_its_rows(tmp_path, monkeypatch):
         path.write_text(json.dumps({"meta": {"complete": False}, "rows": rows}))
         return gr.RunResult(cmd, -15, "killed", timeout, timed_out=True)
     monkeypatch.setattr(gr, "run", fake_run)
-    ctx = types.SimpleNamespace(out=tmp_path, dry=False, tee=lambda *a, **k: None,
+    ctx = types.SimpleNamespace(out=tmp_path, dry=False, tee=lambda *a, **k: None, quarantined={},
                                 report={"throughput_help": {"flags": ["--deadline", "--results-file"]}})
     section, ph = {"runs": []}, {"notes": []}
     gr._run_throughput(ctx, gr.UPSTREAM_RUN, "t.json", ["--model", "groupmixformer_s"], 100.0, section, ph)
     cmd = seen["cmd"]
-    assert cmd[cmd.index("--deadline") + 1] == f"{100 - gr.DEADLINE_MARGIN_S:.0f}" and seen["timeout"] == 100.0
+    assert cmd[cmd.index("--deadline") + 1] == f"{100 - gr.DEADLINE_MARGIN_S:.0f}" and seen["timeout"] == pytest.approx(100.0, abs=0.5)
     entry = section["runs"][0]
     assert entry["status"] == "timeout" and entry["complete"] is False and len(entry["rows"]) == 4
     assert "its results file kept 4 rows, 3 timed" in entry["reason"] and "kept 4 rows, 3 timed" in ph["notes"][0]
@@ -804,3 +804,128 @@ def test_run_together_runs_its_steps_at_once(tmp_path):
     slow = gr.run_together(ctx, {"fast": sleep, "slow": [sys.executable, "-c", "import time; time.sleep(60)"]}, 3.0,
                            dict(os.environ))
     assert slow["fast"].rc == 0 and slow["slow"].timed_out
+
+
+# ------------------------------------------------------------------ a lost CUDA context: quarantine and rerun
+def _ctx(tmp_path, **kw):
+    return types.SimpleNamespace(out=tmp_path, dry=False, tee=lambda *a, **k: None, quarantined={},
+                                 report={"throughput_help": {"flags": ["--deadline", "--results-file"]}},
+                                 tmp=tmp_path, args=types.SimpleNamespace(model="groupmixformer_s"), **kw)
+
+
+def test_context_lost_marker_round_trip():
+    ops = load_script(REPO / "benchmarks" / "ops.py", "gmf_benchmark_ops")
+    assert gr.CONTEXT_LOST_MARKER == ops.CONTEXT_LOST_MARKER
+    line = ops.context_lost_line("cuda", "CUDA error: an illegal memory access\nwas encountered", case=3)
+    assert "\n" not in line
+    got = gr.parse_context_lost("noise\n  " + line + "\nmore")
+    assert got == {"impl": "cuda", "case": "3", "error": "CUDA error: an illegal memory access was encountered"}
+    assert gr.parse_context_lost("nothing here") is None
+    assert gr.sticky_cuda_error("E  RuntimeError: CUDA error: an illegal memory access was encountered\n") == \
+        "E RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert gr.sticky_cuda_error("gmf_kernels.cuda: launching x failed: cudaErrorLaunchFailure (unspecified launch "
+                                "failure)")
+    assert gr.sticky_cuda_error("AssertionError: max rel error 3e-2 > 1e-3\nCUDA out of memory") is None
+
+
+def test_without_backends():
+    args = ["--model", "groupmixformer_s", "--compile-backends", "reference,torch,triton,cuda"]
+    out = gr.without_backends(args, {"cuda"})
+    assert out[out.index("--compile-backends") + 1] == "reference,torch,triton"
+    assert out[out.index("--backends") + 1].split(",") == [b for b in gr_backend_names() if b != "cuda"]
+    assert gr.without_backends(args, set()) == args
+    out = gr.without_backends(["--backends", "cuda,triton,torch", "--compile-backends", "cuda"], {"cuda"})
+    assert out == ["--backends", "triton,torch", "--no-torchcompile"]
+
+
+def gr_backend_names():
+    from gmf_kernels.backends import BACKEND_NAMES
+    return list(BACKEND_NAMES)
+
+
+def test_throughput_run_goes_on_without_the_backend_that_lost_the_context(tmp_path, monkeypatch):
+    """A run that loses the CUDA context in a cuda+compile row is run again without cuda (its earlier
+    attempt kept); cuda is then left out of every later run, which says so."""
+    cmds = []
+    rows = [dict(backend="reference", label="reference", status="ok", img_per_s=500.0)]
+
+    def fake_run(ctx, cmd, timeout, prefix, **kw):
+        cmds.append(cmd)
+        Path(cmd[cmd.index("--results-file") + 1]).write_text(json.dumps({"meta": {}, "rows": rows}))
+        out = "GMF_CUDA_CONTEXT_LOST impl=cuda+compile error=CUDA error: an illegal memory access" \
+            if len(cmds) == 1 else "done"
+        return gr.RunResult(cmd, 3 if len(cmds) == 1 else 0, out, 1.0)
+    monkeypatch.setattr(gr, "run", fake_run)
+    ctx = _ctx(tmp_path)
+    section, ph = {"runs": []}, {"notes": []}
+    args = ["--model", "groupmixformer_s", "--compile-backends", "reference,torch,triton,cuda"]
+    gr._run_throughput(ctx, "bf16_b256", "t.json", args, 200.0, section, ph)
+    assert len(cmds) == 2 and "--backends" not in cmds[0]
+    assert "cuda" not in cmds[1][cmds[1].index("--backends") + 1].split(",")
+    assert cmds[1][cmds[1].index("--compile-backends") + 1] == "reference,torch,triton"
+    entry = section["runs"][0]
+    assert entry["status"] == "ok" and len(entry["earlier_attempts"]) == 1 and "cuda" in entry["left_out"]
+    assert "illegal memory access" in ctx.report["quarantined"]["cuda"]
+    gr._run_throughput(ctx, "train", "u.json", ["--bench", "train"], 200.0, section, ph)   # a later run
+    assert len(cmds) == 3 and "cuda" not in cmds[2][cmds[2].index("--backends") + 1].split(",")
+    md = gr.render_summary(_report(quarantined=ctx.report["quarantined"]))
+    assert "## Left out after a lost CUDA context" in md and "**cuda** was left out" in md
+
+
+def test_no_rerun_without_time_or_for_a_yardstick(tmp_path, monkeypatch):
+    cmds = []
+
+    def fake_run(ctx, cmd, timeout, prefix, **kw):
+        cmds.append(cmd)
+        impl = "reference" if "ref" in str(cmd) else "triton"
+        return gr.RunResult(cmd, 3, f"GMF_CUDA_CONTEXT_LOST impl={impl} error=misaligned address", 1.0)
+    monkeypatch.setattr(gr, "run", fake_run)
+    ctx, section, ph = _ctx(tmp_path), {"runs": []}, {"notes": []}
+    gr._run_throughput(ctx, "a", "a.json", [], gr.RERUN_MIN_S - 5, section, ph)   # triton: no time to rerun
+    assert len(cmds) == 1 and "triton" in ctx.quarantined and any("no time left" in n for n in ph["notes"])
+    gr._run_throughput(ctx, "ref", "b.json", [], 300.0, section, ph)   # the reference cannot be left out
+    assert len(cmds) == 2 and set(ctx.quarantined) == {"triton"}
+
+
+def _is_triton(cmd) -> bool:
+    text = " ".join(map(str, cmd))
+    return "triton" in text and "not triton" not in text
+
+
+def test_sticky_error_in_the_gpu_tests_quarantines_their_backend(tmp_path, monkeypatch):
+    def fake_run(ctx, cmd, timeout, prefix, **kw):
+        out = ("tests/test_gpu_real_shapes.py::test_a[triton] FAILED\nE   RuntimeError: Triton Error [CUDA]: an "
+               "illegal memory access was encountered\n") if _is_triton(cmd) else "1 passed"
+        return gr.RunResult(cmd, 1 if "illegal" in out else 0, out, 1.0)
+    monkeypatch.setattr(gr, "run", fake_run)
+    monkeypatch.setattr(gr, "_record_pytest", lambda ctx, name, res: {"status": "ok" if res.rc == 0 else "failed"})
+    monkeypatch.setattr(gr, "_tests_env", lambda ctx: {})
+    ctx, ph = _ctx(tmp_path), {"notes": []}
+    ctx.report["meta"] = {}
+    gr._run_pytest_specs(ctx, gr.pytest_runs("build", True) + gr.pytest_runs("tests", True),
+                         time.monotonic() + 100, ph)
+    assert set(ctx.quarantined) == {"triton"} and "illegal memory access" in ctx.quarantined["triton"]
+
+
+def test_kernel_timing_goes_on_without_the_implementation_that_lost_the_context(tmp_path, monkeypatch):
+    cmds = []
+
+    def fake_run(ctx, cmd, timeout, prefix, **kw):
+        cmds.append([str(c) for c in cmd])
+        rows = tmp_path / "kernel_rows.jsonl"
+        with open(rows, "a") as fh:
+            fh.write(json.dumps(dict(kind="op", model="m", stage=0, B=1, dtype="bf16", op="pre_projection",
+                                     impl="torch", status="ok", median_ms=float(len(cmds)))) + "\n")
+        out = "GMF_CUDA_CONTEXT_LOST impl=cuda case=2 error=unspecified launch failure" if len(cmds) == 1 else ""
+        return gr.RunResult(cmd, 3 if out else 0, out, 1.0)
+    monkeypatch.setattr(gr, "run", fake_run)
+    monkeypatch.setattr(gr, "_roofline", lambda ctx, rows_file, ph: None)
+    ctx, ph = _ctx(tmp_path), {"notes": []}
+    ctx.report["kernels"] = {}
+    gr.phase_kernels(ctx, ph, 200.0)
+    assert len(cmds) == 2
+    second = cmds[1]
+    assert second[second.index("--from-case") + 1] == "2" and second[second.index("--skip-impls") + 1] == "cuda"
+    rows = ctx.report["kernels"]["rows"]
+    assert len(rows) == 1 and rows[0]["median_ms"] == 2.0   # the case timed again: its last rows count
+    assert "cuda" in ctx.quarantined

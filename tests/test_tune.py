@@ -430,6 +430,41 @@ print(json.dumps({"n": len(keys), "unique": len(set(keys)), "missing": missing[:
 """
 
 
+def test_sweep_records_an_item_that_raises_and_stops_when_told():
+    """An item whose measure raises goes to on_error: the sweep goes on when it says so (the context
+    works) and stops, returning the rest, when it does not (a lost CUDA context); without on_error the
+    exception propagates."""
+    def measure(C, H, W, dt):
+        if C == 20:
+            raise RuntimeError("boom")
+        return [C]
+    done, errors = [], []
+    items = [(C, 1, 1, torch.float16) for C in (10, 20, 30, 40)]
+    assert tune.sweep(items, measure, 1e9, lambda i, r: done.append(i[0]),
+                      on_error=lambda i, e: errors.append((i[0], str(e))) or True) == []
+    assert done == [10, 30, 40] and errors == [(20, "boom")]
+    done.clear()
+    left = tune.sweep(items, measure, 1e9, lambda i, r: done.append(i[0]), on_error=lambda i, e: False)
+    assert done == [10] and [i[0] for i in left] == [30, 40]
+    with pytest.raises(RuntimeError, match="boom"):
+        tune.sweep(items, measure, 1e9, lambda i, r: None)
+
+
+def test_gpu_timings_are_medians(monkeypatch):
+    """do_bench returns the mean unless asked: the tuner asks for the median (one outlier must not
+    pick the config), as ops.py times."""
+    import triton.testing
+    seen = {}
+
+    def fake_do_bench(fn, warmup=25, rep=100, return_mode="mean", **kw):
+        seen["mode"] = return_mode
+        return 1.0
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    meas = tune.GpuMeasure.__new__(tune.GpuMeasure)
+    meas.warmup, meas.rep = 1, 1
+    assert meas._bench(lambda: None) == 1e3 and seen["mode"] == "median"
+
+
 def test_warm_up_compiles_what_the_sweep_will():
     """`tune.warm_specs` (`specializations.tuning_specializations`): every candidate of the forward
     families at every swept (C, dtype) has its launches' specialisations in the warm-up, each once,
