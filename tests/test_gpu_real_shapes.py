@@ -10,6 +10,7 @@ many tiles per program) never ran. Here, on a CUDA GPU:
   kernel forgets to write fails), two runs bit-identical, against the float64 oracle;
 * the public path (dispatch, BatchNorm folding, both linears) at batch 128;
 * the whole GroupMixFormer-S model (random weights, randomised norms) against the reference;
+* launches on a side stream and inside a CUDA graph capture, and from two host threads at once;
 * a training step (batch statistics, forward + backward: Triton's backward kernels, which the
   CUDA backend trains with too) at GroupMixFormer-S stage shapes and at C = 360 / 480 (S_PAD
   128: unfused B3, the wide recompute tiles): output, input and every parameter gradient,
@@ -239,6 +240,90 @@ def test_public_path_batch128(name, dn):
     sync()
     assert out.dtype == dtype and out.shape == case.out64.shape and out.device.type == DEVICE
     assert_close_to_oracle(out, case.out64, case.reference(dtype)[1], dtype, f"{name} {dn} layer")
+
+
+def assert_same_call(out, expected, what):
+    """Two calls of one backend on one input: equal up to the cuBLAS linears' freedom (each stream,
+    thread or capture may get its own cuBLAS handle and algorithm); a launch on the wrong stream or
+    left out of a graph gives stale or unrelated values, far beyond 1e-2."""
+    err = rel_err(out, expected.double())
+    assert err <= 1e-2, f"{what}: relative difference {err:.3e}"
+
+
+@pytest.mark.skipif(ON_CPU, reason="GMF_GPU_TESTS_ON_CPU=1: streams and CUDA graphs need a GPU")
+@pytest.mark.xdist_group("streams")
+@pytest.mark.parametrize("name", BACKENDS)
+def test_side_stream_and_cuda_graph(name):
+    """On a side stream the backend's launches follow that stream (the result equals the default
+    stream's, bit for bit); captured in a CUDA graph (what optimize_for_inference's small-batch mode
+    does), a replay on new input equals an eager call on it."""
+    from gmf_kernels import group_mix_attention
+    require_backend(name)
+    dtype = torch.float16
+    case = get_case(160, 14, 8, seed=7)
+    w = cast_weights(case.w, dtype)
+    x = case.x.to(dtype)
+    size = (case.H, case.W)
+    with torch.inference_mode():
+        base = group_mix_attention(x, size, w, backend=name)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):   # warm-up on the side stream, as graph capture wants
+                on_side = group_mix_attention(x, size, w, backend=name)
+        torch.cuda.current_stream().wait_stream(side)
+        sync()
+        assert_same_call(on_side, base, f"{name}: a side stream's result vs the default stream's")
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = group_mix_attention(static_x, size, w, backend=name)
+        x2 = torch.randn_like(x)
+        static_x.copy_(x2)
+        graph.replay()
+        sync()
+        eager = group_mix_attention(x2, size, w, backend=name)
+        sync()
+        assert_same_call(static_out, eager, f"{name}: a CUDA graph replay vs an eager call on its input")
+
+
+@pytest.mark.skipif(ON_CPU, reason="GMF_GPU_TESTS_ON_CPU=1: the threads' launches race on a GPU only")
+@pytest.mark.xdist_group("threads")
+@pytest.mark.parametrize("name", BACKENDS)
+def test_threads_with_different_batches(name):
+    """Two host threads calling the backend at once with different batches (different tiles and
+    shared-memory sizes: the CUDA kernels' shared-memory opt-in is per kernel, shared by the
+    threads) get the results of calls made one at a time."""
+    import threading
+
+    from gmf_kernels import group_mix_attention
+    require_backend(name)
+    dtype = torch.float32
+    cases = [get_case(200, 28, 1, seed=8), get_case(200, 28, 32, seed=9)]
+    w = [cast_weights(c.w, dtype) for c in cases]
+    with torch.inference_mode():
+        alone = [group_mix_attention(c.x.to(dtype), (c.H, c.W), wi, backend=name) for c, wi in zip(cases, w)]
+    sync()
+    errors, outs = [], [[], []]
+
+    def work(i):
+        try:
+            with torch.inference_mode():
+                for _ in range(6):
+                    outs[i].append(group_mix_attention(cases[i].x.to(dtype), (cases[i].H, cases[i].W), w[i],
+                                                       backend=name))
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001  (reported below, with the thread)
+            errors.append(f"thread {i}: {type(e).__name__}: {e}")
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in (0, 1):
+        for o in outs[i]:
+            assert_same_call(o, alone[i], f"{name}: thread {i}'s result vs a lone call")
 
 
 @pytest.mark.skipif(ON_CPU, reason="GMF_GPU_TESTS_ON_CPU=1: a GPU's capability and index, nothing to smoke on a CPU")
