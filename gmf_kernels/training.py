@@ -80,12 +80,24 @@ def all_reduce_sum(t: Tensor, group) -> Tensor:
     return out
 
 
+def spans_beyond_numel(t: Tensor) -> bool:
+    """Does t's largest element offset (sum of (size - 1) * stride) reach past its element count
+    (padding between rows, a slice of a wider buffer)?"""
+    if t.numel() == 0:
+        return False
+    return sum((n - 1) * st for n, st in zip(t.shape, t.stride())) >= t.numel()
+
+
 def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, training: bool,
             statistics_fn: StatisticsFn = statistics) -> tuple:
     """Steps 1 and 2 of the module docstring: the arguments of a fused backend's Function.
     statistics_fn: the statistics pass, with `backward.statistics`' signature and contract (the
     Triton backend passes its kernel, `triton_kernels.statistics.statistics`)."""
     H, W = int(size[0]), int(size[1])
+    if spans_beyond_numel(qkv):
+        # a view into a wider buffer (a slice of a fused projection's output): the training kernels
+        # address qkv and its gradient with 32-bit offsets that check_train_size bounds by its numel
+        qkv = qkv.contiguous()
     cd = compute_dtype(qkv.dtype)
     mean: Optional[Tensor] = None
     rstd: Optional[Tensor] = None

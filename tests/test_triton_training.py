@@ -337,3 +337,23 @@ def test_backward_reads_grad_pre_in_its_dtype(dtype, monkeypatch):
     w, x = make(40, 4, 5, 1)
     run("triton", x, (4, 5), w, dtype, True)
     assert sorted(seen) == [("b1", dtype), ("b2", dtype), ("local", dtype)], seen
+
+
+def test_a_padded_qkv_view_is_made_compact_for_the_training_kernels():
+    """training.prepare hands the fused Functions a compact qkv when the caller's is a view into a
+    wider buffer (its largest offset would pass the numel check_train_size bounds the kernels' 32-bit
+    offsets by); a contiguous or merely permuted qkv is passed as it is."""
+    from gmf_kernels import training
+    from gmf_kernels.numerics import random_gma_weights
+    C, H, W, B = 40, 3, 4, 2
+    w = cast_weights(random_gma_weights(C, seed=1), torch.float32)
+    hp = default_hyper(C)
+    wide = torch.randn(B, H * W, 3 * C + 8)
+    padded = wide[..., :3 * C]
+    assert training.spans_beyond_numel(padded)
+    out = training.prepare(padded, (H, W), w, hp, False)[0]
+    assert out.is_contiguous() and torch.equal(out, padded)
+    dense = torch.randn(B, H * W, 3 * C)
+    assert training.prepare(dense, (H, W), w, hp, False)[0] is dense
+    permuted = torch.randn(H * W, B, 3 * C).transpose(0, 1)
+    assert not training.spans_beyond_numel(permuted) and training.prepare(permuted, (H, W), w, hp, False)[0] is permuted
