@@ -15,7 +15,8 @@ on the stage tensors, dA, dL, qkv, d_qkv and the dots in the layer's dtype (`con
 statistics pass with fp32's dots) x GroupMixFormer-S stage shape (C=80 56x56, 160 28x28, 320 14x14,
 320 7x7) x batch x dtype: the work of one launch from the one cost model of each backend
 (`gmf_kernels.triton_kernels.costs`, `gmf_kernels.cuda.costs`, derived from the launchers'
-own plans), the launch grid (for the Triton aggregation also its programs per image of each job:
+own plans, with the forward tiles a launch on sm_90 runs: the tuning table's when there is one,
+`gmf_kernels.tuning`, else the defaults), the launch grid (for the Triton aggregation also its programs per image of each job:
 segment 0 / 3x3 / 5x5 / 7x7 / local branch, balanced by cost: `aggregation.job_plan`), and the
 lower-bound time on an H100 (SXM):
 
@@ -227,19 +228,40 @@ def load_measured(path: str) -> Dict[Tuple, float]:
 
 
 # ------------------------------------------------------------------ the report
+def _torch_dtype(dtype: str):
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def triton_shape(C: int, dtype: str):
+    """The forward tiles a Triton launch on CAPABILITY runs: the tuning table's for (arch, C, dtype)
+    when it has them (what the measured rows ran, `--measured`), else the defaults."""
+    from gmf_kernels import tuning
+    from gmf_kernels.triton_kernels import launcher as L
+    from gmf_kernels.triton_kernels.costs import shape_for
+    agg = tuning.choose(L.AGG_FAMILY, C, _torch_dtype(dtype), CAPABILITY)
+    attn = tuning.choose(L.ATTN_FAMILY, C, _torch_dtype(dtype), CAPABILITY)
+    return shape_for(C, dtype, CAPABILITY, {**agg, "ATTN_BLOCK_P": attn["BLOCK_P"], "ATTN_WARPS": attn["num_warps"]})
+
+
 def _cost(backend: str, kernel: str, B: int, H: int, W: int, C: int, dtype: str):
+    """The kernel's cost model with the tiles a launch on CAPABILITY uses (the tuning table's when it
+    has them: the measured rows ran those)."""
     if backend == "triton":
-        from gmf_kernels.triton_kernels.costs import cost
-        return cost(kernel, B, H, W, C, dtype, CAPABILITY)
+        from gmf_kernels.triton_kernels.costs import KERNELS as FORWARD, cost
+        name = kernel if kernel.startswith("gma_") else f"gma_{kernel}_kernel"
+        return cost(kernel, B, H, W, C, dtype, CAPABILITY, shape=triton_shape(C, dtype) if name in FORWARD else None)
+    from gmf_kernels import tuning
+    from gmf_kernels.cuda import launcher as CL
     from gmf_kernels.cuda.costs import cost
-    return cost(kernel, B, H, W, C, dtype, CAPABILITY)
+    cfg = tuning.choose(CL.TILE_FAMILY, C, _torch_dtype(dtype), CAPABILITY)
+    return cost(kernel, B, H, W, C, dtype, CAPABILITY, config=cfg if cfg != CL.AUTO else None)
 
 
 def rows(model: str = "groupmixformer_s", batches: Sequence[int] = (128, 1), dtypes: Sequence[str] = DTYPES,
          backends: Sequence[str] = BACKENDS, triton_res: Optional[Dict] = None, cuda_res: Optional[List] = None,
          measured: Optional[Dict] = None, peaks: Dict[str, float] = PEAKS,
          shape_list: Optional[Sequence[Tuple[int, int, int]]] = None, train: bool = False) -> List[Dict]:
-    from gmf_kernels.triton_kernels.costs import shape_for
     out = []
     for backend in backends:
         for kernel in KERNELS + (TRAIN_KERNELS.get(backend, ()) if train else ()):
@@ -258,7 +280,7 @@ def rows(model: str = "groupmixformer_s", batches: Sequence[int] = (128, 1), dty
                                             if "splits0" in c.detail else None)}
                         warps = c.block // 32 if c.block else None
                         if backend == "triton" and triton_res and kernel in KERNELS:
-                            sh = shape_for(C, dt, CAPABILITY)
+                            sh = triton_shape(C, dt)
                             short = kernel.replace("gma_", "").replace("_kernel", "")
                             cx = {"BLOCK_P": sh.AGG_BLOCK_P if short == "aggregate" else sh.ATTN_BLOCK_P,
                                   "CK": sh.CK, "warps": warps}

@@ -284,3 +284,34 @@ def test_statistics_and_recompute_costs_by_hand(dtype, e):
     assert (rl.tc_flops, rl.cuda_flops) == (6 * T * s * s, 54 * T * s)
     for name in triton_costs.RECOMPUTE_KERNELS:             # cost() dispatches to the same figures
         assert triton_costs.cost(name, B, H, W, C, dtype) == r[name]
+
+
+def test_rows_describe_the_tuned_tiles(table_dir):
+    """With a tuning table for the report's architecture, the rows model the tiles a launch runs
+    (the table's: what `--measured` timings ran), not the defaults."""
+    import torch
+
+    from gmf_kernels import tuning
+    from gmf_kernels.cuda import launcher as CL
+    from gmf_kernels.triton_kernels import launcher as L
+    C, dt, tdt, cap = 80, "bf16", torch.bfloat16, roofline.CAPABILITY
+    agg_default = L.aggregate_default(C, tdt, cap)
+    agg = next(c for c in tuning.spaces()[L.AGG_FAMILY].candidates(C, tdt, cap)
+               if c["num_warps"] != agg_default["num_warps"])
+    tile = next(c for c in tuning.spaces()[CL.TILE_FAMILY].candidates(C, tdt, cap) if c != CL.AUTO)
+
+    def row(backend):
+        return next(r for r in roofline.rows(batches=[128], dtypes=[dt], backends=[backend],
+                                             shape_list=[(C, 56, 56)]) if r["kernel"] == "gma_aggregate_kernel")
+    before = {b: row(b) for b in ("triton", "cuda")}
+    (table_dir / f"{tuning.arch_key(cap)}.json").write_text(json.dumps({"arch": tuning.arch_key(cap), "kernels": {
+        L.AGG_FAMILY: {str(C): {"bfloat16": agg}}, CL.TILE_FAMILY: {str(C): {"bfloat16": tile}}}}))
+    tuning.clear_cache()
+    after = {b: row(b) for b in ("triton", "cuda")}
+    want = triton_costs.cost("aggregate", 128, 56, 56, C, dt, cap,
+                             shape=triton_costs.shape_for(C, dt, cap, {**agg, "ATTN_BLOCK_P": 0}))
+    assert after["triton"]["block"] == want.block != before["triton"]["block"]
+    assert after["triton"]["programs"] == want.programs
+    want = cuda_costs.cost("aggregate", 128, 56, 56, C, dt, cap, config=tile)
+    assert after["cuda"]["programs"] == want.programs
+    assert after["cuda"]["grid"] == (list(want.grid) if want.grid else None)
