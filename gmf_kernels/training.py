@@ -155,5 +155,8 @@ class OpGrad:
     def backward(ctx, grad_pre):
         qkv, *weights = ctx.saved_tensors
         H, W, scale, ln_eps = ctx.meta
-        d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps)
+        # `loss.backward()` inside `torch.autocast` runs with autocast on: the stages choose their
+        # own precisions, as `backward` and the fused backward ops do
+        with torch.autocast(qkv.device.type, enabled=False):
+            d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps)
         return d_qkv, None, None, list(grads), None, None

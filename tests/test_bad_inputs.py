@@ -275,3 +275,18 @@ def test_golden_absent_skips_outside_ci_and_fails_in_ci(monkeypatch, tmp_path):
         monkeypatch.delenv(var)
     (tmp_path / "gma_module.pt").write_bytes(b"")
     assert conftest.golden_path("gma_module.pt") == os.path.join(str(tmp_path), "gma_module.pt")
+
+
+@pytest.mark.parametrize("training", [True, (False, True, False, False)], ids=["train", "one-bn-train"])
+def test_empty_batch_with_synchronised_statistics_refuses(training):
+    """Training with a process group (resolved: more than one rank) and an empty batch: a
+    ValueError naming the cause, not a silent return that leaves the other ranks waiting in their
+    all-reduce; in eval (nothing to synchronise) the empty result as usual."""
+    from gmf_kernels.numerics import default_hyper
+    C = 40
+    w = random_gma_weights(C, seed=0)
+    hp = default_hyper(C)._replace(bn_process_group=object())   # stands in for a resolved group
+    x = torch.randn(0, 30, C, dtype=torch.float64)
+    with pytest.raises(ValueError, match="empty batch .* on this rank .* all-reduce"):
+        get_backend("torch").forward(x, (6, 5), w, hp, training)
+    assert get_backend("torch").forward(x, (6, 5), w, hp, False).shape == (0, 30, C)

@@ -122,6 +122,9 @@ def test_tiles_and_splits(C, grid, tiles, target, splits, monkeypatch):
     _, _, plan, (launch_grid, args, kwargs) = st.plan_statistics(qkv, H, W, w.dw3, w.dw5, w.dw7, w.pw)
     assert (plan.splits, launch_grid, tuple(args[-4:]), kwargs["CK"]) == (splits, (sum(splits), 3), splits, tiles[2])
     assert all(sum(plan.counts(j, tiles[0], H * W)) == H * W for j in range(4))
+    for j in range(4):   # the counts the merge uses, made on the device, are the same
+        on = plan.counts_on(j, tiles[0], H * W, qkv.device)
+        assert on.dtype == torch.float64 and on.tolist() == plan.counts(j, tiles[0], H * W)
     check(qkv, H, W, C)
 
 

@@ -185,6 +185,13 @@ def test_op_registered_autograd():
     _, exp = pre_projection_backward(g64, t64, *grid, fold_eval(w, hp, torch.float64), hp.scale, hp.ln_eps)
     for name, got, e in zip(exp._fields, grads[1:], exp):
         assert_rel(got, e, FP32_TOL, f"op grad {name}")
+    # `loss.backward()` inside autocast: the registered backward keeps its own precision
+    pre = torch.ops.gmf.triton_pre_projection(qkv, *grid, weights, hp.scale, hp.ln_eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = torch.autograd.grad((pre * g64.float()).sum(), [qkv] + weights)
+    for name, got, e in zip(("qkv",) + exp._fields, again, grads):
+        assert got.dtype == e.dtype, name
+        assert_rel(got, e, FP32_TOL, f"op grad {name} with autocast on in the backward")
 
 
 # ------------------------------------------------------------------ declared support

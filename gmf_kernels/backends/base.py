@@ -148,8 +148,16 @@ class Backend:
 
         An empty batch (B = 0) returns an empty (0, N, C) result at once, as torch's own layers
         do, on every backend (kernels are never launched on it; BatchNorm statistics are not
-        updated)."""
+        updated), except in training with synchronised statistics: a ValueError (the other
+        ranks' all-reduce would wait for this rank forever)."""
         if x.shape[0] == 0 and not torch.jit.is_tracing():
+            if hp.bn_process_group is not None and (any(training) if isinstance(training, tuple) else training):
+                raise ValueError(
+                    "an empty batch (B = 0) on this rank in training with synchronised BatchNorm statistics "
+                    "(SyncBatchNorm / process_group): the other ranks would wait for this one in their "
+                    "all-reduce (gmf_kernels does not take part in it with an empty batch, as "
+                    "torch.nn.SyncBatchNorm does). Give every rank at least one image (e.g. "
+                    "DataLoader(drop_last=True)), or skip the step on every rank")
             return empty_batch_result(x, w)
         qkv = self.project_qkv(x, w, hp, training)
         pre = self.pre_projection(qkv, size, w, hp, training)

@@ -436,6 +436,13 @@ class SegmentPlan(NamedTuple):
         tps = -(-self.tiles // self.splits[seg]) * block_p
         return [min(tps, N - k * tps) for k in range(self.splits[seg])]
 
+    def counts_on(self, seg: int, block_p: int, N: int, device) -> Tensor:
+        """`counts` as a float64 tensor made on `device` (no host-to-device copy: a pageable copy
+        would wait for the GPU's queue every layer, and cannot be captured in a CUDA graph)."""
+        tps = -(-self.tiles // self.splits[seg]) * block_p
+        k = torch.arange(self.splits[seg], dtype=torch.float64, device=device)
+        return (N - k * tps).clamp(max=tps)
+
 
 def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute: bool) -> Tuple[float, ...]:
     """Estimated cost of one tile (BLOCK_P tokens of one of the 3B images) of each segment, in taps
@@ -532,7 +539,7 @@ def merge_segments(part_mean: Tensor, part_m2: Tensor, plan: SegmentPlan, block_
     out = []
     for j in range(4):
         a, b = plan.rows(j)
-        counts = torch.tensor(plan.counts(j, block_p, N), dtype=torch.float64, device=part_mean.device)
+        counts = plan.counts_on(j, block_p, N, part_mean.device)
         out.append(merge_moments(pm[:, a:b].reshape(-1, s), pm2[:, a:b].reshape(-1, s), counts, dtype))
     return torch.cat([m for m, _ in out]), torch.cat([m2 for _, m2 in out])
 
