@@ -61,10 +61,8 @@ def _widths() -> List[int]:
 def check_table(backends, dtypes, grids, batch: int, device: str, seed: int = 0) -> List[Tuple]:
     """Rows (backend, C, grid, dtype, error, reference's own error, verdict). A backend that raises
     on a problem it accepted is a FAIL row with the error; the table goes on."""
-    from dataclasses import replace
-
     from .backends import get_backend
-    from .functional import make_problem
+    from .backends.base import GMAProblem
     rows = []
     for C in _widths():
         for (H, W) in grids:
@@ -76,8 +74,12 @@ def check_table(backends, dtypes, grids, batch: int, device: str, seed: int = 0)
                 x, w = x64.to(dtype), cast_weights(w64, dtype)
                 with torch.no_grad():
                     ref_lp_err = max_rel_error(reference_group_mix_attention(x, (H, W), w, hp, False), ref)
-                # the problem as a call describes it (its GPU's index and capability: the arch checks)
-                prob = replace(make_problem(x, (H, W), w, hp, False), needs_grad=False, explicit=True)
+                # the problem as a call describes it: on a GPU its index and capability (the arch checks)
+                cuda = x.device.type == "cuda"
+                prob = GMAProblem(B=batch, H=H, W=W, dim=C, num_heads=8, dtype=dtype, device_type=x.device.type,
+                                  device_index=x.device.index if cuda else None,
+                                  device_capability=tuple(torch.cuda.get_device_capability(x.device)) if cuda else None,
+                                  training=False, needs_grad=False, explicit=True)
                 for name in backends:
                     b = get_backend(name)
                     reasons = b.not_supported_reasons(prob)
