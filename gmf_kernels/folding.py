@@ -33,6 +33,7 @@ Derived weights are cached per layer and rebuilt only when a parameter or buffer
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Dict, NamedTuple, Tuple
 
 import torch
@@ -147,31 +148,59 @@ def _is_compiling() -> bool:
         return False
 
 
+def capturing() -> bool:
+    """Is the current CUDA stream being captured into a CUDA graph? Nothing is cached then: a
+    cache hit would bake the cached tensor's address into the graph (replays would miss later
+    weight updates, and read freed memory once the entry is rebuilt), and a miss would cache a
+    tensor whose kernels were only recorded, not run."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def cache_stamp(tensors) -> tuple:
+    """What a cached value derived from `tensors` is valid for: each tensor's storage (by
+    identity, through a weak reference: the CUDA caching allocator hands a freed storage's
+    address to the next tensor, so a pointer can match a different tensor), offset, version
+    counter (in-place updates bump it), dtype and device."""
+    return tuple((weakref.ref(t.untyped_storage()), t.storage_offset(), t._version, t.dtype, t.device)
+                 for t in tensors)
+
+
+def stamp_matches(stamp: tuple, tensors) -> bool:
+    """Do `tensors` still match `cache_stamp`'s record of them?"""
+    if len(stamp) != len(tensors):
+        return False
+    for (ref, offset, version, dtype, device), t in zip(stamp, tensors):
+        if (version != t._version or offset != t.storage_offset() or dtype != t.dtype or device != t.device
+                or ref() is not t.untyped_storage()):
+            return False
+    return True
+
+
 def cached_derived(w: GMAWeights, tag: object, build: Callable[[], object]):
     """Return build() for these weights, recomputed only when a tensor of w changes.
 
-    The key is every tensor's storage pointer and version counter (in-place updates
-    such as optimizer steps and load_state_dict bump the version). Under
-    torch.compile nothing is cached: the compiled graph owns its constants; nor under
-    torch.jit.trace (the trace must record the folding, and its sanity check compares two
-    traces). Nor for inference tensors (a model built under torch.inference_mode): they keep
-    no version counter.
+    The key is every tensor's storage (identity), version counter, dtype and device
+    (`cache_stamp`: in-place updates such as optimizer steps and load_state_dict bump the
+    version). Under torch.compile nothing is cached: the compiled graph owns its constants;
+    nor under torch.jit.trace (the trace must record the folding, and its sanity check
+    compares two traces); nor during a CUDA graph capture (`capturing`: the graph records the
+    folding and reads the parameters in place). Nor for inference tensors (a model built under
+    torch.inference_mode): they keep no version counter.
     """
-    if _is_compiling() or torch.jit.is_tracing():
+    if _is_compiling() or torch.jit.is_tracing() or capturing():
         return build()
     tensors = list(w.tensors())
     if any(t.is_inference() for t in tensors):
         return build()
-    stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
     per_layer = getattr(w.qkv_weight, _CACHE_ATTR, None)
     if per_layer is None:
         per_layer = {}
         setattr(w.qkv_weight, _CACHE_ATTR, per_layer)
     hit = per_layer.get(tag)
-    if hit is not None and hit[0] == stamp:
+    if hit is not None and stamp_matches(hit[0], tensors):
         return hit[1]
     value = build()
-    per_layer[tag] = (stamp, value)
+    per_layer[tag] = (cache_stamp(tensors), value)
     return value
 
 

@@ -522,3 +522,36 @@ def test_folded_cache_dtype_switch():
         m.double()
         ref2 = reference_group_mix_attention(x, (5, 6), m.gma_weights(), m.hyper())
         assert_rel(m(x, (5, 6)), ref2, FP64_TOL, "fp64 after change")
+
+
+def test_cache_stamp_is_the_storage_not_its_address():
+    """A cache key matches the same storage only: another storage at the same address (what the CUDA
+    caching allocator hands out after a free; an alias of the memory here) does not, nor an in-place
+    change, a new dtype or a different view offset."""
+    from gmf_kernels.folding import cache_stamp, stamp_matches
+    a = torch.randn(6)
+    stamp = cache_stamp([a])
+    assert stamp_matches(stamp, [a])
+    alias = torch.from_dlpack(a)          # the same memory, another storage object
+    assert alias.data_ptr() == a.data_ptr() and not stamp_matches(stamp, [alias])
+    assert not stamp_matches(stamp, [a[1:]]) and not stamp_matches(stamp, [a.double()])
+    a.add_(1)
+    assert not stamp_matches(stamp, [a])
+
+
+def test_nothing_is_cached_during_a_cuda_graph_capture(monkeypatch):
+    """While a CUDA graph is captured the folds are built every call (recorded into the graph),
+    never taken from or put in the cache."""
+    from gmf_kernels import folding
+    m = gmf_kernels.GroupMixAttention(40, 8, qkv_bias=True, backend="torch").eval()
+    w = m.gma_weights()
+    calls = []
+
+    def build():
+        calls.append(1)
+        return len(calls)
+    assert folding.cached_derived(w, "t", build) == 1 and folding.cached_derived(w, "t", build) == 1
+    monkeypatch.setattr(folding, "capturing", lambda: True)
+    assert folding.cached_derived(w, "t", build) == 2 and folding.cached_derived(w, "t", build) == 3
+    monkeypatch.setattr(folding, "capturing", lambda: False)
+    assert folding.cached_derived(w, "t", build) == 1   # the entry from before the capture, untouched

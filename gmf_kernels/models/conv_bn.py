@@ -15,16 +15,16 @@ where they are: the state_dict, checkpoints and training are unchanged.
 
 The folded weight and bias are computed in float32 (float64 for float64 weights) and cast
 to the convolution's dtype. They are cached per BatchNorm module and rebuilt when a tensor
-they come from changes: the key is each tensor's storage pointer, version counter, dtype
+they come from changes: the key is each tensor's storage (by identity), version counter, dtype
 and device (in-place updates -- optimizer steps, ``load_state_dict``, ``copy_`` under
 ``no_grad`` -- bump the version; ``.to()`` / ``.half()`` / a new Parameter change the
-pointer), the same rule as `gmf_kernels.folding.cached_derived`. Writes through ``.data``
+storage), the same rule as `gmf_kernels.folding.cached_derived` (`folding.cache_stamp`). Writes through ``.data``
 bypass version counters (as they bypass autograd) and are not seen.
 
 Not cached: when gradients are needed (eval mode with trainable parameters, e.g. frozen
 BatchNorm fine-tuning: the fold is then differentiable and rebuilt every call), for
-inference tensors (no version counter), and under ``torch.compile``, where the fold is
-part of the graph (constant-folded with Inductor's ``freezing``).
+inference tensors (no version counter), under ``torch.compile``, where the fold is part of
+the graph (constant-folded with Inductor's ``freezing``), and during a CUDA graph capture.
 """
 from __future__ import annotations
 
@@ -35,14 +35,16 @@ import torch
 from torch import nn
 
 from ..backends.torch_backend import linear, use_onednn_linear
+from ..folding import cache_stamp, capturing, stamp_matches
 
 Tensor = torch.Tensor
 
 #: BatchNorm module types whose eval-mode forward is the affine above
 FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
-# BatchNorm module -> (stamp, weight', bias'); dies with the module, never in its state
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Tensor, Optional[Tensor]]]" = weakref.WeakKeyDictionary()
+# BatchNorm module -> (stamp, weight', bias', eps); dies with the module, never in its state
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Tensor, Optional[Tensor], float]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def has_hooks(m: nn.Module) -> bool:
@@ -99,7 +101,7 @@ def _needs_grad(x: Tensor, tensors) -> bool:
 
 def folded_conv_bn(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor, Tensor]:
     """`fold_conv_bn`, cached per BatchNorm where it may be (see the module docstring)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # a trace records the fold
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or capturing():  # a trace records the fold
         return fold_conv_bn(conv, norm)  # in the graph: the compiled code owns its constants
     sources = _sources(conv, norm)
     if _needs_grad(x, sources):
@@ -107,14 +109,14 @@ def folded_conv_bn(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor,
     if any(t.is_inference() for t in sources):
         with torch.no_grad():  # inference tensors keep no version counter: nothing to key a cache on
             return fold_conv_bn(conv, norm)
-    stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources) + (float(norm.eps),)
+    eps = float(norm.eps)
     hit = _CACHE.get(norm)
-    if hit is not None and hit[0] == stamp:
+    if hit is not None and hit[3] == eps and stamp_matches(hit[0], sources):
         return hit[1], hit[2]
     # outside inference mode, so that the cached tensors serve later calls in any mode
     with torch.inference_mode(False), torch.no_grad():
         weight, bias = fold_conv_bn(conv, norm)
-    _CACHE[norm] = (stamp, weight, bias)
+    _CACHE[norm] = (cache_stamp(sources), weight, bias, eps)
     return weight, bias
 
 
