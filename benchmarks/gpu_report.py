@@ -1009,6 +1009,9 @@ STICKY_CUDA_ERROR = re.compile(r"^.*(illegal memory access|illegal address|misal
                                r"cudaErrorLaunchFailure|CUDA_ERROR_LAUNCH_FAILED).*$", re.IGNORECASE | re.MULTILINE)
 #: the fused backends a timing run can leave out; the rest (torch, reference, upstream) are its yardsticks
 QUARANTINABLE = ("cuda", "triton")
+#: gmf_kernels.backends.BACKEND_NAMES (tests/test_gpu_report.py checks they agree), written out so that
+#: this process never imports torch or the package: a broken install must not end the report
+GMA_BACKENDS = ("cuda", "triton", "torch", "reference")
 #: a rerun without a quarantined backend needs at least this many seconds of its run's time
 RERUN_MIN_S = 30.0
 
@@ -1042,8 +1045,7 @@ def without_backends(args: List[str], drop) -> List[str]:
         i = out.index("--backends") + 1
         out[i] = ",".join(b for b in out[i].split(",") if b.strip() and b.strip() not in drop)
     else:
-        from gmf_kernels.backends import BACKEND_NAMES
-        out += ["--backends", ",".join(b for b in BACKEND_NAMES if b not in drop)]
+        out += ["--backends", ",".join(b for b in GMA_BACKENDS if b not in drop)]
     if "--compile-backends" in out:
         i = out.index("--compile-backends")
         kept = [b for b in out[i + 1].split(",") if b.strip() and b.strip() not in drop]

@@ -840,6 +840,7 @@ def test_without_backends():
 
 def gr_backend_names():
     from gmf_kernels.backends import BACKEND_NAMES
+    assert tuple(BACKEND_NAMES) == gr.GMA_BACKENDS   # the report's copy of the registry's names
     return list(BACKEND_NAMES)
 
 
