@@ -199,6 +199,11 @@ def cached_derived(w: GMAWeights, tag: object, build: Callable[[], object]):
     hit = per_layer.get(tag)
     if hit is not None and stamp_matches(hit[0], tensors):
         return hit[1]
+    # a miss: entries made from other weights (before a .to(), a dtype change or an update) can
+    # never hit again; drop them so that they do not hold memory (on the old device) until their
+    # tag is rebuilt
+    for k in [k for k, (stamp, _) in per_layer.items() if not stamp_matches(stamp, tensors)]:
+        del per_layer[k]
     value = build()
     per_layer[tag] = (cache_stamp(tensors), value)
     return value

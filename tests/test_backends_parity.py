@@ -555,3 +555,20 @@ def test_nothing_is_cached_during_a_cuda_graph_capture(monkeypatch):
     assert folding.cached_derived(w, "t", build) == 2 and folding.cached_derived(w, "t", build) == 3
     monkeypatch.setattr(folding, "capturing", lambda: False)
     assert folding.cached_derived(w, "t", build) == 1   # the entry from before the capture, untouched
+
+
+def test_stale_cache_entries_are_dropped():
+    """After the weights change (here a dtype round trip: new storages), the next miss drops every
+    entry made from the old weights, not only the one it rebuilds; entries of the current weights
+    (another tag) stay."""
+    from gmf_kernels import folding
+    m = gmf_kernels.GroupMixAttention(40, 8, qkv_bias=True, backend="torch").eval()
+    folding.cached_derived(m.gma_weights(), "a", lambda: "a0")
+    folding.cached_derived(m.gma_weights(), "b", lambda: "b0")
+    m.double()
+    w = m.gma_weights()
+    assert folding.cached_derived(w, "a", lambda: "a1") == "a1"
+    cache = getattr(w.qkv_weight, folding._CACHE_ATTR)
+    assert set(cache) == {"a"}                      # "b" (old weights) dropped
+    assert folding.cached_derived(w, "b", lambda: "b1") == "b1"
+    assert folding.cached_derived(w, "a", lambda: "a2") == "a1" and set(cache) == {"a", "b"}
