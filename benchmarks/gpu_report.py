@@ -1284,7 +1284,7 @@ def phase_kernels(ctx: Ctx, ph: Dict, allow: float) -> None:
             left = t_end - time.monotonic()
             cmd = py(SCRIPT, "--worker", "kernels", "--model", ctx.args.model, "--rows-file", rows_file,
                      "--worker-budget", max(5.0, left - 10), "--from-case", from_case,
-                     "--skip-impls", ",".join(sorted(ctx.quarantined)) or ",")
+                     "--skip-impls", ",".join(sorted(ctx.quarantined)))
             res = run(ctx, cmd, left, "[kernels] ")
             lost = parse_context_lost(res.output)
             impl = (lost or {}).get("impl", "")

@@ -124,12 +124,13 @@ def arch_reasons(cap: Optional[Tuple[int, int]], sass: Optional[Sequence[Arch]],
     elif not ptx:
         ptx_txt = "it embeds no PTX"
     else:
-        ptx_txt = "its PTX (" + ", ".join(arch_name(a, "compute_") for a in ptx) + ") needs a capability >= " + \
-            min((f"{a[0]}.{a[1]}" for a in ptx), key=lambda s: tuple(map(int, s.split("."))))
+        names = ", ".join(arch_name(a, "compute_") for a in ptx)
         if ptx_jit is not None and any(ptx_runs_on(a, cap) for a in ptx):
-            ptx_txt = "its PTX (" + ", ".join(arch_name(a, "compute_") for a in ptx) + ") would suit it, but " + \
-                ptx_jit
+            ptx_txt = f"its PTX ({names}) would suit it, but {ptx_jit}"
             rebuild = "update the driver, or " + rebuild
+        else:
+            ptx_txt = f"its PTX ({names}) needs a capability >= " + \
+                min((f"{a[0]}.{a[1]}" for a in ptx), key=lambda s: tuple(map(int, s.split("."))))
     return [f"compute capability {cc} of {where} is not supported by the CUDA module: it has machine code "
             f"(SASS) for {built} (each runs on the same major version with an equal or higher minor) and "
             f"{ptx_txt}; {rebuild}"]
