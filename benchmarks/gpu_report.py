@@ -1286,16 +1286,10 @@ def phase_kernels(ctx: Ctx, ph: Dict, allow: float) -> None:
                      "--worker-budget", max(5.0, left - 10), "--from-case", from_case,
                      "--skip-impls", ",".join(sorted(ctx.quarantined)))
             res = run(ctx, cmd, left, "[kernels] ")
-            lost = parse_context_lost(res.output)
-            impl = (lost or {}).get("impl", "")
-            if not lost or impl not in QUARANTINABLE or impl in ctx.quarantined:
+            lost, go_on = quarantine_lost(ctx, res.output, "kernel timing", t_end, ph)
+            if not go_on:
                 break
-            quarantine(ctx, impl, f"kernel timing lost the CUDA context in {impl}: {lost.get('error', '')[:200]}",
-                       ph)
             from_case = int(lost.get("case", 0) or 0)   # that case again, without it
-            if t_end - time.monotonic() < RERUN_MIN_S:
-                ph["notes"].append(f"kernels: no time left to go on without {impl}")
-                break
             ctx.tee(f"[kernels] going on from case {from_case + 1} without {', '.join(sorted(ctx.quarantined))}")
     rows = []
     if rows_file.is_file():
@@ -1559,15 +1553,10 @@ def _run_throughput(ctx: Ctx, name: str, fname: str, args: List[str], budget: fl
     while True:
         entry, res = _throughput_attempt(ctx, name, fname, without_backends(args, ctx.quarantined),
                                          max(1.0, t_end - time.monotonic()), ph)
-        lost = parse_context_lost(res.output)
-        backend = (lost or {}).get("impl", "").split("+")[0]
-        if not lost or backend not in QUARANTINABLE or backend in ctx.quarantined:
-            break
-        quarantine(ctx, backend, f"run {name}: the CUDA context was lost in a {lost['impl']!r} row: "
-                                 f"{lost.get('error', '')[:200]}", ph)
-        entry["context_lost"] = lost
-        if t_end - time.monotonic() < RERUN_MIN_S:
-            ph["notes"].append(f"{name}: no time left to rerun without {backend}")
+        lost, go_on = quarantine_lost(ctx, res.output, f"run {name}", t_end, ph)
+        if lost:
+            entry["context_lost"] = lost
+        if not go_on:
             break
         attempts.append(entry)
         ctx.tee(f"[{name}] rerun without {', '.join(sorted(ctx.quarantined))} "
@@ -1599,6 +1588,22 @@ def parse_context_lost(text: str) -> Optional[Dict[str, str]]:
         fields["error"] = err.strip()
         return fields
     return None
+
+
+def quarantine_lost(ctx: Ctx, output: str, what: str, t_end: float, ph: Dict) -> Tuple[Optional[Dict], bool]:
+    """After a run: when its output has the lost-context marker of a fused backend not yet
+    quarantined ('cuda+compile' counts as cuda), quarantine it. -> (the marker's fields or None,
+    whether to go on without it: RERUN_MIN_S of the time to `t_end` left)."""
+    lost = parse_context_lost(output)
+    backend = (lost or {}).get("impl", "").split("+")[0]
+    if not lost or backend not in QUARANTINABLE or backend in ctx.quarantined:
+        return None, False
+    quarantine(ctx, backend, f"{what}: the CUDA context was lost in {lost['impl']!r}: "
+                             f"{lost.get('error', '')[:200]}", ph)
+    if t_end - time.monotonic() < RERUN_MIN_S:
+        ph["notes"].append(f"{what}: no time left to go on without {backend}")
+        return lost, False
+    return lost, True
 
 
 def _throughput_attempt(ctx: Ctx, name: str, fname: str, args: List[str], budget: float,

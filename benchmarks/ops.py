@@ -304,6 +304,12 @@ def bench_case(case: Dict, impls: Iterable[str], device: torch.device, *, warmup
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def failed(impl, ex):
+        """An error row; a sticky CUDA error ends the run (nothing after it can run in this process)."""
+        emit(dict(op="pre_projection", impl=impl, status="error", reason=first_line(ex, 600)))
+        if cuda and not cuda_alive():
+            raise CudaContextLost(impl, first_line(ex, 600)) from ex
     inputs = StageInputs(case, device)
     ref_out = None
     with torch.inference_mode():
@@ -317,9 +323,7 @@ def bench_case(case: Dict, impls: Iterable[str], device: torch.device, *, warmup
                 emit(dict(op="pre_projection", impl=impl, status="unsupported", reason=first_line(ex, 600)))
                 continue
             except Exception as ex:
-                emit(dict(op="pre_projection", impl=impl, status="error", reason=first_line(ex, 600)))
-                if cuda and not cuda_alive():
-                    raise CudaContextLost(impl, first_line(ex, 600)) from ex
+                failed(impl, ex)
                 continue
             try:
                 sync()
@@ -337,9 +341,7 @@ def bench_case(case: Dict, impls: Iterable[str], device: torch.device, *, warmup
                           err_vs_reference=err, compile_s=first_s if impl == "torch+compile" else None,
                           first_call_s=first_s))
             except Exception as ex:  # e.g. out of memory for the reference at a large batch
-                emit(dict(op="pre_projection", impl=impl, status="error", reason=first_line(ex, 600)))
-                if cuda and not cuda_alive():   # a sticky error: nothing after it can run in this process
-                    raise CudaContextLost(impl, first_line(ex, 600)) from ex
+                failed(impl, ex)
                 continue
             if cuda and impl in ("cuda", "triton") and profile_calls:
                 try:

@@ -1826,8 +1826,8 @@ def main(argv=None) -> int:
     try:
         rows = benchmark(settings, models, requested, progress, on_model_done=save_partial)
     except Exception as e:
-        ops = sys.modules.get("gmf_benchmark_ops")   # loaded by check_context, which raised it
-        if ops is None or not isinstance(e, ops.CudaContextLost):
+        ops = ops_lib()
+        if not isinstance(e, ops.CudaContextLost):
             raise
         meta["wall_s"] = time.perf_counter() - t0
         meta["context_lost"] = {"backend": e.impl, "error": e.error}

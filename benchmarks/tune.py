@@ -188,12 +188,6 @@ def write_table(table: Dict, path: str, copy_dir: Optional[str] = None) -> None:
 
 
 # ------------------------------------------------------------------ the sweep (budgeted)
-def _ops():
-    """benchmarks/ops.py (this script puts benchmarks/ on sys.path): its CUDA context check."""
-    import ops
-    return ops
-
-
 def sweep(items: Iterable[Tuple], measure: Callable[..., List[Dict]], deadline: float,
           on_done: Callable[[Tuple, List[Dict]], None], clock: Callable[[], float] = time.monotonic,
           on_error: Optional[Callable[[Tuple, BaseException], bool]] = None) -> List[Tuple]:
@@ -636,7 +630,8 @@ def main(argv=None) -> int:
             table["not_measured"].append({"part": part, "C": C, "dtype": _short(dt), "reason": why})
             write_table(table, path, a.out)
             print(f"  {part} C={C} {H}x{W} {_short(dt)}: failed ({why})", flush=True)
-            if not _ops().cuda_alive():
+            from ops import cuda_alive
+            if not cuda_alive():
                 lost.append(why)
                 return False
             return True

@@ -33,6 +33,7 @@ from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import tuning
 from ..folding import FoldedGMAWeights
@@ -76,17 +77,19 @@ def wrap_triton(kernel):
     return _GridLaunch(kernel)
 
 
+#: the infra dispatch modes a trace pushes (fake, proxy, functional tensors), looked up once
+_TRACE_MODE_KEYS = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL")
+                         if hasattr(torch._C._TorchDispatchModeKey, k))
+
+
 def _tracing(args, kwargs) -> bool:
     """Is a trace running over this launch: Dynamo, a dispatch mode (make_fx's proxy, fake or
     functional tensors: torch.compile's AOT pass over a ``triton_op``), or a tensor subclass?"""
     if torch.compiler.is_compiling():
         return True
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
     if _get_current_dispatch_mode() is not None:
         return True
-    keys = torch._C._TorchDispatchModeKey
-    if any(torch._C._get_dispatch_mode(getattr(keys, k)) is not None for k in ("FAKE", "PROXY", "FUNCTIONAL")
-           if hasattr(keys, k)):
+    if any(torch._C._get_dispatch_mode(k) is not None for k in _TRACE_MODE_KEYS):
         return True
     return any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor
                for a in (*args, *kwargs.values()))
