@@ -436,6 +436,20 @@ def test_plan_and_workspace_validation(mod):
 
 
 @needs_nvcc
+@pytest.mark.parametrize("B, G, C, dtype", [(4, 56, 200, 0), (2, 28, 160, 0), (8, 14, 320, 1)])
+def test_two_blocks_per_sm_leave_the_reserved_kib(mod, B, G, C, dtype):
+    """The planner's two-blocks-per-SM pass counts the 1 KiB the hardware reserves per block: with a
+    limit of exactly twice a tile's shared memory, that tile does not fit two blocks (2 x (S + 1 KiB)
+    > 2 S + 1 KiB, the SM's shared memory), so a smaller tile is taken, one that really fits two."""
+    S = max(mod.plan(B, G, G, C, dtype)["aggregate"]["smem"], mod.plan(B, G, G, C, dtype)["attention"]["smem"])
+    limit = 2 * S
+    p = mod.plan(B, G, G, C, dtype, 0, 0, 0, limit)
+    used = max(p["aggregate"]["smem"], p["attention"]["smem"])
+    assert p["aggregate"]["staged"] and p["attention"]["staged"], p
+    assert 2 * (used + 1024) <= limit + 1024, (S, p["tile"], used)
+
+
+@needs_nvcc
 @no_gpu
 def test_valid_arguments_without_gpu_raise_runtime_error(mod):
     """Validation passes; the first CUDA call then fails cleanly (no device/driver)."""
