@@ -421,8 +421,9 @@ TRAIN_CASES = list(GPU_TRAIN_SHAPES) if not ON_CPU else [(40, 5, 2)]
 @pytest.mark.parametrize("name", BACKENDS)
 def test_training_step_real_shapes(name, C, G, B, dn):
     """One training forward + backward on the GPU against the float64 reference (also on the
-    GPU). fp32: output, input and every parameter gradient, running statistics within 1e-4
-    relative (3xTF32 dots; the reference's fp32 error is ~1e-6). fp16 / bf16: output and running
+    GPU). fp32: output, input and every parameter gradient, running statistics within 2x the fp32
+    reference's own error + 1e-4 relative, element-wise (3xTF32 dots; TF32 off for the
+    reference, tests/conftest.py). fp16 / bf16: output and running
     statistics within 2x the reference's own error at that dtype; their gradients are not held
     to the element-wise rule at these sizes: among millions of pre-activations some lie within a
     rounding error of hardswish's kinks at +-3, where any low-precision computation may take
@@ -432,7 +433,7 @@ def test_training_step_real_shapes(name, C, G, B, dn):
     kernels: a fallback to PyTorch ops (its RuntimeWarning) fails the test."""
     from gmf_kernels.backends import get_backend
     from helpers import assert_within_reference_error, problem
-    from training_cases import compare, make, run
+    from training_cases import make, run
     require_backend(name)
     dtype = DTYPES[dn]
     p = problem(B=B, H=G, W=G, dim=C, dtype=dtype, device_type=DEVICE, training=True, needs_grad=True,
@@ -449,10 +450,21 @@ def test_training_step_real_shapes(name, C, G, B, dn):
         warnings.simplefilter("error", RuntimeWarning)
         got = run(name, x, (G, G), w, dtype, True)
     what = f"{name} train {dn} C{C} {G}x{G} B{B}"
-    if dtype == torch.float32:
-        compare(got, oracle, 1e-4, what)
-        return
     ref_lp = run("reference", x, (G, G), w, dtype, True)
+    if dtype == torch.float32:
+        # 2x the fp32 reference's own error + 1e-4, element-wise: that error is ~1e-6 on most cases
+        # but not all (on an H200, C=320 14x14 B32's input gradient: 1.4e-3 for the reference and
+        # the torch backend alike, TF32 off: benchmarks/results/gpu_report_h200_20261204/followup.md)
+        assert_within_reference_error(got[0], ref_lp[0], oracle[0], floor=1e-4, name=f"{what} out")
+        for n, o in oracle[1].items():
+            assert got[1][n] is not None, f"{what}: no gradient for {n}"
+            assert_within_reference_error(got[1][n], ref_lp[1][n], o, floor=1e-4, name=f"{what} grad {n}")
+        for n, o in oracle[2].items():
+            if n.startswith("bn_num_batches_tracked"):
+                assert torch.equal(got[2][n], o), f"{what} {n}: {got[2][n]} != {o}"
+            else:
+                assert_within_reference_error(got[2][n], ref_lp[2][n], o, floor=1e-4, name=f"{what} {n}")
+        return
     assert_within_reference_error(got[0], ref_lp[0], oracle[0], name=f"{what} out")
     for n in oracle[2]:
         if not n.startswith("bn_num_batches_tracked"):

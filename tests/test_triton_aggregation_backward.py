@@ -224,22 +224,50 @@ meta = dict(device="meta")
 shapes = weight_shapes(C)
 wts = FoldedGMAWeights(*(torch.empty(shapes[n], **meta) for n in FoldedGMAWeights._fields))
 rc = bw.recompute(torch.empty(B, H * W, 3 * C, **meta), H, W, wts, 1e-5)   # the real layouts of Z, u, y
-sd = stage_dtype(torch.float16)                  # ... and the stage tensors' dtype of an fp16 layer
+DT = getattr(torch, sys.argv[1])                 # float16; float32 for the dot overrides' check
+ONLY_DOTS = DT == torch.float32                  # then only the kernels with dots (config.DOT_OVERRIDES)
+sd = stage_dtype(DT)                             # ... and the stage tensors' dtype of the layer
 rc = {k: [t.to(sd) for t in v] if isinstance(v, list) else v.to(sd) if k in ("Z", "w4", "xh4") else v
       for k, v in rc.items()}
 stats = torch.empty(4, C // 5, **meta)
 out, seen = [], set()
-for arch in map(int, sys.argv[1:]):
-    dots = DotVariant(dot_precision("fp16", capability_of_arch(arch)), False)
-    d_qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float16, **meta)   # the input gradient of fp16 inputs
-    qkv = torch.empty(B, H * W, 3 * C, dtype=torch.float16, **meta)     # and the fp16 inputs, read in place
+for arch in map(int, sys.argv[2:]):
+    dots = DotVariant(dot_precision("fp16" if DT == torch.float16 else "fp32", capability_of_arch(arch)), False)
+    d_qkv = torch.empty(B, H * W, 3 * C, dtype=DT, **meta)   # the input gradient of the inputs
+    qkv = torch.empty(B, H * W, 3 * C, dtype=DT, **meta)     # and the inputs, read in place
     for fn, grid, args, kwargs in agb.plan_stages(torch.empty_like(rc["Z"]), rc, wts, stats, stats, dots, d_qkv, qkv):
+        if ONLY_DOTS and "DOT_PRECISION" not in kwargs:
+            continue
         spec = sp.specialize_launch(fn, arch, args, kwargs)
         if spec.key not in seen:
             seen.add(spec.key)
             out.append(sp.compile_one(spec))
 print(json.dumps(out))
 """
+
+
+def _aot_compile(dtype, archs, env):
+    """`_AOT_SCRIPT`'s records for a layer of this dtype, one process per architecture, side by side (two cores)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, dtype, str(arch)], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for arch in archs]
+    res = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+        assert lines, f"compile script failed (rc={proc.returncode}):\n{err[-3000:]}"
+        res += json.loads(lines[-1])
+    return res
+
+
+def _no_spills(res):
+    for r in res:
+        print(f"{r['label']} sm_{r['arch']}: {r['registers']} registers, spill stores {r['spill_stores']} B, "
+              f"loads {r['spill_loads']} B, stack {r['stack']} B")
+    bad = [r["label"] + f" sm_{r['arch']}" for r in res
+           if r["registers"] <= 0 or r["registers"] > 255 or r["spill_stores"] or r["spill_loads"] or r["stack"]
+           or r.get("cuobjdump_local", 0)]
+    assert not bad, f"register spills or unparsed ptxas report: {bad}"
+    assert all(r["line_info"] for r in res)
 
 
 def test_aot_compile_real_shape_no_spills(tmp_path):
@@ -255,26 +283,26 @@ def test_aot_compile_real_shape_no_spills(tmp_path):
     env = triton_compile_env()
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")           # really compile
     # one process per architecture, side by side (two cores)
-    procs = [subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, str(arch)], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for arch in (80, 90)]
-    res = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        lines = [ln for ln in out.splitlines() if ln.startswith("[")]
-        assert lines, f"compile script failed (rc={proc.returncode}):\n{err[-3000:]}"
-        res += json.loads(lines[-1])
+    res = _aot_compile("float16", (80, 90), env)
     assert sorted({(r["function"], r["arch"]) for r in res}) == sorted((f.__name__, a) for f in agb.KERNELS
                                                                       for a in (80, 90))
     # per arch: dz, pw x 2 modes, dw x (3 windows + local 3x3), local; into the fp16 d_qkv: dz, dw x 4
     assert len(res) == 2 * 13
-    for r in res:
-        print(f"{r['label']} sm_{r['arch']}: {r['registers']} registers, spill stores {r['spill_stores']} B, "
-              f"loads {r['spill_loads']} B, stack {r['stack']} B")
-    bad = [r["label"] + f" sm_{r['arch']}" for r in res
-           if r["registers"] <= 0 or r["registers"] > 255 or r["spill_stores"] or r["spill_loads"] or r["stack"]
-           or r.get("cuobjdump_local", 0)]
-    assert not bad, f"register spills or unparsed ptxas report: {bad}"
-    assert all(r["line_info"] for r in res)
+    _no_spills(res)
+
+
+def test_aot_compile_dot_overrides_no_spills(tmp_path):
+    """The kernels `config.DOT_OVERRIDES` moves to fp32 FMA dots (the channel-mix backward kernels
+    of an fp32 layer at S_PAD = 64: C = 320 here) compile for sm_80 and sm_90 with that variant
+    and no register spills."""
+    if not have_triton_nvidia_backend():
+        pytest.skip("Triton's NVIDIA backend / ptxas is not available")
+    env = triton_compile_env()
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    res = _aot_compile("float32", (80, 90), env)
+    names = {r["function"] for r in res}
+    assert {"gma_pw_backward_kernel", "gma_local_backward_kernel"} <= names, names
+    _no_spills(res)
 
 
 def _cast(x, dtype):
@@ -360,3 +388,34 @@ def local_rounded(dL, rc, wts, dtype):
     dw4 = _mix("oi,bohw->bihw", wts.local_pw, dz4, dtype).to(dtype).float()
     return (bw.dwconv_input_grad(dw4, wts.local_dw), bw.dwconv_weight_grad(dw4, rc["u4"], 3),
             _mix("bohw,bihw->oi", dz4, rc["w4"], dtype), (gL * xh).sum(dim=(0, 2, 3)), gL.sum(dim=(0, 2, 3)))
+
+
+@pytest.mark.parametrize("C", [160, 200, 240, 320, 480])
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32", "ieee"])
+@pytest.mark.parametrize("emulate", [False, True], ids=["gpu", "interpreter"])
+def test_channel_mix_backward_dot_overrides(C, precision, emulate):
+    """The two channel-mix backward kernels run the precision `config.DOT_OVERRIDES` names where
+    Triton 3.6 miscompiles the one asked for: 3xTF32 at S_PAD = 64 (C = 200, 240, 320) became
+    fp32 FMA dots ("ieee"); every other (precision, S_PAD) runs as asked, the interpreter's
+    emulation the same as the GPU. Read from the launchers' own plans on meta tensors."""
+    from gmf_kernels.folding import meta_weights
+    from gmf_kernels.triton_kernels._common import DotVariant
+    from gmf_kernels.triton_kernels.config import dot_pad
+    B, H, W = 2, 7, 7
+    s = C // 5
+    s_pad, cp = dot_pad(s), 4 * s
+    md = dict(device="meta", dtype=torch.float32)
+    dots = DotVariant(precision, emulate)
+    wts = meta_weights(C)
+    G, Z = torch.empty(3 * B, cp, H, W, **md), torch.empty(3 * B, cp, H, W, **md)
+    y = list(torch.empty(3, 3 * B, s, H, W, **md).unbind(0))
+    coefs = torch.empty(3, cp, **md)
+    tiles = agb.gpu_backward_tiles(s_pad)
+    _, lp = agb.plan_pw_backward(G, Z, y, wts.pw, coefs, 0, dots, tiles)
+    rc = {"Z": Z, "y": y, "xh4": torch.empty(B, s, H, W, **md), "rstd4": torch.empty(B, 1, H, W, **md),
+          "w4": torch.empty(B, 3 * s, H, W, **md), "u4": torch.empty(B, 3 * s, H, W, **md)}
+    _, ll = agb.plan_local_backward(torch.empty(B, s, H, W, **md), rc, wts, dots, tiles=tiles)
+    want = "ieee" if (precision, s_pad) == ("tf32x3", 64) else precision
+    for fn, _grid, _args, kw in (lp[0], ll[0]):
+        assert kw["DOT_PRECISION"] == want, (fn, C, precision, kw["DOT_PRECISION"], want)
+        assert kw["EMULATE_DOTS"] == emulate

@@ -99,7 +99,7 @@ from ..folding import FoldedGMAWeights
 from . import _common  # _common.interpreting(): the stores' rounding (tests patch `interpreting` here for tiles)
 from ._common import DotVariant, dot_variant, hardswish_grad, interpreting, mm, stored
 from .aggregation import split_plan as aggregation_split_plan
-from .config import dot_pad, next_pow2
+from .config import dot_pad, kernel_dot_precision, next_pow2
 from .tile_spaces import register_tiles
 
 Tensor = torch.Tensor
@@ -568,7 +568,8 @@ def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coe
     args = (dz_src, Z, ys[0][0], ys[1][0], ys[2][0], pw.contiguous(), buf["dy"], buf["part_gpw"], coefs,
             M, N, tps, *ys[0][1:])
     kw = dict(S=S, CP=CP, S_PAD=S_PAD, BLOCK_I=block_i, BLOCK_P=tiles.PW_BLOCK_P, DZ_MODE=mode,
-              DOT_PRECISION=dots.precision, EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
+              DOT_PRECISION=kernel_dot_precision("gma_pw_backward_kernel", dots.precision, S_PAD),
+              EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
     return buf, [(gma_pw_backward_kernel, (blocks, splits), args, kw)]
 
 
@@ -646,7 +647,8 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
            "part_ln": torch.empty(splits, 2, S_PAD, dtype=torch.float32, device=dev)}
     args = (dL_, xh, rstd, w4, wts.local_pw.contiguous(), wts.ln_weight.contiguous(), wts.ln_bias.contiguous(),
             buf["dw4"], buf["part_gpw"], buf["part_ln"], M, N, tps, slb, slc, sln)
-    kw = dict(S=S, S_PAD=S_PAD, BLOCK_I=block_i, BLOCK_P=tiles.PW_BLOCK_P, DOT_PRECISION=dots.precision,
+    kw = dict(S=S, S_PAD=S_PAD, BLOCK_I=block_i, BLOCK_P=tiles.PW_BLOCK_P,
+              DOT_PRECISION=kernel_dot_precision("gma_local_backward_kernel", dots.precision, S_PAD),
               EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
     bufd, ld = plan_dw_backward(buf["dw4"], depthwise_input(rc, 4), wts.local_dw, out, tiles)
     buf.update(bufd)

@@ -54,6 +54,29 @@ ARCH_DOTS: Tuple[Tuple[Tuple[int, int], Dict[str, str]], ...] = (
     ((7, 0), {"fp32": "ieee", "fp16": "ieee"}),                    # Volta, Turing: fp32 FMA dots, no bf16
 )
 
+#: Dot variants Triton miscompiles, as data: (kernel name, precision asked for, S_PAD) -> the
+#: precision that kernel runs instead. Measured on an NVIDIA H200 (sm_90, Triton 3.6.0,
+#: benchmarks/results/gpu_report_h200_20261204/followup.md): the two channel-mix backward kernels
+#: at S_PAD = 64 (C = 200, 240, 320) with 3xTF32 dots returned wrong weight gradients (pw_weight,
+#: local_pw_weight off by O(1), every element, at every grid and tile tried), while the same
+#: kernels with "ieee" or "tf32" dots, and at S_PAD = 32 and 128 with 3xTF32, were right. A
+#: minimal kernel with their pattern (a [64, 64] x [64, 16] 3xTF32 dot into a store and a second
+#: 3xTF32 dot of the same operand, transposed, into an accumulator) faults with an illegal address
+#: at S_PAD = 64 only. Not seen on other architectures (sm_80 untested): the override holds on
+#: every GPU that asks for 3xTF32, as the cost of a wrong gradient is not worth the FMA dots' time.
+#: "ieee" (fp32 FMAs) is what sm_70/75 compile for these kernels at every width, spill-free.
+DOT_OVERRIDES: Dict[Tuple[str, str, int], str] = {
+    ("gma_pw_backward_kernel", "tf32x3", 64): "ieee",
+    ("gma_local_backward_kernel", "tf32x3", 64): "ieee",
+}
+
+
+def kernel_dot_precision(kernel: str, precision: str, s_pad: int) -> str:
+    """The ``input_precision`` `kernel` runs at channel padding `s_pad` when `precision` is
+    asked for: `precision` unless `DOT_OVERRIDES` names the triple."""
+    return DOT_OVERRIDES.get((kernel, precision, s_pad), precision)
+
+
 #: Architectures every kernel specialisation is compiled for ahead of time (CI, resource tables).
 AOT_ARCHS = (70, 75, 80, 90)
 

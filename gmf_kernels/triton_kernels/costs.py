@@ -402,8 +402,10 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
         mine = [(g, w) for n, g, w in launches if n == name]
         total = {k: sum(w.get(k, 0) for _, w in mine) for k in ("bytes", "tc", "tc_padded", "cuda")}
         progs = [int(functools.reduce(lambda a, b: a * b, g, 1)) for g, _ in mine]
-        tc, tcp, fma, tp = _tc(prec, total["tc"], total["tc_padded"]) if total["tc"] else (0, 0, 0, "-")
-        warps = mine[0][1].get("kw", {}).get("num_warps") if mine[0][1].get("kw") else None
+        kw = mine[0][1].get("kw") or {}
+        kprec = kw.get("DOT_PRECISION", prec)                # the kernel's own (config.DOT_OVERRIDES)
+        tc, tcp, fma, tp = _tc(kprec, total["tc"], total["tc_padded"]) if total["tc"] else (0, 0, 0, "-")
+        warps = kw.get("num_warps")
         out[name] = Cost(bytes=total["bytes"], tc_flops=tc, cuda_flops=total["cuda"] + fma, grid=tuple(mine[0][0]),
                          tc_precision=tp, tc_flops_padded=tcp, block=32 * warps if warps else None,
                          detail={"launches": len(mine), "programs_all": sum(progs)})
