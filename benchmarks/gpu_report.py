@@ -137,6 +137,33 @@ PHASES = [
 ]
 PHASE_NAMES = [p.name for p in PHASES]
 
+#: The report in two calls of one lease (DEVELOPERS.md "A lent GPU's time, in order"): everything in
+#: one 530 s call ran out of time on an H200 (benchmarks/results/gpu_report_h200_20261204: every test
+#: run, every sanitizer tool and the compiled model rows cut). Per part: its phases and their
+#: weights (seconds at the part's default budget, from what that report's phases took or would
+#: have needed), and the default budget. The weights scale with --budget as PHASES' do.
+PARTS: Dict[str, Dict] = {
+    "record": {"budget": 440.0, "weights": {"env": 20, "build": 160, "tests": 110, "sanitizer": 150},
+               "what": "correctness: build, every GPU test, compute-sanitizer (the verdict's evidence)"},
+    "speed": {"budget": 340.0, "weights": {"env": 20, "kernels": 60, "models": 160, "train": 90, "paper": 10},
+              "what": "speed: kernel timing, the judged bf16 b256 and training runs, the paper's protocol"},
+}
+
+
+def phase_weights(args) -> Dict[str, float]:
+    """{phase: weight} of the selected phases: --part's weights, else PHASES' budgets."""
+    part = PARTS.get(getattr(args, "part", None) or "all")
+    return {p.name: (part["weights"].get(p.name, p.budget_s) if part else p.budget_s)
+            for p in PHASES if p.name in args.phases}
+
+
+def phase_budget(args, phase: Phase) -> float:
+    """The phase's share of --budget: its weight scaled so that the selected phases' weights add up to
+    the budget (all phases at the default budget: PHASES' own seconds)."""
+    weights = phase_weights(args)
+    total = sum(weights.values()) or DEFAULT_BUDGET_S
+    return weights.get(phase.name, phase.budget_s) * args.budget / total
+
 # ------------------------------------------------------------------ test selections
 REAL_SHAPES = "tests/test_gpu_real_shapes.py"
 PYTEST_BASE = ["-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider"]
@@ -580,7 +607,10 @@ def worker_sanitize(list_only: bool, backends: List[str], cpu: bool = False, max
                 out = torch.ops.gmf.triton_pre_projection(qkv, H, W, ws, hp.scale, hp.ln_eps)
             if not cpu:
                 torch.cuda.synchronize()
-            a, e = out.double().cpu(), ext["pre_proj"]
+            # copied to the host as it is, widened there: the copy's source is the kernel's own output (an
+            # H200 initcheck flagged the source of `out.double().cpu()`'s copy, the cast's output, as
+            # uninitialized: gpu_report_h200_20261204/sanitizer.log; this way a finding names our buffer)
+            a, e = out.cpu().double(), ext["pre_proj"]
             err = float("nan") if not bool(torch.isfinite(a).all()) else \
                 ((a - e).abs().max() / e.abs().max()).item()
             ok = err <= TOLERANCE[dt]
@@ -795,8 +825,7 @@ def check_command(ctx: Ctx, cmd: List[str]) -> None:
 
 
 def allowance(ctx: Ctx, phase: Phase) -> float:
-    scale = ctx.args.budget / DEFAULT_BUDGET_S
-    return max(0.0, min(max(phase.budget_s * scale + ctx.carry, phase.min_s), ctx.left() - 3))
+    return max(0.0, min(max(phase_budget(ctx.args, phase) + ctx.carry, phase.min_s), ctx.left() - 3))
 
 
 # ------------------------------------------------------------------ phases
@@ -1732,7 +1761,8 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
         ("date", m.get("date")),
         ("host", f"{m.get('hostname')}, {m.get('cpu_count')} CPUs, python {m.get('python')}"),
         ("tools", f"compute-sanitizer {m.get('compute_sanitizer_version') or m.get('compute_sanitizer') or 'absent'}"),
-        ("wall time", f"{_f(rep.get('wall_s'), '{:.0f}')} s of a {_f(m.get('budget_s'), '{:.0f}')} s budget"),
+        ("wall time", f"{_f(rep.get('wall_s'), '{:.0f}')} s of a {_f(m.get('budget_s'), '{:.0f}')} s budget"
+                      + (f" (part {m['part']})" if m.get("part") not in (None, "all") else "")),
     ]
     L += ["| | |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in rows] + [""]
 
@@ -2011,6 +2041,9 @@ def verification_verdicts(rep: Dict) -> Dict[str, Dict]:
 def _verification_summary(rep: Dict) -> List[str]:
     """summary.md's verdict per fused backend: the evidence for gmf_kernels/data/gpu_verified.json, or why not."""
     L = [f"## Verification ({VERIFIED_TABLE}: where `auto` picks the fused backends)", ""]
+    if rep.get("meta", {}).get("part") == "speed":
+        L += ["- part `speed`: no GPU tests or sanitizer here; the verdict is the `record` part's folder (its "
+              "model rows that failed a check, if any, are listed below)", ""]
     for backend, v in verification_verdicts(rep).items():
         where = v["arch"] or "?"
         if v["qualifies"]:
@@ -2195,18 +2228,18 @@ def default_out(dry: bool) -> Path:
 
 
 def print_plan(ctx: Ctx, phases: List[Phase]) -> None:
-    scale = ctx.args.budget / DEFAULT_BUDGET_S
-    ctx.tee(f"plan: {len(phases)} phases, {ctx.args.budget:.0f} s in all (unused time carries over), "
-            f"results in {ctx.out}")
+    part = getattr(ctx.args, "part", "all")
+    ctx.tee(f"plan: {len(phases)} phases{'' if part == 'all' else f' (part {part})'}, {ctx.args.budget:.0f} s in "
+            f"all (unused time carries over), results in {ctx.out}")
     up = ctx.report["upstream"]
     planned = up["path"] if up["reason"] is None else None
     ctx.tee(f"  upstream: {up['path']} (from {up['source']}); its rows are dropped if timm or einops do not import"
             if planned else f"  upstream: not run: {up['reason']}")
     for p in phases:
-        ctx.tee(f"  {p.name:10s} {p.budget_s * scale:5.0f} s  {p.what}")
+        ctx.tee(f"  {p.name:10s} {phase_budget(ctx.args, p):5.0f} s  {p.what}")
         cmds: List[List[str]] = []
         if p.name == "build":
-            cmds += [_build_cmd(ctx), _warm_cmd(ctx, p.budget_s * scale * WARM_SHARE)]
+            cmds += [_build_cmd(ctx), _warm_cmd(ctx, phase_budget(ctx.args, p) * WARM_SHARE)]
         if p.name in ("build", "tests"):
             cmds += [["GMF_REQUIRE_GPU=1"] + _pytest_cmd(ctx, s) for s in pytest_runs(p.name, golden_dir().is_dir())]
         if p.name == "sanitizer":
@@ -2244,6 +2277,7 @@ def run_report(args) -> int:
         "meta": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:],
                  "git_sha": sha or "unknown", "git_dirty": bool(status) if status is not None else None,
                  "hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "budget_s": args.budget,
+                 "part": getattr(args, "part", "all"),
                  "out_dir": str(out), "device_name": None, "driver_version": None, "torch": None, "triton": None,
                  "torch_cuda": None, "golden_dir": str(golden_dir()) if golden_dir().is_dir() else None},
         "phases": {}, "build": {}, "tests": {"runs": []}, "sanitizer": {"tools": {}}, "kernels": {},
@@ -2266,7 +2300,7 @@ def run_report(args) -> int:
             ctx.probes[tuple(cmd)] = Proc(cmd, env, tee, "[probe] ", echo=False)
         ctx.check("benchmarks/ops.py and benchmarks/throughput.py exist", OPS.is_file() and THROUGHPUT.is_file())
     for p in PHASES:
-        ph = {"status": "not selected", "budget_s": p.budget_s * args.budget / DEFAULT_BUDGET_S, "notes": []}
+        ph = {"status": "not selected", "budget_s": round(phase_budget(args, p), 1), "notes": []}
         report["phases"][p.name] = ph
         if p not in wanted:
             continue
@@ -2326,8 +2360,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--out", default=None, help="results folder (default: $OUT if set, else "
                                                "benchmarks/results/gpu_report_<gpu>_<date>; dry run: a temp folder)")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="total seconds (phases scale with it)")
-    p.add_argument("--phases", default=",".join(PHASE_NAMES), help="comma list of phases to run")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"total seconds (phases scale with it; default {DEFAULT_BUDGET_S:.0f}, a part's own with --part)")
+    p.add_argument("--phases", default=None, help="comma list of phases to run (default: every phase, or --part's)")
+    p.add_argument("--part", choices=("all",) + tuple(PARTS), default="all",
+                   help="the report in two calls of one lease: 'record' (" + PARTS["record"]["what"] + "), then "
+                        "'speed' (" + PARTS["speed"]["what"] + "); each its own folder")
     p.add_argument("--model", default="groupmixformer_s", help="model whose stage shapes the kernel timing uses")
     p.add_argument("--xdist-workers", type=int, default=0,
                    help="pytest-xdist workers for the GPU tests (if installed); 0: half the CPUs, 2 to 8 "
@@ -2368,14 +2406,25 @@ def main(argv=None) -> int:
     if args.worker == "kernels":
         return worker_kernels(args.model, args.rows_file, args.worker_budget, args.smoke,
                               [n for n in args.skip_impls.split(",") if n], args.from_case)
-    names = [n.strip() for n in args.phases.split(",") if n.strip()]
+    return run_report(resolve_args(args))
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """--phases as a list (default: every phase, or --part's) and --budget (default: 530 s, or
+    --part's); SystemExit on an unknown phase or a budget under 30 s."""
+    part = PARTS.get(args.part)
+    if args.phases is None:
+        args.phases = ",".join(part["weights"]) if part else ",".join(PHASE_NAMES)
+    names = [n.strip() for n in args.phases.split(",") if n.strip()] if isinstance(args.phases, str) else args.phases
     bad = [n for n in names if n not in PHASE_NAMES]
     if bad:
         raise SystemExit(f"error: unknown phase(s) {bad}; choose from {PHASE_NAMES}")
     args.phases = names
+    if args.budget is None:
+        args.budget = part["budget"] if part else DEFAULT_BUDGET_S
     if args.budget < 30:
         raise SystemExit("error: --budget must be >= 30 s")
-    return run_report(args)
+    return args
 
 
 if __name__ == "__main__":

@@ -550,6 +550,28 @@ def test_run_order_yardsticks_first():
         assert [r.backend for r in bench.run_order(runners)] == expected, built
 
 
+def test_run_order_compiles_the_fastest_eager_backend_first():
+    """With the eager rows' medians known, the compiled fused rows run fastest eager base first (the one
+    --deadline most needs: an H200 run had room for one 74 s compile); eager rows and the groups keep
+    their order; a compiled row whose eager row has no time yet goes after those that have one."""
+    bench = _load_script()
+    names = ["reference", "upstream", "cuda", "triton", "upstream+compile", "cuda+compile", "triton+compile",
+             "torch", "torch+compile"]
+    kinds = {"upstream": "upstream", "upstream+compile": "upstream"}
+    runners = [bench.Runner("m", b, b, None, lambda: None, kind=kinds.get(b, "gmf")) for b in names]
+    order = lambda measured: [r.backend for r in bench.run_order(runners, measured)]  # noqa: E731
+    assert order(None) == names
+    assert order({"cuda": 0.064, "triton": 0.047, "torch": 0.01}) == [
+        "reference", "upstream", "cuda", "triton", "upstream+compile", "triton+compile", "cuda+compile",
+        "torch", "torch+compile"]
+    assert order({"cuda": 0.064}).index("cuda+compile") < order({"cuda": 0.064}).index("triton+compile")
+    assert order({"triton": 0.05}).index("triton+compile") < order({"triton": 0.05}).index("cuda+compile")
+    for r, t in zip(runners, range(1, 10)):
+        r.times = [t * 0.01] * 3
+    assert bench.eager_medians(runners) == pytest.approx(
+        {"reference": 0.01, "cuda": 0.03, "triton": 0.04, "torch": 0.08})
+
+
 def test_deadline_reason_for_compiles():
     """Under --deadline a row is not started once the time is up, a compiling row is not started when
     the quickest compile of the run so far took longer than the time left, and another row when the

@@ -930,3 +930,46 @@ def test_kernel_timing_goes_on_without_the_implementation_that_lost_the_context(
     rows = ctx.report["kernels"]["rows"]
     assert len(rows) == 1 and rows[0]["median_ms"] == 2.0   # the case timed again: its last rows count
     assert "cuda" in ctx.quarantined
+
+
+# ------------------------------------------------------------------ the report in two parts
+def _args(*argv):
+    return gr.resolve_args(gr.build_parser().parse_args(list(argv)))
+
+
+def test_default_budget_splits_as_before():
+    """Every phase at the default budget: each phase's share is PHASES' own seconds (the one-call report)."""
+    args = _args()
+    assert args.phases == gr.PHASE_NAMES and args.budget == gr.DEFAULT_BUDGET_S
+    for p in gr.PHASES:
+        assert gr.phase_budget(args, p) == pytest.approx(p.budget_s)
+
+
+@pytest.mark.parametrize("part", sorted(gr.PARTS))
+@pytest.mark.parametrize("budget", [None, 300.0])
+def test_parts_split_their_whole_budget(part, budget):
+    """--part record / speed: its phases only, and their shares add up to the part's whole budget
+    (its default, or --budget): a part is not scaled as a slice of the 530 s one-call plan."""
+    args = _args("--part", part, *(["--budget", str(budget)] if budget else []))
+    want = budget or gr.PARTS[part]["budget"]
+    assert args.phases == [p.name for p in gr.PHASES if p.name in gr.PARTS[part]["weights"]]
+    assert args.budget == want
+    chosen = [p for p in gr.PHASES if p.name in args.phases]
+    assert sum(gr.phase_budget(args, p) for p in chosen) == pytest.approx(want)
+    for p in chosen:
+        assert gr.phase_budget(args, p) == pytest.approx(gr.PARTS[part]["weights"][p.name] * want
+                                                         / sum(gr.PARTS[part]["weights"].values()))
+
+
+def test_parts_cover_every_phase_once_but_env():
+    """record + speed run every phase of the one-call report; only env (versions, the GPU) runs in both."""
+    rec, spd = (set(gr.PARTS[k]["weights"]) for k in ("record", "speed"))
+    assert rec | spd == set(gr.PHASE_NAMES) and rec & spd == {"env"}
+
+
+def test_phases_subset_scales_to_the_budget():
+    """An explicit --phases list gets the whole --budget in PHASES' proportions; an unknown phase is refused."""
+    args = _args("--phases", "kernels,models", "--budget", "370")
+    assert gr.phase_budget(args, gr.PHASES[gr.PHASE_NAMES.index("models")]) == pytest.approx(370 * 140 / 185)
+    with pytest.raises(SystemExit):
+        _args("--phases", "kernels,bogus")
