@@ -52,6 +52,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm-up iterations per row (default 10 on GPU, 1 on CPU)")
     p.add_argument("--num-bench-iter", type=int, default=None,
                    help="timed iterations per row (default 40 on GPU, 5 on CPU)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after a row is timed (block schedule), this many more calls under torch.profiler: its "
+                        "device kernels by time per call, top ones and shares by kind (ours, GEMM, convolution, "
+                        "normalisation, elementwise, Triton of torch.compile, other), into the row's `profile`")
     p.add_argument("--schedule", choices=("block", "interleave"), default=None,
                    help="block: each row's timed iterations back to back (upstream's protocol); interleave: "
                         "one iteration of each row in turn, which cancels slow drifts of a shared machine's "
@@ -235,6 +240,9 @@ def resolve_settings(args) -> Dict:
     if args.deadline is not None and args.deadline <= 0:
         raise SystemExit("error: --deadline must be > 0 seconds")
     s["deadline_s"] = args.deadline
+    if args.profile_steps < 0:
+        raise SystemExit("error: --profile-steps must be >= 0")
+    s["profile_steps"] = args.profile_steps
     if s["batch_size"] < 1 or s["img_size"] < 32 or s["num_bench_iter"] < 1 or s["num_warm_iter"] < 0:
         raise SystemExit("error: need --batch-size >= 1, --img-size >= 32, --num-bench-iter >= 1, "
                          "--num-warm-iter >= 0")
@@ -1097,6 +1105,72 @@ def time_row(ctx: Context, r: Runner, tag: str) -> None:
                                       "the time ran out before the calls planned from the first one")
 
 
+#: kinds of device kernels, by name (first match wins): where a step's GPU time goes (`profile_row`)
+KERNEL_KINDS = (
+    ("ours", re.compile(r"^gma_|gmf", re.I)),
+    ("gemm", re.compile(r"gemm|xmma|cutlass|cublas|nvjet|matmul|_mma_|wgmma", re.I)),
+    ("convolution", re.compile(r"conv|cudnn|winograd|fprop|dgrad|wgrad|implicit", re.I)),
+    ("normalisation", re.compile(r"norm|welford|batch_?norm|layer_?norm", re.I)),
+    ("triton (torch.compile)", re.compile(r"^triton_", re.I)),
+    ("elementwise / reduction / copy", re.compile(r"elementwise|vectorized|unrolled|reduce|copy|fill|index|cat|"
+                                                  r"softmax|gelu|add|mul", re.I)),
+)
+PROFILE_TOP = 12
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, rx in KERNEL_KINDS if rx.search(name)), "other")
+
+
+def kernel_table(events, calls: int) -> Dict:
+    """The profiler's averaged events (`key_averages()`) -> {"device": "cuda"/"cpu", "calls": calls,
+    "total_ms": device ms per call, "kinds": {kind: share}, "top": [{name, kind, ms, per_call, share}]}:
+    device kernels when the profile has them (their self device time), else the CPU operators' self time."""
+    def dev_us(e):
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and dev_us(e) > 0]
+    device = "cuda" if kernels else "cpu"
+    rows = ([(e.key, dev_us(e), e.count) for e in kernels] if kernels else
+            [(e.key, float(e.self_cpu_time_total), e.count) for e in events if e.self_cpu_time_total > 0])
+    total = sum(us for _, us, _ in rows) or 1.0
+    kinds: Dict[str, float] = {}
+    for name, us, _ in rows:
+        k = kernel_kind(name) if device == "cuda" else ("ours" if re.search(r"gmf|gma_", name) else "other")
+        kinds[k] = kinds.get(k, 0.0) + us / total
+    rows.sort(key=lambda t: -t[1])
+    top = [{"name": name[:120], "kind": kernel_kind(name) if device == "cuda" else "-", "ms": us / 1e3 / calls,
+            "per_call": cnt / calls, "share": us / total} for name, us, cnt in rows[:PROFILE_TOP]]
+    return {"device": device, "calls": calls, "total_ms": total / 1e3 / calls,
+            "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "top": top}
+
+
+def profile_row(ctx: Context, r: Runner) -> None:
+    """--profile-steps: that many more calls of a timed row, as `_run_row` makes them, under
+    torch.profiler -> row["profile"] (`kernel_table`); a failure is recorded there, never fatal."""
+    n = ctx.settings.get("profile_steps") or 0
+    if not n or not r.alive or not r.times:
+        return
+    if ctx.deadline is not None and ctx.time_left() < 2 * n * statistics.median(r.times) + 5:
+        r.row["profile"] = {"error": "not profiled: too little left of --deadline"}
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.settings["device_type"] == "cuda" else [])
+    rc = row_ctx(ctx, r)
+    fn = r.step if r.step is not None else (lambda: r.module(rc.x))
+    try:
+        r.prepare()
+        with profile(activities=acts) as prof:
+            with rc.autocast() if r.step is None else contextlib.nullcontext():
+                for _ in range(n):
+                    fn()
+            if ctx.settings["device_type"] == "cuda":
+                torch.cuda.synchronize()
+        r.row["profile"] = kernel_table(prof.key_averages(), n)
+    except Exception as e:
+        r.row["profile"] = {"error": first_line(e, 300)}
+
+
 def time_rows_interleaved(ctx: Context, live: List[Runner], tag: str, after_round: Callable[[], None]) -> None:
     """Every row warms up, then rounds of one call of each row in turn (the interleave schedule);
     `after_round()` after each round. Under --deadline each row's first warm-up call measures a call,
@@ -1165,6 +1239,8 @@ def run_rows(ctx: Context, runners: List[Runner], first: Callable[[Runner], None
             check_context(ctx, r, save)
             if r.alive and (r.module is not None or r.step is not None):
                 time_row(ctx, r, tag)
+                check_context(ctx, r, save)
+                profile_row(ctx, r)
                 check_context(ctx, r, save)
                 summarise(ctx, runners, name)
                 measure_row_memory(ctx, r)

@@ -730,6 +730,47 @@ def test_results_saved_after_every_row(bench_kind):
     assert {r["backend"]: r["status"] for r in rows if r["kind"] == "gmf"} == {"torch": "ok", "reference": "ok"}
 
 
+@pytest.mark.parametrize("bench_kind", ["inference", "train"])
+def test_profile_steps_record_where_the_time_goes(bench_kind):
+    """--profile-steps N: after each row is timed, N more calls under torch.profiler fill the row's
+    `profile` (on CPU: the operators' self time; on a GPU, the device kernels): shares by kind that add
+    up to 1, the top entries with their time per call (the default, 0, profiles nothing: `profile_row`)."""
+    bench = _load_script()
+    base = ["--device", "cpu", "--model", "groupmixformer_m", "--img-size", "64", "--batch-size", "1",
+            "--num-warm-iter", "0", "--num-bench-iter", "1", "--schedule", "block", "--backends", "torch,reference",
+            "--no-timm", "--bench", bench_kind]
+    assert bench.resolve_settings(bench.build_parser().parse_args(base))["profile_steps"] == 0
+    for steps in (2,):
+        settings = bench.resolve_settings(bench.build_parser().parse_args(base + ["--profile-steps", str(steps)]))
+        rows = bench.benchmark(settings, ["groupmixformer_m"], ["torch", "reference"], bench.Progress(quiet=True))
+        gmf = [r for r in rows if r["kind"] == "gmf"]
+        assert {r["status"] for r in gmf} == {"ok"}
+        for r in gmf:
+            prof = r["profile"]
+            assert "error" not in prof, prof
+            assert prof["device"] == "cpu" and prof["calls"] == 2 and prof["total_ms"] > 0
+            assert sum(prof["kinds"].values()) == pytest.approx(1.0)
+            assert 0 < len(prof["top"]) <= bench.PROFILE_TOP
+            assert all(t["ms"] > 0 and 0 < t["share"] <= 1 for t in prof["top"])
+            assert [t["ms"] for t in prof["top"]] == sorted((t["ms"] for t in prof["top"]), reverse=True)
+    with pytest.raises(SystemExit):
+        bench.resolve_settings(bench.build_parser().parse_args(base + ["--profile-steps", "-1"]))
+
+
+def test_kernel_kinds_by_name():
+    """Device kernel names -> the kinds the profile's shares are given by (first match wins)."""
+    bench = _load_script()
+    cases = {"gma_aggregate_kernel": "ours", "gma_b2_attention_kernel": "ours",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "gemm",
+             "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT": "gemm", "cutlass_80_tensorop_s1688gemm": "gemm",
+             "cudnn::cnn::conv2d_grouped_direct_kernel": "convolution",
+             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>": "normalisation",
+             "triton_per_fused_add_gelu_0": "triton (torch.compile)",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>":
+             "elementwise / reduction / copy", "some_unknown_kernel": "other"}
+    assert {n: bench.kernel_kind(n) for n in cases} == cases
+
+
 def test_cuda_graph_rows_do_not_report_a_replays_memory():
     """A row that replays a CUDA graph allocates nothing in the measured call (its activations sit
     in the graph's private pool): its peak is "not measured", never about one output's size. The

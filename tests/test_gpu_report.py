@@ -83,10 +83,10 @@ def test_dry_run_passes_and_prints_the_plan(dry_run):
     assert len(plan) == 3, plan
     bf16, train, paper = plan  # the paper's protocol last: it judges nothing
     assert bf16.split("throughput.py ")[1].startswith("--model groupmixformer_s --precision bf16 --batch-size 256")
-    assert (f"--compile-backends torch,triton,cuda,upstream --upstream-precision amp --upstream {clone} "
-            f"--results-file") in bf16
+    assert (f"--compile-backends torch,triton,cuda,upstream --profile-steps 2 --upstream-precision amp "
+            f"--upstream {clone} --results-file") in bf16
     assert "--upstream" not in paper and "upstream" not in paper and "--no-torchcompile" in paper
-    assert "--bench train" in train and f"--upstream {clone} --results-file" in train
+    assert "--bench train" in train and f"--profile-steps 2 --upstream {clone} --results-file" in train
     assert "plumbing checks passed; folder valid" in text
 
 
@@ -973,3 +973,61 @@ def test_phases_subset_scales_to_the_budget():
     assert gr.phase_budget(args, gr.PHASES[gr.PHASE_NAMES.index("models")]) == pytest.approx(370 * 140 / 185)
     with pytest.raises(SystemExit):
         _args("--phases", "kernels,bogus")
+
+
+def test_profile_summary_from_the_rows_profiles():
+    """summary.md's "Where the GPU time goes": a row per profiled throughput row (device ms per call and
+    the shares by kind of kernel), and the top kernels of the fused backends' and upstream's rows only."""
+    prof = lambda kinds, top: {"device": "cuda", "calls": 2, "total_ms": 40.0, "kinds": kinds,  # noqa: E731
+                               "top": [{"name": n, "kind": k, "ms": ms, "per_call": 1, "share": sh}
+                                       for n, k, ms, sh in top]}
+    rep = {"models": {"runs": [{"name": "bf16_b256", "rows": [
+        {"backend": "triton", "label": "triton", "kind": "gmf",
+         "profile": prof({"ours": 0.6, "gemm": 0.4}, [("gma_aggregate_kernel", "ours", 20.0, 0.5)])},
+        {"backend": "torch", "label": "torch", "kind": "gmf",
+         "profile": prof({"gemm": 0.7, "elementwise / reduction / copy": 0.3}, [("sm90_xmma_gemm", "gemm", 28.0, 0.7)])},
+        {"backend": "upstream", "label": "upstream (amp)", "kind": "upstream",
+         "profile": prof({"gemm": 1.0}, [("nvjet_gemm", "gemm", 40.0, 1.0)])},
+        {"backend": "cuda", "label": "cuda", "kind": "gmf", "profile": {"error": "boom"}},
+        {"backend": "reference", "label": "reference", "kind": "gmf"}]}]},
+        "train": {"runs": []}}
+    L = "\n".join(gr._profile_summary(rep))
+    assert "## Where the GPU time goes" in L
+    assert "| bf16_b256 | triton | 40.00 | - | 40% | 60% |" in L
+    assert "| bf16_b256 | torch | 40.00 | 30% | 70% | - |" in L
+    assert "Top kernels, bf16_b256 triton" in L and "`gma_aggregate_kernel`" in L
+    assert "Top kernels, bf16_b256 upstream (amp)" in L and "Top kernels, bf16_b256 torch" not in L
+    assert "| bf16_b256 | cuda |" not in L and "| bf16_b256 | reference |" not in L
+    assert gr._profile_summary({"models": {"runs": []}}) == []
+
+
+def test_parse_ncu_raw_csv():
+    """ncu --csv --page raw: a header of metric names, a row of units, a row per kernel -> the figures the
+    summary shows (the duration in us whatever unit ncu chose) and the stall reasons, largest first;
+    program output and ==PROF== lines around it are ignored; a missing metric is simply absent."""
+    cols = ["ID", "Kernel Name", "Grid Size", "Block Size", "gpu__time_duration.sum",
+            "sm__throughput.avg.pct_of_peak_sustained_elapsed", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+            "sm__warps_active.avg.pct_of_peak_sustained_active", "launch__registers_per_thread",
+            "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
+            "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",
+            "smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio"]
+    units = ["", "", "", "", "msecond", "%", "%", "%", "register/thread", "ratio", "ratio", "ratio"]
+    rows = [["0", "gma_aggregate_kernel", "(8, 128, 1)", "(128, 1, 1)", "1.62", "12.5", "4.4", "18.2", "155",
+             "9.5", "0.3", "1.1"],
+            ["1", "gma_attention_kernel", "(8, 128, 1)", "(128, 1, 1)", "0.70", "20", "6", "30", "96", "2", "4", "1,000"]]
+    q = lambda r: ",".join(f'"{c}"' for c in r)  # noqa: E731
+    text = "\n".join(["==PROF== Connected to process 1", q(cols), q(units)] + [q(r) for r in rows]
+                     + ["NCU_CALL {}", "==PROF== Disconnected"])
+    ks = gr.parse_ncu_csv(text)
+    assert [k["kernel"] for k in ks] == ["gma_aggregate_kernel", "gma_attention_kernel"]
+    a = ks[0]
+    assert a["duration_us"] == pytest.approx(1620.0) and a["sm_pct"] == 12.5 and a["dram_pct"] == 4.4
+    assert a["achieved_occupancy_pct"] == 18.2 and a["registers"] == 155 and "memory_pct" not in a
+    assert list(a["stalls"]) == ["long_scoreboard", "math_pipe_throttle", "barrier"]
+    assert ks[1]["stalls"]["math_pipe_throttle"] == 1000.0 and list(ks[1]["stalls"])[0] == "math_pipe_throttle"
+    assert gr.parse_ncu_csv("==PROF== nothing profiled") == []
+    rep = {"ncu": {"status": "ok", "kernels": ks, "calls": [{"backend": "triton", "C": 80}]}}
+    L = "\n".join(gr._ncu_summary(rep))
+    assert "| `gma_aggregate_kernel` | (8, 128, 1) | (128, 1, 1) | 1620.0 | 12 | - | 4 | 18 / - | 155 |" in L
+    assert "long_scoreboard 9.5, math_pipe_throttle 1.1, barrier 0.3" in L
+    assert gr._ncu_summary({"ncu": {}}) == []
