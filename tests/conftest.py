@@ -162,6 +162,24 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = verdict
 
 
+#: a failing test's first assertion lines, printed the moment pytest learns of the failure (under
+#: GMF_REQUIRE_GPU=1: the GPU report's test runs): with pytest-xdist the tracebacks only come at the
+#: session's end, which a run stopped by its time never reaches (the first H200 report lost all 4)
+FAILURE_TAG = "GMF_TEST_FAILURE "
+
+
+def failure_line(nodeid: str, longrepr: str) -> str:
+    """FAILURE_TAG, the test id and the failure's `E` lines (or its last line), one line of <= 600 chars."""
+    lines = [ln[1:].strip() for ln in str(longrepr).splitlines() if ln.startswith("E ")]
+    msg = " | ".join(lines) if lines else (str(longrepr).strip().splitlines() or [""])[-1]
+    return f"{FAILURE_TAG}{nodeid} {' '.join(msg.split())[:600]}"
+
+
+def pytest_runtest_logreport(report):
+    if require_gpu() and report.failed:
+        print("\n" + failure_line(report.nodeid, report.longreprtext), flush=True)
+
+
 def pytest_report_header(config):
     seed = f"gmf_kernels: random shapes drawn with GMF_RANDOM_SEED={os.environ.get('GMF_RANDOM_SEED')} (set it to replay)"
     if torch.cuda.is_available():

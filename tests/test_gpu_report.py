@@ -83,10 +83,10 @@ def test_dry_run_passes_and_prints_the_plan(dry_run):
     assert len(plan) == 3, plan
     bf16, train, paper = plan  # the paper's protocol last: it judges nothing
     assert bf16.split("throughput.py ")[1].startswith("--model groupmixformer_s --precision bf16 --batch-size 256")
-    assert (f"--compile-backends torch,triton,cuda,upstream --profile-steps 2 --upstream-precision amp "
+    assert (f"--compile-backends torch,triton,cuda,upstream --profile-steps 1 --upstream-precision amp "
             f"--upstream {clone} --results-file") in bf16
     assert "--upstream" not in paper and "upstream" not in paper and "--no-torchcompile" in paper
-    assert "--bench train" in train and f"--profile-steps 2 --upstream {clone} --results-file" in train
+    assert "--bench train" in train and f"--profile-steps 1 --upstream {clone} --results-file" in train
     assert "plumbing checks passed; folder valid" in text
 
 
@@ -1031,3 +1031,27 @@ def test_parse_ncu_raw_csv():
     assert "| `gma_aggregate_kernel` | (8, 128, 1) | (128, 1, 1) | 1620.0 | 12 | - | 4 | 18 / - | 155 |" in L
     assert "long_scoreboard 9.5, math_pipe_throttle 1.1, barrier 0.3" in L
     assert gr._ncu_summary({"ncu": {}}) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a GPU test that fails: on a GPU machine it passes")
+def test_failures_are_printed_the_moment_they_happen():
+    """Under GMF_REQUIRE_GPU=1 tests/conftest.py prints a failing test's id and its `E` lines at once
+    (GMF_TEST_FAILURE): a run stopped by its time (xdist prints tracebacks only at the end) still names
+    why each test failed, and `parse_pytest` takes the message from that line. End to end: a GPU test run
+    on this CPU machine under GMF_REQUIRE_GPU=1 fails (a GPU test may not skip), its line printed."""
+    from conftest import FAILURE_TAG, failure_line
+    assert FAILURE_TAG == gr.FAILURE_TAG
+    line = failure_line("tests/t.py::test_x[a]", "def f():\n>   assert 1 == 2\nE   assert 1 == 2\nE    +  where x\n")
+    assert line == "GMF_TEST_FAILURE tests/t.py::test_x[a] assert 1 == 2 | + where x"
+    cut = PYTEST_XDIST_CUT + "\n" + line + "\n"
+    p = gr.parse_pytest(cut)
+    f = {x["id"]: x for x in p["failures"]}
+    assert f["tests/t.py::test_x[a]"]["message"] == "assert 1 == 2 | + where x"
+    env = _env(GMF_REQUIRE_GPU="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "tests/test_gpu_real_shapes.py", "-k", "deployment_guards and triton"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    parsed = gr.parse_pytest(proc.stdout)
+    tagged = [x for x in parsed["failures"] if x["id"].endswith("deployment_guards[triton]")]
+    assert tagged and "a GPU test may not skip" in tagged[0]["message"], proc.stdout[-2000:]
