@@ -1867,7 +1867,7 @@ def phase_ncu(ctx: Ctx, ph: Dict, allow: float) -> None:
         + py(SCRIPT, "--worker", "ncu", "--backends", ",".join(backends))
     res = run(ctx, cmd, allow, "[ncu] ", echo=False, fake=_fake_ncu(log))
     calls = [json.loads(ln.split(" ", 1)[1]) for ln in res.output.splitlines() if ln.startswith("NCU_CALL ")]
-    kernels = parse_ncu_csv(log.read_text(errors="replace")) if log.is_file() else []
+    kernels = (parse_ncu_csv(log.read_text(errors="replace")) if log.is_file() else []) or parse_ncu_csv(res.output)
     sec.update(status="timeout" if res.timed_out else "ok" if res.rc == 0 and kernels else "failed",
                seconds=round(res.seconds, 1), calls=calls, kernels=kernels, sections=list(NCU_SECTIONS),
                command=" ".join(cmd[:12]) + " ...")
