@@ -145,7 +145,9 @@ def mm(a, b, acc, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
       with ``d = dot(a_big, b_small, dot(a_small, b_big, 0))``: three tf32 MMAs (a_small @
       b_small is dropped), the accumulator added last in fp32 (read from the TTGIR Triton 3.6
       emits). About fp32 accuracy, so fp32 stays within 1e-5. Not "ieee": Triton lowers an fp32 "ieee" dot
-      to FMAs holding whole operand rows per thread, which spilled hundreds of KB at s = 96.
+      to FMAs holding whole operand rows per thread, which spilled hundreds of KB at s = 96 -- except
+      where `config.DOT_OVERRIDES` names a kernel and channel padding (the channel-mix backward
+      kernels at S_PAD = 64, spill-free there: an H200 gave wrong weight gradients with 3xTF32).
     * "tf32" (fp16/bf16 inputs, sm_80+): one tf32 MMA on operands rounded to TF32 first
       (``cvt.rna.tf32.f32``, `cvt_rna_tf32`). Left alone, Triton passes the fp32 registers to
       ``mma.sync ... .tf32`` unconverted and the tensor cores read the top 10 mantissa bits:
