@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The GPU report: build, test, sanitize and time gmf_kernels on one GPU, in one call or two.
 
-    python benchmarks/gpu_report.py --part record --out $OUT    # call 1 of a lease: correctness (440 s)
+    python benchmarks/gpu_report.py --part record --out $OUT    # call 1 of a lease: correctness (470 s)
     python benchmarks/gpu_report.py --part speed --out $OUT     # call 2: speed (340 s)
     python benchmarks/gpu_report.py                       # everything in one call (530 s: too little, on an H200)
     python benchmarks/gpu_report.py --dry-run             # any machine: the plan + a plumbing check
@@ -151,11 +151,13 @@ PHASE_NAMES = [p.name for p in PHASES]
 #: weights (seconds at the part's default budget, from what that report's phases took or would
 #: have needed), and the default budget. The weights scale with --budget as PHASES' do.
 PARTS: Dict[str, Dict] = {
-    "record": {"budget": 440.0, "weights": {"env": 20, "build": 160, "tests": 110, "sanitizer": 150},
+    # build: the CUDA build (122 s on the H200) runs beside the Triton warm-up (41 s) and the Triton GPU tests
+    # (~55 + ~65 s at the cut run's pace), which share the phase
+    "record": {"budget": 470.0, "weights": {"env": 20, "build": 180, "tests": 110, "sanitizer": 160},
                "what": "correctness: build, every GPU test, compute-sanitizer (the verdict's evidence)"},
     # models: on the H200 the eager rows and upstream's first calls took ~30 s and upstream+compile 74 s, so
     # a compiled row of ours (the fastest eager backend's, `throughput.run_order`) needs ~200 s in all
-    "speed": {"budget": 340.0, "weights": {"env": 15, "kernels": 35, "models": 200, "train": 65, "ncu": 25,
+    "speed": {"budget": 340.0, "weights": {"env": 15, "kernels": 25, "models": 215, "train": 60, "ncu": 25,
                                            "paper": 0},
               "what": "speed: kernel timing, the judged bf16 b256 and training runs, the paper's protocol"},
 }
