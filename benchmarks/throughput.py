@@ -1122,26 +1122,37 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, rx in KERNEL_KINDS if rx.search(name)), "other")
 
 
-def kernel_table(events, calls: int) -> Dict:
-    """The profiler's averaged events (`key_averages()`) -> {"device": "cuda"/"cpu", "calls": calls,
-    "total_ms": device ms per call, "kinds": {kind: share}, "top": [{name, kind, ms, per_call, share}]}:
-    device kernels when the profile has them (their self device time), else the CPU operators' self time."""
-    def dev_us(e):
-        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
-    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and dev_us(e) > 0]
-    device = "cuda" if kernels else "cpu"
-    rows = ([(e.key, dev_us(e), e.count) for e in kernels] if kernels else
-            [(e.key, float(e.self_cpu_time_total), e.count) for e in events if e.self_cpu_time_total > 0])
+def kernel_table(rows: List[Tuple[str, float, int]], calls: int, device: str) -> Dict:
+    """[(name, microseconds, count)] of a profile of `calls` calls -> {"device", "calls", "total_ms": ms per
+    call, "kinds": {kind: share}, "top": [{name, kind, ms, per_call, share}]}: device kernels on a GPU (their
+    durations), the CPU operators' self time otherwise."""
     total = sum(us for _, us, _ in rows) or 1.0
     kinds: Dict[str, float] = {}
     for name, us, _ in rows:
         k = kernel_kind(name) if device == "cuda" else ("ours" if re.search(r"gmf|gma_", name) else "other")
         kinds[k] = kinds.get(k, 0.0) + us / total
-    rows.sort(key=lambda t: -t[1])
+    rows = sorted(rows, key=lambda t: -t[1])
     top = [{"name": name[:120], "kind": kernel_kind(name) if device == "cuda" else "-", "ms": us / 1e3 / calls,
             "per_call": cnt / calls, "share": us / total} for name, us, cnt in rows[:PROFILE_TOP]]
     return {"device": device, "calls": calls, "total_ms": total / 1e3 / calls,
             "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "top": top}
+
+
+def profiled_rows(prof) -> Tuple[List[Tuple[str, float, int]], str]:
+    """A finished torch.profiler profile -> ([(name, us, count)], "cuda") of its device kernels, summed by
+    name from their durations (as benchmarks/ops.py `kernel_breakdown` reads them), or, with none, the CPU
+    operators' self time (key_averages) and "cpu"."""
+    from torch.autograd import DeviceType
+    acc: Dict[str, List[float]] = {}
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) == DeviceType.CUDA:
+            a = acc.setdefault(ev.name, [0.0, 0])
+            a[0] += ev.time_range.elapsed_us()
+            a[1] += 1
+    if acc:
+        return [(n, us, int(c)) for n, (us, c) in acc.items()], "cuda"
+    return [(e.key, float(e.self_cpu_time_total), int(e.count)) for e in prof.key_averages()
+            if e.self_cpu_time_total > 0], "cpu"
 
 
 def profile_row(ctx: Context, r: Runner) -> None:
@@ -1166,7 +1177,8 @@ def profile_row(ctx: Context, r: Runner) -> None:
                     fn()
             if ctx.settings["device_type"] == "cuda":
                 torch.cuda.synchronize()
-        r.row["profile"] = kernel_table(prof.key_averages(), n)
+        rows, device = profiled_rows(prof)
+        r.row["profile"] = kernel_table(rows, n, device)
     except Exception as e:
         r.row["profile"] = {"error": first_line(e, 300)}
 

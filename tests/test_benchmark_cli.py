@@ -757,6 +757,19 @@ def test_profile_steps_record_where_the_time_goes(bench_kind):
         bench.resolve_settings(bench.build_parser().parse_args(base + ["--profile-steps", "-1"]))
 
 
+def test_kernel_table_of_device_kernels():
+    """Device kernels summed by name -> ms per call, shares by kind (adding up to 1), top kernels longest
+    first with their launches per call."""
+    bench = _load_script()
+    rows = [("gma_aggregate_kernel", 6000.0, 4), ("sm90_xmma_gemm_bf16", 3000.0, 8),
+            ("void at::native::vectorized_elementwise_kernel<4>", 1000.0, 40)]
+    t = bench.kernel_table(rows, 2, "cuda")
+    assert t["device"] == "cuda" and t["total_ms"] == pytest.approx(5.0)
+    assert t["kinds"] == pytest.approx({"ours": 0.6, "gemm": 0.3, "elementwise / reduction / copy": 0.1})
+    assert [x["name"] for x in t["top"]] == [r[0] for r in rows]
+    assert t["top"][0]["ms"] == pytest.approx(3.0) and t["top"][2]["per_call"] == 20
+
+
 def test_kernel_kinds_by_name():
     """Device kernel names -> the kinds the profile's shares are given by (first match wins)."""
     bench = _load_script()
