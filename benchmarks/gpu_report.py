@@ -157,7 +157,7 @@ PARTS: Dict[str, Dict] = {
                "what": "correctness: build, every GPU test, compute-sanitizer (the verdict's evidence)"},
     # models: on the H200 the eager rows and upstream's first calls took ~30 s and upstream+compile 74 s, so
     # a compiled row of ours (the fastest eager backend's, `throughput.run_order`) needs ~200 s in all
-    "speed": {"budget": 340.0, "weights": {"env": 15, "kernels": 25, "models": 215, "train": 60, "ncu": 25,
+    "speed": {"budget": 340.0, "weights": {"env": 15, "kernels": 25, "models": 210, "train": 55, "ncu": 35,
                                            "paper": 0},
               "what": "speed: kernel timing, the judged bf16 b256 and training runs, the paper's protocol"},
 }
@@ -170,11 +170,21 @@ def phase_weights(args) -> Dict[str, float]:
             for p in PHASES if p.name in args.phases}
 
 
+#: the weight of a phase whose own is 0 (ncu in the one-call plan) when --phases names it without --part
+EXPLICIT_ZERO_WEIGHT = 30.0
+
+
 def phase_budget(args, phase: Phase) -> float:
     """The phase's share of --budget: its weight scaled so that the selected phases' weights add up to
-    the budget (all phases at the default budget: PHASES' own seconds)."""
+    the budget (all phases at the default budget: PHASES' own seconds). A phase of weight 0 runs on the
+    time the others leave, except when --phases picks phases by hand without --part (it then weighs
+    EXPLICIT_ZERO_WEIGHT) or every selected phase weighs 0 (they then share the budget equally)."""
     weights = phase_weights(args)
-    total = sum(weights.values()) or DEFAULT_BUDGET_S
+    if (getattr(args, "part", "all") or "all") == "all" and len(weights) < len(PHASES):
+        weights = {k: (w or EXPLICIT_ZERO_WEIGHT) for k, w in weights.items()}
+    total = sum(weights.values())
+    if not total:
+        return args.budget / max(1, len(weights)) if phase.name in weights else 0.0
     return weights.get(phase.name, phase.budget_s) * args.budget / total
 
 # ------------------------------------------------------------------ test selections
@@ -382,7 +392,7 @@ def parse_pytest(text: str) -> Dict:
     for line in text.splitlines():
         line = line.strip()
         if line.startswith(FAILURE_TAG):   # tests/conftest.py: the failure, the moment it happened
-            nodeid, _, msg = line[len(FAILURE_TAG):].partition(" ")
+            nodeid, _, msg = line[len(FAILURE_TAG):].partition("\t")   # test ids may hold spaces
             if "::" in nodeid:
                 if outcomes.get(nodeid) in (None, "passed"):
                     outcomes[nodeid] = "failed"
@@ -486,7 +496,7 @@ def condense_throughput(data: Dict) -> List[Dict]:
             "img_per_s_total", "median_ms", "p20_ms", "p80_ms", "ratio_vs_reference", "ratio_vs_upstream",
             "ratio_vs_upstream_compile", "check",
             "max_rel_err_vs_reference", "max_rel_err_vs_fp64", "compile_s", "peak_mem_mib", "mem_ratio_vs_reference",
-            "first_call_s", "n_timed", "deadline_note")
+            "first_call_s", "n_timed", "deadline_note", "profile")
     return [{k: r[k] for k in keys if k in r} for r in data.get("rows", [])]
 
 
@@ -675,6 +685,9 @@ KERNEL_PLAN = [
 #: stage 0 and stage 2 at batch 128 (C, grid side, batch), the shapes whose kernels the report's timing
 #: found furthest from their bound (roofline.md of gpu_report_h200_20261204)
 NCU_CASES = ((80, 56, 128), (320, 14, 128))
+#: the ncu phase does not start with less (Python, torch and the Triton cache under ncu, 4 warm-up calls,
+#: then every gma_ kernel of 4 calls replayed for 6 sections: ncu writes its CSV only when the process ends)
+NCU_MIN_S = 30.0
 NCU_SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "MemoryWorkloadAnalysis",
                 "SchedulerStats")
 
@@ -721,13 +734,19 @@ def worker_ncu(list_only: bool, backends: List[str]) -> int:
     return 0
 
 
+def csv_rows(text: str):
+    """The CSV rows of ncu's output (its lines that start with a quote; ==PROF== lines and program output
+    skipped)."""
+    import csv
+    return csv.reader(line for line in text.splitlines() if line.startswith('"'))
+
+
 def parse_ncu_csv(text: str) -> List[Dict]:
     """ncu's `--csv --page raw` output (a header row of metric names, a row of units, a row per profiled
     kernel) -> per kernel: its name, grid and block, and the figures the summary shows when ncu measured
     them (duration us, SM / memory / DRAM throughput % of peak, achieved and theoretical occupancy %,
     registers, waves), plus `stalls` {reason: warp cycles per issued instruction}, largest first."""
-    import csv
-    rows = [r for r in csv.reader(line for line in text.splitlines() if line.startswith('"'))]
+    rows = list(csv_rows(text))
     if len(rows) < 3:
         return []
     head, data = rows[0], rows[2:]
@@ -1847,6 +1866,11 @@ def phase_ncu(ctx: Ctx, ph: Dict, allow: float) -> None:
     sec = ctx.report.setdefault("ncu", {})
     ncu = ctx.report["meta"].get("ncu") or which("ncu", ["/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/*/ncu"])
     backends = [b for b in ("triton", "cuda") if b not in ctx.quarantined]
+    if not backends:
+        sec.update(status="skipped", reason="every fused backend quarantined")
+        ph["status"] = "skipped"
+        ph["notes"].append(sec["reason"])
+        return
     if ctx.dry:
         r = run(ctx, py(SCRIPT, "--worker", "ncu", "--list", "--backends", ",".join(backends)), 120, "[ncu] ",
                 probe=True, echo=False)
@@ -1858,23 +1882,32 @@ def phase_ncu(ctx: Ctx, ph: Dict, allow: float) -> None:
         ph["status"] = "skipped"
         ph["notes"].append("ncu not found")
         return
-    if allow < 20:
-        sec.update(status="skipped", reason="time budget used up")
+    if allow < NCU_MIN_S:
+        sec.update(status="skipped", reason=f"time budget used up ({allow:.0f} s left, {NCU_MIN_S:.0f} s needed)")
         ph["status"] = "skipped"
         ph["notes"].append("time budget used up")
         return
     log = ctx.tmp / "ncu.csv"
-    cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--target-processes", "all", "--csv",
-           "--page", "raw", "--log-file", str(log)] + [a for name in NCU_SECTIONS for a in ("--section", name)] \
+    cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--target-processes", "all",
+           "--kernel-name", "regex:gma_", "--apply-rules", "no", "--csv", "--page", "raw", "--log-file", str(log)] \
+        + [a for name in NCU_SECTIONS for a in ("--section", name)] \
         + py(SCRIPT, "--worker", "ncu", "--backends", ",".join(backends))
     res = run(ctx, cmd, allow, "[ncu] ", echo=False, fake=_fake_ncu(log))
-    calls = [json.loads(ln.split(" ", 1)[1]) for ln in res.output.splitlines() if ln.startswith("NCU_CALL ")]
-    kernels = (parse_ncu_csv(log.read_text(errors="replace")) if log.is_file() else []) or parse_ncu_csv(res.output)
+    def tagged(tag):
+        return [json.loads(ln.split(" ", 1)[1]) for ln in res.output.splitlines() if ln.startswith(tag)]
+    log_text = log.read_text(errors="replace") if log.is_file() else ""
+    kernels = parse_ncu_csv(log_text) or parse_ncu_csv(res.output)
     sec.update(status="timeout" if res.timed_out else "ok" if res.rc == 0 and kernels else "failed",
-               seconds=round(res.seconds, 1), calls=calls, kernels=kernels, sections=list(NCU_SECTIONS),
-               command=" ".join(cmd[:12]) + " ...")
+               seconds=round(res.seconds, 1), calls=tagged("NCU_CALL "), skipped=tagged("NCU_SKIP "), kernels=kernels,
+               sections=list(NCU_SECTIONS), command=" ".join(cmd[:16]) + " ...")
+    if kernels and not any(k.get("stalls") for k in kernels):
+        # the stall metrics' names, should the section name them otherwise than `parse_ncu_csv` expects
+        head = next(csv_rows(log_text or res.output), [])
+        sec["stall_columns"] = [c for c in head if "stall" in c][:40]
     if sec["status"] != "ok":
         sec["output_tail"] = res.output[-3000:]
+        # ncu's own messages (==ERROR==, ==WARNING==) go to --log-file with the CSV
+        sec["ncu_log_tail"] = "\n".join(ln for ln in log_text.splitlines() if not ln.startswith('"'))[-3000:]
         ph["notes"].append(f"ncu: {sec['status']}" + ("" if kernels else " (no kernel profiled)"))
     ctx.tee(f"[ncu] {sec['status']}: {len(kernels)} kernels profiled in {res.seconds:.0f} s")
 
@@ -2128,9 +2161,15 @@ def _ncu_summary(rep: Dict) -> List[str]:
     L = ["## Nsight Compute (one forward call per backend and case, bf16 batch 128: " +
          ", ".join(f"C={C} {G}x{G}" for C, G, _ in NCU_CASES) + ")", ""]
     if sec.get("status") != "ok":
-        L += [f"- {sec.get('status')}: {_cell(sec.get('reason') or (sec.get('output_tail') or '')[-300:])}", ""]
+        why = sec.get("reason") or (sec.get("ncu_log_tail") or "")[-400:] or (sec.get("output_tail") or "")[-300:]
+        L += [f"- {sec.get('status')}: {_cell(why)}", ""]
         if not sec.get("kernels"):
             return L
+    for sk in sec.get("skipped") or []:
+        L.append(f"- not profiled: {sk.get('backend')} C={sk.get('C')}: {_cell(sk.get('reason', ''))}")
+    if sec.get("stall_columns"):
+        L.append("- no stall reason parsed; the profile's columns naming stalls: "
+                 + ", ".join(f"`{c}`" for c in sec["stall_columns"][:12]))
     L += ["| kernel | grid | block | us | SM % | memory % | DRAM % | occupancy % (achieved / theoretical) | "
           "registers | waves | top stalls (cycles per issue) |", "|---|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
     for k in sec.get("kernels", []):

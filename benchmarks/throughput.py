@@ -953,7 +953,7 @@ def run_order(runners: List[Runner], measured: Optional[Dict[str, float]] = None
     backends' rows (eager, `upstream+compile`, compiled: the rows issue 9 and 10 judge against
     upstream's), then the other GMA backends' rows (eager, then compiled), the optimized row, the timm
     baselines; within a group, in the backends' order, except that the compiled rows go fastest eager
-    base first where `measured` ({backend: median seconds}) has their eager rows: on an H200 one
+    base first where `measured` ({backend: median ms}) has their eager rows: on an H200 one
     torch.compile took 74 s, and the deadline left room for one compiled row, which ran first by
     name, not the one most likely to be the best (benchmarks/results/gpu_report_h200_20261204). Under
     --deadline the rows at the end are the ones left out."""
@@ -982,7 +982,7 @@ def run_order(runners: List[Runner], measured: Optional[Dict[str, float]] = None
 
 
 def eager_medians(runners: List[Runner]) -> Dict[str, float]:
-    """{backend: median seconds per iteration} of the timed eager GMA rows so far (`run_order`'s measured)."""
+    """{backend: median ms per iteration} of the timed eager GMA rows so far (`run_order`'s measured)."""
     return {r.backend: statistics.median(r.times) for r in runners
             if r.kind == "gmf" and r.times and not compiles(r)}
 
@@ -1108,10 +1108,11 @@ def time_row(ctx: Context, r: Runner, tag: str) -> None:
 #: kinds of device kernels, by name (first match wins): where a step's GPU time goes (`profile_row`)
 KERNEL_KINDS = (
     ("ours", re.compile(r"^gma_|gmf", re.I)),
-    ("gemm", re.compile(r"gemm|xmma|cutlass|cublas|nvjet|matmul|_mma_|wgmma", re.I)),
-    ("convolution", re.compile(r"conv|cudnn|winograd|fprop|dgrad|wgrad|implicit", re.I)),
-    ("normalisation", re.compile(r"norm|welford|batch_?norm|layer_?norm", re.I)),
     ("triton (torch.compile)", re.compile(r"^triton_", re.I)),
+    # before GEMM: cuDNN's implicit-GEMM convolutions are named ..._fprop_implicit_gemm_...
+    ("convolution", re.compile(r"conv(?!ert)|cudnn|winograd|fprop|dgrad|wgrad|implicit", re.I)),
+    ("gemm", re.compile(r"gemm|xmma|cutlass|cublas|nvjet|matmul|_mma_|wgmma", re.I)),
+    ("normalisation", re.compile(r"norm|welford|batch_?norm|layer_?norm", re.I)),
     ("elementwise / reduction / copy", re.compile(r"elementwise|vectorized|unrolled|reduce|copy|fill|index|cat|"
                                                   r"softmax|gelu|add|mul", re.I)),
 )
@@ -1145,7 +1146,8 @@ def profiled_rows(prof) -> Tuple[List[Tuple[str, float, int]], str]:
     from torch.autograd import DeviceType
     acc: Dict[str, List[float]] = {}
     for ev in prof.events():
-        if getattr(ev, "device_type", None) == DeviceType.CUDA:
+        # not the device copies of record_function ranges (torch's own device totals leave them out too)
+        if getattr(ev, "device_type", None) == DeviceType.CUDA and not getattr(ev, "is_user_annotation", False):
             a = acc.setdefault(ev.name, [0.0, 0])
             a[0] += ev.time_range.elapsed_us()
             a[1] += 1
@@ -1155,13 +1157,19 @@ def profiled_rows(prof) -> Tuple[List[Tuple[str, float, int]], str]:
             if e.self_cpu_time_total > 0], "cpu"
 
 
+def profile_fits(seconds_left: float, calls: int, median_ms: float) -> bool:
+    """Whether `calls` profiled calls of a row whose calls take `median_ms` (ms, as Runner.times) fit in
+    the seconds left: twice their time (the profiler's overhead) and 5 s for collecting the trace."""
+    return seconds_left >= 2 * calls * median_ms / 1e3 + 5
+
+
 def profile_row(ctx: Context, r: Runner) -> None:
     """--profile-steps: that many more calls of a timed row, as `_run_row` makes them, under
     torch.profiler -> row["profile"] (`kernel_table`); a failure is recorded there, never fatal."""
     n = ctx.settings.get("profile_steps") or 0
     if not n or not r.alive or not r.times:
         return
-    if ctx.deadline is not None and ctx.time_left() < 2 * n * statistics.median(r.times) + 5:
+    if ctx.deadline is not None and not profile_fits(ctx.time_left(), n, statistics.median(r.times)):
         r.row["profile"] = {"error": "not profiled: too little left of --deadline"}
         return
     import torch

@@ -169,10 +169,11 @@ FAILURE_TAG = "GMF_TEST_FAILURE "
 
 
 def failure_line(nodeid: str, longrepr: str) -> str:
-    """FAILURE_TAG, the test id and the failure's `E` lines (or its last line), one line of <= 600 chars."""
+    """FAILURE_TAG, the test id, a tab (ids may hold spaces) and the failure's `E` lines (or its last line),
+    one line of <= 600 chars."""
     lines = [ln[1:].strip() for ln in str(longrepr).splitlines() if ln.startswith("E ")]
     msg = " | ".join(lines) if lines else (str(longrepr).strip().splitlines() or [""])[-1]
-    return f"{FAILURE_TAG}{nodeid} {' '.join(msg.split())[:600]}"
+    return f"{FAILURE_TAG}{nodeid}\t{' '.join(msg.split())[:600]}"
 
 
 def pytest_runtest_logreport(report):

@@ -770,12 +770,24 @@ def test_kernel_table_of_device_kernels():
     assert t["top"][0]["ms"] == pytest.approx(3.0) and t["top"][2]["per_call"] == 20
 
 
+def test_profile_fits_in_seconds_from_ms_medians():
+    """Row times are in ms, the deadline's time left in seconds: a 300 ms training step profiled once
+    fits in 10 s (0.6 s of calls + 5 s), not in 5 s."""
+    bench = _load_script()
+    assert bench.profile_fits(10.0, 1, 300.0) and not bench.profile_fits(5.0, 1, 300.0)
+    assert bench.profile_fits(6.0, 2, 50.0) and not bench.profile_fits(5.1, 2, 50.0)
+
+
 def test_kernel_kinds_by_name():
     """Device kernel names -> the kinds the profile's shares are given by (first match wins)."""
     bench = _load_script()
     cases = {"gma_aggregate_kernel": "ours", "gma_b2_attention_kernel": "ours",
              "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "gemm",
              "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT": "gemm", "cutlass_80_tensorop_s1688gemm": "gemm",
+             "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw": "convolution",
+             "triton_per_fused_native_layer_norm_0": "triton (torch.compile)",
+             "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda, convert>":
+             "elementwise / reduction / copy",
              "cudnn::cnn::conv2d_grouped_direct_kernel": "convolution",
              "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>": "normalisation",
              "triton_per_fused_add_gelu_0": "triton (torch.compile)",

@@ -93,6 +93,8 @@ def test_dry_run_passes_and_prints_the_plan(dry_run):
 def test_dry_run_folder_schema(dry_run):
     proc, out, clone = dry_run
     assert gr.validate_folder(out) == []
+    # the profiled throughput rows reach summary.md (the dry run's fake rows carry a `profile`)
+    assert "## Where the GPU time goes" in (out / "summary.md").read_text()
     files = sorted(p.name for p in out.iterdir())
     assert {"report.json", "summary.md", "report.log"} <= set(files)
     assert len(files) <= gr.MAX_FILES and all(p.stat().st_size <= gr.MAX_FILE_BYTES for p in out.iterdir())
@@ -967,6 +969,24 @@ def test_parts_cover_every_phase_once_but_env():
     assert rec | spd == set(gr.PHASE_NAMES) and rec & spd == {"env"}
 
 
+def test_zero_weight_phases_picked_by_hand_get_time():
+    """A phase of weight 0 in the one-call plan (ncu) named alone in --phases gets the budget, beside others
+    EXPLICIT_ZERO_WEIGHT; within --part it runs on the others' leftovers, unless it is all that is selected."""
+    ph = {p.name: p for p in gr.PHASES}
+    assert gr.phase_budget(_args("--phases", "ncu", "--budget", "120"), ph["ncu"]) == pytest.approx(120)
+    a = _args("--phases", "kernels,ncu", "--budget", "150")
+    assert gr.phase_budget(a, ph["ncu"]) == pytest.approx(150 * 30 / 75)
+    assert gr.phase_budget(_args("--part", "speed"), ph["paper"]) == 0
+    assert gr.phase_budget(_args("--part", "speed", "--phases", "paper", "--budget", "60"), ph["paper"]) == 60
+
+
+def test_condensed_rows_keep_their_profile():
+    """report.json's throughput rows keep throughput.py's `profile` (summary.md's "Where the GPU time goes")."""
+    prof = {"device": "cuda", "calls": 1, "total_ms": 1.0, "kinds": {"ours": 1.0}, "top": []}
+    rows = gr.condense_throughput({"rows": [{"backend": "triton", "status": "ok", "profile": prof, "extra": 1}]})
+    assert rows == [{"backend": "triton", "status": "ok", "profile": prof}]
+
+
 def test_phases_subset_scales_to_the_budget():
     """An explicit --phases list gets the whole --budget in PHASES' proportions; an unknown phase is refused."""
     args = _args("--phases", "kernels,models", "--budget", "370")
@@ -1042,7 +1062,10 @@ def test_failures_are_printed_the_moment_they_happen():
     from conftest import FAILURE_TAG, failure_line
     assert FAILURE_TAG == gr.FAILURE_TAG
     line = failure_line("tests/t.py::test_x[a]", "def f():\n>   assert 1 == 2\nE   assert 1 == 2\nE    +  where x\n")
-    assert line == "GMF_TEST_FAILURE tests/t.py::test_x[a] assert 1 == 2 | + where x"
+    assert line == "GMF_TEST_FAILURE tests/t.py::test_x[a]\tassert 1 == 2 | + where x"
+    spaced = failure_line("tests/t.py::test_y[qkv null]", "E   ValueError: bad")   # ids may hold spaces
+    assert gr.parse_pytest(spaced)["failures"] == [{"id": "tests/t.py::test_y[qkv null]", "outcome": "failed",
+                                                    "message": "ValueError: bad"}]
     cut = PYTEST_XDIST_CUT + "\n" + line + "\n"
     p = gr.parse_pytest(cut)
     f = {x["id"]: x for x in p["failures"]}
