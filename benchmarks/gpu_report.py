@@ -2194,11 +2194,15 @@ def _profile_summary(rep: Dict) -> List[str]:
         return []
     kinds = sorted({k for _, r in rows for k in r["profile"]["kinds"]})
     L = ["## Where the GPU time goes (torch profiler, throughput.py --profile-steps)", "",
-         "| run | row | device ms per call | " + " | ".join(kinds) + " |",
-         "|---|---|---:|" + "---:|" * len(kinds)]
+         "GPU busy: the kernels' time per call over the row's median wall time per call (under 100 %: the "
+         "GPU waits for the host, e.g. for launches).", "",
+         "| run | row | device ms per call | wall ms per call | GPU busy | " + " | ".join(kinds) + " |",
+         "|---|---|---:|---:|---:|" + "---:|" * len(kinds)]
     for name, r in rows:
         p = r["profile"]
+        busy = p["total_ms"] / r["median_ms"] if p.get("total_ms") and r.get("median_ms") else None
         L.append(f"| {name} | {_cell(r.get('label', r.get('backend')))} | {_f(p.get('total_ms'), '{:.2f}')} | "
+                 f"{_f(r.get('median_ms'), '{:.2f}')} | {_f(busy, '{:.0%}')} | "
                  + " | ".join(_f(p['kinds'].get(k), '{:.0%}') for k in kinds) + " |")
     L.append("")
     for name, r in rows:

@@ -1002,7 +1002,7 @@ def test_profile_summary_from_the_rows_profiles():
                                "top": [{"name": n, "kind": k, "ms": ms, "per_call": 1, "share": sh}
                                        for n, k, ms, sh in top]}
     rep = {"models": {"runs": [{"name": "bf16_b256", "rows": [
-        {"backend": "triton", "label": "triton", "kind": "gmf",
+        {"backend": "triton", "label": "triton", "kind": "gmf", "median_ms": 50.0,
          "profile": prof({"ours": 0.6, "gemm": 0.4}, [("gma_aggregate_kernel", "ours", 20.0, 0.5)])},
         {"backend": "torch", "label": "torch", "kind": "gmf",
          "profile": prof({"gemm": 0.7, "elementwise / reduction / copy": 0.3}, [("sm90_xmma_gemm", "gemm", 28.0, 0.7)])},
@@ -1013,8 +1013,8 @@ def test_profile_summary_from_the_rows_profiles():
         "train": {"runs": []}}
     L = "\n".join(gr._profile_summary(rep))
     assert "## Where the GPU time goes" in L
-    assert "| bf16_b256 | triton | 40.00 | - | 40% | 60% |" in L
-    assert "| bf16_b256 | torch | 40.00 | 30% | 70% | - |" in L
+    assert "| bf16_b256 | triton | 40.00 | 50.00 | 80% | - | 40% | 60% |" in L
+    assert "| bf16_b256 | torch | 40.00 | - | - | 30% | 70% | - |" in L
     assert "Top kernels, bf16_b256 triton" in L and "`gma_aggregate_kernel`" in L
     assert "Top kernels, bf16_b256 upstream (amp)" in L and "Top kernels, bf16_b256 torch" not in L
     assert "| bf16_b256 | cuda |" not in L and "| bf16_b256 | reference |" not in L
