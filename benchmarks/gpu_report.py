@@ -750,30 +750,26 @@ def parse_ncu_csv(text: str) -> List[Dict]:
     if len(rows) < 3:
         return []
     head, data = rows[0], rows[2:]
-    pick = {"duration_us": ("gpu__time_duration.sum", 1e-3), "sm_pct": ("sm__throughput.avg.pct_of_peak_sustained_elapsed", 1),
-            "memory_pct": ("gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed", 1),
-            "dram_pct": ("dram__throughput.avg.pct_of_peak_sustained_elapsed", 1),
-            "achieved_occupancy_pct": ("sm__warps_active.avg.pct_of_peak_sustained_active", 1),
-            "theoretical_occupancy_pct": ("sm__maximum_warps_per_active_cycle_pct", 1),
-            "registers": ("launch__registers_per_thread", 1), "waves": ("launch__waves_per_multiprocessor", 1)}
-    units = rows[1]
+    pick = {"duration_us": "gpu__time_duration.sum", "sm_pct": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+            "memory_pct": "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",
+            "dram_pct": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+            "achieved_occupancy_pct": "sm__warps_active.avg.pct_of_peak_sustained_active",
+            "theoretical_occupancy_pct": "sm__maximum_warps_per_active_cycle_pct",
+            "registers": "launch__registers_per_thread", "waves": "launch__waves_per_multiprocessor"}
+    units = dict(zip(head, rows[1]))
+    to_us = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
     stall = re.compile(r"^smsp__average_warps?(?:_latency)?_issue_stalled_(\w+?)_per_issue_active(?:\.ratio)?$")
     out = []
     for r in data:
         rec = dict(zip(head, r))
         k = {"kernel": rec.get("Kernel Name", "?"), "grid": rec.get("Grid Size"), "block": rec.get("Block Size")}
-        for key, (metric, scale) in pick.items():
-            if metric in rec:
-                try:
-                    v = float(rec[metric].replace(",", ""))
-                except ValueError:
-                    continue
-                if key == "duration_us":   # ncu reports the unit it chose: ns, us or ms
-                    unit = units[head.index(metric)] if head.index(metric) < len(units) else "ns"
-                    v *= {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}.get(unit, 1e-3)
-                    k[key] = v
-                else:
-                    k[key] = v * scale
+        for key, metric in pick.items():
+            try:
+                v = float(rec[metric].replace(",", ""))
+            except (KeyError, ValueError):
+                continue
+            # the duration in the unit ncu chose (ns, us or ms)
+            k[key] = v * to_us.get(units.get(metric, "ns"), 1e-3) if key == "duration_us" else v
         stalls = {}
         for name, val in rec.items():
             m = stall.match(name)
