@@ -65,6 +65,8 @@ ARCH_DOTS: Tuple[Tuple[Tuple[int, int], Dict[str, str]], ...] = (
 #: at S_PAD = 64 only. Not seen on other architectures (sm_80 untested): the override holds on
 #: every GPU that asks for 3xTF32, as the cost of a wrong gradient is not worth the FMA dots' time.
 #: "ieee" (fp32 FMAs) is what sm_70/75 compile for these kernels at every width, spill-free.
+#: `benchmarks/triton_tf32x3_repro.py` runs that minimal kernel: when a new Triton passes it on a GPU,
+#: the entries can go (test_training_step_real_shapes at C = 320 fp32 then decides).
 DOT_OVERRIDES: Dict[Tuple[str, str, int], str] = {
     ("gma_pw_backward_kernel", "tf32x3", 64): "ieee",
     ("gma_local_backward_kernel", "tf32x3", 64): "ieee",
