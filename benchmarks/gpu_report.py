@@ -106,6 +106,7 @@ SCRIPT = Path(__file__).resolve()
 THROUGHPUT = HERE / "throughput.py"
 ROOFLINE = HERE / "roofline.py"
 OPS = HERE / "ops.py"
+TF32X3_REPRO = HERE / "triton_tf32x3_repro.py"
 
 SCHEMA_VERSION = 1
 DEFAULT_BUDGET_S = 530.0
@@ -1337,7 +1338,41 @@ def finish_build(ctx: Ctx, res: RunResult, ph: Dict) -> None:
 
 
 def phase_tests(ctx: Ctx, ph: Dict, allow: float) -> None:
-    _run_pytest_specs(ctx, pytest_runs("tests", golden_dir().is_dir()), time.monotonic() + allow, ph)
+    t_end = time.monotonic() + allow
+    _run_pytest_specs(ctx, pytest_runs("tests", golden_dir().is_dir()), t_end, ph)
+    tf32x3_check(ctx, t_end)
+
+
+#: seconds `tf32x3_check` needs (six processes, each importing torch and compiling one small kernel)
+TF32X3_CHECK_S = 45.0
+
+
+def _fake_tf32x3(cmd):
+    res = [{"S": S, "precision": p, "verdict": "dry-run", "detail": "nothing measured"}
+           for S in (32, 64, 128) for p in ("tf32x3", "ieee")]
+    return RunResult(cmd, 0, json.dumps({"device": "cuda", "results": res}), 0.0)
+
+
+def tf32x3_check(ctx: Ctx, t_end: float) -> None:
+    """benchmarks/triton_tf32x3_repro.py on this GPU, when the tests leave it the time: whether the Triton
+    fault behind `config.DOT_OVERRIDES` is still there (information; not part of any verdict)."""
+    left = t_end - time.monotonic()
+    rec = ctx.report["tests"].setdefault("tf32x3_repro", {})
+    if left < TF32X3_CHECK_S and not ctx.dry:
+        rec.update(status="skipped", reason=f"time budget used up ({left:.0f} s left)")
+        return
+    res = run(ctx, py(TF32X3_REPRO, "--device", "cuda"), max(10.0, left - 2), "[tf32x3] ", echo=False,
+              fake=_fake_tf32x3)
+    line = next((ln for ln in reversed(res.output.splitlines()) if ln.startswith('{"device"')), None)
+    try:
+        out = json.loads(line) if line else {}
+    except ValueError:
+        out = {}
+    rec.update(status="timeout" if res.timed_out else "ok" if out.get("results") else "failed",
+               results=out.get("results", []), seconds=round(res.seconds, 1))
+    if rec["status"] != "ok":
+        rec["output_tail"] = res.output[-1500:]
+    ctx.tee("[tf32x3] " + "; ".join(f"S={r['S']} {r['precision']}: {r['verdict']}" for r in rec["results"]))
 
 
 def _sanitizer_cmd(ctx: Ctx, san: str, tool: str) -> List[str]:
@@ -2038,6 +2073,12 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
             if len(fails) > shown:
                 L.append(f"- ... {len(fails) - shown} more in report.json / summary.md")
         L.append("")
+    rp = t.get("tf32x3_repro") or {}
+    if rp:
+        L += ["Triton 3xTF32 check (benchmarks/triton_tf32x3_repro.py; `config.DOT_OVERRIDES` stays while S=64 "
+              "tf32x3 is not right): " + ("; ".join(f"S={r['S']} {r['precision']} {r['verdict']}" for r in
+                                                   rp.get("results", []))
+                                         or f"{rp.get('status')}: {_cell(rp.get('reason', ''))}"), ""]
 
     s = rep.get("sanitizer", {})
     if s.get("tools") or s.get("plain"):

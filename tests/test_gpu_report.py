@@ -1078,3 +1078,26 @@ def test_failures_are_printed_the_moment_they_happen():
     parsed = gr.parse_pytest(proc.stdout)
     tagged = [x for x in parsed["failures"] if x["id"].endswith("deployment_guards[triton]")]
     assert tagged and "a GPU test may not skip" in tagged[0]["message"], proc.stdout[-2000:]
+
+
+def test_tf32x3_check_in_the_tests_phase(tmp_path):
+    """The tests phase ends with benchmarks/triton_tf32x3_repro.py when time is left: its verdicts go to
+    report.json's tests.tf32x3_repro and a line of summary.md (information only, no verdict depends on it);
+    with too little time it is recorded as skipped. The script's output is parsed as the script prints it."""
+    import types
+    ctx = types.SimpleNamespace(dry=False, report={"tests": {}}, tee=lambda *a, **k: None)
+    gr.tf32x3_check(ctx, time.monotonic() + 5)
+    assert ctx.report["tests"]["tf32x3_repro"]["status"] == "skipped"
+    out = json.dumps({"device": "cuda", "results": [{"S": 64, "precision": "tf32x3", "verdict": "fault",
+                                                      "detail": "illegal address"}]})
+    real_run = gr.run
+    try:
+        gr.run = lambda ctx, cmd, timeout, prefix, **k: gr.RunResult(cmd, 1, "S=64 ...\n" + out, 3.0)
+        ctx = types.SimpleNamespace(dry=False, report={"tests": {}}, tee=lambda *a, **k: None)
+        gr.tf32x3_check(ctx, time.monotonic() + 100)
+    finally:
+        gr.run = real_run
+    rec = ctx.report["tests"]["tf32x3_repro"]
+    assert rec["status"] == "ok" and rec["results"][0]["verdict"] == "fault"
+    L = gr.render_summary(dict(ctx.report, tests=dict(ctx.report["tests"], runs=[{"name": "x", "status": "ok"}])))
+    assert "Triton 3xTF32 check" in L and "S=64 tf32x3 fault" in L
