@@ -352,6 +352,10 @@ def which(name: str, extra: List[str] = ()) -> Optional[str]:
     return None
 
 
+def find_ncu() -> Optional[str]:
+    return which("ncu", ["/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/*/ncu"])
+
+
 def find_sanitizer() -> Optional[str]:
     return os.environ.get("COMPUTE_SANITIZER") or which("compute-sanitizer", [
         "/usr/local/cuda/bin/compute-sanitizer", "/usr/local/cuda/compute-sanitizer/compute-sanitizer",
@@ -597,6 +601,19 @@ SANITIZE_CASES = [
 ]
 
 
+def pre_projection_call(backend: str, qkv, H: int, W: int, ws, hp, tile=None, emulate: bool = False):
+    """One forward pre-projection of `backend` ("cuda": the launcher, at `tile` (None: its planner's);
+    "triton": the op) on qkv with the folded weights `ws`, as a call with no arguments (the sanitizer's
+    and ncu's drivers)."""
+    if backend == "cuda":
+        from gmf_kernels.cuda import launcher as cl
+        return functools.partial(cl.launch_pre_projection, qkv, H, W, ws, hp.scale, hp.ln_eps,
+                                 tile=tile or (0, 0), emulate=emulate)
+    import torch
+    from gmf_kernels.triton_kernels import op  # noqa: F401  (registers the op)
+    return functools.partial(torch.ops.gmf.triton_pre_projection, qkv, H, W, ws, hp.scale, hp.ln_eps)
+
+
 def worker_sanitize(list_only: bool, backends: List[str], cpu: bool = False, max_cases: int = 0) -> int:
     """The compute-sanitizer driver: each case's inputs made on the CPU and copied (so initcheck
     sees them written), then one call of the backend's launcher / op; checked against float64.
@@ -634,12 +651,7 @@ def worker_sanitize(list_only: bool, backends: List[str], cpu: bool = False, max
             _, ext = reference_group_mix_attention(x, (H, W), w, hp, return_intermediates=True)
             qkv = F.linear(x, w.qkv_weight, w.qkv_bias).to(dt).to(dev)
             ws = [t.contiguous().to(dev) for t in fold_eval(w, hp, compute_dtype(dt))]
-            if backend == "cuda":
-                from gmf_kernels.cuda import launcher as cl
-                out = cl.launch_pre_projection(qkv, H, W, ws, hp.scale, hp.ln_eps, tile=tile or (0, 0), emulate=cpu)
-            else:
-                from gmf_kernels.triton_kernels import op  # noqa: F401  (registers the op)
-                out = torch.ops.gmf.triton_pre_projection(qkv, H, W, ws, hp.scale, hp.ln_eps)
+            out = pre_projection_call(backend, qkv, H, W, ws, hp, tile, emulate=cpu)()
             if not cpu:
                 torch.cuda.synchronize()
             # copied to the host as it is, widened there: the copy's source is the kernel's own output (an
@@ -713,13 +725,8 @@ def worker_ncu(list_only: bool, backends: List[str]) -> int:
             w, hp = random_gma_weights(C, seed=C), default_hyper(C)
             qkv = torch.randn(B, G * G, 3 * C, device="cuda", dtype=dt)
             ws = [t.contiguous().to("cuda") for t in fold_eval(w, hp, compute_dtype(dt))]
-            if backend == "cuda":
-                from gmf_kernels.cuda import launcher as cl
-                fn = functools.partial(cl.launch_pre_projection, qkv, G, G, ws, hp.scale, hp.ln_eps, tile=(0, 0))
-            else:
-                from gmf_kernels.triton_kernels import op  # noqa: F401  (registers the op)
-                fn = functools.partial(torch.ops.gmf.triton_pre_projection, qkv, G, G, ws, hp.scale, hp.ln_eps)
             try:
+                fn = pre_projection_call(backend, qkv, G, G, ws, hp)
                 fn()
                 torch.cuda.synchronize()
             except Exception as e:
@@ -1006,7 +1013,7 @@ def phase_env(ctx: Ctx, ph: Dict, allow: float) -> None:
     if san:
         v = run(ctx, [san, "--version"], 15, "[env] ", probe=True, echo=False)
         meta["compute_sanitizer_version"] = (v.output.strip().splitlines() or ["?"])[-1]
-    meta["ncu"] = which("ncu", ["/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/*/ncu"])
+    meta["ncu"] = find_ncu()
     ctx.tee(f"[env] device {meta.get('device_name')} cc {meta.get('capability')} driver {meta.get('driver_version')} "
             f"torch {meta.get('torch')} (CUDA {meta.get('torch_cuda')}) triton {meta.get('triton')} "
             f"nvcc {meta.get('nvcc_version')} sanitizer {'yes' if san else 'no'}")
@@ -1895,7 +1902,7 @@ def phase_ncu(ctx: Ctx, ph: Dict, allow: float) -> None:
     counters on Firecracker machines, not on gVisor ones (the device tool's KINDS.md); --clock-control
     none leaves the GPU's clocks as they run (METHOD.md)."""
     sec = ctx.report.setdefault("ncu", {})
-    ncu = ctx.report["meta"].get("ncu") or which("ncu", ["/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/*/ncu"])
+    ncu = ctx.report["meta"].get("ncu") or find_ncu()
     backends = [b for b in ("triton", "cuda") if b not in ctx.quarantined]
     if not backends:
         sec.update(status="skipped", reason="every fused backend quarantined")

@@ -1130,7 +1130,7 @@ def kernel_table(rows: List[Tuple[str, float, int]], calls: int, device: str) ->
     total = sum(us for _, us, _ in rows) or 1.0
     kinds: Dict[str, float] = {}
     for name, us, _ in rows:
-        k = kernel_kind(name) if device == "cuda" else ("ours" if re.search(r"gmf|gma_", name) else "other")
+        k = kernel_kind(name) if device == "cuda" else ("ours" if kernel_kind(name) == "ours" else "other")
         kinds[k] = kinds.get(k, 0.0) + us / total
     rows = sorted(rows, key=lambda t: -t[1])
     top = [{"name": name[:120], "kind": kernel_kind(name) if device == "cuda" else "-", "ms": us / 1e3 / calls,
