@@ -28,6 +28,13 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
   sanitizer      every CUDA and Triton kernel once under compute-sanitizer (memcheck, racecheck,
                  synccheck, initcheck, the four side by side) on small shapes: this script's
                  `--worker sanitize` driver
+  tune           benchmarks/tune.py on the forward Triton tiles (triton.aggregate, triton.attention) of
+                 the judged run: GroupMixFormer-S's widths, bf16, batch 128 (`TUNE_ARGS`; part speed
+                 only, no share of the one-call plan). Its table (seeded with the committed ones,
+                 whose other entries it keeps) is then what every later phase's runs use
+                 (GMF_TUNING_DIR), so the kernel, model and ncu figures are the tuned library's; the
+                 table comes back as tuning_<arch>.json, and summary.md lists per width the default
+                 tile's time against the fastest's
   kernels        per-kernel timing (benchmarks/ops.py): cuda, triton vs torch, torch.compile(torch)
                  and the eager reference; median, p20/p80, GB/s, TFLOP/s; the measured copy and
                  matmul ceilings of the device
@@ -107,6 +114,7 @@ THROUGHPUT = HERE / "throughput.py"
 ROOFLINE = HERE / "roofline.py"
 OPS = HERE / "ops.py"
 TF32X3_REPRO = HERE / "triton_tf32x3_repro.py"
+TUNE = HERE / "tune.py"
 
 SCHEMA_VERSION = 1
 DEFAULT_BUDGET_S = 530.0
@@ -138,6 +146,7 @@ PHASES = [
     Phase("build", 130, "CUDA module for this GPU (background) + the Triton GPU tests meanwhile"),
     Phase("tests", 70, "CUDA GPU tests: real shapes, whole model, tests/test_cuda_build.py -m gpu"),
     Phase("sanitizer", 50, "compute-sanitizer memcheck/racecheck/synccheck/initcheck on every kernel"),
+    Phase("tune", 0, "the forward Triton tiles of the judged run's widths tuned (tune.py), then used by the later phases"),
     Phase("kernels", 45, "per-kernel timing vs torch, torch.compile and the eager reference"),
     Phase("models", 140, "GroupMixFormer-S bf16 b256, every backend eager and compiled, upstream beside it"),
     Phase("train", 60, "throughput.py --bench train (when the flag exists), upstream beside it"),
@@ -158,9 +167,11 @@ PARTS: Dict[str, Dict] = {
                "what": "correctness: build, every GPU test, compute-sanitizer (the verdict's evidence)"},
     # models: on the H200 the eager rows and upstream's first calls took ~30 s and upstream+compile 74 s, so
     # a compiled row of ours (the fastest eager backend's, `throughput.run_order`) needs ~200 s in all
-    "speed": {"budget": 340.0, "weights": {"env": 15, "kernels": 25, "models": 210, "train": 55, "ncu": 35,
-                                           "paper": 0},
-              "what": "speed: kernel timing, the judged bf16 b256 and training runs, the paper's protocol"},
+    # tune: GroupMixFormer-S's three widths at bf16, ~10 aggregation and ~3 attention tiles each (compiled
+    # ahead on the CPUs, then ~0.5 s a candidate); its time taken from kernels (the H200's figures exist) and train
+    "speed": {"budget": 340.0, "weights": {"env": 15, "tune": 45, "kernels": 15, "models": 195, "train": 40,
+                                           "ncu": 30, "paper": 0},
+              "what": "speed: the forward tiles tuned, kernel timing, the judged bf16 b256 and training runs, ncu"},
 }
 
 
@@ -1476,6 +1487,105 @@ def phase_sanitizer(ctx: Ctx, ph: Dict, allow: float) -> None:
     cap_file(log, 12 * 2 ** 20)
 
 
+#: what the tune phase tunes: the forward Triton tiles of the judged run's model and dtype (issue 9's
+#: bf16 batch-256 run; tuned at tune.py's batch 128: the table is keyed by width and dtype, not batch)
+TUNE_ARGS = ("--models", "s", "--dtype", "bf16", "--families", "triton.aggregate", "triton.attention")
+TUNE_MIN_S = 25.0
+
+
+def _tune_cmd(ctx: Ctx, budget: float, table_dir: Path) -> List[str]:
+    return py(TUNE, *TUNE_ARGS, "--budget", f"{budget:.0f}", "--table-dir", table_dir, "--out", ctx.out)
+
+
+def _fake_tune(table_dir: Path):
+    """A dry run's stand-in for tune.py: a table in its format, marked not measured (one width per family,
+    one candidate refused), written where tune.py writes it; not copied to the results folder."""
+    def fake(cmd):
+        cands = [{"config": {"BLOCK_P": 16}, "status": "ok", "time_us": 2.0, "registers": 0, "spills": 0},
+                 {"config": {"BLOCK_P": 64}, "status": "ok", "time_us": 1.0, "registers": 0, "spills": 0},
+                 {"config": {"BLOCK_P": 128}, "status": "refused", "reason": "dry run", "spills": 8}]
+        table = {"arch": "sm_00", "measured": False, "dry_run": True, "kernels": {}, "backends": {},
+                 "candidates": {f: {"80": {"bfloat16": cands}} for f in ("triton.aggregate", "triton.attention")},
+                 "not_measured": [{"part": "triton.aggregate", "C": 320, "dtype": "bf16", "reason": "dry run"}]}
+        table_dir.mkdir(parents=True, exist_ok=True)
+        (table_dir / "sm_00.json").write_text(json.dumps(table))
+        return RunResult(cmd, 0, "(dry run)", 0.0)
+    return fake
+
+
+def seed_tuning_dir(table_dir: Path, source: Optional[Path] = None) -> List[str]:
+    """Copy the committed tuning tables (gmf_kernels/data/tuning/*.json) into table_dir, so that the tuned
+    run keeps their entries of the parts it does not measure (tune.py `keep_other_parts`) and the later
+    phases, which read table_dir only, still see them. Returns the names copied."""
+    source = source or ROOT / "gmf_kernels" / "data" / "tuning"
+    table_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for p in sorted(source.glob("*.json")) if source.is_dir() else []:
+        shutil.copy(p, table_dir / p.name)
+        names.append(p.name)
+    return names
+
+
+def tune_rows(table: Optional[Dict]) -> List[Dict]:
+    """Per (family, C, dtype) of a tune.py table: the default tile's time (its first candidate), the
+    fastest candidate's config and time, their ratio, and how many candidates were refused or failed."""
+    rows = []
+    for fam, by_c in sorted(((table or {}).get("candidates") or {}).items()):
+        for C, by_dt in sorted(by_c.items(), key=lambda kv: int(kv[0])):
+            for dt, cands in sorted(by_dt.items()):
+                ok = [c for c in cands if c.get("status") == "ok" and isinstance(c.get("time_us"), (int, float))]
+                first = cands[0] if cands else {}
+                best = min(ok, key=lambda c: c["time_us"]) if ok else None
+                d_us = first.get("time_us") if first.get("status") == "ok" else None
+                rows.append({"family": fam, "C": int(C), "dtype": dt, "candidates": len(cands),
+                             "default": first.get("config"), "default_us": d_us,
+                             "best": best["config"] if best else None, "best_us": best["time_us"] if best else None,
+                             "speedup": d_us / best["time_us"] if d_us and best and best["time_us"] > 0 else None,
+                             "refused": sum(c.get("status") == "refused" for c in cands),
+                             "errors": sum(c.get("status") == "error" for c in cands)})
+    return rows
+
+
+def phase_tune(ctx: Ctx, ph: Dict, allow: float) -> None:
+    """benchmarks/tune.py over `TUNE_ARGS` within the phase's time; its table is then in effect for every
+    later step (ctx.env GMF_TUNING_DIR): the speed part's figures are the tuned library's, and the table
+    (tuning_<arch>.json in the results folder) is what a session commits as gmf_kernels/data/tuning/<arch>.json."""
+    sec = ctx.report.setdefault("tune", {})
+    table_dir = ctx.tmp / "tuning"
+    seeded = seed_tuning_dir(table_dir)
+    if ctx.dry:
+        r = run(ctx, py(TUNE, "--dry-run", *TUNE_ARGS), 600, "[tune] ", probe=True, echo=False)
+        ctx.check("tune.py --dry-run of the tune phase's families", r.rc == 0, f"rc {r.rc}: {r.output[-300:]}")
+    if allow < TUNE_MIN_S:
+        sec.update(status="skipped", reason=f"time budget used up ({allow:.0f} s left, {TUNE_MIN_S:.0f} s needed)")
+        ph["status"] = "skipped"
+        ph["notes"].append("time budget used up")
+        return
+    res = run(ctx, _tune_cmd(ctx, max(10.0, allow - 10), table_dir), allow, "[tune] ", fake=_fake_tune(table_dir))
+    table = None
+    for p in sorted(table_dir.glob("*.json")):   # the table this run wrote: the one holding its candidates
+        t = _read_json_file(p)
+        if isinstance(t, dict) and any(f in (t.get("candidates") or {}) for f in TUNE_ARGS):
+            if table is None or str(t.get("date", "")) > str(table.get("date", "")):
+                table = t
+    rows = tune_rows(table)
+    sec.update(status="timeout" if res.timed_out else "ok" if res.rc == 0 and rows else "failed",
+               seconds=round(res.seconds, 1), args=list(TUNE_ARGS), rows=rows, seeded=seeded,
+               arch=(table or {}).get("arch"), not_measured=(table or {}).get("not_measured", []),
+               file=f"tuning_{table['arch']}.json" if table and not ctx.dry else None)
+    if table and (table.get("kernels") or ctx.dry):
+        ctx.env["GMF_TUNING_DIR"] = str(table_dir)
+        sec["applied"] = True
+        ctx.tee(f"[tune] the later phases run with the tuned table ({table_dir})")
+    else:
+        sec["applied"] = False
+        sec["output_tail"] = res.output[-3000:]
+        ph["notes"].append(f"tune: {sec['status']}, nothing measured: the later phases use the default tiles")
+    faster = [r for r in rows if r.get("speedup") and r["speedup"] > 1.0]
+    ctx.tee(f"[tune] {sec['status']}: {len(rows)} (family, width, dtype) measured, {len(faster)} faster than the "
+            f"default tile, in {res.seconds:.0f} s")
+
+
 def phase_kernels(ctx: Ctx, ph: Dict, allow: float) -> None:
     rows_file = ctx.tmp / "kernel_rows.jsonl"
     if not ctx.dry:
@@ -1962,7 +2072,7 @@ def phase_paper(ctx: Ctx, ph: Dict, allow: float) -> None:
 
 
 PHASE_FUNCS = {"env": phase_env, "build": phase_build, "tests": phase_tests, "sanitizer": phase_sanitizer,
-               "kernels": phase_kernels, "models": phase_models, "train": phase_train, "ncu": phase_ncu,
+               "tune": phase_tune, "kernels": phase_kernels, "models": phase_models, "train": phase_train, "ncu": phase_ncu,
                "paper": phase_paper}
 
 
@@ -2182,6 +2292,7 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
                          f"{_cell(r.get('check', r.get('reason', '')))[:120]} | {_f(r.get('compile_s'), '{:.0f}')} |")
         L.append("")
 
+    L += _tune_summary(rep)
     L += _profile_summary(rep)
     L += _ncu_summary(rep)
     L += _upstream_summary(rep)
@@ -2195,6 +2306,34 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
     L.append(f"Files: {', '.join(rep.get('files', []))}. Written by benchmarks/gpu_report.py "
              f"(schema {rep.get('schema_version')}).")
     return "\n".join(L) + "\n"
+
+
+def _cfg(cfg) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (cfg or {}).items()) or "-"
+
+
+def _tune_summary(rep: Dict) -> List[str]:
+    """The tune phase's table (`tune_rows`): per family, width and dtype the default tile against the fastest."""
+    sec = rep.get("tune") or {}
+    if not sec:
+        return []
+    L = ["## Tuning (benchmarks/tune.py " + " ".join(sec.get("args") or TUNE_ARGS) + ")", ""]
+    L.append(f"- {sec.get('status')}" + (f": {_cell(sec['reason'])}" if sec.get("reason") else "")
+             + (f", {sec['seconds']} s" if sec.get("seconds") is not None else "")
+             + ("; the later phases ran with this table" if sec.get("applied") else
+                "; the later phases ran with the default tiles")
+             + (f"; the table: {sec['file']}" if sec.get("file") else ""))
+    for nm in sec.get("not_measured") or []:
+        L.append(f"- not measured: {nm.get('part')} C={nm.get('C')} {nm.get('dtype')}: {_cell(nm.get('reason', ''))}")
+    if sec.get("rows"):
+        L += ["", "| family | C | dtype | default tile | us | fastest tile | us | speedup | candidates (refused, "
+              "errors) |", "|---|---:|---|---|---:|---|---:|---:|---|"]
+        for r in sec["rows"]:
+            L.append(f"| {r['family']} | {r['C']} | {r['dtype']} | {_cfg(r.get('default'))} | "
+                     f"{_f(r.get('default_us'), '{:.1f}')} | {_cfg(r.get('best'))} | {_f(r.get('best_us'), '{:.1f}')} | "
+                     f"{_f(r.get('speedup'), '{:.2f}x')} | {r['candidates']} ({r['refused']}, {r['errors']}) |")
+    L.append("")
+    return L
 
 
 def _ncu_summary(rep: Dict) -> List[str]:

@@ -1101,3 +1101,81 @@ def test_tf32x3_check_in_the_tests_phase(tmp_path):
     assert rec["status"] == "ok" and rec["results"][0]["verdict"] == "fault"
     L = gr.render_summary(dict(ctx.report, tests=dict(ctx.report["tests"], runs=[{"name": "x", "status": "ok"}])))
     assert "Triton 3xTF32 check" in L and "S=64 tf32x3 fault" in L
+
+
+def _tune_table(arch="sm_90"):
+    """A table as benchmarks/tune.py writes it (its own set_entry): the aggregation at C=80 with the default
+    tile, a faster one and a refused one; the attention at C=160 with its default refused."""
+    tune = load_script(REPO / "benchmarks" / "tune.py", "gmf_benchmark_tune")
+    table = {"arch": arch, "measured": True, "date": "2026-12-04T00:00:00", "kernels": {}, "backends": {},
+             "candidates": {}, "not_measured": [{"part": "triton.aggregate", "C": 320, "dtype": "bf16",
+                                                 "reason": "time budget used up"}]}
+    agg = [{"config": {"BLOCK_P": 32, "num_warps": 4}, "status": "ok", "time_us": 900.0},
+           {"config": {"BLOCK_P": 64, "num_warps": 4}, "status": "ok", "time_us": 600.0},
+           {"config": {"BLOCK_P": 64, "num_warps": 8}, "status": "refused", "reason": "148 bytes of register spills"}]
+    attn = [{"config": {"BLOCK_P": 64, "num_warps": 4}, "status": "error", "reason": "RuntimeError: x"},
+            {"config": {"BLOCK_P": 32, "num_warps": 4}, "status": "ok", "time_us": 50.0}]
+    tune.set_entry(table, "triton.aggregate", 80, torch.bfloat16, agg)
+    tune.set_entry(table, "triton.attention", 160, torch.bfloat16, attn)
+    return table
+
+
+def test_tune_rows_default_against_fastest():
+    rows = {(r["family"], r["C"]): r for r in gr.tune_rows(_tune_table())}
+    a = rows[("triton.aggregate", 80)]
+    assert a["dtype"] == "bfloat16" and a["candidates"] == 3 and a["refused"] == 1 and a["errors"] == 0
+    assert a["default_us"] == 900.0 and a["best"] == {"BLOCK_P": 64, "num_warps": 4} and a["best_us"] == 600.0
+    assert a["speedup"] == pytest.approx(1.5)
+    t = rows[("triton.attention", 160)]
+    assert t["default_us"] is None and t["speedup"] is None and t["best_us"] == 50.0 and t["errors"] == 1
+    assert gr.tune_rows(None) == [] and gr.tune_rows({"candidates": {}}) == []
+
+
+@pytest.mark.parametrize("outcome", ["table", "nothing"])
+def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
+    """The speed part's tune phase runs tune.py (the judged run's widths and dtype) into a directory seeded
+    with the committed tables; when tune.py measured something every later step reads that directory
+    (ctx.env GMF_TUNING_DIR) and summary.md lists default against fastest; when it did not, the later
+    steps keep the default tiles and the phase says so."""
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    (committed / "sm_80.json").write_text(json.dumps({"arch": "sm_80", "kernels": {}}))
+    monkeypatch.setattr(gr, "ROOT", tmp_path / "root")
+    (tmp_path / "root" / "gmf_kernels" / "data").mkdir(parents=True)
+    os.symlink(committed, tmp_path / "root" / "gmf_kernels" / "data" / "tuning")
+    seen = []
+
+    def fake_run(ctx, cmd, timeout, prefix, **k):
+        seen.append(cmd)
+        table_dir = Path(cmd[cmd.index("--table-dir") + 1])
+        assert (table_dir / "sm_80.json").is_file()           # seeded before tune.py runs
+        if outcome == "table":
+            (table_dir / "sm_90.json").write_text(json.dumps(_tune_table()))
+            return gr.RunResult(cmd, 0, "wrote it", 30.0)
+        return gr.RunResult(cmd, 1, "Traceback: boom", 3.0)
+    monkeypatch.setattr(gr, "run", fake_run)
+    ctx = _ctx(tmp_path, env={})
+    ctx.report["tune"] = {}
+    ph = {"notes": [], "status": "running"}
+    gr.phase_tune(ctx, ph, 60.0)
+    cmd = " ".join(map(str, seen[0]))
+    assert "tune.py --models s --dtype bf16 --families triton.aggregate triton.attention --budget 50" in cmd
+    assert f"--out {tmp_path}" in cmd
+    sec = ctx.report["tune"]
+    assert sec["seeded"] == ["sm_80.json"]
+    text = "\n".join(gr._tune_summary(ctx.report))
+    if outcome == "table":
+        assert sec["status"] == "ok" and sec["applied"] and sec["file"] == "tuning_sm_90.json"
+        assert ctx.env["GMF_TUNING_DIR"] == str(tmp_path / "tuning") and not ph["notes"]
+        assert "| triton.aggregate | 80 | bfloat16 | BLOCK_P 32, num_warps 4 | 900.0 | BLOCK_P 64, num_warps 4 | " \
+               "600.0 | 1.50x | 3 (1, 0) |" in text
+        assert "the later phases ran with this table" in text and "not measured: triton.aggregate C=320" in text
+    else:
+        assert sec["status"] == "failed" and not sec["applied"] and "GMF_TUNING_DIR" not in ctx.env
+        assert "the later phases use the default tiles" in ph["notes"][0] and "boom" in sec["output_tail"]
+        assert "the later phases ran with the default tiles" in text
+    # too little time: skipped, with why
+    ctx = _ctx(tmp_path, env={})
+    ph = {"notes": [], "status": "running"}
+    gr.phase_tune(ctx, ph, gr.TUNE_MIN_S - 1)
+    assert ph["status"] == "skipped" and ctx.report["tune"]["status"] == "skipped" and len(seen) == 1

@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from gmf_kernels.backends.base import GMAProblem  # noqa: E402
 from gmf_kernels.backends.triton_backend import BACKEND  # noqa: E402
 from gmf_kernels.folding import folded_weights  # noqa: E402
-from gmf_kernels.models.configs import MODEL_WIDTHS  # noqa: E402
+from gmf_kernels.models.configs import MODEL_CONFIGS, MODEL_WIDTHS  # noqa: E402
 from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights  # noqa: E402
 from gmf_kernels.reference import reference_group_mix_attention  # noqa: E402
 from gmf_kernels.triton_kernels import aggregation, attention, launcher, op  # noqa: E402
@@ -509,3 +509,29 @@ def test_torch_compile_fullgraph():
     with torch.no_grad():
         out = compiled(x)
     _assert_rel(out, case.out, FP32_TOL, "torch.compile(fullgraph=True)")
+
+
+def _wide_candidates():
+    """(C, tile) of the aggregation's wide tuning candidates (`launcher.AGG_WIDE_TILES`) at
+    GroupMixFormer-S's widths, as the tuner would try them for bf16 on an sm_90: from the search
+    space itself, not a list of our own."""
+    out = []
+    for C in sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"])):
+        for cfg in launcher.aggregate_candidates(C, torch.bfloat16, (9, 0)):
+            if (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES:
+                out.append(pytest.param(C, cfg, id=f"C{C}-" + "-".join(f"{k}{v}" for k, v in cfg.items())))
+    return out
+
+
+@pytest.mark.parametrize("C,cfg", _wide_candidates())
+def test_wide_tuning_candidates(C, cfg):
+    """Every wide aggregation tile the tuner may pick (64 tokens a tile, merged or stream after
+    stream) computes the same pre-projection (fp32, against float64) and writes every element,
+    on a grid of several tiles (the last ragged) with runs of several tiles per program."""
+    H, W = {80: (11, 13), 160: (9, 10)}.get(C, (9, 9))
+    case = Case(C, H, W, 1, seed=C + cfg["BLOCK_P"] + cfg["MERGE"])
+    default_attn = launcher.attention_default(C, torch.float32, (9, 0))
+    shape = launcher.shape_from_configs(C, launcher.dot_variant(case.qkv(torch.float32)), cfg, default_attn)
+    assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE) == (cfg["BLOCK_P"], cfg["CK"], bool(cfg["MERGE"]))
+    assert shape.num_tiles(H * W) >= 2
+    _check_launch(case, shape)

@@ -34,7 +34,7 @@ def test_triton_spaces_default_to_the_config_tiles(cap, dtype):
             assert agg == [] and attn == []          # refused there (config.ARCH_DOTS)
             continue
         prec = dot_precision({torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype], cap)
-        assert 2 <= len(agg) <= L.MAX_CANDIDATES and 2 <= len(attn) <= L.MAX_CANDIDATES
+        assert 2 <= len(agg) <= L.AGG_MAX_CANDIDATES and 2 <= len(attn) <= L.MAX_CANDIDATES
         assert agg[0] == L.aggregate_default(C, dtype, cap) and attn[0] == L.attention_default(C, dtype, cap)
         assert len({tuple(sorted(c.items())) for c in agg}) == len(agg)
         shape = L.shape_from_configs(C, DotVariant(prec, False), agg[0], attn[0])

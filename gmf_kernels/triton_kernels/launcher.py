@@ -129,6 +129,19 @@ AGG_FAMILY = "triton.aggregate"
 ATTN_FAMILY = "triton.attention"
 #: at most this many candidates per (family, C, dtype, GPU)
 MAX_CANDIDATES = 6
+#: ... and for the aggregation, whose search space also holds the wide tiles below
+AGG_MAX_CANDIDATES = 10
+#: Wide aggregation tiles, (BLOCK_P, num_warps, CK), tried on a GPU after the default's variants and the
+#: tables' tiles. Why (inferred from compiler figures, not measured): at 16-token tiles the kernel
+#: holds ~160-170 registers per thread for 16 tokens of 4 warps, 48 tokens in flight per SM (3 CTAs),
+#: the four warps repeating the tile's small dots (an MMA of 16 rows cannot be split over 4 warps),
+#: and an H200 ran the aggregation at 6-12 % of its byte bound (gpu_report_h200_20261204), as a
+#: latency-bound kernel with few loads in flight would. A 64-token tile puts 128 tokens in flight at
+#: 2 CTAs of 4 warps (sm_90 C = 80 one-pass TF32: 180 registers, spill-free;
+#: benchmarks/results/triton_aggregate_tile_sweep_sm80_sm90.md), each warp its own 16 rows. Where
+#: such a tile spills (C = 320 merged) the tuner refuses it; the separate-streams variant (MERGE 0,
+#: two head outputs alive instead of six) is its chance there.
+AGG_WIDE_TILES: Tuple[Tuple[int, int, int], ...] = ((64, 4, 16), (64, 8, 16), (32, 8, 16), (64, 8, 32))
 
 
 def _precision(C: int, dtype, capability) -> Optional[str]:
@@ -156,19 +169,27 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     """The default tile first, then the same tile in row-major order (``STRIP`` 0: whether the
     strip walk pays is for a GPU to say, `config.STRIP_TARGET`) and with the other q/k/v mode
     (``MERGE``: `config.GMAShape.AGG_MERGE`; a spilling one is refused by the tuner), then the other tiles of
-    AGG_TILES / AGG_TILES_BY_DOTS (each spill-free at the width it was chosen for) whose channel
-    chunk fits this width."""
+    AGG_TILES / AGG_TILES_BY_DOTS (each spill-free at the width it was chosen for) and the wide tiles
+    (`AGG_WIDE_TILES`, each with the default's q/k/v mode and with separate streams) whose channel chunk
+    fits this width; at most `AGG_MAX_CANDIDATES`, the wide tiles' share kept (half the list at most)."""
     if _precision(C, dtype, capability) is None:
         return []
     default = aggregate_default(C, dtype, capability)
     out = [default, {**default, "STRIP": 0}, {**default, "MERGE": 1 - default["MERGE"]}]
     s_pad = dot_pad(C // 5)
+
+    def cfg_of(tile, merge):
+        bp, warps, ck = tile
+        return {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": merge}
+
+    wide = [cfg_of(t, m) for t in AGG_WIDE_TILES for m in (default["MERGE"], 0) if t[2] <= s_pad]
+    wide = [c for i, c in enumerate(wide) if c not in wide[:i] and c not in out][:AGG_MAX_CANDIDATES // 2]
     tiles = list(AGG_TILES.values()) + [t for row in AGG_TILES_BY_DOTS.values() for t in row.values()]
-    for bp, warps, ck in tiles:
-        cfg = {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": default["MERGE"]}
-        if ck <= s_pad and cfg not in out and len(out) < MAX_CANDIDATES:
+    for tile in tiles:
+        cfg = cfg_of(tile, default["MERGE"])
+        if tile[2] <= s_pad and cfg not in out and cfg not in wide and len(out) + len(wide) < AGG_MAX_CANDIDATES:
             out.append(cfg)
-    return out
+    return out + wide
 
 
 def attention_default(C: int, dtype, capability) -> Dict[str, int]:
