@@ -28,7 +28,7 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
   sanitizer      every CUDA and Triton kernel once under compute-sanitizer (memcheck, racecheck,
                  synccheck, initcheck, the four side by side) on small shapes: this script's
                  `--worker sanitize` driver
-  tune           benchmarks/tune.py on the forward Triton tiles (triton.aggregate, triton.attention) of
+  tune           benchmarks/tune.py on the forward tiles (triton.aggregate, triton.attention, cuda.tiles) of
                  the judged run: GroupMixFormer-S's widths, bf16, batch 128 (`TUNE_ARGS`; part speed
                  only, no share of the one-call plan). Its table (seeded with the committed ones,
                  whose other entries it keeps) is then what every later phase's runs use
@@ -146,7 +146,7 @@ PHASES = [
     Phase("build", 130, "CUDA module for this GPU (background) + the Triton GPU tests meanwhile"),
     Phase("tests", 70, "CUDA GPU tests: real shapes, whole model, tests/test_cuda_build.py -m gpu"),
     Phase("sanitizer", 50, "compute-sanitizer memcheck/racecheck/synccheck/initcheck on every kernel"),
-    Phase("tune", 0, "the forward Triton tiles of the judged run's widths tuned (tune.py), then used by the later phases"),
+    Phase("tune", 0, "the forward tiles of the judged run's widths tuned (tune.py), then used by the later phases"),
     Phase("kernels", 45, "per-kernel timing vs torch, torch.compile and the eager reference"),
     Phase("models", 140, "GroupMixFormer-S bf16 b256, every backend eager and compiled, upstream beside it"),
     Phase("train", 60, "throughput.py --bench train (when the flag exists), upstream beside it"),
@@ -167,8 +167,9 @@ PARTS: Dict[str, Dict] = {
                "what": "correctness: build, every GPU test, compute-sanitizer (the verdict's evidence)"},
     # models: on the H200 the eager rows and upstream's first calls took ~30 s and upstream+compile 74 s, so
     # a compiled row of ours (the fastest eager backend's, `throughput.run_order`) needs ~200 s in all
-    # tune: GroupMixFormer-S's three widths at bf16, ~10 aggregation and ~3 attention tiles each (compiled
-    # ahead on the CPUs, then ~0.5 s a candidate); its time taken from kernels (the H200's figures exist) and train
+    # tune: GroupMixFormer-S's three widths at bf16: ~10 aggregation, 2 attention (compiled ahead on the CPUs)
+    # and 9 CUDA tiles each, a fraction of a second a candidate; its time taken from kernels (the H200's
+    # per-kernel figures exist) and train
     "speed": {"budget": 340.0, "weights": {"env": 15, "tune": 45, "kernels": 15, "models": 195, "train": 40,
                                            "ncu": 30, "paper": 0},
               "what": "speed: the forward tiles tuned, kernel timing, the judged bf16 b256 and training runs, ncu"},
@@ -1487,9 +1488,12 @@ def phase_sanitizer(ctx: Ctx, ph: Dict, allow: float) -> None:
     cap_file(log, 12 * 2 ** 20)
 
 
-#: what the tune phase tunes: the forward Triton tiles of the judged run's model and dtype (issue 9's
-#: bf16 batch-256 run; tuned at tune.py's batch 128: the table is keyed by width and dtype, not batch)
-TUNE_ARGS = ("--models", "s", "--dtype", "bf16", "--families", "triton.aggregate", "triton.attention")
+#: what the tune phase tunes: the forward tiles of the judged run's model and dtype (issue 9's bf16
+#: batch-256 run; tuned at tune.py's batch 128: the table is keyed by width and dtype, not batch), the
+#: Triton kernels' and the CUDA kernels' (cuda.tiles: no compile; not measured when the machine has no
+#: CUDA module, e.g. a fresh one, tune.py then records why)
+TUNE_FAMILIES = ("triton.aggregate", "triton.attention", "cuda.tiles")
+TUNE_ARGS = ("--models", "s", "--dtype", "bf16", "--families", *TUNE_FAMILIES)
 TUNE_MIN_S = 25.0
 
 
@@ -1565,7 +1569,7 @@ def phase_tune(ctx: Ctx, ph: Dict, allow: float) -> None:
     table = None
     for p in sorted(table_dir.glob("*.json")):   # the table this run wrote: the one holding its candidates
         t = _read_json_file(p)
-        if isinstance(t, dict) and any(f in (t.get("candidates") or {}) for f in TUNE_ARGS):
+        if isinstance(t, dict) and any(f in (t.get("candidates") or {}) for f in TUNE_FAMILIES):
             if table is None or str(t.get("date", "")) > str(table.get("date", "")):
                 table = t
     rows = tune_rows(table)

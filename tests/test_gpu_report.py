@@ -1159,7 +1159,8 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
     ph = {"notes": [], "status": "running"}
     gr.phase_tune(ctx, ph, 60.0)
     cmd = " ".join(map(str, seen[0]))
-    assert "tune.py --models s --dtype bf16 --families triton.aggregate triton.attention --budget 50" in cmd
+    assert ("tune.py --models s --dtype bf16 --families triton.aggregate triton.attention cuda.tiles "
+            "--budget 50") in cmd
     assert f"--out {tmp_path}" in cmd
     sec = ctx.report["tune"]
     assert sec["seeded"] == ["sm_80.json"]
