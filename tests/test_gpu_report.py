@@ -1180,3 +1180,32 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
     ph = {"notes": [], "status": "running"}
     gr.phase_tune(ctx, ph, gr.TUNE_MIN_S - 1)
     assert ph["status"] == "skipped" and ctx.report["tune"]["status"] == "skipped" and len(seen) == 1
+
+
+def test_record_part_warms_what_the_tune_phase_compiles():
+    """The speed part's tune phase runs on the machine the record part warmed: every Triton variant its
+    sweep loads (tune.py `warm_specs` of TUNE_ARGS' models, dtypes and Triton families, on an sm_90) is in
+    the record part's warm-up (`specializations.report_specializations`), so none is compiled on one CPU
+    inside the tune phase's ~45 s. (In a subprocess: the specialisations are derived with TRITON_INTERPRET
+    unset, as on a GPU.)"""
+    from gmf_kernels.triton_kernels import specializations as S
+    from helpers import triton_compile_env
+    args = dict(zip(gr.TUNE_ARGS[0::2], gr.TUNE_ARGS[1::2]))
+    assert args["--models"] == "s" and args["--dtype"] == "bf16"
+    triton_families = [f for f in gr.TUNE_FAMILIES if f.startswith("triton.")]
+    assert tuple(triton_families) == S.REPORT_TUNE_FAMILIES
+    code = f"""
+import json, sys, torch
+sys.path.insert(0, {str(REPO / "benchmarks")!r})
+import tune
+from gmf_kernels.triton_kernels import specializations as S
+swept = tune.warm_specs({triton_families!r}, tune.shapes(["groupmixformer_s"]), [torch.bfloat16], 128, (9, 0))
+warmed = {{sp.key for sp in S.report_specializations(90)}}
+print(json.dumps({{"swept": len(swept), "unrolled": sum("unrolled" in sp.label() for sp in swept),
+                  "missing": [sp.label() for sp in swept if sp.key not in warmed]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=triton_compile_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["swept"] > 20 and got["unrolled"] > 0 and got["missing"] == [], got

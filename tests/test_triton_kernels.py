@@ -511,27 +511,30 @@ def test_torch_compile_fullgraph():
     _assert_rel(out, case.out, FP32_TOL, "torch.compile(fullgraph=True)")
 
 
-def _wide_candidates():
-    """(C, tile) of the aggregation's wide tuning candidates (`launcher.AGG_WIDE_TILES`) at
-    GroupMixFormer-S's widths, as the tuner would try them for bf16 on an sm_90: from the search
-    space itself, not a list of our own."""
+def _untabled_candidates():
+    """(C, config) of the aggregation's tuning candidates beyond the tile tables -- the wide tiles
+    (`launcher.AGG_WIDE_TILES`) and the unrolled tap rows (UNROLL) -- at GroupMixFormer-S's widths and
+    at C = 200 (s = 40: channel chunks of 16 + 16 + 8), as the tuner would try them for bf16 on an
+    sm_90: from the search space itself, not a list of our own."""
     out = []
-    for C in sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"])):
+    for C in sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200}):
         for cfg in launcher.aggregate_candidates(C, torch.bfloat16, (9, 0)):
-            if (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES:
+            if cfg["UNROLL"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES:
                 out.append(pytest.param(C, cfg, id=f"C{C}-" + "-".join(f"{k}{v}" for k, v in cfg.items())))
     return out
 
 
-@pytest.mark.parametrize("C,cfg", _wide_candidates())
-def test_wide_tuning_candidates(C, cfg):
-    """Every wide aggregation tile the tuner may pick (64 tokens a tile, merged or stream after
-    stream) computes the same pre-projection (fp32, against float64) and writes every element,
-    on a grid of several tiles (the last ragged) with runs of several tiles per program."""
+@pytest.mark.parametrize("C,cfg", _untabled_candidates())
+def test_untabled_tuning_candidates(C, cfg):
+    """Every aggregation candidate the tuner may pick beyond the tile tables (64 tokens a tile,
+    merged or stream after stream; the tap rows unrolled, an instance per window) computes the same
+    pre-projection (fp32, against float64) and writes every element, on a grid of several tiles (the
+    last ragged) with runs of several tiles per program."""
     H, W = {80: (11, 13), 160: (9, 10)}.get(C, (9, 9))
-    case = Case(C, H, W, 1, seed=C + cfg["BLOCK_P"] + cfg["MERGE"])
+    case = Case(C, H, W, 1, seed=C + cfg["BLOCK_P"] + cfg["MERGE"] + 2 * cfg["UNROLL"])
     default_attn = launcher.attention_default(C, torch.float32, (9, 0))
     shape = launcher.shape_from_configs(C, launcher.dot_variant(case.qkv(torch.float32)), cfg, default_attn)
-    assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE) == (cfg["BLOCK_P"], cfg["CK"], bool(cfg["MERGE"]))
+    assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE, shape.AGG_UNROLL) == (
+        cfg["BLOCK_P"], cfg["CK"], bool(cfg["MERGE"]), bool(cfg["UNROLL"]))
     assert shape.num_tiles(H * W) >= 2
     _check_launch(case, shape)

@@ -222,17 +222,36 @@ def crpe_group(head, crpe_w3, crpe_w5, crpe_w7):
 
 @triton.jit
 def depthwise_tile(src, ch, cmask, w_taps, tap_stride, n, y, x, pmask, H, W, stride_n, KS,
-                   BLOCK_P: tl.constexpr, CPAD: tl.constexpr):
+                   BLOCK_P: tl.constexpr, CPAD: tl.constexpr, UNROLL_KX: tl.constexpr = False):
     """Depthwise KSxKS "same" (zero-padded) stencil on a tile of tokens, fp32 result
     [BLOCK_P, CPAD]: `depthwise_taps` of one stream."""
     acc, _, _ = depthwise_taps(src, ch, cmask, w_taps, tap_stride, n, y, x, pmask, H, W, stride_n, KS, 0,
-                               BLOCK_P, CPAD, 1)
+                               BLOCK_P, CPAD, 1, UNROLL_KX)
     return acc
 
 
 @triton.jit
+def _tap(acc0, acc1, acc2, row_ptr, row_ok, cm, cmask, w_taps, tap_stride, x, W, stride_n, stream_off, ky, kx,
+         KS, STREAMS: tl.constexpr):
+    """One tap (ky, kx) of `depthwise_taps`: its validity, one filter load, one activation load and
+    the multiply-adds per stream (row_ptr, row_ok: the tap row's (ky, 0) pointers and validity)."""
+    R = KS // 2
+    xx = x + (kx - R)
+    ok = row_ok & (xx >= 0) & (xx < W)
+    m = ok[:, None] & cm
+    wv = tl.load(w_taps + (ky * KS + kx) * tap_stride, mask=cmask, other=0.0)[None, :]
+    p = row_ptr + kx * stride_n
+    acc0 += tl.load(p, mask=m, other=0.0).to(tl.float32) * wv
+    if STREAMS == 3:
+        acc1 += tl.load(p + stream_off, mask=m, other=0.0).to(tl.float32) * wv
+        acc2 += tl.load(p + 2 * stream_off, mask=m, other=0.0).to(tl.float32) * wv
+    return acc0, acc1, acc2
+
+
+@triton.jit
 def depthwise_taps(src, ch, cmask, w_taps, tap_stride, n, y, x, pmask, H, W, stride_n, KS, stream_off,
-                   BLOCK_P: tl.constexpr, CPAD: tl.constexpr, STREAMS: tl.constexpr):
+                   BLOCK_P: tl.constexpr, CPAD: tl.constexpr, STREAMS: tl.constexpr,
+                   UNROLL_KX: tl.constexpr = False):
     """Depthwise KSxKS "same" (zero-padded) stencil on a tile of tokens of STREAMS (1 or 3)
     streams that share the filter, fp32 results [BLOCK_P, CPAD] (three; the unused ones 0).
 
@@ -257,11 +276,20 @@ def depthwise_taps(src, ch, cmask, w_taps, tap_stride, n, y, x, pmask, H, W, str
     (fp32) and 57 (bf16): 1.13x / 1.29x fewer instructions per multiply-add, and per tap and
     warp 52 / 28 L1 sectors for the three streams instead of 60 / 36 (fp32 / bf16).
 
-    The taps are runtime loops, one load in flight per iteration (the other warps hide
-    the latency): unrolling the KS*KS taps let the compiler hoist dozens of
-    [BLOCK_P, CPAD] 64-bit pointer tiles and loads, and spill. They are `while` loops
-    because the Triton interpreter turns runtime scalars into 1-element arrays, which
-    NumPy >= 2 refuses as a `range` bound; compiled, both are the same scf loop.
+    By default the taps are runtime loops (KS a runtime value): one tap's loads in flight per
+    iteration, the other warps hiding the latency. sm_90 SASS of the merged pass (C = 80 bf16,
+    32-token tiles; Triton 3.6, compiler output, not a timing): the kx loop is not unrolled, one
+    iteration is one 16-byte filter load, three 8-byte activation loads, 12 FFMA and ~40 other
+    instructions, and its FFMA wait on that iteration's loads. Unrolling all KS*KS taps let the
+    compiler hoist dozens of [BLOCK_P, CPAD] 64-bit pointer tiles and loads, and spill. They are
+    `while` loops because the Triton interpreter turns runtime scalars into 1-element arrays,
+    which NumPy >= 2 refuses as a `range` bound; compiled, both are the same scf loop.
+
+    UNROLL_KX (KS then a constexpr: the aggregation's ``GMAShape.AGG_UNROLL``): the kx loop of
+    each tap row unrolled (``tl.static_range``), so that a row's KS filter and 3 KS activation loads
+    can all be in flight before its first multiply-add: up to KS times the loads in flight per warp
+    for a kernel inferred latency-bound, at the price of the registers that hold them (the ky loop
+    stays a loop). A tuning candidate: whether it pays is for a GPU to say (benchmarks/tune.py).
     """
     R = KS // 2
     acc0 = tl.zeros([BLOCK_P, CPAD], dtype=tl.float32)
@@ -274,17 +302,15 @@ def depthwise_taps(src, ch, cmask, w_taps, tap_stride, n, y, x, pmask, H, W, str
         yy = y + (ky - R)
         row_ok = pmask & (yy >= 0) & (yy < H)
         row_ptr = ptr0 + ((ky - R) * W - R) * stride_n         # tap (ky, 0)
-        kx = 0
-        while kx < KS:
-            xx = x + (kx - R)
-            ok = row_ok & (xx >= 0) & (xx < W)
-            m = ok[:, None] & cm
-            wv = tl.load(w_taps + (ky * KS + kx) * tap_stride, mask=cmask, other=0.0)[None, :]
-            p = row_ptr + kx * stride_n
-            acc0 += tl.load(p, mask=m, other=0.0).to(tl.float32) * wv
-            if STREAMS == 3:
-                acc1 += tl.load(p + stream_off, mask=m, other=0.0).to(tl.float32) * wv
-                acc2 += tl.load(p + 2 * stream_off, mask=m, other=0.0).to(tl.float32) * wv
-            kx += 1
+        if UNROLL_KX:
+            for kx in tl.static_range(KS):
+                acc0, acc1, acc2 = _tap(acc0, acc1, acc2, row_ptr, row_ok, cm, cmask, w_taps, tap_stride, x, W,
+                                        stride_n, stream_off, ky, kx, KS, STREAMS)
+        else:
+            kx = 0
+            while kx < KS:
+                acc0, acc1, acc2 = _tap(acc0, acc1, acc2, row_ptr, row_ok, cm, cmask, w_taps, tap_stride, x, W,
+                                        stride_n, stream_off, ky, kx, KS, STREAMS)
+                kx += 1
         ky += 1
     return acc0, acc1, acc2

@@ -175,7 +175,7 @@ def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row
 def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
                  S: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
                  D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
-                 y_dst=None, N=0, STORE_Y: tl.constexpr = False):
+                 y_dst=None, N=0, STORE_Y: tl.constexpr = False, UNROLL_KX: tl.constexpr = False):
     """One of q/k/v, one segment, one tile: DW_KS(t) @ pw[h*D + k, :]ᵀ for its heads h = 0, 1.
 
     The s input channels go in chunks of CK: depthwise on [BLOCK_P, CK], then accumulate
@@ -192,7 +192,7 @@ def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
         cs = c0 + tl.arange(0, CK)
         cmask = cs < S
         dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw + cs, S, n, y, x, pmask, H, W, stride_n,
-                             KS, BLOCK_P, CK)
+                             KS, BLOCK_P, CK, UNROLL_KX)
         if STORE_Y:
             tl.store(y_dst + cs[None, :] * N + n[:, None], stored(dwc, y_dst, EMULATE_DOTS),
                      mask=pmask[:, None] & cmask[None, :])
@@ -207,7 +207,8 @@ def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
 @triton.jit
 def _dw_pw_qkv(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
                C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
-               D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+               D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+               UNROLL_KX: tl.constexpr = False):
     """`_dw_pw_heads` of q, k and v of one segment at once (channels ch0 + c of q, + C of k,
     + 2C of v): per chunk ONE depthwise pass over the three streams (`depthwise_taps`: each
     tap's mask, addresses and filter load serve all three) and one load of the two heads'
@@ -225,7 +226,7 @@ def _dw_pw_qkv(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
         cs = c0 + tl.arange(0, CK)
         cmask = cs < S
         dq, dk, dv = depthwise_taps(qkv_b, ch0 + cs, cmask, dw + cs, S, n, y, x, pmask, H, W, stride_n, KS, C,
-                                    BLOCK_P, CK, 3)
+                                    BLOCK_P, CK, 3, UNROLL_KX)
         wmask = cmask[:, None] & kmask[None, :]
         w0 = tl.load(pw_seg + kk[None, :] * S + cs[:, None], mask=wmask, other=0.0)        # [CK, D_PAD]
         w1 = tl.load(pw_seg + (D + kk)[None, :] * S + cs[:, None], mask=wmask, other=0.0)
@@ -253,10 +254,13 @@ def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, b
                   row, t0, t1, N, H, W, SW, stride_n, SEG, KS,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
                   CK: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr,
+                  UNROLL_KX: tl.constexpr = False):
     """Segment SEG (1..3) of q, k, v: depthwise KSxKS -> pointwise -> BatchNorm affine -> hardswish.
 
-    SEG and KS = 2 SEG + 1 are runtime values: one instance serves the three segments.
+    SEG and KS = 2 SEG + 1 are runtime values, one instance serving the three segments, or, with
+    UNROLL_KX (`GMAShape.AGG_UNROLL`), constexprs: an instance per segment, each tap row unrolled
+    (`_common.depthwise_taps`).
     MERGE_QKV (`config.GMAShape.AGG_MERGE`): q, k and v through one depthwise pass per chunk
     (`_dw_pw_qkv`: six head outputs alive at once), else one stream after the other (q stored,
     then v, then k into the softmax: two head outputs and one held pair alive), for the widths
@@ -282,19 +286,23 @@ def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, b
         dst0 = n[:, None] * CP + (ch0 + kk)[None, :]
         if MERGE_QKV:
             zq0, zq1, zk0, zk1, zv0, zv1 = _dw_pw_qkv(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
-                                                      C, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                                                      C, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS,
+                                                      UNROLL_KX)
             _store_heads(q_b + dst0, zq0, zq1, a0, b0, a1, b1, m2, D, EMULATE_DOTS)
             zv0, zv1 = _store_heads(v_b + dst0, zv0, zv1, a0, b0, a1, b1, m2, D, EMULATE_DOTS)
         else:
             zq0, zq1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
-                                    KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                                    KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS,
+                                    UNROLL_KX=UNROLL_KX)
             _store_heads(q_b + dst0, zq0, zq1, a0, b0, a1, b1, m2, D, EMULATE_DOTS)
             # V before K: one head pair of depthwise outputs alive at a time (register pressure)
             zv0, zv1 = _dw_pw_heads(qkv_b, 2 * C + ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
-                                    KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                                    KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS,
+                                    UNROLL_KX=UNROLL_KX)
             zv0, zv1 = _store_heads(v_b + dst0, zv0, zv1, a0, b0, a1, b1, m2, D, EMULATE_DOTS)
             zk0, zk1 = _dw_pw_heads(qkv_b, C + ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n,
-                                    KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                                    KS, S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS,
+                                    UNROLL_KX=UNROLL_KX)
         M0, L0, A0 = _online_softmax_kv(hardswish(zk0 * a0 + b0), zv0, pmask, M0, L0, A0, DOT_PRECISION, EMULATE_DOTS)
         M1, L1, A1 = _online_softmax_kv(hardswish(zk1 * a1 + b1), zv1, pmask, M1, L1, A1, DOT_PRECISION, EMULATE_DOTS)
         t += 1
@@ -306,7 +314,7 @@ def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, b
 def _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n,
                C: tl.constexpr, S: tl.constexpr, CK: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
-               w4_b=None, N=0, STORE: tl.constexpr = False):
+               w4_b=None, N=0, STORE: tl.constexpr = False, UNROLL_KX: tl.constexpr = False):
     """The local branch of one tile up to its LayerNorm: segment 4 of q, k, v -> DW3x3 -> (3s -> s)
     as [BLOCK_P, S_PAD] fp32 (padded channels 0). STORE (the backward's recompute, recompute.py):
     also store each depthwise chunk to the channel-first image w4_b (element (n, which s + c) at
@@ -320,7 +328,7 @@ def _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n,
             cmask = cs < S
             src = which * C + 4 * S + cs
             dwc = depthwise_tile(qkv_b, src, cmask, local_dw + which * S + cs, 3 * S,
-                                 n, y, x, pmask, H, W, stride_n, 3, BLOCK_P, CK)
+                                 n, y, x, pmask, H, W, stride_n, 3, BLOCK_P, CK, UNROLL_KX)
             if STORE:
                 tl.store(w4_b + (which * S + cs)[None, :] * N + n[:, None], stored(dwc, w4_b, EMULATE_DOTS),
                          mask=pmask[:, None] & cmask[None, :])
@@ -343,7 +351,8 @@ def _layer_norm_rows(z, omask, ln_eps, S: tl.constexpr):
 @triton.jit
 def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, t0, t1, N, H, W, SW, stride_n,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
-                  S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+                  S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+                  UNROLL_KX: tl.constexpr = False):
     """Segment 4 of q, k, v -> DW3x3 -> (3s -> s) -> LayerNorm -> hardswish -> pre[:, C':C]."""
     co = tl.arange(0, S_PAD)                                   # output channel
     omask = co < S
@@ -353,7 +362,7 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
     while t < t1:
         n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
         z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n, C, S, CK, S_PAD, BLOCK_P,
-                       DOT_PRECISION, EMULATE_DOTS)
+                       DOT_PRECISION, EMULATE_DOTS, UNROLL_KX=UNROLL_KX)
         diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
         yv = hardswish(diff * rs[:, None] * lnw + lnb)
         tl.store(pre_b + n[:, None] * C + (CP + co)[None, :], stored(yv, pre_b, EMULATE_DOTS),
@@ -373,7 +382,7 @@ def gma_aggregate_kernel(
     N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3, splits4, ln_eps,
     C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr, UNROLL: tl.constexpr,
 ):
     pid = tl.program_id(0)                                     # flat (job, split) of image b
     b = tl.program_id(1).to(tl.int64)
@@ -392,25 +401,44 @@ def gma_aggregate_kernel(
         _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, tl.minimum(t0 + tps, T),
                   N, H, W, stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
     elif pid < e4:
-        if pid < e2:
-            dw = dw3
-        elif pid < e3:
-            dw = dw5
-        else:
-            dw = dw7
-        seg = 1 + (pid >= e2).to(tl.int32) + (pid >= e3).to(tl.int32)
-        first = tl.where(seg == 1, e1, tl.where(seg == 2, e2, e3))
-        tps = tl.cdiv(T, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
-        t0 = (pid - first) * tps
-        _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
-                      row, t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, seg, 2 * seg + 1,
-                      C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV)
+        if UNROLL:   # an instance per window: KS (and SEG) constexpr, each tap row unrolled
+            seg = 1 + (pid >= e2).to(tl.int32) + (pid >= e3).to(tl.int32)
+            first = tl.where(seg == 1, e1, tl.where(seg == 2, e2, e3))
+            tps = tl.cdiv(T, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
+            t0 = (pid - first) * tps
+            t1 = tl.minimum(t0 + tps, T)
+            if pid < e2:
+                _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw3, pw, bn_scale, bn_shift,
+                              row, t0, t1, N, H, W, SW, stride_qkv_n, 1, 3,
+                              C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV, True)
+            elif pid < e3:
+                _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw5, pw, bn_scale, bn_shift,
+                              row, t0, t1, N, H, W, SW, stride_qkv_n, 2, 5,
+                              C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV, True)
+            else:
+                _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw7, pw, bn_scale, bn_shift,
+                              row, t0, t1, N, H, W, SW, stride_qkv_n, 3, 7,
+                              C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV, True)
+        else:        # one instance for the three windows: KS runtime
+            if pid < e2:
+                dw = dw3
+            elif pid < e3:
+                dw = dw5
+            else:
+                dw = dw7
+            seg = 1 + (pid >= e2).to(tl.int32) + (pid >= e3).to(tl.int32)
+            first = tl.where(seg == 1, e1, tl.where(seg == 2, e2, e3))
+            tps = tl.cdiv(T, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
+            t0 = (pid - first) * tps
+            _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
+                          row, t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, seg, 2 * seg + 1,
+                          C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV)
     else:
         tps = tl.cdiv(T, splits4)
         t0 = (pid - e4) * tps
         _local_branch(qkv_b, pre + b * N * C, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
                       t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P,
-                      DOT_PRECISION, EMULATE_DOTS)
+                      DOT_PRECISION, EMULATE_DOTS, UNROLL)
 
 
 def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_image: int = 5):
@@ -571,7 +599,8 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
             N, H, W, strip_width(W, shape.AGG_STRIP), qkv.stride(0), qkv.stride(1), *plan.splits, ln_eps)
     kwargs = dict(C=shape.C, S=shape.S, CP=shape.CP, D=shape.D, S_PAD=shape.S_PAD, D_PAD=shape.D_PAD,
                   CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P, DOT_PRECISION=dots.precision,
-                  EMULATE_DOTS=dots.emulate, MERGE_QKV=shape.AGG_MERGE, num_warps=shape.AGG_WARPS)
+                  EMULATE_DOTS=dots.emulate, MERGE_QKV=shape.AGG_MERGE, UNROLL=shape.AGG_UNROLL,
+                  num_warps=shape.AGG_WARPS)
     return (plan.programs, B), args, kwargs
 
 

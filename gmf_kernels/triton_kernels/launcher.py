@@ -17,8 +17,8 @@ compile, ahead of time, exactly what the JIT will compile (kernels keep Triton's
 information, so compute-sanitizer and ncu reports point at source lines).
 
 Tiles as data (`gmf_kernels.tuning`): two search spaces are registered here,
-``"triton.aggregate"`` (BLOCK_P, num_warps, CK, the strip target STRIP and the q/k/v merge
-MERGE of the aggregation) and ``"triton.attention"`` (BLOCK_P, num_warps of the attention kernel). Their candidates for (C, dtype, GPU) are the
+``"triton.aggregate"`` (BLOCK_P, num_warps, CK, the strip target STRIP, the q/k/v merge
+MERGE and the unrolled tap rows UNROLL of the aggregation) and ``"triton.attention"`` (BLOCK_P, num_warps of the attention kernel). Their candidates for (C, dtype, GPU) are the
 spill-free tiles of `config` (``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` / ``ATTN_TILES`` /
 ``ATTN_TILES_BY_DOTS``; the tile `config.gma_shape` picks is the default and comes first).
 A launch on a CUDA device asks `tuning.choose` and uses the tuning table's tile for its GPU
@@ -129,8 +129,8 @@ AGG_FAMILY = "triton.aggregate"
 ATTN_FAMILY = "triton.attention"
 #: at most this many candidates per (family, C, dtype, GPU)
 MAX_CANDIDATES = 6
-#: ... and for the aggregation, whose search space also holds the wide tiles below
-AGG_MAX_CANDIDATES = 10
+#: ... and for the aggregation, whose search space also holds the wide tiles and the unrolled taps below
+AGG_MAX_CANDIDATES = 12
 #: Wide aggregation tiles, (BLOCK_P, num_warps, CK), tried on a GPU after the default's variants and the
 #: tables' tiles. Why (inferred from compiler figures, not measured): at 16-token tiles the kernel
 #: holds ~160-170 registers per thread for 16 tokens of 4 warps, 48 tokens in flight per SM (3 CTAs),
@@ -153,7 +153,7 @@ def _precision(C: int, dtype, capability) -> Optional[str]:
 
 def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
     return {"BLOCK_P": shape.AGG_BLOCK_P, "num_warps": shape.AGG_WARPS, "CK": shape.CK, "STRIP": shape.AGG_STRIP,
-            "MERGE": int(shape.AGG_MERGE)}
+            "MERGE": int(shape.AGG_MERGE), "UNROLL": int(shape.AGG_UNROLL)}
 
 
 def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
@@ -167,22 +167,27 @@ def aggregate_default(C: int, dtype, capability) -> Dict[str, int]:
 
 def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     """The default tile first, then the same tile in row-major order (``STRIP`` 0: whether the
-    strip walk pays is for a GPU to say, `config.STRIP_TARGET`) and with the other q/k/v mode
-    (``MERGE``: `config.GMAShape.AGG_MERGE`; a spilling one is refused by the tuner), then the other tiles of
-    AGG_TILES / AGG_TILES_BY_DOTS (each spill-free at the width it was chosen for) and the wide tiles
-    (`AGG_WIDE_TILES`, each with the default's q/k/v mode and with separate streams) whose channel chunk
-    fits this width; at most `AGG_MAX_CANDIDATES`, the wide tiles' share kept (half the list at most)."""
+    strip walk pays is for a GPU to say, `config.STRIP_TARGET`), with the other q/k/v mode
+    (``MERGE``: `config.GMAShape.AGG_MERGE`; a spilling one is refused by the tuner) and with its tap
+    rows unrolled (``UNROLL``: `config.GMAShape.AGG_UNROLL`), then the other tiles of AGG_TILES /
+    AGG_TILES_BY_DOTS (each spill-free at the width it was chosen for) and the wide tiles
+    (`AGG_WIDE_TILES`, each with the default's q/k/v mode and with separate streams, the first also
+    unrolled) whose channel chunk fits this width; at most `AGG_MAX_CANDIDATES`, the wide tiles'
+    share kept (half the list)."""
     if _precision(C, dtype, capability) is None:
         return []
     default = aggregate_default(C, dtype, capability)
-    out = [default, {**default, "STRIP": 0}, {**default, "MERGE": 1 - default["MERGE"]}]
+    out = [default, {**default, "STRIP": 0}, {**default, "MERGE": 1 - default["MERGE"]}, {**default, "UNROLL": 1}]
     s_pad = dot_pad(C // 5)
 
-    def cfg_of(tile, merge):
+    def cfg_of(tile, merge, unroll=0):
         bp, warps, ck = tile
-        return {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": merge}
+        return {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": merge,
+                "UNROLL": unroll}
 
-    wide = [cfg_of(t, m) for t in AGG_WIDE_TILES for m in (default["MERGE"], 0) if t[2] <= s_pad]
+    fits = [t for t in AGG_WIDE_TILES if t[2] <= s_pad]
+    wide = [cfg_of(t, m) for t in fits for m in (default["MERGE"], 0)]
+    wide = wide[:1] + [cfg_of(fits[0], default["MERGE"], 1)] + wide[1:] if fits else []
     wide = [c for i, c in enumerate(wide) if c not in wide[:i] and c not in out][:AGG_MAX_CANDIDATES // 2]
     tiles = list(AGG_TILES.values()) + [t for row in AGG_TILES_BY_DOTS.values() for t in row.values()]
     for tile in tiles:
@@ -219,7 +224,7 @@ def shape_from_configs(C: int, dots: DotVariant, agg: Dict[str, int], attn: Dict
     shape = gma_shape(C, dots=dots.precision, agg_block_p=int(agg["BLOCK_P"]), agg_warps=int(agg["num_warps"]),
                       ck=int(agg["CK"]), attn_block_p=int(attn["BLOCK_P"]),
                       strip=int(agg["STRIP"]) if "STRIP" in agg else None,
-                      merge=bool(agg["MERGE"]) if "MERGE" in agg else None)
+                      merge=bool(agg["MERGE"]) if "MERGE" in agg else None, unroll=bool(agg.get("UNROLL", 0)))
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 

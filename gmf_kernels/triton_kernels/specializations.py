@@ -132,6 +132,7 @@ class Spec:
         dt = next((t[1:] for a, t in self.signature if a in DTYPE_ARGS), "-")
         tiles = ", ".join(f"{k}={cx[k]}" for k in ("S_PAD", "D_PAD", "CK", "BLOCK_P", "BLOCK_N") if k in cx)
         dots = f", {cx['DOT_PRECISION']}" if "DOT_PRECISION" in cx else ""
+        dots += ", unrolled" if cx.get("UNROLL") else ""          # the aggregation's tuning candidate
         return (f"{short} C={_width(cx)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
                 f"{self.specialised_ints()})")
 
@@ -481,11 +482,16 @@ def report_specializations(arch: int) -> List[Spec]:
     2. GroupMixFormer-S training at batch 128, fp16 (the judged training run: amp is fp16 autocast
        on CUDA);
     3. the training steps of the real-shape tests (`GPU_TRAIN_SHAPES`, fp32 / fp16 / bf16);
-    4. the forward of every other released width at its grids (the real-shape tests).
+    4. the forward of every other released width at its grids (the real-shape tests);
+    5. the forward candidates the speed part's tune phase tries (`REPORT_TUNE_FAMILIES` on
+       GroupMixFormer-S's widths at bf16, each at its first stage grid, as benchmarks/tune.py runs
+       them: `tuning_specializations`): compiled by the record part's warm-up beside the CUDA
+       build, so that the speed part, on the same machine, finds them in the cache instead of
+       compiling each on one CPU inside its short tune phase.
 
     The forward is one variant per (kernel, C, dtype) whatever the batch and grid (the
-    module docstring), so batch 128 stands for every batch. Tuned tiles are not applied: the
-    launchers' defaults, as in the rest of this module."""
+    module docstring), so batch 128 stands for every batch. Tuned tiles are not applied (but in
+    5): the launchers' defaults, as in the rest of this module."""
     from ..models.configs import MODEL_CONFIGS
     s_dims = MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]
     sides = [IMAGE // (4 * 2 ** i) for i in range(len(s_dims))]
@@ -498,9 +504,20 @@ def report_specializations(arch: int) -> List[Spec]:
                                                   for dt in DTYPE_NAMES for C, g, B in GPU_TRAIN_SHAPES]),
         ("every released width's forward", [(c, specializations_of_call) for c in real_calls((128,))]),
     ]
+    first_grid = {}
+    for C, g in zip(s_dims, sides):
+        first_grid.setdefault(C, g)
+    tune_calls = [Call(C, g, g, 128, "bf16") for C, g in first_grid.items()]
     supported = arch_dots(capability_of_arch(arch)) or {}
-    return _first_seen((f"{what}: {call.label()}", of_call(call, arch)) for what, calls in groups
-                       for call, of_call in calls if call.dtype in supported)
+    tuned = [(f"the tune phase's candidates: {call.label()}",
+              tuning_specializations([call], arch, REPORT_TUNE_FAMILIES)) for call in tune_calls]
+    return _first_seen([(f"{what}: {call.label()}", of_call(call, arch)) for what, calls in groups
+                        for call, of_call in calls if call.dtype in supported] + tuned)
+
+
+#: The forward families the GPU report's speed part tunes (benchmarks/gpu_report.py TUNE_FAMILIES; the
+#: CUDA tiles need no Triton compile)
+REPORT_TUNE_FAMILIES = ("triton.aggregate", "triton.attention")
 
 
 def _first_seen(labelled) -> List[Spec]:
