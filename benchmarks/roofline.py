@@ -241,7 +241,8 @@ def triton_shape(C: int, dtype: str):
     from gmf_kernels.triton_kernels.costs import shape_for
     agg = tuning.choose(L.AGG_FAMILY, C, _torch_dtype(dtype), CAPABILITY)
     attn = tuning.choose(L.ATTN_FAMILY, C, _torch_dtype(dtype), CAPABILITY)
-    return shape_for(C, dtype, CAPABILITY, {**agg, "ATTN_BLOCK_P": attn["BLOCK_P"], "ATTN_WARPS": attn["num_warps"]})
+    return shape_for(C, dtype, CAPABILITY, {**agg, "ATTN_BLOCK_P": attn["BLOCK_P"], "ATTN_WARPS": attn["num_warps"],
+                                            "ATTN_UNROLL": attn.get("UNROLL", 0)})
 
 
 def _cost(backend: str, kernel: str, B: int, H: int, W: int, C: int, dtype: str):

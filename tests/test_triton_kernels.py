@@ -512,29 +512,35 @@ def test_torch_compile_fullgraph():
 
 
 def _untabled_candidates():
-    """(C, config) of the aggregation's tuning candidates beyond the tile tables -- the wide tiles
-    (`launcher.AGG_WIDE_TILES`) and the unrolled tap rows (UNROLL) -- at GroupMixFormer-S's widths and
-    at C = 200 (s = 40: channel chunks of 16 + 16 + 8), as the tuner would try them for bf16 on an
-    sm_90: from the search space itself, not a list of our own."""
+    """(C, aggregation config, attention config) of the tuning candidates beyond the tile tables --
+    the aggregation's wide tiles (`launcher.AGG_WIDE_TILES`) and unrolled tap rows (UNROLL), the
+    attention's unrolled CRPE tap rows (UNROLL), each with the other family's default -- at
+    GroupMixFormer-S's widths and at C = 200 (s = 40: channel chunks of 16 + 16 + 8), as the tuner would
+    try them for bf16 on an sm_90: from the search spaces themselves, not a list of our own."""
     out = []
+    bf16, cap = torch.bfloat16, (9, 0)
     for C in sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200}):
-        for cfg in launcher.aggregate_candidates(C, torch.bfloat16, (9, 0)):
-            if cfg["UNROLL"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES:
-                out.append(pytest.param(C, cfg, id=f"C{C}-" + "-".join(f"{k}{v}" for k, v in cfg.items())))
+        agg0, attn0 = launcher.aggregate_default(C, bf16, cap), launcher.attention_default(C, bf16, cap)
+        cases = [(cfg, attn0) for cfg in launcher.aggregate_candidates(C, bf16, cap)
+                 if cfg["UNROLL"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES]
+        cases += [(agg0, cfg) for cfg in launcher.attention_candidates(C, bf16, cap) if cfg["UNROLL"]]
+        for agg, attn in cases:
+            tag = "-".join(f"{k}{v}" for k, v in agg.items()) + "-attn-" + "-".join(f"{k}{v}" for k, v in attn.items())
+            out.append(pytest.param(C, agg, attn, id=f"C{C}-{tag}"))
     return out
 
 
-@pytest.mark.parametrize("C,cfg", _untabled_candidates())
-def test_untabled_tuning_candidates(C, cfg):
-    """Every aggregation candidate the tuner may pick beyond the tile tables (64 tokens a tile,
-    merged or stream after stream; the tap rows unrolled, an instance per window) computes the same
-    pre-projection (fp32, against float64) and writes every element, on a grid of several tiles (the
-    last ragged) with runs of several tiles per program."""
+@pytest.mark.parametrize("C,agg,attn", _untabled_candidates())
+def test_untabled_tuning_candidates(C, agg, attn):
+    """Every candidate the tuner may pick beyond the tile tables (the aggregation at 64 tokens a
+    tile, merged or stream after stream, or with its tap rows unrolled, an instance per window; the
+    attention with its CRPE tap rows unrolled) computes the same pre-projection (fp32, against
+    float64) and writes every element, on a grid of several tiles (the last ragged) with runs of
+    several tiles per program."""
     H, W = {80: (11, 13), 160: (9, 10)}.get(C, (9, 9))
-    case = Case(C, H, W, 1, seed=C + cfg["BLOCK_P"] + cfg["MERGE"] + 2 * cfg["UNROLL"])
-    default_attn = launcher.attention_default(C, torch.float32, (9, 0))
-    shape = launcher.shape_from_configs(C, launcher.dot_variant(case.qkv(torch.float32)), cfg, default_attn)
-    assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE, shape.AGG_UNROLL) == (
-        cfg["BLOCK_P"], cfg["CK"], bool(cfg["MERGE"]), bool(cfg["UNROLL"]))
+    case = Case(C, H, W, 1, seed=C + agg["BLOCK_P"] + agg["MERGE"] + 2 * agg["UNROLL"] + 4 * attn["UNROLL"])
+    shape = launcher.shape_from_configs(C, launcher.dot_variant(case.qkv(torch.float32)), agg, attn)
+    assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE, shape.AGG_UNROLL, shape.ATTN_UNROLL) == (
+        agg["BLOCK_P"], agg["CK"], bool(agg["MERGE"]), bool(agg["UNROLL"]), bool(attn["UNROLL"]))
     assert shape.num_tiles(H * W) >= 2
     _check_launch(case, shape)

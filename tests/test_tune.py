@@ -59,6 +59,7 @@ def test_launcher_uses_the_tuned_tiles(table_dir, monkeypatch):
     assert (shape.AGG_BLOCK_P, shape.AGG_WARPS, shape.CK) == (agg["BLOCK_P"], agg["num_warps"], agg["CK"])
     assert agg["STRIP"] == 0 and shape.AGG_STRIP == 0          # the row-major variant of the default tile
     assert (shape.ATTN_BLOCK_P, shape.ATTN_WARPS) == (attn["BLOCK_P"], attn["num_warps"])
+    assert attn["UNROLL"] == 1 and shape.ATTN_UNROLL and not shape.AGG_UNROLL   # the unrolled CRPE taps
     # another dtype, width or GPU: defaults; the interpreter: its own tiles, table ignored
     assert L.tuned_shape(160, 784, dots, fake) == gma_shape(160, dots="tf32")
     monkeypatch.setattr(L, "_cuda_capability", lambda index: (8, 0))

@@ -17,7 +17,10 @@ for its tokens and head,
 
 with the head's CRPE window (3x3 for heads 0-1, 5x5 for heads 2-4, 7x7 for heads 5-7,
 "same" zero padding), and stores A in x.dtype into channels [head*d, (head+1)*d) of the
-pre-projection buffer. Q is read once, V through the stencil halo (cache), KV once.
+pre-projection buffer. Q is read once, V through the stencil halo (cache), KV once. The window
+is a runtime value (one instance for the three), or with UNROLL (`GMAShape.ATTN_UNROLL`, a
+tuning candidate of "triton.attention") a constexpr per head group with each tap row unrolled,
+as the aggregation's UNROLL.
 """
 from __future__ import annotations
 
@@ -73,7 +76,8 @@ def gma_combine_kernel(part_m, part_l, part_acc, kv, splits0, splits1, splits2, 
 def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale,
                     n, y, x, pmask, H, W, KS,
                     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
-                    D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+                    D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+                    UNROLL_KX: tl.constexpr = False):
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
     m2 = pmask[:, None] & kmask[None, :]
@@ -94,7 +98,7 @@ def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
         kvt = tl.load(kv_b + ch[:, None] * D + kk[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
         e = mm(qt, kvt, e, DOT_PRECISION, EMULATE_DOTS)
     conv = depthwise_tile(v_b, ch, kmask, crpe_w + (head - first) * D + kk, group_heads * D, n, y, x, pmask,
-                          H, W, CP, KS, BLOCK_P, D_PAD)
+                          H, W, CP, KS, BLOCK_P, D_PAD, UNROLL_KX)
     bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
     out = scale * e + qt * (conv + bias)
     tl.store(pre_b + n[:, None] * C + ch[None, :], stored(out, pre_b, EMULATE_DOTS), mask=m2)
@@ -105,7 +109,7 @@ def gma_attention_kernel(
     q, v, kv, pre, crpe_w3, crpe_w5, crpe_w7, crpe_b,
     N, H, W, scale,
     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, UNROLL: tl.constexpr,
 ):
     t = tl.program_id(0)
     head = tl.program_id(1)
@@ -118,9 +122,20 @@ def gma_attention_kernel(
     v_b = v + b * N * CP
     kv_b = kv + b * CP * D
     pre_b = pre + b * N * C
-    ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
-    _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale, n, y, x, pmask, H, W, ks,
-                    C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+    if UNROLL:   # an instance per CRPE window (KS constexpr), each tap row unrolled (_common.depthwise_taps)
+        if head < 2:
+            _attention_head(q_b, v_b, kv_b, pre_b, crpe_w3, crpe_b, head, 0, 2, scale, n, y, x, pmask, H, W, 3,
+                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+        elif head < 5:
+            _attention_head(q_b, v_b, kv_b, pre_b, crpe_w5, crpe_b, head, 2, 3, scale, n, y, x, pmask, H, W, 5,
+                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+        else:
+            _attention_head(q_b, v_b, kv_b, pre_b, crpe_w7, crpe_b, head, 5, 3, scale, n, y, x, pmask, H, W, 7,
+                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+    else:        # one instance for the three windows: KS runtime
+        ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
+        _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale, n, y, x, pmask, H,
+                        W, ks, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
 
 
 def combine_call(part_m, part_l, part_acc, kv, shape, segment_splits):
@@ -148,7 +163,8 @@ def attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots: DotVariant)
     w = weights
     args = (q, v, kv, pre, w.crpe_w3, w.crpe_w5, w.crpe_w7, w.crpe_b, N, H, W, scale)
     kwargs = dict(C=shape.C, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD, BLOCK_P=shape.ATTN_BLOCK_P,
-                  DOT_PRECISION=dots.precision, EMULATE_DOTS=dots.emulate, num_warps=shape.ATTN_WARPS)
+                  DOT_PRECISION=dots.precision, EMULATE_DOTS=dots.emulate, UNROLL=shape.ATTN_UNROLL,
+                  num_warps=shape.ATTN_WARPS)
     return (triton.cdiv(N, shape.ATTN_BLOCK_P), 8, B), args, kwargs
 
 

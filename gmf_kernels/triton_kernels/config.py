@@ -175,6 +175,7 @@ class GMAShape:
     AGG_STRIP: int = STRIP_TARGET  # aggregation tiles in strips of about this many columns (`strip_width`; 0: row-major)
     AGG_MERGE: bool = True    # aggregation: q, k, v of a segment through one depthwise pass (AGG_SEPARATE_STREAMS)
     AGG_UNROLL: bool = False  # aggregation: an instance per window, each tap row unrolled (a tuning candidate)
+    ATTN_UNROLL: bool = False  # attention: the same for the CRPE windows (a tuning candidate)
 
     def num_tiles(self, N: int) -> int:
         return -(-N // self.AGG_BLOCK_P)
@@ -366,14 +367,16 @@ def check_train_size(B: int, N: int, C: int) -> None:
 
 def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: bool = False,
               ck: int = 0, split_target: int = 1024, agg_warps: int = 0, dots: str = "tf32x3",
-              strip: Optional[int] = None, merge: Optional[bool] = None, unroll: bool = False) -> GMAShape:
+              strip: Optional[int] = None, merge: Optional[bool] = None, unroll: bool = False,
+              attn_unroll: bool = False) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
     tiles (`AGG_TILES_BY_DOTS` / `ATTN_TILES_BY_DOTS`, else `AGG_TILES` / `ATTN_TILES`).
     strip: the aggregation's strip target (`strip_width`; default `STRIP_TARGET`, 0 row-major).
     merge: the aggregation's q/k/v merge (default: merged unless `AGG_SEPARATE_STREAMS` lists C).
-    unroll: the aggregation's unrolled tap rows (`GMAShape.AGG_UNROLL`; default off)."""
+    unroll, attn_unroll: the aggregation's / the attention's unrolled tap rows (`GMAShape.AGG_UNROLL`,
+    `GMAShape.ATTN_UNROLL`; default off)."""
     if C % 10 != 0 or C <= 0:
         raise ValueError(f"C={C}: the Triton kernels need C a positive multiple of 10")
     S = C // 5
@@ -397,4 +400,4 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
                     ATTN_BLOCK_P=attn, AGG_WARPS=agg_warps, ATTN_WARPS=attn_tiles[1], SPLIT_TARGET=split_target,
                     AGG_STRIP=STRIP_TARGET if strip is None else int(strip),
                     AGG_MERGE=(C not in AGG_SEPARATE_STREAMS.get(dots, ())) if merge is None else bool(merge),
-                    AGG_UNROLL=bool(unroll))
+                    AGG_UNROLL=bool(unroll), ATTN_UNROLL=bool(attn_unroll))

@@ -18,7 +18,8 @@ information, so compute-sanitizer and ncu reports point at source lines).
 
 Tiles as data (`gmf_kernels.tuning`): two search spaces are registered here,
 ``"triton.aggregate"`` (BLOCK_P, num_warps, CK, the strip target STRIP, the q/k/v merge
-MERGE and the unrolled tap rows UNROLL of the aggregation) and ``"triton.attention"`` (BLOCK_P, num_warps of the attention kernel). Their candidates for (C, dtype, GPU) are the
+MERGE and the unrolled tap rows UNROLL of the aggregation) and ``"triton.attention"`` (BLOCK_P, num_warps and
+UNROLL of the attention kernel). Their candidates for (C, dtype, GPU) are the
 spill-free tiles of `config` (``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` / ``ATTN_TILES`` /
 ``ATTN_TILES_BY_DOTS``; the tile `config.gma_shape` picks is the default and comes first).
 A launch on a CUDA device asks `tuning.choose` and uses the tuning table's tile for its GPU
@@ -157,7 +158,7 @@ def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
 
 
 def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
-    return {"BLOCK_P": shape.ATTN_BLOCK_P, "num_warps": shape.ATTN_WARPS}
+    return {"BLOCK_P": shape.ATTN_BLOCK_P, "num_warps": shape.ATTN_WARPS, "UNROLL": int(shape.ATTN_UNROLL)}
 
 
 def aggregate_default(C: int, dtype, capability) -> Dict[str, int]:
@@ -203,13 +204,15 @@ def attention_default(C: int, dtype, capability) -> Dict[str, int]:
 
 
 def attention_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
-    """The default tile first, then the other tiles of ATTN_TILES / ATTN_TILES_BY_DOTS."""
+    """The default tile first, then the same with its CRPE tap rows unrolled (``UNROLL``:
+    `config.GMAShape.ATTN_UNROLL`), then the other tiles of ATTN_TILES / ATTN_TILES_BY_DOTS."""
     if _precision(C, dtype, capability) is None:
         return []
-    out = [attention_default(C, dtype, capability)]
+    default = attention_default(C, dtype, capability)
+    out = [default, {**default, "UNROLL": 1}]
     tiles = list(ATTN_TILES.values()) + [t for row in ATTN_TILES_BY_DOTS.values() for t in row.values()]
     for bp, warps in tiles:
-        cfg = {"BLOCK_P": bp, "num_warps": warps}
+        cfg = {"BLOCK_P": bp, "num_warps": warps, "UNROLL": 0}
         if cfg not in out and len(out) < MAX_CANDIDATES:
             out.append(cfg)
     return out
@@ -224,7 +227,8 @@ def shape_from_configs(C: int, dots: DotVariant, agg: Dict[str, int], attn: Dict
     shape = gma_shape(C, dots=dots.precision, agg_block_p=int(agg["BLOCK_P"]), agg_warps=int(agg["num_warps"]),
                       ck=int(agg["CK"]), attn_block_p=int(attn["BLOCK_P"]),
                       strip=int(agg["STRIP"]) if "STRIP" in agg else None,
-                      merge=bool(agg["MERGE"]) if "MERGE" in agg else None, unroll=bool(agg.get("UNROLL", 0)))
+                      merge=bool(agg["MERGE"]) if "MERGE" in agg else None, unroll=bool(agg.get("UNROLL", 0)),
+                      attn_unroll=bool(attn.get("UNROLL", 0)))
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 
