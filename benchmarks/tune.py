@@ -38,7 +38,9 @@ instead of compiling them one at a time; what is left is split between the famil
 backend timing (BUDGET_SHARES; time one part does not use carries over). Widths of GroupMixFormer-S come first, bf16 first; when a part's time runs
 out the rest of it is recorded as not measured, never dropped silently. A run keeps, from a
 measured table of the same architecture already at its path, the entries of the parts it does
-not measure (`keep_other_parts`: a --train run keeps the forward's, and back). The table is
+not measure (`keep_other_parts`: a --train run keeps the forward's, and back) and, of the parts it
+measures, those of the (C, dtype) it does not measure again (a --models s --dtype bf16 run keeps
+the other widths' and dtypes' tiles). The table is
 rewritten after every (C, dtype) so that a stopped run keeps what it measured, and copied to
 $OUT (or --out) when set. Times are do_bench medians (CUDA events, L2 flushed), in us.
 
@@ -135,9 +137,12 @@ def new_table(arch: str, device: str, dry_run: bool = False) -> Dict:
 
 
 def keep_other_parts(table: Dict, path: str, parts: Sequence[str]) -> Dict:
-    """`table` with the entries of the parts this run does not measure kept from the table at
-    `path` (a forward run keeps a --train run's families and the other way round), recorded
-    under "kept" with that table's date and commit."""
+    """`table` with what this run will not measure kept from the table at `path`: the entries of the
+    parts it does not measure (a forward run keeps a --train run's families and the other way round),
+    recorded under "kept" with that table's date and commit; and, of the parts it does measure, every
+    (C, dtype) entry (each replaced when this run measures that item: a run of some widths or dtypes,
+    or one cut by its budget, keeps the others' tuned tiles instead of dropping them to the defaults),
+    listed under "kept" "entries"."""
     try:
         with open(path) as fh:
             prev = json.load(fh)
@@ -153,9 +158,21 @@ def keep_other_parts(table: Dict, path: str, parts: Sequence[str]) -> Dict:
     if "backends" not in parts and prev.get("backends"):
         table["backends"] = prev["backends"]
         kept.append("backends")
-    if kept:
+    entries = []
+    for f in parts:
+        src = prev.get("backends") if f == "backends" else (prev.get("kernels") or {}).get(f)
+        dst = table["backends"] if f == "backends" else table["kernels"].setdefault(f, {})
+        for C, by_dt in (src or {}).items():
+            for dt, entry in (by_dt or {}).items() if isinstance(by_dt, dict) else ():
+                dst.setdefault(C, {})[dt] = entry
+                entries.append(f"{f} C={C} {dt}")
+        if f != "backends" and not dst:
+            del table["kernels"][f]
+    if kept or entries:
         table["kept"] = {"parts": kept, "date": prev.get("date"), "git_sha": prev.get("git_sha"),
                          "device": prev.get("device")}
+        if entries:
+            table["kept"]["entries"] = entries
     return table
 
 

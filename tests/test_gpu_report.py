@@ -1135,36 +1135,47 @@ def test_tune_rows_default_against_fastest():
 def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
     """The speed part's tune phase runs tune.py (the judged run's widths and dtype) into a directory seeded
     with the committed tables; when tune.py measured something every later step reads that directory
-    (ctx.env GMF_TUNING_DIR) and summary.md lists default against fastest; when it did not, the later
-    steps keep the default tiles and the phase says so."""
+    (ctx.env GMF_TUNING_DIR) and summary.md lists default against fastest, for the tuned families only;
+    when it did not, a seeded committed table is not taken for its result, the later steps keep the
+    default tiles and the phase says so. The one-call plan gives it no share: skipped, with why."""
     committed = tmp_path / "committed"
     committed.mkdir()
-    (committed / "sm_80.json").write_text(json.dumps({"arch": "sm_80", "kernels": {}}))
+    old = _tune_table()      # a committed table: it has candidates, but is not this run's result
+    old["candidates"]["triton.b1"] = {"80": {"bfloat16": [{"config": {"BLOCK_P": 8}, "status": "ok",
+                                                          "time_us": 1.0}]}}
+    (committed / "sm_90.json").write_text(json.dumps(old))
     monkeypatch.setattr(gr, "ROOT", tmp_path / "root")
     (tmp_path / "root" / "gmf_kernels" / "data").mkdir(parents=True)
     os.symlink(committed, tmp_path / "root" / "gmf_kernels" / "data" / "tuning")
+    out = tmp_path / "out"
+    out.mkdir()
     seen = []
 
     def fake_run(ctx, cmd, timeout, prefix, **k):
         seen.append(cmd)
         table_dir = Path(cmd[cmd.index("--table-dir") + 1])
-        assert (table_dir / "sm_80.json").is_file()           # seeded before tune.py runs
+        assert (table_dir / "sm_90.json").is_file()           # seeded before tune.py runs
         if outcome == "table":
-            (table_dir / "sm_90.json").write_text(json.dumps(_tune_table()))
+            time.sleep(0.01)
+            new = _tune_table()
+            new["candidates"]["triton.b1"] = old["candidates"]["triton.b1"]   # kept by tune.py from the seed
+            (table_dir / "sm_90.json").write_text(json.dumps(new))
+            (out / "tuning_sm_90.json").write_text(json.dumps(new))
             return gr.RunResult(cmd, 0, "wrote it", 30.0)
         return gr.RunResult(cmd, 1, "Traceback: boom", 3.0)
     monkeypatch.setattr(gr, "run", fake_run)
     ctx = _ctx(tmp_path, env={})
+    ctx.out, ctx.args = out, _args("--part", "speed")
     ctx.report["tune"] = {}
     ph = {"notes": [], "status": "running"}
     gr.phase_tune(ctx, ph, 60.0)
     cmd = " ".join(map(str, seen[0]))
     assert ("tune.py --models s --dtype bf16 --families triton.aggregate triton.attention cuda.tiles "
-            "--budget 50") in cmd
-    assert f"--out {tmp_path}" in cmd
+            "--budget 45") in cmd and f"--out {out}" in cmd
     sec = ctx.report["tune"]
-    assert sec["seeded"] == ["sm_80.json"]
+    assert sec["seeded"] == ["sm_90.json"]
     text = "\n".join(gr._tune_summary(ctx.report))
+    assert "triton.b1" not in text and {r["family"] for r in sec["rows"]} <= set(gr.TUNE_FAMILIES)
     if outcome == "table":
         assert sec["status"] == "ok" and sec["applied"] and sec["file"] == "tuning_sm_90.json"
         assert ctx.env["GMF_TUNING_DIR"] == str(tmp_path / "tuning") and not ph["notes"]
@@ -1173,13 +1184,21 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
         assert "the later phases ran with this table" in text and "not measured: triton.aggregate C=320" in text
     else:
         assert sec["status"] == "failed" and not sec["applied"] and "GMF_TUNING_DIR" not in ctx.env
+        assert sec["rows"] == [] and sec["file"] is None
         assert "the later phases use the default tiles" in ph["notes"][0] and "boom" in sec["output_tail"]
         assert "the later phases ran with the default tiles" in text
     # too little time: skipped, with why
     ctx = _ctx(tmp_path, env={})
+    ctx.args = _args("--part", "speed")
     ph = {"notes": [], "status": "running"}
     gr.phase_tune(ctx, ph, gr.TUNE_MIN_S - 1)
-    assert ph["status"] == "skipped" and ctx.report["tune"]["status"] == "skipped" and len(seen) == 1
+    assert ph["status"] == "skipped" and "time budget" in ctx.report["tune"]["reason"] and len(seen) == 1
+    # the one-call plan: no share, not run however much time is left over
+    ctx = _ctx(tmp_path, env={})
+    ctx.args = _args()
+    ph = {"notes": [], "status": "running"}
+    gr.phase_tune(ctx, ph, 300.0)
+    assert ph["status"] == "skipped" and "no share" in ctx.report["tune"]["reason"] and len(seen) == 1
 
 
 def test_record_part_warms_what_the_tune_phase_compiles():

@@ -544,3 +544,17 @@ def test_untabled_tuning_candidates(C, agg, attn):
         agg["BLOCK_P"], agg["CK"], bool(agg["MERGE"]), bool(agg["UNROLL"]), bool(attn["UNROLL"]))
     assert shape.num_tiles(H * W) >= 2
     _check_launch(case, shape)
+
+
+def test_untabled_candidates_present():
+    """The search spaces do offer the candidates `test_untabled_tuning_candidates` checks (so that it
+    cannot pass by checking nothing): per GroupMixFormer-S width, the aggregation's unrolled taps,
+    its 64-token tiles merged and stream after stream, the attention's unrolled CRPE taps."""
+    cases = {}
+    for p in _untabled_candidates():
+        C, agg, attn = p.values
+        cases.setdefault(C, []).append((agg, attn))
+    for C in set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]):
+        got = cases[C]
+        assert any(a["UNROLL"] for a, _ in got) and any(t["UNROLL"] for _, t in got), C
+        assert {a["MERGE"] for a, _ in got if a["BLOCK_P"] == 64} == {0, 1}, C

@@ -294,7 +294,9 @@ def test_backward_runs_the_tuned_tiles(monkeypatch):
 
 def test_a_run_keeps_the_parts_it_does_not_measure(tmp_path):
     """A --train run keeps the forward families and the backends' times of the table already
-    there (and a forward run the training families), for the same GPU architecture only."""
+    there (and a forward run the training families), for the same GPU architecture only; of the
+    parts it measures, the (C, dtype) entries already there stay until it measures them again (a
+    run of GroupMixFormer-S's bf16 widths keeps the other widths' and dtypes' tiles)."""
     path = str(tmp_path / "sm_90.json")
     prev = tune.new_table("sm_90", "H100")
     prev["kernels"] = {"triton.aggregate": {"80": {"bfloat16": {"BLOCK_P": 32, "time_us": 1.0}}},
@@ -302,10 +304,19 @@ def test_a_run_keeps_the_parts_it_does_not_measure(tmp_path):
     prev["backends"] = {"80": {"bfloat16": {"triton": 3.0, "batch": 8}}}
     tune.write_table(prev, path)
     train = tune.keep_other_parts(tune.new_table("sm_90", "H100"), path, ["triton.b1", "triton.b2"])
-    assert set(train["kernels"]) == {"triton.aggregate"} and train["backends"] == prev["backends"]
+    assert train["kernels"] == prev["kernels"] and train["backends"] == prev["backends"]
     assert train["kept"]["parts"] == ["triton.aggregate", "backends"]
+    assert train["kept"]["entries"] == ["triton.b1 C=80 bfloat16"] and "triton.b2" not in train["kernels"]
     fwd = tune.keep_other_parts(tune.new_table("sm_90", "H100"), path, ["triton.aggregate", "backends"])
-    assert set(fwd["kernels"]) == {"triton.b1"} and fwd["backends"] == {}
+    assert fwd["kernels"] == prev["kernels"] and fwd["backends"] == prev["backends"]
+    assert fwd["kept"]["parts"] == ["triton.b1"]
+    assert fwd["kept"]["entries"] == ["triton.aggregate C=80 bfloat16", "backends C=80 bfloat16"]
+    # measured again: replaced; another width measured: added beside the kept one
+    ok = [{"config": {"BLOCK_P": 64}, "status": "ok", "time_us": 0.5}]
+    tune.set_entry(fwd, "triton.aggregate", 80, torch.bfloat16, ok)
+    tune.set_entry(fwd, "triton.aggregate", 160, torch.bfloat16, ok)
+    assert fwd["kernels"]["triton.aggregate"] == {"80": {"bfloat16": {"BLOCK_P": 64, "time_us": 0.5}},
+                                                  "160": {"bfloat16": {"BLOCK_P": 64, "time_us": 0.5}}}
     assert "kept" not in tune.keep_other_parts(tune.new_table("sm_80", "A100"), path, ["triton.b1"])
     dry = tune.new_table("sm_90", "dry run", dry_run=True)          # a dry run's table is never kept
     tune.write_table(dry, path)

@@ -142,7 +142,7 @@ AGG_MAX_CANDIDATES = 12
 #: benchmarks/results/triton_aggregate_tile_sweep_sm80_sm90.md), each warp its own 16 rows. Where
 #: such a tile spills (C = 320 merged) the tuner refuses it; the separate-streams variant (MERGE 0,
 #: two head outputs alive instead of six) is its chance there.
-AGG_WIDE_TILES: Tuple[Tuple[int, int, int], ...] = ((64, 4, 16), (64, 8, 16), (32, 8, 16), (64, 8, 32))
+AGG_WIDE_TILES: Tuple[Tuple[int, int, int], ...] = ((64, 4, 16), (64, 8, 16), (32, 8, 16))
 
 
 def _precision(C: int, dtype, capability) -> Optional[str]:
@@ -172,9 +172,9 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     (``MERGE``: `config.GMAShape.AGG_MERGE`; a spilling one is refused by the tuner) and with its tap
     rows unrolled (``UNROLL``: `config.GMAShape.AGG_UNROLL`), then the other tiles of AGG_TILES /
     AGG_TILES_BY_DOTS (each spill-free at the width it was chosen for) and the wide tiles
-    (`AGG_WIDE_TILES`, each with the default's q/k/v mode and with separate streams, the first also
-    unrolled) whose channel chunk fits this width; at most `AGG_MAX_CANDIDATES`, the wide tiles'
-    share kept (half the list)."""
+    (`AGG_WIDE_TILES` whose channel chunk fits this width, each with the default's q/k/v mode, the
+    64-token ones also stream after stream, the first also unrolled: at most half the list); at most
+    `AGG_MAX_CANDIDATES` in all."""
     if _precision(C, dtype, capability) is None:
         return []
     default = aggregate_default(C, dtype, capability)
@@ -186,9 +186,13 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
         return {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": merge,
                 "UNROLL": unroll}
 
-    fits = [t for t in AGG_WIDE_TILES if t[2] <= s_pad]
-    wide = [cfg_of(t, m) for t in fits for m in (default["MERGE"], 0)]
-    wide = wide[:1] + [cfg_of(fits[0], default["MERGE"], 1)] + wide[1:] if fits else []
+    wide = []
+    for i, tile in enumerate(t for t in AGG_WIDE_TILES if t[2] <= s_pad):
+        wide.append(cfg_of(tile, default["MERGE"]))
+        if i == 0:
+            wide.append(cfg_of(tile, default["MERGE"], 1))
+        if tile[0] == 64:
+            wide.append(cfg_of(tile, 0))
     wide = [c for i, c in enumerate(wide) if c not in wide[:i] and c not in out][:AGG_MAX_CANDIDATES // 2]
     tiles = list(AGG_TILES.values()) + [t for row in AGG_TILES_BY_DOTS.values() for t in row.values()]
     for tile in tiles:
