@@ -36,7 +36,8 @@ to WARM_SHARE of it, the Triton kernels the sweep will compile are compiled ahea
 with their launchers (`warm_cache`; `--no-warm` skips it), so that the sweep times candidates
 instead of compiling them one at a time; what is left is split between the families and the
 backend timing (BUDGET_SHARES; time one part does not use carries over). Widths of GroupMixFormer-S come first, bf16 first; when a part's time runs
-out the rest of it is recorded as not measured, never dropped silently. A run keeps, from a
+out the rest of it is recorded as not measured, never dropped silently (an item started in time
+stops trying candidates once past the deadline: those are recorded as skipped, `GpuMeasure.late`). A run keeps, from a
 measured table of the same architecture already at its path, the entries of the parts it does
 not measure (`keep_other_parts`: a --train run keeps the forward's, and back) and, of the parts it
 measures, those of the (C, dtype) it does not measure again (a --models s --dtype bf16 run keeps
@@ -241,6 +242,17 @@ class GpuMeasure:
         self.batch, self.warmup, self.rep = batch, warmup_ms, rep_ms
         self.device = torch.device("cuda")
         self.cap = tuple(torch.cuda.get_device_capability())
+        #: the current part's deadline (time.monotonic()): an item started before it stops trying
+        #: candidates past it (a candidate that compiles on one CPU takes seconds), `late`
+        self.deadline: Optional[float] = None
+
+    def late(self, i: int, rec: Dict) -> bool:
+        """Past the part's deadline at candidate i (the first, the default every other is compared
+        with, always runs): rec marked skipped, with why."""
+        if i == 0 or self.deadline is None or time.monotonic() < self.deadline:
+            return False
+        rec.update(status="skipped", reason="time budget used up")
+        return True
 
     def _bench(self, fn) -> float:
         from triton.testing import do_bench
@@ -277,9 +289,12 @@ class GpuMeasure:
         index = 0 if family == L.AGG_FAMILY else 2
         ref = None
         out = []
-        for cfg in cands:
+        for i, cfg in enumerate(cands):
             agg, attn = (cfg, default_attn) if family == L.AGG_FAMILY else (default_agg, cfg)
             rec = {"config": dict(cfg)}
+            if self.late(i, rec):
+                out.append(rec)
+                continue
             try:
                 shape = L.shape_from_configs(C, dots, agg, attn)
                 buf, launches = L.plan_pre_projection(qkv, H, W, folded, float(hp.scale), float(hp.ln_eps),
@@ -309,8 +324,11 @@ class GpuMeasure:
         ws = list(folded)
         ref = None
         out = []
-        for cfg in cands:
+        for i, cfg in enumerate(cands):
             rec = {"config": dict(cfg)}
+            if self.late(i, rec):
+                out.append(rec)
+                continue
             try:
                 fn = lambda: CL.launch_pre_projection(qkv, H, W, ws, float(hp.scale), float(hp.ln_eps), config=cfg)
                 pre = fn()
@@ -350,8 +368,11 @@ class GpuMeasure:
                 def fn():
                     return torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, ws, float(hp.scale),
                                                                         float(hp.ln_eps), mean, rstd)
-            for cfg in cands:
+            for i, cfg in enumerate(cands):
                 rec = {"config": dict(cfg)}
+                if self.late(i, rec):
+                    out.append(rec)
+                    continue
                 try:
                     with open(os.path.join(tmp, f"{arch}.json"), "w") as fh:
                         json.dump({"arch": arch, "measured": False, "kernels": {
@@ -611,6 +632,7 @@ def main(argv=None) -> int:
           f"table {path}", flush=True)
     for part in parts:
         deadline += budgets[part]          # cumulative: time an earlier part did not use carries over
+        meas.deadline = deadline
         items = [(C, H, W, dt) for dt in dtypes for (C, H, W) in shape_list]
         if part == "backends":
             def measure(C, H, W, dt):

@@ -496,3 +496,24 @@ def test_warm_up_compiles_what_the_sweep_will():
     assert {"gma_statistics_kernel", "gma_recompute_z_kernel", "gma_b1_dkv_kernel", "gma_b2_attention_kernel",
             "gma_dz_kernel", "gma_aggregate_kernel"} <= set(r["train_kernels"]), r["train_kernels"]
     assert r["b1_variants"] == r["b1_candidates"] > 1, r
+
+
+def test_candidates_past_the_deadline_are_skipped(monkeypatch):
+    """An item started before its part's deadline stops trying candidates once past it (each may compile
+    for seconds on one CPU): the default, which the others are compared with, still runs; the rest
+    are recorded as skipped, with why, and the entry is the fastest of those measured. (The Triton
+    interpreter stands in for the GPU here.)"""
+    import time
+    meas = object.__new__(tune.GpuMeasure)
+    meas.batch, meas.warmup, meas.rep, meas.device, meas.cap = 1, 1, 1, torch.device("cpu"), (9, 0)
+    meas._bench = lambda fn: 7.0
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    cands = L.aggregate_candidates(80, torch.float32, (9, 0))[:3]
+    meas.deadline = None
+    assert not meas.late(2, {})
+    meas.deadline = time.monotonic() - 1
+    res = meas.triton(L.AGG_FAMILY, 80, 5, 6, torch.float32, cands)
+    assert [r["status"] for r in res] == ["ok", "skipped", "skipped"], res
+    assert res[1]["reason"] == "time budget used up" and res[0]["time_us"] == 7.0
+    table = tune.new_table("sm_90", "test")
+    assert tune.set_entry(table, L.AGG_FAMILY, 80, torch.float32, res) == {**cands[0], "time_us": 7.0}
