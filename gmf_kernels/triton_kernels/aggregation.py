@@ -401,12 +401,12 @@ def gma_aggregate_kernel(
         _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, tl.minimum(t0 + tps, T),
                   N, H, W, stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
     elif pid < e4:
+        seg = 1 + (pid >= e2).to(tl.int32) + (pid >= e3).to(tl.int32)
+        first = tl.where(seg == 1, e1, tl.where(seg == 2, e2, e3))
+        tps = tl.cdiv(T, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
+        t0 = (pid - first) * tps
+        t1 = tl.minimum(t0 + tps, T)
         if UNROLL:   # an instance per window: KS (and SEG) constexpr, each tap row unrolled
-            seg = 1 + (pid >= e2).to(tl.int32) + (pid >= e3).to(tl.int32)
-            first = tl.where(seg == 1, e1, tl.where(seg == 2, e2, e3))
-            tps = tl.cdiv(T, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
-            t0 = (pid - first) * tps
-            t1 = tl.minimum(t0 + tps, T)
             if pid < e2:
                 _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw3, pw, bn_scale, bn_shift,
                               row, t0, t1, N, H, W, SW, stride_qkv_n, 1, 3,
@@ -426,12 +426,8 @@ def gma_aggregate_kernel(
                 dw = dw5
             else:
                 dw = dw7
-            seg = 1 + (pid >= e2).to(tl.int32) + (pid >= e3).to(tl.int32)
-            first = tl.where(seg == 1, e1, tl.where(seg == 2, e2, e3))
-            tps = tl.cdiv(T, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
-            t0 = (pid - first) * tps
             _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
-                          row, t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, seg, 2 * seg + 1,
+                          row, t0, t1, N, H, W, SW, stride_qkv_n, seg, 2 * seg + 1,
                           C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV)
     else:
         tps = tl.cdiv(T, splits4)
