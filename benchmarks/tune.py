@@ -238,13 +238,14 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 class GpuMeasure:
     """Timings on the current CUDA device (do_bench medians in us)."""
 
+    #: the current part's deadline (time.monotonic()): an item started before it stops trying
+    #: candidates past it (a candidate that compiles on one CPU takes seconds), `late`
+    deadline: Optional[float] = None
+
     def __init__(self, batch: int, warmup_ms: float = 10, rep_ms: float = 40):
         self.batch, self.warmup, self.rep = batch, warmup_ms, rep_ms
         self.device = torch.device("cuda")
         self.cap = tuple(torch.cuda.get_device_capability())
-        #: the current part's deadline (time.monotonic()): an item started before it stops trying
-        #: candidates past it (a candidate that compiles on one CPU takes seconds), `late`
-        self.deadline: Optional[float] = None
 
     def late(self, i: int, rec: Dict) -> bool:
         """Past the part's deadline at candidate i (the first, the default every other is compared

@@ -94,6 +94,7 @@ def load_table(arch: Optional[str]) -> Optional[dict]:
 
 def clear_cache() -> None:
     _load.cache_clear()
+    _choose.cache_clear()
 
 
 def kernel_config(family: str, arch: Optional[str], C: int, dtype) -> Optional[dict]:
@@ -123,6 +124,7 @@ _SPACES: Dict[str, SearchSpace] = {}
 
 def register_space(space: SearchSpace) -> SearchSpace:
     _SPACES[space.family] = space
+    _choose.cache_clear()
     return space
 
 
@@ -135,7 +137,20 @@ def choose(family: str, C: int, dtype, capability: Optional[Tuple[int, int]]) ->
     """The config a launcher uses: the tuned entry for this GPU when the table has one, else the
     family's default. A tuned entry must name one candidate exactly (the same knobs, the same
     values): the candidate itself is returned. A stale table (an entry that is no candidate any
-    more, or lacks a knob added since) falls back to the default."""
+    more, or lacks a knob added since) falls back to the default.
+
+    Every launch asks (the forward's two families per call, the training kernels' per launch), so
+    the answer is cached per (family, C, dtype, GPU, table path) -- the table itself is read once per
+    path (`_load`); `clear_cache` and `register_space` drop it -- sparing each launch the candidates'
+    construction (~25 us per call of the Triton forward with a table, on the development CPU)."""
+    cap = tuple(capability) if capability is not None else None
+    arch = arch_key(cap)
+    return dict(_choose(family, int(C), dtype, cap, str(table_path(arch)) if arch else ""))
+
+
+@lru_cache(maxsize=4096)
+def _choose(family: str, C: int, dtype, capability: Optional[Tuple[int, int]], path: str) -> dict:
+    """`choose` (path: where the table of the capability's architecture is looked up, a cache key only)."""
     space = _SPACES.get(family)
     tuned = kernel_config(family, arch_key(capability), C, dtype)
     if space is None:

@@ -30,6 +30,7 @@ candidates that spill), else the default; under the interpreter and on meta/CPU 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -227,8 +228,15 @@ ATTN_SPACE = tuning.register_space(tuning.SearchSpace(ATTN_FAMILY, attention_can
 
 
 def shape_from_configs(C: int, dots: DotVariant, agg: Dict[str, int], attn: Dict[str, int]) -> GMAShape:
-    """The specialisation of the GPU tiles `agg` ("triton.aggregate") and `attn` ("triton.attention")."""
-    shape = gma_shape(C, dots=dots.precision, agg_block_p=int(agg["BLOCK_P"]), agg_warps=int(agg["num_warps"]),
+    """The specialisation of the GPU tiles `agg` ("triton.aggregate") and `attn` ("triton.attention").
+    Cached (a launch asks it every call; GMAShape is frozen)."""
+    return _shape_from_configs(int(C), dots.precision, tuple(sorted(agg.items())), tuple(sorted(attn.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_from_configs(C: int, precision: str, agg_items: tuple, attn_items: tuple) -> GMAShape:
+    agg, attn = dict(agg_items), dict(attn_items)
+    shape = gma_shape(C, dots=precision, agg_block_p=int(agg["BLOCK_P"]), agg_warps=int(agg["num_warps"]),
                       ck=int(agg["CK"]), attn_block_p=int(attn["BLOCK_P"]),
                       strip=int(agg["STRIP"]) if "STRIP" in agg else None,
                       merge=bool(agg["MERGE"]) if "MERGE" in agg else None, unroll=bool(agg.get("UNROLL", 0)),
