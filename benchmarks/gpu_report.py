@@ -1519,11 +1519,11 @@ def _fake_tune(ctx: Ctx, table_dir: Path):
     return fake
 
 
-def seed_tuning_dir(table_dir: Path, source: Optional[Path] = None) -> List[str]:
+def seed_tuning_dir(table_dir: Path) -> List[str]:
     """Copy the committed tuning tables (gmf_kernels/data/tuning/*.json) into table_dir, so that the tuned
     run keeps their entries of the parts it does not measure (tune.py `keep_other_parts`) and the later
     phases, which read table_dir only, still see them. Returns the names copied."""
-    source = source or ROOT / "gmf_kernels" / "data" / "tuning"
+    source = ROOT / "gmf_kernels" / "data" / "tuning"
     table_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for p in sorted(source.glob("*.json")) if source.is_dir() else []:
