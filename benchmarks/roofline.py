@@ -242,7 +242,7 @@ def triton_shape(C: int, dtype: str):
     agg = tuning.choose(L.AGG_FAMILY, C, _torch_dtype(dtype), CAPABILITY)
     attn = tuning.choose(L.ATTN_FAMILY, C, _torch_dtype(dtype), CAPABILITY)
     return shape_for(C, dtype, CAPABILITY, {**agg, "ATTN_BLOCK_P": attn["BLOCK_P"], "ATTN_WARPS": attn["num_warps"],
-                                            "ATTN_UNROLL": attn.get("UNROLL", 0)})
+                                            "ATTN_UNROLL": attn.get("UNROLL", 0), "ATTN_DOTS16": attn.get("DOTS16", 0)})
 
 
 def _cost(backend: str, kernel: str, B: int, H: int, W: int, C: int, dtype: str):

@@ -10,7 +10,9 @@ the GPU's arithmetic:
   modelled with frexp/floor in float64 rather than with bit masks;
 * "tf32": both operands rounded by cvt.rna (mm does that before the MMA, whose truncation
   then changes nothing), one product; "tf32x3": Triton 3.6's three passes (small x big,
-  big x small, NaN -> 0, big x big, then + acc); "ieee": unrounded.
+  big x small, NaN -> 0, big x big, then + acc); "ieee": unrounded; "bf16" / "fp16" (the
+  forward kernels' DOTS16 candidates): both operands rounded to that type as torch rounds them
+  (to nearest even), one product with fp32 sums.
 
 On a CPU the emulated result must equal the model bit for bit (same fp32 products, same
 NumPy sums); on a GPU the same kernel runs compiled (EMULATE_DOTS=0, the real tensor
@@ -73,6 +75,10 @@ def model_dot(a: np.ndarray, b: np.ndarray, acc: np.ndarray, precision: str) -> 
     f32 = np.float32
     if precision == "ieee":
         return np.matmul(a, b, dtype=f32) + acc
+    if precision in ("bf16", "fp16"):   # operands rounded to nearest even (torch's conversion), fp32 products
+        dt = torch.bfloat16 if precision == "bf16" else torch.float16
+        r = [torch.from_numpy(x).to(dt).float().numpy() for x in (a, b)]
+        return np.matmul(r[0], r[1], dtype=f32) + acc
     if precision == "tf32":   # mm rounds the operands (cvt.rna); the MMA's truncation then changes nothing
         return np.matmul(model_trunc(model_rna(a)), model_trunc(model_rna(b)), dtype=f32) + acc
     assert precision == "tf32x3"
@@ -179,7 +185,7 @@ def test_stores_round_to_nearest_even(dtype):
     assert bool(same.all()), f"{int((~same).sum())} values differ from torch's {dtype}"
 
 
-@pytest.mark.parametrize("precision", ["tf32", "tf32x3", "ieee"])
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3", "ieee", "bf16", "fp16"])
 @pytest.mark.parametrize("M,K,N", [(16, 32, 16), (32, 16, 64)], ids=lambda v: str(v))
 def test_emulated_dot_is_the_gpu_model(precision, M, K, N):
     """mm == the model of the GPU's arithmetic (bit for bit when interpreting; up to the
@@ -221,6 +227,31 @@ def test_emulated_dot_differs_from_exact_fp32(precision, lo, hi):
     assert np.mean(rel) < -lo, f"{precision}: mean relative error {np.mean(rel):.3g}, expected a bias below {-lo:.3g}"
     assert abs(np.mean(rel_fp32)) < lo / 2, f"fp32 product biased? {np.mean(rel_fp32):.3g}"
     assert not np.array_equal(got, fp32)
+
+
+@pytest.mark.parametrize("precision,bits", [("bf16", 8), ("fp16", 11)])
+def test_emulated_16bit_dot_rounds_to_nearest(precision, bits):
+    """"bf16" / "fp16" round each operand to nearest (not truncate, the interpreter's own bfloat16
+    conversion): on positive operands just above half an ulp of the 16-bit type a truncation would
+    bias every product low; the emulated dot's error is that of round-to-nearest, unbiased within the
+    type's precision, and the plain fp32 product is not what it computes."""
+    rng = np.random.default_rng(11)
+    K = 32
+
+    def operand(shape):   # mantissa bits below the type's precision: just above half its ulp
+        x = np.abs(rng.standard_normal(shape)).astype(np.float32) + 0.5
+        drop = 24 - bits
+        keep = np.uint32((0xFFFFFFFF << drop) & 0xFFFFFFFF)
+        return ((x.view(np.uint32) & keep) | np.uint32((1 << (drop - 1)) + 1)).view(np.float32)
+
+    a, b = operand((16, K)), operand((K, 16))
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    got = _run_mm(a, b, np.zeros((16, 16), dtype=np.float32), precision)
+    rel = (got - exact) / exact
+    ulp = 2.0 ** -(bits - 1)
+    assert np.mean(rel) > 0, "rounded down (truncation) instead of to nearest"
+    assert np.max(np.abs(rel)) < 2 * ulp, f"{precision}: max relative error {np.max(np.abs(rel)):.3g}"
+    assert not np.array_equal(got, np.matmul(a, b, dtype=np.float32))
 
 
 def test_launchers_ask_for_emulation():
@@ -277,6 +308,23 @@ for arch in (80, 90, 75):
         out[f"{arch}_{prec}"] = {"dots": dots, "seq": seq, "ptx_cvt_rna": ck.asm["ptx"].count("cvt.rna.tf32.f32"),
                                  "ptx_mma_tf32": ck.asm["ptx"].count(".tf32.tf32.f32"),
                                  "ptx_fma": ck.asm["ptx"].count("fma.rn.f32")}
+from gmf_kernels.triton_kernels._common import mm
+
+@triton.jit
+def k16(a, b, c, PREC: tl.constexpr):
+    i = tl.arange(0, 32)
+    x = tl.load(a + i[:, None] * 32 + i[None, :])
+    y = tl.load(b + i[:, None] * 32 + i[None, :])
+    acc = tl.load(c + i[:, None] * 32 + i[None, :])
+    tl.store(c + i[:, None] * 32 + i[None, :], mm(x, y, acc, PREC, False))
+
+for prec in ("bf16", "fp16"):
+    src = triton.compiler.ASTSource(fn=k16, signature={"a": "*fp32", "b": "*fp32", "c": "*fp32", "PREC": "constexpr"},
+                                    constexprs={"PREC": prec})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    out[f"90_mm_{prec}"] = {"ptx_cvt_rna": ptx.count("cvt.rna.tf32.f32"), "ptx_mma_tf32": ptx.count(".tf32.tf32.f32"),
+                            "ptx_mma_16": ptx.count(f"m16n8k16.row.col.f32.{prec[0]}{prec[1:]}".replace("fp16", "f16")),
+                            "ptx_cvt_rn_16": ptx.count("cvt.rn.bf16x2.f32") + ptx.count("cvt.rn.f16x2.f32")}
 print(json.dumps(out))
 """
 
@@ -285,7 +333,8 @@ def test_triton_lowering_is_what_we_emulate(tmp_path):
     """The installed Triton lowers the dots as `mm`'s emulation assumes (compiled here, no GPU):
     sm_80/90 "tf32": fp32 registers straight into mma .tf32 (no conversion, so the tensor
     cores truncate); "tf32x3": big = cvt.rna, small = x - big, dots small x big, big x small,
-    NaN -> 0, big x big, then + acc; sm_75: FMAs, no tensor cores, whatever the precision."""
+    NaN -> 0, big x big, then + acc; sm_75: FMAs, no tensor cores, whatever the precision; `mm`'s
+    "bf16" / "fp16" on sm_90: cvt.rn to the 16-bit type, m16n8k16 MMAs of it, no TF32 anywhere."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     script = tmp_path / "lowering.py"                    # @triton.jit needs its source in a file
@@ -310,3 +359,6 @@ def test_triton_lowering_is_what_we_emulate(tmp_path):
     for prec in ("tf32", "tf32x3"):
         r = res[f"75_{prec}"]
         assert r["ptx_mma_tf32"] == 0 and r["ptx_cvt_rna"] == 0 and r["ptx_fma"] > 0, r
+    for prec in ("bf16", "fp16"):   # `mm`'s 16-bit operands: converted to nearest, 16-bit MMAs, no TF32
+        r = res[f"90_mm_{prec}"]
+        assert r["ptx_mma_16"] > 0 and r["ptx_cvt_rn_16"] > 0 and r["ptx_mma_tf32"] == 0 and r["ptx_cvt_rna"] == 0, r

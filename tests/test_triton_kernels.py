@@ -516,13 +516,14 @@ def _untabled_candidates():
     the aggregation's wide tiles (`launcher.AGG_WIDE_TILES`) and unrolled tap rows (UNROLL), the
     attention's unrolled CRPE tap rows (UNROLL), each with the other family's default -- at
     GroupMixFormer-S's widths and at C = 200 (s = 40: channel chunks of 16 + 16 + 8), as the tuner would
-    try them for bf16 on an sm_90: from the search spaces themselves, not a list of our own."""
+    try them for bf16 on an sm_90: from the search spaces themselves, not a list of our own (those with
+    16-bit dots, which only 16-bit inputs run: `test_dots16_candidates`)."""
     out = []
     bf16, cap = torch.bfloat16, (9, 0)
     for C in sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200}):
         agg0, attn0 = launcher.aggregate_default(C, bf16, cap), launcher.attention_default(C, bf16, cap)
-        cases = [(cfg, attn0) for cfg in launcher.aggregate_candidates(C, bf16, cap)
-                 if cfg["UNROLL"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES]
+        cases = [(cfg, attn0) for cfg in launcher.aggregate_candidates(C, bf16, cap) if not cfg["DOTS16"] and
+                 (cfg["UNROLL"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES)]
         cases += [(agg0, cfg) for cfg in launcher.attention_candidates(C, bf16, cap) if cfg["UNROLL"]]
         for agg, attn in cases:
             tag = "-".join(f"{k}{v}" for k, v in agg.items()) + "-attn-" + "-".join(f"{k}{v}" for k, v in attn.items())
@@ -558,3 +559,66 @@ def test_untabled_candidates_present():
         got = cases[C]
         assert any(a["UNROLL"] for a, _ in got) and any(t["UNROLL"] for _, t in got), C
         assert {a["MERGE"] for a, _ in got if a["BLOCK_P"] == 64} == {0, 1}, C
+
+
+def _dots16_candidates():
+    """(dtype, C, aggregation config, attention config) of the tuning candidates with 16-bit dot
+    operands (DOTS16), as the tuner would try them on an sm_90, from the search spaces themselves:
+    each aggregation DOTS16 candidate beside the attention's DOTS16 candidate (both kernels' 16-bit
+    dots in one run), bf16 at GroupMixFormer-S's widths and C = 200, fp16 at the smallest and widest."""
+    out = []
+    cap = (9, 0)
+    for dtype, widths in ((torch.bfloat16, sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200})),
+                          (torch.float16, (80, 320))):
+        for C in widths:
+            attn = [cfg for cfg in launcher.attention_candidates(C, dtype, cap) if cfg["DOTS16"]]
+            for agg in [cfg for cfg in launcher.aggregate_candidates(C, dtype, cap) if cfg["DOTS16"]]:
+                out += [pytest.param(dtype, C, agg, a, id=f"{str(dtype)[6:]}-C{C}-unroll{agg['UNROLL']}") for a in attn]
+    return out
+
+
+@pytest.mark.parametrize("dtype,C,agg,attn", _dots16_candidates())
+def test_dots16_candidates(monkeypatch, dtype, C, agg, attn):
+    """The candidates with 16-bit dot operands (`config.operand_precision`) launch their dots at the
+    input's type and hold the low-precision rule (the layer's output within 2x the PyTorch
+    reference's own error at that dtype, against float64) on a grid of several ragged tiles with runs
+    of several tiles per program, writing every element. bf16: the output is not the default's (TF32
+    operands) bit for bit; fp16 and TF32 both keep 11 significant bits, so there the two may agree."""
+    H, W = {80: (11, 13), 160: (9, 10)}.get(C, (9, 9))
+    case = Case(C, H, W, 1, seed=C + agg["UNROLL"] + 7 * (dtype == torch.float16))
+    dots = launcher.dot_variant(case.qkv(dtype))
+    shape = launcher.shape_from_configs(C, dots, agg, attn)
+    assert (shape.AGG_DOTS16, shape.ATTN_DOTS16, shape.AGG_UNROLL) == (True, True, bool(agg["UNROLL"]))
+    assert shape.num_tiles(H * W) >= 2
+    _, launches = launcher.plan_pre_projection(case.qkv(dtype), H, W, case.folded(dtype), case.hp.scale,
+                                               case.hp.ln_eps, shape=shape)
+    want = config.dtype_name(dtype)
+    assert [kw.get("DOT_PRECISION") for _, _, _, kw in launches] == [want, None, want]
+    shapes = [shape]
+    if dtype == torch.bfloat16:
+        shapes.append(launcher.shape_from_configs(C, dots, launcher.aggregate_default(C, dtype, (9, 0)),
+                                                  launcher.attention_default(C, dtype, (9, 0))))
+    outs = []
+    for sh in shapes:
+        monkeypatch.setattr(launcher, "default_shape", lambda *a, sh=sh: sh)
+        outs.append(_forward(case, dtype))
+    with torch.no_grad():
+        ref_lp = reference_group_mix_attention(case.x64.to(DEVICE, dtype), (case.H, case.W), case.weights(dtype),
+                                               case.hp)
+    assert not torch.isnan(outs[0]).any()
+    assert_within_reference_error(outs[0], ref_lp, case.out, name=f"{dtype} DOTS16 C={C}")
+    if len(outs) > 1:
+        assert not torch.equal(outs[0], outs[1]), "DOTS16 ran the default's dots"
+
+
+def test_dots16_only_where_it_changes_something():
+    """DOTS16 candidates exist for fp16 / bf16 on sm_80+ (one-pass TF32 dots there) and nowhere else
+    (fp32: 3xTF32; sm_75: FMA dots), and the knob leaves those launches' precision alone."""
+    for dtype, cap, want in ((torch.bfloat16, (9, 0), True), (torch.float16, (8, 0), True),
+                             (torch.float32, (9, 0), False), (torch.float16, (7, 5), False)):
+        for cands in (launcher.aggregate_candidates(80, dtype, cap), launcher.attention_candidates(80, dtype, cap)):
+            assert any(c["DOTS16"] for c in cands) == want, (dtype, cap)
+    assert config.operand_precision("tf32x3", "fp32", True) == "tf32x3"
+    assert config.operand_precision("ieee", "fp16", True) == "ieee"
+    assert config.operand_precision("tf32", "bf16", False) == "tf32"
+    assert config.operand_precision("tf32", "bf16", True) == "bf16"

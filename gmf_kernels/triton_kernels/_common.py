@@ -112,6 +112,12 @@ def bf16_bits(x):
 
 
 @triton.jit
+def bf16_round(x):
+    """fp32 -> the nearest bfloat16 (ties to even), returned as fp32: `bf16_bits` back in the top half."""
+    return (bf16_bits(x) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def stored(x, ptr, EMULATE: tl.constexpr):
     """x (fp32) converted to ptr's element type for ``tl.store``, rounded to nearest even as on
     the GPU. The Triton interpreter converts fp32 to bfloat16 by truncation whatever rounding is
@@ -156,19 +162,25 @@ def mm(a, b, acc, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
       (tests/test_backends_parity.py's 2x rule), fp16 errors about 2x those of exact dots;
       rounding costs one cvt per operand element. 10 bits are as many as fp16 has and more
       than bf16, so the rounded dots add about as much error as the input dtype itself.
+    * "bf16" / "fp16" (the tuning knob DOTS16 of the forward kernels, fp16/bf16 inputs on sm_80+:
+      `config.operand_precision`): both operands converted to the input's 16-bit type (``cvt.rn``,
+      to nearest even: one F2FP per two elements) and one MMA of that type (k = 16) with fp32
+      accumulation. The PyTorch reference at that dtype rounds the same intermediates to it.
     * "ieee" (sm_70 / sm_75, which have no TF32): fp32 FMAs. Triton 3.6 lowers every fp32 dot
       to FMAs there whatever precision is asked; the launchers ask for "ieee" explicitly so
       that the variant is the one the AOT compile checks. (The attention kernel's Q KV does
       not call `mm` there: rank-1 updates keep Triton's FMA dot layout out of that kernel.)
 
-    Operands stay fp32 in every case: the interpreter mis-handles bf16 dots, and the
-    BatchNorm-folded weights stay unrounded.
+    Operands stay fp32 but for "bf16" / "fp16" (where they are converted right at the dot): the
+    interpreter mis-handles bf16 dots, and the BatchNorm-folded weights stay unrounded.
 
     EMULATE_DOTS (set by the launchers under the Triton interpreter, `interpreting()`; always 0
     on the GPU, where this branch is not compiled): the interpreter multiplies in exact fp32
     and ignores the precision, so here the operands are rounded as the GPU rounds them
     (`tf32_round` / `tf32_truncate`; "tf32": both rounded; "tf32x3": the same three passes in
-    the same order).
+    the same order; "bf16" / "fp16": both rounded to the 16-bit type, `bf16_round` (the interpreter's
+    own bfloat16 conversion truncates) or fp16's conversion, then an fp32 dot: a product of two
+    16-bit values is exact in fp32).
     Accuracy of the emulation: the operands, and therefore every product (a product of two
     TF32 values is exact in fp32), are bit-exact to the GPU's; the sums are not: the
     interpreter adds the K products in fp32 in NumPy's order, the tensor cores in their own
@@ -188,8 +200,16 @@ def mm(a, b, acc, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
             out = tl.dot(a_big, b_big, d) + acc
         elif DOT_PRECISION == "tf32":
             out = tl.dot(tf32_round(a), tf32_round(b), acc)      # the MMA's truncation: a no-op now
+        elif DOT_PRECISION == "bf16":
+            out = tl.dot(bf16_round(a), bf16_round(b), acc)
+        elif DOT_PRECISION == "fp16":
+            out = tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32), acc)
         else:
             out = tl.dot(a, b, acc)
+    elif DOT_PRECISION == "bf16":
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif DOT_PRECISION == "fp16":
+        out = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
     elif DOT_PRECISION == "tf32":
         out = tl.dot(cvt_rna_tf32(a), cvt_rna_tf32(b), acc, input_precision="tf32")
     else:

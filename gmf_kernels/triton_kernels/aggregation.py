@@ -77,7 +77,7 @@ import triton
 import triton.language as tl
 
 from ._common import DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, mm, stored
-from .config import strip_width
+from .config import dtype_name, operand_precision, strip_width
 
 
 @triton.jit
@@ -459,7 +459,7 @@ def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_
 #: programs each job of the aggregation gets (`aggregate_job_costs`, `job_plan`).
 TAP_COST = 1.0
 ELEMENT_COST = 1.0
-DOT_MAC_COST = {"tf32x3": 3 / 16, "tf32": 1 / 16, "ieee": 1 / 4}
+DOT_MAC_COST = {"tf32x3": 3 / 16, "tf32": 1 / 16, "bf16": 1 / 32, "fp16": 1 / 32, "ieee": 1 / 4}
 
 
 def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
@@ -579,7 +579,8 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
     (`job_plan`, or any checked split counts); q, v: (B, N, C') contiguous; pre: (B, N, C)
     contiguous; part_m, part_l: (B, R, s) and part_acc: (B, R, s, d) fp32 with R =
     plan.partial_rows (the packed partials, module docstring); dots: the dot variant
-    (`_common.dot_variant`). Also used, on meta tensors, to derive the AOT specialisations
+    (`_common.dot_variant`; with ``shape.AGG_DOTS16`` its 16-bit-operand form for 16-bit inputs,
+    `config.operand_precision`). Also used, on meta tensors, to derive the AOT specialisations
     (`specializations.py`), so the two cannot drift apart.
     """
     B, N, _ = qkv.shape
@@ -594,7 +595,8 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
             w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw, w.local_pw, w.ln_weight, w.ln_bias,
             N, H, W, strip_width(W, shape.AGG_STRIP), qkv.stride(0), qkv.stride(1), *plan.splits, ln_eps)
     kwargs = dict(C=shape.C, S=shape.S, CP=shape.CP, D=shape.D, S_PAD=shape.S_PAD, D_PAD=shape.D_PAD,
-                  CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P, DOT_PRECISION=dots.precision,
+                  CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P,
+                  DOT_PRECISION=operand_precision(dots.precision, dtype_name(qkv.dtype), shape.AGG_DOTS16),
                   EMULATE_DOTS=dots.emulate, MERGE_QKV=shape.AGG_MERGE, UNROLL=shape.AGG_UNROLL,
                   num_warps=shape.AGG_WARPS)
     return (plan.programs, B), args, kwargs

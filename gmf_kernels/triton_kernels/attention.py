@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm, stored
+from .config import dtype_name, operand_precision
 
 
 # Shape integers not specialised: see the note above gma_aggregate_kernel (aggregation.py).
@@ -158,12 +159,14 @@ def launch_combine(kernel, part_m, part_l, part_acc, kv, shape, segment_splits):
 
 def attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots: DotVariant):
     """(grid, args, kwargs) of the attention launch. q, v: (B, N, C') contiguous; kv: (B, C', d)
-    fp32; weights: `FoldedGMAWeights` (its crpe_* tensors); writes pre[..., :C'] of (B, N, C)."""
+    fp32; weights: `FoldedGMAWeights` (its crpe_* tensors); writes pre[..., :C'] of (B, N, C). dots: the
+    dot variant (with ``shape.ATTN_DOTS16`` its 16-bit-operand form for 16-bit q, `config.operand_precision`)."""
     B, N, _ = q.shape
     w = weights
     args = (q, v, kv, pre, w.crpe_w3, w.crpe_w5, w.crpe_w7, w.crpe_b, N, H, W, scale)
     kwargs = dict(C=shape.C, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD, BLOCK_P=shape.ATTN_BLOCK_P,
-                  DOT_PRECISION=dots.precision, EMULATE_DOTS=dots.emulate, UNROLL=shape.ATTN_UNROLL,
+                  DOT_PRECISION=operand_precision(dots.precision, dtype_name(q.dtype), shape.ATTN_DOTS16),
+                  EMULATE_DOTS=dots.emulate, UNROLL=shape.ATTN_UNROLL,
                   num_warps=shape.ATTN_WARPS)
     return (triton.cdiv(N, shape.ATTN_BLOCK_P), 8, B), args, kwargs
 

@@ -96,6 +96,31 @@ def arch_dots(capability: Tuple[int, int], table=None) -> Optional[Dict[str, str
     return None
 
 
+#: The dots' precision with 16-bit operands (`operand_precision`): the input dtype's own
+NATIVE16 = ("bf16", "fp16")
+
+
+def operand_precision(precision: str, dtype: str, native16: bool) -> str:
+    """A kernel's DOT_PRECISION: `precision` (`dot_precision`), or with `native16` (the tuning knob
+    DOTS16: `GMAShape.AGG_DOTS16` / `ATTN_DOTS16`) and fp16 / bf16 inputs on a GPU whose dots for them
+    are one-pass TF32 (sm_80+), the input dtype's name: both operands rounded to that type (to
+    nearest even) and multiplied on its tensor cores with fp32 accumulation (`_common.mm`), in place
+    of fp32 operands rounded to TF32 in software. What it saves, read from the compiled code (Triton
+    3.6, sm_90, bf16, the default tiles; compiler output, not a timing): the software
+    ``cvt.rna.tf32.f32`` (a compare and a few integer instructions per operand element; one F2FP per
+    two elements instead), half the MMA instructions (k = 16 against 8) and the shared-memory traffic
+    of each operand's layout change in 16-bit elements. The aggregation's SASS: 3592 -> 3232 / 3264 ->
+    2888 / 3432 -> 3064 instructions at C = 80 / 160 / 320 (-10 to -12 %; the per-tile epilogue of a
+    convolved segment at C = 80: 1257 -> 1040), HMMA 40 -> 20 / 76 -> 38 / 80 -> 40, LDS 102 -> 76 at
+    C = 160 and 201 -> 121 at C = 320, registers 155 -> 125 / 162 -> 153 / 162 -> 149. What it costs:
+    the operands carry the input's 8 (bf16) / 11 (fp16) significant bits instead of TF32's 11 -- where
+    the PyTorch reference at that dtype rounds the same intermediates (depthwise output, softmax
+    probabilities, K^T V) to the same type; for fp16 the two roundings differ only at ties."""
+    if native16 and precision == "tf32" and dtype in NATIVE16:
+        return dtype
+    return precision
+
+
 def dot_precision(dtype: str, capability: Tuple[int, int]) -> str:
     """Triton ``input_precision`` of the kernels' dots for this input dtype name on this GPU."""
     row = arch_dots(capability)
@@ -176,6 +201,8 @@ class GMAShape:
     AGG_MERGE: bool = True    # aggregation: q, k, v of a segment through one depthwise pass (AGG_SEPARATE_STREAMS)
     AGG_UNROLL: bool = False  # aggregation: an instance per window, each tap row unrolled (a tuning candidate)
     ATTN_UNROLL: bool = False  # attention: the same for the CRPE windows (a tuning candidate)
+    AGG_DOTS16: bool = False   # aggregation: 16-bit dot operands for 16-bit inputs (`operand_precision`; a candidate)
+    ATTN_DOTS16: bool = False  # attention: the same for its Q KV dot (a tuning candidate)
 
     def num_tiles(self, N: int) -> int:
         return -(-N // self.AGG_BLOCK_P)
@@ -368,7 +395,7 @@ def check_train_size(B: int, N: int, C: int) -> None:
 def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: bool = False,
               ck: int = 0, split_target: int = 1024, agg_warps: int = 0, dots: str = "tf32x3",
               strip: Optional[int] = None, merge: Optional[bool] = None, unroll: bool = False,
-              attn_unroll: bool = False) -> GMAShape:
+              attn_unroll: bool = False, dots16: bool = False, attn_dots16: bool = False) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
@@ -376,7 +403,9 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
     strip: the aggregation's strip target (`strip_width`; default `STRIP_TARGET`, 0 row-major).
     merge: the aggregation's q/k/v merge (default: merged unless `AGG_SEPARATE_STREAMS` lists C).
     unroll, attn_unroll: the aggregation's / the attention's unrolled tap rows (`GMAShape.AGG_UNROLL`,
-    `GMAShape.ATTN_UNROLL`; default off)."""
+    `GMAShape.ATTN_UNROLL`; default off).
+    dots16, attn_dots16: 16-bit dot operands for 16-bit inputs in the aggregation / the attention
+    (`operand_precision`, `GMAShape.AGG_DOTS16` / `ATTN_DOTS16`; default off)."""
     if C % 10 != 0 or C <= 0:
         raise ValueError(f"C={C}: the Triton kernels need C a positive multiple of 10")
     S = C // 5
@@ -400,4 +429,5 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
                     ATTN_BLOCK_P=attn, AGG_WARPS=agg_warps, ATTN_WARPS=attn_tiles[1], SPLIT_TARGET=split_target,
                     AGG_STRIP=STRIP_TARGET if strip is None else int(strip),
                     AGG_MERGE=(C not in AGG_SEPARATE_STREAMS.get(dots, ())) if merge is None else bool(merge),
-                    AGG_UNROLL=bool(unroll), ATTN_UNROLL=bool(attn_unroll))
+                    AGG_UNROLL=bool(unroll), ATTN_UNROLL=bool(attn_unroll), AGG_DOTS16=bool(dots16),
+                    ATTN_DOTS16=bool(attn_dots16))

@@ -35,7 +35,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .config import GMAShape, dot_pad, dot_precision, dtype_name, gma_shape, stage_dtype, torch_dtype
+from .config import (GMAShape, dot_pad, dot_precision, dtype_name, gma_shape, operand_precision, stage_dtype,
+                     torch_dtype)
 
 KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
 #: the attention backward (attention_backward.py) as the Triton stage set runs it: Q, K, V (slices
@@ -120,15 +121,16 @@ def _norm_dtype(dtype) -> str:
 def shape_for(C: int, dtype, capability: Tuple[int, int] = (9, 0), config: Optional[dict] = None) -> GMAShape:
     """The specialisation a GPU launch of (C, dtype) uses on `capability`: the default tiles of
     `config.gma_shape` for the dot variant, or a tuning config (keys of the "triton.aggregate" /
-    "triton.attention" spaces: BLOCK_P, num_warps, CK, STRIP, MERGE, UNROLL / ATTN_BLOCK_P, ATTN_WARPS,
-    ATTN_UNROLL)."""
+    "triton.attention" spaces: BLOCK_P, num_warps, CK, STRIP, MERGE, UNROLL, DOTS16 / ATTN_BLOCK_P,
+    ATTN_WARPS, ATTN_UNROLL, ATTN_DOTS16)."""
     from dataclasses import replace
     prec = dot_precision(_norm_dtype(dtype), capability)
     cfg = dict(config or {})
     shp = gma_shape(C, dots=prec, agg_block_p=int(cfg.get("BLOCK_P", 0)), agg_warps=int(cfg.get("num_warps", 0)),
                     ck=int(cfg.get("CK", 0)), attn_block_p=int(cfg.get("ATTN_BLOCK_P", 0)),
                     strip=int(cfg["STRIP"]) if "STRIP" in cfg else None,
-                    merge=bool(cfg["MERGE"]) if "MERGE" in cfg else None, unroll=bool(cfg.get("UNROLL", 0)))
+                    merge=bool(cfg["MERGE"]) if "MERGE" in cfg else None, unroll=bool(cfg.get("UNROLL", 0)),
+                    dots16=bool(cfg.get("DOTS16", 0)), attn_dots16=bool(cfg.get("ATTN_DOTS16", 0)))
     if cfg.get("ATTN_UNROLL"):
         shp = replace(shp, ATTN_UNROLL=True)
     if cfg.get("ATTN_WARPS"):
@@ -199,7 +201,7 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     tokens_pad = B * -(-N // sh.AGG_BLOCK_P) * sh.AGG_BLOCK_P
     s_chunks = -(-s // sh.CK) * sh.CK
     padded = 2 * tokens_pad * (9 * s_chunks * 2 * sh.D_PAD + 3 * s_chunks * sh.S_PAD + 8 * sh.D_PAD * sh.D_PAD)
-    tc, tcp, dot_fma, tp = _tc(prec, useful, padded)
+    tc, tcp, dot_fma, tp = _tc(operand_precision(prec, dt, sh.AGG_DOTS16), useful, padded)
     stencil = 2 * B * N * (3 * PROXY_TAPS * s + 27 * s)
     return Cost(bytes=nbytes, tc_flops=tc, cuda_flops=stencil + dot_fma, grid=(plan.programs, B), tc_precision=tp,
                 tc_flops_padded=tcp, block=32 * sh.AGG_WARPS, detail=detail)
@@ -251,7 +253,8 @@ def _attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     if prec == "ieee":
         tc, tcp, dot_fma, tp = 0, 0, 2 * progs * sh.ATTN_BLOCK_P * d * sh.D_PAD, "-"
     else:
-        tc, tcp, dot_fma, tp = useful, 2 * progs * sh.ATTN_BLOCK_P * sh.D_PAD * sh.D_PAD, 0, prec
+        tc, tcp, dot_fma, tp = (useful, 2 * progs * sh.ATTN_BLOCK_P * sh.D_PAD * sh.D_PAD, 0,
+                                operand_precision(prec, dt, sh.ATTN_DOTS16))
     crpe = 2 * B * N * CRPE_TAPS_PER_D * d
     return Cost(bytes=sum(detail.values()), tc_flops=tc, cuda_flops=crpe + dot_fma, grid=(tiles, 8, B),
                 tc_precision=tp, tc_flops_padded=tcp, block=32 * sh.ATTN_WARPS, detail=detail)

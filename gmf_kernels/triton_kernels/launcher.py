@@ -18,8 +18,8 @@ information, so compute-sanitizer and ncu reports point at source lines).
 
 Tiles as data (`gmf_kernels.tuning`): two search spaces are registered here,
 ``"triton.aggregate"`` (BLOCK_P, num_warps, CK, the strip target STRIP, the q/k/v merge
-MERGE and the unrolled tap rows UNROLL of the aggregation) and ``"triton.attention"`` (BLOCK_P, num_warps and
-UNROLL of the attention kernel). Their candidates for (C, dtype, GPU) are the
+MERGE, the unrolled tap rows UNROLL and the 16-bit dot operands DOTS16 of the aggregation) and
+``"triton.attention"`` (BLOCK_P, num_warps, UNROLL and DOTS16 of the attention kernel). Their candidates for (C, dtype, GPU) are the
 spill-free tiles of `config` (``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` / ``ATTN_TILES`` /
 ``ATTN_TILES_BY_DOTS``; the tile `config.gma_shape` picks is the default and comes first).
 A launch on a CUDA device asks `tuning.choose` and uses the tuning table's tile for its GPU
@@ -43,7 +43,7 @@ from ._common import DotVariant, _cuda_capability, dot_variant, interpreting
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
 from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P, GMAShape,
-                     dot_pad, dot_precision, dtype_name, gma_shape, next_pow2)
+                     dot_pad, dot_precision, dtype_name, gma_shape, next_pow2, operand_precision)
 
 Tensor = torch.Tensor
 #: one launch: (kernel, grid, positional args, keyword args incl. constexprs and num_warps)
@@ -131,8 +131,10 @@ AGG_FAMILY = "triton.aggregate"
 ATTN_FAMILY = "triton.attention"
 #: at most this many candidates per (family, C, dtype, GPU)
 MAX_CANDIDATES = 6
-#: ... and for the aggregation, whose search space also holds the wide tiles and the unrolled taps below
-AGG_MAX_CANDIDATES = 12
+#: ... and for the aggregation, whose search space also holds the wide tiles, the unrolled taps and the
+#: 16-bit dot operands below (of them at most AGG_MAX_WIDE wide tiles)
+AGG_MAX_CANDIDATES = 14
+AGG_MAX_WIDE = 7
 #: Wide aggregation tiles, (BLOCK_P, num_warps, CK), tried on a GPU after the default's variants and the
 #: tables' tiles. Why (inferred from compiler figures, not measured): at 16-token tiles the kernel
 #: holds ~160-170 registers per thread for 16 tokens of 4 warps, 48 tokens in flight per SM (3 CTAs),
@@ -155,11 +157,19 @@ def _precision(C: int, dtype, capability) -> Optional[str]:
 
 def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
     return {"BLOCK_P": shape.AGG_BLOCK_P, "num_warps": shape.AGG_WARPS, "CK": shape.CK, "STRIP": shape.AGG_STRIP,
-            "MERGE": int(shape.AGG_MERGE), "UNROLL": int(shape.AGG_UNROLL)}
+            "MERGE": int(shape.AGG_MERGE), "UNROLL": int(shape.AGG_UNROLL), "DOTS16": int(shape.AGG_DOTS16)}
 
 
 def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
-    return {"BLOCK_P": shape.ATTN_BLOCK_P, "num_warps": shape.ATTN_WARPS, "UNROLL": int(shape.ATTN_UNROLL)}
+    return {"BLOCK_P": shape.ATTN_BLOCK_P, "num_warps": shape.ATTN_WARPS, "UNROLL": int(shape.ATTN_UNROLL),
+            "DOTS16": int(shape.ATTN_DOTS16)}
+
+
+def _dots16_applies(C: int, dtype, capability) -> bool:
+    """Whether the DOTS16 knob changes anything for this dtype on this GPU (`config.operand_precision`:
+    fp16/bf16 inputs whose dots are one-pass TF32); elsewhere its candidates would duplicate others."""
+    precision = _precision(C, dtype, capability)
+    return precision is not None and operand_precision(precision, dtype_name(dtype), True) != precision
 
 
 def aggregate_default(C: int, dtype, capability) -> Dict[str, int]:
@@ -175,26 +185,39 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     AGG_TILES_BY_DOTS (each spill-free at the width it was chosen for) and the wide tiles
     (`AGG_WIDE_TILES` whose channel chunk fits this width, each with the default's q/k/v mode, the
     64-token ones also stream after stream, the first also unrolled: at most half the list); at most
-    `AGG_MAX_CANDIDATES` in all."""
+    `AGG_MAX_CANDIDATES` in all. For fp16/bf16 on sm_80+ the default and its unrolled form also with
+    16-bit dot operands (``DOTS16``: `config.operand_precision`), right after the default's variants,
+    and the first wide tile unrolled with them (its registers: sm_90 bf16, C = 80 235 against 222 without,
+    no spill; C = 320 merged spills there, and the tuner refuses it).
+
+    Registers of the DOTS16 forms (ptxas, sm_90 bf16, batch 128; compiler figures, not timings): the
+    default 155 -> 125 / 162 -> 153 / 162 -> 149 at C = 80 / 160 / 320 (C = 80: four CTAs of 4 warps per
+    SM instead of three), unrolled 206 -> 167 / 210 -> 168 / 243 -> 250; stream after stream and
+    unrolled, which spilled without them (C = 80 120 B, C = 160 72 B), 150 and 190, spill-free."""
     if _precision(C, dtype, capability) is None:
         return []
     default = aggregate_default(C, dtype, capability)
     out = [default, {**default, "STRIP": 0}, {**default, "MERGE": 1 - default["MERGE"]}, {**default, "UNROLL": 1}]
+    dots16 = _dots16_applies(C, dtype, capability)
+    if dots16:
+        out += [{**default, "DOTS16": 1}, {**default, "UNROLL": 1, "DOTS16": 1}]
     s_pad = dot_pad(C // 5)
 
     def cfg_of(tile, merge, unroll=0):
         bp, warps, ck = tile
         return {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": merge,
-                "UNROLL": unroll}
+                "UNROLL": unroll, "DOTS16": 0}
 
     wide = []
     for i, tile in enumerate(t for t in AGG_WIDE_TILES if t[2] <= s_pad):
         wide.append(cfg_of(tile, default["MERGE"]))
         if i == 0:
             wide.append(cfg_of(tile, default["MERGE"], 1))
+            if dots16:
+                wide.append({**cfg_of(tile, default["MERGE"], 1), "DOTS16": 1})
         if tile[0] == 64:
             wide.append(cfg_of(tile, 0))
-    wide = [c for i, c in enumerate(wide) if c not in wide[:i] and c not in out][:AGG_MAX_CANDIDATES // 2]
+    wide = [c for i, c in enumerate(wide) if c not in wide[:i] and c not in out][:AGG_MAX_WIDE]
     tiles = list(AGG_TILES.values()) + [t for row in AGG_TILES_BY_DOTS.values() for t in row.values()]
     for tile in tiles:
         cfg = cfg_of(tile, default["MERGE"])
@@ -210,14 +233,17 @@ def attention_default(C: int, dtype, capability) -> Dict[str, int]:
 
 def attention_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     """The default tile first, then the same with its CRPE tap rows unrolled (``UNROLL``:
-    `config.GMAShape.ATTN_UNROLL`), then the other tiles of ATTN_TILES / ATTN_TILES_BY_DOTS."""
+    `config.GMAShape.ATTN_UNROLL`), for fp16/bf16 on sm_80+ the default with 16-bit Q KV operands
+    (``DOTS16``: `config.operand_precision`), then the other tiles of ATTN_TILES / ATTN_TILES_BY_DOTS."""
     if _precision(C, dtype, capability) is None:
         return []
     default = attention_default(C, dtype, capability)
     out = [default, {**default, "UNROLL": 1}]
+    if _dots16_applies(C, dtype, capability):
+        out.append({**default, "DOTS16": 1})
     tiles = list(ATTN_TILES.values()) + [t for row in ATTN_TILES_BY_DOTS.values() for t in row.values()]
     for bp, warps in tiles:
-        cfg = {"BLOCK_P": bp, "num_warps": warps, "UNROLL": 0}
+        cfg = {"BLOCK_P": bp, "num_warps": warps, "UNROLL": 0, "DOTS16": 0}
         if cfg not in out and len(out) < MAX_CANDIDATES:
             out.append(cfg)
     return out
@@ -240,7 +266,8 @@ def _shape_from_configs(C: int, precision: str, agg_items: tuple, attn_items: tu
                       ck=int(agg["CK"]), attn_block_p=int(attn["BLOCK_P"]),
                       strip=int(agg["STRIP"]) if "STRIP" in agg else None,
                       merge=bool(agg["MERGE"]) if "MERGE" in agg else None, unroll=bool(agg.get("UNROLL", 0)),
-                      attn_unroll=bool(attn.get("UNROLL", 0)))
+                      attn_unroll=bool(attn.get("UNROLL", 0)), dots16=bool(agg.get("DOTS16", 0)),
+                      attn_dots16=bool(attn.get("DOTS16", 0)))
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 
