@@ -254,6 +254,31 @@ def test_emulated_16bit_dot_rounds_to_nearest(precision, bits):
     assert not np.array_equal(got, np.matmul(a, b, dtype=np.float32))
 
 
+def test_emulated_fp16_dot_is_not_tf32():
+    """fp16 and TF32 both keep 11 significant bits of a normal value, so random inputs cannot tell
+    the "fp16" emulation from the "tf32" one. These can: exact ties with an even kept bit (to nearest
+    even rounds down, TF32's cvt.rna away from zero rounds up) and values below 2^-14 (fp16
+    subnormals keep fewer bits, TF32 all 11). mm("fp16") = the fp16 model bit for bit (interpreter)
+    and not the TF32 one."""
+    rng = np.random.default_rng(5)
+    K = 32
+
+    def operand(shape):
+        x = (np.abs(rng.standard_normal(shape)) + 0.25).astype(np.float32)
+        bits = (x.view(np.uint32) & np.uint32(0xFFFFC000)) | np.uint32(0x1000)    # tie, kept bit 13 even
+        x = bits.view(np.float32) * np.where(rng.random(shape) < 0.5, 1.0, -1.0).astype(np.float32)
+        tiny = rng.random(shape) < 0.25                                          # fp16 subnormals
+        return np.where(tiny, x * np.float32(2.0 ** -17), x).astype(np.float32)
+
+    a, b = operand((16, K)), operand((K, 16))
+    c = np.zeros((16, 16), dtype=np.float32)
+    got = _run_mm(a, b, c, "fp16")
+    assert not np.array_equal(model_dot(a, b, c, "fp16"), model_dot(a, b, c, "tf32")), "inputs do not separate them"
+    if INTERPRET:
+        np.testing.assert_array_equal(got.view(np.uint32), model_dot(a, b, c, "fp16").view(np.uint32))
+    assert not np.array_equal(got, model_dot(a, b, c, "tf32"))
+
+
 def test_launchers_ask_for_emulation():
     """The launchers' dot variant: emulated under the interpreter, by dtype, and the FMA variant
     when the emulated GPU is an sm_70 (test hook _common.EMULATED_CAPABILITY)."""

@@ -513,8 +513,9 @@ def test_torch_compile_fullgraph():
 
 def _untabled_candidates():
     """(C, aggregation config, attention config) of the tuning candidates beyond the tile tables --
-    the aggregation's wide tiles (`launcher.AGG_WIDE_TILES`) and unrolled tap rows (UNROLL), the
-    attention's unrolled CRPE tap rows (UNROLL), each with the other family's default -- at
+    the aggregation's wide tiles (`launcher.AGG_WIDE_TILES`), unrolled tap rows (UNROLL) and a segment's
+    two heads as one tensor (PAIR), the attention's unrolled CRPE tap rows (UNROLL), each with the other
+    family's default -- at
     GroupMixFormer-S's widths and at C = 200 (s = 40: channel chunks of 16 + 16 + 8), as the tuner would
     try them for bf16 on an sm_90: from the search spaces themselves, not a list of our own (those with
     16-bit dots, which only 16-bit inputs run: `test_dots16_candidates`)."""
@@ -523,10 +524,10 @@ def _untabled_candidates():
     for C in sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200}):
         agg0, attn0 = launcher.aggregate_default(C, bf16, cap), launcher.attention_default(C, bf16, cap)
         cases = [(cfg, attn0) for cfg in launcher.aggregate_candidates(C, bf16, cap) if not cfg["DOTS16"] and
-                 (cfg["UNROLL"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES)]
+                 (cfg["UNROLL"] or cfg["PAIR"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES)]
         cases += [(agg0, cfg) for cfg in launcher.attention_candidates(C, bf16, cap) if cfg["UNROLL"]]
         for agg, attn in cases:
-            tag = "-".join(f"{k}{v}" for k, v in agg.items()) + "-attn-" + "-".join(f"{k}{v}" for k, v in attn.items())
+            tag = "-".join(f"{k}={v}" for k, v in agg.items()) + "-attn-" + "-".join(f"{k}={v}" for k, v in attn.items())
             out.append(pytest.param(C, agg, attn, id=f"C{C}-{tag}"))
     return out
 
@@ -539,10 +540,11 @@ def test_untabled_tuning_candidates(C, agg, attn):
     float64) and writes every element, on a grid of several tiles (the last ragged) with runs of
     several tiles per program."""
     H, W = {80: (11, 13), 160: (9, 10)}.get(C, (9, 9))
-    case = Case(C, H, W, 1, seed=C + agg["BLOCK_P"] + agg["MERGE"] + 2 * agg["UNROLL"] + 4 * attn["UNROLL"])
+    case = Case(C, H, W, 1, seed=C + agg["BLOCK_P"] + agg["MERGE"] + 2 * agg["UNROLL"] + 4 * attn["UNROLL"]
+                + 8 * agg["PAIR"])
     shape = launcher.shape_from_configs(C, launcher.dot_variant(case.qkv(torch.float32)), agg, attn)
-    assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE, shape.AGG_UNROLL, shape.ATTN_UNROLL) == (
-        agg["BLOCK_P"], agg["CK"], bool(agg["MERGE"]), bool(agg["UNROLL"]), bool(attn["UNROLL"]))
+    assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE, shape.AGG_UNROLL, shape.ATTN_UNROLL, shape.AGG_PAIR) == (
+        agg["BLOCK_P"], agg["CK"], bool(agg["MERGE"]), bool(agg["UNROLL"]), bool(attn["UNROLL"]), bool(agg["PAIR"]))
     assert shape.num_tiles(H * W) >= 2
     _check_launch(case, shape)
 
@@ -550,7 +552,7 @@ def test_untabled_tuning_candidates(C, agg, attn):
 def test_untabled_candidates_present():
     """The search spaces do offer the candidates `test_untabled_tuning_candidates` checks (so that it
     cannot pass by checking nothing): per GroupMixFormer-S width, the aggregation's unrolled taps,
-    its 64-token tiles merged and stream after stream, the attention's unrolled CRPE taps."""
+    its 64-token tiles merged and stream after stream, its PAIR mode, the attention's unrolled CRPE taps."""
     cases = {}
     for p in _untabled_candidates():
         C, agg, attn = p.values
@@ -559,43 +561,52 @@ def test_untabled_candidates_present():
         got = cases[C]
         assert any(a["UNROLL"] for a, _ in got) and any(t["UNROLL"] for _, t in got), C
         assert {a["MERGE"] for a, _ in got if a["BLOCK_P"] == 64} == {0, 1}, C
+        assert any(a["PAIR"] for a, _ in got), C              # s = 16, 32, 64: the heads as one tensor
 
 
 def _dots16_candidates():
-    """(dtype, C, aggregation config, attention config) of the tuning candidates with 16-bit dot
-    operands (DOTS16), as the tuner would try them on an sm_90, from the search spaces themselves:
-    each aggregation DOTS16 candidate beside the attention's DOTS16 candidate (both kernels' 16-bit
-    dots in one run), bf16 at GroupMixFormer-S's widths and C = 200, fp16 at the smallest and widest."""
+    """(dtype, C, aggregation config, attention config, compare) of the tuning candidates with 16-bit dot
+    operands (DOTS16), as the tuner would try them on an sm_90, from the search spaces themselves: each
+    aggregation DOTS16 candidate (with PAIR, UNROLL, a wide tile) beside the attention's DOTS16 candidate
+    (both kernels' 16-bit dots in one run), bf16 at GroupMixFormer-S's widths and C = 200; fp16 the
+    default's and the PAIR form at C = 80. `compare`: also run the default (TF32 dots) once per width."""
     out = []
     cap = (9, 0)
     for dtype, widths in ((torch.bfloat16, sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200})),
-                          (torch.float16, (80, 320))):
+                          (torch.float16, (80,))):
         for C in widths:
             attn = [cfg for cfg in launcher.attention_candidates(C, dtype, cap) if cfg["DOTS16"]]
-            for agg in [cfg for cfg in launcher.aggregate_candidates(C, dtype, cap) if cfg["DOTS16"]]:
-                out += [pytest.param(dtype, C, agg, a, id=f"{str(dtype)[6:]}-C{C}-unroll{agg['UNROLL']}") for a in attn]
+            aggs = [cfg for cfg in launcher.aggregate_candidates(C, dtype, cap) if cfg["DOTS16"]]
+            if dtype == torch.float16:
+                aggs = [cfg for cfg in aggs if not cfg["UNROLL"] and cfg["BLOCK_P"] != 64]
+            for i, agg in enumerate(aggs):
+                tag = f"{agg['BLOCK_P']}-unroll{agg['UNROLL']}-pair{agg['PAIR']}"
+                out += [pytest.param(dtype, C, agg, a, i == 0 and dtype == torch.bfloat16,
+                                     id=f"{str(dtype)[6:]}-C{C}-{tag}") for a in attn]
     return out
 
 
-@pytest.mark.parametrize("dtype,C,agg,attn", _dots16_candidates())
-def test_dots16_candidates(monkeypatch, dtype, C, agg, attn):
+@pytest.mark.parametrize("dtype,C,agg,attn,compare", _dots16_candidates())
+def test_dots16_candidates(monkeypatch, dtype, C, agg, attn, compare):
     """The candidates with 16-bit dot operands (`config.operand_precision`) launch their dots at the
     input's type and hold the low-precision rule (the layer's output within 2x the PyTorch
     reference's own error at that dtype, against float64) on a grid of several ragged tiles with runs
-    of several tiles per program, writing every element. bf16: the output is not the default's (TF32
-    operands) bit for bit; fp16 and TF32 both keep 11 significant bits, so there the two may agree."""
+    of several tiles per program, writing every element. With `compare` (bf16) the output is not the
+    default's (TF32 operands) bit for bit; fp16 and TF32 both keep 11 significant bits, so there the two
+    may agree."""
     H, W = {80: (11, 13), 160: (9, 10)}.get(C, (9, 9))
-    case = Case(C, H, W, 1, seed=C + agg["UNROLL"] + 7 * (dtype == torch.float16))
+    case = Case(C, H, W, 1, seed=C + agg["UNROLL"] + 3 * agg["PAIR"] + agg["BLOCK_P"] + 7 * (dtype == torch.float16))
     dots = launcher.dot_variant(case.qkv(dtype))
     shape = launcher.shape_from_configs(C, dots, agg, attn)
-    assert (shape.AGG_DOTS16, shape.ATTN_DOTS16, shape.AGG_UNROLL) == (True, True, bool(agg["UNROLL"]))
+    assert (shape.AGG_DOTS16, shape.ATTN_DOTS16, shape.AGG_UNROLL, shape.AGG_PAIR) == (
+        True, True, bool(agg["UNROLL"]), bool(agg["PAIR"]))
     assert shape.num_tiles(H * W) >= 2
     _, launches = launcher.plan_pre_projection(case.qkv(dtype), H, W, case.folded(dtype), case.hp.scale,
                                                case.hp.ln_eps, shape=shape)
     want = config.dtype_name(dtype)
     assert [kw.get("DOT_PRECISION") for _, _, _, kw in launches] == [want, None, want]
     shapes = [shape]
-    if dtype == torch.bfloat16:
+    if compare:
         shapes.append(launcher.shape_from_configs(C, dots, launcher.aggregate_default(C, dtype, (9, 0)),
                                                   launcher.attention_default(C, dtype, (9, 0))))
     outs = []
@@ -613,7 +624,7 @@ def test_dots16_candidates(monkeypatch, dtype, C, agg, attn):
 
 def test_dots16_only_where_it_changes_something():
     """DOTS16 candidates exist for fp16 / bf16 on sm_80+ (one-pass TF32 dots there) and nowhere else
-    (fp32: 3xTF32; sm_75: FMA dots), and the knob leaves those launches' precision alone."""
+    (fp32: 3xTF32; sm_75: FMA dots), and `operand_precision` keeps every other precision as it is."""
     for dtype, cap, want in ((torch.bfloat16, (9, 0), True), (torch.float16, (8, 0), True),
                              (torch.float32, (9, 0), False), (torch.float16, (7, 5), False)):
         for cands in (launcher.aggregate_candidates(80, dtype, cap), launcher.attention_candidates(80, dtype, cap)):
@@ -622,3 +633,18 @@ def test_dots16_only_where_it_changes_something():
     assert config.operand_precision("ieee", "fp16", True) == "ieee"
     assert config.operand_precision("tf32", "bf16", False) == "tf32"
     assert config.operand_precision("tf32", "bf16", True) == "bf16"
+
+
+def test_pair_mode_only_where_it_fits():
+    """PAIR (`config.pair_applies`: s a power of two >= 16, the merged q/k/v pass) is refused elsewhere,
+    and offered as a candidate exactly at those widths."""
+    assert [C for C in MODEL_WIDTHS if config.pair_applies(C)] == [80, 160, 320]
+    for C in (40, 200, 240, 360, 480):
+        with pytest.raises(ValueError, match="pair"):
+            gma_shape(C, pair=True)
+        assert not any(c["PAIR"] for c in launcher.aggregate_candidates(C, torch.bfloat16, (9, 0)))
+    with pytest.raises(ValueError, match="merged"):
+        gma_shape(80, pair=True, merge=False)
+    assert gma_shape(160, pair=True).AGG_PAIR
+    for C in (80, 160, 320):
+        assert any(c["PAIR"] for c in launcher.aggregate_candidates(C, torch.float32, (9, 0)))

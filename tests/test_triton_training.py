@@ -297,10 +297,12 @@ def test_backward_dots_follow_the_input_dtype(dtype, monkeypatch):
     recompute and the backward kernels -- has the precision of the input dtype on the emulated
     GPU (sm_80: 3xTF32 for fp32, one TF32 pass for fp16/bf16), but the statistics pass, fp32
     statistics whatever the input (3xTF32). Launches recorded at the launchers' wrap_triton; every
-    kernel with dots is seen. (The result's accuracy: `test_low_precision`.)"""
+    kernel with dots is seen. (The result's accuracy: `test_low_precision`.) On a GPU whose tuning
+    table picks the forward's DOTS16 candidates the forward kernels may instead run the input's own
+    16-bit dots (`config.operand_precision`; the backward's stay as they are)."""
     from gmf_kernels.triton_kernels import _common, launcher
     from gmf_kernels.triton_kernels import attention_backward as ab
-    from gmf_kernels.triton_kernels.config import dot_precision, dtype_name
+    from gmf_kernels.triton_kernels.config import dot_precision, dtype_name, operand_precision
     from training_cases import run
     seen = []
     real = launcher.wrap_triton
@@ -321,9 +323,12 @@ def test_backward_dots_follow_the_input_dtype(dtype, monkeypatch):
     run("triton", x, (4, 5), w, dtype, True)
     want = dot_precision(dtype_name(dtype), _common.EMULATED_CAPABILITY)
     assert {k for k, _ in seen} == KERNELS_WITH_DOTS, sorted({k for k, _ in seen})
+    forward = {"gma_aggregate_kernel", "gma_attention_kernel"}
     for kernel, precision in seen:
         expected = dot_precision("fp32", _common.EMULATED_CAPABILITY) if kernel == "gma_statistics_kernel" else want
-        assert precision == expected, (kernel, precision, expected)
+        tuned = kernel in forward and not _common.interpreting()    # (no tuning table under the interpreter)
+        allowed = {expected, operand_precision(expected, dtype_name(dtype), True)} if tuned else {expected}
+        assert precision in allowed, (kernel, precision, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -250,12 +250,109 @@ def _store_heads(dst, z0, z1, a0, b0, a1, b1, m2, D: tl.constexpr, EMULATE: tl.c
 
 
 @triton.jit
+def _dw_pw_pair(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
+                C: tl.constexpr, S: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, UNROLL_KX: tl.constexpr = False):
+    """`_dw_pw_qkv` with the segment's two heads in one [BLOCK_P, S] output per stream (PAIR: S = 2 d,
+    a power of two, so no column is padding): per chunk one depthwise pass over q, k and v, one load
+    of the [CK, S] pointwise weights, three dots. Returns (q, k, v)."""
+    co = tl.arange(0, S)
+    zq = tl.zeros([BLOCK_P, S], dtype=tl.float32)
+    zk = tl.zeros([BLOCK_P, S], dtype=tl.float32)
+    zv = tl.zeros([BLOCK_P, S], dtype=tl.float32)
+    for c0 in range(0, S, CK):
+        cs = c0 + tl.arange(0, CK)
+        cmask = cs < S
+        dq, dk, dv = depthwise_taps(qkv_b, ch0 + cs, cmask, dw + cs, S, n, y, x, pmask, H, W, stride_n, KS, C,
+                                    BLOCK_P, CK, 3, UNROLL_KX)
+        w = tl.load(pw_seg + co[None, :] * S + cs[:, None], mask=cmask[:, None], other=0.0)   # [CK, S]: pw[o, c]
+        zq = mm(dq, w, zq, DOT_PRECISION, EMULATE_DOTS)
+        zk = mm(dk, w, zk, DOT_PRECISION, EMULATE_DOTS)
+        zv = mm(dv, w, zv, DOT_PRECISION, EMULATE_DOTS)
+    return zq, zk, zv
+
+
+@triton.jit
+def _segment_pair(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
+                  row, t0, t1, N, H, W, SW, stride_n, SEG, KS,
+                  C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
+                  CK: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+                  UNROLL_KX: tl.constexpr = False):
+    """`_segment_heads` (merged q/k/v) with the segment's two heads as ONE tensor of S = 2 d channels
+    (`GMAShape.AGG_PAIR`, where S is a power of two: C = 80, 160, 320), instead of two of D_PAD each.
+
+    Why (the compiled code, not a timing): the pointwise dots of q, k and v share their weights, so
+    Triton gives their results the warp grid [num_warps, 1] when BLOCK_P >= their width, and two
+    [BLOCK_P, D_PAD] head outputs per stream are computed, normalised, stored and fed to the softmax
+    with (C = 80, d = 8 < D_PAD = 16) half their columns padding and (C = 80 at 32 tokens, C = 160 at
+    16) each row block held by 2 or 4 warps at once. One [BLOCK_P, S] output has no padding column,
+    and at C = 160 / 320 (BLOCK_P 16 < S) the grid [1, num_warps]: every warp its own columns.
+    The online softmax keeps per channel (M, L) as before and the whole [S, S] exp(K)^T V, whose
+    diagonal d x d blocks are the two heads' accumulators (the off-diagonal ones, the heads' cross
+    terms, are computed and dropped: a dot of [S, BLOCK_P] x [BLOCK_P, S] instead of two of D_PAD).
+    That update sits under ``if N > 0`` (always true; N is a runtime argument, so the branch stays): a
+    region of its own, so that Triton 3.6 does not count the [S, S] dot as chained to the pointwise
+    ones (`warpsPerTileV2` looks for other dots in the same region) and hand them its own warp grid
+    [num_warps, 1]; the sibling pointwise dots alone get [1, num_warps] where S > BLOCK_P. Read from the
+    TTGIR (sm_90, bf16, the default tiles): without the branch C = 160's [16, 32] outputs were on [4, 1],
+    all four warps on the same 16 rows; with it, [1, 4]."""
+    co = tl.arange(0, S)
+    pw_seg = pw + (SEG - 1) * S * S
+    a = tl.load(bn_scale + SEG * S + co)[None, :]
+    b = tl.load(bn_shift + SEG * S + co)[None, :]
+    ch0 = SEG * S                                              # in q; k: + C, v: + 2C
+    M = tl.full([S], float("-inf"), dtype=tl.float32)
+    L = tl.zeros([S], dtype=tl.float32)
+    A = tl.zeros([S, S], dtype=tl.float32)
+    t = t0
+    while t < t1:
+        n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
+        m2 = pmask[:, None] & (co < S)[None, :]
+        dst = n[:, None] * CP + (ch0 + co)[None, :]
+        zq, zk, zv = _dw_pw_pair(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
+                                 C, S, CK, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, UNROLL_KX)
+        hq = hardswish(zq * a + b)
+        tl.store(q_b + dst, stored(hq, q_b, EMULATE_DOTS), mask=m2)
+        hv = hardswish(zv * a + b)
+        tl.store(v_b + dst, stored(hv, v_b, EMULATE_DOTS), mask=m2)
+        if N > 0:   # always true: the K^T V dot in a region of its own (docstring)
+            M, L, A = _online_softmax_kv(hardswish(zk * a + b), hv, pmask, M, L, A, DOT_PRECISION, EMULATE_DOTS)
+        t += 1
+    # partial row `row` holds the segment's 2 d channels (head e's channel i at e d + i): M and L in
+    # channel order, and of A the diagonal blocks, A[e d + i, e d + k] at (channel e d + i, k)
+    ch = row * S + co
+    tl.store(part_m + ch, M)
+    tl.store(part_l + ch, L)
+    same_head = (co[:, None] // D) == (co[None, :] // D)
+    tl.store(part_acc + ch[:, None] * D + (co % D)[None, :], A, mask=same_head)
+
+
+@triton.jit
 def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
                   row, t0, t1, N, H, W, SW, stride_n, SEG, KS,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
                   CK: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr,
-                  UNROLL_KX: tl.constexpr = False):
+                  UNROLL_KX: tl.constexpr = False, PAIR: tl.constexpr = False):
+    """Segment SEG (1..3) of q, k, v: `_segment_pair` with PAIR (`GMAShape.AGG_PAIR`), else
+    `_segment_heads`."""
+    if PAIR:
+        _segment_pair(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
+                      row, t0, t1, N, H, W, SW, stride_n, SEG, KS, C, S, CP, D, CK, BLOCK_P,
+                      DOT_PRECISION, EMULATE_DOTS, UNROLL_KX)
+    else:
+        _segment_heads(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
+                       row, t0, t1, N, H, W, SW, stride_n, SEG, KS, C, S, CP, D, CK, D_PAD, BLOCK_P,
+                       DOT_PRECISION, EMULATE_DOTS, MERGE_QKV, UNROLL_KX)
+
+
+@triton.jit
+def _segment_heads(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
+                   row, t0, t1, N, H, W, SW, stride_n, SEG, KS,
+                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
+                   CK: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr,
+                   UNROLL_KX: tl.constexpr = False):
     """Segment SEG (1..3) of q, k, v: depthwise KSxKS -> pointwise -> BatchNorm affine -> hardswish.
 
     SEG and KS = 2 SEG + 1 are runtime values, one instance serving the three segments, or, with
@@ -383,6 +480,7 @@ def gma_aggregate_kernel(
     C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr, UNROLL: tl.constexpr,
+    PAIR: tl.constexpr = False,
 ):
     pid = tl.program_id(0)                                     # flat (job, split) of image b
     b = tl.program_id(1).to(tl.int64)
@@ -410,15 +508,15 @@ def gma_aggregate_kernel(
             if pid < e2:
                 _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw3, pw, bn_scale, bn_shift,
                               row, t0, t1, N, H, W, SW, stride_qkv_n, 1, 3,
-                              C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV, True)
+                              C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV, True, PAIR)
             elif pid < e3:
                 _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw5, pw, bn_scale, bn_shift,
                               row, t0, t1, N, H, W, SW, stride_qkv_n, 2, 5,
-                              C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV, True)
+                              C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV, True, PAIR)
             else:
                 _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw7, pw, bn_scale, bn_shift,
                               row, t0, t1, N, H, W, SW, stride_qkv_n, 3, 7,
-                              C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV, True)
+                              C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV, True, PAIR)
         else:        # one instance for the three windows: KS runtime
             if pid < e2:
                 dw = dw3
@@ -428,7 +526,7 @@ def gma_aggregate_kernel(
                 dw = dw7
             _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
                           row, t0, t1, N, H, W, SW, stride_qkv_n, seg, 2 * seg + 1,
-                          C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV)
+                          C, S, CP, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, MERGE_QKV, False, PAIR)
     else:
         tps = tl.cdiv(T, splits4)
         t0 = (pid - e4) * tps
@@ -459,7 +557,7 @@ def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_
 #: programs each job of the aggregation gets (`aggregate_job_costs`, `job_plan`).
 TAP_COST = 1.0
 ELEMENT_COST = 1.0
-DOT_MAC_COST = {"tf32x3": 3 / 16, "tf32": 1 / 16, "bf16": 1 / 32, "fp16": 1 / 32, "ieee": 1 / 4}
+DOT_MAC_COST = {"tf32x3": 3 / 16, "tf32": 1 / 16, "ieee": 1 / 4}
 
 
 def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
@@ -597,7 +695,7 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
     kwargs = dict(C=shape.C, S=shape.S, CP=shape.CP, D=shape.D, S_PAD=shape.S_PAD, D_PAD=shape.D_PAD,
                   CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P,
                   DOT_PRECISION=operand_precision(dots.precision, dtype_name(qkv.dtype), shape.AGG_DOTS16),
-                  EMULATE_DOTS=dots.emulate, MERGE_QKV=shape.AGG_MERGE, UNROLL=shape.AGG_UNROLL,
+                  EMULATE_DOTS=dots.emulate, MERGE_QKV=shape.AGG_MERGE, UNROLL=shape.AGG_UNROLL, PAIR=shape.AGG_PAIR,
                   num_warps=shape.AGG_WARPS)
     return (plan.programs, B), args, kwargs
 

@@ -43,7 +43,8 @@ DTYPE_NAMES = ("fp32", "fp16", "bf16")
 #: first row it reaches. A dtype missing from its row is not supported there, and a GPU
 #: below the last row is not supported at all (the backend's `not_supported_reasons` reads
 #: this table; `_common.mm` says what each precision computes). The dot operands are fp32
-#: in every variant (the kernels never issue bf16 or fp16 dots). What sm_70/sm_75 lack is
+#: in every variant of these rows; only the forward kernels' tuning candidates DOTS16
+#: (`operand_precision`) issue bf16 / fp16 dots. What sm_70/sm_75 lack is
 #: TF32 (Triton 3.6 lowers any fp32 dot to FMAs there, so those rows ask for "ieee"
 #: explicitly and the AOT compile checks that variant) and bf16 arithmetic: Triton emulates
 #: bf16 conversions there with integer code, which pushed the aggregation kernel into
@@ -96,7 +97,7 @@ def arch_dots(capability: Tuple[int, int], table=None) -> Optional[Dict[str, str
     return None
 
 
-#: The dots' precision with 16-bit operands (`operand_precision`): the input dtype's own
+#: The input dtypes whose dots DOTS16 runs with 16-bit operands of their own type (`operand_precision`)
 NATIVE16 = ("bf16", "fp16")
 
 
@@ -115,10 +116,22 @@ def operand_precision(precision: str, dtype: str, native16: bool) -> str:
     C = 160 and 201 -> 121 at C = 320, registers 155 -> 125 / 162 -> 153 / 162 -> 149. What it costs:
     the operands carry the input's 8 (bf16) / 11 (fp16) significant bits instead of TF32's 11 -- where
     the PyTorch reference at that dtype rounds the same intermediates (depthwise output, softmax
-    probabilities, K^T V) to the same type; for fp16 the two roundings differ only at ties."""
+    probabilities, K^T V) to the same type. For fp16 both keep 11 significant bits of a normal value
+    (they differ at ties, below 2^-14 where fp16 has fewer bits, and above 65504, where fp16 overflows).
+    In a training step the forward runs what the tuning table chose, the backward's recompute one
+    TF32 pass (`statistics.backward_dots`): a tuned DOTS16 forward then differs from the function the
+    backward differentiates by that rounding of the input's own type."""
     if native16 and precision == "tf32" and dtype in NATIVE16:
         return dtype
     return precision
+
+
+def pair_applies(C: int) -> bool:
+    """Whether the aggregation's PAIR mode (`GMAShape.AGG_PAIR`, `aggregation._segment_pair`: a
+    segment's two heads as one [BLOCK_P, s] tensor) exists at width C: s = C / 5 a power of two >= 16
+    (C = 80, 160, 320 among the released widths), so that the tensor has no padding column."""
+    s = C // 5
+    return C % 5 == 0 and s >= 16 and s & (s - 1) == 0
 
 
 def dot_precision(dtype: str, capability: Tuple[int, int]) -> str:
@@ -202,6 +215,7 @@ class GMAShape:
     AGG_UNROLL: bool = False  # aggregation: an instance per window, each tap row unrolled (a tuning candidate)
     ATTN_UNROLL: bool = False  # attention: the same for the CRPE windows (a tuning candidate)
     AGG_DOTS16: bool = False   # aggregation: 16-bit dot operands for 16-bit inputs (`operand_precision`; a candidate)
+    AGG_PAIR: bool = False     # aggregation: a segment's two heads as one tensor (`pair_applies`; a candidate)
     ATTN_DOTS16: bool = False  # attention: the same for its Q KV dot (a tuning candidate)
 
     def num_tiles(self, N: int) -> int:
@@ -395,7 +409,8 @@ def check_train_size(B: int, N: int, C: int) -> None:
 def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: bool = False,
               ck: int = 0, split_target: int = 1024, agg_warps: int = 0, dots: str = "tf32x3",
               strip: Optional[int] = None, merge: Optional[bool] = None, unroll: bool = False,
-              attn_unroll: bool = False, dots16: bool = False, attn_dots16: bool = False) -> GMAShape:
+              attn_unroll: bool = False, dots16: bool = False, attn_dots16: bool = False,
+              pair: bool = False) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
@@ -405,7 +420,9 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
     unroll, attn_unroll: the aggregation's / the attention's unrolled tap rows (`GMAShape.AGG_UNROLL`,
     `GMAShape.ATTN_UNROLL`; default off).
     dots16, attn_dots16: 16-bit dot operands for 16-bit inputs in the aggregation / the attention
-    (`operand_precision`, `GMAShape.AGG_DOTS16` / `ATTN_DOTS16`; default off)."""
+    (`operand_precision`, `GMAShape.AGG_DOTS16` / `ATTN_DOTS16`; default off).
+    pair: the aggregation's two heads of a segment as one tensor (`GMAShape.AGG_PAIR`; default off;
+    only where `pair_applies` and with the merged q/k/v pass)."""
     if C % 10 != 0 or C <= 0:
         raise ValueError(f"C={C}: the Triton kernels need C a positive multiple of 10")
     S = C // 5
@@ -425,9 +442,13 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
     for name, v in (("agg_block_p", agg), ("attn_block_p", attn), ("ck", ck)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name}={v} must be a power of two >= 16")
+    merged = (C not in AGG_SEPARATE_STREAMS.get(dots, ())) if merge is None else bool(merge)
+    if pair and not (pair_applies(C) and merged):
+        raise ValueError(f"pair=True needs s = C/5 a power of two >= 16 and the merged q/k/v pass (C={C}, "
+                         f"merged={merged})")
     return GMAShape(C=C, S=S, CP=CP, D=D, S_PAD=S_PAD, D_PAD=D_PAD, CK=ck, AGG_BLOCK_P=agg,
                     ATTN_BLOCK_P=attn, AGG_WARPS=agg_warps, ATTN_WARPS=attn_tiles[1], SPLIT_TARGET=split_target,
                     AGG_STRIP=STRIP_TARGET if strip is None else int(strip),
-                    AGG_MERGE=(C not in AGG_SEPARATE_STREAMS.get(dots, ())) if merge is None else bool(merge),
+                    AGG_MERGE=merged,
                     AGG_UNROLL=bool(unroll), ATTN_UNROLL=bool(attn_unroll), AGG_DOTS16=bool(dots16),
-                    ATTN_DOTS16=bool(attn_dots16))
+                    ATTN_DOTS16=bool(attn_dots16), AGG_PAIR=bool(pair))

@@ -16,9 +16,9 @@ What is counted (assumptions, also in each function's docstring):
   partials and ``kv`` in fp32. So ``bytes / time`` is comparable with HBM bandwidth.
 * **tc_flops** = 2 x the useful multiply-adds of the channel mixes that the kernel issues as
   ``tl.dot`` (the s x s pointwise, the 3s -> s local pointwise, exp(K)^T V, Q KV). On sm_80+
-  they run on tensor cores with fp32 operands: ``tc_precision`` says how ("tf32x3": three
-  TF32 passes for fp32 inputs; "tf32": one TF32 pass for fp16/bf16 inputs, the kernels never
-  issue fp16/bf16 dots, `_common.mm`). With ``"ieee"`` dots (sm_70/75) Triton lowers them to
+  they run on tensor cores: ``tc_precision`` says how ("tf32x3": three TF32 passes on fp32
+  operands for fp32 inputs; "tf32": one TF32 pass for fp16/bf16 inputs; "bf16" / "fp16": the
+  DOTS16 tuning candidates' 16-bit operands, `config.operand_precision`, `_common.mm`). With ``"ieee"`` dots (sm_70/75) Triton lowers them to
   FMAs, so they count as ``cuda_flops`` and ``tc_flops`` is 0. ``tc_flops_padded`` is what the
   MMAs execute with the tile padding (D_PAD, S_PAD, CK chunks, BLOCK_P over N).
 * **cuda_flops** = 2 x the multiply-adds of the depthwise stencils (3x3/5x5/7x7, the local

@@ -43,7 +43,7 @@ from ._common import DotVariant, _cuda_capability, dot_variant, interpreting
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
 from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P, GMAShape,
-                     dot_pad, dot_precision, dtype_name, gma_shape, next_pow2, operand_precision)
+                     dot_pad, dot_precision, dtype_name, gma_shape, next_pow2, operand_precision, pair_applies)
 
 Tensor = torch.Tensor
 #: one launch: (kernel, grid, positional args, keyword args incl. constexprs and num_warps)
@@ -131,10 +131,12 @@ AGG_FAMILY = "triton.aggregate"
 ATTN_FAMILY = "triton.attention"
 #: at most this many candidates per (family, C, dtype, GPU)
 MAX_CANDIDATES = 6
-#: ... and for the aggregation, whose search space also holds the wide tiles, the unrolled taps and the
-#: 16-bit dot operands below (of them at most AGG_MAX_WIDE wide tiles)
-AGG_MAX_CANDIDATES = 14
-AGG_MAX_WIDE = 7
+#: ... and for the aggregation, whose search space also holds the wide tiles and the unrolled taps below: the
+#: default's four variants, the table tiles and the wide tiles (at most AGG_MAX_WIDE) in AGG_BASE_CANDIDATES
+#: slots, then the DOTS16 / PAIR candidates on top (`aggregate_candidates`), at most AGG_MAX_CANDIDATES in all
+AGG_BASE_CANDIDATES = 12
+AGG_MAX_WIDE = 6
+AGG_MAX_CANDIDATES = 18
 #: Wide aggregation tiles, (BLOCK_P, num_warps, CK), tried on a GPU after the default's variants and the
 #: tables' tiles. Why (inferred from compiler figures, not measured): at 16-token tiles the kernel
 #: holds ~160-170 registers per thread for 16 tokens of 4 warps, 48 tokens in flight per SM (3 CTAs),
@@ -157,7 +159,8 @@ def _precision(C: int, dtype, capability) -> Optional[str]:
 
 def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
     return {"BLOCK_P": shape.AGG_BLOCK_P, "num_warps": shape.AGG_WARPS, "CK": shape.CK, "STRIP": shape.AGG_STRIP,
-            "MERGE": int(shape.AGG_MERGE), "UNROLL": int(shape.AGG_UNROLL), "DOTS16": int(shape.AGG_DOTS16)}
+            "MERGE": int(shape.AGG_MERGE), "UNROLL": int(shape.AGG_UNROLL), "DOTS16": int(shape.AGG_DOTS16),
+            "PAIR": int(shape.AGG_PAIR)}
 
 
 def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
@@ -181,49 +184,60 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     """The default tile first, then the same tile in row-major order (``STRIP`` 0: whether the
     strip walk pays is for a GPU to say, `config.STRIP_TARGET`), with the other q/k/v mode
     (``MERGE``: `config.GMAShape.AGG_MERGE`; a spilling one is refused by the tuner) and with its tap
-    rows unrolled (``UNROLL``: `config.GMAShape.AGG_UNROLL`), then the other tiles of AGG_TILES /
-    AGG_TILES_BY_DOTS (each spill-free at the width it was chosen for) and the wide tiles
-    (`AGG_WIDE_TILES` whose channel chunk fits this width, each with the default's q/k/v mode, the
-    64-token ones also stream after stream, the first also unrolled: at most half the list); at most
-    `AGG_MAX_CANDIDATES` in all. For fp16/bf16 on sm_80+ the default and its unrolled form also with
-    16-bit dot operands (``DOTS16``: `config.operand_precision`), right after the default's variants,
-    and the first wide tile unrolled with them (its registers: sm_90 bf16, C = 80 235 against 222 without,
-    no spill; C = 320 merged spills there, and the tuner refuses it).
+    rows unrolled (``UNROLL``: `config.GMAShape.AGG_UNROLL`); then the knobs' candidates: for fp16/bf16
+    on sm_80+ the default and its unrolled form with 16-bit dot operands (``DOTS16``:
+    `config.operand_precision`), and where `config.pair_applies` the default with a segment's two heads
+    as one tensor (``PAIR``: `aggregation._segment_pair`), also with DOTS16 and unrolled where DOTS16
+    applies (else unrolled alone); then the other tiles of AGG_TILES / AGG_TILES_BY_DOTS (each
+    spill-free at the width it was chosen for) and the wide tiles (`AGG_WIDE_TILES` whose channel chunk
+    fits this width, each with the default's q/k/v mode, the 64-token ones also stream after stream,
+    the first also unrolled and, where PAIR applies, with PAIR (and DOTS16 where it applies); at most
+    AGG_MAX_WIDE, one more with PAIR). The table tiles and the wide ones share AGG_BASE_CANDIDATES
+    slots with the default's four variants, so the knobs' candidates add to the list without taking a
+    tile's place; at most AGG_MAX_CANDIDATES in all.
 
-    Registers of the DOTS16 forms (ptxas, sm_90 bf16, batch 128; compiler figures, not timings): the
-    default 155 -> 125 / 162 -> 153 / 162 -> 149 at C = 80 / 160 / 320 (C = 80: four CTAs of 4 warps per
-    SM instead of three), unrolled 206 -> 167 / 210 -> 168 / 243 -> 250; stream after stream and
-    unrolled, which spilled without them (C = 80 120 B, C = 160 72 B), 150 and 190, spill-free."""
+    Registers (ptxas, sm_90 bf16, batch 128; compiler figures, not timings), default -> DOTS16 ->
+    PAIR -> PAIR + DOTS16 at C = 80 / 160 / 320: 155 -> 125 -> 126 -> 124 / 162 -> 153 -> 118 -> 96 /
+    162 -> 149 -> 160 -> 147; unrolled with DOTS16 167 / 168 / 250, with PAIR and DOTS16 128 / 128 /
+    252; the first wide tile with PAIR and DOTS16 178 / 214 at C = 80 / 160; no spills."""
     if _precision(C, dtype, capability) is None:
         return []
     default = aggregate_default(C, dtype, capability)
     out = [default, {**default, "STRIP": 0}, {**default, "MERGE": 1 - default["MERGE"]}, {**default, "UNROLL": 1}]
     dots16 = _dots16_applies(C, dtype, capability)
+    pair = pair_applies(C) and bool(default["MERGE"])
+    knobs = []
     if dots16:
-        out += [{**default, "DOTS16": 1}, {**default, "UNROLL": 1, "DOTS16": 1}]
+        knobs += [{**default, "DOTS16": 1}, {**default, "UNROLL": 1, "DOTS16": 1}]
+    if pair:
+        knobs.append({**default, "PAIR": 1})
+        knobs += ([{**default, "PAIR": 1, "DOTS16": 1}, {**default, "UNROLL": 1, "PAIR": 1, "DOTS16": 1}] if dots16
+                  else [{**default, "UNROLL": 1, "PAIR": 1}])
     s_pad = dot_pad(C // 5)
 
     def cfg_of(tile, merge, unroll=0):
         bp, warps, ck = tile
         return {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": merge,
-                "UNROLL": unroll, "DOTS16": 0}
+                "UNROLL": unroll, "DOTS16": 0, "PAIR": 0}
 
-    wide = []
+    wide, wide_knobs = [], []
     for i, tile in enumerate(t for t in AGG_WIDE_TILES if t[2] <= s_pad):
         wide.append(cfg_of(tile, default["MERGE"]))
         if i == 0:
             wide.append(cfg_of(tile, default["MERGE"], 1))
-            if dots16:
-                wide.append({**cfg_of(tile, default["MERGE"], 1), "DOTS16": 1})
+            if pair:
+                wide_knobs.append({**cfg_of(tile, 1), "PAIR": 1, "DOTS16": int(dots16)})
         if tile[0] == 64:
             wide.append(cfg_of(tile, 0))
-    wide = [c for i, c in enumerate(wide) if c not in wide[:i] and c not in out][:AGG_MAX_WIDE]
+    seen = out + knobs
+    wide = [c for i, c in enumerate(wide) if c not in wide[:i] and c not in seen][:AGG_MAX_WIDE]
     tiles = list(AGG_TILES.values()) + [t for row in AGG_TILES_BY_DOTS.values() for t in row.values()]
     for tile in tiles:
         cfg = cfg_of(tile, default["MERGE"])
-        if tile[2] <= s_pad and cfg not in out and cfg not in wide and len(out) + len(wide) < AGG_MAX_CANDIDATES:
+        if tile[2] <= s_pad and cfg not in seen and cfg not in wide and len(out) + len(wide) < AGG_BASE_CANDIDATES:
             out.append(cfg)
-    return out + wide
+            seen.append(cfg)
+    return (out[:4] + knobs + out[4:] + wide + wide_knobs)[:AGG_MAX_CANDIDATES]
 
 
 def attention_default(C: int, dtype, capability) -> Dict[str, int]:
@@ -267,7 +281,7 @@ def _shape_from_configs(C: int, precision: str, agg_items: tuple, attn_items: tu
                       strip=int(agg["STRIP"]) if "STRIP" in agg else None,
                       merge=bool(agg["MERGE"]) if "MERGE" in agg else None, unroll=bool(agg.get("UNROLL", 0)),
                       attn_unroll=bool(attn.get("UNROLL", 0)), dots16=bool(agg.get("DOTS16", 0)),
-                      attn_dots16=bool(attn.get("DOTS16", 0)))
+                      attn_dots16=bool(attn.get("DOTS16", 0)), pair=bool(agg.get("PAIR", 0)))
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 

@@ -132,7 +132,8 @@ class Spec:
         dt = next((t[1:] for a, t in self.signature if a in DTYPE_ARGS), "-")
         tiles = ", ".join(f"{k}={cx[k]}" for k in ("S_PAD", "D_PAD", "CK", "BLOCK_P", "BLOCK_N") if k in cx)
         dots = f", {cx['DOT_PRECISION']}" if "DOT_PRECISION" in cx else ""
-        dots += ", unrolled" if cx.get("UNROLL") else ""          # the aggregation's tuning candidate
+        dots += ", unrolled" if cx.get("UNROLL") else ""          # the aggregation's tuning candidates
+        dots += ", pair" if cx.get("PAIR") else ""
         return (f"{short} C={_width(cx)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
                 f"{self.specialised_ints()})")
 

@@ -411,7 +411,10 @@ def backward_dots(qkv: Tensor) -> DotVariant:
     the Z its forward computed (one TF32 pass) with one TF32 pass per product, not three: a third
     of the tensor-core instructions and no hi/lo operand splits (registers: the backward resource
     table). Its error, ~2^-11 relative per product, is below fp16's own rounding and an eighth of
-    bf16's (tests/test_triton_training.py: within 2x an fp16/bf16 reference's error)."""
+    bf16's (tests/test_triton_training.py: within 2x an fp16/bf16 reference's error). (With a tuning
+    table that picks the forward's DOTS16 candidates, `config.operand_precision`, the forward's dots
+    take fp16/bf16 operands instead; the backward stays one TF32 pass, i.e. it differentiates the
+    TF32 forward, which differs from the one run by the rounding of the input's own type.)"""
     return dot_variant(qkv)
 
 
