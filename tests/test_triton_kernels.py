@@ -117,15 +117,31 @@ def _nan(shape, dtype):
 JOB_SPLITS = [(4, 1, 2, 4, 2), (1, 4, 4, 2, 1), (2, 2, 1, 1, 4)]
 
 
-@pytest.mark.parametrize("C", MODEL_WIDTHS, ids=lambda c: f"C{c}")
-def test_aggregation_kernel(C):
+class _Recorded:
+    """kernel[grid](*args, **kwargs) that also keeps the launch's kwargs."""
+
+    def __init__(self, kernel):
+        self.kernel, self.kwargs = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("C,pair", [(C, False) for C in MODEL_WIDTHS] + [(C, True) for C in (80, 160, 320)],
+                         ids=lambda v: ("pair" if v else "heads") if isinstance(v, bool) else f"C{v}")
+def test_aggregation_kernel(C, pair):
     """Q, V proxies, the local branch and the packed split-N softmax partials of K; nothing else
     of pre is touched. 7x9 = 63 tokens in tiles of 16 -> 4 tiles (the last one ragged), each
     job with its own number of splits (JOB_SPLITS): the flat program index decoded into (job,
     split), the in-register online rescaling across tiles and the per-split partials of
-    segments with different split counts are exercised."""
-    case = Case(C, 7, 9, 1, seed=C)
-    shape = gma_shape(C, agg_block_p=16, interpreter=INTERPRET)
+    segments with different split counts are exercised. `pair`: the segments' two heads as one
+    tensor (`GMAShape.AGG_PAIR`, passed to the kernel as PAIR), whose partials (the diagonal blocks
+    of one [s, s] accumulator) must land where the per-head kernel puts them."""
+    case = Case(C, 7, 9, 1, seed=C + pair)
+    shape = gma_shape(C, agg_block_p=16, interpreter=INTERPRET, pair=pair)
     f = case.folded(torch.float32)
     qkv = case.qkv(torch.float32)
     B, N = case.B, case.H * case.W
@@ -134,8 +150,9 @@ def test_aggregation_kernel(C):
     q, v, pre = _nan((B, N, case.cp), torch.float32), _nan((B, N, case.cp), torch.float32), _nan((B, N, C), torch.float32)
     pm, pl = _nan((B, rows, case.s), torch.float32), _nan((B, rows, case.s), torch.float32)
     pacc = _nan((B, rows, case.s, case.d), torch.float32)
-    aggregation.launch_aggregate(aggregation.gma_aggregate_kernel, qkv, case.H, case.W, f, case.hp.ln_eps, shape,
-                                 plan, q, v, pre, pm, pl, pacc)
+    kernel = _Recorded(aggregation.gma_aggregate_kernel)
+    aggregation.launch_aggregate(kernel, qkv, case.H, case.W, f, case.hp.ln_eps, shape, plan, q, v, pre, pm, pl, pacc)
+    assert [kw["PAIR"] for kw in kernel.kwargs] == [pair]
     _assert_rel(q, case.Q, FP32_TOL, "Q proxies")
     _assert_rel(v, case.V, FP32_TOL, "V proxies")
     _assert_rel(pre[..., case.cp:], case.local, FP32_TOL, "local branch")
@@ -546,6 +563,11 @@ def test_untabled_tuning_candidates(C, agg, attn):
     assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE, shape.AGG_UNROLL, shape.ATTN_UNROLL, shape.AGG_PAIR) == (
         agg["BLOCK_P"], agg["CK"], bool(agg["MERGE"]), bool(agg["UNROLL"]), bool(attn["UNROLL"]), bool(agg["PAIR"]))
     assert shape.num_tiles(H * W) >= 2
+    _, launches = launcher.plan_pre_projection(case.qkv(torch.float32), H, W, case.folded(torch.float32),
+                                               case.hp.scale, case.hp.ln_eps, shape=shape)
+    kw = launches[0][3]
+    assert (kw["PAIR"], kw["UNROLL"], kw["MERGE_QKV"], kw["BLOCK_P"]) == (
+        bool(agg["PAIR"]), bool(agg["UNROLL"]), bool(agg["MERGE"]), agg["BLOCK_P"])
     _check_launch(case, shape)
 
 
@@ -605,6 +627,7 @@ def test_dots16_candidates(monkeypatch, dtype, C, agg, attn, compare):
                                                case.hp.ln_eps, shape=shape)
     want = config.dtype_name(dtype)
     assert [kw.get("DOT_PRECISION") for _, _, _, kw in launches] == [want, None, want]
+    assert launches[0][3]["PAIR"] is bool(agg["PAIR"]) and launches[0][3]["UNROLL"] is bool(agg["UNROLL"])
     shapes = [shape]
     if compare:
         shapes.append(launcher.shape_from_configs(C, dots, launcher.aggregate_default(C, dtype, (9, 0)),

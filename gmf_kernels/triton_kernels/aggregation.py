@@ -12,7 +12,9 @@ down a strip and the stencil halo its next tile needs is mostly in L1 already. T
   halo j rows/cols), then the s x s pointwise ``pw[j-1]`` as ``tl.dot`` into each head's d
   outputs, then the BatchNorm affine ``* bn_scale[j] + bn_shift[j]`` and hardswish. The three
   streams share the filters: by default one depthwise pass per channel chunk computes all
-  three (`_dw_pw_qkv`, MERGE_QKV), else stream after stream (`config.AGG_SEPARATE_STREAMS`).
+  three (`_dw_pw_qkv`, MERGE_QKV), else stream after stream (`config.AGG_SEPARATE_STREAMS`); with
+  PAIR (`GMAShape.AGG_PAIR`, a tuning candidate where s is a power of two) the two heads of the
+  segment as one [BLOCK_P, s] tensor per stream (`_segment_pair`).
 * job 4: the local branch: depthwise 3x3 over segment 4 of q, k, v (the 3s stacked
   channels), 3s -> s pointwise (accumulated ``tl.dot``), LayerNorm, hardswish, stored
   straight into channels [C', C) of ``pre``.

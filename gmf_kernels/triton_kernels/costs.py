@@ -121,8 +121,9 @@ def _norm_dtype(dtype) -> str:
 def shape_for(C: int, dtype, capability: Tuple[int, int] = (9, 0), config: Optional[dict] = None) -> GMAShape:
     """The specialisation a GPU launch of (C, dtype) uses on `capability`: the default tiles of
     `config.gma_shape` for the dot variant, or a tuning config (keys of the "triton.aggregate" /
-    "triton.attention" spaces: BLOCK_P, num_warps, CK, STRIP, MERGE, UNROLL, DOTS16 / ATTN_BLOCK_P,
-    ATTN_WARPS, ATTN_UNROLL, ATTN_DOTS16)."""
+    "triton.attention" spaces: BLOCK_P, num_warps, CK, STRIP, MERGE, UNROLL, DOTS16, PAIR / ATTN_BLOCK_P,
+    ATTN_WARPS, ATTN_UNROLL, ATTN_DOTS16). (The cost models below count the per-head kernel's padded
+    work; PAIR's -- no padding column, one [s, s] K^T V -- is not modelled apart.)"""
     from dataclasses import replace
     prec = dot_precision(_norm_dtype(dtype), capability)
     cfg = dict(config or {})
@@ -130,7 +131,8 @@ def shape_for(C: int, dtype, capability: Tuple[int, int] = (9, 0), config: Optio
                     ck=int(cfg.get("CK", 0)), attn_block_p=int(cfg.get("ATTN_BLOCK_P", 0)),
                     strip=int(cfg["STRIP"]) if "STRIP" in cfg else None,
                     merge=bool(cfg["MERGE"]) if "MERGE" in cfg else None, unroll=bool(cfg.get("UNROLL", 0)),
-                    dots16=bool(cfg.get("DOTS16", 0)), attn_dots16=bool(cfg.get("ATTN_DOTS16", 0)))
+                    dots16=bool(cfg.get("DOTS16", 0)), attn_dots16=bool(cfg.get("ATTN_DOTS16", 0)),
+                    pair=bool(cfg.get("PAIR", 0)))
     if cfg.get("ATTN_UNROLL"):
         shp = replace(shp, ATTN_UNROLL=True)
     if cfg.get("ATTN_WARPS"):

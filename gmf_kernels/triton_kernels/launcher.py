@@ -18,7 +18,8 @@ information, so compute-sanitizer and ncu reports point at source lines).
 
 Tiles as data (`gmf_kernels.tuning`): two search spaces are registered here,
 ``"triton.aggregate"`` (BLOCK_P, num_warps, CK, the strip target STRIP, the q/k/v merge
-MERGE, the unrolled tap rows UNROLL and the 16-bit dot operands DOTS16 of the aggregation) and
+MERGE, the unrolled tap rows UNROLL, the 16-bit dot operands DOTS16 and the paired heads PAIR of the
+aggregation) and
 ``"triton.attention"`` (BLOCK_P, num_warps, UNROLL and DOTS16 of the attention kernel). Their candidates for (C, dtype, GPU) are the
 spill-free tiles of `config` (``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` / ``ATTN_TILES`` /
 ``ATTN_TILES_BY_DOTS``; the tile `config.gma_shape` picks is the default and comes first).
@@ -191,7 +192,7 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     applies (else unrolled alone); then the other tiles of AGG_TILES / AGG_TILES_BY_DOTS (each
     spill-free at the width it was chosen for) and the wide tiles (`AGG_WIDE_TILES` whose channel chunk
     fits this width, each with the default's q/k/v mode, the 64-token ones also stream after stream,
-    the first also unrolled and, where PAIR applies, with PAIR (and DOTS16 where it applies); at most
+    the first also unrolled and, where PAIR applies and s < 64, with PAIR (and DOTS16 where it applies); at most
     AGG_MAX_WIDE, one more with PAIR). The table tiles and the wide ones share AGG_BASE_CANDIDATES
     slots with the default's four variants, so the knobs' candidates add to the list without taking a
     tile's place; at most AGG_MAX_CANDIDATES in all.
@@ -225,7 +226,7 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
         wide.append(cfg_of(tile, default["MERGE"]))
         if i == 0:
             wide.append(cfg_of(tile, default["MERGE"], 1))
-            if pair:
+            if pair and s_pad < 64:   # at s = 64 (C = 320) it spills (sm_90: 160 B bf16, 976 B fp32)
                 wide_knobs.append({**cfg_of(tile, 1), "PAIR": 1, "DOTS16": int(dots16)})
         if tile[0] == 64:
             wide.append(cfg_of(tile, 0))
