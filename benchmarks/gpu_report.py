@@ -167,7 +167,7 @@ PARTS: Dict[str, Dict] = {
                "what": "correctness: build, every GPU test, compute-sanitizer (the verdict's evidence)"},
     # models: on the H200 the eager rows and upstream's first calls took ~30 s and upstream+compile 74 s, so
     # a compiled row of ours (the fastest eager backend's, `throughput.run_order`) needs ~200 s in all
-    # tune: GroupMixFormer-S's three widths at bf16: 18 aggregation and 4 attention tiles (compiled by the
+    # tune: GroupMixFormer-S's three widths at bf16: 17-18 aggregation and 4 attention tiles (compiled by the
     # record part's warm-up) and 9 CUDA tiles each, a fraction of a second a candidate; its time taken
     # from models and train
     "speed": {"budget": 340.0, "weights": {"env": 15, "tune": 40, "kernels": 25, "models": 190, "train": 35,
