@@ -534,14 +534,15 @@ def _untabled_candidates():
     two heads as one tensor (PAIR), the attention's unrolled CRPE tap rows (UNROLL), each with the other
     family's default -- at
     GroupMixFormer-S's widths and at C = 200 (s = 40: channel chunks of 16 + 16 + 8), as the tuner would
-    try them for bf16 on an sm_90: from the search spaces themselves, not a list of our own (those with
-    16-bit dots, which only 16-bit inputs run: `test_dots16_candidates`)."""
+    try them for bf16 on an sm_90: from the search spaces themselves, not a list of our own. Run in fp32,
+    where their DOTS16 changes nothing (cleared here; the 16-bit dots: `test_dots16_candidates`)."""
     out = []
     bf16, cap = torch.bfloat16, (9, 0)
     for C in sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200}):
         agg0, attn0 = launcher.aggregate_default(C, bf16, cap), launcher.attention_default(C, bf16, cap)
-        cases = [(cfg, attn0) for cfg in launcher.aggregate_candidates(C, bf16, cap) if not cfg["DOTS16"] and
-                 (cfg["UNROLL"] or cfg["PAIR"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES)]
+        aggs = [{**cfg, "DOTS16": 0} for cfg in launcher.aggregate_candidates(C, bf16, cap)   # fp32 runs: DOTS16 moot
+                if cfg["UNROLL"] or cfg["PAIR"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES]
+        cases = [(cfg, attn0) for i, cfg in enumerate(aggs) if cfg not in aggs[:i]]
         cases += [(agg0, cfg) for cfg in launcher.attention_candidates(C, bf16, cap) if cfg["UNROLL"]]
         for agg, attn in cases:
             tag = "-".join(f"{k}={v}" for k, v in agg.items()) + "-attn-" + "-".join(f"{k}={v}" for k, v in attn.items())
@@ -588,23 +589,24 @@ def test_untabled_candidates_present():
 
 def _dots16_candidates():
     """(dtype, C, aggregation config, attention config, compare) of the tuning candidates with 16-bit dot
-    operands (DOTS16), as the tuner would try them on an sm_90, from the search spaces themselves: each
-    aggregation DOTS16 candidate (with PAIR, UNROLL, a wide tile) beside the attention's DOTS16 candidate
-    (both kernels' 16-bit dots in one run), bf16 at GroupMixFormer-S's widths and C = 200; fp16 the
-    default's and the PAIR form at C = 80. `compare`: also run the default (TF32 dots) once per width."""
+    operands (DOTS16), as the tuner would try them on an sm_90, from the search spaces themselves: the
+    aggregation's DOTS16 candidates at the default tile, per-head and paired (their unrolled and wide
+    forms differ from these in structure only, which `test_untabled_tuning_candidates` checks in fp32),
+    beside the attention's DOTS16 candidate (both kernels' 16-bit dots in one run), bf16 at
+    GroupMixFormer-S's widths and C = 200, fp16 at C = 80. `compare` (the first, bf16 C = 80): also run
+    the default (TF32 dots), which must give another result."""
     out = []
     cap = (9, 0)
     for dtype, widths in ((torch.bfloat16, sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200})),
                           (torch.float16, (80,))):
         for C in widths:
             attn = [cfg for cfg in launcher.attention_candidates(C, dtype, cap) if cfg["DOTS16"]]
-            aggs = [cfg for cfg in launcher.aggregate_candidates(C, dtype, cap) if cfg["DOTS16"]]
-            if dtype == torch.float16:
-                aggs = [cfg for cfg in aggs if not cfg["UNROLL"] and cfg["BLOCK_P"] != 64]
-            for i, agg in enumerate(aggs):
+            default = launcher.aggregate_default(C, dtype, cap)
+            aggs = [cfg for cfg in launcher.aggregate_candidates(C, dtype, cap)
+                    if cfg["DOTS16"] and not cfg["UNROLL"] and cfg["BLOCK_P"] == default["BLOCK_P"]]
+            for agg in aggs:
                 tag = f"{agg['BLOCK_P']}-unroll{agg['UNROLL']}-pair{agg['PAIR']}"
-                out += [pytest.param(dtype, C, agg, a, i == 0 and dtype == torch.bfloat16,
-                                     id=f"{str(dtype)[6:]}-C{C}-{tag}") for a in attn]
+                out += [pytest.param(dtype, C, agg, a, not out, id=f"{str(dtype)[6:]}-C{C}-{tag}") for a in attn]
     return out
 
 
