@@ -238,11 +238,11 @@ def triton_shape(C: int, dtype: str):
     when it has them (what the measured rows ran, `--measured`), else the defaults."""
     from gmf_kernels import tuning
     from gmf_kernels.triton_kernels import launcher as L
-    from gmf_kernels.triton_kernels.costs import shape_for
+    from gmf_kernels.triton_kernels._common import DotVariant
+    from gmf_kernels.triton_kernels.config import dot_precision
     agg = tuning.choose(L.AGG_FAMILY, C, _torch_dtype(dtype), CAPABILITY)
     attn = tuning.choose(L.ATTN_FAMILY, C, _torch_dtype(dtype), CAPABILITY)
-    return shape_for(C, dtype, CAPABILITY, {**agg, "ATTN_BLOCK_P": attn["BLOCK_P"], "ATTN_WARPS": attn["num_warps"],
-                                            "ATTN_UNROLL": attn.get("UNROLL", 0), "ATTN_DOTS16": attn.get("DOTS16", 0)})
+    return L.shape_from_configs(C, DotVariant(dot_precision(dtype, CAPABILITY), False), agg, attn)
 
 
 def _cost(backend: str, kernel: str, B: int, H: int, W: int, C: int, dtype: str):

@@ -124,20 +124,20 @@ def shape_for(C: int, dtype, capability: Tuple[int, int] = (9, 0), config: Optio
     "triton.attention" spaces: BLOCK_P, num_warps, CK, STRIP, MERGE, UNROLL, DOTS16, PAIR / ATTN_BLOCK_P,
     ATTN_WARPS, ATTN_UNROLL, ATTN_DOTS16). (The cost models below count the per-head kernel's padded
     work; PAIR's -- no padding column, one [s, s] K^T V -- is not modelled apart.)"""
-    from dataclasses import replace
-    prec = dot_precision(_norm_dtype(dtype), capability)
-    cfg = dict(config or {})
-    shp = gma_shape(C, dots=prec, agg_block_p=int(cfg.get("BLOCK_P", 0)), agg_warps=int(cfg.get("num_warps", 0)),
-                    ck=int(cfg.get("CK", 0)), attn_block_p=int(cfg.get("ATTN_BLOCK_P", 0)),
-                    strip=int(cfg["STRIP"]) if "STRIP" in cfg else None,
-                    merge=bool(cfg["MERGE"]) if "MERGE" in cfg else None, unroll=bool(cfg.get("UNROLL", 0)),
-                    dots16=bool(cfg.get("DOTS16", 0)), attn_dots16=bool(cfg.get("ATTN_DOTS16", 0)),
-                    pair=bool(cfg.get("PAIR", 0)))
-    if cfg.get("ATTN_UNROLL"):
-        shp = replace(shp, ATTN_UNROLL=True)
-    if cfg.get("ATTN_WARPS"):
-        shp = replace(shp, ATTN_WARPS=int(cfg["ATTN_WARPS"]))
-    return shp
+    dt = _norm_dtype(dtype)
+    prec = dot_precision(dt, capability)
+    if not config:
+        return gma_shape(C, dots=prec)
+    # the launcher's own mapping of the two spaces' knobs onto a specialisation (one place), each
+    # family's missing knobs (and a 0 ATTN_*) taken from its default
+    from . import launcher as L
+    from ._common import DotVariant
+    tdt = torch_dtype(dt)
+    agg = {**L.aggregate_default(C, tdt, capability), **{k: v for k, v in config.items() if not k.startswith("ATTN_")}}
+    attn = {**L.attention_default(C, tdt, capability),
+            **{{"ATTN_BLOCK_P": "BLOCK_P", "ATTN_WARPS": "num_warps"}.get(k, k[5:]): v
+               for k, v in config.items() if k.startswith("ATTN_") and v}}
+    return L.shape_from_configs(C, DotVariant(prec, False), agg, attn)
 
 
 def cost(kernel: str, B: int, H: int, W: int, C: int, dtype, capability: Tuple[int, int] = (9, 0),
