@@ -2413,7 +2413,7 @@ def _profile_summary(rep: Dict) -> List[str]:
         L += [f"Top kernels, {name} {_cell(r.get('label', r.get('backend')))} (ms per call, launches per call, "
               f"share):", ""]
         L += [f"- {t.get('ms', 0):.3f} ms x{t.get('per_call', 0):.0f} {t.get('share', 0):.0%} [{t.get('kind')}] "
-              f"`{_cell(t.get('name', ''))[:100]}`" for t in r["profile"].get("top", [])[:8]]
+              f"`{_cell(t.get('name', ''))[:100]}`" for t in r["profile"].get("top", [])]
         L.append("")
     return L
 

@@ -403,7 +403,7 @@ def test_triton_op_traces_into_kernels(mode):
 
 
 def test_wrap_triton_launches_directly_unless_tracing(monkeypatch):
-    """launcher.wrap_triton: a direct ``kernel[grid](...)`` on real tensors (torch's wrapper would
+    """launcher.wrap_triton: a direct ``kernel[grid](...)`` on real tensors and plain Parameters (torch's wrapper would
     file an Autotuner in a global side table per launch: a leak and ~0.1 ms of host time); torch's
     ``wrap_triton`` under Dynamo, a dispatch mode (fake / proxy / functional tensors) or a tensor
     subclass, where torch.compile must see the kernel. Mocked kernel and wrapper: no GPU here."""
@@ -434,11 +434,72 @@ def test_wrap_triton_launches_directly_unless_tracing(monkeypatch):
     with FakeTensorMode() as mode:
         launch[(3,)](mode.from_tensor(x), num_warps=4)
     assert calls[-1] == ("wrapped", (3,))
-    launch[(4,)](torch.nn.Parameter(x), num_warps=4)   # a subclass: the careful path
-    assert calls[-1] == ("wrapped", (4,))
+    launch[(4,)](torch.nn.Parameter(x), num_warps=4)   # a plain Parameter (the folded weights pass some on)
+    assert calls[-1] == ("direct", (4,))
+
+    class Sub(torch.Tensor):
+        pass
+    launch[(6,)](x.as_subclass(Sub), num_warps=4)      # a subclass: the careful path
+    assert calls[-1] == ("wrapped", (6,))
+    launch[(7,)](torch.nn.Parameter(x.as_subclass(Sub)), num_warps=4)  # a Parameter of one: the subclass's type
+    assert calls[-1] == ("wrapped", (7,))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     launch[(5,)](x)
     assert calls[-1] == ("wrapped", (5,))
     monkeypatch.setattr(launcher, "interpreting", lambda: True)
     k = Kernel()
     assert launcher.wrap_triton(k) is k   # the interpreter's kernels: never wrapped
+
+
+_DIRECT_SCRIPT = r"""
+import collections, json, sys, torch
+from triton.runtime.jit import JITFunction
+launched = collections.Counter()
+def run(self, *args, grid, warmup, **kwargs):      # no GPU: count the launch, run nothing
+    launched[self.fn.__name__] += 1
+JITFunction.run = run
+import torch._higher_order_ops.triton_kernel_wrap as tkw
+from gmf_kernels.backends.triton_backend import BACKEND
+from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
+from gmf_kernels.triton_kernels import launcher
+C, H, W, B = 80, 7, 9, 2
+w = cast_weights(random_gma_weights(C, seed=0), torch.float32)
+params = []
+for name, t in w._asdict().items():                 # the module's parameters are nn.Parameters
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and "running" not in name:
+        params.append(name)
+w = w._replace(**{n: torch.nn.Parameter(getattr(w, n)) for n in params})
+w = w._replace(**{n: tuple(torch.nn.Parameter(t) if t is not None and t.is_floating_point() else t for t in v)
+                  for n, v in w._asdict().items() if isinstance(v, tuple) and "running" not in n})
+wrapped = []
+real_wrap = launcher._torch_wrap_triton
+launcher._torch_wrap_triton = lambda k: (wrapped.append(k.fn.__name__), real_wrap(k))[1]
+side = lambda: (len(tkw.KernelSideTable.id_to_kernel), len(tkw.KernelSideTable.constant_args))
+before = side()
+x = torch.randn(B, H * W, C, requires_grad=True)
+for _ in range(2):
+    out = BACKEND.forward(x, (H, W), w, default_hyper(C), True)
+    out.sum().backward()
+print(json.dumps({"launched": dict(launched), "wrapped": wrapped, "side_before": before, "side_after": side(),
+                  "n_params": sum(isinstance(t, torch.nn.Parameter) for t in w.tensors())}))
+"""
+
+
+def test_training_launches_are_direct():
+    """Two training steps of a layer whose weights are nn.Parameters (as a module's are), on the
+    launch path a GPU takes (no interpreter; Triton's launch replaced by a counter: no GPU here):
+    every kernel of the statistics pass, the forward, the recompute and the backward is launched
+    directly. None goes through torch's ``wrap_triton``, whose launches each leave two entries in
+    torch's global kernel side table (never freed) and cost ~0.5 ms of host time: until
+    2026-12-05 the local-branch backward's did, once per layer and step, because the folded
+    weights pass the LayerNorm's Parameters through."""
+    proc = subprocess.run([sys.executable, "-c", _DIRECT_SCRIPT], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"script failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+    r = json.loads(lines[-1])
+    assert r["n_params"] > 10, r
+    assert "gma_local_backward_kernel" in r["launched"] and "gma_statistics_kernel" in r["launched"], r
+    assert r["launched"]["gma_aggregate_kernel"] == 2, r
+    assert r["wrapped"] == [], r
+    assert r["side_after"] == r["side_before"], r

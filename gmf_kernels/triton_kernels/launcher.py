@@ -85,16 +85,26 @@ _TRACE_MODE_KEYS = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("F
                          if hasattr(torch._C._TorchDispatchModeKey, k))
 
 
+#: tensor types launched directly: a plain tensor and a plain nn.Parameter (a Parameter of a tensor
+#: subclass has the subclass's type). The folded weights pass some parameters through unchanged
+#: (the LayerNorm's, fp32): until 2026-12-05 a Parameter counted as a subclass, so every training
+#: step sent each layer's local-branch backward launch through torch's wrapper: ~0.5 ms of host time
+#: per launch here, and two entries of torch's global kernel side table per launch, never freed
+#: (tests/test_triton_compile.py::test_training_launches_are_direct).
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _tracing(args, kwargs) -> bool:
     """Is a trace running over this launch: Dynamo, a dispatch mode (make_fx's proxy, fake or
-    functional tensors: torch.compile's AOT pass over a ``triton_op``), or a tensor subclass?"""
+    functional tensors: torch.compile's AOT pass over a ``triton_op``), or a tensor subclass
+    (not a plain Parameter: `_PLAIN_TENSOR_TYPES`)?"""
     if torch.compiler.is_compiling():
         return True
     if _get_current_dispatch_mode() is not None:
         return True
     if any(torch._C._get_dispatch_mode(k) is not None for k in _TRACE_MODE_KEYS):
         return True
-    return any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor
+    return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSOR_TYPES
                for a in (*args, *kwargs.values()))
 
 
