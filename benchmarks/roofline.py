@@ -10,7 +10,7 @@ gma_attention_kernel; with --train also the training kernels of one training cal
 the statistics pass and the recompute (gma_statistics_kernel, gma_recompute_z_kernel,
 gma_recompute_attention_kernel, gma_recompute_local_kernel), the attention backward (gma_b1_dkv_kernel, gma_b2_attention_kernel, gma_b2_crpe_kernel) and the
 aggregation backward (gma_dz_kernel, gma_pw_backward_kernel,
-gma_dw_backward_kernel, gma_local_backward_kernel: each summed over its launches in the call),
+gma_dw_backward_kernel, gma_dw_wgrad_kernel (with the CRPE weight gradient), gma_local_backward_kernel: each summed over its launches in the call),
 on the stage tensors, dA, dL, qkv, d_qkv and the dots in the layer's dtype (`config.stage_dtype`); the
 statistics pass with fp32's dots) x GroupMixFormer-S stage shape (C=80 56x56, 160 28x28, 320 14x14,
 320 7x7) x batch x dtype: the work of one launch from the one cost model of each backend
@@ -68,7 +68,7 @@ KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
 TRAIN_KERNELS = {"triton": ("gma_statistics_kernel", "gma_recompute_z_kernel", "gma_recompute_attention_kernel",
                             "gma_recompute_local_kernel", "gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe_kernel",
                             "gma_dz_kernel", "gma_pw_backward_kernel",
-                            "gma_dw_backward_kernel", "gma_local_backward_kernel")}
+                            "gma_dw_backward_kernel", "gma_dw_wgrad_kernel", "gma_local_backward_kernel")}
 BACKENDS = ("triton", "cuda")
 CAPABILITY = (9, 0)
 

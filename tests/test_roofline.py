@@ -221,8 +221,10 @@ def test_attention_backward_costs_by_hand(dtype, e, prec):
     crpe = triton_costs.cost("b2_crpe", B, H, W, C, dtype)
     splits_c = _split_plan(N, B, crpe_bwd_tiles(prec)[16][0])[0]
     _, attn_w = weights_floats(C)
-    assert crpe.bytes == B * N * cp * 2 * e + 2 * B * N * cp * e + B * N * cp * e + B * splits_c * 3 * cp * 4 + 4 * cp * 4 + B * splits_c * cp * 50 * 4 + 4 * (attn_w - 8 * d)
-    assert (crpe.tc_flops, crpe.cuda_flops) == (0, 2 * 2 * B * N * (2 * 9 + 3 * 25 + 3 * 49) * d)
+    # dR read, dV read and written, Z of v read, the BatchNorm sums' and the bias gradient's partials, the
+    # BatchNorm vectors, the CRPE weights; the weight gradient is gma_dw_wgrad_kernel's
+    assert crpe.bytes == B * N * cp * e + 2 * B * N * cp * e + B * N * cp * e + B * splits_c * 3 * cp * 4 + 4 * cp * 4 + B * splits_c * cp * 4 + 4 * (attn_w - 8 * d)
+    assert (crpe.tc_flops, crpe.cuda_flops) == (0, 2 * B * N * (2 * 9 + 3 * 25 + 3 * 49) * d)
     rows = roofline.rows(batches=(1,), dtypes=(dtype,), shape_list=[(C, H, W)], train=True)
     kernels = {(r["backend"], r["kernel"]) for r in rows}
     assert kernels == ({(b, k) for b in roofline.BACKENDS for k in roofline.KERNELS}
@@ -249,7 +251,13 @@ def test_aggregation_backward_costs_by_hand(C, H, dtype, e):
     assert (pw.tc_flops, pw.tc_precision) == (12 * M3 * s * s, prec)
     dw = r["gma_dw_backward_kernel"]
     assert dw.detail["launches"] == 4
-    assert dw.cuda_flops == 4 * M3 * s * (9 + 25 + 49) + 4 * 9 * M1 * 3 * s
+    assert dw.cuda_flops == 2 * M3 * s * (9 + 25 + 49) + 2 * 9 * M1 * 3 * s
+    assert dw.bytes == 2 * e * M3 * s * 3 + (9 + 25 + 49) * s * 4 + 2 * e * M1 * 3 * s + 9 * 3 * s * 4
+    wg = r["gma_dw_wgrad_kernel"]                # segments 1..3, the local branch, the CRPE's three windows
+    d = s // 2
+    assert wg.detail["launches"] == 7
+    assert wg.cuda_flops == dw.cuda_flops + 2 * M1 * d * (2 * 9 + 3 * 25 + 3 * 49)
+    assert wg.bytes > 2 * e * (3 * M3 * s + M1 * 3 * s + M1 * 8 * d)             # + the partials
     loc = r["gma_local_backward_kernel"]
     assert loc.tc_flops == 12 * M1 * s * s and loc.block is not None
     assert loc.bytes > M1 * (8 * s * e + 4)                        # + the partials and the weights

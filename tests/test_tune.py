@@ -285,6 +285,7 @@ def test_backward_runs_the_tuned_tiles(monkeypatch):
             "gma_b2_crpe_kernel": picks["triton.b2_crpe"],
             "gma_dz_kernel": (bw.BLOCK_P, bw.WARPS),
             "gma_dw_backward_kernel": (bw.BLOCK_P, bw.WARPS),
+            "gma_dw_wgrad_kernel": (bw.BLOCK_P, bw.WARPS),   # the stencils' tile (the interpreter's: not halved)
             "gma_pw_backward_kernel": (bw.PW_BLOCK_P, bw.PW_WARPS),
             "gma_local_backward_kernel": (bw.PW_BLOCK_P, bw.PW_WARPS)}
     assert {n for n, _ in launched} == set(want), sorted({n for n, _ in launched})

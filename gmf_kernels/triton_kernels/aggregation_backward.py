@@ -29,15 +29,21 @@ kernels themselves (attention_backward.py, FUSE_BN): dP is never written.
   pixel tile, dy = pw_jᵀ dz (``tl.dot``, pw_j loaded once per program) into a scratch
   buffer in the stage dtype, and g_pw_j += dz yᵀ (``tl.dot`` over the tile's pixels, fp32 accumulator in
   registers). Its prologue can form dz from G and Z itself (`b3_fused`).
-* `gma_dw_backward_kernel` (`b3_pointwise_depthwise`, `local_backward`; generic: the backward of
-  any depthwise "same" KSxKS convolution): du = correlation of dy with the flipped window
-  (masked at the image border) and the weight-gradient partials g_w[c, t] = sum_p u[c, p]
-  dy[c, p - t + R]: both use the SAME shifted dy value of a tap, so dy is read once per tap
-  (halo through the cache). The taps' weight partials live in a [channels, TAPS_PAD]
-  register tile (one-hot update per tap: a register tile cannot be indexed by a runtime
-  tap, and a per-tap read-modify-write in global memory would race between the program's
-  threads). The CRPE backward (input and weight gradient of its 3x3/5x5/7x7 depthwise) has
-  the same shape and can launch it as is (`plan_dw_backward`).
+* `gma_dw_backward_kernel` and `gma_dw_wgrad_kernel` (`b3_pointwise_depthwise`, `local_backward`;
+  generic: the backward of any depthwise "same" KSxKS convolution, `plan_dw_backward`): du =
+  correlation of dy with the flipped window (masked at the image border), and the weight
+  gradient g_w[c, t] = sum_p dy[c, p] u[c, p + t - R] as per-program partials: a program per
+  tap row keeps the row's KS products in KS [channels, pixels] accumulators across its tiles
+  and sums the pixels once at the end. The CRPE's weight gradient (its 3x3/5x5/7x7 windows)
+  launches the same kernel (`plan_dw_wgrad`, from `attention_backward.plan_b2`).
+  Until 2026-12-05 one kernel did both, sharing each tap's shifted dy load, and summed every
+  tap's products over the tile's pixels at every tile into a one-hot updated [channels,
+  TAPS_PAD] tile: in sm_90 SASS (C = 320 fp16, Triton 3.6) each tap was ~340 instructions for
+  8 elements per thread (masks, 64-bit addresses, the one-hot update) and three CTA barriers
+  with shared-memory round trips (the cross-warp sum). Split: the input gradient's tap is ~95
+  instructions with no barrier, the weight gradient's ~18 per element and tap (7x7; its tile
+  index arithmetic is paid per tap row, not per tap), the barriers once per program. Compiler
+  figures, not timings.
 * `gma_local_backward_kernel` (`local_backward`): hardswish and LayerNorm backward per pixel
   (over the s channels, recomputed by each program of a tile), then the 3s -> s pointwise's
   input gradient dw4 = local_pwᵀ dz4 and weight gradient (``tl.dot``), and the LayerNorm
@@ -81,10 +87,12 @@ Bounds aimed at, from byte and FLOP counts (not measured: no GPU here):
   pass (`statistics.backward_dots`: the forward's dots), three times the ridge: memory bound,
   with fewer registers (ptxas, sm_90: at most 137 per thread against 255; C = 320: 126 against 198). `gma_local_backward_kernel`: 12 s² FLOP against
   (8 s + 1) 4 B per pixel: 0.37 s FLOP/B, alike.
-* `gma_dw_backward_kernel`: 4 KS² FLOP per element (du and g_w) against 12 B (read dy, u; write
-  du): KS²/3 FLOP/B = 3, 8, 16 for 3x3, 5x5, 7x7, against an fp32 CUDA-core ridge of ~10
-  (A100) / ~20 (H100) FLOP/B: memory bound at 3x3 and 5x5, compute bound at 7x7 on an A100;
-  the per-tap pixel reduction of g_w (shuffles) comes on top.
+* `gma_dw_backward_kernel`: 2 KS² FLOP per element against 8 B (read dy, write du; fp32):
+  KS²/4 FLOP/B = 2, 6, 12 for 3x3, 5x5, 7x7, against an fp32 CUDA-core ridge of ~10 (A100) /
+  ~20 (H100) FLOP/B: memory bound but at 7x7 on an A100. `gma_dw_wgrad_kernel`: the same
+  FLOPs against 8 B compulsory (read dy, u), u re-read once per tap row from L2: KS x 8 B from
+  L2, the kx shifts from L1; issue-bound in practice (a mask, a load, a conversion and a
+  multiply-add per element and tap).
 """
 from __future__ import annotations
 
@@ -237,41 +245,33 @@ def gma_pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
     tl.store(dst + ch[:, None] * S_PAD + ci[None, :], acc)
 
 
-@triton.jit(do_not_specialize=["M", "N", "H", "W", "KS", "tiles_per_split", "u_img_group", "u_ch_group", "img_group",
-                               "ch_group"])
-def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_split,
-                       stride_db, stride_dc, stride_dn,
-                       u_img_group, u_s_img_group, u_s_img, u_ch_group, u_s_ch_group, u_s_ch, u_s_pix,
-                       img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
-                       NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TAPS_PAD: tl.constexpr,
-                       EMULATE_STORES: tl.constexpr):
-    """Backward of a depthwise KSxKS "same" convolution out = dwconv(u, w), w (KS, KS, NC) fp32
-    (tap-major, as the folded weights: `folding`).
+@triton.jit(do_not_specialize=["M", "N", "H", "W", "KS", "tiles_per_split", "img_group", "ch_group"])
+def gma_dw_backward_kernel(dy, w, du, M, N, H, W, KS, tiles_per_split,
+                           stride_db, stride_dc, stride_dn,
+                           img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
+                           NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                           EMULATE_STORES: tl.constexpr):
+    """Input gradient of a depthwise KSxKS "same" convolution out = dwconv(u, w), w (KS, KS, NC)
+    fp32 (tap-major, as the folded weights: `folding`): du[c, p] = sum_t w[c, t] dy[c, p - t + R]
+    (zero outside the image). Its weight gradient is `gma_dw_wgrad_kernel`'s.
 
     Grid (SPLITS, cdiv(NC, BLOCK_C)). dy: gradient of the output, images with strides (image,
-    channel, pixel), in a stage dtype (widened on load); u: the forward input, read through a `Layout` (u_img_group .. u_s_pix: a
-    strided image batch in a stage dtype, or the channels' places in qkv itself, in its dtype: no
-    copy of the input is ever made for this kernel), cast to fp32; du <- the input gradient sum_t w[c, t]
-    dy[c, p - t + R] (zero outside the image), in the `Layout` (img_group .. s_pix: a
-    contiguous (I, NC, N) buffer in dy's dtype, or the places of these channels in the qkv gradient, in
-    its dtype, rounded as `stored` does: EMULATE_STORES under the interpreter); part_gw (SPLITS,
-    cdiv(NC, BLOCK_C) * BLOCK_C, TAPS_PAD) fp32 <- this program's sum_p u[c, p] dy[c, p - t + R]
-    at tap t = ky KS + kx (TAPS_PAD >= KS², a power of two). The taps are runtime loops
-    (one instance per TAPS_PAD serves every KS <= sqrt(TAPS_PAD); see `depthwise_tile`)."""
+    channel, pixel), in a stage dtype (widened on load); du in the `Layout` (img_group .. s_pix: a
+    contiguous (I, NC, N) buffer in dy's dtype, or the places of these channels in the qkv
+    gradient, in its dtype, rounded as `stored` does: EMULATE_STORES under the interpreter). The
+    taps are runtime loops (one instance serves every KS; see `depthwise_tile`); a tap is one
+    weight load, one shifted dy load and one multiply-add per element, nothing reduced across
+    threads."""
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < NC
-    taps = tl.arange(0, TAPS_PAD)
     R = KS // 2
-    acc_w = tl.zeros([BLOCK_C, TAPS_PAD], dtype=tl.float32)
     t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
     while t < t1:
         img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
         yy = n // W
         xx = n % W
         m2 = cm[:, None] & pm[None, :]
-        usrc = _layout_offsets(img, n, c, u_img_group, u_s_img_group, u_s_img, u_ch_group, u_s_ch_group, u_s_ch, u_s_pix)
-        uc = tl.load(u + usrc, mask=m2, other=0.0).to(tl.float32)
         dy0 = dy + c[:, None] * stride_dc + (img * stride_db + n * stride_dn)[None, :]    # dy at p itself
         acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         ky = 0
@@ -286,15 +286,86 @@ def gma_dw_backward_kernel(dy, u, w, du, part_gw, M, N, H, W, KS, tiles_per_spli
                               other=0.0).to(tl.float32)
                 wv = tl.load(w + (ky * KS + kx) * NC + c, mask=cm, other=0.0)
                 acc += wv[:, None] * dyv
-                part = tl.sum(uc * dyv, axis=1)
-                acc_w += tl.where(taps[None, :] == ky * KS + kx, part[:, None], 0.0)
                 kx += 1
             ky += 1
         dst = _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix)
         tl.store(du + dst, stored(acc, du, EMULATE_STORES), mask=m2)
         t += 1
+
+
+@triton.jit
+def _wgrad_tap(acc, dyt, u_row, row_ok, xx, W, cm, s_pix, dx):
+    """acc + dy * u shifted by dx columns (zero outside the image) over a [channels, pixels] tile."""
+    ok = row_ok & (xx + dx >= 0) & (xx + dx < W)
+    uv = tl.load(u_row + dx * s_pix, mask=cm[:, None] & ok[None, :], other=0.0).to(tl.float32)
+    return acc + dyt * uv
+
+
+@triton.jit(do_not_specialize=["M", "N", "H", "W", "tiles_per_split", "u_img_group", "u_ch_group"])
+def gma_dw_wgrad_kernel(dy, u, part_gw, M, N, H, W, tiles_per_split,
+                        stride_db, stride_dc, stride_dn,
+                        u_img_group, u_s_img_group, u_s_img, u_ch_group, u_s_ch_group, u_s_ch, u_s_pix,
+                        NC: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                        TAPS_PAD: tl.constexpr):
+    """Weight gradient of a depthwise KSxKS "same" convolution out = dwconv(u, w) (generic: segments
+    1..3, the local branch's 3x3, the CRPE's windows), g_w[c, t] = sum_p dy[c, p] u[c, p + t - R],
+    as per-program partials.
+
+    Grid (SPLITS, cdiv(NC, BLOCK_C), KS): program (split, channel block, ky) walks its split's flat
+    pixel tiles and keeps tap row ky's KS products dy * u(shifted) in KS [channels, pixels] fp32
+    accumulators (KS a constexpr: 3, 5, 7; the kx taps unrolled), one multiply-add per element and
+    tap; the pixels are summed once, after the last tile, into part_gw[split, c, ky KS + kx] (fp32
+    (SPLITS, cdiv(NC, BLOCK_C) BLOCK_C, TAPS_PAD); taps >= KS^2 and channels >= NC never written).
+    Until 2026-12-05 `gma_dw_backward_kernel` summed each tap's products over the tile's pixels at
+    every tile (sm_90 SASS: three CTA barriers and a shared-memory round trip per tap and tile) and
+    kept the sums in a one-hot updated [channels, TAPS_PAD] tile. dy: images with strides (image,
+    channel, pixel), u: a `Layout` (u_img_group .. u_s_pix), both in a stage dtype (widened on load).
+    Bytes: dy once and u once per tap row (KS times, the kx shifts from L1), so KS (dy, u) reads
+    per element against KS^2 multiply-adds: L2-bandwidth bound at 7x7 at most."""
+    split = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ky = tl.program_id(2)
+    cm = c < NC
+    R: tl.constexpr = KS // 2
+    a0 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    a4 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    a5 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    a6 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
+    while t < t1:
+        img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
+        yy = n // W
+        xx = n % W
+        dyt = tl.load(dy + c[:, None] * stride_dc + (img * stride_db + n * stride_dn)[None, :],
+                      mask=cm[:, None] & pm[None, :], other=0.0).to(tl.float32)
+        sy = yy + (ky - R)                                   # u's row for tap row ky
+        row_ok = pm & (sy >= 0) & (sy < H)
+        u_row = u + _layout_offsets(img, n + (ky - R) * W, c, u_img_group, u_s_img_group, u_s_img, u_ch_group,
+                                    u_s_ch_group, u_s_ch, u_s_pix)
+        a0 = _wgrad_tap(a0, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 0 - R)
+        a1 = _wgrad_tap(a1, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 1 - R)
+        a2 = _wgrad_tap(a2, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 2 - R)
+        if KS > 3:
+            a3 = _wgrad_tap(a3, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 3 - R)
+            a4 = _wgrad_tap(a4, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 4 - R)
+        if KS > 5:
+            a5 = _wgrad_tap(a5, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 5 - R)
+            a6 = _wgrad_tap(a6, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 6 - R)
+        t += 1
     nc_pad = tl.num_programs(1) * BLOCK_C
-    tl.store(part_gw + (split * nc_pad + c)[:, None] * TAPS_PAD + taps[None, :], acc_w)
+    dst = part_gw + (split * nc_pad + c) * TAPS_PAD + ky * KS
+    tl.store(dst, tl.sum(a0, axis=1))
+    tl.store(dst + 1, tl.sum(a1, axis=1))
+    tl.store(dst + 2, tl.sum(a2, axis=1))
+    if KS > 3:
+        tl.store(dst + 3, tl.sum(a3, axis=1))
+        tl.store(dst + 4, tl.sum(a4, axis=1))
+    if KS > 5:
+        tl.store(dst + 5, tl.sum(a5, axis=1))
+        tl.store(dst + 6, tl.sum(a6, axis=1))
 
 
 @triton.jit(do_not_specialize=["M", "N", "tiles_per_split"])
@@ -362,7 +433,7 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
 
 
 #: every kernel of this file (the ahead-of-time compile check resolves them by name)
-KERNELS = (gma_dz_kernel, gma_pw_backward_kernel, gma_dw_backward_kernel, gma_local_backward_kernel)
+KERNELS = (gma_dz_kernel, gma_pw_backward_kernel, gma_dw_backward_kernel, gma_dw_wgrad_kernel, gma_local_backward_kernel)
 
 
 # ================================================================ launchers
@@ -575,20 +646,16 @@ def plan_pw_backward(dz_src: Tensor, Z: Tensor, y: List[Tensor], pw: Tensor, coe
 
 def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None, tiles: Optional[BackwardTiles] = None
                      ) -> Tuple[Dict[str, Tensor], List[Launch]]:
-    """Buffers (du (I, c, H, W), part_gw) and the launch of `gma_dw_backward_kernel` for the
-    depthwise "same" convolution dwconv(u, w), w (k, k, c) tap-major, given dy (I, c, H, W): generic
-    (the CRPE's 3x3/5x5/7x7 depthwise backward can use it as is). u: an fp32/fp16/bf16 (I, c, H, W) tensor
-    or a `Layout` of the same batch (e.g. inside qkv, `qkv_layout`); out: store du there instead
+    """Buffers (du (I, c, H, W), part_gw) and the two launches, `gma_dw_backward_kernel` (the input
+    gradient) and `gma_dw_wgrad_kernel` (the weight gradient's partials), for the depthwise "same"
+    convolution dwconv(u, w), w (k, k, c) tap-major, k in 3, 5, 7, given dy (I, c, H, W): generic (the
+    CRPE's 3x3/5x5/7x7 depthwise backward uses `plan_dw_wgrad` as is). u: an fp32/fp16/bf16 (I, c, H, W)
+    tensor or a `Layout` of the same batch (e.g. inside qkv, `qkv_layout`); out: store du there instead
     (buf["du"] is None)."""
     I, NC, H, W = dy.shape
     KS = w.shape[0]
     N, M = H * W, I * H * W
     dy_, sdb, sdc, sdn = _images(dy)
-    if not isinstance(u, Layout):
-        if tuple(u.shape) != tuple(dy.shape) or u.dtype not in STAGE_DTYPES:
-            raise TypeError(f"u: an fp32/fp16/bf16 tensor of dy's shape {tuple(dy.shape)} expected, not {u.dtype} "
-                            f"{tuple(u.shape)}")
-        u = images_layout(u)
     if dy_.dtype not in STAGE_DTYPES:
         raise TypeError(f"dy: fp32, fp16 or bf16 expected, not {dy_.dtype}")
     if w.dtype != torch.float32:
@@ -597,16 +664,44 @@ def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None, til
     block_c = min(tiles.BLOCK_C, next_pow2(NC))
     cblocks = triton.cdiv(NC, block_c)
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
-    taps_pad = next_pow2(KS * KS)
-    dev = dy.device
-    buf = {"du": None if out is not None else torch.empty(I, NC, H, W, dtype=dy.dtype, device=dev),
-           "part_gw": torch.empty(splits, cblocks * block_c, taps_pad, dtype=torch.float32, device=dev)}
+    bufw, lw = plan_dw_wgrad(dy, u, KS, tiles)
+    buf = {"du": None if out is not None else torch.empty(I, NC, H, W, dtype=dy.dtype, device=dy.device),
+           "part_gw": bufw["part_gw"]}
     out = out or images_layout(buf["du"])
-    args = (dy_, u.base, w.contiguous(), out.base, buf["part_gw"], M, N, H, W, KS, tps, sdb, sdc, sdn,
-            *u.args, *out.args)
-    kw = dict(NC=NC, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, TAPS_PAD=taps_pad, EMULATE_STORES=_common.interpreting(),
+    args = (dy_, w.contiguous(), out.base, M, N, H, W, KS, tps, sdb, sdc, sdn, *out.args)
+    kw = dict(NC=NC, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, EMULATE_STORES=_common.interpreting(),
               num_warps=tiles.WARPS)
-    return buf, [(gma_dw_backward_kernel, (splits, cblocks), args, kw)]
+    return buf, [(gma_dw_backward_kernel, (splits, cblocks), args, kw)] + lw
+
+
+def plan_dw_wgrad(dy: Tensor, u, KS: int, tiles: Optional[BackwardTiles] = None
+                  ) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """Buffer part_gw (SPLITS, channels padded to the block, TAPS_PAD) fp32 and the launch of
+    `gma_dw_wgrad_kernel`: the partials of g_w[c, ky, kx] = sum_p dy[c, p] u[c, p + (ky, kx) - R]
+    (`taps_of` sums them), dy (I, c, H, W) any image strides, u the same batch as a tensor or a
+    `Layout`, KS in 3, 5, 7. tiles: the stencils' [channels, pixels] tile (`backward_tiles`)."""
+    I, NC, H, W = dy.shape
+    N, M = H * W, I * H * W
+    if KS not in (3, 5, 7):
+        raise ValueError(f"window {KS}x{KS}: the weight-gradient kernel takes 3, 5 and 7")
+    dy_, sdb, sdc, sdn = _images(dy)
+    if not isinstance(u, Layout):
+        if tuple(u.shape) != tuple(dy.shape) or u.dtype not in STAGE_DTYPES:
+            raise TypeError(f"u: an fp32/fp16/bf16 tensor of dy's shape {tuple(dy.shape)} expected, not {u.dtype} "
+                            f"{tuple(u.shape)}")
+        u = images_layout(u)
+    if dy_.dtype not in STAGE_DTYPES:
+        raise TypeError(f"dy: fp32, fp16 or bf16 expected, not {dy_.dtype}")
+    tiles = tiles or backward_tiles(dot_pad(NC), M)
+    block_c = min(tiles.BLOCK_C, next_pow2(NC))
+    cblocks = triton.cdiv(NC, block_c)
+    block_p = tiles.BLOCK_P if interpreting() else max(16, tiles.BLOCK_P // 2)
+    splits, tps = split_plan(M, block_p, cblocks * KS, tiles.TARGET_PROGRAMS)
+    taps_pad = next_pow2(KS * KS)
+    buf = {"part_gw": torch.empty(splits, cblocks * block_c, taps_pad, dtype=torch.float32, device=dy.device)}
+    args = (dy_, u.base, buf["part_gw"], M, N, H, W, tps, sdb, sdc, sdn, *u.args)
+    kw = dict(NC=NC, KS=KS, BLOCK_C=block_c, BLOCK_P=block_p, TAPS_PAD=taps_pad, num_warps=tiles.WARPS)
+    return buf, [(gma_dw_wgrad_kernel, (splits, cblocks, KS), args, kw)]
 
 
 def taps_of(part_gw: Tensor, nc: int, k: int) -> Tensor:
@@ -716,7 +811,7 @@ def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, T
     dws = (wts.dw3, wts.dw5, wts.dw7)
     plans = [plan_dw_backward(bufp["dy"][j - 1], depthwise_input(rc, j), dws[j - 1],
                               None if d_qkv is None else qkv_layout(d_qkv, j), tiles) for j in (1, 2, 3)]
-    _launch(lp + [p[1][0] for p in plans], dz_src)
+    _launch(lp + [launch for _, ls in plans for launch in ls], dz_src)
     g_pw = bufp["part_gpw"].sum(0)[:, :s, :s]
     g_dw = [taps_of(b["part_gw"], s, 2 * j + 1) for j, (b, _) in zip((1, 2, 3), plans)]
     return [b["du"] for b, _ in plans], g_dw, g_pw
@@ -805,4 +900,4 @@ def tiles_of(tile: Tuple[int, ...]) -> BackwardTiles:
 
 register_tiles(BACKWARD_FAMILY, ("BLOCK_C", "BLOCK_P", "num_warps", "PW_BLOCK_P", "PW_WARPS", "PW_TILE_ELEMS"),
                _gpu_tile, _search, [gma_dz_kernel, gma_pw_backward_kernel,
-                                    gma_dw_backward_kernel, gma_local_backward_kernel])
+                                    gma_dw_backward_kernel, gma_dw_wgrad_kernel, gma_local_backward_kernel])

@@ -96,6 +96,7 @@ import triton.language as tl
 from ..folding import FoldedGMAWeights
 from ._common import DotVariant, crpe_group, dot_variant, hardswish, hardswish_grad, interpreting, mm, stored
 from .aggregation import split_plan
+from .aggregation_backward import plan_dw_wgrad, taps_of
 from .backward import crpe_groups
 from .config import B1_TILES, B2_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, crpe_bwd_tiles, dot_pad, next_pow2
 from .launcher import _alloc, device_guard, wrap_triton
@@ -228,18 +229,17 @@ def gma_b2_attention_kernel(da, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, dr, zq,
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
-def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, zv, bn_scale, bn_shift, mean, rstd,
+def gma_b2_crpe_kernel(dr, dv, crpe_w3, crpe_w5, crpe_w7, part_b, zv, bn_scale, bn_shift, mean, rstd,
                        part_bn, N, H, W, tiles_per_split,
                        CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                        EMULATE_STORES: tl.constexpr, FUSE_BN: tl.constexpr, BATCH_STATS: tl.constexpr):
-    """CRPE backward of one head over a run of token tiles, one fused KS x KS tap loop per tile.
-
-    For the offset o = (ky - R, kx - R) of tap (ky, kx), both gradients read the same halo
-    (tokens n + o, same validity mask):
-    * input:  dv[n] += dR[n + o] * w[KS-1-ky, KS-1-kx]   (correlation with the flipped taps);
-    * weight: part_w[b, split, c, ky*KS + kx] += sum_n dR[n] V[n + o]   (this program's rows:
-      read-modify-write after its first tile, a barrier between tiles, no atomics);
-    and part_b[b, split, c] = sum_n dR[n]. dr, v, dv channels-first (B, C', N) contiguous, in
+    """CRPE input gradient of one head over a run of token tiles, one KS x KS tap loop per tile:
+    for the offset o = (ky - R, kx - R) of tap (ky, kx), dv[n] += dR[n + o] * w[KS-1-ky, KS-1-kx]
+    (correlation with the flipped taps), and part_b[b, split, c] = sum_n dR[n]. The weight
+    gradient sum_n dR[n] V[n + o] is `aggregation_backward.gma_dw_wgrad_kernel`'s, one launch per
+    window (`plan_b2`): until 2026-12-05 this kernel formed it too, summing each tap's products over
+    the tile's tokens and adding them to its fp32 partials in global memory at every tile (a
+    read-modify-write per tap and tile, a CTA barrier per tile). dr, dv channels-first (B, C', N) contiguous, in
     the stage dtype (widened on load; dv rounded on store as `stored` does: EMULATE_STORES
     under the interpreter). FUSE_BN: dv receives, in place, G = dV hardswish'(Zv a + b) of the
     complete dV (zv: Z of the v images, laid out as v), and part_bn (B, SPLITS, 3, C') fp32 row
@@ -256,11 +256,9 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, zv,
     cmask = c < D
     base = (b * CP + head * D) * N                      # the head's first channel row (int64)
     dr_h = dr + base
-    v_h = v + base
     dv_h = dv + base
     w_taps = crpe_w + (head - first) * D + c            # tap-major (ks, ks, group_heads D)
     prow = (b * SPLITS + split) * CP + head * D + c
-    pw_rows = part_w + prow * 49
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
     gb = tl.zeros([D_PAD], dtype=tl.float32)
@@ -282,7 +280,6 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, zv,
         own = c[:, None] * N + n[None, :]               # offsets in the head's rows (int32)
         dr_t = tl.load(dr_h + own, mask=cmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
         gb += tl.sum(dr_t, axis=1)
-        keep = cmask & (t > t0)                         # partials to add to (none on the first tile)
         conv = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
         ky = 0
         while ky < ks:
@@ -295,10 +292,6 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, zv,
                 tap = ky * ks + kx
                 wv = tl.load(w_taps + (last - tap) * (group_heads * D), mask=cmask, other=0.0)
                 conv += tl.load(dr_h + (row + kx), mask=mk, other=0.0).to(tl.float32) * wv[:, None]
-                vs = tl.load(v_h + (row + kx), mask=mk, other=0.0).to(tl.float32)
-                gw = tl.sum(dr_t * vs, axis=1)
-                gw += tl.load(pw_rows + tap, mask=keep, other=0.0)
-                tl.store(pw_rows + tap, gw, mask=cmask)
                 kx += 1
             ky += 1
         ptr = dv_h + own
@@ -311,9 +304,6 @@ def gma_b2_crpe_kernel(dr, v, dv, crpe_w3, crpe_w5, crpe_w7, part_w, part_b, zv,
             s_gz += tl.sum(dv_t * z_t, axis=1)
             s_gzh += tl.sum(dv_t * ((z_t - mu) * rs), axis=1)
         tl.store(ptr, stored(dv_t, ptr, EMULATE_STORES), mask=m2)
-        # the next tile reads part_w back, possibly in other threads than those that wrote it
-        # (the [D_PAD] layouts of the sums need not match the loads'): a CTA barrier orders them
-        tl.debug_barrier()
         t += 1
     tl.store(part_b + prow, gb, mask=cmask)
     if FUSE_BN:
@@ -396,12 +386,14 @@ def b1_stage(rc: Dict[str, Tensor], dA: Tensor, scale: float, wts: FoldedGMAWeig
 def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
             dots: Optional[DotVariant] = None, block: int = 0,
             tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None),
-            bn: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None
+            bn: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None, wgrad_tiles=None
             ) -> Tuple[Dict[str, Tensor], List[Launch]]:
-    """Buffers and the two launches of B2 without launching (meta tensors work). tiles: (the
-    attention kernel's, the CRPE kernel's) (tokens per tile, num_warps), each default `_tile`'s
-    (the "triton.b2" / "triton.b2_crpe" tuning families' entries come through
-    `train_op.triton_stages`).
+    """Buffers and the launches of B2 without launching (meta tensors work): the attention kernel, the
+    CRPE kernel, and the CRPE weight gradient (`aggregation_backward.plan_dw_wgrad`, one launch per
+    window). tiles: (the attention kernel's, the CRPE kernel's) (tokens per tile, num_warps), each
+    default `_tile`'s (the "triton.b2" / "triton.b2_crpe" tuning families' entries come through
+    `train_op.triton_stages`); wgrad_tiles: the weight gradient's (`aggregation_backward.BackwardTiles`,
+    the "triton.backward" family's stencil tile; default its default).
 
     bn: (mean, rstd) of the batch statistics, or (None, None) with running statistics: the
     BatchNorm/hardswish backward fused into both kernels (their FUSE_BN; rc["Z"] read): "dP"
@@ -456,32 +448,37 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
     kwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, FUSE_BN=bn is not None, BATCH_STATS=stats, num_warps=warps)
     attn = (gma_b2_attention_kernel, (T, h, B), args, kwargs)
-    buf["part_w"] = _alloc((B, splits, cp, 49), *f32)           # taps >= KS*KS of a head: never written
     buf["part_b"] = _alloc((B, splits, cp), *f32)
     crpe_w = [w.float().contiguous() for w in (wts.crpe_w3, wts.crpe_w5, wts.crpe_w7)]
-    cargs = (buf["dR"], V, dP[2 * B:], *crpe_w, buf["part_w"], buf["part_b"], zv, *bn_t, buf["part_bn_crpe"],
-             N, H, W, tps)
+    cargs = (buf["dR"], dP[2 * B:], *crpe_w, buf["part_b"], zv, *bn_t, buf["part_bn_crpe"], N, H, W, tps)
     ckwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bc, EMULATE_STORES=interpreting(), FUSE_BN=bn is not None,
                    BATCH_STATS=stats, num_warps=cwarps)
     crpe = (gma_b2_crpe_kernel, (splits, h, B), cargs, ckwargs)
-    return buf, [attn, crpe]
+    # the CRPE weight gradients: one launch of the depthwise weight-gradient kernel per window, over
+    # the window's heads' channels of dR and V (the kernel's partials: `aggregation_backward.taps_of`)
+    dr_img, v_img = buf["dR"].view(B, cp, H, W), V.view(B, cp, H, W)
+    wgrad = []
+    for (a, b_), k in zip(crpe_groups(d), (3, 5, 7)):
+        wbuf, lw = plan_dw_wgrad(dr_img[:, a:b_], v_img[:, a:b_], k, wgrad_tiles)
+        buf[f"part_w{k}"] = wbuf["part_gw"]
+        wgrad += lw
+    return buf, [attn, crpe] + wgrad
 
 
 def b2_proxy_grads(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
                    block: int = 0, dots: Optional[DotVariant] = None,
                    tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None),
-                   bn: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None) -> tuple:
+                   bn: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None, wgrad_tiles=None) -> tuple:
     """B2 as kernels: dP (3B, C', H, W) = [dQ; dK; dV] in the stage dtype, the CRPE weight gradients (3x3, 5x5,
     7x7) and the bias gradient, as `backward.b2_proxy_grads`. Reads rc["Z"], rc["V"], rc["KV"], rc["R"]
     and the softmax statistics rc["k_max"], rc["k_sum"] (B, 8, d) when present (else computed from K;
     rc["Ks"], rc["P"] are not read). dots: default dA's variant; tiles: `plan_b2`'s. bn (`plan_b2`): the
     BatchNorm/hardswish backward fused in: (G, the CRPE gradients, (sum G, sum G Z, sum G Zhat or
     None)), `backward.b2_bn_sums`' G and sums, instead of dP (`backward.Stages.b2_fused_bn`)."""
-    buf, launches = plan_b2(dA, dKV, rc, wts, scale, dots, block=block, tiles=tiles, bn=bn)
+    buf, launches = plan_b2(dA, dKV, rc, wts, scale, dots, block=block, tiles=tiles, bn=bn, wgrad_tiles=wgrad_tiles)
     _run(launches, dA)
     d = dA.shape[2]
-    part_w = buf["part_w"].sum(dim=(0, 1))                                    # (C', 49)
-    g_w = [part_w[a:b, :k * k].t().reshape(k, k, b - a) for (a, b), k in zip(crpe_groups(d), (3, 5, 7))]
+    g_w = [taps_of(buf[f"part_w{k}"], b - a, k) for (a, b), k in zip(crpe_groups(d), (3, 5, 7))]
     if bn is None:
         return buf["dP"], g_w, buf["part_b"].sum(dim=(0, 1))
     sums = buf["part_bn_attention"].sum(dim=(0, 1, 2)) + buf["part_bn_crpe"].sum(dim=(0, 1))      # (3, C')

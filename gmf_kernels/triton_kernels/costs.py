@@ -47,14 +47,14 @@ BACKWARD_KERNELS = ("gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe
 #: the aggregation backward (aggregation_backward.py) of one training call as the Triton stage set
 #: runs it (batch statistics; B3 fused at S_PAD <= 64; input gradients stored into d_qkv in the
 #: layer's dtype, depthwise inputs read from qkv): each kernel's cost is the sum over its launches
-#: in that call (dz: 1 or 2, dw_backward: 4 = segments 1..3 and the local branch's 3x3), its grid the
-#: first launch's (detail: "launches", "programs_all")
+#: in that call (dz: 1 or 2, dw_backward: 4 = segments 1..3 and the local branch's 3x3, dw_wgrad: 7 = those
+#: four and the CRPE's three windows), its grid the first launch's (detail: "launches", "programs_all")
 #: the training statistics pass (statistics.py, fp32's dots) and the backward's recompute (statistics.py,
 #: recompute.py; the layer dtype's dots) of one training call
 RECOMPUTE_KERNELS = ("gma_statistics_kernel", "gma_recompute_z_kernel", "gma_recompute_attention_kernel",
                      "gma_recompute_local_kernel")
 AGG_BACKWARD_KERNELS = ("gma_dz_kernel", "gma_pw_backward_kernel", "gma_dw_backward_kernel",
-                        "gma_local_backward_kernel")
+                        "gma_dw_wgrad_kernel", "gma_local_backward_kernel")
 ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 #: multiply-adds per channel of one token of the CRPE stencils, per head width d:
 #: heads 0-1 3x3, heads 2-4 5x5, heads 5-7 7x7 -> d * (2*9 + 3*25 + 3*49) = 240 d
@@ -311,23 +311,24 @@ def _b2_attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> C
 
 
 def _b2_crpe(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_b2_crpe_kernel, grid (SPLITS, 8, B): dR and V (stage tensors, e) read once (halos from
+    """gma_b2_crpe_kernel, grid (SPLITS, 8, B): dR (a stage tensor, e) read once (halos from
     cache), dV read and G of v written in its place (e; the BatchNorm backward fused in: Z of v
-    read, e, and the sums' partials B SPLITS 3 C' x 4 written), the per-program partials written (B SPLITS C' (49 + 1) x 4), the
-    CRPE weights read. cuda: a multiply-add per tap for the input and one for the weight gradient,
-    2 x 240 d MACs per token (`CRPE_TAPS_PER_D`); no tensor-core work."""
+    read, e, and the sums' partials B SPLITS 3 C' x 4 written), the bias gradient's partials written
+    (B SPLITS C' x 4), the CRPE weights read. cuda: a multiply-add per tap for the input gradient,
+    240 d MACs per token (`CRPE_TAPS_PER_D`); no tensor-core work. The weight gradient is
+    `gma_dw_wgrad_kernel`'s (`aggregation_backward_costs`)."""
     from .config import crpe_bwd_tiles
     N = H * W
     e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
     bp, warps, splits, _ = _backward_plan(N, B, crpe_bwd_tiles(prec), sh, True)
     wb = _weights_bytes(sh.C)
-    detail = {"dr_v_read": B * N * cp * 2 * e, "dv_read_write": 2 * B * N * cp * e,
-              "partials_write": B * splits * cp * 50 * 4, "z_read": B * N * cp * e,
+    detail = {"dr_read": B * N * cp * e, "dv_read_write": 2 * B * N * cp * e,
+              "partials_write": B * splits * cp * 4, "z_read": B * N * cp * e,
               "bn_partials_write": B * splits * 3 * cp * 4, "bn_read": 4 * cp * 4,
               "weights": sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7")), "splits": splits}
     nbytes = sum(v for k, v in detail.items() if k != "splits")
-    return Cost(bytes=nbytes, tc_flops=0, cuda_flops=2 * 2 * B * N * CRPE_TAPS_PER_D * d, grid=(splits, 8, B),
+    return Cost(bytes=nbytes, tc_flops=0, cuda_flops=2 * B * N * CRPE_TAPS_PER_D * d, grid=(splits, 8, B),
                 block=32 * warps, detail=detail)
 
 
@@ -343,11 +344,13 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
       dz           G, Z read, dZ written (segment 0: into d_qkv; unfused B3: all 4s)
       pw_backward  per pixel of 3B images and segment 1..3: G and Z (fused; 2e) or dZ (e), y (e)
                    read, dy (e) written
-      dw_backward  dy, u (from qkv) read, du (into d_qkv) written: 3e per element
+      dw_backward  dy read, du (into d_qkv) written: 2e per element
+      dw_wgrad     dy and u (from qkv; the CRPE's: dR and V) read: 2e per element, and its partials
       local        dL (s e), xh (s e), rstd (4 B), w4 (3 s e) read, dw4 (3 s e) written per pixel
     tc: pw_backward 2 x 2 s^2 MACs per pixel and segment (dy = pw^T dz, g_pw += dz y^T); local
     2 x 3 s^2 (dw4 and g_local_pw); padded as issued (BLOCK_I x S_PAD x PW_BLOCK_P per tile and
-    output-channel block). cuda: dw_backward 2 x KS^2 MACs per element (du and the weight gradient)."""
+    output-channel block). cuda: dw_backward and dw_wgrad each KS^2 MACs per element (du; the weight
+    gradient), the CRPE's 240 d per token of its input gradient in `_b2_crpe`."""
     import torch
 
     from . import aggregation_backward as agb
@@ -390,21 +393,32 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
     launches[-1][2]["bytes"] += bufp["part_gpw"].numel() * 4
     tiles_pw = -(-M3 // kw["BLOCK_P"]) * lp[0][1][0]
     launches[-1][2]["tc_padded"] = 2 * 2 * kw["BLOCK_I"] * s_pad * kw["BLOCK_P"] * tiles_pw
+    def add_wgrad(ls, buf, elements, k):
+        (fw, gw, _, kw_w), = ls
+        launches.append((kernel_name(fw), gw, {"bytes": 2 * e * elements + buf["part_gw"].numel() * 4,
+                                              "cuda": 2 * k * k * elements, "kw": kw_w}))
+
     for j, w in zip((1, 2, 3), (wts.dw3, wts.dw5, wts.dw7)):
         k = 2 * j + 1
-        bd, _ = add(agb.plan_dw_backward(bufp["dy"][j - 1], agb.qkv_layout(qkv, j), w, agb.qkv_layout(d_qkv, j), t),
-                    bytes=3 * e * M3 * s + k * k * s * 4, cuda=2 * 2 * k * k * M3 * s)
-        launches[-1][2]["bytes"] += bd["part_gw"].numel() * 4
+        bd, ld = add(agb.plan_dw_backward(bufp["dy"][j - 1], agb.qkv_layout(qkv, j), w, agb.qkv_layout(d_qkv, j), t),
+                     bytes=2 * e * M3 * s + k * k * s * 4, cuda=2 * k * k * M3 * s)
+        add_wgrad(ld[1:], bd, M3 * s, k)
     dL = torch.empty(B, N, C, device="meta", dtype=tdt)[..., cp:].transpose(1, 2).reshape(B, s, H, W)
     bl, ll = agb.plan_local_backward(dL, rc, wts, dots, agb.qkv_layout(d_qkv, 4), t)
-    (fl, gl, _, kl), (fd, gd, _, _) = ll
+    (fl, gl, _, kl), (fd, gd, _, _), lw = ll
     tiles_l = -(-M1 // kl["BLOCK_P"]) * gl[0]
     launches.append((kernel_name(fl), gl, {
         "bytes": M1 * (8 * s * e + 4) + (bl["part_gpw"].numel() + bl["part_ln"].numel()) * 4
         + (3 * s * s + 2 * s) * 4, "tc": 2 * 2 * 3 * M1 * s * s,
         "tc_padded": 2 * 2 * kl["BLOCK_I"] * 3 * s_pad * kl["BLOCK_P"] * tiles_l // 3, "kw": kl}))
-    launches.append((kernel_name(fd), gd, {
-        "bytes": 3 * e * M1 * 3 * s + bl["part_gw"].numel() * 4 + 9 * 3 * s * 4, "cuda": 2 * 2 * 9 * M1 * 3 * s}))
+    launches.append((kernel_name(fd), gd, {"bytes": 2 * e * M1 * 3 * s + 9 * 3 * s * 4, "cuda": 2 * 9 * M1 * 3 * s}))
+    add_wgrad([lw], bl, M1 * 3 * s, 3)
+    # the CRPE's weight gradient (attention_backward.plan_b2): the same kernel over dR and V, per window
+    d = s // 2
+    dr_img, v_img = torch.empty(B, cp, H, W, **sd), torch.empty(B, cp, H, W, **sd)
+    for (a, b), k in zip(((0, 2 * d), (2 * d, 5 * d), (5 * d, 8 * d)), (3, 5, 7)):
+        bw, lw = agb.plan_dw_wgrad(dr_img[:, a:b], v_img[:, a:b], k, t)
+        add_wgrad(lw, bw, M1 * (b - a), k)
     out: Dict[str, Cost] = {}
     for name in AGG_BACKWARD_KERNELS:
         mine = [(g, w) for n, g, w in launches if n == name]

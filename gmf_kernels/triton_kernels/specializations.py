@@ -66,14 +66,13 @@ from .config import AOT_ARCHS, DTYPE_NAMES, arch_dots, capability_of_arch, dot_p
 #: image side and batches of the real calls
 IMAGE = 224
 BATCHES = (128, 1)
-KERNEL_ORDER = {"gma_aggregate_kernel": 0, "gma_attention_kernel": 1, "gma_combine_kernel": 2,
-                "gma_b1_dkv_kernel": 3, "gma_b2_attention_kernel": 4, "gma_b2_crpe_kernel": 5,
-                "gma_dz_kernel": 7, "gma_pw_backward_kernel": 8,
-                "gma_dw_backward_kernel": 9, "gma_local_backward_kernel": 10, "gma_statistics_kernel": 11,
-                "gma_recompute_z_kernel": 12, "gma_recompute_attention_kernel": 13,
-                "gma_recompute_local_kernel": 14}
+KERNEL_ORDER = {name: i for i, name in enumerate((
+    "gma_aggregate_kernel", "gma_attention_kernel", "gma_combine_kernel", "gma_b1_dkv_kernel", "gma_b2_attention_kernel",
+    "gma_b2_crpe_kernel", "gma_dz_kernel", "gma_pw_backward_kernel", "gma_dw_backward_kernel", "gma_dw_wgrad_kernel",
+    "gma_local_backward_kernel", "gma_statistics_kernel", "gma_recompute_z_kernel", "gma_recompute_attention_kernel",
+    "gma_recompute_local_kernel"))}
 #: the argument whose element type names a specialisation's dtype
-DTYPE_ARGS = ("qkv", "q", "v", "dZ", "du")
+DTYPE_ARGS = ("qkv", "q", "v", "dZ", "du", "dy")
 
 
 @dataclass(frozen=True)
@@ -288,9 +287,10 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
     stats4 = torch.empty(4, s, **meta)
     # B2 with the BatchNorm backward fused in (batch statistics, and running statistics), as
     # `train_op.triton_stages` runs it
+    wgrad_tiles = tiles_of(t[BACKWARD_FAMILY]) if BACKWARD_FAMILY in t else None
     for bn in ((stats4, stats4), (None, None)):
         launches += plan_b2(dA, torch.empty(B, 8, d, d, **meta), rc, weights, d ** -0.5, dots=dots,
-                            tiles=(t.get(B2_FAMILY), t.get(CRPE_FAMILY)), bn=bn)[1]
+                            tiles=(t.get(B2_FAMILY), t.get(CRPE_FAMILY)), bn=bn, wgrad_tiles=wgrad_tiles)[1]
     if aggregation:
         rc = bw.recompute(torch.empty(B, N, 3 * C, **meta), H, W, weights, 1e-5)   # the real layouts of Z, u, y
         rc = {k: [t.to(st["dtype"]) for t in v] if isinstance(v, list) else
@@ -300,7 +300,7 @@ def backward_specializations_of_call(call: Call, arch: int, aggregation: bool = 
         qkv = torch.empty(B, N, 3 * C, device="meta", dtype=dt)        # the stencils' inputs, read in place
         for mean in (stats, None):
             launches += plan_stages(torch.empty_like(rc["Z"]), rc, weights, mean, mean, dots, d_qkv, qkv,
-                                    tiles_of(t[BACKWARD_FAMILY]) if BACKWARD_FAMILY in t else None)
+                                    wgrad_tiles)
     return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
 
 

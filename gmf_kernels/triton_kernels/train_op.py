@@ -137,7 +137,8 @@ def triton_stages(s: int, dots: DotVariant, tiles: Optional[TrainTiles] = None) 
     def bind(stage, **kw):
         return functools.partial(stage, dots=dots, **kw)
     return Stages(b1_dkv=bind(ab.b1_stage, tile=tiles.b1), b2_proxy_grads=bind(ab.b2_proxy_grads,
-                                                                              tiles=(tiles.b2, tiles.b2_crpe)),
+                                                                              tiles=(tiles.b2, tiles.b2_crpe),
+                                                                              wgrad_tiles=tiles.backward),
                   b2_bn_sums=None,
                   b3=bind(agb.b3_fused, tiles=tiles.backward), local_backward=bind(agb.local_backward,
                                                                                    tiles=tiles.backward),
