@@ -412,8 +412,9 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
         xv = tl.load(xh + co[:, None] * N + (img * (S * N) + n)[None, :], mask=m2, other=0.0).to(tl.float32)
         r = tl.load(rstd + img * N + n, mask=pm, other=0.0)[None, :]
         gl = dl * hardswish_grad(xv * lnw + lnb)                      # 0 on padded channels / pixels
-        acc_w += tl.sum(gl * xv, axis=1)
-        acc_b += tl.sum(gl, axis=1)
+        if tl.program_id(0) == 0:                                  # the one program that stores them
+            acc_w += tl.sum(gl * xv, axis=1)
+            acc_b += tl.sum(gl, axis=1)
         dxh = gl * lnw
         mean1 = tl.sum(dxh, axis=0)[None, :] / S
         mean2 = tl.sum(dxh * xv, axis=0)[None, :] / S
@@ -886,10 +887,24 @@ def _gpu_tile(C: int, precision: str) -> Tuple[int, ...]:
     return (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS)
 
 
+#: 64-pixel tiles of the channel-mix kernels (4 pixels a thread at S_PAD 16, against one: a fourth of the
+#: CTA barriers per element; sm_90 SASS of the pointwise backward at C = 80 fp16 with 16-pixel tiles: 6
+#: barriers per 16-pixel tile), where they compile without spilling (2026-12-05, ptxas, batch 128, sm_80 and
+#: sm_90): S_PAD 16 (C = 80) at fp32 and fp16 (pointwise 106-181 registers, local 136-236), S_PAD 32 (C = 160)
+#: at fp16 only (one-pass TF32 dots: 138-234; fp32's 3xTF32 spilled 84-104 B); sm_70/75's FMA dots not
+#: tried. Not timed.
+WIDE_PW_TILE = (16, 128, 8, 64, 8, 64 * 64)
+
+
 def _search(C: int, precision: str) -> List[Tuple[int, ...]]:
-    """TILE_SEARCH with the channel-mix block of the default at S_PAD 128 (16 x 128)."""
-    wide = dot_pad(C // 5) > 64
-    return [t[:5] + (min(t[5], 16 * 128),) if wide else t for t in TILE_SEARCH]
+    """TILE_SEARCH with the channel-mix block of the default at S_PAD 128 (16 x 128), and `WIDE_PW_TILE`
+    where it compiles without spilling."""
+    s_pad = dot_pad(C // 5)
+    wide = s_pad > 64
+    out = [t[:5] + (min(t[5], 16 * 128),) if wide else t for t in TILE_SEARCH]
+    if (s_pad <= 16 and precision in ("tf32", "tf32x3")) or (s_pad == 32 and precision == "tf32"):   # sm_80+
+        out.append(WIDE_PW_TILE)
+    return out
 
 
 def tiles_of(tile: Tuple[int, ...]) -> BackwardTiles:

@@ -261,16 +261,18 @@ def gma_b2_crpe_kernel(dr, dv, crpe_w3, crpe_w5, crpe_w7, part_b, zv, bn_scale, 
     prow = (b * SPLITS + split) * CP + head * D + c
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
-    gb = tl.zeros([D_PAD], dtype=tl.float32)
+    # the per-channel sums are kept per element ([D_PAD, BLOCK_P]) across the tiles and summed over the
+    # tokens once, after the last: a sum per tile cost CTA barriers (sm_90 SASS: 12 per tile for the four)
+    gb = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
     if FUSE_BN:
         ch = head * D + c
         a = tl.load(bn_scale + ch, mask=cmask, other=0.0)[:, None]
         bb = tl.load(bn_shift + ch, mask=cmask, other=0.0)[:, None]
         mu = tl.load(mean + ch, mask=cmask, other=0.0)[:, None]
         rs = tl.load(rstd + ch, mask=cmask, other=0.0)[:, None]
-        s_g = tl.zeros([D_PAD], dtype=tl.float32)
-        s_gz = tl.zeros([D_PAD], dtype=tl.float32)
-        s_gzh = tl.zeros([D_PAD], dtype=tl.float32)
+        s_g = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
+        s_gz = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
+        s_gzh = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
     t = t0
     while t < t1:                                       # [D_PAD, BLOCK_P] tiles: channels x tokens
         n = t * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -279,7 +281,7 @@ def gma_b2_crpe_kernel(dr, dv, crpe_w3, crpe_w5, crpe_w7, part_b, zv, bn_scale, 
         x = n % W
         own = c[:, None] * N + n[None, :]               # offsets in the head's rows (int32)
         dr_t = tl.load(dr_h + own, mask=cmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
-        gb += tl.sum(dr_t, axis=1)
+        gb += dr_t
         conv = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
         ky = 0
         while ky < ks:
@@ -300,18 +302,18 @@ def gma_b2_crpe_kernel(dr, dv, crpe_w3, crpe_w5, crpe_w7, part_b, zv, bn_scale, 
         if FUSE_BN:
             z_t = tl.load(zv + base + own, mask=m2, other=0.0).to(tl.float32)
             dv_t = dv_t * hardswish_grad(z_t * a + bb)
-            s_g += tl.sum(dv_t, axis=1)
-            s_gz += tl.sum(dv_t * z_t, axis=1)
-            s_gzh += tl.sum(dv_t * ((z_t - mu) * rs), axis=1)
+            s_g += dv_t                            # dv_t, z_t: 0 outside the tile's valid elements
+            s_gz += dv_t * z_t
+            s_gzh += dv_t * ((z_t - mu) * rs)
         tl.store(ptr, stored(dv_t, ptr, EMULATE_STORES), mask=m2)
         t += 1
-    tl.store(part_b + prow, gb, mask=cmask)
+    tl.store(part_b + prow, tl.sum(gb, axis=1), mask=cmask)
     if FUSE_BN:
         row = part_bn + (b * SPLITS + split) * (3 * CP) + head * D + c
-        tl.store(row, s_g, mask=cmask)
-        tl.store(row + CP, s_gz, mask=cmask)
+        tl.store(row, tl.sum(s_g, axis=1), mask=cmask)
+        tl.store(row + CP, tl.sum(s_gz, axis=1), mask=cmask)
         if BATCH_STATS:
-            tl.store(row + 2 * CP, s_gzh, mask=cmask)
+            tl.store(row + 2 * CP, tl.sum(s_gzh, axis=1), mask=cmask)
 
 
 # ================================================================ launchers
