@@ -421,3 +421,29 @@ def test_channel_mix_backward_dot_overrides(C, precision, emulate):
     for fn, _grid, _args, kw in (lp[0], ll[0]):
         assert kw["DOT_PRECISION"] == want, (fn, C, precision, kw["DOT_PRECISION"], want)
         assert kw["EMULATE_DOTS"] == emulate
+
+
+#: tiles whose programs each walk several pixel tiles (one split) across image borders, with a partly
+#: masked last channel block: what a GPU launch does at batch 128, at a size the interpreter runs quickly
+MULTI_TILE = agb.BackwardTiles(BLOCK_C=8, BLOCK_P=16, WARPS=4, PW_BLOCK_P=16, PW_WARPS=4, TARGET_PROGRAMS=1)
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_depthwise_backward_programs_over_many_tiles(k):
+    """`plan_dw_backward` (the input gradient, `gma_dw_backward_kernel`, and the weight gradient,
+    `gma_dw_wgrad_kernel`) with programs that each walk 7 pixel tiles of 3 images (the tiles cross
+    the images' borders) and a partly masked channel block, against the float64 PyTorch adjoints."""
+    I, c, H, W = 3, 12, 5, 7
+    g = torch.Generator().manual_seed(k)
+    dy, u = (torch.randn(I, c, H, W, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(k, k, c, generator=g, dtype=torch.float64)
+    buf, launches = agb.plan_dw_backward(dy.float(), u.float(), w.float(), tiles=MULTI_TILE)
+    grids = {kern.__name__: grid for kern, grid, _, _ in launches}
+    tps = {kern.__name__: args[8 if kern is agb.gma_dw_backward_kernel else 7] for kern, _, args, _ in launches}
+    assert grids == {"gma_dw_backward_kernel": (1, 2), "gma_dw_wgrad_kernel": (1, 2, k)}, grids
+    assert tps == {"gma_dw_backward_kernel": 7, "gma_dw_wgrad_kernel": 7}, tps         # 105 pixels / 16
+    agb._launch(launches, dy)
+    for name, got, exp in (("du", buf["du"], bw.dwconv_input_grad(dy, w)),
+                           ("g_w", agb.taps_of(buf["part_gw"], c, k), bw.dwconv_weight_grad(dy, u, k))):
+        err = float((got.double() - exp).abs().max() / exp.abs().max())
+        assert err < 1e-6, f"{name} {k}x{k}: {err:.2e}"

@@ -26,6 +26,7 @@ triton = pytest.importorskip("triton")
 
 from gmf_kernels.folding import fold_eval  # noqa: E402
 from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights  # noqa: E402
+from gmf_kernels.triton_kernels import aggregation_backward as agb  # noqa: E402
 from gmf_kernels.triton_kernels import attention_backward as ab  # noqa: E402
 from gmf_kernels.triton_kernels import backward as bw  # noqa: E402
 from gmf_kernels.triton_kernels._common import interpreting  # noqa: E402
@@ -97,8 +98,14 @@ def b2_outputs(res, B):
     return [dP[j * B:(j + 1) * B] for j in range(3)] + list(g_w) + [g_b]
 
 
+#: the CRPE weight gradient's tile with a block (`test_split_runs_of_tiles`): every program walks all the
+#: pixel tiles (one split), 8-channel blocks (the 12-channel windows' last one partly masked)
+MULTI_TILE = agb.BackwardTiles(BLOCK_C=8, BLOCK_P=16, WARPS=4, PW_BLOCK_P=16, PW_WARPS=4, TARGET_PROGRAMS=1)
+
+
 def check_stages(x, B, block=0):
-    """B1, then B2 fed the oracle's dKV rounded to fp32 (each stage checked alone)."""
+    """B1, then B2 fed the oracle's dKV rounded to fp32 (each stage checked alone); with a block, the
+    CRPE weight gradient's programs over several tiles too (`MULTI_TILE`)."""
     s = x["scale"]
     oracle = bw.b1_dkv(x["Q64"], x["dA64"], s)
     got = ab.b1_dkv(x["Zq32"], x["dA32"], s, x["w32"].bn_scale, x["w32"].bn_shift, block=block)
@@ -108,7 +115,8 @@ def check_stages(x, B, block=0):
     dKV = oracle.float()
     exp = b2_outputs(bw.b2_proxy_grads(x["dA64"], oracle, x["rc64"], x["w64"], s), B)
     ref = b2_outputs(bw.b2_proxy_grads(x["dA32"], dKV, x["rc32"], x["w32"], s), B)
-    got = b2_outputs(ab.b2_proxy_grads(x["dA32"], dKV, x["rc32"], x["w32"], s, block=block), B)
+    got = b2_outputs(ab.b2_proxy_grads(x["dA32"], dKV, x["rc32"], x["w32"], s, block=block,
+                                       wgrad_tiles=MULTI_TILE if block else None), B)
     for name, g, r, e in zip(B2_OUTPUTS, got, ref, exp):
         assert g.dtype == torch.float32, name
         assert_within_reference_error(g, r, e, floor=ROUNDING_FLOOR, name=f"B2 {name}")
@@ -121,7 +129,8 @@ def test_stages_match_pytorch(C, grid, B):
 
 def test_split_runs_of_tiles(monkeypatch):
     """GPU-sized 16-token tiles, 3 tiles, split-N into 2 runs of up to 2 tiles: the partial sums
-    of B1, the CRPE weight-gradient read-modify-write after a run's first tile, a ragged last tile."""
+    of B1 and of the CRPE kernel's bias gradient, a ragged last tile; the CRPE weight gradient's
+    programs walk the 3 tiles (`MULTI_TILE`)."""
     monkeypatch.setattr(ab, "SPLIT_TARGET", 16)
     assert ab._split_plan(33, 1, 16) == (2, 2)
     check_stages(stage_inputs(40, 3, 11, 1, seed=3), 1, block=16)

@@ -30,7 +30,7 @@ kernels themselves (attention_backward.py, FUSE_BN): dP is never written.
   buffer in the stage dtype, and g_pw_j += dz yᵀ (``tl.dot`` over the tile's pixels, fp32 accumulator in
   registers). Its prologue can form dz from G and Z itself (`b3_fused`).
 * `gma_dw_backward_kernel` and `gma_dw_wgrad_kernel` (`b3_pointwise_depthwise`, `local_backward`;
-  generic: the backward of any depthwise "same" KSxKS convolution, `plan_dw_backward`): du =
+  generic: the backward of a depthwise "same" 3x3, 5x5 or 7x7 convolution, `plan_dw_backward`): du =
   correlation of dy with the flipped window (masked at the image border), and the weight
   gradient g_w[c, t] = sum_p dy[c, p] u[c, p + t - R] as per-program partials: a program per
   tap row keeps the row's KS products in KS [channels, pixels] accumulators across its tiles
@@ -41,13 +41,14 @@ kernels themselves (attention_backward.py, FUSE_BN): dP is never written.
   TAPS_PAD] tile: in sm_90 SASS (C = 320 fp16, Triton 3.6) each tap was ~340 instructions for
   8 elements per thread (masks, 64-bit addresses, the one-hot update) and three CTA barriers
   with shared-memory round trips (the cross-warp sum). Split: the input gradient's tap is ~95
-  instructions with no barrier, the weight gradient's ~18 per element and tap (7x7; its tile
+  instructions with no barrier, the weight gradient's ~20 per element and tap (7x7; its tile
   index arithmetic is paid per tap row, not per tap), the barriers once per program. Compiler
   figures, not timings.
 * `gma_local_backward_kernel` (`local_backward`): hardswish and LayerNorm backward per pixel
   (over the s channels, recomputed by each program of a tile), then the 3s -> s pointwise's
   input gradient dw4 = local_pwᵀ dz4 and weight gradient (``tl.dot``), and the LayerNorm
-  affine's gradients; the depthwise 3x3 over the 3s channels is `gma_dw_backward_kernel`.
+  affine's gradients; the depthwise 3x3 over the 3s channels is `gma_dw_backward_kernel` and
+  `gma_dw_wgrad_kernel`.
 
 Why `b3_fused` forms dZ in the pointwise kernel's prologue (bytes per pixel, fp32 stage
 tensors, s channels per segment; half of each for fp16/bf16 ones): separately, b3_dz reads G, Z and writes dZ over 4s channels (48 s B;
@@ -58,8 +59,9 @@ only, 12 s B) and the dz kernel writes segment 0's du (= its dZ) only (12 s B; e
 element, nothing next to the s x s mixes. `b3_dz` and `b3_pointwise_depthwise` stay
 available with backward.py's signatures (the unfused pair).
 
-Where the depthwise inputs come from and the input gradients go: `gma_dw_backward_kernel` reads
-its input u and stores its input gradient, and `gma_dz_kernel` stores segment 0's du (= its dZ),
+Where the depthwise inputs come from and the input gradients go: `gma_dw_wgrad_kernel` reads the
+depthwise input u, `gma_dw_backward_kernel` stores its input gradient, and `gma_dz_kernel` stores
+segment 0's du (= its dZ),
 through a `Layout` (two-level image and channel strides): a fresh (I, NC, N) fp32 buffer or a
 strided image batch (the stage functions' contract), or, in the Triton stage set
 (`backward.Stages.into_d_qkv`, recompute.py's rc with rc["qkv"]), the elements' own places in
@@ -315,7 +317,7 @@ def gma_dw_wgrad_kernel(dy, u, part_gw, M, N, H, W, tiles_per_split,
     pixel tiles and keeps tap row ky's KS products dy * u(shifted) in KS [channels, pixels] fp32
     accumulators (KS a constexpr: 3, 5, 7; the kx taps unrolled), one multiply-add per element and
     tap; the pixels are summed once, after the last tile, into part_gw[split, c, ky KS + kx] (fp32
-    (SPLITS, cdiv(NC, BLOCK_C) BLOCK_C, TAPS_PAD); taps >= KS^2 and channels >= NC never written).
+    (SPLITS, cdiv(NC, BLOCK_C) BLOCK_C, TAPS_PAD); taps >= KS^2 never written, channels >= NC zero).
     Until 2026-12-05 `gma_dw_backward_kernel` summed each tap's products over the tile's pixels at
     every tile (sm_90 SASS: three CTA barriers and a shared-memory round trip per tap and tile) and
     kept the sums in a one-hot updated [channels, TAPS_PAD] tile. dy: images with strides (image,
@@ -374,7 +376,7 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
                           S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
     """The local branch down to its depthwise (`backward.local_backward`; the depthwise is
-    `gma_dw_backward_kernel`). Grid (3 S_PAD / BLOCK_I, SPLITS): program (which * S_PAD / BLOCK_I
+    `gma_dw_backward_kernel` and `gma_dw_wgrad_kernel`). Grid (3 S_PAD / BLOCK_I, SPLITS): program (which * S_PAD / BLOCK_I
     + ib, split), which = q, k, v part of the 3s pointwise inputs, ib a block of BLOCK_I of them:
 
         gL  = dL hardswish'(xh ln_weight + ln_bias)        xh: LayerNorm output before the affine
@@ -495,7 +497,7 @@ class BackwardTiles:
     """Tiles of the aggregation-backward kernels (heuristic, not tuned: no GPU here).
 
     BLOCK_C x BLOCK_P, WARPS: [channels, pixels] tiles of `gma_dz_kernel`,
-    `gma_dw_backward_kernel`. PW_BLOCK_P, PW_WARPS: pixels per tile and warps of the two
+    `gma_dw_backward_kernel` and, with BLOCK_P halved on a GPU, `gma_dw_wgrad_kernel` (`plan_dw_wgrad`). PW_BLOCK_P, PW_WARPS: pixels per tile and warps of the two
     channel-mix kernels, whose output channels go in blocks of BLOCK_I = PW_TILE_ELEMS /
     S_PAD (at most S_PAD), so the two register tiles held for a program's life (the weight
     rows [BLOCK_I, S_PAD] and the weight-gradient accumulator [S_PAD, BLOCK_I]) stay at
@@ -505,7 +507,8 @@ class BackwardTiles:
     The GPU tiles, compiled with the runtime's specialisation for C = 320 (s = 64), 14x14,
     batch 128, fp32 (tests/test_triton_aggregation_backward.py, ptxas -v; registers sm_80 /
     sm_90, no spills): stencil [16, 128] at 8 warps 114-118 / 118-120 (4 warps: 219-230, a
-    third of the occupancy), dz 40 / 48, pointwise (16 pixels, 8 warps)
+    third of the occupancy; that was the input and the weight gradient in one kernel, until
+    2026-12-05), dz 40 / 48, pointwise (16 pixels, 8 warps)
     216 / 166 from dZ and 254 / 198 from G and Z, local branch 255 / 212. 32-pixel tiles
     or 4 warps spilled the pointwise kernel on sm_80 (88 B to 1 KB). At s = 96 (S_PAD =
     128, C = 480) the pointwise kernel from dZ (BLOCK_I = 32) compiled at 253-255 registers
@@ -696,10 +699,14 @@ def plan_dw_wgrad(dy: Tensor, u, KS: int, tiles: Optional[BackwardTiles] = None
     tiles = tiles or backward_tiles(dot_pad(NC), M)
     block_c = min(tiles.BLOCK_C, next_pow2(NC))
     cblocks = triton.cdiv(NC, block_c)
+    # on a GPU half the stencils' pixels: KS accumulators of [BLOCK_C, BLOCK_P] live across the tiles, and
+    # at [16, 128] x 8 warps (8 elements a thread) the 7x7 instance took 165-185 registers (one CTA per SM),
+    # at [16, 64] 72-80 (sm_90, fp16, 2026-12-05)
     block_p = tiles.BLOCK_P if interpreting() else max(16, tiles.BLOCK_P // 2)
     splits, tps = split_plan(M, block_p, cblocks * KS, tiles.TARGET_PROGRAMS)
     taps_pad = next_pow2(KS * KS)
-    buf = {"part_gw": torch.empty(splits, cblocks * block_c, taps_pad, dtype=torch.float32, device=dy.device)}
+    from .launcher import _alloc           # (the tests' NaN poisoning of the launchers' buffers)
+    buf = {"part_gw": _alloc((splits, cblocks * block_c, taps_pad), torch.float32, dy.device)}
     args = (dy_, u.base, buf["part_gw"], M, N, H, W, tps, sdb, sdc, sdn, *u.args)
     kw = dict(NC=NC, KS=KS, BLOCK_C=block_c, BLOCK_P=block_p, TAPS_PAD=taps_pad, num_warps=tiles.WARPS)
     return buf, [(gma_dw_wgrad_kernel, (splits, cblocks, KS), args, kw)]
@@ -707,8 +714,8 @@ def plan_dw_wgrad(dy: Tensor, u, KS: int, tiles: Optional[BackwardTiles] = None
 
 def taps_of(part_gw: Tensor, nc: int, k: int) -> Tensor:
     """The depthwise weight gradient (k, k, nc), tap-major as the folded weights, from the
-    partials part_gw (SPLITS, channels, TAPS_PAD) of `gma_dw_backward_kernel`."""
-    return part_gw.sum(0)[:nc, :k * k].t().reshape(k, k, nc)
+    partials part_gw (SPLITS, channels, TAPS_PAD) of `gma_dw_wgrad_kernel`."""
+    return part_gw[:, :nc, :k * k].sum(0).t().reshape(k, k, nc)
 
 
 def depthwise_input(rc: Dict[str, Tensor], segment: int):
@@ -725,7 +732,8 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
                         out: Optional[Layout] = None, tiles: Optional[BackwardTiles] = None
                         ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers (dw4 (B, 3s, H, W), part_gpw, part_ln, then du4 and part_gw of the depthwise)
-    and the two launches of the local branch: `gma_local_backward_kernel`, `gma_dw_backward_kernel`."""
+    and the three launches of the local branch: `gma_local_backward_kernel`, `gma_dw_backward_kernel`,
+    `gma_dw_wgrad_kernel`."""
     B, S, H, W = dL.shape
     S_PAD = dot_pad(S)
     N, M = H * W, B * H * W
@@ -804,7 +812,7 @@ def b3_dz(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optiona
 def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights,
                        d_qkv: Optional[Tensor] = None, dots: Optional[DotVariant] = None,
                        tiles: Optional[BackwardTiles] = None) -> Tuple[List[Optional[Tensor]], List[Tensor], Tensor]:
-    """Segments 1..3: the pointwise kernel, then one stencil launch per segment; (du_1..3, g_dw, g_pw)
+    """Segments 1..3: the pointwise kernel, then two stencil launches per segment (input and weight gradient); (du_1..3, g_dw, g_pw)
     (d_qkv given: du_j stored there, `qkv_layout`, and returned as None). dots: the pointwise
     kernel's (default dz_src's variant)."""
     s = dz_src.shape[1] // 4

@@ -63,19 +63,20 @@ Kernels (per head h, d = C'/8 channels, N = H*W tokens; e = the stage tensors' e
   complete. Without it, B2 wrote dP (3 B C' N e) and a separate kernel read dP and Z and wrote
   G (9 B C' N e); fused, B2 reads Z and writes G (6 B C' N e): 6 B C' N e less per call
   (and since Q and K come from Z, 2 B C' N e less again).
-* ``gma_b2_crpe_kernel``, grid ``(SPLITS, 8, B)``: the CRPE part of B2 (in a kernel, no
+* ``gma_b2_crpe_kernel``, grid ``(SPLITS, 8, B)``: the CRPE input gradient (in a kernel, no
   PyTorch ops left), program (split, h, b) walking its token tiles with the head's window
-  KS (3, 5, 7) in ONE tap loop per tile, since both gradients read the same halo tokens:
-  dV += dR correlated with the flipped taps (the adjoint of the depthwise convolution), the
-  weight gradient dW[c, ky, kx] = sum_n dR[c, n] V[c, n + (ky-R, kx-R)] and the bias
-  gradient sum_n dR, the two as per-program fp32 partials (B, SPLITS, C', 49) and
-  (B, SPLITS, C') that the launcher sums (deterministic, no atomics; at batch 128 SPLITS = 1
-  and the partials are 49 floats per channel and image, 6 % of the kernel's traffic at 14x14).
-  Cost: reads dR, V, dV once (halos from L1/L2; 3 B C' N e), writes dV (B C' N e; fused:
-  G of v in its place, Z of v read, B C' N e, and the BatchNorm sums' partials) and the
-  partials; per channel and token 4 flops per tap (a multiply-add for each
-  gradient) and 30 taps on average (240 d taps over 8 d channels): 120 flops per 16 bytes,
-  7.5 flop per byte, below the fp32 FMA ridge (about 20 on H100): HBM-bound.
+  KS (3, 5, 7) in one tap loop per tile: dV += dR correlated with the flipped taps (the
+  adjoint of the depthwise convolution), and the bias gradient sum_n dR as per-program fp32
+  partials (B, SPLITS, C') that the launcher sums (deterministic, no atomics). The weight
+  gradient dW[c, ky, kx] = sum_n dR[c, n] V[c, n + (ky-R, kx-R)] is
+  `aggregation_backward.gma_dw_wgrad_kernel`'s, one launch per window over its heads' channels
+  of dR and V (`plan_b2`; until 2026-12-05 this kernel formed it in the same tap loop, with a
+  cross-thread sum and a read-modify-write of global partials per tap and tile).
+  Cost: reads dR and dV once (halos from L1/L2; 2 B C' N e), writes dV (B C' N e; fused:
+  G of v in its place, Z of v read, B C' N e, and the BatchNorm sums' partials); per channel
+  and token a multiply-add per tap, 30 taps on average (240 d taps over 8 d channels): 60
+  flops per 12 bytes (fp32), 5 flop per byte, below the fp32 FMA ridge (about 20 on H100):
+  HBM-bound.
 
 Tiles: `B1_TILES` / `B2_TILES` / `config.crpe_bwd_tiles` by D_PAD (and by dot precision where
 the GPU generations need others), chosen by compiling (ptxas -v, the JIT's specialisations of
@@ -407,8 +408,9 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
     images, computed on load), rc["V"] (B, C', H, W) (the v images' proxies), rc["KV"], rc["R"],
     all but KV in one stage dtype.
     Buffers: dP (3B, C', H, W) (the result) and dR (B, C', N) in the stage dtype,
-    k_max, k_sum (B, 8, d) fp32,
-    part_w (B, SPLITS, C', 49) and part_b (B, SPLITS, C') fp32 (the CRPE gradient partials)."""
+    k_max, k_sum (B, 8, d) fp32, part_b (B, SPLITS, C') fp32 (the CRPE bias gradient's partials) and
+    part_w3, part_w5, part_w7 fp32 (the CRPE weight gradient's per window: `plan_dw_wgrad`'s part_gw,
+    summed by `aggregation_backward.taps_of`)."""
     Z, V, KV, R = rc["Z"], _channels_first(rc["V"]), rc["KV"], rc["R"]
     B, h, d, N = dA.shape
     H, W = Z.shape[-2:]
