@@ -2309,6 +2309,12 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
                          f"{_f(r.get('ratio_vs_reference'), '{:.2f}x')} | {_f(r.get('peak_mem_mib'), '{:.0f}')} | "
                          f"{_cell(r.get('check', r.get('reason', '')))[:120]} | {_f(r.get('compile_s'), '{:.0f}')} |")
         L.append("")
+        warned = [(run_["name"], r) for run_ in runs for r in run_.get("rows", []) if r.get("warnings")]
+        if warned:   # e.g. a fused backend that trained on PyTorch ops (throughput.py `record_warnings`)
+            L += ["Warnings raised by a row's first call (each reason once per process: its first row):", ""]
+            L += [f"- {name} {_cell(r.get('label', r.get('backend')))}: {_cell(w)}" for name, r in warned
+                  for w in r["warnings"]]
+            L.append("")
 
     L += _tune_summary(rep)
     L += _profile_summary(rep)

@@ -57,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -895,21 +896,44 @@ def drop_row(r: Runner, e: BaseException) -> None:
     r.alive = False
 
 
+#: distinct warnings a row's first call may record (`record_warnings`), and their length
+MAX_ROW_WARNINGS, WARNING_CHARS = 5, 300
+
+
+def record_warnings(row: Dict, caught) -> None:
+    """row["warnings"]: the distinct warnings (category: message, cut to WARNING_CHARS) raised while the
+    row was prepared and first called, at most MAX_ROW_WARNINGS, for instance the fused backends'
+    fallbacks ("training statistics and backward run as PyTorch ops, not kernels, because ..."), so that a
+    results file says which path a row timed. Our own fallbacks warn once per process and reason: the
+    first row that meets one records it."""
+    seen: List[str] = []
+    for w in caught or []:
+        text = first_line(w.message, WARNING_CHARS) if isinstance(w.message, Warning) else str(w.message)[:WARNING_CHARS]
+        if text not in seen:
+            seen.append(text)
+    if seen:
+        row["warnings"] = seen[:MAX_ROW_WARNINGS]
+
+
 def timed_first_call(ctx: Context, r: Runner, fn: Callable[[], object]):
     """A row's first call or training step, `fn()`, timed apart between two synchronisations
     (row["first_call_s"]: a compiled row's compile time); an exception drops the row with its reason.
     -> what fn returned, to check; None when there is nothing to check: the row was dropped, or it is
     a baseline (another model: its check is "n/a")."""
     try:
-        r.prepare()
-        ctx.timer.sync()
-        t0 = time.perf_counter()
-        out = fn()
-        ctx.timer.sync()
-        r.row["first_call_s"] = time.perf_counter() - t0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r.prepare()
+            ctx.timer.sync()
+            t0 = time.perf_counter()
+            out = fn()
+            ctx.timer.sync()
+            r.row["first_call_s"] = time.perf_counter() - t0
     except Exception as e:
         drop_row(r, e)
         return None
+    finally:
+        record_warnings(r.row, caught)
     if r.kind == "baseline":
         r.row["check"] = "n/a (other model)"
         return None

@@ -858,3 +858,49 @@ def test_a_lost_cuda_context_ends_the_run_with_its_marker(tmp_path, monkeypatch,
     assert data["meta"]["context_lost"]["backend"] == "cuda+compile" and data["meta"]["complete"] is False
     assert [x["backend"] for x in data["rows"]] == ["reference", "cuda+compile"]
     assert "GMF_CUDA_CONTEXT_LOST impl=cuda+compile error=CUDA error: an illegal memory access" in capsys.readouterr().out
+
+
+def test_first_call_records_its_warnings():
+    """A row's first call keeps the distinct warnings it raised (a fused backend's fallback says which path
+    the row times), also when the call fails; at most MAX_ROW_WARNINGS, each cut to WARNING_CHARS."""
+    import warnings
+    bench = _load_script()
+
+    class Row:
+        kind, alive = "gmf", True
+
+        def __init__(self):
+            self.row = {}
+
+        def prepare(self):
+            warnings.warn("prepared", UserWarning)
+    ctx = types.SimpleNamespace(timer=types.SimpleNamespace(sync=lambda: None))
+    fallback = "gmf_kernels cuda backend: training statistics and backward run as PyTorch ops, not kernels"
+
+    def ok():
+        for _ in range(2):
+            warnings.warn(fallback, RuntimeWarning)
+        warnings.warn("x" * 1000, FutureWarning)
+        return 7
+    r = Row()
+    assert bench.timed_first_call(ctx, r, ok) == 7
+    assert r.row["warnings"][:2] == ["UserWarning: prepared", f"RuntimeWarning: {fallback}"], r.row
+    assert len(r.row["warnings"]) == 3 and len(r.row["warnings"][2]) == bench.WARNING_CHARS
+
+    def fails():
+        warnings.warn(fallback, RuntimeWarning)
+        raise RuntimeError("boom")
+    r = Row()
+    assert bench.timed_first_call(ctx, r, fails) is None
+    assert r.row["status"] == "error" and r.row["warnings"] == ["UserWarning: prepared", f"RuntimeWarning: {fallback}"]
+
+    def many():
+        for i in range(9):
+            warnings.warn(f"w{i}")
+    r = Row()
+    bench.timed_first_call(ctx, r, many)
+    assert len(r.row["warnings"]) == bench.MAX_ROW_WARNINGS
+    r = Row()
+    r.prepare = lambda: None
+    bench.timed_first_call(ctx, r, lambda: 1)
+    assert "warnings" not in r.row

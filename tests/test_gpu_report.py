@@ -1228,3 +1228,19 @@ print(json.dumps({{"swept": len(swept), "unrolled": sum("unrolled" in sp.label()
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["swept"] > 20 and got["unrolled"] > 0 and got["missing"] == [], got
+
+
+def test_summary_lists_the_rows_warnings():
+    """A row whose first call warned (throughput.py `record_warnings`: e.g. a fused backend training on
+    PyTorch ops) is listed under its section's table with its warnings; rows without none."""
+    fallback = "RuntimeWarning: gmf_kernels cuda backend: training statistics and backward run as PyTorch ops"
+    rows = [dict(backend="cuda", label="cuda", kind="gmf", status="ok", img_per_s=1.0, check="ok",
+                 warnings=[fallback]),
+            dict(backend="triton", label="triton", kind="gmf", status="ok", img_per_s=2.0, check="ok")]
+    md = gr.render_summary(_report(train={"runs": [{"name": gr.TRAIN_RUN[0], "status": "ok", "rows": rows}]}))
+    lines = md.splitlines()
+    i = lines.index("Warnings raised by a row's first call (each reason once per process: its first row):")
+    assert lines[i + 2] == f"- {gr.TRAIN_RUN[0]} cuda: {fallback}"
+    assert not any(ln.startswith(f"- {gr.TRAIN_RUN[0]} triton:") for ln in lines)
+    assert "Warnings raised" not in gr.render_summary(_report(train={"runs": [
+        {"name": gr.TRAIN_RUN[0], "status": "ok", "rows": rows[1:]}]}))
