@@ -378,3 +378,39 @@ def test_aot_compile_real_shape_no_spills(kernel, plan, tmp_path):
         assert r["dot_precision"] == "tf32x3" and r["grid"][1] == 3 * 128 and r["grid"][0] >= 4
         assert 0 < r["registers"] <= 255, r
         assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0 and not r.get("cuobjdump_local"), r
+
+
+# ------------------------------------------------------------------ PAIR: a segment's two heads as one tile
+#: (C, grid, B, dtype): PAIR's widths (s = 16, 32, 64), with the GPU tile's several tiles per program at
+#: 7x7 and the interpreter's one at 5x9; C = 160 fp32 is where the recompute keeps the per-head form
+#: (`statistics.PAIR_TRAINING_SPILLS`)
+PAIR_CASES = [(80, (5, 9), 2, BF16), (160, (7, 7), 1, F32), (320, (5, 9), 1, F16), (160, (5, 9), 1, BF16)]
+
+
+@pytest.mark.parametrize("C, grid, B, dtype", PAIR_CASES,
+                         ids=[f"C{c}-{g[0]}x{g[1]}-B{b}-{str(d)[6:]}" for c, g, b, d in PAIR_CASES])
+def test_pair_and_heads_match_float64(C, grid, B, dtype, monkeypatch):
+    """Both kernels with `PAIR_TRAINING` on (the default) and off, on the same input: each form within
+    the rule against float64 (moments; Z, P, y), and the launches' PAIR as `training_pair` says."""
+    H, W = grid
+    qkv = torch.randn(B, H * W, 3 * C).to(dtype)
+    if C == 160 and dtype == F32:      # the GPU tile: 64-token tiles, programs over several of them
+        monkeypatch.setattr(st, "stats_tiles", lambda C, N, precision: st.DEFAULT_TILE)
+    real = st.kernel_call
+    for pair in (True, False):
+        kinds = []
+
+        def spy(*a, **k):
+            out = real(*a, **k)
+            kinds.append((a[7] if len(a) > 7 else k.get("recompute", False), out[2]["PAIR"]))
+            return out
+        with monkeypatch.context() as mp:
+            mp.setattr(st, "PAIR_TRAINING", pair)
+            mp.setattr(st, "kernel_call", spy)
+            check(qkv, H, W, C)
+            check_recompute(qkv, H, W, C)
+            prec = st.statistics_dots(dev(qkv)).precision, st.backward_dots(dev(qkv)).precision
+            want = [(False, st.training_pair(C, prec[0], False)), (True, st.training_pair(C, prec[1], True))]
+        assert kinds == want and (pair or not any(k for _, k in kinds)), (pair, kinds)
+    assert st.training_pair(C, "tf32", False) and not st.training_pair(C, "ieee", False)
+    assert st.training_pair(160, "tf32x3", True) is False and st.training_pair(160, "tf32x3", False)

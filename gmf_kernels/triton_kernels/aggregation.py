@@ -207,6 +207,29 @@ def _dw_pw_heads(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
 
 
 @triton.jit
+def _dw_pw_seg(src_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
+               S: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               EMULATE_DOTS: tl.constexpr, y_dst=None, N=0, STORE_Y: tl.constexpr = False):
+    """`_dw_pw_heads` with the two heads as ONE [BLOCK_P, S] output (S = 2 d a power of two:
+    `config.pair_applies`), for the training kernels' single stream (statistics.py): per chunk one
+    depthwise tile and one dot with the [CK, S] pointwise weights instead of two sibling dots (which
+    Triton 3.6 places on the same rows of several warps, `_segment_pair`), and no padding column."""
+    co = tl.arange(0, S)
+    acc = tl.zeros([BLOCK_P, S], dtype=tl.float32)
+    for c0 in range(0, S, CK):
+        cs = c0 + tl.arange(0, CK)
+        cmask = cs < S
+        dwc = depthwise_tile(src_b, ch0 + cs, cmask, dw + cs, S, n, y, x, pmask, H, W, stride_n,
+                             KS, BLOCK_P, CK, False)
+        if STORE_Y:
+            tl.store(y_dst + cs[None, :] * N + n[:, None], stored(dwc, y_dst, EMULATE_DOTS),
+                     mask=pmask[:, None] & cmask[None, :])
+        w = tl.load(pw_seg + co[None, :] * S + cs[:, None], mask=cmask[:, None], other=0.0)     # [CK, S]: pw[o, c]
+        acc = mm(dwc, w, acc, DOT_PRECISION, EMULATE_DOTS)
+    return acc
+
+
+@triton.jit
 def _dw_pw_qkv(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, KS,
                C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, CK: tl.constexpr,
                D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,

@@ -112,8 +112,9 @@ import triton
 import triton.language as tl
 
 from ._common import DotVariant, dot_variant, hardswish, interpreting, stored
-from .aggregation import _balanced_splits, _dw_pw_heads, _tile
-from .config import INTERPRETER_BLOCK_P, check_train_size, dot_pad, next_pow2, stage_dtype, strip_width
+from .aggregation import _balanced_splits, _dw_pw_heads, _dw_pw_seg, _tile
+from .config import (INTERPRETER_BLOCK_P, check_train_size, dot_pad, next_pow2, pair_applies, stage_dtype,
+                     strip_width)
 from . import tile_spaces
 from .tile_spaces import register_tiles
 
@@ -193,50 +194,90 @@ def _segment_filters(seg, dw3, dw5, dw7, pw, S: tl.constexpr):
     return dw, pw + (seg - 1) * S * S
 
 
-@triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3"])
-def gma_statistics_kernel(
-    qkv, part_mean, part_m2, dw3, dw5, dw7, pw,
-    N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
-    C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
-    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
-):
-    """Partial (mean, M2) of segment `seg` of image `img` (module docstring). A segment is two
-    heads of D channels (the shapes `_dw_pw_heads` returns); segment 0 reads its two heads."""
-    pid, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3,
-                                                 C, S, BLOCK_P)
-    kk = tl.arange(0, D_PAD)
-    kmask = kk < D
-    shift0 = tl.zeros([D_PAD], dtype=tl.float32)
-    mean0 = tl.zeros([D_PAD], dtype=tl.float32)
-    m2_0 = tl.zeros([D_PAD], dtype=tl.float32)
-    shift1 = tl.zeros([D_PAD], dtype=tl.float32)
-    mean1 = tl.zeros([D_PAD], dtype=tl.float32)
-    m2_1 = tl.zeros([D_PAD], dtype=tl.float32)
+@triton.jit
+def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0, t1, row, N, H, W, SW, stride_n,
+                     S: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     EMULATE_DOTS: tl.constexpr):
+    """`gma_statistics_kernel`'s program with PAIR: Z of the segment's s channels as one [BLOCK_P, S]
+    tile, folded into one running (shift, mean, M2) of S channels."""
+    cc = tl.arange(0, S)
+    shift = tl.zeros([S], dtype=tl.float32)
+    mean = tl.zeros([S], dtype=tl.float32)
+    m2 = tl.zeros([S], dtype=tl.float32)
     if seg == 0:
         t = t0
         while t < t1:
             n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
-            z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
+            z = tl.load(qkv_b + n[:, None] * stride_n + (ch0 + cc)[None, :], mask=pmask[:, None],
+                        other=0.0).to(tl.float32)
             n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
             n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
-            shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
-            shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
+            shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
             t += 1
     else:
         dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
         t = t0
         while t < t1:
             n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
-            z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
-                                  S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+            z = _dw_pw_seg(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, 2 * seg + 1, S, CK, BLOCK_P,
+                           DOT_PRECISION, EMULATE_DOTS)
             n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
             n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
-            shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
-            shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
+            shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
             t += 1
+    _store_moments(shift, mean, m2, row, cc, cc < S, part_mean, part_m2)
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3"])
+def gma_statistics_kernel(
+    qkv, part_mean, part_m2, dw3, dw5, dw7, pw,
+    N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
+    C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PAIR: tl.constexpr = False,
+):
+    """Partial (mean, M2) of segment `seg` of image `img` (module docstring). A segment is two
+    heads of D channels (the shapes `_dw_pw_heads` returns); segment 0 reads its two heads.
+    PAIR (`config.pair_applies`: S a power of two): the two heads as one [BLOCK_P, S] tensor
+    (`aggregation._dw_pw_seg`; one fold of S channels per tile instead of two of D_PAD)."""
+    pid, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3,
+                                                 C, S, BLOCK_P)
     row = (img * tl.num_programs(0) + pid).to(tl.int64) * S    # row pid of image img, the segment's s channels
-    _store_moments(shift0, mean0, m2_0, row, kk, kmask, part_mean, part_m2)
-    _store_moments(shift1, mean1, m2_1, row, D + kk, kmask, part_mean, part_m2)
+    if PAIR:
+        _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0, t1, row, N, H, W, SW,
+                         stride_qkv_n, S, CK, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+    else:
+        kk = tl.arange(0, D_PAD)
+        kmask = kk < D
+        shift0 = tl.zeros([D_PAD], dtype=tl.float32)
+        mean0 = tl.zeros([D_PAD], dtype=tl.float32)
+        m2_0 = tl.zeros([D_PAD], dtype=tl.float32)
+        shift1 = tl.zeros([D_PAD], dtype=tl.float32)
+        mean1 = tl.zeros([D_PAD], dtype=tl.float32)
+        m2_1 = tl.zeros([D_PAD], dtype=tl.float32)
+        if seg == 0:
+            t = t0
+            while t < t1:
+                n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
+                z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
+                n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
+                n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
+                shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
+                shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
+                t += 1
+        else:
+            dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
+            t = t0
+            while t < t1:
+                n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
+                z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
+                                      S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
+                n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
+                shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
+                shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
+                t += 1
+        _store_moments(shift0, mean0, m2_0, row, kk, kmask, part_mean, part_m2)
+        _store_moments(shift1, mean1, m2_1, row, D + kk, kmask, part_mean, part_m2)
 
 
 @triton.jit
@@ -260,12 +301,22 @@ def _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, with_p, D: tl.
         _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N, EMULATE)
 
 
+@triton.jit
+def _store_z_p_pair(z_seg, p_seg, z, a, b, n, pmask, N, with_p, S: tl.constexpr, EMULATE: tl.constexpr):
+    """`_store_z_p` of a segment's S channels as one [BLOCK_P, S] tile (PAIR)."""
+    cc = tl.arange(0, S)
+    m2d = pmask[:, None] & (cc < S)[None, :]
+    _store_channels(z_seg, cc, n, z, m2d, N, EMULATE)
+    if with_p:
+        _store_channels(p_seg, cc, n, hardswish(z * a + b), m2d, N, EMULATE)
+
+
 @triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3"])
 def gma_recompute_z_kernel(
     qkv, z, pv, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw,
     N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
     C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
-    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PAIR: tl.constexpr = False,
 ):
     """Segment `seg` of Z, of the v images' proxies P = hardswish(Z * bn_scale + bn_shift) and, seg >=
     1, of the depthwise output y_seg, for the tiles of program (split, seg, img):
@@ -279,30 +330,53 @@ def gma_recompute_z_kernel(
     v0 = 2 * (tl.num_programs(1) // 3)                                 # the first v image
     with_p = img >= v0
     p_seg = pv + (tl.maximum(img - v0, 0).to(tl.int64) * (4 * S * N) + seg * S * N)
-    kk = tl.arange(0, D_PAD)
-    kmask = kk < D
-    a0 = tl.load(bn_scale + seg * S + kk, mask=kmask, other=0.0)[None, :]
-    a1 = tl.load(bn_scale + seg * S + D + kk, mask=kmask, other=0.0)[None, :]
-    b0 = tl.load(bn_shift + seg * S + kk, mask=kmask, other=0.0)[None, :]
-    b1 = tl.load(bn_shift + seg * S + D + kk, mask=kmask, other=0.0)[None, :]
-    if seg == 0:
-        t = t0
-        while t < t1:
-            n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
-            z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
-            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, with_p, D, D_PAD, EMULATE_DOTS)
-            t += 1
+    if PAIR:        # the two heads as one [BLOCK_P, S] tile (`config.pair_applies`, `aggregation._dw_pw_seg`)
+        cc = tl.arange(0, S)
+        a = tl.load(bn_scale + seg * S + cc)[None, :]
+        b = tl.load(bn_shift + seg * S + cc)[None, :]
+        if seg == 0:
+            t = t0
+            while t < t1:
+                n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
+                zt = tl.load(qkv_b + n[:, None] * stride_qkv_n + (ch0 + cc)[None, :], mask=pmask[:, None],
+                             other=0.0).to(tl.float32)
+                _store_z_p_pair(z_seg, p_seg, zt, a, b, n, pmask, N, with_p, S, EMULATE_DOTS)
+                t += 1
+        else:
+            dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
+            y_img = y_all + ((seg - 1) * tl.num_programs(1) + img).to(tl.int64) * (S * N)   # image img of y_seg
+            t = t0
+            while t < t1:
+                n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
+                zt = _dw_pw_seg(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1, S, CK,
+                                BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True)
+                _store_z_p_pair(z_seg, p_seg, zt, a, b, n, pmask, N, with_p, S, EMULATE_DOTS)
+                t += 1
     else:
-        dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
-        img_j = ((seg - 1) * tl.num_programs(1) + img).to(tl.int64) * (S * N)   # image img of y_seg
-        y_img = y_all + img_j
-        t = t0
-        while t < t1:
-            n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
-            z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
-                                  S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True)
-            _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, with_p, D, D_PAD, EMULATE_DOTS)
-            t += 1
+        kk = tl.arange(0, D_PAD)
+        kmask = kk < D
+        a0 = tl.load(bn_scale + seg * S + kk, mask=kmask, other=0.0)[None, :]
+        a1 = tl.load(bn_scale + seg * S + D + kk, mask=kmask, other=0.0)[None, :]
+        b0 = tl.load(bn_shift + seg * S + kk, mask=kmask, other=0.0)[None, :]
+        b1 = tl.load(bn_shift + seg * S + D + kk, mask=kmask, other=0.0)[None, :]
+        if seg == 0:
+            t = t0
+            while t < t1:
+                n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
+                z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
+                _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, with_p, D, D_PAD, EMULATE_DOTS)
+                t += 1
+        else:
+            dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
+            img_j = ((seg - 1) * tl.num_programs(1) + img).to(tl.int64) * (S * N)   # image img of y_seg
+            y_img = y_all + img_j
+            t = t0
+            while t < t1:
+                n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
+                z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
+                                      S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, True)
+                _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, with_p, D, D_PAD, EMULATE_DOTS)
+                t += 1
 
 
 # ---------------------------------------------------------------- launcher
@@ -469,8 +543,31 @@ def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute
     return tuple(bp * c for c in per_token)
 
 
+#: Both kernels take a segment's two heads as one [BLOCK_P, s] tile where s is a power of two (C = 80, 160,
+#: 320: `config.pair_applies`; the kernels' PAIR) and the dots are tensor-core ones (sm_80+): one pointwise
+#: dot per depthwise chunk instead of two sibling dots, which Triton 3.6 puts on the same rows of several
+#: warps (`aggregation._segment_pair`), no padding column (C = 80: d = 8 in 16-wide head tiles), one moment
+#: fold per tile instead of two. sm_90 SASS (batch 128): the statistics kernel's instructions -7 % to -29 %
+#: and its barriers halved, registers 57-128 (from 78-126); the recompute's barriers halved, its
+#: instructions +0.5 % to -20 % (C = 320 fp32: 233 -> 110 registers). Not where it spilled (ptxas, 2026-12-05):
+#: `PAIR_TRAINING_SPILLS`, and sm_70/75's FMA dots (the statistics kernel 12-36 B at C = 160, the recompute
+#: 20-32 B at C = 320 on sm_75). Correct against float64 under the interpreter (tests/test_triton_statistics.py,
+#: test_triton_recompute.py); not timed. False: the per-head form everywhere (the tests compare the two).
+PAIR_TRAINING = True
+#: (recompute kernel?, dot precision, s) where PAIR spilled: the recompute of fp32 layers (3xTF32) at s = 32,
+#: 80-84 B on sm_80 and sm_90
+PAIR_TRAINING_SPILLS = frozenset({(True, "tf32x3", 32)})
+
+
+def training_pair(C: int, precision: str, recompute: bool) -> bool:
+    """Whether the statistics (recompute False) or the recompute kernel takes PAIR at width C with dots of
+    this precision (`PAIR_TRAINING`)."""
+    return (PAIR_TRAINING and pair_applies(C) and precision in ("tf32", "tf32x3")
+            and (recompute, precision, C // 5) not in PAIR_TRAINING_SPILLS)
+
+
 def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: SegmentPlan,
-                tiles: Tuple[int, int, int], dots: DotVariant):
+                tiles: Tuple[int, int, int], dots: DotVariant, recompute: bool = False):
     """(grid, args, kwargs) of a launch of either kernel (same grid; `leading`: the tensor
     arguments between qkv and N, i.e. (part_mean, part_m2, dw3, dw5, dw7, pw) of
     `gma_statistics_kernel`, (z, p, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw) of
@@ -484,7 +581,7 @@ def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: 
         raise ValueError(f"plan of {plan.tiles} tiles for {-(-N // bp)} tiles of {bp} tokens")
     args = (qkv, *leading, N, H, W, strip_width(W), qkv.stride(0), qkv.stride(1), *plan.splits)
     kwargs = dict(C=C, S=s, D=s // 2, D_PAD=dot_pad(s // 2), CK=ck, BLOCK_P=bp, DOT_PRECISION=dots.precision,
-                  EMULATE_DOTS=dots.emulate, num_warps=warps)
+                  EMULATE_DOTS=dots.emulate, PAIR=training_pair(C, dots.precision, recompute), num_warps=warps)
     return (plan.programs, 3 * B), args, kwargs
 
 
@@ -572,7 +669,7 @@ def plan_recompute(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tens
     st = dict(dtype=stage_dtype(qkv.dtype), device=qkv.device)
     out = (torch.empty(3 * B, 4 * s, H, W, **st), torch.empty(B, 4 * s, H, W, **st),
            torch.empty(3, 3 * B, s, H, W, **st))
-    return out, kernel_call(qkv, H, W, out + (bn_scale, bn_shift, dw3, dw5, dw7, pw), plan, tiles, dots)
+    return out, kernel_call(qkv, H, W, out + (bn_scale, bn_shift, dw3, dw5, dw7, pw), plan, tiles, dots, True)
 
 
 def recompute_z(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
