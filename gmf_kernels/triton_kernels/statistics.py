@@ -122,6 +122,12 @@ Tensor = torch.Tensor
 
 
 @triton.jit
+def _tile_counts(t, t0, N, BLOCK_P: tl.constexpr):
+    """(values before tile t in this program's run from t0, values in tile t), as fp32."""
+    return ((t - t0) * BLOCK_P).to(tl.float32), tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
+
+
+@triton.jit
 def _fold_tile(z, pmask, first, n_prev, n_tile, shift, mean, m2):
     """Chan's merge of one tile's values z [BLOCK_P, D_PAD] (n_tile valid rows, pmask) into the
     running per-channel (mean, m2) over n_prev earlier values. Values are taken relative to
@@ -210,8 +216,7 @@ def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0,
             n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z = tl.load(qkv_b + n[:, None] * stride_n + (ch0 + cc)[None, :], mask=pmask[:, None],
                         other=0.0).to(tl.float32)
-            n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
-            n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
+            n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
             shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
             t += 1
     else:
@@ -221,8 +226,7 @@ def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0,
             n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z = _dw_pw_seg(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, 2 * seg + 1, S, CK, BLOCK_P,
                            DOT_PRECISION, EMULATE_DOTS)
-            n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
-            n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
+            n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
             shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
             t += 1
     _store_moments(shift, mean, m2, row, cc, cc < S, part_mean, part_m2)
@@ -259,8 +263,7 @@ def gma_statistics_kernel(
             while t < t1:
                 n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
                 z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
-                n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
-                n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
+                n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
                 shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
                 shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
                 t += 1
@@ -271,8 +274,7 @@ def gma_statistics_kernel(
                 n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
                 z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
                                       S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
-                n_prev = ((t - t0) * BLOCK_P).to(tl.float32)
-                n_tile = tl.minimum(N - t * BLOCK_P, BLOCK_P).to(tl.float32)
+                n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
                 shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
                 shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
                 t += 1
