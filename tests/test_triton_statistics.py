@@ -381,21 +381,27 @@ def test_aot_compile_real_shape_no_spills(kernel, plan, tmp_path):
 
 
 # ------------------------------------------------------------------ PAIR: a segment's two heads as one tile
-#: (C, grid, B, dtype): PAIR's widths (s = 16, 32, 64), with the GPU tile's several tiles per program at
-#: 7x7 and the interpreter's one at 5x9; C = 160 fp32 is where the recompute keeps the per-head form
-#: (`statistics.PAIR_TRAINING_SPILLS`)
-PAIR_CASES = [(80, (5, 9), 2, BF16), (160, (7, 7), 1, F32), (320, (5, 9), 1, F16), (160, (5, 9), 1, BF16)]
+#: (C, grid, B, dtype, GPU tiles): PAIR's widths (s = 16, 32, 64). The GPU-tile cases take the GPU tiles
+#: (64 / 32 tokens, CK = 16 < s: several depthwise chunks) and one program per segment (SPLIT_TARGET 1), so
+#: programs walk both 64-token tiles of 9x9 (the recompute's 32-token tiles: 3); the others the
+#: interpreter's one tile. C = 160 fp32 is where the recompute keeps the per-head form
+#: (`statistics.PAIR_TRAINING_OFF`)
+PAIR_CASES = [(80, (5, 9), 2, BF16, False), (160, (9, 9), 1, F32, True), (320, (9, 9), 1, BF16, True),
+              (160, (5, 9), 1, BF16, False)]
 
 
-@pytest.mark.parametrize("C, grid, B, dtype", PAIR_CASES,
-                         ids=[f"C{c}-{g[0]}x{g[1]}-B{b}-{str(d)[6:]}" for c, g, b, d in PAIR_CASES])
-def test_pair_and_heads_match_float64(C, grid, B, dtype, monkeypatch):
+@pytest.mark.parametrize("C, grid, B, dtype, gpu_tiles", PAIR_CASES,
+                         ids=[f"C{c}-{g[0]}x{g[1]}-B{b}-{str(d)[6:]}" + ("-gpu_tiles" if t else "")
+                              for c, g, b, d, t in PAIR_CASES])
+def test_pair_and_heads_match_float64(C, grid, B, dtype, gpu_tiles, monkeypatch):
     """Both kernels with `PAIR_TRAINING` on (the default) and off, on the same input: each form within
     the rule against float64 (moments; Z, P, y), and the launches' PAIR as `training_pair` says."""
     H, W = grid
     qkv = torch.randn(B, H * W, 3 * C).to(dtype)
-    if C == 160 and dtype == F32:      # the GPU tile: 64-token tiles, programs over several of them
+    if gpu_tiles:
         monkeypatch.setattr(st, "stats_tiles", lambda C, N, precision: st.DEFAULT_TILE)
+        monkeypatch.setattr(st, "recompute_tiles", lambda C, N, precision: st.RECOMPUTE_TILE)
+        monkeypatch.setattr(st, "SPLIT_TARGET", 1)
     real = st.kernel_call
     for pair in (True, False):
         kinds = []
@@ -403,6 +409,9 @@ def test_pair_and_heads_match_float64(C, grid, B, dtype, monkeypatch):
         def spy(*a, **k):
             out = real(*a, **k)
             kinds.append((a[7] if len(a) > 7 else k.get("recompute", False), out[2]["PAIR"]))
+            if gpu_tiles:   # several chunks, and fewer programs than (segment, tile) pairs: some walk several
+                (grid_, args, kw) = out
+                assert kw["CK"] == 16 < kw["S"] and grid_[0] < 4 * -(-H * W // kw["BLOCK_P"]), (grid_, kw)
             return out
         with monkeypatch.context() as mp:
             mp.setattr(st, "PAIR_TRAINING", pair)

@@ -8,8 +8,9 @@ Z is what the aggregator BatchNorms normalise: segments 0..3 of q, k and v (segm
 segment j = 1..3 the s x s pointwise of the (2j+1)x(2j+1) depthwise), with per-channel batch
 statistics over the 3B images x H x W. `backward.statistics` (PyTorch ops) materialises Z as a
 (3B, 4s, H, W) tensor and reduces it; `gma_statistics_kernel` computes Z tile by tile in
-registers (`aggregation._tile`, `aggregation._dw_pw_heads`: the forward's own code for Z) and
-writes only per-program partial moments.
+registers (`aggregation._tile`, and `aggregation._dw_pw_seg` with a segment's two heads as one
+[BLOCK_P, s] tile where `training_pair` allows, else `aggregation._dw_pw_heads`, the forward's
+per-head code for Z) and writes only per-program partial moments.
 
 **Grid** ``(R, 3B)``, cost-balanced as the forward aggregation's (`SegmentPlan`): the N tokens
 of an image in T tiles of BLOCK_P, segment j's tiles in ``splits[j]`` contiguous runs, in
@@ -80,7 +81,7 @@ and hardswish on load: they read Z of q and k anyway or read it instead), and th
 pointwise backward's input; the depthwise backward reads its input u_j from qkv itself,
 `aggregation_backward.qkv_layout`): the same grid ``(R, 3B)`` (its own costs:
 `segment_costs` with the stores) and the
-same per-tile Z (`_dw_pw_heads` with its STORE_Y: a store of each depthwise chunk), stored
+same per-tile Z (`_dw_pw_seg` / `_dw_pw_heads` with STORE_Y: a store of each depthwise chunk), stored
 instead of reduced, in the stage dtype (`config.stage_dtype`: qkv's own for fp16/bf16, fp32 for
 fp32; computed in fp32, rounded once on store), channel-first as
 the stages read them: Z (3B, 4s, H, W), segment 0 of Z being qkv's segment 0, PV (B, 4s, H, W),
@@ -129,7 +130,7 @@ def _tile_counts(t, t0, N, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def _fold_tile(z, pmask, first, n_prev, n_tile, shift, mean, m2):
-    """Chan's merge of one tile's values z [BLOCK_P, D_PAD] (n_tile valid rows, pmask) into the
+    """Chan's merge of one tile's values z [BLOCK_P, D_PAD] (a head; [BLOCK_P, S] with PAIR) (n_tile valid rows, pmask) into the
     running per-channel (mean, m2) over n_prev earlier values. Values are taken relative to
     `shift` (per channel): on the program's `first` tile it becomes that tile's mean (rounded to
     fp32, any value near the mean does), and `mean` is the mean minus the shift, so every sum
@@ -241,8 +242,8 @@ def gma_statistics_kernel(
 ):
     """Partial (mean, M2) of segment `seg` of image `img` (module docstring). A segment is two
     heads of D channels (the shapes `_dw_pw_heads` returns); segment 0 reads its two heads.
-    PAIR (`config.pair_applies`: S a power of two): the two heads as one [BLOCK_P, S] tensor
-    (`aggregation._dw_pw_seg`; one fold of S channels per tile instead of two of D_PAD)."""
+    PAIR (`training_pair`: S a power of two, tensor-core dots, not where it spilled): the two heads as one
+    [BLOCK_P, S] tensor (`aggregation._dw_pw_seg`; one fold of S channels per tile instead of two of D_PAD)."""
     pid, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3,
                                                  C, S, BLOCK_P)
     row = (img * tl.num_programs(0) + pid).to(tl.int64) * S    # row pid of image img, the segment's s channels
@@ -324,7 +325,8 @@ def gma_recompute_z_kernel(
     1, of the depthwise output y_seg, for the tiles of program (split, seg, img):
     in the stage dtype (the buffers'), channel-first, z (3B, 4s, H, W), pv (B, 4s, H, W) (images
     2B.. of P: the readers of q's and k's proxies take them from Z), y_all (3, 3B, s, H, W) (module
-    docstring, "Recompute"). Segment 0 is qkv's segment 0 (it is its own u_0)."""
+    docstring, "Recompute"). Segment 0 is qkv's segment 0 (it is its own u_0). PAIR (`training_pair`):
+    the segment's two heads as one [BLOCK_P, S] tile (`aggregation._dw_pw_seg`, `_store_z_p_pair`)."""
     _, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3,
                                                C, S, BLOCK_P)
     plane = img.to(tl.int64) * (4 * S * N) + seg * S * N               # channel seg * s of image img
@@ -527,14 +529,14 @@ def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute
     """Estimated cost of one tile (BLOCK_P tokens of one of the 3B images) of each segment, in taps
     (`aggregation.TAP_COST` and the other weights of its one cost model), as the kernels issue
     the work (padded widths; Sc = ceil(s / CK) CK, Dp = D_PAD): segment 0 loads its two heads
-    (2 Dp elements), segment j = 1..3 runs Sc (2j+1)^2 taps and the s x s pointwise into two
-    heads (Sc 2 Dp multiply-adds); then per head pair the statistics kernel folds the moments
+    (2 Dp elements; with PAIR, `training_pair`, Dp = d: one s-wide tile), segment j = 1..3 runs Sc
+    (2j+1)^2 taps and the s x s pointwise into two heads (Sc 2 Dp multiply-adds); then per head pair the statistics kernel folds the moments
     (~2 Dp elements), the recompute kernel stores Z and P (4 Dp; P of the v images only, counted for every image: one plan
     serves all) and, j >= 1, y_j (Sc stores)."""
     from .aggregation import DOT_MAC_COST, ELEMENT_COST, TAP_COST
     bp, _, ck = tiles
     s = C // 5
-    dp = dot_pad(s // 2)
+    dp = s // 2 if training_pair(C, precision, recompute) else dot_pad(s // 2)     # PAIR: no padding column
     sc = -(-s // ck) * ck
     dot = DOT_MAC_COST[precision]
     tail = 4 * dp if recompute else 2 * dp
@@ -551,21 +553,27 @@ def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute
 #: warps (`aggregation._segment_pair`), no padding column (C = 80: d = 8 in 16-wide head tiles), one moment
 #: fold per tile instead of two. sm_90 SASS (batch 128): the statistics kernel's instructions -7 % to -29 %
 #: and its barriers halved, registers 57-128 (from 78-126); the recompute's barriers halved, its
-#: instructions +0.5 % to -20 % (C = 320 fp32: 233 -> 110 registers). Not where it spilled (ptxas, 2026-12-05):
-#: `PAIR_TRAINING_SPILLS`, and sm_70/75's FMA dots (the statistics kernel 12-36 B at C = 160, the recompute
+#: instructions +0.5 % to -20 % (C = 320 fp32: 233 -> 110 registers). Off
+#: (`PAIR_TRAINING_OFF`) where it spilled (ptxas, 2026-12-05) or is unsafe, and with sm_70/75's FMA dots (the
+#: statistics kernel spilled 12-36 B at C = 160, the recompute
 #: 20-32 B at C = 320 on sm_75). Correct against float64 under the interpreter (tests/test_triton_statistics.py,
 #: test_triton_recompute.py); not timed. False: the per-head form everywhere (the tests compare the two).
 PAIR_TRAINING = True
-#: (recompute kernel?, dot precision, s) where PAIR spilled: the recompute of fp32 layers (3xTF32) at s = 32,
-#: 80-84 B on sm_80 and sm_90
-PAIR_TRAINING_SPILLS = frozenset({(True, "tf32x3", 32)})
+#: (recompute kernel?, dot precision, s) where PAIR stays off (`training_pair`): the recompute of fp32 layers
+#: (3xTF32) at s = 32, where it spilled 80-84 B on sm_80 and sm_90. (3xTF32 at s = 64 -- the statistics pass of
+#: every dtype at C = 320, whose dots are fp32's -- stays on: Triton 3.6's miscompile at that width on sm_90
+#: (`config.DOT_OVERRIDES`, benchmarks/results/gpu_report_h200_20261204/followup.md) took two 3xTF32 dots
+#: sharing an operand in one loop; a single accumulating dot per iteration, as PAIR's `_dw_pw_seg` issues,
+#: measured right there, while the per-head form issues two dots sharing the depthwise tile. The next GPU
+#: report's training tests at C = 320 fp32 check it.)
+PAIR_TRAINING_OFF = frozenset({(True, "tf32x3", 32)})
 
 
 def training_pair(C: int, precision: str, recompute: bool) -> bool:
     """Whether the statistics (recompute False) or the recompute kernel takes PAIR at width C with dots of
     this precision (`PAIR_TRAINING`)."""
     return (PAIR_TRAINING and pair_applies(C) and precision in ("tf32", "tf32x3")
-            and (recompute, precision, C // 5) not in PAIR_TRAINING_SPILLS)
+            and (recompute, precision, C // 5) not in PAIR_TRAINING_OFF)
 
 
 def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: SegmentPlan,
@@ -573,7 +581,7 @@ def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: 
     """(grid, args, kwargs) of a launch of either kernel (same grid; `leading`: the tensor
     arguments between qkv and N, i.e. (part_mean, part_m2, dw3, dw5, dw7, pw) of
     `gma_statistics_kernel`, (z, p, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw) of
-    `gma_recompute_z_kernel`); also used on meta tensors for the AOT specialisation
+    `gma_recompute_z_kernel`; recompute: which of the two, for its PAIR, `training_pair`); also used on meta tensors for the AOT specialisation
     (specializations.py), so launch and check cannot drift apart."""
     B, N, C3 = qkv.shape
     C = C3 // 3
