@@ -497,7 +497,7 @@ class BackwardTiles:
     """Tiles of the aggregation-backward kernels (heuristic, not tuned: no GPU here).
 
     BLOCK_C x BLOCK_P, WARPS: [channels, pixels] tiles of `gma_dz_kernel`,
-    `gma_dw_backward_kernel` and, with BLOCK_P halved on a GPU, `gma_dw_wgrad_kernel` (`plan_dw_wgrad`). PW_BLOCK_P, PW_WARPS: pixels per tile and warps of the two
+    `gma_dw_backward_kernel` and, with a quarter of BLOCK_P on a GPU, `gma_dw_wgrad_kernel` (`plan_dw_wgrad`). PW_BLOCK_P, PW_WARPS: pixels per tile and warps of the two
     channel-mix kernels, whose output channels go in blocks of BLOCK_I = PW_TILE_ELEMS /
     S_PAD (at most S_PAD), so the two register tiles held for a program's life (the weight
     rows [BLOCK_I, S_PAD] and the weight-gradient accumulator [S_PAD, BLOCK_I]) stay at
@@ -699,10 +699,11 @@ def plan_dw_wgrad(dy: Tensor, u, KS: int, tiles: Optional[BackwardTiles] = None
     tiles = tiles or backward_tiles(dot_pad(NC), M)
     block_c = min(tiles.BLOCK_C, next_pow2(NC))
     cblocks = triton.cdiv(NC, block_c)
-    # on a GPU half the stencils' pixels: KS accumulators of [BLOCK_C, BLOCK_P] live across the tiles, and
-    # at [16, 128] x 8 warps (8 elements a thread) the 7x7 instance took 165-185 registers (one CTA per SM),
-    # at [16, 64] 72-80 (sm_90, fp16, 2026-12-05)
-    block_p = tiles.BLOCK_P if interpreting() else max(16, tiles.BLOCK_P // 2)
+    # on a GPU a quarter of the stencils' pixels: KS accumulators of [BLOCK_C, BLOCK_P] live across the tiles.
+    # The 7x7 instance at 8 warps (ptxas, 2026-12-05): [16, 128] (8 elements a thread) 165-185 registers on
+    # sm_90 (one CTA per SM); [16, 64] 72-80, but 16 B spilled on sm_70 (fp16, u read from qkv); [16, 32] at
+    # most 64 on sm_70/75/80/90, no spill, the same instructions per element and tap on sm_90 (~36 at 3x3)
+    block_p = tiles.BLOCK_P if interpreting() else max(16, tiles.BLOCK_P // 4)
     splits, tps = split_plan(M, block_p, cblocks * KS, tiles.TARGET_PROGRAMS)
     taps_pad = next_pow2(KS * KS)
     from .launcher import _alloc           # (the tests' NaN poisoning of the launchers' buffers)
