@@ -34,7 +34,7 @@ Derived weights are cached per layer and rebuilt only when a parameter or buffer
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, NamedTuple, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -107,11 +107,17 @@ def channels_first(w: Tensor) -> Tensor:
     return w.permute(2, 0, 1)
 
 
-def _build(w: GMAWeights, bn_scale: Tensor, bn_shift: Tensor, dtype) -> FoldedGMAWeights:
+def fold_filters(w: GMAWeights, dtype) -> Dict[str, Tensor]:
+    """The folded weights but the BatchNorm affine (every field of `FoldedGMAWeights` after bn_scale
+    and bn_shift), in the kernels' layouts and `dtype`: what does not depend on the batch
+    statistics. Differentiable. A training step builds them once (`training.prepare`): the
+    statistics pass reads the depthwise and pointwise of them, the folded weights are them plus
+    the BatchNorms."""
     c = lambda t: t.to(dtype).contiguous()
-    dw = lambda t: c(taps_first(t[:, 0]))     # (c, 1, k, k) parameter -> tap-major (k, k, c)
-    return FoldedGMAWeights(
-        bn_scale=c(bn_scale), bn_shift=c(bn_shift),
+    # (c, 1, k, k) parameter -> tap-major (k, k, c); squeeze, not t[:, 0]: a select's backward
+    # allocates a zero tensor and copies into it (2 kernels per weight and step), a squeeze's is a view
+    dw = lambda t: c(taps_first(t.squeeze(1)))
+    return dict(
         dw3=dw(w.dw_weight[0]), dw5=dw(w.dw_weight[1]), dw7=dw(w.dw_weight[2]),
         pw=c(torch.stack([p.flatten(1) for p in w.pw_weight])),
         local_dw=dw(w.local_dw_weight), local_pw=c(w.local_pw_weight.flatten(1)),
@@ -119,6 +125,14 @@ def _build(w: GMAWeights, bn_scale: Tensor, bn_shift: Tensor, dtype) -> FoldedGM
         crpe_w3=dw(w.crpe_weight[0]), crpe_w5=dw(w.crpe_weight[1]), crpe_w7=dw(w.crpe_weight[2]),
         crpe_b=c(torch.cat(list(w.crpe_bias))),
     )
+
+
+def _build(w: GMAWeights, bn_scale: Tensor, bn_shift: Tensor, dtype,
+           filters: Optional[Dict[str, Tensor]] = None) -> FoldedGMAWeights:
+    """The folded weights: BatchNorm affine (bn_scale, bn_shift) and `fold_filters` (given, or built)."""
+    c = lambda t: t.to(dtype).contiguous()
+    return FoldedGMAWeights(bn_scale=c(bn_scale), bn_shift=c(bn_shift),
+                            **(fold_filters(w, dtype) if filters is None else filters))
 
 
 def fold_eval(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype = torch.float32) -> FoldedGMAWeights:
@@ -129,12 +143,14 @@ def fold_eval(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype = torch.float32) -
 
 
 def fold_batch_stats(w: GMAWeights, mean: Tensor, var: Tensor, hp: GMAHyper,
-                     dtype: torch.dtype = torch.float32) -> FoldedGMAWeights:
-    """Training mode: BatchNorms from batch statistics mean, var (4, s) (biased variance)."""
+                     dtype: torch.dtype = torch.float32,
+                     filters: Optional[Dict[str, Tensor]] = None) -> FoldedGMAWeights:
+    """Training mode: BatchNorms from batch statistics mean, var (4, s) (biased variance);
+    filters: `fold_filters(w, dtype)` when already built."""
     gamma = torch.stack(list(w.bn_weight)).to(dtype)
     beta = torch.stack(list(w.bn_bias)).to(dtype)
     scale = gamma * torch.rsqrt(var.to(dtype) + hp.bn_eps)
-    return _build(w, scale, beta - mean.to(dtype) * scale, dtype)
+    return _build(w, scale, beta - mean.to(dtype) * scale, dtype, filters)
 
 
 # ---------------------------------------------------------------- caching
@@ -220,15 +236,22 @@ def update_running_stats(w: GMAWeights, hp: GMAHyper, mean: Tensor, var: Tensor,
     mean and biased variance (4, s) over n values per channel: num_batches_tracked += 1, then
     momentum (or 1 / num_batches_tracked when momentum is None) towards the mean and the
     unbiased variance; BatchNorms without running statistics are skipped. Every backend
-    that trains calls this one function."""
+    that trains calls this one function. With a momentum the buffers move by multi-tensor
+    (``_foreach``) ops: on a GPU 2 kernels a layer where one per buffer and counter were 12."""
     with torch.no_grad():
         unbiased = var * (n / (n - 1))  # n >= 3 (3B images)
-        for i in range(4):
-            if w.bn_running_mean[i] is None:  # track_running_stats=False
-                continue
-            nbt = w.bn_num_batches_tracked[i]
-            if nbt is not None:
-                nbt.add_(1)
-            m = hp.bn_momentum if hp.bn_momentum is not None else 1.0 / float(nbt.item())
-            w.bn_running_mean[i].lerp_(mean[i].to(w.bn_running_mean[i].dtype), m)
-            w.bn_running_var[i].lerp_(unbiased[i].to(w.bn_running_var[i].dtype), m)
+        tracked = [i for i in range(4) if w.bn_running_mean[i] is not None]  # else track_running_stats=False
+        counters = [w.bn_num_batches_tracked[i] for i in tracked if w.bn_num_batches_tracked[i] is not None]
+        if counters:
+            torch._foreach_add_(counters, 1)
+        running = [w.bn_running_mean[i] for i in tracked] + [w.bn_running_var[i] for i in tracked]
+        batch = [mean[i] for i in tracked] + [unbiased[i] for i in tracked]
+        batch = [b.to(r.dtype) for r, b in zip(running, batch)]
+        if hp.bn_momentum is not None:
+            if running:
+                torch._foreach_lerp_(running, batch, hp.bn_momentum)
+            return
+        for k, i in enumerate(tracked):   # cumulative average: each BatchNorm its own 1 / num_batches_tracked
+            m = 1.0 / float(w.bn_num_batches_tracked[i].item())
+            running[k].lerp_(batch[k], m)
+            running[len(tracked) + k].lerp_(batch[len(tracked) + k], m)

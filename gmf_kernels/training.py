@@ -54,7 +54,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .folding import FoldedGMAWeights, _build, bn_affine, compute_dtype, fold_batch_stats, update_running_stats
+from .folding import (FoldedGMAWeights, _build, bn_affine, compute_dtype, fold_batch_stats, fold_filters,
+                      update_running_stats)
 from .triton_kernels.backward import TORCH_STAGES, Stages, pre_projection_backward, statistics  # imports no Triton
 from .weights import GMAHyper, GMAWeights
 
@@ -104,15 +105,17 @@ def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, tra
     count: Optional[Tensor] = None
     group = hp.bn_process_group if training else None
     if training:
+        filters = fold_filters(w, cd)     # once: the statistics pass reads them, the folded weights hold them
         with torch.no_grad(), torch.autocast(qkv.device.type, enabled=False):
-            # the statistics need only the depthwise/pointwise weights: fold them without the BatchNorms
-            pre_bn = _build(w, qkv.new_zeros(1, dtype=cd), qkv.new_zeros(1, dtype=cd), cd)
+            # the statistics need only the depthwise/pointwise weights: the filters without the BatchNorms
+            zero = qkv.new_zeros(1, dtype=cd)
+            pre_bn = FoldedGMAWeights(bn_scale=zero, bn_shift=zero, **{k: t.detach() for k, t in filters.items()})
             mean, var, n = statistics_fn(qkv.detach(), H, W, pre_bn, group)
             update_running_stats(w, hp, mean, var, n)
             rstd = torch.rsqrt(var + hp.bn_eps)
             if group is not None:
                 count = n
-        folded = fold_batch_stats(w, mean, var, hp, cd)
+        folded = fold_batch_stats(w, mean, var, hp, cd, filters)
     else:
         folded = fold_running_stats(w, hp, cd)
     return (qkv, mean, rstd, count, H, W, float(hp.scale), float(hp.ln_eps), group, *folded)

@@ -1141,6 +1141,7 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
     committed = tmp_path / "committed"
     committed.mkdir()
     old = _tune_table()      # a committed table: it has candidates, but is not this run's result
+    old["candidates"]["triton.aggregate"]["80"]["bfloat16"][0]["time_us"] = 950.0    # an older measurement
     old["candidates"]["triton.b1"] = {"80": {"bfloat16": [{"config": {"BLOCK_P": 8}, "status": "ok",
                                                           "time_us": 1.0}]}}
     (committed / "sm_90.json").write_text(json.dumps(old))
@@ -1157,8 +1158,14 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
         assert (table_dir / "sm_90.json").is_file()           # seeded before tune.py runs
         if outcome == "table":
             time.sleep(0.01)
-            new = _tune_table()
-            new["candidates"]["triton.b1"] = old["candidates"]["triton.b1"]   # kept by tune.py from the seed
+            if "--train" in cmd:   # the training tiles: b2 measured, b1 kept by tune.py from the seed
+                new = json.loads((table_dir / "sm_90.json").read_text())
+                new["candidates"]["triton.b2"] = {"160": {"float16": [
+                    {"config": {"BLOCK_P": 64, "num_warps": 4}, "status": "ok", "time_us": 80.0},
+                    {"config": {"BLOCK_P": 32, "num_warps": 4}, "status": "ok", "time_us": 40.0}]}}
+            else:
+                new = _tune_table()
+                new["candidates"]["triton.b1"] = old["candidates"]["triton.b1"]   # kept by tune.py from the seed
             (table_dir / "sm_90.json").write_text(json.dumps(new))
             (out / "tuning_sm_90.json").write_text(json.dumps(new))
             return gr.RunResult(cmd, 0, "wrote it", 30.0)
@@ -1168,49 +1175,75 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
     ctx.out, ctx.args = out, _args("--part", "speed")
     ctx.report["tune"] = {}
     ph = {"notes": [], "status": "running"}
-    gr.phase_tune(ctx, ph, 60.0)
+    gr.phase_tune(ctx, ph, 75.0)
     cmd = " ".join(map(str, seen[0]))
     assert ("tune.py --models s --dtype bf16 --families triton.aggregate triton.attention cuda.tiles "
-            "--budget 45") in cmd and f"--out {out}" in cmd
+            "--budget 25") in cmd and f"--out {out}" in cmd
+    left = 75.0 - (30.0 if outcome == "table" else 3.0)     # the training tiles get what the forward's left
+    cmd = " ".join(map(str, seen[1]))
+    assert f"tune.py --train --models s --dtype fp16 --budget {left - 15:.0f}" in cmd and f"--out {out}" in cmd
     sec = ctx.report["tune"]
     assert sec["seeded"] == ["sm_90.json"]
     text = "\n".join(gr._tune_summary(ctx.report))
-    assert "triton.b1" not in text and {r["family"] for r in sec["rows"]} <= set(gr.TUNE_FAMILIES)
+    assert "triton.b1" not in text
+    assert {r["family"] for r in sec["rows"]} <= set(gr.TUNE_FAMILIES + gr.TUNE_TRAIN_FAMILIES)
     if outcome == "table":
         assert sec["status"] == "ok" and sec["applied"] and sec["file"] == "tuning_sm_90.json"
+        assert sec["train"]["status"] == "ok" and sec["train"]["seconds"] == 30.0
         assert ctx.env["GMF_TUNING_DIR"] == str(tmp_path / "tuning") and not ph["notes"]
         assert "| triton.aggregate | 80 | bfloat16 | BLOCK_P 32, num_warps 4 | 900.0 | BLOCK_P 64, num_warps 4 | " \
                "600.0 | 1.50x | 3 (1, 0) |" in text
+        assert "| triton.b2 | 160 | float16 | BLOCK_P 64, num_warps 4 | 80.0 | BLOCK_P 32, num_warps 4 | " \
+               "40.0 | 2.00x | 2 (0, 0) |" in text
         assert "the later phases ran with this table" in text and "not measured: triton.aggregate C=320" in text
+        assert "then --train --models s --dtype fp16" in text and "training tiles" in text
     else:
         assert sec["status"] == "failed" and not sec["applied"] and "GMF_TUNING_DIR" not in ctx.env
-        assert sec["rows"] == [] and sec["file"] is None
+        assert sec["rows"] == [] and sec["file"] is None and sec["train"]["status"] == "failed"
         assert "the later phases use the default tiles" in ph["notes"][0] and "boom" in sec["output_tail"]
-        assert "the later phases ran with the default tiles" in text
+        assert "the later phases ran with the default tiles" in text and "tune --train: failed" in ph["notes"][-1]
+    # the forward's tiles took what was left: the training tiles skipped, with why
+    n = len(seen)
+    monkeypatch.setattr(gr, "run", lambda ctx, cmd, *a, **k: (seen.append(cmd), gr.RunResult(cmd, 0, "", 55.0))[1])
+    ctx = _ctx(tmp_path, env={})
+    ctx.out, ctx.args = out, _args("--part", "speed")
+    ph = {"notes": [], "status": "running"}
+    gr.phase_tune(ctx, ph, 75.0)
+    assert len(seen) == n + 1 and ctx.report["tune"]["train"]["status"] == "skipped"
+    assert "time budget" in ctx.report["tune"]["train"]["reason"]
     # too little time: skipped, with why
     ctx = _ctx(tmp_path, env={})
     ctx.args = _args("--part", "speed")
     ph = {"notes": [], "status": "running"}
     gr.phase_tune(ctx, ph, gr.TUNE_MIN_S - 1)
-    assert ph["status"] == "skipped" and "time budget" in ctx.report["tune"]["reason"] and len(seen) == 1
+    assert ph["status"] == "skipped" and "time budget" in ctx.report["tune"]["reason"] and len(seen) == n + 1
     # the one-call plan: no share, not run however much time is left over
     ctx = _ctx(tmp_path, env={})
     ctx.args = _args()
     ph = {"notes": [], "status": "running"}
     gr.phase_tune(ctx, ph, 300.0)
-    assert ph["status"] == "skipped" and "no share" in ctx.report["tune"]["reason"] and len(seen) == 1
+    assert ph["status"] == "skipped" and "no share" in ctx.report["tune"]["reason"] and len(seen) == n + 1
+
+
+def test_tune_train_families_are_the_training_kernels():
+    """The families the tune phase reports for its training run are those tune.py --train sweeps."""
+    from gmf_kernels.triton_kernels import tile_spaces, train_op  # noqa: F401  (every family registered)
+    assert set(gr.TUNE_TRAIN_FAMILIES) == set(tile_spaces.families())
+    assert "--train" in gr.TUNE_TRAIN_ARGS and not set(gr.TUNE_FAMILIES) & set(gr.TUNE_TRAIN_FAMILIES)
 
 
 def test_record_part_warms_what_the_tune_phase_compiles():
     """The speed part's tune phase runs on the machine the record part warmed: every Triton variant its
     sweep loads (tune.py `warm_specs` of TUNE_ARGS' models, dtypes and Triton families, on an sm_90) is in
     the record part's warm-up (`specializations.report_specializations`), so none is compiled on one CPU
-    inside the tune phase's ~45 s. (In a subprocess: the specialisations are derived with TRITON_INTERPRET
+    inside the tune phase, nor any training candidate its ``tune.py --train`` run loads (fp16). (In a subprocess: the specialisations are derived with TRITON_INTERPRET
     unset, as on a GPU.)"""
     from gmf_kernels.triton_kernels import specializations as S
     from helpers import triton_compile_env
     args = dict(zip(gr.TUNE_ARGS[0::2], gr.TUNE_ARGS[1::2]))
     assert args["--models"] == "s" and args["--dtype"] == "bf16"
+    train_args = dict(zip(gr.TUNE_TRAIN_ARGS[1::2], gr.TUNE_TRAIN_ARGS[2::2]))
+    assert gr.TUNE_TRAIN_ARGS[0] == "--train" and train_args == {"--models": "s", "--dtype": "fp16"}
     triton_families = [f for f in gr.TUNE_FAMILIES if f.startswith("triton.")]
     assert tuple(triton_families) == S.REPORT_TUNE_FAMILIES
     code = f"""
@@ -1218,16 +1251,19 @@ import json, sys, torch
 sys.path.insert(0, {str(REPO / "benchmarks")!r})
 import tune
 from gmf_kernels.triton_kernels import specializations as S
-swept = tune.warm_specs({triton_families!r}, tune.shapes(["groupmixformer_s"]), [torch.bfloat16], 128, (9, 0))
+shapes = tune.shapes(["groupmixformer_s"])
+swept = tune.warm_specs({triton_families!r}, shapes, [torch.bfloat16], 128, (9, 0))
+swept_train = tune.warm_specs({list(gr.TUNE_TRAIN_FAMILIES)!r}, shapes, [torch.float16], 128, (9, 0))
 warmed = {{sp.key for sp in S.report_specializations(90)}}
 print(json.dumps({{"swept": len(swept), "unrolled": sum("unrolled" in sp.label() for sp in swept),
-                  "missing": [sp.label() for sp in swept if sp.key not in warmed]}}))
+                  "swept_train": len(swept_train),
+                  "missing": [sp.label() for sp in swept + swept_train if sp.key not in warmed]}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=triton_compile_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["swept"] > 20 and got["unrolled"] > 0 and got["missing"] == [], got
+    assert got["swept"] > 20 and got["unrolled"] > 0 and got["swept_train"] > 50 and got["missing"] == [], got
 
 
 def test_summary_lists_the_rows_warnings():

@@ -122,9 +122,13 @@ def test_tiles_and_splits(C, grid, tiles, target, splits, monkeypatch):
     _, _, plan, (launch_grid, args, kwargs) = st.plan_statistics(qkv, H, W, w.dw3, w.dw5, w.dw7, w.pw)
     assert (plan.splits, launch_grid, tuple(args[-4:]), kwargs["CK"]) == (splits, (sum(splits), 3), splits, tiles[2])
     assert all(sum(plan.counts(j, tiles[0], H * W)) == H * W for j in range(4))
-    for j in range(4):   # the counts the merge uses, made on the device, are the same
-        on = plan.counts_on(j, tiles[0], H * W, qkv.device)
-        assert on.dtype == torch.float64 and on.tolist() == plan.counts(j, tiles[0], H * W)
+    counts, member, segment = plan.row_weights(tiles[0], H * W, qkv.device)   # what the merge weighs rows with
+    assert counts.dtype == member.dtype == torch.float64 and counts.shape == member.shape == (4, plan.programs)
+    for j in range(4):
+        first, last = plan.rows(j)
+        assert counts[j, first:last].tolist() == plan.counts(j, tiles[0], H * W)
+        assert member[j, first:last].eq(1).all() and segment[first:last].eq(j).all()
+    assert counts.sum(0).gt(0).all() and member.sum(0).eq(1).all()    # each row in exactly one segment
     check(qkv, H, W, C)
 
 
@@ -168,6 +172,54 @@ def test_merge_float32_against_float64(monkeypatch):
     print(f"segment 0 variance error: float64 merge {err[torch.float64]:.2e}, float32 merge {err[F32]:.2e}")
     assert err[torch.float64] < FLOOR
     assert err[torch.float64] < err[F32]
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ATen operators called (views included): on a GPU each non-view one is a kernel launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("splits", [(1, 1, 2, 2), (1, 2, 4, 4)])   # valid plans of 4 tiles (runs non-empty)
+def test_merge_is_a_few_ops_for_all_segments(splits):
+    """`merge_segments` merges the four segments at once, in a number of tensor ops that does not grow
+    with the segments or their programs (a per-segment merge took ~70 per layer, each a kernel launch
+    on a GPU); the second call reuses the plan's row weights (`SegmentPlan.row_weights`). Its moments
+    are Chan's formula per segment, computed here row by row in float64 (`merge_reference`)."""
+    I, s, N, bp = 6, 8, 49, 16
+    plan = st.SegmentPlan(-(-N // bp), splits)
+    g = torch.Generator().manual_seed(sum(splits))
+    part_mean = (100.0 + torch.randn(I * plan.programs, s, generator=g, dtype=torch.float64))
+    part_m2 = torch.rand(I * plan.programs, s, generator=g)
+    st.merge_segments(part_mean, part_m2, plan, bp, N)          # makes the row weights
+    with _CountOps() as mode:
+        mean, m2 = st.merge_segments(part_mean, part_m2, plan, bp, N)
+    assert len(mode.ops) <= 20, mode.ops
+    ref_mean, ref_m2 = merge_reference(part_mean, part_m2, plan, bp, N)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-13, atol=0)
+    torch.testing.assert_close(m2, ref_m2, rtol=1e-12, atol=0)
+
+
+def merge_reference(part_mean, part_m2, plan, bp, N):
+    """Chan's merge, segment by segment and row by row, in float64 Python."""
+    R = plan.programs
+    I = part_mean.shape[0] // R
+    means, m2s = [], []
+    for j in range(4):
+        first, last = plan.rows(j)
+        rows = [(img * R + r, plan.counts(j, bp, N)[r - first]) for img in range(I) for r in range(first, last)]
+        n = sum(c for _, c in rows)
+        mean = sum(c * part_mean[k].double() for k, c in rows) / n
+        m2 = sum(part_m2[k].double() + c * (part_mean[k].double() - mean) ** 2 for k, c in rows)
+        means.append(mean)
+        m2s.append(m2)
+    return torch.cat(means), torch.cat(m2s)
 
 
 def test_sync_batch_moments_one_rank():

@@ -373,3 +373,22 @@ def test_a_padded_qkv_view_is_made_compact_for_the_training_kernels():
     assert training.prepare(dense, (H, W), w, hp, False)[0] is dense
     permuted = torch.randn(H * W, B, 3 * C).transpose(0, 1)
     assert not training.spans_beyond_numel(permuted) and training.prepare(permuted, (H, W), w, hp, False)[0] is permuted
+
+
+def test_backward_op_outputs_are_distinct_and_copied_only_where_needed():
+    """`train_op.distinct_outputs`, what the backward op returns: contiguous tensors sharing storage with
+    no input and no other output. Fresh gradients pass as they are (no copy); views of one buffer of
+    sums, a padded slice and an input returned as an output are copied."""
+    from gmf_kernels.triton_kernels.train_op import distinct_outputs
+    x = torch.randn(4, 6)
+    sums = torch.randn(2, 5)
+    padded = torch.randn(8, 8)
+    fresh = torch.randn(3, 3)
+    outs = [fresh, sums[0], sums[1], padded[:5, :5], x]
+    got = distinct_outputs(outs, [x, None])
+    assert got[0] is fresh and got[1] is outs[1]      # passed as they are: nothing before shares their storage
+    storages = [t.untyped_storage().data_ptr() for t in got]
+    assert len(set(storages)) == len(got) and x.untyped_storage().data_ptr() not in storages
+    assert all(t.is_contiguous() for t in got)
+    for a, b in zip(got, outs):
+        assert torch.equal(a, b)

@@ -79,7 +79,7 @@ import triton
 import triton.language as tl
 
 from ._common import DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, mm, stored
-from .config import dtype_name, operand_precision, strip_width
+from .config import cdiv, dtype_name, operand_precision, strip_width
 
 
 @triton.jit
@@ -566,10 +566,10 @@ def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_
     Uniform splits, for kernels whose programs per image cost the same: the backward's token
     reductions (8 heads; aggregation_backward.py, attention_backward.py). The forward
     aggregation's jobs differ in cost and use `job_plan`."""
-    T = triton.cdiv(N, block_p)
-    want = max(1, min(T, triton.cdiv(target_programs, programs_per_image * B)))
-    tps = triton.cdiv(T, want)
-    return triton.cdiv(T, tps), tps
+    T = cdiv(N, block_p)
+    want = max(1, min(T, cdiv(target_programs, programs_per_image * B)))
+    tps = cdiv(T, want)
+    return cdiv(T, tps), tps
 
 
 #: Relative cost weights of the aggregation kernel's work, in units of one depthwise tap (one
@@ -689,7 +689,7 @@ def job_plan(N: int, B: int, shape, precision: str) -> JobPlan:
 
 @functools.lru_cache(maxsize=1024)
 def _job_plan(N: int, B: int, shape, precision: str) -> JobPlan:
-    T = triton.cdiv(N, shape.AGG_BLOCK_P)
+    T = cdiv(N, shape.AGG_BLOCK_P)
     costs = tuple(max(1, round(16 * c)) for c in aggregate_job_costs(shape, precision))  # exact integers
     return JobPlan(T, _balanced_splits(T, B, costs, shape.SPLIT_TARGET))
 

@@ -109,7 +109,7 @@ from ..folding import FoldedGMAWeights
 from . import _common  # _common.interpreting(): the stores' rounding (tests patch `interpreting` here for tiles)
 from ._common import DotVariant, dot_variant, hardswish_grad, interpreting, mm, stored
 from .aggregation import split_plan as aggregation_split_plan
-from .config import dot_pad, kernel_dot_precision, next_pow2
+from .config import cdiv, dot_pad, kernel_dot_precision, next_pow2
 from .tile_spaces import register_tiles
 
 Tensor = torch.Tensor
@@ -608,7 +608,7 @@ def plan_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, c_lo: int, nc: int
     N, M = H * W, I * H * W
     tiles = tiles or backward_tiles(dot_pad(CP // 4), M)
     block_c = min(tiles.BLOCK_C, next_pow2(nc))
-    cblocks = triton.cdiv(nc, block_c)
+    cblocks = cdiv(nc, block_c)
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
     buf = {"dZ": None if out is not None else torch.empty(I, nc, H, W, dtype=G.dtype, device=G.device)}
     out = out or images_layout(buf["dZ"])
@@ -666,7 +666,7 @@ def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None, til
         raise TypeError(f"w: fp32 expected, not {w.dtype}")
     tiles = tiles or backward_tiles(dot_pad(NC), M)
     block_c = min(tiles.BLOCK_C, next_pow2(NC))
-    cblocks = triton.cdiv(NC, block_c)
+    cblocks = cdiv(NC, block_c)
     splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
     bufw, lw = plan_dw_wgrad(dy, u, KS, tiles)
     buf = {"du": None if out is not None else torch.empty(I, NC, H, W, dtype=dy.dtype, device=dy.device),
@@ -698,7 +698,7 @@ def plan_dw_wgrad(dy: Tensor, u, KS: int, tiles: Optional[BackwardTiles] = None
         raise TypeError(f"dy: fp32, fp16 or bf16 expected, not {dy_.dtype}")
     tiles = tiles or backward_tiles(dot_pad(NC), M)
     block_c = min(tiles.BLOCK_C, next_pow2(NC))
-    cblocks = triton.cdiv(NC, block_c)
+    cblocks = cdiv(NC, block_c)
     # on a GPU a quarter of the stencils' pixels: KS accumulators of [BLOCK_C, BLOCK_P] live across the tiles.
     # The 7x7 instance at 8 warps (ptxas, 2026-12-05): [16, 128] (8 elements a thread) 165-185 registers on
     # sm_90 (one CTA per SM); [16, 64] 72-80, but 16 B spilled on sm_70 (fp16, u read from qkv); [16, 32] at

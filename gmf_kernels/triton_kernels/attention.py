@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm, stored
-from .config import dtype_name, operand_precision
+from .config import cdiv, dtype_name, operand_precision
 
 
 # Shape integers not specialised: see the note above gma_aggregate_kernel (aggregation.py).
@@ -168,7 +168,7 @@ def attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots: DotVariant)
                   DOT_PRECISION=operand_precision(dots.precision, dtype_name(q.dtype), shape.ATTN_DOTS16),
                   EMULATE_DOTS=dots.emulate, UNROLL=shape.ATTN_UNROLL,
                   num_warps=shape.ATTN_WARPS)
-    return (triton.cdiv(N, shape.ATTN_BLOCK_P), 8, B), args, kwargs
+    return (cdiv(N, shape.ATTN_BLOCK_P), 8, B), args, kwargs
 
 
 def launch_attention(kernel, q, v, kv, pre, weights, H, W, scale, shape, dots: Optional[DotVariant] = None):

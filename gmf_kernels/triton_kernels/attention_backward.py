@@ -99,7 +99,7 @@ from ._common import DotVariant, crpe_group, dot_variant, hardswish, hardswish_g
 from .aggregation import split_plan
 from .aggregation_backward import plan_dw_wgrad, taps_of
 from .backward import crpe_groups
-from .config import B1_TILES, B2_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, crpe_bwd_tiles, dot_pad, next_pow2
+from .config import B1_TILES, B2_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, cdiv, crpe_bwd_tiles, dot_pad, next_pow2
 from .launcher import _alloc, device_guard, wrap_triton
 from .tile_spaces import register_tiles
 
@@ -434,7 +434,7 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
     bp, warps = tiles[0] or _tile(B2_TILES, d, N, block)
     bc, cwarps = tiles[1] or _tile(crpe_bwd_tiles(dots.precision), d, N, block)
     splits, tps = _split_plan(N, B, bc)
-    T = triton.cdiv(N, bp)
+    T = cdiv(N, bp)
     stats = bn is not None and bn[0] is not None
     bn_t = [t.reshape(-1).float().contiguous() for t in (wts.bn_scale, wts.bn_shift)]
     if bn is not None:

@@ -488,7 +488,9 @@ def report_specializations(arch: int) -> List[Spec]:
        GroupMixFormer-S's widths at bf16, each at its first stage grid, as benchmarks/tune.py runs
        them: `tuning_specializations`): compiled by the record part's warm-up beside the CUDA
        build, so that the speed part, on the same machine, finds them in the cache instead of
-       compiling each on one CPU inside its short tune phase.
+       compiling each on one CPU inside its short tune phase;
+    6. the training kernels' candidates the same phase tries next (``tune.py --train`` on
+       GroupMixFormer-S's widths at fp16, the judged training run's dtype: every training family).
 
     The forward is one variant per (kernel, C, dtype) whatever the batch and grid (the
     module docstring), so batch 128 stands for every batch. Tuned tiles are not applied (but in
@@ -512,6 +514,11 @@ def report_specializations(arch: int) -> List[Spec]:
     supported = arch_dots(capability_of_arch(arch)) or {}
     tuned = [(f"the tune phase's candidates: {call.label()}",
               tuning_specializations([call], arch, REPORT_TUNE_FAMILIES)) for call in tune_calls]
+    if "fp16" in supported:
+        from . import tile_spaces, train_op  # noqa: F401  (every training family registered)
+        tuned += [(f"the tune phase's training candidates: {call.label()}",
+                   tuning_specializations([call], arch, tile_spaces.families()))
+                  for call in (Call(C, g, g, 128, "fp16") for C, g in first_grid.items())]
     return _first_seen([(f"{what}: {call.label()}", of_call(call, arch)) for what, calls in groups
                         for call, of_call in calls if call.dtype in supported] + tuned)
 

@@ -37,8 +37,8 @@ test's offset of 1000 standard deviations; without the shift the tile means' rou
 |mean| each, put 1.6e-5 on that case's variance.) The program stores its mean as float64
 (shift + mean, exact) and its M2 as fp32, at row ``img * R + pid`` of two (3B R, s) buffers
 (a row holds its segment's s channels); `merge_segments` combines each segment's rows with
-Chan's parallel formula in closed form, in float64 (`merge_moments`, a tiny torch reduction
-over 3B x R x s values):
+Chan's parallel formula in closed form, in float64 (a tiny torch reduction over 3B x R x s
+values, the four segments at once):
 
     n = sum n_r;  mean = sum n_r mean_r / n;  M2 = sum M2_r + sum n_r (mean_r - mean)^2
 
@@ -517,12 +517,38 @@ class SegmentPlan(NamedTuple):
         tps = -(-self.tiles // self.splits[seg]) * block_p
         return [min(tps, N - k * tps) for k in range(self.splits[seg])]
 
-    def counts_on(self, seg: int, block_p: int, N: int, device) -> Tensor:
-        """`counts` as a float64 tensor made on `device` (no host-to-device copy: a pageable copy
-        would wait for the GPU's queue every layer, and cannot be captured in a CUDA graph)."""
-        tps = -(-self.tiles // self.splits[seg]) * block_p
-        k = torch.arange(self.splits[seg], dtype=torch.float64, device=device)
-        return (N - k * tps).clamp(max=tps)
+    def row_weights(self, block_p: int, N: int, device, dtype=torch.float64) -> Tuple[Tensor, Tensor, Tensor]:
+        """What `merge_segments` weighs an image's R partial rows with: (counts (4, R), member (4, R),
+        segment (R,)): counts[j, r] the tokens of program r's run if r is one of segment j's
+        programs (`counts`), else 0; member[j, r] 1 there, else 0 (both `dtype`); segment[r] its
+        segment (int64). Made on `device` by a few tensor ops (no host-to-device copy: a pageable copy
+        waits for the GPU's queue and cannot be captured in a CUDA graph) and kept per (plan, tile,
+        N, device, dtype) (`_ROW_WEIGHTS`), but while a CUDA graph is being captured."""
+        key = (self, block_p, N, str(device), dtype)
+        hit = _ROW_WEIGHTS.get(key)
+        if hit is not None:
+            return hit
+        r = torch.arange(self.programs, device=device)
+        counts, member = [], []
+        for j in range(4):
+            first, last = self.rows(j)
+            tps = -(-self.tiles // self.splits[j]) * block_p
+            inside = (r >= first) & (r < last)
+            member.append(inside.to(dtype))
+            counts.append(torch.where(inside, (N - (r - first) * tps).clamp(max=tps), 0).to(dtype))
+        member = torch.stack(member)
+        hit = (torch.stack(counts), member, member.argmax(0))
+        from ..folding import capturing
+        if not capturing():
+            if len(_ROW_WEIGHTS) >= _ROW_WEIGHTS_MAX:
+                _ROW_WEIGHTS.pop(next(iter(_ROW_WEIGHTS)))
+            _ROW_WEIGHTS[key] = hit
+        return hit
+
+
+#: `SegmentPlan.row_weights` already made (a few tiny tensors per layer shape, batch and device)
+_ROW_WEIGHTS: dict = {}
+_ROW_WEIGHTS_MAX = 256
 
 
 def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute: bool) -> Tuple[float, ...]:
@@ -628,30 +654,21 @@ def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: 
     return part_mean, part_m2, plan, call
 
 
-def merge_moments(part_mean: Tensor, part_m2: Tensor, counts: Tensor, dtype=torch.float64) -> Tuple[Tensor, Tensor]:
-    """Chan's parallel merge of the rows of (part_mean, part_m2) (R, c) over counts (R,) (or a
-    (SPLITS,) pattern repeated over the rows) -> (mean, M2) (c,) in `dtype` (float64: the
-    launcher's choice; the test measures float32 too)."""
-    n_r = counts.to(dtype).repeat(part_mean.shape[0] // counts.shape[0])[:, None]
-    mean_r = part_mean.to(dtype)
-    n = n_r.sum()
-    mean = (n_r * mean_r).sum(0) / n
-    m2 = part_m2.to(dtype).sum(0) + (n_r * (mean_r - mean).square()).sum(0)
-    return mean, m2
-
-
 def merge_segments(part_mean: Tensor, part_m2: Tensor, plan: SegmentPlan, block_p: int, N: int,
                    dtype=torch.float64) -> Tuple[Tensor, Tensor]:
-    """`merge_moments` of each segment's rows (`plan_statistics`' layout) -> (mean, M2) (4s,)."""
-    I = part_mean.shape[0] // plan.programs
-    s = part_mean.shape[1]
-    pm, pm2 = part_mean.view(I, plan.programs, s), part_m2.view(I, plan.programs, s)
-    out = []
-    for j in range(4):
-        a, b = plan.rows(j)
-        counts = plan.counts_on(j, block_p, N, part_mean.device)
-        out.append(merge_moments(pm[:, a:b].reshape(-1, s), pm2[:, a:b].reshape(-1, s), counts, dtype))
-    return torch.cat([m for m, _ in out]), torch.cat([m2 for _, m2 in out])
+    """Chan's merge (module docstring) of each segment's rows of `plan_statistics`' layout ->
+    (mean, M2) (4s,), in `dtype` (float64: the launcher's choice; the test measures float32 too).
+    The four segments at once, as products with `SegmentPlan.row_weights` (every segment's runs
+    cover the N tokens of each of the I images, so n = I N): about a dozen tensor ops a layer,
+    where a merge per segment took ~70 (each a kernel launch on a GPU, and host time)."""
+    R = plan.programs
+    I, s = part_mean.shape[0] // R, part_mean.shape[1]
+    counts, member, segment = plan.row_weights(block_p, N, part_mean.device, dtype)
+    mean_r = part_mean.view(I, R, s).to(dtype)
+    mean = (counts @ mean_r.sum(0)) / (I * N)                                    # (4, s)
+    between = (mean_r - mean.index_select(0, segment)).square().sum(0)           # (R, s)
+    m2 = member @ part_m2.view(I, R, s).to(dtype).sum(0) + counts @ between
+    return mean.reshape(-1), m2.reshape(-1)
 
 
 def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,

@@ -78,9 +78,25 @@ def triton_pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int
     with torch.autocast(qkv.device.type, enabled=False):
         d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
                                                mean, rstd, None, None, stages_for(qkv))
-    # the weight gradients are small and some are views of one buffer of sums: own copies (an op's
-    # outputs may not alias each other)
-    return [d_qkv.contiguous()] + [g.clone(memory_format=torch.contiguous_format) for g in grads]
+    return distinct_outputs([d_qkv] + list(grads), [grad_pre, qkv, *weights, mean, rstd])
+
+
+def distinct_outputs(outputs: List[Tensor], inputs: List[Optional[Tensor]]) -> List[Tensor]:
+    """outputs as a custom op may return them: contiguous (the strides its fake gives), none sharing
+    storage with another output or an input. Some weight gradients are views of one buffer of sums
+    (bn_scale's and bn_shift's) or slices of a padded one: those are copied, the others, fresh
+    tensors of their own, returned as they are (a copy of every gradient was 14 more small kernels a
+    layer)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    out = []
+    for t in outputs:
+        key = t.untyped_storage().data_ptr()
+        if not t.is_contiguous() or key in seen:
+            t = t.clone(memory_format=torch.contiguous_format)
+            key = t.untyped_storage().data_ptr()
+        seen.add(key)
+        out.append(t)
+    return out
 
 
 @triton_pre_projection_backward.register_fake
