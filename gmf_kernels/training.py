@@ -107,9 +107,13 @@ def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, tra
     if training:
         filters = fold_filters(w, cd)     # once: the statistics pass reads them, the folded weights hold them
         with torch.no_grad(), torch.autocast(qkv.device.type, enabled=False):
-            # the statistics need only the depthwise/pointwise weights: the filters without the BatchNorms
+            # the statistics need only the depthwise/pointwise weights: the filters without the BatchNorms.
+            # Not detached: no_grad covers the call, and a torch.jit.trace, which does not record no_grad,
+            # replays it on inputs that need gradients, where the op (no autograd formula) refuses a
+            # backward instead of the traced graph returning gradients without the batch-statistics
+            # terms (tests/test_export.py::test_jit_trace_training_layer_fused)
             zero = qkv.new_zeros(1, dtype=cd)
-            pre_bn = FoldedGMAWeights(bn_scale=zero, bn_shift=zero, **{k: t.detach() for k, t in filters.items()})
+            pre_bn = FoldedGMAWeights(bn_scale=zero, bn_shift=zero, **filters)
             mean, var, n = statistics_fn(qkv.detach(), H, W, pre_bn, group)
             update_running_stats(w, hp, mean, var, n)
             rstd = torch.rsqrt(var + hp.bn_eps)

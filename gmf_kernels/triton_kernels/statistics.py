@@ -106,6 +106,7 @@ pointwise outputs before a cat, no pre-activation).
 """
 from __future__ import annotations
 
+import functools
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -517,17 +518,28 @@ class SegmentPlan(NamedTuple):
         tps = -(-self.tiles // self.splits[seg]) * block_p
         return [min(tps, N - k * tps) for k in range(self.splits[seg])]
 
-    def row_weights(self, block_p: int, N: int, device, dtype=torch.float64) -> Tuple[Tensor, Tensor, Tensor]:
-        """What `merge_segments` weighs an image's R partial rows with: (counts (4, R), member (4, R),
-        segment (R,)): counts[j, r] the tokens of program r's run if r is one of segment j's
-        programs (`counts`), else 0; member[j, r] 1 there, else 0 (both `dtype`); segment[r] its
-        segment (int64). Made on `device` by a few tensor ops (no host-to-device copy: a pageable copy
-        waits for the GPU's queue and cannot be captured in a CUDA graph) and kept per (plan, tile,
-        N, device, dtype) (`_ROW_WEIGHTS`), but while a CUDA graph is being captured."""
-        key = (self, block_p, N, str(device), dtype)
-        hit = _ROW_WEIGHTS.get(key)
-        if hit is not None:
-            return hit
+    def row_weights(self, block_p: int, N: int, device, dtype=torch.float64) -> Tuple[Tensor, Tensor]:
+        """What `merge_segments` weighs an image's R partial rows with: (counts, member), both (4, R) in
+        `dtype` on `device`: counts[j, r] the tokens of program r's run if r is one of segment j's
+        programs (`counts`), else 0; member[j, r] 1 there, else 0.
+
+        Kept on the host (`_host_row_weights`: per (plan, tile, N), in pinned memory where CUDA is) and
+        copied to the device each call, asynchronously (one copy: no wait for the GPU's queue, which a
+        pageable copy would make). No device tensor is kept between calls: a kept one would be baked
+        into a CUDA graph that captured a call and could be freed under it, or sit in a graph's private
+        memory pool. While a CUDA graph is being captured they are made on the device by tensor ops
+        instead (`_row_weights_on`: a copy from host memory would be replayed from memory that may
+        change)."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            from ..folding import capturing
+            if capturing():
+                return self._row_weights_on(block_p, N, device, dtype)
+        w = _host_row_weights(self, block_p, N).to(device, non_blocking=True).to(dtype)
+        return w[0], w[1]
+
+    def _row_weights_on(self, block_p: int, N: int, device, dtype) -> Tuple[Tensor, Tensor]:
+        """`row_weights` made on `device` by tensor ops."""
         r = torch.arange(self.programs, device=device)
         counts, member = [], []
         for j in range(4):
@@ -536,19 +548,25 @@ class SegmentPlan(NamedTuple):
             inside = (r >= first) & (r < last)
             member.append(inside.to(dtype))
             counts.append(torch.where(inside, (N - (r - first) * tps).clamp(max=tps), 0).to(dtype))
-        member = torch.stack(member)
-        hit = (torch.stack(counts), member, member.argmax(0))
-        from ..folding import capturing
-        if not capturing():
-            if len(_ROW_WEIGHTS) >= _ROW_WEIGHTS_MAX:
-                _ROW_WEIGHTS.pop(next(iter(_ROW_WEIGHTS)))
-            _ROW_WEIGHTS[key] = hit
-        return hit
+        return torch.stack(counts), torch.stack(member)
 
 
-#: `SegmentPlan.row_weights` already made (a few tiny tensors per layer shape, batch and device)
-_ROW_WEIGHTS: dict = {}
-_ROW_WEIGHTS_MAX = 256
+@functools.lru_cache(maxsize=None)
+def _host_row_weights(plan: SegmentPlan, block_p: int, N: int) -> Tensor:
+    """`SegmentPlan.row_weights` as one (2, 4, R) float64 host tensor [counts, member], pinned when CUDA
+    is available; never changed once made (a few KB per layer shape and batch). Checks that every run
+    holds tokens and that each segment's runs cover the N tokens of an image (`merge_segments` divides
+    by I N)."""
+    w = torch.zeros(2, 4, plan.programs, dtype=torch.float64)
+    for j in range(4):
+        first, last = plan.rows(j)
+        counts = plan.counts(j, block_p, N)
+        if min(counts) <= 0 or sum(counts) != N:
+            raise ValueError(f"segment {j} of {plan}: runs of {counts} tokens for N = {N} (every run must hold "
+                             "tokens and the runs cover N)")
+        w[0, j, first:last] = torch.tensor(counts, dtype=torch.float64)
+        w[1, j, first:last] = 1.0
+    return w.pin_memory() if torch.cuda.is_available() else w
 
 
 def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute: bool) -> Tuple[float, ...]:
@@ -663,10 +681,10 @@ def merge_segments(part_mean: Tensor, part_m2: Tensor, plan: SegmentPlan, block_
     where a merge per segment took ~70 (each a kernel launch on a GPU, and host time)."""
     R = plan.programs
     I, s = part_mean.shape[0] // R, part_mean.shape[1]
-    counts, member, segment = plan.row_weights(block_p, N, part_mean.device, dtype)
+    counts, member = plan.row_weights(block_p, N, part_mean.device, dtype)
     mean_r = part_mean.view(I, R, s).to(dtype)
     mean = (counts @ mean_r.sum(0)) / (I * N)                                    # (4, s)
-    between = (mean_r - mean.index_select(0, segment)).square().sum(0)           # (R, s)
+    between = (mean_r - member.t() @ mean).square().sum(0)                       # (R, s); row r's segment mean
     m2 = member @ part_m2.view(I, R, s).to(dtype).sum(0) + counts @ between
     return mean.reshape(-1), m2.reshape(-1)
 
