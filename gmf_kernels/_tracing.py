@@ -10,9 +10,10 @@ change.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def constant_under_compile(fn):
@@ -32,3 +33,42 @@ def cuda_capability(index: int) -> Optional[Tuple[int, int]]:
         return tuple(torch.cuda.get_device_capability(index))
     except (RuntimeError, AssertionError):  # pragma: no cover - no driver
         return None
+
+
+#: the infra dispatch modes a trace pushes (fake, proxy, functional tensors), looked up once
+_TRACE_MODE_KEYS = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL")
+                         if hasattr(torch._C._TorchDispatchModeKey, k))
+
+#: tensor types taken as plain: a plain tensor and a plain nn.Parameter (a Parameter of a tensor subclass
+#: has the subclass's type). The folded weights pass some parameters through unchanged (the LayerNorm's,
+#: fp32): until 2026-12-05 a Parameter counted as a subclass, so every training step sent each layer's
+#: local-branch backward launch through torch's wrapper: ~0.5 ms of host time per launch here, and two
+#: entries of torch's global kernel side table per launch, never freed
+#: (tests/test_triton_compile.py::test_training_launches_are_direct).
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def trace_running(values: Iterable) -> bool:
+    """Is a trace running over a call with these values: Dynamo, a dispatch mode (make_fx's proxy, fake
+    or functional tensors: torch.compile's AOT pass, torch.export), or a tensor subclass among them
+    (not a plain Parameter: `PLAIN_TENSOR_TYPES`)?"""
+    if torch.compiler.is_compiling():
+        return True
+    if _get_current_dispatch_mode() is not None:
+        return True
+    if any(torch._C._get_dispatch_mode(k) is not None for k in _TRACE_MODE_KEYS):
+        return True
+    return any(isinstance(a, torch.Tensor) and type(a) not in PLAIN_TENSOR_TYPES for a in values)
+
+
+def plain_eager(tensors: Iterable) -> bool:
+    """Is a call on these tensors plain eager PyTorch, so that a library op's Python implementation may be
+    called directly instead of through the dispatcher: no trace running (`trace_running`), no
+    torch.jit.trace recording (it must record the op), no functorch transform (vmap, grad: they dispatch
+    through the op). The caller makes sure no gradient is needed. Dynamo's check first: under torch.compile
+    it is a constant, and nothing after it is traced."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return False
+    return not trace_running(tensors)

@@ -387,3 +387,50 @@ def test_gmf_check_env_triggers_the_check(monkeypatch):
     # and check=False passed explicitly to the functional API wins over the environment
     with torch.no_grad():
         gmf_kernels.group_mix_attention(x, (7, 9), m.gma_weights(), backend="torch", check=False)
+
+
+def test_plain_eager_calls_skip_the_op_dispatch_and_traces_keep_it(monkeypatch):
+    """A fused backend's eval call without gradients runs the op's Python body directly when the call is
+    plain eager (`_tracing.plain_eager`: saves the custom-op dispatch's host time), and through the op
+    whenever something must see the op: a dispatch mode (torch.compile's AOT pass, torch.export), a
+    tensor subclass, torch.jit.trace, a functorch transform. Both give the same output."""
+    from gmf_kernels import _tracing
+    from gmf_kernels.backends.base import FusedBackend
+    from torch.utils._python_dispatch import TorchDispatchMode
+    x = torch.randn(2, 3)
+    assert _tracing.plain_eager([x, torch.nn.Parameter(torch.randn(2))])
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        assert not _tracing.plain_eager([x])
+    assert not torch.func.vmap(lambda t: torch.tensor(float(_tracing.plain_eager([t]))))(x).any()
+    traced = []
+    torch.jit.trace(lambda t: (traced.append(_tracing.plain_eager([t])), t * 2)[1], (x,), check_trace=False)
+    assert traced == [False]
+
+    # the torch backend has no op; the CUDA backend's body runs its CPU emulation: the Triton backend's
+    # under the interpreter shows both paths
+    be = get_backend("triton")
+    if be.not_supported_reasons(problem(dim=40, H=4, W=5, B=1, explicit=True)):
+        pytest.skip("the Triton backend does not run here")
+    C = 40
+    w = cast_weights(random_gma_weights(C, seed=3), torch.float32)
+    hp = gmf_kernels.numerics.default_hyper(C)
+    qkv = torch.randn(1, 20, 3 * C)
+    direct = []
+    impl = be.op_impl()
+    monkeypatch.setattr(type(be), "op_impl", lambda self: lambda *a: (direct.append(1), impl(*a))[1])
+    out = FusedBackend.pre_projection(be, qkv, (4, 5), w, hp, False)
+    assert direct == [1]
+    with Seen() as seen:
+        out_op = FusedBackend.pre_projection(be, qkv, (4, 5), w, hp, False)
+    assert direct == [1] and "gmf.triton_pre_projection" in seen.ops
+    torch.testing.assert_close(out, out_op, rtol=0, atol=0)

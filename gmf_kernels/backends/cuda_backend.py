@@ -355,6 +355,10 @@ class CudaBackend(FusedBackend):
         from ..cuda import op  # noqa: F401  (registers the op)
         return torch.ops.gmf.cuda_pre_projection
 
+    def op_impl(self):
+        from ..cuda.op import cuda_pre_projection_impl   # the op's body
+        return cuda_pre_projection_impl
+
     def train_pre_projection(self, qkv, size, w, hp, training):
         """Training, or any call that needs gradients: `cuda.train_op` (statistics pass,
         differentiable folding, the same kernels, the Triton backward kernels or the PyTorch

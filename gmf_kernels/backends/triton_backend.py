@@ -128,6 +128,10 @@ class TritonBackend(FusedBackend):
         from ..triton_kernels import op  # noqa: F401  (lazy: Triton loads on first use; registers the op)
         return torch.ops.gmf.triton_pre_projection
 
+    def op_impl(self):
+        from ..triton_kernels.op import triton_pre_projection   # the op's body (lazy, as `op`)
+        return triton_pre_projection
+
     def train_pre_projection(self, qkv, size, w, hp, training):
         """Training, or any call that needs gradients: `triton_kernels.train_op` (statistics pass,
         differentiable folding, the same kernels, the PyTorch-ops backward: gmf_kernels/training.py)."""

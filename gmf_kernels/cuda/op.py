@@ -31,13 +31,14 @@ Tensor = torch.Tensor
 OP_NAME = "gmf::cuda_pre_projection"
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=())
-def cuda_pre_projection(qkv: Tensor, H: int, W: int, weights: List[Tensor], scale: float,
-                        ln_eps: float) -> Tensor:
+def cuda_pre_projection_impl(qkv: Tensor, H: int, W: int, weights: List[Tensor], scale: float,
+                             ln_eps: float) -> Tensor:
     """qkv (B, N, 3C) -> pre-projection (B, N, C) with the CUDA kernels (eval, BatchNorm folded);
-    CPU tensors: the kernels' CPU emulation."""
+    CPU tensors: the kernels' CPU emulation. The op's body (the backend calls it directly on a plain
+    eager call, `FusedBackend.op_impl`)."""
     return launch_pre_projection(qkv, H, W, weights, scale, ln_eps, emulate=qkv.device.type == "cpu")
 
 
+cuda_pre_projection = torch.library.custom_op(OP_NAME, cuda_pre_projection_impl, mutates_args=())
 cuda_pre_projection.register_fake(fake_pre_projection)
 torch.library.register_autograd(OP_NAME, OpGrad.backward, setup_context=OpGrad.setup_context)

@@ -36,9 +36,9 @@ from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import tuning
+from .._tracing import trace_running
 from ..folding import FoldedGMAWeights
 from ._common import DotVariant, _cuda_capability, dot_variant, interpreting
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
@@ -80,32 +80,10 @@ def wrap_triton(kernel):
     return _GridLaunch(kernel)
 
 
-#: the infra dispatch modes a trace pushes (fake, proxy, functional tensors), looked up once
-_TRACE_MODE_KEYS = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL")
-                         if hasattr(torch._C._TorchDispatchModeKey, k))
-
-
-#: tensor types launched directly: a plain tensor and a plain nn.Parameter (a Parameter of a tensor
-#: subclass has the subclass's type). The folded weights pass some parameters through unchanged
-#: (the LayerNorm's, fp32): until 2026-12-05 a Parameter counted as a subclass, so every training
-#: step sent each layer's local-branch backward launch through torch's wrapper: ~0.5 ms of host time
-#: per launch here, and two entries of torch's global kernel side table per launch, never freed
-#: (tests/test_triton_compile.py::test_training_launches_are_direct).
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
 def _tracing(args, kwargs) -> bool:
-    """Is a trace running over this launch: Dynamo, a dispatch mode (make_fx's proxy, fake or
-    functional tensors: torch.compile's AOT pass over a ``triton_op``), or a tensor subclass
-    (not a plain Parameter: `_PLAIN_TENSOR_TYPES`)?"""
-    if torch.compiler.is_compiling():
-        return True
-    if _get_current_dispatch_mode() is not None:
-        return True
-    if any(torch._C._get_dispatch_mode(k) is not None for k in _TRACE_MODE_KEYS):
-        return True
-    return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSOR_TYPES
-               for a in (*args, *kwargs.values()))
+    """Is a trace running over this launch (`_tracing.trace_running`: Dynamo, a dispatch mode, a tensor
+    subclass; a plain Parameter is plain)?"""
+    return trace_running((*args, *kwargs.values()))
 
 
 class _GridLaunch:
