@@ -559,16 +559,17 @@ def test_untabled_tuning_candidates(C, agg, attn):
     several tiles per program."""
     H, W = {80: (11, 13), 160: (9, 10)}.get(C, (9, 9))
     case = Case(C, H, W, 1, seed=C + agg["BLOCK_P"] + agg["MERGE"] + 2 * agg["UNROLL"] + 4 * attn["UNROLL"]
-                + 8 * agg["PAIR"])
+                + 8 * agg["PAIR"] + 16 * agg["ROWS"])
     shape = launcher.shape_from_configs(C, launcher.dot_variant(case.qkv(torch.float32)), agg, attn)
-    assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE, shape.AGG_UNROLL, shape.ATTN_UNROLL, shape.AGG_PAIR) == (
-        agg["BLOCK_P"], agg["CK"], bool(agg["MERGE"]), bool(agg["UNROLL"]), bool(attn["UNROLL"]), bool(agg["PAIR"]))
-    assert shape.num_tiles(H * W) >= 2
+    assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE, shape.AGG_UNROLL, shape.ATTN_UNROLL, shape.AGG_PAIR,
+            shape.AGG_ROWS) == (agg["BLOCK_P"], agg["CK"], bool(agg["MERGE"]), bool(agg["UNROLL"]), bool(attn["UNROLL"]),
+                                bool(agg["PAIR"]), bool(agg["ROWS"]))
+    assert shape.num_tiles(H * W, W) >= 2
     _, launches = launcher.plan_pre_projection(case.qkv(torch.float32), H, W, case.folded(torch.float32),
                                                case.hp.scale, case.hp.ln_eps, shape=shape)
     kw = launches[0][3]
-    assert (kw["PAIR"], kw["UNROLL"], kw["MERGE_QKV"], kw["BLOCK_P"]) == (
-        bool(agg["PAIR"]), bool(agg["UNROLL"]), bool(agg["MERGE"]), agg["BLOCK_P"])
+    assert (kw["PAIR"], kw["UNROLL"], kw["MERGE_QKV"], kw["BLOCK_P"], kw["ROWS"]) == (
+        bool(agg["PAIR"]), bool(agg["UNROLL"]), bool(agg["MERGE"]), agg["BLOCK_P"], bool(agg["ROWS"]))
     _check_launch(case, shape)
 
 
@@ -585,6 +586,7 @@ def test_untabled_candidates_present():
         assert any(a["UNROLL"] for a, _ in got) and any(t["UNROLL"] for _, t in got), C
         assert {a["MERGE"] for a, _ in got if a["BLOCK_P"] == 64} == {0, 1}, C
         assert any(a["PAIR"] for a, _ in got), C              # s = 16, 32, 64: the heads as one tensor
+        assert any(a["ROWS"] for a, _ in got), C              # and its row walks
 
 
 def _dots16_candidates():
@@ -605,7 +607,7 @@ def _dots16_candidates():
             aggs = [cfg for cfg in launcher.aggregate_candidates(C, dtype, cap)
                     if cfg["DOTS16"] and not cfg["UNROLL"] and cfg["BLOCK_P"] == default["BLOCK_P"]]
             for agg in aggs:
-                tag = f"{agg['BLOCK_P']}-unroll{agg['UNROLL']}-pair{agg['PAIR']}"
+                tag = f"{agg['BLOCK_P']}-unroll{agg['UNROLL']}-pair{agg['PAIR']}-rows{agg['ROWS']}"
                 out += [pytest.param(dtype, C, agg, a, not out, id=f"{str(dtype)[6:]}-C{C}-{tag}") for a in attn]
     return out
 
@@ -619,12 +621,13 @@ def test_dots16_candidates(monkeypatch, dtype, C, agg, attn, compare):
     default's (TF32 operands) bit for bit; fp16 and TF32 both keep 11 significant bits, so there the two
     may agree."""
     H, W = {80: (11, 13), 160: (9, 10)}.get(C, (9, 9))
-    case = Case(C, H, W, 1, seed=C + agg["UNROLL"] + 3 * agg["PAIR"] + agg["BLOCK_P"] + 7 * (dtype == torch.float16))
+    case = Case(C, H, W, 1, seed=C + agg["UNROLL"] + 3 * agg["PAIR"] + agg["BLOCK_P"] + 7 * (dtype == torch.float16)
+                + 5 * agg["ROWS"])
     dots = launcher.dot_variant(case.qkv(dtype))
     shape = launcher.shape_from_configs(C, dots, agg, attn)
-    assert (shape.AGG_DOTS16, shape.ATTN_DOTS16, shape.AGG_UNROLL, shape.AGG_PAIR) == (
-        True, True, bool(agg["UNROLL"]), bool(agg["PAIR"]))
-    assert shape.num_tiles(H * W) >= 2
+    assert (shape.AGG_DOTS16, shape.ATTN_DOTS16, shape.AGG_UNROLL, shape.AGG_PAIR, shape.AGG_ROWS) == (
+        True, True, bool(agg["UNROLL"]), bool(agg["PAIR"]), bool(agg["ROWS"]))
+    assert shape.num_tiles(H * W, W) >= 2
     _, launches = launcher.plan_pre_projection(case.qkv(dtype), H, W, case.folded(dtype), case.hp.scale,
                                                case.hp.ln_eps, shape=shape)
     want = config.dtype_name(dtype)
@@ -673,3 +676,52 @@ def test_pair_mode_only_where_it_fits():
     assert gma_shape(160, pair=True).AGG_PAIR
     for C in (80, 160, 320):
         assert any(c["PAIR"] for c in launcher.aggregate_candidates(C, torch.float32, (9, 0)))
+
+
+#: (C, H, W, B, split_target): grids narrower and wider than a 16-column strip (W = 5, 9, 21, 35: the
+#: last strip ragged), fewer rows than the 7x7 window's reach (H = 2, 3), runs of rows that cross from
+#: one strip into the next (few programs) and one-row runs (many)
+ROWS_CASES = [(80, 9, 21, 2, 24), (80, 3, 35, 1, 10**6), (160, 7, 9, 2, 1), (320, 2, 5, 1, 40), (320, 6, 18, 1, 7)]
+
+
+@pytest.mark.parametrize("C,H,W,B,split_target", ROWS_CASES, ids=lambda v: str(v))
+def test_rows_walk(C, H, W, B, split_target):
+    """The row walks of segments 1-3 (`GMAShape.AGG_ROWS`, `aggregation._segment_rows`): tiles are rows of
+    16-column strips, each input row read once per walk into KS rolling accumulators; the same Q, V, KV
+    and pre-projection as the oracle, every element written (NaN poison), whatever the runs of rows the
+    plan gives (`job_plan` with W), with a tile count that differs from the token-order tiles'."""
+    case = Case(C, H, W, B, seed=C + H + W)
+    shape = gma_shape(C, agg_block_p=16, interpreter=INTERPRET, split_target=split_target, pair=True, rows=True)
+    N = H * W
+    plan = aggregation.job_plan(N, B, shape, "tf32x3", W)
+    assert plan.tiles == -(-W // 16) * H
+    with pytest.raises(ValueError, match="image width"):
+        shape.num_tiles(N)
+    _check_launch(case, shape)
+
+
+#: (C, H, W, B, programs target): d = 8, 16, 32 (C = 80 pads d = 8 to 16 channels); strips ragged (W = 5,
+#: 21, 35), H below the 7x7 window's reach (2, 3); runs of 1 row (target high), of several rows, whole strips
+ATTN_ROWS_CASES = [(80, 9, 21, 2, 64), (80, 3, 35, 1, 10**6), (160, 7, 9, 2, 1), (320, 2, 5, 1, 40), (240, 6, 18, 1, 40)]
+
+
+@pytest.mark.parametrize("C,H,W,B,target", ATTN_ROWS_CASES, ids=lambda v: str(v))
+def test_attention_rows_walk(monkeypatch, C, H, W, B, target):
+    """The attention's CRPE by row walks (`GMAShape.ATTN_ROWS`, `attention._attention_rows`): programs are
+    runs of rows of 16-column strips (`attention_rows_plan`: as few runs as give the target's programs),
+    each V row read once per walk into KS rolling accumulators; the same pre-projection as the oracle
+    and every element written, with the aggregation's tile kernel and with its row walks where PAIR exists."""
+    from gmf_kernels.triton_kernels import attention as A
+    monkeypatch.setattr(A, "ATTN_ROWS_TARGET", target)
+    case = Case(C, H, W, B, seed=C + 2 * H + W)
+    pair = config.pair_applies(C)
+    shape = gma_shape(C, agg_block_p=16, attn_block_p=16, interpreter=INTERPRET, attn_rows=True, pair=pair, rows=pair)
+    run_rows, programs = A.attention_rows_plan(H, W, B, shape)
+    assert programs == -(-W // 16) * -(-H // run_rows) and 1 <= run_rows <= H
+    if target == 1:
+        assert run_rows == H                    # whole strips
+    if target == 10**6:
+        assert run_rows == 1                    # one row a program: every walk has its 2 R halo rows
+    if target == 64:
+        assert 1 < run_rows < H                 # runs of several rows
+    _check_launch(case, shape)

@@ -334,3 +334,66 @@ def depthwise_taps(src, ch, cmask, w_taps, tap_stride, n, y, x, pmask, H, W, str
                 kx += 1
         ky += 1
     return acc0, acc1, acc2
+
+
+@triton.jit
+def rows_tap(a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, row_ptr, x, cmask, ch, w_col, tap_stride,
+             stream_off, W, stride_n, kx, KS: tl.constexpr, STREAMS: tl.constexpr):
+    """Column shift kx of one input row of a ROW WALK (the aggregation's `_segment_rows`, the attention's
+    CRPE with ROWS): the row's values at columns x + kx - R, channels ch (valid: cmask), one load per
+    stream (the second at + stream_off), each multiplied into the KS output rows the input row reaches.
+    Output row i - R + j (accumulator a_j; b_j for the second stream) takes input row i through filter
+    row ky = 2 R - j, i.e. tap (2 R - j, kx) at w_col + ((2 R - j) KS) tap_stride (tap-major weights,
+    `folding`; w_col: each channel's tap (0, kx)). row_ptr: the input row's element (x = 0, channel 0)."""
+    R = KS // 2
+    col = x + (kx - R)
+    m = ((col >= 0) & (col < W))[:, None] & cmask[None, :]
+    p = row_ptr + col[:, None] * stride_n + ch[None, :]
+    xa = tl.load(p, mask=m, other=0.0).to(tl.float32)
+    if STREAMS == 2:
+        xb = tl.load(p + stream_off, mask=m, other=0.0).to(tl.float32)
+    step = KS * tap_stride
+    w = tl.load(w_col + (2 * R) * step, mask=cmask, other=0.0)[None, :]
+    a0 += xa * w
+    if STREAMS == 2:
+        b0 += xb * w
+    w = tl.load(w_col + (2 * R - 1) * step, mask=cmask, other=0.0)[None, :]
+    a1 += xa * w
+    if STREAMS == 2:
+        b1 += xb * w
+    w = tl.load(w_col + (2 * R - 2) * step, mask=cmask, other=0.0)[None, :]
+    a2 += xa * w
+    if STREAMS == 2:
+        b2 += xb * w
+    if KS > 3:
+        w = tl.load(w_col + (2 * R - 3) * step, mask=cmask, other=0.0)[None, :]
+        a3 += xa * w
+        if STREAMS == 2:
+            b3 += xb * w
+        w = tl.load(w_col + (2 * R - 4) * step, mask=cmask, other=0.0)[None, :]
+        a4 += xa * w
+        if STREAMS == 2:
+            b4 += xb * w
+    if KS > 5:
+        w = tl.load(w_col + (2 * R - 5) * step, mask=cmask, other=0.0)[None, :]
+        a5 += xa * w
+        if STREAMS == 2:
+            b5 += xb * w
+        w = tl.load(w_col + (2 * R - 6) * step, mask=cmask, other=0.0)[None, :]
+        a6 += xa * w
+        if STREAMS == 2:
+            b6 += xb * w
+    return a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6
+
+
+@triton.jit
+def rows_shift(a0, a1, a2, a3, a4, a5, a6, KS: tl.constexpr):
+    """A row walk's KS rolling accumulators one row on: a_j <- a_{j+1}, the last a zero tile (a new output
+    row); those past KS stay as they are (unused)."""
+    z = tl.zeros_like(a0)
+    if KS == 3:
+        return a1, a2, z, a3, a4, a5, a6
+    elif KS == 5:
+        return a1, a2, a3, a4, z, a5, a6
+    else:
+        return a1, a2, a3, a4, a5, a6, z

@@ -15,6 +15,9 @@ down a strip and the stencil halo its next tile needs is mostly in L1 already. T
   three (`_dw_pw_qkv`, MERGE_QKV), else stream after stream (`config.AGG_SEPARATE_STREAMS`); with
   PAIR (`GMAShape.AGG_PAIR`, a tuning candidate where s is a power of two) the two heads of the
   segment as one [BLOCK_P, s] tensor per stream (`_segment_pair`).
+  With ROWS (`GMAShape.AGG_ROWS`, a tuning candidate with PAIR) the tiles are rows of
+  BLOCK_P-column strips and jobs 1-3 walk them down each strip (`_segment_rows`): each input row
+  read once per walk into KS rolling accumulators instead of KS x KS taps per tile.
 * job 4: the local branch: depthwise 3x3 over segment 4 of q, k, v (the 3s stacked
   channels), 3s -> s pointwise (accumulated ``tl.dot``), LayerNorm, hardswish, stored
   straight into channels [C', C) of ``pre``.
@@ -78,12 +81,13 @@ from typing import NamedTuple, Optional, Tuple
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, mm, stored
+from ._common import (DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, mm, rows_shift, rows_tap,
+                      stored)
 from .config import cdiv, dtype_name, operand_precision, strip_width
 
 
 @triton.jit
-def _tile(t, N, H, W, SW, BLOCK_P: tl.constexpr):
+def _tile(t, N, H, W, SW, BLOCK_P: tl.constexpr, ROWS: tl.constexpr = False):
     """Tokens of tile t: index n = y W + x, validity, row y, column x.
 
     Strip order (`config.strip_width`): the image is cut into vertical strips of SW columns (the
@@ -93,14 +97,25 @@ def _tile(t, N, H, W, SW, BLOCK_P: tl.constexpr):
     strips). A program walks consecutive tiles, i.e. down its strip: the next tile's stencil
     halo is mostly rows the last tiles read, still in L1, where a walk along whole rows of a
     wide image (SW = W) finds them evicted by the time it comes back a row lower. SW = W is
-    row-major order."""
-    i = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    strip = i // (H * SW)
-    local = i - strip * (H * SW)
-    width = tl.maximum(tl.minimum(SW, W - strip * SW), 1)     # >= 1 on the lanes past N too
-    y = local // width
-    x = strip * SW + local % width
-    return y * W + x, i < N, y, x
+    row-major order.
+
+    ROWS (`GMAShape.AGG_ROWS`): tile t is ONE row of a strip BLOCK_P columns wide, strip t // H,
+    row t % H (T = ceil(W / BLOCK_P) H tiles; the lanes past W invalid), the tiles the row walk of
+    `_segment_rows` emits."""
+    if ROWS:
+        strip = t // H
+        row = t - strip * H
+        x = strip * BLOCK_P + tl.arange(0, BLOCK_P)
+        y = tl.zeros([BLOCK_P], dtype=tl.int32) + row
+        return y * W + x, x < W, y, x
+    else:
+        i = t * BLOCK_P + tl.arange(0, BLOCK_P)
+        strip = i // (H * SW)
+        local = i - strip * (H * SW)
+        width = tl.maximum(tl.minimum(SW, W - strip * SW), 1)     # >= 1 on the lanes past N too
+        y = local // width
+        x = strip * SW + local % width
+        return y * W + x, i < N, y, x
 
 
 @triton.jit
@@ -145,7 +160,8 @@ def _segment0_head(qkv_b, q_b, v_b, a, sh, ch, m2, n, pmask, stride_n, M, L, ACC
 @triton.jit
 def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N, H, W, stride_n,
               C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-              BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+              BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+              ROWS: tl.constexpr = False):
     """Segment 0: hardswish(t * bn_scale[0] + bn_shift[0]) per channel, no stencil (its tiles
     in row-major order: strips buy nothing without a halo)."""
     kk = tl.arange(0, D_PAD)
@@ -162,7 +178,7 @@ def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row
     A1 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
     t = t0
     while t < t1:
-        n, pmask, y, x = _tile(t, N, H, W, W, BLOCK_P)
+        n, pmask, y, x = _tile(t, N, H, W, W, BLOCK_P, ROWS)
         m2 = pmask[:, None] & kmask[None, :]
         M0, L0, A0 = _segment0_head(qkv_b, q_b, v_b, a0, s0, kk, m2, n, pmask, stride_n, M0, L0, A0,
                                     C, CP, DOT_PRECISION, EMULATE_DOTS)
@@ -353,6 +369,105 @@ def _segment_pair(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, b
 
 
 @triton.jit
+def _rows_walk(qkv_b, dst_b, dw, pw_seg, a, b, M, L, A, ch0, strip, ya, yb, N, H, W, stride_n,
+               KS: tl.constexpr, C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, BLOCK_P: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, KV: tl.constexpr):
+    """Rows [ya, yb) of one strip (BLOCK_P columns from strip BLOCK_P) of segment channels ch0.. of one
+    stream (KV false: q, stored to dst_b) or two (KV: k and v, v stored to dst_b, (k, v) folded into
+    the online softmax (M, L, A)).
+
+    The input rows max(0, ya - R) .. yb + R - 1 are read once each, in order: row i's KS column
+    shifts (KS loads per stream, `_common.rows_tap`) go into the KS output rows i - R .. i + R it reaches,
+    held as KS rolling [BLOCK_P, S] fp32 accumulators; after row i, output row i - R is complete and,
+    if in [ya, yb), takes the epilogue (pointwise dot, BatchNorm affine, hardswish, store, softmax).
+    Rows past H are not read (the last R steps only complete and emit)."""
+    R = KS // 2
+    co = tl.arange(0, S)
+    x = strip * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = x < W
+    z = tl.zeros([BLOCK_P, S], dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6 = z, z, z, z, z, z, z
+    b0, b1, b2, b3, b4, b5, b6 = z, z, z, z, z, z, z
+    src = qkv_b + ch0
+    if KV:
+        src = src + C                                          # k; v at + C from there
+    i = tl.maximum(ya - R, 0)
+    while i < yb + R:
+        if i < H:
+            row_ptr = src + (i * W).to(tl.int64) * stride_n
+            for kx in tl.static_range(KS):
+                a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = rows_tap(
+                    a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, row_ptr, x, co < S, co, dw + kx * S + co, S,
+                    C, W, stride_n, kx, KS, 1 + KV)
+        o = i - R
+        if o >= ya:
+            n = o * W + x
+            m2 = pmask[:, None] & (co < S)[None, :]
+            dst = dst_b + n[:, None] * CP + (ch0 + co)[None, :]
+            w = tl.load(pw_seg + co[None, :] * S + co[:, None])           # [S, S]: pw[o, c] at (c, o)
+            za = mm(a0, w, z, DOT_PRECISION, EMULATE_DOTS)
+            if KV:
+                hv = hardswish(mm(b0, w, z, DOT_PRECISION, EMULATE_DOTS) * a + b)
+                tl.store(dst, stored(hv, dst_b, EMULATE_DOTS), mask=m2)
+                if N > 0:   # always true: the K^T V dot in a region of its own (`_segment_pair`)
+                    M, L, A = _online_softmax_kv(hardswish(za * a + b), hv, pmask, M, L, A,
+                                                 DOT_PRECISION, EMULATE_DOTS)
+            else:
+                tl.store(dst, stored(hardswish(za * a + b), dst_b, EMULATE_DOTS), mask=m2)
+        a0, a1, a2, a3, a4, a5, a6 = rows_shift(a0, a1, a2, a3, a4, a5, a6, KS)
+        if KV:
+            b0, b1, b2, b3, b4, b5, b6 = rows_shift(b0, b1, b2, b3, b4, b5, b6, KS)
+        i += 1
+    return M, L, A
+
+
+@triton.jit
+def _segment_rows(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
+                  row, t0, t1, N, H, W, stride_n, SEG: tl.constexpr, KS: tl.constexpr,
+                  C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """Segment SEG (1..3) of q, k, v by ROW WALKS (`GMAShape.AGG_ROWS`, where `config.pair_applies`):
+    the program's tiles [t0, t1) are rows of BLOCK_P-column strips (`_tile` with ROWS), a run of rows
+    down one strip or, where the run crosses into the next strip, one piece per strip. Per piece, two
+    walks down the strip (`_rows_walk`): q alone, then k and v together (the softmax needs both at each
+    token), the segment's two heads as one [BLOCK_P, S] tensor as in `_segment_pair` (same partials).
+
+    Why: the tile-by-tile stencil (`depthwise_taps`) loads each input element KS x KS times, a tap at a
+    time, its multiply-adds waiting on that tap's load (sm_90 SASS: ~55 instructions per tap for 12 FMA
+    at C = 80, one tap's loads in flight per warp). Walking rows, each input row is loaded KS times
+    (its column shifts), all KS loads of a row independent and issued together, and its KS x KS
+    multiply-adds go into KS rolling accumulators: KS times fewer activation loads and address
+    computations per multiply-add, the column masks row-invariant, the halo rows read once per piece
+    instead of once per tile. What it costs: KS (q) or 2 KS (k, v) accumulator tiles alive, and a
+    piece's R halo rows at each end (R / rows of the piece more loads; none past the image). Which
+    bound (compiler figures, not a timing): the stencil becomes FMA-issue and L1-bound instead of
+    latency-bound; whether that pays on a GPU is `benchmarks/tune.py`'s to say."""
+    co = tl.arange(0, S)
+    pw_seg = pw + (SEG - 1) * S * S
+    a = tl.load(bn_scale + SEG * S + co)[None, :]
+    b = tl.load(bn_shift + SEG * S + co)[None, :]
+    ch0 = SEG * S
+    M = tl.full([S], float("-inf"), dtype=tl.float32)
+    L = tl.zeros([S], dtype=tl.float32)
+    A = tl.zeros([S, S], dtype=tl.float32)
+    t = t0
+    while t < t1:
+        strip = t // H
+        ya = t - strip * H
+        yb = tl.minimum(H, ya + (t1 - t))
+        _rows_walk(qkv_b, q_b, dw, pw_seg, a, b, M, L, A, ch0, strip, ya, yb, N, H, W, stride_n,
+                   KS, C, S, CP, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, False)
+        M, L, A = _rows_walk(qkv_b, v_b, dw, pw_seg, a, b, M, L, A, ch0, strip, ya, yb, N, H, W, stride_n,
+                             KS, C, S, CP, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+        t += yb - ya
+    ch = row * S + co
+    tl.store(part_m + ch, M)
+    tl.store(part_l + ch, L)
+    same_head = (co[:, None] // D) == (co[None, :] // D)
+    tl.store(part_acc + ch[:, None] * D + (co % D)[None, :], A, mask=same_head)
+
+
+@triton.jit
 def _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, bn_shift,
                   row, t0, t1, N, H, W, SW, stride_n, SEG, KS,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
@@ -474,15 +589,16 @@ def _layer_norm_rows(z, omask, ln_eps, S: tl.constexpr):
 def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, t0, t1, N, H, W, SW, stride_n,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
                   S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
-                  UNROLL_KX: tl.constexpr = False):
-    """Segment 4 of q, k, v -> DW3x3 -> (3s -> s) -> LayerNorm -> hardswish -> pre[:, C':C]."""
+                  UNROLL_KX: tl.constexpr = False, ROWS: tl.constexpr = False):
+    """Segment 4 of q, k, v -> DW3x3 -> (3s -> s) -> LayerNorm -> hardswish -> pre[:, C':C] (ROWS: the
+    tiles are rows of strips, `_tile`; the stencil tile by tile as otherwise)."""
     co = tl.arange(0, S_PAD)                                   # output channel
     omask = co < S
     lnw = tl.load(ln_weight + co, mask=omask, other=0.0)[None, :]
     lnb = tl.load(ln_bias + co, mask=omask, other=0.0)[None, :]
     t = t0
     while t < t1:
-        n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
+        n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P, ROWS)
         z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n, C, S, CK, S_PAD, BLOCK_P,
                        DOT_PRECISION, EMULATE_DOTS, UNROLL_KX=UNROLL_KX)
         diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
@@ -505,11 +621,14 @@ def gma_aggregate_kernel(
     C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr, UNROLL: tl.constexpr,
-    PAIR: tl.constexpr = False,
+    PAIR: tl.constexpr = False, ROWS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)                                     # flat (job, split) of image b
     b = tl.program_id(1).to(tl.int64)
-    T = tl.cdiv(N, BLOCK_P)
+    if ROWS:   # tiles: rows of BLOCK_P-column strips (`_tile`)
+        T = tl.cdiv(W, BLOCK_P) * H
+    else:
+        T = tl.cdiv(N, BLOCK_P)
     e1 = splits0                                               # job j owns programs [e_j, e_j+1)
     e2 = e1 + splits1
     e3 = e2 + splits2
@@ -522,14 +641,24 @@ def gma_aggregate_kernel(
         tps = tl.cdiv(T, splits0)
         t0 = pid * tps
         _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, tl.minimum(t0 + tps, T),
-                  N, H, W, stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                  N, H, W, stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, ROWS)
     elif pid < e4:
         seg = 1 + (pid >= e2).to(tl.int32) + (pid >= e3).to(tl.int32)
         first = tl.where(seg == 1, e1, tl.where(seg == 2, e2, e3))
         tps = tl.cdiv(T, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
         t0 = (pid - first) * tps
         t1 = tl.minimum(t0 + tps, T)
-        if UNROLL:   # an instance per window: KS (and SEG) constexpr, each tap row unrolled
+        if ROWS:     # row walks (`_segment_rows`): an instance per window
+            if pid < e2:
+                _segment_rows(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw3, pw, bn_scale, bn_shift,
+                              row, t0, t1, N, H, W, stride_qkv_n, 1, 3, C, S, CP, D, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+            elif pid < e3:
+                _segment_rows(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw5, pw, bn_scale, bn_shift,
+                              row, t0, t1, N, H, W, stride_qkv_n, 2, 5, C, S, CP, D, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+            else:
+                _segment_rows(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw7, pw, bn_scale, bn_shift,
+                              row, t0, t1, N, H, W, stride_qkv_n, 3, 7, C, S, CP, D, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+        elif UNROLL:   # an instance per window: KS (and SEG) constexpr, each tap row unrolled
             if pid < e2:
                 _segment_conv(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw3, pw, bn_scale, bn_shift,
                               row, t0, t1, N, H, W, SW, stride_qkv_n, 1, 3,
@@ -557,7 +686,7 @@ def gma_aggregate_kernel(
         t0 = (pid - e4) * tps
         _local_branch(qkv_b, pre + b * N * C, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
                       t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P,
-                      DOT_PRECISION, EMULATE_DOTS, UNROLL)
+                      DOT_PRECISION, EMULATE_DOTS, UNROLL, ROWS)
 
 
 def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_image: int = 5):
@@ -583,6 +712,9 @@ def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_
 TAP_COST = 1.0
 ELEMENT_COST = 1.0
 DOT_MAC_COST = {"tf32x3": 3 / 16, "tf32": 1 / 16, "ieee": 1 / 4}
+#: a multiply-add whose operand is already in registers (the row walks' taps, `_segment_rows`): an FMA
+#: slot, 1/128 clock against a tap's 1/32
+FMA_COST = 1 / 4
 
 
 def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
@@ -598,6 +730,10 @@ def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
     * job 4 (local branch): 3 Sc 9 taps + the 3s -> s dots, 3 Sc Sp, + 5 Sp elements
       (LayerNorm, hardswish, store).
 
+    With ``sh.AGG_ROWS`` (`_segment_rows`) a token of job j = 1, 2, 3 costs 3 s (2j+1) loads (each
+    input row's column shifts) and 3 s (2j+1)² `FMA_COST` multiply-adds instead of its taps, and the
+    pointwise one [s, s] dot per stream (no padding).
+
     The single place the aggregation's per-job costs are written: `job_plan` gives each job
     programs in proportion to them (`costs.py` reports them through `costs.aggregate_job_costs`)."""
     dot = DOT_MAC_COST[prec]
@@ -606,7 +742,12 @@ def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
     kv = 2 * dp * dp * dot
     per_token = [12 * dp * ELEMENT_COST + kv]
     for ks in (3, 5, 7):
-        per_token.append(3 * sc * ks * ks * TAP_COST + 3 * sc * 2 * dp * dot + 6 * dp * ELEMENT_COST + kv)
+        if sh.AGG_ROWS:
+            s = sh.S
+            per_token.append(3 * s * (ks * TAP_COST + ks * ks * FMA_COST) + 3 * s * s * dot + 3 * s * ELEMENT_COST
+                             + s * s * dot)
+        else:
+            per_token.append(3 * sc * ks * ks * TAP_COST + 3 * sc * 2 * dp * dot + 6 * dp * ELEMENT_COST + kv)
     per_token.append(3 * sc * 9 * TAP_COST + 3 * sc * sp * dot + 5 * sp * ELEMENT_COST)
     return tuple(sh.AGG_BLOCK_P * c for c in per_token)
 
@@ -677,19 +818,20 @@ def _balanced_splits(T: int, B: int, costs: Tuple[int, ...], target_programs: in
     return splits_at(cands[i])
 
 
-def job_plan(N: int, B: int, shape, precision: str) -> JobPlan:
-    """The aggregation's split plan for B images of N tokens with the tiles of `shape` and dots
-    of `precision`: programs of each job in proportion to its cost per tile
+def job_plan(N: int, B: int, shape, precision: str, W: Optional[int] = None) -> JobPlan:
+    """The aggregation's split plan for B images of N tokens (W columns: needed with
+    ``shape.AGG_ROWS``, whose tiles are rows of strips, `config.GMAShape.num_tiles`) with the tiles of
+    `shape` and dots of `precision`: programs of each job in proportion to its cost per tile
     (`aggregate_job_costs`, the one cost model), at most about ``shape.SPLIT_TARGET``
     programs in all where the tiles allow (`_balanced_splits`). N and B are taken as Python
     ints (under torch.compile with dynamic shapes this specialises on them: the plan, the grid
     and the partials' shape depend on them). Cached: it runs on every launch."""
-    return _job_plan(int(N), int(B), shape, precision)
+    return _job_plan(int(N), int(B), shape, precision, int(W) if shape.AGG_ROWS and W is not None else None)
 
 
 @functools.lru_cache(maxsize=1024)
-def _job_plan(N: int, B: int, shape, precision: str) -> JobPlan:
-    T = cdiv(N, shape.AGG_BLOCK_P)
+def _job_plan(N: int, B: int, shape, precision: str, W: Optional[int] = None) -> JobPlan:
+    T = shape.num_tiles(N, W)
     costs = tuple(max(1, round(16 * c)) for c in aggregate_job_costs(shape, precision))  # exact integers
     return JobPlan(T, _balanced_splits(T, B, costs, shape.SPLIT_TARGET))
 
@@ -708,8 +850,8 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
     """
     B, N, _ = qkv.shape
     plan.check()
-    if plan.tiles != shape.num_tiles(N):
-        raise ValueError(f"plan of {plan.tiles} tiles for {shape.num_tiles(N)} tiles of {shape.AGG_BLOCK_P} tokens")
+    if plan.tiles != shape.num_tiles(N, W):
+        raise ValueError(f"plan of {plan.tiles} tiles for {shape.num_tiles(N, W)} tiles of {shape.AGG_BLOCK_P} tokens")
     want = (B, plan.partial_rows, shape.S)
     if tuple(part_m.shape) != want or tuple(part_l.shape) != want or tuple(part_acc.shape) != want + (shape.D,):
         raise ValueError(f"partials {tuple(part_m.shape)}, {tuple(part_acc.shape)}: the plan needs {want}[, d]")
@@ -721,6 +863,7 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
                   CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P,
                   DOT_PRECISION=operand_precision(dots.precision, dtype_name(qkv.dtype), shape.AGG_DOTS16),
                   EMULATE_DOTS=dots.emulate, MERGE_QKV=shape.AGG_MERGE, UNROLL=shape.AGG_UNROLL, PAIR=shape.AGG_PAIR,
+                  ROWS=shape.AGG_ROWS,
                   num_warps=shape.AGG_WARPS)
     return (plan.programs, B), args, kwargs
 

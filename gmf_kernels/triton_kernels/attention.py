@@ -29,7 +29,7 @@ from typing import Optional
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm, stored
+from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm, rows_shift, rows_tap, stored
 from .config import cdiv, dtype_name, operand_precision
 
 
@@ -74,16 +74,13 @@ def gma_combine_kernel(part_m, part_l, part_acc, kv, splits0, splits1, splits2, 
 
 
 @triton.jit
-def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale,
-                    n, y, x, pmask, H, W, KS,
-                    C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
-                    D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
-                    UNROLL_KX: tl.constexpr = False):
+def _q_kv(qt, q_b, kv_b, n, pmask, head, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+          BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, kvt=None):
+    """Q KV of one head on a tile (qt: its [BLOCK_P, D_PAD] Q, fp32; kvt: the head's [D_PAD, D_PAD] KV if
+    already loaded)."""
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
-    m2 = pmask[:, None] & kmask[None, :]
     ch = head * D + kk
-    qt = tl.load(q_b + n[:, None] * CP + ch[None, :], mask=m2, other=0.0).to(tl.float32)
     e = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
     if DOT_PRECISION == "ieee":
         # fp32 FMA (sm_70/75, no TF32): as rank-1 updates over k, Q's column k re-read (L1) and
@@ -96,8 +93,24 @@ def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
             e += qcol[:, None] * kvrow[None, :]
             k += 1
     else:
-        kvt = tl.load(kv_b + ch[:, None] * D + kk[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
+        if kvt is None:
+            kvt = tl.load(kv_b + ch[:, None] * D + kk[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
         e = mm(qt, kvt, e, DOT_PRECISION, EMULATE_DOTS)
+    return e
+
+
+@triton.jit
+def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale,
+                    n, y, x, pmask, H, W, KS,
+                    C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
+                    D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+                    UNROLL_KX: tl.constexpr = False):
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    m2 = pmask[:, None] & kmask[None, :]
+    ch = head * D + kk
+    qt = tl.load(q_b + n[:, None] * CP + ch[None, :], mask=m2, other=0.0).to(tl.float32)
+    e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
     conv = depthwise_tile(v_b, ch, kmask, crpe_w + (head - first) * D + kk, group_heads * D, n, y, x, pmask,
                           H, W, CP, KS, BLOCK_P, D_PAD, UNROLL_KX)
     bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
@@ -105,38 +118,95 @@ def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
     tl.store(pre_b + n[:, None] * C + ch[None, :], stored(out, pre_b, EMULATE_DOTS), mask=m2)
 
 
-@triton.jit(do_not_specialize=["N", "H", "W"])
+@triton.jit
+def _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale, strip, ya, yb, H, W,
+                    KS: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """ROWS (`GMAShape.ATTN_ROWS`): rows [ya, yb) of one BLOCK_P-column strip of one head, walked down the
+    strip as the aggregation's `_segment_rows`: each V row in reach read once (its KS column shifts,
+    `_common.rows_tap`) into KS rolling CRPE accumulators; after input row i, output row i - R is
+    complete and takes Q KV (the head's KV loaded once per program, not per tile) and Q (CRPE + bias).
+    Against the tile kernel's KS x KS tap loads per output, KS per input row plus the run's 2 R halo rows."""
+    R = KS // 2
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    ch = head * D + kk
+    x = strip * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = x < W
+    m2 = pmask[:, None] & kmask[None, :]
+    tap_stride = group_heads * D
+    w0 = crpe_w + (head - first) * D + kk                      # each channel's tap (0, 0)
+    kvt = tl.load(kv_b + ch[:, None] * D + kk[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
+    bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
+    z = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6 = z, z, z, z, z, z, z
+    i = tl.maximum(ya - R, 0)
+    while i < yb + R:
+        if i < H:
+            row_ptr = v_b + (i * W).to(tl.int64) * CP
+            for kx in tl.static_range(KS):
+                a0, a1, a2, a3, a4, a5, a6, _, _, _, _, _, _, _ = rows_tap(
+                    a0, a1, a2, a3, a4, a5, a6, z, z, z, z, z, z, z, row_ptr, x, kmask, ch, w0 + kx * tap_stride,
+                    tap_stride, 0, W, CP, kx, KS, 1)
+        o = i - R
+        if o >= ya:
+            n = o * W + x
+            qt = tl.load(q_b + n[:, None] * CP + ch[None, :], mask=m2, other=0.0).to(tl.float32)
+            e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, kvt)
+            out = scale * e + qt * (a0 + bias)
+            tl.store(pre_b + n[:, None] * C + ch[None, :], stored(out, pre_b, EMULATE_DOTS), mask=m2)
+        a0, a1, a2, a3, a4, a5, a6 = rows_shift(a0, a1, a2, a3, a4, a5, a6, KS)
+        i += 1
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "run_rows"])
 def gma_attention_kernel(
     q, v, kv, pre, crpe_w3, crpe_w5, crpe_w7, crpe_b,
-    N, H, W, scale,
+    N, H, W, scale, run_rows,
     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, UNROLL: tl.constexpr,
+    ROWS: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    n = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = n < N
-    y = n // W
-    x = n % W
     q_b = q + b * N * CP
     v_b = v + b * N * CP
     kv_b = kv + b * CP * D
     pre_b = pre + b * N * C
-    if UNROLL:   # an instance per CRPE window (KS constexpr), each tap row unrolled (_common.depthwise_taps)
+    if ROWS:     # program t: run t % runs of strip t // runs, `run_rows` rows (`attention_call`)
+        runs = tl.cdiv(H, run_rows)
+        strip = t // runs
+        ya = (t - strip * runs) * run_rows
+        yb = tl.minimum(H, ya + run_rows)
         if head < 2:
-            _attention_head(q_b, v_b, kv_b, pre_b, crpe_w3, crpe_b, head, 0, 2, scale, n, y, x, pmask, H, W, 3,
-                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+            _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w3, crpe_b, head, 0, 2, scale, strip, ya, yb, H, W, 3,
+                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
         elif head < 5:
-            _attention_head(q_b, v_b, kv_b, pre_b, crpe_w5, crpe_b, head, 2, 3, scale, n, y, x, pmask, H, W, 5,
-                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+            _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w5, crpe_b, head, 2, 3, scale, strip, ya, yb, H, W, 5,
+                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
         else:
-            _attention_head(q_b, v_b, kv_b, pre_b, crpe_w7, crpe_b, head, 5, 3, scale, n, y, x, pmask, H, W, 7,
-                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
-    else:        # one instance for the three windows: KS runtime
-        ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
-        _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale, n, y, x, pmask, H,
-                        W, ks, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+            _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w7, crpe_b, head, 5, 3, scale, strip, ya, yb, H, W, 7,
+                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+    else:
+        n = t * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = n < N
+        y = n // W
+        x = n % W
+        if UNROLL:   # an instance per CRPE window (KS constexpr), each tap row unrolled (_common.depthwise_taps)
+            if head < 2:
+                _attention_head(q_b, v_b, kv_b, pre_b, crpe_w3, crpe_b, head, 0, 2, scale, n, y, x, pmask, H, W, 3,
+                                C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+            elif head < 5:
+                _attention_head(q_b, v_b, kv_b, pre_b, crpe_w5, crpe_b, head, 2, 3, scale, n, y, x, pmask, H, W, 5,
+                                C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+            else:
+                _attention_head(q_b, v_b, kv_b, pre_b, crpe_w7, crpe_b, head, 5, 3, scale, n, y, x, pmask, H, W, 7,
+                                C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+        else:        # one instance for the three windows: KS runtime
+            ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
+            _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale, n, y, x, pmask, H,
+                            W, ks, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
 
 
 def combine_call(part_m, part_l, part_acc, kv, shape, segment_splits):
@@ -163,12 +233,28 @@ def attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots: DotVariant)
     dot variant (with ``shape.ATTN_DOTS16`` its 16-bit-operand form for 16-bit q, `config.operand_precision`)."""
     B, N, _ = q.shape
     w = weights
-    args = (q, v, kv, pre, w.crpe_w3, w.crpe_w5, w.crpe_w7, w.crpe_b, N, H, W, scale)
+    run_rows, programs = attention_rows_plan(H, W, B, shape) if shape.ATTN_ROWS else (0, cdiv(N, shape.ATTN_BLOCK_P))
+    args = (q, v, kv, pre, w.crpe_w3, w.crpe_w5, w.crpe_w7, w.crpe_b, N, H, W, scale, run_rows)
     kwargs = dict(C=shape.C, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD, BLOCK_P=shape.ATTN_BLOCK_P,
                   DOT_PRECISION=operand_precision(dots.precision, dtype_name(q.dtype), shape.ATTN_DOTS16),
-                  EMULATE_DOTS=dots.emulate, UNROLL=shape.ATTN_UNROLL,
+                  EMULATE_DOTS=dots.emulate, UNROLL=shape.ATTN_UNROLL, ROWS=shape.ATTN_ROWS,
                   num_warps=shape.ATTN_WARPS)
-    return (cdiv(N, shape.ATTN_BLOCK_P), 8, B), args, kwargs
+    return (programs, 8, B), args, kwargs
+
+
+#: ROWS: about this many programs (x 8 heads x B) at least, where the rows allow: rows per program are cut
+#: down from whole strips until the grid has them (an estimate of a few waves of small programs on a
+#: 100-150 SM GPU; each program's run re-reads 2 R halo rows, so longer runs read less)
+ATTN_ROWS_TARGET = 2048
+
+
+def attention_rows_plan(H: int, W: int, B: int, shape):
+    """(rows per program, programs per (head, image)) of the ROWS attention: strips of ATTN_BLOCK_P columns,
+    each cut into runs of equal rows, as few runs as give about ATTN_ROWS_TARGET programs in all."""
+    strips = cdiv(W, shape.ATTN_BLOCK_P)
+    runs = max(1, min(H, cdiv(ATTN_ROWS_TARGET, strips * 8 * B)))
+    run_rows = cdiv(H, runs)
+    return run_rows, strips * cdiv(H, run_rows)
 
 
 def launch_attention(kernel, q, v, kv, pre, weights, H, W, scale, shape, dots: Optional[DotVariant] = None):

@@ -224,8 +224,16 @@ class GMAShape:
     AGG_DOTS16: bool = False   # aggregation: 16-bit dot operands for 16-bit inputs (`operand_precision`; a candidate)
     AGG_PAIR: bool = False     # aggregation: a segment's two heads as one tensor (`pair_applies`; a candidate)
     ATTN_DOTS16: bool = False  # attention: the same for its Q KV dot (a tuning candidate)
+    AGG_ROWS: bool = False     # aggregation: segments 1-3 by row walks down strips (`aggregation._segment_rows`; a candidate)
+    ATTN_ROWS: bool = False    # attention: the CRPE by row walks down strips (`attention._attention_rows`; a candidate)
 
-    def num_tiles(self, N: int) -> int:
+    def num_tiles(self, N: int, W: Optional[int] = None) -> int:
+        """The aggregation's tiles of an image of N tokens (W columns): ceil(N / AGG_BLOCK_P), or with
+        AGG_ROWS one per row of each AGG_BLOCK_P-column strip, ceil(W / AGG_BLOCK_P) (N / W) (W needed)."""
+        if self.AGG_ROWS:
+            if not W or N % W:
+                raise ValueError(f"AGG_ROWS tiles need the image width: N={N}, W={W}")
+            return -(-W // self.AGG_BLOCK_P) * (N // W)
         return -(-N // self.AGG_BLOCK_P)
 
 
@@ -417,7 +425,7 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
               ck: int = 0, split_target: int = 1024, agg_warps: int = 0, dots: str = "tf32x3",
               strip: Optional[int] = None, merge: Optional[bool] = None, unroll: bool = False,
               attn_unroll: bool = False, dots16: bool = False, attn_dots16: bool = False,
-              pair: bool = False) -> GMAShape:
+              pair: bool = False, rows: bool = False, attn_rows: bool = False) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
@@ -429,7 +437,9 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
     dots16, attn_dots16: 16-bit dot operands for 16-bit inputs in the aggregation / the attention
     (`operand_precision`, `GMAShape.AGG_DOTS16` / `ATTN_DOTS16`; default off).
     pair: the aggregation's two heads of a segment as one tensor (`GMAShape.AGG_PAIR`; default off;
-    only where `pair_applies` and with the merged q/k/v pass)."""
+    only where `pair_applies` and with the merged q/k/v pass).
+    rows: the aggregation's segments 1-3 by row walks (`GMAShape.AGG_ROWS`; default off; only with pair).
+    attn_rows: the attention's CRPE by row walks (`GMAShape.ATTN_ROWS`; default off)."""
     if C % 10 != 0 or C <= 0:
         raise ValueError(f"C={C}: the Triton kernels need C a positive multiple of 10")
     S = C // 5
@@ -453,9 +463,12 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
     if pair and not (pair_applies(C) and merged):
         raise ValueError(f"pair=True needs s = C/5 a power of two >= 16 and the merged q/k/v pass (C={C}, "
                          f"merged={merged})")
+    if rows and not pair:
+        raise ValueError(f"rows=True walks a segment's two heads as one tensor: it needs pair=True (C={C})")
     return GMAShape(C=C, S=S, CP=CP, D=D, S_PAD=S_PAD, D_PAD=D_PAD, CK=ck, AGG_BLOCK_P=agg,
                     ATTN_BLOCK_P=attn, AGG_WARPS=agg_warps, ATTN_WARPS=attn_tiles[1], SPLIT_TARGET=split_target,
                     AGG_STRIP=STRIP_TARGET if strip is None else int(strip),
                     AGG_MERGE=merged,
                     AGG_UNROLL=bool(unroll), ATTN_UNROLL=bool(attn_unroll), AGG_DOTS16=bool(dots16),
-                    ATTN_DOTS16=bool(attn_dots16), AGG_PAIR=bool(pair))
+                    ATTN_DOTS16=bool(attn_dots16), AGG_PAIR=bool(pair), AGG_ROWS=bool(rows),
+                    ATTN_ROWS=bool(attn_rows))

@@ -98,9 +98,9 @@ def _weights_bytes(C: int) -> Dict[str, int]:
     return out
 
 
-def _job_plan(N: int, B: int, sh: GMAShape, prec: str):
+def _job_plan(N: int, B: int, sh: GMAShape, prec: str, W: int):
     from .aggregation import job_plan  # the launcher's own plan
-    return job_plan(N, B, sh, prec)
+    return job_plan(N, B, sh, prec, W)
 
 
 def aggregate_job_costs(sh: GMAShape, prec: str) -> Tuple[float, ...]:
@@ -189,7 +189,7 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     N = H * W
     e = ELEM_BYTES[dt]
     s, cp, d = sh.S, sh.CP, sh.D
-    plan = _job_plan(N, B, sh, prec)
+    plan = _job_plan(N, B, sh, prec, W)
     wb = _weights_bytes(sh.C)
     weights = sum(wb[k] for k in ("bn_scale", "bn_shift", "dw3", "dw5", "dw7", "pw", "local_dw", "local_pw",
                                   "ln_weight", "ln_bias"))
@@ -200,7 +200,7 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     detail.update({f"tiles_per_split{j}": x for j, x in enumerate(plan.tiles_per_split)})
     detail["balance"] = round(1000 * plan_balance(plan, aggregate_job_costs(sh, prec)))
     useful = 2 * B * N * (9 * s * s + 3 * s * s + cp * d)
-    tokens_pad = B * -(-N // sh.AGG_BLOCK_P) * sh.AGG_BLOCK_P
+    tokens_pad = B * sh.num_tiles(N, W) * sh.AGG_BLOCK_P
     s_chunks = -(-s // sh.CK) * sh.CK
     padded = 2 * tokens_pad * (9 * s_chunks * 2 * sh.D_PAD + 3 * s_chunks * sh.S_PAD + 8 * sh.D_PAD * sh.D_PAD)
     tc, tcp, dot_fma, tp = _tc(operand_precision(prec, dt, sh.AGG_DOTS16), useful, padded)
@@ -224,7 +224,7 @@ def _combine(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
     multiply-adds per partial accumulator element (ACC alpha + acc_t beta), 2 B R s d MACs; no
     tensor-core work."""
     N = H * W
-    plan = _job_plan(N, B, sh, prec)
+    plan = _job_plan(N, B, sh, prec, W)
     s, cp, d = sh.S, sh.CP, sh.D
     rows = plan.partial_rows
     detail = {"partials_read": B * rows * s * (2 + d) * 4, "kv_write": B * cp * d * 4, "partial_rows": rows}

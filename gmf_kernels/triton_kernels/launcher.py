@@ -119,13 +119,13 @@ def default_shape(C: int, N: int, dots: DotVariant) -> GMAShape:
 AGG_FAMILY = "triton.aggregate"
 ATTN_FAMILY = "triton.attention"
 #: at most this many candidates per (family, C, dtype, GPU)
-MAX_CANDIDATES = 6
+MAX_CANDIDATES = 8
 #: ... and for the aggregation, whose search space also holds the wide tiles and the unrolled taps below: the
 #: default's four variants, the table tiles and the wide tiles (at most AGG_MAX_WIDE) in AGG_BASE_CANDIDATES
 #: slots, then the DOTS16 / PAIR candidates on top (`aggregate_candidates`), at most AGG_MAX_CANDIDATES in all
 AGG_BASE_CANDIDATES = 12
 AGG_MAX_WIDE = 6
-AGG_MAX_CANDIDATES = 18
+AGG_MAX_CANDIDATES = 20
 #: Wide aggregation tiles, (BLOCK_P, num_warps, CK), tried on a GPU after the default's variants and the
 #: tables' tiles. Why (inferred from compiler figures, not measured): at 16-token tiles the kernel
 #: holds ~160-170 registers per thread for 16 tokens of 4 warps, 48 tokens in flight per SM (3 CTAs),
@@ -138,6 +138,23 @@ AGG_MAX_CANDIDATES = 18
 #: two head outputs alive instead of six) is its chance there.
 AGG_WIDE_TILES: Tuple[Tuple[int, int, int], ...] = ((64, 4, 16), (64, 8, 16), (32, 8, 16))
 
+#: (BLOCK_P, num_warps) of the row-walk candidates (`GMAShape.AGG_ROWS`, `aggregation._segment_rows`; with
+#: PAIR, where `config.pair_applies`) by the segment width s: a tile is one row of a BLOCK_P-column strip,
+#: and the k/v walk holds 2 KS = 14 accumulator tiles [BLOCK_P, s] at 7x7. The tiles that compiled
+#: without spilling for bf16 and fp32 on sm_90 (Triton 3.6, ptxas; compiler figures, not timings;
+#: registers bf16 / bf16 DOTS16 / fp32): s = 16 (16, 4) 168 / 168 / 168, (32, 4) 202 / 206 / 194;
+#: s = 32 (16, 4) 158 / 200 / 190, (16, 8) 128 (12 B spilled) / 179 / 182, (32, 4) and (32, 8) spilled;
+#: s = 64 (16, 8) 196 / 216 / 255, (16, 4) and every 32-token tile spilled (100 B - 5 KB).
+AGG_ROWS_TILES: Dict[int, Tuple[Tuple[int, int], ...]] = {16: ((16, 4), (32, 4)), 32: ((16, 4), (16, 8)), 64: ((16, 8),)}
+
+#: (BLOCK_P, num_warps) of the attention's row-walk candidates (`GMAShape.ATTN_ROWS`,
+#: `attention._attention_rows`): a tile is one row of a BLOCK_P-column strip of one head, KS [BLOCK_P, D_PAD]
+#: accumulators alive. Registers (sm_90, Triton 3.6, ptxas; bf16 with DOTS16 / fp32; compiler figures, not
+#: timings) against the default tile's: C = 80 90 / 142 (default 49 / 64), C = 160 121 / 145 (58 / 70),
+#: C = 320 (16, 2) 168 / 255 with 8 B spilled in fp32 (refused there by the tuner), (32, 4) 162 / 255
+#: (90 / 114); sm_80 alike.
+ATTN_ROWS_TILES: Tuple[Tuple[int, int], ...] = ((16, 2), (32, 4))
+
 
 def _precision(C: int, dtype, capability) -> Optional[str]:
     try:
@@ -149,12 +166,12 @@ def _precision(C: int, dtype, capability) -> Optional[str]:
 def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
     return {"BLOCK_P": shape.AGG_BLOCK_P, "num_warps": shape.AGG_WARPS, "CK": shape.CK, "STRIP": shape.AGG_STRIP,
             "MERGE": int(shape.AGG_MERGE), "UNROLL": int(shape.AGG_UNROLL), "DOTS16": int(shape.AGG_DOTS16),
-            "PAIR": int(shape.AGG_PAIR)}
+            "PAIR": int(shape.AGG_PAIR), "ROWS": int(shape.AGG_ROWS)}
 
 
 def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
     return {"BLOCK_P": shape.ATTN_BLOCK_P, "num_warps": shape.ATTN_WARPS, "UNROLL": int(shape.ATTN_UNROLL),
-            "DOTS16": int(shape.ATTN_DOTS16)}
+            "DOTS16": int(shape.ATTN_DOTS16), "ROWS": int(shape.ATTN_ROWS)}
 
 
 def _dots16_applies(C: int, dtype, capability) -> bool:
@@ -177,7 +194,9 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     on sm_80+ the default and its unrolled form with 16-bit dot operands (``DOTS16``:
     `config.operand_precision`), and where `config.pair_applies` the default with a segment's two heads
     as one tensor (``PAIR``: `aggregation._segment_pair`), also with DOTS16 and unrolled where DOTS16
-    applies (else unrolled alone); then the other tiles of AGG_TILES / AGG_TILES_BY_DOTS (each
+    applies (else unrolled alone), and, first of the knobs (timed before a tight deadline cuts the list),
+    its row walks (``ROWS``: `aggregation._segment_rows`, the tiles of `AGG_ROWS_TILES`, with DOTS16 where
+    it applies); then the other tiles of AGG_TILES / AGG_TILES_BY_DOTS (each
     spill-free at the width it was chosen for) and the wide tiles (`AGG_WIDE_TILES` whose channel chunk
     fits this width, each with the default's q/k/v mode, the 64-token ones also stream after stream,
     the first also unrolled and, where PAIR applies and s < 64, with PAIR (and DOTS16 where it applies); at most
@@ -196,6 +215,9 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     dots16 = _dots16_applies(C, dtype, capability)
     pair = pair_applies(C) and bool(default["MERGE"])
     knobs = []
+    if pair:   # first the row walks (`aggregation._segment_rows`): the structural change, timed before the deadline
+        for bp, warps in AGG_ROWS_TILES.get(dot_pad(C // 5), ()):
+            knobs.append({**default, "BLOCK_P": bp, "num_warps": warps, "PAIR": 1, "ROWS": 1, "DOTS16": int(dots16)})
     if dots16:
         knobs += [{**default, "DOTS16": 1}, {**default, "UNROLL": 1, "DOTS16": 1}]
     if pair:
@@ -207,7 +229,7 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     def cfg_of(tile, merge, unroll=0):
         bp, warps, ck = tile
         return {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": merge,
-                "UNROLL": unroll, "DOTS16": 0, "PAIR": 0}
+                "UNROLL": unroll, "DOTS16": 0, "PAIR": 0, "ROWS": 0}
 
     wide, wide_knobs = [], []
     for i, tile in enumerate(t for t in AGG_WIDE_TILES if t[2] <= s_pad):
@@ -237,16 +259,21 @@ def attention_default(C: int, dtype, capability) -> Dict[str, int]:
 def attention_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     """The default tile first, then the same with its CRPE tap rows unrolled (``UNROLL``:
     `config.GMAShape.ATTN_UNROLL`), for fp16/bf16 on sm_80+ the default with 16-bit Q KV operands
-    (``DOTS16``: `config.operand_precision`), then the other tiles of ATTN_TILES / ATTN_TILES_BY_DOTS."""
+    (``DOTS16``: `config.operand_precision`), the CRPE's row walks (``ROWS``: `attention._attention_rows`,
+    the tiles of `ATTN_ROWS_TILES`, with DOTS16 where it applies), then the other tiles of ATTN_TILES /
+    ATTN_TILES_BY_DOTS."""
     if _precision(C, dtype, capability) is None:
         return []
     default = attention_default(C, dtype, capability)
     out = [default, {**default, "UNROLL": 1}]
-    if _dots16_applies(C, dtype, capability):
+    dots16 = _dots16_applies(C, dtype, capability)
+    if dots16:
         out.append({**default, "DOTS16": 1})
+    for bp, warps in ATTN_ROWS_TILES:
+        out.append({**default, "BLOCK_P": bp, "num_warps": warps, "DOTS16": int(dots16), "ROWS": 1})
     tiles = list(ATTN_TILES.values()) + [t for row in ATTN_TILES_BY_DOTS.values() for t in row.values()]
     for bp, warps in tiles:
-        cfg = {"BLOCK_P": bp, "num_warps": warps, "UNROLL": 0, "DOTS16": 0}
+        cfg = {"BLOCK_P": bp, "num_warps": warps, "UNROLL": 0, "DOTS16": 0, "ROWS": 0}
         if cfg not in out and len(out) < MAX_CANDIDATES:
             out.append(cfg)
     return out
@@ -270,7 +297,8 @@ def _shape_from_configs(C: int, precision: str, agg_items: tuple, attn_items: tu
                       strip=int(agg["STRIP"]) if "STRIP" in agg else None,
                       merge=bool(agg["MERGE"]) if "MERGE" in agg else None, unroll=bool(agg.get("UNROLL", 0)),
                       attn_unroll=bool(attn.get("UNROLL", 0)), dots16=bool(agg.get("DOTS16", 0)),
-                      attn_dots16=bool(attn.get("DOTS16", 0)), pair=bool(agg.get("PAIR", 0)))
+                      attn_dots16=bool(attn.get("DOTS16", 0)), pair=bool(agg.get("PAIR", 0)),
+                      rows=bool(agg.get("ROWS", 0)), attn_rows=bool(attn.get("ROWS", 0)))
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 
@@ -311,7 +339,7 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dev, dt = qkv.device, qkv.dtype
-    plan = job_plan(N, B, shape, dots.precision)    # per-job splits, balanced by cost
+    plan = job_plan(N, B, shape, dots.precision, W)    # per-job splits, balanced by cost
     rows = plan.partial_rows                         # packed partials: one row per split of segments 0..3
     f32 = torch.float32
     buf = {

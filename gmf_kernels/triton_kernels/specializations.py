@@ -133,6 +133,7 @@ class Spec:
         dots = f", {cx['DOT_PRECISION']}" if "DOT_PRECISION" in cx else ""
         dots += ", unrolled" if cx.get("UNROLL") else ""          # the aggregation's tuning candidates
         dots += ", pair" if cx.get("PAIR") else ""
+        dots += ", rows" if cx.get("ROWS") else ""
         return (f"{short} C={_width(cx)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
                 f"{self.specialised_ints()})")
 
