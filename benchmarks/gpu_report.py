@@ -1644,6 +1644,7 @@ def phase_tune(ctx: Ctx, ph: Dict, allow: float) -> None:
     copy = f"tuning_{table['arch']}.json" if table else None
     sec.update(status="timeout" if res.timed_out else "ok" if res.rc == 0 and rows else "failed",
                seconds=round(res.seconds, 1), args=list(TUNE_ARGS), rows=rows, seeded=seeded, train=train,
+               backend_times={k: (table or {}).get(k) or {} for k in ("backends", "backends_train")},
                arch=(table or {}).get("arch"), not_measured=(table or {}).get("not_measured", []),
                file=copy if copy and (ctx.out / copy).is_file() else None)
     if table and (table.get("kernels") or ctx.dry):
@@ -2416,6 +2417,12 @@ def _tune_summary(rep: Dict) -> List[str]:
                  + (f": {_cell(train['output_tail'][-300:])}" if train.get("output_tail") else ""))
     for nm in sec.get("not_measured") or []:
         L.append(f"- not measured: {nm.get('part')} C={nm.get('C')} {nm.get('dtype')}: {_cell(nm.get('reason', ''))}")
+    for part, what in (("backends", "the pre-projection"), ("backends_train", "one layer's training step")):
+        for C, by_dt in sorted(((sec.get("backend_times") or {}).get(part) or {}).items(), key=lambda kv: int(kv[0])):
+            for dt, times in sorted(by_dt.items()):
+                ranked = sorted((v, k) for k, v in times.items() if k != "batch" and isinstance(v, (int, float)))
+                L.append(f"- auto's ranking by {what} (`{part}`), C={C} {dt}, batch {times.get('batch')}: "
+                         + ", ".join(f"{k} {v:.1f} us" for v, k in ranked))
     if sec.get("rows"):
         L += ["", "| family | C | dtype | default tile | us | fastest tile | us | speedup | candidates (refused, "
               "errors) |", "|---|---:|---|---|---:|---|---:|---:|---|"]

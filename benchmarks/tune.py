@@ -29,7 +29,12 @@ What it measures (`gmf_kernels.tuning`, the table format is in its docstring):
   weight gradient) differ from the default config's beyond rounding.
 * ``backends``: then, with the new kernel entries in effect, the pre-projection time (qkv ->
   pre, benchmarks/ops.py's StageInputs) of each backend (cuda, triton, torch) per (C, dtype),
-  which ``auto`` reads (`tuning.backend_times`).
+  which ``auto`` reads (`tuning.backend_times`) for calls without gradients.
+* ``backends_train`` (with --train, after the families): one layer's training step per backend, a
+  `GroupMixAttention` in train mode (batch statistics) forward and backward, under autocast at
+  fp16 / bf16 as AMP runs it (`GpuMeasure.backends_train`), which ``auto`` reads for training calls
+  (train mode or gradients): the forward's times say nothing of a backward (the H200's report of
+  2026-12-04 had the Triton pre-projection 1.5x the CUDA one's speed, and its training step 0.86x).
 
 Time: --budget seconds in all (default 480, inside the 8 minutes of a lent GPU run). First, up
 to WARM_SHARE of it, the Triton kernels the sweep will compile are compiled ahead in parallel
@@ -81,7 +86,11 @@ BUDGET_SHARES = (("triton.aggregate", 0.35), ("triton.attention", 0.15), ("cuda.
 TRAIN_BUDGET_SHARES = (("triton.backward", 0.25), ("triton.recompute_z", 0.15), ("triton.statistics", 0.1),
                        ("triton.b2", 0.1), ("triton.b1", 0.1), ("triton.b2_crpe", 0.1),
                        ("triton.recompute_attention", 0.1), ("triton.recompute_local", 0.1))
+#: --train's last part, after the families: one layer's training step per backend (`GpuMeasure.backends_train`)
+BACKENDS_TRAIN_SHARE = ("backends_train", 0.1)
 BACKENDS = ("cuda", "triton", "torch")
+#: the parts that time whole backends (tables "backends" / "backends_train"), not a kernel family's tiles
+BACKEND_PARTS = ("backends", "backends_train")
 #: share of --budget in which the Triton kernels of the sweep may be compiled ahead, in parallel (warm_cache)
 WARM_SHARE = 0.25
 #: max relative difference of a candidate's pre from the default config's (per dtype): rounding only
@@ -114,7 +123,7 @@ def load_spaces(train: bool = False) -> Dict[str, object]:
 
 
 def part_budgets(total: float, parts: Sequence[str]) -> Dict[str, float]:
-    shares = {k: v for k, v in BUDGET_SHARES + TRAIN_BUDGET_SHARES}
+    shares = {k: v for k, v in BUDGET_SHARES + TRAIN_BUDGET_SHARES + (BACKENDS_TRAIN_SHARE,)}
     s = sum(shares.get(p, 0.1) for p in parts)
     return {p: total * shares.get(p, 0.1) / s for p in parts}
 
@@ -134,7 +143,7 @@ def new_table(arch: str, device: str, dry_run: bool = False) -> Dict:
     return {"arch": arch, "measured": not dry_run, "device": device,
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_sha": sha,
             "torch": torch.__version__, "triton": triton_version, "kernels": {}, "backends": {},
-            "candidates": {}, "not_measured": []}
+            "backends_train": {}, "candidates": {}, "not_measured": []}
 
 
 def keep_other_parts(table: Dict, path: str, parts: Sequence[str]) -> Dict:
@@ -156,18 +165,19 @@ def keep_other_parts(table: Dict, path: str, parts: Sequence[str]) -> Dict:
         table["kernels"][f] = prev["kernels"][f]
         if f in prev.get("candidates", {}):
             table["candidates"][f] = prev["candidates"][f]
-    if "backends" not in parts and prev.get("backends"):
-        table["backends"] = prev["backends"]
-        kept.append("backends")
+    for f in BACKEND_PARTS:
+        if f not in parts and prev.get(f):
+            table[f] = prev[f]
+            kept.append(f)
     entries = []
     for f in parts:
-        src = prev.get("backends") if f == "backends" else (prev.get("kernels") or {}).get(f)
-        dst = table["backends"] if f == "backends" else table["kernels"].setdefault(f, {})
+        src = prev.get(f) if f in BACKEND_PARTS else (prev.get("kernels") or {}).get(f)
+        dst = table.setdefault(f, {}) if f in BACKEND_PARTS else table["kernels"].setdefault(f, {})
         for C, by_dt in (src or {}).items():
             for dt, entry in (by_dt or {}).items() if isinstance(by_dt, dict) else ():
                 dst.setdefault(C, {})[dt] = entry
                 entries.append(f"{f} C={C} {dt}")
-        if f != "backends" and not dst:
+        if f not in BACKEND_PARTS and not dst:
             del table["kernels"][f]
     if kept or entries:
         table["kept"] = {"parts": kept, "date": prev.get("date"), "git_sha": prev.get("git_sha"),
@@ -410,6 +420,35 @@ class GpuMeasure:
                     res.setdefault("_not_measured", {})[impl] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200]}"
         return res
 
+    def backends_train(self, C: int, H: int, W: int, dtype: torch.dtype) -> Dict[str, object]:
+        """One layer's training step per backend: a `GroupMixAttention` (upstream's constructor: 8 heads,
+        qkv bias) in train mode, fp32 parameters, forward and backward of a fixed output gradient, under
+        autocast at fp16 / bf16 (AMP's way; fp32 as is), at this run's batch. The BatchNorms take batch
+        statistics and update their running ones at every call, as in training."""
+        from gmf_kernels import GroupMixAttention
+        B, N = self.batch, H * W
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(B, N, C, generator=g).to(self.device).requires_grad_(True)
+        grad = torch.randn(B, N, C, generator=g).to(self.device, dtype)
+        amp = dtype != torch.float32
+        res: Dict[str, object] = {}
+        for impl in BACKENDS:
+            try:
+                torch.manual_seed(0)
+                m = GroupMixAttention(C, num_heads=8, qkv_bias=True, backend=impl).to(self.device).train()
+
+                def fn(m=m):
+                    with torch.autocast("cuda", dtype=dtype, enabled=amp):
+                        out = m(x, (H, W))
+                    out.backward(grad.to(out.dtype))
+
+                fn()
+                torch.cuda.synchronize()
+                res[impl] = round(self._bench(fn), 3)
+            except Exception as ex:  # unsupported / not built: not in the table (auto falls back)
+                res.setdefault("_not_measured", {})[impl] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200]}"
+        return res
+
 
 @contextlib.contextmanager
 def tuning_dir(path: Optional[str] = None):
@@ -518,8 +557,9 @@ def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_d
                             L.shape_from_configs(C, dots, agg, attn)
                         except Exception as ex:
                             failures.append(f"{fam} C={C} {_short(dt)} {c}: {ex}")
-    if "backends" in budgets:
-        print(f"\n[backends] budget {budgets['backends']:.0f} s: {', '.join(BACKENDS)} per (C, dtype)")
+    for part in BACKEND_PARTS:
+        if part in budgets:
+            print(f"\n[{part}] budget {budgets[part]:.0f} s: {', '.join(BACKENDS)} per (C, dtype)")
     print(f"{n_runs} candidate measurements planned")
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         try:
@@ -559,6 +599,7 @@ def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_d
             set_entry(table, fam, C, dt, [{"config": c, "status": "ok", "time_us": 2.0 if c is pick else 3.0}
                                           for c in cands])
         table["backends"].setdefault(str(C), {})[tuning.dtype_name(dt)] = {"triton": 2.0, "torch": 5.0, "batch": 8}
+        table["backends_train"].setdefault(str(C), {})[tuning.dtype_name(dt)] = {"torch": 4.0, "cuda": 6.0, "batch": 8}
         path = str(tuning.table_path("sm_90"))
         write_table(table, path)
         for fam in sorted(spaces):
@@ -568,6 +609,8 @@ def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_d
                 failures.append(f"table round trip {fam}: choose -> {got}, expected {want}")
         if tuning.backend_times("sm_90", C, dt) != {"triton": 2.0, "torch": 5.0}:
             failures.append(f"table round trip backends: {tuning.backend_times('sm_90', C, dt)}")
+        if tuning.backend_times("sm_90", C, dt, training=True) != {"torch": 4.0, "cuda": 6.0}:
+            failures.append(f"table round trip backends_train: {tuning.backend_times('sm_90', C, dt, training=True)}")
         print(f"table writer/reader round trip in {tmp}: {'ok' if not failures else 'FAILED'}")
     for f in failures:
         print(f"FAILED: {f}")
@@ -596,7 +639,8 @@ def main(argv=None) -> int:
     models = [canonical_name(m if m.startswith("groupmixformer") else f"groupmixformer_{m}") for m in a.models]
     spaces = load_spaces(train=a.train)
     order = [k for k, _ in (TRAIN_BUDGET_SHARES if a.train else BUDGET_SHARES)]
-    parts = sorted(spaces, key=lambda f: order.index(f) if f in order else 99) + ([] if a.train else ["backends"])
+    parts = sorted(spaces, key=lambda f: order.index(f) if f in order else 99) + (["backends_train"] if a.train
+                                                                                     else ["backends"])
     if a.families:
         parts = [p for p in parts if p in a.families]
     budgets = part_budgets(a.budget, parts)
@@ -635,17 +679,17 @@ def main(argv=None) -> int:
         deadline += budgets[part]          # cumulative: time an earlier part did not use carries over
         meas.deadline = deadline
         items = [(C, H, W, dt) for dt in dtypes for (C, H, W) in shape_list]
-        if part == "backends":
-            def measure(C, H, W, dt):
-                return [meas.backends(C, H, W, dt)]
+        if part in BACKEND_PARTS:
+            def measure(C, H, W, dt, part=part):
+                return [getattr(meas, part)(C, H, W, dt)]
 
-            def done(item, res):
+            def done(item, res, part=part):
                 C, H, W, dt = item
                 r = dict(res[0])
                 r.pop("_not_measured", None)
                 if r:
-                    table["backends"].setdefault(str(C), {})[tuning.dtype_name(dt)] = {**r, "batch": a.batch}
-                print(f"  backends C={C} {H}x{W} {_short(dt)}: {res[0]}", flush=True)
+                    table.setdefault(part, {}).setdefault(str(C), {})[tuning.dtype_name(dt)] = {**r, "batch": a.batch}
+                print(f"  {part} C={C} {H}x{W} {_short(dt)}: {res[0]}", flush=True)
                 write_table(table, path, a.out)
         else:
             sp = spaces[part]

@@ -1163,6 +1163,7 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
                 new["candidates"]["triton.b2"] = {"160": {"float16": [
                     {"config": {"BLOCK_P": 64, "num_warps": 4}, "status": "ok", "time_us": 80.0},
                     {"config": {"BLOCK_P": 32, "num_warps": 4}, "status": "ok", "time_us": 40.0}]}}
+                new["backends_train"] = {"80": {"float16": {"cuda": 900.0, "torch": 700.0, "batch": 128}}}
             else:
                 new = _tune_table()
                 new["candidates"]["triton.b1"] = old["candidates"]["triton.b1"]   # kept by tune.py from the seed
@@ -1197,6 +1198,8 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
                "40.0 | 2.00x | 2 (0, 0) |" in text
         assert "the later phases ran with this table" in text and "not measured: triton.aggregate C=320" in text
         assert "then --train --models s --dtype fp16" in text and "training tiles" in text
+        assert ("auto's ranking by one layer's training step (`backends_train`), C=80 float16, batch 128: "
+                "torch 700.0 us, cuda 900.0 us") in text
     else:
         assert sec["status"] == "failed" and not sec["applied"] and "GMF_TUNING_DIR" not in ctx.env
         assert sec["rows"] == [] and sec["file"] is None and sec["train"]["status"] == "failed"

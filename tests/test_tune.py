@@ -131,8 +131,10 @@ def test_dry_run_train_plan(tmp_path):
     for fam in families:
         assert f"[{fam}] budget" in res.stdout
     assert "[backends]" not in res.stdout and "[triton.aggregate]" not in res.stdout
+    assert "[backends_train] budget" in res.stdout      # then one layer's training step per backend
     assert res.stdout.rstrip().endswith("dry run: ok")
-    assert set(json.loads((tmp_path / "sm_90.json").read_text())["kernels"]) == families
+    table = json.loads((tmp_path / "sm_90.json").read_text())
+    assert set(table["kernels"]) == families and table["backends_train"]
 
 
 def test_plan_asks_for_the_tuned_shape(monkeypatch):
@@ -303,14 +305,18 @@ def test_a_run_keeps_the_parts_it_does_not_measure(tmp_path):
     prev["kernels"] = {"triton.aggregate": {"80": {"bfloat16": {"BLOCK_P": 32, "time_us": 1.0}}},
                        "triton.b1": {"80": {"bfloat16": {"BLOCK_P": 16, "num_warps": 4, "time_us": 2.0}}}}
     prev["backends"] = {"80": {"bfloat16": {"triton": 3.0, "batch": 8}}}
+    prev["backends_train"] = {"80": {"float16": {"cuda": 9.0, "batch": 8}}}
     tune.write_table(prev, path)
-    train = tune.keep_other_parts(tune.new_table("sm_90", "H100"), path, ["triton.b1", "triton.b2"])
+    train = tune.keep_other_parts(tune.new_table("sm_90", "H100"), path, ["triton.b1", "triton.b2", "backends_train"])
     assert train["kernels"] == prev["kernels"] and train["backends"] == prev["backends"]
+    assert train["backends_train"] == prev["backends_train"]
     assert train["kept"]["parts"] == ["triton.aggregate", "backends"]
-    assert train["kept"]["entries"] == ["triton.b1 C=80 bfloat16"] and "triton.b2" not in train["kernels"]
+    assert train["kept"]["entries"] == ["triton.b1 C=80 bfloat16", "backends_train C=80 float16"]
+    assert "triton.b2" not in train["kernels"]
     fwd = tune.keep_other_parts(tune.new_table("sm_90", "H100"), path, ["triton.aggregate", "backends"])
     assert fwd["kernels"] == prev["kernels"] and fwd["backends"] == prev["backends"]
-    assert fwd["kept"]["parts"] == ["triton.b1"]
+    assert fwd["backends_train"] == prev["backends_train"]
+    assert fwd["kept"]["parts"] == ["triton.b1", "backends_train"]
     assert fwd["kept"]["entries"] == ["triton.aggregate C=80 bfloat16", "backends C=80 bfloat16"]
     # measured again: replaced; another width measured: added beside the kept one
     ok = [{"config": {"BLOCK_P": 64}, "status": "ok", "time_us": 0.5}]

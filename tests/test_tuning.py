@@ -41,6 +41,27 @@ def test_auto_picks_the_measured_fastest(table_dir, two_fake_fused):
     assert explain(cuda_problem())["tuned"] == ["triton: 90", "cuda: 120"]
 
 
+@pytest.mark.parametrize("training,needs_grad", [(True, True), (True, False), (False, True)])
+def test_auto_ranks_training_calls_by_training_steps(table_dir, two_fake_fused, training, needs_grad):
+    """A training call (train mode, or gradients) is ranked by the measured training steps
+    ("backends_train", tune.py --train), never by the pre-projection's times, which say nothing of a
+    backward: without a training measurement, the declared order; a call without either keeps the
+    pre-projection's ranking."""
+    fwd = {"backends": {"80": {"bfloat16": {"cuda": 120.0, "triton": 90.0, "batch": 128}}}}
+    train = problem(device_type="cuda", device_capability=(9, 0), dim=80, dtype=torch.bfloat16, explicit=False,
+                    training=training, needs_grad=needs_grad)
+    write(table_dir, "sm_90", fwd)
+    assert select_backend(train, None).name == BACKEND_NAMES[0]
+    assert select_backend(cuda_problem(), None).name == "triton"
+    write(table_dir, "sm_90", {**fwd, "backends_train": {"80": {"bfloat16": {"cuda": 7.0, "triton": 9.0,
+                                                                             "torch": 8.0, "batch": 128}}}})
+    assert select_backend(train, None).name == "cuda"
+    assert select_backend(cuda_problem(), None).name == "triton"
+    assert explain(train)["tuned"] == ["cuda: 7", "torch: 8", "triton: 9"]
+    assert explain(train)["tuned_on"] == ["training step"] and explain(cuda_problem())["tuned_on"] == ["pre-projection"]
+    assert tuning.backend_times("sm_90", 80, torch.bfloat16, training=True) == {"cuda": 7.0, "triton": 9.0, "torch": 8.0}
+
+
 def test_measured_backend_that_cannot_run_is_skipped(table_dir, monkeypatch):
     write(table_dir, "sm_90", {"backends": {"80": {"bfloat16": {"cuda": 50.0, "triton": 90.0}}}})
     monkeypatch.setattr(get_backend("cuda"), "not_supported_reasons", lambda p: ["mocked: no module"])

@@ -87,8 +87,9 @@ def select_backend(problem: GMAProblem, backend: Optional[str] = None) -> Backen
 
     "auto": among the backends that can run the problem, the one measured fastest for this GPU
     architecture, width and dtype in the tuning table (`gmf_kernels.tuning.backend_times`,
-    written by benchmarks/tune.py on a GPU); without a measurement, the first in the declared
-    order (`BACKEND_NAMES`)."""
+    written by benchmarks/tune.py on a GPU): for a training call (train mode or gradients) its
+    training-step times, for any other the pre-projection's; without a measurement of that kind,
+    the first in the declared order (`BACKEND_NAMES`): a forward's times do not rank backwards."""
     name = check_backend_name(backend)
     if name != "auto":
         chosen = get_backend(name)
@@ -97,7 +98,7 @@ def select_backend(problem: GMAProblem, backend: Optional[str] = None) -> Backen
             raise ValueError(f"backend {name!r} cannot run this input ({problem.describe()}):\n  - "
                              + "\n  - ".join(reasons))
         return chosen
-    times = backend_times(arch_key(problem.device_capability), problem.dim, problem.dtype)
+    times = _times(problem)
     viable: List[Backend] = []
     all_reasons = {}
     for n in BACKEND_NAMES:
@@ -119,12 +120,23 @@ def select_backend(problem: GMAProblem, backend: Optional[str] = None) -> Backen
 
 def explain(problem: GMAProblem) -> Dict[str, List[str]]:
     """Why `auto` would or would not take each backend for this problem: name -> reasons
-    ([] = can run it); the measured times of the tuning table, when any, under "tuned"."""
+    ([] = can run it); the measured times of the tuning table that rank them, when any, under "tuned"
+    (what was timed under "tuned_on": the pre-projection, or for a training call one layer's training step)."""
     out = {n: get_backend(n).not_supported_reasons(problem) for n in BACKEND_NAMES}
-    times = backend_times(arch_key(problem.device_capability), problem.dim, problem.dtype)
+    times = _times(problem)
     if times:
         out["tuned"] = [f"{k}: {v:g}" for k, v in sorted(times.items(), key=lambda kv: kv[1])]
+        out["tuned_on"] = ["training step" if _training(problem) else "pre-projection"]
     return out
+
+
+def _training(problem: GMAProblem) -> bool:
+    return bool(problem.training or problem.needs_grad)
+
+
+def _times(problem: GMAProblem) -> Dict[str, float]:
+    """The tuning table's times that rank backends for this problem (`select_backend`)."""
+    return backend_times(arch_key(problem.device_capability), problem.dim, problem.dtype, training=_training(problem))
 
 
 __all__ = ["Backend", "GMAProblem", "BACKEND_NAMES", "get_backend", "available_backends", "explain",
