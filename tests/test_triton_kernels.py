@@ -680,7 +680,7 @@ def test_pair_mode_only_where_it_fits():
 
 #: (C, H, W, B, split_target): grids narrower and wider than a 16-column strip (W = 5, 9, 21, 35: the
 #: last strip ragged), fewer rows than the 7x7 window's reach (H = 2, 3), runs of rows that cross from
-#: one strip into the next (few programs) and one-row runs (many)
+#: one strip into the next (few programs) and the shortest runs (many programs wanted: KS rows)
 ROWS_CASES = [(80, 9, 21, 2, 24), (80, 3, 35, 1, 10**6), (160, 7, 9, 2, 1), (320, 2, 5, 1, 40), (320, 6, 18, 1, 7)]
 
 
@@ -695,6 +695,8 @@ def test_rows_walk(C, H, W, B, split_target):
     N = H * W
     plan = aggregation.job_plan(N, B, shape, "tf32x3", W)
     assert plan.tiles == -(-W // 16) * H
+    # runs of at least KS rows in the walking jobs (`_rows_splits`), as the tiles allow
+    assert all(tps >= min(plan.tiles, 2 * j + 1) for j, tps in enumerate(plan.tiles_per_split[1:4], 1)), plan
     with pytest.raises(ValueError, match="image width"):
         shape.num_tiles(N)
     _check_launch(case, shape)
@@ -721,7 +723,7 @@ def test_attention_rows_walk(monkeypatch, C, H, W, B, target):
     if target == 1:
         assert run_rows == H                    # whole strips
     if target == 10**6:
-        assert run_rows == 1                    # one row a program: every walk has its 2 R halo rows
+        assert run_rows == min(H, A.ATTN_ROWS_MIN_RUN)   # the shortest runs: every walk has its 2 R halo rows
     if target == 64:
-        assert 1 < run_rows < H                 # runs of several rows
+        assert A.ATTN_ROWS_MIN_RUN <= run_rows < H       # runs of several rows, not the whole strip
     _check_launch(case, shape)

@@ -833,7 +833,21 @@ def job_plan(N: int, B: int, shape, precision: str, W: Optional[int] = None) -> 
 def _job_plan(N: int, B: int, shape, precision: str, W: Optional[int] = None) -> JobPlan:
     T = shape.num_tiles(N, W)
     costs = tuple(max(1, round(16 * c)) for c in aggregate_job_costs(shape, precision))  # exact integers
-    return JobPlan(T, _balanced_splits(T, B, costs, shape.SPLIT_TARGET))
+    splits = _balanced_splits(T, B, costs, shape.SPLIT_TARGET)
+    if shape.AGG_ROWS:
+        splits = splits[:1] + tuple(_rows_splits(T, sp, 2 * j + 1) for j, sp in enumerate(splits[1:4], 1)) + splits[4:]
+    return JobPlan(T, splits)
+
+
+def _rows_splits(T: int, splits: int, ks: int) -> int:
+    """A row-walk job's split count with runs of at least `ks` rows (all T where fewer): a walk re-reads
+    the R = ks // 2 rows above and below its run, so a run of L rows loads ks (L + 2 R) input row
+    shifts for its L output rows (per output row 19 at L = 7 for a 7x7 window, against 49 taps per
+    output in the tile kernel; at L = 1, 49 as well). The cost model (`aggregate_job_costs`) has no
+    per-run term, so without this a small batch, which wants many programs, would get one-row runs."""
+    most = max(1, T // min(T, ks))
+    sp = min(splits, most)
+    return -(-T // -(-T // sp))
 
 
 def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, part_m, part_l, part_acc,

@@ -246,13 +246,17 @@ def attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots: DotVariant)
 #: down from whole strips until the grid has them (an estimate of a few waves of small programs on a
 #: 100-150 SM GPU; each program's run re-reads 2 R halo rows, so longer runs read less)
 ATTN_ROWS_TARGET = 2048
+#: ... but runs of at least this many rows (or H): a run of L rows loads KS (L + 2 R) V row shifts for its
+#: L output rows, per output row 17.5 at L = 4 for the 7x7 heads against 49 taps in the tile kernel
+ATTN_ROWS_MIN_RUN = 4
 
 
 def attention_rows_plan(H: int, W: int, B: int, shape):
     """(rows per program, programs per (head, image)) of the ROWS attention: strips of ATTN_BLOCK_P columns,
-    each cut into runs of equal rows, as few runs as give about ATTN_ROWS_TARGET programs in all."""
+    each cut into runs of equal rows, as few runs as give about ATTN_ROWS_TARGET programs in all, each run
+    at least ATTN_ROWS_MIN_RUN rows (or the whole strip)."""
     strips = cdiv(W, shape.ATTN_BLOCK_P)
-    runs = max(1, min(H, cdiv(ATTN_ROWS_TARGET, strips * 8 * B)))
+    runs = max(1, min(H // min(H, ATTN_ROWS_MIN_RUN), cdiv(ATTN_ROWS_TARGET, strips * 8 * B)))
     run_rows = cdiv(H, runs)
     return run_rows, strips * cdiv(H, run_rows)
 
