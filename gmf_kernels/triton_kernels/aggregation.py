@@ -405,9 +405,18 @@ def _rows_walk(qkv_b, dst_b, dw, pw_seg, a, b, M, L, A, ch0, strip, ya, yb, N, H
             m2 = pmask[:, None] & (co < S)[None, :]
             dst = dst_b + n[:, None] * CP + (ch0 + co)[None, :]
             w = tl.load(pw_seg + co[None, :] * S + co[:, None])           # [S, S]: pw[o, c] at (c, o)
-            za = mm(a0, w, z, DOT_PRECISION, EMULATE_DOTS)
+            # each dot in a region of its own (`if N > 0` / `if H > 0`, always true; two conditions, or
+            # MLIR's canonicalizer merges the two ifs into one region): Triton 3.6 gives dots that share an
+            # operand in one region the warp grid [num_warps, 1], which repeats a tile of fewer than
+            # 16 num_warps rows in several warps (`_segment_pair`)
+            za = z
+            if N > 0:
+                za = mm(a0, w, z, DOT_PRECISION, EMULATE_DOTS)
             if KV:
-                hv = hardswish(mm(b0, w, z, DOT_PRECISION, EMULATE_DOTS) * a + b)
+                zb = z
+                if H > 0:
+                    zb = mm(b0, w, z, DOT_PRECISION, EMULATE_DOTS)
+                hv = hardswish(zb * a + b)
                 tl.store(dst, stored(hv, dst_b, EMULATE_DOTS), mask=m2)
                 if N > 0:   # always true: the K^T V dot in a region of its own (`_segment_pair`)
                     M, L, A = _online_softmax_kv(hardswish(za * a + b), hv, pmask, M, L, A,
