@@ -141,11 +141,12 @@ AGG_WIDE_TILES: Tuple[Tuple[int, int, int], ...] = ((64, 4, 16), (64, 8, 16), (3
 #: (BLOCK_P, num_warps) of the row-walk candidates (`GMAShape.AGG_ROWS`, `aggregation._segment_rows`; with
 #: PAIR, where `config.pair_applies`) by the segment width s: a tile is one row of a BLOCK_P-column strip,
 #: and the k/v walk holds 2 KS = 14 accumulator tiles [BLOCK_P, s] at 7x7. Registers on sm_90 (Triton
-#: 3.6, ptxas; compiler figures, not timings; bf16 with DOTS16 / fp32): s = 16 (16, 4) 128 with 12 B
-#: spilled (refused there by the tuner) / 168, (32, 4) 162 / 195; s = 32 (16, 4) 212 / 197, (16, 8)
-#: 183 / 188; s = 64 (16, 8) 208 / 255. (32, 4) and (32, 8) spilled at s = 32, and (16, 4) and every
-#: 32-token tile at s = 64 (100 B - 5 KB).
-AGG_ROWS_TILES: Dict[int, Tuple[Tuple[int, int], ...]] = {16: ((16, 4), (32, 4)), 32: ((16, 4), (16, 8)), 64: ((16, 8),)}
+#: 3.6, ptxas; compiler figures, not timings; bf16 with DOTS16 / fp32): s = 16 (16, 2) 160 / 193,
+#: (32, 4) 162 / 195 (both 12 warps per SM; (16, 4) took 128 registers and spilled 12 B, (64, 8) 176,
+#: (32, 8) 179, one CTA); s = 32 (16, 4) 212 / 197, (16, 8) 183 / 188 ((16, 2) spilled 112 B); s = 64
+#: (16, 8) 208 / 255. (32, 4) and (32, 8) spilled at s = 32, and (16, 4) and every 32-token tile at
+#: s = 64 (100 B - 5 KB).
+AGG_ROWS_TILES: Dict[int, Tuple[Tuple[int, int], ...]] = {16: ((16, 2), (32, 4)), 32: ((16, 4), (16, 8)), 64: ((16, 8),)}
 
 #: (BLOCK_P, num_warps) of the attention's row-walk candidates (`GMAShape.ATTN_ROWS`,
 #: `attention._attention_rows`): a tile is one row of a BLOCK_P-column strip of one head, KS [BLOCK_P, D_PAD]
