@@ -404,21 +404,25 @@ class GpuMeasure:
                 out.append(rec)
         return out
 
+    def _per_backend(self, make_fn: Callable[[str], Callable[[], object]]) -> Dict[str, object]:
+        """make_fn(impl)'s call timed for each of BACKENDS (after one untimed call); a backend that cannot
+        run it is left out of the result (auto falls back) with why, under "_not_measured"."""
+        res: Dict[str, object] = {}
+        for impl in BACKENDS:
+            try:
+                fn = make_fn(impl)
+                fn()
+                torch.cuda.synchronize()
+                res[impl] = round(self._bench(fn), 3)
+            except Exception as ex:  # unsupported / not built: not in the table
+                res.setdefault("_not_measured", {})[impl] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200]}"
+        return res
+
     def backends(self, C: int, H: int, W: int, dtype: torch.dtype) -> Dict[str, object]:
         from ops import StageInputs
-        case = dict(C=C, H=H, W=W, B=self.batch, dtype=_short(dtype))
-        inputs = StageInputs(case, self.device)
-        res: Dict[str, object] = {}
+        inputs = StageInputs(dict(C=C, H=H, W=W, B=self.batch, dtype=_short(dtype)), self.device)
         with torch.inference_mode():
-            for impl in BACKENDS:
-                try:
-                    fn, _ = inputs.pre_projection_fn(impl)
-                    fn()
-                    torch.cuda.synchronize()
-                    res[impl] = round(self._bench(fn), 3)
-                except Exception as ex:  # unsupported / not built: not in the table (auto falls back)
-                    res.setdefault("_not_measured", {})[impl] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200]}"
-        return res
+            return self._per_backend(lambda impl: inputs.pre_projection_fn(impl)[0])
 
     def backends_train(self, C: int, H: int, W: int, dtype: torch.dtype) -> Dict[str, object]:
         """One layer's training step per backend: a `GroupMixAttention` (upstream's constructor: 8 heads,
@@ -431,23 +435,17 @@ class GpuMeasure:
         x = torch.randn(B, N, C, generator=g).to(self.device).requires_grad_(True)
         grad = torch.randn(B, N, C, generator=g).to(self.device, dtype)
         amp = dtype != torch.float32
-        res: Dict[str, object] = {}
-        for impl in BACKENDS:
-            try:
-                torch.manual_seed(0)
-                m = GroupMixAttention(C, num_heads=8, qkv_bias=True, backend=impl).to(self.device).train()
 
-                def fn(m=m):
-                    with torch.autocast("cuda", dtype=dtype, enabled=amp):
-                        out = m(x, (H, W))
-                    out.backward(grad.to(out.dtype))
+        def step_of(impl):
+            torch.manual_seed(0)
+            m = GroupMixAttention(C, num_heads=8, qkv_bias=True, backend=impl).to(self.device).train()
 
-                fn()
-                torch.cuda.synchronize()
-                res[impl] = round(self._bench(fn), 3)
-            except Exception as ex:  # unsupported / not built: not in the table (auto falls back)
-                res.setdefault("_not_measured", {})[impl] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200]}"
-        return res
+            def fn():
+                with torch.autocast("cuda", dtype=dtype, enabled=amp):
+                    out = m(x, (H, W))
+                out.backward(grad.to(out.dtype))
+            return fn
+        return self._per_backend(step_of)
 
 
 @contextlib.contextmanager

@@ -337,6 +337,15 @@ def depthwise_taps(src, ch, cmask, w_taps, tap_stride, n, y, x, pmask, H, W, str
 
 
 @triton.jit
+def _rows_fma(a, b, xa, xb, w, STREAMS: tl.constexpr):
+    """a += xa w (and b += xb w for a second stream): one filter row's share of a row walk's input row."""
+    a += xa * w
+    if STREAMS == 2:
+        b += xb * w
+    return a, b
+
+
+@triton.jit
 def rows_tap(a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, row_ptr, x, cmask, ch, w_col, tap_stride,
              stream_off, W, stride_n, kx, KS: tl.constexpr, STREAMS: tl.constexpr):
     """Column shift kx of one input row of a ROW WALK (the aggregation's `_segment_rows`, the attention's
@@ -350,39 +359,36 @@ def rows_tap(a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, row_ptr, x,
     m = ((col >= 0) & (col < W))[:, None] & cmask[None, :]
     p = row_ptr + col[:, None] * stride_n + ch[None, :]
     xa = tl.load(p, mask=m, other=0.0).to(tl.float32)
+    xb = xa
     if STREAMS == 2:
         xb = tl.load(p + stream_off, mask=m, other=0.0).to(tl.float32)
+    w_row = w_col + (2 * R) * KS * tap_stride                  # filter row 2 R: output row i - R (a0)
     step = KS * tap_stride
-    w = tl.load(w_col + (2 * R) * step, mask=cmask, other=0.0)[None, :]
-    a0 += xa * w
-    if STREAMS == 2:
-        b0 += xb * w
-    w = tl.load(w_col + (2 * R - 1) * step, mask=cmask, other=0.0)[None, :]
-    a1 += xa * w
-    if STREAMS == 2:
-        b1 += xb * w
-    w = tl.load(w_col + (2 * R - 2) * step, mask=cmask, other=0.0)[None, :]
-    a2 += xa * w
-    if STREAMS == 2:
-        b2 += xb * w
+    a0, b0 = _rows_fma(a0, b0, xa, xb, tl.load(w_row, mask=cmask, other=0.0)[None, :], STREAMS)
+    a1, b1 = _rows_fma(a1, b1, xa, xb, tl.load(w_row - step, mask=cmask, other=0.0)[None, :], STREAMS)
+    a2, b2 = _rows_fma(a2, b2, xa, xb, tl.load(w_row - 2 * step, mask=cmask, other=0.0)[None, :], STREAMS)
     if KS > 3:
-        w = tl.load(w_col + (2 * R - 3) * step, mask=cmask, other=0.0)[None, :]
-        a3 += xa * w
-        if STREAMS == 2:
-            b3 += xb * w
-        w = tl.load(w_col + (2 * R - 4) * step, mask=cmask, other=0.0)[None, :]
-        a4 += xa * w
-        if STREAMS == 2:
-            b4 += xb * w
+        a3, b3 = _rows_fma(a3, b3, xa, xb, tl.load(w_row - 3 * step, mask=cmask, other=0.0)[None, :], STREAMS)
+        a4, b4 = _rows_fma(a4, b4, xa, xb, tl.load(w_row - 4 * step, mask=cmask, other=0.0)[None, :], STREAMS)
     if KS > 5:
-        w = tl.load(w_col + (2 * R - 5) * step, mask=cmask, other=0.0)[None, :]
-        a5 += xa * w
-        if STREAMS == 2:
-            b5 += xb * w
-        w = tl.load(w_col + (2 * R - 6) * step, mask=cmask, other=0.0)[None, :]
-        a6 += xa * w
-        if STREAMS == 2:
-            b6 += xb * w
+        a5, b5 = _rows_fma(a5, b5, xa, xb, tl.load(w_row - 5 * step, mask=cmask, other=0.0)[None, :], STREAMS)
+        a6, b6 = _rows_fma(a6, b6, xa, xb, tl.load(w_row - 6 * step, mask=cmask, other=0.0)[None, :], STREAMS)
+    return a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6
+
+
+@triton.jit
+def rows_input(a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, i, H, src, x, cmask, ch, w_taps, tap_stride,
+               stream_off, W, stride_n, KS: tl.constexpr, STREAMS: tl.constexpr):
+    """Input row i of a row walk into its KS rolling accumulators: its KS column shifts (`rows_tap`), all
+    loads independent of the accumulators. Rows past the image (i >= H) are not read: the walk's last R
+    steps only complete rows. src: the image's element (token 0, channel 0) of the walked channels;
+    w_taps: each channel's tap (0, 0) of the tap-major filter (tap t at + t tap_stride)."""
+    if i < H:
+        row_ptr = src + (i * W).to(tl.int64) * stride_n
+        for kx in tl.static_range(KS):
+            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = rows_tap(
+                a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, row_ptr, x, cmask, ch,
+                w_taps + kx * tap_stride, tap_stride, stream_off, W, stride_n, kx, KS, STREAMS)
     return a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6
 
 

@@ -81,8 +81,8 @@ from typing import NamedTuple, Optional, Tuple
 import triton
 import triton.language as tl
 
-from ._common import (DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, mm, rows_shift, rows_tap,
-                      stored)
+from ._common import (DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, mm, rows_input,
+                      rows_shift, stored)
 from .config import cdiv, dtype_name, operand_precision, strip_width
 
 
@@ -377,7 +377,7 @@ def _rows_walk(qkv_b, dst_b, dw, pw_seg, a, b, M, L, A, ch0, strip, ya, yb, N, H
     the online softmax (M, L, A)).
 
     The input rows max(0, ya - R) .. yb + R - 1 are read once each, in order: row i's KS column
-    shifts (KS loads per stream, `_common.rows_tap`) go into the KS output rows i - R .. i + R it reaches,
+    shifts (KS loads per stream, `_common.rows_input`) go into the KS output rows i - R .. i + R it reaches,
     held as KS rolling [BLOCK_P, S] fp32 accumulators; after row i, output row i - R is complete and,
     if in [ya, yb), takes the epilogue (pointwise dot, BatchNorm affine, hardswish, store, softmax).
     Rows past H are not read (the last R steps only complete and emit)."""
@@ -393,12 +393,9 @@ def _rows_walk(qkv_b, dst_b, dw, pw_seg, a, b, M, L, A, ch0, strip, ya, yb, N, H
         src = src + C                                          # k; v at + C from there
     i = tl.maximum(ya - R, 0)
     while i < yb + R:
-        if i < H:
-            row_ptr = src + (i * W).to(tl.int64) * stride_n
-            for kx in tl.static_range(KS):
-                a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = rows_tap(
-                    a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, row_ptr, x, co < S, co, dw + kx * S + co, S,
-                    C, W, stride_n, kx, KS, 1 + KV)
+        a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6 = rows_input(
+            a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, i, H, src, x, co < S, co, dw + co, S, C, W,
+            stride_n, KS, 1 + KV)
         o = i - R
         if o >= ya:
             n = o * W + x

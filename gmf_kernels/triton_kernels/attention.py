@@ -29,7 +29,7 @@ from typing import Optional
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm, rows_shift, rows_tap, stored
+from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm, rows_input, rows_shift, stored
 from .config import cdiv, dtype_name, operand_precision
 
 
@@ -124,7 +124,7 @@ def _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
                     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
     """ROWS (`GMAShape.ATTN_ROWS`): rows [ya, yb) of one BLOCK_P-column strip of one head, walked down the
     strip as the aggregation's `_segment_rows`: each V row in reach read once (its KS column shifts,
-    `_common.rows_tap`) into KS rolling CRPE accumulators; after input row i, output row i - R is
+    `_common.rows_input`) into KS rolling CRPE accumulators; after input row i, output row i - R is
     complete and takes Q KV (the head's KV loaded once per program, not per tile) and Q (CRPE + bias).
     Against the tile kernel's KS x KS tap loads per output, KS per input row plus the run's 2 R halo rows."""
     R = KS // 2
@@ -142,12 +142,8 @@ def _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
     a0, a1, a2, a3, a4, a5, a6 = z, z, z, z, z, z, z
     i = tl.maximum(ya - R, 0)
     while i < yb + R:
-        if i < H:
-            row_ptr = v_b + (i * W).to(tl.int64) * CP
-            for kx in tl.static_range(KS):
-                a0, a1, a2, a3, a4, a5, a6, _, _, _, _, _, _, _ = rows_tap(
-                    a0, a1, a2, a3, a4, a5, a6, z, z, z, z, z, z, z, row_ptr, x, kmask, ch, w0 + kx * tap_stride,
-                    tap_stride, 0, W, CP, kx, KS, 1)
+        a0, a1, a2, a3, a4, a5, a6, _, _, _, _, _, _, _ = rows_input(
+            a0, a1, a2, a3, a4, a5, a6, z, z, z, z, z, z, z, i, H, v_b, x, kmask, ch, w0, tap_stride, 0, W, CP, KS, 1)
         o = i - R
         if o >= ya:
             n = o * W + x

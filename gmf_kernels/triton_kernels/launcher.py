@@ -141,11 +141,13 @@ AGG_WIDE_TILES: Tuple[Tuple[int, int, int], ...] = ((64, 4, 16), (64, 8, 16), (3
 #: (BLOCK_P, num_warps) of the row-walk candidates (`GMAShape.AGG_ROWS`, `aggregation._segment_rows`; with
 #: PAIR, where `config.pair_applies`) by the segment width s: a tile is one row of a BLOCK_P-column strip,
 #: and the k/v walk holds 2 KS = 14 accumulator tiles [BLOCK_P, s] at 7x7. Registers on sm_90 (Triton
-#: 3.6, ptxas; compiler figures, not timings; bf16 with DOTS16 / fp32): s = 16 (16, 2) 160 / 193,
-#: (32, 4) 162 / 195 (both 12 warps per SM; (16, 4) took 128 registers and spilled 12 B, (64, 8) 176,
-#: (32, 8) 179, one CTA); s = 32 (16, 4) 212 / 197, (16, 8) 183 / 188 ((16, 2) spilled 112 B); s = 64
-#: (16, 8) 208 / 255. (32, 4) and (32, 8) spilled at s = 32, and (16, 4) and every 32-token tile at
-#: s = 64 (100 B - 5 KB).
+#: 3.6, ptxas; compiler figures, not timings; bf16 with DOTS16 / fp32): s = 16 (16, 2) 158 / 190,
+#: (32, 4) 154 / 196 (12 warps per SM; (16, 4) took 128 registers and spilled 12 B, (64, 8) 176,
+#: (32, 8) 179, one CTA); s = 32 (16, 4) 192 / 188, (16, 8) 128 with 4 B spilled / 184 ((16, 2)
+#: spilled 112 B); s = 64 (16, 8) 210 / 255. (32, 4) and (32, 8) spilled at s = 32, and (16, 4) and
+#: every 32-token tile at s = 64 (100 B - 5 KB). At 8 warps ptxas itself may hold a kernel to 128
+#: registers and spill (s = 32 bf16: with ``.maxnreg 192`` the same code takes 192, no spill; Triton's
+#: ``maxnreg`` is not a knob of these spaces yet); the tuner refuses a candidate that spills.
 AGG_ROWS_TILES: Dict[int, Tuple[Tuple[int, int], ...]] = {16: ((16, 2), (32, 4)), 32: ((16, 4), (16, 8)), 64: ((16, 8),)}
 
 #: (BLOCK_P, num_warps) of the attention's row-walk candidates (`GMAShape.ATTN_ROWS`,
