@@ -20,7 +20,9 @@ with the head's CRPE window (3x3 for heads 0-1, 5x5 for heads 2-4, 7x7 for heads
 pre-projection buffer. Q is read once, V through the stencil halo (cache), KV once. The window
 is a runtime value (one instance for the three), or with UNROLL (`GMAShape.ATTN_UNROLL`, a
 tuning candidate of "triton.attention") a constexpr per head group with each tap row unrolled,
-as the aggregation's UNROLL.
+as the aggregation's UNROLL. With ROWS (`GMAShape.ATTN_ROWS`, a candidate too) the grid is
+``(strips x runs, 8, B)``: program t walks a run of rows of one BLOCK_P-column strip
+(`attention_rows_plan`, `_attention_rows`).
 """
 from __future__ import annotations
 
@@ -126,7 +128,10 @@ def _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
     strip as the aggregation's `_segment_rows`: each V row in reach read once (its KS column shifts,
     `_common.rows_input`) into KS rolling CRPE accumulators; after input row i, output row i - R is
     complete and takes Q KV (the head's KV loaded once per program, not per tile) and Q (CRPE + bias).
-    Against the tile kernel's KS x KS tap loads per output, KS per input row plus the run's 2 R halo rows."""
+    Against the tile kernel's KS x KS tap loads per output, KS per input row plus the run's 2 R halo rows.
+    Bound aimed at: HBM, reading q and v once (v's halo rows again per run, from L2) and writing the
+    head's channels of pre once, with the stencil's L1 loads and FMAs no longer waited for tap by tap
+    (compiler figures, docs/performance.md; not measured)."""
     R = KS // 2
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
