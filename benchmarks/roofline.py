@@ -65,7 +65,8 @@ STAGE_GRIDS = (56, 28, 14, 7)
 DTYPES = ("fp32", "fp16", "bf16")
 KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
 #: the training kernels with a cost model, per backend (the CUDA backend's backward is Triton's)
-TRAIN_KERNELS = {"triton": ("gma_statistics_kernel", "gma_recompute_z_kernel", "gma_recompute_attention_kernel",
+TRAIN_KERNELS = {"triton": ("gma_statistics_kernel", "gma_proxy_v_kernel", "gma_recompute_z_kernel",
+                            "gma_recompute_attention_kernel",
                             "gma_recompute_local_kernel", "gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe_kernel",
                             "gma_dz_kernel", "gma_pw_backward_kernel",
                             "gma_dw_backward_kernel", "gma_dw_wgrad_kernel", "gma_local_backward_kernel")}

@@ -151,8 +151,10 @@ def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
             "specialisation. Dots: the backward's (`statistics.backward_dots`, the forward's for the input dtype): "
             "fp32 FMA (`ieee`) on sm_70/75, 3xTF32 (fp32 inputs) / one-pass TF32 (fp16, bf16) on sm_80+."
             ) if kind == "backward" else (
-        "Specialisations: every one that the training forward's statistics pass (all released widths) and the "
-        "backward's three recompute kernels (Z, P, u, y; the softmax statistics, KV and the CRPE; the local "
+        "Specialisations: every one that the training forward's statistics pass (all released widths; keeping Z "
+        "and y for the backward, `store`, where the layer runs the backward kernels) and the backward's recompute "
+        "kernels (V from the kept Z, proxy_v; Z, P, y, recompute_z, for eval with gradients; the softmax "
+        "statistics, KV and the CRPE; the local "
         "branch: recompute.py; the layers that run the backward kernels: C <= 320 on sm_70/75, all on sm_80+) of "
         "the released models' "
         "layers at 224x224 (stage grids 56, 28, 14, 7; batch 128 and 1; fp32, fp16 and bf16 inputs) make "

@@ -21,11 +21,11 @@ What it measures (`gmf_kernels.tuning`, the table format is in its docstring):
   the statistics pass, the recompute, B1, B2, the CRPE backward and the aggregation backward),
   each candidate written as the only entry of a temporary table so that the library's own
   lookup (`tile_spaces.tuned_tiles`) runs it, all other families at their defaults. Timed on
-  the op the family runs in: the statistics pass (``gmf::triton_z_moments``) for
-  "triton.statistics", the whole backward of one layer (``gmf::triton_pre_projection_backward``,
+  the op the family runs in: the statistics pass as a training step with a backward runs it, keeping
+  Z and y (``gmf::triton_z_moments_planes``), for "triton.statistics", the whole backward of one layer (``gmf::triton_pre_projection_backward``,
   batch statistics) for the others, so an entry's time is that op's, not one kernel's. A
   candidate is refused when a variant of the family's kernels first compiled for it spills (read
-  from Triton's cache of compiled kernels), or when its results (the moments; the qkv and every
+  from Triton's cache of compiled kernels), or when its results (the moments and planes; the qkv and every
   weight gradient) differ from the default config's beyond rounding.
 * ``backends``: then, with the new kernel entries in effect, the pre-projection time (qkv ->
   pre, benchmarks/ops.py's StageInputs) of each backend (cuda, triton, torch) per (C, dtype),
@@ -367,8 +367,8 @@ class GpuMeasure:
         ref, out = None, []
         with tuning_dir() as tmp:
             if family == "triton.statistics":   # its candidates compile (and are spill-checked) below
-                def fn():
-                    return [torch.ops.gmf.triton_z_moments(qkv, H, W, *dw)]
+                def fn():   # as a training step with a backward runs it: keeping Z and y (STORE)
+                    return list(torch.ops.gmf.triton_z_moments_planes(qkv, H, W, *dw))
             else:
                 # batch statistics for the backward, with the default tiles (an empty table here: not
                 # whatever table the machine has)

@@ -12,8 +12,9 @@ happens before the Function is the same for both and lives here:
    BatchNorm: segment 0 itself, 1..3 pointwise(depthwise)) and its per-channel mean and
    biased variance over the 3B images x H x W, float32 for float16/bfloat16 inputs
    (``prepare(statistics_fn=...)``: the Triton backend's kernel,
-   `triton_kernels/statistics.py`, which reads qkv once and never writes Z, for the CUDA
-   backend too where Triton runs; otherwise `backward.statistics`, PyTorch ops materialising Z). The running statistics are
+   `triton_kernels/statistics.py`, which reads qkv once, for the CUDA backend too where Triton runs,
+   and which also stores Z and y for the backward when one follows on the Triton stages,
+   ``prepare(planes_fn=...)``; otherwise `backward.statistics`, PyTorch ops materialising Z). The running statistics are
    updated as nn.BatchNorm2d does (`folding.update_running_stats`: momentum, or the
    cumulative average when momentum is None; unbiased variance; num_batches_tracked),
    BatchNorms without running statistics skipped.
@@ -29,12 +30,15 @@ happens before the Function is the same for both and lives here:
    recomputes what the forward did not save and, in training mode, adds the batch-statistics
    terms (the mean and variance depend on qkv, the depthwise and the pointwise weights) to dZ.
 
-Saved for the backward per image: qkv (3C values per token, in qkv's dtype) and the folded
-weights; everything else is recomputed. Activation memory of the whole layer, measured with
-autograd's saved-tensor hooks (tests/test_triton_training.py, per image, in N*C values of the
-input's dtype): Triton 5.0 (x for the qkv linear, qkv, the pre-projection tokens for `proj`)
-against 18.3 for upstream's eager structure (the reference backend) and 23.5 for the torch
-backend (C = 80, 160, 320 at 14x14 / 28x28, float32): 3.7x less than eager.
+Saved for the backward per image: qkv (3C values per token, in qkv's dtype), the folded
+weights and, in training mode where the backward runs the Triton stages, the planes the statistics
+pass kept (Z and the depthwise outputs y, 4.2 C values per token in the stage dtype: computing them
+once instead of again in the backward, statistics.py, "Planes kept for the backward"); everything
+else is recomputed. Activation memory of the whole layer, measured with autograd's saved-tensor hooks
+(tests/test_triton_training.py, per image, in N*C values of the input's dtype): Triton 9.2 (x for the
+qkv linear, qkv, the pre-projection tokens for `proj`, the planes; 5.0 without the planes, as before
+2026-12-05) against 18.3 for upstream's eager structure (the reference backend) and 23.5 for the
+torch backend (C = 80, 160, 320 at 14x14 / 28x28, float32): 2x less than eager.
 
 SyncBatchNorm (``hp.bn_process_group``, upstream's semantics): the statistics pass all-reduces
 (sum, sum of squares, count) once (`distributed.sync_batch_stats`; the kernel's (count, mean,
@@ -45,8 +49,9 @@ parameter gradients).
 
 The Function's inputs, in order: qkv, mean and rstd (4, s) of the batch statistics (None: eval,
 running statistics already in bn_scale/bn_shift), count (values per channel over every rank: a
-tensor with a process group, else None = 3B*H*W), H, W, scale, ln_eps, the process group (or
-None), then the 14 folded weights (`folding.WEIGHT_NAMES` order).
+tensor with a process group, else None = 3B*H*W), the kept planes Z (3B, 4s, H, W) and y_all (3, 3B,
+s, H, W) (None when not kept), H, W, scale, ln_eps, the process group (or None), then the 14 folded
+weights (`folding.WEIGHT_NAMES` order).
 """
 from __future__ import annotations
 
@@ -61,8 +66,9 @@ from .weights import GMAHyper, GMAWeights
 
 Tensor = torch.Tensor
 #: how many non-weight inputs the Functions take before the folded weights (see the module docstring)
-NUM_LEADING_INPUTS = 9
-#: a statistics pass: (qkv, H, W, pre-BatchNorm folded weights, group) -> (mean, var, count)
+NUM_LEADING_INPUTS = 11
+#: a statistics pass: (qkv, H, W, pre-BatchNorm folded weights, group) -> (mean, var, count); one that keeps
+#: the planes (`prepare`'s planes_fn) returns (mean, var, count, (Z, y_all) or None)
 StatisticsFn = Callable[[Tensor, int, int, FoldedGMAWeights, object], tuple]
 
 
@@ -90,10 +96,12 @@ def spans_beyond_numel(t: Tensor) -> bool:
 
 
 def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, training: bool,
-            statistics_fn: StatisticsFn = statistics) -> tuple:
+            statistics_fn: StatisticsFn = statistics, planes_fn: Optional[StatisticsFn] = None) -> tuple:
     """Steps 1 and 2 of the module docstring: the arguments of a fused backend's Function.
     statistics_fn: the statistics pass, with `backward.statistics`' signature and contract (the
-    Triton backend passes its kernel, `triton_kernels.statistics.statistics`)."""
+    Triton backend passes its kernel, `triton_kernels.statistics.statistics`). planes_fn: a pass that
+    also keeps Z and the depthwise outputs for the backward (`triton_kernels.statistics.statistics_planes`),
+    run instead when a backward will follow (`backward_follows`)."""
     H, W = int(size[0]), int(size[1])
     if spans_beyond_numel(qkv):
         # a view into a wider buffer (a slice of a fused projection's output): the training kernels
@@ -103,8 +111,10 @@ def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, tra
     mean: Optional[Tensor] = None
     rstd: Optional[Tensor] = None
     count: Optional[Tensor] = None
+    planes = None
     group = hp.bn_process_group if training else None
     if training:
+        keep_planes = planes_fn is not None and backward_follows(qkv, w)     # (before no_grad below)
         filters = fold_filters(w, cd)     # once: the statistics pass reads them, the folded weights hold them
         with torch.no_grad(), torch.autocast(qkv.device.type, enabled=False):
             # the statistics need only the depthwise/pointwise weights: the filters without the BatchNorms.
@@ -114,7 +124,10 @@ def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, tra
             # terms (tests/test_export.py::test_jit_trace_training_layer_fused)
             zero = qkv.new_zeros(1, dtype=cd)
             pre_bn = FoldedGMAWeights(bn_scale=zero, bn_shift=zero, **filters)
-            mean, var, n = statistics_fn(qkv.detach(), H, W, pre_bn, group)
+            if keep_planes:
+                mean, var, n, planes = planes_fn(qkv.detach(), H, W, pre_bn, group)
+            else:
+                mean, var, n = statistics_fn(qkv.detach(), H, W, pre_bn, group)
             update_running_stats(w, hp, mean, var, n)
             rstd = torch.rsqrt(var + hp.bn_eps)
             if group is not None:
@@ -122,25 +135,37 @@ def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, tra
         folded = fold_batch_stats(w, mean, var, hp, cd, filters)
     else:
         folded = fold_running_stats(w, hp, cd)
-    return (qkv, mean, rstd, count, H, W, float(hp.scale), float(hp.ln_eps), group, *folded)
+    z, y_all = planes if planes is not None else (None, None)
+    return (qkv, mean, rstd, count, z, y_all, H, W, float(hp.scale), float(hp.ln_eps), group, *folded)
 
 
-def save(ctx, qkv, mean, rstd, count, H, W, scale, ln_eps, group, weights) -> None:
+def backward_follows(qkv: Tensor, w: GMAWeights) -> bool:
+    """Will autograd record this call (grad mode on, and qkv or a parameter needing a gradient), so that
+    planes kept by the statistics pass would be read by a backward? (Training mode under no_grad, e.g.
+    re-estimating BatchNorm statistics, keeps none; nor does a torch.jit.trace, whose graph is forward-only
+    and whose check re-runs the call without gradients: tests/test_export.py.)"""
+    if not torch.is_grad_enabled() or torch.jit.is_tracing():
+        return False
+    leaves = [qkv] + [t for f in w for t in (f if isinstance(f, (tuple, list)) else (f,))]
+    return any(isinstance(t, Tensor) and t.requires_grad for t in leaves)
+
+
+def save(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, weights) -> None:
     """What every fused Function's forward keeps for `backward`."""
-    ctx.save_for_backward(qkv, mean, rstd, count, *weights)
+    ctx.save_for_backward(qkv, mean, rstd, count, z, y_all, *weights)
     ctx.meta = (H, W, scale, ln_eps, group)
 
 
 def backward(ctx, grad_pre, stages: Stages = TORCH_STAGES) -> tuple:
     """The gradients of a fused Function's inputs (None for the non-tensor and statistics inputs);
     `stages`: the implementation of each backward stage (default: PyTorch ops)."""
-    qkv, mean, rstd, count, *weights = ctx.saved_tensors
+    qkv, mean, rstd, count, z, y_all, *weights = ctx.saved_tensors
     H, W, scale, ln_eps, group = ctx.meta
     reduce_sums = None if group is None else (lambda t: all_reduce_sum(t, group))
     with torch.autocast(qkv.device.type, enabled=False):
         d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
                                                mean, rstd, None if count is None else count.to(mean.dtype),
-                                               reduce_sums, stages)
+                                               reduce_sums, stages, None if z is None else (z, y_all))
     return (d_qkv,) + (None,) * (NUM_LEADING_INPUTS - 1) + tuple(grads)
 
 

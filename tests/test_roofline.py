@@ -267,8 +267,10 @@ def test_aggregation_backward_costs_by_hand(C, H, dtype, e):
 
 @pytest.mark.parametrize("dtype,e", [("fp32", 4), ("bf16", 2)])
 def test_statistics_and_recompute_costs_by_hand(dtype, e):
-    """The statistics pass (fp32's dots whatever the layer dtype) and the backward's recompute
-    (the layer dtype's) of one training call, by hand; grids from the launchers' plans."""
+    """The statistics pass (fp32's dots whatever the layer dtype; keeping Z and y for the backward, as a
+    training step with a backward runs it), the backward's V from the kept Z, and the recompute
+    (the layer dtype's dots; eval with gradients) of one training call, by hand; grids from the
+    launchers' plans."""
     B, H, W, C = 2, 14, 14, 160
     s, N, cp, d = 32, 196, 128, 16
     T = B * N
@@ -277,8 +279,10 @@ def test_statistics_and_recompute_costs_by_hand(dtype, e):
     st = r["gma_statistics_kernel"]
     R = st.grid[0]
     assert st.grid == (R, 3 * B) and st.tc_precision == "tf32x3"
-    assert st.bytes == 12 * T * s * e + 3 * B * R * s * (8 + 4) + proxy_w
+    assert st.bytes == 12 * T * s * e + 3 * B * R * s * (8 + 4) + 3 * T * (4 * s * e + 3 * s * e) + proxy_w  # Z, y
     assert (st.tc_flops, st.cuda_flops) == (18 * T * s * s, 2 * 3 * T * 83 * s)
+    pv = r["gma_proxy_v_kernel"]
+    assert pv.bytes == 2 * T * 4 * s * e + 2 * 4 * s * 4 and pv.tc_flops == pv.cuda_flops == 0
     rz = r["gma_recompute_z_kernel"]
     assert rz.tc_precision == ("tf32x3" if dtype == "fp32" else "tf32")
     assert rz.bytes == 12 * T * s * e + 3 * T * (4 * s * e + 3 * s * e) + T * 4 * s * e + proxy_w + 2 * 4 * s * 4  # Z, y; P of v

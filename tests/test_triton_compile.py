@@ -294,7 +294,7 @@ def test_real_launches_find_the_warm_cache(tmp_path):
         pytest.skip("Triton's NVIDIA backend is not available")
     r = _script_json(tmp_path, "real_launch", _REAL_LAUNCH_SCRIPT)
     assert {"gma_aggregate_kernel", "gma_attention_kernel", "gma_combine_kernel", "gma_statistics_kernel",
-            "gma_recompute_z_kernel", "gma_b1_dkv_kernel", "gma_b2_attention_kernel",
+            "gma_proxy_v_kernel", "gma_b1_dkv_kernel", "gma_b2_attention_kernel",
             "gma_dz_kernel"} <= set(r["launched"]), r["launched"]
     assert not r["missing"], f"launched kernels the warm-up does not compile: {r['missing']}"
 
@@ -387,8 +387,9 @@ def test_triton_op_traces_into_kernels(mode):
     """torch.compile(fullgraph=True) of BACKEND.forward with the real (JIT) kernels: the
     gmf::triton_pre_projection triton_op decomposes into the three kernel launches that
     Inductor sees (traced on CPU fake tensors; nothing runs, there is no GPU here); in
-    training (batch statistics, gradients) one forward graph holds the statistics op
-    (gmf::triton_z_moments, opaque) and the same three kernels inside the autograd Function."""
+    training (batch statistics, gradients) one forward graph holds the statistics op that keeps Z and y
+    for the backward (gmf::triton_z_moments_planes, opaque) and the same three kernels inside the
+    autograd Function."""
     proc = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT, mode], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -398,7 +399,7 @@ def test_triton_op_traces_into_kernels(mode):
         pytest.skip(f"torch {__import__('torch').__version__} has no torch.library.triton_op")
     assert res["graphs"] == 1, res
     assert res["kernels"] == ["gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel"], res
-    assert res["ops"] == (["gmf.triton_z_moments.default"] if mode == "train" else []), res
+    assert res["ops"] == (["gmf.triton_z_moments_planes.default"] if mode == "train" else []), res
     assert "traced only" in res["error"], res
 
 

@@ -392,6 +392,77 @@ def test_recompute_refuses_unfolded_batchnorms():
         st.recompute_planes(torch.randn(1, 15, 120), 3, 5, pre_bn_weights(40, F32))
 
 
+# ------------------------------------------------------------------ planes kept by the statistics pass
+def check_kept_planes(qkv, H, W, C):
+    """`statistics.statistics_planes` (the statistics pass with STORE): the same moments as the plain pass
+    (bit for bit: the stores change no arithmetic), and Z and y as the recompute kernel's check takes
+    them, against float64 under the low-precision rule at the statistics pass's own dots (fp32's,
+    `statistics_dots`); then V from the kept Z (`recompute.plan_proxy_v`, the backward's first launch with
+    planes) against float64."""
+    from gmf_kernels.triton_kernels import recompute as rcp
+    s, B = C // 5, qkv.shape[0]
+    sd = config.stage_dtype(qkv.dtype)
+    w32, w64 = pre_bn_weights(C, F32), pre_bn_weights(C, torch.float64)
+    mean, var, n, (Z, y_all) = st.statistics_planes(dev(qkv), H, W, dev(w32))
+    m0, v0, n0 = st.statistics(dev(qkv), H, W, dev(w32))
+    assert n == n0
+    torch.testing.assert_close(mean, m0, rtol=0, atol=0)
+    torch.testing.assert_close(var, v0, rtol=0, atol=0)
+    Z, y = Z.cpu(), [t.cpu() for t in y_all.unbind(0)]
+    with tf32_products() if st.statistics_dots(dev(qkv)).precision == "tf32" else contextlib.nullcontext():
+        Z32, _, y32 = proxy_z(segment_streams(qkv, H, W, F32), w32)
+    Z64, _, y64 = proxy_z(segment_streams(qkv.double(), H, W, torch.float64), w64)
+    assert Z.dtype == sd and Z.shape == Z32.shape and Z.is_contiguous()
+    assert y_all.shape == (3, 3 * B, s, H, W) and y_all.dtype == sd and y_all.is_contiguous()
+    Z32, y32 = Z32.to(sd), [t.to(sd) for t in y32]
+    torch.testing.assert_close(Z[:, :s], Z32[:, :s], rtol=0, atol=0)
+    for j in (1, 2, 3):
+        seg = slice(j * s, (j + 1) * s)
+        assert_within_reference_error(Z[:, seg], Z32[:, seg], Z64[:, seg], floor=RECOMPUTE_FLOOR, name=f"Z segment {j}")
+        assert_within_reference_error(y[j - 1], y32[j - 1], y64[j - 1], floor=RECOMPUTE_FLOOR, name=f"y_{j}")
+    # V from the kept Z: hardswish of the v images' BatchNorm affine, one rounding to the stage dtype
+    f32, f64 = random_folded_weights(C, F32), random_folded_weights(C, torch.float64)
+    PV, (kernel, grid, args, kwargs) = rcp.plan_proxy_v(dev(Z), dev(f32))
+    kernel[grid](*args, **kwargs)
+    aff = lambda z, w: torch.nn.functional.hardswish(z[2 * B:] * w.bn_scale.reshape(-1)[:, None, None]
+                                                     + w.bn_shift.reshape(-1)[:, None, None])
+    P32, P64 = aff(Z.float(), f32).to(sd), aff(Z.double(), f64)
+    assert PV.dtype == sd and PV.shape == (B, 4 * s, H, W)
+    assert_within_reference_error(PV.cpu(), P32, P64, floor=RECOMPUTE_FLOOR, name="PV")
+
+
+# every width class (s = 8: C = 40; a PAIR width, C = 80; s = 40: C = 200), fp32 / fp16 / bf16, batch 1 and 2
+KEPT_CASES = [(40, (3, 7), 2, F32), (80, (5, 6), 1, BF16), (200, (3, 11), 2, F16)]
+
+
+@pytest.mark.parametrize("C, grid, B, dtype", KEPT_CASES,
+                         ids=[f"C{c}-{g[0]}x{g[1]}-B{b}-{str(d)[6:]}" for c, g, b, d in KEPT_CASES])
+def test_kept_planes_match_float64(C, grid, B, dtype):
+    H, W = grid
+    check_kept_planes(torch.randn(B, H * W, 3 * C).to(dtype), H, W, C)
+
+
+def test_training_step_keeps_planes_only_when_a_backward_follows(monkeypatch):
+    """`training.prepare` runs the planes pass when autograd records the call (and the backward reads the
+    kept Z instead of running the recompute kernel), the plain pass under no_grad (nothing kept)."""
+    import gmf_kernels
+    from gmf_kernels.triton_kernels import recompute as rcp
+    C, H, W = 40, 3, 5
+    m = gmf_kernels.GroupMixAttention(C, num_heads=8, qkv_bias=True, backend="triton").train()
+    x = dev(torch.randn(2, H * W, C, requires_grad=True))
+    m = m.to(x.device)
+    store = record_calls(monkeypatch, st, "z_moments", record=lambda *a, **k: k.get("store", False))
+    recomputed = record_calls(monkeypatch, rcp, "recompute_planes")
+    with torch.no_grad():
+        m(x, (H, W))
+    assert store == [False] and not recomputed
+    m(x, (H, W)).sum().backward()
+    assert store == [False, True] and not recomputed, (store, recomputed)
+    m.eval()
+    m(x, (H, W)).sum().backward()          # eval with gradients: no statistics pass, Z recomputed
+    assert store == [False, True] and len(recomputed) == 1
+
+
 # ------------------------------------------------------------------ ahead-of-time compile (no GPU)
 _AOT_SCRIPT = r"""
 import json, sys, torch

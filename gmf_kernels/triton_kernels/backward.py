@@ -277,6 +277,9 @@ class Stages(NamedTuple):
     b3: Callable           # (G, rc, wts, mean, rstd, sum_g, sum_gzh, count) -> (du, g_dw, g_pw)
     local_backward: Callable
     recompute: Callable = recompute     # (qkv, H, W, wts, ln_eps) -> the dict the stages read
+    #: ``recompute`` takes a keyword ``planes`` (Z, y_all) the training forward's statistics pass kept
+    #: (`training.prepare`), and rebuilds only the rest
+    takes_planes: bool = False
     into_d_qkv: bool = False
     grad_pre_as_is: bool = False
     b2_fused_bn: bool = False
@@ -298,8 +301,8 @@ TORCH_STAGES = Stages(b1_dkv=_b1_torch, b2_proxy_grads=b2_proxy_grads,
 # ---------------------------------------------------------------- all stages
 def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, scale: float,
                             ln_eps: float, mean: Optional[Tensor] = None, rstd: Optional[Tensor] = None,
-                            count=None, reduce_sums=None, stages: Stages = TORCH_STAGES
-                            ) -> Tuple[Tensor, FoldedGMAWeights]:
+                            count=None, reduce_sums=None, stages: Stages = TORCH_STAGES,
+                            planes: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, FoldedGMAWeights]:
     """Gradients of qkv (qkv.dtype) and of every folded weight (their dtype) given grad_pre (B, N, C).
 
     mean, rstd (4, s): the batch statistics the forward normalised with (training mode), or None
@@ -307,13 +310,18 @@ def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: 
     number of values per channel behind them (default 3B*H*W). reduce_sums: optional callable
     applied to the concatenated [sum(G), sum(G*Zhat)] before B3 (SyncBatchNorm's all-reduce);
     the returned bn_scale / bn_shift gradients stay this process's own. stages: the
-    implementation of each stage (default: the PyTorch functions of this file)."""
+    implementation of each stage (default: the PyTorch functions of this file). planes: (Z, y_all) as
+    the statistics pass kept them (`training.prepare`), handed to a stage set whose recompute takes
+    them (`Stages.takes_planes`); others recompute them."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     s = C // 5
     cp, d = 4 * s, s // 2
     dt = wts.pw.dtype
-    rc = stages.recompute(qkv, H, W, wts, ln_eps)
+    if planes is not None and stages.takes_planes:
+        rc = stages.recompute(qkv, H, W, wts, ln_eps, planes=planes)
+    else:
+        rc = stages.recompute(qkv, H, W, wts, ln_eps)
     g = grad_pre if stages.grad_pre_as_is else grad_pre.to(dt)
     dA = g[..., :cp].transpose(1, 2).reshape(B, 8, d, N)
     dL = g[..., cp:].transpose(1, 2).reshape(B, s, H, W)

@@ -51,8 +51,8 @@ BACKWARD_KERNELS = ("gma_b1_dkv_kernel", "gma_b2_attention_kernel", "gma_b2_crpe
 #: four and the CRPE's three windows), its grid the first launch's (detail: "launches", "programs_all")
 #: the training statistics pass (statistics.py, fp32's dots) and the backward's recompute (statistics.py,
 #: recompute.py; the layer dtype's dots) of one training call
-RECOMPUTE_KERNELS = ("gma_statistics_kernel", "gma_recompute_z_kernel", "gma_recompute_attention_kernel",
-                     "gma_recompute_local_kernel")
+RECOMPUTE_KERNELS = ("gma_statistics_kernel", "gma_proxy_v_kernel", "gma_recompute_z_kernel",
+                     "gma_recompute_attention_kernel", "gma_recompute_local_kernel")
 AGG_BACKWARD_KERNELS = ("gma_dz_kernel", "gma_pw_backward_kernel", "gma_dw_backward_kernel",
                         "gma_dw_wgrad_kernel", "gma_local_backward_kernel")
 ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -443,10 +443,13 @@ def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[i
     docstrings of statistics.py and recompute.py derive them):
 
       statistics          reads q, k, v's segments 0..3 (12 s e); writes per-program moments
-                          (3B R s x 12 B); cuda 2 x 3 x 83 s (the stencils), tc 2 x 9 s^2 with fp32's
-                          dots (3xTF32 on sm_80+); the moments' element-wise work not counted
-      recompute_z         the same reads and FLOPs with the layer dtype's dots; writes Z (3 x 4s x e),
-                          P of the v images (4s x e) and y (3 x 3s x e)
+                          (3B R s x 12 B) and, as a training step with a backward runs it (STORE), the
+                          planes Z (3 x 4s x e) and y (3 x 3s x e); cuda 2 x 3 x 83 s (the stencils), tc
+                          2 x 9 s^2 with fp32's dots (3xTF32 on sm_80+); the moments' element-wise work not counted
+      proxy_v             with those planes, the backward's first launch instead of recompute_z: reads Z
+                          of the v images, writes PV (2 x 4s x e)
+      recompute_z         (eval with gradients: no statistics pass) the same reads and FLOPs with the layer
+                          dtype's dots; writes Z (3 x 4s x e), P of the v images (4s x e) and y (3 x 3s x e)
       recompute_attention reads Z of k (and the BatchNorm affine) and V (2 C' e), writes R (C' e) and the softmax
                           partials (B SPLITS C' (d + 2) x 4 B); cuda the CRPE 2 x 240 d, tc 2 C' d
       recompute_local     reads segment 4 of q, k, v (3 s e), writes w4 (3s e), xh4 (s e) and
@@ -473,13 +476,18 @@ def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[i
     stencils, mix = 2 * 3 * T * PROXY_TAPS * s, 2 * 9 * T * s * s
     out: Dict[str, Cost] = {}
     pm, pm2, plan, (grid, _a, kw) = st.plan_statistics(qkv, H, W, *w, st.gpu_stats_tiles(C, sprec),
-                                                       DotVariant(sprec, False))
+                                                       DotVariant(sprec, False), store=True)
+    kept = sum(t.numel() for t in st.planes_of(_a)) * e
     tc, tcp, fma, tp = _tc(sprec, mix, mix)
     out["gma_statistics_kernel"] = Cost(
-        bytes=12 * T * s * e + (pm.numel() * 8 + pm2.numel() * 4) + proxy_w, tc_flops=tc, cuda_flops=stencils + fma,
-        grid=tuple(grid), tc_precision=tp, block=32 * kw["num_warps"], detail={"programs_per_image": plan.programs})
+        bytes=12 * T * s * e + (pm.numel() * 8 + pm2.numel() * 4) + kept + proxy_w, tc_flops=tc,
+        cuda_flops=stencils + fma, grid=tuple(grid), tc_precision=tp, block=32 * kw["num_warps"],
+        detail={"programs_per_image": plan.programs})
     (z, pv, y), (grid, _a, kw) = st.plan_recompute(qkv, H, W, wts.bn_scale, wts.bn_shift, *w,
                                                   st.gpu_recompute_tiles(C, prec), DotVariant(prec, False))
+    pv_v, (fn, grid, _a, kw) = rcp.plan_proxy_v(z, wts)
+    out[kernel_name(fn)] = Cost(bytes=2 * pv_v.numel() * e + wb["bn_scale"] + wb["bn_shift"], tc_flops=0,
+                                cuda_flops=0, grid=tuple(grid), tc_precision=None, block=32 * kw["num_warps"])
     tc, tcp, fma, tp = _tc(prec, mix, mix)
     out["gma_recompute_z_kernel"] = Cost(
         bytes=12 * T * s * e + (z.numel() + pv.numel() + y.numel()) * e + proxy_w + wb["bn_scale"] + wb["bn_shift"],

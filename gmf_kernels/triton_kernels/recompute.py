@@ -13,7 +13,9 @@ no copy of them is made:
 
 1. ``statistics.gma_recompute_z_kernel`` (op ``gmf::triton_proxy_z``): Z, V = P of the v images
    (P = hardswish(Z a + b); q's and k's proxies are computed from Z by their readers) and the
-   depthwise outputs y_1..3, reading qkv once (statistics.py).
+   depthwise outputs y_1..3, reading qkv once (statistics.py). In a training step the statistics
+   pass has kept Z and y (statistics.py, "Planes kept for the backward"; `recompute`'s planes): then
+   ``gma_proxy_v_kernel`` instead, V from the kept Z alone.
 2. ``gma_recompute_attention_kernel``, grid ``(SPLITS, 8, B)``: per head h, over its run of token
    tiles, the online softmax of K = hardswish(Z a + b) of the k images (FlashAttention's
    rescaling along N: `aggregation._online_softmax_kv`, the forward's own code) into a
@@ -157,6 +159,28 @@ def gma_recompute_local_kernel(
         t += 1
 
 
+@triton.jit(do_not_specialize=["N"])
+def gma_proxy_v_kernel(z, pv, bn_scale, bn_shift, N, CP: tl.constexpr, BLOCK: tl.constexpr,
+                       EMULATE: tl.constexpr):
+    """Program (block, channel c, image b): PV[b, c, n] = hardswish(Z[2B + b, c, n] bn_scale[c] +
+    bn_shift[c]) for BLOCK tokens n, from the Z the statistics pass kept (`recompute` with planes); z
+    (3B, CP, N) and pv (B, CP, N) in the stage dtype (widened on load, rounded once on store).
+
+    Bound aimed at: HBM bandwidth, one read and one write per element (2 e bytes, ~8 FLOP: far below
+    any ridge); every program a contiguous run of one channel plane."""
+    blk = tl.program_id(0)
+    c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    B = tl.num_programs(2)
+    n = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = n < N
+    a = tl.load(bn_scale + c)
+    sh = tl.load(bn_shift + c)
+    zv = tl.load(z + ((2 * B + b) * CP + c) * N + n, mask=mask, other=0.0).to(tl.float32)
+    dst = pv + (b * CP + c) * N
+    tl.store(dst + n, stored(hardswish(zv * a + sh), dst, EMULATE), mask=mask)
+
+
 # ---------------------------------------------------------------- launchers
 #: GPU tiles, from the AOT compile (ptxas -v of the launchers' specialisations at 14x14 B = 128, then
 #: of every real call: benchmarks/results/triton_statistics_resources_*.md; registers per thread; no
@@ -298,6 +322,22 @@ def plan_recompute_local(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_
     return buf, (gma_recompute_local_kernel, (splits, B), args, kwargs)
 
 
+#: tokens per program of `gma_proxy_v_kernel` (4 warps: 8 elements a thread)
+PROXY_V_BLOCK = 1024
+
+
+def plan_proxy_v(Z: Tensor, wts: FoldedGMAWeights) -> Tuple[Tensor, Launch]:
+    """PV (B, 4s, H, W) in Z's dtype and the `gma_proxy_v_kernel` launch that fills it from the v
+    images of Z (3B, 4s, H, W) (the statistics pass's planes), without launching."""
+    I, CP, H, W = Z.shape
+    B, N = I // 3, H * W
+    pv = torch.empty(B, CP, H, W, dtype=Z.dtype, device=Z.device)
+    block = min(PROXY_V_BLOCK, max(16, next_pow2(N)))
+    args = (Z, pv, wts.bn_scale.float().contiguous(), wts.bn_shift.float().contiguous(), N)
+    kwargs = dict(CP=CP, BLOCK=block, EMULATE=interpreting(), num_warps=4)
+    return pv, (gma_proxy_v_kernel, (-(-N // block), CP, B), args, kwargs)
+
+
 def _launch(launches: List[Launch], like: Tensor) -> None:
     from .launcher import device_guard, wrap_triton
     with device_guard(like):
@@ -305,21 +345,32 @@ def _launch(launches: List[Launch], like: Tensor) -> None:
             wrap_triton(kernel)[grid](*args, **kwargs)
 
 
-def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float) -> Dict[str, Tensor]:
+def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
+              planes: Optional[Tuple[Tensor, Tensor]] = None) -> Dict[str, Tensor]:
     """`backward.recompute` on kernels (`backward.Stages.recompute` of `train_op.triton_stages`):
     the keys the Triton stages read, Z, V (P of the v images: the stages take q's and k's
     proxies from Z), y, KV, k_max, k_sum, R, w4, xh4, rstd4, and qkv itself (the depthwise
     inputs, read in place: not P, u, u4, Ks, pre_act, streams, the PyTorch stages' own). Three launches (module docstring), with the backward's dots (`statistics.backward_dots`).
+    planes: (Z, y_all) kept by the training forward's statistics pass (`statistics.statistics_planes`):
+    then the first launch is `gma_proxy_v_kernel` (V from Z) instead of the recompute of Z, V and y
+    (statistics.py's module docstring, "Planes kept for the backward").
     Compute dtypes other than float32 (float64 inputs) take the PyTorch `backward.recompute`."""
     if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
         from .backward import recompute as torch_recompute
         return torch_recompute(qkv, H, W, wts, ln_eps)
-    Z, V, y = recompute_planes(qkv, H, W, wts)          # the op takes backward_dots(qkv) itself
     dots = backward_dots(qkv)
     C = qkv.shape[-1] // 3
+    first: List[Launch] = []
+    if planes is None:
+        Z, V, y = recompute_planes(qkv, H, W, wts)          # the op takes backward_dots(qkv) itself
+    else:
+        Z, y_all = planes
+        V, lv = plan_proxy_v(Z, wts)
+        y = list(y_all.unbind(0))
+        first.append(lv)
     att, la = plan_recompute_attention(Z, V, H, W, wts, tile_spaces.tuned_tiles(ATTENTION_FAMILY, C, qkv), dots=dots)
     loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps, tile_spaces.tuned_tiles(LOCAL_FAMILY, C, qkv), dots=dots)
-    _launch([la, ll], qkv)
+    _launch(first + [la, ll], qkv)
     k_max, k_sum, KV = merge_softmax_partials(att["part_m"], att["part_l"], att["part_acc"])
     return dict(Z=Z, V=V, y=y, KV=KV, k_max=k_max, k_sum=k_sum, R=att["R"], w4=loc["w4"], xh4=loc["xh4"],
                 rstd4=loc["rstd4"], qkv=qkv)

@@ -69,8 +69,8 @@ BATCHES = (128, 1)
 KERNEL_ORDER = {name: i for i, name in enumerate((
     "gma_aggregate_kernel", "gma_attention_kernel", "gma_combine_kernel", "gma_b1_dkv_kernel", "gma_b2_attention_kernel",
     "gma_b2_crpe_kernel", "gma_dz_kernel", "gma_pw_backward_kernel", "gma_dw_backward_kernel", "gma_dw_wgrad_kernel",
-    "gma_local_backward_kernel", "gma_statistics_kernel", "gma_recompute_z_kernel", "gma_recompute_attention_kernel",
-    "gma_recompute_local_kernel"))}
+    "gma_local_backward_kernel", "gma_statistics_kernel", "gma_proxy_v_kernel", "gma_recompute_z_kernel",
+    "gma_recompute_attention_kernel", "gma_recompute_local_kernel"))}
 #: the argument whose element type names a specialisation's dtype
 DTYPE_ARGS = ("qkv", "q", "v", "dZ", "du", "dy")
 
@@ -134,6 +134,7 @@ class Spec:
         dots += ", unrolled" if cx.get("UNROLL") else ""          # the aggregation's tuning candidates
         dots += ", pair" if cx.get("PAIR") else ""
         dots += ", rows" if cx.get("ROWS") else ""
+        dots += ", store" if cx.get("STORE") else ""            # the statistics pass keeping Z and y
         return (f"{short} C={_width(cx)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
                 f"{self.specialised_ints()})")
 
@@ -335,7 +336,7 @@ def statistics_specializations_of_call(call: Call, arch: int,
 
     from ..folding import meta_weights
     from ._common import DotVariant, interpreting
-    from .recompute import ATTENTION_FAMILY, LOCAL_FAMILY, plan_recompute_attention, plan_recompute_local
+    from .recompute import ATTENTION_FAMILY, LOCAL_FAMILY, plan_proxy_v, plan_recompute_attention, plan_recompute_local
     from .statistics import (RECOMPUTE_Z_FAMILY, STATS_FAMILY, gma_recompute_z_kernel, gma_statistics_kernel,
                              plan_recompute, plan_statistics)
     if interpreting():
@@ -345,13 +346,16 @@ def statistics_specializations_of_call(call: Call, arch: int,
     wts = meta_weights(call.C)
     w = (wts.dw3, wts.dw5, wts.dw7, wts.pw)
     dots = DotVariant(dot_precision("fp32", capability_of_arch(arch)), False)
-    _, _, _, (_grid, args, kwargs) = plan_statistics(qkv, call.H, call.W, *w, t.get(STATS_FAMILY), dots=dots)
+    _, _, _, (_grid, args, kwargs) = plan_statistics(qkv, call.H, call.W, *w, t.get(STATS_FAMILY), dots=dots,
+                                                     store=_backward_kernels_run(call, arch))
     specs = [specialize_launch(gma_statistics_kernel, arch, args, kwargs)]
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)   # the backward's
     if _backward_kernels_run(call, arch):
         (Z, PV, _y), (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, wts.bn_scale, wts.bn_shift,
                                                                 *w, t.get(RECOMPUTE_Z_FAMILY), dots=dots)
         specs.append(specialize_launch(gma_recompute_z_kernel, arch, args, kwargs))
+        fn, _grid, args, kwargs = plan_proxy_v(Z, wts)[1]
+        specs.append(specialize_launch(fn, arch, args, kwargs))
         for fn, _grid, args, kwargs in (plan_recompute_attention(Z, PV, call.H, call.W, wts,
                                                                  t.get(ATTENTION_FAMILY), dots=dots)[1],
                                         plan_recompute_local(qkv, call.H, call.W, wts, 1e-5, t.get(LOCAL_FAMILY),
@@ -546,6 +550,7 @@ def _kernel_fn(name: str):
     fn = {"gma_aggregate_kernel": aggregation.gma_aggregate_kernel,
           "gma_recompute_attention_kernel": recompute.gma_recompute_attention_kernel,
           "gma_recompute_local_kernel": recompute.gma_recompute_local_kernel,
+          "gma_proxy_v_kernel": recompute.gma_proxy_v_kernel,
           "gma_statistics_kernel": statistics.gma_statistics_kernel,
           "gma_recompute_z_kernel": statistics.gma_recompute_z_kernel,
           "gma_combine_kernel": attention.gma_combine_kernel,

@@ -100,9 +100,29 @@ e = qkv's element size (the stage tensors' too):
   cores) and the affine and hardswish (~5 per P value): ~2.3 FLOP/B for fp32.
 
 Bound aimed at: HBM bandwidth (mostly the writes), far below any ridge. Not measured (no GPU).
-Nothing is saved by the forward for it (activation memory unchanged): the backward allocates
-Z, PV and y (8.3 s e B per token and stream), less than PyTorch's recompute (no u_j copies, no
-pointwise outputs before a cat, no pre-activation).
+It allocates Z, PV and y (8.3 s e B per token and stream), less than PyTorch's recompute (no u_j
+copies, no pointwise outputs before a cat, no pre-activation).
+
+**Planes kept for the backward** (STORE; `statistics_planes`, op ``gmf::triton_z_moments_planes``;
+2026-12-05). The statistics pass and the recompute compute the same Z and y on the same grid, each
+reading qkv and running the stencils and the pointwise: a training step ran them twice, and the
+forward's eval kernels a third time. So when a backward follows (`training.prepare`: grad mode on and
+qkv or a parameter needing a gradient) and runs the Triton stages, the statistics kernel also stores Z
+and y as the recompute kernel would (same layouts, the stage dtype, `_dw_pw_seg` / `_dw_pw_heads` with
+STORE_Y), the Function keeps them, and the backward's first launch is `recompute.gma_proxy_v_kernel`
+(PV from the kept Z of the v images and the folded BatchNorm affine: 2 x 4s e per token, no qkv read,
+no stencil) instead of `gma_recompute_z_kernel`. Per token and stream this moves the writes of Z and y
+(7 s e) from the backward into the forward and removes the recompute's qkv read (4 s e) and all its
+stencil and pointwise work (~500 s FLOPs, the part the H200 profile of the forward found
+latency-bound); it adds PV's read of Z (4 s e / 3). Z now comes from the statistics pass's dots
+(fp32's, 3xTF32 on sm_80+) for every layer dtype, where the recompute used the layer dtype's (one
+TF32 pass for fp16/bf16): the backward differentiates at the normalised values the statistics were
+taken from, rounded once to the stage dtype. Price: activation memory. Z (12 s) and y (9 s) per
+token, 4.2 C values, live from the forward to the backward: a Triton layer keeps 9.2 N C values per
+image instead of 5.0 (upstream's eager structure: 18.3; tests/test_triton_training.py). Where the
+backward runs the PyTorch stages (S_PAD 128 with sm_70/75's FMA dots), under no_grad, in eval mode
+with gradients, and for float64, nothing is kept and the recompute runs as before. Not timed (no GPU
+in the session that wrote it).
 """
 from __future__ import annotations
 
@@ -203,11 +223,28 @@ def _segment_filters(seg, dw3, dw5, dw7, pw, S: tl.constexpr):
 
 
 @triton.jit
+def _store_channels(dst, ch, n, val, mask, N, EMULATE: tl.constexpr):
+    """val [BLOCK_P, width] (fp32) into channel-first images in dst's dtype (the stage dtype,
+    `config.stage_dtype`; rounded as `stored`): element (token n, channel ch) at dst + ch * N + n."""
+    tl.store(dst + ch[None, :] * N + n[:, None], stored(val, dst, EMULATE), mask=mask)
+
+
+@triton.jit
+def _store_heads_z(z_seg, z0, z1, n, pmask, N, D: tl.constexpr, D_PAD: tl.constexpr, EMULATE: tl.constexpr):
+    """A tile's two heads of Z [BLOCK_P, D_PAD] into the segment's channel-first image z_seg."""
+    kk = tl.arange(0, D_PAD)
+    m2d = pmask[:, None] & (kk < D)[None, :]
+    _store_channels(z_seg, kk, n, z0, m2d, N, EMULATE)
+    _store_channels(z_seg, D + kk, n, z1, m2d, N, EMULATE)
+
+
+@triton.jit
 def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0, t1, row, N, H, W, SW, stride_n,
-                     S: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     EMULATE_DOTS: tl.constexpr):
+                     z_seg, y_img, S: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, STORE: tl.constexpr):
     """`gma_statistics_kernel`'s program with PAIR: Z of the segment's s channels as one [BLOCK_P, S]
-    tile, folded into one running (shift, mean, M2) of S channels."""
+    tile, folded into one running (shift, mean, M2) of S channels; STORE: Z also stored to z_seg and,
+    seg >= 1, the depthwise output to y_img (channel-first)."""
     cc = tl.arange(0, S)
     shift = tl.zeros([S], dtype=tl.float32)
     mean = tl.zeros([S], dtype=tl.float32)
@@ -218,6 +255,8 @@ def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0,
             n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z = tl.load(qkv_b + n[:, None] * stride_n + (ch0 + cc)[None, :], mask=pmask[:, None],
                         other=0.0).to(tl.float32)
+            if STORE:
+                _store_channels(z_seg, cc, n, z, pmask[:, None] & (cc < S)[None, :], N, EMULATE_DOTS)
             n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
             shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
             t += 1
@@ -227,7 +266,9 @@ def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0,
         while t < t1:
             n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z = _dw_pw_seg(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, 2 * seg + 1, S, CK, BLOCK_P,
-                           DOT_PRECISION, EMULATE_DOTS)
+                           DOT_PRECISION, EMULATE_DOTS, y_img, N, STORE)
+            if STORE:
+                _store_channels(z_seg, cc, n, z, pmask[:, None] & (cc < S)[None, :], N, EMULATE_DOTS)
             n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
             shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
             t += 1
@@ -236,21 +277,27 @@ def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0,
 
 @triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3"])
 def gma_statistics_kernel(
-    qkv, part_mean, part_m2, dw3, dw5, dw7, pw,
+    qkv, part_mean, part_m2, z, y_all, dw3, dw5, dw7, pw,
     N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
     C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PAIR: tl.constexpr = False,
+    STORE: tl.constexpr = False,
 ):
     """Partial (mean, M2) of segment `seg` of image `img` (module docstring). A segment is two
     heads of D channels (the shapes `_dw_pw_heads` returns); segment 0 reads its two heads.
     PAIR (`training_pair`: S a power of two, tensor-core dots, not where it spilled): the two heads as one
-    [BLOCK_P, S] tensor (`aggregation._dw_pw_seg`; one fold of S channels per tile instead of two of D_PAD)."""
+    [BLOCK_P, S] tensor (`aggregation._dw_pw_seg`; one fold of S channels per tile instead of two of D_PAD).
+    STORE ("Planes kept for the backward", module docstring): Z and the depthwise outputs also stored, as
+    the recompute kernel stores them, into z (3B, 4s, H, W) and y_all (3, 3B, s, H, W) (the stage dtype);
+    without STORE those two arguments are placeholders, never read or written."""
     pid, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3,
                                                  C, S, BLOCK_P)
     row = (img * tl.num_programs(0) + pid).to(tl.int64) * S    # row pid of image img, the segment's s channels
+    z_seg = z + (img.to(tl.int64) * (4 * S * N) + seg * S * N)                          # channel seg * s of image img
+    y_img = y_all + ((tl.maximum(seg - 1, 0) * tl.num_programs(1) + img).to(tl.int64) * (S * N))   # of y_seg
     if PAIR:
         _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0, t1, row, N, H, W, SW,
-                         stride_qkv_n, S, CK, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                         stride_qkv_n, z_seg, y_img, S, CK, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, STORE)
     else:
         kk = tl.arange(0, D_PAD)
         kmask = kk < D
@@ -265,6 +312,8 @@ def gma_statistics_kernel(
             while t < t1:
                 n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
                 z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
+                if STORE:
+                    _store_heads_z(z_seg, z0, z1, n, pmask, N, D, D_PAD, EMULATE_DOTS)
                 n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
                 shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
                 shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
@@ -275,7 +324,9 @@ def gma_statistics_kernel(
             while t < t1:
                 n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
                 z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
-                                      S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                                      S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, STORE)
+                if STORE:
+                    _store_heads_z(z_seg, z0, z1, n, pmask, N, D, D_PAD, EMULATE_DOTS)
                 n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
                 shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
                 shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
@@ -285,21 +336,13 @@ def gma_statistics_kernel(
 
 
 @triton.jit
-def _store_channels(dst, ch, n, val, mask, N, EMULATE: tl.constexpr):
-    """val [BLOCK_P, width] (fp32) into channel-first images in dst's dtype (the stage dtype,
-    `config.stage_dtype`; rounded as `stored`): element (token n, channel ch) at dst + ch * N + n."""
-    tl.store(dst + ch[None, :] * N + n[:, None], stored(val, dst, EMULATE), mask=mask)
-
-
-@triton.jit
 def _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, with_p, D: tl.constexpr, D_PAD: tl.constexpr,
                EMULATE: tl.constexpr):
     """A tile's two heads of Z and, with_p (the v images), of P = hardswish(Z a + b) (both from
     the fp32 Z) into their channel-first images."""
     kk = tl.arange(0, D_PAD)
     m2d = pmask[:, None] & (kk < D)[None, :]
-    _store_channels(z_seg, kk, n, z0, m2d, N, EMULATE)
-    _store_channels(z_seg, D + kk, n, z1, m2d, N, EMULATE)
+    _store_heads_z(z_seg, z0, z1, n, pmask, N, D, D_PAD, EMULATE)
     if with_p:
         _store_channels(p_seg, kk, n, hardswish(z0 * a0 + b0), m2d, N, EMULATE)
         _store_channels(p_seg, D + kk, n, hardswish(z1 * a1 + b1), m2d, N, EMULATE)
@@ -398,8 +441,17 @@ def gma_recompute_z_kernel(
 #: sm_70/75/80/90 (most registers: 253, C = 200 on sm_80). The register counts moved (219 <-> 247
 #: at C = 320 on sm_80) while `aggregation._dw_pw_heads` was being reworked by other work:
 #: tests/test_triton_statistics.py re-checks C = 320.
-STATS_TILES = {360: (32, 8, 16), 480: (32, 8, 16)}
-STATS_TILES_BY_DOTS = {"ieee": {200: (32, 8, 16)}}
+#: Since the kernel also stores Z and y in a training step with a backward (STORE, 2026-12-05; the
+#: variant the GPU warm-up compiles and the tuner times), the same AOT sweep of STORE at every released
+#: width, fp16 and fp32, batch 128 (sm_70/75/80/90): (64, 8, 16) spilled 80-84 B at C = 160 on sm_80
+#: (ptxas stopping at 128 registers) and 92-104 B on sm_70/75, (32, 8, 16) 112 B at C = 360 fp32 on
+#: sm_80, 16 B at C = 80 on sm_80 and 72-116 B at C = 200..320 on sm_70/75; (16, 4, 16) none anywhere
+#: (64-168 registers). Elsewhere (64, 8, 16) takes 73-255 on sm_80/90 without a spill. Without STORE
+#: (no_grad in training mode) every tile here holds fewer registers.
+STATS_TILES = {160: (16, 4, 16), 360: (16, 4, 16), 480: (16, 4, 16)}
+STATS_TILES_BY_DOTS: dict = {}
+#: ... and, per dot precision, the tile of every width (sm_70/75's FMA dots)
+STATS_TILE_BY_DOTS = {"ieee": (16, 4, 16)}
 DEFAULT_TILE = (64, 8, 16)
 #: split-N: aim for about this many programs in all (`_grid_plan`)
 SPLIT_TARGET = 1024
@@ -415,9 +467,10 @@ def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
 
 
 def gpu_stats_tiles(C: int, precision: str) -> Tuple[int, int, int]:
-    """The GPU tile of the statistics pass: `STATS_TILES_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`
-    (the default of the "triton.statistics" tuning family, `tile_spaces`)."""
-    bp, warps, ck = STATS_TILES_BY_DOTS.get(precision, {}).get(C) or STATS_TILES.get(C, DEFAULT_TILE)
+    """The GPU tile of the statistics pass: `STATS_TILES_BY_DOTS` / `STATS_TILE_BY_DOTS` / `STATS_TILES` /
+    `DEFAULT_TILE` (the default of the "triton.statistics" tuning family, `tile_spaces`)."""
+    bp, warps, ck = (STATS_TILES_BY_DOTS.get(precision, {}).get(C) or STATS_TILE_BY_DOTS.get(precision)
+                     or STATS_TILES.get(C, DEFAULT_TILE))
     return bp, warps, min(ck, dot_pad(C // 5))
 
 
@@ -621,11 +674,12 @@ def training_pair(C: int, precision: str, recompute: bool) -> bool:
 
 
 def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: SegmentPlan,
-                tiles: Tuple[int, int, int], dots: DotVariant, recompute: bool = False):
+                tiles: Tuple[int, int, int], dots: DotVariant, recompute: bool = False, store: bool = False):
     """(grid, args, kwargs) of a launch of either kernel (same grid; `leading`: the tensor
-    arguments between qkv and N, i.e. (part_mean, part_m2, dw3, dw5, dw7, pw) of
+    arguments between qkv and N, i.e. (part_mean, part_m2, z, y_all, dw3, dw5, dw7, pw) of
     `gma_statistics_kernel`, (z, p, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw) of
-    `gma_recompute_z_kernel`; recompute: which of the two, for its PAIR, `training_pair`); also used on meta tensors for the AOT specialisation
+    `gma_recompute_z_kernel`; recompute: which of the two; store: the statistics kernel's STORE; both
+    for PAIR, `training_pair`); also used on meta tensors for the AOT specialisation
     (specializations.py), so launch and check cannot drift apart."""
     B, N, C3 = qkv.shape
     C = C3 // 3
@@ -635,12 +689,14 @@ def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: 
         raise ValueError(f"plan of {plan.tiles} tiles for {-(-N // bp)} tiles of {bp} tokens")
     args = (qkv, *leading, N, H, W, strip_width(W), qkv.stride(0), qkv.stride(1), *plan.splits)
     kwargs = dict(C=C, S=s, D=s // 2, D_PAD=dot_pad(s // 2), CK=ck, BLOCK_P=bp, DOT_PRECISION=dots.precision,
-                  EMULATE_DOTS=dots.emulate, PAIR=training_pair(C, dots.precision, recompute), num_warps=warps)
+                  EMULATE_DOTS=dots.emulate, PAIR=training_pair(C, dots.precision, recompute or store), num_warps=warps)
+    if store:
+        kwargs["STORE"] = True
     return (plan.programs, 3 * B), args, kwargs
 
 
 def _grid_plan(qkv: Tensor, dots: Optional[DotVariant], tiles: Optional[Tuple[int, int, int]], tiles_fn,
-               recompute: bool):
+               recompute: bool, store: bool = False):
     """(qkv with unit channel stride, dots, tiles (default: on a CUDA device the tuning table's,
     `tile_spaces.tuned_tiles`, else tiles_fn's), `SegmentPlan`) of a call:
     the grid both kernels share, programs per segment in proportion to its cost per tile
@@ -653,23 +709,36 @@ def _grid_plan(qkv: Tensor, dots: Optional[DotVariant], tiles: Optional[Tuple[in
     dots = dots or statistics_dots(qkv)
     tiles = tiles or tiles_fn(C3 // 3, N, dots.precision)
     T = -(-N // tiles[0])
-    costs = tuple(max(1, round(16 * c)) for c in segment_costs(C3 // 3, tiles, dots.precision, recompute))
+    costs = tuple(max(1, round(16 * c)) for c in segment_costs(C3 // 3, tiles, dots.precision, recompute or store))
     return qkv, dots, tiles, SegmentPlan(T, _balanced_splits(T, 3 * B, costs, SPLIT_TARGET))
 
 
 def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
-                    tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None):
+                    tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None,
+                    store: bool = False):
     """Allocate the partial buffers of one call and describe its launch, without launching:
     (part_mean, part_m2, plan, (grid, args, kwargs)); part_mean (float64) and part_m2 (fp32):
     (3B R, s), row img R + r the partial of program r of image img (R = plan.programs; programs
-    plan.rows(j) of an image belong to segment j, `merge_segments`)."""
+    plan.rows(j) of an image belong to segment j, `merge_segments`). store (STORE, "Planes kept for the
+    backward"): also allocate Z (3B, 4s, H, W) and y_all (3, 3B, s, H, W) in the stage dtype, the
+    kernel's arguments z and y_all (`planes_of` finds them in args); else part_m2 holds their places."""
     B, N, C3 = qkv.shape
     s = C3 // 15
-    qkv, dots, tiles, plan = _grid_plan(qkv, dots, tiles, stats_tiles, False)
+    qkv, dots, tiles, plan = _grid_plan(qkv, dots, tiles, stats_tiles, False, store)
     part_mean = torch.empty(3 * B * plan.programs, s, dtype=torch.float64, device=qkv.device)
     part_m2 = torch.empty(3 * B * plan.programs, s, dtype=torch.float32, device=qkv.device)
-    call = kernel_call(qkv, H, W, (part_mean, part_m2, dw3, dw5, dw7, pw), plan, tiles, dots)
+    if store:
+        st = dict(dtype=stage_dtype(qkv.dtype), device=qkv.device)
+        planes = (torch.empty(3 * B, 4 * s, H, W, **st), torch.empty(3, 3 * B, s, H, W, **st))
+    else:
+        planes = (part_m2, part_m2)
+    call = kernel_call(qkv, H, W, (part_mean, part_m2, *planes, dw3, dw5, dw7, pw), plan, tiles, dots, store=store)
     return part_mean, part_m2, plan, call
+
+
+def planes_of(args: tuple) -> Tuple[Tensor, Tensor]:
+    """(z, y_all) among a statistics launch's arguments (`kernel_call`'s order)."""
+    return args[3], args[4]
 
 
 def merge_segments(part_mean: Tensor, part_m2: Tensor, plan: SegmentPlan, block_p: int, N: int,
@@ -690,15 +759,19 @@ def merge_segments(part_mean: Tensor, part_m2: Tensor, plan: SegmentPlan, block_
 
 
 def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
-              tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None) -> Tensor:
+              tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None,
+              store: bool = False):
     """Launch the kernel and merge: (2, 4s) float64, [mean, M2] of Z per channel (channel j*s + c:
-    segment j) over this process's 3B images x H x W."""
+    segment j) over this process's 3B images x H x W; store: (that, Z, y_all), the planes the kernel
+    stored (`plan_statistics`)."""
     from .launcher import device_guard, wrap_triton
     dw3, dw5, dw7, pw = (w.contiguous() for w in (dw3, dw5, dw7, pw))     # the kernel's weight layout
-    part_mean, part_m2, plan, (grid, args, kwargs) = plan_statistics(qkv, H, W, dw3, dw5, dw7, pw, tiles, dots)
+    part_mean, part_m2, plan, (grid, args, kwargs) = plan_statistics(qkv, H, W, dw3, dw5, dw7, pw, tiles, dots,
+                                                                     store)
     with device_guard(qkv):
         wrap_triton(gma_statistics_kernel)[grid](*args, **kwargs)
-    return torch.stack(merge_segments(part_mean, part_m2, plan, kwargs["BLOCK_P"], qkv.shape[1]))
+    moments = torch.stack(merge_segments(part_mean, part_m2, plan, kwargs["BLOCK_P"], qkv.shape[1]))
+    return (moments, *planes_of(args)) if store else moments
 
 
 def plan_recompute(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor, dw3: Tensor, dw5: Tensor,
@@ -733,6 +806,7 @@ def recompute_z(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor,
 # ---------------------------------------------------------------- the op and the statistics pass
 OP_NAME = "gmf::triton_z_moments"
 RECOMPUTE_OP_NAME = "gmf::triton_proxy_z"
+PLANES_OP_NAME = "gmf::triton_z_moments_planes"
 
 
 def _op_exists(name: str) -> bool:
@@ -760,6 +834,26 @@ def _register():
     return op
 
 
+def _register_planes():
+    """``gmf::triton_z_moments_planes``: the statistics pass that also keeps Z and the depthwise outputs
+    for the backward (STORE, "Planes kept for the backward"), one opaque node as ``gmf::triton_z_moments``.
+    Returns (moments (2, 4s) float64, Z (3B, 4s, H, W), y_all (3, 3B, s, H, W)), the planes in the stage
+    dtype."""
+    def impl(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
+             pw: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return z_moments(qkv, H, W, dw3, dw5, dw7, pw, store=True)
+
+    op = torch.library.custom_op(PLANES_OP_NAME, impl, mutates_args=())
+
+    @op.register_fake
+    def _(qkv, H, W, dw3, dw5, dw7, pw):
+        B, s = qkv.shape[0], qkv.shape[-1] // 15
+        st = stage_dtype(qkv.dtype)
+        return (qkv.new_empty(2, 4 * s, dtype=torch.float64), qkv.new_empty(3 * B, 4 * s, H, W, dtype=st),
+                qkv.new_empty(3, 3 * B, s, H, W, dtype=st))
+    return op
+
+
 def _register_recompute():
     """``gmf::triton_proxy_z``: the recompute kernel as a ``custom_op`` with a fake, for the same
     reason (one opaque node under torch.compile: the SyncBatchNorm backward calls the stages
@@ -781,6 +875,7 @@ def _register_recompute():
 
 z_moments_op = None if _op_exists("triton_z_moments") else _register()
 proxy_z_op = None if _op_exists("triton_proxy_z") else _register_recompute()
+z_moments_planes_op = None if _op_exists("triton_z_moments_planes") else _register_planes()
 
 
 def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
@@ -794,8 +889,28 @@ def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
         return torch_statistics(qkv, H, W, wts, group)
     B, N, C3 = qkv.shape
     check_train_size(B, N, C3 // 3)
+    moments = torch.ops.gmf.triton_z_moments(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw)
+    return _mean_var_count(moments, qkv, wts, group)
+
+
+def statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None):
+    """`statistics` that also keeps the planes the backward would recompute (module docstring, "Planes
+    kept for the backward"; op ``gmf::triton_z_moments_planes``): (mean, var, count, planes), planes =
+    (Z (3B, 4s, H, W), y_all (3, 3B, s, H, W)) in the stage dtype, this process's own images (with a
+    process group too: only the moments are all-reduced). float64 inputs: `statistics` and planes None."""
+    if qkv.dtype == torch.float64:
+        return (*statistics(qkv, H, W, wts, group), None)
+    B, N, C3 = qkv.shape
+    check_train_size(B, N, C3 // 3)
+    moments, z, y_all = torch.ops.gmf.triton_z_moments_planes(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw)
+    return (*_mean_var_count(moments, qkv, wts, group), (z, y_all))
+
+
+def _mean_var_count(moments: Tensor, qkv: Tensor, wts, group):
+    """`statistics`' results from the merged moments [mean, M2] (2, 4s) of this process's Z."""
+    B, N, C3 = qkv.shape
     s = C3 // 15
-    mean, m2 = torch.ops.gmf.triton_z_moments(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw).unbind(0)
+    mean, m2 = moments.unbind(0)
     count = 3 * B * N
     dt = wts.pw.dtype
     if group is not None:

@@ -29,7 +29,7 @@ from .aggregation_backward import BACKWARD_FAMILY, BackwardTiles, tiles_of
 from . import tile_spaces
 from .config import backward_kernels_take, check_train_size
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
-from .statistics import backward_dots, statistics  # the statistics pass as a kernel (registers
+from .statistics import backward_dots, statistics, statistics_planes  # the statistics pass as a kernel (registers
 #                       gmf::triton_z_moments, and gmf::triton_proxy_z, the recompute's first launch)
 
 Tensor = torch.Tensor
@@ -40,9 +40,9 @@ class TritonPreProjectionFunction(torch.autograd.Function):
     `training`'s module docstring)."""
 
     @staticmethod
-    def forward(ctx, qkv, mean, rstd, count, H, W, scale, ln_eps, group, *weights):
+    def forward(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, *weights):
         pre = torch.ops.gmf.triton_pre_projection(qkv, H, W, list(weights), scale, ln_eps)
-        training.save(ctx, qkv, mean, rstd, count, H, W, scale, ln_eps, group, weights)
+        training.save(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, weights)
         return pre
 
     @staticmethod
@@ -55,9 +55,9 @@ def kernel_backward(ctx, grad_pre) -> tuple:
     whenever the Triton kernels run (`training.save` filled ctx)."""
     H, W, scale, ln_eps, group = ctx.meta
     if group is None:   # the usual case: the whole backward as ONE op (opaque to torch.compile)
-        qkv, mean, rstd, _, *weights = ctx.saved_tensors
+        qkv, mean, rstd, _, z, y_all, *weights = ctx.saved_tensors
         d_qkv, *grads = torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, weights, scale,
-                                                                     ln_eps, mean, rstd)
+                                                                     ln_eps, mean, rstd, z, y_all)
         return (d_qkv,) + (None,) * (training.NUM_LEADING_INPUTS - 1) + tuple(grads)
     # SyncBatchNorm: an all-reduce between B2 and B3, so the stages are called one by one; under
     # torch.compile the PyTorch stages (the interpreter's kernels cannot be traced)
@@ -69,15 +69,19 @@ def kernel_backward(ctx, grad_pre) -> tuple:
 @torch.library.custom_op("gmf::triton_pre_projection_backward", mutates_args=())
 def triton_pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, weights: List[Tensor],
                                    scale: float, ln_eps: float, mean: Optional[Tensor],
-                                   rstd: Optional[Tensor]) -> List[Tensor]:
+                                   rstd: Optional[Tensor], z: Optional[Tensor] = None,
+                                   y_all: Optional[Tensor] = None) -> List[Tensor]:
     """[d_qkv, *the folded weights' gradients] (contiguous, none aliasing another) of `backward.pre_projection_backward` on
     the Triton stages (`triton_stages`), batch statistics mean / rstd or None (running statistics):
     one op, so that torch.compile keeps the backward one opaque node (the Triton interpreter's
-    kernels cannot be traced; on a GPU the op spares Dynamo the launchers' planning code)."""
+    kernels cannot be traced; on a GPU the op spares Dynamo the launchers' planning code). z, y_all: the
+    planes the training forward's statistics pass kept (`statistics.statistics_planes`), or None
+    (recomputed)."""
     check_train_size(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
     with torch.autocast(qkv.device.type, enabled=False):
         d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
-                                               mean, rstd, None, None, stages_for(qkv))
+                                               mean, rstd, None, None, stages_for(qkv),
+                                               None if z is None else (z, y_all))
     return distinct_outputs([d_qkv] + list(grads), [grad_pre, qkv, *weights, mean, rstd])
 
 
@@ -100,7 +104,7 @@ def distinct_outputs(outputs: List[Tensor], inputs: List[Optional[Tensor]]) -> L
 
 
 @triton_pre_projection_backward.register_fake
-def _(grad_pre, qkv, H, W, weights, scale, ln_eps, mean, rstd):
+def _(grad_pre, qkv, H, W, weights, scale, ln_eps, mean, rstd, z=None, y_all=None):
     return [torch.empty_like(qkv, memory_format=torch.contiguous_format)] + [
         torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
@@ -158,11 +162,22 @@ def triton_stages(s: int, dots: DotVariant, tiles: Optional[TrainTiles] = None) 
                   b2_bn_sums=None,
                   b3=bind(agb.b3_fused, tiles=tiles.backward), local_backward=bind(agb.local_backward,
                                                                                    tiles=tiles.backward),
-                  recompute=rcp.recompute, into_d_qkv=True, grad_pre_as_is=True, b2_fused_bn=True)
+                  recompute=rcp.recompute, into_d_qkv=True, grad_pre_as_is=True, b2_fused_bn=True,
+                  takes_planes=True)
 
 
 def triton_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,
                                 training_mode: bool) -> Tensor:
     """The Triton pre-projection with autograd, in training (batch statistics) or eval mode."""
     return TritonPreProjectionFunction.apply(*training.prepare(qkv, size, w, hp, training_mode,
-                                                               statistics_fn=statistics))
+                                                               statistics_fn=statistics,
+                                                               planes_fn=planes_fn_for(qkv)))
+
+
+def planes_fn_for(qkv: Tensor):
+    """The statistics pass that keeps Z and y for the backward (`statistics.statistics_planes`) where the
+    backward of the layer whose input is qkv runs the Triton stages, which read them
+    (`Stages.takes_planes`); None where it runs the PyTorch stages (they recompute their own)."""
+    if qkv.dtype == torch.float64:      # the PyTorch stages (`recompute.recompute`)
+        return None
+    return statistics_planes if backward_kernels_take(qkv.shape[-1] // 15, backward_dots(qkv).precision) else None
