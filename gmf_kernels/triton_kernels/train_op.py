@@ -180,4 +180,4 @@ def planes_fn_for(qkv: Tensor):
     (`Stages.takes_planes`); None where it runs the PyTorch stages (they recompute their own)."""
     if qkv.dtype == torch.float64:      # the PyTorch stages (`recompute.recompute`)
         return None
-    return statistics_planes if backward_kernels_take(qkv.shape[-1] // 15, backward_dots(qkv).precision) else None
+    return statistics_planes if triton_stages(qkv.shape[-1] // 15, backward_dots(qkv)).takes_planes else None
