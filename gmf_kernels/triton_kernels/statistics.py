@@ -446,9 +446,12 @@ def gma_recompute_z_kernel(
 #: width, fp16 and fp32, batch 128 (sm_70/75/80/90): (64, 8, 16) spilled 80-84 B at C = 160 on sm_80
 #: (ptxas stopping at 128 registers) and 92-104 B on sm_70/75, (32, 8, 16) 112 B at C = 360 fp32 on
 #: sm_80, 16 B at C = 80 on sm_80 and 72-116 B at C = 200..320 on sm_70/75; (16, 4, 16) none anywhere
-#: (64-168 registers). Elsewhere (64, 8, 16) takes 73-255 on sm_80/90 without a spill. Without STORE
-#: (no_grad in training mode) every tile here holds fewer registers.
-STATS_TILES = {160: (16, 4, 16), 360: (16, 4, 16), 480: (16, 4, 16)}
+#: (64-168 registers). Elsewhere (64, 8, 16) takes 73-255 on sm_80/90 without a spill. At C = 160 with
+#: PAIR (which the statistics kernel takes with STORE too; the recompute's PAIR_TRAINING_OFF entry is the
+#: recompute's): (16, 4, 16) spilled 16-28 B on sm_80 (at 80 registers), (64, 8, 16) 88-104 B, (32, 8, 16)
+#: and (32, 4, 16) none on sm_80/90 (127-168): (32, 4, 16). Without STORE (no_grad in training mode)
+#: every tile here holds fewer registers.
+STATS_TILES = {160: (32, 4, 16), 360: (16, 4, 16), 480: (16, 4, 16)}
 STATS_TILES_BY_DOTS: dict = {}
 #: ... and, per dot precision, the tile of every width (sm_70/75's FMA dots)
 STATS_TILE_BY_DOTS = {"ieee": (16, 4, 16)}
@@ -622,7 +625,8 @@ def _host_row_weights(plan: SegmentPlan, block_p: int, N: int) -> Tensor:
     return w.pin_memory() if torch.cuda.is_available() else w
 
 
-def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute: bool) -> Tuple[float, ...]:
+def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute: bool,
+                  store: bool = False) -> Tuple[float, ...]:
     """Estimated cost of one tile (BLOCK_P tokens of one of the 3B images) of each segment, in taps
     (`aggregation.TAP_COST` and the other weights of its one cost model), as the kernels issue
     the work (padded widths; Sc = ceil(s / CK) CK, Dp = D_PAD): segment 0 loads its two heads
@@ -636,11 +640,11 @@ def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute
     dp = s // 2 if training_pair(C, precision, recompute) else dot_pad(s // 2)     # PAIR: no padding column
     sc = -(-s // ck) * ck
     dot = DOT_MAC_COST[precision]
-    tail = 4 * dp if recompute else 2 * dp
+    tail = 4 * dp if recompute or store else 2 * dp       # store: the moments and Z (the recompute: Z and P)
     per_token = [(2 * dp + tail) * ELEMENT_COST]
     for j in (1, 2, 3):
         per_token.append(sc * (2 * j + 1) ** 2 * TAP_COST + sc * 2 * dp * dot
-                         + (tail + (sc if recompute else 0)) * ELEMENT_COST)
+                         + (tail + (sc if recompute or store else 0)) * ELEMENT_COST)
     return tuple(bp * c for c in per_token)
 
 
@@ -689,7 +693,7 @@ def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: 
         raise ValueError(f"plan of {plan.tiles} tiles for {-(-N // bp)} tiles of {bp} tokens")
     args = (qkv, *leading, N, H, W, strip_width(W), qkv.stride(0), qkv.stride(1), *plan.splits)
     kwargs = dict(C=C, S=s, D=s // 2, D_PAD=dot_pad(s // 2), CK=ck, BLOCK_P=bp, DOT_PRECISION=dots.precision,
-                  EMULATE_DOTS=dots.emulate, PAIR=training_pair(C, dots.precision, recompute or store), num_warps=warps)
+                  EMULATE_DOTS=dots.emulate, PAIR=training_pair(C, dots.precision, recompute), num_warps=warps)
     if store:
         kwargs["STORE"] = True
     return (plan.programs, 3 * B), args, kwargs
@@ -709,7 +713,7 @@ def _grid_plan(qkv: Tensor, dots: Optional[DotVariant], tiles: Optional[Tuple[in
     dots = dots or statistics_dots(qkv)
     tiles = tiles or tiles_fn(C3 // 3, N, dots.precision)
     T = -(-N // tiles[0])
-    costs = tuple(max(1, round(16 * c)) for c in segment_costs(C3 // 3, tiles, dots.precision, recompute or store))
+    costs = tuple(max(1, round(16 * c)) for c in segment_costs(C3 // 3, tiles, dots.precision, recompute, store))
     return qkv, dots, tiles, SegmentPlan(T, _balanced_splits(T, 3 * B, costs, SPLIT_TARGET))
 
 
