@@ -146,8 +146,7 @@ def backward_follows(qkv: Tensor, w: GMAWeights) -> bool:
     and whose check re-runs the call without gradients: tests/test_export.py.)"""
     if not torch.is_grad_enabled() or torch.jit.is_tracing():
         return False
-    leaves = [qkv] + [t for f in w for t in (f if isinstance(f, (tuple, list)) else (f,))]
-    return any(isinstance(t, Tensor) and t.requires_grad for t in leaves)
+    return qkv.requires_grad or any(t.requires_grad for t in w.tensors())
 
 
 def save(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, weights) -> None:

@@ -239,6 +239,13 @@ def _store_heads_z(z_seg, z0, z1, n, pmask, N, D: tl.constexpr, D_PAD: tl.conste
 
 
 @triton.jit
+def _store_pair_z(z_seg, z, n, pmask, N, S: tl.constexpr, EMULATE: tl.constexpr):
+    """A segment's S channels of Z as one [BLOCK_P, S] tile (PAIR) into its channel-first image z_seg."""
+    cc = tl.arange(0, S)
+    _store_channels(z_seg, cc, n, z, pmask[:, None] & (cc < S)[None, :], N, EMULATE)
+
+
+@triton.jit
 def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0, t1, row, N, H, W, SW, stride_n,
                      z_seg, y_img, S: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, STORE: tl.constexpr):
@@ -256,7 +263,7 @@ def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0,
             z = tl.load(qkv_b + n[:, None] * stride_n + (ch0 + cc)[None, :], mask=pmask[:, None],
                         other=0.0).to(tl.float32)
             if STORE:
-                _store_channels(z_seg, cc, n, z, pmask[:, None] & (cc < S)[None, :], N, EMULATE_DOTS)
+                _store_pair_z(z_seg, z, n, pmask, N, S, EMULATE_DOTS)
             n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
             shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
             t += 1
@@ -268,7 +275,7 @@ def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0,
             z = _dw_pw_seg(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, 2 * seg + 1, S, CK, BLOCK_P,
                            DOT_PRECISION, EMULATE_DOTS, y_img, N, STORE)
             if STORE:
-                _store_channels(z_seg, cc, n, z, pmask[:, None] & (cc < S)[None, :], N, EMULATE_DOTS)
+                _store_pair_z(z_seg, z, n, pmask, N, S, EMULATE_DOTS)
             n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
             shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
             t += 1
@@ -351,11 +358,10 @@ def _store_z_p(z_seg, p_seg, z0, z1, a0, b0, a1, b1, n, pmask, N, with_p, D: tl.
 @triton.jit
 def _store_z_p_pair(z_seg, p_seg, z, a, b, n, pmask, N, with_p, S: tl.constexpr, EMULATE: tl.constexpr):
     """`_store_z_p` of a segment's S channels as one [BLOCK_P, S] tile (PAIR)."""
-    cc = tl.arange(0, S)
-    m2d = pmask[:, None] & (cc < S)[None, :]
-    _store_channels(z_seg, cc, n, z, m2d, N, EMULATE)
+    _store_pair_z(z_seg, z, n, pmask, N, S, EMULATE)
     if with_p:
-        _store_channels(p_seg, cc, n, hardswish(z * a + b), m2d, N, EMULATE)
+        cc = tl.arange(0, S)
+        _store_channels(p_seg, cc, n, hardswish(z * a + b), pmask[:, None] & (cc < S)[None, :], N, EMULATE)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3"])
@@ -452,7 +458,6 @@ def gma_recompute_z_kernel(
 #: and (32, 4, 16) none on sm_80/90 (127-168): (32, 4, 16). Without STORE (no_grad in training mode)
 #: every tile here holds fewer registers.
 STATS_TILES = {160: (32, 4, 16), 360: (16, 4, 16), 480: (16, 4, 16)}
-STATS_TILES_BY_DOTS: dict = {}
 #: ... and, per dot precision, the tile of every width (sm_70/75's FMA dots)
 STATS_TILE_BY_DOTS = {"ieee": (16, 4, 16)}
 DEFAULT_TILE = (64, 8, 16)
@@ -463,17 +468,16 @@ SPLIT_TARGET = 1024
 def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
     """(BLOCK_P, num_warps, CK) of a call with dots of this precision: one large tile and one
     channel chunk under the interpreter (its cost is per operation, not per element), else
-    `STATS_TILES_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`."""
+    `STATS_TILE_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`."""
     if interpreting():
         return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4, dot_pad(C // 5)
     return gpu_stats_tiles(C, precision)
 
 
 def gpu_stats_tiles(C: int, precision: str) -> Tuple[int, int, int]:
-    """The GPU tile of the statistics pass: `STATS_TILES_BY_DOTS` / `STATS_TILE_BY_DOTS` / `STATS_TILES` /
-    `DEFAULT_TILE` (the default of the "triton.statistics" tuning family, `tile_spaces`)."""
-    bp, warps, ck = (STATS_TILES_BY_DOTS.get(precision, {}).get(C) or STATS_TILE_BY_DOTS.get(precision)
-                     or STATS_TILES.get(C, DEFAULT_TILE))
+    """The GPU tile of the statistics pass: `STATS_TILE_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE` (the
+    default of the "triton.statistics" tuning family, `tile_spaces`)."""
+    bp, warps, ck = STATS_TILE_BY_DOTS.get(precision) or STATS_TILES.get(C, DEFAULT_TILE)
     return bp, warps, min(ck, dot_pad(C // 5))
 
 
