@@ -152,7 +152,9 @@ def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
             "fp32 FMA (`ieee`) on sm_70/75, 3xTF32 (fp32 inputs) / one-pass TF32 (fp16, bf16) on sm_80+."
             ) if kind == "backward" else (
         "Specialisations: every one that the training forward's statistics pass (all released widths; keeping Z "
-        "and y for the backward, `store`, where the layer runs the backward kernels) and the backward's recompute "
+        "and y for the backward, `store`, where the layer runs the backward kernels), the training forward's "
+        "aggregation reading that Z (`from Z`, `config.from_planes`; its combine and attention kernels are the "
+        "eval forward's) and the backward's recompute "
         "kernels (V from the kept Z, proxy_v; Z, P, y, recompute_z, for eval with gradients; the softmax "
         "statistics, KV and the CRPE; the local "
         "branch: recompute.py; the layers that run the backward kernels: C <= 320 on sm_70/75, all on sm_80+) of "

@@ -5,7 +5,9 @@
 
 Each fused backend has its own ``torch.autograd.Function`` (`triton_kernels/train_op.py`,
 `cuda/train_op.py`) whose forward is that backend's eval-mode kernels (``gmf::*_pre_projection``
-on folded weights: the same kernels in both modes) and whose backward is `backward` below. What
+on folded weights: the same kernels in both modes; the Triton backend's reads segments 1-3 from the
+statistics pass's kept Z where it kept them, ``gmf::triton_pre_projection_from_planes``) and whose
+backward is `backward` below. What
 happens before the Function is the same for both and lives here:
 
 1. Training mode: the **statistics pass** -- Z (segments 0..3 of q, k, v before their

@@ -727,3 +727,93 @@ def test_attention_rows_walk(monkeypatch, C, H, W, B, target):
     if target == 64:
         assert A.ATTN_ROWS_MIN_RUN <= run_rows < H       # runs of several rows, not the whole strip
     _check_launch(case, shape)
+
+
+# ---------------------------------------------------------------- the training forward from the kept planes
+def _kept_planes(case, dtype):
+    """qkv at dtype and the Z planes its statistics pass keeps (`statistics.statistics_planes`: the
+    pass a training step runs before its forward), with the folded weights."""
+    from gmf_kernels.triton_kernels import statistics
+    qkv, f = case.qkv(dtype), case.folded(dtype)
+    _, _, _, (z, _) = statistics.statistics_planes(qkv, case.H, case.W, f)
+    return qkv, f, z
+
+
+#: (C, H, W, B): a PAIR width at a ragged grid, s = 8 (C = 40), s = 40 (C = 200, d = 16), batch 1 and 2
+PLANES_CASES = [(80, 7, 9, 2), (40, 5, 11, 1), (200, 3, 7, 2)]
+
+
+@pytest.mark.parametrize("C,H,W,B", PLANES_CASES, ids=lambda v: str(v))
+def test_forward_from_planes_float32(C, H, W, B):
+    """The aggregation with AGG_FROM_Z (`config.from_planes`): segments 1-3 read from the Z the statistics
+    pass kept instead of their stencils. Every buffer written (NaN poison), Q, V, KV and the pre-projection
+    within FP32_TOL of float64, with the eval-mode folded weights (any affine: the op takes the folded
+    BatchNorms as they are)."""
+    case = Case(C, H, W, B, seed=C + 3 * H)
+    qkv, f, z = _kept_planes(case, torch.float32)
+    r = launcher.launch_pre_projection(qkv, H, W, f, case.hp.scale, case.hp.ln_eps,
+                                       planes=launcher.planes_view(z, B))
+    for name, t in r.items():
+        assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
+    _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
+    _assert_rel(r["v"], case.V, FP32_TOL, "V")
+    _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
+    _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("C,H,W,B", PLANES_CASES[:2], ids=lambda v: str(v))
+def test_forward_from_planes_low_precision(dtype, C, H, W, B):
+    """The same through the op (``gmf::triton_pre_projection_from_planes``) at fp16 / bf16: Z kept in the
+    stage dtype (one rounding before its BatchNorm, as the reference's own convolutions in that dtype
+    round it), the result no worse than 2x the reference's error at that dtype."""
+    case = Case(C, H, W, B, seed=C + 5 * H)
+    qkv, f, z = _kept_planes(case, dtype)
+    assert z.dtype == dtype
+    out = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, list(f), case.hp.scale, case.hp.ln_eps)
+    with torch.no_grad():
+        _, ex = reference_group_mix_attention(case.x64.to(DEVICE, dtype), (H, W), case.weights(dtype), case.hp,
+                                              return_intermediates=True)
+    assert out.dtype == dtype
+    assert_within_reference_error(out, ex["pre_proj"], case.pre, name=f"{dtype} pre_proj from planes")
+
+
+def test_forward_from_planes_gpu_tiles_and_chunks(monkeypatch):
+    """The GPU tiles (several tiles a program, splits balanced as from-planes jobs cost: `aggregate_job_costs`)
+    and a batch beyond the grid limit (chunks of the planes' streams: limit 2, B = 5)."""
+    case = Case(80, 9, 9, 5, seed=77)
+    qkv, f, z = _kept_planes(case, torch.float32)
+    shape = config.from_planes(gma_shape(80))
+    plan = aggregation.job_plan(81, 5, shape, "tf32x3")
+    assert shape.AGG_FROM_Z and plan.tiles >= 2 and len(set(plan.splits[:4])) == 1   # jobs 0-3 cost the same
+    r = launcher.launch_pre_projection(qkv, 9, 9, f, case.hp.scale, case.hp.ln_eps, shape=gma_shape(80),
+                                       planes=launcher.planes_view(z, 5))
+    _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj, GPU tiles")
+    seen = []
+    launch = op.launch_pre_projection
+
+    def recording(qkv, *args, **kwargs):
+        seen.append((qkv.shape[0], tuple(kwargs["planes"].shape)))
+        return launch(qkv, *args, **kwargs)
+
+    monkeypatch.setattr(op, "launch_pre_projection", recording)
+    monkeypatch.setattr(config, "MAX_GRID_BATCH", 2)
+    out = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, 9, 9, list(f), case.hp.scale, case.hp.ln_eps)
+    assert seen == [(2, (3, 2, 64, 81)), (2, (3, 2, 64, 81)), (1, (3, 1, 64, 81))]
+    _assert_rel(out, case.pre, FP32_TOL, "pre_proj, chunked batch")
+
+
+def test_forward_from_planes_refuses_bad_planes():
+    case = Case(40, 3, 5, 2, seed=5)
+    qkv, f, z = _kept_planes(case, torch.float32)
+    args = (3, 5, list(f), case.hp.scale, case.hp.ln_eps)
+    for bad in (z[:3], z.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :, :5].contiguous()[:, :16],
+                z.transpose(0, 1).contiguous().transpose(0, 1)):
+        with pytest.raises(ValueError, match="planes"):
+            torch.ops.gmf.triton_pre_projection_from_planes(qkv, bad, *args)
+    with pytest.raises(TypeError, match="planes"):
+        torch.ops.gmf.triton_pre_projection_from_planes(qkv, z.half(), *args)
+    with pytest.raises(ValueError, match="AGG_FROM_Z"):       # planes with a shape that does not read them
+        aggregation.aggregate_call(qkv, 3, 5, f, 1e-5, gma_shape(40, interpreter=True),
+                                   aggregation.job_plan(15, 2, gma_shape(40, interpreter=True), "tf32x3"),
+                                   *([None] * 6), None, z=launcher.planes_view(z, 2))

@@ -83,7 +83,7 @@ import triton.language as tl
 
 from ._common import (DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, mm, rows_input,
                       rows_shift, stored)
-from .config import cdiv, dtype_name, operand_precision, strip_width
+from .config import cdiv, dtype_name, operand_precision, stage_dtype, strip_width
 
 
 @triton.jit
@@ -148,13 +148,8 @@ def _store_partial(M, L, ACC, row, e, part_m, part_l, part_acc, D: tl.constexpr,
 def _segment0_head(qkv_b, q_b, v_b, a, sh, ch, m2, n, pmask, stride_n, M, L, ACC,
                    C: tl.constexpr, CP: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
     src = qkv_b + n[:, None] * stride_n + ch[None, :]
-    zq = hardswish(tl.load(src, mask=m2, other=0.0).to(tl.float32) * a + sh)
-    zk = hardswish(tl.load(src + C, mask=m2, other=0.0).to(tl.float32) * a + sh)
-    zv = hardswish(tl.load(src + 2 * C, mask=m2, other=0.0).to(tl.float32) * a + sh)
-    dst = n[:, None] * CP + ch[None, :]
-    tl.store(q_b + dst, stored(zq, q_b, EMULATE_DOTS), mask=m2)
-    tl.store(v_b + dst, stored(zv, v_b, EMULATE_DOTS), mask=m2)
-    return _online_softmax_kv(zk, zv, pmask, M, L, ACC, DOT_PRECISION, EMULATE_DOTS)
+    return _elementwise_head(src, C, 2 * C, q_b, v_b, a, sh, ch, m2, n, pmask, M, L, ACC, CP, DOT_PRECISION,
+                             EMULATE_DOTS)
 
 
 @triton.jit
@@ -187,6 +182,84 @@ def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row
         t += 1
     _store_partial(M0, L0, A0, row, 0, part_m, part_l, part_acc, D, D_PAD)
     _store_partial(M1, L1, A1, row, 1, part_m, part_l, part_acc, D, D_PAD)
+
+
+@triton.jit
+def _elementwise_head(src, off_k, off_v, q_b, v_b, a, sh, ch, m2, n, pmask, M, L, ACC,
+                      CP: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """One head of an element-wise segment, one tile: q, k, v at src, src + off_k, src + off_v ->
+    BatchNorm affine (a, sh) -> hardswish; Q and V stored (channel ch of q / v), K and V into the
+    head's online softmax."""
+    zq = hardswish(tl.load(src, mask=m2, other=0.0).to(tl.float32) * a + sh)
+    zk = hardswish(tl.load(src + off_k, mask=m2, other=0.0).to(tl.float32) * a + sh)
+    zv = hardswish(tl.load(src + off_v, mask=m2, other=0.0).to(tl.float32) * a + sh)
+    dst = n[:, None] * CP + ch[None, :]
+    tl.store(q_b + dst, stored(zq, q_b, EMULATE_DOTS), mask=m2)
+    tl.store(v_b + dst, stored(zv, v_b, EMULATE_DOTS), mask=m2)
+    return _online_softmax_kv(zk, zv, pmask, M, L, ACC, DOT_PRECISION, EMULATE_DOTS)
+
+
+@triton.jit
+def _segment_z(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N, SEG,
+               CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """Segment SEG (1..3) of q, k, v from the Z the statistics pass kept (AGG_FROM_Z: the training forward,
+    `launcher.plan_pre_projection`'s planes; statistics.py, "Planes kept for the backward"; Z =
+    pointwise(depthwise(.)) before its BatchNorm, (3B, C', N) in the stage dtype, image b of stream q
+    at z_b, of k and v one and two streams further): as segment 0 (`_segment0`), BatchNorm affine,
+    hardswish, Q and V stored, the online softmax. No stencil and no channel mix: the job costs what
+    job 0 costs (`aggregate_job_costs`).
+
+    Tiles: tokens [t BLOCK_P, (t + 1) BLOCK_P), written so that the compiler sees them contiguous (the
+    loads go along Z's planes). Each head's channels are planes of their own, so where D_PAD >= 64 the
+    heads take one walk each (one [D_PAD, D_PAD] exp(K)^T V alive instead of two: with both, d = 36, 48
+    spilled 12-312 B in fp32 on sm_80/90; one walk each at every width made C = 320 bf16 spill 8 B on
+    sm_90, ptxas stopping at 128 registers; AOT compiles, Triton 3.6)."""
+    if D_PAD >= 64:
+        _z_heads(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N,
+                 SEG, 0, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, False)
+        _z_heads(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N,
+                 SEG, 1, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, False)
+    else:
+        _z_heads(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N,
+                 SEG, 0, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+
+
+@triton.jit
+def _z_heads(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N, SEG, E0,
+             CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, TWO: tl.constexpr):
+    """`_segment_z`'s walk over tiles [t0, t1) for head E0 of the segment, and head E0 + 1 beside it with
+    TWO; each head's softmax partials into its half of partial row `row`."""
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    c0 = (SEG * 2 + E0) * D + kk                               # head E0's channels; the next head: + D
+    a0 = tl.load(bn_scale + c0, mask=kmask, other=0.0)[None, :]
+    s0 = tl.load(bn_shift + c0, mask=kmask, other=0.0)[None, :]
+    M0 = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+    L0 = tl.zeros([D_PAD], dtype=tl.float32)
+    A0 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    if TWO:
+        a1 = tl.load(bn_scale + D + c0, mask=kmask, other=0.0)[None, :]
+        s1 = tl.load(bn_shift + D + c0, mask=kmask, other=0.0)[None, :]
+        M1 = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
+        L1 = tl.zeros([D_PAD], dtype=tl.float32)
+        A1 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    t = t0
+    while t < t1:
+        n = t * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = n < N
+        m2 = pmask[:, None] & kmask[None, :]
+        src = z_b + c0[None, :] * N + n[:, None]
+        M0, L0, A0 = _elementwise_head(src, stride_z_stream, 2 * stride_z_stream, q_b, v_b, a0, s0, c0, m2, n, pmask,
+                                       M0, L0, A0, CP, DOT_PRECISION, EMULATE_DOTS)
+        if TWO:
+            M1, L1, A1 = _elementwise_head(src + D * N, stride_z_stream, 2 * stride_z_stream, q_b, v_b, a1, s1, D + c0,
+                                           m2, n, pmask, M1, L1, A1, CP, DOT_PRECISION, EMULATE_DOTS)
+        t += 1
+    _store_partial(M0, L0, A0, row, E0, part_m, part_l, part_acc, D, D_PAD)
+    if TWO:
+        _store_partial(M1, L1, A1, row, E0 + 1, part_m, part_l, part_acc, D, D_PAD)
 
 
 @triton.jit
@@ -618,16 +691,18 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
 # per (C, dtype, GPU) serves every image size and batch, the AOT resource tables cover what
 # runs, and a new image size or batch never triggers a JIT recompile. (A job with one split,
 # as job 0 at most batches, would otherwise compile a variant with that count constant, and
-# N % 16 another.) The strides stay specialised: their divisibility aligns the vector loads of qkv.
-@triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3", "splits4"])
+# N % 16 another.) The strides stay specialised: their divisibility aligns the vector loads of qkv. The
+# planes' stream stride (FROM_Z) is not: Z's loads go along tokens, whose alignment N decides anyway.
+@triton.jit(do_not_specialize=["N", "H", "W", "SW", "stride_z_stream", "splits0", "splits1", "splits2", "splits3",
+                               "splits4"])
 def gma_aggregate_kernel(
-    qkv, q, v, pre, part_m, part_l, part_acc,
+    qkv, q, v, pre, part_m, part_l, part_acc, z,
     bn_scale, bn_shift, dw3, dw5, dw7, pw, local_dw, local_pw, ln_weight, ln_bias,
-    N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3, splits4, ln_eps,
+    N, H, W, SW, stride_qkv_b, stride_qkv_n, stride_z_stream, splits0, splits1, splits2, splits3, splits4, ln_eps,
     C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr, UNROLL: tl.constexpr,
-    PAIR: tl.constexpr = False, ROWS: tl.constexpr = False,
+    PAIR: tl.constexpr = False, ROWS: tl.constexpr = False, FROM_Z: tl.constexpr = False,
 ):
     pid = tl.program_id(0)                                     # flat (job, split) of image b
     b = tl.program_id(1).to(tl.int64)
@@ -654,7 +729,10 @@ def gma_aggregate_kernel(
         tps = tl.cdiv(T, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
         t0 = (pid - first) * tps
         t1 = tl.minimum(t0 + tps, T)
-        if ROWS:     # row walks (`_segment_rows`): an instance per window
+        if FROM_Z:   # the kept Z of the statistics pass (the training forward): no stencil (`_segment_z`)
+            _segment_z(z + b * CP * N, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift,
+                       row, t0, t1, N, seg, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+        elif ROWS:     # row walks (`_segment_rows`): an instance per window
             if pid < e2:
                 _segment_rows(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw3, pw, bn_scale, bn_shift,
                               row, t0, t1, N, H, W, stride_qkv_n, 1, 3, C, S, CP, D, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
@@ -736,6 +814,9 @@ def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
     * job 4 (local branch): 3 Sc 9 taps + the 3s -> s dots, 3 Sc Sp, + 5 Sp elements
       (LayerNorm, hardswish, store).
 
+    With ``sh.AGG_FROM_Z`` (the training forward reading the statistics pass's Z, `_segment_z`)
+    jobs 1, 2, 3 cost what job 0 costs.
+
     With ``sh.AGG_ROWS`` (`_segment_rows`) a token of job j = 1, 2, 3 costs 3 s (2j+1) loads (each
     input row's column shifts) and 3 s (2j+1)² `FMA_COST` multiply-adds instead of its taps, and the
     pointwise one [s, s] dot per stream (no padding).
@@ -748,7 +829,9 @@ def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
     kv = 2 * dp * dp * dot
     per_token = [12 * dp * ELEMENT_COST + kv]
     for ks in (3, 5, 7):
-        if sh.AGG_ROWS:
+        if sh.AGG_FROM_Z:
+            per_token.append(per_token[0])
+        elif sh.AGG_ROWS:
             s = sh.S
             per_token.append(3 * s * (ks * TAP_COST + ks * ks * FMA_COST) + 3 * s * s * dot + 3 * s * ELEMENT_COST
                              + s * s * dot)
@@ -857,7 +940,7 @@ def _rows_splits(T: int, splits: int, ks: int) -> int:
 
 
 def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, part_m, part_l, part_acc,
-                   dots: DotVariant):
+                   dots: DotVariant, z=None):
     """(grid, args, kwargs) of one aggregation launch (what `launch_aggregate` passes to the kernel).
 
     qkv: (B, N, 3C) with unit channel stride; weights: `FoldedGMAWeights`; plan: the `JobPlan`
@@ -865,25 +948,36 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
     contiguous; part_m, part_l: (B, R, s) and part_acc: (B, R, s, d) fp32 with R =
     plan.partial_rows (the packed partials, module docstring); dots: the dot variant
     (`_common.dot_variant`; with ``shape.AGG_DOTS16`` its 16-bit-operand form for 16-bit inputs,
-    `config.operand_precision`). Also used, on meta tensors, to derive the AOT specialisations
+    `config.operand_precision`); z: with ``shape.AGG_FROM_Z`` (and only then) the planes Z of the
+    statistics pass, as (3, B, C', N) with unit token stride and planes of N (the q, k, v streams of
+    (3B', C', H, W), B' >= B: a batch chunk is a slice of the streams). Also used, on meta tensors, to derive the AOT specialisations
     (`specializations.py`), so the two cannot drift apart.
     """
     B, N, _ = qkv.shape
+    if shape.AGG_FROM_Z != (z is not None):
+        raise ValueError("the planes Z go with AGG_FROM_Z (the training forward), and only with it")
     plan.check()
     if plan.tiles != shape.num_tiles(N, W):
         raise ValueError(f"plan of {plan.tiles} tiles for {shape.num_tiles(N, W)} tiles of {shape.AGG_BLOCK_P} tokens")
     want = (B, plan.partial_rows, shape.S)
     if tuple(part_m.shape) != want or tuple(part_l.shape) != want or tuple(part_acc.shape) != want + (shape.D,):
         raise ValueError(f"partials {tuple(part_m.shape)}, {tuple(part_acc.shape)}: the plan needs {want}[, d]")
+    if z is not None:
+        if tuple(z.shape) != (3, B, shape.CP, N) or z.stride(3) != 1 or z.stride(2) != N or z.stride(1) != shape.CP * N:
+            raise ValueError(f"planes {tuple(z.shape)} with strides {z.stride()}: expected (3, {B}, {shape.CP}, {N}) "
+                             f"with planes of {N} tokens")
+        if z.dtype != stage_dtype(qkv.dtype) or z.device != qkv.device:
+            raise ValueError(f"planes {z.dtype} on {z.device} for a {qkv.dtype} layer on {qkv.device}")
     w = weights
-    args = (qkv, q, v, pre, part_m, part_l, part_acc,
+    args = (qkv, q, v, pre, part_m, part_l, part_acc, qkv if z is None else z,
             w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw, w.local_pw, w.ln_weight, w.ln_bias,
-            N, H, W, strip_width(W, shape.AGG_STRIP), qkv.stride(0), qkv.stride(1), *plan.splits, ln_eps)
+            N, H, W, strip_width(W, shape.AGG_STRIP), qkv.stride(0), qkv.stride(1), 0 if z is None else z.stride(0),
+            *plan.splits, ln_eps)
     kwargs = dict(C=shape.C, S=shape.S, CP=shape.CP, D=shape.D, S_PAD=shape.S_PAD, D_PAD=shape.D_PAD,
                   CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P,
                   DOT_PRECISION=operand_precision(dots.precision, dtype_name(qkv.dtype), shape.AGG_DOTS16),
                   EMULATE_DOTS=dots.emulate, MERGE_QKV=shape.AGG_MERGE, UNROLL=shape.AGG_UNROLL, PAIR=shape.AGG_PAIR,
-                  ROWS=shape.AGG_ROWS,
+                  ROWS=shape.AGG_ROWS, FROM_Z=shape.AGG_FROM_Z,
                   num_warps=shape.AGG_WARPS)
     return (plan.programs, B), args, kwargs
 

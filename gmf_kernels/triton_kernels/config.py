@@ -30,7 +30,8 @@ and tests/test_triton_compile.py fails on any spill):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 NUM_HEADS = 8
@@ -226,6 +227,7 @@ class GMAShape:
     ATTN_DOTS16: bool = False  # attention: the same for its Q KV dot (a tuning candidate)
     AGG_ROWS: bool = False     # aggregation: segments 1-3 by row walks down strips (`aggregation._segment_rows`; a candidate)
     ATTN_ROWS: bool = False    # attention: the CRPE by row walks down strips (`attention._attention_rows`; a candidate)
+    AGG_FROM_Z: bool = False   # aggregation: segments 1-3 from the statistics pass's kept Z (the training forward; `from_planes`)
 
     def num_tiles(self, N: int, W: Optional[int] = None) -> int:
         """The aggregation's tiles of an image of N tokens (W columns): ceil(N / AGG_BLOCK_P), or with
@@ -235,6 +237,20 @@ class GMAShape:
                 raise ValueError(f"AGG_ROWS tiles need the image width: N={N}, W={W}")
             return -(-W // self.AGG_BLOCK_P) * (N // W)
         return -(-N // self.AGG_BLOCK_P)
+
+
+def from_planes(shape: GMAShape) -> GMAShape:
+    """The specialisation of a training forward that reads the Z planes its statistics pass kept
+    (`GMAShape.AGG_FROM_Z`, `aggregation._segment_z`): `shape`'s tiles, with the knobs that only
+    shape the stencils of segments 1-3 (PAIR, ROWS, MERGE) set to one value, as the kernel ignores them
+    there (one compiled variant, not one per forward candidate); the local branch keeps its UNROLL and
+    DOTS16. ROWS off: its tiles are rows of strips, the planes are read along whole rows."""
+    return _from_planes(shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _from_planes(shape: GMAShape) -> GMAShape:
+    return replace(shape, AGG_FROM_Z=True, AGG_PAIR=False, AGG_ROWS=False, AGG_MERGE=True)
 
 
 #: Aggregation tiles per width: (BLOCK_P tokens per tile, num_warps, CK channels per chunk),

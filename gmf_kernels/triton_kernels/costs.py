@@ -183,6 +183,9 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     them: pointwise [BLOCK_P, ceil(s/CK) CK] x [CK, D_PAD] per head, local [.., CK] x [CK, S_PAD]
     per chunk, KV [D_PAD, BLOCK_P] x [BLOCK_P, D_PAD] per head and tile.
     cuda: the depthwise stencils, 3 x (9 + 25 + 49) s + 27 s MACs per token.
+    With ``sh.AGG_FROM_Z`` (the training forward, `config.from_planes`) segments 1-3 come from the
+    statistics pass's Z: qkv's segments 0 and 4 read (B N 6 s e), Z's segments 1-3 read (B N 9 s, stage
+    dtype: e), no pointwise and no 3x3/5x5/7x7 stencil (the local branch's stay).
     detail: also the plan (splits per job, tiles per split) and `balance`, the estimated
     critical path of the plan: the costliest program (`aggregate_job_costs`) over the mean
     program, x1000 (1000 = every program equal)."""
@@ -193,18 +196,22 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     wb = _weights_bytes(sh.C)
     weights = sum(wb[k] for k in ("bn_scale", "bn_shift", "dw3", "dw5", "dw7", "pw", "local_dw", "local_pw",
                                   "ln_weight", "ln_bias"))
-    detail = {"qkv_read": B * N * 3 * sh.C * e, "qv_write": 2 * B * N * cp * e, "pre_write": B * N * s * e,
-              "partials_write": B * plan.partial_rows * s * (2 + d) * 4, "weights": weights}
+    fz = sh.AGG_FROM_Z
+    detail = {"qkv_read": B * N * (6 * s if fz else 3 * sh.C) * e, "qv_write": 2 * B * N * cp * e,
+              "pre_write": B * N * s * e, "partials_write": B * plan.partial_rows * s * (2 + d) * 4, "weights": weights}
+    if fz:
+        detail["z_read"] = B * N * 9 * s * ELEM_BYTES.get(dtype_name(stage_dtype(torch_dtype(dt))), e)
     nbytes = sum(detail.values())
     detail.update({f"splits{j}": x for j, x in enumerate(plan.splits)})
     detail.update({f"tiles_per_split{j}": x for j, x in enumerate(plan.tiles_per_split)})
     detail["balance"] = round(1000 * plan_balance(plan, aggregate_job_costs(sh, prec)))
-    useful = 2 * B * N * (9 * s * s + 3 * s * s + cp * d)
+    pw = 0 if fz else 1                                    # the segments' pointwise and stencils run here
+    useful = 2 * B * N * (pw * 9 * s * s + 3 * s * s + cp * d)
     tokens_pad = B * sh.num_tiles(N, W) * sh.AGG_BLOCK_P
     s_chunks = -(-s // sh.CK) * sh.CK
-    padded = 2 * tokens_pad * (9 * s_chunks * 2 * sh.D_PAD + 3 * s_chunks * sh.S_PAD + 8 * sh.D_PAD * sh.D_PAD)
+    padded = 2 * tokens_pad * (pw * 9 * s_chunks * 2 * sh.D_PAD + 3 * s_chunks * sh.S_PAD + 8 * sh.D_PAD * sh.D_PAD)
     tc, tcp, dot_fma, tp = _tc(operand_precision(prec, dt, sh.AGG_DOTS16), useful, padded)
-    stencil = 2 * B * N * (3 * PROXY_TAPS * s + 27 * s)
+    stencil = 2 * B * N * (pw * 3 * PROXY_TAPS * s + 27 * s)
     return Cost(bytes=nbytes, tc_flops=tc, cuda_flops=stencil + dot_fma, grid=(plan.programs, B), tc_precision=tp,
                 tc_flops_padded=tcp, block=32 * sh.AGG_WARPS, detail=detail)
 

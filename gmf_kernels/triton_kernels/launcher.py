@@ -44,7 +44,8 @@ from ._common import DotVariant, _cuda_capability, dot_variant, interpreting
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
 from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P, GMAShape,
-                     dot_pad, dot_precision, dtype_name, gma_shape, next_pow2, operand_precision, pair_applies)
+                     dot_pad, dot_precision, dtype_name, from_planes, gma_shape, next_pow2, operand_precision,
+                     pair_applies)
 
 Tensor = torch.Tensor
 #: one launch: (kernel, grid, positional args, keyword args incl. constexprs and num_warps)
@@ -326,19 +327,23 @@ def device_guard(t: Tensor):
 
 
 def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
-                        shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None
-                        ) -> Tuple[Dict[str, Tensor], List[Launch]]:
+                        shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None,
+                        planes: Optional[Tensor] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Allocate the buffers of one call and describe its three launches, without launching.
 
     Returns (buffers, [(kernel, grid, args, kwargs), ...]) in launch order. `launch_pre_projection`
     runs exactly these; `specializations.py` calls this on meta tensors (nothing allocated)
     to derive, with Triton's own specialisation code, the variants the JIT will compile for
-    real call shapes. dots: the dot variant (default: `dot_variant(qkv)`).
+    real call shapes. dots: the dot variant (default: `dot_variant(qkv)`). planes: the training
+    forward's Z kept by its statistics pass, as (3, B, C', N) (`planes_view`): the aggregation then
+    reads segments 1-3 from it instead of running their stencils (`config.from_planes`).
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
     dots = dots or dot_variant(qkv)
     shape = shape or tuned_shape(C, N, dots, qkv)
+    if planes is not None:
+        shape = from_planes(shape)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dev, dt = qkv.device, qkv.dtype
@@ -355,23 +360,30 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
         "kv": _alloc((B, shape.CP, shape.D), f32, dev),
     }
     agg = aggregate_call(qkv, H, W, weights, ln_eps, shape, plan, buf["q"], buf["v"], buf["pre"],
-                         buf["part_m"], buf["part_l"], buf["part_acc"], dots)
+                         buf["part_m"], buf["part_l"], buf["part_acc"], dots, planes)
     comb = combine_call(buf["part_m"], buf["part_l"], buf["part_acc"], buf["kv"], shape, plan.segment_splits)
     attn = attention_call(buf["q"], buf["v"], buf["kv"], buf["pre"], weights, H, W, scale, shape, dots)
     launches = [(gma_aggregate_kernel, *agg), (gma_combine_kernel, *comb), (gma_attention_kernel, *attn)]
     return buf, launches
 
 
+def planes_view(z: Tensor, B: int) -> Tensor:
+    """The statistics pass's Z (3B, C', H, W) as the aggregation reads it: (3, B, C', N), streams q, k, v."""
+    return z.view(3, B, z.shape[1], z.shape[2] * z.shape[3])
+
+
 def launch_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
-                          shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None) -> Dict[str, Tensor]:
+                          shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None,
+                          planes: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Run the three kernels; return every buffer (the op returns ``pre``; tests read all).
 
     qkv (B, N, 3C) in fp32/fp16/bf16 with unit channel stride; weights: `FoldedGMAWeights`
     (fp32, contiguous, on qkv's device; arguments checked by the op). Returns q, v (B, N, C')
     [qkv.dtype], part_m, part_l (B, R, s), part_acc (B, R, s, d) (the packed softmax partials,
     R = `aggregation.JobPlan.partial_rows`), kv (B, C', d) [fp32] and pre (B, N, C). Launched under qkv's CUDA device (`device_guard`).
+    planes: as `plan_pre_projection`'s.
     """
-    buf, launches = plan_pre_projection(qkv, H, W, weights, scale, ln_eps, shape, dots)
+    buf, launches = plan_pre_projection(qkv, H, W, weights, scale, ln_eps, shape, dots, planes)
     with device_guard(qkv):
         for kernel, grid, args, kwargs in launches:
             wrap_triton(kernel)[grid](*args, **kwargs)

@@ -1,6 +1,7 @@
 """The op layer of the Triton backend: ``gmf::triton_pre_projection`` and its autograd.
 
     pre = torch.ops.gmf.triton_pre_projection(qkv, H, W, weights, scale, ln_eps)
+    pre = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, weights, scale, ln_eps)  # training
 
 ``weights`` is the list of folded tensors in `folding.WEIGHT_NAMES` order.
 
@@ -32,7 +33,7 @@ from ..op_args import check_pre_projection_args, fake_pre_projection
 from ..training import OpGrad
 from . import config
 from ._common import interpreting
-from .launcher import launch_pre_projection
+from .launcher import launch_pre_projection, planes_view
 
 Tensor = torch.Tensor
 
@@ -55,23 +56,54 @@ def triton_pre_projection(qkv: Tensor, H: int, W: int, weights: List[Tensor], sc
                       for b0 in range(0, B, step)])
 
 
-def _register():
+def triton_pre_projection_from_planes(qkv: Tensor, z: Tensor, H: int, W: int, weights: List[Tensor], scale: float,
+                                      ln_eps: float) -> Tensor:
+    """`triton_pre_projection` in a training step whose statistics pass kept Z (`statistics.statistics_planes`:
+    (3B, C', H, W), segments 0..3 of q, k, v before their BatchNorm, in the stage dtype): the aggregation
+    reads segments 1-3 from z instead of running their stencils and channel mixes again
+    (`config.from_planes`). No autograd of its own: `train_op.TritonPreProjectionFunction` calls it."""
+    B, N, C, folded = check_pre_projection_args(qkv, H, W, weights, scale, ln_eps)
+    cp = 4 * (C // 5)
+    if not isinstance(z, Tensor) or tuple(z.shape) != (3 * B, cp, int(H), int(W)) or not z.is_contiguous():
+        raise ValueError(f"planes z: expected a contiguous (3B, C', H, W) = {(3 * B, cp, int(H), int(W))} tensor, "
+                         f"got {tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+    if z.dtype != config.stage_dtype(qkv.dtype) or z.device != qkv.device:
+        raise TypeError(f"planes z is {z.dtype} on {z.device}; a {qkv.dtype} layer on {qkv.device} keeps "
+                        f"{config.stage_dtype(qkv.dtype)} planes there")
+    planes = planes_view(z, B)
+    step = config.MAX_GRID_BATCH
+    if B <= step:
+        return launch_pre_projection(qkv, H, W, folded, scale, ln_eps, planes=planes)["pre"]
+    return torch.cat([launch_pre_projection(qkv[b0:b0 + step], H, W, folded, scale, ln_eps,
+                                            planes=planes[:, b0:b0 + step])["pre"] for b0 in range(0, B, step)])
+
+
+def _fake_from_planes(qkv, z, H, W, weights, scale, ln_eps):
+    return fake_pre_projection(qkv, H, W, weights, scale, ln_eps)
+
+
+def _register(name, fn, fake):
     if REGISTRATION == "triton_op":
-        op = torch.library.triton_op(OP_NAME, triton_pre_projection, mutates_args=())
-    else:
-        op = torch.library.custom_op(OP_NAME, triton_pre_projection, mutates_args=())
-        op.register_fake(fake_pre_projection)
-    torch.library.register_autograd(OP_NAME, OpGrad.backward, setup_context=OpGrad.setup_context)
+        return torch.library.triton_op(name, fn, mutates_args=())
+    op = torch.library.custom_op(name, fn, mutates_args=())
+    op.register_fake(fake)
     return op
 
 
-def _op_exists() -> bool:
+def _op_exists(name: str) -> bool:
     try:
-        torch.ops.gmf.triton_pre_projection  # noqa: B018
+        getattr(torch.ops.gmf, name.split("::")[1])
         return True
     except (AttributeError, RuntimeError):
         return False
 
 
 # registered once per process (a re-import, e.g. importlib.reload, keeps the first)
-pre_projection_op = None if _op_exists() else _register()
+if _op_exists(OP_NAME):
+    pre_projection_op = None
+else:
+    pre_projection_op = _register(OP_NAME, triton_pre_projection, fake_pre_projection)
+    torch.library.register_autograd(OP_NAME, OpGrad.backward, setup_context=OpGrad.setup_context)
+FROM_PLANES_OP_NAME = "gmf::triton_pre_projection_from_planes"
+from_planes_op = (None if _op_exists(FROM_PLANES_OP_NAME) else
+                  _register(FROM_PLANES_OP_NAME, triton_pre_projection_from_planes, _fake_from_planes))

@@ -135,6 +135,7 @@ class Spec:
         dots += ", pair" if cx.get("PAIR") else ""
         dots += ", rows" if cx.get("ROWS") else ""
         dots += ", store" if cx.get("STORE") else ""            # the statistics pass keeping Z and y
+        dots += ", from Z" if cx.get("FROM_Z") else ""          # the training forward reading them
         return (f"{short} C={_width(cx)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
                 f"{self.specialised_ints()})")
 
@@ -226,9 +227,10 @@ def specialize_launch(fn, arch: int, args: tuple, kwargs: dict) -> Spec:
 
 
 def specializations_of_call(call: Call, arch: int, agg: Optional[Dict[str, int]] = None,
-                            attn: Optional[Dict[str, int]] = None) -> List[Spec]:
+                            attn: Optional[Dict[str, int]] = None, from_planes: bool = False) -> List[Spec]:
     """The three kernels' specialisations for one real call on sm_<arch> (launcher's plan on meta
-    tensors); with `agg` / `attn`, a tuning candidate of that forward family in place of its default."""
+    tensors); with `agg` / `attn`, a tuning candidate of that forward family in place of its default;
+    with `from_planes`, the training forward that reads the statistics pass's Z (`config.from_planes`)."""
     import torch
 
     from ..folding import meta_weights
@@ -246,7 +248,12 @@ def specializations_of_call(call: Call, arch: int, agg: Optional[Dict[str, int]]
     # the launcher's own default tiles for this dot variant (default_shape), as at run time, unless a candidate
     shape = None if agg is None and attn is None else L.shape_from_configs(
         call.C, dots, agg or L.aggregate_default(call.C, dt, cap), attn or L.attention_default(call.C, dt, cap))
-    _, launches = L.plan_pre_projection(qkv, call.H, call.W, weights, head_dim ** -0.5, 1e-5, shape=shape, dots=dots)
+    planes = None
+    if from_planes:
+        z = torch.empty(3 * call.B, 4 * (call.C // 5), call.H, call.W, dtype=stage_dtype(dt), **meta)
+        planes = L.planes_view(z, call.B)
+    _, launches = L.plan_pre_projection(qkv, call.H, call.W, weights, head_dim ** -0.5, 1e-5, shape=shape, dots=dots,
+                                        planes=planes)
     return [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
 
 
@@ -325,8 +332,9 @@ def _backward_kernels_run(call: Call, arch: int) -> bool:
 
 def statistics_specializations_of_call(call: Call, arch: int,
                                        tiles: Optional[Dict[str, Tuple[int, ...]]] = None) -> List[Spec]:
-    """The training statistics kernel's specialisation for one real call on sm_<arch>, and the
-    backward's three recompute kernels' where the Triton backward stages take them
+    """The training statistics kernel's specialisation for one real call on sm_<arch>, and, where the
+    Triton backward stages take the planes it keeps, the training forward's aggregation that reads them
+    (`config.from_planes`) and the backward's recompute kernels
     (`config.backward_kernels_take` for that architecture: train_op.triton_stages) (statistics.plan_statistics
     / plan_recompute, recompute.plan_recompute_attention / plan_recompute_local on meta tensors;
     the statistics kernel's dots are the fp32 variant whatever the input dtype, the recompute
@@ -351,6 +359,7 @@ def statistics_specializations_of_call(call: Call, arch: int,
     specs = [specialize_launch(gma_statistics_kernel, arch, args, kwargs)]
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)   # the backward's
     if _backward_kernels_run(call, arch):
+        specs.append(specializations_of_call(call, arch, from_planes=True)[0])   # the forward's aggregation, from Z
         (Z, PV, _y), (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, wts.bn_scale, wts.bn_shift,
                                                                 *w, t.get(RECOMPUTE_Z_FAMILY), dots=dots)
         specs.append(specialize_launch(gma_recompute_z_kernel, arch, args, kwargs))
@@ -471,10 +480,12 @@ GPU_TRAIN_SHAPES = ((80, 56, 8), (160, 28, 16), (320, 14, 32), (320, 7, 1), (360
 
 def training_specializations_of_call(call: Call, arch: int) -> List[Spec]:
     """Everything one training step of a layer makes the JIT compile on sm_<arch>: the forward
-    kernels (the training forward launches the eval kernels on the folded batch statistics), the
-    statistics pass and recompute, and the backward stages."""
-    specs = specializations_of_call(call, arch) + statistics_specializations_of_call(call, arch)
-    if _backward_kernels_run(call, arch):
+    kernels (the training forward launches the eval kernels on the folded batch statistics; where the
+    backward runs the Triton stages, its aggregation reads the statistics pass's kept Z:
+    `config.from_planes`), the statistics pass and recompute, and the backward stages."""
+    backward = _backward_kernels_run(call, arch)
+    specs = specializations_of_call(call, arch, from_planes=backward) + statistics_specializations_of_call(call, arch)
+    if backward:
         specs += backward_specializations_of_call(call, arch, True)
     return specs
 

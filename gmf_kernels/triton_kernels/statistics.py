@@ -123,6 +123,17 @@ image instead of 5.0 (upstream's eager structure: 18.3; tests/test_triton_traini
 backward runs the PyTorch stages (S_PAD 128 with sm_70/75's FMA dots), under no_grad, in eval mode
 with gradients, and for float64, nothing is kept and the recompute runs as before. Not timed (no GPU
 in the session that wrote it).
+
+**The forward reads them too** (2026-12-05, later). The training forward's aggregation ran the stencils
+and the pointwise of segments 1-3 once more, after this pass, only to normalise them with its moments.
+Where the planes are kept it now reads Z instead (`config.from_planes`, the aggregation kernel's
+FROM_Z: jobs 1-3 become element-wise like segment 0, `aggregation._segment_z`; op
+``gmf::triton_pre_projection_from_planes``), so a training step runs those stencils once, here. Same
+bytes (qkv's segments 1-3 read as Z instead), about a tenth of the CUDA-core FLOPs and a third of the
+tensor-core ones of that kernel (`costs._aggregate`). Numerics: for fp16/bf16 layers the forward now
+normalises Z rounded once to the stage dtype (as the reference's convolutions in that dtype, and
+upstream under autocast, round it before their BatchNorm) instead of its own fp32 registers; fp32
+layers keep fp32 Z. Not timed either.
 """
 from __future__ import annotations
 

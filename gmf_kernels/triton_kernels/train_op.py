@@ -37,11 +37,16 @@ Tensor = torch.Tensor
 
 class TritonPreProjectionFunction(torch.autograd.Function):
     """pre = Triton kernels(qkv, folded weights); backward = `training.backward` (its inputs:
-    `training`'s module docstring)."""
+    `training`'s module docstring). Where the statistics pass kept the planes (z), the forward reads
+    segments 1-3 from Z instead of running their stencils a second time
+    (``gmf::triton_pre_projection_from_planes``)."""
 
     @staticmethod
     def forward(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, *weights):
-        pre = torch.ops.gmf.triton_pre_projection(qkv, H, W, list(weights), scale, ln_eps)
+        if z is not None:
+            pre = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, list(weights), scale, ln_eps)
+        else:
+            pre = torch.ops.gmf.triton_pre_projection(qkv, H, W, list(weights), scale, ln_eps)
         training.save(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, weights)
         return pre
 
