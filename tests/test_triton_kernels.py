@@ -748,7 +748,10 @@ def test_forward_from_planes_float32(C, H, W, B):
     """The aggregation with AGG_FROM_Z (`config.from_planes`): segments 1-3 read from the Z the statistics
     pass kept instead of their stencils. Every buffer written (NaN poison), Q, V, KV and the pre-projection
     within FP32_TOL of float64, with the eval-mode folded weights (any affine: the op takes the folded
-    BatchNorms as they are)."""
+    BatchNorms as they are); the local branch's kept w4, xh4, rstd4 as the backward's recompute kernel
+    makes them (`recompute.plan_recompute_local`), and xh4 against float64 (the reference's LayerNorm
+    input, normalised)."""
+    from gmf_kernels.triton_kernels import recompute
     case = Case(C, H, W, B, seed=C + 3 * H)
     qkv, f, z = _kept_planes(case, torch.float32)
     r = launcher.launch_pre_projection(qkv, H, W, f, case.hp.scale, case.hp.ln_eps,
@@ -759,6 +762,19 @@ def test_forward_from_planes_float32(C, H, W, B):
     _assert_rel(r["v"], case.V, FP32_TOL, "V")
     _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
     _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+    loc, (kernel, grid, args, kwargs) = recompute.plan_recompute_local(qkv, H, W, f, case.hp.ln_eps)
+    kernel[grid](*args, **kwargs)
+    for name in ("w4", "xh4", "rstd4"):
+        assert r[name].shape == loc[name].shape and r[name].dtype == loc[name].dtype, name
+        _assert_rel(r[name], loc[name], FP32_TOL, name)
+    w = case.w64
+    u4 = torch.cat([case.x64 @ w.qkv_weight[i * C:(i + 1) * C].T + w.qkv_bias[i * C:(i + 1) * C]
+                    for i in range(3)], -1)
+    s = C // 5
+    u4 = torch.cat([u4[..., i * C + 4 * s:(i + 1) * C] for i in range(3)], -1).transpose(1, 2).reshape(B, 3 * s, H, W)
+    z4 = F.conv2d(F.conv2d(u4, w.local_dw_weight, padding=1, groups=3 * s), w.local_pw_weight)
+    xh = (z4 - z4.mean(1, keepdim=True)) / (z4.var(1, unbiased=False, keepdim=True) + case.hp.ln_eps).sqrt()
+    _assert_rel(r["xh4"], xh, FP32_TOL, "xh4 against float64")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -770,7 +786,7 @@ def test_forward_from_planes_low_precision(dtype, C, H, W, B):
     case = Case(C, H, W, B, seed=C + 5 * H)
     qkv, f, z = _kept_planes(case, dtype)
     assert z.dtype == dtype
-    out = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, list(f), case.hp.scale, case.hp.ln_eps)
+    out = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, list(f), case.hp.scale, case.hp.ln_eps)[0]
     with torch.no_grad():
         _, ex = reference_group_mix_attention(case.x64.to(DEVICE, dtype), (H, W), case.weights(dtype), case.hp,
                                               return_intermediates=True)
@@ -789,6 +805,7 @@ def test_forward_from_planes_gpu_tiles_and_chunks(monkeypatch):
     r = launcher.launch_pre_projection(qkv, 9, 9, f, case.hp.scale, case.hp.ln_eps, shape=gma_shape(80),
                                        planes=launcher.planes_view(z, 5))
     _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj, GPU tiles")
+    whole = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, 9, 9, list(f), case.hp.scale, case.hp.ln_eps)
     seen = []
     launch = op.launch_pre_projection
 
@@ -798,7 +815,11 @@ def test_forward_from_planes_gpu_tiles_and_chunks(monkeypatch):
 
     monkeypatch.setattr(op, "launch_pre_projection", recording)
     monkeypatch.setattr(config, "MAX_GRID_BATCH", 2)
-    out = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, 9, 9, list(f), case.hp.scale, case.hp.ln_eps)
+    out, w4, xh4, rstd4 = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, 9, 9, list(f), case.hp.scale,
+                                                                          case.hp.ln_eps)
+    assert w4.shape == (5, 48, 9, 9) and xh4.shape == (5, 16, 9, 9) and rstd4.shape == (5, 1, 9, 9)
+    for name, a, b in zip(op.KEPT_OUTPUTS, (out, w4, xh4, rstd4), whole):     # chunks as the whole batch
+        _assert_rel(a, b, FP32_TOL, f"{name}, chunked against whole")
     assert seen == [(2, (3, 2, 64, 81)), (2, (3, 2, 64, 81)), (1, (3, 1, 64, 81))]
     _assert_rel(out, case.pre, FP32_TOL, "pre_proj, chunked batch")
 

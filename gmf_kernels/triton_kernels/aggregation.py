@@ -78,6 +78,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple, Optional, Tuple
 
+import torch
 import triton
 import triton.language as tl
 
@@ -665,12 +666,25 @@ def _layer_norm_rows(z, omask, ln_eps, S: tl.constexpr):
 
 
 @triton.jit
+def _store_local_norm(xh4_b, rstd4_b, diff, rs, co, n, pmask, omask, N, EMULATE: tl.constexpr):
+    """What the local branch's backward reads of its LayerNorm: xh4 = the normalised values, channel-first
+    (element (n, c) at xh4_b + c N + n, the stage dtype), and rstd4 = 1 / std per token (fp32)."""
+    tl.store(xh4_b + co[None, :] * N + n[:, None], stored(diff * rs[:, None], xh4_b, EMULATE),
+             mask=pmask[:, None] & omask[None, :])
+    tl.store(rstd4_b + n, rs, mask=pmask)
+
+
+@triton.jit
 def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, t0, t1, N, H, W, SW, stride_n,
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
                   S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
-                  UNROLL_KX: tl.constexpr = False, ROWS: tl.constexpr = False):
+                  UNROLL_KX: tl.constexpr = False, ROWS: tl.constexpr = False,
+                  w4_b=None, xh4_b=None, rstd4_b=None, STORE: tl.constexpr = False):
     """Segment 4 of q, k, v -> DW3x3 -> (3s -> s) -> LayerNorm -> hardswish -> pre[:, C':C] (ROWS: the
-    tiles are rows of strips, `_tile`; the stencil tile by tile as otherwise)."""
+    tiles are rows of strips, `_tile`; the stencil tile by tile as otherwise). STORE (the training
+    forward, with FROM_Z): also what the backward reads of the branch, the depthwise output w4
+    (`_local_mix`'s STORE), xh4 and rstd4 (`_store_local_norm`), in `recompute.gma_recompute_local_kernel`'s
+    layouts, so that the backward does not run the branch again."""
     co = tl.arange(0, S_PAD)                                   # output channel
     omask = co < S
     lnw = tl.load(ln_weight + co, mask=omask, other=0.0)[None, :]
@@ -679,8 +693,10 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
     while t < t1:
         n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P, ROWS)
         z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n, C, S, CK, S_PAD, BLOCK_P,
-                       DOT_PRECISION, EMULATE_DOTS, UNROLL_KX=UNROLL_KX)
+                       DOT_PRECISION, EMULATE_DOTS, w4_b, N, STORE, UNROLL_KX)
         diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
+        if STORE:
+            _store_local_norm(xh4_b, rstd4_b, diff, rs, co, n, pmask, omask, N, EMULATE_DOTS)
         yv = hardswish(diff * rs[:, None] * lnw + lnb)
         tl.store(pre_b + n[:, None] * C + (CP + co)[None, :], stored(yv, pre_b, EMULATE_DOTS),
                  mask=pmask[:, None] & omask[None, :])
@@ -696,7 +712,7 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
 @triton.jit(do_not_specialize=["N", "H", "W", "SW", "stride_z_stream", "splits0", "splits1", "splits2", "splits3",
                                "splits4"])
 def gma_aggregate_kernel(
-    qkv, q, v, pre, part_m, part_l, part_acc, z,
+    qkv, q, v, pre, part_m, part_l, part_acc, z, w4, xh4, rstd4,
     bn_scale, bn_shift, dw3, dw5, dw7, pw, local_dw, local_pw, ln_weight, ln_bias,
     N, H, W, SW, stride_qkv_b, stride_qkv_n, stride_z_stream, splits0, splits1, splits2, splits3, splits4, ln_eps,
     C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
@@ -770,7 +786,8 @@ def gma_aggregate_kernel(
         t0 = (pid - e4) * tps
         _local_branch(qkv_b, pre + b * N * C, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
                       t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P,
-                      DOT_PRECISION, EMULATE_DOTS, UNROLL, ROWS)
+                      DOT_PRECISION, EMULATE_DOTS, UNROLL, ROWS, w4 + b * (3 * S * N), xh4 + b * (S * N), rstd4 + b * N,
+                      FROM_Z)
 
 
 def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_image: int = 5):
@@ -940,7 +957,7 @@ def _rows_splits(T: int, splits: int, ks: int) -> int:
 
 
 def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, part_m, part_l, part_acc,
-                   dots: DotVariant, z=None):
+                   dots: DotVariant, z=None, local=None):
     """(grid, args, kwargs) of one aggregation launch (what `launch_aggregate` passes to the kernel).
 
     qkv: (B, N, 3C) with unit channel stride; weights: `FoldedGMAWeights`; plan: the `JobPlan`
@@ -950,12 +967,15 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
     (`_common.dot_variant`; with ``shape.AGG_DOTS16`` its 16-bit-operand form for 16-bit inputs,
     `config.operand_precision`); z: with ``shape.AGG_FROM_Z`` (and only then) the planes Z of the
     statistics pass, as (3, B, C', N) with unit token stride and planes of N (the q, k, v streams of
-    (3B', C', H, W), B' >= B: a batch chunk is a slice of the streams). Also used, on meta tensors, to derive the AOT specialisations
+    (3B', C', H, W), B' >= B: a batch chunk is a slice of the streams); local: with z, the buffers the
+    local branch keeps for the backward, (w4 (B, 3s, H, W), xh4 (B, s, H, W)) in the stage dtype and rstd4
+    (B, 1, H, W) fp32, contiguous (`recompute.plan_recompute_local`'s). Also used, on meta tensors, to derive the AOT specialisations
     (`specializations.py`), so the two cannot drift apart.
     """
     B, N, _ = qkv.shape
-    if shape.AGG_FROM_Z != (z is not None):
-        raise ValueError("the planes Z go with AGG_FROM_Z (the training forward), and only with it")
+    if not shape.AGG_FROM_Z == (z is not None) == (local is not None):
+        raise ValueError("the planes Z and the local branch's buffers go with AGG_FROM_Z (the training forward), "
+                         "and only with it")
     plan.check()
     if plan.tiles != shape.num_tiles(N, W):
         raise ValueError(f"plan of {plan.tiles} tiles for {shape.num_tiles(N, W)} tiles of {shape.AGG_BLOCK_P} tokens")
@@ -968,8 +988,13 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
                              f"with planes of {N} tokens")
         if z.dtype != stage_dtype(qkv.dtype) or z.device != qkv.device:
             raise ValueError(f"planes {z.dtype} on {z.device} for a {qkv.dtype} layer on {qkv.device}")
+        s = shape.S
+        for t, ch, dt in zip(local, (3 * s, s, 1), (z.dtype, z.dtype, torch.float32)):
+            if tuple(t.shape) != (B, ch, H, W) or not t.is_contiguous() or t.dtype != dt or t.device != qkv.device:
+                raise ValueError(f"local branch buffer {tuple(t.shape)} {t.dtype}: expected a contiguous "
+                                 f"({B}, {ch}, {H}, {W}) {dt} tensor on {qkv.device}")
     w = weights
-    args = (qkv, q, v, pre, part_m, part_l, part_acc, qkv if z is None else z,
+    args = (qkv, q, v, pre, part_m, part_l, part_acc, *((qkv,) * 4 if z is None else (z, *local)),
             w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw, w.local_pw, w.ln_weight, w.ln_bias,
             N, H, W, strip_width(W, shape.AGG_STRIP), qkv.stride(0), qkv.stride(1), 0 if z is None else z.stride(0),
             *plan.splits, ln_eps)

@@ -277,7 +277,7 @@ class Stages(NamedTuple):
     b3: Callable           # (G, rc, wts, mean, rstd, sum_g, sum_gzh, count) -> (du, g_dw, g_pw)
     local_backward: Callable
     recompute: Callable = recompute     # (qkv, H, W, wts, ln_eps) -> the dict the stages read
-    #: ``recompute`` takes a keyword ``planes`` (Z, y_all) the training forward's statistics pass kept
+    #: ``recompute`` takes a keyword ``planes`` (`KeptPlanes`) the training forward kept
     #: (`training.prepare`), and rebuilds only the rest
     takes_planes: bool = False
     into_d_qkv: bool = False
@@ -298,11 +298,24 @@ TORCH_STAGES = Stages(b1_dkv=_b1_torch, b2_proxy_grads=b2_proxy_grads,
                       b3=_b3_torch, local_backward=local_backward)
 
 
+class KeptPlanes(NamedTuple):
+    """What a training forward kept for its backward (`training.save`), so that the backward's recompute
+    (`Stages.recompute` with ``planes``) need not compute it again: Z (3B, 4s, H, W) and the depthwise
+    outputs y_all (3, 3B, s, H, W) of the statistics pass (`statistics.statistics_planes`), and, where the
+    Triton forward read them (`config.from_planes`), its local branch's w4 (B, 3s, H, W), xh4 (B, s, H, W)
+    (stage dtype) and rstd4 (B, 1, H, W) (fp32), else None."""
+    z: Tensor
+    y_all: Tensor
+    w4: Optional[Tensor] = None
+    xh4: Optional[Tensor] = None
+    rstd4: Optional[Tensor] = None
+
+
 # ---------------------------------------------------------------- all stages
 def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, scale: float,
                             ln_eps: float, mean: Optional[Tensor] = None, rstd: Optional[Tensor] = None,
                             count=None, reduce_sums=None, stages: Stages = TORCH_STAGES,
-                            planes: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, FoldedGMAWeights]:
+                            planes: Optional[KeptPlanes] = None) -> Tuple[Tensor, FoldedGMAWeights]:
     """Gradients of qkv (qkv.dtype) and of every folded weight (their dtype) given grad_pre (B, N, C).
 
     mean, rstd (4, s): the batch statistics the forward normalised with (training mode), or None
@@ -310,9 +323,10 @@ def pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int, wts: 
     number of values per channel behind them (default 3B*H*W). reduce_sums: optional callable
     applied to the concatenated [sum(G), sum(G*Zhat)] before B3 (SyncBatchNorm's all-reduce);
     the returned bn_scale / bn_shift gradients stay this process's own. stages: the
-    implementation of each stage (default: the PyTorch functions of this file). planes: (Z, y_all) as
-    the statistics pass kept them (`training.prepare`), handed to a stage set whose recompute takes
-    them (`Stages.takes_planes`); others recompute them."""
+    implementation of each stage (default: the PyTorch functions of this file). planes: what the training
+    forward kept (`KeptPlanes`: Z and y of the statistics pass, `training.prepare`; the local branch's
+    buffers where the Triton forward kept them), handed to a stage set whose recompute takes them
+    (`Stages.takes_planes`); others recompute them."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     s = C // 5

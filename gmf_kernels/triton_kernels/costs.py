@@ -185,7 +185,8 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     cuda: the depthwise stencils, 3 x (9 + 25 + 49) s + 27 s MACs per token.
     With ``sh.AGG_FROM_Z`` (the training forward, `config.from_planes`) segments 1-3 come from the
     statistics pass's Z: qkv's segments 0 and 4 read (B N 6 s e), Z's segments 1-3 read (B N 9 s, stage
-    dtype: e), no pointwise and no 3x3/5x5/7x7 stencil (the local branch's stay).
+    dtype: e), no pointwise and no 3x3/5x5/7x7 stencil (the local branch's stay); and the local branch
+    keeps what its backward reads, w4 and xh4 (B N 4 s, stage dtype) and rstd4 (B N x 4 B).
     detail: also the plan (splits per job, tiles per split) and `balance`, the estimated
     critical path of the plan: the costliest program (`aggregate_job_costs`) over the mean
     program, x1000 (1000 = every program equal)."""
@@ -200,7 +201,9 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     detail = {"qkv_read": B * N * (6 * s if fz else 3 * sh.C) * e, "qv_write": 2 * B * N * cp * e,
               "pre_write": B * N * s * e, "partials_write": B * plan.partial_rows * s * (2 + d) * 4, "weights": weights}
     if fz:
-        detail["z_read"] = B * N * 9 * s * ELEM_BYTES.get(dtype_name(stage_dtype(torch_dtype(dt))), e)
+        se = ELEM_BYTES[dtype_name(stage_dtype(torch_dtype(dt)))]
+        detail["z_read"] = B * N * 9 * s * se
+        detail["local_write"] = B * N * (4 * s * se + 4)
     nbytes = sum(detail.values())
     detail.update({f"splits{j}": x for j, x in enumerate(plan.splits)})
     detail.update({f"tiles_per_split{j}": x for j, x in enumerate(plan.tiles_per_split)})
@@ -459,7 +462,8 @@ def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[i
                           dtype's dots; writes Z (3 x 4s x e), P of the v images (4s x e) and y (3 x 3s x e)
       recompute_attention reads Z of k (and the BatchNorm affine) and V (2 C' e), writes R (C' e) and the softmax
                           partials (B SPLITS C' (d + 2) x 4 B); cuda the CRPE 2 x 240 d, tc 2 C' d
-      recompute_local     reads segment 4 of q, k, v (3 s e), writes w4 (3s e), xh4 (s e) and
+      recompute_local     (eval with gradients: a training step's forward keeps these, `config.from_planes`)
+                          reads segment 4 of q, k, v (3 s e), writes w4 (3s e), xh4 (s e) and
                           rstd4 (4 B); cuda 2 x 9 x 3s, tc 2 x 3 s^2
     (the stage tensors Z, PV, y, R, w4, xh4 in the layer's dtype, `config.stage_dtype`: e bytes)
     plus the folded weights each reads, once."""

@@ -45,7 +45,7 @@ from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
 from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P, GMAShape,
                      dot_pad, dot_precision, dtype_name, from_planes, gma_shape, next_pow2, operand_precision,
-                     pair_applies)
+                     pair_applies, stage_dtype)
 
 Tensor = torch.Tensor
 #: one launch: (kernel, grid, positional args, keyword args incl. constexprs and num_warps)
@@ -336,7 +336,8 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     to derive, with Triton's own specialisation code, the variants the JIT will compile for
     real call shapes. dots: the dot variant (default: `dot_variant(qkv)`). planes: the training
     forward's Z kept by its statistics pass, as (3, B, C', N) (`planes_view`): the aggregation then
-    reads segments 1-3 from it instead of running their stencils (`config.from_planes`).
+    reads segments 1-3 from it instead of running their stencils (`config.from_planes`), and keeps
+    what the local branch's backward reads (buffers w4, xh4, rstd4: `recompute.plan_recompute_local`'s).
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
@@ -359,8 +360,14 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
         "part_acc": _alloc((B, rows, shape.S, shape.D), f32, dev),
         "kv": _alloc((B, shape.CP, shape.D), f32, dev),
     }
+    local = None
+    if planes is not None:    # what the local branch's backward reads, kept (recompute.plan_recompute_local's)
+        s, st = shape.S, stage_dtype(dt)
+        buf.update(w4=_alloc((B, 3 * s, H, W), st, dev), xh4=_alloc((B, s, H, W), st, dev),
+                   rstd4=_alloc((B, 1, H, W), f32, dev))
+        local = (buf["w4"], buf["xh4"], buf["rstd4"])
     agg = aggregate_call(qkv, H, W, weights, ln_eps, shape, plan, buf["q"], buf["v"], buf["pre"],
-                         buf["part_m"], buf["part_l"], buf["part_acc"], dots, planes)
+                         buf["part_m"], buf["part_l"], buf["part_acc"], dots, planes, local)
     comb = combine_call(buf["part_m"], buf["part_l"], buf["part_acc"], buf["kv"], shape, plan.segment_splits)
     attn = attention_call(buf["q"], buf["v"], buf["kv"], buf["pre"], weights, H, W, scale, shape, dots)
     launches = [(gma_aggregate_kernel, *agg), (gma_combine_kernel, *comb), (gma_attention_kernel, *attn)]

@@ -57,11 +57,13 @@ def triton_pre_projection(qkv: Tensor, H: int, W: int, weights: List[Tensor], sc
 
 
 def triton_pre_projection_from_planes(qkv: Tensor, z: Tensor, H: int, W: int, weights: List[Tensor], scale: float,
-                                      ln_eps: float) -> Tensor:
+                                      ln_eps: float) -> List[Tensor]:
     """`triton_pre_projection` in a training step whose statistics pass kept Z (`statistics.statistics_planes`:
     (3B, C', H, W), segments 0..3 of q, k, v before their BatchNorm, in the stage dtype): the aggregation
     reads segments 1-3 from z instead of running their stencils and channel mixes again
-    (`config.from_planes`). No autograd of its own: `train_op.TritonPreProjectionFunction` calls it."""
+    (`config.from_planes`). Returns [pre, w4, xh4, rstd4]: the pre-projection and what the local branch's
+    backward reads (`recompute.plan_recompute_local`'s buffers), kept by the same launch. No autograd of its
+    own: `train_op.TritonPreProjectionFunction` calls it."""
     B, N, C, folded = check_pre_projection_args(qkv, H, W, weights, scale, ln_eps)
     cp = 4 * (C // 5)
     if not isinstance(z, Tensor) or tuple(z.shape) != (3 * B, cp, int(H), int(W)) or not z.is_contiguous():
@@ -72,14 +74,23 @@ def triton_pre_projection_from_planes(qkv: Tensor, z: Tensor, H: int, W: int, we
                         f"{config.stage_dtype(qkv.dtype)} planes there")
     planes = planes_view(z, B)
     step = config.MAX_GRID_BATCH
-    if B <= step:
-        return launch_pre_projection(qkv, H, W, folded, scale, ln_eps, planes=planes)["pre"]
-    return torch.cat([launch_pre_projection(qkv[b0:b0 + step], H, W, folded, scale, ln_eps,
-                                            planes=planes[:, b0:b0 + step])["pre"] for b0 in range(0, B, step)])
+    chunks = [launch_pre_projection(qkv[b0:b0 + step], H, W, folded, scale, ln_eps, planes=planes[:, b0:b0 + step])
+              for b0 in range(0, B, step)]
+    if len(chunks) == 1:
+        return [chunks[0][k] for k in KEPT_OUTPUTS]
+    return [torch.cat([c[k] for c in chunks]) for k in KEPT_OUTPUTS]
+
+
+#: what `triton_pre_projection_from_planes` returns, in order (launcher buffers)
+KEPT_OUTPUTS = ("pre", "w4", "xh4", "rstd4")
 
 
 def _fake_from_planes(qkv, z, H, W, weights, scale, ln_eps):
-    return fake_pre_projection(qkv, H, W, weights, scale, ln_eps)
+    pre = fake_pre_projection(qkv, H, W, weights, scale, ln_eps)
+    B, N, C = pre.shape
+    s = C // 5
+    return [pre, z.new_empty((B, 3 * s, int(H), int(W))), z.new_empty((B, s, int(H), int(W))),
+            z.new_empty((B, 1, int(H), int(W)), dtype=torch.float32)]
 
 
 def _register(name, fn, fake):

@@ -29,7 +29,9 @@ no copy of them is made:
 3. ``gma_recompute_local_kernel``, grid ``(SPLITS, B)``: the local branch as the forward computes
    it (`aggregation._local_branch`: depthwise 3x3 of segment 4 of q, k, v, the 3s -> s pointwise
    as ``tl.dot``, LayerNorm statistics), storing w4 (the depthwise output), xh4 = (z4 - mean)
-   rstd and rstd4, all channel-first.
+   rstd and rstd4, all channel-first. In a training step whose forward read the kept Z
+   (`config.from_planes`) that forward's local branch stored the same three (`_local_branch` with
+   STORE), and this launch does not run (`recompute`'s planes, `backward.KeptPlanes`).
 
 Dots: the backward's (`statistics.backward_dots`: the forward's variant for qkv's dtype, so
 3xTF32 for fp32 and one TF32 pass for fp16/bf16 on sm_80+, FMAs on sm_70/75), on the
@@ -66,7 +68,8 @@ import triton.language as tl
 
 from ..folding import FoldedGMAWeights
 from ._common import DotVariant, crpe_group, depthwise_tile, hardswish, interpreting, stored
-from .aggregation import _layer_norm_rows, _local_mix, _online_softmax_kv, _store_partial, _tile, split_plan
+from .aggregation import (_layer_norm_rows, _local_mix, _online_softmax_kv, _store_local_norm, _store_partial, _tile,
+                          split_plan)
 from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2, stage_dtype, strip_width
 from .statistics import backward_dots, recompute_planes, statistics_dots
 from . import tile_spaces
@@ -153,9 +156,7 @@ def gma_recompute_local_kernel(
         z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_qkv_n, C, S, CK, S_PAD, BLOCK_P,
                        DOT_PRECISION, EMULATE_DOTS, w4_b, N, True)
         diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
-        tl.store(xh4_b + co[None, :] * N + n[:, None], stored(diff * rs[:, None], xh4_b, EMULATE_DOTS),
-                 mask=pmask[:, None] & omask[None, :])
-        tl.store(rstd4_b + n, rs, mask=pmask)
+        _store_local_norm(xh4_b, rstd4_b, diff, rs, co, n, pmask, omask, N, EMULATE_DOTS)
         t += 1
 
 
@@ -346,14 +347,16 @@ def _launch(launches: List[Launch], like: Tensor) -> None:
 
 
 def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
-              planes: Optional[Tuple[Tensor, Tensor]] = None) -> Dict[str, Tensor]:
+              planes=None) -> Dict[str, Tensor]:
     """`backward.recompute` on kernels (`backward.Stages.recompute` of `train_op.triton_stages`):
     the keys the Triton stages read, Z, V (P of the v images: the stages take q's and k's
     proxies from Z), y, KV, k_max, k_sum, R, w4, xh4, rstd4, and qkv itself (the depthwise
     inputs, read in place: not P, u, u4, Ks, pre_act, streams, the PyTorch stages' own). Three launches (module docstring), with the backward's dots (`statistics.backward_dots`).
-    planes: (Z, y_all) kept by the training forward's statistics pass (`statistics.statistics_planes`):
-    then the first launch is `gma_proxy_v_kernel` (V from Z) instead of the recompute of Z, V and y
-    (statistics.py's module docstring, "Planes kept for the backward").
+    planes: what the training forward kept (`backward.KeptPlanes`): Z and y of its statistics pass
+    (`statistics.statistics_planes`): then the first launch is `gma_proxy_v_kernel` (V from Z) instead of
+    the recompute of Z, V and y (statistics.py's module docstring, "Planes kept for the backward"); and
+    w4, xh4, rstd4 of its local branch where its aggregation kept them (`config.from_planes`): then no
+    `gma_recompute_local_kernel` either.
     Compute dtypes other than float32 (float64 inputs) take the PyTorch `backward.recompute`."""
     if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
         from .backward import recompute as torch_recompute
@@ -364,13 +367,17 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
     if planes is None:
         Z, V, y = recompute_planes(qkv, H, W, wts)          # the op takes backward_dots(qkv) itself
     else:
-        Z, y_all = planes
+        Z, y_all = planes.z, planes.y_all
         V, lv = plan_proxy_v(Z, wts)
         y = list(y_all.unbind(0))
         first.append(lv)
     att, la = plan_recompute_attention(Z, V, H, W, wts, tile_spaces.tuned_tiles(ATTENTION_FAMILY, C, qkv), dots=dots)
-    loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps, tile_spaces.tuned_tiles(LOCAL_FAMILY, C, qkv), dots=dots)
-    _launch(first + [la, ll], qkv)
+    if planes is not None and planes.w4 is not None:     # kept by the forward's local branch
+        loc, local = dict(w4=planes.w4, xh4=planes.xh4, rstd4=planes.rstd4), []
+    else:
+        loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps, tile_spaces.tuned_tiles(LOCAL_FAMILY, C, qkv), dots=dots)
+        local = [ll]
+    _launch(first + [la] + local, qkv)
     k_max, k_sum, KV = merge_softmax_partials(att["part_m"], att["part_l"], att["part_acc"])
     return dict(Z=Z, V=V, y=y, KV=KV, k_max=k_max, k_sum=k_sum, R=att["R"], w4=loc["w4"], xh4=loc["xh4"],
                 rstd4=loc["rstd4"], qkv=qkv)
