@@ -246,17 +246,19 @@ def test_forward_low_precision_grids(dtype, C, H, W, B):
     assert_within_reference_error(out, ref_lp, case.out, name=f"{dtype} out")
 
 
-def _check_launch(case, shape):
-    """Launch the three kernels on `case` (fp32) with the specialisation `shape`: every buffer
-    written (no NaN poison left), Q, V, KV and the pre-projection within FP32_TOL of float64."""
+def _check_launch(case, shape, planes=None):
+    """Launch the three kernels on `case` (fp32) with the specialisation `shape` (and the kept `planes`,
+    `launcher.plan_pre_projection`'s): every buffer written (no NaN poison left), Q, V, KV and the
+    pre-projection within FP32_TOL of float64. Returns the buffers."""
     r = launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W, case.folded(torch.float32),
-                                       case.hp.scale, case.hp.ln_eps, shape=shape)
+                                       case.hp.scale, case.hp.ln_eps, shape=shape, planes=planes)
     for name, t in r.items():
         assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
     _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
     _assert_rel(r["v"], case.V, FP32_TOL, "V")
     _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
     _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+    return r
 
 
 @pytest.mark.parametrize("C", [80, 480], ids=lambda c: f"C{c}")
@@ -754,14 +756,7 @@ def test_forward_from_planes_float32(C, H, W, B):
     from gmf_kernels.triton_kernels import recompute
     case = Case(C, H, W, B, seed=C + 3 * H)
     qkv, f, z = _kept_planes(case, torch.float32)
-    r = launcher.launch_pre_projection(qkv, H, W, f, case.hp.scale, case.hp.ln_eps,
-                                       planes=launcher.planes_view(z, B))
-    for name, t in r.items():
-        assert not torch.isnan(t).any(), f"{name}: unwritten (NaN-poisoned) elements"
-    _assert_rel(r["q"], case.Q, FP32_TOL, "Q")
-    _assert_rel(r["v"], case.V, FP32_TOL, "V")
-    _assert_rel(r["kv"], case.KV, FP32_TOL, "KV")
-    _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
+    r = _check_launch(case, None, planes=launcher.planes_view(z, B))
     loc, (kernel, grid, args, kwargs) = recompute.plan_recompute_local(qkv, H, W, f, case.hp.ln_eps)
     kernel[grid](*args, **kwargs)
     for name in ("w4", "xh4", "rstd4"):
