@@ -153,8 +153,8 @@ def markdown(results, wall_s: float, jobs: int, kind: str = "forward") -> str:
             ) if kind == "backward" else (
         "Specialisations: every one that the training forward's statistics pass (all released widths; keeping Z "
         "and y for the backward, `store`, where the layer runs the backward kernels), the training forward's "
-        "aggregation reading that Z (`from Z`, `config.from_planes`; its combine and attention kernels are the "
-        "eval forward's) and the backward's recompute "
+        "kernels reading that Z and keeping what the backward would recompute (`from Z`, `keep stats`, `keep R`: "
+        "`config.from_planes`) and the backward's recompute "
         "kernels (V from the kept Z, proxy_v; Z, P, y, recompute_z, for eval with gradients; the softmax "
         "statistics, KV and the CRPE; the local "
         "branch: recompute.py; the layers that run the backward kernels: C <= 320 on sm_70/75, all on sm_80+) of "

@@ -23,9 +23,9 @@ What it measures (`gmf_kernels.tuning`, the table format is in its docstring):
   lookup (`tile_spaces.tuned_tiles`) runs it, all other families at their defaults. Timed on
   the op the family runs in: the statistics pass as a training step with a backward runs it, keeping
   Z and y (``gmf::triton_z_moments_planes``), for "triton.statistics", the whole backward of one layer (``gmf::triton_pre_projection_backward``,
-  batch statistics, with those kept planes and the local branch's buffers the forward keeps, as a training
-  step passes them; without, for "triton.recompute_z" and "triton.recompute_local", whose kernels only run
-  then) for the others, so an entry's time is that op's,
+  batch statistics, with those kept planes and what the forward keeps, as a training step passes them;
+  without, for the recompute families, whose kernels only run then) for the others, so an entry's time is
+  that op's,
   not one kernel's. A
   candidate is refused when a variant of the family's kernels first compiled for it spills (read
   from Triton's cache of compiled kernels), or when its results (the moments and planes; the qkv and every
@@ -86,12 +86,11 @@ STAGE_GRIDS = (56, 28, 14, 7)
 #: share of the budget per part, in order (unused time carries over to the next part)
 BUDGET_SHARES = (("triton.aggregate", 0.35), ("triton.attention", 0.15), ("cuda.tiles", 0.25), ("backends", 0.25))
 #: ... and of a --train run (the families of gmf_kernels/triton_kernels/tile_spaces.py)
-#: (the recomputes of Z and of the local branch last and small: a training step's backward reads the Z and y
-#: its statistics pass kept and the local branch's buffers its forward kept, so those families serve eval-mode
-#: calls with gradients only)
+#: (the recomputes last and small: a training step's backward reads the Z and y its statistics pass kept and
+#: what its forward kept, so those families serve eval-mode calls with gradients only)
 TRAIN_BUDGET_SHARES = (("triton.backward", 0.25), ("triton.statistics", 0.25),
                        ("triton.b2", 0.1), ("triton.b1", 0.1), ("triton.b2_crpe", 0.1),
-                       ("triton.recompute_attention", 0.1), ("triton.recompute_z", 0.05),
+                       ("triton.recompute_attention", 0.05), ("triton.recompute_z", 0.05),
                        ("triton.recompute_local", 0.05))
 #: --train's last part, after the families: one layer's training step per backend (`GpuMeasure.backends_train`)
 BACKENDS_TRAIN_SHARE = ("backends_train", 0.1)
@@ -379,23 +378,23 @@ class GpuMeasure:
             else:
                 # batch statistics for the backward, with the default tiles (an empty table here: not
                 # whatever table the machine has)
-                # a training step's backward: with the Z and y its statistics pass kept and the local branch's
-                # buffers its forward kept, but for the recompute families' own (eval with gradients), whose
-                # kernels run only without them
+                # a training step's backward: with the Z and y its statistics pass kept and what its forward kept
+                # (the local branch's buffers, R, KV, the softmax statistics), but for the recompute families'
+                # own (eval with gradients), whose kernels run only without them
                 moments, z, y_all = torch.ops.gmf.triton_z_moments_planes(qkv, H, W, *dw)
-                _, *local = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, ws, float(hp.scale),
-                                                                            float(hp.ln_eps))
+                _, *kept = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, ws, float(hp.scale),
+                                                                           float(hp.ln_eps))
                 if family == "triton.recompute_z":
                     z = y_all = None
-                if family in ("triton.recompute_z", "triton.recompute_local"):
-                    local = [None] * 3
+                if family in ("triton.recompute_z", "triton.recompute_local", "triton.recompute_attention"):
+                    kept = [None] * len(kept)
                 mean = moments[0].float().view(4, s)
                 rstd = torch.rsqrt(moments[1] / (3 * B * N) + float(hp.bn_eps)).float().view(4, s)
 
                 def fn():
                     return torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, ws, float(hp.scale),
                                                                         float(hp.ln_eps), mean, rstd, z, y_all,
-                                                                        *local)
+                                                                        *kept)
             for i, cfg in enumerate(cands):
                 rec = {"config": dict(cfg)}
                 if self.late(i, rec):

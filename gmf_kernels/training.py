@@ -36,14 +36,16 @@ Saved for the backward per image: qkv (3C values per token, in qkv's dtype), the
 weights and, in training mode where the backward runs the Triton stages, the planes the statistics
 pass kept (Z and the depthwise outputs y, 4.2 C values per token in the stage dtype: computing them
 once instead of again in the backward, statistics.py, "Planes kept for the backward") and what the
-Triton forward's local branch kept (w4 and xh4, 0.8 C values per token in the stage dtype, and rstd4,
-one fp32 value per token: `config.from_planes`); everything else is recomputed. Activation memory of
-the whole layer, measured with autograd's saved-tensor hooks (tests/test_triton_training.py, per
-image, in N*C values of the input's dtype): Triton 10.0 + 1/C (x for the qkv linear, qkv, the
-pre-projection tokens for `proj`, the planes: 10.025 measured at C = 40; 9.2 before the local branch's
-were kept, 5.0 without any planes, as before 2026-12-05) against 18.3 for upstream's eager structure
-(the reference backend; C = 80, 160, 320 at 14x14 / 28x28, float32; 19.9 at C = 40) and 23.5 for the
-torch backend: 1.8x less than eager.
+Triton forward that read them kept of what the backward's recompute would make (`config.from_planes`,
+`backward.KeptPlanes`: the local branch's w4 and xh4, 0.8 C values per token in the stage dtype, and
+rstd4, one fp32 value per token; the attention's R, 0.8 C per token, and per image KV and the softmax
+statistics, C' (d + 2) fp32 values); everything else is recomputed. Activation memory of the whole
+layer, measured with autograd's saved-tensor hooks (tests/test_triton_training.py, per image, in N*C
+values of the input's dtype): Triton 10.8 + 1/C + C' (d + 2) / (N C) (x for the qkv linear, qkv, the
+pre-projection tokens for `proj`, the kept tensors: measured 10.96 at C = 40 5x7, 11.21 at C = 80 4x5;
+5.0 before 2026-12-05, when nothing was kept) against 18.3 for upstream's eager structure (the
+reference backend; C = 80, 160, 320 at 14x14 / 28x28, float32; 19.9-20.1 on the tiny grids) and 23.5
+for the torch backend: about 1.7x less than eager at the model's grids.
 
 SyncBatchNorm (``hp.bn_process_group``, upstream's semantics): the statistics pass all-reduces
 (sum, sum of squares, count) once (`distributed.sync_batch_stats`; the kernel's (count, mean,
@@ -155,29 +157,36 @@ def backward_follows(qkv: Tensor, w: GMAWeights) -> bool:
     return qkv.requires_grad or any(t.requires_grad for t in w.tensors())
 
 
+#: how many tensors a forward may keep beside Z and y (`KeptPlanes` after y_all: the Triton forward's, `launcher.KEPT`)
+NUM_KEPT = len(KeptPlanes._fields) - 2
+
+
 def save(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, weights,
-         local: Tuple[Optional[Tensor], ...] = (None, None, None)) -> None:
-    """What every fused Function's forward keeps for `backward`; local: (w4, xh4, rstd4), what the local
-    branch's backward reads, where the forward kept them (the Triton forward from the kept planes)."""
-    ctx.save_for_backward(qkv, mean, rstd, count, z, y_all, *local, *weights)
+         kept: Tuple[Optional[Tensor], ...] = (None,) * NUM_KEPT) -> None:
+    """What every fused Function's forward keeps for `backward`; kept: what the forward itself kept of what
+    the backward's recompute would make (`KeptPlanes` after y_all: the Triton forward from the kept planes),
+    else Nones."""
+    ctx.save_for_backward(qkv, mean, rstd, count, z, y_all, *kept, *weights)
     ctx.meta = (H, W, scale, ln_eps, group)
 
 
-def saved_planes(z, y_all, w4, xh4, rstd4) -> Optional[KeptPlanes]:
-    """The planes `save` kept, as the backward takes them (None: nothing kept)."""
-    return None if z is None else KeptPlanes(z, y_all, w4, xh4, rstd4)
+def saved(ctx) -> tuple:
+    """(qkv, mean, rstd, count, planes or None, weights) of what `save` kept."""
+    qkv, mean, rstd, count, z, y_all, *rest = ctx.saved_tensors
+    planes = None if z is None else KeptPlanes(z, y_all, *rest[:NUM_KEPT])
+    return qkv, mean, rstd, count, planes, rest[NUM_KEPT:]
 
 
 def backward(ctx, grad_pre, stages: Stages = TORCH_STAGES) -> tuple:
     """The gradients of a fused Function's inputs (None for the non-tensor and statistics inputs);
     `stages`: the implementation of each backward stage (default: PyTorch ops)."""
-    qkv, mean, rstd, count, z, y_all, w4, xh4, rstd4, *weights = ctx.saved_tensors
+    qkv, mean, rstd, count, planes, weights = saved(ctx)
     H, W, scale, ln_eps, group = ctx.meta
     reduce_sums = None if group is None else (lambda t: all_reduce_sum(t, group))
     with torch.autocast(qkv.device.type, enabled=False):
         d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
                                                mean, rstd, None if count is None else count.to(mean.dtype),
-                                               reduce_sums, stages, saved_planes(z, y_all, w4, xh4, rstd4))
+                                               reduce_sums, stages, planes)
     return (d_qkv,) + (None,) * (NUM_LEADING_INPUTS - 1) + tuple(grads)
 
 

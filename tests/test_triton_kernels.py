@@ -750,9 +750,10 @@ def test_forward_from_planes_float32(C, H, W, B):
     """The aggregation with AGG_FROM_Z (`config.from_planes`): segments 1-3 read from the Z the statistics
     pass kept instead of their stencils. Every buffer written (NaN poison), Q, V, KV and the pre-projection
     within FP32_TOL of float64, with the eval-mode folded weights (any affine: the op takes the folded
-    BatchNorms as they are); the local branch's kept w4, xh4, rstd4 as the backward's recompute kernel
-    makes them (`recompute.plan_recompute_local`), and xh4 against float64 (the reference's LayerNorm
-    input, normalised)."""
+    BatchNorms as they are); what the launches keep for the backward as its recompute kernels make it: the
+    local branch's w4, xh4, rstd4 (`recompute.plan_recompute_local`; xh4 against float64 too, the
+    reference's LayerNorm input normalised), and R, kv, k_max, k_sum (`recompute.plan_recompute_attention`
+    on V from the same Z, its partials merged)."""
     from gmf_kernels.triton_kernels import recompute
     case = Case(C, H, W, B, seed=C + 3 * H)
     qkv, f, z = _kept_planes(case, torch.float32)
@@ -762,6 +763,15 @@ def test_forward_from_planes_float32(C, H, W, B):
     for name in ("w4", "xh4", "rstd4"):
         assert r[name].shape == loc[name].shape and r[name].dtype == loc[name].dtype, name
         _assert_rel(r[name], loc[name], FP32_TOL, name)
+    pv, (kernel, grid, args, kwargs) = recompute.plan_proxy_v(z, f)
+    kernel[grid](*args, **kwargs)
+    att, (kernel, grid, args, kwargs) = recompute.plan_recompute_attention(z, pv, H, W, f)
+    kernel[grid](*args, **kwargs)
+    k_max, k_sum, kv = recompute.merge_softmax_partials(att["part_m"], att["part_l"], att["part_acc"])
+    assert r["R"].shape == att["R"].shape and r["R"].dtype == att["R"].dtype
+    _assert_rel(r["R"], att["R"], FP32_TOL, "R")
+    for name, want in (("kv", kv), ("k_max", k_max), ("k_sum", k_sum)):
+        _assert_rel(r[name].reshape(want.shape), want, FP32_TOL, name)
     w = case.w64
     u4 = torch.cat([case.x64 @ w.qkv_weight[i * C:(i + 1) * C].T + w.qkv_bias[i * C:(i + 1) * C]
                     for i in range(3)], -1)
@@ -810,10 +820,11 @@ def test_forward_from_planes_gpu_tiles_and_chunks(monkeypatch):
 
     monkeypatch.setattr(op, "launch_pre_projection", recording)
     monkeypatch.setattr(config, "MAX_GRID_BATCH", 2)
-    out, w4, xh4, rstd4 = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, 9, 9, list(f), case.hp.scale,
-                                                                          case.hp.ln_eps)
+    out, w4, xh4, rstd4, *kept = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, 9, 9, list(f), case.hp.scale,
+                                                                                  case.hp.ln_eps)
     assert w4.shape == (5, 48, 9, 9) and xh4.shape == (5, 16, 9, 9) and rstd4.shape == (5, 1, 9, 9)
-    for name, a, b in zip(op.KEPT_OUTPUTS, (out, w4, xh4, rstd4), whole):     # chunks as the whole batch
+    assert [t.shape for t in kept] == [(5, 64, 9, 9), (5, 64, 8), (5, 64), (5, 64)]
+    for name, a, b in zip(op.KEPT_OUTPUTS, (out, w4, xh4, rstd4, *kept), whole):     # chunks as the whole batch
         _assert_rel(a, b, FP32_TOL, f"{name}, chunked against whole")
     assert seen == [(2, (3, 2, 64, 81)), (2, (3, 2, 64, 81)), (1, (3, 1, 64, 81))]
     _assert_rel(out, case.pre, FP32_TOL, "pre_proj, chunked batch")

@@ -178,9 +178,9 @@ def test_triton_stages_take_the_recompute_kernels():
 
 def test_training_step_runs_the_recompute_kernels_once(monkeypatch):
     """A float32 Triton training step (tests/training_cases.py: output, every gradient, running
-    statistics against the float64 reference) runs the backward's recompute launches once each: V from
-    the Z the statistics pass kept (not the recompute of Z, V and y), the softmax statistics, KV and
-    CRPE; not the local branch, whose buffers the forward kept (`config.from_planes`)."""
+    statistics against the float64 reference) runs one recompute launch: V from the Z the statistics pass
+    kept (not the recompute of Z, V and y); not the softmax statistics, KV and CRPE, nor the local branch,
+    which the forward kept (`config.from_planes`)."""
     from gmf_kernels.triton_kernels import statistics as st
     from training_cases import check_train_float32
     z = record_calls(monkeypatch, st, "recompute_z")
@@ -190,7 +190,7 @@ def test_training_step_runs_the_recompute_kernels_once(monkeypatch):
     C, grid, B = 40, (3, 5), 2
     check_train_float32("triton", C, grid, B, 0.1, 1, DEVICE)
     z_shape = (3 * B, 4 * C // 5, *grid)
-    assert z == [] and pv == [z_shape] and att == [z_shape] and loc == [], (z, pv, att, loc)
+    assert z == [] and pv == [z_shape] and att == [] and loc == [], (z, pv, att, loc)
 
 
 # ------------------------------------------------------------------ ahead-of-time compile (no GPU)

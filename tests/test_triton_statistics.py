@@ -444,9 +444,9 @@ def test_kept_planes_match_float64(C, grid, B, dtype):
 
 def test_training_step_keeps_planes_only_when_a_backward_follows(monkeypatch):
     """`training.prepare` runs the planes pass when autograd records the call (the forward then reads the
-    kept Z instead of running the stencils of segments 1-3 again and keeps its local branch's buffers, and
-    the backward reads both instead of running the recompute kernels of Z and of the local branch), the
-    plain pass under no_grad (nothing kept, the forward's own stencils)."""
+    kept Z instead of running the stencils of segments 1-3 again and keeps what the backward's recompute
+    would make, and the backward reads both instead of running the recompute kernels of Z, of the local
+    branch and of the attention), the plain pass under no_grad (nothing kept, the forward's own stencils)."""
     import gmf_kernels
     from gmf_kernels.triton_kernels import launcher
     from gmf_kernels.triton_kernels import recompute as rcp
@@ -459,15 +459,16 @@ def test_training_step_keeps_planes_only_when_a_backward_follows(monkeypatch):
     from_z = record_calls(monkeypatch, launcher, "plan_pre_projection",
                           record=lambda *a, **k: (a[8] if len(a) > 8 else k.get("planes")) is not None)
     local = record_calls(monkeypatch, rcp, "plan_recompute_local")
+    record_calls(monkeypatch, rcp, "plan_recompute_attention", calls=local)
     with torch.no_grad():
         m(x, (H, W))
     assert store == [False] and not recomputed and from_z == [False]
-    m(x, (H, W)).sum().backward()           # the local branch too kept by the forward: not recomputed
+    m(x, (H, W)).sum().backward()           # the local branch and the attention kept by the forward too
     assert store == [False, True] and not recomputed and from_z == [False, True] and not local, \
         (store, recomputed, from_z, local)
     m.eval()
     m(x, (H, W)).sum().backward()          # eval with gradients: no statistics pass, Z recomputed
-    assert store == [False, True] and len(recomputed) == 1 and from_z == [False, True, False] and len(local) == 1
+    assert store == [False, True] and len(recomputed) == 1 and from_z == [False, True, False] and len(local) == 2
 
 
 # ------------------------------------------------------------------ ahead-of-time compile (no GPU)

@@ -37,8 +37,8 @@ from .config import cdiv, dtype_name, operand_precision
 
 # Shape integers not specialised: see the note above gma_aggregate_kernel (aggregation.py).
 @triton.jit(do_not_specialize=["splits0", "splits1", "splits2", "splits3"])
-def gma_combine_kernel(part_m, part_l, part_acc, kv, splits0, splits1, splits2, splits3,
-                       CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+def gma_combine_kernel(part_m, part_l, part_acc, kv, k_max, k_sum, splits0, splits1, splits2, splits3,
+                       CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, STATS: tl.constexpr = False):
     head = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     seg = head // 2
@@ -73,6 +73,9 @@ def gma_combine_kernel(part_m, part_l, part_acc, kv, splits0, splits1, splits2, 
     L = tl.where(imask, L, 1.0)
     row = head * D + i                                          # channel of the head in kv
     tl.store(kv + (b * CP + row)[:, None] * D + i[None, :], ACC / L[:, None], mask=m2)
+    if STATS:   # the training forward keeps the softmax statistics for the backward (B2 reads them)
+        tl.store(k_max + b * CP + row, M, mask=imask)
+        tl.store(k_sum + b * CP + row, L, mask=imask)
 
 
 @triton.jit
@@ -106,17 +109,38 @@ def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
                     n, y, x, pmask, H, W, KS,
                     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
                     D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
-                    UNROLL_KX: tl.constexpr = False):
+                    UNROLL_KX: tl.constexpr = False, r_b=None, N=0, STORE_R: tl.constexpr = False):
+    """One tile of one head: A = scale Q KV + Q (CRPE(V) + bias) into pre. STORE_R (the training forward,
+    `config.from_planes`): also R = CRPE(V) + bias, channel-first (r_b + channel N + n, the stage dtype),
+    which the backward reads (`recompute.gma_recompute_attention_kernel`'s R)."""
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
     m2 = pmask[:, None] & kmask[None, :]
     ch = head * D + kk
     qt = tl.load(q_b + n[:, None] * CP + ch[None, :], mask=m2, other=0.0).to(tl.float32)
-    e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
-    conv = depthwise_tile(v_b, ch, kmask, crpe_w + (head - first) * D + kk, group_heads * D, n, y, x, pmask,
-                          H, W, CP, KS, BLOCK_P, D_PAD, UNROLL_KX)
-    bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
-    out = scale * e + qt * (conv + bias)
+    if STORE_R and DOT_PRECISION != "ieee":
+        # R first, then Q KV on the MMAs: the other order spilled 16 B at C = 80 fp16 on sm_80 (ptxas at 56
+        # registers), while with the FMA dots of sm_70/75 (`_q_kv`'s loop) this order spilled 4 B at C = 200
+        # fp16 (ptxas at 96): AOT compiles, Triton 3.6
+        conv = depthwise_tile(v_b, ch, kmask, crpe_w + (head - first) * D + kk, group_heads * D, n, y, x, pmask,
+                              H, W, CP, KS, BLOCK_P, D_PAD, UNROLL_KX)
+        rv = conv + tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
+        tl.store(r_b + ch[None, :] * N + n[:, None], stored(rv, r_b, EMULATE_DOTS), mask=m2)
+        e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+        out = scale * e + qt * rv
+    elif STORE_R:
+        e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+        conv = depthwise_tile(v_b, ch, kmask, crpe_w + (head - first) * D + kk, group_heads * D, n, y, x, pmask,
+                              H, W, CP, KS, BLOCK_P, D_PAD, UNROLL_KX)
+        rv = conv + tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
+        out = scale * e + qt * rv
+        tl.store(r_b + ch[None, :] * N + n[:, None], stored(rv, r_b, EMULATE_DOTS), mask=m2)
+    else:         # (the eval kernel's order, as before R was kept: its registers unchanged)
+        e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+        conv = depthwise_tile(v_b, ch, kmask, crpe_w + (head - first) * D + kk, group_heads * D, n, y, x, pmask,
+                              H, W, CP, KS, BLOCK_P, D_PAD, UNROLL_KX)
+        bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
+        out = scale * e + qt * (conv + bias)
     tl.store(pre_b + n[:, None] * C + ch[None, :], stored(out, pre_b, EMULATE_DOTS), mask=m2)
 
 
@@ -162,11 +186,11 @@ def _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
 
 @triton.jit(do_not_specialize=["N", "H", "W", "run_rows"])
 def gma_attention_kernel(
-    q, v, kv, pre, crpe_w3, crpe_w5, crpe_w7, crpe_b,
+    q, v, kv, pre, r, crpe_w3, crpe_w5, crpe_w7, crpe_b,
     N, H, W, scale, run_rows,
     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, UNROLL: tl.constexpr,
-    ROWS: tl.constexpr = False,
+    ROWS: tl.constexpr = False, STORE_R: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     head = tl.program_id(1)
@@ -175,6 +199,7 @@ def gma_attention_kernel(
     v_b = v + b * N * CP
     kv_b = kv + b * CP * D
     pre_b = pre + b * N * C
+    r_b = r + b * CP * N                                       # STORE_R only (a placeholder otherwise)
     if ROWS:     # program t: run t % runs of strip t // runs, `run_rows` rows (`attention_call`)
         runs = tl.cdiv(H, run_rows)
         strip = t // runs
@@ -197,30 +222,38 @@ def gma_attention_kernel(
         if UNROLL:   # an instance per CRPE window (KS constexpr), each tap row unrolled (_common.depthwise_taps)
             if head < 2:
                 _attention_head(q_b, v_b, kv_b, pre_b, crpe_w3, crpe_b, head, 0, 2, scale, n, y, x, pmask, H, W, 3,
-                                C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+                                C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True, r_b, N, STORE_R)
             elif head < 5:
                 _attention_head(q_b, v_b, kv_b, pre_b, crpe_w5, crpe_b, head, 2, 3, scale, n, y, x, pmask, H, W, 5,
-                                C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+                                C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True, r_b, N, STORE_R)
             else:
                 _attention_head(q_b, v_b, kv_b, pre_b, crpe_w7, crpe_b, head, 5, 3, scale, n, y, x, pmask, H, W, 7,
-                                C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+                                C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True, r_b, N, STORE_R)
         else:        # one instance for the three windows: KS runtime
             ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
             _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale, n, y, x, pmask, H,
-                            W, ks, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                            W, ks, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, False, r_b, N, STORE_R)
 
 
-def combine_call(part_m, part_l, part_acc, kv, shape, segment_splits):
+def combine_call(part_m, part_l, part_acc, kv, shape, segment_splits, stats=None):
     """(grid, args, kwargs) of the combine launch: the packed partials part_m, part_l (B, R, s),
     part_acc (B, R, s, d) fp32 of `aggregation` with segment j's splits in rows
     [sum(segment_splits[:j]), sum(segment_splits[:j+1])) (R = sum(segment_splits); the
-    aggregation's `JobPlan.segment_splits`) -> kv (B, C', d) fp32."""
+    aggregation's `JobPlan.segment_splits`) -> kv (B, C', d) fp32; stats: with ``shape.AGG_FROM_Z`` (the
+    training forward, and only then), (k_max, k_sum) (B, C') fp32: the softmax's max and sum per channel,
+    kept for the backward."""
     segment_splits = tuple(int(x) for x in segment_splits)
     B, R, _ = part_m.shape
     if len(segment_splits) != 4 or min(segment_splits) < 1 or sum(segment_splits) != R:
         raise ValueError(f"segment splits {segment_splits} for {R} partial rows")
-    return (8, B), (part_m, part_l, part_acc, kv, *segment_splits), dict(CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD,
-                                                                         num_warps=shape.COMBINE_WARPS)
+    if shape.AGG_FROM_Z != (stats is not None):
+        raise ValueError("the softmax statistics are kept with AGG_FROM_Z (the training forward), and only then")
+    if stats is not None and any(tuple(t.shape) != (B, shape.CP) or t.dtype != kv.dtype or not t.is_contiguous()
+                                 for t in stats):
+        raise ValueError(f"k_max, k_sum: contiguous ({B}, {shape.CP}) {kv.dtype} tensors expected")
+    k_max, k_sum = stats or (kv, kv)
+    return (8, B), (part_m, part_l, part_acc, kv, k_max, k_sum, *segment_splits), dict(
+        CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD, STATS=stats is not None, num_warps=shape.COMBINE_WARPS)
 
 
 def launch_combine(kernel, part_m, part_l, part_acc, kv, shape, segment_splits):
@@ -228,17 +261,25 @@ def launch_combine(kernel, part_m, part_l, part_acc, kv, shape, segment_splits):
     kernel[grid](*args, **kwargs)
 
 
-def attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots: DotVariant):
+def attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots: DotVariant, r=None):
     """(grid, args, kwargs) of the attention launch. q, v: (B, N, C') contiguous; kv: (B, C', d)
     fp32; weights: `FoldedGMAWeights` (its crpe_* tensors); writes pre[..., :C'] of (B, N, C). dots: the
-    dot variant (with ``shape.ATTN_DOTS16`` its 16-bit-operand form for 16-bit q, `config.operand_precision`)."""
+    dot variant (with ``shape.ATTN_DOTS16`` its 16-bit-operand form for 16-bit q, `config.operand_precision`).
+    r: with ``shape.AGG_FROM_Z`` (the training forward, and only then; tiles, not row walks), R = CRPE(V) +
+    bias (B, C', H, W) contiguous in q's dtype, kept for the backward."""
     B, N, _ = q.shape
     w = weights
+    if shape.AGG_FROM_Z != (r is not None) or (r is not None and shape.ATTN_ROWS):
+        raise ValueError("R is kept with AGG_FROM_Z (the training forward, attention tiles), and only then")
+    if r is not None and (tuple(r.shape) != (B, shape.CP, H, W) or r.dtype != q.dtype or not r.is_contiguous()):
+        raise ValueError(f"R: a contiguous ({B}, {shape.CP}, {H}, {W}) {q.dtype} tensor expected, got "
+                         f"{tuple(r.shape)} {r.dtype}")
     run_rows, programs = attention_rows_plan(H, W, B, shape) if shape.ATTN_ROWS else (0, cdiv(N, shape.ATTN_BLOCK_P))
-    args = (q, v, kv, pre, w.crpe_w3, w.crpe_w5, w.crpe_w7, w.crpe_b, N, H, W, scale, run_rows)
+    args = (q, v, kv, pre, pre if r is None else r, w.crpe_w3, w.crpe_w5, w.crpe_w7, w.crpe_b, N, H, W, scale,
+            run_rows)
     kwargs = dict(C=shape.C, CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD, BLOCK_P=shape.ATTN_BLOCK_P,
                   DOT_PRECISION=operand_precision(dots.precision, dtype_name(q.dtype), shape.ATTN_DOTS16),
-                  EMULATE_DOTS=dots.emulate, UNROLL=shape.ATTN_UNROLL, ROWS=shape.ATTN_ROWS,
+                  EMULATE_DOTS=dots.emulate, UNROLL=shape.ATTN_UNROLL, ROWS=shape.ATTN_ROWS, STORE_R=r is not None,
                   num_warps=shape.ATTN_WARPS)
     return (programs, 8, B), args, kwargs
 

@@ -302,13 +302,18 @@ class KeptPlanes(NamedTuple):
     """What a training forward kept for its backward (`training.save`), so that the backward's recompute
     (`Stages.recompute` with ``planes``) need not compute it again: Z (3B, 4s, H, W) and the depthwise
     outputs y_all (3, 3B, s, H, W) of the statistics pass (`statistics.statistics_planes`), and, where the
-    Triton forward read them (`config.from_planes`), its local branch's w4 (B, 3s, H, W), xh4 (B, s, H, W)
-    (stage dtype) and rstd4 (B, 1, H, W) (fp32), else None."""
+    Triton forward read them (`config.from_planes`; `launcher.KEPT`), its local branch's w4 (B, 3s, H, W),
+    xh4 (B, s, H, W) (stage dtype) and rstd4 (B, 1, H, W) (fp32), and of its attention R = CRPE(V) + bias
+    (B, 4s, H, W) (stage dtype), kv (B, 4s, d) and the softmax's k_max, k_sum (B, 4s) (fp32); else None."""
     z: Tensor
     y_all: Tensor
     w4: Optional[Tensor] = None
     xh4: Optional[Tensor] = None
     rstd4: Optional[Tensor] = None
+    R: Optional[Tensor] = None
+    kv: Optional[Tensor] = None
+    k_max: Optional[Tensor] = None
+    k_sum: Optional[Tensor] = None
 
 
 # ---------------------------------------------------------------- all stages

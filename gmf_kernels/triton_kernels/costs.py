@@ -232,13 +232,17 @@ def _combine(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
     """gma_combine_kernel, grid (8, B): reads the packed partials (B R s (2 + d) x 4 bytes, R the
     splits of segments 0..3 in `aggregation.job_plan`), writes kv (B C' d x 4). cuda: 2
     multiply-adds per partial accumulator element (ACC alpha + acc_t beta), 2 B R s d MACs; no
-    tensor-core work."""
+    tensor-core work. With ``sh.AGG_FROM_Z`` (the training forward) also the softmax's k_max and k_sum
+    written (2 B C' x 4)."""
     N = H * W
     plan = _job_plan(N, B, sh, prec, W)
     s, cp, d = sh.S, sh.CP, sh.D
     rows = plan.partial_rows
     detail = {"partials_read": B * rows * s * (2 + d) * 4, "kv_write": B * cp * d * 4, "partial_rows": rows}
-    return Cost(bytes=detail["partials_read"] + detail["kv_write"], tc_flops=0, cuda_flops=2 * 2 * B * rows * s * d,
+    if sh.AGG_FROM_Z:
+        detail["stats_write"] = 2 * B * cp * 4
+    nbytes = detail["partials_read"] + detail["kv_write"] + detail.get("stats_write", 0)
+    return Cost(bytes=nbytes, tc_flops=0, cuda_flops=2 * 2 * B * rows * s * d,
                 grid=(8, B), block=32 * sh.COMBINE_WARPS, detail=detail)
 
 
@@ -251,7 +255,9 @@ def _attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     tc: Q KV, C' d MACs per token (padded: [BLOCK_P, D_PAD] x [D_PAD, D_PAD] per program);
     with "ieee" dots the kernel does rank-1 FMA updates over k < d instead (cuda, BLOCK_P D D_PAD
     MACs per program).
-    cuda: CRPE stencils, 240 d MACs per token."""
+    cuda: CRPE stencils, 240 d MACs per token.
+    With ``sh.AGG_FROM_Z`` (the training forward) also R = CRPE(V) + bias written (B N C' e, the stage
+    dtype), kept for the backward."""
     N = H * W
     e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
@@ -259,6 +265,8 @@ def _attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     weights = sum(wb[k] for k in ("crpe_w3", "crpe_w5", "crpe_w7", "crpe_b"))
     detail = {"qv_read": 2 * B * N * cp * e, "kv_read": B * cp * d * 4, "pre_write": B * N * cp * e,
               "weights": weights}
+    if sh.AGG_FROM_Z:
+        detail["r_write"] = B * N * cp * ELEM_BYTES[dtype_name(stage_dtype(torch_dtype(dt)))]
     tiles = -(-N // sh.ATTN_BLOCK_P)
     progs = tiles * 8 * B
     useful = 2 * B * N * cp * d
@@ -460,7 +468,8 @@ def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[i
                           of the v images, writes PV (2 x 4s x e)
       recompute_z         (eval with gradients: no statistics pass) the same reads and FLOPs with the layer
                           dtype's dots; writes Z (3 x 4s x e), P of the v images (4s x e) and y (3 x 3s x e)
-      recompute_attention reads Z of k (and the BatchNorm affine) and V (2 C' e), writes R (C' e) and the softmax
+      recompute_attention (eval with gradients: a training step's forward keeps R, KV and the softmax statistics)
+                          reads Z of k (and the BatchNorm affine) and V (2 C' e), writes R (C' e) and the softmax
                           partials (B SPLITS C' (d + 2) x 4 B); cuda the CRPE 2 x 240 d, tc 2 C' d
       recompute_local     (eval with gradients: a training step's forward keeps these, `config.from_planes`)
                           reads segment 4 of q, k, v (3 s e), writes w4 (3s e), xh4 (s e) and

@@ -336,8 +336,10 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     to derive, with Triton's own specialisation code, the variants the JIT will compile for
     real call shapes. dots: the dot variant (default: `dot_variant(qkv)`). planes: the training
     forward's Z kept by its statistics pass, as (3, B, C', N) (`planes_view`): the aggregation then
-    reads segments 1-3 from it instead of running their stencils (`config.from_planes`), and keeps
-    what the local branch's backward reads (buffers w4, xh4, rstd4: `recompute.plan_recompute_local`'s).
+    reads segments 1-3 from it instead of running their stencils (`config.from_planes`), and the
+    launches keep what the backward's recompute would make (`KEPT`): the local branch's w4, xh4, rstd4
+    (`recompute.plan_recompute_local`'s), and R = CRPE(V) + bias, kv and the softmax's k_max, k_sum
+    (`recompute.plan_recompute_attention`'s, merged).
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
@@ -360,18 +362,23 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
         "part_acc": _alloc((B, rows, shape.S, shape.D), f32, dev),
         "kv": _alloc((B, shape.CP, shape.D), f32, dev),
     }
-    local = None
-    if planes is not None:    # what the local branch's backward reads, kept (recompute.plan_recompute_local's)
+    local = stats = None
+    if planes is not None:    # what the backward's recompute would make, kept (`KEPT`)
         s, st = shape.S, stage_dtype(dt)
         buf.update(w4=_alloc((B, 3 * s, H, W), st, dev), xh4=_alloc((B, s, H, W), st, dev),
-                   rstd4=_alloc((B, 1, H, W), f32, dev))
-        local = (buf["w4"], buf["xh4"], buf["rstd4"])
+                   rstd4=_alloc((B, 1, H, W), f32, dev), R=_alloc((B, shape.CP, H, W), st, dev),
+                   k_max=_alloc((B, shape.CP), f32, dev), k_sum=_alloc((B, shape.CP), f32, dev))
+        local, stats = (buf["w4"], buf["xh4"], buf["rstd4"]), (buf["k_max"], buf["k_sum"])
     agg = aggregate_call(qkv, H, W, weights, ln_eps, shape, plan, buf["q"], buf["v"], buf["pre"],
                          buf["part_m"], buf["part_l"], buf["part_acc"], dots, planes, local)
-    comb = combine_call(buf["part_m"], buf["part_l"], buf["part_acc"], buf["kv"], shape, plan.segment_splits)
-    attn = attention_call(buf["q"], buf["v"], buf["kv"], buf["pre"], weights, H, W, scale, shape, dots)
+    comb = combine_call(buf["part_m"], buf["part_l"], buf["part_acc"], buf["kv"], shape, plan.segment_splits, stats)
+    attn = attention_call(buf["q"], buf["v"], buf["kv"], buf["pre"], weights, H, W, scale, shape, dots, buf.get("R"))
     launches = [(gma_aggregate_kernel, *agg), (gma_combine_kernel, *comb), (gma_attention_kernel, *attn)]
     return buf, launches
+
+
+#: the buffers a training forward with planes keeps for its backward, in this order (`plan_pre_projection`)
+KEPT = ("w4", "xh4", "rstd4", "R", "kv", "k_max", "k_sum")
 
 
 def planes_view(z: Tensor, B: int) -> Tensor:

@@ -33,7 +33,7 @@ from ..op_args import check_pre_projection_args, fake_pre_projection
 from ..training import OpGrad
 from . import config
 from ._common import interpreting
-from .launcher import launch_pre_projection, planes_view
+from .launcher import KEPT, launch_pre_projection, planes_view
 
 Tensor = torch.Tensor
 
@@ -61,9 +61,9 @@ def triton_pre_projection_from_planes(qkv: Tensor, z: Tensor, H: int, W: int, we
     """`triton_pre_projection` in a training step whose statistics pass kept Z (`statistics.statistics_planes`:
     (3B, C', H, W), segments 0..3 of q, k, v before their BatchNorm, in the stage dtype): the aggregation
     reads segments 1-3 from z instead of running their stencils and channel mixes again
-    (`config.from_planes`). Returns [pre, w4, xh4, rstd4]: the pre-projection and what the local branch's
-    backward reads (`recompute.plan_recompute_local`'s buffers), kept by the same launch. No autograd of its
-    own: `train_op.TritonPreProjectionFunction` calls it."""
+    (`config.from_planes`). Returns [pre, w4, xh4, rstd4, R, kv, k_max, k_sum] (`KEPT_OUTPUTS`): the
+    pre-projection and what the backward's recompute would make (`launcher.KEPT`), kept by the same
+    launches. No autograd of its own: `train_op.TritonPreProjectionFunction` calls it."""
     B, N, C, folded = check_pre_projection_args(qkv, H, W, weights, scale, ln_eps)
     cp = 4 * (C // 5)
     if not isinstance(z, Tensor) or tuple(z.shape) != (3 * B, cp, int(H), int(W)) or not z.is_contiguous():
@@ -81,16 +81,18 @@ def triton_pre_projection_from_planes(qkv: Tensor, z: Tensor, H: int, W: int, we
     return [torch.cat([c[k] for c in chunks]) for k in KEPT_OUTPUTS]
 
 
-#: what `triton_pre_projection_from_planes` returns, in order (launcher buffers)
-KEPT_OUTPUTS = ("pre", "w4", "xh4", "rstd4")
+#: what `triton_pre_projection_from_planes` returns, in order (launcher buffers: `launcher.KEPT`)
+KEPT_OUTPUTS = ("pre",) + KEPT
 
 
 def _fake_from_planes(qkv, z, H, W, weights, scale, ln_eps):
     pre = fake_pre_projection(qkv, H, W, weights, scale, ln_eps)
     B, N, C = pre.shape
-    s = C // 5
-    return [pre, z.new_empty((B, 3 * s, int(H), int(W))), z.new_empty((B, s, int(H), int(W))),
-            z.new_empty((B, 1, int(H), int(W)), dtype=torch.float32)]
+    s, H, W = C // 5, int(H), int(W)
+    f32 = dict(dtype=torch.float32)
+    return [pre, z.new_empty((B, 3 * s, H, W)), z.new_empty((B, s, H, W)), z.new_empty((B, 1, H, W), **f32),
+            z.new_empty((B, 4 * s, H, W)), z.new_empty((B, 4 * s, s // 2), **f32), z.new_empty((B, 4 * s), **f32),
+            z.new_empty((B, 4 * s), **f32)]
 
 
 def _register(name, fn, fake):

@@ -29,9 +29,12 @@ no copy of them is made:
 3. ``gma_recompute_local_kernel``, grid ``(SPLITS, B)``: the local branch as the forward computes
    it (`aggregation._local_branch`: depthwise 3x3 of segment 4 of q, k, v, the 3s -> s pointwise
    as ``tl.dot``, LayerNorm statistics), storing w4 (the depthwise output), xh4 = (z4 - mean)
-   rstd and rstd4, all channel-first. In a training step whose forward read the kept Z
-   (`config.from_planes`) that forward's local branch stored the same three (`_local_branch` with
-   STORE), and this launch does not run (`recompute`'s planes, `backward.KeptPlanes`).
+   rstd and rstd4, all channel-first.
+
+In a training step whose forward read the kept Z (`config.from_planes`) that forward stored what 2 and
+3 make (the aggregation's `_local_branch` with STORE; the attention kernel's R with STORE_R, the combine's
+KV and its k_max, k_sum with STATS), and neither launch runs (`recompute`'s planes, `backward.KeptPlanes`):
+the backward's one recompute launch is then V from Z.
 
 Dots: the backward's (`statistics.backward_dots`: the forward's variant for qkv's dtype, so
 3xTF32 for fp32 and one TF32 pass for fp16/bf16 on sm_80+, FMAs on sm_70/75), on the
@@ -355,8 +358,9 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
     planes: what the training forward kept (`backward.KeptPlanes`): Z and y of its statistics pass
     (`statistics.statistics_planes`): then the first launch is `gma_proxy_v_kernel` (V from Z) instead of
     the recompute of Z, V and y (statistics.py's module docstring, "Planes kept for the backward"); and
-    w4, xh4, rstd4 of its local branch where its aggregation kept them (`config.from_planes`): then no
-    `gma_recompute_local_kernel` either.
+    what its Triton forward kept where it read them (`config.from_planes`): the local branch's w4, xh4,
+    rstd4 and the attention's R, KV, k_max, k_sum: then neither `gma_recompute_local_kernel` nor
+    `gma_recompute_attention_kernel` runs.
     Compute dtypes other than float32 (float64 inputs) take the PyTorch `backward.recompute`."""
     if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
         from .backward import recompute as torch_recompute
@@ -371,16 +375,26 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
         V, lv = plan_proxy_v(Z, wts)
         y = list(y_all.unbind(0))
         first.append(lv)
-    att, la = plan_recompute_attention(Z, V, H, W, wts, tile_spaces.tuned_tiles(ATTENTION_FAMILY, C, qkv), dots=dots)
+    launches = first
+    if planes is not None and planes.R is not None:     # kept by the forward's attention and combine
+        B, cp = Z.shape[0] // 3, Z.shape[1]
+        heads = (B, NUM_HEADS, cp // NUM_HEADS)
+        att = dict(R=planes.R, KV=planes.kv.view(*heads, -1), k_max=planes.k_max.view(heads),
+                   k_sum=planes.k_sum.view(heads))
+    else:
+        att, la = plan_recompute_attention(Z, V, H, W, wts, tile_spaces.tuned_tiles(ATTENTION_FAMILY, C, qkv),
+                                           dots=dots)
+        launches = launches + [la]
     if planes is not None and planes.w4 is not None:     # kept by the forward's local branch
-        loc, local = dict(w4=planes.w4, xh4=planes.xh4, rstd4=planes.rstd4), []
+        loc = dict(w4=planes.w4, xh4=planes.xh4, rstd4=planes.rstd4)
     else:
         loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps, tile_spaces.tuned_tiles(LOCAL_FAMILY, C, qkv), dots=dots)
-        local = [ll]
-    _launch(first + [la] + local, qkv)
-    k_max, k_sum, KV = merge_softmax_partials(att["part_m"], att["part_l"], att["part_acc"])
-    return dict(Z=Z, V=V, y=y, KV=KV, k_max=k_max, k_sum=k_sum, R=att["R"], w4=loc["w4"], xh4=loc["xh4"],
-                rstd4=loc["rstd4"], qkv=qkv)
+        launches = launches + [ll]
+    _launch(launches, qkv)
+    if "KV" not in att:
+        att["k_max"], att["k_sum"], att["KV"] = merge_softmax_partials(att["part_m"], att["part_l"], att["part_acc"])
+    return dict(Z=Z, V=V, y=y, KV=att["KV"], k_max=att["k_max"], k_sum=att["k_sum"], R=att["R"], w4=loc["w4"],
+                xh4=loc["xh4"], rstd4=loc["rstd4"], qkv=qkv)
 
 
 register_tiles(ATTENTION_FAMILY, ("BLOCK_P", "num_warps"), lambda C, p: gpu_attention_tiles(C // 10, p),

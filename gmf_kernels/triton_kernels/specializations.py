@@ -135,7 +135,9 @@ class Spec:
         dots += ", pair" if cx.get("PAIR") else ""
         dots += ", rows" if cx.get("ROWS") else ""
         dots += ", store" if cx.get("STORE") else ""            # the statistics pass keeping Z and y
-        dots += ", from Z" if cx.get("FROM_Z") else ""          # the training forward reading them
+        dots += ", from Z" if cx.get("FROM_Z") else ""          # the training forward reading them ...
+        dots += ", keep R" if cx.get("STORE_R") else ""         # ... and keeping what the backward reads
+        dots += ", keep stats" if cx.get("STATS") else ""
         return (f"{short} C={_width(cx)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
                 f"{self.specialised_ints()})")
 
@@ -333,8 +335,8 @@ def _backward_kernels_run(call: Call, arch: int) -> bool:
 def statistics_specializations_of_call(call: Call, arch: int,
                                        tiles: Optional[Dict[str, Tuple[int, ...]]] = None) -> List[Spec]:
     """The training statistics kernel's specialisation for one real call on sm_<arch>, and, where the
-    Triton backward stages take the planes it keeps, the training forward's aggregation that reads them
-    (`config.from_planes`) and the backward's recompute kernels
+    Triton backward stages take the planes it keeps, the training forward's three kernels that read them
+    and keep what the backward would recompute (`config.from_planes`) and the backward's recompute kernels
     (`config.backward_kernels_take` for that architecture: train_op.triton_stages) (statistics.plan_statistics
     / plan_recompute, recompute.plan_recompute_attention / plan_recompute_local on meta tensors;
     the statistics kernel's dots are the fp32 variant whatever the input dtype, the recompute
@@ -359,7 +361,7 @@ def statistics_specializations_of_call(call: Call, arch: int,
     specs = [specialize_launch(gma_statistics_kernel, arch, args, kwargs)]
     dots = DotVariant(dot_precision(call.dtype, capability_of_arch(arch)), False)   # the backward's
     if _backward_kernels_run(call, arch):
-        specs.append(specializations_of_call(call, arch, from_planes=True)[0])   # the forward's aggregation, from Z
+        specs += specializations_of_call(call, arch, from_planes=True)   # the training forward, from Z
         (Z, PV, _y), (_grid, args, kwargs) = plan_recompute(qkv, call.H, call.W, wts.bn_scale, wts.bn_shift,
                                                                 *w, t.get(RECOMPUTE_Z_FAMILY), dots=dots)
         specs.append(specialize_launch(gma_recompute_z_kernel, arch, args, kwargs))

@@ -133,9 +133,10 @@ bytes (qkv's segments 1-3 read as Z instead), about a tenth of the CUDA-core FLO
 tensor-core ones of that kernel (`costs._aggregate`). Numerics: for fp16/bf16 layers the forward now
 normalises Z rounded once to the stage dtype (as the reference's convolutions in that dtype, and
 upstream under autocast, round it before their BatchNorm) instead of its own fp32 registers; fp32
-layers keep fp32 Z. The same launch keeps what the local branch's backward reads (w4, xh4, rstd4:
-0.8 C values per token more), so the backward's `gma_recompute_local_kernel` does not run either. Not
-timed either.
+layers keep fp32 Z. The same launches keep what the backward's recompute would make: the local
+branch's w4, xh4, rstd4 and the attention's R = CRPE(V) + bias, KV and softmax statistics (1.6 C values
+per token more), so neither `gma_recompute_local_kernel` nor `gma_recompute_attention_kernel` runs in a
+training step's backward. Not timed either.
 """
 from __future__ import annotations
 

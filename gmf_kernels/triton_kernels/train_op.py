@@ -20,7 +20,7 @@ import torch
 from .. import training
 from ..weights import GMAHyper, GMAWeights
 from ..folding import FoldedGMAWeights
-from .backward import TORCH_STAGES, Stages, pre_projection_backward
+from .backward import TORCH_STAGES, KeptPlanes, Stages, pre_projection_backward
 from ._common import DotVariant
 from . import aggregation_backward as agb
 from . import attention_backward as ab
@@ -43,12 +43,12 @@ class TritonPreProjectionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, *weights):
-        if z is not None:   # [pre, w4, xh4, rstd4]: the local branch's buffers kept for the backward too
-            pre, *local = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, list(weights), scale, ln_eps)
+        if z is not None:   # [pre, *what the backward's recompute would make] (`launcher.KEPT`)
+            pre, *kept = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, list(weights), scale, ln_eps)
         else:
             pre = torch.ops.gmf.triton_pre_projection(qkv, H, W, list(weights), scale, ln_eps)
-            local = (None, None, None)
-        training.save(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, weights, tuple(local))
+            kept = (None,) * training.NUM_KEPT
+        training.save(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, weights, tuple(kept))
         return pre
 
     @staticmethod
@@ -61,9 +61,9 @@ def kernel_backward(ctx, grad_pre) -> tuple:
     whenever the Triton kernels run (`training.save` filled ctx)."""
     H, W, scale, ln_eps, group = ctx.meta
     if group is None:   # the usual case: the whole backward as ONE op (opaque to torch.compile)
-        qkv, mean, rstd, _, z, y_all, w4, xh4, rstd4, *weights = ctx.saved_tensors
-        d_qkv, *grads = torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, weights, scale,
-                                                                     ln_eps, mean, rstd, z, y_all, w4, xh4, rstd4)
+        qkv, mean, rstd, _, planes, weights = training.saved(ctx)
+        d_qkv, *grads = torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, weights, scale, ln_eps,
+                                                                     mean, rstd, *(planes or ()))
         return (d_qkv,) + (None,) * (training.NUM_LEADING_INPUTS - 1) + tuple(grads)
     # SyncBatchNorm: an all-reduce between B2 and B3, so the stages are called one by one; under
     # torch.compile the PyTorch stages (the interpreter's kernels cannot be traced)
@@ -77,18 +77,21 @@ def triton_pre_projection_backward(grad_pre: Tensor, qkv: Tensor, H: int, W: int
                                    scale: float, ln_eps: float, mean: Optional[Tensor],
                                    rstd: Optional[Tensor], z: Optional[Tensor] = None,
                                    y_all: Optional[Tensor] = None, w4: Optional[Tensor] = None,
-                                   xh4: Optional[Tensor] = None, rstd4: Optional[Tensor] = None) -> List[Tensor]:
+                                   xh4: Optional[Tensor] = None, rstd4: Optional[Tensor] = None,
+                                   R: Optional[Tensor] = None, kv: Optional[Tensor] = None,
+                                   k_max: Optional[Tensor] = None, k_sum: Optional[Tensor] = None) -> List[Tensor]:
     """[d_qkv, *the folded weights' gradients] (contiguous, none aliasing another) of `backward.pre_projection_backward` on
     the Triton stages (`triton_stages`), batch statistics mean / rstd or None (running statistics):
     one op, so that torch.compile keeps the backward one opaque node (the Triton interpreter's
     kernels cannot be traced; on a GPU the op spares Dynamo the launchers' planning code). z, y_all: the
     planes the training forward's statistics pass kept (`statistics.statistics_planes`), or None
-    (recomputed); w4, xh4, rstd4: the local branch's, kept by the forward that read z, or None."""
+    (recomputed); w4 .. k_sum: what the forward that read z kept (`backward.KeptPlanes`), or None."""
     check_train_size(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
     with torch.autocast(qkv.device.type, enabled=False):
         d_qkv, grads = pre_projection_backward(grad_pre, qkv, H, W, FoldedGMAWeights(*weights), scale, ln_eps,
                                                mean, rstd, None, None, stages_for(qkv),
-                                               training.saved_planes(z, y_all, w4, xh4, rstd4))
+                                               None if z is None else KeptPlanes(z, y_all, w4, xh4, rstd4, R, kv,
+                                                                                 k_max, k_sum))
     return distinct_outputs([d_qkv] + list(grads), [grad_pre, qkv, *weights, mean, rstd])
 
 
@@ -111,7 +114,8 @@ def distinct_outputs(outputs: List[Tensor], inputs: List[Optional[Tensor]]) -> L
 
 
 @triton_pre_projection_backward.register_fake
-def _(grad_pre, qkv, H, W, weights, scale, ln_eps, mean, rstd, z=None, y_all=None, w4=None, xh4=None, rstd4=None):
+def _(grad_pre, qkv, H, W, weights, scale, ln_eps, mean, rstd, z=None, y_all=None, w4=None, xh4=None, rstd4=None,
+      R=None, kv=None, k_max=None, k_sum=None):
     return [torch.empty_like(qkv, memory_format=torch.contiguous_format)] + [
         torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
