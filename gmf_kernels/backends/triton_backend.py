@@ -12,7 +12,9 @@ gradients to ``triton_kernels/train_op.py``; eval without gradients takes the op
 
     training: statistics pass (Z of segments 0..3 and its mean / variance over the 3B images)
               -> running statistics updated as nn.BatchNorm2d -> BatchNorms folded from the batch
-              statistics (differentiable) -> the same eval kernels
+              statistics (differentiable) -> the eval kernels, which, when a backward follows, read
+              the kept Z and keep what the backward would recompute
+              (``gmf::triton_pre_projection_from_planes``)
     backward: ``TritonPreProjectionFunction`` (a torch.autograd.Function): stages B1, B2, B3 and
               the local branch (``triton_kernels/backward.py``'s decomposition) as Triton kernels
               (``attention_backward.py``, ``aggregation_backward.py``; `train_op.triton_stages`)
@@ -20,9 +22,9 @@ gradients to ``triton_kernels/train_op.py``; eval without gradients takes the op
 The statistics pass is a kernel (``triton_kernels/statistics.py``, op ``gmf::triton_z_moments``;
 ``gmf::triton_z_moments_planes`` when a backward follows, keeping Z and the depthwise outputs for
 it), and so is the backward's recompute where the Triton backward stages run (``triton_kernels/
-recompute.py``: the proxies V from the kept Z, or, in eval mode with gradients, Z, V and the
-depthwise outputs by statistics.py's kernel, op ``gmf::triton_proxy_z``; the softmax statistics,
-KV and the CRPE; the local branch). The forward
+recompute.py``: the proxies V from the kept Z, the rest kept by the forward; or, in eval mode with
+gradients, Z, V and the depthwise outputs by statistics.py's kernel, op ``gmf::triton_proxy_z``, the
+softmax statistics, KV and the CRPE, and the local branch). The forward
 of both modes and every backward stage run Triton kernels (the merges of per-program partials,
 tiny reductions, and the layout of the qkv gradient are PyTorch ops). Training and gradients in
 float32, float16 and bfloat16 (`TRAINING_DTYPES`, `GRAD_DTYPES`); SyncBatchNorm
