@@ -41,6 +41,7 @@ from .. import tuning
 from .._tracing import trace_running
 from ..folding import FoldedGMAWeights
 from ._common import DotVariant, _cuda_capability, dot_variant, interpreting
+from .backward import KeptPlanes  # (imports no Triton)
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
 from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P, GMAShape,
@@ -377,8 +378,9 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     return buf, launches
 
 
-#: the buffers a training forward with planes keeps for its backward, in this order (`plan_pre_projection`)
-KEPT = ("w4", "xh4", "rstd4", "R", "kv", "k_max", "k_sum")
+#: the buffers a training forward with planes keeps for its backward, in this order (`plan_pre_projection`): the
+#: fields of `backward.KeptPlanes` after Z and y, its one list
+KEPT = KeptPlanes._fields[2:]
 
 
 def planes_view(z: Tensor, B: int) -> Tensor:
