@@ -128,19 +128,14 @@ def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
         tl.store(r_b + ch[None, :] * N + n[:, None], stored(rv, r_b, EMULATE_DOTS), mask=m2)
         e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
         out = scale * e + qt * rv
-    elif STORE_R:
-        e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
-        conv = depthwise_tile(v_b, ch, kmask, crpe_w + (head - first) * D + kk, group_heads * D, n, y, x, pmask,
-                              H, W, CP, KS, BLOCK_P, D_PAD, UNROLL_KX)
-        rv = conv + tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
-        out = scale * e + qt * rv
-        tl.store(r_b + ch[None, :] * N + n[:, None], stored(rv, r_b, EMULATE_DOTS), mask=m2)
-    else:         # (the eval kernel's order, as before R was kept: its registers unchanged)
+    else:         # the eval kernel's order (its registers as before R was kept); R, if kept, after Q KV
         e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
         conv = depthwise_tile(v_b, ch, kmask, crpe_w + (head - first) * D + kk, group_heads * D, n, y, x, pmask,
                               H, W, CP, KS, BLOCK_P, D_PAD, UNROLL_KX)
         bias = tl.load(crpe_b + ch, mask=kmask, other=0.0)[None, :]
         out = scale * e + qt * (conv + bias)
+        if STORE_R:
+            tl.store(r_b + ch[None, :] * N + n[:, None], stored(conv + bias, r_b, EMULATE_DOTS), mask=m2)
     tl.store(pre_b + n[:, None] * C + ch[None, :], stored(out, pre_b, EMULATE_DOTS), mask=m2)
 
 

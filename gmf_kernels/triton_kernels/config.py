@@ -239,18 +239,15 @@ class GMAShape:
         return -(-N // self.AGG_BLOCK_P)
 
 
+@functools.lru_cache(maxsize=256)
 def from_planes(shape: GMAShape) -> GMAShape:
     """The specialisation of a training forward that reads the Z planes its statistics pass kept
     (`GMAShape.AGG_FROM_Z`, `aggregation._segment_z`): `shape`'s tiles, with the knobs that only
     shape the stencils of segments 1-3 (PAIR, ROWS, MERGE) set to one value, as the kernel ignores them
     there (one compiled variant, not one per forward candidate); the local branch keeps its UNROLL and
     DOTS16. ROWS off: its tiles are rows of strips, the planes are read along whole rows. The attention's
-    row walks off too: its tiles keep R for the backward (`attention._attention_head`'s STORE_R)."""
-    return _from_planes(shape)
-
-
-@functools.lru_cache(maxsize=256)
-def _from_planes(shape: GMAShape) -> GMAShape:
+    row walks off too: its tiles keep R for the backward (`attention._attention_head`'s STORE_R). Cached
+    (every training launch asks it; GMAShape is frozen)."""
     return replace(shape, AGG_FROM_Z=True, AGG_PAIR=False, AGG_ROWS=False, AGG_MERGE=True, ATTN_ROWS=False)
 
 
