@@ -751,8 +751,8 @@ def test_forward_from_planes_float32(C, H, W, B):
     pass kept instead of their stencils. Every buffer written (NaN poison), Q, V, KV and the pre-projection
     within FP32_TOL of float64, with the eval-mode folded weights (any affine: the op takes the folded
     BatchNorms as they are); what the launches keep for the backward as its recompute kernels make it: the
-    local branch's w4, xh4, rstd4 (`recompute.plan_recompute_local`; xh4 against float64 too, the
-    reference's LayerNorm input normalised), and R, kv, k_max, k_sum (`recompute.plan_recompute_attention`
+    local branch's w4, xh4, rstd4 (`recompute.plan_recompute_local`, whose stores they share, so against
+    float64 too: the depthwise output, the LayerNorm input normalised, its 1 / std), and R, kv, k_max, k_sum (`recompute.plan_recompute_attention`
     on V from the same Z, its partials merged)."""
     from gmf_kernels.triton_kernels import recompute
     case = Case(C, H, W, B, seed=C + 3 * H)
@@ -777,9 +777,12 @@ def test_forward_from_planes_float32(C, H, W, B):
                     for i in range(3)], -1)
     s = C // 5
     u4 = torch.cat([u4[..., i * C + 4 * s:(i + 1) * C] for i in range(3)], -1).transpose(1, 2).reshape(B, 3 * s, H, W)
-    z4 = F.conv2d(F.conv2d(u4, w.local_dw_weight, padding=1, groups=3 * s), w.local_pw_weight)
-    xh = (z4 - z4.mean(1, keepdim=True)) / (z4.var(1, unbiased=False, keepdim=True) + case.hp.ln_eps).sqrt()
-    _assert_rel(r["xh4"], xh, FP32_TOL, "xh4 against float64")
+    w4 = F.conv2d(u4, w.local_dw_weight, padding=1, groups=3 * s)
+    z4 = F.conv2d(w4, w.local_pw_weight)
+    rstd4 = (z4.var(1, unbiased=False, keepdim=True) + case.hp.ln_eps).rsqrt()
+    _assert_rel(r["w4"], w4, FP32_TOL, "w4 against float64")
+    _assert_rel(r["xh4"], (z4 - z4.mean(1, keepdim=True)) * rstd4, FP32_TOL, "xh4 against float64")
+    _assert_rel(r["rstd4"], rstd4, FP32_TOL, "rstd4 against float64")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
