@@ -194,3 +194,21 @@ def test_check_without_barriers_on_a_toy():
         _toy_kernel[(4,)](torch.randn(64), torch.zeros(64), MODE=4, BLOCK=16)
     assert not hc.findings
     assert [f.kind for f in hc.findings_without_barriers] == ["read after write, no barrier"]
+
+
+def test_statistics_row_walks_free_of_hazards(monkeypatch):
+    """The statistics pass's row-walk candidate (ROWS, "triton.statistics"; no case above takes it: C = 40
+    has no PAIR tiles), with the planes kept: 20 columns in strips of 16 and 4, the 5x5 segment in runs of 6
+    rows that end inside a strip or cross from one strip into the next, programs walking several rows.
+    Also checked as if without barriers."""
+    import gmf_kernels.triton_kernels.statistics as st
+    from helpers import random_folded_weights
+    monkeypatch.setattr(st, "SPLIT_TARGET", 36)
+    C, H, W = 80, 9, 20
+    f = random_folded_weights(C, torch.float32)
+    with HazardCheck(without_barriers=("gma_statistics_kernel",)) as hc:
+        st.z_moments(torch.randn(1, H * W, 3 * C), H, W, f.dw3, f.dw5, f.dw7, f.pw, (16, 4, 16, 1), store=True)
+    (name, grid), = hc.launches
+    assert name == "gma_statistics_kernel" and grid[0] > 4, hc.launches
+    assert not hc.findings, "\n".join(map(str, hc.findings))
+    assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))

@@ -34,7 +34,11 @@ the rule can fail).
   node (the rest of the recompute, and a training step running all three launches once:
   tests/test_triton_recompute.py);
 * the AOT compile of the real shape C=320 14x14 B=128 fp32 for sm_80 and sm_90, both kernels:
-  no spills.
+  no spills;
+* the row-walk candidate (ROWS, `statistics._statistics_rows`): its plans (row tiles of ragged strips,
+  runs ending inside a strip or crossing into the next), moments against float64, Z and y against the
+  tile kernel's; the candidates' order and the launches it refuses; each candidate compiled for sm_90
+  without a spill.
 """
 import contextlib
 import json
@@ -564,3 +568,122 @@ def test_pair_and_heads_match_float64(C, grid, B, dtype, gpu_tiles, monkeypatch)
         assert kinds == want and (pair or not any(k for _, k in kinds)), (pair, kinds)
     assert st.training_pair(C, "tf32", False) and not st.training_pair(C, "ieee", False)
     assert st.training_pair(160, "tf32x3", True) is False and st.training_pair(160, "tf32x3", False)
+
+
+# ------------------------------------------------------------------ ROWS: the statistics pass walking rows
+#: (C, grid, B, dtype, tiles (BLOCK_P columns, warps, CK, ROWS), split target): the row-walk candidate of
+#: "triton.statistics" (`statistics.STATS_ROWS_TILES`) with 16-column strips (the smallest a GPU's dot
+#: takes), on grids whose strips are ragged (20 = 16 + 4, 23 = 16 + 7, 19 = 16 + 3), where runs end inside a
+#: strip and cross from one strip into the next (C = 80: 18 row tiles, the 5x5 segment in runs of 6: strip
+#: 0's rows 0-5, its rows 6-8 and strip 1's rows 0-2, strip 1's rows 3-8; C = 320: the 3x3 one in runs of
+#: 3), the 5x5 / 7x7 windows reach past grids of 2-3 rows, and programs walk several rows (split target 1:
+#: few runs per segment)
+ROWS_CASES = [(80, (9, 20), 1, F32, (16, 4, 16, 1), 36), (160, (9, 23), 2, BF16, (16, 4, 32, 1), 1),
+              (320, (3, 20), 1, F16, (16, 8, 64, 1), 24), (80, (2, 19), 2, F16, (16, 2, 16, 1), 1)]
+
+
+@pytest.mark.parametrize("C, grid, B, dtype, tiles, target", ROWS_CASES,
+                         ids=[f"C{c}-{g[0]}x{g[1]}-B{b}-{str(d)[6:]}-rows{t[0]}" for c, g, b, d, t, _ in ROWS_CASES])
+def test_rows_walk_matches_float64_and_the_tile_kernel(C, grid, B, dtype, tiles, target, monkeypatch):
+    """`gma_statistics_kernel` with ROWS (`_statistics_rows`): the launch walks rows (its plan's tiles are
+    rows of strips, `SegmentPlan.row_w`, whose per-run token counts cover each image and match the
+    device-side row weights), its moments are within the rule against float64 (as `check`), and the planes it
+    keeps (Z, y) are those of the tile kernel on the same input: the walk adds each output element's taps
+    in the tile kernel's order (ky, then kx), and its pointwise dot takes the s channels at once, as the
+    tile kernel does with the interpreter's one channel chunk: bit for bit there; on a GPU (CK = 16
+    chunks, FMA contraction) to about the stage dtype's rounding."""
+    H, W = grid
+    qkv = torch.randn(B, H * W, 3 * C).to(dtype)
+    w = pre_bn_weights(C, F32)
+    filters = [dev(t) for t in (w.dw3, w.dw5, w.dw7, w.pw)]
+    _, z_flat, y_flat = st.z_moments(dev(qkv), H, W, *filters, store=True)      # the default tile kernel
+    monkeypatch.setattr(st, "SPLIT_TARGET", target)
+    _, _, plan, (launch_grid, args, kwargs) = st.plan_statistics(dev(qkv), H, W, *filters, tiles, store=True)
+    assert kwargs["ROWS"] and kwargs["PAIR"] and plan.row_w == W and plan.tiles == -(-W // tiles[0]) * H
+    assert launch_grid == (plan.programs, 3 * B)
+    for j in range(4):
+        assert sum(plan.counts(j, tiles[0], H * W)) == H * W and min(plan.counts(j, tiles[0], H * W)) > 0
+    counts, member = plan.row_weights(tiles[0], H * W, "cpu")
+    on = plan._row_weights_on(tiles[0], H * W, "cpu", torch.float64)
+    assert torch.equal(on[0], counts) and torch.equal(on[1], member)
+    # the tiles passed explicitly: on a GPU the launcher would otherwise take the tuning table's or the default
+    moments, z, y = st.z_moments(dev(qkv), H, W, *filters, tiles, store=True)
+    n = 3 * B * H * W
+    mean, var = moments[0].float().view(4, -1).cpu(), (moments[1] / n).float().view(4, -1).cpu()
+    m32, v32, _ = torch_statistics(qkv, H, W, w)
+    m64, v64, _ = torch_statistics(qkv.double(), H, W, pre_bn_weights(C, torch.float64))
+    for j in range(4):
+        assert_within_reference_error(mean[j], m32[j], m64[j], floor=FLOOR, name=f"mean segment {j}")
+        assert_within_reference_error(var[j], v32[j], v64[j], floor=FLOOR, name=f"var segment {j}")
+    if DEVICE == "cpu":
+        assert torch.equal(z, z_flat) and torch.equal(y, y_flat)
+    else:
+        ulp = 2 * torch.finfo(z.dtype).eps
+        assert_max_rel_close(z.float(), z_flat.float(), ulp, name="Z (rows) against Z (tiles)")
+        assert_max_rel_close(y.float(), y_flat.float(), ulp, name="y (rows) against y (tiles)")
+
+
+def test_rows_candidates_and_refusals():
+    """The row walks are "triton.statistics" candidates right after the default where the statistics
+    pass's tiles are PAIR's (C = 80, 160, 320 with tensor-core dots), none elsewhere; a ROWS launch is
+    refused where it does not apply (no PAIR, the recompute kernel) and for a plan of the other tiling."""
+    for C in (80, 160, 320):
+        cands = st.stats_candidates(C, "tf32x3")
+        n_rows = len(st.STATS_ROWS_TILES[C // 5])
+        assert all(t[3] == 1 and t[2] == C // 5 for t in cands[:n_rows]) and not any(t[3] for t in cands[n_rows:])
+        assert not any(t[3] for t in st.stats_candidates(C, "ieee"))
+        assert st.gpu_stats_tiles(C, "tf32x3")[3] == 0
+    assert not any(t[3] for t in st.stats_candidates(40, "tf32x3")) and not st.rows_applies(200, "tf32x3")
+    w = pre_bn_weights(40, F32)
+    with pytest.raises(ValueError, match="walks rows only where"):
+        st.plan_statistics(torch.randn(1, 35, 120), 5, 7, w.dw3, w.dw5, w.dw7, w.pw, (4, 4, 8, 1))
+    w = pre_bn_weights(80, F32)
+    f = random_folded_weights(80, F32)
+    with pytest.raises(ValueError, match="walks rows only where"):
+        st.plan_recompute(torch.randn(1, 35, 240), 5, 7, f.bn_scale, f.bn_shift, w.dw3, w.dw5, w.dw7, w.pw,
+                          (4, 4, 16, 1))
+    qkv = torch.randn(1, 35, 240)
+    _, _, plan, _ = st.plan_statistics(qkv, 5, 7, w.dw3, w.dw5, w.dw7, w.pw, (4, 4, 16, 1))
+    with pytest.raises(ValueError, match="plan of"):
+        st.kernel_call(qkv, 5, 7, (qkv,) * 8, plan, (4, 4, 16, 0), st.statistics_dots(qkv))
+
+
+_ROWS_AOT_SCRIPT = r"""
+import json
+import gmf_kernels.triton_kernels.specializations as sp
+from gmf_kernels.triton_kernels import statistics as st
+from gmf_kernels.triton_kernels.specializations import Call
+out = []
+for C, g in ((80, 56), (160, 28), (320, 14)):
+    for tiles in st.stats_candidates(C, "tf32x3"):
+        if tiles[3]:
+            spec = next(x for x in sp.statistics_specializations_of_call(Call(C, g, g, 128, "fp16"), 90,
+                                                                         {st.STATS_FAMILY: tiles})
+                        if x.kernel == "gma_statistics_kernel")
+            rep = sp.compile_one(spec)
+            rep["C"], rep["tiles"], rep["rows"] = C, list(tiles), dict(spec.constexprs).get("ROWS")
+            out.append(rep)
+print(json.dumps(out))
+"""
+
+
+def test_rows_candidates_compile_without_spills_on_sm90(tmp_path):
+    """Every row-walk candidate of "triton.statistics" (`STATS_ROWS_TILES`), as a training step with a
+    backward launches it (STORE; GroupMixFormer-S's widths at batch 128, fp16 inputs, the statistics'
+    3xTF32 dots) compiled for sm_90: ROWS in the specialisation, no spill, <= 255 registers (the figures
+    `STATS_ROWS_TILES`' comment records; the tuner would refuse a spilling candidate on the GPU)."""
+    if not have_triton_nvidia_backend():
+        pytest.skip("Triton's NVIDIA backend / ptxas is not available")
+    env = triton_compile_env()
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-c", _ROWS_AOT_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    assert lines, f"AOT compile failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+    reps = json.loads(lines[-1])
+    assert sorted({r["C"] for r in reps}) == [80, 160, 320]
+    assert len(reps) == sum(len(st.STATS_ROWS_TILES[C // 5]) for C in (80, 160, 320))
+    for r in reps:
+        print(f"C={r['C']} {r['tiles']}: {r['registers']} registers, spills {r['spill_stores']} B")
+        assert r["rows"] is True and 0 < r["registers"] <= 255, r
+        assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0 and not r.get("cuobjdump_local"), r

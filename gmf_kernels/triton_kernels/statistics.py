@@ -137,6 +137,27 @@ layers keep fp32 Z. The same launches keep what the backward's recompute would m
 branch's w4, xh4, rstd4 and the attention's R = CRPE(V) + bias, KV and softmax statistics (1.6 C values
 per token more), so neither `gma_recompute_local_kernel` nor `gma_recompute_attention_kernel` runs in a
 training step's backward. Not timed either.
+
+**Row walks** (ROWS, a tuning candidate of the "triton.statistics" family, `STATS_ROWS_TILES`; 2026-12-05,
+later; `_statistics_rows`). Since the forward reads Z, this pass is the one place a training step runs the
+3x3, 5x5 and 7x7 stencils, and it runs them tile by tile: per tap a load of the tile's shifted
+activations, its address and mask arithmetic, then the tap's multiply-adds (`_common.depthwise_taps`). With
+ROWS the tiles are rows of BLOCK_P-column strips (`aggregation._tile`; `SegmentPlan.row_w`, whose run
+counts then come from the strips' widths), and segments 1-3 walk them down their strip as the aggregation's
+row-walk candidate does (`aggregation._rows_walk`, here one stream, since a program is one image of q, k or
+v): each input row read once per walk as its KS column shifts (independent loads), multiplied into KS
+rolling [BLOCK_P, s] accumulators; a completed output row takes the tile's epilogue (y stored, the
+pointwise dot, Z stored, the moments folded with a carried token count). The same y as the tile kernel
+(its taps added in the same order) and Z to rounding (one dot over the s channels, where the tile kernel
+adds CK-channel chunks; bit for bit where one chunk holds them, as under the interpreter). Where: PAIR's widths with
+tensor-core dots (C = 80, 160, 320 on sm_80+, `rows_applies`); runs of at least KS rows
+(`aggregation._rows_splits`). sm_90 SASS of the loop bodies (fp16 inputs, STORE, batch 128; warp
+instructions per token over the four segments, without a run's R halo rows at each end; compiler figures,
+not timings): C = 80 683 -> 402
+((64, 8) tiles against (16, 4) rows), C = 160 1395 -> 448 ((32, 4) against (16, 4)), C = 320 2486 -> 1006
+((64, 8) against (16, 8)); registers 79 / 128 / 200 -> 128 / 144 / 178, i.e. 24 / 16 / 8 warps per SM ->
+16 / 12 / 8. Whether fewer instructions at lower occupancy pay is for `benchmarks/tune.py --train` to
+measure: the defaults stay the tile kernel's.
 """
 from __future__ import annotations
 
@@ -147,8 +168,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, dot_variant, hardswish, interpreting, stored
-from .aggregation import _balanced_splits, _dw_pw_heads, _dw_pw_seg, _tile
+from ._common import DotVariant, dot_variant, hardswish, interpreting, mm, rows_input, rows_shift, stored
+from .aggregation import _balanced_splits, _dw_pw_heads, _dw_pw_seg, _rows_splits, _tile
 from .config import (INTERPRETER_BLOCK_P, check_train_size, dot_pad, next_pow2, pair_applies, stage_dtype,
                      strip_width)
 from . import tile_spaces
@@ -191,17 +212,21 @@ def _store_moments(shift, mean, m2, row, ch, kmask, part_mean, part_m2):
 
 
 @triton.jit
-def _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3, C: tl.constexpr, S: tl.constexpr,
-             BLOCK_P: tl.constexpr):
+def _program(qkv, N, H, W, stride_qkv_b, splits0, splits1, splits2, splits3, C: tl.constexpr, S: tl.constexpr,
+             BLOCK_P: tl.constexpr, ROWS: tl.constexpr = False):
     """Program (pid, img) of the ``(R, 3B)`` grid (both kernels; R = splits0 + .. + splits3, the
     cost-balanced plan, module docstring): (pid, seg, img), its run of tiles [t0, t1), its image's
     qkv rows (image img of Z's 3B: q images 0..B-1, then k, then v) and the qkv channel of
     segment seg of that q / k / v. Segment j owns programs [e_j, e_j+1) of an image
-    (e_0 = 0, e_j+1 = e_j + splits_j), each a run of ceil(T / splits_j) tiles."""
+    (e_0 = 0, e_j+1 = e_j + splits_j), each a run of ceil(T / splits_j) tiles (T = ceil(N / BLOCK_P); with
+    ROWS, tiles are rows of BLOCK_P-column strips, `aggregation._tile`: T = ceil(W / BLOCK_P) H)."""
     pid = tl.program_id(0)
     img = tl.program_id(1)
     B = tl.num_programs(1) // 3
-    T = tl.cdiv(N, BLOCK_P)
+    if ROWS:
+        T = tl.cdiv(W, BLOCK_P) * H
+    else:
+        T = tl.cdiv(N, BLOCK_P)
     e1 = splits0
     e2 = e1 + splits1
     e3 = e2 + splits2
@@ -296,13 +321,120 @@ def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0,
     _store_moments(shift, mean, m2, row, cc, cc < S, part_mean, part_m2)
 
 
+@triton.jit
+def _walk_statistics(src, dw, pw_seg, strip, ya, yb, N, H, W, stride_n, z_seg, y_img, shift, mean, m2, count,
+                     KS: tl.constexpr, S: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     EMULATE_DOTS: tl.constexpr, STORE: tl.constexpr):
+    """Rows [ya, yb) of one strip (BLOCK_P columns from strip BLOCK_P) of one segment of one image
+    (src: its element (token 0, channel 0) of the segment's s channels), by a ROW WALK as
+    `aggregation._rows_walk` (one stream): the input rows max(0, ya - R) .. yb + R - 1 read once each, in
+    order, row i's KS column shifts (`_common.rows_input`) into the KS output rows it reaches, held as KS
+    rolling [BLOCK_P, S] fp32 accumulators; after row i, output row i - R is complete and, if in [ya, yb),
+    takes the tile's epilogue: STORE its depthwise output y, the pointwise dot, STORE Z, the moments
+    (`_fold_tile`, `count` values folded so far). The taps reach each output element in the tile kernel's
+    order (ky, then kx), so y is that of `_dw_pw_seg` (up to the FMA contraction), and Z too where its
+    dot takes the s channels in one chunk."""
+    R = KS // 2
+    co = tl.arange(0, S)
+    cmask = co < S
+    x = strip * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = x < W
+    n_tile = tl.minimum(W - strip * BLOCK_P, BLOCK_P).to(tl.float32)
+    zt = tl.zeros([BLOCK_P, S], dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6 = zt, zt, zt, zt, zt, zt, zt
+    w = tl.load(pw_seg + co[None, :] * S + co[:, None])           # [S, S]: pw[o, c] at (c, o)
+    i = tl.maximum(ya - R, 0)
+    while i < yb + R:
+        a0, a1, a2, a3, a4, a5, a6, _b0, _b1, _b2, _b3, _b4, _b5, _b6 = rows_input(
+            a0, a1, a2, a3, a4, a5, a6, zt, zt, zt, zt, zt, zt, zt, i, H, src, x, cmask, co, dw + co, S, 0, W,
+            stride_n, KS, 1)
+        o = i - R
+        if o >= ya:
+            n = o * W + x
+            m2d = pmask[:, None] & cmask[None, :]
+            if STORE:
+                tl.store(y_img + co[None, :] * N + n[:, None], stored(a0, y_img, EMULATE_DOTS), mask=m2d)
+            z = mm(a0, w, zt, DOT_PRECISION, EMULATE_DOTS)
+            if STORE:
+                _store_pair_z(z_seg, z, n, pmask, N, S, EMULATE_DOTS)
+            shift, mean, m2 = _fold_tile(z, pmask, count == 0, count, n_tile, shift, mean, m2)
+            count += n_tile
+        a0, a1, a2, a3, a4, a5, a6 = rows_shift(a0, a1, a2, a3, a4, a5, a6, KS)
+        i += 1
+    return shift, mean, m2, count
+
+
+@triton.jit
+def _segment_walks(src, dw, pw_seg, t0, t1, N, H, W, stride_n, z_seg, y_img, shift, mean, m2, count,
+                   KS: tl.constexpr, S: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   EMULATE_DOTS: tl.constexpr, STORE: tl.constexpr):
+    """The program's run of row tiles [t0, t1) of a KS x KS segment, one walk per piece of strip it
+    covers (`_walk_statistics`; a run crossing into the next strip is two pieces)."""
+    t = t0
+    while t < t1:
+        strip = t // H
+        ya = t - strip * H
+        yb = tl.minimum(H, ya + (t1 - t))
+        shift, mean, m2, count = _walk_statistics(src, dw, pw_seg, strip, ya, yb, N, H, W, stride_n, z_seg, y_img,
+                                                  shift, mean, m2, count, KS, S, BLOCK_P, DOT_PRECISION,
+                                                  EMULATE_DOTS, STORE)
+        t += yb - ya
+    return shift, mean, m2, count
+
+
+@triton.jit
+def _statistics_rows(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0, t1, row, N, H, W, stride_n,
+                     z_seg, y_img, S: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     EMULATE_DOTS: tl.constexpr, STORE: tl.constexpr):
+    """`gma_statistics_kernel`'s program with ROWS (and PAIR's [BLOCK_P, S] tiles): tiles are rows of
+    BLOCK_P-column strips (`aggregation._tile` with ROWS); segment 0 reads them, segments 1-3 walk them
+    (`_segment_walks`, an instance per window: the walk unrolls its KS column shifts). The moments fold
+    per output row, a row holding min(BLOCK_P, W - strip BLOCK_P) tokens (the count is carried, not
+    derived from the tile index as the flat tiles' is).
+
+    Why (compiler figures of the aggregation's walk, docs/performance.md "Row walks", not a timing): the
+    tile kernel's stencil loads each input element KS x KS times, a tap at a time, with its address and
+    mask arithmetic per tap; a walk loads it KS times (its column shifts, independent loads issued
+    together) into KS rolling accumulators. One stream here (a program is one image of q, k or v), so KS
+    accumulator tiles, where the aggregation's k/v walk holds 2 KS."""
+    cc = tl.arange(0, S)
+    shift = tl.zeros([S], dtype=tl.float32)
+    mean = tl.zeros([S], dtype=tl.float32)
+    m2 = tl.zeros([S], dtype=tl.float32)
+    count = (t0 * 0).to(tl.float32)
+    src = qkv_b + ch0
+    if seg == 0:
+        t = t0
+        while t < t1:
+            n, pmask, y, x = _tile(t, N, H, W, W, BLOCK_P, True)
+            z = tl.load(src + n[:, None] * stride_n + cc[None, :], mask=pmask[:, None], other=0.0).to(tl.float32)
+            if STORE:
+                _store_pair_z(z_seg, z, n, pmask, N, S, EMULATE_DOTS)
+            n_tile = tl.minimum(W - (t // H) * BLOCK_P, BLOCK_P).to(tl.float32)
+            shift, mean, m2 = _fold_tile(z, pmask, t == t0, count, n_tile, shift, mean, m2)
+            count += n_tile
+            t += 1
+    elif seg == 1:
+        shift, mean, m2, count = _segment_walks(src, dw3, pw, t0, t1, N, H, W, stride_n, z_seg, y_img, shift, mean,
+                                                m2, count, 3, S, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, STORE)
+    elif seg == 2:
+        shift, mean, m2, count = _segment_walks(src, dw5, pw + S * S, t0, t1, N, H, W, stride_n, z_seg, y_img,
+                                                shift, mean, m2, count, 5, S, BLOCK_P, DOT_PRECISION, EMULATE_DOTS,
+                                                STORE)
+    else:
+        shift, mean, m2, count = _segment_walks(src, dw7, pw + 2 * S * S, t0, t1, N, H, W, stride_n, z_seg, y_img,
+                                                shift, mean, m2, count, 7, S, BLOCK_P, DOT_PRECISION, EMULATE_DOTS,
+                                                STORE)
+    _store_moments(shift, mean, m2, row, cc, cc < S, part_mean, part_m2)
+
+
 @triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3"])
 def gma_statistics_kernel(
     qkv, part_mean, part_m2, z, y_all, dw3, dw5, dw7, pw,
     N, H, W, SW, stride_qkv_b, stride_qkv_n, splits0, splits1, splits2, splits3,
     C: tl.constexpr, S: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PAIR: tl.constexpr = False,
-    STORE: tl.constexpr = False,
+    STORE: tl.constexpr = False, ROWS: tl.constexpr = False,
 ):
     """Partial (mean, M2) of segment `seg` of image `img` (module docstring). A segment is two
     heads of D channels (the shapes `_dw_pw_heads` returns); segment 0 reads its two heads.
@@ -310,13 +442,18 @@ def gma_statistics_kernel(
     [BLOCK_P, S] tensor (`aggregation._dw_pw_seg`; one fold of S channels per tile instead of two of D_PAD).
     STORE ("Planes kept for the backward", module docstring): Z and the depthwise outputs also stored, as
     the recompute kernel stores them, into z (3B, 4s, H, W) and y_all (3, 3B, s, H, W) (the stage dtype);
-    without STORE those two arguments are placeholders, never read or written."""
-    pid, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3,
-                                                 C, S, BLOCK_P)
+    without STORE those two arguments are placeholders, never read or written. ROWS (with PAIR; the
+    "triton.statistics" family's ROWS knob, `STATS_ROWS_TILES`): the program's tiles are rows of
+    BLOCK_P-column strips and segments 1-3 walk them (`_statistics_rows`)."""
+    pid, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, H, W, stride_qkv_b, splits0, splits1, splits2, splits3,
+                                                 C, S, BLOCK_P, ROWS)
     row = (img * tl.num_programs(0) + pid).to(tl.int64) * S    # row pid of image img, the segment's s channels
     z_seg = z + (img.to(tl.int64) * (4 * S * N) + seg * S * N)                          # channel seg * s of image img
     y_img = y_all + ((tl.maximum(seg - 1, 0) * tl.num_programs(1) + img).to(tl.int64) * (S * N))   # of y_seg
-    if PAIR:
+    if ROWS:
+        _statistics_rows(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0, t1, row, N, H, W,
+                         stride_qkv_n, z_seg, y_img, S, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, STORE)
+    elif PAIR:
         _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0, t1, row, N, H, W, SW,
                          stride_qkv_n, z_seg, y_img, S, CK, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, STORE)
     else:
@@ -391,7 +528,7 @@ def gma_recompute_z_kernel(
     2B.. of P: the readers of q's and k's proxies take them from Z), y_all (3, 3B, s, H, W) (module
     docstring, "Recompute"). Segment 0 is qkv's segment 0 (it is its own u_0). PAIR (`training_pair`):
     the segment's two heads as one [BLOCK_P, S] tile (`aggregation._dw_pw_seg`, `_store_z_p_pair`)."""
-    _, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, stride_qkv_b, splits0, splits1, splits2, splits3,
+    _, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, H, W, stride_qkv_b, splits0, splits1, splits2, splits3,
                                                C, S, BLOCK_P)
     plane = img.to(tl.int64) * (4 * S * N) + seg * S * N               # channel seg * s of image img
     z_seg = z + plane
@@ -479,20 +616,35 @@ DEFAULT_TILE = (64, 8, 16)
 SPLIT_TARGET = 1024
 
 
-def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
-    """(BLOCK_P, num_warps, CK) of a call with dots of this precision: one large tile and one
+def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int, int]:
+    """(BLOCK_P, num_warps, CK, ROWS) of a call with dots of this precision: one large tile and one
     channel chunk under the interpreter (its cost is per operation, not per element), else
-    `STATS_TILE_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`."""
+    `STATS_TILE_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`; ROWS 0 (the tile kernel: the row walks are
+    tuning candidates, `STATS_ROWS_TILES`)."""
     if interpreting():
-        return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4, dot_pad(C // 5)
+        return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4, dot_pad(C // 5), 0
     return gpu_stats_tiles(C, precision)
 
 
-def gpu_stats_tiles(C: int, precision: str) -> Tuple[int, int, int]:
-    """The GPU tile of the statistics pass: `STATS_TILE_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE` (the
-    default of the "triton.statistics" tuning family, `tile_spaces`)."""
+def gpu_stats_tiles(C: int, precision: str) -> Tuple[int, int, int, int]:
+    """The GPU tile of the statistics pass: `STATS_TILE_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`, ROWS 0
+    (the default of the "triton.statistics" tuning family, `tile_spaces`)."""
     bp, warps, ck = STATS_TILE_BY_DOTS.get(precision) or STATS_TILES.get(C, DEFAULT_TILE)
-    return bp, warps, min(ck, dot_pad(C // 5))
+    return bp, warps, min(ck, dot_pad(C // 5)), 0
+
+
+def stats_candidates(C: int, precision: str) -> List[Tuple[int, int, int, int]]:
+    """The "triton.statistics" family's tiles beyond its default: the row walks first where they apply
+    (`rows_applies`; `STATS_ROWS_TILES` of the segment width), then the tile kernel's `STATS_SEARCH`."""
+    rows = [(bp, warps, dot_pad(C // 5), 1) for bp, warps in STATS_ROWS_TILES.get(C // 5, ())] \
+        if rows_applies(C, precision) else []
+    return rows + [t + (0,) for t in STATS_SEARCH]
+
+
+def rows_applies(C: int, precision: str) -> bool:
+    """Can the statistics pass walk rows (ROWS) at width C with dots of this precision? Where its tiles
+    are PAIR's (`training_pair`: s a power of two, tensor-core dots): the walk's [BLOCK_P, s] tiles."""
+    return training_pair(C, precision, False)
 
 
 #: GPU tile of the recompute kernel: (32, 8, 16), and (16, 4, 16) with FMA dots ("ieee": sm_70/75).
@@ -527,7 +679,7 @@ def recompute_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int]:
     `RECOMPUTE_TILE_BY_DOTS` / `RECOMPUTE_TILE` (S_PAD 128: `RECOMPUTE_TILE_WIDE_BY_DOTS` /
     `RECOMPUTE_TILE_WIDE`)."""
     if interpreting():
-        return stats_tiles(C, N, precision)
+        return stats_tiles(C, N, precision)[:3]
     return gpu_recompute_tiles(C, precision)
 
 
@@ -547,6 +699,15 @@ def gpu_recompute_tiles(C: int, precision: str) -> Tuple[int, int, int]:
 #: are not in its list.
 STATS_SEARCH = ((32, 8, 16), (64, 8, 16), (16, 4, 16), (32, 4, 16), (64, 4, 16), (16, 8, 16))
 RECOMPUTE_SEARCH = ((32, 8, 16), (64, 8, 16), (16, 4, 16), (32, 4, 16))
+#: Row-walk tiles of the statistics pass (ROWS, `_statistics_rows`; tuning candidates, not defaults:
+#: no GPU has timed them), per segment width s: (BLOCK_P columns per strip, num_warps). AOT compile with
+#: STORE (GroupMixFormer-S's widths at batch 128, fp16 and fp32 inputs, sm_80 / sm_90; ptxas registers):
+#: s = 16 (16, 4) 128 / 128, (16, 2) 168 / 142-143 with 8 B spilled on sm_80 at fp32 (the tuner refuses it
+#: there); s = 32 (16, 4) 168-194 / 144-146, (32, 8) 254-255 / 255; s = 64 (16, 8) 255 / 178-184, none
+#: spilling. Left out for spills: (32, 4) at s = 16 (8 B, sm_80 fp16) and s = 32 (40-144 B), (16, 4) at
+#: s = 64 (24-148 B), (16, 2) at s = 32 (44-144 B), (32, 8) at s = 64 (16-88 B); (32, 8) at s = 16 takes 171-190
+#: registers with 8 warps (one CTA per SM).
+STATS_ROWS_TILES = {16: ((16, 4), (16, 2)), 32: ((16, 4), (32, 8)), 64: ((16, 8),)}
 STATS_FAMILY = "triton.statistics"
 RECOMPUTE_Z_FAMILY = "triton.recompute_z"
 
@@ -573,9 +734,13 @@ def backward_dots(qkv: Tensor) -> DotVariant:
 
 class SegmentPlan(NamedTuple):
     """Programs per image of the two kernels: ``splits[j]`` runs of ``ceil(tiles / splits[j])``
-    consecutive tiles for segment j (0..3), in proportion to its cost per tile (`segment_costs`)."""
-    tiles: int                      # T = ceil(N / BLOCK_P)
+    consecutive tiles for segment j (0..3), in proportion to its cost per tile (`segment_costs`).
+    row_w: 0 for tiles of BLOCK_P consecutive tokens (every one full but an image's last), else the
+    image's width W, the tiles being rows of BLOCK_P-column strips (the statistics pass's ROWS,
+    `aggregation._tile`: tile t is row t % H of strip t // H, min(BLOCK_P, W - strip BLOCK_P) tokens)."""
+    tiles: int                      # T = ceil(N / BLOCK_P), or ceil(W / BLOCK_P) H with row_w = W
     splits: Tuple[int, int, int, int]
+    row_w: int = 0
 
     @property
     def programs(self) -> int:
@@ -589,8 +754,19 @@ class SegmentPlan(NamedTuple):
 
     def counts(self, seg: int, block_p: int, N: int) -> List[int]:
         """Tokens of each run of segment seg (every run non-empty: `_balanced_splits`)."""
+        if self.row_w:
+            per_tile = self.tile_tokens(block_p, N)
+            tps = -(-self.tiles // self.splits[seg])
+            return [sum(per_tile[k * tps:(k + 1) * tps]) for k in range(self.splits[seg])]
         tps = -(-self.tiles // self.splits[seg]) * block_p
         return [min(tps, N - k * tps) for k in range(self.splits[seg])]
+
+    def tile_tokens(self, block_p: int, N: int) -> List[int]:
+        """Tokens of each tile of an image (row tiles: their strip's width)."""
+        if self.row_w:
+            H = N // self.row_w
+            return [min(block_p, self.row_w - (t // H) * block_p) for t in range(self.tiles)]
+        return [min(block_p, N - t * block_p) for t in range(self.tiles)]
 
     def row_weights(self, block_p: int, N: int, device, dtype=torch.float64) -> Tuple[Tensor, Tensor]:
         """What `merge_segments` weighs an image's R partial rows with: (counts, member), both (4, R) in
@@ -616,12 +792,22 @@ class SegmentPlan(NamedTuple):
         """`row_weights` made on `device` by tensor ops."""
         r = torch.arange(self.programs, device=device)
         counts, member = [], []
+        if self.row_w:   # tokens before each tile boundary, from the strips' widths
+            t = torch.arange(self.tiles, device=device)
+            per_tile = (self.row_w - (t // (N // self.row_w)) * block_p).clamp(max=block_p)
+            before = torch.cat([per_tile.new_zeros(1), per_tile.cumsum(0)])
         for j in range(4):
             first, last = self.rows(j)
-            tps = -(-self.tiles // self.splits[j]) * block_p
+            tps = -(-self.tiles // self.splits[j])
             inside = (r >= first) & (r < last)
             member.append(inside.to(dtype))
-            counts.append(torch.where(inside, (N - (r - first) * tps).clamp(max=tps), 0).to(dtype))
+            if self.row_w:
+                k = (r - first).clamp(0, self.splits[j] - 1)
+                run = before[((k + 1) * tps).clamp(max=self.tiles)] - before[(k * tps).clamp(max=self.tiles)]
+                counts.append(torch.where(inside, run, 0).to(dtype))
+            else:
+                tps *= block_p
+                counts.append(torch.where(inside, (N - (r - first) * tps).clamp(max=tps), 0).to(dtype))
         return torch.stack(counts), torch.stack(member)
 
 
@@ -643,7 +829,7 @@ def _host_row_weights(plan: SegmentPlan, block_p: int, N: int) -> Tensor:
     return w.pin_memory() if torch.cuda.is_available() else w
 
 
-def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute: bool,
+def segment_costs(C: int, tiles: Tuple[int, ...], precision: str, recompute: bool,
                   store: bool = False) -> Tuple[float, ...]:
     """Estimated cost of one tile (BLOCK_P tokens of one of the 3B images) of each segment, in taps
     (`aggregation.TAP_COST` and the other weights of its one cost model), as the kernels issue
@@ -651,9 +837,12 @@ def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute
     (2 Dp elements; with PAIR, `training_pair`, Dp = d: one s-wide tile), segment j = 1..3 runs Sc
     (2j+1)^2 taps and the s x s pointwise into two heads (Sc 2 Dp multiply-adds); then per head pair the statistics kernel folds the moments
     (~2 Dp elements), the recompute kernel stores Z and P (4 Dp; P of the v images only, counted for every image: one plan
-    serves all) and, j >= 1, y_j (Sc stores)."""
-    from .aggregation import DOT_MAC_COST, ELEMENT_COST, TAP_COST
-    bp, _, ck = tiles
+    serves all) and, j >= 1, y_j (Sc stores). With ROWS (tiles[3]; tiles of BLOCK_P columns of one row)
+    a token of segment j costs s (2j+1) loads (its input row's column shifts) and s (2j+1)^2
+    multiply-adds at `aggregation.FMA_COST` instead of its taps (`aggregation_job_costs`' walk, one stream)."""
+    from .aggregation import DOT_MAC_COST, ELEMENT_COST, FMA_COST, TAP_COST
+    bp, _, ck = tiles[:3]
+    rows = len(tiles) > 3 and bool(tiles[3])
     s = C // 5
     dp = s // 2 if training_pair(C, precision, recompute) else dot_pad(s // 2)     # PAIR: no padding column
     sc = -(-s // ck) * ck
@@ -661,8 +850,9 @@ def segment_costs(C: int, tiles: Tuple[int, int, int], precision: str, recompute
     tail = 4 * dp if recompute or store else 2 * dp       # store: the moments and Z (the recompute: Z and P)
     per_token = [(2 * dp + tail) * ELEMENT_COST]
     for j in (1, 2, 3):
-        per_token.append(sc * (2 * j + 1) ** 2 * TAP_COST + sc * 2 * dp * dot
-                         + (tail + (sc if recompute or store else 0)) * ELEMENT_COST)
+        ks = 2 * j + 1
+        stencil = s * (ks * TAP_COST + ks * ks * FMA_COST) if rows else sc * ks * ks * TAP_COST
+        per_token.append(stencil + sc * 2 * dp * dot + (tail + (sc if recompute or store else 0)) * ELEMENT_COST)
     return tuple(bp * c for c in per_token)
 
 
@@ -706,37 +896,54 @@ def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: 
     B, N, C3 = qkv.shape
     C = C3 // 3
     s = C // 5
-    bp, warps, ck = tiles
-    if plan.tiles != -(-N // bp):
-        raise ValueError(f"plan of {plan.tiles} tiles for {-(-N // bp)} tiles of {bp} tokens")
+    bp, warps, ck = tiles[:3]
+    rows = len(tiles) > 3 and bool(tiles[3])
+    if plan.tiles != _num_tiles(N, H, W, bp, rows) or bool(plan.row_w) != rows:
+        raise ValueError(f"plan of {plan.tiles} tiles (rows of width {plan.row_w}) for {_num_tiles(N, H, W, bp, rows)} "
+                         f"tiles of {bp} tokens{' (rows)' if rows else ''}")
+    if rows and (recompute or not rows_applies(C, dots.precision)):
+        raise ValueError(f"ROWS: the statistics pass walks rows only where its tiles are PAIR's (C = {C}, "
+                         f"{dots.precision} dots: `rows_applies`)")
     args = (qkv, *leading, N, H, W, strip_width(W), qkv.stride(0), qkv.stride(1), *plan.splits)
     kwargs = dict(C=C, S=s, D=s // 2, D_PAD=dot_pad(s // 2), CK=ck, BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, PAIR=training_pair(C, dots.precision, recompute), num_warps=warps)
     if store:
         kwargs["STORE"] = True
+    if rows:
+        kwargs["ROWS"] = True
     return (plan.programs, 3 * B), args, kwargs
 
 
-def _grid_plan(qkv: Tensor, dots: Optional[DotVariant], tiles: Optional[Tuple[int, int, int]], tiles_fn,
+def _num_tiles(N: int, H: int, W: int, block_p: int, rows: bool) -> int:
+    """Tiles of an image: ceil(N / BLOCK_P), or with ROWS one per row of each BLOCK_P-column strip."""
+    return -(-W // block_p) * H if rows else -(-N // block_p)
+
+
+def _grid_plan(qkv: Tensor, H: int, W: int, dots: Optional[DotVariant], tiles: Optional[Tuple[int, ...]], tiles_fn,
                recompute: bool, store: bool = False):
     """(qkv with unit channel stride, dots, tiles (default: on a CUDA device the tuning table's,
     `tile_spaces.tuned_tiles`, else tiles_fn's), `SegmentPlan`) of a call:
     the grid both kernels share, programs per segment in proportion to its cost per tile
     (`segment_costs`, `aggregation._balanced_splits`: about SPLIT_TARGET programs in all where the
-    tiles allow)."""
+    tiles allow); with ROWS (tiles[3]) the tiles are rows of BLOCK_P-column strips and a walking segment's
+    runs hold at least KS rows (`aggregation._rows_splits`)."""
     B, N, C3 = qkv.shape
     tiles = tiles or tile_spaces.tuned_tiles(RECOMPUTE_Z_FAMILY if recompute else STATS_FAMILY, C3 // 3, qkv)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dots = dots or statistics_dots(qkv)
     tiles = tiles or tiles_fn(C3 // 3, N, dots.precision)
-    T = -(-N // tiles[0])
+    rows = len(tiles) > 3 and bool(tiles[3])
+    T = _num_tiles(N, H, W, tiles[0], rows)
     costs = tuple(max(1, round(16 * c)) for c in segment_costs(C3 // 3, tiles, dots.precision, recompute, store))
-    return qkv, dots, tiles, SegmentPlan(T, _balanced_splits(T, 3 * B, costs, SPLIT_TARGET))
+    splits = _balanced_splits(T, 3 * B, costs, SPLIT_TARGET)
+    if rows:   # runs of at least KS rows: a walk re-reads R rows above and below its run
+        splits = splits[:1] + tuple(_rows_splits(T, sp, 2 * j + 1) for j, sp in enumerate(splits[1:], 1))
+    return qkv, dots, tiles, SegmentPlan(T, splits, W if rows else 0)
 
 
 def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
-                    tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None,
+                    tiles: Optional[Tuple[int, ...]] = None, dots: Optional[DotVariant] = None,
                     store: bool = False):
     """Allocate the partial buffers of one call and describe its launch, without launching:
     (part_mean, part_m2, plan, (grid, args, kwargs)); part_mean (float64) and part_m2 (fp32):
@@ -746,7 +953,7 @@ def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: 
     kernel's arguments z and y_all (`planes_of` finds them in args); else part_m2 holds their places."""
     B, N, C3 = qkv.shape
     s = C3 // 15
-    qkv, dots, tiles, plan = _grid_plan(qkv, dots, tiles, stats_tiles, False, store)
+    qkv, dots, tiles, plan = _grid_plan(qkv, H, W, dots, tiles, stats_tiles, False, store)
     part_mean = torch.empty(3 * B * plan.programs, s, dtype=torch.float64, device=qkv.device)
     part_m2 = torch.empty(3 * B * plan.programs, s, dtype=torch.float32, device=qkv.device)
     if store:
@@ -781,7 +988,7 @@ def merge_segments(part_mean: Tensor, part_m2: Tensor, plan: SegmentPlan, block_
 
 
 def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
-              tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None,
+              tiles: Optional[Tuple[int, ...]] = None, dots: Optional[DotVariant] = None,
               store: bool = False):
     """Launch the kernel and merge: (2, 4s) float64, [mean, M2] of Z per channel (channel j*s + c:
     segment j) over this process's 3B images x H x W; store: (that, Z, y_all), the planes the kernel
@@ -805,7 +1012,7 @@ def plan_recompute(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tens
     default `backward_dots`."""
     B, N, C3 = qkv.shape
     s = C3 // 15
-    qkv, dots, tiles, plan = _grid_plan(qkv, dots or backward_dots(qkv), tiles, recompute_tiles, True)
+    qkv, dots, tiles, plan = _grid_plan(qkv, H, W, dots or backward_dots(qkv), tiles, recompute_tiles, True)
     st = dict(dtype=stage_dtype(qkv.dtype), device=qkv.device)
     out = (torch.empty(3 * B, 4 * s, H, W, **st), torch.empty(B, 4 * s, H, W, **st),
            torch.empty(3, 3 * B, s, H, W, **st))
@@ -959,7 +1166,7 @@ def recompute_planes(qkv: Tensor, H: int, W: int, wts) -> Tuple[Tensor, Tensor, 
     return z, pv, list(y_all.unbind(0))
 
 
-register_tiles(STATS_FAMILY, ("BLOCK_P", "num_warps", "CK"), gpu_stats_tiles, lambda C, p: STATS_SEARCH,
+register_tiles(STATS_FAMILY, ("BLOCK_P", "num_warps", "CK", "ROWS"), gpu_stats_tiles, stats_candidates,
                [gma_statistics_kernel], backward=False)
 register_tiles(RECOMPUTE_Z_FAMILY, ("BLOCK_P", "num_warps", "CK"), gpu_recompute_tiles,
                lambda C, p: RECOMPUTE_SEARCH,

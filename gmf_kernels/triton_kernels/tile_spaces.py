@@ -4,7 +4,7 @@ family, keyed like the forward's by (GPU architecture, C, dtype), and the lookup
 Families, each registered by the module that launches its kernels, next to its tile table:
 
     family                       kernels                                   knobs
-    triton.statistics            statistics pass (statistics.py)           BLOCK_P, num_warps, CK
+    triton.statistics            statistics pass (statistics.py)           BLOCK_P, num_warps, CK, ROWS
     triton.recompute_z           recompute of Z, V, y (statistics.py)      BLOCK_P, num_warps, CK
     triton.recompute_attention   softmax statistics, KV, CRPE (recompute)  BLOCK_P, num_warps
     triton.recompute_local       local branch (recompute.py)               BLOCK_P, num_warps, CK
