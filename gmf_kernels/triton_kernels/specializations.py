@@ -413,7 +413,7 @@ def candidate_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = Non
     ``benchmarks/tune.py --train`` makes the JIT compile, so that they can be compiled ahead of
     time (the defaults are `statistics_specializations` / `backward_specializations`'). Deduplicated."""
     from .. import tuning
-    from . import tile_spaces
+    from . import tile_spaces, train_op  # noqa: F401  (every training family registered)
     calls = real_calls() if calls is None else calls
     out: Dict[tuple, Tuple[str, Dict[str, int], Spec]] = {}
     for arch in archs:
