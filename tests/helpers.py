@@ -208,6 +208,29 @@ def have_triton_nvidia_backend() -> bool:
         return False
 
 
+def aot_reports(script: str, tmp_path, timeout: int = 900) -> list:
+    """Run `script` (Python that prints one JSON list of `specializations.compile_one` reports) in a
+    subprocess without the interpreter (`triton_compile_env`) and an empty Triton cache under tmp_path, and
+    return that list (skips the test where Triton's NVIDIA backend or ptxas is missing)."""
+    import json
+    import subprocess
+    if not have_triton_nvidia_backend():
+        pytest.skip("Triton's NVIDIA backend / ptxas is not available")
+    env = triton_compile_env()
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    assert lines, f"AOT compile failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def assert_compiled_without_spills(rep: dict) -> None:
+    """A `compile_one` report: registers within 1..255, no spill, no stack, no local memory."""
+    assert 0 < rep["registers"] <= 255, rep
+    assert rep["spill_stores"] == rep["spill_loads"] == rep["stack"] == 0 and not rep.get("cuobjdump_local"), rep
+
+
 def triton_compile_env() -> dict:
     """The environment of a subprocess that compiles real Triton kernels: without
     TRITON_INTERPRET (under which @triton.jit builds interpreter objects) and with line info."""

@@ -21,6 +21,10 @@ The ahead-of-time check compiles every new kernel at the specialisation of a rea
 (GroupMixFormer-S's C=320 at 14x14, batch 128, an fp16 layer, training) for sm_80 and sm_90 in a
 subprocess without TRITON_INTERPRET (as tests/test_triton_compile.py does) and asserts zero
 register spills (ptxas -v).
+
+The depthwise input gradient's row walks (DW_ROWS, a "triton.backward" tuning candidate): against the
+float64 adjoint into a buffer and into the qkv gradient's places, with runs that end inside a strip and
+cross strips and images; their launches compiled for sm_90 without a spill.
 """
 import json
 import subprocess
@@ -447,3 +451,88 @@ def test_depthwise_backward_programs_over_many_tiles(k):
                            ("g_w", agb.taps_of(buf["part_gw"], c, k), bw.dwconv_weight_grad(dy, u, k))):
         err = float((got.double() - exp).abs().max() / exp.abs().max())
         assert err < 1e-6, f"{name} {k}x{k}: {err:.2e}"
+
+
+#: the row walks of the input gradient (DW_ROWS, a "triton.backward" candidate): 16-column strips (the
+#: smallest a GPU's tiles take) of a 20-wide grid (16 + 4: a ragged strip), 9 rows, 3 images: 54 row tiles
+#: cut into runs of 5-7 rows (runs end inside a strip and cross strips and images), a partly masked channel
+#: block
+ROWS_TILE = agb.BackwardTiles(BLOCK_C=8, BLOCK_P=16, WARPS=4, PW_BLOCK_P=16, PW_WARPS=4, TARGET_PROGRAMS=20,
+                              DW_ROWS=16)
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_depthwise_backward_row_walks(k):
+    """`gma_dw_backward_kernel` with ROWS (`_dw_backward_rows`: the half-turned filter walked down rows of
+    strips): the input gradient against the float64 PyTorch adjoint, into a contiguous buffer and into the
+    qkv gradient's places (`qkv_layout`, the B3 launch's), and the launch's plan (row tiles, runs of at
+    least k rows)."""
+    I, c, H, W = 3, 12, 9, 20
+    g = torch.Generator().manual_seed(10 + k)
+    dy, u = (torch.randn(I, c, H, W, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(k, k, c, generator=g, dtype=torch.float64)
+    buf, launches = agb.plan_dw_backward(dy.float(), u.float(), w.float(), tiles=ROWS_TILE)
+    (kern, grid, args, kw), = [ln for ln in launches if ln[0] is agb.gma_dw_backward_kernel]
+    T = I * 2 * H                                             # row tiles: 2 strips of each image's 9 rows
+    assert kw["ROWS"] and kw["BLOCK_P"] == 16 and args[8] >= k and grid == (-(-T // args[8]), 2), (grid, args[8])
+    assert grid[0] > I * 2                                     # runs shorter than a strip: pieces inside strips
+    agb._launch(launches, dy)
+    exp = bw.dwconv_input_grad(dy, w)
+    err = float((buf["du"].double() - exp).abs().max() / exp.abs().max())
+    assert err < 1e-6, f"du {k}x{k}: {err:.2e}"
+    # into the qkv gradient's places of segment j's channels, as B3 launches it (3B images = q, k, v of B)
+    C = 5 * c
+    d_qkv = torch.full((1, H * W, 3 * C), float("nan"))
+    buf, launches = agb.plan_dw_backward(dy.float(), u.float(), w.float(), agb.qkv_layout(d_qkv, 1), ROWS_TILE)
+    agb._launch(launches, dy)
+    got = d_qkv.view(H, W, 3, 5, c)[:, :, :, 1].permute(2, 3, 0, 1).double()          # (stream, c, H, W)
+    err = float((got - exp).abs().max() / exp.abs().max())
+    assert err < 1e-6, f"du into qkv's gradient {k}x{k}: {err:.2e}"
+
+
+def test_b3_and_local_backward_with_row_walks():
+    """The two stages that launch the depthwise input gradient (B3's segments 1-3 into the qkv gradient,
+    the local branch's 3x3 over its 3s channels) with a DW_ROWS tile: within the rule against the float64
+    stage functions, as with the default tiles (C = 80, a 7x9 grid: strips of 16 columns hold 9, batch 2
+    with batch statistics)."""
+    prob = Problem(80, (7, 9), 2, True, False, seed=321)
+    tiles = agb.BackwardTiles(BLOCK_C=16, BLOCK_P=64, WARPS=4, PW_BLOCK_P=64, PW_WARPS=4, DW_ROWS=16)
+    rc32, wts32 = _fp32(prob.rc), _fp32(prob.wts)
+    oracle = bw.b3_pointwise_depthwise(prob.dZ, prob.rc, prob.wts)
+    ref32 = bw.b3_pointwise_depthwise(bw.b3_dz(_fp32(prob.G), rc32, wts32, *prob.dz_args(_fp32)), rc32, wts32)
+    got = agb.b3_fused(_fp32(prob.G), rc32, wts32, *prob.dz_args(_fp32), tiles=tiles)
+    check(got, ref32, oracle, "b3_fused (DW_ROWS)")
+    dL32 = _fp32(prob.dL)
+    check(agb.local_backward(dL32, rc32, wts32, tiles=tiles), bw.local_backward(dL32, rc32, wts32),
+          bw.local_backward(prob.dL, prob.rc, prob.wts), "local_backward (DW_ROWS)")
+
+
+_DW_ROWS_AOT_SCRIPT = r"""
+import json
+import gmf_kernels.triton_kernels.specializations as sp
+from gmf_kernels.triton_kernels import aggregation_backward as agb
+from gmf_kernels.triton_kernels.specializations import Call
+out, seen = [], set()
+for tile in agb.DW_ROWS_TILES:
+    for spec in sp.backward_specializations_of_call(Call(160, 28, 28, 128, "fp16"), 90, True, {agb.BACKWARD_FAMILY: tile}):
+        if spec.kernel == "gma_dw_backward_kernel" and spec.key not in seen:
+            seen.add(spec.key)
+            rep = sp.compile_one(spec)
+            rep["rows"], rep["tile"] = dict(spec.constexprs).get("ROWS"), list(tile)
+            out.append(rep)
+print(json.dumps(out))
+"""
+
+
+def test_dw_rows_candidates_compile_without_spills_on_sm90(tmp_path):
+    """Every launch of `gma_dw_backward_kernel` that a `DW_ROWS_TILES` candidate makes in a training step's
+    backward (C = 160 28x28 B = 128 fp16: B3's segments into the qkv gradient, the local branch's), compiled
+    for sm_90: ROWS in the specialisation, no spill (a first version of the walk spilled on sm_90 at every
+    tile; the tuner would refuse such a candidate on the GPU)."""
+    from helpers import aot_reports, assert_compiled_without_spills
+    reps = aot_reports(_DW_ROWS_AOT_SCRIPT, tmp_path)
+    assert len(reps) >= 2 * len(agb.DW_ROWS_TILES), reps
+    for r in reps:
+        print(f"{r['tile']}: {r['registers']} registers, spills {r['spill_stores']} B")
+        assert r["rows"] is True, r
+        assert_compiled_without_spills(r)

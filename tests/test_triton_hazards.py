@@ -212,3 +212,24 @@ def test_statistics_row_walks_free_of_hazards(monkeypatch):
     assert name == "gma_statistics_kernel" and grid[0] > 4, hc.launches
     assert not hc.findings, "\n".join(map(str, hc.findings))
     assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))
+
+
+def test_depthwise_backward_row_walks_free_of_hazards():
+    """The depthwise input gradient's row-walk candidate (DW_ROWS, "triton.backward"; the cases above run
+    the default tiles), into the qkv gradient's places as B3 launches it: 20 columns in strips of 16 and 4,
+    9 rows, 3 images, runs of 7 rows that end inside a strip and cross strips and images, two channel
+    blocks. Also checked as if without barriers."""
+    import gmf_kernels.triton_kernels.aggregation_backward as agb
+    I, c, H, W, k = 3, 12, 9, 20, 7
+    tiles = agb.BackwardTiles(BLOCK_C=8, BLOCK_P=16, WARPS=4, PW_BLOCK_P=16, PW_WARPS=4, TARGET_PROGRAMS=20,
+                              DW_ROWS=16)
+    dy, u = torch.randn(I, c, H, W), torch.randn(I, c, H, W)
+    d_qkv = torch.zeros(1, H * W, 15 * c)
+    _, launches = agb.plan_dw_backward(dy, u, torch.randn(k, k, c), agb.qkv_layout(d_qkv, 2), tiles)
+    launches = [ln for ln in launches if ln[0] is agb.gma_dw_backward_kernel]
+    assert launches and launches[0][3]["ROWS"] and launches[0][1][0] > 2 * I
+    with HazardCheck(without_barriers=("gma_dw_backward_kernel",)) as hc:
+        agb._launch(launches, dy)
+    assert [name for name, _ in hc.launches] == ["gma_dw_backward_kernel"]
+    assert not hc.findings, "\n".join(map(str, hc.findings))
+    assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))

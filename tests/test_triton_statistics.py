@@ -672,18 +672,11 @@ def test_rows_candidates_compile_without_spills_on_sm90(tmp_path):
     backward launches it (STORE; GroupMixFormer-S's widths at batch 128, fp16 inputs, the statistics'
     3xTF32 dots) compiled for sm_90: ROWS in the specialisation, no spill, <= 255 registers (the figures
     `STATS_ROWS_TILES`' comment records; the tuner would refuse a spilling candidate on the GPU)."""
-    if not have_triton_nvidia_backend():
-        pytest.skip("Triton's NVIDIA backend / ptxas is not available")
-    env = triton_compile_env()
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, "-c", _ROWS_AOT_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
-    assert lines, f"AOT compile failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
-    reps = json.loads(lines[-1])
+    from helpers import aot_reports, assert_compiled_without_spills
+    reps = aot_reports(_ROWS_AOT_SCRIPT, tmp_path)
     assert sorted({r["C"] for r in reps}) == [80, 160, 320]
     assert len(reps) == sum(len(st.STATS_ROWS_TILES[C // 5]) for C in (80, 160, 320))
     for r in reps:
         print(f"C={r['C']} {r['tiles']}: {r['registers']} registers, spills {r['spill_stores']} B")
-        assert r["rows"] is True and 0 < r["registers"] <= 255, r
-        assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0 and not r.get("cuobjdump_local"), r
+        assert r["rows"] is True, r
+        assert_compiled_without_spills(r)

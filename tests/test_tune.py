@@ -178,7 +178,8 @@ def _module_tile(family: str, C: int, N: int, precision: str, monkeypatch):
             "triton.b1": lambda: ab._tile(B1_TILES, C // 10, N),
             "triton.b2": lambda: ab._tile(B2_TILES, C // 10, N),
             "triton.b2_crpe": lambda: ab._tile(crpe_bwd_tiles(precision), C // 10, N),
-            "triton.backward": lambda: (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS),
+            "triton.backward": lambda: (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS,
+                                        t.DW_ROWS),
             }[family]()
 
 
@@ -363,6 +364,8 @@ def test_tuning_candidates_reach_the_aot_plans():
             assert (block, warps) == (cand["PW_BLOCK_P"], cand["PW_WARPS"]), (fam, cand, kernel)
         elif kernel == "gma_dw_wgrad_kernel":      # a quarter of the stencils' pixels on a GPU (`plan_dw_wgrad`)
             assert (block, warps) == (max(16, cand["BLOCK_P"] // 4), cand["num_warps"]), (fam, cand, kernel)
+        elif kernel == "gma_dw_backward_kernel":   # its row walks' strips (DW_ROWS) where the candidate has them
+            assert (block, warps) == (cand["DW_ROWS"] or cand["BLOCK_P"], cand["num_warps"]), (fam, cand, kernel)
         else:
             assert (block, warps) == (cand["BLOCK_P"], cand["num_warps"]), (fam, cand, kernel)
     n = {f: len({json.dumps(r[1]) for r in rows if r[0] == f}) for f in res["families"]}

@@ -43,7 +43,10 @@ kernels themselves (attention_backward.py, FUSE_BN): dP is never written.
   with shared-memory round trips (the cross-warp sum). Split: the input gradient's tap is ~95
   instructions with no barrier, the weight gradient's ~20 per element and tap (7x7; its tile
   index arithmetic is paid per tap row, not per tap), the barriers once per program. Compiler
-  figures, not timings.
+  figures, not timings. The input gradient can walk rows instead (DW_ROWS, a tuning candidate,
+  `DW_ROWS_TILES`; `_dw_backward_rows`): the forward stencil of dy with the filter turned half a turn,
+  each dy row read once per walk as its KS column shifts into KS rolling accumulators, 4.3-7.2
+  instructions per FFMA in its loop against the tap's 13.3 (sm_90, fp16).
 * `gma_local_backward_kernel` (`local_backward`): hardswish and LayerNorm backward per pixel
   (over the s channels, recomputed by each program of a tile), then the 3s -> s pointwise's
   input gradient dw4 = local_pwᵀ dz4 and weight gradient (``tl.dot``), and the LayerNorm
@@ -107,7 +110,7 @@ import triton.language as tl
 
 from ..folding import FoldedGMAWeights
 from . import _common  # _common.interpreting(): the stores' rounding (tests patch `interpreting` here for tiles)
-from ._common import DotVariant, dot_variant, hardswish_grad, interpreting, mm, stored
+from ._common import DotVariant, dot_variant, hardswish_grad, interpreting, mm, rows_input, rows_shift, stored
 from .aggregation import split_plan as aggregation_split_plan
 from .config import cdiv, dot_pad, kernel_dot_precision, next_pow2
 from .tile_spaces import register_tiles
@@ -131,12 +134,17 @@ def _tile_range(split, tiles_per_split, M, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix):
-    """[channels, pixels] offsets of elements (image img, channel c, pixel n) in a `Layout` (a
-    launcher's contiguous (I, NC, N) buffer, a strided image batch, or their places in qkv or in
-    the qkv gradient)."""
+def _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
+                    PIXELS_FIRST: tl.constexpr = False):
+    """[channels, pixels] ([pixels, channels] with PIXELS_FIRST) offsets of elements (image img, channel
+    c, pixel n) in a `Layout` (a launcher's contiguous (I, NC, N) buffer, a strided image batch, or their
+    places in qkv or in the qkv gradient)."""
     pix = (img // img_group) * s_img_group + (img % img_group) * s_img + n * s_pix
-    return ((c // ch_group) * s_ch_group + (c % ch_group) * s_ch)[:, None] + pix[None, :]
+    chan = (c // ch_group) * s_ch_group + (c % ch_group) * s_ch
+    if PIXELS_FIRST:
+        return pix[:, None] + chan[None, :]
+    else:
+        return chan[:, None] + pix[None, :]
 
 
 @triton.jit
@@ -247,12 +255,71 @@ def gma_pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
     tl.store(dst + ch[:, None] * S_PAD + ci[None, :], acc)
 
 
+@triton.jit
+def _dw_backward_walk(dy_img, w, du_img, chan, c, cm, strip, ya, yb, H, W, stride_dc, stride_dn, s_pix,
+                      KS: tl.constexpr, NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                      EMULATE_STORES: tl.constexpr):
+    """Rows [ya, yb) of one BLOCK_P-column strip of image img of `gma_dw_backward_kernel`'s input gradient
+    (channels c), by a ROW WALK (`_common.rows_input`, as the forward's `aggregation._rows_walk`): the
+    input gradient is the forward stencil of dy with the filter turned half a turn, du[c, p] =
+    sum_t w[c, KS^2 - 1 - t] dy[c, p + t - R] in the forward's tap order, so the walk reads the tap-major
+    weights from the last tap back (tap stride -NC). Each dy row in reach is read once as its KS column
+    shifts into KS rolling [BLOCK_P, BLOCK_C] accumulators; after input row i, output row i - R is
+    complete and stored."""
+    R = KS // 2
+    x = strip * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = x < W
+    zt = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6 = zt, zt, zt, zt, zt, zt, zt
+    w_last = w + (KS * KS - 1) * NC + c                        # the half-turned filter's tap 0
+    i = tl.maximum(ya - R, 0)
+    while i < yb + R:
+        a0, a1, a2, a3, a4, a5, a6, _b0, _b1, _b2, _b3, _b4, _b5, _b6 = rows_input(
+            a0, a1, a2, a3, a4, a5, a6, zt, zt, zt, zt, zt, zt, zt, i, H, dy_img, x, cm, c * stride_dc, w_last,
+            -NC, 0, W, stride_dn, KS, 1)
+        o = i - R
+        if o >= ya:
+            dst = du_img + (o * W + x)[:, None] * s_pix + chan[None, :]
+            tl.store(dst, stored(a0, du_img, EMULATE_STORES), mask=pmask[:, None] & cm[None, :])
+        a0, a1, a2, a3, a4, a5, a6 = rows_shift(a0, a1, a2, a3, a4, a5, a6, KS)
+        i += 1
+
+
+@triton.jit
+def _dw_backward_rows(dy, w, du, c, cm, t, t1, H, W, KS, stride_db, stride_dc, stride_dn,
+                      img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
+                      NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, EMULATE_STORES: tl.constexpr):
+    """`gma_dw_backward_kernel` with ROWS: the program's row tiles [t, t1) (tile t: image t // (strips H),
+    then strip, then row, as the forward's `aggregation._tile` with ROWS within an image), one walk per
+    piece of (image, strip) its run covers (`_dw_backward_walk`, an instance per window)."""
+    per_img = tl.cdiv(W, BLOCK_P) * H
+    chan = (c // ch_group) * s_ch_group + (c % ch_group) * s_ch
+    while t < t1:
+        img = t // per_img
+        r = t - img * per_img
+        strip = r // H
+        ya = r - strip * H
+        yb = tl.minimum(H, ya + (t1 - t))
+        dy_img = dy + img.to(tl.int64) * stride_db
+        du_img = du + ((img // img_group) * s_img_group + (img % img_group) * s_img).to(tl.int64)
+        if KS == 3:
+            _dw_backward_walk(dy_img, w, du_img, chan, c, cm, strip, ya, yb, H, W, stride_dc, stride_dn, s_pix,
+                              3, NC, BLOCK_C, BLOCK_P, EMULATE_STORES)
+        elif KS == 5:
+            _dw_backward_walk(dy_img, w, du_img, chan, c, cm, strip, ya, yb, H, W, stride_dc, stride_dn, s_pix,
+                              5, NC, BLOCK_C, BLOCK_P, EMULATE_STORES)
+        else:
+            _dw_backward_walk(dy_img, w, du_img, chan, c, cm, strip, ya, yb, H, W, stride_dc, stride_dn, s_pix,
+                              7, NC, BLOCK_C, BLOCK_P, EMULATE_STORES)
+        t += yb - ya
+
+
 @triton.jit(do_not_specialize=["M", "N", "H", "W", "KS", "tiles_per_split", "img_group", "ch_group"])
 def gma_dw_backward_kernel(dy, w, du, M, N, H, W, KS, tiles_per_split,
                            stride_db, stride_dc, stride_dn,
                            img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
                            NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                           EMULATE_STORES: tl.constexpr):
+                           EMULATE_STORES: tl.constexpr, ROWS: tl.constexpr = False):
     """Input gradient of a depthwise KSxKS "same" convolution out = dwconv(u, w), w (KS, KS, NC)
     fp32 (tap-major, as the folded weights: `folding`): du[c, p] = sum_t w[c, t] dy[c, p - t + R]
     (zero outside the image). Its weight gradient is `gma_dw_wgrad_kernel`'s.
@@ -263,36 +330,44 @@ def gma_dw_backward_kernel(dy, w, du, M, N, H, W, KS, tiles_per_split,
     gradient, in its dtype, rounded as `stored` does: EMULATE_STORES under the interpreter). The
     taps are runtime loops (one instance serves every KS; see `depthwise_tile`); a tap is one
     weight load, one shifted dy load and one multiply-add per element, nothing reduced across
-    threads."""
+    threads. ROWS (the "triton.backward" family's DW_ROWS knob: a tuning candidate): the tiles are rows of
+    BLOCK_P-column strips of each image (I ceil(W / BLOCK_P) H of them, `tiles_per_split` a run) walked
+    down their strip (`_dw_backward_rows`): each dy element loaded KS times instead of KS x KS."""
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < NC
     R = KS // 2
-    t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
-    while t < t1:
-        img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
-        yy = n // W
-        xx = n % W
-        m2 = cm[:, None] & pm[None, :]
-        dy0 = dy + c[:, None] * stride_dc + (img * stride_db + n * stride_dn)[None, :]    # dy at p itself
-        acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-        ky = 0
-        while ky < KS:
-            sy = yy - (ky - R)                               # source row p_y - (ky - R)
-            row_ok = pm & (sy >= 0) & (sy < H)
-            kx = 0
-            while kx < KS:
-                sx = xx - (kx - R)
-                ok = row_ok & (sx >= 0) & (sx < W)
-                dyv = tl.load(dy0 - ((ky - R) * W + (kx - R)) * stride_dn, mask=cm[:, None] & ok[None, :],
-                              other=0.0).to(tl.float32)
-                wv = tl.load(w + (ky * KS + kx) * NC + c, mask=cm, other=0.0)
-                acc += wv[:, None] * dyv
-                kx += 1
-            ky += 1
-        dst = _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix)
-        tl.store(du + dst, stored(acc, du, EMULATE_STORES), mask=m2)
-        t += 1
+    if ROWS:
+        t0 = split * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, (M // N) * tl.cdiv(W, BLOCK_P) * H)      # I strips H row tiles
+        _dw_backward_rows(dy, w, du, c, cm, t0, t1, H, W, KS, stride_db, stride_dc, stride_dn, img_group,
+                          s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix, NC, BLOCK_C, BLOCK_P, EMULATE_STORES)
+    else:
+        t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
+        while t < t1:
+            img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
+            yy = n // W
+            xx = n % W
+            m2 = cm[:, None] & pm[None, :]
+            dy0 = dy + c[:, None] * stride_dc + (img * stride_db + n * stride_dn)[None, :]    # dy at p itself
+            acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+            ky = 0
+            while ky < KS:
+                sy = yy - (ky - R)                               # source row p_y - (ky - R)
+                row_ok = pm & (sy >= 0) & (sy < H)
+                kx = 0
+                while kx < KS:
+                    sx = xx - (kx - R)
+                    ok = row_ok & (sx >= 0) & (sx < W)
+                    dyv = tl.load(dy0 - ((ky - R) * W + (kx - R)) * stride_dn, mask=cm[:, None] & ok[None, :],
+                                  other=0.0).to(tl.float32)
+                    wv = tl.load(w + (ky * KS + kx) * NC + c, mask=cm, other=0.0)
+                    acc += wv[:, None] * dyv
+                    kx += 1
+                ky += 1
+            dst = _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix)
+            tl.store(du + dst, stored(acc, du, EMULATE_STORES), mask=m2)
+            t += 1
 
 
 @triton.jit
@@ -512,7 +587,10 @@ class BackwardTiles:
     216 / 166 from dZ and 254 / 198 from G and Z, local branch 255 / 212. 32-pixel tiles
     or 4 warps spilled the pointwise kernel on sm_80 (88 B to 1 KB). At s = 96 (S_PAD =
     128, C = 480) the pointwise kernel from dZ (BLOCK_I = 32) compiled at 253-255 registers
-    without spills, from G and Z it spilled ~900 B on both; not checked by the test."""
+    without spills, from G and Z it spilled ~900 B on both; not checked by the test.
+
+    DW_ROWS: 0, or the strip width in columns of `gma_dw_backward_kernel`'s row walks (ROWS; its tiles then
+    [DW_ROWS pixels of one row, BLOCK_C channels], WARPS warps): a tuning candidate (`DW_ROWS_TILES`)."""
     BLOCK_C: int
     BLOCK_P: int
     WARPS: int
@@ -520,6 +598,7 @@ class BackwardTiles:
     PW_WARPS: int
     PW_TILE_ELEMS: int = 64 * 64
     TARGET_PROGRAMS: int = 1024
+    DW_ROWS: int = 0
 
 
 #: Widest S_PAD whose B3 forms dZ in the pointwise kernel's prologue (DZ_MODE 1, 2: `b3_fused`).
@@ -667,15 +746,31 @@ def plan_dw_backward(dy: Tensor, u, w: Tensor, out: Optional[Layout] = None, til
     tiles = tiles or backward_tiles(dot_pad(NC), M)
     block_c = min(tiles.BLOCK_C, next_pow2(NC))
     cblocks = cdiv(NC, block_c)
-    splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
+    if tiles.DW_ROWS:
+        splits, tps = dw_rows_plan(I, H, W, KS, tiles.DW_ROWS, cblocks, tiles.TARGET_PROGRAMS)
+    else:
+        splits, tps = split_plan(M, tiles.BLOCK_P, cblocks, tiles.TARGET_PROGRAMS)
     bufw, lw = plan_dw_wgrad(dy, u, KS, tiles)
     buf = {"du": None if out is not None else torch.empty(I, NC, H, W, dtype=dy.dtype, device=dy.device),
            "part_gw": bufw["part_gw"]}
     out = out or images_layout(buf["du"])
     args = (dy_, w.contiguous(), out.base, M, N, H, W, KS, tps, sdb, sdc, sdn, *out.args)
-    kw = dict(NC=NC, BLOCK_C=block_c, BLOCK_P=tiles.BLOCK_P, EMULATE_STORES=_common.interpreting(),
+    kw = dict(NC=NC, BLOCK_C=block_c, BLOCK_P=tiles.DW_ROWS or tiles.BLOCK_P, EMULATE_STORES=_common.interpreting(),
               num_warps=tiles.WARPS)
+    if tiles.DW_ROWS:
+        kw["ROWS"] = True
     return buf, [(gma_dw_backward_kernel, (splits, cblocks), args, kw)] + lw
+
+
+def dw_rows_plan(I: int, H: int, W: int, KS: int, strip: int, other_programs: int, target_programs: int
+                 ) -> Tuple[int, int]:
+    """(splits, tiles_per_split) of `gma_dw_backward_kernel`'s row walks: its I ceil(W / strip) H row tiles
+    cut as `split_plan` cuts flat tiles, each run at least KS rows (a walk reads R rows above and below its
+    run again: `aggregation._rows_splits`' reason), every run non-empty."""
+    T = I * cdiv(W, strip) * H
+    _, tps = split_plan(T, 1, other_programs, target_programs)
+    tps = min(T, max(tps, KS))
+    return cdiv(T, tps), tps
 
 
 def plan_dw_wgrad(dy: Tensor, u, KS: int, tiles: Optional[BackwardTiles] = None
@@ -881,7 +976,7 @@ def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_q
 
 
 BACKWARD_FAMILY = "triton.backward"
-#: Further tiles the tuner tries (BLOCK_C, BLOCK_P, num_warps, PW_BLOCK_P, PW_WARPS, PW_TILE_ELEMS):
+#: Further tiles the tuner tries (BLOCK_C, BLOCK_P, num_warps, PW_BLOCK_P, PW_WARPS, PW_TILE_ELEMS; DW_ROWS 0):
 #: the stencils' [channels, pixels] tile and the channel-mix kernels' pixels and channel block
 #: (benchmarks/tune.py --train refuses one that spills at the call's width). AOT sweep of the candidates (2026-12-02, `specializations.candidate_specializations`: GroupMixFormer-S's real calls at batch 128, fp32 and bf16, sm_90),
 #: the channel-mix kernels: 32-pixel tiles (PW_BLOCK_P 32, 8 warps, 2048-element blocks) spilled
@@ -889,11 +984,21 @@ BACKWARD_FAMILY = "triton.backward"
 #: (254 registers); the others the default's (at most 210).
 TILE_SEARCH = ((16, 128, 8, 16, 8, 64 * 64), (16, 64, 4, 16, 8, 64 * 64), (32, 64, 8, 16, 8, 64 * 64),
                (16, 128, 8, 16, 4, 32 * 64), (16, 256, 8, 16, 8, 64 * 64))
+#: The input gradient's row walks (`gma_dw_backward_kernel` with ROWS): the default's tiles with strips of
+#: DW_ROWS columns ([16 or 32 pixels of a row, 16 channels] at 8 warps), every other kernel of the family at
+#: the default's tiles, so that the tuner compares the walk alone. AOT compile (2026-12-05, Triton 3.6, ptxas;
+#: GroupMixFormer-S's widths at batch 128, fp16 and fp32 layers, every launch of the kernel: B3's segments
+#: into the qkv gradient and the local branch's, sm_80 and sm_90): no spill, 63-80 registers. sm_90 SASS,
+#: fp16, the walk's loop per input row: 4.3-4.4 instructions per FFMA at 7x7, 4.9-5.2 at 5x5, 6.7-7.2 at 3x3,
+#: where the tile kernel's tap takes 106 instructions for 8 FFMA (13.3). A first version spilled 12-72 B on
+#: sm_90 at every tile: the seven `Layout` scalars were live across the three unrolled walks; the walk now
+#: takes the image's base and the channels' offsets, computed once per piece and per program.
+DW_ROWS_TILES = ((16, 128, 8, 16, 8, 64 * 64, 16), (16, 128, 8, 16, 8, 64 * 64, 32))
 
 
 def _gpu_tile(C: int, precision: str) -> Tuple[int, ...]:
     t = gpu_backward_tiles(dot_pad(C // 5))
-    return (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS)
+    return (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS, t.DW_ROWS)
 
 
 #: 64-pixel tiles of the channel-mix kernels (4 pixels a thread at S_PAD 16, against one: a fourth of the
@@ -906,22 +1011,26 @@ WIDE_PW_TILE = (16, 128, 8, 64, 8, 64 * 64)
 
 
 def _search(C: int, precision: str) -> List[Tuple[int, ...]]:
-    """TILE_SEARCH with the channel-mix block of the default at S_PAD 128 (16 x 128), and `WIDE_PW_TILE`
-    where it compiles without spilling."""
+    """`WIDE_PW_TILE` where it compiles without spilling, `DW_ROWS_TILES`, then TILE_SEARCH, each with the
+    channel-mix block of the default at S_PAD 128 (16 x 128) (the family keeps `tile_spaces.MAX_CANDIDATES`:
+    the first ones)."""
     s_pad = dot_pad(C // 5)
     wide = s_pad > 64
-    out = [t[:5] + (min(t[5], 16 * 128),) if wide else t for t in TILE_SEARCH]
+    out = []
     if (s_pad <= 16 and precision in ("tf32", "tf32x3")) or (s_pad == 32 and precision == "tf32"):   # sm_80+
-        out.append(WIDE_PW_TILE)
+        out.append(WIDE_PW_TILE + (0,))
+    out += [t[:5] + (min(t[5], 16 * 128),) + t[6:] if wide else t for t in DW_ROWS_TILES]
+    out += [t[:5] + (min(t[5], 16 * 128), 0) if wide else t + (0,) for t in TILE_SEARCH]
     return out
 
 
 def tiles_of(tile: Tuple[int, ...]) -> BackwardTiles:
-    """The `BackwardTiles` of a "triton.backward" tile tuple."""
+    """The `BackwardTiles` of a "triton.backward" tile tuple (DW_ROWS 0 where the tuple stops before it)."""
     return BackwardTiles(BLOCK_C=tile[0], BLOCK_P=tile[1], WARPS=tile[2], PW_BLOCK_P=tile[3], PW_WARPS=tile[4],
-                         PW_TILE_ELEMS=tile[5])
+                         PW_TILE_ELEMS=tile[5], DW_ROWS=tile[6] if len(tile) > 6 else 0)
 
 
-register_tiles(BACKWARD_FAMILY, ("BLOCK_C", "BLOCK_P", "num_warps", "PW_BLOCK_P", "PW_WARPS", "PW_TILE_ELEMS"),
+register_tiles(BACKWARD_FAMILY, ("BLOCK_C", "BLOCK_P", "num_warps", "PW_BLOCK_P", "PW_WARPS", "PW_TILE_ELEMS",
+                                 "DW_ROWS"),
                _gpu_tile, _search, [gma_dz_kernel, gma_pw_backward_kernel,
                                     gma_dw_backward_kernel, gma_dw_wgrad_kernel, gma_local_backward_kernel])
