@@ -134,17 +134,12 @@ def _tile_range(split, tiles_per_split, M, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix,
-                    PIXELS_FIRST: tl.constexpr = False):
-    """[channels, pixels] ([pixels, channels] with PIXELS_FIRST) offsets of elements (image img, channel
-    c, pixel n) in a `Layout` (a launcher's contiguous (I, NC, N) buffer, a strided image batch, or their
-    places in qkv or in the qkv gradient)."""
+def _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix):
+    """[channels, pixels] offsets of elements (image img, channel c, pixel n) in a `Layout` (a
+    launcher's contiguous (I, NC, N) buffer, a strided image batch, or their places in qkv or in
+    the qkv gradient)."""
     pix = (img // img_group) * s_img_group + (img % img_group) * s_img + n * s_pix
-    chan = (c // ch_group) * s_ch_group + (c % ch_group) * s_ch
-    if PIXELS_FIRST:
-        return pix[:, None] + chan[None, :]
-    else:
-        return chan[:, None] + pix[None, :]
+    return ((c // ch_group) * s_ch_group + (c % ch_group) * s_ch)[:, None] + pix[None, :]
 
 
 @triton.jit
@@ -293,6 +288,8 @@ def _dw_backward_rows(dy, w, du, c, cm, t, t1, H, W, KS, stride_db, stride_dc, s
     then strip, then row, as the forward's `aggregation._tile` with ROWS within an image), one walk per
     piece of (image, strip) its run covers (`_dw_backward_walk`, an instance per window)."""
     per_img = tl.cdiv(W, BLOCK_P) * H
+    # the output `Layout` as `_layout_offsets` reads it, split into the channels' offsets (once) and each
+    # image's base (once per piece): its seven scalars live across the three walks spilled on sm_90
     chan = (c // ch_group) * s_ch_group + (c % ch_group) * s_ch
     while t < t1:
         img = t // per_img
