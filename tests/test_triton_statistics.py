@@ -578,7 +578,7 @@ def test_pair_and_heads_match_float64(C, grid, B, dtype, gpu_tiles, monkeypatch)
 #: 0's rows 0-5, its rows 6-8 and strip 1's rows 0-2, strip 1's rows 3-8; C = 320: the 3x3 one in runs of
 #: 3), the 5x5 / 7x7 windows reach past grids of 2-3 rows, and programs walk several rows (split target 1:
 #: few runs per segment)
-ROWS_CASES = [(80, (9, 20), 1, F32, (16, 4, 16, 1), 36), (160, (9, 23), 2, BF16, (16, 4, 32, 1), 1),
+ROWS_CASES = [(80, (9, 20), 1, F32, (16, 4, 16, 1), 36), (160, (9, 23), 1, BF16, (16, 4, 32, 1), 1),
               (320, (3, 20), 1, F16, (16, 8, 64, 1), 24), (80, (2, 19), 2, F16, (16, 2, 16, 1), 1)]
 
 
