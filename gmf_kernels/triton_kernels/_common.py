@@ -393,6 +393,16 @@ def rows_input(a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6, i, H, src
 
 
 @triton.jit
+def rows_piece(t, t1, H):
+    """The piece of a row walk's run [t, t1) of row tiles that starts at tile t (tile t: row t % H of strip
+    t // H): (strip, first row ya, end row yb), the run's rows in that strip; the next piece starts at
+    tile t + yb - ya."""
+    strip = t // H
+    ya = t - strip * H
+    return strip, ya, tl.minimum(H, ya + (t1 - t))
+
+
+@triton.jit
 def rows_shift(a0, a1, a2, a3, a4, a5, a6, KS: tl.constexpr):
     """A row walk's KS rolling accumulators one row on: a_j <- a_{j+1}, the last a zero tile (a new output
     row); those past KS stay as they are (unused)."""

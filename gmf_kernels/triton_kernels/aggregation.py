@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 
 from ._common import (DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, mm, rows_input,
-                      rows_shift, stored)
+                      rows_piece, rows_shift, stored)
 from .config import cdiv, dtype_name, operand_precision, stage_dtype, strip_width
 
 
@@ -532,9 +532,7 @@ def _segment_rows(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw, pw, bn_scale, b
     A = tl.zeros([S, S], dtype=tl.float32)
     t = t0
     while t < t1:
-        strip = t // H
-        ya = t - strip * H
-        yb = tl.minimum(H, ya + (t1 - t))
+        strip, ya, yb = rows_piece(t, t1, H)
         _rows_walk(qkv_b, q_b, dw, pw_seg, a, b, M, L, A, ch0, strip, ya, yb, N, H, W, stride_n,
                    KS, C, S, CP, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, False)
         M, L, A = _rows_walk(qkv_b, v_b, dw, pw_seg, a, b, M, L, A, ch0, strip, ya, yb, N, H, W, stride_n,

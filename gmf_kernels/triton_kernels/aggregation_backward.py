@@ -110,7 +110,8 @@ import triton.language as tl
 
 from ..folding import FoldedGMAWeights
 from . import _common  # _common.interpreting(): the stores' rounding (tests patch `interpreting` here for tiles)
-from ._common import DotVariant, dot_variant, hardswish_grad, interpreting, mm, rows_input, rows_shift, stored
+from ._common import (DotVariant, dot_variant, hardswish_grad, interpreting, mm, rows_input, rows_piece,
+                      rows_shift, stored)
 from .aggregation import split_plan as aggregation_split_plan
 from .config import cdiv, dot_pad, kernel_dot_precision, next_pow2
 from .tile_spaces import register_tiles
@@ -294,9 +295,7 @@ def _dw_backward_rows(dy, w, du, c, cm, t, t1, H, W, KS, stride_db, stride_dc, s
     while t < t1:
         img = t // per_img
         r = t - img * per_img
-        strip = r // H
-        ya = r - strip * H
-        yb = tl.minimum(H, ya + (t1 - t))
+        strip, ya, yb = rows_piece(r, r + (t1 - t), H)
         dy_img = dy + img.to(tl.int64) * stride_db
         du_img = du + ((img // img_group) * s_img_group + (img % img_group) * s_img).to(tl.int64)
         if KS == 3:

@@ -168,7 +168,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, dot_variant, hardswish, interpreting, mm, rows_input, rows_shift, stored
+from ._common import (DotVariant, dot_variant, hardswish, interpreting, mm, rows_input, rows_piece, rows_shift,
+                      stored)
 from .aggregation import _balanced_splits, _dw_pw_heads, _dw_pw_seg, _rows_splits, _tile
 from .config import (INTERPRETER_BLOCK_P, check_train_size, dot_pad, next_pow2, pair_applies, stage_dtype,
                      strip_width)
@@ -372,9 +373,7 @@ def _segment_walks(src, dw, pw_seg, t0, t1, N, H, W, stride_n, z_seg, y_img, shi
     covers (`_walk_statistics`; a run crossing into the next strip is two pieces)."""
     t = t0
     while t < t1:
-        strip = t // H
-        ya = t - strip * H
-        yb = tl.minimum(H, ya + (t1 - t))
+        strip, ya, yb = rows_piece(t, t1, H)
         shift, mean, m2, count = _walk_statistics(src, dw, pw_seg, strip, ya, yb, N, H, W, stride_n, z_seg, y_img,
                                                   shift, mean, m2, count, KS, S, BLOCK_P, DOT_PRECISION,
                                                   EMULATE_DOTS, STORE)
