@@ -103,9 +103,10 @@ def b2_outputs(res, B):
 MULTI_TILE = agb.BackwardTiles(BLOCK_C=8, BLOCK_P=16, WARPS=4, PW_BLOCK_P=16, PW_WARPS=4, TARGET_PROGRAMS=1)
 
 
-def check_stages(x, B, block=0):
+def check_stages(x, B, block=0, crpe_tile=None):
     """B1, then B2 fed the oracle's dKV rounded to fp32 (each stage checked alone); with a block, the
-    CRPE weight gradient's programs over several tiles too (`MULTI_TILE`)."""
+    CRPE weight gradient's programs over several tiles too (`MULTI_TILE`); crpe_tile: the CRPE kernel's
+    ("triton.b2_crpe" tile, e.g. a row walk's)."""
     s = x["scale"]
     oracle = bw.b1_dkv(x["Q64"], x["dA64"], s)
     got = ab.b1_dkv(x["Zq32"], x["dA32"], s, x["w32"].bn_scale, x["w32"].bn_shift, block=block)
@@ -116,7 +117,7 @@ def check_stages(x, B, block=0):
     exp = b2_outputs(bw.b2_proxy_grads(x["dA64"], oracle, x["rc64"], x["w64"], s), B)
     ref = b2_outputs(bw.b2_proxy_grads(x["dA32"], dKV, x["rc32"], x["w32"], s), B)
     got = b2_outputs(ab.b2_proxy_grads(x["dA32"], dKV, x["rc32"], x["w32"], s, block=block,
-                                       wgrad_tiles=MULTI_TILE if block else None), B)
+                                       wgrad_tiles=MULTI_TILE if block else None, tiles=(None, crpe_tile)), B)
     for name, g, r, e in zip(B2_OUTPUTS, got, ref, exp):
         assert g.dtype == torch.float32, name
         assert_within_reference_error(g, r, e, floor=ROUNDING_FLOOR, name=f"B2 {name}")
@@ -136,7 +137,7 @@ def test_split_runs_of_tiles(monkeypatch):
     check_stages(stage_inputs(40, 3, 11, 1, seed=3), 1, block=16)
 
 
-def check_fused_batchnorm(x, B, training, block=0):
+def check_fused_batchnorm(x, B, training, block=0, crpe_tile=None):
     """B2 with the BatchNorm/hardswish backward fused in (`b2_proxy_grads(bn=...)`, as the Triton
     stage set runs it): G = dP hardswish'(Z a + b), the CRPE gradients and the BatchNorm sums
     sum G, sum G Z, sum G Zhat (training: batch statistics; eval: None) against
@@ -160,7 +161,8 @@ def check_fused_batchnorm(x, B, training, block=0):
 
     exp = reference(x["dA64"], dKV64, rc64, x["w64"], stats64)
     ref = reference(x["dA32"], dKV, x["rc32"], x["w32"], stats32)
-    G, g_w, g_b, sums = ab.b2_proxy_grads(x["dA32"], dKV, x["rc32"], x["w32"], s, block=block, bn=stats32)
+    G, g_w, g_b, sums = ab.b2_proxy_grads(x["dA32"], dKV, x["rc32"], x["w32"], s, block=block, bn=stats32,
+                                          tiles=(None, crpe_tile))
     got = [G[j * B:(j + 1) * B] for j in range(3)] + list(g_w) + [g_b] + list(sums)
     names = ("Gq", "Gk", "Gv", "crpe_w3", "crpe_w5", "crpe_w7", "crpe_b", "sum_g", "sum_gz", "sum_gzh")
     for name, g, r, e in zip(names, got, ref, exp):
@@ -180,6 +182,29 @@ def test_b2_fused_batchnorm_split_runs(monkeypatch):
     """As `test_split_runs_of_tiles`: 16-token tiles, the sums' partials of several programs."""
     monkeypatch.setattr(ab, "SPLIT_TARGET", 16)
     check_fused_batchnorm(stage_inputs(40, 3, 11, 2, seed=3), 2, True, block=16)
+
+
+#: (C, (H, W), B, CRPE row-walk tile, BatchNorm fused: None, "batch" or "running"): 16-column strips of a
+#: 21-column grid (a ragged strip, runs of 7 rows that end inside a strip and cross into the next), a grid
+#: shorter than the 7x7 reach (5 rows, one run), D_PAD 32 at 32-column strips
+CRPE_ROWS_CASES = [(40, (9, 21), 2, (16, 4, 1), "batch"), (80, (5, 7), 1, (16, 4, 1), "running"),
+                   (200, (14, 14), 1, (32, 4, 1), None)]
+
+
+@pytest.mark.parametrize("C, grid, B, tile, bn", CRPE_ROWS_CASES,
+                         ids=[f"C{c}-{h}x{w}-B{b}-{t[0]}-{bn}" for c, (h, w), b, t, bn in CRPE_ROWS_CASES])
+def test_crpe_row_walks(C, grid, B, tile, bn):
+    """The CRPE backward's row walks (`gma_b2_crpe_kernel` with ROWS, the "triton.b2_crpe" candidates):
+    dV (or G), the bias gradient and the fused BatchNorm's sums against float64 under the rule, and the
+    runs as planned (`crpe_rows_plan`: at least 7 rows, crossing strips)."""
+    H, W = grid
+    splits, tps = ab.crpe_rows_plan(H, W, B, tile[0])
+    assert tps >= min(7, H * -(-W // tile[0])) and splits * tps >= H * -(-W // tile[0]) > (splits - 1) * tps
+    x = stage_inputs(C, H, W, B, seed=C + 7)
+    if bn is None:
+        check_stages(x, B, crpe_tile=tile)
+    else:
+        check_fused_batchnorm(x, B, bn == "batch", crpe_tile=tile)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -265,3 +290,36 @@ def test_compiles_without_spills(tmp_path):
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, r
         assert (r["tf32_conversions"] > 0) == (r["kernel"] == "gma_b1_dkv_kernel" or r["kernel"] == "gma_b2_attention_kernel"), r   # 3xTF32 dots
         assert "N%16" not in r["specialised"].split(), r
+
+
+_CRPE_ROWS_AOT_SCRIPT = r"""
+import json
+import gmf_kernels.triton_kernels.specializations as sp
+from gmf_kernels.triton_kernels import attention_backward as ab
+from gmf_kernels.triton_kernels.config import dot_pad
+from gmf_kernels.triton_kernels.specializations import Call
+out, seen = [], set()
+for C, H in ((160, 28), (320, 14)):
+    for tile in ab.CRPE_ROWS_TILES[dot_pad(C // 10)]:
+        for spec in sp.backward_specializations_of_call(Call(C, H, H, 128, "fp16"), 90, False, {ab.CRPE_FAMILY: tile}):
+            if spec.kernel == "gma_b2_crpe_kernel" and spec.key not in seen:
+                seen.add(spec.key)
+                rep = sp.compile_one(spec)
+                rep["rows"], rep["tile"] = dict(spec.constexprs).get("ROWS"), [C] + list(tile)
+                out.append(rep)
+print(json.dumps(out))
+"""
+
+
+def test_crpe_rows_candidates_compile_without_spills_on_sm90(tmp_path):
+    """Every launch of `gma_b2_crpe_kernel` that a `CRPE_ROWS_TILES` candidate makes in a training step's
+    backward of GroupMixFormer-S's C = 160 and 320 layers (fp16, batch 128: batch and running statistics),
+    compiled for sm_90: ROWS in the specialisation, no spill ((32, 4) at D_PAD 32 reached 255 registers and
+    spilled on sm_80; the tuner would refuse such a candidate on the GPU)."""
+    from helpers import aot_reports, assert_compiled_without_spills
+    reps = aot_reports(_CRPE_ROWS_AOT_SCRIPT, tmp_path)
+    assert len(reps) == 8, reps
+    for r in reps:
+        print(f"{r['tile']}: {r['registers']} registers, spills {r['spill_stores']} B")
+        assert r["rows"] is True, r
+        assert_compiled_without_spills(r)

@@ -233,3 +233,29 @@ def test_depthwise_backward_row_walks_free_of_hazards():
     assert [name for name, _ in hc.launches] == ["gma_dw_backward_kernel"]
     assert not hc.findings, "\n".join(map(str, hc.findings))
     assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))
+
+
+def test_crpe_backward_row_walks_free_of_hazards():
+    """The CRPE backward's row-walk candidate (ROWS, "triton.b2_crpe"; the cases above run the default tiles)
+    with the BatchNorm backward fused in, as B2 launches it after the attention kernel: 20 columns in strips
+    of 16 and 4, 9 rows, runs of 7 rows that end inside a strip and cross into the next. Also checked as if
+    without barriers."""
+    import gmf_kernels.triton_kernels.attention_backward as atb
+    from helpers import random_folded_weights
+    C, H, W, B = 40, 9, 20, 2
+    cp, d, N = 4 * C // 5, C // 10, H * W
+    assert atb.crpe_rows_plan(H, W, B, 16) == (3, 7)
+    f = random_folded_weights(C, torch.float32)
+    rc = {"Z": torch.randn(3 * B, cp, H, W), "V": torch.randn(B, cp, H, W), "KV": torch.randn(B, 8, d, d),
+          "R": torch.randn(B, cp, H, W)}
+    stats = (torch.randn(cp), torch.rand(cp) + 0.5)
+    _, launches = atb.plan_b2(torch.randn(B, 8, d, N), torch.randn(B, 8, d, d), rc, f, d ** -0.5,
+                              tiles=(None, (16, 4, 1)), bn=stats)
+    crpe = [ln for ln in launches if ln[0] is atb.gma_b2_crpe_kernel]
+    assert crpe and crpe[0][3]["ROWS"] and crpe[0][1][0] == 3
+    with HazardCheck(without_barriers=("gma_b2_crpe_kernel",)) as hc:
+        atb._run([ln for ln in launches if ln[0] in (atb.gma_b2_attention_kernel, atb.gma_b2_crpe_kernel)],
+                 rc["Z"])
+    assert [name for name, _ in hc.launches] == ["gma_b2_attention_kernel", "gma_b2_crpe_kernel"]
+    assert not hc.findings, "\n".join(map(str, hc.findings))
+    assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))

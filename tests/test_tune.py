@@ -167,7 +167,7 @@ def _train_modules():
 def _module_tile(family: str, C: int, N: int, precision: str, monkeypatch):
     """The GPU tile the family's module picks without a table (its interpreter branch off)."""
     st, rcp, ab, agb, _ = _train_modules()
-    from gmf_kernels.triton_kernels.config import B1_TILES, B2_TILES, crpe_bwd_tiles, dot_pad
+    from gmf_kernels.triton_kernels.config import B1_TILES, B2_TILES, dot_pad
     for mod in (st, rcp, ab, agb):
         monkeypatch.setattr(mod, "interpreting", lambda: False)
     t = agb.backward_tiles(dot_pad(C // 5), 3 * N)
@@ -177,7 +177,7 @@ def _module_tile(family: str, C: int, N: int, precision: str, monkeypatch):
             "triton.recompute_local": lambda: rcp.local_tiles(C // 5, N, precision),
             "triton.b1": lambda: ab._tile(B1_TILES, C // 10, N),
             "triton.b2": lambda: ab._tile(B2_TILES, C // 10, N),
-            "triton.b2_crpe": lambda: ab._tile(crpe_bwd_tiles(precision), C // 10, N),
+            "triton.b2_crpe": lambda: ab._crpe_tile(None, C // 10, N, 0, precision),
             "triton.backward": lambda: (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS,
                                         t.DW_ROWS),
             }[family]()
@@ -285,7 +285,7 @@ def test_backward_runs_the_tuned_tiles(monkeypatch):
             "gma_recompute_attention_kernel": picks["triton.recompute_attention"],
             "gma_recompute_local_kernel": picks["triton.recompute_local"][:2],
             "gma_b1_dkv_kernel": picks["triton.b1"], "gma_b2_attention_kernel": picks["triton.b2"],
-            "gma_b2_crpe_kernel": picks["triton.b2_crpe"],
+            "gma_b2_crpe_kernel": picks["triton.b2_crpe"][:2],
             "gma_dz_kernel": (bw.BLOCK_P, bw.WARPS),
             "gma_dw_backward_kernel": (bw.BLOCK_P, bw.WARPS),
             "gma_dw_wgrad_kernel": (bw.BLOCK_P, bw.WARPS),   # the stencils' tile (the interpreter's: not halved)
@@ -294,6 +294,11 @@ def test_backward_runs_the_tuned_tiles(monkeypatch):
     assert {n for n, _ in launched} == set(want), sorted({n for n, _ in launched})
     for name, kw in launched:
         assert (kw.get("BLOCK_P", kw.get("BLOCK_N")), kw["num_warps"]) == tuple(want[name]), (name, kw)
+    rows = {"gma_statistics_kernel": picks["triton.statistics"][3], "gma_b2_crpe_kernel": picks["triton.b2_crpe"][2],
+            "gma_dw_backward_kernel": bw.DW_ROWS}
+    for name, kw in launched:      # the row-walk knobs reach their kernels (off in the last candidates)
+        if name in rows:
+            assert bool(kw.get("ROWS", False)) == bool(rows[name]), (name, kw)
 
 
 def test_a_run_keeps_the_parts_it_does_not_measure(tmp_path):

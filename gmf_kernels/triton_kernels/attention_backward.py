@@ -76,7 +76,12 @@ Kernels (per head h, d = C'/8 channels, N = H*W tokens; e = the stage tensors' e
   G of v in its place, Z of v read, B C' N e, and the BatchNorm sums' partials); per channel
   and token a multiply-add per tap, 30 taps on average (240 d taps over 8 d channels): 60
   flops per 12 bytes (fp32), 5 flop per byte, below the fp32 FMA ridge (about 20 on H100):
-  HBM-bound.
+  HBM-bound. Its taps are a runtime loop, each iteration a shifted load with its address and mask
+  arithmetic (sm_90 SASS, fp16: 44 instructions for 4 FFMA at C = 160, 78 for 8 at C = 320). With
+  ROWS (a tuning candidate, `CRPE_ROWS_TILES`; not timed) a program walks runs of rows of
+  BLOCK_P-column strips instead (`_crpe_backward_walk`, the forward's row walk of dR with the filter
+  turned half a turn): KS independent loads per input row, the taps unrolled per window, the same
+  bytes (compiler figures in docs/performance.md).
 
 Tiles: `B1_TILES` / `B2_TILES` / `config.crpe_bwd_tiles` by D_PAD (and by dot precision where
 the GPU generations need others), chosen by compiling (ptxas -v, the JIT's specialisations of
@@ -95,9 +100,10 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedGMAWeights
-from ._common import DotVariant, crpe_group, dot_variant, hardswish, hardswish_grad, interpreting, mm, stored
+from ._common import (DotVariant, crpe_group, dot_variant, hardswish, hardswish_grad, interpreting, mm, rows_input,
+                      rows_piece, rows_shift, stored)
 from .aggregation import split_plan
-from .aggregation_backward import plan_dw_wgrad, taps_of
+from .aggregation_backward import dw_rows_plan, plan_dw_wgrad, taps_of
 from .backward import crpe_groups
 from .config import B1_TILES, B2_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, cdiv, crpe_bwd_tiles, dot_pad, next_pow2
 from .launcher import _alloc, device_guard, wrap_triton
@@ -229,11 +235,94 @@ def gma_b2_attention_kernel(da, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, dr, zq,
     tl.store(dk + base + tok, stored(dk_t, dk, EMULATE_DOTS), mask=m2)
 
 
+@triton.jit
+def _crpe_dv_epilogue(dv_t, z_ptr, m2, a, bb, mu, rs, s_g, s_gz, s_gzh, FUSE_BN: tl.constexpr):
+    """The CRPE backward's complete dV of a tile (the attention part plus the CRPE input gradient, fp32):
+    with FUSE_BN, G = dV hardswish'(Zv a + b) (Z loaded at z_ptr) and its BatchNorm sums' per-element
+    accumulators advanced; returned (G or dV, s_g, s_gz, s_gzh). The tile kernel's tiles are [D_PAD,
+    BLOCK_P], the row walk's [BLOCK_P, D_PAD]: a, bb, mu, rs come broadcast to the tile's orientation."""
+    if FUSE_BN:
+        z_t = tl.load(z_ptr, mask=m2, other=0.0).to(tl.float32)
+        dv_t = dv_t * hardswish_grad(z_t * a + bb)
+        s_g += dv_t                                # dv_t, z_t: 0 outside the tile's valid elements
+        s_gz += dv_t * z_t
+        s_gzh += dv_t * ((z_t - mu) * rs)
+    return dv_t, s_g, s_gz, s_gzh
+
+
+@triton.jit
+def _crpe_backward_walk(dr_h, dv_h, zv_h, w_last, tap_stride, c, cmask, strip, ya, yb, N, H, W,
+                        a, bb, mu, rs, gb, s_g, s_gz, s_gzh, KS: tl.constexpr, BLOCK_P: tl.constexpr,
+                        D_PAD: tl.constexpr, EMULATE_STORES: tl.constexpr, FUSE_BN: tl.constexpr):
+    """ROWS: rows [ya, yb) of one BLOCK_P-column strip of one head's CRPE input gradient, walked down the strip
+    (`_common.rows_input`, as the depthwise input gradient's `aggregation_backward._dw_backward_walk`): the
+    gradient is the forward stencil of dR with the head's filter turned half a turn (w_last: each channel's
+    last tap, tap_stride the group's -GROUP_HEADS d), so each dR row in reach is read once as its KS column
+    shifts into KS rolling [BLOCK_P, D_PAD] accumulators; after input row i, output row i - R is complete:
+    dV read, the CRPE gradient added, the BatchNorm backward fused in (`_crpe_dv_epilogue`), stored; its own
+    dR row read again (from the cache) for the bias gradient. The per-element sums gb, s_* come and go."""
+    R = KS // 2
+    x = strip * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = x < W
+    m2 = pmask[:, None] & cmask[None, :]
+    chan = c * N                                                # the channels' rows in the head's planes
+    zt = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6 = zt, zt, zt, zt, zt, zt, zt
+    i = tl.maximum(ya - R, 0)
+    while i < yb + R:
+        a0, a1, a2, a3, a4, a5, a6, _b0, _b1, _b2, _b3, _b4, _b5, _b6 = rows_input(
+            a0, a1, a2, a3, a4, a5, a6, zt, zt, zt, zt, zt, zt, zt, i, H, dr_h, x, cmask, chan, w_last, tap_stride,
+            0, W, 1, KS, 1)
+        o = i - R
+        if o >= ya:
+            own = chan[None, :] + (o * W + x)[:, None]
+            gb += tl.load(dr_h + own, mask=m2, other=0.0).to(tl.float32)
+            # lanes past W hold taps of the columns within reach: 0 there, for the sums
+            dv_t = tl.where(m2, tl.load(dv_h + own, mask=m2, other=0.0).to(tl.float32) + a0, 0.0)
+            dv_t, s_g, s_gz, s_gzh = _crpe_dv_epilogue(dv_t, zv_h + own, m2, a, bb, mu, rs, s_g, s_gz, s_gzh,
+                                                       FUSE_BN)
+            tl.store(dv_h + own, stored(dv_t, dv_h, EMULATE_STORES), mask=m2)
+        a0, a1, a2, a3, a4, a5, a6 = rows_shift(a0, a1, a2, a3, a4, a5, a6, KS)
+        i += 1
+    return gb, s_g, s_gz, s_gzh
+
+
+@triton.jit
+def _crpe_backward_rows(dr_h, dv_h, zv_h, crpe_w3, crpe_w5, crpe_w7, head, c, cmask, t, t1, N, H, W,
+                        a, bb, mu, rs, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                        EMULATE_STORES: tl.constexpr, FUSE_BN: tl.constexpr):
+    """`gma_b2_crpe_kernel` with ROWS: the program's row tiles [t, t1) of its head and image (tile t: row
+    t % H of strip t // H), one walk per piece of strip (`_crpe_backward_walk`, an instance per window,
+    the filter's last tap first). Returns the per-element sums [BLOCK_P, D_PAD] (bias, and with FUSE_BN
+    the BatchNorm's three)."""
+    gb = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    s_g = gb
+    s_gz = gb
+    s_gzh = gb
+    while t < t1:
+        strip, ya, yb = rows_piece(t, t1, H)
+        if head < 2:        # `_common.crpe_group`'s groups, each window a constexpr
+            gb, s_g, s_gz, s_gzh = _crpe_backward_walk(
+                dr_h, dv_h, zv_h, crpe_w3 + 8 * (2 * D) + head * D + c, -2 * D, c, cmask, strip, ya, yb, N, H, W,
+                a, bb, mu, rs, gb, s_g, s_gz, s_gzh, 3, BLOCK_P, D_PAD, EMULATE_STORES, FUSE_BN)
+        elif head < 5:
+            gb, s_g, s_gz, s_gzh = _crpe_backward_walk(
+                dr_h, dv_h, zv_h, crpe_w5 + 24 * (3 * D) + (head - 2) * D + c, -3 * D, c, cmask, strip, ya, yb, N,
+                H, W, a, bb, mu, rs, gb, s_g, s_gz, s_gzh, 5, BLOCK_P, D_PAD, EMULATE_STORES, FUSE_BN)
+        else:
+            gb, s_g, s_gz, s_gzh = _crpe_backward_walk(
+                dr_h, dv_h, zv_h, crpe_w7 + 48 * (3 * D) + (head - 5) * D + c, -3 * D, c, cmask, strip, ya, yb, N,
+                H, W, a, bb, mu, rs, gb, s_g, s_gz, s_gzh, 7, BLOCK_P, D_PAD, EMULATE_STORES, FUSE_BN)
+        t += yb - ya
+    return gb, s_g, s_gz, s_gzh
+
+
 @triton.jit(do_not_specialize=["N", "H", "W", "tiles_per_split"])
 def gma_b2_crpe_kernel(dr, dv, crpe_w3, crpe_w5, crpe_w7, part_b, zv, bn_scale, bn_shift, mean, rstd,
                        part_bn, N, H, W, tiles_per_split,
                        CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-                       EMULATE_STORES: tl.constexpr, FUSE_BN: tl.constexpr, BATCH_STATS: tl.constexpr):
+                       EMULATE_STORES: tl.constexpr, FUSE_BN: tl.constexpr, BATCH_STATS: tl.constexpr,
+                       ROWS: tl.constexpr = False):
     """CRPE input gradient of one head over a run of token tiles, one KS x KS tap loop per tile:
     for the offset o = (ky - R, kx - R) of tap (ky, kx), dv[n] += dR[n + o] * w[KS-1-ky, KS-1-kx]
     (correlation with the flipped taps), and part_b[b, split, c] = sum_n dR[n]. The weight
@@ -245,35 +334,81 @@ def gma_b2_crpe_kernel(dr, dv, crpe_w3, crpe_w5, crpe_w7, part_b, zv, bn_scale, 
     under the interpreter). FUSE_BN: dv receives, in place, G = dV hardswish'(Zv a + b) of the
     complete dV (zv: Z of the v images, laid out as v), and part_bn (B, SPLITS, 3, C') fp32 row
     (b, split) this program's sums over its tokens, as the attention kernel's (`gma_b2_attention_kernel`).
-    The taps are runtime loops for the reasons given in `_common.depthwise_tile`."""
+    The taps are runtime loops for the reasons given in `_common.depthwise_tile`.
+
+    ROWS (the "triton.b2_crpe" family's knob: a tuning candidate, `CRPE_ROWS_TILES`): the program's tiles
+    are rows of BLOCK_P-column strips of its head and image (ceil(W / BLOCK_P) H of them, `tiles_per_split`
+    a run, `crpe_rows_plan`), walked down their strip (`_crpe_backward_rows`): each dR element loaded KS
+    times (and once more for the bias gradient) instead of KS x KS, the taps unrolled per window."""
     split = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     SPLITS = tl.num_programs(0)
-    ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
-    R = ks // 2
-    last = ks * ks - 1
     c = tl.arange(0, D_PAD)
     cmask = c < D
     base = (b * CP + head * D) * N                      # the head's first channel row (int64)
     dr_h = dr + base
     dv_h = dv + base
-    w_taps = crpe_w + (head - first) * D + c            # tap-major (ks, ks, group_heads D)
     prow = (b * SPLITS + split) * CP + head * D + c
+    if ROWS:
+        t0 = split * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(W, BLOCK_P) * H)
+        a = tl.zeros([1, D_PAD], dtype=tl.float32)      # the BatchNorm's, [1, D_PAD] (FUSE_BN)
+        bb = a
+        mu = a
+        rs = a
+        if FUSE_BN:
+            ch = head * D + c
+            a = tl.load(bn_scale + ch, mask=cmask, other=0.0)[None, :]
+            bb = tl.load(bn_shift + ch, mask=cmask, other=0.0)[None, :]
+            mu = tl.load(mean + ch, mask=cmask, other=0.0)[None, :]
+            rs = tl.load(rstd + ch, mask=cmask, other=0.0)[None, :]
+        gb, s_g, s_gz, s_gzh = _crpe_backward_rows(dr_h, dv_h, zv + base, crpe_w3, crpe_w5, crpe_w7, head, c, cmask,
+                                                   t0, t1, N, H, W, a, bb, mu, rs, D, D_PAD, BLOCK_P, EMULATE_STORES,
+                                                   FUSE_BN)
+        sum_axis: tl.constexpr = 0
+    else:
+        sum_axis: tl.constexpr = 1
+        gb, s_g, s_gz, s_gzh = _crpe_backward_tiles(dr_h, dv_h, zv + base, crpe_w3, crpe_w5, crpe_w7, bn_scale,
+                                                    bn_shift, mean, rstd, head, c, cmask, split, tiles_per_split,
+                                                    N, H, W, D, D_PAD, BLOCK_P, EMULATE_STORES, FUSE_BN)
+    tl.store(part_b + prow, tl.sum(gb, axis=sum_axis), mask=cmask)
+    if FUSE_BN:
+        row = part_bn + (b * SPLITS + split) * (3 * CP) + head * D + c
+        tl.store(row, tl.sum(s_g, axis=sum_axis), mask=cmask)
+        tl.store(row + CP, tl.sum(s_gz, axis=sum_axis), mask=cmask)
+        if BATCH_STATS:
+            tl.store(row + 2 * CP, tl.sum(s_gzh, axis=sum_axis), mask=cmask)
+
+
+@triton.jit
+def _crpe_backward_tiles(dr_h, dv_h, zv_h, crpe_w3, crpe_w5, crpe_w7, bn_scale, bn_shift, mean, rstd, head, c, cmask,
+                         split, tiles_per_split, N, H, W, D: tl.constexpr, D_PAD: tl.constexpr,
+                         BLOCK_P: tl.constexpr, EMULATE_STORES: tl.constexpr, FUSE_BN: tl.constexpr):
+    """`gma_b2_crpe_kernel`'s token tiles [D_PAD, BLOCK_P] (channels x tokens) of its split, one KS x KS tap
+    loop per tile; returns the per-element sums (bias, and with FUSE_BN the BatchNorm's three)."""
+    ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
+    R = ks // 2
+    last = ks * ks - 1
+    w_taps = crpe_w + (head - first) * D + c            # tap-major (ks, ks, group_heads D)
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(N, BLOCK_P))
     # the per-channel sums are kept per element ([D_PAD, BLOCK_P]) across the tiles and summed over the
     # tokens once, after the last: a sum per tile cost CTA barriers (sm_90 SASS: 12 per tile for the four)
     gb = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
+    s_g = gb
+    s_gz = gb
+    s_gzh = gb
+    a = tl.zeros([D_PAD, 1], dtype=tl.float32)          # the BatchNorm's, [D_PAD, 1] (FUSE_BN)
+    bb = a
+    mu = a
+    rs = a
     if FUSE_BN:
         ch = head * D + c
         a = tl.load(bn_scale + ch, mask=cmask, other=0.0)[:, None]
         bb = tl.load(bn_shift + ch, mask=cmask, other=0.0)[:, None]
         mu = tl.load(mean + ch, mask=cmask, other=0.0)[:, None]
         rs = tl.load(rstd + ch, mask=cmask, other=0.0)[:, None]
-        s_g = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
-        s_gz = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
-        s_gzh = tl.zeros([D_PAD, BLOCK_P], dtype=tl.float32)
     t = t0
     while t < t1:                                       # [D_PAD, BLOCK_P] tiles: channels x tokens
         n = t * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -300,21 +435,10 @@ def gma_b2_crpe_kernel(dr, dv, crpe_w3, crpe_w5, crpe_w7, part_b, zv, bn_scale, 
         ptr = dv_h + own
         m2 = cmask[:, None] & pmask[None, :]
         dv_t = tl.load(ptr, mask=m2, other=0.0).to(tl.float32) + conv
-        if FUSE_BN:
-            z_t = tl.load(zv + base + own, mask=m2, other=0.0).to(tl.float32)
-            dv_t = dv_t * hardswish_grad(z_t * a + bb)
-            s_g += dv_t                            # dv_t, z_t: 0 outside the tile's valid elements
-            s_gz += dv_t * z_t
-            s_gzh += dv_t * ((z_t - mu) * rs)
+        dv_t, s_g, s_gz, s_gzh = _crpe_dv_epilogue(dv_t, zv_h + own, m2, a, bb, mu, rs, s_g, s_gz, s_gzh, FUSE_BN)
         tl.store(ptr, stored(dv_t, ptr, EMULATE_STORES), mask=m2)
         t += 1
-    tl.store(part_b + prow, tl.sum(gb, axis=1), mask=cmask)
-    if FUSE_BN:
-        row = part_bn + (b * SPLITS + split) * (3 * CP) + head * D + c
-        tl.store(row, tl.sum(s_g, axis=1), mask=cmask)
-        tl.store(row + CP, tl.sum(s_gz, axis=1), mask=cmask)
-        if BATCH_STATS:
-            tl.store(row + 2 * CP, tl.sum(s_gzh, axis=1), mask=cmask)
+    return gb, s_g, s_gz, s_gzh
 
 
 # ================================================================ launchers
@@ -335,6 +459,26 @@ def _tile(table: Dict[int, Tuple[int, int]], d: int, N: int, block: int = 0) -> 
     if interpreting():
         return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), warps
     return bp, warps
+
+
+def _crpe_tile(tile: Optional[Tuple[int, ...]], d: int, N: int, block: int, precision: str) -> Tuple[int, int, int]:
+    """(tokens per tile or strip columns, num_warps, ROWS) of the CRPE backward: a "triton.b2_crpe" tile
+    (ROWS 0 where the tuple stops before it), else `_tile`'s of `config.crpe_bwd_tiles`."""
+    if tile:
+        return int(tile[0]), int(tile[1]), int(tile[2]) if len(tile) > 2 else 0
+    return _tile(crpe_bwd_tiles(precision), d, N, block) + (0,)
+
+
+#: ROWS: runs of at least this many rows (or H), the widest window's: a run re-reads R rows above and below
+#: it (`aggregation_backward.dw_rows_plan`'s reason); one plan for the three windows of a launch
+CRPE_ROWS_MIN_RUN = 7
+
+
+def crpe_rows_plan(H: int, W: int, B: int, strip: int) -> Tuple[int, int]:
+    """(splits, tiles_per_split) of `gma_b2_crpe_kernel`'s row walks (ROWS): the ceil(W / strip) H row tiles
+    of each head and image cut into about SPLIT_TARGET / (8 B) runs of at least CRPE_ROWS_MIN_RUN rows
+    (runs cross strips: `_crpe_backward_rows`)."""
+    return dw_rows_plan(1, H, W, CRPE_ROWS_MIN_RUN, strip, NUM_HEADS * B, SPLIT_TARGET)
 
 
 def _channels_first(x: Tensor) -> Tensor:
@@ -388,7 +532,7 @@ def b1_stage(rc: Dict[str, Tensor], dA: Tensor, scale: float, wts: FoldedGMAWeig
 
 def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
             dots: Optional[DotVariant] = None, block: int = 0,
-            tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None),
+            tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, ...]]] = (None, None),
             bn: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None, wgrad_tiles=None
             ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Buffers and the launches of B2 without launching (meta tensors work): the attention kernel, the
@@ -432,8 +576,8 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
            "k_max": k_max.float().contiguous(), "k_sum": k_sum.float().contiguous()}
     dP = buf["dP"]
     bp, warps = tiles[0] or _tile(B2_TILES, d, N, block)
-    bc, cwarps = tiles[1] or _tile(crpe_bwd_tiles(dots.precision), d, N, block)
-    splits, tps = _split_plan(N, B, bc)
+    bc, cwarps, crpe_rows = _crpe_tile(tiles[1], d, N, block, dots.precision)
+    splits, tps = crpe_rows_plan(H, W, B, bc) if crpe_rows else _split_plan(N, B, bc)
     T = cdiv(N, bp)
     stats = bn is not None and bn[0] is not None
     bn_t = [t.reshape(-1).float().contiguous() for t in (wts.bn_scale, wts.bn_shift)]
@@ -457,6 +601,8 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
     cargs = (buf["dR"], dP[2 * B:], *crpe_w, buf["part_b"], zv, *bn_t, buf["part_bn_crpe"], N, H, W, tps)
     ckwargs = dict(CP=cp, D=d, D_PAD=dot_pad(d), BLOCK_P=bc, EMULATE_STORES=interpreting(), FUSE_BN=bn is not None,
                    BATCH_STATS=stats, num_warps=cwarps)
+    if crpe_rows:
+        ckwargs["ROWS"] = True
     crpe = (gma_b2_crpe_kernel, (splits, h, B), cargs, ckwargs)
     # the CRPE weight gradients: one launch of the depthwise weight-gradient kernel per window, over
     # the window's heads' channels of dR and V (the kernel's partials: `aggregation_backward.taps_of`)
@@ -471,7 +617,7 @@ def plan_b2(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeight
 
 def b2_proxy_grads(dA: Tensor, dKV: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, scale: float,
                    block: int = 0, dots: Optional[DotVariant] = None,
-                   tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]] = (None, None),
+                   tiles: Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, ...]]] = (None, None),
                    bn: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None, wgrad_tiles=None) -> tuple:
     """B2 as kernels: dP (3B, C', H, W) = [dQ; dK; dV] in the stage dtype, the CRPE weight gradients (3x3, 5x5,
     7x7) and the bias gradient, as `backward.b2_proxy_grads`. Reads rc["Z"], rc["V"], rc["KV"], rc["R"]
@@ -509,6 +655,21 @@ register_tiles(B1_FAMILY, ("BLOCK_P", "num_warps"), _gpu_tile(B1_TILES), lambda 
                [gma_b1_dkv_kernel])
 register_tiles(B2_FAMILY, ("BLOCK_P", "num_warps"), _gpu_tile(B2_TILES), lambda C, p: TILE_SEARCH,
                [gma_b2_attention_kernel])
-register_tiles(CRPE_FAMILY, ("BLOCK_P", "num_warps"), lambda C, p: crpe_bwd_tiles(p)[dot_pad(C // 10)],
-               lambda C, p: TILE_SEARCH,
+#: The CRPE backward's row walks by D_PAD (ROWS 1: BLOCK_P the strip's columns), tried right after the default
+#: (`_crpe_search`), so a tune cut short still times them. Not timed. AOT compile (2026-12-05, Triton 3.6,
+#: batch 128, the training step's launches, fp16 and fp32): at D_PAD 16 (C = 80, 160) (16, 4) takes 60-80
+#: registers and (32, 4) 79-155 on sm_80/90; at D_PAD 32 (C = 320) (16, 4) 116-158, while (32, 4) ran into
+#: 255 and spilled 28 B on sm_80 with batch statistics, so (16, 8) there (two elements a thread).
+CRPE_ROWS_TILES: Dict[int, Tuple[Tuple[int, int, int], ...]] = {16: ((16, 4, 1), (32, 4, 1)),
+                                                                  32: ((16, 4, 1), (16, 8, 1)), 64: ((16, 8, 1),)}
+
+
+def _crpe_search(C: int, precision: str) -> List[Tuple[int, ...]]:
+    """`CRPE_ROWS_TILES` of the width's D_PAD, then TILE_SEARCH's token tiles (the family keeps
+    `tile_spaces.MAX_CANDIDATES`: the first ones)."""
+    return list(CRPE_ROWS_TILES.get(dot_pad(C // 10), ())) + [t + (0,) for t in TILE_SEARCH]
+
+
+register_tiles(CRPE_FAMILY, ("BLOCK_P", "num_warps", "ROWS"),
+               lambda C, p: crpe_bwd_tiles(p)[dot_pad(C // 10)] + (0,), _crpe_search,
                [gma_b2_crpe_kernel])

@@ -10,7 +10,7 @@ Families, each registered by the module that launches its kernels, next to its t
     triton.recompute_local       local branch (recompute.py)               BLOCK_P, num_warps, CK
     triton.b1                    dKV (attention_backward.py)               BLOCK_P, num_warps
     triton.b2                    dQ, dK, dV, G (attention_backward.py)     BLOCK_P, num_warps
-    triton.b2_crpe               CRPE input and bias gradient              BLOCK_P, num_warps
+    triton.b2_crpe               CRPE input and bias gradient              BLOCK_P, num_warps, ROWS
                                  (attention_backward.py; its weight gradient
                                  takes triton.backward's stencil tile)
     triton.backward              dZ, pointwise, depthwise (input, weight)  BLOCK_C, BLOCK_P, num_warps,

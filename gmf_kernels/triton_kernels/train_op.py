@@ -126,7 +126,7 @@ class TrainTiles(NamedTuple):
     (`tile_spaces.tuned_tiles` of the layer's qkv)."""
     b1: Optional[Tuple[int, int]] = None
     b2: Optional[Tuple[int, int]] = None
-    b2_crpe: Optional[Tuple[int, int]] = None
+    b2_crpe: Optional[Tuple[int, int, int]] = None
     backward: Optional[BackwardTiles] = None
 
 
