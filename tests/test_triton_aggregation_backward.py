@@ -26,6 +26,7 @@ The depthwise input gradient's row walks (DW_ROWS, a "triton.backward" tuning ca
 float64 adjoint into a buffer and into the qkv gradient's places, with runs that end inside a strip and
 cross strips and images; their launches compiled for sm_90 without a spill.
 """
+import dataclasses
 import json
 import subprocess
 import sys
@@ -466,8 +467,10 @@ def test_depthwise_backward_row_walks(k):
     """`gma_dw_backward_kernel` with ROWS (`_dw_backward_rows`: the half-turned filter walked down rows of
     strips): the input gradient against the float64 PyTorch adjoint, into a contiguous buffer and into the
     qkv gradient's places (`qkv_layout`, the B3 launch's), and the launch's plan (row tiles, runs of at
-    least k rows). The widest window here; the 3x3 and 5x5 walks run in
-    `test_b3_and_local_backward_with_row_walks` (B3's three segments, the local branch's 3x3)."""
+    least k rows). The weight gradient's walk too (`gma_dw_wgrad_kernel` with ROWS, `_wgrad_rows`: runs that
+    cross strips and images), u read from a buffer and from its places in qkv. The widest window here; the
+    3x3 and 5x5 walks run in `test_b3_and_local_backward_with_row_walks` (B3's three segments, the local
+    branch's 3x3)."""
     I, c, H, W = 3, 12, 9, 20
     g = torch.Generator().manual_seed(10 + k)
     dy, u = (torch.randn(I, c, H, W, generator=g, dtype=torch.float64) for _ in range(2))
@@ -477,18 +480,35 @@ def test_depthwise_backward_row_walks(k):
     T = I * 2 * H                                             # row tiles: 2 strips of each image's 9 rows
     assert kw["ROWS"] and kw["BLOCK_P"] == 16 and args[8] >= k and grid == (-(-T // args[8]), 2), (grid, args[8])
     assert grid[0] > I * 2                                     # runs shorter than a strip: pieces inside strips
-    agb._launch(launches, dy)
+    (_, wgrid, wargs, wkw), = [ln for ln in launches if ln[0] is agb.gma_dw_wgrad_kernel]
+    assert wkw["ROWS"] and wkw["BLOCK_P"] == 16 and wgrid[2] == k and wgrid[0] > 1, (wgrid, wargs[7])
+    agb._launch([ln for ln in launches if ln[0] is agb.gma_dw_backward_kernel], dy)   # the wgrad: below
     exp = bw.dwconv_input_grad(dy, w)
     err = float((buf["du"].double() - exp).abs().max() / exp.abs().max())
     assert err < 1e-6, f"du {k}x{k}: {err:.2e}"
-    # into the qkv gradient's places of segment j's channels, as B3 launches it (3B images = q, k, v of B)
+    exp_w = bw.dwconv_weight_grad(dy, u, k)
+
+    def check_wgrad(part_gw, what):
+        err = float((agb.taps_of(part_gw, c, k).double() - exp_w).abs().max() / exp_w.abs().max())
+        assert err < 1e-6, f"weight gradient {k}x{k}, {what}: {err:.2e}"
+    # u a buffer, more programs: runs of 8 rows, pieces that start and end inside strips
+    wbuf, wl = agb.plan_dw_wgrad(dy.float(), u.float(), k, dataclasses.replace(ROWS_TILE, TARGET_PROGRAMS=100))
+    assert wl[0][2][7] % H and wl[0][0] is agb.gma_dw_wgrad_kernel, wl[0][2][7]
+    agb._launch(wl, dy)
+    check_wgrad(wbuf["part_gw"], "u a buffer, short runs")
+    # into the qkv gradient's places of segment j's channels, as B3 launches it (3B images = q, k, v of B),
+    # u read from its places in qkv
     C = 5 * c
     d_qkv = torch.full((1, H * W, 3 * C), float("nan"))
-    buf, launches = agb.plan_dw_backward(dy.float(), u.float(), w.float(), agb.qkv_layout(d_qkv, 1), ROWS_TILE)
+    qkv = torch.full((1, H * W, 3 * C), float("nan"))
+    qkv.view(H, W, 3, 5, c)[:, :, :, 1] = u.float().permute(2, 3, 0, 1)
+    buf, launches = agb.plan_dw_backward(dy.float(), agb.qkv_layout(qkv, 1), w.float(), agb.qkv_layout(d_qkv, 1),
+                                         ROWS_TILE)
     agb._launch(launches, dy)
     got = d_qkv.view(H, W, 3, 5, c)[:, :, :, 1].permute(2, 3, 0, 1).double()          # (stream, c, H, W)
     err = float((got - exp).abs().max() / exp.abs().max())
     assert err < 1e-6, f"du into qkv's gradient {k}x{k}: {err:.2e}"
+    check_wgrad(buf["part_gw"], "u read from qkv")
 
 
 def test_b3_and_local_backward_with_row_walks():
@@ -516,24 +536,28 @@ from gmf_kernels.triton_kernels.specializations import Call
 out, seen = [], set()
 for tile in agb.DW_ROWS_TILES:
     for spec in sp.backward_specializations_of_call(Call(160, 28, 28, 128, "fp16"), 90, True, {agb.BACKWARD_FAMILY: tile}):
-        if spec.kernel == "gma_dw_backward_kernel" and spec.key not in seen:
-            seen.add(spec.key)
+        # the weight gradient: one of each window (its registers vary little: 32-80 over every width, dtype and GPU)
+        key = (tile, dict(spec.constexprs)["KS"]) if spec.kernel == "gma_dw_wgrad_kernel" else spec.key
+        if spec.kernel in ("gma_dw_backward_kernel", "gma_dw_wgrad_kernel") and key not in seen:
+            seen.add(key)
             rep = sp.compile_one(spec)
-            rep["rows"], rep["tile"] = dict(spec.constexprs).get("ROWS"), list(tile)
+            rep["rows"], rep["tile"], rep["kernel"] = dict(spec.constexprs).get("ROWS"), list(tile), spec.kernel
             out.append(rep)
 print(json.dumps(out))
 """
 
 
 def test_dw_rows_candidates_compile_without_spills_on_sm90(tmp_path):
-    """Every launch of `gma_dw_backward_kernel` that a `DW_ROWS_TILES` candidate makes in a training step's
-    backward (C = 160 28x28 B = 128 fp16: B3's segments into the qkv gradient, the local branch's), compiled
+    """Every launch of `gma_dw_backward_kernel` and `gma_dw_wgrad_kernel` that a `DW_ROWS_TILES` candidate
+    makes in a training step's backward (C = 160 28x28 B = 128 fp16: B3's segments into the qkv gradient, the
+    local branch's, the CRPE's weight gradients), compiled
     for sm_90: ROWS in the specialisation, no spill (a first version of the walk spilled on sm_90 at every
     tile; the tuner would refuse such a candidate on the GPU)."""
     from helpers import aot_reports, assert_compiled_without_spills
     reps = aot_reports(_DW_ROWS_AOT_SCRIPT, tmp_path)
-    assert len(reps) >= 2 * len(agb.DW_ROWS_TILES), reps
+    assert len([r for r in reps if r["kernel"] == "gma_dw_backward_kernel"]) >= 2 * len(agb.DW_ROWS_TILES), reps
+    assert len([r for r in reps if r["kernel"] == "gma_dw_wgrad_kernel"]) == 3 * len(agb.DW_ROWS_TILES), reps
     for r in reps:
-        print(f"{r['tile']}: {r['registers']} registers, spills {r['spill_stores']} B")
+        print(f"{r['kernel']} {r['tile']}: {r['registers']} registers, spills {r['spill_stores']} B")
         assert r["rows"] is True, r
         assert_compiled_without_spills(r)

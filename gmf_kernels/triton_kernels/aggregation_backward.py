@@ -374,12 +374,53 @@ def _wgrad_tap(acc, dyt, u_row, row_ok, xx, W, cm, s_pix, dx):
     return acc + dyt * uv
 
 
+@triton.jit
+def _wgrad_rows(dy, u, c, cm, ky, t, t1, H, W, stride_db, stride_dc, stride_dn,
+                u_img_group, u_s_img_group, u_s_img, u_ch_group, u_s_ch_group, u_s_ch, u_s_pix,
+                a0, a1, a2, a3, a4, a5, a6, KS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """`gma_dw_wgrad_kernel` with ROWS: the program's row tiles [t, t1) (tile t: image t // (strips H), then
+    strip, then row, as `_dw_backward_rows`), walked down their strip. Row o of dy meets row o + ky - R of u,
+    so the walk runs over the rows where that row is inside the image and needs no row mask; the strip's
+    columns and the KS column shifts' masks are the same on every row of a piece. Tap row ky's KS products
+    go into a0 .. a6 ([channels, strip columns]), returned."""
+    R: tl.constexpr = KS // 2
+    per_img = tl.cdiv(W, BLOCK_P) * H
+    chan_u = (c // u_ch_group) * u_s_ch_group + (c % u_ch_group) * u_s_ch      # u's channels, once
+    chan_dy = c * stride_dc
+    while t < t1:
+        img = t // per_img
+        r = t - img * per_img
+        strip, ya, yb = rows_piece(r, r + (t1 - t), H)
+        x = strip * BLOCK_P + tl.arange(0, BLOCK_P)
+        pm = x < W
+        m2 = cm[:, None] & pm[None, :]
+        dy_img = dy + img.to(tl.int64) * stride_db + chan_dy[:, None]
+        u_img = u + ((img // u_img_group) * u_s_img_group + (img % u_img_group) * u_s_img).to(tl.int64) + chan_u[:, None]
+        o = tl.maximum(ya, R - ky)                       # u's row o + ky - R within [0, H)
+        o1 = tl.minimum(yb, H + R - ky)
+        while o < o1:
+            dyt = tl.load(dy_img + ((o * W + x) * stride_dn)[None, :], mask=m2, other=0.0).to(tl.float32)
+            u_row = u_img + (((o + ky - R) * W + x) * u_s_pix)[None, :]
+            a0 = _wgrad_tap(a0, dyt, u_row, pm, x, W, cm, u_s_pix, 0 - R)
+            a1 = _wgrad_tap(a1, dyt, u_row, pm, x, W, cm, u_s_pix, 1 - R)
+            a2 = _wgrad_tap(a2, dyt, u_row, pm, x, W, cm, u_s_pix, 2 - R)
+            if KS > 3:
+                a3 = _wgrad_tap(a3, dyt, u_row, pm, x, W, cm, u_s_pix, 3 - R)
+                a4 = _wgrad_tap(a4, dyt, u_row, pm, x, W, cm, u_s_pix, 4 - R)
+            if KS > 5:
+                a5 = _wgrad_tap(a5, dyt, u_row, pm, x, W, cm, u_s_pix, 5 - R)
+                a6 = _wgrad_tap(a6, dyt, u_row, pm, x, W, cm, u_s_pix, 6 - R)
+            o += 1
+        t += yb - ya
+    return a0, a1, a2, a3, a4, a5, a6
+
+
 @triton.jit(do_not_specialize=["M", "N", "H", "W", "tiles_per_split", "u_img_group", "u_ch_group"])
 def gma_dw_wgrad_kernel(dy, u, part_gw, M, N, H, W, tiles_per_split,
                         stride_db, stride_dc, stride_dn,
                         u_img_group, u_s_img_group, u_s_img, u_ch_group, u_s_ch_group, u_s_ch, u_s_pix,
                         NC: tl.constexpr, KS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                        TAPS_PAD: tl.constexpr):
+                        TAPS_PAD: tl.constexpr, ROWS: tl.constexpr = False):
     """Weight gradient of a depthwise KSxKS "same" convolution out = dwconv(u, w) (generic: segments
     1..3, the local branch's 3x3, the CRPE's windows), g_w[c, t] = sum_p dy[c, p] u[c, p + t - R],
     as per-program partials.
@@ -394,7 +435,11 @@ def gma_dw_wgrad_kernel(dy, u, part_gw, M, N, H, W, tiles_per_split,
     kept the sums in a one-hot updated [channels, TAPS_PAD] tile. dy: images with strides (image,
     channel, pixel), u: a `Layout` (u_img_group .. u_s_pix), both in a stage dtype (widened on load).
     Bytes: dy once and u once per tap row (KS times, the kx shifts from L1), so KS (dy, u) reads
-    per element against KS^2 multiply-adds: L2-bandwidth bound at 7x7 at most."""
+    per element against KS^2 multiply-adds: L2-bandwidth bound at 7x7 at most. ROWS (with the "triton.backward"
+    family's DW_ROWS, as the input gradient's walk: a tuning candidate): the tiles are rows of BLOCK_P-column
+    strips of each image (I ceil(W / BLOCK_P) H of them, `tiles_per_split` a run), walked down their strip
+    (`_wgrad_rows`): no per-tile pixel decode, row mask or layout arithmetic, only the loads, the shifts'
+    column masks and the multiply-adds per row."""
     split = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ky = tl.program_id(2)
@@ -407,27 +452,34 @@ def gma_dw_wgrad_kernel(dy, u, part_gw, M, N, H, W, tiles_per_split,
     a4 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     a5 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     a6 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
-    while t < t1:
-        img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
-        yy = n // W
-        xx = n % W
-        dyt = tl.load(dy + c[:, None] * stride_dc + (img * stride_db + n * stride_dn)[None, :],
-                      mask=cm[:, None] & pm[None, :], other=0.0).to(tl.float32)
-        sy = yy + (ky - R)                                   # u's row for tap row ky
-        row_ok = pm & (sy >= 0) & (sy < H)
-        u_row = u + _layout_offsets(img, n + (ky - R) * W, c, u_img_group, u_s_img_group, u_s_img, u_ch_group,
-                                    u_s_ch_group, u_s_ch, u_s_pix)
-        a0 = _wgrad_tap(a0, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 0 - R)
-        a1 = _wgrad_tap(a1, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 1 - R)
-        a2 = _wgrad_tap(a2, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 2 - R)
-        if KS > 3:
-            a3 = _wgrad_tap(a3, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 3 - R)
-            a4 = _wgrad_tap(a4, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 4 - R)
-        if KS > 5:
-            a5 = _wgrad_tap(a5, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 5 - R)
-            a6 = _wgrad_tap(a6, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 6 - R)
-        t += 1
+    if ROWS:
+        t0 = split * tiles_per_split
+        a0, a1, a2, a3, a4, a5, a6 = _wgrad_rows(
+            dy, u, c, cm, ky, t0, tl.minimum(t0 + tiles_per_split, (M // N) * tl.cdiv(W, BLOCK_P) * H), H, W,
+            stride_db, stride_dc, stride_dn, u_img_group, u_s_img_group, u_s_img, u_ch_group, u_s_ch_group, u_s_ch,
+            u_s_pix, a0, a1, a2, a3, a4, a5, a6, KS, BLOCK_P)
+    else:
+        t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
+        while t < t1:
+            img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
+            yy = n // W
+            xx = n % W
+            dyt = tl.load(dy + c[:, None] * stride_dc + (img * stride_db + n * stride_dn)[None, :],
+                          mask=cm[:, None] & pm[None, :], other=0.0).to(tl.float32)
+            sy = yy + (ky - R)                                   # u's row for tap row ky
+            row_ok = pm & (sy >= 0) & (sy < H)
+            u_row = u + _layout_offsets(img, n + (ky - R) * W, c, u_img_group, u_s_img_group, u_s_img, u_ch_group,
+                                        u_s_ch_group, u_s_ch, u_s_pix)
+            a0 = _wgrad_tap(a0, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 0 - R)
+            a1 = _wgrad_tap(a1, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 1 - R)
+            a2 = _wgrad_tap(a2, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 2 - R)
+            if KS > 3:
+                a3 = _wgrad_tap(a3, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 3 - R)
+                a4 = _wgrad_tap(a4, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 4 - R)
+            if KS > 5:
+                a5 = _wgrad_tap(a5, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 5 - R)
+                a6 = _wgrad_tap(a6, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 6 - R)
+            t += 1
     nc_pad = tl.num_programs(1) * BLOCK_C
     dst = part_gw + (split * nc_pad + c) * TAPS_PAD + ky * KS
     tl.store(dst, tl.sum(a0, axis=1))
@@ -585,8 +637,10 @@ class BackwardTiles:
     128, C = 480) the pointwise kernel from dZ (BLOCK_I = 32) compiled at 253-255 registers
     without spills, from G and Z it spilled ~900 B on both; not checked by the test.
 
-    DW_ROWS: 0, or the strip width in columns of `gma_dw_backward_kernel`'s row walks (ROWS; its tiles then
-    [DW_ROWS pixels of one row, BLOCK_C channels], WARPS warps): a tuning candidate (`DW_ROWS_TILES`)."""
+    DW_ROWS: 0, or the strip width in columns of the depthwise backward's row walks (ROWS): the input
+    gradient's (`gma_dw_backward_kernel`, tiles [DW_ROWS pixels of one row, BLOCK_C channels]) and the weight
+    gradient's (`gma_dw_wgrad_kernel`, tiles [BLOCK_C channels, DW_ROWS pixels of one row]), WARPS warps: a
+    tuning candidate (`DW_ROWS_TILES`; one knob for both, so the family keeps its six candidates)."""
     BLOCK_C: int
     BLOCK_P: int
     WARPS: int
@@ -795,12 +849,18 @@ def plan_dw_wgrad(dy: Tensor, u, KS: int, tiles: Optional[BackwardTiles] = None
     # sm_90 (one CTA per SM); [16, 64] 72-80, but 16 B spilled on sm_70 (fp16, u read from qkv); [16, 32] at
     # most 64 on sm_70/75/80/90, no spill, the same instructions per element and tap on sm_90 (~36 at 3x3)
     block_p = tiles.BLOCK_P if interpreting() else max(16, tiles.BLOCK_P // 4)
-    splits, tps = split_plan(M, block_p, cblocks * KS, tiles.TARGET_PROGRAMS)
+    if tiles.DW_ROWS:        # row walks (ROWS) down DW_ROWS-column strips, as the input gradient's
+        block_p = tiles.DW_ROWS
+        splits, tps = split_plan(I * cdiv(W, block_p) * H, 1, cblocks * KS, tiles.TARGET_PROGRAMS)
+    else:
+        splits, tps = split_plan(M, block_p, cblocks * KS, tiles.TARGET_PROGRAMS)
     taps_pad = next_pow2(KS * KS)
     from .launcher import _alloc           # (the tests' NaN poisoning of the launchers' buffers)
     buf = {"part_gw": _alloc((splits, cblocks * block_c, taps_pad), torch.float32, dy.device)}
     args = (dy_, u.base, buf["part_gw"], M, N, H, W, tps, sdb, sdc, sdn, *u.args)
     kw = dict(NC=NC, KS=KS, BLOCK_C=block_c, BLOCK_P=block_p, TAPS_PAD=taps_pad, num_warps=tiles.WARPS)
+    if tiles.DW_ROWS:
+        kw["ROWS"] = True
     return buf, [(gma_dw_wgrad_kernel, (splits, cblocks, KS), args, kw)]
 
 
