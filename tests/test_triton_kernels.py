@@ -785,6 +785,34 @@ def test_forward_from_planes_float32(C, H, W, B):
     _assert_rel(r["rstd4"], rstd4, FP32_TOL, "rstd4 against float64")
 
 
+@pytest.mark.parametrize("C,H,W,B", [(80, 9, 21, 2), (320, 3, 5, 1)], ids=lambda v: str(v))
+def test_forward_from_planes_with_attention_row_walks(monkeypatch, C, H, W, B):
+    """The training forward with the attention's row walks (`GMAShape.ATTN_ROWS`, kept by `config.from_planes`
+    where they compile without spilling: one-pass TF32 dots, D_PAD <= 32; here, at fp32, allowed for 3xTF32 too):
+    the walk keeps R = CRPE(V) + bias too (STORE_R); R against the attention recompute kernel's (on V from the
+    same Z), the pre-projection against float64, every buffer written. 16-column strips of a 21-column grid in
+    runs of several rows, and a grid shorter than the 7x7 reach."""
+    from gmf_kernels.triton_kernels import attention as A
+    from gmf_kernels.triton_kernels import recompute
+    monkeypatch.setattr(A, "ATTN_ROWS_TARGET", 64)
+    case = Case(C, H, W, B, seed=C + 7 * H)
+    qkv, f, z = _kept_planes(case, torch.float32)
+    shape = gma_shape(C, attn_block_p=16, interpreter=INTERPRET, attn_rows=True)
+    assert config.from_planes(shape, "tf32").ATTN_ROWS and not config.from_planes(shape, "tf32x3").ATTN_ROWS
+    assert not config.from_planes(shape, "ieee").ATTN_ROWS
+    assert not config.from_planes(gma_shape(480, attn_block_p=16, attn_rows=True), "tf32").ATTN_ROWS   # D_PAD 64
+    monkeypatch.setattr(config, "ATTN_ROWS_KEEP_R_PRECISIONS", ("tf32", "tf32x3"))
+    config.from_planes.cache_clear()
+    monkeypatch.setattr(launcher, "from_planes", lambda s, p: config.from_planes.__wrapped__(s, p))
+    r = _check_launch(case, shape, planes=launcher.planes_view(z, B))
+    pv, (kernel, grid, args, kwargs) = recompute.plan_proxy_v(z, f)
+    kernel[grid](*args, **kwargs)
+    att, (kernel, grid, args, kwargs) = recompute.plan_recompute_attention(z, pv, H, W, f)
+    kernel[grid](*args, **kwargs)
+    assert r["R"].shape == att["R"].shape and r["R"].dtype == att["R"].dtype
+    _assert_rel(r["R"], att["R"], FP32_TOL, "R (row walks)")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("C,H,W,B", PLANES_CASES[:2], ids=lambda v: str(v))
 def test_forward_from_planes_low_precision(dtype, C, H, W, B):

@@ -295,7 +295,7 @@ def test_backward_runs_the_tuned_tiles(monkeypatch):
     for name, kw in launched:
         assert (kw.get("BLOCK_P", kw.get("BLOCK_N")), kw["num_warps"]) == tuple(want[name]), (name, kw)
     rows = {"gma_statistics_kernel": picks["triton.statistics"][3], "gma_b2_crpe_kernel": picks["triton.b2_crpe"][2],
-            "gma_dw_backward_kernel": bw.DW_ROWS}
+            "gma_dw_backward_kernel": bw.DW_ROWS, "gma_dw_wgrad_kernel": bw.DW_ROWS}
     for name, kw in launched:      # the row-walk knobs reach their kernels (off in the last candidates)
         if name in rows:
             assert bool(kw.get("ROWS", False)) == bool(rows[name]), (name, kw)
@@ -368,7 +368,9 @@ def test_tuning_candidates_reach_the_aot_plans():
         if fam == "triton.backward" and kernel in pw_kernels:
             assert (block, warps) == (cand["PW_BLOCK_P"], cand["PW_WARPS"]), (fam, cand, kernel)
         elif kernel == "gma_dw_wgrad_kernel":      # a quarter of the stencils' pixels on a GPU (`plan_dw_wgrad`)
-            assert (block, warps) == (max(16, cand["BLOCK_P"] // 4), cand["num_warps"]), (fam, cand, kernel)
+            # or the row walks' strips (DW_ROWS)
+            assert (block, warps) == (cand["DW_ROWS"] or max(16, cand["BLOCK_P"] // 4), cand["num_warps"]), \
+                (fam, cand, kernel)
         elif kernel == "gma_dw_backward_kernel":   # its row walks' strips (DW_ROWS) where the candidate has them
             assert (block, warps) == (cand["DW_ROWS"] or cand["BLOCK_P"], cand["num_warps"]), (fam, cand, kernel)
         else:

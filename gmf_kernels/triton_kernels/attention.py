@@ -142,7 +142,8 @@ def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
 @triton.jit
 def _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale, strip, ya, yb, H, W,
                     KS: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+                    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+                    r_b=None, STORE_R: tl.constexpr = False):
     """ROWS (`GMAShape.ATTN_ROWS`): rows [ya, yb) of one BLOCK_P-column strip of one head, walked down the
     strip as the aggregation's `_segment_rows`: each V row in reach read once (its KS column shifts,
     `_common.rows_input`) into KS rolling CRPE accumulators; after input row i, output row i - R is
@@ -150,7 +151,9 @@ def _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
     Against the tile kernel's KS x KS tap loads per output, KS per input row plus the run's 2 R halo rows.
     Bound aimed at: HBM, reading q and v once (v's halo rows again per run, from L2) and writing the
     head's channels of pre once, with the stencil's L1 loads and FMAs no longer waited for tap by tap
-    (compiler figures, docs/performance.md; not measured)."""
+    (compiler figures, docs/performance.md; not measured). STORE_R (the training forward): also R = CRPE(V) +
+    bias of each completed row, channel-first (r_b + channel H W + n, the stage dtype), as `_attention_head`
+    keeps it."""
     R = KS // 2
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
@@ -172,8 +175,14 @@ def _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
         if o >= ya:
             n = o * W + x
             qt = tl.load(q_b + n[:, None] * CP + ch[None, :], mask=m2, other=0.0).to(tl.float32)
-            e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, kvt)
-            out = scale * e + qt * (a0 + bias)
+            if STORE_R:     # R stored before Q KV, as `_attention_head` orders it on the MMA dots
+                rv = a0 + bias
+                tl.store(r_b + ch[None, :] * (H * W) + n[:, None], stored(rv, r_b, EMULATE_DOTS), mask=m2)
+                e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, kvt)
+                out = scale * e + qt * rv
+            else:           # the eval kernel's code as before R was kept
+                e = _q_kv(qt, q_b, kv_b, n, pmask, head, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, kvt)
+                out = scale * e + qt * (a0 + bias)
             tl.store(pre_b + n[:, None] * C + ch[None, :], stored(out, pre_b, EMULATE_DOTS), mask=m2)
         a0, a1, a2, a3, a4, a5, a6 = rows_shift(a0, a1, a2, a3, a4, a5, a6, KS)
         i += 1
@@ -202,13 +211,13 @@ def gma_attention_kernel(
         yb = tl.minimum(H, ya + run_rows)
         if head < 2:
             _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w3, crpe_b, head, 0, 2, scale, strip, ya, yb, H, W, 3,
-                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, r_b, STORE_R)
         elif head < 5:
             _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w5, crpe_b, head, 2, 3, scale, strip, ya, yb, H, W, 5,
-                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, r_b, STORE_R)
         else:
             _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w7, crpe_b, head, 5, 3, scale, strip, ya, yb, H, W, 7,
-                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                            C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, r_b, STORE_R)
     else:
         n = t * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = n < N
@@ -260,12 +269,12 @@ def attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots: DotVariant,
     """(grid, args, kwargs) of the attention launch. q, v: (B, N, C') contiguous; kv: (B, C', d)
     fp32; weights: `FoldedGMAWeights` (its crpe_* tensors); writes pre[..., :C'] of (B, N, C). dots: the
     dot variant (with ``shape.ATTN_DOTS16`` its 16-bit-operand form for 16-bit q, `config.operand_precision`).
-    r: with ``shape.AGG_FROM_Z`` (the training forward, and only then; tiles, not row walks), R = CRPE(V) +
+    r: with ``shape.AGG_FROM_Z`` (the training forward, and only then; tiles or row walks), R = CRPE(V) +
     bias (B, C', H, W) contiguous in q's dtype, kept for the backward."""
     B, N, _ = q.shape
     w = weights
-    if shape.AGG_FROM_Z != (r is not None) or (r is not None and shape.ATTN_ROWS):
-        raise ValueError("R is kept with AGG_FROM_Z (the training forward, attention tiles), and only then")
+    if shape.AGG_FROM_Z != (r is not None):
+        raise ValueError("R is kept with AGG_FROM_Z (the training forward), and only then")
     if r is not None and (tuple(r.shape) != (B, shape.CP, H, W) or r.dtype != q.dtype or not r.is_contiguous()):
         raise ValueError(f"R: a contiguous ({B}, {shape.CP}, {H}, {W}) {q.dtype} tensor expected, got "
                          f"{tuple(r.shape)} {r.dtype}")

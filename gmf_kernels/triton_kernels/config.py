@@ -239,16 +239,29 @@ class GMAShape:
         return -(-N // self.AGG_BLOCK_P)
 
 
+#: Where the training forward keeps the attention's row walks (`GMAShape.ATTN_ROWS`) and they store R too
+#: (`attention._attention_rows` with STORE_R): the dot precisions and the widest D_PAD at which every such
+#: launch compiled without a spill (AOT, 2026-12-05, Triton 3.6, batch 128, the walk's tiles (16, 2) and
+#: (32, 4), sm_80 / sm_90: 16-bit layers (one-pass TF32 dots) at C = 40-320, 108-207 registers). Elsewhere
+#: the walk with STORE_R spilled: D_PAD 64 (C = 360, 480) 84-248 B, fp32's 3xTF32 at C = 320 4 B, sm_75's
+#: FMA dots 4-68 B. There the training forward runs the attention's tiles, as before.
+ATTN_ROWS_KEEP_R_PRECISIONS: Tuple[str, ...] = ("tf32",)
+ATTN_ROWS_KEEP_R_MAX_D_PAD = 32
+
+
 @functools.lru_cache(maxsize=256)
-def from_planes(shape: GMAShape) -> GMAShape:
+def from_planes(shape: GMAShape, precision: str = "") -> GMAShape:
     """The specialisation of a training forward that reads the Z planes its statistics pass kept
     (`GMAShape.AGG_FROM_Z`, `aggregation._segment_z`): `shape`'s tiles, with the knobs that only
     shape the stencils of segments 1-3 (PAIR, ROWS, MERGE) set to one value, as the kernel ignores them
     there (one compiled variant, not one per forward candidate); the local branch keeps its UNROLL and
-    DOTS16. ROWS off: its tiles are rows of strips, the planes are read along whole rows. The attention's
-    row walks off too: its tiles keep R for the backward (`attention._attention_head`'s STORE_R). Cached
-    (every training launch asks it; GMAShape is frozen)."""
-    return replace(shape, AGG_FROM_Z=True, AGG_PAIR=False, AGG_ROWS=False, AGG_MERGE=True, ATTN_ROWS=False)
+    DOTS16. ROWS off: its tiles are rows of strips, the planes are read along whole rows. Both the
+    attention's tiles and its row walks (`GMAShape.ATTN_ROWS`) keep R for the backward (STORE_R:
+    `attention._attention_head`, `attention._attention_rows`, the walks since 2026-12-05); the walks stay
+    only where they do so without spilling (`ATTN_ROWS_KEEP_R_PRECISIONS` for the call's dot `precision`,
+    `ATTN_ROWS_KEEP_R_MAX_D_PAD`). Cached (every training launch asks it; GMAShape is frozen)."""
+    rows = shape.ATTN_ROWS and precision in ATTN_ROWS_KEEP_R_PRECISIONS and shape.D_PAD <= ATTN_ROWS_KEEP_R_MAX_D_PAD
+    return replace(shape, AGG_FROM_Z=True, AGG_PAIR=False, AGG_ROWS=False, AGG_MERGE=True, ATTN_ROWS=rows)
 
 
 #: Aggregation tiles per width: (BLOCK_P tokens per tile, num_warps, CK channels per chunk),

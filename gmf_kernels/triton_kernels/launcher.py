@@ -347,7 +347,7 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     dots = dots or dot_variant(qkv)
     shape = shape or tuned_shape(C, N, dots, qkv)
     if planes is not None:
-        shape = from_planes(shape)
+        shape = from_planes(shape, dots.precision)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dev, dt = qkv.device, qkv.dtype
