@@ -486,29 +486,24 @@ def test_depthwise_backward_row_walks(k):
     exp = bw.dwconv_input_grad(dy, w)
     err = float((buf["du"].double() - exp).abs().max() / exp.abs().max())
     assert err < 1e-6, f"du {k}x{k}: {err:.2e}"
-    exp_w = bw.dwconv_weight_grad(dy, u, k)
-
-    def check_wgrad(part_gw, what):
-        err = float((agb.taps_of(part_gw, c, k).double() - exp_w).abs().max() / exp_w.abs().max())
-        assert err < 1e-6, f"weight gradient {k}x{k}, {what}: {err:.2e}"
-    # u a buffer, more programs: runs of 8 rows, pieces that start and end inside strips
-    wbuf, wl = agb.plan_dw_wgrad(dy.float(), u.float(), k, dataclasses.replace(ROWS_TILE, TARGET_PROGRAMS=100))
-    assert wl[0][2][7] % H and wl[0][0] is agb.gma_dw_wgrad_kernel, wl[0][2][7]
-    agb._launch(wl, dy)
-    check_wgrad(wbuf["part_gw"], "u a buffer, short runs")
     # into the qkv gradient's places of segment j's channels, as B3 launches it (3B images = q, k, v of B),
-    # u read from its places in qkv
+    # u read from its places in qkv; more programs for the weight gradient: runs of 8 rows, pieces that start
+    # and end inside strips
     C = 5 * c
     d_qkv = torch.full((1, H * W, 3 * C), float("nan"))
     qkv = torch.full((1, H * W, 3 * C), float("nan"))
     qkv.view(H, W, 3, 5, c)[:, :, :, 1] = u.float().permute(2, 3, 0, 1)
     buf, launches = agb.plan_dw_backward(dy.float(), agb.qkv_layout(qkv, 1), w.float(), agb.qkv_layout(d_qkv, 1),
-                                         ROWS_TILE)
+                                         dataclasses.replace(ROWS_TILE, TARGET_PROGRAMS=100))
+    (_, _, wargs, wkw), = [ln for ln in launches if ln[0] is agb.gma_dw_wgrad_kernel]
+    assert wkw["ROWS"] and wargs[7] % H, wargs[7]
     agb._launch(launches, dy)
     got = d_qkv.view(H, W, 3, 5, c)[:, :, :, 1].permute(2, 3, 0, 1).double()          # (stream, c, H, W)
     err = float((got - exp).abs().max() / exp.abs().max())
     assert err < 1e-6, f"du into qkv's gradient {k}x{k}: {err:.2e}"
-    check_wgrad(buf["part_gw"], "u read from qkv")
+    exp_w = bw.dwconv_weight_grad(dy, u, k)
+    err = float((agb.taps_of(buf["part_gw"], c, k).double() - exp_w).abs().max() / exp_w.abs().max())
+    assert err < 1e-6, f"weight gradient {k}x{k}, u read from qkv, short runs: {err:.2e}"
 
 
 def test_b3_and_local_backward_with_row_walks():

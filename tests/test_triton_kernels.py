@@ -596,9 +596,11 @@ def _dots16_candidates():
     operands (DOTS16), as the tuner would try them on an sm_90, from the search spaces themselves: the
     aggregation's DOTS16 candidates at the default tile, per-head and paired (their unrolled and wide
     forms differ from these in structure only, which `test_untabled_tuning_candidates` checks in fp32),
-    beside the attention's DOTS16 candidate (both kernels' 16-bit dots in one run), bf16 at
-    GroupMixFormer-S's widths and C = 200, fp16 at C = 80. `compare` (the first, bf16 C = 80): also run
-    the default (TF32 dots), which must give another result."""
+    beside the attention's DOTS16 candidates (both kernels' 16-bit dots in one run), bf16 at
+    GroupMixFormer-S's widths and C = 200, fp16 at C = 80. Each aggregation candidate and each attention
+    candidate runs at least once, paired in turn (the two kernels share only their buffers, which no tile
+    choice changes: the product of the two lists, 42 cases, tested nothing more). `compare` (the first,
+    bf16 C = 80): also run the default (TF32 dots), which must give another result."""
     out = []
     cap = (9, 0)
     for dtype, widths in ((torch.bfloat16, sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200})),
@@ -608,9 +610,10 @@ def _dots16_candidates():
             default = launcher.aggregate_default(C, dtype, cap)
             aggs = [cfg for cfg in launcher.aggregate_candidates(C, dtype, cap)
                     if cfg["DOTS16"] and not cfg["UNROLL"] and cfg["BLOCK_P"] == default["BLOCK_P"]]
-            for agg in aggs:
-                tag = f"{agg['BLOCK_P']}-unroll{agg['UNROLL']}-pair{agg['PAIR']}-rows{agg['ROWS']}"
-                out += [pytest.param(dtype, C, agg, a, not out, id=f"{str(dtype)[6:]}-C{C}-{tag}") for a in attn]
+            for j in range(max(len(aggs), len(attn))):
+                agg, a = aggs[j % len(aggs)], attn[j % len(attn)]
+                tag = f"{agg['BLOCK_P']}-unroll{agg['UNROLL']}-pair{agg['PAIR']}-rows{agg['ROWS']}-attn{j % len(attn)}"
+                out.append(pytest.param(dtype, C, agg, a, not out, id=f"{str(dtype)[6:]}-C{C}-{j}-{tag}"))
     return out
 
 

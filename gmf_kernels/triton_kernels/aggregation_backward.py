@@ -252,6 +252,14 @@ def gma_pw_backward_kernel(G, Z, y1, y2, y3, pw, dy, part_gpw, coefs,
 
 
 @triton.jit
+def _rows_run(split, tiles_per_split, M, N, H, W, BLOCK_P: tl.constexpr):
+    """[t0, t1): program `split`'s run of the row tiles of the depthwise backward's walks (ROWS): I ceil(W /
+    BLOCK_P) H of them, I = M / N images, `tiles_per_split` a run."""
+    t0 = split * tiles_per_split
+    return t0, tl.minimum(t0 + tiles_per_split, (M // N) * tl.cdiv(W, BLOCK_P) * H)
+
+
+@triton.jit
 def _dw_backward_walk(dy_img, w, du_img, chan, c, cm, strip, ya, yb, H, W, stride_dc, stride_dn, s_pix,
                       KS: tl.constexpr, NC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                       EMULATE_STORES: tl.constexpr):
@@ -334,8 +342,7 @@ def gma_dw_backward_kernel(dy, w, du, M, N, H, W, KS, tiles_per_split,
     cm = c < NC
     R = KS // 2
     if ROWS:
-        t0 = split * tiles_per_split
-        t1 = tl.minimum(t0 + tiles_per_split, (M // N) * tl.cdiv(W, BLOCK_P) * H)      # I strips H row tiles
+        t0, t1 = _rows_run(split, tiles_per_split, M, N, H, W, BLOCK_P)
         _dw_backward_rows(dy, w, du, c, cm, t0, t1, H, W, KS, stride_db, stride_dc, stride_dn, img_group,
                           s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix, NC, BLOCK_C, BLOCK_P, EMULATE_STORES)
     else:
@@ -375,6 +382,23 @@ def _wgrad_tap(acc, dyt, u_row, row_ok, xx, W, cm, s_pix, dx):
 
 
 @triton.jit
+def _wgrad_taps(a0, a1, a2, a3, a4, a5, a6, dyt, u_row, row_ok, xx, W, cm, s_pix, KS: tl.constexpr):
+    """Tap row ky's KS products of a tile into a0 .. a6 (`_wgrad_tap` at column shifts -R .. R; u_row: u's
+    row ky - R above the tile's pixels)."""
+    R: tl.constexpr = KS // 2
+    a0 = _wgrad_tap(a0, dyt, u_row, row_ok, xx, W, cm, s_pix, 0 - R)
+    a1 = _wgrad_tap(a1, dyt, u_row, row_ok, xx, W, cm, s_pix, 1 - R)
+    a2 = _wgrad_tap(a2, dyt, u_row, row_ok, xx, W, cm, s_pix, 2 - R)
+    if KS > 3:
+        a3 = _wgrad_tap(a3, dyt, u_row, row_ok, xx, W, cm, s_pix, 3 - R)
+        a4 = _wgrad_tap(a4, dyt, u_row, row_ok, xx, W, cm, s_pix, 4 - R)
+    if KS > 5:
+        a5 = _wgrad_tap(a5, dyt, u_row, row_ok, xx, W, cm, s_pix, 5 - R)
+        a6 = _wgrad_tap(a6, dyt, u_row, row_ok, xx, W, cm, s_pix, 6 - R)
+    return a0, a1, a2, a3, a4, a5, a6
+
+
+@triton.jit
 def _wgrad_rows(dy, u, c, cm, ky, t, t1, H, W, stride_db, stride_dc, stride_dn,
                 u_img_group, u_s_img_group, u_s_img, u_ch_group, u_s_ch_group, u_s_ch, u_s_pix,
                 a0, a1, a2, a3, a4, a5, a6, KS: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -401,15 +425,7 @@ def _wgrad_rows(dy, u, c, cm, ky, t, t1, H, W, stride_db, stride_dc, stride_dn,
         while o < o1:
             dyt = tl.load(dy_img + ((o * W + x) * stride_dn)[None, :], mask=m2, other=0.0).to(tl.float32)
             u_row = u_img + (((o + ky - R) * W + x) * u_s_pix)[None, :]
-            a0 = _wgrad_tap(a0, dyt, u_row, pm, x, W, cm, u_s_pix, 0 - R)
-            a1 = _wgrad_tap(a1, dyt, u_row, pm, x, W, cm, u_s_pix, 1 - R)
-            a2 = _wgrad_tap(a2, dyt, u_row, pm, x, W, cm, u_s_pix, 2 - R)
-            if KS > 3:
-                a3 = _wgrad_tap(a3, dyt, u_row, pm, x, W, cm, u_s_pix, 3 - R)
-                a4 = _wgrad_tap(a4, dyt, u_row, pm, x, W, cm, u_s_pix, 4 - R)
-            if KS > 5:
-                a5 = _wgrad_tap(a5, dyt, u_row, pm, x, W, cm, u_s_pix, 5 - R)
-                a6 = _wgrad_tap(a6, dyt, u_row, pm, x, W, cm, u_s_pix, 6 - R)
+            a0, a1, a2, a3, a4, a5, a6 = _wgrad_taps(a0, a1, a2, a3, a4, a5, a6, dyt, u_row, pm, x, W, cm, u_s_pix, KS)
             o += 1
         t += yb - ya
     return a0, a1, a2, a3, a4, a5, a6
@@ -453,11 +469,10 @@ def gma_dw_wgrad_kernel(dy, u, part_gw, M, N, H, W, tiles_per_split,
     a5 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     a6 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     if ROWS:
-        t0 = split * tiles_per_split
+        t0, t1 = _rows_run(split, tiles_per_split, M, N, H, W, BLOCK_P)
         a0, a1, a2, a3, a4, a5, a6 = _wgrad_rows(
-            dy, u, c, cm, ky, t0, tl.minimum(t0 + tiles_per_split, (M // N) * tl.cdiv(W, BLOCK_P) * H), H, W,
-            stride_db, stride_dc, stride_dn, u_img_group, u_s_img_group, u_s_img, u_ch_group, u_s_ch_group, u_s_ch,
-            u_s_pix, a0, a1, a2, a3, a4, a5, a6, KS, BLOCK_P)
+            dy, u, c, cm, ky, t0, t1, H, W, stride_db, stride_dc, stride_dn, u_img_group, u_s_img_group, u_s_img,
+            u_ch_group, u_s_ch_group, u_s_ch, u_s_pix, a0, a1, a2, a3, a4, a5, a6, KS, BLOCK_P)
     else:
         t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
         while t < t1:
@@ -470,15 +485,8 @@ def gma_dw_wgrad_kernel(dy, u, part_gw, M, N, H, W, tiles_per_split,
             row_ok = pm & (sy >= 0) & (sy < H)
             u_row = u + _layout_offsets(img, n + (ky - R) * W, c, u_img_group, u_s_img_group, u_s_img, u_ch_group,
                                         u_s_ch_group, u_s_ch, u_s_pix)
-            a0 = _wgrad_tap(a0, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 0 - R)
-            a1 = _wgrad_tap(a1, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 1 - R)
-            a2 = _wgrad_tap(a2, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 2 - R)
-            if KS > 3:
-                a3 = _wgrad_tap(a3, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 3 - R)
-                a4 = _wgrad_tap(a4, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 4 - R)
-            if KS > 5:
-                a5 = _wgrad_tap(a5, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 5 - R)
-                a6 = _wgrad_tap(a6, dyt, u_row, row_ok, xx, W, cm, u_s_pix, 6 - R)
+            a0, a1, a2, a3, a4, a5, a6 = _wgrad_taps(a0, a1, a2, a3, a4, a5, a6, dyt, u_row, row_ok, xx, W, cm,
+                                                     u_s_pix, KS)
             t += 1
     nc_pad = tl.num_programs(1) * BLOCK_C
     dst = part_gw + (split * nc_pad + c) * TAPS_PAD + ky * KS
