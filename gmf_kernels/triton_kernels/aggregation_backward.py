@@ -128,6 +128,13 @@ def _flat_pixels(t, M, N, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _flat_tile(t, M, N, W, BLOCK_P: tl.constexpr):
+    """`_flat_pixels` of tile t with each pixel's row and column: image, token, validity, y, x."""
+    img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
+    return img, n, pm, n // W, n % W
+
+
+@triton.jit
 def _tile_range(split, tiles_per_split, M, BLOCK_P: tl.constexpr):
     """Tiles [t0, t1) of this split."""
     t0 = split * tiles_per_split
@@ -135,12 +142,30 @@ def _tile_range(split, tiles_per_split, M, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _grouped(i, group, s_group, s):
+    """Offset of image or channel i in a `Layout`: (i // group) s_group + (i % group) s."""
+    return (i // group) * s_group + (i % group) * s
+
+
+@triton.jit
 def _layout_offsets(img, n, c, img_group, s_img_group, s_img, ch_group, s_ch_group, s_ch, s_pix):
     """[channels, pixels] offsets of elements (image img, channel c, pixel n) in a `Layout` (a
     launcher's contiguous (I, NC, N) buffer, a strided image batch, or their places in qkv or in
     the qkv gradient)."""
-    pix = (img // img_group) * s_img_group + (img % img_group) * s_img + n * s_pix
-    return ((c // ch_group) * s_ch_group + (c % ch_group) * s_ch)[:, None] + pix[None, :]
+    pix = _grouped(img, img_group, s_img_group, s_img) + n * s_pix
+    return _grouped(c, ch_group, s_ch_group, s_ch)[:, None] + pix[None, :]
+
+
+@triton.jit
+def _image_piece(t, t1, H, W, BLOCK_P: tl.constexpr):
+    """The piece of a depthwise-backward walk's run [t, t1) of row tiles that starts at tile t (tile t: image
+    t // (ceil(W / BLOCK_P) H), then `_common.rows_piece` within the image): (image, strip, first row, end
+    row); the next piece starts at tile t + end - first."""
+    per_img = tl.cdiv(W, BLOCK_P) * H
+    img = t // per_img
+    r = t - img * per_img
+    strip, ya, yb = rows_piece(r, r + (t1 - t), H)
+    return img, strip, ya, yb
 
 
 @triton.jit
@@ -296,16 +321,13 @@ def _dw_backward_rows(dy, w, du, c, cm, t, t1, H, W, KS, stride_db, stride_dc, s
     """`gma_dw_backward_kernel` with ROWS: the program's row tiles [t, t1) (tile t: image t // (strips H),
     then strip, then row, as the forward's `aggregation._tile` with ROWS within an image), one walk per
     piece of (image, strip) its run covers (`_dw_backward_walk`, an instance per window)."""
-    per_img = tl.cdiv(W, BLOCK_P) * H
     # the output `Layout` as `_layout_offsets` reads it, split into the channels' offsets (once) and each
     # image's base (once per piece): its seven scalars live across the three walks spilled on sm_90
-    chan = (c // ch_group) * s_ch_group + (c % ch_group) * s_ch
+    chan = _grouped(c, ch_group, s_ch_group, s_ch)
     while t < t1:
-        img = t // per_img
-        r = t - img * per_img
-        strip, ya, yb = rows_piece(r, r + (t1 - t), H)
+        img, strip, ya, yb = _image_piece(t, t1, H, W, BLOCK_P)
         dy_img = dy + img.to(tl.int64) * stride_db
-        du_img = du + ((img // img_group) * s_img_group + (img % img_group) * s_img).to(tl.int64)
+        du_img = du + _grouped(img, img_group, s_img_group, s_img).to(tl.int64)
         if KS == 3:
             _dw_backward_walk(dy_img, w, du_img, chan, c, cm, strip, ya, yb, H, W, stride_dc, stride_dn, s_pix,
                               3, NC, BLOCK_C, BLOCK_P, EMULATE_STORES)
@@ -348,9 +370,7 @@ def gma_dw_backward_kernel(dy, w, du, M, N, H, W, KS, tiles_per_split,
     else:
         t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
         while t < t1:
-            img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
-            yy = n // W
-            xx = n % W
+            img, n, pm, yy, xx = _flat_tile(t, M, N, W, BLOCK_P)
             m2 = cm[:, None] & pm[None, :]
             dy0 = dy + c[:, None] * stride_dc + (img * stride_db + n * stride_dn)[None, :]    # dy at p itself
             acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
@@ -408,18 +428,15 @@ def _wgrad_rows(dy, u, c, cm, ky, t, t1, H, W, stride_db, stride_dc, stride_dn,
     columns and the KS column shifts' masks are the same on every row of a piece. Tap row ky's KS products
     go into a0 .. a6 ([channels, strip columns]), returned."""
     R: tl.constexpr = KS // 2
-    per_img = tl.cdiv(W, BLOCK_P) * H
-    chan_u = (c // u_ch_group) * u_s_ch_group + (c % u_ch_group) * u_s_ch      # u's channels, once
+    chan_u = _grouped(c, u_ch_group, u_s_ch_group, u_s_ch)      # u's channels, once
     chan_dy = c * stride_dc
     while t < t1:
-        img = t // per_img
-        r = t - img * per_img
-        strip, ya, yb = rows_piece(r, r + (t1 - t), H)
+        img, strip, ya, yb = _image_piece(t, t1, H, W, BLOCK_P)
         x = strip * BLOCK_P + tl.arange(0, BLOCK_P)
         pm = x < W
         m2 = cm[:, None] & pm[None, :]
         dy_img = dy + img.to(tl.int64) * stride_db + chan_dy[:, None]
-        u_img = u + ((img // u_img_group) * u_s_img_group + (img % u_img_group) * u_s_img).to(tl.int64) + chan_u[:, None]
+        u_img = u + _grouped(img, u_img_group, u_s_img_group, u_s_img).to(tl.int64) + chan_u[:, None]
         o = tl.maximum(ya, R - ky)                       # u's row o + ky - R within [0, H)
         o1 = tl.minimum(yb, H + R - ky)
         while o < o1:
@@ -476,9 +493,7 @@ def gma_dw_wgrad_kernel(dy, u, part_gw, M, N, H, W, tiles_per_split,
     else:
         t, t1 = _tile_range(split, tiles_per_split, M, BLOCK_P)
         while t < t1:
-            img, n, pm = _flat_pixels(t, M, N, BLOCK_P)
-            yy = n // W
-            xx = n % W
+            img, n, pm, yy, xx = _flat_tile(t, M, N, W, BLOCK_P)
             dyt = tl.load(dy + c[:, None] * stride_dc + (img * stride_db + n * stride_dn)[None, :],
                           mask=cm[:, None] & pm[None, :], other=0.0).to(tl.float32)
             sy = yy + (ky - R)                                   # u's row for tap row ky

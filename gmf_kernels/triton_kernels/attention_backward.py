@@ -236,6 +236,22 @@ def gma_b2_attention_kernel(da, v, r, kv, dkv, k_max, k_sum, dq, dk, dv, dr, zq,
 
 
 @triton.jit
+def _bn_channels(bn_scale, bn_shift, mean, rstd, ch, cmask, D_PAD: tl.constexpr, FUSE_BN: tl.constexpr):
+    """The CRPE backward's BatchNorm per channel ch ([D_PAD] each: scale, shift, mean, rstd), zeros when
+    FUSE_BN is off (unread then)."""
+    a = tl.zeros([D_PAD], dtype=tl.float32)
+    bb = a
+    mu = a
+    rs = a
+    if FUSE_BN:
+        a = tl.load(bn_scale + ch, mask=cmask, other=0.0)
+        bb = tl.load(bn_shift + ch, mask=cmask, other=0.0)
+        mu = tl.load(mean + ch, mask=cmask, other=0.0)
+        rs = tl.load(rstd + ch, mask=cmask, other=0.0)
+    return a, bb, mu, rs
+
+
+@triton.jit
 def _crpe_dv_epilogue(dv_t, z_ptr, m2, a, bb, mu, rs, s_g, s_gz, s_gzh, FUSE_BN: tl.constexpr):
     """The CRPE backward's complete dV of a tile (the attention part plus the CRPE input gradient, fp32):
     with FUSE_BN, G = dV hardswish'(Zv a + b) (Z loaded at z_ptr) and its BatchNorm sums' per-element
@@ -350,28 +366,19 @@ def gma_b2_crpe_kernel(dr, dv, crpe_w3, crpe_w5, crpe_w7, part_b, zv, bn_scale, 
     dr_h = dr + base
     dv_h = dv + base
     prow = (b * SPLITS + split) * CP + head * D + c
+    a, bb, mu, rs = _bn_channels(bn_scale, bn_shift, mean, rstd, head * D + c, cmask, D_PAD, FUSE_BN)
     if ROWS:
         t0 = split * tiles_per_split
         t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(W, BLOCK_P) * H)
-        a = tl.zeros([1, D_PAD], dtype=tl.float32)      # the BatchNorm's, [1, D_PAD] (FUSE_BN)
-        bb = a
-        mu = a
-        rs = a
-        if FUSE_BN:
-            ch = head * D + c
-            a = tl.load(bn_scale + ch, mask=cmask, other=0.0)[None, :]
-            bb = tl.load(bn_shift + ch, mask=cmask, other=0.0)[None, :]
-            mu = tl.load(mean + ch, mask=cmask, other=0.0)[None, :]
-            rs = tl.load(rstd + ch, mask=cmask, other=0.0)[None, :]
         gb, s_g, s_gz, s_gzh = _crpe_backward_rows(dr_h, dv_h, zv + base, crpe_w3, crpe_w5, crpe_w7, head, c, cmask,
-                                                   t0, t1, N, H, W, a, bb, mu, rs, D, D_PAD, BLOCK_P, EMULATE_STORES,
-                                                   FUSE_BN)
+                                                   t0, t1, N, H, W, a[None, :], bb[None, :], mu[None, :], rs[None, :],
+                                                   D, D_PAD, BLOCK_P, EMULATE_STORES, FUSE_BN)
         sum_axis: tl.constexpr = 0
     else:
         sum_axis: tl.constexpr = 1
-        gb, s_g, s_gz, s_gzh = _crpe_backward_tiles(dr_h, dv_h, zv + base, crpe_w3, crpe_w5, crpe_w7, bn_scale,
-                                                    bn_shift, mean, rstd, head, c, cmask, split, tiles_per_split,
-                                                    N, H, W, D, D_PAD, BLOCK_P, EMULATE_STORES, FUSE_BN)
+        gb, s_g, s_gz, s_gzh = _crpe_backward_tiles(dr_h, dv_h, zv + base, crpe_w3, crpe_w5, crpe_w7, a[:, None],
+                                                    bb[:, None], mu[:, None], rs[:, None], head, c, cmask, split,
+                                                    tiles_per_split, N, H, W, D, D_PAD, BLOCK_P, EMULATE_STORES, FUSE_BN)
     tl.store(part_b + prow, tl.sum(gb, axis=sum_axis), mask=cmask)
     if FUSE_BN:
         row = part_bn + (b * SPLITS + split) * (3 * CP) + head * D + c
@@ -382,11 +389,12 @@ def gma_b2_crpe_kernel(dr, dv, crpe_w3, crpe_w5, crpe_w7, part_b, zv, bn_scale, 
 
 
 @triton.jit
-def _crpe_backward_tiles(dr_h, dv_h, zv_h, crpe_w3, crpe_w5, crpe_w7, bn_scale, bn_shift, mean, rstd, head, c, cmask,
+def _crpe_backward_tiles(dr_h, dv_h, zv_h, crpe_w3, crpe_w5, crpe_w7, a, bb, mu, rs, head, c, cmask,
                          split, tiles_per_split, N, H, W, D: tl.constexpr, D_PAD: tl.constexpr,
                          BLOCK_P: tl.constexpr, EMULATE_STORES: tl.constexpr, FUSE_BN: tl.constexpr):
     """`gma_b2_crpe_kernel`'s token tiles [D_PAD, BLOCK_P] (channels x tokens) of its split, one KS x KS tap
-    loop per tile; returns the per-element sums (bias, and with FUSE_BN the BatchNorm's three)."""
+    loop per tile (a, bb, mu, rs: the BatchNorm's per channel, [D_PAD, 1]); returns the per-element sums
+    (bias, and with FUSE_BN the BatchNorm's three)."""
     ks, first, crpe_w, group_heads = crpe_group(head, crpe_w3, crpe_w5, crpe_w7)
     R = ks // 2
     last = ks * ks - 1
@@ -399,16 +407,6 @@ def _crpe_backward_tiles(dr_h, dv_h, zv_h, crpe_w3, crpe_w5, crpe_w7, bn_scale, 
     s_g = gb
     s_gz = gb
     s_gzh = gb
-    a = tl.zeros([D_PAD, 1], dtype=tl.float32)          # the BatchNorm's, [D_PAD, 1] (FUSE_BN)
-    bb = a
-    mu = a
-    rs = a
-    if FUSE_BN:
-        ch = head * D + c
-        a = tl.load(bn_scale + ch, mask=cmask, other=0.0)[:, None]
-        bb = tl.load(bn_shift + ch, mask=cmask, other=0.0)[:, None]
-        mu = tl.load(mean + ch, mask=cmask, other=0.0)[:, None]
-        rs = tl.load(rstd + ch, mask=cmask, other=0.0)[:, None]
     t = t0
     while t < t1:                                       # [D_PAD, BLOCK_P] tiles: channels x tokens
         n = t * BLOCK_P + tl.arange(0, BLOCK_P)
