@@ -205,8 +205,8 @@ def test_attention_backward_costs_by_hand(dtype, e, prec):
     """The training kernels' cost models as the Triton stage set runs them: Z, V, R and the
     gradients stage tensors in the layer's dtype (`config.stage_dtype`), dA too, the dots the
     layer dtype's."""
-    from gmf_kernels.triton_kernels.attention_backward import _split_plan
-    from gmf_kernels.triton_kernels.config import B1_TILES, B2_TILES, crpe_bwd_tiles
+    from gmf_kernels.triton_kernels.attention_backward import _split_plan, crpe_gpu_tile, crpe_rows_plan
+    from gmf_kernels.triton_kernels.config import B1_TILES, B2_TILES
     B, H, W, C = 2, 56, 56, 80
     N, cp, d = H * W, 64, 8
     splits_b1 = _split_plan(N, B, B1_TILES[16][0])[0]
@@ -219,7 +219,9 @@ def test_attention_backward_costs_by_hand(dtype, e, prec):
                         + 2 * B * N * cp * e + B * tiles * 2 * 3 * cp * 4 + 4 * cp * 4)    # + the fused BatchNorm
     assert b2.tc_flops == 3 * 2 * B * N * cp * d and b2.tc_precision == prec
     crpe = triton_costs.cost("b2_crpe", B, H, W, C, dtype)
-    splits_c = _split_plan(N, B, crpe_bwd_tiles(prec)[16][0])[0]
+    bc, _, walk = crpe_gpu_tile(d, prec)             # the GPU default at D_PAD 16: a row walk
+    assert walk
+    splits_c = crpe_rows_plan(H, W, B, bc)[0]
     _, attn_w = weights_floats(C)
     # dR read, dV read and written, Z of v read, the BatchNorm sums' and the bias gradient's partials, the
     # BatchNorm vectors, the CRPE weights; the weight gradient is gma_dw_wgrad_kernel's

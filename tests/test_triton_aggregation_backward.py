@@ -22,7 +22,7 @@ The ahead-of-time check compiles every new kernel at the specialisation of a rea
 subprocess without TRITON_INTERPRET (as tests/test_triton_compile.py does) and asserts zero
 register spills (ptxas -v).
 
-The depthwise input gradient's row walks (DW_ROWS, a "triton.backward" tuning candidate): against the
+The depthwise input gradient's row walks (DW_ROWS, the GPU default of "triton.backward"): against the
 float64 adjoint into a buffer and into the qkv gradient's places, with runs that end inside a strip and
 cross strips and images; their launches compiled for sm_90 without a spill.
 """
@@ -454,7 +454,7 @@ def test_depthwise_backward_programs_over_many_tiles(k):
         assert err < 1e-6, f"{name} {k}x{k}: {err:.2e}"
 
 
-#: the row walks of the input gradient (DW_ROWS, a "triton.backward" candidate): 16-column strips (the
+#: the row walks of the input gradient (DW_ROWS, the GPU default of "triton.backward"): 16-column strips (the
 #: smallest a GPU's tiles take) of a 20-wide grid (16 + 4: a ragged strip), 9 rows, 3 images: 54 row tiles
 #: cut into runs of 5-7 rows (runs end inside a strip and cross strips and images), a partly masked channel
 #: block
@@ -543,8 +543,8 @@ print(json.dumps(out))
 
 
 def test_dw_rows_candidates_compile_without_spills_on_sm90(tmp_path):
-    """Every launch of `gma_dw_backward_kernel` and `gma_dw_wgrad_kernel` that a `DW_ROWS_TILES` candidate
-    makes in a training step's backward (C = 160 28x28 B = 128 fp16: B3's segments into the qkv gradient, the
+    """Every launch of `gma_dw_backward_kernel` and `gma_dw_wgrad_kernel` that a `DW_ROWS_TILES` tile (the first is
+    the GPU default) makes in a training step's backward (C = 160 28x28 B = 128 fp16: B3's segments into the qkv gradient, the
     local branch's, the CRPE's weight gradients), compiled
     for sm_90: ROWS in the specialisation, no spill (a first version of the walk spilled on sm_90 at every
     tile; the tuner would refuse such a candidate on the GPU)."""

@@ -194,7 +194,8 @@ CRPE_ROWS_CASES = [(40, (9, 21), 2, (16, 4, 1), "batch"), (80, (5, 7), 1, (16, 4
 @pytest.mark.parametrize("C, grid, B, tile, bn", CRPE_ROWS_CASES,
                          ids=[f"C{c}-{h}x{w}-B{b}-{t[0]}-{bn}" for c, (h, w), b, t, bn in CRPE_ROWS_CASES])
 def test_crpe_row_walks(C, grid, B, tile, bn):
-    """The CRPE backward's row walks (`gma_b2_crpe_kernel` with ROWS, the "triton.b2_crpe" candidates):
+    """The CRPE backward's row walks (`gma_b2_crpe_kernel` with ROWS: the GPU default at D_PAD 16, elsewhere
+    "triton.b2_crpe" candidates):
     dV (or G), the bias gradient and the fused BatchNorm's sums against float64 under the rule, and the
     runs as planned (`crpe_rows_plan`: at least 7 rows, crossing strips)."""
     H, W = grid

@@ -215,8 +215,8 @@ def test_statistics_row_walks_free_of_hazards(monkeypatch):
 
 
 def test_depthwise_backward_row_walks_free_of_hazards():
-    """The depthwise input gradient's row-walk candidate (DW_ROWS, "triton.backward"; the cases above run
-    the default tiles), into the qkv gradient's places as B3 launches it: 20 columns in strips of 16 and 4,
+    """The depthwise input gradient's row walk (DW_ROWS, the GPU default of "triton.backward"; the cases above
+    run the interpreter's tile kernels), into the qkv gradient's places as B3 launches it: 20 columns in strips of 16 and 4,
     9 rows, 3 images, runs of 7 rows that end inside a strip and cross strips and images, two channel
     blocks. Also checked as if without barriers."""
     import gmf_kernels.triton_kernels.aggregation_backward as agb

@@ -207,6 +207,29 @@ def test_train_families_default_to_the_module_tiles(cap, dtype, monkeypatch):
             assert tuple(cands[0].values()) == tuple(_module_tile(fam, C, 3136, prec, monkeypatch)), (fam, C)
 
 
+@pytest.mark.parametrize("cap", [(9, 0), (8, 0), (7, 5)])
+def test_backward_walk_defaults_keep_the_tile_kernels_as_candidates(cap):
+    """The stencil backward's row walks as defaults (2026-12-05): the depthwise input and weight gradients'
+    (`DW_ROWS_DEFAULT`) at every width the backward kernels take, the CRPE input gradient's at D_PAD 16 but
+    C = 40 (`CRPE_ROWS_DEFAULT`, `CRPE_ROWS_DEFAULT_MIN_D`: the walk spilled 4 B there on sm_80), where the
+    tile kernel stays the default; and wherever a walk is the default, the tile kernel is among the
+    candidates (`DW_ROWS` 0, `ROWS` 0), so that a lent GPU's tune can still prefer it."""
+    st, rcp, ab, agb, _ = _train_modules()
+    from gmf_kernels.triton_kernels.config import dot_pad
+    for C in WIDTHS:
+        for dtype in (torch.float32, torch.float16):
+            bw = tuning.spaces()[agb.BACKWARD_FAMILY].candidates(C, dtype, cap)
+            crpe = tuning.spaces()[ab.CRPE_FAMILY].candidates(C, dtype, cap)
+            if not bw:                                  # the PyTorch backward stages at this width and GPU
+                continue
+            assert bw[0]["DW_ROWS"] == agb.DW_ROWS_DEFAULT == 16, (C, bw[0])
+            assert any(c["DW_ROWS"] == 0 for c in bw[1:]), (C, bw)
+            walk = dot_pad(C // 10) == 16 and C // 10 >= 8
+            assert crpe[0]["ROWS"] == int(walk), (C, crpe[0])
+            assert any(c["ROWS"] == 1 - int(walk) for c in crpe[1:]), (C, crpe)
+            if walk:
+                assert tuple(crpe[0].values()) == ab.CRPE_ROWS_DEFAULT[16], (C, crpe[0])
+
 def test_train_tiles_come_from_the_table(table_dir, monkeypatch):
     """`tile_spaces.tuned_tiles`: the table's entry for (GPU, C, dtype), else the default; None on
     the CPU and under the interpreter (the modules' own tiles)."""

@@ -43,8 +43,8 @@ kernels themselves (attention_backward.py, FUSE_BN): dP is never written.
   with shared-memory round trips (the cross-warp sum). Split: the input gradient's tap is ~95
   instructions with no barrier, the weight gradient's ~20 per element and tap (7x7; its tile
   index arithmetic is paid per tap row, not per tap), the barriers once per program. Compiler
-  figures, not timings. The input gradient can walk rows instead (DW_ROWS, a tuning candidate,
-  `DW_ROWS_TILES`; `_dw_backward_rows`): the forward stencil of dy with the filter turned half a turn,
+  figures, not timings. On a GPU both walk rows by default since 2026-12-05 (DW_ROWS, `DW_ROWS_DEFAULT`;
+  the tile kernels stay tuning candidates; `_dw_backward_rows`): the forward stencil of dy with the filter turned half a turn,
   each dy row read once per walk as its KS column shifts into KS rolling accumulators, 4.3-7.2
   instructions per FFMA in its loop against the tap's 13.3 (sm_90, fp16).
 * `gma_local_backward_kernel` (`local_backward`): hardswish and LayerNorm backward per pixel
@@ -356,7 +356,7 @@ def gma_dw_backward_kernel(dy, w, du, M, N, H, W, KS, tiles_per_split,
     gradient, in its dtype, rounded as `stored` does: EMULATE_STORES under the interpreter). The
     taps are runtime loops (one instance serves every KS; see `depthwise_tile`); a tap is one
     weight load, one shifted dy load and one multiply-add per element, nothing reduced across
-    threads. ROWS (the "triton.backward" family's DW_ROWS knob: a tuning candidate): the tiles are rows of
+    threads. ROWS (the "triton.backward" family's DW_ROWS knob: the GPU default): the tiles are rows of
     BLOCK_P-column strips of each image (I ceil(W / BLOCK_P) H of them, `tiles_per_split` a run) walked
     down their strip (`_dw_backward_rows`): each dy element loaded KS times instead of KS x KS."""
     split = tl.program_id(0)
@@ -469,7 +469,7 @@ def gma_dw_wgrad_kernel(dy, u, part_gw, M, N, H, W, tiles_per_split,
     channel, pixel), u: a `Layout` (u_img_group .. u_s_pix), both in a stage dtype (widened on load).
     Bytes: dy once and u once per tap row (KS times, the kx shifts from L1), so KS (dy, u) reads
     per element against KS^2 multiply-adds: L2-bandwidth bound at 7x7 at most. ROWS (with the "triton.backward"
-    family's DW_ROWS, as the input gradient's walk: a tuning candidate): the tiles are rows of BLOCK_P-column
+    family's DW_ROWS, as the input gradient's walk: the GPU default): the tiles are rows of BLOCK_P-column
     strips of each image (I ceil(W / BLOCK_P) H of them, `tiles_per_split` a run), walked down their strip
     (`_wgrad_rows`): no per-tile pixel decode, row mask or layout arithmetic, only the loads, the shifts'
     column masks and the multiply-adds per row."""
@@ -662,8 +662,9 @@ class BackwardTiles:
 
     DW_ROWS: 0, or the strip width in columns of the depthwise backward's row walks (ROWS): the input
     gradient's (`gma_dw_backward_kernel`, tiles [DW_ROWS pixels of one row, BLOCK_C channels]) and the weight
-    gradient's (`gma_dw_wgrad_kernel`, tiles [BLOCK_C channels, DW_ROWS pixels of one row]), WARPS warps: a
-    tuning candidate (`DW_ROWS_TILES`; one knob for both, so the family keeps its six candidates)."""
+    gradient's (`gma_dw_wgrad_kernel`, tiles [BLOCK_C channels, DW_ROWS pixels of one row]), WARPS warps; one
+    knob for both, so the family keeps its six candidates. The GPU default is `DW_ROWS_DEFAULT` (a field
+    default of 0, the tile kernels: the interpreter's tiles and the tile-kernel candidates)."""
     BLOCK_C: int
     BLOCK_P: int
     WARPS: int
@@ -697,12 +698,21 @@ def backward_tiles(S_PAD: int, M: int) -> BackwardTiles:
     return gpu_backward_tiles(S_PAD)
 
 
+#: The depthwise backward's default on a GPU since 2026-12-05: the row walks (DW_ROWS) down 16-column strips,
+#: the input gradient's and the weight gradient's (`DW_ROWS_TILES`' first; the tile kernels are tuning
+#: candidates now, `_search`). Not timed: chosen from the compiled code, where the walks issue a half to a
+#: third of the tile kernels' instructions per multiply-add at an occupancy no lower than 3 CTAs of 8 warps
+#: per SM (docs/performance.md, "The depthwise backward walks rows by default"). 16 columns rather than 32:
+#: 14-column rows (C = 320, 14x14) fill 7/8 of a 16-column strip and 7/16 of a 32-column one.
+DW_ROWS_DEFAULT = 16
+
+
 def gpu_backward_tiles(S_PAD: int) -> BackwardTiles:
     """The GPU tiles (the default of the "triton.backward" tuning family)."""
     # 16-channel blocks of the pointwise / local kernels at S_PAD 128: the local kernel spilled 16 B
     # on sm_80 with 32 (C = 480); 2048 = 16 x 128 (sm_80/90, ptxas: 252-255 registers, no spill)
     return BackwardTiles(BLOCK_C=16, BLOCK_P=128, WARPS=8, PW_BLOCK_P=16, PW_WARPS=8,
-                         PW_TILE_ELEMS=64 * 64 if S_PAD <= 64 else 16 * 128)
+                         PW_TILE_ELEMS=64 * 64 if S_PAD <= 64 else 16 * 128, DW_ROWS=DW_ROWS_DEFAULT)
 
 
 def split_plan(M: int, block_p: int, other_programs: int, target_programs: int) -> Tuple[int, int]:
@@ -1055,17 +1065,18 @@ def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_q
 
 
 BACKWARD_FAMILY = "triton.backward"
-#: Further tiles the tuner tries (BLOCK_C, BLOCK_P, num_warps, PW_BLOCK_P, PW_WARPS, PW_TILE_ELEMS; DW_ROWS 0):
-#: the stencils' [channels, pixels] tile and the channel-mix kernels' pixels and channel block
+#: Further tiles the tuner tries (BLOCK_C, BLOCK_P, num_warps, PW_BLOCK_P, PW_WARPS, PW_TILE_ELEMS; DW_ROWS 0:
+#: the depthwise tile kernels, the first of them at the default's other tiles, so that the tuner compares the
+#: walks with the tile kernels alone): the stencils' [channels, pixels] tile and the channel-mix kernels' pixels and channel block
 #: (benchmarks/tune.py --train refuses one that spills at the call's width). AOT sweep of the candidates (2026-12-02, `specializations.candidate_specializations`: GroupMixFormer-S's real calls at batch 128, fp32 and bf16, sm_90),
 #: the channel-mix kernels: 32-pixel tiles (PW_BLOCK_P 32, 8 warps, 2048-element blocks) spilled
 #: 80 B at C = 320 and 12 B (local) at C = 80, so they are not listed; 4 warps at 16 pixels none
 #: (254 registers); the others the default's (at most 210).
 TILE_SEARCH = ((16, 128, 8, 16, 8, 64 * 64), (16, 64, 4, 16, 8, 64 * 64), (32, 64, 8, 16, 8, 64 * 64),
                (16, 128, 8, 16, 4, 32 * 64), (16, 256, 8, 16, 8, 64 * 64))
-#: The input gradient's row walks (`gma_dw_backward_kernel` with ROWS): the default's tiles with strips of
-#: DW_ROWS columns ([16 or 32 pixels of a row, 16 channels] at 8 warps), every other kernel of the family at
-#: the default's tiles, so that the tuner compares the walk alone. AOT compile (2026-12-05, Triton 3.6, ptxas;
+#: The depthwise backward's row walks (`gma_dw_backward_kernel` and `gma_dw_wgrad_kernel` with ROWS): strips
+#: of DW_ROWS columns ([16 or 32 pixels of a row, 16 channels] at 8 warps), every other kernel of the family at
+#: the default's tiles; the first is the default (`DW_ROWS_DEFAULT`). AOT compile (2026-12-05, Triton 3.6, ptxas;
 #: GroupMixFormer-S's widths at batch 128, fp16 and fp32 layers, every launch of the kernel: B3's segments
 #: into the qkv gradient and the local branch's, sm_80 and sm_90): no spill, 63-80 registers. sm_90 SASS,
 #: fp16, the walk's loop per input row: 4.3-4.4 instructions per FFMA at 7x7, 4.9-5.2 at 5x5, 6.7-7.2 at 3x3,
@@ -1090,14 +1101,15 @@ WIDE_PW_TILE = (16, 128, 8, 64, 8, 64 * 64)
 
 
 def _search(C: int, precision: str) -> List[Tuple[int, ...]]:
-    """`WIDE_PW_TILE` where it compiles without spilling, `DW_ROWS_TILES`, then TILE_SEARCH, each with the
-    channel-mix block of the default at S_PAD 128 (16 x 128) (the family keeps `tile_spaces.MAX_CANDIDATES`:
-    the first ones)."""
+    """`WIDE_PW_TILE` (with the default's walks) where it compiles without spilling, `DW_ROWS_TILES` (the first
+    is the default, dropped as a duplicate by `register_tiles`), then TILE_SEARCH (the tile kernels), each with
+    the channel-mix block of the default at S_PAD 128 (16 x 128) (the family keeps
+    `tile_spaces.MAX_CANDIDATES`: the first ones)."""
     s_pad = dot_pad(C // 5)
     wide = s_pad > 64
     out = []
     if (s_pad <= 16 and precision in ("tf32", "tf32x3")) or (s_pad == 32 and precision == "tf32"):   # sm_80+
-        out.append(WIDE_PW_TILE + (0,))
+        out.append(WIDE_PW_TILE + (DW_ROWS_DEFAULT,))
     out += [t[:5] + (min(t[5], 16 * 128),) + t[6:] if wide else t for t in DW_ROWS_TILES]
     out += [t[:5] + (min(t[5], 16 * 128), 0) if wide else t + (0,) for t in TILE_SEARCH]
     return out

@@ -78,8 +78,8 @@ Kernels (per head h, d = C'/8 channels, N = H*W tokens; e = the stage tensors' e
   flops per 12 bytes (fp32), 5 flop per byte, below the fp32 FMA ridge (about 20 on H100):
   HBM-bound. Its taps are a runtime loop, each iteration a shifted load with its address and mask
   arithmetic (sm_90 SASS, fp16: 44 instructions for 4 FFMA at C = 160, 78 for 8 at C = 320). With
-  ROWS (a tuning candidate, `CRPE_ROWS_TILES`; not timed) a program walks runs of rows of
-  BLOCK_P-column strips instead (`_crpe_backward_walk`, the forward's row walk of dR with the filter
+  ROWS (the GPU default at D_PAD 16, `CRPE_ROWS_DEFAULT`; elsewhere a tuning candidate, `CRPE_ROWS_TILES`;
+  not timed) a program walks runs of rows of BLOCK_P-column strips instead (`_crpe_backward_walk`, the forward's row walk of dR with the filter
   turned half a turn): KS independent loads per input row, the taps unrolled per window, the same
   bytes (compiler figures in docs/performance.md).
 
@@ -352,7 +352,8 @@ def gma_b2_crpe_kernel(dr, dv, crpe_w3, crpe_w5, crpe_w7, part_b, zv, bn_scale, 
     (b, split) this program's sums over its tokens, as the attention kernel's (`gma_b2_attention_kernel`).
     The taps are runtime loops for the reasons given in `_common.depthwise_tile`.
 
-    ROWS (the "triton.b2_crpe" family's knob: a tuning candidate, `CRPE_ROWS_TILES`): the program's tiles
+    ROWS (the "triton.b2_crpe" family's knob: the GPU default at D_PAD 16, `crpe_gpu_tile`; a tuning
+    candidate elsewhere, `CRPE_ROWS_TILES`): the program's tiles
     are rows of BLOCK_P-column strips of its head and image (ceil(W / BLOCK_P) H of them, `tiles_per_split`
     a run, `crpe_rows_plan`), walked down their strip (`_crpe_backward_rows`): each dR element loaded KS
     times (and once more for the bias gradient) instead of KS x KS, the taps unrolled per window."""
@@ -461,10 +462,33 @@ def _tile(table: Dict[int, Tuple[int, int]], d: int, N: int, block: int = 0) -> 
 
 def _crpe_tile(tile: Optional[Tuple[int, ...]], d: int, N: int, block: int, precision: str) -> Tuple[int, int, int]:
     """(tokens per tile or strip columns, num_warps, ROWS) of the CRPE backward: a "triton.b2_crpe" tile
-    (ROWS 0 where the tuple stops before it), else `_tile`'s of `config.crpe_bwd_tiles`."""
+    (ROWS 0 where the tuple stops before it), else the GPU default (`crpe_gpu_tile`), or under the interpreter
+    or with a `block` `_tile`'s of `config.crpe_bwd_tiles` (the tile kernel)."""
     if tile:
         return int(tile[0]), int(tile[1]), int(tile[2]) if len(tile) > 2 else 0
-    return _tile(crpe_bwd_tiles(precision), d, N, block) + (0,)
+    if block or interpreting():
+        return _tile(crpe_bwd_tiles(precision), d, N, block) + (0,)
+    return crpe_gpu_tile(d, precision)
+
+
+#: The CRPE backward's default on a GPU where it is a row walk (ROWS), by D_PAD, since 2026-12-05: at D_PAD 16
+#: (C = 80, 160) (16, 4) issues about half the tile kernel's instructions per element (sm_90 SASS, fp16: ~190
+#: against ~400 at C = 160) at 32 warps per SM or more where the tile kernel had as many (61-80 registers at 4
+#: warps against the tile kernel's 48-110 at 8 on sm_80/90: 24 warps against 16 at C = 160, 32 against 32-40
+#: at C = 80; sm_75 70-80 against 115-161 at 4 warps). Not at d < `CRPE_ROWS_DEFAULT_MIN_D` (C = 40: 4 B spilled on sm_80), nor at D_PAD
+#: 32 and 64, where the walk holds more registers than the tile kernel (116-158 against 107-154 at C = 200-320)
+#: or spills ((16, 8) at C = 200 / 240 fp32 on sm_80): there the walks stay tuning candidates. Not timed.
+CRPE_ROWS_DEFAULT: Dict[int, Tuple[int, int, int]] = {16: (16, 4, 1)}
+CRPE_ROWS_DEFAULT_MIN_D = 8
+
+
+def crpe_gpu_tile(d: int, precision: str) -> Tuple[int, int, int]:
+    """The CRPE backward's GPU default (tokens per tile or strip columns, num_warps, ROWS) for heads of d
+    channels: `CRPE_ROWS_DEFAULT`'s row walk where it applies, else the tile kernel's `config.crpe_bwd_tiles`."""
+    dp = dot_pad(d)
+    if dp in CRPE_ROWS_DEFAULT and d >= CRPE_ROWS_DEFAULT_MIN_D:
+        return CRPE_ROWS_DEFAULT[dp]
+    return crpe_bwd_tiles(precision)[dp] + (0,)
 
 
 #: ROWS: runs of at least this many rows (or H), the widest window's: a run re-reads R rows above and below
@@ -663,11 +687,13 @@ CRPE_ROWS_TILES: Dict[int, Tuple[Tuple[int, int, int], ...]] = {16: ((16, 4, 1),
 
 
 def _crpe_search(C: int, precision: str) -> List[Tuple[int, ...]]:
-    """`CRPE_ROWS_TILES` of the width's D_PAD, then TILE_SEARCH's token tiles (the family keeps
+    """`CRPE_ROWS_TILES` of the width's D_PAD, the tile kernel at `config.crpe_bwd_tiles`' tile, then
+    TILE_SEARCH's token tiles (the default, `crpe_gpu_tile`, dropped where it recurs; the family keeps
     `tile_spaces.MAX_CANDIDATES`: the first ones)."""
-    return list(CRPE_ROWS_TILES.get(dot_pad(C // 10), ())) + [t + (0,) for t in TILE_SEARCH]
+    dp = dot_pad(C // 10)
+    return (list(CRPE_ROWS_TILES.get(dp, ())) + [crpe_bwd_tiles(precision)[dp] + (0,)]
+            + [t + (0,) for t in TILE_SEARCH])
 
 
-register_tiles(CRPE_FAMILY, ("BLOCK_P", "num_warps", "ROWS"),
-               lambda C, p: crpe_bwd_tiles(p)[dot_pad(C // 10)] + (0,), _crpe_search,
-               [gma_b2_crpe_kernel])
+register_tiles(CRPE_FAMILY, ("BLOCK_P", "num_warps", "ROWS"), lambda C, p: crpe_gpu_tile(C // 10, p),
+               _crpe_search, [gma_b2_crpe_kernel])

@@ -335,11 +335,12 @@ def _b2_crpe(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
     (B SPLITS C' x 4), the CRPE weights read. cuda: a multiply-add per tap for the input gradient,
     240 d MACs per token (`CRPE_TAPS_PER_D`); no tensor-core work. The weight gradient is
     `gma_dw_wgrad_kernel`'s (`aggregation_backward_costs`)."""
-    from .config import crpe_bwd_tiles
+    from .attention_backward import crpe_gpu_tile, crpe_rows_plan
     N = H * W
     e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
-    bp, warps, splits, _ = _backward_plan(N, B, crpe_bwd_tiles(prec), sh, True)
+    bp, warps, rows = crpe_gpu_tile(d, prec)      # the GPU default: a row walk at D_PAD 16, else the tile kernel
+    splits = crpe_rows_plan(H, W, B, bp)[0] if rows else _backward_plan(N, B, {sh.D_PAD: (bp, warps)}, sh, True)[2]
     wb = _weights_bytes(sh.C)
     detail = {"dr_read": B * N * cp * e, "dv_read_write": 2 * B * N * cp * e,
               "partials_write": B * splits * cp * 4, "z_read": B * N * cp * e,
