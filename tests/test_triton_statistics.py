@@ -625,14 +625,18 @@ def test_rows_walk_matches_float64_and_the_tile_kernel(C, grid, B, dtype, tiles,
 
 def test_rows_candidates_and_refusals():
     """The row walks are "triton.statistics" candidates right after the default where the statistics
-    pass's tiles are PAIR's (C = 80, 160, 320 with tensor-core dots), none elsewhere; a ROWS launch is
-    refused where it does not apply (no PAIR, the recompute kernel) and for a plan of the other tiling."""
+    pass's tiles are PAIR's (C = 80, 160, 320 with tensor-core dots), none elsewhere, and the GPU default at
+    C = 320 (`STATS_ROWS_DEFAULT`), where the tile kernel's default tile follows them among the candidates;
+    a ROWS launch is refused where it does not apply (no PAIR, the recompute kernel) and for a plan of the
+    other tiling."""
     for C in (80, 160, 320):
         cands = st.stats_candidates(C, "tf32x3")
         n_rows = len(st.STATS_ROWS_TILES[C // 5])
         assert all(t[3] == 1 and t[2] == C // 5 for t in cands[:n_rows]) and not any(t[3] for t in cands[n_rows:])
+        assert cands[n_rows] == st.tile_kernel_stats_tiles(C, "tf32x3")
         assert not any(t[3] for t in st.stats_candidates(C, "ieee"))
-        assert st.gpu_stats_tiles(C, "tf32x3")[3] == 0
+        assert st.gpu_stats_tiles(C, "tf32x3")[3] == (C == 320) and st.gpu_stats_tiles(C, "ieee")[3] == 0
+    assert st.gpu_stats_tiles(320, "tf32x3") == st.STATS_ROWS_DEFAULT[64] + (64, 1)
     assert not any(t[3] for t in st.stats_candidates(40, "tf32x3")) and not st.rows_applies(200, "tf32x3")
     w = pre_bn_weights(40, F32)
     with pytest.raises(ValueError, match="walks rows only where"):

@@ -157,7 +157,9 @@ not timings): C = 80 683 -> 402
 ((64, 8) tiles against (16, 4) rows), C = 160 1395 -> 448 ((32, 4) against (16, 4)), C = 320 2486 -> 1006
 ((64, 8) against (16, 8)); registers 79 / 128 / 200 -> 128 / 144 / 178, i.e. 24 / 16 / 8 warps per SM ->
 16 / 12 / 8. Whether fewer instructions at lower occupancy pay is for `benchmarks/tune.py --train` to
-measure: the defaults stay the tile kernel's.
+measure: the tile kernel stays the default at C = 80 and 160. At C = 320 the walk is the GPU default since
+2026-12-05 (`STATS_ROWS_DEFAULT`): the same occupancy, fewer registers on sm_90 and 2.5 times fewer
+instructions per token; the tile kernel is a candidate there.
 """
 from __future__ import annotations
 
@@ -617,27 +619,36 @@ SPLIT_TARGET = 1024
 
 def stats_tiles(C: int, N: int, precision: str) -> Tuple[int, int, int, int]:
     """(BLOCK_P, num_warps, CK, ROWS) of a call with dots of this precision: one large tile and one
-    channel chunk under the interpreter (its cost is per operation, not per element), else
-    `STATS_TILE_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`; ROWS 0 (the tile kernel: the row walks are
-    tuning candidates, `STATS_ROWS_TILES`)."""
+    channel chunk under the interpreter (its cost is per operation, not per element; ROWS 0), else
+    `gpu_stats_tiles`."""
     if interpreting():
         return min(INTERPRETER_BLOCK_P, max(16, next_pow2(N))), 4, dot_pad(C // 5), 0
     return gpu_stats_tiles(C, precision)
 
 
 def gpu_stats_tiles(C: int, precision: str) -> Tuple[int, int, int, int]:
-    """The GPU tile of the statistics pass: `STATS_TILE_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`, ROWS 0
-    (the default of the "triton.statistics" tuning family, `tile_spaces`)."""
+    """The GPU tile of the statistics pass (the default of the "triton.statistics" tuning family,
+    `tile_spaces`): the row walk of `STATS_ROWS_DEFAULT` where it applies (`rows_applies`), else the tile
+    kernel's (`tile_kernel_stats_tiles`)."""
+    walk = STATS_ROWS_DEFAULT.get(C // 5) if rows_applies(C, precision) else None
+    if walk:
+        return walk[0], walk[1], dot_pad(C // 5), 1
+    return tile_kernel_stats_tiles(C, precision)
+
+
+def tile_kernel_stats_tiles(C: int, precision: str) -> Tuple[int, int, int, int]:
+    """The tile kernel's GPU tile: `STATS_TILE_BY_DOTS` / `STATS_TILES` / `DEFAULT_TILE`, ROWS 0."""
     bp, warps, ck = STATS_TILE_BY_DOTS.get(precision) or STATS_TILES.get(C, DEFAULT_TILE)
     return bp, warps, min(ck, dot_pad(C // 5)), 0
 
 
 def stats_candidates(C: int, precision: str) -> List[Tuple[int, int, int, int]]:
     """The "triton.statistics" family's tiles beyond its default: the row walks first where they apply
-    (`rows_applies`; `STATS_ROWS_TILES` of the segment width), then the tile kernel's `STATS_SEARCH`."""
+    (`rows_applies`; `STATS_ROWS_TILES` of the segment width), the tile kernel's default tile, then its
+    `STATS_SEARCH` (the default, where it recurs, is dropped by `register_tiles`)."""
     rows = [(bp, warps, dot_pad(C // 5), 1) for bp, warps in STATS_ROWS_TILES.get(C // 5, ())] \
         if rows_applies(C, precision) else []
-    return rows + [t + (0,) for t in STATS_SEARCH]
+    return rows + [tile_kernel_stats_tiles(C, precision)] + [t + (0,) for t in STATS_SEARCH]
 
 
 def rows_applies(C: int, precision: str) -> bool:
@@ -698,8 +709,8 @@ def gpu_recompute_tiles(C: int, precision: str) -> Tuple[int, int, int]:
 #: are not in its list.
 STATS_SEARCH = ((32, 8, 16), (64, 8, 16), (16, 4, 16), (32, 4, 16), (64, 4, 16), (16, 8, 16))
 RECOMPUTE_SEARCH = ((32, 8, 16), (64, 8, 16), (16, 4, 16), (32, 4, 16))
-#: Row-walk tiles of the statistics pass (ROWS, `_statistics_rows`; tuning candidates, not defaults:
-#: no GPU has timed them), per segment width s: (BLOCK_P columns per strip, num_warps). AOT compile with
+#: Row-walk tiles of the statistics pass (ROWS, `_statistics_rows`; tuning candidates, and the default at
+#: s = 64, `STATS_ROWS_DEFAULT`: no GPU has timed them), per segment width s: (BLOCK_P columns per strip, num_warps). AOT compile with
 #: STORE (GroupMixFormer-S's widths at batch 128, fp16 and fp32 inputs, sm_80 / sm_90; ptxas registers):
 #: s = 16 (16, 4) 128 / 128, (16, 2) 168 / 142-143 with 8 B spilled on sm_80 at fp32 (the tuner refuses it
 #: there); s = 32 (16, 4) 168-194 / 144-146, (32, 8) 254-255 / 255; s = 64 (16, 8) 255 / 178-184, none
@@ -707,6 +718,12 @@ RECOMPUTE_SEARCH = ((32, 8, 16), (64, 8, 16), (16, 4, 16), (32, 4, 16))
 #: s = 64 (24-148 B), (16, 2) at s = 32 (44-144 B), (32, 8) at s = 64 (16-88 B); (32, 8) at s = 16 takes 171-190
 #: registers with 8 warps (one CTA per SM).
 STATS_ROWS_TILES = {16: ((16, 4), (16, 2)), 32: ((16, 4), (32, 8)), 64: ((16, 8),)}
+#: ... and the GPU default where it is a row walk, by s (2026-12-05, not timed): s = 64 (C = 320), where the
+#: walk (16, 8) runs at the tile kernel's occupancy (one CTA of 8 warps per SM: 255 / 178-184 registers on
+#: sm_80 / sm_90 against the tile kernel's (64, 8) 253-255 / 190-200, with STORE) and issues 1006 warp
+#: instructions per token against 2486 (sm_90 SASS, fp16 inputs). At s = 16 and 32 the walk holds more
+#: registers than the tile kernel (fewer warps per SM: 24 -> 16, 16 -> 12) and stays a candidate.
+STATS_ROWS_DEFAULT = {64: (16, 8)}
 STATS_FAMILY = "triton.statistics"
 RECOMPUTE_Z_FAMILY = "triton.recompute_z"
 
