@@ -475,18 +475,22 @@ def _crpe_tile(tile: Optional[Tuple[int, ...]], d: int, N: int, block: int, prec
 #: (C = 80, 160) (16, 4) issues about half the tile kernel's instructions per element (sm_90 SASS, fp16: ~190
 #: against ~400 at C = 160) at 32 warps per SM or more where the tile kernel had as many (61-80 registers at 4
 #: warps against the tile kernel's 48-110 at 8 on sm_80/90: 24 warps against 16 at C = 160, 32 against 32-40
-#: at C = 80; sm_75 70-80 against 115-161 at 4 warps). Not at d < `CRPE_ROWS_DEFAULT_MIN_D` (C = 40: 4 B spilled on sm_80), nor at D_PAD
-#: 32 and 64, where the walk holds more registers than the tile kernel (116-158 against 107-154 at C = 200-320)
-#: or spills ((16, 8) at C = 200 / 240 fp32 on sm_80): there the walks stay tuning candidates. Not timed.
+#: at C = 80). Only with tensor-core dots (`CRPE_ROWS_DEFAULT_PRECISIONS`, sm_80+; the kernel has no dots, the
+#: precision stands for the GPU generation): on sm_70 the walk spilled 12 B at C = 80 (72 registers; sm_75, the
+#: same "ieee" precision, none at 70-80 against the tile kernel's 115-161). Not at d < `CRPE_ROWS_DEFAULT_MIN_D`
+#: (C = 40: 4 B spilled on sm_80), nor at D_PAD 32 and 64, where the walk holds more registers than the tile
+#: kernel (116-158 against 107-154 at C = 200-320) or spills ((16, 8) at C = 200 / 240 fp32 on sm_80): there
+#: the walks stay tuning candidates. Not timed.
 CRPE_ROWS_DEFAULT: Dict[int, Tuple[int, int, int]] = {16: (16, 4, 1)}
 CRPE_ROWS_DEFAULT_MIN_D = 8
+CRPE_ROWS_DEFAULT_PRECISIONS = ("tf32", "tf32x3")
 
 
 def crpe_gpu_tile(d: int, precision: str) -> Tuple[int, int, int]:
     """The CRPE backward's GPU default (tokens per tile or strip columns, num_warps, ROWS) for heads of d
     channels: `CRPE_ROWS_DEFAULT`'s row walk where it applies, else the tile kernel's `config.crpe_bwd_tiles`."""
     dp = dot_pad(d)
-    if dp in CRPE_ROWS_DEFAULT and d >= CRPE_ROWS_DEFAULT_MIN_D:
+    if dp in CRPE_ROWS_DEFAULT and d >= CRPE_ROWS_DEFAULT_MIN_D and precision in CRPE_ROWS_DEFAULT_PRECISIONS:
         return CRPE_ROWS_DEFAULT[dp]
     return crpe_bwd_tiles(precision)[dp] + (0,)
 
