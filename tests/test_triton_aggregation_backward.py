@@ -543,11 +543,11 @@ print(json.dumps(out))
 
 
 def test_dw_rows_candidates_compile_without_spills_on_sm90(tmp_path):
-    """Every launch of `gma_dw_backward_kernel` and `gma_dw_wgrad_kernel` that a `DW_ROWS_TILES` tile (the first is
-    the GPU default) makes in a training step's backward (C = 160 28x28 B = 128 fp16: B3's segments into the qkv gradient, the
-    local branch's, the CRPE's weight gradients), compiled
-    for sm_90: ROWS in the specialisation, no spill (a first version of the walk spilled on sm_90 at every
-    tile; the tuner would refuse such a candidate on the GPU)."""
+    """Every launch of `gma_dw_backward_kernel` and `gma_dw_wgrad_kernel` that a `DW_ROWS_TILES` tile (the
+    first is the GPU default) makes in a training step's backward (C = 160 28x28 B = 128 fp16: B3's segments
+    into the qkv gradient, the local branch's, the CRPE's weight gradients), compiled for sm_90: ROWS in the
+    specialisation, no spill (a first version of the walk spilled on sm_90 at every tile; the tuner would
+    refuse such a candidate on the GPU)."""
     from helpers import aot_reports, assert_compiled_without_spills
     reps = aot_reports(_DW_ROWS_AOT_SCRIPT, tmp_path)
     assert len([r for r in reps if r["kernel"] == "gma_dw_backward_kernel"]) >= 2 * len(agb.DW_ROWS_TILES), reps

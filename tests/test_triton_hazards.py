@@ -215,10 +215,10 @@ def test_statistics_row_walks_free_of_hazards(monkeypatch):
 
 
 def test_depthwise_backward_row_walks_free_of_hazards():
-    """The depthwise input gradient's row walk (DW_ROWS, the GPU default of "triton.backward"; the cases above
-    run the interpreter's tile kernels), into the qkv gradient's places as B3 launches it: 20 columns in strips of 16 and 4,
-    9 rows, 3 images, runs of 7 rows that end inside a strip and cross strips and images, two channel
-    blocks. Also checked as if without barriers."""
+    """The depthwise input gradient's row walk (DW_ROWS, the GPU default of "triton.backward"; the cases
+    above run the interpreter's tile kernels), into the qkv gradient's places as B3 launches it: 20 columns
+    in strips of 16 and 4, 9 rows, 3 images, runs of 7 rows that end inside a strip and cross strips and
+    images, two channel blocks. Also checked as if without barriers."""
     import gmf_kernels.triton_kernels.aggregation_backward as agb
     I, c, H, W, k = 3, 12, 9, 20, 7
     tiles = agb.BackwardTiles(BLOCK_C=8, BLOCK_P=16, WARPS=4, PW_BLOCK_P=16, PW_WARPS=4, TARGET_PROGRAMS=20,

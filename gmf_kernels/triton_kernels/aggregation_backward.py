@@ -43,10 +43,11 @@ kernels themselves (attention_backward.py, FUSE_BN): dP is never written.
   with shared-memory round trips (the cross-warp sum). Split: the input gradient's tap is ~95
   instructions with no barrier, the weight gradient's ~20 per element and tap (7x7; its tile
   index arithmetic is paid per tap row, not per tap), the barriers once per program. Compiler
-  figures, not timings. On a GPU both walk rows by default since 2026-12-05 (DW_ROWS, `DW_ROWS_DEFAULT`;
-  the tile kernels stay tuning candidates; `_dw_backward_rows`): the forward stencil of dy with the filter turned half a turn,
-  each dy row read once per walk as its KS column shifts into KS rolling accumulators, 4.3-7.2
-  instructions per FFMA in its loop against the tap's 13.3 (sm_90, fp16).
+  figures, not timings. On a GPU both walk rows by default since 2026-12-05 (DW_ROWS,
+  `DW_ROWS_DEFAULT`; the tile kernels stay tuning candidates; `_dw_backward_rows`): the forward
+  stencil of dy with the filter turned half a turn, each dy row read once per walk as its KS
+  column shifts into KS rolling accumulators, 4.3-7.2 instructions per FFMA in its loop against
+  the tap's 13.3 (sm_90, fp16).
 * `gma_local_backward_kernel` (`local_backward`): hardswish and LayerNorm backward per pixel
   (over the s channels, recomputed by each program of a tile), then the 3s -> s pointwise's
   input gradient dw4 = local_pwᵀ dz4 and weight gradient (``tl.dot``), and the LayerNorm
@@ -1067,11 +1068,12 @@ def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_q
 BACKWARD_FAMILY = "triton.backward"
 #: Further tiles the tuner tries (BLOCK_C, BLOCK_P, num_warps, PW_BLOCK_P, PW_WARPS, PW_TILE_ELEMS; DW_ROWS 0:
 #: the depthwise tile kernels, the first of them at the default's other tiles, so that the tuner compares the
-#: walks with the tile kernels alone): the stencils' [channels, pixels] tile and the channel-mix kernels' pixels and channel block
-#: (benchmarks/tune.py --train refuses one that spills at the call's width). AOT sweep of the candidates (2026-12-02, `specializations.candidate_specializations`: GroupMixFormer-S's real calls at batch 128, fp32 and bf16, sm_90),
-#: the channel-mix kernels: 32-pixel tiles (PW_BLOCK_P 32, 8 warps, 2048-element blocks) spilled
-#: 80 B at C = 320 and 12 B (local) at C = 80, so they are not listed; 4 warps at 16 pixels none
-#: (254 registers); the others the default's (at most 210).
+#: walks with the tile kernels alone): the stencils' [channels, pixels] tile and the channel-mix kernels'
+#: pixels and channel block (benchmarks/tune.py --train refuses one that spills at the call's width). AOT
+#: sweep of the candidates (2026-12-02, `specializations.candidate_specializations`: GroupMixFormer-S's real
+#: calls at batch 128, fp32 and bf16, sm_90), the channel-mix kernels: 32-pixel tiles (PW_BLOCK_P 32, 8 warps,
+#: 2048-element blocks) spilled 80 B at C = 320 and 12 B (local) at C = 80, so they are not listed; 4 warps at
+#: 16 pixels none (254 registers); the others the default's (at most 210).
 TILE_SEARCH = ((16, 128, 8, 16, 8, 64 * 64), (16, 64, 4, 16, 8, 64 * 64), (32, 64, 8, 16, 8, 64 * 64),
                (16, 128, 8, 16, 4, 32 * 64), (16, 256, 8, 16, 8, 64 * 64))
 #: The depthwise backward's row walks (`gma_dw_backward_kernel` and `gma_dw_wgrad_kernel` with ROWS): strips

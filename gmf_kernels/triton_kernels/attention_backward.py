@@ -79,9 +79,9 @@ Kernels (per head h, d = C'/8 channels, N = H*W tokens; e = the stage tensors' e
   HBM-bound. Its taps are a runtime loop, each iteration a shifted load with its address and mask
   arithmetic (sm_90 SASS, fp16: 44 instructions for 4 FFMA at C = 160, 78 for 8 at C = 320). With
   ROWS (the GPU default at D_PAD 16, `CRPE_ROWS_DEFAULT`; elsewhere a tuning candidate, `CRPE_ROWS_TILES`;
-  not timed) a program walks runs of rows of BLOCK_P-column strips instead (`_crpe_backward_walk`, the forward's row walk of dR with the filter
-  turned half a turn): KS independent loads per input row, the taps unrolled per window, the same
-  bytes (compiler figures in docs/performance.md).
+  not timed) a program walks runs of rows of BLOCK_P-column strips instead (`_crpe_backward_walk`, the
+  forward's row walk of dR with the filter turned half a turn): KS independent loads per input row, the
+  taps unrolled per window, the same bytes (compiler figures in docs/performance.md).
 
 Tiles: `B1_TILES` / `B2_TILES` / `config.crpe_bwd_tiles` by D_PAD (and by dot precision where
 the GPU generations need others), chosen by compiling (ptxas -v, the JIT's specialisations of

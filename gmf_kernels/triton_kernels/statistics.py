@@ -710,7 +710,8 @@ def gpu_recompute_tiles(C: int, precision: str) -> Tuple[int, int, int]:
 STATS_SEARCH = ((32, 8, 16), (64, 8, 16), (16, 4, 16), (32, 4, 16), (64, 4, 16), (16, 8, 16))
 RECOMPUTE_SEARCH = ((32, 8, 16), (64, 8, 16), (16, 4, 16), (32, 4, 16))
 #: Row-walk tiles of the statistics pass (ROWS, `_statistics_rows`; tuning candidates, and the default at
-#: s = 64, `STATS_ROWS_DEFAULT`: no GPU has timed them), per segment width s: (BLOCK_P columns per strip, num_warps). AOT compile with
+#: s = 64, `STATS_ROWS_DEFAULT`: no GPU has timed them), per segment width s: (BLOCK_P columns per strip,
+#: num_warps). AOT compile with
 #: STORE (GroupMixFormer-S's widths at batch 128, fp16 and fp32 inputs, sm_80 / sm_90; ptxas registers):
 #: s = 16 (16, 4) 128 / 128, (16, 2) 168 / 142-143 with 8 B spilled on sm_80 at fp32 (the tuner refuses it
 #: there); s = 32 (16, 4) 168-194 / 144-146, (32, 8) 254-255 / 255; s = 64 (16, 8) 255 / 178-184, none
