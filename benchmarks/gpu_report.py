@@ -105,7 +105,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -608,17 +608,42 @@ def worker_deps() -> int:
     return 0
 
 
-#: (backend, dtype, C, H, W, B, tile): small shapes, every kernel of both backends at least once,
-#: the specialised and the generic (d=6) CUDA code, several tiles / splits per image
+#: the fields of a sanitizer case (SANITIZE_CASES' tuples, the driver's SANITIZE_PLAN / SANITIZE_CASE lines)
+SANITIZE_FIELDS = ("backend", "dtype", "C", "H", "W", "B", "tile", "mode")
+#: small shapes. "eval": one forward pre-projection (the backend's launcher / op), every forward kernel of
+#: both backends at least once, the specialised and the generic (d=6) CUDA code, several tiles / splits per
+#: image. "train": one training forward (batch statistics) + backward of the whole layer through
+#: `gmf_kernels.group_mix_attention`, every training kernel of the Triton stages (the cuda backend trains
+#: with them too, on its own forward): the row walks that are GPU defaults among them -- the depthwise
+#: input and weight gradients at every width, the CRPE's at D_PAD 16 (C = 80, 160) and the statistics
+#: pass's at C = 320 on sm_80+ (docs/performance.md) -- at batch 1, on grids whose every Triton launch the
+#: record part's warm-up has compiled (`specializations.report_specializations`; the backward's block sizes
+#: follow the grid, so an arbitrary small grid would compile ~45 kernels inside the driver's plain run:
+#: tests/test_gpu_report.py checks the cover). The training cases come last: a sanitizer tool that runs
+#: out of time has the forward's first.
 SANITIZE_CASES = [
-    ("cuda", "fp32", 80, 7, 9, 2, None),
-    ("cuda", "bf16", 200, 5, 11, 1, None),
-    ("cuda", "fp16", 60, 6, 5, 1, None),
-    ("cuda", "fp32", 80, 13, 17, 2, (4, 4)),
-    ("triton", "fp32", 80, 7, 9, 2, None),
-    ("triton", "bf16", 200, 20, 13, 1, None),
-    ("triton", "fp16", 40, 9, 9, 3, None),
+    ("cuda", "fp32", 80, 7, 9, 2, None, "eval"),
+    ("cuda", "bf16", 200, 5, 11, 1, None, "eval"),
+    ("cuda", "fp16", 60, 6, 5, 1, None, "eval"),
+    ("cuda", "fp32", 80, 13, 17, 2, (4, 4), "eval"),
+    ("triton", "fp32", 80, 7, 9, 2, None, "eval"),
+    ("triton", "bf16", 200, 20, 13, 1, None, "eval"),
+    ("triton", "fp16", 40, 9, 9, 3, None, "eval"),
+    ("triton", "bf16", 320, 7, 7, 1, None, "train"),
+    ("triton", "fp32", 80, 28, 28, 1, None, "train"),
+    ("triton", "fp16", 160, 28, 28, 1, None, "train"),
+    ("cuda", "fp16", 80, 28, 28, 1, None, "train"),
 ]
+#: a training case's check: each of output, input gradient, every parameter gradient and running
+#: statistic within 2x the same reference's norm-wise error at that dtype (run on the CPU) + this floor,
+#: norm-wise against float64 (a wrong kernel is off by O(1); norm-wise, because at low precision a
+#: pre-activation within a rounding error of hardswish's kinks at +-3 may take either side in any
+#: implementation: tests/test_gpu_real_shapes.py `test_training_step_real_shapes`)
+SANITIZE_TRAIN_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2}
+
+
+def sanitize_case(c) -> Dict:
+    return dict(zip(SANITIZE_FIELDS, c))
 
 
 def pre_projection_call(backend: str, qkv, H: int, W: int, ws, hp, tile=None, emulate: bool = False):
@@ -634,20 +659,51 @@ def pre_projection_call(backend: str, qkv, H: int, W: int, ws, hp, tile=None, em
     return functools.partial(torch.ops.gmf.triton_pre_projection, qkv, H, W, ws, hp.scale, hp.ln_eps)
 
 
-def worker_sanitize(list_only: bool, backends: List[str], cpu: bool = False, max_cases: int = 0) -> int:
+def training_step(backend: str, x, size, w, dtype, device):
+    """One training forward (batch statistics) + backward of a whole layer through
+    `gmf_kernels.group_mix_attention` on `device` at `dtype`, on a private copy of the weights `w`:
+    {name: tensor} of the output, the input gradient ("x"), every parameter gradient and the running
+    statistics, copied to the CPU as they are (the copy's source is our own buffer) and widened there."""
+    import torch
+    import gmf_kernels
+    from gmf_kernels.numerics import cast_weights
+    from gmf_kernels.weights import BUFFER_FIELDS, PARAM_FIELDS, named_fields
+    wc = cast_weights(w, dtype, device=device)
+    params = named_fields(wc, PARAM_FIELDS)
+    for _, t in params:
+        t.requires_grad_(True)
+    xd = x.to(device=device, dtype=dtype).requires_grad_(True)
+    out = gmf_kernels.group_mix_attention(xd, size, wc, training=True, backend=backend)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = torch.autograd.grad((out * g.to(device=device, dtype=dtype)).sum(), [xd] + [t for _, t in params])
+    named = {"out": out.detach(), "x": grads[0], **{n: gg for (n, _), gg in zip(params, grads[1:])}}
+    named.update((n, t) for n, t in named_fields(wc, BUFFER_FIELDS) if t.is_floating_point())
+    return {n: t.cpu().double() for n, t in named.items()}
+
+
+def _norm_rel(a, e) -> float:
+    import torch
+    if not bool(torch.isfinite(a).all()):
+        return float("nan")
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+def worker_sanitize(list_only: bool, backends: List[str], cpu: bool = False, max_cases: int = 0,
+                    modes: Sequence[str] = ("eval", "train")) -> int:
     """The compute-sanitizer driver: each case's inputs made on the CPU and copied (so initcheck
-    sees them written), then one call of the backend's launcher / op; checked against float64.
+    sees them written), then one call ("eval": the backend's forward launcher / op; "train": one
+    training step of the layer, `training_step`); checked against float64.
 
     cpu=True checks the driver itself without a GPU: Triton through its interpreter, CUDA
     through the module's CPU emulation (when the module is built)."""
-    cases = [c for c in SANITIZE_CASES if c[0] in backends]
-    if max_cases:
-        cases = cases[:max_cases]
+    cases = [c for c in SANITIZE_CASES if c[0] in backends and sanitize_case(c)["mode"] in modes]
+    if max_cases:  # the first max_cases of each mode
+        cases = [c for m in modes for c in [c for c in cases if sanitize_case(c)["mode"] == m][:max_cases]]
     if cpu:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     if list_only:
         for c in cases:
-            print("SANITIZE_PLAN " + json.dumps(dict(zip(("backend", "dtype", "C", "H", "W", "B", "tile"), c))))
+            print("SANITIZE_PLAN " + json.dumps(sanitize_case(c)))
         import gmf_kernels.folding  # noqa: F401  (the imports the real run needs)
         import gmf_kernels.reference  # noqa: F401  (the imports the real run needs)
         print(f"SANITIZE_DONE planned={len(cases)}")
@@ -660,28 +716,44 @@ def worker_sanitize(list_only: bool, backends: List[str], cpu: bool = False, max
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     dev = "cpu" if cpu else "cuda"
     n_bad = 0
-    for backend, dn, C, H, W, B, tile in cases:
-        rec = dict(backend=backend, dtype=dn, C=C, H=H, W=W, B=B, tile=tile)
+    for c in cases:
+        rec = sanitize_case(c)
+        backend, dn, C, H, W, B, tile, mode = c
         t0 = time.monotonic()
         try:
             dt = dtypes[dn]
             w = random_gma_weights(C, seed=C + B)
             hp = default_hyper(C)
             x = torch.randn(B, H * W, C, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-            _, ext = reference_group_mix_attention(x, (H, W), w, hp, return_intermediates=True)
-            qkv = F.linear(x, w.qkv_weight, w.qkv_bias).to(dt).to(dev)
-            ws = [t.contiguous().to(dev) for t in fold_eval(w, hp, compute_dtype(dt))]
-            out = pre_projection_call(backend, qkv, H, W, ws, hp, tile, emulate=cpu)()
-            if not cpu:
-                torch.cuda.synchronize()
-            # copied to the host as it is, widened there: the copy's source is the kernel's own output (an
-            # H200 initcheck flagged the source of `out.double().cpu()`'s copy, the cast's output, as
-            # uninitialized: gpu_report_h200_20261204/sanitizer.log; this way a finding names our buffer)
-            a, e = out.cpu().double(), ext["pre_proj"]
-            err = float("nan") if not bool(torch.isfinite(a).all()) else \
-                ((a - e).abs().max() / e.abs().max()).item()
-            ok = err <= TOLERANCE[dt]
-            rec.update(status="ok" if ok else "wrong", max_rel_err=err, tolerance=TOLERANCE[dt])
+            if mode == "train":
+                got = training_step(backend, x, (H, W), w, dt, dev)
+                if not cpu:
+                    torch.cuda.synchronize()
+                oracle = training_step("reference", x, (H, W), w, torch.float64, "cpu")
+                ref = training_step("reference", x, (H, W), w, dt, "cpu")
+                checks = {n: (_norm_rel(got[n], o), 2 * _norm_rel(ref[n], o) + SANITIZE_TRAIN_FLOOR[dn])
+                          for n, o in oracle.items()}
+                worst = max(checks, key=lambda n: checks[n][0] / checks[n][1] if checks[n][0] == checks[n][0]
+                            else float("inf"))
+                err, bound = checks[worst]
+                ok = all(e <= b for e, b in checks.values())  # NaN fails
+                rec.update(status="ok" if ok else "wrong", worst=worst, norm_rel_err=err, bound=bound,
+                           tensors=len(oracle))
+            else:
+                _, ext = reference_group_mix_attention(x, (H, W), w, hp, return_intermediates=True)
+                qkv = F.linear(x, w.qkv_weight, w.qkv_bias).to(dt).to(dev)
+                ws = [t.contiguous().to(dev) for t in fold_eval(w, hp, compute_dtype(dt))]
+                out = pre_projection_call(backend, qkv, H, W, ws, hp, tile, emulate=cpu)()
+                if not cpu:
+                    torch.cuda.synchronize()
+                # copied to the host as it is, widened there: the copy's source is the kernel's own output (an
+                # H200 initcheck flagged the source of `out.double().cpu()`'s copy, the cast's output, as
+                # uninitialized: gpu_report_h200_20261204/sanitizer.log; this way a finding names our buffer)
+                a, e = out.cpu().double(), ext["pre_proj"]
+                err = float("nan") if not bool(torch.isfinite(a).all()) else \
+                    ((a - e).abs().max() / e.abs().max()).item()
+                ok = err <= TOLERANCE[dt]
+                rec.update(status="ok" if ok else "wrong", max_rel_err=err, tolerance=TOLERANCE[dt])
         except Exception as ex:
             rec.update(status="error", reason=f"{type(ex).__name__}: {ex}"[:400])
         rec["seconds"] = round(time.monotonic() - t0, 2)
@@ -1414,7 +1486,7 @@ def _sanitizer_cmd(ctx: Ctx, san: str, tool: str) -> List[str]:
 
 
 def _fake_sanitizer(cmd):
-    cases = "\n".join("SANITIZE_CASE " + json.dumps(dict(zip(("backend", "dtype", "C", "H", "W", "B", "tile"), c),
+    cases = "\n".join("SANITIZE_CASE " + json.dumps(dict(sanitize_case(c),
                                                          status="ok", max_rel_err=0.0, dry_run=True))
                       for c in SANITIZE_CASES)
     return RunResult(cmd, 0, f"========= COMPUTE-SANITIZER\n{cases}\nSANITIZE_DONE (dry run)\n"
@@ -1452,7 +1524,7 @@ def phase_sanitizer(ctx: Ctx, ph: Dict, allow: float) -> None:
         return
     env = dict(ctx.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # one cudaMalloc per tensor: exact bounds
     # 1. the driver without the sanitizer: compiles the Triton kernels into the cache, checks results
-    plain = run(ctx, py(SCRIPT, "--worker", "sanitize"), min(60.0, max(5.0, t_end - time.monotonic())),
+    plain = run(ctx, py(SCRIPT, "--worker", "sanitize"), min(90.0, max(5.0, t_end - time.monotonic())),
                 "[sanitizer/plain] ", env=env, fake=_fake_sanitizer)
     s["plain"] = {**plain.summary(), **parse_sanitizer(plain.output)}
     s["plain"]["status"] = ("timeout" if plain.timed_out else "ok" if plain.rc == 0 and s["plain"]["driver_completed"]
@@ -2278,7 +2350,7 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
 
     s = rep.get("sanitizer", {})
     if s.get("tools") or s.get("plain"):
-        L += ["## compute-sanitizer (every CUDA and Triton kernel, small shapes)", "",
+        L += ["## compute-sanitizer (every CUDA and Triton kernel, small shapes: forward, then training steps)", "",
               "| tool | status | errors | racecheck hazards | driver cases ok | seconds | first finding |",
               "|---|---|---:|---|---:|---:|---|"]
         for tool in ["plain"] + list(SANITIZER_TOOLS):
@@ -2294,8 +2366,10 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
                      f"{_cell(first or r.get('reason', ''))} |")
         bad = [c for c in (s.get("plain") or {}).get("cases", []) if c.get("status") != "ok"]
         for c in bad:
-            L.append(f"- plain run case {c.get('backend')} {c.get('dtype')} C={c.get('C')} {c.get('H')}x{c.get('W')}: "
-                     f"{c.get('status')} {c.get('max_rel_err', '')} {c.get('reason', '')}")
+            err = (f"{c.get('worst')}: norm-wise {c.get('norm_rel_err')} > {c.get('bound')}" if c.get("worst")
+                   else c.get("max_rel_err", ""))
+            L.append(f"- plain run case {c.get('backend')} {c.get('mode', 'eval')} {c.get('dtype')} C={c.get('C')} "
+                     f"{c.get('H')}x{c.get('W')} B={c.get('B')}: {c.get('status')} {err} {c.get('reason', '')}")
         L.append("")
 
     k = rep.get("kernels", {})
@@ -2946,6 +3020,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="cuda,triton", help=argparse.SUPPRESS)
     p.add_argument("--cpu", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--max-cases", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--modes", default="eval,train", help=argparse.SUPPRESS)
     p.add_argument("--skip-impls", default="", help=argparse.SUPPRESS)
     p.add_argument("--from-case", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -2961,7 +3036,7 @@ def main(argv=None) -> int:
         return worker_deps()
     if args.worker == "sanitize":
         return worker_sanitize(args.list, [b.strip() for b in args.backends.split(",") if b.strip()], args.cpu,
-                               args.max_cases)
+                               args.max_cases, [m.strip() for m in args.modes.split(",") if m.strip()])
     if args.worker == "ncu":
         return worker_ncu(args.list, [b.strip() for b in args.backends.split(",") if b.strip()])
     if args.worker == "kernels":

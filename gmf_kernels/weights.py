@@ -8,7 +8,7 @@ truth.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -54,6 +54,24 @@ class GMAWeights(NamedTuple):
             for t in items:
                 if t is not None:
                     yield t
+
+
+#: GMAWeights fields that are buffers (running statistics) / trainable parameters, in field order
+BUFFER_FIELDS: Tuple[str, ...] = ("bn_running_mean", "bn_running_var", "bn_num_batches_tracked")
+PARAM_FIELDS: Tuple[str, ...] = tuple(f for f in GMAWeights._fields if f not in BUFFER_FIELDS)
+
+
+def named_fields(w: GMAWeights, fields) -> List[Tuple[str, Tensor]]:
+    """[(name, tensor)] for the tensors of the given fields, tuple entries named ``field[i]`` (None
+    entries skipped)."""
+    out = []
+    for f in fields:
+        v = getattr(w, f)
+        if isinstance(v, tuple):
+            out += [(f"{f}[{i}]", t) for i, t in enumerate(v) if t is not None]
+        elif v is not None:
+            out.append((f, v))
+    return out
 
 
 class GMAHyper(NamedTuple):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from gmf_kernels.backends import BACKEND_NAMES, GMAProblem, get_backend
+from gmf_kernels.weights import BUFFER_FIELDS, PARAM_FIELDS, named_fields  # noqa: F401  (the tests' names)
 from gmf_kernels.numerics import cast_weights, max_rel_error
 from gmf_kernels.weights import GMAWeights
 
@@ -160,25 +161,6 @@ def backend_cases(names: Iterable[str], cases: Iterable, light_cases: Iterable, 
             c = c if isinstance(c, tuple) else (c,)
             cid = "-".join(f"{v[0]}x{v[1]}" if isinstance(v, tuple) else str(v) for v in c)
             out.append(pytest.param(name, *c, marks=marks, id=f"{name}-{cid}"))
-    return out
-
-
-#: GMAWeights fields that are parameters / buffers (gradients and running statistics to compare)
-PARAM_FIELDS = ("qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "bn_weight", "bn_bias", "dw_weight",
-                "pw_weight", "local_dw_weight", "local_pw_weight", "local_ln_weight", "local_ln_bias",
-                "crpe_weight", "crpe_bias")
-BUFFER_FIELDS = ("bn_running_mean", "bn_running_var", "bn_num_batches_tracked")
-
-
-def named_fields(w, fields):
-    """[(name, tensor)] for the tensors of the given fields (None entries skipped)."""
-    out = []
-    for f in fields:
-        v = getattr(w, f)
-        if isinstance(v, tuple):
-            out += [(f"{f}[{i}]", t) for i, t in enumerate(v) if t is not None]
-        elif v is not None:
-            out.append((f, v))
     return out
 
 

@@ -755,14 +755,23 @@ def test_gpu_tests_fail_under_require_gpu_on_cpu():
 
 
 def test_sanitize_driver_checks_results_on_cpu():
-    """The compute-sanitizer driver's own logic (inputs, folding, the op, the float64 check), run on the
-    CPU through the Triton interpreter: one case, which must come out "ok"."""
+    """The compute-sanitizer driver's own logic (inputs, folding, the op or the training step, the float64
+    checks), run on the CPU through the Triton interpreter: the first case of each mode, which must come out
+    "ok" -- the forward pre-projection against float64, and a training step's output, input gradient, every
+    parameter gradient and running statistic (38 tensors at these widths) norm-wise against float64."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--worker", "sanitize", "--cpu", "--backends", "triton",
                            "--max-cases", "1"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     p = gr.parse_sanitizer(proc.stdout)
-    assert p["driver_completed"] and p["cases_ok"] == 1 and p["cases_failed"] == 0, p["cases"]
-    assert p["cases"][0]["max_rel_err"] < 1e-5
+    assert p["driver_completed"] and p["cases_ok"] == 2 and p["cases_failed"] == 0, p["cases"]
+    ev, tr = p["cases"]
+    assert ev["mode"] == "eval" and ev["max_rel_err"] < 1e-5
+    assert tr["mode"] == "train" and tr["tensors"] == 38 and tr["norm_rel_err"] <= tr["bound"] < 0.1, tr
+    assert [gr.sanitize_case(c)["mode"] for c in gr.SANITIZE_CASES].index("train") > max(
+        i for i, c in enumerate(gr.SANITIZE_CASES) if gr.sanitize_case(c)["mode"] == "eval"), \
+        "the training cases come after the forward's (a tool out of time has the forward's first)"
+    assert {gr.sanitize_case(c)["backend"] for c in gr.SANITIZE_CASES if gr.sanitize_case(c)["mode"] == "train"} \
+        == {"triton", "cuda"}
 
 
 def _alive(pid: int) -> bool:
@@ -1239,8 +1248,10 @@ def test_record_part_warms_what_the_tune_phase_compiles():
     """The speed part's tune phase runs on the machine the record part warmed: every Triton variant its
     sweep loads (tune.py `warm_specs` of TUNE_ARGS' models, dtypes and Triton families, on an sm_90) is in
     the record part's warm-up (`specializations.report_specializations`), so none is compiled on one CPU
-    inside the tune phase, nor any training candidate its ``tune.py --train`` run loads (fp16). (In a subprocess: the specialisations are derived with TRITON_INTERPRET
-    unset, as on a GPU.)"""
+    inside the tune phase, nor any training candidate its ``tune.py --train`` run loads (fp16); nor any
+    kernel of the sanitizer driver's training steps (SANITIZE_CASES' "train" cases: else their ~45 compiles
+    each would fall in the driver's plain run). (In a subprocess: the specialisations are derived with
+    TRITON_INTERPRET unset, as on a GPU.)"""
     from gmf_kernels.triton_kernels import specializations as S
     from helpers import triton_compile_env
     args = dict(zip(gr.TUNE_ARGS[0::2], gr.TUNE_ARGS[1::2]))
@@ -1249,6 +1260,8 @@ def test_record_part_warms_what_the_tune_phase_compiles():
     assert gr.TUNE_TRAIN_ARGS[0] == "--train" and train_args == {"--models": "s", "--dtype": "fp16"}
     triton_families = [f for f in gr.TUNE_FAMILIES if f.startswith("triton.")]
     assert tuple(triton_families) == S.REPORT_TUNE_FAMILIES
+    train_cases = [(c["C"], c["H"], c["W"], c["B"], c["dtype"]) for c in map(gr.sanitize_case, gr.SANITIZE_CASES)
+                   if c["mode"] == "train"]
     code = f"""
 import json, sys, torch
 sys.path.insert(0, {str(REPO / "benchmarks")!r})
@@ -1258,15 +1271,17 @@ shapes = tune.shapes(["groupmixformer_s"])
 swept = tune.warm_specs({triton_families!r}, shapes, [torch.bfloat16], 128, (9, 0))
 swept_train = tune.warm_specs({list(gr.TUNE_TRAIN_FAMILIES)!r}, shapes, [torch.float16], 128, (9, 0))
 warmed = {{sp.key for sp in S.report_specializations(90)}}
+sanitized = [sp for c in {train_cases!r} for sp in S.training_specializations_of_call(S.Call(*c), 90)]
 print(json.dumps({{"swept": len(swept), "unrolled": sum("unrolled" in sp.label() for sp in swept),
-                  "swept_train": len(swept_train),
-                  "missing": [sp.label() for sp in swept + swept_train if sp.key not in warmed]}}))
+                  "swept_train": len(swept_train), "sanitized": len(sanitized),
+                  "missing": [sp.label() for sp in swept + swept_train + sanitized if sp.key not in warmed]}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=triton_compile_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["swept"] > 20 and got["unrolled"] > 0 and got["swept_train"] > 50 and got["missing"] == [], got
+    assert got["sanitized"] >= 60 * len(train_cases) > 0, got
 
 
 def test_summary_lists_the_rows_warnings():
