@@ -111,10 +111,15 @@ def test_triton_backward_reasons(monkeypatch):
     assert triton_backward_reasons(torch.zeros(1, 12, 120), 3, 4, 8) == []
 
 
-@pytest.mark.parametrize("C, grid, B", [(40, (7, 9), 2), (80, (5, 6), 1)], ids=["C40-7x9-B2", "C80-5x6-B1"])
-@pytest.mark.parametrize("dtype, training", [(torch.float16, True), (torch.bfloat16, True), (torch.bfloat16, False)],
-                         ids=["float16-train", "bfloat16-train", "bfloat16-eval"])
+@pytest.mark.parametrize("dtype, training, C, grid, B", [(torch.float16, True, 40, (7, 9), 2),
+                                                        (torch.bfloat16, True, 80, (5, 6), 1),
+                                                        (torch.bfloat16, False, 40, (7, 9), 2)],
+                         ids=["float16-train-C40-7x9-B2", "bfloat16-train-C80-5x6-B1", "bfloat16-eval-C40-7x9-B2"])
 def test_low_precision(cuda_on_cpu, dtype, training, C, grid, B):
+    """Each mode at one of test_triton_training.py's two shapes (which runs every mode at both): the
+    backward is the same Triton kernels; this backend's own part is its forward kernels (the
+    emulation) and its op's wiring, which neither shape nor mode changes (~15 s a case: the suite's
+    time)."""
     check_low_precision("cuda", dtype, training, C, grid, B)
 
 

@@ -122,6 +122,20 @@ def problem(request):
     return Problem(*request.param[0], seed=100 + request.param[1])
 
 
+def with_dtypes(dtypes, names):
+    """(problem, dtype) parameters of a dtype-parametrised test: every dtype on each case with the
+    interpreter's tiles; one dtype on each GPU-tile case, taken in turn (the GPU tiles' many small
+    programs cost the interpreter 10-30 s a call: every dtype still runs them once while there are
+    as many GPU-tile cases as dtypes)."""
+    out, k = [], 0
+    for i, case in enumerate(CASES):
+        chosen = range(len(dtypes))
+        if case[4]:
+            chosen, k = [k % len(dtypes)], k + 1
+        out += [pytest.param((case, i), dtypes[j], id=f"{IDS[i]}-{names[j]}") for j in chosen]
+    return out
+
+
 @pytest.fixture
 def prob(problem, monkeypatch):
     """The case, with the launchers planning GPU tiles under the interpreter where it asks so."""
@@ -183,7 +197,8 @@ def test_local_backward(prob):
     check(got, ref32, oracle, "local_backward")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("problem, dtype", with_dtypes([torch.float32, torch.bfloat16], ["fp32", "bf16"]),
+                         indirect=["problem"])
 def test_input_gradients_into_d_qkv(prob, dtype):
     """The Triton stage set's way (recompute.py's rc, ``into_d_qkv``): b3_fused and local_backward
     reading the depthwise inputs from qkv itself (rc["qkv"], `qkv_layout`; qkv in `dtype`, no u_j
@@ -323,7 +338,8 @@ def _cast(x, dtype):
     return x.to(device=DEVICE, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("problem, dtype", with_dtypes([torch.float16, torch.bfloat16], ["fp16", "bf16"]),
+                         indirect=["problem"])
 def test_stage_tensors_in_low_precision(prob, dtype):
     """The kernels on the stage tensors of an fp16/bf16 layer (`config.stage_dtype`: dP, Z, y, u,
     w4, xh4 and dL in `dtype`; rstd4 and the folded weights fp32): b3_fused (from G in `dtype`) and

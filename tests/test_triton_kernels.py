@@ -530,6 +530,11 @@ def test_torch_compile_fullgraph():
     _assert_rel(out, case.out, FP32_TOL, "torch.compile(fullgraph=True)")
 
 
+def _interpreted(cfg):
+    """A tile config as the interpreter runs it: without num_warps (one thread runs a program there)."""
+    return {k: v for k, v in cfg.items() if k != "num_warps"}
+
+
 def _untabled_candidates():
     """(C, aggregation config, attention config) of the tuning candidates beyond the tile tables --
     the aggregation's wide tiles (`launcher.AGG_WIDE_TILES`), unrolled tap rows (UNROLL) and a segment's
@@ -537,15 +542,27 @@ def _untabled_candidates():
     family's default -- at
     GroupMixFormer-S's widths and at C = 200 (s = 40: channel chunks of 16 + 16 + 8), as the tuner would
     try them for bf16 on an sm_90: from the search spaces themselves, not a list of our own. Run in fp32,
-    where their DOTS16 changes nothing (cleared here; the 16-bit dots: `test_dots16_candidates`)."""
+    where their DOTS16 changes nothing (cleared here; the 16-bit dots: `test_dots16_candidates`).
+    Candidates that differ only in num_warps run once: the interpreter runs a program as one thread
+    whatever its warps, so they compute the same thing there (their compiled forms, registers and spills
+    are the AOT tests')."""
     out = []
     bf16, cap = torch.bfloat16, (9, 0)
+    interpreted = _interpreted
     for C in sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200}):
         agg0, attn0 = launcher.aggregate_default(C, bf16, cap), launcher.attention_default(C, bf16, cap)
         aggs = [{**cfg, "DOTS16": 0} for cfg in launcher.aggregate_candidates(C, bf16, cap)   # fp32 runs: DOTS16 moot
                 if cfg["UNROLL"] or cfg["PAIR"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES]
-        cases = [(cfg, attn0) for i, cfg in enumerate(aggs) if cfg not in aggs[:i]]
-        cases += [(agg0, cfg) for cfg in launcher.attention_candidates(C, bf16, cap) if cfg["UNROLL"]]
+        seen, cases = [], []
+        for cfg in aggs:
+            if interpreted(cfg) not in seen:
+                seen.append(interpreted(cfg))
+                cases.append((cfg, attn0))
+        seen = []
+        for cfg in launcher.attention_candidates(C, bf16, cap):
+            if cfg["UNROLL"] and interpreted(cfg) not in seen:
+                seen.append(interpreted(cfg))
+                cases.append((agg0, cfg))
         for agg, attn in cases:
             tag = "-".join(f"{k}={v}" for k, v in agg.items()) + "-attn-" + "-".join(f"{k}={v}" for k, v in attn.items())
             out.append(pytest.param(C, agg, attn, id=f"C{C}-{tag}"))
@@ -608,8 +625,11 @@ def _dots16_candidates():
         for C in widths:
             attn = [cfg for cfg in launcher.attention_candidates(C, dtype, cap) if cfg["DOTS16"]]
             default = launcher.aggregate_default(C, dtype, cap)
-            aggs = [cfg for cfg in launcher.aggregate_candidates(C, dtype, cap)
-                    if cfg["DOTS16"] and not cfg["UNROLL"] and cfg["BLOCK_P"] == default["BLOCK_P"]]
+            aggs = []
+            for cfg in launcher.aggregate_candidates(C, dtype, cap):   # num_warps aside (the interpreter's)
+                if (cfg["DOTS16"] and not cfg["UNROLL"] and cfg["BLOCK_P"] == default["BLOCK_P"]
+                        and _interpreted(cfg) not in map(_interpreted, aggs)):
+                    aggs.append(cfg)
             for j in range(max(len(aggs), len(attn))):
                 agg, a = aggs[j % len(aggs)], attn[j % len(attn)]
                 tag = f"{agg['BLOCK_P']}-unroll{agg['UNROLL']}-pair{agg['PAIR']}-rows{agg['ROWS']}-attn{j % len(attn)}"
