@@ -92,11 +92,16 @@ def test_eval_with_gradients_float32():
     check_eval_with_gradients_float32("triton")
 
 
-@pytest.mark.parametrize("C, grid, B", [(40, (7, 9), 2), (80, (5, 6), 1)], ids=["C40-7x9-B2", "C80-5x6-B1"])
-@pytest.mark.parametrize("dtype, training", [(torch.float16, True), (torch.bfloat16, True), (torch.bfloat16, False)],
-                         ids=["float16-train", "bfloat16-train", "bfloat16-eval"])
+@pytest.mark.parametrize("dtype, training, C, grid, B", [(torch.float16, True, 40, (7, 9), 2),
+                                                        (torch.bfloat16, True, 40, (7, 9), 2),
+                                                        (torch.bfloat16, True, 80, (5, 6), 1),
+                                                        (torch.float16, True, 80, (5, 6), 1),
+                                                        (torch.bfloat16, False, 80, (5, 6), 1)],
+                         ids=["float16-train-C40-7x9-B2", "bfloat16-train-C40-7x9-B2", "bfloat16-train-C80-5x6-B1",
+                              "float16-train-C80-5x6-B1", "bfloat16-eval-C80-5x6-B1"])
 def test_low_precision(dtype, training, C, grid, B):
-    """`training_cases.check_low_precision`."""
+    """`training_cases.check_low_precision`: training at both dtypes and both shapes (two batches, s = 8 and
+    16), eval with gradients at one (~17 s a case under the interpreter: the suite's time)."""
     check_low_precision("triton", dtype, training, C, grid, B)
 
 
