@@ -230,8 +230,10 @@ def _emulation_toolchain_missing() -> str:
 @pytest.fixture(scope="session")
 def emu_build(tmp_path_factory):
     """Emulation-only build of the current csrc/ (host C++ compiler, no nvcc; about a minute on
-    2 cores), once per session: (module path, its build directory, seconds). A missing
-    toolchain skips, and fails in CI (environment variable CI set)."""
+    2 cores), once per run: (module path, its build directory, seconds). Under pytest-xdist the
+    workers share it (in the run's temporary directory, behind a file lock: the first builds, the
+    others load that build; each built its own until 2026-12-06, ~50 s more on 2 cores). A
+    missing toolchain skips, and fails in CI (environment variable CI set)."""
     import time
     from pathlib import Path
 
@@ -239,9 +241,26 @@ def emu_build(tmp_path_factory):
     why = _emulation_toolchain_missing()
     if why:
         skip_or_fail_in_ci(f"cannot build the CPU emulation of the CUDA kernels: {why}")
-    out = tmp_path_factory.mktemp("gmf_emulation")
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent                  # this run's directory, above each worker's own
+    out = base / "gmf_emulation"
     t0 = time.time()
-    path = cbuild.build(out_dir=out, emulation_only=True, quiet=True)
+    try:
+        import fcntl
+    except ImportError:                     # no flock (Windows): a build of this process's own
+        fcntl, out = None, tmp_path_factory.mktemp("gmf_emulation")
+    # the module's path once built: `build` into an explicit out_dir always runs the compile step, which
+    # would relink the module another worker has loaded
+    done = out / "built_by_this_run.txt"
+    with open(base / "gmf_emulation.fixture.lock", "a") as lock:   # not build()'s own lock file
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if fcntl is not None and done.is_file() and Path(done.read_text()).is_file():
+            path = done.read_text()
+        else:
+            path = cbuild.build(out_dir=out, emulation_only=True, quiet=True)
+            done.write_text(str(path))
     return Path(path), out / ".build", time.time() - t0
 
 
