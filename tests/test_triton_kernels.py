@@ -548,20 +548,19 @@ def _untabled_candidates():
     are the AOT tests')."""
     out = []
     bf16, cap = torch.bfloat16, (9, 0)
-    interpreted = _interpreted
     for C in sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200}):
         agg0, attn0 = launcher.aggregate_default(C, bf16, cap), launcher.attention_default(C, bf16, cap)
         aggs = [{**cfg, "DOTS16": 0} for cfg in launcher.aggregate_candidates(C, bf16, cap)   # fp32 runs: DOTS16 moot
                 if cfg["UNROLL"] or cfg["PAIR"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES]
         seen, cases = [], []
         for cfg in aggs:
-            if interpreted(cfg) not in seen:
-                seen.append(interpreted(cfg))
+            if _interpreted(cfg) not in seen:
+                seen.append(_interpreted(cfg))
                 cases.append((cfg, attn0))
         seen = []
         for cfg in launcher.attention_candidates(C, bf16, cap):
-            if cfg["UNROLL"] and interpreted(cfg) not in seen:
-                seen.append(interpreted(cfg))
+            if cfg["UNROLL"] and _interpreted(cfg) not in seen:
+                seen.append(_interpreted(cfg))
                 cases.append((agg0, cfg))
         for agg, attn in cases:
             tag = "-".join(f"{k}={v}" for k, v in agg.items()) + "-attn-" + "-".join(f"{k}={v}" for k, v in attn.items())
