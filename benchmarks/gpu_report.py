@@ -681,13 +681,6 @@ def training_step(backend: str, x, size, w, dtype, device):
     return {n: t.cpu().double() for n, t in named.items()}
 
 
-def _norm_rel(a, e) -> float:
-    import torch
-    if not bool(torch.isfinite(a).all()):
-        return float("nan")
-    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
-
-
 def worker_sanitize(list_only: bool, backends: List[str], cpu: bool = False, max_cases: int = 0,
                     modes: Sequence[str] = ("eval", "train")) -> int:
     """The compute-sanitizer driver: each case's inputs made on the CPU and copied (so initcheck
@@ -711,7 +704,7 @@ def worker_sanitize(list_only: bool, backends: List[str], cpu: bool = False, max
     import torch
     import torch.nn.functional as F
     from gmf_kernels.folding import compute_dtype, fold_eval
-    from gmf_kernels.numerics import TOLERANCE, default_hyper, random_gma_weights
+    from gmf_kernels.numerics import TOLERANCE, default_hyper, norm_rel_error, random_gma_weights
     from gmf_kernels.reference import reference_group_mix_attention
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     dev = "cpu" if cpu else "cuda"
@@ -731,7 +724,7 @@ def worker_sanitize(list_only: bool, backends: List[str], cpu: bool = False, max
                     torch.cuda.synchronize()
                 oracle = training_step("reference", x, (H, W), w, torch.float64, "cpu")
                 ref = training_step("reference", x, (H, W), w, dt, "cpu")
-                checks = {n: (_norm_rel(got[n], o), 2 * _norm_rel(ref[n], o) + SANITIZE_TRAIN_FLOOR[dn])
+                checks = {n: (norm_rel_error(got[n], o), 2 * norm_rel_error(ref[n], o) + SANITIZE_TRAIN_FLOOR[dn])
                           for n, o in oracle.items()}
                 worst = max(checks, key=lambda n: checks[n][0] / checks[n][1] if checks[n][0] == checks[n][0]
                             else float("inf"))

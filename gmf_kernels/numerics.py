@@ -83,6 +83,14 @@ def max_rel_error(actual: Tensor, expected: Tensor) -> float:
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
 
 
+def norm_rel_error(actual: Tensor, expected: Tensor) -> float:
+    """||a - e||_2 / ||e||_2 in float64, on expected's device; NaN when actual holds a NaN or an infinity."""
+    a = actual.detach().to(dtype=torch.float64, device=expected.device)
+    if not bool(torch.isfinite(a).all()):
+        return float("nan")
+    return ((a - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
 #: max |out - ref| / max |ref| a backend may show against the reference run at float32
 #: (float64 for float64 inputs): `GroupMixAttention(check=True)` and the self-check.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}

@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from gmf_kernels.backends import BACKEND_NAMES, GMAProblem, get_backend
-from gmf_kernels.weights import BUFFER_FIELDS, PARAM_FIELDS, named_fields  # noqa: F401  (the tests' names)
 from gmf_kernels.numerics import cast_weights, max_rel_error
-from gmf_kernels.weights import GMAWeights
+from gmf_kernels.weights import BUFFER_FIELDS, PARAM_FIELDS, GMAWeights, named_fields  # noqa: F401  (the tests' names)
 
 Tensor = torch.Tensor
 

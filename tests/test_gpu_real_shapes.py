@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from gmf_kernels.folding import compute_dtype, fold_eval
 from gmf_kernels.models.configs import MODEL_CONFIGS
-from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
+from gmf_kernels.numerics import cast_weights, default_hyper, norm_rel_error, random_gma_weights
 from gmf_kernels.reference import reference_group_mix_attention
 from gmf_kernels.triton_kernels.specializations import GPU_TRAIN_SHAPES
 
@@ -92,14 +92,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if not bool(torch.isfinite(a).all()):
         return float("nan")
     return ((a - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
-def norm_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||a - e||_2 / ||e||_2 in float64 on the device (inf for non-finite a)."""
-    a = actual.detach().to(dtype=torch.float64, device=expected.device)
-    if not bool(torch.isfinite(a).all()):
-        return float("inf")
-    return ((a - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def assert_close_to_oracle(out, oracle, ref_lowp, dtype, what):
@@ -475,6 +467,6 @@ def test_training_step_real_shapes(name, C, G, B, dn):
     for n, o in oracle[1].items():
         g = got[1][n]
         assert g.shape == o.shape and bool(torch.isfinite(g).all()), f"{what} grad {n}: shape or non-finite values"
-        err, ref_err = norm_rel_err(g, o), norm_rel_err(ref_lp[1][n], o)
+        err, ref_err = norm_rel_error(g, o), norm_rel_error(ref_lp[1][n], o)
         assert err <= 2 * ref_err + 1e-2, (f"{what} grad {n}: norm-wise relative error {err:.3e} > 2 x the "
                                            f"reference's {ref_err:.3e} + 1e-2")
