@@ -12,9 +12,10 @@ What it measures (`gmf_kernels.tuning`, the table format is in its docstring):
   "triton.attention" from gmf_kernels/triton_kernels/launcher.py, "cuda.tiles" from
   gmf_kernels/cuda/launcher.py) and every (C, dtype) of the GroupMixFormer-S/B/L widths (each at
   its first stage grid at 224x224, batch --batch), the time of each candidate config; the
-  fastest is the entry. Triton candidates are timed on their kernel alone (the other two
-  launches of the call use the defaults), candidates whose compiled kernel spills registers
-  are refused, and each candidate's ``pre`` is compared with the default config's (a tile
+  fastest is the entry. Triton candidates are timed on their kernel alone (the other
+  launches of the call use the defaults; an aggregation candidate that splits the forward,
+  ``SPLIT``, on its Z pass and its aggregation together: `STAGE_KERNELS`), candidates whose
+  compiled kernels spill registers are refused, and each candidate's ``pre`` is compared with the default config's (a tile
   must not change the result beyond rounding). CUDA candidates are timed on the whole
   pre-projection (the tile shapes both tile kernels) and compared the same way.
 * ``--train``: the training kernels' families instead (`gmf_kernels.triton_kernels.tile_spaces`:
@@ -101,6 +102,10 @@ BACKEND_PARTS = ("backends", "backends_train")
 WARM_SHARE = 0.25
 #: max relative difference of a candidate's pre from the default config's (per dtype): rounding only
 AGREE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+#: the kernels a forward family's candidate is timed on (`GpuMeasure.triton`), by name: the aggregation's, with the
+#: Z pass of its SPLIT candidates (`config.GMAShape.AGG_SPLIT`); the attention's
+STAGE_KERNELS = {"triton.aggregate": ("gma_statistics_kernel", "gma_aggregate_kernel"),
+                 "triton.attention": ("gma_attention_kernel",)}
 
 
 # ------------------------------------------------------------------ plan
@@ -298,12 +303,14 @@ class GpuMeasure:
 
     def triton(self, family: str, C: int, H: int, W: int, dtype: torch.dtype, cands: List[Dict]) -> List[Dict]:
         from gmf_kernels.triton_kernels import launcher as L
-        from gmf_kernels.triton_kernels._common import dot_variant
+        from gmf_kernels.triton_kernels._common import dot_variant, kernel_name
         qkv, folded, hp = self._inputs(C, H, W, dtype)
         dots = dot_variant(qkv)
         default_agg = L.aggregate_default(C, dtype, self.cap)
         default_attn = L.attention_default(C, dtype, self.cap)
-        index = 0 if family == L.AGG_FAMILY else 2
+        # the launches a candidate of the family changes, timed together: the aggregation, after its Z pass where
+        # the candidate splits the forward (SPLIT: `statistics.plan_z_pass`); the attention
+        stage = STAGE_KERNELS[family]
         ref = None
         out = []
         for i, cfg in enumerate(cands):
@@ -316,20 +323,26 @@ class GpuMeasure:
                 shape = L.shape_from_configs(C, dots, agg, attn)
                 buf, launches = L.plan_pre_projection(qkv, H, W, folded, float(hp.scale), float(hp.ln_eps),
                                                       shape=shape, dots=dots)
-                compiled = None
-                for i, (k, g, a, kw) in enumerate(launches):
+                compiled, timed = [], []
+                for k, g, a, kw in launches:
                     c = k[g](*a, **kw)
-                    if i == index:
-                        compiled = c
+                    if kernel_name(k) in stage:
+                        compiled.append(c)
+                        timed.append((k, g, a, kw))
                 torch.cuda.synchronize()
-                spills = int(getattr(compiled, "n_spills", 0) or 0)
-                rec["registers"] = getattr(compiled, "n_regs", None)
+                spills = sum(int(getattr(c, "n_spills", 0) or 0) for c in compiled)
+                rec["registers"] = getattr(compiled[-1], "n_regs", None)   # the family's kernel (after a Z pass)
+                if len(compiled) > 1:
+                    rec["registers_before"] = [getattr(c, "n_regs", None) for c in compiled[:-1]]
                 rec["spills"] = spills
                 pre = buf["pre"].clone()
                 if ref is None:
                     ref = pre
-                k, g, a, kw = launches[index]
-                self._judge(rec, _rel_diff(pre, ref), dtype, spills, "pre", lambda: k[g](*a, **kw))
+
+                def run(timed=timed):
+                    for k, g, a, kw in timed:
+                        k[g](*a, **kw)
+                self._judge(rec, _rel_diff(pre, ref), dtype, spills, "pre", run)
             except Exception as ex:  # one failing candidate must not stop the sweep
                 rec.update(status="error", reason=f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}")
             out.append(rec)

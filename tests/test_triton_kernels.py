@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from gmf_kernels.backends.base import GMAProblem  # noqa: E402
 from gmf_kernels.backends.triton_backend import BACKEND  # noqa: E402
-from gmf_kernels.folding import folded_weights  # noqa: E402
+from gmf_kernels.folding import folded_weights, meta_weights  # noqa: E402
 from gmf_kernels.models.configs import MODEL_CONFIGS, MODEL_WIDTHS  # noqa: E402
 from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights  # noqa: E402
 from gmf_kernels.reference import reference_group_mix_attention  # noqa: E402
@@ -551,7 +551,8 @@ def _untabled_candidates():
     for C in sorted(set(MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]) | {200}):
         agg0, attn0 = launcher.aggregate_default(C, bf16, cap), launcher.attention_default(C, bf16, cap)
         aggs = [{**cfg, "DOTS16": 0} for cfg in launcher.aggregate_candidates(C, bf16, cap)   # fp32 runs: DOTS16 moot
-                if cfg["UNROLL"] or cfg["PAIR"] or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES]
+                if cfg["UNROLL"] or cfg["PAIR"] or cfg["SPLIT"]
+                or (cfg["BLOCK_P"], cfg["num_warps"], cfg["CK"]) in launcher.AGG_WIDE_TILES]
         seen, cases = [], []
         for cfg in aggs:
             if _interpreted(cfg) not in seen:
@@ -571,13 +572,13 @@ def _untabled_candidates():
 @pytest.mark.parametrize("C,agg,attn", _untabled_candidates())
 def test_untabled_tuning_candidates(C, agg, attn):
     """Every candidate the tuner may pick beyond the tile tables (the aggregation at 64 tokens a
-    tile, merged or stream after stream, or with its tap rows unrolled, an instance per window; the
-    attention with its CRPE tap rows unrolled) computes the same pre-projection (fp32, against
+    tile, merged or stream after stream, or with its tap rows unrolled, an instance per window, or split
+    in a Z pass and the aggregation from Z; the attention with its CRPE tap rows unrolled) computes the same pre-projection (fp32, against
     float64) and writes every element, on a grid of several tiles (the last ragged) with runs of
     several tiles per program."""
     H, W = {80: (11, 13), 160: (9, 10)}.get(C, (9, 9))
     case = Case(C, H, W, 1, seed=C + agg["BLOCK_P"] + agg["MERGE"] + 2 * agg["UNROLL"] + 4 * attn["UNROLL"]
-                + 8 * agg["PAIR"] + 16 * agg["ROWS"])
+                + 8 * agg["PAIR"] + 16 * agg["ROWS"] + 32 * agg["SPLIT"])
     shape = launcher.shape_from_configs(C, launcher.dot_variant(case.qkv(torch.float32)), agg, attn)
     assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE, shape.AGG_UNROLL, shape.ATTN_UNROLL, shape.AGG_PAIR,
             shape.AGG_ROWS) == (agg["BLOCK_P"], agg["CK"], bool(agg["MERGE"]), bool(agg["UNROLL"]), bool(attn["UNROLL"]),
@@ -585,9 +586,11 @@ def test_untabled_tuning_candidates(C, agg, attn):
     assert shape.num_tiles(H * W, W) >= 2
     _, launches = launcher.plan_pre_projection(case.qkv(torch.float32), H, W, case.folded(torch.float32),
                                                case.hp.scale, case.hp.ln_eps, shape=shape)
-    kw = launches[0][3]
-    assert (kw["PAIR"], kw["UNROLL"], kw["MERGE_QKV"], kw["BLOCK_P"], kw["ROWS"]) == (
-        bool(agg["PAIR"]), bool(agg["UNROLL"]), bool(agg["MERGE"]), agg["BLOCK_P"], bool(agg["ROWS"]))
+    assert [k.__name__ for k, *_ in launches][:1 + agg["SPLIT"]] == (
+        ["gma_statistics_kernel"] if agg["SPLIT"] else []) + ["gma_aggregate_kernel"]
+    kw = launches[agg["SPLIT"]][3]     # the aggregation's (the split forward's Z pass comes first)
+    assert (kw["PAIR"], kw["UNROLL"], kw["MERGE_QKV"], kw["BLOCK_P"], kw["ROWS"], kw["FROM_Z"]) == (
+        bool(agg["PAIR"]), bool(agg["UNROLL"]), bool(agg["MERGE"]), agg["BLOCK_P"], bool(agg["ROWS"]), bool(agg["SPLIT"]))
     _check_launch(case, shape)
 
 
@@ -605,6 +608,7 @@ def test_untabled_candidates_present():
         assert {a["MERGE"] for a, _ in got if a["BLOCK_P"] == 64} == {0, 1}, C
         assert any(a["PAIR"] for a, _ in got), C              # s = 16, 32, 64: the heads as one tensor
         assert any(a["ROWS"] for a, _ in got), C              # and its row walks
+        assert any(a["SPLIT"] for a, _ in got), C             # the split forward
 
 
 def _dots16_candidates():
@@ -850,6 +854,62 @@ def test_forward_from_planes_low_precision(dtype, C, H, W, B):
                                               return_intermediates=True)
     assert out.dtype == dtype
     assert_within_reference_error(out, ex["pre_proj"], case.pre, name=f"{dtype} pre_proj from planes")
+
+
+#: (C, H, W, B, dtype, GPU tiles?) of the split forward (`GMAShape.AGG_SPLIT`): PAIR's Z pass (C = 80, 320) and the
+#: per-head one (C = 40: s = 8), the interpreter's one tile and the GPU tiles (several a program, ragged last), odd grids
+#: (fp32 at GPU tiles and GroupMixFormer-S's widths: `test_untabled_tuning_candidates`)
+SPLIT_CASES = [(40, 5, 7, 2, torch.float32, False), (80, 7, 9, 1, torch.bfloat16, True),
+               (320, 3, 5, 2, torch.float16, False)]
+
+
+@pytest.mark.parametrize("C,H,W,B,dtype,gpu_tiles", SPLIT_CASES,
+                         ids=[f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}-{'gpu' if g else 'interp'}" for c, h, w, b, d, g in SPLIT_CASES])
+def test_split_forward(monkeypatch, C, H, W, B, dtype, gpu_tiles):
+    """The split forward (the "triton.aggregate" candidate SPLIT): the Z pass (`statistics.plan_z_pass`) first,
+    then the aggregation reading Z without keeping anything for a backward (no KEEP, no R, no softmax
+    statistics), then combine and attention. fp32: Q, V, KV and the pre-projection within FP32_TOL of float64,
+    every buffer written; fp16 / bf16: the layer through the op within 2x the reference's own error (Z rounded
+    once to the stage dtype before its BatchNorm, as the reference's convolutions in that dtype round it)."""
+    case = Case(C, H, W, B, seed=C + 11 * H + B)
+    shape = gma_shape(C, split=True) if gpu_tiles else gma_shape(C, interpreter=INTERPRET, split=True)
+    assert shape.AGG_SPLIT and not (shape.AGG_PAIR or shape.AGG_ROWS or shape.AGG_FROM_Z)
+    _, launches = launcher.plan_pre_projection(case.qkv(dtype), H, W, case.folded(dtype), case.hp.scale,
+                                               case.hp.ln_eps, shape=shape)
+    assert [k.__name__ for k, *_ in launches] == ["gma_statistics_kernel", "gma_aggregate_kernel",
+                                                  "gma_combine_kernel", "gma_attention_kernel"]
+    kw = [k[3] for k in launches]
+    assert kw[0]["STORE"] == 2 and kw[1]["FROM_Z"] and "KEEP" not in kw[1]
+    assert not kw[2].get("STATS") and not kw[3].get("STORE_R")
+    if dtype == torch.float32:
+        _check_launch(case, shape)
+        return
+    monkeypatch.setattr(launcher, "default_shape", lambda *a: shape)
+    out = _forward(case, dtype)
+    with torch.no_grad():
+        ref_lp = reference_group_mix_attention(case.x64.to(DEVICE, dtype), (H, W), case.weights(dtype), case.hp)
+    assert_within_reference_error(out, ref_lp, case.out, name=f"{dtype} split forward C={C}")
+
+
+def test_split_forward_is_a_candidate_and_not_the_training_forward():
+    """SPLIT is the first knob of every width's "triton.aggregate" search space (timed before a deadline cuts the
+    list), with the stencil knobs it makes moot set to one value; the training forward (`config.from_planes`)
+    drops it, and a batch whose 3B images pass the grid's limit runs the fused forward instead."""
+    for C in MODEL_WIDTHS:
+        for dtype in (torch.float32, torch.bfloat16):
+            cands = launcher.aggregate_candidates(C, dtype, (9, 0))
+            split = [c for c in cands if c["SPLIT"]]
+            assert len(split) == 1 and cands.index(split[0]) == 4, (C, dtype)
+            assert (split[0]["PAIR"], split[0]["ROWS"], split[0]["MERGE"]) == (0, 0, 1)
+            sh = launcher.shape_from_configs(C, launcher.DotVariant("tf32", False), split[0],
+                                             launcher.attention_default(C, dtype, (9, 0)))
+            assert sh.AGG_SPLIT and not config.from_planes(sh, "tf32").AGG_SPLIT
+    sh = gma_shape(80, split=True)
+    qkv = torch.empty(config.MAX_GRID_BATCH // 3 + 1, 16, 240, device="meta")
+    weights = meta_weights(80)
+    _, launches = launcher.plan_pre_projection(qkv, 4, 4, weights, 0.25, 1e-5, shape=sh,
+                                               dots=launcher.DotVariant("tf32", False))
+    assert [k.__name__ for k, *_ in launches][0] == "gma_aggregate_kernel"
 
 
 def test_forward_from_planes_gpu_tiles_and_chunks(monkeypatch):

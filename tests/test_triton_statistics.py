@@ -684,3 +684,39 @@ def test_rows_candidates_compile_without_spills_on_sm90(tmp_path):
         print(f"C={r['C']} {r['tiles']}: {r['registers']} registers, spills {r['spill_stores']} B")
         assert r["rows"] is True, r
         assert_compiled_without_spills(r)
+
+
+# ------------------------------------------------------------------ the split forward's Z pass (STORE = Z_ONLY)
+#: (C, grid, B, dtype, tiles): the per-head tile kernel (C = 40: s = 8, no PAIR), PAIR's tile kernel and its row
+#: walk (C = 80), at the interpreter's one tile and at GPU tiles (several tiles a program, ragged strips)
+Z_PASS_CASES = [(40, (5, 7), 2, F32, None), (80, (9, 20), 1, BF16, None), (80, (9, 20), 1, F32, (16, 4, 16, 1)),
+                (160, (6, 9), 1, F16, (32, 4, 16, 0))]
+
+
+@pytest.mark.parametrize("C, grid, B, dtype, tiles", Z_PASS_CASES,
+                         ids=[f"C{c}-{g[0]}x{g[1]}-B{b}-{str(d)[6:]}-{t}" for c, g, b, d, t in Z_PASS_CASES])
+def test_z_pass_writes_the_statistics_pass_z(C, grid, B, dtype, tiles):
+    """`plan_z_pass` (the split eval forward's Z pass, STORE = `Z_ONLY`): Z of segments 1-3 exactly as the
+    statistics pass with STORE stores it (the same code, the moments and y left out: bit for bit under the
+    interpreter, to the stage dtype's rounding on a GPU), segment 0 never written (NaN poison left: the
+    aggregation reads qkv there), and a plan whose segment 0 has the fewest programs (it costs nothing)."""
+    H, W = grid
+    qkv = dev(torch.randn(B, H * W, 3 * C).to(dtype))
+    w = pre_bn_weights(C, F32)
+    filters = [dev(t).contiguous() for t in (w.dw3, w.dw5, w.dw7, w.pw)]
+    _, z_store, _ = st.z_moments(qkv, H, W, *filters, tiles, store=True)
+    s = C // 5
+    z = torch.full((3 * B, 4 * s, H, W), float("nan"), dtype=config.stage_dtype(dtype), device=qkv.device)
+    z_out, (launch_grid, args, kwargs) = st.plan_z_pass(qkv, H, W, *filters, tiles, z=z)
+    assert z_out is z and kwargs["STORE"] == st.STORE_Z_ONLY and launch_grid[1] == 3 * B
+    splits = args[-4:]
+    assert splits[0] == min(splits), splits
+    st.gma_statistics_kernel[launch_grid](*args, **kwargs)
+    assert torch.isnan(z[:, :s]).all(), "segment 0 of Z written"
+    if DEVICE == "cpu":
+        assert torch.equal(z[:, s:], z_store[:, s:])
+    else:
+        assert_max_rel_close(z[:, s:].float(), z_store[:, s:].float(), 2 * torch.finfo(z.dtype).eps,
+                             name="Z (Z pass) against Z (statistics pass)")
+    with pytest.raises(ValueError, match="Z buffer"):
+        st.plan_z_pass(qkv, H, W, *filters, tiles, z=z[:, :, :, :-1])

@@ -564,3 +564,50 @@ def test_candidates_past_the_deadline_are_skipped(monkeypatch):
     assert res[1]["reason"] == "time budget used up" and res[0]["time_us"] == 7.0
     table = tune.new_table("sm_90", "test")
     assert tune.set_entry(table, L.AGG_FAMILY, 80, torch.float32, res) == {**cands[0], "time_us": 7.0}
+
+
+def test_split_candidate_is_timed_on_its_z_pass_and_aggregation(monkeypatch):
+    """A "triton.aggregate" candidate that splits the forward (SPLIT) is timed on the two launches it changes, the
+    Z pass and the aggregation (`tune.STAGE_KERNELS`), a per-tile candidate on the aggregation alone, an attention
+    candidate on the attention; each is checked against the default's result first. (The Triton interpreter stands
+    in for the GPU; `_bench` records which kernels the timed function launches.)"""
+    from gmf_kernels.triton_kernels._common import kernel_name
+    meas = object.__new__(tune.GpuMeasure)
+    meas.batch, meas.warmup, meas.rep, meas.device, meas.cap = 1, 1, 1, torch.device("cpu"), (9, 0)
+    meas.deadline = None
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    ran, timed = [], []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel, self.__name__ = kernel, kernel_name(kernel)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                ran.append(self.__name__)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    real = L.plan_pre_projection
+
+    def spied(*args, **kwargs):
+        buf, launches = real(*args, **kwargs)
+        return buf, [(Spy(k), g, a, kw) for k, g, a, kw in launches]
+
+    def bench(fn):
+        ran.clear()
+        fn()
+        timed.append(list(ran))
+        return 1.0
+
+    monkeypatch.setattr(L, "plan_pre_projection", spied)
+    meas._bench = bench
+    cands = L.aggregate_candidates(80, torch.float32, (9, 0))
+    split = next(c for c in cands if c["SPLIT"])
+    res = meas.triton(L.AGG_FAMILY, 80, 5, 6, torch.float32, [cands[0], split])
+    assert [r["status"] for r in res] == ["ok", "ok"], res
+    assert timed == [["gma_aggregate_kernel"], ["gma_statistics_kernel", "gma_aggregate_kernel"]]
+    assert "registers_before" in res[1] and "registers_before" not in res[0]
+    timed.clear()
+    res = meas.triton(L.ATTN_FAMILY, 80, 5, 6, torch.float32, L.attention_candidates(80, torch.float32, (9, 0))[:1])
+    assert res[0]["status"] == "ok" and timed == [["gma_attention_kernel"]]

@@ -717,6 +717,7 @@ def gma_aggregate_kernel(
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr, UNROLL: tl.constexpr,
     PAIR: tl.constexpr = False, ROWS: tl.constexpr = False, FROM_Z: tl.constexpr = False,
+    KEEP: tl.constexpr = False,
 ):
     pid = tl.program_id(0)                                     # flat (job, split) of image b
     b = tl.program_id(1).to(tl.int64)
@@ -743,7 +744,7 @@ def gma_aggregate_kernel(
         tps = tl.cdiv(T, tl.where(seg == 1, splits1, tl.where(seg == 2, splits2, splits3)))
         t0 = (pid - first) * tps
         t1 = tl.minimum(t0 + tps, T)
-        if FROM_Z:   # the kept Z of the statistics pass (the training forward): no stencil (`_segment_z`)
+        if FROM_Z:   # Z of the statistics pass (the training forward) or of the Z pass (SPLIT): no stencil (`_segment_z`)
             _segment_z(z + b * CP * N, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift,
                        row, t0, t1, N, seg, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
         elif ROWS:     # row walks (`_segment_rows`): an instance per window
@@ -785,7 +786,7 @@ def gma_aggregate_kernel(
         _local_branch(qkv_b, pre + b * N * C, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
                       t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P,
                       DOT_PRECISION, EMULATE_DOTS, UNROLL, ROWS, w4 + b * (3 * S * N), xh4 + b * (S * N), rstd4 + b * N,
-                      FROM_Z)
+                      KEEP)
 
 
 def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_image: int = 5):
@@ -829,8 +830,8 @@ def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
     * job 4 (local branch): 3 Sc 9 taps + the 3s -> s dots, 3 Sc Sp, + 5 Sp elements
       (LayerNorm, hardswish, store).
 
-    With ``sh.AGG_FROM_Z`` (the training forward reading the statistics pass's Z, `_segment_z`)
-    jobs 1, 2, 3 cost what job 0 costs.
+    With ``sh.AGG_FROM_Z`` (the training forward reading the statistics pass's Z, `_segment_z`) or
+    ``sh.AGG_SPLIT`` (the split eval forward reading its Z pass's) jobs 1, 2, 3 cost what job 0 costs.
 
     With ``sh.AGG_ROWS`` (`_segment_rows`) a token of job j = 1, 2, 3 costs 3 s (2j+1) loads (each
     input row's column shifts) and 3 s (2j+1)² `FMA_COST` multiply-adds instead of its taps, and the
@@ -844,7 +845,7 @@ def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
     kv = 2 * dp * dp * dot
     per_token = [12 * dp * ELEMENT_COST + kv]
     for ks in (3, 5, 7):
-        if sh.AGG_FROM_Z:
+        if sh.AGG_FROM_Z or sh.AGG_SPLIT:
             per_token.append(per_token[0])
         elif sh.AGG_ROWS:
             s = sh.S
@@ -963,17 +964,17 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
     contiguous; part_m, part_l: (B, R, s) and part_acc: (B, R, s, d) fp32 with R =
     plan.partial_rows (the packed partials, module docstring); dots: the dot variant
     (`_common.dot_variant`; with ``shape.AGG_DOTS16`` its 16-bit-operand form for 16-bit inputs,
-    `config.operand_precision`); z: with ``shape.AGG_FROM_Z`` (and only then) the planes Z of the
-    statistics pass, as (3, B, C', N) with unit token stride and planes of N (the q, k, v streams of
+    `config.operand_precision`); z: with ``shape.AGG_FROM_Z`` or ``shape.AGG_SPLIT`` (and only then) the
+    planes Z of the statistics pass (or of the split forward's Z pass, `statistics.plan_z_pass`), as (3, B, C', N) with unit token stride and planes of N (the q, k, v streams of
     (3B', C', H, W), B' >= B: a batch chunk is a slice of the streams); local: with z, the buffers the
     local branch keeps for the backward, (w4 (B, 3s, H, W), xh4 (B, s, H, W)) in the stage dtype and rstd4
-    (B, 1, H, W) fp32, contiguous (`recompute.plan_recompute_local`'s). Also used, on meta tensors, to derive the AOT specialisations
+    (B, 1, H, W) fp32, contiguous (`recompute.plan_recompute_local`'s), with AGG_FROM_Z only. Also used, on meta tensors, to derive the AOT specialisations
     (`specializations.py`), so the two cannot drift apart.
     """
     B, N, _ = qkv.shape
-    if not shape.AGG_FROM_Z == (z is not None) == (local is not None):
-        raise ValueError("the planes Z and the local branch's buffers go with AGG_FROM_Z (the training forward), "
-                         "and only with it")
+    if (shape.AGG_FROM_Z or shape.AGG_SPLIT) != (z is not None) or shape.AGG_FROM_Z != (local is not None):
+        raise ValueError("the planes Z go with AGG_FROM_Z (the training forward) or AGG_SPLIT (the split eval forward), "
+                         "the local branch's buffers with AGG_FROM_Z, and only with them")
     plan.check()
     if plan.tiles != shape.num_tiles(N, W):
         raise ValueError(f"plan of {plan.tiles} tiles for {shape.num_tiles(N, W)} tiles of {shape.AGG_BLOCK_P} tokens")
@@ -987,12 +988,13 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
         if z.dtype != stage_dtype(qkv.dtype) or z.device != qkv.device:
             raise ValueError(f"planes {z.dtype} on {z.device} for a {qkv.dtype} layer on {qkv.device}")
         s = shape.S
-        for t, ch, dt in zip(local, (3 * s, s, 1), (z.dtype, z.dtype, torch.float32)):
+        for t, ch, dt in zip(local or (), (3 * s, s, 1), (z.dtype, z.dtype, torch.float32)):
             if tuple(t.shape) != (B, ch, H, W) or not t.is_contiguous() or t.dtype != dt or t.device != qkv.device:
                 raise ValueError(f"local branch buffer {tuple(t.shape)} {t.dtype}: expected a contiguous "
                                  f"({B}, {ch}, {H}, {W}) {dt} tensor on {qkv.device}")
     w = weights
-    args = (qkv, q, v, pre, part_m, part_l, part_acc, *((qkv,) * 4 if z is None else (z, *local)),
+    keep = (z, *local) if local is not None else (qkv,) * 4 if z is None else (z, qkv, qkv, qkv)
+    args = (qkv, q, v, pre, part_m, part_l, part_acc, *keep,
             w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw, w.local_pw, w.ln_weight, w.ln_bias,
             N, H, W, strip_width(W, shape.AGG_STRIP), qkv.stride(0), qkv.stride(1), 0 if z is None else z.stride(0),
             *plan.splits, ln_eps)
@@ -1000,8 +1002,10 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
                   CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P,
                   DOT_PRECISION=operand_precision(dots.precision, dtype_name(qkv.dtype), shape.AGG_DOTS16),
                   EMULATE_DOTS=dots.emulate, MERGE_QKV=shape.AGG_MERGE, UNROLL=shape.AGG_UNROLL, PAIR=shape.AGG_PAIR,
-                  ROWS=shape.AGG_ROWS, FROM_Z=shape.AGG_FROM_Z,
+                  ROWS=shape.AGG_ROWS, FROM_Z=shape.AGG_FROM_Z or shape.AGG_SPLIT,
                   num_warps=shape.AGG_WARPS)
+    if shape.AGG_FROM_Z:   # the training forward keeps the local branch's w4, xh4, rstd4 (the split forward does not)
+        kwargs["KEEP"] = True
     return (plan.programs, B), args, kwargs
 
 

@@ -228,6 +228,7 @@ class GMAShape:
     AGG_ROWS: bool = False     # aggregation: segments 1-3 by row walks down strips (`aggregation._segment_rows`; a candidate)
     ATTN_ROWS: bool = False    # attention: the CRPE by row walks down strips (`attention._attention_rows`; a candidate)
     AGG_FROM_Z: bool = False   # aggregation: segments 1-3 from the statistics pass's kept Z (the training forward; `from_planes`)
+    AGG_SPLIT: bool = False    # eval forward: a Z pass (`statistics.plan_z_pass`), then the aggregation from Z (a candidate)
 
     def num_tiles(self, N: int, W: Optional[int] = None) -> int:
         """The aggregation's tiles of an image of N tokens (W columns): ceil(N / AGG_BLOCK_P), or with
@@ -261,7 +262,8 @@ def from_planes(shape: GMAShape, precision: str = "") -> GMAShape:
     only where they do so without spilling (`ATTN_ROWS_KEEP_R_PRECISIONS` for the call's dot `precision`,
     `ATTN_ROWS_KEEP_R_MAX_D_PAD`). Cached (every training launch asks it; GMAShape is frozen)."""
     rows = shape.ATTN_ROWS and precision in ATTN_ROWS_KEEP_R_PRECISIONS and shape.D_PAD <= ATTN_ROWS_KEEP_R_MAX_D_PAD
-    return replace(shape, AGG_FROM_Z=True, AGG_PAIR=False, AGG_ROWS=False, AGG_MERGE=True, ATTN_ROWS=rows)
+    return replace(shape, AGG_FROM_Z=True, AGG_SPLIT=False, AGG_PAIR=False, AGG_ROWS=False, AGG_MERGE=True,
+                   ATTN_ROWS=rows)
 
 
 #: Aggregation tiles per width: (BLOCK_P tokens per tile, num_warps, CK channels per chunk),
@@ -452,7 +454,7 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
               ck: int = 0, split_target: int = 1024, agg_warps: int = 0, dots: str = "tf32x3",
               strip: Optional[int] = None, merge: Optional[bool] = None, unroll: bool = False,
               attn_unroll: bool = False, dots16: bool = False, attn_dots16: bool = False,
-              pair: bool = False, rows: bool = False, attn_rows: bool = False) -> GMAShape:
+              pair: bool = False, rows: bool = False, attn_rows: bool = False, split: bool = False) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
@@ -466,7 +468,10 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
     pair: the aggregation's two heads of a segment as one tensor (`GMAShape.AGG_PAIR`; default off;
     only where `pair_applies` and with the merged q/k/v pass).
     rows: the aggregation's segments 1-3 by row walks (`GMAShape.AGG_ROWS`; default off; only with pair).
-    attn_rows: the attention's CRPE by row walks (`GMAShape.ATTN_ROWS`; default off)."""
+    attn_rows: the attention's CRPE by row walks (`GMAShape.ATTN_ROWS`; default off).
+    split: the eval forward split in a Z pass and the aggregation from Z (`GMAShape.AGG_SPLIT`; default off).
+    The knobs that only shape the stencils of segments 1-3 (pair, rows, merge) are then set to one value, as
+    `from_planes` sets them: the aggregation runs no such stencil (one compiled variant)."""
     if C % 10 != 0 or C <= 0:
         raise ValueError(f"C={C}: the Triton kernels need C a positive multiple of 10")
     S = C // 5
@@ -492,10 +497,12 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
                          f"merged={merged})")
     if rows and not pair:
         raise ValueError(f"rows=True walks a segment's two heads as one tensor: it needs pair=True (C={C})")
+    if split:
+        pair, rows, merged = False, False, True
     return GMAShape(C=C, S=S, CP=CP, D=D, S_PAD=S_PAD, D_PAD=D_PAD, CK=ck, AGG_BLOCK_P=agg,
                     ATTN_BLOCK_P=attn, AGG_WARPS=agg_warps, ATTN_WARPS=attn_tiles[1], SPLIT_TARGET=split_target,
                     AGG_STRIP=STRIP_TARGET if strip is None else int(strip),
                     AGG_MERGE=merged,
                     AGG_UNROLL=bool(unroll), ATTN_UNROLL=bool(attn_unroll), AGG_DOTS16=bool(dots16),
                     ATTN_DOTS16=bool(attn_dots16), AGG_PAIR=bool(pair), AGG_ROWS=bool(rows),
-                    ATTN_ROWS=bool(attn_rows))
+                    ATTN_ROWS=bool(attn_rows), AGG_SPLIT=bool(split))

@@ -186,7 +186,8 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     With ``sh.AGG_FROM_Z`` (the training forward, `config.from_planes`) segments 1-3 come from the
     statistics pass's Z: qkv's segments 0 and 4 read (B N 6 s e), Z's segments 1-3 read (B N 9 s, stage
     dtype: e), no pointwise and no 3x3/5x5/7x7 stencil (the local branch's stay); and the local branch
-    keeps what its backward reads, w4 and xh4 (B N 4 s, stage dtype) and rstd4 (B N x 4 B).
+    keeps what its backward reads, w4 and xh4 (B N 4 s, stage dtype) and rstd4 (B N x 4 B). With
+    ``sh.AGG_SPLIT`` (the split eval forward, after its Z pass) the same reads, nothing kept.
     detail: also the plan (splits per job, tiles per split) and `balance`, the estimated
     critical path of the plan: the costliest program (`aggregate_job_costs`) over the mean
     program, x1000 (1000 = every program equal)."""
@@ -197,12 +198,13 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     wb = _weights_bytes(sh.C)
     weights = sum(wb[k] for k in ("bn_scale", "bn_shift", "dw3", "dw5", "dw7", "pw", "local_dw", "local_pw",
                                   "ln_weight", "ln_bias"))
-    fz = sh.AGG_FROM_Z
+    fz = sh.AGG_FROM_Z or sh.AGG_SPLIT
     detail = {"qkv_read": B * N * (6 * s if fz else 3 * sh.C) * e, "qv_write": 2 * B * N * cp * e,
               "pre_write": B * N * s * e, "partials_write": B * plan.partial_rows * s * (2 + d) * 4, "weights": weights}
     if fz:
         se = ELEM_BYTES[dtype_name(stage_dtype(torch_dtype(dt)))]
         detail["z_read"] = B * N * 9 * s * se
+    if sh.AGG_FROM_Z:
         detail["local_write"] = B * N * (4 * s * se + 4)
     nbytes = sum(detail.values())
     detail.update({f"splits{j}": x for j, x in enumerate(plan.splits)})

@@ -4,7 +4,10 @@
 
 Launch sequence (no host synchronisation), under the input's CUDA device:
 ``gma_aggregate_kernel`` (PROGRAMS, B) -> ``gma_combine_kernel`` (8, B) ->
-``gma_attention_kernel`` (ceil(N / ATTN_BLOCK_P), 8, B). Launches go through
+``gma_attention_kernel`` (ceil(N / ATTN_BLOCK_P), 8, B); with the ``SPLIT`` candidate
+(`config.GMAShape.AGG_SPLIT`) first ``gma_statistics_kernel`` as the Z pass (`statistics.plan_z_pass`:
+Z of segments 1-3 into a (3B, C', H, W) buffer), and the aggregation reads Z instead of running
+those stencils (`aggregation._segment_z`, as the training forward). Launches go through
 ``torch.library.wrap_triton`` while a trace runs, so that ``torch.compile`` sees the kernels
 inside the ``gmf::triton_pre_projection`` op (triton_kernels/op.py); otherwise they are
 launched directly (`wrap_triton` here).
@@ -18,8 +21,8 @@ information, so compute-sanitizer and ncu reports point at source lines).
 
 Tiles as data (`gmf_kernels.tuning`): two search spaces are registered here,
 ``"triton.aggregate"`` (BLOCK_P, num_warps, CK, the strip target STRIP, the q/k/v merge
-MERGE, the unrolled tap rows UNROLL, the 16-bit dot operands DOTS16 and the paired heads PAIR of the
-aggregation) and
+MERGE, the unrolled tap rows UNROLL, the 16-bit dot operands DOTS16, the paired heads PAIR, the row
+walks ROWS of the aggregation, and SPLIT, the forward split in a Z pass and the aggregation) and
 ``"triton.attention"`` (BLOCK_P, num_warps, UNROLL and DOTS16 of the attention kernel). Their candidates for (C, dtype, GPU) are the
 spill-free tiles of `config` (``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` / ``ATTN_TILES`` /
 ``ATTN_TILES_BY_DOTS``; the tile `config.gma_shape` picks is the default and comes first).
@@ -44,7 +47,9 @@ from ._common import DotVariant, _cuda_capability, dot_variant, interpreting
 from .backward import KeptPlanes  # (imports no Triton)
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
-from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P, GMAShape,
+from .statistics import gma_statistics_kernel, plan_z_pass
+from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P,
+                     MAX_GRID_BATCH, GMAShape,
                      dot_pad, dot_precision, dtype_name, from_planes, gma_shape, next_pow2, operand_precision,
                      pair_applies, stage_dtype)
 
@@ -124,10 +129,11 @@ ATTN_FAMILY = "triton.attention"
 MAX_CANDIDATES = 8
 #: ... and for the aggregation, whose search space also holds the wide tiles and the unrolled taps below: the
 #: default's four variants, the table tiles and the wide tiles (at most AGG_MAX_WIDE) in AGG_BASE_CANDIDATES
-#: slots, then the DOTS16 / PAIR candidates on top (`aggregate_candidates`), at most AGG_MAX_CANDIDATES in all
+#: slots, then the SPLIT / ROWS / DOTS16 / PAIR candidates on top (`aggregate_candidates`), at most
+#: AGG_MAX_CANDIDATES in all (21: the whole list at C = 80 and 160 with fp16 / bf16 on sm_80+)
 AGG_BASE_CANDIDATES = 12
 AGG_MAX_WIDE = 6
-AGG_MAX_CANDIDATES = 20
+AGG_MAX_CANDIDATES = 21
 #: Wide aggregation tiles, (BLOCK_P, num_warps, CK), tried on a GPU after the default's variants and the
 #: tables' tiles. Why (inferred from compiler figures, not measured): at 16-token tiles the kernel
 #: holds ~160-170 registers per thread for 16 tokens of 4 warps, 48 tokens in flight per SM (3 CTAs),
@@ -171,7 +177,7 @@ def _precision(C: int, dtype, capability) -> Optional[str]:
 def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
     return {"BLOCK_P": shape.AGG_BLOCK_P, "num_warps": shape.AGG_WARPS, "CK": shape.CK, "STRIP": shape.AGG_STRIP,
             "MERGE": int(shape.AGG_MERGE), "UNROLL": int(shape.AGG_UNROLL), "DOTS16": int(shape.AGG_DOTS16),
-            "PAIR": int(shape.AGG_PAIR), "ROWS": int(shape.AGG_ROWS)}
+            "PAIR": int(shape.AGG_PAIR), "ROWS": int(shape.AGG_ROWS), "SPLIT": int(shape.AGG_SPLIT)}
 
 
 def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
@@ -200,8 +206,9 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     `config.operand_precision`), and where `config.pair_applies` the default with a segment's two heads
     as one tensor (``PAIR``: `aggregation._segment_pair`), also with DOTS16 and unrolled where DOTS16
     applies (else unrolled alone), and, first of the knobs (timed before a tight deadline cuts the list),
-    its row walks (``ROWS``: `aggregation._segment_rows`, the tiles of `AGG_ROWS_TILES`, with DOTS16 where
-    it applies); then the other tiles of AGG_TILES / AGG_TILES_BY_DOTS (each
+    the split forward (``SPLIT``: `GMAShape.AGG_SPLIT`, the default tile's aggregation reading Z from a Z
+    pass, `statistics.plan_z_pass`) and the row walks (``ROWS``: `aggregation._segment_rows`, the tiles of
+    `AGG_ROWS_TILES`, with DOTS16 where it applies); then the other tiles of AGG_TILES / AGG_TILES_BY_DOTS (each
     spill-free at the width it was chosen for) and the wide tiles (`AGG_WIDE_TILES` whose channel chunk
     fits this width, each with the default's q/k/v mode, the 64-token ones also stream after stream,
     the first also unrolled and, where PAIR applies and s < 64, with PAIR (and DOTS16 where it applies); at most
@@ -219,8 +226,9 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     out = [default, {**default, "STRIP": 0}, {**default, "MERGE": 1 - default["MERGE"]}, {**default, "UNROLL": 1}]
     dots16 = _dots16_applies(C, dtype, capability)
     pair = pair_applies(C) and bool(default["MERGE"])
-    knobs = []
-    if pair:   # first the row walks (`aggregation._segment_rows`): the structural change, timed before the deadline
+    # first the split forward (a Z pass, then the aggregation from Z: `GMAShape.AGG_SPLIT`), the other structure
+    knobs = [{**default, "SPLIT": 1, "PAIR": 0, "ROWS": 0, "MERGE": 1}]
+    if pair:   # then the row walks (`aggregation._segment_rows`): the structural change, timed before the deadline
         for bp, warps in AGG_ROWS_TILES.get(dot_pad(C // 5), ()):
             knobs.append({**default, "BLOCK_P": bp, "num_warps": warps, "PAIR": 1, "ROWS": 1, "DOTS16": int(dots16)})
     if dots16:
@@ -234,7 +242,7 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     def cfg_of(tile, merge, unroll=0):
         bp, warps, ck = tile
         return {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": merge,
-                "UNROLL": unroll, "DOTS16": 0, "PAIR": 0, "ROWS": 0}
+                "UNROLL": unroll, "DOTS16": 0, "PAIR": 0, "ROWS": 0, "SPLIT": 0}
 
     wide, wide_knobs = [], []
     for i, tile in enumerate(t for t in AGG_WIDE_TILES if t[2] <= s_pad):
@@ -303,7 +311,8 @@ def _shape_from_configs(C: int, precision: str, agg_items: tuple, attn_items: tu
                       merge=bool(agg["MERGE"]) if "MERGE" in agg else None, unroll=bool(agg.get("UNROLL", 0)),
                       attn_unroll=bool(attn.get("UNROLL", 0)), dots16=bool(agg.get("DOTS16", 0)),
                       attn_dots16=bool(attn.get("DOTS16", 0)), pair=bool(agg.get("PAIR", 0)),
-                      rows=bool(agg.get("ROWS", 0)), attn_rows=bool(attn.get("ROWS", 0)))
+                      rows=bool(agg.get("ROWS", 0)), attn_rows=bool(attn.get("ROWS", 0)),
+                      split=bool(agg.get("SPLIT", 0)))
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 
@@ -351,6 +360,15 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dev, dt = qkv.device, qkv.dtype
+    if shape.AGG_SPLIT and 3 * B > MAX_GRID_BATCH:   # the Z pass's grid holds the 3B images: the fused forward
+        shape = gma_shape(C, dots=dots.precision)
+    launches: List[Launch] = []
+    z_pass = None
+    if shape.AGG_SPLIT:   # the split forward: Z of segments 1-3 first (`statistics.plan_z_pass`)
+        z_pass = _alloc((3 * B, 4 * shape.S, H, W), stage_dtype(dt), dev)   # segment 0 stays unwritten, unread
+        z_pass, (grid, args, kwargs) = plan_z_pass(qkv, H, W, weights.dw3, weights.dw5, weights.dw7, weights.pw,
+                                                   z=z_pass)
+        launches.append((gma_statistics_kernel, grid, args, kwargs))
     plan = job_plan(N, B, shape, dots.precision, W)    # per-job splits, balanced by cost
     rows = plan.partial_rows                         # packed partials: one row per split of segments 0..3
     f32 = torch.float32
@@ -370,11 +388,13 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
                    rstd4=_alloc((B, 1, H, W), f32, dev), R=_alloc((B, shape.CP, H, W), st, dev),
                    k_max=_alloc((B, shape.CP), f32, dev), k_sum=_alloc((B, shape.CP), f32, dev))
         local, stats = (buf["w4"], buf["xh4"], buf["rstd4"]), (buf["k_max"], buf["k_sum"])
+    if z_pass is not None:   # (not among the buffers: an intermediate whose segment 0 is never written)
+        planes = planes_view(z_pass, B)
     agg = aggregate_call(qkv, H, W, weights, ln_eps, shape, plan, buf["q"], buf["v"], buf["pre"],
                          buf["part_m"], buf["part_l"], buf["part_acc"], dots, planes, local)
     comb = combine_call(buf["part_m"], buf["part_l"], buf["part_acc"], buf["kv"], shape, plan.segment_splits, stats)
     attn = attention_call(buf["q"], buf["v"], buf["kv"], buf["pre"], weights, H, W, scale, shape, dots, buf.get("R"))
-    launches = [(gma_aggregate_kernel, *agg), (gma_combine_kernel, *comb), (gma_attention_kernel, *attn)]
+    launches += [(gma_aggregate_kernel, *agg), (gma_combine_kernel, *comb), (gma_attention_kernel, *attn)]
     return buf, launches
 
 

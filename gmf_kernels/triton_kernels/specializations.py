@@ -134,10 +134,12 @@ class Spec:
         dots += ", unrolled" if cx.get("UNROLL") else ""          # the aggregation's tuning candidates
         dots += ", pair" if cx.get("PAIR") else ""
         dots += ", rows" if cx.get("ROWS") else ""
-        dots += ", store" if cx.get("STORE") else ""            # the statistics pass keeping Z and y
+        dots += (", Z only" if cx.get("STORE") == 2             # the split forward's Z pass
+                 else ", store" if cx.get("STORE") else "")      # the statistics pass keeping Z and y
         dots += ", from Z" if cx.get("FROM_Z") else ""          # the training forward reading them ...
         dots += ", keep R" if cx.get("STORE_R") else ""         # ... and keeping what the backward reads
         dots += ", keep stats" if cx.get("STATS") else ""
+        dots += ", keep local" if cx.get("KEEP") else ""
         return (f"{short} C={_width(cx)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
                 f"{self.specialised_ints()})")
 

@@ -160,6 +160,21 @@ not timings): C = 80 683 -> 402
 measure: the tile kernel stays the default at C = 80 and 160. At C = 320 the walk is the GPU default since
 2026-12-05 (`STATS_ROWS_DEFAULT`): the same occupancy, fewer registers on sm_90 and 2.5 times fewer
 instructions per token; the tile kernel is a candidate there.
+
+**The Z pass of the split forward** (STORE = `Z_ONLY`; `plan_z_pass`; 2026-12-06, a tuning candidate of
+the eval forward, ``SPLIT`` in the "triton.aggregate" family: `config.GMAShape.AGG_SPLIT`). The eval
+forward's aggregation kernel runs the stencils, the pointwise, the BatchNorm, the hardswish, the online
+softmax and exp(K)^T V of a tile in one program; an H200 measured it at 6-12 % of its byte bound
+(latency, not bytes: few warps resident, a long serial epilogue per tile). The split forward runs the
+stencils and the pointwise here, on this kernel's grid (one stream a program, cost-balanced, the row walks
+where the statistics family's tiles pick them), and stores Z of segments 1-3; the aggregation then reads Z
+as the training forward does (`aggregation._segment_z`), element-wise. Segment 0 needs no pass (its Z is
+qkv), and nothing else is stored: no moments, no y. Bytes per token and stream (s = C/5, e the stage
+dtype's bytes): Z written 9 s e here and read 9 s e by the aggregation, against the fused forward that
+never stores it: 36 s bytes more per token at fp16/bf16 (GroupMixFormer-S stage 0, batch 128: ~230 MB,
+~80 us at 3 TB/s), in exchange for two simpler kernels. Whether it pays is a measurement
+(`benchmarks/tune.py`); the dots are the statistics pass's (`statistics_dots`: fp32's), Z is rounded once to
+the stage dtype as in the training forward.
 """
 from __future__ import annotations
 
@@ -179,6 +194,14 @@ from . import tile_spaces
 from .tile_spaces import register_tiles
 
 Tensor = torch.Tensor
+
+#: `gma_statistics_kernel`'s STORE modes beyond False (nothing stored): Z and the depthwise outputs y (the
+#: training forward with a backward, "Planes kept for the backward") ...
+Z_AND_Y = tl.constexpr(1)
+#: ... or Z of segments 1-3 alone, without the moments (the split eval forward's Z pass, `plan_z_pass`)
+Z_ONLY = tl.constexpr(2)
+#: the host's value of `Z_ONLY` (the `store` argument of `kernel_call`, `segment_costs`)
+STORE_Z_ONLY = 2
 
 
 @triton.jit
@@ -299,29 +322,32 @@ def _statistics_pair(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0,
     mean = tl.zeros([S], dtype=tl.float32)
     m2 = tl.zeros([S], dtype=tl.float32)
     if seg == 0:
-        t = t0
-        while t < t1:
-            n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
-            z = tl.load(qkv_b + n[:, None] * stride_n + (ch0 + cc)[None, :], mask=pmask[:, None],
-                        other=0.0).to(tl.float32)
-            if STORE:
-                _store_pair_z(z_seg, z, n, pmask, N, S, EMULATE_DOTS)
-            n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
-            shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
-            t += 1
+        if STORE != Z_ONLY:   # Z_ONLY: segment 0's Z is qkv itself, read by the aggregation
+            t = t0
+            while t < t1:
+                n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
+                z = tl.load(qkv_b + n[:, None] * stride_n + (ch0 + cc)[None, :], mask=pmask[:, None],
+                            other=0.0).to(tl.float32)
+                if STORE:
+                    _store_pair_z(z_seg, z, n, pmask, N, S, EMULATE_DOTS)
+                n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
+                shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
+                t += 1
     else:
         dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
         t = t0
         while t < t1:
             n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
             z = _dw_pw_seg(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_n, 2 * seg + 1, S, CK, BLOCK_P,
-                           DOT_PRECISION, EMULATE_DOTS, y_img, N, STORE)
+                           DOT_PRECISION, EMULATE_DOTS, y_img, N, STORE == Z_AND_Y)
             if STORE:
                 _store_pair_z(z_seg, z, n, pmask, N, S, EMULATE_DOTS)
-            n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
-            shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
+            if STORE != Z_ONLY:
+                n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
+                shift, mean, m2 = _fold_tile(z, pmask, t == t0, n_prev, n_tile, shift, mean, m2)
             t += 1
-    _store_moments(shift, mean, m2, row, cc, cc < S, part_mean, part_m2)
+    if STORE != Z_ONLY:
+        _store_moments(shift, mean, m2, row, cc, cc < S, part_mean, part_m2)
 
 
 @triton.jit
@@ -355,13 +381,14 @@ def _walk_statistics(src, dw, pw_seg, strip, ya, yb, N, H, W, stride_n, z_seg, y
         if o >= ya:
             n = o * W + x
             m2d = pmask[:, None] & cmask[None, :]
-            if STORE:
+            if STORE == Z_AND_Y:
                 tl.store(y_img + co[None, :] * N + n[:, None], stored(a0, y_img, EMULATE_DOTS), mask=m2d)
             z = mm(a0, w, zt, DOT_PRECISION, EMULATE_DOTS)
             if STORE:
                 _store_pair_z(z_seg, z, n, pmask, N, S, EMULATE_DOTS)
-            shift, mean, m2 = _fold_tile(z, pmask, count == 0, count, n_tile, shift, mean, m2)
-            count += n_tile
+            if STORE != Z_ONLY:
+                shift, mean, m2 = _fold_tile(z, pmask, count == 0, count, n_tile, shift, mean, m2)
+                count += n_tile
         a0, a1, a2, a3, a4, a5, a6 = rows_shift(a0, a1, a2, a3, a4, a5, a6, KS)
         i += 1
     return shift, mean, m2, count
@@ -405,16 +432,18 @@ def _statistics_rows(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0,
     count = (t0 * 0).to(tl.float32)
     src = qkv_b + ch0
     if seg == 0:
-        t = t0
-        while t < t1:
-            n, pmask, y, x = _tile(t, N, H, W, W, BLOCK_P, True)
-            z = tl.load(src + n[:, None] * stride_n + cc[None, :], mask=pmask[:, None], other=0.0).to(tl.float32)
-            if STORE:
-                _store_pair_z(z_seg, z, n, pmask, N, S, EMULATE_DOTS)
-            n_tile = tl.minimum(W - (t // H) * BLOCK_P, BLOCK_P).to(tl.float32)
-            shift, mean, m2 = _fold_tile(z, pmask, t == t0, count, n_tile, shift, mean, m2)
-            count += n_tile
-            t += 1
+        if STORE != Z_ONLY:   # Z_ONLY: segment 0's Z is qkv itself, read by the aggregation
+            t = t0
+            while t < t1:
+                n, pmask, y, x = _tile(t, N, H, W, W, BLOCK_P, True)
+                z = tl.load(src + n[:, None] * stride_n + cc[None, :], mask=pmask[:, None],
+                            other=0.0).to(tl.float32)
+                if STORE:
+                    _store_pair_z(z_seg, z, n, pmask, N, S, EMULATE_DOTS)
+                n_tile = tl.minimum(W - (t // H) * BLOCK_P, BLOCK_P).to(tl.float32)
+                shift, mean, m2 = _fold_tile(z, pmask, t == t0, count, n_tile, shift, mean, m2)
+                count += n_tile
+                t += 1
     elif seg == 1:
         shift, mean, m2, count = _segment_walks(src, dw3, pw, t0, t1, N, H, W, stride_n, z_seg, y_img, shift, mean,
                                                 m2, count, 3, S, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, STORE)
@@ -426,7 +455,8 @@ def _statistics_rows(qkv_b, ch0, part_mean, part_m2, dw3, dw5, dw7, pw, seg, t0,
         shift, mean, m2, count = _segment_walks(src, dw7, pw + 2 * S * S, t0, t1, N, H, W, stride_n, z_seg, y_img,
                                                 shift, mean, m2, count, 7, S, BLOCK_P, DOT_PRECISION, EMULATE_DOTS,
                                                 STORE)
-    _store_moments(shift, mean, m2, row, cc, cc < S, part_mean, part_m2)
+    if STORE != Z_ONLY:
+        _store_moments(shift, mean, m2, row, cc, cc < S, part_mean, part_m2)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "SW", "splits0", "splits1", "splits2", "splits3"])
@@ -443,7 +473,9 @@ def gma_statistics_kernel(
     [BLOCK_P, S] tensor (`aggregation._dw_pw_seg`; one fold of S channels per tile instead of two of D_PAD).
     STORE ("Planes kept for the backward", module docstring): Z and the depthwise outputs also stored, as
     the recompute kernel stores them, into z (3B, 4s, H, W) and y_all (3, 3B, s, H, W) (the stage dtype);
-    without STORE those two arguments are placeholders, never read or written. ROWS (with PAIR; the
+    without STORE those two arguments are placeholders, never read or written. STORE = `Z_ONLY` (the eval
+    forward's Z pass, "The Z pass of the split forward" in the module docstring): Z of segments 1-3 only,
+    no moments, no y, no segment 0 (part_mean, part_m2 and y_all are then placeholders too). ROWS (with PAIR; the
     "triton.statistics" family's ROWS knob, `STATS_ROWS_TILES`): the program's tiles are rows of
     BLOCK_P-column strips and segments 1-3 walk them (`_statistics_rows`)."""
     pid, seg, img, t0, t1, qkv_b, ch0 = _program(qkv, N, H, W, stride_qkv_b, splits0, splits1, splits2, splits3,
@@ -467,31 +499,35 @@ def gma_statistics_kernel(
         mean1 = tl.zeros([D_PAD], dtype=tl.float32)
         m2_1 = tl.zeros([D_PAD], dtype=tl.float32)
         if seg == 0:
-            t = t0
-            while t < t1:
-                n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
-                z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
-                if STORE:
-                    _store_heads_z(z_seg, z0, z1, n, pmask, N, D, D_PAD, EMULATE_DOTS)
-                n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
-                shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
-                shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
-                t += 1
+            if STORE != Z_ONLY:   # Z_ONLY: segment 0's Z is qkv itself, read by the aggregation
+                t = t0
+                while t < t1:
+                    n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
+                    z0, z1 = _segment0_heads(qkv_b, ch0, n, pmask, stride_qkv_n, D, D_PAD)
+                    if STORE:
+                        _store_heads_z(z_seg, z0, z1, n, pmask, N, D, D_PAD, EMULATE_DOTS)
+                    n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
+                    shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
+                    shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
+                    t += 1
         else:
             dw, pw_seg = _segment_filters(seg, dw3, dw5, dw7, pw, S)
             t = t0
             while t < t1:
                 n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
                 z0, z1 = _dw_pw_heads(qkv_b, ch0, dw, pw_seg, n, y, x, pmask, H, W, stride_qkv_n, 2 * seg + 1,
-                                      S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N, STORE)
+                                      S, D, CK, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, y_img, N,
+                                      STORE == Z_AND_Y)
                 if STORE:
                     _store_heads_z(z_seg, z0, z1, n, pmask, N, D, D_PAD, EMULATE_DOTS)
-                n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
-                shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
-                shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
+                if STORE != Z_ONLY:
+                    n_prev, n_tile = _tile_counts(t, t0, N, BLOCK_P)
+                    shift0, mean0, m2_0 = _fold_tile(z0, pmask, t == t0, n_prev, n_tile, shift0, mean0, m2_0)
+                    shift1, mean1, m2_1 = _fold_tile(z1, pmask, t == t0, n_prev, n_tile, shift1, mean1, m2_1)
                 t += 1
-        _store_moments(shift0, mean0, m2_0, row, kk, kmask, part_mean, part_m2)
-        _store_moments(shift1, mean1, m2_1, row, D + kk, kmask, part_mean, part_m2)
+        if STORE != Z_ONLY:
+            _store_moments(shift0, mean0, m2_0, row, kk, kmask, part_mean, part_m2)
+            _store_moments(shift1, mean1, m2_1, row, D + kk, kmask, part_mean, part_m2)
 
 
 @triton.jit
@@ -847,7 +883,7 @@ def _host_row_weights(plan: SegmentPlan, block_p: int, N: int) -> Tensor:
 
 
 def segment_costs(C: int, tiles: Tuple[int, ...], precision: str, recompute: bool,
-                  store: bool = False) -> Tuple[float, ...]:
+                  store=False) -> Tuple[float, ...]:
     """Estimated cost of one tile (BLOCK_P tokens of one of the 3B images) of each segment, in taps
     (`aggregation.TAP_COST` and the other weights of its one cost model), as the kernels issue
     the work (padded widths; Sc = ceil(s / CK) CK, Dp = D_PAD): segment 0 loads its two heads
@@ -856,7 +892,9 @@ def segment_costs(C: int, tiles: Tuple[int, ...], precision: str, recompute: boo
     (~2 Dp elements), the recompute kernel stores Z and P (4 Dp; P of the v images only, counted for every image: one plan
     serves all) and, j >= 1, y_j (Sc stores). With ROWS (tiles[3]; tiles of BLOCK_P columns of one row)
     a token of segment j costs s (2j+1) loads (its input row's column shifts) and s (2j+1)^2
-    multiply-adds at `aggregation.FMA_COST` instead of its taps (`aggregation_job_costs`' walk, one stream)."""
+    multiply-adds at `aggregation.FMA_COST` instead of its taps (`aggregation_job_costs`' walk, one stream).
+    store `STORE_Z_ONLY` (the split forward's Z pass, `plan_z_pass`): segment 0 costs nothing (its programs
+    return at once), segments 1-3 store Z and nothing else."""
     from .aggregation import DOT_MAC_COST, ELEMENT_COST, FMA_COST, TAP_COST
     bp, _, ck = tiles[:3]
     rows = len(tiles) > 3 and bool(tiles[3])
@@ -864,12 +902,17 @@ def segment_costs(C: int, tiles: Tuple[int, ...], precision: str, recompute: boo
     dp = s // 2 if training_pair(C, precision, recompute) else dot_pad(s // 2)     # PAIR: no padding column
     sc = -(-s // ck) * ck
     dot = DOT_MAC_COST[precision]
-    tail = 4 * dp if recompute or store else 2 * dp       # store: the moments and Z (the recompute: Z and P)
-    per_token = [(2 * dp + tail) * ELEMENT_COST]
+    z_only = store == STORE_Z_ONLY
+    if z_only:    # the split forward's Z pass: Z of segments 1-3 stored, nothing of segment 0, no moments, no y
+        tail, ys, per_token = 2 * dp, 0, [0.0]
+    else:
+        tail = 4 * dp if recompute or store else 2 * dp   # store: the moments and Z (the recompute: Z and P)
+        ys = sc if recompute or store else 0
+        per_token = [(2 * dp + tail) * ELEMENT_COST]
     for j in (1, 2, 3):
         ks = 2 * j + 1
         stencil = s * (ks * TAP_COST + ks * ks * FMA_COST) if rows else sc * ks * ks * TAP_COST
-        per_token.append(stencil + sc * 2 * dp * dot + (tail + (sc if recompute or store else 0)) * ELEMENT_COST)
+        per_token.append(stencil + sc * 2 * dp * dot + (tail + ys) * ELEMENT_COST)
     return tuple(bp * c for c in per_token)
 
 
@@ -903,7 +946,7 @@ def training_pair(C: int, precision: str, recompute: bool) -> bool:
 
 
 def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: SegmentPlan,
-                tiles: Tuple[int, int, int], dots: DotVariant, recompute: bool = False, store: bool = False):
+                tiles: Tuple[int, int, int], dots: DotVariant, recompute: bool = False, store=False):
     """(grid, args, kwargs) of a launch of either kernel (same grid; `leading`: the tensor
     arguments between qkv and N, i.e. (part_mean, part_m2, z, y_all, dw3, dw5, dw7, pw) of
     `gma_statistics_kernel`, (z, p, y_all, bn_scale, bn_shift, dw3, dw5, dw7, pw) of
@@ -925,7 +968,7 @@ def kernel_call(qkv: Tensor, H: int, W: int, leading: Tuple[Tensor, ...], plan: 
     kwargs = dict(C=C, S=s, D=s // 2, D_PAD=dot_pad(s // 2), CK=ck, BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, PAIR=training_pair(C, dots.precision, recompute), num_warps=warps)
     if store:
-        kwargs["STORE"] = True
+        kwargs["STORE"] = True if store is True else int(store)
     if rows:
         kwargs["ROWS"] = True
     return (plan.programs, 3 * B), args, kwargs
@@ -937,7 +980,7 @@ def _num_tiles(N: int, H: int, W: int, block_p: int, rows: bool) -> int:
 
 
 def _grid_plan(qkv: Tensor, H: int, W: int, dots: Optional[DotVariant], tiles: Optional[Tuple[int, ...]], tiles_fn,
-               recompute: bool, store: bool = False):
+               recompute: bool, store=False):
     """(qkv with unit channel stride, dots, tiles (default: on a CUDA device the tuning table's,
     `tile_spaces.tuned_tiles`, else tiles_fn's), `SegmentPlan`) of a call:
     the grid both kernels share, programs per segment in proportion to its cost per tile
@@ -980,6 +1023,28 @@ def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: 
         planes = (part_m2, part_m2)
     call = kernel_call(qkv, H, W, (part_mean, part_m2, *planes, dw3, dw5, dw7, pw), plan, tiles, dots, store=store)
     return part_mean, part_m2, plan, call
+
+
+def plan_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
+                tiles: Optional[Tuple[int, ...]] = None, z: Optional[Tensor] = None) -> Tuple[Tensor, tuple]:
+    """The split eval forward's Z pass (module docstring, "The Z pass of the split forward";
+    `config.GMAShape.AGG_SPLIT`): allocate Z (3B, 4s, H, W) in the stage dtype and describe the launch of
+    `gma_statistics_kernel` with STORE = `Z_ONLY`, without launching: (z, (grid, args, kwargs)). Only
+    segments 1-3 of Z are written (the aggregation reads segment 0 from qkv). The statistics pass's grid,
+    tiles (the "triton.statistics" family's, `tile_spaces.tuned_tiles`) and dots (`statistics_dots`); the
+    moments' buffers and y_all are placeholders (z), never read or written. The weights: the folded
+    filters (fp32, contiguous, tap-major: `folding.FoldedGMAWeights`). z: the buffer to write, if given
+    (contiguous (3B, 4s, H, W), the stage dtype)."""
+    B, N, C3 = qkv.shape
+    s = C3 // 15
+    qkv, dots, tiles, plan = _grid_plan(qkv, H, W, None, tiles, stats_tiles, False, STORE_Z_ONLY)
+    want = (3 * B, 4 * s, H, W)
+    if z is None:
+        z = torch.empty(want, dtype=stage_dtype(qkv.dtype), device=qkv.device)
+    elif tuple(z.shape) != want or z.dtype != stage_dtype(qkv.dtype) or not z.is_contiguous():
+        raise ValueError(f"Z buffer {tuple(z.shape)} {z.dtype}: expected a contiguous {want} "
+                         f"{stage_dtype(qkv.dtype)} tensor")
+    return z, kernel_call(qkv, H, W, (z, z, z, z, dw3, dw5, dw7, pw), plan, tiles, dots, store=STORE_Z_ONLY)
 
 
 def planes_of(args: tuple) -> Tuple[Tensor, Tensor]:
