@@ -21,7 +21,7 @@ from gmf_kernels.backends import triton_backend  # noqa: E402
 from gmf_kernels.backends.base import GMAProblem  # noqa: E402
 from gmf_kernels.backends.triton_backend import BACKEND, arch_reasons  # noqa: E402
 from gmf_kernels.folding import FoldedGMAWeights, weight_shapes  # noqa: E402
-from gmf_kernels.triton_kernels import _common, config, launcher  # noqa: E402
+from gmf_kernels.triton_kernels import _common, _launch, config, launcher  # noqa: E402
 from gmf_kernels.triton_kernels._common import DotVariant  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -177,7 +177,7 @@ def test_launches_run_under_the_inputs_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", FakeDevice)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(launcher, "plan_pre_projection", lambda *a, **k: ({"pre": None}, fake_launches))
-    monkeypatch.setattr(launcher, "wrap_triton", lambda kernel: kernel)
+    monkeypatch.setattr(_launch, "wrap_triton", lambda kernel: kernel)
     buf = launcher.launch_pre_projection(qkv, 7, 7, None, 1.0, 1e-5)
     assert buf == {"pre": None}
     assert launched == [("aggregate", torch.device("cuda", 1)), ("combine", torch.device("cuda", 1)),

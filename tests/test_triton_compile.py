@@ -404,14 +404,14 @@ def test_triton_op_traces_into_kernels(mode):
 
 
 def test_wrap_triton_launches_directly_unless_tracing(monkeypatch):
-    """launcher.wrap_triton: a direct ``kernel[grid](...)`` on real tensors and plain Parameters (torch's wrapper would
+    """_launch.wrap_triton: a direct ``kernel[grid](...)`` on real tensors and plain Parameters (torch's wrapper would
     file an Autotuner in a global side table per launch: a leak and ~0.1 ms of host time); torch's
     ``wrap_triton`` under Dynamo, a dispatch mode (fake / proxy / functional tensors) or a tensor
     subclass, where torch.compile must see the kernel. Mocked kernel and wrapper: no GPU here."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from gmf_kernels.triton_kernels import launcher
+    from gmf_kernels.triton_kernels import _launch, launcher
 
     calls = []
 
@@ -426,8 +426,8 @@ def test_wrap_triton_launches_directly_unless_tracing(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **k: calls.append(("wrapped", grid))
 
-    monkeypatch.setattr(launcher, "interpreting", lambda: False)
-    monkeypatch.setattr(launcher, "_torch_wrap_triton", TorchWrapper)
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(_launch, "_torch_wrap_triton", TorchWrapper)
     launch = launcher.wrap_triton(Kernel())
     x = torch.zeros(4)
     launch[(2, 1)](x, 3, num_warps=4)
@@ -447,7 +447,7 @@ def test_wrap_triton_launches_directly_unless_tracing(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     launch[(5,)](x)
     assert calls[-1] == ("wrapped", (5,))
-    monkeypatch.setattr(launcher, "interpreting", lambda: True)
+    monkeypatch.setattr(_launch, "interpreting", lambda: True)
     k = Kernel()
     assert launcher.wrap_triton(k) is k   # the interpreter's kernels: never wrapped
 
@@ -462,7 +462,7 @@ JITFunction.run = run
 import torch._higher_order_ops.triton_kernel_wrap as tkw
 from gmf_kernels.backends.triton_backend import BACKEND
 from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights
-from gmf_kernels.triton_kernels import launcher
+from gmf_kernels.triton_kernels import _launch
 C, H, W, B = 80, 7, 9, 2
 w = cast_weights(random_gma_weights(C, seed=0), torch.float32)
 params = []
@@ -473,8 +473,8 @@ w = w._replace(**{n: torch.nn.Parameter(getattr(w, n)) for n in params})
 w = w._replace(**{n: tuple(torch.nn.Parameter(t) if t is not None and t.is_floating_point() else t for t in v)
                   for n, v in w._asdict().items() if isinstance(v, tuple) and "running" not in n})
 wrapped = []
-real_wrap = launcher._torch_wrap_triton
-launcher._torch_wrap_triton = lambda k: (wrapped.append(k.fn.__name__), real_wrap(k))[1]
+real_wrap = _launch._torch_wrap_triton
+_launch._torch_wrap_triton = lambda k: (wrapped.append(k.fn.__name__), real_wrap(k))[1]
 side = lambda: (len(tkw.KernelSideTable.id_to_kernel), len(tkw.KernelSideTable.constant_args))
 before = side()
 x = torch.randn(B, H * W, C, requires_grad=True)

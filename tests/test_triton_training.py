@@ -312,12 +312,12 @@ def test_backward_dots_follow_the_input_dtype(dtype, monkeypatch):
     kernel with dots is seen. (The result's accuracy: `test_low_precision`.) On a GPU whose tuning
     table picks the forward's DOTS16 candidates the forward kernels may instead run the input's own
     16-bit dots (`config.operand_precision`; the backward's stay as they are)."""
-    from gmf_kernels.triton_kernels import _common, launcher
+    from gmf_kernels.triton_kernels import _common, _launch
     from gmf_kernels.triton_kernels import attention_backward as ab
     from gmf_kernels.triton_kernels.config import dot_precision, dtype_name, operand_precision
     from training_cases import run
     seen = []
-    real = launcher.wrap_triton
+    real = _launch.wrap_triton
 
     def recording(kernel):
         def at(grid):
@@ -328,7 +328,7 @@ def test_backward_dots_follow_the_input_dtype(dtype, monkeypatch):
             return launch
         return type("Recorded", (), {"__getitem__": lambda self, grid: at(grid)})()
 
-    for module in (launcher, ab):
+    for module in (_launch, ab):
         monkeypatch.setattr(module, "wrap_triton", recording)
     skip_unless_supported("triton", training=True, needs_grad=True, dtype=dtype)
     w, x = make(40, 4, 5, 1)

@@ -265,7 +265,7 @@ def test_backward_runs_the_tuned_tiles(monkeypatch):
     rounding."""
     from gmf_kernels.folding import fold_eval
     from gmf_kernels.numerics import default_hyper, random_gma_weights
-    from gmf_kernels.triton_kernels import launcher
+    from gmf_kernels.triton_kernels import _launch
     st, rcp, ab, agb, tile_spaces = _train_modules()
     C, B, H, W = 40, 2, 5, 6
     hp = default_hyper(C)
@@ -298,7 +298,7 @@ def test_backward_runs_the_tuned_tiles(monkeypatch):
                     return kernel[grid](*a, **kw)
                 return go
         return Launch()
-    monkeypatch.setattr(launcher, "wrap_triton", spy)
+    monkeypatch.setattr(_launch, "wrap_triton", spy)
     monkeypatch.setattr(ab, "wrap_triton", spy)
     got = run()
     for a, b in zip(got, ref):
@@ -413,7 +413,7 @@ def test_train_measurement_runs_each_candidate_through_the_table(monkeypatch):
     one large tile (the GPU defaults, row walks of 16-column strips since 2026-12-05, cost the interpreter
     far more per pixel)."""
     *_, tile_spaces = _train_modules()
-    from gmf_kernels.triton_kernels import launcher
+    from gmf_kernels.triton_kernels import _launch
     meas = object.__new__(tune.GpuMeasure)
     meas.batch, meas.device, meas.cap = 2, torch.device("cpu"), (8, 0)
     monkeypatch.setattr(tune.GpuMeasure, "_bench", lambda self, fn: 1.0)
@@ -423,7 +423,7 @@ def test_train_measurement_runs_each_candidate_through_the_table(monkeypatch):
     monkeypatch.setattr(tile_spaces, "tuned_tiles", lambda fam, C, like: seen.append(fam) or (tuple(
         tuning.choose(fam, C, like.dtype, (8, 0)).values()) if fam in timed else None))
     launched = []
-    real = launcher.wrap_triton
+    real = _launch.wrap_triton
 
     def spy(kernel):
         name = getattr(kernel, "__name__", None) or kernel.fn.__name__
@@ -436,7 +436,7 @@ def test_train_measurement_runs_each_candidate_through_the_table(monkeypatch):
                     return wrapped[grid](*a, **kw)
                 return go
         return Launch()
-    monkeypatch.setattr(launcher, "wrap_triton", spy)
+    monkeypatch.setattr(_launch, "wrap_triton", spy)
     monkeypatch.setattr(_train_modules()[2], "wrap_triton", spy)
     for fam, kernel in zip(timed, ("gma_statistics_kernel", "gma_b1_dkv_kernel")):
         cands = tuning.spaces()[fam].candidates(40, torch.float32, (8, 0))[:3]

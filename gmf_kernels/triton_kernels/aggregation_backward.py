@@ -7,7 +7,7 @@ backward.py's PyTorch recompute, the layer's own fp16/bf16 otherwise, as eager A
 activations; every kernel widens them to fp32 on load, computes and accumulates in fp32 and
 rounds once on store; partial sums and weight gradients fp32): images channels-first, q, k, v
 stacked as 3B images, Z / dP / G / dZ (3B, 4s, H, W), u_j / y_j (3B, s, H, W), the local
-branch's (B, s|3s, H, W). Every launch goes through `launcher.wrap_triton` (torch's
+branch's (B, s|3s, H, W). Every launch goes through `_launch.wrap_triton` (torch's
 ``wrap_triton`` while a trace runs, else a direct launch) under the input's CUDA device, as
 `launcher.launch_pre_projection` does.
 
@@ -980,7 +980,7 @@ def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: 
 
 
 def _launch(launches: List[Launch], like: Tensor) -> None:
-    from .launcher import device_guard, wrap_triton
+    from ._launch import device_guard, wrap_triton
     with device_guard(like):
         for kernel, grid, args, kwargs in launches:
             wrap_triton(kernel)[grid](*args, **kwargs)

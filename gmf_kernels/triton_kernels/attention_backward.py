@@ -106,7 +106,8 @@ from .aggregation import split_plan
 from .aggregation_backward import dw_rows_plan, plan_dw_wgrad, taps_of
 from .backward import crpe_groups
 from .config import B1_TILES, B2_TILES, INTERPRETER_BLOCK_P, NUM_HEADS, cdiv, crpe_bwd_tiles, dot_pad, next_pow2
-from .launcher import _alloc, device_guard, wrap_triton
+from ._launch import device_guard, wrap_triton
+from .launcher import _alloc
 from .tile_spaces import register_tiles
 
 Tensor = torch.Tensor
@@ -533,7 +534,7 @@ def plan_b1(Zq: Tensor, dA: Tensor, scale: float, bn_scale: Tensor, bn_shift: Te
 
 
 def _run(launches: List[Launch], like: Tensor) -> None:
-    """Launch in order under like's CUDA device, through `launcher.wrap_triton` (torch.compile sees the kernels while tracing)."""
+    """Launch in order under like's CUDA device, through `_launch.wrap_triton` (torch.compile sees the kernels while tracing)."""
     with device_guard(like):
         for kernel, grid, args, kwargs in launches:
             wrap_triton(kernel)[grid](*args, **kwargs)

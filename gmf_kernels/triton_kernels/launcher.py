@@ -10,7 +10,7 @@ Z of segments 1-3 into a (3B, C', H, W) buffer), and the aggregation reads Z ins
 those stencils (`aggregation._segment_z`, as the training forward). Launches go through
 ``torch.library.wrap_triton`` while a trace runs, so that ``torch.compile`` sees the kernels
 inside the ``gmf::triton_pre_projection`` op (triton_kernels/op.py); otherwise they are
-launched directly (`wrap_triton` here).
+launched directly (`_launch.wrap_triton`).
 
 Per call the launcher picks the kernels' variant: the dots' precision for the input dtype on
 the input's GPU (`_common.dot_variant`, table `config.ARCH_DOTS`; emulated GPU rounding under
@@ -33,7 +33,6 @@ candidates that spill), else the default; under the interpreter and on meta/CPU 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
@@ -41,9 +40,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .. import tuning
-from .._tracing import trace_running
 from ..folding import FoldedGMAWeights
+from . import _launch
 from ._common import DotVariant, _cuda_capability, dot_variant, interpreting
+from ._launch import device_guard, wrap_triton  # noqa: F401  (re-exported: the launchers' names since the start)
 from .backward import KeptPlanes  # (imports no Triton)
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
@@ -60,52 +60,6 @@ Launch = Tuple[Any, Tuple[int, ...], tuple, Dict[str, Any]]
 #: Test hook: when True every buffer is allocated filled with NaN (an element that a kernel
 #: forgets to write, or reads before it is written, shows up as NaN in the result).
 POISON_BUFFERS = False
-
-try:
-    from torch.library import wrap_triton as _torch_wrap_triton
-except ImportError:  # torch < 2.6: plain launches (op.py registers a custom_op then)
-    _torch_wrap_triton = None
-
-
-def wrap_triton(kernel):
-    """``kernel`` to launch as ``wrap_triton(kernel)[grid](*args, **kwargs)``: through
-    ``torch.library.wrap_triton`` while a trace is running (`_tracing`), so that torch.compile
-    sees the kernel; a direct launch on real tensors. The kernel itself under the interpreter
-    (its ``InterpretedFunction`` cannot be traced, and torch <= 2.11 refuses it: "wrap_triton
-    only works on functions annotated with triton.jit", where 2.13 passes it through) and on
-    torch < 2.6.
-
-    Why not torch's wrapper always: outside a ``triton_op`` (whose eager body torch runs with
-    wrapping off) torch's wrapper launches through its higher-order op, which, for every call
-    that passes ``num_warps``, builds a one-config Autotuner and files it, with the constant
-    arguments, in a global side table that is never cleared: ~1.5 KB of host memory and ~0.1 ms
-    of host time per launch. The statistics, recompute and backward kernels run inside plain
-    ``custom_op`` bodies (real tensors only: each op has its own fake) and eagerly on the
-    SyncBatchNorm path: ~300 launches per GroupMixFormer-S training step."""
-    if _torch_wrap_triton is None or interpreting():
-        return kernel
-    return _GridLaunch(kernel)
-
-
-def _tracing(args, kwargs) -> bool:
-    """Is a trace running over this launch (`_tracing.trace_running`: Dynamo, a dispatch mode, a tensor
-    subclass; a plain Parameter is plain)?"""
-    return trace_running((*args, *kwargs.values()))
-
-
-class _GridLaunch:
-    """``_GridLaunch(kernel)[grid](*args, **kwargs)``: see `wrap_triton`."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            if _tracing(args, kwargs):
-                return _torch_wrap_triton(self.kernel)[grid](*args, **kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
 
 def _alloc(shape, dtype, device):
     if POISON_BUFFERS:
@@ -329,13 +283,6 @@ def tuned_shape(C: int, N: int, dots: DotVariant, qkv: Tensor) -> GMAShape:
     return shape_from_configs(C, dots, agg, attn)
 
 
-def device_guard(t: Tensor):
-    """Launch under t's CUDA device (Triton launches on the current device, not the tensor's)."""
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
                         shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None,
                         planes: Optional[Tensor] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
@@ -422,5 +369,5 @@ def launch_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights
     buf, launches = plan_pre_projection(qkv, H, W, weights, scale, ln_eps, shape, dots, planes)
     with device_guard(qkv):
         for kernel, grid, args, kwargs in launches:
-            wrap_triton(kernel)[grid](*args, **kwargs)
+            _launch.wrap_triton(kernel)[grid](*args, **kwargs)   # looked up per call (tests record launches there)
     return buf

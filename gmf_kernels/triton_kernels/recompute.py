@@ -343,7 +343,7 @@ def plan_proxy_v(Z: Tensor, wts: FoldedGMAWeights) -> Tuple[Tensor, Launch]:
 
 
 def _launch(launches: List[Launch], like: Tensor) -> None:
-    from .launcher import device_guard, wrap_triton
+    from ._launch import device_guard, wrap_triton
     with device_guard(like):
         for kernel, grid, args, kwargs in launches:
             wrap_triton(kernel)[grid](*args, **kwargs)

@@ -173,8 +173,9 @@ qkv), and nothing else is stored: no moments, no y. Bytes per token and stream (
 dtype's bytes): Z written 9 s e here and read 9 s e by the aggregation, against the fused forward that
 never stores it: 36 s bytes more per token at fp16/bf16 (GroupMixFormer-S stage 0, batch 128: ~230 MB,
 ~80 us at 3 TB/s), in exchange for two simpler kernels. Whether it pays is a measurement
-(`benchmarks/tune.py`); the dots are the statistics pass's (`statistics_dots`: fp32's), Z is rounded once to
-the stage dtype as in the training forward.
+(`benchmarks/tune.py`); the dots are the statistics pass's (`statistics_dots`: fp32's, 3xTF32 on sm_80+; the
+fused forward's one TF32 pass made ptxas spill at several widths), Z is rounded once to the stage dtype as in
+the training forward.
 """
 from __future__ import annotations
 
@@ -992,14 +993,23 @@ def _grid_plan(qkv: Tensor, H: int, W: int, dots: Optional[DotVariant], tiles: O
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dots = dots or statistics_dots(qkv)
-    tiles = tiles or tiles_fn(C3 // 3, N, dots.precision)
+    tiles = tuple(tiles or tiles_fn(C3 // 3, N, dots.precision))
+    return qkv, dots, tiles, _segment_plan(C3 // 3, N, H, W, 3 * B, tiles, dots.precision, recompute, store,
+                                           SPLIT_TARGET)
+
+
+@functools.lru_cache(maxsize=1024)
+def _segment_plan(C: int, N: int, H: int, W: int, images: int, tiles: Tuple[int, ...], precision: str,
+                  recompute: bool, store, split_target: int) -> SegmentPlan:
+    """`_grid_plan`'s `SegmentPlan` (host arithmetic only, cached: every training call and every split eval
+    forward asks it, ~50-100 us of Python per call on the development CPU without the cache)."""
     rows = len(tiles) > 3 and bool(tiles[3])
     T = _num_tiles(N, H, W, tiles[0], rows)
-    costs = tuple(max(1, round(16 * c)) for c in segment_costs(C3 // 3, tiles, dots.precision, recompute, store))
-    splits = _balanced_splits(T, 3 * B, costs, SPLIT_TARGET)
+    costs = tuple(max(1, round(16 * c)) for c in segment_costs(C, tiles, precision, recompute, store))
+    splits = _balanced_splits(T, images, costs, split_target)
     if rows:   # runs of at least KS rows: a walk re-reads R rows above and below its run
         splits = splits[:1] + tuple(_rows_splits(T, sp, 2 * j + 1) for j, sp in enumerate(splits[1:], 1))
-    return qkv, dots, tiles, SegmentPlan(T, splits, W if rows else 0)
+    return SegmentPlan(T, splits, W if rows else 0)
 
 
 def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
@@ -1031,10 +1041,12 @@ def plan_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tens
     `config.GMAShape.AGG_SPLIT`): allocate Z (3B, 4s, H, W) in the stage dtype and describe the launch of
     `gma_statistics_kernel` with STORE = `Z_ONLY`, without launching: (z, (grid, args, kwargs)). Only
     segments 1-3 of Z are written (the aggregation reads segment 0 from qkv). The statistics pass's grid,
-    tiles (the "triton.statistics" family's, `tile_spaces.tuned_tiles`) and dots (`statistics_dots`); the
-    moments' buffers and y_all are placeholders (z), never read or written. The weights: the folded
-    filters (fp32, contiguous, tap-major: `folding.FoldedGMAWeights`). z: the buffer to write, if given
-    (contiguous (3B, 4s, H, W), the stage dtype)."""
+    tiles (the "triton.statistics" family's, `tile_spaces.tuned_tiles`) and dots (`statistics_dots`: fp32's,
+    3xTF32 on sm_80+; one TF32 pass for fp16 / bf16, as the fused forward's pointwise, made ptxas spill 12-112 B
+    at C = 160, 200, 320 (sm_80) and 480, where these compile without one). The moments' buffers and y_all are
+    placeholders (qkv), never read or written. The weights: the folded filters (fp32, contiguous, tap-major:
+    `folding.FoldedGMAWeights`). z: the buffer to write, if given (contiguous (3B, 4s, H, W), the stage
+    dtype)."""
     B, N, C3 = qkv.shape
     s = C3 // 15
     qkv, dots, tiles, plan = _grid_plan(qkv, H, W, None, tiles, stats_tiles, False, STORE_Z_ONLY)
@@ -1044,7 +1056,9 @@ def plan_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tens
     elif tuple(z.shape) != want or z.dtype != stage_dtype(qkv.dtype) or not z.is_contiguous():
         raise ValueError(f"Z buffer {tuple(z.shape)} {z.dtype}: expected a contiguous {want} "
                          f"{stage_dtype(qkv.dtype)} tensor")
-    return z, kernel_call(qkv, H, W, (z, z, z, z, dw3, dw5, dw7, pw), plan, tiles, dots, store=STORE_Z_ONLY)
+    # placeholders: qkv, read-only (a traced launch, torch.compile's `wrap_triton`, then sees z as the one
+    # tensor written, never aliased by another argument)
+    return z, kernel_call(qkv, H, W, (qkv, qkv, z, qkv, dw3, dw5, dw7, pw), plan, tiles, dots, store=STORE_Z_ONLY)
 
 
 def planes_of(args: tuple) -> Tuple[Tensor, Tensor]:
@@ -1075,7 +1089,7 @@ def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor
     """Launch the kernel and merge: (2, 4s) float64, [mean, M2] of Z per channel (channel j*s + c:
     segment j) over this process's 3B images x H x W; store: (that, Z, y_all), the planes the kernel
     stored (`plan_statistics`)."""
-    from .launcher import device_guard, wrap_triton
+    from ._launch import device_guard, wrap_triton
     dw3, dw5, dw7, pw = (w.contiguous() for w in (dw3, dw5, dw7, pw))     # the kernel's weight layout
     part_mean, part_m2, plan, (grid, args, kwargs) = plan_statistics(qkv, H, W, dw3, dw5, dw7, pw, tiles, dots,
                                                                      store)
@@ -1106,7 +1120,7 @@ def recompute_z(qkv: Tensor, H: int, W: int, bn_scale: Tensor, bn_shift: Tensor,
                 dots: Optional[DotVariant] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Launch `gma_recompute_z_kernel`: (Z, PV, y_all), PV the v images' P, y_all[j - 1] = y_j
     (module docstring)."""
-    from .launcher import device_guard, wrap_triton
+    from ._launch import device_guard, wrap_triton
     weights = tuple(w.float().contiguous() for w in (bn_scale, bn_shift, dw3, dw5, dw7, pw))
     out, (grid, args, kwargs) = plan_recompute(qkv, H, W, *weights, tiles, dots)
     with device_guard(qkv):
