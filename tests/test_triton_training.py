@@ -312,7 +312,7 @@ def test_backward_dots_follow_the_input_dtype(dtype, monkeypatch):
     kernel with dots is seen. (The result's accuracy: `test_low_precision`.) On a GPU whose tuning
     table picks the forward's DOTS16 candidates the forward kernels may instead run the input's own
     16-bit dots (`config.operand_precision`; the backward's stay as they are)."""
-    from gmf_kernels.triton_kernels import _common, _launch
+    from gmf_kernels.triton_kernels import _common, _launch, launcher
     from gmf_kernels.triton_kernels import attention_backward as ab
     from gmf_kernels.triton_kernels.config import dot_precision, dtype_name, operand_precision
     from training_cases import run
