@@ -417,7 +417,7 @@ def test_wrap_triton_launches_directly_unless_tracing(monkeypatch):
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from gmf_kernels.triton_kernels import _launch, launcher
+    from gmf_kernels.triton_kernels import _launch
 
     calls = []
 
@@ -434,7 +434,7 @@ def test_wrap_triton_launches_directly_unless_tracing(monkeypatch):
 
     monkeypatch.setattr(_launch, "interpreting", lambda: False)
     monkeypatch.setattr(_launch, "_torch_wrap_triton", TorchWrapper)
-    launch = launcher.wrap_triton(Kernel())
+    launch = _launch.wrap_triton(Kernel())
     x = torch.zeros(4)
     launch[(2, 1)](x, 3, num_warps=4)
     assert calls == [("direct", (2, 1))]
@@ -455,7 +455,7 @@ def test_wrap_triton_launches_directly_unless_tracing(monkeypatch):
     assert calls[-1] == ("wrapped", (5,))
     monkeypatch.setattr(_launch, "interpreting", lambda: True)
     k = Kernel()
-    assert launcher.wrap_triton(k) is k   # the interpreter's kernels: never wrapped
+    assert _launch.wrap_triton(k) is k   # the interpreter's kernels: never wrapped
 
 
 _DIRECT_SCRIPT = r"""

@@ -43,7 +43,7 @@ from .. import tuning
 from ..folding import FoldedGMAWeights
 from . import _launch
 from ._common import DotVariant, _cuda_capability, dot_variant, interpreting
-from ._launch import device_guard, wrap_triton  # noqa: F401  (re-exported: the launchers' names since the start)
+from ._launch import device_guard
 from .backward import KeptPlanes  # (imports no Triton)
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
