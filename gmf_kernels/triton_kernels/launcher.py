@@ -1,4 +1,4 @@
-"""Launcher of the Triton pre-projection: buffers, split plan, grids, the three launches.
+"""Launcher of the Triton pre-projection: buffers, split plan, grids, the launches (three, or four split).
 
     buffers = launch_pre_projection(qkv, H, W, weights, scale, ln_eps)   # dict; buffers["pre"] is the result
 
@@ -286,7 +286,8 @@ def tuned_shape(C: int, N: int, dots: DotVariant, qkv: Tensor) -> GMAShape:
 def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
                         shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None,
                         planes: Optional[Tensor] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
-    """Allocate the buffers of one call and describe its three launches, without launching.
+    """Allocate the buffers of one call and describe its launches, without launching (three; four with
+    the split forward, `GMAShape.AGG_SPLIT`).
 
     Returns (buffers, [(kernel, grid, args, kwargs), ...]) in launch order. `launch_pre_projection`
     runs exactly these; `specializations.py` calls this on meta tensors (nothing allocated)
@@ -358,7 +359,7 @@ def planes_view(z: Tensor, B: int) -> Tensor:
 def launch_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
                           shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None,
                           planes: Optional[Tensor] = None) -> Dict[str, Tensor]:
-    """Run the three kernels; return every buffer (the op returns ``pre``; tests read all).
+    """Run the kernels of `plan_pre_projection`; return every buffer (the op returns ``pre``; tests read all).
 
     qkv (B, N, 3C) in fp32/fp16/bf16 with unit channel stride; weights: `FoldedGMAWeights`
     (fp32, contiguous, on qkv's device; arguments checked by the op). Returns q, v (B, N, C')

@@ -7,8 +7,8 @@
 
 * On a GPU (Triton JIT kernels) it is a ``torch.library.triton_op`` whose launches go
   through ``torch.library.wrap_triton`` (launcher.py): ``torch.compile`` traces into it and
-  Inductor sees the three kernels. Its fake implementation is the function itself
-  (allocation and launches are no-ops on fake tensors).
+  Inductor sees the kernels (three; four with the split forward). Its fake implementation is the
+  function itself (allocation and launches are no-ops on fake tensors).
 * Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU) the kernels are
   ``InterpretedFunction`` objects that ``wrap_triton`` passes through untraced, so a
   ``triton_op`` would trace to a graph without the kernels. There (and on torch < 2.6)
