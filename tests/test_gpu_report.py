@@ -780,7 +780,7 @@ def test_sanitize_driver_split_case_runs_the_z_pass(monkeypatch):
     within fp32's tolerance of float64 (the interpreter, in this process); any other Triton tile is refused."""
     import torch.nn.functional as F
     from gmf_kernels.folding import fold_eval
-    from gmf_kernels.numerics import default_hyper, random_gma_weights
+    from gmf_kernels.numerics import default_hyper, max_rel_error, random_gma_weights
     from gmf_kernels.reference import reference_group_mix_attention
     from gmf_kernels.triton_kernels import _launch
     launched = []
@@ -796,8 +796,7 @@ def test_sanitize_driver_split_case_runs_the_z_pass(monkeypatch):
     assert gr.triton_split_shape(qkv, H, W).AGG_SPLIT
     out = gr.pre_projection_call("triton", qkv, H, W, ws, hp, "split")()
     assert launched == ["gma_statistics_kernel", "gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel"]
-    e = ex["pre_proj"]
-    assert float((out.double() - e).abs().max() / e.abs().max()) < 1e-5
+    assert max_rel_error(out, ex["pre_proj"]) < 1e-5
     with pytest.raises(ValueError, match="tile"):
         gr.pre_projection_call("triton", qkv, H, W, ws, hp, (4, 4))
     assert any(gr.sanitize_case(c)["tile"] == "split" for c in gr.SANITIZE_CASES)

@@ -313,9 +313,9 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     launches: List[Launch] = []
     z_pass = None
     if shape.AGG_SPLIT:   # the split forward: Z of segments 1-3 first (`statistics.plan_z_pass`)
-        z_pass = _alloc((3 * B, 4 * shape.S, H, W), stage_dtype(dt), dev)   # segment 0 stays unwritten, unread
-        z_pass, (grid, args, kwargs) = plan_z_pass(qkv, H, W, weights.dw3, weights.dw5, weights.dw7, weights.pw,
-                                                   z=z_pass)
+        z_pass, (grid, args, kwargs) = plan_z_pass(    # segment 0 of the buffer stays unwritten, unread
+            qkv, H, W, weights.dw3, weights.dw5, weights.dw7, weights.pw,
+            z=_alloc((3 * B, 4 * shape.S, H, W), stage_dtype(dt), dev))
         launches.append((gma_statistics_kernel, grid, args, kwargs))
     plan = job_plan(N, B, shape, dots.precision, W)    # per-job splits, balanced by cost
     rows = plan.partial_rows                         # packed partials: one row per split of segments 0..3

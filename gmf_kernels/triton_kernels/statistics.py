@@ -197,12 +197,12 @@ from .tile_spaces import register_tiles
 Tensor = torch.Tensor
 
 #: `gma_statistics_kernel`'s STORE modes beyond False (nothing stored): Z and the depthwise outputs y (the
-#: training forward with a backward, "Planes kept for the backward") ...
+#: training forward with a backward, "Planes kept for the backward"; the host passes True) ...
 Z_AND_Y = tl.constexpr(1)
-#: ... or Z of segments 1-3 alone, without the moments (the split eval forward's Z pass, `plan_z_pass`)
-Z_ONLY = tl.constexpr(2)
-#: the host's value of `Z_ONLY` (the `store` argument of `kernel_call`, `segment_costs`)
+#: ... or Z of segments 1-3 alone, without the moments (the split eval forward's Z pass, `plan_z_pass`): the
+#: host's `store` argument of `kernel_call` / `segment_costs`, and the kernel's constexpr
 STORE_Z_ONLY = 2
+Z_ONLY = tl.constexpr(STORE_Z_ONLY)
 
 
 @triton.jit
