@@ -54,6 +54,15 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
   paper          throughput.py --protocol paper (fp32 batch 128, 50 + 30 iterations): the eager
                  rows and timm's Swin-T (the paper's GroupMixFormer / Swin-T ratio); last, as it
                  judges nothing
+  Inductor cache warm-up (beside the phases, not a phase): the judged bf16 batch-256 run's compiled
+  rows are compiled into inductor's on-disk cache by `throughput.py --compile-only` (the run's own
+  arguments; nothing runs on the GPU) in the background, so that the models phase's compiled rows
+  find them and their first calls skip the lowering (one cold compile took 74 s on the H200, and
+  the models phase could afford one): the rows whose graphs do not depend on the tune table
+  (upstream, reference, cuda, torch) from the tests phase (or the tune phase, when the part has no tests
+  phase), the triton row once the forward tiles are tuned (`COMPILE_WARMS`). report.json
+  `compile_warm` and summary.md say what each compiled, in how long, and whether the models
+  phase's compiled rows then hit the cache.
   Each throughput run gets `--deadline` (its time less a margin): it runs the yardsticks and judged
   rows first (reference, upstream, the fused backends eager, upstream+compile, the fused backends
   compiled, then the rest), cuts the rest to what fits, ends by itself and rewrites its results
@@ -521,7 +530,7 @@ def condense_throughput(data: Dict) -> List[Dict]:
             "img_per_s_total", "median_ms", "p20_ms", "p80_ms", "ratio_vs_reference", "ratio_vs_upstream",
             "ratio_vs_upstream_compile", "check",
             "max_rel_err_vs_reference", "max_rel_err_vs_fp64", "compile_s", "peak_mem_mib", "mem_ratio_vs_reference",
-            "first_call_s", "n_timed", "deadline_note", "profile")
+            "first_call_s", "n_timed", "deadline_note", "profile", "inductor_cache")
     return [{k: r[k] for k in keys if k in r} for r in data.get("rows", [])]
 
 
@@ -993,6 +1002,8 @@ class Ctx:
     pending_build: Optional["Proc"] = None
     #: fused backends left out of the later timing runs: {backend: why} (`quarantine`)
     quarantined: Dict[str, str] = field(default_factory=dict)
+    #: the inductor cache warm-ups started, by name (`start_compile_warm`; None: planned by a dry run)
+    compile_warms: Dict[str, Optional["Proc"]] = field(default_factory=dict)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -1458,6 +1469,7 @@ def finish_build(ctx: Ctx, res: RunResult, ph: Dict) -> None:
 
 def phase_tests(ctx: Ctx, ph: Dict, allow: float) -> None:
     t_end = time.monotonic() + allow
+    start_compile_warm(ctx, "untuned")  # the CUDA module is built by now (the phase loop's `settle_build`)
     _run_pytest_specs(ctx, pytest_runs("tests", golden_dir().is_dir()), t_end, ph)
     tf32x3_check(ctx, t_end)
 
@@ -1688,6 +1700,16 @@ def tune_rows(table: Optional[Dict], seed: Optional[Dict] = None) -> List[Dict]:
     return rows
 
 
+def tuned_table(table_dir: Path, seeded_at: float) -> Optional[Dict]:
+    """The table tune.py wrote into table_dir since `seeded_at` (not a seeded copy left as it was), or None."""
+    table = None
+    for p in sorted(table_dir.glob("*.json")):
+        t = _read_json_file(p) if p.stat().st_mtime > seeded_at else None
+        if isinstance(t, dict) and any(f in (t.get("candidates") or {}) for f in TUNE_FAMILIES + TUNE_TRAIN_FAMILIES):
+            table = t
+    return table
+
+
 def phase_tune(ctx: Ctx, ph: Dict, allow: float) -> None:
     """benchmarks/tune.py over `TUNE_ARGS` (the forward tiles, `TUNE_FORWARD_SHARE` of the phase), then
     over `TUNE_TRAIN_ARGS` (the training kernels' tiles, the rest) into the same table, within the phase's
@@ -1696,6 +1718,7 @@ def phase_tune(ctx: Ctx, ph: Dict, allow: float) -> None:
     session commits as gmf_kernels/data/tuning/<arch>.json. Only where the plan gives the phase a share
     (--part speed, or --phases naming it): the one-call plan has neither the time nor a ninth file for it."""
     sec = ctx.report.setdefault("tune", {})
+    start_compile_warm(ctx, "untuned")  # a no-op when the tests phase started it
     table_dir = ctx.tmp / "tuning"
     seeded = seed_tuning_dir(table_dir)
     seeds = {name: _read_json_file(table_dir / name) for name in seeded}
@@ -1712,10 +1735,16 @@ def phase_tune(ctx: Ctx, ph: Dict, allow: float) -> None:
         sec.update(status="skipped", reason=why)
         ph["status"] = "skipped"
         ph["notes"].append(why)
+        start_compile_warm(ctx, "tuned")  # the models phase runs with the committed tiles
         return
     forward = max(TUNE_MIN_S, allow * TUNE_FORWARD_SHARE)
     res = run(ctx, _tune_cmd(ctx, max(10.0, forward - 15), table_dir), forward, "[tune] ",
               fake=_fake_tune(ctx, table_dir))
+    # the Triton row's graph holds the forward tiles, which the training tiles' run below keeps: its
+    # warm-up starts now, with the table the later phases will read (`tuned_table`)
+    fwd = tuned_table(table_dir, seeded_at)
+    start_compile_warm(ctx, "tuned", env=dict(ctx.env, GMF_TUNING_DIR=str(table_dir))
+                       if fwd and (fwd.get("kernels") or ctx.dry) else None)
     left = allow - res.seconds
     train: Dict = {"args": list(TUNE_TRAIN_ARGS)}
     if left >= TUNE_MIN_S:
@@ -1727,11 +1756,7 @@ def phase_tune(ctx: Ctx, ph: Dict, allow: float) -> None:
             train["output_tail"] = res_t.output[-3000:]
     else:
         train.update(status="skipped", reason=f"time budget used up ({left:.0f} s left, {TUNE_MIN_S:.0f} s needed)")
-    table = None
-    for p in sorted(table_dir.glob("*.json")):   # the table this run wrote (not a seeded copy left as it was)
-        t = _read_json_file(p) if p.stat().st_mtime > seeded_at else None
-        if isinstance(t, dict) and any(f in (t.get("candidates") or {}) for f in TUNE_FAMILIES + TUNE_TRAIN_FAMILIES):
-            table = t
+    table = tuned_table(table_dir, seeded_at)
     rows = tune_rows(table, seeds.get(f"{table['arch']}.json") if table else None)
     copy = f"tuning_{table['arch']}.json" if table else None
     sec.update(status="timeout" if res.timed_out else "ok" if res.rc == 0 and rows else "failed",
@@ -2139,6 +2164,8 @@ def _throughput_attempt(ctx: Ctx, name: str, fname: str, args: List[str], budget
 def phase_models(ctx: Ctx, ph: Dict, allow: float) -> None:
     t_end = time.monotonic() + allow
     _throughput_help(ctx)
+    if ctx.compile_warms:
+        ctx.report["models"]["compile_warm_at_start"] = compile_warm_states(ctx)
     runs = model_runs(upstream_path(ctx))
     for i, (name, fname, args, share) in enumerate(runs):
         left = t_end - time.monotonic()
@@ -2148,6 +2175,7 @@ def phase_models(ctx: Ctx, ph: Dict, allow: float) -> None:
             continue
         budget = left * share / sum(r[3] for r in runs[i:])
         _run_throughput(ctx, name, fname, args, budget, ctx.report["models"], ph)
+    finish_compile_warms(ctx)  # they were for this phase's runs: the CPUs go back to the later phases
 
 
 def phase_train(ctx: Ctx, ph: Dict, allow: float) -> None:
@@ -2165,6 +2193,110 @@ def phase_train(ctx: Ctx, ph: Dict, allow: float) -> None:
         return
     name, fname, args = train_run(upstream_path(ctx))
     _run_throughput(ctx, name, fname, args, allow, ctx.report["train"], ph)
+
+
+# ------------------------------------------------------------------ inductor cache warm-up
+#: the judged run's (UPSTREAM_RUN's) compiled rows, compiled into inductor's on-disk cache in the background
+#: (`throughput.py --compile-only`: the same arguments, so the same graphs and cache keys; nothing runs
+#: on the GPU), so that the models phase's compiled rows find them: on the H200 one cold compile took
+#: 74 s and the models phase had room for one (benchmarks/results/gpu_report_h200_20261204); on the
+#: development CPU a warm cache cut GroupMixFormer-S's compile from 89.8 s to 15.1 s (docs/performance.md).
+#: {name: the --compile-backends it warms}. "untuned": graphs that do not depend on the tune table
+#: (upstream's model; the CUDA op is opaque and picks its tiles inside; the torch and reference backends
+#: have no kernel of ours), started with the tests phase, or the tune phase when the part has no tests phase; "tuned": the
+#: Triton row, whose graph holds the tiles of the tune table (GMF_TUNING_DIR), started once the forward
+#: tiles are tuned. Each warms its rows in the order the models run reaches them (`throughput.run_order`).
+COMPILE_WARMS = {"untuned": ("upstream", "reference", "cuda", "torch"), "tuned": ("triton",)}
+#: inductor's cache for every run of the report (TORCHINDUCTOR_CACHE_DIR, unless set): under the home
+#: directory, like the CUDA module's and Triton's caches that the second call of a lease finds warm
+INDUCTOR_CACHE_DEFAULT = Path.home() / ".cache" / "gmf_kernels" / "inductor"
+#: seconds a warm-up keeps from the part's end (it is stopped then; what it compiled by then is cached)
+COMPILE_WARM_MARGIN_S = 15.0
+
+
+def compile_warm_threads() -> int:
+    """Inductor's compile processes for a warm-up (TORCHINDUCTOR_COMPILE_THREADS, which its cache key
+    ignores): a quarter of the CPUs, at least 2, so that the phases beside it keep most of them."""
+    return max(2, (os.cpu_count() or 8) // 4)
+
+
+def compile_warm_cmd(ctx: Ctx, name: str, deadline: float) -> Optional[List[str]]:
+    """throughput.py with the judged run's arguments (`model_runs`), --compile-backends cut to the
+    warm-up's rows, and --compile-only; None when the run compiles none of them."""
+    run_args = next(r[2] for r in model_runs(upstream_path(ctx)) if r[0] == UPSTREAM_RUN)
+    args = list(run_args)
+    i = args.index("--compile-backends")
+    wanted = [b for b in args[i + 1].split(",") if b in COMPILE_WARMS[name] and b not in ctx.quarantined]
+    if not wanted:
+        return None
+    args[i + 1] = ",".join(wanted)
+    return py(THROUGHPUT, *args, "--compile-only", "--deadline", f"{deadline:.0f}",
+              "--results-file", ctx.tmp / f"compile_warm_{name}.json")
+
+
+def _background(ctx: Ctx, cmd: List[str], env: Dict[str, str], prefix: str) -> "Proc":
+    return Proc([str(c) for c in cmd], env, ctx.tee, prefix, echo=False)
+
+
+def start_compile_warm(ctx: Ctx, name: str, env: Optional[Dict[str, str]] = None) -> None:
+    """Start the warm-up `name` of `COMPILE_WARMS` in the background (once per report), with `env`
+    (default ctx.env: what the models phase will have) and `compile_warm_threads`; a dry run checks
+    that throughput.py has --compile-only and records the command."""
+    if name in ctx.compile_warms:
+        return
+    sec = ctx.report.setdefault("compile_warm", {})
+    deadline = ctx.left() - COMPILE_WARM_MARGIN_S
+    cmd = compile_warm_cmd(ctx, name, max(1.0, deadline))
+    entry = sec[name] = {"backends": list(COMPILE_WARMS[name]), "status": "not run"}
+    if cmd is None:
+        entry["reason"] = "the judged run compiles none of these rows"
+        ctx.compile_warms[name] = None
+        return
+    if deadline < 30:
+        entry["reason"] = f"time budget used up ({ctx.left():.0f} s left in this part)"
+        ctx.compile_warms[name] = None
+        return
+    env = dict(env if env is not None else ctx.env)
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(compile_warm_threads()))
+    entry.update(command=" ".join(map(str, cmd)), compile_threads=int(env["TORCHINDUCTOR_COMPILE_THREADS"]),
+                 tuning_dir=env.get("GMF_TUNING_DIR"), started_at_s=round(time.monotonic() - ctx.t_start, 1))
+    if ctx.dry:
+        known = set(_throughput_help(ctx).get("flags", []))
+        ctx.check("throughput.py has --compile-only (the inductor cache warm-up)", "--compile-only" in known)
+        ctx.tee(f"[warm {name}] (dry run) would start in the background: {entry['command']}")
+        entry["status"] = "dry run"
+        ctx.compile_warms[name] = None
+        return
+    ctx.tee(f"[warm {name}] compiling {', '.join(COMPILE_WARMS[name])} into inductor's cache in the background")
+    entry["status"] = "running"
+    ctx.compile_warms[name] = _background(ctx, cmd, env, f"[warm {name}] ")
+
+
+def compile_warm_states(ctx: Ctx) -> Dict[str, str]:
+    """{warm-up: "running" / "done" / its status} now (the models phase records it at its start)."""
+    return {n: ("running" if p is not None and p.p is not None and p.p.poll() is None else
+                ctx.report.get("compile_warm", {}).get(n, {}).get("status", "?") if p is None else "done")
+            for n, p in ctx.compile_warms.items()}
+
+
+def finish_compile_warms(ctx: Ctx) -> None:
+    """Stop the warm-ups still running (the part's end) and record each: status, seconds, and per row
+    what throughput.py --compile-only wrote (status, compile seconds, graphs, inductor cache counts)."""
+    for name, proc in ctx.compile_warms.items():
+        if proc is None:
+            continue
+        ctx.compile_warms[name] = None
+        res = proc.wait(1.0)
+        entry = ctx.report.setdefault("compile_warm", {}).setdefault(name, {})
+        data = _read_json_file(ctx.tmp / f"compile_warm_{name}.json") or {}
+        rows = [{k: r[k] for k in ("backend", "status", "reason", "compile_s", "graphs", "inductor_cache") if k in r}
+                for r in data.get("rows", []) if str(r.get("backend", "")).endswith("+compile")]
+        entry.update(status="stopped (the part ended)" if res.timed_out else "ok" if res.rc == 0 else "failed",
+                     seconds=round(res.seconds, 1), rc=res.rc, rows=rows)
+        if res.rc not in (0, None) and not res.timed_out:
+            entry["output_tail"] = res.output[-2000:]
+        done = ", ".join(f"{r['backend']} {r.get('compile_s', 0):.0f} s" for r in rows if r.get("status") == "compiled")
+        ctx.tee(f"[warm {name}] {entry['status']} after {res.seconds:.0f} s; compiled: {done or 'none'}")
 
 
 def _fake_ncu(log: Path):
@@ -2462,8 +2594,10 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
                 L.append(f"| {run_['name']} | {_cell(r.get('label', r.get('backend')))} | {r.get('status')} | "
                          f"{_f(r.get('img_per_s'), '{:.1f}')} | {_f(r.get('median_ms'), '{:.2f}')} | "
                          f"{_f(r.get('ratio_vs_reference'), '{:.2f}x')} | {_f(r.get('peak_mem_mib'), '{:.0f}')} | "
-                         f"{_cell(r.get('check', r.get('reason', '')))[:120]} | {_f(r.get('compile_s'), '{:.0f}')} |")
+                         f"{_cell(r.get('check', r.get('reason', '')))[:120]} | {_compile_cell(r)} |")
         L.append("")
+        if sec == "models":
+            L += _compile_warm_summary(rep)
         warned = [(run_["name"], r) for run_ in runs for r in run_.get("rows", []) if r.get("warnings")]
         if warned:   # e.g. a fused backend that trained on PyTorch ops (throughput.py `record_warnings`)
             L += ["Warnings raised by a row's first call (each reason once per process: its first row):", ""]
@@ -2489,6 +2623,45 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
 
 def _cfg(cfg) -> str:
     return ", ".join(f"{k} {v}" for k, v in (cfg or {}).items()) or "-"
+
+
+def _cache_word(cache: Optional[Dict]) -> str:
+    """'cache hit' / 'cold' / '' from a compiled row's inductor cache counts (throughput.py `inductor_cache`)."""
+    if not cache:
+        return ""
+    if cache.get("fxgraph_cache_miss"):
+        return "cold"
+    return "cache hit" if cache.get("fxgraph_cache_hit") else "cache not used"
+
+
+def _compile_cell(r: Dict) -> str:
+    word = _cache_word(r.get("inductor_cache"))
+    return _f(r.get("compile_s"), "{:.0f}") + (f" ({word})" if word and r.get("compile_s") is not None else "")
+
+
+def _compile_warm_summary(rep: Dict) -> List[str]:
+    """The inductor cache warm-ups (`COMPILE_WARMS`): what each compiled, and where they stood when the
+    models phase started."""
+    warms = rep.get("compile_warm") or {}
+    if not warms:
+        return []
+    cache_dir = (rep.get("meta") or {}).get("inductor_cache_dir")
+    L = ["Inductor cache warm-up (throughput.py --compile-only in the background"
+         + (f", into {cache_dir}" if cache_dir else "") + "; the compile column's 'cache hit' is a compiled row "
+         "that found its graph there):", ""]
+    for name, w in warms.items():
+        rows = "; ".join(f"{r.get('backend')} {r.get('status')}" + (f" in {r['compile_s']:.0f} s" if
+                                                                     r.get("compile_s") is not None else "")
+                         + (f" ({_cache_word(r.get('inductor_cache'))})" if r.get("inductor_cache") else "")
+                         for r in w.get("rows", []))
+        L.append(f"- {name} ({', '.join(w.get('backends', []))}): {w.get('status')}"
+                 + (f" after {w['seconds']:.0f} s" if w.get("seconds") is not None else "")
+                 + (f", started {w['started_at_s']:.0f} s into the part" if w.get("started_at_s") is not None else "")
+                 + (f": {rows}" if rows else "") + (f" ({_cell(w['reason'])})" if w.get("reason") else ""))
+    at = (rep.get("models") or {}).get("compile_warm_at_start")
+    if at:
+        L.append("- when the models phase started: " + ", ".join(f"{k} {v}" for k, v in at.items()))
+    return L + [""]
 
 
 def _tune_summary(rep: Dict) -> List[str]:
@@ -2922,6 +3095,8 @@ def run_report(args) -> int:
         env.pop("TRITON_INTERPRET", None)  # the compiled kernels, never the interpreter
     if golden_dir().is_dir():
         env["GMF_GOLDEN_DIR"] = str(golden_dir())
+    if not dry:  # beside the CUDA module's and Triton's caches, which the two calls of a lease share
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE_DEFAULT))
     t0 = time.monotonic()
     sha, status = args.git_sha or _git("rev-parse", "HEAD"), None if args.git_sha else _git("status", "--porcelain")
     report = {
@@ -2936,6 +3111,7 @@ def run_report(args) -> int:
         "models": {"runs": []}, "train": {"runs": []}, "ncu": {}, "files": [],
         "upstream": resolve_upstream(args.upstream),
     }
+    report["meta"]["inductor_cache_dir"] = env.get("TORCHINDUCTOR_CACHE_DIR")
     try:
         import importlib.util
         report["meta"]["xdist"] = importlib.util.find_spec("xdist") is not None
@@ -2988,6 +3164,7 @@ def run_report(args) -> int:
         ctx.carry = max(0.0, allow - used)
         write_outputs(ctx)
     settle_build(ctx, {"notes": []}, max(1.0, ctx.left() - 5), "end")  # only --phases without a later phase
+    finish_compile_warms(ctx)  # a part without the models phase (record): what they compiled stays cached
     tee(f"== done in {time.monotonic() - t0:.0f} s; results in {out}")
     write_outputs(ctx)
     tee.close()

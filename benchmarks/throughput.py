@@ -41,6 +41,17 @@ after each row's check and timing. `--deadline SECONDS` ends the run within that
 start: rows that no longer fit are not started, a row's iterations are cut to what fits, and no call
 starts once the time is up, each row saying so (benchmarks/gpu_report.py gives every run one, so that
 a device run short of time still brings back the judged rows).
+
+`--compile-only` runs nothing: it compiles the run's torch.compile rows (inductor; the optimized row's
+freezing is not cached and is left out) with the same models, input, autocast and grad mode as the full
+run, through a compiler backend that lowers each graph exactly as `torch.compile(backend="inductor")`
+does and then returns without running it (`compile_only_backend`). Inductor's on-disk caches (FX
+graph, AOTAutograd, the Triton kernels; TORCHINDUCTOR_CACHE_DIR) then hold those graphs, and a later
+run with the same arguments finds them: its compiled rows' first calls skip the lowering and code
+generation (GroupMixFormer-S, torch backend, on the development CPU: 89.8 s cold, 15.1 s with the
+cache). No model runs on the device, so a GPU report runs it beside other work
+(benchmarks/gpu_report.py, "inductor cache warm-up"). Every compiled row records the inductor cache
+hits and misses of its first call (`inductor_cache`), so a results file says whether it found them.
 """
 from __future__ import annotations
 
@@ -141,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--upstream: the row 'upstream+compile', torch.compile of upstream's own model; only "
                         "when named) (default: every GMA backend of the run on GPU; 'torch' on CPU)")
     p.add_argument("--no-torchcompile", action="store_true", help="no torch.compile row, also on GPU")
+    p.add_argument("--compile-only", action="store_true",
+                   help="run no model: compile the torch.compile rows of this run (inductor) into inductor's on-disk "
+                        "caches and stop before running them, so that a later run with the same arguments (and "
+                        "TORCHINDUCTOR_CACHE_DIR) finds them; each row reports its compile time (inference only; "
+                        "no optimized row, whose freezing inductor does not cache)")
     p.add_argument("--optimized", action=argparse.BooleanOptionalAction, default=None,
                    help="add a row: gmf_kernels.optimize_for_inference (eval, BatchNorm folded, auto backend, "
                         "torch.compile fullgraph + freezing, CUDA graphs up to the mode table's batch threshold); "
@@ -237,6 +253,16 @@ def resolve_settings(args) -> Dict:
     s["fp64_check"] = (args.fp64_check if args.fp64_check is not None else
                        any(p not in (None, "fp32") for p in (s["precision"], s["upstream_precision"])))
     s["compare"] = [] if args.no_timm else parse_compare(args.compare)
+    s["compile_only"] = bool(args.compile_only)
+    if s["compile_only"]:
+        if args.bench == "train":
+            raise SystemExit("error: --compile-only warms inductor's cache for inference runs; a training row's "
+                             "backward is compiled at its first backward, which --compile-only never reaches")
+        if s["torchcompile"] != "inductor":
+            raise SystemExit(f"error: --compile-only fills inductor's caches: it needs --torchcompile inductor (the "
+                             f"default on GPU), not {s['torchcompile'] or 'off'}")
+        # nothing runs, so nothing is checked or timed: no oracle, no optimized row, no timm row
+        s.update(fp64_check=False, optimized=False, compare=[])
     s["upstream"] = args.upstream
     if args.deadline is not None and args.deadline <= 0:
         raise SystemExit("error: --deadline must be > 0 seconds")
@@ -366,7 +392,18 @@ def collect_meta(settings: Dict) -> Dict:
         props = torch.cuda.get_device_properties(torch.device(settings["device"]))
         meta["gpu_memory_gib"] = round(props.total_memory / 2 ** 30, 1)
         meta["gpu_sm_count"] = props.multi_processor_count
+    if settings.get("torchcompile") == "inductor":
+        meta["inductor_cache_dir"] = inductor_cache_dir()
     return meta
+
+
+def inductor_cache_dir() -> str:
+    """Where inductor keeps its on-disk caches (TORCHINDUCTOR_CACHE_DIR, else its default)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        return cache_dir()
+    except ImportError:  # another torch layout: the variable, if set
+        return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's default")
 
 
 # --------------------------------------------------------------------------- progress
@@ -539,6 +576,8 @@ class Runner:
         self.step: Optional["TrainStep"] = None
         #: the row's own Context when it runs at another precision than the run (--upstream-precision)
         self.ctx: Optional["Context"] = None
+        #: --compile-only: one entry per graph its compiler backend compiled (`compile_only_backend`)
+        self.graphs: Optional[List[int]] = None
 
 
 def row_ctx(ctx: "Context", r: Runner) -> "Context":
@@ -820,15 +859,58 @@ def compile_backends(ctx: Context, backends: List[str]) -> List[str]:
     return [b for b in wanted if b in runs]
 
 
+class CompileOnly(Exception):
+    """A graph compiled by `compile_only_backend` cannot stand in for the real one (an output that is not a
+    tensor of static shape), so the model's call stops there."""
+
+
+def _stand_in_output(node):
+    """An uninitialised tensor with the metadata of a graph output (an FX node whose example value is a
+    fake tensor of static shape); None for None; CompileOnly for anything else."""
+    import torch
+    if node is None:
+        return None
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else node
+    if not isinstance(value, torch.Tensor) or not all(isinstance(n, int) for n in (*value.shape, *value.stride())):
+        raise CompileOnly(f"a graph output ({type(value).__name__}) cannot be stood in for")
+    return torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device=value.device)
+
+
+def compile_only_backend(graphs: List[int]):
+    """--compile-only's compiler backend: each graph Dynamo hands it is lowered by the very object that
+    `torch.compile(backend="inductor")` builds (`torch._TorchCompileInductorWrapper` at the default mode,
+    options and dynamic: the same config patches, so the same cache keys), which writes inductor's on-disk
+    caches (FX graph, AOTAutograd, the Triton kernels). The callable returned instead of the compiled graph
+    runs nothing: it returns uninitialised tensors shaped like the graph's outputs, so that the model's
+    call goes on to the graphs after a graph break (GroupMixFormer's and upstream's models trace as one
+    graph). Device work left: tensors allocated, what inductor benchmarks while lowering (shape padding),
+    and eager code between graphs, if any. `graphs` counts the graphs compiled."""
+    import torch
+    inductor = torch._TorchCompileInductorWrapper(None, None, None)
+
+    def compile_only(gm, example_inputs):
+        inductor(gm, example_inputs)
+        graphs.append(1)
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+
+        def stand_in(*args):
+            return type(outputs)(_stand_in_output(o) for o in outputs)
+        return stand_in
+    return compile_only
+
+
 def compiled_runner(ctx: Context, name: str, backend: str, make_model, wrap=None, kind: str = "gmf") -> Runner:
     """A '<backend>+compile' row: torch.compile of a copy of the model on that GMA backend
     ('reference+compile' = torch.compile of our line-by-line rendering of upstream's model;
     'upstream+compile', kind "upstream" = torch.compile of upstream's own model)."""
     import torch
     label = f"{backend}+compile"
+    graphs: List[int] = []
     try:
-        compiled = torch.compile(make_model(), backend=ctx.settings["torchcompile"])
+        compiler = compile_only_backend(graphs) if ctx.settings.get("compile_only") else ctx.settings["torchcompile"]
+        compiled = torch.compile(make_model(), backend=compiler)
         r = Runner(name, label, f"{label} ({ctx.settings['torchcompile']})", compiled, lambda: None, kind=kind)
+        r.graphs = graphs
         if wrap is not None:
             wrap(r)
         return r
@@ -915,11 +997,26 @@ def record_warnings(row: Dict, caught) -> None:
         row["warnings"] = seen[:MAX_ROW_WARNINGS]
 
 
+#: inductor's cache counters (torch._dynamo.utils.counters: group, name) a compiled row's first call records
+INDUCTOR_CACHE_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
+                           ("inductor", "fxgraph_cache_bypass"), ("aot_autograd", "autograd_cache_hit"),
+                           ("aot_autograd", "autograd_cache_miss"), ("aot_autograd", "autograd_cache_bypass"))
+
+
+def inductor_cache_counts() -> Dict[str, int]:
+    """{counter: count so far in this process} of `INDUCTOR_CACHE_COUNTERS`."""
+    from torch._dynamo.utils import counters
+    return {name: int(counters[group][name]) for group, name in INDUCTOR_CACHE_COUNTERS}
+
+
 def timed_first_call(ctx: Context, r: Runner, fn: Callable[[], object]):
     """A row's first call or training step, `fn()`, timed apart between two synchronisations
-    (row["first_call_s"]: a compiled row's compile time); an exception drops the row with its reason.
+    (row["first_call_s"]: a compiled row's compile time; row["inductor_cache"]: the inductor cache hits and
+    misses it counted, which say whether a compile found an earlier one's graphs, --compile-only's say);
+    an exception drops the row with its reason.
     -> what fn returned, to check; None when there is nothing to check: the row was dropped, or it is
     a baseline (another model: its check is "n/a")."""
+    before = inductor_cache_counts() if compiles(r) else None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -934,6 +1031,8 @@ def timed_first_call(ctx: Context, r: Runner, fn: Callable[[], object]):
         return None
     finally:
         record_warnings(r.row, caught)
+        if before is not None:
+            r.row["inductor_cache"] = {k: v - before[k] for k, v in inductor_cache_counts().items()}
     if r.kind == "baseline":
         r.row["check"] = "n/a (other model)"
         return None
@@ -964,6 +1063,22 @@ def first_call_and_check(ctx: Context, r: Runner, runners: List[Runner], oracle,
     r.row["tolerance"] = rc.tol
     r.row["check"] = judge(r, runners, rc.tol, None if rc is ctx else ctx.tol)
     del out
+
+
+def compile_into_cache(ctx: Context, r: Runner) -> None:
+    """--compile-only: a compiled row's first call, whose compiler backend (`compile_only_backend`) compiles
+    its graphs into inductor's caches and runs none of them; row["first_call_s"]: the compile's seconds,
+    row["graphs"]: how many graphs, status "compiled" (no check, no timing)."""
+    rc = row_ctx(ctx, r)
+
+    def call():
+        with rc.autocast():
+            r.module(rc.x)
+        if not r.graphs:
+            raise RuntimeError("no graph reached --compile-only's compiler backend (the row ran uncompiled)")
+        return True
+    if timed_first_call(ctx, r, call):
+        r.row.update(status="compiled", graphs=len(r.graphs), check="n/a (--compile-only: not run)")
 
 
 def compiles(r: Runner) -> bool:
@@ -1695,8 +1810,15 @@ def benchmark(settings: Dict, models: List[str], requested: Optional[List[str]],
             del up_state
             state: Dict = {}
             with torch.inference_mode():
-                run_rows(ctx, runners, lambda r: first_call_and_check(ctx, r, runners, oracle, tag, state), common,
-                         tag, name, lambda: save(runners))
+                if settings["compile_only"]:
+                    runners = [r for r in runners if compiles(r)]
+                    for r in run_order(runners):  # the full run's order: what it reaches first is cached first
+                        ctx.progress(f"{tag} {r.backend}: compiling into inductor's cache ...")
+                        start_row(ctx, r, lambda r: compile_into_cache(ctx, r), common)
+                        save(runners)
+                else:
+                    run_rows(ctx, runners, lambda r: first_call_and_check(ctx, r, runners, oracle, tag, state),
+                             common, tag, name, lambda: save(runners))
         rows += [r.row for r in runners]
         for b, why in skipped.items():
             rows.append(dict(model=name, backend=b, label=b, kind="gmf", status=why.split(":")[0], reason=why,
@@ -1732,6 +1854,32 @@ def ratio_base(settings: Dict) -> str:
     return UPSTREAM if settings.get("upstream") else "reference"
 
 
+def cache_note(row: Dict) -> str:
+    """', inductor cache: FX graph 1 hit, AOTAutograd 1 hit' from a compiled row's `inductor_cache`."""
+    c = row.get("inductor_cache")
+    if not c:
+        return ""
+    parts = []
+    for what, prefix in (("FX graph", "fxgraph_cache_"), ("AOTAutograd", "autograd_cache_")):
+        counts = [f"{c[prefix + k]} {k}" for k in ("hit", "miss", "bypass") if c.get(prefix + k)]
+        if counts:
+            parts.append(f"{what} {' '.join(counts)}")
+    return f", inductor cache: {', '.join(parts) or 'not used'}"
+
+
+def print_compile_report(meta: Dict, rows: List[Dict], settings: Dict) -> None:
+    """--compile-only: per compiled row, the graphs compiled into inductor's cache and the seconds it took."""
+    print(f"\ncompiled into inductor's cache, not run ({meta['device_name']}; {settings['precision']}, batch "
+          f"{settings['batch_size']}, {settings['img_size']}x{settings['img_size']}; cache "
+          f"{meta.get('inductor_cache_dir')}):")
+    for r in rows:
+        if r.get("status") == "compiled":
+            print(f"  {r['model']} {r['label']}: {r['graphs']} graph{'s' if r['graphs'] != 1 else ''} in "
+                  f"{r['compile_s']:.1f} s{cache_note(r)}")
+        else:
+            print(f"  {r['model']} {r['label']}: {r.get('status')}: {r.get('reason', '')}")
+
+
 def print_report(meta: Dict, rows: List[Dict], settings: Dict):
     cpu = settings["device_type"] != "cuda"
     where = "CPU" if cpu else "GPU"
@@ -1760,7 +1908,8 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
     for r in rows:
         if r.get("status") == "ok":
             ratio = r.get(f"ratio_vs_{base}")
-            extra = f"  (compile {r['compile_s']:.1f} s)" if r.get("compile_s") is not None else ""
+            extra = (f"  (compile {r['compile_s']:.1f} s{cache_note(r)})" if r.get("compile_s") is not None
+                     else "")
             mem = f"{r['peak_mem_mib']:.0f}" if r.get("peak_mem_mib") else "n/a"
             mem_ratio = f"{r['mem_ratio_vs_reference']:.2f}" if r.get("mem_ratio_vs_reference") else "-"
             print(f"{r['model']:<17} {r['label'][:w]:<{w}} {r['img_per_s']:>10.1f} {r['median_ms']:>9.1f} "
@@ -1977,9 +2126,9 @@ def main(argv=None) -> int:
     meta["load_avg_1_5_15_end"] = _loadavg()
     for r in rows:
         r["device_name"] = meta["device_name"]
-    print_report(meta, rows, settings)
+    (print_compile_report if settings["compile_only"] else print_report)(meta, rows, settings)
     print(f"\n(total {meta['wall_s']:.0f} s)")
-    if args.plot:
+    if args.plot and not settings["compile_only"]:
         write_plot(args.plot, rows, settings, meta)
         print(f"plot written to {args.plot}")
     if args.results_file:

@@ -869,8 +869,8 @@ def test_first_call_records_its_warnings():
     class Row:
         kind, alive = "gmf", True
 
-        def __init__(self):
-            self.row = {}
+        def __init__(self, backend="torch"):
+            self.row, self.backend = {}, backend
 
         def prepare(self):
             warnings.warn("prepared", UserWarning)
@@ -886,6 +886,11 @@ def test_first_call_records_its_warnings():
     assert bench.timed_first_call(ctx, r, ok) == 7
     assert r.row["warnings"][:2] == ["UserWarning: prepared", f"RuntimeWarning: {fallback}"], r.row
     assert len(r.row["warnings"]) == 3 and len(r.row["warnings"][2]) == bench.WARNING_CHARS
+    assert "inductor_cache" not in r.row       # an eager row compiles nothing
+    r = Row("torch+compile")
+    assert bench.timed_first_call(ctx, r, ok) == 7
+    # a compiled row: the cache counts of its first call (nothing compiled by `ok`: all zero)
+    assert r.row["inductor_cache"] == {name: 0 for _, name in bench.INDUCTOR_CACHE_COUNTERS}
 
     def fails():
         warnings.warn(fallback, RuntimeWarning)

@@ -1189,6 +1189,10 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
     out.mkdir()
     seen = []
 
+    warms = []   # the inductor cache warm-ups the phase starts: (name, GMF_TUNING_DIR of their env)
+    monkeypatch.setattr(gr, "start_compile_warm", lambda ctx, name, env=None: warms.append(
+        (name, (env or {}).get("GMF_TUNING_DIR"), len(seen))))
+
     def fake_run(ctx, cmd, timeout, prefix, **k):
         seen.append(cmd)
         table_dir = Path(cmd[cmd.index("--table-dir") + 1])
@@ -1225,6 +1229,9 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
     text = "\n".join(gr._tune_summary(ctx.report))
     assert "triton.b1" not in text
     assert {r["family"] for r in sec["rows"]} <= set(gr.TUNE_FAMILIES + gr.TUNE_TRAIN_FAMILIES)
+    # the untuned rows' warm-up before tune.py, the Triton row's once the forward tiles are in the table
+    # (with the directory the later phases read), before the training tiles
+    assert warms == [("untuned", None, 0), ("tuned", str(tmp_path / "tuning") if outcome == "table" else None, 1)]
     if outcome == "table":
         assert sec["status"] == "ok" and sec["applied"] and sec["file"] == "tuning_sm_90.json"
         assert sec["train"]["status"] == "ok" and sec["train"]["seconds"] == 30.0
@@ -1255,8 +1262,10 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
     ctx = _ctx(tmp_path, env={})
     ctx.args = _args("--part", "speed")
     ph = {"notes": [], "status": "running"}
+    warms.clear()
     gr.phase_tune(ctx, ph, gr.TUNE_MIN_S - 1)
     assert ph["status"] == "skipped" and "time budget" in ctx.report["tune"]["reason"] and len(seen) == n + 1
+    assert [w[:2] for w in warms] == [("untuned", None), ("tuned", None)]   # the committed tiles
     # the one-call plan: no share, not run however much time is left over
     ctx = _ctx(tmp_path, env={})
     ctx.args = _args()
@@ -1334,3 +1343,93 @@ def test_summary_lists_the_rows_warnings():
     assert not any(ln.startswith(f"- {gr.TRAIN_RUN[0]} triton:") for ln in lines)
     assert "Warnings raised" not in gr.render_summary(_report(train={"runs": [
         {"name": gr.TRAIN_RUN[0], "status": "ok", "rows": rows[1:]}]}))
+
+
+# ------------------------------------------------------------------ the inductor cache warm-up
+def _warm_ctx(tmp_path, upstream):
+    ctx = _upstream_ctx(tmp_path, {"checked": True, "use": bool(upstream), "path": upstream})
+    ctx.tmp, ctx.t_start, ctx.deadline = tmp_path, time.monotonic(), time.monotonic() + 1000.0
+    return ctx
+
+
+@pytest.mark.parametrize("upstream", [None, "/clones/GroupMixFormer"])
+def test_compile_warm_commands_are_the_judged_runs(tmp_path, upstream):
+    """Each warm-up is throughput.py with the judged run's own arguments (the same graphs, so the same cache
+    keys), --compile-backends cut to its rows, and --compile-only; a quarantined backend is left out; every
+    compiled row of the judged run is in exactly one warm-up."""
+    ctx = _warm_ctx(tmp_path, upstream)
+    judged = next(a for n, _, a, _ in gr.model_runs(upstream) if n == gr.UPSTREAM_RUN)
+    i = judged.index("--compile-backends")
+    compiled = judged[i + 1].split(",")
+    got = {}
+    for name in gr.COMPILE_WARMS:
+        cmd = gr.compile_warm_cmd(ctx, name, 200.4)
+        assert cmd[:2] == [sys.executable, str(gr.THROUGHPUT)]
+        args = cmd[2:]
+        got[name] = args[i + 1].split(",")
+        assert args[:i] + args[i + 2:len(judged)] == judged[:i] + judged[i + 2:]
+        assert args[len(judged):] == ["--compile-only", "--deadline", "200", "--results-file",
+                                      str(tmp_path / f"compile_warm_{name}.json")]
+    assert got["tuned"] == ["triton"] and sorted(got["untuned"] + got["tuned"]) == sorted(compiled)
+    ctx.quarantined["cuda"] = "lost its context"
+    cmd = gr.compile_warm_cmd(ctx, "untuned", 100)
+    assert "cuda" not in cmd[cmd.index("--compile-backends") + 1].split(",")
+    ctx.quarantined["triton"] = "lost its context"
+    assert gr.compile_warm_cmd(ctx, "tuned", 100) is None
+
+
+WARM_ROWS = [{"backend": "torch+compile", "status": "compiled", "compile_s": 41.5, "graphs": 1,
+              "inductor_cache": {"fxgraph_cache_miss": 1, "fxgraph_cache_hit": 0}, "img_per_s": None},
+             {"backend": "cuda", "status": "unavailable", "reason": "no module"}]
+
+
+def test_compile_warms_run_once_in_the_background_and_are_recorded(tmp_path, monkeypatch):
+    """A warm-up starts once per report, in the background, with inductor's compile processes capped; the
+    Triton row's with the tune table's directory; the models phase records where they stand; at the end
+    one that finished is read back (its compiled rows), one still running is stopped and says so."""
+    started = []
+
+    def background(ctx, cmd, env, prefix):
+        started.append((cmd, env))
+        results = cmd[cmd.index("--results-file") + 1]
+        body = (f"import json; json.dump({{'rows': {WARM_ROWS!r}}}, open({str(results)!r}, 'w'))"
+                if "triton" not in cmd else "import time; time.sleep(120)")
+        return gr.Proc([sys.executable, "-c", body], dict(os.environ), ctx.tee, prefix, echo=False)
+    monkeypatch.setattr(gr, "_background", background)
+    ctx = _warm_ctx(tmp_path, "/clones/GroupMixFormer")
+    gr.start_compile_warm(ctx, "untuned")
+    gr.start_compile_warm(ctx, "untuned")
+    gr.start_compile_warm(ctx, "tuned", env={"GMF_TUNING_DIR": "/t"})
+    assert len(started) == 2
+    (cmd, env), (cmd_t, env_t) = started
+    assert "--compile-only" in cmd and env["TORCHINDUCTOR_COMPILE_THREADS"] == str(gr.compile_warm_threads())
+    assert "GMF_TUNING_DIR" not in env and env_t["GMF_TUNING_DIR"] == "/t"
+    ctx.compile_warms["untuned"].p.wait(60)
+    assert gr.compile_warm_states(ctx) == {"untuned": "done", "tuned": "running"}
+    gr.finish_compile_warms(ctx)
+    w = ctx.report["compile_warm"]
+    assert w["untuned"]["status"] == "ok" and w["untuned"]["tuning_dir"] is None
+    assert w["untuned"]["rows"] == [{k: v for k, v in WARM_ROWS[0].items() if k != "img_per_s"}]
+    assert w["tuned"]["status"] == "stopped (the part ended)" and w["tuned"]["rows"] == []
+    assert w["tuned"]["tuning_dir"] == "/t"
+    assert all(p is None for p in ctx.compile_warms.values())
+    gr.start_compile_warm(ctx, "tuned")   # once per report, also after it ended
+    assert len(started) == 2
+    # too little of the part left: not started, with why
+    ctx2 = _warm_ctx(tmp_path, None)
+    ctx2.deadline = time.monotonic() + 20
+    gr.start_compile_warm(ctx2, "untuned")
+    assert ctx2.report["compile_warm"]["untuned"]["status"] == "not run" and len(started) == 2
+    assert "time budget" in ctx2.report["compile_warm"]["untuned"]["reason"]
+    # summary.md: what each compiled, and the compile column says which timed row found its graph
+    rep = _report(compile_warm=w, models={"compile_warm_at_start": {"untuned": "done", "tuned": "running"}, "runs": [
+        {"name": "bf16_b256", "status": "ok", "rows": [
+            {"backend": "torch+compile", "label": "torch+compile (inductor)", "status": "ok", "compile_s": 9.6,
+             "inductor_cache": {"fxgraph_cache_hit": 1, "fxgraph_cache_miss": 0}},
+            {"backend": "triton+compile", "label": "triton+compile (inductor)", "status": "ok", "compile_s": 70.2,
+             "inductor_cache": {"fxgraph_cache_hit": 0, "fxgraph_cache_miss": 1}}]}]})
+    md = gr.render_summary(rep)
+    assert "| 10 (cache hit) |" in md and "| 70 (cold) |" in md
+    assert "- untuned (upstream, reference, cuda, torch): ok after" in md
+    assert "torch+compile compiled in 42 s (cold)" in md and "- tuned (triton): stopped (the part ended)" in md
+    assert "- when the models phase started: untuned done, tuned running" in md
