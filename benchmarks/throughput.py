@@ -42,9 +42,9 @@ start: rows that no longer fit are not started, a row's iterations are cut to wh
 starts once the time is up, each row saying so (benchmarks/gpu_report.py gives every run one, so that
 a device run short of time still brings back the judged rows).
 
-`--compile-only` runs nothing: it compiles the run's torch.compile rows (inductor; the optimized row's
-freezing is not cached and is left out) with the same models, input, autocast and grad mode as the full
-run, through a compiler backend that lowers each graph exactly as `torch.compile(backend="inductor")`
+`--compile-only` runs nothing: it compiles the run's torch.compile rows (inductor; not the optimized
+row, which runs after every other compiled row) with the same models, input, autocast and grad mode as
+the full run, through a compiler backend that lowers each graph exactly as `torch.compile(backend="inductor")`
 does and then returns without running it (`compile_only_backend`). Inductor's on-disk caches (FX
 graph, AOTAutograd, the Triton kernels; TORCHINDUCTOR_CACHE_DIR) then hold those graphs, and a later
 run with the same arguments finds them: its compiled rows' first calls skip the lowering and code
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run no model: compile the torch.compile rows of this run (inductor) into inductor's on-disk "
                         "caches and stop before running them, so that a later run with the same arguments (and "
                         "TORCHINDUCTOR_CACHE_DIR) finds them; each row reports its compile time (inference only; "
-                        "no optimized row, whose freezing inductor does not cache)")
+                        "not the optimized row, which runs after every other compiled row)")
     p.add_argument("--optimized", action=argparse.BooleanOptionalAction, default=None,
                    help="add a row: gmf_kernels.optimize_for_inference (eval, BatchNorm folded, auto backend, "
                         "torch.compile fullgraph + freezing, CUDA graphs up to the mode table's batch threshold); "

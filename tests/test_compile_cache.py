@@ -109,7 +109,7 @@ def test_compile_only_settings(argv, error):
             bench.resolve_settings(args)
         return
     s = bench.resolve_settings(args)
-    # nothing runs: no oracle, no optimized row (freezing is not cached), no timm row
+    # nothing runs: no oracle, no optimized row (it runs last), no timm row
     assert s["compile_only"] and s["torchcompile"] == "inductor"
     assert not s["fp64_check"] and not s["optimized"] and s["compare"] == []
 
