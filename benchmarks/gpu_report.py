@@ -2562,18 +2562,19 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
                      f"{_f(r.get('TFLOPs'), '{:.2f}')} | {ratio('reference')} | {ratio('torch')} | "
                      f"{ratio('torch+compile')} | {_f(r.get('err_vs_reference'), '{:.1e}')} |")
         L += [""] + _judged_bandwidth(k, copy_bw)
-        per_kernel = [r for r in k.get("rows", []) if r.get("op") in ("aggregate", "combine", "attention")]
+        per_kernel = [r for r in k.get("rows", []) if r.get("op") in ("z_pass", "aggregate", "combine", "attention")]
         if per_kernel and not compact:
             L += ["", "Per kernel (profiler, GPU time per launch):", "",
                   "| stage | C | B | dtype | impl | kernel | median ms | p20-p80 ms | GB/s | % of copy | TFLOP/s |",
                   "|---|---:|---:|---|---|---|---:|---|---:|---:|---:|"]
             for r in per_kernel:
                 pct = _f(100 * r["GBps"] / copy_bw, "{:.0f}%") if copy_bw and r.get("GBps") else "-"
+                op = "aggregate (from Z)" if r.get("after_z_pass") else r.get("op")
                 L.append(f"| {r.get('stage')} | {r.get('C')} | {r.get('B')} | {r.get('dtype')} | {r.get('impl')} | "
-                         f"{r.get('op')} | {_f(r.get('median_ms'), '{:.4f}')} | {_f(r.get('p20_ms'), '{:.4f}')}-"
+                         f"{op} | {_f(r.get('median_ms'), '{:.4f}')} | {_f(r.get('p20_ms'), '{:.4f}')}-"
                          f"{_f(r.get('p80_ms'), '{:.4f}')} | {_f(r.get('GBps'), '{:.0f}')} | {pct} | "
                          f"{_f(r.get('TFLOPs'), '{:.2f}')} |")
-        other = [r for r in k.get("rows", []) if r.get("op") not in ("pre_projection", "aggregate", "combine",
+        other = [r for r in k.get("rows", []) if r.get("op") not in ("pre_projection", "z_pass", "aggregate", "combine",
                                                                      "attention", "linears")
                  and r.get("status") != "ok"]
         for r in other[:20]:

@@ -21,8 +21,9 @@ Each row: median and 20th / 80th percentiles of the per-call time (``triton.test
 on a GPU: CUDA events, L2 flushed between calls; a host clock on CPU), the error of the
 output against the ``reference`` output at the same dtype, and achieved GB/s and TFLOP/s
 from the formulas below. The fused backends are also broken down per kernel
-(``gma_aggregate_kernel``, ``gma_combine_kernel``, ``gma_attention_kernel``) with the
-PyTorch profiler (kernel durations on the GPU over `profile_calls` calls; median and
+(``gma_aggregate_kernel``, ``gma_combine_kernel``, ``gma_attention_kernel``, and ``z_pass``:
+``gma_statistics_kernel``, which an eval forward launches only as the split forward's Z pass,
+when the tuning table picks it) with the PyTorch profiler (kernel durations on the GPU over `profile_calls` calls; median and
 20/80 percentiles). A row ``linears`` times the two token-wise linears every backend shares
 (x -> qkv, pre -> out): the layer time of an implementation is its pre-projection + linears.
 
@@ -37,6 +38,11 @@ N = H*W. FLOPs count 2 per multiply-add of the convolutions and matrix products 
                              C'*d each; CRPE: d*(2*9 + 3*25 + 3*49) = 240*d)
     aggregate       bytes = B*N*3C*e + 2*B*N*C'*e (Q, V proxies) + B*N*s*e (local half of pre)
                     flops = 2*B*N*[3*(83*s + 3*s^2) + 27*s + 3*s^2 + C'*d]
+    z_pass          (the split forward, `config.GMAShape.AGG_SPLIT`) bytes = B*N*9s*e (segments 1-3 of
+                    q, k, v in) + B*N*9s*e (their Z out)      flops = 2*B*N*3*(83*s + 3*s^2)
+    aggregate_from_z  (the split forward's aggregation, the row "aggregate" after a z_pass) bytes =
+                    B*N*6s*e (segments 0 and 4 of q, k, v) + B*N*9s*e (Z) + 2*B*N*C'*e + B*N*s*e
+                    flops = 2*B*N*[27*s + 3*s^2 + C'*d]
     combine         bytes = B*C'*d*4 (KV out; the split-N partials it reads are implementation-
                             specific and not counted: a lower bound)      flops = 0 (not counted)
     attention       bytes = 2*B*N*C'*e (Q, V) + B*C'*d*4 (KV) + B*N*C'*e (attention half of pre)
@@ -73,10 +79,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMPLS = ("cuda", "triton", "torch", "torch+compile", "reference")
 #: the fused backends' kernels broken down per launch (pack: the CUDA weight packing, launched only
 #: when the planner could not stage the weights in shared memory)
-KERNELS = ("pack", "aggregate", "combine", "attention")
+KERNELS = ("pack", "z_pass", "aggregate", "combine", "attention")
 FIELDS = ["date", "git_sha", "device", "torch", "triton", "cuda", "model", "stage", "op", "impl", "B", "H", "W",
           "C", "dtype", "status", "median_ms", "p20_ms", "p80_ms", "n", "bytes", "flops", "GBps", "TFLOPs",
-          "err_vs_reference", "compile_s", "reason"]
+          "err_vs_reference", "compile_s", "after_z_pass", "reason"]
 
 
 # ------------------------------------------------------------------ work formulas
@@ -89,16 +95,27 @@ def work(C: int, H: int, W: int, B: int, elem_bytes: int) -> Dict[str, Dict[str,
     N = H * W
     e = elem_bytes
     folded = 4 * sum(int(torch.Size(sh).numel()) for sh in weight_shapes(C).values())
-    agg_macs = 3 * (83 * s + 3 * s * s) + 27 * s + 3 * s * s + cp * d
+    z_macs = 3 * (83 * s + 3 * s * s)
+    agg_macs = z_macs + 27 * s + 3 * s * s + cp * d
     attn_macs = cp * d + 240 * d
     return {
         "pre_projection": {"bytes": B * N * 3 * C * e + B * N * C * e + folded,
                            "flops": 2 * B * N * (agg_macs + attn_macs)},
         "aggregate": {"bytes": B * N * 3 * C * e + 2 * B * N * cp * e + B * N * s * e, "flops": 2 * B * N * agg_macs},
+        "z_pass": {"bytes": 2 * B * N * 9 * s * e, "flops": 2 * B * N * z_macs},
+        "aggregate_from_z": {"bytes": B * N * 15 * s * e + 2 * B * N * cp * e + B * N * s * e,
+                             "flops": 2 * B * N * (agg_macs - z_macs)},
         "combine": {"bytes": B * cp * d * 4, "flops": 0},
         "attention": {"bytes": 2 * B * N * cp * e + B * cp * d * 4 + B * N * cp * e, "flops": 2 * B * N * attn_macs},
         "linears": {"bytes": 6 * B * N * C * e + (4 * C * C + 4 * C) * e, "flops": 2 * B * N * 4 * C * C},
     }
+
+
+def work_key(row: Dict) -> Optional[str]:
+    """The `work()` entry a row's GB/s and TFLOP/s come from: its op, except that an aggregation timed
+    after a Z pass (``after_z_pass``: the split forward) is "aggregate_from_z"."""
+    op = row.get("op")
+    return "aggregate_from_z" if op == "aggregate" and row.get("after_z_pass") else op
 
 
 # ------------------------------------------------------------------ cases
@@ -140,11 +157,15 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
     return statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times)
 
 
-_KERNEL_NAME = re.compile(r"gma_(pack|aggregate|combine|attention)_kernel")
+_KERNEL_NAME = re.compile(r"gma_(pack|aggregate|combine|attention|statistics)_kernel")
+#: the profiler's kernel -> the row's name: an eval forward launches the statistics kernel only as the
+#: split forward's Z pass
+_KERNEL_ROW = {"statistics": "z_pass"}
 
 
 def kernel_breakdown(fn: Callable[[], object], calls: int = 20) -> Dict[str, List[float]]:
-    """{kernel: [ms per launch]} of the gma_*_kernel launches of `calls` calls, from the profiler."""
+    """{kernel: [ms per launch]} of the gma_*_kernel launches of `calls` calls, from the profiler
+    (`KERNELS`' names: gma_statistics_kernel as "z_pass")."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     fn()
@@ -159,7 +180,7 @@ def kernel_breakdown(fn: Callable[[], object], calls: int = 20) -> Dict[str, Lis
             continue
         m = _KERNEL_NAME.search(ev.name)
         if m:
-            out.setdefault(m.group(1), []).append(ev.time_range.elapsed_us() / 1e3)
+            out.setdefault(_KERNEL_ROW.get(m.group(1), m.group(1)), []).append(ev.time_range.elapsed_us() / 1e3)
     return out
 
 
@@ -293,7 +314,7 @@ def bench_case(case: Dict, impls: Iterable[str], device: torch.device, *, warmup
 
     def emit(row):
         full = {**tags, **case, **row}
-        op = full.get("op")
+        op = work_key(full)
         if full.get("status") == "ok" and op in wk and full.get("median_ms"):
             full["bytes"], full["flops"] = wk[op]["bytes"], wk[op]["flops"]
             full["GBps"] = full["bytes"] / (full["median_ms"] * 1e-3) / 1e9
@@ -348,13 +369,15 @@ def bench_case(case: Dict, impls: Iterable[str], device: torch.device, *, warmup
                     per_kernel = kernel_breakdown(fn, profile_calls)
                     if not per_kernel:
                         emit(dict(op="kernels", impl=impl, status="error", reason="the profiler saw no gma_* kernel"))
+                    split = "z_pass" in per_kernel   # the aggregation read Z: its compulsory bytes differ
                     for k in KERNELS:
                         ts = per_kernel.get(k)
                         if not ts:
                             continue
                         emit(dict(op=k, impl=impl, status="ok", median_ms=statistics.median(ts),
                                   p20_ms=_quantile(ts, 0.2), p80_ms=_quantile(ts, 0.8), n=len(ts),
-                                  launches_per_call=len(ts) / profile_calls, timer="profiler"))
+                                  launches_per_call=len(ts) / profile_calls, timer="profiler",
+                                  **({"after_z_pass": True} if split and k == "aggregate" else {})))
                 except Exception as ex:
                     emit(dict(op="kernels", impl=impl, status="error", reason="profiler: " + first_line(ex)))
         try:

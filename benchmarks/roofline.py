@@ -6,7 +6,8 @@
     python benchmarks/roofline.py --triton-resources aot.json --cuda-resources ~/.cache/.../resources.json
 
 For each kernel (Triton and CUDA: gma_aggregate_kernel, gma_combine_kernel,
-gma_attention_kernel; with --train also the training kernels of one training call, Triton's:
+gma_attention_kernel; Triton also gma_z_pass, the split eval forward's first launch (the statistics
+kernel storing Z only), where the tiles in effect pick the split; with --train also the training kernels of one training call, Triton's:
 the statistics pass and the recompute (gma_statistics_kernel, gma_recompute_z_kernel,
 gma_recompute_attention_kernel, gma_recompute_local_kernel), the attention backward (gma_b1_dkv_kernel, gma_b2_attention_kernel, gma_b2_crpe_kernel) and the
 aggregation backward (gma_dz_kernel, gma_pw_backward_kernel,
@@ -34,7 +35,7 @@ given: Triton from the AOT compile results (``python -m gmf_kernels.triton_kerne
 Waves = programs / (132 SMs x resident CTAs per SM); without occupancy, programs per SM.
 
 ``--measured FILE`` adds each kernel's measured median (rows of benchmarks/ops.py: op
-aggregate / combine / attention, impl cuda / triton, from ops.py's CSV, gpu_report's
+z_pass / aggregate / combine / attention, impl cuda / triton, from ops.py's CSV, gpu_report's
 report.json (``kernels.rows``), its kernel_rows.jsonl, or a JSON list of such rows) and the
 fraction of the bound achieved (bound / measured; 1.0 = at the roofline).
 Nothing here is a measurement unless it comes from ``--measured``.
@@ -64,6 +65,9 @@ SM90 = {"regs": 65536, "smem": 233472, "warps": 64, "ctas": 32, "reserved_smem":
 STAGE_GRIDS = (56, 28, 14, 7)
 DTYPES = ("fp32", "fp16", "bf16")
 KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
+#: the split eval forward's Z pass (gmf_kernels.triton_kernels.costs.Z_PASS): a Triton row where the tiles
+#: in effect pick the split (`GMAShape.AGG_SPLIT`), whose aggregation row then reads Z
+Z_PASS = "gma_z_pass"
 #: the training kernels with a cost model, per backend (the CUDA backend's backward is Triton's)
 TRAIN_KERNELS = {"triton": ("gma_statistics_kernel", "gma_proxy_v_kernel", "gma_recompute_z_kernel",
                             "gma_recompute_attention_kernel",
@@ -218,12 +222,13 @@ def load_measured(path: str) -> Dict[Tuple, float]:
     out: Dict[Tuple, float] = {}
     for r in rows:
         op = r.get("op")
-        if op not in ("aggregate", "combine", "attention") or r.get("status", "ok") != "ok":
+        if op not in ("z_pass", "aggregate", "combine", "attention") or r.get("status", "ok") != "ok":
             continue
         med = r.get("median_ms")
         if med in (None, ""):
             continue
-        key = (r.get("impl"), f"gma_{op}_kernel", int(r["C"]), int(r["H"]), int(r["W"]), int(r["B"]), r["dtype"])
+        kernel = Z_PASS if op == "z_pass" else f"gma_{op}_kernel"
+        key = (r.get("impl"), kernel, int(r["C"]), int(r["H"]), int(r["W"]), int(r["B"]), r["dtype"])
         out[key] = float(med)
     return out
 
@@ -266,10 +271,13 @@ def rows(model: str = "groupmixformer_s", batches: Sequence[int] = (128, 1), dty
          shape_list: Optional[Sequence[Tuple[int, int, int]]] = None, train: bool = False) -> List[Dict]:
     out = []
     for backend in backends:
-        for kernel in KERNELS + (TRAIN_KERNELS.get(backend, ()) if train else ()):
+        split_kernels = (Z_PASS,) if backend == "triton" else ()
+        for kernel in split_kernels + KERNELS + (TRAIN_KERNELS.get(backend, ()) if train else ()):
             for (C, H, W) in (shape_list or shapes(model)):
                 for B in batches:
                     for dt in dtypes:
+                        if kernel == Z_PASS and not triton_shape(C, dt).AGG_SPLIT:
+                            continue        # the fused aggregation computes Z in registers
                         c = _cost(backend, kernel, B, H, W, C, dt)
                         r = {"backend": backend, "kernel": kernel, "C": C, "H": H, "W": W, "B": B, "dtype": dt,
                              "bytes": c.bytes, "tc_flops": c.tc_flops, "tc_precision": c.tc_precision,

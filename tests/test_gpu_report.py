@@ -714,6 +714,33 @@ def test_ops_flop_formulas_match_torch_flop_counter(C, H, W, B):
     assert wk["linears"]["flops"] == fc.get_total_flops()
 
 
+@pytest.mark.parametrize("C, H, W, B, dtype", [(80, 56, 56, 128, "bf16"), (320, 7, 7, 1, "fp32")])
+def test_ops_split_forward_rows(C, H, W, B, dtype):
+    """The split forward's two launches as ops.py names them: the profiler's gma_statistics_kernel is the
+    row z_pass, and an aggregation that ran after it is counted with the bytes of the aggregation from Z:
+    the Z pass's FLOPs plus the aggregation's are the fused aggregation's, its compulsory bytes are the
+    Triton cost model's (less the filters), and summary.md says which aggregation a row timed."""
+    from gmf_kernels.triton_kernels import costs
+    ops = load_script(REPO / "benchmarks" / "ops.py", "gmf_benchmark_ops")
+    m = ops._KERNEL_NAME.search("void gma_statistics_kernel<...>")
+    assert ops._KERNEL_ROW.get(m.group(1), m.group(1)) == "z_pass" and "z_pass" in ops.KERNELS
+    e = 4 if dtype == "fp32" else 2
+    wk = ops.work(C, H, W, B, e)
+    assert wk["z_pass"]["flops"] + wk["aggregate_from_z"]["flops"] == wk["aggregate"]["flops"]
+    z = costs.cost("z_pass", B, H, W, C, dtype)
+    assert wk["z_pass"]["bytes"] == z.bytes - z.detail["weights"]
+    split = costs.cost("aggregate", B, H, W, C, dtype, shape=costs.shape_for(C, dtype, (9, 0), {"SPLIT": 1}))
+    d = split.detail
+    assert wk["aggregate_from_z"]["bytes"] == d["qkv_read"] + d["z_read"] + d["qv_write"] + d["pre_write"]
+    assert ops.work_key({"op": "aggregate", "after_z_pass": True}) == "aggregate_from_z"
+    assert ops.work_key({"op": "aggregate"}) == "aggregate" and ops.work_key({"op": "z_pass"}) == "z_pass"
+    row = dict(stage=0, C=C, H=H, W=W, B=B, dtype=dtype, impl="triton", status="ok", median_ms=1.0)
+    rep = _report(kernels={"rows": [dict(row, op="z_pass"), dict(row, op="aggregate", after_z_pass=True),
+                                    dict(row, op="attention")]})
+    md = gr.render_summary(rep)
+    assert "| triton | z_pass | 1.0000 |" in md and "| triton | aggregate (from Z) | 1.0000 |" in md
+
+
 # ------------------------------------------------------------------ tests/conftest.py: no silent GPU skip
 def test_skip_verdict_rules():
     from conftest import BUILD_COMMAND, skip_verdict

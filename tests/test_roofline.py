@@ -300,6 +300,28 @@ def test_statistics_and_recompute_costs_by_hand(dtype, e):
         assert triton_costs.cost(name, B, H, W, C, dtype) == r[name]
 
 
+@pytest.mark.parametrize("dtype,e", [("fp32", 4), ("bf16", 2)])
+def test_z_pass_cost_by_hand(dtype, e):
+    """The split eval forward's Z pass (the statistics kernel storing Z only): segments 1-3 of q, k, v read,
+    their Z written in the stage dtype (the layer's: e), the filters once; fp32's dots; the statistics
+    pass's grid. With the split's aggregation it moves more bytes than the fused aggregation."""
+    B, H, W, C = 2, 14, 14, 160
+    s, T = 32, 2 * 196
+    z = triton_costs.cost("z_pass", B, H, W, C, dtype)
+    assert z == triton_costs.cost(triton_costs.Z_PASS, B, H, W, C, dtype) and roofline.Z_PASS == triton_costs.Z_PASS
+    proxy_w = ((9 + 25 + 49) * s + 3 * s * s) * 4
+    assert z.bytes == 9 * T * s * e + 9 * T * s * e + proxy_w
+    assert (z.tc_flops, z.cuda_flops, z.tc_precision) == (18 * T * s * s, 2 * 3 * T * 83 * s, "tf32x3")
+    st = triton_costs.recompute_costs(B, H, W, C, dtype, (9, 0))["gma_statistics_kernel"]
+    assert z.grid == st.grid
+    fused = triton_costs.cost("aggregate", B, H, W, C, dtype)
+    split = triton_costs.cost("aggregate", B, H, W, C, dtype,
+                              shape=triton_costs.shape_for(C, dtype, (9, 0), {"SPLIT": 1}))
+    assert split.detail["z_read"] == 9 * T * s * e and split.detail["qkv_read"] == 6 * T * s * e
+    assert fused.bytes < z.bytes + split.bytes
+    assert split.cuda_flops + z.cuda_flops == fused.cuda_flops     # the stencils moved to the Z pass
+
+
 def test_rows_describe_the_tuned_tiles(table_dir):
     """With a tuning table for the report's architecture, the rows model the tiles a launch runs
     (the table's: what `--measured` timings ran), not the defaults."""
@@ -329,3 +351,36 @@ def test_rows_describe_the_tuned_tiles(table_dir):
     want = cuda_costs.cost("aggregate", 128, 56, 56, C, dt, cap, config=tile)
     assert after["cuda"]["programs"] == want.programs
     assert after["cuda"]["grid"] == (list(want.grid) if want.grid else None)
+
+
+def test_rows_add_the_z_pass_where_the_split_is_tuned(table_dir):
+    """Where the tuning table picks the split forward (SPLIT) for a width and dtype, the Triton rows have a
+    gma_z_pass row before the aggregation, whose row then models the aggregation from Z; elsewhere no
+    such row. ops.py's z_pass rows are its measured times."""
+    import torch
+
+    from gmf_kernels import tuning
+    from gmf_kernels.triton_kernels import launcher as L
+    C, dt, cap = 80, "bf16", roofline.CAPABILITY
+    split = next(c for c in tuning.spaces()[L.AGG_FAMILY].candidates(C, torch.bfloat16, cap) if c.get("SPLIT"))
+    (table_dir / f"{tuning.arch_key(cap)}.json").write_text(json.dumps({"arch": tuning.arch_key(cap), "kernels": {
+        L.AGG_FAMILY: {str(C): {"bfloat16": split}}}}))
+    tuning.clear_cache()
+    shapes = [(C, 56, 56), (160, 28, 28)]
+    rs = roofline.rows(batches=[128], dtypes=[dt, "fp32"], backends=["triton"], shape_list=shapes)
+    z = [r for r in rs if r["kernel"] == roofline.Z_PASS]
+    assert [(r["C"], r["dtype"]) for r in z] == [(C, dt)]
+    assert rs.index(z[0]) < next(i for i, r in enumerate(rs) if r["kernel"] == "gma_aggregate_kernel")
+    want = triton_costs.cost("z_pass", 128, 56, 56, C, dt, cap)
+    assert z[0]["bytes"] == want.bytes and z[0]["programs"] == want.programs
+    agg = next(r for r in rs if r["kernel"] == "gma_aggregate_kernel" and r["C"] == C and r["dtype"] == dt)
+    sh = triton_costs.shape_for(C, dt, cap, {**split, "ATTN_BLOCK_P": 0})
+    assert sh.AGG_SPLIT and agg["bytes"] == triton_costs.cost("aggregate", 128, 56, 56, C, dt, cap, shape=sh).bytes
+    tmp = table_dir / "ops.json"
+    tmp.write_text(json.dumps([dict(op="z_pass", impl="triton", B=128, H=56, W=56, C=C, dtype=dt, status="ok",
+                                    median_ms=0.5)]))
+    meas = roofline.load_measured(str(tmp))
+    assert meas == {("triton", roofline.Z_PASS, C, 56, 56, 128, dt): 0.5}
+    r = next(r for r in roofline.rows(batches=[128], dtypes=[dt], backends=["triton"], shape_list=shapes[:1],
+                                      measured=meas) if r["kernel"] == roofline.Z_PASS)
+    assert r["measured_us"] == 500.0

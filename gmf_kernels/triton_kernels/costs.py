@@ -55,6 +55,9 @@ RECOMPUTE_KERNELS = ("gma_statistics_kernel", "gma_proxy_v_kernel", "gma_recompu
                      "gma_recompute_attention_kernel", "gma_recompute_local_kernel")
 AGG_BACKWARD_KERNELS = ("gma_dz_kernel", "gma_pw_backward_kernel", "gma_dw_backward_kernel",
                         "gma_dw_wgrad_kernel", "gma_local_backward_kernel")
+#: the split eval forward's first launch (`config.GMAShape.AGG_SPLIT`): gma_statistics_kernel with STORE =
+#: Z_ONLY (`statistics.plan_z_pass`), named apart from the training statistics pass it shares a kernel with
+Z_PASS = "gma_z_pass"
 ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 #: multiply-adds per channel of one token of the CRPE stencils, per head width d:
 #: heads 0-1 3x3, heads 2-4 5x5, heads 5-7 7x7 -> d * (2*9 + 3*25 + 3*49) = 240 d
@@ -156,9 +159,11 @@ def cost(kernel: str, B: int, H: int, W: int, C: int, dtype, capability: Tuple[i
         return aggregation_backward_costs(B, H, W, shape.C, dt, prec)[name]
     if name in RECOMPUTE_KERNELS:
         return recompute_costs(B, H, W, shape.C, dt, tuple(capability))[name]
+    if kernel in (Z_PASS, "z_pass"):
+        return z_pass_cost(B, H, W, shape.C, dt, tuple(capability))
     if model is None:
         raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of "
-                         f"{KERNELS + BACKWARD_KERNELS + RECOMPUTE_KERNELS + AGG_BACKWARD_KERNELS}")
+                         f"{KERNELS + (Z_PASS,) + BACKWARD_KERNELS + RECOMPUTE_KERNELS + AGG_BACKWARD_KERNELS}")
     return model(B, H, W, dt, prec, shape)
 
 
@@ -456,6 +461,35 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
 
 
 @functools.lru_cache(maxsize=256)
+def z_pass_cost(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[int, int]) -> Cost:
+    """The split eval forward's Z pass (`Z_PASS`: gma_statistics_kernel, STORE = Z_ONLY), grid from the
+    launcher's own plan on meta tensors (`statistics.plan_z_pass` with the statistics pass's default GPU tile,
+    `statistics.gpu_stats_tiles`, as `recompute_costs`): per token, segments
+    1-3 of q, k and v read (9 s e), their Z written (9 s, the stage dtype: e for fp16 / bf16 layers,
+    `config.stage_dtype`), the folded filters read once; cuda 2 x 3 x 83 s (the stencils), tc 2 x 9 s^2 with
+    fp32's dots (3xTF32 on sm_80+, `statistics.statistics_dots`). The split's aggregation then reads that Z
+    (`_aggregate` with ``AGG_SPLIT``): the two together move more bytes than the fused aggregation, which
+    computes Z in registers."""
+    import torch
+
+    from . import statistics as st
+    from ..folding import meta_weights
+    e = ELEM_BYTES[dt]
+    se = ELEM_BYTES[dtype_name(stage_dtype(torch_dtype(dt)))]
+    s, T = C // 5, B * H * W
+    wts = meta_weights(C)
+    wb = _weights_bytes(C)
+    qkv = torch.empty(B, H * W, 3 * C, device="meta", dtype=torch_dtype(dt))
+    sprec = dot_precision("fp32", capability)
+    _z, (grid, _a, kw) = st.plan_z_pass(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, st.gpu_stats_tiles(C, sprec))
+    mix = 2 * 9 * T * s * s
+    tc, tcp, fma, tp = _tc(sprec, mix, mix)
+    detail = {"qkv_read": 9 * T * s * e, "z_write": 9 * T * s * se,
+              "weights": sum(wb[k] for k in ("dw3", "dw5", "dw7", "pw"))}
+    return Cost(bytes=sum(detail.values()), tc_flops=tc, cuda_flops=2 * 3 * T * PROXY_TAPS * s + fma,
+                grid=tuple(grid), tc_precision=tp, block=32 * kw["num_warps"], detail=detail)
+
+
 def recompute_costs(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[int, int]) -> Dict[str, Cost]:
     """Cost of the statistics pass and of the backward's three recompute launches of one training
     call (`RECOMPUTE_KERNELS`), grids from the launchers' own plans on meta tensors with the GPU
