@@ -2606,6 +2606,8 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
                   for w in r["warnings"]]
             L.append("")
 
+    if not rep.get("models", {}).get("runs"):   # a part without the models phase (record): what it warmed
+        L += _compile_warm_summary(rep)
     L += _tune_summary(rep)
     L += _profile_summary(rep)
     L += _ncu_summary(rep)

@@ -1460,3 +1460,6 @@ def test_compile_warms_run_once_in_the_background_and_are_recorded(tmp_path, mon
     assert "- untuned (upstream, reference, cuda, torch): ok after" in md
     assert "torch+compile compiled in 42 s (cold)" in md and "- tuned (triton): stopped (the part ended)" in md
     assert "- when the models phase started: untuned done, tuned running" in md
+    # the record part (no models phase): what its warm-up compiled is still listed
+    md = gr.render_summary(_report(compile_warm={"untuned": w["untuned"]}))
+    assert "- untuned (upstream, reference, cuda, torch): ok after" in md and "Inductor cache warm-up" in md
