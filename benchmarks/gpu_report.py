@@ -60,7 +60,7 @@ stopped and the rest of the phase is recorded as skipped, never silently dropped
   find them and their first calls skip the lowering (one cold compile took 74 s on the H200, and
   the models phase could afford one): the rows whose graphs do not depend on the tune table
   (upstream, reference, cuda, torch) from the tests phase (or the tune phase, when the part has no tests
-  phase), the triton row once the forward tiles are tuned (`COMPILE_WARMS`). report.json
+  phase), the triton and optimized rows once the forward tiles are tuned (`COMPILE_WARMS`). report.json
   `compile_warm` and summary.md say what each compiled, in how long, and whether the models
   phase's compiled rows then hit the cache.
   Each throughput run gets `--deadline` (its time less a margin): it runs the yardsticks and judged
@@ -2204,9 +2204,10 @@ def phase_train(ctx: Ctx, ph: Dict, allow: float) -> None:
 #: {name: the --compile-backends it warms}. "untuned": graphs that do not depend on the tune table
 #: (upstream's model; the CUDA op is opaque and picks its tiles inside; the torch and reference backends
 #: have no kernel of ours), started with the tests phase, or the tune phase when the part has no tests phase; "tuned": the
-#: Triton row, whose graph holds the tiles of the tune table (GMF_TUNING_DIR), started once the forward
-#: tiles are tuned. Each warms its rows in the order the models run reaches them (`throughput.run_order`).
-COMPILE_WARMS = {"untuned": ("upstream", "reference", "cuda", "torch"), "tuned": ("triton",)}
+#: Triton row, whose graph holds the tiles of the tune table (GMF_TUNING_DIR), and the optimized row
+#: (`auto` picks its backends from that table; freezing), started once the forward tiles are tuned. Each
+#: warms its rows in the order the models run reaches them (`throughput.run_order`).
+COMPILE_WARMS = {"untuned": ("upstream", "reference", "cuda", "torch"), "tuned": ("triton", "optimized")}
 #: inductor's cache for every run of the report (TORCHINDUCTOR_CACHE_DIR, unless set): under the home
 #: directory, like the CUDA module's and Triton's caches that the second call of a lease finds warm
 INDUCTOR_CACHE_DEFAULT = Path.home() / ".cache" / "gmf_kernels" / "inductor"
@@ -2222,7 +2223,8 @@ def compile_warm_threads() -> int:
 
 def compile_warm_cmd(ctx: Ctx, name: str, deadline: float) -> Optional[List[str]]:
     """throughput.py with the judged run's arguments (`model_runs`), --compile-backends cut to the
-    warm-up's rows, and --compile-only; None when the run compiles none of them."""
+    warm-up's rows, --no-optimized unless it warms the optimized row, and --compile-only; None when the
+    run compiles none of its --compile-backends."""
     run_args = next(r[2] for r in model_runs(upstream_path(ctx)) if r[0] == UPSTREAM_RUN)
     args = list(run_args)
     i = args.index("--compile-backends")
@@ -2230,6 +2232,8 @@ def compile_warm_cmd(ctx: Ctx, name: str, deadline: float) -> Optional[List[str]
     if not wanted:
         return None
     args[i + 1] = ",".join(wanted)
+    if "optimized" not in COMPILE_WARMS[name] and "--no-optimized" not in args:
+        args.append("--no-optimized")
     return py(THROUGHPUT, *args, "--compile-only", "--deadline", f"{deadline:.0f}",
               "--results-file", ctx.tmp / f"compile_warm_{name}.json")
 
@@ -2290,7 +2294,8 @@ def finish_compile_warms(ctx: Ctx) -> None:
         entry = ctx.report.setdefault("compile_warm", {}).setdefault(name, {})
         data = _read_json_file(ctx.tmp / f"compile_warm_{name}.json") or {}
         rows = [{k: r[k] for k in ("backend", "status", "reason", "compile_s", "graphs", "inductor_cache") if k in r}
-                for r in data.get("rows", []) if str(r.get("backend", "")).endswith("+compile")]
+                for r in data.get("rows", []) if str(r.get("backend", "")).endswith("+compile")
+                or r.get("backend") == "optimized"]
         entry.update(status="stopped (the part ended)" if res.timed_out else "ok" if res.rc == 0 else "failed",
                      seconds=round(res.seconds, 1), rc=res.rc, rows=rows)
         if res.rc not in (0, None) and not res.timed_out:

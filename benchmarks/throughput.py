@@ -35,15 +35,15 @@ float64 oracle with its precision's tolerance. `--compare` names the timm models
 `--plot FILE.png` draws img/s per row.
 
 Rows run yardsticks first (`run_order`: reference, upstream, the fused backends eager, upstream+compile,
-the fused backends compiled, the other backends eager then compiled, optimized, timm; the table keeps
+the fused backends compiled, optimized, the other backends eager then compiled, timm; the table keeps
 the built order), and `--results-file` is rewritten
 after each row's check and timing. `--deadline SECONDS` ends the run within that time of the script's
 start: rows that no longer fit are not started, a row's iterations are cut to what fits, and no call
 starts once the time is up, each row saying so (benchmarks/gpu_report.py gives every run one, so that
 a device run short of time still brings back the judged rows).
 
-`--compile-only` runs nothing: it compiles the run's torch.compile rows (inductor; not the optimized
-row, which runs after every other compiled row) with the same models, input, autocast and grad mode as
+`--compile-only` runs nothing: it compiles the run's torch.compile rows (inductor) and the optimized
+row (its plan's inductor options: freezing) with the same models, input, autocast and grad mode as
 the full run, through a compiler backend that lowers each graph exactly as `torch.compile(backend="inductor")`
 does and then returns without running it (`compile_only_backend`). Inductor's on-disk caches (FX
 graph, AOTAutograd, the Triton kernels; TORCHINDUCTOR_CACHE_DIR) then hold those graphs, and a later
@@ -153,10 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "when named) (default: every GMA backend of the run on GPU; 'torch' on CPU)")
     p.add_argument("--no-torchcompile", action="store_true", help="no torch.compile row, also on GPU")
     p.add_argument("--compile-only", action="store_true",
-                   help="run no model: compile the torch.compile rows of this run (inductor) into inductor's on-disk "
-                        "caches and stop before running them, so that a later run with the same arguments (and "
-                        "TORCHINDUCTOR_CACHE_DIR) finds them; each row reports its compile time (inference only; "
-                        "not the optimized row, which runs after every other compiled row)")
+                   help="run no model: compile the torch.compile rows of this run (inductor; and the optimized row) "
+                        "into inductor's on-disk caches and stop before running them, so that a later run with the "
+                        "same arguments (and TORCHINDUCTOR_CACHE_DIR) finds them; each row reports its compile time "
+                        "(inference only)")
     p.add_argument("--optimized", action=argparse.BooleanOptionalAction, default=None,
                    help="add a row: gmf_kernels.optimize_for_inference (eval, BatchNorm folded, auto backend, "
                         "torch.compile fullgraph + freezing, CUDA graphs up to the mode table's batch threshold); "
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                    help="end the run, report and results written, within SECONDS of the script's start: rows run "
                         "yardsticks first (reference, upstream, the fused backends eager, upstream+compile, the "
-                        "fused backends compiled, the other backends eager then compiled, optimized, timm); a row "
+                        "fused backends compiled, optimized, the other backends eager then compiled, timm); a row "
                         "that no longer fits is not started, and a row's warm-up and timed iterations are cut to "
                         "what its first warm-up call (always made under --deadline) says fits (at least "
                         f"{MIN_TIMED} timed, else it is not timed), and no call starts once the time is up "
@@ -261,8 +261,8 @@ def resolve_settings(args) -> Dict:
         if s["torchcompile"] != "inductor":
             raise SystemExit(f"error: --compile-only fills inductor's caches: it needs --torchcompile inductor (the "
                              f"default on GPU), not {s['torchcompile'] or 'off'}")
-        # nothing runs, so nothing is checked or timed: no oracle, no optimized row, no timm row
-        s.update(fp64_check=False, optimized=False, compare=[])
+        # nothing runs, so nothing is checked or timed: no oracle, no timm row
+        s.update(fp64_check=False, compare=[])
     s["upstream"] = args.upstream
     if args.deadline is not None and args.deadline <= 0:
         raise SystemExit("error: --deadline must be > 0 seconds")
@@ -876,7 +876,7 @@ def _stand_in_output(node):
     return torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device=value.device)
 
 
-def compile_only_backend(graphs: List[int]):
+def compile_only_backend(graphs: List[int], options: Optional[Dict] = None, dynamic: Optional[bool] = None):
     """--compile-only's compiler backend: each graph Dynamo hands it is lowered by the very object that
     `torch.compile(backend="inductor")` builds (`torch._TorchCompileInductorWrapper` at the default mode,
     options and dynamic: the same config patches, so the same cache keys), which writes inductor's on-disk
@@ -886,7 +886,7 @@ def compile_only_backend(graphs: List[int]):
     graph). Device work left: tensors allocated, what inductor benchmarks while lowering (shape padding),
     and eager code between graphs, if any. `graphs` counts the graphs compiled."""
     import torch
-    inductor = torch._TorchCompileInductorWrapper(None, None, None)
+    inductor = torch._TorchCompileInductorWrapper(None, options, dynamic)
 
     def compile_only(gm, example_inputs):
         inductor(gm, example_inputs)
@@ -925,9 +925,16 @@ def optimized_runner(ctx: Context, name: str, model) -> Runner:
     """The 'optimized' row: gmf_kernels.optimize_for_inference of a copy of the model, the
     README's recommended way (its plan -- mode, CUDA graphs, why -- recorded in the row)."""
     import gmf_kernels as gmf
+    from gmf_kernels.inference import InferenceModel
     forced = {"table": None, "on": True, "off": False}[ctx.settings["optimized_cudagraphs"]]
+    graphs: List[int] = []
     try:
-        fast = gmf.optimize_for_inference(copy.deepcopy(model), batch_size=ctx.B, backend="auto", cudagraphs=forced)
+        fast = gmf.optimize_for_inference(copy.deepcopy(model), batch_size=ctx.B, backend="auto", cudagraphs=forced,
+                                          compile=not ctx.settings.get("compile_only"))
+        if ctx.settings.get("compile_only"):  # the plan's own inductor options and arguments, nothing run
+            kw = fast.plan.compile_kwargs()
+            fast = InferenceModel(fast.model, fast.plan, compiler=compile_only_backend(graphs, kw["options"],
+                                                                                      kw["dynamic"]))
     except Exception as e:
         r = Runner(name, "optimized", "optimized", None, lambda: None)
         r.row.update(status="error", reason=first_line(e))
@@ -935,6 +942,7 @@ def optimized_runner(ctx: Context, name: str, model) -> Runner:
         return r
     p = fast.plan
     r = Runner(name, "optimized", f"optimized ({'cudagraphs' if p.cudagraphs else p.mode})", fast, lambda: None)
+    r.graphs = graphs
     r.row.update(plan_reason=p.reason, compile_mode=p.mode, cudagraphs=p.cudagraphs,
                  inductor_options=p.inductor_options, mode_table_entry=p.table_entry, mode_table_measured=p.measured)
     return r
@@ -1090,7 +1098,8 @@ def run_order(runners: List[Runner], measured: Optional[Dict[str, float]] = None
     """The order the rows run in (their printed order stays as built): the yardsticks first --
     `reference` (every check compares with it), then `upstream` (the ratios' base) --, then the fused
     backends' rows (eager, `upstream+compile`, compiled: the rows issue 9 and 10 judge against
-    upstream's), then the other GMA backends' rows (eager, then compiled), the optimized row, the timm
+    upstream's), the optimized row (the README's recommended mode: BatchNorm folded, freezing, `auto`,
+    issue 9's whole-model row), then the other GMA backends' rows (eager, then compiled), the timm
     baselines; within a group, in the backends' order, except that the compiled rows go fastest eager
     base first where `measured` ({backend: median ms}) has their eager rows: on an H200 one
     torch.compile took 74 s, and the deadline left room for one compiled row, which ran first by
@@ -1109,13 +1118,15 @@ def run_order(runners: List[Runner], measured: Optional[Dict[str, float]] = None
             return (1, 0)
         if b == UPSTREAM_COMPILED:
             return (3, 0)
-        if b == "optimized" or r.kind != "gmf":
+        if b == "optimized":
+            return (5, 0)
+        if r.kind != "gmf":
             return (8 if r.kind == "baseline" else 7, 0)
         base = b[: -len("+compile")] if b.endswith("+compile") else b
         if base not in names:
             return (7, 0)
         fused = isinstance(get_backend(base), FusedBackend)
-        group = (2 if fused else 5) + (0 if base == b else 2 if fused else 1)
+        group = (2 if fused else 6) + (0 if base == b else 2 if fused else 0.5)
         return (group, measured.get(base, math.inf) if base != b else 0.0, names.index(base))
     return sorted(runners, key=rank)
 

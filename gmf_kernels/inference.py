@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -160,14 +160,21 @@ def _clone_outputs(out):
 
 class InferenceModel(nn.Module):
     """A model prepared by `optimize_for_inference`: calls run the compiled model under
-    torch.inference_mode. `model` is the eager model (same parameters), `plan` the choice made."""
+    torch.inference_mode. `model` is the eager model (same parameters), `plan` the choice made.
+    `compiler`: a torch.compile compiler backend (a callable) in place of inductor, compiled with the
+    plan's other arguments (fullgraph, dynamic); it applies the plan's inductor options itself
+    (`plan.compile_kwargs()["options"]`; benchmarks/throughput.py --compile-only)."""
 
-    def __init__(self, model: nn.Module, plan: InferencePlan, compiled: bool = True):
+    def __init__(self, model: nn.Module, plan: InferencePlan, compiled: bool = True,
+                 compiler: Optional[Callable] = None):
         super().__init__()
         self.model = model
         self.plan = plan
+        kwargs = plan.compile_kwargs()
+        if compiler is not None:
+            kwargs = {**{k: v for k, v in kwargs.items() if k != "options"}, "backend": compiler}
         # not a submodule: the compiled wrapper shares `model`'s parameters (one state_dict)
-        object.__setattr__(self, "_run", torch.compile(model, **plan.compile_kwargs()) if compiled else model)
+        object.__setattr__(self, "_run", torch.compile(model, **kwargs) if compiled else model)
 
     def extra_repr(self) -> str:
         p = self.plan

@@ -533,7 +533,7 @@ def test_plot_bars(tmp_path):
 # ------------------------------------------------------------------ --deadline and the row order
 def test_run_order_yardsticks_first():
     """Rows run reference, upstream, the fused backends eager, upstream+compile, the fused backends compiled,
-    the other backends eager then compiled (each group in backend order), optimized, timm; whatever order
+    optimized, the other backends eager then compiled (each group in backend order), timm; whatever order
     they were built in."""
     bench = _load_script()
     from gmf_kernels.backends import BACKEND_NAMES, get_backend
@@ -543,7 +543,7 @@ def test_run_order_yardsticks_first():
     assert {"cuda", "triton"} <= set(fused) and "torch" in other
     kinds = {"upstream": "upstream", "upstream+compile": "upstream", "timm:x": "baseline"}
     expected = (["reference", "upstream"] + fused + ["upstream+compile"] + [f"{b}+compile" for b in fused]
-                + other + [f"{b}+compile" for b in other + ["reference"]] + ["optimized", "timm:x"])
+                + ["optimized"] + other + [f"{b}+compile" for b in other + ["reference"]] + ["timm:x"])
     for trial in range(3):
         built = [expected[i] for i in torch.randperm(len(expected)).tolist()]
         runners = [bench.Runner("m", b, b, None, lambda: None, kind=kinds.get(b, "gmf")) for b in built]

@@ -5,9 +5,10 @@ The GPU report compiles the judged run's torch.compile rows in the background
 * the compiler backend lowers each graph with the object ``torch.compile(backend="inductor")`` builds
   (so the same cache keys) and runs none of it: every graph, also after a graph break, is stood in for
   by uninitialised tensors of its outputs' shapes (`compile_only_backend`);
-* a later process with the same arguments and TORCHINDUCTOR_CACHE_DIR finds the graph: its compiled
-  row records an FX graph cache hit and no miss, and its output is still checked against reference
-  (end to end, a tiny GroupMixFormer on this CPU, C++ inductor; ~45 s on two idle cores);
+* a later process with the same arguments and TORCHINDUCTOR_CACHE_DIR finds the graphs: its compiled
+  row and its optimized row (freezing) record an FX graph cache hit and no miss, and their outputs are
+  still checked against reference (end to end, a tiny GroupMixFormer on this CPU, C++ inductor; ~90 s
+  on two idle cores);
 * the flag refuses what it cannot warm.
 """
 import json
@@ -109,9 +110,9 @@ def test_compile_only_settings(argv, error):
             bench.resolve_settings(args)
         return
     s = bench.resolve_settings(args)
-    # nothing runs: no oracle, no optimized row (it runs last), no timm row
-    assert s["compile_only"] and s["torchcompile"] == "inductor"
-    assert not s["fp64_check"] and not s["optimized"] and s["compare"] == []
+    # nothing runs: no oracle, no timm row; the optimized row is compiled like the others
+    assert s["compile_only"] and s["torchcompile"] == "inductor" and s["optimized"]
+    assert not s["fp64_check"] and s["compare"] == []
 
 
 DRIVER = textwrap.dedent("""
@@ -132,7 +133,7 @@ def test_compile_only_fills_the_cache_a_later_run_finds(tmp_path):
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     argv = [sys.executable, str(driver), "--device", "cpu", "--model", "groupmixformer_s", "--img-size", "32", "-b",
-            "1", "--torchcompile", "--compile-backends", "torch", "--no-timm", "--num-warm-iter", "0",
+            "1", "--torchcompile", "--compile-backends", "torch", "--optimized", "--no-timm", "--num-warm-iter", "0",
             "--num-bench-iter", "1", "--quiet"]
 
     def run(*extra, name):
@@ -141,17 +142,21 @@ def test_compile_only_fills_the_cache_a_later_run_finds(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout, {r["backend"]: r for r in json.loads((tmp_path / name).read_text())["rows"]}
 
+    # the torch.compile row, and the optimized row (freezing: inductor's options of its plan)
+    compiled = ("torch+compile", "optimized")
     out, rows = run("--compile-only", name="warm.json")
-    warm = rows["torch+compile"]
-    assert warm["status"] == "compiled" and warm["graphs"] == 1 and warm["compile_s"] > 0
-    assert warm["inductor_cache"]["fxgraph_cache_miss"] >= 1 and warm["inductor_cache"]["fxgraph_cache_hit"] == 0
+    for b in compiled:
+        warm = rows[b]
+        assert warm["status"] == "compiled" and warm["graphs"] == 1 and warm["compile_s"] > 0, warm
+        assert warm["inductor_cache"]["fxgraph_cache_miss"] >= 1 and warm["inductor_cache"]["fxgraph_cache_hit"] == 0
     assert not any("img_per_s" in r for r in rows.values())       # nothing timed
-    assert {b for b, r in rows.items() if r["status"] not in ("unavailable", "skipped")} == {"torch+compile"}
+    assert {b for b, r in rows.items() if r["status"] not in ("unavailable", "skipped")} == set(compiled)
     assert "compiled into inductor's cache, not run" in out and "1 graph in" in out
     assert str(tmp_path / "inductor") in out
 
     out, rows = run(name="full.json")
-    row = rows["torch+compile"]
-    assert row["status"] == "ok" and row["check"].startswith("ok"), row
-    assert row["inductor_cache"]["fxgraph_cache_hit"] >= 1 and row["inductor_cache"]["fxgraph_cache_miss"] == 0, row
+    for b in compiled:
+        row = rows[b]
+        assert row["status"] == "ok" and row["check"].startswith("ok"), row
+        assert row["inductor_cache"]["fxgraph_cache_hit"] >= 1 and row["inductor_cache"]["fxgraph_cache_miss"] == 0, row
     assert "inductor cache: FX graph 1 hit" in out

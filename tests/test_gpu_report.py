@@ -1388,6 +1388,7 @@ def test_compile_warm_commands_are_the_judged_runs(tmp_path, upstream):
     judged = next(a for n, _, a, _ in gr.model_runs(upstream) if n == gr.UPSTREAM_RUN)
     i = judged.index("--compile-backends")
     compiled = judged[i + 1].split(",")
+    assert "--no-optimized" not in judged     # the judged run has the optimized row (on by default on a GPU)
     got = {}
     for name in gr.COMPILE_WARMS:
         cmd = gr.compile_warm_cmd(ctx, name, 200.4)
@@ -1395,9 +1396,12 @@ def test_compile_warm_commands_are_the_judged_runs(tmp_path, upstream):
         args = cmd[2:]
         got[name] = args[i + 1].split(",")
         assert args[:i] + args[i + 2:len(judged)] == judged[:i] + judged[i + 2:]
-        assert args[len(judged):] == ["--compile-only", "--deadline", "200", "--results-file",
-                                      str(tmp_path / f"compile_warm_{name}.json")]
-    assert got["tuned"] == ["triton"] and sorted(got["untuned"] + got["tuned"]) == sorted(compiled)
+        optimized = [] if "optimized" in gr.COMPILE_WARMS[name] else ["--no-optimized"]
+        assert args[len(judged):] == optimized + ["--compile-only", "--deadline", "200", "--results-file",
+                                                  str(tmp_path / f"compile_warm_{name}.json")]
+    # the Triton and the optimized rows (auto's choice) once tuned; every compiled row in exactly one
+    assert got["tuned"] == ["triton"] and "optimized" in gr.COMPILE_WARMS["tuned"]
+    assert sorted(got["untuned"] + got["tuned"]) == sorted(compiled)
     ctx.quarantined["cuda"] = "lost its context"
     cmd = gr.compile_warm_cmd(ctx, "untuned", 100)
     assert "cuda" not in cmd[cmd.index("--compile-backends") + 1].split(",")
@@ -1407,7 +1411,8 @@ def test_compile_warm_commands_are_the_judged_runs(tmp_path, upstream):
 
 WARM_ROWS = [{"backend": "torch+compile", "status": "compiled", "compile_s": 41.5, "graphs": 1,
               "inductor_cache": {"fxgraph_cache_miss": 1, "fxgraph_cache_hit": 0}, "img_per_s": None},
-             {"backend": "cuda", "status": "unavailable", "reason": "no module"}]
+             {"backend": "cuda", "status": "unavailable", "reason": "no module"},
+             {"backend": "optimized", "status": "deadline", "reason": "not run: --deadline 9 s reached"}]
 
 
 def test_compile_warms_run_once_in_the_background_and_are_recorded(tmp_path, monkeypatch):
@@ -1436,7 +1441,7 @@ def test_compile_warms_run_once_in_the_background_and_are_recorded(tmp_path, mon
     gr.finish_compile_warms(ctx)
     w = ctx.report["compile_warm"]
     assert w["untuned"]["status"] == "ok" and w["untuned"]["tuning_dir"] is None
-    assert w["untuned"]["rows"] == [{k: v for k, v in WARM_ROWS[0].items() if k != "img_per_s"}]
+    assert w["untuned"]["rows"] == [{k: v for k, v in WARM_ROWS[0].items() if k != "img_per_s"}, WARM_ROWS[2]]
     assert w["tuned"]["status"] == "stopped (the part ended)" and w["tuned"]["rows"] == []
     assert w["tuned"]["tuning_dir"] == "/t"
     assert all(p is None for p in ctx.compile_warms.values())
@@ -1458,7 +1463,8 @@ def test_compile_warms_run_once_in_the_background_and_are_recorded(tmp_path, mon
     md = gr.render_summary(rep)
     assert "| 10 (cache hit) |" in md and "| 70 (cold) |" in md
     assert "- untuned (upstream, reference, cuda, torch): ok after" in md
-    assert "torch+compile compiled in 42 s (cold)" in md and "- tuned (triton): stopped (the part ended)" in md
+    assert "torch+compile compiled in 42 s (cold); optimized deadline" in md
+    assert "- tuned (triton, optimized): stopped (the part ended)" in md
     assert "- when the models phase started: untuned done, tuned running" in md
     # the record part (no models phase): what its warm-up compiled is still listed
     md = gr.render_summary(_report(compile_warm={"untuned": w["untuned"]}))
