@@ -878,8 +878,9 @@ def _stand_in_output(node):
 
 def compile_only_backend(graphs: List[int], options: Optional[Dict] = None, dynamic: Optional[bool] = None):
     """--compile-only's compiler backend: each graph Dynamo hands it is lowered by the very object that
-    `torch.compile(backend="inductor")` builds (`torch._TorchCompileInductorWrapper` at the default mode,
-    options and dynamic: the same config patches, so the same cache keys), which writes inductor's on-disk
+    `torch.compile(backend="inductor")` builds (`torch._TorchCompileInductorWrapper`: no mode, `options` and
+    `dynamic` as the row's torch.compile gets them, None for a plain one, the optimized row's plan's
+    otherwise; the same config patches, so the same cache keys), which writes inductor's on-disk
     caches (FX graph, AOTAutograd, the Triton kernels). The callable returned instead of the compiled graph
     runs nothing: it returns uninitialised tensors shaped like the graph's outputs, so that the model's
     call goes on to the graphs after a graph break (GroupMixFormer's and upstream's models trace as one
