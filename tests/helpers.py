@@ -207,9 +207,11 @@ def aot_reports(script: str, tmp_path, timeout: int = 900) -> list:
 
 
 def assert_compiled_without_spills(rep: dict) -> None:
-    """A `compile_one` report: registers within 1..255, no spill, no stack, no local memory."""
+    """A `compile_one` report: registers within 1..255, no spill, no stack, no local memory, and none of the
+    dot patterns Triton is known to miscompile (`specializations.known_miscompile`)."""
     assert 0 < rep["registers"] <= 255, rep
     assert rep["spill_stores"] == rep["spill_loads"] == rep["stack"] == 0 and not rep.get("cuobjdump_local"), rep
+    assert not rep["known_miscompile"], f"{rep['label']} sm_{rep['arch']}: {rep['known_miscompile']}"
 
 
 def triton_compile_env() -> dict:

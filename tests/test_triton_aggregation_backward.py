@@ -237,14 +237,16 @@ import json, sys, torch
 from gmf_kernels.folding import FoldedGMAWeights, weight_shapes
 from gmf_kernels.triton_kernels import aggregation_backward as agb, backward as bw, specializations as sp
 from gmf_kernels.triton_kernels._common import DotVariant
-from gmf_kernels.triton_kernels.config import capability_of_arch, dot_precision, stage_dtype
+from gmf_kernels.triton_kernels.config import DOT_OVERRIDES, capability_of_arch, dot_precision, stage_dtype
 
 C, H, W, B = 320, 14, 14, 128                    # GroupMixFormer-S, stage 3, batch 128, fp16, training
 meta = dict(device="meta")
 shapes = weight_shapes(C)
 wts = FoldedGMAWeights(*(torch.empty(shapes[n], **meta) for n in FoldedGMAWeights._fields))
 rc = bw.recompute(torch.empty(B, H * W, 3 * C, **meta), H, W, wts, 1e-5)   # the real layouts of Z, u, y
-DT = getattr(torch, sys.argv[1])                 # float16; float32 for the dot overrides' check
+DT = getattr(torch, sys.argv[1].split(":")[0])   # float16; float32 for the dot overrides' check
+if sys.argv[1].endswith(":no-overrides"):        # float32 without them: the miscompile check's control
+    DOT_OVERRIDES.clear()
 ONLY_DOTS = DT == torch.float32                  # then only the kernels with dots (config.DOT_OVERRIDES)
 sd = stage_dtype(DT)                             # ... and the stage tensors' dtype of the layer
 rc = {k: [t.to(sd) for t in v] if isinstance(v, list) else v.to(sd) if k in ("Z", "w4", "xh4") else v
@@ -287,6 +289,8 @@ def _no_spills(res):
            if r["registers"] <= 0 or r["registers"] > 255 or r["spill_stores"] or r["spill_loads"] or r["stack"]
            or r.get("cuobjdump_local", 0)]
     assert not bad, f"register spills or unparsed ptxas report: {bad}"
+    miscompiled = [f"{r['label']} sm_{r['arch']}: {r['known_miscompile']}" for r in res if r["known_miscompile"]]
+    assert not miscompiled, "\n".join(miscompiled)
     assert all(r["line_info"] for r in res)
 
 
@@ -325,6 +329,24 @@ def test_aot_compile_dot_overrides_no_spills(tmp_path):
     names = {r["function"] for r in res}
     assert {"gma_pw_backward_kernel", "gma_local_backward_kernel"} <= names, names
     _no_spills(res)
+
+
+def test_aot_check_flags_the_dots_dot_overrides_moves(tmp_path):
+    """The AOT compiles' miscompile check (`specializations.known_miscompile`, which every AOT test applies)
+    sees the pattern `config.DOT_OVERRIDES` exists for: with the overrides taken away, the channel-mix
+    backward kernels of an fp32 layer at C = 320 (S_PAD = 64) compile with 3xTF32 dots that take their
+    [64, BLOCK_P] tile as both operands, and each is flagged on sm_90; with the overrides (the test above)
+    none is."""
+    if not have_triton_nvidia_backend():
+        pytest.skip("Triton's NVIDIA backend / ptxas is not available")
+    env = triton_compile_env()
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    res = _aot_compile("float32:no-overrides", (90,), env)
+    assert {r["dot_precision"] for r in res} == {"tf32x3"}
+    flagged = {r["function"] for r in res if r["known_miscompile"]}
+    assert flagged == {"gma_pw_backward_kernel", "gma_local_backward_kernel"}, [
+        (r["label"], r["tf32x3_dual_operands"]) for r in res]
+    assert all(r["tf32x3_dual_operands"] == ["tensor<64x16xf32>"] for r in res if r["known_miscompile"])
 
 
 def _cast(x, dtype):

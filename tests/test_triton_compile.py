@@ -98,6 +98,18 @@ def test_no_register_spills(compiled):
     assert all(r["registers"] <= 255 for r in ok)
 
 
+def test_no_known_miscompile(compiled):
+    """No forward specialisation of a real call has a dot pattern Triton is known to miscompile
+    (`specializations.known_miscompile`: 3xTF32 dots taking one 64-wide value as both operands)."""
+    bad = _miscompiled(compiled)
+    assert not bad, "\n".join(bad)
+
+
+def _miscompiled(rows):
+    return [f"{r['label']} sm_{r['arch']}: {r['known_miscompile']}" for r in rows
+            if "error" not in r and r["known_miscompile"]]
+
+
 def _spills(rows):
     return [f"{r['label']} sm_{r['arch']}: {r['registers']} regs, spill stores {r['spill_stores']} B, "
             f"loads {r['spill_loads']} B, stack {r['stack']} B" for r in rows
@@ -120,6 +132,8 @@ def test_other_widths_compile_without_spills_on_sm90(tmp_path):
     assert not failed, "compile failures:\n" + "\n".join(failed)
     spills = _spills(rows)
     assert not spills, "register spills:\n" + "\n".join(spills)
+    bad = _miscompiled(rows)
+    assert not bad, "\n".join(bad)
 
 
 def test_line_information_kept(compiled):
@@ -490,6 +504,23 @@ for _ in range(2):
 print(json.dumps({"launched": dict(launched), "wrapped": wrapped, "side_before": before, "side_after": side(),
                   "n_params": sum(isinstance(t, torch.nn.Parameter) for t in w.tensors())}))
 """
+
+
+def test_trace_running_sees_a_tensor_subclass_among_launch_arguments():
+    """`_tracing.trace_running` (each Triton launch asks it): plain tensors, plain Parameters and scalars are
+    plain; a tensor subclass anywhere among the values is a trace (torch's wrapper then launches)."""
+    import torch
+
+    from gmf_kernels._tracing import trace_running
+
+    class Sub(torch.Tensor):
+        pass
+
+    plain = (torch.zeros(2), torch.nn.Parameter(torch.zeros(2)), 3, 1.5, True, None, "s", torch.zeros(1, dtype=torch.int64))
+    assert not trace_running(plain)
+    assert not trace_running(())
+    sub = torch.zeros(2).as_subclass(Sub)
+    assert trace_running(plain + (sub,)) and trace_running((sub,) + plain)
 
 
 def test_training_launches_are_direct():

@@ -37,3 +37,44 @@ def test_every_case_right_under_the_interpreter():
 def test_a_failing_case_is_a_fault():
     r = _load().run_case(64, "no-such-precision", "cpu")
     assert r["verdict"] == "fault" and r["detail"]
+
+
+# ---------------------------------------------------------------- the AOT compiles' check for the pattern
+#: TTIR as Triton 3.6 prints gma_pw_backward_kernel's two dots (sm_90, fp32): dz^T is the right operand of the
+#: first and the left of the second; `S` is its padded channel count
+_PW_BACKWARD_TTIR = """
+%out = tt.dot %pwT_22, %dzT_44, %cst_2, inputPrecision = {p} : tensor<16x{S}xf32> * tensor<{S}x16xf32> -> tensor<16x16xf32> loc(#loc168)
+%acc_56 = tt.trans %yT_55 {{order = array<i32: 1, 0>}} : tensor<16x16xf32> -> tensor<16x16xf32> loc(#loc151)
+%out_57 = tt.dot %dzT_44, %acc_56, %acc, inputPrecision = {p} : tensor<{S}x16xf32> * tensor<16x16xf32> -> tensor<{S}x16xf32> loc(#loc169)
+"""
+
+
+@pytest.mark.parametrize("S, precision, dual, flagged", [(64, "tf32x3", True, True), (32, "tf32x3", True, False),
+                                                          (128, "tf32x3", True, False), (64, "tf32", False, False)])
+def test_dual_operand_scan_of_the_pw_backward_pattern(S, precision, dual, flagged):
+    """`specializations.tf32x3_dual_operands` finds a value two 3xTF32 dots take as left and right operand;
+    `known_miscompile` flags it at a dimension of `config.TF32X3_DUAL_OPERAND_DIMS` (64) only."""
+    from gmf_kernels.triton_kernels.specializations import known_miscompile, tf32x3_dual_operands
+    found = tf32x3_dual_operands(_PW_BACKWARD_TTIR.format(S=S, p=precision))
+    assert found == ([f"tensor<{S}x16xf32>"] if dual else [])
+    assert bool(known_miscompile(found)) == flagged
+    if flagged:
+        assert "DOT_OVERRIDES" in known_miscompile(found)
+
+
+def test_dual_operand_scan_positions():
+    """Same-position sharing (the forward's sibling dots: one weight tile the right operand of several dots)
+    is not the pattern; a transposed use counts as the other position; non-3xTF32 dots are not scanned."""
+    from gmf_kernels.triton_kernels.specializations import tf32x3_dual_operands
+    dot = "%{o} = tt.dot %{a}, %{b}, %c, inputPrecision = {p} : tensor<64x64xf32> * tensor<64x64xf32> -> tensor<64x64xf32>"
+    trans = "%{o} = tt.trans %{a} {{order = array<i32: 1, 0>}} : tensor<64x64xf32> -> tensor<64x64xf32>"
+    siblings = "\n".join(dot.format(o=f"y{i}", a=f"x{i}", b="w", p="tf32x3") for i in range(3))
+    assert tf32x3_dual_operands(siblings) == []
+    left_and_transposed_left = "\n".join([dot.format(o="y0", a="x", b="w", p="tf32x3"), trans.format(o="xt", a="x"),
+                                          dot.format(o="y1", a="xt", b="v", p="tf32x3")])
+    assert tf32x3_dual_operands(left_and_transposed_left) == ["tensor<64x64xf32>"]
+    twice_transposed = "\n".join([dot.format(o="y0", a="x", b="w", p="tf32x3"), trans.format(o="xt", a="x"),
+                                   trans.format(o="xtt", a="xt"), dot.format(o="y1", a="xtt", b="v", p="tf32x3")])
+    assert tf32x3_dual_operands(twice_transposed) == []
+    mixed = "\n".join([dot.format(o="y0", a="x", b="w", p="tf32x3"), dot.format(o="y1", a="v", b="x", p="ieee")])
+    assert tf32x3_dual_operands(mixed) == []

@@ -75,6 +75,18 @@ DOT_OVERRIDES: Dict[Tuple[str, str, int], str] = {
 }
 
 
+#: The pattern behind DOT_OVERRIDES, as data: a value that two 3xTF32 dots of one kernel take in both operand
+#: positions (one as its left operand, another as its right: both of the MMA's operand layouts of one tensor),
+#: with one of these dimensions. Every kernel specialisation compiled ahead of time is scanned for it
+#: (`specializations.tf32x3_dual_operands` on its TTIR, `known_miscompile`), and the AOT tests fail on a
+#: specialisation that has it, so a kernel that takes up the pattern at S_PAD = 64 must be listed in
+#: DOT_OVERRIDES first. The two kernels above have it at every S_PAD (their [S_PAD, BLOCK_P] tile: the
+#: right operand of the pw^T dz dot and the left of the weight gradient's); the H200 found them wrong at 64
+#: and right at 16, 32 and 128, as was the minimal kernel. No other kernel has it (2026-12-06: the 101
+#: 3xTF32 specialisations the GPU report compiles for sm_90, docs/performance.md).
+TF32X3_DUAL_OPERAND_DIMS: Tuple[int, ...] = (64,)
+
+
 def kernel_dot_precision(kernel: str, precision: str, s_pad: int) -> str:
     """The ``input_precision`` `kernel` runs at channel padding `s_pad` when `precision` is
     asked for: `precision` unless `DOT_OVERRIDES` names the triple."""

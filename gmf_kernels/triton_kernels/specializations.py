@@ -38,7 +38,9 @@ so sanitizer and ncu reports point at kernel source lines). Resource usage: regi
 spills from ``ptxas -lineinfo -v`` (Triton's own ptxas flags) re-run on the generated PTX
 and read by the package's one ptxas parser (`gmf_kernels.cuda.build.parse_ptxas`),
 local/stack/shared bytes from ``cuobjdump --dump-resource-usage`` on the cubin, Triton's
-dynamic shared memory from the kernel metadata.
+dynamic shared memory from the kernel metadata. Known miscompiles: the TTIR is scanned for the 3xTF32
+dot pattern behind `config.DOT_OVERRIDES` (`tf32x3_dual_operands`, `known_miscompile`); the AOT tests
+fail on a specialisation that has it.
 
 **Cache key.** A specialisation keeps every attribute entry the JIT makes, the empty ones too
 (an int not divisible by 16), and `compile_one` builds the source and options as
@@ -61,7 +63,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .config import AOT_ARCHS, DTYPE_NAMES, arch_dots, capability_of_arch, dot_precision, stage_dtype, torch_dtype
+from .config import (AOT_ARCHS, DTYPE_NAMES, TF32X3_DUAL_OPERAND_DIMS, arch_dots, capability_of_arch, dot_precision,
+                     stage_dtype, torch_dtype)
 
 #: image side and batches of the real calls
 IMAGE = 224
@@ -627,6 +630,44 @@ def _cuobjdump_report(cubin: bytes) -> Dict[str, int]:
     return out
 
 
+#: a ``tt.dot`` of the TTIR: its two operands, its attributes, their types
+_TT_DOT = re.compile(r"^\s*%\S+ = tt\.dot (%[^\s,]+), (%[^\s,]+), %[^\s,]+(.*?) : (tensor<[^>]*>) \* (tensor<[^>]*>)",
+                     re.M)
+_TT_TRANS = re.compile(r"^\s*(%\S+) = tt\.trans (%[^\s,{]+)", re.M)
+
+
+def tf32x3_dual_operands(ttir: str) -> List[str]:
+    """The values that the 3xTF32 dots of a kernel take in both operand positions: one dot's left operand
+    (A) and another's right (B), a transposed use (``tt.trans``) counting as the other position. Each
+    needs both of the MMA's operand layouts: the pattern Triton 3.6 miscompiled on sm_90 at 64
+    (`config.DOT_OVERRIDES`). From the kernel's TTIR (``CompiledKernel.asm["ttir"]``, one function,
+    names unique in it); each value as its type as written at its use, e.g. ``tensor<64x16xf32>``, sorted."""
+    trans = dict(_TT_TRANS.findall(ttir))
+    positions: Dict[str, set] = {}
+    types: Dict[str, str] = {}
+    for a, b, attrs, ta, tb in _TT_DOT.findall(ttir):
+        if "tf32x3" not in attrs:
+            continue
+        for value, position, ty in ((a, 0, ta), (b, 1, tb)):
+            flips = 0
+            while value in trans and flips < 8:            # through transposes to the value itself
+                value, flips = trans[value], flips + 1
+            positions.setdefault(value, set()).add(position ^ (flips & 1))
+            types.setdefault(value, ty)
+    return sorted(types[v] for v, pos in positions.items() if len(pos) == 2)
+
+
+def known_miscompile(dual_operands: Iterable[str]) -> str:
+    """Why a specialisation with these `tf32x3_dual_operands` has a pattern Triton is known to miscompile
+    (one of `config.TF32X3_DUAL_OPERAND_DIMS` among a value's dimensions), or ""."""
+    bad = [t for t in dual_operands
+           if set(TF32X3_DUAL_OPERAND_DIMS) & {int(d) for d in re.findall(r"(\d+)x", t)}]
+    if not bad:
+        return ""
+    return (f"3xTF32 dots take {', '.join(bad)} as both operands, the pattern Triton 3.6 miscompiled on sm_90 "
+            f"(config.TF32X3_DUAL_OPERAND_DIMS): list the kernel in config.DOT_OVERRIDES")
+
+
 def _describe(spec: Spec) -> Dict[str, object]:
     cx = dict(spec.constexprs)
     dt = next((t[1:] for a, t in spec.signature if a in DTYPE_ARGS), "-")
@@ -694,8 +735,10 @@ def compile_one(spec: Spec, resources: bool = True, launcher: bool = False) -> D
         rep["launcher_s"] = round(time.time() - t0, 2)
     if resources:
         ptx = ck.asm["ptx"]
+        dual = tf32x3_dual_operands(ck.asm["ttir"])
         rep.update({"line_info": bool(re.search(r"^\s*\.loc\s", ptx, re.M)),
-                    "tf32_conversions": ptx.count("cvt.rna.tf32.f32")})
+                    "tf32_conversions": ptx.count("cvt.rna.tf32.f32"),
+                    "tf32x3_dual_operands": dual, "known_miscompile": known_miscompile(dual)})
         rep.update(_ptxas_report(ptx, spec.arch))
         rep.update(_cuobjdump_report(ck.asm["cubin"]))
     return rep
