@@ -164,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimized-cudagraphs", choices=("table", "on", "off"), default="table",
                    help="the optimized row's CUDA graphs: as the mode table says for this batch and dtype, or forced "
                         "on / off (to measure the threshold in gmf_kernels/data/inference_modes.json)")
+    p.add_argument("--optimized-auto-unverified", action="store_true",
+                   help="the optimized row's backend='auto' also takes the fused backends not yet verified on this "
+                        "GPU's architecture (GMF_AUTO_UNVERIFIED=1; gmf_kernels/data/gpu_verified.json): what auto "
+                        "picks once a GPU report verifies them, as in the GPU report's own judged run (its record "
+                        "part is that verification). Without it, on an architecture the table does not list, auto "
+                        "runs the torch backend there. The only row that dispatches with auto is the optimized row; "
+                        "every row records the backends its GMA layers took (gma_backends)")
     p.add_argument("--compare", default=None, metavar="TIMM_MODELS",
                    help=f"comma list of timm models timed beside ours when timm imports (default {TIMM_BASELINE}; "
                         f"'' for none); a model that cannot be built is listed under 'not run'")
@@ -245,6 +252,7 @@ def resolve_settings(args) -> Dict:
                                 else args.upstream_precision) if args.upstream else None)
     s["optimized"] = bool(args.optimized if args.optimized is not None else gpu) and args.bench != "train"
     s["optimized_cudagraphs"] = args.optimized_cudagraphs
+    s["optimized_auto_unverified"] = bool(args.optimized_auto_unverified)
     if args.no_torchcompile:
         s["torchcompile"] = None
     else:
@@ -945,7 +953,8 @@ def optimized_runner(ctx: Context, name: str, model) -> Runner:
     r = Runner(name, "optimized", f"optimized ({'cudagraphs' if p.cudagraphs else p.mode})", fast, lambda: None)
     r.graphs = graphs
     r.row.update(plan_reason=p.reason, compile_mode=p.mode, cudagraphs=p.cudagraphs,
-                 inductor_options=p.inductor_options, mode_table_entry=p.table_entry, mode_table_measured=p.measured)
+                 inductor_options=p.inductor_options, mode_table_entry=p.table_entry, mode_table_measured=p.measured,
+                 auto_unverified=ctx.settings.get("optimized_auto_unverified", False))
     return r
 
 
@@ -1018,6 +1027,24 @@ def inductor_cache_counts() -> Dict[str, int]:
     return {name: int(counters[group][name]) for group, name in INDUCTOR_CACHE_COUNTERS}
 
 
+def apply_auto_unverified(settings: Dict) -> None:
+    """--optimized-auto-unverified: GMF_AUTO_UNVERIFIED=1 for the whole run (dispatch reads it at each choice,
+    at trace time when compiled; only the optimized row dispatches with `auto`)."""
+    if settings.get("optimized_auto_unverified"):
+        os.environ["GMF_AUTO_UNVERIFIED"] = "1"
+
+
+def gma_backends(chosen) -> Dict[str, str]:
+    """`record_choices` of a row's first call -> {width: the backend(s) its GMA layers took}, e.g.
+    {"80": "triton", "320": "cuda"} (several names joined by "+" where layers of one width differ)."""
+    by_width: Dict[str, List[str]] = {}
+    for C, _dtype, _train, name in chosen:
+        names = by_width.setdefault(str(C), [])
+        if name not in names:
+            names.append(name)
+    return {C: "+".join(names) for C, names in by_width.items()}
+
+
 def timed_first_call(ctx: Context, r: Runner, fn: Callable[[], object]):
     """A row's first call or training step, `fn()`, timed apart between two synchronisations
     (row["first_call_s"]: a compiled row's compile time; row["inductor_cache"]: the inductor cache hits and
@@ -1025,9 +1052,10 @@ def timed_first_call(ctx: Context, r: Runner, fn: Callable[[], object]):
     an exception drops the row with its reason.
     -> what fn returned, to check; None when there is nothing to check: the row was dropped, or it is
     a baseline (another model: its check is "n/a")."""
+    from gmf_kernels.backends import record_choices
     before = inductor_cache_counts() if compiles(r) else None
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, record_choices() as chosen:
             warnings.simplefilter("always")
             r.prepare()
             ctx.timer.sync()
@@ -1040,6 +1068,8 @@ def timed_first_call(ctx: Context, r: Runner, fn: Callable[[], object]):
         return None
     finally:
         record_warnings(r.row, caught)
+        if chosen:
+            r.row["gma_backends"] = gma_backends(chosen)
         if before is not None:
             r.row["inductor_cache"] = {k: v - before[k] for k, v in inductor_cache_counts().items()}
     if r.kind == "baseline":
@@ -1931,6 +1961,12 @@ def print_report(meta: Dict, rows: List[Dict], settings: Dict):
     for r in rows:
         if r.get("status") == "ok" and r.get("deadline_note"):
             print(f"  ({r['model']} {r['label']}: {r['deadline_note']})")
+    for r in rows:
+        if r.get("status") == "ok" and r["backend"] == "optimized" and r.get("gma_backends"):
+            print(f"  ({r['model']} {r['label']}: backend='auto' took "
+                  + ", ".join(f"C={C} {b}" for C, b in r["gma_backends"].items())
+                  + (" (GMF_AUTO_UNVERIFIED=1: --optimized-auto-unverified)" if r.get("auto_unverified") else "")
+                  + ")")
     if cpu:
         print("  (peak memory is not measured on CPU)")
     if train:
@@ -2057,6 +2093,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = resolve_settings(args)
+    apply_auto_unverified(settings)
     requested = parse_backends(args.backends)
     models = parse_models(args.model)
     if args.plot:

@@ -84,7 +84,7 @@ def fake_upstream(root: Path, imports: str = "import ipdb", extra: str = "") -> 
 def test_cli_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = _run_script("--batch-size", "1", "--num-warm-iter", "1", "--num-bench-iter", "1",
-                       "--backends", "torch,reference", "--results-file", str(out))
+                       "--backends", "torch,reference", "--results-file", str(out), "--optimized-auto-unverified")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "reference" in proc.stdout and "summary" in proc.stdout
 
@@ -107,6 +107,10 @@ def test_cli_smoke(tmp_path):
     assert rows["torch"]["check"] == "ok", rows["torch"]
     assert rows["torch"]["max_rel_err_vs_reference"] < 1e-3
     assert meta["bench"] == "inference" and all(r["bench"] == "inference" for r in rows.values())
+    # the backend each width's GMA layers took in the row's first call (groupmixformer_m: 40, 80, 160)
+    for name, r in rows.items():
+        assert r["gma_backends"] == {"40": name, "80": name, "160": name}, r
+    assert meta["settings"]["optimized_auto_unverified"] is True
 
 
 def _cannot_train_backends():
@@ -192,6 +196,25 @@ def test_settings_and_parsing():
     stats = bench.stats([3.0, 1.0, 2.0], batch=4, total_s=0.006)
     assert stats["median_ms"] == 2.0 and stats["min_ms"] == 1.0 and stats["img_per_s"] == 2000.0
     assert abs(stats["img_per_s_total"] - 2000.0) < 1e-9
+
+
+def test_optimized_auto_unverified(monkeypatch):
+    """--optimized-auto-unverified sets GMF_AUTO_UNVERIFIED=1 for the run (what the optimized row's `auto` reads),
+    and the optimized row records it; without the flag the environment is left as it is."""
+    import gmf_kernels
+    bench = _load_script()
+    parser = bench.build_parser()
+    monkeypatch.setenv("GMF_AUTO_UNVERIFIED", "0")      # so that the test's end restores the environment
+    monkeypatch.delenv("GMF_AUTO_UNVERIFIED")
+    bench.apply_auto_unverified(bench.resolve_settings(parser.parse_args(["--device", "cpu"])))
+    assert "GMF_AUTO_UNVERIFIED" not in os.environ
+    s = bench.resolve_settings(parser.parse_args(["--device", "cpu", "--optimized-auto-unverified"]))
+    bench.apply_auto_unverified(s)
+    assert os.environ["GMF_AUTO_UNVERIFIED"] == "1"
+    ctx = types.SimpleNamespace(settings=dict(s, compile_only=False), B=1)
+    model = gmf_kernels.create_model("tiny").eval()
+    r = bench.optimized_runner(ctx, "tiny", model)       # torch.compile is lazy: nothing compiles here
+    assert r.alive and r.row["auto_unverified"] is True, r.row
 
 
 def test_new_flags_parsing():
@@ -887,6 +910,7 @@ def test_first_call_records_its_warnings():
     assert r.row["warnings"][:2] == ["UserWarning: prepared", f"RuntimeWarning: {fallback}"], r.row
     assert len(r.row["warnings"]) == 3 and len(r.row["warnings"][2]) == bench.WARNING_CHARS
     assert "inductor_cache" not in r.row       # an eager row compiles nothing
+    assert "gma_backends" not in r.row         # no GMA layer ran
     r = Row("torch+compile")
     assert bench.timed_first_call(ctx, r, ok) == 7
     # a compiled row: the cache counts of its first call (nothing compiled by `ok`: all zero)

@@ -96,6 +96,38 @@ def test_module_auto_runs_torch(monkeypatch):
     assert calls == [1]
 
 
+def test_record_choices_in_eager_calls():
+    """`backends.record_choices` lists each call's choice (C, dtype, training or gradients, backend), for
+    "auto" and for a named backend, in every open block (nested ones too), and none after the block."""
+    from gmf_kernels.backends import record_choices
+    auto_m, named = module(80).eval(), module(40, backend="reference").train()
+    with record_choices() as outer:
+        with torch.no_grad():
+            auto_m(torch.randn(1, 12, 80), (3, 4))
+        with record_choices() as inner:
+            named(torch.randn(2, 12, 40), (3, 4))
+    assert outer == [(80, "float32", False, "torch"), (40, "float32", True, "reference")]
+    assert inner == [(40, "float32", True, "reference")]
+    with torch.no_grad():
+        auto_m(torch.randn(1, 12, 80), (3, 4))
+    assert len(outer) == 2
+
+
+def test_record_choices_under_torch_compile():
+    """Under torch.compile the choice is made at trace time (`functional.dispatch`): the first call of a
+    compiled layer records it, a call that reuses the graph records nothing."""
+    from gmf_kernels.backends import record_choices
+    m = module(80).eval()
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    x = torch.randn(1, 12, 80)
+    with record_choices() as first, torch.no_grad():
+        compiled(x, (3, 4))
+    assert first == [(80, "float32", False, "torch")]
+    with record_choices() as again, torch.no_grad():
+        compiled(x, (3, 4))
+    assert again == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_check_table_records_a_backend_that_raises_and_goes_on(monkeypatch):
     """A backend that accepts a problem and then raises is a FAIL row with the error; the table goes on."""

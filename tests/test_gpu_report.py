@@ -83,8 +83,8 @@ def test_dry_run_passes_and_prints_the_plan(dry_run):
     assert len(plan) == 3, plan
     bf16, train, paper = plan  # the paper's protocol last: it judges nothing
     assert bf16.split("throughput.py ")[1].startswith("--model groupmixformer_s --precision bf16 --batch-size 256")
-    assert (f"--compile-backends torch,triton,cuda,upstream --profile-steps 1 --upstream-precision amp "
-            f"--upstream {clone} --results-file") in bf16
+    assert (f"--compile-backends torch,triton,cuda,upstream --profile-steps 1 --optimized-auto-unverified "
+            f"--upstream-precision amp --upstream {clone} --results-file") in bf16
     assert "--upstream" not in paper and "upstream" not in paper and "--no-torchcompile" in paper
     assert "--bench train" in train and f"--profile-steps 1 --upstream {clone} --results-file" in train
     assert "plumbing checks passed; folder valid" in text
@@ -487,6 +487,35 @@ def test_summary_judged_ratios(drop, run_status):
             assert line.startswith(f"  - vs `{r['backend']} (amp)`: **{ratio:.2f}x** measured ({best['backend']} "
                                    f"(bf16) {best['img_per_s']:.1f} img/s / {r['img_per_s']:.1f} img/s): goal >= "
                                    f"{goal:g}x {'reached' if ratio >= goal else 'NOT reached'}"), line
+
+
+@pytest.mark.parametrize("took, judged", [({"80": "triton", "320": "cuda"}, True), ({"80": "triton"}, True),
+                                          ({"80": "torch", "160": "triton"}, False), ({"80": "triton+torch"}, False),
+                                          ({}, False)])
+def test_optimized_row_judged_where_its_layers_ran_fused(took, judged):
+    """The optimized row (optimize_for_inference with `auto`) counts among issue 9's judged rows only where every
+    GMA layer of its first call took a fused backend (`gma_backends`: on an architecture gpu_verified.json does
+    not list, auto takes the torch backend unless the run says --optimized-auto-unverified); summary.md says what
+    it took and whether it was judged."""
+    rows = [dict(backend="triton", label="triton", kind="gmf", status="ok", img_per_s=100.0, check="ok",
+                 precision="bf16"),
+            dict(backend="optimized", label="optimized (default)", kind="gmf", status="ok", img_per_s=500.0,
+                 check="ok", precision="bf16", gma_backends=took, auto_unverified=True),
+            dict(backend="upstream", label="upstream", kind="upstream", status="ok", img_per_s=50.0,
+                 check="ok (vs fp64)", precision="amp")]
+    ok = {r["backend"]: r for r in rows}
+    assert (ok["optimized"] in gr.judged_rows(ok)) == judged
+    up = {"path": "/c", "source": "--upstream", "checked": True, "use": True, "reason": None}
+    md = gr.render_summary(_report(upstream=up, models={"runs": [{"name": gr.UPSTREAM_RUN, "status": "ok",
+                                                                  "rows": rows}]}))
+    line = next(ln for ln in md.splitlines() if ln.startswith("  - vs `upstream (amp)`"))
+    assert (f"**{(500.0 if judged else 100.0) / 50.0:.2f}x** measured ({'optimized' if judged else 'triton'} "
+            in line), line
+    said = next(ln for ln in md.splitlines() if ln.startswith("  - the optimized row's GMA layers took"))
+    assert said.endswith(": not a judged row") != judged, said
+    for C, b in took.items():
+        assert f"C={C} {b}" in said
+    assert "GMF_AUTO_UNVERIFIED=1" in said
 
 
 def test_summary_judged_train_ratio():
@@ -1246,7 +1275,7 @@ def test_tune_phase_puts_its_table_in_effect(tmp_path, monkeypatch, outcome):
     ph = {"notes": [], "status": "running"}
     gr.phase_tune(ctx, ph, 70.0)
     cmd = " ".join(map(str, seen[0]))
-    assert ("tune.py --models s --dtype bf16 --families triton.aggregate triton.attention cuda.tiles "
+    assert ("tune.py --models s --dtype bf16 --families triton.aggregate triton.attention cuda.tiles backends "
             "--budget 25") in cmd and f"--out {out}" in cmd
     left = 70.0 - (30.0 if outcome == "table" else 3.0)     # the training tiles get what the forward's left
     cmd = " ".join(map(str, seen[1]))

@@ -101,7 +101,7 @@ def test_sweep_keeps_partial_results_within_the_budget(table_dir, test_space):
     assert tuning.choose(space.family, 40, torch.float16, (9, 0)) == {"X": 1}      # not measured: default
     assert tuning.kernel_config(space.family, "sm_90", 20, torch.float16)["time_us"] == 4.0
     assert tune.part_budgets(480, ["triton.aggregate", "backends"]) == pytest.approx(
-        {"triton.aggregate": 480 * 0.35 / 0.6, "backends": 480 * 0.25 / 0.6})
+        {"triton.aggregate": 480 * 0.35 / 0.47, "backends": 480 * 0.12 / 0.47})
 
 
 def test_dry_run_plan_and_plumbing(tmp_path):

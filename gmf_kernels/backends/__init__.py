@@ -8,8 +8,9 @@ compiled extension.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from ..tuning import arch_key, backend_times
 from .base import Backend, GMAProblem
@@ -82,7 +83,35 @@ def unavailable_backends() -> Dict[str, List[str]]:
     return {n: r for n in BACKEND_NAMES if (r := get_backend(n).availability_reasons())}
 
 
+#: the lists of the `record_choices` blocks open now: each takes every choice `select_backend` makes
+_RECORDERS: List[List[Tuple[int, str, bool, str]]] = []
+
+
+@contextlib.contextmanager
+def record_choices() -> Iterator[List[Tuple[int, str, bool, str]]]:
+    """Which backend each GMA call chooses while the block runs: a list of (C, dtype, training or
+    gradients, backend name), one entry per choice. A layer's choice is made at its call in eager
+    mode, and once per trace under torch.compile (at trace time, `functional.dispatch`): a compiled
+    model's first call records its layers, a call that reuses the compiled graph none.
+    benchmarks/throughput.py records each row's (``gma_backends``): which backend ``auto`` took."""
+    chosen: List[Tuple[int, str, bool, str]] = []
+    _RECORDERS.append(chosen)
+    try:
+        yield chosen
+    finally:
+        _RECORDERS.remove(chosen)
+
+
 def select_backend(problem: GMAProblem, backend: Optional[str] = None) -> Backend:
+    """`_select_backend`, the choice also told to the open `record_choices` blocks."""
+    chosen = _select_backend(problem, backend)
+    for rec in _RECORDERS:
+        rec.append((problem.dim, str(problem.dtype).replace("torch.", ""), problem.training or problem.needs_grad,
+                    chosen.name))
+    return chosen
+
+
+def _select_backend(problem: GMAProblem, backend: Optional[str] = None) -> Backend:
     """Pick the backend for a problem; never a silent fallback from an explicit choice.
 
     "auto": among the backends that can run the problem, the one measured fastest for this GPU
