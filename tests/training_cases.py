@@ -89,6 +89,21 @@ def kink_distance(w, x, grid, training):
     return min(((t.abs() - 3).abs().min().item()) for t in (rc["pre_act"], local))
 
 
+def local_norm_condition(w, x, grid):
+    """How much more the local branch's LayerNorm amplifies rounding at its worst token than at its median
+    one, in float64: max over tokens of 1/sqrt(var + eps) over its median (rstd4 of the backward's recompute).
+    The LayerNorm runs over s = C/5 channels: at s = 2 (C = 10) two nearly equal channels make a token's
+    gradient up to 1/sqrt(eps) ~ 316 times as sensitive; over random draws the median of this ratio is ~23 at
+    C = 10 and at most ~7 at C = 20-40 (2026-12-06)."""
+    from gmf_kernels.training import fold_running_stats
+    from gmf_kernels.triton_kernels.backward import recompute
+    hp = default_hyper(w.dim)
+    w64 = cast_weights(w, torch.float64)
+    qkv = torch.nn.functional.linear(x.to(torch.float64), w64.qkv_weight, w64.qkv_bias)
+    rstd = recompute(qkv, *grid, fold_running_stats(w64, hp, torch.float64), hp.ln_eps)["rstd4"].flatten()
+    return (rstd.max() / rstd.median()).item()
+
+
 FP32_TOL = 1e-5
 
 
