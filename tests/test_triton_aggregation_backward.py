@@ -43,7 +43,7 @@ from gmf_kernels.triton_kernels import aggregation_backward as agb  # noqa: E402
 from gmf_kernels.triton_kernels import backward as bw  # noqa: E402
 from gmf_kernels.triton_kernels._common import dot_variant, interpreting  # noqa: E402
 from helpers import assert_within_reference_error, tf32_round  # noqa: E402
-from helpers import ROOT, have_triton_nvidia_backend, triton_compile_env  # noqa: E402
+from helpers import ROOT, have_triton_nvidia_backend, known_miscompiles, triton_compile_env  # noqa: E402
 
 DEVICE = "cpu" if interpreting() else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -289,7 +289,7 @@ def _no_spills(res):
            if r["registers"] <= 0 or r["registers"] > 255 or r["spill_stores"] or r["spill_loads"] or r["stack"]
            or r.get("cuobjdump_local", 0)]
     assert not bad, f"register spills or unparsed ptxas report: {bad}"
-    miscompiled = [f"{r['label']} sm_{r['arch']}: {r['known_miscompile']}" for r in res if r["known_miscompile"]]
+    miscompiled = known_miscompiles(res)
     assert not miscompiled, "\n".join(miscompiled)
     assert all(r["line_info"] for r in res)
 

@@ -24,7 +24,8 @@ triton = pytest.importorskip("triton")
 
 from gmf_kernels.triton_kernels.config import AOT_ARCHS, arch_dots, capability_of_arch, dot_precision  # noqa: E402
 from gmf_kernels.triton_kernels.specializations import real_calls  # noqa: E402
-from helpers import ROOT, have_triton_nvidia_backend as _have_nvidia_backend, triton_compile_env as _env  # noqa: E402
+from helpers import ROOT, have_triton_nvidia_backend as _have_nvidia_backend, known_miscompiles  # noqa: E402
+from helpers import triton_compile_env as _env  # noqa: E402
 
 KERNELS = ("aggregate", "attention", "combine")
 
@@ -101,13 +102,8 @@ def test_no_register_spills(compiled):
 def test_no_known_miscompile(compiled):
     """No forward specialisation of a real call has a dot pattern Triton is known to miscompile
     (`specializations.known_miscompile`: 3xTF32 dots taking one 64-wide value as both operands)."""
-    bad = _miscompiled(compiled)
+    bad = known_miscompiles(compiled)
     assert not bad, "\n".join(bad)
-
-
-def _miscompiled(rows):
-    return [f"{r['label']} sm_{r['arch']}: {r['known_miscompile']}" for r in rows
-            if "error" not in r and r["known_miscompile"]]
 
 
 def _spills(rows):
@@ -132,7 +128,7 @@ def test_other_widths_compile_without_spills_on_sm90(tmp_path):
     assert not failed, "compile failures:\n" + "\n".join(failed)
     spills = _spills(rows)
     assert not spills, "register spills:\n" + "\n".join(spills)
-    bad = _miscompiled(rows)
+    bad = known_miscompiles(rows)
     assert not bad, "\n".join(bad)
 
 
@@ -516,7 +512,8 @@ def test_trace_running_sees_a_tensor_subclass_among_launch_arguments():
     class Sub(torch.Tensor):
         pass
 
-    plain = (torch.zeros(2), torch.nn.Parameter(torch.zeros(2)), 3, 1.5, True, None, "s", torch.zeros(1, dtype=torch.int64))
+    plain = (torch.zeros(2), torch.nn.Parameter(torch.zeros(2)), 3, 1.5, True, None, "s",
+             torch.zeros(1, dtype=torch.int64))
     assert not trace_running(plain)
     assert not trace_running(())
     sub = torch.zeros(2).as_subclass(Sub)

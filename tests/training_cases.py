@@ -68,23 +68,29 @@ def compare(got, exp, tol, who):
             assert_rel(got[2][n], exp[2][n], tol, f"{who} buffer {n}")
 
 
-def kink_distance(w, x, grid, training):
-    """min distance of every float64 pre-activation (the aggregator's BatchNorm output, the
-    local branch's LayerNorm output) to +-3, where hardswish's derivative jumps (1.5 -> 1 at 3,
-    0 -> -0.5 at -3)."""
+def _recompute64(w, x, grid, training):
+    """The float64 weights and the backward's recompute of the layer on x (BatchNorm from the batch
+    statistics in training, else from the running ones): (w64, {pre_act, xh4, rstd4, ...})."""
     from gmf_kernels.folding import _build
     from gmf_kernels.triton_kernels.backward import recompute, statistics
     from gmf_kernels.training import fold_running_stats
     hp = default_hyper(w.dim)
     w64 = cast_weights(w, torch.float64)
-    qkv = torch.nn.functional.linear(x, w64.qkv_weight, w64.qkv_bias)
+    qkv = torch.nn.functional.linear(x.to(torch.float64), w64.qkv_weight, w64.qkv_bias)
     if training:
         z = torch.zeros(1, dtype=torch.float64)
         mean, var, _ = statistics(qkv, *grid, _build(w64, z, z, torch.float64))
         folded = fold_batch_stats(w64, mean, var, hp, torch.float64)
     else:
         folded = fold_running_stats(w64, hp, torch.float64)
-    rc = recompute(qkv, *grid, folded, hp.ln_eps)
+    return w64, recompute(qkv, *grid, folded, hp.ln_eps)
+
+
+def kink_distance(w, x, grid, training):
+    """min distance of every float64 pre-activation (the aggregator's BatchNorm output, the
+    local branch's LayerNorm output) to +-3, where hardswish's derivative jumps (1.5 -> 1 at 3,
+    0 -> -0.5 at -3)."""
+    w64, rc = _recompute64(w, x, grid, training)
     local = rc["xh4"] * w64.local_ln_weight[:, None, None] + w64.local_ln_bias[:, None, None]
     return min(((t.abs() - 3).abs().min().item()) for t in (rc["pre_act"], local))
 
@@ -94,13 +100,9 @@ def local_norm_condition(w, x, grid):
     one, in float64: max over tokens of 1/sqrt(var + eps) over its median (rstd4 of the backward's recompute).
     The LayerNorm runs over s = C/5 channels: at s = 2 (C = 10) two nearly equal channels make a token's
     gradient up to 1/sqrt(eps) ~ 316 times as sensitive; over random draws the median of this ratio is ~23 at
-    C = 10 and at most ~7 at C = 20-40 (2026-12-06)."""
-    from gmf_kernels.training import fold_running_stats
-    from gmf_kernels.triton_kernels.backward import recompute
-    hp = default_hyper(w.dim)
-    w64 = cast_weights(w, torch.float64)
-    qkv = torch.nn.functional.linear(x.to(torch.float64), w64.qkv_weight, w64.qkv_bias)
-    rstd = recompute(qkv, *grid, fold_running_stats(w64, hp, torch.float64), hp.ln_eps)["rstd4"].flatten()
+    C = 10 and at most ~7 at C = 20-40 (2026-12-06). The LayerNorm is per token: the BatchNorm mode does
+    not change it."""
+    rstd = _recompute64(w, x, grid, False)[1]["rstd4"].flatten()
     return (rstd.max() / rstd.median()).item()
 
 

@@ -83,7 +83,7 @@ DOT_OVERRIDES: Dict[Tuple[str, str, int], str] = {
 #: DOT_OVERRIDES first. The two kernels above have it at every S_PAD (their [S_PAD, BLOCK_P] tile: the
 #: right operand of the pw^T dz dot and the left of the weight gradient's); the H200 found them wrong at 64
 #: and right at 16, 32 and 128, as was the minimal kernel. No other kernel has it (2026-12-06: the 101
-#: 3xTF32 specialisations the GPU report compiles for sm_90, docs/performance.md).
+#: 3xTF32 specialisations the GPU report compiles for sm_90, DEVELOPERS.md).
 TF32X3_DUAL_OPERAND_DIMS: Tuple[int, ...] = (64,)
 
 
