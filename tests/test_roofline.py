@@ -29,7 +29,8 @@ def test_triton_costs_by_hand(dtype, e):
     # C = 80 (s = 16, C' = 64, d = 8) on 56x56, batch 2, BLOCK_P = 32 -> 98 tiles per image;
     # per-job split-N (aggregation.job_plan): the 5x5 and 7x7 jobs one tile per program (about
     # 1024 programs wanted, more than the tiles give), the others runs of about one 7x7 tile's
-    # cost; the combine reads one packed row (s = 2d channels) per split of segments 0..3
+    # cost; the combine reads one packed row (s = 2d channels) per split of segments 0..3, in programs of
+    # 4 rows of a head (8 heads x 2 row blocks per image)
     B, H, W, C = 2, 56, 56, 80
     N, s, cp, d = H * W, 16, 64, 8
     shape = gma_shape(C, agg_block_p=32, attn_block_p=64, ck=16, dots="tf32")
@@ -40,7 +41,7 @@ def test_triton_costs_by_hand(dtype, e):
     rows = sum(plan.splits[:4])
 
     comb = triton_costs.cost("combine", B, H, W, C, dtype, shape=shape)
-    assert comb.grid == (8, B)
+    assert comb.grid == (8 * 2, B)
     assert comb.bytes == B * rows * s * (2 + d) * 4 + B * cp * d * 4
 
     agg = triton_costs.cost("gma_aggregate_kernel", B, H, W, C, dtype, shape=shape)

@@ -10,6 +10,7 @@ Every buffer the kernels use is allocated filled with NaN (launcher.POISON_BUFFE
 element a kernel forgets to write, or reads before it is written, fails the test.
 """
 import os
+from dataclasses import replace
 
 import torch
 
@@ -194,6 +195,38 @@ def test_combine_and_attention_kernels(C):
                                pre, f, case.H, case.W, case.hp.scale, shape)
     _assert_rel(pre[..., :case.cp], case.pre[..., :case.cp], FP32_TOL, "scale*Q KV + Q*CRPE(V)")
     assert torch.isnan(pre[..., case.cp:]).all(), "attention kernel wrote into the local-branch channels"
+
+
+#: combine steps: one split a step, a ragged step (3 of 4 splits in the last), the default (`config.combine_tile`:
+#: all of a segment's splits in one step here)
+COMBINE_STEPS = [1, 4, 0]
+
+
+@pytest.mark.parametrize("step", COMBINE_STEPS, ids=lambda t: f"step{t or 'default'}")
+@pytest.mark.parametrize("C", [60, 80, 320], ids=lambda c: f"C{c}")
+def test_combine_steps_and_row_blocks(C, step):
+    """The combine over many splits (63, 5, 21, 9: one-token runs of a 7x9 image, as batch 1 gives the 7x7
+    segment 196 splits at 56x56) in steps of several splits (the last ragged) and programs of a few rows of a
+    head (C = 60: d = 6, the second row block's last two rows past d), with the training forward's softmax
+    statistics (k_max, k_sum: the max over tokens of K and the sum of exp(K - max)): KV, k_max and k_sum
+    against the oracle, every element written."""
+    case = Case(C, 7, 9, 2 if C <= 80 else 1, seed=C + 7)
+    shape = replace(gma_shape(C, agg_block_p=16, interpreter=INTERPRET), COMBINE_STEP=step)
+    rows, steps = config.combine_tile(shape)
+    assert rows == 4 and steps == (step or config.COMBINE_STEP_ELEMENTS // (4 * shape.D_PAD))
+    B, N = case.B, case.H * case.W
+    segment_splits = (63, 5, 21, 9)
+    m, l, acc = (t.to(DEVICE, torch.float32).contiguous() for t in case.partials(1, segment_splits))
+    kv = _nan((B, case.cp, case.d), torch.float32)
+    k_max, k_sum = _nan((B, case.cp), torch.float32), _nan((B, case.cp), torch.float32)
+    grid, args, kwargs = attention.combine_call(m, l, acc, kv, replace(shape, AGG_FROM_Z=True), segment_splits,
+                                                (k_max, k_sum))
+    assert grid == (8 * -(-case.d // 4), B)
+    attention.gma_combine_kernel[grid](*args, **kwargs)
+    _assert_rel(kv, case.KV, FP32_TOL, "KV = softmax_N(K)^T V")
+    K_max = case.K.amax(dim=1)
+    _assert_rel(k_max, K_max, FP32_TOL, "k_max")
+    _assert_rel(k_sum, torch.exp(case.K - K_max[:, None]).sum(dim=1), FP32_TOL, "k_sum")
 
 
 # ---------------------------------------------------------------- the fused op / backend

@@ -215,6 +215,24 @@ def dot_pad(n: int) -> int:
 STRIP_TARGET = 16
 
 
+#: The combine's loads per step (`attention.gma_combine_kernel`): STEP x ROWS x D_PAD partial elements, 32 a
+#: thread at 4 warps, so a step's loads are all in flight at once without many registers.
+COMBINE_STEP_ELEMENTS = 4096
+
+
+def combine_tile(shape: "GMAShape") -> Tuple[int, int]:
+    """(ROWS, STEP) of the combine: `GMAShape.COMBINE_ROWS` rows of a head per program (a power of two, at
+    most D_PAD), and `GMAShape.COMBINE_STEP` splits a step, or as many as COMBINE_STEP_ELEMENTS allow (a
+    power of two: D_PAD 16 -> 64, 32 -> 32, 64 -> 16). Functions of the width only, so one compiled variant
+    serves every batch and image size."""
+    rows = min(shape.COMBINE_ROWS, shape.D_PAD)
+    step = shape.COMBINE_STEP or max(1, COMBINE_STEP_ELEMENTS // (rows * shape.D_PAD))
+    for name, v in (("COMBINE_ROWS", rows), ("COMBINE_STEP", step)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{name}={v} must be a power of two")
+    return rows, step
+
+
 @dataclass(frozen=True)
 class GMAShape:
     C: int            # module width
@@ -229,6 +247,8 @@ class GMAShape:
     AGG_WARPS: int = 4
     ATTN_WARPS: int = 4
     COMBINE_WARPS: int = 4
+    COMBINE_ROWS: int = 4     # combine: rows (K channels) of a head per program (`combine_tile`)
+    COMBINE_STEP: int = 0     # combine: splits merged per step (0: `combine_tile` derives it from D_PAD)
     SPLIT_TARGET: int = 1024  # split-N: at most about this many aggregation programs (aggregation.job_plan)
     AGG_STRIP: int = STRIP_TARGET  # aggregation tiles in strips of about this many columns (`strip_width`; 0: row-major)
     AGG_MERGE: bool = True    # aggregation: q, k, v of a segment through one depthwise pass (AGG_SEPARATE_STREAMS)

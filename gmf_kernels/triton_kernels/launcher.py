@@ -3,7 +3,7 @@
     buffers = launch_pre_projection(qkv, H, W, weights, scale, ln_eps)   # dict; buffers["pre"] is the result
 
 Launch sequence (no host synchronisation), under the input's CUDA device:
-``gma_aggregate_kernel`` (PROGRAMS, B) -> ``gma_combine_kernel`` (8, B) ->
+``gma_aggregate_kernel`` (PROGRAMS, B) -> ``gma_combine_kernel`` (8 x row blocks, B) ->
 ``gma_attention_kernel`` (ceil(N / ATTN_BLOCK_P), 8, B); with the ``SPLIT`` candidate
 (`config.GMAShape.AGG_SPLIT`) first ``gma_statistics_kernel`` as the Z pass (`statistics.plan_z_pass`:
 Z of segments 1-3 into a (3B, C', H, W) buffer), and the aggregation reads Z instead of running
