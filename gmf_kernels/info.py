@@ -59,15 +59,20 @@ def capabilities(b) -> str:
 
 def main() -> int:
     info = collect()
+    from .backends import DECLARED_ORDER
     backends = info.pop("backends")
     caps = info.pop("capabilities")
     width = max(len(k) for k in info)
     for k, v in info.items():
         print(f"{k:<{width}}  {v}")
-    print("\nbackends (priority order for backend='auto'):")
+    print("\nbackends:")
     for name, reasons in backends.items():
         status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
         print(f"  {name:<10} {status}")
+    print("backend='auto' takes the fastest the tuning table measured for the call, else the first that can run it"
+          " in this order:")
+    for training, order in DECLARED_ORDER.items():
+        print(f"  {'training / gradients' if training else 'inference':<20} {', '.join(order)}")
     print("\ndeclared support (an available backend still refuses an input outside it, and says why):")
     for name, line in caps.items():
         print(f"  {name:<10} {line}")

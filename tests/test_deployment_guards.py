@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmf_kernels.backends import BACKEND_NAMES, get_backend, select_backend
+from gmf_kernels.backends import DECLARED_ORDER, get_backend, select_backend
 from gmf_kernels.backends import cuda_backend as cb
 from gmf_kernels.backends.base import GMAProblem
 from gmf_kernels.cuda import launcher as cl
@@ -72,8 +72,9 @@ def cuda_problem(cap=(9, 0), index=0, **kw) -> GMAProblem:
 
 
 def expected_fallback(p: GMAProblem) -> str:
-    """The first backend after cuda (priority order) that accepts the problem."""
-    return next(n for n in BACKEND_NAMES if n != "cuda" and not get_backend(n).not_supported_reasons(p))
+    """The first backend but cuda that accepts the problem, in `auto`'s declared order for its kind of call."""
+    order = DECLARED_ORDER[bool(p.training or p.needs_grad)]
+    return next(n for n in order if n != "cuda" and not get_backend(n).not_supported_reasons(p))
 
 
 # ------------------------------------------------------------------ pure rules

@@ -48,7 +48,7 @@ def test_available_backends():
     avail = gmf_kernels.available_backends()
     assert "torch" in avail and "reference" in avail
     assert set(avail) <= set(BACKEND_NAMES)
-    assert list(BACKEND_NAMES) == ["cuda", "triton", "torch", "reference"]  # priority order
+    assert list(BACKEND_NAMES) == ["cuda", "triton", "torch", "reference"]  # the registry (auto: DECLARED_ORDER)
     if not torch.cuda.is_available() and torch.version.cuda is None:
         assert "cuda" not in avail
 

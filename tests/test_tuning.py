@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gmf_kernels import tuning
-from gmf_kernels.backends import BACKEND_NAMES, explain, get_backend, select_backend
+from gmf_kernels.backends import BACKEND_NAMES, DECLARED_ORDER, explain, get_backend, select_backend
 from helpers import problem
 
 
@@ -28,17 +28,26 @@ def cuda_problem(cap=(9, 0), C=80, dtype=torch.bfloat16):
 
 
 def test_auto_uses_declared_order_without_a_table(table_dir, two_fake_fused):
-    assert select_backend(cuda_problem(), None).name == BACKEND_NAMES[0]
+    """Without a measurement, each kind of call takes its declared order: inference triton first, training (and
+    gradients) cuda first, as the H200 measured them; both orders hold every backend once."""
+    assert select_backend(cuda_problem(), None).name == DECLARED_ORDER[False][0] == "triton"
+    for training, needs_grad in ((True, False), (False, True)):
+        p = problem(device_type="cuda", device_capability=(9, 0), dim=80, dtype=torch.bfloat16, explicit=False,
+                    training=training, needs_grad=needs_grad)
+        assert select_backend(p, None).name == DECLARED_ORDER[True][0] == "cuda"
+    assert all(sorted(order) == sorted(BACKEND_NAMES) for order in DECLARED_ORDER.values())
 
 
 def test_auto_picks_the_measured_fastest(table_dir, two_fake_fused):
     write(table_dir, "sm_90", {"backends": {"80": {"bfloat16": {"cuda": 120.0, "triton": 90.0, "batch": 128}}}})
     assert select_backend(cuda_problem(), None).name == "triton"
+    write(table_dir, "sm_90", {"backends": {"80": {"bfloat16": {"cuda": 90.0, "triton": 120.0, "batch": 128}}}})
+    assert select_backend(cuda_problem(), None).name == "cuda"
     # another width, dtype or architecture without a measurement: declared order
-    assert select_backend(cuda_problem(C=160), None).name == BACKEND_NAMES[0]
-    assert select_backend(cuda_problem(dtype=torch.float32), None).name == BACKEND_NAMES[0]
-    assert select_backend(cuda_problem(cap=(8, 0)), None).name == BACKEND_NAMES[0]
-    assert explain(cuda_problem())["tuned"] == ["triton: 90", "cuda: 120"]
+    assert select_backend(cuda_problem(C=160), None).name == DECLARED_ORDER[False][0]
+    assert select_backend(cuda_problem(dtype=torch.float32), None).name == DECLARED_ORDER[False][0]
+    assert select_backend(cuda_problem(cap=(8, 0)), None).name == DECLARED_ORDER[False][0]
+    assert explain(cuda_problem())["tuned"] == ["cuda: 90", "triton: 120"]
 
 
 @pytest.mark.parametrize("training,needs_grad", [(True, True), (True, False), (False, True)])
@@ -51,15 +60,17 @@ def test_auto_ranks_training_calls_by_training_steps(table_dir, two_fake_fused, 
     train = problem(device_type="cuda", device_capability=(9, 0), dim=80, dtype=torch.bfloat16, explicit=False,
                     training=training, needs_grad=needs_grad)
     write(table_dir, "sm_90", fwd)
-    assert select_backend(train, None).name == BACKEND_NAMES[0]
+    assert select_backend(train, None).name == DECLARED_ORDER[True][0] == "cuda"   # not the forward's triton
     assert select_backend(cuda_problem(), None).name == "triton"
-    write(table_dir, "sm_90", {**fwd, "backends_train": {"80": {"bfloat16": {"cuda": 7.0, "triton": 9.0,
+    # the forward's times now favour cuda, the training steps' triton: each kind of call takes its own
+    fwd = {"backends": {"80": {"bfloat16": {"cuda": 90.0, "triton": 120.0, "batch": 128}}}}
+    write(table_dir, "sm_90", {**fwd, "backends_train": {"80": {"bfloat16": {"cuda": 9.0, "triton": 7.0,
                                                                              "torch": 8.0, "batch": 128}}}})
-    assert select_backend(train, None).name == "cuda"
-    assert select_backend(cuda_problem(), None).name == "triton"
-    assert explain(train)["tuned"] == ["cuda: 7", "torch: 8", "triton: 9"]
+    assert select_backend(train, None).name == "triton"
+    assert select_backend(cuda_problem(), None).name == "cuda"
+    assert explain(train)["tuned"] == ["triton: 7", "torch: 8", "cuda: 9"]
     assert explain(train)["tuned_on"] == ["training step"] and explain(cuda_problem())["tuned_on"] == ["pre-projection"]
-    assert tuning.backend_times("sm_90", 80, torch.bfloat16, training=True) == {"cuda": 7.0, "triton": 9.0, "torch": 8.0}
+    assert tuning.backend_times("sm_90", 80, torch.bfloat16, training=True) == {"cuda": 9.0, "triton": 7.0, "torch": 8.0}
 
 
 def test_measured_backend_that_cannot_run_is_skipped(table_dir, monkeypatch):

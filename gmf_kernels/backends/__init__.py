@@ -1,8 +1,9 @@
 """Backend registry and dispatch (DESIGN.md §2).
 
-Backends in priority order: cuda, triton, torch, reference. `select_backend`
-returns the first that can run a problem (`backend=None`/"auto"), or checks an
-explicitly named one and raises ValueError with its reasons when it cannot.
+Backends: cuda, triton, torch, reference. `select_backend` returns, for
+`backend=None`/"auto", the one the tuning table measured fastest for the problem, else the
+first that can run it in the declared order (`DECLARED_ORDER`: per kind of call, as data), or
+checks an explicitly named one and raises ValueError with its reasons when it cannot.
 Fused backends load lazily: importing gmf_kernels never imports Triton or a
 compiled extension.
 """
@@ -15,7 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from ..tuning import arch_key, backend_times
 from .base import Backend, GMAProblem
 
-#: name -> module that defines `BACKEND`, in priority order for "auto".
+#: name -> module that defines `BACKEND` (the registry's order; "auto" takes `DECLARED_ORDER`'s).
 _BACKEND_MODULES = {
     "cuda": "gmf_kernels.backends.cuda_backend",
     "triton": "gmf_kernels.backends.triton_backend",
@@ -24,6 +25,17 @@ _BACKEND_MODULES = {
 }
 BACKEND_NAMES = tuple(_BACKEND_MODULES)
 AUTO = ("auto", None)
+
+#: "auto"'s order where the tuning table has no measurement for the call, by kind of call (False: eval without
+#: gradients; True: training mode or gradients). It follows the one GPU measurement so far (H200, 2026-12-04,
+#: benchmarks/results/gpu_report_h200_20261204/): inference, triton before cuda (GroupMixFormer-S bf16 batch 256:
+#: 46.8 against 64.1 ms a forward; the fused pre-projection at batch 128 1.5-2.1x faster at the 56x56, 28x28 and
+#: 14x14 stages in bf16 and fp32, slower only at 7x7 and at batch 1); training, cuda before triton (an AMP step
+#: at batch 128: 479 against 412 images/s).
+DECLARED_ORDER: Dict[bool, Tuple[str, ...]] = {
+    False: ("triton", "cuda", "torch", "reference"),
+    True: ("cuda", "triton", "torch", "reference"),
+}
 
 _loaded: Dict[str, Backend] = {}
 
@@ -118,7 +130,8 @@ def _select_backend(problem: GMAProblem, backend: Optional[str] = None) -> Backe
     architecture, width and dtype in the tuning table (`gmf_kernels.tuning.backend_times`,
     written by benchmarks/tune.py on a GPU): for a training call (train mode or gradients) its
     training-step times, for any other the pre-projection's; without a measurement of that kind,
-    the first in the declared order (`BACKEND_NAMES`): a forward's times do not rank backwards."""
+    the first in the declared order of that kind of call (`DECLARED_ORDER`): a forward's times do not
+    rank backwards."""
     name = check_backend_name(backend)
     if name != "auto":
         chosen = get_backend(name)
@@ -130,7 +143,7 @@ def _select_backend(problem: GMAProblem, backend: Optional[str] = None) -> Backe
     times = _times(problem)
     viable: List[Backend] = []
     all_reasons = {}
-    for n in BACKEND_NAMES:
+    for n in DECLARED_ORDER[_training(problem)]:
         b = get_backend(n)
         reasons = b.not_supported_reasons(problem)
         if reasons:
@@ -168,5 +181,5 @@ def _times(problem: GMAProblem) -> Dict[str, float]:
     return backend_times(arch_key(problem.device_capability), problem.dim, problem.dtype, training=_training(problem))
 
 
-__all__ = ["Backend", "GMAProblem", "BACKEND_NAMES", "get_backend", "available_backends", "explain",
+__all__ = ["Backend", "GMAProblem", "BACKEND_NAMES", "DECLARED_ORDER", "get_backend", "available_backends", "explain",
            "unavailable_backends", "select_backend", "check_backend_name", "check_backend_usable"]
