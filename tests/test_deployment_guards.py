@@ -21,7 +21,7 @@ import torch
 
 from gmf_kernels.backends import DECLARED_ORDER, get_backend, select_backend
 from gmf_kernels.backends import cuda_backend as cb
-from gmf_kernels.backends.base import GMAProblem
+from gmf_kernels.backends.base import FallbackWarning, GMAProblem
 from gmf_kernels.cuda import launcher as cl
 from gmf_kernels.folding import WEIGHT_NAMES
 
@@ -346,3 +346,52 @@ def test_real_module_metadata_fallback_reads_loaded_build(monkeypatch, tmp_path)
     assert cb._build_metadata()["nvcc_version"] == "13.0.88"
     monkeypatch.setattr(gcuda, "_loaded_path", None)
     assert cb._build_metadata() is None
+
+
+# ------------------------------------------------------------------ auto's fallback on a GPU says why
+@pytest.fixture
+def told(monkeypatch):
+    """No fallback told yet in this test (`backends._FALLBACKS_TOLD`), and each fused backend's refusal mocked:
+    returns set_reasons(cuda=[...], triton=[...]) ([] = it accepts)."""
+    from gmf_kernels import backends
+    monkeypatch.setattr(backends, "_FALLBACKS_TOLD", set())
+
+    def set_reasons(**reasons):
+        for name, r in reasons.items():
+            monkeypatch.setattr(get_backend(name), "not_supported_reasons", lambda p, r=tuple(r): list(r))
+    return set_reasons
+
+
+def _fallback_warnings(call):
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        chosen = call()
+    return chosen, [str(w.message) for w in seen if issubclass(w.category, FallbackWarning)]
+
+
+def test_auto_fallback_on_a_gpu_says_why_once(told):
+    """`auto` running a GPU layer on a non-fused backend warns (FallbackWarning) with each fused backend's
+    reasons, once for the layers that share them; new reasons warn again."""
+    told(cuda=["mocked: module not built"], triton=["mocked: sm_90 not yet verified"])
+    chosen, said = _fallback_warnings(lambda: select_backend(cuda_problem(), None))
+    assert chosen.name == "torch" and len(said) == 1, said
+    assert "'torch' backend" in said[0] and "C=80" in said[0]
+    assert "cuda: mocked: module not built" in said[0] and "triton: mocked: sm_90 not yet verified" in said[0]
+    chosen, said = _fallback_warnings(lambda: select_backend(cuda_problem(dim=160), None))
+    assert chosen.name == "torch" and said == []          # the same reasons: told already
+    told(triton=["mocked: C=160 refused"])
+    chosen, said = _fallback_warnings(lambda: select_backend(cuda_problem(dim=160), None))
+    assert chosen.name == "torch" and len(said) == 1 and "mocked: C=160 refused" in said[0]
+
+
+def test_no_fallback_warning_where_nothing_falls_back(told):
+    """Silent: a fused backend chosen, an explicitly named backend, and a CPU problem (where the fused kernels
+    are not meant to run)."""
+    told(cuda=["mocked: module not built"], triton=[])
+    assert _fallback_warnings(lambda: select_backend(cuda_problem(), None)) == (get_backend("triton"), [])
+    told(triton=["mocked: refused"])
+    assert _fallback_warnings(lambda: select_backend(cuda_problem(), "torch"))[1] == []
+    cpu = cuda_problem(device_type="cpu", device_capability=None, device_index=None)
+    chosen, said = _fallback_warnings(lambda: select_backend(cpu, None))
+    assert chosen.name == "torch" and said == []

@@ -1388,7 +1388,7 @@ print(json.dumps({{"swept": len(swept), "unrolled": sum("unrolled" in sp.label()
 def test_summary_lists_the_rows_warnings():
     """A row whose first call warned (throughput.py `record_warnings`: e.g. a fused backend training on
     PyTorch ops) is listed under its section's table with its warnings; rows without none."""
-    fallback = "RuntimeWarning: gmf_kernels cuda backend: training statistics and backward run as PyTorch ops"
+    fallback = "FallbackWarning: gmf_kernels cuda backend: training statistics and backward run as PyTorch ops"
     rows = [dict(backend="cuda", label="cuda", kind="gmf", status="ok", img_per_s=1.0, check="ok",
                  warnings=[fallback]),
             dict(backend="triton", label="triton", kind="gmf", status="ok", img_per_s=2.0, check="ok")]

@@ -13,8 +13,10 @@ import contextlib
 import importlib
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import warnings
+
 from ..tuning import arch_key, backend_times
-from .base import Backend, GMAProblem
+from .base import Backend, FallbackWarning, FusedBackend, GMAProblem
 
 #: name -> module that defines `BACKEND` (the registry's order; "auto" takes `DECLARED_ORDER`'s).
 _BACKEND_MODULES = {
@@ -150,14 +152,37 @@ def _select_backend(problem: GMAProblem, backend: Optional[str] = None) -> Backe
             all_reasons[n] = reasons
             continue
         if not times:
-            return b  # declared order: the first that can run it
+            return _told(problem, b, all_reasons)  # declared order: the first that can run it
         viable.append(b)
     if viable:
         measured = [b for b in viable if b.name in times]
-        return min(measured, key=lambda b: times[b.name]) if measured else viable[0]
+        return _told(problem, min(measured, key=lambda b: times[b.name]) if measured else viable[0], all_reasons)
     lines = [f"{n}: " + "; ".join(r) for n, r in all_reasons.items()]
     raise NotImplementedError(f"no backend can run this input ({problem.describe()}):\n  "
                               + "\n  ".join(lines))
+
+
+#: the fallbacks `_told` has warned of (their reasons): each once per process
+_FALLBACKS_TOLD: set = set()
+
+
+def _told(problem: GMAProblem, chosen: Backend, refused: Dict[str, List[str]]) -> Backend:
+    """`chosen`, after warning (`FallbackWarning`, once per process for each distinct set of reasons) when "auto"
+    takes a non-fused backend for a GPU problem that a fused backend refused: a user on a GPU should not get
+    PyTorch-op speed without a word. The message names the first such call and each refusing fused backend's
+    reasons (e.g. the architecture not yet in gpu_verified.json, the CUDA module not built, a width the kernels
+    do not take); the layers of a model that share the reasons share the one warning."""
+    if problem.device_type != "cuda" or isinstance(chosen, FusedBackend):
+        return chosen
+    fused = {n: r for n, r in refused.items() if isinstance(get_backend(n), FusedBackend)}
+    why = " | ".join(f"{n}: " + "; ".join(r) for n, r in fused.items())
+    if why and why not in _FALLBACKS_TOLD:
+        _FALLBACKS_TOLD.add(why)
+        warnings.warn(f"gmf_kernels: backend='auto' runs GroupMixAttention ({problem.describe()}) on the "
+                      f"{chosen.name!r} backend, not a fused one. {why} (name a backend to run it anyway; "
+                      f"gmf_kernels.backends.explain(problem) lists every backend's reasons)", FallbackWarning,
+                      stacklevel=4)
+    return chosen
 
 
 def explain(problem: GMAProblem) -> Dict[str, List[str]]:
@@ -181,5 +206,5 @@ def _times(problem: GMAProblem) -> Dict[str, float]:
     return backend_times(arch_key(problem.device_capability), problem.dim, problem.dtype, training=_training(problem))
 
 
-__all__ = ["Backend", "GMAProblem", "BACKEND_NAMES", "DECLARED_ORDER", "get_backend", "available_backends", "explain",
+__all__ = ["Backend", "FallbackWarning", "GMAProblem", "BACKEND_NAMES", "DECLARED_ORDER", "get_backend", "available_backends", "explain",
            "unavailable_backends", "select_backend", "check_backend_name", "check_backend_usable"]

@@ -72,6 +72,13 @@ class GMAProblem:
                 f"{str(self.dtype).replace('torch.', '')} on {self.device_type}, {mode}{grad}")
 
 
+class FallbackWarning(RuntimeWarning):
+    """A fast path was not taken, and why: `backend="auto"` ran a GMA layer on a GPU with a non-fused backend
+    (`backends.select_backend`), or a fused backend ran part of its work as PyTorch ops. Said once per process
+    for each distinct reason; ``warnings.filterwarnings("ignore", category=gmf_kernels.FallbackWarning)``
+    silences it."""
+
+
 @dataclass
 class Backend:
     """Base class: subclasses set the support fields and implement pre_projection()."""

@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import training
-from ..backends.base import GMAProblem
+from ..backends.base import FallbackWarning, GMAProblem
 from .._tracing import constant_under_compile, cuda_capability
 from ..triton_kernels.config import BACKWARD_KERNELS_MAX_S_PAD, backward_kernels_take  # imports no Triton
 from ..weights import GMAHyper, GMAWeights
@@ -88,7 +88,7 @@ def _warn_fallback(reasons: List[str]) -> None:
     if why not in _WARNED:
         _WARNED.add(why)
         warnings.warn("gmf_kernels cuda backend: training statistics and backward run as PyTorch ops, "
-                      f"not kernels, because the Triton kernels cannot run here: {why}", RuntimeWarning, stacklevel=3)
+                      f"not kernels, because the Triton kernels cannot run here: {why}", FallbackWarning, stacklevel=3)
 
 
 class CudaPreProjectionFunction(torch.autograd.Function):
