@@ -924,6 +924,56 @@ def test_split_forward(monkeypatch, C, H, W, B, dtype, gpu_tiles):
     assert_within_reference_error(out, ref_lp, case.out, name=f"{dtype} split forward C={C}")
 
 
+@pytest.fixture
+def interpreter_range_bounds(monkeypatch):
+    """Lets the interpreter run `tl.range` over runtime bounds, the pipelined tile loops (`GMAShape.AGG_PIPE`; the
+    interpreter ignores num_stages): its scalars are 1-element arrays, which NumPy 2 does not convert to the Python
+    int `range` needs (so the library keeps the plain loops there, `aggregation.aggregate_call`). Test-only: the
+    interpreter's tensor `__index__` takes the one element, and the aggregation passes PIPE on."""
+    import numpy as np
+    from triton.runtime import interpreter
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+    monkeypatch.setattr(aggregation, "interpreting", lambda: False)
+
+
+#: (C, H, W, split): the split forward (jobs 0-3 element-wise loops; C = 480: D_PAD 64, a walk per head) and the
+#: fused one (job 0's loop), a program walking several tiles, the last ragged
+PIPE_CASES = [(80, 9, 11, True), (480, 5, 7, True), (160, 9, 11, False)]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's tl.range shim")
+@pytest.mark.parametrize("C,H,W,split", PIPE_CASES, ids=[f"C{c}-{h}x{w}-{'split' if s else 'fused'}"
+                                                         for c, h, w, s in PIPE_CASES])
+def test_pipelined_tile_loops(interpreter_range_bounds, C, H, W, split):
+    """The element-wise jobs' tile loops as `tl.range` loops (PIPE = AGG_PIPE_STAGES, the tuning candidate) give the
+    plain loops' result: Q, V, KV and the pre-projection within FP32_TOL of float64, every buffer written."""
+    case = Case(C, H, W, 1, seed=C + H + 5)
+    shape = gma_shape(C, agg_block_p=16, split_target=1, split=split, pipe=launcher.AGG_PIPE_STAGES)
+    plan = aggregation.job_plan(H * W, 1, shape, "tf32x3")
+    assert plan.tiles_per_split[0] >= 3 and (not split or max(plan.tiles_per_split[1:4]) >= 2), plan
+    _, launches = launcher.plan_pre_projection(case.qkv(torch.float32), H, W, case.folded(torch.float32),
+                                               case.hp.scale, case.hp.ln_eps, shape=shape)
+    assert [kw.get("PIPE") for k, _, _, kw in launches if k.__name__ == "gma_aggregate_kernel"] == [shape.AGG_PIPE]
+    _check_launch(case, shape)
+
+
+def test_interpreter_runs_the_plain_tile_loops():
+    """Under the interpreter (no shim) the aggregation gets PIPE 0 whatever the tiles say: tl.range's runtime bounds
+    fail there."""
+    case = Case(80, 4, 5, 1, seed=3)
+    shape = gma_shape(80, split=True, pipe=2)
+    _, launches = launcher.plan_pre_projection(case.qkv(torch.float32), 4, 5, case.folded(torch.float32),
+                                               case.hp.scale, case.hp.ln_eps, shape=shape)
+    agg = [kw for k, _, _, kw in launches if k.__name__ == "gma_aggregate_kernel"]
+    assert agg and agg[0]["PIPE"] == (0 if INTERPRET else 2)
+
+
 def test_split_forward_is_a_candidate_and_not_the_training_forward():
     """SPLIT is the first knob of every width's "triton.aggregate" search space (timed before a deadline cuts the
     list), with the stencil knobs it makes moot set to one value; the training forward (`config.from_planes`)
@@ -932,7 +982,8 @@ def test_split_forward_is_a_candidate_and_not_the_training_forward():
         for dtype in (torch.float32, torch.bfloat16):
             cands = launcher.aggregate_candidates(C, dtype, (9, 0))
             split = [c for c in cands if c["SPLIT"]]
-            assert len(split) == 1 and cands.index(split[0]) == 4, (C, dtype)
+            assert len(split) == 2 and cands.index(split[0]) == 4, (C, dtype)
+            assert split[1] == {**split[0], "PIPE": launcher.AGG_PIPE_STAGES} and split[0]["PIPE"] == 0   # then pipelined
             assert (split[0]["PAIR"], split[0]["ROWS"], split[0]["MERGE"]) == (0, 0, 1)
             sh = launcher.shape_from_configs(C, launcher.DotVariant("tf32", False), split[0],
                                              launcher.attention_default(C, dtype, (9, 0)))

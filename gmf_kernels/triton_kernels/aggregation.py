@@ -82,8 +82,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, mm, rows_input,
-                      rows_piece, rows_shift, stored)
+from ._common import (DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, interpreting, mm,
+                      rows_input, rows_piece, rows_shift, stored)
 from .config import cdiv, dtype_name, operand_precision, stage_dtype, strip_width
 
 
@@ -154,12 +154,27 @@ def _segment0_head(qkv_b, q_b, v_b, a, sh, ch, m2, n, pmask, stride_n, M, L, ACC
 
 
 @triton.jit
+def _segment0_tile(t, qkv_b, q_b, v_b, a0, s0, a1, s1, kk, kmask, M0, L0, A0, M1, L1, A1, N, H, W, stride_n,
+                   C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, ROWS: tl.constexpr):
+    """One tile of segment 0, both heads."""
+    n, pmask, y, x = _tile(t, N, H, W, W, BLOCK_P, ROWS)
+    m2 = pmask[:, None] & kmask[None, :]
+    M0, L0, A0 = _segment0_head(qkv_b, q_b, v_b, a0, s0, kk, m2, n, pmask, stride_n, M0, L0, A0,
+                                C, CP, DOT_PRECISION, EMULATE_DOTS)
+    M1, L1, A1 = _segment0_head(qkv_b, q_b, v_b, a1, s1, D + kk, m2, n, pmask, stride_n, M1, L1, A1,
+                                C, CP, DOT_PRECISION, EMULATE_DOTS)
+    return M0, L0, A0, M1, L1, A1
+
+
+@triton.jit
 def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N, H, W, stride_n,
               C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
               BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
-              ROWS: tl.constexpr = False):
+              ROWS: tl.constexpr = False, PIPE: tl.constexpr = 0):
     """Segment 0: hardswish(t * bn_scale[0] + bn_shift[0]) per channel, no stencil (its tiles
-    in row-major order: strips buy nothing without a halo)."""
+    in row-major order: strips buy nothing without a halo). PIPE > 0: the tile loop software-pipelined
+    (`GMAShape.AGG_PIPE`)."""
     kk = tl.arange(0, D_PAD)
     kmask = kk < D
     a0 = tl.load(bn_scale + kk, mask=kmask, other=0.0)[None, :]
@@ -172,15 +187,18 @@ def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row
     M1 = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
     L1 = tl.zeros([D_PAD], dtype=tl.float32)
     A1 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
-    t = t0
-    while t < t1:
-        n, pmask, y, x = _tile(t, N, H, W, W, BLOCK_P, ROWS)
-        m2 = pmask[:, None] & kmask[None, :]
-        M0, L0, A0 = _segment0_head(qkv_b, q_b, v_b, a0, s0, kk, m2, n, pmask, stride_n, M0, L0, A0,
-                                    C, CP, DOT_PRECISION, EMULATE_DOTS)
-        M1, L1, A1 = _segment0_head(qkv_b, q_b, v_b, a1, s1, D + kk, m2, n, pmask, stride_n, M1, L1, A1,
-                                    C, CP, DOT_PRECISION, EMULATE_DOTS)
-        t += 1
+    if PIPE > 0:
+        for t in tl.range(t0, t1, num_stages=PIPE):
+            M0, L0, A0, M1, L1, A1 = _segment0_tile(t, qkv_b, q_b, v_b, a0, s0, a1, s1, kk, kmask, M0, L0, A0, M1, L1,
+                                                    A1, N, H, W, stride_n, C, CP, D, BLOCK_P, DOT_PRECISION,
+                                                    EMULATE_DOTS, ROWS)
+    else:
+        t = t0
+        while t < t1:
+            M0, L0, A0, M1, L1, A1 = _segment0_tile(t, qkv_b, q_b, v_b, a0, s0, a1, s1, kk, kmask, M0, L0, A0, M1, L1,
+                                                    A1, N, H, W, stride_n, C, CP, D, BLOCK_P, DOT_PRECISION,
+                                                    EMULATE_DOTS, ROWS)
+            t += 1
     _store_partial(M0, L0, A0, row, 0, part_m, part_l, part_acc, D, D_PAD)
     _store_partial(M1, L1, A1, row, 1, part_m, part_l, part_acc, D, D_PAD)
 
@@ -203,7 +221,7 @@ def _elementwise_head(src, off_k, off_v, q_b, v_b, a, sh, ch, m2, n, pmask, M, L
 @triton.jit
 def _segment_z(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N, SEG,
                CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr = 0):
     """Segment SEG (1..3) of q, k, v from the Z the statistics pass kept (AGG_FROM_Z: the training forward,
     `launcher.plan_pre_projection`'s planes; statistics.py, "Planes kept for the backward"; Z =
     pointwise(depthwise(.)) before its BatchNorm, (3B, C', N) in the stage dtype, image b of stream q
@@ -215,21 +233,39 @@ def _segment_z(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scal
     loads go along Z's planes). Each head's channels are planes of their own, so where D_PAD >= 64 the
     heads take one walk each (one [D_PAD, D_PAD] exp(K)^T V alive instead of two: with both, d = 36, 48
     spilled 12-312 B in fp32 on sm_80/90; one walk each at every width made C = 320 bf16 spill 8 B on
-    sm_90, ptxas stopping at 128 registers; AOT compiles, Triton 3.6)."""
+    sm_90, ptxas stopping at 128 registers; AOT compiles, Triton 3.6). PIPE > 0: the tile loop
+    software-pipelined (`GMAShape.AGG_PIPE`)."""
     if D_PAD >= 64:
         _z_heads(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N,
-                 SEG, 0, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, False)
+                 SEG, 0, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, False, PIPE)
         _z_heads(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N,
-                 SEG, 1, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, False)
+                 SEG, 1, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, False, PIPE)
     else:
         _z_heads(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N,
-                 SEG, 0, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True)
+                 SEG, 0, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True, PIPE)
+
+
+@triton.jit
+def _z_tile(t, z_b, stride_z_stream, q_b, v_b, a0, s0, a1, s1, c0, kmask, M0, L0, A0, M1, L1, A1, N,
+            CP: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            EMULATE_DOTS: tl.constexpr, TWO: tl.constexpr):
+    """One tile of `_z_heads`: head E0 (channels c0), and head E0 + 1 beside it with TWO."""
+    n = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = n < N
+    m2 = pmask[:, None] & kmask[None, :]
+    src = z_b + c0[None, :] * N + n[:, None]
+    M0, L0, A0 = _elementwise_head(src, stride_z_stream, 2 * stride_z_stream, q_b, v_b, a0, s0, c0, m2, n, pmask,
+                                   M0, L0, A0, CP, DOT_PRECISION, EMULATE_DOTS)
+    if TWO:
+        M1, L1, A1 = _elementwise_head(src + D * N, stride_z_stream, 2 * stride_z_stream, q_b, v_b, a1, s1, D + c0,
+                                       m2, n, pmask, M1, L1, A1, CP, DOT_PRECISION, EMULATE_DOTS)
+    return M0, L0, A0, M1, L1, A1
 
 
 @triton.jit
 def _z_heads(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, t1, N, SEG, E0,
              CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-             DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, TWO: tl.constexpr):
+             DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, TWO: tl.constexpr, PIPE: tl.constexpr = 0):
     """`_segment_z`'s walk over tiles [t0, t1) for head E0 of the segment, and head E0 + 1 beside it with
     TWO; each head's softmax partials into its half of partial row `row`."""
     kk = tl.arange(0, D_PAD)
@@ -246,18 +282,18 @@ def _z_heads(z_b, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale,
         M1 = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
         L1 = tl.zeros([D_PAD], dtype=tl.float32)
         A1 = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
-    t = t0
-    while t < t1:
-        n = t * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = n < N
-        m2 = pmask[:, None] & kmask[None, :]
-        src = z_b + c0[None, :] * N + n[:, None]
-        M0, L0, A0 = _elementwise_head(src, stride_z_stream, 2 * stride_z_stream, q_b, v_b, a0, s0, c0, m2, n, pmask,
-                                       M0, L0, A0, CP, DOT_PRECISION, EMULATE_DOTS)
-        if TWO:
-            M1, L1, A1 = _elementwise_head(src + D * N, stride_z_stream, 2 * stride_z_stream, q_b, v_b, a1, s1, D + c0,
-                                           m2, n, pmask, M1, L1, A1, CP, DOT_PRECISION, EMULATE_DOTS)
-        t += 1
+    else:   # unused (TWO false): placeholders of the tile function's signature
+        a1, s1, M1, L1, A1 = a0, s0, M0, L0, A0
+    if PIPE > 0:
+        for t in tl.range(t0, t1, num_stages=PIPE):
+            M0, L0, A0, M1, L1, A1 = _z_tile(t, z_b, stride_z_stream, q_b, v_b, a0, s0, a1, s1, c0, kmask, M0, L0, A0,
+                                             M1, L1, A1, N, CP, D, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, TWO)
+    else:
+        t = t0
+        while t < t1:
+            M0, L0, A0, M1, L1, A1 = _z_tile(t, z_b, stride_z_stream, q_b, v_b, a0, s0, a1, s1, c0, kmask, M0, L0, A0,
+                                             M1, L1, A1, N, CP, D, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, TWO)
+            t += 1
     _store_partial(M0, L0, A0, row, E0, part_m, part_l, part_acc, D, D_PAD)
     if TWO:
         _store_partial(M1, L1, A1, row, E0 + 1, part_m, part_l, part_acc, D, D_PAD)
@@ -717,7 +753,7 @@ def gma_aggregate_kernel(
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr, UNROLL: tl.constexpr,
     PAIR: tl.constexpr = False, ROWS: tl.constexpr = False, FROM_Z: tl.constexpr = False,
-    KEEP: tl.constexpr = False,
+    KEEP: tl.constexpr = False, PIPE: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)                                     # flat (job, split) of image b
     b = tl.program_id(1).to(tl.int64)
@@ -737,7 +773,7 @@ def gma_aggregate_kernel(
         tps = tl.cdiv(T, splits0)
         t0 = pid * tps
         _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row, t0, tl.minimum(t0 + tps, T),
-                  N, H, W, stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, ROWS)
+                  N, H, W, stride_qkv_n, C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, ROWS, PIPE)
     elif pid < e4:
         seg = 1 + (pid >= e2).to(tl.int32) + (pid >= e3).to(tl.int32)
         first = tl.where(seg == 1, e1, tl.where(seg == 2, e2, e3))
@@ -746,7 +782,7 @@ def gma_aggregate_kernel(
         t1 = tl.minimum(t0 + tps, T)
         if FROM_Z:   # Z of the statistics pass (the training forward) or of the Z pass (SPLIT): no stencil (`_segment_z`)
             _segment_z(z + b * CP * N, stride_z_stream, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift,
-                       row, t0, t1, N, seg, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                       row, t0, t1, N, seg, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, PIPE)
         elif ROWS:     # row walks (`_segment_rows`): an instance per window
             if pid < e2:
                 _segment_rows(qkv_b, q_b, v_b, part_m, part_l, part_acc, dw3, pw, bn_scale, bn_shift,
@@ -1003,7 +1039,8 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
                   DOT_PRECISION=operand_precision(dots.precision, dtype_name(qkv.dtype), shape.AGG_DOTS16),
                   EMULATE_DOTS=dots.emulate, MERGE_QKV=shape.AGG_MERGE, UNROLL=shape.AGG_UNROLL, PAIR=shape.AGG_PAIR,
                   ROWS=shape.AGG_ROWS, FROM_Z=shape.AGG_FROM_Z or shape.AGG_SPLIT,
-                  num_warps=shape.AGG_WARPS)
+                  # the interpreter cannot take tl.range's runtime bounds (1-element arrays): the plain loop there
+                  PIPE=0 if interpreting() else shape.AGG_PIPE, num_warps=shape.AGG_WARPS)
     if shape.AGG_FROM_Z:   # the training forward keeps the local branch's w4, xh4, rstd4 (the split forward does not)
         kwargs["KEEP"] = True
     return (plan.programs, B), args, kwargs

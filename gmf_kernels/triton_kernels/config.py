@@ -261,6 +261,8 @@ class GMAShape:
     ATTN_ROWS: bool = False    # attention: the CRPE by row walks down strips (`attention._attention_rows`; a candidate)
     AGG_FROM_Z: bool = False   # aggregation: segments 1-3 from the statistics pass's kept Z (the training forward; `from_planes`)
     AGG_SPLIT: bool = False    # eval forward: a Z pass (`statistics.plan_z_pass`), then the aggregation from Z (a candidate)
+    AGG_PIPE: int = 0          # aggregation: stages of the element-wise jobs' tile loop (`tl.range(num_stages=...)`;
+    #                            0: a plain loop, and always under the interpreter; a candidate)
 
     def num_tiles(self, N: int, W: Optional[int] = None) -> int:
         """The aggregation's tiles of an image of N tokens (W columns): ceil(N / AGG_BLOCK_P), or with
@@ -486,7 +488,8 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
               ck: int = 0, split_target: int = 1024, agg_warps: int = 0, dots: str = "tf32x3",
               strip: Optional[int] = None, merge: Optional[bool] = None, unroll: bool = False,
               attn_unroll: bool = False, dots16: bool = False, attn_dots16: bool = False,
-              pair: bool = False, rows: bool = False, attn_rows: bool = False, split: bool = False) -> GMAShape:
+              pair: bool = False, rows: bool = False, attn_rows: bool = False, split: bool = False,
+              pipe: int = 0) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
@@ -502,6 +505,7 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
     rows: the aggregation's segments 1-3 by row walks (`GMAShape.AGG_ROWS`; default off; only with pair).
     attn_rows: the attention's CRPE by row walks (`GMAShape.ATTN_ROWS`; default off).
     split: the eval forward split in a Z pass and the aggregation from Z (`GMAShape.AGG_SPLIT`; default off).
+    pipe: the stages of the aggregation's element-wise tile loops (`GMAShape.AGG_PIPE`; default 0, a plain loop).
     The knobs that only shape the stencils of segments 1-3 (pair, rows, merge) are then set to one value, as
     `from_planes` sets them: the aggregation runs no such stencil (one compiled variant)."""
     if C % 10 != 0 or C <= 0:
@@ -537,4 +541,4 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
                     AGG_MERGE=merged,
                     AGG_UNROLL=bool(unroll), ATTN_UNROLL=bool(attn_unroll), AGG_DOTS16=bool(dots16),
                     ATTN_DOTS16=bool(attn_dots16), AGG_PAIR=bool(pair), AGG_ROWS=bool(rows),
-                    ATTN_ROWS=bool(attn_rows), AGG_SPLIT=bool(split))
+                    ATTN_ROWS=bool(attn_rows), AGG_SPLIT=bool(split), AGG_PIPE=int(pipe))

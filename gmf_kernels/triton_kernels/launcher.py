@@ -22,7 +22,8 @@ information, so compute-sanitizer and ncu reports point at source lines).
 Tiles as data (`gmf_kernels.tuning`): two search spaces are registered here,
 ``"triton.aggregate"`` (BLOCK_P, num_warps, CK, the strip target STRIP, the q/k/v merge
 MERGE, the unrolled tap rows UNROLL, the 16-bit dot operands DOTS16, the paired heads PAIR, the row
-walks ROWS of the aggregation, and SPLIT, the forward split in a Z pass and the aggregation) and
+walks ROWS of the aggregation, SPLIT, the forward split in a Z pass and the aggregation, and PIPE, its
+element-wise tile loops software-pipelined) and
 ``"triton.attention"`` (BLOCK_P, num_warps, UNROLL and DOTS16 of the attention kernel). Their candidates for (C, dtype, GPU) are the
 spill-free tiles of `config` (``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` / ``ATTN_TILES`` /
 ``ATTN_TILES_BY_DOTS``; the tile `config.gma_shape` picks is the default and comes first).
@@ -84,10 +85,17 @@ MAX_CANDIDATES = 8
 #: ... and for the aggregation, whose search space also holds the wide tiles and the unrolled taps below: the
 #: default's four variants, the table tiles and the wide tiles (at most AGG_MAX_WIDE) in AGG_BASE_CANDIDATES
 #: slots, then the SPLIT / ROWS / DOTS16 / PAIR candidates on top (`aggregate_candidates`), at most
-#: AGG_MAX_CANDIDATES in all (21: the whole list at C = 80 and 160 with fp16 / bf16 on sm_80+)
+#: AGG_MAX_CANDIDATES in all (22: the whole list at C = 80 and 160 with fp16 / bf16 on sm_80+)
 AGG_BASE_CANDIDATES = 12
 AGG_MAX_WIDE = 6
-AGG_MAX_CANDIDATES = 21
+AGG_MAX_CANDIDATES = 22
+#: The split forward's candidate with its element-wise tile loops software-pipelined (`GMAShape.AGG_PIPE`): Triton
+#: then issues the next tile's Z loads (cp.async into shared memory) while this tile's BatchNorm, hardswish, stores
+#: and exp(K)^T V run, where the plain loop waits for each tile's loads in full. Why (the compiled code, not a
+#: timing): the H200 measured the aggregation at 6-12 % of its byte bound, as a latency-bound kernel would; the
+#: aggregation from Z is, but for its local branch, such loops (jobs 0-3), and Triton 3.6 pipelines them
+#: (``ttg.async_copy_global_to_local`` in the TTGIR with num_stages 2, none without).
+AGG_PIPE_STAGES = 2
 #: Wide aggregation tiles, (BLOCK_P, num_warps, CK), tried on a GPU after the default's variants and the
 #: tables' tiles. Why (inferred from compiler figures, not measured): at 16-token tiles the kernel
 #: holds ~160-170 registers per thread for 16 tokens of 4 warps, 48 tokens in flight per SM (3 CTAs),
@@ -131,7 +139,8 @@ def _precision(C: int, dtype, capability) -> Optional[str]:
 def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
     return {"BLOCK_P": shape.AGG_BLOCK_P, "num_warps": shape.AGG_WARPS, "CK": shape.CK, "STRIP": shape.AGG_STRIP,
             "MERGE": int(shape.AGG_MERGE), "UNROLL": int(shape.AGG_UNROLL), "DOTS16": int(shape.AGG_DOTS16),
-            "PAIR": int(shape.AGG_PAIR), "ROWS": int(shape.AGG_ROWS), "SPLIT": int(shape.AGG_SPLIT)}
+            "PAIR": int(shape.AGG_PAIR), "ROWS": int(shape.AGG_ROWS), "SPLIT": int(shape.AGG_SPLIT),
+            "PIPE": shape.AGG_PIPE}
 
 
 def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
@@ -161,7 +170,8 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     as one tensor (``PAIR``: `aggregation._segment_pair`), also with DOTS16 and unrolled where DOTS16
     applies (else unrolled alone), and, first of the knobs (timed before a tight deadline cuts the list),
     the split forward (``SPLIT``: `GMAShape.AGG_SPLIT`, the default tile's aggregation reading Z from a Z
-    pass, `statistics.plan_z_pass`) and the row walks (``ROWS``: `aggregation._segment_rows`, the tiles of
+    pass, `statistics.plan_z_pass`), the same with its element-wise tile loops pipelined (``PIPE``:
+    `GMAShape.AGG_PIPE`, `AGG_PIPE_STAGES`) and the row walks (``ROWS``: `aggregation._segment_rows`, the tiles of
     `AGG_ROWS_TILES`, with DOTS16 where it applies); then the other tiles of AGG_TILES / AGG_TILES_BY_DOTS (each
     spill-free at the width it was chosen for) and the wide tiles (`AGG_WIDE_TILES` whose channel chunk
     fits this width, each with the default's q/k/v mode, the 64-token ones also stream after stream,
@@ -180,8 +190,11 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     out = [default, {**default, "STRIP": 0}, {**default, "MERGE": 1 - default["MERGE"]}, {**default, "UNROLL": 1}]
     dots16 = _dots16_applies(C, dtype, capability)
     pair = pair_applies(C) and bool(default["MERGE"])
-    # first the split forward (a Z pass, then the aggregation from Z: `GMAShape.AGG_SPLIT`), the other structure
-    knobs = [{**default, "SPLIT": 1, "PAIR": 0, "ROWS": 0, "MERGE": 1}]
+    # first the split forward (a Z pass, then the aggregation from Z: `GMAShape.AGG_SPLIT`), the other structure,
+    # then the same with its element-wise tile loops software-pipelined (`GMAShape.AGG_PIPE`: all its jobs but the
+    # local branch are such loops)
+    split = {**default, "SPLIT": 1, "PAIR": 0, "ROWS": 0, "MERGE": 1}
+    knobs = [split, {**split, "PIPE": AGG_PIPE_STAGES}]
     if pair:   # then the row walks (`aggregation._segment_rows`): the structural change, timed before the deadline
         for bp, warps in AGG_ROWS_TILES.get(dot_pad(C // 5), ()):
             knobs.append({**default, "BLOCK_P": bp, "num_warps": warps, "PAIR": 1, "ROWS": 1, "DOTS16": int(dots16)})
@@ -196,7 +209,7 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     def cfg_of(tile, merge, unroll=0):
         bp, warps, ck = tile
         return {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": merge,
-                "UNROLL": unroll, "DOTS16": 0, "PAIR": 0, "ROWS": 0, "SPLIT": 0}
+                "UNROLL": unroll, "DOTS16": 0, "PAIR": 0, "ROWS": 0, "SPLIT": 0, "PIPE": 0}
 
     wide, wide_knobs = [], []
     for i, tile in enumerate(t for t in AGG_WIDE_TILES if t[2] <= s_pad):
@@ -266,7 +279,7 @@ def _shape_from_configs(C: int, precision: str, agg_items: tuple, attn_items: tu
                       attn_unroll=bool(attn.get("UNROLL", 0)), dots16=bool(agg.get("DOTS16", 0)),
                       attn_dots16=bool(attn.get("DOTS16", 0)), pair=bool(agg.get("PAIR", 0)),
                       rows=bool(agg.get("ROWS", 0)), attn_rows=bool(attn.get("ROWS", 0)),
-                      split=bool(agg.get("SPLIT", 0)))
+                      split=bool(agg.get("SPLIT", 0)), pipe=int(agg.get("PIPE", 0)))
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 
