@@ -32,8 +32,10 @@ AUTO = ("auto", None)
 #: gradients; True: training mode or gradients). It follows the one GPU measurement so far (H200, 2026-12-04,
 #: benchmarks/results/gpu_report_h200_20261204/): inference, triton before cuda (GroupMixFormer-S bf16 batch 256:
 #: 46.8 against 64.1 ms a forward; the fused pre-projection at batch 128 1.5-2.1x faster at the 56x56, 28x28 and
-#: 14x14 stages in bf16 and fp32, slower only at 7x7 and at batch 1); training, cuda before triton (an AMP step
-#: at batch 128: 479 against 412 images/s).
+#: 14x14 stages in bf16 and fp32; its kernels faster at every stage measured, batch 1 included, but the op slower
+#: per eager call at 7x7 and at batch 1, where its host time (three Triton launches) exceeds the kernels':
+#: 0.38 against 0.28 ms at 7x7, 0.36 against 0.18 ms at batch 1; CUDA graphs, `optimize_for_inference`'s small-
+#: batch mode, remove that); training, cuda before triton (an AMP step at batch 128: 479 against 412 images/s).
 DECLARED_ORDER: Dict[bool, Tuple[str, ...]] = {
     False: ("triton", "cuda", "torch", "reference"),
     True: ("cuda", "triton", "torch", "reference"),
