@@ -9,8 +9,9 @@ What it does, in order:
 1. the model in eval mode (its BatchNorms use running statistics: the stem and patch
    embedding BatchNorms fold into their convolutions, the aggregator ones into the GMA
    kernels' weights), moved to ``device`` / cast to ``dtype`` if given -- in place;
-2. every `GroupMixAttention` on ``backend`` ("auto": per call, the first backend in
-   dispatch order that can run it; `python -m gmf_kernels.info` says which can);
+2. every `GroupMixAttention` on ``backend`` ("auto": per call, the tuning table's fastest
+   backend that can run it, else the first in the declared order, `backends.DECLARED_ORDER`;
+   `python -m gmf_kernels.info` says which can);
 3. ``torch.compile(model, fullgraph=True, dynamic=False)`` with Inductor: one graph for the
    whole model (the fused GMA op is one node in it; LayerNorm + residual, GELU after fc1,
    CPE + residual and the folded BatchNorms are compiled around it), calls run under
