@@ -208,5 +208,6 @@ def _times(problem: GMAProblem) -> Dict[str, float]:
     return backend_times(arch_key(problem.device_capability), problem.dim, problem.dtype, training=_training(problem))
 
 
-__all__ = ["Backend", "FallbackWarning", "GMAProblem", "BACKEND_NAMES", "DECLARED_ORDER", "get_backend", "available_backends", "explain",
-           "unavailable_backends", "select_backend", "check_backend_name", "check_backend_usable"]
+__all__ = ["Backend", "FallbackWarning", "GMAProblem", "BACKEND_NAMES", "DECLARED_ORDER", "get_backend",
+           "available_backends", "explain", "unavailable_backends", "select_backend", "check_backend_name",
+           "check_backend_usable"]

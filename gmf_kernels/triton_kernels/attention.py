@@ -1,7 +1,8 @@
 """Flash-style factorized attention: split-N combine, then the per-token output.
 
-``gma_combine_kernel``, grid ``(8 x row blocks, B)``: program (head, row block, b) merges the partials
-of its head's rows (`config.combine_tile`) in segment j = head // 2 (``aggregation``: rows [e_j, e_j + splits[j]) of the packed layout,
+``gma_combine_kernel``, grid ``(8 x row blocks, B)`` (`config.combine_grid`): program (head, row block,
+b) merges the partials of its head's rows (`config.combine_tile`) in segment j = head // 2
+(``aggregation``: rows [e_j, e_j + splits[j]) of the packed layout,
 e_j = splits[0] + ... + splits[j-1]; segments have their own split counts, passed as four
 runtime integers) with the online-softmax recurrence along N, a step of STEP splits at a time:
 
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm, rows_input, rows_shift, stored
-from .config import cdiv, combine_tile, dtype_name, operand_precision
+from .config import cdiv, combine_grid, combine_tile, dtype_name, operand_precision
 
 
 # Shape integers not specialised: see the note above gma_aggregate_kernel (aggregation.py).
@@ -275,7 +276,7 @@ def combine_call(part_m, part_l, part_acc, kv, shape, segment_splits, stats=None
         raise ValueError(f"k_max, k_sum: contiguous ({B}, {shape.CP}) {kv.dtype} tensors expected")
     k_max, k_sum = stats or (kv, kv)
     rows, step = combine_tile(shape)
-    return (8 * cdiv(shape.D, rows), B), (part_m, part_l, part_acc, kv, k_max, k_sum, *segment_splits), dict(
+    return combine_grid(shape, B), (part_m, part_l, part_acc, kv, k_max, k_sum, *segment_splits), dict(
         CP=shape.CP, D=shape.D, D_PAD=shape.D_PAD, ROWS=rows, STEP=step, STATS=stats is not None,
         num_warps=shape.COMBINE_WARPS)
 

@@ -233,6 +233,11 @@ def combine_tile(shape: "GMAShape") -> Tuple[int, int]:
     return rows, step
 
 
+def combine_grid(shape: "GMAShape", B: int) -> Tuple[int, int]:
+    """The combine's grid: (8 heads x ceil(d / ROWS) row blocks, B) (`combine_tile`)."""
+    return NUM_HEADS * cdiv(shape.D, combine_tile(shape)[0]), B
+
+
 @dataclass(frozen=True)
 class GMAShape:
     C: int            # module width

@@ -35,7 +35,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .config import (GMAShape, cdiv, combine_tile, dot_pad, dot_precision, dtype_name, gma_shape, operand_precision,
+from .config import (GMAShape, combine_grid, dot_pad, dot_precision, dtype_name, gma_shape, operand_precision,
                      stage_dtype, torch_dtype)
 
 KERNELS = ("gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel")
@@ -236,7 +236,7 @@ def plan_balance(plan, job_costs) -> float:
 
 
 def _combine(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
-    """gma_combine_kernel, grid (8 x row blocks, B) (`config.combine_tile`): reads the packed partials (B R s (2 + d) x 4 bytes, R the
+    """gma_combine_kernel, grid `config.combine_grid` (8 x row blocks, B): reads the packed partials (B R s (2 + d) x 4 bytes, R the
     splits of segments 0..3 in `aggregation.job_plan`), writes kv (B C' d x 4). cuda: 2
     multiply-adds per partial accumulator element (ACC alpha + acc_t beta), 2 B R s d MACs; no
     tensor-core work. With ``sh.AGG_FROM_Z`` (the training forward) also the softmax's k_max and k_sum
@@ -250,7 +250,7 @@ def _combine(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
         detail["stats_write"] = 2 * B * cp * 4
     nbytes = detail["partials_read"] + detail["kv_write"] + detail.get("stats_write", 0)
     return Cost(bytes=nbytes, tc_flops=0, cuda_flops=2 * 2 * B * rows * s * d,
-                grid=(8 * cdiv(d, combine_tile(sh)[0]), B), block=32 * sh.COMBINE_WARPS, detail=detail)
+                grid=combine_grid(sh, B), block=32 * sh.COMBINE_WARPS, detail=detail)
 
 
 def _attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
