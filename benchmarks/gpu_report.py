@@ -13,7 +13,9 @@ phase does not use carries over to the next; the whole run never passes --budget
 step is a subprocess with a timeout: when a phase's time runs out its current step is
 stopped and the rest of the phase is recorded as skipped, never silently dropped.
 
-  env            versions, the GPU (nvidia-smi, torch), the tools (nvcc, compute-sanitizer)
+  env            versions, the GPU (nvidia-smi, torch), the tools (nvcc, compute-sanitizer); then the caches
+                 compiled on the development machine for this GPU, if carried (`--seed`:
+                 benchmarks/seed_caches.py --install), so that the build phase finds them
   build          `python -m gmf_kernels.cuda build --archs <this GPU> -j <cores>` in the
                  background, while the Triton cache is warmed (the specialisations the report's
                  runs compile, GroupMixFormer-S's first, in parallel: `python -m
@@ -124,6 +126,9 @@ ROOFLINE = HERE / "roofline.py"
 OPS = HERE / "ops.py"
 TF32X3_REPRO = HERE / "triton_tf32x3_repro.py"
 TUNE = HERE / "tune.py"
+SEED = HERE / "seed_caches.py"
+#: the seed folder the device call carries (benchmarks/seed_caches.py's default output)
+SEED_DIR_DEFAULT = ROOT / ".upstream" / "seed"
 
 SCHEMA_VERSION = 1
 DEFAULT_BUDGET_S = 530.0
@@ -1142,10 +1147,53 @@ def phase_env(ctx: Ctx, ph: Dict, allow: float) -> None:
             f"nvcc {meta.get('nvcc_version')} sanitizer {'yes' if san else 'no'}")
     up = check_upstream(ctx)  # timm / einops imports (and einops from .upstream/wheels) before any run needs them
     meta["upstream_deps"] = {n: up["deps"].get(n) for n in UPSTREAM_DEPS}
+    install_seed(ctx, ph)
     if ctx.dry:
         ctx.check("env worker prints its JSON (imports gmf_kernels, its backends and gmf_kernels.cuda)",
                   bool(info) and "import failed" not in str(info.get("gmf_kernels")) and "backends" in info,
                   f"rc {r.rc}" + (f": {r.output[-300:]}" if not info else ""))
+
+
+def install_seed(ctx: Ctx, ph: Dict) -> None:
+    """Install the caches compiled on the development machine (`--seed`, benchmarks/seed_caches.py: the
+    Triton warm-up's kernels under this machine's Triton key, the CUDA module under this machine's build
+    key) before the build phase: its warm-up and build then find them. Only a cache: what does not fit
+    this machine is not found, and compiles as without a seed. ph["triton_kernels_seeded"]: the cubins
+    it added, which the phase's count of JIT compiles leaves out."""
+    seed = getattr(ctx.args, "seed", None)
+    if not seed:
+        return
+    b = ctx.report["build"]
+    d = Path(seed)
+    if not (d / "seed.json").is_file():
+        b["seed"] = {"dir": str(d), "status": "no seed here (no seed.json)"}
+        return
+    if ctx.dry:
+        r = run(ctx, py(SEED, "--help"), 60, "[seed] ", probe=True, echo=False)
+        ctx.check("benchmarks/seed_caches.py --help", r.rc == 0 and "--install" in r.output, f"rc {r.rc}")
+        try:
+            man = json.loads((d / "seed.json").read_text())
+        except (OSError, ValueError):
+            man = {}
+        b["seed"] = {"dir": str(d), "status": "dry run: not installed",
+                     "manifest": {k: man.get(k) for k in ("created", "host", "git_sha")}}
+        return
+    before = cached_kernels(ctx.env)
+    r = run(ctx, py(SEED, "--install", d, "--arch", _arch_of(ctx) or "90"), 180, "[seed] ", echo=False)
+    try:  # seed_caches.py --install prints one JSON line last
+        info = json.loads(r.output.strip().splitlines()[-1]) if r.rc == 0 else None
+    except (ValueError, IndexError):
+        info = None
+    if not isinstance(info, dict):
+        info = {"dir": str(d), "status": f"failed (rc {r.rc}): {r.output[-500:]}"}
+    info["cubins_added"] = cached_kernels(ctx.env) - before
+    ph["triton_kernels_seeded"] = info["cubins_added"]
+    b["seed"] = info
+    if info.get("status") != "ok":
+        ph["notes"].append(f"seed: {info.get('status')}")
+    ctx.tee(f"[seed] {info.get('status')}: Triton {info.get('triton')}; CUDA {info.get('cuda')}; "
+            f"this machine's CUDA build key among the seed's: {info.get('cuda_key_matches')} "
+            f"({info.get('seconds')} s)")
 
 
 def _arch_of(ctx: Ctx) -> Optional[str]:
@@ -2478,10 +2526,20 @@ def render_summary(rep: Dict, compact: bool = False) -> str:
                     "launchers not built)")
                  + (f"; {wm['skipped']} not started (past its {wm.get('deadline_s')} s)" if wm.get("skipped") else "")
                  + (f"; {len(wm['failed'])} failed: {_cell('; '.join(wm['failed'][:3]))}" if wm.get("failed") else ""))
+    sd = rep.get("build", {}).get("seed") or {}
+    if sd:
+        man = sd.get("manifest") or {}
+        built = (f", built {man.get('created')} on {man.get('host')} at git {str(man.get('git_sha'))[:12]}"
+                 if man.get("created") else "")
+        L.append(f"- Caches seeded from the development machine ({sd.get('status')}; benchmarks/seed_caches.py"
+                 f"{built})" + (f": Triton {_cell(str(sd.get('triton', '-')))}, {sd.get('cubins_added', '-')} cubins "
+                                f"added; CUDA {_cell('; '.join(sd.get('cuda') or ['-']))}, this machine's build key "
+                                f"among them: {sd.get('cuda_key_matches', '-')}" if "triton" in sd or "cuda" in sd
+                                else ""))
     if jit:
         L.append("- Triton kernels compiled per phase (new .cubin files in the cache; build includes the warm-up): "
                  + ", ".join(f"{n} {k}" for n, k in jit))
-    if wm or jit:
+    if wm or jit or sd:
         L.append("")
 
     b = rep.get("build", {})
@@ -3195,7 +3253,7 @@ def run_report(args) -> int:
         used = time.monotonic() - start
         ph["seconds"] = round(used, 1)
         if not dry:  # Triton kernels compiled during the phase (the warm-up's included, in build)
-            ph["triton_kernels_compiled"] = cached_kernels(env) - cached
+            ph["triton_kernels_compiled"] = cached_kernels(env) - cached - ph.get("triton_kernels_seeded", 0)
         if dry:
             ph["status"] = f"dry-run ({ph['status']})"
         ctx.carry = max(0.0, allow - used)
@@ -3241,6 +3299,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a clone of AILab-CVC/GroupMixFormer, timed beside ours (eager and torch.compile in the "
                         "bf16 b256 run; eager in the train run); default: $GMF_UPSTREAM, else "
                         ".upstream/GroupMixFormer under the repository root if it exists; '' for none")
+    p.add_argument("--seed", default=None, metavar="DIR",
+                   help="caches compiled on the development machine for this GPU (benchmarks/seed_caches.py), "
+                        "installed after the env phase; default $GMF_SEED, else .upstream/seed under the "
+                        "repository root if it exists; '' for none")
     p.add_argument("--git-sha", default=None, help="the commit to record (default: `git rev-parse HEAD`; a device "
                                                    "machine's copy of the tree may have no .git)")
     p.add_argument("--dry-run", action="store_true", help="plan + plumbing check + a fake run; no GPU needed")
@@ -3294,6 +3356,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.budget = part["budget"] if part else DEFAULT_BUDGET_S
     if args.budget < 30:
         raise SystemExit("error: --budget must be >= 30 s")
+    if args.seed is None:
+        args.seed = os.environ.get("GMF_SEED") or (str(SEED_DIR_DEFAULT) if SEED_DIR_DEFAULT.is_dir() else "")
     return args
 
 

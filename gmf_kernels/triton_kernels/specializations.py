@@ -49,7 +49,9 @@ for the real launch (`cache_key`; tests/test_triton_compile.py compares it with 
 a stand-in sm_80/sm_90 driver). So ``--warm`` (the GPU report's first step on a GPU machine:
 `report_specializations`, compiled in parallel with their launchers) turns the runs' first
 calls into cache hits. The key also names the Triton build (Python's included) and the target:
-warm the cache on the machine that runs, not on another.
+warm the cache on the machine that runs, or compile for it with ``--triton-key`` (the key of that
+machine's build of this Triton release: `check_foreign_triton_key`, `use_triton_key`;
+benchmarks/seed_caches.py compiles a GPU machine's cache on the development machine so).
 
 Enumerating and compiling need the real JIT kernels: run with TRITON_INTERPRET unset (or 0),
 e.g. ``python -m gmf_kernels.triton_kernels.specializations --json out.json``.
@@ -745,7 +747,62 @@ def compile_one(spec: Spec, resources: bool = True, launcher: bool = False) -> D
 
 
 # ---------------------------------------------------------------- all of them, in parallel
+#: environment variable holding another Python's Triton key (`triton.runtime.cache.triton_key()` there): the
+#: compile workers then file their kernels under the cache key that Triton computes there (`use_triton_key`)
+TRITON_KEY_ENV = "GMF_TRITON_KEY"
+
+
+def _libtriton_sha256() -> str:
+    """sha256 of this Triton's compiled library, the one part of `triton_key()` that differs between
+    builds of one Triton release for different Pythons (cp311, cp312)."""
+    import hashlib
+    import sysconfig
+
+    import triton
+    ext = (sysconfig.get_config_var("EXT_SUFFIX") or ".so").split(".")[-1]
+    h = hashlib.sha256()
+    with open(os.path.join(os.path.dirname(triton.__file__), "_C", f"libtriton.{ext}"), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_foreign_triton_key(key: str) -> str:
+    """`key` if it is the Triton key of this Triton release built for another Python, else ValueError.
+
+    `triton_key()` is the release's version followed by the hashes of its Python sources and of its
+    compiled library (`libtriton`). Kernels compiled here under another build's key are that build's
+    cache entries only if the two builds compile alike: the same release and the same Python sources,
+    so the key may differ from this one in the library's hash alone. (Checked on Triton 3.6.0, cp311
+    against cp312: the same TTIR, TTGIR, LLVM IR, PTX and cubin, and the same cache directory, for a
+    kernel compiled natively under cp312 and here under cp312's key.)"""
+    from triton.runtime.cache import triton_key
+    local = triton_key()
+    if key == local:
+        return key
+    ours, theirs = local.split("-"), key.strip().split("-")
+    lib = _libtriton_sha256()
+    differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+    if len(ours) != len(theirs) or len(differ) != 1 or ours[differ[0]] != lib:
+        raise ValueError(
+            "the given Triton key is not this Triton release's for another Python: "
+            + (f"{len(theirs)} parts against {len(ours)}" if len(ours) != len(theirs) else
+               f"{len(differ)} parts differ (allowed: the compiled library's hash alone)"
+               if len(differ) != 1 or ours[differ[0]] != lib else ""))
+    return key.strip()
+
+
+def use_triton_key(key: str) -> None:
+    """File this process's compiles under `key` (`check_foreign_triton_key`), as if compiled by that
+    Triton: `triton.compile` computes its cache key from `triton.runtime.cache.triton_key()`."""
+    from triton.runtime import cache
+    key = check_foreign_triton_key(key)
+    cache.triton_key = lambda: key
+
+
 def _worker(spec: Spec, resources: bool = True, launcher: bool = False):
+    if os.environ.get(TRITON_KEY_ENV):
+        use_triton_key(os.environ[TRITON_KEY_ENV])
     try:
         return compile_one(spec, resources, launcher)
     except Exception as e:  # reported, not raised: one failure must not hide the others
@@ -848,7 +905,14 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=None,
                     help="start no compile after this many seconds (the rest is listed as skipped)")
     ap.add_argument("--list", action="store_true", help="list the specialisations, compile nothing")
+    ap.add_argument("--triton-key", default=None, metavar="FILE",
+                    help="compile for another Python's build of this Triton release: FILE holds its "
+                         "triton.runtime.cache.triton_key(), under which the kernels are cached (a cache "
+                         "for another machine: benchmarks/seed_caches.py); no launchers")
     a = ap.parse_args(argv)
+    if a.triton_key:
+        with open(a.triton_key) as fh:
+            os.environ[TRITON_KEY_ENV] = check_foreign_triton_key(fh.read())
     t0 = time.monotonic()
     if a.warm:
         specs = [sp for arch in a.arch for sp in report_specializations(arch)]
@@ -858,7 +922,7 @@ def main(argv=None) -> int:
     if a.list:
         res = [_describe(s) for s in specs]
     else:
-        launcher = a.warm and _have_cuda_driver()
+        launcher = a.warm and _have_cuda_driver() and not a.triton_key
         step = max(1, len(specs) // 10)
 
         def progress(done, total):
