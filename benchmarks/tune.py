@@ -105,8 +105,8 @@ WARM_SHARE = 0.25
 #: max relative difference of a candidate's pre from the default config's (per dtype): rounding only
 AGREE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 #: the kernels a forward family's candidate is timed on (`GpuMeasure.triton`), by name: the aggregation's, with the
-#: Z pass of its SPLIT candidates (`config.GMAShape.AGG_SPLIT`); the attention's
-STAGE_KERNELS = {"triton.aggregate": ("gma_statistics_kernel", "gma_aggregate_kernel"),
+#: Z pass of its SPLIT candidates (`config.GMAShape.AGG_SPLIT`; on tensor cores with ZDENSE); the attention's
+STAGE_KERNELS = {"triton.aggregate": ("gma_statistics_kernel", "gma_dense_z_kernel", "gma_aggregate_kernel"),
                  "triton.attention": ("gma_attention_kernel",)}
 
 

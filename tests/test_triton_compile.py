@@ -362,10 +362,11 @@ from gmf_kernels.triton_kernels import op
 
 C, H, W = 80, 7, 9
 train = sys.argv[-1] == "train"
-if sys.argv[-1] == "split":   # the forward as the "triton.aggregate" family's SPLIT candidate: the Z pass first
+if sys.argv[-1] in ("split", "dense"):   # the "triton.aggregate" family's SPLIT candidate: the Z pass first
     from gmf_kernels.triton_kernels import launcher
     from gmf_kernels.triton_kernels.config import gma_shape
-    launcher.default_shape = lambda C, N, dots: gma_shape(C, dots=dots.precision, split=True)
+    dense = sys.argv[-1] == "dense"        # (with ZDENSE: on tensor cores, `dense_z`)
+    launcher.default_shape = lambda C, N, dots: gma_shape(C, dots=dots.precision, split=True, zdense=dense)
 w = cast_weights(random_gma_weights(C, seed=0), torch.float32)
 for t in w.tensors():
     if train and t.is_floating_point():
@@ -396,15 +397,15 @@ print(json.dumps({"registration": op.REGISTRATION, "kernels": kernels, "ops": op
 """
 
 
-@pytest.mark.parametrize("mode", ["eval", "train", "split"])
+@pytest.mark.parametrize("mode", ["eval", "train", "split", "dense"])
 def test_triton_op_traces_into_kernels(mode):
     """torch.compile(fullgraph=True) of BACKEND.forward with the real (JIT) kernels: the
     gmf::triton_pre_projection triton_op decomposes into the three kernel launches that
     Inductor sees (traced on CPU fake tensors; nothing runs, there is no GPU here); in
     training (batch statistics, gradients) one forward graph holds the statistics op that keeps Z and y
     for the backward (gmf::triton_z_moments_planes, opaque) and the same three kernels inside the
-    autograd Function; with the split forward (the SPLIT tuning candidate) the Z pass's launch comes first,
-    traced like the others."""
+    autograd Function; with the split forward (the SPLIT tuning candidate) the Z pass's launch comes first
+    (stencils, or with ZDENSE the dense convolutions), traced like the others."""
     proc = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT, mode], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -413,8 +414,8 @@ def test_triton_op_traces_into_kernels(mode):
     if res["registration"] != "triton_op":
         pytest.skip(f"torch {__import__('torch').__version__} has no torch.library.triton_op")
     assert res["graphs"] == 1, res
-    assert res["kernels"] == ["gma_statistics_kernel"] * (mode == "split") + [
-        "gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel"], res
+    z_pass = {"split": ["gma_statistics_kernel"], "dense": ["gma_dense_z_kernel"]}.get(mode, [])
+    assert res["kernels"] == z_pass + ["gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel"], res
     assert res["ops"] == (["gmf.triton_z_moments_planes.default"] if mode == "train" else []), res
     assert "traced only" in res["error"], res
 

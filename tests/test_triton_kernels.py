@@ -30,7 +30,7 @@ from gmf_kernels.folding import folded_weights, meta_weights  # noqa: E402
 from gmf_kernels.models.configs import MODEL_CONFIGS, MODEL_WIDTHS  # noqa: E402
 from gmf_kernels.numerics import cast_weights, default_hyper, random_gma_weights  # noqa: E402
 from gmf_kernels.reference import reference_group_mix_attention  # noqa: E402
-from gmf_kernels.triton_kernels import aggregation, attention, launcher, op  # noqa: E402
+from gmf_kernels.triton_kernels import aggregation, attention, dense_z, launcher, op  # noqa: E402
 from gmf_kernels.triton_kernels import config  # noqa: E402
 from gmf_kernels.triton_kernels.config import gma_shape  # noqa: E402
 from gmf_kernels.weights import GMAHyper  # noqa: E402
@@ -606,12 +606,13 @@ def _untabled_candidates():
 def test_untabled_tuning_candidates(C, agg, attn):
     """Every candidate the tuner may pick beyond the tile tables (the aggregation at 64 tokens a
     tile, merged or stream after stream, or with its tap rows unrolled, an instance per window, or split
-    in a Z pass and the aggregation from Z; the attention with its CRPE tap rows unrolled) computes the same pre-projection (fp32, against
+    in a Z pass (stencils, or dense convolutions on tensor cores) and the aggregation from Z; the attention with its
+    CRPE tap rows unrolled) computes the same pre-projection (fp32, against
     float64) and writes every element, on a grid of several tiles (the last ragged) with runs of
     several tiles per program."""
     H, W = {80: (11, 13), 160: (9, 10)}.get(C, (9, 9))
     case = Case(C, H, W, 1, seed=C + agg["BLOCK_P"] + agg["MERGE"] + 2 * agg["UNROLL"] + 4 * attn["UNROLL"]
-                + 8 * agg["PAIR"] + 16 * agg["ROWS"] + 32 * agg["SPLIT"])
+                + 8 * agg["PAIR"] + 16 * agg["ROWS"] + 32 * agg["SPLIT"] + 64 * agg.get("ZDENSE", 0))
     shape = launcher.shape_from_configs(C, launcher.dot_variant(case.qkv(torch.float32)), agg, attn)
     assert (shape.AGG_BLOCK_P, shape.CK, shape.AGG_MERGE, shape.AGG_UNROLL, shape.ATTN_UNROLL, shape.AGG_PAIR,
             shape.AGG_ROWS) == (agg["BLOCK_P"], agg["CK"], bool(agg["MERGE"]), bool(agg["UNROLL"]), bool(attn["UNROLL"]),
@@ -619,8 +620,9 @@ def test_untabled_tuning_candidates(C, agg, attn):
     assert shape.num_tiles(H * W, W) >= 2
     _, launches = launcher.plan_pre_projection(case.qkv(torch.float32), H, W, case.folded(torch.float32),
                                                case.hp.scale, case.hp.ln_eps, shape=shape)
-    assert [k.__name__ for k, *_ in launches][:1 + agg["SPLIT"]] == (
-        ["gma_statistics_kernel"] if agg["SPLIT"] else []) + ["gma_aggregate_kernel"]
+    z_pass = "gma_dense_z_kernel" if agg.get("ZDENSE") else "gma_statistics_kernel"
+    assert [k.__name__ for k, *_ in launches][:1 + agg["SPLIT"]] == ([z_pass] if agg["SPLIT"] else []) + [
+        "gma_aggregate_kernel"]
     kw = launches[agg["SPLIT"]][3]     # the aggregation's (the split forward's Z pass comes first)
     assert (kw["PAIR"], kw["UNROLL"], kw["MERGE_QKV"], kw["BLOCK_P"], kw["ROWS"], kw["FROM_Z"]) == (
         bool(agg["PAIR"]), bool(agg["UNROLL"]), bool(agg["MERGE"]), agg["BLOCK_P"], bool(agg["ROWS"]), bool(agg["SPLIT"]))
@@ -642,6 +644,7 @@ def test_untabled_candidates_present():
         assert any(a["PAIR"] for a, _ in got), C              # s = 16, 32, 64: the heads as one tensor
         assert any(a["ROWS"] for a, _ in got), C              # and its row walks
         assert any(a["SPLIT"] for a, _ in got), C             # the split forward
+        assert any(a.get("ZDENSE") for a, _ in got), C        # its Z pass on tensor cores
 
 
 def _dots16_candidates():
@@ -894,25 +897,37 @@ def test_forward_from_planes_low_precision(dtype, C, H, W, B):
 #: (fp32 at GPU tiles and GroupMixFormer-S's widths: `test_untabled_tuning_candidates`)
 SPLIT_CASES = [(40, 5, 7, 2, torch.float32, False), (80, 7, 9, 1, torch.bfloat16, True),
                (320, 3, 5, 2, torch.float16, False)]
+#: ... and with its Z pass as dense convolutions on tensor cores (`GMAShape.AGG_ZDENSE`, `dense_z`): s = 8 and 12
+#: padded to 16 channels, the GPU tiles (128 tokens: several programs an image at 13x11, the last ragged), odd grids
+#: smaller than the 7x7 window, batch 1 and 3
+ZDENSE_CASES = [(40, 5, 7, 2, torch.float32, False), (60, 13, 11, 1, torch.float32, True),
+                (80, 7, 9, 3, torch.bfloat16, True), (160, 4, 6, 1, torch.float16, False),
+                (320, 3, 5, 2, torch.bfloat16, True)]
 
 
-@pytest.mark.parametrize("C,H,W,B,dtype,gpu_tiles", SPLIT_CASES,
-                         ids=[f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}-{'gpu' if g else 'interp'}" for c, h, w, b, d, g in SPLIT_CASES])
-def test_split_forward(monkeypatch, C, H, W, B, dtype, gpu_tiles):
-    """The split forward (the "triton.aggregate" candidate SPLIT): the Z pass (`statistics.plan_z_pass`) first,
-    then the aggregation reading Z without keeping anything for a backward (no KEEP, no R, no softmax
-    statistics), then combine and attention. fp32: Q, V, KV and the pre-projection within FP32_TOL of float64,
-    every buffer written; fp16 / bf16: the layer through the op within 2x the reference's own error (Z rounded
-    once to the stage dtype before its BatchNorm, as the reference's convolutions in that dtype round it)."""
+@pytest.mark.parametrize("C,H,W,B,dtype,gpu_tiles,zdense",
+                         [c + (False,) for c in SPLIT_CASES] + [c + (True,) for c in ZDENSE_CASES],
+                         ids=[f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}-{'gpu' if g else 'interp'}" for c, h, w, b, d, g in
+                              SPLIT_CASES] + [f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}-{'gpu' if g else 'interp'}-dense"
+                                              for c, h, w, b, d, g in ZDENSE_CASES])
+def test_split_forward(monkeypatch, C, H, W, B, dtype, gpu_tiles, zdense):
+    """The split forward (the "triton.aggregate" candidate SPLIT): the Z pass (`statistics.plan_z_pass`, or with
+    ZDENSE `dense_z.plan_dense_z_pass`) first, then the aggregation reading Z without keeping anything for a
+    backward (no KEEP, no R, no softmax statistics), then combine and attention. fp32: Q, V, KV and the
+    pre-projection within FP32_TOL of float64, every buffer written; fp16 / bf16: the layer through the op within
+    2x the reference's own error (Z rounded once to the stage dtype before its BatchNorm, as the reference's
+    convolutions in that dtype round it; the dense pass's W_t rounded once to the input type)."""
     case = Case(C, H, W, B, seed=C + 11 * H + B)
-    shape = gma_shape(C, split=True) if gpu_tiles else gma_shape(C, interpreter=INTERPRET, split=True)
+    shape = (gma_shape(C, split=True, zdense=zdense) if gpu_tiles else
+             gma_shape(C, interpreter=INTERPRET, split=True, zdense=zdense))
     assert shape.AGG_SPLIT and not (shape.AGG_PAIR or shape.AGG_ROWS or shape.AGG_FROM_Z)
     _, launches = launcher.plan_pre_projection(case.qkv(dtype), H, W, case.folded(dtype), case.hp.scale,
                                                case.hp.ln_eps, shape=shape)
-    assert [k.__name__ for k, *_ in launches] == ["gma_statistics_kernel", "gma_aggregate_kernel",
-                                                  "gma_combine_kernel", "gma_attention_kernel"]
+    assert [k.__name__ for k, *_ in launches] == ["gma_dense_z_kernel" if zdense else "gma_statistics_kernel",
+                                                  "gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel"]
     kw = [k[3] for k in launches]
-    assert kw[0]["STORE"] == 2 and kw[1]["FROM_Z"] and "KEEP" not in kw[1]
+    assert kw[0]["BLOCK_P"] == config.DENSE_Z_TILES[config.dot_pad(C // 5)][0] if zdense else kw[0]["STORE"] == 2
+    assert kw[1]["FROM_Z"] and "KEEP" not in kw[1]
     assert not kw[2].get("STATS") and not kw[3].get("STORE_R")
     if dtype == torch.float32:
         _check_launch(case, shape)
@@ -963,6 +978,24 @@ def test_pipelined_tile_loops(interpreter_range_bounds, C, H, W, split):
     _check_launch(case, shape)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's tl.range shim")
+def test_dense_z_pass_pipelined_tap_loop(interpreter_range_bounds, monkeypatch):
+    """The dense Z pass's tap loop as the GPU runs it, a `tl.range` (PIPE = DENSE_Z_STAGES): Q, V, KV and the
+    pre-projection within FP32_TOL of float64, every buffer written (s = 12 padded to 16, two programs an image,
+    the second ragged); under the interpreter without the shim the launch asks for the plain loop."""
+    case = Case(60, 13, 17, 2, seed=41)
+    shape = gma_shape(60, split=True, zdense=True)
+    qkv = case.qkv(torch.float32)
+    plain = launcher.plan_pre_projection(qkv, 13, 17, case.folded(torch.float32), case.hp.scale, case.hp.ln_eps,
+                                         shape=shape)[1][0]
+    assert plain[0] is dense_z.gma_dense_z_kernel and plain[3]["PIPE"] == 0 and plain[1][0] == 2
+    monkeypatch.setattr(dense_z, "interpreting", lambda: False)
+    piped = launcher.plan_pre_projection(qkv, 13, 17, case.folded(torch.float32), case.hp.scale, case.hp.ln_eps,
+                                         shape=shape)[1][0]
+    assert piped[3]["PIPE"] == config.DENSE_Z_STAGES > 0
+    _check_launch(case, shape)
+
+
 def test_interpreter_runs_the_plain_tile_loops():
     """Under the interpreter (no shim) the aggregation gets PIPE 0 whatever the tiles say: tl.range's runtime bounds
     fail there."""
@@ -976,14 +1009,24 @@ def test_interpreter_runs_the_plain_tile_loops():
 
 def test_split_forward_is_a_candidate_and_not_the_training_forward():
     """SPLIT is the first knob of every width's "triton.aggregate" search space (timed before a deadline cuts the
-    list), with the stencil knobs it makes moot set to one value; the training forward (`config.from_planes`)
-    drops it, and a batch whose 3B images pass the grid's limit runs the fused forward instead."""
+    list), with the stencil knobs it makes moot set to one value, then its Z pass on tensor cores where that
+    applies (`config.zdense_applies`: not on sm_75's FMA dots, not fp32 at s = 64), then pipelined; the training
+    forward (`config.from_planes`) drops both, and a batch whose 3B images pass the grid's limit runs the fused
+    forward instead."""
     for C in MODEL_WIDTHS:
-        for dtype in (torch.float32, torch.bfloat16):
-            cands = launcher.aggregate_candidates(C, dtype, (9, 0))
+        for dtype, cap in ((torch.float32, (9, 0)), (torch.bfloat16, (9, 0)), (torch.float16, (7, 5))):
+            cands = launcher.aggregate_candidates(C, dtype, cap)
             split = [c for c in cands if c["SPLIT"]]
-            assert len(split) == 2 and cands.index(split[0]) == 4, (C, dtype)
-            assert split[1] == {**split[0], "PIPE": launcher.AGG_PIPE_STAGES} and split[0]["PIPE"] == 0   # then pipelined
+            dense = config.zdense_applies(C, config.dtype_name(dtype), config.dot_precision(config.dtype_name(dtype),
+                                                                                            cap))
+            assert dense == (cap >= (8, 0) and (C // 5 <= 32 or (C // 5 <= 64 and dtype != torch.float32)))
+            assert len(split) == 2 + dense and cands.index(split[0]) == 4, (C, dtype)
+            if dense:
+                assert split[1] == {**split[0], "ZDENSE": 1} and split[0]["ZDENSE"] == 0
+                sh = launcher.shape_from_configs(C, launcher.DotVariant("tf32", False), split[1],
+                                                 launcher.attention_default(C, dtype, cap))
+                assert sh.AGG_ZDENSE and sh.AGG_SPLIT and not config.from_planes(sh, "tf32").AGG_ZDENSE
+            assert split[-1] == {**split[0], "PIPE": launcher.AGG_PIPE_STAGES} and split[0]["PIPE"] == 0   # pipelined
             assert (split[0]["PAIR"], split[0]["ROWS"], split[0]["MERGE"]) == (0, 0, 1)
             sh = launcher.shape_from_configs(C, launcher.DotVariant("tf32", False), split[0],
                                              launcher.attention_default(C, dtype, (9, 0)))

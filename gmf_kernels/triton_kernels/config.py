@@ -147,6 +147,20 @@ def pair_applies(C: int) -> bool:
     return C % 5 == 0 and s >= 16 and s & (s - 1) == 0
 
 
+def zdense_applies(C: int, dtype: str, precision: str) -> bool:
+    """Whether the dense Z pass (`GMAShape.AGG_ZDENSE`, `dense_z.gma_dense_z_kernel`) is a tuning candidate for
+    width C, input dtype name `dtype` and the GPU's dots for it (`dot_precision`): tensor-core dots (not the
+    FMA dots of sm_70/75, which would run the ~14x larger dense work on CUDA cores), at widths where it
+    compiles without spilling (AOT, Triton 3.6, batch 128, its tiles `DENSE_Z_TILES`; compiler figures):
+    S_PAD <= 32 at every dtype (sm_90: 74 / 84 registers bf16, 158 / 162 fp32, wgmma), S_PAD 64 with 16-bit
+    operands only (bf16 (64, 8): 100 registers on sm_90, 237 on sm_80; 3xTF32 spilled 60 B - 16 KB there),
+    not S_PAD 128 (16-bit operands spilled 208 B on sm_80)."""
+    s_pad = dot_pad(C // 5)
+    if precision == "ieee":
+        return False
+    return s_pad <= 32 or (s_pad == 64 and dtype in ("fp16", "bf16"))
+
+
 def dot_precision(dtype: str, capability: Tuple[int, int]) -> str:
     """Triton ``input_precision`` of the kernels' dots for this input dtype name on this GPU."""
     row = arch_dots(capability)
@@ -268,6 +282,8 @@ class GMAShape:
     AGG_SPLIT: bool = False    # eval forward: a Z pass (`statistics.plan_z_pass`), then the aggregation from Z (a candidate)
     AGG_PIPE: int = 0          # aggregation: stages of the element-wise jobs' tile loop (`tl.range(num_stages=...)`;
     #                            0: a plain loop, and always under the interpreter; a candidate)
+    AGG_ZDENSE: bool = False   # with AGG_SPLIT: the Z pass as dense K x K convolutions on tensor cores
+    #                            (`dense_z.gma_dense_z_kernel`; a candidate)
 
     def num_tiles(self, N: int, W: Optional[int] = None) -> int:
         """The aggregation's tiles of an image of N tokens (W columns): ceil(N / AGG_BLOCK_P), or with
@@ -301,8 +317,8 @@ def from_planes(shape: GMAShape, precision: str = "") -> GMAShape:
     only where they do so without spilling (`ATTN_ROWS_KEEP_R_PRECISIONS` for the call's dot `precision`,
     `ATTN_ROWS_KEEP_R_MAX_D_PAD`). Cached (every training launch asks it; GMAShape is frozen)."""
     rows = shape.ATTN_ROWS and precision in ATTN_ROWS_KEEP_R_PRECISIONS and shape.D_PAD <= ATTN_ROWS_KEEP_R_MAX_D_PAD
-    return replace(shape, AGG_FROM_Z=True, AGG_SPLIT=False, AGG_PAIR=False, AGG_ROWS=False, AGG_MERGE=True,
-                   ATTN_ROWS=rows)
+    return replace(shape, AGG_FROM_Z=True, AGG_SPLIT=False, AGG_ZDENSE=False, AGG_PAIR=False, AGG_ROWS=False,
+                   AGG_MERGE=True, ATTN_ROWS=rows)
 
 
 #: Aggregation tiles per width: (BLOCK_P tokens per tile, num_warps, CK channels per chunk),
@@ -392,6 +408,15 @@ AGG_SEPARATE_STREAMS: Dict[str, Tuple[int, ...]] = {"tf32x3": (480,)}
 #: not per element, so fewer, larger tiles (and one channel chunk) run much faster there.
 #: The GPU tiles are exercised on the CPU too by passing them explicitly (tests do).
 INTERPRETER_BLOCK_P = 256
+
+#: (BLOCK_P, num_warps) of the dense Z pass (`dense_z.gma_dense_z_kernel`, `GMAShape.AGG_ZDENSE`) by S_PAD: three
+#: [BLOCK_P, S_PAD] fp32 accumulators (q, k, v) per program; 128 tokens where s is small, so that a tap's MMAs
+#: share the W_t operand's layout change among more rows; 8 warps at S_PAD 64 (bf16, sm_90: 163 -> 100 registers
+#: against 4 warps, sm_80 255 -> 237). Where it is a candidate: `zdense_applies`.
+DENSE_Z_TILES: Dict[int, Tuple[int, int]] = {16: (128, 4), 32: (64, 4), 64: (64, 8), 128: (32, 4)}
+#: stages of its tap loop on a GPU (``tl.range(num_stages=...)``: a tap's loads issued while the previous tap's
+#: MMAs run); the interpreter runs a plain loop
+DENSE_Z_STAGES = 2
 
 
 #: Attention tiles per padded head width D_PAD: (BLOCK_P tokens per tile, num_warps), by
@@ -494,7 +519,7 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
               strip: Optional[int] = None, merge: Optional[bool] = None, unroll: bool = False,
               attn_unroll: bool = False, dots16: bool = False, attn_dots16: bool = False,
               pair: bool = False, rows: bool = False, attn_rows: bool = False, split: bool = False,
-              pipe: int = 0) -> GMAShape:
+              pipe: int = 0, zdense: bool = False) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
@@ -511,6 +536,7 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
     attn_rows: the attention's CRPE by row walks (`GMAShape.ATTN_ROWS`; default off).
     split: the eval forward split in a Z pass and the aggregation from Z (`GMAShape.AGG_SPLIT`; default off).
     pipe: the stages of the aggregation's element-wise tile loops (`GMAShape.AGG_PIPE`; default 0, a plain loop).
+    zdense: the split forward's Z pass as dense convolutions on tensor cores (`GMAShape.AGG_ZDENSE`; needs split).
     The knobs that only shape the stencils of segments 1-3 (pair, rows, merge) are then set to one value, as
     `from_planes` sets them: the aggregation runs no such stencil (one compiled variant)."""
     if C % 10 != 0 or C <= 0:
@@ -538,6 +564,8 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
                          f"merged={merged})")
     if rows and not pair:
         raise ValueError(f"rows=True walks a segment's two heads as one tensor: it needs pair=True (C={C})")
+    if zdense and not split:
+        raise ValueError("zdense=True is a Z pass of the split forward: it needs split=True")
     if split:
         pair, rows, merged = False, False, True
     return GMAShape(C=C, S=S, CP=CP, D=D, S_PAD=S_PAD, D_PAD=D_PAD, CK=ck, AGG_BLOCK_P=agg,
@@ -546,4 +574,5 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
                     AGG_MERGE=merged,
                     AGG_UNROLL=bool(unroll), ATTN_UNROLL=bool(attn_unroll), AGG_DOTS16=bool(dots16),
                     ATTN_DOTS16=bool(attn_dots16), AGG_PAIR=bool(pair), AGG_ROWS=bool(rows),
-                    ATTN_ROWS=bool(attn_rows), AGG_SPLIT=bool(split), AGG_PIPE=int(pipe))
+                    ATTN_ROWS=bool(attn_rows), AGG_SPLIT=bool(split), AGG_PIPE=int(pipe),
+                    AGG_ZDENSE=bool(zdense))

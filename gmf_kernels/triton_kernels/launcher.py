@@ -6,7 +6,8 @@ Launch sequence (no host synchronisation), under the input's CUDA device:
 ``gma_aggregate_kernel`` (PROGRAMS, B) -> ``gma_combine_kernel`` (8 x row blocks, B) ->
 ``gma_attention_kernel`` (ceil(N / ATTN_BLOCK_P), 8, B); with the ``SPLIT`` candidate
 (`config.GMAShape.AGG_SPLIT`) first ``gma_statistics_kernel`` as the Z pass (`statistics.plan_z_pass`:
-Z of segments 1-3 into a (3B, C', H, W) buffer), and the aggregation reads Z instead of running
+Z of segments 1-3 into a (3B, C', H, W) buffer; with ``ZDENSE``, `GMAShape.AGG_ZDENSE`, ``gma_dense_z_kernel``,
+the same Z as dense convolutions on tensor cores, `dense_z.plan_dense_z_pass`), and the aggregation reads Z instead of running
 those stencils (`aggregation._segment_z`, as the training forward). Launches go through
 ``torch.library.wrap_triton`` while a trace runs, so that ``torch.compile`` sees the kernels
 inside the ``gmf::triton_pre_projection`` op (triton_kernels/op.py); otherwise they are
@@ -22,8 +23,8 @@ information, so compute-sanitizer and ncu reports point at source lines).
 Tiles as data (`gmf_kernels.tuning`): two search spaces are registered here,
 ``"triton.aggregate"`` (BLOCK_P, num_warps, CK, the strip target STRIP, the q/k/v merge
 MERGE, the unrolled tap rows UNROLL, the 16-bit dot operands DOTS16, the paired heads PAIR, the row
-walks ROWS of the aggregation, SPLIT, the forward split in a Z pass and the aggregation, and PIPE, its
-element-wise tile loops software-pipelined) and
+walks ROWS of the aggregation, SPLIT, the forward split in a Z pass and the aggregation, ZDENSE, that Z pass on
+tensor cores, and PIPE, its element-wise tile loops software-pipelined) and
 ``"triton.attention"`` (BLOCK_P, num_warps, UNROLL and DOTS16 of the attention kernel). Their candidates for (C, dtype, GPU) are the
 spill-free tiles of `config` (``AGG_TILES`` / ``AGG_TILES_BY_DOTS`` / ``ATTN_TILES`` /
 ``ATTN_TILES_BY_DOTS``; the tile `config.gma_shape` picks is the default and comes first).
@@ -49,10 +50,11 @@ from .backward import KeptPlanes  # (imports no Triton)
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
 from .statistics import gma_statistics_kernel, plan_z_pass
+from .dense_z import gma_dense_z_kernel, plan_dense_z_pass
 from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P,
                      MAX_GRID_BATCH, GMAShape,
                      dot_pad, dot_precision, dtype_name, from_planes, gma_shape, next_pow2, operand_precision,
-                     pair_applies, stage_dtype)
+                     pair_applies, stage_dtype, zdense_applies)
 
 Tensor = torch.Tensor
 #: one launch: (kernel, grid, positional args, keyword args incl. constexprs and num_warps)
@@ -85,10 +87,10 @@ MAX_CANDIDATES = 8
 #: ... and for the aggregation, whose search space also holds the wide tiles and the unrolled taps below: the
 #: default's four variants, the table tiles and the wide tiles (at most AGG_MAX_WIDE) in AGG_BASE_CANDIDATES
 #: slots, then the SPLIT / ROWS / DOTS16 / PAIR candidates on top (`aggregate_candidates`), at most
-#: AGG_MAX_CANDIDATES in all (22: the whole list at C = 80 and 160 with fp16 / bf16 on sm_80+)
+#: AGG_MAX_CANDIDATES in all (23: the whole list at C = 80 and 160 with fp16 / bf16 on sm_80+)
 AGG_BASE_CANDIDATES = 12
 AGG_MAX_WIDE = 6
-AGG_MAX_CANDIDATES = 22
+AGG_MAX_CANDIDATES = 23
 #: The split forward's candidate with its element-wise tile loops software-pipelined (`GMAShape.AGG_PIPE`): Triton
 #: then issues the next tile's Z loads (cp.async into shared memory) while this tile's BatchNorm, hardswish, stores
 #: and exp(K)^T V run, where the plain loop waits for each tile's loads in full. Why (the compiled code, not a
@@ -140,7 +142,7 @@ def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
     return {"BLOCK_P": shape.AGG_BLOCK_P, "num_warps": shape.AGG_WARPS, "CK": shape.CK, "STRIP": shape.AGG_STRIP,
             "MERGE": int(shape.AGG_MERGE), "UNROLL": int(shape.AGG_UNROLL), "DOTS16": int(shape.AGG_DOTS16),
             "PAIR": int(shape.AGG_PAIR), "ROWS": int(shape.AGG_ROWS), "SPLIT": int(shape.AGG_SPLIT),
-            "PIPE": shape.AGG_PIPE}
+            "PIPE": shape.AGG_PIPE, "ZDENSE": int(shape.AGG_ZDENSE)}
 
 
 def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
@@ -170,7 +172,9 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     as one tensor (``PAIR``: `aggregation._segment_pair`), also with DOTS16 and unrolled where DOTS16
     applies (else unrolled alone), and, first of the knobs (timed before a tight deadline cuts the list),
     the split forward (``SPLIT``: `GMAShape.AGG_SPLIT`, the default tile's aggregation reading Z from a Z
-    pass, `statistics.plan_z_pass`), the same with its element-wise tile loops pipelined (``PIPE``:
+    pass, `statistics.plan_z_pass`), the same with that Z pass as dense convolutions on tensor cores where
+    `config.zdense_applies` (``ZDENSE``: `GMAShape.AGG_ZDENSE`, `dense_z`), the same with its element-wise tile
+    loops pipelined (``PIPE``:
     `GMAShape.AGG_PIPE`, `AGG_PIPE_STAGES`) and the row walks (``ROWS``: `aggregation._segment_rows`, the tiles of
     `AGG_ROWS_TILES`, with DOTS16 where it applies); then the other tiles of AGG_TILES / AGG_TILES_BY_DOTS (each
     spill-free at the width it was chosen for) and the wide tiles (`AGG_WIDE_TILES` whose channel chunk
@@ -194,7 +198,10 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     # then the same with its element-wise tile loops software-pipelined (`GMAShape.AGG_PIPE`: all its jobs but the
     # local branch are such loops)
     split = {**default, "SPLIT": 1, "PAIR": 0, "ROWS": 0, "MERGE": 1}
-    knobs = [split, {**split, "PIPE": AGG_PIPE_STAGES}]
+    knobs = [split]
+    if zdense_applies(C, dtype_name(dtype), _precision(C, dtype, capability)):   # its Z pass on tensor cores
+        knobs.append({**split, "ZDENSE": 1})
+    knobs.append({**split, "PIPE": AGG_PIPE_STAGES})
     if pair:   # then the row walks (`aggregation._segment_rows`): the structural change, timed before the deadline
         for bp, warps in AGG_ROWS_TILES.get(dot_pad(C // 5), ()):
             knobs.append({**default, "BLOCK_P": bp, "num_warps": warps, "PAIR": 1, "ROWS": 1, "DOTS16": int(dots16)})
@@ -209,7 +216,7 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     def cfg_of(tile, merge, unroll=0):
         bp, warps, ck = tile
         return {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": merge,
-                "UNROLL": unroll, "DOTS16": 0, "PAIR": 0, "ROWS": 0, "SPLIT": 0, "PIPE": 0}
+                "UNROLL": unroll, "DOTS16": 0, "PAIR": 0, "ROWS": 0, "SPLIT": 0, "PIPE": 0, "ZDENSE": 0}
 
     wide, wide_knobs = [], []
     for i, tile in enumerate(t for t in AGG_WIDE_TILES if t[2] <= s_pad):
@@ -279,7 +286,8 @@ def _shape_from_configs(C: int, precision: str, agg_items: tuple, attn_items: tu
                       attn_unroll=bool(attn.get("UNROLL", 0)), dots16=bool(agg.get("DOTS16", 0)),
                       attn_dots16=bool(attn.get("DOTS16", 0)), pair=bool(agg.get("PAIR", 0)),
                       rows=bool(agg.get("ROWS", 0)), attn_rows=bool(attn.get("ROWS", 0)),
-                      split=bool(agg.get("SPLIT", 0)), pipe=int(agg.get("PIPE", 0)))
+                      split=bool(agg.get("SPLIT", 0)), pipe=int(agg.get("PIPE", 0)),
+                      zdense=bool(agg.get("ZDENSE", 0)))
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 
@@ -326,10 +334,15 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     launches: List[Launch] = []
     z_pass = None
     if shape.AGG_SPLIT:   # the split forward: Z of segments 1-3 first (`statistics.plan_z_pass`)
-        z_pass, (grid, args, kwargs) = plan_z_pass(    # segment 0 of the buffer stays unwritten, unread
-            qkv, H, W, weights.dw3, weights.dw5, weights.dw7, weights.pw,
-            z=_alloc((3 * B, 4 * shape.S, H, W), stage_dtype(dt), dev))
-        launches.append((gma_statistics_kernel, grid, args, kwargs))
+        zbuf = _alloc((3 * B, 4 * shape.S, H, W), stage_dtype(dt), dev)   # segment 0 stays unwritten, unread
+        if shape.AGG_ZDENSE:   # as dense convolutions on tensor cores (`dense_z`)
+            z_pass, (grid, args, kwargs) = plan_dense_z_pass(qkv, H, W, weights.dw3, weights.dw5, weights.dw7,
+                                                             weights.pw, dots, z=zbuf)
+            launches.append((gma_dense_z_kernel, grid, args, kwargs))
+        else:
+            z_pass, (grid, args, kwargs) = plan_z_pass(qkv, H, W, weights.dw3, weights.dw5, weights.dw7, weights.pw,
+                                                       z=zbuf)
+            launches.append((gma_statistics_kernel, grid, args, kwargs))
     plan = job_plan(N, B, shape, dots.precision, W)    # per-job splits, balanced by cost
     rows = plan.partial_rows                         # packed partials: one row per split of segments 0..3
     f32 = torch.float32

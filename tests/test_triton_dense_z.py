@@ -1,0 +1,131 @@
+"""The split forward's Z pass as dense convolutions on tensor cores (`triton_kernels/dense_z.py`, the
+"triton.aggregate" candidate ZDENSE).
+
+* Z of segments 1-3, q, k and v, against a float64 depthwise-then-pointwise computed with torch's own
+  convolution (not the identity the kernel uses): fp32 within 1e-5 (3xTF32 dots, emulated by the
+  interpreter as the GPU rounds), fp16 / bf16 no worse than 2x the error of the same two steps computed by
+  torch in that dtype; segment 0's planes never written; odd widths (s = 6, 12: padded channels), grids
+  smaller than the 7x7 window, tiles ragged at the image's end, batch 1 and 3;
+* compiled ahead of time where it is a candidate (`config.zdense_applies`, GroupMixFormer-S's widths, sm_80
+  and sm_90): no spill, its dots on tensor cores (wgmma on sm_90, mma.sync on sm_80) and its tap loop
+  software-pipelined (cp.async).
+The whole split forward with it (every buffer, the 2x rule through the op): tests/test_triton_kernels.py
+`test_split_forward` (its "-dense" cases) and `test_dense_z_pass_pipelined_tap_loop`; hazards:
+tests/test_triton_hazards.py `test_dense_z_pass_free_of_hazards`; the tuner's timing: tests/test_tune.py.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gmf_kernels.triton_kernels import config, dense_z  # noqa: E402
+from gmf_kernels.triton_kernels._common import dot_variant  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _z_reference(qkv, H, W, dws, pw, dtype):
+    """Z (3, B, 3s, H, W) of segments 1-3 by torch's depthwise convolution then the pointwise, in `dtype`."""
+    B, N, C3 = qkv.shape
+    s = C3 // 15
+    x = qkv.to(dtype).view(B, H, W, 3, 5, s)
+    out = []
+    for st in range(3):
+        segs = []
+        for j, w in enumerate(dws, start=1):
+            img = x[:, :, :, st, j].permute(0, 3, 1, 2)
+            k = w.shape[0]
+            d = F.conv2d(img, w.to(dtype).permute(2, 0, 1)[:, None], padding=k // 2, groups=s)
+            segs.append(torch.einsum("oi,bihw->bohw", pw[j - 1].to(dtype), d))
+        out.append(torch.cat(segs, 1))
+    return torch.stack(out)
+
+
+#: (C, H, W, B, dtype): s = 6 / 12 / 16 / 32 (padded to 16, 16, 16, 32), grids narrower than the 7x7 window,
+#: tiles ragged at an image's end, at each dtype the kernel claims
+CASES = [(30, 5, 4, 3, torch.float32), (60, 9, 13, 1, torch.float32), (80, 11, 12, 2, torch.float32),
+         (60, 7, 9, 2, torch.bfloat16), (80, 12, 13, 1, torch.bfloat16), (160, 6, 5, 2, torch.float16),
+         (80, 3, 2, 1, torch.float16)]
+
+
+@pytest.mark.parametrize("C,H,W,B,dtype", CASES, ids=[f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}" for c, h, w, b, d in CASES])
+def test_dense_z_against_float64(C, H, W, B, dtype):
+    g = torch.Generator().manual_seed(C * 101 + H * 7 + W + B)
+    s = C // 5
+    qkv = torch.randn(B, H * W, 3 * C, generator=g).to(dtype)
+    dws = [torch.randn(k, k, s, generator=g) / k for k in (3, 5, 7)]
+    pw = torch.randn(3, s, s, generator=g) / s ** 0.5
+    z, (grid, args, kwargs) = dense_z.plan_dense_z_pass(qkv, H, W, *dws, pw, dot_variant(qkv))
+    assert z.dtype == config.stage_dtype(dtype) and grid == (-(-H * W // kwargs["BLOCK_P"]), 3, B)
+    z.fill_(float("nan"))
+    dense_z.gma_dense_z_kernel[grid](*args, **kwargs)
+    planes = z.view(3, B, 4, s, H, W)
+    assert planes[:, :, 0].isnan().all(), "segment 0's planes are the aggregation's (read from qkv): unwritten"
+    got = planes[:, :, 1:].reshape(3, B, 3 * s, H, W).double()
+    exact = _z_reference(qkv.double(), H, W, dws, pw, torch.float64)
+    err = ((got - exact).norm() / exact.norm()).item()
+    if dtype == torch.float32:
+        assert err < 1e-5, err
+        return
+    ref = _z_reference(qkv, H, W, dws, pw, dtype).double()     # torch's two steps in the dtype
+    ref_err = ((ref.to(dtype).double() - exact).norm() / exact.norm()).item()
+    print(f"{dtype}: {err:.2e} against the reference's {ref_err:.2e}")
+    assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
+def test_dense_z_refuses_bad_buffers():
+    qkv = torch.randn(1, 12, 120)
+    w = [torch.zeros(k, k, 8) for k in (3, 5, 7)] + [torch.zeros(3, 8, 8)]
+    with pytest.raises(ValueError, match="expected a contiguous"):
+        dense_z.plan_dense_z_pass(qkv, 3, 4, *w, dot_variant(qkv), z=torch.empty(3, 32, 3, 4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="unit channel stride"):
+        dense_z.plan_dense_z_pass(torch.randn(1, 120, 12).transpose(1, 2), 3, 4, *w, dot_variant(qkv))
+
+
+_AOT_SCRIPT = r"""
+import json
+import triton
+from gmf_kernels.triton_kernels import config, launcher as L, specializations as sp
+out = []
+for arch in (80, 90):
+    cap = config.capability_of_arch(arch)
+    for C, g in ((80, 56), (160, 28), (320, 14)):
+        for dt in ("bf16", "fp32"):
+            call = sp.Call(C, g, g, 128, dt)
+            cands = [c for c in L.aggregate_candidates(C, call.torch_dtype(), cap) if c.get("ZDENSE")]
+            applies = config.zdense_applies(C, dt, config.dot_precision(dt, cap))
+            assert bool(cands) == applies, (C, dt, arch)
+            for cand in cands:
+                for spec in sp.specializations_of_call(call, arch, agg=cand):
+                    if spec.kernel == "gma_dense_z_kernel":
+                        rep = sp.compile_one(spec)
+                        target, src, options = sp._source_and_options(spec)
+                        ck = triton.compile(src, target=target, options=options.__dict__)   # a cache hit
+                        rep.update(ttgir_wgmma=ck.asm["ttgir"].count("warp_group_dot"),
+                                   ptx_mma=ck.asm["ptx"].count("mma.sync"), ptx_wgmma=ck.asm["ptx"].count("wgmma.mma_async"),
+                                   async_copies=ck.asm["ttgir"].count("async_copy_global_to_local"), C=C, dt=dt)
+                        out.append(rep)
+print(json.dumps(out))
+"""
+
+
+def test_dense_z_compiles_to_tensor_cores_without_spills(tmp_path):
+    """Every dense Z pass the tuner may try on GroupMixFormer-S (bf16 at C = 80, 160, 320; fp32 at C = 80, 160:
+    `config.zdense_applies`), compiled for sm_80 and sm_90: no spill, no known miscompile, its products on tensor
+    cores (sm_90: wgmma; sm_80: mma.sync) and its tap loop's loads asynchronous copies (pipelined)."""
+    from helpers import aot_reports, assert_compiled_without_spills
+    reps = aot_reports(_AOT_SCRIPT, tmp_path, timeout=1200)
+    assert {(r["arch"], r["C"], r["dt"]) for r in reps} == {(a, C, dt) for a in (80, 90) for C in (80, 160, 320)
+                                                            for dt in ("bf16", "fp32") if dt == "bf16" or C < 320}
+    for r in reps:
+        print(f"sm_{r['arch']} C={r['C']} {r['dt']}: {r['registers']} registers, {r['shared_dynamic']} B shared, "
+              f"wgmma {r['ptx_wgmma']}, mma.sync {r['ptx_mma']}, async copies {r['async_copies']}")
+        assert_compiled_without_spills(r)
+        assert (r["ptx_wgmma"] > 0) if r["arch"] == 90 else (r["ptx_mma"] > 0), r
+        assert r["async_copies"] > 0, r
