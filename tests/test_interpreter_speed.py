@@ -12,11 +12,12 @@ from training_cases import make, run_mode
 if not _common.interpreting():
     pytest.skip("concerns Triton's interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 
-#: (C, (H, W), B, mode, dtype, unfused B3): training with the unfused B3 path launches every
+#: (C, (H, W), B, mode, dtype, unfused B3, dense Z pass): training with the unfused B3 path launches every
 #: kernel but the recompute of Z (a training step's backward reads the Z the statistics pass kept),
-#: which eval with gradients launches; eval in bfloat16 the forward kernels in another dtype
-CASES = [(40, (3, 4), 1, "train", torch.float32, True), (40, (3, 4), 1, "grad", torch.float32, False),
-         (40, (3, 4), 2, "eval", torch.bfloat16, False)]
+#: which eval with gradients launches; eval in bfloat16 the forward kernels in another dtype; eval as the
+#: split forward with its Z pass on tensor cores (the ZDENSE tuning candidate) the dense Z pass
+CASES = [(40, (3, 4), 1, "train", torch.float32, True, False), (40, (3, 4), 1, "grad", torch.float32, False, False),
+         (40, (3, 4), 2, "eval", torch.bfloat16, False, False), (40, (5, 4), 1, "eval", torch.float32, False, True)]
 
 
 def _launch_all(monkeypatch):
@@ -29,11 +30,16 @@ def _launch_all(monkeypatch):
     def record(self, *args, **kwargs):
         launched.add(self.fn.__name__)
         return call(self, *args, **kwargs)
+    from gmf_kernels.triton_kernels import launcher
+    from gmf_kernels.triton_kernels.config import gma_shape
+    default_shape = launcher.default_shape
     with monkeypatch.context() as mp:
         mp.setattr(ti.GridExecutor, "__call__", record)
-        for C, (H, W), B, mode, dtype, unfused in CASES:
+        for C, (H, W), B, mode, dtype, unfused, dense in CASES:
             skip_unless_supported("triton", dim=C, dtype=dtype, training=mode == "train", needs_grad=mode != "eval")
             mp.setattr(agb, "FUSED_B3_MAX_S_PAD", 0 if unfused else fused_b3_max)
+            mp.setattr(launcher, "default_shape", (lambda C, N, dots: gma_shape(
+                C, dots=dots.precision, interpreter=True, split=True, zdense=True)) if dense else default_shape)
             w, x = make(C, H, W, B)
             results.append(run_mode("triton", x, (H, W), w, dtype, mode))
     return results, launched

@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from ._common import DotVariant, interpreting, mm, stored
-from .config import DENSE_Z_STAGES, DENSE_Z_TILES, dot_pad, dtype_name, operand_precision, stage_dtype
+from .config import DENSE_Z_STAGES, DENSE_Z_TILES, dot_pad, dtype_name, operand_precision
+from .statistics import z_pass_buffer
 
 Tensor = torch.Tensor
 
@@ -149,12 +150,7 @@ def plan_dense_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7
     s = C // 5
     if qkv.stride(2) != 1:
         raise ValueError("qkv needs a unit channel stride")
-    want = (3 * B, 4 * s, H, W)
-    if z is None:
-        z = torch.empty(want, dtype=stage_dtype(qkv.dtype), device=qkv.device)
-    elif tuple(z.shape) != want or z.dtype != stage_dtype(qkv.dtype) or not z.is_contiguous():
-        raise ValueError(f"Z buffer {tuple(z.shape)} {z.dtype}: expected a contiguous {want} "
-                         f"{stage_dtype(qkv.dtype)} tensor")
+    z = z_pass_buffer(qkv, H, W, z)
     bp, warps = tiles or dense_z_tiles(C)
     dd = dense_z_dots(dots, qkv.dtype)
     args = (qkv, z, dw3, dw5, dw7, pw, N, H, W, B, qkv.stride(0), qkv.stride(1))

@@ -1047,18 +1047,24 @@ def plan_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tens
     placeholders (qkv), never read or written. The weights: the folded filters (fp32, contiguous, tap-major:
     `folding.FoldedGMAWeights`). z: the buffer to write, if given (contiguous (3B, 4s, H, W), the stage
     dtype)."""
-    B, N, C3 = qkv.shape
-    s = C3 // 15
     qkv, dots, tiles, plan = _grid_plan(qkv, H, W, None, tiles, stats_tiles, False, STORE_Z_ONLY)
-    want = (3 * B, 4 * s, H, W)
-    if z is None:
-        z = torch.empty(want, dtype=stage_dtype(qkv.dtype), device=qkv.device)
-    elif tuple(z.shape) != want or z.dtype != stage_dtype(qkv.dtype) or not z.is_contiguous():
-        raise ValueError(f"Z buffer {tuple(z.shape)} {z.dtype}: expected a contiguous {want} "
-                         f"{stage_dtype(qkv.dtype)} tensor")
+    z = z_pass_buffer(qkv, H, W, z)
     # placeholders: qkv, read-only (a traced launch, torch.compile's `wrap_triton`, then sees z as the one
     # tensor written, never aliased by another argument)
     return z, kernel_call(qkv, H, W, (qkv, qkv, z, qkv, dw3, dw5, dw7, pw), plan, tiles, dots, store=STORE_Z_ONLY)
+
+
+def z_pass_buffer(qkv: Tensor, H: int, W: int, z: Optional[Tensor] = None) -> Tensor:
+    """The split forward's Z buffer for qkv (B, N, 15s): `z` checked (contiguous (3B, 4s, H, W) in the stage
+    dtype; ValueError otherwise), or a new one; both Z passes' (`plan_z_pass`, `dense_z.plan_dense_z_pass`)."""
+    B, N, C3 = qkv.shape
+    want = (3 * B, 4 * (C3 // 15), H, W)
+    if z is None:
+        return torch.empty(want, dtype=stage_dtype(qkv.dtype), device=qkv.device)
+    if tuple(z.shape) != want or z.dtype != stage_dtype(qkv.dtype) or not z.is_contiguous():
+        raise ValueError(f"Z buffer {tuple(z.shape)} {z.dtype}: expected a contiguous {want} "
+                         f"{stage_dtype(qkv.dtype)} tensor")
+    return z
 
 
 def planes_of(args: tuple) -> Tuple[Tensor, Tensor]:
