@@ -636,7 +636,8 @@ SANITIZE_FIELDS = ("backend", "dtype", "C", "H", "W", "B", "tile", "mode")
 #: tests/test_gpu_report.py checks the cover). The training cases come last: a sanitizer tool that runs
 #: out of time has the forward's first. A Triton case's tile "split": the forward as the tune phase's SPLIT
 #: candidate runs it (`launcher.aggregate_candidates`; the Z pass, then the aggregation from Z), so that the
-#: Z pass is under the tools before a tuning table makes it the default anywhere.
+#: Z pass is under the tools before a tuning table makes it the default anywhere; tile "dense": the same with the
+#: ZDENSE candidate's Z pass on tensor cores (`dense_z`).
 SANITIZE_CASES = [
     ("cuda", "fp32", 80, 7, 9, 2, None, "eval"),
     ("cuda", "bf16", 200, 5, 11, 1, None, "eval"),
@@ -646,6 +647,7 @@ SANITIZE_CASES = [
     ("triton", "bf16", 200, 20, 13, 1, None, "eval"),
     ("triton", "fp16", 40, 9, 9, 3, None, "eval"),
     ("triton", "bf16", 80, 11, 13, 2, "split", "eval"),
+    ("triton", "bf16", 80, 11, 13, 2, "dense", "eval"),
     ("triton", "bf16", 320, 7, 7, 1, None, "train"),
     ("triton", "fp32", 80, 28, 28, 1, None, "train"),
     ("triton", "fp16", 160, 28, 28, 1, None, "train"),
@@ -665,38 +667,42 @@ def sanitize_case(c) -> Dict:
 
 def pre_projection_call(backend: str, qkv, H: int, W: int, ws, hp, tile=None, emulate: bool = False):
     """One forward pre-projection of `backend` ("cuda": the launcher, at `tile` (None: its planner's);
-    "triton": the op, or with tile "split" the launcher at the "triton.aggregate" family's SPLIT candidate,
-    `triton_split_shape`) on qkv with the folded weights `ws`, as a call with no arguments (the sanitizer's
-    and ncu's drivers)."""
+    "triton": the op, or with tile "split" / "dense" the launcher at the "triton.aggregate" family's SPLIT
+    candidate / its ZDENSE form, `triton_split_shape`) on qkv with the folded weights `ws`, as a call with no
+    arguments (the sanitizer's and ncu's drivers)."""
     if backend == "cuda":
         from gmf_kernels.cuda import launcher as cl
         return functools.partial(cl.launch_pre_projection, qkv, H, W, ws, hp.scale, hp.ln_eps,
                                  tile=tile or (0, 0), emulate=emulate)
     import torch
-    if tile == "split":
+    if tile in ("split", "dense"):
         from gmf_kernels.folding import FoldedGMAWeights
         from gmf_kernels.triton_kernels import launcher as tl_launcher
-        shape = triton_split_shape(qkv, H, W)
+        shape = triton_split_shape(qkv, H, W, dense=tile == "dense")
         return lambda: tl_launcher.launch_pre_projection(qkv, H, W, FoldedGMAWeights(*ws), hp.scale, hp.ln_eps,
                                                          shape=shape)["pre"]
     if tile is not None:
-        raise ValueError(f"Triton sanitizer case: tile {tile!r} (None, or 'split')")
+        raise ValueError(f"Triton sanitizer case: tile {tile!r} (None, 'split' or 'dense')")
     from gmf_kernels.triton_kernels import op  # noqa: F401  (registers the op)
     return functools.partial(torch.ops.gmf.triton_pre_projection, qkv, H, W, ws, hp.scale, hp.ln_eps)
 
 
-def triton_split_shape(qkv, H: int, W: int):
+def triton_split_shape(qkv, H: int, W: int, dense: bool = False):
     """The Triton forward's specialisation at the "triton.aggregate" family's SPLIT candidate (the Z pass, then
-    the aggregation from Z) for qkv's width, dtype and GPU, as benchmarks/tune.py times it (the attention at its
-    default); under the interpreter its one large tile, split."""
+    the aggregation from Z; with `dense` its ZDENSE form, the Z pass on tensor cores) for qkv's width, dtype and
+    GPU, as benchmarks/tune.py times it (the attention at its default); under the interpreter its one large tile,
+    split. ValueError where the GPU's search space has no such candidate (`config.zdense_applies`)."""
     from gmf_kernels.triton_kernels import launcher as tl_launcher
     from gmf_kernels.triton_kernels._common import _cuda_capability, dot_variant, interpreting
     from gmf_kernels.triton_kernels.config import gma_shape
     C = qkv.shape[-1] // 3
     if interpreting() or qkv.device.type != "cuda":
-        return gma_shape(C, interpreter=True, split=True)
+        return gma_shape(C, interpreter=True, split=True, zdense=dense)
     cap = _cuda_capability(qkv.device.index or 0)
-    cand = next(c for c in tl_launcher.aggregate_candidates(C, qkv.dtype, cap) if c.get("SPLIT"))
+    cand = next((c for c in tl_launcher.aggregate_candidates(C, qkv.dtype, cap)
+                 if c.get("SPLIT") and bool(c.get("ZDENSE")) == dense), None)
+    if cand is None:
+        raise ValueError(f"no {'ZDENSE' if dense else 'SPLIT'} candidate at C = {C}, {qkv.dtype}, sm_{cap[0]}{cap[1]}")
     return tl_launcher.shape_from_configs(C, dot_variant(qkv), cand, tl_launcher.attention_default(C, qkv.dtype, cap))
 
 

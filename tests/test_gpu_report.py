@@ -830,10 +830,12 @@ def test_sanitize_driver_checks_results_on_cpu():
         == {"triton", "cuda"}
 
 
-def test_sanitize_driver_split_case_runs_the_z_pass(monkeypatch):
-    """The driver's Triton "split" cases run the forward as the tune phase's SPLIT candidate does: the Z pass
-    (`gma_statistics_kernel`), then the aggregation from Z, combine and attention, and give the pre-projection
-    within fp32's tolerance of float64 (the interpreter, in this process); any other Triton tile is refused."""
+@pytest.mark.parametrize("tile,z_pass", [("split", "gma_statistics_kernel"), ("dense", "gma_dense_z_kernel")])
+def test_sanitize_driver_split_case_runs_the_z_pass(monkeypatch, tile, z_pass):
+    """The driver's Triton "split" / "dense" cases run the forward as the tune phase's SPLIT candidate / its ZDENSE
+    form does: the Z pass (`gma_statistics_kernel` / `gma_dense_z_kernel`), then the aggregation from Z, combine
+    and attention, and give the pre-projection within fp32's tolerance of float64 (the interpreter, in this
+    process); any other Triton tile is refused."""
     import torch.nn.functional as F
     from gmf_kernels.folding import fold_eval
     from gmf_kernels.numerics import default_hyper, max_rel_error, random_gma_weights
@@ -849,13 +851,14 @@ def test_sanitize_driver_split_case_runs_the_z_pass(monkeypatch):
     _, ex = reference_group_mix_attention(x, (H, W), w, hp, return_intermediates=True)
     qkv = F.linear(x, w.qkv_weight, w.qkv_bias).float()
     ws = [t.contiguous() for t in fold_eval(w, hp, torch.float32)]
-    assert gr.triton_split_shape(qkv, H, W).AGG_SPLIT
-    out = gr.pre_projection_call("triton", qkv, H, W, ws, hp, "split")()
-    assert launched == ["gma_statistics_kernel", "gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel"]
+    shape = gr.triton_split_shape(qkv, H, W, dense=tile == "dense")
+    assert shape.AGG_SPLIT and shape.AGG_ZDENSE == (tile == "dense")
+    out = gr.pre_projection_call("triton", qkv, H, W, ws, hp, tile)()
+    assert launched == [z_pass, "gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel"]
     assert max_rel_error(out, ex["pre_proj"]) < 1e-5
     with pytest.raises(ValueError, match="tile"):
         gr.pre_projection_call("triton", qkv, H, W, ws, hp, (4, 4))
-    assert any(gr.sanitize_case(c)["tile"] == "split" for c in gr.SANITIZE_CASES)
+    assert any(gr.sanitize_case(c)["tile"] == tile for c in gr.SANITIZE_CASES)
 
 
 def _alive(pid: int) -> bool:
@@ -1343,7 +1346,7 @@ def test_record_part_warms_what_the_tune_phase_compiles():
     the record part's warm-up (`specializations.report_specializations`), so none is compiled on one CPU
     inside the tune phase, nor any training candidate its ``tune.py --train`` run loads (fp16); nor any
     kernel of the sanitizer driver's training steps (SANITIZE_CASES' "train" cases: else their ~45 compiles
-    each would fall in the driver's plain run), nor of its split-forward cases (tile "split"). (In a subprocess: the specialisations are derived with
+    each would fall in the driver's plain run), nor of its split-forward cases (tile "split" or "dense"). (In a subprocess: the specialisations are derived with
     TRITON_INTERPRET unset, as on a GPU.)"""
     from gmf_kernels.triton_kernels import specializations as S
     from helpers import triton_compile_env
@@ -1355,9 +1358,9 @@ def test_record_part_warms_what_the_tune_phase_compiles():
     assert tuple(triton_families) == S.REPORT_TUNE_FAMILIES
     train_cases = [(c["C"], c["H"], c["W"], c["B"], c["dtype"]) for c in map(gr.sanitize_case, gr.SANITIZE_CASES)
                    if c["mode"] == "train"]
-    split_cases = [(c["C"], c["H"], c["W"], c["B"], c["dtype"]) for c in map(gr.sanitize_case, gr.SANITIZE_CASES)
-                   if c["tile"] == "split"]
-    assert split_cases
+    split_cases = [(c["C"], c["H"], c["W"], c["B"], c["dtype"], c["tile"] == "dense")
+                   for c in map(gr.sanitize_case, gr.SANITIZE_CASES) if c["tile"] in ("split", "dense")]
+    assert split_cases and any(c[-1] for c in split_cases)
     code = f"""
 import json, sys, torch
 sys.path.insert(0, {str(REPO / "benchmarks")!r})
@@ -1369,9 +1372,10 @@ swept_train = tune.warm_specs({list(gr.TUNE_TRAIN_FAMILIES)!r}, shapes, [torch.f
 warmed = {{sp.key for sp in S.report_specializations(90)}}
 sanitized = [sp for c in {train_cases!r} for sp in S.training_specializations_of_call(S.Call(*c), 90)]
 from gmf_kernels.triton_kernels import launcher as L
-for c in {split_cases!r}:
+for *c, dense in {split_cases!r}:
     call = S.Call(*c)
-    cand = next(x for x in L.aggregate_candidates(call.C, call.torch_dtype(), (9, 0)) if x.get("SPLIT"))
+    cand = next(x for x in L.aggregate_candidates(call.C, call.torch_dtype(), (9, 0))
+                if x.get("SPLIT") and bool(x.get("ZDENSE")) == dense)
     sanitized += S._candidate_specs("triton.aggregate", call, 90, cand)
 print(json.dumps({{"swept": len(swept), "unrolled": sum("unrolled" in sp.label() for sp in swept),
                   "swept_train": len(swept_train), "sanitized": len(sanitized),

@@ -71,7 +71,9 @@ def _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_t, y, x, pmask, ch, cmask
     return acc_q, acc_k, acc_v
 
 
-@triton.jit
+# one variant per (C, dtype, GPU): N, H, W, B not specialised; stride_b (N 3C) is, a multiple of 16 wherever 3C is
+# (without it the 16-bit tile loads lose their vector width and async copies: 49 scalar loads a tap on sm_90)
+@triton.jit(do_not_specialize=["N", "H", "W", "B"])
 def gma_dense_z_kernel(qkv, z, dw3, dw5, dw7, pw, N, H, W, B, stride_b, stride_n,
                        C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
