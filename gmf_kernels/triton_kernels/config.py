@@ -150,7 +150,7 @@ def pair_applies(C: int) -> bool:
 def zdense_applies(C: int, dtype: str, precision: str) -> bool:
     """Whether the dense Z pass (`GMAShape.AGG_ZDENSE`, `dense_z.gma_dense_z_kernel`) is a tuning candidate for
     width C, input dtype name `dtype` and the GPU's dots for it (`dot_precision`): tensor-core dots (not the
-    FMA dots of sm_70/75, which would run the ~14x larger dense work on CUDA cores), at widths where it
+    FMA dots of sm_70/75, which would run the 10-19x larger dense work on CUDA cores), at widths where it
     compiles without spilling (AOT, Triton 3.6, batch 128, its tiles `DENSE_Z_TILES`; compiler figures):
     S_PAD <= 32 at every dtype (sm_90: 80 / 80 registers bf16, 157 / 158 fp32, wgmma), S_PAD 64 with 16-bit
     operands only (bf16 (64, 8): 100 registers on sm_90, 237 on sm_80; 3xTF32 spilled 60 B - 16 KB there),

@@ -19,8 +19,8 @@ weights' layout), and multiplies it into the tiles of q, k and v (the aggregator
 the three streams), one accumulator each.
 
 **Which bound.** FLOPs per token and stream: s^2 K^2 multiply-adds for segment j, against s K^2 + s^2 for
-the stencil then the pointwise: at s = 16 (C = 80) 256 x (9 + 25 + 49) = 21 248 against 1 520 over the
-three segments, 14x as many, but on tensor cores (sm_90: ~790 TFLOP/s bf16 against ~67 TFLOP/s of fp32
+the stencil then the pointwise: at s = 16 (C = 80) 256 x (9 + 25 + 49) = 21 248 against 16 x 83 + 3 x 256 =
+2 096 over the three segments, 10x as many (15x at s = 32, 19x at s = 64), but on tensor cores (sm_90: ~790 TFLOP/s bf16 against ~67 TFLOP/s of fp32
 FMA, ~12x), in k = 16 MMAs of 2048 multiply-adds per warp instruction against 32 per FFMA. The stencil
 kernels are issue- and latency-bound (docs/performance.md: the H200's aggregate at 6-12 % of its byte
 bound, ~1 050 warp instructions per token at C = 80); this kernel aims at the tensor cores' throughput.
@@ -35,8 +35,9 @@ dtype rounds its intermediates (each W_t is rounded once; the products are exact
 rounded once to the stage dtype when stored).
 
 **Grid** ``(ceil(N / BLOCK_P), 3, B)``: program (tile, j - 1, b) computes BLOCK_P tokens of image b,
-segment j, for the three streams. The tap loop is a ``for`` over K^2 taps whose loads carry masks (no
-``if``), so Triton's pipeliner may overlap a tap's loads with the previous tap's MMAs. Tiles:
+segment j, for the three streams. On a GPU the tap loop is a ``tl.range`` of `config.DENSE_Z_STAGES` stages
+over the K^2 taps, whose loads carry masks (no ``if``), so Triton overlaps a tap's loads (cp.async) with the
+previous tap's MMAs; the interpreter runs it as a plain loop (PIPE 0). Tiles:
 `config.DENSE_Z_TILES` (BLOCK_P, num_warps) by S_PAD.
 """
 from __future__ import annotations
