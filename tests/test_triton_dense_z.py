@@ -107,7 +107,7 @@ for arch in (80, 90):
                         rep = sp.compile_one(spec)
                         target, src, options = sp._source_and_options(spec)
                         ck = triton.compile(src, target=target, options=options.__dict__)   # a cache hit
-                        rep.update(ttgir_wgmma=ck.asm["ttgir"].count("warp_group_dot"),
+                        rep.update(zdense=cand["ZDENSE"], ttgir_wgmma=ck.asm["ttgir"].count("warp_group_dot"),
                                    ptx_mma=ck.asm["ptx"].count("mma.sync"), ptx_wgmma=ck.asm["ptx"].count("wgmma.mma_async"),
                                    async_copies=ck.asm["ttgir"].count("async_copy_global_to_local"), C=C, dt=dt)
                         out.append(rep)
@@ -116,15 +116,17 @@ print(json.dumps(out))
 
 
 def test_dense_z_compiles_to_tensor_cores_without_spills(tmp_path):
-    """Every dense Z pass the tuner may try on GroupMixFormer-S (bf16 at C = 80, 160, 320; fp32 at C = 80, 160:
-    `config.zdense_applies`), compiled for sm_80 and sm_90: no spill, no known miscompile, its products on tensor
+    """Every dense Z pass the tuner may try on GroupMixFormer-S (bf16 at C = 80, 160, 320 at both tile tables; fp32 at
+    C = 80, 160 at the first: `config.zdense_variants`), compiled for sm_80 and sm_90: no spill, no known miscompile, its products on tensor
     cores (sm_90: wgmma; sm_80: mma.sync) and its tap loop's loads asynchronous copies (pipelined)."""
     from helpers import aot_reports, assert_compiled_without_spills
     reps = aot_reports(_AOT_SCRIPT, tmp_path, timeout=1200)
-    assert {(r["arch"], r["C"], r["dt"]) for r in reps} == {(a, C, dt) for a in (80, 90) for C in (80, 160, 320)
-                                                            for dt in ("bf16", "fp32") if dt == "bf16" or C < 320}
+    assert {(r["arch"], r["C"], r["dt"], r["zdense"]) for r in reps} == {
+        (a, C, dt, z) for a in (80, 90) for C in (80, 160, 320) for dt in ("bf16", "fp32") for z in (1, 2)
+        if (dt == "bf16" or (C < 320 and z == 1))}
     for r in reps:
-        print(f"sm_{r['arch']} C={r['C']} {r['dt']}: {r['registers']} registers, {r['shared_dynamic']} B shared, "
+        print(f"sm_{r['arch']} C={r['C']} {r['dt']} ZDENSE {r['zdense']}: {r['registers']} registers, "
+              f"{r['shared_dynamic']} B shared, "
               f"wgmma {r['ptx_wgmma']}, mma.sync {r['ptx_mma']}, async copies {r['async_copies']}")
         assert_compiled_without_spills(r)
         assert (r["ptx_wgmma"] > 0) if r["arch"] == 90 else (r["ptx_mma"] > 0), r

@@ -900,16 +900,17 @@ SPLIT_CASES = [(40, 5, 7, 2, torch.float32, False), (80, 7, 9, 1, torch.bfloat16
 #: ... and with its Z pass as dense convolutions on tensor cores (`GMAShape.AGG_ZDENSE`, `dense_z`): s = 8 and 12
 #: padded to 16 channels, the GPU tiles (128 tokens: several programs an image at 13x11, the last ragged), odd grids
 #: smaller than the 7x7 window, batch 1 and 3
-ZDENSE_CASES = [(40, 5, 7, 2, torch.float32, False), (60, 13, 11, 1, torch.float32, True),
-                (80, 7, 9, 3, torch.bfloat16, True), (160, 4, 6, 1, torch.float16, False),
-                (320, 3, 5, 2, torch.bfloat16, True)]
+#: (the last field: the ZDENSE variant, its tile table: `config.DENSE_Z_TILES`, `config.DENSE_Z_TILES_ALT`)
+ZDENSE_CASES = [(40, 5, 7, 2, torch.float32, False, 1), (60, 13, 11, 1, torch.float32, True, 1),
+                (80, 7, 9, 3, torch.bfloat16, True, 1), (160, 4, 6, 1, torch.float16, False, 1),
+                (320, 3, 5, 2, torch.bfloat16, True, 1), (160, 12, 13, 1, torch.bfloat16, True, 2)]
 
 
 @pytest.mark.parametrize("C,H,W,B,dtype,gpu_tiles,zdense",
-                         [c + (False,) for c in SPLIT_CASES] + [c + (True,) for c in ZDENSE_CASES],
+                         [c + (0,) for c in SPLIT_CASES] + ZDENSE_CASES,
                          ids=[f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}-{'gpu' if g else 'interp'}" for c, h, w, b, d, g in
-                              SPLIT_CASES] + [f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}-{'gpu' if g else 'interp'}-dense"
-                                              for c, h, w, b, d, g in ZDENSE_CASES])
+                              SPLIT_CASES] + [f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}-{'gpu' if g else 'interp'}-dense{z}"
+                                              for c, h, w, b, d, g, z in ZDENSE_CASES])
 def test_split_forward(monkeypatch, C, H, W, B, dtype, gpu_tiles, zdense):
     """The split forward (the "triton.aggregate" candidate SPLIT): the Z pass (`statistics.plan_z_pass`, or with
     ZDENSE `dense_z.plan_dense_z_pass`) first, then the aggregation reading Z without keeping anything for a
@@ -926,7 +927,8 @@ def test_split_forward(monkeypatch, C, H, W, B, dtype, gpu_tiles, zdense):
     assert [k.__name__ for k, *_ in launches] == ["gma_dense_z_kernel" if zdense else "gma_statistics_kernel",
                                                   "gma_aggregate_kernel", "gma_combine_kernel", "gma_attention_kernel"]
     kw = [k[3] for k in launches]
-    assert kw[0]["BLOCK_P"] == config.DENSE_Z_TILES[config.dot_pad(C // 5)][0] if zdense else kw[0]["STORE"] == 2
+    tiles = {1: config.DENSE_Z_TILES, 2: config.DENSE_Z_TILES_ALT}.get(zdense)
+    assert (kw[0]["BLOCK_P"], kw[0]["num_warps"]) == tiles[config.dot_pad(C // 5)] if zdense else kw[0]["STORE"] == 2
     assert kw[1]["FROM_Z"] and "KEEP" not in kw[1]
     assert not kw[2].get("STATS") and not kw[3].get("STORE_R")
     if dtype == torch.float32:
@@ -1020,12 +1022,13 @@ def test_split_forward_is_a_candidate_and_not_the_training_forward():
             dense = config.zdense_applies(C, config.dtype_name(dtype), config.dot_precision(config.dtype_name(dtype),
                                                                                             cap))
             assert dense == (cap >= (8, 0) and (C // 5 <= 32 or (C // 5 <= 64 and dtype != torch.float32)))
-            assert len(split) == 2 + dense and cands.index(split[0]) == 4, (C, dtype)
-            if dense:
-                assert split[1] == {**split[0], "ZDENSE": 1} and split[0]["ZDENSE"] == 0
-                sh = launcher.shape_from_configs(C, launcher.DotVariant("tf32", False), split[1],
+            variants = (1, 2) if dense and dtype != torch.float32 else (1,) if dense else ()
+            assert len(split) == 2 + len(variants) and cands.index(split[0]) == 4, (C, dtype)
+            for i, v in enumerate(variants, start=1):   # its two tile tables for 16-bit operands
+                assert split[i] == {**split[0], "ZDENSE": v} and split[0]["ZDENSE"] == 0
+                sh = launcher.shape_from_configs(C, launcher.DotVariant("tf32", False), split[i],
                                                  launcher.attention_default(C, dtype, cap))
-                assert sh.AGG_ZDENSE and sh.AGG_SPLIT and not config.from_planes(sh, "tf32").AGG_ZDENSE
+                assert sh.AGG_ZDENSE == v and sh.AGG_SPLIT and not config.from_planes(sh, "tf32").AGG_ZDENSE
             assert split[-1] == {**split[0], "PIPE": launcher.AGG_PIPE_STAGES} and split[0]["PIPE"] == 0   # pipelined
             assert (split[0]["PAIR"], split[0]["ROWS"], split[0]["MERGE"]) == (0, 0, 1)
             sh = launcher.shape_from_configs(C, launcher.DotVariant("tf32", False), split[0],

@@ -161,6 +161,15 @@ def zdense_applies(C: int, dtype: str, precision: str) -> bool:
     return s_pad <= 32 or (s_pad == 64 and dtype in ("fp16", "bf16"))
 
 
+def zdense_variants(C: int, dtype: str, precision: str) -> Tuple[int, ...]:
+    """The values of the ZDENSE knob (`GMAShape.AGG_ZDENSE`) the "triton.aggregate" search space tries at width
+    C: none where `zdense_applies` says no; else 1 (`DENSE_Z_TILES`), and for fp16 / bf16 also 2
+    (`DENSE_Z_TILES_ALT`, the other side of the registers-against-instructions trade)."""
+    if not zdense_applies(C, dtype, precision):
+        return ()
+    return (1, 2) if dtype in ("fp16", "bf16") and dot_pad(C // 5) in DENSE_Z_TILES_ALT else (1,)
+
+
 def dot_precision(dtype: str, capability: Tuple[int, int]) -> str:
     """Triton ``input_precision`` of the kernels' dots for this input dtype name on this GPU."""
     row = arch_dots(capability)
@@ -282,8 +291,8 @@ class GMAShape:
     AGG_SPLIT: bool = False    # eval forward: a Z pass (`statistics.plan_z_pass`), then the aggregation from Z (a candidate)
     AGG_PIPE: int = 0          # aggregation: stages of the element-wise jobs' tile loop (`tl.range(num_stages=...)`;
     #                            0: a plain loop, and always under the interpreter; a candidate)
-    AGG_ZDENSE: bool = False   # with AGG_SPLIT: the Z pass as dense K x K convolutions on tensor cores
-    #                            (`dense_z.gma_dense_z_kernel`; a candidate)
+    AGG_ZDENSE: int = 0        # with AGG_SPLIT: the Z pass as dense K x K convolutions on tensor cores
+    #                            (`dense_z.gma_dense_z_kernel`; a candidate), 1 at `DENSE_Z_TILES`, 2 at `DENSE_Z_TILES_ALT`
 
     def num_tiles(self, N: int, W: Optional[int] = None) -> int:
         """The aggregation's tiles of an image of N tokens (W columns): ceil(N / AGG_BLOCK_P), or with
@@ -317,7 +326,7 @@ def from_planes(shape: GMAShape, precision: str = "") -> GMAShape:
     only where they do so without spilling (`ATTN_ROWS_KEEP_R_PRECISIONS` for the call's dot `precision`,
     `ATTN_ROWS_KEEP_R_MAX_D_PAD`). Cached (every training launch asks it; GMAShape is frozen)."""
     rows = shape.ATTN_ROWS and precision in ATTN_ROWS_KEEP_R_PRECISIONS and shape.D_PAD <= ATTN_ROWS_KEEP_R_MAX_D_PAD
-    return replace(shape, AGG_FROM_Z=True, AGG_SPLIT=False, AGG_ZDENSE=False, AGG_PAIR=False, AGG_ROWS=False,
+    return replace(shape, AGG_FROM_Z=True, AGG_SPLIT=False, AGG_ZDENSE=0, AGG_PAIR=False, AGG_ROWS=False,
                    AGG_MERGE=True, ATTN_ROWS=rows)
 
 
@@ -414,6 +423,12 @@ INTERPRETER_BLOCK_P = 256
 #: share the W_t operand's layout change among more rows; 8 warps at S_PAD 64 (bf16, sm_90: 163 -> 100 registers
 #: against 4 warps, sm_80 255 -> 237). Where it is a candidate: `zdense_applies`.
 DENSE_Z_TILES: Dict[int, Tuple[int, int]] = {16: (128, 4), 32: (64, 4), 64: (64, 8), 128: (32, 4)}
+#: ... and the other tile the search space tries for fp16 / bf16 (ZDENSE 2, `zdense_variants`). SASS of the tap loop
+#: (Triton 3.6, batch 128, bf16; warp instructions per token over the 83 taps of the three segments, 3 streams;
+#: compiler figures): S_PAD 16 (64, 4): 50 registers, 680 per token, against (128, 4)'s 80 and 456; S_PAD 32 (128, 4):
+#: 152 registers (sm_80 168), 51 KB shared, 568 per token, against (64, 4)'s 80 and 923; S_PAD 64 (128, 8): 165
+#: registers (sm_80 255), 107 KB, 1198 per token, against (64, 8)'s 100 and 1354 (sm_90 unless said). No spills.
+DENSE_Z_TILES_ALT: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (128, 4), 64: (128, 8)}
 #: stages of its tap loop on a GPU (``tl.range(num_stages=...)``: a tap's loads issued while the previous tap's
 #: MMAs run); the interpreter runs a plain loop
 DENSE_Z_STAGES = 2
@@ -519,7 +534,7 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
               strip: Optional[int] = None, merge: Optional[bool] = None, unroll: bool = False,
               attn_unroll: bool = False, dots16: bool = False, attn_dots16: bool = False,
               pair: bool = False, rows: bool = False, attn_rows: bool = False, split: bool = False,
-              pipe: int = 0, zdense: bool = False) -> GMAShape:
+              pipe: int = 0, zdense: int = 0) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
@@ -536,7 +551,8 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
     attn_rows: the attention's CRPE by row walks (`GMAShape.ATTN_ROWS`; default off).
     split: the eval forward split in a Z pass and the aggregation from Z (`GMAShape.AGG_SPLIT`; default off).
     pipe: the stages of the aggregation's element-wise tile loops (`GMAShape.AGG_PIPE`; default 0, a plain loop).
-    zdense: the split forward's Z pass as dense convolutions on tensor cores (`GMAShape.AGG_ZDENSE`; needs split).
+    zdense: the split forward's Z pass as dense convolutions on tensor cores (`GMAShape.AGG_ZDENSE`: 1 or 2, its
+    tile table; needs split).
     The knobs that only shape the stencils of segments 1-3 (pair, rows, merge) are then set to one value, as
     `from_planes` sets them: the aggregation runs no such stencil (one compiled variant)."""
     if C % 10 != 0 or C <= 0:
@@ -564,8 +580,10 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
                          f"merged={merged})")
     if rows and not pair:
         raise ValueError(f"rows=True walks a segment's two heads as one tensor: it needs pair=True (C={C})")
+    if zdense not in (0, 1, 2, False, True):
+        raise ValueError(f"zdense={zdense!r}: 0 (off), 1 (DENSE_Z_TILES) or 2 (DENSE_Z_TILES_ALT)")
     if zdense and not split:
-        raise ValueError("zdense=True is a Z pass of the split forward: it needs split=True")
+        raise ValueError("zdense is a Z pass of the split forward: it needs split=True")
     if split:
         pair, rows, merged = False, False, True
     return GMAShape(C=C, S=S, CP=CP, D=D, S_PAD=S_PAD, D_PAD=D_PAD, CK=ck, AGG_BLOCK_P=agg,
@@ -575,4 +593,4 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
                     AGG_UNROLL=bool(unroll), ATTN_UNROLL=bool(attn_unroll), AGG_DOTS16=bool(dots16),
                     ATTN_DOTS16=bool(attn_dots16), AGG_PAIR=bool(pair), AGG_ROWS=bool(rows),
                     ATTN_ROWS=bool(attn_rows), AGG_SPLIT=bool(split), AGG_PIPE=int(pipe),
-                    AGG_ZDENSE=bool(zdense))
+                    AGG_ZDENSE=int(zdense))

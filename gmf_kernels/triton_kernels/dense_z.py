@@ -38,7 +38,7 @@ rounded once to the stage dtype when stored).
 segment j, for the three streams. On a GPU the tap loop is a ``tl.range`` of `config.DENSE_Z_STAGES` stages
 over the K^2 taps, whose loads carry masks (no ``if``), so Triton overlaps a tap's loads (cp.async) with the
 previous tap's MMAs; the interpreter runs it as a plain loop (PIPE 0). Tiles:
-`config.DENSE_Z_TILES` (BLOCK_P, num_warps) by S_PAD.
+`config.DENSE_Z_TILES` (BLOCK_P, num_warps) by S_PAD, or `config.DENSE_Z_TILES_ALT` (`dense_z_tiles`).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from ._common import DotVariant, interpreting, mm, stored
-from .config import DENSE_Z_STAGES, DENSE_Z_TILES, dot_pad, dtype_name, operand_precision
+from .config import DENSE_Z_STAGES, DENSE_Z_TILES, DENSE_Z_TILES_ALT, dot_pad, dtype_name, operand_precision
 from .statistics import z_pass_buffer
 
 Tensor = torch.Tensor
@@ -135,10 +135,12 @@ def dense_z_dots(dots: DotVariant, dtype) -> DotVariant:
     return dots._replace(precision=operand_precision(dots.precision, dtype_name(dtype), True))
 
 
-def dense_z_tiles(C: int) -> Tuple[int, int]:
-    """(BLOCK_P, num_warps) for width C (`config.DENSE_Z_TILES` by S_PAD; the interpreter runs them too: a
-    program is a few [BLOCK_P, S_PAD] products a tap there)."""
-    return DENSE_Z_TILES[dot_pad(C // 5)]
+def dense_z_tiles(C: int, variant: int = 1) -> Tuple[int, int]:
+    """(BLOCK_P, num_warps) for width C: `config.DENSE_Z_TILES` by S_PAD (variant 1), `config.DENSE_Z_TILES_ALT`
+    (variant 2; `GMAShape.AGG_ZDENSE`). The interpreter runs them too: a program is a few [BLOCK_P, S_PAD]
+    products a tap there."""
+    table = {1: DENSE_Z_TILES, 2: DENSE_Z_TILES_ALT}[variant]
+    return table[dot_pad(C // 5)]
 
 
 def plan_dense_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,

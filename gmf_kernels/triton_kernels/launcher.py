@@ -50,11 +50,11 @@ from .backward import KeptPlanes  # (imports no Triton)
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
 from .statistics import gma_statistics_kernel, plan_z_pass
-from .dense_z import gma_dense_z_kernel, plan_dense_z_pass
+from .dense_z import dense_z_tiles, gma_dense_z_kernel, plan_dense_z_pass
 from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P,
                      MAX_GRID_BATCH, GMAShape,
                      dot_pad, dot_precision, dtype_name, from_planes, gma_shape, next_pow2, operand_precision,
-                     pair_applies, stage_dtype, zdense_applies)
+                     pair_applies, stage_dtype, zdense_variants)
 
 Tensor = torch.Tensor
 #: one launch: (kernel, grid, positional args, keyword args incl. constexprs and num_warps)
@@ -87,10 +87,10 @@ MAX_CANDIDATES = 8
 #: ... and for the aggregation, whose search space also holds the wide tiles and the unrolled taps below: the
 #: default's four variants, the table tiles and the wide tiles (at most AGG_MAX_WIDE) in AGG_BASE_CANDIDATES
 #: slots, then the SPLIT / ROWS / DOTS16 / PAIR candidates on top (`aggregate_candidates`), at most
-#: AGG_MAX_CANDIDATES in all (23: the whole list at C = 80 and 160 with fp16 / bf16 on sm_80+)
+#: AGG_MAX_CANDIDATES in all (24: the whole list at C = 80 and 160 with fp16 / bf16 on sm_80+)
 AGG_BASE_CANDIDATES = 12
 AGG_MAX_WIDE = 6
-AGG_MAX_CANDIDATES = 23
+AGG_MAX_CANDIDATES = 24
 #: The split forward's candidate with its element-wise tile loops software-pipelined (`GMAShape.AGG_PIPE`): Triton
 #: then issues the next tile's Z loads (cp.async into shared memory) while this tile's BatchNorm, hardswish, stores
 #: and exp(K)^T V run, where the plain loop waits for each tile's loads in full. Why (the compiled code, not a
@@ -173,7 +173,8 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     applies (else unrolled alone), and, first of the knobs (timed before a tight deadline cuts the list),
     the split forward (``SPLIT``: `GMAShape.AGG_SPLIT`, the default tile's aggregation reading Z from a Z
     pass, `statistics.plan_z_pass`), the same with that Z pass as dense convolutions on tensor cores where
-    `config.zdense_applies` (``ZDENSE``: `GMAShape.AGG_ZDENSE`, `dense_z`), the same with its element-wise tile
+    `config.zdense_applies` (``ZDENSE``: `GMAShape.AGG_ZDENSE`, `dense_z`; 1 and 2, its two tiles, for fp16 / bf16:
+    `config.zdense_variants`), the same with its element-wise tile
     loops pipelined (``PIPE``:
     `GMAShape.AGG_PIPE`, `AGG_PIPE_STAGES`) and the row walks (``ROWS``: `aggregation._segment_rows`, the tiles of
     `AGG_ROWS_TILES`, with DOTS16 where it applies); then the other tiles of AGG_TILES / AGG_TILES_BY_DOTS (each
@@ -199,8 +200,8 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     # local branch are such loops)
     split = {**default, "SPLIT": 1, "PAIR": 0, "ROWS": 0, "MERGE": 1}
     knobs = [split]
-    if zdense_applies(C, dtype_name(dtype), _precision(C, dtype, capability)):   # its Z pass on tensor cores
-        knobs.append({**split, "ZDENSE": 1})
+    for variant in zdense_variants(C, dtype_name(dtype), _precision(C, dtype, capability)):   # on tensor cores
+        knobs.append({**split, "ZDENSE": variant})
     knobs.append({**split, "PIPE": AGG_PIPE_STAGES})
     if pair:   # then the row walks (`aggregation._segment_rows`): the structural change, timed before the deadline
         for bp, warps in AGG_ROWS_TILES.get(dot_pad(C // 5), ()):
@@ -287,7 +288,7 @@ def _shape_from_configs(C: int, precision: str, agg_items: tuple, attn_items: tu
                       attn_dots16=bool(attn.get("DOTS16", 0)), pair=bool(agg.get("PAIR", 0)),
                       rows=bool(agg.get("ROWS", 0)), attn_rows=bool(attn.get("ROWS", 0)),
                       split=bool(agg.get("SPLIT", 0)), pipe=int(agg.get("PIPE", 0)),
-                      zdense=bool(agg.get("ZDENSE", 0)))
+                      zdense=int(agg.get("ZDENSE", 0)))
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 
@@ -337,7 +338,8 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
         zbuf = _alloc((3 * B, 4 * shape.S, H, W), stage_dtype(dt), dev)   # segment 0 stays unwritten, unread
         if shape.AGG_ZDENSE:   # as dense convolutions on tensor cores (`dense_z`)
             z_pass, (grid, args, kwargs) = plan_dense_z_pass(qkv, H, W, weights.dw3, weights.dw5, weights.dw7,
-                                                             weights.pw, dots, z=zbuf)
+                                                             weights.pw, dots, z=zbuf,
+                                                             tiles=dense_z_tiles(C, shape.AGG_ZDENSE))
             launches.append((gma_dense_z_kernel, grid, args, kwargs))
         else:
             z_pass, (grid, args, kwargs) = plan_z_pass(qkv, H, W, weights.dw3, weights.dw5, weights.dw7, weights.pw,
