@@ -1186,12 +1186,8 @@ def install_seed(ctx: Ctx, ph: Dict) -> None:
         return
     before = cached_kernels(ctx.env)
     r = run(ctx, py(SEED, "--install", d, "--arch", _arch_of(ctx) or "90"), 180, "[seed] ", echo=False)
-    try:  # seed_caches.py --install prints one JSON line last
-        info = json.loads(r.output.strip().splitlines()[-1]) if r.rc == 0 else None
-    except (ValueError, IndexError):
-        info = None
-    if not isinstance(info, dict):
-        info = {"dir": str(d), "status": f"failed (rc {r.rc}): {r.output[-500:]}"}
+    info = (extract_json(r.output) if r.rc == 0 else None) or {"dir": str(d),
+                                                              "status": f"failed (rc {r.rc}): {r.output[-500:]}"}
     info["cubins_added"] = cached_kernels(ctx.env) - before
     ph["triton_kernels_seeded"] = info["cubins_added"]
     b["seed"] = info

@@ -64,6 +64,8 @@ KEPT_SUFFIXES = (".json", ".cubin", ".ptx", ".ttir", ".ttgir")
 GROUP_PREFIX = "__grp__"
 #: written into the Triton cache once a seed archive is installed there (name + the archive's sha256)
 INSTALLED_MARKER = ".gmf_seed_"
+#: the prefix of --install's JSON line (gpu_report.py's JSON_TAG: its `extract_json` reads it)
+JSON_TAG = "GMF_JSON "
 
 _FACTS = r"""
 import json, sys, sysconfig
@@ -277,10 +279,11 @@ def main(argv=None) -> int:
     ap.add_argument("--install", default=None, metavar="SEED_DIR",
                     help="on the machine that runs (gpu_report.py does this): install SEED_DIR into this "
                          "machine's Triton cache (TRITON_CACHE_DIR or Triton's default) and CUDA module cache "
-                         "(GMF_CUDA_CACHE or ~/.cache/gmf_kernels/cuda); prints what it did as JSON")
+                         "(GMF_CUDA_CACHE or ~/.cache/gmf_kernels/cuda); prints what it did as one JSON line, "
+                         "after 'GMF_JSON '")
     a = ap.parse_args(argv)
-    if a.install:
-        print(json.dumps(install_here(Path(a.install), a.arch)))
+    if a.install:   # one line, tagged as the report's workers tag theirs (gpu_report.extract_json)
+        print(JSON_TAG + json.dumps(install_here(Path(a.install), a.arch)))
         return 0
     if not a.python:
         ap.error("--python is needed to build a seed")

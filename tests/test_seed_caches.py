@@ -168,8 +168,11 @@ def test_gpu_report_installs_the_seed_after_env_and_does_not_count_it(tmp_path, 
         calls.append([str(c) for c in cmd])
         (tmp_path / "tc" / "X").mkdir(parents=True, exist_ok=True)
         (tmp_path / "tc" / "X" / "k.cubin").write_bytes(b"c")
-        return gr.RunResult(cmd, 0, json.dumps({"status": "ok", "triton": {"added": 1}, "cuda": ["k1: installed"],
-                                                "cuda_key_matches": True, "seconds": 0.5}), 0.5)
+        line = json.dumps({"status": "ok", "triton": {"added": 1}, "cuda": ["k1: installed"],
+                           "cuda_key_matches": True, "seconds": 0.5})
+        return gr.RunResult(cmd, 0, "progress\n" + sc.JSON_TAG + line, 0.5)   # seed_caches' tag is the report's
+
+    assert sc.JSON_TAG == gr.JSON_TAG
 
     monkeypatch.setattr(gr, "run", fake_run)
     ctx = gr.Ctx(types.SimpleNamespace(seed=str(seed)), tmp_path, lambda *a, **k: None, False,
