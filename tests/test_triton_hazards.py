@@ -165,7 +165,9 @@ def test_kernels_free_of_global_memory_hazards(case, monkeypatch):
 
 
 #: kernels that only a tuning candidate launches, each checked by a test of its own (which asserts its launch)
-DEDICATED = {"gma_dense_z_kernel": "test_dense_z_pass_free_of_hazards"}
+DEDICATED = {"gma_dense_z_kernel": "test_dense_z_pass_free_of_hazards",
+             "gma_dense_dx_kernel": "test_dense_backward_free_of_hazards",
+             "gma_dense_wgrad_kernel": "test_dense_backward_free_of_hazards"}
 
 
 def test_cases_launch_every_kernel(monkeypatch):
@@ -238,6 +240,37 @@ def test_dense_z_pass_free_of_hazards():
     assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))
     planes = z.view(3, B, 4, C // 5, H * W)
     assert planes[:, :, 0].isnan().all() and not planes[:, :, 1:].isnan().any()
+
+
+def test_dense_backward_free_of_hazards():
+    """B3's dense form (`BackwardTiles.DENSE`, a "triton.backward" candidate; no case above takes it): the input
+    gradient (its GPU tile, ragged at the image's end) into the qkv gradient's segments 1-3, and the weight
+    gradient over two splits of a GPU-sized tile (tiles crossing the image border), each program writing its own
+    partials. Also checked as if without barriers."""
+    import gmf_kernels.triton_kernels.dense_z as dz
+    from gmf_kernels.triton_kernels._common import dot_variant
+    from helpers import random_folded_weights
+    C, H, W, B = 40, 9, 13, 2
+    s = C // 5
+    f = random_folded_weights(C, torch.float32)
+    qkv = torch.randn(B, H * W, 3 * C)
+    dZ = torch.randn(3 * B, 3 * s, H, W)
+    d_qkv = torch.full_like(qkv, float("nan"))
+    grid, args, kwargs = dz.plan_dense_dx(dZ, 0, d_qkv, H, W, f.dw3, f.dw5, f.dw7, f.pw, dot_variant(qkv))
+    buf, (grid_w, args_w, kwargs_w) = dz.plan_dense_wgrad(qkv, dZ, 0, H, W, f.dw3, f.dw5, f.dw7, f.pw,
+                                                          dot_variant(qkv), tiles=(64, 4))
+    buf["part_gdw"].fill_(float("nan"))
+    with HazardCheck(without_barriers=("gma_dense_dx_kernel", "gma_dense_wgrad_kernel")) as hc:
+        dz.gma_dense_dx_kernel[grid](*args, **kwargs)
+        dz.gma_dense_wgrad_kernel[grid_w](*args_w, **kwargs_w)
+    assert hc.launches == [("gma_dense_dx_kernel", (1, 3, B)), ("gma_dense_wgrad_kernel", grid_w + (1,))], hc.launches
+    assert grid_w[1] >= 2, grid_w
+    assert not hc.findings, "\n".join(map(str, hc.findings))
+    assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))
+    planes = d_qkv.view(B, H * W, 3, 5, s)
+    assert planes[..., (0, 4), :].isnan().all() and not planes[..., 1:4, :].isnan().any()
+    for j, k in enumerate((3, 5, 7)):       # every tap row of each segment written, the rest of the 49 not
+        assert not buf["part_gdw"][:, j, :k * k].isnan().any() and buf["part_gdw"][:, j, k * k:].isnan().all()
 
 
 def test_depthwise_backward_row_walks_free_of_hazards():

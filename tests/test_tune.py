@@ -179,7 +179,7 @@ def _module_tile(family: str, C: int, N: int, precision: str, monkeypatch):
             "triton.b2": lambda: ab._tile(B2_TILES, C // 10, N),
             "triton.b2_crpe": lambda: ab._crpe_tile(None, C // 10, N, 0, precision),
             "triton.backward": lambda: (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS,
-                                        t.DW_ROWS),
+                                        t.DW_ROWS, t.DENSE),
             }[family]()
 
 
@@ -230,6 +230,26 @@ def test_backward_walk_defaults_keep_the_tile_kernels_as_candidates(cap):
             assert any(c["ROWS"] == 1 - int(walk) for c in crpe[1:]), (C, crpe)
             if walk:
                 assert tuple(crpe[0].values()) == ab.CRPE_ROWS_DEFAULT[16], (C, crpe[0])
+
+
+@pytest.mark.parametrize("cap", [(9, 0), (8, 0), (7, 5)])
+def test_backward_dense_candidate_where_it_applies(cap):
+    """B3's dense form (`BackwardTiles.DENSE`) is the second "triton.backward" candidate (so that the family's
+    MAX_CANDIDATES never drops it) exactly where `dense_b3_applies` (fp16 / bf16 layers on sm_80+ at S_PAD <= 32),
+    the default's other tiles; never the default."""
+    *_, agb, _ = _train_modules()
+    from gmf_kernels.triton_kernels.tile_spaces import precision_of
+    for C in WIDTHS:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            bw = tuning.spaces()[agb.BACKWARD_FAMILY].candidates(C, dtype, cap)
+            if not bw:
+                continue
+            applies = agb.dense_b3_applies(C, precision_of(dtype, cap, True))
+            assert applies == (dtype != torch.float32 and cap >= (8, 0) and C // 5 <= 32), (C, dtype, cap)
+            assert bw[0]["DENSE"] == 0 and [c["DENSE"] for c in bw[1:]].count(1) == int(applies), (C, dtype, bw)
+            if applies:
+                assert bw[1] == dict(bw[0], DENSE=1), (C, dtype, bw[:2])
+
 
 def test_train_tiles_come_from_the_table(table_dir, monkeypatch):
     """`tile_spaces.tuned_tiles`: the table's entry for (GPU, C, dtype), else the default; None on

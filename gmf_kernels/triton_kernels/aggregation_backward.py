@@ -115,6 +115,8 @@ from ._common import (DotVariant, dot_variant, hardswish_grad, interpreting, mm,
                       rows_shift, stored)
 from .aggregation import split_plan as aggregation_split_plan
 from .config import cdiv, dot_pad, kernel_dot_precision, next_pow2
+from .dense_z import (dense_weight_grads, gma_dense_dx_kernel, gma_dense_wgrad_kernel, plan_dense_dx,
+                      plan_dense_wgrad)
 from .tile_spaces import register_tiles
 
 Tensor = torch.Tensor
@@ -665,7 +667,14 @@ class BackwardTiles:
     gradient's (`gma_dw_backward_kernel`, tiles [DW_ROWS pixels of one row, BLOCK_C channels]) and the weight
     gradient's (`gma_dw_wgrad_kernel`, tiles [BLOCK_C channels, DW_ROWS pixels of one row]), WARPS warps; one
     knob for both, so the family keeps its six candidates. The GPU default is `DW_ROWS_DEFAULT` (a field
-    default of 0, the tile kernels: the interpreter's tiles and the tile-kernel candidates)."""
+    default of 0, the tile kernels: the interpreter's tiles and the tile-kernel candidates).
+
+    DENSE: 1 runs segments 1-3 of B3 in the dense form (`b3_fused`, dense_z.py "The backward"): dZ of those
+    segments written (`gma_dz_kernel`), then their input gradient as the dense convolution turned half a turn
+    (`gma_dense_dx_kernel`) and both weight gradients from the per-tap products G_t = X_t^T dZ
+    (`gma_dense_wgrad_kernel`), on tensor cores, in place of the pointwise kernel, dy and the two stencils of each
+    segment; where the Triton stage set's recompute keeps qkv (rc["qkv"]) and `dense_b3_applies`. A tuning candidate
+    (`_search`), 0 by default."""
     BLOCK_C: int
     BLOCK_P: int
     WARPS: int
@@ -674,6 +683,7 @@ class BackwardTiles:
     PW_TILE_ELEMS: int = 64 * 64
     TARGET_PROGRAMS: int = 1024
     DW_ROWS: int = 0
+    DENSE: int = 0
 
 
 #: Widest S_PAD whose B3 forms dZ in the pointwise kernel's prologue (DZ_MODE 1, 2: `b3_fused`).
@@ -682,6 +692,18 @@ class BackwardTiles:
 #: C = 480); there `gma_dz_kernel` writes dZ (3B, C', H, W) once and the pointwise kernel
 #: reads it (DZ_MODE 0: no spill): 2 e B per element of dZ more traffic, on the two narrowest grids.
 FUSED_B3_MAX_S_PAD = 64
+
+
+def dense_b3_applies(C: int, precision: str) -> bool:
+    """Whether B3's dense form (`BackwardTiles.DENSE`) is a candidate for width C and the backward's dots
+    (`statistics.backward_dots`): fp16 / bf16 layers on sm_80+ ("tf32", whose dense kernels take 16-bit operands)
+    at S_PAD <= 32. Compiler figures (AOT, Triton 3.6, batch 128, `config.DENSE_Z_TILES` / `DENSE_WGRAD_TILES`):
+    none spills there on sm_80 / sm_90 (input gradient 128 / 168 registers on sm_90 at S_PAD 16 / 32, 128 / 198 on
+    sm_80; weight gradient 80 / 128, 96 / 128); at S_PAD 64 both spilled on sm_80 (80 B and 36 B; sm_90: 189 and
+    188 registers, none). Not fp32 layers: the weight gradient's 3xTF32 dots spilled on sm_90 at every tile tried
+    (12 B - 1 KB at C = 80, 160); not sm_70/75, whose FMA dots would run the dense form's 10-19x larger work on
+    CUDA cores."""
+    return precision == "tf32" and dot_pad(C // 5) <= 32
 
 
 def fused_b3(S_PAD: int) -> bool:
@@ -972,6 +994,9 @@ def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: 
     if d_qkv is not None:
         rq = dict(rc, qkv=qkv)
         launches += plan_dz(G, rc["Z"], coefs, stats, 0, s, qkv_layout(d_qkv, 0), tiles)[1]
+        if tiles is not None and tiles.DENSE:
+            bufz, lz = plan_dz(G, rc["Z"], coefs, stats, s, 3 * s, tiles=tiles)
+            launches += lz + _dense_launches(bufz["dZ"], qkv, d_qkv, wts, dots)[1]
         for j in (1, 2, 3):
             launches += plan_dw_backward(buf["dy"][j - 1], depthwise_input(rq, j), dws[j - 1], qkv_layout(d_qkv, j),
                                          tiles)[1]
@@ -1035,6 +1060,19 @@ def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Opti
     stats = mean is not None
     coefs = dz_coefficients(wts.bn_scale, mean, rstd, sum_g, sum_gzh, count)
     buf0, l0 = plan_dz(G, rc["Z"], coefs, stats, 0, s, None if d_qkv is None else qkv_layout(d_qkv, 0), tiles)
+    if tiles is not None and tiles.DENSE and "qkv" in rc:
+        # dZ of segments 1..3 written once; the dense kernels read it (and qkv) in place of y and dy
+        bufz, lz = plan_dz(G, rc["Z"], coefs, stats, s, 3 * s, tiles=tiles)
+        out = d_qkv if d_qkv is not None else torch.zeros(rc["qkv"].shape, dtype=G.dtype, device=G.device)
+        bufd, ld = _dense_launches(bufz["dZ"], rc["qkv"], out, wts, dots or dot_variant(G))
+        _launch(l0 + lz + ld, G)
+        g_dw, g_pw = dense_weight_grads(bufd, s)
+        if d_qkv is not None:
+            return [None] * 4, g_dw, g_pw
+        B, N, _ = out.shape
+        H, W = G.shape[2:]
+        du = out.view(B, H, W, 3, 5, s).permute(3, 0, 4, 5, 1, 2).reshape(3 * B, 5, s, H, W)
+        return [buf0["dZ"]] + [du[:, j].contiguous() for j in (1, 2, 3)], g_dw, g_pw
     if fused_b3(dot_pad(s)):
         _launch(l0, G)
         du, g_dw, g_pw = _segments_backward(G, 2 if stats else 1, coefs, rc, wts, d_qkv, dots, tiles)
@@ -1044,6 +1082,17 @@ def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Opti
     _launch(lz if d_qkv is None else l0 + lz, G)
     du, g_dw, g_pw = _segments_backward(bufz["dZ"], 0, coefs, rc, wts, d_qkv, dots, tiles)
     return [None if d_qkv is not None else bufz["dZ"][:, :s]] + du, g_dw, g_pw
+
+
+def _dense_launches(dz: Tensor, qkv: Tensor, d_qkv: Tensor, wts: FoldedGMAWeights, dots: DotVariant
+                    ) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """B3's dense form for segments 1-3 (`BackwardTiles.DENSE`): dz (3B, 3s, H, W) their dZ; the input gradient
+    into d_qkv (`gma_dense_dx_kernel`), the weight gradients' partials (`gma_dense_wgrad_kernel`, summed by
+    `dense_z.dense_weight_grads`)."""
+    H, W = dz.shape[2:]
+    grid, args, kw = plan_dense_dx(dz, 0, d_qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, dots)
+    buf, (grid_w, args_w, kw_w) = plan_dense_wgrad(qkv, dz, 0, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, dots)
+    return buf, [(gma_dense_dx_kernel, grid, args, kw), (gma_dense_wgrad_kernel, grid_w, args_w, kw_w)]
 
 
 def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_qkv: Optional[Tensor] = None,
@@ -1090,7 +1139,7 @@ DW_ROWS_TILES = ((16, 128, 8, 16, 8, 64 * 64, 16), (16, 128, 8, 16, 8, 64 * 64, 
 
 def _gpu_tile(C: int, precision: str) -> Tuple[int, ...]:
     t = gpu_backward_tiles(dot_pad(C // 5))
-    return (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS, t.DW_ROWS)
+    return (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS, t.DW_ROWS, t.DENSE)
 
 
 #: 64-pixel tiles of the channel-mix kernels (4 pixels a thread at S_PAD 16, against one: a fourth of the
@@ -1109,21 +1158,22 @@ def _search(C: int, precision: str) -> List[Tuple[int, ...]]:
     `tile_spaces.MAX_CANDIDATES`: the first ones)."""
     s_pad = dot_pad(C // 5)
     wide = s_pad > 64
-    out = []
+    out = [_gpu_tile(C, precision)[:7] + (1,)] if dense_b3_applies(C, precision) else []    # B3's dense form
     if (s_pad <= 16 and precision in ("tf32", "tf32x3")) or (s_pad == 32 and precision == "tf32"):   # sm_80+
-        out.append(WIDE_PW_TILE + (DW_ROWS_DEFAULT,))
-    out += [t[:5] + (min(t[5], 16 * 128),) + t[6:] if wide else t for t in DW_ROWS_TILES]
-    out += [t[:5] + (min(t[5], 16 * 128), 0) if wide else t + (0,) for t in TILE_SEARCH]
+        out.append(WIDE_PW_TILE + (DW_ROWS_DEFAULT, 0))
+    out += [(t[:5] + (min(t[5], 16 * 128),) + t[6:] if wide else t) + (0,) for t in DW_ROWS_TILES]
+    out += [t[:5] + (min(t[5], 16 * 128), 0, 0) if wide else t + (0, 0) for t in TILE_SEARCH]
     return out
 
 
 def tiles_of(tile: Tuple[int, ...]) -> BackwardTiles:
     """The `BackwardTiles` of a "triton.backward" tile tuple (DW_ROWS 0 where the tuple stops before it)."""
     return BackwardTiles(BLOCK_C=tile[0], BLOCK_P=tile[1], WARPS=tile[2], PW_BLOCK_P=tile[3], PW_WARPS=tile[4],
-                         PW_TILE_ELEMS=tile[5], DW_ROWS=tile[6] if len(tile) > 6 else 0)
+                         PW_TILE_ELEMS=tile[5], DW_ROWS=tile[6] if len(tile) > 6 else 0,
+                         DENSE=tile[7] if len(tile) > 7 else 0)
 
 
 register_tiles(BACKWARD_FAMILY, ("BLOCK_C", "BLOCK_P", "num_warps", "PW_BLOCK_P", "PW_WARPS", "PW_TILE_ELEMS",
-                                 "DW_ROWS"),
-               _gpu_tile, _search, [gma_dz_kernel, gma_pw_backward_kernel,
-                                    gma_dw_backward_kernel, gma_dw_wgrad_kernel, gma_local_backward_kernel])
+                                 "DW_ROWS", "DENSE"),
+               _gpu_tile, _search, [gma_dz_kernel, gma_pw_backward_kernel, gma_dw_backward_kernel, gma_dw_wgrad_kernel,
+                                    gma_local_backward_kernel, gma_dense_dx_kernel, gma_dense_wgrad_kernel])

@@ -429,6 +429,11 @@ DENSE_Z_TILES: Dict[int, Tuple[int, int]] = {16: (128, 4), 32: (64, 4), 64: (64,
 #: 152 registers (sm_80 168), 51 KB shared, 568 per token, against (64, 4)'s 80 and 923; S_PAD 64 (128, 8): 165
 #: registers (sm_80 255), 107 KB, 1198 per token, against (64, 8)'s 100 and 1354 (sm_90 unless said). No spills.
 DENSE_Z_TILES_ALT: Dict[int, Tuple[int, int]] = {16: (64, 4), 32: (128, 4), 64: (128, 8)}
+#: (BLOCK_P, num_warps) of the dense backward's weight gradient (`dense_z.gma_dense_wgrad_kernel`, the training
+#: backward with `BackwardTiles.DENSE`) by S_PAD: two [S_PAD, S_PAD] fp32 accumulators held (the tap's G_t and dPW)
+#: and the transposed pointwise, a [BLOCK_P, S_PAD] tile of x and of dZ per stream and tile. Its input gradient runs
+#: the forward's kernel turned half a turn at `DENSE_Z_TILES`.
+DENSE_WGRAD_TILES: Dict[int, Tuple[int, int]] = {16: (32, 4), 32: (32, 4), 64: (64, 8)}
 #: stages of its tap loop on a GPU (``tl.range(num_stages=...)``: a tap's loads issued while the previous tap's
 #: MMAs run); the interpreter runs a plain loop
 DENSE_Z_STAGES = 2

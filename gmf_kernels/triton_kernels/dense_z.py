@@ -39,37 +39,135 @@ segment j, for the three streams. On a GPU the tap loop is a ``tl.range`` of `co
 over the K^2 taps, whose loads carry masks (no ``if``), so Triton overlaps a tap's loads (cp.async) with the
 previous tap's MMAs; the interpreter runs it as a plain loop (PIPE 0). Tiles:
 `config.DENSE_Z_TILES` (BLOCK_P, num_warps) by S_PAD, or `config.DENSE_Z_TILES_ALT` (`dense_z_tiles`).
+
+**The backward** (training: B3 of segments 1-3 with `aggregation_backward.BackwardTiles.DENSE`, a "triton.backward"
+tuning candidate where `aggregation_backward.dense_b3_applies`: fp16 / bf16 layers at S_PAD <= 32). The same
+identity differentiated, from dZ_j (written once by `gma_dz_kernel`) and the depthwise input x_j (read in place
+from qkv), never the depthwise output y_j nor its gradient dy_j:
+
+    dx_j[p, i]  = sum_t sum_o dZ_j[p - shift_t, o] W_t[i, o]           (`gma_dense_dx_kernel`)
+    G_t[i, o]   = sum_p x_j[p + shift_t, i] dZ_j[p, o]                  (`gma_dense_wgrad_kernel`)
+    dDW_j[t, i] = sum_o PW_j[o, i] G_t[i, o],   dPW_j[o, i] = sum_t DW_j[t, i] G_t[i, o]
+
+The input gradient is this module's forward kernel turned half a turn (`_dense_conv` with FLIP: tap t reads dZ
+at p + shift_t with the weights of tap K^2 - 1 - t, W_t's transpose as the operand), stored into the qkv
+gradient's segments 1-3. The weight gradient's program (segment, split) walks its run of flat tiles over the B N
+pixels tap by tap, G_t in an [s, s] fp32 accumulator (an [s, BLOCK_P] x [BLOCK_P, s] product per tile and
+stream, x loaded as [channels, pixels], the dot's A operand, as it lies), and folds each G_t into the two
+gradients before the next tap (partials per program, summed by one torch reduction: no atomics). Work per token
+and stream: s^2 K^2 multiply-adds each, twice the forward's dense work (at C = 80, batch 128, 56x56: 51 G
+multiply-adds a layer against the stencil path's ~5 G on CUDA cores); bytes: dZ of segments 1-3 written once
+and read by both kernels, x read once, the qkv gradient written once (9 s e per token each), against the
+default B3's y and Z (or dZ) read, dy written and read twice and u read once. Aimed at the tensor cores'
+throughput, like the forward. The weight gradient re-reads a tile's dZ and x once per tap, from L1 / L2 (a
+program's run is a few hundred pixels). Its tiles: `config.DENSE_WGRAD_TILES`. Compiler figures and where it
+spilled: `dense_b3_applies`. Not timed (no GPU in the session that wrote it).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import DotVariant, interpreting, mm, stored
-from .config import DENSE_Z_STAGES, DENSE_Z_TILES, DENSE_Z_TILES_ALT, dot_pad, dtype_name, operand_precision
+from .aggregation import split_plan
+from .config import (DENSE_WGRAD_TILES, DENSE_Z_STAGES, DENSE_Z_TILES, DENSE_Z_TILES_ALT, dot_pad, dtype_name,
+                     operand_precision)
 from .statistics import z_pass_buffer
 
 Tensor = torch.Tensor
 
 
 @triton.jit
-def _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_t, y, x, pmask, ch, cmask, H, W, stride_n, KS, R,
-               C: tl.constexpr, S: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
-    """Tap t of the K x K window: W_t = DW[t] (rows) x PW^T, and the shifted q, k, v tiles times it."""
+def _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, s_pix, s_stream, KS, R,
+               S: tl.constexpr, FLIP: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """Tap t of the K x K window: the q, k, v tiles shifted by the tap times the tap's [s, s] operand. FLIP 0 (the
+    forward, Z = sum_t X_t W_t): W_t[i, o] = DW[t, i] PW[o, i] (pw_op = PW^T). FLIP 1 (the input gradient, dX =
+    sum_t dZ_t W'_t): the window turned half a turn, W'_t[o, i] = W_{K^2-1-t}[i, o] (pw_op = PW)."""
     ky = t // KS
     yy = y + ky - R
     xx = x + (t - ky * KS) - R
     ok = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
     m = ok[:, None] & cmask[None, :]
-    ptrs = src + ((yy * W + xx) * stride_n)[:, None]
-    w_t = tl.load(w_taps + t * S + ch, mask=cmask, other=0.0)[:, None] * pw_t     # W_t[i, o]
+    ptrs = src + ((yy * W + xx) * s_pix)[:, None]
+    if FLIP:
+        w_t = pw_op * tl.load(w_taps + (KS * KS - 1 - t) * S + ch, mask=cmask, other=0.0)[None, :]
+    else:
+        w_t = tl.load(w_taps + t * S + ch, mask=cmask, other=0.0)[:, None] * pw_op
     acc_q = mm(tl.load(ptrs, mask=m, other=0.0).to(tl.float32), w_t, acc_q, DOT_PRECISION, EMULATE_DOTS)
-    acc_k = mm(tl.load(ptrs + C, mask=m, other=0.0).to(tl.float32), w_t, acc_k, DOT_PRECISION, EMULATE_DOTS)
-    acc_v = mm(tl.load(ptrs + 2 * C, mask=m, other=0.0).to(tl.float32), w_t, acc_v, DOT_PRECISION, EMULATE_DOTS)
+    acc_k = mm(tl.load(ptrs + s_stream, mask=m, other=0.0).to(tl.float32), w_t, acc_k, DOT_PRECISION, EMULATE_DOTS)
+    acc_v = mm(tl.load(ptrs + 2 * s_stream, mask=m, other=0.0).to(tl.float32), w_t, acc_v, DOT_PRECISION,
+               EMULATE_DOTS)
     return acc_q, acc_k, acc_v
+
+
+@triton.jit
+def _segment_window(seg, dw3, dw5, dw7):
+    """Segment seg + 1's window size and depthwise filter (tap-major (K, K, s))."""
+    if seg == 0:
+        KS = 3
+        w_taps = dw3
+    elif seg == 1:
+        KS = 5
+        w_taps = dw5
+    else:
+        KS = 7
+        w_taps = dw7
+    return KS, w_taps
+
+
+@triton.jit
+def _dense_conv(src, dst, dw3, dw5, dw7, pw, N, H, W,
+                src_off, s_src_stream, s_src_b, s_src_ch, s_src_pix,
+                dst_off, s_dst_stream, s_dst_b, s_dst_ch, s_dst_pix,
+                S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, FLIP: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
+    """Program (tile, seg, b) of a dense segment convolution (`gma_dense_z_kernel`, `gma_dense_dx_kernel`): BLOCK_P
+    tokens of image b, segment seg + 1, the three streams. Element (stream, image b, channel c of segment seg + 1,
+    token p) of src lies at src_off + stream s_src_stream + b s_src_b + (seg S + c) s_src_ch + p s_src_pix (dst
+    alike): src_off / dst_off place segment 1's first channel."""
+    tile = tl.program_id(0)
+    seg = tl.program_id(1)           # segment seg + 1: 3x3, 5x5, 7x7
+    b = tl.program_id(2)
+    KS, w_taps = _segment_window(seg, dw3, dw5, dw7)
+    R = KS // 2
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < N
+    y = p // W
+    x = p - y * W
+    ch = tl.arange(0, S_PAD)
+    cmask = ch < S
+    wm = cmask[:, None] & cmask[None, :]
+    if FLIP:    # the pointwise as it is, [out, in]: the operand's rows are dZ's channels
+        pw_op = tl.load(pw + seg * S * S + ch[:, None] * S + ch[None, :], mask=wm, other=0.0)
+    else:       # the pointwise transposed, [in, out]: pw_op[i, o] = PW[o, i]
+        pw_op = tl.load(pw + seg * S * S + ch[None, :] * S + ch[:, None], mask=wm, other=0.0)
+    src_img = src + src_off + b.to(tl.int64) * s_src_b + ((seg * S + ch) * s_src_ch)[None, :]
+    acc_q = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
+    acc_k = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
+    if PIPE > 0:
+        for t in tl.range(0, KS * KS, num_stages=PIPE):
+            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src_img, w_taps, pw_op, y, x, pmask, ch, cmask,
+                                             H, W, s_src_pix, s_src_stream, KS, R, S, FLIP, DOT_PRECISION,
+                                             EMULATE_DOTS)
+    else:
+        t = 0
+        while t < KS * KS:
+            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src_img, w_taps, pw_op, y, x, pmask, ch, cmask,
+                                             H, W, s_src_pix, s_src_stream, KS, R, S, FLIP, DOT_PRECISION,
+                                             EMULATE_DOTS)
+            t += 1
+    out = (dst + dst_off + b.to(tl.int64) * s_dst_b + ((seg * S + ch) * s_dst_ch)[None, :]
+           + (p * s_dst_pix)[:, None])
+    om = pmask[:, None] & cmask[None, :]
+    tl.store(out, stored(acc_q, out, EMULATE_DOTS), mask=om)
+    out += s_dst_stream
+    tl.store(out, stored(acc_k, out, EMULATE_DOTS), mask=om)
+    out += s_dst_stream
+    tl.store(out, stored(acc_v, out, EMULATE_DOTS), mask=om)
 
 
 # one variant per (C, dtype, GPU): N, H, W, B not specialised; stride_b (N 3C) is, a multiple of 16 wherever 3C is
@@ -83,49 +181,94 @@ def gma_dense_z_kernel(qkv, z, dw3, dw5, dw7, pw, N, H, W, B, stride_b, stride_n
     channels not written); dw3 / dw5 / dw7: tap-major (K, K, s) fp32; pw: (3, s, s) fp32, [j - 1][out][in].
     PIPE: the tap loop's stages (``tl.range(num_stages=PIPE)``), 0 a plain loop (the interpreter's: it cannot
     range over a runtime bound)."""
-    tile = tl.program_id(0)
-    seg = tl.program_id(1)           # segment seg + 1: 3x3, 5x5, 7x7
-    b = tl.program_id(2)
-    if seg == 0:
-        KS = 3
-        w_taps = dw3
-    elif seg == 1:
-        KS = 5
-        w_taps = dw5
-    else:
-        KS = 7
-        w_taps = dw7
+    plane = 4 * S * N                               # one image of Z
+    _dense_conv(qkv, z, dw3, dw5, dw7, pw, N, H, W, S, C, stride_b, 1, stride_n, S * N, B * plane, plane, N, 1,
+                S, S_PAD, BLOCK_P, False, DOT_PRECISION, EMULATE_DOTS, PIPE)
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "B"])
+def gma_dense_dx_kernel(dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, B, dz_off, s_dz_b, s_dz_ch, stride_b, stride_n,
+                        C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
+    """The input gradient of segments 1-3 (the training backward's B3 with `BackwardTiles.DENSE`): dX_j = the
+    transposed dense convolution of dZ_j, into d_qkv. dZ: images ``stream * B + b`` of stride s_dz_b, channel
+    ``(j - 1) s + o`` at dz_off + that s_dz_ch, pixels contiguous (a (3B, 3s, H, W) buffer, or segments 1-3 of a
+    (3B, 4s, H, W) one); d_qkv: (B, N, 3C), unit channel stride (strides stride_b, stride_n), its segments 1-3 of
+    q, k, v written (in its dtype), nothing else; weights as `gma_dense_z_kernel`'s."""
+    _dense_conv(dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, dz_off, B * s_dz_b, s_dz_b, s_dz_ch, 1, S, C, stride_b, 1,
+                stride_n, S, S_PAD, BLOCK_P, True, DOT_PRECISION, EMULATE_DOTS, PIPE)
+
+
+@triton.jit(do_not_specialize=["M", "N", "H", "W", "B", "tiles_per_split"])
+def gma_dense_wgrad_kernel(qkv, dZ, dw3, dw5, dw7, pw, part_gdw, part_gpw, M, N, H, W, B, tiles_per_split,
+                           stride_b, stride_n, dz_off, s_dz_b, s_dz_ch,
+                           C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
+    """The weight gradients of segments 1-3 through the dense form (module docstring, "The backward"). Grid
+    (3, SPLITS): program (seg, split) walks its run of flat tiles of the M = B N pixels, tap by tap: G_t[i, o] =
+    sum over the run's pixels p and the three streams of x[p + shift_t, i] dZ[p, o] (an [s, BLOCK_P] x [BLOCK_P, s]
+    product a tile and stream, fp32 accumulator), then folds it into the two gradients, dDW[t, i] = sum_o PW[o, i]
+    G_t[i, o] (stored at part_gdw[split, seg, t, :]) and dPW[o, i] += DW[t, i] G_t[i, o] (held across the taps,
+    stored at part_gpw[split, seg] as [o, i]). qkv (B, N, 3C) unit channel stride; dZ as `gma_dense_dx_kernel`'s."""
+    seg = tl.program_id(0)
+    split = tl.program_id(1)
+    KS, w_taps = _segment_window(seg, dw3, dw5, dw7)
     R = KS // 2
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < N
-    y = p // W
-    x = p - y * W
     ch = tl.arange(0, S_PAD)
     cmask = ch < S
-    # the pointwise transposed, [in, out]: pw_t[i, o] = PW[o, i]
-    pw_t = tl.load(pw + seg * S * S + ch[None, :] * S + ch[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0)
-    src = qkv + b.to(tl.int64) * stride_b + (seg + 1) * S + ch[None, :]
-    acc_q = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
-    acc_k = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
-    acc_v = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
-    if PIPE > 0:
-        for t in tl.range(0, KS * KS, num_stages=PIPE):
-            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_t, y, x, pmask, ch, cmask, H, W,
-                                             stride_n, KS, R, C, S, DOT_PRECISION, EMULATE_DOTS)
-    else:
-        t = 0
-        while t < KS * KS:
-            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_t, y, x, pmask, ch, cmask, H, W,
-                                             stride_n, KS, R, C, S, DOT_PRECISION, EMULATE_DOTS)
-            t += 1
-    plane = 4 * S * N                               # one image of Z
-    out = z + (b * plane + ((seg + 1) * S + ch[None, :]) * N + p[:, None])
-    zm = pmask[:, None] & cmask[None, :]
-    tl.store(out, stored(acc_q, out, EMULATE_DOTS), mask=zm)
-    out += B * plane
-    tl.store(out, stored(acc_k, out, EMULATE_DOTS), mask=zm)
-    out += B * plane
-    tl.store(out, stored(acc_v, out, EMULATE_DOTS), mask=zm)
+    wm = cmask[:, None] & cmask[None, :]
+    pw_t = tl.load(pw + seg * S * S + ch[None, :] * S + ch[:, None], mask=wm, other=0.0)      # [i, o] = PW[o, i]
+    x_ch = qkv + (seg + 1) * S + ch[:, None]                 # x loaded as [channels, pixels]: the dot's A
+    dz_ch = dZ + dz_off + ((seg * S + ch) * s_dz_ch)[None, :]
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(M, BLOCK_P))
+    g_pw = tl.zeros([S_PAD, S_PAD], dtype=tl.float32)                                        # [i, o]
+    t = 0
+    while t < KS * KS:     # a while loop: the interpreter cannot range over KS (a tensor there)
+        ky = t // KS
+        dy = ky - R
+        dx = t - ky * KS - R
+        g_t = tl.zeros([S_PAD, S_PAD], dtype=tl.float32)
+        if PIPE > 0:
+            for tile in tl.range(t0, t1, num_stages=PIPE):
+                g_t = _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, B, dy, dx, stride_b, stride_n, s_dz_b, cmask,
+                                  C, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+        else:
+            tile = t0
+            while tile < t1:
+                g_t = _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, B, dy, dx, stride_b, stride_n, s_dz_b, cmask,
+                                  C, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                tile += 1
+        row = (split * 3 + seg) * 49 + t
+        tl.store(part_gdw + row * S_PAD + ch, tl.sum(g_t * pw_t, axis=1))
+        g_pw += tl.load(w_taps + t * S + ch, mask=cmask, other=0.0)[:, None] * g_t
+        t += 1
+    # stored transposed, [o, i], the pointwise weight's own layout
+    tl.store(part_gpw + (split * 3 + seg) * S_PAD * S_PAD + ch[None, :] * S_PAD + ch[:, None], g_pw)
+
+
+@triton.jit
+def _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, B, dy, dx, stride_b, stride_n, s_dz_b, cmask,
+                C: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """One flat tile's products of one tap into G_t: x at the shifted pixels (zero outside the image) against dZ,
+    the three streams."""
+    g = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = g < M
+    b = g // N
+    n = g - b * N
+    yy = n // W + dy
+    xx = n % W + dx
+    ok = pm & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+    xm = cmask[:, None] & ok[None, :]
+    zm = pm[:, None] & cmask[None, :]
+    xp = x_ch + (b.to(tl.int64) * stride_b + (yy * W + xx) * stride_n)[None, :]
+    zp = dz_ch + (b.to(tl.int64) * s_dz_b + n)[:, None]
+    s_dz_stream = B * s_dz_b
+    for st in tl.static_range(3):
+        xt = tl.load(xp + st * C, mask=xm, other=0.0).to(tl.float32)           # [S_PAD, BLOCK_P]
+        zt = tl.load(zp + st * s_dz_stream, mask=zm, other=0.0).to(tl.float32)  # [BLOCK_P, S_PAD]
+        g_t = mm(xt, zt, g_t, DOT_PRECISION, EMULATE_DOTS)
+    return g_t
 
 
 def dense_z_dots(dots: DotVariant, dtype) -> DotVariant:
@@ -162,3 +305,83 @@ def plan_dense_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7
     kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
                   PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
     return z, ((triton.cdiv(N, bp), 3, B), args, kwargs)
+
+
+# ---------------------------------------------------------------- the backward (training: `BackwardTiles.DENSE`)
+#: programs the weight gradient's split aims at (a few waves of 100+ SMs), and under the interpreter few, large
+#: tiles (its cost is per operation) in at least two splits, so that the partial sums are exercised
+DENSE_WGRAD_TARGET_PROGRAMS = 1024
+INTERPRETER_WGRAD_BLOCK_P = 256
+
+
+def _dz_strides(dZ: Tensor, c_lo: int, B: int, H: int, W: int) -> Tuple[int, int, int]:
+    """(offset of segment 1's first channel, image stride, channel stride) of dZ (3B, c, H, W) whose pixels are
+    contiguous; ValueError otherwise."""
+    if dZ.dim() != 4 or dZ.shape[0] != 3 * B or tuple(dZ.shape[2:]) != (H, W):
+        raise ValueError(f"dZ: expected (3B, c, H, W) = ({3 * B}, c, {H}, {W}), got {tuple(dZ.shape)}")
+    if dZ.stride(3) != 1 or (H > 1 and dZ.stride(2) != W):
+        raise ValueError("dZ: its H x W pixels must be contiguous")
+    return c_lo * dZ.stride(1), dZ.stride(0), dZ.stride(1)
+
+
+def plan_dense_dx(dZ: Tensor, c_lo: int, d_qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
+                  pw: Tensor, dots: DotVariant, tiles: Optional[Tuple[int, int]] = None):
+    """(grid, args, kwargs) of `gma_dense_dx_kernel`: the input gradient of segments 1-3 from dZ (3B, c, H, W),
+    segment 1's first channel at c_lo, into d_qkv (B, N, 3C) with unit channel stride. dots: the backward's
+    (`statistics.backward_dots`), made this kernel's by `dense_z_dots` (16-bit operands for fp16 / bf16 layers);
+    tiles: (BLOCK_P, num_warps), default the forward's `dense_z_tiles`."""
+    B, N, C3 = d_qkv.shape
+    C = C3 // 3
+    s = C // 5
+    if d_qkv.stride(2) != 1:
+        raise ValueError("d_qkv needs a unit channel stride")
+    dz_off, s_dz_b, s_dz_ch = _dz_strides(dZ, c_lo, B, H, W)
+    bp, warps = tiles or dense_z_tiles(C)
+    dd = dense_z_dots(dots, dZ.dtype)
+    args = (dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, B, dz_off, s_dz_b, s_dz_ch, d_qkv.stride(0), d_qkv.stride(1))
+    kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
+                  PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
+    return (triton.cdiv(N, bp), 3, B), args, kwargs
+
+
+def dense_wgrad_tiles(C: int, M: int) -> Tuple[int, int]:
+    """(BLOCK_P, num_warps) of `gma_dense_wgrad_kernel`: `config.DENSE_WGRAD_TILES` by S_PAD on a GPU; one large
+    tile under the interpreter."""
+    bp, warps = DENSE_WGRAD_TILES.get(dot_pad(C // 5), (32, 4))    # S_PAD 128: not a candidate (it spills)
+    if interpreting():
+        return min(INTERPRETER_WGRAD_BLOCK_P, max(16, triton.next_power_of_2(triton.cdiv(M, 2)))), warps
+    return bp, warps
+
+
+def plan_dense_wgrad(qkv: Tensor, dZ: Tensor, c_lo: int, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
+                     pw: Tensor, dots: DotVariant, tiles: Optional[Tuple[int, int]] = None):
+    """(buffers {part_gdw, part_gpw}, (grid, args, kwargs)) of `gma_dense_wgrad_kernel`: the weight gradients'
+    per-program partials of segments 1-3 from the depthwise inputs (segments 1-3 of qkv (B, N, 3C), unit channel
+    stride) and dZ (as `plan_dense_dx`); `dense_weight_grads` sums them."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    s = C // 5
+    s_pad = dot_pad(s)
+    if qkv.stride(2) != 1:
+        raise ValueError("qkv needs a unit channel stride")
+    dz_off, s_dz_b, s_dz_ch = _dz_strides(dZ, c_lo, B, H, W)
+    M = B * N
+    bp, warps = tiles or dense_wgrad_tiles(C, M)
+    splits, tps = split_plan(M, 1, bp, 2 * 3 if interpreting() else DENSE_WGRAD_TARGET_PROGRAMS, 3)
+    dev = qkv.device
+    buf = {"part_gdw": torch.empty(splits, 3, 49, s_pad, dtype=torch.float32, device=dev),
+           "part_gpw": torch.empty(splits, 3, s_pad, s_pad, dtype=torch.float32, device=dev)}
+    dd = dense_z_dots(dots, dZ.dtype)
+    args = (qkv, dZ, dw3, dw5, dw7, pw, buf["part_gdw"], buf["part_gpw"], M, N, H, W, B, tps, qkv.stride(0),
+            qkv.stride(1), dz_off, s_dz_b, s_dz_ch)
+    kwargs = dict(C=C, S=s, S_PAD=s_pad, BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
+                  PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
+    return buf, ((3, splits), args, kwargs)
+
+
+def dense_weight_grads(buf, s: int) -> Tuple[List[Tensor], Tensor]:
+    """([g_dw3 (3, 3, s), g_dw5, g_dw7] tap-major, g_pw (3, s, s) [j - 1][out][in]) from `plan_dense_wgrad`'s
+    partials (one torch sum over the splits)."""
+    gdw = buf["part_gdw"].sum(0)
+    g_dw = [gdw[j, :k * k, :s].reshape(k, k, s) for j, k in enumerate((3, 5, 7))]
+    return g_dw, buf["part_gpw"].sum(0)[:, :s, :s]

@@ -15,7 +15,8 @@ Families, each registered by the module that launches its kernels, next to its t
                                  takes triton.backward's stencil tile)
     triton.backward              dZ, pointwise, depthwise (input, weight)  BLOCK_C, BLOCK_P, num_warps,
                                  and local-branch backward kernels         PW_BLOCK_P, PW_WARPS, PW_TILE_ELEMS,
-                                 (aggregation_backward.py)                 DW_ROWS
+                                 (aggregation_backward.py); B3's dense     DW_ROWS, DENSE
+                                 form (dense_z.py)
 
 A family's default is its module's tile table for the dots the call runs (the statistics pass:
 fp32's, `statistics.statistics_dots`; every other family: the layer dtype's,

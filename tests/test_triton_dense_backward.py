@@ -1,0 +1,206 @@
+"""B3 of the training backward in the dense form (`aggregation_backward.BackwardTiles.DENSE`, a "triton.backward"
+tuning candidate; dense_z.py "The backward"): segments 1-3's input gradient as the dense convolution turned half a
+turn (`gma_dense_dx_kernel`) and both weight gradients from the per-tap products G_t = X_t^T dZ
+(`gma_dense_wgrad_kernel`).
+
+* The two kernels against float64 autograd through torch's depthwise convolution then the pointwise (not the
+  identity the kernels use): fp32 within 1e-5 (3xTF32 dots, emulated as the GPU rounds them); fp16 / bf16: the
+  input gradient no worse than 2x the error of the same backward computed by torch in that dtype, the weight
+  gradients (exact 16-bit products summed in fp32) within 1e-5 of float64 on the same inputs; segments 0 and 4 of
+  the qkv gradient never written; odd widths (s = 6, 12: padded channels), grids smaller than the 7x7 window,
+  ragged tiles, batch 1 and 3, several splits of the weight gradient.
+* The whole backward op (`torch.ops.gmf.triton_pre_projection_backward`, batch statistics) with the candidate
+  picked as a tuning table would pick it: the dense kernels replace the pointwise backward and the depthwise
+  stencils of B3, and every output equals the default tiles' to rounding.
+* Compiled ahead of time wherever it is a candidate (`dense_b3_applies`: fp16 / bf16 layers at S_PAD <= 32, i.e.
+  GroupMixFormer-S's C = 80 and 160; sm_80 and sm_90): no spill, the products on tensor cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gmf_kernels.triton_kernels import aggregation_backward as agb, config, dense_z  # noqa: E402
+from gmf_kernels.triton_kernels._common import dot_variant  # noqa: E402
+
+
+def _backward(qkv, dz, H, W, dws, pw, dtype):
+    """(d_qkv (B, N, 3C) with segments 1-3 filled, [g_dw3, g_dw5, g_dw7], g_pw) by autograd through torch's
+    depthwise then pointwise of segments 1-3 of q, k and v, in `dtype`."""
+    B, N, C3 = qkv.shape
+    s = C3 // 15
+    x = qkv.to(dtype).view(B, H, W, 3, 5, s).permute(3, 0, 4, 5, 1, 2)[:, :, 1:4].clone().requires_grad_(True)
+    dwv = [w.to(dtype).clone().requires_grad_(True) for w in dws]
+    pwv = pw.to(dtype).clone().requires_grad_(True)
+    z = []
+    for j in range(3):
+        u = x[:, :, j].reshape(3 * B, s, H, W)
+        k = dwv[j].shape[0]
+        y = F.conv2d(u, dwv[j].permute(2, 0, 1)[:, None], padding=k // 2, groups=s)
+        z.append(torch.einsum("oi,bihw->bohw", pwv[j], y))
+    (torch.cat(z, 1) * dz.to(dtype)).sum().backward()
+    d_qkv = torch.zeros(3, B, 5, s, H, W, dtype=dtype)
+    d_qkv[:, :, 1:4] = x.grad
+    return d_qkv.permute(1, 4, 5, 0, 2, 3).reshape(B, N, C3), [w.grad for w in dwv], pwv.grad
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+#: (C, H, W, B, dtype): s = 6 / 12 / 16 / 32 (padded to 16, 16, 16, 32), grids narrower than the 7x7 window, tiles
+#: ragged at an image's end, at each dtype the kernels claim
+CASES = [(30, 5, 4, 3, torch.float32), (80, 9, 11, 2, torch.float32), (60, 7, 9, 2, torch.bfloat16),
+         (160, 6, 5, 2, torch.float16), (80, 3, 2, 1, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("C,H,W,B,dtype", CASES, ids=[f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}" for c, h, w, b, d in CASES])
+def test_dense_backward_kernels_against_float64(C, H, W, B, dtype):
+    g = torch.Generator().manual_seed(C * 31 + H * 7 + W + B)
+    s = C // 5
+    qkv = torch.randn(B, H * W, 3 * C, generator=g).to(dtype)
+    dws = [torch.randn(k, k, s, generator=g) / k for k in (3, 5, 7)]
+    pw = torch.randn(3, s, s, generator=g) / s ** 0.5
+    # dZ of segments 1-3 as the middle channels of a (3B, 5s, H, W) buffer: the kernels take a channel offset
+    dz_all = torch.randn(3 * B, 5 * s, H, W, generator=g).to(config.stage_dtype(dtype))
+    dz = dz_all[:, s:4 * s]
+    d_qkv = torch.full_like(qkv, float("nan"))
+    grid, args, kwargs = dense_z.plan_dense_dx(dz_all, s, d_qkv, H, W, *dws, pw, dot_variant(qkv))
+    dense_z.gma_dense_dx_kernel[grid](*args, **kwargs)
+    buf, (grid_w, args_w, kwargs_w) = dense_z.plan_dense_wgrad(qkv, dz_all, s, H, W, *dws, pw, dot_variant(qkv))
+    assert grid_w[0] == 3 and (grid_w[1] >= 2 or B * H * W <= 16), grid_w   # several splits where 2+ tiles
+    dense_z.gma_dense_wgrad_kernel[grid_w](*args_w, **kwargs_w)
+    g_dw, g_pw = dense_z.dense_weight_grads(buf, s)
+    planes = d_qkv.view(B, H * W, 3, 5, s)
+    assert planes[..., 0, :].isnan().all() and planes[..., 4, :].isnan().all(), "segments 0 and 4: not written"
+    exact = _backward(qkv.double(), dz.double(), H, W, dws, pw, torch.float64)
+    got_dx, exact_dx = planes[..., 1:4, :], exact[0].view(B, H * W, 3, 5, s)[..., 1:4, :]
+    for k, (a, e) in enumerate(zip(g_dw + [g_pw], exact[1] + [exact[2]])):
+        assert a.dtype == torch.float32 and a.shape == e.shape, (k, a.shape, e.shape)
+        assert _rel(a, e) < 1e-5, (k, _rel(a, e))
+    err = _rel(got_dx, exact_dx)
+    if dtype == torch.float32:
+        assert err < 1e-5, err
+        return
+    ref = _backward(qkv, dz, H, W, dws, pw, dtype)[0].view(B, H * W, 3, 5, s)[..., 1:4, :]
+    ref_err = _rel(ref, exact_dx)
+    print(f"{dtype}: input gradient {err:.2e} against torch's {ref_err:.2e} in that dtype")
+    assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
+def test_dense_backward_refuses_bad_layouts():
+    qkv = torch.randn(1, 12, 120)
+    w = [torch.zeros(k, k, 8) for k in (3, 5, 7)] + [torch.zeros(3, 8, 8)]
+    dz = torch.zeros(3, 24, 3, 4)
+    with pytest.raises(ValueError, match="unit channel stride"):
+        dense_z.plan_dense_dx(dz, 0, torch.zeros(1, 120, 12).transpose(1, 2), 3, 4, *w, dot_variant(qkv))
+    with pytest.raises(ValueError, match=r"expected \(3B, c, H, W\)"):
+        dense_z.plan_dense_wgrad(qkv, dz[:2], 0, 3, 4, *w, dot_variant(qkv))
+    with pytest.raises(ValueError, match="pixels must be contiguous"):
+        dense_z.plan_dense_wgrad(qkv, dz.transpose(2, 3).contiguous().transpose(2, 3), 0, 3, 4, *w, dot_variant(qkv))
+
+
+def test_backward_op_with_the_dense_candidate(monkeypatch):
+    """The backward op of a bf16 layer in training (batch statistics) with "triton.backward" at the dense candidate
+    (the interpreter's tiles, DENSE 1, where a tuning table's entry would put it): `gma_dense_dx_kernel` and
+    `gma_dense_wgrad_kernel` run in place of the pointwise backward and B3's stencils (the local branch keeps its
+    own), and the qkv gradient and every weight gradient equal the default tiles' to bf16 rounding."""
+    from gmf_kernels.folding import fold_eval
+    from gmf_kernels.numerics import default_hyper, random_gma_weights
+    from gmf_kernels.triton_kernels import _launch, tile_spaces, train_op  # noqa: F401  (train_op: the ops)
+    C, B, H, W = 40, 2, 5, 6
+    hp = default_hyper(C)
+    folded = fold_eval(random_gma_weights(C, seed=5), hp)
+    ws = list(folded)
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(B, H * W, 3 * C, generator=g).to(torch.bfloat16)
+    grad_pre = torch.randn(B, H * W, C, generator=g).to(torch.bfloat16)
+
+    def run():
+        mom = torch.ops.gmf.triton_z_moments(qkv, H, W, folded.dw3, folded.dw5, folded.dw7, folded.pw)
+        mean = mom[0].float().view(4, C // 5)
+        rstd = torch.rsqrt(mom[1] / (3 * B * H * W) + 1e-5).float().view(4, C // 5)
+        return torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, ws, float(hp.scale),
+                                                            float(hp.ln_eps), mean, rstd)
+    launched = []
+
+    def spy(kernel):
+        class Launch:
+            def __getitem__(self, grid):
+                def go(*a, **kw):
+                    launched.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
+                    return kernel[grid](*a, **kw)
+                return go
+        return Launch()
+    monkeypatch.setattr(_launch, "wrap_triton", spy)
+    ref = run()
+    default_kernels = set(launched)
+    s_pad = config.dot_pad(C // 5)
+    dense = dataclasses.replace(agb.backward_tiles(s_pad, 3 * B * H * W), DENSE=1)
+    tile = tuple(getattr(dense, f) for f in ("BLOCK_C", "BLOCK_P", "WARPS", "PW_BLOCK_P", "PW_WARPS",
+                                             "PW_TILE_ELEMS", "DW_ROWS", "DENSE"))
+    assert dataclasses.replace(agb.tiles_of(tile), TARGET_PROGRAMS=dense.TARGET_PROGRAMS) == dense
+    monkeypatch.setattr(tile_spaces, "tuned_tiles",
+                        lambda family, C_, like: tile if family == agb.BACKWARD_FAMILY else None)
+    launched.clear()
+    got = run()
+    assert {"gma_dense_dx_kernel", "gma_dense_wgrad_kernel"} <= set(launched), sorted(set(launched))
+    assert "gma_pw_backward_kernel" not in launched and "gma_pw_backward_kernel" in default_kernels
+    # the depthwise stencils of the local branch only: one input-gradient and one weight-gradient launch
+    assert launched.count("gma_dw_backward_kernel") == 1 and default_kernels >= {"gma_dw_backward_kernel"}
+    assert len(got) == len(ref)
+    for k, (a, b) in enumerate(zip(got, ref)):
+        assert a.shape == b.shape and a.dtype == b.dtype, k
+        # bf16 layers: both paths round their stage tensors (dZ here, dy there) to bf16 once
+        assert _rel(a, b) < 1e-2, (k, _rel(a, b))
+
+
+_AOT_SCRIPT = r"""
+import json
+import triton
+from gmf_kernels.triton_kernels import aggregation_backward as agb, config, specializations as sp
+out, seen = [], set()
+for arch in (80, 90):
+    cap = config.capability_of_arch(arch)
+    for C, g in ((80, 56), (160, 28), (320, 14)):
+        for dt in ("bf16", "fp32"):
+            prec = config.dot_precision(dt, cap)
+            cands = [c for c in agb._search(C, prec) if len(c) > 7 and c[7]]
+            assert bool(cands) == agb.dense_b3_applies(C, prec) == (dt == "bf16" and C < 320), (C, dt, arch)
+            for tile in cands:
+                for spec in sp.backward_specializations_of_call(sp.Call(C, g, g, 128, dt), arch, True,
+                                                                {agb.BACKWARD_FAMILY: tile}):
+                    if spec.kernel in ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel") and spec.key not in seen:
+                        seen.add(spec.key)
+                        rep = sp.compile_one(spec)
+                        target, src, options = sp._source_and_options(spec)
+                        ck = triton.compile(src, target=target, options=options.__dict__)   # a cache hit
+                        rep.update(kernel=spec.kernel, C=C, dt=dt, ptx_mma=ck.asm["ptx"].count("mma.sync"),
+                                   ptx_wgmma=ck.asm["ptx"].count("wgmma.mma_async"))
+                        out.append(rep)
+print(json.dumps(out))
+"""
+
+
+def test_dense_backward_compiles_to_tensor_cores_without_spills(tmp_path):
+    """Both dense kernels at GroupMixFormer-S's widths where they are a candidate (`dense_b3_applies`: bf16 layers at
+    C = 80, 160; not 320, not fp32), batch 128, for sm_80 and sm_90: no spill, the products on tensor cores: mma.sync on
+    sm_80; on sm_90 the input gradient's on wgmma, the weight gradient's [s, s] products (s < 64 rows, under a warp
+    group's 64) on mma.sync."""
+    from helpers import aot_reports, assert_compiled_without_spills
+    reps = aot_reports(_AOT_SCRIPT, tmp_path, timeout=1200)
+    assert {(r["arch"], r["C"], r["kernel"]) for r in reps} == {
+        (a, C, k) for a in (80, 90) for C in (80, 160) for k in ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel")}
+    for r in reps:
+        print(f"sm_{r['arch']} C={r['C']} {r['kernel']}: {r['registers']} registers, {r['shared_dynamic']} B shared, "
+              f"wgmma {r['ptx_wgmma']}, mma.sync {r['ptx_mma']}")
+        assert_compiled_without_spills(r)
+        wgmma = r["arch"] == 90 and r["kernel"] == "gma_dense_dx_kernel"
+        assert (r["ptx_wgmma"] > 0) if wgmma else (r["ptx_mma"] > 0), r
