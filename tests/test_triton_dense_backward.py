@@ -9,9 +9,10 @@ turn (`gma_dense_dx_kernel`) and both weight gradients from the per-tap products
   gradients (exact 16-bit products summed in fp32) within 1e-5 of float64 on the same inputs; segments 0 and 4 of
   the qkv gradient never written; odd widths (s = 6, 12: padded channels), grids smaller than the 7x7 window,
   ragged tiles, batch 1 and 3, several splits of the weight gradient.
-* The whole backward op (`torch.ops.gmf.triton_pre_projection_backward`, batch statistics) with the candidate
-  picked as a tuning table would pick it: the dense kernels replace the pointwise backward and the depthwise
-  stencils of B3, and every output equals the default tiles' to rounding.
+* A training step through the module (bf16, batch statistics) with the candidate picked as a tuning table would
+  pick it: the dense kernels replace the pointwise backward and the depthwise stencils of B3, the forward keeps
+  no y, and every output, running statistic and gradient equals the default tiles' to rounding; a backward that
+  is not dense refuses a forward that kept no y.
 * Compiled ahead of time wherever it is a candidate (`dense_b3_applies`: fp16 / bf16 layers at S_PAD <= 32, i.e.
   GroupMixFormer-S's C = 80 and 160; sm_80 and sm_90): no spill, the products on tensor cores.
 """
@@ -107,65 +108,13 @@ def test_dense_backward_refuses_bad_layouts():
         dense_z.plan_dense_wgrad(qkv, dz.transpose(2, 3).contiguous().transpose(2, 3), 0, 3, 4, *w, dot_variant(qkv))
 
 
-def test_backward_op_with_the_dense_candidate(monkeypatch):
-    """The backward op of a bf16 layer in training (batch statistics) with "triton.backward" at the dense candidate
-    (the interpreter's tiles, DENSE 1, where a tuning table's entry would put it): `gma_dense_dx_kernel` and
-    `gma_dense_wgrad_kernel` run in place of the pointwise backward and B3's stencils (the local branch keeps its
-    own), and the qkv gradient and every weight gradient equal the default tiles' to bf16 rounding."""
-    from gmf_kernels.folding import fold_eval
-    from gmf_kernels.numerics import default_hyper, random_gma_weights
-    from gmf_kernels.triton_kernels import _launch, tile_spaces, train_op  # noqa: F401  (train_op: the ops)
-    C, B, H, W = 40, 2, 5, 6
-    hp = default_hyper(C)
-    folded = fold_eval(random_gma_weights(C, seed=5), hp)
-    ws = list(folded)
-    g = torch.Generator().manual_seed(11)
-    qkv = torch.randn(B, H * W, 3 * C, generator=g).to(torch.bfloat16)
-    grad_pre = torch.randn(B, H * W, C, generator=g).to(torch.bfloat16)
-
-    def run():
-        mom = torch.ops.gmf.triton_z_moments(qkv, H, W, folded.dw3, folded.dw5, folded.dw7, folded.pw)
-        mean = mom[0].float().view(4, C // 5)
-        rstd = torch.rsqrt(mom[1] / (3 * B * H * W) + 1e-5).float().view(4, C // 5)
-        return torch.ops.gmf.triton_pre_projection_backward(grad_pre, qkv, H, W, ws, float(hp.scale),
-                                                            float(hp.ln_eps), mean, rstd)
-    launched = []
-
-    def spy(kernel):
-        class Launch:
-            def __getitem__(self, grid):
-                def go(*a, **kw):
-                    launched.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
-                    return kernel[grid](*a, **kw)
-                return go
-        return Launch()
-    monkeypatch.setattr(_launch, "wrap_triton", spy)
-    ref = run()
-    default_kernels = set(launched)
-    s_pad = config.dot_pad(C // 5)
-    dense = dataclasses.replace(agb.backward_tiles(s_pad, 3 * B * H * W), DENSE=1)
-    tile = tuple(getattr(dense, f) for f in ("BLOCK_C", "BLOCK_P", "WARPS", "PW_BLOCK_P", "PW_WARPS",
-                                             "PW_TILE_ELEMS", "DW_ROWS", "DENSE"))
-    assert dataclasses.replace(agb.tiles_of(tile), TARGET_PROGRAMS=dense.TARGET_PROGRAMS) == dense
-    monkeypatch.setattr(tile_spaces, "tuned_tiles",
-                        lambda family, C_, like: tile if family == agb.BACKWARD_FAMILY else None)
-    launched.clear()
-    got = run()
-    assert {"gma_dense_dx_kernel", "gma_dense_wgrad_kernel"} <= set(launched), sorted(set(launched))
-    assert "gma_pw_backward_kernel" not in launched and "gma_pw_backward_kernel" in default_kernels
-    # the depthwise stencils of the local branch only: one input-gradient and one weight-gradient launch
-    assert launched.count("gma_dw_backward_kernel") == 1 and default_kernels >= {"gma_dw_backward_kernel"}
-    assert len(got) == len(ref)
-    for k, (a, b) in enumerate(zip(got, ref)):
-        assert a.shape == b.shape and a.dtype == b.dtype, k
-        # bf16 layers: both paths round their stage tensors (dZ here, dy there) to bf16 once
-        assert _rel(a, b) < 1e-2, (k, _rel(a, b))
-
-
 _AOT_SCRIPT = r"""
 import json
+import torch
 import triton
-from gmf_kernels.triton_kernels import aggregation_backward as agb, config, specializations as sp
+from gmf_kernels.folding import meta_weights
+from gmf_kernels.triton_kernels import aggregation_backward as agb, config, specializations as sp, statistics as st
+from gmf_kernels.triton_kernels._common import DotVariant
 out, seen = [], set()
 for arch in (80, 90):
     cap = config.capability_of_arch(arch)
@@ -185,6 +134,16 @@ for arch in (80, 90):
                         rep.update(kernel=spec.kernel, C=C, dt=dt, ptx_mma=ck.asm["ptx"].count("mma.sync"),
                                    ptx_wgmma=ck.asm["ptx"].count("wgmma.mma_async"))
                         out.append(rep)
+            if cands:   # the training forward's statistics pass keeping Z without y (STORE_Z_MOMENTS)
+                qkv = torch.empty(128, g * g, 3 * C, device="meta", dtype=config.torch_dtype(dt))
+                w = meta_weights(C)
+                sdots = DotVariant(config.dot_precision("fp32", cap), False)
+                *_, (grid, args, kw) = st.plan_statistics(qkv, g, g, w.dw3, w.dw5, w.dw7, w.pw,
+                                                          st.gpu_stats_tiles(C, sdots.precision), sdots,
+                                                          st.STORE_Z_MOMENTS)
+                rep = sp.compile_one(sp.specialize_launch(st.gma_statistics_kernel, arch, args, kw))
+                rep.update(kernel="gma_statistics_kernel", C=C, dt=dt, ptx_mma=0, ptx_wgmma=0)
+                out.append(rep)
 print(json.dumps(out))
 """
 
@@ -193,14 +152,138 @@ def test_dense_backward_compiles_to_tensor_cores_without_spills(tmp_path):
     """Both dense kernels at GroupMixFormer-S's widths where they are a candidate (`dense_b3_applies`: bf16 layers at
     C = 80, 160; not 320, not fp32), batch 128, for sm_80 and sm_90: no spill, the products on tensor cores: mma.sync on
     sm_80; on sm_90 the input gradient's on wgmma, the weight gradient's [s, s] products (s < 64 rows, under a warp
-    group's 64) on mma.sync."""
+    group's 64) on mma.sync. And the training forward's statistics pass as the candidate runs it, keeping Z
+    without y (`statistics.STORE_Z_MOMENTS`): no spill."""
     from helpers import aot_reports, assert_compiled_without_spills
     reps = aot_reports(_AOT_SCRIPT, tmp_path, timeout=1200)
     assert {(r["arch"], r["C"], r["kernel"]) for r in reps} == {
-        (a, C, k) for a in (80, 90) for C in (80, 160) for k in ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel")}
+        (a, C, k) for a in (80, 90) for C in (80, 160)
+        for k in ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_statistics_kernel")}
     for r in reps:
         print(f"sm_{r['arch']} C={r['C']} {r['kernel']}: {r['registers']} registers, {r['shared_dynamic']} B shared, "
               f"wgmma {r['ptx_wgmma']}, mma.sync {r['ptx_mma']}")
         assert_compiled_without_spills(r)
+        if r["kernel"] == "gma_statistics_kernel":
+            continue
         wgmma = r["arch"] == 90 and r["kernel"] == "gma_dense_dx_kernel"
         assert (r["ptx_wgmma"] > 0) if wgmma else (r["ptx_mma"] > 0), r
+
+
+def _record_launches(monkeypatch) -> list:
+    """The names of the kernels launched from now on (a spy in place of `_launch.wrap_triton`), in order."""
+    from gmf_kernels.triton_kernels import _launch
+    launched = []
+
+    def spy(kernel):
+        class Launch:
+            def __getitem__(self, grid):
+                def go(*a, **kw):
+                    launched.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
+                    return kernel[grid](*a, **kw)
+                return go
+        return Launch()
+    monkeypatch.setattr(_launch, "wrap_triton", spy)
+    return launched
+
+
+def _pick_dense(monkeypatch, C: int, M: int) -> None:
+    """"triton.backward" at the dense candidate from now on, where a tuning table's entry would put it
+    (`tile_spaces.tuned_tiles`): the interpreter's tiles for width C and M pixels, DENSE 1."""
+    from gmf_kernels.triton_kernels import tile_spaces
+    dense = dataclasses.replace(agb.backward_tiles(config.dot_pad(C // 5), M), DENSE=1)
+    tile = tuple(getattr(dense, f) for f in ("BLOCK_C", "BLOCK_P", "WARPS", "PW_BLOCK_P", "PW_WARPS",
+                                             "PW_TILE_ELEMS", "DW_ROWS", "DENSE"))
+    assert dataclasses.replace(agb.tiles_of(tile), TARGET_PROGRAMS=dense.TARGET_PROGRAMS) == dense
+    monkeypatch.setattr(tile_spaces, "tuned_tiles",
+                        lambda family, C_, like: tile if family == agb.BACKWARD_FAMILY else None)
+
+
+def test_training_step_with_the_dense_candidate(monkeypatch):
+    """A training step of a bf16 `GroupMixAttention` (batch statistics) with "triton.backward" at the dense candidate
+    (the interpreter's tiles, DENSE 1), as a tuning table would pick it: `gma_dense_dx_kernel` and
+    `gma_dense_wgrad_kernel` run in place of the pointwise backward and B3's stencils (the local branch keeps its
+    own), the forward's statistics pass keeps Z without the depthwise outputs y (`statistics.STORE_Z_MOMENTS`: the
+    dense B3 reads none), and the output, the running statistics and every gradient equal the default tiles' to
+    bf16 rounding (both paths round one stage tensor to bf16: dZ here, dy there)."""
+    import copy
+
+    import gmf_kernels
+    from gmf_kernels.triton_kernels import statistics
+    C, H, W, B = 40, 5, 6, 2
+    torch.manual_seed(0)
+    m = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True, backend="triton").train().to(torch.bfloat16)
+    m_dense = copy.deepcopy(m)
+    x = torch.randn(B, H * W, C).to(torch.bfloat16)
+    stores = []
+    z_moments = statistics.z_moments
+
+    def spy_store(*a, **kw):
+        stores.append(kw.get("store", False))
+        return z_moments(*a, **kw)
+    monkeypatch.setattr(statistics, "z_moments", spy_store)
+    launched = _record_launches(monkeypatch)
+
+    def step(mod):
+        xx = x.clone().requires_grad_(True)
+        out = mod(xx, (H, W))
+        out.float().square().sum().backward()
+        buffers = {n: b.clone() for n, b in mod.named_buffers()}
+        return [out.detach(), xx.grad] + [p.grad for _, p in mod.named_parameters()] + list(buffers.values())
+    ref = step(m)
+    assert stores == [True] and "gma_pw_backward_kernel" in launched, (stores, sorted(set(launched)))
+    _pick_dense(monkeypatch, C, 3 * B * H * W)
+    stores.clear()
+    launched.clear()
+    got = step(m_dense)
+    assert stores == [statistics.STORE_Z_MOMENTS], stores
+    assert {"gma_dense_dx_kernel", "gma_dense_wgrad_kernel"} <= set(launched), sorted(set(launched))
+    assert "gma_pw_backward_kernel" not in launched
+    assert launched.count("gma_dw_backward_kernel") == 1       # the local branch's 3x3 only
+    assert len(got) == len(ref)
+    for k, (a, b) in enumerate(zip(got, ref)):
+        assert a is not None and a.shape == b.shape and a.dtype == b.dtype, k
+        if a.is_floating_point():
+            assert _rel(a, b) < 1e-2, (k, _rel(a, b))
+        else:
+            assert torch.equal(a, b), k
+
+
+def test_eval_mode_gradients_with_the_dense_candidate(monkeypatch):
+    """Eval mode with gradients (running statistics: the forward keeps no planes, the backward recomputes Z and y,
+    the dense B3 reading only Z's dZ and qkv) with the dense candidate picked: the input and weight gradients
+    equal the default tiles' (fp32, to the dots' rounding)."""
+    import copy
+
+    import gmf_kernels
+    C, H, W, B = 40, 4, 5, 1
+    torch.manual_seed(1)
+    m = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True, backend="triton").eval()
+    m_dense = copy.deepcopy(m)
+    x = torch.randn(B, H * W, C)
+    launched = _record_launches(monkeypatch)
+
+    def grads(mod):
+        xx = x.clone().requires_grad_(True)
+        mod(xx, (H, W)).square().sum().backward()
+        return [xx.grad] + [p.grad for _, p in mod.named_parameters()]
+    ref = grads(m)
+    _pick_dense(monkeypatch, C, 3 * B * H * W)
+    launched.clear()
+    got = grads(m_dense)
+    assert "gma_dense_wgrad_kernel" in launched and "gma_pw_backward_kernel" not in launched, sorted(set(launched))
+    for k, (a, b) in enumerate(zip(got, ref)):
+        assert a is not None and a.shape == b.shape, k
+        assert _rel(a, b) < 1e-5 or (a - b).abs().max() < 1e-6, (k, _rel(a, b))
+
+
+def test_b3_without_y_refuses_tiles_that_are_not_dense():
+    """A forward that kept no y (a dense backward's) met by a backward whose tiles are not dense (the table changed
+    in between): B3 says so instead of reading a missing plane."""
+    from helpers import random_folded_weights
+    C, H, W, B = 40, 3, 4, 1
+    s = C // 5
+    f = random_folded_weights(C, torch.float32)
+    G = torch.zeros(3 * B, 4 * s, H, W)
+    rc = {"Z": torch.zeros_like(G), "y": [], "qkv": torch.zeros(B, H * W, 3 * C)}
+    with pytest.raises(RuntimeError, match="depthwise outputs y are missing"):
+        agb.b3_fused(G, rc, f, None, None, torch.zeros(4 * s), None, 3 * B * H * W)

@@ -117,6 +117,7 @@ from .aggregation import split_plan as aggregation_split_plan
 from .config import cdiv, dot_pad, kernel_dot_precision, next_pow2
 from .dense_z import (dense_weight_grads, gma_dense_dx_kernel, gma_dense_wgrad_kernel, plan_dense_dx,
                       plan_dense_wgrad)
+from . import tile_spaces
 from .tile_spaces import register_tiles
 
 Tensor = torch.Tensor
@@ -706,6 +707,17 @@ def dense_b3_applies(C: int, precision: str) -> bool:
     return precision == "tf32" and dot_pad(C // 5) <= 32
 
 
+def tuned_dense_b3(qkv: Tensor) -> bool:
+    """Whether the backward of the layer whose input is qkv runs B3's dense form: the DENSE knob of its
+    "triton.backward" tiles as `train_op.train_tiles` looks them up (`tile_spaces.tuned_tiles`: the tuning
+    table's entry on a CUDA device; None, so not dense, under the interpreter and off CUDA, where the launchers
+    use their own tiles). The training forward's statistics pass (`train_op.planes_fn_for`) then keeps no
+    depthwise outputs y: the dense form reads none. (The recompute of eval mode with gradients still stores them:
+    without, `gma_recompute_z_kernel` spilled 4 B on sm_80 at C = 80 bf16 / fp16, AOT, batch 128.)"""
+    bw = tile_spaces.tuned_tiles(BACKWARD_FAMILY, qkv.shape[-1] // 3, qkv)
+    return bool(bw is not None and tiles_of(bw).DENSE)
+
+
 def fused_b3(S_PAD: int) -> bool:
     """Whether B3 runs fused at this padded segment width (`FUSED_B3_MAX_S_PAD`)."""
     return S_PAD <= FUSED_B3_MAX_S_PAD
@@ -1027,6 +1039,10 @@ def _segments_backward(dz_src: Tensor, mode: int, coefs: Tensor, rc: Dict[str, T
     (d_qkv given: du_j stored there, `qkv_layout`, and returned as None). dots: the pointwise
     kernel's (default dz_src's variant)."""
     s = dz_src.shape[1] // 4
+    if len(rc["y"]) != 3:
+        raise RuntimeError("B3: the depthwise outputs y are missing (the training forward kept Z alone, for a backward "
+                           "running B3's dense form, `BackwardTiles.DENSE`), but this backward's tiles do not run it: "
+                           "the tuning table changed between the forward and the backward?")
     bufp, lp = plan_pw_backward(dz_src, rc["Z"], rc["y"], wts.pw, coefs, mode, dots or dot_variant(dz_src), tiles)
     dws = (wts.dw3, wts.dw5, wts.dw7)
     plans = [plan_dw_backward(bufp["dy"][j - 1], depthwise_input(rc, j), dws[j - 1],

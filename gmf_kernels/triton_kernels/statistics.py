@@ -122,7 +122,10 @@ token, 4.2 C values, live from the forward to the backward: a Triton layer keeps
 image instead of 5.0 (upstream's eager structure: 18.3; tests/test_triton_training.py). Where the
 backward runs the PyTorch stages (S_PAD 128 with sm_70/75's FMA dots), under no_grad, in eval mode
 with gradients, and for float64, nothing is kept and the recompute runs as before. Not timed (no GPU
-in the session that wrote it).
+in the session that wrote it). Where the backward runs B3's dense form (`aggregation_backward.BackwardTiles.DENSE`,
+a tuning candidate since 2026-12-06), which reads no y, the pass keeps Z alone (`STORE_Z_MOMENTS`,
+`statistics_planes(keep_y=False)`, `train_op.planes_fn_for`): 9 s e per token fewer written, and 1.8 C values
+per token fewer kept.
 
 **The forward reads them too** (2026-12-05, later). The training forward's aggregation ran the stencils
 and the pointwise of segments 1-3 once more, after this pass, only to normalise them with its moments.
@@ -203,6 +206,11 @@ Z_AND_Y = tl.constexpr(1)
 #: host's `store` argument of `kernel_call` / `segment_costs`, and the kernel's constexpr
 STORE_Z_ONLY = 2
 Z_ONLY = tl.constexpr(STORE_Z_ONLY)
+#: ... or the moments and Z without y (the training forward whose backward runs B3's dense form, which reads no y:
+#: `aggregation_backward.BackwardTiles.DENSE`, `statistics_planes(keep_y=False)`): the host's `store` value; the
+#: kernel needs no branch of its own (y is stored where STORE == Z_AND_Y, Z where STORE, the moments where
+#: STORE != Z_ONLY)
+STORE_Z_MOMENTS = 3
 
 
 @triton.jit
@@ -908,7 +916,7 @@ def segment_costs(C: int, tiles: Tuple[int, ...], precision: str, recompute: boo
         tail, ys, per_token = 2 * dp, 0, [0.0]
     else:
         tail = 4 * dp if recompute or store else 2 * dp   # store: the moments and Z (the recompute: Z and P)
-        ys = sc if recompute or store else 0
+        ys = sc if recompute or store in (True, 1) else 0  # y, but where the forward keeps Z alone (STORE_Z_MOMENTS)
         per_token = [(2 * dp + tail) * ELEMENT_COST]
     for j in (1, 2, 3):
         ks = 2 * j + 1
@@ -1020,7 +1028,8 @@ def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: 
     (3B R, s), row img R + r the partial of program r of image img (R = plan.programs; programs
     plan.rows(j) of an image belong to segment j, `merge_segments`). store (STORE, "Planes kept for the
     backward"): also allocate Z (3B, 4s, H, W) and y_all (3, 3B, s, H, W) in the stage dtype, the
-    kernel's arguments z and y_all (`planes_of` finds them in args); else part_m2 holds their places."""
+    kernel's arguments z and y_all (`planes_of` finds them in args), y_all an empty placeholder with
+    `STORE_Z_MOMENTS`; else part_m2 holds their places."""
     B, N, C3 = qkv.shape
     s = C3 // 15
     qkv, dots, tiles, plan = _grid_plan(qkv, H, W, dots, tiles, stats_tiles, False, store)
@@ -1028,7 +1037,8 @@ def plan_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: 
     part_m2 = torch.empty(3 * B * plan.programs, s, dtype=torch.float32, device=qkv.device)
     if store:
         st = dict(dtype=stage_dtype(qkv.dtype), device=qkv.device)
-        planes = (torch.empty(3 * B, 4 * s, H, W, **st), torch.empty(3, 3 * B, s, H, W, **st))
+        y_shape = (0,) if store == STORE_Z_MOMENTS else (3, 3 * B, s, H, W)
+        planes = (torch.empty(3 * B, 4 * s, H, W, **st), torch.empty(*y_shape, **st))
     else:
         planes = (part_m2, part_m2)
     call = kernel_call(qkv, H, W, (part_mean, part_m2, *planes, dw3, dw5, dw7, pw), plan, tiles, dots, store=store)
@@ -1091,10 +1101,10 @@ def merge_segments(part_mean: Tensor, part_m2: Tensor, plan: SegmentPlan, block_
 
 def z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
               tiles: Optional[Tuple[int, ...]] = None, dots: Optional[DotVariant] = None,
-              store: bool = False):
+              store=False):
     """Launch the kernel and merge: (2, 4s) float64, [mean, M2] of Z per channel (channel j*s + c:
-    segment j) over this process's 3B images x H x W; store: (that, Z, y_all), the planes the kernel
-    stored (`plan_statistics`)."""
+    segment j) over this process's 3B images x H x W; store (True or `STORE_Z_MOMENTS`): (that, Z, y_all),
+    the planes the kernel stored (`plan_statistics`; y_all empty with `STORE_Z_MOMENTS`)."""
     from ._launch import device_guard, wrap_triton
     dw3, dw5, dw7, pw = (w.contiguous() for w in (dw3, dw5, dw7, pw))     # the kernel's weight layout
     part_mean, part_m2, plan, (grid, args, kwargs) = plan_statistics(qkv, H, W, dw3, dw5, dw7, pw, tiles, dots,
@@ -1169,19 +1179,20 @@ def _register_planes():
     """``gmf::triton_z_moments_planes``: the statistics pass that also keeps Z and the depthwise outputs
     for the backward (STORE, "Planes kept for the backward"), one opaque node as ``gmf::triton_z_moments``.
     Returns (moments (2, 4s) float64, Z (3B, 4s, H, W), y_all (3, 3B, s, H, W)), the planes in the stage
-    dtype."""
+    dtype; keep_y False (a backward running B3's dense form, which reads no y): y_all empty (`STORE_Z_MOMENTS`)."""
     def impl(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
-             pw: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        return z_moments(qkv, H, W, dw3, dw5, dw7, pw, store=True)
+             pw: Tensor, keep_y: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+        return z_moments(qkv, H, W, dw3, dw5, dw7, pw, store=True if keep_y else STORE_Z_MOMENTS)
 
     op = torch.library.custom_op(PLANES_OP_NAME, impl, mutates_args=())
 
     @op.register_fake
-    def _(qkv, H, W, dw3, dw5, dw7, pw):
+    def _(qkv, H, W, dw3, dw5, dw7, pw, keep_y=True):
         B, s = qkv.shape[0], qkv.shape[-1] // 15
         st = stage_dtype(qkv.dtype)
+        y_shape = (3, 3 * B, s, H, W) if keep_y else (0,)
         return (qkv.new_empty(2, 4 * s, dtype=torch.float64), qkv.new_empty(3 * B, 4 * s, H, W, dtype=st),
-                qkv.new_empty(3, 3 * B, s, H, W, dtype=st))
+                qkv.new_empty(*y_shape, dtype=st))
     return op
 
 
@@ -1224,16 +1235,17 @@ def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
     return _mean_var_count(moments, qkv, wts, group)
 
 
-def statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None):
+def statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None, keep_y: bool = True):
     """`statistics` that also keeps the planes the backward would recompute (module docstring, "Planes
     kept for the backward"; op ``gmf::triton_z_moments_planes``): (mean, var, count, planes), planes =
     (Z (3B, 4s, H, W), y_all (3, 3B, s, H, W)) in the stage dtype, this process's own images (with a
-    process group too: only the moments are all-reduced). float64 inputs: `statistics` and planes None."""
+    process group too: only the moments are all-reduced). keep_y False: y_all empty (nothing stored: the
+    backward runs B3's dense form, `train_op.planes_fn_for`). float64 inputs: `statistics` and planes None."""
     if qkv.dtype == torch.float64:
         return (*statistics(qkv, H, W, wts, group), None)
     B, N, C3 = qkv.shape
     check_train_size(B, N, C3 // 3)
-    moments, z, y_all = torch.ops.gmf.triton_z_moments_planes(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw)
+    moments, z, y_all = torch.ops.gmf.triton_z_moments_planes(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, keep_y)
     return (*_mean_var_count(moments, qkv, wts, group), (z, y_all))
 
 

@@ -188,7 +188,10 @@ def triton_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeight
 def planes_fn_for(qkv: Tensor):
     """The statistics pass that keeps Z and y for the backward (`statistics.statistics_planes`) where the
     backward of the layer whose input is qkv runs the Triton stages, which read them
-    (`Stages.takes_planes`); None where it runs the PyTorch stages (they recompute their own)."""
+    (`Stages.takes_planes`); without y where that backward runs B3's dense form (`tuned_dense_b3`), which reads
+    none; None where it runs the PyTorch stages (they recompute their own)."""
     if qkv.dtype == torch.float64:      # the PyTorch stages (`recompute.recompute`)
         return None
-    return statistics_planes if triton_stages(qkv.shape[-1] // 15, backward_dots(qkv)).takes_planes else None
+    if not triton_stages(qkv.shape[-1] // 15, backward_dots(qkv)).takes_planes:
+        return None
+    return functools.partial(statistics_planes, keep_y=False) if agb.tuned_dense_b3(qkv) else statistics_planes
