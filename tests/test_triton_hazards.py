@@ -254,10 +254,10 @@ def test_dense_backward_free_of_hazards():
     s = C // 5
     f = random_folded_weights(C, torch.float32)
     qkv = torch.randn(B, H * W, 3 * C)
-    dZ = torch.randn(3 * B, 3 * s, H, W)
+    dZ = torch.randn(B, H * W, 9 * s)
     d_qkv = torch.full_like(qkv, float("nan"))
-    grid, args, kwargs = dz.plan_dense_dx(dZ, 0, d_qkv, H, W, f.dw3, f.dw5, f.dw7, f.pw, dot_variant(qkv))
-    buf, (grid_w, args_w, kwargs_w) = dz.plan_dense_wgrad(qkv, dZ, 0, H, W, f.dw3, f.dw5, f.dw7, f.pw,
+    grid, args, kwargs = dz.plan_dense_dx(dZ, d_qkv, H, W, f.dw3, f.dw5, f.dw7, f.pw, dot_variant(qkv))
+    buf, (grid_w, args_w, kwargs_w) = dz.plan_dense_wgrad(qkv, dZ, H, W, f.dw3, f.dw5, f.dw7, f.pw,
                                                           dot_variant(qkv), tiles=(64, 4))
     buf["part_gdw"].fill_(float("nan"))
     with HazardCheck(without_barriers=("gma_dense_dx_kernel", "gma_dense_wgrad_kernel")) as hc:

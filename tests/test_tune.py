@@ -235,9 +235,10 @@ def test_backward_walk_defaults_keep_the_tile_kernels_as_candidates(cap):
 @pytest.mark.parametrize("cap", [(9, 0), (8, 0), (7, 5)])
 def test_backward_dense_candidate_where_it_applies(cap):
     """B3's dense form (`BackwardTiles.DENSE`) is the second "triton.backward" candidate (so that the family's
-    MAX_CANDIDATES never drops it) exactly where `dense_b3_applies` (fp16 / bf16 layers on sm_80+ at S_PAD <= 32),
+    MAX_CANDIDATES never drops it) exactly where `dense_b3_applies` (fp16 / bf16 layers on sm_80+ at S_PAD <= 64),
     the default's other tiles; never the default."""
     *_, agb, _ = _train_modules()
+    from gmf_kernels.triton_kernels.config import dot_pad
     from gmf_kernels.triton_kernels.tile_spaces import precision_of
     for C in WIDTHS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -245,7 +246,7 @@ def test_backward_dense_candidate_where_it_applies(cap):
             if not bw:
                 continue
             applies = agb.dense_b3_applies(C, precision_of(dtype, cap, True))
-            assert applies == (dtype != torch.float32 and cap >= (8, 0) and C // 5 <= 32), (C, dtype, cap)
+            assert applies == (dtype != torch.float32 and cap >= (8, 0) and dot_pad(C // 5) <= 64), (C, dtype, cap)
             assert bw[0]["DENSE"] == 0 and [c["DENSE"] for c in bw[1:]].count(1) == int(applies), (C, dtype, bw)
             if applies:
                 assert bw[1] == dict(bw[0], DENSE=1), (C, dtype, bw[:2])

@@ -115,8 +115,8 @@ from ._common import (DotVariant, dot_variant, hardswish_grad, interpreting, mm,
                       rows_shift, stored)
 from .aggregation import split_plan as aggregation_split_plan
 from .config import cdiv, dot_pad, kernel_dot_precision, next_pow2
-from .dense_z import (dense_weight_grads, gma_dense_dx_kernel, gma_dense_wgrad_kernel, plan_dense_dx,
-                      plan_dense_wgrad)
+from .dense_z import (dense_dz_buffer, dense_weight_grads, gma_dense_dx_kernel, gma_dense_wgrad_kernel,
+                      plan_dense_dx, plan_dense_wgrad)
 from . import tile_spaces
 from .tile_spaces import register_tiles
 
@@ -698,13 +698,11 @@ FUSED_B3_MAX_S_PAD = 64
 def dense_b3_applies(C: int, precision: str) -> bool:
     """Whether B3's dense form (`BackwardTiles.DENSE`) is a candidate for width C and the backward's dots
     (`statistics.backward_dots`): fp16 / bf16 layers on sm_80+ ("tf32", whose dense kernels take 16-bit operands)
-    at S_PAD <= 32. Compiler figures (AOT, Triton 3.6, batch 128, `config.DENSE_Z_TILES` / `DENSE_WGRAD_TILES`):
-    none spills there on sm_80 / sm_90 (input gradient 128 / 168 registers on sm_90 at S_PAD 16 / 32, 128 / 198 on
-    sm_80; weight gradient 80 / 128, 96 / 128); at S_PAD 64 both spilled on sm_80 (80 B and 36 B; sm_90: 189 and
-    188 registers, none). Not fp32 layers: the weight gradient's 3xTF32 dots spilled on sm_90 at every tile tried
-    (12 B - 1 KB at C = 80, 160); not sm_70/75, whose FMA dots would run the dense form's 10-19x larger work on
-    CUDA cores."""
-    return precision == "tf32" and dot_pad(C // 5) <= 32
+    at S_PAD <= 64, where both kernels compile without spilling (AOT, Triton 3.6, batch 128, `config.DENSE_Z_TILES`
+    / `DENSE_WGRAD_TILES`; figures in docs/performance.md). Not fp32 layers: the weight gradient's 3xTF32 dots
+    spilled on sm_90 at every tile tried (12 B - 1 KB at C = 80, 160); not sm_70/75, whose FMA dots would run the
+    dense form's 10-19x larger work on CUDA cores; not S_PAD 128."""
+    return precision == "tf32" and dot_pad(C // 5) <= 64
 
 
 def tuned_dense_b3(qkv: Tensor) -> bool:
@@ -1007,8 +1005,8 @@ def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: 
         rq = dict(rc, qkv=qkv)
         launches += plan_dz(G, rc["Z"], coefs, stats, 0, s, qkv_layout(d_qkv, 0), tiles)[1]
         if tiles is not None and tiles.DENSE:
-            bufz, lz = plan_dz(G, rc["Z"], coefs, stats, s, 3 * s, tiles=tiles)
-            launches += lz + _dense_launches(bufz["dZ"], qkv, d_qkv, wts, dots)[1]
+            dz, lz = _dense_dz(G, rc["Z"], coefs, stats, tiles)
+            launches += lz + _dense_launches(dz, qkv, d_qkv, *G.shape[2:], wts, dots)[1]
         for j in (1, 2, 3):
             launches += plan_dw_backward(buf["dy"][j - 1], depthwise_input(rq, j), dws[j - 1], qkv_layout(d_qkv, j),
                                          tiles)[1]
@@ -1078,9 +1076,9 @@ def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Opti
     buf0, l0 = plan_dz(G, rc["Z"], coefs, stats, 0, s, None if d_qkv is None else qkv_layout(d_qkv, 0), tiles)
     if tiles is not None and tiles.DENSE and "qkv" in rc:
         # dZ of segments 1..3 written once; the dense kernels read it (and qkv) in place of y and dy
-        bufz, lz = plan_dz(G, rc["Z"], coefs, stats, s, 3 * s, tiles=tiles)
+        dz, lz = _dense_dz(G, rc["Z"], coefs, stats, tiles)
         out = d_qkv if d_qkv is not None else torch.zeros(rc["qkv"].shape, dtype=G.dtype, device=G.device)
-        bufd, ld = _dense_launches(bufz["dZ"], rc["qkv"], out, wts, dots or dot_variant(G))
+        bufd, ld = _dense_launches(dz, rc["qkv"], out, *G.shape[2:], wts, dots or dot_variant(G))
         _launch(l0 + lz + ld, G)
         g_dw, g_pw = dense_weight_grads(bufd, s)
         if d_qkv is not None:
@@ -1100,14 +1098,25 @@ def b3_fused(G: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Opti
     return [None if d_qkv is not None else bufz["dZ"][:, :s]] + du, g_dw, g_pw
 
 
-def _dense_launches(dz: Tensor, qkv: Tensor, d_qkv: Tensor, wts: FoldedGMAWeights, dots: DotVariant
-                    ) -> Tuple[Dict[str, Tensor], List[Launch]]:
-    """B3's dense form for segments 1-3 (`BackwardTiles.DENSE`): dz (3B, 3s, H, W) their dZ; the input gradient
-    into d_qkv (`gma_dense_dx_kernel`), the weight gradients' partials (`gma_dense_wgrad_kernel`, summed by
-    `dense_z.dense_weight_grads`)."""
-    H, W = dz.shape[2:]
-    grid, args, kw = plan_dense_dx(dz, 0, d_qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, dots)
-    buf, (grid_w, args_w, kw_w) = plan_dense_wgrad(qkv, dz, 0, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, dots)
+def _dense_dz(G: Tensor, Z: Tensor, coefs: Tensor, stats: bool, tiles: Optional[BackwardTiles]
+              ) -> Tuple[Tensor, List[Launch]]:
+    """dZ of segments 1-3 for B3's dense form: `dense_z.dense_dz_buffer` (B, N, 9s, qkv's layout, so that the dense
+    kernels load it channels-contiguous as the forward loads qkv) and the `gma_dz_kernel` launch writing it through
+    a `Layout` (image st B + b at b N 9s + st 3s, channel c at c, pixel n at n 9s)."""
+    I, CP, H, W = G.shape
+    B, s, N = I // 3, CP // 4, H * W
+    dz = dense_dz_buffer(B, N, s, G.dtype, G.device)
+    layout = Layout(dz, B, 3 * s, N * 9 * s, 3 * s, 0, 1, 9 * s)
+    return dz, plan_dz(G, Z, coefs, stats, s, 3 * s, layout, tiles)[1]
+
+
+def _dense_launches(dz: Tensor, qkv: Tensor, d_qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights,
+                    dots: DotVariant) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """B3's dense form for segments 1-3 (`BackwardTiles.DENSE`): dz (B, N, 9s) their dZ (`_dense_dz`); the input
+    gradient into d_qkv (`gma_dense_dx_kernel`), the weight gradients' partials (`gma_dense_wgrad_kernel`, summed
+    by `dense_z.dense_weight_grads`)."""
+    grid, args, kw = plan_dense_dx(dz, d_qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, dots)
+    buf, (grid_w, args_w, kw_w) = plan_dense_wgrad(qkv, dz, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, dots)
     return buf, [(gma_dense_dx_kernel, grid, args, kw), (gma_dense_wgrad_kernel, grid_w, args_w, kw_w)]
 
 

@@ -42,8 +42,8 @@ previous tap's MMAs; the interpreter runs it as a plain loop (PIPE 0). Tiles:
 
 **The backward** (training: B3 of segments 1-3 with `aggregation_backward.BackwardTiles.DENSE`, a "triton.backward"
 tuning candidate where `aggregation_backward.dense_b3_applies`: fp16 / bf16 layers at S_PAD <= 32). The same
-identity differentiated, from dZ_j (written once by `gma_dz_kernel`) and the depthwise input x_j (read in place
-from qkv), never the depthwise output y_j nor its gradient dy_j:
+identity differentiated, from dZ_j (written once by `gma_dz_kernel`, in qkv's layout: `dense_dz_buffer`) and the
+depthwise input x_j (read in place from qkv), never the depthwise output y_j nor its gradient dy_j:
 
     dx_j[p, i]  = sum_t sum_o dZ_j[p - shift_t, o] W_t[i, o]           (`gma_dense_dx_kernel`)
     G_t[i, o]   = sum_p x_j[p + shift_t, i] dZ_j[p, o]                  (`gma_dense_wgrad_kernel`)
@@ -187,21 +187,22 @@ def gma_dense_z_kernel(qkv, z, dw3, dw5, dw7, pw, N, H, W, B, stride_b, stride_n
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "B"])
-def gma_dense_dx_kernel(dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, B, dz_off, s_dz_b, s_dz_ch, stride_b, stride_n,
+def gma_dense_dx_kernel(dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, B, dz_stride_b, dz_stride_n, stride_b, stride_n,
                         C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
     """The input gradient of segments 1-3 (the training backward's B3 with `BackwardTiles.DENSE`): dX_j = the
-    transposed dense convolution of dZ_j, into d_qkv. dZ: images ``stream * B + b`` of stride s_dz_b, channel
-    ``(j - 1) s + o`` at dz_off + that s_dz_ch, pixels contiguous (a (3B, 3s, H, W) buffer, or segments 1-3 of a
-    (3B, 4s, H, W) one); d_qkv: (B, N, 3C), unit channel stride (strides stride_b, stride_n), its segments 1-3 of
-    q, k, v written (in its dtype), nothing else; weights as `gma_dense_z_kernel`'s."""
-    _dense_conv(dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, dz_off, B * s_dz_b, s_dz_b, s_dz_ch, 1, S, C, stride_b, 1,
+    transposed dense convolution of dZ_j, into d_qkv. dZ: (B, N, 9s) with unit channel stride (strides dz_stride_b,
+    dz_stride_n), token n of image b holding stream st's channel (j - 1) s + o at st 3s + (j - 1) s + o: qkv's
+    layout, so that a tap's [BLOCK_P, s] tiles load as the forward's do (channels contiguous, vectorised);
+    d_qkv: (B, N, 3C), unit channel stride (strides stride_b, stride_n), its segments 1-3 of q, k, v written (in
+    its dtype), nothing else; weights as `gma_dense_z_kernel`'s."""
+    _dense_conv(dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, 0, 3 * S, dz_stride_b, 1, dz_stride_n, S, C, stride_b, 1,
                 stride_n, S, S_PAD, BLOCK_P, True, DOT_PRECISION, EMULATE_DOTS, PIPE)
 
 
-@triton.jit(do_not_specialize=["M", "N", "H", "W", "B", "tiles_per_split"])
-def gma_dense_wgrad_kernel(qkv, dZ, dw3, dw5, dw7, pw, part_gdw, part_gpw, M, N, H, W, B, tiles_per_split,
-                           stride_b, stride_n, dz_off, s_dz_b, s_dz_ch,
+@triton.jit(do_not_specialize=["M", "N", "H", "W", "tiles_per_split"])
+def gma_dense_wgrad_kernel(qkv, dZ, dw3, dw5, dw7, pw, part_gdw, part_gpw, M, N, H, W, tiles_per_split,
+                           stride_b, stride_n, dz_stride_b, dz_stride_n,
                            C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                            DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
     """The weight gradients of segments 1-3 through the dense form (module docstring, "The backward"). Grid
@@ -209,7 +210,8 @@ def gma_dense_wgrad_kernel(qkv, dZ, dw3, dw5, dw7, pw, part_gdw, part_gpw, M, N,
     sum over the run's pixels p and the three streams of x[p + shift_t, i] dZ[p, o] (an [s, BLOCK_P] x [BLOCK_P, s]
     product a tile and stream, fp32 accumulator), then folds it into the two gradients, dDW[t, i] = sum_o PW[o, i]
     G_t[i, o] (stored at part_gdw[split, seg, t, :]) and dPW[o, i] += DW[t, i] G_t[i, o] (held across the taps,
-    stored at part_gpw[split, seg] as [o, i]). qkv (B, N, 3C) unit channel stride; dZ as `gma_dense_dx_kernel`'s."""
+    stored at part_gpw[split, seg] as [o, i]). qkv (B, N, 3C) unit channel stride; dZ (B, N, 9s) as
+    `gma_dense_dx_kernel`'s."""
     seg = tl.program_id(0)
     split = tl.program_id(1)
     KS, w_taps = _segment_window(seg, dw3, dw5, dw7)
@@ -219,7 +221,7 @@ def gma_dense_wgrad_kernel(qkv, dZ, dw3, dw5, dw7, pw, part_gdw, part_gpw, M, N,
     wm = cmask[:, None] & cmask[None, :]
     pw_t = tl.load(pw + seg * S * S + ch[None, :] * S + ch[:, None], mask=wm, other=0.0)      # [i, o] = PW[o, i]
     x_ch = qkv + (seg + 1) * S + ch[:, None]                 # x loaded as [channels, pixels]: the dot's A
-    dz_ch = dZ + dz_off + ((seg * S + ch) * s_dz_ch)[None, :]
+    dz_ch = dZ + (seg * S + ch)[None, :]
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(M, BLOCK_P))
     g_pw = tl.zeros([S_PAD, S_PAD], dtype=tl.float32)                                        # [i, o]
@@ -231,13 +233,13 @@ def gma_dense_wgrad_kernel(qkv, dZ, dw3, dw5, dw7, pw, part_gdw, part_gpw, M, N,
         g_t = tl.zeros([S_PAD, S_PAD], dtype=tl.float32)
         if PIPE > 0:
             for tile in tl.range(t0, t1, num_stages=PIPE):
-                g_t = _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, B, dy, dx, stride_b, stride_n, s_dz_b, cmask,
-                                  C, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                g_t = _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, dy, dx, stride_b, stride_n, dz_stride_b,
+                                  dz_stride_n, cmask, C, S, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
         else:
             tile = t0
             while tile < t1:
-                g_t = _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, B, dy, dx, stride_b, stride_n, s_dz_b, cmask,
-                                  C, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                g_t = _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, dy, dx, stride_b, stride_n, dz_stride_b,
+                                  dz_stride_n, cmask, C, S, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
                 tile += 1
         row = (split * 3 + seg) * 49 + t
         tl.store(part_gdw + row * S_PAD + ch, tl.sum(g_t * pw_t, axis=1))
@@ -248,8 +250,9 @@ def gma_dense_wgrad_kernel(qkv, dZ, dw3, dw5, dw7, pw, part_gdw, part_gpw, M, N,
 
 
 @triton.jit
-def _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, B, dy, dx, stride_b, stride_n, s_dz_b, cmask,
-                C: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+def _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, dy, dx, stride_b, stride_n, dz_stride_b, dz_stride_n, cmask,
+                C: tl.constexpr, S: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                EMULATE_DOTS: tl.constexpr):
     """One flat tile's products of one tap into G_t: x at the shifted pixels (zero outside the image) against dZ,
     the three streams."""
     g = tile * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -262,11 +265,10 @@ def _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, B, dy, dx, stride_b, stride_
     xm = cmask[:, None] & ok[None, :]
     zm = pm[:, None] & cmask[None, :]
     xp = x_ch + (b.to(tl.int64) * stride_b + (yy * W + xx) * stride_n)[None, :]
-    zp = dz_ch + (b.to(tl.int64) * s_dz_b + n)[:, None]
-    s_dz_stream = B * s_dz_b
+    zp = dz_ch + (b.to(tl.int64) * dz_stride_b + n * dz_stride_n)[:, None]
     for st in tl.static_range(3):
         xt = tl.load(xp + st * C, mask=xm, other=0.0).to(tl.float32)           # [S_PAD, BLOCK_P]
-        zt = tl.load(zp + st * s_dz_stream, mask=zm, other=0.0).to(tl.float32)  # [BLOCK_P, S_PAD]
+        zt = tl.load(zp + st * 3 * S, mask=zm, other=0.0).to(tl.float32)       # [BLOCK_P, S_PAD]
         g_t = mm(xt, zt, g_t, DOT_PRECISION, EMULATE_DOTS)
     return g_t
 
@@ -314,31 +316,35 @@ DENSE_WGRAD_TARGET_PROGRAMS = 1024
 INTERPRETER_WGRAD_BLOCK_P = 256
 
 
-def _dz_strides(dZ: Tensor, c_lo: int, B: int, H: int, W: int) -> Tuple[int, int, int]:
-    """(offset of segment 1's first channel, image stride, channel stride) of dZ (3B, c, H, W) whose pixels are
-    contiguous; ValueError otherwise."""
-    if dZ.dim() != 4 or dZ.shape[0] != 3 * B or tuple(dZ.shape[2:]) != (H, W):
-        raise ValueError(f"dZ: expected (3B, c, H, W) = ({3 * B}, c, {H}, {W}), got {tuple(dZ.shape)}")
-    if dZ.stride(3) != 1 or (H > 1 and dZ.stride(2) != W):
-        raise ValueError("dZ: its H x W pixels must be contiguous")
-    return c_lo * dZ.stride(1), dZ.stride(0), dZ.stride(1)
+def dense_dz_buffer(B: int, N: int, s: int, dtype, device) -> Tensor:
+    """The dense B3's dZ of segments 1-3: (B, N, 9s), token n of image b holding stream st's channel c of segments
+    1-3 at st 3s + c (qkv's layout: the dense kernels load its tiles channels-contiguous); `gma_dz_kernel` writes it
+    through `dense_dz_layout`."""
+    return torch.empty(B, N, 9 * s, dtype=dtype, device=device)
 
 
-def plan_dense_dx(dZ: Tensor, c_lo: int, d_qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
+def _check_dz(dZ: Tensor, B: int, N: int, s: int) -> None:
+    if dZ.dim() != 3 or tuple(dZ.shape) != (B, N, 9 * s):
+        raise ValueError(f"dZ: expected (B, N, 9s) = ({B}, {N}, {9 * s}), got {tuple(dZ.shape)}")
+    if dZ.stride(2) != 1:
+        raise ValueError("dZ needs a unit channel stride")
+
+
+def plan_dense_dx(dZ: Tensor, d_qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
                   pw: Tensor, dots: DotVariant, tiles: Optional[Tuple[int, int]] = None):
-    """(grid, args, kwargs) of `gma_dense_dx_kernel`: the input gradient of segments 1-3 from dZ (3B, c, H, W),
-    segment 1's first channel at c_lo, into d_qkv (B, N, 3C) with unit channel stride. dots: the backward's
-    (`statistics.backward_dots`), made this kernel's by `dense_z_dots` (16-bit operands for fp16 / bf16 layers);
-    tiles: (BLOCK_P, num_warps), default the forward's `dense_z_tiles`."""
+    """(grid, args, kwargs) of `gma_dense_dx_kernel`: the input gradient of segments 1-3 from dZ (B, N, 9s,
+    `dense_dz_buffer`'s layout, unit channel stride) into d_qkv (B, N, 3C) with unit channel stride. dots: the
+    backward's (`statistics.backward_dots`), made this kernel's by `dense_z_dots` (16-bit operands for fp16 / bf16
+    layers); tiles: (BLOCK_P, num_warps), default the forward's `dense_z_tiles`."""
     B, N, C3 = d_qkv.shape
     C = C3 // 3
     s = C // 5
     if d_qkv.stride(2) != 1:
         raise ValueError("d_qkv needs a unit channel stride")
-    dz_off, s_dz_b, s_dz_ch = _dz_strides(dZ, c_lo, B, H, W)
+    _check_dz(dZ, B, N, s)
     bp, warps = tiles or dense_z_tiles(C)
     dd = dense_z_dots(dots, dZ.dtype)
-    args = (dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, B, dz_off, s_dz_b, s_dz_ch, d_qkv.stride(0), d_qkv.stride(1))
+    args = (dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, B, dZ.stride(0), dZ.stride(1), d_qkv.stride(0), d_qkv.stride(1))
     kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
                   PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
     return (triton.cdiv(N, bp), 3, B), args, kwargs
@@ -353,7 +359,7 @@ def dense_wgrad_tiles(C: int, M: int) -> Tuple[int, int]:
     return bp, warps
 
 
-def plan_dense_wgrad(qkv: Tensor, dZ: Tensor, c_lo: int, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
+def plan_dense_wgrad(qkv: Tensor, dZ: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
                      pw: Tensor, dots: DotVariant, tiles: Optional[Tuple[int, int]] = None):
     """(buffers {part_gdw, part_gpw}, (grid, args, kwargs)) of `gma_dense_wgrad_kernel`: the weight gradients'
     per-program partials of segments 1-3 from the depthwise inputs (segments 1-3 of qkv (B, N, 3C), unit channel
@@ -364,7 +370,7 @@ def plan_dense_wgrad(qkv: Tensor, dZ: Tensor, c_lo: int, H: int, W: int, dw3: Te
     s_pad = dot_pad(s)
     if qkv.stride(2) != 1:
         raise ValueError("qkv needs a unit channel stride")
-    dz_off, s_dz_b, s_dz_ch = _dz_strides(dZ, c_lo, B, H, W)
+    _check_dz(dZ, B, N, s)
     M = B * N
     bp, warps = tiles or dense_wgrad_tiles(C, M)
     splits, tps = split_plan(M, 1, bp, 2 * 3 if interpreting() else DENSE_WGRAD_TARGET_PROGRAMS, 3)
@@ -372,8 +378,8 @@ def plan_dense_wgrad(qkv: Tensor, dZ: Tensor, c_lo: int, H: int, W: int, dw3: Te
     buf = {"part_gdw": torch.empty(splits, 3, 49, s_pad, dtype=torch.float32, device=dev),
            "part_gpw": torch.empty(splits, 3, s_pad, s_pad, dtype=torch.float32, device=dev)}
     dd = dense_z_dots(dots, dZ.dtype)
-    args = (qkv, dZ, dw3, dw5, dw7, pw, buf["part_gdw"], buf["part_gpw"], M, N, H, W, B, tps, qkv.stride(0),
-            qkv.stride(1), dz_off, s_dz_b, s_dz_ch)
+    args = (qkv, dZ, dw3, dw5, dw7, pw, buf["part_gdw"], buf["part_gpw"], M, N, H, W, tps, qkv.stride(0),
+            qkv.stride(1), dZ.stride(0), dZ.stride(1))
     kwargs = dict(C=C, S=s, S_PAD=s_pad, BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
                   PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
     return buf, ((3, splits), args, kwargs)
