@@ -12,18 +12,25 @@ from training_cases import make, run_mode
 if not _common.interpreting():
     pytest.skip("concerns Triton's interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 
-#: (C, (H, W), B, mode, dtype, unfused B3, dense Z pass): training with the unfused B3 path launches every
+#: (C, (H, W), B, mode, dtype, unfused B3, dense Z pass, dense B3): training with the unfused B3 path launches every
 #: kernel but the recompute of Z (a training step's backward reads the Z the statistics pass kept),
-#: which eval with gradients launches; eval in bfloat16 the forward kernels in another dtype; eval as the
-#: split forward with its Z pass on tensor cores (the ZDENSE tuning candidate) the dense Z pass
-CASES = [(40, (3, 4), 1, "train", torch.float32, True, False), (40, (3, 4), 1, "grad", torch.float32, False, False),
-         (40, (3, 4), 2, "eval", torch.bfloat16, False, False), (40, (5, 4), 1, "eval", torch.float32, False, True)]
+#: which eval with gradients launches, here with B3's dense form (the "triton.backward" candidate DENSE: its two
+#: kernels); eval in bfloat16 the forward kernels in another dtype; eval as the split forward with its Z pass on
+#: tensor cores (the ZDENSE tuning candidate) the dense Z pass
+CASES = [(40, (3, 4), 1, "train", torch.float32, True, False, False),
+         (40, (3, 4), 1, "grad", torch.float32, False, False, True),
+         (40, (3, 4), 2, "eval", torch.bfloat16, False, False, False),
+         (40, (5, 4), 1, "eval", torch.float32, False, True, False)]
 
 
 def _launch_all(monkeypatch):
     """Every case's results, and the names of the kernels launched."""
     from triton.runtime import interpreter as ti
+    import dataclasses
+
     import gmf_kernels.triton_kernels.aggregation_backward as agb
+    from gmf_kernels.triton_kernels import tile_spaces
+    from gmf_kernels.triton_kernels.config import dot_pad
     launched, results = set(), []
     call, fused_b3_max = ti.GridExecutor.__call__, agb.FUSED_B3_MAX_S_PAD
 
@@ -32,14 +39,20 @@ def _launch_all(monkeypatch):
         return call(self, *args, **kwargs)
     from gmf_kernels.triton_kernels import launcher
     from gmf_kernels.triton_kernels.config import gma_shape
-    default_shape = launcher.default_shape
+    default_shape, tuned_tiles = launcher.default_shape, tile_spaces.tuned_tiles
+
+    def dense_b3(C, M):
+        t = dataclasses.replace(agb.backward_tiles(dot_pad(C // 5), M), DENSE=1)
+        tile = (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS, t.DW_ROWS, t.DENSE)
+        return lambda family, C_, like: tile if family == agb.BACKWARD_FAMILY else tuned_tiles(family, C_, like)
     with monkeypatch.context() as mp:
         mp.setattr(ti.GridExecutor, "__call__", record)
-        for C, (H, W), B, mode, dtype, unfused, dense in CASES:
+        for C, (H, W), B, mode, dtype, unfused, dense, dense_backward in CASES:
             skip_unless_supported("triton", dim=C, dtype=dtype, training=mode == "train", needs_grad=mode != "eval")
             mp.setattr(agb, "FUSED_B3_MAX_S_PAD", 0 if unfused else fused_b3_max)
             mp.setattr(launcher, "default_shape", (lambda C, N, dots: gma_shape(
                 C, dots=dots.precision, interpreter=True, split=True, zdense=True)) if dense else default_shape)
+            mp.setattr(tile_spaces, "tuned_tiles", dense_b3(C, 3 * B * H * W) if dense_backward else tuned_tiles)
             w, x = make(C, H, W, B)
             results.append(run_mode("triton", x, (H, W), w, dtype, mode))
     return results, launched
