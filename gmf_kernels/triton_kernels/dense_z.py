@@ -41,7 +41,7 @@ previous tap's MMAs; the interpreter runs it as a plain loop (PIPE 0). Tiles:
 `config.DENSE_Z_TILES` (BLOCK_P, num_warps) by S_PAD, or `config.DENSE_Z_TILES_ALT` (`dense_z_tiles`).
 
 **The backward** (training: B3 of segments 1-3 with `aggregation_backward.BackwardTiles.DENSE`, a "triton.backward"
-tuning candidate where `aggregation_backward.dense_b3_applies`: fp16 / bf16 layers at S_PAD <= 32). The same
+tuning candidate where `aggregation_backward.dense_b3_applies`: fp16 / bf16 layers at S_PAD <= 64). The same
 identity differentiated, from dZ_j (written once by `gma_dz_kernel`, in qkv's layout: `dense_dz_buffer`) and the
 depthwise input x_j (read in place from qkv), never the depthwise output y_j nor its gradient dy_j:
 
@@ -186,8 +186,8 @@ def gma_dense_z_kernel(qkv, z, dw3, dw5, dw7, pw, N, H, W, B, stride_b, stride_n
                 S, S_PAD, BLOCK_P, False, DOT_PRECISION, EMULATE_DOTS, PIPE)
 
 
-@triton.jit(do_not_specialize=["N", "H", "W", "B"])
-def gma_dense_dx_kernel(dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, B, dz_stride_b, dz_stride_n, stride_b, stride_n,
+@triton.jit(do_not_specialize=["N", "H", "W"])
+def gma_dense_dx_kernel(dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, dz_stride_b, dz_stride_n, stride_b, stride_n,
                         C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
     """The input gradient of segments 1-3 (the training backward's B3 with `BackwardTiles.DENSE`): dX_j = the
@@ -344,7 +344,7 @@ def plan_dense_dx(dZ: Tensor, d_qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: T
     _check_dz(dZ, B, N, s)
     bp, warps = tiles or dense_z_tiles(C)
     dd = dense_z_dots(dots, dZ.dtype)
-    args = (dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, B, dZ.stride(0), dZ.stride(1), d_qkv.stride(0), d_qkv.stride(1))
+    args = (dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, dZ.stride(0), dZ.stride(1), d_qkv.stride(0), d_qkv.stride(1))
     kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
                   PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
     return (triton.cdiv(N, bp), 3, B), args, kwargs
