@@ -11,8 +11,9 @@ turn (`gma_dense_dx_kernel`) and both weight gradients from the per-tap products
   ragged tiles, batch 1 and 3, several splits of the weight gradient.
 * A training step through the module (bf16, batch statistics) with the candidate picked as a tuning table would
   pick it: the dense kernels replace the pointwise backward and the depthwise stencils of B3, the forward keeps
-  no y, and every output, running statistic and gradient equals the default tiles' to rounding; a backward that
-  is not dense refuses a forward that kept no y.
+  no y, and every output, running statistic and gradient equals the default tiles' to rounding; the same for
+  eval mode with gradients (fp32, the recompute's Z); a backward that is not dense refuses a forward that kept
+  no y.
 * Compiled ahead of time wherever it is a candidate (`dense_b3_applies`: fp16 / bf16 layers at S_PAD <= 64, i.e.
   GroupMixFormer-S's C = 80, 160 and 320; sm_80 and sm_90): no spill, the products on tensor cores.
 """
