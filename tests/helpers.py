@@ -242,6 +242,16 @@ def record_calls(monkeypatch, module, name: str, record=lambda *args, **kwargs: 
     return calls
 
 
+def random_dense_inputs(C: int, H: int, W: int, B: int, dtype: torch.dtype, g: torch.Generator):
+    """(qkv (B, H W, 3C) in dtype, [dw3, dw5, dw7] tap-major (K, K, s), pw (3, s, s)) drawn from g, in that order:
+    the inputs of the dense segment convolutions (triton_kernels/dense_z.py), weights fp32 at unit-ish scale."""
+    s = C // 5
+    qkv = torch.randn(B, H * W, 3 * C, generator=g).to(dtype)
+    dws = [torch.randn(k, k, s, generator=g) / k for k in (3, 5, 7)]
+    pw = torch.randn(3, s, s, generator=g) / s ** 0.5
+    return qkv, dws, pw
+
+
 def random_folded_weights(C: int, dtype: torch.dtype, seed: int = 0):
     """Folded weights (`folding.FoldedGMAWeights`, BatchNorms from random running statistics) of a
     random layer of width C, in `dtype`: the same values for every dtype of one seed."""

@@ -42,8 +42,7 @@ def _launch_all(monkeypatch):
     default_shape, tuned_tiles = launcher.default_shape, tile_spaces.tuned_tiles
 
     def dense_b3(C, M):
-        t = dataclasses.replace(agb.backward_tiles(dot_pad(C // 5), M), DENSE=1)
-        tile = (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS, t.DW_ROWS, t.DENSE)
+        tile = agb.tile_of(dataclasses.replace(agb.backward_tiles(dot_pad(C // 5), M), DENSE=1))
         return lambda family, C_, like: tile if family == agb.BACKWARD_FAMILY else tuned_tiles(family, C_, like)
     with monkeypatch.context() as mp:
         mp.setattr(ti.GridExecutor, "__call__", record)

@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from gmf_kernels.triton_kernels import aggregation_backward as agb, config, dense_z  # noqa: E402
 from gmf_kernels.triton_kernels._common import dot_variant  # noqa: E402
+from helpers import random_dense_inputs  # noqa: E402
 
 
 def _backward(qkv, dz, H, W, dws, pw, dtype):
@@ -67,9 +68,7 @@ CASES = [(30, 5, 4, 3, torch.float32), (80, 9, 11, 2, torch.float32), (60, 7, 9,
 def test_dense_backward_kernels_against_float64(C, H, W, B, dtype):
     g = torch.Generator().manual_seed(C * 31 + H * 7 + W + B)
     s = C // 5
-    qkv = torch.randn(B, H * W, 3 * C, generator=g).to(dtype)
-    dws = [torch.randn(k, k, s, generator=g) / k for k in (3, 5, 7)]
-    pw = torch.randn(3, s, s, generator=g) / s ** 0.5
+    qkv, dws, pw = random_dense_inputs(C, H, W, B, dtype, g)
     dz = torch.randn(3 * B, 3 * s, H, W, generator=g).to(config.stage_dtype(dtype))     # dZ of segments 1-3
     # ... in the kernels' layout (B, N, 9s), here a view with a padded token stride (10 s)
     dz_cl = torch.full((B, H * W, 10 * s), float("nan"), dtype=dz.dtype)[..., :9 * s]
@@ -194,8 +193,7 @@ def _pick_dense(monkeypatch, C: int, M: int) -> None:
     (`tile_spaces.tuned_tiles`): the interpreter's tiles for width C and M pixels, DENSE 1."""
     from gmf_kernels.triton_kernels import tile_spaces
     dense = dataclasses.replace(agb.backward_tiles(config.dot_pad(C // 5), M), DENSE=1)
-    tile = tuple(getattr(dense, f) for f in ("BLOCK_C", "BLOCK_P", "WARPS", "PW_BLOCK_P", "PW_WARPS",
-                                             "PW_TILE_ELEMS", "DW_ROWS", "DENSE"))
+    tile = agb.tile_of(dense)
     assert dataclasses.replace(agb.tiles_of(tile), TARGET_PROGRAMS=dense.TARGET_PROGRAMS) == dense
     monkeypatch.setattr(tile_spaces, "tuned_tiles",
                         lambda family, C_, like: tile if family == agb.BACKWARD_FAMILY else None)

@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from gmf_kernels.triton_kernels import config, dense_z  # noqa: E402
 from gmf_kernels.triton_kernels._common import dot_variant  # noqa: E402
+from helpers import random_dense_inputs  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -58,9 +59,7 @@ CASES = [(30, 5, 4, 3, torch.float32), (60, 9, 13, 1, torch.float32), (80, 11, 1
 def test_dense_z_against_float64(C, H, W, B, dtype):
     g = torch.Generator().manual_seed(C * 101 + H * 7 + W + B)
     s = C // 5
-    qkv = torch.randn(B, H * W, 3 * C, generator=g).to(dtype)
-    dws = [torch.randn(k, k, s, generator=g) / k for k in (3, 5, 7)]
-    pw = torch.randn(3, s, s, generator=g) / s ** 0.5
+    qkv, dws, pw = random_dense_inputs(C, H, W, B, dtype, g)
     z, (grid, args, kwargs) = dense_z.plan_dense_z_pass(qkv, H, W, *dws, pw, dot_variant(qkv))
     assert z.dtype == config.stage_dtype(dtype) and grid == (-(-H * W // kwargs["BLOCK_P"]), 3, B)
     z.fill_(float("nan"))

@@ -178,8 +178,7 @@ def _module_tile(family: str, C: int, N: int, precision: str, monkeypatch):
             "triton.b1": lambda: ab._tile(B1_TILES, C // 10, N),
             "triton.b2": lambda: ab._tile(B2_TILES, C // 10, N),
             "triton.b2_crpe": lambda: ab._crpe_tile(None, C // 10, N, 0, precision),
-            "triton.backward": lambda: (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS,
-                                        t.DW_ROWS, t.DENSE),
+            "triton.backward": lambda: agb.tile_of(t),
             }[family]()
 
 

@@ -1162,9 +1162,14 @@ TILE_SEARCH = ((16, 128, 8, 16, 8, 64 * 64), (16, 64, 4, 16, 8, 64 * 64), (32, 6
 DW_ROWS_TILES = ((16, 128, 8, 16, 8, 64 * 64, 16), (16, 128, 8, 16, 8, 64 * 64, 32))
 
 
-def _gpu_tile(C: int, precision: str) -> Tuple[int, ...]:
-    t = gpu_backward_tiles(dot_pad(C // 5))
+def tile_of(t: BackwardTiles) -> Tuple[int, ...]:
+    """The "triton.backward" tile tuple of `BackwardTiles` t (the inverse of `tiles_of`; TARGET_PROGRAMS is not a
+    knob)."""
     return (t.BLOCK_C, t.BLOCK_P, t.WARPS, t.PW_BLOCK_P, t.PW_WARPS, t.PW_TILE_ELEMS, t.DW_ROWS, t.DENSE)
+
+
+def _gpu_tile(C: int, precision: str) -> Tuple[int, ...]:
+    return tile_of(gpu_backward_tiles(dot_pad(C // 5)))
 
 
 #: 64-pixel tiles of the channel-mix kernels (4 pixels a thread at S_PAD 16, against one: a fourth of the
