@@ -252,6 +252,13 @@ def random_dense_inputs(C: int, H: int, W: int, B: int, dtype: torch.dtype, g: t
     return qkv, dws, pw
 
 
+def random_local_weights(C: int, g: torch.Generator):
+    """(local_dw tap-major (3, 3, 3s), local_pw (s, 3s)) drawn from g: the local branch's filters as the dense Z
+    pass reads them (triton_kernels/dense_z.py), fp32 at unit-ish scale."""
+    s = C // 5
+    return torch.randn(3, 3, 3 * s, generator=g) / 3, torch.randn(s, 3 * s, generator=g) / (3 * s) ** 0.5
+
+
 def random_folded_weights(C: int, dtype: torch.dtype, seed: int = 0):
     """Folded weights (`folding.FoldedGMAWeights`, BatchNorms from random running statistics) of a
     random layer of width C, in `dtype`: the same values for every dtype of one seed."""

@@ -323,6 +323,27 @@ def test_z_pass_cost_by_hand(dtype, e):
     assert split.cuda_flops + z.cuda_flops == fused.cuda_flops     # the stencils moved to the Z pass
 
 
+@pytest.mark.parametrize("dtype,e", [("fp32", 4), ("bf16", 2)])
+def test_dense_z_pass_cost_by_hand(dtype, e):
+    """The ZDENSE Z pass: segments 1-4 of q, k, v read, Z of segments 1-3 and the local branch's written (stage
+    dtype: e), every product on tensor cores at its dots (3xTF32 for fp32, the input's own for bf16), nothing on
+    CUDA cores; its aggregation reads the local branch's Z instead of qkv's segment 4 and runs no stencil."""
+    B, H, W, C = 2, 14, 14, 160
+    s, T = 32, 2 * 196
+    dense = triton_costs.shape_for(C, dtype, (9, 0), {"SPLIT": 1, "ZDENSE": 1})
+    assert dense.local_from_z
+    z = triton_costs.cost("z_pass", B, H, W, C, dtype, shape=dense)
+    w = ((9 + 25 + 49) * s + 3 * s * s + 27 * s + 3 * s * s) * 4
+    assert z.bytes == 12 * T * s * e + 10 * T * s * e + w
+    assert (z.tc_flops, z.cuda_flops) == (2 * T * s * s * (3 * 83 + 27), 0)
+    assert z.tc_precision == ("tf32x3" if dtype == "fp32" else "bf16")
+    from gmf_kernels.triton_kernels.dense_z import dense_z_tiles
+    assert z.grid == (-(-196 // dense_z_tiles(C, 1)[0]), 4, B)
+    agg = triton_costs.cost("aggregate", B, H, W, C, dtype, shape=dense)
+    assert agg.detail["z_read"] == 10 * T * s * e and agg.detail["qkv_read"] == 3 * T * s * e
+    assert agg.cuda_flops == 0 and agg.tc_flops == 2 * T * 4 * s * (4 * s // 8)     # exp(K)^T V only
+
+
 def test_rows_describe_the_tuned_tiles(table_dir):
     """With a tuning table for the report's architecture, the rows model the tiles a launch runs
     (the table's: what `--measured` timings ran), not the defaults."""

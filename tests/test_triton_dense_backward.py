@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from gmf_kernels.triton_kernels import aggregation_backward as agb, config, dense_z  # noqa: E402
 from gmf_kernels.triton_kernels._common import dot_variant  # noqa: E402
-from helpers import random_dense_inputs  # noqa: E402
+from helpers import random_dense_inputs, random_local_weights  # noqa: E402
 
 
 def _backward(qkv, dz, H, W, dws, pw, dtype):
@@ -97,6 +97,59 @@ def test_dense_backward_kernels_against_float64(C, H, W, B, dtype):
     assert err <= 2 * ref_err + 1e-6, (err, ref_err)
 
 
+def _local_backward(qkv, dzl, H, W, local_dw, local_pw, dtype):
+    """(d_qkv (B, N, 3C) with segment 4 filled, g_local_dw (3, 3, 3s), g_local_pw (s, 3s)) by autograd through
+    torch's 3x3 depthwise over segment 4 of q, k, v stacked, then the 3s -> s pointwise, in `dtype`."""
+    B, N, C3 = qkv.shape
+    s = C3 // 15
+    x = qkv.to(dtype).view(B, H, W, 3, 5, s)[:, :, :, :, 4].clone().requires_grad_(True)    # (B, H, W, 3, s)
+    dwv = local_dw.to(dtype).clone().requires_grad_(True)
+    pwv = local_pw.to(dtype).clone().requires_grad_(True)
+    u = x.reshape(B, H, W, 3 * s).permute(0, 3, 1, 2)
+    y = F.conv2d(u, dwv.permute(2, 0, 1)[:, None], padding=1, groups=3 * s)
+    (torch.einsum("oi,bihw->bohw", pwv, y) * dzl.to(dtype)).sum().backward()
+    d_qkv = torch.zeros(B, H, W, 3, 5, s, dtype=dtype)
+    d_qkv[:, :, :, :, 4] = x.grad
+    return d_qkv.reshape(B, N, C3), dwv.grad, pwv.grad
+
+
+@pytest.mark.parametrize("C,H,W,B,dtype", CASES, ids=[f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}" for c, h, w, b, d in CASES])
+def test_dense_local_backward_kernels_against_float64(C, H, W, B, dtype):
+    """The local branch's dense backward (`gma_dense_local_dx_kernel`, `gma_dense_local_wgrad_kernel`): from dZ_L
+    (the LayerNorm's input gradient) and qkv's segment 4, the input gradient into segment 4 of d_qkv (segments
+    0-3 not written) and both weight gradients, against float64 autograd; the same bars as the segments'."""
+    g = torch.Generator().manual_seed(C * 37 + H * 5 + W + B)
+    s = C // 5
+    qkv, _, _ = random_dense_inputs(C, H, W, B, dtype, g)
+    local_dw, local_pw = random_local_weights(C, g)
+    dzl = torch.randn(B, s, H, W, generator=g).to(config.stage_dtype(dtype))
+    dzl_cl = dzl.flatten(2).transpose(1, 2).contiguous()                                   # (B, N, s)
+    d_qkv = torch.full_like(qkv, float("nan"))
+    grid, args, kwargs = dense_z.plan_dense_local_dx(dzl_cl, d_qkv, H, W, local_dw, local_pw, dot_variant(qkv))
+    assert grid == (-(-H * W // kwargs["BLOCK_P"]), 3, B)
+    dense_z.gma_dense_local_dx_kernel[grid](*args, **kwargs)
+    buf, (grid_w, args_w, kwargs_w) = dense_z.plan_dense_local_wgrad(qkv, dzl_cl, H, W, local_dw, local_pw,
+                                                                     dot_variant(qkv))
+    assert grid_w[0] == 3 and (grid_w[1] >= 2 or B * H * W <= 16), grid_w
+    dense_z.gma_dense_local_wgrad_kernel[grid_w](*args_w, **kwargs_w)
+    g_ldw, g_lpw = dense_z.dense_local_weight_grads(buf, s)
+    planes = d_qkv.view(B, H * W, 3, 5, s)
+    assert planes[..., :4, :].isnan().all(), "segments 0-3: not written"
+    exact = _local_backward(qkv.double(), dzl.double(), H, W, local_dw, local_pw, torch.float64)
+    for name, a, e in (("local_dw", g_ldw, exact[1]), ("local_pw", g_lpw, exact[2])):
+        assert a.dtype == torch.float32 and a.shape == e.shape, (name, a.shape, e.shape)
+        assert _rel(a, e) < 1e-5, (name, _rel(a, e))
+    got_dx, exact_dx = planes[..., 4, :], exact[0].view(B, H * W, 3, 5, s)[..., 4, :]
+    err = _rel(got_dx, exact_dx)
+    if dtype == torch.float32:
+        assert err < 1e-5, err
+        return
+    ref = _local_backward(qkv, dzl, H, W, local_dw, local_pw, dtype)[0].view(B, H * W, 3, 5, s)[..., 4, :]
+    ref_err = _rel(ref, exact_dx)
+    print(f"{dtype}: local input gradient {err:.2e} against torch's {ref_err:.2e} in that dtype")
+    assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
 def test_dense_backward_refuses_bad_layouts():
     qkv = torch.randn(1, 12, 120)
     w = [torch.zeros(k, k, 8) for k in (3, 5, 7)] + [torch.zeros(3, 8, 8)]
@@ -114,8 +167,10 @@ import json
 import torch
 import triton
 from gmf_kernels.folding import meta_weights
-from gmf_kernels.triton_kernels import aggregation_backward as agb, config, specializations as sp, statistics as st
+from gmf_kernels.triton_kernels import aggregation_backward as agb, config, launcher as L, specializations as sp, \
+    statistics as st
 from gmf_kernels.triton_kernels._common import DotVariant
+DENSE = ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel")
 out, seen = [], set()
 for arch in (80, 90):
     cap = config.capability_of_arch(arch)
@@ -127,12 +182,14 @@ for arch in (80, 90):
             for tile in cands:
                 for spec in sp.backward_specializations_of_call(sp.Call(C, g, g, 128, dt), arch, True,
                                                                 {agb.BACKWARD_FAMILY: tile}):
-                    if spec.kernel in ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel") and spec.key not in seen:
+                    dz_out = spec.kernel == "gma_local_backward_kernel" and dict(spec.constexprs).get("DZ_OUT")
+                    if (spec.kernel in DENSE or dz_out) and spec.key not in seen:
                         seen.add(spec.key)
                         rep = sp.compile_one(spec)
                         target, src, options = sp._source_and_options(spec)
                         ck = triton.compile(src, target=target, options=options.__dict__)   # a cache hit
-                        rep.update(kernel=spec.kernel, C=C, dt=dt, ptx_mma=ck.asm["ptx"].count("mma.sync"),
+                        rep.update(kernel=spec.kernel + (" DZ_OUT" if dz_out else ""), C=C, dt=dt,
+                                   ptx_mma=ck.asm["ptx"].count("mma.sync"),
                                    ptx_wgmma=ck.asm["ptx"].count("wgmma.mma_async"))
                         out.append(rep)
             if cands:   # the training forward's statistics pass keeping Z without y (STORE_Z_MOMENTS)
@@ -145,42 +202,66 @@ for arch in (80, 90):
                 rep = sp.compile_one(sp.specialize_launch(st.gma_statistics_kernel, arch, args, kw))
                 rep.update(kernel="gma_statistics_kernel", C=C, dt=dt, ptx_mma=0, ptx_wgmma=0)
                 out.append(rep)
+                # ... and its aggregation keeping no w4 (KEEP_W4 false)
+                z = torch.empty(3 * 128, 4 * (C // 5), g, g, device="meta", dtype=config.stage_dtype(qkv.dtype))
+                dots = DotVariant(config.dot_precision(dt, cap), False)
+                _, launches = L.plan_pre_projection(qkv, g, g, w, 0.25, 1e-5, dots=dots, planes=L.planes_view(z, 128),
+                                                    keep_w4=False)
+                fn, _grid, args, kw = next(x for x in launches if x[0].__name__ == "gma_aggregate_kernel")
+                assert kw["KEEP_W4"] is False
+                rep = sp.compile_one(sp.specialize_launch(fn, arch, args, kw))
+                rep.update(kernel="gma_aggregate_kernel KEEP_W4=0", C=C, dt=dt, ptx_mma=0, ptx_wgmma=0)
+                out.append(rep)
 print(json.dumps(out))
 """
 
 
 def test_dense_backward_compiles_to_tensor_cores_without_spills(tmp_path):
-    """Both dense kernels at GroupMixFormer-S's widths where they are a candidate (`dense_b3_applies`: bf16 layers at
-    C = 80, 160, 320; not fp32), batch 128, for sm_80 and sm_90: no spill, the products on tensor cores: mma.sync on
-    sm_80; on sm_90 the input gradient's on wgmma, the weight gradient's [s, s] products on wgmma at s = 64 and
-    on mma.sync below (s rows, under a warp group's 64). And the training forward's statistics pass as the candidate runs it, keeping Z
-    without y (`statistics.STORE_Z_MOMENTS`): no spill."""
+    """The dense kernels (segments 1-3 and the local branch) at GroupMixFormer-S's widths where they are a candidate
+    (`dense_b3_applies`: bf16 layers at C = 80, 160, 320; not fp32), batch 128, for sm_80 and sm_90: no spill, the
+    products on tensor cores: mma.sync on sm_80; on sm_90 the input gradients' on wgmma, the weight gradients'
+    [s, s] products on wgmma at s = 64 and on mma.sync below (s rows, under a warp group's 64). And what the
+    candidate runs around them: the local branch's LayerNorm backward storing dZ_L (DZ_OUT), the training forward's
+    statistics pass keeping Z without y (`statistics.STORE_Z_MOMENTS`) and its aggregation keeping no w4: no spill."""
     from helpers import aot_reports, assert_compiled_without_spills
-    reps = aot_reports(_AOT_SCRIPT, tmp_path, timeout=1200)
+    reps = aot_reports(_AOT_SCRIPT, tmp_path, timeout=1500)
+    dense = ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel")
     assert {(r["arch"], r["C"], r["kernel"]) for r in reps} == {
         (a, C, k) for a in (80, 90) for C in (80, 160, 320)
-        for k in ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_statistics_kernel")}
+        for k in dense + ("gma_local_backward_kernel DZ_OUT", "gma_statistics_kernel", "gma_aggregate_kernel KEEP_W4=0")}
     for r in reps:
         print(f"sm_{r['arch']} C={r['C']} {r['kernel']}: {r['registers']} registers, {r['shared_dynamic']} B shared, "
               f"wgmma {r['ptx_wgmma']}, mma.sync {r['ptx_mma']}")
         assert_compiled_without_spills(r)
-        if r["kernel"] == "gma_statistics_kernel":
+        if r["kernel"] not in dense:
             continue
         assert (r["ptx_mma"] > 0) if r["arch"] == 80 else (r["ptx_wgmma"] + r["ptx_mma"] > 0), r
-        if r["arch"] == 90 and (r["kernel"] == "gma_dense_dx_kernel" or r["C"] == 320):
+        if r["arch"] == 90 and (r["kernel"].endswith("dx_kernel") or r["C"] == 320):
             assert r["ptx_wgmma"] > 0, r
 
 
-def _record_launches(monkeypatch) -> list:
+class _Launched(list):
+    """Kernel names in launch order; ``kwargs`` the launches' keyword arguments, in the same order."""
+    def __init__(self):
+        super().__init__()
+        self.kwargs = []
+
+    def clear(self):
+        super().clear()
+        self.kwargs.clear()
+
+
+def _record_launches(monkeypatch) -> _Launched:
     """The names of the kernels launched from now on (a spy in place of `_launch.wrap_triton`), in order."""
     from gmf_kernels.triton_kernels import _launch
-    launched = []
+    launched = _Launched()
 
     def spy(kernel):
         class Launch:
             def __getitem__(self, grid):
                 def go(*a, **kw):
                     launched.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
+                    launched.kwargs.append(kw)
                     return kernel[grid](*a, **kw)
                 return go
         return Launch()
@@ -202,10 +283,12 @@ def _pick_dense(monkeypatch, C: int, M: int) -> None:
 def test_training_step_with_the_dense_candidate(monkeypatch):
     """A training step of a bf16 `GroupMixAttention` (batch statistics) with "triton.backward" at the dense candidate
     (the interpreter's tiles, DENSE 1), as a tuning table would pick it: `gma_dense_dx_kernel` and
-    `gma_dense_wgrad_kernel` run in place of the pointwise backward and B3's stencils (the local branch keeps its
-    own), the forward's statistics pass keeps Z without the depthwise outputs y (`statistics.STORE_Z_MOMENTS`: the
-    dense B3 reads none), and the output, the running statistics and every gradient equal the default tiles' to
-    bf16 rounding (both paths round one stage tensor to bf16: dZ here, dy there)."""
+    `gma_dense_wgrad_kernel` run in place of the pointwise backward and B3's stencils, and the local branch's
+    (`gma_dense_local_dx_kernel`, `gma_dense_local_wgrad_kernel` after `gma_local_backward_kernel` with DZ_OUT) in
+    place of its pointwise and depthwise backward; the forward's statistics pass keeps Z without the depthwise
+    outputs y (`statistics.STORE_Z_MOMENTS`: the dense B3 reads none) and its aggregation no w4 (KEEP_W4 false);
+    and the output, the running statistics and every gradient equal the default tiles' to bf16 rounding (both
+    paths round one stage tensor to bf16: dZ here, dy there)."""
     import copy
 
     import gmf_kernels
@@ -237,9 +320,12 @@ def test_training_step_with_the_dense_candidate(monkeypatch):
     launched.clear()
     got = step(m_dense)
     assert stores == [statistics.STORE_Z_MOMENTS], stores
-    assert {"gma_dense_dx_kernel", "gma_dense_wgrad_kernel"} <= set(launched), sorted(set(launched))
-    assert "gma_pw_backward_kernel" not in launched
-    assert launched.count("gma_dw_backward_kernel") == 1       # the local branch's 3x3 only
+    dense = ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel")
+    assert all(launched.count(k) == 1 for k in dense), sorted(set(launched))
+    assert "gma_pw_backward_kernel" not in launched and "gma_dw_backward_kernel" not in launched
+    local = [kw for k, kw in zip(launched, launched.kwargs) if k == "gma_local_backward_kernel"]
+    agg = [kw for k, kw in zip(launched, launched.kwargs) if k == "gma_aggregate_kernel"]
+    assert [kw.get("DZ_OUT") for kw in local] == [True] and [kw.get("KEEP_W4") for kw in agg] == [False]
     assert len(got) == len(ref)
     for k, (a, b) in enumerate(zip(got, ref)):
         assert a is not None and a.shape == b.shape and a.dtype == b.dtype, k
@@ -288,3 +374,21 @@ def test_b3_without_y_refuses_tiles_that_are_not_dense():
     rc = {"Z": torch.zeros_like(G), "y": [], "qkv": torch.zeros(B, H * W, 3 * C)}
     with pytest.raises(RuntimeError, match="depthwise outputs y are missing"):
         agb.b3_fused(G, rc, f, None, None, torch.zeros(4 * s), None, 3 * B * H * W)
+
+
+def test_local_backward_without_w4_refuses_tiles_that_are_not_dense():
+    """A forward that kept no w4 (a dense backward's) met by a local-branch backward whose tiles are not dense: it
+    says so instead of reading a missing plane; the dense form reads none."""
+    from helpers import random_folded_weights
+    C, H, W, B = 40, 3, 4, 1
+    s = C // 5
+    f = random_folded_weights(C, torch.float32)
+    rc = {"w4": torch.empty(0), "xh4": torch.zeros(B, s, H, W), "rstd4": torch.ones(B, 1, H, W),
+          "qkv": torch.zeros(B, H * W, 3 * C)}
+    dL = torch.zeros(B, s, H, W)
+    with pytest.raises(RuntimeError, match="depthwise output w4 is missing"):
+        agb.local_backward(dL, rc, f)
+    dense = dataclasses.replace(agb.backward_tiles(config.dot_pad(s), B * H * W), DENSE=1)
+    du4, g_ldw, g_lpw, g_lnw, g_lnb = agb.local_backward(dL, rc, f, tiles=dense)
+    assert du4.shape == (B, 3 * s, H, W) and not du4.any() and g_ldw.shape == (3, 3, 3 * s)
+    assert g_lpw.shape == (s, 3 * s) and not g_lpw.any() and not g_lnw.any()

@@ -1,10 +1,11 @@
 """The split forward's Z pass as dense convolutions on tensor cores (`triton_kernels/dense_z.py`, the
 "triton.aggregate" candidate ZDENSE).
 
-* Z of segments 1-3, q, k and v, against a float64 depthwise-then-pointwise computed with torch's own
-  convolution (not the identity the kernel uses): fp32 within 1e-5 (3xTF32 dots, emulated by the
-  interpreter as the GPU rounds), fp16 / bf16 no worse than 2x the error of the same two steps computed by
-  torch in that dtype; segment 0's planes never written; odd widths (s = 6, 12: padded channels), grids
+* Z of segments 1-3, q, k and v, and the local branch's Z before its LayerNorm (3s -> s), against a float64
+  depthwise-then-pointwise computed with torch's own convolution (not the identity the kernel uses): fp32
+  within 1e-5 (3xTF32 dots, emulated by the interpreter as the GPU rounds), fp16 / bf16 no worse than 2x the
+  error of the same two steps computed by torch in that dtype; segment 0's planes of k and v never written (q's
+  hold the local branch's Z); odd widths (s = 6, 12: padded channels), grids
   smaller than the 7x7 window, tiles ragged at the image's end, batch 1 and 3;
 * compiled ahead of time where it is a candidate (`config.zdense_applies`, GroupMixFormer-S's widths, sm_80
   and sm_90): no spill, its dots on tensor cores (wgmma on sm_90, mma.sync on sm_80) and its tap loop
@@ -26,13 +27,14 @@ import torch.nn.functional as F  # noqa: E402
 
 from gmf_kernels.triton_kernels import config, dense_z  # noqa: E402
 from gmf_kernels.triton_kernels._common import dot_variant  # noqa: E402
-from helpers import random_dense_inputs  # noqa: E402
+from helpers import random_dense_inputs, random_local_weights  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _z_reference(qkv, H, W, dws, pw, dtype):
-    """Z (3, B, 3s, H, W) of segments 1-3 by torch's depthwise convolution then the pointwise, in `dtype`."""
+def _z_reference(qkv, H, W, dws, pw, local_dw, local_pw, dtype):
+    """(Z (3, B, 3s, H, W) of segments 1-3, the local branch's Z (B, s, H, W) before its LayerNorm) by torch's
+    depthwise convolution then the pointwise, in `dtype`."""
     B, N, C3 = qkv.shape
     s = C3 // 15
     x = qkv.to(dtype).view(B, H, W, 3, 5, s)
@@ -45,7 +47,13 @@ def _z_reference(qkv, H, W, dws, pw, dtype):
             d = F.conv2d(img, w.to(dtype).permute(2, 0, 1)[:, None], padding=k // 2, groups=s)
             segs.append(torch.einsum("oi,bihw->bohw", pw[j - 1].to(dtype), d))
         out.append(torch.cat(segs, 1))
-    return torch.stack(out)
+    img = x[:, :, :, :, 4].reshape(B, H, W, 3 * s).permute(0, 3, 1, 2)     # [q | k | v] segment 4
+    d = F.conv2d(img, local_dw.to(dtype).permute(2, 0, 1)[:, None], padding=1, groups=3 * s)
+    return torch.stack(out), torch.einsum("oi,bihw->bohw", local_pw.to(dtype), d)
+
+
+def _rel(got, exact):
+    return ((got - exact).norm() / exact.norm()).item()
 
 
 #: (C, H, W, B, dtype): s = 6 / 12 / 16 / 32 (padded to 16, 16, 16, 32), grids narrower than the 7x7 window,
@@ -60,27 +68,32 @@ def test_dense_z_against_float64(C, H, W, B, dtype):
     g = torch.Generator().manual_seed(C * 101 + H * 7 + W + B)
     s = C // 5
     qkv, dws, pw = random_dense_inputs(C, H, W, B, dtype, g)
-    z, (grid, args, kwargs) = dense_z.plan_dense_z_pass(qkv, H, W, *dws, pw, dot_variant(qkv))
-    assert z.dtype == config.stage_dtype(dtype) and grid == (-(-H * W // kwargs["BLOCK_P"]), 3, B)
+    local_dw, local_pw = random_local_weights(C, g)
+    z, (grid, args, kwargs) = dense_z.plan_dense_z_pass(qkv, H, W, *dws, pw, local_dw, local_pw, dot_variant(qkv))
+    assert z.dtype == config.stage_dtype(dtype) and grid == (-(-H * W // kwargs["BLOCK_P"]), 4, B)
     z.fill_(float("nan"))
     dense_z.gma_dense_z_kernel[grid](*args, **kwargs)
     planes = z.view(3, B, 4, s, H, W)
-    assert planes[:, :, 0].isnan().all(), "segment 0's planes are the aggregation's (read from qkv): unwritten"
+    assert planes[1:, :, 0].isnan().all(), "segment 0's planes of k and v are not written"
+    assert dense_z.local_z_of(z, B).data_ptr() == planes[0, :, 0].data_ptr()
     got = planes[:, :, 1:].reshape(3, B, 3 * s, H, W).double()
-    exact = _z_reference(qkv.double(), H, W, dws, pw, torch.float64)
-    err = ((got - exact).norm() / exact.norm()).item()
+    got_local = dense_z.local_z_of(z, B).double()
+    exact, exact_local = _z_reference(qkv.double(), H, W, dws, pw, local_dw, local_pw, torch.float64)
+    err, err_local = _rel(got, exact), _rel(got_local, exact_local)
     if dtype == torch.float32:
-        assert err < 1e-5, err
+        assert err < 1e-5 and err_local < 1e-5, (err, err_local)
         return
-    ref = _z_reference(qkv, H, W, dws, pw, dtype).double()     # torch's two steps in the dtype
-    ref_err = ((ref.to(dtype).double() - exact).norm() / exact.norm()).item()
-    print(f"{dtype}: {err:.2e} against the reference's {ref_err:.2e}")
+    ref, ref_local = _z_reference(qkv, H, W, dws, pw, local_dw, local_pw, dtype)     # torch's two steps in the dtype
+    ref_err, ref_err_local = _rel(ref.double(), exact), _rel(ref_local.double(), exact_local)
+    print(f"{dtype}: segments {err:.2e} against the reference's {ref_err:.2e}; "
+          f"local {err_local:.2e} against {ref_err_local:.2e}")
     assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+    assert err_local <= 2 * ref_err_local + 1e-6, (err_local, ref_err_local)
 
 
 def test_dense_z_refuses_bad_buffers():
     qkv = torch.randn(1, 12, 120)
-    w = [torch.zeros(k, k, 8) for k in (3, 5, 7)] + [torch.zeros(3, 8, 8)]
+    w = [torch.zeros(k, k, 8) for k in (3, 5, 7)] + [torch.zeros(3, 8, 8), torch.zeros(3, 3, 24), torch.zeros(8, 24)]
     with pytest.raises(ValueError, match="expected a contiguous"):
         dense_z.plan_dense_z_pass(qkv, 3, 4, *w, dot_variant(qkv), z=torch.empty(3, 32, 3, 4, dtype=torch.float16))
     with pytest.raises(ValueError, match="unit channel stride"):

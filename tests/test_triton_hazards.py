@@ -167,7 +167,9 @@ def test_kernels_free_of_global_memory_hazards(case, monkeypatch):
 #: kernels that only a tuning candidate launches, each checked by a test of its own (which asserts its launch)
 DEDICATED = {"gma_dense_z_kernel": "test_dense_z_pass_free_of_hazards",
              "gma_dense_dx_kernel": "test_dense_backward_free_of_hazards",
-             "gma_dense_wgrad_kernel": "test_dense_backward_free_of_hazards"}
+             "gma_dense_wgrad_kernel": "test_dense_backward_free_of_hazards",
+             "gma_dense_local_dx_kernel": "test_dense_backward_free_of_hazards",
+             "gma_dense_local_wgrad_kernel": "test_dense_backward_free_of_hazards"}
 
 
 def test_cases_launch_every_kernel(monkeypatch):
@@ -223,30 +225,33 @@ def test_statistics_row_walks_free_of_hazards(monkeypatch):
 
 def test_dense_z_pass_free_of_hazards():
     """The split forward's dense Z pass (`dense_z`, the ZDENSE candidate; no case above takes it): its GPU tile,
-    three programs an image (the last ragged), the three segments and two images; segment 0's planes left
-    unwritten. Also checked as if without barriers."""
+    three programs an image (the last ragged), the three segments, the local branch and two images; segment 0's
+    planes of k and v left unwritten, q's holding the local branch's Z. Also checked as if without barriers."""
     import gmf_kernels.triton_kernels.dense_z as dz
     from gmf_kernels.triton_kernels._common import dot_variant
     from helpers import random_folded_weights
     C, H, W, B = 80, 13, 23, 2
     f = random_folded_weights(C, torch.float32)
     qkv = torch.randn(B, H * W, 3 * C)
-    z, (grid, args, kwargs) = dz.plan_dense_z_pass(qkv, H, W, f.dw3, f.dw5, f.dw7, f.pw, dot_variant(qkv))
+    z, (grid, args, kwargs) = dz.plan_dense_z_pass(qkv, H, W, f.dw3, f.dw5, f.dw7, f.pw, f.local_dw, f.local_pw,
+                                                    dot_variant(qkv))
     z.fill_(float("nan"))
     with HazardCheck(without_barriers=("gma_dense_z_kernel",)) as hc:
         dz.gma_dense_z_kernel[grid](*args, **kwargs)
-    assert hc.launches == [("gma_dense_z_kernel", (3, 3, B))], hc.launches
+    assert hc.launches == [("gma_dense_z_kernel", (3, 4, B))], hc.launches
     assert not hc.findings, "\n".join(map(str, hc.findings))
     assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))
     planes = z.view(3, B, 4, C // 5, H * W)
-    assert planes[:, :, 0].isnan().all() and not planes[:, :, 1:].isnan().any()
+    assert planes[1:, :, 0].isnan().all() and not planes[:, :, 1:].isnan().any()
+    assert not planes[0, :, 0].isnan().any()
 
 
 def test_dense_backward_free_of_hazards():
     """B3's dense form (`BackwardTiles.DENSE`, a "triton.backward" candidate; no case above takes it): the input
     gradient (its GPU tile, ragged at the image's end) into the qkv gradient's segments 1-3, and the weight
     gradient over two splits of a GPU-sized tile (tiles crossing the image border), each program writing its own
-    partials. Also checked as if without barriers."""
+    partials; then the local branch's (segment 4's input gradient, its weight gradients' partials). Also checked as
+    if without barriers."""
     import gmf_kernels.triton_kernels.dense_z as dz
     from gmf_kernels.triton_kernels._common import dot_variant
     from helpers import random_folded_weights
@@ -260,15 +265,27 @@ def test_dense_backward_free_of_hazards():
     buf, (grid_w, args_w, kwargs_w) = dz.plan_dense_wgrad(qkv, dZ, H, W, f.dw3, f.dw5, f.dw7, f.pw,
                                                           dot_variant(qkv), tiles=(64, 4))
     buf["part_gdw"].fill_(float("nan"))
-    with HazardCheck(without_barriers=("gma_dense_dx_kernel", "gma_dense_wgrad_kernel")) as hc:
+    dZL = torch.randn(B, H * W, s)
+    grid_l, args_l, kwargs_l = dz.plan_dense_local_dx(dZL, d_qkv, H, W, f.local_dw, f.local_pw, dot_variant(qkv))
+    buf_l, (grid_lw, args_lw, kwargs_lw) = dz.plan_dense_local_wgrad(qkv, dZL, H, W, f.local_dw, f.local_pw,
+                                                                     dot_variant(qkv), tiles=(64, 4))
+    buf_l["part_gdw"].fill_(float("nan"))
+    kernels = ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel",
+               "gma_dense_local_wgrad_kernel")
+    with HazardCheck(without_barriers=kernels) as hc:
         dz.gma_dense_dx_kernel[grid](*args, **kwargs)
         dz.gma_dense_wgrad_kernel[grid_w](*args_w, **kwargs_w)
-    assert hc.launches == [("gma_dense_dx_kernel", (1, 3, B)), ("gma_dense_wgrad_kernel", grid_w + (1,))], hc.launches
-    assert grid_w[1] >= 2, grid_w
+        dz.gma_dense_local_dx_kernel[grid_l](*args_l, **kwargs_l)
+        dz.gma_dense_local_wgrad_kernel[grid_lw](*args_lw, **kwargs_lw)
+    assert hc.launches == [("gma_dense_dx_kernel", (1, 3, B)), ("gma_dense_wgrad_kernel", grid_w + (1,)),
+                           ("gma_dense_local_dx_kernel", (1, 3, B)),
+                           ("gma_dense_local_wgrad_kernel", grid_lw + (1,))], hc.launches
+    assert grid_w[1] >= 2 and grid_lw[1] >= 2, (grid_w, grid_lw)
+    assert not buf_l["part_gdw"].isnan().any()
     assert not hc.findings, "\n".join(map(str, hc.findings))
     assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))
     planes = d_qkv.view(B, H * W, 3, 5, s)
-    assert planes[..., (0, 4), :].isnan().all() and not planes[..., 1:4, :].isnan().any()
+    assert planes[..., 0, :].isnan().all() and not planes[..., 1:, :].isnan().any()
     for j, k in enumerate((3, 5, 7)):       # every tap row of each segment written, the rest of the 49 not
         assert not buf["part_gdw"][:, j, :k * k].isnan().any() and buf["part_gdw"][:, j, k * k:].isnan().all()
 

@@ -930,6 +930,7 @@ def test_split_forward(monkeypatch, C, H, W, B, dtype, gpu_tiles, zdense):
     tiles = {1: config.DENSE_Z_TILES, 2: config.DENSE_Z_TILES_ALT}.get(zdense)
     assert (kw[0]["BLOCK_P"], kw[0]["num_warps"]) == tiles[config.dot_pad(C // 5)] if zdense else kw[0]["STORE"] == 2
     assert kw[1]["FROM_Z"] and "KEEP" not in kw[1]
+    assert kw[1].get("LOCAL_Z", False) == bool(zdense) == shape.local_from_z   # ZDENSE: the local branch's Z too
     assert not kw[2].get("STATS") and not kw[3].get("STORE_R")
     if dtype == torch.float32:
         _check_launch(case, shape)

@@ -20,7 +20,8 @@ down a strip and the stencil halo its next tile needs is mostly in L1 already. T
   read once per walk into KS rolling accumulators instead of KS x KS taps per tile.
 * job 4: the local branch: depthwise 3x3 over segment 4 of q, k, v (the 3s stacked
   channels), 3s -> s pointwise (accumulated ``tl.dot``), LayerNorm, hardswish, stored
-  straight into channels [C', C) of ``pre``.
+  straight into channels [C', C) of ``pre`` (with ZDENSE the pointwise's output read from the dense Z
+  pass, `config.GMAShape.local_from_z`: LayerNorm, hardswish and the store only).
 
 Their costs per tile differ several-fold (taps 0 : 9 : 25 : 49 : 27 plus the channel mixes), so
 job j is cut into its own number of splits ``splits[j]`` (`job_plan`: programs of each job in
@@ -713,12 +714,16 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
                   C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, CK: tl.constexpr,
                   S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
                   UNROLL_KX: tl.constexpr = False, ROWS: tl.constexpr = False,
-                  w4_b=None, xh4_b=None, rstd4_b=None, STORE: tl.constexpr = False):
+                  w4_b=None, xh4_b=None, rstd4_b=None, STORE: tl.constexpr = False,
+                  zl_b=None, LOCAL_Z: tl.constexpr = False, KEEP_W4: tl.constexpr = True):
     """Segment 4 of q, k, v -> DW3x3 -> (3s -> s) -> LayerNorm -> hardswish -> pre[:, C':C] (ROWS: the
     tiles are rows of strips, `_tile`; the stencil tile by tile as otherwise). STORE (the training
     forward, with FROM_Z): also what the backward reads of the branch, the depthwise output w4
     (`_local_mix`'s STORE), xh4 and rstd4 (`_store_local_norm`), in `recompute.gma_recompute_local_kernel`'s
-    layouts, so that the backward does not run the branch again."""
+    layouts, so that the backward does not run the branch again (w4 not with KEEP_W4 false: a backward in the
+    dense form, `aggregation_backward.BackwardTiles.DENSE`, reads none). LOCAL_Z (the split eval forward with
+    ZDENSE, `GMAShape.local_from_z`): the (3s -> s) output read from the dense Z pass's zl_b (channel c of
+    token n at zl_b + c N + n, the stage dtype) instead of computed: the job is element-wise."""
     co = tl.arange(0, S_PAD)                                   # output channel
     omask = co < S
     lnw = tl.load(ln_weight + co, mask=omask, other=0.0)[None, :]
@@ -726,8 +731,12 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
     t = t0
     while t < t1:
         n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P, ROWS)
-        z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n, C, S, CK, S_PAD, BLOCK_P,
-                       DOT_PRECISION, EMULATE_DOTS, w4_b, N, STORE, UNROLL_KX)
+        if LOCAL_Z:
+            z = tl.load(zl_b + co[None, :] * N + n[:, None], mask=pmask[:, None] & omask[None, :],
+                        other=0.0).to(tl.float32)
+        else:
+            z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n, C, S, CK, S_PAD, BLOCK_P,
+                           DOT_PRECISION, EMULATE_DOTS, w4_b, N, STORE and KEEP_W4, UNROLL_KX)
         diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
         if STORE:
             _store_local_norm(xh4_b, rstd4_b, diff, rs, co, n, pmask, omask, N, EMULATE_DOTS)
@@ -753,7 +762,7 @@ def gma_aggregate_kernel(
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr, UNROLL: tl.constexpr,
     PAIR: tl.constexpr = False, ROWS: tl.constexpr = False, FROM_Z: tl.constexpr = False,
-    KEEP: tl.constexpr = False, PIPE: tl.constexpr = 0,
+    KEEP: tl.constexpr = False, PIPE: tl.constexpr = 0, LOCAL_Z: tl.constexpr = False, KEEP_W4: tl.constexpr = True,
 ):
     pid = tl.program_id(0)                                     # flat (job, split) of image b
     b = tl.program_id(1).to(tl.int64)
@@ -822,7 +831,7 @@ def gma_aggregate_kernel(
         _local_branch(qkv_b, pre + b * N * C, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
                       t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P,
                       DOT_PRECISION, EMULATE_DOTS, UNROLL, ROWS, w4 + b * (3 * S * N), xh4 + b * (S * N), rstd4 + b * N,
-                      KEEP)
+                      KEEP, z + b * CP * N, LOCAL_Z, KEEP_W4)
 
 
 def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_image: int = 5):
@@ -864,7 +873,8 @@ def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
     * job j = 1, 2, 3 ((2j+1)x(2j+1) depthwise): 3 Sc (2j+1)² taps (q, k, v) + the s x s
       pointwise as dots into two heads, 3 Sc 2 Dp multiply-adds, + 6 Dp elements + 2 Dp²;
     * job 4 (local branch): 3 Sc 9 taps + the 3s -> s dots, 3 Sc Sp, + 5 Sp elements
-      (LayerNorm, hardswish, store).
+      (LayerNorm, hardswish, store); with ``sh.local_from_z`` (ZDENSE: its Z read from the Z pass) 6 Sp
+      elements.
 
     With ``sh.AGG_FROM_Z`` (the training forward reading the statistics pass's Z, `_segment_z`) or
     ``sh.AGG_SPLIT`` (the split eval forward reading its Z pass's) jobs 1, 2, 3 cost what job 0 costs.
@@ -889,7 +899,10 @@ def aggregate_job_costs(sh, prec: str) -> Tuple[float, ...]:
                              + s * s * dot)
         else:
             per_token.append(3 * sc * ks * ks * TAP_COST + 3 * sc * 2 * dp * dot + 6 * dp * ELEMENT_COST + kv)
-    per_token.append(3 * sc * 9 * TAP_COST + 3 * sc * sp * dot + 5 * sp * ELEMENT_COST)
+    if sh.local_from_z:
+        per_token.append(6 * sp * ELEMENT_COST)
+    else:
+        per_token.append(3 * sc * 9 * TAP_COST + 3 * sc * sp * dot + 5 * sp * ELEMENT_COST)
     return tuple(sh.AGG_BLOCK_P * c for c in per_token)
 
 
@@ -1004,7 +1017,8 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
     planes Z of the statistics pass (or of the split forward's Z pass, `statistics.plan_z_pass`), as (3, B, C', N) with unit token stride and planes of N (the q, k, v streams of
     (3B', C', H, W), B' >= B: a batch chunk is a slice of the streams); local: with z, the buffers the
     local branch keeps for the backward, (w4 (B, 3s, H, W), xh4 (B, s, H, W)) in the stage dtype and rstd4
-    (B, 1, H, W) fp32, contiguous (`recompute.plan_recompute_local`'s), with AGG_FROM_Z only. Also used, on meta tensors, to derive the AOT specialisations
+    (B, 1, H, W) fp32, contiguous (`recompute.plan_recompute_local`'s), with AGG_FROM_Z only; w4 None: not kept
+    (KEEP_W4 false: for a backward in the dense form, which reads none). Also used, on meta tensors, to derive the AOT specialisations
     (`specializations.py`), so the two cannot drift apart.
     """
     B, N, _ = qkv.shape
@@ -1025,10 +1039,15 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
             raise ValueError(f"planes {z.dtype} on {z.device} for a {qkv.dtype} layer on {qkv.device}")
         s = shape.S
         for t, ch, dt in zip(local or (), (3 * s, s, 1), (z.dtype, z.dtype, torch.float32)):
+            if t is None and ch == 3 * s:
+                continue
             if tuple(t.shape) != (B, ch, H, W) or not t.is_contiguous() or t.dtype != dt or t.device != qkv.device:
                 raise ValueError(f"local branch buffer {tuple(t.shape)} {t.dtype}: expected a contiguous "
                                  f"({B}, {ch}, {H}, {W}) {dt} tensor on {qkv.device}")
     w = weights
+    keep_w4 = local is None or local[0] is not None
+    if local is not None and not keep_w4:
+        local = (local[1],) + tuple(local[1:])              # w4's pointer: a placeholder, never written
     keep = (z, *local) if local is not None else (qkv,) * 4 if z is None else (z, qkv, qkv, qkv)
     args = (qkv, q, v, pre, part_m, part_l, part_acc, *keep,
             w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw, w.local_pw, w.ln_weight, w.ln_bias,
@@ -1043,6 +1062,10 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
                   PIPE=0 if interpreting() else shape.AGG_PIPE, num_warps=shape.AGG_WARPS)
     if shape.AGG_FROM_Z:   # the training forward keeps the local branch's w4, xh4, rstd4 (the split forward does not)
         kwargs["KEEP"] = True
+        if not keep_w4:
+            kwargs["KEEP_W4"] = False
+    if shape.local_from_z:   # the dense Z pass computed the local branch's Z too
+        kwargs["LOCAL_Z"] = True
     return (plan.programs, B), args, kwargs
 
 

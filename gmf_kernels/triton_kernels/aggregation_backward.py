@@ -115,7 +115,9 @@ from ._common import (DotVariant, dot_variant, hardswish_grad, interpreting, mm,
                       rows_shift, stored)
 from .aggregation import split_plan as aggregation_split_plan
 from .config import cdiv, dot_pad, kernel_dot_precision, next_pow2
-from .dense_z import (dense_dz_buffer, dense_weight_grads, gma_dense_dx_kernel, gma_dense_wgrad_kernel,
+from .dense_z import (dense_dz_buffer, dense_local_dz_buffer, dense_local_weight_grads, dense_weight_grads,
+                      gma_dense_dx_kernel, gma_dense_local_dx_kernel, gma_dense_local_wgrad_kernel,
+                      gma_dense_wgrad_kernel, plan_dense_local_dx, plan_dense_local_wgrad,
                       plan_dense_dx, plan_dense_wgrad)
 from . import tile_spaces
 from .tile_spaces import register_tiles
@@ -521,10 +523,10 @@ def gma_dw_wgrad_kernel(dy, u, part_gw, M, N, H, W, tiles_per_split,
 
 
 @triton.jit(do_not_specialize=["M", "N", "tiles_per_split"])
-def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw4, part_gpw, part_ln,
+def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw4, part_gpw, part_ln, dZL,
                           M, N, tiles_per_split, stride_lb, stride_lc, stride_ln,
                           S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, DZ_OUT: tl.constexpr = False):
     """The local branch down to its depthwise (`backward.local_backward`; the depthwise is
     `gma_dw_backward_kernel` and `gma_dw_wgrad_kernel`). Grid (3 S_PAD / BLOCK_I, SPLITS): program (which * S_PAD / BLOCK_I
     + ib, split), which = q, k, v part of the 3s pointwise inputs, ib a block of BLOCK_I of them:
@@ -539,7 +541,11 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
     values per pixel, a few FLOP each) rather than stored. dL: (B, S, H, W) with strides
     (image, channel, pixel) (a view of grad_pre, fp32 or, in the Triton stage set, grad_pre's
     own fp16/bf16: `backward.Stages.grad_pre_as_is`; widened on load); xh (B, S, N), w4 and dw4
-    (B, 3S, N) contiguous in a stage dtype (widened on load, dw4 rounded on store), rstd (B, N) fp32."""
+    (B, 3S, N) contiguous in a stage dtype (widened on load, dw4 rounded on store), rstd (B, N) fp32.
+
+    DZ_OUT (B3's dense form, `BackwardTiles.DENSE`; grid (1, SPLITS)): dz4 itself is stored, into dZL (B, N, S)
+    contiguous (`dense_z.dense_local_dz_buffer`, the stage dtype), with part_ln; no pointwise, w4, dw4 nor
+    part_gpw (the dense kernels form the pointwise's and the depthwise's gradients from dZL and qkv)."""
     blocks: tl.constexpr = S_PAD // BLOCK_I
     which = tl.program_id(0) // blocks
     ci = (tl.program_id(0) % blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -549,9 +555,10 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
     om = co < S
     lnw = tl.load(ln_weight + co, mask=om, other=0.0)[:, None]
     lnb = tl.load(ln_bias + co, mask=om, other=0.0)[:, None]
-    # local_pw[o, which s + i] read transposed, [i, o]: loaded once per program
-    pwT = tl.load(local_pw + co[None, :] * (3 * S) + which * S + ci[:, None], mask=cim[:, None] & om[None, :],
-                  other=0.0)
+    if not DZ_OUT:
+        # local_pw[o, which s + i] read transposed, [i, o]: loaded once per program
+        pwT = tl.load(local_pw + co[None, :] * (3 * S) + which * S + ci[:, None], mask=cim[:, None] & om[None, :],
+                      other=0.0)
     acc = tl.zeros([S_PAD, BLOCK_I], dtype=tl.float32)
     acc_w = tl.zeros([S_PAD], dtype=tl.float32)      # reduced over each tile's pixels as it goes: two
     acc_b = tl.zeros([S_PAD], dtype=tl.float32)      # [S_PAD, BLOCK_P] accumulators spilled at S_PAD 128
@@ -571,15 +578,22 @@ def gma_local_backward_kernel(dL, xh, rstd, w4, local_pw, ln_weight, ln_bias, dw
         mean1 = tl.sum(dxh, axis=0)[None, :] / S
         mean2 = tl.sum(dxh * xv, axis=0)[None, :] / S
         dz = tl.where(om[:, None], (dxh - mean1 - xv * mean2) * r, 0.0)   # [o, p]
-        mi = cim[:, None] & pm[None, :]
-        ch = which * S + ci
-        wT = tl.load(w4 + ch[:, None] * N + (img * (3 * S * N) + n)[None, :], mask=mi,
-                     other=0.0).to(tl.float32)                                                   # [i, p]
-        dwT = mm(pwT, dz, tl.zeros([BLOCK_I, BLOCK_P], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
-        tl.store(dw4 + ch[:, None] * N + (img * (3 * S * N) + n)[None, :], stored(dwT, dw4, EMULATE_DOTS), mask=mi)
-        acc = mm(dz, tl.trans(wT), acc, DOT_PRECISION, EMULATE_DOTS)                             # [o, i]
+        if DZ_OUT:
+            dst = dZL + co[:, None] + ((img * N + n) * S)[None, :]
+            tl.store(dst, stored(dz, dZL, EMULATE_DOTS), mask=m2)
+        else:
+            mi = cim[:, None] & pm[None, :]
+            ch = which * S + ci
+            wT = tl.load(w4 + ch[:, None] * N + (img * (3 * S * N) + n)[None, :], mask=mi,
+                         other=0.0).to(tl.float32)                                                   # [i, p]
+            dwT = mm(pwT, dz, tl.zeros([BLOCK_I, BLOCK_P], dtype=tl.float32), DOT_PRECISION, EMULATE_DOTS)
+            tl.store(dw4 + ch[:, None] * N + (img * (3 * S * N) + n)[None, :], stored(dwT, dw4, EMULATE_DOTS),
+                     mask=mi)
+            acc = mm(dz, tl.trans(wT), acc, DOT_PRECISION, EMULATE_DOTS)                             # [o, i]
         t += 1
-    tl.store(part_gpw + split * S_PAD * 3 * S_PAD + co[:, None] * (3 * S_PAD) + (which * S_PAD + ci)[None, :], acc)
+    if not DZ_OUT:
+        tl.store(part_gpw + split * S_PAD * 3 * S_PAD + co[:, None] * (3 * S_PAD) + (which * S_PAD + ci)[None, :],
+                 acc)
     if tl.program_id(0) == 0:
         tl.store(part_ln + split * 2 * S_PAD + co, acc_w)
         tl.store(part_ln + split * 2 * S_PAD + S_PAD + co, acc_b)
@@ -674,8 +688,11 @@ class BackwardTiles:
     segments written (`gma_dz_kernel`), then their input gradient as the dense convolution turned half a turn
     (`gma_dense_dx_kernel`) and both weight gradients from the per-tap products G_t = X_t^T dZ
     (`gma_dense_wgrad_kernel`), on tensor cores, in place of the pointwise kernel, dy and the two stencils of each
-    segment; where the Triton stage set's recompute keeps qkv (rc["qkv"]) and `dense_b3_applies`. A tuning candidate
-    (`_search`), 0 by default."""
+    segment; and the local branch's the same way (`local_backward`, `plan_dense_local_backward`: the LayerNorm's
+    input gradient dZ_L stored by `gma_local_backward_kernel` with DZ_OUT, then `gma_dense_local_dx_kernel` and
+    `gma_dense_local_wgrad_kernel` in place of its pointwise backward, dw4 and its two stencils); where the Triton
+    stage set's recompute keeps qkv (rc["qkv"]) and `dense_b3_applies`. The training forward then keeps neither y
+    nor the local branch's w4 (`tuned_dense_b3`). A tuning candidate (`_search`), 0 by default."""
     BLOCK_C: int
     BLOCK_P: int
     WARPS: int
@@ -710,7 +727,8 @@ def tuned_dense_b3(qkv: Tensor) -> bool:
     "triton.backward" tiles as `train_op.train_tiles` looks them up (`tile_spaces.tuned_tiles`: the tuning
     table's entry on a CUDA device; None, so not dense, under the interpreter and off CUDA, where the launchers
     use their own tiles). The training forward's statistics pass (`train_op.planes_fn_for`) then keeps no
-    depthwise outputs y: the dense form reads none. (The recompute of eval mode with gradients still stores them:
+    depthwise outputs y, and its aggregation no local-branch w4 (`train_op.TritonPreProjectionFunction`): the
+    dense form reads neither. (The recompute of eval mode with gradients still stores them:
     without, `gma_recompute_z_kernel` spilled 4 B on sm_80 at C = 80 bf16 / fp16, AOT, batch 128.)"""
     bw = tile_spaces.tuned_tiles(BACKWARD_FAMILY, qkv.shape[-1] // 3, qkv)
     return bool(bw is not None and tiles_of(bw).DENSE)
@@ -958,7 +976,12 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
     if dL.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dL: fp32, fp16 or bf16 expected (the incoming gradient's view), not {dL.dtype}")
     dL_, slb, slc, sln = _images(dL)
-    xh, rstd, w4 = _check(rc["xh4"], "xh4"), _check(rc["rstd4"], "rstd4"), _check(rc["w4"], "w4")
+    xh, rstd = _check(rc["xh4"], "xh4"), _check(rc["rstd4"], "rstd4")
+    if rc.get("w4") is None or rc["w4"].dim() != 4:
+        raise RuntimeError("the local branch's backward: its depthwise output w4 is missing (the training forward kept "
+                           "none, for a backward running B3's dense form, `BackwardTiles.DENSE`), but this backward's "
+                           "tiles do not run it: the tuning table changed between the forward and the backward?")
+    w4 = _check(rc["w4"], "w4")
     tiles = tiles or backward_tiles(S_PAD, M)
     block_i = min(S_PAD, tiles.PW_TILE_ELEMS // S_PAD)
     blocks = 3 * (S_PAD // block_i)
@@ -968,13 +991,47 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
            "part_gpw": torch.empty(splits, S_PAD, 3 * S_PAD, dtype=torch.float32, device=dev),
            "part_ln": torch.empty(splits, 2, S_PAD, dtype=torch.float32, device=dev)}
     args = (dL_, xh, rstd, w4, wts.local_pw.contiguous(), wts.ln_weight.contiguous(), wts.ln_bias.contiguous(),
-            buf["dw4"], buf["part_gpw"], buf["part_ln"], M, N, tps, slb, slc, sln)
+            buf["dw4"], buf["part_gpw"], buf["part_ln"], buf["dw4"], M, N, tps, slb, slc, sln)   # dZL: unused
     kw = dict(S=S, S_PAD=S_PAD, BLOCK_I=block_i, BLOCK_P=tiles.PW_BLOCK_P,
               DOT_PRECISION=kernel_dot_precision("gma_local_backward_kernel", dots.precision, S_PAD),
               EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
     bufd, ld = plan_dw_backward(buf["dw4"], depthwise_input(rc, 4), wts.local_dw, out, tiles)
     buf.update(bufd)
     return buf, [(gma_local_backward_kernel, (blocks, splits), args, kw)] + ld
+
+
+def plan_dense_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, dots: DotVariant,
+                              d_qkv: Tensor, tiles: Optional[BackwardTiles] = None
+                              ) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """The local branch's backward in the dense form (`BackwardTiles.DENSE`; dense_z.py, "The local branch"):
+    buffers (dZL, part_ln, and the dense weight gradient's part_gdw, part_gpw) and three launches:
+    `gma_local_backward_kernel` with DZ_OUT (hardswish and LayerNorm backward, dZ_L stored), then
+    `gma_dense_local_dx_kernel` (the input gradient into segment 4 of d_qkv) and `gma_dense_local_wgrad_kernel`
+    (the depthwise and pointwise weight gradients from qkv's segment 4, rc["qkv"], and dZ_L). Reads neither w4 nor
+    a depthwise output gradient."""
+    B, S, H, W = dL.shape
+    S_PAD = dot_pad(S)
+    N, M = H * W, B * H * W
+    if dL.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dL: fp32, fp16 or bf16 expected (the incoming gradient's view), not {dL.dtype}")
+    dL_, slb, slc, sln = _images(dL)
+    xh, rstd = _check(rc["xh4"], "xh4"), _check(rc["rstd4"], "rstd4")
+    tiles = tiles or backward_tiles(S_PAD, M)
+    splits, tps = split_plan(M, tiles.PW_BLOCK_P, 1, tiles.TARGET_PROGRAMS)
+    dev = dL.device
+    buf = {"dZL": dense_local_dz_buffer(B, N, S, xh.dtype, dev),
+           "part_ln": torch.empty(splits, 2, S_PAD, dtype=torch.float32, device=dev)}
+    args = (dL_, xh, rstd, xh, wts.local_pw.contiguous(), wts.ln_weight.contiguous(), wts.ln_bias.contiguous(),
+            buf["dZL"], buf["part_ln"], buf["part_ln"], buf["dZL"], M, N, tps, slb, slc, sln)  # w4, dw4, part_gpw: unused
+    kw = dict(S=S, S_PAD=S_PAD, BLOCK_I=S_PAD, BLOCK_P=tiles.PW_BLOCK_P,
+              DOT_PRECISION=kernel_dot_precision("gma_local_backward_kernel", dots.precision, S_PAD),
+              EMULATE_DOTS=dots.emulate, DZ_OUT=True, num_warps=tiles.PW_WARPS)
+    grid_x, args_x, kw_x = plan_dense_local_dx(buf["dZL"], d_qkv, H, W, wts.local_dw, wts.local_pw, dots)
+    bufw, (grid_w, args_w, kw_w) = plan_dense_local_wgrad(rc["qkv"], buf["dZL"], H, W, wts.local_dw, wts.local_pw,
+                                                          dots)
+    buf.update(bufw)
+    return buf, [(gma_local_backward_kernel, (1, splits), args, kw), (gma_dense_local_dx_kernel, grid_x, args_x, kw_x),
+                 (gma_dense_local_wgrad_kernel, grid_w, args_w, kw_w)]
 
 
 def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: Optional[Tensor],
@@ -1011,6 +1068,8 @@ def plan_stages(dP: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, mean: 
             launches += plan_dw_backward(buf["dy"][j - 1], depthwise_input(rq, j), dws[j - 1], qkv_layout(d_qkv, j),
                                          tiles)[1]
         launches += plan_local_backward(dL.reshape(B, s, H, W), rq, wts, dots, qkv_layout(d_qkv, 4), tiles)[1]
+        if tiles is not None and tiles.DENSE:
+            launches += plan_dense_local_backward(dL.reshape(B, s, H, W), rq, wts, dots, d_qkv, tiles)[1]
     return launches
 
 
@@ -1130,6 +1189,15 @@ def local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, d_q
     tiles: `plan_local_backward`'s."""
     B, S, H, W = dL.shape
     S_PAD = dot_pad(S)
+    if tiles is not None and tiles.DENSE and "qkv" in rc:
+        out = d_qkv if d_qkv is not None else torch.zeros(rc["qkv"].shape, dtype=dL.dtype, device=dL.device)
+        buf, launches = plan_dense_local_backward(dL, rc, wts, dots or dot_variant(dL), out, tiles)
+        _launch(launches, dL)
+        g_ldw, g_lpw = dense_local_weight_grads(buf, S)
+        ln = buf["part_ln"].sum(0)
+        du4 = None if d_qkv is not None else (
+            out.view(B, H, W, 3, 5, S)[..., 4, :].permute(0, 3, 4, 1, 2).reshape(B, 3 * S, H, W).contiguous())
+        return du4, g_ldw, g_lpw, ln[0, :S], ln[1, :S]
     buf, launches = plan_local_backward(dL, rc, wts, dots or dot_variant(dL),
                                         None if d_qkv is None else qkv_layout(d_qkv, 4), tiles)
     _launch(launches, dL)
@@ -1206,4 +1274,5 @@ def tiles_of(tile: Tuple[int, ...]) -> BackwardTiles:
 register_tiles(BACKWARD_FAMILY, ("BLOCK_C", "BLOCK_P", "num_warps", "PW_BLOCK_P", "PW_WARPS", "PW_TILE_ELEMS",
                                  "DW_ROWS", "DENSE"),
                _gpu_tile, _search, [gma_dz_kernel, gma_pw_backward_kernel, gma_dw_backward_kernel, gma_dw_wgrad_kernel,
-                                    gma_local_backward_kernel, gma_dense_dx_kernel, gma_dense_wgrad_kernel])
+                                    gma_local_backward_kernel, gma_dense_dx_kernel, gma_dense_wgrad_kernel,
+                                    gma_dense_local_dx_kernel, gma_dense_local_wgrad_kernel])

@@ -152,9 +152,10 @@ def zdense_applies(C: int, dtype: str, precision: str) -> bool:
     width C, input dtype name `dtype` and the GPU's dots for it (`dot_precision`): tensor-core dots (not the
     FMA dots of sm_70/75, which would run the 10-19x larger dense work on CUDA cores), at widths where it
     compiles without spilling (AOT, Triton 3.6, batch 128, its tiles `DENSE_Z_TILES`; compiler figures):
-    S_PAD <= 32 at every dtype (sm_90: 80 / 80 registers bf16, 157 / 158 fp32, wgmma), S_PAD 64 with 16-bit
-    operands only (bf16 (64, 8): 100 registers on sm_90, 237 on sm_80; 3xTF32 spilled 60 B - 16 KB there),
-    not S_PAD 128 (16-bit operands spilled 208 B on sm_80)."""
+    S_PAD <= 32 at every dtype (sm_90: 83 / 85 registers bf16, 159 / 154 fp32, wgmma), S_PAD 64 with 16-bit
+    operands only (bf16 (64, 8): 109 registers on sm_90, 221 on sm_80; 3xTF32 spilled 60 B - 16 KB there),
+    not S_PAD 128 (16-bit operands spilled 208 B on sm_80). (Figures with the local branch's program,
+    2026-12-07: docs/performance.md.)"""
     s_pad = dot_pad(C // 5)
     if precision == "ieee":
         return False
@@ -293,6 +294,12 @@ class GMAShape:
     #                            0: a plain loop, and always under the interpreter; a candidate)
     AGG_ZDENSE: int = 0        # with AGG_SPLIT: the Z pass as dense K x K convolutions on tensor cores
     #                            (`dense_z.gma_dense_z_kernel`; a candidate), 1 at `DENSE_Z_TILES`, 2 at `DENSE_Z_TILES_ALT`
+
+    @property
+    def local_from_z(self) -> bool:
+        """Whether the aggregation's local branch reads its Z (before the LayerNorm) from the Z pass instead of
+        running its 3x3 stencil and 3s -> s mix: with ZDENSE, whose Z pass computes it (`dense_z._dense_local`)."""
+        return bool(self.AGG_SPLIT and self.AGG_ZDENSE)
 
     def num_tiles(self, N: int, W: Optional[int] = None) -> int:
         """The aggregation's tiles of an image of N tokens (W columns): ceil(N / AGG_BLOCK_P), or with

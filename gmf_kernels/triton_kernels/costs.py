@@ -160,7 +160,7 @@ def cost(kernel: str, B: int, H: int, W: int, C: int, dtype, capability: Tuple[i
     if name in RECOMPUTE_KERNELS:
         return recompute_costs(B, H, W, shape.C, dt, tuple(capability))[name]
     if kernel in (Z_PASS, "z_pass"):
-        return z_pass_cost(B, H, W, shape.C, dt, tuple(capability))
+        return z_pass_cost(B, H, W, shape.C, dt, tuple(capability), shape.AGG_ZDENSE)
     if model is None:
         raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of "
                          f"{KERNELS + (Z_PASS,) + BACKWARD_KERNELS + RECOMPUTE_KERNELS + AGG_BACKWARD_KERNELS}")
@@ -192,7 +192,9 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     statistics pass's Z: qkv's segments 0 and 4 read (B N 6 s e), Z's segments 1-3 read (B N 9 s, stage
     dtype: e), no pointwise and no 3x3/5x5/7x7 stencil (the local branch's stay); and the local branch
     keeps what its backward reads, w4 and xh4 (B N 4 s, stage dtype) and rstd4 (B N x 4 B). With
-    ``sh.AGG_SPLIT`` (the split eval forward, after its Z pass) the same reads, nothing kept.
+    ``sh.AGG_SPLIT`` (the split eval forward, after its Z pass) the same reads, nothing kept; with ZDENSE too
+    (``sh.local_from_z``) the local branch's Z read from the Z pass (B N s, stage dtype) instead of qkv's
+    segment 4 (B N 3 s e), no 3s -> s pointwise and no 3x3 stencil.
     detail: also the plan (splits per job, tiles per split) and `balance`, the estimated
     critical path of the plan: the costliest program (`aggregate_job_costs`) over the mean
     program, x1000 (1000 = every program equal)."""
@@ -204,11 +206,12 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     weights = sum(wb[k] for k in ("bn_scale", "bn_shift", "dw3", "dw5", "dw7", "pw", "local_dw", "local_pw",
                                   "ln_weight", "ln_bias"))
     fz = sh.AGG_FROM_Z or sh.AGG_SPLIT
-    detail = {"qkv_read": B * N * (6 * s if fz else 3 * sh.C) * e, "qv_write": 2 * B * N * cp * e,
+    lz = sh.local_from_z
+    detail = {"qkv_read": B * N * ((3 if lz else 6) * s if fz else 3 * sh.C) * e, "qv_write": 2 * B * N * cp * e,
               "pre_write": B * N * s * e, "partials_write": B * plan.partial_rows * s * (2 + d) * 4, "weights": weights}
     if fz:
         se = ELEM_BYTES[dtype_name(stage_dtype(torch_dtype(dt)))]
-        detail["z_read"] = B * N * 9 * s * se
+        detail["z_read"] = B * N * (10 if lz else 9) * s * se
     if sh.AGG_FROM_Z:
         detail["local_write"] = B * N * (4 * s * se + 4)
     nbytes = sum(detail.values())
@@ -216,12 +219,14 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     detail.update({f"tiles_per_split{j}": x for j, x in enumerate(plan.tiles_per_split)})
     detail["balance"] = round(1000 * plan_balance(plan, aggregate_job_costs(sh, prec)))
     pw = 0 if fz else 1                                    # the segments' pointwise and stencils run here
-    useful = 2 * B * N * (pw * 9 * s * s + 3 * s * s + cp * d)
+    loc = 0 if lz else 1                                   # the local branch's
+    useful = 2 * B * N * (pw * 9 * s * s + loc * 3 * s * s + cp * d)
     tokens_pad = B * sh.num_tiles(N, W) * sh.AGG_BLOCK_P
     s_chunks = -(-s // sh.CK) * sh.CK
-    padded = 2 * tokens_pad * (pw * 9 * s_chunks * 2 * sh.D_PAD + 3 * s_chunks * sh.S_PAD + 8 * sh.D_PAD * sh.D_PAD)
+    padded = 2 * tokens_pad * (pw * 9 * s_chunks * 2 * sh.D_PAD + loc * 3 * s_chunks * sh.S_PAD
+                               + 8 * sh.D_PAD * sh.D_PAD)
     tc, tcp, dot_fma, tp = _tc(operand_precision(prec, dt, sh.AGG_DOTS16), useful, padded)
-    stencil = 2 * B * N * (pw * 3 * PROXY_TAPS * s + 27 * s)
+    stencil = 2 * B * N * (pw * 3 * PROXY_TAPS * s + loc * 27 * s)
     return Cost(bytes=nbytes, tc_flops=tc, cuda_flops=stencil + dot_fma, grid=(plan.programs, B), tc_precision=tp,
                 tc_flops_padded=tcp, block=32 * sh.AGG_WARPS, detail=detail)
 
@@ -461,7 +466,7 @@ def aggregation_backward_costs(B: int, H: int, W: int, C: int, dt: str, prec: st
 
 
 @functools.lru_cache(maxsize=256)
-def z_pass_cost(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[int, int]) -> Cost:
+def z_pass_cost(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[int, int], zdense: int = 0) -> Cost:
     """The split eval forward's Z pass (`Z_PASS`: gma_statistics_kernel, STORE = Z_ONLY), grid from the
     launcher's own plan on meta tensors (`statistics.plan_z_pass` with the statistics pass's default GPU tile,
     `statistics.gpu_stats_tiles`, as `recompute_costs`): per token, segments
@@ -469,7 +474,13 @@ def z_pass_cost(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[int, 
     `config.stage_dtype`), the folded filters read once; cuda 2 x 3 x 83 s (the stencils), tc 2 x 9 s^2 with
     fp32's dots (3xTF32 on sm_80+, `statistics.statistics_dots`). The split's aggregation then reads that Z
     (`_aggregate` with ``AGG_SPLIT``): the two together move more bytes than the fused aggregation, which
-    computes Z in registers."""
+    computes Z in registers.
+
+    zdense (`GMAShape.AGG_ZDENSE`, its tiles 1 or 2): the dense pass instead (`dense_z.gma_dense_z_kernel`, grid
+    from `dense_z.plan_dense_z_pass`): segments 1-4 of q, k, v read (12 s e), Z of segments 1-3 and of the
+    local branch written (10 s, the stage dtype); tc 2 (3 x 83 + 27) s^2 (each segment's K^2 [s, s] products per
+    stream, the local branch's 9 per stream into one accumulator) with its dots (`dense_z.dense_z_dots`); no
+    CUDA-core work."""
     import torch
 
     from . import statistics as st
@@ -480,6 +491,18 @@ def z_pass_cost(B: int, H: int, W: int, C: int, dt: str, capability: Tuple[int, 
     wts = meta_weights(C)
     wb = _weights_bytes(C)
     qkv = torch.empty(B, H * W, 3 * C, device="meta", dtype=torch_dtype(dt))
+    if zdense:
+        from . import dense_z as dz
+        from ._common import DotVariant
+        dd = dz.dense_z_dots(DotVariant(dot_precision(dt, capability), False), torch_dtype(dt))
+        _z, (grid, _a, kw) = dz.plan_dense_z_pass(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, wts.local_dw,
+                                                  wts.local_pw, dd, tiles=dz.dense_z_tiles(C, zdense))
+        mix = 2 * T * s * s * (3 * PROXY_TAPS + 27)
+        tc, tcp, fma, tp = _tc(dd.precision, mix, mix)
+        detail = {"qkv_read": 12 * T * s * e, "z_write": 10 * T * s * se,
+                  "weights": sum(wb[k] for k in ("dw3", "dw5", "dw7", "pw", "local_dw", "local_pw"))}
+        return Cost(bytes=sum(detail.values()), tc_flops=tc, cuda_flops=fma, grid=tuple(grid), tc_precision=tp,
+                    block=32 * kw["num_warps"], detail=detail)
     sprec = dot_precision("fp32", capability)
     _z, (grid, _a, kw) = st.plan_z_pass(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, st.gpu_stats_tiles(C, sprec))
     mix = 2 * 9 * T * s * s

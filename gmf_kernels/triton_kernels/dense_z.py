@@ -4,7 +4,8 @@
 
 A tuning candidate of the eval forward (`config.GMAShape.AGG_ZDENSE`, with `AGG_SPLIT`): the same Z as the
 stencil Z pass (`statistics.plan_z_pass`), into the same (3B, 4s, H, W) buffer, which the aggregation then
-reads (`aggregation._segment_z`).
+reads (`aggregation._segment_z`); and the local branch's Z before its LayerNorm (below), which the aggregation
+reads too (`config.GMAShape.local_from_z`): with it the aggregation runs no stencil and no channel mix at all.
 
 **The identity.** Segment j = 1, 2, 3 computes Z_j = PW_j(DW_j(x_j)) with a K x K depthwise filter
 (K = 2j + 1) and an s x s pointwise, neither with a bias and nothing between them (docs/spec.md: y_j =
@@ -17,6 +18,15 @@ over the K^2 taps t: a dense K x K convolution from s channels to s, i.e. K^2 pr
 forms each W_t from the tap's filter row and the pointwise, both loaded as they are (fp32, the folded
 weights' layout), and multiplies it into the tiles of q, k and v (the aggregator's weights are shared by
 the three streams), one accumulator each.
+
+**The local branch** (segment 4 of q, k, v stacked: a 3x3 depthwise over 3s channels, then 3s -> s, nothing
+between) is the same identity with the streams summed into one output: Z_L[p, o] = sum over the streams st and
+the 9 taps t of sum_i x_st[p + shift_t, i] W_{st,t}[i, o], W_{st,t}[i, o] = LOCAL_DW[t, st s + i]
+LOCAL_PW[o, st s + i]: 27 [BLOCK_P, s] x [s, s] products into one accumulator (`_dense_local`, programs
+(tile, 3, b) of the grid), stored where segment 0 of stream q would lie (segment 0 has no Z; `local_z_of`).
+Per token 27 s^2 multiply-adds on tensor cores against the stencil's 27 s (CUDA cores) and 3 s^2; bytes: the
+three streams' segment 4 read here (3 s e) instead of in the aggregation, Z_L written and read back (s, the
+stage dtype, each way).
 
 **Which bound.** FLOPs per token and stream: s^2 K^2 multiply-adds for segment j, against s K^2 + s^2 for
 the stencil then the pointwise: at s = 16 (C = 80) 256 x (9 + 25 + 49) = 21 248 against 16 x 83 + 3 x 256 =
@@ -34,8 +44,8 @@ input type's own MMAs on operands rounded to it (`config.operand_precision`), as
 dtype rounds its intermediates (each W_t is rounded once; the products are exact and summed in fp32; Z is
 rounded once to the stage dtype when stored).
 
-**Grid** ``(ceil(N / BLOCK_P), 3, B)``: program (tile, j - 1, b) computes BLOCK_P tokens of image b,
-segment j, for the three streams. On a GPU the tap loop is a ``tl.range`` of `config.DENSE_Z_STAGES` stages
+**Grid** ``(ceil(N / BLOCK_P), 4, B)``: program (tile, j - 1, b) computes BLOCK_P tokens of image b,
+segment j, for the three streams; program (tile, 3, b) the local branch's. On a GPU the tap loop is a ``tl.range`` of `config.DENSE_Z_STAGES` stages
 over the K^2 taps, whose loads carry masks (no ``if``), so Triton overlaps a tap's loads (cp.async) with the
 previous tap's MMAs; the interpreter runs it as a plain loop (PIPE 0). Tiles:
 `config.DENSE_Z_TILES` (BLOCK_P, num_warps) by S_PAD, or `config.DENSE_Z_TILES_ALT` (`dense_z_tiles`).
@@ -62,6 +72,14 @@ default B3's y and Z (or dZ) read, dy written and read twice and u read once. Ai
 throughput, like the forward. The weight gradient re-reads a tile's dZ and x once per tap, from L1 / L2 (a
 program's run is a few hundred pixels). Its tiles: `config.DENSE_WGRAD_TILES`. Compiler figures and where it
 spilled: `dense_b3_applies`. Not timed (no GPU in the session that wrote it).
+
+The local branch's backward the same way, from dZ_L (the LayerNorm's input gradient, (B, N, s):
+`aggregation_backward.gma_local_backward_kernel` with DZ_OUT) and qkv's segment 4, never the depthwise output w4
+nor its gradient: `gma_dense_local_dx_kernel` (grid (tiles, 3, B): stream st's dx_st[p, i] = sum_t sum_o
+dZ_L[p + shift_t, o] W_{st,8-t}[i, o], one accumulator) and `gma_dense_local_wgrad_kernel` (grid (3, splits):
+stream st's G_t = X_{st,t}^T dZ_L folded into dLOCAL_DW[t, st s + i] and dLOCAL_PW[o, st s + i]; `_wgrad_taps`, the
+segments' loop with one stream). Per token and stream 9 s^2 multiply-adds each, against 9 s (CUDA cores) and
+s^2 for the stencils and the pointwise backward they replace.
 """
 from __future__ import annotations
 
@@ -81,17 +99,23 @@ Tensor = torch.Tensor
 
 
 @triton.jit
+def _tap_window(t, src, y, x, pmask, cmask, H, W, s_pix, KS, R):
+    """Tap t of a K x K window over a token tile: the tile's pointers shifted by the tap (src + channel offsets,
+    [1, S_PAD]) and its mask (zero padding outside the image, padded channels)."""
+    ky = t // KS
+    yy = y + ky - R
+    xx = x + (t - ky * KS) - R
+    ok = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+    return src + ((yy * W + xx) * s_pix)[:, None], ok[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, s_pix, s_stream, KS, R,
                S: tl.constexpr, FLIP: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
     """Tap t of the K x K window: the q, k, v tiles shifted by the tap times the tap's [s, s] operand. FLIP 0 (the
     forward, Z = sum_t X_t W_t): W_t[i, o] = DW[t, i] PW[o, i] (pw_op = PW^T). FLIP 1 (the input gradient, dX =
     sum_t dZ_t W'_t): the window turned half a turn, W'_t[o, i] = W_{K^2-1-t}[i, o] (pw_op = PW)."""
-    ky = t // KS
-    yy = y + ky - R
-    xx = x + (t - ky * KS) - R
-    ok = pmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-    m = ok[:, None] & cmask[None, :]
-    ptrs = src + ((yy * W + xx) * s_pix)[:, None]
+    ptrs, m = _tap_window(t, src, y, x, pmask, cmask, H, W, s_pix, KS, R)
     if FLIP:
         w_t = pw_op * tl.load(w_taps + (KS * KS - 1 - t) * S + ch, mask=cmask, other=0.0)[None, :]
     else:
@@ -101,6 +125,17 @@ def _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_op, y, x, pmask, ch, cmas
     acc_v = mm(tl.load(ptrs + 2 * s_stream, mask=m, other=0.0).to(tl.float32), w_t, acc_v, DOT_PRECISION,
                EMULATE_DOTS)
     return acc_q, acc_k, acc_v
+
+
+@triton.jit
+def _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, s_pix,
+               S: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """Tap t of the local branch's 3x3 window for one stream: its segment-4 tile shifted by the tap times
+    W_t[i, o] = LOCAL_DW[t, i] LOCAL_PW[o, i] over the stream's s input channels (w_taps: the stream's first
+    channel of the tap-major (3, 3, 3s) filter; pw_op: its [in, out] block of the pointwise)."""
+    ptrs, m = _tap_window(t, src, y, x, pmask, cmask, H, W, s_pix, 3, 1)
+    w_t = tl.load(w_taps + t * (3 * S) + ch, mask=cmask, other=0.0)[:, None] * pw_op
+    return mm(tl.load(ptrs, mask=m, other=0.0).to(tl.float32), w_t, acc, DOT_PRECISION, EMULATE_DOTS)
 
 
 @triton.jit
@@ -170,20 +205,62 @@ def _dense_conv(src, dst, dw3, dw5, dw7, pw, N, H, W,
     tl.store(out, stored(acc_v, out, EMULATE_DOTS), mask=om)
 
 
+@triton.jit
+def _dense_local(qkv_b, z_b, local_dw, local_pw, N, H, W, stride_n,
+                 C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
+    """Program (tile, 3, b) of `gma_dense_z_kernel`: the local branch's Z before its LayerNorm, Z_L = sum over the
+    streams st and the 9 taps of X_{st,t} W_{st,t}, W_{st,t}[i, o] = LOCAL_DW[t, st s + i] LOCAL_PW[o, st s + i]
+    (the 3x3 depthwise over segment 4 of q, k, v stacked, then the 3s -> s pointwise), one accumulator; stored
+    channel-first at z_b (channel o of token p at z_b + o N + p). qkv_b: image b of qkv."""
+    tile = tl.program_id(0)
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < N
+    y = p // W
+    x = p - y * W
+    ch = tl.arange(0, S_PAD)
+    cmask = ch < S
+    wm = cmask[:, None] & cmask[None, :]
+    acc = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
+    for st in range(3):
+        pw_op = tl.load(local_pw + ch[None, :] * (3 * S) + st * S + ch[:, None], mask=wm, other=0.0)   # [i, o]
+        src = qkv_b + st * C + 4 * S + ch[None, :]
+        w_taps = local_dw + st * S
+        if PIPE > 0:
+            for t in tl.range(0, 9, num_stages=PIPE):
+                acc = _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, stride_n, S,
+                                 DOT_PRECISION, EMULATE_DOTS)
+        else:
+            t = 0
+            while t < 9:
+                acc = _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, stride_n, S,
+                                 DOT_PRECISION, EMULATE_DOTS)
+                t += 1
+    out = z_b + ch[None, :] * N + p[:, None]
+    tl.store(out, stored(acc, out, EMULATE_DOTS), mask=pmask[:, None] & cmask[None, :])
+
+
 # one variant per (C, dtype, GPU): N, H, W, B not specialised; stride_b (N 3C) is, a multiple of 16 wherever 3C is
 # (without it the 16-bit tile loads lose their vector width and async copies: 49 scalar loads a tap on sm_90)
 @triton.jit(do_not_specialize=["N", "H", "W", "B"])
-def gma_dense_z_kernel(qkv, z, dw3, dw5, dw7, pw, N, H, W, B, stride_b, stride_n,
+def gma_dense_z_kernel(qkv, z, dw3, dw5, dw7, pw, local_dw, local_pw, N, H, W, B, stride_b, stride_n,
                        C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
-    """Z of segments 1-3 (module docstring). qkv: (B, N, 3C), unit channel stride (strides stride_b,
-    stride_n); z: (3B, 4s, H, W) contiguous, image ``stream * B + b``, channel ``j s + o`` (segment 0's
-    channels not written); dw3 / dw5 / dw7: tap-major (K, K, s) fp32; pw: (3, s, s) fp32, [j - 1][out][in].
-    PIPE: the tap loop's stages (``tl.range(num_stages=PIPE)``), 0 a plain loop (the interpreter's: it cannot
-    range over a runtime bound)."""
+    """Z of segments 1-3 and of the local branch (module docstring). Grid (tiles, 4, B): programs (., j - 1, b)
+    segment j = 1, 2, 3, programs (., 3, b) the local branch (`_dense_local`). qkv: (B, N, 3C), unit channel stride
+    (strides stride_b, stride_n); z: (3B, 4s, H, W) contiguous, image ``stream * B + b``, channel ``j s + o``;
+    the local branch's Z (B, s, H, W) in the block segment 0 leaves free, stream q's channels [0, s) (those of
+    streams k and v not written); dw3 / dw5 / dw7: tap-major (K, K, s) fp32; pw: (3, s, s) fp32, [j - 1][out][in];
+    local_dw: tap-major (3, 3, 3s), local_pw: (s, 3s) fp32. PIPE: the tap loop's stages
+    (``tl.range(num_stages=PIPE)``), 0 a plain loop (the interpreter's: it cannot range over a runtime bound)."""
     plane = 4 * S * N                               # one image of Z
-    _dense_conv(qkv, z, dw3, dw5, dw7, pw, N, H, W, S, C, stride_b, 1, stride_n, S * N, B * plane, plane, N, 1,
-                S, S_PAD, BLOCK_P, False, DOT_PRECISION, EMULATE_DOTS, PIPE)
+    if tl.program_id(1) == 3:
+        b = tl.program_id(2).to(tl.int64)
+        _dense_local(qkv + b * stride_b, z + b * plane, local_dw, local_pw, N, H, W, stride_n, C, S, S_PAD, BLOCK_P,
+                     DOT_PRECISION, EMULATE_DOTS, PIPE)
+    else:
+        _dense_conv(qkv, z, dw3, dw5, dw7, pw, N, H, W, S, C, stride_b, 1, stride_n, S * N, B * plane, plane, N, 1,
+                    S, S_PAD, BLOCK_P, False, DOT_PRECISION, EMULATE_DOTS, PIPE)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W"])
@@ -198,6 +275,47 @@ def gma_dense_dx_kernel(dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, dz_stride_b, dz_s
     its dtype), nothing else; weights as `gma_dense_z_kernel`'s."""
     _dense_conv(dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, 0, 3 * S, dz_stride_b, 1, dz_stride_n, S, C, stride_b, 1,
                 stride_n, S, S_PAD, BLOCK_P, True, DOT_PRECISION, EMULATE_DOTS, PIPE)
+
+
+@triton.jit(do_not_specialize=["N", "H", "W"])
+def gma_dense_local_dx_kernel(dZL, d_qkv, local_dw, local_pw, N, H, W, stride_b, stride_n,
+                              C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
+    """The local branch's input gradient (B3's dense form, `BackwardTiles.DENSE`): grid (tiles, 3, B), program
+    (tile, st, b) computes stream st's segment-4 gradient of BLOCK_P tokens of image b, the transposed dense 3x3
+    convolution of dZ_L: dx_st[p, i] = sum_t sum_o dZ_L[p + shift_t, o] W_{st,8-t}[i, o] (module docstring, "The
+    local branch"), into d_qkv (B, N, 3C; unit channel stride, strides stride_b, stride_n; in its dtype). dZL: the
+    LayerNorm's input gradient, (B, N, s) contiguous (`gma_local_backward_kernel` with DZ_OUT); local_dw tap-major
+    (3, 3, 3s), local_pw (s, 3s) fp32."""
+    tile = tl.program_id(0)
+    st = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < N
+    y = p // W
+    x = p - y * W
+    ch = tl.arange(0, S_PAD)
+    cmask = ch < S
+    # the pointwise block as it is, [o, i] = LOCAL_PW[o, st s + i]: the operand's rows are dZ_L's channels
+    pw_op = tl.load(local_pw + ch[:, None] * (3 * S) + st * S + ch[None, :], mask=cmask[:, None] & cmask[None, :],
+                    other=0.0)
+    src = dZL + b * N * S + ch[None, :]
+    w_taps = local_dw + st * S
+    acc = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
+    if PIPE > 0:
+        for t in tl.range(0, 9, num_stages=PIPE):
+            ptrs, m = _tap_window(t, src, y, x, pmask, cmask, H, W, S, 3, 1)
+            w_t = pw_op * tl.load(w_taps + (8 - t) * (3 * S) + ch, mask=cmask, other=0.0)[None, :]
+            acc = mm(tl.load(ptrs, mask=m, other=0.0).to(tl.float32), w_t, acc, DOT_PRECISION, EMULATE_DOTS)
+    else:
+        t = 0
+        while t < 9:
+            ptrs, m = _tap_window(t, src, y, x, pmask, cmask, H, W, S, 3, 1)
+            w_t = pw_op * tl.load(w_taps + (8 - t) * (3 * S) + ch, mask=cmask, other=0.0)[None, :]
+            acc = mm(tl.load(ptrs, mask=m, other=0.0).to(tl.float32), w_t, acc, DOT_PRECISION, EMULATE_DOTS)
+            t += 1
+    out = d_qkv + b * stride_b + st * C + 4 * S + ch[None, :] + (p * stride_n)[:, None]
+    tl.store(out, stored(acc, out, EMULATE_DOTS), mask=pmask[:, None] & cmask[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "N", "H", "W", "tiles_per_split"])
@@ -215,13 +333,52 @@ def gma_dense_wgrad_kernel(qkv, dZ, dw3, dw5, dw7, pw, part_gdw, part_gpw, M, N,
     seg = tl.program_id(0)
     split = tl.program_id(1)
     KS, w_taps = _segment_window(seg, dw3, dw5, dw7)
-    R = KS // 2
     ch = tl.arange(0, S_PAD)
     cmask = ch < S
-    wm = cmask[:, None] & cmask[None, :]
-    pw_t = tl.load(pw + seg * S * S + ch[None, :] * S + ch[:, None], mask=wm, other=0.0)      # [i, o] = PW[o, i]
-    x_ch = qkv + (seg + 1) * S + ch[:, None]                 # x loaded as [channels, pixels]: the dot's A
-    dz_ch = dZ + (seg * S + ch)[None, :]
+    pw_t = tl.load(pw + seg * S * S + ch[None, :] * S + ch[:, None], mask=cmask[:, None] & cmask[None, :],
+                   other=0.0)                                                                # [i, o] = PW[o, i]
+    _wgrad_taps(qkv + (seg + 1) * S + ch[:, None], dZ + (seg * S + ch)[None, :], w_taps, S, pw_t, KS,
+                split, tiles_per_split, part_gdw + (split * 3 + seg) * 49 * S_PAD,
+                part_gpw + (split * 3 + seg) * S_PAD * S_PAD, M, N, H, W, stride_b, stride_n, dz_stride_b,
+                dz_stride_n, ch, cmask, S_PAD, BLOCK_P, 3, C, 3 * S, DOT_PRECISION, EMULATE_DOTS, PIPE)
+
+
+@triton.jit(do_not_specialize=["M", "N", "H", "W", "tiles_per_split"])
+def gma_dense_local_wgrad_kernel(qkv, dZL, local_dw, local_pw, part_gdw, part_gpw, M, N, H, W, tiles_per_split,
+                                 stride_b, stride_n,
+                                 C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                                 DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
+    """The local branch's weight gradients through the dense form: grid (3, SPLITS), program (st, split) for
+    stream st's s input channels (the 3s -> s mix does not share weights between the streams): G_t[i, o] = sum
+    over its run's pixels of x_st[p + shift_t, i] dZ_L[p, o], folded into dLOCAL_DW[t, st s + i] (stored at
+    part_gdw[split, st, t, :]) and dLOCAL_PW[o, st s + i] (part_gpw[split, st] as [o, i]), as
+    `gma_dense_wgrad_kernel` does. qkv (B, N, 3C) unit channel stride (segment 4 read); dZL (B, N, s)
+    contiguous."""
+    st = tl.program_id(0)
+    split = tl.program_id(1)
+    ch = tl.arange(0, S_PAD)
+    cmask = ch < S
+    pw_t = tl.load(local_pw + ch[None, :] * (3 * S) + st * S + ch[:, None], mask=cmask[:, None] & cmask[None, :],
+                   other=0.0)                                                    # [i, o] = LOCAL_PW[o, st s + i]
+    _wgrad_taps(qkv + st * C + 4 * S + ch[:, None], dZL + ch[None, :], local_dw + st * S, 3 * S, pw_t, 3,
+                split, tiles_per_split, part_gdw + (split * 3 + st) * 9 * S_PAD,
+                part_gpw + (split * 3 + st) * S_PAD * S_PAD, M, N, H, W, stride_b, stride_n, N * S, S,
+                ch, cmask, S_PAD, BLOCK_P, 1, C, S, DOT_PRECISION, EMULATE_DOTS, PIPE)
+
+
+@triton.jit
+def _wgrad_taps(x_ch, dz_ch, w_taps, w_tap_stride, pw_t, KS, split, tiles_per_split, gdw_rows, gpw_out,
+                M, N, H, W, stride_b, stride_n, dz_stride_b, dz_stride_n, ch, cmask,
+                S_PAD: tl.constexpr, BLOCK_P: tl.constexpr, STREAMS: tl.constexpr, X_STREAM: tl.constexpr,
+                DZ_STREAM: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+                PIPE: tl.constexpr):
+    """A weight-gradient program's tap loop (both dense weight-gradient kernels): over the taps of the K x K window,
+    G_t from the program's run of flat tiles (`_wgrad_tile`), then dDW[t, :] = sum_o pw_t[:, o] G_t[:, o] stored at
+    gdw_rows + t S_PAD, and dPW += DW[t, :] G_t, stored at gpw_out as [o, i] (the pointwise weight's own layout).
+    x_ch: the first stream's depthwise input, + channel [:, None] (x loaded as [channels, pixels], the dot's A as
+    it lies); dz_ch: dZ + channel [None, :]; w_taps: the filter's first channel, tap t at + t w_tap_stride;
+    pw_t: [i, o]; STREAMS streams, X_STREAM / DZ_STREAM elements apart in x / dZ."""
+    R = KS // 2
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(M, BLOCK_P))
     g_pw = tl.zeros([S_PAD, S_PAD], dtype=tl.float32)                                        # [i, o]
@@ -234,27 +391,27 @@ def gma_dense_wgrad_kernel(qkv, dZ, dw3, dw5, dw7, pw, part_gdw, part_gpw, M, N,
         if PIPE > 0:
             for tile in tl.range(t0, t1, num_stages=PIPE):
                 g_t = _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, dy, dx, stride_b, stride_n, dz_stride_b,
-                                  dz_stride_n, cmask, C, S, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                                  dz_stride_n, cmask, BLOCK_P, STREAMS, X_STREAM, DZ_STREAM, DOT_PRECISION,
+                                  EMULATE_DOTS)
         else:
             tile = t0
             while tile < t1:
                 g_t = _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, dy, dx, stride_b, stride_n, dz_stride_b,
-                                  dz_stride_n, cmask, C, S, BLOCK_P, DOT_PRECISION, EMULATE_DOTS)
+                                  dz_stride_n, cmask, BLOCK_P, STREAMS, X_STREAM, DZ_STREAM, DOT_PRECISION,
+                                  EMULATE_DOTS)
                 tile += 1
-        row = (split * 3 + seg) * 49 + t
-        tl.store(part_gdw + row * S_PAD + ch, tl.sum(g_t * pw_t, axis=1))
-        g_pw += tl.load(w_taps + t * S + ch, mask=cmask, other=0.0)[:, None] * g_t
+        tl.store(gdw_rows + t * S_PAD + ch, tl.sum(g_t * pw_t, axis=1))
+        g_pw += tl.load(w_taps + t * w_tap_stride + ch, mask=cmask, other=0.0)[:, None] * g_t
         t += 1
-    # stored transposed, [o, i], the pointwise weight's own layout
-    tl.store(part_gpw + (split * 3 + seg) * S_PAD * S_PAD + ch[None, :] * S_PAD + ch[:, None], g_pw)
+    tl.store(gpw_out + ch[None, :] * S_PAD + ch[:, None], g_pw)
 
 
 @triton.jit
 def _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, dy, dx, stride_b, stride_n, dz_stride_b, dz_stride_n, cmask,
-                C: tl.constexpr, S: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                EMULATE_DOTS: tl.constexpr):
+                BLOCK_P: tl.constexpr, STREAMS: tl.constexpr, X_STREAM: tl.constexpr, DZ_STREAM: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
     """One flat tile's products of one tap into G_t: x at the shifted pixels (zero outside the image) against dZ,
-    the three streams."""
+    summed over the STREAMS streams."""
     g = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = g < M
     b = g // N
@@ -266,9 +423,9 @@ def _wgrad_tile(g_t, tile, x_ch, dz_ch, M, N, H, W, dy, dx, stride_b, stride_n, 
     zm = pm[:, None] & cmask[None, :]
     xp = x_ch + (b.to(tl.int64) * stride_b + (yy * W + xx) * stride_n)[None, :]
     zp = dz_ch + (b.to(tl.int64) * dz_stride_b + n * dz_stride_n)[:, None]
-    for st in tl.static_range(3):
-        xt = tl.load(xp + st * C, mask=xm, other=0.0).to(tl.float32)           # [S_PAD, BLOCK_P]
-        zt = tl.load(zp + st * 3 * S, mask=zm, other=0.0).to(tl.float32)       # [BLOCK_P, S_PAD]
+    for st in tl.static_range(STREAMS):
+        xt = tl.load(xp + st * X_STREAM, mask=xm, other=0.0).to(tl.float32)     # [S_PAD, BLOCK_P]
+        zt = tl.load(zp + st * DZ_STREAM, mask=zm, other=0.0).to(tl.float32)   # [BLOCK_P, S_PAD]
         g_t = mm(xt, zt, g_t, DOT_PRECISION, EMULATE_DOTS)
     return g_t
 
@@ -289,7 +446,8 @@ def dense_z_tiles(C: int, variant: int = 1) -> Tuple[int, int]:
 
 
 def plan_dense_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
-                      dots: DotVariant, z: Optional[Tensor] = None, tiles: Optional[Tuple[int, int]] = None):
+                      local_dw: Tensor, local_pw: Tensor, dots: DotVariant, z: Optional[Tensor] = None,
+                      tiles: Optional[Tuple[int, int]] = None):
     """(z, (grid, args, kwargs)) of the launch, without launching (meta tensors work; the AOT specialisation
     runs it). qkv (B, N, 3C) with unit channel stride; weights: the folded filters (fp32, contiguous,
     tap-major: `folding.FoldedGMAWeights`); dots: the call's variant (`_common.dot_variant`), made this
@@ -303,10 +461,15 @@ def plan_dense_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7
     z = z_pass_buffer(qkv, H, W, z)
     bp, warps = tiles or dense_z_tiles(C)
     dd = dense_z_dots(dots, qkv.dtype)
-    args = (qkv, z, dw3, dw5, dw7, pw, N, H, W, B, qkv.stride(0), qkv.stride(1))
+    args = (qkv, z, dw3, dw5, dw7, pw, local_dw, local_pw, N, H, W, B, qkv.stride(0), qkv.stride(1))
     kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
                   PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
-    return z, ((triton.cdiv(N, bp), 3, B), args, kwargs)
+    return z, ((triton.cdiv(N, bp), 4, B), args, kwargs)
+
+
+def local_z_of(z: Tensor, B: int) -> Tensor:
+    """The local branch's Z (B, s, H, W) within the dense Z pass's (3B, 4s, H, W) buffer (a view)."""
+    return z[:B, : z.shape[1] // 4]
 
 
 # ---------------------------------------------------------------- the backward (training: `BackwardTiles.DENSE`)
@@ -391,3 +554,68 @@ def dense_weight_grads(buf, s: int) -> Tuple[List[Tensor], Tensor]:
     gdw = buf["part_gdw"].sum(0)
     g_dw = [gdw[j, :k * k, :s].reshape(k, k, s) for j, k in enumerate((3, 5, 7))]
     return g_dw, buf["part_gpw"].sum(0)[:, :s, :s]
+
+
+# ---------------------------------------------------------------- the local branch's backward (`BackwardTiles.DENSE`)
+def dense_local_dz_buffer(B: int, N: int, s: int, dtype, device) -> Tensor:
+    """The local branch's dZ_L (the LayerNorm's input gradient) for the dense kernels: (B, N, s) contiguous,
+    channels innermost (its tiles load as qkv's do); `gma_local_backward_kernel` with DZ_OUT writes it."""
+    return torch.empty(B, N, s, dtype=dtype, device=device)
+
+
+def _check_dzl(dZL: Tensor, B: int, N: int, s: int) -> None:
+    if tuple(dZL.shape) != (B, N, s) or not dZL.is_contiguous():
+        raise ValueError(f"dZ_L: expected a contiguous (B, N, s) = ({B}, {N}, {s}) tensor, got {tuple(dZL.shape)} "
+                         f"with strides {dZL.stride()}")
+
+
+def plan_dense_local_dx(dZL: Tensor, d_qkv: Tensor, H: int, W: int, local_dw: Tensor, local_pw: Tensor,
+                        dots: DotVariant, tiles: Optional[Tuple[int, int]] = None):
+    """(grid, args, kwargs) of `gma_dense_local_dx_kernel`: the local branch's input gradient from dZ_L
+    (`dense_local_dz_buffer`'s) into segment 4 of d_qkv (B, N, 3C, unit channel stride). dots and tiles as
+    `plan_dense_dx`'s."""
+    B, N, C3 = d_qkv.shape
+    C = C3 // 3
+    s = C // 5
+    if d_qkv.stride(2) != 1:
+        raise ValueError("d_qkv needs a unit channel stride")
+    _check_dzl(dZL, B, N, s)
+    bp, warps = tiles or dense_z_tiles(C)
+    dd = dense_z_dots(dots, dZL.dtype)
+    args = (dZL, d_qkv, local_dw, local_pw, N, H, W, d_qkv.stride(0), d_qkv.stride(1))
+    kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
+                  PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
+    return (triton.cdiv(N, bp), 3, B), args, kwargs
+
+
+def plan_dense_local_wgrad(qkv: Tensor, dZL: Tensor, H: int, W: int, local_dw: Tensor, local_pw: Tensor,
+                           dots: DotVariant, tiles: Optional[Tuple[int, int]] = None):
+    """(buffers {part_gdw (splits, 3, 9, S_PAD), part_gpw (splits, 3, S_PAD, S_PAD)}, (grid, args, kwargs)) of
+    `gma_dense_local_wgrad_kernel`: the local branch's weight gradients' partials from qkv's segment 4 and dZ_L;
+    `dense_local_weight_grads` sums them."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    s = C // 5
+    s_pad = dot_pad(s)
+    if qkv.stride(2) != 1:
+        raise ValueError("qkv needs a unit channel stride")
+    _check_dzl(dZL, B, N, s)
+    M = B * N
+    bp, warps = tiles or dense_wgrad_tiles(C, M)
+    splits, tps = split_plan(M, 1, bp, 2 * 3 if interpreting() else DENSE_WGRAD_TARGET_PROGRAMS, 3)
+    dev = qkv.device
+    buf = {"part_gdw": torch.empty(splits, 3, 9, s_pad, dtype=torch.float32, device=dev),
+           "part_gpw": torch.empty(splits, 3, s_pad, s_pad, dtype=torch.float32, device=dev)}
+    dd = dense_z_dots(dots, dZL.dtype)
+    args = (qkv, dZL, local_dw, local_pw, buf["part_gdw"], buf["part_gpw"], M, N, H, W, tps, qkv.stride(0),
+            qkv.stride(1))
+    kwargs = dict(C=C, S=s, S_PAD=s_pad, BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
+                  PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
+    return buf, ((3, splits), args, kwargs)
+
+
+def dense_local_weight_grads(buf, s: int) -> Tuple[Tensor, Tensor]:
+    """(g_local_dw tap-major (3, 3, 3s), g_local_pw (s, 3s)) from `plan_dense_local_wgrad`'s partials."""
+    gdw = buf["part_gdw"].sum(0)[:, :, :s]                      # [st, t, i]
+    gpw = buf["part_gpw"].sum(0)[:, :s, :s]                     # [st, o, i]
+    return gdw.permute(1, 0, 2).reshape(3, 3, 3 * s), gpw.permute(1, 0, 2).reshape(s, 3 * s)

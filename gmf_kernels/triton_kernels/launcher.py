@@ -7,8 +7,9 @@ Launch sequence (no host synchronisation), under the input's CUDA device:
 ``gma_attention_kernel`` (ceil(N / ATTN_BLOCK_P), 8, B); with the ``SPLIT`` candidate
 (`config.GMAShape.AGG_SPLIT`) first ``gma_statistics_kernel`` as the Z pass (`statistics.plan_z_pass`:
 Z of segments 1-3 into a (3B, C', H, W) buffer; with ``ZDENSE``, `GMAShape.AGG_ZDENSE`, ``gma_dense_z_kernel``,
-the same Z as dense convolutions on tensor cores, `dense_z.plan_dense_z_pass`), and the aggregation reads Z instead of running
-those stencils (`aggregation._segment_z`, as the training forward). Launches go through
+the same Z as dense convolutions on tensor cores, `dense_z.plan_dense_z_pass`, and the local branch's Z before its
+LayerNorm too), and the aggregation reads Z instead of running those stencils (`aggregation._segment_z`, as the
+training forward; with ZDENSE its local branch too, `GMAShape.local_from_z`). Launches go through
 ``torch.library.wrap_triton`` while a trace runs, so that ``torch.compile`` sees the kernels
 inside the ``gmf::triton_pre_projection`` op (triton_kernels/op.py); otherwise they are
 launched directly (`_launch.wrap_triton`).
@@ -307,7 +308,8 @@ def tuned_shape(C: int, N: int, dots: DotVariant, qkv: Tensor) -> GMAShape:
 
 def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
                         shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None,
-                        planes: Optional[Tensor] = None) -> Tuple[Dict[str, Tensor], List[Launch]]:
+                        planes: Optional[Tensor] = None, keep_w4: bool = True
+                        ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Allocate the buffers of one call and describe its launches, without launching (three; four with
     the split forward, `GMAShape.AGG_SPLIT`).
 
@@ -319,7 +321,8 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     reads segments 1-3 from it instead of running their stencils (`config.from_planes`), and the
     launches keep what the backward's recompute would make (`KEPT`): the local branch's w4, xh4, rstd4
     (`recompute.plan_recompute_local`'s), and R = CRPE(V) + bias, kv and the softmax's k_max, k_sum
-    (`recompute.plan_recompute_attention`'s, merged).
+    (`recompute.plan_recompute_attention`'s, merged). keep_w4 False (with planes: a backward in the dense form,
+    `aggregation_backward.BackwardTiles.DENSE`, reads no w4): w4 is an empty (0,) tensor, nothing stored.
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
@@ -335,10 +338,10 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     launches: List[Launch] = []
     z_pass = None
     if shape.AGG_SPLIT:   # the split forward: Z of segments 1-3 first (`statistics.plan_z_pass`)
-        zbuf = _alloc((3 * B, 4 * shape.S, H, W), stage_dtype(dt), dev)   # segment 0 stays unwritten, unread
-        if shape.AGG_ZDENSE:   # as dense convolutions on tensor cores (`dense_z`)
+        zbuf = _alloc((3 * B, 4 * shape.S, H, W), stage_dtype(dt), dev)   # segment 0: unwritten (ZDENSE: q's
+        if shape.AGG_ZDENSE:   # as dense convolutions on tensor cores (`dense_z`)   holds the local branch's Z)
             z_pass, (grid, args, kwargs) = plan_dense_z_pass(qkv, H, W, weights.dw3, weights.dw5, weights.dw7,
-                                                             weights.pw, dots, z=zbuf,
+                                                             weights.pw, weights.local_dw, weights.local_pw, dots, z=zbuf,
                                                              tiles=dense_z_tiles(C, shape.AGG_ZDENSE))
             launches.append((gma_dense_z_kernel, grid, args, kwargs))
         else:
@@ -360,10 +363,11 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     local = stats = None
     if planes is not None:    # what the backward's recompute would make, kept (`KEPT`)
         s, st = shape.S, stage_dtype(dt)
-        buf.update(w4=_alloc((B, 3 * s, H, W), st, dev), xh4=_alloc((B, s, H, W), st, dev),
+        buf.update(w4=_alloc((B, 3 * s, H, W) if keep_w4 else (0,), st, dev), xh4=_alloc((B, s, H, W), st, dev),
                    rstd4=_alloc((B, 1, H, W), f32, dev), R=_alloc((B, shape.CP, H, W), st, dev),
                    k_max=_alloc((B, shape.CP), f32, dev), k_sum=_alloc((B, shape.CP), f32, dev))
-        local, stats = (buf["w4"], buf["xh4"], buf["rstd4"]), (buf["k_max"], buf["k_sum"])
+        local = (buf["w4"] if keep_w4 else None, buf["xh4"], buf["rstd4"])
+        stats = (buf["k_max"], buf["k_sum"])
     if z_pass is not None:   # (not among the buffers: an intermediate whose segment 0 is never written)
         planes = planes_view(z_pass, B)
     agg = aggregate_call(qkv, H, W, weights, ln_eps, shape, plan, buf["q"], buf["v"], buf["pre"],
@@ -386,16 +390,16 @@ def planes_view(z: Tensor, B: int) -> Tensor:
 
 def launch_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
                           shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None,
-                          planes: Optional[Tensor] = None) -> Dict[str, Tensor]:
+                          planes: Optional[Tensor] = None, keep_w4: bool = True) -> Dict[str, Tensor]:
     """Run the kernels of `plan_pre_projection`; return every buffer (the op returns ``pre``; tests read all).
 
     qkv (B, N, 3C) in fp32/fp16/bf16 with unit channel stride; weights: `FoldedGMAWeights`
     (fp32, contiguous, on qkv's device; arguments checked by the op). Returns q, v (B, N, C')
     [qkv.dtype], part_m, part_l (B, R, s), part_acc (B, R, s, d) (the packed softmax partials,
     R = `aggregation.JobPlan.partial_rows`), kv (B, C', d) [fp32] and pre (B, N, C). Launched under qkv's CUDA device (`device_guard`).
-    planes: as `plan_pre_projection`'s.
+    planes, keep_w4: as `plan_pre_projection`'s.
     """
-    buf, launches = plan_pre_projection(qkv, H, W, weights, scale, ln_eps, shape, dots, planes)
+    buf, launches = plan_pre_projection(qkv, H, W, weights, scale, ln_eps, shape, dots, planes, keep_w4)
     with device_guard(qkv):
         for kernel, grid, args, kwargs in launches:
             _launch.wrap_triton(kernel)[grid](*args, **kwargs)   # looked up per call (tests record launches there)

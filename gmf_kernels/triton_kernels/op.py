@@ -57,13 +57,14 @@ def triton_pre_projection(qkv: Tensor, H: int, W: int, weights: List[Tensor], sc
 
 
 def triton_pre_projection_from_planes(qkv: Tensor, z: Tensor, H: int, W: int, weights: List[Tensor], scale: float,
-                                      ln_eps: float) -> List[Tensor]:
+                                      ln_eps: float, keep_w4: bool = True) -> List[Tensor]:
     """`triton_pre_projection` in a training step whose statistics pass kept Z (`statistics.statistics_planes`:
     (3B, C', H, W), segments 0..3 of q, k, v before their BatchNorm, in the stage dtype): the aggregation
     reads segments 1-3 from z instead of running their stencils and channel mixes again
     (`config.from_planes`). Returns [pre, w4, xh4, rstd4, R, kv, k_max, k_sum] (`KEPT_OUTPUTS`): the
     pre-projection and what the backward's recompute would make (`launcher.KEPT`), kept by the same
-    launches. No autograd of its own: `train_op.TritonPreProjectionFunction` calls it."""
+    launches. keep_w4 False (a backward in the dense form, which reads no w4): w4 returned empty, (0,). No
+    autograd of its own: `train_op.TritonPreProjectionFunction` calls it."""
     B, N, C, folded = check_pre_projection_args(qkv, H, W, weights, scale, ln_eps)
     cp = 4 * (C // 5)
     if not isinstance(z, Tensor) or tuple(z.shape) != (3 * B, cp, int(H), int(W)) or not z.is_contiguous():
@@ -74,8 +75,8 @@ def triton_pre_projection_from_planes(qkv: Tensor, z: Tensor, H: int, W: int, we
                         f"{config.stage_dtype(qkv.dtype)} planes there")
     planes = planes_view(z, B)
     step = config.MAX_GRID_BATCH
-    chunks = [launch_pre_projection(qkv[b0:b0 + step], H, W, folded, scale, ln_eps, planes=planes[:, b0:b0 + step])
-              for b0 in range(0, B, step)]
+    chunks = [launch_pre_projection(qkv[b0:b0 + step], H, W, folded, scale, ln_eps, planes=planes[:, b0:b0 + step],
+                                    keep_w4=keep_w4) for b0 in range(0, B, step)]
     if len(chunks) == 1:
         return [chunks[0][k] for k in KEPT_OUTPUTS]
     return [torch.cat([c[k] for c in chunks]) for k in KEPT_OUTPUTS]
@@ -85,12 +86,13 @@ def triton_pre_projection_from_planes(qkv: Tensor, z: Tensor, H: int, W: int, we
 KEPT_OUTPUTS = ("pre",) + KEPT
 
 
-def _fake_from_planes(qkv, z, H, W, weights, scale, ln_eps):
+def _fake_from_planes(qkv, z, H, W, weights, scale, ln_eps, keep_w4=True):
     pre = fake_pre_projection(qkv, H, W, weights, scale, ln_eps)
     B, N, C = pre.shape
     s, H, W = C // 5, int(H), int(W)
     f32 = dict(dtype=torch.float32)
-    return [pre, z.new_empty((B, 3 * s, H, W)), z.new_empty((B, s, H, W)), z.new_empty((B, 1, H, W), **f32),
+    return [pre, z.new_empty((B, 3 * s, H, W) if keep_w4 else (0,)), z.new_empty((B, s, H, W)),
+            z.new_empty((B, 1, H, W), **f32),
             z.new_empty((B, 4 * s, H, W)), z.new_empty((B, 4 * s, s // 2), **f32), z.new_empty((B, 4 * s), **f32),
             z.new_empty((B, 4 * s), **f32)]
 

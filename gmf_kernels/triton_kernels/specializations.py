@@ -76,9 +76,9 @@ KERNEL_ORDER = {name: i for i, name in enumerate((
     "gma_b2_crpe_kernel", "gma_dz_kernel", "gma_pw_backward_kernel", "gma_dw_backward_kernel", "gma_dw_wgrad_kernel",
     "gma_local_backward_kernel", "gma_statistics_kernel", "gma_proxy_v_kernel", "gma_recompute_z_kernel",
     "gma_recompute_attention_kernel", "gma_recompute_local_kernel", "gma_dense_z_kernel", "gma_dense_dx_kernel",
-    "gma_dense_wgrad_kernel"))}
+    "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel"))}
 #: the argument whose element type names a specialisation's dtype
-DTYPE_ARGS = ("qkv", "q", "v", "dZ", "du", "dy")
+DTYPE_ARGS = ("qkv", "q", "v", "dZ", "dZL", "du", "dy")
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,9 @@ class Spec:
         dots += ", keep R" if cx.get("STORE_R") else ""         # ... and keeping what the backward reads
         dots += ", keep stats" if cx.get("STATS") else ""
         dots += ", keep local" if cx.get("KEEP") else ""
+        dots += ", no w4" if cx.get("KEEP_W4") is False else ""    # ... but w4, for a dense backward
+        dots += ", local from Z" if cx.get("LOCAL_Z") else ""   # the split forward's dense Z pass computed it
+        dots += ", dZ out" if cx.get("DZ_OUT") else ""          # the local backward of the dense form
         return (f"{short} C={_width(cx)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
                 f"{self.specialised_ints()})")
 
@@ -572,6 +575,8 @@ def _kernel_fn(name: str):
           "gma_dense_z_kernel": dense_z.gma_dense_z_kernel,
           "gma_dense_dx_kernel": dense_z.gma_dense_dx_kernel,
           "gma_dense_wgrad_kernel": dense_z.gma_dense_wgrad_kernel,
+          "gma_dense_local_dx_kernel": dense_z.gma_dense_local_dx_kernel,
+          "gma_dense_local_wgrad_kernel": dense_z.gma_dense_local_wgrad_kernel,
           "gma_recompute_attention_kernel": recompute.gma_recompute_attention_kernel,
           "gma_recompute_local_kernel": recompute.gma_recompute_local_kernel,
           "gma_proxy_v_kernel": recompute.gma_proxy_v_kernel,

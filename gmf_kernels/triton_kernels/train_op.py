@@ -43,8 +43,10 @@ class TritonPreProjectionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, *weights):
-        if z is not None:   # [pre, *what the backward's recompute would make] (`launcher.KEPT`)
-            pre, *kept = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, list(weights), scale, ln_eps)
+        if z is not None:   # [pre, *what the backward's recompute would make] (`launcher.KEPT`); no w4 for a
+            #                 backward in the dense form (`aggregation_backward.tuned_dense_b3`), which reads none
+            pre, *kept = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, list(weights), scale, ln_eps,
+                                                                         not agb.tuned_dense_b3(qkv))
         else:
             pre = torch.ops.gmf.triton_pre_projection(qkv, H, W, list(weights), scale, ln_eps)
             kept = (None,) * training.NUM_KEPT
