@@ -964,6 +964,15 @@ def depthwise_input(rc: Dict[str, Tensor], segment: int):
     return rc["u4"] if segment == 4 else rc["u"][segment]
 
 
+def _local_inputs(dL: Tensor, rc: Dict[str, Tensor]) -> Tuple[Tensor, Tuple[int, int, int], Tensor, Tensor]:
+    """(dL's base, its (image, channel, pixel) strides, xh4, rstd4) for `gma_local_backward_kernel`, checked (both
+    local backward plans)."""
+    if dL.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dL: fp32, fp16 or bf16 expected (the incoming gradient's view), not {dL.dtype}")
+    base, slb, slc, sln = _images(dL)
+    return base, (slb, slc, sln), _check(rc["xh4"], "xh4"), _check(rc["rstd4"], "rstd4")
+
+
 def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights, dots: DotVariant,
                         out: Optional[Layout] = None, tiles: Optional[BackwardTiles] = None
                         ) -> Tuple[Dict[str, Tensor], List[Launch]]:
@@ -973,10 +982,7 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
     B, S, H, W = dL.shape
     S_PAD = dot_pad(S)
     N, M = H * W, B * H * W
-    if dL.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"dL: fp32, fp16 or bf16 expected (the incoming gradient's view), not {dL.dtype}")
-    dL_, slb, slc, sln = _images(dL)
-    xh, rstd = _check(rc["xh4"], "xh4"), _check(rc["rstd4"], "rstd4")
+    dL_, dl_strides, xh, rstd = _local_inputs(dL, rc)
     if rc.get("w4") is None or rc["w4"].dim() != 4:
         raise RuntimeError("the local branch's backward: its depthwise output w4 is missing (the training forward kept "
                            "none, for a backward running B3's dense form, `BackwardTiles.DENSE`), but this backward's "
@@ -991,7 +997,7 @@ def plan_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAWeights
            "part_gpw": torch.empty(splits, S_PAD, 3 * S_PAD, dtype=torch.float32, device=dev),
            "part_ln": torch.empty(splits, 2, S_PAD, dtype=torch.float32, device=dev)}
     args = (dL_, xh, rstd, w4, wts.local_pw.contiguous(), wts.ln_weight.contiguous(), wts.ln_bias.contiguous(),
-            buf["dw4"], buf["part_gpw"], buf["part_ln"], buf["dw4"], M, N, tps, slb, slc, sln)   # dZL: unused
+            buf["dw4"], buf["part_gpw"], buf["part_ln"], buf["dw4"], M, N, tps, *dl_strides)   # dZL: unused
     kw = dict(S=S, S_PAD=S_PAD, BLOCK_I=block_i, BLOCK_P=tiles.PW_BLOCK_P,
               DOT_PRECISION=kernel_dot_precision("gma_local_backward_kernel", dots.precision, S_PAD),
               EMULATE_DOTS=dots.emulate, num_warps=tiles.PW_WARPS)
@@ -1012,17 +1018,14 @@ def plan_dense_local_backward(dL: Tensor, rc: Dict[str, Tensor], wts: FoldedGMAW
     B, S, H, W = dL.shape
     S_PAD = dot_pad(S)
     N, M = H * W, B * H * W
-    if dL.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"dL: fp32, fp16 or bf16 expected (the incoming gradient's view), not {dL.dtype}")
-    dL_, slb, slc, sln = _images(dL)
-    xh, rstd = _check(rc["xh4"], "xh4"), _check(rc["rstd4"], "rstd4")
+    dL_, dl_strides, xh, rstd = _local_inputs(dL, rc)
     tiles = tiles or backward_tiles(S_PAD, M)
     splits, tps = split_plan(M, tiles.PW_BLOCK_P, 1, tiles.TARGET_PROGRAMS)
     dev = dL.device
     buf = {"dZL": dense_local_dz_buffer(B, N, S, xh.dtype, dev),
            "part_ln": torch.empty(splits, 2, S_PAD, dtype=torch.float32, device=dev)}
     args = (dL_, xh, rstd, xh, wts.local_pw.contiguous(), wts.ln_weight.contiguous(), wts.ln_bias.contiguous(),
-            buf["dZL"], buf["part_ln"], buf["part_ln"], buf["dZL"], M, N, tps, slb, slc, sln)  # w4, dw4, part_gpw: unused
+            buf["dZL"], buf["part_ln"], buf["part_ln"], buf["dZL"], M, N, tps, *dl_strides)  # w4, dw4, part_gpw: unused
     kw = dict(S=S, S_PAD=S_PAD, BLOCK_I=S_PAD, BLOCK_P=tiles.PW_BLOCK_P,
               DOT_PRECISION=kernel_dot_precision("gma_local_backward_kernel", dots.precision, S_PAD),
               EMULATE_DOTS=dots.emulate, DZ_OUT=True, num_warps=tiles.PW_WARPS)

@@ -99,6 +99,16 @@ Tensor = torch.Tensor
 
 
 @triton.jit
+def _token_tile(tile, N, W, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Token tile `tile` of an image of N tokens, W columns: its tokens p, their validity, rows y and columns x;
+    and the S_PAD channel lanes with their validity."""
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    y = p // W
+    ch = tl.arange(0, S_PAD)
+    return p, p < N, y, p - y * W, ch, ch < S
+
+
+@triton.jit
 def _tap_window(t, src, y, x, pmask, cmask, H, W, s_pix, KS, R):
     """Tap t of a K x K window over a token tile: the tile's pointers shifted by the tap (src + channel offsets,
     [1, S_PAD]) and its mask (zero padding outside the image, padded channels)."""
@@ -168,12 +178,7 @@ def _dense_conv(src, dst, dw3, dw5, dw7, pw, N, H, W,
     b = tl.program_id(2)
     KS, w_taps = _segment_window(seg, dw3, dw5, dw7)
     R = KS // 2
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < N
-    y = p // W
-    x = p - y * W
-    ch = tl.arange(0, S_PAD)
-    cmask = ch < S
+    p, pmask, y, x, ch, cmask = _token_tile(tile, N, W, S, S_PAD, BLOCK_P)
     wm = cmask[:, None] & cmask[None, :]
     if FLIP:    # the pointwise as it is, [out, in]: the operand's rows are dZ's channels
         pw_op = tl.load(pw + seg * S * S + ch[:, None] * S + ch[None, :], mask=wm, other=0.0)
@@ -214,12 +219,7 @@ def _dense_local(qkv_b, z_b, local_dw, local_pw, N, H, W, stride_n,
     (the 3x3 depthwise over segment 4 of q, k, v stacked, then the 3s -> s pointwise), one accumulator; stored
     channel-first at z_b (channel o of token p at z_b + o N + p). qkv_b: image b of qkv."""
     tile = tl.program_id(0)
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < N
-    y = p // W
-    x = p - y * W
-    ch = tl.arange(0, S_PAD)
-    cmask = ch < S
+    p, pmask, y, x, ch, cmask = _token_tile(tile, N, W, S, S_PAD, BLOCK_P)
     wm = cmask[:, None] & cmask[None, :]
     acc = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
     for st in range(3):
@@ -290,12 +290,7 @@ def gma_dense_local_dx_kernel(dZL, d_qkv, local_dw, local_pw, N, H, W, stride_b,
     tile = tl.program_id(0)
     st = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < N
-    y = p // W
-    x = p - y * W
-    ch = tl.arange(0, S_PAD)
-    cmask = ch < S
+    p, pmask, y, x, ch, cmask = _token_tile(tile, N, W, S, S_PAD, BLOCK_P)
     # the pointwise block as it is, [o, i] = LOCAL_PW[o, st s + i]: the operand's rows are dZ_L's channels
     pw_op = tl.load(local_pw + ch[:, None] * (3 * S) + st * S + ch[None, :], mask=cmask[:, None] & cmask[None, :],
                     other=0.0)
@@ -445,6 +440,13 @@ def dense_z_tiles(C: int, variant: int = 1) -> Tuple[int, int]:
     return table[dot_pad(C // 5)]
 
 
+def _launch_kwargs(C: int, tiles: Tuple[int, int], dd: DotVariant) -> dict:
+    """The constexprs and warps every kernel of this module takes: width C, (BLOCK_P, num_warps), its dots."""
+    bp, warps = tiles
+    return dict(C=C, S=C // 5, S_PAD=dot_pad(C // 5), BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
+                PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
+
+
 def plan_dense_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
                       local_dw: Tensor, local_pw: Tensor, dots: DotVariant, z: Optional[Tensor] = None,
                       tiles: Optional[Tuple[int, int]] = None):
@@ -462,8 +464,7 @@ def plan_dense_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7
     bp, warps = tiles or dense_z_tiles(C)
     dd = dense_z_dots(dots, qkv.dtype)
     args = (qkv, z, dw3, dw5, dw7, pw, local_dw, local_pw, N, H, W, B, qkv.stride(0), qkv.stride(1))
-    kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
-                  PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
+    kwargs = _launch_kwargs(C, (bp, warps), dd)
     return z, ((triton.cdiv(N, bp), 4, B), args, kwargs)
 
 
@@ -499,18 +500,20 @@ def plan_dense_dx(dZ: Tensor, d_qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: T
     `dense_dz_buffer`'s layout, unit channel stride) into d_qkv (B, N, 3C) with unit channel stride. dots: the
     backward's (`statistics.backward_dots`), made this kernel's by `dense_z_dots` (16-bit operands for fp16 / bf16
     layers); tiles: (BLOCK_P, num_warps), default the forward's `dense_z_tiles`."""
+    (B, N, s), grid, kwargs = _dx_plan(d_qkv, dZ, dots, tiles)
+    _check_dz(dZ, B, N, s)
+    args = (dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, dZ.stride(0), dZ.stride(1), d_qkv.stride(0), d_qkv.stride(1))
+    return grid, args, kwargs
+
+
+def _dx_plan(d_qkv: Tensor, dz: Tensor, dots: DotVariant, tiles: Optional[Tuple[int, int]]):
+    """What both input-gradient plans share: ((B, N, s), grid (tiles, 3, B), kwargs), d_qkv's layout checked."""
     B, N, C3 = d_qkv.shape
     C = C3 // 3
-    s = C // 5
     if d_qkv.stride(2) != 1:
         raise ValueError("d_qkv needs a unit channel stride")
-    _check_dz(dZ, B, N, s)
     bp, warps = tiles or dense_z_tiles(C)
-    dd = dense_z_dots(dots, dZ.dtype)
-    args = (dZ, d_qkv, dw3, dw5, dw7, pw, N, H, W, dZ.stride(0), dZ.stride(1), d_qkv.stride(0), d_qkv.stride(1))
-    kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
-                  PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
-    return (triton.cdiv(N, bp), 3, B), args, kwargs
+    return (B, N, C // 5), (triton.cdiv(N, bp), 3, B), _launch_kwargs(C, (bp, warps), dense_z_dots(dots, dz.dtype))
 
 
 def dense_wgrad_tiles(C: int, M: int) -> Tuple[int, int]:
@@ -522,30 +525,33 @@ def dense_wgrad_tiles(C: int, M: int) -> Tuple[int, int]:
     return bp, warps
 
 
+def _wgrad_plan(qkv: Tensor, dz: Tensor, taps: int, dots: DotVariant, tiles: Optional[Tuple[int, int]]):
+    """What both weight-gradient plans share: (buffers {part_gdw (splits, 3, taps, S_PAD), part_gpw (splits, 3,
+    S_PAD, S_PAD)}, grid (3, splits), the leading scalar arguments (M, N, tiles per split) and the kwargs)."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    s_pad = dot_pad(C // 5)
+    if qkv.stride(2) != 1:
+        raise ValueError("qkv needs a unit channel stride")
+    M = B * N
+    bp, warps = tiles or dense_wgrad_tiles(C, M)
+    splits, tps = split_plan(M, 1, bp, 2 * 3 if interpreting() else DENSE_WGRAD_TARGET_PROGRAMS, 3)
+    buf = {"part_gdw": torch.empty(splits, 3, taps, s_pad, dtype=torch.float32, device=qkv.device),
+           "part_gpw": torch.empty(splits, 3, s_pad, s_pad, dtype=torch.float32, device=qkv.device)}
+    return buf, (3, splits), (M, N), tps, _launch_kwargs(C, (bp, warps), dense_z_dots(dots, dz.dtype))
+
+
 def plan_dense_wgrad(qkv: Tensor, dZ: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
                      pw: Tensor, dots: DotVariant, tiles: Optional[Tuple[int, int]] = None):
     """(buffers {part_gdw, part_gpw}, (grid, args, kwargs)) of `gma_dense_wgrad_kernel`: the weight gradients'
     per-program partials of segments 1-3 from the depthwise inputs (segments 1-3 of qkv (B, N, 3C), unit channel
     stride) and dZ (as `plan_dense_dx`); `dense_weight_grads` sums them."""
     B, N, C3 = qkv.shape
-    C = C3 // 3
-    s = C // 5
-    s_pad = dot_pad(s)
-    if qkv.stride(2) != 1:
-        raise ValueError("qkv needs a unit channel stride")
-    _check_dz(dZ, B, N, s)
-    M = B * N
-    bp, warps = tiles or dense_wgrad_tiles(C, M)
-    splits, tps = split_plan(M, 1, bp, 2 * 3 if interpreting() else DENSE_WGRAD_TARGET_PROGRAMS, 3)
-    dev = qkv.device
-    buf = {"part_gdw": torch.empty(splits, 3, 49, s_pad, dtype=torch.float32, device=dev),
-           "part_gpw": torch.empty(splits, 3, s_pad, s_pad, dtype=torch.float32, device=dev)}
-    dd = dense_z_dots(dots, dZ.dtype)
+    _check_dz(dZ, B, N, C3 // 15)
+    buf, grid, (M, N), tps, kwargs = _wgrad_plan(qkv, dZ, 49, dots, tiles)
     args = (qkv, dZ, dw3, dw5, dw7, pw, buf["part_gdw"], buf["part_gpw"], M, N, H, W, tps, qkv.stride(0),
             qkv.stride(1), dZ.stride(0), dZ.stride(1))
-    kwargs = dict(C=C, S=s, S_PAD=s_pad, BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
-                  PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
-    return buf, ((3, splits), args, kwargs)
+    return buf, (grid, args, kwargs)
 
 
 def dense_weight_grads(buf, s: int) -> Tuple[List[Tensor], Tensor]:
@@ -574,18 +580,9 @@ def plan_dense_local_dx(dZL: Tensor, d_qkv: Tensor, H: int, W: int, local_dw: Te
     """(grid, args, kwargs) of `gma_dense_local_dx_kernel`: the local branch's input gradient from dZ_L
     (`dense_local_dz_buffer`'s) into segment 4 of d_qkv (B, N, 3C, unit channel stride). dots and tiles as
     `plan_dense_dx`'s."""
-    B, N, C3 = d_qkv.shape
-    C = C3 // 3
-    s = C // 5
-    if d_qkv.stride(2) != 1:
-        raise ValueError("d_qkv needs a unit channel stride")
+    (B, N, s), grid, kwargs = _dx_plan(d_qkv, dZL, dots, tiles)
     _check_dzl(dZL, B, N, s)
-    bp, warps = tiles or dense_z_tiles(C)
-    dd = dense_z_dots(dots, dZL.dtype)
-    args = (dZL, d_qkv, local_dw, local_pw, N, H, W, d_qkv.stride(0), d_qkv.stride(1))
-    kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
-                  PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
-    return (triton.cdiv(N, bp), 3, B), args, kwargs
+    return grid, (dZL, d_qkv, local_dw, local_pw, N, H, W, d_qkv.stride(0), d_qkv.stride(1)), kwargs
 
 
 def plan_dense_local_wgrad(qkv: Tensor, dZL: Tensor, H: int, W: int, local_dw: Tensor, local_pw: Tensor,
@@ -594,24 +591,11 @@ def plan_dense_local_wgrad(qkv: Tensor, dZL: Tensor, H: int, W: int, local_dw: T
     `gma_dense_local_wgrad_kernel`: the local branch's weight gradients' partials from qkv's segment 4 and dZ_L;
     `dense_local_weight_grads` sums them."""
     B, N, C3 = qkv.shape
-    C = C3 // 3
-    s = C // 5
-    s_pad = dot_pad(s)
-    if qkv.stride(2) != 1:
-        raise ValueError("qkv needs a unit channel stride")
-    _check_dzl(dZL, B, N, s)
-    M = B * N
-    bp, warps = tiles or dense_wgrad_tiles(C, M)
-    splits, tps = split_plan(M, 1, bp, 2 * 3 if interpreting() else DENSE_WGRAD_TARGET_PROGRAMS, 3)
-    dev = qkv.device
-    buf = {"part_gdw": torch.empty(splits, 3, 9, s_pad, dtype=torch.float32, device=dev),
-           "part_gpw": torch.empty(splits, 3, s_pad, s_pad, dtype=torch.float32, device=dev)}
-    dd = dense_z_dots(dots, dZL.dtype)
+    _check_dzl(dZL, B, N, C3 // 15)
+    buf, grid, (M, N), tps, kwargs = _wgrad_plan(qkv, dZL, 9, dots, tiles)
     args = (qkv, dZL, local_dw, local_pw, buf["part_gdw"], buf["part_gpw"], M, N, H, W, tps, qkv.stride(0),
             qkv.stride(1))
-    kwargs = dict(C=C, S=s, S_PAD=s_pad, BLOCK_P=bp, DOT_PRECISION=dd.precision, EMULATE_DOTS=dd.emulate,
-                  PIPE=0 if interpreting() else DENSE_Z_STAGES, num_warps=warps)
-    return buf, ((3, splits), args, kwargs)
+    return buf, (grid, args, kwargs)
 
 
 def dense_local_weight_grads(buf, s: int) -> Tuple[Tensor, Tensor]:
