@@ -167,8 +167,8 @@ import json
 import torch
 import triton
 from gmf_kernels.folding import meta_weights
-from gmf_kernels.triton_kernels import aggregation_backward as agb, config, launcher as L, specializations as sp, \
-    statistics as st
+from gmf_kernels.triton_kernels import aggregation_backward as agb, config, dense_z as dz, launcher as L, \
+    specializations as sp, statistics as st
 from gmf_kernels.triton_kernels._common import DotVariant
 DENSE = ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel")
 out, seen = [], set()
@@ -202,6 +202,17 @@ for arch in (80, 90):
                 rep = sp.compile_one(sp.specialize_launch(st.gma_statistics_kernel, arch, args, kw))
                 rep.update(kernel="gma_statistics_kernel", C=C, dt=dt, ptx_mma=0, ptx_wgmma=0)
                 out.append(rep)
+                # ... which runs in the dense form where it applies (every width here)
+                assert dz.dense_statistics_applies(C, dt, config.dot_precision(dt, cap))
+                *_, (grid, args, kw) = dz.plan_dense_statistics(qkv, g, g, w.dw3, w.dw5, w.dw7, w.pw,
+                                                                DotVariant(config.dot_precision(dt, cap), False))
+                rep = sp.compile_one(sp.specialize_launch(dz.gma_dense_statistics_kernel, arch, args, kw))
+                target, src, options = sp._source_and_options(sp.specialize_launch(dz.gma_dense_statistics_kernel,
+                                                                                   arch, args, kw))
+                ck = triton.compile(src, target=target, options=options.__dict__)   # a cache hit
+                rep.update(kernel="gma_dense_statistics_kernel", C=C, dt=dt, ptx_mma=ck.asm["ptx"].count("mma.sync"),
+                           ptx_wgmma=ck.asm["ptx"].count("wgmma.mma_async"))
+                out.append(rep)
                 # ... and its aggregation keeping no w4 (KEEP_W4 false)
                 z = torch.empty(3 * 128, 4 * (C // 5), g, g, device="meta", dtype=config.stage_dtype(qkv.dtype))
                 dots = DotVariant(config.dot_precision(dt, cap), False)
@@ -225,7 +236,8 @@ def test_dense_backward_compiles_to_tensor_cores_without_spills(tmp_path):
     statistics pass keeping Z without y (`statistics.STORE_Z_MOMENTS`) and its aggregation keeping no w4: no spill."""
     from helpers import aot_reports, assert_compiled_without_spills
     reps = aot_reports(_AOT_SCRIPT, tmp_path, timeout=1500)
-    dense = ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel")
+    dense = ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel",
+             "gma_dense_statistics_kernel")
     assert {(r["arch"], r["C"], r["kernel"]) for r in reps} == {
         (a, C, k) for a in (80, 90) for C in (80, 160, 320)
         for k in dense + ("gma_local_backward_kernel DZ_OUT", "gma_statistics_kernel", "gma_aggregate_kernel KEEP_W4=0")}
@@ -236,7 +248,7 @@ def test_dense_backward_compiles_to_tensor_cores_without_spills(tmp_path):
         if r["kernel"] not in dense:
             continue
         assert (r["ptx_mma"] > 0) if r["arch"] == 80 else (r["ptx_wgmma"] + r["ptx_mma"] > 0), r
-        if r["arch"] == 90 and (r["kernel"].endswith("dx_kernel") or r["C"] == 320):
+        if r["arch"] == 90 and (r["kernel"].endswith(("dx_kernel", "statistics_kernel")) or r["C"] == 320):
             assert r["ptx_wgmma"] > 0, r
 
 
@@ -285,10 +297,11 @@ def test_training_step_with_the_dense_candidate(monkeypatch):
     (the interpreter's tiles, DENSE 1), as a tuning table would pick it: `gma_dense_dx_kernel` and
     `gma_dense_wgrad_kernel` run in place of the pointwise backward and B3's stencils, and the local branch's
     (`gma_dense_local_dx_kernel`, `gma_dense_local_wgrad_kernel` after `gma_local_backward_kernel` with DZ_OUT) in
-    place of its pointwise and depthwise backward; the forward's statistics pass keeps Z without the depthwise
-    outputs y (`statistics.STORE_Z_MOMENTS`: the dense B3 reads none) and its aggregation no w4 (KEEP_W4 false);
-    and the output, the running statistics and every gradient equal the default tiles' to bf16 rounding (both
-    paths round one stage tensor to bf16: dZ here, dy there)."""
+    place of its pointwise and depthwise backward; the forward's statistics pass runs in the dense form too
+    (`gma_dense_statistics_kernel`, keeping Z without the depthwise outputs y: the dense B3 reads none) and its
+    aggregation keeps no w4 (KEEP_W4 false); and the output, the running statistics and every gradient equal the
+    default tiles' to bf16 rounding (the paths round different stage tensors to bf16, and the dense ones multiply
+    bf16 operands where the stencil statistics pass runs fp32's dots)."""
     import copy
 
     import gmf_kernels
@@ -319,8 +332,9 @@ def test_training_step_with_the_dense_candidate(monkeypatch):
     stores.clear()
     launched.clear()
     got = step(m_dense)
-    assert stores == [statistics.STORE_Z_MOMENTS], stores
-    dense = ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel")
+    assert stores == [] and "gma_statistics_kernel" not in launched, stores     # the stencil pass did not run
+    dense = ("gma_dense_statistics_kernel", "gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel",
+             "gma_dense_local_wgrad_kernel")
     assert all(launched.count(k) == 1 for k in dense), sorted(set(launched))
     assert "gma_pw_backward_kernel" not in launched and "gma_dw_backward_kernel" not in launched
     local = [kw for k, kw in zip(launched, launched.kwargs) if k == "gma_local_backward_kernel"]

@@ -91,6 +91,73 @@ def test_dense_z_against_float64(C, H, W, B, dtype):
     assert err_local <= 2 * ref_err_local + 1e-6, (err_local, ref_err_local)
 
 
+def _z_all(qkv, H, W, dws, pw, dtype):
+    """Z (3B, 4s, H, W) of segments 0-3 (segment 0: x itself), as the statistics pass keeps it, in `dtype`."""
+    B, N, C3 = qkv.shape
+    s = C3 // 15
+    z13 = _z_reference(qkv, H, W, dws, pw, torch.zeros(3, 3, 3 * s), torch.zeros(s, 3 * s), dtype)[0]
+    x0 = qkv.to(dtype).view(B, H, W, 3, 5, s)[..., 0, :].permute(3, 0, 4, 1, 2)           # (3, B, s, H, W)
+    return torch.cat([x0, z13], 2).reshape(3 * B, 4 * s, H, W)
+
+
+def _moments(z):
+    """[mean, M2] (2, 4s) per channel over images and pixels, in float64."""
+    z = z.double()
+    mean = z.mean((0, 2, 3))
+    return torch.stack([mean, (z - mean[None, :, None, None]).square().sum((0, 2, 3))])
+
+
+#: (C, H, W, B, dtype): tiles ragged at the image's end, batch 1 and 3, at the dtypes the dense statistics pass runs
+STATS_CASES = [(80, 9, 11, 2, torch.bfloat16), (60, 7, 9, 1, torch.float16), (160, 5, 6, 3, torch.bfloat16),
+               (40, 6, 5, 2, torch.float32)]
+
+
+@pytest.mark.parametrize("C,H,W,B,dtype", STATS_CASES,
+                         ids=[f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}" for c, h, w, b, d in STATS_CASES])
+def test_dense_statistics_against_float64(C, H, W, B, dtype):
+    """The training statistics pass in the dense form (`dense_z.dense_z_moments`, `gma_dense_statistics_kernel`:
+    a training forward whose backward runs B3's dense form): Z of segments 0-3 of q, k, v and the merged [mean, M2]
+    per channel against float64 (torch's convolutions, not the identity); fp32 within 1e-5, fp16 / bf16 no worse
+    than 2x torch's own two steps in that dtype (its Z, and the moments of that Z); no y kept."""
+    g = torch.Generator().manual_seed(C * 13 + H + W * 3 + B)
+    qkv, dws, pw = random_dense_inputs(C, H, W, B, dtype, g)
+    moments, z, y_all = dense_z.dense_z_moments(qkv, H, W, *dws, pw)
+    assert moments.dtype == torch.float64 and moments.shape == (2, 4 * (C // 5)) and y_all.numel() == 0
+    assert z.dtype == config.stage_dtype(dtype) and z.shape == (3 * B, 4 * (C // 5), H, W)
+    exact = _z_all(qkv.double(), H, W, dws, pw, torch.float64)
+    exact_m = _moments(exact)
+    errs = [_rel(z.double(), exact)] + [_rel(moments[k], exact_m[k]) for k in (0, 1)]
+    if dtype == torch.float32:
+        assert max(errs) < 1e-5, errs
+        return
+    ref = _z_all(qkv, H, W, dws, pw, dtype)
+    ref_m = _moments(ref)
+    ref_errs = [_rel(ref.double(), exact)] + [_rel(ref_m[k], exact_m[k]) for k in (0, 1)]
+    print(f"{dtype}: Z, mean, M2 {[f'{e:.2e}' for e in errs]} against torch's {[f'{e:.2e}' for e in ref_errs]}")
+    for e, r in zip(errs, ref_errs):
+        assert e <= 2 * r + 1e-6, (errs, ref_errs)
+
+
+def test_statistics_without_y_picks_its_pass(monkeypatch):
+    """The planes op without y (``keep_y`` False: a backward in the dense form) runs the dense statistics pass where
+    `dense_z.dense_statistics_applies` (fp16 / bf16 here), else the stencil pass without y (`STORE_Z_MOMENTS`: fp32),
+    whose moments and Z are then exactly those it keeps with y."""
+    from gmf_kernels.triton_kernels import statistics as st
+    C, H, W, B = 40, 5, 4, 2
+    calls = []
+    real = dense_z.dense_z_moments
+    monkeypatch.setattr(dense_z, "dense_z_moments", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv, dws, pw = random_dense_inputs(C, H, W, B, dtype, torch.Generator().manual_seed(5))
+        moments, z, y_all = torch.ops.gmf.triton_z_moments_planes(qkv, H, W, *dws, pw, False)
+        assert y_all.numel() == 0 and z.shape == (3 * B, 4 * C // 5, H, W)
+        if dtype == torch.float32:
+            assert not calls
+            with_y = st.z_moments(qkv, H, W, *dws, pw, store=True)
+            assert torch.equal(moments, with_y[0]) and torch.equal(z, with_y[1])
+    assert calls == [torch.bfloat16]
+
+
 def test_dense_z_refuses_bad_buffers():
     qkv = torch.randn(1, 12, 120)
     w = [torch.zeros(k, k, 8) for k in (3, 5, 7)] + [torch.zeros(3, 8, 8), torch.zeros(3, 3, 24), torch.zeros(8, 24)]

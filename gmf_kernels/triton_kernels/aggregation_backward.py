@@ -692,7 +692,8 @@ class BackwardTiles:
     input gradient dZ_L stored by `gma_local_backward_kernel` with DZ_OUT, then `gma_dense_local_dx_kernel` and
     `gma_dense_local_wgrad_kernel` in place of its pointwise backward, dw4 and its two stencils); where the Triton
     stage set's recompute keeps qkv (rc["qkv"]) and `dense_b3_applies`. The training forward then keeps neither y
-    nor the local branch's w4 (`tuned_dense_b3`). A tuning candidate (`_search`), 0 by default."""
+    nor the local branch's w4 (`tuned_dense_b3`), and its statistics pass runs in the dense form too
+    (`dense_z.dense_z_moments`). A tuning candidate (`_search`), 0 by default."""
     BLOCK_C: int
     BLOCK_P: int
     WARPS: int
@@ -727,8 +728,8 @@ def tuned_dense_b3(qkv: Tensor) -> bool:
     "triton.backward" tiles as `train_op.train_tiles` looks them up (`tile_spaces.tuned_tiles`: the tuning
     table's entry on a CUDA device; None, so not dense, under the interpreter and off CUDA, where the launchers
     use their own tiles). The training forward's statistics pass (`train_op.planes_fn_for`) then keeps no
-    depthwise outputs y, and its aggregation no local-branch w4 (`train_op.TritonPreProjectionFunction`): the
-    dense form reads neither. (The recompute of eval mode with gradients still stores them:
+    depthwise outputs y (and runs in the dense form, `dense_z.dense_z_moments`), and its aggregation no
+    local-branch w4 (`train_op.TritonPreProjectionFunction`): the dense form reads neither. (The recompute of eval mode with gradients still stores them:
     without, `gma_recompute_z_kernel` spilled 4 B on sm_80 at C = 80 bf16 / fp16, AOT, batch 128.)"""
     bw = tile_spaces.tuned_tiles(BACKWARD_FAMILY, qkv.shape[-1] // 3, qkv)
     return bool(bw is not None and tiles_of(bw).DENSE)

@@ -73,6 +73,15 @@ throughput, like the forward. The weight gradient re-reads a tile's dZ and x onc
 program's run is a few hundred pixels). Its tiles: `config.DENSE_WGRAD_TILES`. Compiler figures and where it
 spilled: `dense_b3_applies`. Not timed (no GPU in the session that wrote it).
 
+**The statistics pass** of a training forward whose backward runs the dense form (it keeps no y: `statistics.
+statistics_planes` with keep_y False, where `dense_statistics_applies`): `gma_dense_statistics_kernel`, grid (T, 4,
+B), the Z pass's segment programs (`_dense_conv`) plus one for segment 0 (Z = x, copied), each storing Z and, per
+stream, its tile's (mean, M2) (`_tile_moments`, about the tile's own mean) as a partial row of
+`statistics.plan_statistics`' layout, so `statistics.merge_segments` merges them as the stencil pass's (a
+`statistics.SegmentPlan` of one-tile runs). The same products as the Z pass, with the layer's 16-bit operands
+where the stencil statistics pass multiplies in fp32 (3xTF32): Z and the moments carry the rounding the reference
+at that dtype has (within the 2x rule, `tests/test_triton_dense_z.py`).
+
 The local branch's backward the same way, from dZ_L (the LayerNorm's input gradient, (B, N, s):
 `aggregation_backward.gma_local_backward_kernel` with DZ_OUT) and qkv's segment 4, never the depthwise output w4
 nor its gradient: `gma_dense_local_dx_kernel` (grid (tiles, 3, B): stream st's dx_st[p, i] = sum_t sum_o
@@ -89,11 +98,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, interpreting, mm, stored
+from ._common import DotVariant, dot_variant, interpreting, mm, stored
 from .aggregation import split_plan
 from .config import (DENSE_WGRAD_TILES, DENSE_Z_STAGES, DENSE_Z_TILES, DENSE_Z_TILES_ALT, dot_pad, dtype_name,
-                     operand_precision)
-from .statistics import z_pass_buffer
+                     operand_precision, stage_dtype, zdense_applies)
+from .statistics import SegmentPlan, merge_segments, z_pass_buffer
 
 Tensor = torch.Tensor
 
@@ -172,7 +181,7 @@ def _dense_conv(src, dst, dw3, dw5, dw7, pw, N, H, W,
     """Program (tile, seg, b) of a dense segment convolution (`gma_dense_z_kernel`, `gma_dense_dx_kernel`): BLOCK_P
     tokens of image b, segment seg + 1, the three streams. Element (stream, image b, channel c of segment seg + 1,
     token p) of src lies at src_off + stream s_src_stream + b s_src_b + (seg S + c) s_src_ch + p s_src_pix (dst
-    alike): src_off / dst_off place segment 1's first channel."""
+    alike): src_off / dst_off place segment 1's first channel. Returns the three fp32 tiles it stored."""
     tile = tl.program_id(0)
     seg = tl.program_id(1)           # segment seg + 1: 3x3, 5x5, 7x7
     b = tl.program_id(2)
@@ -208,6 +217,7 @@ def _dense_conv(src, dst, dw3, dw5, dw7, pw, N, H, W,
     tl.store(out, stored(acc_k, out, EMULATE_DOTS), mask=om)
     out += s_dst_stream
     tl.store(out, stored(acc_v, out, EMULATE_DOTS), mask=om)
+    return acc_q, acc_k, acc_v
 
 
 @triton.jit
@@ -261,6 +271,58 @@ def gma_dense_z_kernel(qkv, z, dw3, dw5, dw7, pw, local_dw, local_pw, N, H, W, B
     else:
         _dense_conv(qkv, z, dw3, dw5, dw7, pw, N, H, W, S, C, stride_b, 1, stride_n, S * N, B * plane, plane, N, 1,
                     S, S_PAD, BLOCK_P, False, DOT_PRECISION, EMULATE_DOTS, PIPE)
+
+
+@triton.jit
+def _tile_moments(acc, pmask, cmask, ch, n_tile, row, part_mean, part_m2):
+    """One tile's per-channel (mean, M2) of its n_tile valid rows, stored as a statistics-pass partial row (mean in
+    float64, M2 in fp32: `statistics.merge_segments` merges the rows, Chan's formula between them). M2 is taken
+    about the tile's own mean (two passes over registers), so no shift is needed."""
+    mean = tl.sum(tl.where(pmask[:, None], acc, 0.0), axis=0) / n_tile
+    d = tl.where(pmask[:, None], acc - mean[None, :], 0.0)
+    tl.store(part_mean + row + ch, mean.to(tl.float64), mask=cmask)
+    tl.store(part_m2 + row + ch, tl.sum(d * d, axis=0), mask=cmask)
+
+
+# the statistics pass of a training forward whose backward runs B3's dense form (B, N, H, W not specialised)
+@triton.jit(do_not_specialize=["N", "H", "W", "B"])
+def gma_dense_statistics_kernel(qkv, z, part_mean, part_m2, dw3, dw5, dw7, pw, N, H, W, B, stride_b, stride_n,
+                                C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                                DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
+    """The training statistics pass in the dense form (module docstring, "The statistics pass"): grid (T, 4, B),
+    T = ceil(N / BLOCK_P). Programs (tile, j - 1, b), j = 1, 2, 3: segment j's Z of the three streams as the Z pass
+    computes it (`_dense_conv`); programs (tile, 3, b): segment 0, whose Z is x itself (copied). Each stores its
+    tiles' Z into z (3B, 4s, H, W) (all four segments, as the stencil statistics pass with `STORE_Z_MOMENTS`) and,
+    per stream, the tile's (mean, M2) as partial row j T + tile of image ``stream B + b`` (part_mean float64,
+    part_m2 fp32, (3B 4T, s): `plan_dense_statistics`'s `statistics.SegmentPlan`, every run one tile)."""
+    tile = tl.program_id(0)
+    j = tl.program_id(1)
+    b = tl.program_id(2)
+    T = tl.num_programs(0)
+    plane = 4 * S * N
+    p, pmask, y, x, ch, cmask = _token_tile(tile, N, W, S, S_PAD, BLOCK_P)
+    if j == 3:      # segment 0: Z = x
+        seg = 0
+        src = qkv + b.to(tl.int64) * stride_b + ch[None, :] + (p * stride_n)[:, None]
+        m = pmask[:, None] & cmask[None, :]
+        acc_q = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        acc_k = tl.load(src + C, mask=m, other=0.0).to(tl.float32)
+        acc_v = tl.load(src + 2 * C, mask=m, other=0.0).to(tl.float32)
+        out = z + b.to(tl.int64) * plane + ch[None, :] * N + p[:, None]
+        tl.store(out, stored(acc_q, out, EMULATE_DOTS), mask=m)
+        tl.store(out + B * plane, stored(acc_k, out, EMULATE_DOTS), mask=m)
+        tl.store(out + 2 * B * plane, stored(acc_v, out, EMULATE_DOTS), mask=m)
+    else:
+        seg = j + 1
+        acc_q, acc_k, acc_v = _dense_conv(qkv, z, dw3, dw5, dw7, pw, N, H, W, S, C, stride_b, 1, stride_n, S * N,
+                                          B * plane, plane, N, 1, S, S_PAD, BLOCK_P, False, DOT_PRECISION,
+                                          EMULATE_DOTS, PIPE)
+    n_tile = tl.minimum(BLOCK_P, N - tile * BLOCK_P).to(tl.float32)
+    row = ((b * 4 * T + seg * T + tile) * S).to(tl.int64)          # image b (stream q), row seg T + tile
+    step = (B * 4 * T * S).to(tl.int64)                             # one stream further: B images
+    _tile_moments(acc_q, pmask, cmask, ch, n_tile, row, part_mean, part_m2)
+    _tile_moments(acc_k, pmask, cmask, ch, n_tile, row + step, part_mean, part_m2)
+    _tile_moments(acc_v, pmask, cmask, ch, n_tile, row + 2 * step, part_mean, part_m2)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W"])
@@ -471,6 +533,52 @@ def plan_dense_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7
 def local_z_of(z: Tensor, B: int) -> Tensor:
     """The local branch's Z (B, s, H, W) within the dense Z pass's (3B, 4s, H, W) buffer (a view)."""
     return z[:B, : z.shape[1] // 4]
+
+
+# ---------------------------------------------------------------- the statistics pass (training: `BackwardTiles.DENSE`)
+def dense_statistics_applies(C: int, dtype: str, precision: str) -> bool:
+    """Whether the training statistics pass may run in the dense form (`dense_z_moments`): where the dense Z pass
+    compiles without spilling with 16-bit operands (`config.zdense_applies` for fp16 / bf16: S_PAD <= 64, tensor-core
+    dots). Its users (`statistics.statistics_planes` with keep_y False) are the layers whose backward runs B3's dense
+    form (`aggregation_backward.dense_b3_applies`: the same widths and dtypes), so elsewhere it is the stencil pass."""
+    return dtype in ("fp16", "bf16") and zdense_applies(C, dtype, precision)
+
+
+def plan_dense_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
+                          dots: DotVariant, tiles: Optional[Tuple[int, int]] = None):
+    """(part_mean, part_m2, plan, z, (grid, args, kwargs)) of `gma_dense_statistics_kernel`, without launching:
+    the partial moments ((3B 4T, s), float64 / fp32) in `statistics.plan_statistics`' layout with plan =
+    SegmentPlan(T, (T, T, T, T)) (one tile a run), and Z (3B, 4s, H, W) in the stage dtype. dots: the layer's
+    (`_common.dot_variant`), made this kernel's by `dense_z_dots`; tiles: default `dense_z_tiles`."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    s = C // 5
+    if qkv.stride(2) != 1:
+        raise ValueError("qkv needs a unit channel stride")
+    bp, warps = tiles or dense_z_tiles(C)
+    T = triton.cdiv(N, bp)
+    plan = SegmentPlan(T, (T, T, T, T))
+    part_mean = torch.empty(3 * B * plan.programs, s, dtype=torch.float64, device=qkv.device)
+    part_m2 = torch.empty(3 * B * plan.programs, s, dtype=torch.float32, device=qkv.device)
+    z = torch.empty(3 * B, 4 * s, H, W, dtype=stage_dtype(qkv.dtype), device=qkv.device)
+    args = (qkv, z, part_mean, part_m2, dw3, dw5, dw7, pw, N, H, W, B, qkv.stride(0), qkv.stride(1))
+    return part_mean, part_m2, plan, z, ((T, 4, B), args, _launch_kwargs(C, (bp, warps),
+                                                                          dense_z_dots(dots, qkv.dtype)))
+
+
+def dense_z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
+                    dots: Optional[DotVariant] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """`statistics.z_moments` with ``store=STORE_Z_MOMENTS`` in the dense form: (moments (2, 4s) float64 [mean,
+    M2] of Z per channel over the 3B images, Z (3B, 4s, H, W) in the stage dtype, an empty y_all)."""
+    from ._launch import device_guard, wrap_triton
+    if qkv.stride(2) != 1:
+        qkv = qkv.contiguous()
+    part_mean, part_m2, plan, z, (grid, args, kwargs) = plan_dense_statistics(
+        qkv, H, W, *(w.contiguous() for w in (dw3, dw5, dw7, pw)), dots or dot_variant(qkv))
+    with device_guard(qkv):
+        wrap_triton(gma_dense_statistics_kernel)[grid](*args, **kwargs)
+    moments = torch.stack(merge_segments(part_mean, part_m2, plan, kwargs["BLOCK_P"], qkv.shape[1]))
+    return moments, z, z.new_empty(0)
 
 
 # ---------------------------------------------------------------- the backward (training: `BackwardTiles.DENSE`)

@@ -76,7 +76,8 @@ KERNEL_ORDER = {name: i for i, name in enumerate((
     "gma_b2_crpe_kernel", "gma_dz_kernel", "gma_pw_backward_kernel", "gma_dw_backward_kernel", "gma_dw_wgrad_kernel",
     "gma_local_backward_kernel", "gma_statistics_kernel", "gma_proxy_v_kernel", "gma_recompute_z_kernel",
     "gma_recompute_attention_kernel", "gma_recompute_local_kernel", "gma_dense_z_kernel", "gma_dense_dx_kernel",
-    "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel"))}
+    "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel",
+    "gma_dense_statistics_kernel"))}
 #: the argument whose element type names a specialisation's dtype
 DTYPE_ARGS = ("qkv", "q", "v", "dZ", "dZL", "du", "dy")
 
@@ -577,6 +578,7 @@ def _kernel_fn(name: str):
           "gma_dense_wgrad_kernel": dense_z.gma_dense_wgrad_kernel,
           "gma_dense_local_dx_kernel": dense_z.gma_dense_local_dx_kernel,
           "gma_dense_local_wgrad_kernel": dense_z.gma_dense_local_wgrad_kernel,
+          "gma_dense_statistics_kernel": dense_z.gma_dense_statistics_kernel,
           "gma_recompute_attention_kernel": recompute.gma_recompute_attention_kernel,
           "gma_recompute_local_kernel": recompute.gma_recompute_local_kernel,
           "gma_proxy_v_kernel": recompute.gma_proxy_v_kernel,
