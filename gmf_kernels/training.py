@@ -44,7 +44,8 @@ layer, measured with autograd's saved-tensor hooks (tests/test_triton_training.p
 values of the input's dtype): Triton 10.8 + 1/C + C' (d + 2) / (N C) (x for the qkv linear, qkv, the
 pre-projection tokens for `proj`, the kept tensors: measured 10.96 at C = 40 5x7, 11.21 at C = 80 4x5;
 5.0 before 2026-12-05, when nothing was kept; 8.81 at C = 80 4x5 where the backward runs B3's dense form,
-`aggregation_backward.BackwardTiles.DENSE`, whose forward keeps neither y nor w4) against 18.3 for upstream's eager structure (the
+`aggregation_backward.BackwardTiles.DENSE`, whose forward keeps neither y nor w4) against 18.3 for upstream's
+eager structure (the
 reference backend; C = 80, 160, 320 at 14x14 / 28x28, float32; 19.9-20.1 on the tiny grids) and 23.5
 for the torch backend: about 1.7x less than eager at the model's grids.
 

@@ -423,6 +423,11 @@ def test_training_step_real_shapes(name, C, G, B, dn):
     kinks). Here they are held norm-wise (finite, <= 2x the reference's own norm-wise error +
     1e-2), which a few flipped elements barely move. The cuda backend must train with the Triton
     kernels: a fallback to PyTorch ops (its RuntimeWarning) fails the test."""
+    _check_training_step(name, C, G, B, dn)
+
+
+def _check_training_step(name, C, G, B, dn, what_extra=""):
+    """`test_training_step_real_shapes`' checks of one case (its docstring)."""
     from gmf_kernels.backends import get_backend
     from helpers import assert_within_reference_error, problem
     from training_cases import make, run
@@ -441,7 +446,7 @@ def test_training_step_real_shapes(name, C, G, B, dn):
         # would pass every check below without testing them
         warnings.simplefilter("error", RuntimeWarning)
         got = run(name, x, (G, G), w, dtype, True)
-    what = f"{name} train {dn} C{C} {G}x{G} B{B}"
+    what = f"{name} train {dn} C{C} {G}x{G} B{B}{what_extra}"
     ref_lp = run("reference", x, (G, G), w, dtype, True)
     if dtype == torch.float32:
         # 2x the fp32 reference's own error + 1e-4, element-wise: that error is ~1e-6 on most cases
@@ -470,3 +475,30 @@ def test_training_step_real_shapes(name, C, G, B, dn):
         err, ref_err = norm_rel_error(g, o), norm_rel_error(ref_lp[1][n], o)
         assert err <= 2 * ref_err + 1e-2, (f"{what} grad {n}: norm-wise relative error {err:.3e} > 2 x the "
                                            f"reference's {ref_err:.3e} + 1e-2")
+
+
+#: the training cases where B3's dense form is a tuning candidate (`aggregation_backward.dense_b3_applies`: fp16 /
+#: bf16 at S_PAD <= 64, GroupMixFormer-S's widths)
+DENSE_TRAIN_CASES = [c for c in TRAIN_CASES if c[0] in (40, 80, 160, 320)][:3]
+
+
+@pytest.mark.parametrize("C, G, B", DENSE_TRAIN_CASES, ids=[f"C{C}-{G}x{G}-B{B}" for C, G, B in DENSE_TRAIN_CASES])
+def test_triton_training_step_dense_form(C, G, B, monkeypatch):
+    """The training step of `test_training_step_real_shapes` (triton, fp16: the judged training run's dtype; bf16
+    where the file's dtypes leave fp16 out) with
+    "triton.backward" at its dense candidate (DENSE 1), as a tuning table that picked it would run it: the dense
+    statistics pass, the forward keeping neither y nor w4, B3's and the local branch's dense backward; the same
+    checks against the float64 reference. The tune's own check of the candidate compares its backward with the
+    default tiles' only; this one covers the forward side too."""
+    from gmf_kernels.triton_kernels import aggregation_backward as agb, config, tile_spaces
+    require_backend("triton")
+    cap = torch.cuda.get_device_capability() if DEVICE == "cuda" else (9, 0)
+    prec = config.dot_precision("fp16" if "fp16" in DTYPES else "bf16", cap)
+    tiles = [t for t in agb._search(C, prec) if len(t) > 7 and t[7]]
+    if not tiles:
+        pytest.skip(f"B3's dense form is not a candidate at C={C} with {prec} dots")
+    if ON_CPU:    # the interpreter's tiles, DENSE 1
+        tiles = [agb.tile_of(replace(agb.backward_tiles(config.dot_pad(C // 5), 3 * B * G * G), DENSE=1))]
+    monkeypatch.setattr(tile_spaces, "tuned_tiles",
+                        lambda family, C_, like: tiles[0] if family == agb.BACKWARD_FAMILY else None)
+    _check_training_step("triton", C, G, B, "fp16" if "fp16" in DTYPES else "bf16", " (dense form)")

@@ -53,6 +53,7 @@ def _z_reference(qkv, H, W, dws, pw, local_dw, local_pw, dtype):
 
 
 def _rel(got, exact):
+    got, exact = got.double(), exact.double()
     return ((got - exact).norm() / exact.norm()).item()
 
 
@@ -139,23 +140,30 @@ def test_dense_statistics_against_float64(C, H, W, B, dtype):
 
 
 def test_statistics_without_y_picks_its_pass(monkeypatch):
-    """The planes op without y (``keep_y`` False: a backward in the dense form) runs the dense statistics pass where
-    `dense_z.dense_statistics_applies` (fp16 / bf16 here), else the stencil pass without y (`STORE_Z_MOMENTS`: fp32),
-    whose moments and Z are then exactly those it keeps with y."""
-    from gmf_kernels.triton_kernels import statistics as st
+    """A training forward whose backward runs B3's dense form (`train_op.planes_fn_for` with "triton.backward" at
+    DENSE) keeps no y; its statistics pass is the dense one where `dense_z.dense_statistics_applies` (bf16 here:
+    ``gmf::triton_dense_z_moments_planes``), else the stencil pass without y (`STORE_Z_MOMENTS`: fp32), whose
+    moments and Z are then exactly those it keeps with y."""
+    import dataclasses
+
+    from gmf_kernels.triton_kernels import aggregation_backward as agb, statistics as st, tile_spaces, train_op
+    from helpers import random_folded_weights
     C, H, W, B = 40, 5, 4, 2
-    calls = []
-    real = dense_z.dense_z_moments
-    monkeypatch.setattr(dense_z, "dense_z_moments", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    tile = agb.tile_of(dataclasses.replace(agb.backward_tiles(config.dot_pad(C // 5), 3 * B * H * W), DENSE=1))
+    monkeypatch.setattr(tile_spaces, "tuned_tiles", lambda family, C_, like: tile if family == agb.BACKWARD_FAMILY
+                        else None)
     for dtype in (torch.float32, torch.bfloat16):
-        qkv, dws, pw = random_dense_inputs(C, H, W, B, dtype, torch.Generator().manual_seed(5))
-        moments, z, y_all = torch.ops.gmf.triton_z_moments_planes(qkv, H, W, *dws, pw, False)
-        assert y_all.numel() == 0 and z.shape == (3 * B, 4 * C // 5, H, W)
-        if dtype == torch.float32:
-            assert not calls
-            with_y = st.z_moments(qkv, H, W, *dws, pw, store=True)
-            assert torch.equal(moments, with_y[0]) and torch.equal(z, with_y[1])
-    assert calls == [torch.bfloat16]
+        qkv = torch.randn(B, H * W, 3 * C, generator=torch.Generator().manual_seed(5)).to(dtype)
+        wts = random_folded_weights(C, torch.float32)
+        fn = train_op.planes_fn_for(qkv)
+        assert (fn is dense_z.dense_statistics_planes) == (dtype == torch.bfloat16), fn
+        mean, var, count, (z, y_all) = fn(qkv, H, W, wts)
+        assert y_all.numel() == 0 and z.shape == (3 * B, 4 * C // 5, H, W) and count == 3 * B * H * W
+        with_y = st.statistics_planes(qkv, H, W, wts)
+        if dtype == torch.float32:   # the same stencil kernel, with and without y
+            assert torch.equal(mean, with_y[0]) and torch.equal(var, with_y[1]) and torch.equal(z, with_y[3][0])
+        else:                        # the dense pass: bf16 operands against the stencil's fp32 dots
+            assert _rel(mean, with_y[0]) < 2e-2 and _rel(var, with_y[1]) < 2e-2 and _rel(z, with_y[3][0]) < 2e-2
 
 
 def test_dense_z_refuses_bad_buffers():

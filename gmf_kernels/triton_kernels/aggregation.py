@@ -1018,8 +1018,8 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
     (3B', C', H, W), B' >= B: a batch chunk is a slice of the streams); local: with z, the buffers the
     local branch keeps for the backward, (w4 (B, 3s, H, W), xh4 (B, s, H, W)) in the stage dtype and rstd4
     (B, 1, H, W) fp32, contiguous (`recompute.plan_recompute_local`'s), with AGG_FROM_Z only; w4 None: not kept
-    (KEEP_W4 false: for a backward in the dense form, which reads none). Also used, on meta tensors, to derive the AOT specialisations
-    (`specializations.py`), so the two cannot drift apart.
+    (KEEP_W4 false: for a backward in the dense form, which reads none). Also used, on meta tensors, to derive the
+    AOT specialisations (`specializations.py`), so the two cannot drift apart.
     """
     B, N, _ = qkv.shape
     if (shape.AGG_FROM_Z or shape.AGG_SPLIT) != (z is not None) or shape.AGG_FROM_Z != (local is not None):

@@ -45,8 +45,8 @@ dtype rounds its intermediates (each W_t is rounded once; the products are exact
 rounded once to the stage dtype when stored).
 
 **Grid** ``(ceil(N / BLOCK_P), 4, B)``: program (tile, j - 1, b) computes BLOCK_P tokens of image b,
-segment j, for the three streams; program (tile, 3, b) the local branch's. On a GPU the tap loop is a ``tl.range`` of `config.DENSE_Z_STAGES` stages
-over the K^2 taps, whose loads carry masks (no ``if``), so Triton overlaps a tap's loads (cp.async) with the
+segment j, for the three streams; program (tile, 3, b) the local branch's. On a GPU the tap loop is a ``tl.range``
+of `config.DENSE_Z_STAGES` stages over the K^2 taps, whose loads carry masks (no ``if``), so Triton overlaps a tap's loads (cp.async) with the
 previous tap's MMAs; the interpreter runs it as a plain loop (PIPE 0). Tiles:
 `config.DENSE_Z_TILES` (BLOCK_P, num_warps) by S_PAD, or `config.DENSE_Z_TILES_ALT` (`dense_z_tiles`).
 
@@ -73,8 +73,8 @@ throughput, like the forward. The weight gradient re-reads a tile's dZ and x onc
 program's run is a few hundred pixels). Its tiles: `config.DENSE_WGRAD_TILES`. Compiler figures and where it
 spilled: `dense_b3_applies`. Not timed (no GPU in the session that wrote it).
 
-**The statistics pass** of a training forward whose backward runs the dense form (it keeps no y: `statistics.
-statistics_planes` with keep_y False, where `dense_statistics_applies`): `gma_dense_statistics_kernel`, grid (T, 4,
+**The statistics pass** of a training forward whose backward runs the dense form (it keeps no y:
+`dense_statistics_planes`, where `dense_statistics_applies`): `gma_dense_statistics_kernel`, grid (T, 4,
 B), the Z pass's segment programs (`_dense_conv`) plus one for segment 0 (Z = x, copied), each storing Z and, per
 stream, its tile's (mean, M2) (`_tile_moments`, about the tile's own mean) as a partial row of
 `statistics.plan_statistics`' layout, so `statistics.merge_segments` merges them as the stencil pass's (a
@@ -100,9 +100,9 @@ import triton.language as tl
 
 from ._common import DotVariant, dot_variant, interpreting, mm, stored
 from .aggregation import split_plan
-from .config import (DENSE_WGRAD_TILES, DENSE_Z_STAGES, DENSE_Z_TILES, DENSE_Z_TILES_ALT, dot_pad, dtype_name,
-                     operand_precision, stage_dtype, zdense_applies)
-from .statistics import SegmentPlan, merge_segments, z_pass_buffer
+from .config import (DENSE_WGRAD_TILES, DENSE_Z_STAGES, DENSE_Z_TILES, DENSE_Z_TILES_ALT, check_train_size, dot_pad,
+                     dtype_name, operand_precision, stage_dtype, zdense_applies)
+from .statistics import SegmentPlan, mean_var_count, merge_segments, z_pass_buffer
 
 Tensor = torch.Tensor
 
@@ -539,8 +539,9 @@ def local_z_of(z: Tensor, B: int) -> Tensor:
 def dense_statistics_applies(C: int, dtype: str, precision: str) -> bool:
     """Whether the training statistics pass may run in the dense form (`dense_z_moments`): where the dense Z pass
     compiles without spilling with 16-bit operands (`config.zdense_applies` for fp16 / bf16: S_PAD <= 64, tensor-core
-    dots). Its users (`statistics.statistics_planes` with keep_y False) are the layers whose backward runs B3's dense
-    form (`aggregation_backward.dense_b3_applies`: the same widths and dtypes), so elsewhere it is the stencil pass."""
+    dots). Its users (`dense_statistics_planes`, picked by `train_op.planes_fn_for`) are the layers whose backward
+    runs B3's dense form (`aggregation_backward.dense_b3_applies`: the same widths and dtypes); elsewhere such a
+    layer's statistics pass is the stencil one without y (`statistics.STORE_Z_MOMENTS`)."""
     return dtype in ("fp16", "bf16") and zdense_applies(C, dtype, precision)
 
 
@@ -579,6 +580,52 @@ def dense_z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: 
         wrap_triton(gma_dense_statistics_kernel)[grid](*args, **kwargs)
     moments = torch.stack(merge_segments(part_mean, part_m2, plan, kwargs["BLOCK_P"], qkv.shape[1]))
     return moments, z, z.new_empty(0)
+
+
+#: the dense statistics pass as one opaque op (as ``gmf::triton_z_moments_planes`` is for the stencil pass)
+DENSE_PLANES_OP_NAME = "gmf::triton_dense_z_moments_planes"
+
+
+def _register_dense_planes():
+    """``gmf::triton_dense_z_moments_planes``: `dense_z_moments` as a ``custom_op`` with a fake, so that
+    torch.compile keeps it one opaque node, as the stencil statistics pass's op. Returns (moments (2, 4s) float64,
+    Z (3B, 4s, H, W) in the stage dtype, y_all empty)."""
+    def impl(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
+             pw: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return dense_z_moments(qkv, H, W, dw3, dw5, dw7, pw)
+
+    op = torch.library.custom_op(DENSE_PLANES_OP_NAME, impl, mutates_args=())
+
+    @op.register_fake
+    def _(qkv, H, W, dw3, dw5, dw7, pw):
+        B, s = qkv.shape[0], qkv.shape[-1] // 15
+        st = stage_dtype(qkv.dtype)
+        return (qkv.new_empty(2, 4 * s, dtype=torch.float64), qkv.new_empty(3 * B, 4 * s, H, W, dtype=st),
+                qkv.new_empty(0, dtype=st))
+    return op
+
+
+def _dense_planes_op_exists() -> bool:
+    try:
+        getattr(torch.ops.gmf, DENSE_PLANES_OP_NAME.split("::")[1])
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# registered once per process (a re-import keeps the first)
+dense_planes_op = None if _dense_planes_op_exists() else _register_dense_planes()
+
+
+def dense_statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None):
+    """`statistics.statistics_planes` without y, in the dense form (``gmf::triton_dense_z_moments_planes``): (mean,
+    var, count, (Z, an empty y_all)) for a training forward whose backward runs B3's dense form
+    (`train_op.planes_fn_for`, where `dense_statistics_applies`); with a process group only the moments are
+    all-reduced, as there."""
+    B, N, C3 = qkv.shape
+    check_train_size(B, N, C3 // 3)
+    moments, z, y_all = torch.ops.gmf.triton_dense_z_moments_planes(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw)
+    return (*mean_var_count(moments, qkv, wts, group), (z, y_all))
 
 
 # ---------------------------------------------------------------- the backward (training: `BackwardTiles.DENSE`)

@@ -338,11 +338,12 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     launches: List[Launch] = []
     z_pass = None
     if shape.AGG_SPLIT:   # the split forward: Z of segments 1-3 first (`statistics.plan_z_pass`)
-        zbuf = _alloc((3 * B, 4 * shape.S, H, W), stage_dtype(dt), dev)   # segment 0: unwritten (ZDENSE: q's
-        if shape.AGG_ZDENSE:   # as dense convolutions on tensor cores (`dense_z`)   holds the local branch's Z)
+        # segment 0 of the buffer: unwritten, but with ZDENSE stream q's, which holds the local branch's Z
+        zbuf = _alloc((3 * B, 4 * shape.S, H, W), stage_dtype(dt), dev)
+        if shape.AGG_ZDENSE:   # as dense convolutions on tensor cores (`dense_z`)
             z_pass, (grid, args, kwargs) = plan_dense_z_pass(qkv, H, W, weights.dw3, weights.dw5, weights.dw7,
-                                                             weights.pw, weights.local_dw, weights.local_pw, dots, z=zbuf,
-                                                             tiles=dense_z_tiles(C, shape.AGG_ZDENSE))
+                                                             weights.pw, weights.local_dw, weights.local_pw, dots,
+                                                             z=zbuf, tiles=dense_z_tiles(C, shape.AGG_ZDENSE))
             launches.append((gma_dense_z_kernel, grid, args, kwargs))
         else:
             z_pass, (grid, args, kwargs) = plan_z_pass(qkv, H, W, weights.dw3, weights.dw5, weights.dw7, weights.pw,

@@ -125,7 +125,7 @@ with gradients, and for float64, nothing is kept and the recompute runs as befor
 in the session that wrote it). Where the backward runs B3's dense form (`aggregation_backward.BackwardTiles.DENSE`,
 a tuning candidate since 2026-12-06), which reads no y, the pass keeps Z alone (`statistics_planes(keep_y=False)`,
 `train_op.planes_fn_for`): 9 s e per token fewer written, and 1.8 C values per token fewer kept. Since 2026-12-07
-it then runs in the dense form itself, on tensor cores (`dense_z.dense_z_moments`, where
+it then runs in the dense form itself, on tensor cores (`dense_z.dense_statistics_planes`, where
 `dense_z.dense_statistics_applies`: the same layers), and this kernel without y (`STORE_Z_MOMENTS`) elsewhere.
 
 **The forward reads them too** (2026-12-05, later). The training forward's aggregation ran the stencils
@@ -193,8 +193,8 @@ import triton.language as tl
 from ._common import (DotVariant, dot_variant, hardswish, interpreting, mm, rows_input, rows_piece, rows_shift,
                       stored)
 from .aggregation import _balanced_splits, _dw_pw_heads, _dw_pw_seg, _rows_splits, _tile
-from .config import (INTERPRETER_BLOCK_P, check_train_size, dot_pad, dtype_name, next_pow2, pair_applies,
-                     stage_dtype, strip_width)
+from .config import (INTERPRETER_BLOCK_P, check_train_size, dot_pad, next_pow2, pair_applies, stage_dtype,
+                     strip_width)
 from . import tile_spaces
 from .tile_spaces import register_tiles
 
@@ -209,7 +209,7 @@ STORE_Z_ONLY = 2
 Z_ONLY = tl.constexpr(STORE_Z_ONLY)
 #: ... or the moments and Z without y (the training forward whose backward runs B3's dense form, which reads no y:
 #: `aggregation_backward.BackwardTiles.DENSE`, `statistics_planes(keep_y=False)`, where the dense statistics pass,
-#: `dense_z.dense_z_moments`, does not apply): the host's `store` value; the
+#: `dense_z.dense_statistics_planes`, does not apply): the host's `store` value; the
 #: kernel needs no branch of its own (y is stored where STORE == Z_AND_Y, Z where STORE, the moments where
 #: STORE != Z_ONLY)
 STORE_Z_MOMENTS = 3
@@ -1181,16 +1181,10 @@ def _register_planes():
     """``gmf::triton_z_moments_planes``: the statistics pass that also keeps Z and the depthwise outputs
     for the backward (STORE, "Planes kept for the backward"), one opaque node as ``gmf::triton_z_moments``.
     Returns (moments (2, 4s) float64, Z (3B, 4s, H, W), y_all (3, 3B, s, H, W)), the planes in the stage
-    dtype; keep_y False (a backward running B3's dense form, which reads no y): y_all empty, and the pass itself
-    in the dense form where it applies (`dense_z.dense_z_moments`, `dense_z.dense_statistics_applies`: on tensor
-    cores, as the backward), else the stencil pass without y (`STORE_Z_MOMENTS`)."""
+    dtype; keep_y False (a backward running B3's dense form, which reads no y, where the dense statistics pass,
+    `dense_z.dense_statistics_planes`, does not apply): y_all empty (`STORE_Z_MOMENTS`)."""
     def impl(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
              pw: Tensor, keep_y: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
-        if not keep_y:
-            from . import dense_z
-            dots = dot_variant(qkv)
-            if dense_z.dense_statistics_applies(qkv.shape[-1] // 3, dtype_name(qkv.dtype), dots.precision):
-                return dense_z.dense_z_moments(qkv, H, W, dw3, dw5, dw7, pw, dots)
         return z_moments(qkv, H, W, dw3, dw5, dw7, pw, store=True if keep_y else STORE_Z_MOMENTS)
 
     op = torch.library.custom_op(PLANES_OP_NAME, impl, mutates_args=())
@@ -1241,7 +1235,7 @@ def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
     B, N, C3 = qkv.shape
     check_train_size(B, N, C3 // 3)
     moments = torch.ops.gmf.triton_z_moments(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw)
-    return _mean_var_count(moments, qkv, wts, group)
+    return mean_var_count(moments, qkv, wts, group)
 
 
 def statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None, keep_y: bool = True):
@@ -1255,10 +1249,10 @@ def statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None, keep_y: bool
     B, N, C3 = qkv.shape
     check_train_size(B, N, C3 // 3)
     moments, z, y_all = torch.ops.gmf.triton_z_moments_planes(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, keep_y)
-    return (*_mean_var_count(moments, qkv, wts, group), (z, y_all))
+    return (*mean_var_count(moments, qkv, wts, group), (z, y_all))
 
 
-def _mean_var_count(moments: Tensor, qkv: Tensor, wts, group):
+def mean_var_count(moments: Tensor, qkv: Tensor, wts, group):
     """`statistics`' results from the merged moments [mean, M2] (2, 4s) of this process's Z."""
     B, N, C3 = qkv.shape
     s = C3 // 15

@@ -21,14 +21,15 @@ from .. import training
 from ..weights import GMAHyper, GMAWeights
 from ..folding import FoldedGMAWeights
 from .backward import TORCH_STAGES, KeptPlanes, Stages, pre_projection_backward
-from ._common import DotVariant
+from ._common import DotVariant, dot_variant
 from . import aggregation_backward as agb
 from . import attention_backward as ab
 from . import recompute as rcp  # (these three register their tuning families, `tile_spaces`)
 from .aggregation_backward import BACKWARD_FAMILY, BackwardTiles, tiles_of
 from . import tile_spaces
-from .config import backward_kernels_take, check_train_size
+from .config import backward_kernels_take, check_train_size, dtype_name
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
+from .dense_z import dense_statistics_applies, dense_statistics_planes   # (registers gmf::triton_dense_z_moments_planes)
 from .statistics import backward_dots, statistics, statistics_planes  # the statistics pass as a kernel (registers
 #                       gmf::triton_z_moments, and gmf::triton_proxy_z, the recompute's first launch)
 
@@ -191,9 +192,14 @@ def planes_fn_for(qkv: Tensor):
     """The statistics pass that keeps Z and y for the backward (`statistics.statistics_planes`) where the
     backward of the layer whose input is qkv runs the Triton stages, which read them
     (`Stages.takes_planes`); without y where that backward runs B3's dense form (`tuned_dense_b3`), which reads
-    none; None where it runs the PyTorch stages (they recompute their own)."""
+    none, and then in the dense form itself where it applies (`dense_z.dense_statistics_planes`); None where it
+    runs the PyTorch stages (they recompute their own)."""
     if qkv.dtype == torch.float64:      # the PyTorch stages (`recompute.recompute`)
         return None
     if not triton_stages(qkv.shape[-1] // 15, backward_dots(qkv)).takes_planes:
         return None
-    return functools.partial(statistics_planes, keep_y=False) if agb.tuned_dense_b3(qkv) else statistics_planes
+    if not agb.tuned_dense_b3(qkv):
+        return statistics_planes
+    if dense_statistics_applies(qkv.shape[-1] // 3, dtype_name(qkv.dtype), dot_variant(qkv).precision):
+        return dense_statistics_planes        # the statistics pass on tensor cores too (dense_z.py)
+    return functools.partial(statistics_planes, keep_y=False)
