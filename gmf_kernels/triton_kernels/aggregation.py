@@ -1046,9 +1046,10 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
                                  f"({B}, {ch}, {H}, {W}) {dt} tensor on {qkv.device}")
     w = weights
     keep_w4 = local is None or local[0] is not None
-    if local is not None and not keep_w4:
-        local = (local[1],) + tuple(local[1:])              # w4's pointer: a placeholder, never written
-    keep = (z, *local) if local is not None else (qkv,) * 4 if z is None else (z, qkv, qkv, qkv)
+    if local is not None:   # without w4, xh4 stands in for its pointer (never written)
+        keep = (z, local[0] if keep_w4 else local[1], *local[1:])
+    else:
+        keep = (qkv,) * 4 if z is None else (z, qkv, qkv, qkv)
     args = (qkv, q, v, pre, part_m, part_l, part_acc, *keep,
             w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw, w.local_pw, w.ln_weight, w.ln_bias,
             N, H, W, strip_width(W, shape.AGG_STRIP), qkv.stride(0), qkv.stride(1), 0 if z is None else z.stride(0),

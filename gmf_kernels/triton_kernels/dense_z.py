@@ -102,7 +102,7 @@ from ._common import DotVariant, dot_variant, interpreting, mm, stored
 from .aggregation import split_plan
 from .config import (DENSE_WGRAD_TILES, DENSE_Z_STAGES, DENSE_Z_TILES, DENSE_Z_TILES_ALT, check_train_size, dot_pad,
                      dtype_name, operand_precision, stage_dtype, zdense_applies)
-from .statistics import SegmentPlan, mean_var_count, merge_segments, z_pass_buffer
+from .statistics import SegmentPlan, _op_exists, mean_var_count, merge_segments, z_pass_buffer
 
 Tensor = torch.Tensor
 
@@ -148,12 +148,16 @@ def _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_op, y, x, pmask, ch, cmas
 
 @triton.jit
 def _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, s_pix,
-               S: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
-    """Tap t of the local branch's 3x3 window for one stream: its segment-4 tile shifted by the tap times
-    W_t[i, o] = LOCAL_DW[t, i] LOCAL_PW[o, i] over the stream's s input channels (w_taps: the stream's first
-    channel of the tap-major (3, 3, 3s) filter; pw_op: its [in, out] block of the pointwise)."""
+               S: tl.constexpr, FLIP: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """Tap t of the local branch's 3x3 window for one stream (w_taps: the stream's first channel of the tap-major
+    (3, 3, 3s) filter). FLIP 0 (the forward): its segment-4 tile shifted by the tap times W_t[i, o] = LOCAL_DW[t, i]
+    LOCAL_PW[o, i] (pw_op: the stream's [in, out] block of the pointwise). FLIP 1 (the input gradient): dZ_L's tile
+    shifted by the tap times W_{8-t} transposed (pw_op: the block as it is, [out, in]), as `_dense_tap`."""
     ptrs, m = _tap_window(t, src, y, x, pmask, cmask, H, W, s_pix, 3, 1)
-    w_t = tl.load(w_taps + t * (3 * S) + ch, mask=cmask, other=0.0)[:, None] * pw_op
+    if FLIP:
+        w_t = pw_op * tl.load(w_taps + (8 - t) * (3 * S) + ch, mask=cmask, other=0.0)[None, :]
+    else:
+        w_t = tl.load(w_taps + t * (3 * S) + ch, mask=cmask, other=0.0)[:, None] * pw_op
     return mm(tl.load(ptrs, mask=m, other=0.0).to(tl.float32), w_t, acc, DOT_PRECISION, EMULATE_DOTS)
 
 
@@ -238,12 +242,12 @@ def _dense_local(qkv_b, z_b, local_dw, local_pw, N, H, W, stride_n,
         w_taps = local_dw + st * S
         if PIPE > 0:
             for t in tl.range(0, 9, num_stages=PIPE):
-                acc = _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, stride_n, S,
+                acc = _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, stride_n, S, False,
                                  DOT_PRECISION, EMULATE_DOTS)
         else:
             t = 0
             while t < 9:
-                acc = _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, stride_n, S,
+                acc = _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, stride_n, S, False,
                                  DOT_PRECISION, EMULATE_DOTS)
                 t += 1
     out = z_b + ch[None, :] * N + p[:, None]
@@ -361,15 +365,13 @@ def gma_dense_local_dx_kernel(dZL, d_qkv, local_dw, local_pw, N, H, W, stride_b,
     acc = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
     if PIPE > 0:
         for t in tl.range(0, 9, num_stages=PIPE):
-            ptrs, m = _tap_window(t, src, y, x, pmask, cmask, H, W, S, 3, 1)
-            w_t = pw_op * tl.load(w_taps + (8 - t) * (3 * S) + ch, mask=cmask, other=0.0)[None, :]
-            acc = mm(tl.load(ptrs, mask=m, other=0.0).to(tl.float32), w_t, acc, DOT_PRECISION, EMULATE_DOTS)
+            acc = _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, S, S, True, DOT_PRECISION,
+                             EMULATE_DOTS)
     else:
         t = 0
         while t < 9:
-            ptrs, m = _tap_window(t, src, y, x, pmask, cmask, H, W, S, 3, 1)
-            w_t = pw_op * tl.load(w_taps + (8 - t) * (3 * S) + ch, mask=cmask, other=0.0)[None, :]
-            acc = mm(tl.load(ptrs, mask=m, other=0.0).to(tl.float32), w_t, acc, DOT_PRECISION, EMULATE_DOTS)
+            acc = _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, S, S, True, DOT_PRECISION,
+                             EMULATE_DOTS)
             t += 1
     out = d_qkv + b * stride_b + st * C + 4 * S + ch[None, :] + (p * stride_n)[:, None]
     tl.store(out, stored(acc, out, EMULATE_DOTS), mask=pmask[:, None] & cmask[None, :])
@@ -605,16 +607,8 @@ def _register_dense_planes():
     return op
 
 
-def _dense_planes_op_exists() -> bool:
-    try:
-        getattr(torch.ops.gmf, DENSE_PLANES_OP_NAME.split("::")[1])
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
 # registered once per process (a re-import keeps the first)
-dense_planes_op = None if _dense_planes_op_exists() else _register_dense_planes()
+dense_planes_op = None if _op_exists(DENSE_PLANES_OP_NAME.split("::")[1]) else _register_dense_planes()
 
 
 def dense_statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None):
