@@ -23,11 +23,12 @@ What it measures (`gmf_kernels.tuning`, the table format is in its docstring):
   each candidate written as the only entry of a temporary table so that the library's own
   lookup (`tile_spaces.tuned_tiles`) runs it, all other families at their defaults. Timed on
   the op the family runs in: the statistics pass as a training step with a backward runs it, keeping
-  Z and y (``gmf::triton_z_moments_planes``), for "triton.statistics", the whole backward of one layer (``gmf::triton_pre_projection_backward``,
-  batch statistics, with those kept planes and what the forward keeps, as a training step passes them;
-  without, for the recompute families, whose kernels only run then) for the others, so an entry's time is
-  that op's,
-  not one kernel's. A
+  Z and y (``gmf::triton_z_moments_planes``), for "triton.statistics"; a whole training step of one layer's
+  pre-projection (statistics pass, forward, backward: `GpuMeasure._layer_step`) for "triton.backward"
+  (`STEP_FAMILY`), whose dense candidate changes the forward too; the whole backward of one layer
+  (``gmf::triton_pre_projection_backward``, batch statistics, with those kept planes and what the forward keeps,
+  as a training step passes them; without, for the recompute families, whose kernels only run then) for the
+  others, so an entry's time is that op's, not one kernel's. A
   candidate is refused when a variant of the family's kernels first compiled for it spills (read
   from Triton's cache of compiled kernels), or when its results (the moments and planes; the qkv and every
   weight gradient) differ from the default config's beyond rounding.
@@ -95,6 +96,10 @@ TRAIN_BUDGET_SHARES = (("triton.backward", 0.25), ("triton.statistics", 0.25),
                        ("triton.b2", 0.1), ("triton.b1", 0.1), ("triton.b2_crpe", 0.1),
                        ("triton.recompute_attention", 0.05), ("triton.recompute_z", 0.05),
                        ("triton.recompute_local", 0.05))
+#: the training family timed on a whole training step of one layer (`GpuMeasure._layer_step`) instead of the backward
+#: op: its candidates change the forward too (B3's dense form, `aggregation_backward.BackwardTiles.DENSE`: the
+#: statistics pass in the dense form, no y nor w4 kept, the local branch's Z read by the forward's aggregation)
+STEP_FAMILY = "triton.backward"
 #: --train's last part, after the families: one layer's training step per backend (`GpuMeasure.backends_train`)
 BACKENDS_TRAIN_SHARE = ("backends_train", 0.1)
 BACKENDS = ("cuda", "triton", "torch")
@@ -390,6 +395,8 @@ class GpuMeasure:
             if family == "triton.statistics":   # its candidates compile (and are spill-checked) below
                 def fn():   # as a training step with a backward runs it: keeping Z and y (STORE)
                     return list(torch.ops.gmf.triton_z_moments_planes(qkv, H, W, *dw))
+            elif family == STEP_FAMILY:
+                fn = self._layer_step(qkv, C, H, W, hp, grad_pre)
             else:
                 # batch statistics for the backward, with the default tiles (an empty table here: not
                 # whatever table the machine has)
@@ -434,6 +441,24 @@ class GpuMeasure:
                     rec.update(status="error", reason=f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}")
                 out.append(rec)
         return out
+
+    def _layer_step(self, qkv: torch.Tensor, C: int, H: int, W: int, hp, grad_pre: torch.Tensor) -> Callable:
+        """One training step of the Triton pre-projection (`train_op.triton_train_pre_projection`, batch statistics)
+        as the tables in effect make it, forward and backward: [qkv's gradient, every pre-projection parameter's].
+        For `STEP_FAMILY`, whose candidates shape the forward too (B3's dense form: its statistics pass, what the
+        forward keeps, the local branch's Z; `aggregation_backward.tuned_dense_b3`)."""
+        from gmf_kernels.numerics import cast_weights, random_gma_weights
+        from gmf_kernels.triton_kernels.train_op import triton_train_pre_projection
+        from gmf_kernels.weights import PARAM_FIELDS, named_fields
+        w = cast_weights(random_gma_weights(C, seed=0), torch.float32, self.device)
+        params = [t.requires_grad_(True) for _, t in named_fields(w, PARAM_FIELDS)]
+        x = qkv.detach().requires_grad_(True)
+
+        def fn():   # (qkv's and proj's weights take no part in the pre-projection: no gradient, left out)
+            pre = triton_train_pre_projection(x, (H, W), w, hp, True)
+            grads = torch.autograd.grad(pre, [x] + params, grad_pre, allow_unused=True)
+            return [g for g in grads if g is not None]
+        return fn
 
     def _per_backend(self, make_fn: Callable[[str], Callable[[], object]]) -> Dict[str, object]:
         """make_fn(impl)'s call timed for each of BACKENDS (after one untimed call); a backend that cannot

@@ -59,7 +59,9 @@ parameter gradients).
 The Function's inputs, in order: qkv, mean and rstd (4, s) of the batch statistics (None: eval,
 running statistics already in bn_scale/bn_shift), count (values per channel over every rank: a
 tensor with a process group, else None = 3B*H*W), the kept planes Z (3B, 4s, H, W) and y_all (3, 3B,
-s, H, W) (None when not kept), H, W, scale, ln_eps, the process group (or None), then the 14 folded
+s, H, W) (None when not kept), zl: the local branch's Z before its LayerNorm (B, s, H, W), where the
+statistics pass computed it for the forward to read (the dense form's, `triton_kernels/dense_z.py`; not
+saved), else None; H, W, scale, ln_eps, the process group (or None), then the 14 folded
 weights (`folding.WEIGHT_NAMES` order).
 """
 from __future__ import annotations
@@ -76,9 +78,9 @@ from .weights import GMAHyper, GMAWeights
 
 Tensor = torch.Tensor
 #: how many non-weight inputs the Functions take before the folded weights (see the module docstring)
-NUM_LEADING_INPUTS = 11
+NUM_LEADING_INPUTS = 12
 #: a statistics pass: (qkv, H, W, pre-BatchNorm folded weights, group) -> (mean, var, count); one that keeps
-#: the planes (`prepare`'s planes_fn) returns (mean, var, count, (Z, y_all) or None)
+#: the planes (`prepare`'s planes_fn) returns (mean, var, count, (Z, y_all, zl or None) or None)
 StatisticsFn = Callable[[Tensor, int, int, FoldedGMAWeights, object], tuple]
 
 
@@ -145,8 +147,8 @@ def prepare(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, tra
         folded = fold_batch_stats(w, mean, var, hp, cd, filters)
     else:
         folded = fold_running_stats(w, hp, cd)
-    z, y_all = planes if planes is not None else (None, None)
-    return (qkv, mean, rstd, count, z, y_all, H, W, float(hp.scale), float(hp.ln_eps), group, *folded)
+    z, y_all, zl = planes if planes is not None else (None, None, None)
+    return (qkv, mean, rstd, count, z, y_all, zl, H, W, float(hp.scale), float(hp.ln_eps), group, *folded)
 
 
 def backward_follows(qkv: Tensor, w: GMAWeights) -> bool:

@@ -202,27 +202,25 @@ for arch in (80, 90):
                 rep = sp.compile_one(sp.specialize_launch(st.gma_statistics_kernel, arch, args, kw))
                 rep.update(kernel="gma_statistics_kernel", C=C, dt=dt, ptx_mma=0, ptx_wgmma=0)
                 out.append(rep)
-                # ... which runs in the dense form where it applies (every width here)
+                # ... which runs in the dense form where it applies (every width here), computing the local
+                # branch's Z, and its aggregation reading it and keeping no w4 (LOCAL_Z, KEEP_W4 false)
                 assert dz.dense_statistics_applies(C, dt, config.dot_precision(dt, cap))
-                *_, (grid, args, kw) = dz.plan_dense_statistics(qkv, g, g, w.dw3, w.dw5, w.dw7, w.pw,
-                                                                DotVariant(config.dot_precision(dt, cap), False))
-                rep = sp.compile_one(sp.specialize_launch(dz.gma_dense_statistics_kernel, arch, args, kw))
-                target, src, options = sp._source_and_options(sp.specialize_launch(dz.gma_dense_statistics_kernel,
-                                                                                   arch, args, kw))
-                ck = triton.compile(src, target=target, options=options.__dict__)   # a cache hit
-                rep.update(kernel="gma_dense_statistics_kernel", C=C, dt=dt, ptx_mma=ck.asm["ptx"].count("mma.sync"),
-                           ptx_wgmma=ck.asm["ptx"].count("wgmma.mma_async"))
-                out.append(rep)
-                # ... and its aggregation keeping no w4 (KEEP_W4 false)
-                z = torch.empty(3 * 128, 4 * (C // 5), g, g, device="meta", dtype=config.stage_dtype(qkv.dtype))
-                dots = DotVariant(config.dot_precision(dt, cap), False)
-                _, launches = L.plan_pre_projection(qkv, g, g, w, 0.25, 1e-5, dots=dots, planes=L.planes_view(z, 128),
-                                                    keep_w4=False)
-                fn, _grid, args, kw = next(x for x in launches if x[0].__name__ == "gma_aggregate_kernel")
-                assert kw["KEEP_W4"] is False
-                rep = sp.compile_one(sp.specialize_launch(fn, arch, args, kw))
-                rep.update(kernel="gma_aggregate_kernel KEEP_W4=0", C=C, dt=dt, ptx_mma=0, ptx_wgmma=0)
-                out.append(rep)
+                specs = sp.dense_training_specializations_of_call(sp.Call(C, g, g, 128, dt), arch)
+                assert [x.kernel for x in specs] == ["gma_dense_statistics_kernel", "gma_aggregate_kernel",
+                                                     "gma_combine_kernel", "gma_attention_kernel"], specs
+                for spec in specs[:2]:
+                    cx = dict(spec.constexprs)
+                    if spec.kernel == "gma_aggregate_kernel":
+                        assert cx["KEEP_W4"] is False and cx["LOCAL_Z"] is True and cx["KEEP"] is True, cx
+                    rep = sp.compile_one(spec)
+                    target, src, options = sp._source_and_options(spec)
+                    ck = triton.compile(src, target=target, options=options.__dict__)   # a cache hit
+                    rep.update(kernel=spec.kernel + (" LOCAL_Z" if spec.kernel == "gma_aggregate_kernel" else ""),
+                               C=C, dt=dt, ptx_mma=ck.asm["ptx"].count("mma.sync"),
+                               ptx_wgmma=ck.asm["ptx"].count("wgmma.mma_async"))
+                    out.append(rep)
+            else:
+                assert sp.dense_training_specializations_of_call(sp.Call(C, g, g, 128, dt), arch) == []
 print(json.dumps(out))
 """
 
@@ -233,14 +231,16 @@ def test_dense_backward_compiles_to_tensor_cores_without_spills(tmp_path):
     products on tensor cores: mma.sync on sm_80; on sm_90 the input gradients' on wgmma, the weight gradients'
     [s, s] products on wgmma at s = 64 and on mma.sync below (s rows, under a warp group's 64). And what the
     candidate runs around them: the local branch's LayerNorm backward storing dZ_L (DZ_OUT), the training forward's
-    statistics pass keeping Z without y (`statistics.STORE_Z_MOMENTS`) and its aggregation keeping no w4: no spill."""
+    statistics pass keeping Z without y (`statistics.STORE_Z_MOMENTS`, the fallback; and the dense one, with the local
+    branch's Z) and its aggregation reading that and keeping no w4 (`dense_training_specializations_of_call`, as the
+    GPU report's warm-up compiles them): no spill."""
     from helpers import aot_reports, assert_compiled_without_spills
     reps = aot_reports(_AOT_SCRIPT, tmp_path, timeout=1500)
     dense = ("gma_dense_dx_kernel", "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel",
              "gma_dense_statistics_kernel")
     assert {(r["arch"], r["C"], r["kernel"]) for r in reps} == {
         (a, C, k) for a in (80, 90) for C in (80, 160, 320)
-        for k in dense + ("gma_local_backward_kernel DZ_OUT", "gma_statistics_kernel", "gma_aggregate_kernel KEEP_W4=0")}
+        for k in dense + ("gma_local_backward_kernel DZ_OUT", "gma_statistics_kernel", "gma_aggregate_kernel LOCAL_Z")}
     for r in reps:
         print(f"sm_{r['arch']} C={r['C']} {r['kernel']}: {r['registers']} registers, {r['shared_dynamic']} B shared, "
               f"wgmma {r['ptx_wgmma']}, mma.sync {r['ptx_mma']}")
@@ -253,14 +253,17 @@ def test_dense_backward_compiles_to_tensor_cores_without_spills(tmp_path):
 
 
 class _Launched(list):
-    """Kernel names in launch order; ``kwargs`` the launches' keyword arguments, in the same order."""
+    """Kernel names in launch order; ``kwargs`` the launches' keyword arguments and ``grids`` their grids, in the same
+    order."""
     def __init__(self):
         super().__init__()
         self.kwargs = []
+        self.grids = []
 
     def clear(self):
         super().clear()
         self.kwargs.clear()
+        self.grids.clear()
 
 
 def _record_launches(monkeypatch) -> _Launched:
@@ -274,6 +277,7 @@ def _record_launches(monkeypatch) -> _Launched:
                 def go(*a, **kw):
                     launched.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
                     launched.kwargs.append(kw)
+                    launched.grids.append(tuple(grid))
                     return kernel[grid](*a, **kw)
                 return go
         return Launch()
@@ -298,8 +302,9 @@ def test_training_step_with_the_dense_candidate(monkeypatch):
     `gma_dense_wgrad_kernel` run in place of the pointwise backward and B3's stencils, and the local branch's
     (`gma_dense_local_dx_kernel`, `gma_dense_local_wgrad_kernel` after `gma_local_backward_kernel` with DZ_OUT) in
     place of its pointwise and depthwise backward; the forward's statistics pass runs in the dense form too
-    (`gma_dense_statistics_kernel`, keeping Z without the depthwise outputs y: the dense B3 reads none) and its
-    aggregation keeps no w4 (KEEP_W4 false); and the output, the running statistics and every gradient equal the
+    (`gma_dense_statistics_kernel`, keeping Z without the depthwise outputs y: the dense B3 reads none, and computing
+    the local branch's Z, which the aggregation reads: LOCAL_Z) and its aggregation keeps no w4 (KEEP_W4 false); and
+    the output, the running statistics and every gradient equal the
     default tiles' to bf16 rounding (the paths round different stage tensors to bf16, and the dense ones multiply
     bf16 operands where the stencil statistics pass runs fp32's dots)."""
     import copy
@@ -340,6 +345,9 @@ def test_training_step_with_the_dense_candidate(monkeypatch):
     local = [kw for k, kw in zip(launched, launched.kwargs) if k == "gma_local_backward_kernel"]
     agg = [kw for k, kw in zip(launched, launched.kwargs) if k == "gma_aggregate_kernel"]
     assert [kw.get("DZ_OUT") for kw in local] == [True] and [kw.get("KEEP_W4") for kw in agg] == [False]
+    # the statistics pass computed the local branch's Z too (grid (T, 5, B)), which the aggregation read (LOCAL_Z)
+    assert [kw.get("LOCAL_Z") for kw in agg] == [True]
+    assert launched.grids[launched.index("gma_dense_statistics_kernel")][1] == 5
     assert len(got) == len(ref)
     for k, (a, b) in enumerate(zip(got, ref)):
         assert a is not None and a.shape == b.shape and a.dtype == b.dtype, k

@@ -117,24 +117,35 @@ STATS_CASES = [(80, 9, 11, 2, torch.bfloat16), (60, 7, 9, 1, torch.float16), (16
                          ids=[f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}" for c, h, w, b, d in STATS_CASES])
 def test_dense_statistics_against_float64(C, H, W, B, dtype):
     """The training statistics pass in the dense form (`dense_z.dense_z_moments`, `gma_dense_statistics_kernel`:
-    a training forward whose backward runs B3's dense form): Z of segments 0-3 of q, k, v and the merged [mean, M2]
-    per channel against float64 (torch's convolutions, not the identity); fp32 within 1e-5, fp16 / bf16 no worse
-    than 2x torch's own two steps in that dtype (its Z, and the moments of that Z); no y kept."""
+    a training forward whose backward runs B3's dense form): Z of segments 0-3 of q, k, v, the merged [mean, M2]
+    per channel and the local branch's Z before its LayerNorm (zl, which the Triton forward then reads) against
+    float64 (torch's convolutions, not the identity); fp32 within 1e-5, fp16 / bf16 no worse than 2x torch's own
+    two steps in that dtype (its Z, the moments of that Z, its local branch); no y kept. Without the local weights
+    (the CUDA forward's statistics pass) no zl, and the same Z and moments."""
     g = torch.Generator().manual_seed(C * 13 + H + W * 3 + B)
+    s = C // 5
     qkv, dws, pw = random_dense_inputs(C, H, W, B, dtype, g)
-    moments, z, y_all = dense_z.dense_z_moments(qkv, H, W, *dws, pw)
-    assert moments.dtype == torch.float64 and moments.shape == (2, 4 * (C // 5)) and y_all.numel() == 0
-    assert z.dtype == config.stage_dtype(dtype) and z.shape == (3 * B, 4 * (C // 5), H, W)
+    local_dw, local_pw = random_local_weights(C, g)
+    moments, z, zl = dense_z.dense_z_moments(qkv, H, W, *dws, pw, local_dw, local_pw)
+    assert moments.dtype == torch.float64 and moments.shape == (2, 4 * s)
+    assert z.dtype == zl.dtype == config.stage_dtype(dtype) and z.shape == (3 * B, 4 * s, H, W)
+    assert zl.shape == (B, s, H, W) and zl.is_contiguous()
+    no_local = dense_z.dense_z_moments(qkv, H, W, *dws, pw)
+    assert no_local[2].numel() == 0 and torch.equal(no_local[0], moments) and torch.equal(no_local[1], z)
     exact = _z_all(qkv.double(), H, W, dws, pw, torch.float64)
     exact_m = _moments(exact)
-    errs = [_rel(z.double(), exact)] + [_rel(moments[k], exact_m[k]) for k in (0, 1)]
+    exact_local = _z_reference(qkv.double(), H, W, dws, pw, local_dw, local_pw, torch.float64)[1]
+    errs = [_rel(z.double(), exact)] + [_rel(moments[k], exact_m[k]) for k in (0, 1)] + [_rel(zl.double(),
+                                                                                               exact_local)]
     if dtype == torch.float32:
         assert max(errs) < 1e-5, errs
         return
     ref = _z_all(qkv, H, W, dws, pw, dtype)
     ref_m = _moments(ref)
-    ref_errs = [_rel(ref.double(), exact)] + [_rel(ref_m[k], exact_m[k]) for k in (0, 1)]
-    print(f"{dtype}: Z, mean, M2 {[f'{e:.2e}' for e in errs]} against torch's {[f'{e:.2e}' for e in ref_errs]}")
+    ref_local = _z_reference(qkv, H, W, dws, pw, local_dw, local_pw, dtype)[1]
+    ref_errs = [_rel(ref.double(), exact)] + [_rel(ref_m[k], exact_m[k]) for k in (0, 1)] + [
+        _rel(ref_local.double(), exact_local)]
+    print(f"{dtype}: Z, mean, M2, Z_L {[f'{e:.2e}' for e in errs]} against torch's {[f'{e:.2e}' for e in ref_errs]}")
     for e, r in zip(errs, ref_errs):
         assert e <= 2 * r + 1e-6, (errs, ref_errs)
 
@@ -157,8 +168,11 @@ def test_statistics_without_y_picks_its_pass(monkeypatch):
         wts = random_folded_weights(C, torch.float32)
         fn = train_op.planes_fn_for(qkv)
         assert (fn is dense_z.dense_statistics_planes) == (dtype == torch.bfloat16), fn
-        mean, var, count, (z, y_all) = fn(qkv, H, W, wts)
+        mean, var, count, (z, y_all, zl) = fn(qkv, H, W, wts)
         assert y_all.numel() == 0 and z.shape == (3 * B, 4 * C // 5, H, W) and count == 3 * B * H * W
+        # the local branch's Z where the dense pass ran (for the Triton forward; not for the CUDA forward)
+        assert (zl is not None) == (dtype == torch.bfloat16) and (zl is None or zl.shape == (B, C // 5, H, W))
+        assert train_op.planes_fn_for(qkv, local=False)(qkv, H, W, wts)[3][2] is None
         with_y = st.statistics_planes(qkv, H, W, wts)
         if dtype == torch.float32:   # the same stencil kernel, with and without y
             assert torch.equal(mean, with_y[0]) and torch.equal(var, with_y[1]) and torch.equal(z, with_y[3][0])

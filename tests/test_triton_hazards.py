@@ -250,24 +250,24 @@ def test_dense_z_pass_free_of_hazards():
 def test_dense_statistics_free_of_hazards():
     """The training statistics pass in the dense form (`dense_z.dense_z_moments`; a training forward whose backward
     runs B3's dense form): its GPU tile, several tiles an image (the last ragged), the four segments of three
-    streams and two images, each program writing its own Z tiles and partial rows. Also checked as if without
-    barriers."""
+    streams and two images, each program writing its own Z tiles and partial rows, and the local branch's programs
+    their own tiles of its Z. Also checked as if without barriers."""
     import gmf_kernels.triton_kernels.dense_z as dz
     from gmf_kernels.triton_kernels._common import dot_variant
     from helpers import random_folded_weights
     C, H, W, B = 80, 13, 23, 2
     f = random_folded_weights(C, torch.float32)
     qkv = torch.randn(B, H * W, 3 * C).to(torch.bfloat16)
-    part_mean, part_m2, plan, z, (grid, args, kwargs) = dz.plan_dense_statistics(qkv, H, W, f.dw3, f.dw5, f.dw7,
-                                                                                  f.pw, dot_variant(qkv))
-    for t in (part_mean, part_m2, z):
+    part_mean, part_m2, plan, z, zl, (grid, args, kwargs) = dz.plan_dense_statistics(
+        qkv, H, W, f.dw3, f.dw5, f.dw7, f.pw, dot_variant(qkv), None, f.local_dw, f.local_pw)
+    for t in (part_mean, part_m2, z, zl):
         t.fill_(float("nan"))
     with HazardCheck(without_barriers=("gma_dense_statistics_kernel",)) as hc:
         dz.gma_dense_statistics_kernel[grid](*args, **kwargs)
-    assert hc.launches == [("gma_dense_statistics_kernel", (3, 4, B))], hc.launches
+    assert hc.launches == [("gma_dense_statistics_kernel", (3, 5, B))], hc.launches
     assert not hc.findings, "\n".join(map(str, hc.findings))
     assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))
-    assert not (part_mean.isnan().any() or part_m2.isnan().any() or z.isnan().any())
+    assert not (part_mean.isnan().any() or part_m2.isnan().any() or z.isnan().any() or zl.isnan().any())
 
 
 def test_dense_backward_free_of_hazards():

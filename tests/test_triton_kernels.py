@@ -799,7 +799,7 @@ def _kept_planes(case, dtype):
     pass a training step runs before its forward), with the folded weights."""
     from gmf_kernels.triton_kernels import statistics
     qkv, f = case.qkv(dtype), case.folded(dtype)
-    _, _, _, (z, _) = statistics.statistics_planes(qkv, case.H, case.W, f)
+    _, _, _, (z, _, _) = statistics.statistics_planes(qkv, case.H, case.W, f)
     return qkv, f, z
 
 
@@ -865,7 +865,7 @@ def test_forward_from_planes_with_attention_row_walks(monkeypatch, C, H, W, B):
     assert not config.from_planes(gma_shape(480, attn_block_p=16, attn_rows=True), "tf32").ATTN_ROWS   # D_PAD 64
     monkeypatch.setattr(config, "ATTN_ROWS_KEEP_R_PRECISIONS", ("tf32", "tf32x3"))
     config.from_planes.cache_clear()
-    monkeypatch.setattr(launcher, "from_planes", lambda s, p: config.from_planes.__wrapped__(s, p))
+    monkeypatch.setattr(launcher, "from_planes", lambda s, p, lz=False: config.from_planes.__wrapped__(s, p, lz))
     r = _check_launch(case, shape, planes=launcher.planes_view(z, B))
     pv, (kernel, grid, args, kwargs) = recompute.plan_proxy_v(z, f)
     kernel[grid](*args, **kwargs)
@@ -1072,6 +1072,53 @@ def test_forward_from_planes_gpu_tiles_and_chunks(monkeypatch):
         _assert_rel(a, b, FP32_TOL, f"{name}, chunked against whole")
     assert seen == [(2, (3, 2, 64, 81)), (2, (3, 2, 64, 81)), (1, (3, 1, 64, 81))]
     _assert_rel(out, case.pre, FP32_TOL, "pre_proj, chunked batch")
+
+
+def test_forward_from_planes_reads_the_local_branchs_z(monkeypatch):
+    """The training forward after the dense statistics pass (`dense_z.dense_statistics_planes`): the aggregation
+    reads the local branch's Z that pass computed (zl; `GMAShape.local_from_z`, LOCAL_Z) instead of running its
+    stencil and mix, keeping no w4 (the dense backward reads none). Its outputs and what it keeps (xh4, rstd4 and the
+    attention's) equal those of the same forward running the branch itself, at the GPU tiles, over a batch in
+    chunks beyond the grid limit (limit 2, B = 5: zl chunked with the planes); a zl scaled by 2 changes the output
+    (the kernel reads it); and zl is refused with w4 kept, at the wrong shape, or with a shape that does not read it."""
+    case = Case(80, 9, 9, 5, seed=78)
+    qkv, f, z = _kept_planes(case, torch.float32)
+    zl = dense_z.dense_z_moments(qkv, 9, 9, f.dw3, f.dw5, f.dw7, f.pw, f.local_dw, f.local_pw)[2]
+    args = (9, 9, list(f), case.hp.scale, case.hp.ln_eps)
+    ref = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, *args, False)
+    agg = []
+    launch = launcher._launch.wrap_triton
+
+    def spy(kernel):
+        if (getattr(kernel, "__name__", None) or kernel.fn.__name__) == "gma_aggregate_kernel":
+            class Recorded:
+                def __getitem__(self, grid):
+                    def go(*a, **kw):
+                        agg.append(kw)
+                        return kernel[grid](*a, **kw)
+                    return go
+            return Recorded()
+        return launch(kernel)
+    monkeypatch.setattr(launcher._launch, "wrap_triton", spy)
+    monkeypatch.setattr(config, "MAX_GRID_BATCH", 2)
+    got = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, *args, False, zl)
+    assert [kw.get("LOCAL_Z") for kw in agg] == [True] * 3 and all(kw["KEEP_W4"] is False for kw in agg)
+    assert got[1].numel() == 0 and ref[1].numel() == 0          # no w4 either way
+    for name, a, b in zip(op.KEPT_OUTPUTS, got, ref):
+        if name != "w4":
+            _assert_rel(a, b, FP32_TOL, f"{name}: local branch's Z read against computed")
+    _assert_rel(got[0], case.pre, FP32_TOL, "pre_proj with the local branch's Z read")
+    scaled = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, *args, False, 2 * zl)
+    s = 80 // 5
+    assert not torch.allclose(scaled[0][..., 4 * s:], got[0][..., 4 * s:])
+    with pytest.raises(ValueError, match="keep_w4 False"):
+        torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, *args, True, zl)
+    with pytest.raises(ValueError, match="local branch's Z"):
+        torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, *args, False, zl[:, :8])
+    with pytest.raises(ValueError, match="local_from_z"):
+        sh = gma_shape(80, interpreter=True)
+        aggregation.aggregate_call(qkv, 9, 9, f, 1e-5, sh, aggregation.job_plan(81, 5, sh, "tf32x3"),
+                                   *([None] * 6), None, zl=zl)
 
 
 def test_forward_from_planes_refuses_bad_planes():

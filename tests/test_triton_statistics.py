@@ -408,7 +408,8 @@ def check_kept_planes(qkv, H, W, C):
     s, B = C // 5, qkv.shape[0]
     sd = config.stage_dtype(qkv.dtype)
     w32, w64 = pre_bn_weights(C, F32), pre_bn_weights(C, torch.float64)
-    mean, var, n, (Z, y_all) = st.statistics_planes(dev(qkv), H, W, dev(w32))
+    mean, var, n, (Z, y_all, zl) = st.statistics_planes(dev(qkv), H, W, dev(w32))
+    assert zl is None
     m0, v0, n0 = st.statistics(dev(qkv), H, W, dev(w32))
     assert n == n0
     torch.testing.assert_close(mean, m0, rtol=0, atol=0)

@@ -633,3 +633,61 @@ def test_split_candidate_is_timed_on_its_z_pass_and_aggregation(monkeypatch):
     timed.clear()
     res = meas.triton(L.ATTN_FAMILY, 80, 5, 6, torch.float32, L.attention_candidates(80, torch.float32, (9, 0))[:1])
     assert res[0]["status"] == "ok" and timed == [["gma_attention_kernel"]]
+
+
+def test_backward_family_timed_on_a_layer_step(monkeypatch):
+    """"triton.backward" (`tune.STEP_FAMILY`) is timed on one layer's whole training step (`GpuMeasure._layer_step`),
+    not the backward op alone: its dense candidate (`BackwardTiles.DENSE`) changes the forward too, and the step run
+    for it launches that forward (the dense statistics pass with the local branch's Z, the aggregation reading it
+    and keeping no w4) where the default's launches the stencil statistics pass. bf16 on an sm_80 table (the CPU
+    under the interpreter, a stub timer); both candidates' gradients agree within the tuner's bf16 rule."""
+    *_, tile_spaces = _train_modules()
+    from gmf_kernels.triton_kernels import _launch
+    meas = object.__new__(tune.GpuMeasure)
+    meas.batch, meas.device, meas.cap = 1, torch.device("cpu"), (8, 0)
+    monkeypatch.setattr(tune.GpuMeasure, "_bench", lambda self, fn: 1.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    fam = tune.STEP_FAMILY
+    monkeypatch.setattr(tile_spaces, "tuned_tiles", lambda f, C, like: (
+        tuple(tuning.choose(f, C, like.dtype, (8, 0)).values()) if f == fam else None))
+    launched = []
+    real = _launch.wrap_triton
+
+    def spy(kernel):
+        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+        wrapped = real(kernel)
+
+        class Launch:
+            def __getitem__(self, grid):
+                def go(*a, **kw):
+                    launched.append((name, kw))
+                    return wrapped[grid](*a, **kw)
+                return go
+        return Launch()
+    monkeypatch.setattr(_launch, "wrap_triton", spy)
+    monkeypatch.setattr(_train_modules()[2], "wrap_triton", spy)
+    cands = tuning.spaces()[fam].candidates(40, torch.bfloat16, (8, 0))
+    cands = [cands[0], next(c for c in cands if c.get("DENSE"))]
+    assert not cands[0].get("DENSE")
+    runs = []
+    real_train = tune.GpuMeasure._layer_step
+
+    def layer_step(self, *a):
+        fn = real_train(self, *a)
+
+        def counted():
+            launched.clear()
+            out = fn()
+            runs.append([n for n, _ in launched] + [("LOCAL_Z" if kw.get("LOCAL_Z") else "")
+                                                    for n, kw in launched if n == "gma_aggregate_kernel"])
+            return out
+        return counted
+    monkeypatch.setattr(tune.GpuMeasure, "_layer_step", layer_step)
+    res = meas.train(fam, 40, 5, 6, torch.bfloat16, cands)
+    assert [r["status"] for r in res] == ["ok"] * 2, res
+    assert res[1]["diff_vs_first"] <= tune.AGREE["bf16"], res
+    default, dense = runs
+    assert "gma_statistics_kernel" in default and "gma_dense_statistics_kernel" not in default, default
+    assert "gma_pw_backward_kernel" in default and "LOCAL_Z" not in default
+    assert "gma_dense_statistics_kernel" in dense and "gma_statistics_kernel" not in dense, dense
+    assert "gma_dense_wgrad_kernel" in dense and "LOCAL_Z" in dense

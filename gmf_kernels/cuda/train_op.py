@@ -97,7 +97,7 @@ class CudaPreProjectionFunction(torch.autograd.Function):
     ``kernels``, the choice)."""
 
     @staticmethod
-    def forward(ctx, kernels, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, *weights):
+    def forward(ctx, kernels, qkv, mean, rstd, count, z, y_all, zl, H, W, scale, ln_eps, group, *weights):
         pre = torch.ops.gmf.cuda_pre_projection(qkv, H, W, list(weights), scale, ln_eps)
         training.save(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, weights)
         ctx.kernels = kernels
@@ -125,5 +125,5 @@ def cuda_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights,
         from ..triton_kernels.statistics import statistics  # imports Triton
         from ..triton_kernels.train_op import planes_fn_for
         args = training.prepare(qkv, size, w, hp, training_mode, statistics_fn=statistics,
-                                planes_fn=planes_fn_for(qkv))
+                                planes_fn=planes_fn_for(qkv, local=False))   # (its forward runs its own local branch)
     return CudaPreProjectionFunction.apply(not reasons, *args)

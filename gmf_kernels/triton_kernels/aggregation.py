@@ -721,9 +721,10 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
     forward, with FROM_Z): also what the backward reads of the branch, the depthwise output w4
     (`_local_mix`'s STORE), xh4 and rstd4 (`_store_local_norm`), in `recompute.gma_recompute_local_kernel`'s
     layouts, so that the backward does not run the branch again (w4 not with KEEP_W4 false: a backward in the
-    dense form, `aggregation_backward.BackwardTiles.DENSE`, reads none). LOCAL_Z (the split eval forward with
-    ZDENSE, `GMAShape.local_from_z`): the (3s -> s) output read from the dense Z pass's zl_b (channel c of
-    token n at zl_b + c N + n, the stage dtype) instead of computed: the job is element-wise."""
+    dense form, `aggregation_backward.BackwardTiles.DENSE`, reads none). LOCAL_Z (`GMAShape.local_from_z`: the
+    split eval forward with ZDENSE, or the training forward after the dense statistics pass): the (3s -> s) output
+    read from zl_b, which the dense pass wrote (channel c of token n at zl_b + c N + n, the stage dtype), instead of
+    computed: the job is element-wise (with STORE it still stores xh4 and rstd4)."""
     co = tl.arange(0, S_PAD)                                   # output channel
     omask = co < S
     lnw = tl.load(ln_weight + co, mask=omask, other=0.0)[None, :]
@@ -752,12 +753,13 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
 # as job 0 at most batches, would otherwise compile a variant with that count constant, and
 # N % 16 another.) The strides stay specialised: their divisibility aligns the vector loads of qkv. The
 # planes' stream stride (FROM_Z) is not: Z's loads go along tokens, whose alignment N decides anyway.
-@triton.jit(do_not_specialize=["N", "H", "W", "SW", "stride_z_stream", "splits0", "splits1", "splits2", "splits3",
-                               "splits4"])
+@triton.jit(do_not_specialize=["N", "H", "W", "SW", "stride_z_stream", "stride_zl_b", "splits0", "splits1", "splits2",
+                               "splits3", "splits4"])
 def gma_aggregate_kernel(
-    qkv, q, v, pre, part_m, part_l, part_acc, z, w4, xh4, rstd4,
+    qkv, q, v, pre, part_m, part_l, part_acc, z, zl, w4, xh4, rstd4,
     bn_scale, bn_shift, dw3, dw5, dw7, pw, local_dw, local_pw, ln_weight, ln_bias,
-    N, H, W, SW, stride_qkv_b, stride_qkv_n, stride_z_stream, splits0, splits1, splits2, splits3, splits4, ln_eps,
+    N, H, W, SW, stride_qkv_b, stride_qkv_n, stride_z_stream, stride_zl_b, splits0, splits1, splits2, splits3, splits4,
+    ln_eps,
     C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
     S_PAD: tl.constexpr, D_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, MERGE_QKV: tl.constexpr, UNROLL: tl.constexpr,
@@ -831,7 +833,7 @@ def gma_aggregate_kernel(
         _local_branch(qkv_b, pre + b * N * C, local_dw, local_pw, ln_weight, ln_bias, ln_eps,
                       t0, tl.minimum(t0 + tps, T), N, H, W, SW, stride_qkv_n, C, S, CP, CK, S_PAD, BLOCK_P,
                       DOT_PRECISION, EMULATE_DOTS, UNROLL, ROWS, w4 + b * (3 * S * N), xh4 + b * (S * N), rstd4 + b * N,
-                      KEEP, z + b * CP * N, LOCAL_Z, KEEP_W4)
+                      KEEP, zl + b * stride_zl_b, LOCAL_Z, KEEP_W4)
 
 
 def split_plan(N: int, B: int, block_p: int, target_programs: int, programs_per_image: int = 5):
@@ -1005,7 +1007,7 @@ def _rows_splits(T: int, splits: int, ks: int) -> int:
 
 
 def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, part_m, part_l, part_acc,
-                   dots: DotVariant, z=None, local=None):
+                   dots: DotVariant, z=None, local=None, zl=None):
     """(grid, args, kwargs) of one aggregation launch (what `launch_aggregate` passes to the kernel).
 
     qkv: (B, N, 3C) with unit channel stride; weights: `FoldedGMAWeights`; plan: the `JobPlan`
@@ -1018,13 +1020,25 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
     (3B', C', H, W), B' >= B: a batch chunk is a slice of the streams); local: with z, the buffers the
     local branch keeps for the backward, (w4 (B, 3s, H, W), xh4 (B, s, H, W)) in the stage dtype and rstd4
     (B, 1, H, W) fp32, contiguous (`recompute.plan_recompute_local`'s), with AGG_FROM_Z only; w4 None: not kept
-    (KEEP_W4 false: for a backward in the dense form, which reads none). Also used, on meta tensors, to derive the
+    (KEEP_W4 false: for a backward in the dense form, which reads none); zl: with ``shape.local_from_z`` (and only
+    then) the local branch's Z before its LayerNorm, (B, s, H, W) in the stage dtype with planes of H W tokens
+    (channel stride H W, unit token stride; any image stride), as the dense pass wrote it: the split forward's Z
+    pass (`dense_z.local_z_of` its buffer) or the training forward's dense statistics pass
+    (`dense_z.plan_dense_statistics`). Also used, on meta tensors, to derive the
     AOT specialisations (`specializations.py`), so the two cannot drift apart.
     """
     B, N, _ = qkv.shape
     if (shape.AGG_FROM_Z or shape.AGG_SPLIT) != (z is not None) or shape.AGG_FROM_Z != (local is not None):
         raise ValueError("the planes Z go with AGG_FROM_Z (the training forward) or AGG_SPLIT (the split eval forward), "
                          "the local branch's buffers with AGG_FROM_Z, and only with them")
+    if shape.local_from_z != (zl is not None):
+        raise ValueError("the local branch's Z (zl) goes with GMAShape.local_from_z, and only with it")
+    if zl is not None:
+        s = shape.S
+        if (tuple(zl.shape) != (B, s, H, W) or zl.stride(1) != N or zl.stride(3) != 1 or zl.stride(2) != W
+                or zl.dtype != stage_dtype(qkv.dtype) or zl.device != qkv.device):
+            raise ValueError(f"local branch's Z {tuple(zl.shape)} {zl.dtype} with strides {zl.stride()}: expected "
+                             f"({B}, {s}, {H}, {W}) {stage_dtype(qkv.dtype)} planes of {N} tokens on {qkv.device}")
     plan.check()
     if plan.tiles != shape.num_tiles(N, W):
         raise ValueError(f"plan of {plan.tiles} tiles for {shape.num_tiles(N, W)} tiles of {shape.AGG_BLOCK_P} tokens")
@@ -1050,10 +1064,11 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
         keep = (z, local[0] if keep_w4 else local[1], *local[1:])
     else:
         keep = (qkv,) * 4 if z is None else (z, qkv, qkv, qkv)
-    args = (qkv, q, v, pre, part_m, part_l, part_acc, *keep,
+    zl_arg = (qkv, 0) if zl is None else (zl, zl.stride(0))   # (without it qkv stands in, never read)
+    args = (qkv, q, v, pre, part_m, part_l, part_acc, keep[0], zl_arg[0], *keep[1:],
             w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw, w.local_pw, w.ln_weight, w.ln_bias,
             N, H, W, strip_width(W, shape.AGG_STRIP), qkv.stride(0), qkv.stride(1), 0 if z is None else z.stride(0),
-            *plan.splits, ln_eps)
+            zl_arg[1], *plan.splits, ln_eps)
     kwargs = dict(C=shape.C, S=shape.S, CP=shape.CP, D=shape.D, S_PAD=shape.S_PAD, D_PAD=shape.D_PAD,
                   CK=shape.CK, BLOCK_P=shape.AGG_BLOCK_P,
                   DOT_PRECISION=operand_precision(dots.precision, dtype_name(qkv.dtype), shape.AGG_DOTS16),
@@ -1065,7 +1080,7 @@ def aggregate_call(qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q, v, pre, 
         kwargs["KEEP"] = True
         if not keep_w4:
             kwargs["KEEP_W4"] = False
-    if shape.local_from_z:   # the dense Z pass computed the local branch's Z too
+    if shape.local_from_z:   # the dense pass computed the local branch's Z too
         kwargs["LOCAL_Z"] = True
     return (plan.programs, B), args, kwargs
 

@@ -293,13 +293,16 @@ class GMAShape:
     AGG_PIPE: int = 0          # aggregation: stages of the element-wise jobs' tile loop (`tl.range(num_stages=...)`;
     #                            0: a plain loop, and always under the interpreter; a candidate)
     AGG_ZDENSE: int = 0        # with AGG_SPLIT: the Z pass as dense K x K convolutions on tensor cores
-    #                            (`dense_z.gma_dense_z_kernel`; a candidate), 1 at `DENSE_Z_TILES`, 2 at `DENSE_Z_TILES_ALT`
+    #                            (`dense_z.gma_dense_z_kernel`; a candidate), 1 at `DENSE_Z_TILES`, 2 at `DENSE_Z_TILES_ALT`;
+    #                            with AGG_FROM_Z (1): the statistics pass ran in the dense form and computed the
+    #                            local branch's Z too (`dense_z.gma_dense_statistics_kernel`; `from_planes`' local_z)
 
     @property
     def local_from_z(self) -> bool:
-        """Whether the aggregation's local branch reads its Z (before the LayerNorm) from the Z pass instead of
-        running its 3x3 stencil and 3s -> s mix: with ZDENSE, whose Z pass computes it (`dense_z._dense_local`)."""
-        return bool(self.AGG_SPLIT and self.AGG_ZDENSE)
+        """Whether the aggregation's local branch reads its Z (before the LayerNorm) from a buffer instead of
+        running its 3x3 stencil and 3s -> s mix: with ZDENSE, whose pass computed it (`dense_z._dense_local`):
+        the split eval forward's Z pass (AGG_SPLIT) or the training forward's statistics pass (AGG_FROM_Z)."""
+        return bool(self.AGG_ZDENSE and (self.AGG_SPLIT or self.AGG_FROM_Z))
 
     def num_tiles(self, N: int, W: Optional[int] = None) -> int:
         """The aggregation's tiles of an image of N tokens (W columns): ceil(N / AGG_BLOCK_P), or with
@@ -322,7 +325,7 @@ ATTN_ROWS_KEEP_R_MAX_D_PAD = 32
 
 
 @functools.lru_cache(maxsize=256)
-def from_planes(shape: GMAShape, precision: str = "") -> GMAShape:
+def from_planes(shape: GMAShape, precision: str = "", local_z: bool = False) -> GMAShape:
     """The specialisation of a training forward that reads the Z planes its statistics pass kept
     (`GMAShape.AGG_FROM_Z`, `aggregation._segment_z`): `shape`'s tiles, with the knobs that only
     shape the stencils of segments 1-3 (PAIR, ROWS, MERGE) set to one value, as the kernel ignores them
@@ -331,9 +334,11 @@ def from_planes(shape: GMAShape, precision: str = "") -> GMAShape:
     attention's tiles and its row walks (`GMAShape.ATTN_ROWS`) keep R for the backward (STORE_R:
     `attention._attention_head`, `attention._attention_rows`, the walks since 2026-12-05); the walks stay
     only where they do so without spilling (`ATTN_ROWS_KEEP_R_PRECISIONS` for the call's dot `precision`,
-    `ATTN_ROWS_KEEP_R_MAX_D_PAD`). Cached (every training launch asks it; GMAShape is frozen)."""
+    `ATTN_ROWS_KEEP_R_MAX_D_PAD`). local_z: the statistics pass ran in the dense form and computed the local
+    branch's Z as well (`dense_z.dense_statistics_planes`), which the aggregation reads instead of running that
+    stencil (`GMAShape.local_from_z`, AGG_ZDENSE 1). Cached (every training launch asks it; GMAShape is frozen)."""
     rows = shape.ATTN_ROWS and precision in ATTN_ROWS_KEEP_R_PRECISIONS and shape.D_PAD <= ATTN_ROWS_KEEP_R_MAX_D_PAD
-    return replace(shape, AGG_FROM_Z=True, AGG_SPLIT=False, AGG_ZDENSE=0, AGG_PAIR=False, AGG_ROWS=False,
+    return replace(shape, AGG_FROM_Z=True, AGG_SPLIT=False, AGG_ZDENSE=int(local_z), AGG_PAIR=False, AGG_ROWS=False,
                    AGG_MERGE=True, ATTN_ROWS=rows)
 
 

@@ -194,7 +194,8 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     keeps what its backward reads, w4 and xh4 (B N 4 s, stage dtype) and rstd4 (B N x 4 B). With
     ``sh.AGG_SPLIT`` (the split eval forward, after its Z pass) the same reads, nothing kept; with ZDENSE too
     (``sh.local_from_z``) the local branch's Z read from the Z pass (B N s, stage dtype) instead of qkv's
-    segment 4 (B N 3 s e), no 3s -> s pointwise and no 3x3 stencil.
+    segment 4 (B N 3 s e), no 3s -> s pointwise and no 3x3 stencil; the same in the training forward after the
+    dense statistics pass (AGG_FROM_Z with ZDENSE), which keeps no w4 (its backward is the dense form).
     detail: also the plan (splits per job, tiles per split) and `balance`, the estimated
     critical path of the plan: the costliest program (`aggregate_job_costs`) over the mean
     program, x1000 (1000 = every program equal)."""
@@ -212,8 +213,8 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     if fz:
         se = ELEM_BYTES[dtype_name(stage_dtype(torch_dtype(dt)))]
         detail["z_read"] = B * N * (10 if lz else 9) * s * se
-    if sh.AGG_FROM_Z:
-        detail["local_write"] = B * N * (4 * s * se + 4)
+    if sh.AGG_FROM_Z:   # w4 (3s) and xh4 (s), rstd4; with lz (the dense statistics pass: a dense backward) no w4
+        detail["local_write"] = B * N * ((1 if lz else 4) * s * se + 4)
     nbytes = sum(detail.values())
     detail.update({f"splits{j}": x for j, x in enumerate(plan.splits)})
     detail.update({f"tiles_per_split{j}": x for j, x in enumerate(plan.tiles_per_split)})

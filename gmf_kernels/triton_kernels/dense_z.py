@@ -75,8 +75,11 @@ spilled: `dense_b3_applies`. Not timed (no GPU in the session that wrote it).
 
 **The statistics pass** of a training forward whose backward runs the dense form (it keeps no y:
 `dense_statistics_planes`, where `dense_statistics_applies`): `gma_dense_statistics_kernel`, grid (T, 4,
-B), the Z pass's segment programs (`_dense_conv`) plus one for segment 0 (Z = x, copied), each storing Z and, per
-stream, its tile's (mean, M2) (`_tile_moments`, about the tile's own mean) as a partial row of
+B), the Z pass's segment programs (`_dense_conv`) plus one for segment 0 (Z = x, copied), and for a Triton
+forward (grid (T, 5, B)) one for the local branch's Z (`_dense_local`, into a buffer zl of its own, which the
+forward's aggregation reads instead of running that stencil: `config.from_planes` with local_z). Each segment
+program stores Z and, per stream, its tile's (mean, M2) (`_tile_moments`, about the tile's own mean) as a partial
+row of
 `statistics.plan_statistics`' layout, so `statistics.merge_segments` merges them as the stencil pass's (a
 `statistics.SegmentPlan` of one-tile runs). The same products as the Z pass, with the layer's 16-bit operands
 where the stencil statistics pass multiplies in fp32 (3xTF32): Z and the moments carry the rounding the reference
@@ -290,18 +293,37 @@ def _tile_moments(acc, pmask, cmask, ch, n_tile, row, part_mean, part_m2):
 
 # the statistics pass of a training forward whose backward runs B3's dense form (B, N, H, W not specialised)
 @triton.jit(do_not_specialize=["N", "H", "W", "B"])
-def gma_dense_statistics_kernel(qkv, z, part_mean, part_m2, dw3, dw5, dw7, pw, N, H, W, B, stride_b, stride_n,
+def gma_dense_statistics_kernel(qkv, z, zl, part_mean, part_m2, dw3, dw5, dw7, pw, local_dw, local_pw,
+                                N, H, W, B, stride_b, stride_n,
                                 C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
                                 DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
-    """The training statistics pass in the dense form (module docstring, "The statistics pass"): grid (T, 4, B),
-    T = ceil(N / BLOCK_P). Programs (tile, j - 1, b), j = 1, 2, 3: segment j's Z of the three streams as the Z pass
-    computes it (`_dense_conv`); programs (tile, 3, b): segment 0, whose Z is x itself (copied). Each stores its
-    tiles' Z into z (3B, 4s, H, W) (all four segments, as the stencil statistics pass with `STORE_Z_MOMENTS`) and,
-    per stream, the tile's (mean, M2) as partial row j T + tile of image ``stream B + b`` (part_mean float64,
-    part_m2 fp32, (3B 4T, s): `plan_dense_statistics`'s `statistics.SegmentPlan`, every run one tile)."""
+    """The training statistics pass in the dense form (module docstring, "The statistics pass"): grid (T, 4, B) or
+    (T, 5, B), T = ceil(N / BLOCK_P). Programs (tile, j - 1, b), j = 1, 2, 3: segment j's Z of the three streams as
+    the Z pass computes it (`_dense_conv`); programs (tile, 3, b): segment 0, whose Z is x itself (copied). Each
+    stores its tiles' Z into z (3B, 4s, H, W) (all four segments, as the stencil statistics pass with
+    `STORE_Z_MOMENTS`) and, per stream, the tile's (mean, M2) as partial row j T + tile of image ``stream B + b``
+    (part_mean float64, part_m2 fp32, (3B 4T, s): `plan_dense_statistics`'s `statistics.SegmentPlan`, every run one
+    tile). Programs (tile, 4, b), launched where the training forward reads it: the local branch's Z before its
+    LayerNorm (`_dense_local`, as the Z pass's), into zl (B, s, H, W) contiguous, no moments (its LayerNorm's
+    statistics are per token: the aggregation takes them)."""
     tile = tl.program_id(0)
     j = tl.program_id(1)
     b = tl.program_id(2)
+    if j == 4:      # the local branch's Z
+        bl = b.to(tl.int64)
+        _dense_local(qkv + bl * stride_b, zl + bl * (S * N), local_dw, local_pw, N, H, W, stride_n, C, S, S_PAD,
+                     BLOCK_P, DOT_PRECISION, EMULATE_DOTS, PIPE)
+    else:
+        _dense_statistics_segment(qkv, z, part_mean, part_m2, dw3, dw5, dw7, pw, tile, j, b, N, H, W, B, stride_b,
+                                  stride_n, C, S, S_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, PIPE)
+
+
+@triton.jit
+def _dense_statistics_segment(qkv, z, part_mean, part_m2, dw3, dw5, dw7, pw, tile, j, b, N, H, W, B, stride_b,
+                              stride_n, C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
+                              BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+                              PIPE: tl.constexpr):
+    """Programs (tile, j, b), j < 4, of `gma_dense_statistics_kernel`: a segment's Z and its tile's moments."""
     T = tl.num_programs(0)
     plane = 4 * S * N
     p, pmask, y, x, ch, cmask = _token_tile(tile, N, W, S, S_PAD, BLOCK_P)
@@ -548,11 +570,14 @@ def dense_statistics_applies(C: int, dtype: str, precision: str) -> bool:
 
 
 def plan_dense_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
-                          dots: DotVariant, tiles: Optional[Tuple[int, int]] = None):
-    """(part_mean, part_m2, plan, z, (grid, args, kwargs)) of `gma_dense_statistics_kernel`, without launching:
+                          dots: DotVariant, tiles: Optional[Tuple[int, int]] = None,
+                          local_dw: Optional[Tensor] = None, local_pw: Optional[Tensor] = None):
+    """(part_mean, part_m2, plan, z, zl, (grid, args, kwargs)) of `gma_dense_statistics_kernel`, without launching:
     the partial moments ((3B 4T, s), float64 / fp32) in `statistics.plan_statistics`' layout with plan =
-    SegmentPlan(T, (T, T, T, T)) (one tile a run), and Z (3B, 4s, H, W) in the stage dtype. dots: the layer's
-    (`_common.dot_variant`), made this kernel's by `dense_z_dots`; tiles: default `dense_z_tiles`."""
+    SegmentPlan(T, (T, T, T, T)) (one tile a run), Z (3B, 4s, H, W) in the stage dtype, and with local_dw and
+    local_pw (the training forward then reads it: `launcher.plan_pre_projection`'s zl) the local branch's Z before
+    its LayerNorm, zl (B, s, H, W) in the stage dtype (grid (T, 5, B)), else zl None (grid (T, 4, B)). dots: the
+    layer's (`_common.dot_variant`), made this kernel's by `dense_z_dots`; tiles: default `dense_z_tiles`."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     s = C // 5
@@ -564,24 +589,33 @@ def plan_dense_statistics(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor,
     part_mean = torch.empty(3 * B * plan.programs, s, dtype=torch.float64, device=qkv.device)
     part_m2 = torch.empty(3 * B * plan.programs, s, dtype=torch.float32, device=qkv.device)
     z = torch.empty(3 * B, 4 * s, H, W, dtype=stage_dtype(qkv.dtype), device=qkv.device)
-    args = (qkv, z, part_mean, part_m2, dw3, dw5, dw7, pw, N, H, W, B, qkv.stride(0), qkv.stride(1))
-    return part_mean, part_m2, plan, z, ((T, 4, B), args, _launch_kwargs(C, (bp, warps),
-                                                                          dense_z_dots(dots, qkv.dtype)))
+    if (local_dw is None) != (local_pw is None):
+        raise ValueError("the local branch's Z needs both local_dw and local_pw")
+    zl = None if local_dw is None else torch.empty(B, s, H, W, dtype=z.dtype, device=qkv.device)
+    # without the local branch its weights' and zl's pointers are z's and dw3's (the programs reading them not launched)
+    local = (zl, local_dw, local_pw) if zl is not None else (z, dw3, pw)
+    args = (qkv, z, local[0], part_mean, part_m2, dw3, dw5, dw7, pw, *local[1:], N, H, W, B, qkv.stride(0),
+            qkv.stride(1))
+    grid = (T, 4 if zl is None else 5, B)
+    return part_mean, part_m2, plan, z, zl, (grid, args, _launch_kwargs(C, (bp, warps), dense_z_dots(dots, qkv.dtype)))
 
 
 def dense_z_moments(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
+                    local_dw: Optional[Tensor] = None, local_pw: Optional[Tensor] = None,
                     dots: Optional[DotVariant] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """`statistics.z_moments` with ``store=STORE_Z_MOMENTS`` in the dense form: (moments (2, 4s) float64 [mean,
-    M2] of Z per channel over the 3B images, Z (3B, 4s, H, W) in the stage dtype, an empty y_all)."""
+    M2] of Z per channel over the 3B images, Z (3B, 4s, H, W) in the stage dtype, and with local_dw and local_pw
+    the local branch's Z before its LayerNorm, zl (B, s, H, W) in the stage dtype, else an empty tensor)."""
     from ._launch import device_guard, wrap_triton
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
-    part_mean, part_m2, plan, z, (grid, args, kwargs) = plan_dense_statistics(
-        qkv, H, W, *(w.contiguous() for w in (dw3, dw5, dw7, pw)), dots or dot_variant(qkv))
+    local = () if local_dw is None and local_pw is None else (local_dw.contiguous(), local_pw.contiguous())
+    part_mean, part_m2, plan, z, zl, (grid, args, kwargs) = plan_dense_statistics(
+        qkv, H, W, *(w.contiguous() for w in (dw3, dw5, dw7, pw)), dots or dot_variant(qkv), None, *local)
     with device_guard(qkv):
         wrap_triton(gma_dense_statistics_kernel)[grid](*args, **kwargs)
     moments = torch.stack(merge_segments(part_mean, part_m2, plan, kwargs["BLOCK_P"], qkv.shape[1]))
-    return moments, z, z.new_empty(0)
+    return moments, z, z.new_empty(0) if zl is None else zl
 
 
 #: the dense statistics pass as one opaque op (as ``gmf::triton_z_moments_planes`` is for the stencil pass)
@@ -591,19 +625,20 @@ DENSE_PLANES_OP_NAME = "gmf::triton_dense_z_moments_planes"
 def _register_dense_planes():
     """``gmf::triton_dense_z_moments_planes``: `dense_z_moments` as a ``custom_op`` with a fake, so that
     torch.compile keeps it one opaque node, as the stencil statistics pass's op. Returns (moments (2, 4s) float64,
-    Z (3B, 4s, H, W) in the stage dtype, y_all empty)."""
-    def impl(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor,
-             pw: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        return dense_z_moments(qkv, H, W, dw3, dw5, dw7, pw)
+    Z (3B, 4s, H, W) in the stage dtype, zl: with local_dw and local_pw the local branch's Z (B, s, H, W) in the
+    stage dtype, else empty)."""
+    def impl(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7: Tensor, pw: Tensor,
+             local_dw: Optional[Tensor] = None, local_pw: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        return dense_z_moments(qkv, H, W, dw3, dw5, dw7, pw, local_dw, local_pw)
 
     op = torch.library.custom_op(DENSE_PLANES_OP_NAME, impl, mutates_args=())
 
     @op.register_fake
-    def _(qkv, H, W, dw3, dw5, dw7, pw):
+    def _(qkv, H, W, dw3, dw5, dw7, pw, local_dw=None, local_pw=None):
         B, s = qkv.shape[0], qkv.shape[-1] // 15
         st = stage_dtype(qkv.dtype)
         return (qkv.new_empty(2, 4 * s, dtype=torch.float64), qkv.new_empty(3 * B, 4 * s, H, W, dtype=st),
-                qkv.new_empty(0, dtype=st))
+                qkv.new_empty((0,) if local_dw is None else (B, s, H, W), dtype=st))
     return op
 
 
@@ -611,15 +646,17 @@ def _register_dense_planes():
 dense_planes_op = None if _op_exists(DENSE_PLANES_OP_NAME.split("::")[1]) else _register_dense_planes()
 
 
-def dense_statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None):
+def dense_statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None, local: bool = True):
     """`statistics.statistics_planes` without y, in the dense form (``gmf::triton_dense_z_moments_planes``): (mean,
-    var, count, (Z, an empty y_all)) for a training forward whose backward runs B3's dense form
-    (`train_op.planes_fn_for`, where `dense_statistics_applies`); with a process group only the moments are
-    all-reduced, as there."""
+    var, count, (Z, an empty y_all, zl)) for a training forward whose backward runs B3's dense form
+    (`train_op.planes_fn_for`, where `dense_statistics_applies`); zl: with `local` (a Triton forward, which reads
+    it: `launcher.plan_pre_projection`'s zl) the local branch's Z before its LayerNorm (B, s, H, W), else None
+    (the CUDA forward runs its own). With a process group only the moments are all-reduced, as there."""
     B, N, C3 = qkv.shape
     check_train_size(B, N, C3 // 3)
-    moments, z, y_all = torch.ops.gmf.triton_dense_z_moments_planes(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw)
-    return (*mean_var_count(moments, qkv, wts, group), (z, y_all))
+    lw = (wts.local_dw, wts.local_pw) if local else ()
+    moments, z, zl = torch.ops.gmf.triton_dense_z_moments_planes(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, *lw)
+    return (*mean_var_count(moments, qkv, wts, group), (z, z.new_empty(0), zl if local else None))
 
 
 # ---------------------------------------------------------------- the backward (training: `BackwardTiles.DENSE`)

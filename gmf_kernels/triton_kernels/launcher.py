@@ -51,7 +51,7 @@ from .backward import KeptPlanes  # (imports no Triton)
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
 from .statistics import gma_statistics_kernel, plan_z_pass
-from .dense_z import dense_z_tiles, gma_dense_z_kernel, plan_dense_z_pass
+from .dense_z import dense_z_tiles, gma_dense_z_kernel, local_z_of, plan_dense_z_pass
 from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P,
                      MAX_GRID_BATCH, GMAShape,
                      dot_pad, dot_precision, dtype_name, from_planes, gma_shape, next_pow2, operand_precision,
@@ -308,7 +308,7 @@ def tuned_shape(C: int, N: int, dots: DotVariant, qkv: Tensor) -> GMAShape:
 
 def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
                         shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None,
-                        planes: Optional[Tensor] = None, keep_w4: bool = True
+                        planes: Optional[Tensor] = None, keep_w4: bool = True, zl: Optional[Tensor] = None
                         ) -> Tuple[Dict[str, Tensor], List[Launch]]:
     """Allocate the buffers of one call and describe its launches, without launching (three; four with
     the split forward, `GMAShape.AGG_SPLIT`).
@@ -323,13 +323,19 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     (`recompute.plan_recompute_local`'s), and R = CRPE(V) + bias, kv and the softmax's k_max, k_sum
     (`recompute.plan_recompute_attention`'s, merged). keep_w4 False (with planes: a backward in the dense form,
     `aggregation_backward.BackwardTiles.DENSE`, reads no w4): w4 is an empty (0,) tensor, nothing stored.
+    zl (with planes, where the statistics pass ran in the dense form: `dense_z.dense_statistics_planes`): the local
+    branch's Z before its LayerNorm, (B, s, H, W) in the stage dtype, which the aggregation reads instead of running
+    the branch's stencil and mix (`config.from_planes` with local_z, `GMAShape.local_from_z`).
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
     dots = dots or dot_variant(qkv)
     shape = shape or tuned_shape(C, N, dots, qkv)
+    if zl is not None and (planes is None or keep_w4):
+        raise ValueError("the local branch's Z (zl) comes with the planes of the statistics pass that computed it, "
+                         "for a backward in the dense form (keep_w4 False: with zl no w4 is computed to keep)")
     if planes is not None:
-        shape = from_planes(shape, dots.precision)
+        shape = from_planes(shape, dots.precision, zl is not None)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dev, dt = qkv.device, qkv.dtype
@@ -371,8 +377,10 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
         stats = (buf["k_max"], buf["k_sum"])
     if z_pass is not None:   # (not among the buffers: an intermediate whose segment 0 is never written)
         planes = planes_view(z_pass, B)
+        if shape.local_from_z:   # the dense Z pass's local branch, where segment 0 of stream q would lie
+            zl = local_z_of(z_pass, B)
     agg = aggregate_call(qkv, H, W, weights, ln_eps, shape, plan, buf["q"], buf["v"], buf["pre"],
-                         buf["part_m"], buf["part_l"], buf["part_acc"], dots, planes, local)
+                         buf["part_m"], buf["part_l"], buf["part_acc"], dots, planes, local, zl)
     comb = combine_call(buf["part_m"], buf["part_l"], buf["part_acc"], buf["kv"], shape, plan.segment_splits, stats)
     attn = attention_call(buf["q"], buf["v"], buf["kv"], buf["pre"], weights, H, W, scale, shape, dots, buf.get("R"))
     launches += [(gma_aggregate_kernel, *agg), (gma_combine_kernel, *comb), (gma_attention_kernel, *attn)]
@@ -391,16 +399,17 @@ def planes_view(z: Tensor, B: int) -> Tensor:
 
 def launch_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float,
                           shape: Optional[GMAShape] = None, dots: Optional[DotVariant] = None,
-                          planes: Optional[Tensor] = None, keep_w4: bool = True) -> Dict[str, Tensor]:
+                          planes: Optional[Tensor] = None, keep_w4: bool = True,
+                          zl: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Run the kernels of `plan_pre_projection`; return every buffer (the op returns ``pre``; tests read all).
 
     qkv (B, N, 3C) in fp32/fp16/bf16 with unit channel stride; weights: `FoldedGMAWeights`
     (fp32, contiguous, on qkv's device; arguments checked by the op). Returns q, v (B, N, C')
     [qkv.dtype], part_m, part_l (B, R, s), part_acc (B, R, s, d) (the packed softmax partials,
     R = `aggregation.JobPlan.partial_rows`), kv (B, C', d) [fp32] and pre (B, N, C). Launched under qkv's CUDA device (`device_guard`).
-    planes, keep_w4: as `plan_pre_projection`'s.
+    planes, keep_w4, zl: as `plan_pre_projection`'s.
     """
-    buf, launches = plan_pre_projection(qkv, H, W, weights, scale, ln_eps, shape, dots, planes, keep_w4)
+    buf, launches = plan_pre_projection(qkv, H, W, weights, scale, ln_eps, shape, dots, planes, keep_w4, zl)
     with device_guard(qkv):
         for kernel, grid, args, kwargs in launches:
             _launch.wrap_triton(kernel)[grid](*args, **kwargs)   # looked up per call (tests record launches there)

@@ -25,7 +25,7 @@ are differentiable functions of the module's parameters.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -57,14 +57,18 @@ def triton_pre_projection(qkv: Tensor, H: int, W: int, weights: List[Tensor], sc
 
 
 def triton_pre_projection_from_planes(qkv: Tensor, z: Tensor, H: int, W: int, weights: List[Tensor], scale: float,
-                                      ln_eps: float, keep_w4: bool = True) -> List[Tensor]:
+                                      ln_eps: float, keep_w4: bool = True,
+                                      zl: Optional[Tensor] = None) -> List[Tensor]:
     """`triton_pre_projection` in a training step whose statistics pass kept Z (`statistics.statistics_planes`:
     (3B, C', H, W), segments 0..3 of q, k, v before their BatchNorm, in the stage dtype): the aggregation
     reads segments 1-3 from z instead of running their stencils and channel mixes again
     (`config.from_planes`). Returns [pre, w4, xh4, rstd4, R, kv, k_max, k_sum] (`KEPT_OUTPUTS`): the
     pre-projection and what the backward's recompute would make (`launcher.KEPT`), kept by the same
-    launches. keep_w4 False (a backward in the dense form, which reads no w4): w4 returned empty, (0,). No
-    autograd of its own: `train_op.TritonPreProjectionFunction` calls it."""
+    launches. keep_w4 False (a backward in the dense form, which reads no w4): w4 returned empty, (0,). zl (with
+    keep_w4 False): the local branch's Z before its LayerNorm, (B, s, H, W) in the stage dtype, as the dense
+    statistics pass computed it (`dense_z.dense_statistics_planes`): the aggregation reads it instead of running
+    the branch's stencil (`launcher.plan_pre_projection`'s zl). No autograd of its own:
+    `train_op.TritonPreProjectionFunction` calls it."""
     B, N, C, folded = check_pre_projection_args(qkv, H, W, weights, scale, ln_eps)
     cp = 4 * (C // 5)
     if not isinstance(z, Tensor) or tuple(z.shape) != (3 * B, cp, int(H), int(W)) or not z.is_contiguous():
@@ -73,10 +77,18 @@ def triton_pre_projection_from_planes(qkv: Tensor, z: Tensor, H: int, W: int, we
     if z.dtype != config.stage_dtype(qkv.dtype) or z.device != qkv.device:
         raise TypeError(f"planes z is {z.dtype} on {z.device}; a {qkv.dtype} layer on {qkv.device} keeps "
                         f"{config.stage_dtype(qkv.dtype)} planes there")
+    if zl is not None:
+        want = (B, C // 5, int(H), int(W))
+        if not isinstance(zl, Tensor) or tuple(zl.shape) != want or not zl.is_contiguous() or zl.dtype != z.dtype \
+                or zl.device != z.device:
+            raise ValueError(f"local branch's Z zl: expected a contiguous {want} {z.dtype} tensor on {z.device}, got "
+                             + (f"{tuple(zl.shape)} {zl.dtype} on {zl.device}" if isinstance(zl, Tensor)
+                                else type(zl).__name__))
     planes = planes_view(z, B)
     step = config.MAX_GRID_BATCH
     chunks = [launch_pre_projection(qkv[b0:b0 + step], H, W, folded, scale, ln_eps, planes=planes[:, b0:b0 + step],
-                                    keep_w4=keep_w4) for b0 in range(0, B, step)]
+                                    keep_w4=keep_w4, zl=None if zl is None else zl[b0:b0 + step])
+              for b0 in range(0, B, step)]
     if len(chunks) == 1:
         return [chunks[0][k] for k in KEPT_OUTPUTS]
     return [torch.cat([c[k] for c in chunks]) for k in KEPT_OUTPUTS]
@@ -86,7 +98,7 @@ def triton_pre_projection_from_planes(qkv: Tensor, z: Tensor, H: int, W: int, we
 KEPT_OUTPUTS = ("pre",) + KEPT
 
 
-def _fake_from_planes(qkv, z, H, W, weights, scale, ln_eps, keep_w4=True):
+def _fake_from_planes(qkv, z, H, W, weights, scale, ln_eps, keep_w4=True, zl=None):
     pre = fake_pre_projection(qkv, H, W, weights, scale, ln_eps)
     B, N, C = pre.shape
     s, H, W = C // 5, int(H), int(W)

@@ -504,6 +504,37 @@ def training_specializations_of_call(call: Call, arch: int) -> List[Spec]:
     return specs
 
 
+def dense_training_specializations_of_call(call: Call, arch: int) -> List[Spec]:
+    """The forward kernels of one training step on sm_<arch> whose backward runs B3's dense form (a "triton.backward"
+    candidate, `aggregation_backward.BackwardTiles.DENSE`, which the tune table may pick), where the statistics pass
+    then runs in the dense form too (`dense_z.dense_statistics_applies`): that pass with the local branch's Z
+    (`dense_z.plan_dense_statistics`) and the training forward that reads Z and it, keeping no w4
+    (`launcher.plan_pre_projection` with zl). [] where the dense form does not apply. (The backward's own
+    kernels: the candidate's, `tuning_specializations` of the training families.)"""
+    import torch
+
+    from ..folding import meta_weights
+    from ._common import DotVariant, interpreting
+    from . import dense_z, launcher as L
+    from .aggregation_backward import dense_b3_applies
+    if interpreting():
+        raise RuntimeError("TRITON_INTERPRET is set: the launchers would plan interpreter tiles")
+    prec = dot_precision(call.dtype, capability_of_arch(arch))
+    if not (_backward_kernels_run(call, arch) and dense_b3_applies(call.C, prec)
+            and dense_z.dense_statistics_applies(call.C, call.dtype, prec)):
+        return []
+    qkv = torch.empty(call.B, call.H * call.W, 3 * call.C, dtype=call.torch_dtype(), device="meta")
+    w = meta_weights(call.C)
+    dots = DotVariant(prec, False)
+    *_, z, zl, (_grid, args, kwargs) = dense_z.plan_dense_statistics(qkv, call.H, call.W, w.dw3, w.dw5, w.dw7, w.pw,
+                                                                    dots, None, w.local_dw, w.local_pw)
+    specs = [specialize_launch(dense_z.gma_dense_statistics_kernel, arch, args, kwargs)]
+    head_dim = 4 * (call.C // 5) // 8
+    _, launches = L.plan_pre_projection(qkv, call.H, call.W, w, head_dim ** -0.5, 1e-5, dots=dots,
+                                        planes=L.planes_view(z, call.B), keep_w4=False, zl=zl)
+    return specs + [specialize_launch(fn, arch, args, kwargs) for fn, _grid, args, kwargs in launches]
+
+
 def report_specializations(arch: int) -> List[Spec]:
     """The specialisations the GPU report's runs (benchmarks/gpu_report.py) make the JIT compile on
     sm_<arch>, each once, in the order the report needs them most:
@@ -511,7 +542,8 @@ def report_specializations(arch: int) -> List[Spec]:
     1. GroupMixFormer-S's forward, bf16 then fp16 and fp32 (the judged bf16 model run, ops.py's
        kernel rows, the paper's fp32 run; the real-shape tests of the S stages);
     2. GroupMixFormer-S training at batch 128, fp16 (the judged training run: amp is fp16 autocast
-       on CUDA);
+       on CUDA), and its forward in the dense form (`dense_training_specializations_of_call`: what runs where
+       the tune picks B3's dense form; the real-shape tests' dense training step, fp16, too);
     3. the training steps of the real-shape tests (`GPU_TRAIN_SHAPES`, fp32 / fp16 / bf16);
     4. the forward of every other released width at its grids (the real-shape tests);
     5. the forward candidates the speed part's tune phase tries (`REPORT_TUNE_FAMILIES` on
@@ -533,6 +565,8 @@ def report_specializations(arch: int) -> List[Spec]:
                                       for dt in ("bf16", "fp16", "fp32") for C, g in zip(s_dims, sides)]),
         ("GroupMixFormer-S training, fp16, batch 128", [(Call(C, g, g, 128, "fp16"), training_specializations_of_call)
                                                         for C, g in zip(s_dims, sides)]),
+        ("GroupMixFormer-S training in the dense form, fp16, batch 128",
+         [(Call(C, g, g, 128, "fp16"), dense_training_specializations_of_call) for C, g in zip(s_dims, sides)]),
         ("the real-shape tests' training steps", [(Call(C, g, g, B, dt), training_specializations_of_call)
                                                   for dt in DTYPE_NAMES for C, g, B in GPU_TRAIN_SHAPES]),
         ("every released width's forward", [(c, specializations_of_call) for c in real_calls((128,))]),

@@ -1241,7 +1241,8 @@ def statistics(qkv: Tensor, H: int, W: int, wts, group=None):
 def statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None, keep_y: bool = True):
     """`statistics` that also keeps the planes the backward would recompute (module docstring, "Planes
     kept for the backward"; op ``gmf::triton_z_moments_planes``): (mean, var, count, planes), planes =
-    (Z (3B, 4s, H, W), y_all (3, 3B, s, H, W)) in the stage dtype, this process's own images (with a
+    (Z (3B, 4s, H, W), y_all (3, 3B, s, H, W), None: no local branch's Z, `training.prepare`'s zl) in the stage
+    dtype, this process's own images (with a
     process group too: only the moments are all-reduced). keep_y False: y_all empty (nothing stored: the
     backward runs B3's dense form, `train_op.planes_fn_for`). float64 inputs: `statistics` and planes None."""
     if qkv.dtype == torch.float64:
@@ -1249,7 +1250,7 @@ def statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None, keep_y: bool
     B, N, C3 = qkv.shape
     check_train_size(B, N, C3 // 3)
     moments, z, y_all = torch.ops.gmf.triton_z_moments_planes(qkv, H, W, wts.dw3, wts.dw5, wts.dw7, wts.pw, keep_y)
-    return (*mean_var_count(moments, qkv, wts, group), (z, y_all))
+    return (*mean_var_count(moments, qkv, wts, group), (z, y_all, None))
 
 
 def mean_var_count(moments: Tensor, qkv: Tensor, wts, group):

@@ -40,14 +40,16 @@ class TritonPreProjectionFunction(torch.autograd.Function):
     """pre = Triton kernels(qkv, folded weights); backward = `training.backward` (its inputs:
     `training`'s module docstring). Where the statistics pass kept the planes (z), the forward reads
     segments 1-3 from Z instead of running their stencils a second time
-    (``gmf::triton_pre_projection_from_planes``)."""
+    (``gmf::triton_pre_projection_from_planes``), and where its dense form computed the local branch's Z (zl),
+    that too."""
 
     @staticmethod
-    def forward(ctx, qkv, mean, rstd, count, z, y_all, H, W, scale, ln_eps, group, *weights):
+    def forward(ctx, qkv, mean, rstd, count, z, y_all, zl, H, W, scale, ln_eps, group, *weights):
         if z is not None:   # [pre, *what the backward's recompute would make] (`launcher.KEPT`); no w4 for a
-            #                 backward in the dense form (`aggregation_backward.tuned_dense_b3`), which reads none
+            #                 backward in the dense form (`aggregation_backward.tuned_dense_b3`), which reads none;
+            #                 zl: the local branch's Z from the dense statistics pass (not saved)
             pre, *kept = torch.ops.gmf.triton_pre_projection_from_planes(qkv, z, H, W, list(weights), scale, ln_eps,
-                                                                         not agb.tuned_dense_b3(qkv))
+                                                                         not agb.tuned_dense_b3(qkv), zl)
         else:
             pre = torch.ops.gmf.triton_pre_projection(qkv, H, W, list(weights), scale, ln_eps)
             kept = (None,) * training.NUM_KEPT
@@ -188,12 +190,13 @@ def triton_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeight
                                                                planes_fn=planes_fn_for(qkv)))
 
 
-def planes_fn_for(qkv: Tensor):
+def planes_fn_for(qkv: Tensor, local: bool = True):
     """The statistics pass that keeps Z and y for the backward (`statistics.statistics_planes`) where the
     backward of the layer whose input is qkv runs the Triton stages, which read them
     (`Stages.takes_planes`); without y where that backward runs B3's dense form (`tuned_dense_b3`), which reads
-    none, and then in the dense form itself where it applies (`dense_z.dense_statistics_planes`); None where it
-    runs the PyTorch stages (they recompute their own)."""
+    none, and then in the dense form itself where it applies (`dense_z.dense_statistics_planes`), which with
+    `local` (a Triton forward: it reads it) computes the local branch's Z too; None where it runs the PyTorch
+    stages (they recompute their own)."""
     if qkv.dtype == torch.float64:      # the PyTorch stages (`recompute.recompute`)
         return None
     if not triton_stages(qkv.shape[-1] // 15, backward_dots(qkv)).takes_planes:
@@ -201,5 +204,6 @@ def planes_fn_for(qkv: Tensor):
     if not agb.tuned_dense_b3(qkv):
         return statistics_planes
     if dense_statistics_applies(qkv.shape[-1] // 3, dtype_name(qkv.dtype), dot_variant(qkv).precision):
-        return dense_statistics_planes        # the statistics pass on tensor cores too (dense_z.py)
+        # the statistics pass on tensor cores too (dense_z.py)
+        return dense_statistics_planes if local else functools.partial(dense_statistics_planes, local=False)
     return functools.partial(statistics_planes, keep_y=False)
