@@ -247,6 +247,31 @@ def test_dense_z_pass_free_of_hazards():
     assert not planes[0, :, 0].isnan().any()
 
 
+def test_attention_group_free_of_hazards():
+    """The attention's GROUP candidate (a program per CRPE window's heads, grid (tiles, 3, B); no case above takes
+    it): its GPU tile from the search space, two tiles an image (the last ragged) and two images, each program
+    writing its group's channels of pre, in the eval forward and in the training forward (R kept). Also checked as
+    if without barriers."""
+    from gmf_kernels.triton_kernels import launcher as L, statistics
+    from gmf_kernels.triton_kernels._common import dot_variant
+    from helpers import random_folded_weights
+    C, H, W, B = 80, 5, 11, 2
+    f = random_folded_weights(C, torch.float32)
+    qkv = torch.randn(B, H * W, 3 * C)
+    dots = dot_variant(qkv)
+    cand = next(c for c in L.attention_candidates(C, torch.float32, (9, 0)) if c.get("GROUP"))
+    shape = L.shape_from_configs(C, dots, L.aggregate_default(C, torch.float32, (9, 0)), cand)
+    z = statistics.statistics_planes(qkv, H, W, f)[3][0]
+    for planes in (None, L.planes_view(z, B)):
+        with HazardCheck(without_barriers=("gma_attention_kernel",)) as hc:
+            r = L.launch_pre_projection(qkv, H, W, f, 0.3, 1e-5, shape=shape, planes=planes)
+        grid = dict(hc.launches)["gma_attention_kernel"]
+        assert grid == (-(-H * W // shape.ATTN_BLOCK_P), 3, B) and grid[0] >= 2, hc.launches
+        assert not hc.findings, "\n".join(map(str, hc.findings))
+        assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))
+        assert not r["pre"].isnan().any() and (planes is None or not r["R"].isnan().any())
+
+
 def test_dense_statistics_free_of_hazards():
     """The training statistics pass in the dense form (`dense_z.dense_z_moments`; a training forward whose backward
     runs B3's dense form): its GPU tile, several tiles an image (the last ragged), the four segments of three

@@ -714,6 +714,85 @@ def test_dots16_candidates(monkeypatch, dtype, C, agg, attn, compare):
         assert not torch.equal(outs[0], outs[1]), "DOTS16 ran the default's dots"
 
 
+#: (C, H, W, B, dtype, GPU capability the candidate is drawn for): d = 8 (C = 80), 4 (C = 40) and 20 (C = 200), the
+#: widths `config.attn_group_applies` takes; fp32 (3xTF32 dots), the 16-bit dots of fp16 / bf16 on sm_80+ (DOTS16),
+#: and an sm_75's FMA dots (rank-1 updates; fp16 and fp32); grids of several ragged tiles, batch 1 and 2
+GROUP_CASES = [(80, 11, 13, 2, torch.float32, (9, 0)), (40, 9, 11, 1, torch.bfloat16, (9, 0)),
+               (200, 6, 7, 1, torch.float16, (8, 0)), (80, 9, 7, 1, torch.float16, (7, 5)),
+               (40, 5, 11, 2, torch.float32, (7, 5))]
+
+
+@pytest.mark.parametrize("C,H,W,B,dtype,cap", GROUP_CASES,
+                         ids=[f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}-sm{a}{m}" for c, h, w, b, d, (a, m) in GROUP_CASES])
+def test_attention_group_candidate(monkeypatch, C, H, W, B, dtype, cap):
+    """The attention's GROUP candidate (`GMAShape.ATTN_GROUP`: a program per CRPE window's heads, grid (tiles, 3, B);
+    Q KV as one product with the heads' KV blocks on its diagonal, or rank-1 updates on FMA dots), as the search
+    space offers it for (C, dtype, GPU) with its tile: the layer's output against float64, fp32 within FP32_TOL and
+    fp16 / bf16 within 2x the PyTorch reference's own error at that dtype; every element written (NaN poison). The
+    GPU's dot variant is emulated where it is not the interpreter's (sm_75: "ieee")."""
+    from gmf_kernels.triton_kernels import _common
+    if cap < (8, 0):
+        monkeypatch.setattr(_common, "EMULATED_CAPABILITY", cap)
+    cands = [c for c in launcher.attention_candidates(C, dtype, cap) if c.get("GROUP")]
+    assert len(cands) == 2 and config.attn_group_applies(C), cands
+    case = Case(C, H, W, B, seed=C + H + 3 * B + (dtype == torch.float16))
+    dots = launcher.dot_variant(case.qkv(dtype))
+    assert (dots.precision == "ieee") == (cap < (8, 0))
+    shape = launcher.shape_from_configs(C, dots, launcher.aggregate_default(C, dtype, cap), cands[0])
+    assert shape.ATTN_GROUP and -(-H * W // shape.ATTN_BLOCK_P) >= 2
+    _, launches = launcher.plan_pre_projection(case.qkv(dtype), H, W, case.folded(dtype), case.hp.scale,
+                                               case.hp.ln_eps, shape=shape)
+    grid, kw = launches[-1][1], launches[-1][3]
+    assert grid[1:] == (3, B) and kw["GROUP"] is True
+    assert (kw["G2_PAD"], kw["G3_PAD"]) == (config.dot_pad(C // 5), config.dot_pad(3 * (C // 10)))
+    if dtype == torch.float32:
+        _check_launch(case, shape)
+        return
+    monkeypatch.setattr(launcher, "default_shape", lambda *a: shape)
+    out = _forward(case, dtype)
+    with torch.no_grad():
+        ref_lp = reference_group_mix_attention(case.x64.to(DEVICE, dtype), (case.H, case.W), case.weights(dtype),
+                                               case.hp)
+    assert not torch.isnan(out).any()
+    assert_within_reference_error(out, ref_lp, case.out, name=f"{dtype} GROUP C={C}")
+
+
+def test_attention_group_keeps_r_in_training():
+    """The training forward (planes kept: `config.from_planes`, STORE_R) with the GROUP candidate: the
+    pre-projection and what it keeps for the backward (R = CRPE(V) + bias, KV and the softmax statistics) equal
+    the per-head kernel's (fp32, to FP32_TOL), against float64 for pre."""
+    case = Case(80, 9, 11, 2, seed=91)
+    qkv, f, z = _kept_planes(case, torch.float32)
+    dots = launcher.dot_variant(qkv)
+    agg = launcher.aggregate_default(80, torch.float32, (9, 0))
+    attn = launcher.attention_default(80, torch.float32, (9, 0))
+    runs = []
+    for group in (0, 1):
+        shape = launcher.shape_from_configs(80, dots, agg, {**attn, "GROUP": group})
+        assert config.from_planes(shape, dots.precision).ATTN_GROUP is bool(group)
+        runs.append(launcher.launch_pre_projection(qkv, 9, 11, f, case.hp.scale, case.hp.ln_eps, shape=shape,
+                                                   planes=launcher.planes_view(z, 2)))
+    _assert_rel(runs[1]["pre"], case.pre, FP32_TOL, "pre, GROUP, training forward")
+    for name in ("R", "kv", "k_max", "k_sum"):
+        assert not torch.isnan(runs[1][name]).any(), name
+        _assert_rel(runs[1][name], runs[0][name], FP32_TOL, f"{name}: GROUP against per head")
+
+
+def test_attention_group_only_where_lanes_drop():
+    """GROUP is a candidate where a program per window's heads issues fewer stencil lanes than one per head and its
+    widest group stays within `config.ATTN_GROUP_MAX_PAD`: of the released widths C = 40, 80, 200 (d = 4, 8, 20,
+    padded by more than the group's 2 d and 3 d), not 160, 240, 320, 480 (a head fills its lanes) nor 360 (a group
+    of 108 channels). With the row walks it is refused."""
+    take = {C for C in MODEL_WIDTHS if config.attn_group_applies(C)}
+    assert take == {40, 80, 200}, take
+    for C in MODEL_WIDTHS:
+        per_head, per_group = config.attn_group_tile_lanes(C)
+        has = any(c.get("GROUP") for c in launcher.attention_candidates(C, torch.bfloat16, (9, 0)))
+        assert has == (C in take) and (per_group < per_head) == (C in (40, 80, 200, 360)), C
+    with pytest.raises(ValueError, match="attn_rows"):
+        gma_shape(80, attn_rows=True, attn_group=True)
+
+
 def test_dots16_only_where_it_changes_something():
     """DOTS16 candidates exist for fp16 / bf16 on sm_80+ (one-pass TF32 dots there) and nowhere else
     (fp32: 3xTF32; sm_75: FMA dots), and `operand_precision` keeps every other precision as it is."""

@@ -23,7 +23,10 @@ is a runtime value (one instance for the three), or with UNROLL (`GMAShape.ATTN_
 tuning candidate of "triton.attention") a constexpr per head group with each tap row unrolled,
 as the aggregation's UNROLL. With ROWS (`GMAShape.ATTN_ROWS`, a candidate too) the grid is
 ``(strips x runs, 8, B)``: program t walks a run of rows of one BLOCK_P-column strip
-(`attention_rows_plan`, `_attention_rows`).
+(`attention_rows_plan`, `_attention_rows`). With GROUP (`GMAShape.ATTN_GROUP`, a candidate where
+`config.attn_group_applies`: head widths d = 4, 8, 20, padded to 16, 16, 32 lanes) the grid is ``(ceil(N /
+BLOCK_P), 3, B)``: program (t, g, b) computes CRPE window g's heads together (`_attention_group`), 2 d or 3 d
+channels in one tile.
 """
 from __future__ import annotations
 
@@ -33,7 +36,10 @@ import triton
 import triton.language as tl
 
 from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm, rows_input, rows_shift, stored
-from .config import cdiv, combine_grid, combine_tile, dtype_name, operand_precision
+from .config import cdiv, combine_grid, combine_tile, dot_pad, dtype_name, operand_precision
+
+#: GROUP's programs per tile and image: the CRPE windows (heads 0-1 3x3, 2-4 5x5, 5-7 7x7)
+ATTN_GROUPS = 3
 
 
 # Shape integers not specialised: see the note above gma_aggregate_kernel (aggregation.py).
@@ -159,6 +165,50 @@ def _attention_head(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_he
 
 
 @triton.jit
+def _attention_group(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, first, G: tl.constexpr, scale, n, y, x, pmask, H, W,
+                     KS: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
+                     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+                     UNROLL_KX: tl.constexpr = False, r_b=None, N=0, STORE_R: tl.constexpr = False):
+    """GROUP (`GMAShape.ATTN_GROUP`): one tile of a CRPE window's G heads at once (heads first .. first + G - 1,
+    channels [first d, (first + G) d), contiguous in q, v, pre and the group's weights), as `_attention_head`
+    computes one: A = scale Q KV + Q (CRPE(V) + bias). Q KV of the G heads is one product with the heads' KV
+    blocks on the diagonal of a [G_PAD, G_PAD] operand (zeros between the heads: the off-diagonal products are
+    tensor-core work thrown away, G - 1 times the useful d x d per head), or on FMA dots (sm_70/75) the same
+    rank-1 updates as `_q_kv`, each channel taking its own head's row. STORE_R: R as `_attention_head` keeps it.
+
+    Bound aimed at: the per-head kernel is issue-bound (the H200: 7 % of its byte bound at C = 80), half its CRPE
+    lanes masked at d = 8 (D_PAD 16). Here a tap's loads, multiply-adds, index math and weight load serve 2 or 3
+    heads: 35 % fewer lanes x taps a token at C = 80 (`config.attn_group_tile_lanes`), toward the same byte bound
+    (q and v read once, pre written once)."""
+    kk = tl.arange(0, G_PAD)
+    gmask = kk < G * D
+    ch = first * D + kk
+    m2 = pmask[:, None] & gmask[None, :]
+    qt = tl.load(q_b + n[:, None] * CP + ch[None, :], mask=m2, other=0.0).to(tl.float32)
+    conv = depthwise_tile(v_b, ch, gmask, crpe_w + kk, G * D, n, y, x, pmask, H, W, CP, KS, BLOCK_P, G_PAD,
+                          UNROLL_KX)
+    rv = conv + tl.load(crpe_b + ch, mask=gmask, other=0.0)[None, :]
+    if STORE_R:
+        tl.store(r_b + ch[None, :] * N + n[:, None], stored(rv, r_b, EMULATE_DOTS), mask=m2)
+    head0 = first * D + (kk // D) * D                           # each channel's head's first channel
+    e = tl.zeros([BLOCK_P, G_PAD], dtype=tl.float32)
+    if DOT_PRECISION == "ieee":   # rank-1 updates over k (`_q_kv`), channel c taking Q[:, head(c) d + k]
+        k = 0
+        while k < D:
+            qcol = tl.load(q_b + n[:, None] * CP + (head0 + k)[None, :], mask=m2, other=0.0).to(tl.float32)
+            kvrow = tl.load(kv_b + (head0 + k) * D + kk % D, mask=gmask, other=0.0)
+            e += qcol * kvrow[None, :]
+            k += 1
+    else:
+        same = (kk[:, None] // D) == (kk[None, :] // D)          # block-diagonal: K channel r, V channel c
+        kvt = tl.load(kv_b + ch[:, None] * D + (kk % D)[None, :], mask=gmask[:, None] & gmask[None, :] & same,
+                      other=0.0)
+        e = mm(qt, kvt, e, DOT_PRECISION, EMULATE_DOTS)
+    out = scale * e + qt * rv
+    tl.store(pre_b + n[:, None] * C + ch[None, :], stored(out, pre_b, EMULATE_DOTS), mask=m2)
+
+
+@triton.jit
 def _attention_rows(q_b, v_b, kv_b, pre_b, crpe_w, crpe_b, head, first, group_heads, scale, strip, ya, yb, H, W,
                     KS: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
@@ -214,6 +264,7 @@ def gma_attention_kernel(
     C: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, UNROLL: tl.constexpr,
     ROWS: tl.constexpr = False, STORE_R: tl.constexpr = False,
+    GROUP: tl.constexpr = False, G2_PAD: tl.constexpr = 16, G3_PAD: tl.constexpr = 16,
 ):
     t = tl.program_id(0)
     head = tl.program_id(1)
@@ -242,7 +293,17 @@ def gma_attention_kernel(
         pmask = n < N
         y = n // W
         x = n % W
-        if UNROLL:   # an instance per CRPE window (KS constexpr), each tap row unrolled (_common.depthwise_taps)
+        if GROUP:    # program (t, g, b): CRPE window g's heads together (`_attention_group`; grid (tiles, 3, B))
+            if head == 0:
+                _attention_group(q_b, v_b, kv_b, pre_b, crpe_w3, crpe_b, 0, 2, scale, n, y, x, pmask, H, W, 3,
+                                 C, CP, D, G2_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, UNROLL, r_b, N, STORE_R)
+            elif head == 1:
+                _attention_group(q_b, v_b, kv_b, pre_b, crpe_w5, crpe_b, 2, 3, scale, n, y, x, pmask, H, W, 5,
+                                 C, CP, D, G3_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, UNROLL, r_b, N, STORE_R)
+            else:
+                _attention_group(q_b, v_b, kv_b, pre_b, crpe_w7, crpe_b, 5, 3, scale, n, y, x, pmask, H, W, 7,
+                                 C, CP, D, G3_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, UNROLL, r_b, N, STORE_R)
+        elif UNROLL:   # an instance per CRPE window (KS constexpr), each tap row unrolled (_common.depthwise_taps)
             if head < 2:
                 _attention_head(q_b, v_b, kv_b, pre_b, crpe_w3, crpe_b, head, 0, 2, scale, n, y, x, pmask, H, W, 3,
                                 C, CP, D, D_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, True, r_b, N, STORE_R)
@@ -306,7 +367,9 @@ def attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots: DotVariant,
                   DOT_PRECISION=operand_precision(dots.precision, dtype_name(q.dtype), shape.ATTN_DOTS16),
                   EMULATE_DOTS=dots.emulate, UNROLL=shape.ATTN_UNROLL, ROWS=shape.ATTN_ROWS, STORE_R=r is not None,
                   num_warps=shape.ATTN_WARPS)
-    return (programs, 8, B), args, kwargs
+    if shape.ATTN_GROUP:   # a program per CRPE window's heads: (2 d and 3 d channels, padded)
+        kwargs.update(GROUP=True, G2_PAD=dot_pad(2 * shape.D), G3_PAD=dot_pad(3 * shape.D))
+    return (programs, ATTN_GROUPS if shape.ATTN_GROUP else 8, B), args, kwargs
 
 
 #: ROWS: about this many programs (x 8 heads x B) at least, where the rows allow: rows per program are cut

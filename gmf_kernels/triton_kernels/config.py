@@ -147,6 +147,30 @@ def pair_applies(C: int) -> bool:
     return C % 5 == 0 and s >= 16 and s & (s - 1) == 0
 
 
+def attn_group_tile_lanes(C: int) -> Tuple[int, int]:
+    """(per head, per group): the channel lanes x CRPE taps the attention's stencil issues per token, a program per
+    head (8 heads, D_PAD lanes each; 2 x 9 + 3 x 25 + 3 x 49 taps) against a program per CRPE window's heads
+    (`GMAShape.ATTN_GROUP`: dot_pad(2 d) lanes x 9 taps, dot_pad(3 d) x (25 + 49))."""
+    d = C // 10
+    return dot_pad(d) * (2 * 9 + 3 * 25 + 3 * 49), dot_pad(2 * d) * 9 + dot_pad(3 * d) * (25 + 49)
+
+
+#: the widest group (dot_pad(3 d)) the GROUP candidate takes: its [BLOCK_P, 3 d] tiles and the block-diagonal
+#: [dot_pad(3 d)]^2 KV operand of Q KV compiled without a spill to 64 (C = 160, fp32, BLOCK_P 16: 162 / 167
+#: registers on sm_90 / sm_80) and spilled at 128 (C = 320, fp32: 0.5-3 KB), AOT, Triton 3.6, 2026-12-07
+ATTN_GROUP_MAX_PAD = 64
+
+
+def attn_group_applies(C: int) -> bool:
+    """Whether the attention's GROUP candidate (`GMAShape.ATTN_GROUP`) is tried at width C: where it issues fewer
+    stencil lanes than a program per head (`attn_group_tile_lanes`: head widths d padded by more than the group's
+    2 d and 3 d are, d = 4, 8, 20, 36 of the released widths: C = 40, 80, 200, 360) and its widest group stays
+    within `ATTN_GROUP_MAX_PAD` (not C = 360): C = 40, 80 and 200. (At d = 16 or 32 a head fills its lanes, and a
+    group of 3 d pads 48 to 64 or 96 to 128: more lanes, not fewer.)"""
+    per_head, per_group = attn_group_tile_lanes(C)
+    return per_group < per_head and dot_pad(3 * (C // 10)) <= ATTN_GROUP_MAX_PAD
+
+
 def zdense_applies(C: int, dtype: str, precision: str) -> bool:
     """Whether the dense Z pass (`GMAShape.AGG_ZDENSE`, `dense_z.gma_dense_z_kernel`) is a tuning candidate for
     width C, input dtype name `dtype` and the GPU's dots for it (`dot_precision`): tensor-core dots (not the
@@ -288,6 +312,8 @@ class GMAShape:
     ATTN_DOTS16: bool = False  # attention: the same for its Q KV dot (a tuning candidate)
     AGG_ROWS: bool = False     # aggregation: segments 1-3 by row walks down strips (`aggregation._segment_rows`; a candidate)
     ATTN_ROWS: bool = False    # attention: the CRPE by row walks down strips (`attention._attention_rows`; a candidate)
+    ATTN_GROUP: bool = False   # attention: a program per CRPE window's heads, not per head (`attention._attention_group`;
+    #                            a candidate; not with ATTN_ROWS)
     AGG_FROM_Z: bool = False   # aggregation: segments 1-3 from the statistics pass's kept Z (the training forward; `from_planes`)
     AGG_SPLIT: bool = False    # eval forward: a Z pass (`statistics.plan_z_pass`), then the aggregation from Z (a candidate)
     AGG_PIPE: int = 0          # aggregation: stages of the element-wise jobs' tile loop (`tl.range(num_stages=...)`;
@@ -551,7 +577,7 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
               strip: Optional[int] = None, merge: Optional[bool] = None, unroll: bool = False,
               attn_unroll: bool = False, dots16: bool = False, attn_dots16: bool = False,
               pair: bool = False, rows: bool = False, attn_rows: bool = False, split: bool = False,
-              pipe: int = 0, zdense: int = 0) -> GMAShape:
+              pipe: int = 0, zdense: int = 0, attn_group: bool = False) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
@@ -566,6 +592,8 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
     only where `pair_applies` and with the merged q/k/v pass).
     rows: the aggregation's segments 1-3 by row walks (`GMAShape.AGG_ROWS`; default off; only with pair).
     attn_rows: the attention's CRPE by row walks (`GMAShape.ATTN_ROWS`; default off).
+    attn_group: the attention's programs per CRPE window's heads (`GMAShape.ATTN_GROUP`; default off; not with
+    attn_rows).
     split: the eval forward split in a Z pass and the aggregation from Z (`GMAShape.AGG_SPLIT`; default off).
     pipe: the stages of the aggregation's element-wise tile loops (`GMAShape.AGG_PIPE`; default 0, a plain loop).
     zdense: the split forward's Z pass as dense convolutions on tensor cores (`GMAShape.AGG_ZDENSE`: 1 or 2, its
@@ -601,6 +629,8 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
         raise ValueError(f"zdense={zdense!r}: 0 (off), 1 (DENSE_Z_TILES) or 2 (DENSE_Z_TILES_ALT)")
     if zdense and not split:
         raise ValueError("zdense is a Z pass of the split forward: it needs split=True")
+    if attn_group and attn_rows:
+        raise ValueError("attn_group groups the attention's tile programs: the row walks (attn_rows) have none")
     if split:
         pair, rows, merged = False, False, True
     return GMAShape(C=C, S=S, CP=CP, D=D, S_PAD=S_PAD, D_PAD=D_PAD, CK=ck, AGG_BLOCK_P=agg,
@@ -610,4 +640,4 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
                     AGG_UNROLL=bool(unroll), ATTN_UNROLL=bool(attn_unroll), AGG_DOTS16=bool(dots16),
                     ATTN_DOTS16=bool(attn_dots16), AGG_PAIR=bool(pair), AGG_ROWS=bool(rows),
                     ATTN_ROWS=bool(attn_rows), AGG_SPLIT=bool(split), AGG_PIPE=int(pipe),
-                    AGG_ZDENSE=int(zdense))
+                    AGG_ZDENSE=int(zdense), ATTN_GROUP=bool(attn_group))

@@ -270,7 +270,10 @@ def _attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     MACs per program).
     cuda: CRPE stencils, 240 d MACs per token.
     With ``sh.AGG_FROM_Z`` (the training forward) also R = CRPE(V) + bias written (B N C' e, the stage
-    dtype), kept for the backward."""
+    dtype), kept for the backward. With ``sh.ATTN_GROUP`` (a program per CRPE window's heads: grid
+    (tiles, 3, B)) Q KV is one [BLOCK_P, G] x [G, G] product per group with the heads' KV blocks on its diagonal
+    (G = dot_pad(2 d), dot_pad(3 d) twice: padded tensor-core work G^2 per token and group), or rank-1 updates
+    over k < d on "ieee" (BLOCK_P d G MACs per program)."""
     N = H * W
     e = ELEM_BYTES[dt]
     cp, d = sh.CP, sh.D
@@ -281,15 +284,18 @@ def _attention(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     if sh.AGG_FROM_Z:
         detail["r_write"] = B * N * cp * ELEM_BYTES[dtype_name(stage_dtype(torch_dtype(dt)))]
     tiles = -(-N // sh.ATTN_BLOCK_P)
-    progs = tiles * 8 * B
+    # the padded lanes of each program kind, and how many of each per tile and image
+    lanes = ((dot_pad(2 * d), 1), (dot_pad(3 * d), 2)) if sh.ATTN_GROUP else ((sh.D_PAD, 8),)
+    per_tile = tiles * B * sh.ATTN_BLOCK_P
     useful = 2 * B * N * cp * d
     if prec == "ieee":
-        tc, tcp, dot_fma, tp = 0, 0, 2 * progs * sh.ATTN_BLOCK_P * d * sh.D_PAD, "-"
+        tc, tcp, dot_fma, tp = 0, 0, 2 * per_tile * d * sum(g * k for g, k in lanes), "-"
     else:
-        tc, tcp, dot_fma, tp = (useful, 2 * progs * sh.ATTN_BLOCK_P * sh.D_PAD * sh.D_PAD, 0,
+        tc, tcp, dot_fma, tp = (useful, 2 * per_tile * sum(g * g * k for g, k in lanes), 0,
                                 operand_precision(prec, dt, sh.ATTN_DOTS16))
     crpe = 2 * B * N * CRPE_TAPS_PER_D * d
-    return Cost(bytes=sum(detail.values()), tc_flops=tc, cuda_flops=crpe + dot_fma, grid=(tiles, 8, B),
+    return Cost(bytes=sum(detail.values()), tc_flops=tc, cuda_flops=crpe + dot_fma,
+                grid=(tiles, 3 if sh.ATTN_GROUP else 8, B),
                 tc_precision=tp, tc_flops_padded=tcp, block=32 * sh.ATTN_WARPS, detail=detail)
 
 

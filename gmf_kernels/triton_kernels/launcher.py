@@ -52,7 +52,7 @@ from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
 from .statistics import gma_statistics_kernel, plan_z_pass
 from .dense_z import dense_z_tiles, gma_dense_z_kernel, local_z_of, plan_dense_z_pass
-from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P,
+from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P, attn_group_applies,
                      MAX_GRID_BATCH, GMAShape,
                      dot_pad, dot_precision, dtype_name, from_planes, gma_shape, next_pow2, operand_precision,
                      pair_applies, stage_dtype, zdense_variants)
@@ -83,8 +83,9 @@ def default_shape(C: int, N: int, dots: DotVariant) -> GMAShape:
 # ---------------------------------------------------------------- tuning (search spaces as data)
 AGG_FAMILY = "triton.aggregate"
 ATTN_FAMILY = "triton.attention"
-#: at most this many candidates per (family, C, dtype, GPU)
-MAX_CANDIDATES = 8
+#: at most this many candidates per (family, C, dtype, GPU): of the attention's, the default's variants (UNROLL, DOTS16,
+#: two ROWS tiles, two GROUP) first, then the table's other tiles
+MAX_CANDIDATES = 9
 #: ... and for the aggregation, whose search space also holds the wide tiles and the unrolled taps below: the
 #: default's four variants, the table tiles and the wide tiles (at most AGG_MAX_WIDE) in AGG_BASE_CANDIDATES
 #: slots, then the SPLIT / ROWS / DOTS16 / PAIR candidates on top (`aggregate_candidates`), at most
@@ -148,7 +149,7 @@ def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
 
 def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
     return {"BLOCK_P": shape.ATTN_BLOCK_P, "num_warps": shape.ATTN_WARPS, "UNROLL": int(shape.ATTN_UNROLL),
-            "DOTS16": int(shape.ATTN_DOTS16), "ROWS": int(shape.ATTN_ROWS)}
+            "DOTS16": int(shape.ATTN_DOTS16), "ROWS": int(shape.ATTN_ROWS), "GROUP": int(shape.ATTN_GROUP)}
 
 
 def _dots16_applies(C: int, dtype, capability) -> bool:
@@ -249,8 +250,9 @@ def attention_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     """The default tile first, then the same with its CRPE tap rows unrolled (``UNROLL``:
     `config.GMAShape.ATTN_UNROLL`), for fp16/bf16 on sm_80+ the default with 16-bit Q KV operands
     (``DOTS16``: `config.operand_precision`), the CRPE's row walks (``ROWS``: `attention._attention_rows`,
-    the tiles of `ATTN_ROWS_TILES`, with DOTS16 where it applies), then the other tiles of ATTN_TILES /
-    ATTN_TILES_BY_DOTS."""
+    the tiles of `ATTN_ROWS_TILES`, with DOTS16 where it applies), a program per CRPE window's heads (``GROUP``:
+    `attention._attention_group`, the default tile, with DOTS16 where it applies, and unrolled too), then the other
+    tiles of ATTN_TILES / ATTN_TILES_BY_DOTS."""
     if _precision(C, dtype, capability) is None:
         return []
     default = attention_default(C, dtype, capability)
@@ -260,9 +262,13 @@ def attention_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
         out.append({**default, "DOTS16": 1})
     for bp, warps in ATTN_ROWS_TILES:
         out.append({**default, "BLOCK_P": bp, "num_warps": warps, "DOTS16": int(dots16), "ROWS": 1})
+    if attn_group_applies(C):   # the group's [BLOCK_P, 3 d] tiles about as many elements as the default's
+        g = {**default, "BLOCK_P": max(16, default["BLOCK_P"] * dot_pad(C // 10) // dot_pad(3 * (C // 10))),
+             "DOTS16": int(dots16), "GROUP": 1}
+        out += [g, {**g, "UNROLL": 1}]
     tiles = list(ATTN_TILES.values()) + [t for row in ATTN_TILES_BY_DOTS.values() for t in row.values()]
     for bp, warps in tiles:
-        cfg = {"BLOCK_P": bp, "num_warps": warps, "UNROLL": 0, "DOTS16": 0, "ROWS": 0}
+        cfg = {"BLOCK_P": bp, "num_warps": warps, "UNROLL": 0, "DOTS16": 0, "ROWS": 0, "GROUP": 0}
         if cfg not in out and len(out) < MAX_CANDIDATES:
             out.append(cfg)
     return out
@@ -289,7 +295,7 @@ def _shape_from_configs(C: int, precision: str, agg_items: tuple, attn_items: tu
                       attn_dots16=bool(attn.get("DOTS16", 0)), pair=bool(agg.get("PAIR", 0)),
                       rows=bool(agg.get("ROWS", 0)), attn_rows=bool(attn.get("ROWS", 0)),
                       split=bool(agg.get("SPLIT", 0)), pipe=int(agg.get("PIPE", 0)),
-                      zdense=int(agg.get("ZDENSE", 0)))
+                      zdense=int(agg.get("ZDENSE", 0)), attn_group=bool(attn.get("GROUP", 0)))
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 
