@@ -242,6 +242,22 @@ GRIDS = [(1, 1), (7, 9), (5, 11), (14, 14), (28, 28)]
 GRID_CASES = [(H, W, B) for (H, W) in GRIDS for B in (1, 2) if not ((H, W) == (28, 28) and B == 2)]
 
 
+def _check_shape_at(monkeypatch, case, shape, dtype, name):
+    """The specialisation `shape` on `case` at dtype: fp32 by `_check_launch` (every buffer against float64);
+    fp16 / bf16 through the backend with `shape` as the launcher's default, the layer's output within 2x the
+    PyTorch reference's own error at that dtype (against float64), nothing left unwritten."""
+    if dtype == torch.float32:
+        _check_launch(case, shape)
+        return
+    monkeypatch.setattr(launcher, "default_shape", lambda *a: shape)
+    out = _forward(case, dtype)
+    with torch.no_grad():
+        ref_lp = reference_group_mix_attention(case.x64.to(DEVICE, dtype), (case.H, case.W), case.weights(dtype),
+                                               case.hp)
+    assert not torch.isnan(out).any()
+    assert_within_reference_error(out, ref_lp, case.out, name=name)
+
+
 @pytest.mark.parametrize("H,W,B", GRID_CASES, ids=lambda v: str(v))
 def test_forward_fp32_grids(H, W, B):
     case = Case(80, H, W, B, seed=H * 100 + W)
@@ -745,16 +761,7 @@ def test_attention_group_candidate(monkeypatch, C, H, W, B, dtype, cap):
     grid, kw = launches[-1][1], launches[-1][3]
     assert grid[1:] == (3, B) and kw["GROUP"] is True
     assert (kw["G2_PAD"], kw["G3_PAD"]) == (config.dot_pad(C // 5), config.dot_pad(3 * (C // 10)))
-    if dtype == torch.float32:
-        _check_launch(case, shape)
-        return
-    monkeypatch.setattr(launcher, "default_shape", lambda *a: shape)
-    out = _forward(case, dtype)
-    with torch.no_grad():
-        ref_lp = reference_group_mix_attention(case.x64.to(DEVICE, dtype), (case.H, case.W), case.weights(dtype),
-                                               case.hp)
-    assert not torch.isnan(out).any()
-    assert_within_reference_error(out, ref_lp, case.out, name=f"{dtype} GROUP C={C}")
+    _check_shape_at(monkeypatch, case, shape, dtype, f"{dtype} GROUP C={C}")
 
 
 def test_attention_group_keeps_r_in_training():
@@ -1011,14 +1018,7 @@ def test_split_forward(monkeypatch, C, H, W, B, dtype, gpu_tiles, zdense):
     assert kw[1]["FROM_Z"] and "KEEP" not in kw[1]
     assert kw[1].get("LOCAL_Z", False) == bool(zdense) == shape.local_from_z   # ZDENSE: the local branch's Z too
     assert not kw[2].get("STATS") and not kw[3].get("STORE_R")
-    if dtype == torch.float32:
-        _check_launch(case, shape)
-        return
-    monkeypatch.setattr(launcher, "default_shape", lambda *a: shape)
-    out = _forward(case, dtype)
-    with torch.no_grad():
-        ref_lp = reference_group_mix_attention(case.x64.to(DEVICE, dtype), (H, W), case.weights(dtype), case.hp)
-    assert_within_reference_error(out, ref_lp, case.out, name=f"{dtype} split forward C={C}")
+    _check_shape_at(monkeypatch, case, shape, dtype, f"{dtype} split forward C={C}")
 
 
 @pytest.fixture

@@ -423,6 +423,27 @@ def test_tuning_candidates_reach_the_aot_plans():
     assert all(n[f] == len(tuning.spaces()[f].candidates(80, torch.float32, (9, 0))) - 1 for f in n), n
 
 
+def _spy_launches(monkeypatch, record) -> None:
+    """Every Triton launch from now on calls record(kernel name, its keyword arguments), then launches (a spy in
+    place of `_launch.wrap_triton`, where the launchers and the training modules look it up)."""
+    from gmf_kernels.triton_kernels import _launch
+    real = _launch.wrap_triton
+
+    def spy(kernel):
+        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+        wrapped = real(kernel)
+
+        class Launch:
+            def __getitem__(self, grid):
+                def go(*a, **kw):
+                    record(name, kw)
+                    return wrapped[grid](*a, **kw)
+                return go
+        return Launch()
+    monkeypatch.setattr(_launch, "wrap_triton", spy)
+    monkeypatch.setattr(_train_modules()[2], "wrap_triton", spy)
+
+
 def test_train_measurement_runs_each_candidate_through_the_table(monkeypatch):
     """`tune.GpuMeasure.train` (what --train runs on a GPU) on the CPU under the interpreter:
     each candidate goes through a temporary table and the library's lookup (here
@@ -433,7 +454,6 @@ def test_train_measurement_runs_each_candidate_through_the_table(monkeypatch):
     one large tile (the GPU defaults, row walks of 16-column strips since 2026-12-05, cost the interpreter
     far more per pixel)."""
     *_, tile_spaces = _train_modules()
-    from gmf_kernels.triton_kernels import _launch
     meas = object.__new__(tune.GpuMeasure)
     meas.batch, meas.device, meas.cap = 2, torch.device("cpu"), (8, 0)
     monkeypatch.setattr(tune.GpuMeasure, "_bench", lambda self, fn: 1.0)
@@ -443,21 +463,8 @@ def test_train_measurement_runs_each_candidate_through_the_table(monkeypatch):
     monkeypatch.setattr(tile_spaces, "tuned_tiles", lambda fam, C, like: seen.append(fam) or (tuple(
         tuning.choose(fam, C, like.dtype, (8, 0)).values()) if fam in timed else None))
     launched = []
-    real = _launch.wrap_triton
-
-    def spy(kernel):
-        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-        wrapped = real(kernel)
-
-        class Launch:
-            def __getitem__(self, grid):
-                def go(*a, **kw):
-                    launched.append((name, kw.get("BLOCK_P", kw.get("BLOCK_N")), kw["num_warps"]))
-                    return wrapped[grid](*a, **kw)
-                return go
-        return Launch()
-    monkeypatch.setattr(_launch, "wrap_triton", spy)
-    monkeypatch.setattr(_train_modules()[2], "wrap_triton", spy)
+    _spy_launches(monkeypatch, lambda name, kw: launched.append((name, kw.get("BLOCK_P", kw.get("BLOCK_N")),
+                                                                 kw["num_warps"])))
     for fam, kernel in zip(timed, ("gma_statistics_kernel", "gma_b1_dkv_kernel")):
         cands = tuning.spaces()[fam].candidates(40, torch.float32, (8, 0))[:3]
         launched.clear()
@@ -642,7 +649,6 @@ def test_backward_family_timed_on_a_layer_step(monkeypatch):
     and keeping no w4) where the default's launches the stencil statistics pass. bf16 on an sm_80 table (the CPU
     under the interpreter, a stub timer); both candidates' gradients agree within the tuner's bf16 rule."""
     *_, tile_spaces = _train_modules()
-    from gmf_kernels.triton_kernels import _launch
     meas = object.__new__(tune.GpuMeasure)
     meas.batch, meas.device, meas.cap = 1, torch.device("cpu"), (8, 0)
     monkeypatch.setattr(tune.GpuMeasure, "_bench", lambda self, fn: 1.0)
@@ -651,21 +657,7 @@ def test_backward_family_timed_on_a_layer_step(monkeypatch):
     monkeypatch.setattr(tile_spaces, "tuned_tiles", lambda f, C, like: (
         tuple(tuning.choose(f, C, like.dtype, (8, 0)).values()) if f == fam else None))
     launched = []
-    real = _launch.wrap_triton
-
-    def spy(kernel):
-        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-        wrapped = real(kernel)
-
-        class Launch:
-            def __getitem__(self, grid):
-                def go(*a, **kw):
-                    launched.append((name, kw))
-                    return wrapped[grid](*a, **kw)
-                return go
-        return Launch()
-    monkeypatch.setattr(_launch, "wrap_triton", spy)
-    monkeypatch.setattr(_train_modules()[2], "wrap_triton", spy)
+    _spy_launches(monkeypatch, lambda name, kw: launched.append((name, kw)))
     cands = tuning.spaces()[fam].candidates(40, torch.bfloat16, (8, 0))
     cands = [cands[0], next(c for c in cands if c.get("DENSE"))]
     assert not cands[0].get("DENSE")
