@@ -399,7 +399,9 @@ def _candidate_specs(fam: str, call: Call, arch: int, cand: Dict[str, int]) -> L
     """The specialisations one candidate of a tuning family makes the JIT compile at one call, as
     ``benchmarks/tune.py`` runs it: a forward family's candidate in the pre-projection's three
     launches (the other forward family at its default), a training family's candidate in that
-    family's kernels (`tile_spaces.KERNELS`; the rest of the training step at its defaults)."""
+    family's kernels (`tile_spaces.KERNELS`; the rest of the training step at its defaults), and for
+    "triton.backward"'s dense candidate the training forward it makes (`dense_training_specializations_of_call`:
+    the tuner times that family on a layer's whole step)."""
     from . import tile_spaces, train_op  # noqa: F401  (every family registered)
     from ._common import kernel_name
     from .recompute import ATTENTION_FAMILY, LOCAL_FAMILY
@@ -415,7 +417,10 @@ def _candidate_specs(fam: str, call: Call, arch: int, cand: Dict[str, int]) -> L
         specs = statistics_specializations_of_call(call, arch, tile)
     else:
         specs = backward_specializations_of_call(call, arch, fam == "triton.backward", tile)
-    return [sp for sp in specs if sp.kernel in names]
+    out = [sp for sp in specs if sp.kernel in names]
+    if fam == "triton.backward" and cand.get("DENSE"):   # timed on a layer's training step (benchmarks/tune.py
+        out += dense_training_specializations_of_call(call, arch)   # STEP_FAMILY): the forward it makes too
+    return out
 
 
 def candidate_specializations(calls: Optional[Dict[Call, Tuple[str, ...]]] = None,
