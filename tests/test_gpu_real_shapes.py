@@ -14,7 +14,9 @@ many tiles per program) never ran. Here, on a CUDA GPU:
 * a training step (batch statistics, forward + backward: Triton's backward kernels, which the
   CUDA backend trains with too) at GroupMixFormer-S stage shapes and at C = 360 / 480 (S_PAD
   128: unfused B3, the wide recompute tiles): output, input and every parameter gradient,
-  running statistics against the float64 reference (fp32, fp16, bf16).
+  running statistics against the float64 reference (fp32, fp16, bf16);
+* every Triton forward tuning candidate the speed part's tune tries (GroupMixFormer-S's widths, batch 128, bf16),
+  against the float64 oracle, last in the file.
 
 Oracle: the reference in float64, computed on the GPU. fp32 (TF32 off, tests/conftest.py):
 max |diff| / max |oracle| <= max(1e-5, 2 x the fp32 reference's own error + 1e-6).
@@ -502,3 +504,51 @@ def test_triton_training_step_dense_form(C, G, B, monkeypatch):
     monkeypatch.setattr(tile_spaces, "tuned_tiles",
                         lambda family, C_, like: tiles[0] if family == agb.BACKWARD_FAMILY else None)
     _check_training_step("triton", C, G, B, "fp16" if "fp16" in DTYPES else "bf16", " (dense form)")
+
+
+# ------------------------------------------------------------------ the forward's tuning candidates
+#: (C, grid side, batch) where the speed part's tune tries the Triton forward candidates (GroupMixFormer-S's widths at
+#: their first stage grid, batch 128: benchmarks/gpu_report.py's tune phase, `specializations.REPORT_TUNE_FAMILIES`)
+CAND_CASES = [(C, G, 128) for C, G in dict(reversed(S_STAGES)).items()][::-1]
+if ON_CPU:
+    CAND_CASES = [(40, 5, 2)]
+
+
+# last in the file (collected, hence started, last: a phase cut short by its deadline loses these first; their
+# candidates compile here unless the report's warm-up or seed compiled them), on one worker
+@pytest.mark.xdist_group("forward-candidates")
+@pytest.mark.parametrize("C, G, B", CAND_CASES, ids=[f"triton-C{C}-{G}x{G}-B{B}" for C, G, B in CAND_CASES])
+def test_triton_forward_candidates(C, G, B, monkeypatch):
+    """Every candidate of "triton.aggregate" and "triton.attention" the tune would try here for the judged run's
+    dtype (bf16; fp16 on a GPU without bf16), the other family at its default: the pre-projection against the
+    float64 oracle (the file's rule), every buffer NaN-poisoned. The tune itself only compares a candidate with the
+    default's output; this records, before it runs, which candidates are right on this GPU (the split forward and
+    its dense Z pass, the row walks, PAIR, the attention's GROUP, ...). All candidates run; the failures are
+    listed together. On the CPU (its logic only): the first dense Z pass and the first GROUP candidate."""
+    from gmf_kernels.folding import FoldedGMAWeights
+    from gmf_kernels.triton_kernels import launcher as L
+    require_backend("triton")
+    cap = torch.cuda.get_device_capability() if DEVICE == "cuda" else (9, 0)
+    dtype = torch.bfloat16 if cap >= (8, 0) else torch.float16
+    case = get_case(C, G, B)
+    qkv, ws = case.qkv(dtype), FoldedGMAWeights(*case.folded(dtype))
+    dots = L.dot_variant(qkv)
+    agg0, attn0 = L.aggregate_default(C, dtype, cap), L.attention_default(C, dtype, cap)
+    pairs = ([(a, attn0) for a in L.aggregate_candidates(C, dtype, cap) if a != agg0]
+             + [(agg0, t) for t in L.attention_candidates(C, dtype, cap) if t != attn0])
+    if ON_CPU:
+        pairs = [next(p for p in pairs if p[0].get("ZDENSE")), next(p for p in pairs if p[1].get("GROUP"))]
+    assert pairs
+    monkeypatch.setattr(L, "POISON_BUFFERS", True)
+    failures = []
+    for agg, attn in pairs:
+        what = f"triton {dtype} C={C} {G}x{G} B={B} aggregate {agg} attention {attn}"
+        with torch.inference_mode():
+            out = L.launch_pre_projection(qkv, G, G, ws, case.hp.scale, case.hp.ln_eps,
+                                          shape=L.shape_from_configs(C, dots, agg, attn))["pre"]
+        sync()
+        try:
+            assert_close_to_oracle(out, case.pre64, case.reference(dtype)[0], dtype, what)
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0])
+    assert not failures, f"{len(failures)} of {len(pairs)} candidates wrong:\n" + "\n".join(failures)
