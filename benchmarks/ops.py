@@ -157,11 +157,12 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
     return statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times)
 
 
-_KERNEL_NAME = re.compile(r"gma_(pack|aggregate|combine|attention|statistics|dense_z)_kernel")
+_KERNEL_NAME = re.compile(r"gma_(pack|aggregate|combine|attention|statistics|dense_z|dense_aggregate)_kernel")
 #: the profiler's kernel -> the row's name: an eval forward launches the statistics kernel only as the
 #: split forward's Z pass, and the dense Z pass (`GMAShape.AGG_ZDENSE`) is that Z pass on tensor cores (its row's
-#: work stays the compulsory one, the stencil form's: the dense form multiplies more)
-_KERNEL_ROW = {"statistics": "z_pass", "dense_z": "z_pass"}
+#: work stays the compulsory one, the stencil form's: the dense form multiplies more); the fused forward's one
+#: kernel (`GMAShape.AGG_FUSED`) is the aggregation, with its compulsory bytes (no Z pass before it)
+_KERNEL_ROW = {"statistics": "z_pass", "dense_z": "z_pass", "dense_aggregate": "aggregate"}
 
 
 def kernel_breakdown(fn: Callable[[], object], calls: int = 20) -> Dict[str, List[float]]:

@@ -276,8 +276,8 @@ def rows(model: str = "groupmixformer_s", batches: Sequence[int] = (128, 1), dty
             for (C, H, W) in (shape_list or shapes(model)):
                 for B in batches:
                     for dt in dtypes:
-                        if kernel == Z_PASS and not triton_shape(C, dt).AGG_SPLIT:
-                            continue        # the fused aggregation computes Z in registers
+                        if kernel == Z_PASS and (not triton_shape(C, dt).AGG_SPLIT or triton_shape(C, dt).AGG_FUSED):
+                            continue        # the aggregation computes Z in registers (the default, or FUSED)
                         c = _cost(backend, kernel, B, H, W, C, dt)
                         r = {"backend": backend, "kernel": kernel, "C": C, "H": H, "W": W, "B": B, "dtype": dt,
                              "bytes": c.bytes, "tc_flops": c.tc_flops, "tc_precision": c.tc_precision,

@@ -110,8 +110,11 @@ WARM_SHARE = 0.25
 #: max relative difference of a candidate's pre from the default config's (per dtype): rounding only
 AGREE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 #: the kernels a forward family's candidate is timed on (`GpuMeasure.triton`), by name: the aggregation's, with the
-#: Z pass of its SPLIT candidates (`config.GMAShape.AGG_SPLIT`; on tensor cores with ZDENSE); the attention's
-STAGE_KERNELS = {"triton.aggregate": ("gma_statistics_kernel", "gma_dense_z_kernel", "gma_aggregate_kernel"),
+#: Z pass of its SPLIT candidates (`config.GMAShape.AGG_SPLIT`; on tensor cores with ZDENSE), or the one kernel of its
+#: FUSED ones (`dense_z.gma_dense_aggregate_kernel`), and the combine, whose work is the candidate's partial rows (a
+#: row per segment and tile with FUSED, per split otherwise); the attention's
+STAGE_KERNELS = {"triton.aggregate": ("gma_statistics_kernel", "gma_dense_z_kernel", "gma_aggregate_kernel",
+                                      "gma_dense_aggregate_kernel", "gma_combine_kernel"),
                  "triton.attention": ("gma_attention_kernel",)}
 
 
@@ -338,9 +341,11 @@ class GpuMeasure:
                         timed.append((k, g, a, kw))
                 torch.cuda.synchronize()
                 spills = sum(int(getattr(c, "n_spills", 0) or 0) for c in compiled)
-                rec["registers"] = getattr(compiled[-1], "n_regs", None)   # the family's kernel (after a Z pass)
-                if len(compiled) > 1:
-                    rec["registers_before"] = [getattr(c, "n_regs", None) for c in compiled[:-1]]
+                # the family's kernel (after a Z pass; the combine, last, is not the family's)
+                main = compiled[:-1] if family == L.AGG_FAMILY else compiled
+                rec["registers"] = getattr(main[-1], "n_regs", None)
+                if len(main) > 1:
+                    rec["registers_before"] = [getattr(c, "n_regs", None) for c in main[:-1]]
                 rec["spills"] = spills
                 pre = buf["pre"].clone()
                 if ref is None:

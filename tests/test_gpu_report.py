@@ -753,6 +753,10 @@ def test_ops_split_forward_rows(C, H, W, B, dtype):
     ops = load_script(REPO / "benchmarks" / "ops.py", "gmf_benchmark_ops")
     m = ops._KERNEL_NAME.search("void gma_statistics_kernel<...>")
     assert ops._KERNEL_ROW.get(m.group(1), m.group(1)) == "z_pass" and "z_pass" in ops.KERNELS
+    for name, row in (("gma_dense_z_kernel", "z_pass"), ("gma_dense_aggregate_kernel", "aggregate"),
+                      ("gma_aggregate_kernel", "aggregate")):   # the fused forward's one kernel: the aggregation
+        m = ops._KERNEL_NAME.search(name)
+        assert m and ops._KERNEL_ROW.get(m.group(1), m.group(1)) == row, name
     e = 4 if dtype == "fp32" else 2
     wk = ops.work(C, H, W, B, e)
     assert wk["z_pass"]["flops"] + wk["aggregate_from_z"]["flops"] == wk["aggregate"]["flops"]

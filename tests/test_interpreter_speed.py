@@ -16,13 +16,13 @@ if not _common.interpreting():
 #: kernel but the recompute of Z (a training step's backward reads the Z the statistics pass kept),
 #: which eval with gradients launches, here with B3's dense form (the "triton.backward" candidate DENSE: its
 #: kernels); bf16 training with it its statistics pass in the dense form; eval in bfloat16 the forward kernels in
-#: another dtype; eval as the split forward with its Z pass on tensor cores (the ZDENSE tuning candidate) the
-#: dense Z pass
+#: another dtype, as the fused forward (dense Z pass 2: the FUSED candidate, its one kernel); eval as the split
+#: forward with its Z pass on tensor cores (the ZDENSE tuning candidate) the dense Z pass
 CASES = [(40, (3, 4), 1, "train", torch.float32, True, False, False),
          (40, (3, 4), 1, "grad", torch.float32, False, False, True),
          (40, (3, 4), 1, "train", torch.bfloat16, False, False, True),
-         (40, (3, 4), 2, "eval", torch.bfloat16, False, False, False),
-         (40, (5, 4), 1, "eval", torch.float32, False, True, False)]
+         (40, (3, 4), 2, "eval", torch.bfloat16, False, 2, False),
+         (40, (5, 4), 1, "eval", torch.float32, False, 1, False)]
 
 
 def _launch_all(monkeypatch):
@@ -51,8 +51,9 @@ def _launch_all(monkeypatch):
         for C, (H, W), B, mode, dtype, unfused, dense, dense_backward in CASES:
             skip_unless_supported("triton", dim=C, dtype=dtype, training=mode == "train", needs_grad=mode != "eval")
             mp.setattr(agb, "FUSED_B3_MAX_S_PAD", 0 if unfused else fused_b3_max)
-            mp.setattr(launcher, "default_shape", (lambda C, N, dots: gma_shape(
-                C, dots=dots.precision, interpreter=True, split=True, zdense=True)) if dense else default_shape)
+            mp.setattr(launcher, "default_shape", (lambda C, N, dots, fused=dense == 2: gma_shape(
+                C, dots=dots.precision, interpreter=True, split=True, zdense=True, fused=fused))
+                if dense else default_shape)
             mp.setattr(tile_spaces, "tuned_tiles", dense_b3(C, 3 * B * H * W) if dense_backward else tuned_tiles)
             w, x = make(C, H, W, B)
             results.append(run_mode("triton", x, (H, W), w, dtype, mode))

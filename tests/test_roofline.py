@@ -344,6 +344,30 @@ def test_dense_z_pass_cost_by_hand(dtype, e):
     assert agg.cuda_flops == 0 and agg.tc_flops == 2 * T * 4 * s * (4 * s // 8)     # exp(K)^T V only
 
 
+@pytest.mark.parametrize("dtype,e", [("fp32", 4), ("bf16", 2)])
+def test_fused_forward_cost_by_hand(dtype, e):
+    """The FUSED aggregation (`dense_z.gma_dense_aggregate_kernel`): qkv read once, Q and V and the local branch's
+    part of pre written, one partial row per segment and tile, no Z; the dense pass's tensor-core work plus exp(K)^T
+    V, nothing on CUDA cores; fewer bytes than the ZDENSE Z pass and its aggregation together."""
+    from gmf_kernels.triton_kernels import dense_z
+    B, H, W, C = 2, 14, 14, 160
+    s, N = 32, 196
+    d = 4 * s // 8
+    fused = triton_costs.shape_for(C, dtype, (9, 0), {"SPLIT": 1, "ZDENSE": 1, "FUSED": 1})
+    assert fused.AGG_FUSED and fused.local_from_z
+    c = triton_costs.cost("aggregate", B, H, W, C, dtype, shape=fused)
+    T = -(-N // dense_z.fused_tile(C, 1, c.tc_precision if dtype == "fp32" else "tf32")[0])
+    assert c.grid == (T, 8, B)
+    assert c.detail["qkv_read"] == B * N * 3 * C * e and c.detail["qv_write"] == 2 * B * N * 4 * s * e
+    assert c.detail["pre_write"] == B * N * s * e and c.detail["partials_write"] == B * 4 * T * s * (2 + d) * 4
+    assert "z_read" not in c.detail and c.cuda_flops == 0
+    assert c.tc_flops == 2 * B * N * s * s * (3 * 83 + 27) + 2 * B * N * 4 * s * d
+    split = triton_costs.shape_for(C, dtype, (9, 0), {"SPLIT": 1, "ZDENSE": 1})
+    two = (triton_costs.cost("z_pass", B, H, W, C, dtype, shape=split).bytes
+           + triton_costs.cost("aggregate", B, H, W, C, dtype, shape=split).bytes)
+    assert c.bytes < two
+
+
 def test_rows_describe_the_tuned_tiles(table_dir):
     """With a tuning table for the report's architecture, the rows model the tiles a launch runs
     (the table's: what `--measured` timings ran), not the defaults."""

@@ -166,6 +166,7 @@ def test_kernels_free_of_global_memory_hazards(case, monkeypatch):
 
 #: kernels that only a tuning candidate launches, each checked by a test of its own (which asserts its launch)
 DEDICATED = {"gma_dense_z_kernel": "test_dense_z_pass_free_of_hazards",
+             "gma_dense_aggregate_kernel": "test_fused_forward_free_of_hazards",
              "gma_dense_statistics_kernel": "test_dense_statistics_free_of_hazards",
              "gma_dense_dx_kernel": "test_dense_backward_free_of_hazards",
              "gma_dense_wgrad_kernel": "test_dense_backward_free_of_hazards",
@@ -245,6 +246,27 @@ def test_dense_z_pass_free_of_hazards():
     planes = z.view(3, B, 4, C // 5, H * W)
     assert planes[1:, :, 0].isnan().all() and not planes[:, :, 1:].isnan().any()
     assert not planes[0, :, 0].isnan().any()
+
+
+def test_fused_forward_free_of_hazards():
+    """The fused forward (`dense_z.gma_dense_aggregate_kernel`, the FUSED candidate; no case above takes it): its GPU
+    tile, several tiles an image (the last ragged), its eight programs a tile (six head programs, segment 0, the
+    local branch) and two images, each writing its own channels of Q, V and pre and its own halves of partial rows;
+    then the combine reading them. Also checked as if without barriers."""
+    from gmf_kernels.triton_kernels import launcher as L
+    from gmf_kernels.triton_kernels.config import gma_shape
+    from helpers import random_folded_weights
+    C, H, W, B = 80, 9, 20, 2
+    f = random_folded_weights(C, torch.float32)
+    qkv = torch.randn(B, H * W, 3 * C).to(torch.bfloat16)
+    shape = gma_shape(C, split=True, zdense=1, fused=True)
+    with HazardCheck(without_barriers=("gma_dense_aggregate_kernel", "gma_combine_kernel")) as hc:
+        r = L.launch_pre_projection(qkv, H, W, f, 0.3, 1e-5, shape=shape)
+    grids = dict(hc.launches)
+    assert grids["gma_dense_aggregate_kernel"][1:] == (8, B) and grids["gma_dense_aggregate_kernel"][0] >= 2, grids
+    assert not hc.findings, "\n".join(map(str, hc.findings))
+    assert not hc.findings_without_barriers, "\n".join(map(str, hc.findings_without_barriers))
+    assert not any(t.isnan().any() for t in r.values())
 
 
 def test_attention_group_free_of_hazards():

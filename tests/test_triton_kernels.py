@@ -636,6 +636,10 @@ def test_untabled_tuning_candidates(C, agg, attn):
     assert shape.num_tiles(H * W, W) >= 2
     _, launches = launcher.plan_pre_projection(case.qkv(torch.float32), H, W, case.folded(torch.float32),
                                                case.hp.scale, case.hp.ln_eps, shape=shape)
+    if agg.get("FUSED"):   # the dense Z pass and the aggregation in one kernel (`test_fused_forward`)
+        assert [k.__name__ for k, *_ in launches][0] == "gma_dense_aggregate_kernel"
+        _check_launch(case, shape)
+        return
     z_pass = "gma_dense_z_kernel" if agg.get("ZDENSE") else "gma_statistics_kernel"
     assert [k.__name__ for k, *_ in launches][:1 + agg["SPLIT"]] == ([z_pass] if agg["SPLIT"] else []) + [
         "gma_aggregate_kernel"]
@@ -1089,6 +1093,44 @@ def test_interpreter_runs_the_plain_tile_loops():
     assert agg and agg[0]["PIPE"] == (0 if INTERPRET else 2)
 
 
+#: (C, H, W, B, dtype, GPU tiles?, ZDENSE variant) of the fused forward (`GMAShape.AGG_FUSED`): s = 8, 16, 32, 64 (d =
+#: 4 .. 32), the interpreter's one tile and the GPU tiles (several programs an image, the last ragged), grids smaller
+#: than the 7x7 window, batch 1 to 3, fp32 and the 16-bit dots of fp16 / bf16
+FUSED_CASES = [(40, 5, 7, 2, torch.float32, False, 1), (80, 13, 11, 1, torch.bfloat16, True, 1),
+               (160, 12, 13, 1, torch.float16, True, 2), (320, 3, 5, 3, torch.bfloat16, False, 1),
+               (80, 9, 8, 2, torch.float32, True, 2)]
+
+
+@pytest.mark.parametrize("C,H,W,B,dtype,gpu_tiles,zdense", FUSED_CASES,
+                         ids=[f"C{c}-{h}x{w}-B{b}-{str(d)[6:]}-{'gpu' if g else 'interp'}-dense{z}"
+                              for c, h, w, b, d, g, z in FUSED_CASES])
+def test_fused_forward(monkeypatch, C, H, W, B, dtype, gpu_tiles, zdense):
+    """The fused forward (the "triton.aggregate" candidate FUSED, `dense_z.gma_dense_aggregate_kernel`): the dense Z
+    pass with the aggregation's work done on its registers (BatchNorm, hardswish, the proxies, the softmax partials
+    one row per segment and tile; the local branch's LayerNorm), then combine and attention: three launches, no Z
+    buffer. fp32: Q, V, KV and the pre-projection within FP32_TOL of float64, every buffer written; fp16 / bf16: the
+    layer within 2x the reference's own error."""
+    case = Case(C, H, W, B, seed=C + 13 * H + B)
+    shape = (gma_shape(C, split=True, zdense=zdense, fused=True) if gpu_tiles else
+             gma_shape(C, interpreter=INTERPRET, split=True, zdense=zdense, fused=True))
+    _, launches = launcher.plan_pre_projection(case.qkv(dtype), H, W, case.folded(dtype), case.hp.scale,
+                                               case.hp.ln_eps, shape=shape)
+    assert [k.__name__ for k, *_ in launches] == ["gma_dense_aggregate_kernel", "gma_combine_kernel",
+                                                  "gma_attention_kernel"]
+    tile = dense_z.fused_tile(C, zdense, launcher.dot_variant(case.qkv(dtype)).precision)
+    (grid, kw), T = launches[0][1:4:2], -(-H * W // tile[0])
+    assert grid == (T, dense_z.FUSED_PROGRAMS, B) and (kw["BLOCK_P"], kw["num_warps"]) == tile
+    assert launches[1][2][-4:] == (T, T, T, T)      # the combine: a partial row per segment and tile
+    if gpu_tiles:
+        assert T >= 2, "several tiles an image"
+    _check_shape_at(monkeypatch, case, shape, dtype, f"{dtype} fused forward C={C}")
+
+
+def test_fused_forward_refuses_without_its_dense_pass():
+    with pytest.raises(ValueError, match="needs split=True and zdense"):
+        gma_shape(80, split=True, fused=True)
+
+
 def test_split_forward_is_a_candidate_and_not_the_training_forward():
     """SPLIT is the first knob of every width's "triton.aggregate" search space (timed before a deadline cuts the
     list), with the stencil knobs it makes moot set to one value, then its Z pass on tensor cores where that
@@ -1103,12 +1145,15 @@ def test_split_forward_is_a_candidate_and_not_the_training_forward():
                                                                                             cap))
             assert dense == (cap >= (8, 0) and (C // 5 <= 32 or (C // 5 <= 64 and dtype != torch.float32)))
             variants = (1, 2) if dense and dtype != torch.float32 else (1,) if dense else ()
-            assert len(split) == 2 + len(variants) and cands.index(split[0]) == 4, (C, dtype)
-            for i, v in enumerate(variants, start=1):   # its two tile tables for 16-bit operands
+            assert len(split) == 2 + 2 * len(variants) and cands.index(split[0]) == 4, (C, dtype)
+            for i, v in enumerate(variants, start=1):   # its two tile tables for 16-bit operands, then fused
                 assert split[i] == {**split[0], "ZDENSE": v} and split[0]["ZDENSE"] == 0
-                sh = launcher.shape_from_configs(C, launcher.DotVariant("tf32", False), split[i],
-                                                 launcher.attention_default(C, dtype, cap))
-                assert sh.AGG_ZDENSE == v and sh.AGG_SPLIT and not config.from_planes(sh, "tf32").AGG_ZDENSE
+                assert split[i + len(variants)] == {**split[i], "FUSED": 1} and not split[i]["FUSED"]
+                for cfg in (split[i], split[i + len(variants)]):
+                    sh = launcher.shape_from_configs(C, launcher.DotVariant("tf32", False), cfg,
+                                                     launcher.attention_default(C, dtype, cap))
+                    assert sh.AGG_ZDENSE == v and sh.AGG_SPLIT and sh.AGG_FUSED == bool(cfg["FUSED"])
+                    assert not (config.from_planes(sh, "tf32").AGG_ZDENSE or config.from_planes(sh, "tf32").AGG_FUSED)
             assert split[-1] == {**split[0], "PIPE": launcher.AGG_PIPE_STAGES} and split[0]["PIPE"] == 0   # pipelined
             assert (split[0]["PAIR"], split[0]["ROWS"], split[0]["MERGE"]) == (0, 0, 1)
             sh = launcher.shape_from_configs(C, launcher.DotVariant("tf32", False), split[0],

@@ -594,8 +594,9 @@ def test_candidates_past_the_deadline_are_skipped(monkeypatch):
 
 
 def test_split_candidate_is_timed_on_its_z_pass_and_aggregation(monkeypatch):
-    """A "triton.aggregate" candidate that splits the forward (SPLIT) is timed on the two launches it changes, the
-    Z pass (stencils, or with ZDENSE dense convolutions) and the aggregation (`tune.STAGE_KERNELS`), a per-tile candidate on the aggregation alone, an attention
+    """A "triton.aggregate" candidate that splits the forward (SPLIT) is timed on the launches it changes, the
+    Z pass (stencils, or with ZDENSE dense convolutions) and the aggregation (`tune.STAGE_KERNELS`), a FUSED one on
+    its one kernel, a per-tile candidate on the aggregation alone, each with the combine; an attention
     candidate on the attention; each is checked against the default's result first. (The Triton interpreter stands
     in for the GPU; `_bench` records which kernels the timed function launches.)"""
     from gmf_kernels.triton_kernels._common import kernel_name
@@ -632,11 +633,14 @@ def test_split_candidate_is_timed_on_its_z_pass_and_aggregation(monkeypatch):
     cands = L.aggregate_candidates(80, torch.float32, (9, 0))
     split = next(c for c in cands if c["SPLIT"])
     dense = next(c for c in cands if c["ZDENSE"])     # the same with its Z pass on tensor cores (`dense_z`)
-    res = meas.triton(L.AGG_FAMILY, 80, 5, 6, torch.float32, [cands[0], split, dense])
-    assert [r["status"] for r in res] == ["ok", "ok", "ok"], res
-    assert timed == [["gma_aggregate_kernel"], ["gma_statistics_kernel", "gma_aggregate_kernel"],
-                     ["gma_dense_z_kernel", "gma_aggregate_kernel"]]
+    fused = next(c for c in cands if c["FUSED"])      # ... and the aggregation fused into it
+    res = meas.triton(L.AGG_FAMILY, 80, 5, 6, torch.float32, [cands[0], split, dense, fused])
+    assert [r["status"] for r in res] == ["ok"] * 4, res
+    comb = "gma_combine_kernel"                       # with each: its partial rows are the candidate's
+    assert timed == [["gma_aggregate_kernel", comb], ["gma_statistics_kernel", "gma_aggregate_kernel", comb],
+                     ["gma_dense_z_kernel", "gma_aggregate_kernel", comb], ["gma_dense_aggregate_kernel", comb]]
     assert "registers_before" in res[1] and "registers_before" in res[2] and "registers_before" not in res[0]
+    assert "registers_before" not in res[3] and res[3]["diff_vs_first"] < 1e-5
     timed.clear()
     res = meas.triton(L.ATTN_FAMILY, 80, 5, 6, torch.float32, L.attention_candidates(80, torch.float32, (9, 0))[:1])
     assert res[0]["status"] == "ok" and timed == [["gma_attention_kernel"]]

@@ -314,6 +314,8 @@ class GMAShape:
     ATTN_ROWS: bool = False    # attention: the CRPE by row walks down strips (`attention._attention_rows`; a candidate)
     ATTN_GROUP: bool = False   # attention: a program per CRPE window's heads, not per head (`attention._attention_group`;
     #                            a candidate; not with ATTN_ROWS)
+    AGG_FUSED: bool = False    # with AGG_SPLIT and AGG_ZDENSE: the dense Z pass and the aggregation as one kernel, Z kept
+    #                            in registers (`dense_z.gma_dense_aggregate_kernel`; a candidate)
     AGG_FROM_Z: bool = False   # aggregation: segments 1-3 from the statistics pass's kept Z (the training forward; `from_planes`)
     AGG_SPLIT: bool = False    # eval forward: a Z pass (`statistics.plan_z_pass`), then the aggregation from Z (a candidate)
     AGG_PIPE: int = 0          # aggregation: stages of the element-wise jobs' tile loop (`tl.range(num_stages=...)`;
@@ -364,7 +366,8 @@ def from_planes(shape: GMAShape, precision: str = "", local_z: bool = False) -> 
     branch's Z as well (`dense_z.dense_statistics_planes`), which the aggregation reads instead of running that
     stencil (`GMAShape.local_from_z`, AGG_ZDENSE 1). Cached (every training launch asks it; GMAShape is frozen)."""
     rows = shape.ATTN_ROWS and precision in ATTN_ROWS_KEEP_R_PRECISIONS and shape.D_PAD <= ATTN_ROWS_KEEP_R_MAX_D_PAD
-    return replace(shape, AGG_FROM_Z=True, AGG_SPLIT=False, AGG_ZDENSE=int(local_z), AGG_PAIR=False, AGG_ROWS=False,
+    return replace(shape, AGG_FROM_Z=True, AGG_SPLIT=False, AGG_ZDENSE=int(local_z), AGG_FUSED=False, AGG_PAIR=False,
+                   AGG_ROWS=False,
                    AGG_MERGE=True, ATTN_ROWS=rows)
 
 
@@ -577,7 +580,7 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
               strip: Optional[int] = None, merge: Optional[bool] = None, unroll: bool = False,
               attn_unroll: bool = False, dots16: bool = False, attn_dots16: bool = False,
               pair: bool = False, rows: bool = False, attn_rows: bool = False, split: bool = False,
-              pipe: int = 0, zdense: int = 0, attn_group: bool = False) -> GMAShape:
+              pipe: int = 0, zdense: int = 0, attn_group: bool = False, fused: bool = False) -> GMAShape:
     """The specialisation for width C (tile sizes may be overridden, e.g. by tests).
 
     dots: the dots' precision ("tf32x3", "tf32", "ieee": `ARCH_DOTS`), which picks the
@@ -594,6 +597,8 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
     attn_rows: the attention's CRPE by row walks (`GMAShape.ATTN_ROWS`; default off).
     attn_group: the attention's programs per CRPE window's heads (`GMAShape.ATTN_GROUP`; default off; not with
     attn_rows).
+    fused: the dense Z pass and the aggregation in one kernel (`GMAShape.AGG_FUSED`; needs split and zdense, whose
+    tiles it takes).
     split: the eval forward split in a Z pass and the aggregation from Z (`GMAShape.AGG_SPLIT`; default off).
     pipe: the stages of the aggregation's element-wise tile loops (`GMAShape.AGG_PIPE`; default 0, a plain loop).
     zdense: the split forward's Z pass as dense convolutions on tensor cores (`GMAShape.AGG_ZDENSE`: 1 or 2, its
@@ -629,6 +634,8 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
         raise ValueError(f"zdense={zdense!r}: 0 (off), 1 (DENSE_Z_TILES) or 2 (DENSE_Z_TILES_ALT)")
     if zdense and not split:
         raise ValueError("zdense is a Z pass of the split forward: it needs split=True")
+    if fused and not (split and zdense):
+        raise ValueError("fused joins the dense Z pass to the aggregation: it needs split=True and zdense")
     if attn_group and attn_rows:
         raise ValueError("attn_group groups the attention's tile programs: the row walks (attn_rows) have none")
     if split:
@@ -640,4 +647,4 @@ def gma_shape(C: int, agg_block_p: int = 0, attn_block_p: int = 0, interpreter: 
                     AGG_UNROLL=bool(unroll), ATTN_UNROLL=bool(attn_unroll), AGG_DOTS16=bool(dots16),
                     ATTN_DOTS16=bool(attn_dots16), AGG_PAIR=bool(pair), AGG_ROWS=bool(rows),
                     ATTN_ROWS=bool(attn_rows), AGG_SPLIT=bool(split), AGG_PIPE=int(pipe),
-                    AGG_ZDENSE=int(zdense), ATTN_GROUP=bool(attn_group))
+                    AGG_ZDENSE=int(zdense), ATTN_GROUP=bool(attn_group), AGG_FUSED=bool(fused))

@@ -199,6 +199,8 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     detail: also the plan (splits per job, tiles per split) and `balance`, the estimated
     critical path of the plan: the costliest program (`aggregate_job_costs`) over the mean
     program, x1000 (1000 = every program equal)."""
+    if sh.AGG_FUSED:
+        return _fused_aggregate(B, H, W, dt, prec, sh)
     N = H * W
     e = ELEM_BYTES[dt]
     s, cp, d = sh.S, sh.CP, sh.D
@@ -230,6 +232,34 @@ def _aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost
     stencil = 2 * B * N * (pw * 3 * PROXY_TAPS * s + loc * 27 * s)
     return Cost(bytes=nbytes, tc_flops=tc, cuda_flops=stencil + dot_fma, grid=(plan.programs, B), tc_precision=tp,
                 tc_flops_padded=tcp, block=32 * sh.AGG_WARPS, detail=detail)
+
+
+def _fused_aggregate(B: int, H: int, W: int, dt: str, prec: str, sh: GMAShape) -> Cost:
+    """gma_dense_aggregate_kernel (``sh.AGG_FUSED``: the dense Z pass with the aggregation done on its registers),
+    grid (T, 8, B) at `dense_z.fused_tile`'s tokens: qkv read once (3 C e a token; halos from cache), the Q and V
+    proxies (2 C' e) and the local branch's part of pre (s e) written, the partials one row per segment and tile
+    (B 4T s (2 + d) x 4), the folded weights once; no Z written or read. tc: a head program's K^2 [s, d] products per
+    stream (2 x 3 x 83 s^2 a token over the six), the local branch's 27 s^2, exp(K)^T V (C' d); with its dots
+    (`dense_z.dense_z_dots`; the KV product's: the aggregation's). No CUDA-core stencil."""
+    from . import dense_z as dz
+    from ._common import DotVariant
+    N = H * W
+    e = ELEM_BYTES[dt]
+    s, cp, d = sh.S, sh.CP, sh.D
+    bp, warps = dz.fused_tile(sh.C, sh.AGG_ZDENSE, prec)
+    T = -(-N // bp)
+    wb = _weights_bytes(sh.C)
+    detail = {"qkv_read": B * N * 3 * sh.C * e, "qv_write": 2 * B * N * cp * e, "pre_write": B * N * s * e,
+              "partials_write": B * 4 * T * s * (2 + d) * 4,
+              "weights": sum(wb[k] for k in ("bn_scale", "bn_shift", "dw3", "dw5", "dw7", "pw", "local_dw", "local_pw",
+                                             "ln_weight", "ln_bias"))}
+    dd = dz.dense_z_dots(DotVariant(prec, False), torch_dtype(dt))
+    mix = 2 * B * N * s * s * (3 * PROXY_TAPS + 27)
+    tc, tcp, fma, tp = _tc(dd.precision, mix, mix)
+    kv = 2 * B * N * cp * d
+    ktc, ktcp, kfma, _ = _tc(operand_precision(prec, dt, sh.AGG_DOTS16), kv, kv)
+    return Cost(bytes=sum(detail.values()), tc_flops=tc + ktc, cuda_flops=fma + kfma, grid=(T, dz.FUSED_PROGRAMS, B),
+                tc_precision=tp, tc_flops_padded=tcp + ktcp, block=32 * warps, detail=detail)
 
 
 def plan_balance(plan, job_costs) -> float:

@@ -50,6 +50,20 @@ of `config.DENSE_Z_STAGES` stages over the K^2 taps, whose loads carry masks (no
 previous tap's MMAs; the interpreter runs it as a plain loop (PIPE 0). Tiles:
 `config.DENSE_Z_TILES` (BLOCK_P, num_warps) by S_PAD, or `config.DENSE_Z_TILES_ALT` (`dense_z_tiles`).
 
+**The fused forward** (`GMAShape.AGG_FUSED`, a "triton.aggregate" candidate with SPLIT and ZDENSE, whose tiles it
+takes: `fused_tile`): `gma_dense_aggregate_kernel` does the aggregation's work on the dense pass's registers, so Z is
+never stored. Grid (T, 8, B): programs (tile, j, b), j < 6, compute head j % 2 of segment j // 2 + 1 for the three
+streams (`_dense_head`: the K^2 products with the pointwise's rows of the head's d output channels, [s, d] operands),
+then the BatchNorm affine, the hardswish, the Q and V proxies and the tile's exp(K - max)^T V
+(`aggregation._online_softmax_kv`) into the head's half of partial row seg T + tile; program j = 6 is segment 0 (both
+heads, `aggregation._segment0` on the one tile); j = 7 the local branch (`_dense_local_acc`, its LayerNorm and
+hardswish into pre). The combine then merges T partial rows a segment. Bytes a token against the split forward with
+ZDENSE: qkv read once (3 C e; the split reads 12 s e in the Z pass and 6 s e again in the aggregation), Q, V and
+pre's s channels written, the partials (4 s (2 + d) x 4 per tile); no Z written (10 s) nor read (10 s). At C = 80
+bf16, batch 128 (`costs._aggregate`): 316 MB against the two kernels' 566 MB. The tensor-core work is the Z pass's.
+Bound aimed at: as the Z pass, the tensor cores' throughput, with the aggregation's bytes riding along; one launch
+fewer.
+
 **The backward** (training: B3 of segments 1-3 with `aggregation_backward.BackwardTiles.DENSE`, a "triton.backward"
 tuning candidate where `aggregation_backward.dense_b3_applies`: fp16 / bf16 layers at S_PAD <= 64). The same
 identity differentiated, from dZ_j (written once by `gma_dz_kernel`, in qkv's layout: `dense_dz_buffer`) and the
@@ -101,8 +115,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, dot_variant, interpreting, mm, stored
-from .aggregation import split_plan
+from ._common import DotVariant, dot_variant, hardswish, interpreting, mm, stored
+from .aggregation import _layer_norm_rows, _online_softmax_kv, _segment0, _store_partial, split_plan
 from .config import (DENSE_WGRAD_TILES, DENSE_Z_STAGES, DENSE_Z_TILES, DENSE_Z_TILES_ALT, check_train_size, dot_pad,
                      dtype_name, operand_precision, stage_dtype, zdense_applies)
 from .statistics import SegmentPlan, _op_exists, mean_var_count, merge_segments, z_pass_buffer
@@ -228,13 +242,13 @@ def _dense_conv(src, dst, dw3, dw5, dw7, pw, N, H, W,
 
 
 @triton.jit
-def _dense_local(qkv_b, z_b, local_dw, local_pw, N, H, W, stride_n,
-                 C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
-    """Program (tile, 3, b) of `gma_dense_z_kernel`: the local branch's Z before its LayerNorm, Z_L = sum over the
-    streams st and the 9 taps of X_{st,t} W_{st,t}, W_{st,t}[i, o] = LOCAL_DW[t, st s + i] LOCAL_PW[o, st s + i]
-    (the 3x3 depthwise over segment 4 of q, k, v stacked, then the 3s -> s pointwise), one accumulator; stored
-    channel-first at z_b (channel o of token p at z_b + o N + p). qkv_b: image b of qkv."""
+def _dense_local_acc(qkv_b, local_dw, local_pw, N, H, W, stride_n,
+                     C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
+    """The local branch's Z before its LayerNorm on token tile program_id(0) of image qkv_b, Z_L = sum over the
+    streams st and the 9 taps t of X_{st,t} W_{st,t}, W_{st,t}[i, o] = LOCAL_DW[t, st s + i] LOCAL_PW[o, st s + i]
+    (the 3x3 depthwise over segment 4 of q, k, v stacked, then the 3s -> s pointwise), one fp32 accumulator
+    [BLOCK_P, S_PAD], returned with the tile's tokens and channels (p, pmask, ch, cmask)."""
     tile = tl.program_id(0)
     p, pmask, y, x, ch, cmask = _token_tile(tile, N, W, S, S_PAD, BLOCK_P)
     wm = cmask[:, None] & cmask[None, :]
@@ -253,6 +267,18 @@ def _dense_local(qkv_b, z_b, local_dw, local_pw, N, H, W, stride_n,
                 acc = _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, stride_n, S, False,
                                  DOT_PRECISION, EMULATE_DOTS)
                 t += 1
+    return acc, p, pmask, ch, cmask
+
+
+@triton.jit
+def _dense_local(qkv_b, z_b, local_dw, local_pw, N, H, W, stride_n,
+                 C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
+    """Program (tile, 3, b) of `gma_dense_z_kernel` (and (tile, 4, b) of the dense statistics pass): the local
+    branch's Z (`_dense_local_acc`), stored channel-first at z_b (channel o of token p at z_b + o N + p). qkv_b:
+    image b of qkv."""
+    acc, p, pmask, ch, cmask = _dense_local_acc(qkv_b, local_dw, local_pw, N, H, W, stride_n, C, S, S_PAD, BLOCK_P,
+                                                DOT_PRECISION, EMULATE_DOTS, PIPE)
     out = z_b + ch[None, :] * N + p[:, None]
     tl.store(out, stored(acc, out, EMULATE_DOTS), mask=pmask[:, None] & cmask[None, :])
 
@@ -278,6 +304,100 @@ def gma_dense_z_kernel(qkv, z, dw3, dw5, dw7, pw, local_dw, local_pw, N, H, W, B
     else:
         _dense_conv(qkv, z, dw3, dw5, dw7, pw, N, H, W, S, C, stride_b, 1, stride_n, S * N, B * plane, plane, N, 1,
                     S, S_PAD, BLOCK_P, False, DOT_PRECISION, EMULATE_DOTS, PIPE)
+
+
+# ---------------------------------------------------------------- the fused eval forward (`GMAShape.AGG_FUSED`)
+#: programs per tile and image of `gma_dense_aggregate_kernel`: segments 1-3 x 2 heads, segment 0, the local branch
+FUSED_PROGRAMS = 8
+
+
+@triton.jit
+def _dense_head(qkv, q, v, part_m, part_l, part_acc, bn_scale, bn_shift, dw3, dw5, dw7, pw, N, H, W, stride_b,
+                stride_n, seg, E, tile, b, T,
+                C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
+                D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                KV_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
+    """Head E of segment seg (1..3) on one tile of image b, the three streams: Z = sum_t X_t W_t[:, E d: (E + 1) d]
+    (the dense convolution of the Z pass, `_dense_tap`, only the head's d output channels: [s, d] operands), then in
+    registers what the aggregation does with Z (`aggregation._elementwise_head`): BatchNorm affine, hardswish, the Q
+    and V proxies stored, the tile's exp(K - max)^T V into the head's half of partial row seg T + tile."""
+    KS, w_taps = _segment_window(seg - 1, dw3, dw5, dw7)
+    R = KS // 2
+    p, pmask, y, x, ch, cmask = _token_tile(tile, N, W, S, S_PAD, BLOCK_P)
+    kk = tl.arange(0, D_PAD)
+    kmask = kk < D
+    # [i, k] = PW_seg[E d + k, i]: the pointwise's rows of the head's output channels, transposed
+    pw_op = tl.load(pw + (seg - 1) * S * S + (E * D + kk)[None, :] * S + ch[:, None],
+                    mask=cmask[:, None] & kmask[None, :], other=0.0)
+    src = qkv + b.to(tl.int64) * stride_b + (seg * S + ch)[None, :]
+    acc_q = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    acc_k = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
+    if PIPE > 0:
+        for t in tl.range(0, KS * KS, num_stages=PIPE):
+            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_op, y, x, pmask, ch, cmask,
+                                             H, W, stride_n, C, KS, R, S, False, DOT_PRECISION, EMULATE_DOTS)
+    else:
+        t = 0
+        while t < KS * KS:
+            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_op, y, x, pmask, ch, cmask,
+                                             H, W, stride_n, C, KS, R, S, False, DOT_PRECISION, EMULATE_DOTS)
+            t += 1
+    c0 = (seg * 2 + E) * D + kk                                  # the head's channels of C'
+    a = tl.load(bn_scale + c0, mask=kmask, other=0.0)[None, :]
+    sh = tl.load(bn_shift + c0, mask=kmask, other=0.0)[None, :]
+    m2 = pmask[:, None] & kmask[None, :]
+    zq = hardswish(acc_q * a + sh)
+    zk = hardswish(acc_k * a + sh)
+    zv = hardswish(acc_v * a + sh)
+    bb = b.to(tl.int64) * N * CP
+    dst = p[:, None] * CP + c0[None, :]
+    tl.store(q + bb + dst, stored(zq, q, EMULATE_DOTS), mask=m2)
+    tl.store(v + bb + dst, stored(zv, v, EMULATE_DOTS), mask=m2)
+    M, L, A = _online_softmax_kv(zk, zv, pmask, tl.full([D_PAD], float("-inf"), dtype=tl.float32),
+                                 tl.zeros([D_PAD], dtype=tl.float32), tl.zeros([D_PAD, D_PAD], dtype=tl.float32),
+                                 KV_PRECISION, EMULATE_DOTS)
+    _store_partial(M, L, A, (b * 4 * T + seg * T + tile).to(tl.int64), E, part_m, part_l, part_acc, D, D_PAD)
+
+
+# one variant per (C, dtype, GPU): N, H, W, B not specialised (as gma_dense_z_kernel)
+@triton.jit(do_not_specialize=["N", "H", "W"])
+def gma_dense_aggregate_kernel(qkv, q, v, pre, part_m, part_l, part_acc, bn_scale, bn_shift, dw3, dw5, dw7, pw,
+                               local_dw, local_pw, ln_weight, ln_bias, N, H, W, stride_b, stride_n, ln_eps,
+                               C: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, D: tl.constexpr,
+                               S_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                               DOT_PRECISION: tl.constexpr, KV_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+                               PIPE: tl.constexpr):
+    """The eval forward's aggregation fused with its dense Z pass (module docstring, "The fused forward"): grid
+    (T, 8, B), T = ceil(N / BLOCK_P). Programs (tile, j, b): j < 6 head j % 2 of segment j // 2 + 1
+    (`_dense_head`); j = 6 segment 0, both heads (`aggregation._segment0` on the one tile); j = 7 the local branch
+    (`_dense_local_acc`, then its LayerNorm and hardswish into pre[..., C':C]). Q, V (B, N, C') and pre in the
+    input dtype; the softmax partials one row per (segment, tile), row seg T + tile of image b (part_m, part_l
+    (B, 4T, s), part_acc (B, 4T, s, d), fp32), which the combine merges (its segment splits (T, T, T, T)).
+    DOT_PRECISION: the dense convolutions' (`dense_z_dots`); KV_PRECISION: exp(K)^T V's (the aggregation's)."""
+    tile = tl.program_id(0)
+    j = tl.program_id(1)
+    b = tl.program_id(2)
+    T = tl.num_programs(0)
+    if j < 6:
+        _dense_head(qkv, q, v, part_m, part_l, part_acc, bn_scale, bn_shift, dw3, dw5, dw7, pw, N, H, W, stride_b,
+                    stride_n, j // 2 + 1, j % 2, tile, b, T, C, S, CP, D, S_PAD, D_PAD, BLOCK_P, DOT_PRECISION,
+                    KV_PRECISION, EMULATE_DOTS, PIPE)
+    elif j == 6:
+        bl = b.to(tl.int64)
+        _segment0(qkv + bl * stride_b, q + bl * N * CP, v + bl * N * CP, part_m, part_l, part_acc, bn_scale,
+                  bn_shift, bl * 4 * T + tile, tile, tile + 1, N, H, W, stride_n, C, CP, D, D_PAD, BLOCK_P,
+                  KV_PRECISION, EMULATE_DOTS)
+    else:
+        bl = b.to(tl.int64)
+        acc, p, pmask, ch, cmask = _dense_local_acc(qkv + bl * stride_b, local_dw, local_pw, N, H, W, stride_n, C,
+                                                    S, S_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, PIPE)
+        lnw = tl.load(ln_weight + ch, mask=cmask, other=0.0)[None, :]
+        lnb = tl.load(ln_bias + ch, mask=cmask, other=0.0)[None, :]
+        diff, rs = _layer_norm_rows(acc, cmask, ln_eps, S)
+        yv = hardswish(diff * rs[:, None] * lnw + lnb)
+        out = pre + bl * N * C + p[:, None] * C + (CP + ch)[None, :]
+        tl.store(out, stored(yv, pre, EMULATE_DOTS), mask=pmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -552,6 +672,54 @@ def plan_dense_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7
     args = (qkv, z, dw3, dw5, dw7, pw, local_dw, local_pw, N, H, W, B, qkv.stride(0), qkv.stride(1))
     kwargs = _launch_kwargs(C, (bp, warps), dd)
     return z, ((triton.cdiv(N, bp), 4, B), args, kwargs)
+
+
+def plan_dense_aggregate(qkv: Tensor, H: int, W: int, weights, ln_eps: float, q: Tensor, v: Tensor, pre: Tensor,
+                         part_m: Tensor, part_l: Tensor, part_acc: Tensor, dots: DotVariant, kv_precision: str,
+                         tiles: Optional[Tuple[int, int]] = None):
+    """(grid, args, kwargs) of `gma_dense_aggregate_kernel` (the fused eval forward, `GMAShape.AGG_FUSED`), without
+    launching. qkv (B, N, 3C) with unit channel stride; weights: `folding.FoldedGMAWeights`; q, v (B, N, C') and pre
+    (B, N, C) contiguous in qkv's dtype; part_m, part_l (B, 4T, s) and part_acc (B, 4T, s, d) fp32 (T =
+    `fused_tiles(N, tiles)`); dots: the call's variant, made the dense convolutions' by `dense_z_dots`;
+    kv_precision: exp(K)^T V's (the aggregation's, `config.operand_precision`); tiles: (BLOCK_P, num_warps),
+    default `dense_z_tiles`."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    s, cp = C // 5, 4 * (C // 5)
+    d = cp // 8
+    if qkv.stride(2) != 1:
+        raise ValueError("qkv needs a unit channel stride")
+    tiles = tiles or dense_z_tiles(C)
+    T = triton.cdiv(N, tiles[0])
+    for name, t, want in (("q", q, (B, N, cp)), ("v", v, (B, N, cp)), ("pre", pre, (B, N, C)),
+                          ("part_m", part_m, (B, 4 * T, s)), ("part_l", part_l, (B, 4 * T, s)),
+                          ("part_acc", part_acc, (B, 4 * T, s, d))):
+        if tuple(t.shape) != want or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous {want} tensor, got {tuple(t.shape)}")
+    w = weights
+    args = (qkv, q, v, pre, part_m, part_l, part_acc, w.bn_scale, w.bn_shift, w.dw3, w.dw5, w.dw7, w.pw, w.local_dw,
+            w.local_pw, w.ln_weight, w.ln_bias, N, H, W, qkv.stride(0), qkv.stride(1), ln_eps)
+    kwargs = _launch_kwargs(C, tiles, dense_z_dots(dots, qkv.dtype))
+    kwargs.update(CP=cp, D=d, D_PAD=dot_pad(d), KV_PRECISION=kv_precision)
+    return (T, FUSED_PROGRAMS, B), args, kwargs
+
+
+#: the fused forward's widest tile with 3xTF32 dots (fp32 layers): 128 tokens at S_PAD 16 (`DENSE_Z_TILES`) spilled
+#: 48-64 B on sm_80 / sm_90 (255 registers, AOT, Triton 3.6, batch 128); 64 compiled without
+FUSED_TF32X3_MAX_BLOCK_P = 64
+
+
+def fused_tile(C: int, variant: int, precision: str) -> Tuple[int, int]:
+    """(BLOCK_P, num_warps) of `gma_dense_aggregate_kernel` at width C, ZDENSE variant `variant` and the call's dot
+    precision: the Z pass's (`dense_z_tiles`), at most `FUSED_TF32X3_MAX_BLOCK_P` tokens with 3xTF32 dots."""
+    bp, warps = dense_z_tiles(C, variant)
+    return (min(bp, FUSED_TF32X3_MAX_BLOCK_P) if precision == "tf32x3" else bp), warps
+
+
+def fused_tiles(N: int, tiles: Tuple[int, int]) -> int:
+    """Token tiles an image of N tokens takes in the fused forward at `tiles` (BLOCK_P, num_warps): T, so that its
+    partials hold 4T rows an image (one per segment and tile)."""
+    return triton.cdiv(N, tiles[0])
 
 
 def local_z_of(z: Tensor, B: int) -> Tensor:

@@ -51,7 +51,8 @@ from .backward import KeptPlanes  # (imports no Triton)
 from .aggregation import aggregate_call, gma_aggregate_kernel, job_plan
 from .attention import attention_call, combine_call, gma_attention_kernel, gma_combine_kernel
 from .statistics import gma_statistics_kernel, plan_z_pass
-from .dense_z import dense_z_tiles, gma_dense_z_kernel, local_z_of, plan_dense_z_pass
+from .dense_z import (dense_z_tiles, fused_tile, fused_tiles, gma_dense_aggregate_kernel, gma_dense_z_kernel, local_z_of,
+                      plan_dense_aggregate, plan_dense_z_pass)
 from .config import (AGG_TILES, AGG_TILES_BY_DOTS, ATTN_TILES, ATTN_TILES_BY_DOTS, INTERPRETER_BLOCK_P, attn_group_applies,
                      MAX_GRID_BATCH, GMAShape,
                      dot_pad, dot_precision, dtype_name, from_planes, gma_shape, next_pow2, operand_precision,
@@ -89,10 +90,10 @@ MAX_CANDIDATES = 9
 #: ... and for the aggregation, whose search space also holds the wide tiles and the unrolled taps below: the
 #: default's four variants, the table tiles and the wide tiles (at most AGG_MAX_WIDE) in AGG_BASE_CANDIDATES
 #: slots, then the SPLIT / ROWS / DOTS16 / PAIR candidates on top (`aggregate_candidates`), at most
-#: AGG_MAX_CANDIDATES in all (24: the whole list at C = 80 and 160 with fp16 / bf16 on sm_80+)
+#: AGG_MAX_CANDIDATES in all (26: the whole list at C = 80 and 160 with fp16 / bf16 on sm_80+)
 AGG_BASE_CANDIDATES = 12
 AGG_MAX_WIDE = 6
-AGG_MAX_CANDIDATES = 24
+AGG_MAX_CANDIDATES = 26
 #: The split forward's candidate with its element-wise tile loops software-pipelined (`GMAShape.AGG_PIPE`): Triton
 #: then issues the next tile's Z loads (cp.async into shared memory) while this tile's BatchNorm, hardswish, stores
 #: and exp(K)^T V run, where the plain loop waits for each tile's loads in full. Why (the compiled code, not a
@@ -144,7 +145,7 @@ def _agg_cfg(shape: GMAShape) -> Dict[str, int]:
     return {"BLOCK_P": shape.AGG_BLOCK_P, "num_warps": shape.AGG_WARPS, "CK": shape.CK, "STRIP": shape.AGG_STRIP,
             "MERGE": int(shape.AGG_MERGE), "UNROLL": int(shape.AGG_UNROLL), "DOTS16": int(shape.AGG_DOTS16),
             "PAIR": int(shape.AGG_PAIR), "ROWS": int(shape.AGG_ROWS), "SPLIT": int(shape.AGG_SPLIT),
-            "PIPE": shape.AGG_PIPE, "ZDENSE": int(shape.AGG_ZDENSE)}
+            "PIPE": shape.AGG_PIPE, "ZDENSE": int(shape.AGG_ZDENSE), "FUSED": int(shape.AGG_FUSED)}
 
 
 def _attn_cfg(shape: GMAShape) -> Dict[str, int]:
@@ -204,6 +205,8 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     knobs = [split]
     for variant in zdense_variants(C, dtype_name(dtype), _precision(C, dtype, capability)):   # on tensor cores
         knobs.append({**split, "ZDENSE": variant})
+    for variant in zdense_variants(C, dtype_name(dtype), _precision(C, dtype, capability)):   # ... and with the
+        knobs.append({**split, "ZDENSE": variant, "FUSED": 1})                              # aggregation fused in
     knobs.append({**split, "PIPE": AGG_PIPE_STAGES})
     if pair:   # then the row walks (`aggregation._segment_rows`): the structural change, timed before the deadline
         for bp, warps in AGG_ROWS_TILES.get(dot_pad(C // 5), ()):
@@ -219,7 +222,7 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     def cfg_of(tile, merge, unroll=0):
         bp, warps, ck = tile
         return {"BLOCK_P": bp, "num_warps": warps, "CK": ck, "STRIP": default["STRIP"], "MERGE": merge,
-                "UNROLL": unroll, "DOTS16": 0, "PAIR": 0, "ROWS": 0, "SPLIT": 0, "PIPE": 0, "ZDENSE": 0}
+                "UNROLL": unroll, "DOTS16": 0, "PAIR": 0, "ROWS": 0, "SPLIT": 0, "PIPE": 0, "ZDENSE": 0, "FUSED": 0}
 
     wide, wide_knobs = [], []
     for i, tile in enumerate(t for t in AGG_WIDE_TILES if t[2] <= s_pad):
@@ -295,7 +298,8 @@ def _shape_from_configs(C: int, precision: str, agg_items: tuple, attn_items: tu
                       attn_dots16=bool(attn.get("DOTS16", 0)), pair=bool(agg.get("PAIR", 0)),
                       rows=bool(agg.get("ROWS", 0)), attn_rows=bool(attn.get("ROWS", 0)),
                       split=bool(agg.get("SPLIT", 0)), pipe=int(agg.get("PIPE", 0)),
-                      zdense=int(agg.get("ZDENSE", 0)), attn_group=bool(attn.get("GROUP", 0)))
+                      zdense=int(agg.get("ZDENSE", 0)), attn_group=bool(attn.get("GROUP", 0)),
+                      fused=bool(agg.get("FUSED", 0)))
     return replace(shape, ATTN_WARPS=int(attn["num_warps"]))
 
 
@@ -345,8 +349,10 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     dev, dt = qkv.device, qkv.dtype
-    if shape.AGG_SPLIT and 3 * B > MAX_GRID_BATCH:   # the Z pass's grid holds the 3B images: the fused forward
-        shape = gma_shape(C, dots=dots.precision)
+    if shape.AGG_SPLIT and not shape.AGG_FUSED and 3 * B > MAX_GRID_BATCH:   # the Z pass's grid holds the 3B
+        shape = gma_shape(C, dots=dots.precision)                              # images: the fused forward
+    if shape.AGG_FUSED:   # the dense Z pass and the aggregation as one kernel
+        return _plan_fused(qkv, H, W, weights, scale, ln_eps, shape, dots)
     launches: List[Launch] = []
     z_pass = None
     if shape.AGG_SPLIT:   # the split forward: Z of segments 1-3 first (`statistics.plan_z_pass`)
@@ -391,6 +397,29 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
     attn = attention_call(buf["q"], buf["v"], buf["kv"], buf["pre"], weights, H, W, scale, shape, dots, buf.get("R"))
     launches += [(gma_aggregate_kernel, *agg), (gma_combine_kernel, *comb), (gma_attention_kernel, *attn)]
     return buf, launches
+
+
+def _plan_fused(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, scale: float, ln_eps: float, shape: GMAShape,
+                dots: DotVariant) -> Tuple[Dict[str, Tensor], List[Launch]]:
+    """`plan_pre_projection` with ``shape.AGG_FUSED`` (eval): `dense_z.gma_dense_aggregate_kernel` at the ZDENSE
+    variant's tiles (Z of segments 1-3 and of the local branch kept in registers, never stored), its partials one row
+    per (segment, tile), then the combine (segment splits (T, T, T, T)) and the attention as always."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    dev, dt = qkv.device, qkv.dtype
+    tiles = fused_tile(C, shape.AGG_ZDENSE, dots.precision)
+    T = fused_tiles(N, tiles)
+    f32 = torch.float32
+    buf = {"q": _alloc((B, N, shape.CP), dt, dev), "v": _alloc((B, N, shape.CP), dt, dev),
+           "pre": _alloc((B, N, C), dt, dev), "part_m": _alloc((B, 4 * T, shape.S), f32, dev),
+           "part_l": _alloc((B, 4 * T, shape.S), f32, dev), "part_acc": _alloc((B, 4 * T, shape.S, shape.D), f32, dev),
+           "kv": _alloc((B, shape.CP, shape.D), f32, dev)}
+    agg = plan_dense_aggregate(qkv, H, W, weights, ln_eps, buf["q"], buf["v"], buf["pre"], buf["part_m"],
+                               buf["part_l"], buf["part_acc"], dots,
+                               operand_precision(dots.precision, dtype_name(dt), shape.AGG_DOTS16), tiles)
+    comb = combine_call(buf["part_m"], buf["part_l"], buf["part_acc"], buf["kv"], shape, (T, T, T, T))
+    attn = attention_call(buf["q"], buf["v"], buf["kv"], buf["pre"], weights, H, W, scale, shape, dots)
+    return buf, [(gma_dense_aggregate_kernel, *agg), (gma_combine_kernel, *comb), (gma_attention_kernel, *attn)]
 
 
 #: the buffers a training forward with planes keeps for its backward, in this order (`plan_pre_projection`): the

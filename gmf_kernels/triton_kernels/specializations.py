@@ -77,7 +77,7 @@ KERNEL_ORDER = {name: i for i, name in enumerate((
     "gma_local_backward_kernel", "gma_statistics_kernel", "gma_proxy_v_kernel", "gma_recompute_z_kernel",
     "gma_recompute_attention_kernel", "gma_recompute_local_kernel", "gma_dense_z_kernel", "gma_dense_dx_kernel",
     "gma_dense_wgrad_kernel", "gma_dense_local_dx_kernel", "gma_dense_local_wgrad_kernel",
-    "gma_dense_statistics_kernel"))}
+    "gma_dense_statistics_kernel", "gma_dense_aggregate_kernel"))}
 #: the argument whose element type names a specialisation's dtype
 DTYPE_ARGS = ("qkv", "q", "v", "dZ", "dZL", "du", "dy")
 
@@ -150,6 +150,7 @@ class Spec:
         dots += ", no w4" if cx.get("KEEP_W4") is False else ""    # ... but w4, for a dense backward
         dots += ", local from Z" if cx.get("LOCAL_Z") else ""   # the split forward's dense Z pass computed it
         dots += ", dZ out" if cx.get("DZ_OUT") else ""          # the local backward of the dense form
+        dots += ", grouped" if cx.get("GROUP") else ""          # the attention a program per CRPE window's heads
         return (f"{short} C={_width(cx)} {dt} ({tiles}, warps={self.num_warps}{dots}; "
                 f"{self.specialised_ints()})")
 
@@ -618,6 +619,7 @@ def _kernel_fn(name: str):
           "gma_dense_local_dx_kernel": dense_z.gma_dense_local_dx_kernel,
           "gma_dense_local_wgrad_kernel": dense_z.gma_dense_local_wgrad_kernel,
           "gma_dense_statistics_kernel": dense_z.gma_dense_statistics_kernel,
+          "gma_dense_aggregate_kernel": dense_z.gma_dense_aggregate_kernel,
           "gma_recompute_attention_kernel": recompute.gma_recompute_attention_kernel,
           "gma_recompute_local_kernel": recompute.gma_recompute_local_kernel,
           "gma_proxy_v_kernel": recompute.gma_proxy_v_kernel,
