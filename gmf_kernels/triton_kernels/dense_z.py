@@ -164,6 +164,29 @@ def _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_op, y, x, pmask, ch, cmas
 
 
 @triton.jit
+def _dense_taps(src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, s_pix, s_stream, KS, R, S: tl.constexpr,
+                OUT_PAD: tl.constexpr, BLOCK_P: tl.constexpr, FLIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                EMULATE_DOTS: tl.constexpr, PIPE: tl.constexpr):
+    """The K^2 taps of `_dense_tap` summed for the q, k, v tiles: three fp32 accumulators [BLOCK_P, OUT_PAD] (the
+    operand pw_op's columns: a segment's s outputs, or a head's d). PIPE > 0: the tap loop a ``tl.range`` of PIPE
+    stages, else a plain loop (the interpreter's)."""
+    acc_q = tl.zeros([BLOCK_P, OUT_PAD], dtype=tl.float32)
+    acc_k = tl.zeros([BLOCK_P, OUT_PAD], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_P, OUT_PAD], dtype=tl.float32)
+    if PIPE > 0:
+        for t in tl.range(0, KS * KS, num_stages=PIPE):
+            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W,
+                                             s_pix, s_stream, KS, R, S, FLIP, DOT_PRECISION, EMULATE_DOTS)
+    else:
+        t = 0
+        while t < KS * KS:
+            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W,
+                                             s_pix, s_stream, KS, R, S, FLIP, DOT_PRECISION, EMULATE_DOTS)
+            t += 1
+    return acc_q, acc_k, acc_v
+
+
+@triton.jit
 def _local_tap(t, acc, src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, s_pix,
                S: tl.constexpr, FLIP: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
     """Tap t of the local branch's 3x3 window for one stream (w_taps: the stream's first channel of the tap-major
@@ -215,21 +238,8 @@ def _dense_conv(src, dst, dw3, dw5, dw7, pw, N, H, W,
     else:       # the pointwise transposed, [in, out]: pw_op[i, o] = PW[o, i]
         pw_op = tl.load(pw + seg * S * S + ch[None, :] * S + ch[:, None], mask=wm, other=0.0)
     src_img = src + src_off + b.to(tl.int64) * s_src_b + ((seg * S + ch) * s_src_ch)[None, :]
-    acc_q = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
-    acc_k = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
-    acc_v = tl.zeros([BLOCK_P, S_PAD], dtype=tl.float32)
-    if PIPE > 0:
-        for t in tl.range(0, KS * KS, num_stages=PIPE):
-            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src_img, w_taps, pw_op, y, x, pmask, ch, cmask,
-                                             H, W, s_src_pix, s_src_stream, KS, R, S, FLIP, DOT_PRECISION,
-                                             EMULATE_DOTS)
-    else:
-        t = 0
-        while t < KS * KS:
-            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src_img, w_taps, pw_op, y, x, pmask, ch, cmask,
-                                             H, W, s_src_pix, s_src_stream, KS, R, S, FLIP, DOT_PRECISION,
-                                             EMULATE_DOTS)
-            t += 1
+    acc_q, acc_k, acc_v = _dense_taps(src_img, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, s_src_pix, s_src_stream,
+                                      KS, R, S, S_PAD, BLOCK_P, FLIP, DOT_PRECISION, EMULATE_DOTS, PIPE)
     out = (dst + dst_off + b.to(tl.int64) * s_dst_b + ((seg * S + ch) * s_dst_ch)[None, :]
            + (p * s_dst_pix)[:, None])
     om = pmask[:, None] & cmask[None, :]
@@ -330,19 +340,8 @@ def _dense_head(qkv, q, v, part_m, part_l, part_acc, bn_scale, bn_shift, dw3, dw
     pw_op = tl.load(pw + (seg - 1) * S * S + (E * D + kk)[None, :] * S + ch[:, None],
                     mask=cmask[:, None] & kmask[None, :], other=0.0)
     src = qkv + b.to(tl.int64) * stride_b + (seg * S + ch)[None, :]
-    acc_q = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
-    acc_k = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
-    acc_v = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
-    if PIPE > 0:
-        for t in tl.range(0, KS * KS, num_stages=PIPE):
-            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_op, y, x, pmask, ch, cmask,
-                                             H, W, stride_n, C, KS, R, S, False, DOT_PRECISION, EMULATE_DOTS)
-    else:
-        t = 0
-        while t < KS * KS:
-            acc_q, acc_k, acc_v = _dense_tap(t, acc_q, acc_k, acc_v, src, w_taps, pw_op, y, x, pmask, ch, cmask,
-                                             H, W, stride_n, C, KS, R, S, False, DOT_PRECISION, EMULATE_DOTS)
-            t += 1
+    acc_q, acc_k, acc_v = _dense_taps(src, w_taps, pw_op, y, x, pmask, ch, cmask, H, W, stride_n, C, KS, R, S, D_PAD,
+                                      BLOCK_P, False, DOT_PRECISION, EMULATE_DOTS, PIPE)
     c0 = (seg * 2 + E) * D + kk                                  # the head's channels of C'
     a = tl.load(bn_scale + c0, mask=kmask, other=0.0)[None, :]
     sh = tl.load(bn_shift + c0, mask=kmask, other=0.0)[None, :]
