@@ -21,7 +21,7 @@ if not _common.interpreting():
 CASES = [(40, (3, 4), 1, "train", torch.float32, True, False, False),
          (40, (3, 4), 1, "grad", torch.float32, False, False, True),
          (40, (3, 4), 1, "train", torch.bfloat16, False, False, True),
-         (40, (3, 4), 2, "eval", torch.bfloat16, False, 2, False),
+         (40, (3, 4), 1, "eval", torch.bfloat16, False, 2, False),
          (40, (5, 4), 1, "eval", torch.float32, False, 1, False)]
 
 

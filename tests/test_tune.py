@@ -679,7 +679,7 @@ def test_backward_family_timed_on_a_layer_step(monkeypatch):
             return out
         return counted
     monkeypatch.setattr(tune.GpuMeasure, "_layer_step", layer_step)
-    res = meas.train(fam, 40, 5, 6, torch.bfloat16, cands)
+    res = meas.train(fam, 40, 4, 4, torch.bfloat16, cands)
     assert [r["status"] for r in res] == ["ok"] * 2, res
     assert res[1]["diff_vs_first"] <= tune.AGREE["bf16"], res
     default, dense = runs

@@ -203,10 +203,9 @@ def aggregate_candidates(C: int, dtype, capability) -> List[Dict[str, int]]:
     # local branch are such loops)
     split = {**default, "SPLIT": 1, "PAIR": 0, "ROWS": 0, "MERGE": 1}
     knobs = [split]
-    for variant in zdense_variants(C, dtype_name(dtype), _precision(C, dtype, capability)):   # on tensor cores
-        knobs.append({**split, "ZDENSE": variant})
-    for variant in zdense_variants(C, dtype_name(dtype), _precision(C, dtype, capability)):   # ... and with the
-        knobs.append({**split, "ZDENSE": variant, "FUSED": 1})                              # aggregation fused in
+    dense = zdense_variants(C, dtype_name(dtype), _precision(C, dtype, capability))
+    knobs += [{**split, "ZDENSE": v} for v in dense]                   # its Z pass on tensor cores
+    knobs += [{**split, "ZDENSE": v, "FUSED": 1} for v in dense]       # ... with the aggregation fused into it
     knobs.append({**split, "PIPE": AGG_PIPE_STAGES})
     if pair:   # then the row walks (`aggregation._segment_rows`): the structural change, timed before the deadline
         for bp, warps in AGG_ROWS_TILES.get(dot_pad(C // 5), ()):
@@ -350,7 +349,7 @@ def plan_pre_projection(qkv: Tensor, H: int, W: int, weights: FoldedGMAWeights, 
         qkv = qkv.contiguous()
     dev, dt = qkv.device, qkv.dtype
     if shape.AGG_SPLIT and not shape.AGG_FUSED and 3 * B > MAX_GRID_BATCH:   # the Z pass's grid holds the 3B
-        shape = gma_shape(C, dots=dots.precision)                              # images: the fused forward
+        shape = gma_shape(C, dots=dots.precision)                 # images: the default forward (no Z pass) instead
     if shape.AGG_FUSED:   # the dense Z pass and the aggregation as one kernel
         return _plan_fused(qkv, H, W, weights, scale, ln_eps, shape, dots)
     launches: List[Launch] = []
