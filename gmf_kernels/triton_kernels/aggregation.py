@@ -207,15 +207,27 @@ def _segment0(qkv_b, q_b, v_b, part_m, part_l, part_acc, bn_scale, bn_shift, row
 @triton.jit
 def _elementwise_head(src, off_k, off_v, q_b, v_b, a, sh, ch, m2, n, pmask, M, L, ACC,
                       CP: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
-    """One head of an element-wise segment, one tile: q, k, v at src, src + off_k, src + off_v ->
-    BatchNorm affine (a, sh) -> hardswish; Q and V stored (channel ch of q / v), K and V into the
-    head's online softmax."""
-    zq = hardswish(tl.load(src, mask=m2, other=0.0).to(tl.float32) * a + sh)
-    zk = hardswish(tl.load(src + off_k, mask=m2, other=0.0).to(tl.float32) * a + sh)
-    zv = hardswish(tl.load(src + off_v, mask=m2, other=0.0).to(tl.float32) * a + sh)
+    """One head of an element-wise segment, one tile: q, k, v loaded from src, src + off_k, src + off_v, then
+    `_head_epilogue` (Q and V stored at channel ch of q / v)."""
     dst = n[:, None] * CP + ch[None, :]
-    tl.store(q_b + dst, stored(zq, q_b, EMULATE_DOTS), mask=m2)
-    tl.store(v_b + dst, stored(zv, v_b, EMULATE_DOTS), mask=m2)
+    return _head_epilogue(tl.load(src, mask=m2, other=0.0).to(tl.float32),
+                          tl.load(src + off_k, mask=m2, other=0.0).to(tl.float32),
+                          tl.load(src + off_v, mask=m2, other=0.0).to(tl.float32),
+                          a, sh, q_b + dst, v_b + dst, m2, pmask, M, L, ACC, DOT_PRECISION, EMULATE_DOTS)
+
+
+@triton.jit
+def _head_epilogue(zq, zk, zv, a, sh, q_dst, v_dst, m2, pmask, M, L, ACC,
+                   DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr):
+    """One head's tile of Z, the three streams on registers (fp32 [tokens, channels]): BatchNorm affine (a, sh) ->
+    hardswish; Q and V stored at q_dst, v_dst (pointer blocks of the same shape, masked by m2), K and V into the
+    head's online softmax (M, L, ACC; returned). The element-wise segments load Z (`_elementwise_head`); the fused
+    forward computes it (`dense_z._dense_head`)."""
+    zq = hardswish(zq * a + sh)
+    zk = hardswish(zk * a + sh)
+    zv = hardswish(zv * a + sh)
+    tl.store(q_dst, stored(zq, q_dst, EMULATE_DOTS), mask=m2)
+    tl.store(v_dst, stored(zv, v_dst, EMULATE_DOTS), mask=m2)
     return _online_softmax_kv(zk, zv, pmask, M, L, ACC, DOT_PRECISION, EMULATE_DOTS)
 
 
@@ -701,6 +713,18 @@ def _layer_norm_rows(z, omask, ln_eps, S: tl.constexpr):
 
 
 @triton.jit
+def _local_epilogue(z, lnw, lnb, omask, ln_eps, out, m2, S: tl.constexpr, EMULATE: tl.constexpr):
+    """The local branch's tail on registers: z (the (3s -> s) output, fp32 [tokens, S_PAD]) -> LayerNorm over its S
+    channels (lnw, lnb: [1, S_PAD]) -> hardswish -> stored at out (pointers into pre[:, C':C], masked by m2). Returns
+    the LayerNorm's (z - mean, 1 / std) for `_store_local_norm`. `_local_branch` and the fused forward
+    (`dense_z.gma_dense_aggregate_kernel`) end with it."""
+    diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
+    yv = hardswish(diff * rs[:, None] * lnw + lnb)
+    tl.store(out, stored(yv, out, EMULATE), mask=m2)
+    return diff, rs
+
+
+@triton.jit
 def _store_local_norm(xh4_b, rstd4_b, diff, rs, co, n, pmask, omask, N, EMULATE: tl.constexpr):
     """What the local branch's backward reads of its LayerNorm: xh4 = the normalised values, channel-first
     (element (n, c) at xh4_b + c N + n, the stage dtype), and rstd4 = 1 / std per token (fp32)."""
@@ -738,12 +762,10 @@ def _local_branch(qkv_b, pre_b, local_dw, local_pw, ln_weight, ln_bias, ln_eps, 
         else:
             z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_n, C, S, CK, S_PAD, BLOCK_P,
                            DOT_PRECISION, EMULATE_DOTS, w4_b, N, STORE and KEEP_W4, UNROLL_KX)
-        diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
+        diff, rs = _local_epilogue(z, lnw, lnb, omask, ln_eps, pre_b + n[:, None] * C + (CP + co)[None, :],
+                                   pmask[:, None] & omask[None, :], S, EMULATE_DOTS)
         if STORE:
             _store_local_norm(xh4_b, rstd4_b, diff, rs, co, n, pmask, omask, N, EMULATE_DOTS)
-        yv = hardswish(diff * rs[:, None] * lnw + lnb)
-        tl.store(pre_b + n[:, None] * C + (CP + co)[None, :], stored(yv, pre_b, EMULATE_DOTS),
-                 mask=pmask[:, None] & omask[None, :])
         t += 1
 
 

@@ -115,8 +115,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DotVariant, dot_variant, hardswish, interpreting, mm, stored
-from .aggregation import _layer_norm_rows, _online_softmax_kv, _segment0, _store_partial, split_plan
+from ._common import DotVariant, dot_variant, interpreting, mm, stored
+from .aggregation import _head_epilogue, _local_epilogue, _segment0, _store_partial, split_plan
 from .config import (DENSE_WGRAD_TILES, DENSE_Z_STAGES, DENSE_Z_TILES, DENSE_Z_TILES_ALT, check_train_size, dot_pad,
                      dtype_name, operand_precision, stage_dtype, zdense_applies)
 from .statistics import SegmentPlan, _op_exists, mean_var_count, merge_segments, z_pass_buffer
@@ -345,17 +345,10 @@ def _dense_head(qkv, q, v, part_m, part_l, part_acc, bn_scale, bn_shift, dw3, dw
     c0 = (seg * 2 + E) * D + kk                                  # the head's channels of C'
     a = tl.load(bn_scale + c0, mask=kmask, other=0.0)[None, :]
     sh = tl.load(bn_shift + c0, mask=kmask, other=0.0)[None, :]
-    m2 = pmask[:, None] & kmask[None, :]
-    zq = hardswish(acc_q * a + sh)
-    zk = hardswish(acc_k * a + sh)
-    zv = hardswish(acc_v * a + sh)
-    bb = b.to(tl.int64) * N * CP
-    dst = p[:, None] * CP + c0[None, :]
-    tl.store(q + bb + dst, stored(zq, q, EMULATE_DOTS), mask=m2)
-    tl.store(v + bb + dst, stored(zv, v, EMULATE_DOTS), mask=m2)
-    M, L, A = _online_softmax_kv(zk, zv, pmask, tl.full([D_PAD], float("-inf"), dtype=tl.float32),
-                                 tl.zeros([D_PAD], dtype=tl.float32), tl.zeros([D_PAD, D_PAD], dtype=tl.float32),
-                                 KV_PRECISION, EMULATE_DOTS)
+    dst = b.to(tl.int64) * N * CP + p[:, None] * CP + c0[None, :]
+    M, L, A = _head_epilogue(acc_q, acc_k, acc_v, a, sh, q + dst, v + dst, pmask[:, None] & kmask[None, :], pmask,
+                             tl.full([D_PAD], float("-inf"), dtype=tl.float32), tl.zeros([D_PAD], dtype=tl.float32),
+                             tl.zeros([D_PAD, D_PAD], dtype=tl.float32), KV_PRECISION, EMULATE_DOTS)
     _store_partial(M, L, A, (b * 4 * T + seg * T + tile).to(tl.int64), E, part_m, part_l, part_acc, D, D_PAD)
 
 
@@ -391,12 +384,10 @@ def gma_dense_aggregate_kernel(qkv, q, v, pre, part_m, part_l, part_acc, bn_scal
         bl = b.to(tl.int64)
         acc, p, pmask, ch, cmask = _dense_local_acc(qkv + bl * stride_b, local_dw, local_pw, N, H, W, stride_n, C,
                                                     S, S_PAD, BLOCK_P, DOT_PRECISION, EMULATE_DOTS, PIPE)
-        lnw = tl.load(ln_weight + ch, mask=cmask, other=0.0)[None, :]
-        lnb = tl.load(ln_bias + ch, mask=cmask, other=0.0)[None, :]
-        diff, rs = _layer_norm_rows(acc, cmask, ln_eps, S)
-        yv = hardswish(diff * rs[:, None] * lnw + lnb)
-        out = pre + bl * N * C + p[:, None] * C + (CP + ch)[None, :]
-        tl.store(out, stored(yv, pre, EMULATE_DOTS), mask=pmask[:, None] & cmask[None, :])
+        _local_epilogue(acc, tl.load(ln_weight + ch, mask=cmask, other=0.0)[None, :],
+                        tl.load(ln_bias + ch, mask=cmask, other=0.0)[None, :], cmask, ln_eps,
+                        pre + bl * N * C + p[:, None] * C + (CP + ch)[None, :], pmask[:, None] & cmask[None, :], S,
+                        EMULATE_DOTS)
 
 
 @triton.jit
@@ -662,7 +653,6 @@ def plan_dense_z_pass(qkv: Tensor, H: int, W: int, dw3: Tensor, dw5: Tensor, dw7
     tiles: (BLOCK_P, num_warps), default `dense_z_tiles`."""
     B, N, C3 = qkv.shape
     C = C3 // 3
-    s = C // 5
     if qkv.stride(2) != 1:
         raise ValueError("qkv needs a unit channel stride")
     z = z_pass_buffer(qkv, H, W, z)
