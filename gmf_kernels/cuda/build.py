@@ -371,7 +371,7 @@ _SMEM = re.compile(r"(\d+) bytes smem")
 def demangle(names: Iterable[str]) -> Dict[str, str]:
     names = list(dict.fromkeys(names))
     tool = shutil.which("cu++filt") or shutil.which("c++filt")
-    if not tool or not names:
+    if not tool or not any(n.startswith("_Z") for n in names):   # Triton's kernels carry plain C names
         return {n: n for n in names}
     try:
         out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True,
