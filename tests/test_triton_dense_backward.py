@@ -358,28 +358,40 @@ def test_training_step_with_the_dense_candidate(monkeypatch):
 
 
 def test_eval_mode_gradients_with_the_dense_candidate(monkeypatch):
-    """Eval mode with gradients (running statistics: the forward keeps no planes, the backward recomputes Z and y,
-    the dense B3 reading only Z's dZ and qkv) with the dense candidate picked: the input and weight gradients
-    equal the default tiles' (fp32, to the dots' rounding)."""
+    """Eval mode with gradients (running statistics: the forward keeps no planes, the backward recomputes) with the
+    dense candidate picked: the recompute makes Z as the dense backward's training statistics pass does (no y: not
+    `gma_recompute_z_kernel`, V from Z by `gma_proxy_v_kernel`) and the local branch without w4; the input and
+    weight gradients equal the default tiles' (fp32, to the dots' rounding)."""
     import copy
 
     import gmf_kernels
+    from gmf_kernels.triton_kernels import recompute as rcp
     C, H, W, B = 40, 4, 5, 1
     torch.manual_seed(1)
     m = gmf_kernels.GroupMixAttention(C, 8, qkv_bias=True, backend="triton").eval()
     m_dense = copy.deepcopy(m)
     x = torch.randn(B, H * W, C)
     launched = _record_launches(monkeypatch)
+    keep_w4, plan_local = [], rcp.plan_recompute_local
+
+    def spy_local(*args, **kwargs):
+        keep_w4.append(kwargs.get("keep_w4", True))
+        return plan_local(*args, **kwargs)
+    monkeypatch.setattr(rcp, "plan_recompute_local", spy_local)
 
     def grads(mod):
         xx = x.clone().requires_grad_(True)
         mod(xx, (H, W)).square().sum().backward()
         return [xx.grad] + [p.grad for _, p in mod.named_parameters()]
     ref = grads(m)
+    assert "gma_recompute_z_kernel" in launched and keep_w4 == [True], sorted(set(launched))
     _pick_dense(monkeypatch, C, 3 * B * H * W)
     launched.clear()
+    keep_w4.clear()
     got = grads(m_dense)
     assert "gma_dense_wgrad_kernel" in launched and "gma_pw_backward_kernel" not in launched, sorted(set(launched))
+    assert "gma_recompute_z_kernel" not in launched and "gma_proxy_v_kernel" in launched, sorted(set(launched))
+    assert keep_w4 == [False]
     for k, (a, b) in enumerate(zip(got, ref)):
         assert a is not None and a.shape == b.shape, k
         assert _rel(a, b) < 1e-5 or (a - b).abs().max() < 1e-6, (k, _rel(a, b))

@@ -729,9 +729,10 @@ def tuned_dense_b3(qkv: Tensor) -> bool:
     table's entry on a CUDA device; None, so not dense, under the interpreter and off CUDA, where the launchers
     use their own tiles). The training forward's statistics pass (`train_op.planes_fn_for`) then keeps no
     depthwise outputs y (and runs in the dense form, `dense_z.dense_z_moments`), and its aggregation no
-    local-branch w4 (`train_op.TritonPreProjectionFunction`): the dense form reads neither. (The recompute of eval
-    mode with gradients still stores y: without, `gma_recompute_z_kernel` spilled 4 B on sm_80 at C = 80 bf16 /
-    fp16, AOT, batch 128.)"""
+    local-branch w4 (`train_op.TritonPreProjectionFunction`): the dense form reads neither. Nor does the recompute
+    of eval mode with gradients (`recompute.recompute`): Z as that statistics pass makes it, no y, no w4. (Not by
+    dropping y from `gma_recompute_z_kernel`: without it, it spilled 4 B on sm_80 at C = 80 bf16 / fp16, AOT,
+    batch 128.)"""
     bw = tile_spaces.tuned_tiles(BACKWARD_FAMILY, qkv.shape[-1] // 3, qkv)
     return bool(bw is not None and tiles_of(bw).DENSE)
 

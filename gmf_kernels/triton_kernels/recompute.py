@@ -70,11 +70,13 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedGMAWeights
-from ._common import DotVariant, crpe_group, depthwise_tile, hardswish, interpreting, stored
+from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, hardswish, interpreting, stored
 from .aggregation import (_layer_norm_rows, _local_mix, _online_softmax_kv, _store_local_norm, _store_partial, _tile,
                           split_plan)
-from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2, stage_dtype, strip_width
-from .statistics import backward_dots, recompute_planes, statistics_dots
+from .aggregation_backward import tuned_dense_b3
+from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, dtype_name, next_pow2, stage_dtype, strip_width
+from .dense_z import dense_statistics_applies, dense_statistics_planes
+from .statistics import backward_dots, recompute_planes, statistics_dots, statistics_planes
 from . import tile_spaces
 from .tile_spaces import register_tiles
 
@@ -138,11 +140,12 @@ def gma_recompute_local_kernel(
     qkv, w4, xh4, rstd4, local_dw, local_pw,
     N, H, W, SW, stride_qkv_b, stride_qkv_n, tiles_per_split, ln_eps,
     C: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, CK: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EMULATE_DOTS: tl.constexpr, KEEP_W4: tl.constexpr = True,
 ):
     """Program (split, b): the local branch of its tiles (the forward's `aggregation._local_mix` and
     `_layer_norm_rows`), storing w4 (B, 3s, N), xh4 (B, s, N) in the stage dtype and rstd4 (B, N)
-    fp32, channel-first (channel which * s + c of w4: segment 4 of q, k, v)."""
+    fp32, channel-first (channel which * s + c of w4: segment 4 of q, k, v). KEEP_W4 false (a backward in
+    B3's dense form, which reads no w4): xh4 and rstd4 only."""
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     t0 = split * tiles_per_split
@@ -157,7 +160,7 @@ def gma_recompute_local_kernel(
     while t < t1:
         n, pmask, y, x = _tile(t, N, H, W, SW, BLOCK_P)
         z = _local_mix(qkv_b, local_dw, local_pw, n, y, x, pmask, H, W, stride_qkv_n, C, S, CK, S_PAD, BLOCK_P,
-                       DOT_PRECISION, EMULATE_DOTS, w4_b, N, True)
+                       DOT_PRECISION, EMULATE_DOTS, w4_b, N, KEEP_W4)
         diff, rs = _layer_norm_rows(z, omask, ln_eps, S)
         _store_local_norm(xh4_b, rstd4_b, diff, rs, co, n, pmask, omask, N, EMULATE_DOTS)
         t += 1
@@ -302,11 +305,12 @@ def merge_softmax_partials(part_m: Tensor, part_l: Tensor, part_acc: Tensor) -> 
 
 
 def plan_recompute_local(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
-                         tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None
-                         ) -> Tuple[Dict[str, Tensor], Launch]:
+                         tiles: Optional[Tuple[int, int, int]] = None, dots: Optional[DotVariant] = None,
+                         keep_w4: bool = True) -> Tuple[Dict[str, Tensor], Launch]:
     """Buffers (w4 (B, 3s, H, W), xh4 (B, s, H, W) in the stage dtype, rstd4 (B, 1, H, W) fp32) and the launch of
     `gma_recompute_local_kernel`, without launching (meta tensors work). qkv: (B, N, 3C).
-    dots: default `statistics.backward_dots`."""
+    dots: default `statistics.backward_dots`. keep_w4 False (a backward in B3's dense form): w4 empty, (0,), and
+    not stored (the kernel's KEEP_W4), as the training forward's (`launcher.plan_pre_projection`)."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     s = C // 5
@@ -317,12 +321,14 @@ def plan_recompute_local(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_
     splits, tps = split_plan(N, B, bp, SPLIT_TARGET, 1)
     f32 = dict(dtype=torch.float32, device=qkv.device)
     st = dict(dtype=stage_dtype(qkv.dtype), device=qkv.device)
-    buf = {"w4": torch.empty(B, 3 * s, H, W, **st),
+    buf = {"w4": torch.empty(*((B, 3 * s, H, W) if keep_w4 else (0,)), **st),
            "xh4": torch.empty(B, s, H, W, **st), "rstd4": torch.empty(B, 1, H, W, **f32)}
     args = (qkv, buf["w4"], buf["xh4"], buf["rstd4"], wts.local_dw.float().contiguous(),
             wts.local_pw.float().contiguous(), N, H, W, strip_width(W), qkv.stride(0), qkv.stride(1), tps, float(ln_eps))
     kwargs = dict(C=C, S=s, S_PAD=dot_pad(s), CK=min(ck, dot_pad(s)), BLOCK_P=bp, DOT_PRECISION=dots.precision,
                   EMULATE_DOTS=dots.emulate, num_warps=warps)
+    if not keep_w4:
+        kwargs["KEEP_W4"] = False
     return buf, (gma_recompute_local_kernel, (splits, B), args, kwargs)
 
 
@@ -349,6 +355,18 @@ def _launch(launches: List[Launch], like: Tensor) -> None:
             wrap_triton(kernel)[grid](*args, **kwargs)
 
 
+def dense_z_planes(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights) -> Tuple[Tensor, Tensor]:
+    """(Z (3B, 4s, H, W), an empty y_all) for a backward in B3's dense form, made as a training forward's statistics
+    pass makes them for it (`train_op.planes_fn_for`): in the dense form (`dense_z.dense_statistics_planes`, the
+    convolutions on tensor cores) where it applies, else the stencil pass storing no y
+    (`statistics.statistics_planes`). Its moments are not used: the running statistics are folded in wts."""
+    if dense_statistics_applies(qkv.shape[-1] // 3, dtype_name(qkv.dtype), dot_variant(qkv).precision):
+        *_, (z, y_all, _zl) = dense_statistics_planes(qkv, H, W, wts, local=False)
+    else:
+        *_, (z, y_all, _zl) = statistics_planes(qkv, H, W, wts, keep_y=False)
+    return z, y_all
+
+
 def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
               planes=None) -> Dict[str, Tensor]:
     """`backward.recompute` on kernels (`backward.Stages.recompute` of `train_op.triton_stages`):
@@ -361,17 +379,22 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
     what its Triton forward kept where it read them (`config.from_planes`): the local branch's w4, xh4,
     rstd4 and the attention's R, KV, k_max, k_sum: then neither `gma_recompute_local_kernel` nor
     `gma_recompute_attention_kernel` runs.
+    Without planes (eval mode with gradients) where the backward runs B3's dense form (`aggregation_backward.
+    tuned_dense_b3`), which reads neither y nor w4: Z as a training forward's statistics pass keeps it for that
+    backward (`dense_z_planes`: on tensor cores where the dense form applies; no y), V from it, and the local
+    branch without w4.
     Compute dtypes other than float32 (float64 inputs) take the PyTorch `backward.recompute`."""
     if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
         from .backward import recompute as torch_recompute
         return torch_recompute(qkv, H, W, wts, ln_eps)
     dots = backward_dots(qkv)
     C = qkv.shape[-1] // 3
+    dense = tuned_dense_b3(qkv)
     first: List[Launch] = []
-    if planes is None:
+    if planes is None and not dense:
         Z, V, y = recompute_planes(qkv, H, W, wts)          # the op takes backward_dots(qkv) itself
     else:
-        Z, y_all = planes.z, planes.y_all
+        Z, y_all = (planes.z, planes.y_all) if planes is not None else dense_z_planes(qkv, H, W, wts)
         V, lv = plan_proxy_v(Z, wts)
         y = list(y_all.unbind(0))
         first.append(lv)
@@ -388,7 +411,8 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
     if planes is not None and planes.w4 is not None:     # kept by the forward's local branch
         loc = dict(w4=planes.w4, xh4=planes.xh4, rstd4=planes.rstd4)
     else:
-        loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps, tile_spaces.tuned_tiles(LOCAL_FAMILY, C, qkv), dots=dots)
+        loc, ll = plan_recompute_local(qkv, H, W, wts, ln_eps, tile_spaces.tuned_tiles(LOCAL_FAMILY, C, qkv), dots=dots,
+                                       keep_w4=not dense)
         launches = launches + [ll]
     _launch(launches, qkv)
     if "KV" not in att:
