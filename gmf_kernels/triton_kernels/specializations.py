@@ -784,13 +784,10 @@ def compile_one(spec: Spec, resources: bool = True, launcher: bool = False) -> D
     t0 = time.time()
     # Triton runs ptxas with -v; with dump_ptxas_log it prints that log (not a cache-key setting), which the
     # resource figures then read instead of running ptxas a second time (~15 % of a compile)
-    log, dump = io.StringIO(), knobs.nvidia.dump_ptxas_log
-    try:
+    log = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(log):    # (scope: the knob and its variable restored)
         knobs.nvidia.dump_ptxas_log = resources
-        with contextlib.redirect_stdout(log):
-            ck = triton.compile(src, target=target, options=options.__dict__)
-    finally:
-        knobs.nvidia.dump_ptxas_log = dump
+        ck = triton.compile(src, target=target, options=options.__dict__)
     secs = time.time() - t0
     rep = _describe(spec)
     rep.update({"num_warps": ck.metadata.num_warps, "shared_dynamic": ck.metadata.shared,
