@@ -109,6 +109,7 @@ s^2 for the stencils and the pointwise backward they replace.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -119,7 +120,7 @@ from ._common import DotVariant, dot_variant, interpreting, mm, stored
 from .aggregation import _head_epilogue, _local_epilogue, _segment0, _store_partial, split_plan
 from .config import (DENSE_WGRAD_TILES, DENSE_Z_STAGES, DENSE_Z_TILES, DENSE_Z_TILES_ALT, check_train_size, dot_pad,
                      dtype_name, operand_precision, stage_dtype, zdense_applies)
-from .statistics import SegmentPlan, _op_exists, mean_var_count, merge_segments, z_pass_buffer
+from .statistics import SegmentPlan, _op_exists, mean_var_count, merge_segments, statistics_planes, z_pass_buffer
 
 Tensor = torch.Tensor
 
@@ -801,6 +802,17 @@ def _register_dense_planes():
 
 # registered once per process (a re-import keeps the first)
 dense_planes_op = None if _op_exists(DENSE_PLANES_OP_NAME.split("::")[1]) else _register_dense_planes()
+
+
+def planes_without_y(qkv: Tensor, local: bool = True):
+    """The statistics pass that keeps Z and no y, for the layer whose input is qkv when its backward runs B3's dense
+    form (which reads no y): in the dense form itself where it applies (`dense_statistics_planes`, the convolutions
+    on tensor cores; with `local` the local branch's Z too), else the stencil pass storing no y
+    (`statistics.statistics_planes`). The training forward's (`train_op.planes_fn_for`) and the recompute of eval
+    mode with gradients (`recompute.recompute`)."""
+    if dense_statistics_applies(qkv.shape[-1] // 3, dtype_name(qkv.dtype), dot_variant(qkv).precision):
+        return dense_statistics_planes if local else functools.partial(dense_statistics_planes, local=False)
+    return functools.partial(statistics_planes, keep_y=False)
 
 
 def dense_statistics_planes(qkv: Tensor, H: int, W: int, wts, group=None, local: bool = True):

@@ -70,13 +70,13 @@ import triton
 import triton.language as tl
 
 from ..folding import FoldedGMAWeights
-from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, hardswish, interpreting, stored
+from ._common import DotVariant, crpe_group, depthwise_tile, hardswish, interpreting, stored
 from .aggregation import (_layer_norm_rows, _local_mix, _online_softmax_kv, _store_local_norm, _store_partial, _tile,
                           split_plan)
 from .aggregation_backward import tuned_dense_b3
-from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, dtype_name, next_pow2, stage_dtype, strip_width
-from .dense_z import dense_statistics_applies, dense_statistics_planes
-from .statistics import backward_dots, recompute_planes, statistics_dots, statistics_planes
+from .config import INTERPRETER_BLOCK_P, NUM_HEADS, dot_pad, next_pow2, stage_dtype, strip_width
+from .dense_z import planes_without_y
+from .statistics import backward_dots, recompute_planes, statistics_dots
 from . import tile_spaces
 from .tile_spaces import register_tiles
 
@@ -355,18 +355,6 @@ def _launch(launches: List[Launch], like: Tensor) -> None:
             wrap_triton(kernel)[grid](*args, **kwargs)
 
 
-def dense_z_planes(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights) -> Tuple[Tensor, Tensor]:
-    """(Z (3B, 4s, H, W), an empty y_all) for a backward in B3's dense form, made as a training forward's statistics
-    pass makes them for it (`train_op.planes_fn_for`): in the dense form (`dense_z.dense_statistics_planes`, the
-    convolutions on tensor cores) where it applies, else the stencil pass storing no y
-    (`statistics.statistics_planes`). Its moments are not used: the running statistics are folded in wts."""
-    if dense_statistics_applies(qkv.shape[-1] // 3, dtype_name(qkv.dtype), dot_variant(qkv).precision):
-        *_, (z, y_all, _zl) = dense_statistics_planes(qkv, H, W, wts, local=False)
-    else:
-        *_, (z, y_all, _zl) = statistics_planes(qkv, H, W, wts, keep_y=False)
-    return z, y_all
-
-
 def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
               planes=None) -> Dict[str, Tensor]:
     """`backward.recompute` on kernels (`backward.Stages.recompute` of `train_op.triton_stages`):
@@ -381,7 +369,7 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
     `gma_recompute_attention_kernel` runs.
     Without planes (eval mode with gradients) where the backward runs B3's dense form (`aggregation_backward.
     tuned_dense_b3`), which reads neither y nor w4: Z as a training forward's statistics pass keeps it for that
-    backward (`dense_z_planes`: on tensor cores where the dense form applies; no y), V from it, and the local
+    backward (`dense_z.planes_without_y`: on tensor cores where the dense form applies), V from it, and the local
     branch without w4.
     Compute dtypes other than float32 (float64 inputs) take the PyTorch `backward.recompute`."""
     if qkv.dtype == torch.float64 or wts.pw.dtype != torch.float32:
@@ -394,7 +382,9 @@ def recompute(qkv: Tensor, H: int, W: int, wts: FoldedGMAWeights, ln_eps: float,
     if planes is None and not dense:
         Z, V, y = recompute_planes(qkv, H, W, wts)          # the op takes backward_dots(qkv) itself
     else:
-        Z, y_all = (planes.z, planes.y_all) if planes is not None else dense_z_planes(qkv, H, W, wts)
+        # (eval mode with gradients and a dense backward: Z as that backward's statistics pass keeps it, no y)
+        Z, y_all = ((planes.z, planes.y_all) if planes is not None
+                    else planes_without_y(qkv, local=False)(qkv, H, W, wts)[3][:2])
         V, lv = plan_proxy_v(Z, wts)
         y = list(y_all.unbind(0))
         first.append(lv)

@@ -21,15 +21,15 @@ from .. import training
 from ..weights import GMAHyper, GMAWeights
 from ..folding import FoldedGMAWeights
 from .backward import TORCH_STAGES, KeptPlanes, Stages, pre_projection_backward
-from ._common import DotVariant, dot_variant
+from ._common import DotVariant
 from . import aggregation_backward as agb
 from . import attention_backward as ab
 from . import recompute as rcp  # (these three register their tuning families, `tile_spaces`)
 from .aggregation_backward import BACKWARD_FAMILY, BackwardTiles, tiles_of
 from . import tile_spaces
-from .config import backward_kernels_take, check_train_size, dtype_name
+from .config import backward_kernels_take, check_train_size
 from . import op as _op  # noqa: F401  (registers gmf::triton_pre_projection)
-from .dense_z import dense_statistics_applies, dense_statistics_planes   # (registers gmf::triton_dense_z_moments_planes)
+from .dense_z import planes_without_y   # (registers gmf::triton_dense_z_moments_planes)
 from .statistics import backward_dots, statistics, statistics_planes  # the statistics pass as a kernel (registers
 #                       gmf::triton_z_moments, and gmf::triton_proxy_z, the recompute's first launch)
 
@@ -203,7 +203,4 @@ def planes_fn_for(qkv: Tensor, local: bool = True):
         return None
     if not agb.tuned_dense_b3(qkv):
         return statistics_planes
-    if dense_statistics_applies(qkv.shape[-1] // 3, dtype_name(qkv.dtype), dot_variant(qkv).precision):
-        # the statistics pass on tensor cores too (dense_z.py)
-        return dense_statistics_planes if local else functools.partial(dense_statistics_planes, local=False)
-    return functools.partial(statistics_planes, keep_y=False)
+    return planes_without_y(qkv, local)     # on tensor cores too where the dense form applies (dense_z.py)
