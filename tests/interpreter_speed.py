@@ -40,6 +40,7 @@ type checking and broadcasting, and NumPy.
 """
 import dataclasses
 import inspect
+import math
 import os
 
 _installed = None     # (undo callables) while installed
@@ -174,8 +175,10 @@ def _fast_block_type(tl):
 
     def __init__(self, element_ty, shape):
         cls = shape.__class__
-        values = shape.values if cls is TLTuple else shape if cls is list or cls is tuple else None
-        if values is not None:       # the original's `tuple(_unwrap_shape(shape))`: constexprs unwrapped
+        # the original asserts a list or a triton.language.tuple (not a Python tuple), then takes
+        # `tuple(_unwrap_shape(shape))`: the constexprs unwrapped
+        values = shape.values if cls is TLTuple else shape if cls is list else None
+        if values is not None:
             shape = tuple(d.value if d.__class__ is constexpr else d for d in values)
         if values is not None and all(d.__class__ is int for d in shape):
             numel, ttype, text = block_entry(shape)
@@ -194,7 +197,7 @@ def _fast_block_type(tl):
             if all(d.__class__ is int for d in key):
                 got = tensors.get(key)
                 if got is None:
-                    got = tensors[key] = (validate_block_shape(key), TLTuple([constexpr(d) for d in key]).type)
+                    got = tensors[key] = (math.prod(key), TLTuple([constexpr(d) for d in key]).type)   # as the original
                 self.handle = handle
                 self.numel = constexpr(got[0])
                 self.type = type
