@@ -1,4 +1,4 @@
-"""Two costs of Triton 3.6's interpreter that compute nothing the tests see, taken away for the
+"""Five costs of Triton 3.6's interpreter that compute nothing the tests see, taken away for the
 test run (`conftest.py` calls `install()` when TRITON_INTERPRET=1; the spawned processes of
 test_syncbn.py call it too). `GMF_FULL_INTERPRETER=1` leaves the interpreter as shipped.
 
@@ -21,10 +21,11 @@ test_syncbn.py call it too). `GMF_FULL_INTERPRETER=1` leaves the interpreter as 
 4. `_get_np_dtype` builds its table of 21 types on every call (every cast, constant and load);
    here the table is built once, from the original function's own answers, and anything not in
    it goes to the original.
-5. `block_type(...)`, built for every intermediate tile, re-validates its shape through
-   constexpr unwrapping; for a shape of plain ints it is built here with the same fields and the
-   same checks (0-d refused, the shape validated once per distinct shape, by Triton's own
-   `validate_block_shape`).
+5. `block_type(...)` and `tensor(...)`, built for every intermediate tile, make their shapes
+   (Triton tuples, of ints and of constexprs) through constexpr unwrapping, each with a new tuple
+   type; for shapes of plain ints they are built here with the same fields and the same checks
+   (a Python tuple refused as the original's assertion does, 0-d refused, the shape validated once
+   per distinct shape, by Triton's own `validate_block_shape`), the tuple type made once per shape.
 
 Measured on the 2-core development machine (2026-12-03): one float32 and one bfloat16
 training step of the Triton backend at C = 40, 7x9, batch 2 (forward and backward,
