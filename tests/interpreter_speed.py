@@ -101,8 +101,9 @@ def _skip_repeated_lang_patches(ti, tl):
     original = ti._patch_lang
     lang_modules = {}          # id(globals) -> (globals, the triton.language modules among them)
 
-    def patched(lang):
-        return not tl.core.is_builtin(lang.__dict__.get("load"))
+    def patched(lang):             # its `load` replaced by the interpreter's wrapper (a missing one: not patched)
+        member = lang.__dict__.get("load")
+        return member is not None and not tl.core.is_builtin(member)
 
     def _patch_lang(fn):
         g = fn.__globals__
