@@ -13,6 +13,7 @@ soon as timm is imported (`import gmf_kernels` does not import timm).
 from ._version import __version__
 from .backends import BACKEND_NAMES, FallbackWarning, available_backends, get_backend, select_backend  # noqa: E402
 from .convert import convert, is_upstream_attention  # noqa: E402
+from .folding import clear_weight_cache  # noqa: E402
 from .functional import group_mix_attention  # noqa: E402
 from .inference import InferenceModel, inference_plan, optimize_for_inference  # noqa: E402
 from .models import (MODEL_CONFIGS, PRETRAINED_CFGS, CheckpointFormatError, CheckpointMismatchError,  # noqa: E402
@@ -23,7 +24,7 @@ from .weights import GMAHyper, GMAWeights  # noqa: E402
 
 __all__ = [
     "GroupMixAttention", "GroupMixFormer", "create_model", "load_checkpoint", "convert", "is_upstream_attention",
-    "group_mix_attention", "available_backends", "get_backend", "select_backend", "BACKEND_NAMES", "FallbackWarning",
+    "group_mix_attention", "clear_weight_cache", "available_backends", "get_backend", "select_backend", "BACKEND_NAMES", "FallbackWarning",
     "MODEL_CONFIGS", "GMAWeights", "GMAHyper", "CheckpointMismatchError", "__version__",
     "optimize_for_inference", "inference_plan", "InferenceModel",
     "CheckpointFormatError", "PretrainedWeightsNotFound", "checkpoint_filter_fn", "PRETRAINED_CFGS",

@@ -29,7 +29,8 @@ Computation of one token (docs/spec.md §1, s = C/5, d = C/10)::
     CRPE:         conv(V) with crpe_w3 (heads 0-1), crpe_w5 (heads 2-4), crpe_w7 (heads 5-7), + crpe_b
 
 Derived weights are cached per layer and rebuilt only when a parameter or buffer changes
-(keyed on each tensor's storage and version counter).
+(keyed on each tensor's storage and version counter; `clear_weight_cache` for writes that bypass
+the version counters, such as ``p.data.mul_(...)``).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import weakref
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .weights import GMAHyper, GMAWeights, widths
 
@@ -154,7 +156,10 @@ def fold_batch_stats(w: GMAWeights, mean: Tensor, var: Tensor, hp: GMAHyper,
 
 
 # ---------------------------------------------------------------- caching
-_CACHE_ATTR = "_gmf_derived_cache"  # lives on the layer's qkv weight: dies with the layer
+#: owner -> {tag: (stamp, value)}: the derived weights of each owner (a GMA layer's qkv weight, a
+#: BatchNorm folded into its convolution), held by the owner's identity and weakly: an entry dies with
+#: its owner, and nothing is stored on the owner itself (a model pickles and deep-copies as without it)
+_DERIVED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _is_compiling() -> bool:
@@ -192,13 +197,46 @@ def stamp_matches(stamp: tuple, tensors) -> bool:
     return True
 
 
+def cached_for(owner: object, tag: object, tensors, build: Callable[[], object]):
+    """build(), kept under (owner, tag) while `tensors` match the stamp it was built from. A miss
+    drops the owner's entries made from other tensors (before a .to(), a dtype change or an update):
+    they can never hit again, and would hold memory (on the old device) until their tag is rebuilt."""
+    entries = _DERIVED.get(owner)
+    if entries is None:
+        entries = _DERIVED[owner] = {}
+    hit = entries.get(tag)
+    if hit is not None and stamp_matches(hit[0], tensors):
+        return hit[1]
+    for k in [k for k, (stamp, _) in entries.items() if not stamp_matches(stamp, tensors)]:
+        del entries[k]
+    value = build()
+    entries[tag] = (cache_stamp(tensors), value)
+    return value
+
+
+def clear_weight_cache(module: Optional[torch.nn.Module] = None) -> None:
+    """Forget the cached derived weights (the folded GMA weights, the BatchNorms folded into the
+    stem and patch-embedding convolutions), of every module, or of `module` and its submodules;
+    they are rebuilt at the next eval-mode call. Needed only after a write the version counters do
+    not see: through ``.data`` (``p.data.mul_(...)``), NumPy, DLPack or a kernel of one's own.
+    ``GroupMixAttention.train()`` / ``.eval()`` (so ``model.train()`` / ``model.eval()``) call it."""
+    if module is None or not _DERIVED:   # (nothing cached: training, or no eval call yet)
+        _DERIVED.clear()
+        return
+    for m in module.modules():
+        _DERIVED.pop(m, None)
+        for p in m.parameters(recurse=False):
+            _DERIVED.pop(p, None)
+
+
 def cached_derived(w: GMAWeights, tag: object, build: Callable[[], object]):
     """Return build() for these weights, recomputed only when a tensor of w changes.
 
     The key is every tensor's storage (identity), version counter, dtype and device
     (`cache_stamp`: in-place updates such as optimizer steps and load_state_dict bump the
-    version). Under torch.compile nothing is cached: the compiled graph owns its constants;
-    nor under torch.jit.trace (the trace must record the folding, and its sanity check
+    version; writes through ``.data`` do not, see `clear_weight_cache`), held per layer (its qkv
+    weight, `cached_for`). Under torch.compile nothing is cached: the compiled graph owns its
+    constants; nor under torch.jit.trace (the trace must record the folding, and its sanity check
     compares two traces); nor during a CUDA graph capture (`capturing`: the graph records the
     folding and reads the parameters in place). Nor for inference tensors (a model built under
     torch.inference_mode): they keep no version counter.
@@ -208,21 +246,7 @@ def cached_derived(w: GMAWeights, tag: object, build: Callable[[], object]):
     tensors = list(w.tensors())
     if any(t.is_inference() for t in tensors):
         return build()
-    per_layer = getattr(w.qkv_weight, _CACHE_ATTR, None)
-    if per_layer is None:
-        per_layer = {}
-        setattr(w.qkv_weight, _CACHE_ATTR, per_layer)
-    hit = per_layer.get(tag)
-    if hit is not None and stamp_matches(hit[0], tensors):
-        return hit[1]
-    # a miss: entries made from other weights (before a .to(), a dtype change or an update) can
-    # never hit again; drop them so that they do not hold memory (on the old device) until their
-    # tag is rebuilt
-    for k in [k for k, (stamp, _) in per_layer.items() if not stamp_matches(stamp, tensors)]:
-        del per_layer[k]
-    value = build()
-    per_layer[tag] = (cache_stamp(tensors), value)
-    return value
+    return cached_for(w.qkv_weight, tag, tensors, build)
 
 
 def folded_weights(w: GMAWeights, hp: GMAHyper, dtype: torch.dtype) -> FoldedGMAWeights:

@@ -14,6 +14,7 @@ from torch import nn
 from ._validation import check_dim
 from .backends import check_backend_name, check_backend_usable
 from .distributed import layer_group
+from .folding import clear_weight_cache
 from .functional import run_attention
 from .weights import CRPE_WINDOWS, GMAHyper, GMAWeights, NUM_SEGMENTS, collapse4, default_scale, widths
 
@@ -121,6 +122,12 @@ class GroupMixAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, scale={self.scale:.4g}, backend={self.backend!r}"
+
+    def train(self, mode: bool = True) -> "GroupMixAttention":
+        # the eval folding is rebuilt at the next eval call: a write through .data since the last one (an
+        # EMA update, say), which the cache's version counters do not see, is then taken (folding.clear_weight_cache)
+        clear_weight_cache(self)
+        return super().train(mode)
 
     def set_backend(self, backend: Optional[str]) -> "GroupMixAttention":
         """Select this layer's backend: "auto", or a name that must be able to run on this

@@ -571,7 +571,57 @@ def test_stale_cache_entries_are_dropped():
     m.double()
     w = m.gma_weights()
     assert folding.cached_derived(w, "a", lambda: "a1") == "a1"
-    cache = getattr(w.qkv_weight, folding._CACHE_ATTR)
+    cache = folding._DERIVED[w.qkv_weight]
     assert set(cache) == {"a"}                      # "b" (old weights) dropped
     assert folding.cached_derived(w, "b", lambda: "b1") == "b1"
     assert folding.cached_derived(w, "a", lambda: "a2") == "a1" and set(cache) == {"a", "b"}
+
+
+@pytest.mark.parametrize("backend, dtype", CACHE_CASES)
+def test_writes_through_data_taken_after_clear_weight_cache_or_eval(backend, dtype):
+    """A write through ``.data`` does not bump the version counter the cache is keyed on (an EMA
+    update written ``p.data.mul_(d).add_(q.data, alpha=1 - d)``, say): `gmf_kernels.clear_weight_cache`
+    of the layer, or its ``.eval()`` / ``.train()``, makes the next eval call use the new values."""
+    torch.manual_seed(15)
+    m = gmf_kernels.GroupMixAttention(80, 8, qkv_bias=True, backend=backend).to(dtype).eval()
+    _randomize_bn(m)
+    x = torch.randn(2, 7 * 9, 80, dtype=dtype)
+    tol = FP64_TOL if dtype == torch.float64 else FP32_TOL
+
+    def reference():
+        return reference_group_mix_attention(x.double(), (7, 9), cast_weights(m.gma_weights(), torch.float64),
+                                             m.hyper())
+    with torch.no_grad():
+        before = m(x, (7, 9))                                        # fills the cache
+        m.aggregator.agg2.pointwise_conv.weight.data.mul_(-1.5)      # not seen by the version counters
+        m.aggregator.norm3.running_var.data.mul_(3.0)
+        gmf_kernels.clear_weight_cache(m)
+        after = m(x, (7, 9))
+        assert max_rel_error(after, before) > 1e-3
+        assert_rel(after, reference(), tol, "after clear_weight_cache")
+        m.crpe.conv_list[2].weight.data.mul_(2.0)
+        m.eval()
+        assert_rel(m(x, (7, 9)), reference(), tol, "after .eval()")
+
+
+def test_layer_pickles_and_copies_without_its_cache():
+    """The cache is held beside the layer, not on it: torch.save of a layer that has run an eval call
+    works (it failed on the cache's weak references), the loaded layer computes the same, and a deep
+    copy starts without cache entries."""
+    import io
+
+    from gmf_kernels import folding
+    torch.manual_seed(16)
+    m = gmf_kernels.GroupMixAttention(40, 8, qkv_bias=True, backend="torch").eval()
+    x = torch.randn(1, 15, 40)
+    with torch.no_grad():
+        out = m(x, (3, 5))
+    assert m.qkv.weight in folding._DERIVED
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    copied = copy.deepcopy(m)
+    assert loaded.qkv.weight not in folding._DERIVED and copied.qkv.weight not in folding._DERIVED
+    with torch.no_grad():
+        assert torch.equal(loaded(x, (3, 5)), out) and torch.equal(copied(x, (3, 5)), out)

@@ -235,8 +235,14 @@ def test_whole_model_under_autocast(backend):
 
 
 # ------------------------------------------------------------------ eval-mode BatchNorm folded into the convolutions
+from gmf_kernels import folding  # noqa: E402
 from gmf_kernels.models import conv_bn as conv_bn_mod  # noqa: E402
 from helpers import assert_within_reference_error  # noqa: E402
+
+
+def _cached_fold_weight(norm):
+    """The folded convolution weight cached for this BatchNorm (`conv_bn.folded_conv_bn`)."""
+    return folding._DERIVED[norm][("conv_bn", float(norm.eps))][1][0]
 
 N_STEM_EMBED_BN = 2 + 4  # conv_stem.norm1, norm2 and patch_embed_layers.{0..3}.norm
 
@@ -333,9 +339,9 @@ def test_bn_fold_cache_hit_and_invalidation():
             assert_rel(model(x), reference(x), 1e-12, what)
 
     check("first call")
-    cached = conv_bn_mod._CACHE[norm1][1]
+    cached = _cached_fold_weight(norm1)
     check("second call")
-    assert conv_bn_mod._CACHE[norm1][1] is cached, "cache not hit"
+    assert _cached_fold_weight(norm1) is cached, "cache not hit"
     edits = [("conv_stem.norm1.running_var", lambda t: t.mul_(1.7)),
              ("conv_stem.norm2.running_mean", lambda t: t.add_(0.3)),
              ("conv_stem.proj1.weight", lambda t: t.mul_(-0.5)),
@@ -348,7 +354,7 @@ def test_bn_fold_cache_hit_and_invalidation():
             edit(model.get_parameter(name) if "running" not in name else model.get_buffer(name))
             edit(reference.get_parameter(name) if "running" not in name else reference.get_buffer(name))
         check(f"after an in-place change of {name}")
-    assert conv_bn_mod._CACHE[norm1][1] is not cached
+    assert _cached_fold_weight(norm1) is not cached
     other = tiny_model(7).double()
     model.load_state_dict(other.state_dict())
     reference.load_state_dict(other.state_dict())
@@ -356,7 +362,40 @@ def test_bn_fold_cache_hit_and_invalidation():
     model.float(), reference.float()
     with torch.no_grad():
         assert_rel(model(x.float()), reference(x.float()), 1e-5, "after .float()")
-    assert conv_bn_mod._CACHE[norm1][1].dtype == torch.float32
+    assert _cached_fold_weight(norm1).dtype == torch.float32
+
+
+def test_bn_fold_and_gma_folding_see_data_writes_after_eval_or_clear():
+    """Writes through ``.data`` (not seen by the version counters) reach the folded stem and patch
+    embeddings and the GMA layers' folding at the next eval call after ``model.eval()`` or
+    `gmf_kernels.clear_weight_cache(model)`; a model that has run an eval call pickles (torch.save)."""
+    import io
+    model = tiny_model(8).double().eval()
+    reference = copy.deepcopy(model).set_bn_folding(False).set_backend("reference")
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+
+    def check(what):
+        with torch.no_grad():
+            assert_rel(model(x), reference(x), 1e-12, what)
+
+    check("first call")
+    for how in ("eval", "clear"):
+        for name in ("conv_stem.norm1.running_var", "patch_embed_layers.2.norm.weight",
+                     "groupmixformer_backbone.1.gma_stage.0.att.qkv.weight"):
+            t = model.get_parameter(name) if "running" not in name else model.get_buffer(name)
+            r = reference.get_parameter(name) if "running" not in name else reference.get_buffer(name)
+            t.data.mul_(1.5)
+            r.data.mul_(1.5)
+        if how == "eval":
+            model.eval()
+        else:
+            gmf_kernels.clear_weight_cache(model)
+        check(f"after .data writes and {how}")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buf, weights_only=False)(x), model(x))
 
 
 def test_bn_fold_state_dict_and_train_mode_unchanged(monkeypatch):

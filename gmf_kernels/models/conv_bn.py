@@ -18,8 +18,9 @@ to the convolution's dtype. They are cached per BatchNorm module and rebuilt whe
 they come from changes: the key is each tensor's storage (by identity), version counter, dtype
 and device (in-place updates -- optimizer steps, ``load_state_dict``, ``copy_`` under
 ``no_grad`` -- bump the version; ``.to()`` / ``.half()`` / a new Parameter change the
-storage), the same rule as `gmf_kernels.folding.cached_derived` (`folding.cache_stamp`). Writes through ``.data``
-bypass version counters (as they bypass autograd) and are not seen.
+storage), the same rule and the same cache as `gmf_kernels.folding.cached_derived` (`folding.cached_for`).
+Writes through ``.data`` bypass version counters (as they bypass autograd) and are not seen until
+`folding.clear_weight_cache` (``gmf.clear_weight_cache``), which ``model.train()`` / ``model.eval()`` call.
 
 Not cached: when gradients are needed (eval mode with trainable parameters, e.g. frozen
 BatchNorm fine-tuning: the fold is then differentiable and rebuilt every call), for
@@ -28,24 +29,18 @@ the graph (constant-folded with Inductor's ``freezing``), and during a CUDA grap
 """
 from __future__ import annotations
 
-import weakref
 from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..backends.torch_backend import linear, use_onednn_linear
-from ..folding import cache_stamp, capturing, stamp_matches
+from ..folding import cached_for, capturing
 
 Tensor = torch.Tensor
 
 #: BatchNorm module types whose eval-mode forward is the affine above
 FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
-
-# BatchNorm module -> (stamp, weight', bias', eps); dies with the module, never in its state
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Tensor, Optional[Tensor], float]]" = \
-    weakref.WeakKeyDictionary()
-
 
 def has_hooks(m: nn.Module) -> bool:
     """Any forward or backward hook on this module itself."""
@@ -109,15 +104,12 @@ def folded_conv_bn(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor,
     if any(t.is_inference() for t in sources):
         with torch.no_grad():  # inference tensors keep no version counter: nothing to key a cache on
             return fold_conv_bn(conv, norm)
-    eps = float(norm.eps)
-    hit = _CACHE.get(norm)
-    if hit is not None and hit[3] == eps and stamp_matches(hit[0], sources):
-        return hit[1], hit[2]
-    # outside inference mode, so that the cached tensors serve later calls in any mode
-    with torch.inference_mode(False), torch.no_grad():
-        weight, bias = fold_conv_bn(conv, norm)
-    _CACHE[norm] = (cache_stamp(sources), weight, bias, eps)
-    return weight, bias
+
+    def build():
+        # outside inference mode, so that the cached tensors serve later calls in any mode
+        with torch.inference_mode(False), torch.no_grad():
+            return fold_conv_bn(conv, norm)
+    return cached_for(norm, ("conv_bn", float(norm.eps)), sources, build)
 
 
 def conv_bn(x: Tensor, conv: nn.Conv2d, norm: nn.Module, fold: bool = True) -> Tensor:
@@ -141,8 +133,3 @@ def _pointwise_as_linear(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Optio
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
             and use_onednn_linear(x, weight, bias))
-
-
-def clear_cache() -> None:
-    """Forget every cached fold (they are rebuilt on the next eval-mode call)."""
-    _CACHE.clear()

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backends import check_backend_name
 from ..backends.torch_backend import linear, saved_conv_input
+from ..folding import clear_weight_cache
 from ..modules import GroupMixAttention, SeparableConv2d
 from .conv_bn import can_fold, conv_bn, has_hooks
 
@@ -287,6 +288,12 @@ class GroupMixFormer(nn.Module):
         for m in self.attention_modules():
             m.set_backend(backend)
         return self
+
+    def train(self, mode: bool = True) -> "GroupMixFormer":
+        # the BatchNorms folded into the stem and the patch embeddings, and the GMA layers' folding, are
+        # rebuilt at the next eval call (writes through .data: folding.clear_weight_cache)
+        clear_weight_cache(self)
+        return super().train(mode)
 
     def set_bn_folding(self, enabled: bool = True) -> "GroupMixFormer":
         """Fold the eval-mode BatchNorms of the stem and patch embeddings into their convolutions
