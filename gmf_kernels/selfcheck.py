@@ -5,7 +5,8 @@
   disagree beyond the dtype's tolerance.
 * `python -m gmf_kernels.selfcheck`: every available backend against the float64
   reference on random inputs, for every width of the five configs; prints a table and
-  exits non-zero on any failure.
+  exits 1 on any failure, 2 when it checked nothing (or nothing of a backend named with
+  ``--backends``: every row skipped, or Triton on a CPU without its interpreter).
 """
 from __future__ import annotations
 
@@ -110,8 +111,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     names = args.backends.split(",") if args.backends else [n for n in available_backends()]
     kind = torch.device(args.device).type   # "cuda:1" is a CUDA device too
-    if kind == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        names = [n for n in names if n != "triton"]  # the interpreter only when asked for
+    dropped = {}
+    if kind == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and "triton" in names:
+        # the interpreter only when asked for
+        dropped["triton"] = "on a CPU it runs only through the Triton interpreter (set TRITON_INTERPRET=1)"
+        names = [n for n in names if n != "triton"]
     dtypes = ([getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else
               ([torch.float32, torch.float16, torch.bfloat16] if kind == "cuda" else [torch.float32]))
     grids = [(7, 9), (14, 14)] if kind == "cpu" else [(7, 9), (14, 14), (56, 56)]
@@ -126,9 +130,31 @@ def main(argv=None) -> int:
     for name, C, grid, dt, err, ref_err, verdict in rows:
         e = "-" if err is None else f"{err:.2e}"
         print(f"{name:<10} {C:>4} {grid:>6} {dt:<9} {e:>10} {ref_err:>10.2e}  {verdict}")
+    lines, code = summary(rows, names, dropped, explicit=bool(args.backends))
+    print("\n".join(lines))
+    return code
+
+
+def summary(rows, names, dropped, explicit: bool) -> Tuple[List[str], int]:
+    """The table's last lines and the exit status: 1 when a row failed; 2 when nothing was checked,
+    or a backend asked for by name (`explicit`) was not (every row of it skipped, or left out:
+    `dropped`, name -> why); else 0. A run that checked nothing is not a pass."""
     failed = [r for r in rows if r[-1].startswith("FAIL")]
-    print(f"{len(rows) - len(failed)} of {len(rows)} rows ok" + (f", {len(failed)} FAILED" if failed else ""))
-    return 1 if failed else 0
+    skipped = [r for r in rows if r[-1].startswith("skip")]
+    checked = {r[0] for r in rows if not r[-1].startswith("skip")}
+    lines = [f"{n}: not checked: {why}" for n, why in dropped.items()]
+    lines += [f"{n}: not checked: every row skipped ({next(r[-1] for r in skipped if r[0] == n)})"
+              for n in names if n not in checked and any(r[0] == n for r in skipped)]
+    ok = len(rows) - len(failed) - len(skipped)
+    lines.append(f"{ok} of {len(rows)} rows ok" + (f", {len(skipped)} skipped" if skipped else "")
+                 + (f", {len(failed)} FAILED" if failed else ""))
+    if failed:
+        return lines, 1
+    unchecked = [n for n in list(names) + list(dropped) if n not in checked]
+    if not checked or (explicit and unchecked):
+        lines.append(f"nothing checked for {', '.join(unchecked) or 'any backend'}: not a pass (exit 2)")
+        return lines, 2
+    return lines, 0
 
 
 if __name__ == "__main__":

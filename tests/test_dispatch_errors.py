@@ -53,6 +53,22 @@ def test_available_backends():
         assert "cuda" not in avail
 
 
+def test_triton_unavailable_without_a_gpu_or_the_interpreter(monkeypatch):
+    """On a machine without a CUDA device, Triton can run only through its interpreter: without
+    TRITON_INTERPRET it is not available (available_backends, set_backend raising at once with the
+    reason), with it, it is (named explicitly: `auto` never takes the interpreter)."""
+    from gmf_kernels.backends import triton_backend
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" not in gmf_kernels.available_backends()
+    with pytest.raises(ValueError, match="no CUDA device available.*TRITON_INTERPRET"):
+        module().set_backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not triton_backend._triton_import_error():
+        assert "triton" in gmf_kernels.available_backends()
+        module().set_backend("triton")
+
+
 @pytest.mark.parametrize("name", ["nope", "Torch", "cpu", ""])
 def test_unknown_backend_name(name):
     with pytest.raises(ValueError, match="unknown backend"):
@@ -275,6 +291,11 @@ BAD_INPUTS = {
     "size_negative": (lambda: torch.randn(2, 63, 80), (-7, -9), ValueError, "positive"),
     "size_length_1": (lambda: torch.randn(2, 63, 80), (63,), ValueError, "pair"),
     "size_length_3": (lambda: torch.randn(2, 63, 80), (7, 9, 1), ValueError, "pair"),
+    "size_float": (lambda: torch.randn(2, 63, 80), (7.5, 9), ValueError, "ints"),     # int() would truncate it
+    "size_string": (lambda: torch.randn(2, 63, 80), "79", ValueError, "ints"),        # ... and parse it
+    "size_bool": (lambda: torch.randn(2, 63, 80), (True, 63), ValueError, "ints"),
+    "size_float_tensor": (lambda: torch.randn(2, 63, 80), (torch.tensor(7.0), 9), ValueError, "ints"),
+    "size_int_tensors_ok": (lambda: torch.randn(2, 63, 80), (torch.tensor(7), torch.tensor(9)), None, None),
     "batch_zero": (lambda: torch.randn(0, 63, 80), (7, 9), None, None),
     "meta_device": (lambda: torch.randn(2, 63, 80, device="meta"), (7, 9), TypeError, "meta"),
     "not_a_tensor": (lambda: [[0.0] * 80] * 63, (7, 9), TypeError, "torch.Tensor"),
@@ -341,6 +362,35 @@ def test_selfcheck_cli():
     assert len(rows) == 2 * 8 * 2  # 2 backends x 8 widths x 2 grids
     assert all(line.rstrip().endswith("ok") for line in rows), "\n".join(rows)
     assert "FAIL" not in r.stdout
+
+
+@pytest.mark.parametrize("backends, env, expected", [
+    ("cuda", "1", "cuda: not checked: every row skipped"),         # no CUDA device: every row a skip
+    ("triton", "0", "triton: not checked: on a CPU it runs only through the Triton interpreter"),
+    ("torch,triton", "0", "triton: not checked")])                  # one named backend not checked
+def test_selfcheck_that_checked_nothing_is_not_a_pass(monkeypatch, capsys, backends, env, expected):
+    """Exit 2, saying which backend was not checked and why, when a backend named with --backends was
+    not checked at all (it exited 0 with "0 of 0 rows ok", or counted skips as ok)."""
+    monkeypatch.setenv("TRITON_INTERPRET", env)
+    monkeypatch.setattr(selfcheck, "_widths", lambda: [40])
+    if "cuda" in backends and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the cuda rows would run")
+    assert selfcheck.main(["--backends", backends, "--batch", "1", "--device", "cpu"]) == 2
+    out = capsys.readouterr().out
+    assert expected in out and "not a pass (exit 2)" in out, out
+
+
+def test_selfcheck_summary_exit_status():
+    row = lambda name, verdict: (name, 40, "7x9", "float32", None if verdict != "ok" else 1e-7, 1e-7, verdict)
+    assert selfcheck.summary([row("torch", "ok")], ["torch"], {}, explicit=True)[1] == 0
+    assert selfcheck.summary([row("torch", "ok"), row("cuda", "skip: no GPU")], ["torch", "cuda"], {},
+                             explicit=False)[1] == 0           # every available backend: skips are fine
+    assert selfcheck.summary([row("torch", "FAIL (> 2e-4)")], ["torch"], {}, explicit=False)[1] == 1
+    assert selfcheck.summary([], [], {"triton": "interpreter"}, explicit=False)[1] == 2
+    lines, code = selfcheck.summary([row("torch", "ok"), row("cuda", "skip: no GPU")], ["torch", "cuda"], {},
+                                    explicit=True)
+    assert code == 2 and "cuda: not checked: every row skipped (skip: no GPU)" in lines
+    assert "1 of 2 rows ok, 1 skipped" in lines
 
 
 def _noisy(monkeypatch, amount=1e-2):

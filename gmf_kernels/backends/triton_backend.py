@@ -107,7 +107,14 @@ GRAD_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 class TritonBackend(FusedBackend):
     def availability_reasons(self) -> List[str]:
         err = _triton_import_error()
-        return [err] if err else []
+        if err:
+            return [err]
+        if not _interpreting() and not torch.cuda.is_available():
+            # nothing to run on: set_backend("triton") must say so now, not at the first forward
+            return ["no CUDA device available (torch.cuda.is_available() is False), and TRITON_INTERPRET is "
+                    "not set (the Triton interpreter runs the kernels on CPU tensors, slowly: set "
+                    "TRITON_INTERPRET=1 before importing triton)"]
+        return []
 
     def not_supported_reasons(self, p: GMAProblem) -> List[str]:
         reasons = super().not_supported_reasons(p)
