@@ -183,7 +183,9 @@ class InferenceModel(nn.Module):
         return (f"device={p.device}, dtype={str(p.dtype).replace('torch.', '')}, batch_size={p.batch_size}, "
                 f"mode={p.mode!r}, options=({opts}), compiled={self._run is not self.model}: {p.reason}")
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        """The compiled model on x (moved to the plan's device and dtype); further arguments are passed
+        on as given (a bare GroupMixAttention's size (H, W))."""
         if x.device != self.plan.device and not (x.device.type == self.plan.device.type
                                                   and self.plan.device.index is None):
             x = x.to(self.plan.device)
@@ -192,8 +194,8 @@ class InferenceModel(nn.Module):
         with torch.inference_mode():
             if self.plan.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-                return _clone_outputs(self._run(x))
-            return self._run(x)
+                return _clone_outputs(self._run(x, *args, **kwargs))
+            return self._run(x, *args, **kwargs)
 
 
 def _model_device_dtype(model: nn.Module):

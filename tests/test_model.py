@@ -213,6 +213,18 @@ def test_bad_input_rank(shape):
         model(torch.randn(*shape))
 
 
+@pytest.mark.parametrize("make_x, exc, fragment", [
+    (lambda: torch.randn(1, 4, 32, 32), ValueError, "3 channels"),
+    (lambda: torch.randn(1, 32, 32, 3), ValueError, "channels last?"),
+    (lambda: torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), TypeError, "floating-point images"),
+    (lambda: [[0.0]], TypeError, "image tensor")], ids=["channels", "nhwc", "uint8", "list"])
+def test_bad_images_named(make_x, exc, fragment):
+    """The model names what is wrong with its input (it raised torch's convolution error)."""
+    model = tiny_model().eval()
+    with pytest.raises(exc, match=fragment):
+        model(make_x())
+
+
 def test_bad_config_lengths():
     with pytest.raises(ValueError, match="4 entries"):
         gmf_kernels.GroupMixFormer(embedding_dims=[40, 80, 160], serial_depths=[1, 1, 1], mlp_ratios=[4, 4, 4])

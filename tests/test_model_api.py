@@ -320,6 +320,31 @@ def test_ema_and_ddp_checkpoints():
     assert all(torch.equal(model.state_dict()[k], b[k]) for k in b), "use_ema=True: the EMA weights"
 
 
+def test_use_ema_without_ema_weights_warns():
+    """use_ema=True on a checkpoint without EMA weights loads its plain weights, and says so."""
+    a = tiny(23).state_dict()
+    model = tiny(24)
+    for ckpt in ({"model": a}, {"model": a, "model_ema": {}}, a):
+        with pytest.warns(UserWarning, match="use_ema=True, but .* holds no EMA weights"):
+            gmf.load_checkpoint(model, ckpt, use_ema=True)
+        assert all(torch.equal(model.state_dict()[k], a[k]) for k in a)
+
+
+def test_create_model_takes_the_load_options_and_names_a_wrong_override(tmp_path):
+    """create_model passes use_ema / weights_only to load_checkpoint (its error messages name them);
+    an override the model does not take is a TypeError naming it and the closest valid one."""
+    import argparse
+    a, b = tiny(25).state_dict(), tiny(26).state_dict()
+    path = tmp_path / "train.pth"
+    torch.save({"model": a, "model_ema": b, "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(gmf.CheckpointFormatError, match="weights_only=False"):
+        gmf.create_model("m", **TINY, num_classes=10, checkpoint=path)
+    model = gmf.create_model("m", **TINY, num_classes=10, checkpoint=path, weights_only=False, use_ema=True)
+    assert all(torch.equal(model.state_dict()[k], b[k]) for k in b)
+    with pytest.raises(TypeError, match="unknown override 'num_class' \\(did you mean 'num_classes'\\?\\)"):
+        gmf.create_model("m", num_class=10)
+
+
 def test_ema_checkpoint_file(tmp_path):
     sd = tiny(21).state_dict()
     path = tmp_path / "ema.pth"

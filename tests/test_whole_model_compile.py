@@ -171,6 +171,15 @@ def test_optimize_for_inference_without_compile():
         gmf.optimize_for_inference(lambda x: x)
 
 
+def test_optimize_for_inference_of_a_bare_layer_takes_its_size():
+    """A bare GroupMixAttention (any module holding one) keeps its forward's other arguments: the size."""
+    layer = gmf.GroupMixAttention(40, 8, qkv_bias=True, backend="reference").eval()
+    fast = gmf.optimize_for_inference(layer, backend="torch", compile=False, dtype=torch.float64)
+    x = torch.randn(2, 15, 40, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(fast(x, (3, 5)), layer(x, (3, 5)))
+
+
 TABLE = {"devices": {
     "cpu": {"inductor_options": {"freezing": True}},
     "cuda": {"cudagraphs_max_batch": {"float32": 4, "bfloat16": 16}, "inductor_options": {"freezing": True},

@@ -44,7 +44,8 @@ class CheckpointFormatError(ValueError):
 
 
 def create_model(name: str, *, checkpoint=None, pretrained: bool = False, backend: Optional[str] = "auto",
-                 strict: bool = True, drop_classifier: bool = False, **overrides) -> GroupMixFormer:
+                 strict: bool = True, drop_classifier: bool = False, use_ema: bool = False,
+                 weights_only: bool = True, **overrides) -> GroupMixFormer:
     """Build `groupmixformer_m|t|s|b|l` (or upstream's miny/tiny/small/base/large).
 
     `overrides` replace config entries or constructor arguments (e.g. embedding_dims=,
@@ -53,21 +54,37 @@ def create_model(name: str, *, checkpoint=None, pretrained: bool = False, backen
     strictly by default; `pretrained=True` without a checkpoint reads the released weights
     from $GMF_PRETRAINED_DIR or the cache folder (`models/pretrained.py`; a missing file
     raises an error saying where to download it). With a `num_classes` other than the
-    checkpoint's, pass `drop_classifier=True` (fine-tuning: the new head stays as built).
+    checkpoint's, pass `drop_classifier=True` (fine-tuning: the new head stays as built);
+    `use_ema` and `weights_only` as in `load_checkpoint`. An override that is neither a config
+    entry nor a constructor argument raises TypeError naming it (and the closest valid name).
     The model is returned in eval mode when weights are loaded. `model.pretrained_cfg`
     holds the release's input size, normalisation, crop and licence.
     """
     key = canonical_name(name)
     cfg = dict(MODEL_CONFIGS[key])
+    _check_overrides(overrides)
     cfg.update(overrides)
     model = GroupMixFormer(backend=backend, **cfg)
     model.pretrained_cfg = model.default_cfg = dict(PRETRAINED_CFGS[key])
     if checkpoint is None and pretrained:
         checkpoint = resolve_pretrained_file(key)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, strict=strict, drop_classifier=drop_classifier)
+        load_checkpoint(model, checkpoint, strict=strict, drop_classifier=drop_classifier, use_ema=use_ema,
+                        weights_only=weights_only)
         model.eval()
     return model
+
+
+def _check_overrides(overrides: Mapping[str, object]) -> None:
+    """TypeError for an override GroupMixFormer does not take, naming the closest argument it does."""
+    import difflib
+    import inspect
+    valid = [p for p in inspect.signature(GroupMixFormer.__init__).parameters if p not in ("self", "backend")]
+    for k in overrides:
+        if k not in valid:
+            close = difflib.get_close_matches(k, valid, n=1)
+            raise TypeError(f"create_model: unknown override {k!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                            + f"; the model takes {', '.join(valid)}")
 
 
 def _describe(obj) -> str:
@@ -119,8 +136,16 @@ def extract_state_dict(obj, use_ema: bool = False, weights_only: bool = True) ->
     for key in order:
         inner = obj.get(key)
         if isinstance(inner, Mapping) and inner:
+            if use_ema and key not in _EMA_KEYS:
+                warnings.warn(f"use_ema=True, but {what} holds no EMA weights (no non-empty "
+                              f"{' or '.join(map(repr, _EMA_KEYS))}): its plain weights ({key!r}) are loaded",
+                              stacklevel=3)
             obj = inner
             break
+    else:
+        if use_ema:
+            warnings.warn(f"use_ema=True, but {what} holds no EMA weights (no non-empty "
+                          f"{' or '.join(map(repr, _EMA_KEYS))}): it is read as a plain state_dict", stacklevel=3)
     if isinstance(obj, nn.Module):  # a whole pickled model (weights_only=False)
         obj = obj.state_dict()
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

@@ -366,8 +366,17 @@ class GroupMixFormer(nn.Module):
         return list(zip(self.patch_embed_layers, self.groupmixformer_backbone))
 
     def _check_images(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected an image tensor (B, C, H, W), got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected images with {self.in_chans} channels (in_chans), got shape {tuple(x.shape)}"
+                             + (" (channels last? the model takes (B, C, H, W); permute(0, 3, 1, 2))"
+                                if x.shape[-1] == self.in_chans else ""))
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point images, got dtype {x.dtype} (convert, e.g. x.float() / 255, "
+                            f"and normalise as the model's pretrained_cfg says)")
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
