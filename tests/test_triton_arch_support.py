@@ -77,6 +77,7 @@ def test_auto_falls_back_on_an_old_gpu(monkeypatch):
     architecture stops it. The interpreter switch is mocked off, as on a GPU machine."""
     from gmf_kernels.backends import select_backend
     monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("GMF_AUTO_UNVERIFIED", "1")
     old = GMAProblem(**{**_problem((6, 1)).__dict__, "explicit": False})
     assert [r for r in BACKEND.not_supported_reasons(old) if "compute capability 6.1" in r]
