@@ -646,8 +646,11 @@ def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_d
         print(f"cuda.tiles: planner check skipped (module not loadable: {str(ex).splitlines()[0][:120]})")
     except Exception as ex:
         failures.append(f"cuda.tiles planner: {ex}")
-    # the writer and the reader agree (a temporary table directory)
-    with tuning_dir(table_dir) as tmp:
+    # the writer and the reader agree, in a new temporary directory whatever --table-dir says: a dry run's
+    # made-up times must never replace a measured table (the library would read them)
+    if table_dir:
+        print(f"--table-dir {table_dir}: not written (a dry run writes its test table to a temporary folder)")
+    with tuning_dir(None) as tmp:
         C, H, W = shape_list[0]
         dt = dtypes[0]
         table = new_table("sm_90", "dry run (nothing measured)", dry_run=True)
@@ -670,7 +673,9 @@ def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_d
             failures.append(f"table round trip backends: {tuning.backend_times('sm_90', C, dt)}")
         if tuning.backend_times("sm_90", C, dt, training=True) != {"torch": 4.0, "cuda": 6.0}:
             failures.append(f"table round trip backends_train: {tuning.backend_times('sm_90', C, dt, training=True)}")
-        print(f"table writer/reader round trip in {tmp}: {'ok' if not failures else 'FAILED'}")
+        written = json.loads(open(path).read())
+        print(f"table writer/reader round trip in {tmp} (kernels {sorted(written['kernels'])}, backends_train "
+              f"{'yes' if written['backends_train'] else 'no'}): {'ok' if not failures else 'FAILED'}")
     for f in failures:
         print(f"FAILED: {f}")
     print("dry run: " + ("ok" if not failures else f"{len(failures)} failures"))
