@@ -285,6 +285,8 @@ def rows(model: str = "groupmixformer_s", batches: Sequence[int] = (128, 1), dty
                              "grid": list(c.grid) if c.grid else None, "programs": c.programs,
                              "block": c.block, "registers": None, "shared": c.shared, "ctas_per_sm": None,
                              "resources": None, "notes": c.detail.get("notes", ""),
+                             # CUDA without the module's plan: the partials are not counted (a lower bound)
+                             "lower_bound": backend == "cuda" and not c.detail.get("plan"),
                              # Triton aggregation: its cost-balanced plan (programs per image of each job)
                              "job_splits": ([c.detail[f"splits{j}"] for j in range(5)]
                                             if "splits0" in c.detail else None)}
@@ -334,16 +336,17 @@ def markdown(rs: List[Dict], measured: bool) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rs:
         grid = "x".join(str(g) for g in r["grid"]) if r["grid"] else "n/a"
+        ge = ">=" if r.get("lower_bound") else ""
         if r.get("job_splits"):
             grid += " (" + "/".join(map(str, r["job_splits"])) + ")"
         cells = [r["backend"], r["kernel"].replace("gma_", "").replace("_kernel", ""), str(r["C"]),
-                 f"{r['H']}x{r['W']}", str(r["B"]), r["dtype"], f"{r['bytes'] / 1e6:.2f}",
+                 f"{r['H']}x{r['W']}", str(r["B"]), r["dtype"], f"{ge}{r['bytes'] / 1e6:.2f}",
                  f"{r['tc_flops'] / 1e9:.3f} ({r['tc_precision']})", f"{r['cuda_flops'] / 1e9:.3f}", grid,
                  _fmt(r["programs"], "{}"), _fmt(r["registers"], "{}"), _fmt(r["shared"], "{}"),
                  _fmt(r["ctas_per_sm"], "{}"),
                  _fmt(r["waves"], "{:.2f}") if r["waves"] is not None else
                  (f"{r['programs_per_sm']:.2f}/SM" if r["programs_per_sm"] else "n/a"),
-                 f"{r['t_mem_us']:.2f}", f"{r['t_tc_us']:.2f}", f"{r['t_cuda_us']:.2f}", f"{r['bound_us']:.2f}",
+                 f"{ge}{r['t_mem_us']:.2f}", f"{r['t_tc_us']:.2f}", f"{ge}{r['t_cuda_us']:.2f}", f"{ge}{r['bound_us']:.2f}",
                  r["bound_by"]]
         if measured:
             cells += [_fmt(r.get("measured_us"), "{:.2f}"), _fmt(r.get("fraction_of_bound"), "{:.2f}"),
@@ -373,6 +376,11 @@ def main(argv=None) -> int:
     ap.add_argument("--train", action="store_true",
                     help="also the training kernels with a cost model (Triton's attention backward)")
     a = ap.parse_args(argv)
+    if any(b < 1 for b in a.batch):
+        ap.error(f"--batch {' '.join(map(str, a.batch))}: every batch must be >= 1")
+    for C, H, W in a.shape or []:
+        if C <= 0 or C % 10 or H < 1 or W < 1:
+            ap.error(f"--shape {C} {H} {W}: C a positive multiple of 10, H and W >= 1")
 
     tres_path = a.triton_resources or default_triton_resources()
     tres = load_triton_resources(tres_path) if tres_path else None

@@ -307,9 +307,12 @@ def parse_models(text: str) -> List[str]:
     if text.strip() == "all":
         return list(MODEL_CONFIGS)
     try:
-        return list(dict.fromkeys(canonical_name(n) for n in text.split(",") if n.strip()))
+        names = list(dict.fromkeys(canonical_name(n) for n in text.split(",") if n.strip()))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if not names:
+        raise SystemExit(f"error: --model {text!r} names no model")
+    return names
 
 
 # --------------------------------------------------------------------------- environment
@@ -601,12 +604,13 @@ def select_backends(requested: Optional[List[str]], dev_type: str):
     names = list(BACKEND_NAMES) if requested is None else requested
     for n in names:
         reasons = get_backend(n).availability_reasons()
+        if requested is None and n == "triton" and dev_type == "cpu" and not any("not installed" in r for r in reasons):
+            # (before the availability reasons: this script sets the interpreter up itself when it is named)
+            skipped[n] = ("skipped: on CPU Triton runs only through its interpreter (orders of magnitude "
+                          "slower); name it to include it: --backends triton,reference")
+            continue
         if reasons:
             skipped[n] = "unavailable: " + "; ".join(reasons)
-            continue
-        if requested is None and n == "triton" and dev_type == "cpu":
-            skipped[n] = ("skipped: on CPU Triton runs only through its interpreter (orders of magnitude "
-                          "slower); name it in --backends to include it")
             continue
         if requested is None and n == "cuda" and dev_type != "cuda":
             skipped[n] = "skipped: not a CUDA device"
@@ -641,6 +645,7 @@ def timm_runners(ctx: "Context", names: List[str]) -> List[Runner]:
             m = timm.create_model(n, pretrained=False, **kw).eval()
             r.module = m.to(device=ctx.device, dtype=ctx.model_dtype, memory_format=ctx.memory_format)
             r.row["timm"] = timm.__version__
+            r.row["params_m"] = sum(p.numel() for p in m.parameters()) / 1e6   # its own, not the row's model's
         except Exception as e:
             r.row.update(status="error", reason=f"could not build: {first_line(e)}")
             r.alive = False
@@ -2069,12 +2074,44 @@ def write_plot(path: str, rows: List[Dict], settings: Dict, meta: Dict) -> List[
     return bars
 
 
-def require_matplotlib() -> None:
-    """--plot: fail before any timing when matplotlib cannot be imported."""
+def require_matplotlib(path: str) -> None:
+    """--plot: fail before any timing when matplotlib cannot be imported or cannot write `path`'s format."""
     try:
         import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure
     except Exception as e:
         raise SystemExit(f"error: --plot needs matplotlib ({type(e).__name__}: {e}): pip install matplotlib")
+    kinds = Figure().canvas.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in kinds:
+        raise SystemExit(f"error: --plot {path}: matplotlib writes {', '.join('.' + k for k in sorted(kinds))}, "
+                         f"not {'.' + suffix if suffix else 'a file without a suffix'}")
+    check_output_path(path, "--plot")
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """Fail before any timing when `path` cannot be written: a folder, or under a file or an unwritable folder."""
+    p = Path(path)
+    if p.is_dir() or path.endswith(("/", os.sep)):
+        raise SystemExit(f"error: {flag} {path}: a folder; give a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path}: cannot make its folder ({type(e).__name__}: {e})")
+    if not os.access(p.parent, os.W_OK):
+        raise SystemExit(f"error: {flag} {path}: its folder {p.parent} is not writable")
+
+
+def nothing_ran(rows: List[Dict], requested: Optional[List[str]]) -> str:
+    """Why the run measured nothing it was asked for ('' when it did): no row of ours (or upstream's) ran,
+    or none of the backends named with --backends did (the report lists them under 'not run')."""
+    ok = [r for r in rows if r["kind"] in ("gmf", "upstream") and r.get("status") == "ok"]
+    if not ok:
+        return "no row ran"
+    if requested and not any(r["kind"] == "gmf" and r["backend"].split("+")[0].split(" ")[0] in requested
+                             for r in ok):
+        return f"none of the backends asked for ran ({', '.join(requested)})"
+    return ""
 
 
 # --------------------------------------------------------------------------- entry point
@@ -2097,7 +2134,9 @@ def main(argv=None) -> int:
     requested = parse_backends(args.backends)
     models = parse_models(args.model)
     if args.plot:
-        require_matplotlib()
+        require_matplotlib(args.plot)
+    if args.results_file:
+        check_output_path(args.results_file, "--results-file")
     upstream_notes = check_upstream(args.upstream) if args.upstream else []
     progress = Progress(args.quiet)
     meta = collect_meta(settings)
@@ -2177,12 +2216,16 @@ def main(argv=None) -> int:
         r["device_name"] = meta["device_name"]
     (print_compile_report if settings["compile_only"] else print_report)(meta, rows, settings)
     print(f"\n(total {meta['wall_s']:.0f} s)")
-    if args.plot and not settings["compile_only"]:
-        write_plot(args.plot, rows, settings, meta)
-        print(f"plot written to {args.plot}")
     if args.results_file:
         write_results(rows, complete=True)
         print(f"results written to {args.results_file}")
+    if args.plot and not settings["compile_only"]:
+        write_plot(args.plot, rows, settings, meta)
+        print(f"plot written to {args.plot}")
+    why = "" if settings["compile_only"] else nothing_ran(rows, requested)
+    if why:
+        print(f"error: {why}: see 'not run' above (exit 2)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -88,6 +88,12 @@ def main(argv=None) -> int:
     if args.child:
         child(int(args.child[0]), args.child[1], args.device)
         return 0
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():   # every case would fail to start: not the compiler fault it looks for
+            print("no CUDA device here (torch.cuda.is_available() is False): nothing to check; --device cpu runs "
+                  "the cases through Triton's interpreter (a check of this script, not of the compiler)")
+            return 2
     results = [run_case(S, p, args.device) for S, p in CASES]
     for r in results:
         print(f"S={r['S']:<4d} {r['precision']:7s} {r['verdict']:6s} {r['detail']}")

@@ -933,3 +933,35 @@ def test_first_call_records_its_warnings():
     r.prepare = lambda: None
     bench.timed_first_call(ctx, r, lambda: 1)
     assert "warnings" not in r.row
+
+
+def test_outputs_checked_before_any_timing(tmp_path, monkeypatch):
+    """--results-file under a file or naming a folder, --plot in a format matplotlib does not write, and a
+    --model list naming nothing stop the run at once with the flag named (they failed after the timing)."""
+    bench = _load_script()
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: pytest.fail("timed before checking the outputs"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    base = ["--model", "groupmixformer_m", "--img-size", "64", "--device", "cpu", "--no-timm", "--quiet"]
+    for flag, path, fragment in (("--results-file", str(blocker / "r.json"), "cannot make its folder"),
+                                 ("--results-file", str(tmp_path) + "/", "a folder")):
+        with pytest.raises(SystemExit, match=f"{flag} .*{fragment}"):
+            bench.main(base + [flag, path])
+    with pytest.raises(SystemExit, match="names no model"):
+        bench.main(["--model", ",", "--device", "cpu", "--no-timm"])
+    if _importable("matplotlib"):
+        with pytest.raises(SystemExit, match="--plot .*not .txt"):
+            bench.main(base + ["--plot", str(tmp_path / "p.txt")])
+
+
+def test_nothing_ran_is_not_a_pass():
+    """Exit 2 (`nothing_ran`) when no row of ours ran, or none of the backends named with --backends did (a
+    --backends cuda run on a CPU timed only the reference and exited 0)."""
+    bench = _load_script()
+    row = lambda backend, status, kind="gmf": {"backend": backend, "status": status, "kind": kind}
+    assert bench.nothing_ran([row("reference", "ok"), row("torch", "ok")], ["torch", "reference"]) == ""
+    assert bench.nothing_ran([row("reference", "ok"), row("cuda", "unavailable")], None) == ""
+    assert "none of the backends asked for ran (cuda)" in bench.nothing_ran(
+        [row("reference", "ok"), row("cuda", "unavailable")], ["cuda"])
+    assert bench.nothing_ran([row("reference", "ok"), row("triton+compile", "ok")], ["triton"]) == ""
+    assert bench.nothing_ran([row("torch", "error"), row("timm:x", "ok", "baseline")], None) == "no row ran"

@@ -156,6 +156,21 @@ def test_bounds_and_occupancy_arithmetic():
     assert roofline.ctas_per_sm(None, 4, 0) is None
 
 
+def test_roofline_cuda_rows_without_the_module_are_lower_bounds(capsys, monkeypatch):
+    """Without the CUDA module's plan the split-N partials are not counted: the cuda rows say ">=" (they
+    printed 0.00 MB for the combine, as if measured), the note says why in full; bad --batch / --shape
+    are refused."""
+    from gmf_kernels.cuda import costs as cuda_costs
+    monkeypatch.setattr(cuda_costs, "module_plan", lambda *a, **k: (None, "CUDA module not loadable (x): ..."))
+    assert roofline.main(["--shape", "40", "7", "7", "--batch", "1", "--dtype", "bf16", "--backends", "cuda"]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| cuda |")]
+    assert rows and all(" | >=" in line for line in rows), rows
+    for argv in (["--batch", "0"], ["--batch", "-1"], ["--shape", "40", "0", "7"], ["--shape", "45", "7", "7"]):
+        with pytest.raises(SystemExit):
+            roofline.main(argv)
+
+
 def test_roofline_main_resources_and_measured(tmp_path, capsys):
     C, H, W, B = 80, 56, 56, 1
     sh = triton_costs.shape_for(C, "bf16")

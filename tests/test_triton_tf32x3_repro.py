@@ -39,6 +39,17 @@ def test_a_failing_case_is_a_fault():
     assert r["verdict"] == "fault" and r["detail"]
 
 
+def test_no_gpu_is_not_a_fault(monkeypatch, capsys):
+    """--device cuda without a CUDA device says so and exits 2, instead of a "fault" per case (the
+    verdict for the compiler bug it looks for)."""
+    import torch
+    mod = _load()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mod, "run_case", lambda *a: pytest.fail("ran a case without a GPU"))
+    assert mod.main(["--device", "cuda"]) == 2
+    assert "no CUDA device here" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- the AOT compiles' check for the pattern
 #: TTIR as Triton 3.6 prints gma_pw_backward_kernel's two dots (sm_90, fp32): dz^T is the right operand of the
 #: first and the left of the second; `S` is its padded channel count

@@ -50,7 +50,10 @@ def module_plan(B: int, H: int, W: int, C: int, dtype, config: Optional[dict] = 
         from . import load
         mod = load()
     except Exception as ex:  # ImportError when not built / stale; anything else reported the same way
-        return None, f"CUDA module not loadable ({type(ex).__name__}: {str(ex).splitlines()[0][:160]})"
+        first = str(ex).splitlines()[0] if str(ex).strip() else ""
+        first = first if len(first) <= 160 else first[:157] + "..."
+        return None, (f"CUDA module not loadable ({type(ex).__name__}: {first}): without its launch plan the "
+                      f"split-N partials are not counted (bytes and bounds are lower bounds: '>=')")
     cfg = dict(config or {})
     p = mod.plan(B, H, W, C, DTYPE_CODES[_norm_dtype(dtype)], int(cfg.get("tile_h", 0)), int(cfg.get("tile_w", 0)),
                  int(cfg.get("tiles_per_cta", 0)), int(smem_limit))
