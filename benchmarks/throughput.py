@@ -217,7 +217,14 @@ def resolve_settings(args) -> Dict:
     """Fill the defaults that depend on the device and the protocol; note explicit overrides."""
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev_type = device.split(":")[0]
+    try:
+        dev_type = torch.device(device).type
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: --device {device}: {e}")
+    if dev_type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {device}: this benchmark runs on cpu or cuda")
+    if dev_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device}: no CUDA device here (torch.cuda.is_available() is False)")
     gpu = dev_type == "cuda"
     defaults = dict(batch_size=128 if gpu else 8, img_size=224, num_warm_iter=10 if gpu else 1,
                     num_bench_iter=40 if gpu else 5, precision="fp32", channels_last=False)
@@ -237,6 +244,10 @@ def resolve_settings(args) -> Dict:
              protocol=(args.protocol or "custom") + (f" (modified: {', '.join(overrides)})" if overrides else ""),
              seed=args.seed, bench=args.bench)
     if args.bench == "train":
+        if not 0 <= args.drop_path_rate < 1:
+            raise SystemExit(f"error: --drop-path-rate {args.drop_path_rate}: must be in [0, 1)")
+        if args.lr is not None and args.lr <= 0:
+            raise SystemExit(f"error: --lr {args.lr}: must be > 0")
         s.update(opt=args.opt, lr=args.lr if args.lr is not None else DEFAULT_LR[args.opt],
                  drop_path_rate=args.drop_path_rate)
     s["compile_backends"] = ([b.strip() for b in args.compile_backends.split(",") if b.strip()]
@@ -2127,6 +2138,8 @@ def main(argv=None) -> int:
             os.environ["TRITON_INTERPRET"] = "1"
             print("note: triton on CPU: setting TRITON_INTERPRET=1 (the interpreter is very slow)", file=sys.stderr)
     import torch
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"error: --threads {args.threads}: must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = resolve_settings(args)

@@ -192,3 +192,8 @@ def syncbn_note(model) -> Optional[str]:
                             f"{dist.get_world_size()} processes of torch.distributed: run the benchmark in one process")
     return (f"{n} SyncBatchNorm layers run as BatchNorm (one process, torch.distributed not initialised: "
             f"torch's fallback to F.batch_norm)")
+
+
+if __name__ == "__main__":   # a library: say so rather than exit silently
+    print(__doc__)
+    print("(a module, not a command: benchmarks/throughput.py --upstream PATH uses it)")

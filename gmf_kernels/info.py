@@ -57,7 +57,9 @@ def capabilities(b) -> str:
     return ", ".join(parts)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    argparse.ArgumentParser(prog="python -m gmf_kernels.info", description="Versions, devices and every backend's availability.").parse_args(argv)
     info = collect()
     from .backends import DECLARED_ORDER
     backends = info.pop("backends")

@@ -109,14 +109,29 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    from .backends import BACKEND_NAMES
     names = args.backends.split(",") if args.backends else [n for n in available_backends()]
-    kind = torch.device(args.device).type   # "cuda:1" is a CUDA device too
+    if [n for n in names if n not in BACKEND_NAMES]:
+        ap.error(f"--backends {args.backends}: unknown {[n for n in names if n not in BACKEND_NAMES]}; "
+                 f"choose from {list(BACKEND_NAMES)}")
+    try:
+        kind = torch.device(args.device).type   # "cuda:1" is a CUDA device too
+    except RuntimeError as e:
+        ap.error(f"--device {args.device}: {e}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False)")
+    if args.batch < 1:
+        ap.error(f"--batch {args.batch}: must be >= 1")
+    short = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
+    known = ("float32", "float16", "bfloat16", "float64")
+    if args.dtypes and [d for d in args.dtypes.split(",") if short.get(d, d) not in known]:
+        ap.error(f"--dtypes {args.dtypes}: choose from {', '.join(known)} (or fp32, fp16, bf16, fp64)")
     dropped = {}
     if kind == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and "triton" in names:
         # the interpreter only when asked for
         dropped["triton"] = "on a CPU it runs only through the Triton interpreter (set TRITON_INTERPRET=1)"
         names = [n for n in names if n != "triton"]
-    dtypes = ([getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else
+    dtypes = ([getattr(torch, short.get(d, d)) for d in args.dtypes.split(",")] if args.dtypes else
               ([torch.float32, torch.float16, torch.bfloat16] if kind == "cuda" else [torch.float32]))
     grids = [(7, 9), (14, 14)] if kind == "cpu" else [(7, 9), (14, 14), (56, 56)]
     # float32 rows are held to 2e-4: PyTorch's TF32 (cuDNN's on by default) would fail the

@@ -965,3 +965,23 @@ def test_nothing_ran_is_not_a_pass():
         [row("reference", "ok"), row("cuda", "unavailable")], ["cuda"])
     assert bench.nothing_ran([row("reference", "ok"), row("triton+compile", "ok")], ["triton"]) == ""
     assert bench.nothing_ran([row("torch", "error"), row("timm:x", "ok", "baseline")], None) == "no row ran"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--device", "bogus"], "--device bogus"), (["--threads", "-1"], "--threads -1"),
+    (["--bench", "train", "--drop-path-rate", "2"], "--drop-path-rate 2"),
+    (["--bench", "train", "--lr", "-1"], "--lr -1")])
+def test_bad_settings_named_before_any_work(args, fragment, monkeypatch):
+    """A bad value stops the run at once with the flag named (tracebacks, or rows failing one by one)."""
+    bench = _load_script()
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: pytest.fail("ran with a bad setting"))
+    with pytest.raises(SystemExit, match=f"error: {fragment}"):
+        bench.main(["--model", "groupmixformer_m", "--img-size", "64", "--no-timm", "--quiet"] + args)
+
+
+def test_cuda_device_without_one_named(monkeypatch):
+    import torch
+    bench = _load_script()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device here"):
+        bench.main(["--model", "groupmixformer_m", "--device", "cuda", "--no-timm", "--quiet"])

@@ -516,3 +516,19 @@ def test_plain_eager_calls_skip_the_op_dispatch_and_traces_keep_it(monkeypatch):
         out_op = FusedBackend.pre_projection(be, qkv, (4, 5), w, hp, False)
     assert direct == [1] and "gmf.triton_pre_projection" in seen.ops
     torch.testing.assert_close(out, out_op, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--backends", "foo"], "unknown"), (["--device", "bogus"], "--device bogus"), (["--batch", "0"], "--batch 0"),
+    (["--dtypes", "half"], "--dtypes half")])
+def test_selfcheck_bad_arguments_named(argv, fragment, capsys):
+    """A bad argument is a usage error naming it (they were tracebacks)."""
+    with pytest.raises(SystemExit) as info:
+        selfcheck.main(argv)
+    assert info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_selfcheck_takes_short_dtype_names(monkeypatch, capsys):
+    monkeypatch.setattr(selfcheck, "_widths", lambda: [40])
+    assert selfcheck.main(["--backends", "torch", "--dtypes", "fp32", "--batch", "1", "--device", "cpu"]) == 0
+    assert "dtypes ['float32']" in capsys.readouterr().out
