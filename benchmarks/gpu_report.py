@@ -3340,7 +3340,19 @@ def main(argv=None) -> int:
     if args.worker == "kernels":
         return worker_kernels(args.model, args.rows_file, args.worker_budget, args.smoke,
                               [n for n in args.skip_impls.split(",") if n], args.from_case)
-    return run_report(resolve_args(args))
+    args = resolve_args(args)
+    if not args.dry_run and not _any_gpu():
+        raise SystemExit("error: no GPU here (torch.cuda.is_available() is False and there is no nvidia-smi): the "
+                         "report builds, tests and times on a GPU; --dry-run checks its plan and plumbing on a CPU")
+    return run_report(args)
+
+
+def _any_gpu() -> bool:
+    """A CUDA device torch sees, or an NVIDIA driver (nvidia-smi) whose failure the report should record."""
+    import shutil
+
+    import torch
+    return torch.cuda.is_available() or shutil.which("nvidia-smi") is not None
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:

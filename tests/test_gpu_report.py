@@ -1506,3 +1506,12 @@ def test_compile_warms_run_once_in_the_background_and_are_recorded(tmp_path, mon
     # the record part (no models phase): what its warm-up compiled is still listed
     md = gr.render_summary(_report(compile_warm={"untuned": w["untuned"]}))
     assert "- untuned (upstream, reference, cuda, torch): ok after" in md and "Inductor cache warm-up" in md
+
+
+def test_a_real_run_without_a_gpu_is_refused(monkeypatch, tmp_path):
+    """Without --dry-run on a machine with no GPU (no CUDA device, no nvidia-smi) the report stops at once,
+    pointing at --dry-run, instead of starting a CUDA build and GPU test runs into a results folder."""
+    monkeypatch.setattr(gr, "_any_gpu", lambda: False)
+    monkeypatch.setattr(gr, "run_report", lambda args: pytest.fail("started a report without a GPU"))
+    with pytest.raises(SystemExit, match="no GPU here.*--dry-run"):
+        gr.main(["--out", str(tmp_path / "r")])
