@@ -239,8 +239,11 @@ def resolve_settings(args) -> Dict:
                 overrides.append(f"{k}={given}")
         defaults.update(PAPER_PROTOCOL)
     s = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in defaults.items()}
+    if args.protocol == "paper" and args.schedule not in (None, "block"):
+        overrides.append(f"schedule={args.schedule}")
     s.update(device=device, device_type=dev_type,
-             schedule=args.schedule or ("block" if gpu else "interleave"),
+             # upstream's protocol times each model in one block between two synchronisations, on any device
+             schedule=args.schedule or ("block" if gpu or args.protocol == "paper" else "interleave"),
              protocol=(args.protocol or "custom") + (f" (modified: {', '.join(overrides)})" if overrides else ""),
              seed=args.seed, bench=args.bench)
     if args.bench == "train":
@@ -288,6 +291,9 @@ def resolve_settings(args) -> Dict:
     s["deadline_s"] = args.deadline
     if args.profile_steps < 0:
         raise SystemExit("error: --profile-steps must be >= 0")
+    if args.profile_steps and s["schedule"] != "block":
+        raise SystemExit("error: --profile-steps profiles each row right after its timing, in the block schedule: "
+                         "add --schedule block (the interleaved schedule, a CPU's default, has no such point)")
     s["profile_steps"] = args.profile_steps
     if s["batch_size"] < 1 or s["img_size"] < 32 or s["num_bench_iter"] < 1 or s["num_warm_iter"] < 0:
         raise SystemExit("error: need --batch-size >= 1, --img-size >= 32, --num-bench-iter >= 1, "

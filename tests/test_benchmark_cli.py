@@ -172,9 +172,12 @@ def test_settings_and_parsing():
     s = bench.resolve_settings(parser.parse_args(["--protocol", "paper", "--device", "cpu"]))
     assert (s["batch_size"], s["img_size"], s["num_warm_iter"], s["num_bench_iter"], s["precision"]) == \
         (128, 224, 50, 30, "fp32")
-    assert s["protocol"] == "paper"
+    assert s["protocol"] == "paper" and s["schedule"] == "block"     # upstream's, on a CPU too
     s = bench.resolve_settings(parser.parse_args(["--protocol", "paper", "--device", "cpu", "-b", "16"]))
     assert s["batch_size"] == 16 and "modified" in s["protocol"]
+    s = bench.resolve_settings(parser.parse_args(["--protocol", "paper", "--device", "cpu", "--schedule",
+                                                  "interleave"]))
+    assert s["schedule"] == "interleave" and "modified: schedule=interleave" in s["protocol"]
     # CPU defaults: small, no torch.compile, no fp64 oracle for fp32
     s = bench.resolve_settings(parser.parse_args(["--device", "cpu"]))
     assert s["batch_size"] == 8 and s["img_size"] == 224 and s["torchcompile"] is None
@@ -778,6 +781,9 @@ def test_profile_steps_record_where_the_time_goes(bench_kind):
             assert [t["ms"] for t in prof["top"]] == sorted((t["ms"] for t in prof["top"]), reverse=True)
     with pytest.raises(SystemExit):
         bench.resolve_settings(bench.build_parser().parse_args(base + ["--profile-steps", "-1"]))
+    interleaved = [a if a != "block" else "interleave" for a in base]     # profiled nothing, said nothing
+    with pytest.raises(SystemExit, match="--profile-steps .* add --schedule block"):
+        bench.resolve_settings(bench.build_parser().parse_args(interleaved + ["--profile-steps", "1"]))
 
 
 def test_kernel_table_of_device_kernels():
