@@ -437,7 +437,7 @@ def fmt_row(r: Dict) -> str:
 
 # ------------------------------------------------------------------ CLI
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="groupmixformer_s")
     ap.add_argument("--batch-size", type=int, nargs="+", default=[128])
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))

@@ -103,9 +103,17 @@ DEADLINE_RESERVE_S = 3.0
 
 
 # --------------------------------------------------------------------------- arguments
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default, where its help does not state it (a None default is chosen at run time)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_DefaultsHelp)
     p.add_argument("--bench", choices=BENCHES, default="inference", type=lambda v: BENCH_ALIASES.get(v, v),
                    help="inference (or infer): eval-mode forward under torch.inference_mode; train: forward + loss "
                         "+ backward + optimizer step in train mode (timm's naming)")

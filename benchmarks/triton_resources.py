@@ -382,7 +382,7 @@ def run_aggregate_sweep(a, archs) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))   # the first paragraph
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--arch", type=int, nargs="+", default=None, help="default: config.AOT_ARCHS (70 75 80 90)")
     ap.add_argument("--out", default=None,
