@@ -37,8 +37,13 @@ def _from_upstream(old: nn.Module, backend: str) -> GroupMixAttention:
     proj_drop = getattr(getattr(old, "proj_drop", None), "p", 0.0)
     new = GroupMixAttention(dim, num_heads, qkv_bias=old.qkv.bias is not None, qk_scale=scale,
                             proj_drop=proj_drop, backend=backend).to(device=old.qkv.weight.device)
-    # share (not copy) every parameter and buffer
+    # share (not copy) every parameter and buffer; assign=True gives each shared Parameter the new module's
+    # requires_grad, so the old flags (frozen layers) are put back after
+    frozen = {id(p): p.requires_grad for p in old.parameters()}
     new.load_state_dict(old.state_dict(keep_vars=True), strict=True, assign=True)
+    for p in new.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(frozen[id(p)])
     norms = [getattr(old.aggregator, f"norm{i}") for i in range(4)]
     modes = [n.training for n in norms]  # a BatchNorm may be in another mode than its parent (frozen BN)
     for i, src in enumerate(norms):

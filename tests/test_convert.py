@@ -311,6 +311,24 @@ def test_optimizer_step_changes_original_params():
         assert new.qkv.weight is old.qkv.weight and new.crpe.conv_list[2].bias is old.crpe.conv_list[2].bias
 
 
+def test_frozen_parameters_stay_frozen():
+    """A parameter frozen before the conversion (requires_grad False) stays frozen: the shared load
+    (load_state_dict(assign=True)) gave it the new module's flag, so a fine-tuning run's frozen layers
+    trained."""
+    net = make_net(3)
+    for path in ATT_PATHS:
+        att = dict(net.named_modules())[path]
+        att.qkv.requires_grad_(False)
+        att.aggregator.norm0.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    assert not all(flags.values()) and any(flags.values())
+    gmf_kernels.convert(net, backend="torch")
+    assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+    net.train()
+    net(torch.randn(2, 35, 6, dtype=torch.float64), (5, 7)).square().sum().backward()
+    assert all((p.grad is None) == (not flags[n]) for n, p in net.named_parameters())
+
+
 def test_other_class_name_same_structure_is_converted():
     net = make_net(3)
     gmf_kernels.convert(net)
