@@ -40,11 +40,18 @@ def _from_upstream(old: nn.Module, backend: str) -> GroupMixAttention:
     # share (not copy) every parameter and buffer; assign=True gives each shared Parameter the new module's
     # requires_grad, so the old flags (frozen layers) are put back after
     frozen = {id(p): p.requires_grad for p in old.parameters()}
-    new.load_state_dict(old.state_dict(keep_vars=True), strict=True, assign=True)
+    norms = [getattr(old.aggregator, f"norm{i}") for i in range(4)]
+    shared_norms = tuple(f"aggregator.norm{i}." for i, n in enumerate(norms) if isinstance(n, _BatchNorm))
+    result = new.load_state_dict(old.state_dict(keep_vars=True), strict=False, assign=True)
+    # strict but for the BatchNorms that are shared as modules below (one without affine parameters has no
+    # weight and bias to load)
+    bad = [k for k in result.missing_keys if not k.startswith(shared_norms)] + list(result.unexpected_keys)
+    if bad:
+        raise RuntimeError(f"convert: the upstream attention module's state does not match GroupMixAttention's: "
+                           f"missing or unexpected {bad}")
     for p in new.parameters():
         if id(p) in frozen:
             p.requires_grad_(frozen[id(p)])
-    norms = [getattr(old.aggregator, f"norm{i}") for i in range(4)]
     modes = [n.training for n in norms]  # a BatchNorm may be in another mode than its parent (frozen BN)
     for i, src in enumerate(norms):
         if isinstance(src, _BatchNorm):

@@ -136,16 +136,22 @@ class GroupMixAttention(nn.Module):
         return self
 
     def gma_weights(self) -> GMAWeights:
+        """The layer's tensors. A BatchNorm without affine parameters (affine=False) enters with a weight of
+        ones and a bias of zeros (its identity affine); one in training mode that does not track running
+        statistics (track_running_stats=False) without them, as nn.BatchNorm2d then neither reads nor
+        updates its buffers."""
         a = self.aggregator
         norms = (a.norm0, a.norm1, a.norm2, a.norm3)
         aggs = (a.agg1, a.agg2, a.agg3)
+        affine = [self._affine(n) for n in norms]
+        running = [n.training and not n.track_running_stats for n in norms]   # buffers neither read nor updated
         return GMAWeights(
             qkv_weight=self.qkv.weight, qkv_bias=self.qkv.bias,
             proj_weight=self.proj.weight, proj_bias=self.proj.bias,
-            bn_weight=tuple(n.weight for n in norms), bn_bias=tuple(n.bias for n in norms),
-            bn_running_mean=tuple(n.running_mean for n in norms),
-            bn_running_var=tuple(n.running_var for n in norms),
-            bn_num_batches_tracked=tuple(n.num_batches_tracked for n in norms),
+            bn_weight=tuple(w for w, _ in affine), bn_bias=tuple(b for _, b in affine),
+            bn_running_mean=tuple(None if skip else n.running_mean for n, skip in zip(norms, running)),
+            bn_running_var=tuple(None if skip else n.running_var for n, skip in zip(norms, running)),
+            bn_num_batches_tracked=tuple(None if skip else n.num_batches_tracked for n, skip in zip(norms, running)),
             dw_weight=tuple(g.conv1.weight for g in aggs),
             pw_weight=tuple(g.pointwise_conv.weight for g in aggs),
             local_dw_weight=a.agg0.conv.conv1.weight, local_pw_weight=a.agg0.conv.pointwise_conv.weight,
@@ -153,6 +159,15 @@ class GroupMixAttention(nn.Module):
             crpe_weight=tuple(c.weight for c in self.crpe.conv_list),
             crpe_bias=tuple(c.bias for c in self.crpe.conv_list),
         )
+
+    def _affine(self, n: nn.Module):
+        """(weight, bias) of aggregator BatchNorm n: ones and zeros, in its buffers' (or the layer's) dtype and
+        device, for one without them (affine=False)."""
+        if n.weight is not None:
+            return n.weight, n.bias
+        like = n.running_mean if n.running_mean is not None else self.qkv.weight
+        return (torch.ones(n.num_features, dtype=like.dtype, device=like.device),
+                torch.zeros(n.num_features, dtype=like.dtype, device=like.device))
 
     def _norms(self):
         a = self.aggregator

@@ -388,6 +388,43 @@ def test_mixed_batchnorm_modes(frozen):
         copy.deepcopy(new).set_backend("torch")(x, (5, 6))
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("norms", ["untracked", "affine_false", "affine_false_eval"])
+def test_batchnorms_untracked_or_without_affine(norms, backend):
+    """As nn.BatchNorm2d: in training, a BatchNorm with track_running_stats=False but its buffers kept uses
+    the batch statistics and leaves the buffers alone (they were updated); one with affine=False runs
+    (the torch backend crashed on its missing weight) in training and eval. Output, every gradient and
+    every buffer against the unconverted module."""
+    torch.manual_seed(6)
+    old = randomize_(EfficientAtt(40), 6).double()
+    for i in range(4):
+        bn = getattr(old.aggregator, f"norm{i}")
+        if norms == "untracked":
+            bn.track_running_stats = False
+        else:
+            plain = nn.BatchNorm2d(bn.num_features, affine=False).double()
+            plain.load_state_dict({k: v for k, v in bn.state_dict().items() if k not in ("weight", "bias")})
+            setattr(old.aggregator, f"norm{i}", plain)
+    old.train(norms != "affine_false_eval")
+    expected_model = copy.deepcopy(old)
+    new = gmf_kernels.convert(old, backend=backend)
+    x = torch.randn(2, 30, 40, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, exp = new(xa, (5, 6)), expected_model(xb, (5, 6))
+    assert_rel(out, exp, FP64_TOL, f"out ({norms})")
+    lw = torch.randn_like(exp)
+    (out * lw).sum().backward()
+    (exp * lw).sum().backward()
+    assert_rel(xa.grad, xb.grad, FP64_TOL, "x grad")
+    ref_params = dict(expected_model.named_parameters())
+    for k, p in new.named_parameters():
+        assert_rel(p.grad, ref_params[k].grad, FP64_TOL, f"grad {k}")
+    ref_buffers = dict(expected_model.named_buffers())
+    for k, b in new.named_buffers():
+        assert torch.equal(b, ref_buffers[k]) if not b.is_floating_point() else \
+            assert_rel(b, ref_buffers[k], FP64_TOL, k) is None, k
+
+
 @pytest.mark.parametrize("backend", [
     "torch",
     "reference",
