@@ -257,6 +257,27 @@ def test_parameters_and_buffers_are_shared():
         assert b is buffers[k], f"buffer {k} is a new object"
 
 
+def _assert_same_step(new, expected_model, x, size, what):
+    """new and expected_model give the same output, x gradient, parameter gradients and buffers (float64)."""
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, exp = new(xa, size), expected_model(xb, size)
+    assert_rel(out, exp, FP64_TOL, what)
+    lw = torch.randn_like(exp)
+    (out * lw).sum().backward()
+    (exp * lw).sum().backward()
+    assert_rel(xa.grad, xb.grad, FP64_TOL, "x grad")
+    ref_params = dict(expected_model.named_parameters())
+    for k, p in new.named_parameters():
+        assert p.grad is not None, k
+        assert_rel(p.grad, ref_params[k].grad, FP64_TOL, f"grad {k}")
+    ref_buffers = dict(expected_model.named_buffers())
+    for k, b in new.named_buffers():
+        if b.is_floating_point():
+            assert_rel(b, ref_buffers[k], FP64_TOL, k)
+        else:
+            assert torch.equal(b, ref_buffers[k]), k
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("mode", ["eval", "train", "train_frozen_bn"])
 def test_outputs_unchanged(mode, backend):
@@ -269,25 +290,7 @@ def test_outputs_unchanged(mode, backend):
             for m in model.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
-    size = (5, 7)
-    x = torch.randn(2, 35, 6, dtype=torch.float64)
-    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out, exp = net(xa, size), original(xb, size)
-    assert_rel(out, exp, FP64_TOL, f"converted ({mode}, {backend})")
-    lw = torch.randn_like(exp)
-    (out * lw).sum().backward()
-    (exp * lw).sum().backward()
-    assert_rel(xa.grad, xb.grad, FP64_TOL, "x grad")
-    ref_params = dict(original.named_parameters())
-    for k, p in net.named_parameters():
-        assert p.grad is not None, k
-        assert_rel(p.grad, ref_params[k].grad, FP64_TOL, f"grad {k}")
-    ref_buffers = dict(original.named_buffers())
-    for k, b in net.named_buffers():
-        if b.is_floating_point():
-            assert_rel(b, ref_buffers[k], FP64_TOL, k)
-        else:
-            assert torch.equal(b, ref_buffers[k]), k
+    _assert_same_step(net, original, torch.randn(2, 35, 6, dtype=torch.float64), (5, 7), f"converted ({mode}, {backend})")
 
 
 def test_optimizer_step_changes_original_params():
@@ -408,21 +411,7 @@ def test_batchnorms_untracked_or_without_affine(norms, backend):
     old.train(norms != "affine_false_eval")
     expected_model = copy.deepcopy(old)
     new = gmf_kernels.convert(old, backend=backend)
-    x = torch.randn(2, 30, 40, dtype=torch.float64)
-    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out, exp = new(xa, (5, 6)), expected_model(xb, (5, 6))
-    assert_rel(out, exp, FP64_TOL, f"out ({norms})")
-    lw = torch.randn_like(exp)
-    (out * lw).sum().backward()
-    (exp * lw).sum().backward()
-    assert_rel(xa.grad, xb.grad, FP64_TOL, "x grad")
-    ref_params = dict(expected_model.named_parameters())
-    for k, p in new.named_parameters():
-        assert_rel(p.grad, ref_params[k].grad, FP64_TOL, f"grad {k}")
-    ref_buffers = dict(expected_model.named_buffers())
-    for k, b in new.named_buffers():
-        assert torch.equal(b, ref_buffers[k]) if not b.is_floating_point() else \
-            assert_rel(b, ref_buffers[k], FP64_TOL, k) is None, k
+    _assert_same_step(new, expected_model, torch.randn(2, 30, 40, dtype=torch.float64), (5, 6), f"out ({norms})")
 
 
 @pytest.mark.parametrize("backend", [
