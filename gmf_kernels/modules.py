@@ -144,14 +144,14 @@ class GroupMixAttention(nn.Module):
         norms = (a.norm0, a.norm1, a.norm2, a.norm3)
         aggs = (a.agg1, a.agg2, a.agg3)
         affine = [self._affine(n) for n in norms]
-        running = [n.training and not n.track_running_stats for n in norms]   # buffers neither read nor updated
+        untracked = [n.training and not n.track_running_stats for n in norms]   # buffers neither read nor updated
         return GMAWeights(
             qkv_weight=self.qkv.weight, qkv_bias=self.qkv.bias,
             proj_weight=self.proj.weight, proj_bias=self.proj.bias,
             bn_weight=tuple(w for w, _ in affine), bn_bias=tuple(b for _, b in affine),
-            bn_running_mean=tuple(None if skip else n.running_mean for n, skip in zip(norms, running)),
-            bn_running_var=tuple(None if skip else n.running_var for n, skip in zip(norms, running)),
-            bn_num_batches_tracked=tuple(None if skip else n.num_batches_tracked for n, skip in zip(norms, running)),
+            bn_running_mean=tuple(None if skip else n.running_mean for n, skip in zip(norms, untracked)),
+            bn_running_var=tuple(None if skip else n.running_var for n, skip in zip(norms, untracked)),
+            bn_num_batches_tracked=tuple(None if skip else n.num_batches_tracked for n, skip in zip(norms, untracked)),
             dw_weight=tuple(g.conv1.weight for g in aggs),
             pw_weight=tuple(g.pointwise_conv.weight for g in aggs),
             local_dw_weight=a.agg0.conv.conv1.weight, local_pw_weight=a.agg0.conv.pointwise_conv.weight,
