@@ -111,9 +111,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from .backends import BACKEND_NAMES
     names = args.backends.split(",") if args.backends else [n for n in available_backends()]
-    if [n for n in names if n not in BACKEND_NAMES]:
-        ap.error(f"--backends {args.backends}: unknown {[n for n in names if n not in BACKEND_NAMES]}; "
-                 f"choose from {list(BACKEND_NAMES)}")
+    unknown = [n for n in names if n not in BACKEND_NAMES]
+    if unknown:
+        ap.error(f"--backends {args.backends}: unknown {unknown}; choose from {list(BACKEND_NAMES)}")
     try:
         kind = torch.device(args.device).type   # "cuda:1" is a CUDA device too
     except RuntimeError as e:

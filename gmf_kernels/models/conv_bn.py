@@ -42,6 +42,7 @@ Tensor = torch.Tensor
 #: BatchNorm module types whose eval-mode forward is the affine above
 FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
+
 def has_hooks(m: nn.Module) -> bool:
     """Any forward or backward hook on this module itself."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
