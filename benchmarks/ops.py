@@ -439,20 +439,31 @@ def fmt_row(r: Dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="groupmixformer_s")
-    ap.add_argument("--batch-size", type=int, nargs="+", default=[128])
-    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    ap.add_argument("--stages", nargs="+", type=int, default=[0, 1, 2, 3])
+    ap.add_argument("--batch-size", type=int, nargs="+", default=None, help="(default: 128; --smoke: 1)")
+    ap.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES),
+                    help="(default: bf16 fp32; --smoke: fp32)")
+    ap.add_argument("--stages", nargs="+", type=int, default=None, choices=[0, 1, 2, 3],
+                    help="(default: 0 1 2 3; --smoke: 0)")
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--warmup", type=float, default=25, help="do_bench warm-up (ms)")
     ap.add_argument("--rep", type=float, default=100, help="do_bench repetitions (ms)")
     ap.add_argument("--profile-calls", type=int, default=20, help="calls profiled for the per-kernel breakdown")
-    ap.add_argument("--smoke", action="store_true", help="no GPU needed: time torch/reference on a tiny CPU shape")
+    ap.add_argument("--smoke", action="store_true",
+                    help="no GPU needed: time torch/reference on CPU, the --model/--stages/--dtype/--batch-size cases "
+                         "on a 7x7 grid")
     ap.add_argument("--results-file", default=os.path.join(HERE, "results", "ops_benchmarks.csv"))
     a = ap.parse_args(argv)
 
+    try:
+        from gmf_kernels.models.configs import canonical_name
+        canonical_name(a.model)
+    except (KeyError, ValueError) as e:
+        ap.error(f"--model: {e}")
     if a.smoke:
         device = torch.device("cpu")
-        cases = [dict(model="groupmixformer_m", stage=0, C=40, H=7, W=7, B=1, dtype="fp32")]
+        cases = stage_cases(a.model, a.batch_size or [1], a.dtype or ["fp32"], a.stages or [0])
+        for case in cases:   # a plumbing check: the stage's width on a tiny grid
+            case["H"] = case["W"] = min(7, case["H"])
         impls = [i for i in a.impls if i in ("torch", "reference")]
     else:
         if not torch.cuda.is_available():
@@ -466,7 +477,7 @@ def main(argv=None) -> int:
         device = torch.device("cuda")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        cases = stage_cases(a.model, a.batch_size, a.dtype, a.stages)
+        cases = stage_cases(a.model, a.batch_size or [128], a.dtype or ["bf16", "fp32"], a.stages or [0, 1, 2, 3])
         impls = a.impls
     tags = env_tags(device)
     rows: List[Dict] = []

@@ -1327,11 +1327,21 @@ KERNEL_KINDS = (
     ("elementwise / reduction / copy", re.compile(r"elementwise|vectorized|unrolled|reduce|copy|fill|index|cat|"
                                                   r"softmax|gelu|add|mul", re.I)),
 )
+#: kinds of CPU operators (a profile without device kernels: the operators' self time), by name, as above
+CPU_OP_KINDS = (
+    ("ours", re.compile(r"gma_|gmf", re.I)),
+    ("convolution", re.compile(r"conv", re.I)),
+    ("gemm", re.compile(r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_?addmm_activation)$", re.I)),
+    ("normalisation", re.compile(r"norm|welford", re.I)),
+    ("elementwise / reduction / copy", re.compile(r"^aten::", re.I)),
+)
 PROFILE_TOP = 12
 
 
-def kernel_kind(name: str) -> str:
-    return next((kind for kind, rx in KERNEL_KINDS if rx.search(name)), "other")
+def kernel_kind(name: str, device: str = "cuda") -> str:
+    """The kind of a device kernel (`KERNEL_KINDS`) or, device "cpu", of a CPU operator (`CPU_OP_KINDS`)."""
+    kinds = KERNEL_KINDS if device == "cuda" else CPU_OP_KINDS
+    return next((kind for kind, rx in kinds if rx.search(name)), "other")
 
 
 def kernel_table(rows: List[Tuple[str, float, int]], calls: int, device: str) -> Dict:
@@ -1341,10 +1351,10 @@ def kernel_table(rows: List[Tuple[str, float, int]], calls: int, device: str) ->
     total = sum(us for _, us, _ in rows) or 1.0
     kinds: Dict[str, float] = {}
     for name, us, _ in rows:
-        k = kernel_kind(name) if device == "cuda" else ("ours" if kernel_kind(name) == "ours" else "other")
+        k = kernel_kind(name, device)
         kinds[k] = kinds.get(k, 0.0) + us / total
     rows = sorted(rows, key=lambda t: -t[1])
-    top = [{"name": name[:120], "kind": kernel_kind(name) if device == "cuda" else "-", "ms": us / 1e3 / calls,
+    top = [{"name": name[:120], "kind": kernel_kind(name, device), "ms": us / 1e3 / calls,
             "per_call": cnt / calls, "share": us / total} for name, us, cnt in rows[:PROFILE_TOP]]
     return {"device": device, "calls": calls, "total_ms": total / 1e3 / calls,
             "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "top": top}

@@ -825,6 +825,22 @@ def test_kernel_kinds_by_name():
     assert {n: bench.kernel_kind(n) for n in cases} == cases
 
 
+def test_cpu_operator_kinds_by_name():
+    """A CPU profile (no device kernels: the operators' self time) is shared by kind of operator too, not
+    all "other"."""
+    bench = _load_script()
+    cases = {"aten::mkldnn_convolution": "convolution", "aten::_convolution": "convolution",
+             "aten::addmm": "gemm", "aten::mm": "gemm", "aten::bmm": "gemm",
+             "aten::native_layer_norm": "normalisation", "aten::native_batch_norm": "normalisation",
+             "aten::gelu": "elementwise / reduction / copy", "aten::copy_": "elementwise / reduction / copy",
+             "aten::add": "elementwise / reduction / copy", "gmf::gma_forward": "ours",
+             "cudaDeviceSynchronize": "other"}
+    assert {n: bench.kernel_kind(n, "cpu") for n in cases} == cases
+    t = bench.kernel_table([("aten::addmm", 3000.0, 2), ("aten::mkldnn_convolution", 1000.0, 2)], 1, "cpu")
+    assert t["kinds"] == pytest.approx({"gemm": 0.75, "convolution": 0.25})
+    assert [x["kind"] for x in t["top"]] == ["gemm", "convolution"]
+
+
 def test_cuda_graph_rows_do_not_report_a_replays_memory():
     """A row that replays a CUDA graph allocates nothing in the measured call (its activations sit
     in the graph's private pool): its peak is "not measured", never about one output's size. The
@@ -991,3 +1007,30 @@ def test_cuda_device_without_one_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--device cuda: no CUDA device here"):
         bench.main(["--model", "groupmixformer_m", "--device", "cuda", "--no-timm", "--quiet"])
+
+
+def test_ops_smoke_takes_the_cases_asked(tmp_path):
+    """benchmarks/ops.py --smoke (CPU) times the --model / --stages / --dtype / --batch-size asked, on a
+    7x7 grid, and names a bad model before any work."""
+    ops = importlib.util.spec_from_file_location("gmf_benchmark_ops_smoke", REPO / "benchmarks" / "ops.py")
+    mod = importlib.util.module_from_spec(ops)
+    ops.loader.exec_module(mod)
+    from gmf_kernels.models.configs import MODEL_CONFIGS
+    seen = []
+    real = mod.bench_case
+    mod.bench_case = lambda case, impls, *a, **k: seen.append((dict(case), list(impls)))
+    try:
+        assert mod.main(["--smoke", "--model", "groupmixformer_s", "--stages", "1", "2", "--dtype", "bf16",
+                         "--batch-size", "2"]) == 1          # nothing timed (bench_case replaced): not a pass
+    finally:
+        mod.bench_case = real
+    dims = MODEL_CONFIGS["groupmixformer_s"]["embedding_dims"]
+    assert [(c["model"], c["stage"], c["C"], c["H"], c["W"], c["B"], c["dtype"]) for c, _ in seen] == [
+        ("groupmixformer_s", 1, dims[1], 7, 7, 2, "bf16"), ("groupmixformer_s", 2, dims[2], 7, 7, 2, "bf16")]
+    assert all(set(impls) <= {"torch", "reference"} and impls for _, impls in seen)
+    # the defaults: stage 0, fp32, batch 1, and a real (tiny) timing
+    assert mod.main(["--smoke", "--model", "groupmixformer_t", "--impls", "torch", "reference",
+                     "--rep", "1", "--warmup", "1", "--results-file", str(tmp_path / "never.csv")]) == 0
+    assert not (tmp_path / "never.csv").exists()
+    with pytest.raises(SystemExit):
+        mod.main(["--smoke", "--model", "groupmixformer_x"])
