@@ -393,6 +393,60 @@ def test_missing_file_and_pickled_objects(tmp_path):
     assert all(torch.equal(model.state_dict()[k], sd[k]) for k in sd)
 
 
+@pytest.mark.parametrize("how", ["model", "under_model", "compiled_under_model"])
+def test_pickled_whole_model_loads_with_weights_only_false(tmp_path, how):
+    """torch.save(model) and {"model": model} (a trusted file, weights_only=False) load the model's weights."""
+    src = tiny(40)
+    saved = {"model": src, "under_model": {"model": src, "epoch": 3},
+             "compiled_under_model": {"model": torch.compile(src)}}[how]
+    path = tmp_path / "whole.pth"
+    torch.save(saved, path)
+    model = tiny(41)
+    gmf.load_checkpoint(model, path, weights_only=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
+def test_load_into_a_wrapped_model():
+    """A model wrapped by torch.compile or DataParallel takes the plain checkpoint (and the compiled model's
+    own, _orig_mod.-prefixed, state_dict)."""
+    sd = tiny(42).state_dict()
+    for wrap in (torch.compile, torch.nn.DataParallel):
+        inner = tiny(43)
+        gmf.load_checkpoint(wrap(inner), {"model": sd})
+        assert all(torch.equal(inner.state_dict()[k], v) for k, v in sd.items())
+    inner = tiny(44)
+    gmf.load_checkpoint(torch.compile(inner), torch.compile(tiny(42)).state_dict())
+    assert all(torch.equal(inner.state_dict()[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("in_chans", [1, 2, 6, 7])
+def test_checkpoint_into_other_in_chans_adapts_the_first_conv(in_chans):
+    """A 3-channel checkpoint into an in_chans model: the first convolution adapted (summed for one channel;
+    repeated and scaled by 3 / in_chans otherwise), with a warning; everything else loaded as is. With one channel
+    or a multiple of 3, an input whose channels are all the same image gives the same stem output as the
+    3-channel model on that image."""
+    src = tiny(45).double()
+    sd = src.state_dict()
+    model = tiny(46, in_chans=in_chans).double()
+    with pytest.warns(UserWarning, match=f"takes 3 input channels, the model {in_chans}"):
+        gmf.load_checkpoint(model, {"model": sd})
+    w, got = sd["conv_stem.proj1.weight"], model.state_dict()["conv_stem.proj1.weight"]
+    assert got.shape == (w.shape[0], in_chans) + tuple(w.shape[2:])
+    if in_chans == 1:
+        assert_rel(got, w.sum(1, keepdim=True), FP64_TOL, "summed first conv")
+    else:
+        expect = w.repeat(1, 3, 1, 1)[:, :in_chans] * (3 / in_chans)
+        assert_rel(got, expect, FP64_TOL, "repeated and scaled first conv")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items() if k != "conv_stem.proj1.weight")
+    if in_chans % 3 and in_chans != 1:
+        return
+    gray = images(b=1, seed=3)[:, :1]
+    with torch.no_grad():
+        a = src.conv_stem.proj1(gray.expand(1, 3, *SIZE))
+        b = model.conv_stem.proj1(gray.expand(1, in_chans, *SIZE))
+    assert_rel(b, a, 1e-10, "stem on an image of identical channels")
+
+
 @pytest.mark.parametrize("obj", [None, 3, [1, 2]], ids=["None", "int", "list"])
 def test_not_a_checkpoint_object(obj):
     with pytest.raises(CheckpointFormatError, match="not a checkpoint"):

@@ -4,7 +4,14 @@ Checkpoints accepted (a file path or the object): upstream's `{"model": state_di
 checkpoint (`{"model_ema": ...}` or timm's `{"state_dict_ema": ...}`; with `use_ema=True` the
 EMA weights are taken when both are present), `{"state_dict": ...}`, or a bare state_dict;
 keys prefixed by DistributedDataParallel (`module.`) or `torch.compile` (`_orig_mod.`) are
-unprefixed.
+unprefixed; with `weights_only=False` (a trusted file) also a whole pickled model (`torch.save(model)`,
+or under one of those keys). The model loaded into may itself be wrapped (`torch.compile`,
+DistributedDataParallel, DataParallel): the weights go to the model inside.
+
+Another number of input channels (`in_chans`): a checkpoint's first convolution
+(`conv_stem.proj1.weight`, 3 input channels) is adapted to the model's, with a warning saying
+so: summed over its channels for one channel; otherwise repeated over the channels and scaled
+by 3 / in_chans (timm's convention for pretrained weights).
 
 Fine-tuning with another number of classes: `load_checkpoint(model, ckpt, drop_classifier=True)`
 loads everything but the checkpoint's `head` (the model keeps its new head);
@@ -32,6 +39,8 @@ _HEAD_PREFIX = "head."
 #: wrappers whose state_dict prefixes every key
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _EMA_KEYS = ("model_ema", "state_dict_ema")
+#: the first convolution's weight (pretrained_cfg's first_conv): adapted to the model's in_chans
+_FIRST_CONV = "conv_stem.proj1.weight"
 _PLAIN_KEYS = ("model", "state_dict")
 
 
@@ -128,6 +137,8 @@ def extract_state_dict(obj, use_ema: bool = False, weights_only: bool = True) ->
     what = _describe(obj)
     if isinstance(obj, (str, os.PathLike)):
         obj = _torch_load(obj, weights_only)
+    if isinstance(obj, nn.Module):  # a whole pickled model (weights_only=False), or a model given
+        obj = obj.state_dict()
     if obj is None or not isinstance(obj, Mapping):
         raise CheckpointFormatError(f"{what} is not a checkpoint: expected {{'model': state_dict}}, an EMA "
                                     f"checkpoint or a state_dict (a mapping of names to tensors), got "
@@ -135,6 +146,8 @@ def extract_state_dict(obj, use_ema: bool = False, weights_only: bool = True) ->
     order = (_EMA_KEYS + _PLAIN_KEYS) if use_ema else (_PLAIN_KEYS + _EMA_KEYS)
     for key in order:
         inner = obj.get(key)
+        if isinstance(inner, nn.Module):          # a pickled model under the key (weights_only=False)
+            inner = inner.state_dict()
         if isinstance(inner, Mapping) and inner:
             if use_ema and key not in _EMA_KEYS:
                 warnings.warn(f"use_ema=True, but {what} holds no EMA weights (no non-empty "
@@ -146,8 +159,6 @@ def extract_state_dict(obj, use_ema: bool = False, weights_only: bool = True) ->
         if use_ema:
             warnings.warn(f"use_ema=True, but {what} holds no EMA weights (no non-empty "
                           f"{' or '.join(map(repr, _EMA_KEYS))}): it is read as a plain state_dict", stacklevel=3)
-    if isinstance(obj, nn.Module):  # a whole pickled model (weights_only=False)
-        obj = obj.state_dict()
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         keys = ", ".join(repr(k) for k in list(obj)[:10])
@@ -196,8 +207,10 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
       for a trusted file that holds more than weights.
     """
     sd = extract_state_dict(path_or_state_dict, use_ema=use_ema, weights_only=weights_only)
+    model = unwrap_model(model)
     own = model.state_dict()
     notes = []
+    _adapt_first_conv(sd, own)
     if getattr(model, "return_interm_layers", False):
         dropped = [k for k in sd if k.startswith(_CLASSIFIER_PREFIXES) and k not in own]
         for k in dropped:
@@ -234,6 +247,49 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
         raise CheckpointMismatchError("\n  ".join(msg + notes))
     # every key has been checked above; torch's strict mode would refuse the head kept on purpose
     return model.load_state_dict(sd, strict=strict and not (drop_classifier and missing))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's OptimizedModule and (Distributed)DataParallel wrappers: the one
+    whose state_dict keys are the checkpoint's."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A convolution weight (out, c, kh, kw) trained on c input channels, for in_chans channels: summed
+    over its channels for one, else its channels repeated to in_chans and scaled by c / in_chans (so that
+    an input whose channels are alike gives about the same response)."""
+    out, c = weight.shape[:2]
+    if in_chans == c:
+        return weight
+    work = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
+    if in_chans == 1:
+        adapted = work.sum(dim=1, keepdim=True)
+    else:
+        reps = -(-in_chans // c)
+        adapted = work.repeat(1, reps, 1, 1)[:, :in_chans] * (c / in_chans)
+    return adapted.to(weight.dtype)
+
+
+def _adapt_first_conv(sd: Dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
+    """The checkpoint's first convolution adapted in place to the model's input channels where only those
+    differ (`adapt_input_conv`), with a warning."""
+    w, mine = sd.get(_FIRST_CONV), own.get(_FIRST_CONV)
+    if w is None or mine is None or w.dim() != 4 or w.shape == mine.shape:
+        return
+    if w.shape[0] != mine.shape[0] or w.shape[2:] != mine.shape[2:]:
+        return                                    # another width: reported as a mismatch
+    c, n = w.shape[1], mine.shape[1]
+    sd[_FIRST_CONV] = adapt_input_conv(w, n)
+    how = "summed over its channels" if n == 1 else f"its channels repeated and scaled by {c}/{n}"
+    warnings.warn(f"load_checkpoint: the checkpoint's first convolution ({_FIRST_CONV}) takes {c} input "
+                  f"channels, the model {n} (in_chans): its weights are adapted ({how})", stacklevel=3)
 
 
 def _hints(model, sd, own, shape_bad, missing, unexpected):
