@@ -471,7 +471,8 @@ def main(argv=None) -> int:
                   "on CPU they run through an interpreter/emulation, which is for testing, not timing; "
                   "--smoke checks the plumbing on CPU).")
             return 0
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        from gmf_kernels._env import triton_interpreting
+        if triton_interpreting():
             print("benchmarks/ops.py: TRITON_INTERPRET is set; unset it to time the compiled kernels. Skipping.")
             return 0
         device = torch.device("cuda")

@@ -2158,7 +2158,8 @@ def main(argv=None) -> int:
     if args.backends and "triton" in [n.strip() for n in args.backends.split(",")]:
         import torch
         dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dev.startswith("cpu") and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        from gmf_kernels._env import triton_interpreting   # standard library only: triton is not imported yet
+        if dev.startswith("cpu") and not triton_interpreting():
             os.environ["TRITON_INTERPRET"] = "1"
             print("note: triton on CPU: setting TRITON_INTERPRET=1 (the interpreter is very slow)", file=sys.stderr)
     import torch

@@ -82,6 +82,8 @@ for p in (ROOT, HERE):
 
 import torch  # noqa: E402
 
+from gmf_kernels._env import triton_interpreting  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = ("groupmixformer_s", "groupmixformer_b", "groupmixformer_l")
 STAGE_GRIDS = (56, 28, 14, 7)
@@ -620,7 +622,7 @@ def dry_run(spaces: Dict, shape_list, dtypes, budgets: Dict[str, float], table_d
         if part in budgets:
             print(f"\n[{part}] budget {budgets[part]:.0f} s: {', '.join(BACKENDS)} per (C, dtype)")
     print(f"{n_runs} candidate measurements planned")
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not triton_interpreting():
         try:
             n = len(warm_specs(list(budgets), shape_list, dtypes, batch, cap))
             print(f"warm-up: {n} Triton specialisations compiled ahead in parallel, within "
@@ -717,7 +719,7 @@ def main(argv=None) -> int:
         print("benchmarks/tune.py: no CUDA GPU available; nothing measured, no table written (--dry-run checks "
               "the plumbing on any machine).")
         return 0
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interpreting():
         print("benchmarks/tune.py: TRITON_INTERPRET is set; unset it to time the compiled kernels. Skipping.")
         return 0
 

@@ -45,11 +45,11 @@ def check_dim(dim: int, num_heads: int) -> None:
 def check_size(size: Sequence[int]) -> Tuple[int, int]:
     # int() takes what a shape gives (ints, SymInts under torch.compile, 0-d tensors under tracing) but
     # also truncates 3.5 and parses "35": refuse what is not an integer first
-    if isinstance(size, (str, bytes)) or any(
-            isinstance(v, (float, str, bytes, bool)) or (isinstance(v, torch.Tensor) and v.is_floating_point())
-            for v in size):
-        raise ValueError(f"size must be a pair (H, W) of ints, got {size!r}")
     try:
+        if isinstance(size, (str, bytes)) or any(
+                isinstance(v, (float, str, bytes, bool)) or (isinstance(v, torch.Tensor) and v.is_floating_point())
+                for v in size):
+            raise ValueError
         H, W = (int(v) for v in size)
     except (TypeError, ValueError):
         raise ValueError(f"size must be a pair (H, W) of ints, got {size!r}") from None

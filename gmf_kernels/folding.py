@@ -270,12 +270,20 @@ def update_running_stats(w: GMAWeights, hp: GMAHyper, mean: Tensor, var: Tensor,
             torch._foreach_add_(counters, 1)
         running = [w.bn_running_mean[i] for i in tracked] + [w.bn_running_var[i] for i in tracked]
         batch = [mean[i] for i in tracked] + [unbiased[i] for i in tracked]
+        if hp.bn_momentum is not None:
+            weights = [hp.bn_momentum] * len(running)
+        else:   # cumulative average: each BatchNorm its own 1 / num_batches_tracked
+            weights = [1.0 / float(w.bn_num_batches_tracked[i].item()) for i in tracked] * 2
+        if any(r.dtype in (torch.float16, torch.bfloat16) for r in running):
+            # 16-bit buffers (a model.half() in training): blended in fp32 and rounded once, as
+            # nn.BatchNorm2d does; an fp16 batch variance over 65504 must not become inf first
+            for r, b, m in zip(running, batch, weights):
+                r.copy_(r.float().lerp_(b.float(), m))
+            return
         batch = [b.to(r.dtype) for r, b in zip(running, batch)]
         if hp.bn_momentum is not None:
             if running:
                 torch._foreach_lerp_(running, batch, hp.bn_momentum)
             return
-        for k, i in enumerate(tracked):   # cumulative average: each BatchNorm its own 1 / num_batches_tracked
-            m = 1.0 / float(w.bn_num_batches_tracked[i].item())
-            running[k].lerp_(batch[k], m)
-            running[len(tracked) + k].lerp_(batch[len(tracked) + k], m)
+        for r, b, m in zip(running, batch, weights):
+            r.lerp_(b, m)

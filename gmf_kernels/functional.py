@@ -6,12 +6,12 @@ check) a backend, runs it, and optionally checks the result against the referenc
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ._env import env_flag
 from ._tracing import constant_under_compile, cuda_capability
 from ._validation import check_dim, check_same_device_dtype, check_tokens
 from .backends import Backend, GMAProblem, get_backend, select_backend
@@ -213,9 +213,10 @@ def dispatch(problem: GMAProblem, backend: Optional[str]) -> Backend:
     if torch.compiler.is_compiling():
         values = tuple(1 if f in SIZE_FIELDS else getattr(problem, f) for f in _PROBLEM_FIELDS)
         return get_backend(_backend_name_for(values, backend))
-    if torch.onnx.is_in_onnx_export() and backend in (None, "auto"):
-        # the legacy (TorchScript) ONNX exporter needs convolution weights of known shape,
-        # which the torch backend builds at run time: export upstream's computation instead
+    if torch.onnx.is_in_onnx_export():
+        # the legacy (TorchScript) ONNX exporter needs convolution weights of known shape, which
+        # the torch backend builds at run time, and an ONNX graph holds standard operators only
+        # (no fused kernel): whatever backend is named, export upstream's computation
         return get_backend("reference")
     return select_backend(problem, backend)
 
@@ -231,7 +232,7 @@ def run_attention(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, t
     problem = make_problem(x, size, w, hp, training)
     chosen = dispatch(problem, backend)
     if check is None:
-        check = os.environ.get("GMF_CHECK", "0") == "1"
+        check = env_flag("GMF_CHECK")
     if check and chosen.name != "reference" and problem.B > 0:
         check_finite_inputs(x, w)
         from .selfcheck import run_checked

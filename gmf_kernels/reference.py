@@ -68,8 +68,10 @@ def reference_pre_projection(t: Tensor, size: Tuple[int, int], w: GMAWeights, hp
                              training=False) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Steps 2-9 of the spec before the output linear: qkv projection t (B, N, 3C) ->
     pre-projection tokens (B, N, C), and the intermediates {"proxies", "local"}."""
-    B, N, C3 = t.shape
-    C = C3 // 3
+    B, N, _ = t.shape
+    # widths from the weights, not from t's shape: constants when a tracer records t's sizes as values
+    # (the legacy ONNX exporter with dynamic_axes needs the LayerNorm's normalized_shape constant)
+    C = w.proj_weight.shape[-1]
     H, W = size
     h = hp.num_heads
     s = C // NUM_SEGMENTS

@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List, Tuple
 
 import torch
 
+from ._env import triton_interpreting
 from .numerics import TOLERANCE, cast_weights, default_hyper, max_rel_error, random_gma_weights
 from .reference import reference_group_mix_attention
 
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     if args.dtypes and [d for d in args.dtypes.split(",") if short.get(d, d) not in known]:
         ap.error(f"--dtypes {args.dtypes}: choose from {', '.join(known)} (or fp32, fp16, bf16, fp64)")
     dropped = {}
-    if kind == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and "triton" in names:
+    if kind == "cpu" and not triton_interpreting() and "triton" in names:
         # the interpreter only when asked for
         dropped["triton"] = "on a CPU it runs only through the Triton interpreter (set TRITON_INTERPRET=1)"
         names = [n for n in names if n != "triton"]

@@ -194,6 +194,31 @@ def backward(ctx, grad_pre, stages: Stages = TORCH_STAGES) -> tuple:
     return (d_qkv,) + (None,) * (NUM_LEADING_INPUTS - 1) + tuple(grads)
 
 
+def first_order_only(grads: tuple, backend: str, anchors) -> tuple:
+    """A fused Function's gradients, refusing a double backward: when the backward builds a graph
+    (``create_graph=True``), every gradient tensor comes out through a node whose own backward raises
+    an error naming the backend, and that node is linked to `anchors` (grad_pre and the saved inputs),
+    so that any gradient of these gradients, towards the layer's input or any parameter, passes through
+    it. The stages differentiate nothing themselves (kernels, and batch statistics taken as constants):
+    a gradient of their gradients would miss terms, silently wrong, where this makes it an error.
+    Plain backward (no graph) and torch.compile's traced backward are untouched."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    tensors = [g for g in grads if isinstance(g, Tensor)]
+    if not tensors:
+        return grads
+    # an exact 0 connected to every anchor that is in the graph (an empty slice's sum: no inf * 0)
+    links = [t.reshape(-1)[:0].sum() for t in anchors if isinstance(t, Tensor) and t.requires_grad]
+    err = torch._C._functions.DelayedError(
+        (f"double backward (a gradient of a gradient: create_graph=True, then backward through its result) is "
+         f"not supported by the {backend} backend's fused kernels; use backend='torch' (or 'reference') for "
+         f"higher-order gradients").encode(), len(tensors))
+    link = sum(links[1:], links[0]) if links else None
+    out = err(*[g.detach().requires_grad_() if link is None else g.detach() + link.to(g.dtype) for g in tensors])
+    out = iter(out if isinstance(out, tuple) else (out,))
+    return tuple(next(out) if isinstance(g, Tensor) else g for g in grads)
+
+
 class OpGrad:
     """Autograd registered on the fused ops themselves (``torch.library.register_autograd`` of
     ``gmf::triton_pre_projection`` and ``gmf::cuda_pre_projection``): the op is

@@ -4,6 +4,7 @@ here, and the install / test-infrastructure decisions (setup.py's CUDA-build cho
 golden-vector skip)."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
@@ -55,10 +56,18 @@ def test_empty_batch_eval(backend, dtype, size):
                                                    needs_grad=True))
 def test_empty_batch_train_with_grad(backend):
     """Training mode with gradients: an empty, differentiable result; a backward gives x and
-    every parameter a zero gradient, as torch's own layers do; BatchNorm statistics unchanged."""
+    every parameter a zero gradient, as torch's own layers do; running statistics unchanged, and each
+    BatchNorm in training mode counts the batch (num_batches_tracked + 1) as nn.BatchNorm2d does (a
+    frozen one, in eval mode, does not: per-BatchNorm modes run on the reference backend only)."""
     C, size = 40, (6, 5)
     m = _layer(C, torch.float64, backend).train()
+    frozen = "norm2" if backend == "reference" else None
+    if frozen:
+        m.aggregator.norm2.eval()
     before = _bn_state(m)
+    bn = torch.nn.BatchNorm2d(3).train()
+    bn(torch.randn(0, 3, 4, 4))
+    counted = int(bn.num_batches_tracked)                  # what torch's own layer does: 1
     x = torch.randn(0, 30, C, dtype=torch.float64, requires_grad=True)
     y = m(x, size)
     assert y.shape == (0, 30, C) and y.dtype == torch.float64 and y.requires_grad
@@ -67,7 +76,40 @@ def test_empty_batch_train_with_grad(backend):
     for name, p in m.named_parameters():
         assert p.grad is not None and not p.grad.any(), name
     for k, v in _bn_state(m).items():
-        assert torch.equal(v, before[k]), f"{k} changed on an empty batch"
+        if k.endswith("num_batches_tracked") and not (frozen and frozen in k):
+            assert int(v) == int(before[k]) + counted, k
+        else:
+            assert torch.equal(v, before[k]), f"{k} changed on an empty batch"
+
+
+@pytest.mark.parametrize("backend", backend_params(BACKEND_NAMES, dtype=torch.float64, training=True))
+def test_empty_batch_weighs_a_later_cumulative_average_as_nn_batchnorm(backend):
+    """momentum=None (cumulative average) from num_batches_tracked = 0: after [empty batch, batch] the running
+    mean is halfway between the old one and the batch's (the batch weighed 1/2, the empty one counted), as
+    nn.BatchNorm2d's own sequence gives; after [batch] alone it is the batch's (weighed 1/1)."""
+    C, size = 40, (6, 5)
+    m = _layer(C, torch.float64, backend).train()
+    for i in range(4):
+        getattr(m.aggregator, f"norm{i}").momentum = None
+    once = _layer(C, torch.float64, "reference").train()
+    once.load_state_dict(m.state_dict())
+    for i in range(4):
+        getattr(once.aggregator, f"norm{i}").momentum = None
+    old = _bn_state(m)
+    x = torch.randn(2, 30, C, dtype=torch.float64)
+    with torch.no_grad():
+        m(x[:0], size)
+        m(x, size)
+        once(x, size)
+    bn = torch.nn.BatchNorm2d(3, momentum=None).double().train()
+    x_bn = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    bn(x_bn[:0])
+    bn(x_bn)
+    torch.testing.assert_close(bn.running_mean, x_bn.mean(dim=(0, 2, 3)) / 2)     # torch's own layer: halfway
+    for i in range(4):
+        ours, batch = getattr(m.aggregator, f"norm{i}"), getattr(once.aggregator, f"norm{i}")
+        assert int(ours.num_batches_tracked) == 2 and int(batch.num_batches_tracked) == 1
+        torch.testing.assert_close(ours.running_mean, (old[f"aggregator.norm{i}.running_mean"] + batch.running_mean) / 2)
 
 
 @pytest.mark.parametrize("backend", backend_params(BACKEND_NAMES))
@@ -290,3 +332,133 @@ def test_empty_batch_with_synchronised_statistics_refuses(training):
     with pytest.raises(ValueError, match="empty batch .* on this rank .* all-reduce"):
         get_backend("torch").forward(x, (6, 5), w, hp, training)
     assert get_backend("torch").forward(x, (6, 5), w, hp, False).shape == (0, 30, C)
+
+
+# ------------------------------------------------------------------ large activations in 16-bit training
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(BACKEND_NAMES, [torch.float16, torch.bfloat16],
+                                                               training=True, B=2, H=3, W=5, dim=40))
+def test_training_batch_statistics_of_large_activations(backend, dtype):
+    """A layer in fp16 / bf16 training whose BatchNorm inputs have variances past fp16's range (the largest
+    2e5: the input scaled to that): the batch statistics are taken in fp32 (as F.batch_norm does), so the output and the running
+    variances (16-bit buffers, blended in fp32 and rounded once) keep the reference's accuracy at that dtype
+    against the float64 oracle. (An fp16 variance overflowed: rsqrt(inf) = 0 gave every token beta, 0.38
+    off, and inf running variances.)"""
+    from helpers import assert_within_reference_error
+    C, size = 40, (3, 5)
+    torch.manual_seed(0)
+    m = gmf.GroupMixAttention(C, qkv_bias=True, backend=backend).train()
+    low = gmf.GroupMixAttention(C, qkv_bias=True, backend="reference").train()
+    oracle = gmf.GroupMixAttention(C, qkv_bias=True, backend="reference").train()
+    low.load_state_dict(m.state_dict())
+    oracle.load_state_dict(m.state_dict())
+    m, low, oracle = m.to(dtype), low.to(dtype), oracle.double()
+    x = torch.randn(2, 15, C)
+    probe = copy.deepcopy(oracle)                 # the batch variances at input scale 1 (momentum 1: the buffers)
+    for i in range(4):
+        getattr(probe.aggregator, f"norm{i}").momentum = 1.0
+    with torch.no_grad():
+        probe(x.double(), size)
+    v1 = max(float(getattr(probe.aggregator, f"norm{i}").running_var.max()) for i in range(4))
+    x = (x * (2e5 / v1) ** 0.5).to(dtype)         # largest variance 2e5: past fp16, its running blend (2e4) not
+    with torch.no_grad():
+        y, y_low, y64 = m(x, size), low(x, size), oracle(x.double(), size)
+    assert_within_reference_error(y.double(), y_low.double(), y64, name=f"{backend} output")
+    for i in range(4):
+        rv = getattr(m.aggregator, f"norm{i}").running_var
+        assert rv.dtype == dtype and bool(torch.isfinite(rv).all()), f"norm{i}.running_var"
+        assert_within_reference_error(rv.double(), getattr(low.aggregator, f"norm{i}").running_var.double(),
+                                      getattr(oracle.aggregator, f"norm{i}").running_var, name=f"norm{i}.running_var")
+    # the case is the one asked for: a batch variance (running_var = 0.9 + 0.1 var) past fp16's largest value
+    assert max(float(getattr(oracle.aggregator, f"norm{i}").running_var.max()) for i in range(4)) > 0.9 + 0.1 * 65504
+
+
+def test_running_statistics_of_16_bit_buffers_blend_in_fp32():
+    """`update_running_stats` with fp16 buffers and a batch variance above fp16's largest value: the blend
+    0.9 old + 0.1 var is representable and stored (nn.BatchNorm2d's result), not inf."""
+    from gmf_kernels.folding import update_running_stats
+    from gmf_kernels.numerics import default_hyper
+    w = random_gma_weights(40, dtype=torch.float16, seed=3)
+    w = w._replace(bn_running_var=tuple(torch.ones(8, dtype=torch.float16) for _ in range(4)),
+                   bn_running_mean=tuple(torch.zeros(8, dtype=torch.float16) for _ in range(4)),
+                   bn_num_batches_tracked=tuple(torch.zeros((), dtype=torch.long) for _ in range(4)))
+    hp = default_hyper(40)._replace(bn_momentum=0.1)
+    var = torch.full((4, 8), 1e5)
+    update_running_stats(w, hp, torch.zeros(4, 8), var, n=1000)
+    expect = torch.tensor(0.9 + 0.1 * 1e5 * 1000 / 999).to(torch.float16)
+    for rv in w.bn_running_var:
+        assert rv.dtype == torch.float16 and torch.equal(rv, expect.expand(8)), rv
+
+
+# ------------------------------------------------------------------ size argument, environment switches
+@pytest.mark.parametrize("size", [16, None, torch.tensor(16), "44", (1.5, 2), (True, 2), (1, 2, 3)],
+                         ids=["int", "None", "0-d tensor", "str", "float", "bool", "triple"])
+def test_size_not_a_pair_is_named(size):
+    m = _layer(40, backend="torch").eval()
+    with pytest.raises(ValueError, match=r"size must be a pair \(H, W\)"):
+        m(torch.randn(1, 16, 40), size)
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("TRUE", True), ("on", True), ("yes", True),
+                                            ("y", True), ("0", False), ("false", False), ("off", False), ("no", False),
+                                            ("", False), ("2", None), ("maybe", None)])
+def test_environment_switches(monkeypatch, value, expected):
+    """The library's boolean switches read 1/true/on/yes and 0/false/off/no alike, and refuse anything else by
+    name (GMF_CHECK=2 silently left the check off); TRITON_INTERPRET is read exactly as Triton reads it."""
+    from gmf_kernels._env import env_flag, triton_interpreting
+    monkeypatch.setenv("GMF_CHECK", value)
+    if expected is None:
+        with pytest.raises(ValueError, match="GMF_CHECK"):
+            env_flag("GMF_CHECK")
+        with pytest.raises(ValueError, match="GMF_CHECK"):
+            _layer(40, backend="torch").eval()(torch.randn(1, 12, 40), (3, 4))
+    else:
+        assert env_flag("GMF_CHECK") is expected
+    monkeypatch.delenv("GMF_CHECK")
+    assert env_flag("GMF_CHECK") is False and env_flag("GMF_CHECK", True) is True
+    import triton
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpreting() is bool(triton.knobs.runtime.interpret), value
+
+
+def test_gmf_check_true_runs_the_check(monkeypatch):
+    """GMF_CHECK=true (not only "1") runs the comparison with the reference."""
+    import gmf_kernels.selfcheck as sc
+    calls = []
+    real = sc.run_checked
+    monkeypatch.setattr(sc, "run_checked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("GMF_CHECK", "true")
+    with torch.no_grad():
+        _layer(40, backend="torch").eval()(torch.randn(1, 12, 40), (3, 4))
+    assert calls == [1]
+
+
+# ------------------------------------------------------------------ double backward
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("backend", backend_params(BACKEND_NAMES, training=True, needs_grad=True, B=2, H=2, W=3,
+                                                   dim=20))
+def test_double_backward_right_or_refused(backend, mode):
+    """A gradient of a gradient (create_graph=True): the backends that declare it (`supports_double_backward`)
+    give the reference's, the others raise an error naming the backend at the second backward, towards the
+    input and towards a parameter alike; never a gradient with terms missing. The first-order gradient with
+    create_graph=True is the plain one."""
+    C, size = 20, (2, 3)
+    torch.manual_seed(0)
+    m = gmf.GroupMixAttention(C, qkv_bias=True, backend=backend).train(mode == "train")
+    ref = gmf.GroupMixAttention(C, qkv_bias=True, backend="reference").train(mode == "train")
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 6, C)
+    for target in ("x", "qkv.weight"):
+        grads = []
+        for layer in (m, ref):
+            xx = x.clone().requires_grad_()
+            g, = torch.autograd.grad((layer(xx, size) ** 2).sum(), xx, create_graph=True)
+            wrt = xx if target == "x" else layer.qkv.weight
+            if layer is m and not get_backend(backend).supports_double_backward:
+                with pytest.raises(RuntimeError, match=f"double backward .* not supported by the {backend} backend"):
+                    torch.autograd.grad((g ** 2).sum(), wrt)
+                plain, = torch.autograd.grad((layer(xx, size) ** 2).sum(), xx)
+                torch.testing.assert_close(g.detach(), plain, rtol=0, atol=0)
+                break
+            grads.append(torch.autograd.grad((g ** 2).sum(), wrt)[0])
+        if len(grads) == 2:
+            torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4 * float(grads[1].abs().max()))

@@ -18,7 +18,6 @@ empty list means it can. The fields of `Backend` are the declared support, as da
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, FrozenSet, List, Optional, Tuple
@@ -26,6 +25,7 @@ from typing import Callable, FrozenSet, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._env import env_flag
 from .._tracing import plain_eager
 from ..folding import folded_weights
 from ..tuning import arch_key
@@ -91,6 +91,9 @@ class Backend:
     #: the input dtypes trained (batch statistics) / with gradients, when not every one of `dtypes`
     training_dtypes: Optional[FrozenSet[torch.dtype]] = None
     grad_dtypes: Optional[FrozenSet[torch.dtype]] = None
+    #: gradients of gradients (torch.autograd.grad(create_graph=True), then a backward through them); a fused
+    #: backend without it raises an error naming itself at that second backward (`training.first_order_only`)
+    supports_double_backward: bool = False
     supports_mixed_bn: bool = False  # aggregator BatchNorms in different modes / eps / momentum
     #: batch statistics all-reduced across processes (upstream's SyncBatchNorm) in training mode
     supports_sync_bn: bool = False
@@ -139,7 +142,7 @@ class Backend:
                     reasons.append(f"{what} in {dt} not supported by the {self.name} backend (backends/"
                                    f"{self.name}_backend.py says why; it takes {names}): use the torch backend")
         if (p.device_type == "cuda" and not p.explicit and not self.verified_on(p.device_capability)
-                and os.environ.get("GMF_AUTO_UNVERIFIED", "0") != "1"):
+                and not env_flag("GMF_AUTO_UNVERIFIED")):
             arch = arch_key(p.device_capability) or "this GPU's architecture (unknown)"
             done = verified_archs(self.name)
             reasons.append(f"not yet verified on {arch} GPU hardware (gmf_kernels/data/gpu_verified.json lists "
@@ -155,8 +158,10 @@ class Backend:
         """x (B, N, C) -> out (B, N, C): the qkv linear, this backend's pre-projection, the output linear.
 
         An empty batch (B = 0) returns an empty (0, N, C) result at once, as torch's own layers
-        do, on every backend (kernels are never launched on it; BatchNorm statistics are not
-        updated), except in training with synchronised statistics: a ValueError (the other
+        do, on every backend (kernels are never launched on it): in training, a BatchNorm that
+        tracks running statistics counts the batch (num_batches_tracked + 1, which weighs a later
+        cumulative average, momentum=None) and keeps its running mean and variance, as
+        nn.BatchNorm2d does; except with synchronised statistics: a ValueError (the other
         ranks' all-reduce would wait for this rank forever)."""
         if x.shape[0] == 0 and not torch.jit.is_tracing():
             if hp.bn_process_group is not None and (any(training) if isinstance(training, tuple) else training):
@@ -166,6 +171,7 @@ class Backend:
                     "all-reduce (gmf_kernels does not take part in it with an empty batch, as "
                     "torch.nn.SyncBatchNorm does). Give every rank at least one image (e.g. "
                     "DataLoader(drop_last=True)), or skip the step on every rank")
+            count_empty_batch(w, training)
             return empty_batch_result(x, w)
         qkv = self.project_qkv(x, w, hp, training)
         pre = self.pre_projection(qkv, size, w, hp, training)
@@ -195,6 +201,16 @@ def needs_grad(qkv: Tensor, w: GMAWeights) -> bool:
     graph still flow, through the eval op's registered autograd."""
     return (torch.is_grad_enabled() and not torch.jit.is_tracing()
             and (qkv.requires_grad or any(t.requires_grad for t in w.tensors())))
+
+
+def count_empty_batch(w: GMAWeights, training) -> None:
+    """nn.BatchNorm2d on an empty batch in training: num_batches_tracked + 1 (running statistics unchanged),
+    for each aggregator BatchNorm in training mode (`training`: one flag, or one per BatchNorm) that has one."""
+    flags = training if isinstance(training, tuple) else (bool(training),) * 4
+    counters = [c for c, t in zip(w.bn_num_batches_tracked, flags) if t and c is not None]
+    if counters:
+        with torch.no_grad():
+            torch._foreach_add_(counters, 1)
 
 
 def empty_batch_result(x: Tensor, w: GMAWeights) -> Tensor:

@@ -18,6 +18,7 @@ BACKEND = ReferenceBackend(
     device_types=frozenset({"cpu", "cuda"}),
     supports_training=True,
     supports_grad=True,
+    supports_double_backward=True,   # PyTorch ops throughout
     supports_sync_bn=True,
     supports_mixed_bn=True,
 )

@@ -168,8 +168,12 @@ def _needs_grad(t: Tensor, w: GMAWeights) -> bool:
 
 def _batch_norm_train(z: Tensor, w: GMAWeights, hp: GMAHyper) -> Tensor:
     """Training BatchNorm of segments 0-3 on z (B, N, 4, 3, s): statistics over B, N and q/k/v,
-    and over every rank of hp.bn_process_group when one is set (SyncBatchNorm semantics)."""
+    and over every rank of hp.bn_process_group when one is set (SyncBatchNorm semantics).
+    Computed in fp32 for fp16/bf16 z, as F.batch_norm does: an fp16 variance overflows above 65504
+    (rsqrt(inf) = 0 would then give every token beta, and inf running variances)."""
     dtype = z.dtype
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    z = z.to(cd)
     if hp.bn_process_group is None:
         var, mean = torch.var_mean(z, dim=(0, 1, 3), unbiased=False)              # (4, s)
         stat_mean, stat_var, n = mean, var, z.numel() // mean.numel()             # n >= 3 (3B images)
@@ -177,13 +181,10 @@ def _batch_norm_train(z: Tensor, w: GMAWeights, hp: GMAHyper) -> Tensor:
         # ONE all-reduce of (sum, sum of squares, count) in forward and, through autograd,
         # ONE of the two gradient sums in backward: SyncBatchNorm's collectives, for all 4 BNs
         stat_mean, stat_var, n = sync_batch_stats(z, (0, 1, 3), hp.bn_process_group)  # float64; n global
-        cd = torch.float64 if dtype == torch.float64 else torch.float32
-        mean, var, z = stat_mean.to(cd), stat_var.to(cd), z.to(cd)
-    gamma = torch.stack(list(w.bn_weight))
-    beta = torch.stack(list(w.bn_bias))
-    y = (z - mean[:, None]) * (torch.rsqrt(var + hp.bn_eps) * gamma)[:, None] + beta[:, None]
-    if hp.bn_process_group is not None:
-        y = y.to(dtype)
+        mean, var = stat_mean.to(cd), stat_var.to(cd)
+    gamma = torch.stack(list(w.bn_weight)).to(cd)
+    beta = torch.stack(list(w.bn_bias)).to(cd)
+    y = ((z - mean[:, None]) * (torch.rsqrt(var + hp.bn_eps) * gamma)[:, None] + beta[:, None]).to(dtype)
     update_running_stats(w, hp, stat_mean, stat_var, n)
     return y
 
@@ -328,5 +329,6 @@ BACKEND = TorchBackend(
     device_types=frozenset({"cpu", "cuda"}),
     supports_training=True,
     supports_grad=True,
+    supports_double_backward=True,   # PyTorch ops throughout
     supports_sync_bn=True,
 )

@@ -47,12 +47,12 @@ for sm_70, sm_75, sm_80 and sm_90 in CI (tests/test_triton_compile.py).
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import List
 
 import torch
 
+from .._env import triton_interpreting
 from ..triton_kernels.config import ARCH_DOTS, arch_dots, dtype_name, train_size_reasons
 from .base import FusedBackend, GMAProblem
 
@@ -63,7 +63,7 @@ ARCH_SUPPORT = ARCH_DOTS
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return triton_interpreting()
 
 
 @lru_cache(maxsize=None)

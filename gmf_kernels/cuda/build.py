@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from .._env import env_flag
 MODULE_NAME = "_gmf_cuda"
 DEFAULT_ARCHS = "75;80;86;89;90"
 #: oldest architecture the sources support, and the newest toolkit major that still targets it
@@ -701,7 +702,7 @@ def asan_runtime() -> str:
 
 def build_ahead_of_time(out_dir: os.PathLike) -> str:
     """setup.py entry point: build into out_dir (gmf_kernels/cuda/_prebuilt), archs from GMF_CUDA_ARCHS."""
-    return build(out_dir=out_dir, archs=None, verbose=os.environ.get("GMF_VERBOSE", "0") == "1")
+    return build(out_dir=out_dir, archs=None, verbose=env_flag("GMF_VERBOSE"))
 
 
 if __name__ == "__main__":  # python gmf_kernels/cuda/build.py [out_dir]

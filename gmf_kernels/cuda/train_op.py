@@ -110,7 +110,7 @@ class CudaPreProjectionFunction(torch.autograd.Function):
             grads = kernel_backward(ctx, grad_pre)
         else:
             grads = training.backward(ctx, grad_pre)
-        return (None,) + grads
+        return (None,) + training.first_order_only(grads, "cuda", (grad_pre, *ctx.saved_tensors))
 
 
 def cuda_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,

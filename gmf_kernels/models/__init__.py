@@ -1,9 +1,9 @@
 import importlib.abc
 import importlib.util
-import os
 import sys
 import warnings
 
+from .._env import env_flag
 from .configs import ALIASES, MODEL_CONFIGS, canonical_name
 from .factory import (CheckpointFormatError, CheckpointMismatchError, checkpoint_filter_fn, create_model,
                       extract_state_dict, load_checkpoint)
@@ -70,7 +70,7 @@ def register_with_timm() -> bool:
     registered now."""
     global TIMM_REGISTRATION_ERROR
     _remove_timm_hook()
-    if os.environ.get("GMF_TIMM", "1") == "0":
+    if not env_flag("GMF_TIMM", True):
         TIMM_REGISTRATION_ERROR = "GMF_TIMM=0"
         return False
     if sys.modules.get("timm") is not None:

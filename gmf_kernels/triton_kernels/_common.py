@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .._env import triton_interpreting
 from .config import DEFAULT_CAPABILITY, DTYPE_NAMES, dot_precision, dtype_name
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1, or true / on / yes, as
+    Triton reads it: `_env.triton_interpreting`)."""
+    return triton_interpreting()
 
 
 #: Test hook: the compute capability whose dot rounding the interpreter emulates
