@@ -118,6 +118,8 @@ def main(argv=None) -> int:
         kind = torch.device(args.device).type   # "cuda:1" is a CUDA device too
     except RuntimeError as e:
         ap.error(f"--device {args.device}: {e}")
+    if kind not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device}: the check runs on cpu or cuda devices")
     if kind == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False)")
     if args.batch < 1:

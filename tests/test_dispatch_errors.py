@@ -520,7 +520,7 @@ def test_plain_eager_calls_skip_the_op_dispatch_and_traces_keep_it(monkeypatch):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--backends", "foo"], "unknown"), (["--device", "bogus"], "--device bogus"), (["--batch", "0"], "--batch 0"),
-    (["--dtypes", "half"], "--dtypes half")])
+    (["--dtypes", "half"], "--dtypes half"), (["--device", "meta"], "--device meta")])
 def test_selfcheck_bad_arguments_named(argv, fragment, capsys):
     """A bad argument is a usage error naming it (they were tracebacks)."""
     with pytest.raises(SystemExit) as info:
