@@ -224,7 +224,9 @@ def dispatch(problem: GMAProblem, backend: Optional[str]) -> Backend:
 def run_attention(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, training,
                   backend: Optional[str], check: Optional[bool] = None) -> Tensor:
     if isinstance(training, (tuple, list)):
-        training = collapse4(training)
+        training = collapse4([bool(t) for t in training])
+    else:
+        training = bool(training)      # 1 / numpy bools alike on every backend (F.batch_norm takes a bool only)
     hp = hp._replace(bn_eps=collapse4(hp.bn_eps) if isinstance(hp.bn_eps, (tuple, list)) else hp.bn_eps,
                      bn_momentum=(collapse4(hp.bn_momentum) if isinstance(hp.bn_momentum, (tuple, list))
                                   else hp.bn_momentum),

@@ -462,3 +462,16 @@ def test_double_backward_right_or_refused(backend, mode):
             grads.append(torch.autograd.grad((g ** 2).sum(), wrt)[0])
         if len(grads) == 2:
             torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4 * float(grads[1].abs().max()))
+
+
+@pytest.mark.parametrize("backend", backend_params(["reference", "torch"], training=True))
+def test_functional_training_flag_as_int(backend):
+    """training=1 (or a tuple of ints) is training=True on every backend (the reference's F.batch_norm took a
+    bool only: a TypeError there, while torch and auto accepted it)."""
+    x = torch.randn(2, 12, 40)
+    outs = []
+    for flag in (True, 1, (1, 1, 1, 1)):
+        w = random_gma_weights(40, dtype=torch.float32, seed=1)
+        outs.append(gmf.group_mix_attention(x, (3, 4), w, training=flag, backend=backend))
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
