@@ -194,12 +194,12 @@ def backward(ctx, grad_pre, stages: Stages = TORCH_STAGES) -> tuple:
     return (d_qkv,) + (None,) * (NUM_LEADING_INPUTS - 1) + tuple(grads)
 
 
-def first_order_only(grads: tuple, backend: str, anchors) -> tuple:
+def first_order_only(grads: tuple, backend: str, anchors: Callable[[], tuple]) -> tuple:
     """A fused Function's gradients, refusing a double backward: when the backward builds a graph
     (``create_graph=True``), every gradient tensor comes out through a node whose own backward raises
-    an error naming the backend, and that node is linked to `anchors` (grad_pre and the saved inputs),
-    so that any gradient of these gradients, towards the layer's input or any parameter, passes through
-    it. The stages differentiate nothing themselves (kernels, and batch statistics taken as constants):
+    an error naming the backend, and that node is linked to `anchors()` (grad_pre and the saved inputs;
+    called only then: torch.utils.checkpoint lets a backward unpack its saved tensors once), so that any
+    gradient of these gradients, towards the layer's input or any parameter, passes through it. The stages differentiate nothing themselves (kernels, and batch statistics taken as constants):
     a gradient of their gradients would miss terms, silently wrong, where this makes it an error.
     Plain backward (no graph) and torch.compile's traced backward are untouched."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -208,7 +208,7 @@ def first_order_only(grads: tuple, backend: str, anchors) -> tuple:
     if not tensors:
         return grads
     # an exact 0 connected to every anchor that is in the graph (an empty slice's sum: no inf * 0)
-    links = [t.reshape(-1)[:0].sum() for t in anchors if isinstance(t, Tensor) and t.requires_grad]
+    links = [t.reshape(-1)[:0].sum() for t in anchors() if isinstance(t, Tensor) and t.requires_grad]
     err = torch._C._functions.DelayedError(
         (f"double backward (a gradient of a gradient: create_graph=True, then backward through its result) is "
          f"not supported by the {backend} backend's fused kernels; use backend='torch' (or 'reference') for "

@@ -110,7 +110,8 @@ class CudaPreProjectionFunction(torch.autograd.Function):
             grads = kernel_backward(ctx, grad_pre)
         else:
             grads = training.backward(ctx, grad_pre)
-        return (None,) + training.first_order_only(grads, "cuda", (grad_pre, *ctx.saved_tensors))
+        return (None,) + training.first_order_only(grads, "cuda",
+                                                          lambda: (grad_pre, *ctx.saved_tensors))
 
 
 def cuda_train_pre_projection(qkv: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper,

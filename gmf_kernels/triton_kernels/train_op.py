@@ -58,7 +58,8 @@ class TritonPreProjectionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pre):
-        return training.first_order_only(kernel_backward(ctx, grad_pre), "triton", (grad_pre, *ctx.saved_tensors))
+        return training.first_order_only(kernel_backward(ctx, grad_pre), "triton",
+                                         lambda: (grad_pre, *ctx.saved_tensors))
 
 
 def kernel_backward(ctx, grad_pre) -> tuple:
