@@ -50,7 +50,7 @@ extern const char* const kEmuSkipSync;  // gma_emu_skip.cpp: GMF_EMU_SKIP_SYNC o
 namespace {
 std::atomic<long long> g_launches{0}, g_blocks{0}, g_barriers{0}, g_skipped{0}, g_warp_ops{0};
 
-// "gma_aggregate.cuh:51": a barrier's call site by file name and line
+// "gma_aggregate.cuh:50": a barrier's call site by file name and line
 std::string site_name(const char* file, int line) {
   const char* base = std::strrchr(file, '/');
   return std::string(base ? base + 1 : file) + ":" + std::to_string(line);

@@ -33,7 +33,7 @@
 // is the sm_80+ arithmetic; before sm_80 the bf16 and fp32 products run as fp32 FMA on the
 // GPU (gma_mma.cuh), at least as accurate.
 //
-// Compile-time switch for those tests: -DGMF_EMU_SKIP_SYNC="gma_aggregate.cuh:51" (file
+// Compile-time switch for those tests: -DGMF_EMU_SKIP_SYNC="gma_aggregate.cuh:50" (file
 // name:line of a barrier statement) makes that one barrier do nothing in the emulation;
 // emulation_info() counts how often it was skipped. Only gma_emu_skip.cpp reads the macro.
 //

@@ -165,7 +165,8 @@ def group_mix_attention(
             every rank in it, as upstream's SyncBatchNorm does (forward all-reduces sum, sum
             of squares and count; backward the two gradient sums). Every rank must call.
             Ignored (plain BatchNorm) in eval mode, without an initialised process group, or
-            for a group of one rank. Torch and reference backends only.
+            for a group of one rank. Every backend that trains (the fused ones all-reduce in
+            their statistics pass and backward).
     Returns:
         (B, N, C), the dtype of x (or autocast's).
     """

@@ -424,18 +424,9 @@ def test_tile_search_space_is_registered_and_launchable(emu, use_emu, tmp_path, 
 # ------------------------------------------------------------------ every barrier is needed
 KERNEL_FILES = {"gma_aggregate.cuh": "gma_aggregate_kernel",
                 "gma_attention.cuh": "gma_combine_kernel / gma_attention_kernel"}
-_BARRIER = re.compile(r"\bex\.sync\(\s*\)\s*;")
-
-
 def barrier_sites(csrc: Path = None):
-    """Every barrier statement of the kernel bodies: ["gma_aggregate.cuh:51", ...]."""
-    csrc = Path(csrc) if csrc is not None else cbuild.csrc_dir()
-    sites = []
-    for f in sorted(csrc.glob("*.cuh")):
-        for i, line in enumerate(f.read_text().splitlines(), 1):
-            if _BARRIER.search(line.split("//")[0]):
-                sites.append(f"{f.name}:{i}")
-    return sites
+    """Every barrier statement of the kernel bodies (`build.barrier_sites`, which also checks `emu_skip_sync`)."""
+    return cbuild.barrier_sites(csrc)
 
 
 def _function_of(site: str) -> str:
@@ -457,6 +448,15 @@ def test_barrier_sites_cover_every_kernel():
     assert len(sites) >= 12
     # only the kernel files hold barriers (the helpers in gma_device.cuh / gma_mma.cuh have none)
     assert {s.split(":")[0] for s in sites} <= set(KERNEL_FILES), sites
+
+
+@pytest.mark.parametrize("site", ["gma_attention.cuh:83", "gma_aggregate.cuh:1", "gma_nope.cuh:44", "gma_aggregate"])
+def test_skip_sync_must_name_a_barrier(site, tmp_path):
+    """emu_skip_sync naming a line that is not a barrier statement (a stale example once named one) is refused
+    before any build: it would compile nothing out, and every parity check would pass."""
+    with pytest.raises(cbuild.BuildError, match="emu_skip_sync"):
+        cbuild.build(out_dir=tmp_path, emulation_only=True, emu_skip_sync=site)
+    assert not any(tmp_path.iterdir())
 
 
 #: small fp32 problems (C, H, W, B, tile, tiles_per_cta): one channel chunk per segment (C=80)

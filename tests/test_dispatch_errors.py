@@ -1,4 +1,4 @@
-"""Dispatch (DESIGN.md §2), input validation, the info/selfcheck entry points and check=True.
+"""Dispatch (docs/architecture.md), input validation, the info/selfcheck entry points and check=True.
 
 * `available_backends()`; unknown names; an explicit backend that refuses raises
   ValueError with its reasons; "auto" picks torch on a CPU; nothing fitting raises

@@ -1,4 +1,4 @@
-"""Backend registry and dispatch (DESIGN.md §2).
+"""Backend registry and dispatch (docs/architecture.md).
 
 Backends: cuda, triton, torch, reference. `select_backend` returns, for
 `backend=None`/"auto", the one the tuning table measured fastest for the problem, else the

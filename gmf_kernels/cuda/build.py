@@ -10,7 +10,7 @@ This file is imported by path from setup.py, so it uses the standard library onl
   alone, without the GPU kernels (`pre_projection` raises; `emulate_pre_projection` runs
   the kernel bodies on the CPU, csrc/gma_emu.h). Needs the CUDA headers only (a toolkit, or
   the nvidia-cuda-runtime-cu12 wheel), no nvcc; builds in about a minute. `emu_skip_sync=
-  "gma_aggregate.cuh:51"` compiles that one barrier out of the emulation (the barrier tests
+  "gma_aggregate.cuh:50"` compiles that one barrier out of the emulation (the barrier tests
   of tests/test_cuda_emulation.py); `build_dir` shares compiled objects between such builds.
 * `build_ahead_of_time(out_dir) -> path`: what setup.py calls (`GMF_CUDA_ARCHS` honoured).
 * `sources_hash()`: sha256 prefix of the csrc/ files; compiled into the module so a
@@ -79,6 +79,21 @@ class BuildError(RuntimeError):
 # ------------------------------------------------------------------ locations
 def package_dir() -> Path:
     return Path(__file__).resolve().parent
+
+
+#: a barrier statement of the kernel bodies (what `emu_skip_sync` compiles out of the emulation)
+_BARRIER = re.compile(r"\bex\.sync\(\s*\)\s*;")
+
+
+def barrier_sites(csrc: Optional[Path] = None) -> List[str]:
+    """Every barrier statement of the kernel bodies, by file name and line: ["gma_aggregate.cuh:44", ...]."""
+    csrc = Path(csrc) if csrc is not None else csrc_dir()
+    sites = []
+    for f in sorted(csrc.glob("*.cuh")):
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if _BARRIER.search(line.split("//")[0]):
+                sites.append(f"{f.name}:{i}")
+    return sites
 
 
 def csrc_dir() -> Path:
@@ -456,8 +471,13 @@ def _config(archs: Sequence[str], emulation_only: bool = False, emu_skip_sync: O
         cfg = {"mode": "cuda", "nvcc": nvcc, "nvcc_version": ver, "archs": list(archs),
                "ptx_archs": ptx_archs(archs), "nvcc_flags": NVCC_FLAGS + gencode_flags(archs),
                "cuda_include": cuda_include_dir(nvcc), "cxx_defines": []}
-    if emu_skip_sync is not None and not re.fullmatch(r"[\w.\-]+:\d+", emu_skip_sync):
-        raise BuildError(f"emu_skip_sync {emu_skip_sync!r}: expected 'file name:line', e.g. 'gma_aggregate.cuh:51'")
+    if emu_skip_sync is not None:
+        if not re.fullmatch(r"[\w.\-]+:\d+", emu_skip_sync):
+            raise BuildError(f"emu_skip_sync {emu_skip_sync!r}: expected 'file name:line', e.g. 'gma_aggregate.cuh:50'")
+        sites = barrier_sites()
+        if emu_skip_sync not in sites:    # a stale line number would compile nothing out: every check would pass
+            raise BuildError(f"emu_skip_sync {emu_skip_sync!r}: no barrier statement (ex.sync();) at that line of "
+                             f"csrc/; the barriers are at {', '.join(sites)}")
     cfg.update({
         "cxx": find_cxx(),
         "ninja": find_ninja(),
