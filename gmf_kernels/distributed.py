@@ -14,12 +14,17 @@ what the layers need for that, and nothing else:
   SyncBatchNorm does -- else the group.
 * `all_reduce_sum(t, group)`: a differentiable sum over the ranks. Its backward is the
   same sum of the incoming gradients (the loss being the sum of every rank's loss, the
-  gradient of a summed statistic is the sum of the ranks' gradients).
+  gradient of a summed statistic is the sum of the ranks' gradients), itself differentiable
+  (a gradient of a gradient, create_graph=True, sums across the ranks again). Under
+  torch.compile the sum is a functional collective (`_functional_collectives.all_reduce`),
+  which Dynamo traces (an in-place `dist.all_reduce` broke fullgraph compilation).
 * `sync_batch_stats(x, dims, group)`: (mean, biased var, count) of x over `dims` and over
   every rank: ONE all-reduce of (sum, sum of squares, count) in forward and, through
   `all_reduce_sum`, ONE all-reduce of the two gradient sums in backward -- the
-  collectives SyncBatchNorm performs. The sums are accumulated in float64, so
-  E[x^2] - E[x]^2 loses nothing measurable (cancellation ~1e-16 * mean^2 / var).
+  collectives SyncBatchNorm performs. Each rank's sums are its float64 sum s1 and, from its own
+  variance (`torch.var`, stable), n var + s1^2 / n in float64, so
+  E[x^2] - E[x]^2 loses nothing measurable (cancellation ~1e-16 * mean^2 / var; squares of
+  float32 values summed instead lost 2.5e-3 of the variance at mean 1000, std 1).
 * `sync_batch_moments(s1, s2, count, group)`: the same from sums a caller already has (the
   Triton statistics kernel's per-rank (count, mean, M2), as float64 sums).
 
@@ -28,7 +33,6 @@ parallel wrapper (DistributedDataParallel) all-reduces parameter gradients.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence, Tuple
 
 import torch
@@ -75,23 +79,29 @@ def resolve_group(group):
     return group
 
 
+def _sum_over_ranks(t: Tensor, group) -> Tensor:
+    """A new tensor: t summed over the ranks of `group` (no autograd)."""
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as funcol
+        return funcol.all_reduce(t, "sum", group)
+    import torch.distributed as dist
+    out = t.detach().clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over the ranks of `group`; the backward sums the incoming gradients the same way."""
+    """Sum over the ranks of `group`; the backward sums the incoming gradients the same way, through
+    this Function again, so that a backward that builds a graph (create_graph=True) records it."""
 
     @staticmethod
     def forward(ctx, t: Tensor, group) -> Tensor:
-        import torch.distributed as dist
         ctx.group = group
-        out = t.detach().clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+        return _sum_over_ranks(t, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        import torch.distributed as dist
-        g = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
-        return g, None
+        return _AllReduceSum.apply(grad, ctx.group), None
 
 
 def all_reduce_sum(t: Tensor, group) -> Tensor:
@@ -108,10 +118,13 @@ def sync_batch_stats(x: Tensor, dims: Sequence[int], group) -> Tuple[Tensor, Ten
     """
     dims = tuple(d % x.dim() for d in dims)
     f64 = torch.float64
-    x64 = x if x.dtype == f64 else x.float()  # squares of float16 values overflow; float32 is enough
-    s1 = x64.sum(dim=dims, dtype=f64)
-    s2 = x64.square().sum(dim=dims, dtype=f64)
-    return sync_batch_moments(s1, s2, math.prod(x.shape[d] for d in dims), group)
+    n = 1
+    for d in dims:      # (a plain loop: Dynamo cannot trace math.prod over a generator)
+        n *= x.shape[d]
+    xs = x if x.dtype in (f64, torch.float32) else x.float()   # a float16 variance overflows
+    var = torch.var(xs, dim=dims, unbiased=False)             # this rank's, stable (about its own mean)
+    s1 = xs.sum(dim=dims, dtype=f64)                           # the sum itself to float64 accuracy
+    return sync_batch_moments(s1, (var.to(f64) + (s1 / n).square()) * n, n, group)
 
 
 def sync_batch_moments(s1: Tensor, s2: Tensor, local_count, group) -> Tuple[Tensor, Tensor, Tensor]:
