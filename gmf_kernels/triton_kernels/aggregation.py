@@ -85,6 +85,7 @@ import triton.language as tl
 
 from ._common import (DotVariant, depthwise_taps, depthwise_tile, dot_variant, hardswish, interpreting, mm,
                       rows_input, rows_piece, rows_shift, stored)
+from ._launch import device_guard
 from .config import cdiv, dtype_name, operand_precision, stage_dtype, strip_width
 
 
@@ -1113,4 +1114,5 @@ def launch_aggregate(kernel, qkv, H, W, weights, ln_eps, shape, plan: JobPlan, q
     arguments as `aggregate_call` (dots: by default the variant for qkv's dtype and device)."""
     grid, args, kwargs = aggregate_call(qkv, H, W, weights, ln_eps, shape, plan, q, v, pre, part_m,
                                         part_l, part_acc, dots or dot_variant(qkv))
-    kernel[grid](*args, **kwargs)
+    with device_guard(qkv):
+        kernel[grid](*args, **kwargs)

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._common import DotVariant, crpe_group, depthwise_tile, dot_variant, mm, rows_input, rows_shift, stored
+from ._launch import device_guard
 from .config import cdiv, combine_grid, combine_tile, dot_pad, dtype_name, operand_precision
 
 #: GROUP's programs per tile and image: the CRPE windows (heads 0-1 3x3, 2-4 5x5, 5-7 7x7)
@@ -344,7 +345,8 @@ def combine_call(part_m, part_l, part_acc, kv, shape, segment_splits, stats=None
 
 def launch_combine(kernel, part_m, part_l, part_acc, kv, shape, segment_splits):
     grid, args, kwargs = combine_call(part_m, part_l, part_acc, kv, shape, segment_splits)
-    kernel[grid](*args, **kwargs)
+    with device_guard(kv):
+        kernel[grid](*args, **kwargs)
 
 
 def attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots: DotVariant, r=None):
@@ -394,4 +396,5 @@ def attention_rows_plan(H: int, W: int, B: int, shape):
 def launch_attention(kernel, q, v, kv, pre, weights, H, W, scale, shape, dots: Optional[DotVariant] = None):
     """Launch the attention kernel; arguments as `attention_call` (dots: by default q's variant)."""
     grid, args, kwargs = attention_call(q, v, kv, pre, weights, H, W, scale, shape, dots or dot_variant(q))
-    kernel[grid](*args, **kwargs)
+    with device_guard(q):
+        kernel[grid](*args, **kwargs)
