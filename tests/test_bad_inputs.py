@@ -301,6 +301,19 @@ def test_setup_reads_torch_cuda_without_importing(setup_py, tmp_path):
     assert setup_py.torch_cuda_version() == (True, torch.version.cuda)
 
 
+def test_setup_loads_the_cuda_build_by_path(setup_py, monkeypatch, tmp_path):
+    """setup.py loads gmf_kernels/cuda/build.py by path, outside the package (no relative imports there: one
+    made every CUDA build at install time fail), and its entry point reads GMF_VERBOSE itself."""
+    build = setup_py._load_cuda_build()
+    seen = {}
+    monkeypatch.setattr(build, "build", lambda **kw: seen.update(kw) or "built")
+    monkeypatch.setenv("GMF_VERBOSE", "true")
+    assert build.build_ahead_of_time(tmp_path) == "built" and seen["verbose"] is True
+    monkeypatch.setenv("GMF_VERBOSE", "0")
+    build.build_ahead_of_time(tmp_path)
+    assert seen["verbose"] is False
+
+
 # ------------------------------------------------------------------ golden vectors absent
 def test_golden_absent_skips_outside_ci_and_fails_in_ci(monkeypatch, tmp_path):
     monkeypatch.setattr(conftest, "GOLDEN_DIR", str(tmp_path))

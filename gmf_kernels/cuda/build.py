@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from .._env import env_flag
 MODULE_NAME = "_gmf_cuda"
 DEFAULT_ARCHS = "75;80;86;89;90"
 #: oldest architecture the sources support, and the newest toolkit major that still targets it
@@ -722,7 +721,9 @@ def asan_runtime() -> str:
 
 def build_ahead_of_time(out_dir: os.PathLike) -> str:
     """setup.py entry point: build into out_dir (gmf_kernels/cuda/_prebuilt), archs from GMF_CUDA_ARCHS."""
-    return build(out_dir=out_dir, archs=None, verbose=env_flag("GMF_VERBOSE"))
+    # (the standard library only, not gmf_kernels._env: setup.py loads this file by path)
+    verbose = os.environ.get("GMF_VERBOSE", "0").strip().lower() in ("1", "true", "on", "yes", "y")
+    return build(out_dir=out_dir, archs=None, verbose=verbose)
 
 
 if __name__ == "__main__":  # python gmf_kernels/cuda/build.py [out_dir]
