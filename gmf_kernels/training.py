@@ -199,8 +199,9 @@ def first_order_only(grads: tuple, backend: str, anchors: Callable[[], tuple]) -
     (``create_graph=True``), every gradient tensor comes out through a node whose own backward raises
     an error naming the backend, and that node is linked to `anchors()` (grad_pre and the saved inputs;
     called only then: torch.utils.checkpoint lets a backward unpack its saved tensors once), so that any
-    gradient of these gradients, towards the layer's input or any parameter, passes through it. The stages differentiate nothing themselves (kernels, and batch statistics taken as constants):
-    a gradient of their gradients would miss terms, silently wrong, where this makes it an error.
+    gradient of these gradients, towards the layer's input or any parameter, passes through it. The
+    stages differentiate nothing themselves (kernels, and batch statistics taken as constants): a
+    gradient of their gradients would miss terms, silently wrong, where this makes it an error.
     Plain backward (no graph) and torch.compile's traced backward are untouched."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
