@@ -30,7 +30,18 @@ def is_upstream_attention(module: nn.Module) -> bool:
     return all(k in names for k in _SIGNATURE)
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
 def _from_upstream(old: nn.Module, backend: str) -> GroupMixAttention:
+    hooked = [h for h in _HOOK_DICTS if getattr(old, h, None)]
+    if hooked:
+        import warnings
+        warnings.warn(f"convert: the {type(old).__name__} module being replaced has hooks ({', '.join(hooked)}); "
+                      f"they are not carried over to the GroupMixAttention that replaces it: register them on "
+                      f"the converted module", stacklevel=4)
     dim = old.qkv.weight.shape[1]
     num_heads = int(getattr(old, "num_heads", 8))
     scale = getattr(old, "scale", None)
@@ -84,6 +95,8 @@ def convert(model: nn.Module, backend: Optional[str] = "auto") -> nn.Module:
     backend = check_backend_usable(backend)
     if is_upstream_attention(model):
         return _from_upstream(model, backend)
+    if isinstance(model, GroupMixAttention):
+        return model.set_backend(backend)
     return _convert_children(model, backend)
 
 

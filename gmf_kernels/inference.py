@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .backends import check_backend_name
+from .backends import check_backend_usable
 from .modules import GroupMixAttention
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "inference_modes.json")
@@ -106,7 +106,9 @@ def inference_plan(device: Union[str, torch.device] = "cpu", dtype: torch.dtype 
     """The compile mode for a device, dtype and batch size, from the mode table (`cudagraphs`
     True/False overrides the table's threshold: what a measurement of both modes needs)."""
     device = torch.device(device)
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     devices = load_mode_table(table)["devices"]
     keys = [k for k in device_key(device) if k in devices]  # most specific first
@@ -228,7 +230,12 @@ def optimize_for_inference(model: nn.Module, *, batch_size: Optional[int] = None
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    backend = check_backend_name(backend)
+    # every argument checked before the model is touched: a refused call leaves it as it was
+    backend = check_backend_usable(backend)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    if device is not None:
+        torch.device(device)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     model.eval()

@@ -446,6 +446,23 @@ def test_convert_sets_backend_everywhere():
         gmf_kernels.convert(net, backend="nope")
 
 
+def test_convert_of_a_bare_group_mix_attention_sets_its_backend():
+    """convert(GroupMixAttention) sets the backend on the layer itself (it was left as it was)."""
+    att = gmf_kernels.GroupMixAttention(40, backend="auto")
+    assert gmf_kernels.convert(att, backend="reference") is att and att.backend == "reference"
+
+
+def test_convert_says_hooks_are_not_carried_over():
+    """Hooks on a replaced attention module do not follow it to the GroupMixAttention: a warning says so
+    (monitoring or feature-extraction hooks stopped firing, silently)."""
+    net = make_net(9)
+    att = dict(net.named_modules())[ATT_PATHS[0]]
+    att.register_forward_hook(lambda m, i, o: None)
+    with pytest.warns(UserWarning, match="hooks .*_forward_hooks.* not carried over"):
+        gmf_kernels.convert(net, backend="reference")
+    assert isinstance(dict(net.named_modules())[ATT_PATHS[0]], gmf_kernels.GroupMixAttention)
+
+
 def test_convert_groupmixformer_is_noop_except_backend():
     torch.manual_seed(8)
     model = gmf_kernels.create_model("m", embedding_dims=[40, 40, 80, 80], serial_depths=[1, 1, 1, 1],

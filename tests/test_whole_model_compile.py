@@ -171,6 +171,19 @@ def test_optimize_for_inference_without_compile():
         gmf.optimize_for_inference(lambda x: x)
 
 
+def test_optimize_for_inference_refuses_before_touching_the_model():
+    """A refused call (a backend that cannot run here, a dtype that is not one) leaves the model's dtype and mode
+    as they were (they were changed first, then the backend refused)."""
+    model = gmf.create_model("groupmixformer_m", serial_depths=[1, 1, 1, 1], num_classes=10).double().train()
+    if not gmf.get_backend("cuda").availability_reasons():
+        pytest.skip("the cuda backend can run here")
+    with pytest.raises(ValueError, match="'cuda' cannot run on this machine"):
+        gmf.optimize_for_inference(model, backend="cuda", dtype=torch.float32, compile=False)
+    with pytest.raises(TypeError, match="torch.dtype"):
+        gmf.optimize_for_inference(model, dtype="float32", compile=False)
+    assert next(model.parameters()).dtype == torch.float64 and model.training
+
+
 def test_optimize_for_inference_of_a_bare_layer_takes_its_size():
     """A bare GroupMixAttention (any module holding one) keeps its forward's other arguments: the size."""
     layer = gmf.GroupMixAttention(40, 8, qkv_bias=True, backend="reference").eval()
@@ -271,6 +284,10 @@ def test_packaged_table():
 def test_plan_errors():
     with pytest.raises(ValueError, match="batch_size"):
         inference_plan("cpu", torch.float32, 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        inference_plan("cpu", torch.float32, True)
+    with pytest.raises(TypeError, match="torch.dtype"):
+        inference_plan("cpu", "float32")
     with pytest.raises(ValueError, match="no entry"):
         inference_plan("cpu", torch.float32, 1, table={"devices": {"cuda": {}}})
     with pytest.raises(ValueError, match="devices"):
