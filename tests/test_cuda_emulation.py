@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -424,11 +423,6 @@ def test_tile_search_space_is_registered_and_launchable(emu, use_emu, tmp_path, 
 # ------------------------------------------------------------------ every barrier is needed
 KERNEL_FILES = {"gma_aggregate.cuh": "gma_aggregate_kernel",
                 "gma_attention.cuh": "gma_combine_kernel / gma_attention_kernel"}
-def barrier_sites(csrc: Path = None):
-    """Every barrier statement of the kernel bodies (`build.barrier_sites`, which also checks `emu_skip_sync`)."""
-    return cbuild.barrier_sites(csrc)
-
-
 def _function_of(site: str) -> str:
     """The kernel body (template function) the barrier site lies in."""
     name, line = site.split(":")
@@ -441,7 +435,7 @@ def _function_of(site: str) -> str:
 
 
 def test_barrier_sites_cover_every_kernel():
-    sites = barrier_sites()
+    sites = cbuild.barrier_sites()
     funcs = {_function_of(s) for s in sites}
     assert {"produce_proxy", "proxy_tile", "local_tile", "aggregate_block", "combine_block",
             "attention_block"} <= funcs, (funcs, sites)
@@ -486,7 +480,7 @@ def test_each_barrier_is_needed(emu, emu_build, tmp_path):
     cases = [(Case(C, H, W, B), tile, tpc) for C, H, W, B, tile, tpc in BARRIER_CASES]
     assert not _failures(emu, cases), "the unmutated emulation must pass"
     _, build_dir, _ = emu_build
-    sites = barrier_sites()
+    sites = cbuild.barrier_sites()
     uncaught, report = [], []
     t0 = time.time()
     for site in sites:

@@ -30,7 +30,7 @@ from .._tracing import plain_eager
 from ..folding import folded_weights
 from ..tuning import arch_key
 from ..verified import archs as verified_archs, entry as verified_entry
-from ..weights import GMAHyper, GMAWeights
+from ..weights import GMAHyper, GMAWeights, per_bn
 
 Tensor = torch.Tensor
 
@@ -206,8 +206,7 @@ def needs_grad(qkv: Tensor, w: GMAWeights) -> bool:
 def count_empty_batch(w: GMAWeights, training) -> None:
     """nn.BatchNorm2d on an empty batch in training: num_batches_tracked + 1 (running statistics unchanged),
     for each aggregator BatchNorm in training mode (`training`: one flag, or one per BatchNorm) that has one."""
-    flags = training if isinstance(training, tuple) else (bool(training),) * 4
-    counters = [c for c, t in zip(w.bn_num_batches_tracked, flags) if t and c is not None]
+    counters = [c for i, c in enumerate(w.bn_num_batches_tracked) if per_bn(training, i) and c is not None]
     if counters:
         with torch.no_grad():
             torch._foreach_add_(counters, 1)
