@@ -48,21 +48,13 @@ def _from_upstream(old: nn.Module, backend: str) -> GroupMixAttention:
     proj_drop = getattr(getattr(old, "proj_drop", None), "p", 0.0)
     new = GroupMixAttention(dim, num_heads, qkv_bias=old.qkv.bias is not None, qk_scale=scale,
                             proj_drop=proj_drop, backend=backend).to(device=old.qkv.weight.device)
-    # share (not copy) every parameter and buffer; assign=True gives each shared Parameter the new module's
-    # requires_grad, so the old flags (frozen layers) are put back after
-    frozen = {id(p): p.requires_grad for p in old.parameters()}
+    # share (not copy) every parameter and buffer: the old module's Parameter and buffer objects are put in the
+    # new module's slots themselves (load_state_dict(assign=True) would swap tensors instead of sharing the
+    # Parameters under torch.__future__.set_swap_module_params_on_conversion(True)); their requires_grad
+    # (frozen layers) goes with them
     norms = [getattr(old.aggregator, f"norm{i}") for i in range(4)]
     shared_norms = tuple(f"aggregator.norm{i}." for i, n in enumerate(norms) if isinstance(n, _BatchNorm))
-    result = new.load_state_dict(old.state_dict(keep_vars=True), strict=False, assign=True)
-    # strict but for the BatchNorms that are shared as modules below (one without affine parameters has no
-    # weight and bias to load)
-    bad = [k for k in result.missing_keys if not k.startswith(shared_norms)] + list(result.unexpected_keys)
-    if bad:
-        raise RuntimeError(f"convert: the upstream attention module's state does not match GroupMixAttention's: "
-                           f"missing or unexpected {bad}")
-    for p in new.parameters():
-        if id(p) in frozen:
-            p.requires_grad_(frozen[id(p)])
+    _share_state(old, new, skip=shared_norms)
     modes = [n.training for n in norms]  # a BatchNorm may be in another mode than its parent (frozen BN)
     for i, src in enumerate(norms):
         if isinstance(src, _BatchNorm):
@@ -78,6 +70,30 @@ def _from_upstream(old: nn.Module, backend: str) -> GroupMixAttention:
     for i, mode in enumerate(modes):
         getattr(new.aggregator, f"norm{i}").train(mode)
     return new
+
+
+def _share_state(old: nn.Module, new: nn.Module, skip: tuple) -> None:
+    """Put each of `old`'s parameters and persistent buffers into the slot of the same name in `new`
+    (strict: same names, same shapes), but for the names under `skip` (modules shared whole)."""
+    theirs = old.state_dict(keep_vars=True)
+    ours = new.state_dict(keep_vars=True)
+    missing = [k for k in ours if k not in theirs and not k.startswith(skip)]
+    unexpected = [k for k in theirs if k not in ours and not k.startswith(skip)]
+    if missing or unexpected:
+        raise RuntimeError(f"convert: the upstream attention module's state does not match GroupMixAttention's: "
+                           f"missing or unexpected {missing + unexpected}")
+    shapes = [f"{k}: {tuple(theirs[k].shape)} for {tuple(ours[k].shape)}" for k in ours
+              if k in theirs and not k.startswith(skip) and theirs[k].shape != ours[k].shape]
+    if shapes:
+        raise RuntimeError(f"convert: the upstream attention module's tensors have other shapes than "
+                           f"GroupMixAttention's: {shapes}")
+    for key, value in theirs.items():
+        if key.startswith(skip):
+            continue
+        owner_name, _, leaf = key.rpartition(".")
+        owner = new.get_submodule(owner_name) if owner_name else new
+        slots = owner._parameters if leaf in owner._parameters else owner._buffers
+        slots[leaf] = value
 
 
 def convert(model: nn.Module, backend: Optional[str] = "auto") -> nn.Module:

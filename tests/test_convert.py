@@ -243,11 +243,20 @@ def test_convert_replaces_every_attention_in_place():
         assert mods[path] is before_modules[path]
 
 
-def test_parameters_and_buffers_are_shared():
+@pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap_module_params_on_conversion"])
+def test_parameters_and_buffers_are_shared(swap):
+    """The same Parameter and buffer objects, also under torch.__future__'s swap-on-conversion switch (there,
+    load_state_dict(assign=True) swapped tensors into new Parameters: an optimizer made before convert missed
+    20 of 32 parameters)."""
     net = make_net()
     params = dict(net.named_parameters())
     buffers = dict(net.named_buffers())
-    gmf_kernels.convert(net)
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    try:
+        gmf_kernels.convert(net)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
     new_params = dict(net.named_parameters())
     new_buffers = dict(net.named_buffers())
     assert set(new_params) == set(params) and set(new_buffers) == set(buffers)
@@ -315,9 +324,9 @@ def test_optimizer_step_changes_original_params():
 
 
 def test_frozen_parameters_stay_frozen():
-    """A parameter frozen before the conversion (requires_grad False) stays frozen: the shared load
-    (load_state_dict(assign=True)) gave it the new module's flag, so a fine-tuning run's frozen layers
-    trained."""
+    """A parameter frozen before the conversion (requires_grad False) stays frozen (a shared load by
+    load_state_dict(assign=True) gave it the new module's flag, so a fine-tuning run's frozen layers
+    trained)."""
     net = make_net(3)
     for path in ATT_PATHS:
         att = dict(net.named_modules())[path]
@@ -330,6 +339,15 @@ def test_frozen_parameters_stay_frozen():
     net.train()
     net(torch.randn(2, 35, 6, dtype=torch.float64), (5, 7)).square().sum().backward()
     assert all((p.grad is None) == (not flags[n]) for n, p in net.named_parameters())
+
+
+def test_other_shapes_are_refused_by_name():
+    """A module with the upstream structure but a tensor of another shape is refused, naming the tensor."""
+    net = make_net()
+    att = dict(net.named_modules())[ATT_PATHS[0]]
+    att.crpe.conv_list[0].weight = nn.Parameter(torch.zeros(3, 1, 3, 3, dtype=att.qkv.weight.dtype))
+    with pytest.raises(RuntimeError, match="crpe.conv_list.0.weight"):
+        gmf_kernels.convert(net, backend="torch")
 
 
 def test_other_class_name_same_structure_is_converted():
