@@ -27,8 +27,12 @@ The thresholds are estimates until a GPU measures them (``measured: false`` in t
 `benchmarks/gpu_report.py` is to time the optimized model with and without CUDA graphs per
 batch size and write the measured table). On a CPU there are no CUDA graphs.
 
-Caveats: the compiled model holds the weights as of its first call (freezing): call
-`optimize_for_inference` again after changing them. Each new input shape compiles (and,
+Caveats: with ``freezing`` Inductor may fold weights into constants when it compiles, so
+the compiled model is not promised to see later changes to them: call
+`optimize_for_inference` again after changing them. (Measured on a CPU, torch 2.13: in-place
+changes under ``torch.no_grad()`` to the head, a stem BatchNorm's running variance, a qkv
+weight and an aggregator BatchNorm's running mean were all seen, without a recompile; not
+checked on a GPU.) Each new input shape compiles (and,
 with CUDA graphs, records) again: make one per batch size you serve. With CUDA graphs the
 outputs are copied out of the graph's memory, so they stay valid after the next call.
 """
