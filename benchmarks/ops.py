@@ -399,6 +399,10 @@ def bench_case(case: Dict, impls: Iterable[str], device: torch.device, *, warmup
 
 # ------------------------------------------------------------------ environment tags
 def git_sha() -> str:
+    """The checkout's commit; GMF_GIT_SHA where set (a copy of the tree without its .git, as a device machine
+    receives: gpu_report.py --git-sha sets it for its steps), else "unknown" outside a git checkout."""
+    if os.environ.get("GMF_GIT_SHA"):
+        return os.environ["GMF_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"

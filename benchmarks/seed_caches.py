@@ -82,7 +82,11 @@ print(json.dumps(out))
 
 def python_facts(python: str) -> Dict[str, str]:
     """Python version, extension suffix, Triton release and Triton key of an interpreter."""
-    r = subprocess.run([python, "-c", _FACTS], capture_output=True, text=True, timeout=300)
+    try:
+        r = subprocess.run([python, "-c", _FACTS], capture_output=True, text=True, timeout=300)
+    except OSError as e:
+        raise SystemExit(f"error: --python {python}: {e.strerror or e} (DEVELOPERS.md: a Python 3.12 venv with "
+                         f"triton==3.6.0, pybind11 and ninja)")
     if r.returncode != 0:
         raise SystemExit(f"error: {python} could not report its Python and Triton: {r.stderr.strip()[-800:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -184,6 +188,8 @@ def install(seed_dir: Path, triton_cache: Path, cuda_cache: Path, *, triton_key:
         archive = seed_dir / tri
         if manifest.get("triton_key_sha256") != triton_key_sha(triton_key):
             out["triton"] = "not installed: built for another Triton build (its key differs from this machine's)"
+            # kept in the report, so that the next seed can be compiled under it (--triton-key-file)
+            out["machine_triton_key"] = triton_key
         elif not archive.is_file():
             out["triton"] = f"not installed: {archive} missing"
         else:
@@ -206,6 +212,7 @@ def install(seed_dir: Path, triton_cache: Path, cuda_cache: Path, *, triton_key:
             out.setdefault("cuda", []).append(f"{folder}: installed")
     if cuda_key is not None:
         out["cuda_key_matches"] = cuda_key in (manifest.get("cuda_builds") or [])
+        out["machine_cuda_key"] = cuda_key
     out["status"] = "ok"
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
@@ -276,6 +283,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(DEFAULT_SEED_DIR), help="the seed folder (default .upstream/seed)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--no-cuda", action="store_true", help="the Triton cache only")
+    ap.add_argument("--triton-key-file", default=None, metavar="FILE",
+                    help="compile under this Triton key (a file holding it) in place of --python's: the GPU "
+                         "machine's own, from a report whose seed did not fit (report.json: "
+                         "build.seed.machine_triton_key); it may differ from --python's in the compiled "
+                         "library's hash alone")
     ap.add_argument("--install", default=None, metavar="SEED_DIR",
                     help="on the machine that runs (gpu_report.py does this): install SEED_DIR into this "
                          "machine's Triton cache (TRITON_CACHE_DIR or Triton's default) and CUDA module cache "
@@ -299,7 +311,12 @@ def main(argv=None) -> int:
     if facts["triton"] != triton.__version__:
         raise SystemExit(f"error: {a.python} has Triton {facts['triton']}, this Python {triton.__version__}: "
                          "the same release is needed")
-    S.check_foreign_triton_key(facts["triton_key"])
+    if a.triton_key_file:
+        facts["triton_key"] = Path(a.triton_key_file).read_text().strip()
+    try:
+        S.check_foreign_triton_key(facts["triton_key"])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     out = Path(a.out).resolve()
     if out.exists():
         shutil.rmtree(out)

@@ -2,6 +2,7 @@
 --upstream loader (benchmarks/upstream.py) against a fake upstream clone written here."""
 import contextlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -758,7 +759,7 @@ def test_results_saved_after_every_row(bench_kind):
 
 @pytest.mark.parametrize("bench_kind", ["inference", "train"])
 def test_profile_steps_record_where_the_time_goes(bench_kind):
-    """--profile-steps N: after each row is timed, N more calls under torch.profiler fill the row's
+    """--profile-steps N: once every row is timed, N more calls of each under torch.profiler fill the row's
     `profile` (on CPU: the operators' self time; on a GPU, the device kernels): shares by kind that add
     up to 1, the top entries with their time per call (the default, 0, profiles nothing: `profile_row`)."""
     bench = _load_script()
@@ -797,6 +798,19 @@ def test_kernel_table_of_device_kernels():
     assert t["kinds"] == pytest.approx({"ours": 0.6, "gemm": 0.3, "elementwise / reduction / copy": 0.1})
     assert [x["name"] for x in t["top"]] == [r[0] for r in rows]
     assert t["top"][0]["ms"] == pytest.approx(3.0) and t["top"][2]["per_call"] == 20
+
+
+def test_profiles_run_after_every_row_is_timed_fused_rows_first():
+    """The profiles come after the timing of every row (a short --deadline cut the fused rows' timing behind the
+    yardsticks' profiles), the fused backends' rows (eager and compiled) first."""
+    bench = _load_script()
+    rows = [bench.Runner("m", b, b, None, lambda: None, kind=k) for b, k in
+            [("reference", "gmf"), ("upstream", "upstream"), ("triton", "gmf"), ("upstream+compile", "upstream"),
+             ("cuda+compile", "gmf"), ("torch", "gmf"), ("swin", "baseline")]]
+    assert [r.backend for r in bench.profile_order(rows)] == [
+        "triton", "cuda+compile", "reference", "upstream", "upstream+compile", "torch", "swin"]
+    src = inspect.getsource(bench.run_rows)
+    assert src.index("time_row(") < src.index("for r in profile_order(order)") < src.index("profile_row(")
 
 
 def test_profile_fits_in_seconds_from_ms_medians():

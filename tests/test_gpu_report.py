@@ -16,8 +16,10 @@
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,7 +88,7 @@ def test_dry_run_passes_and_prints_the_plan(dry_run):
     assert (f"--compile-backends torch,triton,cuda,upstream --profile-steps 1 --optimized-auto-unverified "
             f"--upstream-precision amp --upstream {clone} --results-file") in bf16
     assert "--upstream" not in paper and "upstream" not in paper and "--no-torchcompile" in paper
-    assert "--bench train" in train and f"--profile-steps 1 --upstream {clone} --results-file" in train
+    assert "--bench train" in train and f"--profile-steps 1 --no-timm --upstream {clone} --results-file" in train
     assert "plumbing checks passed; folder valid" in text
 
 
@@ -295,7 +297,8 @@ def test_sanitizer_refused_by_the_device(tmp_path, monkeypatch):
     ph = {"notes": []}
     gr.phase_sanitizer(ctx, ph, 100.0)
     tools = ctx.report["sanitizer"]["tools"]
-    assert len(calls) == 2 and calls[1] == sorted(gr.SANITIZER_TOOLS)
+    # the plain run, the tools at once, then (the phase's time left) the Triton 3xTF32 check
+    assert len(calls) == 3 and calls[1] == sorted(gr.SANITIZER_TOOLS) and "triton_tf32x3_repro" in str(calls[2])
     assert set(tools) == set(gr.SANITIZER_TOOLS) and all(t["status"] == "unsupported" for t in tools.values()), tools
     for tool, t in tools.items():
         assert t["reason"].startswith(f"compute-sanitizer {tool} on this machine: Error: Device not supported")
@@ -1063,6 +1066,27 @@ def test_parts_split_their_whole_budget(part, budget):
                                                          / sum(gr.PARTS[part]["weights"].values()))
 
 
+def test_speed_part_times_the_judged_runs_before_kernel_timing():
+    """At the budget a 15-minute lease leaves after the record call (~290 s), the judged runs (models, train)
+    get their time and the kernel timing runs only on what env and tune leave (its own share timed no case)."""
+    args = _args("--part", "speed", "--budget", "290")
+    ph = {p.name: p for p in gr.PHASES}
+    assert gr.phase_budget(args, ph["kernels"]) == 0
+    assert gr.phase_budget(args, ph["train"]) >= ph["train"].min_s
+    assert gr.phase_budget(args, ph["models"]) >= 120
+
+
+def test_kernel_timing_too_short_to_time_a_case_is_skipped_with_its_reason(tmp_path):
+    """Under KERNELS_MIN_S no worker starts (it would time nothing): the section says why, the phase is skipped."""
+    args = _args("--part", "speed", "--budget", "290")
+    ctx = gr.Ctx(args=args, out=tmp_path, tee=gr.Tee(None, quiet=True), dry=False, report={"kernels": {}}, env={},
+                 t_start=0.0, deadline=1e12, tmp=tmp_path)
+    ph = {"notes": [], "status": "ok"}
+    gr.phase_kernels(ctx, ph, gr.KERNELS_MIN_S - 1)
+    assert ctx.report["kernels"]["status"] == "skipped" and "time budget used up" in ctx.report["kernels"]["reason"]
+    assert ph["status"] == "skipped" and ph["notes"]
+
+
 def test_parts_cover_every_phase_once_but_env():
     """record + speed run every phase of the one-call report; only env (versions, the GPU) runs in both."""
     rec, spd = (set(gr.PARTS[k]["weights"]) for k in ("record", "speed"))
@@ -1180,8 +1204,82 @@ def test_failures_are_printed_the_moment_they_happen():
     assert tagged and "a GPU test may not skip" in tagged[0]["message"], proc.stdout[-2000:]
 
 
-def test_tf32x3_check_in_the_tests_phase(tmp_path):
-    """The tests phase ends with benchmarks/triton_tf32x3_repro.py when time is left: its verdicts go to
+_STOP_HARNESS = """
+import json, signal, sys, time, types
+sys.path.insert(0, {bench!r})
+import gpu_report as gr
+out = {out!r}
+ctx = types.SimpleNamespace(report={{"phases": {{"sanitizer": {{"status": "running", "notes": []}}}}}},
+                            tee=lambda *a, **k: None)
+gr.write_outputs = lambda c: open(out, "w").write(json.dumps(c.report))
+step = gr.Proc(["sleep", "120"], None, ctx.tee, "[x] ", echo=False)
+for sig in (signal.SIGTERM,):
+    signal.signal(sig, gr.on_stop_signal(ctx))
+print(step.p.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:   # a zombie (exited, not yet reaped by init) counts as gone
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_a_stopped_report_takes_its_steps_with_it(tmp_path, how):
+    """Each step runs in a session of its own, which a device machine's clean-up after a call passes over: when
+    the report is stopped at the call's limit its steps must not run on into the next call. SIGTERM: the
+    handler kills their process groups and writes what was measured (the running phase marked killed);
+    SIGKILL: the steps get the parent-death signal (setpriv), where the machine has setpriv."""
+    if how == "sigkill" and gr.SETPRIV is None:
+        pytest.skip("no setpriv on this machine: the parent-death signal is not set")
+    out = tmp_path / "report.json"
+    harness = subprocess.Popen([sys.executable, "-c", _STOP_HARNESS.format(bench=str(REPO / "benchmarks"),
+                                                                           out=str(out))],
+                               stdout=subprocess.PIPE, text=True)
+    step_pid = int(harness.stdout.readline())
+    assert _alive(step_pid)
+    harness.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+    rc = harness.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(step_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(step_pid), "the step outlived the report"
+    if how == "sigterm":
+        assert rc == 128 + signal.SIGTERM
+        ph = json.loads(out.read_text())["phases"]["sanitizer"]
+        assert ph["status"] == "killed" and "1 step(s) killed" in ph["notes"][0]
+
+
+def test_golden_vectors_carried_in_dot_upstream_are_found(tmp_path, monkeypatch):
+    """DEVELOPERS.md carries the golden vectors to the device in .upstream/golden: the report finds them there
+    (it ran the golden tests deselected, without a word, when GMF_GOLDEN_DIR was not set)."""
+    root = tmp_path / "work" / "repo"
+    (root / ".upstream" / "golden").mkdir(parents=True)
+    monkeypatch.setattr(gr, "ROOT", root)
+    monkeypatch.delenv("GMF_GOLDEN_DIR", raising=False)
+    assert gr.golden_dir() == root / ".upstream" / "golden"
+    monkeypatch.setenv("GMF_GOLDEN_DIR", "rel/golden")
+    assert gr.golden_dir().is_absolute()
+
+
+def test_git_sha_reaches_the_steps_records(monkeypatch):
+    """A device machine gets the tree without .git: --git-sha reaches the steps as GMF_GIT_SHA, which tune.py's
+    table (ops.git_sha) and throughput.py's results record (they said "unknown")."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ops
+    monkeypatch.setenv("GMF_GIT_SHA", "0123abc")
+    assert ops.git_sha() == "0123abc"
+    assert 'env["GMF_GIT_SHA"] = sha' in inspect.getsource(gr)
+
+
+def test_tf32x3_check_after_the_sanitizer(tmp_path):
+    """The sanitizer phase ends with benchmarks/triton_tf32x3_repro.py when time is left (not the tests phase:
+    there it took the slack the sanitizer would have had), after the sanitizer: its verdicts go to
     report.json's tests.tf32x3_repro and a line of summary.md (information only, no verdict depends on it);
     with too little time it is recorded as skipped. The script's output is parsed as the script prints it."""
     import types
@@ -1201,6 +1299,9 @@ def test_tf32x3_check_in_the_tests_phase(tmp_path):
     assert rec["status"] == "ok" and rec["results"][0]["verdict"] == "fault"
     L = gr.render_summary(dict(ctx.report, tests=dict(ctx.report["tests"], runs=[{"name": "x", "status": "ok"}])))
     assert "Triton 3xTF32 check" in L and "S=64 tf32x3 fault" in L
+    src = inspect.getsource(gr.phase_sanitizer)
+    assert src.index("_sanitize(ctx") < src.index("tf32x3_check(ctx") and "tf32x3" not in inspect.getsource(
+        gr.phase_tests)
 
 
 def _tune_table(arch="sm_90"):

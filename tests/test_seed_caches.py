@@ -149,6 +149,8 @@ def test_install_checks_the_key_and_installs_once(tmp_path):
     out = sc.install(seed, tri, cuda, triton_key="key-B", cuda_key="k2")
     assert out["status"] == "ok" and "another Triton build" in out["triton"] and not tri.exists()
     assert out["cuda"] == ["k1: installed"] and out["cuda_key_matches"] is False
+    # the machine's own keys are kept, so that the next seed can be built for it (--triton-key-file)
+    assert out["machine_triton_key"] == "key-B" and out["machine_cuda_key"] == "k2"
     assert (cuda / "k1" / "_gmf_cuda.so").read_bytes() == b"so"
     out = sc.install(seed, tri, cuda, triton_key="key-A", cuda_key="k1")
     assert out["triton"] == {"added": 1, "already_there": 0} and out["cuda_key_matches"] is True
