@@ -126,7 +126,8 @@ def make_problem(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, tr
     return GMAProblem(B=B, H=H, W=W, dim=w.dim, num_heads=hp.num_heads, dtype=dtype,
                       device_type=x.device.type, device_index=x.device.index if x.is_cuda else None,
                       device_capability=_capability(x), training=bool(any(training) if isinstance(training, tuple) else training),
-                      needs_grad=needs_grad(x, w), uniform_bn=uniform, sync_bn=any(g is not None for g in groups))
+                      needs_grad=needs_grad(x, w), uniform_bn=uniform, sync_bn=any(g is not None for g in groups),
+                      functorch=not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active())
 
 
 def group_mix_attention(
@@ -223,7 +224,9 @@ def dispatch(problem: GMAProblem, backend: Optional[str]) -> Backend:
 
 
 def run_attention(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, training,
-                  backend: Optional[str], check: Optional[bool] = None) -> Tensor:
+                  backend: Optional[str], check: Optional[bool] = None, linears=None) -> Tensor:
+    """The layer's computation on the dispatched backend; `linears`: (qkv, proj) callables in place of the
+    weights' linears (`Backend.forward`)."""
     if isinstance(training, (tuple, list)):
         training = collapse4([bool(t) for t in training])
     else:
@@ -239,5 +242,5 @@ def run_attention(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, t
     if check and chosen.name != "reference" and problem.B > 0:
         check_finite_inputs(x, w)
         from .selfcheck import run_checked
-        return run_checked(chosen, x, (problem.H, problem.W), w, hp, training)
-    return chosen.forward(x, (problem.H, problem.W), w, hp, training)
+        return run_checked(chosen, x, (problem.H, problem.W), w, hp, training, linears)
+    return chosen.forward(x, (problem.H, problem.W), w, hp, training, linears)

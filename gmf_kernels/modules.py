@@ -1,8 +1,11 @@
 """`GroupMixAttention`: drop-in for upstream `EfficientAtt`, same arguments and state_dict keys.
 
-The submodules only hold parameters under upstream's names (docs/spec.md §1); the
+The submodules hold the parameters under upstream's names (docs/spec.md §1); the
 computation is `gmf_kernels.functional.run_attention`, on the backend chosen by
-dispatch.
+dispatch. The aggregator's and CRPE's modules are never called (their weights go to the
+kernels); `qkv` and `proj` are called as modules, as upstream calls them, where they are
+not plain `nn.Linear` layers or carry hooks (`_called_linears`): a LoRA adapter, a
+quantised or sharded linear, a forward hook then act as they would upstream.
 """
 from __future__ import annotations
 
@@ -190,10 +193,32 @@ class GroupMixAttention(nn.Module):
             "(TorchScript, also what the legacy ONNX exporter uses), torch.export.export, or "
             "torch.compile instead.")
 
+    def _called_linears(self):
+        """(qkv, proj) modules to call, or None where both are plain nn.Linear layers without hooks (their
+        weights then go to the backend, which may fold or fuse them). A module of another class (LoRA's
+        wrapper, which exposes its base layer's weight; a quantised or parametrised linear) or one with
+        hooks is called as upstream calls it: reading its weight would silently drop the adapter, skip the
+        hooks (FSDP's unsharding among them)."""
+        mods = (self.qkv, self.proj)
+        if all(_plain_linear(m) for m in mods) and not (_GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]):
+            return None
+        return mods
+
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         # as upstream, each BatchNorm's own mode decides (batch statistics in training, or
         # always when it keeps no running statistics)
         bn_batch_stats = collapse4(n.training or n.running_mean is None for n in self._norms())
         out = run_attention(x, size, self.gma_weights(), self.hyper(), bn_batch_stats, self.backend,
-                            self.check or None)
+                            self.check or None, linears=self._called_linears())
         return self.proj_drop(out)
+
+
+#: torch's global forward hooks and pre-hooks (`register_module_forward_hook`): upstream's qkv and proj calls
+#: fire them
+_GLOBAL_HOOKS = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """An nn.Linear itself (not a subclass) without hooks of its own."""
+    return (type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+            and not m._backward_hooks and not m._backward_pre_hooks)

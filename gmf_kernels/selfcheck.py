@@ -39,12 +39,27 @@ def check_tolerance(dtype: torch.dtype, on_cuda: bool) -> float:
     return max(tol, 5e-3) if on_cuda and tf32_allowed() else tol
 
 
-def run_checked(backend, x, size, w, hp, training):
+def run_checked(backend, x, size, w, hp, training, linears=None):
+    """`backend`'s forward, checked against the reference (float32, or float64 for float64 inputs). With
+    `linears` (the module's own qkv and proj modules: `Backend.forward`) the pre-projection is what is
+    compared, from the same qkv."""
     ref_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     w_ref = cast_weights(w, ref_dtype)  # copies taken before the backend updates BN buffers
+    if linears is not None:
+        from .backends import get_backend
+        qkv = linears[0](x)
+        got = backend.pre_projection(backend.qkv_from_upstream_order(qkv, w), size, w, hp, training)
+        with torch.no_grad():
+            ref = get_backend("reference").pre_projection(qkv.detach().to(ref_dtype), size, w_ref, hp, training)
+        _compare(backend, got, ref, x, size)
+        return linears[1](got)
     out = backend.forward(x, size, w, hp, training)
     with torch.no_grad():
         ref = reference_group_mix_attention(x.detach().to(ref_dtype), size, w_ref, hp, training)
+    return _compare(backend, out, ref, x, size)
+
+
+def _compare(backend, out, ref, x, size):
     err = max_rel_error(out, ref)
     tol = check_tolerance(out.dtype, x.is_cuda)
     if not err <= tol:

@@ -397,8 +397,8 @@ def _noisy(monkeypatch, amount=1e-2):
     tb = get_backend("torch")
     original = tb.forward
 
-    def noisy_forward(x, size, w, hp, training):
-        out = original(x, size, w, hp, training)
+    def noisy_forward(x, size, w, hp, training, linears=None):
+        out = original(x, size, w, hp, training, linears)
         return out + amount * out.detach().abs().max() * torch.randn_like(out)
     monkeypatch.setattr(tb, "forward", noisy_forward)
 

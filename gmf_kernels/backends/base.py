@@ -56,6 +56,8 @@ class GMAProblem:
     #: training-mode BatchNorm statistics all-reduced across processes (SyncBatchNorm, or an
     #: explicit process group; only set when the group has more than one rank)
     sync_bn: bool = False
+    #: a torch.func transform (vmap, grad, jacrev, ...) is active around the call
+    functorch: bool = False
 
     @property
     def N(self) -> int:
@@ -97,6 +99,9 @@ class Backend:
     supports_mixed_bn: bool = False  # aggregator BatchNorms in different modes / eps / momentum
     #: batch statistics all-reduced across processes (upstream's SyncBatchNorm) in training mode
     supports_sync_bn: bool = False
+    #: runs under torch.func transforms (vmap, grad, jacrev, functional_call inside them): PyTorch ops only
+    #: (the fused backends' custom ops and autograd Functions have no batching rules)
+    supports_functorch: bool = False
     head_dims: Optional[FrozenSet[int]] = None  # None: any
     #: True for a backend that `auto` picks on a GPU only on the architectures a GPU report has
     #: verified it on (gmf_kernels/data/gpu_verified.json, `verified_on`); an explicit choice, or
@@ -130,6 +135,9 @@ class Backend:
         if p.sync_bn and not self.supports_sync_bn:
             reasons.append("BatchNorm statistics synchronised across processes (SyncBatchNorm / process_group) "
                            "not supported: use the torch backend")
+        if p.functorch and not self.supports_functorch:
+            reasons.append("torch.func transforms (vmap, grad, jacrev, ...) not supported (its kernels' custom ops "
+                           "have no batching rule): use the torch backend")
         if p.needs_grad and not self.supports_grad:
             reasons.append("gradients not supported (forward-only kernels): run under torch.no_grad() "
                            "or use the torch backend")
@@ -154,8 +162,13 @@ class Backend:
         return reasons
 
     # ------------------------------------------------------------------ the computation
-    def forward(self, x: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, training) -> Tensor:
+    def forward(self, x: Tensor, size: Tuple[int, int], w: GMAWeights, hp: GMAHyper, training,
+                linears: Optional[Tuple[Callable, Callable]] = None) -> Tensor:
         """x (B, N, C) -> out (B, N, C): the qkv linear, this backend's pre-projection, the output linear.
+
+        `linears`: (qkv, proj) callables that make the two linears instead of the weights in `w` (the
+        module's own qkv and proj modules where they are not plain nn.Linear layers: an adapter such as
+        LoRA, hooks, a quantised or sharded linear); qkv(x) gives upstream's channel order.
 
         An empty batch (B = 0) returns an empty (0, N, C) result at once, as torch's own layers
         do, on every backend (kernels are never launched on it): in training, a BatchNorm that
@@ -173,9 +186,16 @@ class Backend:
                     "DataLoader(drop_last=True)), or skip the step on every rank")
             count_empty_batch(w, training)
             return empty_batch_result(x, w)
+        if linears is not None:
+            pre = self.pre_projection(self.qkv_from_upstream_order(linears[0](x), w), size, w, hp, training)
+            return linears[1](pre)
         qkv = self.project_qkv(x, w, hp, training)
         pre = self.pre_projection(qkv, size, w, hp, training)
         return self.project_out(pre, w)
+
+    def qkv_from_upstream_order(self, qkv: Tensor, w: GMAWeights) -> Tensor:
+        """qkv in upstream's channel order (nn.Linear's output) -> as `project_qkv` returns it."""
+        return qkv
 
     def project_qkv(self, x: Tensor, w: GMAWeights, hp: GMAHyper, training) -> Tensor:
         """The qkv linear, (B, N, 3C) in upstream's channel order (q | k | v, segments 0..4 each)."""

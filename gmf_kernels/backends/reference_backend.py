@@ -20,5 +20,6 @@ BACKEND = ReferenceBackend(
     supports_grad=True,
     supports_double_backward=True,   # PyTorch ops throughout
     supports_sync_bn=True,
+    supports_functorch=True,
     supports_mixed_bn=True,
 )

@@ -122,9 +122,11 @@ def use_onednn_linear(x: Tensor, weight: Tensor, bias) -> bool:
 
 
 def _capturing() -> bool:
-    """Whether a graph is being captured (torch.compile, export, tracing, scripting, ONNX)."""
+    """Whether a graph is being captured (torch.compile, export, tracing, scripting, ONNX) or a functorch
+    transform (vmap, grad, ...) runs: the eager paths' out= writes and oneDNN's op have no batching rule."""
     return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+            or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+            or torch._C._are_functorch_transforms_active())
 
 
 def linear(x: Tensor, weight: Tensor, bias=None, gelu: bool = False) -> Tensor:
@@ -314,6 +316,11 @@ class TorchBackend(Backend):
             weight, bias = cached_derived(w, ("torch-qkv", x.dtype), lambda: _no_grad(_segment_major_qkv, w, x.dtype))
         return linear(x, weight, bias)
 
+    def qkv_from_upstream_order(self, qkv, w):
+        """Upstream's channel order (q | k | v, segments 0..4 each) -> segment-major (`_segment_major`)."""
+        s = w.dim // 5
+        return qkv.unflatten(-1, (3, 5, s)).transpose(-3, -2).flatten(-3)
+
     def pre_projection(self, qkv, size, w, hp, training):
         return torch_pre_projection(qkv, size, w, hp, training)
 
@@ -331,4 +338,5 @@ BACKEND = TorchBackend(
     supports_grad=True,
     supports_double_backward=True,   # PyTorch ops throughout
     supports_sync_bn=True,
+    supports_functorch=True,
 )

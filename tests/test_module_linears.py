@@ -1,0 +1,186 @@
+"""GroupMixAttention's qkv and proj as modules: where they are not plain nn.Linear layers (a LoRA adapter, as
+peft puts in place of a linear, exposing its base layer's weight; a forward hook; a parametrised weight) the
+layer calls them, as upstream's EfficientAtt does. Reading their weight instead dropped the adapter silently:
+its parameters got no gradient and the output did not change.
+
+The oracle: the float64 reference on the merged weights (base + B @ A), as a function of the adapter's A and B."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gmf_kernels
+from gmf_kernels.backends import BACKEND_NAMES
+from gmf_kernels.numerics import default_hyper
+from gmf_kernels.reference import reference_group_mix_attention
+from helpers import assert_max_rel_close, backend_dtype_params, emulated_here
+
+C, HEADS, GRID = 40, 8, (5, 6)
+#: float32 against the float64 oracle (a layer of float32 operations)
+TOL = {torch.float32: 2e-4}
+
+
+class LoRALinear(nn.Module):
+    """An adapter as peft makes it: the base layer kept, its weight and bias exposed, a low-rank update added."""
+
+    def __init__(self, base: nn.Linear, r: int = 3, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base_layer = base
+        like = dict(dtype=base.weight.dtype)
+        self.A = nn.Parameter(torch.randn(r, base.in_features, generator=g, **like) * 0.2)
+        self.B = nn.Parameter(torch.randn(base.out_features, r, generator=g, **like) * 0.2)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        return self.base_layer(x) + (x @ self.A.t()) @ self.B.t()
+
+
+def _layer(backend, dtype, training):
+    torch.manual_seed(0)
+    m = gmf_kernels.GroupMixAttention(C, HEADS, qkv_bias=True, backend=backend).to(dtype).train(training)
+    for n in (m.aggregator.norm0, m.aggregator.norm1, m.aggregator.norm2, m.aggregator.norm3):
+        n.running_mean.uniform_(-0.5, 0.5)
+        n.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _oracle(m, x, training):
+    """Output and gradients (x, A and B of both adapters) of the float64 reference on the merged weights."""
+    m64 = copy.deepcopy(m).double()
+    w = m64.gma_weights()
+    qa, pa = m64.qkv, m64.proj
+    w = w._replace(qkv_weight=qa.weight + qa.B @ qa.A, proj_weight=pa.weight + pa.B @ pa.A)
+    hp = default_hyper(C)._replace(scale=m.scale)
+    x64 = x.detach().double().requires_grad_(True)
+    out = reference_group_mix_attention(x64, GRID, w, hp, training)
+    return out, x64, (qa.A, qa.B, pa.A, pa.B)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(BACKEND_NAMES, [torch.float32]))
+def test_lora_adapters_on_qkv_and_proj_are_applied(backend, dtype, training):
+    if training and emulated_here(backend) and backend == "cuda":
+        pytest.skip("the cuda backend trains through PyTorch fallbacks on CPU: covered by its own tests")
+    m = _layer(backend, dtype, training)
+    m.qkv, m.proj = LoRALinear(m.qkv, seed=1), LoRALinear(m.proj, seed=2)
+    x = torch.randn(2, GRID[0] * GRID[1], C, dtype=dtype, requires_grad=True)
+    ref, x64, ref_params = _oracle(m, x, training)
+    out = m(x, GRID)
+    assert_max_rel_close(out, ref, TOL[dtype], f"{backend} output with LoRA adapters")
+    g = torch.randn_like(ref)
+    (out * g.to(dtype)).sum().backward()
+    (ref * g).sum().backward()
+    assert_max_rel_close(x.grad, x64.grad, TOL[dtype], "x grad")
+    for name, p, q in zip(("qkv.A", "qkv.B", "proj.A", "proj.B"), (m.qkv.A, m.qkv.B, m.proj.A, m.proj.B),
+                          ref_params):
+        assert p.grad is not None, f"{name}: the adapter got no gradient"
+        assert_max_rel_close(p.grad, q.grad, TOL[dtype], f"{name} grad")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_hooks_on_qkv_and_proj_fire_and_plain_layers_take_the_weights(backend, monkeypatch):
+    """A forward hook on qkv / proj (an activation probe, FSDP's unsharding) fires as upstream's calls fire it and
+    may change the output; plain layers are not called (their weights go to the backend)."""
+    m = _layer(backend, torch.float32, False)
+    x = torch.randn(1, GRID[0] * GRID[1], C)
+    calls = []
+    real = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, t: (calls.append(self), real(self, t))[1])
+    before = m(x, GRID)
+    assert calls == []
+    seen = []
+    h1 = m.qkv.register_forward_hook(lambda mod, args, out: seen.append(("qkv", tuple(out.shape))))
+    h2 = m.proj.register_forward_hook(lambda mod, args, out: out * 2)
+    after = m(x, GRID)
+    assert seen == [("qkv", (1, GRID[0] * GRID[1], 3 * C))]
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-6)
+    h1.remove(), h2.remove()
+    calls.clear()
+    torch.testing.assert_close(m(x, GRID), before, rtol=0, atol=0)
+    assert calls == []
+
+
+def test_parametrized_weight_is_used():
+    """torch.nn.utils.parametrize on qkv.weight (a weight-norm-like reparametrisation) is what the layer applies."""
+    from torch.nn.utils import parametrize
+
+    m = _layer("torch", torch.float32, False)
+    x = torch.randn(1, GRID[0] * GRID[1], C)
+    before = m(x, GRID)
+
+    class Half(nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    ref = copy.deepcopy(m)
+    with torch.no_grad():
+        ref.qkv.weight.mul_(0.5)
+    parametrize.register_parametrization(m.qkv, "weight", Half())
+    torch.testing.assert_close(m(x, GRID), ref(x, GRID), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(m(x, GRID), before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_check_mode_with_an_adapter(backend):
+    """check=True compares the pre-projection from the adapter's qkv against the reference, and passes."""
+    m = _layer(backend, torch.float32, False)
+    m.check = True
+    m.qkv = LoRALinear(m.qkv, seed=3)
+    x = torch.randn(2, GRID[0] * GRID[1], C)
+    ref, _, _ = _oracle(_with_plain_proj_adapter(m), x, False)
+    assert_max_rel_close(m(x, GRID), ref, TOL[torch.float32], "checked output")
+
+
+def _with_plain_proj_adapter(m):
+    """A copy whose proj is an adapter with a zero update (so that `_oracle` merges it as the identity)."""
+    c = copy.deepcopy(m)
+    c.proj = LoRALinear(c.proj)
+    with torch.no_grad():
+        c.proj.B.zero_()
+    return c
+
+
+def test_vmap_over_the_default_cpu_backend_in_inference():
+    """torch.func.vmap (model ensembling) over the torch backend in no_grad inference: its eager out= path has no
+    batching rule, so a functorch transform takes the plain path (it raised 'Batching rule not implemented')."""
+    m = _layer("torch", torch.float32, False)
+    x = torch.randn(3, 1, GRID[0] * GRID[1], C)
+    with torch.no_grad():
+        got = torch.func.vmap(lambda t: m(t, GRID))(x)
+        want = torch.stack([m(t, GRID) for t in x])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+@pytest.mark.parametrize("backend", [b for b in BACKEND_NAMES if b not in ("torch", "reference")])
+def test_fused_backends_refuse_torch_func_by_name(backend, transform):
+    """Under torch.func the fused backends refuse with their reason (their custom ops have no batching rule and
+    their autograd Functions no setup_context), where torch's own message named neither; `auto` takes the torch
+    backend there."""
+    from gmf_kernels.backends import get_backend
+    from helpers import problem
+    assert get_backend("torch").supports_functorch and get_backend("reference").supports_functorch
+    assert any("torch.func" in r for r in get_backend(backend).not_supported_reasons(problem(functorch=True)))
+    m = _layer(backend, torch.float32, False)
+    x = torch.randn(2, 1, GRID[0] * GRID[1], C)
+    params = dict(m.named_parameters())
+    f = lambda p, t: torch.func.functional_call(m, p, (t, GRID)).sum()
+    run = (lambda: torch.func.vmap(lambda t: f(params, t))(x)) if transform == "vmap" else \
+        (lambda: torch.func.grad(f)(params, x[0]))
+    if get_backend(backend).availability_reasons():
+        pytest.skip(f"{backend} not available here")
+    with pytest.raises(ValueError, match="torch.func transforms"):
+        run()
+    m.set_backend("auto")
+    run()   # auto: the torch backend
