@@ -2,7 +2,8 @@
 //
 // Kernel 2 (combine), one block per (batch, head): merges the partials (m_t, l_t, S_t) of
 // the online softmax over tokens that the aggregation wrote (one per CTA run; the other tile
-// slots are empty: l_t = 0, skipped):
+// slots are empty: l_t = 0, skipped; a NaN l_t -- a NaN token -- is not empty and makes the head NaN,
+// as the softmax over tokens does):
 //     M = max_t m_t,  L = sum_t exp(m_t - M) l_t,
 //     KV[i][k] = scale / L[i] * sum_t exp(m_t[i] - M[i]) S_t[i][k]
 // (softmax(K)^T V with the attention scale folded in), fp32. Bound aimed at: latency (it
@@ -39,7 +40,7 @@ GMF_HD void combine_block(const Exec& ex, const GmaParams& p, int block, float* 
     float l = 0.0f;
     for (int t = 0; t < p.ntiles; ++t) {
       const float lt = base[t * tstride + d + i];
-      if (lt > 0.0f) l += expf(base[t * tstride + i] - m) * lt;
+      if (lt != 0.0f) l += expf(base[t * tstride + i] - m) * lt;  // NaN != 0: a NaN token is not left out
     }
     M[i] = m;
     invL[i] = p.scale / l;
@@ -52,7 +53,7 @@ GMF_HD void combine_block(const Exec& ex, const GmaParams& p, int block, float* 
     float acc = 0.0f;
     for (int t = 0; t < p.ntiles; ++t) {
       const float* pt = base + t * tstride;
-      if (pt[d + i] > 0.0f) acc += expf(pt[i] - m) * pt[2 * d + r];  // empty slots hold no S
+      if (pt[d + i] != 0.0f) acc += expf(pt[i] - m) * pt[2 * d + r];  // empty slots hold no S
     }
     kv[r] = acc * invL[i];
   });

@@ -43,6 +43,7 @@ from gmf_kernels.cuda import launcher as cl
 from gmf_kernels import tuning
 from gmf_kernels.folding import fold_eval
 from gmf_kernels.numerics import max_rel_error
+from gmf_kernels.reference import reference_group_mix_attention
 
 # the emulation build: fixtures emu_build, emu, use_emu in conftest.py (shared with test_cuda_training.py)
 
@@ -499,3 +500,21 @@ def test_each_barrier_is_needed(emu, emu_build, tmp_path):
           + "\n".join(report))
     assert not uncaught, ("with these barriers compiled out the emulated kernels still pass: "
                           + ", ".join(uncaught) + "\n" + "\n".join(report))
+
+
+@pytest.mark.parametrize("tile", [(3, 5), (0, 0)], ids=["3x5", "planned"])
+def test_emulated_kernels_propagate_a_nan_token(use_emu, tile):
+    """A NaN in one token (an overflow upstream of the layer) makes the softmax over tokens NaN for every token of
+    that image, as in the reference: the tile holding it has a NaN softmax sum, which the combine took for an
+    empty slot (`l > 0` is false for NaN) and left out, so 96 of 196 tokens of a 14x14 image came out finite and
+    wrong. The other image of the batch stays as without the NaN."""
+    case = Case(80, 11, 13, 2, seed=7)
+    clean = run(case, torch.float32, tile=tile)
+    case.x[0, 4 * case.W + 6, :] = float("nan")
+    want = reference_group_mix_attention(case.x, (case.H, case.W), case.w, case.hp, return_intermediates=True)[1]
+    got = run(case, torch.float32, tile=tile)
+    nan_want, nan_got = torch.isnan(want["pre_proj"][0]), torch.isnan(got[0])
+    assert nan_want.any(-1).all(), "the oracle: every token of the image NaN"
+    assert torch.equal(nan_got, nan_want), (f"{int((nan_want & ~nan_got).any(-1).sum())} tokens finite where the "
+                                            f"reference is NaN")
+    assert torch.equal(got[1], clean[1])

@@ -402,6 +402,26 @@ def test_split_plans(split_target):
     _assert_rel(r["pre"], case.pre, FP32_TOL, "pre_proj")
 
 
+@pytest.mark.parametrize("split_target", [1, 10**6], ids=["one-split", "split-per-tile"])
+def test_a_nan_token_makes_its_image_nan_as_the_reference(split_target):
+    """A NaN in one token: the softmax over tokens makes every token of that image NaN in the reference; the
+    split partials and their combine must carry it (the CUDA combine left a NaN partial out as an empty slot),
+    and the other image stays as without it."""
+    case = Case(80, 11, 11, 2, seed=37)
+    shape = gma_shape(80, agg_block_p=32, interpreter=INTERPRET, split_target=split_target)
+    launch = lambda: launcher.launch_pre_projection(case.qkv(torch.float32), case.H, case.W,
+                                                    case.folded(torch.float32), case.hp.scale, case.hp.ln_eps,
+                                                    shape=shape)["pre"]
+    clean = launch()
+    case.x64[0, 5 * case.W + 4] = float("nan")
+    want = reference_group_mix_attention(case.x64, (case.H, case.W), case.w64, case.hp,
+                                         return_intermediates=True)[1]["pre_proj"]
+    got = launch()
+    assert torch.isnan(want[0]).any(-1).all()
+    assert torch.equal(torch.isnan(got[0]).cpu(), torch.isnan(want[0]))
+    assert torch.equal(got[1], clean[1])
+
+
 @pytest.mark.skipif(not INTERPRET, reason="interpreter-only: emulates another GPU architecture")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("C", [200, 360], ids=lambda c: f"C{c}")
