@@ -1,8 +1,9 @@
 """gmf_kernels: fused Triton and CUDA kernels for GroupMixFormer's Group-Mix Attention.
 
+    import torch
     import gmf_kernels as gmf
     model = gmf.create_model("groupmixformer_s", checkpoint="groupmixformer_small.pth")
-    gmf.convert(upstream_model)            # upstream EfficientAtt -> GroupMixAttention
+    gmf.convert(upstream_model)            # an upstream model: EfficientAtt -> GroupMixAttention
     gmf.available_backends()               # e.g. ['torch', 'reference'] on a CPU
     fast = gmf.optimize_for_inference(model, batch_size=8, device="cuda", dtype=torch.bfloat16)
 

@@ -49,7 +49,9 @@ MODULE_MISSING = re.compile(r"CUDA module (is )?not built|CUDA extension not ava
 
 
 def require_gpu() -> bool:
-    return os.environ.get("GMF_REQUIRE_GPU", "0") not in ("", "0")
+    """GMF_REQUIRE_GPU, read as the library's switches are (`GMF_REQUIRE_GPU=false` is off; a bad value refused)."""
+    from gmf_kernels._env import env_flag
+    return env_flag("GMF_REQUIRE_GPU")
 
 
 def golden_required() -> bool:

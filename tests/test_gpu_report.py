@@ -1066,6 +1066,12 @@ def test_parts_split_their_whole_budget(part, budget):
                                                          / sum(gr.PARTS[part]["weights"].values()))
 
 
+@pytest.mark.parametrize("part", sorted(gr.PARTS))
+def test_part_weights_are_seconds_at_the_default_budget(part):
+    """Each part's weights add up to its default budget: the docs quote them as seconds."""
+    assert sum(gr.PARTS[part]["weights"].values()) == gr.PARTS[part]["budget"]
+
+
 def test_speed_part_times_the_judged_runs_before_kernel_timing():
     """At the budget a 15-minute lease leaves after the record call (~290 s), the judged runs (models, train)
     get their time and the kernel timing runs only on what env and tune leave (its own share timed no case)."""

@@ -45,7 +45,9 @@ _PLAIN_KEYS = ("model", "state_dict")
 
 
 class CheckpointMismatchError(RuntimeError):
-    pass
+    """A checkpoint whose keys or shapes do not fit the model built (`load_checkpoint`, strict): the message
+    lists the missing, unexpected and mis-shaped keys and the likely cause (another model size, a head of
+    another num_classes: `drop_classifier=True`)."""
 
 
 class CheckpointFormatError(ValueError):
