@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .backends import check_backend_usable
-from .modules import GroupMixAttention
+from .modules import FROZEN_NORM_NAMES, GroupMixAttention
 
 #: parameter/buffer names (relative to the attention module) that identify an upstream EfficientAtt.
 _SIGNATURE = (
@@ -53,11 +53,11 @@ def _from_upstream(old: nn.Module, backend: str) -> GroupMixAttention:
     # Parameters under torch.__future__.set_swap_module_params_on_conversion(True)); their requires_grad
     # (frozen layers) goes with them
     norms = [getattr(old.aggregator, f"norm{i}") for i in range(4)]
-    shared_norms = tuple(f"aggregator.norm{i}." for i, n in enumerate(norms) if isinstance(n, _BatchNorm))
+    shared_norms = tuple(f"aggregator.norm{i}." for i, n in enumerate(norms) if _shared_whole(n))
     _share_state(old, new, skip=shared_norms)
     modes = [n.training for n in norms]  # a BatchNorm may be in another mode than its parent (frozen BN)
     for i, src in enumerate(norms):
-        if isinstance(src, _BatchNorm):
+        if _shared_whole(src):
             # the module itself is shared: a SyncBatchNorm stays one (its process group included),
             # and its mode, eps and momentum stay those of the model's own module
             setattr(new.aggregator, f"norm{i}", src)
@@ -70,6 +70,12 @@ def _from_upstream(old: nn.Module, backend: str) -> GroupMixAttention:
     for i, mode in enumerate(modes):
         getattr(new.aggregator, f"norm{i}").train(mode)
     return new
+
+
+def _shared_whole(norm: nn.Module) -> bool:
+    """An aggregator norm the converted layer takes as it is (the module itself): a BatchNorm (SyncBatchNorm
+    included), or a frozen BatchNorm (`modules.FROZEN_NORM_NAMES`, detectron2's conversion)."""
+    return isinstance(norm, _BatchNorm) or type(norm).__name__ in FROZEN_NORM_NAMES
 
 
 def _share_state(old: nn.Module, new: nn.Module, skip: tuple) -> None:

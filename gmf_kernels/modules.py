@@ -9,10 +9,11 @@ quantised or sharded linear, a forward hook then act as they would upstream.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._validation import check_dim
 from .backends import check_backend_name, check_backend_usable
@@ -144,7 +145,7 @@ class GroupMixAttention(nn.Module):
         statistics (track_running_stats=False) without them, as nn.BatchNorm2d then neither reads nor
         updates its buffers."""
         a = self.aggregator
-        norms = (a.norm0, a.norm1, a.norm2, a.norm3)
+        norms = self._norms()
         aggs = (a.agg1, a.agg2, a.agg3)
         affine = [self._affine(n) for n in norms]
         untracked = [n.training and not n.track_running_stats for n in norms]   # buffers neither read nor updated
@@ -173,8 +174,9 @@ class GroupMixAttention(nn.Module):
                 torch.zeros(n.num_features, dtype=like.dtype, device=like.device))
 
     def _norms(self):
+        """The aggregator's four norms as the kernels read them (`_norm_view`)."""
         a = self.aggregator
-        return (a.norm0, a.norm1, a.norm2, a.norm3)
+        return tuple(_norm_view(n, f"aggregator.norm{i}") for i, n in enumerate((a.norm0, a.norm1, a.norm2, a.norm3)))
 
     def hyper(self) -> GMAHyper:
         """The layer's scalars for this call; `bn_process_group` is the group each aggregator
@@ -183,7 +185,8 @@ class GroupMixAttention(nn.Module):
         norms = self._norms()
         return GMAHyper(num_heads=self.num_heads, scale=self.scale, bn_eps=collapse4(n.eps for n in norms),
                         bn_momentum=collapse4(n.momentum for n in norms), ln_eps=self.aggregator.agg0.norm.eps,
-                        bn_process_group=collapse4(layer_group(n, self.process_group) for n in norms))
+                        bn_process_group=collapse4(None if n.frozen else layer_group(n.module, self.process_group)
+                                                   for n in norms))
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling: say what works instead
@@ -211,6 +214,54 @@ class GroupMixAttention(nn.Module):
         out = run_attention(x, size, self.gma_weights(), self.hyper(), bn_batch_stats, self.backend,
                             self.check or None, linears=self._called_linears())
         return self.proj_drop(out)
+
+
+class _NormView(NamedTuple):
+    """An aggregator norm as the kernels take it: a BatchNorm's fields, or a frozen BatchNorm's as an eval-mode
+    BatchNorm (running statistics always, never updated, never synchronised)."""
+    module: nn.Module
+    frozen: bool
+    training: bool
+    track_running_stats: bool
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    num_batches_tracked: Optional[torch.Tensor]
+    momentum: Optional[float]
+    eps: float
+    num_features: int
+
+
+#: the frozen BatchNorms taken as eval-mode BatchNorms (detectron2's, torchvision's, timm's: weight, bias,
+#: running_mean and running_var buffers and eps; y = (x - mean) / sqrt(var + eps) * weight + bias)
+FROZEN_NORM_NAMES = ("FrozenBatchNorm2d",)
+_HOOKED_NORMS_SAID: set = set()
+
+
+def _norm_view(n: nn.Module, where: str) -> _NormView:
+    """`n` as the kernels take it. Their weights go into the kernels and the module is never called, so a norm
+    whose forward is not BatchNorm's (a subclass with its own, e.g. another cross-process scheme; anything else)
+    is refused by name, not silently replaced by plain BatchNorm; hooks on it are said once not to fire."""
+    if n._forward_hooks or n._forward_pre_hooks:
+        key = (type(n).__name__, where)
+        if key not in _HOOKED_NORMS_SAID:
+            _HOOKED_NORMS_SAID.add(key)
+            import warnings
+            warnings.warn(f"GroupMixAttention: the hooks on {where} ({type(n).__name__}) do not fire: the aggregator's "
+                          f"norms are never called (their weights go into the kernels)", stacklevel=4)
+    if isinstance(n, _BatchNorm) and type(n).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
+        return _NormView(n, False, n.training, n.track_running_stats, n.weight, n.bias, n.running_mean,
+                         n.running_var, n.num_batches_tracked, n.momentum, n.eps, n.num_features)
+    if type(n).__name__ in FROZEN_NORM_NAMES and all(hasattr(n, a) for a in ("weight", "bias", "running_mean",
+                                                                              "running_var", "eps")):
+        return _NormView(n, True, False, True, n.weight, n.bias, n.running_mean, n.running_var, None, 0.0,
+                         float(n.eps), n.running_mean.numel())
+    raise TypeError(f"GroupMixAttention: {where} is a {type(n).__module__}.{type(n).__name__}; the aggregator's norms "
+                    f"must be torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm (cross-process statistics: "
+                    f"convert_sync_batchnorm, or process_group=) or a FrozenBatchNorm2d: their weights go into the "
+                    f"kernels and the module itself is never called, so another forward would be skipped. To freeze "
+                    f"them, requires_grad_(False) and eval() on the BatchNorm2d work too")
 
 
 #: torch's global forward hooks and pre-hooks (`register_module_forward_hook`): upstream's qkv and proj calls

@@ -308,6 +308,18 @@ def test_num_classes_zero_model_hint():
     assert not result.missing_keys and not result.unexpected_keys
 
 
+def test_detector_checkpoint_prefix_hint():
+    """A detector's checkpoint holds the backbone under 'backbone.' (mmdet, detectron2): the error names the
+    prefix and how to strip it, and the stripped dict loads."""
+    sd = {"backbone." + k: v for k, v in tiny(20).state_dict().items()}
+    sd["neck.lateral.weight"] = torch.zeros(3)
+    model = tiny(21, return_interm_layers=True)
+    with pytest.raises(gmf.CheckpointMismatchError, match=r"under the prefix 'backbone\.'"):
+        gmf.load_checkpoint(model, sd)
+    result = gmf.load_checkpoint(model, {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")})
+    assert not result.missing_keys and not result.unexpected_keys
+
+
 def test_ema_and_ddp_checkpoints():
     a, b = tiny(18).state_dict(), tiny(19).state_dict()
     model = tiny(20)

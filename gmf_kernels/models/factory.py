@@ -317,4 +317,11 @@ def _hints(model, sd, own, shape_bad, missing, unexpected):
         hints.append("hint: more blocks in the checkpoint than in the model: check serial_depths")
     if missing and all(k.startswith("groupmixformer_backbone") for k in missing):
         hints.append("hint: fewer blocks in the checkpoint than in the model: check serial_depths")
+    prefixes = {k.split(".", 1)[0] + "." for k in unexpected if "." in k and k.split(".", 1)[1] in own}
+    for prefix in sorted(prefixes):
+        found = sum(1 for k in unexpected if k.startswith(prefix) and k[len(prefix):] in own)
+        if found >= max(1, len(missing) // 2):
+            hints.append(f"hint: {found} of the model's keys are in the checkpoint under the prefix {prefix!r} (a "
+                         f"detector's or segmenter's checkpoint): load {{k[len({prefix!r}):]: v for k, v in "
+                         f"state_dict.items() if k.startswith({prefix!r})}}")
     return hints

@@ -1,9 +1,15 @@
-"""GroupMixAttention's qkv and proj as modules: where they are not plain nn.Linear layers (a LoRA adapter, as
+"""GroupMixAttention's submodules as a user may change them.
+
+The linears: qkv and proj as modules: where they are not plain nn.Linear layers (a LoRA adapter, as
 peft puts in place of a linear, exposing its base layer's weight; a forward hook; a parametrised weight) the
 layer calls them, as upstream's EfficientAtt does. Reading their weight instead dropped the adapter silently:
 its parameters got no gradient and the output did not change.
 
-The oracle: the float64 reference on the merged weights (base + B @ A), as a function of the adapter's A and B."""
+The oracle: the float64 reference on the merged weights (base + B @ A), as a function of the adapter's A and B.
+
+The aggregator's norms (never called: their weights go into the kernels): a frozen BatchNorm (detectron2's
+conversion) taken as an eval-mode BatchNorm; a norm with its own forward refused by name; hooks said not to fire.
+torch.func transforms: the torch backend runs under them, the fused ones refuse by reason."""
 from __future__ import annotations
 
 import copy
@@ -184,3 +190,93 @@ def test_fused_backends_refuse_torch_func_by_name(backend, transform):
         run()
     m.set_backend("auto")
     run()   # auto: the torch backend
+
+
+# ---------------------------------------------------------------- the aggregator's norms
+class FrozenBatchNorm2d(nn.Module):
+    """A frozen BatchNorm as detectron2 / torchvision / timm define it (their class name; buffers only)."""
+
+    def __init__(self, n, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, init in (("weight", torch.ones), ("bias", torch.zeros), ("running_mean", torch.zeros),
+                           ("running_var", torch.ones)):
+            self.register_buffer(name, init(n))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return x * scale[None, :, None, None] + (self.bias - self.running_mean * scale)[None, :, None, None]
+
+    @classmethod
+    def of(cls, bn: nn.BatchNorm2d):
+        f = cls(bn.num_features, bn.eps).to(bn.running_mean.dtype)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(f, name).copy_(getattr(bn, name).detach())
+        return f
+
+
+def _freeze_norms(m):
+    a = m.aggregator
+    for i in range(4):
+        setattr(a, f"norm{i}", FrozenBatchNorm2d.of(getattr(a, f"norm{i}")))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_frozen_batchnorms_act_as_eval_batchnorms(backend, train):
+    """detectron2's FrozenBatchNorm2d.convert_frozen_batchnorm (or torchvision's / timm's class) in the aggregator:
+    an eval-mode BatchNorm in every mode, its buffers never updated; it raised AttributeError
+    ('no attribute track_running_stats'). The oracle: the same layer with eval-mode BatchNorm2d."""
+    from gmf_kernels.backends import get_backend
+    if get_backend(backend).availability_reasons():
+        pytest.skip(f"{backend} not available here")
+    m = _layer(backend, torch.float32, False)
+    want_model = copy.deepcopy(m).double().eval().set_backend("reference")
+    _freeze_norms(m)
+    buffers = {k: v.clone() for k, v in m.named_buffers()}
+    m.train(train)
+    for p in m.aggregator.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, GRID[0] * GRID[1], C)
+    got = m(x, GRID)
+    want = want_model(x.double(), GRID)
+    assert_max_rel_close(got, want, TOL[torch.float32], f"{backend} with frozen BatchNorms ({'train' if train else 'eval'})")
+    for k, v in m.named_buffers():
+        assert torch.equal(v, buffers[k]), f"{k} changed"
+
+
+class OwnSyncBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm with its own forward (detectron2's NaiveSyncBatchNorm does its own all-reduce)."""
+
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def test_a_norm_with_its_own_forward_is_refused_by_name():
+    """Its forward would be skipped (the kernels take the weights): refused, naming it, not run as plain BN."""
+    m = _layer("torch", torch.float32, True)
+    m.aggregator.norm2 = OwnSyncBatchNorm(C // 5)
+    with pytest.raises(TypeError, match=r"aggregator.norm2 is a .*OwnSyncBatchNorm"):
+        m(torch.randn(1, GRID[0] * GRID[1], C), GRID)
+
+
+def test_hooks_on_a_norm_are_said_not_to_fire():
+    m = _layer("torch", torch.float32, False)
+    m.aggregator.norm1.register_forward_hook(lambda *a: None)
+    with pytest.warns(UserWarning, match="hooks on aggregator.norm1 .* do not fire"):
+        m(torch.randn(1, GRID[0] * GRID[1], C), GRID)
+
+
+def test_convert_keeps_frozen_batchnorms():
+    """convert() of a layer whose aggregator norms were frozen detectron2-style shares them as modules."""
+    m = _layer("reference", torch.float64, False)
+    _freeze_norms(m)
+    sys_path_upstream = pytest.importorskip("test_convert")   # its EfficientAtt rendering of upstream's layer
+    up = sys_path_upstream.EfficientAtt(C, HEADS, qkv_bias=True).double().eval()
+    up.load_state_dict({k: v for k, v in _layer("reference", torch.float64, False).state_dict().items()})
+    _freeze_norms(up)
+    x = torch.randn(1, GRID[0] * GRID[1], C, dtype=torch.float64)
+    want = up(x, GRID)
+    new = gmf_kernels.convert(up, backend="reference")
+    assert isinstance(new.aggregator.norm0, FrozenBatchNorm2d) and new.aggregator.norm0 is up.aggregator.norm0
+    torch.testing.assert_close(new(x, GRID), want, rtol=1e-12, atol=1e-12)
