@@ -139,13 +139,13 @@ class GroupMixAttention(nn.Module):
         self.backend = check_backend_usable(backend)
         return self
 
-    def gma_weights(self) -> GMAWeights:
+    def gma_weights(self, norms=None) -> GMAWeights:
         """The layer's tensors. A BatchNorm without affine parameters (affine=False) enters with a weight of
         ones and a bias of zeros (its identity affine); one in training mode that does not track running
         statistics (track_running_stats=False) without them, as nn.BatchNorm2d then neither reads nor
-        updates its buffers."""
+        updates its buffers. `norms`: the layer's `_norms()`, where the caller has them already."""
         a = self.aggregator
-        norms = self._norms()
+        norms = norms or self._norms()
         aggs = (a.agg1, a.agg2, a.agg3)
         affine = [self._affine(n) for n in norms]
         untracked = [n.training and not n.track_running_stats for n in norms]   # buffers neither read nor updated
@@ -174,19 +174,19 @@ class GroupMixAttention(nn.Module):
                 torch.zeros(n.num_features, dtype=like.dtype, device=like.device))
 
     def _norms(self):
-        """The aggregator's four norms as the kernels read them (`_norm_view`)."""
+        """The aggregator's four norms as the kernels take them (`_norm_as_taken`)."""
         a = self.aggregator
-        return tuple(_norm_view(n, f"aggregator.norm{i}") for i, n in enumerate((a.norm0, a.norm1, a.norm2, a.norm3)))
+        return (_norm_as_taken(a.norm0, "aggregator.norm0"), _norm_as_taken(a.norm1, "aggregator.norm1"),
+                _norm_as_taken(a.norm2, "aggregator.norm2"), _norm_as_taken(a.norm3, "aggregator.norm3"))
 
-    def hyper(self) -> GMAHyper:
+    def hyper(self, norms=None) -> GMAHyper:
         """The layer's scalars for this call; `bn_process_group` is the group each aggregator
         BatchNorm would synchronise over (SyncBatchNorm in training mode, or `process_group`),
         resolved by `run_attention` (None where nothing is to be synchronised)."""
-        norms = self._norms()
+        norms = norms or self._norms()
         return GMAHyper(num_heads=self.num_heads, scale=self.scale, bn_eps=collapse4(n.eps for n in norms),
                         bn_momentum=collapse4(n.momentum for n in norms), ln_eps=self.aggregator.agg0.norm.eps,
-                        bn_process_group=collapse4(None if n.frozen else layer_group(n.module, self.process_group)
-                                                   for n in norms))
+                        bn_process_group=collapse4(layer_group(n, self.process_group) for n in norms))
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling: say what works instead
@@ -210,39 +210,43 @@ class GroupMixAttention(nn.Module):
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         # as upstream, each BatchNorm's own mode decides (batch statistics in training, or
         # always when it keeps no running statistics)
-        bn_batch_stats = collapse4(n.training or n.running_mean is None for n in self._norms())
-        out = run_attention(x, size, self.gma_weights(), self.hyper(), bn_batch_stats, self.backend,
+        norms = self._norms()
+        bn_batch_stats = collapse4(n.training or n.running_mean is None for n in norms)
+        out = run_attention(x, size, self.gma_weights(norms), self.hyper(norms), bn_batch_stats, self.backend,
                             self.check or None, linears=self._called_linears())
         return self.proj_drop(out)
 
 
-class _NormView(NamedTuple):
-    """An aggregator norm as the kernels take it: a BatchNorm's fields, or a frozen BatchNorm's as an eval-mode
-    BatchNorm (running statistics always, never updated, never synchronised)."""
+class _FrozenNorm(NamedTuple):
+    """A frozen BatchNorm as the kernels take it: an eval-mode BatchNorm (running statistics always, never
+    updated, never synchronised), with BatchNorm2d's attribute names."""
     module: nn.Module
-    frozen: bool
-    training: bool
-    track_running_stats: bool
-    weight: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
-    running_mean: Optional[torch.Tensor]
-    running_var: Optional[torch.Tensor]
-    num_batches_tracked: Optional[torch.Tensor]
-    momentum: Optional[float]
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
     eps: float
     num_features: int
+    training: bool = False
+    track_running_stats: bool = True
+    num_batches_tracked: Optional[torch.Tensor] = None
+    momentum: float = 0.0
 
 
 #: the frozen BatchNorms taken as eval-mode BatchNorms (detectron2's, torchvision's, timm's: weight, bias,
 #: running_mean and running_var buffers and eps; y = (x - mean) / sqrt(var + eps) * weight + bias)
 FROZEN_NORM_NAMES = ("FrozenBatchNorm2d",)
+_PLAIN_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _HOOKED_NORMS_SAID: set = set()
 
 
-def _norm_view(n: nn.Module, where: str) -> _NormView:
-    """`n` as the kernels take it. Their weights go into the kernels and the module is never called, so a norm
-    whose forward is not BatchNorm's (a subclass with its own, e.g. another cross-process scheme; anything else)
-    is refused by name, not silently replaced by plain BatchNorm; hooks on it are said once not to fire."""
+def _norm_as_taken(n: nn.Module, where: str):
+    """`n` as the kernels take it: a BatchNorm itself, or a frozen BatchNorm as `_FrozenNorm`. Their weights go
+    into the kernels and the module is never called, so a norm whose forward is not BatchNorm's (a subclass with
+    its own, e.g. another cross-process scheme; anything else) is refused by name, not silently run as plain
+    BatchNorm; hooks on it are said once not to fire. (The common case first: a hot path, ~22 layers a forward.)"""
+    if type(n) in _PLAIN_NORMS and not (n._forward_hooks or n._forward_pre_hooks):
+        return n
     if n._forward_hooks or n._forward_pre_hooks:
         key = (type(n).__name__, where)
         if key not in _HOOKED_NORMS_SAID:
@@ -251,12 +255,10 @@ def _norm_view(n: nn.Module, where: str) -> _NormView:
             warnings.warn(f"GroupMixAttention: the hooks on {where} ({type(n).__name__}) do not fire: the aggregator's "
                           f"norms are never called (their weights go into the kernels)", stacklevel=4)
     if isinstance(n, _BatchNorm) and type(n).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
-        return _NormView(n, False, n.training, n.track_running_stats, n.weight, n.bias, n.running_mean,
-                         n.running_var, n.num_batches_tracked, n.momentum, n.eps, n.num_features)
+        return n
     if type(n).__name__ in FROZEN_NORM_NAMES and all(hasattr(n, a) for a in ("weight", "bias", "running_mean",
                                                                               "running_var", "eps")):
-        return _NormView(n, True, False, True, n.weight, n.bias, n.running_mean, n.running_var, None, 0.0,
-                         float(n.eps), n.running_mean.numel())
+        return _FrozenNorm(n, n.weight, n.bias, n.running_mean, n.running_var, float(n.eps), n.running_mean.numel())
     raise TypeError(f"GroupMixAttention: {where} is a {type(n).__module__}.{type(n).__name__}; the aggregator's norms "
                     f"must be torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm (cross-process statistics: "
                     f"convert_sync_batchnorm, or process_group=) or a FrozenBatchNorm2d: their weights go into the "
