@@ -269,7 +269,9 @@ class Tee:
     def __init__(self, path: Optional[Path], quiet: bool = False):
         self.path = path
         self.quiet = quiet
-        self.lock = threading.Lock()
+        # reentrant: the stop-signal handler (`on_stop_signal`) runs in the main thread and writes through it,
+        # possibly while that thread is inside a write
+        self.lock = threading.RLock()
         self.fh = open(path, "a", encoding="utf-8", errors="replace") if path else None
 
     def __call__(self, line: str, console: bool = True):
