@@ -359,14 +359,20 @@ class Proc:
         SIGKILL to whatever of the group is left, even when the leader is gone: pytest-xdist workers,
         compile workers and the like would otherwise keep the CPU (and the output pipe) after it."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.p.pid, sig)
-            except (ProcessLookupError, PermissionError):
+            if not self.signal_group(sig):
                 return  # the group is gone
             try:
                 self.p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+
+    def signal_group(self, sig) -> bool:
+        """`sig` to the step's process group; False when there is none (gone, or never started)."""
+        try:
+            os.killpg(self.p.pid, sig)
+            return True
+        except (ProcessLookupError, PermissionError, AttributeError):
+            return False
 
     def wait(self, timeout: float) -> RunResult:
         if self.p is None:
@@ -405,12 +411,8 @@ def kill_live_procs() -> int:
     n = 0
     for proc in list(LIVE_PROCS):
         LIVE_PROCS.discard(proc)
-        if proc.p is not None and proc.p.poll() is None:
-            n += 1
-        try:
-            os.killpg(proc.p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, AttributeError):
-            pass
+        n += proc.p.poll() is None
+        proc.signal_group(signal.SIGKILL)
     return n
 
 

@@ -1156,6 +1156,19 @@ def compiles(r: Runner) -> bool:
     return r.backend.endswith("+compile") or r.backend == "optimized"
 
 
+def eager_base(backend: str) -> str:
+    """A row's GMA backend without its "+compile"."""
+    return backend[: -len("+compile")] if backend.endswith("+compile") else backend
+
+
+def fused_row(r: Runner) -> bool:
+    """A row of a fused backend (eager or compiled): a GMA row whose backend is a `FusedBackend`."""
+    from gmf_kernels.backends import BACKEND_NAMES, get_backend
+    from gmf_kernels.backends.base import FusedBackend
+    base = eager_base(r.backend)
+    return r.kind == "gmf" and base in BACKEND_NAMES and isinstance(get_backend(base), FusedBackend)
+
+
 def run_order(runners: List[Runner], measured: Optional[Dict[str, float]] = None) -> List[Runner]:
     """The order the rows run in (their printed order stays as built): the yardsticks first --
     `reference` (every check compares with it), then `upstream` (the ratios' base) --, then the fused
@@ -1168,8 +1181,7 @@ def run_order(runners: List[Runner], measured: Optional[Dict[str, float]] = None
     name, not the one most likely to be the best (benchmarks/results/gpu_report_h200_20261204). Under
     --deadline the rows at the end are the ones left out."""
     measured = measured or {}
-    from gmf_kernels.backends import BACKEND_NAMES, get_backend
-    from gmf_kernels.backends.base import FusedBackend
+    from gmf_kernels.backends import BACKEND_NAMES
     names = list(BACKEND_NAMES)
 
     def rank(r: Runner):
@@ -1184,10 +1196,10 @@ def run_order(runners: List[Runner], measured: Optional[Dict[str, float]] = None
             return (5, 0)
         if r.kind != "gmf":
             return (8 if r.kind == "baseline" else 7, 0)
-        base = b[: -len("+compile")] if b.endswith("+compile") else b
+        base = eager_base(b)
         if base not in names:
             return (7, 0)
-        fused = isinstance(get_backend(base), FusedBackend)
+        fused = fused_row(r)
         group = (2 if fused else 6) + (0 if base == b else 2 if fused else 0.5)
         return (group, measured.get(base, math.inf) if base != b else 0.0, names.index(base))
     return sorted(runners, key=rank)
@@ -1388,10 +1400,7 @@ def profile_fits(seconds_left: float, calls: int, median_ms: float) -> bool:
 def profile_order(order: List[Runner]) -> List[Runner]:
     """The rows to profile, in `order` but the fused backends' rows (eager and compiled) first: where
     the time of the rows the issues judge goes."""
-    def fused(r: Runner) -> bool:
-        base = r.backend[: -len("+compile")] if r.backend.endswith("+compile") else r.backend
-        return r.kind == "gmf" and base in ("cuda", "triton")
-    return [r for r in order if fused(r)] + [r for r in order if not fused(r)]
+    return [r for r in order if fused_row(r)] + [r for r in order if not fused_row(r)]
 
 
 def profile_row(ctx: Context, r: Runner) -> None:

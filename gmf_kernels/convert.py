@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .backends import check_backend_usable
-from .modules import FROZEN_NORM_NAMES, GroupMixAttention
+from .modules import GroupMixAttention, is_frozen_norm
 
 #: parameter/buffer names (relative to the attention module) that identify an upstream EfficientAtt.
 _SIGNATURE = (
@@ -74,8 +74,8 @@ def _from_upstream(old: nn.Module, backend: str) -> GroupMixAttention:
 
 def _shared_whole(norm: nn.Module) -> bool:
     """An aggregator norm the converted layer takes as it is (the module itself): a BatchNorm (SyncBatchNorm
-    included), or a frozen BatchNorm (`modules.FROZEN_NORM_NAMES`, detectron2's conversion)."""
-    return isinstance(norm, _BatchNorm) or type(norm).__name__ in FROZEN_NORM_NAMES
+    included), or a frozen BatchNorm (`modules.is_frozen_norm`, detectron2's conversion)."""
+    return isinstance(norm, _BatchNorm) or is_frozen_norm(norm)
 
 
 def _share_state(old: nn.Module, new: nn.Module, skip: tuple) -> None:

@@ -237,6 +237,12 @@ class _FrozenNorm(NamedTuple):
 #: running_mean and running_var buffers and eps; y = (x - mean) / sqrt(var + eps) * weight + bias)
 FROZEN_NORM_NAMES = ("FrozenBatchNorm2d",)
 _PLAIN_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def is_frozen_norm(n: nn.Module) -> bool:
+    """A frozen BatchNorm (`FROZEN_NORM_NAMES`, with its buffers and eps), taken as an eval-mode BatchNorm."""
+    return type(n).__name__ in FROZEN_NORM_NAMES and all(
+        hasattr(n, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
 _HOOKED_NORMS_SAID: set = set()
 
 
@@ -256,8 +262,7 @@ def _norm_as_taken(n: nn.Module, where: str):
                           f"norms are never called (their weights go into the kernels)", stacklevel=4)
     if isinstance(n, _BatchNorm) and type(n).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
         return n
-    if type(n).__name__ in FROZEN_NORM_NAMES and all(hasattr(n, a) for a in ("weight", "bias", "running_mean",
-                                                                              "running_var", "eps")):
+    if is_frozen_norm(n):
         return _FrozenNorm(n, n.weight, n.bias, n.running_mean, n.running_var, float(n.eps), n.running_mean.numel())
     raise TypeError(f"GroupMixAttention: {where} is a {type(n).__module__}.{type(n).__name__}; the aggregator's norms "
                     f"must be torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm (cross-process statistics: "
