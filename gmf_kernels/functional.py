@@ -117,10 +117,18 @@ def make_problem(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, tr
     check_dim(w.dim, hp.num_heads)
     B, N, H, W = check_tokens(x, size, w.dim)
     autocast = _autocast_dtype(x)
-    params = list(w.tensors())
-    # under autocast the parameters keep their own dtype and the ops cast
-    check_same_device_dtype(x, params, check_dtype=autocast is None)
-    dtype = autocast if autocast is not None and x.dtype in (torch.float32, autocast) else x.dtype
+    tensors = list(w.tensors())
+    check_same_device_dtype(x, tensors, check_dtype=False)
+    if autocast is None:  # under autocast the parameters keep their own dtype and the ops cast
+        # torch's norms take fp16 / bf16 inputs with fp32 parameters and buffers, as upstream's
+        # nn.BatchNorm2d / nn.LayerNorm do (model.half() then the norms .float(): apex O2's keep_batchnorm_fp32)
+        norms = set(map(id, (*w.bn_weight, *w.bn_bias, *w.bn_running_mean, *w.bn_running_var,
+                             w.local_ln_weight, w.local_ln_bias)))
+        fp32_norms_ok = x.dtype in (torch.float16, torch.bfloat16)
+        check_same_device_dtype(x, [t for t in tensors if not (
+            fp32_norms_ok and id(t) in norms and t.dtype == torch.float32)])
+    # autocast computes every floating input but float64 in its dtype
+    dtype = autocast if autocast is not None and x.dtype != torch.float64 else x.dtype
     uniform = not any(isinstance(v, tuple) for v in (training, hp.bn_eps, hp.bn_momentum, hp.bn_process_group))
     groups = hp.bn_process_group if isinstance(hp.bn_process_group, tuple) else (hp.bn_process_group,)
     return GMAProblem(B=B, H=H, W=W, dim=w.dim, num_heads=hp.num_heads, dtype=dtype,

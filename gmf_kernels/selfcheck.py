@@ -49,12 +49,12 @@ def run_checked(backend, x, size, w, hp, training, linears=None):
         from .backends import get_backend
         qkv = linears[0](x)
         got = backend.pre_projection(backend.qkv_from_upstream_order(qkv, w), size, w, hp, training)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             ref = get_backend("reference").pre_projection(qkv.detach().to(ref_dtype), size, w_ref, hp, training)
         _compare(backend, got, ref, x, size)
         return linears[1](got)
     out = backend.forward(x, size, w, hp, training)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):   # the float32 oracle, not autocast's
         ref = reference_group_mix_attention(x.detach().to(ref_dtype), size, w_ref, hp, training)
     return _compare(backend, out, ref, x, size)
 

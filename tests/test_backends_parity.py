@@ -344,6 +344,59 @@ def test_autocast_cpu_bfloat16(backend, C, mode):
     assert max_rel_error(outs[backend], outs[ORACLE]) < 3e-2
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(CANDIDATES, [torch.float16, torch.bfloat16],
+                                                                 training=True, needs_grad=True))
+def test_low_precision_layer_with_float32_norms(backend, dtype, mode):
+    """model.half() then the BatchNorms .float() (apex O2's keep_batchnorm_fp32) and the local
+    LayerNorm too: torch's norms take a 16-bit input with float32 parameters and buffers, so
+    upstream runs it; every backend must too (it was refused as a dtype mismatch). Output and
+    input gradient within the rule against the float64 oracle, next to the reference backend in
+    the same configuration; the norms' gradients and running statistics stay float32."""
+    torch.manual_seed(7)
+    base = gmf_kernels.GroupMixAttention(40, 8, qkv_bias=True)
+    with torch.no_grad():
+        for i in range(4):
+            getattr(base.aggregator, f"norm{i}").running_var.uniform_(0.5, 2.0)
+            getattr(base.aggregator, f"norm{i}").running_mean.normal_(0, 0.3)
+    x, size = torch.randn(2, 30, 40), (5, 6)
+    runs = {}
+    for name, dt in ((ORACLE, torch.float64), (ORACLE, dtype), (backend, dtype)):
+        m = copy.deepcopy(base).to(dt).set_backend(name).train(mode == "train")
+        if dt != torch.float64:   # the norms back in float32, their values as in base
+            for (_, mod), (_, mod0) in zip(m.named_modules(), base.named_modules()):
+                if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                    mod.float().load_state_dict(mod0.state_dict())
+        xx = x.to(dt).requires_grad_()
+        out = m(xx, size)
+        out.float().square().sum().backward()
+        assert out.dtype == dt
+        runs[name if dt != torch.float64 else "oracle"] = (out.detach(), xx.grad, m)
+    (o64, g64, m64), (oref, gref, mref), (out, grad, m) = runs["oracle"], runs[ORACLE], runs[backend]
+    assert_within_reference_error(out, oref, o64, floor=1e-3, name=f"{backend} output")
+    assert_within_reference_error(grad, gref, g64, floor=1e-3, name=f"{backend} input gradient")
+    for name in ("running_var", "running_mean", "weight"):
+        got, ref, exact = (getattr(mm.aggregator.norm1, name) for mm in (m, mref, m64))
+        if name == "weight":
+            got, ref, exact = got.grad, ref.grad, exact.grad
+        assert got.dtype == torch.float32, f"norm1.{name}: {got.dtype}"
+        assert_within_reference_error(got, ref, exact, floor=1e-3 if name == "weight" else 1e-4,
+                                      name=f"{backend} norm1.{name}")
+
+
+def test_autocast_dispatch_dtype_is_the_computed_one():
+    """Under autocast every floating input but float64 is computed in autocast's dtype (an fp16
+    input under bf16 autocast too): the problem the backends are chosen and tuned for says so."""
+    from gmf_kernels.functional import make_problem
+    w, hp = random_gma_weights(40), default_hyper(40)
+    for x_dtype, expected in ((torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                              (torch.float64, torch.float64)):
+        x = torch.randn(1, 30, 40, dtype=x_dtype)
+        ww = w if x_dtype == torch.float64 else cast_weights(w, torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert make_problem(x, (5, 6), ww, hp, False).dtype == expected, x_dtype
+
+
 # ------------------------------------------------------------------ robustness
 def _views(x):
     B, N, C = x.shape

@@ -429,6 +429,23 @@ def test_check_true_passes_for_torch_backend(dtype, mode):
         torch.testing.assert_close(m.aggregator.norm2.running_var, m_plain.aggregator.norm2.running_var)
 
 
+def test_check_true_under_autocast_compares_with_a_float32_reference(monkeypatch):
+    """check=True under autocast: the reference it compares with runs in float32, outside the
+    caller's autocast (inside it, the oracle shared the bfloat16 error it should judge)."""
+    seen = []
+    real = selfcheck.reference_group_mix_attention
+
+    def spy(x, *a, **kw):
+        out = real(x, *a, **kw)
+        seen.append((x.dtype, out.dtype, torch.is_autocast_enabled("cpu")))
+        return out
+    monkeypatch.setattr(selfcheck, "reference_group_mix_attention", spy)
+    m = module(backend="torch", check=True).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(torch.randn(2, 63, 80), (7, 9)).dtype == torch.bfloat16
+    assert seen == [(torch.float32, torch.float32, False)], seen
+
+
 @pytest.mark.parametrize("matmul, cudnn", [(False, False), (True, False), (False, True)])
 def test_check_tolerance_widens_under_either_tf32_switch(matmul, cudnn):
     """check=True on CUDA: TF32 of matmuls or of cuDNN's convolutions (the latter on by default)
