@@ -29,8 +29,9 @@ Computation of one token (docs/spec.md §1, s = C/5, d = C/10)::
     CRPE:         conv(V) with crpe_w3 (heads 0-1), crpe_w5 (heads 2-4), crpe_w7 (heads 5-7), + crpe_b
 
 Derived weights are cached per layer and rebuilt only when a parameter or buffer changes
-(keyed on each tensor's storage and version counter; `clear_weight_cache` for writes that bypass
-the version counters, such as ``p.data.mul_(...)``).
+(keyed on each tensor's storage and version counter; forgotten after any torch.optim step, since
+fused optimizers bypass the counters; `clear_weight_cache` for other writes that bypass them, such
+as ``p.data.mul_(...)``).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import weakref
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .weights import GMAHyper, GMAWeights, widths
@@ -203,15 +205,33 @@ def cached_for(owner: object, tag: object, tensors, build: Callable[[], object])
     they can never hit again, and would hold memory (on the old device) until their tag is rebuilt."""
     entries = _DERIVED.get(owner)
     if entries is None:
-        entries = _DERIVED[owner] = {}
+        entries = _DERIVED.setdefault(owner, {})
     hit = entries.get(tag)
     if hit is not None and stamp_matches(hit[0], tensors):
         return hit[1]
-    for k in [k for k, (stamp, _) in entries.items() if not stamp_matches(stamp, tensors)]:
-        del entries[k]
+    # the stamp is taken before build(): a write that lands while build() reads the tensors (another thread's
+    # load_state_dict or EMA update) leaves a stamp that no longer matches, so the next call rebuilds instead
+    # of hitting a value made from the old weights under the new versions
+    stamp = cache_stamp(tensors)
+    for k, (old, _) in list(entries.items()):   # a snapshot: another thread may insert or sweep meanwhile
+        if not stamp_matches(old, tensors):
+            entries.pop(k, None)
     value = build()
-    entries[tag] = (cache_stamp(tensors), value)
+    entries[tag] = (stamp, value)
     return value
+
+
+def _clear_after_optimizer_step(optimizer, args, kwargs) -> None:
+    """torch.optim's fused optimizers (fused=True: Adam, AdamW, SGD) update the parameters without bumping
+    their version counters (measured on CPU, torch 2.13), as may an optimizer writing through kernels of its
+    own: every cached fold is forgotten after any optimizer's step (a model trained in eval mode, a linear
+    probe or frozen-BatchNorm fine-tuning, evaluated between steps). Nothing is cached while training in
+    training mode, so this costs nothing there."""
+    if _DERIVED:
+        _DERIVED.clear()
+
+
+register_optimizer_step_post_hook(_clear_after_optimizer_step)
 
 
 def clear_weight_cache(module: Optional[torch.nn.Module] = None) -> None:
@@ -241,8 +261,8 @@ def cached_derived(w: GMAWeights, tag: object, build: Callable[[], object]):
     folding and reads the parameters in place). Nor for inference tensors (a model built under
     torch.inference_mode): they keep no version counter.
     """
-    if _is_compiling() or torch.jit.is_tracing() or capturing():
-        return build()
+    if _is_compiling() or torch.jit.is_tracing() or capturing() or torch._C._are_functorch_transforms_active():
+        return build()   # (under vmap / grad the tensors may be functorch wrappers: no storage, no version)
     tensors = list(w.tensors())
     if any(t.is_inference() for t in tensors):
         return build()

@@ -377,6 +377,27 @@ def test_bn_fold_cache_hit_and_invalidation():
     assert _cached_fold_weight(norm1).dtype == torch.float32
 
 
+def test_bn_fold_follows_batch_norm_adaptation():
+    """Test-time BatchNorm adaptation: the model in eval, only its BatchNorms set to train for a few no_grad
+    forwards on new data, then back to eval. nn.BatchNorm2d's training forward updates the running statistics
+    inside its kernel without bumping their version counters (only num_batches_tracked's), so the stem's cached
+    fold kept the old statistics (1.2 off); the fold's stamp now includes num_batches_tracked."""
+    model = tiny_model(8).double().eval()
+    reference = copy.deepcopy(model).set_bn_folding(False)
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        model(x), reference(x)   # the folds cached
+        for m in (model, reference):
+            for bn in m.modules():
+                if isinstance(bn, torch.nn.BatchNorm2d):
+                    bn.train()
+            m(3 * x + 1)
+            for bn in m.modules():
+                if isinstance(bn, torch.nn.BatchNorm2d):
+                    bn.eval()
+        assert_rel(model(x), reference(x), 1e-12, "after BatchNorm adaptation")
+
+
 def test_bn_fold_and_gma_folding_see_data_writes_after_eval_or_clear():
     """Writes through ``.data`` (not seen by the version counters) reach the folded stem and patch
     embeddings and the GMA layers' folding at the next eval call after ``model.eval()`` or

@@ -168,6 +168,25 @@ def test_vmap_over_the_default_cpu_backend_in_inference():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_vmap_over_stacked_weights_ensembles(grad):
+    """PyTorch's ensembling recipe (stack_module_state + vmap(functional_call) over a meta copy), eval mode: under
+    the transform the weights are functorch wrappers with no storage, so nothing is cached (the cache's stamp raised
+    'Cannot access storage of BatchedTensorImpl'); each member's output is its own layer's."""
+    ms = [_layer("torch", torch.float32, False) for _ in range(2)]
+    with torch.no_grad():
+        ms[1].qkv.weight.mul_(0.5)
+    params, buffers = torch.func.stack_module_state(ms)
+    base = copy.deepcopy(ms[0]).to("meta")
+    x = torch.randn(2, GRID[0] * GRID[1], C)
+    f = lambda p, b, t: torch.func.functional_call(base, (p, b), (t, GRID))
+    with torch.set_grad_enabled(grad):
+        got = torch.func.vmap(f, in_dims=(0, 0, None))(params, buffers, x)
+    with torch.no_grad():
+        for i, m in enumerate(ms):
+            torch.testing.assert_close(got[i], m(x, GRID), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("transform", ["vmap", "grad"])
 @pytest.mark.parametrize("backend", [b for b in BACKEND_NAMES if b not in ("torch", "reference")])
 def test_fused_backends_refuse_torch_func_by_name(backend, transform):

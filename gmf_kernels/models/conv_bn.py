@@ -18,14 +18,18 @@ to the convolution's dtype. They are cached per BatchNorm module and rebuilt whe
 they come from changes: the key is each tensor's storage (by identity), version counter, dtype
 and device (in-place updates -- optimizer steps, ``load_state_dict``, ``copy_`` under
 ``no_grad`` -- bump the version; ``.to()`` / ``.half()`` / a new Parameter change the
-storage), the same rule and the same cache as `gmf_kernels.folding.cached_derived` (`folding.cached_for`).
-Writes through ``.data`` bypass version counters (as they bypass autograd) and are not seen until
+storage), the same rule and the same cache as `gmf_kernels.folding.cached_derived` (`folding.cached_for`),
+and forgotten after any torch.optim step (fused optimizers bump no version counter). The BatchNorm's
+``num_batches_tracked`` is in the key: its training-mode forward updates the running statistics inside
+the batch_norm kernel without bumping their counters (test-time BatchNorm adaptation). Writes through
+``.data`` bypass version counters (as they bypass autograd) and are not seen until
 `folding.clear_weight_cache` (``gmf.clear_weight_cache``), which ``model.train()`` / ``model.eval()`` call.
 
 Not cached: when gradients are needed (eval mode with trainable parameters, e.g. frozen
 BatchNorm fine-tuning: the fold is then differentiable and rebuilt every call), for
 inference tensors (no version counter), under ``torch.compile``, where the fold is part of
-the graph (constant-folded with Inductor's ``freezing``), and during a CUDA graph capture.
+the graph (constant-folded with Inductor's ``freezing``), during a CUDA graph capture, and under
+``torch.func`` transforms (their wrapped tensors have no storage).
 """
 from __future__ import annotations
 
@@ -87,7 +91,10 @@ def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor, Tensor]:
 
 
 def _sources(conv: nn.Conv2d, norm: nn.Module):
-    return [t for t in (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    # num_batches_tracked: nn.BatchNorm2d's training forward updates running_mean / running_var inside the
+    # batch_norm kernel without bumping their version counters; its `num_batches_tracked.add_(1)` does bump
+    return [t for t in (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                        getattr(norm, "num_batches_tracked", None))
             if t is not None]
 
 
@@ -97,7 +104,8 @@ def _needs_grad(x: Tensor, tensors) -> bool:
 
 def folded_conv_bn(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor, Tensor]:
     """`fold_conv_bn`, cached per BatchNorm where it may be (see the module docstring)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or capturing():  # a trace records the fold
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or capturing()   # a trace records the fold
+            or torch._C._are_functorch_transforms_active()):                      # (functorch wrappers: no storage)
         return fold_conv_bn(conv, norm)  # in the graph: the compiled code owns its constants
     sources = _sources(conv, norm)
     if _needs_grad(x, sources):
