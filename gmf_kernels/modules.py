@@ -14,6 +14,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ._validation import check_dim
 from .backends import check_backend_name, check_backend_usable
@@ -146,7 +149,17 @@ class GroupMixAttention(nn.Module):
         updates its buffers. `norms`: the layer's `_norms()`, where the caller has them already."""
         a = self.aggregator
         norms = norms or self._norms()
+        agg0, crpe = a.agg0, self.crpe
+        local, ln, crpe_convs = agg0.conv, agg0.norm, tuple(crpe.conv_list)
+        local_dw, local_pw = local.conv1, local.pointwise_conv
         aggs = (a.agg1, a.agg2, a.agg3)
+        dws = (aggs[0].conv1, aggs[1].conv1, aggs[2].conv1)
+        pws = (aggs[0].pointwise_conv, aggs[1].pointwise_conv, aggs[2].pointwise_conv)
+        for m in (*dws, *pws, local_dw, local_pw, ln, *crpe_convs, *aggs, a, agg0, local, crpe,
+                  a.norm0, a.norm1, a.norm2, a.norm3):
+            if m._forward_pre_hooks or m._forward_hooks:   # rare: the hot path only looks
+                self._fire_weight_hooks()
+                break
         affine = [self._affine(n) for n in norms]
         untracked = [n.training and not n.track_running_stats for n in norms]   # buffers neither read nor updated
         return GMAWeights(
@@ -156,13 +169,32 @@ class GroupMixAttention(nn.Module):
             bn_running_mean=tuple(None if skip else n.running_mean for n, skip in zip(norms, untracked)),
             bn_running_var=tuple(None if skip else n.running_var for n, skip in zip(norms, untracked)),
             bn_num_batches_tracked=tuple(None if skip else n.num_batches_tracked for n, skip in zip(norms, untracked)),
-            dw_weight=tuple(g.conv1.weight for g in aggs),
-            pw_weight=tuple(g.pointwise_conv.weight for g in aggs),
-            local_dw_weight=a.agg0.conv.conv1.weight, local_pw_weight=a.agg0.conv.pointwise_conv.weight,
-            local_ln_weight=a.agg0.norm.weight, local_ln_bias=a.agg0.norm.bias,
-            crpe_weight=tuple(c.weight for c in self.crpe.conv_list),
-            crpe_bias=tuple(c.bias for c in self.crpe.conv_list),
+            dw_weight=(dws[0].weight, dws[1].weight, dws[2].weight),
+            pw_weight=(pws[0].weight, pws[1].weight, pws[2].weight),
+            local_dw_weight=local_dw.weight, local_pw_weight=local_pw.weight,
+            local_ln_weight=ln.weight, local_ln_bias=ln.bias,
+            crpe_weight=tuple(c.weight for c in crpe_convs), crpe_bias=tuple(c.bias for c in crpe_convs),
         )
+
+    def _fire_weight_hooks(self) -> None:
+        """The aggregator's and the position encoding's modules are never called (their weights go into the
+        kernels), so their hooks cannot fire as upstream's calls fire them. Those that only recompute the
+        module's weight from its own parameters (`WEIGHT_HOOKS`: pruning's mask, weight_norm, spectral_norm) are
+        run here, once a call, before the weights are read (else the weight stayed as at pruning time: a later
+        change of weight_orig was not seen, and a second backward went through the first graph); any other hook
+        is said once, by name, not to fire."""
+        for prefix, top in (("aggregator", self.aggregator), ("crpe", self.crpe)):
+            for where, m in top.named_modules(prefix=prefix):
+                if not (m._forward_pre_hooks or m._forward_hooks):
+                    continue
+                other = bool(m._forward_hooks)
+                for hook in list(m._forward_pre_hooks.values()):
+                    if isinstance(hook, WEIGHT_HOOKS):
+                        hook(m, ())
+                    else:
+                        other = True
+                if other:
+                    _say_hooks_do_not_fire(m, where)
 
     def _affine(self, n: nn.Module):
         """(weight, bias) of aggregator BatchNorm n: ones and zeros, in its buffers' (or the layer's) dtype and
@@ -243,23 +275,32 @@ def is_frozen_norm(n: nn.Module) -> bool:
     """A frozen BatchNorm (`FROZEN_NORM_NAMES`, with its buffers and eps), taken as an eval-mode BatchNorm."""
     return type(n).__name__ in FROZEN_NORM_NAMES and all(
         hasattr(n, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
-_HOOKED_NORMS_SAID: set = set()
+
+
+#: forward pre-hooks that only recompute a module's weight from its own parameters, their inputs ignored (torch's
+#: pruning, weight_norm, spectral_norm): `GroupMixAttention._fire_weight_hooks` runs them
+WEIGHT_HOOKS = (BasePruningMethod, WeightNorm, SpectralNorm)
+_HOOKS_SAID: set = set()
+
+
+def _say_hooks_do_not_fire(m: nn.Module, where: str) -> None:
+    key = (type(m).__name__, where)
+    if key not in _HOOKS_SAID:
+        _HOOKS_SAID.add(key)
+        import warnings
+        warnings.warn(f"GroupMixAttention: the hooks on {where} ({type(m).__name__}) do not fire: the aggregator's and "
+                      f"the position encoding's modules are never called (their weights go into the kernels); "
+                      f"pruning, weight_norm and spectral_norm hooks are run", stacklevel=4)
 
 
 def _norm_as_taken(n: nn.Module, where: str):
     """`n` as the kernels take it: a BatchNorm itself, or a frozen BatchNorm as `_FrozenNorm`. Their weights go
     into the kernels and the module is never called, so a norm whose forward is not BatchNorm's (a subclass with
     its own, e.g. another cross-process scheme; anything else) is refused by name, not silently run as plain
-    BatchNorm; hooks on it are said once not to fire. (The common case first: a hot path, ~22 layers a forward.)"""
-    if type(n) in _PLAIN_NORMS and not (n._forward_hooks or n._forward_pre_hooks):
+    BatchNorm (its hooks: `GroupMixAttention._fire_weight_hooks`). (The common case first: a hot path, ~22 layers a
+    forward.)"""
+    if type(n) in _PLAIN_NORMS:
         return n
-    if n._forward_hooks or n._forward_pre_hooks:
-        key = (type(n).__name__, where)
-        if key not in _HOOKED_NORMS_SAID:
-            _HOOKED_NORMS_SAID.add(key)
-            import warnings
-            warnings.warn(f"GroupMixAttention: the hooks on {where} ({type(n).__name__}) do not fire: the aggregator's "
-                          f"norms are never called (their weights go into the kernels)", stacklevel=4)
     if isinstance(n, _BatchNorm) and type(n).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
         return n
     if is_frozen_norm(n):

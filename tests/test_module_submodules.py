@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import gmf_kernels
-from gmf_kernels.backends import BACKEND_NAMES
+from gmf_kernels.backends import BACKEND_NAMES, get_backend
 from gmf_kernels.numerics import default_hyper
 from gmf_kernels.reference import reference_group_mix_attention
 from helpers import assert_max_rel_close, backend_dtype_params, emulated_here
@@ -279,11 +279,52 @@ def test_a_norm_with_its_own_forward_is_refused_by_name():
         m(torch.randn(1, GRID[0] * GRID[1], C), GRID)
 
 
-def test_hooks_on_a_norm_are_said_not_to_fire():
+@pytest.mark.parametrize("where", ["aggregator.norm1", "aggregator.agg2.conv1", "crpe.conv_list.1"])
+def test_hooks_on_inner_modules_are_said_not_to_fire(where):
     m = _layer("torch", torch.float32, False)
-    m.aggregator.norm1.register_forward_hook(lambda *a: None)
-    with pytest.warns(UserWarning, match="hooks on aggregator.norm1 .* do not fire"):
+    m.get_submodule(where).register_forward_hook(lambda *a: None)
+    with pytest.warns(UserWarning, match=f"hooks on {where} .* do not fire"):
         m(torch.randn(1, GRID[0] * GRID[1], C), GRID)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_pruning_and_weight_norm_hooks_run(backend):
+    """torch.nn.utils.prune / weight_norm on the aggregator's convolutions recompute `.weight` in a forward
+    pre-hook, which upstream's calls fire; the layer never calls those modules, so the weight stayed as at
+    pruning time: a change of weight_orig was not seen (eval 5.4 off) and a second backward went through the
+    first graph (an error). The layer now runs such hooks itself: two SGD steps in training mode match upstream's
+    layer (its modules called) in every output, gradient and running statistic."""
+    from torch.nn.utils import prune, weight_norm
+    if backend == "triton" and get_backend("triton").availability_reasons():
+        pytest.skip("triton not available here")
+    up_mod = pytest.importorskip("test_convert")
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    up = up_mod.EfficientAtt(C, HEADS, qkv_bias=True).to(dtype)
+    m = _layer(backend, dtype, True)
+    up.load_state_dict(m.state_dict())
+    layers = (m, up)
+    for mod in layers:
+        prune.l1_unstructured(mod.aggregator.agg2.pointwise_conv, "weight", amount=0.4)
+        weight_norm(mod.aggregator.agg0.conv.conv1)
+    opts = [torch.optim.SGD(mod.parameters(), lr=0.2) for mod in layers]
+    x = torch.randn(2, GRID[0] * GRID[1], C, dtype=dtype)
+    tol = 1e-10 if dtype == torch.float64 else TOL[torch.float32]
+    for step in range(2):
+        outs = []
+        for mod, opt in zip(layers, opts):
+            opt.zero_grad()
+            out = mod(x, GRID)
+            out.square().sum().backward()
+            outs.append(out.detach())
+            opt.step()
+        assert_max_rel_close(outs[0], outs[1], tol, f"output at step {step}")
+    up_params, up_buffers = dict(up.named_parameters()), dict(up.named_buffers())
+    assert set(up_params) == {n for n, _ in m.named_parameters()}
+    for n, p in m.named_parameters():
+        assert_max_rel_close(p.grad, up_params[n].grad, 10 * tol, f"grad {n}")
+    for n, b in m.named_buffers():
+        if b.is_floating_point():
+            assert_max_rel_close(b, up_buffers[n], tol, n)
 
 
 def test_convert_keeps_frozen_batchnorms():
