@@ -94,7 +94,7 @@ def test_num_classes_zero_returns_pooled_features():
         out = model(x)
         last = model.forward_features(x)  # the last map
     assert out.shape == (2, 80)
-    torch.testing.assert_close(out, model.norm4(last).mean(dim=(2, 3)))
+    torch.testing.assert_close(out, last.mean(dim=(2, 3)))   # forward_features ends with norm4
 
 
 def test_batch_elements_are_independent_in_eval():
@@ -562,3 +562,10 @@ def test_folded_depthwise_weights_are_tap_major(C):
         ky, kx, ch = torch.randint(k, ()), torch.randint(k, ()), torch.randint(c, ())
         assert t[ky, kx, ch] == p[ch, 0, ky, kx], name
         assert torch.equal(channels_first(t), p[:, 0]) and torch.equal(taps_first(p[:, 0]), t), name
+
+
+def test_drop_path_one_drops_every_sample():
+    """DropPath(p=1) in training: every sample's branch dropped (zeros, as timm's DropPath), not 0/0 (NaN)."""
+    from gmf_kernels.models.groupmixformer import DropPath
+    out = DropPath(1.0).train()(torch.randn(3, 5, 8))
+    assert torch.equal(out, torch.zeros(3, 5, 8))

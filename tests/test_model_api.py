@@ -48,10 +48,17 @@ def test_forward_features_is_last_map_and_head_composes():
         logits = model(x)
         pooled = model.forward_head(feat, pre_logits=True)
         maps = model.forward_intermediates(x, intermediates_only=True)
+        final, _ = model.forward_intermediates(x)
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
     assert feat.shape == (2, 80, 2, 2)  # 64 / 32
-    assert_rel(feat, maps[-1], FP64_TOL, "forward_features vs the last intermediate")
+    # timm's convention: forward_features (and forward_intermediates' final output) end with the model's final
+    # norm of the unpooled map (norm4, as swin's norm, efficientnet's bn2), so that tools built on forward_features
+    # (timm's test-time pooling) see it
+    assert_rel(feat, model.norm4(maps[-1]), FP64_TOL, "forward_features vs norm4(the last intermediate)")
+    assert_rel(final, feat, FP64_TOL, "forward_intermediates' final output")
+    assert_rel(normed[-1], feat, FP64_TOL, "the last intermediate with norm=True")
     assert_rel(model.forward_head(feat), logits, FP64_TOL, "forward_head(forward_features(x)) vs forward(x)")
-    assert_rel(pooled, model.norm4(feat).mean(dim=(2, 3)), FP64_TOL, "pre_logits")
+    assert_rel(pooled, feat.mean(dim=(2, 3)), FP64_TOL, "pre_logits")
     assert_rel(model.head(pooled), logits, FP64_TOL, "head(pre_logits)")
     assert model.num_features == model.head_hidden_size == 80
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
@@ -93,7 +100,7 @@ def test_forward_intermediates_indices(indices, expected):
     assert len(taken) == len(expected)
     for t, i in zip(taken, expected):
         assert_rel(t, every[i], FP64_TOL, f"stage {i}")
-    assert_rel(final, every[3], FP64_TOL, "final map")
+    assert_rel(final, model.norm4(every[3]), FP64_TOL, "final map (after norm4, timm's convention)")
 
 
 def test_forward_intermediates_norm_fmt_stop_early():
@@ -173,7 +180,7 @@ def test_reset_classifier():
         assert_rel(model(x), pooled, FP64_TOL, "num_classes=0: pooled features")
     model.reset_classifier(0, global_pool="")
     with torch.no_grad():
-        assert_rel(model(x), model.norm4(feat), FP64_TOL, "global_pool='': the normalised map")
+        assert_rel(model(x), feat, FP64_TOL, "global_pool='': the normalised map (forward_features)")
     with pytest.raises(ValueError, match="num_classes=0"):
         model.reset_classifier(3, global_pool="")
     with pytest.raises(ValueError, match="global_pool"):

@@ -186,3 +186,28 @@ def test_timm_training_helpers():
     out = model.train()(torch.randn(2, 3, 64, 64))
     out.sum().backward()
     assert model.head.weight.grad is not None
+
+
+def test_test_time_pooling_sees_norm4():
+    """timm's test-time pooling (validate.py --test-pool: TestTimePoolHead) runs forward_features, pools and applies
+    the head as a 1x1 convolution; norm4 (a BatchNorm2d on the unpooled map) belongs to forward_features, else it
+    was skipped (logits 0.89 off, silently). Pooled over the whole 2x2 map it is forward(x)."""
+    from timm.layers import TestTimePoolHead
+    model = seeded(timm.create_model("groupmixformer_m", num_classes=10, **SHALLOW), 5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        got = TestTimePoolHead(model, original_pool=2).eval()(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_stochastic_depth_off_unless_asked():
+    """timm's models have no stochastic depth unless asked (train.py passes drop_path_rate=None without --drop-path,
+    and timm drops None arguments): the timm entry points do not take upstream's training value (0.1-0.5);
+    gmf.create_model keeps it."""
+    def rates(m):
+        return [b.drop_path.p for b in m.modules() if type(b).__name__ == "GMABlock"]
+    assert max(rates(timm.create_model("groupmixformer_b", **SHALLOW))) == 0.0
+    assert max(rates(timm.create_model("groupmixformer_b", drop_path_rate=None, **SHALLOW))) == 0.0
+    assert max(rates(timm.create_model("groupmixformer_b", drop_path_rate=0.3, **SHALLOW))) == pytest.approx(0.3)
+    assert max(rates(gmf.create_model("groupmixformer_b", **SHALLOW))) == pytest.approx(0.5)

@@ -42,6 +42,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> GroupMixFormer:
         kwargs["pretrained_cfg_overlay"] = overlay
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     model_args = dict(MODEL_CONFIGS[variant])
+    model_args["drop_path_rate"] = 0.0  # timm: stochastic depth only when asked (train.py --drop-path)
     model_args.update(kwargs)
     return build_model_with_cfg(
         GroupMixFormer, variant, pretrained,

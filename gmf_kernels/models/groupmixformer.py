@@ -28,7 +28,9 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.p
         mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        if keep > 0.0:  # p == 1: every sample dropped (zeros), not 0/0 (as timm's DropPath)
+            mask.div_(keep)
+        return x * mask
 
     def extra_repr(self):
         return f"p={self.p:.3f}"
@@ -209,8 +211,9 @@ class GroupMixFormer(nn.Module):
 
     * `forward(images)`: logits; with `return_interm_layers=True` (upstream's dense-prediction
       backbone, which has no norm4/head) the list of the four (B, C_i, H_i, W_i) maps.
-    * `forward_features(x)`: the last stage's map (B, C_3, H/32, W/32), before norm4;
-      `forward_head(x, pre_logits=False)`: norm4 -> mean over H, W -> head.
+    * `forward_features(x)`: the last stage's map (B, C_3, H/32, W/32), after norm4 (timm's convention for
+      a final norm of the unpooled map; its test-time pooling builds on it);
+      `forward_head(x, pre_logits=False)`: mean over H, W -> head.
       `forward(x) == forward_head(forward_features(x))`.
     * `forward_intermediates(x, indices, norm, stop_early, output_fmt, intermediates_only)`
       and `prune_intermediate_layers` (timm's signatures; what `features_only=True` uses);
@@ -407,6 +410,8 @@ class GroupMixFormer(nn.Module):
                 intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == "NHWC" else y)
         if intermediates_only:
             return intermediates
+        if len(stages) == len(self.groupmixformer_backbone) and getattr(self, "norm4", None) is not None:
+            x = self.norm4(x)  # timm: the final output is forward_features', after the model's final norm
         return x, intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
@@ -429,16 +434,15 @@ class GroupMixFormer(nn.Module):
         return taken
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's feature map (B, C_3, H_3, W_3), before norm4."""
-        return self.forward_intermediates(x, indices=1, intermediates_only=True)[0]
+        """The last stage's feature map (B, C_3, H_3, W_3), after norm4 (timm: the final norm of the unpooled map)."""
+        return self.forward_intermediates(x, indices=1)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """norm4 -> mean over H, W -> head (pre_logits: without the head)."""
+        """mean over H, W -> head (pre_logits: without the head)."""
         self._require_classifier("forward_head")
         if x.dim() != 4:
             raise ValueError(f"forward_head takes the (B, C, H, W) map of forward_features, got shape "
                              f"{tuple(x.shape)}")
-        x = self.norm4(x)
         if self.global_pool == "avg":
             x = x.mean(dim=(2, 3))
         return x if pre_logits else self.head(x)
