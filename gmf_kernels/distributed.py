@@ -122,8 +122,10 @@ def sync_batch_stats(x: Tensor, dims: Sequence[int], group) -> Tuple[Tensor, Ten
     for d in dims:      # (a plain loop: Dynamo cannot trace math.prod over a generator)
         n *= x.shape[d]
     xs = x if x.dtype in (f64, torch.float32) else x.float()   # a float16 variance overflows
-    var = torch.var(xs, dim=dims, unbiased=False)             # this rank's, stable (about its own mean)
     s1 = xs.sum(dim=dims, dtype=f64)                           # the sum itself to float64 accuracy
+    if n == 0:   # an empty batch on this rank: it joins the all-reduce with count 0 (torch.var would be NaN)
+        return sync_batch_moments(s1, torch.zeros_like(s1), 0, group)
+    var = torch.var(xs, dim=dims, unbiased=False)             # this rank's, stable (about its own mean)
     return sync_batch_moments(s1, (var.to(f64) + (s1 / n).square()) * n, n, group)
 
 

@@ -247,7 +247,9 @@ def run_attention(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, t
     chosen = dispatch(problem, backend)
     if check is None:
         check = env_flag("GMF_CHECK")
-    if check and chosen.name != "reference" and problem.B > 0:
+    # (an empty batch is not checked, unless its statistics are synchronised: the check's reference joins the
+    # all-reduces too, so every rank must run it)
+    if check and chosen.name != "reference" and (problem.B > 0 or problem.sync_bn):
         check_finite_inputs(x, w)
         from .selfcheck import run_checked
         return run_checked(chosen, x, (problem.H, problem.W), w, hp, training, linears)

@@ -333,18 +333,20 @@ def test_golden_absent_skips_outside_ci_and_fails_in_ci(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("training", [True, (False, True, False, False)], ids=["train", "one-bn-train"])
-def test_empty_batch_with_synchronised_statistics_refuses(training):
-    """Training with a process group (resolved: more than one rank) and an empty batch: a
-    ValueError naming the cause, not a silent return that leaves the other ranks waiting in their
-    all-reduce; in eval (nothing to synchronise) the empty result as usual."""
+@pytest.mark.parametrize("backend", [b for b in BACKEND_NAMES if not get_backend(b).empty_batch_joins_sync])
+def test_empty_batch_with_synchronised_statistics_refuses(backend, training):
+    """Training with a process group (resolved: more than one rank) and an empty batch, on a backend that cannot
+    join the other ranks' all-reduces with it: a ValueError naming the cause and the way out, before any kernel,
+    not a silent return that leaves the other ranks waiting; in eval (nothing to synchronise) the empty result as
+    usual. (The backends that join: tests/test_syncbn.py's empty-rank case, two processes.)"""
     from gmf_kernels.numerics import default_hyper
     C = 40
-    w = random_gma_weights(C, seed=0)
+    w = random_gma_weights(C, seed=0, dtype=torch.float32)
     hp = default_hyper(C)._replace(bn_process_group=object())   # stands in for a resolved group
-    x = torch.randn(0, 30, C, dtype=torch.float64)
-    with pytest.raises(ValueError, match="empty batch .* on this rank .* all-reduce"):
-        get_backend("torch").forward(x, (6, 5), w, hp, training)
-    assert get_backend("torch").forward(x, (6, 5), w, hp, False).shape == (0, 30, C)
+    x = torch.randn(0, 30, C)
+    with pytest.raises(ValueError, match=f"empty batch .* on this rank .* the {backend} backend cannot take part"):
+        get_backend(backend).forward(x, (6, 5), w, hp, training)
+    assert get_backend(backend).forward(x, (6, 5), w, hp, False).shape == (0, 30, C)
 
 
 # ------------------------------------------------------------------ large activations in 16-bit training

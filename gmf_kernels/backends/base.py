@@ -102,6 +102,9 @@ class Backend:
     #: runs under torch.func transforms (vmap, grad, jacrev, functional_call inside them): PyTorch ops only
     #: (the fused backends' custom ops and autograd Functions have no batching rules)
     supports_functorch: bool = False
+    #: an empty batch (B = 0) in training with synchronised statistics runs this backend's ops, which join the
+    #: other ranks' all-reduces with a count of 0 (`forward`); else it is refused
+    empty_batch_joins_sync: bool = False
     head_dims: Optional[FrozenSet[int]] = None  # None: any
     #: True for a backend that `auto` picks on a GPU only on the architectures a GPU report has
     #: verified it on (gmf_kernels/data/gpu_verified.json, `verified_on`); an explicit choice, or
@@ -130,8 +133,9 @@ class Backend:
         if p.training and not self.supports_training:
             reasons.append("training mode not supported (BatchNorm batch statistics): use eval() or the torch backend")
         if not p.uniform_bn and not self.supports_mixed_bn:
-            reasons.append("the aggregator BatchNorms differ in mode, eps or momentum (e.g. one frozen): "
-                           "only the reference backend runs that")
+            reasons.append("the aggregator BatchNorms differ in mode, eps, momentum or cross-process "
+                           "synchronisation (e.g. one frozen, or some SyncBatchNorm and some not): only the "
+                           "reference backend runs that")
         if p.sync_bn and not self.supports_sync_bn:
             reasons.append("BatchNorm statistics synchronised across processes (SyncBatchNorm / process_group) "
                            "not supported: use the torch backend")
@@ -174,18 +178,23 @@ class Backend:
         do, on every backend (kernels are never launched on it): in training, a BatchNorm that
         tracks running statistics counts the batch (num_batches_tracked + 1, which weighs a later
         cumulative average, momentum=None) and keeps its running mean and variance, as
-        nn.BatchNorm2d does; except with synchronised statistics: a ValueError (the other
-        ranks' all-reduce would wait for this rank forever)."""
+        nn.BatchNorm2d does. With synchronised statistics the other ranks wait for this one in their
+        all-reduces: backends that `empty_batch_joins_sync` (torch, reference) run their ops on the
+        empty batch and join with a count of 0, as torch.nn.SyncBatchNorm does; the others raise."""
         if x.shape[0] == 0 and not torch.jit.is_tracing():
-            if hp.bn_process_group is not None and (any(training) if isinstance(training, tuple) else training):
+            if not (hp.bn_process_group is not None and (any(training) if isinstance(training, tuple) else training)):
+                count_empty_batch(w, training)
+                return empty_batch_result(x, w)
+            if not self.empty_batch_joins_sync:
                 raise ValueError(
-                    "an empty batch (B = 0) on this rank in training with synchronised BatchNorm statistics "
-                    "(SyncBatchNorm / process_group): the other ranks would wait for this one in their "
-                    "all-reduce (gmf_kernels does not take part in it with an empty batch, as "
-                    "torch.nn.SyncBatchNorm does). Give every rank at least one image (e.g. "
-                    "DataLoader(drop_last=True)), or skip the step on every rank")
-            count_empty_batch(w, training)
-            return empty_batch_result(x, w)
+                    f"an empty batch (B = 0) on this rank in training with synchronised BatchNorm statistics "
+                    f"(SyncBatchNorm / process_group): the {self.name} backend cannot take part in the other ranks' "
+                    f"all-reduces with it (the torch and reference backends do, with a count of 0, as "
+                    f"torch.nn.SyncBatchNorm does), and they will wait for this rank. Give every rank at least "
+                    f"one image (e.g. DataLoader(drop_last=True)), or run the layers on backend='torch' "
+                    f"on every rank")
+            # the ops run on the empty batch: this rank joins the statistics' all-reduces (forward and backward)
+            # with a count of 0 and takes the other ranks' statistics, as torch.nn.SyncBatchNorm does
         if linears is not None:
             pre = self.pre_projection(self.qkv_from_upstream_order(linears[0](x), w), size, w, hp, training)
             return linears[1](pre)

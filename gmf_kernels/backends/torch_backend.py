@@ -338,5 +338,6 @@ BACKEND = TorchBackend(
     supports_grad=True,
     supports_double_backward=True,   # PyTorch ops throughout
     supports_sync_bn=True,
+    empty_batch_joins_sync=True,   # its ops on B = 0 join the all-reduces with count 0
     supports_functorch=True,
 )
