@@ -29,8 +29,8 @@ Computation of one token (docs/spec.md §1, s = C/5, d = C/10)::
     CRPE:         conv(V) with crpe_w3 (heads 0-1), crpe_w5 (heads 2-4), crpe_w7 (heads 5-7), + crpe_b
 
 Derived weights are cached per layer and rebuilt only when a parameter or buffer changes
-(keyed on each tensor's storage and version counter; forgotten after any torch.optim step, since
-fused optimizers bypass the counters; `clear_weight_cache` for other writes that bypass them, such
+(keyed on each tensor's storage and version counter; forgotten after a torch.optim step of a tensor
+they come from, since fused optimizers bypass the counters; `clear_weight_cache` for other writes that bypass them, such
 as ``p.data.mul_(...)``).
 """
 from __future__ import annotations
@@ -224,11 +224,17 @@ def cached_for(owner: object, tag: object, tensors, build: Callable[[], object])
 def _clear_after_optimizer_step(optimizer, args, kwargs) -> None:
     """torch.optim's fused optimizers (fused=True: Adam, AdamW, SGD) update the parameters without bumping
     their version counters (measured on CPU, torch 2.13), as may an optimizer writing through kernels of its
-    own: every cached fold is forgotten after any optimizer's step (a model trained in eval mode, a linear
-    probe or frozen-BatchNorm fine-tuning, evaluated between steps). Nothing is cached while training in
+    own: after any optimizer's step, the cached folds made from a tensor it steps are forgotten (a model
+    trained in eval mode, a linear probe or frozen-BatchNorm fine-tuning, evaluated between steps); the others
+    stay (a distillation teacher, a served model beside the trained one). Nothing is cached while training in
     training mode, so this costs nothing there."""
-    if _DERIVED:
-        _DERIVED.clear()
+    if not _DERIVED:
+        return
+    stepped = {id(p.untyped_storage()) for group in optimizer.param_groups for p in group["params"]}
+    for _, entries in list(_DERIVED.items()):
+        for tag, (stamp, _) in list(entries.items()):
+            if any(id(ref()) in stepped for ref, *_ in stamp):   # (a dead storage's ref() is None: not stepped)
+                entries.pop(tag, None)
 
 
 register_optimizer_step_post_hook(_clear_after_optimizer_step)

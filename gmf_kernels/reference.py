@@ -17,6 +17,17 @@ from .weights import CRPE_WINDOWS, GMAHyper, GMAWeights, NUM_SEGMENTS, per_bn
 Tensor = torch.Tensor
 
 
+def local_layer_norm(loc: Tensor, w: GMAWeights, hp: GMAHyper) -> Tensor:
+    """The local branch's LayerNorm over its s channels. A 16-bit layer whose LayerNorm is kept in float32
+    (outside autocast) is normalised in float32 and cast back, as the fused kernels do: F.layer_norm on CUDA
+    takes no mixed dtypes (on CPU it computes in float32 inside)."""
+    s = loc.shape[-1]
+    ln_w = w.local_ln_weight
+    if ln_w is not None and ln_w.dtype != loc.dtype and not torch.is_autocast_enabled(loc.device.type):
+        return F.layer_norm(loc.float(), (s,), ln_w, w.local_ln_bias, hp.ln_eps).to(loc.dtype)
+    return F.layer_norm(loc, (s,), ln_w, w.local_ln_bias, hp.ln_eps)
+
+
 def _batch_norm(x: Tensor, w: GMAWeights, i: int, hp: GMAHyper, training) -> Tensor:
     """nn.BatchNorm2d's forward for aggregator BatchNorm i (training: bool or one per BN),
     or SyncBatchNorm's when its statistics are shared with other processes."""
@@ -94,7 +105,7 @@ def reference_pre_projection(t: Tensor, size: Tuple[int, int], w: GMAWeights, hp
     loc = _depthwise(loc, w.local_dw_weight)
     loc = F.conv2d(loc, w.local_pw_weight)                          # (B, s, H, W)
     loc = loc.flatten(2).transpose(1, 2)                           # (B, N, s)
-    loc = F.hardswish(F.layer_norm(loc, (s,), w.local_ln_weight, w.local_ln_bias, hp.ln_eps))
+    loc = F.hardswish(local_layer_norm(loc, w, hp))
 
     # 5. heads: channel c -> head c // d, position c % d
     P = proxies.reshape(3, B, h, d, N).transpose(-1, -2)           # (3, B, h, N, d)

@@ -555,8 +555,12 @@ def test_folded_cache_dropped_after_a_fused_optimizer_step(backend, dtype):
     _randomize_bn(m)
     x = torch.randn(2, 63, 80, dtype=dtype)
     opt = torch.optim.SGD(m.parameters(), lr=0.5, fused=True)
+    teacher = gmf_kernels.GroupMixAttention(80, 8, qkv_bias=True, backend=backend).to(dtype).eval()
     with torch.no_grad():
         before = m(x, (7, 9))
+        teacher(x, (7, 9))
+    from gmf_kernels import folding
+    teacher_fold = dict(folding._DERIVED[teacher.qkv.weight])
     v = m.aggregator.agg1.pointwise_conv.weight._version
     m(x, (7, 9)).square().sum().backward()
     opt.step()
@@ -566,6 +570,8 @@ def test_folded_cache_dropped_after_a_fused_optimizer_step(backend, dtype):
                                             m.hyper())
     assert max_rel_error(after, before) > 1e-3
     assert_rel(after, ref, FP64_TOL if dtype == torch.float64 else FP32_TOL, "eval after a fused SGD step")
+    # a model the optimizer does not step keeps its folds (a distillation teacher beside the trained model)
+    assert all(folding._DERIVED[teacher.qkv.weight][k][1] is v[1] for k, v in teacher_fold.items())
     if m.aggregator.agg1.pointwise_conv.weight._version != v:   # what the test is for: a step the counters miss
         pytest.fail("torch's fused SGD step now bumps the version counter: the test no longer covers the hook alone")
 

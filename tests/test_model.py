@@ -569,3 +569,30 @@ def test_drop_path_one_drops_every_sample():
     from gmf_kernels.models.groupmixformer import DropPath
     out = DropPath(1.0).train()(torch.randn(3, 5, 8))
     assert torch.equal(out, torch.zeros(3, 5, 8))
+
+
+def test_forward_intermediates_norm_true_applies_norm4_once():
+    """forward_intermediates(norm=True) in training: norm4 (a BatchNorm) runs once a call, its output both the last
+    intermediate and the final output (it ran twice: two running-statistics updates a step)."""
+    model = tiny_model(9).train()
+    before = int(model.norm4.num_batches_tracked)
+    final, maps = model.forward_intermediates(torch.randn(2, 3, 32, 32), norm=True)
+    assert int(model.norm4.num_batches_tracked) == before + 1
+    assert final is maps[-1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_float32_layer_norm_of_a_16_bit_layer_takes_one_dtype(backend, monkeypatch):
+    """A fp16 layer with its LayerNorm kept in fp32: F.layer_norm gets one dtype (CUDA's has no mixed-dtype
+    kernel, 'expected scalar type Half but found Float'); normalised in fp32 as the fused kernels do."""
+    seen = []
+    real = F.layer_norm
+
+    def spy(x, shape, weight=None, bias=None, eps=1e-5):
+        seen.append((x.dtype, None if weight is None else weight.dtype))
+        return real(x, shape, weight, bias, eps)
+    monkeypatch.setattr(F, "layer_norm", spy)
+    m = gmf_kernels.GroupMixAttention(40, 8, qkv_bias=True, backend=backend).half()
+    m.aggregator.agg0.norm.float()
+    out = m(torch.randn(2, 30, 40).half(), (5, 6))
+    assert out.dtype == torch.float16 and seen and all(a == b for a, b in seen), seen

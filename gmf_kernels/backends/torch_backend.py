@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..distributed import sync_batch_stats
 from ..folding import bn_affine, cached_derived, update_running_stats
+from ..reference import local_layer_norm
 from ..weights import GMAHyper, GMAWeights
 from .base import Backend
 
@@ -208,9 +209,7 @@ def _depthwise_rows(img: Tensor, pk: _Packed, s: int):
 
 def _local_branch(rows: Tensor, pk: _Packed, w: GMAWeights, hp: GMAHyper) -> Tensor:
     """The local branch after its depthwise: 3s -> s pointwise (ONE mm), LayerNorm, hardswish."""
-    s = rows.shape[-1] // 3
-    loc = torch.mm(rows, pk.local_pw_t)
-    return F.hardswish(F.layer_norm(loc, (s,), w.local_ln_weight, w.local_ln_bias, hp.ln_eps))
+    return F.hardswish(local_layer_norm(torch.mm(rows, pk.local_pw_t), w, hp))
 
 
 def torch_pre_projection(t: Tensor, size, w: GMAWeights, hp: GMAHyper, training: bool) -> Tensor:
