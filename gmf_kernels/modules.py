@@ -18,6 +18,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ._tracing import constant_under_compile
 from ._validation import check_dim
 from .backends import check_backend_name, check_backend_usable
 from .distributed import layer_group
@@ -194,7 +195,7 @@ class GroupMixAttention(nn.Module):
                     else:
                         other = True
                 if other:
-                    _say_hooks_do_not_fire(m, where)
+                    _say_hooks_do_not_fire(type(m).__name__, where)
 
     def _affine(self, n: nn.Module):
         """(weight, bias) of aggregator BatchNorm n: ones and zeros, in its buffers' (or the layer's) dtype and
@@ -283,12 +284,13 @@ WEIGHT_HOOKS = (BasePruningMethod, WeightNorm, SpectralNorm)
 _HOOKS_SAID: set = set()
 
 
-def _say_hooks_do_not_fire(m: nn.Module, where: str) -> None:
-    key = (type(m).__name__, where)
+@constant_under_compile   # run eagerly at trace time: Dynamo cannot trace warnings.warn (fullgraph=True failed)
+def _say_hooks_do_not_fire(kind: str, where: str) -> None:
+    key = (kind, where)
     if key not in _HOOKS_SAID:
         _HOOKS_SAID.add(key)
         import warnings
-        warnings.warn(f"GroupMixAttention: the hooks on {where} ({type(m).__name__}) do not fire: the aggregator's and "
+        warnings.warn(f"GroupMixAttention: the hooks on {where} ({kind}) do not fire: the aggregator's and "
                       f"the position encoding's modules are never called (their weights go into the kernels); "
                       f"pruning, weight_norm and spectral_norm hooks are run", stacklevel=4)
 

@@ -21,7 +21,7 @@ def local_layer_norm(loc: Tensor, w: GMAWeights, hp: GMAHyper) -> Tensor:
     """The local branch's LayerNorm over its s channels. A 16-bit layer whose LayerNorm is kept in float32
     (outside autocast) is normalised in float32 and cast back, as the fused kernels do: F.layer_norm on CUDA
     takes no mixed dtypes (on CPU it computes in float32 inside)."""
-    s = loc.shape[-1]
+    s = w.dim // NUM_SEGMENTS   # (not loc.shape: a traced size under torch.jit.trace / the legacy ONNX export)
     ln_w = w.local_ln_weight
     if ln_w is not None and ln_w.dtype != loc.dtype and not torch.is_autocast_enabled(loc.device.type):
         return F.layer_norm(loc.float(), (s,), ln_w, w.local_ln_bias, hp.ln_eps).to(loc.dtype)

@@ -287,6 +287,21 @@ def test_hooks_on_inner_modules_are_said_not_to_fire(where):
         m(torch.randn(1, GRID[0] * GRID[1], C), GRID)
 
 
+def test_hooks_said_not_to_fire_under_compile_fullgraph(monkeypatch):
+    """A hook on an inner module (a feature extractor or FLOP counter hooks every module) under
+    torch.compile(fullgraph=True): the warning is said at trace time, not traced (Dynamo cannot trace
+    warnings.warn: fullgraph failed)."""
+    from gmf_kernels import modules
+    monkeypatch.setattr(modules, "_HOOKS_SAID", set())
+    m = _layer("torch", torch.float32, False)
+    m.aggregator.norm1.register_forward_hook(lambda *a: None)
+    x = torch.randn(1, GRID[0] * GRID[1], C)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    with pytest.warns(UserWarning, match="hooks on aggregator.norm1 .* do not fire"):
+        got = compiled(x, GRID)
+    torch.testing.assert_close(got, m(x, GRID), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
 def test_pruning_and_weight_norm_hooks_run(backend):
     """torch.nn.utils.prune / weight_norm on the aggregator's convolutions recompute `.weight` in a forward
