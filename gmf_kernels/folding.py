@@ -30,8 +30,8 @@ Computation of one token (docs/spec.md §1, s = C/5, d = C/10)::
 
 Derived weights are cached per layer and rebuilt only when a parameter or buffer changes
 (keyed on each tensor's storage and version counter; forgotten after a torch.optim step of a tensor
-they come from, since fused optimizers bypass the counters; `clear_weight_cache` for other writes that bypass them, such
-as ``p.data.mul_(...)``).
+they come from, since fused optimizers bypass the counters; `clear_weight_cache` for other writes
+that bypass them, such as ``p.data.mul_(...)``).
 """
 from __future__ import annotations
 

@@ -97,17 +97,23 @@ def clear_cache() -> None:
     _choose.cache_clear()
 
 
+def _width_key(C) -> str:
+    """The table's key of width C ("320"); int() first: under torch.jit.trace a size is a traced tensor,
+    whose str() ("tensor(320)") would miss every entry."""
+    return str(int(C))
+
+
 def kernel_config(family: str, arch: Optional[str], C: int, dtype) -> Optional[dict]:
     """The tuned launch config of a kernel family for (arch, C, dtype), or None (use the default)."""
-    return _lookup(load_table(arch), "kernels", family, str(int(C)), dtype_name(dtype))   # (int: a traced size)
+    return _lookup(load_table(arch), "kernels", family, _width_key(C), dtype_name(dtype))
 
 
 def backend_times(arch: Optional[str], C: int, dtype, training: bool = False) -> Dict[str, float]:
     """Measured time (any unit, same for all) per backend for (arch, C, dtype); {} if none: of the
     pre-projection without gradients ("backends"), or with `training` of one layer's training step
     ("backends_train": forward in train mode and backward, benchmarks/tune.py --train)."""
-    entry = _lookup(load_table(arch), "backends_train" if training else "backends", str(int(C)),   # (a traced size
-                    dtype_name(dtype)) or {}                                                            # under jit.trace)
+    entry = _lookup(load_table(arch), "backends_train" if training else "backends", _width_key(C),
+                    dtype_name(dtype)) or {}
     return {k: float(v) for k, v in entry.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and k != "batch"}
 

@@ -19,8 +19,8 @@ they come from changes: the key is each tensor's storage (by identity), version 
 and device (in-place updates -- optimizer steps, ``load_state_dict``, ``copy_`` under
 ``no_grad`` -- bump the version; ``.to()`` / ``.half()`` / a new Parameter change the
 storage), the same rule and the same cache as `gmf_kernels.folding.cached_derived` (`folding.cached_for`),
-and forgotten after a torch.optim step of a tensor they come from (fused optimizers bump no version counter). The BatchNorm's
-``num_batches_tracked`` is in the key: its training-mode forward updates the running statistics inside
+and forgotten after a torch.optim step of a tensor they come from (fused optimizers bump no version
+counter). The BatchNorm's ``num_batches_tracked`` is in the key: its training-mode forward updates the running statistics inside
 the batch_norm kernel without bumping their counters (test-time BatchNorm adaptation). Writes through
 ``.data`` bypass version counters (as they bypass autograd) and are not seen until
 `folding.clear_weight_cache` (``gmf.clear_weight_cache``), which ``model.train()`` / ``model.eval()`` call.

@@ -407,14 +407,15 @@ class GroupMixFormer(nn.Module):
             tokens = stage(tokens, (H, W))
             x = saved_conv_input(tokens.transpose(1, 2).reshape(B, tokens.shape[-1], H, W))
             if i in taken:
-                y = final_norm(x) if (final_norm is not None and i == last) else x
-                if final_norm is not None and i == last:
-                    normed_last = y   # norm4 once a call (a BatchNorm: training updates its statistics)
+                y = x
+                if final_norm is not None and i == last:   # norm4 once a call (training updates its statistics)
+                    y = normed_last = final_norm(x)
                 intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == "NHWC" else y)
         if intermediates_only:
             return intermediates
         if len(stages) == len(self.groupmixformer_backbone) and getattr(self, "norm4", None) is not None:
-            x = normed_last if normed_last is not None else self.norm4(x)  # timm: the final output is forward_features', after the model's final norm
+            # timm: the final output is forward_features', after the model's final norm
+            x = normed_last if normed_last is not None else self.norm4(x)
         return x, intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
