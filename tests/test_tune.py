@@ -68,6 +68,16 @@ def test_launcher_uses_the_tuned_tiles(table_dir, monkeypatch):
     assert L.tuned_shape(80, 3136, dots, fake) == L.default_shape(80, 3136, dots)
 
 
+def test_table_found_for_a_traced_width(table_dir):
+    """Under torch.jit.trace a width is a traced tensor: the table is still found by its value (str() gave
+    'tensor(80)', a key of no entry, so a traced model could take another backend than eager)."""
+    (table_dir / "sm_90.json").write_text(json.dumps({"backends": {"80": {"bfloat16": {"triton": 2.0, "cuda": 3.0}}}}))
+    tuning.clear_cache()
+    want = {"triton": 2.0, "cuda": 3.0}
+    assert tuning.backend_times("sm_90", 80, torch.bfloat16) == want
+    assert tuning.backend_times("sm_90", torch.tensor(80), torch.bfloat16) == want
+
+
 @pytest.fixture
 def test_space():
     yield tuning.register_space(tuning.SearchSpace(
