@@ -401,18 +401,19 @@ def test_dynamic_shapes_training_step_inductor():
             assert_max_rel_close(b.double(), c.double(), 1e-5, f"{name} {B}x{H}x{W}")
 
 
-@pytest.mark.slow  # Inductor compiles the stem and stage 0 three times (static, dynamic batch, dynamic size): ~50 s
+@pytest.mark.slow  # Inductor compiles the stem and stage 0 twice (static, then dynamic sizes): ~20-40 s
 def test_inference_inductor_at_a_new_image_size():
     """Compiled inference (default torch.compile, Inductor, no_grad) given a new image size (a detector's inputs):
     Dynamo recompiles with dynamic sizes, and Inductor failed lowering the convolution of the tokens' image view
     (ValueRangeError: Invalid ranges [0:-1]); `saved_conv_input` materialises it under compile in inference too.
-    Each size equals eager."""
+    Each size equals eager (the torch backend, the CPU default)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = gmf.GroupMixFormer(embedding_dims=[40, 40, 80, 80], serial_depths=[1, 1, 1, 1], num_classes=10).eval()
+    model = gmf.GroupMixFormer(embedding_dims=[40, 40, 80, 80], serial_depths=[1, 1, 1, 1], num_classes=10,
+                               backend="torch").eval()
     stage0 = lambda x: model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)[0]
     compiled = torch.compile(stage0)
     with torch.no_grad():
-        for shape in [(2, 3, 32, 32), (3, 3, 32, 32), (2, 3, 48, 40)]:
+        for shape in [(2, 3, 32, 32), (2, 3, 48, 40)]:
             x = torch.randn(*shape)
             assert_max_rel_close(compiled(x), stage0(x), 1e-5, f"stage 0 at {shape}")
