@@ -119,13 +119,15 @@ def make_problem(x: Tensor, size: Sequence[int], w: GMAWeights, hp: GMAHyper, tr
     autocast = _autocast_dtype(x)
     tensors = list(w.tensors())
     check_same_device_dtype(x, tensors, check_dtype=False)
-    if autocast is None:  # under autocast the parameters keep their own dtype and the ops cast
+    # under autocast the parameters keep their own dtype and the ops cast
+    odd = [t for t in tensors if t.is_floating_point() and t.dtype != x.dtype] if autocast is None else None
+    if odd:
         # torch's norms take fp16 / bf16 inputs with fp32 parameters and buffers, as upstream's
         # nn.BatchNorm2d / nn.LayerNorm do (model.half() then the norms .float(): apex O2's keep_batchnorm_fp32)
         norms = set(map(id, (*w.bn_weight, *w.bn_bias, *w.bn_running_mean, *w.bn_running_var,
                              w.local_ln_weight, w.local_ln_bias)))
         fp32_norms_ok = x.dtype in (torch.float16, torch.bfloat16)
-        check_same_device_dtype(x, [t for t in tensors if not (
+        check_same_device_dtype(x, [t for t in odd if not (
             fp32_norms_ok and id(t) in norms and t.dtype == torch.float32)])
     # autocast computes every floating input but float64 in its dtype
     dtype = autocast if autocast is not None and x.dtype != torch.float64 else x.dtype
